@@ -1,0 +1,12 @@
+//! Gantry's wire contract, generated at build time from `proto/gantry.proto`.
+//!
+//! Only the gRPC layers of `coordinator`, `agent` and `ctl` see these types;
+//! everything else works on typed domain values converted in one `convert.rs`
+//! per crate.
+
+#[allow(missing_docs, clippy::all)]
+mod generated {
+    tonic::include_proto!("gantry.v1");
+}
+
+pub use generated::*;
