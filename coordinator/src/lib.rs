@@ -1,1 +1,32 @@
-//! placeholder
+//! Gantry's coordinator as a library.
+//!
+//! Layout:
+//! - [`server`]: start/stop; binds gRPC (port 0 works).
+//! - [`service`]: tonic services, thin adapters over the core.
+//! - [`core`]: the thread that owns hard state, soft state and agent
+//!   sessions, and runs scheduling passes.
+//! - [`command`] + [`state`]: every hard-state change is a [`Command`]
+//!   applied by [`StateMachine::apply`].
+//! - [`store`]: sled persistence of the state machine.
+//! - [`health`]: soft state from heartbeats.
+//! - [`convert`]: wire <-> domain, with input validation.
+//! - [`error`]: errors and their one mapping to gRPC status codes.
+//!
+//! Architecture invariant: nothing is acknowledged before it is flushed to
+//! sled; only the core thread touches the state machine.
+
+pub mod command;
+pub mod convert;
+pub mod core;
+pub mod domain;
+pub mod error;
+pub mod health;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod store;
+
+pub use command::Command;
+pub use error::CoordinatorError;
+pub use server::{CoordinatorConfig, RunningCoordinator, start};
+pub use state::StateMachine;

@@ -1,1 +1,548 @@
-fn main() {}
+//! `gantry`: the one binary. Daemons (`coordinator`, `agent`, `dev`) and the
+//! client commands (`submit`, `jobs`, `job`, `logs`, `cancel`, `nodes`,
+//! `drain`, `undrain`, `status`, `watch`).
+//!
+//! Layout: `daemon.rs` starts daemons, `client.rs` finds the cluster and maps
+//! failures to exit codes, `spec.rs` parses job files, `output.rs` prints.
+
+mod client;
+mod daemon;
+mod output;
+mod spec;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use gantry_proto as pb;
+use gantry_scheduler::units::parse_bytes;
+use tokio_stream::StreamExt;
+
+use client::{CliError, exit};
+use output::Format;
+
+#[derive(Parser)]
+#[command(name = "gantry", version, about = "GPU-aware job scheduler for ML self-play pipelines")]
+struct Cli {
+    /// Log format of daemons.
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Args, Clone)]
+struct ClientOpts {
+    /// Coordinator address(es), comma-separated.
+    #[arg(long, env = "GANTRY_ADDR", default_value = "http://127.0.0.1:7070", global = true)]
+    addr: String,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table", global = true)]
+    output: Format,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a coordinator.
+    Coordinator {
+        /// gRPC listen address (port 0 = any; the bound address is printed).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        grpc_addr: SocketAddr,
+        /// HTTP listen address (metrics and status page: not built yet).
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+        /// Storage directory.
+        #[arg(long, default_value = "./gantry-data")]
+        data_dir: PathBuf,
+        /// Memory kept free on every GPU, e.g. 1GiB.
+        #[arg(long, default_value = "0", value_parser = parse_size_arg)]
+        gpu_headroom: u64,
+        /// Replica id (replication: not built yet).
+        #[arg(long)]
+        id: Option<String>,
+        /// Replica peers (replication: not built yet).
+        #[arg(long)]
+        peers: Option<String>,
+    },
+    /// Run an agent on a GPU node.
+    Agent {
+        /// Coordinator URL(s), comma-separated.
+        #[arg(long, env = "GANTRY_COORDINATORS", default_value = "http://127.0.0.1:7070")]
+        coordinators: String,
+        /// Node name (default: host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Address advertised to the coordinator.
+        #[arg(long, default_value = "127.0.0.1")]
+        address: String,
+        /// Where job output and work directories live.
+        #[arg(long, default_value = "./gantry-agent-data")]
+        data_dir: PathBuf,
+        /// Node labels, e.g. provider=lambda (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Fake GPUs instead of NVML, e.g. 2xH100-80GiB,1xRTX4090-24GiB.
+        #[arg(long)]
+        fake_gpus: Option<String>,
+        /// Print what the GPU probe finds and exit.
+        #[arg(long)]
+        probe: bool,
+    },
+    /// A whole cluster in one process: coordinator, one agent, storage in ./gantry-data.
+    Dev {
+        /// gRPC listen address.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        grpc_addr: SocketAddr,
+        /// HTTP listen address (metrics and status page: not built yet).
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
+        /// Storage directory.
+        #[arg(long, default_value = "./gantry-data")]
+        data_dir: PathBuf,
+        /// Fake GPUs (default 2xH100-80GiB when no NVIDIA driver answers).
+        #[arg(long)]
+        fake_gpus: Option<String>,
+    },
+    /// Submit jobs from flags or a spec file.
+    Submit(SubmitArgs),
+    /// List jobs.
+    Jobs {
+        /// Only jobs in these states (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        /// Most jobs shown.
+        #[arg(long, default_value = "100")]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Show one job.
+    Job {
+        /// Job id.
+        id: u64,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Print a job's output.
+    Logs {
+        /// Job id.
+        id: u64,
+        /// Keep printing until the job ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+        /// Attempt (default: the latest).
+        #[arg(long, default_value = "0")]
+        attempt: u32,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Cancel a job (its whole process tree is stopped).
+    Cancel {
+        /// Job id.
+        id: u64,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List nodes.
+    Nodes {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Stop new placements on a node.
+    Drain {
+        /// Node name.
+        node: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Allow placements on a drained node again.
+    Undrain {
+        /// Node name.
+        node: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Cluster summary.
+    Status {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Stream job events as they happen.
+    Watch {
+        /// Only this job.
+        #[arg(long)]
+        job: Option<u64>,
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Start from this event index (default: new events only).
+        #[arg(long)]
+        from: Option<u64>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Dead-letter queue (not built yet).
+    Dlq {
+        /// list | show | retry | drop
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    /// Spec file (`-` = stdin); one job, a list, `---` documents, or a pipeline.
+    #[arg(short = 'f', long = "file", conflicts_with = "command")]
+    file: Option<String>,
+    /// Job name.
+    #[arg(long)]
+    name: Option<String>,
+    /// selfplay | export | training | evaluation | promotion | generic
+    #[arg(long)]
+    kind: Option<String>,
+    /// GPUs.
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// GPU memory per GPU, e.g. 8GiB.
+    #[arg(long)]
+    gpu_memory: Option<String>,
+    /// CPUs, e.g. 4 or 0.5.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Host memory, e.g. 16GiB.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Environment, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_label)]
+    env: Vec<(String, String)>,
+    /// Priority (higher first).
+    #[arg(long)]
+    priority: Option<i32>,
+    /// Attempts before giving up.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Time limit, e.g. 6h.
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Run the command through /bin/sh -c.
+    #[arg(long)]
+    shell: bool,
+    /// Idempotency key: resubmitting with the same key returns the same ids.
+    #[arg(long)]
+    key: Option<String>,
+    #[command(flatten)]
+    client: ClientOpts,
+    /// The command, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    parse_bytes(text).map_err(|e| e.to_string())
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+fn not_built(what: &str, issue: u32) -> CliError {
+    CliError::failed(format!("{what} is not built yet (tracked in issue {issue})"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Coordinator { grpc_addr, http_addr, data_dir, gpu_headroom, id, peers } => {
+            if peers.is_some() {
+                return fail(not_built("replication (--peers)", 4));
+            }
+            if http_addr.is_some() {
+                return fail(not_built("the HTTP endpoint (--http-addr: metrics, status page)", 6));
+            }
+            init_logging(cli.log_format);
+            let options = daemon::CoordinatorOptions { grpc_addr, data_dir, gpu_headroom, id: id.unwrap_or_else(|| "1".into()) };
+            daemon_result(daemon::run_coordinator(options).await)
+        }
+        Command::Agent { coordinators, name, address, data_dir, labels, fake_gpus, probe } => {
+            init_logging(cli.log_format);
+            if probe {
+                return probe_gpus(fake_gpus);
+            }
+            let options = daemon::AgentOptions {
+                node_name: name.unwrap_or_else(daemon::hostname),
+                address,
+                coordinators: coordinators.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+                data_dir,
+                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                fake_gpus,
+            };
+            daemon_result(daemon::run_agent(options).await)
+        }
+        Command::Dev { grpc_addr, http_addr, data_dir, fake_gpus } => {
+            if http_addr.is_some() {
+                return fail(not_built("the HTTP endpoint (--http-addr: metrics, status page)", 6));
+            }
+            init_logging(cli.log_format);
+            let options = daemon::CoordinatorOptions { grpc_addr, data_dir, gpu_headroom: 0, id: "dev".into() };
+            daemon_result(daemon::run_dev(options, fake_gpus).await)
+        }
+        Command::Dlq { .. } => Err(not_built("the dead-letter queue (gantry dlq)", 5)),
+        Command::Submit(args) => submit(args).await,
+        Command::Jobs { state, limit, client } => jobs(state, limit, client).await,
+        Command::Job { id, client } => job(id, client).await,
+        Command::Logs { id, follow, stderr, attempt, client } => logs(id, follow, stderr, attempt, client).await,
+        Command::Cancel { id, client } => cancel(id, client).await,
+        Command::Nodes { client } => nodes(client).await,
+        Command::Drain { node, client } => drain(node, true, client).await,
+        Command::Undrain { node, client } => drain(node, false, client).await,
+        Command::Status { client } => status(client).await,
+        Command::Watch { job, kind, from, client } => watch(job, kind, from, client).await,
+    };
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(error) => fail(error),
+    }
+}
+
+fn fail(error: CliError) -> ExitCode {
+    eprintln!("error: {}", error.message);
+    ExitCode::from(error.code)
+}
+
+fn daemon_result(result: anyhow::Result<()>) -> Result<(), CliError> {
+    result.map_err(|e| CliError::failed(format!("{e:#}")))
+}
+
+fn probe_gpus(fake: Option<String>) -> ExitCode {
+    let source = match fake {
+        Some(text) => match gantry_agent::parse_fake_gpus(&text) {
+            Ok(gpus) => gantry_agent::GpuSource::Fake(gpus),
+            Err(e) => return fail(CliError::invalid(format!("--fake-gpus: {e}"))),
+        },
+        None => gantry_agent::GpuSource::Nvml,
+    };
+    match gantry_agent::probe_gpus(&source) {
+        Ok(gpus) => {
+            println!("{} GPU(s)", gpus.len());
+            for gpu in gpus {
+                println!("{gpu:?}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(CliError::failed(format!("GPU probe: {error}"))),
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+async fn submit(args: SubmitArgs) -> Result<(), CliError> {
+    let jobs = match &args.file {
+        Some(path) => spec::read_spec_file(path).map_err(|e| CliError::invalid(e.0))?,
+        None => {
+            if args.command.is_empty() {
+                return Err(CliError::invalid("command: give a command after `--`, or a spec file with -f"));
+            }
+            let gpu_memory = match &args.gpu_memory {
+                Some(text) => parse_bytes(text).map_err(|e| CliError::invalid(format!("--gpu-memory: {e}")))? as i64,
+                None => 0,
+            };
+            let memory = match &args.memory {
+                Some(text) => parse_bytes(text).map_err(|e| CliError::invalid(format!("--memory: {e}")))? as i64,
+                None => 0,
+            };
+            let cpus = args.cpus.unwrap_or(0.0);
+            if !(0.0..=1e6).contains(&cpus) {
+                return Err(CliError::invalid(format!("--cpus: {cpus} is not a sensible number of cores")));
+            }
+            let timeout_ms = match &args.timeout {
+                Some(text) => gantry_scheduler::units::parse_duration_ms(text).map_err(|e| CliError::invalid(format!("--timeout: {e}")))?,
+                None => 0,
+            };
+            if args.max_attempts == Some(0) {
+                return Err(CliError::invalid("--max-attempts: must be at least 1"));
+            }
+            vec![pb::JobSpec {
+                name: args.name.clone().unwrap_or_default(),
+                kind: args.kind.clone().unwrap_or_default(),
+                command: args.command.clone(),
+                env: args.env.iter().cloned().collect(),
+                resources: Some(pb::Resources { gpus: args.gpus.unwrap_or(0), gpu_memory_bytes: gpu_memory, cpu_millis: (cpus * 1000.0) as i64, memory_bytes: memory, disk_bytes: 0 }),
+                priority: args.priority.unwrap_or(0),
+                retry: args.max_attempts.map(|n| pb::RetryPolicy { max_attempts: n, backoff_ms: 0 }),
+                timeout_ms,
+                shell: args.shell,
+                ..Default::default()
+            }]
+        }
+    };
+    let mut client = client::connect(&args.client.addr).await?;
+    let key = args.key.clone().unwrap_or_else(new_submission_key);
+    let request = pb::SubmitRequest { jobs, submission_key: key };
+    let response = client.submit(request).await?.into_inner();
+    match args.client.output {
+        Format::Json => print_json(&serde_json::json!({ "job_ids": response.job_ids })),
+        Format::Table => {
+            for id in &response.job_ids {
+                println!("submitted job {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A random key so a submit retried after a lost reply is not duplicated.
+fn new_submission_key() -> String {
+    format!("cli-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>())
+}
+
+async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts.addr).await?;
+    let jobs = client.list_jobs(pb::ListJobsRequest { states: state, limit }).await?.into_inner().jobs;
+    match opts.output {
+        Format::Json => print_json(&serde_json::Value::Array(jobs.iter().map(output::job_json).collect())),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = jobs.iter().map(output::job_row).collect();
+            output::table(&["ID", "NAME", "KIND", "STATE", "NODE", "GPUS", "DETAIL"], &rows);
+        }
+    }
+    Ok(())
+}
+
+async fn job(id: u64, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts.addr).await?;
+    let job = client.get_job(pb::GetJobRequest { job_id: id }).await?.into_inner();
+    match opts.output {
+        Format::Json => print_json(&output::job_json(&job)),
+        Format::Table => output::print_job(&job),
+    }
+    Ok(())
+}
+
+async fn logs(id: u64, follow: bool, stderr: bool, attempt: u32, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts.addr).await?;
+    let stream = if stderr { "stderr" } else { "stdout" };
+    let mut chunks = client
+        .logs(pb::LogsRequest { job_id: id, stream: stream.into(), follow, attempt, offset: 0 })
+        .await?
+        .into_inner();
+    let mut out = std::io::stdout();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        out.write_all(&chunk.data).map_err(|e| CliError::failed(format!("stdout: {e}")))?;
+        out.flush().map_err(|e| CliError::failed(format!("stdout: {e}")))?;
+    }
+    Ok(())
+}
+
+async fn cancel(id: u64, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts.addr).await?;
+    let state = client.cancel_job(pb::CancelJobRequest { job_id: id }).await?.into_inner().state;
+    match opts.output {
+        Format::Json => print_json(&serde_json::json!({ "job_id": id, "state": state })),
+        Format::Table if state == "cancelled" => println!("job {id} cancelled"),
+        Format::Table => println!("job {id}: cancel requested, stopping ({state})"),
+    }
+    Ok(())
+}
+
+async fn nodes(opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts.addr).await?;
+    let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+    match opts.output {
+        Format::Json => print_json(&serde_json::Value::Array(nodes.iter().map(output::node_json).collect())),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = nodes.iter().map(output::node_row).collect();
+            output::table(&["NAME", "STATE", "PROVIDER", "GPUS", "GPU FREE", "DISK", "JOBS", "RTT"], &rows);
+        }
+    }
+    Ok(())
+}
+
+async fn drain(node: String, drain: bool, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts.addr).await?;
+    client.drain(pb::DrainRequest { node: node.clone(), drain }).await?;
+    match opts.output {
+        Format::Json => print_json(&serde_json::json!({ "node": node, "draining": drain })),
+        Format::Table => println!("node {node} {}", if drain { "draining: no new placements" } else { "undrained" }),
+    }
+    Ok(())
+}
+
+async fn status(opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts.addr).await?;
+    let status = client.status(pb::StatusRequest {}).await?.into_inner();
+    match opts.output {
+        Format::Json => print_json(&output::status_json(&status)),
+        Format::Table => {
+            println!("coordinator {} (leader: {}), gantry {}", status.coordinator_id, status.is_leader, status.version);
+            println!("nodes: {} ready of {}", status.nodes_ready, status.nodes_total);
+            println!(
+                "gpus:  {} ({} total, {} reserved)",
+                status.gpus_total,
+                gantry_scheduler::units::format_bytes(status.gpu_memory_total_bytes.max(0) as u64),
+                gantry_scheduler::units::format_bytes(status.gpu_memory_reserved_bytes.max(0) as u64)
+            );
+            let mut states: Vec<_> = status.jobs_by_state.iter().collect();
+            states.sort();
+            let jobs: Vec<String> = states.iter().map(|(s, n)| format!("{s}={n}")).collect();
+            println!("jobs:  {}", if jobs.is_empty() { "none".to_string() } else { jobs.join(" ") });
+            println!("last event: {}", status.last_event_index);
+        }
+    }
+    Ok(())
+}
+
+async fn watch(job: Option<u64>, kind: Option<String>, from: Option<u64>, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts.addr).await?;
+    let from_index = match from {
+        Some(index) => index,
+        None => client.status(pb::StatusRequest {}).await?.into_inner().last_event_index + 1,
+    };
+    let mut events = client
+        .watch_events(pb::WatchEventsRequest { from_index, job_id: job.unwrap_or(0), kind: kind.unwrap_or_default() })
+        .await?
+        .into_inner();
+    while let Some(event) = events.next().await {
+        let event = event?;
+        match opts.output {
+            Format::Json => println!("{}", output::event_json(&event)),
+            Format::Table => println!(
+                "{:>6}  job {:<6} {:<20} {:<10} {:<10} {}{}",
+                event.index,
+                event.job_id,
+                event.job_name,
+                event.kind,
+                event.state,
+                if event.node.is_empty() { String::new() } else { format!("on {} (attempt {}) ", event.node, event.attempt) },
+                event.message
+            ),
+        }
+    }
+    Ok(())
+}

@@ -38,6 +38,7 @@ pub fn choose_batch(policy: &BatchPolicy, free: u64, explicit: Option<u64>) -> O
     } else {
         room / model.per_sample
     };
+    // The min() keeps the value within u32, so the cast cannot truncate.
     let mut size = by_memory.min(u64::from(model.max.max(model.min))) as u32;
     if model.multiple_of > 1 {
         size -= size % model.multiple_of;
@@ -45,11 +46,91 @@ pub fn choose_batch(policy: &BatchPolicy, free: u64, explicit: Option<u64>) -> O
     if size < model.min || size == 0 {
         return None;
     }
-    let needed = model.base + model.per_sample * u64::from(size);
+    let needed = model
+        .base
+        .saturating_add(model.per_sample.saturating_mul(u64::from(size)));
     Some(BatchChoice {
         size,
         reserve: explicit.unwrap_or(needed),
     })
+}
+
+/// The least effective free memory on which [`choose_batch`] finds a batch:
+/// a GPU with less can never take the job, one with at least this always
+/// can. `None` when no amount of memory is enough (e.g. a catch-all tier and
+/// no explicit `gpu_memory`).
+///
+/// `choose_batch` is monotone in `free` (more memory never turns a fit into
+/// a miss), which is what lets the placement index search by this bound.
+pub fn min_free_needed(policy: &BatchPolicy, explicit: Option<u64>) -> Option<u64> {
+    smallest_free(|free| choose_batch(policy, free, explicit).is_some(), candidates(policy, explicit))
+}
+
+/// The least effective free memory that gives the job the largest batch it
+/// can ever get. `prefer_largest` jobs search for a GPU with at least this
+/// much first. Assumes more memory never gives a smaller batch, which holds
+/// for memory models and for tiers listed from the largest `min_free` down.
+pub fn free_for_largest(policy: &BatchPolicy, explicit: Option<u64>) -> Option<u64> {
+    let largest = choose_batch(policy, u64::MAX, explicit)?.size;
+    smallest_free(
+        |free| choose_batch(policy, free, explicit).is_some_and(|c| c.size >= largest),
+        candidates(policy, explicit),
+    )
+}
+
+/// Amounts at which a rule's outcome can change: tier bounds, the explicit
+/// reservation, and the memory model's smallest batch.
+fn candidates(policy: &BatchPolicy, explicit: Option<u64>) -> Vec<u64> {
+    let mut out: Vec<u64> = policy.tiers.iter().filter_map(|t| t.min_free).collect();
+    out.extend(explicit);
+    if let Some(model) = &policy.model {
+        let step = u64::from(model.multiple_of.max(1));
+        let smallest = u64::from(model.min.max(1)).div_ceil(step).saturating_mul(step);
+        let largest = u64::from(model.max.max(model.min));
+        for size in [smallest, largest - largest % step] {
+            out.push(model.base.saturating_add(model.per_sample.saturating_mul(size)));
+        }
+    }
+    out.push(0);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Smallest `free` for which the monotone predicate `fits` holds: tries the
+/// likely break points first, then falls back to a binary search.
+fn smallest_free(fits: impl Fn(u64) -> bool, candidates: Vec<u64>) -> Option<u64> {
+    if !fits(u64::MAX) {
+        return None;
+    }
+    // The first candidate that fits is the answer only if the one before it
+    // bounds the search from below; check by bisecting between them.
+    let mut low = 0u64; // largest amount known not to fit, or 0
+    let mut high = u64::MAX; // smallest amount known to fit
+    for c in candidates {
+        if fits(c) {
+            high = c;
+            break;
+        }
+        low = c;
+    }
+    if fits(low) {
+        return Some(low);
+    }
+    // Usually a candidate is the exact break point: one probe settles it.
+    if !fits(high - 1) {
+        return Some(high);
+    }
+    // Invariant: !fits(low) && fits(high).
+    while high - low > 1 {
+        let mid = low + (high - low) / 2;
+        if fits(mid) {
+            high = mid;
+        } else {
+            low = mid;
+        }
+    }
+    Some(high)
 }
 
 #[cfg(test)]

@@ -66,6 +66,13 @@ impl JobKind {
         matches!(self, JobKind::Selfplay | JobKind::Export)
     }
 
+    /// Kinds that drain data volumes (export reads game records, training
+    /// reads shards). When the fleet is disk-pressured they are ordered
+    /// first so the pressure clears.
+    pub fn consumes_data(self) -> bool {
+        matches!(self, JobKind::Export | JobKind::Training)
+    }
+
     /// Whether a job of this kind wants a GPU to itself unless it says otherwise.
     pub fn exclusive_gpu_by_default(self) -> bool {
         matches!(self, JobKind::Training)
@@ -277,6 +284,10 @@ pub struct NodeView {
     pub heard_from: bool,
     /// Node labels.
     pub labels: BTreeMap<String, String>,
+    /// Cloud provider (`lambda`, `vast`, `hetzner`, `onprem`). A `provider`
+    /// label constraint matches this when the node has no `provider` label,
+    /// so the inventory's provider column need not be copied into labels.
+    pub provider: String,
     /// Its GPUs.
     pub gpus: Vec<GpuView>,
     /// CPU capacity in thousandths of a core.
@@ -297,9 +308,13 @@ pub struct NodeView {
     pub disk_pressure: bool,
     /// Smoothed round-trip time to the leader.
     pub rtt_ms: f64,
-    /// Failures among its recent jobs.
+    /// Failures among its recent jobs (see
+    /// [`FailureRecord::recent_failures`](crate::health::FailureRecord::recent_failures)).
+    /// A health score: among equal fits, fewer failures win.
     pub recent_failures: u32,
-    /// Quarantined until this time (unix ms); 0 = not quarantined.
+    /// Quarantined until this time (unix ms); 0 = not quarantined. Set from
+    /// [`FailureRecord::quarantined_until_ms`](crate::health::FailureRecord)
+    /// by the caller's circuit breaker.
     pub quarantined_until_ms: u64,
 }
 
@@ -323,6 +338,25 @@ pub struct Policy {
     pub disk_low_watermark: f64,
     /// Most placements in one pass (bounds pass latency).
     pub max_placements_per_pass: usize,
+    /// Per-kind disk watermarks overriding the node's default pressure flag
+    /// for that kind (e.g. let export run up to 92% because it frees more
+    /// than it writes). A kind listed here is subject to backpressure even
+    /// if it does not produce data.
+    pub disk_thresholds: BTreeMap<JobKind, DiskThresholds>,
+    /// Fraction of ready nodes (with a data volume) that must be pressured
+    /// for the fleet as a whole to count as pressured. Then pure producers
+    /// (selfplay) are held everywhere and consumers are ordered first.
+    pub fleet_pressure_fraction: f64,
+    /// GPUs whose effective free memory differs by less than this count as
+    /// equally good fits, so node health (failures, RTT) decides between
+    /// them. Without it a few MiB of NVML noise would outrank a 200 ms RTT.
+    pub pack_granularity: u64,
+    /// Fair-share weight per queue (`JobRequest::queue`); missing = 1. A
+    /// queue of weight 2 gets two jobs per round-robin round.
+    pub queue_weights: BTreeMap<String, u32>,
+    /// Circuit-breaker settings for [`crate::health::FailureRecord`]; the
+    /// pass itself only reads `NodeView::quarantined_until_ms`.
+    pub quarantine: QuarantinePolicy,
 }
 
 impl Default for Policy {
@@ -332,6 +366,48 @@ impl Default for Policy {
             disk_high_watermark: 0.85,
             disk_low_watermark: 0.75,
             max_placements_per_pass: usize::MAX,
+            disk_thresholds: BTreeMap::new(),
+            fleet_pressure_fraction: 0.8,
+            pack_granularity: 1 << 30,
+            queue_weights: BTreeMap::new(),
+            quarantine: QuarantinePolicy::default(),
+        }
+    }
+}
+
+/// High/low disk-use watermarks (fractions of the data volume) with
+/// hysteresis: pressure turns on above `high` and off below `low`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DiskThresholds {
+    /// Use fraction above which pressure turns on.
+    pub high: f64,
+    /// Use fraction below which pressure turns off again.
+    pub low: f64,
+}
+
+impl Default for DiskThresholds {
+    fn default() -> Self {
+        DiskThresholds {
+            high: 0.85,
+            low: 0.75,
+        }
+    }
+}
+
+/// Circuit breaker for nodes whose jobs keep failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantinePolicy {
+    /// Consecutive job failures on a node that trip the breaker.
+    pub trip_after: u32,
+    /// First quarantine length; doubled per repeated trip, at most 8x.
+    pub cool_down_ms: u64,
+}
+
+impl Default for QuarantinePolicy {
+    fn default() -> Self {
+        QuarantinePolicy {
+            trip_after: 3,
+            cool_down_ms: 5 * 60 * 1000,
         }
     }
 }
@@ -390,6 +466,14 @@ pub enum HoldReason {
     },
     /// The pass ran out of its placement budget before reaching this job.
     PassBudget,
+    /// The fleet as a whole is disk-pressured: pure data producers wait
+    /// everywhere until consumers have drained enough.
+    FleetDiskBackpressure {
+        /// Pressured ready nodes.
+        pressured: usize,
+        /// Ready nodes with a data volume.
+        nodes: usize,
+    },
 }
 
 impl fmt::Display for HoldReason {
@@ -408,6 +492,10 @@ impl fmt::Display for HoldReason {
                 )
             }
             HoldReason::PassBudget => f.write_str("waiting for the next scheduling pass"),
+            HoldReason::FleetDiskBackpressure { pressured, nodes } => write!(
+                f,
+                "disk backpressure across the fleet ({pressured}/{nodes} nodes pressured)"
+            ),
         }
     }
 }

@@ -1,0 +1,117 @@
+//! The typed commands that change hard state. Every change goes through one
+//! [`Command`] applied by [`crate::state::StateMachine::apply`]; today the
+//! single coordinator applies them directly, and a replicated log can carry
+//! them unchanged (they are serde values and carry their own timestamps, so
+//! applying is deterministic).
+
+use gantry_scheduler::{JobId, Placement};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{GpuRecord, JobSpec};
+
+/// A hard-state change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Store new jobs. With a key already seen, returns the earlier ids.
+    Submit {
+        /// Proposal time.
+        at_ms: u64,
+        /// Idempotency key.
+        key: Option<String>,
+        /// Validated specs.
+        jobs: Vec<JobSpec>,
+    },
+    /// An agent (re-)registered.
+    RegisterNode {
+        /// Proposal time.
+        at_ms: u64,
+        /// Name.
+        name: String,
+        /// Advertised address.
+        address: String,
+        /// Labels.
+        labels: std::collections::BTreeMap<String, String>,
+        /// GPUs.
+        gpus: Vec<GpuRecord>,
+        /// CPU capacity.
+        cpu_millis: u64,
+        /// RAM.
+        memory_total: u64,
+        /// Disk.
+        disk_total: u64,
+    },
+    /// Commit a scheduling plan. Each placement is re-checked against hard
+    /// state; infeasible ones are refused, never applied.
+    Assign {
+        /// Proposal time.
+        at_ms: u64,
+        /// Placements from the scheduler.
+        placements: Vec<Placement>,
+    },
+    /// The agent started an attempt.
+    JobStarted {
+        /// Report time.
+        at_ms: u64,
+        /// Job.
+        job: JobId,
+        /// Attempt (fencing token).
+        attempt: u32,
+        /// Reporting node.
+        node: String,
+    },
+    /// An attempt ended.
+    JobExited {
+        /// Report time.
+        at_ms: u64,
+        /// Job.
+        job: JobId,
+        /// Attempt.
+        attempt: u32,
+        /// Reporting node.
+        node: String,
+        /// Exit code.
+        code: Option<i32>,
+        /// Killing signal.
+        signal: Option<i32>,
+        /// Error text for people (stderr tail or spawn error).
+        error: String,
+        /// It was stopped because of a cancel.
+        cancelled: bool,
+    },
+    /// A user asked to cancel.
+    RequestCancel {
+        /// Request time.
+        at_ms: u64,
+        /// Job.
+        job: JobId,
+    },
+    /// An attempt is gone without an exit report (node down, agent forgot it).
+    AttemptLost {
+        /// Time.
+        at_ms: u64,
+        /// Job.
+        job: JobId,
+        /// Attempt.
+        attempt: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The health tracker's committed view of a node changed.
+    SetNodeDown {
+        /// Time.
+        at_ms: u64,
+        /// Node.
+        node: String,
+        /// Down or back.
+        down: bool,
+    },
+    /// Operator drain flag.
+    SetDrain {
+        /// Time.
+        at_ms: u64,
+        /// Node.
+        node: String,
+        /// Drain or undrain.
+        draining: bool,
+    },
+}

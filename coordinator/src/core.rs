@@ -1,0 +1,778 @@
+//! The coordinator's core: one thread that owns the state machine, the store,
+//! the health tracker and the agent sessions, and runs scheduling passes.
+//! gRPC handlers talk to it only through [`Request`] messages with reply
+//! channels, so no lock is shared across tasks.
+//!
+//! Why a plain thread and not a tokio task: applying a batch of commands ends
+//! in a sled flush, which blocks; doing it on a dedicated thread keeps the
+//! async runtime free, and draining the queue before each flush gives group
+//! commit (one fsync for many submits).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gantry_proto as pb;
+use gantry_scheduler::{ClusterSnapshot, GpuView, JobId, JobRequest, NodeState, NodeView, Policy};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::command::Command;
+use crate::convert;
+use crate::domain::{EventRecord, GpuRecord, JobSpec, JobState};
+use crate::error::CoordinatorError;
+use crate::health::{HealthConfig, HealthTracker};
+use crate::state::{Outcome, StateMachine};
+use crate::store::Store;
+
+/// A reply channel.
+pub type Reply<T> = oneshot::Sender<Result<T, CoordinatorError>>;
+/// Messages to one agent's stream.
+pub type AgentSender = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+/// Requests to the core.
+pub enum Request {
+    /// Store validated jobs.
+    Submit {
+        /// Idempotency key.
+        key: Option<String>,
+        /// Specs.
+        specs: Vec<JobSpec>,
+        /// Reply with ids once durable.
+        reply: Reply<Vec<JobId>>,
+    },
+    /// One job.
+    GetJob {
+        /// Id.
+        id: JobId,
+        /// Reply.
+        reply: Reply<pb::Job>,
+    },
+    /// Jobs, newest first.
+    ListJobs {
+        /// State filter (empty = all).
+        states: Vec<JobState>,
+        /// Most jobs returned.
+        limit: usize,
+        /// Reply.
+        reply: Reply<Vec<pb::Job>>,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Id.
+        id: JobId,
+        /// Reply with the state after the request.
+        reply: Reply<JobState>,
+    },
+    /// Nodes with health.
+    ListNodes {
+        /// Reply.
+        reply: Reply<Vec<pb::Node>>,
+    },
+    /// Set or clear drain.
+    Drain {
+        /// Node.
+        node: String,
+        /// Drain flag.
+        drain: bool,
+        /// Reply.
+        reply: Reply<()>,
+    },
+    /// Cluster summary.
+    Status {
+        /// Reply.
+        reply: Reply<pb::ClusterStatus>,
+    },
+    /// Stored events from an index.
+    EventsSince {
+        /// First index.
+        from: u64,
+        /// Most events.
+        limit: usize,
+        /// Reply.
+        reply: Reply<Vec<EventRecord>>,
+    },
+    /// Read a slice of a job's output from its node.
+    ReadLog {
+        /// Job.
+        job: JobId,
+        /// Attempt (0 = latest).
+        attempt: u32,
+        /// stdout or stderr.
+        stream: String,
+        /// Offset.
+        offset: u64,
+        /// Reply with the agent's answer and whether the attempt has ended.
+        reply: Reply<(pb::LogData, bool)>,
+    },
+    /// An agent opened its stream and registered.
+    AgentRegister {
+        /// Session id (unique per stream).
+        session: u64,
+        /// Registration.
+        register: pb::Register,
+        /// Where to send its messages.
+        sender: AgentSender,
+        /// Reply.
+        reply: Reply<pb::Registered>,
+    },
+    /// A message on an agent's stream.
+    AgentMessage {
+        /// Session id.
+        session: u64,
+        /// Node name.
+        node: String,
+        /// Message.
+        message: pb::AgentMessage,
+    },
+    /// An agent's stream ended.
+    AgentGone {
+        /// Session id.
+        session: u64,
+        /// Node name.
+        node: String,
+    },
+}
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Identity shown in status.
+    pub id: String,
+    /// Heartbeat interval told to agents.
+    pub heartbeat_interval: Duration,
+    /// Health thresholds.
+    pub health: HealthConfig,
+    /// Memory kept free on each GPU.
+    pub gpu_headroom: u64,
+    /// Safety-net scheduling interval.
+    pub pass_interval: Duration,
+    /// Grace between SIGTERM and SIGKILL for cancels.
+    pub kill_grace: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            id: "1".into(),
+            heartbeat_interval: Duration::from_secs(1),
+            health: HealthConfig::default(),
+            gpu_headroom: 0,
+            pass_interval: Duration::from_secs(2),
+            kill_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Session {
+    id: u64,
+    sender: AgentSender,
+}
+
+struct LogWaiter {
+    session: u64,
+    ended: bool,
+    reply: Reply<(pb::LogData, bool)>,
+}
+
+/// How long a Running job may go unreported after its agent re-registers
+/// before it is declared lost (its exit event may still be in flight).
+const UNCONFIRMED_GRACE_MS: u64 = 10_000;
+
+/// The core's state. Lives on its own thread; see the module docs.
+pub struct Core {
+    config: CoreConfig,
+    state: StateMachine,
+    store: Store,
+    health: HealthTracker,
+    sessions: HashMap<String, Session>,
+    events: broadcast::Sender<pb::Event>,
+    hold_reasons: HashMap<JobId, String>,
+    log_waiters: HashMap<u64, LogWaiter>,
+    next_request_id: u64,
+    unconfirmed: HashMap<(JobId, u32), u64>,
+    dirty: bool,
+    last_pass_ms: u64,
+    started_ms: u64,
+    /// Replies held until the batch they belong to is durable.
+    deferred: Vec<Box<dyn FnOnce(Result<(), String>) + Send>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Core {
+    /// A core over a loaded store.
+    pub fn new(config: CoreConfig, store: Store, events: broadcast::Sender<pb::Event>) -> Result<Core, CoordinatorError> {
+        let state = store.load()?;
+        Ok(Core {
+            health: HealthTracker::new(config.health),
+            config,
+            state,
+            store,
+            sessions: HashMap::new(),
+            events,
+            hold_reasons: HashMap::new(),
+            log_waiters: HashMap::new(),
+            next_request_id: 1,
+            unconfirmed: HashMap::new(),
+            dirty: true,
+            last_pass_ms: 0,
+            started_ms: now_ms(),
+            deferred: Vec::new(),
+        })
+    }
+
+    /// Runs until every sender of `requests` is dropped. Flushes on exit.
+    pub fn run(mut self, requests: std_mpsc::Receiver<Request>) {
+        let tick = Duration::from_millis(200);
+        loop {
+            match requests.recv_timeout(tick) {
+                Ok(request) => {
+                    self.handle(request);
+                    // Group commit: take what else is queued before flushing.
+                    for _ in 0..4096 {
+                        match requests.try_recv() {
+                            Ok(request) => self.handle(request),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            self.tick();
+            if let Err(error) = self.flush() {
+                tracing::error!(%error, "cannot persist state; stopping the coordinator core");
+                return;
+            }
+        }
+        if let Err(error) = self.flush().and_then(|_| self.store.flush().map_err(|e| e.to_string())) {
+            tracing::error!(%error, "final flush failed");
+        }
+        tracing::info!("coordinator core stopped; storage flushed");
+    }
+
+    /// Persists pending changes, then releases deferred replies and events.
+    fn flush(&mut self) -> Result<(), String> {
+        let changes = self.state.take_changes();
+        let result = if changes.jobs.is_empty() && changes.nodes.is_empty() && changes.events.is_empty() && changes.submissions.is_empty() {
+            Ok(())
+        } else {
+            self.dirty |= !changes.jobs.is_empty() || !changes.nodes.is_empty();
+            self.store.persist(&self.state, &changes).map_err(|e| e.to_string())
+        };
+        if result.is_ok() {
+            for event in &changes.events {
+                let _ = self.events.send(convert::event_to_proto(event));
+            }
+        }
+        for reply in self.deferred.drain(..) {
+            reply(result.clone());
+        }
+        result
+    }
+
+    fn defer<T: Send + 'static>(&mut self, reply: Reply<T>, value: Result<T, CoordinatorError>) {
+        self.deferred.push(Box::new(move |durable| {
+            let value = match durable {
+                Ok(()) => value,
+                Err(error) => Err(CoordinatorError::Unavailable(format!("not stored: {error}"))),
+            };
+            let _ = reply.send(value);
+        }));
+    }
+
+    fn apply(&mut self, command: Command) -> Result<Outcome, CoordinatorError> {
+        Ok(self.state.apply(command)?)
+    }
+
+    fn handle(&mut self, request: Request) {
+        let now = now_ms();
+        match request {
+            Request::Submit { key, specs, reply } => {
+                let result = self.apply(Command::Submit { at_ms: now, key, jobs: specs }).map(|outcome| match outcome {
+                    Outcome::Submitted(ids) => ids,
+                    _ => Vec::new(),
+                });
+                self.dirty = true;
+                self.defer(reply, result);
+            }
+            Request::GetJob { id, reply } => {
+                let result = self
+                    .state
+                    .job(id)
+                    .map(|job| convert::job_to_proto(job, self.hold_reasons.get(&id).map(String::as_str)))
+                    .ok_or_else(|| CoordinatorError::NotFound(format!("job {id} not found")));
+                let _ = reply.send(result);
+            }
+            Request::ListJobs { states, limit, reply } => {
+                let jobs = self
+                    .state
+                    .jobs()
+                    .rev()
+                    .filter(|j| states.is_empty() || states.contains(&j.state))
+                    .take(limit)
+                    .map(|job| convert::job_to_proto(job, self.hold_reasons.get(&job.id).map(String::as_str)))
+                    .collect();
+                let _ = reply.send(Ok(jobs));
+            }
+            Request::Cancel { id, reply } => {
+                let result = self.apply(Command::RequestCancel { at_ms: now, job: id });
+                let result = result.map(|outcome| match outcome {
+                    Outcome::CancelRequested { state, stop } => {
+                        if let Some((node, attempt)) = stop {
+                            self.send_cancel(&node, id, attempt);
+                        }
+                        state
+                    }
+                    _ => JobState::Cancelled,
+                });
+                self.defer(reply, result);
+            }
+            Request::ListNodes { reply } => {
+                let _ = reply.send(Ok(self.nodes_to_proto(now)));
+            }
+            Request::Drain { node, drain, reply } => {
+                let result = self.apply(Command::SetDrain { at_ms: now, node, draining: drain }).map(|_| ());
+                self.defer(reply, result);
+            }
+            Request::Status { reply } => {
+                let _ = reply.send(Ok(self.status(now)));
+            }
+            Request::EventsSince { from, limit, reply } => {
+                // Flush first so every event applied so far is readable.
+                let flushed = self.flush().map_err(CoordinatorError::Unavailable);
+                let result = flushed.and_then(|_| Ok(self.store.events_since(from, limit)?));
+                let _ = reply.send(result);
+            }
+            Request::ReadLog { job, attempt, stream, offset, reply } => self.read_log(job, attempt, stream, offset, reply),
+            Request::AgentRegister { session, register, sender, reply } => {
+                let result = self.register(now, session, register, sender);
+                self.defer(reply, result);
+            }
+            Request::AgentMessage { session, node, message } => self.agent_message(now, session, &node, message),
+            Request::AgentGone { session, node } => {
+                if self.sessions.get(&node).is_some_and(|s| s.id == session) {
+                    self.sessions.remove(&node);
+                    self.health.on_disconnect(&node);
+                    tracing::info!(node = %node, "agent disconnected");
+                }
+                let orphaned: Vec<u64> = self.log_waiters.iter().filter(|(_, w)| w.session == session).map(|(id, _)| *id).collect();
+                for id in orphaned {
+                    if let Some(waiter) = self.log_waiters.remove(&id) {
+                        let _ = waiter.reply.send(Err(CoordinatorError::Unavailable(format!("node {node} disconnected"))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&self, node: &str, message: pb::coordinator_message::Msg) -> bool {
+        match self.sessions.get(node) {
+            Some(session) => session.sender.send(Ok(pb::CoordinatorMessage { msg: Some(message) })).is_ok(),
+            None => false,
+        }
+    }
+
+    fn send_cancel(&self, node: &str, job: JobId, attempt: u32) {
+        let grace_ms = self.config.kill_grace.as_millis() as u64;
+        self.send(node, pb::coordinator_message::Msg::Cancel(pb::CancelJob { job_id: job, attempt, grace_ms }));
+    }
+
+    fn send_assignment(&self, job: JobId) {
+        let Some(record) = self.state.job(job) else { return };
+        let Some(attempt) = record.current_attempt() else { return };
+        let message = pb::Assignment {
+            job_id: job,
+            attempt: attempt.attempt,
+            spec: Some(convert::spec_to_proto(&record.spec)),
+            gpus: attempt.gpus.clone(),
+            gpu_memory_bytes: attempt.gpu_memory as i64,
+            batch_size: attempt.batch_size,
+        };
+        if !self.send(&attempt.node, pb::coordinator_message::Msg::Assign(message)) {
+            tracing::warn!(job_id = job, node = %attempt.node, "node not connected; assignment will be sent when it registers");
+        }
+    }
+
+    fn register(&mut self, now: u64, session: u64, register: pb::Register, sender: AgentSender) -> Result<pb::Registered, CoordinatorError> {
+        let name = register.node.clone();
+        if name.is_empty() {
+            return Err(CoordinatorError::InvalidArgument { field: "register.node".into(), reason: "must not be empty".into() });
+        }
+        self.apply(Command::RegisterNode {
+            at_ms: now,
+            name: name.clone(),
+            address: register.address.clone(),
+            labels: convert::labels(register.labels.clone()),
+            gpus: register
+                .gpus
+                .iter()
+                .map(|g| GpuRecord { index: g.index, model: g.model.clone(), total: g.total_bytes.max(0) as u64 })
+                .collect(),
+            cpu_millis: register.cpu_millis.max(0) as u64,
+            memory_total: register.memory_total_bytes.max(0) as u64,
+            disk_total: register.disk_total_bytes.max(0) as u64,
+        })?;
+        self.health.on_register(&name, &register, now);
+        self.sessions.insert(name.clone(), Session { id: session, sender });
+        tracing::info!(node = %name, running = register.running.len(), "agent registered");
+
+        // Reconcile what the agent runs against hard state.
+        let mut stop = Vec::new();
+        let reported: BTreeSet<(JobId, u32)> = register.running.iter().map(|r| (r.job_id, r.attempt)).collect();
+        for running in &register.running {
+            let current = self.state.job(running.job_id).is_some_and(|j| {
+                j.state.is_active() && j.current_attempt().is_some_and(|a| a.attempt == running.attempt && a.node == name && a.ended_at_ms == 0)
+            });
+            if !current {
+                tracing::info!(node = %name, job_id = running.job_id, attempt = running.attempt, "stopping an attempt hard state does not know");
+                stop.push(running.clone());
+            } else if self.state.job(running.job_id).is_some_and(|j| j.state == JobState::Assigned) {
+                self.apply(Command::JobStarted { at_ms: running.started_at_ms.max(now), job: running.job_id, attempt: running.attempt, node: name.clone() })?;
+            }
+        }
+        let active: Vec<(JobId, u32, JobState, bool)> = self
+            .state
+            .jobs_on(&name)
+            .filter_map(|j| j.current_attempt().map(|a| (j.id, a.attempt, j.state, j.cancel_requested)))
+            .collect();
+        for (job, attempt, state, cancel) in active {
+            let is_reported = reported.contains(&(job, attempt));
+            match state {
+                JobState::Assigned if !is_reported => self.send_assignment(job),
+                JobState::Running if !is_reported => {
+                    self.unconfirmed.insert((job, attempt), now + UNCONFIRMED_GRACE_MS);
+                }
+                _ => {}
+            }
+            if cancel && is_reported {
+                self.send_cancel(&name, job, attempt);
+            }
+        }
+        self.dirty = true;
+        Ok(pb::Registered { heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32, stop })
+    }
+
+    fn agent_message(&mut self, now: u64, session: u64, node: &str, message: pb::AgentMessage) {
+        if self.sessions.get(node).is_none_or(|s| s.id != session) {
+            return; // a replaced session: its messages are stale
+        }
+        match message.msg {
+            Some(pb::agent_message::Msg::Heartbeat(hb)) => {
+                if self.health.on_heartbeat(node, &hb, now) {
+                    self.dirty = true;
+                }
+            }
+            Some(pb::agent_message::Msg::JobEvent(event)) => self.job_event(now, node, event),
+            Some(pb::agent_message::Msg::LogData(data)) => {
+                if let Some(waiter) = self.log_waiters.remove(&data.request_id) {
+                    let ended = waiter.ended;
+                    let _ = waiter.reply.send(Ok((data, ended)));
+                }
+            }
+            Some(pb::agent_message::Msg::Register(_)) | None => {
+                tracing::warn!(node = %node, "unexpected message on an established agent stream");
+            }
+        }
+    }
+
+    fn job_event(&mut self, now: u64, node: &str, event: pb::JobEvent) {
+        let at_ms = if event.at_ms > 0 { event.at_ms } else { now };
+        let (job, attempt) = (event.job_id, event.attempt);
+        let command = match event.event {
+            Some(pb::job_event::Event::Started(_)) => Command::JobStarted { at_ms, job, attempt, node: node.to_string() },
+            Some(pb::job_event::Event::Exited(exit)) => {
+                let tail = String::from_utf8_lossy(&exit.stderr_tail);
+                let error = last_lines(&tail, 2048);
+                Command::JobExited { at_ms, job, attempt, node: node.to_string(), code: exit.code, signal: exit.signal, error, cancelled: exit.cancelled }
+            }
+            Some(pb::job_event::Event::SpawnFailed(failed)) => {
+                Command::JobExited { at_ms, job, attempt, node: node.to_string(), code: None, signal: None, error: format!("spawn failed: {}", failed.error), cancelled: false }
+            }
+            None => return,
+        };
+        let started = matches!(command, Command::JobStarted { .. });
+        match self.apply(command) {
+            Ok(Outcome::Stale) if started => {
+                tracing::info!(node = %node, job_id = job, attempt, "stale attempt started; telling the agent to stop it");
+                self.send_cancel(node, job, attempt);
+            }
+            Ok(_) => {
+                self.unconfirmed.remove(&(job, attempt));
+            }
+            Err(error) => tracing::warn!(node = %node, job_id = job, %error, "job event refused"),
+        }
+    }
+
+    fn read_log(&mut self, job: JobId, attempt: u32, stream: String, offset: u64, reply: Reply<(pb::LogData, bool)>) {
+        let Some(record) = self.state.job(job) else {
+            let _ = reply.send(Err(CoordinatorError::NotFound(format!("job {job} not found"))));
+            return;
+        };
+        let chosen = if attempt == 0 { record.current_attempt() } else { record.attempts.iter().find(|a| a.attempt == attempt) };
+        let Some(chosen) = chosen else {
+            let message = if attempt == 0 { format!("job {job} has not been placed yet ({})", record.state) } else { format!("job {job} has no attempt {attempt}") };
+            let _ = reply.send(Err(CoordinatorError::NotFound(message)));
+            return;
+        };
+        let node = chosen.node.clone();
+        let Some(session) = self.sessions.get(&node) else {
+            let _ = reply.send(Err(CoordinatorError::Unavailable(format!("node {node} holding the output of job {job} is not connected"))));
+            return;
+        };
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let ended = chosen.ended_at_ms > 0 || record.state.is_terminal();
+        let message = pb::LogRead { request_id, job_id: job, attempt: chosen.attempt, stream, offset, max_bytes: 256 << 10 };
+        let session_id = session.id;
+        if session.sender.send(Ok(pb::CoordinatorMessage { msg: Some(pb::coordinator_message::Msg::LogRead(message)) })).is_err() {
+            let _ = reply.send(Err(CoordinatorError::Unavailable(format!("node {node} disconnected"))));
+            return;
+        }
+        self.log_waiters.insert(request_id, LogWaiter { session: session_id, ended, reply });
+    }
+
+    fn tick(&mut self) {
+        let now = now_ms();
+        for node in self.health.tick(now) {
+            if self.state.node(&node).is_some_and(|n| !n.down) {
+                tracing::warn!(node = %node, "node is down; its jobs are lost and will be retried");
+                if let Err(error) = self.apply(Command::SetNodeDown { at_ms: now, node, down: true }) {
+                    tracing::warn!(%error, "cannot mark node down");
+                }
+            }
+        }
+        let expired: Vec<(JobId, u32)> = self.unconfirmed.iter().filter(|(_, deadline)| **deadline <= now).map(|(k, _)| *k).collect();
+        for (job, attempt) in expired {
+            self.unconfirmed.remove(&(job, attempt));
+            let reason = "the agent no longer runs it".to_string();
+            if let Err(error) = self.apply(Command::AttemptLost { at_ms: now, job, attempt, reason }) {
+                tracing::warn!(%error, job_id = job, "cannot mark attempt lost");
+            }
+        }
+        self.log_waiters.retain(|_, w| !w.reply.is_closed());
+        let timer_due = now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
+        if self.dirty || timer_due {
+            self.schedule(now);
+        }
+    }
+
+    /// One scheduling pass: snapshot -> plan -> commit -> dispatch.
+    fn schedule(&mut self, now: u64) {
+        self.dirty = false;
+        self.last_pass_ms = now;
+        let mut reasons = HashMap::new();
+        let mut queue = Vec::new();
+        for job in self.state.pending() {
+            if job.not_before_ms > now {
+                reasons.insert(job.id, format!("retry back-off: next attempt in {}s", (job.not_before_ms - now).div_ceil(1000)));
+                continue;
+            }
+            if let Some(dep) = job.depends_on.iter().find(|d| self.state.job(**d).is_none_or(|j| j.state != JobState::Succeeded)) {
+                let name = self.state.job(*dep).map(|j| j.spec.name.clone()).unwrap_or_default();
+                reasons.insert(job.id, format!("waiting for job {dep} ({name}) to succeed"));
+                continue;
+            }
+            queue.push(JobRequest {
+                id: job.id,
+                kind: job.spec.kind,
+                priority: job.spec.priority,
+                submitted_at_ms: job.submitted_at_ms,
+                queue: job.spec.queue.clone(),
+                resources: job.spec.resources.clone(),
+                exclusive_gpu: job.spec.exclusive_gpu(),
+                batch: job.spec.batch.clone(),
+                locks: job.spec.locks.clone(),
+                constraints: job.spec.constraints.clone(),
+            });
+        }
+        if queue.is_empty() {
+            self.hold_reasons = reasons;
+            return;
+        }
+        let snapshot = self.snapshot(now);
+        let plan = gantry_scheduler::plan(&snapshot, &queue);
+        for unplaced in plan.unplaced {
+            reasons.insert(unplaced.job, unplaced.reason.to_string());
+        }
+        if !plan.placements.is_empty() {
+            match self.apply(Command::Assign { at_ms: now, placements: plan.placements }) {
+                Ok(Outcome::Assigned { applied, refused }) => {
+                    for (job, reason) in refused {
+                        tracing::warn!(job_id = job, %reason, "placement refused on re-check");
+                        reasons.insert(job, format!("placement refused on re-check: {reason}"));
+                        self.dirty = true;
+                    }
+                    for (job, _) in applied {
+                        self.send_assignment(job);
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "plan commit failed"),
+            }
+        }
+        self.hold_reasons = reasons;
+    }
+
+    fn snapshot(&self, now: u64) -> ClusterSnapshot {
+        let nodes = self
+            .state
+            .nodes()
+            .map(|node| {
+                let health = self.health.get(&node.name);
+                let connected = self.sessions.contains_key(&node.name);
+                let state = match health {
+                    _ if node.down => NodeState::Down,
+                    Some(h) if connected => h.state,
+                    _ => NodeState::Suspect,
+                };
+                // What Gantry's own jobs use on each GPU, from the agent's per-job figures.
+                let mut gantry_used: HashMap<u32, u64> = HashMap::new();
+                if let Some(h) = health {
+                    for job in self.state.jobs_on(&node.name) {
+                        if let (Some(used), Some(attempt)) = (h.job_gpu_memory.get(&job.id), job.current_attempt())
+                            && !attempt.gpus.is_empty()
+                        {
+                            for gpu in &attempt.gpus {
+                                *gantry_used.entry(*gpu).or_default() += used / attempt.gpus.len() as u64;
+                            }
+                        }
+                    }
+                }
+                let host = self.state.host_usage(&node.name);
+                NodeView {
+                    name: node.name.clone(),
+                    state,
+                    draining: node.draining,
+                    heard_from: health.is_some(),
+                    labels: node.labels.clone(),
+                    gpus: node
+                        .gpus
+                        .iter()
+                        .map(|g| {
+                            let usage = self.state.gpu_usage(&node.name, g.index);
+                            GpuView {
+                                index: g.index,
+                                model: g.model.clone(),
+                                total: g.total,
+                                nvml_used: health.and_then(|h| h.gpus.get(&g.index)).map_or(0, |t| t.used),
+                                gantry_used: gantry_used.get(&g.index).copied().unwrap_or(0),
+                                reserved: usage.reserved,
+                                exclusive: usage.exclusive,
+                                jobs: usage.jobs,
+                            }
+                        })
+                        .collect(),
+                    cpu_millis_total: node.cpu_millis,
+                    cpu_millis_reserved: host.cpu_millis,
+                    memory_total: node.memory_total,
+                    memory_reserved: host.memory,
+                    disk_total: health.map_or(node.disk_total, |h| h.disk_total.max(node.disk_total)),
+                    disk_used: health.map_or(0, |h| h.disk_used),
+                    disk_reserved: host.disk,
+                    disk_pressure: health.is_some_and(|h| h.disk_pressure),
+                    rtt_ms: health.map_or(0.0, |h| h.rtt_ms),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        ClusterSnapshot {
+            now_ms: now,
+            nodes,
+            locks: self.state.locks().clone(),
+            policy: Policy { gpu_headroom: self.config.gpu_headroom, ..Policy::default() },
+        }
+    }
+
+    fn nodes_to_proto(&self, now: u64) -> Vec<pb::Node> {
+        let _ = now;
+        self.state
+            .nodes()
+            .map(|node| {
+                let health = self.health.get(&node.name);
+                let connected = self.sessions.contains_key(&node.name);
+                let state = match health {
+                    _ if node.down => NodeState::Down,
+                    Some(h) if connected => h.state,
+                    Some(h) if h.state == NodeState::Down => NodeState::Down,
+                    _ => NodeState::Suspect,
+                };
+                pb::Node {
+                    name: node.name.clone(),
+                    address: node.address.clone(),
+                    state: state.as_str().to_string(),
+                    draining: node.draining,
+                    labels: node.labels.clone().into_iter().collect(),
+                    gpus: node
+                        .gpus
+                        .iter()
+                        .map(|g| {
+                            let telemetry = health.and_then(|h| h.gpus.get(&g.index)).copied().unwrap_or_default();
+                            pb::GpuInfo {
+                                index: g.index,
+                                model: g.model.clone(),
+                                total_bytes: g.total as i64,
+                                used_bytes: telemetry.used as i64,
+                                reserved_bytes: self.state.gpu_usage(&node.name, g.index).reserved as i64,
+                                utilization_pct: telemetry.utilization_pct,
+                                temperature_c: telemetry.temperature_c,
+                            }
+                        })
+                        .collect(),
+                    cpu_millis: node.cpu_millis as i64,
+                    memory_total_bytes: node.memory_total as i64,
+                    memory_used_bytes: health.map_or(0, |h| h.memory_used as i64),
+                    disk_total_bytes: health.map_or(node.disk_total, |h| h.disk_total) as i64,
+                    disk_used_bytes: health.map_or(0, |h| h.disk_used as i64),
+                    last_seen_ms: health.map_or(0, |h| h.last_seen_ms),
+                    rtt_ms: health.map_or(0.0, |h| h.rtt_ms),
+                    running_jobs: self.state.jobs_on(&node.name).count() as u32,
+                    disk_pressure: health.is_some_and(|h| h.disk_pressure),
+                    connected,
+                }
+            })
+            .collect()
+    }
+
+    fn status(&self, now: u64) -> pb::ClusterStatus {
+        let nodes = self.nodes_to_proto(now);
+        let mut jobs_by_state: HashMap<String, u32> = HashMap::new();
+        for job in self.state.jobs() {
+            *jobs_by_state.entry(job.state.as_str().to_string()).or_default() += 1;
+        }
+        pb::ClusterStatus {
+            coordinator_id: self.config.id.clone(),
+            is_leader: true,
+            nodes_total: nodes.len() as u32,
+            nodes_ready: nodes.iter().filter(|n| n.state == "ready").count() as u32,
+            gpus_total: nodes.iter().map(|n| n.gpus.len() as u32).sum(),
+            gpu_memory_total_bytes: nodes.iter().flat_map(|n| &n.gpus).map(|g| g.total_bytes).sum(),
+            gpu_memory_reserved_bytes: nodes.iter().flat_map(|n| &n.gpus).map(|g| g.reserved_bytes).sum(),
+            jobs_by_state,
+            last_event_index: self.state.next_event_index().saturating_sub(1),
+            version: format!("{} (up {}s)", env!("CARGO_PKG_VERSION"), now.saturating_sub(self.started_ms) / 1000),
+        }
+    }
+}
+
+/// The last `max` bytes of `text`, cut at a line start where possible.
+fn last_lines(text: &str, max: usize) -> String {
+    let text = text.trim_end();
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let tail = &text[start..];
+    match tail.find('\n') {
+        Some(i) => tail[i + 1..].to_string(),
+        None => tail.to_string(),
+    }
+}

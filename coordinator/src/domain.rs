@@ -1,0 +1,286 @@
+//! Typed hard-state records: validated job specs, jobs with their attempts,
+//! nodes and events. These are what the state machine stores; the wire
+//! types live in `gantry_proto` and are converted in [`crate::convert`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use gantry_scheduler::{BatchPolicy, Constraints, JobId, JobKind, LockRequest, Resources};
+use serde::{Deserialize, Serialize};
+
+/// Retry policy of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Attempts that may fail before the job is given up (>= 1).
+    pub max_attempts: u32,
+    /// Wait before the next attempt, doubled per failure.
+    pub backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 1,
+            backoff_ms: 10_000,
+        }
+    }
+}
+
+/// A validated job specification. Only [`crate::convert`] builds these from
+/// user input, so every value here has passed validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Human name (unique within a submission when `after` refers to it).
+    pub name: String,
+    /// Pipeline role.
+    pub kind: JobKind,
+    /// argv, or a shell line when `shell` is set.
+    pub command: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Resource request.
+    pub resources: Resources,
+    /// Explicit exclusive-GPU choice; `None` = the kind's default.
+    pub exclusive_gpu: Option<bool>,
+    /// Batch-size rule.
+    pub batch: Option<BatchPolicy>,
+    /// Named locks.
+    pub locks: Vec<LockRequest>,
+    /// Placement constraints.
+    pub constraints: Constraints,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Wall-clock limit per attempt.
+    pub timeout_ms: Option<u64>,
+    /// Names of jobs of the same submission that must succeed first.
+    pub after: Vec<String>,
+    /// Run through `/bin/sh -c`.
+    pub shell: bool,
+    /// Fair-share queue.
+    pub queue: String,
+}
+
+impl JobSpec {
+    /// Whether this job needs its GPUs to itself.
+    pub fn exclusive_gpu(&self) -> bool {
+        self.exclusive_gpu
+            .unwrap_or_else(|| self.kind.exclusive_gpu_by_default())
+    }
+}
+
+/// Lifecycle state of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting for placement (the leader keeps the reason).
+    Pending,
+    /// Placed; the agent has been told.
+    Assigned,
+    /// The agent started it.
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited non-zero or could not start, attempts exhausted.
+    Failed,
+    /// Its node went down and it could not be retried.
+    Lost,
+    /// Cancelled by a user.
+    Cancelled,
+    /// A job it depends on did not succeed.
+    Blocked,
+}
+
+impl JobState {
+    /// Every state.
+    pub const ALL: [JobState; 8] = [
+        JobState::Pending,
+        JobState::Assigned,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Lost,
+        JobState::Cancelled,
+        JobState::Blocked,
+    ];
+
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Assigned => "assigned",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Lost => "lost",
+            JobState::Cancelled => "cancelled",
+            JobState::Blocked => "blocked",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(name: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// No further transitions happen from a terminal state.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded
+                | JobState::Failed
+                | JobState::Lost
+                | JobState::Cancelled
+                | JobState::Blocked
+        )
+    }
+
+    /// Holds resources on a node.
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Assigned | JobState::Running)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One attempt at running a job: where, with what, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// 1-based attempt number; also the fencing token.
+    pub attempt: u32,
+    /// Node it was placed on.
+    pub node: String,
+    /// GPU indices.
+    pub gpus: Vec<u32>,
+    /// Memory reserved on each GPU.
+    pub gpu_memory: u64,
+    /// Batch size (0 = none).
+    pub batch_size: u32,
+    /// Whether the GPUs are held exclusively.
+    pub exclusive_gpu: bool,
+    /// When placed.
+    pub assigned_at_ms: u64,
+    /// When the agent started it (0 = not yet).
+    pub started_at_ms: u64,
+    /// When it ended (0 = not yet).
+    pub ended_at_ms: u64,
+    /// Exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// Signal, if it was killed.
+    pub signal: Option<i32>,
+    /// Why it ended badly, for people.
+    pub error: String,
+    /// How it ended (`None` while it runs).
+    pub outcome: Option<AttemptOutcome>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttemptOutcome {
+    /// Exited 0.
+    Succeeded,
+    /// Exited non-zero, was killed, timed out or could not start: the job's fault.
+    Failed,
+    /// Its node went away: not the job's fault.
+    Lost,
+    /// Stopped by a cancel.
+    Cancelled,
+}
+
+/// A job and its history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Id.
+    pub id: JobId,
+    /// What to run.
+    pub spec: JobSpec,
+    /// Current state.
+    pub state: JobState,
+    /// Submission time.
+    pub submitted_at_ms: u64,
+    /// Time of the last transition.
+    pub updated_at_ms: u64,
+    /// Attempts, oldest first.
+    pub attempts: Vec<AttemptRecord>,
+    /// A user asked to cancel; the agent is stopping it.
+    pub cancel_requested: bool,
+    /// Jobs that must succeed first.
+    pub depends_on: Vec<JobId>,
+    /// Earliest time of the next placement (retry back-off).
+    pub not_before_ms: u64,
+    /// Why a terminal job ended, or a blocked job is blocked.
+    pub terminal_reason: String,
+}
+
+impl JobRecord {
+    /// The latest attempt, if any.
+    pub fn current_attempt(&self) -> Option<&AttemptRecord> {
+        self.attempts.last()
+    }
+}
+
+/// A registered node (hard state: membership and the drain flag; health and
+/// telemetry are soft state in the leader).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Unique name.
+    pub name: String,
+    /// Advertised address.
+    pub address: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Static GPU inventory.
+    pub gpus: Vec<GpuRecord>,
+    /// CPU capacity, thousandths of a core.
+    pub cpu_millis: u64,
+    /// RAM capacity.
+    pub memory_total: u64,
+    /// Data volume capacity.
+    pub disk_total: u64,
+    /// Operator drain flag.
+    pub draining: bool,
+    /// First registration.
+    pub registered_at_ms: u64,
+    /// Down as committed by the health tracker.
+    pub down: bool,
+}
+
+/// A GPU's static description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuRecord {
+    /// Device index.
+    pub index: u32,
+    /// Model name.
+    pub model: String,
+    /// Total memory.
+    pub total: u64,
+}
+
+/// A job transition, numbered in commit order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Monotonic index.
+    pub index: u64,
+    /// When.
+    pub at_ms: u64,
+    /// Which job.
+    pub job_id: JobId,
+    /// Job name.
+    pub job_name: String,
+    /// Job kind.
+    pub kind: JobKind,
+    /// New state.
+    pub state: JobState,
+    /// Node, if any.
+    pub node: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// Detail for people.
+    pub message: String,
+}

@@ -1,0 +1,48 @@
+//! Coordinator errors and their one mapping to gRPC status codes.
+
+use crate::state::ApplyError;
+use crate::store::StoreError;
+
+/// Everything a coordinator call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Bad user input; nothing was changed.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The offending field, e.g. `jobs[0].resources.gpus`.
+        field: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The state machine refused the command.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// Storage failed; the coordinator stops.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// A node is not connected or did not answer in time.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The coordinator is shutting down.
+    #[error("coordinator is shutting down")]
+    ShuttingDown,
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(error: CoordinatorError) -> tonic::Status {
+        let message = error.to_string();
+        match error {
+            CoordinatorError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
+            CoordinatorError::Apply(ApplyError::JobNotFound(_) | ApplyError::NodeNotFound(_)) | CoordinatorError::NotFound(_) => {
+                tonic::Status::not_found(message)
+            }
+            CoordinatorError::Apply(ApplyError::AlreadyTerminal { .. }) => tonic::Status::failed_precondition(message),
+            CoordinatorError::Apply(_) => tonic::Status::invalid_argument(message),
+            CoordinatorError::Store(_) => tonic::Status::internal(message),
+            CoordinatorError::Unavailable(_) | CoordinatorError::ShuttingDown => tonic::Status::unavailable(message),
+        }
+    }
+}

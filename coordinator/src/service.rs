@@ -1,0 +1,284 @@
+//! The tonic services: thin adapters that validate, hand a [`Request`] to the
+//! core and wait for its reply.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc as std_mpsc};
+use std::time::Duration;
+
+use futures::Stream;
+use gantry_proto as pb;
+use prost::Message;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request as GrpcRequest, Response, Status, Streaming};
+
+use crate::convert;
+use crate::core::Request;
+use crate::domain::JobState;
+use crate::error::CoordinatorError;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A handle to the core shared by all services.
+#[derive(Clone)]
+pub struct CoreHandle {
+    /// A std sender because the core is a plain thread (see `core`).
+    requests: std_mpsc::Sender<Request>,
+    events: broadcast::Sender<pb::Event>,
+    sessions: Arc<AtomicU64>,
+}
+
+impl CoreHandle {
+    /// Wraps the core's request channel and event broadcaster.
+    pub fn new(requests: std_mpsc::Sender<Request>, events: broadcast::Sender<pb::Event>) -> CoreHandle {
+        CoreHandle { requests, events, sessions: Arc::new(AtomicU64::new(1)) }
+    }
+
+
+    /// Sends a request built around a reply channel and waits for the answer.
+    pub async fn call<T>(&self, build: impl FnOnce(oneshot::Sender<Result<T, CoordinatorError>>) -> Request) -> Result<T, CoordinatorError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send(build(tx)).map_err(|_| CoordinatorError::ShuttingDown)?;
+        rx.await.map_err(|_| CoordinatorError::ShuttingDown)?
+    }
+
+    fn post(&self, request: Request) {
+        let _ = self.requests.send(request);
+    }
+}
+
+/// The client API (`gantry.v1.Gantry`).
+pub struct GantryService {
+    core: CoreHandle,
+}
+
+impl GantryService {
+    /// A service over the core.
+    pub fn new(core: CoreHandle) -> GantryService {
+        GantryService { core }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::gantry_server::Gantry for GantryService {
+    async fn submit(&self, request: GrpcRequest<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let request = request.into_inner();
+        let size = request.encoded_len();
+        let (key, specs) = convert::submit_request(request, size)?;
+        let count = specs.len();
+        let job_ids = self.core.call(|reply| Request::Submit { key, specs, reply }).await?;
+        tracing::info!(jobs = count, first = job_ids.first().copied().unwrap_or(0), "submitted");
+        Ok(Response::new(pb::SubmitResponse { job_ids }))
+    }
+
+    async fn get_job(&self, request: GrpcRequest<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = request.into_inner().job_id;
+        Ok(Response::new(self.core.call(|reply| Request::GetJob { id, reply }).await?))
+    }
+
+    async fn list_jobs(&self, request: GrpcRequest<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let request = request.into_inner();
+        let mut states = Vec::new();
+        for name in &request.states {
+            let state = JobState::parse(name).ok_or_else(|| CoordinatorError::InvalidArgument {
+                field: "states".into(),
+                reason: format!("unknown state {name:?} (expected one of {})", JobState::ALL.map(|s| s.as_str()).join(", ")),
+            })?;
+            states.push(state);
+        }
+        let limit = if request.limit == 0 { usize::MAX } else { request.limit as usize };
+        let jobs = self.core.call(|reply| Request::ListJobs { states, limit, reply }).await?;
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(&self, request: GrpcRequest<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let id = request.into_inner().job_id;
+        let state = self.core.call(|reply| Request::Cancel { id, reply }).await?;
+        Ok(Response::new(pb::CancelJobResponse { state: state.as_str().to_string() }))
+    }
+
+    type LogsStream = BoxStream<pb::LogChunk>;
+
+    async fn logs(&self, request: GrpcRequest<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let request = request.into_inner();
+        let stream = match request.stream.as_str() {
+            "" | "stdout" => "stdout".to_string(),
+            "stderr" => "stderr".to_string(),
+            other => {
+                return Err(CoordinatorError::InvalidArgument { field: "stream".into(), reason: format!("unknown stream {other:?} (expected stdout or stderr)") }.into());
+            }
+        };
+        let core = self.core.clone();
+        let (tx, rx) = mpsc::channel(4);
+        // The first read happens before the stream is returned, so errors
+        // such as "job not found" are a status, not a broken stream.
+        let (job, attempt) = (request.job_id, request.attempt);
+        let read = move |offset: u64| {
+            let core = core.clone();
+            let stream = stream.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), core.call(|reply| Request::ReadLog { job, attempt, stream, offset, reply }))
+                    .await
+                    .map_err(|_| CoordinatorError::Unavailable("node did not answer the log read in time".into()))?
+            }
+        };
+        let (first, ended) = read(request.offset).await?;
+        if !first.error.is_empty() {
+            return Err(CoordinatorError::NotFound(first.error).into());
+        }
+        let follow = request.follow;
+        tokio::spawn(async move {
+            let mut chunk = first;
+            let mut ended = ended;
+            loop {
+                let next_offset = chunk.offset + chunk.data.len() as u64;
+                let empty = chunk.data.is_empty();
+                let eof = chunk.eof;
+                if !empty && tx.send(Ok(pb::LogChunk { data: chunk.data, offset: chunk.offset })).await.is_err() {
+                    return;
+                }
+                if empty && (!follow || eof || ended) {
+                    return;
+                }
+                if empty {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                match read(next_offset).await {
+                    Ok((next, now_ended)) if next.error.is_empty() => {
+                        chunk = next;
+                        ended = now_ended;
+                    }
+                    Ok((next, _)) => {
+                        let _ = tx.send(Err(Status::not_found(next.error))).await;
+                        return;
+                    }
+                    Err(error) => {
+                        let _ = tx.send(Err(error.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn list_nodes(&self, _request: GrpcRequest<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self.core.call(|reply| Request::ListNodes { reply }).await?;
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn drain(&self, request: GrpcRequest<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        let request = request.into_inner();
+        let (node, drain) = (request.node, request.drain);
+        self.core.call(|reply| Request::Drain { node, drain, reply }).await?;
+        Ok(Response::new(pb::DrainResponse {}))
+    }
+
+    async fn status(&self, _request: GrpcRequest<pb::StatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        Ok(Response::new(self.core.call(|reply| Request::Status { reply }).await?))
+    }
+
+    type WatchEventsStream = BoxStream<pb::Event>;
+
+    async fn watch_events(&self, request: GrpcRequest<pb::WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let request = request.into_inner();
+        let core = self.core.clone();
+        let (tx, rx) = mpsc::channel(256);
+        let matches = move |e: &pb::Event| (request.job_id == 0 || e.job_id == request.job_id) && (request.kind.is_empty() || e.kind == request.kind);
+        tokio::spawn(async move {
+            // Subscribe before reading history so nothing falls in between.
+            let mut live = core.events.subscribe();
+            let mut next = request.from_index.max(1);
+            loop {
+                // Catch up from storage.
+                loop {
+                    let from = next;
+                    let page = match core.call(|reply| Request::EventsSince { from, limit: 1000, reply }).await {
+                        Ok(page) => page,
+                        Err(error) => {
+                            let _ = tx.send(Err(error.into())).await;
+                            return;
+                        }
+                    };
+                    let done = page.len() < 1000;
+                    for event in page {
+                        next = event.index + 1;
+                        let event = convert::event_to_proto(&event);
+                        if matches(&event) && tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if done {
+                        break;
+                    }
+                }
+                // Then live, skipping what history already gave.
+                loop {
+                    match live.recv().await {
+                        Ok(event) if event.index < next => {}
+                        Ok(event) if event.index == next => {
+                            next += 1;
+                            if matches(&event) && tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        // A gap (lagged or out of order): go back to storage.
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// The agent API (`gantry.v1.AgentLink`).
+pub struct AgentLinkService {
+    core: CoreHandle,
+}
+
+impl AgentLinkService {
+    /// A service over the core.
+    pub fn new(core: CoreHandle) -> AgentLinkService {
+        AgentLinkService { core }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_link_server::AgentLink for AgentLinkService {
+    type ConnectAgentStream = BoxStream<pb::CoordinatorMessage>;
+
+    async fn connect_agent(&self, request: GrpcRequest<Streaming<pb::AgentMessage>>) -> Result<Response<Self::ConnectAgentStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("agent sent no registration"))?;
+        let register = match first {
+            Some(Ok(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Register(register)) })) => register,
+            Some(Err(status)) => return Err(status),
+            _ => return Err(Status::invalid_argument("the first message of an agent stream must be register")),
+        };
+        let node = register.node.clone();
+        let session = self.core.sessions.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let registered = self.core.call(|reply| Request::AgentRegister { session, register, sender: sender.clone(), reply }).await?;
+        let _ = sender.send(Ok(pb::CoordinatorMessage { msg: Some(pb::coordinator_message::Msg::Registered(registered)) }));
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                match message {
+                    Ok(message) => core.post(Request::AgentMessage { session, node: node.clone(), message }),
+                    Err(status) => {
+                        tracing::debug!(node = %node, %status, "agent stream error");
+                        break;
+                    }
+                }
+            }
+            core.post(Request::AgentGone { session, node });
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(receiver))))
+    }
+}

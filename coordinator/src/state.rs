@@ -1,0 +1,847 @@
+//! The state machine: hard state in memory, changed only by
+//! [`StateMachine::apply`]. Each apply records what it touched in a
+//! [`ChangeSet`] that the store persists before anyone is acknowledged.
+//!
+//! Invariants (checked by `debug_assert!` and by tests):
+//! - a job is in `active` iff its state is Assigned or Running, and then its
+//!   latest attempt's reservation is counted in `gpu_usage` exactly once;
+//! - per GPU, the sum of reservations never exceeds its total memory, and an
+//!   exclusive GPU has exactly one job;
+//! - an exclusive named lock has one holder and no shared holders.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use gantry_scheduler::{JobId, LockHolders, LockMode, Placement};
+
+use crate::command::Command;
+use crate::domain::{AttemptOutcome, AttemptRecord, EventRecord, JobRecord, JobSpec, JobState, NodeRecord};
+
+/// How many times a job may be lost through no fault of its own before it
+/// stays Lost (a guard against a job that kills every node it lands on).
+const MAX_LOST_RETRIES: u32 = 10;
+/// Back-off cap for retries.
+const MAX_BACKOFF_MS: u64 = 10 * 60 * 1000;
+
+/// Hard-state bookkeeping of one GPU, derived from active jobs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GpuUsage {
+    /// Sum of reservations.
+    pub reserved: u64,
+    /// Jobs holding it.
+    pub jobs: u32,
+    /// Held by an exclusive job.
+    pub exclusive: bool,
+}
+
+/// Host resources reserved on a node, derived from active jobs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostUsage {
+    /// CPU thousandths.
+    pub cpu_millis: u64,
+    /// RAM.
+    pub memory: u64,
+    /// Disk.
+    pub disk: u64,
+}
+
+/// What one apply touched, for the store to persist.
+#[derive(Debug, Default)]
+pub struct ChangeSet {
+    /// Jobs written.
+    pub jobs: BTreeSet<JobId>,
+    /// Nodes written.
+    pub nodes: BTreeSet<String>,
+    /// New events.
+    pub events: Vec<EventRecord>,
+    /// New submission keys.
+    pub submissions: Vec<(String, Vec<JobId>)>,
+}
+
+/// What an apply produced, for the caller (reply to clients, messages to agents).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// New (or, for a repeated key, earlier) job ids.
+    Submitted(Vec<JobId>),
+    /// Placements that were applied, and refused ones with the reason.
+    Assigned {
+        /// Applied: (job, attempt).
+        applied: Vec<(JobId, u32)>,
+        /// Refused: (job, reason).
+        refused: Vec<(JobId, String)>,
+    },
+    /// A cancel was recorded; `stop` names the running attempt to stop.
+    CancelRequested {
+        /// State after the request.
+        state: JobState,
+        /// (node, attempt) to tell to stop.
+        stop: Option<(String, u32)>,
+    },
+    /// The report referred to an attempt that is not current: the agent must stop it.
+    Stale,
+    /// Applied with nothing to report.
+    Done,
+}
+
+/// Refusals of `apply` that change nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// No such job.
+    #[error("job {0} not found")]
+    JobNotFound(JobId),
+    /// No such node.
+    #[error("node {0:?} not found")]
+    NodeNotFound(String),
+    /// The job already ended.
+    #[error("job {id} already ended ({state})")]
+    AlreadyTerminal {
+        /// Job.
+        id: JobId,
+        /// Its state.
+        state: JobState,
+    },
+    /// `after:` names a job that is not in the submission.
+    #[error("jobs[{index}].after: no job named {name:?} in this submission")]
+    UnknownDependency {
+        /// Position of the job.
+        index: usize,
+        /// Missing name.
+        name: String,
+    },
+    /// `after:` edges form a cycle.
+    #[error("after: dependency cycle through {0}")]
+    Cycle(String),
+    /// Two jobs of one submission share a name that `after:` refers to.
+    #[error("jobs[{index}].name: {name:?} is used twice in this submission")]
+    DuplicateName {
+        /// Position of the second use.
+        index: usize,
+        /// The name.
+        name: String,
+    },
+}
+
+/// Hard state of the cluster.
+#[derive(Debug, Default)]
+pub struct StateMachine {
+    jobs: BTreeMap<JobId, JobRecord>,
+    nodes: BTreeMap<String, NodeRecord>,
+    submissions: HashMap<String, Vec<JobId>>,
+    next_job_id: JobId,
+    next_event_index: u64,
+    // Derived indexes, rebuilt on load.
+    pending: BTreeSet<JobId>,
+    active: BTreeSet<JobId>,
+    by_node: BTreeMap<String, BTreeSet<JobId>>,
+    gpu_usage: HashMap<(String, u32), GpuUsage>,
+    host_usage: HashMap<String, HostUsage>,
+    locks: BTreeMap<String, LockHolders>,
+    dependants: BTreeMap<JobId, Vec<JobId>>,
+    changes: ChangeSet,
+}
+
+impl StateMachine {
+    /// Rebuilds a state machine from stored records.
+    pub fn restore(
+        jobs: Vec<JobRecord>,
+        nodes: Vec<NodeRecord>,
+        submissions: Vec<(String, Vec<JobId>)>,
+        next_event_index: u64,
+    ) -> StateMachine {
+        let mut sm = StateMachine {
+            next_job_id: jobs.iter().map(|j| j.id).max().unwrap_or(0) + 1,
+            next_event_index: next_event_index.max(1),
+            submissions: submissions.into_iter().collect(),
+            nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            ..StateMachine::default()
+        };
+        for job in jobs {
+            for dep in &job.depends_on {
+                sm.dependants.entry(*dep).or_default().push(job.id);
+            }
+            let id = job.id;
+            sm.jobs.insert(id, job);
+            sm.index_job(id);
+        }
+        sm
+    }
+
+    /// An empty state machine.
+    pub fn new() -> StateMachine {
+        StateMachine::restore(Vec::new(), Vec::new(), Vec::new(), 1)
+    }
+
+    /// Takes the changes recorded since the last call.
+    pub fn take_changes(&mut self) -> ChangeSet {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// A job by id.
+    pub fn job(&self, id: JobId) -> Option<&JobRecord> {
+        self.jobs.get(&id)
+    }
+
+    /// All jobs, by id.
+    pub fn jobs(&self) -> impl DoubleEndedIterator<Item = &JobRecord> {
+        self.jobs.values()
+    }
+
+    /// Pending jobs, oldest first.
+    pub fn pending(&self) -> impl Iterator<Item = &JobRecord> {
+        self.pending.iter().filter_map(|id| self.jobs.get(id))
+    }
+
+    /// Jobs holding resources, by id.
+    pub fn active(&self) -> impl Iterator<Item = &JobRecord> {
+        self.active.iter().filter_map(|id| self.jobs.get(id))
+    }
+
+    /// Active jobs on one node.
+    pub fn jobs_on(&self, node: &str) -> impl Iterator<Item = &JobRecord> {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.jobs.get(id))
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes.get(name)
+    }
+
+    /// All nodes, by name.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values()
+    }
+
+    /// Reservation bookkeeping of a GPU.
+    pub fn gpu_usage(&self, node: &str, gpu: u32) -> GpuUsage {
+        self.gpu_usage
+            .get(&(node.to_string(), gpu))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Host reservations of a node.
+    pub fn host_usage(&self, node: &str) -> HostUsage {
+        self.host_usage.get(node).copied().unwrap_or_default()
+    }
+
+    /// Named locks currently held.
+    pub fn locks(&self) -> &BTreeMap<String, LockHolders> {
+        &self.locks
+    }
+
+    /// Index of the next event to be written.
+    pub fn next_event_index(&self) -> u64 {
+        self.next_event_index
+    }
+
+    /// Applies one command. An `Err` changes nothing.
+    pub fn apply(&mut self, command: Command) -> Result<Outcome, ApplyError> {
+        match command {
+            Command::Submit { at_ms, key, jobs } => self.submit(at_ms, key, jobs),
+            Command::RegisterNode {
+                at_ms,
+                name,
+                address,
+                labels,
+                gpus,
+                cpu_millis,
+                memory_total,
+                disk_total,
+            } => {
+                let record = match self.nodes.remove(&name) {
+                    Some(old) => NodeRecord {
+                        address,
+                        labels,
+                        gpus,
+                        cpu_millis,
+                        memory_total,
+                        disk_total,
+                        down: false,
+                        ..old
+                    },
+                    None => NodeRecord {
+                        name: name.clone(),
+                        address,
+                        labels,
+                        gpus,
+                        cpu_millis,
+                        memory_total,
+                        disk_total,
+                        draining: false,
+                        registered_at_ms: at_ms,
+                        down: false,
+                    },
+                };
+                self.nodes.insert(name.clone(), record);
+                self.changes.nodes.insert(name);
+                Ok(Outcome::Done)
+            }
+            Command::Assign { at_ms, placements } => Ok(self.assign(at_ms, placements)),
+            Command::JobStarted {
+                at_ms,
+                job,
+                attempt,
+                node,
+            } => self.started(at_ms, job, attempt, &node),
+            Command::JobExited {
+                at_ms,
+                job,
+                attempt,
+                node,
+                code,
+                signal,
+                error,
+                cancelled,
+            } => self.exited(at_ms, job, attempt, &node, code, signal, error, cancelled),
+            Command::RequestCancel { at_ms, job } => self.request_cancel(at_ms, job),
+            Command::AttemptLost {
+                at_ms,
+                job,
+                attempt,
+                reason,
+            } => self.attempt_lost(at_ms, job, attempt, reason),
+            Command::SetNodeDown { at_ms, node, down } => {
+                let record = self
+                    .nodes
+                    .get_mut(&node)
+                    .ok_or_else(|| ApplyError::NodeNotFound(node.clone()))?;
+                record.down = down;
+                self.changes.nodes.insert(node.clone());
+                if down {
+                    let lost: Vec<(JobId, u32)> = self
+                        .jobs_on(&node)
+                        .filter_map(|j| j.current_attempt().map(|a| (j.id, a.attempt)))
+                        .collect();
+                    for (job, attempt) in lost {
+                        self.attempt_lost(at_ms, job, attempt, format!("node {node} is down"))?;
+                    }
+                }
+                Ok(Outcome::Done)
+            }
+            Command::SetDrain {
+                node, draining, ..
+            } => {
+                let record = self
+                    .nodes
+                    .get_mut(&node)
+                    .ok_or_else(|| ApplyError::NodeNotFound(node.clone()))?;
+                record.draining = draining;
+                self.changes.nodes.insert(node);
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    fn submit(
+        &mut self,
+        at_ms: u64,
+        key: Option<String>,
+        specs: Vec<JobSpec>,
+    ) -> Result<Outcome, ApplyError> {
+        if let Some(ids) = key.as_ref().and_then(|k| self.submissions.get(k)) {
+            return Ok(Outcome::Submitted(ids.clone()));
+        }
+        // Resolve `after:` names within the submission before changing anything.
+        let mut by_name: HashMap<&str, usize> = HashMap::new();
+        for (index, spec) in specs.iter().enumerate() {
+            if by_name.insert(spec.name.as_str(), index).is_some()
+                && specs.iter().any(|s| s.after.contains(&spec.name))
+            {
+                return Err(ApplyError::DuplicateName {
+                    index,
+                    name: spec.name.clone(),
+                });
+            }
+        }
+        let mut edges: Vec<Vec<usize>> = Vec::with_capacity(specs.len());
+        for (index, spec) in specs.iter().enumerate() {
+            let mut deps = Vec::new();
+            for name in &spec.after {
+                let dep = *by_name
+                    .get(name.as_str())
+                    .ok_or_else(|| ApplyError::UnknownDependency {
+                        index,
+                        name: name.clone(),
+                    })?;
+                deps.push(dep);
+            }
+            edges.push(deps);
+        }
+        if let Some(cycle) = find_cycle(&edges) {
+            let names: Vec<&str> = cycle.iter().map(|i| specs[*i].name.as_str()).collect();
+            return Err(ApplyError::Cycle(names.join(" -> ")));
+        }
+        let first = self.next_job_id;
+        let ids: Vec<JobId> = (0..specs.len() as u64).map(|i| first + i).collect();
+        self.next_job_id += specs.len() as u64;
+        for ((spec, deps), id) in specs.into_iter().zip(edges).zip(&ids) {
+            let depends_on: Vec<JobId> = deps.iter().map(|d| ids[*d]).collect();
+            for dep in &depends_on {
+                self.dependants.entry(*dep).or_default().push(*id);
+            }
+            let record = JobRecord {
+                id: *id,
+                spec,
+                state: JobState::Pending,
+                submitted_at_ms: at_ms,
+                updated_at_ms: at_ms,
+                attempts: Vec::new(),
+                cancel_requested: false,
+                depends_on,
+                not_before_ms: 0,
+                terminal_reason: String::new(),
+            };
+            self.jobs.insert(*id, record);
+            self.pending.insert(*id);
+            self.event(at_ms, *id, "submitted".into());
+        }
+        if let Some(key) = key {
+            self.submissions.insert(key.clone(), ids.clone());
+            self.changes.submissions.push((key, ids.clone()));
+        }
+        Ok(Outcome::Submitted(ids))
+    }
+
+    /// Re-checks a placement against hard state: the job is pending, the node
+    /// exists and is usable, every GPU exists, fits and respects exclusivity,
+    /// and the locks are free.
+    fn check_placement(&self, placement: &Placement) -> Result<(), String> {
+        let job = self
+            .jobs
+            .get(&placement.job)
+            .ok_or_else(|| format!("job {} not found", placement.job))?;
+        if job.state != JobState::Pending || job.cancel_requested {
+            return Err(format!("job {} is {}, not pending", job.id, job.state));
+        }
+        let node = self
+            .nodes
+            .get(&placement.node)
+            .ok_or_else(|| format!("node {} not registered", placement.node))?;
+        if node.down || node.draining {
+            return Err(format!("node {} is down or draining", node.name));
+        }
+        if placement.gpus.len() != job.spec.resources.gpus as usize {
+            return Err(format!(
+                "job {} wants {} GPUs, plan gives {}",
+                job.id,
+                job.spec.resources.gpus,
+                placement.gpus.len()
+            ));
+        }
+        let distinct: BTreeSet<u32> = placement.gpus.iter().copied().collect();
+        if distinct.len() != placement.gpus.len() {
+            return Err(format!("job {} given the same GPU twice", job.id));
+        }
+        if let Some(asked) = job.spec.resources.gpu_memory
+            && placement.gpu_memory < asked
+        {
+            return Err(format!("job {} reserves less than it asked", job.id));
+        }
+        for index in &placement.gpus {
+            let gpu = node
+                .gpus
+                .iter()
+                .find(|g| g.index == *index)
+                .ok_or_else(|| format!("node {} has no GPU {index}", node.name))?;
+            let usage = self.gpu_usage(&node.name, *index);
+            if usage.reserved + placement.gpu_memory > gpu.total {
+                return Err(format!(
+                    "GPU {}/{index} would be overcommitted ({} + {} > {})",
+                    node.name, usage.reserved, placement.gpu_memory, gpu.total
+                ));
+            }
+            if usage.exclusive || (placement.exclusive_gpu && usage.jobs > 0) {
+                return Err(format!("GPU {}/{index} is not free for this job", node.name));
+            }
+        }
+        for lock in &job.spec.locks {
+            if let Some(holders) = self.locks.get(&lock.name) {
+                let busy = match lock.mode {
+                    LockMode::Shared => holders.exclusive.is_some(),
+                    LockMode::Exclusive => {
+                        holders.exclusive.is_some() || !holders.shared.is_empty()
+                    }
+                };
+                if busy {
+                    return Err(format!("lock {} is held", lock.name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn assign(&mut self, at_ms: u64, placements: Vec<Placement>) -> Outcome {
+        let mut applied = Vec::new();
+        let mut refused = Vec::new();
+        for placement in placements {
+            if let Err(reason) = self.check_placement(&placement) {
+                refused.push((placement.job, reason));
+                continue;
+            }
+            let Some(job) = self.jobs.get_mut(&placement.job) else {
+                continue;
+            };
+            let attempt = job.attempts.len() as u32 + 1;
+            job.attempts.push(AttemptRecord {
+                attempt,
+                node: placement.node.clone(),
+                gpus: placement.gpus.clone(),
+                gpu_memory: placement.gpu_memory,
+                batch_size: placement.batch_size.unwrap_or(0),
+                exclusive_gpu: placement.exclusive_gpu,
+                assigned_at_ms: at_ms,
+                started_at_ms: 0,
+                ended_at_ms: 0,
+                exit_code: None,
+                signal: None,
+                error: String::new(),
+                outcome: None,
+            });
+            self.transition(at_ms, placement.job, JobState::Assigned, String::new());
+            applied.push((placement.job, attempt));
+        }
+        Outcome::Assigned { applied, refused }
+    }
+
+    /// Looks up the current attempt of a job for a report from `node`.
+    /// Returns `None` when the report is stale (another attempt, another node,
+    /// or the attempt already ended).
+    fn current(&self, job: JobId, attempt: u32, node: &str) -> Result<Option<&JobRecord>, ApplyError> {
+        let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
+        let current = record.current_attempt().is_some_and(|a| {
+            a.attempt == attempt && a.node == node && a.ended_at_ms == 0
+        });
+        Ok((current && record.state.is_active()).then_some(record))
+    }
+
+    fn started(&mut self, at_ms: u64, job: JobId, attempt: u32, node: &str) -> Result<Outcome, ApplyError> {
+        let Some(record) = self.current(job, attempt, node)? else {
+            return Ok(Outcome::Stale);
+        };
+        if record.state == JobState::Running {
+            return Ok(Outcome::Done);
+        }
+        if let Some(a) = self.jobs.get_mut(&job).and_then(|j| j.attempts.last_mut()) {
+            a.started_at_ms = at_ms;
+        }
+        self.transition(at_ms, job, JobState::Running, String::new());
+        Ok(Outcome::Done)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exited(
+        &mut self,
+        at_ms: u64,
+        job: JobId,
+        attempt: u32,
+        node: &str,
+        code: Option<i32>,
+        signal: Option<i32>,
+        error: String,
+        cancelled: bool,
+    ) -> Result<Outcome, ApplyError> {
+        let Some(record) = self.current(job, attempt, node)? else {
+            // Duplicate or stale exit: already recorded or superseded.
+            return Ok(Outcome::Done);
+        };
+        let cancel_requested = record.cancel_requested;
+        let spec_retry = record.spec.retry.clone();
+        let failures = record
+            .attempts
+            .iter()
+            .filter(|a| a.outcome == Some(AttemptOutcome::Failed))
+            .count() as u32;
+        let succeeded = code == Some(0) && signal.is_none();
+        let outcome = if succeeded {
+            AttemptOutcome::Succeeded
+        } else if cancelled || cancel_requested {
+            AttemptOutcome::Cancelled
+        } else {
+            AttemptOutcome::Failed
+        };
+        if let Some(a) = self.jobs.get_mut(&job).and_then(|j| j.attempts.last_mut()) {
+            a.ended_at_ms = at_ms;
+            a.exit_code = code;
+            a.signal = signal;
+            a.error = error.clone();
+            a.outcome = Some(outcome);
+        }
+        if succeeded {
+            self.transition(at_ms, job, JobState::Succeeded, String::new());
+            return Ok(Outcome::Done);
+        }
+        if cancelled || cancel_requested {
+            self.transition(at_ms, job, JobState::Cancelled, "cancelled by user".into());
+            self.block_dependants(at_ms, job);
+            return Ok(Outcome::Done);
+        }
+        let detail = match (code, signal) {
+            (Some(c), _) => format!("exit code {c}"),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            (None, None) => error.clone(),
+        };
+        // This attempt is a failure; count it with the earlier ones.
+        if failures + 1 < spec_retry.max_attempts {
+            let backoff = spec_retry
+                .backoff_ms
+                .saturating_mul(1 << failures.min(16))
+                .min(MAX_BACKOFF_MS);
+            if let Some(j) = self.jobs.get_mut(&job) {
+                j.not_before_ms = at_ms + backoff;
+            }
+            self.transition(at_ms, job, JobState::Pending, format!("attempt {attempt} failed ({detail}); retrying"));
+        } else {
+            let reason = format!("attempt {attempt} failed ({detail})");
+            if let Some(j) = self.jobs.get_mut(&job) {
+                j.terminal_reason = reason.clone();
+            }
+            self.transition(at_ms, job, JobState::Failed, reason);
+            self.block_dependants(at_ms, job);
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn attempt_lost(&mut self, at_ms: u64, job: JobId, attempt: u32, reason: String) -> Result<Outcome, ApplyError> {
+        let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
+        let is_current = record.current_attempt().is_some_and(|a| a.attempt == attempt && a.ended_at_ms == 0);
+        if !is_current || !record.state.is_active() {
+            return Ok(Outcome::Done);
+        }
+        let cancel_requested = record.cancel_requested;
+        let lost_before = record
+            .attempts
+            .iter()
+            .filter(|a| a.outcome == Some(AttemptOutcome::Lost))
+            .count() as u32;
+        if let Some(a) = self.jobs.get_mut(&job).and_then(|j| j.attempts.last_mut()) {
+            a.ended_at_ms = at_ms;
+            a.error = format!("lost: {reason}");
+            a.outcome = Some(AttemptOutcome::Lost);
+        }
+        if cancel_requested {
+            self.transition(at_ms, job, JobState::Cancelled, format!("cancelled; {reason}"));
+            self.block_dependants(at_ms, job);
+        } else if lost_before < MAX_LOST_RETRIES {
+            // The node was at fault: retry without counting against the job.
+            self.transition(at_ms, job, JobState::Pending, format!("attempt {attempt} lost ({reason}); retrying"));
+        } else {
+            if let Some(j) = self.jobs.get_mut(&job) {
+                j.terminal_reason = format!("lost {} times; last: {reason}", lost_before + 1);
+            }
+            self.transition(at_ms, job, JobState::Lost, reason);
+            self.block_dependants(at_ms, job);
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn request_cancel(&mut self, at_ms: u64, job: JobId) -> Result<Outcome, ApplyError> {
+        let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
+        if record.state.is_terminal() {
+            return Err(ApplyError::AlreadyTerminal { id: job, state: record.state });
+        }
+        match record.state {
+            JobState::Pending => {
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    j.cancel_requested = true;
+                    j.terminal_reason = "cancelled by user".into();
+                }
+                self.transition(at_ms, job, JobState::Cancelled, "cancelled by user".into());
+                self.block_dependants(at_ms, job);
+                Ok(Outcome::CancelRequested { state: JobState::Cancelled, stop: None })
+            }
+            state => {
+                let stop = record.current_attempt().map(|a| (a.node.clone(), a.attempt));
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    j.cancel_requested = true;
+                    j.updated_at_ms = at_ms;
+                }
+                self.changes.jobs.insert(job);
+                self.event(at_ms, job, "cancel requested".into());
+                Ok(Outcome::CancelRequested { state, stop })
+            }
+        }
+    }
+
+    /// Marks every not-yet-finished dependant of `job` (transitively) Blocked.
+    fn block_dependants(&mut self, at_ms: u64, job: JobId) {
+        let mut stack = vec![job];
+        while let Some(cause) = stack.pop() {
+            let Some(children) = self.dependants.get(&cause).cloned() else { continue };
+            for child in children {
+                let blockable = self
+                    .jobs
+                    .get(&child)
+                    .is_some_and(|j| j.state == JobState::Pending);
+                if blockable {
+                    let reason = format!("dependency job {cause} did not succeed");
+                    if let Some(j) = self.jobs.get_mut(&child) {
+                        j.terminal_reason = reason.clone();
+                    }
+                    self.transition(at_ms, child, JobState::Blocked, reason);
+                    stack.push(child);
+                }
+            }
+        }
+    }
+
+    /// Moves a job to `state`, keeping the derived indexes and reservations in
+    /// step (a reservation is released exactly once: when the job leaves the
+    /// active set), and records an event.
+    fn transition(&mut self, at_ms: u64, id: JobId, state: JobState, message: String) {
+        self.unindex_job(id);
+        if let Some(job) = self.jobs.get_mut(&id) {
+            job.state = state;
+            job.updated_at_ms = at_ms;
+        }
+        self.index_job(id);
+        self.changes.jobs.insert(id);
+        self.event(at_ms, id, message);
+    }
+
+    fn event(&mut self, at_ms: u64, id: JobId, message: String) {
+        let Some(job) = self.jobs.get(&id) else { return };
+        let attempt = job.current_attempt();
+        let event = EventRecord {
+            index: self.next_event_index,
+            at_ms,
+            job_id: id,
+            job_name: job.spec.name.clone(),
+            kind: job.spec.kind,
+            state: job.state,
+            node: attempt.map(|a| a.node.clone()).unwrap_or_default(),
+            attempt: attempt.map_or(0, |a| a.attempt),
+            message,
+        };
+        self.next_event_index += 1;
+        self.changes.jobs.insert(id);
+        self.changes.events.push(event);
+    }
+
+    fn index_job(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(&id) else { return };
+        if job.state == JobState::Pending {
+            self.pending.insert(id);
+        }
+        if !job.state.is_active() {
+            return;
+        }
+        let Some(attempt) = job.current_attempt() else { return };
+        self.active.insert(id);
+        self.by_node.entry(attempt.node.clone()).or_default().insert(id);
+        for gpu in &attempt.gpus {
+            let usage = self.gpu_usage.entry((attempt.node.clone(), *gpu)).or_default();
+            usage.reserved += attempt.gpu_memory;
+            usage.jobs += 1;
+            usage.exclusive |= attempt.exclusive_gpu;
+        }
+        let host = self.host_usage.entry(attempt.node.clone()).or_default();
+        host.cpu_millis += job.spec.resources.cpu_millis;
+        host.memory += job.spec.resources.memory;
+        host.disk += job.spec.resources.disk;
+        for lock in &job.spec.locks {
+            let holders = self.locks.entry(lock.name.clone()).or_default();
+            match lock.mode {
+                LockMode::Exclusive => {
+                    debug_assert!(holders.exclusive.is_none() && holders.shared.is_empty());
+                    holders.exclusive = Some(id);
+                }
+                LockMode::Shared => {
+                    debug_assert!(holders.exclusive.is_none());
+                    holders.shared.insert(id);
+                }
+            }
+        }
+    }
+
+    fn unindex_job(&mut self, id: JobId) {
+        self.pending.remove(&id);
+        if !self.active.remove(&id) {
+            return;
+        }
+        let Some(job) = self.jobs.get(&id) else { return };
+        let Some(attempt) = job.current_attempt() else { return };
+        if let Some(set) = self.by_node.get_mut(&attempt.node) {
+            set.remove(&id);
+        }
+        for gpu in &attempt.gpus {
+            let key = (attempt.node.clone(), *gpu);
+            if let Some(usage) = self.gpu_usage.get_mut(&key) {
+                usage.reserved -= attempt.gpu_memory;
+                usage.jobs -= 1;
+                if attempt.exclusive_gpu {
+                    usage.exclusive = false;
+                }
+                if usage.jobs == 0 {
+                    debug_assert_eq!(usage.reserved, 0);
+                    self.gpu_usage.remove(&key);
+                }
+            }
+        }
+        if let Some(host) = self.host_usage.get_mut(&attempt.node) {
+            host.cpu_millis -= job.spec.resources.cpu_millis;
+            host.memory -= job.spec.resources.memory;
+            host.disk -= job.spec.resources.disk;
+        }
+        for lock in &job.spec.locks {
+            if let Some(holders) = self.locks.get_mut(&lock.name) {
+                if holders.exclusive == Some(id) {
+                    holders.exclusive = None;
+                }
+                holders.shared.remove(&id);
+                if holders.exclusive.is_none() && holders.shared.is_empty() {
+                    self.locks.remove(&lock.name);
+                }
+            }
+        }
+    }
+
+    /// The submission keys seen, for persistence checks.
+    pub fn submission(&self, key: &str) -> Option<&Vec<JobId>> {
+        self.submissions.get(key)
+    }
+}
+
+/// Returns one cycle (as node indexes) in a graph given as adjacency lists.
+fn find_cycle(edges: &[Vec<usize>]) -> Option<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    let mut marks = vec![Mark::New; edges.len()];
+    for start in 0..edges.len() {
+        if marks[start] != Mark::New {
+            continue;
+        }
+        // Iterative DFS keeping the path, so deep pipelines cannot overflow the stack.
+        let mut path: Vec<(usize, usize)> = vec![(start, 0)];
+        marks[start] = Mark::Open;
+        while let Some((node, next)) = path.last_mut() {
+            let node = *node;
+            if let Some(&child) = edges[node].get(*next) {
+                *next += 1;
+                match marks[child] {
+                    Mark::Open => {
+                        let from = path.iter().position(|(n, _)| *n == child).unwrap_or(0);
+                        let mut cycle: Vec<usize> = path[from..].iter().map(|(n, _)| *n).collect();
+                        cycle.push(child);
+                        return Some(cycle);
+                    }
+                    Mark::New => {
+                        marks[child] = Mark::Open;
+                        path.push((child, 0));
+                    }
+                    Mark::Done => {}
+                }
+            } else {
+                marks[node] = Mark::Done;
+                path.pop();
+            }
+        }
+    }
+    None
+}

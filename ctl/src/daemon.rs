@@ -1,0 +1,174 @@
+//! The daemons: `gantry coordinator`, `gantry agent`, `gantry dev`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use gantry_agent::{AgentConfig, GpuSource};
+use gantry_coordinator::CoordinatorConfig;
+use gantry_coordinator::core::CoreConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+}
+
+/// Options shared by the coordinator and `gantry dev`.
+pub struct CoordinatorOptions {
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// Storage directory.
+    pub data_dir: PathBuf,
+    /// Memory kept free on each GPU.
+    pub gpu_headroom: u64,
+    /// Coordinator id.
+    pub id: String,
+}
+
+fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
+    CoordinatorConfig {
+        grpc_addr: options.grpc_addr,
+        data_dir: options.data_dir.clone(),
+        core: CoreConfig { id: options.id.clone(), gpu_headroom: options.gpu_headroom, ..CoreConfig::default() },
+    }
+}
+
+/// `gantry coordinator`.
+pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let running = gantry_coordinator::start(coordinator_config(&options), shutdown.clone())
+        .await
+        .context("cannot start the coordinator")?;
+    println!("listening grpc={}", running.grpc_addr);
+    tracing::info!(grpc = %running.grpc_addr, data_dir = %options.data_dir.display(), "coordinator serving");
+    running.wait().await?;
+    Ok(())
+}
+
+/// Options of `gantry agent` (and the agent inside `gantry dev`).
+pub struct AgentOptions {
+    /// Node name.
+    pub node_name: String,
+    /// Advertised address.
+    pub address: String,
+    /// Coordinator URLs.
+    pub coordinators: Vec<String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// `--fake-gpus`, if given.
+    pub fake_gpus: Option<String>,
+}
+
+fn agent_config(options: AgentOptions) -> anyhow::Result<AgentConfig> {
+    let gpus = match &options.fake_gpus {
+        Some(text) => GpuSource::Fake(gantry_agent::parse_fake_gpus(text).map_err(|e| anyhow::anyhow!("--fake-gpus: {e}"))?),
+        None => GpuSource::Nvml,
+    };
+    if options.coordinators.is_empty() {
+        bail!("--coordinators: at least one coordinator URL is needed");
+    }
+    let mut config = AgentConfig::for_test(&options.node_name, options.data_dir, options.coordinators);
+    config.address = options.address;
+    config.labels = options.labels;
+    config.gpus = gpus;
+    config.heartbeat_interval = Duration::from_secs(1);
+    config.kill_grace = Duration::from_secs(5);
+    Ok(config)
+}
+
+/// `gantry agent`.
+pub async fn run_agent(options: AgentOptions) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let name = options.node_name.clone();
+    let config = agent_config(options)?;
+    println!("agent node={name}");
+    gantry_agent::run(config, shutdown).await.context("agent failed")?;
+    Ok(())
+}
+
+/// `gantry dev`: a coordinator and one agent in this process.
+pub async fn run_dev(options: CoordinatorOptions, fake_gpus: Option<String>) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let coordinator_dir = options.data_dir.join("coordinator");
+    let agent_dir = options.data_dir.join("agent");
+    let mut coordinator_options = CoordinatorOptions { data_dir: coordinator_dir, ..options };
+    coordinator_options.id = "dev".into();
+    let running = gantry_coordinator::start(coordinator_config(&coordinator_options), shutdown.clone())
+        .await
+        .context("cannot start the coordinator")?;
+    let url = format!("http://{}", running.grpc_addr);
+
+    // Fake GPUs unless asked otherwise or a real driver answers.
+    let fake_gpus = match fake_gpus {
+        Some(text) => Some(text),
+        None => match gantry_agent::probe_gpus(&GpuSource::Nvml) {
+            Ok(gpus) if !gpus.is_empty() => None,
+            _ => Some("2xH100-80GiB".to_string()),
+        },
+    };
+    let gpu_text = fake_gpus.clone().map_or_else(|| "real GPUs (NVML)".to_string(), |f| format!("fake GPUs {f}"));
+    let node_name = hostname();
+    let agent = agent_config(AgentOptions {
+        node_name: node_name.clone(),
+        address: "127.0.0.1".into(),
+        coordinators: vec![url.clone()],
+        data_dir: agent_dir,
+        labels: BTreeMap::from([("provider".to_string(), "local".to_string())]),
+        fake_gpus,
+    })?;
+    let agent_task = tokio::spawn(gantry_agent::run(agent, shutdown.clone()));
+
+    println!("listening grpc={}", running.grpc_addr);
+    println!("gantry dev: coordinator at {url}, agent {node_name} with {gpu_text}, data in {}", coordinator_options.data_dir.parent().unwrap_or(&coordinator_options.data_dir).display());
+    println!("try:  GANTRY_ADDR={url} gantry submit --kind selfplay --gpus 1 --gpu-memory 8GiB -- sh -c 'echo batch $GANTRY_BATCH_SIZE on GPU $CUDA_VISIBLE_DEVICES'");
+    println!("      GANTRY_ADDR={url} gantry jobs");
+    println!("press Ctrl-C to stop (running jobs are stopped, storage is flushed)");
+
+    match agent_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::error!(%error, "agent failed");
+            shutdown.cancel();
+        }
+        Err(error) => {
+            tracing::error!(%error, "agent task failed");
+            shutdown.cancel();
+        }
+    }
+    running.wait().await?;
+    println!("gantry dev: stopped");
+    Ok(())
+}
+
+/// This machine's host name, for the dev node.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "dev-node".to_string())
+}

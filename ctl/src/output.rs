@@ -1,0 +1,258 @@
+//! Human tables and JSON for client commands.
+
+use gantry_proto as pb;
+use gantry_scheduler::units::{format_bytes, format_duration_ms};
+use serde_json::{Value, json};
+
+/// Output format of listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// Prints rows as aligned columns under a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn bytes(v: i64) -> String {
+    format_bytes(v.max(0) as u64)
+}
+
+/// A job as JSON.
+pub fn job_json(job: &pb::Job) -> Value {
+    let spec = job.spec.clone().unwrap_or_default();
+    let r = spec.resources.clone().unwrap_or_default();
+    json!({
+        "id": job.id,
+        "name": spec.name,
+        "kind": spec.kind,
+        "state": job.state,
+        "reason": job.reason,
+        "command": spec.command,
+        "shell": spec.shell,
+        "env": spec.env,
+        "priority": spec.priority,
+        "queue": spec.queue,
+        "after": spec.after,
+        "resources": {
+            "gpus": r.gpus,
+            "gpu_memory_bytes": r.gpu_memory_bytes,
+            "cpu_millis": r.cpu_millis,
+            "memory_bytes": r.memory_bytes,
+            "disk_bytes": r.disk_bytes,
+        },
+        "submitted_at_ms": job.submitted_at_ms,
+        "updated_at_ms": job.updated_at_ms,
+        "cancel_requested": job.cancel_requested,
+        "attempts": job.attempts.iter().map(|a| json!({
+            "attempt": a.attempt,
+            "node": a.node,
+            "gpus": a.gpus,
+            "gpu_memory_bytes": a.gpu_memory_bytes,
+            "batch_size": a.batch_size,
+            "assigned_at_ms": a.assigned_at_ms,
+            "started_at_ms": a.started_at_ms,
+            "ended_at_ms": a.ended_at_ms,
+            "exit_code": a.exit_code,
+            "signal": a.signal,
+            "error": a.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One row of `gantry jobs`.
+pub fn job_row(job: &pb::Job) -> Vec<String> {
+    let spec = job.spec.clone().unwrap_or_default();
+    let attempt = job.attempts.last();
+    let r = spec.resources.unwrap_or_default();
+    let gpus = if r.gpus == 0 {
+        "-".to_string()
+    } else if r.gpu_memory_bytes > 0 {
+        format!("{}x{}", r.gpus, bytes(r.gpu_memory_bytes))
+    } else {
+        r.gpus.to_string()
+    };
+    let mut detail = job.reason.clone();
+    if detail.is_empty()
+        && let Some(a) = attempt
+    {
+        detail = match (a.exit_code, a.signal) {
+            (Some(c), _) if a.ended_at_ms > 0 => format!("exit {c}"),
+            (None, Some(s)) => format!("signal {s}"),
+            _ if a.batch_size > 0 => format!("batch {}", a.batch_size),
+            _ => String::new(),
+        };
+    }
+    vec![
+        job.id.to_string(),
+        spec.name,
+        spec.kind,
+        job.state.clone(),
+        attempt.map(|a| a.node.clone()).unwrap_or_else(|| "-".into()),
+        gpus,
+        detail,
+    ]
+}
+
+/// `gantry job <id>` for people.
+pub fn print_job(job: &pb::Job) {
+    let spec = job.spec.clone().unwrap_or_default();
+    let r = spec.resources.clone().unwrap_or_default();
+    println!("job {} ({})", job.id, spec.name);
+    println!("  kind:      {}", spec.kind);
+    println!("  state:     {}{}", job.state, if job.cancel_requested && job.state != "cancelled" { " (cancel requested)" } else { "" });
+    if !job.reason.is_empty() {
+        println!("  reason:    {}", job.reason);
+    }
+    println!("  command:   {}", spec.command.join(" "));
+    let mut res = vec![format!("gpus={}", r.gpus)];
+    if r.gpu_memory_bytes > 0 {
+        res.push(format!("gpu_memory={}", bytes(r.gpu_memory_bytes)));
+    }
+    if r.cpu_millis > 0 {
+        res.push(format!("cpus={}", r.cpu_millis as f64 / 1000.0));
+    }
+    if r.memory_bytes > 0 {
+        res.push(format!("memory={}", bytes(r.memory_bytes)));
+    }
+    if r.disk_bytes > 0 {
+        res.push(format!("disk={}", bytes(r.disk_bytes)));
+    }
+    println!("  resources: {}", res.join(" "));
+    if spec.timeout_ms > 0 {
+        println!("  timeout:   {}", format_duration_ms(spec.timeout_ms));
+    }
+    if !spec.after.is_empty() {
+        println!("  after:     {}", spec.after.join(", "));
+    }
+    for a in &job.attempts {
+        let end = match (a.exit_code, a.signal) {
+            (Some(c), _) => format!("exit {c}"),
+            (None, Some(s)) => format!("signal {s}"),
+            _ if a.ended_at_ms > 0 => "ended".to_string(),
+            _ if a.started_at_ms > 0 => "running".to_string(),
+            _ => "assigned".to_string(),
+        };
+        let gpus: Vec<String> = a.gpus.iter().map(|g| g.to_string()).collect();
+        let batch = if a.batch_size > 0 { format!(" batch={}", a.batch_size) } else { String::new() };
+        println!(
+            "  attempt {}: node={} gpus=[{}] reserved={}{} {}{}",
+            a.attempt,
+            a.node,
+            gpus.join(","),
+            bytes(a.gpu_memory_bytes),
+            batch,
+            end,
+            if a.error.is_empty() { String::new() } else { format!(" — {}", a.error.lines().last().unwrap_or("")) }
+        );
+    }
+}
+
+/// A node as JSON.
+pub fn node_json(node: &pb::Node) -> Value {
+    json!({
+        "name": node.name,
+        "address": node.address,
+        "state": node.state,
+        "draining": node.draining,
+        "connected": node.connected,
+        "labels": node.labels,
+        "cpu_millis": node.cpu_millis,
+        "memory_total_bytes": node.memory_total_bytes,
+        "memory_used_bytes": node.memory_used_bytes,
+        "disk_total_bytes": node.disk_total_bytes,
+        "disk_used_bytes": node.disk_used_bytes,
+        "disk_pressure": node.disk_pressure,
+        "last_seen_ms": node.last_seen_ms,
+        "rtt_ms": node.rtt_ms,
+        "running_jobs": node.running_jobs,
+        "gpus": node.gpus.iter().map(|g| json!({
+            "index": g.index,
+            "model": g.model,
+            "total_bytes": g.total_bytes,
+            "used_bytes": g.used_bytes,
+            "reserved_bytes": g.reserved_bytes,
+            "utilization_pct": g.utilization_pct,
+            "temperature_c": g.temperature_c,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One row of `gantry nodes`.
+pub fn node_row(node: &pb::Node) -> Vec<String> {
+    let provider = node.labels.get("provider").cloned().unwrap_or_else(|| "-".into());
+    let gpus = if node.gpus.is_empty() {
+        "-".to_string()
+    } else {
+        let model = node.gpus[0].model.clone();
+        format!("{}x{}", node.gpus.len(), model)
+    };
+    let free: i64 = node.gpus.iter().map(|g| (g.total_bytes - g.reserved_bytes.max(g.used_bytes)).max(0)).sum();
+    let disk = if node.disk_total_bytes > 0 {
+        format!("{:.0}%{}", node.disk_used_bytes as f64 * 100.0 / node.disk_total_bytes as f64, if node.disk_pressure { " (pressure)" } else { "" })
+    } else {
+        "-".into()
+    };
+    let mut state = node.state.clone();
+    if node.draining {
+        state.push_str(",draining");
+    }
+    vec![node.name.clone(), state, provider, gpus, bytes(free), disk, node.running_jobs.to_string(), format!("{:.1}ms", node.rtt_ms)]
+}
+
+/// An event as JSON.
+pub fn event_json(e: &pb::Event) -> Value {
+    json!({
+        "index": e.index,
+        "at_ms": e.at_ms,
+        "job_id": e.job_id,
+        "job_name": e.job_name,
+        "kind": e.kind,
+        "state": e.state,
+        "node": e.node,
+        "attempt": e.attempt,
+        "message": e.message,
+    })
+}
+
+/// Cluster status as JSON.
+pub fn status_json(s: &pb::ClusterStatus) -> Value {
+    json!({
+        "coordinator_id": s.coordinator_id,
+        "is_leader": s.is_leader,
+        "nodes_total": s.nodes_total,
+        "nodes_ready": s.nodes_ready,
+        "gpus_total": s.gpus_total,
+        "gpu_memory_total_bytes": s.gpu_memory_total_bytes,
+        "gpu_memory_reserved_bytes": s.gpu_memory_reserved_bytes,
+        "jobs_by_state": s.jobs_by_state,
+        "last_event_index": s.last_event_index,
+        "version": s.version,
+    })
+}
