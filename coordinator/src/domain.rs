@@ -136,6 +136,16 @@ impl JobState {
         )
     }
 
+    /// The legal transitions, in one place.
+    pub fn can_become(self, next: JobState) -> bool {
+        use JobState::*;
+        match self {
+            Pending => matches!(next, Assigned | Cancelled | Blocked),
+            Assigned | Running => matches!(next, Running | Pending | Succeeded | Failed | Lost | Cancelled),
+            Succeeded | Failed | Lost | Cancelled | Blocked => false,
+        }
+    }
+
     /// Holds resources on a node.
     pub fn is_active(self) -> bool {
         matches!(self, JobState::Assigned | JobState::Running)

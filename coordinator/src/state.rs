@@ -691,6 +691,10 @@ impl StateMachine {
     /// step (a reservation is released exactly once: when the job leaves the
     /// active set), and records an event.
     fn transition(&mut self, at_ms: u64, id: JobId, state: JobState, message: String) {
+        if let Some(job) = self.jobs.get(&id) {
+            // Illegal transitions are bugs: tests run with debug assertions.
+            debug_assert!(job.state.can_become(state), "illegal transition of job {id}: {} -> {state}", job.state);
+        }
         self.unindex_job(id);
         if let Some(job) = self.jobs.get_mut(&id) {
             job.state = state;

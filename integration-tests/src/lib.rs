@@ -1,1 +1,344 @@
-//! placeholder
+//! A sandbox for multi-process tests: it starts real `gantry` processes on
+//! loopback with port 0 in a temporary directory, runs client commands, waits
+//! for state with [`wait_until`] (never a fixed sleep), and stops every
+//! process it started when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Path of the `gantry` binary: `GANTRY_BIN`, or the one cargo built next to
+/// this test executable (`cargo test --workspace` builds it first).
+pub fn gantry_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("GANTRY_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/test-xxxx -> target/debug/gantry
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join("gantry")
+}
+
+/// Polls `predicate` every 50 ms until it returns `Some`, or fails after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut predicate: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = predicate() {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A process started by the sandbox.
+pub struct Proc {
+    /// Name for logs.
+    pub name: String,
+    child: Option<Child>,
+    /// Lines of stdout, as they come.
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns the rest.
+    pub fn wait_line(&self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return Ok(rest.trim().to_string());
+                    }
+                }
+                Err(_) => bail!("{} printed no line starting with {prefix:?}", self.name),
+            }
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+/// Output of one CLI run.
+#[derive(Debug)]
+pub struct CliOutput {
+    /// Exit code (-1 when killed).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Parses stdout as JSON.
+    pub fn json(&self) -> anyhow::Result<Value> {
+        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not JSON: {:?} (stderr {:?})", self.stdout, self.stderr))
+    }
+}
+
+/// A temporary cluster of processes.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+}
+
+/// A started coordinator.
+pub struct CoordinatorHandle {
+    /// Index in the sandbox.
+    pub index: usize,
+    /// `http://host:port`.
+    pub url: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+}
+
+impl Sandbox {
+    /// A new empty sandbox.
+    pub fn new() -> anyhow::Result<Sandbox> {
+        let dir = tempfile::Builder::new().prefix("gantry-it-").tempdir()?;
+        Ok(Sandbox { dir, procs: Vec::new() })
+    }
+
+    /// The sandbox's directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self, name: &str, args: &[String]) -> anyhow::Result<usize> {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
+        let mut child = Command::new(gantry_bin())
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("cannot start {} (build it with cargo build)", gantry_bin().display()))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        self.procs.push(Proc { name: name.to_string(), child: Some(child), lines: rx });
+        Ok(self.procs.len() - 1)
+    }
+
+    /// A process by index.
+    pub fn proc(&mut self, index: usize) -> &mut Proc {
+        &mut self.procs[index]
+    }
+
+    /// Starts a coordinator on `127.0.0.1:port` (0 = any) with its own data dir
+    /// (or `data_dir` to restart on an existing one).
+    pub fn start_coordinator(&mut self, name: &str, port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<CoordinatorHandle> {
+        let data_dir = data_dir.unwrap_or_else(|| self.dir.path().join(name));
+        let args = vec![
+            "coordinator".to_string(),
+            "--grpc-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        let index = self.spawn(name, &args)?;
+        let addr = self.procs[index].wait_line("listening grpc=", Duration::from_secs(30))?;
+        Ok(CoordinatorHandle { index, url: format!("http://{addr}"), data_dir })
+    }
+
+    /// Starts an agent with fake GPUs, advertising `address`.
+    pub fn start_agent(&mut self, name: &str, coordinators: &str, fake_gpus: &str, address: &str, labels: &[(&str, &str)]) -> anyhow::Result<usize> {
+        let mut args = vec![
+            "agent".to_string(),
+            "--name".into(),
+            name.into(),
+            "--coordinators".into(),
+            coordinators.into(),
+            "--address".into(),
+            address.into(),
+            "--data-dir".into(),
+            self.agent_dir(name).display().to_string(),
+            "--fake-gpus".into(),
+            fake_gpus.into(),
+        ];
+        for (k, v) in labels {
+            args.push("--label".into());
+            args.push(format!("{k}={v}"));
+        }
+        self.spawn(name, &args)
+    }
+
+    /// An agent's data directory.
+    pub fn agent_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}-data"))
+    }
+
+    /// Runs `gantry ARGS --addr URL` to completion.
+    pub fn gantry(&self, url: &str, args: &[&str]) -> CliOutput {
+        let output = Command::new(gantry_bin())
+            .args(args)
+            .env("GANTRY_ADDR", url)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run gantry");
+        CliOutput {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Runs a client command with `-o json` and parses its output; fails on a non-zero exit.
+    pub fn gantry_json(&self, url: &str, args: &[&str]) -> anyhow::Result<Value> {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.gantry(url, &all);
+        if out.code != 0 {
+            bail!("gantry {args:?} exited {}: {}", out.code, out.stderr.trim());
+        }
+        out.json()
+    }
+
+    /// Submits with flags and returns the job id.
+    pub fn submit(&self, url: &str, args: &[&str]) -> anyhow::Result<u64> {
+        let mut all = vec!["submit"];
+        all.extend_from_slice(args);
+        let value = self.gantry_json(url, &all)?;
+        value["job_ids"][0].as_u64().context("no job id in submit output")
+    }
+
+    /// A job as JSON.
+    pub fn job(&self, url: &str, id: u64) -> anyhow::Result<Value> {
+        self.gantry_json(url, &["job", &id.to_string()])
+    }
+
+    /// Waits until a job reaches `state`; fails early when it reaches
+    /// another terminal state.
+    pub fn wait_job_state(&self, url: &str, id: u64, state: &str, timeout: Duration) -> anyhow::Result<Value> {
+        let mut last = Value::Null;
+        let result = wait_until(&format!("job {id} to be {state}"), timeout, || {
+            let job = self.job(url, id).ok()?;
+            last = job.clone();
+            (job["state"] == state).then_some(job)
+        });
+        result.with_context(|| format!("last seen: {last}"))
+    }
+
+    /// Waits until the cluster lists `count` connected, ready nodes.
+    pub fn wait_nodes_ready(&self, url: &str, count: usize, timeout: Duration) -> anyhow::Result<Value> {
+        wait_until(&format!("{count} ready nodes"), timeout, || {
+            let nodes = self.gantry_json(url, &["nodes"]).ok()?;
+            let ready = nodes.as_array()?.iter().filter(|n| n["state"] == "ready" && n["connected"] == true).count();
+            (ready == count).then_some(nodes)
+        })
+    }
+
+    /// The log of a process, for failure messages.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Agents first and gracefully, so they stop the jobs they run.
+        for proc in self.procs.iter_mut().rev() {
+            proc.stop(Duration::from_secs(10));
+        }
+        if std::thread::panicking() || std::env::var("GANTRY_KEEP_SANDBOX").is_ok() {
+            for proc in &self.procs {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", proc.name))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- {} log (last 40 lines) ----", proc.name);
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+/// Whether a process id is alive (and not a zombie).
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // state is the field after the parenthesised command name
+            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+            state.is_some_and(|s| s != "Z" && s != "X")
+        }
+        Err(_) => false,
+    }
+}
+
+impl Sandbox {
+    /// Starts `gantry dev` on port 0 with its data in the sandbox; returns
+    /// the process index and the coordinator URL.
+    pub fn start_dev(&mut self, name: &str, fake_gpus: &str) -> anyhow::Result<(usize, String)> {
+        let args = vec![
+            "dev".to_string(),
+            "--grpc-addr".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            self.dir.path().join(name).display().to_string(),
+            "--fake-gpus".into(),
+            fake_gpus.into(),
+        ];
+        let index = self.spawn(name, &args)?;
+        let addr = self.procs[index].wait_line("listening grpc=", Duration::from_secs(30))?;
+        Ok((index, format!("http://{addr}")))
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits for the exit status.
+    pub fn interrupt(&mut self, index: usize, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let proc = &mut self.procs[index];
+        let child = proc.child.as_mut().context("already stopped")?;
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGINT)?;
+        let status = wait_until("exit after Ctrl-C", timeout, || child.try_wait().ok().flatten())?;
+        proc.child = None;
+        Ok(status)
+    }
+}
