@@ -1,1 +1,163 @@
-//! placeholder
+//! Gantry agent: runs on every GPU node, reports the node to the
+//! coordinator and runs the jobs it is assigned.
+//!
+//! # Layout
+//!
+//! - [`config`]: [`AgentConfig`], [`GpuSource`], the `--fake-gpus` parser.
+//! - [`probe`]: what the node has and how busy it is: [`probe::HostProbe`]
+//!   (sysinfo), [`probe::NvmlGpuProbe`] (NVML, loaded at run time) and
+//!   [`probe::FakeGpuProbe`] with its test hook file `fake-state.json`.
+//! - [`executor`]: starts attempts as process groups, stops them (cancel,
+//!   timeout, shutdown), serves their output; reports events on a channel.
+//! - [`outbox`]: job events waiting for, or kept for re-delivery to, the
+//!   coordinator (at-least-once; the coordinator deduplicates).
+//! - `link`: the `AgentLink.ConnectAgent` stream: register, heartbeat,
+//!   dispatch, reconnect with back-off.
+//! - `convert`: the only module that maps wire (prost) types.
+//!
+//! # Architecture invariants
+//!
+//! - The executor knows nothing of gRPC; the link knows nothing of processes.
+//! - Jobs keep running while the coordinator is unreachable; only the
+//!   coordinator (a cancel, or `Registered.stop`) or agent shutdown stops them.
+//! - Every task the agent spawns ends when its shutdown token is cancelled;
+//!   [`run`] returns only after every job's process group is gone.
+
+pub mod config;
+mod convert;
+pub mod error;
+pub mod executor;
+mod link;
+pub mod outbox;
+pub mod probe;
+mod procgroup;
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{AgentConfig, FakeGpu, GpuSource, parse_fake_gpus};
+pub use error::AgentError;
+pub use probe::GpuReport;
+
+use crate::executor::{Executor, ExecutorConfig};
+use crate::probe::{FakeGpuProbe, GpuProbe, HostProbe, NvmlGpuProbe, Probes};
+
+/// Runs the agent until `shutdown` is cancelled, then stops every running
+/// job (SIGTERM to its process group, SIGKILL after the grace), sends their
+/// exit events if still connected, and returns.
+///
+/// Errors only for what makes starting impossible: a bad configuration, an
+/// unusable data directory, or a host probe that cannot read the system.
+/// An unreachable coordinator is not an error: the agent keeps retrying.
+pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    config.validate()?;
+    tokio::fs::create_dir_all(&config.data_dir)
+        .await
+        .map_err(|source| AgentError::Io {
+            action: "cannot create data directory",
+            path: config.data_dir.clone(),
+            source,
+        })?;
+    // Absolute, because jobs get paths under it (GANTRY_WORK_DIR) while
+    // running in another working directory.
+    config.data_dir = tokio::fs::canonicalize(&config.data_dir)
+        .await
+        .map_err(|source| AgentError::Io {
+            action: "cannot resolve data directory",
+            path: config.data_dir.clone(),
+            source,
+        })?;
+    let host = {
+        let data_dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || HostProbe::new(&data_dir))
+            .await
+            .map_err(|e| AgentError::Probe(format!("host probe task failed: {e}")))??
+    };
+    let gpu: Box<dyn GpuProbe> = match &config.gpus {
+        GpuSource::Nvml => Box::new(
+            tokio::task::spawn_blocking(NvmlGpuProbe::init_or_empty)
+                .await
+                .map_err(|e| AgentError::Nvml(format!("nvml probe task failed: {e}")))?,
+        ),
+        GpuSource::Fake(gpus) => Box::new(FakeGpuProbe::new(
+            gpus.clone(),
+            Some(config.data_dir.join(probe::fake::FAKE_STATE_FILE)),
+        )),
+    };
+    tracing::info!(
+        node = %config.node_name,
+        data_dir = %config.data_dir.display(),
+        coordinators = ?config.coordinators,
+        "agent starting"
+    );
+
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let executor = Executor::new(
+        ExecutorConfig {
+            node_name: config.node_name.clone(),
+            data_dir: config.data_dir.clone(),
+            kill_grace: config.kill_grace,
+        },
+        events_tx,
+    );
+    let config = Arc::new(config);
+    let link = link::Link::new(config, executor.clone(), Probes { host, gpu }, events_rx);
+    // The link outlives the caller's token a little: it stops only after the
+    // jobs, so their exit events can still reach the coordinator.
+    let link_shutdown = CancellationToken::new();
+    let link_task = tokio::spawn(link.run(link_shutdown.clone()));
+    // If this future is dropped instead of shut down, the link still ends.
+    let _link_guard = link_shutdown.clone().drop_guard();
+
+    shutdown.cancelled().await;
+    tracing::info!(
+        running = executor.running().len(),
+        "agent stopping: stopping jobs"
+    );
+    executor.shutdown().await;
+    link_shutdown.cancel();
+    if let Err(e) = link_task.await {
+        tracing::error!(error = %e, "link task failed");
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// One-shot GPU probe for diagnostics (`gantry agent --probe`): what NVML
+/// (or the fake source) reports, or a readable error when there is no driver.
+pub fn probe_gpus(source: &GpuSource) -> Result<Vec<GpuReport>, AgentError> {
+    match source {
+        GpuSource::Nvml => Ok(NvmlGpuProbe::init()?.gpus()),
+        GpuSource::Fake(gpus) => Ok(FakeGpuProbe::new(gpus.clone(), None).gpus()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_gpus_reports_fakes_and_never_panics_on_nvml() {
+        let fakes = parse_fake_gpus("2xH100-80GiB").unwrap();
+        let gpus = probe_gpus(&GpuSource::Fake(fakes)).unwrap();
+        assert_eq!(gpus.iter().map(|g| g.index).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(gpus[0].model, "H100-80GiB");
+        match probe_gpus(&GpuSource::Nvml) {
+            Ok(gpus) => assert!(gpus.iter().all(|g| g.total >= g.used)),
+            Err(e) => assert!(matches!(e, AgentError::Nvml(_)), "{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn run_rejects_bad_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AgentConfig::for_test("n", dir.path().into(), vec![]);
+        let err = run(config, CancellationToken::new()).await.unwrap_err();
+        assert!(err.to_string().contains("coordinator"), "{err}");
+        let config =
+            AgentConfig::for_test("", dir.path().into(), vec!["http://127.0.0.1:1".into()]);
+        assert!(run(config, CancellationToken::new()).await.is_err());
+    }
+}

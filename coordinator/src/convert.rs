@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use gantry_proto as pb;
 use gantry_scheduler::units::format_bytes;
-use gantry_scheduler::{BatchPolicy, BatchTier, Constraints, JobKind, LockMode, LockRequest, MemoryModel, Resources};
+use gantry_scheduler::{
+    BatchPolicy, BatchTier, Constraints, JobKind, LockMode, LockRequest, MemoryModel, Resources,
+};
 
 use crate::domain::{AttemptRecord, EventRecord, JobRecord, JobSpec, RetryPolicy};
 use crate::error::CoordinatorError;
@@ -28,18 +30,28 @@ const MAX_BACKOFF_MS: u64 = 24 * 3600 * 1000;
 const MAX_PRIORITY: i32 = 1000;
 
 fn invalid(field: String, reason: impl Into<String>) -> CoordinatorError {
-    CoordinatorError::InvalidArgument { field, reason: reason.into() }
+    CoordinatorError::InvalidArgument {
+        field,
+        reason: reason.into(),
+    }
 }
 
 fn non_negative(field: &str, prefix: &str, value: i64, max: u64) -> Result<u64, CoordinatorError> {
     if value < 0 {
-        return Err(invalid(format!("{prefix}{field}"), format!("must not be negative (got {value})")));
+        return Err(invalid(
+            format!("{prefix}{field}"),
+            format!("must not be negative (got {value})"),
+        ));
     }
     let value = value as u64;
     if value > max {
         return Err(invalid(
             format!("{prefix}{field}"),
-            format!("{} exceeds the maximum of {}", format_bytes(value), format_bytes(max)),
+            format!(
+                "{} exceeds the maximum of {}",
+                format_bytes(value),
+                format_bytes(max)
+            ),
         ));
     }
     Ok(value)
@@ -47,30 +59,49 @@ fn non_negative(field: &str, prefix: &str, value: i64, max: u64) -> Result<u64, 
 
 fn check_name(field: String, name: &str) -> Result<(), CoordinatorError> {
     if name.len() > MAX_NAME_LEN {
-        return Err(invalid(field, format!("longer than {MAX_NAME_LEN} characters")));
+        return Err(invalid(
+            field,
+            format!("longer than {MAX_NAME_LEN} characters"),
+        ));
     }
     if let Some(bad) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')))
     {
-        return Err(invalid(field, format!("{name:?} contains {bad:?}; use letters, digits, '-', '_', '.', '/'")));
+        return Err(invalid(
+            field,
+            format!("{name:?} contains {bad:?}; use letters, digits, '-', '_', '.', '/'"),
+        ));
     }
     Ok(())
 }
 
 /// Validates a submit request and returns typed specs.
-pub fn submit_request(request: pb::SubmitRequest, encoded_len: usize) -> Result<(Option<String>, Vec<JobSpec>), CoordinatorError> {
+pub fn submit_request(
+    request: pb::SubmitRequest,
+    encoded_len: usize,
+) -> Result<(Option<String>, Vec<JobSpec>), CoordinatorError> {
     if encoded_len > MAX_SUBMIT_BYTES {
         return Err(invalid(
             "request".into(),
-            format!("{} exceeds the {} limit of one submit", format_bytes(encoded_len as u64), format_bytes(MAX_SUBMIT_BYTES as u64)),
+            format!(
+                "{} exceeds the {} limit of one submit",
+                format_bytes(encoded_len as u64),
+                format_bytes(MAX_SUBMIT_BYTES as u64)
+            ),
         ));
     }
     if request.jobs.is_empty() {
         return Err(invalid("jobs".into(), "no jobs in the request"));
     }
     if request.jobs.len() > MAX_JOBS_PER_SUBMIT {
-        return Err(invalid("jobs".into(), format!("{} jobs exceed the maximum of {MAX_JOBS_PER_SUBMIT} per submit", request.jobs.len())));
+        return Err(invalid(
+            "jobs".into(),
+            format!(
+                "{} jobs exceed the maximum of {MAX_JOBS_PER_SUBMIT} per submit",
+                request.jobs.len()
+            ),
+        ));
     }
     if request.submission_key.len() > 256 {
         return Err(invalid("submission_key".into(), "longer than 256 bytes"));
@@ -92,35 +123,69 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
     } else {
         JobKind::parse(&spec.kind).ok_or_else(|| {
             let all: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
-            invalid(format!("{prefix}kind"), format!("unknown kind {:?} (expected one of {})", spec.kind, all.join(", ")))
+            invalid(
+                format!("{prefix}kind"),
+                format!(
+                    "unknown kind {:?} (expected one of {})",
+                    spec.kind,
+                    all.join(", ")
+                ),
+            )
         })?
     };
     check_name(format!("{prefix}name"), &spec.name)?;
-    let name = if spec.name.is_empty() { kind.as_str().to_string() } else { spec.name };
+    let name = if spec.name.is_empty() {
+        kind.as_str().to_string()
+    } else {
+        spec.name
+    };
 
     if spec.command.is_empty() || spec.command[0].trim().is_empty() {
         return Err(invalid(format!("{prefix}command"), "must not be empty"));
     }
     let command_bytes: usize = spec.command.iter().map(|a| a.len()).sum();
     if command_bytes > MAX_COMMAND_BYTES {
-        return Err(invalid(format!("{prefix}command"), format!("{} exceeds {}", format_bytes(command_bytes as u64), format_bytes(MAX_COMMAND_BYTES as u64))));
+        return Err(invalid(
+            format!("{prefix}command"),
+            format!(
+                "{} exceeds {}",
+                format_bytes(command_bytes as u64),
+                format_bytes(MAX_COMMAND_BYTES as u64)
+            ),
+        ));
     }
     if let Some(i) = spec.command.iter().position(|a| a.contains('\0')) {
-        return Err(invalid(format!("{prefix}command[{i}]"), "contains a NUL byte"));
+        return Err(invalid(
+            format!("{prefix}command[{i}]"),
+            "contains a NUL byte",
+        ));
     }
     let env_bytes: usize = spec.env.iter().map(|(k, v)| k.len() + v.len()).sum();
     if env_bytes > MAX_ENV_BYTES {
-        return Err(invalid(format!("{prefix}env"), format!("{} exceeds {}", format_bytes(env_bytes as u64), format_bytes(MAX_ENV_BYTES as u64))));
+        return Err(invalid(
+            format!("{prefix}env"),
+            format!(
+                "{} exceeds {}",
+                format_bytes(env_bytes as u64),
+                format_bytes(MAX_ENV_BYTES as u64)
+            ),
+        ));
     }
     for (key, value) in &spec.env {
         let valid = !key.is_empty()
             && !key.starts_with(|c: char| c.is_ascii_digit())
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(invalid(format!("{prefix}env.{key}"), "not a valid variable name"));
+            return Err(invalid(
+                format!("{prefix}env.{key}"),
+                "not a valid variable name",
+            ));
         }
         if key.starts_with("GANTRY_") || key == "CUDA_VISIBLE_DEVICES" {
-            return Err(invalid(format!("{prefix}env.{key}"), "is set by Gantry and cannot be overridden"));
+            return Err(invalid(
+                format!("{prefix}env.{key}"),
+                "is set by Gantry and cannot be overridden",
+            ));
         }
         if value.contains('\0') {
             return Err(invalid(format!("{prefix}env.{key}"), "contains a NUL byte"));
@@ -129,17 +194,41 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
 
     let r = spec.resources.unwrap_or_default();
     if r.gpus > MAX_GPUS {
-        return Err(invalid(format!("{prefix}resources.gpus"), format!("{} exceeds the maximum of {MAX_GPUS} GPUs per job", r.gpus)));
+        return Err(invalid(
+            format!("{prefix}resources.gpus"),
+            format!("{} exceeds the maximum of {MAX_GPUS} GPUs per job", r.gpus),
+        ));
     }
-    let gpu_memory = non_negative("resources.gpu_memory", prefix, r.gpu_memory_bytes, MAX_GPU_MEMORY)?;
+    let gpu_memory = non_negative(
+        "resources.gpu_memory",
+        prefix,
+        r.gpu_memory_bytes,
+        MAX_GPU_MEMORY,
+    )?;
     if gpu_memory > 0 && r.gpus == 0 {
-        return Err(invalid(format!("{prefix}resources.gpu_memory"), "set, but resources.gpus is 0"));
+        return Err(invalid(
+            format!("{prefix}resources.gpu_memory"),
+            "set, but resources.gpus is 0",
+        ));
     }
     if r.cpu_millis < 0 {
-        return Err(invalid(format!("{prefix}resources.cpus"), format!("must not be negative (got {})", r.cpu_millis as f64 / 1000.0)));
+        return Err(invalid(
+            format!("{prefix}resources.cpus"),
+            format!(
+                "must not be negative (got {})",
+                r.cpu_millis as f64 / 1000.0
+            ),
+        ));
     }
     if r.cpu_millis as u64 > MAX_CPU_MILLIS {
-        return Err(invalid(format!("{prefix}resources.cpus"), format!("{} exceeds the maximum of {}", r.cpu_millis / 1000, MAX_CPU_MILLIS / 1000)));
+        return Err(invalid(
+            format!("{prefix}resources.cpus"),
+            format!(
+                "{} exceeds the maximum of {}",
+                r.cpu_millis / 1000,
+                MAX_CPU_MILLIS / 1000
+            ),
+        ));
     }
     let resources = Resources {
         gpus: r.gpus,
@@ -158,18 +247,35 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
     let mut seen = BTreeSet::new();
     for (i, lock) in spec.locks.into_iter().enumerate() {
         if lock.name.is_empty() {
-            return Err(invalid(format!("{prefix}locks[{i}].name"), "must not be empty"));
+            return Err(invalid(
+                format!("{prefix}locks[{i}].name"),
+                "must not be empty",
+            ));
         }
         check_name(format!("{prefix}locks[{i}].name"), &lock.name)?;
         if !seen.insert(lock.name.clone()) {
-            return Err(invalid(format!("{prefix}locks[{i}].name"), format!("{:?} is listed twice", lock.name)));
+            return Err(invalid(
+                format!("{prefix}locks[{i}].name"),
+                format!("{:?} is listed twice", lock.name),
+            ));
         }
         let mode = if lock.mode.is_empty() {
             LockMode::Shared
         } else {
-            LockMode::parse(&lock.mode).ok_or_else(|| invalid(format!("{prefix}locks[{i}].mode"), format!("unknown mode {:?} (expected shared or exclusive)", lock.mode)))?
+            LockMode::parse(&lock.mode).ok_or_else(|| {
+                invalid(
+                    format!("{prefix}locks[{i}].mode"),
+                    format!(
+                        "unknown mode {:?} (expected shared or exclusive)",
+                        lock.mode
+                    ),
+                )
+            })?
         };
-        locks.push(LockRequest { name: lock.name, mode });
+        locks.push(LockRequest {
+            name: lock.name,
+            mode,
+        });
     }
 
     let c = spec.constraints.unwrap_or_default();
@@ -178,25 +284,45 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
         gpu_models: c.gpu_models,
     };
     if !constraints.gpu_models.is_empty() && resources.gpus == 0 {
-        return Err(invalid(format!("{prefix}constraints.gpu_model"), "set, but resources.gpus is 0"));
+        return Err(invalid(
+            format!("{prefix}constraints.gpu_model"),
+            "set, but resources.gpus is 0",
+        ));
     }
 
     if spec.priority.abs() > MAX_PRIORITY {
-        return Err(invalid(format!("{prefix}priority"), format!("{} is outside -{MAX_PRIORITY}..={MAX_PRIORITY}", spec.priority)));
+        return Err(invalid(
+            format!("{prefix}priority"),
+            format!(
+                "{} is outside -{MAX_PRIORITY}..={MAX_PRIORITY}",
+                spec.priority
+            ),
+        ));
     }
     let retry = match spec.retry {
         None => RetryPolicy::default(),
         Some(r) => {
             if r.max_attempts > MAX_ATTEMPTS {
-                return Err(invalid(format!("{prefix}retry.max_attempts"), format!("{} exceeds the maximum of {MAX_ATTEMPTS}", r.max_attempts)));
+                return Err(invalid(
+                    format!("{prefix}retry.max_attempts"),
+                    format!("{} exceeds the maximum of {MAX_ATTEMPTS}", r.max_attempts),
+                ));
             }
             if r.backoff_ms > MAX_BACKOFF_MS {
                 return Err(invalid(format!("{prefix}retry.backoff"), "longer than 24h"));
             }
             let default = RetryPolicy::default();
             RetryPolicy {
-                max_attempts: if r.max_attempts == 0 { default.max_attempts } else { r.max_attempts },
-                backoff_ms: if r.backoff_ms == 0 { default.backoff_ms } else { r.backoff_ms },
+                max_attempts: if r.max_attempts == 0 {
+                    default.max_attempts
+                } else {
+                    r.max_attempts
+                },
+                backoff_ms: if r.backoff_ms == 0 {
+                    default.backoff_ms
+                } else {
+                    r.backoff_ms
+                },
             }
         }
     };
@@ -208,7 +334,10 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
             return Err(invalid(format!("{prefix}after[{i}]"), "must not be empty"));
         }
         if *after == name {
-            return Err(invalid(format!("{prefix}after[{i}]"), format!("job {name:?} cannot wait for itself")));
+            return Err(invalid(
+                format!("{prefix}after[{i}]"),
+                format!("job {name:?} cannot wait for itself"),
+            ));
         }
     }
     check_name(format!("{prefix}queue"), &spec.queue)?;
@@ -231,17 +360,32 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
     })
 }
 
-fn batch_policy(b: pb::BatchSpec, resources: &Resources, prefix: &str) -> Result<BatchPolicy, CoordinatorError> {
+fn batch_policy(
+    b: pb::BatchSpec,
+    resources: &Resources,
+    prefix: &str,
+) -> Result<BatchPolicy, CoordinatorError> {
     if resources.gpus == 0 {
-        return Err(invalid(format!("{prefix}batch"), "needs resources.gpus of at least 1"));
+        return Err(invalid(
+            format!("{prefix}batch"),
+            "needs resources.gpus of at least 1",
+        ));
     }
     let prefer_largest = match b.prefer.as_str() {
         "" | "first" => false,
         "largest" => true,
-        other => return Err(invalid(format!("{prefix}batch.prefer"), format!("unknown preference {other:?} (expected first or largest)"))),
+        other => {
+            return Err(invalid(
+                format!("{prefix}batch.prefer"),
+                format!("unknown preference {other:?} (expected first or largest)"),
+            ));
+        }
     };
     match (b.tiers.is_empty(), b.model) {
-        (false, Some(_)) => Err(invalid(format!("{prefix}batch"), "give either tiers or model, not both")),
+        (false, Some(_)) => Err(invalid(
+            format!("{prefix}batch"),
+            "give either tiers or model, not both",
+        )),
         (true, None) => Err(invalid(format!("{prefix}batch"), "needs tiers or model")),
         (false, None) => {
             let mut tiers = Vec::new();
@@ -252,27 +396,55 @@ fn batch_policy(b: pb::BatchSpec, resources: &Resources, prefix: &str) -> Result
                 if t.size == 0 {
                     return Err(invalid(format!("{field}.size"), "must be at least 1"));
                 }
-                let min_free = non_negative("min_free", &format!("{field}."), t.min_free_bytes, MAX_GPU_MEMORY)?;
+                let min_free = non_negative(
+                    "min_free",
+                    &format!("{field}."),
+                    t.min_free_bytes,
+                    MAX_GPU_MEMORY,
+                )?;
                 let min_free = (min_free > 0).then_some(min_free);
                 match min_free {
-                    None if i + 1 != count => return Err(invalid(format!("{field}.min_free"), "only the last tier may omit min_free")),
+                    None if i + 1 != count => {
+                        return Err(invalid(
+                            format!("{field}.min_free"),
+                            "only the last tier may omit min_free",
+                        ));
+                    }
                     None if resources.gpu_memory.is_none() => {
-                        return Err(invalid(format!("{field}.min_free"), "a tier without min_free needs resources.gpu_memory"));
+                        return Err(invalid(
+                            format!("{field}.min_free"),
+                            "a tier without min_free needs resources.gpu_memory",
+                        ));
                     }
                     Some(m) if previous.is_some_and(|p| m >= p) => {
-                        return Err(invalid(format!("{field}.min_free"), "tiers must be ordered by decreasing min_free"));
+                        return Err(invalid(
+                            format!("{field}.min_free"),
+                            "tiers must be ordered by decreasing min_free",
+                        ));
                     }
                     _ => {}
                 }
                 previous = min_free.or(previous);
-                tiers.push(BatchTier { min_free, size: t.size });
+                tiers.push(BatchTier {
+                    min_free,
+                    size: t.size,
+                });
             }
-            Ok(BatchPolicy { tiers, model: None, prefer_largest })
+            Ok(BatchPolicy {
+                tiers,
+                model: None,
+                prefer_largest,
+            })
         }
         (true, Some(m)) => {
             let field = format!("{prefix}batch.model");
             let base = non_negative("base", &format!("{field}."), m.base_bytes, MAX_GPU_MEMORY)?;
-            let per_sample = non_negative("per_sample", &format!("{field}."), m.per_sample_bytes, MAX_GPU_MEMORY)?;
+            let per_sample = non_negative(
+                "per_sample",
+                &format!("{field}."),
+                m.per_sample_bytes,
+                MAX_GPU_MEMORY,
+            )?;
             if per_sample == 0 {
                 return Err(invalid(format!("{field}.per_sample"), "must be positive"));
             }
@@ -280,14 +452,23 @@ fn batch_policy(b: pb::BatchSpec, resources: &Resources, prefix: &str) -> Result
                 return Err(invalid(format!("{field}.min"), "must be at least 1"));
             }
             if m.max < m.min {
-                return Err(invalid(format!("{field}.max"), format!("{} is below min {}", m.max, m.min)));
+                return Err(invalid(
+                    format!("{field}.max"),
+                    format!("{} is below min {}", m.max, m.min),
+                ));
             }
             if m.multiple_of > m.max {
                 return Err(invalid(format!("{field}.multiple_of"), "larger than max"));
             }
             Ok(BatchPolicy {
                 tiers: Vec::new(),
-                model: Some(MemoryModel { base, per_sample, min: m.min, max: m.max, multiple_of: m.multiple_of }),
+                model: Some(MemoryModel {
+                    base,
+                    per_sample,
+                    min: m.min,
+                    max: m.max,
+                    multiple_of: m.multiple_of,
+                }),
                 prefer_largest,
             })
         }
@@ -313,7 +494,10 @@ pub fn spec_to_proto(spec: &JobSpec) -> pb::JobSpec {
             tiers: b
                 .tiers
                 .iter()
-                .map(|t| pb::BatchTier { min_free_bytes: t.min_free.unwrap_or(0) as i64, size: t.size })
+                .map(|t| pb::BatchTier {
+                    min_free_bytes: t.min_free.unwrap_or(0) as i64,
+                    size: t.size,
+                })
                 .collect(),
             model: b.model.as_ref().map(|m| pb::BatchMemoryModel {
                 base_bytes: m.base as i64,
@@ -322,19 +506,29 @@ pub fn spec_to_proto(spec: &JobSpec) -> pb::JobSpec {
                 max: m.max,
                 multiple_of: m.multiple_of,
             }),
-            prefer: if b.prefer_largest { "largest".into() } else { String::new() },
+            prefer: if b.prefer_largest {
+                "largest".into()
+            } else {
+                String::new()
+            },
         }),
         locks: spec
             .locks
             .iter()
-            .map(|l| pb::LockRequest { name: l.name.clone(), mode: l.mode.as_str().into() })
+            .map(|l| pb::LockRequest {
+                name: l.name.clone(),
+                mode: l.mode.as_str().into(),
+            })
             .collect(),
         constraints: Some(pb::Constraints {
             labels: spec.constraints.labels.clone().into_iter().collect(),
             gpu_models: spec.constraints.gpu_models.clone(),
         }),
         priority: spec.priority,
-        retry: Some(pb::RetryPolicy { max_attempts: spec.retry.max_attempts, backoff_ms: spec.retry.backoff_ms }),
+        retry: Some(pb::RetryPolicy {
+            max_attempts: spec.retry.max_attempts,
+            backoff_ms: spec.retry.backoff_ms,
+        }),
         timeout_ms: spec.timeout_ms.unwrap_or(0),
         after: spec.after.clone(),
         shell: spec.shell,

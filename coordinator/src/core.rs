@@ -174,6 +174,9 @@ struct LogWaiter {
     reply: Reply<(pb::LogData, bool)>,
 }
 
+/// A reply waiting for its batch to be flushed; called with the flush result.
+type DeferredReply = Box<dyn FnOnce(Result<(), String>) + Send>;
+
 /// How long a Running job may go unreported after its agent re-registers
 /// before it is declared lost (its exit event may still be in flight).
 const UNCONFIRMED_GRACE_MS: u64 = 10_000;
@@ -194,7 +197,7 @@ pub struct Core {
     last_pass_ms: u64,
     started_ms: u64,
     /// Replies held until the batch they belong to is durable.
-    deferred: Vec<Box<dyn FnOnce(Result<(), String>) + Send>>,
+    deferred: Vec<DeferredReply>,
 }
 
 fn now_ms() -> u64 {
@@ -206,7 +209,11 @@ fn now_ms() -> u64 {
 
 impl Core {
     /// A core over a loaded store.
-    pub fn new(config: CoreConfig, store: Store, events: broadcast::Sender<pb::Event>) -> Result<Core, CoordinatorError> {
+    pub fn new(
+        config: CoreConfig,
+        store: Store,
+        events: broadcast::Sender<pb::Event>,
+    ) -> Result<Core, CoordinatorError> {
         let state = store.load()?;
         Ok(Core {
             health: HealthTracker::new(config.health),
@@ -250,7 +257,10 @@ impl Core {
                 return;
             }
         }
-        if let Err(error) = self.flush().and_then(|_| self.store.flush().map_err(|e| e.to_string())) {
+        if let Err(error) = self
+            .flush()
+            .and_then(|_| self.store.flush().map_err(|e| e.to_string()))
+        {
             tracing::error!(%error, "final flush failed");
         }
         tracing::info!("coordinator core stopped; storage flushed");
@@ -259,11 +269,17 @@ impl Core {
     /// Persists pending changes, then releases deferred replies and events.
     fn flush(&mut self) -> Result<(), String> {
         let changes = self.state.take_changes();
-        let result = if changes.jobs.is_empty() && changes.nodes.is_empty() && changes.events.is_empty() && changes.submissions.is_empty() {
+        let result = if changes.jobs.is_empty()
+            && changes.nodes.is_empty()
+            && changes.events.is_empty()
+            && changes.submissions.is_empty()
+        {
             Ok(())
         } else {
             self.dirty |= !changes.jobs.is_empty() || !changes.nodes.is_empty();
-            self.store.persist(&self.state, &changes).map_err(|e| e.to_string())
+            self.store
+                .persist(&self.state, &changes)
+                .map_err(|e| e.to_string())
         };
         if result.is_ok() {
             for event in &changes.events {
@@ -280,7 +296,9 @@ impl Core {
         self.deferred.push(Box::new(move |durable| {
             let value = match durable {
                 Ok(()) => value,
-                Err(error) => Err(CoordinatorError::Unavailable(format!("not stored: {error}"))),
+                Err(error) => Err(CoordinatorError::Unavailable(format!(
+                    "not stored: {error}"
+                ))),
             };
             let _ = reply.send(value);
         }));
@@ -294,10 +312,16 @@ impl Core {
         let now = now_ms();
         match request {
             Request::Submit { key, specs, reply } => {
-                let result = self.apply(Command::Submit { at_ms: now, key, jobs: specs }).map(|outcome| match outcome {
-                    Outcome::Submitted(ids) => ids,
-                    _ => Vec::new(),
-                });
+                let result = self
+                    .apply(Command::Submit {
+                        at_ms: now,
+                        key,
+                        jobs: specs,
+                    })
+                    .map(|outcome| match outcome {
+                        Outcome::Submitted(ids) => ids,
+                        _ => Vec::new(),
+                    });
                 self.dirty = true;
                 self.defer(reply, result);
             }
@@ -305,23 +329,37 @@ impl Core {
                 let result = self
                     .state
                     .job(id)
-                    .map(|job| convert::job_to_proto(job, self.hold_reasons.get(&id).map(String::as_str)))
+                    .map(|job| {
+                        convert::job_to_proto(job, self.hold_reasons.get(&id).map(String::as_str))
+                    })
                     .ok_or_else(|| CoordinatorError::NotFound(format!("job {id} not found")));
                 let _ = reply.send(result);
             }
-            Request::ListJobs { states, limit, reply } => {
+            Request::ListJobs {
+                states,
+                limit,
+                reply,
+            } => {
                 let jobs = self
                     .state
                     .jobs()
                     .rev()
                     .filter(|j| states.is_empty() || states.contains(&j.state))
                     .take(limit)
-                    .map(|job| convert::job_to_proto(job, self.hold_reasons.get(&job.id).map(String::as_str)))
+                    .map(|job| {
+                        convert::job_to_proto(
+                            job,
+                            self.hold_reasons.get(&job.id).map(String::as_str),
+                        )
+                    })
                     .collect();
                 let _ = reply.send(Ok(jobs));
             }
             Request::Cancel { id, reply } => {
-                let result = self.apply(Command::RequestCancel { at_ms: now, job: id });
+                let result = self.apply(Command::RequestCancel {
+                    at_ms: now,
+                    job: id,
+                });
                 let result = result.map(|outcome| match outcome {
                     Outcome::CancelRequested { state, stop } => {
                         if let Some((node, attempt)) = stop {
@@ -337,7 +375,13 @@ impl Core {
                 let _ = reply.send(Ok(self.nodes_to_proto(now)));
             }
             Request::Drain { node, drain, reply } => {
-                let result = self.apply(Command::SetDrain { at_ms: now, node, draining: drain }).map(|_| ());
+                let result = self
+                    .apply(Command::SetDrain {
+                        at_ms: now,
+                        node,
+                        draining: drain,
+                    })
+                    .map(|_| ());
                 self.defer(reply, result);
             }
             Request::Status { reply } => {
@@ -349,22 +393,44 @@ impl Core {
                 let result = flushed.and_then(|_| Ok(self.store.events_since(from, limit)?));
                 let _ = reply.send(result);
             }
-            Request::ReadLog { job, attempt, stream, offset, reply } => self.read_log(job, attempt, stream, offset, reply),
-            Request::AgentRegister { session, register, sender, reply } => {
+            Request::ReadLog {
+                job,
+                attempt,
+                stream,
+                offset,
+                reply,
+            } => self.read_log(job, attempt, stream, offset, reply),
+            Request::AgentRegister {
+                session,
+                register,
+                sender,
+                reply,
+            } => {
                 let result = self.register(now, session, register, sender);
                 self.defer(reply, result);
             }
-            Request::AgentMessage { session, node, message } => self.agent_message(now, session, &node, message),
+            Request::AgentMessage {
+                session,
+                node,
+                message,
+            } => self.agent_message(now, session, &node, message),
             Request::AgentGone { session, node } => {
                 if self.sessions.get(&node).is_some_and(|s| s.id == session) {
                     self.sessions.remove(&node);
                     self.health.on_disconnect(&node);
                     tracing::info!(node = %node, "agent disconnected");
                 }
-                let orphaned: Vec<u64> = self.log_waiters.iter().filter(|(_, w)| w.session == session).map(|(id, _)| *id).collect();
+                let orphaned: Vec<u64> = self
+                    .log_waiters
+                    .iter()
+                    .filter(|(_, w)| w.session == session)
+                    .map(|(id, _)| *id)
+                    .collect();
                 for id in orphaned {
                     if let Some(waiter) = self.log_waiters.remove(&id) {
-                        let _ = waiter.reply.send(Err(CoordinatorError::Unavailable(format!("node {node} disconnected"))));
+                        let _ = waiter.reply.send(Err(CoordinatorError::Unavailable(format!(
+                            "node {node} disconnected"
+                        ))));
                     }
                 }
             }
@@ -373,19 +439,33 @@ impl Core {
 
     fn send(&self, node: &str, message: pb::coordinator_message::Msg) -> bool {
         match self.sessions.get(node) {
-            Some(session) => session.sender.send(Ok(pb::CoordinatorMessage { msg: Some(message) })).is_ok(),
+            Some(session) => session
+                .sender
+                .send(Ok(pb::CoordinatorMessage { msg: Some(message) }))
+                .is_ok(),
             None => false,
         }
     }
 
     fn send_cancel(&self, node: &str, job: JobId, attempt: u32) {
         let grace_ms = self.config.kill_grace.as_millis() as u64;
-        self.send(node, pb::coordinator_message::Msg::Cancel(pb::CancelJob { job_id: job, attempt, grace_ms }));
+        self.send(
+            node,
+            pb::coordinator_message::Msg::Cancel(pb::CancelJob {
+                job_id: job,
+                attempt,
+                grace_ms,
+            }),
+        );
     }
 
     fn send_assignment(&self, job: JobId) {
-        let Some(record) = self.state.job(job) else { return };
-        let Some(attempt) = record.current_attempt() else { return };
+        let Some(record) = self.state.job(job) else {
+            return;
+        };
+        let Some(attempt) = record.current_attempt() else {
+            return;
+        };
         let message = pb::Assignment {
             job_id: job,
             attempt: attempt.attempt,
@@ -399,10 +479,19 @@ impl Core {
         }
     }
 
-    fn register(&mut self, now: u64, session: u64, register: pb::Register, sender: AgentSender) -> Result<pb::Registered, CoordinatorError> {
+    fn register(
+        &mut self,
+        now: u64,
+        session: u64,
+        register: pb::Register,
+        sender: AgentSender,
+    ) -> Result<pb::Registered, CoordinatorError> {
         let name = register.node.clone();
         if name.is_empty() {
-            return Err(CoordinatorError::InvalidArgument { field: "register.node".into(), reason: "must not be empty".into() });
+            return Err(CoordinatorError::InvalidArgument {
+                field: "register.node".into(),
+                reason: "must not be empty".into(),
+            });
         }
         self.apply(Command::RegisterNode {
             at_ms: now,
@@ -412,41 +501,71 @@ impl Core {
             gpus: register
                 .gpus
                 .iter()
-                .map(|g| GpuRecord { index: g.index, model: g.model.clone(), total: g.total_bytes.max(0) as u64 })
+                .map(|g| GpuRecord {
+                    index: g.index,
+                    model: g.model.clone(),
+                    total: g.total_bytes.max(0) as u64,
+                })
                 .collect(),
             cpu_millis: register.cpu_millis.max(0) as u64,
             memory_total: register.memory_total_bytes.max(0) as u64,
             disk_total: register.disk_total_bytes.max(0) as u64,
         })?;
         self.health.on_register(&name, &register, now);
-        self.sessions.insert(name.clone(), Session { id: session, sender });
+        self.sessions.insert(
+            name.clone(),
+            Session {
+                id: session,
+                sender,
+            },
+        );
         tracing::info!(node = %name, running = register.running.len(), "agent registered");
 
         // Reconcile what the agent runs against hard state.
         let mut stop = Vec::new();
-        let reported: BTreeSet<(JobId, u32)> = register.running.iter().map(|r| (r.job_id, r.attempt)).collect();
+        let reported: BTreeSet<(JobId, u32)> = register
+            .running
+            .iter()
+            .map(|r| (r.job_id, r.attempt))
+            .collect();
         for running in &register.running {
             let current = self.state.job(running.job_id).is_some_and(|j| {
-                j.state.is_active() && j.current_attempt().is_some_and(|a| a.attempt == running.attempt && a.node == name && a.ended_at_ms == 0)
+                j.state.is_active()
+                    && j.current_attempt().is_some_and(|a| {
+                        a.attempt == running.attempt && a.node == name && a.ended_at_ms == 0
+                    })
             });
             if !current {
                 tracing::info!(node = %name, job_id = running.job_id, attempt = running.attempt, "stopping an attempt hard state does not know");
-                stop.push(running.clone());
-            } else if self.state.job(running.job_id).is_some_and(|j| j.state == JobState::Assigned) {
-                self.apply(Command::JobStarted { at_ms: running.started_at_ms.max(now), job: running.job_id, attempt: running.attempt, node: name.clone() })?;
+                stop.push(*running);
+            } else if self
+                .state
+                .job(running.job_id)
+                .is_some_and(|j| j.state == JobState::Assigned)
+            {
+                self.apply(Command::JobStarted {
+                    at_ms: running.started_at_ms.max(now),
+                    job: running.job_id,
+                    attempt: running.attempt,
+                    node: name.clone(),
+                })?;
             }
         }
         let active: Vec<(JobId, u32, JobState, bool)> = self
             .state
             .jobs_on(&name)
-            .filter_map(|j| j.current_attempt().map(|a| (j.id, a.attempt, j.state, j.cancel_requested)))
+            .filter_map(|j| {
+                j.current_attempt()
+                    .map(|a| (j.id, a.attempt, j.state, j.cancel_requested))
+            })
             .collect();
         for (job, attempt, state, cancel) in active {
             let is_reported = reported.contains(&(job, attempt));
             match state {
                 JobState::Assigned if !is_reported => self.send_assignment(job),
                 JobState::Running if !is_reported => {
-                    self.unconfirmed.insert((job, attempt), now + UNCONFIRMED_GRACE_MS);
+                    self.unconfirmed
+                        .insert((job, attempt), now + UNCONFIRMED_GRACE_MS);
                 }
                 _ => {}
             }
@@ -455,7 +574,10 @@ impl Core {
             }
         }
         self.dirty = true;
-        Ok(pb::Registered { heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32, stop })
+        Ok(pb::Registered {
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
+            stop,
+        })
     }
 
     fn agent_message(&mut self, now: u64, session: u64, node: &str, message: pb::AgentMessage) {
@@ -485,15 +607,44 @@ impl Core {
         let at_ms = if event.at_ms > 0 { event.at_ms } else { now };
         let (job, attempt) = (event.job_id, event.attempt);
         let command = match event.event {
-            Some(pb::job_event::Event::Started(_)) => Command::JobStarted { at_ms, job, attempt, node: node.to_string() },
+            Some(pb::job_event::Event::Started(_)) => Command::JobStarted {
+                at_ms,
+                job,
+                attempt,
+                node: node.to_string(),
+            },
+            Some(pb::job_event::Event::Exited(exit)) if exit.agent_shutdown && !exit.cancelled => {
+                Command::AttemptLost {
+                    at_ms,
+                    job,
+                    attempt,
+                    reason: format!("the agent on {node} shut down"),
+                }
+            }
             Some(pb::job_event::Event::Exited(exit)) => {
                 let tail = String::from_utf8_lossy(&exit.stderr_tail);
                 let error = last_lines(&tail, 2048);
-                Command::JobExited { at_ms, job, attempt, node: node.to_string(), code: exit.code, signal: exit.signal, error, cancelled: exit.cancelled }
+                Command::JobExited {
+                    at_ms,
+                    job,
+                    attempt,
+                    node: node.to_string(),
+                    code: exit.code,
+                    signal: exit.signal,
+                    error,
+                    cancelled: exit.cancelled,
+                }
             }
-            Some(pb::job_event::Event::SpawnFailed(failed)) => {
-                Command::JobExited { at_ms, job, attempt, node: node.to_string(), code: None, signal: None, error: format!("spawn failed: {}", failed.error), cancelled: false }
-            }
+            Some(pb::job_event::Event::SpawnFailed(failed)) => Command::JobExited {
+                at_ms,
+                job,
+                attempt,
+                node: node.to_string(),
+                code: None,
+                signal: None,
+                error: format!("spawn failed: {}", failed.error),
+                cancelled: false,
+            },
             None => return,
         };
         let started = matches!(command, Command::JobStarted { .. });
@@ -509,32 +660,73 @@ impl Core {
         }
     }
 
-    fn read_log(&mut self, job: JobId, attempt: u32, stream: String, offset: u64, reply: Reply<(pb::LogData, bool)>) {
+    fn read_log(
+        &mut self,
+        job: JobId,
+        attempt: u32,
+        stream: String,
+        offset: u64,
+        reply: Reply<(pb::LogData, bool)>,
+    ) {
         let Some(record) = self.state.job(job) else {
-            let _ = reply.send(Err(CoordinatorError::NotFound(format!("job {job} not found"))));
+            let _ = reply.send(Err(CoordinatorError::NotFound(format!(
+                "job {job} not found"
+            ))));
             return;
         };
-        let chosen = if attempt == 0 { record.current_attempt() } else { record.attempts.iter().find(|a| a.attempt == attempt) };
+        let chosen = if attempt == 0 {
+            record.current_attempt()
+        } else {
+            record.attempts.iter().find(|a| a.attempt == attempt)
+        };
         let Some(chosen) = chosen else {
-            let message = if attempt == 0 { format!("job {job} has not been placed yet ({})", record.state) } else { format!("job {job} has no attempt {attempt}") };
+            let message = if attempt == 0 {
+                format!("job {job} has not been placed yet ({})", record.state)
+            } else {
+                format!("job {job} has no attempt {attempt}")
+            };
             let _ = reply.send(Err(CoordinatorError::NotFound(message)));
             return;
         };
         let node = chosen.node.clone();
         let Some(session) = self.sessions.get(&node) else {
-            let _ = reply.send(Err(CoordinatorError::Unavailable(format!("node {node} holding the output of job {job} is not connected"))));
+            let _ = reply.send(Err(CoordinatorError::Unavailable(format!(
+                "node {node} holding the output of job {job} is not connected"
+            ))));
             return;
         };
         let request_id = self.next_request_id;
         self.next_request_id += 1;
         let ended = chosen.ended_at_ms > 0 || record.state.is_terminal();
-        let message = pb::LogRead { request_id, job_id: job, attempt: chosen.attempt, stream, offset, max_bytes: 256 << 10 };
+        let message = pb::LogRead {
+            request_id,
+            job_id: job,
+            attempt: chosen.attempt,
+            stream,
+            offset,
+            max_bytes: 256 << 10,
+        };
         let session_id = session.id;
-        if session.sender.send(Ok(pb::CoordinatorMessage { msg: Some(pb::coordinator_message::Msg::LogRead(message)) })).is_err() {
-            let _ = reply.send(Err(CoordinatorError::Unavailable(format!("node {node} disconnected"))));
+        if session
+            .sender
+            .send(Ok(pb::CoordinatorMessage {
+                msg: Some(pb::coordinator_message::Msg::LogRead(message)),
+            }))
+            .is_err()
+        {
+            let _ = reply.send(Err(CoordinatorError::Unavailable(format!(
+                "node {node} disconnected"
+            ))));
             return;
         }
-        self.log_waiters.insert(request_id, LogWaiter { session: session_id, ended, reply });
+        self.log_waiters.insert(
+            request_id,
+            LogWaiter {
+                session: session_id,
+                ended,
+                reply,
+            },
+        );
     }
 
     fn tick(&mut self) {
@@ -542,21 +734,36 @@ impl Core {
         for node in self.health.tick(now) {
             if self.state.node(&node).is_some_and(|n| !n.down) {
                 tracing::warn!(node = %node, "node is down; its jobs are lost and will be retried");
-                if let Err(error) = self.apply(Command::SetNodeDown { at_ms: now, node, down: true }) {
+                if let Err(error) = self.apply(Command::SetNodeDown {
+                    at_ms: now,
+                    node,
+                    down: true,
+                }) {
                     tracing::warn!(%error, "cannot mark node down");
                 }
             }
         }
-        let expired: Vec<(JobId, u32)> = self.unconfirmed.iter().filter(|(_, deadline)| **deadline <= now).map(|(k, _)| *k).collect();
+        let expired: Vec<(JobId, u32)> = self
+            .unconfirmed
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
         for (job, attempt) in expired {
             self.unconfirmed.remove(&(job, attempt));
             let reason = "the agent no longer runs it".to_string();
-            if let Err(error) = self.apply(Command::AttemptLost { at_ms: now, job, attempt, reason }) {
+            if let Err(error) = self.apply(Command::AttemptLost {
+                at_ms: now,
+                job,
+                attempt,
+                reason,
+            }) {
                 tracing::warn!(%error, job_id = job, "cannot mark attempt lost");
             }
         }
         self.log_waiters.retain(|_, w| !w.reply.is_closed());
-        let timer_due = now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
+        let timer_due =
+            now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
         if self.dirty || timer_due {
             self.schedule(now);
         }
@@ -570,11 +777,25 @@ impl Core {
         let mut queue = Vec::new();
         for job in self.state.pending() {
             if job.not_before_ms > now {
-                reasons.insert(job.id, format!("retry back-off: next attempt in {}s", (job.not_before_ms - now).div_ceil(1000)));
+                reasons.insert(
+                    job.id,
+                    format!(
+                        "retry back-off: next attempt in {}s",
+                        (job.not_before_ms - now).div_ceil(1000)
+                    ),
+                );
                 continue;
             }
-            if let Some(dep) = job.depends_on.iter().find(|d| self.state.job(**d).is_none_or(|j| j.state != JobState::Succeeded)) {
-                let name = self.state.job(*dep).map(|j| j.spec.name.clone()).unwrap_or_default();
+            if let Some(dep) = job.depends_on.iter().find(|d| {
+                self.state
+                    .job(**d)
+                    .is_none_or(|j| j.state != JobState::Succeeded)
+            }) {
+                let name = self
+                    .state
+                    .job(*dep)
+                    .map(|j| j.spec.name.clone())
+                    .unwrap_or_default();
                 reasons.insert(job.id, format!("waiting for job {dep} ({name}) to succeed"));
                 continue;
             }
@@ -601,7 +822,10 @@ impl Core {
             reasons.insert(unplaced.job, unplaced.reason.to_string());
         }
         if !plan.placements.is_empty() {
-            match self.apply(Command::Assign { at_ms: now, placements: plan.placements }) {
+            match self.apply(Command::Assign {
+                at_ms: now,
+                placements: plan.placements,
+            }) {
                 Ok(Outcome::Assigned { applied, refused }) => {
                     for (job, reason) in refused {
                         tracing::warn!(job_id = job, %reason, "placement refused on re-check");
@@ -635,11 +859,13 @@ impl Core {
                 let mut gantry_used: HashMap<u32, u64> = HashMap::new();
                 if let Some(h) = health {
                     for job in self.state.jobs_on(&node.name) {
-                        if let (Some(used), Some(attempt)) = (h.job_gpu_memory.get(&job.id), job.current_attempt())
+                        if let (Some(used), Some(attempt)) =
+                            (h.job_gpu_memory.get(&job.id), job.current_attempt())
                             && !attempt.gpus.is_empty()
                         {
                             for gpu in &attempt.gpus {
-                                *gantry_used.entry(*gpu).or_default() += used / attempt.gpus.len() as u64;
+                                *gantry_used.entry(*gpu).or_default() +=
+                                    used / attempt.gpus.len() as u64;
                             }
                         }
                     }
@@ -660,7 +886,9 @@ impl Core {
                                 index: g.index,
                                 model: g.model.clone(),
                                 total: g.total,
-                                nvml_used: health.and_then(|h| h.gpus.get(&g.index)).map_or(0, |t| t.used),
+                                nvml_used: health
+                                    .and_then(|h| h.gpus.get(&g.index))
+                                    .map_or(0, |t| t.used),
                                 gantry_used: gantry_used.get(&g.index).copied().unwrap_or(0),
                                 reserved: usage.reserved,
                                 exclusive: usage.exclusive,
@@ -672,7 +900,8 @@ impl Core {
                     cpu_millis_reserved: host.cpu_millis,
                     memory_total: node.memory_total,
                     memory_reserved: host.memory,
-                    disk_total: health.map_or(node.disk_total, |h| h.disk_total.max(node.disk_total)),
+                    disk_total: health
+                        .map_or(node.disk_total, |h| h.disk_total.max(node.disk_total)),
                     disk_used: health.map_or(0, |h| h.disk_used),
                     disk_reserved: host.disk,
                     disk_pressure: health.is_some_and(|h| h.disk_pressure),
@@ -685,7 +914,10 @@ impl Core {
             now_ms: now,
             nodes,
             locks: self.state.locks().clone(),
-            policy: Policy { gpu_headroom: self.config.gpu_headroom, ..Policy::default() },
+            policy: Policy {
+                gpu_headroom: self.config.gpu_headroom,
+                ..Policy::default()
+            },
         }
     }
 
@@ -712,13 +944,17 @@ impl Core {
                         .gpus
                         .iter()
                         .map(|g| {
-                            let telemetry = health.and_then(|h| h.gpus.get(&g.index)).copied().unwrap_or_default();
+                            let telemetry = health
+                                .and_then(|h| h.gpus.get(&g.index))
+                                .copied()
+                                .unwrap_or_default();
                             pb::GpuInfo {
                                 index: g.index,
                                 model: g.model.clone(),
                                 total_bytes: g.total as i64,
                                 used_bytes: telemetry.used as i64,
-                                reserved_bytes: self.state.gpu_usage(&node.name, g.index).reserved as i64,
+                                reserved_bytes: self.state.gpu_usage(&node.name, g.index).reserved
+                                    as i64,
                                 utilization_pct: telemetry.utilization_pct,
                                 temperature_c: telemetry.temperature_c,
                             }
@@ -743,7 +979,9 @@ impl Core {
         let nodes = self.nodes_to_proto(now);
         let mut jobs_by_state: HashMap<String, u32> = HashMap::new();
         for job in self.state.jobs() {
-            *jobs_by_state.entry(job.state.as_str().to_string()).or_default() += 1;
+            *jobs_by_state
+                .entry(job.state.as_str().to_string())
+                .or_default() += 1;
         }
         pb::ClusterStatus {
             coordinator_id: self.config.id.clone(),
@@ -751,11 +989,23 @@ impl Core {
             nodes_total: nodes.len() as u32,
             nodes_ready: nodes.iter().filter(|n| n.state == "ready").count() as u32,
             gpus_total: nodes.iter().map(|n| n.gpus.len() as u32).sum(),
-            gpu_memory_total_bytes: nodes.iter().flat_map(|n| &n.gpus).map(|g| g.total_bytes).sum(),
-            gpu_memory_reserved_bytes: nodes.iter().flat_map(|n| &n.gpus).map(|g| g.reserved_bytes).sum(),
+            gpu_memory_total_bytes: nodes
+                .iter()
+                .flat_map(|n| &n.gpus)
+                .map(|g| g.total_bytes)
+                .sum(),
+            gpu_memory_reserved_bytes: nodes
+                .iter()
+                .flat_map(|n| &n.gpus)
+                .map(|g| g.reserved_bytes)
+                .sum(),
             jobs_by_state,
             last_event_index: self.state.next_event_index().saturating_sub(1),
-            version: format!("{} (up {}s)", env!("CARGO_PKG_VERSION"), now.saturating_sub(self.started_ms) / 1000),
+            version: format!(
+                "{} (up {}s)",
+                env!("CARGO_PKG_VERSION"),
+                now.saturating_sub(self.started_ms) / 1000
+            ),
         }
     }
 }

@@ -141,7 +141,10 @@ impl JobState {
         use JobState::*;
         match self {
             Pending => matches!(next, Assigned | Cancelled | Blocked),
-            Assigned | Running => matches!(next, Running | Pending | Succeeded | Failed | Lost | Cancelled),
+            Assigned | Running => matches!(
+                next,
+                Running | Pending | Succeeded | Failed | Lost | Cancelled
+            ),
             Succeeded | Failed | Lost | Cancelled | Blocked => false,
         }
     }

@@ -95,7 +95,11 @@ impl HealthTracker {
         let health = self.nodes.entry(node.to_string()).or_default();
         health.last_seen_ms = now_ms;
         health.state = NodeState::Ready;
-        health.reported_running = register.running.iter().map(|r| (r.job_id, r.attempt)).collect();
+        health.reported_running = register
+            .running
+            .iter()
+            .map(|r| (r.job_id, r.attempt))
+            .collect();
         if health.disk_total == 0 {
             health.disk_total = register.disk_total_bytes.max(0) as u64;
         }
@@ -123,8 +127,18 @@ impl HealthTracker {
         health.memory_used = hb.memory_used_bytes.max(0) as u64;
         health.disk_used = hb.disk_used_bytes.max(0) as u64;
         health.disk_total = hb.disk_total_bytes.max(0) as u64;
-        health.disk_pressure = disk_pressure(health.disk_pressure, health.disk_used, health.disk_total, config.disk_high, config.disk_low);
-        health.job_gpu_memory = hb.jobs.iter().map(|j| (j.job_id, j.gpu_memory_bytes.max(0) as u64)).collect();
+        health.disk_pressure = disk_pressure(
+            health.disk_pressure,
+            health.disk_used,
+            health.disk_total,
+            config.disk_high,
+            config.disk_low,
+        );
+        health.job_gpu_memory = hb
+            .jobs
+            .iter()
+            .map(|j| (j.job_id, j.gpu_memory_bytes.max(0) as u64))
+            .collect();
         revived
     }
 
@@ -166,7 +180,11 @@ pub fn disk_pressure(previous: bool, used: u64, total: u64, high: f64, low: f64)
         return false;
     }
     let fraction = used as f64 / total as f64;
-    if previous { fraction >= low } else { fraction > high }
+    if previous {
+        fraction >= low
+    } else {
+        fraction > high
+    }
 }
 
 #[cfg(test)]
@@ -184,7 +202,11 @@ mod tests {
             (false, 85, false),
         ];
         for (previous, used, expected) in cases {
-            assert_eq!(disk_pressure(previous, used, 100, 0.85, 0.75), expected, "previous {previous}, used {used}%");
+            assert_eq!(
+                disk_pressure(previous, used, 100, 0.85, 0.75),
+                expected,
+                "previous {previous}, used {used}%"
+            );
         }
     }
 

@@ -59,16 +59,27 @@ impl RunningCoordinator {
         tokio::task::spawn_blocking(move || core.join()).await.ok();
         match served {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(CoordinatorError::Unavailable(format!("grpc server: {error}"))),
-            Err(error) => Err(CoordinatorError::Unavailable(format!("grpc server task: {error}"))),
+            Ok(Err(error)) => Err(CoordinatorError::Unavailable(format!(
+                "grpc server: {error}"
+            ))),
+            Err(error) => Err(CoordinatorError::Unavailable(format!(
+                "grpc server task: {error}"
+            ))),
         }
     }
 }
 
 /// Opens storage, starts the core and serves gRPC until `shutdown`.
-pub async fn start(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<RunningCoordinator, CoordinatorError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| CoordinatorError::Unavailable(format!("cannot create data dir {}: {e}", config.data_dir.display())))?;
+pub async fn start(
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> Result<RunningCoordinator, CoordinatorError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        CoordinatorError::Unavailable(format!(
+            "cannot create data dir {}: {e}",
+            config.data_dir.display()
+        ))
+    })?;
     let store = Store::open(&config.data_dir)?;
     let (events, _) = broadcast::channel(4096);
     let core = Core::new(config.core.clone(), store, events.clone())?;
@@ -79,9 +90,9 @@ pub async fn start(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         .map_err(|e| CoordinatorError::Unavailable(format!("cannot start core thread: {e}")))?;
     let handle = CoreHandle::new(requests, events);
 
-    let listener = TcpListener::bind(config.grpc_addr)
-        .await
-        .map_err(|e| CoordinatorError::Unavailable(format!("cannot listen on {}: {e}", config.grpc_addr)))?;
+    let listener = TcpListener::bind(config.grpc_addr).await.map_err(|e| {
+        CoordinatorError::Unavailable(format!("cannot listen on {}: {e}", config.grpc_addr))
+    })?;
     let grpc_addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::Unavailable(format!("no local address: {e}")))?;
@@ -93,10 +104,17 @@ pub async fn start(config: CoordinatorConfig, shutdown: CancellationToken) -> Re
         tonic::transport::Server::builder()
             .add_service(gantry)
             .add_service(agents)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
             .await
     });
     // The core stops when the last request sender (held by the services) is
     // dropped, which happens once the server has shut down.
-    Ok(RunningCoordinator { grpc_addr, server, core: core_thread })
+    Ok(RunningCoordinator {
+        grpc_addr,
+        server,
+        core: core_thread,
+    })
 }

@@ -32,15 +32,26 @@ pub struct CoreHandle {
 
 impl CoreHandle {
     /// Wraps the core's request channel and event broadcaster.
-    pub fn new(requests: std_mpsc::Sender<Request>, events: broadcast::Sender<pb::Event>) -> CoreHandle {
-        CoreHandle { requests, events, sessions: Arc::new(AtomicU64::new(1)) }
+    pub fn new(
+        requests: std_mpsc::Sender<Request>,
+        events: broadcast::Sender<pb::Event>,
+    ) -> CoreHandle {
+        CoreHandle {
+            requests,
+            events,
+            sessions: Arc::new(AtomicU64::new(1)),
+        }
     }
 
-
     /// Sends a request built around a reply channel and waits for the answer.
-    pub async fn call<T>(&self, build: impl FnOnce(oneshot::Sender<Result<T, CoordinatorError>>) -> Request) -> Result<T, CoordinatorError> {
+    pub async fn call<T>(
+        &self,
+        build: impl FnOnce(oneshot::Sender<Result<T, CoordinatorError>>) -> Request,
+    ) -> Result<T, CoordinatorError> {
         let (tx, rx) = oneshot::channel();
-        self.requests.send(build(tx)).map_err(|_| CoordinatorError::ShuttingDown)?;
+        self.requests
+            .send(build(tx))
+            .map_err(|_| CoordinatorError::ShuttingDown)?;
         rx.await.map_err(|_| CoordinatorError::ShuttingDown)?
     }
 
@@ -63,51 +74,100 @@ impl GantryService {
 
 #[tonic::async_trait]
 impl pb::gantry_server::Gantry for GantryService {
-    async fn submit(&self, request: GrpcRequest<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+    async fn submit(
+        &self,
+        request: GrpcRequest<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
         let request = request.into_inner();
         let size = request.encoded_len();
         let (key, specs) = convert::submit_request(request, size)?;
         let count = specs.len();
-        let job_ids = self.core.call(|reply| Request::Submit { key, specs, reply }).await?;
-        tracing::info!(jobs = count, first = job_ids.first().copied().unwrap_or(0), "submitted");
+        let job_ids = self
+            .core
+            .call(|reply| Request::Submit { key, specs, reply })
+            .await?;
+        tracing::info!(
+            jobs = count,
+            first = job_ids.first().copied().unwrap_or(0),
+            "submitted"
+        );
         Ok(Response::new(pb::SubmitResponse { job_ids }))
     }
 
-    async fn get_job(&self, request: GrpcRequest<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+    async fn get_job(
+        &self,
+        request: GrpcRequest<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
         let id = request.into_inner().job_id;
-        Ok(Response::new(self.core.call(|reply| Request::GetJob { id, reply }).await?))
+        Ok(Response::new(
+            self.core
+                .call(|reply| Request::GetJob { id, reply })
+                .await?,
+        ))
     }
 
-    async fn list_jobs(&self, request: GrpcRequest<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        request: GrpcRequest<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let request = request.into_inner();
         let mut states = Vec::new();
         for name in &request.states {
             let state = JobState::parse(name).ok_or_else(|| CoordinatorError::InvalidArgument {
                 field: "states".into(),
-                reason: format!("unknown state {name:?} (expected one of {})", JobState::ALL.map(|s| s.as_str()).join(", ")),
+                reason: format!(
+                    "unknown state {name:?} (expected one of {})",
+                    JobState::ALL.map(|s| s.as_str()).join(", ")
+                ),
             })?;
             states.push(state);
         }
-        let limit = if request.limit == 0 { usize::MAX } else { request.limit as usize };
-        let jobs = self.core.call(|reply| Request::ListJobs { states, limit, reply }).await?;
+        let limit = if request.limit == 0 {
+            usize::MAX
+        } else {
+            request.limit as usize
+        };
+        let jobs = self
+            .core
+            .call(|reply| Request::ListJobs {
+                states,
+                limit,
+                reply,
+            })
+            .await?;
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
-    async fn cancel_job(&self, request: GrpcRequest<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+    async fn cancel_job(
+        &self,
+        request: GrpcRequest<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let id = request.into_inner().job_id;
-        let state = self.core.call(|reply| Request::Cancel { id, reply }).await?;
-        Ok(Response::new(pb::CancelJobResponse { state: state.as_str().to_string() }))
+        let state = self
+            .core
+            .call(|reply| Request::Cancel { id, reply })
+            .await?;
+        Ok(Response::new(pb::CancelJobResponse {
+            state: state.as_str().to_string(),
+        }))
     }
 
     type LogsStream = BoxStream<pb::LogChunk>;
 
-    async fn logs(&self, request: GrpcRequest<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+    async fn logs(
+        &self,
+        request: GrpcRequest<pb::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
         let request = request.into_inner();
         let stream = match request.stream.as_str() {
             "" | "stdout" => "stdout".to_string(),
             "stderr" => "stderr".to_string(),
             other => {
-                return Err(CoordinatorError::InvalidArgument { field: "stream".into(), reason: format!("unknown stream {other:?} (expected stdout or stderr)") }.into());
+                return Err(CoordinatorError::InvalidArgument {
+                    field: "stream".into(),
+                    reason: format!("unknown stream {other:?} (expected stdout or stderr)"),
+                }
+                .into());
             }
         };
         let core = self.core.clone();
@@ -119,9 +179,20 @@ impl pb::gantry_server::Gantry for GantryService {
             let core = core.clone();
             let stream = stream.clone();
             async move {
-                tokio::time::timeout(Duration::from_secs(10), core.call(|reply| Request::ReadLog { job, attempt, stream, offset, reply }))
-                    .await
-                    .map_err(|_| CoordinatorError::Unavailable("node did not answer the log read in time".into()))?
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    core.call(|reply| Request::ReadLog {
+                        job,
+                        attempt,
+                        stream,
+                        offset,
+                        reply,
+                    }),
+                )
+                .await
+                .map_err(|_| {
+                    CoordinatorError::Unavailable("node did not answer the log read in time".into())
+                })?
             }
         };
         let (first, ended) = read(request.offset).await?;
@@ -136,7 +207,15 @@ impl pb::gantry_server::Gantry for GantryService {
                 let next_offset = chunk.offset + chunk.data.len() as u64;
                 let empty = chunk.data.is_empty();
                 let eof = chunk.eof;
-                if !empty && tx.send(Ok(pb::LogChunk { data: chunk.data, offset: chunk.offset })).await.is_err() {
+                if !empty
+                    && tx
+                        .send(Ok(pb::LogChunk {
+                            data: chunk.data,
+                            offset: chunk.offset,
+                        }))
+                        .await
+                        .is_err()
+                {
                     return;
                 }
                 if empty && (!follow || eof || ended) {
@@ -161,32 +240,53 @@ impl pb::gantry_server::Gantry for GantryService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn list_nodes(&self, _request: GrpcRequest<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        _request: GrpcRequest<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let nodes = self.core.call(|reply| Request::ListNodes { reply }).await?;
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn drain(&self, request: GrpcRequest<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+    async fn drain(
+        &self,
+        request: GrpcRequest<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
         let request = request.into_inner();
         let (node, drain) = (request.node, request.drain);
-        self.core.call(|reply| Request::Drain { node, drain, reply }).await?;
+        self.core
+            .call(|reply| Request::Drain { node, drain, reply })
+            .await?;
         Ok(Response::new(pb::DrainResponse {}))
     }
 
-    async fn status(&self, _request: GrpcRequest<pb::StatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
-        Ok(Response::new(self.core.call(|reply| Request::Status { reply }).await?))
+    async fn status(
+        &self,
+        _request: GrpcRequest<pb::StatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
+        Ok(Response::new(
+            self.core.call(|reply| Request::Status { reply }).await?,
+        ))
     }
 
     type WatchEventsStream = BoxStream<pb::Event>;
 
-    async fn watch_events(&self, request: GrpcRequest<pb::WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
+    async fn watch_events(
+        &self,
+        request: GrpcRequest<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let request = request.into_inner();
         let core = self.core.clone();
         let (tx, rx) = mpsc::channel(256);
-        let matches = move |e: &pb::Event| (request.job_id == 0 || e.job_id == request.job_id) && (request.kind.is_empty() || e.kind == request.kind);
+        let matches = move |e: &pb::Event| {
+            (request.job_id == 0 || e.job_id == request.job_id)
+                && (request.kind.is_empty() || e.kind == request.kind)
+        };
         tokio::spawn(async move {
             // Subscribe before reading history so nothing falls in between.
             let mut live = core.events.subscribe();
@@ -195,7 +295,14 @@ impl pb::gantry_server::Gantry for GantryService {
                 // Catch up from storage.
                 loop {
                     let from = next;
-                    let page = match core.call(|reply| Request::EventsSince { from, limit: 1000, reply }).await {
+                    let page = match core
+                        .call(|reply| Request::EventsSince {
+                            from,
+                            limit: 1000,
+                            reply,
+                        })
+                        .await
+                    {
                         Ok(page) => page,
                         Err(error) => {
                             let _ = tx.send(Err(error.into())).await;
@@ -231,7 +338,9 @@ impl pb::gantry_server::Gantry for GantryService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -251,26 +360,49 @@ impl AgentLinkService {
 impl pb::agent_link_server::AgentLink for AgentLinkService {
     type ConnectAgentStream = BoxStream<pb::CoordinatorMessage>;
 
-    async fn connect_agent(&self, request: GrpcRequest<Streaming<pb::AgentMessage>>) -> Result<Response<Self::ConnectAgentStream>, Status> {
+    async fn connect_agent(
+        &self,
+        request: GrpcRequest<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectAgentStream>, Status> {
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.next())
             .await
             .map_err(|_| Status::deadline_exceeded("agent sent no registration"))?;
         let register = match first {
-            Some(Ok(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Register(register)) })) => register,
+            Some(Ok(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Register(register)),
+            })) => register,
             Some(Err(status)) => return Err(status),
-            _ => return Err(Status::invalid_argument("the first message of an agent stream must be register")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of an agent stream must be register",
+                ));
+            }
         };
         let node = register.node.clone();
         let session = self.core.sessions.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::unbounded_channel();
-        let registered = self.core.call(|reply| Request::AgentRegister { session, register, sender: sender.clone(), reply }).await?;
-        let _ = sender.send(Ok(pb::CoordinatorMessage { msg: Some(pb::coordinator_message::Msg::Registered(registered)) }));
+        let registered = self
+            .core
+            .call(|reply| Request::AgentRegister {
+                session,
+                register,
+                sender: sender.clone(),
+                reply,
+            })
+            .await?;
+        let _ = sender.send(Ok(pb::CoordinatorMessage {
+            msg: Some(pb::coordinator_message::Msg::Registered(registered)),
+        }));
         let core = self.core.clone();
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {
                 match message {
-                    Ok(message) => core.post(Request::AgentMessage { session, node: node.clone(), message }),
+                    Ok(message) => core.post(Request::AgentMessage {
+                        session,
+                        node: node.clone(),
+                        message,
+                    }),
                     Err(status) => {
                         tracing::debug!(node = %node, %status, "agent stream error");
                         break;
@@ -279,6 +411,8 @@ impl pb::agent_link_server::AgentLink for AgentLinkService {
             }
             core.post(Request::AgentGone { session, node });
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            receiver,
+        ))))
     }
 }

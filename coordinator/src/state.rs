@@ -14,7 +14,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use gantry_scheduler::{JobId, LockHolders, LockMode, Placement};
 
 use crate::command::Command;
-use crate::domain::{AttemptOutcome, AttemptRecord, EventRecord, JobRecord, JobSpec, JobState, NodeRecord};
+use crate::domain::{
+    AttemptOutcome, AttemptRecord, EventRecord, JobRecord, JobSpec, JobState, NodeRecord,
+};
 
 /// How many times a job may be lost through no fault of its own before it
 /// stays Lost (a guard against a job that kills every node it lands on).
@@ -321,9 +323,7 @@ impl StateMachine {
                 }
                 Ok(Outcome::Done)
             }
-            Command::SetDrain {
-                node, draining, ..
-            } => {
+            Command::SetDrain { node, draining, .. } => {
                 let record = self
                     .nodes
                     .get_mut(&node)
@@ -360,12 +360,13 @@ impl StateMachine {
         for (index, spec) in specs.iter().enumerate() {
             let mut deps = Vec::new();
             for name in &spec.after {
-                let dep = *by_name
-                    .get(name.as_str())
-                    .ok_or_else(|| ApplyError::UnknownDependency {
-                        index,
-                        name: name.clone(),
-                    })?;
+                let dep =
+                    *by_name
+                        .get(name.as_str())
+                        .ok_or_else(|| ApplyError::UnknownDependency {
+                            index,
+                            name: name.clone(),
+                        })?;
                 deps.push(dep);
             }
             edges.push(deps);
@@ -454,7 +455,10 @@ impl StateMachine {
                 ));
             }
             if usage.exclusive || (placement.exclusive_gpu && usage.jobs > 0) {
-                return Err(format!("GPU {}/{index} is not free for this job", node.name));
+                return Err(format!(
+                    "GPU {}/{index} is not free for this job",
+                    node.name
+                ));
             }
         }
         for lock in &job.spec.locks {
@@ -509,15 +513,26 @@ impl StateMachine {
     /// Looks up the current attempt of a job for a report from `node`.
     /// Returns `None` when the report is stale (another attempt, another node,
     /// or the attempt already ended).
-    fn current(&self, job: JobId, attempt: u32, node: &str) -> Result<Option<&JobRecord>, ApplyError> {
+    fn current(
+        &self,
+        job: JobId,
+        attempt: u32,
+        node: &str,
+    ) -> Result<Option<&JobRecord>, ApplyError> {
         let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
-        let current = record.current_attempt().is_some_and(|a| {
-            a.attempt == attempt && a.node == node && a.ended_at_ms == 0
-        });
+        let current = record
+            .current_attempt()
+            .is_some_and(|a| a.attempt == attempt && a.node == node && a.ended_at_ms == 0);
         Ok((current && record.state.is_active()).then_some(record))
     }
 
-    fn started(&mut self, at_ms: u64, job: JobId, attempt: u32, node: &str) -> Result<Outcome, ApplyError> {
+    fn started(
+        &mut self,
+        at_ms: u64,
+        job: JobId,
+        attempt: u32,
+        node: &str,
+    ) -> Result<Outcome, ApplyError> {
         let Some(record) = self.current(job, attempt, node)? else {
             return Ok(Outcome::Stale);
         };
@@ -592,7 +607,12 @@ impl StateMachine {
             if let Some(j) = self.jobs.get_mut(&job) {
                 j.not_before_ms = at_ms + backoff;
             }
-            self.transition(at_ms, job, JobState::Pending, format!("attempt {attempt} failed ({detail}); retrying"));
+            self.transition(
+                at_ms,
+                job,
+                JobState::Pending,
+                format!("attempt {attempt} failed ({detail}); retrying"),
+            );
         } else {
             let reason = format!("attempt {attempt} failed ({detail})");
             if let Some(j) = self.jobs.get_mut(&job) {
@@ -604,9 +624,17 @@ impl StateMachine {
         Ok(Outcome::Done)
     }
 
-    fn attempt_lost(&mut self, at_ms: u64, job: JobId, attempt: u32, reason: String) -> Result<Outcome, ApplyError> {
+    fn attempt_lost(
+        &mut self,
+        at_ms: u64,
+        job: JobId,
+        attempt: u32,
+        reason: String,
+    ) -> Result<Outcome, ApplyError> {
         let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
-        let is_current = record.current_attempt().is_some_and(|a| a.attempt == attempt && a.ended_at_ms == 0);
+        let is_current = record
+            .current_attempt()
+            .is_some_and(|a| a.attempt == attempt && a.ended_at_ms == 0);
         if !is_current || !record.state.is_active() {
             return Ok(Outcome::Done);
         }
@@ -622,11 +650,21 @@ impl StateMachine {
             a.outcome = Some(AttemptOutcome::Lost);
         }
         if cancel_requested {
-            self.transition(at_ms, job, JobState::Cancelled, format!("cancelled; {reason}"));
+            self.transition(
+                at_ms,
+                job,
+                JobState::Cancelled,
+                format!("cancelled; {reason}"),
+            );
             self.block_dependants(at_ms, job);
         } else if lost_before < MAX_LOST_RETRIES {
             // The node was at fault: retry without counting against the job.
-            self.transition(at_ms, job, JobState::Pending, format!("attempt {attempt} lost ({reason}); retrying"));
+            self.transition(
+                at_ms,
+                job,
+                JobState::Pending,
+                format!("attempt {attempt} lost ({reason}); retrying"),
+            );
         } else {
             if let Some(j) = self.jobs.get_mut(&job) {
                 j.terminal_reason = format!("lost {} times; last: {reason}", lost_before + 1);
@@ -640,7 +678,10 @@ impl StateMachine {
     fn request_cancel(&mut self, at_ms: u64, job: JobId) -> Result<Outcome, ApplyError> {
         let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
         if record.state.is_terminal() {
-            return Err(ApplyError::AlreadyTerminal { id: job, state: record.state });
+            return Err(ApplyError::AlreadyTerminal {
+                id: job,
+                state: record.state,
+            });
         }
         match record.state {
             JobState::Pending => {
@@ -650,10 +691,15 @@ impl StateMachine {
                 }
                 self.transition(at_ms, job, JobState::Cancelled, "cancelled by user".into());
                 self.block_dependants(at_ms, job);
-                Ok(Outcome::CancelRequested { state: JobState::Cancelled, stop: None })
+                Ok(Outcome::CancelRequested {
+                    state: JobState::Cancelled,
+                    stop: None,
+                })
             }
             state => {
-                let stop = record.current_attempt().map(|a| (a.node.clone(), a.attempt));
+                let stop = record
+                    .current_attempt()
+                    .map(|a| (a.node.clone(), a.attempt));
                 if let Some(j) = self.jobs.get_mut(&job) {
                     j.cancel_requested = true;
                     j.updated_at_ms = at_ms;
@@ -669,7 +715,9 @@ impl StateMachine {
     fn block_dependants(&mut self, at_ms: u64, job: JobId) {
         let mut stack = vec![job];
         while let Some(cause) = stack.pop() {
-            let Some(children) = self.dependants.get(&cause).cloned() else { continue };
+            let Some(children) = self.dependants.get(&cause).cloned() else {
+                continue;
+            };
             for child in children {
                 let blockable = self
                     .jobs
@@ -693,7 +741,11 @@ impl StateMachine {
     fn transition(&mut self, at_ms: u64, id: JobId, state: JobState, message: String) {
         if let Some(job) = self.jobs.get(&id) {
             // Illegal transitions are bugs: tests run with debug assertions.
-            debug_assert!(job.state.can_become(state), "illegal transition of job {id}: {} -> {state}", job.state);
+            debug_assert!(
+                job.state.can_become(state),
+                "illegal transition of job {id}: {} -> {state}",
+                job.state
+            );
         }
         self.unindex_job(id);
         if let Some(job) = self.jobs.get_mut(&id) {
@@ -706,7 +758,9 @@ impl StateMachine {
     }
 
     fn event(&mut self, at_ms: u64, id: JobId, message: String) {
-        let Some(job) = self.jobs.get(&id) else { return };
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
         let attempt = job.current_attempt();
         let event = EventRecord {
             index: self.next_event_index,
@@ -725,18 +779,28 @@ impl StateMachine {
     }
 
     fn index_job(&mut self, id: JobId) {
-        let Some(job) = self.jobs.get(&id) else { return };
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
         if job.state == JobState::Pending {
             self.pending.insert(id);
         }
         if !job.state.is_active() {
             return;
         }
-        let Some(attempt) = job.current_attempt() else { return };
+        let Some(attempt) = job.current_attempt() else {
+            return;
+        };
         self.active.insert(id);
-        self.by_node.entry(attempt.node.clone()).or_default().insert(id);
+        self.by_node
+            .entry(attempt.node.clone())
+            .or_default()
+            .insert(id);
         for gpu in &attempt.gpus {
-            let usage = self.gpu_usage.entry((attempt.node.clone(), *gpu)).or_default();
+            let usage = self
+                .gpu_usage
+                .entry((attempt.node.clone(), *gpu))
+                .or_default();
             usage.reserved += attempt.gpu_memory;
             usage.jobs += 1;
             usage.exclusive |= attempt.exclusive_gpu;
@@ -765,8 +829,12 @@ impl StateMachine {
         if !self.active.remove(&id) {
             return;
         }
-        let Some(job) = self.jobs.get(&id) else { return };
-        let Some(attempt) = job.current_attempt() else { return };
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        let Some(attempt) = job.current_attempt() else {
+            return;
+        };
         if let Some(set) = self.by_node.get_mut(&attempt.node) {
             set.remove(&id);
         }

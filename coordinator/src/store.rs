@@ -65,15 +65,23 @@ impl Store {
         let mut submissions = Vec::new();
         for item in self.submissions.iter() {
             let (key, value) = item?;
-            let ids: Vec<JobId> = serde_json::from_slice(&value)
-                .map_err(|source| StoreError::Corrupt { tree: "submissions", source })?;
+            let ids: Vec<JobId> =
+                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                    tree: "submissions",
+                    source,
+                })?;
             submissions.push((String::from_utf8_lossy(&key).into_owned(), ids));
         }
         let next_event_index = match self.events.last()? {
             Some((key, _)) => key_u64(&key) + 1,
             None => 1,
         };
-        Ok(StateMachine::restore(jobs, nodes, submissions, next_event_index))
+        Ok(StateMachine::restore(
+            jobs,
+            nodes,
+            submissions,
+            next_event_index,
+        ))
     }
 
     /// Writes what an apply changed, then flushes. Only after this returns
@@ -113,7 +121,12 @@ impl Store {
         let mut out = Vec::new();
         for item in self.events.range(from.to_be_bytes()..).take(limit) {
             let (_, value) = item?;
-            out.push(serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt { tree: "events", source })?);
+            out.push(
+                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                    tree: "events",
+                    source,
+                })?,
+            );
         }
         Ok(out)
     }
@@ -129,11 +142,17 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(StoreError::Encode)
 }
 
-fn decode_all<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> Result<Vec<T>, StoreError> {
+fn decode_all<T: DeserializeOwned>(
+    tree: &sled::Tree,
+    name: &'static str,
+) -> Result<Vec<T>, StoreError> {
     let mut out = Vec::new();
     for item in tree.iter() {
         let (_, value) = item?;
-        out.push(serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt { tree: name, source })?);
+        out.push(
+            serde_json::from_slice(&value)
+                .map_err(|source| StoreError::Corrupt { tree: name, source })?,
+        );
     }
     Ok(out)
 }

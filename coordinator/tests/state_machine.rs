@@ -15,7 +15,11 @@ fn spec(name: &str) -> JobSpec {
         kind: JobKind::Generic,
         command: vec!["true".into()],
         env: Default::default(),
-        resources: Resources { gpus: 1, gpu_memory: Some(10 * GIB), ..Default::default() },
+        resources: Resources {
+            gpus: 1,
+            gpu_memory: Some(10 * GIB),
+            ..Default::default()
+        },
         exclusive_gpu: None,
         batch: None,
         locks: vec![],
@@ -35,7 +39,13 @@ fn register(sm: &mut StateMachine, name: &str, gpus: u32, total: u64) {
         name: name.into(),
         address: "127.0.0.1".into(),
         labels: Default::default(),
-        gpus: (0..gpus).map(|index| GpuRecord { index, model: "H100".into(), total }).collect(),
+        gpus: (0..gpus)
+            .map(|index| GpuRecord {
+                index,
+                model: "H100".into(),
+                total,
+            })
+            .collect(),
         cpu_millis: 8000,
         memory_total: 64 * GIB,
         disk_total: 100 * GIB,
@@ -44,26 +54,58 @@ fn register(sm: &mut StateMachine, name: &str, gpus: u32, total: u64) {
 }
 
 fn submit(sm: &mut StateMachine, specs: Vec<JobSpec>) -> Vec<u64> {
-    match sm.apply(Command::Submit { at_ms: 10, key: None, jobs: specs }).expect("submit") {
+    match sm
+        .apply(Command::Submit {
+            at_ms: 10,
+            key: None,
+            jobs: specs,
+        })
+        .expect("submit")
+    {
         Outcome::Submitted(ids) => ids,
         other => panic!("unexpected {other:?}"),
     }
 }
 
 fn place(job: u64, node: &str, gpu: u32, memory: u64, exclusive: bool) -> Placement {
-    Placement { job, node: node.into(), gpus: vec![gpu], gpu_memory: memory, batch_size: None, exclusive_gpu: exclusive }
+    Placement {
+        job,
+        node: node.into(),
+        gpus: vec![gpu],
+        gpu_memory: memory,
+        batch_size: None,
+        exclusive_gpu: exclusive,
+    }
 }
 
-fn assign(sm: &mut StateMachine, placements: Vec<Placement>) -> (Vec<(u64, u32)>, Vec<(u64, String)>) {
-    match sm.apply(Command::Assign { at_ms: 20, placements }).expect("assign") {
+/// (applied (job, attempt), refused (job, reason)).
+type AssignResult = (Vec<(u64, u32)>, Vec<(u64, String)>);
+
+fn assign(sm: &mut StateMachine, placements: Vec<Placement>) -> AssignResult {
+    match sm
+        .apply(Command::Assign {
+            at_ms: 20,
+            placements,
+        })
+        .expect("assign")
+    {
         Outcome::Assigned { applied, refused } => (applied, refused),
         other => panic!("unexpected {other:?}"),
     }
 }
 
 fn exit(sm: &mut StateMachine, job: u64, attempt: u32, node: &str, code: i32) {
-    sm.apply(Command::JobExited { at_ms: 30, job, attempt, node: node.into(), code: Some(code), signal: None, error: String::new(), cancelled: false })
-        .expect("exit");
+    sm.apply(Command::JobExited {
+        at_ms: 30,
+        job,
+        attempt,
+        node: node.into(),
+        code: Some(code),
+        signal: None,
+        error: String::new(),
+        cancelled: false,
+    })
+    .expect("exit");
 }
 
 fn state(sm: &StateMachine, id: u64) -> JobState {
@@ -76,7 +118,12 @@ fn assign_rechecks_capacity_so_a_plan_cannot_overcommit() {
     register(&mut sm, "n1", 1, 24 * GIB);
     let ids = submit(&mut sm, vec![spec("a"), spec("b"), spec("c")]);
     // 10 + 10 fits in 24; the third would make 30.
-    let (applied, refused) = assign(&mut sm, ids.iter().map(|id| place(*id, "n1", 0, 10 * GIB, false)).collect());
+    let (applied, refused) = assign(
+        &mut sm,
+        ids.iter()
+            .map(|id| place(*id, "n1", 0, 10 * GIB, false))
+            .collect(),
+    );
     assert_eq!(applied, vec![(ids[0], 1), (ids[1], 1)]);
     assert_eq!(refused.len(), 1);
     assert!(refused[0].1.contains("overcommitted"), "{refused:?}");
@@ -89,11 +136,33 @@ fn refusals_cover_every_hard_rule() {
     let mut sm = StateMachine::new();
     register(&mut sm, "n1", 2, 80 * GIB);
     let mut locked = spec("writer");
-    locked.locks = vec![LockRequest { name: "model/x".into(), mode: LockMode::Exclusive }];
+    locked.locks = vec![LockRequest {
+        name: "model/x".into(),
+        mode: LockMode::Exclusive,
+    }];
     let mut reader = spec("reader");
-    reader.locks = vec![LockRequest { name: "model/x".into(), mode: LockMode::Shared }];
-    let ids = submit(&mut sm, vec![spec("excl"), spec("share"), locked, reader, spec("two"), spec("x")]);
-    let (applied, _) = assign(&mut sm, vec![place(ids[0], "n1", 0, 10 * GIB, true), place(ids[2], "n1", 1, 10 * GIB, false)]);
+    reader.locks = vec![LockRequest {
+        name: "model/x".into(),
+        mode: LockMode::Shared,
+    }];
+    let ids = submit(
+        &mut sm,
+        vec![
+            spec("excl"),
+            spec("share"),
+            locked,
+            reader,
+            spec("two"),
+            spec("x"),
+        ],
+    );
+    let (applied, _) = assign(
+        &mut sm,
+        vec![
+            place(ids[0], "n1", 0, 10 * GIB, true),
+            place(ids[2], "n1", 1, 10 * GIB, false),
+        ],
+    );
     assert_eq!(applied.len(), 2);
     let cases: Vec<(Placement, &str)> = vec![
         (place(ids[1], "n1", 0, 10 * GIB, false), "not free"),
@@ -102,15 +171,28 @@ fn refusals_cover_every_hard_rule() {
         (place(ids[4], "n1", 7, 10 * GIB, false), "no GPU 7"),
         (place(ids[4], "n1", 1, 5 * GIB, false), "less than it asked"),
         (place(ids[0], "n1", 1, 10 * GIB, false), "not pending"),
-        (Placement { gpus: vec![], ..place(ids[5], "n1", 1, 10 * GIB, false) }, "wants 1 GPUs"),
+        (
+            Placement {
+                gpus: vec![],
+                ..place(ids[5], "n1", 1, 10 * GIB, false)
+            },
+            "wants 1 GPUs",
+        ),
     ];
     for (placement, expected) in cases {
         let (applied, refused) = assign(&mut sm, vec![placement.clone()]);
         assert!(applied.is_empty(), "{placement:?} applied");
-        assert!(refused[0].1.contains(expected), "{placement:?}: {:?} should contain {expected:?}", refused[0].1);
+        assert!(
+            refused[0].1.contains(expected),
+            "{placement:?}: {:?} should contain {expected:?}",
+            refused[0].1
+        );
     }
     // Exactly one holder of the exclusive lock.
-    assert_eq!(sm.locks().get("model/x").and_then(|h| h.exclusive), Some(ids[2]));
+    assert_eq!(
+        sm.locks().get("model/x").and_then(|h| h.exclusive),
+        Some(ids[2])
+    );
 }
 
 #[test]
@@ -119,7 +201,13 @@ fn success_releases_the_reservation_exactly_once() {
     register(&mut sm, "n1", 1, 80 * GIB);
     let ids = submit(&mut sm, vec![spec("a")]);
     assign(&mut sm, vec![place(ids[0], "n1", 0, 10 * GIB, false)]);
-    sm.apply(Command::JobStarted { at_ms: 25, job: ids[0], attempt: 1, node: "n1".into() }).expect("start");
+    sm.apply(Command::JobStarted {
+        at_ms: 25,
+        job: ids[0],
+        attempt: 1,
+        node: "n1".into(),
+    })
+    .expect("start");
     assert_eq!(state(&sm, ids[0]), JobState::Running);
     exit(&mut sm, ids[0], 1, "n1", 0);
     assert_eq!(state(&sm, ids[0]), JobState::Succeeded);
@@ -135,7 +223,10 @@ fn failures_retry_with_backoff_then_fail_and_block_dependants() {
     let mut sm = StateMachine::new();
     register(&mut sm, "n1", 1, 80 * GIB);
     let mut flaky = spec("flaky");
-    flaky.retry = RetryPolicy { max_attempts: 2, backoff_ms: 1000 };
+    flaky.retry = RetryPolicy {
+        max_attempts: 2,
+        backoff_ms: 1000,
+    };
     let mut next = spec("next");
     next.after = vec!["flaky".into()];
     let ids = submit(&mut sm, vec![flaky, next]);
@@ -148,7 +239,12 @@ fn failures_retry_with_backoff_then_fail_and_block_dependants() {
     exit(&mut sm, ids[0], 2, "n1", 3);
     assert_eq!(state(&sm, ids[0]), JobState::Failed);
     assert_eq!(state(&sm, ids[1]), JobState::Blocked);
-    assert!(sm.job(ids[1]).expect("job").terminal_reason.contains(&ids[0].to_string()));
+    assert!(
+        sm.job(ids[1])
+            .expect("job")
+            .terminal_reason
+            .contains(&ids[0].to_string())
+    );
 }
 
 #[test]
@@ -158,15 +254,35 @@ fn node_down_loses_jobs_for_retry_and_fences_the_old_attempt() {
     register(&mut sm, "n2", 1, 80 * GIB);
     let ids = submit(&mut sm, vec![spec("a")]);
     assign(&mut sm, vec![place(ids[0], "n1", 0, 10 * GIB, false)]);
-    sm.apply(Command::SetNodeDown { at_ms: 40, node: "n1".into(), down: true }).expect("down");
-    assert_eq!(state(&sm, ids[0]), JobState::Pending, "lost jobs are retried");
+    sm.apply(Command::SetNodeDown {
+        at_ms: 40,
+        node: "n1".into(),
+        down: true,
+    })
+    .expect("down");
+    assert_eq!(
+        state(&sm, ids[0]),
+        JobState::Pending,
+        "lost jobs are retried"
+    );
     assert_eq!(sm.gpu_usage("n1", 0).reserved, 0);
     assign(&mut sm, vec![place(ids[0], "n2", 0, 10 * GIB, false)]);
     // The old attempt reporting in is stale: the agent must stop it.
-    let outcome = sm.apply(Command::JobStarted { at_ms: 50, job: ids[0], attempt: 1, node: "n1".into() }).expect("apply");
+    let outcome = sm
+        .apply(Command::JobStarted {
+            at_ms: 50,
+            job: ids[0],
+            attempt: 1,
+            node: "n1".into(),
+        })
+        .expect("apply");
     assert_eq!(outcome, Outcome::Stale);
     exit(&mut sm, ids[0], 1, "n1", 0);
-    assert_eq!(state(&sm, ids[0]), JobState::Assigned, "a stale exit changes nothing");
+    assert_eq!(
+        state(&sm, ids[0]),
+        JobState::Assigned,
+        "a stale exit changes nothing"
+    );
     let attempts = &sm.job(ids[0]).expect("job").attempts;
     assert_eq!(attempts.len(), 2);
     assert!(attempts[0].error.contains("down"));
@@ -177,23 +293,72 @@ fn cancel_pending_is_immediate_and_running_waits_for_the_agent() {
     let mut sm = StateMachine::new();
     register(&mut sm, "n1", 1, 80 * GIB);
     let ids = submit(&mut sm, vec![spec("a"), spec("b")]);
-    let outcome = sm.apply(Command::RequestCancel { at_ms: 15, job: ids[1] }).expect("cancel");
-    assert_eq!(outcome, Outcome::CancelRequested { state: JobState::Cancelled, stop: None });
+    let outcome = sm
+        .apply(Command::RequestCancel {
+            at_ms: 15,
+            job: ids[1],
+        })
+        .expect("cancel");
+    assert_eq!(
+        outcome,
+        Outcome::CancelRequested {
+            state: JobState::Cancelled,
+            stop: None
+        }
+    );
     assign(&mut sm, vec![place(ids[0], "n1", 0, 10 * GIB, false)]);
-    let outcome = sm.apply(Command::RequestCancel { at_ms: 25, job: ids[0] }).expect("cancel");
-    assert_eq!(outcome, Outcome::CancelRequested { state: JobState::Assigned, stop: Some(("n1".into(), 1)) });
-    sm.apply(Command::JobExited { at_ms: 30, job: ids[0], attempt: 1, node: "n1".into(), code: None, signal: Some(15), error: String::new(), cancelled: true })
-        .expect("exit");
+    let outcome = sm
+        .apply(Command::RequestCancel {
+            at_ms: 25,
+            job: ids[0],
+        })
+        .expect("cancel");
+    assert_eq!(
+        outcome,
+        Outcome::CancelRequested {
+            state: JobState::Assigned,
+            stop: Some(("n1".into(), 1))
+        }
+    );
+    sm.apply(Command::JobExited {
+        at_ms: 30,
+        job: ids[0],
+        attempt: 1,
+        node: "n1".into(),
+        code: None,
+        signal: Some(15),
+        error: String::new(),
+        cancelled: true,
+    })
+    .expect("exit");
     assert_eq!(state(&sm, ids[0]), JobState::Cancelled);
-    let again = sm.apply(Command::RequestCancel { at_ms: 35, job: ids[0] });
-    assert!(matches!(again, Err(ApplyError::AlreadyTerminal { .. })), "{again:?}");
+    let again = sm.apply(Command::RequestCancel {
+        at_ms: 35,
+        job: ids[0],
+    });
+    assert!(
+        matches!(again, Err(ApplyError::AlreadyTerminal { .. })),
+        "{again:?}"
+    );
 }
 
 #[test]
 fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     let mut sm = StateMachine::new();
-    let first = sm.apply(Command::Submit { at_ms: 1, key: Some("k".into()), jobs: vec![spec("a")] }).expect("submit");
-    let second = sm.apply(Command::Submit { at_ms: 2, key: Some("k".into()), jobs: vec![spec("a"), spec("b")] }).expect("submit");
+    let first = sm
+        .apply(Command::Submit {
+            at_ms: 1,
+            key: Some("k".into()),
+            jobs: vec![spec("a")],
+        })
+        .expect("submit");
+    let second = sm
+        .apply(Command::Submit {
+            at_ms: 2,
+            key: Some("k".into()),
+            jobs: vec![spec("a"), spec("b")],
+        })
+        .expect("submit");
     assert_eq!(first, second);
     assert_eq!(sm.jobs().count(), 1);
 
@@ -203,18 +368,39 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     b.after = vec!["a".into()];
     let mut c = spec("c");
     c.after = vec!["b".into()];
-    let cycle = sm.apply(Command::Submit { at_ms: 3, key: None, jobs: vec![a, b, c] });
-    assert!(matches!(&cycle, Err(ApplyError::Cycle(path)) if path.contains("a") && path.contains("c")), "{cycle:?}");
+    let cycle = sm.apply(Command::Submit {
+        at_ms: 3,
+        key: None,
+        jobs: vec![a, b, c],
+    });
+    assert!(
+        matches!(&cycle, Err(ApplyError::Cycle(path)) if path.contains("a") && path.contains("c")),
+        "{cycle:?}"
+    );
     let mut orphan = spec("x");
     orphan.after = vec!["nope".into()];
-    let unknown = sm.apply(Command::Submit { at_ms: 4, key: None, jobs: vec![orphan] });
-    assert!(matches!(unknown, Err(ApplyError::UnknownDependency { .. })), "{unknown:?}");
+    let unknown = sm.apply(Command::Submit {
+        at_ms: 4,
+        key: None,
+        jobs: vec![orphan],
+    });
+    assert!(
+        matches!(unknown, Err(ApplyError::UnknownDependency { .. })),
+        "{unknown:?}"
+    );
     let mut dup = spec("a");
     dup.after = vec![];
     let mut user = spec("u");
     user.after = vec!["a".into()];
-    let duplicate = sm.apply(Command::Submit { at_ms: 5, key: None, jobs: vec![spec("a"), dup, user] });
-    assert!(matches!(duplicate, Err(ApplyError::DuplicateName { .. })), "{duplicate:?}");
+    let duplicate = sm.apply(Command::Submit {
+        at_ms: 5,
+        key: None,
+        jobs: vec![spec("a"), dup, user],
+    });
+    assert!(
+        matches!(duplicate, Err(ApplyError::DuplicateName { .. })),
+        "{duplicate:?}"
+    );
     assert_eq!(sm.jobs().count(), 1, "refused submits store nothing");
 }
 
@@ -234,7 +420,11 @@ fn the_store_round_trips_the_state_machine() {
     let loaded = store.load().expect("load");
     let jobs: Vec<_> = loaded.jobs().cloned().collect();
     assert_eq!(jobs, sm.jobs().cloned().collect::<Vec<_>>());
-    assert_eq!(loaded.gpu_usage("n1", 1).reserved, 10 * GIB, "derived reservations rebuilt");
+    assert_eq!(
+        loaded.gpu_usage("n1", 1).reserved,
+        10 * GIB,
+        "derived reservations rebuilt"
+    );
     assert_eq!(loaded.next_event_index(), sm.next_event_index());
     let events = store.events_since(1, 100).expect("events");
     assert_eq!(events.len() as u64, sm.next_event_index() - 1);

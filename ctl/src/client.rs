@@ -29,12 +29,18 @@ pub struct CliError {
 impl CliError {
     /// Bad input.
     pub fn invalid(message: impl Into<String>) -> CliError {
-        CliError { code: exit::INVALID, message: message.into() }
+        CliError {
+            code: exit::INVALID,
+            message: message.into(),
+        }
     }
 
     /// A failed request.
     pub fn failed(message: impl Into<String>) -> CliError {
-        CliError { code: exit::FAILED, message: message.into() }
+        CliError {
+            code: exit::FAILED,
+            message: message.into(),
+        }
     }
 }
 
@@ -46,7 +52,14 @@ impl From<tonic::Status> for CliError {
             _ => exit::FAILED,
         };
         let message = status.message().replace('\n', " ");
-        CliError { code, message: if message.is_empty() { format!("{:?}", status.code()) } else { message } }
+        CliError {
+            code,
+            message: if message.is_empty() {
+                format!("{:?}", status.code())
+            } else {
+                message
+            },
+        }
     }
 }
 
@@ -54,19 +67,32 @@ impl From<tonic::Status> for CliError {
 pub async fn connect(addrs: &str) -> Result<pb::gantry_client::GantryClient<Channel>, CliError> {
     let mut last_error = String::from("no address given");
     for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
         let endpoint = match Endpoint::from_shared(url.clone()) {
-            Ok(e) => e.connect_timeout(Duration::from_secs(3)).timeout(Duration::from_secs(60)),
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(60)),
             Err(e) => {
-                return Err(CliError::invalid(format!("--addr: {url:?} is not a valid URL: {e}")));
+                return Err(CliError::invalid(format!(
+                    "--addr: {url:?} is not a valid URL: {e}"
+                )));
             }
         };
         match endpoint.connect().await {
             Ok(channel) => {
-                return Ok(pb::gantry_client::GantryClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20));
+                return Ok(pb::gantry_client::GantryClient::new(channel)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20));
             }
             Err(e) => last_error = format!("cannot reach coordinator at {url}: {e}"),
         }
     }
-    Err(CliError { code: exit::UNAVAILABLE, message: last_error })
+    Err(CliError {
+        code: exit::UNAVAILABLE,
+        message: last_error,
+    })
 }

@@ -14,15 +14,16 @@ use tokio_util::sync::CancellationToken;
 /// Cancels `token` on Ctrl-C or SIGTERM.
 pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                let _ = tokio::signal::ctrl_c().await;
-                token.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot listen for SIGTERM");
+                    let _ = tokio::signal::ctrl_c().await;
+                    token.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -48,7 +49,11 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
     CoordinatorConfig {
         grpc_addr: options.grpc_addr,
         data_dir: options.data_dir.clone(),
-        core: CoreConfig { id: options.id.clone(), gpu_headroom: options.gpu_headroom, ..CoreConfig::default() },
+        core: CoreConfig {
+            id: options.id.clone(),
+            gpu_headroom: options.gpu_headroom,
+            ..CoreConfig::default()
+        },
     }
 }
 
@@ -83,13 +88,16 @@ pub struct AgentOptions {
 
 fn agent_config(options: AgentOptions) -> anyhow::Result<AgentConfig> {
     let gpus = match &options.fake_gpus {
-        Some(text) => GpuSource::Fake(gantry_agent::parse_fake_gpus(text).map_err(|e| anyhow::anyhow!("--fake-gpus: {e}"))?),
+        Some(text) => GpuSource::Fake(
+            gantry_agent::parse_fake_gpus(text).map_err(|e| anyhow::anyhow!("--fake-gpus: {e}"))?,
+        ),
         None => GpuSource::Nvml,
     };
     if options.coordinators.is_empty() {
         bail!("--coordinators: at least one coordinator URL is needed");
     }
-    let mut config = AgentConfig::for_test(&options.node_name, options.data_dir, options.coordinators);
+    let mut config =
+        AgentConfig::for_test(&options.node_name, options.data_dir, options.coordinators);
     config.address = options.address;
     config.labels = options.labels;
     config.gpus = gpus;
@@ -105,7 +113,9 @@ pub async fn run_agent(options: AgentOptions) -> anyhow::Result<()> {
     let name = options.node_name.clone();
     let config = agent_config(options)?;
     println!("agent node={name}");
-    gantry_agent::run(config, shutdown).await.context("agent failed")?;
+    gantry_agent::run(config, shutdown)
+        .await
+        .context("agent failed")?;
     Ok(())
 }
 
@@ -115,11 +125,15 @@ pub async fn run_dev(options: CoordinatorOptions, fake_gpus: Option<String>) -> 
     cancel_on_signal(shutdown.clone());
     let coordinator_dir = options.data_dir.join("coordinator");
     let agent_dir = options.data_dir.join("agent");
-    let mut coordinator_options = CoordinatorOptions { data_dir: coordinator_dir, ..options };
+    let mut coordinator_options = CoordinatorOptions {
+        data_dir: coordinator_dir,
+        ..options
+    };
     coordinator_options.id = "dev".into();
-    let running = gantry_coordinator::start(coordinator_config(&coordinator_options), shutdown.clone())
-        .await
-        .context("cannot start the coordinator")?;
+    let running =
+        gantry_coordinator::start(coordinator_config(&coordinator_options), shutdown.clone())
+            .await
+            .context("cannot start the coordinator")?;
     let url = format!("http://{}", running.grpc_addr);
 
     // Fake GPUs unless asked otherwise or a real driver answers.
@@ -130,7 +144,10 @@ pub async fn run_dev(options: CoordinatorOptions, fake_gpus: Option<String>) -> 
             _ => Some("2xH100-80GiB".to_string()),
         },
     };
-    let gpu_text = fake_gpus.clone().map_or_else(|| "real GPUs (NVML)".to_string(), |f| format!("fake GPUs {f}"));
+    let gpu_text = fake_gpus.clone().map_or_else(
+        || "real GPUs (NVML)".to_string(),
+        |f| format!("fake GPUs {f}"),
+    );
     let node_name = hostname();
     let agent = agent_config(AgentOptions {
         node_name: node_name.clone(),
@@ -143,8 +160,17 @@ pub async fn run_dev(options: CoordinatorOptions, fake_gpus: Option<String>) -> 
     let agent_task = tokio::spawn(gantry_agent::run(agent, shutdown.clone()));
 
     println!("listening grpc={}", running.grpc_addr);
-    println!("gantry dev: coordinator at {url}, agent {node_name} with {gpu_text}, data in {}", coordinator_options.data_dir.parent().unwrap_or(&coordinator_options.data_dir).display());
-    println!("try:  GANTRY_ADDR={url} gantry submit --kind selfplay --gpus 1 --gpu-memory 8GiB -- sh -c 'echo batch $GANTRY_BATCH_SIZE on GPU $CUDA_VISIBLE_DEVICES'");
+    println!(
+        "gantry dev: coordinator at {url}, agent {node_name} with {gpu_text}, data in {}",
+        coordinator_options
+            .data_dir
+            .parent()
+            .unwrap_or(&coordinator_options.data_dir)
+            .display()
+    );
+    println!(
+        "try:  GANTRY_ADDR={url} gantry submit --kind selfplay --gpus 1 --gpu-memory 8GiB -- sh -c 'echo batch $GANTRY_BATCH_SIZE on GPU $CUDA_VISIBLE_DEVICES'"
+    );
     println!("      GANTRY_ADDR={url} gantry jobs");
     println!("press Ctrl-C to stop (running jobs are stopped, storage is flushed)");
 

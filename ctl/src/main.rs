@@ -25,7 +25,11 @@ use client::{CliError, exit};
 use output::Format;
 
 #[derive(Parser)]
-#[command(name = "gantry", version, about = "GPU-aware job scheduler for ML self-play pipelines")]
+#[command(
+    name = "gantry",
+    version,
+    about = "GPU-aware job scheduler for ML self-play pipelines"
+)]
 struct Cli {
     /// Log format of daemons.
     #[arg(long, global = true, value_enum, default_value = "pretty")]
@@ -43,10 +47,21 @@ enum LogFormat {
 #[derive(Args, Clone)]
 struct ClientOpts {
     /// Coordinator address(es), comma-separated.
-    #[arg(long, env = "GANTRY_ADDR", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "GANTRY_ADDR",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     addr: String,
     /// Output format.
-    #[arg(short = 'o', long = "output", value_enum, default_value = "table", global = true)]
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_enum,
+        default_value = "table",
+        global = true
+    )]
     output: Format,
 }
 
@@ -76,7 +91,11 @@ enum Command {
     /// Run an agent on a GPU node.
     Agent {
         /// Coordinator URL(s), comma-separated.
-        #[arg(long, env = "GANTRY_COORDINATORS", default_value = "http://127.0.0.1:7070")]
+        #[arg(
+            long,
+            env = "GANTRY_COORDINATORS",
+            default_value = "http://127.0.0.1:7070"
+        )]
         coordinators: String,
         /// Node name (default: host name).
         #[arg(long)]
@@ -260,8 +279,11 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
@@ -269,25 +291,50 @@ fn init_logging(format: LogFormat) {
 }
 
 fn not_built(what: &str, issue: u32) -> CliError {
-    CliError::failed(format!("{what} is not built yet (tracked in issue {issue})"))
+    CliError::failed(format!(
+        "{what} is not built yet (tracked in issue {issue})"
+    ))
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Coordinator { grpc_addr, http_addr, data_dir, gpu_headroom, id, peers } => {
+        Command::Coordinator {
+            grpc_addr,
+            http_addr,
+            data_dir,
+            gpu_headroom,
+            id,
+            peers,
+        } => {
             if peers.is_some() {
                 return fail(not_built("replication (--peers)", 4));
             }
             if http_addr.is_some() {
-                return fail(not_built("the HTTP endpoint (--http-addr: metrics, status page)", 6));
+                return fail(not_built(
+                    "the HTTP endpoint (--http-addr: metrics, status page)",
+                    6,
+                ));
             }
             init_logging(cli.log_format);
-            let options = daemon::CoordinatorOptions { grpc_addr, data_dir, gpu_headroom, id: id.unwrap_or_else(|| "1".into()) };
+            let options = daemon::CoordinatorOptions {
+                grpc_addr,
+                data_dir,
+                gpu_headroom,
+                id: id.unwrap_or_else(|| "1".into()),
+            };
             daemon_result(daemon::run_coordinator(options).await)
         }
-        Command::Agent { coordinators, name, address, data_dir, labels, fake_gpus, probe } => {
+        Command::Agent {
+            coordinators,
+            name,
+            address,
+            data_dir,
+            labels,
+            fake_gpus,
+            probe,
+        } => {
             init_logging(cli.log_format);
             if probe {
                 return probe_gpus(fake_gpus);
@@ -295,32 +342,65 @@ async fn main() -> ExitCode {
             let options = daemon::AgentOptions {
                 node_name: name.unwrap_or_else(daemon::hostname),
                 address,
-                coordinators: coordinators.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+                coordinators: coordinators
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
                 data_dir,
                 labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
                 fake_gpus,
             };
             daemon_result(daemon::run_agent(options).await)
         }
-        Command::Dev { grpc_addr, http_addr, data_dir, fake_gpus } => {
+        Command::Dev {
+            grpc_addr,
+            http_addr,
+            data_dir,
+            fake_gpus,
+        } => {
             if http_addr.is_some() {
-                return fail(not_built("the HTTP endpoint (--http-addr: metrics, status page)", 6));
+                return fail(not_built(
+                    "the HTTP endpoint (--http-addr: metrics, status page)",
+                    6,
+                ));
             }
             init_logging(cli.log_format);
-            let options = daemon::CoordinatorOptions { grpc_addr, data_dir, gpu_headroom: 0, id: "dev".into() };
+            let options = daemon::CoordinatorOptions {
+                grpc_addr,
+                data_dir,
+                gpu_headroom: 0,
+                id: "dev".into(),
+            };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
         Command::Dlq { .. } => Err(not_built("the dead-letter queue (gantry dlq)", 5)),
         Command::Submit(args) => submit(args).await,
-        Command::Jobs { state, limit, client } => jobs(state, limit, client).await,
+        Command::Jobs {
+            state,
+            limit,
+            client,
+        } => jobs(state, limit, client).await,
         Command::Job { id, client } => job(id, client).await,
-        Command::Logs { id, follow, stderr, attempt, client } => logs(id, follow, stderr, attempt, client).await,
+        Command::Logs {
+            id,
+            follow,
+            stderr,
+            attempt,
+            client,
+        } => logs(id, follow, stderr, attempt, client).await,
         Command::Cancel { id, client } => cancel(id, client).await,
         Command::Nodes { client } => nodes(client).await,
         Command::Drain { node, client } => drain(node, true, client).await,
         Command::Undrain { node, client } => drain(node, false, client).await,
         Command::Status { client } => status(client).await,
-        Command::Watch { job, kind, from, client } => watch(job, kind, from, client).await,
+        Command::Watch {
+            job,
+            kind,
+            from,
+            client,
+        } => watch(job, kind, from, client).await,
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
@@ -349,7 +429,7 @@ fn probe_gpus(fake: Option<String>) -> ExitCode {
         Ok(gpus) => {
             println!("{} GPU(s)", gpus.len());
             for gpu in gpus {
-                println!("{gpu:?}");
+                println!("{gpu}");
             }
             ExitCode::SUCCESS
         }
@@ -358,7 +438,10 @@ fn probe_gpus(fake: Option<String>) -> ExitCode {
 }
 
 fn print_json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
 async fn submit(args: SubmitArgs) -> Result<(), CliError> {
@@ -366,22 +449,31 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
         Some(path) => spec::read_spec_file(path).map_err(|e| CliError::invalid(e.0))?,
         None => {
             if args.command.is_empty() {
-                return Err(CliError::invalid("command: give a command after `--`, or a spec file with -f"));
+                return Err(CliError::invalid(
+                    "command: give a command after `--`, or a spec file with -f",
+                ));
             }
             let gpu_memory = match &args.gpu_memory {
-                Some(text) => parse_bytes(text).map_err(|e| CliError::invalid(format!("--gpu-memory: {e}")))? as i64,
+                Some(text) => parse_bytes(text)
+                    .map_err(|e| CliError::invalid(format!("--gpu-memory: {e}")))?
+                    as i64,
                 None => 0,
             };
             let memory = match &args.memory {
-                Some(text) => parse_bytes(text).map_err(|e| CliError::invalid(format!("--memory: {e}")))? as i64,
+                Some(text) => parse_bytes(text)
+                    .map_err(|e| CliError::invalid(format!("--memory: {e}")))?
+                    as i64,
                 None => 0,
             };
             let cpus = args.cpus.unwrap_or(0.0);
             if !(0.0..=1e6).contains(&cpus) {
-                return Err(CliError::invalid(format!("--cpus: {cpus} is not a sensible number of cores")));
+                return Err(CliError::invalid(format!(
+                    "--cpus: {cpus} is not a sensible number of cores"
+                )));
             }
             let timeout_ms = match &args.timeout {
-                Some(text) => gantry_scheduler::units::parse_duration_ms(text).map_err(|e| CliError::invalid(format!("--timeout: {e}")))?,
+                Some(text) => gantry_scheduler::units::parse_duration_ms(text)
+                    .map_err(|e| CliError::invalid(format!("--timeout: {e}")))?,
                 None => 0,
             };
             if args.max_attempts == Some(0) {
@@ -392,9 +484,18 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 kind: args.kind.clone().unwrap_or_default(),
                 command: args.command.clone(),
                 env: args.env.iter().cloned().collect(),
-                resources: Some(pb::Resources { gpus: args.gpus.unwrap_or(0), gpu_memory_bytes: gpu_memory, cpu_millis: (cpus * 1000.0) as i64, memory_bytes: memory, disk_bytes: 0 }),
+                resources: Some(pb::Resources {
+                    gpus: args.gpus.unwrap_or(0),
+                    gpu_memory_bytes: gpu_memory,
+                    cpu_millis: (cpus * 1000.0) as i64,
+                    memory_bytes: memory,
+                    disk_bytes: 0,
+                }),
                 priority: args.priority.unwrap_or(0),
-                retry: args.max_attempts.map(|n| pb::RetryPolicy { max_attempts: n, backoff_ms: 0 }),
+                retry: args.max_attempts.map(|n| pb::RetryPolicy {
+                    max_attempts: n,
+                    backoff_ms: 0,
+                }),
                 timeout_ms,
                 shell: args.shell,
                 ..Default::default()
@@ -403,7 +504,10 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
     };
     let mut client = client::connect(&args.client.addr).await?;
     let key = args.key.clone().unwrap_or_else(new_submission_key);
-    let request = pb::SubmitRequest { jobs, submission_key: key };
+    let request = pb::SubmitRequest {
+        jobs,
+        submission_key: key,
+    };
     let response = client.submit(request).await?.into_inner();
     match args.client.output {
         Format::Json => print_json(&serde_json::json!({ "job_ids": response.job_ids })),
@@ -418,17 +522,33 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
 
 /// A random key so a submit retried after a lost reply is not duplicated.
 fn new_submission_key() -> String {
-    format!("cli-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>())
+    format!(
+        "cli-{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
 }
 
 async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), CliError> {
     let mut client = client::connect(&opts.addr).await?;
-    let jobs = client.list_jobs(pb::ListJobsRequest { states: state, limit }).await?.into_inner().jobs;
+    let jobs = client
+        .list_jobs(pb::ListJobsRequest {
+            states: state,
+            limit,
+        })
+        .await?
+        .into_inner()
+        .jobs;
     match opts.output {
-        Format::Json => print_json(&serde_json::Value::Array(jobs.iter().map(output::job_json).collect())),
+        Format::Json => print_json(&serde_json::Value::Array(
+            jobs.iter().map(output::job_json).collect(),
+        )),
         Format::Table => {
             let rows: Vec<Vec<String>> = jobs.iter().map(output::job_row).collect();
-            output::table(&["ID", "NAME", "KIND", "STATE", "NODE", "GPUS", "DETAIL"], &rows);
+            output::table(
+                &["ID", "NAME", "KIND", "STATE", "NODE", "GPUS", "DETAIL"],
+                &rows,
+            );
         }
     }
     Ok(())
@@ -436,7 +556,10 @@ async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), Cl
 
 async fn job(id: u64, opts: ClientOpts) -> Result<(), CliError> {
     let mut client = client::connect(&opts.addr).await?;
-    let job = client.get_job(pb::GetJobRequest { job_id: id }).await?.into_inner();
+    let job = client
+        .get_job(pb::GetJobRequest { job_id: id })
+        .await?
+        .into_inner();
     match opts.output {
         Format::Json => print_json(&output::job_json(&job)),
         Format::Table => output::print_job(&job),
@@ -444,25 +567,43 @@ async fn job(id: u64, opts: ClientOpts) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn logs(id: u64, follow: bool, stderr: bool, attempt: u32, opts: ClientOpts) -> Result<(), CliError> {
+async fn logs(
+    id: u64,
+    follow: bool,
+    stderr: bool,
+    attempt: u32,
+    opts: ClientOpts,
+) -> Result<(), CliError> {
     let mut client = client::connect(&opts.addr).await?;
     let stream = if stderr { "stderr" } else { "stdout" };
     let mut chunks = client
-        .logs(pb::LogsRequest { job_id: id, stream: stream.into(), follow, attempt, offset: 0 })
+        .logs(pb::LogsRequest {
+            job_id: id,
+            stream: stream.into(),
+            follow,
+            attempt,
+            offset: 0,
+        })
         .await?
         .into_inner();
     let mut out = std::io::stdout();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk?;
-        out.write_all(&chunk.data).map_err(|e| CliError::failed(format!("stdout: {e}")))?;
-        out.flush().map_err(|e| CliError::failed(format!("stdout: {e}")))?;
+        out.write_all(&chunk.data)
+            .map_err(|e| CliError::failed(format!("stdout: {e}")))?;
+        out.flush()
+            .map_err(|e| CliError::failed(format!("stdout: {e}")))?;
     }
     Ok(())
 }
 
 async fn cancel(id: u64, opts: ClientOpts) -> Result<(), CliError> {
     let mut client = client::connect(&opts.addr).await?;
-    let state = client.cancel_job(pb::CancelJobRequest { job_id: id }).await?.into_inner().state;
+    let state = client
+        .cancel_job(pb::CancelJobRequest { job_id: id })
+        .await?
+        .into_inner()
+        .state;
     match opts.output {
         Format::Json => print_json(&serde_json::json!({ "job_id": id, "state": state })),
         Format::Table if state == "cancelled" => println!("job {id} cancelled"),
@@ -473,12 +614,23 @@ async fn cancel(id: u64, opts: ClientOpts) -> Result<(), CliError> {
 
 async fn nodes(opts: ClientOpts) -> Result<(), CliError> {
     let mut client = client::connect(&opts.addr).await?;
-    let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+    let nodes = client
+        .list_nodes(pb::ListNodesRequest {})
+        .await?
+        .into_inner()
+        .nodes;
     match opts.output {
-        Format::Json => print_json(&serde_json::Value::Array(nodes.iter().map(output::node_json).collect())),
+        Format::Json => print_json(&serde_json::Value::Array(
+            nodes.iter().map(output::node_json).collect(),
+        )),
         Format::Table => {
             let rows: Vec<Vec<String>> = nodes.iter().map(output::node_row).collect();
-            output::table(&["NAME", "STATE", "PROVIDER", "GPUS", "GPU FREE", "DISK", "JOBS", "RTT"], &rows);
+            output::table(
+                &[
+                    "NAME", "STATE", "PROVIDER", "GPUS", "GPU FREE", "DISK", "JOBS", "RTT",
+                ],
+                &rows,
+            );
         }
     }
     Ok(())
@@ -486,10 +638,22 @@ async fn nodes(opts: ClientOpts) -> Result<(), CliError> {
 
 async fn drain(node: String, drain: bool, opts: ClientOpts) -> Result<(), CliError> {
     let mut client = client::connect(&opts.addr).await?;
-    client.drain(pb::DrainRequest { node: node.clone(), drain }).await?;
+    client
+        .drain(pb::DrainRequest {
+            node: node.clone(),
+            drain,
+        })
+        .await?;
     match opts.output {
         Format::Json => print_json(&serde_json::json!({ "node": node, "draining": drain })),
-        Format::Table => println!("node {node} {}", if drain { "draining: no new placements" } else { "undrained" }),
+        Format::Table => println!(
+            "node {node} {}",
+            if drain {
+                "draining: no new placements"
+            } else {
+                "undrained"
+            }
+        ),
     }
     Ok(())
 }
@@ -500,32 +664,63 @@ async fn status(opts: ClientOpts) -> Result<(), CliError> {
     match opts.output {
         Format::Json => print_json(&output::status_json(&status)),
         Format::Table => {
-            println!("coordinator {} (leader: {}), gantry {}", status.coordinator_id, status.is_leader, status.version);
-            println!("nodes: {} ready of {}", status.nodes_ready, status.nodes_total);
+            println!(
+                "coordinator {} (leader: {}), gantry {}",
+                status.coordinator_id, status.is_leader, status.version
+            );
+            println!(
+                "nodes: {} ready of {}",
+                status.nodes_ready, status.nodes_total
+            );
             println!(
                 "gpus:  {} ({} total, {} reserved)",
                 status.gpus_total,
                 gantry_scheduler::units::format_bytes(status.gpu_memory_total_bytes.max(0) as u64),
-                gantry_scheduler::units::format_bytes(status.gpu_memory_reserved_bytes.max(0) as u64)
+                gantry_scheduler::units::format_bytes(
+                    status.gpu_memory_reserved_bytes.max(0) as u64
+                )
             );
             let mut states: Vec<_> = status.jobs_by_state.iter().collect();
             states.sort();
             let jobs: Vec<String> = states.iter().map(|(s, n)| format!("{s}={n}")).collect();
-            println!("jobs:  {}", if jobs.is_empty() { "none".to_string() } else { jobs.join(" ") });
+            println!(
+                "jobs:  {}",
+                if jobs.is_empty() {
+                    "none".to_string()
+                } else {
+                    jobs.join(" ")
+                }
+            );
             println!("last event: {}", status.last_event_index);
         }
     }
     Ok(())
 }
 
-async fn watch(job: Option<u64>, kind: Option<String>, from: Option<u64>, opts: ClientOpts) -> Result<(), CliError> {
+async fn watch(
+    job: Option<u64>,
+    kind: Option<String>,
+    from: Option<u64>,
+    opts: ClientOpts,
+) -> Result<(), CliError> {
     let mut client = client::connect(&opts.addr).await?;
     let from_index = match from {
         Some(index) => index,
-        None => client.status(pb::StatusRequest {}).await?.into_inner().last_event_index + 1,
+        None => {
+            client
+                .status(pb::StatusRequest {})
+                .await?
+                .into_inner()
+                .last_event_index
+                + 1
+        }
     };
     let mut events = client
-        .watch_events(pb::WatchEventsRequest { from_index, job_id: job.unwrap_or(0), kind: kind.unwrap_or_default() })
+        .watch_events(pb::WatchEventsRequest {
+            from_index,
+            job_id: job.unwrap_or(0),
+            kind: kind.unwrap_or_default(),
+        })
         .await?
         .into_inner();
     while let Some(event) = events.next().await {
@@ -539,7 +734,11 @@ async fn watch(job: Option<u64>, kind: Option<String>, from: Option<u64>, opts: 
                 event.job_name,
                 event.kind,
                 event.state,
-                if event.node.is_empty() { String::new() } else { format!("on {} (attempt {}) ", event.node, event.attempt) },
+                if event.node.is_empty() {
+                    String::new()
+                } else {
+                    format!("on {} (attempt {}) ", event.node, event.attempt)
+                },
                 event.message
             ),
         }

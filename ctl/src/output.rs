@@ -47,7 +47,7 @@ fn bytes(v: i64) -> String {
 /// A job as JSON.
 pub fn job_json(job: &pb::Job) -> Value {
     let spec = job.spec.clone().unwrap_or_default();
-    let r = spec.resources.clone().unwrap_or_default();
+    let r = spec.resources.unwrap_or_default();
     json!({
         "id": job.id,
         "name": spec.name,
@@ -114,7 +114,9 @@ pub fn job_row(job: &pb::Job) -> Vec<String> {
         spec.name,
         spec.kind,
         job.state.clone(),
-        attempt.map(|a| a.node.clone()).unwrap_or_else(|| "-".into()),
+        attempt
+            .map(|a| a.node.clone())
+            .unwrap_or_else(|| "-".into()),
         gpus,
         detail,
     ]
@@ -123,10 +125,18 @@ pub fn job_row(job: &pb::Job) -> Vec<String> {
 /// `gantry job <id>` for people.
 pub fn print_job(job: &pb::Job) {
     let spec = job.spec.clone().unwrap_or_default();
-    let r = spec.resources.clone().unwrap_or_default();
+    let r = spec.resources.unwrap_or_default();
     println!("job {} ({})", job.id, spec.name);
     println!("  kind:      {}", spec.kind);
-    println!("  state:     {}{}", job.state, if job.cancel_requested && job.state != "cancelled" { " (cancel requested)" } else { "" });
+    println!(
+        "  state:     {}{}",
+        job.state,
+        if job.cancel_requested && job.state != "cancelled" {
+            " (cancel requested)"
+        } else {
+            ""
+        }
+    );
     if !job.reason.is_empty() {
         println!("  reason:    {}", job.reason);
     }
@@ -160,7 +170,11 @@ pub fn print_job(job: &pb::Job) {
             _ => "assigned".to_string(),
         };
         let gpus: Vec<String> = a.gpus.iter().map(|g| g.to_string()).collect();
-        let batch = if a.batch_size > 0 { format!(" batch={}", a.batch_size) } else { String::new() };
+        let batch = if a.batch_size > 0 {
+            format!(" batch={}", a.batch_size)
+        } else {
+            String::new()
+        };
         println!(
             "  attempt {}: node={} gpus=[{}] reserved={}{} {}{}",
             a.attempt,
@@ -169,7 +183,11 @@ pub fn print_job(job: &pb::Job) {
             bytes(a.gpu_memory_bytes),
             batch,
             end,
-            if a.error.is_empty() { String::new() } else { format!(" — {}", a.error.lines().last().unwrap_or("")) }
+            if a.error.is_empty() {
+                String::new()
+            } else {
+                format!(" — {}", a.error.lines().last().unwrap_or(""))
+            }
         );
     }
 }
@@ -206,16 +224,32 @@ pub fn node_json(node: &pb::Node) -> Value {
 
 /// One row of `gantry nodes`.
 pub fn node_row(node: &pb::Node) -> Vec<String> {
-    let provider = node.labels.get("provider").cloned().unwrap_or_else(|| "-".into());
+    let provider = node
+        .labels
+        .get("provider")
+        .cloned()
+        .unwrap_or_else(|| "-".into());
     let gpus = if node.gpus.is_empty() {
         "-".to_string()
     } else {
         let model = node.gpus[0].model.clone();
         format!("{}x{}", node.gpus.len(), model)
     };
-    let free: i64 = node.gpus.iter().map(|g| (g.total_bytes - g.reserved_bytes.max(g.used_bytes)).max(0)).sum();
+    let free: i64 = node
+        .gpus
+        .iter()
+        .map(|g| (g.total_bytes - g.reserved_bytes.max(g.used_bytes)).max(0))
+        .sum();
     let disk = if node.disk_total_bytes > 0 {
-        format!("{:.0}%{}", node.disk_used_bytes as f64 * 100.0 / node.disk_total_bytes as f64, if node.disk_pressure { " (pressure)" } else { "" })
+        format!(
+            "{:.0}%{}",
+            node.disk_used_bytes as f64 * 100.0 / node.disk_total_bytes as f64,
+            if node.disk_pressure {
+                " (pressure)"
+            } else {
+                ""
+            }
+        )
     } else {
         "-".into()
     };
@@ -223,7 +257,16 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
     if node.draining {
         state.push_str(",draining");
     }
-    vec![node.name.clone(), state, provider, gpus, bytes(free), disk, node.running_jobs.to_string(), format!("{:.1}ms", node.rtt_ms)]
+    vec![
+        node.name.clone(),
+        state,
+        provider,
+        gpus,
+        bytes(free),
+        disk,
+        node.running_jobs.to_string(),
+        format!("{:.1}ms", node.rtt_ms),
+    ]
 }
 
 /// An event as JSON.

@@ -8,8 +8,8 @@ use std::fmt;
 
 use gantry_proto as pb;
 use gantry_scheduler::units::{parse_bytes, parse_duration_ms};
-use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
 
 /// Largest spec file accepted.
 pub const MAX_SPEC_FILE_BYTES: u64 = 4 << 20;
@@ -33,17 +33,23 @@ impl<'de> Deserialize<'de> for Size {
                 Ok(Size(v))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
-                i64::try_from(v).map(Size).map_err(|_| E::custom(format!("{v} is too large")))
+                i64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Size, E> {
                 if v < 0.0 {
                     return Err(E::custom(format!("must not be negative (got {v})")));
                 }
-                Err(E::custom(format!("{v} is not a whole number of bytes; use a unit such as 1.5GiB")))
+                Err(E::custom(format!(
+                    "{v} is not a whole number of bytes; use a unit such as 1.5GiB"
+                )))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
                 let bytes = parse_bytes(v).map_err(E::custom)?;
-                i64::try_from(bytes).map(Size).map_err(|_| E::custom(format!("{v} is too large")))
+                i64::try_from(bytes)
+                    .map(Size)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
             }
         }
         deserializer.deserialize_any(SizeVisitor)
@@ -69,7 +75,9 @@ impl<'de> Deserialize<'de> for DurationMs {
                 self.visit_u64(v as u64)
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationMs, E> {
-                v.checked_mul(1000).map(DurationMs).ok_or_else(|| E::custom("too large"))
+                v.checked_mul(1000)
+                    .map(DurationMs)
+                    .ok_or_else(|| E::custom("too large"))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationMs, E> {
                 parse_duration_ms(v).map(DurationMs).map_err(E::custom)
@@ -108,9 +116,16 @@ impl<'de> Deserialize<'de> for Cpus {
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Cpus, E> {
                 if let Some(millis) = v.strip_suffix('m') {
-                    return millis.trim().parse::<i64>().map(Cpus).map_err(|_| E::custom(format!("cannot parse {v:?} as millicores")));
+                    return millis
+                        .trim()
+                        .parse::<i64>()
+                        .map(Cpus)
+                        .map_err(|_| E::custom(format!("cannot parse {v:?} as millicores")));
                 }
-                let cores: f64 = v.trim().parse().map_err(|_| E::custom(format!("cannot parse {v:?} as a number of cores")))?;
+                let cores: f64 = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| E::custom(format!("cannot parse {v:?} as a number of cores")))?;
                 self.visit_f64(cores)
             }
         }
@@ -130,10 +145,12 @@ impl<'de> Deserialize<'de> for CommandLine {
             Line(String),
             Argv(Vec<ArgString>),
         }
-        match Form::deserialize(deserializer)
-            .map_err(|_| de::Error::custom("expected a list of arguments or a command line string"))?
-        {
-            Form::Line(line) => Ok(CommandLine(line.split_whitespace().map(String::from).collect())),
+        match Form::deserialize(deserializer).map_err(|_| {
+            de::Error::custom("expected a list of arguments or a command line string")
+        })? {
+            Form::Line(line) => Ok(CommandLine(
+                line.split_whitespace().map(String::from).collect(),
+            )),
             Form::Argv(args) => Ok(CommandLine(args.into_iter().map(|a| a.0).collect())),
         }
     }
@@ -154,13 +171,17 @@ impl<'de> Deserialize<'de> for ArgString {
             F(f64),
             B(bool),
         }
-        Ok(ArgString(match Scalar::deserialize(deserializer).map_err(|_| de::Error::custom("expected a string, number or boolean"))? {
-            Scalar::S(s) => s,
-            Scalar::I(i) => i.to_string(),
-            Scalar::U(u) => u.to_string(),
-            Scalar::F(f) => f.to_string(),
-            Scalar::B(b) => b.to_string(),
-        }))
+        Ok(ArgString(
+            match Scalar::deserialize(deserializer)
+                .map_err(|_| de::Error::custom("expected a string, number or boolean"))?
+            {
+                Scalar::S(s) => s,
+                Scalar::I(i) => i.to_string(),
+                Scalar::U(u) => u.to_string(),
+                Scalar::F(f) => f.to_string(),
+                Scalar::B(b) => b.to_string(),
+            },
+        ))
     }
 }
 
@@ -255,7 +276,8 @@ struct JobFile {
     name: Option<String>,
     #[serde(default)]
     kind: Option<String>,
-    command: CommandLine,
+    #[serde(default)]
+    command: Option<CommandLine>,
     #[serde(default)]
     env: BTreeMap<String, ArgString>,
     #[serde(default)]
@@ -315,28 +337,46 @@ fn job_from_value(value: serde_yaml_ng::Value, label: &str) -> Result<pb::JobSpe
 }
 
 fn to_proto(file: JobFile, label: &str) -> Result<pb::JobSpec, SpecError> {
+    let Some(command) = file.command else {
+        return Err(SpecError(format!(
+            "{label}.command: missing field `command` (the program and its arguments)"
+        )));
+    };
     let r = file.resources.unwrap_or_default();
     let gpus = match r.gpus {
         None => 0,
-        Some(n) if n < 0 => return Err(SpecError(format!("{label}.resources.gpus: must not be negative (got {n})"))),
-        Some(n) => u32::try_from(n).map_err(|_| SpecError(format!("{label}.resources.gpus: {n} is absurd")))?,
+        Some(n) if n < 0 => {
+            return Err(SpecError(format!(
+                "{label}.resources.gpus: must not be negative (got {n})"
+            )));
+        }
+        Some(n) => u32::try_from(n)
+            .map_err(|_| SpecError(format!("{label}.resources.gpus: {n} is absurd")))?,
     };
     let retry = match file.retry {
         None => None,
         Some(retry) => {
             let max_attempts = match retry.max_attempts {
                 None => 0,
-                Some(n) if n < 1 => return Err(SpecError(format!("{label}.retry.max_attempts: must be at least 1 (got {n})"))),
-                Some(n) => u32::try_from(n).map_err(|_| SpecError(format!("{label}.retry.max_attempts: {n} is absurd")))?,
+                Some(n) if n < 1 => {
+                    return Err(SpecError(format!(
+                        "{label}.retry.max_attempts: must be at least 1 (got {n})"
+                    )));
+                }
+                Some(n) => u32::try_from(n)
+                    .map_err(|_| SpecError(format!("{label}.retry.max_attempts: {n} is absurd")))?,
             };
-            Some(pb::RetryPolicy { max_attempts, backoff_ms: retry.backoff.map_or(0, |d| d.0) })
+            Some(pb::RetryPolicy {
+                max_attempts,
+                backoff_ms: retry.backoff.map_or(0, |d| d.0),
+            })
         }
     };
     let constraints = file.constraints.unwrap_or_default();
     Ok(pb::JobSpec {
         name: file.name.unwrap_or_default(),
         kind: file.kind.unwrap_or_default(),
-        command: file.command.0,
+        command: command.0,
         env: file.env.into_iter().map(|(k, v)| (k, v.0)).collect(),
         resources: Some(pb::Resources {
             gpus,
@@ -346,7 +386,14 @@ fn to_proto(file: JobFile, label: &str) -> Result<pb::JobSpec, SpecError> {
             disk_bytes: r.disk.map_or(0, |s| s.0),
         }),
         batch: file.batch.map(|b| pb::BatchSpec {
-            tiers: b.tiers.into_iter().map(|t| pb::BatchTier { min_free_bytes: t.min_free.map_or(0, |s| s.0), size: t.size }).collect(),
+            tiers: b
+                .tiers
+                .into_iter()
+                .map(|t| pb::BatchTier {
+                    min_free_bytes: t.min_free.map_or(0, |s| s.0),
+                    size: t.size,
+                })
+                .collect(),
             model: b.model.map(|m| pb::BatchMemoryModel {
                 base_bytes: m.base.0,
                 per_sample_bytes: m.per_sample.0,
@@ -356,9 +403,20 @@ fn to_proto(file: JobFile, label: &str) -> Result<pb::JobSpec, SpecError> {
             }),
             prefer: b.prefer.unwrap_or_default(),
         }),
-        locks: file.locks.into_iter().map(|l| pb::LockRequest { name: l.name, mode: l.mode.unwrap_or_default() }).collect(),
+        locks: file
+            .locks
+            .into_iter()
+            .map(|l| pb::LockRequest {
+                name: l.name,
+                mode: l.mode.unwrap_or_default(),
+            })
+            .collect(),
         constraints: Some(pb::Constraints {
-            labels: constraints.labels.into_iter().map(|(k, v)| (k, v.0)).collect(),
+            labels: constraints
+                .labels
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect(),
             gpu_models: match constraints.gpu_model {
                 None => Vec::new(),
                 Some(OneOrMany::One(m)) => vec![m],
@@ -379,7 +437,8 @@ fn to_proto(file: JobFile, label: &str) -> Result<pb::JobSpec, SpecError> {
 pub fn parse_spec_text(text: &str, source: &str) -> Result<Vec<pb::JobSpec>, SpecError> {
     let mut values = Vec::new();
     for (doc_index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml_ng::Value::deserialize(document).map_err(|e| SpecError(format!("{source}: malformed YAML: {e}")))?;
+        let value = serde_yaml_ng::Value::deserialize(document)
+            .map_err(|e| SpecError(format!("{source}: malformed YAML: {e}")))?;
         if value.is_null() {
             continue;
         }
@@ -388,7 +447,11 @@ pub fn parse_spec_text(text: &str, source: &str) -> Result<Vec<pb::JobSpec>, Spe
     let many_docs = values.len() > 1;
     let mut jobs = Vec::new();
     for (doc_index, value) in values {
-        let doc_label = if many_docs { format!("{source}: document {}", doc_index + 1) } else { source.to_string() };
+        let doc_label = if many_docs {
+            format!("{source}: document {}", doc_index + 1)
+        } else {
+            source.to_string()
+        };
         match value {
             serde_yaml_ng::Value::Sequence(items) => {
                 for (i, item) in items.into_iter().enumerate() {
@@ -402,7 +465,9 @@ pub fn parse_spec_text(text: &str, source: &str) -> Result<Vec<pb::JobSpec>, Spe
                         SpecError(format!("{doc_label}: {path}: {}", e.into_inner()))
                     })?;
                 if pipeline.jobs.is_empty() {
-                    return Err(SpecError(format!("{doc_label}: jobs: a pipeline needs at least one job")));
+                    return Err(SpecError(format!(
+                        "{doc_label}: jobs: a pipeline needs at least one job"
+                    )));
                 }
                 for (i, item) in pipeline.jobs.into_iter().enumerate() {
                     let mut job = job_from_value(item, &format!("{doc_label}: jobs[{i}]"))?;
@@ -412,9 +477,14 @@ pub fn parse_spec_text(text: &str, source: &str) -> Result<Vec<pb::JobSpec>, Spe
                     jobs.push(job);
                 }
             }
-            serde_yaml_ng::Value::Mapping(_) => jobs.push(job_from_value(value, &format!("{doc_label}: job"))?),
+            serde_yaml_ng::Value::Mapping(_) => {
+                jobs.push(job_from_value(value, &format!("{doc_label}: job"))?)
+            }
             other => {
-                return Err(SpecError(format!("{doc_label}: expected a job (mapping), a list of jobs, or a pipeline, got {}", yaml_type(&other))));
+                return Err(SpecError(format!(
+                    "{doc_label}: expected a job (mapping), a list of jobs, or a pipeline, got {}",
+                    yaml_type(&other)
+                )));
             }
         }
     }
@@ -447,7 +517,10 @@ pub fn read_spec_file(path: &str) -> Result<Vec<pb::JobSpec>, SpecError> {
             .read_to_string(&mut text)
             .map_err(|e| SpecError(format!("stdin: {e}")))?;
         if text.len() as u64 > MAX_SPEC_FILE_BYTES {
-            return Err(SpecError(format!("stdin: larger than the {} limit for a spec", gantry_scheduler::units::format_bytes(MAX_SPEC_FILE_BYTES))));
+            return Err(SpecError(format!(
+                "stdin: larger than the {} limit for a spec",
+                gantry_scheduler::units::format_bytes(MAX_SPEC_FILE_BYTES)
+            )));
         }
         text
     } else {
@@ -474,7 +547,10 @@ mod tests {
 
     fn check_err(text: &str, expect: &str) {
         let err = parse(text).expect_err(text);
-        assert!(err.contains(expect), "error {err:?} should contain {expect:?}");
+        assert!(
+            err.contains(expect),
+            "error {err:?} should contain {expect:?}"
+        );
         assert!(!err.contains('\n'), "one line: {err:?}");
     }
 
@@ -501,16 +577,28 @@ after: [export-sq8-2p]
         assert_eq!(job.kind, "selfplay");
         assert_eq!(job.command[4], "{batch_size}");
         let r = job.resources.as_ref().expect("resources");
-        assert_eq!((r.gpus, r.gpu_memory_bytes, r.cpu_millis), (1, 12 << 30, 4000));
+        assert_eq!(
+            (r.gpus, r.gpu_memory_bytes, r.cpu_millis),
+            (1, 12 << 30, 4000)
+        );
         assert_eq!(job.batch.as_ref().map(|b| b.tiers.len()), Some(3));
-        assert_eq!(job.retry.as_ref().map(|r| (r.max_attempts, r.backoff_ms)), Some((3, 30_000)));
+        assert_eq!(
+            job.retry.as_ref().map(|r| (r.max_attempts, r.backoff_ms)),
+            Some((3, 30_000))
+        );
         assert_eq!(job.timeout_ms, 6 * 3600 * 1000);
     }
 
     #[test]
     fn several_jobs_per_file() {
-        assert_eq!(parse("- {command: [a]}\n- {command: [b]}\n").map(|j| j.len()), Ok(2));
-        assert_eq!(parse("command: [a]\n---\ncommand: [b]\n---\n").map(|j| j.len()), Ok(2));
+        assert_eq!(
+            parse("- {command: [a]}\n- {command: [b]}\n").map(|j| j.len()),
+            Ok(2)
+        );
+        assert_eq!(
+            parse("command: [a]\n---\ncommand: [b]\n---\n").map(|j| j.len()),
+            Ok(2)
+        );
         let pipeline = parse("pipeline: loop\njobs:\n  - {name: a, command: [a]}\n  - {name: b, command: [b], after: [a]}\n").expect("pipeline");
         assert_eq!(pipeline.len(), 2);
         assert_eq!(pipeline[1].queue, "loop");
@@ -520,10 +608,22 @@ after: [export-sq8-2p]
     fn bad_input_names_the_field() {
         check_err("command: [a\n", "malformed YAML");
         check_err("command: [a]\ngpu: 1\n", "unknown field `gpu`");
-        check_err("command: [a]\nresources: {gpu_memory: -1}\n", "resources.gpu_memory: must not be negative");
-        check_err("command: [a]\nresources: {gpu_memory: 12 parsecs}\n", "resources.gpu_memory");
-        check_err("command: [a]\nresources: {gpus: -2}\n", "resources.gpus: must not be negative");
-        check_err("command: [a]\nretry: {max_attempts: 0}\n", "retry.max_attempts: must be at least 1");
+        check_err(
+            "command: [a]\nresources: {gpu_memory: -1}\n",
+            "resources.gpu_memory: must not be negative",
+        );
+        check_err(
+            "command: [a]\nresources: {gpu_memory: 12 parsecs}\n",
+            "resources.gpu_memory",
+        );
+        check_err(
+            "command: [a]\nresources: {gpus: -2}\n",
+            "resources.gpus: must not be negative",
+        );
+        check_err(
+            "command: [a]\nretry: {max_attempts: 0}\n",
+            "retry.max_attempts: must be at least 1",
+        );
         check_err("command: [a]\ntimeout: soon\n", "timeout");
         check_err("kind: selfplay\n", "missing field `command`");
         check_err("42\n", "expected a job");

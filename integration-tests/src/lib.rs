@@ -27,7 +27,11 @@ pub fn gantry_bin() -> PathBuf {
 }
 
 /// Polls `predicate` every 50 ms until it returns `Some`, or fails after `timeout`.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut predicate: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+pub fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut predicate: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = predicate() {
@@ -81,7 +85,9 @@ impl Proc {
 
     /// SIGTERM, wait up to `grace`, then SIGKILL.
     pub fn stop(&mut self, grace: Duration) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
@@ -96,7 +102,9 @@ impl Proc {
 
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 
@@ -114,7 +122,12 @@ pub struct CliOutput {
 impl CliOutput {
     /// Parses stdout as JSON.
     pub fn json(&self) -> anyhow::Result<Value> {
-        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not JSON: {:?} (stderr {:?})", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).with_context(|| {
+            format!(
+                "stdout is not JSON: {:?} (stderr {:?})",
+                self.stdout, self.stderr
+            )
+        })
     }
 }
 
@@ -138,7 +151,10 @@ impl Sandbox {
     /// A new empty sandbox.
     pub fn new() -> anyhow::Result<Sandbox> {
         let dir = tempfile::Builder::new().prefix("gantry-it-").tempdir()?;
-        Ok(Sandbox { dir, procs: Vec::new() })
+        Ok(Sandbox {
+            dir,
+            procs: Vec::new(),
+        })
     }
 
     /// The sandbox's directory.
@@ -150,12 +166,20 @@ impl Sandbox {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
         let mut child = Command::new(gantry_bin())
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
-            .with_context(|| format!("cannot start {} (build it with cargo build)", gantry_bin().display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot start {} (build it with cargo build)",
+                    gantry_bin().display()
+                )
+            })?;
         let stdout = child.stdout.take().context("stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -165,7 +189,11 @@ impl Sandbox {
                 }
             }
         });
-        self.procs.push(Proc { name: name.to_string(), child: Some(child), lines: rx });
+        self.procs.push(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            lines: rx,
+        });
         Ok(self.procs.len() - 1)
     }
 
@@ -176,7 +204,12 @@ impl Sandbox {
 
     /// Starts a coordinator on `127.0.0.1:port` (0 = any) with its own data dir
     /// (or `data_dir` to restart on an existing one).
-    pub fn start_coordinator(&mut self, name: &str, port: u16, data_dir: Option<PathBuf>) -> anyhow::Result<CoordinatorHandle> {
+    pub fn start_coordinator(
+        &mut self,
+        name: &str,
+        port: u16,
+        data_dir: Option<PathBuf>,
+    ) -> anyhow::Result<CoordinatorHandle> {
         let data_dir = data_dir.unwrap_or_else(|| self.dir.path().join(name));
         let args = vec![
             "coordinator".to_string(),
@@ -187,11 +220,22 @@ impl Sandbox {
         ];
         let index = self.spawn(name, &args)?;
         let addr = self.procs[index].wait_line("listening grpc=", Duration::from_secs(30))?;
-        Ok(CoordinatorHandle { index, url: format!("http://{addr}"), data_dir })
+        Ok(CoordinatorHandle {
+            index,
+            url: format!("http://{addr}"),
+            data_dir,
+        })
     }
 
     /// Starts an agent with fake GPUs, advertising `address`.
-    pub fn start_agent(&mut self, name: &str, coordinators: &str, fake_gpus: &str, address: &str, labels: &[(&str, &str)]) -> anyhow::Result<usize> {
+    pub fn start_agent(
+        &mut self,
+        name: &str,
+        coordinators: &str,
+        fake_gpus: &str,
+        address: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<usize> {
         let mut args = vec![
             "agent".to_string(),
             "--name".into(),
@@ -234,8 +278,9 @@ impl Sandbox {
 
     /// Runs a client command with `-o json` and parses its output; fails on a non-zero exit.
     pub fn gantry_json(&self, url: &str, args: &[&str]) -> anyhow::Result<Value> {
+        // Right after the subcommand, so it never lands after a `--`.
         let mut all: Vec<&str> = args.to_vec();
-        all.extend(["-o", "json"]);
+        all.splice(1.min(all.len())..1.min(all.len()), ["-o", "json"]);
         let out = self.gantry(url, &all);
         if out.code != 0 {
             bail!("gantry {args:?} exited {}: {}", out.code, out.stderr.trim());
@@ -248,7 +293,9 @@ impl Sandbox {
         let mut all = vec!["submit"];
         all.extend_from_slice(args);
         let value = self.gantry_json(url, &all)?;
-        value["job_ids"][0].as_u64().context("no job id in submit output")
+        value["job_ids"][0]
+            .as_u64()
+            .context("no job id in submit output")
     }
 
     /// A job as JSON.
@@ -258,7 +305,13 @@ impl Sandbox {
 
     /// Waits until a job reaches `state`; fails early when it reaches
     /// another terminal state.
-    pub fn wait_job_state(&self, url: &str, id: u64, state: &str, timeout: Duration) -> anyhow::Result<Value> {
+    pub fn wait_job_state(
+        &self,
+        url: &str,
+        id: u64,
+        state: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
         let mut last = Value::Null;
         let result = wait_until(&format!("job {id} to be {state}"), timeout, || {
             let job = self.job(url, id).ok()?;
@@ -269,10 +322,19 @@ impl Sandbox {
     }
 
     /// Waits until the cluster lists `count` connected, ready nodes.
-    pub fn wait_nodes_ready(&self, url: &str, count: usize, timeout: Duration) -> anyhow::Result<Value> {
+    pub fn wait_nodes_ready(
+        &self,
+        url: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Value> {
         wait_until(&format!("{count} ready nodes"), timeout, || {
             let nodes = self.gantry_json(url, &["nodes"]).ok()?;
-            let ready = nodes.as_array()?.iter().filter(|n| n["state"] == "ready" && n["connected"] == true).count();
+            let ready = nodes
+                .as_array()?
+                .iter()
+                .filter(|n| n["state"] == "ready" && n["connected"] == true)
+                .count();
             (ready == count).then_some(nodes)
         })
     }
@@ -291,7 +353,9 @@ impl Drop for Sandbox {
         }
         if std::thread::panicking() || std::env::var("GANTRY_KEEP_SANDBOX").is_ok() {
             for proc in &self.procs {
-                let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", proc.name))).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.dir.path().join(format!("{}.log", proc.name)))
+                        .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();
                 eprintln!("---- {} log (last 40 lines) ----", proc.name);
                 for line in tail.into_iter().rev() {
@@ -307,7 +371,9 @@ pub fn pid_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // state is the field after the parenthesised command name
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
             state.is_some_and(|s| s != "Z" && s != "X")
         }
         Err(_) => false,
@@ -333,11 +399,17 @@ impl Sandbox {
     }
 
     /// Sends SIGINT (Ctrl-C) and waits for the exit status.
-    pub fn interrupt(&mut self, index: usize, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    pub fn interrupt(
+        &mut self,
+        index: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
         let proc = &mut self.procs[index];
         let child = proc.child.as_mut().context("already stopped")?;
         kill(Pid::from_raw(child.id() as i32), Signal::SIGINT)?;
-        let status = wait_until("exit after Ctrl-C", timeout, || child.try_wait().ok().flatten())?;
+        let status = wait_until("exit after Ctrl-C", timeout, || {
+            child.try_wait().ok().flatten()
+        })?;
         proc.child = None;
         Ok(status)
     }

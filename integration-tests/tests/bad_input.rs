@@ -8,7 +8,11 @@ use gantry_proto as pb;
 
 fn assert_nothing_stored(sandbox: &Sandbox, url: &str) {
     let jobs = sandbox.gantry_json(url, &["jobs"]).expect("jobs");
-    assert_eq!(jobs.as_array().map(Vec::len), Some(0), "nothing stored: {jobs}");
+    assert_eq!(
+        jobs.as_array().map(Vec::len),
+        Some(0),
+        "nothing stored: {jobs}"
+    );
 }
 
 #[test]
@@ -17,20 +21,68 @@ fn bad_specs_are_refused_with_the_field_named() -> anyhow::Result<()> {
     let coordinator = sandbox.start_coordinator("coordinator", 0, None)?;
     let url = coordinator.url.clone();
 
-    let huge_env = format!("command: [true]\nenv: {{BIG: \"{}\"}}\n", "x".repeat(10 << 20));
+    let huge_env = format!(
+        "command: [true]\nenv: {{BIG: \"{}\"}}\n",
+        "x".repeat(10 << 20)
+    );
     let cases: Vec<(&str, String, &str)> = vec![
-        ("malformed yaml", "command: [true\n".into(), "malformed YAML"),
-        ("unknown kind", "kind: sleeping\ncommand: [true]\n".into(), "kind: unknown kind \"sleeping\""),
-        ("negative gpu memory", "command: [true]\nresources: {gpus: 1, gpu_memory: -1}\n".into(), "resources.gpu_memory: must not be negative"),
-        ("absurd gpus", "command: [true]\nresources: {gpus: 10000}\n".into(), "resources.gpus: 10000 exceeds the maximum"),
-        ("empty command", "command: []\n".into(), "command: must not be empty"),
-        ("unknown field", "command: [true]\ngpus: 1\n".into(), "unknown field `gpus`"),
+        (
+            "malformed yaml",
+            "command: [true\n".into(),
+            "malformed YAML",
+        ),
+        (
+            "unknown kind",
+            "kind: sleeping\ncommand: [true]\n".into(),
+            "kind: unknown kind \"sleeping\"",
+        ),
+        (
+            "negative gpu memory",
+            "command: [true]\nresources: {gpus: 1, gpu_memory: -1}\n".into(),
+            "resources.gpu_memory: must not be negative",
+        ),
+        (
+            "absurd gpus",
+            "command: [true]\nresources: {gpus: 10000}\n".into(),
+            "resources.gpus: 10000 exceeds the maximum",
+        ),
+        (
+            "empty command",
+            "command: []\n".into(),
+            "command: must not be empty",
+        ),
+        (
+            "unknown field",
+            "command: [true]\ngpus: 1\n".into(),
+            "unknown field `gpus`",
+        ),
         ("10 MB spec", huge_env, "larger than the 4MiB limit"),
-        ("retry zero", "command: [true]\nretry: {max_attempts: 0}\n".into(), "retry.max_attempts"),
-        ("retry million", "command: [true]\nretry: {max_attempts: 1000000}\n".into(), "retry.max_attempts: 1000000 exceeds"),
-        ("after unknown", "- {name: a, command: [true], after: [b]}\n".into(), "after: no job named \"b\""),
-        ("cycle", "- {name: a, command: [true], after: [b]}\n- {name: b, command: [true], after: [a]}\n".into(), "cycle"),
-        ("reserved env", "command: [true]\nenv: {GANTRY_JOB_ID: 3}\n".into(), "env.GANTRY_JOB_ID"),
+        (
+            "retry zero",
+            "command: [true]\nretry: {max_attempts: 0}\n".into(),
+            "retry.max_attempts",
+        ),
+        (
+            "retry million",
+            "command: [true]\nretry: {max_attempts: 1000000}\n".into(),
+            "retry.max_attempts: 1000000 exceeds",
+        ),
+        (
+            "after unknown",
+            "- {name: a, command: [true], after: [b]}\n".into(),
+            "after: no job named \"b\"",
+        ),
+        (
+            "cycle",
+            "- {name: a, command: [true], after: [b]}\n- {name: b, command: [true], after: [a]}\n"
+                .into(),
+            "cycle",
+        ),
+        (
+            "reserved env",
+            "command: [true]\nenv: {GANTRY_JOB_ID: 3}\n".into(),
+            "env.GANTRY_JOB_ID",
+        ),
     ];
     for (what, text, expected) in cases {
         let path = sandbox.path().join("spec.yaml");
@@ -39,12 +91,18 @@ fn bad_specs_are_refused_with_the_field_named() -> anyhow::Result<()> {
         assert_eq!(out.code, 2, "{what}: exit code 2 expected, got {out:?}");
         let stderr = out.stderr.trim();
         assert_eq!(stderr.lines().count(), 1, "{what}: one line: {stderr:?}");
-        assert!(stderr.contains(expected), "{what}: {stderr:?} should contain {expected:?}");
+        assert!(
+            stderr.contains(expected),
+            "{what}: {stderr:?} should contain {expected:?}"
+        );
         assert_nothing_stored(&sandbox, &url);
     }
 
     // Flags get the same treatment.
-    let out = sandbox.gantry(&url, &["submit", "--gpus", "1", "--gpu-memory", "-1", "--", "true"]);
+    let out = sandbox.gantry(
+        &url,
+        &["submit", "--gpus", "1", "--gpu-memory", "-1", "--", "true"],
+    );
     assert_eq!(out.code, 2, "{out:?}");
     let out = sandbox.gantry(&url, &["submit", "--gpus", "1"]);
     assert_eq!(out.code, 2, "{out:?}");
@@ -58,7 +116,9 @@ fn raw_grpc_bad_input_is_invalid_argument() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
     let coordinator = sandbox.start_coordinator("coordinator", 0, None)?;
     let url = coordinator.url.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let mut client = pb::gantry_client::GantryClient::connect(url.clone())
             .await?
@@ -69,30 +129,91 @@ fn raw_grpc_bad_input_is_invalid_argument() -> anyhow::Result<()> {
             ..Default::default()
         };
         let cases = vec![
-            ("negative gpu memory", job(pb::Resources { gpus: 1, gpu_memory_bytes: -1, ..Default::default() }, vec!["true"]), "jobs[0].resources.gpu_memory"),
-            ("absurd gpus", job(pb::Resources { gpus: 10_000, ..Default::default() }, vec!["true"]), "jobs[0].resources.gpus"),
-            ("empty command", job(pb::Resources::default(), vec![]), "jobs[0].command"),
-            ("unknown kind", pb::JobSpec { kind: "nap".into(), ..job(pb::Resources::default(), vec!["true"]) }, "jobs[0].kind"),
-            ("10 MB", pb::JobSpec { command: vec!["x".repeat(10 << 20)], ..Default::default() }, "request"),
+            (
+                "negative gpu memory",
+                job(
+                    pb::Resources {
+                        gpus: 1,
+                        gpu_memory_bytes: -1,
+                        ..Default::default()
+                    },
+                    vec!["true"],
+                ),
+                "jobs[0].resources.gpu_memory",
+            ),
+            (
+                "absurd gpus",
+                job(
+                    pb::Resources {
+                        gpus: 10_000,
+                        ..Default::default()
+                    },
+                    vec!["true"],
+                ),
+                "jobs[0].resources.gpus",
+            ),
+            (
+                "empty command",
+                job(pb::Resources::default(), vec![]),
+                "jobs[0].command",
+            ),
+            (
+                "unknown kind",
+                pb::JobSpec {
+                    kind: "nap".into(),
+                    ..job(pb::Resources::default(), vec!["true"])
+                },
+                "jobs[0].kind",
+            ),
+            (
+                "10 MB",
+                pb::JobSpec {
+                    command: vec!["x".repeat(10 << 20)],
+                    ..Default::default()
+                },
+                "request",
+            ),
         ];
         for (what, spec, field) in cases {
             let status = client
-                .submit(pb::SubmitRequest { jobs: vec![spec], submission_key: String::new() })
+                .submit(pb::SubmitRequest {
+                    jobs: vec![spec],
+                    submission_key: String::new(),
+                })
                 .await
                 .expect_err(what);
-            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
-            assert!(status.message().starts_with(field), "{what}: {:?}", status.message());
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "{what}: {status:?}"
+            );
+            assert!(
+                status.message().starts_with(field),
+                "{what}: {:?}",
+                status.message()
+            );
         }
-        let jobs = client.list_jobs(pb::ListJobsRequest::default()).await?.into_inner().jobs;
+        let jobs = client
+            .list_jobs(pb::ListJobsRequest::default())
+            .await?
+            .into_inner()
+            .jobs;
         assert!(jobs.is_empty(), "nothing stored");
 
         // Idempotent submit: the same key gives the same ids, once.
         let spec = job(pb::Resources::default(), vec!["true"]);
-        let request = pb::SubmitRequest { jobs: vec![spec], submission_key: "retry-me".into() };
+        let request = pb::SubmitRequest {
+            jobs: vec![spec],
+            submission_key: "retry-me".into(),
+        };
         let first = client.submit(request.clone()).await?.into_inner().job_ids;
         let second = client.submit(request).await?.into_inner().job_ids;
         assert_eq!(first, second);
-        let jobs = client.list_jobs(pb::ListJobsRequest::default()).await?.into_inner().jobs;
+        let jobs = client
+            .list_jobs(pb::ListJobsRequest::default())
+            .await?
+            .into_inner()
+            .jobs;
         assert_eq!(jobs.len(), 1);
         anyhow::Ok(())
     })?;

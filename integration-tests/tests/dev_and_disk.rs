@@ -11,20 +11,57 @@ fn gantry_dev_runs_a_job_and_stops_cleanly_on_ctrl_c() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
     let (dev, url) = sandbox.start_dev("dev", "2xH100-80GiB")?;
     sandbox.wait_nodes_ready(&url, 1, T)?;
-    let id = sandbox.submit(&url, &["--kind", "selfplay", "--gpus", "1", "--gpu-memory", "8GiB", "--", "sh", "-c", "echo batch $GANTRY_BATCH_SIZE on $CUDA_VISIBLE_DEVICES"])?;
+    let id = sandbox.submit(
+        &url,
+        &[
+            "--kind",
+            "selfplay",
+            "--gpus",
+            "1",
+            "--gpu-memory",
+            "8GiB",
+            "--",
+            "sh",
+            "-c",
+            "echo batch $GANTRY_BATCH_SIZE on $CUDA_VISIBLE_DEVICES",
+        ],
+    )?;
     sandbox.wait_job_state(&url, id, "succeeded", T)?;
     let logs = sandbox.gantry(&url, &["logs", &id.to_string()]);
-    assert!(logs.stdout.contains("on 0") || logs.stdout.contains("on 1"), "{logs:?}");
+    assert!(
+        logs.stdout.contains("on 0") || logs.stdout.contains("on 1"),
+        "{logs:?}"
+    );
 
     // A long job is running when Ctrl-C arrives: it must be stopped with the daemon.
     let pidfile = sandbox.path().join("long.pid");
     let script = format!("echo $$ > {}; sleep 1000", pidfile.display());
-    let long = sandbox.submit(&url, &["--gpus", "1", "--gpu-memory", "8GiB", "--", "sh", "-c", &script])?;
+    let long = sandbox.submit(
+        &url,
+        &[
+            "--gpus",
+            "1",
+            "--gpu-memory",
+            "8GiB",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )?;
     sandbox.wait_job_state(&url, long, "running", T)?;
-    let pid: i32 = wait_until("pid file", T, || std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok())?;
+    let pid: i32 = wait_until("pid file", T, || {
+        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    })?;
     let status = sandbox.interrupt(dev, T)?;
-    assert!(status.success(), "gantry dev exits 0 on Ctrl-C: {status:?}\n{}", sandbox.log("dev"));
-    wait_until("the job's process to stop", T, || (!pid_alive(pid)).then_some(()))?;
+    assert!(
+        status.success(),
+        "gantry dev exits 0 on Ctrl-C: {status:?}\n{}",
+        sandbox.log("dev")
+    );
+    wait_until("the job's process to stop", T, || {
+        (!pid_alive(pid)).then_some(())
+    })?;
 
     // Everything acknowledged is still there after a restart on the same data.
     let (_, url) = sandbox.start_dev("dev", "2xH100-80GiB")?;
@@ -40,34 +77,83 @@ fn selfplay_avoids_a_node_whose_disk_is_above_the_watermark() -> anyhow::Result<
     let url = coordinator.url.clone();
     // Both nodes fit; "full" has the better-fitting GPU, so only disk pressure keeps selfplay off it.
     std::fs::create_dir_all(sandbox.agent_dir("full"))?;
-    std::fs::write(sandbox.agent_dir("full").join("fake-state.json"), r#"{"disk_used_bytes": 900, "disk_total_bytes": 1000}"#)?;
+    std::fs::write(
+        sandbox.agent_dir("full").join("fake-state.json"),
+        r#"{"disk_used_bytes": 900, "disk_total_bytes": 1000}"#,
+    )?;
     sandbox.start_agent("full", &url, "1xRTX4090-24GiB", "127.0.0.2", &[])?;
     sandbox.start_agent("roomy", &url, "1xH100-80GiB", "127.0.0.3", &[])?;
     sandbox.wait_nodes_ready(&url, 2, T)?;
     wait_until("disk pressure on full", T, || {
         let nodes = sandbox.gantry_json(&url, &["nodes"]).ok()?;
-        nodes.as_array()?.iter().any(|n| n["name"] == "full" && n["disk_pressure"] == true).then_some(())
+        nodes
+            .as_array()?
+            .iter()
+            .any(|n| n["name"] == "full" && n["disk_pressure"] == true)
+            .then_some(())
     })?;
     for _ in 0..3 {
-        let id = sandbox.submit(&url, &["--kind", "selfplay", "--gpus", "1", "--gpu-memory", "4GiB", "--", "true"])?;
+        let id = sandbox.submit(
+            &url,
+            &[
+                "--kind",
+                "selfplay",
+                "--gpus",
+                "1",
+                "--gpu-memory",
+                "4GiB",
+                "--",
+                "true",
+            ],
+        )?;
         let job = sandbox.wait_job_state(&url, id, "succeeded", T)?;
         assert_eq!(job["attempts"][0]["node"], "roomy", "{job}");
     }
     // Training is a consumer: it may still use the pressured node.
-    let id = sandbox.submit(&url, &["--kind", "training", "--gpus", "1", "--gpu-memory", "20GiB", "--", "true"])?;
+    let id = sandbox.submit(
+        &url,
+        &[
+            "--kind",
+            "training",
+            "--gpus",
+            "1",
+            "--gpu-memory",
+            "20GiB",
+            "--",
+            "true",
+        ],
+    )?;
     sandbox.wait_job_state(&url, id, "succeeded", T)?;
 
     // With the roomy node drained, selfplay is held with the reason, not lost.
     let out = sandbox.gantry(&url, &["drain", "roomy"]);
     assert_eq!(out.code, 0, "{out:?}");
-    let held = sandbox.submit(&url, &["--kind", "selfplay", "--gpus", "1", "--gpu-memory", "4GiB", "--", "true"])?;
+    let held = sandbox.submit(
+        &url,
+        &[
+            "--kind",
+            "selfplay",
+            "--gpus",
+            "1",
+            "--gpu-memory",
+            "4GiB",
+            "--",
+            "true",
+        ],
+    )?;
     let job = wait_until("a backpressure reason", T, || {
         let job = sandbox.job(&url, held).ok()?;
-        job["reason"].as_str()?.contains("disk backpressure").then_some(job)
+        job["reason"]
+            .as_str()?
+            .contains("disk backpressure")
+            .then_some(job)
     })?;
     assert_eq!(job["state"], "pending");
     // Pressure clears below the low watermark and the job runs.
-    std::fs::write(sandbox.agent_dir("full").join("fake-state.json"), r#"{"disk_used_bytes": 500, "disk_total_bytes": 1000}"#)?;
+    std::fs::write(
+        sandbox.agent_dir("full").join("fake-state.json"),
+        r#"{"disk_used_bytes": 500, "disk_total_bytes": 1000}"#,
+    )?;
     let job = sandbox.wait_job_state(&url, held, "succeeded", T)?;
     assert_eq!(job["attempts"][0]["node"], "full");
     Ok(())

@@ -33,11 +33,10 @@ pub fn choose_batch(policy: &BatchPolicy, free: u64, explicit: Option<u64>) -> O
         None => free,
     };
     let room = budget.checked_sub(model.base)?;
-    let by_memory = if model.per_sample == 0 {
-        u64::from(model.max)
-    } else {
-        room / model.per_sample
-    };
+    // A model with no per-sample cost fits its largest batch.
+    let by_memory = room
+        .checked_div(model.per_sample)
+        .unwrap_or(u64::from(model.max));
     // The min() keeps the value within u32, so the cast cannot truncate.
     let mut size = by_memory.min(u64::from(model.max.max(model.min))) as u32;
     if model.multiple_of > 1 {
@@ -63,7 +62,10 @@ pub fn choose_batch(policy: &BatchPolicy, free: u64, explicit: Option<u64>) -> O
 /// `choose_batch` is monotone in `free` (more memory never turns a fit into
 /// a miss), which is what lets the placement index search by this bound.
 pub fn min_free_needed(policy: &BatchPolicy, explicit: Option<u64>) -> Option<u64> {
-    smallest_free(|free| choose_batch(policy, free, explicit).is_some(), candidates(policy, explicit))
+    smallest_free(
+        |free| choose_batch(policy, free, explicit).is_some(),
+        candidates(policy, explicit),
+    )
 }
 
 /// The least effective free memory that gives the job the largest batch it
@@ -85,10 +87,16 @@ fn candidates(policy: &BatchPolicy, explicit: Option<u64>) -> Vec<u64> {
     out.extend(explicit);
     if let Some(model) = &policy.model {
         let step = u64::from(model.multiple_of.max(1));
-        let smallest = u64::from(model.min.max(1)).div_ceil(step).saturating_mul(step);
+        let smallest = u64::from(model.min.max(1))
+            .div_ceil(step)
+            .saturating_mul(step);
         let largest = u64::from(model.max.max(model.min));
         for size in [smallest, largest - largest % step] {
-            out.push(model.base.saturating_add(model.per_sample.saturating_mul(size)));
+            out.push(
+                model
+                    .base
+                    .saturating_add(model.per_sample.saturating_mul(size)),
+            );
         }
     }
     out.push(0);
@@ -227,5 +235,69 @@ mod tests {
         );
         // below min.
         assert_eq!(choose_batch(&policy, 5 * GIB, None), None);
+    }
+
+    #[test]
+    fn least_free_that_fits() {
+        let model = |multiple_of: u32| BatchPolicy {
+            model: Some(MemoryModel {
+                base: 4 * GIB,
+                per_sample: 64 << 20,
+                min: 33,
+                max: 1024,
+                multiple_of,
+            }),
+            ..Default::default()
+        };
+        let catch_all_first = BatchPolicy {
+            tiers: vec![
+                BatchTier {
+                    min_free: None,
+                    size: 128,
+                },
+                BatchTier {
+                    min_free: Some(32 * GIB),
+                    size: 512,
+                },
+            ],
+            ..Default::default()
+        };
+        // (policy, explicit, min_free_needed, free_for_largest)
+        type Case = (BatchPolicy, Option<u64>, Option<u64>, Option<u64>);
+        let cases: Vec<Case> = vec![
+            (users_rule(), None, Some(16 * GIB), Some(32 * GIB)),
+            (users_rule(), Some(12 * GIB), Some(12 * GIB), Some(32 * GIB)),
+            (users_rule(), Some(40 * GIB), Some(40 * GIB), Some(40 * GIB)),
+            (catch_all_first.clone(), None, None, None),
+            (catch_all_first, Some(GIB), Some(GIB), Some(GIB)),
+            // 33 samples round up to 64 with multiple_of 32: 4 GiB + 64 * 64 MiB.
+            (model(32), None, Some(8 * GIB), Some(68 * GIB)),
+            (
+                model(1),
+                None,
+                Some(4 * GIB + 33 * (64 << 20)),
+                Some(68 * GIB),
+            ),
+            (model(32), Some(10 * GIB), Some(10 * GIB), Some(10 * GIB)),
+            (model(32), Some(5 * GIB), None, None),
+            (BatchPolicy::default(), None, None, None),
+        ];
+        for (policy, explicit, least, largest) in cases {
+            assert_eq!(
+                min_free_needed(&policy, explicit),
+                least,
+                "least for {policy:?} {explicit:?}"
+            );
+            assert_eq!(
+                free_for_largest(&policy, explicit),
+                largest,
+                "largest for {policy:?} {explicit:?}"
+            );
+            // The bound is exact: one byte less does not fit.
+            if let Some(least) = least.filter(|&l| l > 0) {
+                assert!(choose_batch(&policy, least, explicit).is_some());
+                assert!(choose_batch(&policy, least - 1, explicit).is_none());
+            }
+        }
     }
 }

@@ -141,7 +141,9 @@ impl HostFree {
     /// What a node has left before this pass.
     pub fn of(node: &NodeView) -> Self {
         HostFree {
-            cpu_millis: node.cpu_millis_total.saturating_sub(node.cpu_millis_reserved),
+            cpu_millis: node
+                .cpu_millis_total
+                .saturating_sub(node.cpu_millis_reserved),
             memory: node.memory_total.saturating_sub(node.memory_reserved),
             disk: node
                 .disk_total
@@ -299,21 +301,41 @@ mod tests {
 
     #[test]
     fn labels() {
-        fn check(node_labels: &[(&str, &str)], provider: &str, wanted: &[(&str, &str)], expected: bool) {
+        fn check(
+            node_labels: &[(&str, &str)],
+            provider: &str,
+            wanted: &[(&str, &str)],
+            expected: bool,
+        ) {
             let node = NodeView {
-                labels: node_labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                labels: node_labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 provider: provider.into(),
                 ..ready()
             };
-            let wanted = wanted.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            assert_eq!(LabelChecker::matches(&node, &wanted), expected, "{node_labels:?} vs {wanted:?}");
+            let wanted = wanted
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            assert_eq!(
+                LabelChecker::matches(&node, &wanted),
+                expected,
+                "{node_labels:?} vs {wanted:?}"
+            );
         }
         check(&[], "", &[], true);
         check(&[("zone", "a")], "", &[("zone", "a")], true);
         check(&[("zone", "a")], "", &[("zone", "b")], false);
         check(&[("zone", "a")], "", &[("zone", "a"), ("rack", "1")], false);
         check(&[], "lambda", &[("provider", "lambda")], true);
-        check(&[("provider", "vast")], "lambda", &[("provider", "lambda")], false);
+        check(
+            &[("provider", "vast")],
+            "lambda",
+            &[("provider", "lambda")],
+            false,
+        );
         check(&[], "", &[("provider", "lambda")], false);
     }
 
@@ -321,7 +343,11 @@ mod tests {
     fn gpu_models() {
         fn check(model: &str, wanted: &[&str], expected: bool) {
             let wanted: Vec<String> = wanted.iter().map(|w| w.to_string()).collect();
-            assert_eq!(GpuModelChecker::matches(model, &wanted), expected, "{model} vs {wanted:?}");
+            assert_eq!(
+                GpuModelChecker::matches(model, &wanted),
+                expected,
+                "{model} vs {wanted:?}"
+            );
         }
         check("H100-80GiB", &[], true);
         check("H100-80GiB", &["H100"], true);
@@ -436,12 +462,24 @@ mod tests {
         let checker = LockChecker::new(&held);
         let conflict = |j: &JobRequest| checker.conflict(j).map(|r| r.to_string());
         let cases = [
-            (job(1, vec![lock("model/a", LockMode::Shared)]), Some("lock model/a held by job 812")),
-            (job(1, vec![lock("model/a", LockMode::Exclusive)]), Some("lock model/a held by job 812")),
+            (
+                job(1, vec![lock("model/a", LockMode::Shared)]),
+                Some("lock model/a held by job 812"),
+            ),
+            (
+                job(1, vec![lock("model/a", LockMode::Exclusive)]),
+                Some("lock model/a held by job 812"),
+            ),
             (job(812, vec![lock("model/a", LockMode::Exclusive)]), None),
             (job(1, vec![lock("model/b", LockMode::Shared)]), None),
-            (job(1, vec![lock("model/b", LockMode::Exclusive)]), Some("lock model/b held by job 7")),
-            (job(7, vec![lock("model/b", LockMode::Exclusive)]), Some("lock model/b held by job 9")),
+            (
+                job(1, vec![lock("model/b", LockMode::Exclusive)]),
+                Some("lock model/b held by job 7"),
+            ),
+            (
+                job(7, vec![lock("model/b", LockMode::Exclusive)]),
+                Some("lock model/b held by job 9"),
+            ),
             (job(1, vec![lock("model/c", LockMode::Exclusive)]), None),
             (job(1, vec![]), None),
         ];
@@ -457,13 +495,27 @@ mod tests {
         checker.grant(&writer);
         checker.grant(&reader);
         let cases = [
-            (job(22, vec![lock("model/c", LockMode::Exclusive)]), Some("lock model/c held by job 20")),
-            (job(22, vec![lock("model/c", LockMode::Shared)]), Some("lock model/c held by job 20")),
+            (
+                job(22, vec![lock("model/c", LockMode::Exclusive)]),
+                Some("lock model/c held by job 20"),
+            ),
+            (
+                job(22, vec![lock("model/c", LockMode::Shared)]),
+                Some("lock model/c held by job 20"),
+            ),
             (job(22, vec![lock("model/d", LockMode::Shared)]), None),
-            (job(22, vec![lock("model/d", LockMode::Exclusive)]), Some("lock model/d held by job 21")),
+            (
+                job(22, vec![lock("model/d", LockMode::Exclusive)]),
+                Some("lock model/d held by job 21"),
+            ),
         ];
         for (j, expected) in cases {
-            assert_eq!(checker.conflict(&j).map(|r| r.to_string()).as_deref(), expected, "{:?}", j.locks);
+            assert_eq!(
+                checker.conflict(&j).map(|r| r.to_string()).as_deref(),
+                expected,
+                "{:?}",
+                j.locks
+            );
         }
     }
 }

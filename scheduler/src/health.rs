@@ -47,7 +47,8 @@ impl FailureRecord {
         }
         self.trips = self.trips.saturating_add(1);
         let factor = 1u64 << (self.trips - 1).min(3);
-        self.quarantined_until_ms = now_ms.saturating_add(policy.cool_down_ms.saturating_mul(factor));
+        self.quarantined_until_ms =
+            now_ms.saturating_add(policy.cool_down_ms.saturating_mul(factor));
         // Half-open after the cool-down: one more failure re-trips.
         self.consecutive_failures = policy.trip_after.max(1) - 1;
         true
@@ -136,7 +137,11 @@ mod tests {
             }
         }
         assert_eq!(
-            (tripped, record.quarantined_until_ms, record.recent_failures()),
+            (
+                tripped,
+                record.quarantined_until_ms,
+                record.recent_failures()
+            ),
             expected,
             "script {script}"
         );

@@ -9,6 +9,7 @@
 use std::cmp::Reverse;
 use std::collections::HashMap;
 
+use crate::hash::FxBuild;
 use crate::model::{JobRequest, Policy};
 
 /// Orders a queue for a pass. Returns indices into `queue`, first to place
@@ -17,16 +18,18 @@ use crate::model::{JobRequest, Policy};
 /// pressure drains. Deterministic: ties end on the job id.
 pub fn queue_order(queue: &[JobRequest], policy: &Policy, favour_consumers: bool) -> Vec<usize> {
     // Queue names become small integers once, so the sorts compare integers.
-    let mut names: HashMap<&str, (u32, u64)> = HashMap::new();
-    for job in queue {
-        let next = names.len() as u32;
-        names.entry(job.queue.as_str()).or_insert_with(|| {
-            let weight = policy.queue_weights.get(&job.queue).copied().unwrap_or(1);
-            (next, u64::from(weight.max(1)))
-        });
-    }
+    let mut names: HashMap<&str, (u32, u64), FxBuild> = HashMap::default();
+    let ids: Vec<(u32, u64)> = queue
+        .iter()
+        .map(|job| {
+            let next = names.len() as u32;
+            *names.entry(job.queue.as_str()).or_insert_with(|| {
+                let weight = policy.queue_weights.get(&job.queue).copied().unwrap_or(1);
+                (next, u64::from(weight.max(1)))
+            })
+        })
+        .collect();
     let class = |job: &JobRequest| u8::from(favour_consumers && !job.kind.consumes_data());
-    let lookup = |job: &JobRequest| names.get(job.queue.as_str()).copied().unwrap_or((0, 1));
 
     // First sort: group by (priority, class, queue), oldest first in each,
     // to find every job's rank in its queue.
@@ -34,8 +37,14 @@ pub fn queue_order(queue: &[JobRequest], policy: &Policy, favour_consumers: bool
         .iter()
         .enumerate()
         .map(|(i, job)| {
-            let (queue_id, _) = lookup(job);
-            (Reverse(job.priority), class(job), queue_id, job.submitted_at_ms, job.id, i)
+            (
+                Reverse(job.priority),
+                class(job),
+                ids[i].0,
+                job.submitted_at_ms,
+                job.id,
+                i,
+            )
         })
         .collect();
     by_queue.sort_unstable();
@@ -49,8 +58,7 @@ pub fn queue_order(queue: &[JobRequest], policy: &Policy, favour_consumers: bool
             group = Some((priority, class, queue_id));
             rank = 0;
         }
-        let (_, weight) = lookup(&queue[i]);
-        keyed.push((priority, class, rank / weight, submitted, id, i));
+        keyed.push((priority, class, rank / ids[i].1, submitted, id, i));
         rank += 1;
     }
     keyed.sort_unstable();
@@ -92,7 +100,12 @@ mod tests {
 
     #[test]
     fn priority_then_age() {
-        check(&[(1, 0, "", 10, S), (2, 5, "", 20, S), (3, 0, "", 5, S)], &[], false, &[2, 3, 1]);
+        check(
+            &[(1, 0, "", 10, S), (2, 5, "", 20, S), (3, 0, "", 5, S)],
+            &[],
+            false,
+            &[2, 3, 1],
+        );
         // Same age: the id decides.
         check(&[(9, 0, "", 10, S), (4, 0, "", 10, S)], &[], false, &[4, 9]);
     }
@@ -118,7 +131,12 @@ mod tests {
 
     #[test]
     fn consumers_first_under_fleet_pressure() {
-        let rows = [(1, 0, "", 1, S), (2, 0, "", 2, X), (3, 0, "", 3, T), (4, 1, "", 4, S)];
+        let rows = [
+            (1, 0, "", 1, S),
+            (2, 0, "", 2, X),
+            (3, 0, "", 3, T),
+            (4, 1, "", 4, S),
+        ];
         check(&rows, &[], false, &[4, 1, 2, 3]);
         check(&rows, &[], true, &[4, 2, 3, 1]);
     }

@@ -1,272 +1,291 @@
-//! A scheduling pass: order the queue, filter nodes, pick GPUs, record reasons.
+//! A scheduling pass: order the queue, then for each job filter, score and
+//! select through the free-memory index, reserve, and record a reason for
+//! every job left waiting.
+//!
+//! Selection (lexicographic, best first):
+//! 1. for shareable jobs, a GPU other jobs already share beats an idle one
+//!    (fill partly used GPUs first, keep whole GPUs free for training);
+//! 2. bin-packing: the least effective free memory that still fits, in
+//!    steps of `Policy::pack_granularity`;
+//! 3. node health: fewer recent failures, then lower RTT;
+//! 4. node name, then device index (the deterministic tie-break).
+//!
+//! `prefer_largest` jobs first look for a GPU that gives their largest
+//! batch (best fit among those), else take the GPU with the most memory.
+//! Multi-GPU jobs take GPUs of one model on one node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::batch::{BatchChoice, choose_batch};
-use crate::model::{
-    ClusterSnapshot, HoldReason, JobRequest, LockHolders, LockMode, NodeState, NodeView, Placement,
-    Plan, Unplaced,
-};
-use crate::units::format_bytes;
+use crate::batch::{BatchChoice, choose_batch, free_for_largest, min_free_needed};
+use crate::disk::FleetPressure;
+use crate::explain::explain;
+use crate::filter::LockChecker;
+use crate::hash::FxBuild;
+use crate::index::{Dir, FreeIndex, Query, Restrict};
+use crate::model::{ClusterSnapshot, HoldReason, JobKind, JobRequest, Placement, Plan, Unplaced};
+use crate::order::queue_order;
+
+/// How a pass searches for candidates. Both give the same plan; the full
+/// scan exists as the test oracle for the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Search {
+    /// Ordered indexes by free memory, updated as the pass assigns:
+    /// near O(log n) per job.
+    #[default]
+    Indexed,
+    /// Evaluate every eligible node for every job: O(n) per job.
+    FullScan,
+}
 
 /// Runs one scheduling pass over `queue` against `snapshot`. Deterministic:
-/// the same input gives the same plan.
+/// the same input gives the same plan, whatever the order of
+/// `snapshot.nodes`. Every job of `queue` appears exactly once, in
+/// `placements` or in `unplaced`.
 pub fn plan(snapshot: &ClusterSnapshot, queue: &[JobRequest]) -> Plan {
-    let mut nodes = snapshot.nodes.clone();
-    nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut locks = snapshot.locks.clone();
-    let mut order: Vec<&JobRequest> = queue.iter().collect();
-    order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+    plan_with(snapshot, queue, Search::Indexed)
+}
 
-    let mut plan = Plan::default();
-    for job in order {
-        if plan.placements.len() >= snapshot.policy.max_placements_per_pass {
-            plan.unplaced.push(Unplaced {
-                job: job.id,
-                reason: HoldReason::PassBudget,
-            });
+/// [`plan`] with an explicit search strategy.
+pub fn plan_with(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -> Plan {
+    let policy = &snapshot.policy;
+    let with_labels = queue.iter().any(|j| !j.constraints.labels.is_empty());
+    let mut index = FreeIndex::build(snapshot, with_labels);
+    let fleet = FleetPressure::measure(&snapshot.nodes);
+    let fleet_pressured = fleet.is_pressured(policy.fleet_pressure_fraction);
+    let mut locks = LockChecker::new(&snapshot.locks);
+    // Shapes that failed earlier in this pass fail again: the pass only ever
+    // takes resources, never frees them. Keyed by everything that decides
+    // feasibility; a fixed hasher keeps the pass free of randomness.
+    let mut failed: HashMap<Shape<'_>, HoldReason, FxBuild> = HashMap::default();
+
+    let mut out = Plan::default();
+    for i in queue_order(queue, policy, fleet_pressured) {
+        let job = &queue[i];
+        let hold = |reason| Unplaced {
+            job: job.id,
+            reason,
+        };
+        if out.placements.len() >= policy.max_placements_per_pass {
+            out.unplaced.push(hold(HoldReason::PassBudget));
             continue;
         }
-        match place_job(snapshot, &mut nodes, &locks, job) {
-            Ok(placement) => {
-                for lock in &job.locks {
-                    let holders = locks.entry(lock.name.clone()).or_default();
-                    match lock.mode {
-                        LockMode::Exclusive => holders.exclusive = Some(job.id),
-                        LockMode::Shared => {
-                            holders.shared.insert(job.id);
-                        }
-                    }
-                }
-                plan.placements.push(placement);
+        if snapshot.nodes.is_empty() {
+            out.unplaced.push(hold(HoldReason::NoNodes));
+            continue;
+        }
+        if let Some(reason) = locks.conflict(job) {
+            out.unplaced.push(hold(reason));
+            continue;
+        }
+        if fleet_pressured && job.kind.produces_data() && !job.kind.consumes_data() {
+            out.unplaced.push(hold(HoldReason::FleetDiskBackpressure {
+                pressured: fleet.pressured,
+                nodes: fleet.nodes,
+            }));
+            continue;
+        }
+        let ask = match Ask::new(job, search) {
+            Ok(ask) => ask,
+            Err(reason) => {
+                out.unplaced.push(hold(reason));
+                continue;
             }
-            Err(reason) => plan.unplaced.push(Unplaced {
-                job: job.id,
-                reason,
-            }),
-        }
-    }
-    plan
-}
-
-fn lock_conflict(locks: &BTreeMap<String, LockHolders>, job: &JobRequest) -> Option<HoldReason> {
-    for request in &job.locks {
-        let Some(holders) = locks.get(&request.name) else {
-            continue;
         };
-        let holder = match request.mode {
-            LockMode::Shared => holders.exclusive,
-            LockMode::Exclusive => holders
-                .exclusive
-                .or_else(|| holders.shared.iter().next().copied()),
-        };
-        if let Some(holder) = holder {
-            return Some(HoldReason::LockHeld {
-                lock: request.name.clone(),
-                holder,
-            });
-        }
-    }
-    None
-}
-
-fn gpu_model_matches(model: &str, wanted: &[String]) -> bool {
-    wanted.is_empty()
-        || wanted.iter().any(|w| {
-            model
-                .to_ascii_lowercase()
-                .starts_with(&w.to_ascii_lowercase())
-        })
-}
-
-fn node_eligible(snapshot: &ClusterSnapshot, node: &NodeView, job: &JobRequest) -> bool {
-    node.state == NodeState::Ready
-        && !node.draining
-        && node.heard_from
-        && node.quarantined_until_ms <= snapshot.now_ms
-        && job
-            .constraints
-            .labels
-            .iter()
-            .all(|(k, v)| node.labels.get(k) == Some(v))
-        && node
-            .cpu_millis_total
-            .saturating_sub(node.cpu_millis_reserved)
-            >= job.resources.cpu_millis
-        && node.memory_total.saturating_sub(node.memory_reserved) >= job.resources.memory
-        && node
-            .disk_total
-            .saturating_sub(node.disk_used)
-            .saturating_sub(node.disk_reserved)
-            >= job.resources.disk
-}
-
-struct Candidate {
-    node: usize,
-    gpus: Vec<u32>,
-    choice: Option<BatchChoice>,
-    reserve: u64,
-    leftover: u64,
-}
-
-fn place_job(
-    snapshot: &ClusterSnapshot,
-    nodes: &mut [NodeView],
-    locks: &BTreeMap<String, LockHolders>,
-    job: &JobRequest,
-) -> Result<Placement, HoldReason> {
-    if nodes.is_empty() {
-        return Err(HoldReason::NoNodes);
-    }
-    if let Some(conflict) = lock_conflict(locks, job) {
-        return Err(conflict);
-    }
-    let headroom = snapshot.policy.gpu_headroom;
-    let need = job.resources.gpus as usize;
-    let mut best: Option<Candidate> = None;
-    let mut best_miss: Option<(u64, &str)> = None;
-    let mut eligible = 0usize;
-    let mut pressured = 0usize;
-    for (i, node) in nodes.iter().enumerate() {
-        if !node_eligible(snapshot, node, job) {
+        let shape = Shape::of(&ask);
+        if let Some(reason) = failed.get(&shape) {
+            out.unplaced.push(hold(reason.clone()));
             continue;
         }
-        let mut usable: Vec<(u64, u32)> = node
-            .gpus
-            .iter()
-            .filter(|g| gpu_model_matches(&g.model, &job.constraints.gpu_models))
-            .filter(|g| !g.exclusive && (!job.exclusive_gpu || g.jobs == 0))
-            .map(|g| (g.effective_free(headroom), g.index))
-            .collect();
-        if usable.len() < need {
-            continue;
-        }
-        // Smallest free first: bin-pack into partly used GPUs.
-        usable.sort();
-        let fit = if need == 0 {
-            Some((Vec::new(), None, 0, 0))
-        } else {
-            let mut found = None;
-            for window_start in 0..=usable.len() - need {
-                let window = &usable[window_start..window_start + need];
-                let free = window[0].0;
-                let choice = match &job.batch {
-                    Some(policy) => choose_batch(policy, free, job.resources.gpu_memory),
-                    None => job
-                        .resources
-                        .gpu_memory
-                        .filter(|m| *m <= free)
-                        .map(|m| BatchChoice {
-                            size: 0,
-                            reserve: m,
-                        }),
-                };
-                let choice = match (choice, &job.batch, job.resources.gpu_memory) {
-                    (Some(c), _, _) => Some(c),
-                    // No memory ask and no batch policy: reserve nothing but the GPU.
-                    (None, None, None) => Some(BatchChoice {
-                        size: 0,
-                        reserve: 0,
-                    }),
-                    _ => None,
-                };
-                match choice {
-                    Some(c) => {
-                        let gpus = window.iter().map(|(_, idx)| *idx).collect();
-                        found = Some((
-                            gpus,
-                            job.batch.as_ref().map(|_| c),
-                            c.reserve,
-                            free - c.reserve,
-                        ));
-                        break;
-                    }
-                    None => {
-                        if best_miss.is_none_or(|(f, _)| free > f) {
-                            best_miss = Some((usable[usable.len() - 1].0, node.name.as_str()));
-                        }
-                    }
-                }
+        match select(&mut index, &ask) {
+            Some(placement) => {
+                locks.grant(job);
+                out.placements.push(placement);
             }
-            found
-        };
-        let Some((gpus, choice, reserve, leftover)) = fit else {
-            continue;
-        };
-        eligible += 1;
-        if job.kind.produces_data() && node.disk_pressure {
-            pressured += 1;
-            continue;
+            None => {
+                let reason = explain(&mut index, &ask);
+                failed.insert(shape, reason.clone());
+                out.unplaced.push(hold(reason));
+            }
         }
-        let better = match &best {
-            None => true,
-            Some(b) => {
-                let prefer_largest = job.batch.as_ref().is_some_and(|p| p.prefer_largest);
-                let (size_a, size_b) =
-                    (choice.map_or(0, |c| c.size), b.choice.map_or(0, |c| c.size));
-                if prefer_largest && size_a != size_b {
-                    size_a > size_b
+    }
+    out
+}
+
+/// One job's request, digested for the search: how much free memory each
+/// GPU needs, and which filters apply.
+#[derive(Debug, Clone)]
+pub(crate) struct Ask<'q> {
+    pub job: &'q JobRequest,
+    /// Least effective free memory per GPU on which the job fits.
+    pub need: u64,
+    /// Free memory that gives the largest batch, for `prefer_largest` jobs.
+    pub need_largest: Option<u64>,
+    /// GPUs wanted, all on one node.
+    pub gpus: u32,
+    /// Wants its GPUs to itself.
+    pub exclusive: bool,
+    /// Filters to apply (the reason finder switches them off one by one).
+    pub filters: Filters,
+    /// Search strategy.
+    pub search: Search,
+}
+
+/// Which dynamic filters a query applies; all on for placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Filters {
+    /// CPU/RAM/disk must fit.
+    pub resources: bool,
+    /// Disk pressure keeps data producers off pressured nodes.
+    pub pressure: bool,
+}
+
+impl<'q> Ask<'q> {
+    fn new(job: &'q JobRequest, search: Search) -> Result<Self, HoldReason> {
+        let explicit = job.resources.gpu_memory;
+        let (need, need_largest) = match (&job.batch, job.resources.gpus) {
+            (_, 0) | (None, _) => (explicit.unwrap_or(0), None),
+            (Some(policy), _) => {
+                let need = min_free_needed(policy, explicit).ok_or_else(|| {
+                    HoldReason::NoFit(
+                        "its batch rule fits on no GPU: a tier without min_free needs an explicit gpu_memory"
+                            .to_string(),
+                    )
+                })?;
+                let largest = if policy.prefer_largest {
+                    free_for_largest(policy, explicit).filter(|&l| l > need)
                 } else {
-                    leftover < b.leftover
-                }
+                    None
+                };
+                (need, largest)
             }
         };
-        if better {
-            best = Some(Candidate {
-                node: i,
-                gpus,
-                choice,
-                reserve,
-                leftover,
-            });
+        Ok(Ask {
+            job,
+            need,
+            need_largest,
+            gpus: job.resources.gpus,
+            exclusive: job.exclusive_gpu,
+            filters: Filters {
+                resources: true,
+                pressure: true,
+            },
+            search,
+        })
+    }
+
+    pub fn kind(&self) -> JobKind {
+        self.job.kind
+    }
+}
+
+/// Everything that decides whether a job fits, so equal shapes share one
+/// failed search per pass.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Shape<'q> {
+    kind: JobKind,
+    exclusive: bool,
+    gpus: u32,
+    need: u64,
+    cpu_millis: u64,
+    memory: u64,
+    disk: u64,
+    labels: &'q BTreeMap<String, String>,
+    gpu_models: &'q [String],
+}
+
+impl<'q> Shape<'q> {
+    fn of(ask: &Ask<'q>) -> Self {
+        let r = &ask.job.resources;
+        Shape {
+            kind: ask.job.kind,
+            exclusive: ask.exclusive,
+            gpus: ask.gpus,
+            need: ask.need,
+            cpu_millis: r.cpu_millis,
+            memory: r.memory,
+            disk: r.disk,
+            labels: &ask.job.constraints.labels,
+            gpu_models: &ask.job.constraints.gpu_models,
         }
     }
-    let Some(best) = best else {
-        if pressured > 0 && pressured == eligible {
-            return Err(HoldReason::DiskBackpressure {
-                pressured,
-                eligible,
-            });
+}
+
+/// Finds the best placement for `ask` and reserves it in the index.
+fn select(index: &mut FreeIndex<'_>, ask: &Ask<'_>) -> Option<Placement> {
+    let found = find(index, ask)?;
+    let job = ask.job;
+    let min_free = found
+        .slots
+        .iter()
+        .map(|&s| index.gpu(s).free)
+        .min()
+        .unwrap_or(0);
+    let batch = match (&job.batch, ask.gpus) {
+        (Some(policy), 1..) => {
+            let choice = choose_batch(policy, min_free, job.resources.gpu_memory);
+            // min_free >= need, and choose_batch is monotone in free memory.
+            debug_assert!(choice.is_some(), "batch rule not monotone for {policy:?}");
+            Some(choice?)
         }
-        let mem = job
-            .resources
-            .gpu_memory
-            .map(format_bytes)
-            .unwrap_or_else(|| "its batch tier".into());
-        let models = if job.constraints.gpu_models.is_empty() {
-            String::new()
-        } else {
-            format!(" on {}", job.constraints.gpu_models.join("/"))
-        };
-        let text = match best_miss {
-            Some((free, name)) if need > 0 => format!(
-                "no node with {need} GPU(s) with {mem} free{models} (best: {name}, {} free)",
-                format_bytes(free)
-            ),
-            _ if need > 0 => format!("no eligible node with {need} free GPU(s) with {mem}{models}"),
-            _ => "no eligible node with the requested CPU, memory and disk".to_string(),
-        };
-        return Err(HoldReason::NoFit(text));
+        _ => None,
     };
-    let node = &mut nodes[best.node];
-    for gpu in node
-        .gpus
-        .iter_mut()
-        .filter(|g| best.gpus.contains(&g.index))
-    {
-        gpu.reserved += best.reserve;
-        gpu.jobs += 1;
-        gpu.exclusive |= job.exclusive_gpu;
-    }
-    node.cpu_millis_reserved += job.resources.cpu_millis;
-    node.memory_reserved += job.resources.memory;
-    node.disk_reserved += job.resources.disk;
-    Ok(Placement {
+    // A job without GPUs reserves no GPU memory, whatever it asked.
+    let reserve = match ask.gpus {
+        0 => 0,
+        _ => batch
+            .map(|c: BatchChoice| c.reserve)
+            .or(job.resources.gpu_memory)
+            .unwrap_or(0),
+    };
+    debug_assert!(reserve <= min_free || ask.gpus == 0);
+    index.reserve(found.node, &found.slots, reserve, ask.exclusive, job);
+    Some(Placement {
         job: job.id,
-        node: node.name.clone(),
-        gpus: best.gpus,
-        gpu_memory: best.reserve,
-        batch_size: best.choice.map(|c| c.size),
-        exclusive_gpu: job.exclusive_gpu,
+        node: index.node(found.node).view.name.clone(),
+        gpus: found.slots.iter().map(|&s| index.gpu(s).device).collect(),
+        gpu_memory: reserve,
+        batch_size: batch.map(|c| c.size),
+        exclusive_gpu: ask.exclusive,
     })
+}
+
+/// A node and the GPU slots chosen on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Found {
+    pub node: u32,
+    pub slots: Vec<u32>,
+}
+
+/// The search proper: the best node and GPUs for `ask` under its filters,
+/// without reserving anything.
+pub(crate) fn find(index: &mut FreeIndex<'_>, ask: &Ask<'_>) -> Option<Found> {
+    let restrict = index.restriction(ask);
+    if let Restrict::Nothing = restrict {
+        return None;
+    }
+    if ask.gpus == 0 {
+        return index.first_node(ask, &restrict).map(|node| Found {
+            node,
+            slots: Vec::new(),
+        });
+    }
+    if let Some(largest) = ask.need_largest {
+        let query = Query {
+            need: largest,
+            dir: Dir::BestFit,
+        };
+        if let Some(found) = index.search(ask, query, &restrict) {
+            return Some(found);
+        }
+        let query = Query {
+            need: ask.need,
+            dir: Dir::MostFree,
+        };
+        return index.search(ask, query, &restrict);
+    }
+    let query = Query {
+        need: ask.need,
+        dir: Dir::BestFit,
+    };
+    index.search(ask, query, &restrict)
 }

@@ -149,7 +149,7 @@ pub fn format_duration_ms(ms: u64) -> String {
         ("m", 60_000),
         ("s", 1000),
     ] {
-        if ms >= scale && ms % scale == 0 {
+        if ms >= scale && ms.is_multiple_of(scale) {
             return format!("{}{suffix}", ms / scale);
         }
     }

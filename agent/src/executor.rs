@@ -1,0 +1,748 @@
+//! The job executor: starts assigned attempts as process groups, watches them,
+//! stops them on cancel, timeout or shutdown, and serves their output files.
+//!
+//! It knows nothing of gRPC: it takes a [`Launch`] and reports [`JobEvent`]s
+//! on an mpsc channel, so it is tested without a coordinator.
+//!
+//! Files of an attempt live under `<data_dir>/jobs/<job_id>/<attempt>/`:
+//! `stdout`, `stderr` and the working directory `work/`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::probe::JobGpus;
+use crate::procgroup::{group_alive, signal_group};
+
+/// Bytes of stderr sent with an exit event.
+pub const STDERR_TAIL_BYTES: u64 = 64 * 1024;
+/// Largest log chunk served per request.
+pub const MAX_LOG_CHUNK: u32 = 1024 * 1024;
+/// How long a finished attempt is remembered to refuse duplicate assignments.
+const FINISHED_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// How often a stopping job's process group is checked for survivors.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// The current time in unix milliseconds.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Settings the executor needs from the agent configuration.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Exported to jobs as `GANTRY_NODE`.
+    pub node_name: String,
+    /// Root of the jobs' directories.
+    pub data_dir: PathBuf,
+    /// SIGTERM -> SIGKILL grace for timeouts, shutdown and cancels without one.
+    pub kill_grace: Duration,
+}
+
+/// One attempt to run, already converted from the wire `Assignment`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// Job id.
+    pub job_id: u64,
+    /// Attempt number (the fencing token).
+    pub attempt: u32,
+    /// argv; `{batch_size}` is substituted in every argument when `batch_size > 0`.
+    pub command: Vec<String>,
+    /// Run `command` joined with spaces through `/bin/sh -c`.
+    pub shell: bool,
+    /// Extra environment on top of the agent's own.
+    pub env: BTreeMap<String, String>,
+    /// GPU indices, exported as `CUDA_VISIBLE_DEVICES`.
+    pub gpus: Vec<u32>,
+    /// Reserved per-GPU memory, exported as `GANTRY_GPU_MEMORY_BYTES`.
+    pub gpu_memory_bytes: u64,
+    /// Chosen batch size; 0 = none.
+    pub batch_size: u32,
+    /// Wall-clock limit; `None` = unlimited.
+    pub timeout: Option<Duration>,
+}
+
+/// Something that happened to an attempt, for the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    /// Job id.
+    pub job_id: u64,
+    /// Attempt number.
+    pub attempt: u32,
+    /// When it happened, unix milliseconds.
+    pub at_ms: u64,
+    /// What happened.
+    pub kind: JobEventKind,
+}
+
+/// The kinds of [`JobEvent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEventKind {
+    /// The process was spawned.
+    Started {
+        /// Its pid, also its process group id.
+        pid: u32,
+    },
+    /// The process (and its group) ended.
+    Exited(ExitReport),
+    /// The process could not be started; no `Exited` follows.
+    SpawnFailed {
+        /// Why, naming the program or path involved.
+        error: String,
+    },
+}
+
+impl JobEventKind {
+    /// Exits and spawn failures end an attempt; `Started` does not.
+    pub fn is_terminal(&self) -> bool {
+        !matches!(self, Self::Started { .. })
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitReport {
+    /// Exit code when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+    /// The last [`STDERR_TAIL_BYTES`] of its stderr.
+    pub stderr_tail: Vec<u8>,
+    /// The agent killed it because it was cancelled (or stopped as stale).
+    pub cancelled: bool,
+    /// The agent stopped it because the agent itself is shutting down: not
+    /// the job's fault, so the coordinator retries it as lost.
+    pub agent_shutdown: bool,
+}
+
+/// Why the agent stops an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A user cancelled the job (`CancelJob`): reported with `cancelled = true`.
+    Cancelled,
+    /// The coordinator does not recognise the attempt (`Registered.stop`):
+    /// reported with `cancelled = true`, since a newer attempt owns the job.
+    Stale,
+    /// The agent is shutting down: reported with `cancelled = false` so the
+    /// coordinator retries the job elsewhere.
+    Shutdown,
+    /// The job ran past its timeout: reported with `cancelled = false`.
+    Timeout,
+}
+
+impl StopReason {
+    fn cancelled(self) -> bool {
+        matches!(self, Self::Cancelled | Self::Stale)
+    }
+}
+
+/// An attempt the agent has accepted and not yet seen end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunningAttempt {
+    /// Job id.
+    pub job_id: u64,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Spawn time (acceptance time while still spawning), unix milliseconds.
+    pub started_at_ms: u64,
+}
+
+/// What [`Executor::launch`] did with an assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchOutcome {
+    /// Accepted: a `Started` or `SpawnFailed` event follows.
+    Accepted,
+    /// This job and attempt is already running or has run: ignored.
+    Duplicate,
+    /// The executor is shutting down: ignored.
+    ShuttingDown,
+}
+
+/// A request for a piece of an attempt's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRequest {
+    /// Job id.
+    pub job_id: u64,
+    /// Attempt number.
+    pub attempt: u32,
+    /// `"stdout"` (or `""`) or `"stderr"`.
+    pub stream: String,
+    /// Byte offset to read from.
+    pub offset: u64,
+    /// Most bytes wanted; 0 or more than [`MAX_LOG_CHUNK`] means [`MAX_LOG_CHUNK`].
+    pub max_bytes: u32,
+}
+
+/// A piece of an attempt's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    /// The bytes read.
+    pub data: Vec<u8>,
+    /// Offset of `data` in the file.
+    pub offset: u64,
+    /// The attempt has ended and `data` reaches the end of the file.
+    pub eof: bool,
+}
+
+struct StopRequest {
+    reason: StopReason,
+    grace: Duration,
+}
+
+enum EntryState {
+    Active {
+        /// Why an unbounded channel: stop requests are rare and must never
+        /// block the link loop that sends them.
+        stop: mpsc::UnboundedSender<StopRequest>,
+        started_at_ms: u64,
+        pgid: Option<u32>,
+    },
+    Finished {
+        at: Instant,
+    },
+}
+
+struct Entry {
+    gpus: Vec<u32>,
+    state: EntryState,
+}
+
+struct Inner {
+    config: ExecutorConfig,
+    events: mpsc::UnboundedSender<JobEvent>,
+    /// A std mutex: it is held only for map updates, never across an await.
+    jobs: Mutex<HashMap<(u64, u32), Entry>>,
+    /// Every job supervisor runs on it, so shutdown can wait for all of them.
+    tracker: TaskTracker,
+}
+
+/// Runs attempts; cheap to clone (all clones share the same jobs).
+#[derive(Clone)]
+pub struct Executor {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Executor {
+    /// An executor reporting on `events`.
+    pub fn new(config: ExecutorConfig, events: mpsc::UnboundedSender<JobEvent>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                events,
+                jobs: Mutex::new(HashMap::new()),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    fn jobs(&self) -> MutexGuard<'_, HashMap<(u64, u32), Entry>> {
+        // A panic while holding the lock leaves the map consistent (every
+        // update is a single insert), so poisoning is safe to ignore.
+        self.inner.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts an attempt unless it is a duplicate. Must be called inside a
+    /// tokio runtime; the work happens on a spawned supervisor task.
+    pub fn launch(&self, launch: Launch) -> LaunchOutcome {
+        let key = (launch.job_id, launch.attempt);
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        {
+            let mut jobs = self.jobs();
+            if self.inner.tracker.is_closed() {
+                return LaunchOutcome::ShuttingDown;
+            }
+            if jobs.contains_key(&key) {
+                return LaunchOutcome::Duplicate;
+            }
+            if jobs.len() > 1024 {
+                let now = Instant::now();
+                jobs.retain(|_, entry| match entry.state {
+                    EntryState::Finished { at } => now.duration_since(at) < FINISHED_MEMORY,
+                    EntryState::Active { .. } => true,
+                });
+            }
+            jobs.insert(
+                key,
+                Entry {
+                    gpus: launch.gpus.clone(),
+                    state: EntryState::Active {
+                        stop: stop_tx,
+                        started_at_ms: now_ms(),
+                        pgid: None,
+                    },
+                },
+            );
+        }
+        let span = tracing::info_span!("job", job_id = launch.job_id, attempt = launch.attempt);
+        let this = self.clone();
+        self.inner
+            .tracker
+            .spawn(async move { this.supervise(launch, stop_rx).await }.instrument(span));
+        LaunchOutcome::Accepted
+    }
+
+    /// Stops an attempt (every running attempt of the job when `attempt` is 0):
+    /// SIGTERM to its process group, SIGKILL after `grace` (the configured
+    /// grace when `None`). Returns whether anything was running.
+    pub fn stop(
+        &self,
+        job_id: u64,
+        attempt: u32,
+        grace: Option<Duration>,
+        reason: StopReason,
+    ) -> bool {
+        let grace = grace.unwrap_or(self.inner.config.kill_grace);
+        let jobs = self.jobs();
+        let mut found = false;
+        for ((id, att), entry) in jobs.iter() {
+            if *id != job_id || (attempt != 0 && *att != attempt) {
+                continue;
+            }
+            if let EntryState::Active { stop, .. } = &entry.state {
+                found |= stop.send(StopRequest { reason, grace }).is_ok();
+            }
+        }
+        found
+    }
+
+    /// Attempts accepted and not yet ended, for `Register.running`.
+    pub fn running(&self) -> Vec<RunningAttempt> {
+        let mut out: Vec<RunningAttempt> = self
+            .jobs()
+            .iter()
+            .filter_map(|(&(job_id, attempt), entry)| match entry.state {
+                EntryState::Active { started_at_ms, .. } => Some(RunningAttempt {
+                    job_id,
+                    attempt,
+                    started_at_ms,
+                }),
+                EntryState::Finished { .. } => None,
+            })
+            .collect();
+        out.sort_by_key(|r| (r.job_id, r.attempt));
+        out
+    }
+
+    /// Running attempts with their GPUs and process groups, for GPU probes.
+    pub fn gpu_jobs(&self) -> Vec<JobGpus> {
+        let mut out: Vec<JobGpus> = self
+            .jobs()
+            .iter()
+            .filter_map(|(&(job_id, attempt), entry)| match entry.state {
+                EntryState::Active { pgid, .. } => Some(JobGpus {
+                    job_id,
+                    attempt,
+                    pgid,
+                    gpus: entry.gpus.clone(),
+                }),
+                EntryState::Finished { .. } => None,
+            })
+            .collect();
+        out.sort_by_key(|j| (j.job_id, j.attempt));
+        out
+    }
+
+    /// Stops every running attempt with the configured grace, refuses new
+    /// ones, and returns once every supervisor has finished.
+    pub async fn shutdown(&self) {
+        {
+            // Closed under the lock so no launch slips in after the sweep.
+            let jobs = self.jobs();
+            self.inner.tracker.close();
+            for entry in jobs.values() {
+                if let EntryState::Active { stop, .. } = &entry.state {
+                    let _ = stop.send(StopRequest {
+                        reason: StopReason::Shutdown,
+                        grace: self.inner.config.kill_grace,
+                    });
+                }
+            }
+        }
+        self.inner.tracker.wait().await;
+    }
+
+    /// The directory of one attempt.
+    pub fn attempt_dir(&self, job_id: u64, attempt: u32) -> PathBuf {
+        attempt_dir(&self.inner.config.data_dir, job_id, attempt)
+    }
+
+    /// Reads a piece of an attempt's stdout or stderr. Errors are readable
+    /// sentences for the user (unknown attempt, unknown stream, I/O).
+    pub async fn read_log(&self, request: &LogRequest) -> Result<LogChunk, String> {
+        let name = match request.stream.as_str() {
+            "" | "stdout" => "stdout",
+            "stderr" => "stderr",
+            other => {
+                return Err(format!(
+                    "unknown stream {other:?}: expected stdout or stderr"
+                ));
+            }
+        };
+        let dir = self.attempt_dir(request.job_id, request.attempt);
+        // Decided before reading: if the attempt had ended by now, the file
+        // is complete and reaching its end means eof.
+        let finished = match self.jobs().get(&(request.job_id, request.attempt)) {
+            Some(entry) => matches!(entry.state, EntryState::Finished { .. }),
+            // Output left by an earlier agent process: nothing writes to it.
+            None if dir.is_dir() => true,
+            None => {
+                return Err(format!(
+                    "no output for job {} attempt {} on this node",
+                    request.job_id, request.attempt
+                ));
+            }
+        };
+        let path = dir.join(name);
+        let max = match request.max_bytes {
+            0 => MAX_LOG_CHUNK,
+            n => n.min(MAX_LOG_CHUNK),
+        };
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            // Not created yet (the attempt is still being set up).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(LogChunk {
+                    data: Vec::new(),
+                    offset: request.offset,
+                    eof: finished,
+                });
+            }
+            Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+        };
+        let read = async {
+            let len = file.metadata().await?.len();
+            let mut data = Vec::new();
+            if request.offset < len {
+                file.seek(std::io::SeekFrom::Start(request.offset)).await?;
+                (&mut file)
+                    .take(u64::from(max))
+                    .read_to_end(&mut data)
+                    .await?;
+            }
+            Ok::<_, std::io::Error>((data, len))
+        };
+        let (data, len) = read
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let end = request.offset.saturating_add(data.len() as u64);
+        Ok(LogChunk {
+            eof: finished && end >= len,
+            data,
+            offset: request.offset,
+        })
+    }
+
+    fn emit(&self, launch: &Launch, kind: JobEventKind) {
+        let event = JobEvent {
+            job_id: launch.job_id,
+            attempt: launch.attempt,
+            at_ms: now_ms(),
+            kind,
+        };
+        // A closed channel means the agent is going away; nothing to tell.
+        let _ = self.inner.events.send(event);
+    }
+
+    fn set_started(&self, launch: &Launch, pid: u32) {
+        if let Some(Entry {
+            state:
+                EntryState::Active {
+                    started_at_ms,
+                    pgid,
+                    ..
+                },
+            ..
+        }) = self.jobs().get_mut(&(launch.job_id, launch.attempt))
+        {
+            *started_at_ms = now_ms();
+            *pgid = Some(pid);
+        }
+    }
+
+    fn set_finished(&self, launch: &Launch) {
+        if let Some(entry) = self.jobs().get_mut(&(launch.job_id, launch.attempt)) {
+            entry.state = EntryState::Finished { at: Instant::now() };
+        }
+    }
+
+    /// Owns one attempt from spawn to the last process of its group.
+    async fn supervise(self, launch: Launch, mut stop_rx: mpsc::UnboundedReceiver<StopRequest>) {
+        let dir = self.attempt_dir(launch.job_id, launch.attempt);
+        let mut child = match self.spawn(&launch, &dir).await {
+            Ok(child) => child,
+            Err(error) => {
+                tracing::warn!(%error, "job spawn failed");
+                self.set_finished(&launch);
+                self.emit(&launch, JobEventKind::SpawnFailed { error });
+                return;
+            }
+        };
+        let Some(pid) = child.id() else {
+            // Only possible if the child was already reaped, which nothing did.
+            self.set_finished(&launch);
+            self.emit(
+                &launch,
+                JobEventKind::SpawnFailed {
+                    error: "child exited before its pid could be read".into(),
+                },
+            );
+            return;
+        };
+        tracing::info!(pid, gpus = ?launch.gpus, batch_size = launch.batch_size, "job started");
+        self.set_started(&launch, pid);
+        self.emit(&launch, JobEventKind::Started { pid });
+
+        let stderr_path = dir.join("stderr");
+        let deadline = launch.timeout.map(|t| Instant::now() + t);
+        // Set once the agent decides to stop the job: why, and when SIGKILL is due.
+        let mut stopping: Option<(StopReason, Instant)> = None;
+        let mut killed = false;
+        let status = loop {
+            let kill_at = stopping.map(|(_, at)| at);
+            tokio::select! {
+                status = child.wait() => break status,
+                Some(request) = stop_rx.recv(), if stopping.is_none() => {
+                    tracing::info!(reason = ?request.reason, grace_ms = request.grace.as_millis() as u64, "stopping job");
+                    note(&stderr_path, &format!("stopping ({:?}): SIGTERM, SIGKILL after {:?}", request.reason, request.grace)).await;
+                    signal_group(pid, Signal::SIGTERM);
+                    stopping = Some((request.reason, Instant::now() + request.grace));
+                }
+                () = sleep_until(deadline), if stopping.is_none() => {
+                    let grace = self.inner.config.kill_grace;
+                    tracing::warn!(timeout_ms = launch.timeout.map_or(0, |t| t.as_millis() as u64), "job timed out");
+                    note(&stderr_path, &format!("timed out after {:?}: SIGTERM, SIGKILL after {grace:?}", launch.timeout.unwrap_or_default())).await;
+                    signal_group(pid, Signal::SIGTERM);
+                    stopping = Some((StopReason::Timeout, Instant::now() + grace));
+                }
+                () = sleep_until(kill_at), if !killed => {
+                    tracing::warn!("grace expired: SIGKILL");
+                    signal_group(pid, Signal::SIGKILL);
+                    killed = true;
+                }
+            }
+        };
+        // The leader is gone but what it forked may not be: a job's resources
+        // are free only when its whole group is.
+        self.reap_group(pid, stopping.map(|(_, at)| at), killed)
+            .await;
+
+        let (code, signal) = match &status {
+            Ok(status) => (status.code(), status.signal()),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot wait for job");
+                (None, None)
+            }
+        };
+        let cancelled = stopping.is_some_and(|(reason, _)| reason.cancelled());
+        let agent_shutdown = stopping.is_some_and(|(reason, _)| reason == StopReason::Shutdown);
+        let stderr_tail = read_tail(&stderr_path, STDERR_TAIL_BYTES).await;
+        tracing::info!(?code, ?signal, cancelled, "job exited");
+        self.set_finished(&launch);
+        self.emit(
+            &launch,
+            JobEventKind::Exited(ExitReport {
+                code,
+                signal,
+                stderr_tail,
+                cancelled,
+                agent_shutdown,
+            }),
+        );
+    }
+
+    /// Makes sure no process of group `pgid` survives its leader: SIGTERM
+    /// (unless already sent), wait until the group empties or `kill_at`
+    /// (now + grace when not stopping yet), then SIGKILL.
+    async fn reap_group(&self, pgid: u32, kill_at: Option<Instant>, killed: bool) {
+        if killed || !group_alive(pgid) {
+            return;
+        }
+        let kill_at = match kill_at {
+            Some(at) => at,
+            None => {
+                tracing::info!("job leader exited, stopping what it left behind");
+                signal_group(pgid, Signal::SIGTERM);
+                Instant::now() + self.inner.config.kill_grace
+            }
+        };
+        while Instant::now() < kill_at {
+            if !group_alive(pgid) {
+                return;
+            }
+            tokio::time::sleep(GROUP_POLL).await;
+        }
+        signal_group(pgid, Signal::SIGKILL);
+    }
+
+    /// Prepares the attempt's directory and files and spawns the process.
+    /// Errors name the path or program involved.
+    async fn spawn(&self, launch: &Launch, dir: &Path) -> Result<tokio::process::Child, String> {
+        let work = dir.join("work");
+        tokio::fs::create_dir_all(&work)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", work.display()))?;
+        let stdout = open_output(&dir.join("stdout")).await?;
+        let stderr = open_output(&dir.join("stderr")).await?;
+
+        let argv = substitute(&launch.command, launch.batch_size);
+        let (program, args) = if launch.shell {
+            (
+                "/bin/sh".to_string(),
+                vec!["-c".to_string(), argv.join(" ")],
+            )
+        } else {
+            match argv.split_first() {
+                Some((program, args)) => (program.clone(), args.to_vec()),
+                None => return Err("empty command".into()),
+            }
+        };
+        if launch.shell && argv.iter().all(|a| a.trim().is_empty()) {
+            return Err("empty command".into());
+        }
+
+        let mut command = Command::new(&program);
+        command
+            .args(&args)
+            .current_dir(&work)
+            .envs(&launch.env)
+            .envs(self.job_env(launch, &work))
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            // A group of its own: signals reach everything the job forks, and
+            // a Ctrl-C at the agent's terminal does not reach the job.
+            .process_group(0)
+            // Last resort if the runtime is torn down without a shutdown.
+            .kill_on_drop(true);
+        command
+            .spawn()
+            .map_err(|e| format!("cannot start {program:?}: {e}"))
+    }
+
+    /// Variables Gantry sets; they override the spec's `env`.
+    fn job_env(&self, launch: &Launch, work: &Path) -> Vec<(String, String)> {
+        let gpus: Vec<String> = launch.gpus.iter().map(u32::to_string).collect();
+        let mut env = vec![
+            ("CUDA_VISIBLE_DEVICES".into(), gpus.join(",")),
+            ("GANTRY_JOB_ID".into(), launch.job_id.to_string()),
+            ("GANTRY_ATTEMPT".into(), launch.attempt.to_string()),
+            (
+                "GANTRY_GPU_MEMORY_BYTES".into(),
+                launch.gpu_memory_bytes.to_string(),
+            ),
+            ("GANTRY_NODE".into(), self.inner.config.node_name.clone()),
+            ("GANTRY_WORK_DIR".into(), work.display().to_string()),
+        ];
+        // CUDA numbers devices fastest-first by default, NVML by PCI bus; the
+        // indices we hand out are NVML's, so make CUDA agree (unless the spec
+        // deliberately says otherwise).
+        if !launch.env.contains_key("CUDA_DEVICE_ORDER") {
+            env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
+        }
+        if launch.batch_size > 0 {
+            env.push(("GANTRY_BATCH_SIZE".into(), launch.batch_size.to_string()));
+        }
+        env
+    }
+}
+
+/// The directory of one attempt under `data_dir`.
+pub fn attempt_dir(data_dir: &Path, job_id: u64, attempt: u32) -> PathBuf {
+    data_dir
+        .join("jobs")
+        .join(job_id.to_string())
+        .join(attempt.to_string())
+}
+
+/// Replaces `{batch_size}` in every argument when a batch size was chosen.
+pub fn substitute(command: &[String], batch_size: u32) -> Vec<String> {
+    if batch_size == 0 {
+        return command.to_vec();
+    }
+    let size = batch_size.to_string();
+    command
+        .iter()
+        .map(|arg| arg.replace("{batch_size}", &size))
+        .collect()
+}
+
+/// Opens an output file for appending, starting it empty. Append mode so the
+/// agent's own notes (timeouts, cancels) cannot overwrite the job's output.
+async fn open_output(path: &Path) -> Result<std::fs::File, String> {
+    // Left over from an earlier agent process with the same ids.
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove stale {}: {e}", path.display())),
+    }
+    let file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    Ok(file.into_std().await)
+}
+
+/// Appends an agent note to a job's stderr, where users read it with `gantry logs`.
+async fn note(path: &Path, message: &str) {
+    let line = format!("[gantry] {message}\n");
+    let result = async {
+        let mut file = tokio::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .await?;
+        file.write_all(line.as_bytes()).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "cannot append note to stderr");
+    }
+}
+
+/// The last `max` bytes of a file; empty when it cannot be read.
+async fn read_tail(path: &Path, max: u64) -> Vec<u8> {
+    let result = async {
+        let mut file = tokio::fs::File::open(path).await?;
+        let len = file.metadata().await?.len();
+        file.seek(std::io::SeekFrom::Start(len.saturating_sub(max)))
+            .await?;
+        let mut data = Vec::new();
+        file.take(max).read_to_end(&mut data).await?;
+        Ok::<_, std::io::Error>(data)
+    }
+    .await;
+    result.unwrap_or_default()
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,401 @@
+//! Executor tests: real processes, no coordinator. Waits are bounded polls.
+
+use std::time::Duration;
+
+use super::*;
+use crate::procgroup::pid_alive;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    executor: Executor,
+    events: mpsc::UnboundedReceiver<JobEvent>,
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, events) = mpsc::unbounded_channel();
+    let executor = Executor::new(
+        ExecutorConfig {
+            node_name: "node-a".into(),
+            data_dir: dir.path().to_path_buf(),
+            kill_grace: Duration::from_secs(1),
+        },
+        tx,
+    );
+    Harness {
+        _dir: dir,
+        executor,
+        events,
+    }
+}
+
+fn launch(job_id: u64, command: &[&str]) -> Launch {
+    Launch {
+        job_id,
+        attempt: 1,
+        command: command.iter().map(|s| s.to_string()).collect(),
+        shell: false,
+        env: BTreeMap::new(),
+        gpus: Vec::new(),
+        gpu_memory_bytes: 0,
+        batch_size: 0,
+        timeout: None,
+    }
+}
+
+fn sh(job_id: u64, script: &str) -> Launch {
+    launch(job_id, &["sh", "-c", script])
+}
+
+impl Harness {
+    fn run(&self, launch: Launch) {
+        assert_eq!(self.executor.launch(launch), LaunchOutcome::Accepted);
+    }
+
+    async fn next(&mut self) -> JobEvent {
+        tokio::time::timeout(WAIT, self.events.recv())
+            .await
+            .expect("no job event in time")
+            .expect("event channel closed")
+    }
+
+    /// Waits for the `Exited` of `job_id`, skipping its `Started`.
+    async fn exit_of(&mut self, job_id: u64) -> ExitReport {
+        loop {
+            let event = self.next().await;
+            assert_eq!(event.job_id, job_id, "{event:?}");
+            match event.kind {
+                JobEventKind::Started { .. } => continue,
+                JobEventKind::Exited(report) => return report,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    async fn stdout(&self, job_id: u64) -> String {
+        let chunk = self
+            .executor
+            .read_log(&log(job_id, "stdout", 0, 0))
+            .await
+            .unwrap();
+        String::from_utf8(chunk.data).unwrap()
+    }
+
+    fn work_file(&self, job_id: u64, name: &str) -> PathBuf {
+        self.executor.attempt_dir(job_id, 1).join("work").join(name)
+    }
+}
+
+fn log(job_id: u64, stream: &str, offset: u64, max_bytes: u32) -> LogRequest {
+    LogRequest {
+        job_id,
+        attempt: 1,
+        stream: stream.into(),
+        offset,
+        max_bytes,
+    }
+}
+
+async fn wait_until(what: &str, mut predicate: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !predicate() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits for a job to write its grandchild's pid to `pidfile` in its work dir.
+async fn read_pid(h: &Harness, job_id: u64) -> u32 {
+    let path = h.work_file(job_id, "pidfile");
+    let mut pid = None;
+    wait_until("pidfile", || {
+        pid = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        pid.is_some()
+    })
+    .await;
+    pid.unwrap()
+}
+
+#[test]
+fn substitutes_batch_size_only_when_chosen() {
+    let cmd: Vec<String> = ["run", "--bs={batch_size}", "{batch_size}{batch_size}"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(substitute(&cmd, 256), vec!["run", "--bs=256", "256256"]);
+    assert_eq!(substitute(&cmd, 0), cmd);
+}
+
+#[tokio::test]
+async fn runs_a_command_and_captures_stdout() {
+    let mut h = harness();
+    h.run(launch(1, &["echo", "hello", "world"]));
+    let started = h.next().await;
+    assert!(
+        matches!(started.kind, JobEventKind::Started { pid } if pid > 1),
+        "{started:?}"
+    );
+    let exit = h.exit_of(1).await;
+    assert_eq!(
+        (exit.code, exit.signal, exit.cancelled),
+        (Some(0), None, false)
+    );
+    assert_eq!(h.stdout(1).await, "hello world\n");
+    assert!(h.executor.running().is_empty());
+}
+
+#[tokio::test]
+async fn reports_exit_code_and_stderr_tail() {
+    let mut h = harness();
+    h.run(sh(1, "echo CUDA out of memory >&2; exit 3"));
+    let exit = h.exit_of(1).await;
+    assert_eq!(exit.code, Some(3));
+    assert_eq!(exit.stderr_tail, b"CUDA out of memory\n");
+}
+
+#[tokio::test]
+async fn exports_batch_size_gpus_and_env() {
+    let mut h = harness();
+    let mut job = sh(
+        7,
+        "echo $GANTRY_BATCH_SIZE $CUDA_VISIBLE_DEVICES {batch_size} $GANTRY_JOB_ID $GANTRY_ATTEMPT \
+         $GANTRY_GPU_MEMORY_BYTES $GANTRY_NODE $FOO $CUDA_DEVICE_ORDER; pwd",
+    );
+    job.batch_size = 256;
+    job.gpus = vec![0, 2];
+    job.gpu_memory_bytes = 1234;
+    job.env.insert("FOO".into(), "bar".into());
+    // The spec cannot forge Gantry's own variables.
+    job.env.insert("GANTRY_JOB_ID".into(), "999".into());
+    h.run(job);
+    assert_eq!(h.exit_of(7).await.code, Some(0));
+    let work = h.executor.attempt_dir(7, 1).join("work");
+    assert_eq!(
+        h.stdout(7).await,
+        format!(
+            "256 0,2 256 7 1 1234 node-a bar PCI_BUS_ID\n{}\n",
+            work.canonicalize().unwrap().display()
+        )
+    );
+}
+
+#[tokio::test]
+async fn without_batch_size_leaves_placeholder_and_no_gpus() {
+    let mut h = harness();
+    let mut job = launch(2, &["echo", "{batch_size}", "$CUDA_VISIBLE_DEVICES"]);
+    job.shell = true;
+    job.command.push("[${CUDA_VISIBLE_DEVICES-unset}]".into());
+    job.command.push("[${GANTRY_BATCH_SIZE-unset}]".into());
+    h.run(job);
+    assert_eq!(h.exit_of(2).await.code, Some(0));
+    assert_eq!(h.stdout(2).await, "{batch_size} [] [unset]\n");
+}
+
+#[tokio::test]
+async fn shell_mode_joins_the_command() {
+    let mut h = harness();
+    let mut job = launch(
+        3,
+        &["echo", "bs={batch_size}", "&&", "echo", "$GANTRY_NODE"],
+    );
+    job.shell = true;
+    job.batch_size = 64;
+    h.run(job);
+    assert_eq!(h.exit_of(3).await.code, Some(0));
+    assert_eq!(h.stdout(3).await, "bs=64\nnode-a\n");
+}
+
+#[tokio::test]
+async fn cancel_kills_the_whole_process_tree() {
+    let mut h = harness();
+    h.run(sh(4, "sleep 1000 & echo $! > pidfile; wait"));
+    let grandchild = read_pid(&h, 4).await;
+    assert!(pid_alive(grandchild));
+    assert_eq!(h.executor.running().len(), 1);
+    assert!(
+        h.executor
+            .stop(4, 1, Some(Duration::from_secs(5)), StopReason::Cancelled)
+    );
+    let exit = h.exit_of(4).await;
+    assert!(exit.cancelled);
+    assert_eq!(exit.signal, Some(libc_sigterm()));
+    wait_until("grandchild gone", || !pid_alive(grandchild)).await;
+    assert!(h.executor.running().is_empty());
+    // Stopping something finished is a no-op.
+    assert!(!h.executor.stop(4, 1, None, StopReason::Cancelled));
+}
+
+#[tokio::test]
+async fn sigkill_after_grace_when_sigterm_is_ignored() {
+    let mut h = harness();
+    h.run(sh(5, "trap '' TERM; sleep 1000 & echo $! > pidfile; wait"));
+    let grandchild = read_pid(&h, 5).await;
+    assert!(h.executor.stop(
+        5,
+        0,
+        Some(Duration::from_millis(200)),
+        StopReason::Cancelled
+    ));
+    let exit = h.exit_of(5).await;
+    assert!(exit.cancelled);
+    assert_eq!(exit.signal, Some(9));
+    wait_until("grandchild gone", || !pid_alive(grandchild)).await;
+}
+
+#[tokio::test]
+async fn leftovers_of_a_finished_job_are_stopped() {
+    let mut h = harness();
+    h.run(sh(6, "sleep 1000 & echo $! > pidfile"));
+    let exit = h.exit_of(6).await;
+    assert_eq!(exit.code, Some(0));
+    let grandchild = read_pid(&h, 6).await;
+    wait_until("leftover gone", || !pid_alive(grandchild)).await;
+}
+
+#[tokio::test]
+async fn spawn_failure_names_the_program() {
+    let mut h = harness();
+    h.run(launch(8, &["gantry-no-such-binary", "--flag"]));
+    let event = h.next().await;
+    match event.kind {
+        JobEventKind::SpawnFailed { error } => {
+            assert!(error.contains("gantry-no-such-binary"), "{error}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(h.executor.running().is_empty());
+
+    h.run(launch(9, &[]));
+    let event = h.next().await;
+    assert_eq!(
+        event.kind,
+        JobEventKind::SpawnFailed {
+            error: "empty command".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn timeout_kills_the_job() {
+    let mut h = harness();
+    let mut job = launch(10, &["sleep", "1000"]);
+    job.timeout = Some(Duration::from_millis(200));
+    h.run(job);
+    let exit = h.exit_of(10).await;
+    assert!(!exit.cancelled);
+    assert_eq!(exit.signal, Some(libc_sigterm()));
+    let tail = String::from_utf8_lossy(&exit.stderr_tail);
+    assert!(tail.contains("timed out"), "{tail}");
+}
+
+#[tokio::test]
+async fn duplicates_are_ignored() {
+    let mut h = harness();
+    h.run(launch(11, &["true"]));
+    assert_eq!(
+        h.executor.launch(launch(11, &["true"])),
+        LaunchOutcome::Duplicate
+    );
+    assert_eq!(h.exit_of(11).await.code, Some(0));
+    assert_eq!(
+        h.executor.launch(launch(11, &["true"])),
+        LaunchOutcome::Duplicate
+    );
+    let mut next = launch(11, &["true"]);
+    next.attempt = 2;
+    assert_eq!(h.executor.launch(next), LaunchOutcome::Accepted);
+}
+
+#[tokio::test]
+async fn log_reads_at_offsets_with_eof() {
+    let mut h = harness();
+    h.run(sh(12, "printf 0123456789; printf oops >&2"));
+    assert_eq!(h.exit_of(12).await.code, Some(0));
+    let read = |offset, max, stream: &'static str| {
+        let executor = h.executor.clone();
+        async move {
+            executor
+                .read_log(&log(12, stream, offset, max))
+                .await
+                .unwrap()
+        }
+    };
+    let chunk = read(3, 4, "stdout").await;
+    assert_eq!(
+        (chunk.data.as_slice(), chunk.offset, chunk.eof),
+        (&b"3456"[..], 3, false)
+    );
+    let chunk = read(6, 100, "stdout").await;
+    assert_eq!((chunk.data.as_slice(), chunk.eof), (&b"6789"[..], true));
+    let chunk = read(20, 100, "stdout").await;
+    assert_eq!((chunk.data.len(), chunk.eof), (0, true));
+    let chunk = read(0, 0, "stderr").await;
+    assert_eq!((chunk.data.as_slice(), chunk.eof), (&b"oops"[..], true));
+
+    let err = h
+        .executor
+        .read_log(&log(12, "bogus", 0, 10))
+        .await
+        .unwrap_err();
+    assert!(err.contains("unknown stream"), "{err}");
+    let err = h
+        .executor
+        .read_log(&log(404, "stdout", 0, 10))
+        .await
+        .unwrap_err();
+    assert_eq!(err, "no output for job 404 attempt 1 on this node");
+}
+
+#[tokio::test]
+async fn log_of_a_running_job_is_not_eof() {
+    let mut h = harness();
+    h.run(sh(13, "echo hi; exec sleep 1000"));
+    wait_until("output", || {
+        std::fs::read(h.executor.attempt_dir(13, 1).join("stdout")).is_ok_and(|d| d == b"hi\n")
+    })
+    .await;
+    let chunk = h.executor.read_log(&log(13, "", 0, 0)).await.unwrap();
+    assert_eq!((chunk.data.as_slice(), chunk.eof), (&b"hi\n"[..], false));
+    let jobs = h.executor.gpu_jobs();
+    assert_eq!(jobs.len(), 1);
+    assert!(jobs[0].pgid.is_some());
+    h.executor.stop(13, 1, None, StopReason::Cancelled);
+    assert!(h.exit_of(13).await.cancelled);
+    let chunk = h.executor.read_log(&log(13, "", 3, 0)).await.unwrap();
+    assert!(chunk.eof);
+}
+
+#[tokio::test]
+async fn shutdown_stops_everything_and_refuses_new_work() {
+    let mut h = harness();
+    h.run(launch(14, &["sleep", "1000"]));
+    h.run(sh(15, "sleep 1000"));
+    wait_until("both running", || {
+        h.executor.gpu_jobs().iter().all(|j| j.pgid.is_some())
+    })
+    .await;
+    tokio::time::timeout(WAIT, h.executor.shutdown())
+        .await
+        .unwrap();
+    assert!(h.executor.running().is_empty());
+    let mut exits = 0;
+    while let Ok(event) = h.events.try_recv() {
+        if let JobEventKind::Exited(report) = event.kind {
+            assert!(!report.cancelled, "shutdown is not a cancel");
+            exits += 1;
+        }
+    }
+    assert_eq!(exits, 2);
+    assert_eq!(
+        h.executor.launch(launch(16, &["true"])),
+        LaunchOutcome::ShuttingDown
+    );
+}
+
+fn libc_sigterm() -> i32 {
+    Signal::SIGTERM as i32
+}

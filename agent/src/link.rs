@@ -1,0 +1,539 @@
+//! The coordinator link: one `ConnectAgent` stream at a time.
+//!
+//! Per connection: send `Register` (node facts + running attempts), wait for
+//! `Registered`, stop the attempts it lists, flush the [`Outbox`], then
+//! heartbeat every interval while serving assignments, cancels and log
+//! reads. When the stream breaks, reconnect with exponential back-off and
+//! jitter (200 ms doubling to 5 s), cycling through the coordinator list, or
+//! straight to the leader a "not leader" answer names. Jobs keep running
+//! while disconnected.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gantry_proto as pb;
+use gantry_proto::agent_link_client::AgentLinkClient;
+use gantry_proto::agent_message::Msg as Up;
+use gantry_proto::coordinator_message::Msg as Down;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::config::AgentConfig;
+use crate::convert::{agent_message, wire_bytes};
+use crate::executor::{
+    Executor, JobEvent, JobEventKind, Launch, LaunchOutcome, StopReason, now_ms,
+};
+use crate::outbox::Outbox;
+use crate::probe::Probes;
+
+/// Metadata key a non-leader coordinator may set to the leader's URL.
+pub const LEADER_METADATA: &str = "gantry-leader";
+/// First reconnect delay; doubles per failure.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+/// Longest reconnect delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long to wait for TCP + HTTP/2 set-up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the coordinator may take to answer `Register`.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an event or log reply may wait for room in the stream before
+/// the connection is considered stuck.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on the best-effort flush of final events at shutdown.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+/// Messages buffered towards the coordinator.
+const STREAM_BUFFER: usize = 1024;
+
+/// How a session ended.
+enum SessionEnd {
+    /// The shutdown token was cancelled.
+    Shutdown,
+    /// The connection failed or broke.
+    Lost {
+        /// Whether `Registered` was received (the coordinator was reachable).
+        registered: bool,
+        /// What went wrong, for the log.
+        error: String,
+        /// The leader's URL, when a follower redirected us.
+        leader: Option<String>,
+    },
+}
+
+impl SessionEnd {
+    fn lost(registered: bool, error: impl Into<String>) -> Self {
+        Self::Lost {
+            registered,
+            error: error.into(),
+            leader: None,
+        }
+    }
+
+    fn from_status(registered: bool, status: &tonic::Status) -> Self {
+        Self::Lost {
+            registered,
+            error: format!("{}: {}", status.code(), status.message()),
+            leader: leader_hint(status),
+        }
+    }
+}
+
+/// The leader URL of a "not leader" answer, when it names one.
+fn leader_hint(status: &tonic::Status) -> Option<String> {
+    if !status.message().starts_with("not leader") {
+        return None;
+    }
+    let url = status
+        .metadata()
+        .get(LEADER_METADATA)?
+        .to_str()
+        .ok()?
+        .trim();
+    (!url.is_empty()).then(|| url.to_string())
+}
+
+/// Exponential back-off with "equal jitter": a delay in [d/2, d], d doubling.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { next: BACKOFF_MIN }
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (base * 2).min(BACKOFF_MAX);
+        let half = u64::try_from(base.as_millis() / 2).unwrap_or(u64::MAX);
+        Duration::from_millis(half + rand::random_range(0..=half))
+    }
+}
+
+/// The link's state across connections.
+pub(crate) struct Link {
+    config: Arc<AgentConfig>,
+    executor: Executor,
+    /// A std mutex: probes are synchronous and run under `spawn_blocking`.
+    probes: Arc<Mutex<Probes>>,
+    events: mpsc::UnboundedReceiver<JobEvent>,
+    outbox: Outbox,
+    heartbeat_seq: u64,
+}
+
+impl Link {
+    pub(crate) fn new(
+        config: Arc<AgentConfig>,
+        executor: Executor,
+        probes: Probes,
+        events: mpsc::UnboundedReceiver<JobEvent>,
+    ) -> Self {
+        Self {
+            config,
+            executor,
+            probes: Arc::new(Mutex::new(probes)),
+            events,
+            outbox: Outbox::new(),
+            heartbeat_seq: 0,
+        }
+    }
+
+    /// Connects, serves, reconnects; returns once `shutdown` is cancelled.
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new();
+        let mut next = 0usize;
+        let mut redirect: Option<String> = None;
+        let coordinators = self.config.coordinators.clone();
+        loop {
+            let url = match redirect.take() {
+                Some(url) => url,
+                None => {
+                    let url = coordinators[next % coordinators.len()].clone();
+                    next = next.wrapping_add(1);
+                    url
+                }
+            };
+            match self.session(&url, &shutdown).await {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Lost {
+                    registered,
+                    error,
+                    leader,
+                } => {
+                    if registered {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        coordinator = %url,
+                        %error,
+                        leader = leader.as_deref().unwrap_or(""),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "coordinator link lost"
+                    );
+                    redirect = leader;
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection, from connect to break (or shutdown).
+    async fn session(&mut self, url: &str, shutdown: &CancellationToken) -> SessionEnd {
+        let endpoint = match Endpoint::from_shared(url.to_string()) {
+            Ok(endpoint) => endpoint
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                // Heartbeats flow one way; HTTP/2 pings notice a coordinator
+                // that vanished without closing the connection (partition).
+                .http2_keep_alive_interval(Duration::from_secs(2))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true),
+            Err(e) => return SessionEnd::lost(false, format!("bad URL: {e}")),
+        };
+        let channel = tokio::select! {
+            () = shutdown.cancelled() => return SessionEnd::Shutdown,
+            channel = endpoint.connect() => match channel {
+                Ok(channel) => channel,
+                Err(e) => return SessionEnd::lost(false, format!("cannot connect: {e}")),
+            },
+        };
+        let mut client = AgentLinkClient::new(channel);
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let register = self.register().await;
+        let running = register.running.len();
+        // Queued before the call: the coordinator may read it before answering.
+        if tx
+            .send(agent_message(Up::Register(register)))
+            .await
+            .is_err()
+        {
+            return SessionEnd::lost(false, "request stream closed");
+        }
+        let response = tokio::select! {
+            () = shutdown.cancelled() => return SessionEnd::Shutdown,
+            response = client.connect_agent(ReceiverStream::new(rx)) => response,
+        };
+        let mut inbound = match response {
+            Ok(response) => response.into_inner(),
+            Err(status) => return SessionEnd::from_status(false, &status),
+        };
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return SessionEnd::Shutdown,
+            first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()) => first,
+        };
+        let registered = match first {
+            Err(_) => return SessionEnd::lost(false, "no Registered reply in time"),
+            Ok(Err(status)) => return SessionEnd::from_status(false, &status),
+            Ok(Ok(None)) => return SessionEnd::lost(false, "stream closed before Registered"),
+            Ok(Ok(Some(pb::CoordinatorMessage {
+                msg: Some(Down::Registered(registered)),
+            }))) => registered,
+            Ok(Ok(Some(other))) => {
+                return SessionEnd::lost(false, format!("expected Registered, got {other:?}"));
+            }
+        };
+        let mut interval = self.config.heartbeat_interval;
+        if registered.heartbeat_interval_ms > 0 {
+            interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms));
+        }
+        tracing::info!(
+            coordinator = %url,
+            running,
+            stop = registered.stop.len(),
+            heartbeat_ms = interval.as_millis() as u64,
+            "registered with coordinator"
+        );
+        for stale in &registered.stop {
+            tracing::warn!(
+                job_id = stale.job_id,
+                attempt = stale.attempt,
+                "coordinator does not recognise attempt: stopping it"
+            );
+            self.executor
+                .stop(stale.job_id, stale.attempt, None, StopReason::Stale);
+        }
+
+        // Whatever happened while disconnected, then what was kept for re-send.
+        while let Ok(event) = self.events.try_recv() {
+            self.outbox.push_unsent(event);
+        }
+        for event in self.outbox.on_registered(Instant::now()) {
+            if let Err(end) = send_event(&tx, event).await {
+                return end;
+            }
+        }
+
+        let mut ticker = heartbeat_ticker(interval);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    self.final_flush(&tx).await;
+                    return SessionEnd::Shutdown;
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if let Some(new) = self.handle(message, &tx) {
+                            interval = new;
+                            ticker = heartbeat_ticker(interval);
+                        }
+                    }
+                    Ok(None) => return SessionEnd::lost(true, "coordinator closed the stream"),
+                    Err(status) => return SessionEnd::from_status(true, &status),
+                },
+                Some(event) = self.events.recv() => {
+                    self.outbox.push_sent(event.clone(), Instant::now());
+                    if let Err(end) = send_event(&tx, event).await {
+                        return end;
+                    }
+                }
+                _ = ticker.tick() => {
+                    let heartbeat = self.heartbeat().await;
+                    match tx.try_send(agent_message(Up::Heartbeat(heartbeat))) {
+                        Ok(()) => {}
+                        // A backed-up stream: the next heartbeat is fresher anyway.
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            tracing::debug!("stream backed up: heartbeat skipped");
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return SessionEnd::lost(true, "request stream closed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves one coordinator message; returns a new heartbeat interval when
+    /// the coordinator changed it.
+    fn handle(
+        &mut self,
+        message: pb::CoordinatorMessage,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+    ) -> Option<Duration> {
+        match message.msg? {
+            Down::Registered(registered) => (registered.heartbeat_interval_ms > 0)
+                .then(|| Duration::from_millis(u64::from(registered.heartbeat_interval_ms))),
+            Down::Assign(assignment) => {
+                let launch = Launch::from(assignment);
+                let (job_id, attempt) = (launch.job_id, launch.attempt);
+                match self.executor.launch(launch) {
+                    LaunchOutcome::Accepted => {
+                        tracing::info!(job_id, attempt, "assignment accepted");
+                    }
+                    LaunchOutcome::Duplicate => {
+                        tracing::debug!(job_id, attempt, "duplicate assignment ignored");
+                    }
+                    LaunchOutcome::ShuttingDown => {
+                        // Refused explicitly so the coordinator places it elsewhere now.
+                        tracing::info!(job_id, attempt, "assignment refused: agent shutting down");
+                        let event = JobEvent {
+                            job_id,
+                            attempt,
+                            at_ms: now_ms(),
+                            kind: JobEventKind::SpawnFailed {
+                                error: "agent is shutting down".into(),
+                            },
+                        };
+                        self.outbox.push_sent(event.clone(), Instant::now());
+                        let _ = tx.try_send(agent_message(Up::JobEvent(event.into())));
+                    }
+                }
+                None
+            }
+            Down::Cancel(cancel) => {
+                let grace = (cancel.grace_ms > 0).then(|| Duration::from_millis(cancel.grace_ms));
+                if !self
+                    .executor
+                    .stop(cancel.job_id, cancel.attempt, grace, StopReason::Cancelled)
+                {
+                    tracing::debug!(
+                        job_id = cancel.job_id,
+                        attempt = cancel.attempt,
+                        "cancel for an attempt not running here"
+                    );
+                }
+                None
+            }
+            Down::LogRead(read) => {
+                // Off the link loop: a 1 MiB read must not delay heartbeats.
+                let executor = self.executor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let request_id = read.request_id;
+                    let offset = read.offset;
+                    let reply = match executor.read_log(&read.into()).await {
+                        Ok(chunk) => pb::LogData {
+                            request_id,
+                            data: chunk.data,
+                            offset: chunk.offset,
+                            eof: chunk.eof,
+                            error: String::new(),
+                        },
+                        Err(error) => pb::LogData {
+                            request_id,
+                            offset,
+                            error,
+                            ..Default::default()
+                        },
+                    };
+                    // The task ends by itself: a bounded wait, and a closed
+                    // stream (session over) fails at once.
+                    let message = agent_message(Up::LogData(reply));
+                    let _ = tokio::time::timeout(SEND_TIMEOUT, tx.send(message)).await;
+                });
+                None
+            }
+        }
+    }
+
+    /// Sends the events produced while jobs were being stopped for shutdown.
+    async fn final_flush(&mut self, tx: &mpsc::Sender<pb::AgentMessage>) {
+        let deadline = Instant::now() + FINAL_FLUSH;
+        while let Ok(event) = self.events.try_recv() {
+            let message = agent_message(Up::JobEvent(event.into()));
+            if tokio::time::timeout_at(deadline, tx.send(message))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        // Give the transport a moment to write what is buffered; the
+        // coordinator also learns of the agent leaving when the stream ends.
+        let _ = tokio::time::timeout_at(deadline, tx.reserve_many(STREAM_BUFFER)).await;
+    }
+
+    async fn register(&self) -> pb::Register {
+        let probes = Arc::clone(&self.probes);
+        let (host, gpus) = tokio::task::spawn_blocking(move || {
+            let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
+            let host = probes.host.statics();
+            let gpus = probes.gpu.gpus();
+            (host, gpus)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "probe task failed");
+            (
+                crate::probe::HostStatic {
+                    cpu_millis: 0,
+                    memory_total_bytes: 0,
+                    disk_total_bytes: 0,
+                },
+                Vec::new(),
+            )
+        });
+        pb::Register {
+            node: self.config.node_name.clone(),
+            address: self.config.address.clone(),
+            labels: self.config.labels.clone().into_iter().collect(),
+            gpus: gpus.into_iter().map(Into::into).collect(),
+            cpu_millis: wire_bytes(host.cpu_millis),
+            memory_total_bytes: wire_bytes(host.memory_total_bytes),
+            disk_total_bytes: wire_bytes(host.disk_total_bytes),
+            running: self
+                .executor
+                .running()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    async fn heartbeat(&mut self) -> pb::Heartbeat {
+        self.heartbeat_seq += 1;
+        let jobs = self.executor.gpu_jobs();
+        let probes = Arc::clone(&self.probes);
+        let sample_jobs = jobs.clone();
+        let sampled = tokio::task::spawn_blocking(move || {
+            let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
+            (probes.host.sample(), probes.gpu.sample(&sample_jobs))
+        })
+        .await;
+        let (host, gpu) = match sampled {
+            Ok(sampled) => sampled,
+            Err(e) => {
+                tracing::error!(error = %e, "probe task failed");
+                return pb::Heartbeat {
+                    seq: self.heartbeat_seq,
+                    sent_at_ms: now_ms(),
+                    ..Default::default()
+                };
+            }
+        };
+        // Every running attempt is listed, measured or not (0 = no figure),
+        // so the coordinator sees the running set every beat.
+        let usage = jobs
+            .iter()
+            .map(|job| pb::JobUsage {
+                job_id: job.job_id,
+                attempt: job.attempt,
+                gpu_memory_bytes: gpu
+                    .jobs
+                    .iter()
+                    .find(|u| u.job_id == job.job_id && u.attempt == job.attempt)
+                    .map_or(0, |u| wire_bytes(u.gpu_memory_bytes)),
+            })
+            .collect();
+        pb::Heartbeat {
+            seq: self.heartbeat_seq,
+            sent_at_ms: now_ms(),
+            gpus: gpu
+                .gpus
+                .iter()
+                .map(|g| pb::GpuTelemetry {
+                    index: g.index,
+                    used_bytes: wire_bytes(g.used_bytes),
+                    utilization_pct: g.utilization_pct,
+                    temperature_c: g.temperature_c,
+                })
+                .collect(),
+            cpu_used_pct: host.cpu_used_pct,
+            memory_used_bytes: wire_bytes(host.memory_used_bytes),
+            disk_used_bytes: wire_bytes(host.disk_used_bytes),
+            disk_total_bytes: wire_bytes(host.disk_total_bytes),
+            jobs: usage,
+            // The coordinator sends no timestamps to echo; it measures RTT
+            // from its own clock and `sent_at_ms`.
+            echo_ms: 0,
+        }
+    }
+}
+
+fn heartbeat_ticker(interval: Duration) -> tokio::time::Interval {
+    // The first tick fires at once: a fresh coordinator gets telemetry
+    // immediately and can place work on this node without waiting a period.
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
+}
+
+async fn send_event(
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    event: JobEvent,
+) -> Result<(), SessionEnd> {
+    let message = agent_message(Up::JobEvent(event.into()));
+    match tokio::time::timeout(SEND_TIMEOUT, tx.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(SessionEnd::lost(true, "request stream closed")),
+        Err(_) => Err(SessionEnd::lost(
+            true,
+            "stream stuck: event not sent in time",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

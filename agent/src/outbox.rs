@@ -1,0 +1,205 @@
+//! Job events waiting for (or kept for re-delivery to) the coordinator.
+//!
+//! The link protocol has no acknowledgements, and a coordinator can receive
+//! an event and lose it before committing it (a leader crash). So delivery is
+//! at-least-once and the coordinator deduplicates by (job, attempt, kind):
+//!
+//! - Every event is sent on the live connection as soon as it happens, or,
+//!   while disconnected, right after the next successful `Register`/`Registered`
+//!   exchange, in the order the events happened.
+//! - `Started` events are dropped once written to a stream: if that stream
+//!   broke, the next `Register.running` carries the same fact, and if the
+//!   attempt has ended since, its `Exited` supersedes it.
+//! - Terminal events (`Exited`, `SpawnFailed`) are kept after their first
+//!   send and re-sent after every later successful registration, until
+//!   [`RESEND_WINDOW`] has passed since that first send. An event that was
+//!   never sent never expires (an agent cut off for an hour still reports
+//!   what finished meanwhile).
+//! - At most [`MAX_RETAINED`] events are kept; past that the oldest
+//!   already-sent ones go first, then the oldest unsent (with a warning).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::executor::JobEvent;
+
+/// How long a terminal event is re-sent on reconnects after it was first sent.
+pub const RESEND_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// Upper bound on retained events.
+pub const MAX_RETAINED: usize = 10_000;
+
+#[derive(Debug)]
+struct Entry {
+    event: JobEvent,
+    /// When it was first written to a registered stream; `None` = never.
+    first_sent: Option<Instant>,
+}
+
+/// The agent's outgoing job events (see the module docs for the policy).
+#[derive(Debug, Default)]
+pub struct Outbox {
+    entries: VecDeque<Entry>,
+}
+
+impl Outbox {
+    /// An empty outbox.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records an event that was not sent (no live connection).
+    pub fn push_unsent(&mut self, event: JobEvent) {
+        self.push(Entry {
+            event,
+            first_sent: None,
+        });
+    }
+
+    /// Records an event that was just written to the live connection.
+    pub fn push_sent(&mut self, event: JobEvent, now: Instant) {
+        if event.kind.is_terminal() {
+            self.push(Entry {
+                event,
+                first_sent: Some(now),
+            });
+        }
+    }
+
+    /// The events to send after a successful registration, in order; marks
+    /// them sent at `now`, drops sent `Started` events and expired ones.
+    pub fn on_registered(&mut self, now: Instant) -> Vec<JobEvent> {
+        self.entries.retain(|entry| {
+            entry
+                .first_sent
+                .is_none_or(|at| now.saturating_duration_since(at) < RESEND_WINDOW)
+        });
+        let out = self.entries.iter().map(|e| e.event.clone()).collect();
+        self.entries.retain_mut(|entry| {
+            entry.first_sent.get_or_insert(now);
+            entry.event.kind.is_terminal()
+        });
+        out
+    }
+
+    /// Number of retained events.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is retained.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn push(&mut self, entry: Entry) {
+        if self.entries.len() >= MAX_RETAINED {
+            let victim = self
+                .entries
+                .iter()
+                .position(|e| e.first_sent.is_some())
+                .unwrap_or(0);
+            if let Some(dropped) = self.entries.remove(victim)
+                && dropped.first_sent.is_none()
+            {
+                tracing::warn!(
+                    job_id = dropped.event.job_id,
+                    attempt = dropped.event.attempt,
+                    "outbox full: dropping an unsent job event"
+                );
+            }
+        }
+        self.entries.push_back(entry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::executor::{ExitReport, JobEventKind};
+
+    fn started(job_id: u64) -> JobEvent {
+        JobEvent {
+            job_id,
+            attempt: 1,
+            at_ms: 0,
+            kind: JobEventKind::Started { pid: 10 },
+        }
+    }
+
+    fn exited(job_id: u64) -> JobEvent {
+        JobEvent {
+            job_id,
+            attempt: 1,
+            at_ms: 0,
+            kind: JobEventKind::Exited(ExitReport {
+                code: Some(0),
+                signal: None,
+                stderr_tail: Vec::new(),
+                cancelled: false,
+                agent_shutdown: false,
+            }),
+        }
+    }
+
+    fn ids(events: &[JobEvent]) -> Vec<(u64, bool)> {
+        events
+            .iter()
+            .map(|e| (e.job_id, e.kind.is_terminal()))
+            .collect()
+    }
+
+    #[test]
+    fn unsent_events_go_out_in_order_then_only_terminal_ones_stay() {
+        let mut outbox = Outbox::new();
+        let t0 = Instant::now();
+        outbox.push_unsent(started(1));
+        outbox.push_unsent(exited(1));
+        outbox.push_unsent(started(2));
+        assert_eq!(
+            ids(&outbox.on_registered(t0)),
+            vec![(1, false), (1, true), (2, false)]
+        );
+        // Reconnect: only the exit is re-sent.
+        assert_eq!(
+            ids(&outbox.on_registered(t0 + Duration::from_secs(1))),
+            vec![(1, true)]
+        );
+    }
+
+    #[test]
+    fn sent_terminal_events_expire_after_the_window_unsent_never() {
+        let mut outbox = Outbox::new();
+        let t0 = Instant::now();
+        outbox.push_sent(started(1), t0);
+        outbox.push_sent(exited(1), t0);
+        assert_eq!(outbox.len(), 1, "a sent start is not retained");
+        let later = t0 + RESEND_WINDOW + Duration::from_secs(1);
+        outbox.push_unsent(exited(2));
+        assert_eq!(ids(&outbox.on_registered(later)), vec![(2, true)]);
+        // Now 2 counts as sent at `later` and is re-sent until its own window ends.
+        assert_eq!(
+            ids(&outbox.on_registered(later + Duration::from_secs(5))),
+            vec![(2, true)]
+        );
+        assert!(outbox.on_registered(later + RESEND_WINDOW).is_empty());
+        assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn full_outbox_drops_sent_events_first() {
+        let mut outbox = Outbox::new();
+        let t0 = Instant::now();
+        outbox.push_unsent(exited(0));
+        for job in 1..MAX_RETAINED as u64 {
+            outbox.push_sent(exited(job), t0);
+        }
+        outbox.push_unsent(exited(99_999));
+        assert_eq!(outbox.len(), MAX_RETAINED);
+        let events = outbox.on_registered(t0);
+        assert_eq!(events[0].job_id, 0, "unsent event kept");
+        assert_eq!(events[1].job_id, 2, "oldest sent event dropped");
+        assert_eq!(events.last().map(|e| e.job_id), Some(99_999));
+    }
+}

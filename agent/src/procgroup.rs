@@ -1,0 +1,82 @@
+//! Process-group signalling. Every job runs in its own process group (its
+//! leader's pid is the group id) so that a cancel reaches the whole tree a
+//! job forks, not only the process the agent started.
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// Sends `signal` to every process of group `pgid`. A group that no longer
+/// exists is not an error: it is what the caller wanted.
+pub(crate) fn signal_group(pgid: u32, signal: Signal) {
+    let Ok(raw) = i32::try_from(pgid) else { return };
+    // pgid 0 or 1 would address the agent's own group or everything; never.
+    if raw <= 1 {
+        return;
+    }
+    match killpg(Pid::from_raw(raw), signal) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(pgid, ?signal, error = %e, "cannot signal process group"),
+    }
+}
+
+/// Whether group `pgid` still has a live (non-zombie) member.
+///
+/// `killpg(pgid, 0)` alone is not enough: orphaned grandchildren are
+/// re-parented to PID 1, and where PID 1 does not reap (containers), their
+/// zombies keep the group "existing" forever. So a positive answer is checked
+/// against `/proc`.
+pub(crate) fn group_alive(pgid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pgid) else {
+        return false;
+    };
+    if raw <= 1 {
+        return false;
+    }
+    if let Err(Errno::ESRCH) = killpg(Pid::from_raw(raw), None) {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    entries.flatten().any(|entry| {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            return false;
+        };
+        matches!(proc_stat(pid), Some((state, group)) if group == pgid && state != 'Z' && state != 'X')
+    })
+}
+
+/// Whether process `pid` exists and is not a zombie.
+#[cfg(test)]
+pub(crate) fn pid_alive(pid: u32) -> bool {
+    matches!(proc_stat(pid), Some((state, _)) if state != 'Z' && state != 'X')
+}
+
+/// (state, process group) from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may itself contain spaces or
+    // parentheses, so parse from the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let _ppid = fields.next()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive_and_unknown_group_is_not() {
+        assert!(pid_alive(std::process::id()));
+        assert!(!group_alive(0));
+        assert!(!group_alive(1));
+        // Pids are capped well below this on Linux.
+        assert!(!group_alive(i32::MAX as u32 - 1));
+    }
+}

@@ -1,0 +1,204 @@
+//! Why a job waits: after a failed search, relax one filter at a time to
+//! find the one that blocks it, and name the closest miss. Runs once per
+//! failing job shape per pass, so it may afford a scan of the nodes.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::filter::{GpuModelChecker, LabelChecker, NodeRefusal, NodeStateChecker};
+use crate::index::{Dir, FreeIndex, Query};
+use crate::model::{HoldReason, JobRequest};
+use crate::place::{Ask, find};
+use crate::units::format_bytes;
+
+/// The reason `ask` found no placement in the current state of `index`.
+pub(crate) fn explain(index: &mut FreeIndex<'_>, ask: &Ask<'_>) -> HoldReason {
+    let job = ask.job;
+    if index.pressure.applies_to(job.kind) {
+        let mut relaxed = ask.clone();
+        relaxed.filters.pressure = false;
+        if find(index, &relaxed).is_some() {
+            let (pressured, eligible) = pressure_counts(index, ask);
+            return HoldReason::DiskBackpressure {
+                pressured,
+                eligible,
+            };
+        }
+    }
+    let mut relaxed = ask.clone();
+    relaxed.filters.resources = false;
+    if find(index, &relaxed).is_some() {
+        return HoldReason::NoFit(host_text(job));
+    }
+    if ask.gpus > 0 {
+        // The roomiest candidate, whatever its disk or host resources.
+        relaxed.filters.pressure = false;
+        relaxed.need = 0;
+        relaxed.need_largest = None;
+        let restrict = index.restriction(&relaxed);
+        let roomiest = Query {
+            need: 0,
+            dir: Dir::MostFree,
+        };
+        if let Some(found) = index.search(&relaxed, roomiest, &restrict) {
+            let free = found
+                .slots
+                .iter()
+                .map(|&s| index.gpu(s).free)
+                .min()
+                .unwrap_or(0);
+            return HoldReason::NoFit(format!(
+                "no node with {} (best: {}, {})",
+                gpu_text(ask),
+                index.node(found.node).view.name,
+                format_bytes(free)
+            ));
+        }
+    }
+    HoldReason::NoFit(empty_fleet_text(index, ask))
+}
+
+/// Eligible nodes for the job's labels and GPU shape, and how many of them
+/// are disk-pressured for its kind.
+fn pressure_counts(index: &FreeIndex<'_>, ask: &Ask<'_>) -> (usize, usize) {
+    let job = ask.job;
+    let (mut pressured, mut eligible) = (0, 0);
+    for node in index.nodes() {
+        if !LabelChecker::matches(node.view, &job.constraints.labels) || !has_gpus(node.view, ask) {
+            continue;
+        }
+        eligible += 1;
+        let blocked = if index.pressure.uses_node_flag(job.kind) {
+            node.view.disk_pressure
+        } else {
+            index.pressure.blocks(node.view, job.kind)
+        };
+        pressured += usize::from(blocked);
+    }
+    (pressured, eligible)
+}
+
+/// Whether a node has at least `gpus` GPUs of one accepted model, in use or not.
+fn has_gpus(node: &crate::model::NodeView, ask: &Ask<'_>) -> bool {
+    if ask.gpus == 0 {
+        return true;
+    }
+    let mut per_model: BTreeMap<&str, u32> = BTreeMap::new();
+    for g in &node.gpus {
+        if GpuModelChecker::matches(&g.model, &ask.job.constraints.gpu_models) {
+            *per_model.entry(g.model.as_str()).or_default() += 1;
+        }
+    }
+    per_model.values().any(|&n| n >= ask.gpus)
+}
+
+/// "an" before words read with a leading vowel sound (including letters
+/// spelled out, as in "an H100", "an RTX4090").
+fn article(word: &str) -> &'static str {
+    match word.chars().next() {
+        Some(c) if "aeiouAEFHILMNORSX".contains(c) => "an",
+        _ => "a",
+    }
+}
+
+/// "40GiB free on an H100", "4 idle A100 GPUs with 40GiB free each".
+fn gpu_text(ask: &Ask<'_>) -> String {
+    let models = &ask.job.constraints.gpu_models;
+    let model = if models.is_empty() {
+        String::new()
+    } else {
+        format!("{} ", models.join("/"))
+    };
+    let idle = if ask.exclusive { "idle " } else { "" };
+    let need = format_bytes(ask.need);
+    if ask.gpus == 1 {
+        let noun = if models.is_empty() {
+            format!("{idle}GPU")
+        } else {
+            format!("{idle}{}", models.join("/"))
+        };
+        format!("{need} free on {} {noun}", article(&noun))
+    } else {
+        format!("{} {idle}{model}GPUs with {need} free each", ask.gpus)
+    }
+}
+
+/// "4 CPUs, 16GiB RAM and 20GiB disk".
+fn host_text(job: &JobRequest) -> String {
+    let r = &job.resources;
+    let mut parts = Vec::new();
+    if r.cpu_millis > 0 {
+        let cores = r.cpu_millis as f64 / 1000.0;
+        parts.push(format!("{cores} CPUs"));
+    }
+    if r.memory > 0 {
+        parts.push(format!("{} RAM", format_bytes(r.memory)));
+    }
+    if r.disk > 0 {
+        parts.push(format!("{} disk", format_bytes(r.disk)));
+    }
+    let list = match parts.len() {
+        0 => "room".to_string(),
+        1 => parts.remove(0),
+        _ => {
+            let last = parts.pop().unwrap_or_default();
+            format!("{} and {last}", parts.join(", "))
+        }
+    };
+    if job.resources.gpus == 0 {
+        format!("no eligible node has {list} free")
+    } else {
+        format!("no node with the GPUs free also has {list} free")
+    }
+}
+
+/// When no candidate exists at all: which filter emptied the fleet.
+fn empty_fleet_text(index: &FreeIndex<'_>, ask: &Ask<'_>) -> String {
+    let snapshot = index.snapshot;
+    let job = ask.job;
+    if index.nodes().is_empty() {
+        let mut refused: BTreeMap<NodeRefusal, usize> = BTreeMap::new();
+        for node in &snapshot.nodes {
+            if let Err(r) = NodeStateChecker::admits(node, snapshot.now_ms) {
+                *refused.entry(r).or_default() += 1;
+            }
+        }
+        let mut text = String::from("no node takes new work (");
+        for (i, (r, n)) in refused.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = write!(text, "{sep}{n} {r}");
+        }
+        text.push(')');
+        return text;
+    }
+    let labeled: Vec<_> = index
+        .nodes()
+        .iter()
+        .filter(|n| LabelChecker::matches(n.view, &job.constraints.labels))
+        .collect();
+    if labeled.is_empty() {
+        let wanted: Vec<String> = job
+            .constraints
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        return format!("no eligible node has labels {}", wanted.join(", "));
+    }
+    let models = if job.constraints.gpu_models.is_empty() {
+        String::new()
+    } else {
+        format!("{} ", job.constraints.gpu_models.join("/"))
+    };
+    if !labeled.iter().any(|n| has_gpus(n.view, ask)) {
+        return format!("no eligible node has {} {models}GPU(s)", ask.gpus);
+    }
+    if ask.exclusive {
+        format!("no eligible node has {} idle {models}GPU(s)", ask.gpus)
+    } else {
+        format!(
+            "no eligible node has {} {models}GPU(s) free of exclusive jobs",
+            ask.gpus
+        )
+    }
+}

@@ -1,0 +1,662 @@
+//! The free-memory index a pass searches instead of scanning every node.
+//!
+//! Eligible nodes (the state filter passed) are numbered in health order,
+//! healthiest first, and their GPUs get consecutive slots. GPUs are grouped
+//! into pools by (model, node disk-pressure flag), so a model constraint or
+//! the pressure filter drops whole pools. In each pool two ordered sets hold
+//! `(free-memory bucket, slot)` keys: GPUs shared by Gantry jobs and idle
+//! GPUs (exclusively held GPUs are in neither). A best fit is then the first
+//! key at or above the job's bucket that passes the per-node checks: an
+//! O(log n) range lookup, and an empty range says at once that nothing fits.
+//! Multi-GPU jobs use per-(pool, k) node sets keyed by the k-th largest free
+//! memory among a node's usable GPUs, built on first use in a pass.
+//!
+//! Every reservation updates the keys it changes, so later jobs of the same
+//! pass see what earlier ones took.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
+
+use crate::disk::DiskPressureChecker;
+use crate::filter::{
+    GpuModelChecker, GpuShareChecker, HostFree, LabelChecker, NodeStateChecker, ResourceChecker,
+};
+use crate::hash::FxBuild;
+use crate::health::HealthScorer;
+use crate::model::{ClusterSnapshot, JobRequest, NodeView};
+use crate::place::{Ask, Found, Search};
+
+/// One eligible node during a pass.
+#[derive(Debug)]
+pub(crate) struct NodeSlot<'s> {
+    pub view: &'s NodeView,
+    /// Its GPUs' slots, ordered by device index.
+    pub gpus: Range<u32>,
+    /// Host resources left.
+    pub free: HostFree,
+}
+
+/// One GPU during a pass.
+#[derive(Debug, Clone)]
+pub(crate) struct GpuSlot {
+    /// Node number (health rank).
+    pub node: u32,
+    /// Device index on the node.
+    pub device: u32,
+    /// Index into the pass's model list.
+    pub model: u32,
+    /// Effective free memory left.
+    pub free: u64,
+    /// Gantry jobs holding reservations.
+    pub jobs: u32,
+    /// Held by an exclusive job.
+    pub exclusive: bool,
+}
+
+/// The two sets a usable GPU can be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GpuSet {
+    /// Already shared by Gantry jobs: filled first.
+    Shared,
+    /// No Gantry job: kept for exclusive jobs where possible.
+    Idle,
+}
+
+impl GpuSlot {
+    fn set(&self) -> Option<GpuSet> {
+        if !GpuShareChecker::admits(self.jobs, self.exclusive, false) {
+            None
+        } else if self.jobs == 0 {
+            Some(GpuSet::Idle)
+        } else {
+            Some(GpuSet::Shared)
+        }
+    }
+
+    fn usable_by(&self, exclusive_job: bool) -> bool {
+        GpuShareChecker::admits(self.jobs, self.exclusive, exclusive_job)
+    }
+}
+
+/// Search direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    /// Least free memory that fits, healthiest node among equals.
+    BestFit,
+    /// Most free memory (largest batch), healthiest node among equals.
+    MostFree,
+}
+
+/// One search: at least `need` free per GPU, in direction `dir`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Query {
+    pub need: u64,
+    pub dir: Dir,
+}
+
+/// Which nodes a search may look at.
+#[derive(Debug, Clone)]
+pub(crate) enum Restrict {
+    /// Use the ordered indexes.
+    All,
+    /// Scan these nodes (health order): a rare label, or the full-scan oracle.
+    Nodes(Vec<u32>),
+    /// A wanted label no eligible node has.
+    Nothing,
+}
+
+#[derive(Debug)]
+struct Multi {
+    exclusive: bool,
+    k: u32,
+    set: BTreeSet<u128>,
+}
+
+#[derive(Debug)]
+struct Pool {
+    model: u32,
+    pressured: bool,
+    shared: BTreeSet<u128>,
+    idle: BTreeSet<u128>,
+    /// Nodes with GPUs in this pool, health order.
+    nodes: Vec<u32>,
+    multi: Vec<Multi>,
+}
+
+impl Pool {
+    fn set(&self, set: GpuSet) -> &BTreeSet<u128> {
+        match set {
+            GpuSet::Shared => &self.shared,
+            GpuSet::Idle => &self.idle,
+        }
+    }
+
+    fn set_mut(&mut self, set: GpuSet) -> &mut BTreeSet<u128> {
+        match set {
+            GpuSet::Shared => &mut self.shared,
+            GpuSet::Idle => &mut self.idle,
+        }
+    }
+}
+
+/// The pass's view of the fleet: eligible nodes, their GPUs, and the
+/// ordered indexes over them.
+#[derive(Debug)]
+pub(crate) struct FreeIndex<'s> {
+    pub snapshot: &'s ClusterSnapshot,
+    pub pressure: DiskPressureChecker<'s>,
+    granularity: u64,
+    nodes: Vec<NodeSlot<'s>>,
+    gpus: Vec<GpuSlot>,
+    pub models: Vec<&'s str>,
+    pools: Vec<Pool>,
+    /// (label, value) -> nodes carrying it, health order; built only when
+    /// some job has label constraints.
+    labels: HashMap<(&'s str, &'s str), Vec<u32>, FxBuild>,
+}
+
+fn key(bucket: u64, id: u32) -> u128 {
+    (u128::from(bucket) << 64) | u128::from(id)
+}
+
+fn key_bucket(key: u128) -> u64 {
+    (key >> 64) as u64
+}
+
+fn key_id(key: u128) -> u32 {
+    // The low 64 bits hold a u32 id by construction.
+    (key & u128::from(u32::MAX)) as u32
+}
+
+/// Whether `a` beats `b` in direction `dir`.
+fn better(a: u128, b: u128, dir: Dir) -> bool {
+    match dir {
+        Dir::BestFit => a < b,
+        Dir::MostFree => {
+            key_bucket(a) > key_bucket(b)
+                || (key_bucket(a) == key_bucket(b) && key_id(a) < key_id(b))
+        }
+    }
+}
+
+fn pick(best: &mut Option<u128>, candidate: u128, dir: Dir) {
+    if best.is_none_or(|b| better(candidate, b, dir)) {
+        *best = Some(candidate);
+    }
+}
+
+impl<'s> FreeIndex<'s> {
+    /// Builds the index for one pass. `with_labels` also builds the label
+    /// postings (only worth it when some job has label constraints).
+    pub fn build(snapshot: &'s ClusterSnapshot, with_labels: bool) -> Self {
+        let policy = &snapshot.policy;
+        let headroom = policy.gpu_headroom;
+        let admitted: Vec<&NodeView> = snapshot
+            .nodes
+            .iter()
+            .filter(|n| NodeStateChecker::admits(n, snapshot.now_ms).is_ok())
+            .collect();
+        let order = HealthScorer::rank(&admitted);
+        let mut models: Vec<&str> = admitted
+            .iter()
+            .flat_map(|n| n.gpus.iter().map(|g| g.model.as_str()))
+            .collect();
+        models.sort_unstable();
+        models.dedup();
+
+        let mut nodes = Vec::with_capacity(order.len());
+        let mut gpus = Vec::new();
+        for (rank, &i) in order.iter().enumerate() {
+            let view = admitted[i];
+            let start = gpus.len() as u32;
+            let mut devices: Vec<usize> = (0..view.gpus.len()).collect();
+            devices.sort_by_key(|&d| view.gpus[d].index);
+            for d in devices {
+                let g = &view.gpus[d];
+                gpus.push(GpuSlot {
+                    node: rank as u32,
+                    device: g.index,
+                    model: models.binary_search(&g.model.as_str()).unwrap_or(0) as u32,
+                    free: g.effective_free(headroom),
+                    jobs: g.jobs,
+                    exclusive: g.exclusive,
+                });
+            }
+            nodes.push(NodeSlot {
+                view,
+                gpus: start..gpus.len() as u32,
+                free: HostFree::of(view),
+            });
+        }
+
+        let granularity = policy.pack_granularity.max(1);
+        let mut pools: Vec<Pool> = (0..models.len() * 2)
+            .map(|p| Pool {
+                model: (p / 2) as u32,
+                pressured: p % 2 == 1,
+                shared: BTreeSet::new(),
+                idle: BTreeSet::new(),
+                nodes: Vec::new(),
+                multi: Vec::new(),
+            })
+            .collect();
+        let mut shared: Vec<Vec<u128>> = vec![Vec::new(); pools.len()];
+        let mut idle: Vec<Vec<u128>> = vec![Vec::new(); pools.len()];
+        for (slot, g) in gpus.iter().enumerate() {
+            let p = pool_id(g.model, nodes[g.node as usize].view.disk_pressure);
+            if pools[p].nodes.last() != Some(&g.node) {
+                pools[p].nodes.push(g.node);
+            }
+            let k = key(g.free / granularity, slot as u32);
+            match g.set() {
+                Some(GpuSet::Shared) => shared[p].push(k),
+                Some(GpuSet::Idle) => idle[p].push(k),
+                None => {}
+            }
+        }
+        for (p, pool) in pools.iter_mut().enumerate() {
+            // Sorted input lets BTreeSet build in bulk.
+            shared[p].sort_unstable();
+            idle[p].sort_unstable();
+            pool.shared = std::mem::take(&mut shared[p]).into_iter().collect();
+            pool.idle = std::mem::take(&mut idle[p]).into_iter().collect();
+        }
+
+        let mut labels: HashMap<(&str, &str), Vec<u32>, FxBuild> = HashMap::default();
+        if with_labels {
+            for (rank, node) in nodes.iter().enumerate() {
+                for (k, v) in &node.view.labels {
+                    labels
+                        .entry((k.as_str(), v.as_str()))
+                        .or_default()
+                        .push(rank as u32);
+                }
+                if !node.view.labels.contains_key("provider") && !node.view.provider.is_empty() {
+                    labels
+                        .entry(("provider", node.view.provider.as_str()))
+                        .or_default()
+                        .push(rank as u32);
+                }
+            }
+        }
+
+        FreeIndex {
+            snapshot,
+            pressure: DiskPressureChecker::new(policy),
+            granularity,
+            nodes,
+            gpus,
+            models,
+            pools,
+            labels,
+        }
+    }
+
+    /// An eligible node by number.
+    pub fn node(&self, n: u32) -> &NodeSlot<'s> {
+        &self.nodes[n as usize]
+    }
+
+    /// Eligible nodes, health order.
+    pub fn nodes(&self) -> &[NodeSlot<'s>] {
+        &self.nodes
+    }
+
+    /// A GPU by slot.
+    pub fn gpu(&self, slot: u32) -> &GpuSlot {
+        &self.gpus[slot as usize]
+    }
+
+    fn bucket(&self, free: u64) -> u64 {
+        free / self.granularity
+    }
+
+    /// Which nodes a job's search may look at: label postings make rare
+    /// labels cheap (scan the few nodes that carry them rather than skip
+    /// through the whole index).
+    pub fn restriction(&self, ask: &Ask<'_>) -> Restrict {
+        if ask.search == Search::FullScan {
+            return Restrict::Nodes((0..self.nodes.len() as u32).collect());
+        }
+        let wanted = &ask.job.constraints.labels;
+        if wanted.is_empty() {
+            return Restrict::All;
+        }
+        let mut smallest: Option<&Vec<u32>> = None;
+        for (k, v) in wanted {
+            match self.labels.get(&(k.as_str(), v.as_str())) {
+                None => return Restrict::Nothing,
+                Some(list) if smallest.is_none_or(|s| list.len() < s.len()) => {
+                    smallest = Some(list)
+                }
+                Some(_) => {}
+            }
+        }
+        match smallest {
+            Some(list) if list.len() * 8 < self.nodes.len() => Restrict::Nodes(list.clone()),
+            _ => Restrict::All,
+        }
+    }
+
+    /// Whether the job's node-flag pressure filter drops pressured pools.
+    fn skips_pressured(&self, ask: &Ask<'_>) -> bool {
+        ask.filters.pressure && self.pressure.uses_node_flag(ask.kind())
+    }
+
+    /// Pools whose model the job accepts and whose pressure it tolerates.
+    pub fn pools_for(&self, ask: &Ask<'_>) -> Vec<usize> {
+        let skip = self.skips_pressured(ask);
+        let wanted = &ask.job.constraints.gpu_models;
+        let mut out = Vec::new();
+        for (m, name) in self.models.iter().enumerate() {
+            if GpuModelChecker::matches(name, wanted) {
+                out.push(pool_id(m as u32, false));
+                if !skip {
+                    out.push(pool_id(m as u32, true));
+                }
+            }
+        }
+        out
+    }
+
+    /// The per-node checks the pools cannot express: host resources,
+    /// labels, per-kind disk thresholds.
+    pub fn node_ok(&self, n: u32, ask: &Ask<'_>) -> bool {
+        let node = &self.nodes[n as usize];
+        let job = ask.job;
+        if ask.filters.resources && !ResourceChecker::fits(&node.free, job) {
+            return false;
+        }
+        if !job.constraints.labels.is_empty()
+            && !LabelChecker::matches(node.view, &job.constraints.labels)
+        {
+            return false;
+        }
+        if ask.filters.pressure
+            && !self.pressure.uses_node_flag(job.kind)
+            && self.pressure.blocks(node.view, job.kind)
+        {
+            return false;
+        }
+        true
+    }
+
+    /// For jobs without GPUs: the healthiest node that passes the checks.
+    pub fn first_node(&self, ask: &Ask<'_>, restrict: &Restrict) -> Option<u32> {
+        let skip = self.skips_pressured(ask);
+        let ok =
+            |n: u32| !(skip && self.nodes[n as usize].view.disk_pressure) && self.node_ok(n, ask);
+        match restrict {
+            Restrict::Nothing => None,
+            Restrict::All => (0..self.nodes.len() as u32).find(|&n| ok(n)),
+            Restrict::Nodes(list) => list.iter().copied().find(|&n| ok(n)),
+        }
+    }
+
+    /// The best GPUs for `ask` under `query`, or `None`.
+    pub fn search(&mut self, ask: &Ask<'_>, query: Query, restrict: &Restrict) -> Option<Found> {
+        let pools = self.pools_for(ask);
+        if ask.gpus == 1 {
+            let sets: &[GpuSet] = if ask.exclusive {
+                &[GpuSet::Idle]
+            } else {
+                &[GpuSet::Shared, GpuSet::Idle]
+            };
+            let mut best = None;
+            for &set in sets {
+                for &p in &pools {
+                    if let Some(k) = self.query_gpu(p, set, ask, query, restrict) {
+                        pick(&mut best, k, query.dir);
+                    }
+                }
+                // A fit among shared GPUs beats any idle one, except when
+                // looking for the most memory.
+                if best.is_some() && query.dir == Dir::BestFit {
+                    break;
+                }
+            }
+            let slot = key_id(best?);
+            return Some(Found {
+                node: self.gpus[slot as usize].node,
+                slots: vec![slot],
+            });
+        }
+        let mut best: Option<(u128, usize)> = None;
+        for &p in &pools {
+            if let Some(k) = self.query_multi(p, ask, query, restrict)
+                && best.is_none_or(|(b, _)| better(k, b, query.dir))
+            {
+                best = Some((k, p));
+            }
+        }
+        let (k, p) = best?;
+        let node = key_id(k);
+        let slots = self.pick_gpus(node, self.pools[p].model, ask, query);
+        Some(Found { node, slots })
+    }
+
+    fn query_gpu(
+        &self,
+        p: usize,
+        set: GpuSet,
+        ask: &Ask<'_>,
+        query: Query,
+        restrict: &Restrict,
+    ) -> Option<u128> {
+        let pool = &self.pools[p];
+        let need = query.need;
+        let fits = |k: &u128| {
+            let g = &self.gpus[key_id(*k) as usize];
+            g.free >= need && self.node_ok(g.node, ask)
+        };
+        match restrict {
+            Restrict::Nothing => None,
+            Restrict::All => {
+                let set = pool.set(set);
+                let low = key(self.bucket(need), 0);
+                match query.dir {
+                    Dir::BestFit => set.range(low..).find(|k| fits(k)).copied(),
+                    Dir::MostFree => {
+                        // The top bucket that fits, then its healthiest node.
+                        let top = *set.range(low..).rev().find(|k| fits(k))?;
+                        let floor = key(key_bucket(top), 0);
+                        set.range(floor..=top).find(|k| fits(k)).copied()
+                    }
+                }
+            }
+            Restrict::Nodes(list) => {
+                let mut best = None;
+                for &n in list {
+                    let node = &self.nodes[n as usize];
+                    if node.view.disk_pressure != pool.pressured || !self.node_ok(n, ask) {
+                        continue;
+                    }
+                    for slot in node.gpus.clone() {
+                        let g = &self.gpus[slot as usize];
+                        if g.model == pool.model && g.set() == Some(set) && g.free >= need {
+                            pick(&mut best, key(self.bucket(g.free), slot), query.dir);
+                        }
+                    }
+                }
+                best
+            }
+        }
+    }
+
+    fn query_multi(
+        &mut self,
+        p: usize,
+        ask: &Ask<'_>,
+        query: Query,
+        restrict: &Restrict,
+    ) -> Option<u128> {
+        let (exclusive, k) = (ask.exclusive, ask.gpus);
+        let model = self.pools[p].model;
+        let need = query.need;
+        match restrict {
+            Restrict::Nothing => None,
+            Restrict::All => {
+                let m = self.multi_index(p, exclusive, k);
+                let set = &self.pools[p].multi[m].set;
+                let fits = |key: &u128| {
+                    let n = key_id(*key);
+                    self.kth_free(n, model, exclusive, k)
+                        .is_some_and(|f| f >= need)
+                        && self.node_ok(n, ask)
+                };
+                let low = key(self.bucket(need), 0);
+                match query.dir {
+                    Dir::BestFit => set.range(low..).find(|k| fits(k)).copied(),
+                    Dir::MostFree => {
+                        let top = *set.range(low..).rev().find(|k| fits(k))?;
+                        let floor = key(key_bucket(top), 0);
+                        set.range(floor..=top).find(|k| fits(k)).copied()
+                    }
+                }
+            }
+            Restrict::Nodes(list) => {
+                let pressured = self.pools[p].pressured;
+                let mut best = None;
+                for &n in list {
+                    if self.nodes[n as usize].view.disk_pressure != pressured
+                        || !self.node_ok(n, ask)
+                    {
+                        continue;
+                    }
+                    if let Some(f) = self.kth_free(n, model, exclusive, k)
+                        && f >= need
+                    {
+                        pick(&mut best, key(self.bucket(f), n), query.dir);
+                    }
+                }
+                best
+            }
+        }
+    }
+
+    /// The k-GPU node set of pool `p`, built on first use in the pass.
+    fn multi_index(&mut self, p: usize, exclusive: bool, k: u32) -> usize {
+        if let Some(m) = self.pools[p]
+            .multi
+            .iter()
+            .position(|m| m.exclusive == exclusive && m.k == k)
+        {
+            return m;
+        }
+        let model = self.pools[p].model;
+        let mut keys: Vec<u128> = self.pools[p]
+            .nodes
+            .iter()
+            .filter_map(|&n| {
+                let f = self.kth_free(n, model, exclusive, k)?;
+                Some(key(self.bucket(f), n))
+            })
+            .collect();
+        keys.sort_unstable();
+        self.pools[p].multi.push(Multi {
+            exclusive,
+            k,
+            set: keys.into_iter().collect(),
+        });
+        self.pools[p].multi.len() - 1
+    }
+
+    /// The k-th largest free memory among node `n`'s GPUs of `model` that an
+    /// (exclusive) job may use: the most each of k GPUs there can offer.
+    fn kth_free(&self, n: u32, model: u32, exclusive: bool, k: u32) -> Option<u64> {
+        let k = k as usize;
+        let mut frees: Vec<u64> = self.nodes[n as usize]
+            .gpus
+            .clone()
+            .map(|s| &self.gpus[s as usize])
+            .filter(|g| g.model == model && g.usable_by(exclusive))
+            .map(|g| g.free)
+            .collect();
+        if k == 0 || frees.len() < k {
+            return None;
+        }
+        let (_, kth, _) = frees.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        Some(*kth)
+    }
+
+    /// The k GPUs to take on the chosen node: best fit picks the tightest
+    /// (shared ones first for shareable jobs), most-free the roomiest.
+    fn pick_gpus(&self, n: u32, model: u32, ask: &Ask<'_>, query: Query) -> Vec<u32> {
+        let mut slots: Vec<u32> = self.nodes[n as usize]
+            .gpus
+            .clone()
+            .filter(|&s| {
+                let g = &self.gpus[s as usize];
+                g.model == model && g.usable_by(ask.exclusive) && g.free >= query.need
+            })
+            .collect();
+        match query.dir {
+            Dir::BestFit => slots.sort_by_key(|&s| {
+                let g = &self.gpus[s as usize];
+                (g.set() != Some(GpuSet::Shared), g.free, s)
+            }),
+            Dir::MostFree => {
+                slots.sort_by_key(|&s| (std::cmp::Reverse(self.gpus[s as usize].free), s))
+            }
+        }
+        slots.truncate(ask.gpus as usize);
+        slots
+    }
+
+    /// Reserves `reserve` bytes on each of `slots` (on node `n`) and the
+    /// job's host resources, updating every key that changes.
+    pub fn reserve(
+        &mut self,
+        n: u32,
+        slots: &[u32],
+        reserve: u64,
+        exclusive: bool,
+        job: &JobRequest,
+    ) {
+        self.nodes[n as usize].free.take(job);
+        let Some(&first) = slots.first() else {
+            return;
+        };
+        let model = self.gpus[first as usize].model;
+        let p = pool_id(model, self.nodes[n as usize].view.disk_pressure);
+        let before: Vec<Option<u64>> = self.pools[p]
+            .multi
+            .iter()
+            .map(|m| self.kth_free(n, model, m.exclusive, m.k))
+            .collect();
+        for &slot in slots {
+            let g = &self.gpus[slot as usize];
+            let (old_key, old_set) = (key(self.bucket(g.free), slot), g.set());
+            if let Some(set) = old_set {
+                self.pools[p].set_mut(set).remove(&old_key);
+            }
+            let g = &mut self.gpus[slot as usize];
+            g.free = g.free.saturating_sub(reserve);
+            g.jobs += 1;
+            g.exclusive |= exclusive;
+            let g = &self.gpus[slot as usize];
+            let (new_key, new_set) = (key(self.bucket(g.free), slot), g.set());
+            if let Some(set) = new_set {
+                self.pools[p].set_mut(set).insert(new_key);
+            }
+        }
+        for (m, old) in before.into_iter().enumerate() {
+            let (me, k) = (self.pools[p].multi[m].exclusive, self.pools[p].multi[m].k);
+            let new = self.kth_free(n, model, me, k);
+            if new == old {
+                continue;
+            }
+            let set = &mut self.pools[p].multi[m].set;
+            if let Some(f) = old {
+                set.remove(&key(f / self.granularity, n));
+            }
+            if let Some(f) = new {
+                set.insert(key(f / self.granularity, n));
+            }
+        }
+    }
+}
+
+fn pool_id(model: u32, pressured: bool) -> usize {
+    model as usize * 2 + usize::from(pressured)
+}
