@@ -365,6 +365,12 @@ impl Link {
                 }
                 None
             }
+            Down::Ping(ping) => {
+                // Answered at once: the coordinator's RTT estimate depends on it.
+                let pong = pb::Pong { nonce: ping.nonce };
+                let _ = tx.try_send(agent_message(Up::Pong(pong)));
+                None
+            }
             Down::LogRead(read) => {
                 // Off the link loop: a 1 MiB read must not delay heartbeats.
                 let executor = self.executor.clone();

@@ -166,7 +166,13 @@ impl Default for CoreConfig {
 struct Session {
     id: u64,
     sender: AgentSender,
+    /// The outstanding RTT probe: nonce and when it was sent.
+    ping: Option<(u64, std::time::Instant)>,
+    last_ping: std::time::Instant,
 }
+
+/// How often each connected agent's round-trip time is probed.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
 
 struct LogWaiter {
     session: u64,
@@ -517,6 +523,11 @@ impl Core {
             Session {
                 id: session,
                 sender,
+                ping: None,
+                // Probe soon after registering, not a whole interval later.
+                last_ping: std::time::Instant::now()
+                    .checked_sub(PING_INTERVAL)
+                    .unwrap_or_else(std::time::Instant::now),
             },
         );
         tracing::info!(node = %name, running = register.running.len(), "agent registered");
@@ -597,6 +608,21 @@ impl Core {
                     let _ = waiter.reply.send(Ok((data, ended)));
                 }
             }
+            Some(pb::agent_message::Msg::Pong(pong)) => {
+                let sample = self
+                    .sessions
+                    .get_mut(node)
+                    .and_then(|session| match session.ping {
+                        Some((nonce, sent)) if nonce == pong.nonce => {
+                            session.ping = None;
+                            Some(sent.elapsed().as_secs_f64() * 1000.0)
+                        }
+                        _ => None,
+                    });
+                if let Some(rtt_ms) = sample {
+                    self.health.on_rtt_sample(node, rtt_ms);
+                }
+            }
             Some(pb::agent_message::Msg::Register(_)) | None => {
                 tracing::warn!(node = %node, "unexpected message on an established agent stream");
             }
@@ -648,6 +674,20 @@ impl Core {
             None => return,
         };
         let started = matches!(command, Command::JobStarted { .. });
+        // Feed the node's circuit breaker with the job's fault, if it was one.
+        if let Command::JobExited {
+            code,
+            signal,
+            cancelled: false,
+            ..
+        } = &command
+        {
+            let failed = !(*code == Some(0) && signal.is_none());
+            let policy = gantry_scheduler::QuarantinePolicy::default();
+            if self.health.on_job_outcome(node, failed, now, &policy) {
+                tracing::warn!(node = %node, "node quarantined after repeated job failures");
+            }
+        }
         match self.apply(command) {
             Ok(Outcome::Stale) if started => {
                 tracing::info!(node = %node, job_id = job, attempt, "stale attempt started; telling the agent to stop it");
@@ -762,11 +802,30 @@ impl Core {
             }
         }
         self.log_waiters.retain(|_, w| !w.reply.is_closed());
+        self.send_pings();
         let timer_due =
             now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
         if self.dirty || timer_due {
             self.schedule(now);
         }
+    }
+
+    fn send_pings(&mut self) {
+        let now = std::time::Instant::now();
+        let mut nonce = self.next_request_id;
+        for session in self.sessions.values_mut() {
+            if now.duration_since(session.last_ping) < PING_INTERVAL {
+                continue;
+            }
+            nonce += 1;
+            session.last_ping = now;
+            session.ping = Some((nonce, now));
+            let ping = pb::coordinator_message::Msg::Ping(pb::Ping { nonce });
+            let _ = session
+                .sender
+                .send(Ok(pb::CoordinatorMessage { msg: Some(ping) }));
+        }
+        self.next_request_id = nonce + 1;
     }
 
     /// One scheduling pass: snapshot -> plan -> commit -> dispatch.
@@ -906,7 +965,9 @@ impl Core {
                     disk_reserved: host.disk,
                     disk_pressure: health.is_some_and(|h| h.disk_pressure),
                     rtt_ms: health.map_or(0.0, |h| h.rtt_ms),
-                    ..Default::default()
+                    provider: node.labels.get("provider").cloned().unwrap_or_default(),
+                    recent_failures: health.map_or(0, |h| h.failures.recent_failures()),
+                    quarantined_until_ms: health.map_or(0, |h| h.failures.quarantined_until_ms),
                 }
             })
             .collect();

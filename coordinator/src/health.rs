@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use gantry_proto as pb;
-use gantry_scheduler::{JobId, NodeState};
+use gantry_scheduler::{FailureRecord, JobId, NodeState, QuarantinePolicy, next_disk_pressure};
 
 /// Latest telemetry of one GPU.
 #[derive(Debug, Clone, Copy, Default)]
@@ -43,6 +43,8 @@ pub struct NodeHealth {
     pub reported_running: BTreeSet<(JobId, u32)>,
     /// Smoothed round-trip time.
     pub rtt_ms: f64,
+    /// Circuit breaker over the node's recent job outcomes.
+    pub failures: FailureRecord,
 }
 
 /// Thresholds of the health tracker.
@@ -127,7 +129,7 @@ impl HealthTracker {
         health.memory_used = hb.memory_used_bytes.max(0) as u64;
         health.disk_used = hb.disk_used_bytes.max(0) as u64;
         health.disk_total = hb.disk_total_bytes.max(0) as u64;
-        health.disk_pressure = disk_pressure(
+        health.disk_pressure = next_disk_pressure(
             health.disk_pressure,
             health.disk_used,
             health.disk_total,
@@ -163,6 +165,38 @@ impl HealthTracker {
         down
     }
 
+    /// Records how a job ended on a node, for the circuit breaker. Returns
+    /// true when this failure put the node in quarantine.
+    pub fn on_job_outcome(
+        &mut self,
+        node: &str,
+        failed: bool,
+        now_ms: u64,
+        policy: &QuarantinePolicy,
+    ) -> bool {
+        let Some(health) = self.nodes.get_mut(node) else {
+            return false;
+        };
+        if failed {
+            health.failures.record_failure(now_ms, policy)
+        } else {
+            health.failures.record_success();
+            false
+        }
+    }
+
+    /// Folds a round-trip sample into the node's moving average.
+    pub fn on_rtt_sample(&mut self, node: &str, rtt_ms: f64) {
+        if let Some(health) = self.nodes.get_mut(node) {
+            // EWMA with alpha 0.2: smooth enough to ignore one slow beat.
+            health.rtt_ms = if health.rtt_ms == 0.0 {
+                rtt_ms
+            } else {
+                0.8 * health.rtt_ms + 0.2 * rtt_ms
+            };
+        }
+    }
+
     /// Marks a node silent (its stream closed) without waiting for the timer
     /// to say so; it stays eligible for nothing until it heartbeats again.
     pub fn on_disconnect(&mut self, node: &str) {
@@ -174,41 +208,9 @@ impl HealthTracker {
     }
 }
 
-/// Disk pressure with hysteresis: on above `high`, off below `low`.
-pub fn disk_pressure(previous: bool, used: u64, total: u64, high: f64, low: f64) -> bool {
-    if total == 0 {
-        return false;
-    }
-    let fraction = used as f64 / total as f64;
-    if previous {
-        fraction >= low
-    } else {
-        fraction > high
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hysteresis() {
-        let cases = [
-            (false, 80, false),
-            (false, 86, true),
-            (true, 80, true),
-            (true, 76, true),
-            (true, 74, false),
-            (false, 85, false),
-        ];
-        for (previous, used, expected) in cases {
-            assert_eq!(
-                disk_pressure(previous, used, 100, 0.85, 0.75),
-                expected,
-                "previous {previous}, used {used}%"
-            );
-        }
-    }
 
     #[test]
     fn silence_makes_suspect_then_down_once() {
