@@ -40,6 +40,7 @@ impl From<JobEvent> for pb::JobEvent {
                 stderr_tail: report.stderr_tail,
                 cancelled: report.cancelled,
                 agent_shutdown: report.agent_shutdown,
+                ..Default::default()
             }),
             JobEventKind::SpawnFailed { error } => Event::SpawnFailed(pb::SpawnFailed { error }),
         };

@@ -9,7 +9,9 @@ use gantry_scheduler::{
     BatchPolicy, BatchTier, Constraints, JobKind, LockMode, LockRequest, MemoryModel, Resources,
 };
 
-use crate::domain::{AttemptRecord, EventRecord, JobRecord, JobSpec, RetryPolicy};
+use crate::domain::{
+    AttemptRecord, EventRecord, JobRecord, JobSpec, OverusePolicy, RetryPolicy, SnapshotSpec,
+};
 use crate::error::CoordinatorError;
 
 /// Most jobs in one submission.
@@ -28,6 +30,7 @@ const MAX_ATTEMPTS: u32 = 100;
 const MAX_TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
 const MAX_BACKOFF_MS: u64 = 24 * 3600 * 1000;
 const MAX_PRIORITY: i32 = 1000;
+const MAX_SNAPSHOTS: usize = 64;
 
 fn invalid(field: String, reason: impl Into<String>) -> CoordinatorError {
     CoordinatorError::InvalidArgument {
@@ -341,6 +344,23 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
         }
     }
     check_name(format!("{prefix}queue"), &spec.queue)?;
+    let snapshots = snapshots(spec.snapshot, prefix)?;
+    let gpu_memory_policy = match spec.gpu_memory_policy.as_str() {
+        "" | "warn" => OverusePolicy::Warn,
+        "stop" => OverusePolicy::Stop,
+        other => {
+            return Err(invalid(
+                format!("{prefix}gpu_memory_policy"),
+                format!("unknown policy {other:?} (expected warn or stop)"),
+            ));
+        }
+    };
+    let gpu_memory_margin = non_negative(
+        "gpu_memory_margin",
+        prefix,
+        spec.gpu_memory_margin_bytes,
+        MAX_GPU_MEMORY,
+    )?;
     Ok(JobSpec {
         name,
         kind,
@@ -357,7 +377,71 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
         after: spec.after,
         shell: spec.shell,
         queue: spec.queue,
+        snapshots,
+        gpu_memory_policy,
+        gpu_memory_margin,
     })
+}
+
+/// Validates snapshot entries: absolute sources, relative targets that cannot
+/// escape the job's directory.
+fn snapshots(
+    entries: Vec<pb::Snapshot>,
+    prefix: &str,
+) -> Result<Vec<SnapshotSpec>, CoordinatorError> {
+    if entries.len() > MAX_SNAPSHOTS {
+        return Err(invalid(
+            format!("{prefix}snapshot"),
+            format!(
+                "{} entries exceed the maximum of {MAX_SNAPSHOTS}",
+                entries.len()
+            ),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.into_iter().enumerate() {
+        let field = format!("{prefix}snapshot[{i}]");
+        if !entry.from.starts_with('/') {
+            return Err(invalid(
+                format!("{field}.from"),
+                format!("{:?} must be an absolute path", entry.from),
+            ));
+        }
+        if entry.from.contains('\0') || entry.as_name.contains('\0') {
+            return Err(invalid(field, "contains a NUL byte"));
+        }
+        let name = entry.as_name.trim_end_matches('/');
+        if name.is_empty() {
+            return Err(invalid(format!("{field}.as"), "must not be empty"));
+        }
+        if name.starts_with('/') {
+            return Err(invalid(
+                format!("{field}.as"),
+                format!("{name:?} must be relative to the snapshot directory"),
+            ));
+        }
+        if name
+            .split('/')
+            .any(|part| part == ".." || part == "." || part.is_empty())
+        {
+            return Err(invalid(
+                format!("{field}.as"),
+                format!("{name:?} must not contain '..', '.' or empty parts"),
+            ));
+        }
+        if !seen.insert(name.to_string()) {
+            return Err(invalid(
+                format!("{field}.as"),
+                format!("{name:?} is used twice"),
+            ));
+        }
+        out.push(SnapshotSpec {
+            from: entry.from,
+            as_name: name.to_string(),
+        });
+    }
+    Ok(out)
 }
 
 fn batch_policy(
@@ -534,6 +618,16 @@ pub fn spec_to_proto(spec: &JobSpec) -> pb::JobSpec {
         shell: spec.shell,
         exclusive_gpu: spec.exclusive_gpu,
         queue: spec.queue.clone(),
+        snapshot: spec
+            .snapshots
+            .iter()
+            .map(|s| pb::Snapshot {
+                from: s.from.clone(),
+                as_name: s.as_name.clone(),
+            })
+            .collect(),
+        gpu_memory_policy: spec.gpu_memory_policy.as_str().to_string(),
+        gpu_memory_margin_bytes: spec.gpu_memory_margin as i64,
     }
 }
 

@@ -60,6 +60,45 @@ pub struct JobSpec {
     pub shell: bool,
     /// Fair-share queue.
     pub queue: String,
+    /// Files copied into the job's work directory before it starts.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotSpec>,
+    /// What the agent does when the job exceeds its GPU memory reservation.
+    #[serde(default)]
+    pub gpu_memory_policy: OverusePolicy,
+    /// Tolerance above the reservation before the policy applies.
+    #[serde(default)]
+    pub gpu_memory_margin: u64,
+}
+
+/// One file or directory snapshotted into a job's private work directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSpec {
+    /// Absolute source path on the node.
+    pub from: String,
+    /// Relative name inside the snapshot directory.
+    pub as_name: String,
+}
+
+/// What to do when a job uses more GPU memory than it reserved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverusePolicy {
+    /// Log and report it.
+    #[default]
+    Warn,
+    /// Stop the job.
+    Stop,
+}
+
+impl OverusePolicy {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverusePolicy::Warn => "warn",
+            OverusePolicy::Stop => "stop",
+        }
+    }
 }
 
 impl JobSpec {

@@ -30,6 +30,9 @@ fn spec(name: &str) -> JobSpec {
         after: vec![],
         shell: false,
         queue: String::new(),
+        snapshots: vec![],
+        gpu_memory_policy: Default::default(),
+        gpu_memory_margin: 0,
     }
 }
 

@@ -302,6 +302,20 @@ struct JobFile {
     exclusive_gpu: Option<bool>,
     #[serde(default)]
     queue: Option<String>,
+    #[serde(default)]
+    snapshot: Vec<SnapshotFile>,
+    #[serde(default)]
+    gpu_memory_policy: Option<String>,
+    #[serde(default)]
+    gpu_memory_margin: Option<Size>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotFile {
+    from: String,
+    #[serde(rename = "as")]
+    as_name: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -430,6 +444,16 @@ fn to_proto(file: JobFile, label: &str) -> Result<pb::JobSpec, SpecError> {
         shell: file.shell,
         exclusive_gpu: file.exclusive_gpu,
         queue: file.queue.unwrap_or_default(),
+        snapshot: file
+            .snapshot
+            .into_iter()
+            .map(|s| pb::Snapshot {
+                from: s.from,
+                as_name: s.as_name,
+            })
+            .collect(),
+        gpu_memory_policy: file.gpu_memory_policy.unwrap_or_default(),
+        gpu_memory_margin_bytes: file.gpu_memory_margin.map_or(0, |s| s.0),
     })
 }
 
