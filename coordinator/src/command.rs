@@ -20,6 +20,9 @@ pub enum Command {
         key: Option<String>,
         /// Validated specs.
         jobs: Vec<JobSpec>,
+        /// Pipeline name, when the jobs form one run of a pipeline.
+        #[serde(default)]
+        pipeline: Option<String>,
     },
     /// An agent (re-)registered.
     RegisterNode {
@@ -77,6 +80,51 @@ pub enum Command {
         error: String,
         /// It was stopped because of a cancel.
         cancelled: bool,
+        /// The stderr tail carried a GPU out-of-memory signature.
+        #[serde(default)]
+        oom: bool,
+        /// The last 64 KiB of stderr.
+        #[serde(default)]
+        output_tail: String,
+        /// Highest GPU memory seen, per GPU.
+        #[serde(default)]
+        peak_gpu_memory: u64,
+    },
+    /// A failed job's back-off is over: place it again.
+    Requeue {
+        /// Time.
+        at_ms: u64,
+        /// Job.
+        job: JobId,
+    },
+    /// Take a job out of the dead-letter queue (optionally with a new spec)
+    /// and unblock the jobs waiting on it.
+    DlqRetry {
+        /// Time.
+        at_ms: u64,
+        /// Job.
+        job: JobId,
+        /// Replacement spec (boxed: it dwarfs the other commands).
+        spec: Option<Box<JobSpec>>,
+    },
+    /// Discard a dead-lettered job.
+    DlqDrop {
+        /// Time.
+        at_ms: u64,
+        /// Job.
+        job: JobId,
+    },
+    /// A lost attempt's node came back with it still running before its
+    /// replacement started: keep the original, withdraw the replacement.
+    ReviveAttempt {
+        /// Time.
+        at_ms: u64,
+        /// Job.
+        job: JobId,
+        /// The lost attempt, still running.
+        attempt: u32,
+        /// Its node.
+        node: String,
     },
     /// A user asked to cancel.
     RequestCancel {

@@ -79,11 +79,22 @@ fn check_name(field: String, name: &str) -> Result<(), CoordinatorError> {
     Ok(())
 }
 
+/// A validated submit request.
+#[derive(Debug)]
+pub struct ValidSubmit {
+    /// Idempotency key.
+    pub key: Option<String>,
+    /// Typed specs.
+    pub specs: Vec<JobSpec>,
+    /// Pipeline name.
+    pub pipeline: Option<String>,
+}
+
 /// Validates a submit request and returns typed specs.
 pub fn submit_request(
     request: pb::SubmitRequest,
     encoded_len: usize,
-) -> Result<(Option<String>, Vec<JobSpec>), CoordinatorError> {
+) -> Result<ValidSubmit, CoordinatorError> {
     if encoded_len > MAX_SUBMIT_BYTES {
         return Err(invalid(
             "request".into(),
@@ -110,13 +121,23 @@ pub fn submit_request(
         return Err(invalid("submission_key".into(), "longer than 256 bytes"));
     }
     let key = (!request.submission_key.is_empty()).then_some(request.submission_key);
+    let pipeline = if request.pipeline.is_empty() {
+        None
+    } else {
+        check_name("pipeline".into(), &request.pipeline)?;
+        Some(request.pipeline)
+    };
     let specs = request
         .jobs
         .into_iter()
         .enumerate()
         .map(|(i, spec)| job_spec(spec, &format!("jobs[{i}].")))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((key, specs))
+    Ok(ValidSubmit {
+        key,
+        specs,
+        pipeline,
+    })
 }
 
 /// Validates one wire job spec. `prefix` is prepended to field names.
@@ -644,6 +665,13 @@ fn attempt_to_proto(a: &AttemptRecord) -> pb::Attempt {
         exit_code: a.exit_code,
         signal: a.signal,
         error: a.error.clone(),
+        output_tail: a.output_tail.clone(),
+        oom: a.oom,
+        peak_gpu_memory_bytes: a.peak_gpu_memory as i64,
+        outcome: match a.outcome {
+            None => String::new(),
+            Some(outcome) => format!("{outcome:?}").to_lowercase(),
+        },
     }
 }
 
@@ -662,6 +690,10 @@ pub fn job_to_proto(job: &JobRecord, reason: Option<&str>) -> pb::Job {
         updated_at_ms: job.updated_at_ms,
         attempts: job.attempts.iter().map(attempt_to_proto).collect(),
         cancel_requested: job.cancel_requested,
+        pipeline: job.pipeline.clone(),
+        run: job.run,
+        depends_on: job.depends_on.clone(),
+        batch_cap: job.batch_cap.unwrap_or(0),
     }
 }
 

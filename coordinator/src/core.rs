@@ -37,6 +37,8 @@ pub enum Request {
         key: Option<String>,
         /// Specs.
         specs: Vec<JobSpec>,
+        /// Pipeline name, for a pipeline run.
+        pipeline: Option<String>,
         /// Reply with ids once durable.
         reply: Reply<Vec<JobId>>,
     },
@@ -104,6 +106,36 @@ pub enum Request {
         /// Reply with the agent's answer and whether the attempt has ended.
         reply: Reply<(pb::LogData, bool)>,
     },
+    /// Jobs in the dead-letter queue.
+    DlqList {
+        /// Reply.
+        reply: Reply<Vec<pb::Job>>,
+    },
+    /// Retry a dead-lettered job, optionally with a new spec.
+    DlqRetry {
+        /// Job.
+        id: JobId,
+        /// Replacement spec.
+        spec: Option<Box<JobSpec>>,
+        /// Reply.
+        reply: Reply<()>,
+    },
+    /// Drop a dead-lettered job.
+    DlqDrop {
+        /// Job.
+        id: JobId,
+        /// Reply.
+        reply: Reply<()>,
+    },
+    /// One run of a pipeline.
+    Pipeline {
+        /// Name.
+        name: String,
+        /// Run (0 = latest).
+        run: u32,
+        /// Reply: the run number and its jobs.
+        reply: Reply<(u32, Vec<pb::Job>)>,
+    },
     /// An agent opened its stream and registered.
     AgentRegister {
         /// Session id (unique per stream).
@@ -148,6 +180,8 @@ pub struct CoreConfig {
     pub pass_interval: Duration,
     /// Grace between SIGTERM and SIGKILL for cancels.
     pub kill_grace: Duration,
+    /// Stderr signatures of a GPU out-of-memory death.
+    pub oom_signatures: Vec<String>,
 }
 
 impl Default for CoreConfig {
@@ -159,6 +193,13 @@ impl Default for CoreConfig {
             gpu_headroom: 0,
             pass_interval: Duration::from_secs(2),
             kill_grace: Duration::from_secs(5),
+            oom_signatures: [
+                "CUDA out of memory",
+                "OutOfMemoryError",
+                "CUBLAS_STATUS_ALLOC_FAILED",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -182,6 +223,9 @@ struct LogWaiter {
 
 /// A reply waiting for its batch to be flushed; called with the flush result.
 type DeferredReply = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// How much of a failed attempt's stderr is kept (and shown by `dlq show`).
+const OUTPUT_TAIL_BYTES: usize = 64 << 10;
 
 /// How long a Running job may go unreported after its agent re-registers
 /// before it is declared lost (its exit event may still be in flight).
@@ -279,6 +323,7 @@ impl Core {
             && changes.nodes.is_empty()
             && changes.events.is_empty()
             && changes.submissions.is_empty()
+            && changes.estimates.is_empty()
         {
             Ok(())
         } else {
@@ -317,12 +362,18 @@ impl Core {
     fn handle(&mut self, request: Request) {
         let now = now_ms();
         match request {
-            Request::Submit { key, specs, reply } => {
+            Request::Submit {
+                key,
+                specs,
+                pipeline,
+                reply,
+            } => {
                 let result = self
                     .apply(Command::Submit {
                         at_ms: now,
                         key,
                         jobs: specs,
+                        pipeline,
                     })
                     .map(|outcome| match outcome {
                         Outcome::Submitted(ids) => ids,
@@ -397,6 +448,54 @@ impl Core {
                 // Flush first so every event applied so far is readable.
                 let flushed = self.flush().map_err(CoordinatorError::Unavailable);
                 let result = flushed.and_then(|_| Ok(self.store.events_since(from, limit)?));
+                let _ = reply.send(result);
+            }
+            Request::DlqList { reply } => {
+                let jobs = self
+                    .state
+                    .dead_lettered()
+                    .map(|job| convert::job_to_proto(job, None))
+                    .collect();
+                let _ = reply.send(Ok(jobs));
+            }
+            Request::DlqRetry { id, spec, reply } => {
+                let result = self
+                    .apply(Command::DlqRetry {
+                        at_ms: now,
+                        job: id,
+                        spec,
+                    })
+                    .map(|_| ());
+                self.defer(reply, result);
+            }
+            Request::DlqDrop { id, reply } => {
+                let result = self
+                    .apply(Command::DlqDrop {
+                        at_ms: now,
+                        job: id,
+                    })
+                    .map(|_| ());
+                self.defer(reply, result);
+            }
+            Request::Pipeline { name, run, reply } => {
+                let (run, jobs) = self.state.pipeline_jobs(&name, run);
+                let result = if jobs.is_empty() {
+                    Err(CoordinatorError::NotFound(format!(
+                        "no pipeline {name:?} run {run}"
+                    )))
+                } else {
+                    Ok((
+                        run,
+                        jobs.into_iter()
+                            .map(|job| {
+                                convert::job_to_proto(
+                                    job,
+                                    self.hold_reasons.get(&job.id).map(String::as_str),
+                                )
+                            })
+                            .collect(),
+                    ))
+                };
                 let _ = reply.send(result);
             }
             Request::ReadLog {
@@ -547,8 +646,26 @@ impl Core {
                     })
             });
             if !current {
-                tracing::info!(node = %name, job_id = running.job_id, attempt = running.attempt, "stopping an attempt hard state does not know");
-                stop.push(*running);
+                // Lost is not dead: a lost attempt whose replacement has not
+                // started is kept, and the replacement withdrawn.
+                let revived = self.apply(Command::ReviveAttempt {
+                    at_ms: now,
+                    job: running.job_id,
+                    attempt: running.attempt,
+                    node: name.clone(),
+                });
+                match revived {
+                    Ok(Outcome::Revived { withdrawn }) => {
+                        tracing::info!(node = %name, job_id = running.job_id, attempt = running.attempt, "lost attempt came back; kept");
+                        if let Some((node, attempt)) = withdrawn {
+                            self.send_cancel(&node, running.job_id, attempt);
+                        }
+                    }
+                    _ => {
+                        tracing::info!(node = %name, job_id = running.job_id, attempt = running.attempt, "stopping an attempt hard state does not know");
+                        stop.push(*running);
+                    }
+                }
             } else if self
                 .state
                 .job(running.job_id)
@@ -649,7 +766,22 @@ impl Core {
             }
             Some(pb::job_event::Event::Exited(exit)) => {
                 let tail = String::from_utf8_lossy(&exit.stderr_tail);
-                let error = last_lines(&tail, 2048);
+                let failed = !(exit.code == Some(0) && exit.signal.is_none());
+                let oom = failed
+                    && self
+                        .config
+                        .oom_signatures
+                        .iter()
+                        .any(|sig| tail.contains(sig.as_str()));
+                let error = if exit.over_memory {
+                    "stopped: used more GPU memory than reserved".to_string()
+                } else {
+                    last_lines(&tail, 512)
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                        .to_string()
+                };
                 Command::JobExited {
                     at_ms,
                     job,
@@ -659,6 +791,9 @@ impl Core {
                     signal: exit.signal,
                     error,
                     cancelled: exit.cancelled,
+                    oom,
+                    output_tail: last_lines(&tail, OUTPUT_TAIL_BYTES),
+                    peak_gpu_memory: exit.peak_gpu_memory_bytes.max(0) as u64,
                 }
             }
             Some(pb::job_event::Event::SpawnFailed(failed)) => Command::JobExited {
@@ -670,6 +805,9 @@ impl Core {
                 signal: None,
                 error: format!("spawn failed: {}", failed.error),
                 cancelled: false,
+                oom: false,
+                output_tail: String::new(),
+                peak_gpu_memory: 0,
             },
             None => return,
         };
@@ -803,6 +941,17 @@ impl Core {
         }
         self.log_waiters.retain(|_, w| !w.reply.is_closed());
         self.send_pings();
+        let due: Vec<JobId> = self
+            .state
+            .backing_off()
+            .filter(|j| j.not_before_ms <= now)
+            .map(|j| j.id)
+            .collect();
+        for job in due {
+            if let Err(error) = self.apply(Command::Requeue { at_ms: now, job }) {
+                tracing::warn!(%error, job_id = job, "cannot requeue");
+            }
+        }
         let timer_due =
             now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
         if self.dirty || timer_due {
@@ -864,9 +1013,9 @@ impl Core {
                 priority: job.spec.priority,
                 submitted_at_ms: job.submitted_at_ms,
                 queue: job.spec.queue.clone(),
-                resources: job.spec.resources.clone(),
+                resources: learned_resources(job, self.state.estimate(&job.class())),
                 exclusive_gpu: job.spec.exclusive_gpu(),
-                batch: job.spec.batch.clone(),
+                batch: capped_batch(job),
                 locks: job.spec.locks.clone(),
                 constraints: job.spec.constraints.clone(),
             });
@@ -1069,6 +1218,38 @@ impl Core {
             ),
         }
     }
+}
+
+/// The job's resources with its class's learned GPU-memory estimate applied:
+/// a class that ran out of memory (or was seen using more) reserves more.
+fn learned_resources(
+    job: &crate::domain::JobRecord,
+    estimate: Option<u64>,
+) -> gantry_scheduler::Resources {
+    let mut resources = job.spec.resources.clone();
+    if let (Some(estimate), true) = (estimate, resources.gpus > 0) {
+        // Only an explicit reservation is raised: a tier-sized one is chosen per GPU.
+        if let Some(asked) = resources.gpu_memory {
+            resources.gpu_memory = Some(asked.max(estimate));
+        }
+    }
+    resources
+}
+
+/// The job's batch policy limited to its out-of-memory cap: tiers above the
+/// cap become the cap, a memory model's `max` drops to it.
+fn capped_batch(job: &crate::domain::JobRecord) -> Option<gantry_scheduler::BatchPolicy> {
+    let mut batch = job.spec.batch.clone()?;
+    let Some(cap) = job.batch_cap else {
+        return Some(batch);
+    };
+    for tier in &mut batch.tiers {
+        tier.size = tier.size.min(cap);
+    }
+    if let Some(model) = &mut batch.model {
+        model.max = model.max.min(cap).max(model.min);
+    }
+    Some(batch)
 }
 
 /// The last `max` bytes of `text`, cut at a line start where possible.

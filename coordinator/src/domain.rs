@@ -121,19 +121,21 @@ pub enum JobState {
     Running,
     /// Exited 0.
     Succeeded,
-    /// Exited non-zero or could not start, attempts exhausted.
+    /// An attempt failed; the next one waits for its back-off.
     Failed,
-    /// Its node went down and it could not be retried.
+    /// An attempt's node went away; the job is being placed again.
     Lost,
     /// Cancelled by a user.
     Cancelled,
-    /// A job it depends on did not succeed.
+    /// A job it depends on did not succeed; `dlq retry` of that job unblocks it.
     Blocked,
+    /// Attempts exhausted: in the dead-letter queue with its last error.
+    DeadLettered,
 }
 
 impl JobState {
     /// Every state.
-    pub const ALL: [JobState; 8] = [
+    pub const ALL: [JobState; 9] = [
         JobState::Pending,
         JobState::Assigned,
         JobState::Running,
@@ -142,6 +144,7 @@ impl JobState {
         JobState::Lost,
         JobState::Cancelled,
         JobState::Blocked,
+        JobState::DeadLettered,
     ];
 
     /// The lowercase name.
@@ -155,6 +158,7 @@ impl JobState {
             JobState::Lost => "lost",
             JobState::Cancelled => "cancelled",
             JobState::Blocked => "blocked",
+            JobState::DeadLettered => "deadlettered",
         }
     }
 
@@ -167,24 +171,22 @@ impl JobState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            JobState::Succeeded
-                | JobState::Failed
-                | JobState::Lost
-                | JobState::Cancelled
-                | JobState::Blocked
+            JobState::Succeeded | JobState::Cancelled | JobState::Blocked | JobState::DeadLettered
         )
     }
 
-    /// The legal transitions, in one place.
+    /// The legal transitions, in one place. Blocked and DeadLettered jobs
+    /// come back to Pending only through `dlq retry`.
     pub fn can_become(self, next: JobState) -> bool {
         use JobState::*;
         match self {
-            Pending => matches!(next, Assigned | Cancelled | Blocked),
-            Assigned | Running => matches!(
-                next,
-                Running | Pending | Succeeded | Failed | Lost | Cancelled
-            ),
-            Succeeded | Failed | Lost | Cancelled | Blocked => false,
+            // Running: a lost attempt revived when its node returns in time.
+            Pending => matches!(next, Assigned | Running | Cancelled | Blocked),
+            Assigned | Running => matches!(next, Running | Succeeded | Failed | Lost | Cancelled),
+            Failed => matches!(next, Pending | DeadLettered | Cancelled),
+            Lost => matches!(next, Pending | DeadLettered | Cancelled),
+            Blocked | DeadLettered => matches!(next, Pending | Cancelled),
+            Succeeded | Cancelled => false,
         }
     }
 
@@ -229,6 +231,19 @@ pub struct AttemptRecord {
     pub error: String,
     /// How it ended (`None` while it runs).
     pub outcome: Option<AttemptOutcome>,
+    /// The last 64 KiB of its stderr, when it failed.
+    #[serde(default)]
+    pub output_tail: String,
+    /// It died of GPU out-of-memory.
+    #[serde(default)]
+    pub oom: bool,
+    /// Its failure does not count against `max_attempts` (an out-of-memory
+    /// death retried with a smaller batch: the batch was Gantry's choice).
+    #[serde(default)]
+    pub forgiven: bool,
+    /// Highest GPU memory it was seen using, per GPU (0 = unknown).
+    #[serde(default)]
+    pub peak_gpu_memory: u64,
 }
 
 /// How an attempt ended.
@@ -243,6 +258,8 @@ pub enum AttemptOutcome {
     Lost,
     /// Stopped by a cancel.
     Cancelled,
+    /// Replaced before it ran, because the attempt it replaced came back.
+    Withdrawn,
 }
 
 /// A job and its history.
@@ -268,12 +285,52 @@ pub struct JobRecord {
     pub not_before_ms: u64,
     /// Why a terminal job ended, or a blocked job is blocked.
     pub terminal_reason: String,
+    /// Failures are counted from this attempt index (raised by `dlq retry`).
+    #[serde(default)]
+    pub retry_base: u32,
+    /// Largest batch allowed, after out-of-memory retries halved it.
+    #[serde(default)]
+    pub batch_cap: Option<u32>,
+    /// The job whose failure blocks this one.
+    #[serde(default)]
+    pub blocked_by: Option<JobId>,
+    /// Pipeline name, if submitted as part of one.
+    #[serde(default)]
+    pub pipeline: String,
+    /// Run number of that pipeline (1 = first submission).
+    #[serde(default)]
+    pub run: u32,
 }
 
 impl JobRecord {
-    /// The latest attempt, if any.
+    /// The attempt that owns the job now: the latest not withdrawn.
     pub fn current_attempt(&self) -> Option<&AttemptRecord> {
-        self.attempts.last()
+        self.attempts
+            .iter()
+            .rev()
+            .find(|a| a.outcome != Some(AttemptOutcome::Withdrawn))
+    }
+
+    /// Mutable [`JobRecord::current_attempt`].
+    pub fn current_attempt_mut(&mut self) -> Option<&mut AttemptRecord> {
+        self.attempts
+            .iter_mut()
+            .rev()
+            .find(|a| a.outcome != Some(AttemptOutcome::Withdrawn))
+    }
+
+    /// Failed attempts since the last `dlq retry`.
+    pub fn failures(&self) -> u32 {
+        self.attempts
+            .iter()
+            .skip(self.retry_base as usize)
+            .filter(|a| a.outcome == Some(AttemptOutcome::Failed) && !a.forgiven)
+            .count() as u32
+    }
+
+    /// The class whose learned GPU-memory estimate this job uses and feeds.
+    pub fn class(&self) -> String {
+        format!("{}/{}", self.spec.kind, self.spec.name)
     }
 }
 

@@ -80,11 +80,20 @@ impl pb::gantry_server::Gantry for GantryService {
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let request = request.into_inner();
         let size = request.encoded_len();
-        let (key, specs) = convert::submit_request(request, size)?;
+        let convert::ValidSubmit {
+            key,
+            specs,
+            pipeline,
+        } = convert::submit_request(request, size)?;
         let count = specs.len();
         let job_ids = self
             .core
-            .call(|reply| Request::Submit { key, specs, reply })
+            .call(|reply| Request::Submit {
+                key,
+                specs,
+                pipeline,
+                reply,
+            })
             .await?;
         tracing::info!(
             jobs = count,
@@ -149,6 +158,59 @@ impl pb::gantry_server::Gantry for GantryService {
             .await?;
         Ok(Response::new(pb::CancelJobResponse {
             state: state.as_str().to_string(),
+        }))
+    }
+
+    async fn dlq_list(
+        &self,
+        _request: GrpcRequest<pb::DlqListRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self.core.call(|reply| Request::DlqList { reply }).await?;
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn dlq_retry(
+        &self,
+        request: GrpcRequest<pb::DlqRetryRequest>,
+    ) -> Result<Response<pb::DlqRetryResponse>, Status> {
+        let request = request.into_inner();
+        let id = request.job_id;
+        let spec = match request.spec {
+            Some(spec) => Some(Box::new(convert::job_spec(spec, "spec.")?)),
+            None => None,
+        };
+        self.core
+            .call(|reply| Request::DlqRetry { id, spec, reply })
+            .await?;
+        Ok(Response::new(pb::DlqRetryResponse {}))
+    }
+
+    async fn dlq_drop(
+        &self,
+        request: GrpcRequest<pb::DlqDropRequest>,
+    ) -> Result<Response<pb::DlqDropResponse>, Status> {
+        let id = request.into_inner().job_id;
+        self.core
+            .call(|reply| Request::DlqDrop { id, reply })
+            .await?;
+        Ok(Response::new(pb::DlqDropResponse {}))
+    }
+
+    async fn get_pipeline(
+        &self,
+        request: GrpcRequest<pb::GetPipelineRequest>,
+    ) -> Result<Response<pb::PipelineView>, Status> {
+        let request = request.into_inner();
+        let (name, run) = (request.name, request.run);
+        let reply_name = name.clone();
+        let (run, jobs) = self
+            .core
+            .call(|reply| Request::Pipeline { name, run, reply })
+            .await?;
+        Ok(Response::new(pb::PipelineView {
+            name: reply_name,
+            run,
+            jobs,
         }))
     }
 

@@ -57,6 +57,8 @@ pub struct ChangeSet {
     pub events: Vec<EventRecord>,
     /// New submission keys.
     pub submissions: Vec<(String, Vec<JobId>)>,
+    /// Learned estimates written.
+    pub estimates: BTreeSet<String>,
 }
 
 /// What an apply produced, for the caller (reply to clients, messages to agents).
@@ -80,6 +82,11 @@ pub enum Outcome {
     },
     /// The report referred to an attempt that is not current: the agent must stop it.
     Stale,
+    /// A lost attempt was revived; `withdrawn` names the replacement to stop.
+    Revived {
+        /// (node, attempt) of the withdrawn replacement, if it was assigned.
+        withdrawn: Option<(String, u32)>,
+    },
     /// Applied with nothing to report.
     Done,
 }
@@ -101,6 +108,17 @@ pub enum ApplyError {
         /// Its state.
         state: JobState,
     },
+    /// The job is not in the dead-letter queue.
+    #[error("job {id} is not in the dead-letter queue ({state})")]
+    NotDeadLettered {
+        /// Job.
+        id: JobId,
+        /// Its state.
+        state: JobState,
+    },
+    /// A replacement spec for `dlq retry` changes what the job is.
+    #[error("spec: {0}")]
+    SpecChange(String),
     /// `after:` names a job that is not in the submission.
     #[error("jobs[{index}].after: no job named {name:?} in this submission")]
     UnknownDependency {
@@ -138,7 +156,32 @@ pub struct StateMachine {
     host_usage: HashMap<String, HostUsage>,
     locks: BTreeMap<String, LockHolders>,
     dependants: BTreeMap<JobId, Vec<JobId>>,
+    /// Failed jobs waiting for their back-off.
+    backing_off: BTreeSet<JobId>,
+    /// Learned GPU-memory estimates per job class (hard state).
+    estimates: BTreeMap<String, u64>,
+    /// Latest run number per pipeline name (derived from jobs).
+    pipeline_runs: BTreeMap<String, u32>,
     changes: ChangeSet,
+}
+
+/// How an attempt ended, as reported by its agent.
+#[derive(Debug, Clone, Default)]
+pub struct ExitReport {
+    /// Exit code.
+    pub code: Option<i32>,
+    /// Killing signal.
+    pub signal: Option<i32>,
+    /// Short error for people.
+    pub error: String,
+    /// Stopped because of a cancel.
+    pub cancelled: bool,
+    /// Died of GPU out-of-memory.
+    pub oom: bool,
+    /// Last 64 KiB of stderr.
+    pub output_tail: String,
+    /// Highest GPU memory seen.
+    pub peak_gpu_memory: u64,
 }
 
 impl StateMachine {
@@ -147,6 +190,7 @@ impl StateMachine {
         jobs: Vec<JobRecord>,
         nodes: Vec<NodeRecord>,
         submissions: Vec<(String, Vec<JobId>)>,
+        estimates: Vec<(String, u64)>,
         next_event_index: u64,
     ) -> StateMachine {
         let mut sm = StateMachine {
@@ -154,11 +198,16 @@ impl StateMachine {
             next_event_index: next_event_index.max(1),
             submissions: submissions.into_iter().collect(),
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            estimates: estimates.into_iter().collect(),
             ..StateMachine::default()
         };
         for job in jobs {
             for dep in &job.depends_on {
                 sm.dependants.entry(*dep).or_default().push(job.id);
+            }
+            if !job.pipeline.is_empty() {
+                let run = sm.pipeline_runs.entry(job.pipeline.clone()).or_default();
+                *run = (*run).max(job.run);
             }
             let id = job.id;
             sm.jobs.insert(id, job);
@@ -169,7 +218,7 @@ impl StateMachine {
 
     /// An empty state machine.
     pub fn new() -> StateMachine {
-        StateMachine::restore(Vec::new(), Vec::new(), Vec::new(), 1)
+        StateMachine::restore(Vec::new(), Vec::new(), Vec::new(), Vec::new(), 1)
     }
 
     /// Takes the changes recorded since the last call.
@@ -234,6 +283,43 @@ impl StateMachine {
         &self.locks
     }
 
+    /// Failed jobs waiting for their back-off.
+    pub fn backing_off(&self) -> impl Iterator<Item = &JobRecord> {
+        self.backing_off.iter().filter_map(|id| self.jobs.get(id))
+    }
+
+    /// Learned GPU-memory estimate of a job class.
+    pub fn estimate(&self, class: &str) -> Option<u64> {
+        self.estimates.get(class).copied()
+    }
+
+    /// All learned estimates.
+    pub fn estimates(&self) -> &BTreeMap<String, u64> {
+        &self.estimates
+    }
+
+    /// Jobs in the dead-letter queue.
+    pub fn dead_lettered(&self) -> impl Iterator<Item = &JobRecord> {
+        self.jobs
+            .values()
+            .filter(|j| j.state == JobState::DeadLettered)
+    }
+
+    /// The jobs of one pipeline run (`run` 0 = the latest).
+    pub fn pipeline_jobs(&self, name: &str, run: u32) -> (u32, Vec<&JobRecord>) {
+        let run = if run == 0 {
+            self.pipeline_runs.get(name).copied().unwrap_or(0)
+        } else {
+            run
+        };
+        let jobs = self
+            .jobs
+            .values()
+            .filter(|j| j.pipeline == name && j.run == run)
+            .collect();
+        (run, jobs)
+    }
+
     /// Index of the next event to be written.
     pub fn next_event_index(&self) -> u64 {
         self.next_event_index
@@ -242,7 +328,46 @@ impl StateMachine {
     /// Applies one command. An `Err` changes nothing.
     pub fn apply(&mut self, command: Command) -> Result<Outcome, ApplyError> {
         match command {
-            Command::Submit { at_ms, key, jobs } => self.submit(at_ms, key, jobs),
+            Command::Submit {
+                at_ms,
+                key,
+                jobs,
+                pipeline,
+            } => self.submit(at_ms, key, jobs, pipeline),
+            Command::Requeue { at_ms, job } => {
+                let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
+                if record.state != JobState::Failed {
+                    return Ok(Outcome::Done); // already moved on (cancelled, retried)
+                }
+                self.transition(at_ms, job, JobState::Pending, "back-off over".into());
+                Ok(Outcome::Done)
+            }
+            Command::DlqRetry { at_ms, job, spec } => self.dlq_retry(at_ms, job, spec),
+            Command::DlqDrop { at_ms, job } => {
+                let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
+                if record.state != JobState::DeadLettered {
+                    return Err(ApplyError::NotDeadLettered {
+                        id: job,
+                        state: record.state,
+                    });
+                }
+                if let Some(j) = self.jobs.get_mut(&job) {
+                    j.terminal_reason = "dropped from the dead-letter queue".into();
+                }
+                self.transition(
+                    at_ms,
+                    job,
+                    JobState::Cancelled,
+                    "dropped from the dead-letter queue".into(),
+                );
+                Ok(Outcome::Done)
+            }
+            Command::ReviveAttempt {
+                at_ms,
+                job,
+                attempt,
+                node,
+            } => self.revive(at_ms, job, attempt, &node),
             Command::RegisterNode {
                 at_ms,
                 name,
@@ -297,7 +422,24 @@ impl StateMachine {
                 signal,
                 error,
                 cancelled,
-            } => self.exited(at_ms, job, attempt, &node, code, signal, error, cancelled),
+                oom,
+                output_tail,
+                peak_gpu_memory,
+            } => self.exited(
+                at_ms,
+                job,
+                attempt,
+                &node,
+                ExitReport {
+                    code,
+                    signal,
+                    error,
+                    cancelled,
+                    oom,
+                    output_tail,
+                    peak_gpu_memory,
+                },
+            ),
             Command::RequestCancel { at_ms, job } => self.request_cancel(at_ms, job),
             Command::AttemptLost {
                 at_ms,
@@ -340,6 +482,7 @@ impl StateMachine {
         at_ms: u64,
         key: Option<String>,
         specs: Vec<JobSpec>,
+        pipeline: Option<String>,
     ) -> Result<Outcome, ApplyError> {
         if let Some(ids) = key.as_ref().and_then(|k| self.submissions.get(k)) {
             return Ok(Outcome::Submitted(ids.clone()));
@@ -347,8 +490,10 @@ impl StateMachine {
         // Resolve `after:` names within the submission before changing anything.
         let mut by_name: HashMap<&str, usize> = HashMap::new();
         for (index, spec) in specs.iter().enumerate() {
+            // In a pipeline every stage name must be unique; elsewhere only
+            // names that `after:` refers to.
             if by_name.insert(spec.name.as_str(), index).is_some()
-                && specs.iter().any(|s| s.after.contains(&spec.name))
+                && (pipeline.is_some() || specs.iter().any(|s| s.after.contains(&spec.name)))
             {
                 return Err(ApplyError::DuplicateName {
                     index,
@@ -375,6 +520,14 @@ impl StateMachine {
             let names: Vec<&str> = cycle.iter().map(|i| specs[*i].name.as_str()).collect();
             return Err(ApplyError::Cycle(names.join(" -> ")));
         }
+        let run = match &pipeline {
+            Some(name) => {
+                let run = self.pipeline_runs.entry(name.clone()).or_default();
+                *run += 1;
+                *run
+            }
+            None => 0,
+        };
         let first = self.next_job_id;
         let ids: Vec<JobId> = (0..specs.len() as u64).map(|i| first + i).collect();
         self.next_job_id += specs.len() as u64;
@@ -394,6 +547,11 @@ impl StateMachine {
                 depends_on,
                 not_before_ms: 0,
                 terminal_reason: String::new(),
+                retry_base: 0,
+                batch_cap: None,
+                blocked_by: None,
+                pipeline: pipeline.clone().unwrap_or_default(),
+                run,
             };
             self.jobs.insert(*id, record);
             self.pending.insert(*id);
@@ -503,6 +661,10 @@ impl StateMachine {
                 signal: None,
                 error: String::new(),
                 outcome: None,
+                output_tail: String::new(),
+                oom: false,
+                forgiven: false,
+                peak_gpu_memory: 0,
             });
             self.transition(at_ms, placement.job, JobState::Assigned, String::new());
             applied.push((placement.job, attempt));
@@ -539,89 +701,156 @@ impl StateMachine {
         if record.state == JobState::Running {
             return Ok(Outcome::Done);
         }
-        if let Some(a) = self.jobs.get_mut(&job).and_then(|j| j.attempts.last_mut()) {
+        if let Some(a) = self
+            .jobs
+            .get_mut(&job)
+            .and_then(JobRecord::current_attempt_mut)
+        {
             a.started_at_ms = at_ms;
         }
         self.transition(at_ms, job, JobState::Running, String::new());
         Ok(Outcome::Done)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn exited(
         &mut self,
         at_ms: u64,
         job: JobId,
         attempt: u32,
         node: &str,
-        code: Option<i32>,
-        signal: Option<i32>,
-        error: String,
-        cancelled: bool,
+        report: ExitReport,
     ) -> Result<Outcome, ApplyError> {
         let Some(record) = self.current(job, attempt, node)? else {
             // Duplicate or stale exit: already recorded or superseded.
             return Ok(Outcome::Done);
         };
         let cancel_requested = record.cancel_requested;
-        let spec_retry = record.spec.retry.clone();
-        let failures = record
-            .attempts
-            .iter()
-            .filter(|a| a.outcome == Some(AttemptOutcome::Failed))
-            .count() as u32;
-        let succeeded = code == Some(0) && signal.is_none();
+        let succeeded = report.code == Some(0) && report.signal.is_none();
         let outcome = if succeeded {
             AttemptOutcome::Succeeded
-        } else if cancelled || cancel_requested {
+        } else if report.cancelled || cancel_requested {
             AttemptOutcome::Cancelled
         } else {
             AttemptOutcome::Failed
         };
-        if let Some(a) = self.jobs.get_mut(&job).and_then(|j| j.attempts.last_mut()) {
+        let failed = outcome == AttemptOutcome::Failed;
+        if let Some(a) = self
+            .jobs
+            .get_mut(&job)
+            .and_then(JobRecord::current_attempt_mut)
+        {
             a.ended_at_ms = at_ms;
-            a.exit_code = code;
-            a.signal = signal;
-            a.error = error.clone();
+            a.exit_code = report.code;
+            a.signal = report.signal;
+            a.error = report.error.clone();
             a.outcome = Some(outcome);
+            a.oom = failed && report.oom;
+            a.peak_gpu_memory = report.peak_gpu_memory;
+            if failed {
+                a.output_tail = report.output_tail.clone();
+            }
         }
+        self.learn(job, report.oom && failed, report.peak_gpu_memory);
         if succeeded {
             self.transition(at_ms, job, JobState::Succeeded, String::new());
             return Ok(Outcome::Done);
         }
-        if cancelled || cancel_requested {
+        if report.cancelled || cancel_requested {
             self.transition(at_ms, job, JobState::Cancelled, "cancelled by user".into());
             self.block_dependants(at_ms, job);
             return Ok(Outcome::Done);
         }
-        let detail = match (code, signal) {
+        let detail = match (report.code, report.signal) {
+            (Some(c), _) if report.oom => format!("GPU out of memory, exit code {c}"),
             (Some(c), _) => format!("exit code {c}"),
             (None, Some(s)) => format!("killed by signal {s}"),
-            (None, None) => error.clone(),
+            (None, None) => report.error.clone(),
         };
-        // This attempt is a failure; count it with the earlier ones.
-        if failures + 1 < spec_retry.max_attempts {
-            let backoff = spec_retry
-                .backoff_ms
-                .saturating_mul(1 << failures.min(16))
-                .min(MAX_BACKOFF_MS);
+        let Some(record) = self.jobs.get(&job) else {
+            return Ok(Outcome::Done);
+        };
+        // An out-of-memory death is retried with half the batch while the
+        // batch can still shrink; it does not count against max_attempts,
+        // since the batch was Gantry's choice.
+        let halved = if report.oom {
+            halve_batch(record)
+        } else {
+            None
+        };
+        let failures = record.failures();
+        let max_attempts = record.spec.retry.max_attempts;
+        let backoff_ms = record.spec.retry.backoff_ms;
+        if let Some(cap) = halved {
             if let Some(j) = self.jobs.get_mut(&job) {
-                j.not_before_ms = at_ms + backoff;
+                j.batch_cap = Some(cap);
+                j.not_before_ms = at_ms;
+                if let Some(a) = j.current_attempt_mut() {
+                    a.forgiven = true;
+                }
             }
             self.transition(
                 at_ms,
                 job,
-                JobState::Pending,
-                format!("attempt {attempt} failed ({detail}); retrying"),
+                JobState::Failed,
+                format!("attempt {attempt} failed ({detail}); retrying with batch {cap}"),
+            );
+        } else if failures < max_attempts {
+            let delay = retry_delay(backoff_ms, failures, job, attempt);
+            if let Some(j) = self.jobs.get_mut(&job) {
+                j.not_before_ms = at_ms + delay;
+            }
+            self.transition(
+                at_ms,
+                job,
+                JobState::Failed,
+                format!(
+                    "attempt {attempt} failed ({detail}); retry {} of {} in {}",
+                    failures,
+                    max_attempts.saturating_sub(1),
+                    gantry_scheduler::units::format_duration_ms(delay)
+                ),
             );
         } else {
-            let reason = format!("attempt {attempt} failed ({detail})");
-            if let Some(j) = self.jobs.get_mut(&job) {
-                j.terminal_reason = reason.clone();
-            }
-            self.transition(at_ms, job, JobState::Failed, reason);
-            self.block_dependants(at_ms, job);
+            self.dead_letter(at_ms, job, format!("attempt {attempt} failed ({detail}); {failures} of {max_attempts} attempts failed"), JobState::Failed);
         }
         Ok(Outcome::Done)
+    }
+
+    /// Moves a job that ran out of attempts (through `via`, the state that
+    /// records how its last attempt ended) into the dead-letter queue.
+    fn dead_letter(&mut self, at_ms: u64, job: JobId, reason: String, via: JobState) {
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.terminal_reason = reason.clone();
+        }
+        self.transition(at_ms, job, via, reason.clone());
+        self.transition(at_ms, job, JobState::DeadLettered, reason);
+        self.block_dependants(at_ms, job);
+    }
+
+    /// Updates the job class's learned GPU-memory estimate: an OOM raises it
+    /// above what was reserved; an observed peak above it raises it too.
+    fn learn(&mut self, job: JobId, oom: bool, peak: u64) {
+        let Some(record) = self.jobs.get(&job) else {
+            return;
+        };
+        let Some(attempt) = record.current_attempt() else {
+            return;
+        };
+        let class = record.class();
+        let current = self.estimates.get(&class).copied().unwrap_or(0);
+        let mut next = current;
+        if oom && attempt.gpu_memory > 0 {
+            // 25% above what was not enough.
+            next = next.max(attempt.gpu_memory.saturating_add(attempt.gpu_memory / 4));
+        }
+        if peak > 0 {
+            // 10% headroom over the highest use seen.
+            next = next.max(peak.saturating_add(peak / 10));
+        }
+        if next != current {
+            self.estimates.insert(class.clone(), next);
+            self.changes.estimates.insert(class);
+        }
     }
 
     fn attempt_lost(
@@ -644,7 +873,11 @@ impl StateMachine {
             .iter()
             .filter(|a| a.outcome == Some(AttemptOutcome::Lost))
             .count() as u32;
-        if let Some(a) = self.jobs.get_mut(&job).and_then(|j| j.attempts.last_mut()) {
+        if let Some(a) = self
+            .jobs
+            .get_mut(&job)
+            .and_then(JobRecord::current_attempt_mut)
+        {
             a.ended_at_ms = at_ms;
             a.error = format!("lost: {reason}");
             a.outcome = Some(AttemptOutcome::Lost);
@@ -658,21 +891,145 @@ impl StateMachine {
             );
             self.block_dependants(at_ms, job);
         } else if lost_before < MAX_LOST_RETRIES {
-            // The node was at fault: retry without counting against the job.
+            // The node was at fault: retry at once, without counting against the job.
             self.transition(
                 at_ms,
                 job,
-                JobState::Pending,
-                format!("attempt {attempt} lost ({reason}); retrying"),
+                JobState::Lost,
+                format!("attempt {attempt} lost ({reason})"),
             );
+            self.transition(at_ms, job, JobState::Pending, "placing it again".into());
         } else {
-            if let Some(j) = self.jobs.get_mut(&job) {
-                j.terminal_reason = format!("lost {} times; last: {reason}", lost_before + 1);
-            }
-            self.transition(at_ms, job, JobState::Lost, reason);
-            self.block_dependants(at_ms, job);
+            self.dead_letter(
+                at_ms,
+                job,
+                format!("lost {} times; last: {reason}", lost_before + 1),
+                JobState::Lost,
+            );
         }
         Ok(Outcome::Done)
+    }
+
+    fn dlq_retry(
+        &mut self,
+        at_ms: u64,
+        job: JobId,
+        spec: Option<Box<JobSpec>>,
+    ) -> Result<Outcome, ApplyError> {
+        let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
+        if record.state != JobState::DeadLettered {
+            return Err(ApplyError::NotDeadLettered {
+                id: job,
+                state: record.state,
+            });
+        }
+        if let Some(spec) = &spec
+            && spec.name != record.spec.name
+        {
+            return Err(ApplyError::SpecChange(format!(
+                "name {:?} differs from the job's {:?}; dependants refer to it by name",
+                spec.name, record.spec.name
+            )));
+        }
+        if let Some(j) = self.jobs.get_mut(&job) {
+            if let Some(mut spec) = spec {
+                // `after:` was resolved at submission; the edges stay as they are.
+                spec.after = j.spec.after.clone();
+                j.spec = *spec;
+            }
+            j.retry_base = j.attempts.len() as u32;
+            j.not_before_ms = 0;
+            j.batch_cap = None;
+            j.terminal_reason.clear();
+        }
+        self.transition(
+            at_ms,
+            job,
+            JobState::Pending,
+            "retried from the dead-letter queue".into(),
+        );
+        self.unblock_dependants(at_ms, job);
+        Ok(Outcome::Done)
+    }
+
+    /// Keeps a lost attempt whose node came back with it still running, if
+    /// its replacement has not started and its reservation still fits.
+    fn revive(
+        &mut self,
+        at_ms: u64,
+        job: JobId,
+        attempt: u32,
+        node: &str,
+    ) -> Result<Outcome, ApplyError> {
+        let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
+        let Some(original) = record.attempts.iter().find(|a| a.attempt == attempt) else {
+            return Ok(Outcome::Stale);
+        };
+        let replacement = record.current_attempt().filter(|a| a.attempt != attempt);
+        let revivable = original.outcome == Some(AttemptOutcome::Lost)
+            && original.node == node
+            && !record.cancel_requested
+            && match record.state {
+                JobState::Pending => true,
+                JobState::Assigned => replacement.is_some_and(|r| r.started_at_ms == 0),
+                _ => false,
+            };
+        if !revivable || !self.reservation_fits(original, replacement) {
+            return Ok(Outcome::Stale);
+        }
+        let withdrawn = replacement.map(|r| (r.node.clone(), r.attempt));
+        // Release the replacement's hold before the original takes its own back.
+        self.unindex_job(job);
+        if let Some(j) = self.jobs.get_mut(&job) {
+            if let Some((_, number)) = &withdrawn
+                && let Some(r) = j.attempts.iter_mut().find(|a| a.attempt == *number)
+            {
+                r.outcome = Some(AttemptOutcome::Withdrawn);
+                r.ended_at_ms = at_ms;
+                r.error = format!("withdrawn: attempt {attempt} came back on {node}");
+            }
+            if let Some(o) = j.attempts.iter_mut().find(|a| a.attempt == attempt) {
+                o.outcome = None;
+                o.ended_at_ms = 0;
+                o.error.clear();
+            }
+            // Withdrawn attempts must not be last with a live one before
+            // them for `current_attempt` to find the original: it skips them.
+            debug_assert!(j.current_attempt().is_some_and(|a| a.attempt == attempt));
+        }
+        self.index_job(job);
+        self.transition(
+            at_ms,
+            job,
+            JobState::Running,
+            format!("attempt {attempt} came back on {node}; kept"),
+        );
+        Ok(Outcome::Revived { withdrawn })
+    }
+
+    /// Whether `attempt`'s reservation fits its GPUs once `replacing`'s (if
+    /// on the same GPUs) is released.
+    fn reservation_fits(&self, attempt: &AttemptRecord, replacing: Option<&AttemptRecord>) -> bool {
+        let Some(node) = self.nodes.get(&attempt.node) else {
+            return false;
+        };
+        attempt.gpus.iter().all(|index| {
+            let Some(gpu) = node.gpus.iter().find(|g| g.index == *index) else {
+                return false;
+            };
+            let mut usage = self.gpu_usage(&attempt.node, *index);
+            if let Some(r) = replacing.filter(|r| r.node == attempt.node && r.gpus.contains(index))
+            {
+                usage.reserved -= r.gpu_memory;
+                usage.jobs -= 1;
+                if r.exclusive_gpu {
+                    usage.exclusive = false;
+                }
+            }
+            usage.reserved + attempt.gpu_memory <= gpu.total
+                && !usage.exclusive
+                && !(attempt.exclusive_gpu && usage.jobs > 0)
+        })
     }
 
     fn request_cancel(&mut self, at_ms: u64, job: JobId) -> Result<Outcome, ApplyError> {
@@ -713,9 +1070,19 @@ impl StateMachine {
 
     /// Marks every not-yet-finished dependant of `job` (transitively) Blocked.
     fn block_dependants(&mut self, at_ms: u64, job: JobId) {
+        let cause = self
+            .jobs
+            .get(&job)
+            .map(|j| {
+                format!(
+                    "job {job} ({}) {}: {}",
+                    j.spec.name, j.state, j.terminal_reason
+                )
+            })
+            .unwrap_or_default();
         let mut stack = vec![job];
-        while let Some(cause) = stack.pop() {
-            let Some(children) = self.dependants.get(&cause).cloned() else {
+        while let Some(parent) = stack.pop() {
+            let Some(children) = self.dependants.get(&parent).cloned() else {
                 continue;
             };
             for child in children {
@@ -724,14 +1091,37 @@ impl StateMachine {
                     .get(&child)
                     .is_some_and(|j| j.state == JobState::Pending);
                 if blockable {
-                    let reason = format!("dependency job {cause} did not succeed");
+                    let reason = format!("blocked: dependency {cause}");
                     if let Some(j) = self.jobs.get_mut(&child) {
                         j.terminal_reason = reason.clone();
+                        j.blocked_by = Some(job);
                     }
                     self.transition(at_ms, child, JobState::Blocked, reason);
                     stack.push(child);
                 }
             }
+        }
+    }
+
+    /// Returns to Pending every job Blocked because of `job`.
+    fn unblock_dependants(&mut self, at_ms: u64, job: JobId) {
+        let blocked: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Blocked && j.blocked_by == Some(job))
+            .map(|j| j.id)
+            .collect();
+        for child in blocked {
+            if let Some(j) = self.jobs.get_mut(&child) {
+                j.blocked_by = None;
+                j.terminal_reason.clear();
+            }
+            self.transition(
+                at_ms,
+                child,
+                JobState::Pending,
+                format!("unblocked: job {job} retried"),
+            );
         }
     }
 
@@ -785,6 +1175,9 @@ impl StateMachine {
         if job.state == JobState::Pending {
             self.pending.insert(id);
         }
+        if job.state == JobState::Failed {
+            self.backing_off.insert(id);
+        }
         if !job.state.is_active() {
             return;
         }
@@ -826,6 +1219,7 @@ impl StateMachine {
 
     fn unindex_job(&mut self, id: JobId) {
         self.pending.remove(&id);
+        self.backing_off.remove(&id);
         if !self.active.remove(&id) {
             return;
         }
@@ -874,6 +1268,32 @@ impl StateMachine {
     pub fn submission(&self, key: &str) -> Option<&Vec<JobId>> {
         self.submissions.get(key)
     }
+}
+
+/// Exponential back-off with deterministic jitter (+-20%, from the job and
+/// attempt, so every replica computes the same delay).
+fn retry_delay(backoff_ms: u64, failures: u32, job: JobId, attempt: u32) -> u64 {
+    let base = backoff_ms
+        .saturating_mul(1u64 << failures.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF_MS);
+    let mut x = job.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ u64::from(attempt).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 31;
+    let percent = 80 + x % 41;
+    base / 100 * percent
+}
+
+/// Half the batch of the job's last attempt, if it can still shrink
+/// (not below the smallest tier or the model's `min`).
+fn halve_batch(record: &JobRecord) -> Option<u32> {
+    let last = record.current_attempt()?.batch_size;
+    let batch = record.spec.batch.as_ref()?;
+    let floor = match &batch.model {
+        Some(model) => model.min.max(1),
+        None => batch.tiers.iter().map(|t| t.size).min().unwrap_or(1),
+    };
+    let half = last / 2;
+    (last > 0 && half >= floor).then_some(half)
 }
 
 /// Returns one cycle (as node indexes) in a graph given as adjacency lists.

@@ -1,6 +1,6 @@
 //! Durable hard state in sled. Trees: `jobs` (id -> record), `nodes`
 //! (name -> record), `events` (index -> event), `submissions` (key -> ids),
-//! `meta`. A [`ChangeSet`] is written as one batch per tree and flushed before
+//! `estimates` (job class -> learned GPU memory). A [`ChangeSet`] is written as one batch per tree and flushed before
 //! the caller acknowledges anything.
 
 use std::path::Path;
@@ -40,6 +40,7 @@ pub struct Store {
     nodes: sled::Tree,
     events: sled::Tree,
     submissions: sled::Tree,
+    estimates: sled::Tree,
 }
 
 impl Store {
@@ -54,6 +55,7 @@ impl Store {
             nodes: db.open_tree("nodes")?,
             events: db.open_tree("events")?,
             submissions: db.open_tree("submissions")?,
+            estimates: db.open_tree("estimates")?,
             db,
         })
     }
@@ -72,6 +74,11 @@ impl Store {
                 })?;
             submissions.push((String::from_utf8_lossy(&key).into_owned(), ids));
         }
+        let mut estimates = Vec::new();
+        for item in self.estimates.iter() {
+            let (key, value) = item?;
+            estimates.push((String::from_utf8_lossy(&key).into_owned(), key_u64(&value)));
+        }
         let next_event_index = match self.events.last()? {
             Some((key, _)) => key_u64(&key) + 1,
             None => 1,
@@ -80,6 +87,7 @@ impl Store {
             jobs,
             nodes,
             submissions,
+            estimates,
             next_event_index,
         ))
     }
@@ -107,6 +115,13 @@ impl Store {
         for (key, ids) in &changes.submissions {
             submissions.insert(key.as_bytes(), encode(ids)?);
         }
+        let mut estimates = sled::Batch::default();
+        for class in &changes.estimates {
+            if let Some(bytes) = state.estimate(class) {
+                estimates.insert(class.as_bytes(), &bytes.to_be_bytes());
+            }
+        }
+        self.estimates.apply_batch(estimates)?;
         // Events last: a reader that sees an event can find the job it names.
         self.jobs.apply_batch(jobs)?;
         self.nodes.apply_batch(nodes)?;

@@ -62,6 +62,7 @@ fn submit(sm: &mut StateMachine, specs: Vec<JobSpec>) -> Vec<u64> {
             at_ms: 10,
             key: None,
             jobs: specs,
+            pipeline: None,
         })
         .expect("submit")
     {
@@ -99,6 +100,9 @@ fn assign(sm: &mut StateMachine, placements: Vec<Placement>) -> AssignResult {
 
 fn exit(sm: &mut StateMachine, job: u64, attempt: u32, node: &str, code: i32) {
     sm.apply(Command::JobExited {
+        oom: false,
+        output_tail: String::new(),
+        peak_gpu_memory: 0,
         at_ms: 30,
         job,
         attempt,
@@ -236,18 +240,235 @@ fn failures_retry_with_backoff_then_fail_and_block_dependants() {
     assign(&mut sm, vec![place(ids[0], "n1", 0, 10 * GIB, false)]);
     exit(&mut sm, ids[0], 1, "n1", 3);
     let job = sm.job(ids[0]).expect("job");
-    assert_eq!(job.state, JobState::Pending);
-    assert_eq!(job.not_before_ms, 30 + 1000);
+    assert_eq!(job.state, JobState::Failed, "waiting for its back-off");
+    // 1000 ms with +-20% jitter.
+    assert!(
+        (30 + 800..=30 + 1200).contains(&job.not_before_ms),
+        "{}",
+        job.not_before_ms
+    );
+    assert_eq!(
+        sm.gpu_usage("n1", 0).reserved,
+        0,
+        "a failed attempt holds nothing"
+    );
+    assert_eq!(sm.backing_off().count(), 1);
+    sm.apply(Command::Requeue {
+        at_ms: 2000,
+        job: ids[0],
+    })
+    .expect("requeue");
+    assert_eq!(state(&sm, ids[0]), JobState::Pending);
     assign(&mut sm, vec![place(ids[0], "n1", 0, 10 * GIB, false)]);
     exit(&mut sm, ids[0], 2, "n1", 3);
-    assert_eq!(state(&sm, ids[0]), JobState::Failed);
+    assert_eq!(state(&sm, ids[0]), JobState::DeadLettered);
+    assert_eq!(sm.dead_lettered().count(), 1);
     assert_eq!(state(&sm, ids[1]), JobState::Blocked);
     assert!(
         sm.job(ids[1])
             .expect("job")
             .terminal_reason
-            .contains(&ids[0].to_string())
+            .contains("flaky")
     );
+
+    // dlq retry brings it back and unblocks the dependant; its failure count restarts.
+    sm.apply(Command::DlqRetry {
+        at_ms: 3000,
+        job: ids[0],
+        spec: None,
+    })
+    .expect("retry");
+    assert_eq!(state(&sm, ids[0]), JobState::Pending);
+    assert_eq!(state(&sm, ids[1]), JobState::Pending);
+    assert_eq!(sm.job(ids[0]).expect("job").failures(), 0);
+    assign(&mut sm, vec![place(ids[0], "n1", 0, 10 * GIB, false)]);
+    exit(&mut sm, ids[0], 3, "n1", 0);
+    assert_eq!(state(&sm, ids[0]), JobState::Succeeded);
+    let refused = sm.apply(Command::DlqRetry {
+        at_ms: 4000,
+        job: ids[0],
+        spec: None,
+    });
+    assert!(
+        matches!(refused, Err(ApplyError::NotDeadLettered { .. })),
+        "{refused:?}"
+    );
+}
+
+fn oom_exit(sm: &mut StateMachine, job: u64, attempt: u32) {
+    sm.apply(Command::JobExited {
+        at_ms: 30,
+        job,
+        attempt,
+        node: "n1".into(),
+        code: Some(1),
+        signal: None,
+        error: "CUDA out of memory".into(),
+        cancelled: false,
+        oom: true,
+        output_tail: "RuntimeError: CUDA out of memory".into(),
+        peak_gpu_memory: 0,
+    })
+    .expect("exit");
+}
+
+#[test]
+fn out_of_memory_halves_the_batch_and_raises_the_class_estimate() {
+    use gantry_scheduler::{BatchPolicy, BatchTier};
+    let mut sm = StateMachine::new();
+    register(&mut sm, "n1", 1, 80 * GIB);
+    let mut job = spec("selfplay-sq8");
+    job.batch = Some(BatchPolicy {
+        tiers: vec![
+            BatchTier {
+                min_free: Some(32 * GIB),
+                size: 512,
+            },
+            BatchTier {
+                min_free: None,
+                size: 128,
+            },
+        ],
+        ..Default::default()
+    });
+    let ids = submit(&mut sm, vec![job]);
+    let mut placement = place(ids[0], "n1", 0, 10 * GIB, false);
+    placement.batch_size = Some(512);
+    assign(&mut sm, vec![placement.clone()]);
+    oom_exit(&mut sm, ids[0], 1);
+    let record = sm.job(ids[0]).expect("job");
+    assert_eq!(record.state, JobState::Failed);
+    assert_eq!(record.batch_cap, Some(256));
+    assert_eq!(
+        record.failures(),
+        0,
+        "an OOM retry does not use up max_attempts"
+    );
+    assert_eq!(
+        sm.estimate("generic/selfplay-sq8"),
+        Some(10 * GIB + 10 * GIB / 4)
+    );
+    sm.apply(Command::Requeue {
+        at_ms: 40,
+        job: ids[0],
+    })
+    .expect("requeue");
+    placement.batch_size = Some(128);
+    assign(&mut sm, vec![placement]);
+    // At the smallest tier the batch cannot shrink: it counts as a failure.
+    oom_exit(&mut sm, ids[0], 2);
+    assert_eq!(state(&sm, ids[0]), JobState::DeadLettered);
+    let last = sm
+        .job(ids[0])
+        .expect("job")
+        .current_attempt()
+        .cloned()
+        .expect("attempt");
+    assert!(last.oom && last.output_tail.contains("CUDA out of memory"));
+}
+
+fn reregister(sm: &mut StateMachine, name: &str) {
+    register(sm, name, 1, 80 * GIB);
+}
+
+#[test]
+fn a_lost_attempt_that_comes_back_before_its_replacement_starts_is_kept() {
+    let mut sm = StateMachine::new();
+    register(&mut sm, "n1", 1, 80 * GIB);
+    register(&mut sm, "n2", 1, 80 * GIB);
+    let ids = submit(&mut sm, vec![spec("a"), spec("b")]);
+    assign(
+        &mut sm,
+        vec![
+            place(ids[0], "n1", 0, 10 * GIB, false),
+            place(ids[1], "n1", 0, 10 * GIB, false),
+        ],
+    );
+    sm.apply(Command::JobStarted {
+        at_ms: 25,
+        job: ids[0],
+        attempt: 1,
+        node: "n1".into(),
+    })
+    .expect("start");
+    sm.apply(Command::SetNodeDown {
+        at_ms: 40,
+        node: "n1".into(),
+        down: true,
+    })
+    .expect("down");
+    // a: replacement assigned on n2 but not started; b: not re-placed yet.
+    assign(&mut sm, vec![place(ids[0], "n2", 0, 10 * GIB, false)]);
+    reregister(&mut sm, "n1");
+    let revived = sm
+        .apply(Command::ReviveAttempt {
+            at_ms: 51,
+            job: ids[0],
+            attempt: 1,
+            node: "n1".into(),
+        })
+        .expect("revive");
+    assert_eq!(
+        revived,
+        Outcome::Revived {
+            withdrawn: Some(("n2".into(), 2))
+        }
+    );
+    assert_eq!(state(&sm, ids[0]), JobState::Running);
+    assert_eq!(
+        sm.job(ids[0])
+            .and_then(|j| j.current_attempt())
+            .map(|a| a.attempt),
+        Some(1)
+    );
+    assert_eq!(
+        sm.gpu_usage("n2", 0).reserved,
+        0,
+        "the replacement's reservation is released"
+    );
+    assert_eq!(sm.gpu_usage("n1", 0).reserved, 10 * GIB);
+    let revived = sm
+        .apply(Command::ReviveAttempt {
+            at_ms: 52,
+            job: ids[1],
+            attempt: 1,
+            node: "n1".into(),
+        })
+        .expect("revive");
+    assert_eq!(revived, Outcome::Revived { withdrawn: None });
+    assert_eq!(sm.gpu_usage("n1", 0).reserved, 20 * GIB);
+    // Exits of the revived attempt are recorded; the withdrawn one's are stale.
+    exit(&mut sm, ids[0], 2, "n2", 0);
+    assert_eq!(state(&sm, ids[0]), JobState::Running);
+    exit(&mut sm, ids[0], 1, "n1", 0);
+    assert_eq!(state(&sm, ids[0]), JobState::Succeeded);
+
+    // Once the replacement has started, the old attempt is not revived.
+    let ids = submit(&mut sm, vec![spec("c")]);
+    assign(&mut sm, vec![place(ids[0], "n1", 0, 10 * GIB, false)]);
+    sm.apply(Command::SetNodeDown {
+        at_ms: 60,
+        node: "n1".into(),
+        down: true,
+    })
+    .expect("down");
+    assign(&mut sm, vec![place(ids[0], "n2", 0, 10 * GIB, false)]);
+    sm.apply(Command::JobStarted {
+        at_ms: 65,
+        job: ids[0],
+        attempt: 2,
+        node: "n2".into(),
+    })
+    .expect("start");
+    let stale = sm
+        .apply(Command::ReviveAttempt {
+            at_ms: 70,
+            job: ids[0],
+            attempt: 1,
+            node: "n1".into(),
+        })
+        .expect("revive");
+    assert_eq!(stale, Outcome::Stale);
 }
 
 #[test]
@@ -324,6 +545,9 @@ fn cancel_pending_is_immediate_and_running_waits_for_the_agent() {
         }
     );
     sm.apply(Command::JobExited {
+        oom: false,
+        output_tail: String::new(),
+        peak_gpu_memory: 0,
         at_ms: 30,
         job: ids[0],
         attempt: 1,
@@ -350,6 +574,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     let mut sm = StateMachine::new();
     let first = sm
         .apply(Command::Submit {
+            pipeline: None,
             at_ms: 1,
             key: Some("k".into()),
             jobs: vec![spec("a")],
@@ -357,6 +582,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
         .expect("submit");
     let second = sm
         .apply(Command::Submit {
+            pipeline: None,
             at_ms: 2,
             key: Some("k".into()),
             jobs: vec![spec("a"), spec("b")],
@@ -372,6 +598,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     let mut c = spec("c");
     c.after = vec!["b".into()];
     let cycle = sm.apply(Command::Submit {
+        pipeline: None,
         at_ms: 3,
         key: None,
         jobs: vec![a, b, c],
@@ -383,6 +610,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     let mut orphan = spec("x");
     orphan.after = vec!["nope".into()];
     let unknown = sm.apply(Command::Submit {
+        pipeline: None,
         at_ms: 4,
         key: None,
         jobs: vec![orphan],
@@ -396,6 +624,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     let mut user = spec("u");
     user.after = vec!["a".into()];
     let duplicate = sm.apply(Command::Submit {
+        pipeline: None,
         at_ms: 5,
         key: None,
         jobs: vec![spec("a"), dup, user],

@@ -212,11 +212,53 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Dead-letter queue (not built yet).
+    /// Dead-letter queue: jobs whose attempts are exhausted.
     Dlq {
-        /// list | show | retry | drop
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Show one run of a pipeline as a DAG with states.
+    Pipeline {
+        /// Pipeline name.
+        name: String,
+        /// Run number (default: the latest).
+        #[arg(long, default_value = "0")]
+        run: u32,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// List dead-lettered jobs.
+    List {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Show a dead-lettered job with its last error and stderr tail.
+    Show {
+        /// Job id.
+        id: u64,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Retry a dead-lettered job (optionally with a corrected spec) and unblock its dependants.
+    Retry {
+        /// Job id.
+        id: u64,
+        /// Corrected spec file (one job, same name).
+        #[arg(short = 'f', long = "file")]
+        file: Option<String>,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Drop a dead-lettered job (it becomes cancelled; dependants stay blocked).
+    Drop {
+        /// Job id.
+        id: u64,
+        #[command(flatten)]
+        client: ClientOpts,
     },
 }
 
@@ -375,7 +417,8 @@ async fn main() -> ExitCode {
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
-        Command::Dlq { .. } => Err(not_built("the dead-letter queue (gantry dlq)", 5)),
+        Command::Dlq { action } => dlq(action).await,
+        Command::Pipeline { name, run, client } => pipeline(name, run, client).await,
         Command::Submit(args) => submit(args).await,
         Command::Jobs {
             state,
@@ -445,8 +488,11 @@ fn print_json(value: &serde_json::Value) {
 }
 
 async fn submit(args: SubmitArgs) -> Result<(), CliError> {
-    let jobs = match &args.file {
-        Some(path) => spec::read_spec_file(path).map_err(|e| CliError::invalid(e.0))?,
+    let (pipeline, jobs) = match &args.file {
+        Some(path) => {
+            let parsed = spec::read_spec_file(path).map_err(|e| CliError::invalid(e.0))?;
+            (parsed.pipeline, parsed.jobs)
+        }
         None => {
             if args.command.is_empty() {
                 return Err(CliError::invalid(
@@ -479,7 +525,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
             if args.max_attempts == Some(0) {
                 return Err(CliError::invalid("--max-attempts: must be at least 1"));
             }
-            vec![pb::JobSpec {
+            let jobs = vec![pb::JobSpec {
                 name: args.name.clone().unwrap_or_default(),
                 kind: args.kind.clone().unwrap_or_default(),
                 command: args.command.clone(),
@@ -499,7 +545,8 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 timeout_ms,
                 shell: args.shell,
                 ..Default::default()
-            }]
+            }];
+            (None, jobs)
         }
     };
     let mut client = client::connect(&args.client.addr).await?;
@@ -507,6 +554,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
     let request = pb::SubmitRequest {
         jobs,
         submission_key: key,
+        pipeline: pipeline.unwrap_or_default(),
     };
     let response = client.submit(request).await?.into_inner();
     match args.client.output {
@@ -742,6 +790,116 @@ async fn watch(
                 event.message
             ),
         }
+    }
+    Ok(())
+}
+
+async fn dlq(action: DlqAction) -> Result<(), CliError> {
+    match action {
+        DlqAction::List { client: opts } => {
+            let mut client = client::connect(&opts.addr).await?;
+            let jobs = client
+                .dlq_list(pb::DlqListRequest {})
+                .await?
+                .into_inner()
+                .jobs;
+            match opts.output {
+                Format::Json => print_json(&serde_json::Value::Array(
+                    jobs.iter().map(output::job_json).collect(),
+                )),
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = jobs.iter().map(output::job_row).collect();
+                    output::table(
+                        &["ID", "NAME", "KIND", "STATE", "NODE", "GPUS", "DETAIL"],
+                        &rows,
+                    );
+                }
+            }
+        }
+        DlqAction::Show { id, client: opts } => {
+            let mut client = client::connect(&opts.addr).await?;
+            let job = client
+                .get_job(pb::GetJobRequest { job_id: id })
+                .await?
+                .into_inner();
+            if job.state != "deadlettered" {
+                return Err(CliError::failed(format!(
+                    "job {id} is not in the dead-letter queue ({})",
+                    job.state
+                )));
+            }
+            match opts.output {
+                Format::Json => print_json(&output::job_json(&job)),
+                Format::Table => {
+                    output::print_job(&job);
+                    if let Some(tail) = job
+                        .attempts
+                        .iter()
+                        .rev()
+                        .map(|a| a.output_tail.as_str())
+                        .find(|t| !t.is_empty())
+                    {
+                        println!("  last stderr:");
+                        for line in tail.lines() {
+                            println!("    {line}");
+                        }
+                    }
+                }
+            }
+        }
+        DlqAction::Retry {
+            id,
+            file,
+            client: opts,
+        } => {
+            let spec = match file {
+                Some(path) => {
+                    let mut parsed =
+                        spec::read_spec_file(&path).map_err(|e| CliError::invalid(e.0))?;
+                    if parsed.jobs.len() != 1 {
+                        return Err(CliError::invalid(format!(
+                            "{path}: dlq retry takes exactly one job, found {}",
+                            parsed.jobs.len()
+                        )));
+                    }
+                    parsed.jobs.pop()
+                }
+                None => None,
+            };
+            let mut client = client::connect(&opts.addr).await?;
+            client
+                .dlq_retry(pb::DlqRetryRequest { job_id: id, spec })
+                .await?;
+            match opts.output {
+                Format::Json => print_json(&serde_json::json!({ "job_id": id, "retried": true })),
+                Format::Table => println!("job {id} retried; jobs blocked on it are pending again"),
+            }
+        }
+        DlqAction::Drop { id, client: opts } => {
+            let mut client = client::connect(&opts.addr).await?;
+            client.dlq_drop(pb::DlqDropRequest { job_id: id }).await?;
+            match opts.output {
+                Format::Json => print_json(&serde_json::json!({ "job_id": id, "dropped": true })),
+                Format::Table => println!("job {id} dropped from the dead-letter queue"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn pipeline(name: String, run: u32, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts.addr).await?;
+    let view = client
+        .get_pipeline(pb::GetPipelineRequest { name, run })
+        .await?
+        .into_inner();
+    match opts.output {
+        Format::Json => print_json(&serde_json::json!({
+            "name": view.name,
+            "run": view.run,
+            "jobs": view.jobs.iter().map(output::job_json).collect::<Vec<_>>(),
+        })),
+        Format::Table => output::print_pipeline(&view),
     }
     Ok(())
 }

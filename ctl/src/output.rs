@@ -70,6 +70,10 @@ pub fn job_json(job: &pb::Job) -> Value {
         "submitted_at_ms": job.submitted_at_ms,
         "updated_at_ms": job.updated_at_ms,
         "cancel_requested": job.cancel_requested,
+        "pipeline": job.pipeline,
+        "run": job.run,
+        "depends_on": job.depends_on,
+        "batch_cap": job.batch_cap,
         "attempts": job.attempts.iter().map(|a| json!({
             "attempt": a.attempt,
             "node": a.node,
@@ -82,6 +86,10 @@ pub fn job_json(job: &pb::Job) -> Value {
             "exit_code": a.exit_code,
             "signal": a.signal,
             "error": a.error,
+            "outcome": a.outcome,
+            "oom": a.oom,
+            "peak_gpu_memory_bytes": a.peak_gpu_memory_bytes,
+            "output_tail": a.output_tail,
         })).collect::<Vec<_>>(),
     })
 }
@@ -298,4 +306,63 @@ pub fn status_json(s: &pb::ClusterStatus) -> Value {
         "last_event_index": s.last_event_index,
         "version": s.version,
     })
+}
+
+/// `gantry pipeline NAME` for people: stages in dependency order, each with
+/// its state and the stages it waits for.
+pub fn print_pipeline(view: &pb::PipelineView) {
+    println!("pipeline {} run {}", view.name, view.run);
+    let names: std::collections::HashMap<u64, String> = view
+        .jobs
+        .iter()
+        .map(|j| {
+            (
+                j.id,
+                j.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    // Depth = longest chain of inputs, so stages print in dependency order.
+    let mut depth: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    let mut order: Vec<&pb::Job> = view.jobs.iter().collect();
+    for _ in 0..order.len() {
+        for job in &order {
+            let d = job
+                .depends_on
+                .iter()
+                .map(|dep| depth.get(dep).copied().unwrap_or(0) + 1)
+                .max()
+                .unwrap_or(0);
+            depth.insert(job.id, d);
+        }
+    }
+    order.sort_by_key(|j| (depth.get(&j.id).copied().unwrap_or(0), j.id));
+    for job in order {
+        let d = depth.get(&job.id).copied().unwrap_or(0);
+        let name = names.get(&job.id).cloned().unwrap_or_default();
+        let inputs: Vec<String> = job
+            .depends_on
+            .iter()
+            .map(|dep| names.get(dep).cloned().unwrap_or_else(|| dep.to_string()))
+            .collect();
+        let after = if inputs.is_empty() {
+            String::new()
+        } else {
+            format!("  <- {}", inputs.join(", "))
+        };
+        let reason = if job.reason.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", job.reason)
+        };
+        println!(
+            "{}{} [job {}] {}{}{}",
+            "  ".repeat(d),
+            name,
+            job.id,
+            job.state,
+            after,
+            reason
+        );
+    }
 }

@@ -457,8 +457,17 @@ fn to_proto(file: JobFile, label: &str) -> Result<pb::JobSpec, SpecError> {
     })
 }
 
+/// The jobs of a spec file, and the pipeline they form, if the file is one.
+#[derive(Debug)]
+pub struct ParsedSpec {
+    /// `pipeline:` name.
+    pub pipeline: Option<String>,
+    /// Jobs in file order.
+    pub jobs: Vec<pb::JobSpec>,
+}
+
 /// Parses the text of a spec file into wire specs.
-pub fn parse_spec_text(text: &str, source: &str) -> Result<Vec<pb::JobSpec>, SpecError> {
+pub fn parse_spec_text(text: &str, source: &str) -> Result<ParsedSpec, SpecError> {
     let mut values = Vec::new();
     for (doc_index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml_ng::Value::deserialize(document)
@@ -470,6 +479,7 @@ pub fn parse_spec_text(text: &str, source: &str) -> Result<Vec<pb::JobSpec>, Spe
     }
     let many_docs = values.len() > 1;
     let mut jobs = Vec::new();
+    let mut pipeline_name = None;
     for (doc_index, value) in values {
         let doc_label = if many_docs {
             format!("{source}: document {}", doc_index + 1)
@@ -488,6 +498,12 @@ pub fn parse_spec_text(text: &str, source: &str) -> Result<Vec<pb::JobSpec>, Spe
                         let path = e.path().to_string();
                         SpecError(format!("{doc_label}: {path}: {}", e.into_inner()))
                     })?;
+                if many_docs {
+                    return Err(SpecError(format!(
+                        "{doc_label}: a pipeline must be the only document in its file"
+                    )));
+                }
+                pipeline_name = Some(pipeline.pipeline.clone());
                 if pipeline.jobs.is_empty() {
                     return Err(SpecError(format!(
                         "{doc_label}: jobs: a pipeline needs at least one job"
@@ -515,7 +531,10 @@ pub fn parse_spec_text(text: &str, source: &str) -> Result<Vec<pb::JobSpec>, Spe
     if jobs.is_empty() {
         return Err(SpecError(format!("{source}: no jobs in the file")));
     }
-    Ok(jobs)
+    Ok(ParsedSpec {
+        pipeline: pipeline_name,
+        jobs,
+    })
 }
 
 fn yaml_type(value: &serde_yaml_ng::Value) -> &'static str {
@@ -532,7 +551,7 @@ fn yaml_type(value: &serde_yaml_ng::Value) -> &'static str {
 
 /// Reads and parses a spec file (`-` = standard input), refusing huge files
 /// before reading them.
-pub fn read_spec_file(path: &str) -> Result<Vec<pb::JobSpec>, SpecError> {
+pub fn read_spec_file(path: &str) -> Result<ParsedSpec, SpecError> {
     use std::io::Read;
     let text = if path == "-" {
         let mut text = String::new();
@@ -566,7 +585,9 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Vec<pb::JobSpec>, String> {
-        parse_spec_text(text, "job.yaml").map_err(|e| e.0)
+        parse_spec_text(text, "job.yaml")
+            .map(|p| p.jobs)
+            .map_err(|e| e.0)
     }
 
     fn check_err(text: &str, expect: &str) {

@@ -38,7 +38,7 @@ fn exit_codes_are_documented_and_errors_are_one_line() {
             "--gpu-memory",
         ),
         (vec!["jobs"], 3, "cannot reach coordinator"),
-        (vec!["dlq", "list"], 1, "not built yet"),
+        (vec!["dlq", "list"], 3, "cannot reach coordinator"),
         (
             vec!["coordinator", "--peers", "1=http://127.0.0.1:1"],
             1,

@@ -83,6 +83,37 @@ fn bad_specs_are_refused_with_the_field_named() -> anyhow::Result<()> {
             "command: [true]\nenv: {GANTRY_JOB_ID: 3}\n".into(),
             "env.GANTRY_JOB_ID",
         ),
+        (
+            "self edge",
+            "- {name: a, command: [true], after: [a]}\n".into(),
+            "cannot wait for itself",
+        ),
+        (
+            "duplicate stage",
+            "pipeline: p\njobs:\n  - {name: a, command: [true]}\n  - {name: a, command: [true]}\n"
+                .into(),
+            "\"a\" is used twice",
+        ),
+        (
+            "snapshot escape",
+            "command: [true]\nsnapshot: [{from: /models/x.pt, as: ../x.pt}]\n".into(),
+            "snapshot[0].as",
+        ),
+        (
+            "snapshot absolute target",
+            "command: [true]\nsnapshot: [{from: /models/x.pt, as: /etc/passwd}]\n".into(),
+            "snapshot[0].as",
+        ),
+        (
+            "snapshot relative source",
+            "command: [true]\nsnapshot: [{from: models/x.pt, as: x.pt}]\n".into(),
+            "snapshot[0].from",
+        ),
+        (
+            "bad memory policy",
+            "command: [true]\ngpu_memory_policy: explode\n".into(),
+            "gpu_memory_policy",
+        ),
     ];
     for (what, text, expected) in cases {
         let path = sandbox.path().join("spec.yaml");

@@ -10,3 +10,10 @@ mod generated {
 }
 
 pub use generated::*;
+
+/// Transport between coordinator replicas (`proto/raft.proto`): raft-rs
+/// messages carried as opaque bytes.
+#[allow(missing_docs, clippy::all)]
+pub mod raft {
+    tonic::include_proto!("gantry.raft.v1");
+}

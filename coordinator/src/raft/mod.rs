@@ -1,0 +1,346 @@
+//! The replicated log: tikv raft-rs over gRPC, with the log in sled.
+//!
+//! Layout:
+//! - [`storage`]: [`SledRaftStorage`], the Raft log, hard state and latest
+//!   snapshot on sled trees `raft_log` and `raft_meta`, implementing
+//!   [`raft::Storage`];
+//! - [`node`]: [`RaftNode`], the driver thread that owns the `RawNode`, and
+//!   [`RaftHandle`], the cloneable way in (propose, watch leadership);
+//! - [`transport`]: [`RaftPeerService`] (receives peers' messages) and the
+//!   per-peer sender tasks;
+//! - [`logger`]: the slog drain that forwards raft-rs logs to `tracing`.
+//!
+//! **Ownership.** One driver thread owns the `RawNode`, hence the Raft log,
+//! and the application ([`ReplicatedStateMachine`]). Everything else talks to
+//! it through a channel: proposals, peers' messages, transport reports.
+//! The application owns its applied state and its applied index; the Raft
+//! storage owns the log and the latest snapshot. On start the driver checks
+//! that the two agree (the applied index lies within what the log and the
+//! snapshot cover) and refuses to start otherwise.
+//!
+//! **Ordering** (raft-rs's documented `Ready` order, as in its
+//! `five_mem_node` example): for each `Ready` the driver sends the messages
+//! that may go out before persistence (a leader's appends), persists the
+//! snapshot, entries and hard state, flushes (one fsync for every proposal
+//! drained since the last one), then sends the messages that must follow
+//! persistence (votes, append responses), applies committed entries and
+//! advances. A proposal is answered only after its entry is committed and
+//! applied, with the bytes the application returned.
+//!
+//! **Why a thread and not a task**: a sled flush blocks for an fsync, and
+//! everything the driver does is sequential anyway; a dedicated thread keeps
+//! the async runtime free and needs no locks. The transport is async (tokio
+//! tasks, tonic), and talks to the thread through channels.
+//!
+//! **Compaction**: once `compact_after` entries have been applied since the
+//! last snapshot, the driver asks the application for a snapshot, stores it
+//! and drops the log up to `compact_keep` entries before it. A follower that
+//! needs a dropped entry gets that snapshot instead and installs it through
+//! [`ReplicatedStateMachine::restore`].
+//!
+//! **Errors**: storage errors are fatal for the driver: it logs them, fails
+//! what is pending and stops (the status shows it is no longer a member).
+
+pub mod logger;
+pub mod node;
+pub mod storage;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+pub use node::{RaftHandle, RaftNode};
+pub use storage::SledRaftStorage;
+pub use transport::RaftPeerService;
+
+/// The application driven by the replicated log: the coordinator's state
+/// machine. Called only on the driver thread, in log order.
+pub trait ReplicatedStateMachine: Send + 'static {
+    /// Applies one committed command (bytes as proposed) at `index`; returns
+    /// the reply bytes for the proposer. It must be deterministic: every
+    /// replica applies the same commands in the same order.
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
+    /// Serializes the whole applied state (for snapshots).
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replaces the whole state from a snapshot taken at `index`; afterwards
+    /// [`applied_index`](Self::applied_index) must return `index`.
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String>;
+    /// The index of the last applied entry as persisted by the application
+    /// (0 if none). Entries after it are applied again on start, so an
+    /// application may persist lazily: the log is the durable record.
+    fn applied_index(&self) -> u64;
+}
+
+/// Configuration of one replica.
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    /// This replica's Raft id (non-zero, a key of `peers`).
+    pub id: u64,
+    /// Every voter, this one included: id -> gRPC URL of its `RaftPeer`
+    /// service. Membership is static: all replicas get the same ids.
+    pub peers: BTreeMap<u64, String>,
+    /// Interval of Raft's logical clock.
+    pub tick: Duration,
+    /// Ticks without a leader before a follower campaigns (randomised up to
+    /// twice this). 10 ticks of 100 ms: about 1 s.
+    pub election_tick: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_tick: usize,
+    /// Applied entries since the last snapshot that trigger a new snapshot
+    /// and log compaction.
+    pub compact_after: u64,
+    /// Entries kept in the log before the snapshot index at compaction, so
+    /// that a follower slightly behind catches up from the log instead of a
+    /// snapshot.
+    pub compact_keep: u64,
+    /// Largest size of the entries in one append message.
+    pub max_append_bytes: u64,
+    /// Messages queued per peer before new ones are dropped (Raft
+    /// retransmits what is lost).
+    pub peer_queue: usize,
+}
+
+impl RaftConfig {
+    /// A configuration with production defaults: 100 ms ticks, ~1 s election
+    /// timeout, a snapshot every 10,000 entries.
+    pub fn new(id: u64, peers: BTreeMap<u64, String>) -> RaftConfig {
+        RaftConfig {
+            id,
+            peers,
+            tick: Duration::from_millis(100),
+            election_tick: 10,
+            heartbeat_tick: 3,
+            compact_after: 10_000,
+            compact_keep: 1_000,
+            max_append_bytes: 1 << 20,
+            peer_queue: 4096,
+        }
+    }
+
+    /// A single-voter configuration (`gantry dev`): it elects itself at once.
+    pub fn single(id: u64, url: impl Into<String>) -> RaftConfig {
+        RaftConfig::new(id, BTreeMap::from([(id, url.into())]))
+    }
+
+    /// Checks the values that raft-rs does not check itself.
+    pub fn validate(&self) -> Result<(), RaftError> {
+        if self.id == 0 {
+            return Err(RaftError::Config("raft id must not be 0".into()));
+        }
+        if !self.peers.contains_key(&self.id) {
+            return Err(RaftError::Config(format!(
+                "raft id {} is not among the peers {:?}",
+                self.id,
+                self.peers.keys().collect::<Vec<_>>()
+            )));
+        }
+        if self.tick.is_zero() {
+            return Err(RaftError::Config("raft tick must not be zero".into()));
+        }
+        if self.heartbeat_tick == 0 || self.election_tick <= self.heartbeat_tick {
+            return Err(RaftError::Config(format!(
+                "raft election tick ({}) must exceed the heartbeat tick ({}), which must not be 0",
+                self.election_tick, self.heartbeat_tick
+            )));
+        }
+        if self.compact_after == 0 {
+            return Err(RaftError::Config("raft compact_after must not be 0".into()));
+        }
+        if self.peer_queue == 0 {
+            return Err(RaftError::Config("raft peer_queue must not be 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `--peers`: `1=http://10.0.0.1:7101,2=http://10.0.0.2:7101`.
+pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, RaftError> {
+    let mut peers = BTreeMap::new();
+    for part in text.split(',').map(str::trim) {
+        if part.is_empty() {
+            continue;
+        }
+        let Some((id, url)) = part.split_once('=') else {
+            return Err(RaftError::Peers(format!(
+                "{part:?}: expected ID=URL, e.g. 1=http://127.0.0.1:7101"
+            )));
+        };
+        let (id, url) = (id.trim(), url.trim());
+        let id: u64 = id.parse().map_err(|_| {
+            RaftError::Peers(format!("{part:?}: id {id:?} is not a positive integer"))
+        })?;
+        if id == 0 {
+            return Err(RaftError::Peers(format!("{part:?}: id must not be 0")));
+        }
+        let Some(rest) = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+        else {
+            return Err(RaftError::Peers(format!(
+                "{part:?}: URL {url:?} must start with http:// or https://"
+            )));
+        };
+        if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
+            return Err(RaftError::Peers(format!(
+                "{part:?}: URL {url:?} has no host"
+            )));
+        }
+        if peers.insert(id, url.to_string()).is_some() {
+            return Err(RaftError::Peers(format!("{part:?}: id {id} appears twice")));
+        }
+    }
+    if peers.is_empty() {
+        return Err(RaftError::Peers(
+            "no peers given: expected ID=URL[,ID=URL...]".into(),
+        ));
+    }
+    Ok(peers)
+}
+
+/// Leadership and progress of one replica, published on a
+/// `tokio::sync::watch` channel by the driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// This replica's id.
+    pub id: u64,
+    /// The leader this replica knows of.
+    pub leader_id: Option<u64>,
+    /// The leader's URL from the peer map.
+    pub leader_url: Option<String>,
+    /// Current term.
+    pub term: u64,
+    /// This replica leads *and* has applied an entry of its own term, so its
+    /// applied state holds everything committed before it became leader:
+    /// reads from it are up to date and it may act on them.
+    pub is_leader: bool,
+    /// Highest index known committed.
+    pub commit_index: u64,
+    /// Highest index applied to the application.
+    pub applied_index: u64,
+    /// False once the driver has stopped (shutdown or a fatal error).
+    pub running: bool,
+}
+
+/// Why a proposal did not get a reply from the application.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This replica does not lead (or stopped leading before the entry
+    /// committed). For a proposal that was accepted and then lost its
+    /// leader, the outcome is unknown: the entry may still commit under the
+    /// next leader, so commands should be idempotent (submission keys).
+    #[error("not the leader (leader: {})", leader_url.as_deref().unwrap_or("unknown"))]
+    NotLeader {
+        /// The leader's id, when known.
+        leader_id: Option<u64>,
+        /// The leader's URL, when known.
+        leader_url: Option<String>,
+    },
+    /// raft-rs dropped the proposal (a leadership transfer is under way);
+    /// nothing was appended, retrying is safe.
+    #[error("proposal dropped by raft; retry")]
+    Dropped,
+    /// The driver has stopped (shutdown or a fatal storage error).
+    #[error("raft node stopped")]
+    Stopped,
+}
+
+/// Errors of the replication module. Storage errors are fatal for the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftError {
+    /// sled failed.
+    #[error("raft storage: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored record did not decode.
+    #[error("raft storage: corrupt {what}: {source}")]
+    Decode {
+        /// What was read.
+        what: &'static str,
+        /// Decode error.
+        source: protobuf::ProtobufError,
+    },
+    /// A record did not encode (a bug).
+    #[error("raft storage: cannot encode {what}: {source}")]
+    Encode {
+        /// What was written.
+        what: &'static str,
+        /// Encode error.
+        source: protobuf::ProtobufError,
+    },
+    /// The log, hard state, snapshot and applied index disagree; the node
+    /// refuses to start rather than apply a wrong history.
+    #[error("raft storage is inconsistent: {0}")]
+    Inconsistent(String),
+    /// The application refused a snapshot.
+    #[error("raft: cannot restore snapshot at index {index}: {reason}")]
+    Restore {
+        /// Snapshot index.
+        index: u64,
+        /// The application's reason.
+        reason: String,
+    },
+    /// raft-rs refused something.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// A bad `--peers` value.
+    #[error("invalid --peers: {0}")]
+    Peers(String),
+    /// A bad configuration.
+    #[error("invalid raft configuration: {0}")]
+    Config(String),
+    /// Threads, tasks or runtime could not be started.
+    #[error("raft: cannot start: {0}")]
+    Start(String),
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn check(input: &str, expect: Result<&[(u64, &str)], &str>) {
+        let got = parse_peers(input);
+        match (got, expect) {
+            (Ok(peers), Ok(want)) => {
+                let want: BTreeMap<u64, String> =
+                    want.iter().map(|(id, url)| (*id, url.to_string())).collect();
+                assert_eq!(peers, want, "input {input:?}");
+            }
+            (Err(error), Err(fragment)) => {
+                let text = error.to_string();
+                assert!(text.contains(fragment), "input {input:?}: {text}");
+            }
+            (got, want) => panic!("input {input:?}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_peers_cases() {
+        check("1=http://127.0.0.1:7101", Ok(&[(1, "http://127.0.0.1:7101")]));
+        check(
+            "1=http://a:1, 2=https://b:2 ,3=http://c:3,",
+            Ok(&[(1, "http://a:1"), (2, "https://b:2"), (3, "http://c:3")]),
+        );
+        check("", Err("no peers given"));
+        check("1", Err("\"1\": expected ID=URL"));
+        check("x=http://a:1", Err("id \"x\" is not a positive integer"));
+        check("-1=http://a:1", Err("not a positive integer"));
+        check("0=http://a:1", Err("id must not be 0"));
+        check("1=a:1", Err("must start with http:// or https://"));
+        check("1=http://", Err("has no host"));
+        check("1=http://a:1,1=http://b:1", Err("\"1=http://b:1\": id 1 appears twice"));
+    }
+
+    #[test]
+    fn config_validation() {
+        assert!(RaftConfig::single(1, "http://a:1").validate().is_ok());
+        let error = RaftConfig::single(1, "http://a:1");
+        let error = RaftConfig { id: 2, ..error }.validate().unwrap_err();
+        assert!(error.to_string().contains("raft id 2 is not among the peers"));
+        let config = RaftConfig {
+            heartbeat_tick: 10,
+            ..RaftConfig::single(1, "http://a:1")
+        };
+        assert!(config.validate().unwrap_err().to_string().contains("election tick"));
+    }
+}

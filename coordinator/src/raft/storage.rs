@@ -1,0 +1,688 @@
+//! The Raft log, hard state and latest snapshot in sled, implementing
+//! [`raft::Storage`].
+//!
+//! Trees (in the coordinator's database):
+//! - `raft_log`: entry index (8 bytes, big endian) -> encoded
+//!   [`Entry`](raft::eraftpb::Entry);
+//! - `raft_meta`: `hard_state`, `conf_state`, `snapshot_meta` and
+//!   `snapshot_data` (the latest snapshot, kept to send to followers that are
+//!   too far behind), and `truncated` (index and term of the last entry
+//!   removed by compaction; the log starts right after it).
+//!
+//! The applied index is not stored here: the application owns it
+//! ([`ReplicatedStateMachine::applied_index`](super::ReplicatedStateMachine::applied_index)),
+//! and the driver checks on start that it agrees with this log.
+//!
+//! Writes go to sled's buffers; [`SledRaftStorage::flush`] makes them durable
+//! and the driver calls it before sending any message that must follow
+//! persistence. Only the driver thread holds this value, so the small cache
+//! of metadata (first/last index, hard state) needs no lock.
+
+use std::ops::Bound;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+use super::RaftError;
+
+const LOG_TREE: &str = "raft_log";
+const META_TREE: &str = "raft_meta";
+const HARD_STATE_KEY: &[u8] = b"hard_state";
+const CONF_STATE_KEY: &[u8] = b"conf_state";
+const SNAPSHOT_META_KEY: &[u8] = b"snapshot_meta";
+const SNAPSHOT_DATA_KEY: &[u8] = b"snapshot_data";
+const TRUNCATED_KEY: &[u8] = b"truncated";
+
+/// The Raft log and metadata on sled trees of the coordinator's database.
+pub struct SledRaftStorage {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Index and term of the latest snapshot (0, 0 when there is none).
+    snapshot: (u64, u64),
+    /// Index and term of the last entry removed from the log; the log starts
+    /// at `truncated.0 + 1`. Equal to the snapshot after a snapshot install;
+    /// behind it after a local compaction that keeps a tail of entries.
+    truncated: (u64, u64),
+    /// Index and term of the last entry (`truncated` when the log is empty).
+    last: (u64, u64),
+}
+
+impl SledRaftStorage {
+    /// Opens the Raft trees of `db`, loads the metadata and checks that the
+    /// log is contiguous and agrees with the hard state and snapshot; a
+    /// storage that does not pass is refused with [`RaftError::Inconsistent`].
+    pub fn open(db: &sled::Db) -> Result<SledRaftStorage, RaftError> {
+        let log = db.open_tree(LOG_TREE)?;
+        let meta = db.open_tree(META_TREE)?;
+        let hard_state: HardState = read_message(&meta, HARD_STATE_KEY)?.unwrap_or_default();
+        let conf_state: ConfState = read_message(&meta, CONF_STATE_KEY)?.unwrap_or_default();
+        let snapshot = read_message::<SnapshotMetadata>(&meta, SNAPSHOT_META_KEY)?
+            .map(|m| (m.index, m.term))
+            .unwrap_or((0, 0));
+        let truncated = match meta.get(TRUNCATED_KEY)? {
+            None => (0, 0),
+            Some(bytes) if bytes.len() == 16 => (be_u64(&bytes[..8]), be_u64(&bytes[8..])),
+            Some(bytes) => {
+                return Err(RaftError::Inconsistent(format!(
+                    "raft_meta/truncated has {} bytes, expected 16",
+                    bytes.len()
+                )));
+            }
+        };
+
+        let last = match log.last()? {
+            None => truncated,
+            Some((key, value)) => {
+                let index = key_index(&key)?;
+                let entry = decode::<Entry>(&value, "raft_log")?;
+                if entry.index != index {
+                    return Err(RaftError::Inconsistent(format!(
+                        "raft log key {index} holds the entry of index {}",
+                        entry.index
+                    )));
+                }
+                (index, entry.term)
+            }
+        };
+        if let Some((key, _)) = log.first()? {
+            let first = key_index(&key)?;
+            if first != truncated.0 + 1 {
+                return Err(RaftError::Inconsistent(format!(
+                    "raft log starts at index {first} but it was truncated at {}",
+                    truncated.0
+                )));
+            }
+            let count = log.len() as u64;
+            if count != last.0 - first + 1 {
+                return Err(RaftError::Inconsistent(format!(
+                    "raft log has a gap: {count} entries between index {first} and {}",
+                    last.0
+                )));
+            }
+        }
+        if snapshot.0 < truncated.0 || snapshot.0 > last.0 {
+            return Err(RaftError::Inconsistent(format!(
+                "snapshot at index {} is outside the log [{}, {}]",
+                snapshot.0, truncated.0, last.0
+            )));
+        }
+        if hard_state.commit > last.0 {
+            return Err(RaftError::Inconsistent(format!(
+                "commit index {} is beyond the last log index {}",
+                hard_state.commit, last.0
+            )));
+        }
+        if hard_state.commit < truncated.0 {
+            return Err(RaftError::Inconsistent(format!(
+                "commit index {} is behind the compacted log (truncated at {})",
+                hard_state.commit, truncated.0
+            )));
+        }
+        Ok(SledRaftStorage {
+            db: db.clone(),
+            log,
+            meta,
+            hard_state,
+            conf_state,
+            snapshot,
+            truncated,
+            last,
+        })
+    }
+
+    /// Whether nothing was ever stored (no hard state, voters, log or snapshot).
+    pub fn is_fresh(&self) -> bool {
+        self.hard_state == HardState::default()
+            && self.conf_state == ConfState::default()
+            && self.last == (0, 0)
+    }
+
+    /// Sets the voters of a fresh storage. Every replica of a new cluster
+    /// must be initialised with the same voters.
+    pub fn initialize(&mut self, voters: Vec<u64>) -> Result<(), RaftError> {
+        let conf_state = ConfState {
+            voters,
+            ..Default::default()
+        };
+        self.meta
+            .insert(CONF_STATE_KEY, encode(&conf_state, "conf state")?)?;
+        self.conf_state = conf_state;
+        Ok(())
+    }
+
+    /// The stored hard state.
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    /// The stored voters and learners.
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    /// Index and term of the latest snapshot ((0, 0) when there is none).
+    pub fn snapshot_index_term(&self) -> (u64, u64) {
+        self.snapshot
+    }
+
+    /// Index of the first entry still in the log.
+    pub fn first_index(&self) -> u64 {
+        self.truncated.0 + 1
+    }
+
+    /// Index of the last entry (the snapshot's index when the log is empty).
+    pub fn last_index(&self) -> u64 {
+        self.last.0
+    }
+
+    /// The latest snapshot, data included, if there is one.
+    pub fn load_snapshot(&self) -> Result<Option<Snapshot>, RaftError> {
+        let Some(metadata) = read_message::<SnapshotMetadata>(&self.meta, SNAPSHOT_META_KEY)?
+        else {
+            return Ok(None);
+        };
+        let data = self.meta.get(SNAPSHOT_DATA_KEY)?.unwrap_or_default();
+        Ok(Some(Snapshot {
+            data: data.to_vec().into(),
+            metadata: Some(metadata).into(),
+            ..Default::default()
+        }))
+    }
+
+    /// Appends entries, replacing any conflicting suffix (entries at or after
+    /// the first new index). Not durable until [`flush`](Self::flush).
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), RaftError> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(());
+        };
+        if first.index <= self.truncated.0 {
+            return Err(RaftError::Inconsistent(format!(
+                "cannot overwrite compacted entries: append from {} but the log was truncated at {}",
+                first.index, self.truncated.0
+            )));
+        }
+        if first.index > self.last.0 + 1 {
+            return Err(RaftError::Inconsistent(format!(
+                "append from index {} would leave a gap after the last index {}",
+                first.index, self.last.0
+            )));
+        }
+        let mut batch = sled::Batch::default();
+        for index in last.index + 1..=self.last.0 {
+            batch.remove(&index.to_be_bytes());
+        }
+        for entry in entries {
+            batch.insert(&entry.index.to_be_bytes(), encode(entry, "entry")?);
+        }
+        self.log.apply_batch(batch)?;
+        self.last = (last.index, last.term);
+        Ok(())
+    }
+
+    /// Stores a new hard state. Not durable until [`flush`](Self::flush).
+    pub fn set_hard_state(&mut self, hard_state: &HardState) -> Result<(), RaftError> {
+        self.meta
+            .insert(HARD_STATE_KEY, encode(hard_state, "hard state")?)?;
+        self.hard_state = hard_state.clone();
+        Ok(())
+    }
+
+    /// Stores a new commit index (from a `LightReady`).
+    pub fn set_commit(&mut self, commit: u64) -> Result<(), RaftError> {
+        let mut hard_state = self.hard_state.clone();
+        hard_state.commit = commit;
+        self.set_hard_state(&hard_state)
+    }
+
+    /// Installs a snapshot received from the leader: it replaces the whole
+    /// log, the voters and the commit index. Not durable until
+    /// [`flush`](Self::flush).
+    pub fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), RaftError> {
+        let metadata = snapshot.get_metadata();
+        let (index, term) = (metadata.index, metadata.term);
+        if index < self.snapshot.0 {
+            return Err(RaftError::Inconsistent(format!(
+                "snapshot at index {index} is older than the stored one at {}",
+                self.snapshot.0
+            )));
+        }
+        self.meta
+            .insert(SNAPSHOT_DATA_KEY, snapshot.data.to_vec())?;
+        self.meta
+            .insert(SNAPSHOT_META_KEY, encode(metadata, "snapshot metadata")?)?;
+        self.meta
+            .insert(TRUNCATED_KEY, index_term_bytes(index, term).to_vec())?;
+        self.meta.insert(
+            CONF_STATE_KEY,
+            encode(metadata.get_conf_state(), "conf state")?,
+        )?;
+        let mut hard_state = self.hard_state.clone();
+        hard_state.term = hard_state.term.max(term);
+        hard_state.commit = index;
+        self.set_hard_state(&hard_state)?;
+        let mut batch = sled::Batch::default();
+        for item in self.log.iter().keys() {
+            batch.remove(item?);
+        }
+        self.log.apply_batch(batch)?;
+        self.snapshot = (index, term);
+        self.truncated = (index, term);
+        self.last = (index, term);
+        self.conf_state = metadata.get_conf_state().clone();
+        Ok(())
+    }
+
+    /// Records a snapshot of the application taken at `index` (which must be
+    /// applied, hence in the log) and compacts the log, keeping the `keep`
+    /// entries before `index` so that slightly lagging followers still catch
+    /// up from the log. The snapshot is flushed before any entry is removed.
+    pub fn create_snapshot(&mut self, index: u64, data: Vec<u8>, keep: u64) -> Result<(), RaftError> {
+        if index <= self.snapshot.0 {
+            return Ok(());
+        }
+        if index > self.last.0 || index > self.hard_state.commit {
+            return Err(RaftError::Inconsistent(format!(
+                "snapshot at index {index} is beyond the commit index {} or last index {}",
+                self.hard_state.commit, self.last.0
+            )));
+        }
+        let term = self.term_of(index)?;
+        let metadata = SnapshotMetadata {
+            conf_state: Some(self.conf_state.clone()).into(),
+            index,
+            term,
+            ..Default::default()
+        };
+        self.meta.insert(SNAPSHOT_DATA_KEY, data)?;
+        self.meta
+            .insert(SNAPSHOT_META_KEY, encode(&metadata, "snapshot metadata")?)?;
+        self.db.flush()?;
+        self.snapshot = (index, term);
+        self.compact(index.saturating_sub(keep))
+    }
+
+    /// Removes the entries up to and including `through` (never past the
+    /// snapshot: what is removed must be covered by it).
+    pub fn compact(&mut self, through: u64) -> Result<(), RaftError> {
+        let through = through.min(self.snapshot.0);
+        if through <= self.truncated.0 {
+            return Ok(());
+        }
+        let term = self.term_of(through)?;
+        self.meta
+            .insert(TRUNCATED_KEY, index_term_bytes(through, term).to_vec())?;
+        let mut batch = sled::Batch::default();
+        for index in self.truncated.0 + 1..=through {
+            batch.remove(&index.to_be_bytes());
+        }
+        self.log.apply_batch(batch)?;
+        self.truncated = (through, term);
+        Ok(())
+    }
+
+    /// Makes every write so far durable (one fsync for the whole database).
+    pub fn flush(&self) -> Result<(), RaftError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn term_of(&self, index: u64) -> Result<u64, RaftError> {
+        if index == self.truncated.0 {
+            return Ok(self.truncated.1);
+        }
+        if index == self.snapshot.0 {
+            return Ok(self.snapshot.1);
+        }
+        if index == self.last.0 {
+            return Ok(self.last.1);
+        }
+        match self.log.get(index.to_be_bytes())? {
+            Some(bytes) => Ok(decode::<Entry>(&bytes, "raft_log")?.term),
+            None => Err(RaftError::Inconsistent(format!(
+                "raft log has no entry at index {index}"
+            ))),
+        }
+    }
+}
+
+impl raft::Storage for SledRaftStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.truncated.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last.0 + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let mut entries = Vec::with_capacity((high - low).min(1024) as usize);
+        let mut size = 0u64;
+        let range = (
+            Bound::Included(low.to_be_bytes()),
+            Bound::Excluded(high.to_be_bytes()),
+        );
+        for item in self.log.range(range) {
+            let (_, value) = item.map_err(to_raft)?;
+            let entry = decode::<Entry>(&value, "raft_log").map_err(to_raft)?;
+            size += u64::from(entry.compute_size());
+            // Always at least one entry, as the trait requires.
+            if !entries.is_empty() && size > max_size {
+                break;
+            }
+            entries.push(entry);
+        }
+        if entries.is_empty() && low < high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(entries)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.truncated.0 {
+            return Ok(self.truncated.1);
+        }
+        if idx < self.truncated.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last.0 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        self.term_of(idx).map_err(to_raft)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.truncated.0 + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last.0)
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        match self.load_snapshot().map_err(to_raft)? {
+            Some(snapshot) if snapshot.get_metadata().index >= request_index => Ok(snapshot),
+            // No snapshot yet, or an older one than asked for: the next
+            // compaction makes one; Raft asks again later.
+            _ => Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            )),
+        }
+    }
+}
+
+fn to_raft(error: RaftError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(error)))
+}
+
+fn read_message<M: protobuf::Message>(
+    tree: &sled::Tree,
+    key: &'static [u8],
+) -> Result<Option<M>, RaftError> {
+    match tree.get(key)? {
+        None => Ok(None),
+        Some(bytes) => Ok(Some(decode(&bytes, "raft_meta")?)),
+    }
+}
+
+fn decode<M: protobuf::Message>(bytes: &[u8], what: &'static str) -> Result<M, RaftError> {
+    M::parse_from_bytes(bytes).map_err(|source| RaftError::Decode { what, source })
+}
+
+fn encode<M: protobuf::Message>(message: &M, what: &'static str) -> Result<Vec<u8>, RaftError> {
+    message
+        .write_to_bytes()
+        .map_err(|source| RaftError::Encode { what, source })
+}
+
+fn key_index(key: &[u8]) -> Result<u64, RaftError> {
+    if key.len() != 8 {
+        return Err(RaftError::Inconsistent(format!(
+            "raft log key has {} bytes, expected 8",
+            key.len()
+        )));
+    }
+    Ok(be_u64(key))
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    buf.copy_from_slice(&bytes[..8]);
+    u64::from_be_bytes(buf)
+}
+
+fn index_term_bytes(index: u64, term: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&index.to_be_bytes());
+    out[8..].copy_from_slice(&term.to_be_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use raft::Storage as _;
+
+    use super::*;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: format!("e{index}").into_bytes().into(),
+            ..Default::default()
+        }
+    }
+
+    fn open_temp() -> (tempfile::TempDir, sled::Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        (dir, db)
+    }
+
+    fn ctx() -> GetEntriesContext {
+        GetEntriesContext::empty(false)
+    }
+
+    fn indexes(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|e| e.index).collect()
+    }
+
+    #[test]
+    fn fresh_storage_is_empty_and_initialises_voters() {
+        let (_dir, db) = open_temp();
+        let mut storage = SledRaftStorage::open(&db).unwrap();
+        assert!(storage.is_fresh());
+        assert_eq!(storage.first_index().unwrap(), 1);
+        assert_eq!(raft::Storage::last_index(&storage).unwrap(), 0);
+        assert_eq!(storage.term(0).unwrap(), 0);
+        storage.initialize(vec![1, 2, 3]).unwrap();
+        storage.flush().unwrap();
+        drop(storage);
+        let storage = SledRaftStorage::open(&db).unwrap();
+        assert!(!storage.is_fresh());
+        assert_eq!(
+            storage.initial_state().unwrap().conf_state.voters,
+            vec![1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn entries_terms_and_indexes() {
+        let (_dir, db) = open_temp();
+        let mut storage = SledRaftStorage::open(&db).unwrap();
+        storage
+            .append(&[entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)])
+            .unwrap();
+        assert_eq!(storage.first_index().unwrap(), 1);
+        assert_eq!(raft::Storage::last_index(&storage).unwrap(), 4);
+        for (index, term) in [(0, 0), (1, 1), (2, 1), (3, 2), (4, 2)] {
+            assert_eq!(storage.term(index).unwrap(), term, "term of {index}");
+        }
+        assert!(matches!(
+            storage.term(5),
+            Err(raft::Error::Store(StorageError::Unavailable))
+        ));
+        assert_eq!(indexes(&storage.entries(1, 5, None, ctx()).unwrap()), [1, 2, 3, 4]);
+        assert_eq!(indexes(&storage.entries(2, 4, None, ctx()).unwrap()), [2, 3]);
+        // A size limit still returns at least one entry.
+        assert_eq!(indexes(&storage.entries(2, 5, 0, ctx()).unwrap()), [2]);
+        let one = u64::from(entry(2, 1).compute_size());
+        assert_eq!(indexes(&storage.entries(2, 5, one * 2, ctx()).unwrap()), [2, 3]);
+        assert!(storage.entries(1, 6, None, ctx()).is_err());
+    }
+
+    #[test]
+    fn append_replaces_a_conflicting_suffix_and_refuses_gaps() {
+        let (_dir, db) = open_temp();
+        let mut storage = SledRaftStorage::open(&db).unwrap();
+        storage
+            .append(&[entry(1, 1), entry(2, 1), entry(3, 1), entry(4, 1)])
+            .unwrap();
+        storage.append(&[entry(3, 2)]).unwrap();
+        assert_eq!(raft::Storage::last_index(&storage).unwrap(), 3);
+        assert_eq!(storage.term(3).unwrap(), 2);
+        assert_eq!(indexes(&storage.entries(1, 4, None, ctx()).unwrap()), [1, 2, 3]);
+        let error = storage.append(&[entry(6, 2)]).unwrap_err();
+        assert!(error.to_string().contains("gap"), "{error}");
+        // Survives a reopen, and the removed entry 4 is gone for good.
+        storage.flush().unwrap();
+        drop(storage);
+        let storage = SledRaftStorage::open(&db).unwrap();
+        assert_eq!(raft::Storage::last_index(&storage).unwrap(), 3);
+        assert_eq!(storage.term(3).unwrap(), 2);
+    }
+
+    #[test]
+    fn hard_state_persists() {
+        let (_dir, db) = open_temp();
+        let mut storage = SledRaftStorage::open(&db).unwrap();
+        storage.append(&[entry(1, 3), entry(2, 3)]).unwrap();
+        let hs = HardState {
+            term: 3,
+            vote: 2,
+            commit: 1,
+            ..Default::default()
+        };
+        storage.set_hard_state(&hs).unwrap();
+        storage.set_commit(2).unwrap();
+        storage.flush().unwrap();
+        drop(storage);
+        let storage = SledRaftStorage::open(&db).unwrap();
+        let state = storage.initial_state().unwrap().hard_state;
+        assert_eq!((state.term, state.vote, state.commit), (3, 2, 2));
+    }
+
+    #[test]
+    fn snapshot_compacts_keeping_a_tail() {
+        let (_dir, db) = open_temp();
+        let mut storage = SledRaftStorage::open(&db).unwrap();
+        storage.initialize(vec![1]).unwrap();
+        let entries: Vec<Entry> = (1..=10).map(|i| entry(i, 1 + i / 6)).collect();
+        storage.append(&entries).unwrap();
+        storage.set_commit(10).unwrap();
+        assert!(matches!(
+            storage.snapshot(0, 2),
+            Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        ));
+        storage.create_snapshot(8, b"state@8".to_vec(), 3).unwrap();
+        assert_eq!(storage.first_index().unwrap(), 6);
+        assert_eq!(storage.term(5).unwrap(), 1);
+        assert_eq!(storage.term(8).unwrap(), 2);
+        assert!(matches!(
+            storage.term(4),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert!(matches!(
+            storage.entries(5, 11, None, ctx()),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert_eq!(indexes(&storage.entries(6, 11, None, ctx()).unwrap()), [6, 7, 8, 9, 10]);
+        let snapshot = storage.snapshot(0, 2).unwrap();
+        assert_eq!(snapshot.get_metadata().index, 8);
+        assert_eq!(snapshot.get_metadata().term, 2);
+        assert_eq!(snapshot.get_metadata().get_conf_state().voters, vec![1]);
+        assert_eq!(&snapshot.data[..], b"state@8");
+        // Reopens with the same shape.
+        storage.flush().unwrap();
+        drop(storage);
+        let storage = SledRaftStorage::open(&db).unwrap();
+        assert_eq!(storage.first_index().unwrap(), 6);
+        assert_eq!(raft::Storage::last_index(&storage).unwrap(), 10);
+        assert_eq!(storage.snapshot_index_term(), (8, 2));
+    }
+
+    #[test]
+    fn installing_a_snapshot_replaces_the_log() {
+        let (_dir, db) = open_temp();
+        let mut storage = SledRaftStorage::open(&db).unwrap();
+        storage.initialize(vec![1, 2, 3]).unwrap();
+        storage.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
+        storage.set_commit(2).unwrap();
+        let snapshot = Snapshot {
+            data: b"state@20".to_vec().into(),
+            metadata: Some(SnapshotMetadata {
+                conf_state: Some(ConfState {
+                    voters: vec![1, 2, 3],
+                    ..Default::default()
+                })
+                .into(),
+                index: 20,
+                term: 4,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        storage.apply_snapshot(&snapshot).unwrap();
+        assert_eq!(storage.first_index().unwrap(), 21);
+        assert_eq!(raft::Storage::last_index(&storage).unwrap(), 20);
+        assert_eq!(storage.term(20).unwrap(), 4);
+        assert_eq!(storage.hard_state().commit, 20);
+        assert_eq!(storage.hard_state().term, 4);
+        storage.append(&[entry(21, 4)]).unwrap();
+        storage.flush().unwrap();
+        drop(storage);
+        let storage = SledRaftStorage::open(&db).unwrap();
+        assert_eq!(storage.first_index().unwrap(), 21);
+        assert_eq!(raft::Storage::last_index(&storage).unwrap(), 21);
+        assert_eq!(&storage.load_snapshot().unwrap().unwrap().data[..], b"state@20");
+    }
+
+    #[test]
+    fn refuses_a_log_with_a_gap_or_a_commit_beyond_it() {
+        let (_dir, db) = open_temp();
+        let mut storage = SledRaftStorage::open(&db).unwrap();
+        storage
+            .append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
+            .unwrap();
+        storage.set_commit(3).unwrap();
+        storage.flush().unwrap();
+        drop(storage);
+        db.open_tree(LOG_TREE).unwrap().remove(2u64.to_be_bytes()).unwrap();
+        let error = SledRaftStorage::open(&db).err().unwrap();
+        assert!(error.to_string().contains("gap"), "{error}");
+        db.open_tree(LOG_TREE).unwrap().remove(3u64.to_be_bytes()).unwrap();
+        let error = SledRaftStorage::open(&db).err().unwrap();
+        assert!(
+            error.to_string().contains("commit index 3 is beyond the last log index 1"),
+            "{error}"
+        );
+    }
+}
