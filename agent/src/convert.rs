@@ -4,8 +4,11 @@ use std::time::Duration;
 
 use gantry_proto as pb;
 
-use crate::executor::{JobEvent, JobEventKind, Launch, LogRequest, RunningAttempt};
+use crate::executor::{
+    GpuMemoryPolicy, JobEvent, JobEventKind, Launch, LogRequest, RunningAttempt,
+};
 use crate::probe::GpuReport;
+use crate::snapshot::SnapshotEntry;
 
 /// Bytes as the wire's `int64`, saturating (no real size comes near 2^63).
 pub(crate) fn wire_bytes(bytes: u64) -> i64 {
@@ -25,6 +28,31 @@ impl From<pb::Assignment> for Launch {
             gpu_memory_bytes: u64::try_from(a.gpu_memory_bytes).unwrap_or(0),
             batch_size: a.batch_size,
             timeout: (spec.timeout_ms > 0).then(|| Duration::from_millis(spec.timeout_ms)),
+            // Checked again when copied (`snapshot::prepare`): the coordinator
+            // validates specs, but the agent does not trust the wire with paths.
+            snapshot: spec
+                .snapshot
+                .into_iter()
+                .map(|s| SnapshotEntry {
+                    from: s.from,
+                    as_name: s.as_name,
+                })
+                .collect(),
+            gpu_memory_policy: gpu_memory_policy(&spec.gpu_memory_policy),
+            gpu_memory_margin_bytes: u64::try_from(spec.gpu_memory_margin_bytes).unwrap_or(0),
+        }
+    }
+}
+
+/// `JobSpec.gpu_memory_policy`; an unknown word (a newer coordinator?) falls
+/// back to the harmless `warn` rather than refusing the job.
+fn gpu_memory_policy(word: &str) -> GpuMemoryPolicy {
+    match word {
+        "stop" => GpuMemoryPolicy::Stop,
+        "" | "warn" => GpuMemoryPolicy::Warn,
+        other => {
+            tracing::warn!(policy = other, "unknown gpu_memory_policy: using warn");
+            GpuMemoryPolicy::Warn
         }
     }
 }
@@ -40,7 +68,8 @@ impl From<JobEvent> for pb::JobEvent {
                 stderr_tail: report.stderr_tail,
                 cancelled: report.cancelled,
                 agent_shutdown: report.agent_shutdown,
-                ..Default::default()
+                peak_gpu_memory_bytes: wire_bytes(report.peak_gpu_memory_bytes),
+                over_memory: report.over_memory,
             }),
             JobEventKind::SpawnFailed { error } => Event::SpawnFailed(pb::SpawnFailed { error }),
         };
@@ -105,6 +134,12 @@ mod tests {
                 env: [("A".to_string(), "1".to_string())].into(),
                 timeout_ms: 1500,
                 shell: true,
+                snapshot: vec![pb::Snapshot {
+                    from: "/models/m.pt".into(),
+                    as_name: "model.pt".into(),
+                }],
+                gpu_memory_policy: "stop".into(),
+                gpu_memory_margin_bytes: 1024,
                 ..Default::default()
             }),
             gpus: vec![1],
@@ -117,8 +152,50 @@ mod tests {
         assert_eq!(launch.timeout, Some(Duration::from_millis(1500)));
         assert_eq!(launch.gpu_memory_bytes, 0, "negative sizes are clamped");
         assert!(launch.shell);
+        assert_eq!(launch.snapshot[0].from, "/models/m.pt");
+        assert_eq!(launch.snapshot[0].as_name, "model.pt");
+        assert_eq!(launch.gpu_memory_policy, GpuMemoryPolicy::Stop);
+        assert_eq!(launch.gpu_memory_margin_bytes, 1024);
         let no_timeout = Launch::from(pb::Assignment::default());
         assert_eq!(no_timeout.timeout, None);
         assert!(no_timeout.command.is_empty());
+        assert!(no_timeout.snapshot.is_empty());
+        assert_eq!(no_timeout.gpu_memory_policy, GpuMemoryPolicy::Warn);
+    }
+
+    #[test]
+    fn policy_words() {
+        for (word, policy) in [
+            ("", GpuMemoryPolicy::Warn),
+            ("warn", GpuMemoryPolicy::Warn),
+            ("stop", GpuMemoryPolicy::Stop),
+            ("explode", GpuMemoryPolicy::Warn),
+        ] {
+            assert_eq!(gpu_memory_policy(word), policy, "{word:?}");
+        }
+    }
+
+    #[test]
+    fn exit_report_carries_peak_and_over_memory() {
+        use crate::executor::ExitReport;
+        let event = pb::JobEvent::from(JobEvent {
+            job_id: 1,
+            attempt: 1,
+            at_ms: 5,
+            kind: JobEventKind::Exited(ExitReport {
+                code: None,
+                signal: Some(15),
+                stderr_tail: Vec::new(),
+                cancelled: false,
+                agent_shutdown: false,
+                peak_gpu_memory_bytes: 3 << 30,
+                over_memory: true,
+            }),
+        });
+        let Some(pb::job_event::Event::Exited(exit)) = event.event else {
+            panic!("{event:?}");
+        };
+        assert_eq!(exit.peak_gpu_memory_bytes, 3 << 30);
+        assert!(exit.over_memory && !exit.cancelled);
     }
 }

@@ -5,12 +5,20 @@
 //! on an mpsc channel, so it is tested without a coordinator.
 //!
 //! Files of an attempt live under `<data_dir>/jobs/<job_id>/<attempt>/`:
-//! `stdout`, `stderr` and the working directory `work/`.
+//! `stdout`, `stderr` and the working directory `work/` (with `snapshot/`
+//! when the spec asks for [evaluation snapshots](crate::snapshot)).
+//!
+//! GPU memory policing: whoever samples the GPUs (the heartbeat, and
+//! [`crate::gpu_watch`] every 500 ms) hands the per-job figures to
+//! [`Executor::observe_gpu_usage`], which keeps each attempt's peak and, the
+//! first time an attempt uses more than its reservation plus margin, tells its
+//! supervisor, which applies the [`GpuMemoryPolicy`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,8 +30,11 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::probe::JobGpus;
+use gantry_scheduler::units::format_bytes;
+
+use crate::probe::{JobGpuUsage, JobGpus};
 use crate::procgroup::{group_alive, signal_group};
+use crate::snapshot::{self, SnapshotEntry};
 
 /// Bytes of stderr sent with an exit event.
 pub const STDERR_TAIL_BYTES: u64 = 64 * 1024;
@@ -73,6 +84,36 @@ pub struct Launch {
     pub batch_size: u32,
     /// Wall-clock limit; `None` = unlimited.
     pub timeout: Option<Duration>,
+    /// Files copied to `<work>/snapshot/` before the command runs.
+    pub snapshot: Vec<SnapshotEntry>,
+    /// What to do when the job uses more GPU memory than it reserved.
+    pub gpu_memory_policy: GpuMemoryPolicy,
+    /// Per-GPU bytes a job may use beyond `gpu_memory_bytes` before the
+    /// policy applies.
+    pub gpu_memory_margin_bytes: u64,
+}
+
+impl Launch {
+    /// Per-GPU usage above which the policy applies; `None` when the job
+    /// reserved no GPU memory (nothing to police against).
+    pub fn gpu_memory_limit(&self) -> Option<u64> {
+        (self.gpu_memory_bytes > 0).then(|| {
+            self.gpu_memory_bytes
+                .saturating_add(self.gpu_memory_margin_bytes)
+        })
+    }
+}
+
+/// What the agent does when a job uses more GPU memory than its reservation
+/// plus margin (`JobSpec.gpu_memory_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuMemoryPolicy {
+    /// Log a warning and note it in the job's stderr, once per attempt; the
+    /// job keeps running.
+    #[default]
+    Warn,
+    /// Stop the job like a timeout and report `over_memory`.
+    Stop,
 }
 
 /// Something that happened to an attempt, for the coordinator.
@@ -126,6 +167,12 @@ pub struct ExitReport {
     /// The agent stopped it because the agent itself is shutting down: not
     /// the job's fault, so the coordinator retries it as lost.
     pub agent_shutdown: bool,
+    /// The most GPU memory the attempt was seen using on one GPU; 0 when
+    /// never measured.
+    pub peak_gpu_memory_bytes: u64,
+    /// The agent stopped it for using more GPU memory than its reservation
+    /// plus margin (policy `stop`).
+    pub over_memory: bool,
 }
 
 /// Why the agent stops an attempt.
@@ -141,6 +188,9 @@ pub enum StopReason {
     Shutdown,
     /// The job ran past its timeout: reported with `cancelled = false`.
     Timeout,
+    /// The job used more GPU memory than allowed under policy `stop`:
+    /// reported with `cancelled = false, over_memory = true`.
+    OverMemory,
 }
 
 impl StopReason {
@@ -202,11 +252,21 @@ struct StopRequest {
     grace: Duration,
 }
 
+/// What the executor tells a job's supervisor.
+enum Control {
+    Stop(StopRequest),
+    /// The job was first seen above its GPU memory limit, using `used`
+    /// bytes on one GPU. Sent at most once per attempt.
+    OverMemory {
+        used: u64,
+    },
+}
+
 enum EntryState {
     Active {
         /// Why an unbounded channel: stop requests are rare and must never
-        /// block the link loop that sends them.
-        stop: mpsc::UnboundedSender<StopRequest>,
+        /// block the link loop (or the GPU watch) that sends them.
+        control: mpsc::UnboundedSender<Control>,
         started_at_ms: u64,
         pgid: Option<u32>,
     },
@@ -217,6 +277,12 @@ enum EntryState {
 
 struct Entry {
     gpus: Vec<u32>,
+    /// [`Launch::gpu_memory_limit`].
+    gpu_memory_limit: Option<u64>,
+    /// Highest per-GPU usage observed so far, reported at exit.
+    peak_gpu_memory: u64,
+    /// Whether the supervisor was told of over-use: once per attempt.
+    over_memory_told: bool,
     state: EntryState,
 }
 
@@ -266,7 +332,7 @@ impl Executor {
     /// tokio runtime; the work happens on a spawned supervisor task.
     pub fn launch(&self, launch: Launch) -> LaunchOutcome {
         let key = (launch.job_id, launch.attempt);
-        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
         {
             let mut jobs = self.jobs();
             if self.inner.tracker.is_closed() {
@@ -286,8 +352,11 @@ impl Executor {
                 key,
                 Entry {
                     gpus: launch.gpus.clone(),
+                    gpu_memory_limit: launch.gpu_memory_limit(),
+                    peak_gpu_memory: 0,
+                    over_memory_told: false,
                     state: EntryState::Active {
-                        stop: stop_tx,
+                        control: control_tx,
                         started_at_ms: now_ms(),
                         pgid: None,
                     },
@@ -298,7 +367,7 @@ impl Executor {
         let this = self.clone();
         self.inner
             .tracker
-            .spawn(async move { this.supervise(launch, stop_rx).await }.instrument(span));
+            .spawn(async move { this.supervise(launch, control_rx).await }.instrument(span));
         LaunchOutcome::Accepted
     }
 
@@ -319,8 +388,10 @@ impl Executor {
             if *id != job_id || (attempt != 0 && *att != attempt) {
                 continue;
             }
-            if let EntryState::Active { stop, .. } = &entry.state {
-                found |= stop.send(StopRequest { reason, grace }).is_ok();
+            if let EntryState::Active { control, .. } = &entry.state {
+                found |= control
+                    .send(Control::Stop(StopRequest { reason, grace }))
+                    .is_ok();
             }
         }
         found
@@ -363,6 +434,43 @@ impl Executor {
         out
     }
 
+    /// Takes in measured per-job GPU memory (from a heartbeat's or the GPU
+    /// watch's sample): raises each started attempt's peak, and the first
+    /// time an attempt is above its limit tells its supervisor, which applies
+    /// the attempt's [`GpuMemoryPolicy`]. Figures for attempts not started
+    /// yet (still copying a snapshot) or already ended are ignored.
+    pub fn observe_gpu_usage(&self, usage: &[JobGpuUsage]) {
+        let mut jobs = self.jobs();
+        for measured in usage {
+            let Some(entry) = jobs.get_mut(&(measured.job_id, measured.attempt)) else {
+                continue;
+            };
+            let EntryState::Active {
+                control,
+                pgid: Some(_),
+                ..
+            } = &entry.state
+            else {
+                continue;
+            };
+            let used = measured.gpu_memory_bytes;
+            entry.peak_gpu_memory = entry.peak_gpu_memory.max(used);
+            if entry.over_memory_told || entry.gpu_memory_limit.is_none_or(|limit| used <= limit) {
+                continue;
+            }
+            entry.over_memory_told = true;
+            let _ = control.send(Control::OverMemory { used });
+        }
+    }
+
+    /// The most GPU memory an attempt has been seen using on one GPU so far
+    /// (0 = never measured); `None` for an attempt unknown here.
+    pub fn gpu_memory_peak(&self, job_id: u64, attempt: u32) -> Option<u64> {
+        self.jobs()
+            .get(&(job_id, attempt))
+            .map(|entry| entry.peak_gpu_memory)
+    }
+
     /// Stops every running attempt with the configured grace, refuses new
     /// ones, and returns once every supervisor has finished.
     pub async fn shutdown(&self) {
@@ -371,11 +479,11 @@ impl Executor {
             let jobs = self.jobs();
             self.inner.tracker.close();
             for entry in jobs.values() {
-                if let EntryState::Active { stop, .. } = &entry.state {
-                    let _ = stop.send(StopRequest {
+                if let EntryState::Active { control, .. } = &entry.state {
+                    let _ = control.send(Control::Stop(StopRequest {
                         reason: StopReason::Shutdown,
                         grace: self.inner.config.kill_grace,
-                    });
+                    }));
                 }
             }
         }
@@ -480,21 +588,53 @@ impl Executor {
         }
     }
 
-    fn set_finished(&self, launch: &Launch) {
-        if let Some(entry) = self.jobs().get_mut(&(launch.job_id, launch.attempt)) {
-            entry.state = EntryState::Finished { at: Instant::now() };
+    /// Marks the attempt ended; returns its GPU memory peak.
+    fn set_finished(&self, launch: &Launch) -> u64 {
+        match self.jobs().get_mut(&(launch.job_id, launch.attempt)) {
+            Some(entry) => {
+                entry.state = EntryState::Finished { at: Instant::now() };
+                entry.peak_gpu_memory
+            }
+            None => 0,
         }
     }
 
     /// Owns one attempt from spawn to the last process of its group.
-    async fn supervise(self, launch: Launch, mut stop_rx: mpsc::UnboundedReceiver<StopRequest>) {
+    async fn supervise(self, launch: Launch, mut control_rx: mpsc::UnboundedReceiver<Control>) {
         let dir = self.attempt_dir(launch.job_id, launch.attempt);
-        let mut child = match self.spawn(&launch, &dir).await {
+        let stderr_path = dir.join("stderr");
+        let mut child = match self.spawn(&launch, &dir, &mut control_rx).await {
             Ok(child) => child,
-            Err(error) => {
+            Err(SpawnError::Failed(error)) => {
                 tracing::warn!(%error, "job spawn failed");
                 self.set_finished(&launch);
                 self.emit(&launch, JobEventKind::SpawnFailed { error });
+                return;
+            }
+            Err(SpawnError::Stopped(reason)) => {
+                // Stopped before the command ran (while copying a snapshot):
+                // an exit without a status, so a cancel is still a cancel and
+                // a shutdown still a lost attempt.
+                tracing::info!(?reason, "job stopped before it started");
+                note(
+                    &stderr_path,
+                    &format!("stopped ({reason:?}) before the command started"),
+                )
+                .await;
+                let stderr_tail = read_tail(&stderr_path, STDERR_TAIL_BYTES).await;
+                self.set_finished(&launch);
+                self.emit(
+                    &launch,
+                    JobEventKind::Exited(ExitReport {
+                        code: None,
+                        signal: None,
+                        stderr_tail,
+                        cancelled: reason.cancelled(),
+                        agent_shutdown: reason == StopReason::Shutdown,
+                        peak_gpu_memory_bytes: 0,
+                        over_memory: false,
+                    }),
+                );
                 return;
             }
         };
@@ -513,7 +653,6 @@ impl Executor {
         self.set_started(&launch, pid);
         self.emit(&launch, JobEventKind::Started { pid });
 
-        let stderr_path = dir.join("stderr");
         let deadline = launch.timeout.map(|t| Instant::now() + t);
         // Set once the agent decides to stop the job: why, and when SIGKILL is due.
         let mut stopping: Option<(StopReason, Instant)> = None;
@@ -522,12 +661,27 @@ impl Executor {
             let kill_at = stopping.map(|(_, at)| at);
             tokio::select! {
                 status = child.wait() => break status,
-                Some(request) = stop_rx.recv(), if stopping.is_none() => {
-                    tracing::info!(reason = ?request.reason, grace_ms = request.grace.as_millis() as u64, "stopping job");
-                    note(&stderr_path, &format!("stopping ({:?}): SIGTERM, SIGKILL after {:?}", request.reason, request.grace)).await;
-                    signal_group(pid, Signal::SIGTERM);
-                    stopping = Some((request.reason, Instant::now() + request.grace));
-                }
+                Some(control) = control_rx.recv(), if stopping.is_none() => match control {
+                    Control::Stop(request) => {
+                        tracing::info!(reason = ?request.reason, grace_ms = request.grace.as_millis() as u64, "stopping job");
+                        note(&stderr_path, &format!("stopping ({:?}): SIGTERM, SIGKILL after {:?}", request.reason, request.grace)).await;
+                        signal_group(pid, Signal::SIGTERM);
+                        stopping = Some((request.reason, Instant::now() + request.grace));
+                    }
+                    Control::OverMemory { used } => {
+                        let over = over_memory_message(&launch, used);
+                        if launch.gpu_memory_policy == GpuMemoryPolicy::Stop {
+                            let grace = self.inner.config.kill_grace;
+                            tracing::warn!(used, reserved = launch.gpu_memory_bytes, margin = launch.gpu_memory_margin_bytes, "job over its GPU memory: stopping it");
+                            note(&stderr_path, &format!("{over}; policy stop: SIGTERM, SIGKILL after {grace:?}")).await;
+                            signal_group(pid, Signal::SIGTERM);
+                            stopping = Some((StopReason::OverMemory, Instant::now() + grace));
+                        } else {
+                            tracing::warn!(used, reserved = launch.gpu_memory_bytes, margin = launch.gpu_memory_margin_bytes, "job over its GPU memory");
+                            note(&stderr_path, &format!("{over}; policy warn: the job keeps running")).await;
+                        }
+                    }
+                },
                 () = sleep_until(deadline), if stopping.is_none() => {
                     let grace = self.inner.config.kill_grace;
                     tracing::warn!(timeout_ms = launch.timeout.map_or(0, |t| t.as_millis() as u64), "job timed out");
@@ -556,9 +710,17 @@ impl Executor {
         };
         let cancelled = stopping.is_some_and(|(reason, _)| reason.cancelled());
         let agent_shutdown = stopping.is_some_and(|(reason, _)| reason == StopReason::Shutdown);
+        let over_memory = stopping.is_some_and(|(reason, _)| reason == StopReason::OverMemory);
         let stderr_tail = read_tail(&stderr_path, STDERR_TAIL_BYTES).await;
-        tracing::info!(?code, ?signal, cancelled, "job exited");
-        self.set_finished(&launch);
+        let peak_gpu_memory_bytes = self.set_finished(&launch);
+        tracing::info!(
+            ?code,
+            ?signal,
+            cancelled,
+            over_memory,
+            peak_gpu_memory_bytes,
+            "job exited"
+        );
         self.emit(
             &launch,
             JobEventKind::Exited(ExitReport {
@@ -567,6 +729,8 @@ impl Executor {
                 stderr_tail,
                 cancelled,
                 agent_shutdown,
+                peak_gpu_memory_bytes,
+                over_memory,
             }),
         );
     }
@@ -595,9 +759,15 @@ impl Executor {
         signal_group(pgid, Signal::SIGKILL);
     }
 
-    /// Prepares the attempt's directory and files and spawns the process.
-    /// Errors name the path or program involved.
-    async fn spawn(&self, launch: &Launch, dir: &Path) -> Result<tokio::process::Child, String> {
+    /// Prepares the attempt's directory, files and snapshot, and spawns the
+    /// process. Errors name the path, program or snapshot entry involved; a
+    /// stop request while copying the snapshot abandons the attempt.
+    async fn spawn(
+        &self,
+        launch: &Launch,
+        dir: &Path,
+        control_rx: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Result<tokio::process::Child, SpawnError> {
         let work = dir.join("work");
         tokio::fs::create_dir_all(&work)
             .await
@@ -614,11 +784,15 @@ impl Executor {
         } else {
             match argv.split_first() {
                 Some((program, args)) => (program.clone(), args.to_vec()),
-                None => return Err("empty command".into()),
+                None => return Err(SpawnError::Failed("empty command".into())),
             }
         };
         if launch.shell && argv.iter().all(|a| a.trim().is_empty()) {
-            return Err("empty command".into());
+            return Err(SpawnError::Failed("empty command".into()));
+        }
+        // Last before the spawn: a bad command must not cost a long copy.
+        if !launch.snapshot.is_empty() {
+            copy_snapshot(launch, dir, &work, control_rx).await?;
         }
 
         let mut command = Command::new(&program);
@@ -637,7 +811,7 @@ impl Executor {
             .kill_on_drop(true);
         command
             .spawn()
-            .map_err(|e| format!("cannot start {program:?}: {e}"))
+            .map_err(|e| SpawnError::Failed(format!("cannot start {program:?}: {e}")))
     }
 
     /// Variables Gantry sets; they override the spec's `env`.
@@ -654,6 +828,12 @@ impl Executor {
             ("GANTRY_NODE".into(), self.inner.config.node_name.clone()),
             ("GANTRY_WORK_DIR".into(), work.display().to_string()),
         ];
+        if !launch.snapshot.is_empty() {
+            env.push((
+                "GANTRY_SNAPSHOT_DIR".into(),
+                work.join(snapshot::SNAPSHOT_DIR).display().to_string(),
+            ));
+        }
         // CUDA numbers devices fastest-first by default, NVML by PCI bus; the
         // indices we hand out are NVML's, so make CUDA agree (unless the spec
         // deliberately says otherwise).
@@ -665,6 +845,71 @@ impl Executor {
         }
         env
     }
+}
+
+/// Why an attempt did not get as far as running its command.
+enum SpawnError {
+    /// Reported as `SpawnFailed { error }`.
+    Failed(String),
+    /// A stop request arrived while preparing (copying the snapshot).
+    Stopped(StopReason),
+}
+
+impl From<String> for SpawnError {
+    fn from(error: String) -> Self {
+        Self::Failed(error)
+    }
+}
+
+/// Copies the launch's snapshot entries off the runtime (they may be large),
+/// while still answering stop requests: a stop interrupts the copy.
+async fn copy_snapshot(
+    launch: &Launch,
+    dir: &Path,
+    work: &Path,
+    control_rx: &mut mpsc::UnboundedReceiver<Control>,
+) -> Result<(), SpawnError> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let task = {
+        let (dir, work, entries) = (
+            dir.to_path_buf(),
+            work.to_path_buf(),
+            launch.snapshot.clone(),
+        );
+        let cancel = Arc::clone(&cancel);
+        tokio::task::spawn_blocking(move || snapshot::prepare(&dir, &work, &entries, &cancel))
+    };
+    tokio::pin!(task);
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            joined = &mut task => {
+                let copied = joined.map_err(|e| format!("snapshot task failed: {e}"))??;
+                tracing::info!(entries = launch.snapshot.len(), dir = %copied.display(), elapsed_ms = started.elapsed().as_millis() as u64, "snapshot copied");
+                return Ok(());
+            }
+            Some(control) = control_rx.recv() => match control {
+                Control::Stop(request) => {
+                    cancel.store(true, Ordering::Relaxed);
+                    // Returns at the next chunk: the copy checks the flag.
+                    let _ = task.await;
+                    return Err(SpawnError::Stopped(request.reason));
+                }
+                // Not started, so not measured (see `observe_gpu_usage`).
+                Control::OverMemory { .. } => {}
+            },
+        }
+    }
+}
+
+/// The `[gantry]` note for a job over its GPU memory limit.
+fn over_memory_message(launch: &Launch, used: u64) -> String {
+    format!(
+        "GPU memory over reservation: using {} on one GPU, reserved {} + margin {}",
+        format_bytes(used),
+        format_bytes(launch.gpu_memory_bytes),
+        format_bytes(launch.gpu_memory_margin_bytes)
+    )
 }
 
 /// The directory of one attempt under `data_dir`.

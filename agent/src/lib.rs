@@ -8,7 +8,13 @@
 //!   (sysinfo), [`probe::NvmlGpuProbe`] (NVML, loaded at run time) and
 //!   [`probe::FakeGpuProbe`] with its test hook file `fake-state.json`.
 //! - [`executor`]: starts attempts as process groups, stops them (cancel,
-//!   timeout, shutdown), serves their output; reports events on a channel.
+//!   timeout, shutdown, GPU memory over-use), serves their output; reports
+//!   events on a channel. Keeps each attempt's GPU memory peak.
+//! - [`snapshot`]: evaluation snapshots, private copies (reflink, else bytes)
+//!   of files a job reads while others may rewrite them, made before the
+//!   command starts under `<work>/snapshot/` (`GANTRY_SNAPSHOT_DIR`).
+//! - [`gpu_watch`]: samples running jobs' GPU memory every 500 ms, whatever
+//!   the heartbeat does, and feeds the executor's peaks and over-use policy.
 //! - [`outbox`]: job events waiting for, or kept for re-delivery to, the
 //!   coordinator (at-least-once; the coordinator deduplicates).
 //! - `link`: the `AgentLink.ConnectAgent` stream: register, heartbeat,
@@ -19,7 +25,11 @@
 //!
 //! - The executor knows nothing of gRPC; the link knows nothing of processes.
 //! - Jobs keep running while the coordinator is unreachable; only the
-//!   coordinator (a cancel, or `Registered.stop`) or agent shutdown stops them.
+//!   coordinator (a cancel, or `Registered.stop`), agent shutdown, the job's
+//!   own timeout or its GPU memory policy (`stop`) stops them. Policing does
+//!   not depend on the link: the GPU watch runs while disconnected.
+//! - A job's command never runs before its snapshot is complete, and a
+//!   snapshot is a copy, never a link to the live file.
 //! - Every task the agent spawns ends when its shutdown token is cancelled;
 //!   [`run`] returns only after every job's process group is gone.
 
@@ -27,10 +37,12 @@ pub mod config;
 mod convert;
 pub mod error;
 pub mod executor;
+pub mod gpu_watch;
 mod link;
 pub mod outbox;
 pub mod probe;
 mod procgroup;
+pub mod snapshot;
 
 use std::sync::Arc;
 
@@ -42,7 +54,7 @@ pub use error::AgentError;
 pub use probe::GpuReport;
 
 use crate::executor::{Executor, ExecutorConfig};
-use crate::probe::{FakeGpuProbe, GpuProbe, HostProbe, NvmlGpuProbe, Probes};
+use crate::probe::{FakeGpuProbe, GpuProbe, HostProbe, NvmlGpuProbe, Probes, SharedGpuProbe};
 
 /// Runs the agent until `shutdown` is cancelled, then stops every running
 /// job (SIGTERM to its process group, SIGKILL after the grace), sends their
@@ -103,6 +115,16 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
         events_tx,
     );
     let config = Arc::new(config);
+    let gpu = SharedGpuProbe::new(gpu);
+    // Stopped after the jobs, like the link.
+    let watch_shutdown = CancellationToken::new();
+    let watch_task = tokio::spawn(gpu_watch::run(
+        executor.clone(),
+        gpu.clone(),
+        gpu_watch::GPU_WATCH_INTERVAL,
+        watch_shutdown.clone(),
+    ));
+    let _watch_guard = watch_shutdown.clone().drop_guard();
     let link = link::Link::new(config, executor.clone(), Probes { host, gpu }, events_rx);
     // The link outlives the caller's token a little: it stops only after the
     // jobs, so their exit events can still reach the coordinator.
@@ -117,6 +139,10 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
         "agent stopping: stopping jobs"
     );
     executor.shutdown().await;
+    watch_shutdown.cancel();
+    if let Err(e) = watch_task.await {
+        tracing::error!(error = %e, "gpu watch task failed");
+    }
     link_shutdown.cancel();
     if let Err(e) = link_task.await {
         tracing::error!(error = %e, "link task failed");

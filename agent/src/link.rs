@@ -425,7 +425,7 @@ impl Link {
         let (host, gpus) = tokio::task::spawn_blocking(move || {
             let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
             let host = probes.host.statics();
-            let gpus = probes.gpu.gpus();
+            let gpus = probes.gpu.lock().gpus();
             (host, gpus)
         })
         .await
@@ -465,7 +465,10 @@ impl Link {
         let sample_jobs = jobs.clone();
         let sampled = tokio::task::spawn_blocking(move || {
             let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
-            (probes.host.sample(), probes.gpu.sample(&sample_jobs))
+            // Lock order: probes, then the GPU probe (the GPU watch takes
+            // only the latter).
+            let host = probes.host.sample();
+            (host, probes.gpu.lock().sample(&sample_jobs))
         })
         .await;
         let (host, gpu) = match sampled {
@@ -479,6 +482,9 @@ impl Link {
                 };
             }
         };
+        // Peaks and the over-use policy see every sample, not only the GPU
+        // watch's.
+        self.executor.observe_gpu_usage(&gpu.jobs);
         // Every running attempt is listed, measured or not (0 = no figure),
         // so the coordinator sees the running set every beat.
         let usage = jobs

@@ -139,6 +139,8 @@ mod tests {
                 stderr_tail: Vec::new(),
                 cancelled: false,
                 agent_shutdown: false,
+                peak_gpu_memory_bytes: 0,
+                over_memory: false,
             }),
         }
     }

@@ -44,27 +44,38 @@ pub(crate) fn group_alive(pgid: u32) -> bool {
         let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
             return false;
         };
-        matches!(proc_stat(pid), Some((state, group)) if group == pgid && state != 'Z' && state != 'X')
+        matches!(proc_stat(pid), Some(stat) if stat.pgrp == pgid && stat.state != 'Z' && stat.state != 'X')
     })
 }
 
 /// Whether process `pid` exists and is not a zombie.
 #[cfg(test)]
 pub(crate) fn pid_alive(pid: u32) -> bool {
-    matches!(proc_stat(pid), Some((state, _)) if state != 'Z' && state != 'X')
+    matches!(proc_stat(pid), Some(stat) if stat.state != 'Z' && stat.state != 'X')
 }
 
-/// (state, process group) from `/proc/<pid>/stat`.
-fn proc_stat(pid: u32) -> Option<(char, u32)> {
+/// The fields of `/proc/<pid>/stat` the agent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcStat {
+    /// `R`, `S`, `Z`, ...
+    pub state: char,
+    /// Parent pid.
+    pub ppid: u32,
+    /// Process group id.
+    pub pgrp: u32,
+}
+
+/// Reads `/proc/<pid>/stat`; `None` when the process is gone.
+pub(crate) fn proc_stat(pid: u32) -> Option<ProcStat> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may itself contain spaces or
     // parentheses, so parse from the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
-    let _ppid = fields.next()?;
+    let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
-    Some((state, pgrp))
+    Some(ProcStat { state, ppid, pgrp })
 }
 
 #[cfg(test)]
@@ -74,6 +85,9 @@ mod tests {
     #[test]
     fn own_process_is_alive_and_unknown_group_is_not() {
         assert!(pid_alive(std::process::id()));
+        let me = proc_stat(std::process::id()).unwrap();
+        assert_eq!(me.ppid, std::os::unix::process::parent_id());
+        assert_eq!(me.pgrp, nix::unistd::getpgrp().as_raw() as u32);
         assert!(!group_alive(0));
         assert!(!group_alive(1));
         // Pids are capped well below this on Linux.

@@ -552,25 +552,23 @@ impl Core {
         }
     }
 
-    fn send_cancel(&self, node: &str, job: JobId, attempt: u32) {
+    fn cancel_message(&self, job: JobId, attempt: u32) -> pb::coordinator_message::Msg {
         let grace_ms = self.config.kill_grace.as_millis() as u64;
-        self.send(
-            node,
-            pb::coordinator_message::Msg::Cancel(pb::CancelJob {
-                job_id: job,
-                attempt,
-                grace_ms,
-            }),
-        );
+        pb::coordinator_message::Msg::Cancel(pb::CancelJob {
+            job_id: job,
+            attempt,
+            grace_ms,
+        })
     }
 
-    fn send_assignment(&self, job: JobId) {
-        let Some(record) = self.state.job(job) else {
-            return;
-        };
-        let Some(attempt) = record.current_attempt() else {
-            return;
-        };
+    fn send_cancel(&self, node: &str, job: JobId, attempt: u32) {
+        self.send(node, self.cancel_message(job, attempt));
+    }
+
+    /// The assignment message of a job's current attempt, and its node.
+    fn assignment_message(&self, job: JobId) -> Option<(String, pb::coordinator_message::Msg)> {
+        let record = self.state.job(job)?;
+        let attempt = record.current_attempt()?;
         let message = pb::Assignment {
             job_id: job,
             attempt: attempt.attempt,
@@ -579,8 +577,18 @@ impl Core {
             gpu_memory_bytes: attempt.gpu_memory as i64,
             batch_size: attempt.batch_size,
         };
-        if !self.send(&attempt.node, pb::coordinator_message::Msg::Assign(message)) {
-            tracing::warn!(job_id = job, node = %attempt.node, "node not connected; assignment will be sent when it registers");
+        Some((
+            attempt.node.clone(),
+            pb::coordinator_message::Msg::Assign(message),
+        ))
+    }
+
+    fn send_assignment(&self, job: JobId) {
+        let Some((node, message)) = self.assignment_message(job) else {
+            return;
+        };
+        if !self.send(&node, message) {
+            tracing::warn!(job_id = job, node = %node, "node not connected; assignment will be sent when it registers");
         }
     }
 
@@ -617,19 +625,8 @@ impl Core {
             disk_total: register.disk_total_bytes.max(0) as u64,
         })?;
         self.health.on_register(&name, &register, now);
-        self.sessions.insert(
-            name.clone(),
-            Session {
-                id: session,
-                sender,
-                ping: None,
-                // Probe soon after registering, not a whole interval later.
-                last_ping: std::time::Instant::now()
-                    .checked_sub(PING_INTERVAL)
-                    .unwrap_or_else(std::time::Instant::now),
-            },
-        );
-        tracing::info!(node = %name, running = register.running.len(), "agent registered");
+        // A previous stream of this node is replaced now: its messages are stale.
+        self.sessions.remove(&name);
 
         // Reconcile what the agent runs against hard state.
         let mut stop = Vec::new();
@@ -687,10 +684,14 @@ impl Core {
                     .map(|a| (j.id, a.attempt, j.state, j.cancel_requested))
             })
             .collect();
+        // Sent after Registered, which must be the stream's first message.
+        let mut outgoing = Vec::new();
         for (job, attempt, state, cancel) in active {
             let is_reported = reported.contains(&(job, attempt));
             match state {
-                JobState::Assigned if !is_reported => self.send_assignment(job),
+                JobState::Assigned if !is_reported => {
+                    outgoing.extend(self.assignment_message(job).map(|(_, message)| message));
+                }
                 JobState::Running if !is_reported => {
                     self.unconfirmed
                         .insert((job, attempt), now + UNCONFIRMED_GRACE_MS);
@@ -698,14 +699,36 @@ impl Core {
                 _ => {}
             }
             if cancel && is_reported {
-                self.send_cancel(&name, job, attempt);
+                outgoing.push(self.cancel_message(job, attempt));
             }
         }
         self.dirty = true;
-        Ok(pb::Registered {
+        let registered = pb::Registered {
             heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
             stop,
-        })
+        };
+        let _ = sender.send(Ok(pb::CoordinatorMessage {
+            msg: Some(pb::coordinator_message::Msg::Registered(registered.clone())),
+        }));
+        for message in outgoing {
+            let _ = sender.send(Ok(pb::CoordinatorMessage { msg: Some(message) }));
+        }
+        // Only now does the session exist for everyone else (pings, dispatch),
+        // so nothing can overtake Registered.
+        self.sessions.insert(
+            name.clone(),
+            Session {
+                id: session,
+                sender,
+                ping: None,
+                // Probe soon after registering, not a whole interval later.
+                last_ping: std::time::Instant::now()
+                    .checked_sub(PING_INTERVAL)
+                    .unwrap_or_else(std::time::Instant::now),
+            },
+        );
+        tracing::info!(node = %name, running = register.running.len(), "agent registered");
+        Ok(registered)
     }
 
     fn agent_message(&mut self, now: u64, session: u64, node: &str, message: pb::AgentMessage) {

@@ -38,9 +38,9 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
             CoordinatorError::Apply(ApplyError::JobNotFound(_) | ApplyError::NodeNotFound(_))
             | CoordinatorError::NotFound(_) => tonic::Status::not_found(message),
-            CoordinatorError::Apply(ApplyError::AlreadyTerminal { .. }) => {
-                tonic::Status::failed_precondition(message)
-            }
+            CoordinatorError::Apply(
+                ApplyError::AlreadyTerminal { .. } | ApplyError::NotDeadLettered { .. },
+            ) => tonic::Status::failed_precondition(message),
             CoordinatorError::Apply(_) => tonic::Status::invalid_argument(message),
             CoordinatorError::Store(_) => tonic::Status::internal(message),
             CoordinatorError::Unavailable(_) | CoordinatorError::ShuttingDown => {

@@ -9,6 +9,7 @@
 //!   applied by [`StateMachine::apply`].
 //! - [`store`]: sled persistence of the state machine.
 //! - [`health`]: soft state from heartbeats.
+//! - [`raft`]: the replicated log (raft-rs over gRPC, log in sled).
 //! - [`convert`]: wire <-> domain, with input validation.
 //! - [`error`]: errors and their one mapping to gRPC status codes.
 //!
@@ -21,6 +22,7 @@ pub mod core;
 pub mod domain;
 pub mod error;
 pub mod health;
+pub mod raft;
 pub mod server;
 pub mod service;
 pub mod state;

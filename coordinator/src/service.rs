@@ -444,8 +444,8 @@ impl pb::agent_link_server::AgentLink for AgentLinkService {
         let node = register.node.clone();
         let session = self.core.sessions.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::unbounded_channel();
-        let registered = self
-            .core
+        // The core sends Registered on the stream itself, first.
+        self.core
             .call(|reply| Request::AgentRegister {
                 session,
                 register,
@@ -453,9 +453,6 @@ impl pb::agent_link_server::AgentLink for AgentLinkService {
                 reply,
             })
             .await?;
-        let _ = sender.send(Ok(pb::CoordinatorMessage {
-            msg: Some(pb::coordinator_message::Msg::Registered(registered)),
-        }));
         let core = self.core.clone();
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {

@@ -210,6 +210,7 @@ fn raw_grpc_bad_input_is_invalid_argument() -> anyhow::Result<()> {
                 .submit(pb::SubmitRequest {
                     jobs: vec![spec],
                     submission_key: String::new(),
+                    pipeline: String::new(),
                 })
                 .await
                 .expect_err(what);
@@ -236,6 +237,7 @@ fn raw_grpc_bad_input_is_invalid_argument() -> anyhow::Result<()> {
         let request = pb::SubmitRequest {
             jobs: vec![spec],
             submission_key: "retry-me".into(),
+            pipeline: String::new(),
         };
         let first = client.submit(request.clone()).await?.into_inner().job_ids;
         let second = client.submit(request).await?.into_inner().job_ids;

@@ -2,15 +2,24 @@
 
 use std::time::Duration;
 
+use tokio_util::sync::{CancellationToken, DropGuard};
+
 use super::*;
+use crate::config::FakeGpu;
+use crate::probe::fake::FAKE_STATE_FILE;
+use crate::probe::{FakeGpuProbe, SharedGpuProbe};
 use crate::procgroup::pid_alive;
 
 const WAIT: Duration = Duration::from_secs(20);
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
 
 struct Harness {
     _dir: tempfile::TempDir,
     executor: Executor,
     events: mpsc::UnboundedReceiver<JobEvent>,
+    /// Stops the GPU watch, when the harness runs one.
+    _watch: Option<DropGuard>,
 }
 
 fn harness() -> Harness {
@@ -28,7 +37,31 @@ fn harness() -> Harness {
         _dir: dir,
         executor,
         events,
+        _watch: None,
     }
+}
+
+/// A harness with two fake GPUs driven by `<data_dir>/fake-state.json` and a
+/// GPU watch sampling them every 20 ms.
+fn harness_with_gpus() -> Harness {
+    let mut h = harness();
+    let gpu = |n| FakeGpu {
+        model: format!("H100-{n}"),
+        total_bytes: 80 << 30,
+    };
+    let probe = FakeGpuProbe::new(
+        vec![gpu(0), gpu(1)],
+        Some(h.data_dir().join(FAKE_STATE_FILE)),
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(crate::gpu_watch::run(
+        h.executor.clone(),
+        SharedGpuProbe::new(Box::new(probe)),
+        Duration::from_millis(20),
+        shutdown.clone(),
+    ));
+    h._watch = Some(shutdown.drop_guard());
+    h
 }
 
 fn launch(job_id: u64, command: &[&str]) -> Launch {
@@ -42,6 +75,9 @@ fn launch(job_id: u64, command: &[&str]) -> Launch {
         gpu_memory_bytes: 0,
         batch_size: 0,
         timeout: None,
+        snapshot: Vec::new(),
+        gpu_memory_policy: GpuMemoryPolicy::Warn,
+        gpu_memory_margin_bytes: 0,
     }
 }
 
@@ -78,6 +114,27 @@ impl Harness {
         let chunk = self
             .executor
             .read_log(&log(job_id, "stdout", 0, 0))
+            .await
+            .unwrap();
+        String::from_utf8(chunk.data).unwrap()
+    }
+
+    fn data_dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// Sets a job's fake per-GPU memory use (written atomically).
+    fn set_job_gpu_memory(&self, job_id: u64, bytes: u64) {
+        let tmp = self.data_dir().join("fake-state.tmp");
+        let text = format!(r#"{{"job_gpu_memory_bytes": {{"{job_id}": {bytes}}}}}"#);
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.data_dir().join(FAKE_STATE_FILE)).unwrap();
+    }
+
+    async fn stderr(&self, job_id: u64) -> String {
+        let chunk = self
+            .executor
+            .read_log(&log(job_id, "stderr", 0, 0))
             .await
             .unwrap();
         String::from_utf8(chunk.data).unwrap()
@@ -398,4 +455,218 @@ async fn shutdown_stops_everything_and_refuses_new_work() {
 
 fn libc_sigterm() -> i32 {
     Signal::SIGTERM as i32
+}
+
+fn snap(from: &Path, as_name: &str) -> SnapshotEntry {
+    SnapshotEntry {
+        from: from.display().to_string(),
+        as_name: as_name.into(),
+    }
+}
+
+#[tokio::test]
+async fn snapshot_copies_files_and_trees_for_the_job() {
+    let mut h = harness();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("model.pt"), "weights\n").unwrap();
+    std::fs::create_dir_all(src.path().join("tree/sub")).unwrap();
+    std::fs::write(src.path().join("tree/sub/b"), "B\n").unwrap();
+    let mut job = sh(
+        20,
+        r#"cat "$GANTRY_SNAPSHOT_DIR/model.pt" "$GANTRY_SNAPSHOT_DIR/data/tree/sub/b"; echo "$GANTRY_SNAPSHOT_DIR""#,
+    );
+    job.snapshot = vec![
+        snap(&src.path().join("model.pt"), "model.pt"),
+        snap(&src.path().join("tree"), "data/tree"),
+    ];
+    h.run(job);
+    assert_eq!(h.exit_of(20).await.code, Some(0));
+    let dir = h.executor.attempt_dir(20, 1).join("work/snapshot");
+    assert_eq!(
+        h.stdout(20).await,
+        format!("weights\nB\n{}\n", dir.display())
+    );
+    // Jobs without snapshot entries get no variable.
+    h.run(sh(21, "echo [${GANTRY_SNAPSHOT_DIR-unset}]"));
+    assert_eq!(h.exit_of(21).await.code, Some(0));
+    assert_eq!(h.stdout(21).await, "[unset]\n");
+}
+
+/// The job reads its snapshot, waits for the test to rewrite the source and
+/// open the gate, and reads it again: both reads see the original.
+async fn check_snapshot_survives(job_id: u64, rewrite: impl FnOnce(&Path)) {
+    let mut h = harness();
+    let src = tempfile::tempdir().unwrap();
+    let model = src.path().join("model.pt");
+    std::fs::write(&model, "original\n").unwrap();
+    let mut job = sh(
+        job_id,
+        r#"cat "$GANTRY_SNAPSHOT_DIR/model.pt"; while [ ! -e gate ]; do sleep 0.05; done; cat "$GANTRY_SNAPSHOT_DIR/model.pt""#,
+    );
+    job.snapshot = vec![snap(&model, "model.pt")];
+    h.run(job);
+    let stdout = h.executor.attempt_dir(job_id, 1).join("stdout");
+    wait_until("first read", || {
+        std::fs::read(&stdout).is_ok_and(|d| d == b"original\n")
+    })
+    .await;
+    rewrite(&model);
+    assert_eq!(std::fs::read_to_string(&model).unwrap(), "rewritten!\n");
+    std::fs::write(h.work_file(job_id, "gate"), "").unwrap();
+    assert_eq!(h.exit_of(job_id).await.code, Some(0));
+    assert_eq!(h.stdout(job_id).await, "original\noriginal\n");
+}
+
+#[tokio::test]
+async fn snapshot_survives_a_rename_replace() {
+    check_snapshot_survives(22, |model| {
+        let tmp = model.with_extension("tmp");
+        std::fs::write(&tmp, "rewritten!\n").unwrap();
+        std::fs::rename(&tmp, model).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn snapshot_survives_an_in_place_rewrite() {
+    check_snapshot_survives(23, |model| {
+        use std::io::Write;
+        // Same inode, truncated and rewritten: a hard link would show this.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(model)
+            .unwrap();
+        file.write_all(b"rewritten!\n").unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_snapshot_entries_fail_the_spawn_without_running() {
+    let mut h = harness();
+    let src = tempfile::tempdir().unwrap();
+    let file = src.path().join("ok.pt");
+    std::fs::write(&file, "x").unwrap();
+    let missing = src.path().join("missing.pt");
+    for (job_id, entries, expect) in [
+        (
+            30,
+            vec![snap(&missing, "m.pt")],
+            format!(
+                "snapshot[0]: {}: No such file or directory",
+                missing.display()
+            ),
+        ),
+        (
+            31,
+            vec![snap(&file, "ok.pt"), snap(&file, "../escape")],
+            "snapshot[1]: as \"../escape\": must not contain \"..\"".to_string(),
+        ),
+        (
+            32,
+            vec![snap(&file, "/abs")],
+            "snapshot[0]: as \"/abs\": must be a relative path".to_string(),
+        ),
+    ] {
+        let mut job = sh(job_id, "touch ran");
+        job.snapshot = entries;
+        h.run(job);
+        let event = h.next().await;
+        assert_eq!(event.job_id, job_id);
+        assert_eq!(event.kind, JobEventKind::SpawnFailed { error: expect });
+        assert!(!h.work_file(job_id, "ran").exists(), "the command ran");
+    }
+    assert!(!h.executor.attempt_dir(31, 1).join("escape").exists());
+    assert!(!Path::new("/abs").exists());
+    assert!(h.executor.running().is_empty());
+}
+
+fn gpu_job(job_id: u64, policy: GpuMemoryPolicy) -> Launch {
+    let mut job = sh(
+        job_id,
+        "echo started; while [ ! -e gate ]; do sleep 0.05; done",
+    );
+    job.gpus = vec![1];
+    job.gpu_memory_bytes = GIB;
+    job.gpu_memory_margin_bytes = 100 * MIB;
+    job.gpu_memory_policy = policy;
+    job
+}
+
+#[tokio::test]
+async fn over_memory_under_policy_stop_kills_the_job() {
+    let mut h = harness_with_gpus();
+    h.run(gpu_job(40, GpuMemoryPolicy::Stop));
+    assert!(matches!(h.next().await.kind, JobEventKind::Started { .. }));
+    // At the limit (reservation + margin) is still fine.
+    h.set_job_gpu_memory(40, GIB + 100 * MIB);
+    wait_until("peak at the limit", || {
+        h.executor.gpu_memory_peak(40, 1) == Some(GIB + 100 * MIB)
+    })
+    .await;
+    h.set_job_gpu_memory(40, 5 * GIB);
+    let exit = h.exit_of(40).await;
+    assert!(exit.over_memory, "{exit:?}");
+    assert!(!exit.cancelled && !exit.agent_shutdown);
+    assert_eq!(exit.signal, Some(libc_sigterm()));
+    assert!(exit.peak_gpu_memory_bytes >= 5 * GIB, "{exit:?}");
+    let tail = String::from_utf8_lossy(&exit.stderr_tail);
+    assert!(
+        tail.contains("[gantry] GPU memory over reservation: using 5GiB on one GPU, reserved 1GiB + margin 100MiB; policy stop"),
+        "{tail}"
+    );
+}
+
+#[tokio::test]
+async fn over_memory_under_policy_warn_notes_once_and_keeps_running() {
+    let mut h = harness_with_gpus();
+    h.run(gpu_job(41, GpuMemoryPolicy::Warn));
+    assert!(matches!(h.next().await.kind, JobEventKind::Started { .. }));
+    h.set_job_gpu_memory(41, 5 * GIB);
+    let mut stderr = String::new();
+    for _ in 0..2 {
+        // Twice: the second wait spans more samples, which must not repeat the note.
+        tokio::time::timeout(WAIT, async {
+            loop {
+                stderr = h.stderr(41).await;
+                if stderr.contains("policy warn") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("no over-memory note in time");
+        h.set_job_gpu_memory(41, 7 * GIB);
+        wait_until("new peak", || {
+            h.executor.gpu_memory_peak(41, 1) == Some(7 * GIB)
+        })
+        .await;
+    }
+    assert_eq!(stderr.matches("[gantry]").count(), 1, "{stderr}");
+    std::fs::write(h.work_file(41, "gate"), "").unwrap();
+    let exit = h.exit_of(41).await;
+    assert_eq!(exit.code, Some(0));
+    assert!(!exit.over_memory);
+    assert_eq!(exit.peak_gpu_memory_bytes, 7 * GIB);
+}
+
+#[tokio::test]
+async fn jobs_without_a_reservation_are_measured_not_policed() {
+    let mut h = harness_with_gpus();
+    let mut job = gpu_job(42, GpuMemoryPolicy::Stop);
+    job.gpu_memory_bytes = 0;
+    h.run(job);
+    assert!(matches!(h.next().await.kind, JobEventKind::Started { .. }));
+    h.set_job_gpu_memory(42, 1 << 40);
+    wait_until("peak", || {
+        h.executor.gpu_memory_peak(42, 1) == Some(1 << 40)
+    })
+    .await;
+    std::fs::write(h.work_file(42, "gate"), "").unwrap();
+    let exit = h.exit_of(42).await;
+    assert_eq!((exit.code, exit.over_memory), (Some(0), false));
+    assert_eq!(exit.peak_gpu_memory_bytes, 1 << 40);
+    assert!(!h.stderr(42).await.contains("[gantry]"));
 }

@@ -10,6 +10,7 @@ pub mod host;
 pub mod nvml;
 
 use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use fake::{FakeGpuProbe, FakeState};
 pub use host::{HostProbe, HostSample, HostStatic};
@@ -101,12 +102,37 @@ pub trait GpuProbe: Send {
     fn sample(&mut self, jobs: &[JobGpus]) -> GpuSample;
 }
 
+/// A GPU probe shared by the heartbeat and the GPU memory watch
+/// ([`crate::gpu_watch`]). A std mutex: probes are synchronous and are only
+/// locked under `spawn_blocking`.
+#[derive(Clone)]
+pub struct SharedGpuProbe(Arc<Mutex<Box<dyn GpuProbe>>>);
+
+impl SharedGpuProbe {
+    /// Shares `probe`.
+    pub fn new(probe: Box<dyn GpuProbe>) -> Self {
+        Self(Arc::new(Mutex::new(probe)))
+    }
+
+    /// Locks the probe; blocking, so call it off the async runtime.
+    pub fn lock(&self) -> MutexGuard<'_, Box<dyn GpuProbe>> {
+        // A probe that panicked mid-sample keeps no state worth distrusting.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl fmt::Debug for SharedGpuProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedGpuProbe").finish_non_exhaustive()
+    }
+}
+
 /// The host probe and the GPU probe together: what a heartbeat samples.
 pub struct Probes {
     /// CPU, memory, disk.
     pub host: HostProbe,
-    /// GPUs.
-    pub gpu: Box<dyn GpuProbe>,
+    /// GPUs; also sampled by the GPU memory watch.
+    pub gpu: SharedGpuProbe,
 }
 
 impl fmt::Debug for Probes {

@@ -3,13 +3,45 @@
 
 use std::collections::HashMap;
 
-use nix::unistd::{Pid, getpgid};
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use nvml_wrapper::enums::device::UsedGpuMemory;
 
 use super::{GpuLive, GpuProbe, GpuReport, GpuSample, JobGpuUsage, JobGpus};
 use crate::error::AgentError;
+use crate::procgroup::{ProcStat, proc_stat};
+
+/// Most parents walked up from a GPU process looking for a job's leader.
+const MAX_ANCESTRY: usize = 64;
+
+/// The job a GPU process belongs to, given jobs by leader pid (= process
+/// group id): the job whose process group it is in, or failing that (it
+/// moved to a group or session of its own), the job whose leader is one of
+/// its ancestors. Orphans re-parented to init and out of the group are lost
+/// to accounting; NVML then still counts them in the GPU's used memory.
+fn owner<T>(
+    pid: u32,
+    leaders: &HashMap<u32, T>,
+    stat: impl Fn(u32) -> Option<ProcStat>,
+) -> Option<&T> {
+    let first = stat(pid)?;
+    if let Some(job) = leaders.get(&first.pgrp) {
+        return Some(job);
+    }
+    let mut current = pid;
+    let mut parent = first.ppid;
+    for _ in 0..MAX_ANCESTRY {
+        if let Some(job) = leaders.get(&current) {
+            return Some(job);
+        }
+        if parent <= 1 {
+            return None;
+        }
+        current = parent;
+        parent = stat(current)?.ppid;
+    }
+    None
+}
 
 /// Reads GPUs through the NVIDIA driver. `None` inside means "no driver":
 /// the probe then reports no GPUs rather than failing the agent.
@@ -109,16 +141,7 @@ impl GpuProbe for NvmlGpuProbe {
                 let UsedGpuMemory::Used(bytes) = process.used_gpu_memory else {
                     continue;
                 };
-                let Ok(pid) = i32::try_from(process.pid) else {
-                    continue;
-                };
-                let Ok(pgid) = getpgid(Some(Pid::from_raw(pid))) else {
-                    continue;
-                };
-                let Ok(pgid) = u32::try_from(pgid.as_raw()) else {
-                    continue;
-                };
-                if let Some(job) = by_pgid.get(&pgid) {
+                if let Some(job) = owner(process.pid, &by_pgid, proc_stat) {
                     *per_job_gpu
                         .entry((job.job_id, job.attempt, index))
                         .or_default() += bytes;
@@ -146,6 +169,42 @@ impl GpuProbe for NvmlGpuProbe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_processes_belong_to_the_job_by_group_or_ancestry() {
+        // pid -> (ppid, pgrp); job "A" leads group 100, "B" leads 200.
+        let table: HashMap<u32, (u32, u32)> = [
+            (100, (1, 100)),
+            (101, (100, 100)), // in A's group
+            (102, (101, 102)), // setpgid'd child of A's child
+            (103, (102, 103)), // its child, in yet another group
+            (300, (1, 300)),   // not ours
+            (301, (300, 300)),
+            (201, (1, 200)),   // orphan still in B's group
+            (400, (400, 400)), // a loop in a corrupt table
+        ]
+        .into();
+        let stat = |pid: u32| {
+            table.get(&pid).map(|&(ppid, pgrp)| ProcStat {
+                state: 'S',
+                ppid,
+                pgrp,
+            })
+        };
+        let leaders: HashMap<u32, &str> = [(100, "A"), (200, "B")].into();
+        for (pid, expect) in [
+            (100, Some("A")),
+            (101, Some("A")),
+            (102, Some("A")),
+            (103, Some("A")),
+            (201, Some("B")),
+            (301, None),
+            (400, None),
+            (999, None),
+        ] {
+            assert_eq!(owner(pid, &leaders, stat).copied(), expect, "pid {pid}");
+        }
+    }
 
     /// Works on machines with and without a driver: never panics, and without
     /// a driver the error says what is missing.

@@ -5,7 +5,7 @@
 
 use std::fmt::{self, Write as _};
 
-use slog::{Drain, Key, Level, OwnedKVList, Record, KV};
+use slog::{Drain, KV, Key, Level, OwnedKVList, Record};
 
 /// A `slog::Drain` that forwards each record to `tracing` at the same level.
 #[derive(Debug, Clone, Copy, Default)]
@@ -17,7 +17,9 @@ impl Drain for TracingDrain {
 
     fn log(&self, record: &Record<'_>, values: &OwnedKVList) -> Result<(), slog::Never> {
         let enabled = match record.level() {
-            Level::Critical | Level::Error => tracing::enabled!(target: "raft", tracing::Level::ERROR),
+            Level::Critical | Level::Error => {
+                tracing::enabled!(target: "raft", tracing::Level::ERROR)
+            }
             Level::Warning => tracing::enabled!(target: "raft", tracing::Level::WARN),
             Level::Info => tracing::enabled!(target: "raft", tracing::Level::INFO),
             Level::Debug => tracing::enabled!(target: "raft", tracing::Level::DEBUG),

@@ -122,6 +122,18 @@ impl RaftConfig {
         RaftConfig::new(id, BTreeMap::from([(id, url.into())]))
     }
 
+    /// A configuration for tests: 50 ms ticks (elections in 0.5-1 s) and a
+    /// snapshot every 20 entries keeping 5, so that catch-up by snapshot is
+    /// exercised.
+    pub fn for_test(id: u64, peers: BTreeMap<u64, String>) -> RaftConfig {
+        RaftConfig {
+            tick: Duration::from_millis(50),
+            compact_after: 20,
+            compact_keep: 5,
+            ..RaftConfig::new(id, peers)
+        }
+    }
+
     /// Checks the values that raft-rs does not check itself.
     pub fn validate(&self) -> Result<(), RaftError> {
         if self.id == 0 {
@@ -302,8 +314,10 @@ mod tests {
         let got = parse_peers(input);
         match (got, expect) {
             (Ok(peers), Ok(want)) => {
-                let want: BTreeMap<u64, String> =
-                    want.iter().map(|(id, url)| (*id, url.to_string())).collect();
+                let want: BTreeMap<u64, String> = want
+                    .iter()
+                    .map(|(id, url)| (*id, url.to_string()))
+                    .collect();
                 assert_eq!(peers, want, "input {input:?}");
             }
             (Err(error), Err(fragment)) => {
@@ -316,7 +330,10 @@ mod tests {
 
     #[test]
     fn parse_peers_cases() {
-        check("1=http://127.0.0.1:7101", Ok(&[(1, "http://127.0.0.1:7101")]));
+        check(
+            "1=http://127.0.0.1:7101",
+            Ok(&[(1, "http://127.0.0.1:7101")]),
+        );
         check(
             "1=http://a:1, 2=https://b:2 ,3=http://c:3,",
             Ok(&[(1, "http://a:1"), (2, "https://b:2"), (3, "http://c:3")]),
@@ -328,7 +345,10 @@ mod tests {
         check("0=http://a:1", Err("id must not be 0"));
         check("1=a:1", Err("must start with http:// or https://"));
         check("1=http://", Err("has no host"));
-        check("1=http://a:1,1=http://b:1", Err("\"1=http://b:1\": id 1 appears twice"));
+        check(
+            "1=http://a:1,1=http://b:1",
+            Err("\"1=http://b:1\": id 1 appears twice"),
+        );
     }
 
     #[test]
@@ -336,11 +356,21 @@ mod tests {
         assert!(RaftConfig::single(1, "http://a:1").validate().is_ok());
         let error = RaftConfig::single(1, "http://a:1");
         let error = RaftConfig { id: 2, ..error }.validate().unwrap_err();
-        assert!(error.to_string().contains("raft id 2 is not among the peers"));
+        assert!(
+            error
+                .to_string()
+                .contains("raft id 2 is not among the peers")
+        );
         let config = RaftConfig {
             heartbeat_tick: 10,
             ..RaftConfig::single(1, "http://a:1")
         };
-        assert!(config.validate().unwrap_err().to_string().contains("election tick"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("election tick")
+        );
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Trees (in the coordinator's database):
 //! - `raft_log`: entry index (8 bytes, big endian) -> encoded
-//!   [`Entry`](raft::eraftpb::Entry);
+//!   [`Entry`];
 //! - `raft_meta`: `hard_state`, `conf_state`, `snapshot_meta` and
 //!   `snapshot_data` (the latest snapshot, kept to send to followers that are
 //!   too far behind), and `truncated` (index and term of the last entry
@@ -280,15 +280,24 @@ impl SledRaftStorage {
     /// applied, hence in the log) and compacts the log, keeping the `keep`
     /// entries before `index` so that slightly lagging followers still catch
     /// up from the log. The snapshot is flushed before any entry is removed.
-    pub fn create_snapshot(&mut self, index: u64, data: Vec<u8>, keep: u64) -> Result<(), RaftError> {
+    pub fn create_snapshot(
+        &mut self,
+        index: u64,
+        data: Vec<u8>,
+        keep: u64,
+    ) -> Result<(), RaftError> {
         if index <= self.snapshot.0 {
             return Ok(());
         }
-        if index > self.last.0 || index > self.hard_state.commit {
+        if index > self.last.0 {
             return Err(RaftError::Inconsistent(format!(
-                "snapshot at index {index} is beyond the commit index {} or last index {}",
-                self.hard_state.commit, self.last.0
+                "snapshot at index {index} is beyond the last log index {}",
+                self.last.0
             )));
+        }
+        if index > self.hard_state.commit {
+            // Applied means committed; the stored commit index only lagged.
+            self.set_commit(index)?;
         }
         let term = self.term_of(index)?;
         let metadata = SnapshotMetadata {
@@ -378,7 +387,7 @@ impl raft::Storage for SledRaftStorage {
             Bound::Excluded(high.to_be_bytes()),
         );
         for item in self.log.range(range) {
-            let (_, value) = item.map_err(to_raft)?;
+            let (_, value) = item.map_err(|error| to_raft(error.into()))?;
             let entry = decode::<Entry>(&value, "raft_log").map_err(to_raft)?;
             size += u64::from(entry.compute_size());
             // Always at least one entry, as the trait requires.
@@ -509,7 +518,7 @@ mod tests {
         let (_dir, db) = open_temp();
         let mut storage = SledRaftStorage::open(&db).unwrap();
         assert!(storage.is_fresh());
-        assert_eq!(storage.first_index().unwrap(), 1);
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), 1);
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 0);
         assert_eq!(storage.term(0).unwrap(), 0);
         storage.initialize(vec![1, 2, 3]).unwrap();
@@ -530,7 +539,7 @@ mod tests {
         storage
             .append(&[entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)])
             .unwrap();
-        assert_eq!(storage.first_index().unwrap(), 1);
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), 1);
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 4);
         for (index, term) in [(0, 0), (1, 1), (2, 1), (3, 2), (4, 2)] {
             assert_eq!(storage.term(index).unwrap(), term, "term of {index}");
@@ -539,12 +548,21 @@ mod tests {
             storage.term(5),
             Err(raft::Error::Store(StorageError::Unavailable))
         ));
-        assert_eq!(indexes(&storage.entries(1, 5, None, ctx()).unwrap()), [1, 2, 3, 4]);
-        assert_eq!(indexes(&storage.entries(2, 4, None, ctx()).unwrap()), [2, 3]);
+        assert_eq!(
+            indexes(&storage.entries(1, 5, None, ctx()).unwrap()),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(
+            indexes(&storage.entries(2, 4, None, ctx()).unwrap()),
+            [2, 3]
+        );
         // A size limit still returns at least one entry.
         assert_eq!(indexes(&storage.entries(2, 5, 0, ctx()).unwrap()), [2]);
         let one = u64::from(entry(2, 1).compute_size());
-        assert_eq!(indexes(&storage.entries(2, 5, one * 2, ctx()).unwrap()), [2, 3]);
+        assert_eq!(
+            indexes(&storage.entries(2, 5, one * 2, ctx()).unwrap()),
+            [2, 3]
+        );
         assert!(storage.entries(1, 6, None, ctx()).is_err());
     }
 
@@ -558,7 +576,10 @@ mod tests {
         storage.append(&[entry(3, 2)]).unwrap();
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 3);
         assert_eq!(storage.term(3).unwrap(), 2);
-        assert_eq!(indexes(&storage.entries(1, 4, None, ctx()).unwrap()), [1, 2, 3]);
+        assert_eq!(
+            indexes(&storage.entries(1, 4, None, ctx()).unwrap()),
+            [1, 2, 3]
+        );
         let error = storage.append(&[entry(6, 2)]).unwrap_err();
         assert!(error.to_string().contains("gap"), "{error}");
         // Survives a reopen, and the removed entry 4 is gone for good.
@@ -599,10 +620,12 @@ mod tests {
         storage.set_commit(10).unwrap();
         assert!(matches!(
             storage.snapshot(0, 2),
-            Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
         ));
         storage.create_snapshot(8, b"state@8".to_vec(), 3).unwrap();
-        assert_eq!(storage.first_index().unwrap(), 6);
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), 6);
         assert_eq!(storage.term(5).unwrap(), 1);
         assert_eq!(storage.term(8).unwrap(), 2);
         assert!(matches!(
@@ -613,7 +636,10 @@ mod tests {
             storage.entries(5, 11, None, ctx()),
             Err(raft::Error::Store(StorageError::Compacted))
         ));
-        assert_eq!(indexes(&storage.entries(6, 11, None, ctx()).unwrap()), [6, 7, 8, 9, 10]);
+        assert_eq!(
+            indexes(&storage.entries(6, 11, None, ctx()).unwrap()),
+            [6, 7, 8, 9, 10]
+        );
         let snapshot = storage.snapshot(0, 2).unwrap();
         assert_eq!(snapshot.get_metadata().index, 8);
         assert_eq!(snapshot.get_metadata().term, 2);
@@ -623,7 +649,7 @@ mod tests {
         storage.flush().unwrap();
         drop(storage);
         let storage = SledRaftStorage::open(&db).unwrap();
-        assert_eq!(storage.first_index().unwrap(), 6);
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), 6);
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 10);
         assert_eq!(storage.snapshot_index_term(), (8, 2));
     }
@@ -633,7 +659,9 @@ mod tests {
         let (_dir, db) = open_temp();
         let mut storage = SledRaftStorage::open(&db).unwrap();
         storage.initialize(vec![1, 2, 3]).unwrap();
-        storage.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
+        storage
+            .append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
+            .unwrap();
         storage.set_commit(2).unwrap();
         let snapshot = Snapshot {
             data: b"state@20".to_vec().into(),
@@ -651,7 +679,7 @@ mod tests {
             ..Default::default()
         };
         storage.apply_snapshot(&snapshot).unwrap();
-        assert_eq!(storage.first_index().unwrap(), 21);
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), 21);
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 20);
         assert_eq!(storage.term(20).unwrap(), 4);
         assert_eq!(storage.hard_state().commit, 20);
@@ -660,9 +688,12 @@ mod tests {
         storage.flush().unwrap();
         drop(storage);
         let storage = SledRaftStorage::open(&db).unwrap();
-        assert_eq!(storage.first_index().unwrap(), 21);
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), 21);
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 21);
-        assert_eq!(&storage.load_snapshot().unwrap().unwrap().data[..], b"state@20");
+        assert_eq!(
+            &storage.load_snapshot().unwrap().unwrap().data[..],
+            b"state@20"
+        );
     }
 
     #[test]
@@ -675,13 +706,21 @@ mod tests {
         storage.set_commit(3).unwrap();
         storage.flush().unwrap();
         drop(storage);
-        db.open_tree(LOG_TREE).unwrap().remove(2u64.to_be_bytes()).unwrap();
+        db.open_tree(LOG_TREE)
+            .unwrap()
+            .remove(2u64.to_be_bytes())
+            .unwrap();
         let error = SledRaftStorage::open(&db).err().unwrap();
         assert!(error.to_string().contains("gap"), "{error}");
-        db.open_tree(LOG_TREE).unwrap().remove(3u64.to_be_bytes()).unwrap();
+        db.open_tree(LOG_TREE)
+            .unwrap()
+            .remove(3u64.to_be_bytes())
+            .unwrap();
         let error = SledRaftStorage::open(&db).err().unwrap();
         assert!(
-            error.to_string().contains("commit index 3 is beyond the last log index 1"),
+            error
+                .to_string()
+                .contains("commit index 3 is beyond the last log index 1"),
             "{error}"
         );
     }

@@ -1,0 +1,244 @@
+//! Raft messages between replicas over gRPC (`proto/raft.proto`).
+//!
+//! Receiving: [`RaftPeerService`] decodes each message of a batch and hands
+//! it to the driver's channel. Sending: one tokio task per peer with a
+//! bounded queue of messages the driver has already encoded; the task sends
+//! everything queued in one `Step` call, in order, one call at a time. When a
+//! peer does not answer, the task drops the batch and whatever queued behind
+//! it, tells the driver (`report_unreachable`, and snapshot failure), and
+//! backs off before trying again — Raft retransmits what matters, and stale
+//! heartbeats are worthless. tonic's lazy channel reconnects on the next call.
+
+use std::collections::HashMap;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use gantry_proto::raft as pb;
+use pb::raft_peer_client::RaftPeerClient;
+use pb::raft_peer_server::{RaftPeer, RaftPeerServer};
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::node::Input;
+use super::{RaftConfig, RaftError};
+
+/// Largest Raft gRPC message either way: snapshots carry the whole state.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// A batch stops growing past this many bytes (a snapshot goes alone).
+const BATCH_BYTES: usize = 4 << 20;
+/// Or past this many messages.
+const BATCH_MESSAGES: usize = 1024;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Limit of one `Step` call, snapshots included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `RaftPeer` gRPC service of one replica: forwards peers' messages to
+/// its driver. Mount it with [`RaftHandle::peer_service`](super::RaftHandle::peer_service).
+#[derive(Clone)]
+pub struct RaftPeerService {
+    id: u64,
+    /// A std channel: the driver is a plain thread; sending never blocks.
+    inbox: std_mpsc::Sender<Input>,
+}
+
+impl RaftPeerService {
+    pub(crate) fn new(id: u64, inbox: std_mpsc::Sender<Input>) -> RaftPeerService {
+        RaftPeerService { id, inbox }
+    }
+
+    /// The tonic server for this service, with message limits large enough
+    /// for snapshots; pass it to `Server::builder().add_service(..)`.
+    pub fn into_server(self) -> RaftPeerServer<RaftPeerService> {
+        RaftPeerServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[tonic::async_trait]
+impl RaftPeer for RaftPeerService {
+    async fn step(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        let batch = request.into_inner();
+        for bytes in &batch.messages {
+            let message = Message::parse_from_bytes(bytes).map_err(|error| {
+                Status::invalid_argument(format!(
+                    "raft message from {}: cannot decode: {error}",
+                    batch.from
+                ))
+            })?;
+            if message.to != self.id {
+                return Err(Status::invalid_argument(format!(
+                    "raft message from {} is for replica {}, this is {}: check --peers",
+                    message.from, message.to, self.id
+                )));
+            }
+            self.inbox
+                .send(Input::Step(Box::new(message)))
+                .map_err(|_| Status::unavailable("raft node stopped"))?;
+        }
+        Ok(Response::new(pb::RaftAck {}))
+    }
+}
+
+/// An encoded message waiting in a peer's queue.
+pub(crate) struct Outgoing {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) snapshot: bool,
+}
+
+/// The queues of the per-peer sender tasks, by peer id.
+pub(crate) struct PeerSenders {
+    queues: HashMap<u64, mpsc::Sender<Outgoing>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl PeerSenders {
+    /// Starts one sender task per peer other than this replica.
+    pub(crate) fn start(
+        config: &RaftConfig,
+        inbox: &std_mpsc::Sender<Input>,
+        runtime: &tokio::runtime::Handle,
+        shutdown: &CancellationToken,
+    ) -> Result<PeerSenders, RaftError> {
+        let mut queues = HashMap::new();
+        let mut tasks = Vec::new();
+        for (&to, url) in &config.peers {
+            if to == config.id {
+                continue;
+            }
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|error| RaftError::Config(format!("peer {to} URL {url:?}: {error}")))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(REQUEST_TIMEOUT)
+                .tcp_nodelay(true);
+            let (queue, receiver) = mpsc::channel(config.peer_queue);
+            let peer = PeerTask {
+                from: config.id,
+                to,
+                client: RaftPeerClient::new(endpoint.connect_lazy())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                queue: receiver,
+                inbox: inbox.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tasks.push(runtime.spawn(peer.run()));
+            queues.insert(to, queue);
+        }
+        Ok(PeerSenders { queues, tasks })
+    }
+
+    /// Queues a message; false when there is no such peer or its queue is
+    /// full (the message is dropped; Raft retransmits).
+    pub(crate) fn send(&self, to: u64, message: Outgoing) -> bool {
+        match self.queues.get(&to) {
+            Some(queue) => queue.try_send(message).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The sender tasks, to wait for on shutdown.
+    pub(crate) fn take_tasks(&mut self) -> Vec<tokio::task::JoinHandle<()>> {
+        std::mem::take(&mut self.tasks)
+    }
+}
+
+struct PeerTask {
+    from: u64,
+    to: u64,
+    client: RaftPeerClient<Channel>,
+    queue: mpsc::Receiver<Outgoing>,
+    inbox: std_mpsc::Sender<Input>,
+    shutdown: CancellationToken,
+}
+
+impl PeerTask {
+    async fn run(mut self) {
+        let mut backoff = MIN_BACKOFF;
+        let mut reachable = true;
+        loop {
+            let first = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                next = self.queue.recv() => match next {
+                    Some(message) => message,
+                    None => return,
+                },
+            };
+            let mut bytes = first.bytes.len();
+            let mut snapshot = first.snapshot;
+            let mut messages = vec![first.bytes];
+            while bytes < BATCH_BYTES && messages.len() < BATCH_MESSAGES {
+                match self.queue.try_recv() {
+                    Ok(next) => {
+                        bytes += next.bytes.len();
+                        snapshot |= next.snapshot;
+                        messages.push(next.bytes);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let batch = pb::RaftBatch {
+                messages,
+                from: self.from,
+            };
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                result = self.client.step(batch) => result,
+            };
+            match result {
+                Ok(_) => {
+                    if !reachable {
+                        tracing::info!(peer = self.to, "raft peer reachable again");
+                        reachable = true;
+                    }
+                    backoff = MIN_BACKOFF;
+                    if snapshot {
+                        self.report(Input::SnapshotStatus {
+                            to: self.to,
+                            finished: true,
+                        });
+                    }
+                }
+                Err(status) => {
+                    if reachable {
+                        tracing::warn!(
+                            peer = self.to,
+                            error = %status.message(),
+                            code = ?status.code(),
+                            "raft peer unreachable; dropping messages until it answers"
+                        );
+                        reachable = false;
+                    }
+                    let mut dropped = 0usize;
+                    while let Ok(stale) = self.queue.try_recv() {
+                        snapshot |= stale.snapshot;
+                        dropped += 1;
+                    }
+                    tracing::debug!(peer = self.to, dropped, "dropped queued raft messages");
+                    self.report(Input::Unreachable(self.to));
+                    if snapshot {
+                        self.report(Input::SnapshotStatus {
+                            to: self.to,
+                            finished: false,
+                        });
+                    }
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn report(&self, input: Input) {
+        // The driver has stopped when this fails; the task stops on the token.
+        let _ = self.inbox.send(input);
+    }
+}

@@ -1,0 +1,470 @@
+//! The replicated log end to end: real gRPC on loopback (port 0), sled in
+//! temp dirs, a toy state machine. Waits are bounded polls, never fixed
+//! sleeps for state.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gantry_coordinator::raft::{
+    ProposeError, RaftConfig, RaftError, RaftHandle, RaftNode, ReplicatedStateMachine,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------- toy app
+
+#[derive(Default)]
+struct ToyState {
+    values: Vec<String>,
+    applied: u64,
+    /// Indexes of the snapshots restored, in order.
+    restores: Vec<u64>,
+}
+
+/// An append-only list of strings; the reply is the list's new length.
+#[derive(Clone, Default)]
+struct Toy(Arc<Mutex<ToyState>>);
+
+impl Toy {
+    fn values(&self) -> Vec<String> {
+        self.0.lock().unwrap().values.clone()
+    }
+    fn restores(&self) -> Vec<u64> {
+        self.0.lock().unwrap().restores.clone()
+    }
+    fn applied(&self) -> u64 {
+        self.0.lock().unwrap().applied
+    }
+}
+
+impl ReplicatedStateMachine for Toy {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+        let mut state = self.0.lock().unwrap();
+        assert!(
+            index > state.applied,
+            "apply {index} after {}",
+            state.applied
+        );
+        state
+            .values
+            .push(String::from_utf8(command.to_vec()).unwrap());
+        state.applied = index;
+        state.values.len().to_string().into_bytes()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.0.lock().unwrap().values).unwrap()
+    }
+
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+        let mut state = self.0.lock().unwrap();
+        state.values = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+        state.applied = index;
+        state.restores.push(index);
+        Ok(())
+    }
+
+    fn applied_index(&self) -> u64 {
+        self.0.lock().unwrap().applied
+    }
+}
+
+// ---------------------------------------------------------------- sandbox
+
+struct Replica {
+    id: u64,
+    node: RaftNode,
+    handle: RaftHandle,
+    toy: Toy,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    server_stop: CancellationToken,
+}
+
+impl Replica {
+    async fn stop(self) {
+        self.server_stop.cancel();
+        self.node.stop().await;
+        let server = self.server;
+        let abort = server.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+}
+
+fn open_db(dir: &Path) -> sled::Db {
+    sled::Config::new().path(dir).open().unwrap()
+}
+
+async fn start_replica(
+    id: u64,
+    listener: TcpListener,
+    peers: &BTreeMap<u64, String>,
+    dir: &Path,
+    toy: Toy,
+) -> Replica {
+    let db = open_db(dir);
+    let node = RaftNode::start(
+        RaftConfig::for_test(id, peers.clone()),
+        &db,
+        toy.clone(),
+        &CancellationToken::new(),
+    )
+    .unwrap();
+    drop(db);
+    let handle = node.handle();
+    let server_stop = CancellationToken::new();
+    let service = handle.peer_service();
+    let stop = server_stop.clone();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+            .await
+    });
+    Replica {
+        id,
+        node,
+        handle,
+        toy,
+        server,
+        server_stop,
+    }
+}
+
+async fn listen(addr: SocketAddr) -> TcpListener {
+    TcpListener::bind(addr).await.unwrap()
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until exactly one replica leads (with its term's entry applied)
+/// and every other one follows it; returns its id.
+async fn wait_for_leader(replicas: &[&Replica]) -> u64 {
+    let mut leader = 0;
+    wait_until("a leader everyone agrees on", || {
+        let statuses: Vec<_> = replicas.iter().map(|r| r.handle.status()).collect();
+        let leaders: Vec<_> = statuses.iter().filter(|s| s.is_leader).collect();
+        if leaders.len() != 1 {
+            return false;
+        }
+        leader = leaders[0].id;
+        statuses.iter().all(|s| s.leader_id == Some(leader))
+    })
+    .await;
+    leader
+}
+
+fn by_id<'a>(replicas: &[&'a Replica], id: u64) -> &'a Replica {
+    replicas.iter().find(|r| r.id == id).unwrap()
+}
+
+async fn propose(handle: &RaftHandle, value: &str) -> Result<Vec<u8>, ProposeError> {
+    tokio::time::timeout(TIMEOUT, handle.propose(value.as_bytes().to_vec()))
+        .await
+        .expect("proposal answered")
+}
+
+/// Waits until every replica has applied the same values as `reference`.
+async fn wait_converged(replicas: &[&Replica], expected_len: usize) -> Vec<String> {
+    wait_until("replicas converge", || {
+        let first = replicas[0].toy.values();
+        first.len() == expected_len && replicas.iter().all(|r| r.toy.values() == first)
+    })
+    .await;
+    replicas[0].toy.values()
+}
+
+// ---------------------------------------------------------------- tests
+
+/// (a) election, replication in order, NotLeader on followers;
+/// (b) leader loss: a new leader, proposals continue, nothing acknowledged
+///     is lost; (c) the stopped replica restarts on its data dir and
+///     catches up by snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    let mut peers = BTreeMap::new();
+    for id in 1..=3u64 {
+        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).await;
+        peers.insert(id, format!("http://{}", listener.local_addr().unwrap()));
+        listeners.push((id, listener));
+    }
+    let mut replicas: HashMap<u64, Replica> = HashMap::new();
+    for (id, listener) in listeners {
+        let dir = dirs[(id - 1) as usize].path();
+        replicas.insert(
+            id,
+            start_replica(id, listener, &peers, dir, Toy::default()).await,
+        );
+    }
+
+    // (a) A leader; proposals through it are applied everywhere in order.
+    let all: Vec<&Replica> = (1..=3).map(|id| &replicas[&id]).collect();
+    let leader = wait_for_leader(&all).await;
+    let leader_handle = by_id(&all, leader).handle.clone();
+    for i in 0..10 {
+        let reply = propose(&leader_handle, &format!("a-{i}")).await.unwrap();
+        assert_eq!(reply, (i + 1).to_string().into_bytes());
+    }
+    // Many at once share fsyncs; each still gets its own reply.
+    let concurrent: Vec<_> = (10..40)
+        .map(|i| {
+            let handle = leader_handle.clone();
+            tokio::spawn(async move { propose(&handle, &format!("a-{i}")).await })
+        })
+        .collect();
+    let mut positions = Vec::new();
+    for task in concurrent {
+        let reply = task.await.unwrap().unwrap();
+        positions.push(String::from_utf8(reply).unwrap().parse::<usize>().unwrap());
+    }
+    positions.sort_unstable();
+    assert_eq!(positions, (11..=40).collect::<Vec<_>>());
+    let values = wait_converged(&all, 40).await;
+    assert_eq!(
+        values[..10],
+        (0..10).map(|i| format!("a-{i}")).collect::<Vec<_>>()[..]
+    );
+
+    // A follower refuses with the leader's id and URL.
+    let follower = all.iter().find(|r| r.id != leader).unwrap();
+    match propose(&follower.handle, "nope").await {
+        Err(ProposeError::NotLeader {
+            leader_id,
+            leader_url,
+        }) => {
+            assert_eq!(leader_id, Some(leader));
+            assert_eq!(leader_url.as_deref(), Some(peers[&leader].as_str()));
+        }
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+
+    // (b) Proposals run continuously while the leader is stopped.
+    let handles: Vec<RaftHandle> = all.iter().map(|r| r.handle.clone()).collect();
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop_proposing = CancellationToken::new();
+    let proposer = {
+        let acked = acked.clone();
+        let stop = stop_proposing.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.is_cancelled() {
+                let Some(handle) = handles.iter().find(|h| {
+                    let status = h.status();
+                    status.running && status.is_leader
+                }) else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let value = format!("b-{i}");
+                i += 1;
+                if propose(handle, &value).await.is_ok() {
+                    acked.lock().unwrap().push(value);
+                }
+            }
+        })
+    };
+    let acked_count = || acked.lock().unwrap().len();
+    wait_until("acks before the leader stops", || acked_count() >= 20).await;
+    drop(all);
+    let stopped = replicas.remove(&leader).unwrap();
+    let stopped_addr: SocketAddr = peers[&leader]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    stopped.stop().await;
+    let before_failover = acked_count();
+
+    let survivors: Vec<&Replica> = replicas.values().collect();
+    let new_leader = wait_for_leader(&survivors).await;
+    assert_ne!(new_leader, leader);
+    // Enough entries that the survivors compact past the stopped log.
+    wait_until("acks after fail-over", || {
+        acked_count() >= before_failover + 60
+    })
+    .await;
+    stop_proposing.cancel();
+    proposer.await.unwrap();
+
+    let acked: Vec<String> = acked.lock().unwrap().clone();
+    let new_leader_status = by_id(&survivors, new_leader).handle.status();
+    wait_until("survivors apply everything committed", || {
+        survivors
+            .iter()
+            .all(|r| r.handle.status().applied_index >= new_leader_status.commit_index)
+    })
+    .await;
+    let survivor_values = {
+        let first = survivors[0].toy.values();
+        wait_converged(&survivors, first.len()).await
+    };
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for value in &survivor_values {
+        *counts.entry(value.as_str()).or_default() += 1;
+    }
+    assert!(counts.values().all(|&n| n == 1), "a value applied twice");
+    for value in &acked {
+        assert_eq!(
+            counts.get(value.as_str()),
+            Some(&1),
+            "acknowledged {value} lost"
+        );
+    }
+    assert!(survivors.iter().all(|r| r.toy.applied() > 100));
+
+    // (c) The stopped replica restarts on its data dir, same address, with
+    // an empty application: it catches up, and by snapshot, since the
+    // survivors compacted the entries it lacks.
+    let restarted_toy = Toy::default();
+    let listener = listen(stopped_addr).await;
+    let restarted = start_replica(
+        leader,
+        listener,
+        &peers,
+        dirs[(leader - 1) as usize].path(),
+        restarted_toy.clone(),
+    )
+    .await;
+    let restores_at_start = restarted_toy.restores().len();
+    replicas.insert(leader, restarted);
+    let all: Vec<&Replica> = (1..=3).map(|id| &replicas[&id]).collect();
+    let expected = survivor_values.len();
+    let values = wait_converged(&all, expected).await;
+    assert_eq!(values, survivor_values);
+    let restores = restarted_toy.restores();
+    assert!(
+        restores.len() > restores_at_start,
+        "caught up without a snapshot from the leader: {restores:?}"
+    );
+
+    // And it keeps replicating.
+    let leader = wait_for_leader(&all).await;
+    let reply = propose(&by_id(&all, leader).handle, "c-0").await.unwrap();
+    assert_eq!(reply, (expected + 1).to_string().into_bytes());
+    wait_converged(&all, expected + 1).await;
+
+    drop(all);
+    for (_, replica) in replicas {
+        replica.stop().await;
+    }
+}
+
+/// (d) A single voter elects itself at once and applies proposals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_voter_elects_itself_and_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let toy = Toy::default();
+    let node = start_single(dir.path(), toy.clone()).unwrap();
+    let handle = node.handle();
+    wait_until("single voter leads", || handle.status().is_leader).await;
+    for i in 0..25 {
+        let reply = propose(&handle, &format!("v-{i}")).await.unwrap();
+        assert_eq!(reply, (i + 1).to_string().into_bytes());
+    }
+    assert_eq!(toy.values().len(), 25);
+    let status = handle.status();
+    assert_eq!(status.leader_id, Some(1));
+    assert_eq!(status.applied_index, status.commit_index);
+    node.stop().await;
+    assert!(!handle.status().running);
+    assert_eq!(propose(&handle, "late").await, Err(ProposeError::Stopped));
+}
+
+fn start_single(dir: &Path, toy: Toy) -> Result<RaftNode, RaftError> {
+    let db = open_db(dir);
+    let config = RaftConfig::for_test(1, BTreeMap::from([(1, "http://127.0.0.1:1".into())]));
+    RaftNode::start(config, &db, toy, &CancellationToken::new())
+}
+
+/// (e) A restarted single node restores its state from its snapshot and
+/// log; an application ahead of the log, or a log with a hole, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_restores_state_and_refuses_inconsistent_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let toy = Toy::default();
+    let node = start_single(dir.path(), toy.clone()).unwrap();
+    let handle = node.handle();
+    wait_until("single voter leads", || handle.status().is_leader).await;
+    for i in 0..50 {
+        propose(&handle, &format!("v-{i}")).await.unwrap();
+    }
+    let before = toy.values();
+    let applied_before = handle.status().applied_index;
+    node.stop().await;
+
+    // An application that lost its state: snapshot, then the log after it.
+    let fresh = Toy::default();
+    let node = start_single(dir.path(), fresh.clone()).unwrap();
+    let handle = node.handle();
+    assert_eq!(
+        fresh.restores().len(),
+        1,
+        "restored from the stored snapshot"
+    );
+    wait_until("state replayed", || {
+        handle.status().applied_index >= applied_before
+    })
+    .await;
+    assert_eq!(fresh.values(), before);
+    wait_until("leads again", || handle.status().is_leader).await;
+    propose(&handle, "after-restart").await.unwrap();
+    let before = fresh.values();
+    let applied_before = handle.status().applied_index;
+    node.stop().await;
+
+    // An application that kept its state: nothing is applied twice (the
+    // toy asserts increasing indexes), nothing restored.
+    let node = start_single(dir.path(), fresh.clone()).unwrap();
+    let handle = node.handle();
+    wait_until("leads again", || handle.status().is_leader).await;
+    assert_eq!(fresh.values(), before);
+    assert_eq!(fresh.restores().len(), 1);
+    assert!(handle.status().applied_index > applied_before);
+    node.stop().await;
+
+    // An application ahead of the log: refused.
+    let ahead = Toy::default();
+    ahead.0.lock().unwrap().applied = applied_before + 100;
+    let error = start_single(dir.path(), ahead).err().unwrap();
+    let text = error.to_string();
+    assert!(matches!(error, RaftError::Inconsistent(_)), "{text}");
+    assert!(
+        text.contains(&format!("applied index {}", applied_before + 100))
+            && text.contains("raft log ends at index"),
+        "{text}"
+    );
+
+    // A hole in the log: refused.
+    {
+        let db = open_db(dir.path());
+        let log = db.open_tree("raft_log").unwrap();
+        let (first, _) = log.first().unwrap().unwrap();
+        let (last, _) = log.last().unwrap().unwrap();
+        assert!(first < last);
+        let mut middle = [0u8; 8];
+        middle.copy_from_slice(&first);
+        let middle = u64::from_be_bytes(middle) + 1;
+        log.remove(middle.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let error = start_single(dir.path(), Toy::default()).err().unwrap();
+    assert!(error.to_string().contains("raft log has a gap"), "{error}");
+}
