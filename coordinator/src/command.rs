@@ -50,6 +50,9 @@ pub enum Command {
         at_ms: u64,
         /// Placements from the scheduler.
         placements: Vec<Placement>,
+        /// Raft term of the leader that made the plan (0 without replication).
+        #[serde(default)]
+        term: u64,
     },
     /// The agent started an attempt.
     JobStarted {

@@ -18,10 +18,11 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::command::Command;
 use crate::convert;
-use crate::domain::{EventRecord, GpuRecord, JobSpec, JobState};
+use crate::domain::{EventRecord, GpuRecord, JobState};
 use crate::error::CoordinatorError;
 use crate::health::{HealthConfig, HealthTracker};
-use crate::state::{Outcome, StateMachine};
+use crate::raft::RaftHandle;
+use crate::state::{ApplyError, Outcome, StateMachine};
 use crate::store::Store;
 
 /// A reply channel.
@@ -31,17 +32,6 @@ pub type AgentSender = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, toni
 
 /// Requests to the core.
 pub enum Request {
-    /// Store validated jobs.
-    Submit {
-        /// Idempotency key.
-        key: Option<String>,
-        /// Specs.
-        specs: Vec<JobSpec>,
-        /// Pipeline name, for a pipeline run.
-        pipeline: Option<String>,
-        /// Reply with ids once durable.
-        reply: Reply<Vec<JobId>>,
-    },
     /// One job.
     GetJob {
         /// Id.
@@ -58,26 +48,10 @@ pub enum Request {
         /// Reply.
         reply: Reply<Vec<pb::Job>>,
     },
-    /// Cancel a job.
-    Cancel {
-        /// Id.
-        id: JobId,
-        /// Reply with the state after the request.
-        reply: Reply<JobState>,
-    },
     /// Nodes with health.
     ListNodes {
         /// Reply.
         reply: Reply<Vec<pb::Node>>,
-    },
-    /// Set or clear drain.
-    Drain {
-        /// Node.
-        node: String,
-        /// Drain flag.
-        drain: bool,
-        /// Reply.
-        reply: Reply<()>,
     },
     /// Cluster summary.
     Status {
@@ -111,22 +85,6 @@ pub enum Request {
         /// Reply.
         reply: Reply<Vec<pb::Job>>,
     },
-    /// Retry a dead-lettered job, optionally with a new spec.
-    DlqRetry {
-        /// Job.
-        id: JobId,
-        /// Replacement spec.
-        spec: Option<Box<JobSpec>>,
-        /// Reply.
-        reply: Reply<()>,
-    },
-    /// Drop a dead-lettered job.
-    DlqDrop {
-        /// Job.
-        id: JobId,
-        /// Reply.
-        reply: Reply<()>,
-    },
     /// One run of a pipeline.
     Pipeline {
         /// Name.
@@ -135,6 +93,39 @@ pub enum Request {
         run: u32,
         /// Reply: the run number and its jobs.
         reply: Reply<(u32, Vec<pb::Job>)>,
+    },
+    /// The Raft driver applies a committed entry (on its thread, waiting).
+    RaftApply {
+        /// Log index.
+        index: u64,
+        /// The serialized command.
+        data: Vec<u8>,
+        /// The serialized `Result<Outcome, ApplyError>`.
+        reply: std_mpsc::Sender<Vec<u8>>,
+    },
+    /// The Raft driver takes a snapshot of the applied state.
+    RaftSnapshot {
+        /// Serialized [`crate::store::StateSnapshot`].
+        reply: std_mpsc::Sender<Vec<u8>>,
+    },
+    /// The Raft driver installs a snapshot.
+    RaftRestore {
+        /// Index the snapshot was taken at.
+        index: u64,
+        /// Serialized [`crate::store::StateSnapshot`].
+        data: Vec<u8>,
+        /// Done, or why not.
+        reply: std_mpsc::Sender<Result<(), String>>,
+    },
+    /// The Raft driver asks for the applied index.
+    RaftAppliedIndex {
+        /// The index.
+        reply: std_mpsc::Sender<u64>,
+    },
+    /// The replication handle, once the Raft node has started.
+    AttachRaft {
+        /// Handle.
+        handle: RaftHandle,
     },
     /// An agent opened its stream and registered.
     AgentRegister {
@@ -221,9 +212,6 @@ struct LogWaiter {
     reply: Reply<(pb::LogData, bool)>,
 }
 
-/// A reply waiting for its batch to be flushed; called with the flush result.
-type DeferredReply = Box<dyn FnOnce(Result<(), String>) + Send>;
-
 /// How much of a failed attempt's stderr is kept (and shown by `dlq show`).
 const OUTPUT_TAIL_BYTES: usize = 64 << 10;
 
@@ -246,9 +234,29 @@ pub struct Core {
     dirty: bool,
     last_pass_ms: u64,
     started_ms: u64,
-    /// Replies held until the batch they belong to is durable.
-    deferred: Vec<DeferredReply>,
+    /// Replication; commands are proposed through it and come back applied.
+    raft: Option<RaftHandle>,
+    /// Whether this replica leads (and has applied its own term's entry).
+    leader: bool,
+    /// Current Raft term.
+    term: u64,
+    /// Agents whose registration waits for its RegisterNode to apply.
+    registering: HashMap<String, PendingRegistration>,
+    /// When the outstanding plan was proposed; no new pass until it applies.
+    plan_in_flight: Option<u64>,
+    /// A storage failure: the core stops.
+    fatal: Option<String>,
 }
+
+struct PendingRegistration {
+    session: u64,
+    register: pb::Register,
+    sender: AgentSender,
+    reply: Reply<pb::Registered>,
+}
+
+/// A plan not applied within this time is given up (leadership was lost).
+const PLAN_TIMEOUT_MS: u64 = 5_000;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -279,7 +287,12 @@ impl Core {
             dirty: true,
             last_pass_ms: 0,
             started_ms: now_ms(),
-            deferred: Vec::new(),
+            raft: None,
+            leader: false,
+            term: 0,
+            registering: HashMap::new(),
+            plan_in_flight: None,
+            fatal: None,
         })
     }
 
@@ -302,86 +315,164 @@ impl Core {
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             }
             self.tick();
-            if let Err(error) = self.flush() {
+            if let Some(error) = &self.fatal {
                 tracing::error!(%error, "cannot persist state; stopping the coordinator core");
                 return;
             }
         }
-        if let Err(error) = self
-            .flush()
-            .and_then(|_| self.store.flush().map_err(|e| e.to_string()))
-        {
+        if let Err(error) = self.store.flush() {
             tracing::error!(%error, "final flush failed");
         }
         tracing::info!("coordinator core stopped; storage flushed");
     }
 
-    /// Persists pending changes, then releases deferred replies and events.
-    fn flush(&mut self) -> Result<(), String> {
-        let changes = self.state.take_changes();
-        let result = if changes.jobs.is_empty()
-            && changes.nodes.is_empty()
-            && changes.events.is_empty()
-            && changes.submissions.is_empty()
-            && changes.estimates.is_empty()
-        {
-            Ok(())
-        } else {
-            self.dirty |= !changes.jobs.is_empty() || !changes.nodes.is_empty();
-            self.store
-                .persist(&self.state, &changes)
-                .map_err(|e| e.to_string())
+    /// Proposes a command through Raft. Its effects (dispatch, cancels,
+    /// replies to agents) happen when it comes back applied, in
+    /// [`Core::after_apply`], on the leader only.
+    fn propose(&mut self, command: Command) {
+        let Some(raft) = &self.raft else {
+            tracing::warn!("no replication yet; command dropped");
+            return;
         };
-        if result.is_ok() {
-            for event in &changes.events {
-                let _ = self.events.send(convert::event_to_proto(event));
+        match serde_json::to_vec(&command) {
+            // The answer is not needed here: the effects come with the apply.
+            Ok(bytes) => raft.propose_with(bytes, tokio::sync::oneshot::channel().0),
+            Err(error) => tracing::error!(%error, "cannot encode command"),
+        }
+    }
+
+    /// Applies a committed entry: state machine, storage (the Raft log is
+    /// the durable record, so no flush), events, then the leader's effects.
+    fn raft_apply(&mut self, index: u64, data: &[u8]) -> Vec<u8> {
+        let result: Result<Outcome, ApplyError> = match serde_json::from_slice::<Command>(data) {
+            Ok(command) => {
+                let result = self.state.apply(command.clone());
+                let changes = self.state.take_changes();
+                if let Err(error) = self.store.persist_applied(&self.state, &changes, index) {
+                    self.fatal = Some(error.to_string());
+                }
+                for event in &changes.events {
+                    let _ = self.events.send(convert::event_to_proto(event));
+                }
+                self.dirty |= !changes.jobs.is_empty() || !changes.nodes.is_empty();
+                if let Ok(outcome) = &result {
+                    self.after_apply(&command, outcome);
+                }
+                result
+            }
+            Err(error) => {
+                tracing::error!(index, %error, "undecodable log entry skipped");
+                Ok(Outcome::Done)
+            }
+        };
+        serde_json::to_vec(&result).unwrap_or_default()
+    }
+
+    /// What the leader does once a command is applied.
+    fn after_apply(&mut self, command: &Command, outcome: &Outcome) {
+        match (command, outcome) {
+            (
+                Command::JobStarted { job, attempt, .. } | Command::JobExited { job, attempt, .. },
+                _,
+            ) => {
+                self.unconfirmed.remove(&(*job, *attempt));
+            }
+            _ => {}
+        }
+        if !self.leader {
+            return;
+        }
+        match (command, outcome) {
+            (Command::RegisterNode { name, .. }, _) => self.complete_registration(name),
+            (Command::Assign { .. }, Outcome::Assigned { applied, refused }) => {
+                self.plan_in_flight = None;
+                for (job, reason) in refused {
+                    tracing::warn!(job_id = job, %reason, "placement refused on re-check");
+                    self.hold_reasons
+                        .insert(*job, format!("placement refused on re-check: {reason}"));
+                    self.dirty = true;
+                }
+                for (job, _) in applied {
+                    self.hold_reasons.remove(job);
+                    self.send_assignment(*job);
+                }
+            }
+            (
+                Command::JobStarted {
+                    job, attempt, node, ..
+                },
+                Outcome::Stale,
+            ) => {
+                tracing::info!(node = %node, job_id = job, attempt, "stale attempt started; telling the agent to stop it");
+                self.send_cancel(node, *job, *attempt);
+            }
+            (
+                Command::RequestCancel { job, .. },
+                Outcome::CancelRequested {
+                    stop: Some((node, attempt)),
+                    ..
+                },
+            ) => {
+                self.send_cancel(node, *job, *attempt);
+            }
+            (
+                Command::ReviveAttempt {
+                    job, attempt, node, ..
+                },
+                Outcome::Revived { withdrawn },
+            ) => {
+                tracing::info!(node = %node, job_id = job, attempt, "lost attempt came back; kept");
+                if let Some((other, number)) = withdrawn {
+                    self.send_cancel(other, *job, *number);
+                }
+            }
+            (
+                Command::ReviveAttempt {
+                    job, attempt, node, ..
+                },
+                Outcome::Stale,
+            ) => {
+                tracing::info!(node = %node, job_id = job, attempt, "lost attempt came back too late; stopping it");
+                self.send_cancel(node, *job, *attempt);
+            }
+            _ => {}
+        }
+    }
+
+    /// Follows leadership: a new leader rebuilds soft state from the next
+    /// heartbeats; a deposed one drops its agents so they find the new one.
+    fn follow_leadership(&mut self) {
+        let Some(raft) = &self.raft else { return };
+        let status = raft.status();
+        self.term = status.term;
+        if status.is_leader == self.leader {
+            return;
+        }
+        self.leader = status.is_leader;
+        if self.leader {
+            tracing::info!(
+                term = status.term,
+                "leading: rebuilding soft state from heartbeats"
+            );
+            self.health = HealthTracker::new(self.config.health);
+            self.dirty = true;
+        } else {
+            tracing::info!(term = status.term, leader = ?status.leader_url, "no longer leading: dropping agent streams");
+            self.sessions.clear();
+            self.unconfirmed.clear();
+            self.hold_reasons.clear();
+            self.plan_in_flight = None;
+            for (_, pending) in self.registering.drain() {
+                let _ = pending.reply.send(Err(CoordinatorError::NotLeader {
+                    leader: status.leader_url.clone(),
+                }));
             }
         }
-        for reply in self.deferred.drain(..) {
-            reply(result.clone());
-        }
-        result
-    }
-
-    fn defer<T: Send + 'static>(&mut self, reply: Reply<T>, value: Result<T, CoordinatorError>) {
-        self.deferred.push(Box::new(move |durable| {
-            let value = match durable {
-                Ok(()) => value,
-                Err(error) => Err(CoordinatorError::Unavailable(format!(
-                    "not stored: {error}"
-                ))),
-            };
-            let _ = reply.send(value);
-        }));
-    }
-
-    fn apply(&mut self, command: Command) -> Result<Outcome, CoordinatorError> {
-        Ok(self.state.apply(command)?)
     }
 
     fn handle(&mut self, request: Request) {
         let now = now_ms();
         match request {
-            Request::Submit {
-                key,
-                specs,
-                pipeline,
-                reply,
-            } => {
-                let result = self
-                    .apply(Command::Submit {
-                        at_ms: now,
-                        key,
-                        jobs: specs,
-                        pipeline,
-                    })
-                    .map(|outcome| match outcome {
-                        Outcome::Submitted(ids) => ids,
-                        _ => Vec::new(),
-                    });
-                self.dirty = true;
-                self.defer(reply, result);
-            }
             Request::GetJob { id, reply } => {
                 let result = self
                     .state
@@ -412,43 +503,54 @@ impl Core {
                     .collect();
                 let _ = reply.send(Ok(jobs));
             }
-            Request::Cancel { id, reply } => {
-                let result = self.apply(Command::RequestCancel {
-                    at_ms: now,
-                    job: id,
-                });
-                let result = result.map(|outcome| match outcome {
-                    Outcome::CancelRequested { state, stop } => {
-                        if let Some((node, attempt)) = stop {
-                            self.send_cancel(&node, id, attempt);
-                        }
-                        state
-                    }
-                    _ => JobState::Cancelled,
-                });
-                self.defer(reply, result);
-            }
             Request::ListNodes { reply } => {
                 let _ = reply.send(Ok(self.nodes_to_proto(now)));
-            }
-            Request::Drain { node, drain, reply } => {
-                let result = self
-                    .apply(Command::SetDrain {
-                        at_ms: now,
-                        node,
-                        draining: drain,
-                    })
-                    .map(|_| ());
-                self.defer(reply, result);
             }
             Request::Status { reply } => {
                 let _ = reply.send(Ok(self.status(now)));
             }
             Request::EventsSince { from, limit, reply } => {
-                // Flush first so every event applied so far is readable.
-                let flushed = self.flush().map_err(CoordinatorError::Unavailable);
-                let result = flushed.and_then(|_| Ok(self.store.events_since(from, limit)?));
+                let result = self
+                    .store
+                    .events_since(from, limit)
+                    .map_err(CoordinatorError::from);
                 let _ = reply.send(result);
+            }
+            Request::RaftApply { index, data, reply } => {
+                let _ = reply.send(self.raft_apply(index, &data));
+            }
+            Request::RaftSnapshot { reply } => {
+                let bytes = self.store.snapshot(&self.state).and_then(|snapshot| {
+                    serde_json::to_vec(&snapshot).map_err(crate::store::StoreError::Encode)
+                });
+                match bytes {
+                    Ok(bytes) => {
+                        let _ = reply.send(bytes);
+                    }
+                    Err(error) => self.fatal = Some(error.to_string()),
+                }
+            }
+            Request::RaftRestore { index, data, reply } => {
+                let result = serde_json::from_slice::<crate::store::StateSnapshot>(&data)
+                    .map_err(|e| format!("undecodable snapshot: {e}"))
+                    .and_then(|snapshot| {
+                        self.store
+                            .replace_all(&snapshot, index)
+                            .map_err(|e| e.to_string())
+                    });
+                let result = result.map(|state| {
+                    self.state = state;
+                    self.dirty = true;
+                });
+                let _ = reply.send(result);
+            }
+            Request::RaftAppliedIndex { reply } => {
+                let index = self.store.applied_index().unwrap_or(0);
+                let _ = reply.send(index);
+            }
+            Request::AttachRaft { handle } => {
+                self.raft = Some(handle);
+                self.follow_leadership();
             }
             Request::DlqList { reply } => {
                 let jobs = self
@@ -457,25 +559,6 @@ impl Core {
                     .map(|job| convert::job_to_proto(job, None))
                     .collect();
                 let _ = reply.send(Ok(jobs));
-            }
-            Request::DlqRetry { id, spec, reply } => {
-                let result = self
-                    .apply(Command::DlqRetry {
-                        at_ms: now,
-                        job: id,
-                        spec,
-                    })
-                    .map(|_| ());
-                self.defer(reply, result);
-            }
-            Request::DlqDrop { id, reply } => {
-                let result = self
-                    .apply(Command::DlqDrop {
-                        at_ms: now,
-                        job: id,
-                    })
-                    .map(|_| ());
-                self.defer(reply, result);
             }
             Request::Pipeline { name, run, reply } => {
                 let (run, jobs) = self.state.pipeline_jobs(&name, run);
@@ -510,10 +593,7 @@ impl Core {
                 register,
                 sender,
                 reply,
-            } => {
-                let result = self.register(now, session, register, sender);
-                self.defer(reply, result);
-            }
+            } => self.register(now, session, register, sender, reply),
             Request::AgentMessage {
                 session,
                 node,
@@ -592,21 +672,30 @@ impl Core {
         }
     }
 
+    /// Starts an agent's registration: its RegisterNode is proposed, and the
+    /// rest happens in [`Core::complete_registration`] once it is applied.
     fn register(
         &mut self,
         now: u64,
         session: u64,
         register: pb::Register,
         sender: AgentSender,
-    ) -> Result<pb::Registered, CoordinatorError> {
+        reply: Reply<pb::Registered>,
+    ) {
         let name = register.node.clone();
         if name.is_empty() {
-            return Err(CoordinatorError::InvalidArgument {
+            let _ = reply.send(Err(CoordinatorError::InvalidArgument {
                 field: "register.node".into(),
                 reason: "must not be empty".into(),
-            });
+            }));
+            return;
         }
-        self.apply(Command::RegisterNode {
+        if !self.leader {
+            let leader = self.raft.as_ref().and_then(|r| r.status().leader_url);
+            let _ = reply.send(Err(CoordinatorError::NotLeader { leader }));
+            return;
+        }
+        let command = Command::RegisterNode {
             at_ms: now,
             name: name.clone(),
             address: register.address.clone(),
@@ -623,12 +712,37 @@ impl Core {
             cpu_millis: register.cpu_millis.max(0) as u64,
             memory_total: register.memory_total_bytes.max(0) as u64,
             disk_total: register.disk_total_bytes.max(0) as u64,
-        })?;
+        };
         self.health.on_register(&name, &register, now);
         // A previous stream of this node is replaced now: its messages are stale.
         self.sessions.remove(&name);
+        let pending = PendingRegistration {
+            session,
+            register,
+            sender,
+            reply,
+        };
+        if let Some(old) = self.registering.insert(name, pending) {
+            let _ = old.reply.send(Err(CoordinatorError::Unavailable(
+                "replaced by a newer registration".into(),
+            )));
+        }
+        self.propose(command);
+    }
 
-        // Reconcile what the agent runs against hard state.
+    /// Reconciles a registered agent's running attempts against hard state,
+    /// then opens its session: Registered first, then re-sent assignments.
+    fn complete_registration(&mut self, name: &str) {
+        let Some(PendingRegistration {
+            session,
+            register,
+            sender,
+            reply,
+        }) = self.registering.remove(name)
+        else {
+            return;
+        };
+        let now = now_ms();
         let mut stop = Vec::new();
         let reported: BTreeSet<(JobId, u32)> = register
             .running
@@ -636,49 +750,46 @@ impl Core {
             .map(|r| (r.job_id, r.attempt))
             .collect();
         for running in &register.running {
-            let current = self.state.job(running.job_id).is_some_and(|j| {
+            let job = self.state.job(running.job_id);
+            let current = job.is_some_and(|j| {
                 j.state.is_active()
                     && j.current_attempt().is_some_and(|a| {
                         a.attempt == running.attempt && a.node == name && a.ended_at_ms == 0
                     })
             });
-            if !current {
-                // Lost is not dead: a lost attempt whose replacement has not
-                // started is kept, and the replacement withdrawn.
-                let revived = self.apply(Command::ReviveAttempt {
+            let lost_here = job.is_some_and(|j| {
+                j.attempts.iter().any(|a| {
+                    a.attempt == running.attempt
+                        && a.node == name
+                        && a.outcome == Some(crate::domain::AttemptOutcome::Lost)
+                })
+            });
+            if current {
+                if job.is_some_and(|j| j.state == JobState::Assigned) {
+                    self.propose(Command::JobStarted {
+                        at_ms: running.started_at_ms.max(now),
+                        job: running.job_id,
+                        attempt: running.attempt,
+                        node: name.to_string(),
+                    });
+                }
+            } else if lost_here {
+                // Lost is not dead: kept if its replacement has not started
+                // (decided when the revive applies; stopped otherwise).
+                self.propose(Command::ReviveAttempt {
                     at_ms: now,
                     job: running.job_id,
                     attempt: running.attempt,
-                    node: name.clone(),
+                    node: name.to_string(),
                 });
-                match revived {
-                    Ok(Outcome::Revived { withdrawn }) => {
-                        tracing::info!(node = %name, job_id = running.job_id, attempt = running.attempt, "lost attempt came back; kept");
-                        if let Some((node, attempt)) = withdrawn {
-                            self.send_cancel(&node, running.job_id, attempt);
-                        }
-                    }
-                    _ => {
-                        tracing::info!(node = %name, job_id = running.job_id, attempt = running.attempt, "stopping an attempt hard state does not know");
-                        stop.push(*running);
-                    }
-                }
-            } else if self
-                .state
-                .job(running.job_id)
-                .is_some_and(|j| j.state == JobState::Assigned)
-            {
-                self.apply(Command::JobStarted {
-                    at_ms: running.started_at_ms.max(now),
-                    job: running.job_id,
-                    attempt: running.attempt,
-                    node: name.clone(),
-                })?;
+            } else {
+                tracing::info!(node = %name, job_id = running.job_id, attempt = running.attempt, "stopping an attempt hard state does not know");
+                stop.push(*running);
             }
         }
         let active: Vec<(JobId, u32, JobState, bool)> = self
             .state
-            .jobs_on(&name)
+            .jobs_on(name)
             .filter_map(|j| {
                 j.current_attempt()
                     .map(|a| (j.id, a.attempt, j.state, j.cancel_requested))
@@ -716,7 +827,7 @@ impl Core {
         // Only now does the session exist for everyone else (pings, dispatch),
         // so nothing can overtake Registered.
         self.sessions.insert(
-            name.clone(),
+            name.to_string(),
             Session {
                 id: session,
                 sender,
@@ -728,7 +839,7 @@ impl Core {
             },
         );
         tracing::info!(node = %name, running = register.running.len(), "agent registered");
-        Ok(registered)
+        let _ = reply.send(Ok(registered));
     }
 
     fn agent_message(&mut self, now: u64, session: u64, node: &str, message: pb::AgentMessage) {
@@ -834,7 +945,6 @@ impl Core {
             },
             None => return,
         };
-        let started = matches!(command, Command::JobStarted { .. });
         // Feed the node's circuit breaker with the job's fault, if it was one.
         if let Command::JobExited {
             code,
@@ -849,16 +959,7 @@ impl Core {
                 tracing::warn!(node = %node, "node quarantined after repeated job failures");
             }
         }
-        match self.apply(command) {
-            Ok(Outcome::Stale) if started => {
-                tracing::info!(node = %node, job_id = job, attempt, "stale attempt started; telling the agent to stop it");
-                self.send_cancel(node, job, attempt);
-            }
-            Ok(_) => {
-                self.unconfirmed.remove(&(job, attempt));
-            }
-            Err(error) => tracing::warn!(node = %node, job_id = job, %error, "job event refused"),
-        }
+        self.propose(command);
     }
 
     fn read_log(
@@ -932,16 +1033,18 @@ impl Core {
 
     fn tick(&mut self) {
         let now = now_ms();
+        self.follow_leadership();
+        if !self.leader {
+            return;
+        }
         for node in self.health.tick(now) {
             if self.state.node(&node).is_some_and(|n| !n.down) {
                 tracing::warn!(node = %node, "node is down; its jobs are lost and will be retried");
-                if let Err(error) = self.apply(Command::SetNodeDown {
+                self.propose(Command::SetNodeDown {
                     at_ms: now,
                     node,
                     down: true,
-                }) {
-                    tracing::warn!(%error, "cannot mark node down");
-                }
+                });
             }
         }
         let expired: Vec<(JobId, u32)> = self
@@ -953,14 +1056,12 @@ impl Core {
         for (job, attempt) in expired {
             self.unconfirmed.remove(&(job, attempt));
             let reason = "the agent no longer runs it".to_string();
-            if let Err(error) = self.apply(Command::AttemptLost {
+            self.propose(Command::AttemptLost {
                 at_ms: now,
                 job,
                 attempt,
                 reason,
-            }) {
-                tracing::warn!(%error, job_id = job, "cannot mark attempt lost");
-            }
+            });
         }
         self.log_waiters.retain(|_, w| !w.reply.is_closed());
         self.send_pings();
@@ -971,13 +1072,17 @@ impl Core {
             .map(|j| j.id)
             .collect();
         for job in due {
-            if let Err(error) = self.apply(Command::Requeue { at_ms: now, job }) {
-                tracing::warn!(%error, job_id = job, "cannot requeue");
-            }
+            self.propose(Command::Requeue { at_ms: now, job });
+        }
+        if self
+            .plan_in_flight
+            .is_some_and(|since| now.saturating_sub(since) > PLAN_TIMEOUT_MS)
+        {
+            self.plan_in_flight = None;
         }
         let timer_due =
             now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
-        if self.dirty || timer_due {
+        if (self.dirty || timer_due) && self.plan_in_flight.is_none() {
             self.schedule(now);
         }
     }
@@ -1052,24 +1157,17 @@ impl Core {
         for unplaced in plan.unplaced {
             reasons.insert(unplaced.job, unplaced.reason.to_string());
         }
+        // Jobs being placed keep no stale reason; the plan applies shortly.
+        for placement in &plan.placements {
+            reasons.remove(&placement.job);
+        }
         if !plan.placements.is_empty() {
-            match self.apply(Command::Assign {
+            self.plan_in_flight = Some(now);
+            self.propose(Command::Assign {
                 at_ms: now,
                 placements: plan.placements,
-            }) {
-                Ok(Outcome::Assigned { applied, refused }) => {
-                    for (job, reason) in refused {
-                        tracing::warn!(job_id = job, %reason, "placement refused on re-check");
-                        reasons.insert(job, format!("placement refused on re-check: {reason}"));
-                        self.dirty = true;
-                    }
-                    for (job, _) in applied {
-                        self.send_assignment(job);
-                    }
-                }
-                Ok(_) => {}
-                Err(error) => tracing::error!(%error, "plan commit failed"),
-            }
+                term: self.term,
+            });
         }
         self.hold_reasons = reasons;
     }
@@ -1216,9 +1314,19 @@ impl Core {
                 .entry(job.state.as_str().to_string())
                 .or_default() += 1;
         }
+        let raft = self
+            .raft
+            .as_ref()
+            .map(RaftHandle::status)
+            .unwrap_or_default();
         pb::ClusterStatus {
             coordinator_id: self.config.id.clone(),
-            is_leader: true,
+            is_leader: self.leader,
+            leader_url: raft.leader_url.unwrap_or_default(),
+            leader_id: raft.leader_id.unwrap_or(0),
+            raft_term: raft.term,
+            commit_index: raft.commit_index,
+            applied_index: raft.applied_index,
             nodes_total: nodes.len() as u32,
             nodes_ready: nodes.iter().filter(|n| n.state == "ready").count() as u32,
             gpus_total: nodes.iter().map(|n| n.gpus.len() as u32).sum(),

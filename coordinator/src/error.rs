@@ -3,6 +3,9 @@
 use crate::state::ApplyError;
 use crate::store::StoreError;
 
+/// gRPC metadata key carrying the leader's URL on a not-leader refusal.
+pub const LEADER_METADATA: &str = "gantry-leader";
+
 /// Everything a coordinator call can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -26,6 +29,12 @@ pub enum CoordinatorError {
     /// A node is not connected or did not answer in time.
     #[error("{0}")]
     Unavailable(String),
+    /// This replica does not lead; clients and agents should go to `leader`.
+    #[error("not leader; the leader is {}", leader.as_deref().unwrap_or("unknown (election in progress)"))]
+    NotLeader {
+        /// The leader's URL, when known.
+        leader: Option<String>,
+    },
     /// The coordinator is shutting down.
     #[error("coordinator is shutting down")]
     ShuttingDown,
@@ -43,6 +52,15 @@ impl From<CoordinatorError> for tonic::Status {
             ) => tonic::Status::failed_precondition(message),
             CoordinatorError::Apply(_) => tonic::Status::invalid_argument(message),
             CoordinatorError::Store(_) => tonic::Status::internal(message),
+            CoordinatorError::NotLeader { leader } => {
+                let mut status = tonic::Status::unavailable(message);
+                if let Some(url) = leader
+                    && let Ok(value) = url.parse()
+                {
+                    status.metadata_mut().insert(LEADER_METADATA, value);
+                }
+                status
+            }
             CoordinatorError::Unavailable(_) | CoordinatorError::ShuttingDown => {
                 tonic::Status::unavailable(message)
             }

@@ -1,6 +1,8 @@
-//! Starting and stopping a coordinator: bind the listeners (port 0 works),
-//! start the core thread and the gRPC server, and shut both down on one token.
+//! Starting and stopping a coordinator: bind the listener (port 0 works),
+//! start the core thread, the Raft node and the gRPC server, and shut them
+//! down on one token.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
@@ -11,8 +13,9 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{Core, CoreConfig};
+use crate::core::{Core, CoreConfig, Request};
 use crate::error::CoordinatorError;
+use crate::raft::{RaftConfig, RaftNode, ReplicatedStateMachine};
 use crate::service::{AgentLinkService, CoreHandle, GantryService};
 use crate::store::Store;
 
@@ -29,15 +32,21 @@ pub struct CoordinatorConfig {
     pub data_dir: PathBuf,
     /// Core tunables.
     pub core: CoreConfig,
+    /// This replica's id.
+    pub id: u64,
+    /// All replicas' client URLs by id; empty = a single voter at `grpc_addr`.
+    pub peers: BTreeMap<u64, String>,
 }
 
 impl CoordinatorConfig {
-    /// A configuration for tests: loopback, port 0.
+    /// A configuration for tests: loopback, port 0, a single voter.
     pub fn for_test(data_dir: PathBuf) -> CoordinatorConfig {
         CoordinatorConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             core: CoreConfig::default(),
+            id: 1,
+            peers: BTreeMap::new(),
         }
     }
 }
@@ -47,14 +56,16 @@ pub struct RunningCoordinator {
     /// The bound gRPC address.
     pub grpc_addr: SocketAddr,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    raft: RaftNode,
     core: std::thread::JoinHandle<()>,
 }
 
 impl RunningCoordinator {
-    /// Waits until the server and the core have stopped (after the shutdown
-    /// token was cancelled). The core flushes storage before it returns.
+    /// Waits until the server, the Raft node and the core have stopped (after
+    /// the shutdown token was cancelled). Storage is flushed before it returns.
     pub async fn wait(self) -> Result<(), CoordinatorError> {
         let served = self.server.await;
+        self.raft.stop().await;
         let core = self.core;
         tokio::task::spawn_blocking(move || core.join()).await.ok();
         match served {
@@ -69,7 +80,55 @@ impl RunningCoordinator {
     }
 }
 
-/// Opens storage, starts the core and serves gRPC until `shutdown`.
+/// The Raft application: forwards every call to the core thread, which owns
+/// the state machine, and waits for its answer. The Raft driver never waits
+/// on anything the core waits on, so this cannot deadlock.
+struct CoreApp {
+    requests: std_mpsc::Sender<Request>,
+}
+
+impl CoreApp {
+    fn ask<T: Default>(&self, build: impl FnOnce(std_mpsc::Sender<T>) -> Request) -> T {
+        let (tx, rx) = std_mpsc::channel();
+        if self.requests.send(build(tx)).is_err() {
+            return T::default();
+        }
+        rx.recv().unwrap_or_default()
+    }
+}
+
+impl ReplicatedStateMachine for CoreApp {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+        let data = command.to_vec();
+        self.ask(|reply| Request::RaftApply { index, data, reply })
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.ask(|reply| Request::RaftSnapshot { reply })
+    }
+
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+        let data = data.to_vec();
+        let (tx, rx) = std_mpsc::channel();
+        self.requests
+            .send(Request::RaftRestore {
+                index,
+                data,
+                reply: tx,
+            })
+            .map_err(|_| "coordinator core stopped".to_string())?;
+        rx.recv()
+            .map_err(|_| "coordinator core stopped".to_string())?
+    }
+
+    fn applied_index(&self) -> u64 {
+        self.ask(|reply| Request::RaftAppliedIndex { reply })
+    }
+}
+
+/// Opens storage, starts the core and the Raft node, and serves gRPC (the
+/// client API, the agent link and the Raft peer service on one port) until
+/// `shutdown`.
 pub async fn start(
     config: CoordinatorConfig,
     shutdown: CancellationToken,
@@ -80,7 +139,15 @@ pub async fn start(
             config.data_dir.display()
         ))
     })?;
+    let listener = TcpListener::bind(config.grpc_addr).await.map_err(|e| {
+        CoordinatorError::Unavailable(format!("cannot listen on {}: {e}", config.grpc_addr))
+    })?;
+    let grpc_addr = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::Unavailable(format!("no local address: {e}")))?;
+
     let store = Store::open(&config.data_dir)?;
+    let db = store.db().clone();
     let (events, _) = broadcast::channel(4096);
     let core = Core::new(config.core.clone(), store, events.clone())?;
     let (requests, inbox) = std_mpsc::channel();
@@ -88,33 +155,59 @@ pub async fn start(
         .name("gantry-core".into())
         .spawn(move || core.run(inbox))
         .map_err(|e| CoordinatorError::Unavailable(format!("cannot start core thread: {e}")))?;
-    let handle = CoreHandle::new(requests, events);
 
-    let listener = TcpListener::bind(config.grpc_addr).await.map_err(|e| {
-        CoordinatorError::Unavailable(format!("cannot listen on {}: {e}", config.grpc_addr))
-    })?;
-    let grpc_addr = listener
-        .local_addr()
-        .map_err(|e| CoordinatorError::Unavailable(format!("no local address: {e}")))?;
+    let raft_config = if config.peers.is_empty() {
+        RaftConfig::single(config.id, format!("http://{grpc_addr}"))
+    } else {
+        RaftConfig::new(config.id, config.peers.clone())
+    };
+    let app = CoreApp {
+        requests: requests.clone(),
+    };
+    let raft = RaftNode::start(raft_config, &db, app, &shutdown)
+        .map_err(|e| CoordinatorError::Unavailable(format!("cannot start replication: {e}")))?;
+    let _ = requests.send(Request::AttachRaft {
+        handle: raft.handle(),
+    });
+    if config.peers.len() <= 1 {
+        // A single voter elects itself at once: serve only once it leads, so
+        // the first request after start is not refused.
+        let mut status = raft.handle().watch_status();
+        let led = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            status.wait_for(|s| s.is_leader),
+        )
+        .await;
+        if !matches!(led, Ok(Ok(_))) {
+            return Err(CoordinatorError::Unavailable(
+                "single-voter replication did not elect itself".into(),
+            ));
+        }
+    }
+    let handle = CoreHandle::new(requests, events, raft.handle());
+
     let gantry = pb::gantry_server::GantryServer::new(GantryService::new(handle.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let agents = pb::agent_link_server::AgentLinkServer::new(AgentLinkService::new(handle))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let peers = raft.handle().peer_service();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(gantry)
             .add_service(agents)
+            .add_service(peers)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
                 shutdown.cancelled_owned(),
             )
             .await
     });
-    // The core stops when the last request sender (held by the services) is
-    // dropped, which happens once the server has shut down.
+    // The core stops when the last request sender (held by the services and
+    // the Raft application) is dropped, after the server and Raft node stop.
     Ok(RunningCoordinator {
         grpc_addr,
         server,
+        raft,
         core: core_thread,
     })
 }

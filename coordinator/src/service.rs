@@ -1,5 +1,7 @@
-//! The tonic services: thin adapters that validate, hand a [`Request`] to the
-//! core and wait for its reply.
+//! The tonic services: thin adapters. Writes are validated, turned into a
+//! [`Command`] and proposed through Raft (answered once committed and
+//! applied); reads are a [`Request`] to the core. A replica that does not
+//! lead refuses both with the leader's URL, so clients and agents follow it.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,10 +16,13 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
+use crate::command::Command;
 use crate::convert;
 use crate::core::Request;
 use crate::domain::JobState;
 use crate::error::CoordinatorError;
+use crate::raft::{ProposeError, RaftHandle};
+use crate::state::{ApplyError, Outcome};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -28,6 +33,7 @@ pub struct CoreHandle {
     requests: std_mpsc::Sender<Request>,
     events: broadcast::Sender<pb::Event>,
     sessions: Arc<AtomicU64>,
+    raft: RaftHandle,
 }
 
 impl CoreHandle {
@@ -35,12 +41,45 @@ impl CoreHandle {
     pub fn new(
         requests: std_mpsc::Sender<Request>,
         events: broadcast::Sender<pb::Event>,
+        raft: RaftHandle,
     ) -> CoreHandle {
         CoreHandle {
             requests,
             events,
             sessions: Arc::new(AtomicU64::new(1)),
+            raft,
         }
+    }
+
+    /// Refuses with the leader's URL unless this replica leads.
+    pub fn require_leader(&self) -> Result<(), CoordinatorError> {
+        let status = self.raft.status();
+        if status.is_leader {
+            Ok(())
+        } else {
+            Err(CoordinatorError::NotLeader {
+                leader: status.leader_url,
+            })
+        }
+    }
+
+    /// Proposes a command and returns its outcome once committed and applied.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, CoordinatorError> {
+        let bytes = serde_json::to_vec(&command)
+            .map_err(|e| CoordinatorError::Unavailable(format!("cannot encode command: {e}")))?;
+        let reply = self
+            .raft
+            .propose(bytes)
+            .await
+            .map_err(|error| match error {
+                ProposeError::NotLeader { leader_url, .. } => {
+                    CoordinatorError::NotLeader { leader: leader_url }
+                }
+                other => CoordinatorError::Unavailable(other.to_string()),
+            })?;
+        let result: Result<Outcome, ApplyError> = serde_json::from_slice(&reply)
+            .map_err(|e| CoordinatorError::Unavailable(format!("undecodable apply result: {e}")))?;
+        Ok(result?)
     }
 
     /// Sends a request built around a reply channel and waits for the answer.
@@ -58,6 +97,13 @@ impl CoreHandle {
     fn post(&self, request: Request) {
         let _ = self.requests.send(request);
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The client API (`gantry.v1.Gantry`).
@@ -86,15 +132,17 @@ impl pb::gantry_server::Gantry for GantryService {
             pipeline,
         } = convert::submit_request(request, size)?;
         let count = specs.len();
-        let job_ids = self
-            .core
-            .call(|reply| Request::Submit {
-                key,
-                specs,
-                pipeline,
-                reply,
-            })
-            .await?;
+        self.core.require_leader()?;
+        let command = Command::Submit {
+            at_ms: now_ms(),
+            key,
+            jobs: specs,
+            pipeline,
+        };
+        let job_ids = match self.core.propose(command).await? {
+            Outcome::Submitted(ids) => ids,
+            _ => Vec::new(),
+        };
         tracing::info!(
             jobs = count,
             first = job_ids.first().copied().unwrap_or(0),
@@ -107,6 +155,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        self.core.require_leader()?;
         let id = request.into_inner().job_id;
         Ok(Response::new(
             self.core
@@ -119,6 +168,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.core.require_leader()?;
         let request = request.into_inner();
         let mut states = Vec::new();
         for name in &request.states {
@@ -151,11 +201,18 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let id = request.into_inner().job_id;
-        let state = self
+        let job = request.into_inner().job_id;
+        let outcome = self
             .core
-            .call(|reply| Request::Cancel { id, reply })
+            .propose(Command::RequestCancel {
+                at_ms: now_ms(),
+                job,
+            })
             .await?;
+        let state = match outcome {
+            Outcome::CancelRequested { state, .. } => state,
+            _ => JobState::Cancelled,
+        };
         Ok(Response::new(pb::CancelJobResponse {
             state: state.as_str().to_string(),
         }))
@@ -165,6 +222,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         _request: GrpcRequest<pb::DlqListRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.core.require_leader()?;
         let jobs = self.core.call(|reply| Request::DlqList { reply }).await?;
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
@@ -174,14 +232,16 @@ impl pb::gantry_server::Gantry for GantryService {
         request: GrpcRequest<pb::DlqRetryRequest>,
     ) -> Result<Response<pb::DlqRetryResponse>, Status> {
         let request = request.into_inner();
-        let id = request.job_id;
         let spec = match request.spec {
             Some(spec) => Some(Box::new(convert::job_spec(spec, "spec.")?)),
             None => None,
         };
-        self.core
-            .call(|reply| Request::DlqRetry { id, spec, reply })
-            .await?;
+        let command = Command::DlqRetry {
+            at_ms: now_ms(),
+            job: request.job_id,
+            spec,
+        };
+        self.core.propose(command).await?;
         Ok(Response::new(pb::DlqRetryResponse {}))
     }
 
@@ -189,9 +249,12 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::DlqDropRequest>,
     ) -> Result<Response<pb::DlqDropResponse>, Status> {
-        let id = request.into_inner().job_id;
+        let job = request.into_inner().job_id;
         self.core
-            .call(|reply| Request::DlqDrop { id, reply })
+            .propose(Command::DlqDrop {
+                at_ms: now_ms(),
+                job,
+            })
             .await?;
         Ok(Response::new(pb::DlqDropResponse {}))
     }
@@ -200,6 +263,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::GetPipelineRequest>,
     ) -> Result<Response<pb::PipelineView>, Status> {
+        self.core.require_leader()?;
         let request = request.into_inner();
         let (name, run) = (request.name, request.run);
         let reply_name = name.clone();
@@ -220,6 +284,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        self.core.require_leader()?;
         let request = request.into_inner();
         let stream = match request.stream.as_str() {
             "" | "stdout" => "stdout".to_string(),
@@ -311,6 +376,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         _request: GrpcRequest<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.core.require_leader()?;
         let nodes = self.core.call(|reply| Request::ListNodes { reply }).await?;
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
@@ -320,10 +386,12 @@ impl pb::gantry_server::Gantry for GantryService {
         request: GrpcRequest<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
         let request = request.into_inner();
-        let (node, drain) = (request.node, request.drain);
-        self.core
-            .call(|reply| Request::Drain { node, drain, reply })
-            .await?;
+        let command = Command::SetDrain {
+            at_ms: now_ms(),
+            node: request.node,
+            draining: request.drain,
+        };
+        self.core.propose(command).await?;
         Ok(Response::new(pb::DrainResponse {}))
     }
 
@@ -342,6 +410,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.core.require_leader()?;
         let request = request.into_inner();
         let core = self.core.clone();
         let (tx, rx) = mpsc::channel(256);

@@ -59,10 +59,12 @@ pub struct ChangeSet {
     pub submissions: Vec<(String, Vec<JobId>)>,
     /// Learned estimates written.
     pub estimates: BTreeSet<String>,
+    /// The leader term changed.
+    pub leader_term: bool,
 }
 
 /// What an apply produced, for the caller (reply to clients, messages to agents).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Outcome {
     /// New (or, for a repeated key, earlier) job ids.
     Submitted(Vec<JobId>),
@@ -92,7 +94,7 @@ pub enum Outcome {
 }
 
 /// Refusals of `apply` that change nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ApplyError {
     /// No such job.
     #[error("job {0} not found")]
@@ -162,6 +164,8 @@ pub struct StateMachine {
     estimates: BTreeMap<String, u64>,
     /// Latest run number per pipeline name (derived from jobs).
     pipeline_runs: BTreeMap<String, u32>,
+    /// Highest leader term of an applied plan.
+    leader_term: u64,
     changes: ChangeSet,
 }
 
@@ -281,6 +285,21 @@ impl StateMachine {
     /// Named locks currently held.
     pub fn locks(&self) -> &BTreeMap<String, LockHolders> {
         &self.locks
+    }
+
+    /// Highest leader term of an applied plan (hard state).
+    pub fn leader_term(&self) -> u64 {
+        self.leader_term
+    }
+
+    /// Sets the leader term when restoring from storage.
+    pub fn set_leader_term(&mut self, term: u64) {
+        self.leader_term = term;
+    }
+
+    /// Submission keys, for snapshots.
+    pub fn submissions(&self) -> impl Iterator<Item = (&String, &Vec<JobId>)> {
+        self.submissions.iter()
     }
 
     /// Failed jobs waiting for their back-off.
@@ -406,7 +425,33 @@ impl StateMachine {
                 self.changes.nodes.insert(name);
                 Ok(Outcome::Done)
             }
-            Command::Assign { at_ms, placements } => Ok(self.assign(at_ms, placements)),
+            Command::Assign {
+                at_ms,
+                placements,
+                term,
+            } => {
+                // A plan made by a deposed leader is refused whole: a newer
+                // leader's plan has already been applied.
+                if term < self.leader_term {
+                    let reason = format!(
+                        "plan of term {term} is older than term {}",
+                        self.leader_term
+                    );
+                    let refused = placements
+                        .into_iter()
+                        .map(|p| (p.job, reason.clone()))
+                        .collect();
+                    return Ok(Outcome::Assigned {
+                        applied: Vec::new(),
+                        refused,
+                    });
+                }
+                if term > self.leader_term {
+                    self.leader_term = term;
+                    self.changes.leader_term = true;
+                }
+                Ok(self.assign(at_ms, placements))
+            }
             Command::JobStarted {
                 at_ms,
                 job,

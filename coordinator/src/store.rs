@@ -41,6 +41,7 @@ pub struct Store {
     events: sled::Tree,
     submissions: sled::Tree,
     estimates: sled::Tree,
+    meta: sled::Tree,
 }
 
 impl Store {
@@ -56,6 +57,7 @@ impl Store {
             events: db.open_tree("events")?,
             submissions: db.open_tree("submissions")?,
             estimates: db.open_tree("estimates")?,
+            meta: db.open_tree("meta")?,
             db,
         })
     }
@@ -83,18 +85,116 @@ impl Store {
             Some((key, _)) => key_u64(&key) + 1,
             None => 1,
         };
-        Ok(StateMachine::restore(
-            jobs,
-            nodes,
-            submissions,
-            estimates,
-            next_event_index,
-        ))
+        let mut state =
+            StateMachine::restore(jobs, nodes, submissions, estimates, next_event_index);
+        state.set_leader_term(self.meta_u64(META_LEADER_TERM)?);
+        Ok(state)
+    }
+
+    /// The sled database, shared with the Raft log storage.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Index of the last Raft entry applied to the stored state (0 = none).
+    pub fn applied_index(&self) -> Result<u64, StoreError> {
+        self.meta_u64(META_APPLIED_INDEX)
+    }
+
+    fn meta_u64(&self, key: &str) -> Result<u64, StoreError> {
+        Ok(self.meta.get(key)?.map_or(0, |v| key_u64(&v)))
+    }
+
+    /// Writes what an apply changed together with the Raft index it came
+    /// from, without flushing: the Raft log is the durable record, and
+    /// entries after the stored applied index are applied again on start.
+    pub fn persist_applied(
+        &self,
+        state: &StateMachine,
+        changes: &ChangeSet,
+        index: u64,
+    ) -> Result<(), StoreError> {
+        self.write(state, changes)?;
+        self.meta.insert(META_APPLIED_INDEX, &index.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Replaces everything stored with a snapshot's state at `index`.
+    pub fn replace_all(
+        &self,
+        snapshot: &StateSnapshot,
+        index: u64,
+    ) -> Result<StateMachine, StoreError> {
+        for tree in [
+            &self.jobs,
+            &self.nodes,
+            &self.events,
+            &self.submissions,
+            &self.estimates,
+            &self.meta,
+        ] {
+            tree.clear()?;
+        }
+        let mut batch = sled::Batch::default();
+        for job in &snapshot.jobs {
+            batch.insert(&job.id.to_be_bytes(), encode(job)?);
+        }
+        self.jobs.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for node in &snapshot.nodes {
+            batch.insert(node.name.as_bytes(), encode(node)?);
+        }
+        self.nodes.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for event in &snapshot.events {
+            batch.insert(&event.index.to_be_bytes(), encode(event)?);
+        }
+        self.events.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for (key, ids) in &snapshot.submissions {
+            batch.insert(key.as_bytes(), encode(ids)?);
+        }
+        self.submissions.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for (class, bytes) in &snapshot.estimates {
+            batch.insert(class.as_bytes(), &bytes.to_be_bytes());
+        }
+        self.estimates.apply_batch(batch)?;
+        self.meta
+            .insert(META_LEADER_TERM, &snapshot.leader_term.to_be_bytes())?;
+        self.meta.insert(META_APPLIED_INDEX, &index.to_be_bytes())?;
+        self.db.flush()?;
+        self.load()
+    }
+
+    /// The whole stored state, for a Raft snapshot.
+    pub fn snapshot(&self, state: &StateMachine) -> Result<StateSnapshot, StoreError> {
+        Ok(StateSnapshot {
+            jobs: state.jobs().cloned().collect(),
+            nodes: state.nodes().cloned().collect(),
+            submissions: state
+                .submissions()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            estimates: state
+                .estimates()
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            events: self.events_since(0, usize::MAX)?,
+            leader_term: state.leader_term(),
+        })
     }
 
     /// Writes what an apply changed, then flushes. Only after this returns
     /// may the change be acknowledged.
     pub fn persist(&self, state: &StateMachine, changes: &ChangeSet) -> Result<(), StoreError> {
+        self.write(state, changes)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn write(&self, state: &StateMachine, changes: &ChangeSet) -> Result<(), StoreError> {
         let mut jobs = sled::Batch::default();
         for id in &changes.jobs {
             if let Some(job) = state.job(*id) {
@@ -127,7 +227,10 @@ impl Store {
         self.nodes.apply_batch(nodes)?;
         self.submissions.apply_batch(submissions)?;
         self.events.apply_batch(events)?;
-        self.db.flush()?;
+        if changes.leader_term {
+            self.meta
+                .insert(META_LEADER_TERM, &state.leader_term().to_be_bytes())?;
+        }
         Ok(())
     }
 
@@ -151,6 +254,26 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+}
+
+const META_APPLIED_INDEX: &str = "applied_index";
+const META_LEADER_TERM: &str = "leader_term";
+
+/// The whole hard state, as carried in a Raft snapshot.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct StateSnapshot {
+    /// Every job.
+    pub jobs: Vec<JobRecord>,
+    /// Every node.
+    pub nodes: Vec<NodeRecord>,
+    /// Submission keys.
+    pub submissions: Vec<(String, Vec<JobId>)>,
+    /// Learned estimates.
+    pub estimates: Vec<(String, u64)>,
+    /// The event history.
+    pub events: Vec<EventRecord>,
+    /// Highest leader term of an applied plan.
+    pub leader_term: u64,
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {

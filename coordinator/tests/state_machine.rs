@@ -90,6 +90,7 @@ fn assign(sm: &mut StateMachine, placements: Vec<Placement>) -> AssignResult {
         .apply(Command::Assign {
             at_ms: 20,
             placements,
+            term: 1,
         })
         .expect("assign")
     {
@@ -661,4 +662,37 @@ fn the_store_round_trips_the_state_machine() {
     let events = store.events_since(1, 100).expect("events");
     assert_eq!(events.len() as u64, sm.next_event_index() - 1);
     assert!(events.windows(2).all(|w| w[0].index + 1 == w[1].index));
+}
+
+#[test]
+fn a_plan_from_a_deposed_leader_is_refused() {
+    let mut sm = StateMachine::new();
+    register(&mut sm, "n1", 1, 80 * GIB);
+    let ids = submit(&mut sm, vec![spec("a"), spec("b")]);
+    let newer = sm
+        .apply(Command::Assign {
+            at_ms: 20,
+            placements: vec![place(ids[0], "n1", 0, 10 * GIB, false)],
+            term: 5,
+        })
+        .expect("assign");
+    assert!(
+        matches!(newer, Outcome::Assigned { ref applied, .. } if applied.len() == 1),
+        "{newer:?}"
+    );
+    let late = sm
+        .apply(Command::Assign {
+            at_ms: 21,
+            placements: vec![place(ids[1], "n1", 0, 10 * GIB, false)],
+            term: 4,
+        })
+        .expect("assign");
+    match late {
+        Outcome::Assigned { applied, refused } => {
+            assert!(applied.is_empty());
+            assert!(refused[0].1.contains("older than term 5"), "{refused:?}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(sm.job(ids[1]).map(|j| j.state), Some(JobState::Pending));
 }

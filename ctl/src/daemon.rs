@@ -41,8 +41,10 @@ pub struct CoordinatorOptions {
     pub data_dir: PathBuf,
     /// Memory kept free on each GPU.
     pub gpu_headroom: u64,
-    /// Coordinator id.
-    pub id: String,
+    /// Replica id.
+    pub id: u64,
+    /// Replicas' client URLs by id (empty = a single voter).
+    pub peers: BTreeMap<u64, String>,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -50,10 +52,12 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         grpc_addr: options.grpc_addr,
         data_dir: options.data_dir.clone(),
         core: CoreConfig {
-            id: options.id.clone(),
+            id: options.id.to_string(),
             gpu_headroom: options.gpu_headroom,
             ..CoreConfig::default()
         },
+        id: options.id,
+        peers: options.peers.clone(),
     }
 }
 
@@ -125,11 +129,10 @@ pub async fn run_dev(options: CoordinatorOptions, fake_gpus: Option<String>) -> 
     cancel_on_signal(shutdown.clone());
     let coordinator_dir = options.data_dir.join("coordinator");
     let agent_dir = options.data_dir.join("agent");
-    let mut coordinator_options = CoordinatorOptions {
+    let coordinator_options = CoordinatorOptions {
         data_dir: coordinator_dir,
         ..options
     };
-    coordinator_options.id = "dev".into();
     let running =
         gantry_coordinator::start(coordinator_config(&coordinator_options), shutdown.clone())
             .await

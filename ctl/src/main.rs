@@ -81,10 +81,11 @@ enum Command {
         /// Memory kept free on every GPU, e.g. 1GiB.
         #[arg(long, default_value = "0", value_parser = parse_size_arg)]
         gpu_headroom: u64,
-        /// Replica id (replication: not built yet).
+        /// This replica's id (one of the ids in --peers).
         #[arg(long)]
-        id: Option<String>,
-        /// Replica peers (replication: not built yet).
+        id: Option<u64>,
+        /// All replicas, ID=URL[,ID=URL...], e.g. 1=http://10.0.0.1:7070,2=...;
+        /// without it the coordinator is a single voter.
         #[arg(long)]
         peers: Option<String>,
     },
@@ -350,8 +351,16 @@ async fn main() -> ExitCode {
             id,
             peers,
         } => {
-            if peers.is_some() {
-                return fail(not_built("replication (--peers)", 4));
+            let peers = match peers.as_deref().map(gantry_coordinator::raft::parse_peers) {
+                None => BTreeMap::new(),
+                Some(Ok(peers)) => peers,
+                Some(Err(error)) => return fail(CliError::invalid(format!("--peers: {error}"))),
+            };
+            let id = id.unwrap_or(1);
+            if !peers.is_empty() && !peers.contains_key(&id) {
+                return fail(CliError::invalid(format!(
+                    "--id: {id} is not one of the ids in --peers"
+                )));
             }
             if http_addr.is_some() {
                 return fail(not_built(
@@ -364,7 +373,8 @@ async fn main() -> ExitCode {
                 grpc_addr,
                 data_dir,
                 gpu_headroom,
-                id: id.unwrap_or_else(|| "1".into()),
+                id,
+                peers,
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -413,7 +423,8 @@ async fn main() -> ExitCode {
                 grpc_addr,
                 data_dir,
                 gpu_headroom: 0,
-                id: "dev".into(),
+                id: 1,
+                peers: BTreeMap::new(),
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }

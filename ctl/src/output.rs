@@ -297,6 +297,11 @@ pub fn status_json(s: &pb::ClusterStatus) -> Value {
     json!({
         "coordinator_id": s.coordinator_id,
         "is_leader": s.is_leader,
+        "leader_url": s.leader_url,
+        "leader_id": s.leader_id,
+        "raft_term": s.raft_term,
+        "commit_index": s.commit_index,
+        "applied_index": s.applied_index,
         "nodes_total": s.nodes_total,
         "nodes_ready": s.nodes_ready,
         "gpus_total": s.gpus_total,

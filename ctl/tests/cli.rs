@@ -40,7 +40,23 @@ fn exit_codes_are_documented_and_errors_are_one_line() {
         (vec!["jobs"], 3, "cannot reach coordinator"),
         (vec!["dlq", "list"], 3, "cannot reach coordinator"),
         (
-            vec!["coordinator", "--peers", "1=http://127.0.0.1:1"],
+            vec!["coordinator", "--peers", "x=http://127.0.0.1:1"],
+            2,
+            "--peers",
+        ),
+        (
+            vec![
+                "coordinator",
+                "--id",
+                "4",
+                "--peers",
+                "1=http://127.0.0.1:1",
+            ],
+            2,
+            "--id",
+        ),
+        (
+            vec!["coordinator", "--http-addr", "127.0.0.1:0"],
             1,
             "not built yet",
         ),
