@@ -370,14 +370,10 @@ impl Core {
 
     /// What the leader does once a command is applied.
     fn after_apply(&mut self, command: &Command, outcome: &Outcome) {
-        match (command, outcome) {
-            (
-                Command::JobStarted { job, attempt, .. } | Command::JobExited { job, attempt, .. },
-                _,
-            ) => {
-                self.unconfirmed.remove(&(*job, *attempt));
-            }
-            _ => {}
+        if let Command::JobStarted { job, attempt, .. } | Command::JobExited { job, attempt, .. } =
+            command
+        {
+            self.unconfirmed.remove(&(*job, *attempt));
         }
         if !self.leader {
             return;
