@@ -417,3 +417,77 @@ impl Sandbox {
         Ok(status)
     }
 }
+
+/// A free TCP port on `ip` (bound and released; the caller binds it next).
+pub fn free_port(ip: &str) -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind((ip, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A three-replica coordinator cluster on 127.0.0.11..13.
+pub struct ReplicaSet {
+    /// Process index of each replica in the sandbox (by id - 1), `None` when stopped.
+    pub procs: Vec<Option<usize>>,
+    /// Client URL of each replica.
+    pub urls: Vec<String>,
+    /// `--peers` value.
+    pub peers: String,
+    /// Data directory of each replica.
+    pub dirs: Vec<PathBuf>,
+}
+
+impl ReplicaSet {
+    /// All URLs, comma-separated (what clients and agents are given).
+    pub fn addrs(&self) -> String {
+        self.urls.join(",")
+    }
+}
+
+impl Sandbox {
+    /// Starts three coordinator replicas on 127.0.0.11, .12, .13.
+    pub fn start_replicas(&mut self) -> anyhow::Result<ReplicaSet> {
+        let mut urls = Vec::new();
+        for i in 1..=3 {
+            let ip = format!("127.0.0.{}", 10 + i);
+            urls.push(format!("http://{ip}:{}", free_port(&ip)?));
+        }
+        let peers = urls.iter().enumerate().map(|(i, u)| format!("{}={u}", i + 1)).collect::<Vec<_>>().join(",");
+        let dirs: Vec<PathBuf> = (1..=3).map(|i| self.dir.path().join(format!("replica-{i}"))).collect();
+        let mut set = ReplicaSet { procs: vec![None; 3], urls, peers, dirs };
+        for id in 1..=3 {
+            self.start_replica(&mut set, id)?;
+        }
+        Ok(set)
+    }
+
+    /// (Re)starts replica `id` (1-based) of a set on its address and data dir.
+    pub fn start_replica(&mut self, set: &mut ReplicaSet, id: usize) -> anyhow::Result<()> {
+        let url = &set.urls[id - 1];
+        let addr = url.trim_start_matches("http://").to_string();
+        let args = vec![
+            "coordinator".to_string(),
+            "--id".into(),
+            id.to_string(),
+            "--peers".into(),
+            set.peers.clone(),
+            "--grpc-addr".into(),
+            addr,
+            "--data-dir".into(),
+            set.dirs[id - 1].display().to_string(),
+        ];
+        let name = format!("replica-{id}-{}", self.procs.len());
+        let index = self.spawn(&name, &args)?;
+        self.procs[index].wait_line("listening grpc=", Duration::from_secs(30))?;
+        set.procs[id - 1] = Some(index);
+        Ok(())
+    }
+
+    /// The 1-based id of the current leader, per the replicas' own status.
+    pub fn leader_of(&self, set: &ReplicaSet) -> Option<usize> {
+        set.urls.iter().enumerate().find_map(|(i, url)| {
+            set.procs[i]?;
+            let status = self.gantry_json(url, &["status"]).ok()?;
+            (status["is_leader"] == true).then_some(i + 1)
+        })
+    }
+}
