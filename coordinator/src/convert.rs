@@ -709,6 +709,7 @@ pub fn event_to_proto(e: &EventRecord) -> pb::Event {
         node: e.node.clone(),
         attempt: e.attempt,
         message: e.message.clone(),
+        pipeline: e.pipeline.clone(),
     }
 }
 

@@ -392,4 +392,7 @@ pub struct EventRecord {
     pub attempt: u32,
     /// Detail for people.
     pub message: String,
+    /// Pipeline of the job ("" = none).
+    #[serde(default)]
+    pub pipeline: String,
 }

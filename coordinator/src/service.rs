@@ -417,6 +417,7 @@ impl pb::gantry_server::Gantry for GantryService {
         let matches = move |e: &pb::Event| {
             (request.job_id == 0 || e.job_id == request.job_id)
                 && (request.kind.is_empty() || e.kind == request.kind)
+                && (request.pipeline.is_empty() || e.pipeline == request.pipeline)
         };
         tokio::spawn(async move {
             // Subscribe before reading history so nothing falls in between.

@@ -1207,6 +1207,7 @@ impl StateMachine {
             node: attempt.map(|a| a.node.clone()).unwrap_or_default(),
             attempt: attempt.map_or(0, |a| a.attempt),
             message,
+            pipeline: job.pipeline.clone(),
         };
         self.next_event_index += 1;
         self.changes.jobs.insert(id);

@@ -114,9 +114,7 @@ impl Store {
         changes: &ChangeSet,
         index: u64,
     ) -> Result<(), StoreError> {
-        self.write(state, changes)?;
-        self.meta.insert(META_APPLIED_INDEX, &index.to_be_bytes())?;
-        Ok(())
+        self.write(state, changes, Some(index))
     }
 
     /// Replaces everything stored with a snapshot's state at `index`.
@@ -189,12 +187,22 @@ impl Store {
     /// Writes what an apply changed, then flushes. Only after this returns
     /// may the change be acknowledged.
     pub fn persist(&self, state: &StateMachine, changes: &ChangeSet) -> Result<(), StoreError> {
-        self.write(state, changes)?;
+        self.write(state, changes, None)?;
         self.db.flush()?;
         Ok(())
     }
 
-    fn write(&self, state: &StateMachine, changes: &ChangeSet) -> Result<(), StoreError> {
+    /// Writes one apply's changes (and, with Raft, the index it came from)
+    /// in one transaction across trees: after a crash either all of it is
+    /// there or none, so the applied index never claims a change that was
+    /// lost (the entry is then applied again from the Raft log).
+    fn write(
+        &self,
+        state: &StateMachine,
+        changes: &ChangeSet,
+        applied: Option<u64>,
+    ) -> Result<(), StoreError> {
+        use sled::Transactional;
         let mut jobs = sled::Batch::default();
         for id in &changes.jobs {
             if let Some(job) = state.job(*id) {
@@ -221,16 +229,40 @@ impl Store {
                 estimates.insert(class.as_bytes(), &bytes.to_be_bytes());
             }
         }
-        self.estimates.apply_batch(estimates)?;
-        // Events last: a reader that sees an event can find the job it names.
-        self.jobs.apply_batch(jobs)?;
-        self.nodes.apply_batch(nodes)?;
-        self.submissions.apply_batch(submissions)?;
-        self.events.apply_batch(events)?;
+        let mut meta = sled::Batch::default();
         if changes.leader_term {
-            self.meta
-                .insert(META_LEADER_TERM, &state.leader_term().to_be_bytes())?;
+            meta.insert(META_LEADER_TERM, &state.leader_term().to_be_bytes());
         }
+        if let Some(index) = applied {
+            meta.insert(META_APPLIED_INDEX, &index.to_be_bytes());
+        }
+        (
+            &self.jobs,
+            &self.nodes,
+            &self.events,
+            &self.submissions,
+            &self.estimates,
+            &self.meta,
+        )
+            .transaction(
+                |(t_jobs, t_nodes, t_events, t_submissions, t_estimates, t_meta)| {
+                    t_jobs.apply_batch(&jobs)?;
+                    t_nodes.apply_batch(&nodes)?;
+                    t_events.apply_batch(&events)?;
+                    t_submissions.apply_batch(&submissions)?;
+                    t_estimates.apply_batch(&estimates)?;
+                    t_meta.apply_batch(&meta)?;
+                    Ok(())
+                },
+            )
+            .map_err(
+                |error: sled::transaction::TransactionError<()>| match error {
+                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
+                    sled::transaction::TransactionError::Abort(()) => {
+                        StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
+                    }
+                },
+            )?;
         Ok(())
     }
 

@@ -18,6 +18,120 @@ use tokio_util::sync::CancellationToken;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
+// ---------------------------------------------------------------- logs
+
+/// A minimal `tracing` subscriber for these tests (the crate has no
+/// tracing-subscriber): it keeps the latest debug lines of `raft` and
+/// `gantry_coordinator` in a ring buffer, printed when a wait times out, and
+/// prints every line at once when `GANTRY_TEST_LOG` is set.
+mod log {
+    use std::collections::VecDeque;
+    use std::fmt::Write as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Level, Metadata, Subscriber};
+
+    const KEEP: usize = 4000;
+
+    struct Ring {
+        started: Instant,
+        live: bool,
+        lines: Mutex<VecDeque<String>>,
+        next_span: AtomicU64,
+    }
+
+    static RING: OnceLock<Ring> = OnceLock::new();
+
+    /// Installs the subscriber (once per test binary).
+    pub fn init() {
+        RING.get_or_init(|| {
+            let _ = tracing::subscriber::set_global_default(Capture);
+            Ring {
+                started: Instant::now(),
+                live: std::env::var_os("GANTRY_TEST_LOG").is_some(),
+                lines: Mutex::new(VecDeque::new()),
+                next_span: AtomicU64::new(1),
+            }
+        });
+    }
+
+    /// Prints the lines kept (every test of the binary logs into the same
+    /// buffer).
+    pub fn dump() {
+        if let Some(ring) = RING.get() {
+            let lines = ring.lines.lock().unwrap_or_else(|e| e.into_inner());
+            eprintln!("---- last {} log lines ----", lines.len());
+            for line in lines.iter() {
+                eprintln!("{line}");
+            }
+            eprintln!("---- end of log ----");
+        }
+    }
+
+    struct Capture;
+
+    struct Fields(String);
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "message" {
+                let _ = write!(self.0, " {value:?}");
+            } else {
+                let _ = write!(self.0, " {}={value:?}", field.name());
+            }
+        }
+        fn record_str(&mut self, field: &Field, value: &str) {
+            if field.name() == "message" {
+                let _ = write!(self.0, " {value}");
+            } else {
+                let _ = write!(self.0, " {}={value}", field.name());
+            }
+        }
+    }
+
+    impl Subscriber for Capture {
+        fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+            let target = metadata.target();
+            *metadata.level() <= Level::DEBUG
+                && (target.starts_with("raft") || target.starts_with("gantry_coordinator"))
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            let ring = RING.get();
+            Id::from_u64(ring.map_or(1, |r| r.next_span.fetch_add(1, Ordering::Relaxed)))
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            let Some(ring) = RING.get() else { return };
+            let metadata = event.metadata();
+            let mut fields = Fields(String::new());
+            event.record(&mut fields);
+            let line = format!(
+                "{:>9.3} {:?} {:>5} {}:{}",
+                ring.started.elapsed().as_secs_f64(),
+                std::thread::current().id(),
+                metadata.level(),
+                metadata.target(),
+                fields.0
+            );
+            if ring.live {
+                eprintln!("{line}");
+            }
+            let mut lines = ring.lines.lock().unwrap_or_else(|e| e.into_inner());
+            if lines.len() == KEEP {
+                lines.pop_front();
+            }
+            lines.push_back(line);
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+}
+
 // ---------------------------------------------------------------- toy app
 
 #[derive(Default)]
@@ -146,27 +260,69 @@ async fn listen(addr: SocketAddr) -> TcpListener {
     TcpListener::bind(addr).await.unwrap()
 }
 
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+async fn wait_until(what: &str, check: impl FnMut() -> bool) {
+    wait_until_or(what, check, String::new).await;
+}
+
+/// Waits for `check`; on timeout, panics with `diagnose()` (the replicas'
+/// statuses) and the latest log lines.
+async fn wait_until_or(
+    what: &str,
+    mut check: impl FnMut() -> bool,
+    diagnose: impl FnOnce() -> String,
+) {
     let deadline = Instant::now() + TIMEOUT;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            let diagnosis = diagnose();
+            log::dump();
+            panic!("timed out waiting for {what}\n{diagnosis}");
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// One line per replica: its Raft status and what its application holds.
+fn describe(replicas: &[&Replica]) -> String {
+    replicas
+        .iter()
+        .map(|r| {
+            let s = r.handle.status();
+            format!(
+                "replica {}: running={} term={} leader={:?} is_leader={} commit={} applied={} \
+                 app_applied={} values={} restores={:?}\n",
+                r.id,
+                s.running,
+                s.term,
+                s.leader_id,
+                s.is_leader,
+                s.commit_index,
+                s.applied_index,
+                r.toy.applied(),
+                r.toy.values().len(),
+                r.toy.restores(),
+            )
+        })
+        .collect()
 }
 
 /// Waits until exactly one replica leads (with its term's entry applied)
 /// and every other one follows it; returns its id.
 async fn wait_for_leader(replicas: &[&Replica]) -> u64 {
     let mut leader = 0;
-    wait_until("a leader everyone agrees on", || {
-        let statuses: Vec<_> = replicas.iter().map(|r| r.handle.status()).collect();
-        let leaders: Vec<_> = statuses.iter().filter(|s| s.is_leader).collect();
-        if leaders.len() != 1 {
-            return false;
-        }
-        leader = leaders[0].id;
-        statuses.iter().all(|s| s.leader_id == Some(leader))
-    })
+    wait_until_or(
+        "a leader everyone agrees on",
+        || {
+            let statuses: Vec<_> = replicas.iter().map(|r| r.handle.status()).collect();
+            let leaders: Vec<_> = statuses.iter().filter(|s| s.is_leader).collect();
+            if leaders.len() != 1 {
+                return false;
+            }
+            leader = leaders[0].id;
+            statuses.iter().all(|s| s.leader_id == Some(leader))
+        },
+        || describe(replicas),
+    )
     .await;
     leader
 }
@@ -183,10 +339,14 @@ async fn propose(handle: &RaftHandle, value: &str) -> Result<Vec<u8>, ProposeErr
 
 /// Waits until every replica has applied the same values as `reference`.
 async fn wait_converged(replicas: &[&Replica], expected_len: usize) -> Vec<String> {
-    wait_until("replicas converge", || {
-        let first = replicas[0].toy.values();
-        first.len() == expected_len && replicas.iter().all(|r| r.toy.values() == first)
-    })
+    wait_until_or(
+        &format!("replicas converge on {expected_len} values"),
+        || {
+            let first = replicas[0].toy.values();
+            first.len() == expected_len && replicas.iter().all(|r| r.toy.values() == first)
+        },
+        || describe(replicas),
+    )
     .await;
     replicas[0].toy.values()
 }
@@ -199,6 +359,7 @@ async fn wait_converged(replicas: &[&Replica], expected_len: usize) -> Vec<Strin
 ///     catches up by snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
+    log::init();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut listeners = Vec::new();
     let mut peers = BTreeMap::new();
@@ -283,7 +444,12 @@ async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
         })
     };
     let acked_count = || acked.lock().unwrap().len();
-    wait_until("acks before the leader stops", || acked_count() >= 20).await;
+    wait_until_or(
+        "acks before the leader stops",
+        || acked_count() >= 20,
+        || describe(&all),
+    )
+    .await;
     drop(all);
     let stopped = replicas.remove(&leader).unwrap();
     let stopped_addr: SocketAddr = peers[&leader]
@@ -297,20 +463,26 @@ async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
     let new_leader = wait_for_leader(&survivors).await;
     assert_ne!(new_leader, leader);
     // Enough entries that the survivors compact past the stopped log.
-    wait_until("acks after fail-over", || {
-        acked_count() >= before_failover + 60
-    })
+    wait_until_or(
+        "acks after fail-over",
+        || acked_count() >= before_failover + 60,
+        || describe(&survivors),
+    )
     .await;
     stop_proposing.cancel();
     proposer.await.unwrap();
 
     let acked: Vec<String> = acked.lock().unwrap().clone();
     let new_leader_status = by_id(&survivors, new_leader).handle.status();
-    wait_until("survivors apply everything committed", || {
-        survivors
-            .iter()
-            .all(|r| r.handle.status().applied_index >= new_leader_status.commit_index)
-    })
+    wait_until_or(
+        "survivors apply everything committed",
+        || {
+            survivors
+                .iter()
+                .all(|r| r.handle.status().applied_index >= new_leader_status.commit_index)
+        },
+        || describe(&survivors),
+    )
     .await;
     let survivor_values = {
         let first = survivors[0].toy.values();
@@ -370,6 +542,7 @@ async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
 /// (d) A single voter elects itself at once and applies proposals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_voter_elects_itself_and_applies() {
+    log::init();
     let dir = tempfile::tempdir().unwrap();
     let toy = Toy::default();
     let node = start_single(dir.path(), toy.clone()).unwrap();
@@ -398,6 +571,7 @@ fn start_single(dir: &Path, toy: Toy) -> Result<RaftNode, RaftError> {
 /// log; an application ahead of the log, or a log with a hole, is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_restores_state_and_refuses_inconsistent_storage() {
+    log::init();
     let dir = tempfile::tempdir().unwrap();
     let toy = Toy::default();
     let node = start_single(dir.path(), toy.clone()).unwrap();

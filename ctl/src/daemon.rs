@@ -45,17 +45,23 @@ pub struct CoordinatorOptions {
     pub id: u64,
     /// Replicas' client URLs by id (empty = a single voter).
     pub peers: BTreeMap<u64, String>,
+    /// Stderr signatures of GPU out-of-memory deaths (empty = the defaults).
+    pub oom_signatures: Vec<String>,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
+    let mut core = CoreConfig {
+        id: options.id.to_string(),
+        gpu_headroom: options.gpu_headroom,
+        ..CoreConfig::default()
+    };
+    if !options.oom_signatures.is_empty() {
+        core.oom_signatures = options.oom_signatures.clone();
+    }
     CoordinatorConfig {
         grpc_addr: options.grpc_addr,
         data_dir: options.data_dir.clone(),
-        core: CoreConfig {
-            id: options.id.to_string(),
-            gpu_headroom: options.gpu_headroom,
-            ..CoreConfig::default()
-        },
+        core,
         id: options.id,
         peers: options.peers.clone(),
     }

@@ -81,6 +81,11 @@ enum Command {
         /// Memory kept free on every GPU, e.g. 1GiB.
         #[arg(long, default_value = "0", value_parser = parse_size_arg)]
         gpu_headroom: u64,
+        /// Stderr text that marks a GPU out-of-memory death (repeatable;
+        /// replaces the defaults: "CUDA out of memory", "OutOfMemoryError",
+        /// "CUBLAS_STATUS_ALLOC_FAILED").
+        #[arg(long = "oom-signature")]
+        oom_signatures: Vec<String>,
         /// This replica's id (one of the ids in --peers).
         #[arg(long)]
         id: Option<u64>,
@@ -207,6 +212,9 @@ enum Command {
         /// Only this kind.
         #[arg(long)]
         kind: Option<String>,
+        /// Only jobs of this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
         /// Start from this event index (default: new events only).
         #[arg(long)]
         from: Option<u64>,
@@ -348,6 +356,7 @@ async fn main() -> ExitCode {
             http_addr,
             data_dir,
             gpu_headroom,
+            oom_signatures,
             id,
             peers,
         } => {
@@ -375,6 +384,7 @@ async fn main() -> ExitCode {
                 gpu_headroom,
                 id,
                 peers,
+                oom_signatures,
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -425,6 +435,7 @@ async fn main() -> ExitCode {
                 gpu_headroom: 0,
                 id: 1,
                 peers: BTreeMap::new(),
+                oom_signatures: Vec::new(),
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
@@ -452,9 +463,10 @@ async fn main() -> ExitCode {
         Command::Watch {
             job,
             kind,
+            pipeline,
             from,
             client,
-        } => watch(job, kind, from, client).await,
+        } => watch(job, kind, pipeline, from, client).await,
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
@@ -759,6 +771,7 @@ async fn status(opts: ClientOpts) -> Result<(), CliError> {
 async fn watch(
     job: Option<u64>,
     kind: Option<String>,
+    pipeline: Option<String>,
     from: Option<u64>,
     opts: ClientOpts,
 ) -> Result<(), CliError> {
@@ -779,6 +792,7 @@ async fn watch(
             from_index,
             job_id: job.unwrap_or(0),
             kind: kind.unwrap_or_default(),
+            pipeline: pipeline.unwrap_or_default(),
         })
         .await?
         .into_inner();

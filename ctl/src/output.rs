@@ -289,6 +289,7 @@ pub fn event_json(e: &pb::Event) -> Value {
         "node": e.node,
         "attempt": e.attempt,
         "message": e.message,
+        "pipeline": e.pipeline,
     })
 }
 

@@ -451,9 +451,21 @@ impl Sandbox {
             let ip = format!("127.0.0.{}", 10 + i);
             urls.push(format!("http://{ip}:{}", free_port(&ip)?));
         }
-        let peers = urls.iter().enumerate().map(|(i, u)| format!("{}={u}", i + 1)).collect::<Vec<_>>().join(",");
-        let dirs: Vec<PathBuf> = (1..=3).map(|i| self.dir.path().join(format!("replica-{i}"))).collect();
-        let mut set = ReplicaSet { procs: vec![None; 3], urls, peers, dirs };
+        let peers = urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| format!("{}={u}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let dirs: Vec<PathBuf> = (1..=3)
+            .map(|i| self.dir.path().join(format!("replica-{i}")))
+            .collect();
+        let mut set = ReplicaSet {
+            procs: vec![None; 3],
+            urls,
+            peers,
+            dirs,
+        };
         for id in 1..=3 {
             self.start_replica(&mut set, id)?;
         }

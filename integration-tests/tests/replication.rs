@@ -22,8 +22,23 @@ fn leader_failover_loses_no_acknowledged_job_and_a_minority_refuses_writes() -> 
 
     // A job that is running across the failover.
     let gate = sandbox.path().join("gate");
-    let script = format!("while [ ! -e {} ]; do sleep 0.05; done; echo survived", gate.display());
-    let long = sandbox.submit(&addrs, &["--gpus", "1", "--gpu-memory", "8GiB", "--", "sh", "-c", &script])?;
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; echo survived",
+        gate.display()
+    );
+    let long = sandbox.submit(
+        &addrs,
+        &[
+            "--gpus",
+            "1",
+            "--gpu-memory",
+            "8GiB",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )?;
     sandbox.wait_job_state(&addrs, long, "running", T)?;
 
     // Submit in a loop; kill -9 the leader part-way through.
@@ -35,20 +50,34 @@ fn leader_failover_loses_no_acknowledged_job_and_a_minority_refuses_writes() -> 
         }
         let key = format!("loop-{i}");
         let name = format!("loop-{i}");
-        let out = sandbox.gantry(&addrs, &["submit", "-o", "json", "--key", &key, "--name", &name, "--", "true"]);
+        let out = sandbox.gantry(
+            &addrs,
+            &[
+                "submit", "-o", "json", "--key", &key, "--name", &name, "--", "true",
+            ],
+        );
         if out.code == 0 {
             let id = out.json()?["job_ids"][0].as_u64().expect("id");
             acknowledged.push((name, id));
         } else {
             // Unacknowledged (e.g. mid-election): retrying with the same key is safe.
-            let retry = sandbox.gantry(&addrs, &["submit", "-o", "json", "--key", &key, "--name", &name, "--", "true"]);
+            let retry = sandbox.gantry(
+                &addrs,
+                &[
+                    "submit", "-o", "json", "--key", &key, "--name", &name, "--", "true",
+                ],
+            );
             if retry.code == 0 {
                 let id = retry.json()?["job_ids"][0].as_u64().expect("id");
                 acknowledged.push((name, id));
             }
         }
     }
-    assert!(acknowledged.len() >= 20, "most submissions go through a failover: {}", acknowledged.len());
+    assert!(
+        acknowledged.len() >= 20,
+        "most submissions go through a failover: {}",
+        acknowledged.len()
+    );
     let new_leader = wait_until("a new leader", T, || sandbox.leader_of(&set))?;
     assert_ne!(new_leader, first_leader);
 
@@ -66,7 +95,11 @@ fn leader_failover_loses_no_acknowledged_job_and_a_minority_refuses_writes() -> 
     // The job running across the failover finishes once, and its exit is recorded.
     std::fs::write(&gate, b"go")?;
     let job = sandbox.wait_job_state(&addrs, long, "succeeded", T)?;
-    assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "not re-run: {job}");
+    assert_eq!(
+        job["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "not re-run: {job}"
+    );
     for (_, id) in &acknowledged {
         sandbox.wait_job_state(&addrs, *id, "succeeded", T)?;
     }
@@ -74,7 +107,9 @@ fn leader_failover_loses_no_acknowledged_job_and_a_minority_refuses_writes() -> 
     // The killed replica restarts on its data and catches up.
     sandbox.start_replica(&mut set, first_leader)?;
     let leader_url = set.urls[new_leader - 1].clone();
-    let target = sandbox.gantry_json(&leader_url, &["status"])?["commit_index"].as_u64().unwrap_or(0);
+    let target = sandbox.gantry_json(&leader_url, &["status"])?["commit_index"]
+        .as_u64()
+        .unwrap_or(0);
     let restarted = set.urls[first_leader - 1].clone();
     wait_until("the restarted replica to catch up", T, || {
         let status = sandbox.gantry_json(&restarted, &["status"]).ok()?;
@@ -100,6 +135,10 @@ fn leader_failover_loses_no_acknowledged_job_and_a_minority_refuses_writes() -> 
     let lone = set.urls[survivors[1] - 1].clone();
     let out = sandbox.gantry(&lone, &["submit", "--", "true"]);
     assert_eq!(out.code, 3, "a minority refuses writes: {out:?}");
-    assert!(out.stderr.contains("lead"), "the refusal says why: {}", out.stderr);
+    assert!(
+        out.stderr.contains("lead"),
+        "the refusal says why: {}",
+        out.stderr
+    );
     Ok(())
 }
