@@ -610,7 +610,13 @@ async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), Cl
         .await?
         .into_inner()
         .jobs;
-    match opts.output {
+    print_jobs(&jobs, opts.output);
+    Ok(())
+}
+
+/// A list of jobs as a table or JSON (`gantry jobs`, `gantry dlq list`).
+fn print_jobs(jobs: &[pb::Job], format: Format) {
+    match format {
         Format::Json => print_json(&serde_json::Value::Array(
             jobs.iter().map(output::job_json).collect(),
         )),
@@ -622,7 +628,6 @@ async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), Cl
             );
         }
     }
-    Ok(())
 }
 
 async fn job(id: u64, opts: ClientOpts) -> Result<(), CliError> {
@@ -828,18 +833,7 @@ async fn dlq(action: DlqAction) -> Result<(), CliError> {
                 .await?
                 .into_inner()
                 .jobs;
-            match opts.output {
-                Format::Json => print_json(&serde_json::Value::Array(
-                    jobs.iter().map(output::job_json).collect(),
-                )),
-                Format::Table => {
-                    let rows: Vec<Vec<String>> = jobs.iter().map(output::job_row).collect();
-                    output::table(
-                        &["ID", "NAME", "KIND", "STATE", "NODE", "GPUS", "DETAIL"],
-                        &rows,
-                    );
-                }
-            }
+            print_jobs(&jobs, opts.output);
         }
         DlqAction::Show { id, client: opts } => {
             let mut client = client::connect(&opts.addr).await?;

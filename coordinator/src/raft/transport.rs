@@ -186,9 +186,13 @@ impl PeerTask {
                 messages,
                 from: self.from,
             };
-            let result = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                result = self.client.step(batch) => result,
+            let result = if chaos_drop() {
+                Err(Status::unavailable("CHAOS"))
+            } else {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    result = self.client.step(batch) => result,
+                }
             };
             match result {
                 Ok(_) => {
@@ -241,4 +245,23 @@ impl PeerTask {
         // The driver has stopped when this fails; the task stops on the token.
         let _ = self.inbox.send(input);
     }
+}
+
+fn chaos_drop() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0x9E3779B97F4A7C15);
+    let Some(rate) = std::env::var("CHAOS_DROP")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    let mut x = STATE.load(Ordering::Relaxed)
+        ^ (std::time::Instant::now().elapsed().as_nanos() as u64)
+        ^ (std::process::id() as u64);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    STATE.store(x, Ordering::Relaxed);
+    x % 100 < rate
 }
