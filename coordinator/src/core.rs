@@ -147,6 +147,8 @@ pub enum Request {
         /// Message.
         message: pb::AgentMessage,
     },
+    /// Stop: flush storage and end the core thread.
+    Shutdown,
     /// An agent's stream ended.
     AgentGone {
         /// Session id.
@@ -246,6 +248,8 @@ pub struct Core {
     plan_in_flight: Option<u64>,
     /// A storage failure: the core stops.
     fatal: Option<String>,
+    /// Asked to stop (after the server and the Raft node have stopped).
+    stop: bool,
 }
 
 struct PendingRegistration {
@@ -293,6 +297,7 @@ impl Core {
             registering: HashMap::new(),
             plan_in_flight: None,
             fatal: None,
+            stop: false,
         })
     }
 
@@ -313,6 +318,9 @@ impl Core {
                 }
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            if self.stop {
+                break;
             }
             self.tick();
             if let Some(error) = &self.fatal {
@@ -544,6 +552,7 @@ impl Core {
                 let index = self.store.applied_index().unwrap_or(0);
                 let _ = reply.send(index);
             }
+            Request::Shutdown => self.stop = true,
             Request::AttachRaft { handle } => {
                 self.raft = Some(handle);
                 self.follow_leadership();

@@ -57,6 +57,10 @@ pub struct RunningCoordinator {
     pub grpc_addr: SocketAddr,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     raft: RaftNode,
+    /// To tell the core to stop once the server and the Raft node have:
+    /// streaming tasks may still hold request senders, so the core cannot
+    /// wait for every sender to be dropped.
+    requests: std_mpsc::Sender<Request>,
     core: std::thread::JoinHandle<()>,
 }
 
@@ -66,6 +70,7 @@ impl RunningCoordinator {
     pub async fn wait(self) -> Result<(), CoordinatorError> {
         let served = self.server.await;
         self.raft.stop().await;
+        let _ = self.requests.send(Request::Shutdown);
         let core = self.core;
         tokio::task::spawn_blocking(move || core.join()).await.ok();
         match served {
@@ -184,7 +189,7 @@ pub async fn start(
             ));
         }
     }
-    let handle = CoreHandle::new(requests, events, raft.handle());
+    let handle = CoreHandle::new(requests.clone(), events, raft.handle());
 
     let gantry = pb::gantry_server::GantryServer::new(GantryService::new(handle.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -208,6 +213,7 @@ pub async fn start(
         grpc_addr,
         server,
         raft,
+        requests,
         core: core_thread,
     })
 }

@@ -349,6 +349,9 @@ impl pb::gantry_server::Gantry for GantryService {
                     return;
                 }
                 if empty {
+                    if tx.is_closed() {
+                        return; // the reader went away
+                    }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 match read(next_offset).await {
@@ -455,7 +458,13 @@ impl pb::gantry_server::Gantry for GantryService {
                 }
                 // Then live, skipping what history already gave.
                 loop {
-                    match live.recv().await {
+                    // A watcher that went away ends the task at once, not at
+                    // the next event (which may never come).
+                    let received = tokio::select! {
+                        received = live.recv() => received,
+                        _ = tx.closed() => return,
+                    };
+                    match received {
                         Ok(event) if event.index < next => {}
                         Ok(event) if event.index == next => {
                             next += 1;

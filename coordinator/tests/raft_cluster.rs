@@ -351,6 +351,39 @@ async fn wait_converged(replicas: &[&Replica], expected_len: usize) -> Vec<Strin
     replicas[0].toy.values()
 }
 
+/// Waits until the replicas have settled: they agree on a leader that has
+/// applied an entry of its own term (so everything committed before, the
+/// entries of proposals that failed with an unknown outcome included, is
+/// committed), each has applied all that leader has committed, and all hold
+/// the same values; returns those values. Use once nothing is proposing.
+async fn wait_settled(replicas: &[&Replica]) -> Vec<String> {
+    let mut settled = Vec::new();
+    wait_until_or(
+        "replicas settle on the leader's commit index",
+        || {
+            let statuses: Vec<_> = replicas.iter().map(|r| r.handle.status()).collect();
+            let Some(leader) = statuses.iter().find(|s| s.is_leader) else {
+                return false;
+            };
+            if !statuses
+                .iter()
+                .all(|s| s.leader_id == Some(leader.id) && s.applied_index == leader.commit_index)
+            {
+                return false;
+            }
+            let first = replicas[0].toy.values();
+            if !replicas.iter().all(|r| r.toy.values() == first) {
+                return false;
+            }
+            settled = first;
+            true
+        },
+        || describe(replicas),
+    )
+    .await;
+    settled
+}
+
 // ---------------------------------------------------------------- tests
 
 /// (a) election, replication in order, NotLeader on followers;
@@ -473,21 +506,10 @@ async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
     proposer.await.unwrap();
 
     let acked: Vec<String> = acked.lock().unwrap().clone();
-    let new_leader_status = by_id(&survivors, new_leader).handle.status();
-    wait_until_or(
-        "survivors apply everything committed",
-        || {
-            survivors
-                .iter()
-                .all(|r| r.handle.status().applied_index >= new_leader_status.commit_index)
-        },
-        || describe(&survivors),
-    )
-    .await;
-    let survivor_values = {
-        let first = survivors[0].toy.values();
-        wait_converged(&survivors, first.len()).await
-    };
+    // Not `new_leader`'s status: leadership may have moved since (a
+    // check_quorum step-down under CPU load), and a follower's commit index
+    // can trail the last acknowledged entry.
+    let survivor_values = wait_settled(&survivors).await;
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for value in &survivor_values {
         *counts.entry(value.as_str()).or_default() += 1;

@@ -178,7 +178,7 @@ pub async fn run_dev(options: CoordinatorOptions, fake_gpus: Option<String>) -> 
             .display()
     );
     println!(
-        "try:  GANTRY_ADDR={url} gantry submit --kind selfplay --gpus 1 --gpu-memory 8GiB -- sh -c 'echo batch $GANTRY_BATCH_SIZE on GPU $CUDA_VISIBLE_DEVICES'"
+        "try:  GANTRY_ADDR={url} gantry submit --kind selfplay --gpus 1 --gpu-memory 8GiB --batch-tiers 32GiB:512,16GiB:256,128 -- sh -c 'echo batch {{batch_size}} on GPU $CUDA_VISIBLE_DEVICES'"
     );
     println!("      GANTRY_ADDR={url} gantry jobs");
     println!("press Ctrl-C to stop (running jobs are stopped, storage is flushed)");

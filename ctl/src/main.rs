@@ -294,6 +294,10 @@ struct SubmitArgs {
     /// Host memory, e.g. 16GiB.
     #[arg(long)]
     memory: Option<String>,
+    /// Batch size from free GPU memory: MIN_FREE:SIZE,...,SIZE
+    /// (e.g. 32GiB:512,16GiB:256,128); `{batch_size}` in the command is replaced.
+    #[arg(long, value_parser = parse_batch_tiers)]
+    batch_tiers: Option<BatchTiers>,
     /// Environment, KEY=VALUE (repeatable).
     #[arg(long = "env", value_parser = parse_label)]
     env: Vec<(String, String)>,
@@ -321,6 +325,33 @@ struct SubmitArgs {
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {
     parse_bytes(text).map_err(|e| e.to_string())
+}
+
+/// `--batch-tiers` parsed (a newtype: clap treats a bare `Vec` as many values).
+#[derive(Clone, Debug)]
+struct BatchTiers(Vec<pb::BatchTier>);
+
+fn parse_batch_tiers(text: &str) -> Result<BatchTiers, String> {
+    text.split(',')
+        .map(|tier| {
+            let (min_free, size) = match tier.split_once(':') {
+                Some((min, size)) => (
+                    parse_bytes(min).map_err(|e| format!("{tier:?}: {e}"))? as i64,
+                    size,
+                ),
+                None => (0, tier),
+            };
+            let size: u32 = size
+                .trim()
+                .parse()
+                .map_err(|_| format!("{tier:?}: batch size {size:?} is not a whole number"))?;
+            Ok(pb::BatchTier {
+                min_free_bytes: min_free,
+                size,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(BatchTiers)
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -567,6 +598,10 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 }),
                 timeout_ms,
                 shell: args.shell,
+                batch: args.batch_tiers.clone().map(|tiers| pb::BatchSpec {
+                    tiers: tiers.0,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }];
             (None, jobs)

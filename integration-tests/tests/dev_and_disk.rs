@@ -20,18 +20,18 @@ fn gantry_dev_runs_a_job_and_stops_cleanly_on_ctrl_c() -> anyhow::Result<()> {
             "1",
             "--gpu-memory",
             "8GiB",
+            "--batch-tiers",
+            "32GiB:512,16GiB:256,128",
             "--",
             "sh",
             "-c",
-            "echo batch $GANTRY_BATCH_SIZE on $CUDA_VISIBLE_DEVICES",
+            "echo batch {batch_size} $GANTRY_BATCH_SIZE on $CUDA_VISIBLE_DEVICES",
         ],
     )?;
     sandbox.wait_job_state(&url, id, "succeeded", T)?;
     let logs = sandbox.gantry(&url, &["logs", &id.to_string()]);
-    assert!(
-        logs.stdout.contains("on 0") || logs.stdout.contains("on 1"),
-        "{logs:?}"
-    );
+    // An empty 80 GiB GPU: the first tier.
+    assert!(logs.stdout.starts_with("batch 512 512 on "), "{logs:?}");
 
     // A long job is running when Ctrl-C arrives: it must be stopped with the daemon.
     let pidfile = sandbox.path().join("long.pid");

@@ -556,21 +556,26 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         for message in messages {
             let to = message.to;
             let snapshot = message.get_msg_type() == MessageType::MsgSnapshot;
-            let bytes = match message.write_to_bytes() {
-                Ok(bytes) => bytes,
+            let sent = match message.write_to_bytes() {
+                Ok(bytes) => {
+                    let sent = self.peers.send(to, Outgoing { bytes, snapshot });
+                    if !sent {
+                        tracing::debug!(id = self.id, to, "raft message dropped: peer queue full");
+                    }
+                    sent
+                }
                 Err(error) => {
                     tracing::error!(id = self.id, to, %error, "cannot encode a raft message");
-                    continue;
+                    false
                 }
             };
-            if !self.peers.send(to, Outgoing { bytes, snapshot }) {
-                tracing::debug!(id = self.id, to, "raft message dropped: peer queue full");
-                if snapshot {
-                    let _ = self.inbox.send(Input::SnapshotStatus {
-                        to,
-                        finished: false,
-                    });
-                }
+            // A leader keeps a follower paused until it hears how its
+            // snapshot went: a snapshot that never left must be reported.
+            if !sent && snapshot {
+                let _ = self.inbox.send(Input::SnapshotStatus {
+                    to,
+                    finished: false,
+                });
             }
         }
     }

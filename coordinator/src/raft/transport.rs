@@ -248,7 +248,9 @@ impl PeerTask {
 }
 
 pub(crate) fn chaos_stall() -> Option<u64> {
-    let per_mille = std::env::var("CHAOS_STALL").ok().and_then(|v| v.parse::<u64>().ok())?;
+    let per_mille = std::env::var("CHAOS_STALL")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())?;
     let x = chaos_rand();
     (x % 1000 < per_mille).then_some((x >> 20) % 1500)
 }
@@ -256,7 +258,11 @@ pub(crate) fn chaos_stall() -> Option<u64> {
 fn chaos_rand() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static STATE: AtomicU64 = AtomicU64::new(0x9E3779B97F4A7C15);
-    let mut x = STATE.load(Ordering::Relaxed) ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64);
+    let mut x = STATE.load(Ordering::Relaxed)
+        ^ (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64);
     x ^= x << 13;
     x ^= x >> 7;
     x ^= x << 17;
