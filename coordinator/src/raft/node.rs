@@ -323,9 +323,6 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         let mut next_tick = Instant::now() + self.tick;
         let mut failure = None;
         while !self.shutdown.is_cancelled() {
-            if let Some(ms) = super::transport::chaos_stall() {
-                std::thread::sleep(Duration::from_millis(ms));
-            }
             let wait = next_tick.saturating_duration_since(Instant::now());
             match self.receiver.recv_timeout(wait) {
                 Ok(input) => self.handle(input),

@@ -186,13 +186,9 @@ impl PeerTask {
                 messages,
                 from: self.from,
             };
-            let result = if chaos_drop() {
-                Err(Status::unavailable("CHAOS"))
-            } else {
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return,
-                    result = self.client.step(batch) => result,
-                }
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                result = self.client.step(batch) => result,
             };
             match result {
                 Ok(_) => {
@@ -245,46 +241,4 @@ impl PeerTask {
         // The driver has stopped when this fails; the task stops on the token.
         let _ = self.inbox.send(input);
     }
-}
-
-pub(crate) fn chaos_stall() -> Option<u64> {
-    let per_mille = std::env::var("CHAOS_STALL")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())?;
-    let x = chaos_rand();
-    (x % 1000 < per_mille).then_some((x >> 20) % 1500)
-}
-
-fn chaos_rand() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static STATE: AtomicU64 = AtomicU64::new(0x9E3779B97F4A7C15);
-    let mut x = STATE.load(Ordering::Relaxed)
-        ^ (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64);
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    STATE.store(x, Ordering::Relaxed);
-    x
-}
-
-fn chaos_drop() -> bool {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static STATE: AtomicU64 = AtomicU64::new(0x9E3779B97F4A7C15);
-    let Some(rate) = std::env::var("CHAOS_DROP")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
-        return false;
-    };
-    let mut x = STATE.load(Ordering::Relaxed)
-        ^ (std::time::Instant::now().elapsed().as_nanos() as u64)
-        ^ (std::process::id() as u64);
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    STATE.store(x, Ordering::Relaxed);
-    x % 100 < rate
 }
