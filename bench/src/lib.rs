@@ -4,7 +4,16 @@
 //! - [`rng`]: a seeded deterministic generator (splitmix64).
 //! - [`workload`]: synthetic fleets and job streams.
 //! - [`sched`]: the pure-placement scenario behind `gantry-bench sched`.
+//! - [`e2e`]: three coordinator processes, a simulated fleet, submit load
+//!   and a leader kill (`gantry-bench e2e`).
+//! - [`etcd`]: a three-member etcd's sequential put latency, as a yardstick
+//!   (`gantry-bench etcd`).
+//! - [`procs`], [`stats`]: child processes and latency quantiles.
 
+pub mod e2e;
+pub mod etcd;
+pub mod procs;
 pub mod rng;
 pub mod sched;
+pub mod stats;
 pub mod workload;

@@ -1,9 +1,13 @@
 //! `gantry-bench`: one subcommand per scenario. Each prints a human summary
 //! whose first line is the headline figure, or with `--json` one JSON record.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use gantry_bench::e2e::E2eConfig;
+use gantry_bench::etcd::EtcdConfig;
 use gantry_bench::sched::{SchedConfig, run};
 
 #[derive(Debug, Parser)]
@@ -17,8 +21,11 @@ struct Cli {
 enum Scenario {
     /// Pure placement throughput of the scheduler against a synthetic fleet.
     Sched(SchedArgs),
-    /// End to end: gRPC submit, Raft commit, dispatch (not built yet).
-    E2e,
+    /// End to end: three coordinator processes, simulated agents, gRPC
+    /// submit load, then the leader killed.
+    E2e(E2eArgs),
+    /// Yardstick: a three-member etcd's put latency and throughput.
+    Etcd(EtcdArgs),
     /// 10,000 simulated agents heartbeating (not built yet).
     Heartbeats,
 }
@@ -48,6 +55,71 @@ struct SchedArgs {
     json: bool,
 }
 
+#[derive(Debug, Args)]
+struct E2eArgs {
+    /// The `gantry` binary (default: the one next to this executable).
+    #[arg(long)]
+    gantry: Option<PathBuf>,
+    /// Simulated agents (8 GPUs each).
+    #[arg(long, default_value_t = 100)]
+    agents: usize,
+    /// Concurrent submitting tasks.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Seconds of submit load.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Submit this many jobs instead of running for --duration.
+    #[arg(long)]
+    jobs: Option<u64>,
+    /// Sequential submits measured before the load.
+    #[arg(long, default_value_t = 200)]
+    sequential: usize,
+    /// RUST_LOG for the coordinators (info logs one line per submit).
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+    /// Do not kill the leader at the end.
+    #[arg(long)]
+    no_failover: bool,
+    /// Print one JSON record instead of the human summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct EtcdArgs {
+    /// The `etcd` binary (Debian: etcd-server).
+    #[arg(long, default_value = "/usr/bin/etcd")]
+    etcd: PathBuf,
+    /// Sequential puts measured.
+    #[arg(long, default_value_t = 1000)]
+    puts: usize,
+    /// Concurrent writers of the throughput phase (0 = skip it).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Seconds of the throughput phase.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 128)]
+    value_size: usize,
+    /// Print one JSON record instead of the human summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `gantry` next to this executable.
+fn default_gantry() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("gantry")))
+        .unwrap_or_else(|| PathBuf::from("gantry"))
+}
+
+fn seconds(value: f64) -> Duration {
+    Duration::from_secs_f64(value.max(0.0))
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Scenario::Sched(args) => {
@@ -66,7 +138,60 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Scenario::E2e | Scenario::Heartbeats => {
+        Scenario::E2e(args) => {
+            let config = E2eConfig {
+                gantry: args.gantry.unwrap_or_else(default_gantry),
+                agents: args.agents.max(1),
+                concurrency: args.concurrency.max(1),
+                duration: seconds(args.duration),
+                jobs: args.jobs,
+                sequential: args.sequential,
+                log_level: args.log_level,
+                no_failover: args.no_failover,
+            };
+            match gantry_bench::e2e::run(&config) {
+                Ok(report) => {
+                    if args.json {
+                        println!("{}", report.to_json());
+                    } else {
+                        println!("{}", report.human());
+                    }
+                    if report.lost > 0 {
+                        eprintln!("gantry-bench e2e: {} acknowledged jobs lost", report.lost);
+                        return ExitCode::FAILURE;
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("gantry-bench e2e: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Scenario::Etcd(args) => {
+            let config = EtcdConfig {
+                etcd: args.etcd,
+                puts: args.puts.max(1),
+                concurrency: args.concurrency,
+                duration: seconds(args.duration),
+                value_size: args.value_size,
+            };
+            match gantry_bench::etcd::run(&config) {
+                Ok(report) => {
+                    if args.json {
+                        println!("{}", report.to_json());
+                    } else {
+                        println!("{}", report.human());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("gantry-bench etcd: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Scenario::Heartbeats => {
             eprintln!("gantry-bench: scenario not built yet");
             ExitCode::FAILURE
         }

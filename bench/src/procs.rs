@@ -1,0 +1,211 @@
+//! Child processes for the multi-process scenarios: started with stdout
+//! read line by line on a thread and stderr to a log file, and stopped
+//! (SIGTERM, then SIGKILL) when their [`ProcGroup`] is dropped, on success
+//! and on error alike.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// One started process.
+pub struct Proc {
+    /// Name for messages (also the log file's stem).
+    pub name: String,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Waits for a stdout line starting with `prefix`; returns the rest.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return Ok(rest.trim().to_string());
+                    }
+                }
+                Err(_) => {
+                    let exited = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten())
+                        .map(|s| format!(" (it exited: {s})"))
+                        .unwrap_or_default();
+                    bail!(
+                        "{} printed no line starting with {prefix:?} within {timeout:?}{exited}; log tail:\n{}",
+                        self.name,
+                        log_tail(&self.log, 20)
+                    );
+                }
+            }
+        }
+    }
+
+    /// SIGKILL, then reap. Returns whether it was running.
+    pub fn kill9(&mut self) -> bool {
+        match self.child.take() {
+            Some(mut child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Whether it was started and not stopped by us.
+    pub fn is_up(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// Processes stopped together on drop, with a temporary directory removed
+/// after them.
+pub struct ProcGroup {
+    procs: Vec<Proc>,
+    // Dropped after the processes are stopped (field order would drop it
+    // first, so `Drop` stops them explicitly).
+    dir: tempfile::TempDir,
+}
+
+impl ProcGroup {
+    /// An empty group with a fresh temporary directory named `prefix*`.
+    pub fn new(prefix: &str) -> anyhow::Result<ProcGroup> {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        Ok(ProcGroup {
+            procs: Vec::new(),
+            dir,
+        })
+    }
+
+    /// The temporary directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts `program args` with `env`; returns its index.
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<usize> {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(file));
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", program.display()))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep draining after the receiver is gone so the child never
+            // blocks on a full pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        self.procs.push(Proc {
+            name: name.to_string(),
+            log,
+            child: Some(child),
+            lines: rx,
+        });
+        Ok(self.procs.len() - 1)
+    }
+
+    /// A process by index.
+    pub fn proc(&mut self, index: usize) -> &mut Proc {
+        &mut self.procs[index]
+    }
+
+    /// The last lines of every process's log, for error messages.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for p in &self.procs {
+            out.push_str(&format!(
+                "---- {} ----\n{}\n",
+                p.name,
+                log_tail(&p.log, lines)
+            ));
+        }
+        out
+    }
+
+    /// Stops every process (SIGTERM, `grace`, SIGKILL).
+    pub fn stop_all(&mut self, grace: Duration) {
+        for p in &self.procs {
+            if let Some(pid) = p.child.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        for p in self.procs.iter_mut() {
+            p.stop(grace);
+        }
+    }
+}
+
+impl Drop for ProcGroup {
+    fn drop(&mut self) {
+        self.stop_all(Duration::from_secs(3));
+    }
+}
+
+/// The last `n` lines of a file.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `count` distinct free TCP ports on `127.0.0.1` (all bound at once, then
+/// released for the caller to bind).
+pub fn free_ports(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind(("127.0.0.1", 0)))
+        .collect::<Result<_, _>>()?;
+    Ok(listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<_, _>>()?)
+}
