@@ -4,7 +4,7 @@
 //! `Registered`, stop the attempts it lists, flush the [`Outbox`], then
 //! heartbeat every interval while serving assignments, cancels and log
 //! reads. When the stream breaks, reconnect with exponential back-off and
-//! jitter (200 ms doubling to 5 s), cycling through the coordinator list, or
+//! jitter (200 ms doubling to 2 s; a leader hint is followed at once), cycling through the coordinator list, or
 //! straight to the leader a "not leader" answer names. Jobs keep running
 //! while disconnected.
 
@@ -34,7 +34,7 @@ pub const LEADER_METADATA: &str = "gantry-leader";
 /// First reconnect delay; doubles per failure.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Longest reconnect delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long to wait for TCP + HTTP/2 set-up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the coordinator may take to answer `Register`.
@@ -150,6 +150,9 @@ impl Link {
         let mut backoff = Backoff::new();
         let mut next = 0usize;
         let mut redirect: Option<String> = None;
+        // Whether the last attempt already followed a leader hint at once: a
+        // second hint in a row waits, so two stale replicas cannot ping-pong.
+        let mut followed_hint = false;
         let coordinators = self.config.coordinators.clone();
         loop {
             let url = match redirect.take() {
@@ -170,7 +173,15 @@ impl Link {
                     if registered {
                         backoff.reset();
                     }
-                    let delay = backoff.next_delay();
+                    // A hint to another coordinator is followed at once: a
+                    // failover should cost an election, not a back-off.
+                    let follow_now = !followed_hint && leader.as_deref().is_some_and(|l| l != url);
+                    followed_hint = follow_now;
+                    let delay = if follow_now {
+                        Duration::ZERO
+                    } else {
+                        backoff.next_delay()
+                    };
                     tracing::warn!(
                         coordinator = %url,
                         %error,
