@@ -229,7 +229,7 @@ impl E2eReport {
                     f.attempts,
                 ));
                 out.push_str(&format!(
-                    "after the kill: first job started at {}; agents reconnected {}/{} (p50 {:.0} ms, last {:.0} ms; real agent back-off 200 ms doubling to 5 s)\n",
+                    "after the kill: first job started at {}; agents reconnected {}/{} (p50 {:.0} ms, last {:.0} ms; real agent back-off 200 ms doubling to 2 s, hints followed at once)\n",
                     f.first_start
                         .map(|d| format!("{:.0} ms", ms(d)))
                         .unwrap_or_else(|| "never (15 s)".into()),
@@ -529,9 +529,10 @@ enum SessionEnd {
 }
 
 /// The real agent's reconnect policy (`agent/src/link.rs`): after any
-/// lost session, wait 200 ms doubling to 5 s with "equal jitter" (a delay
+/// lost session, wait 200 ms doubling to 2 s with "equal jitter" (a delay
 /// in [d/2, d]; reset once a session registered), then try the leader a
-/// refusal named, else the next coordinator of the list.
+/// refusal named, else the next coordinator of the list. A hint to another
+/// coordinator is followed at once, unless the previous attempt already was.
 struct Backoff {
     next: Duration,
     rng: Rng,
@@ -539,7 +540,7 @@ struct Backoff {
 
 impl Backoff {
     const MIN: Duration = Duration::from_millis(200);
-    const MAX: Duration = Duration::from_secs(5);
+    const MAX: Duration = Duration::from_secs(2);
 
     fn next_delay(&mut self) -> Duration {
         let base = self.next;
@@ -559,6 +560,7 @@ async fn agent(index: usize, fleet: Arc<Fleet>, first_url: String) {
         next: Backoff::MIN,
         rng: Rng::new(index as u64 + 1),
     };
+    let mut followed_hint = false;
     loop {
         let url = redirect.take().unwrap_or_else(|| {
             next += 1;
@@ -568,7 +570,11 @@ async fn agent(index: usize, fleet: Arc<Fleet>, first_url: String) {
             SessionEnd::Refused(hint) => redirect = hint.filter(|h| *h != url),
             SessionEnd::Ended => backoff.next = Backoff::MIN,
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+        let follow_now = !followed_hint && redirect.is_some();
+        followed_hint = follow_now;
+        if !follow_now {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
     }
 }
 
