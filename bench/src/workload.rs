@@ -3,8 +3,8 @@
 //! selfplay with evaluation, training, export and the odd constrained job.
 
 use gantry_scheduler::{
-    BatchPolicy, BatchTier, ClusterSnapshot, Constraints, GpuView, JobKind, JobRequest,
-    MemoryModel, NodeView, Policy, Resources, next_disk_pressure,
+    BatchPolicy, ClusterSnapshot, Constraints, GpuView, JobKind, JobRequest, MemoryModel, NodeView,
+    Policy, Resources, next_disk_pressure,
 };
 
 use crate::rng::Rng;
@@ -71,23 +71,7 @@ pub fn fleet(nodes: usize, gpus_per_node: u32, policy: Policy, rng: &mut Rng) ->
 }
 
 fn users_rule() -> BatchPolicy {
-    BatchPolicy {
-        tiers: vec![
-            BatchTier {
-                min_free: Some(32 * GIB),
-                size: 512,
-            },
-            BatchTier {
-                min_free: Some(16 * GIB),
-                size: 256,
-            },
-            BatchTier {
-                min_free: None,
-                size: 128,
-            },
-        ],
-        ..Default::default()
-    }
+    BatchPolicy::users_rule_of_thumb()
 }
 
 /// `count` jobs: 60% selfplay, 15% evaluation, 10% training (1-8 GPUs,

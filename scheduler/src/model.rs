@@ -136,6 +136,32 @@ pub struct BatchPolicy {
     pub prefer_largest: bool,
 }
 
+impl BatchPolicy {
+    /// The users' rule of thumb before Gantry: 32 GiB free -> 512,
+    /// 16 GiB -> 256, else 128 (the catch-all tier needs an explicit
+    /// `gpu_memory` to reserve).
+    pub fn users_rule_of_thumb() -> BatchPolicy {
+        const GIB: u64 = 1 << 30;
+        BatchPolicy {
+            tiers: vec![
+                BatchTier {
+                    min_free: Some(32 * GIB),
+                    size: 512,
+                },
+                BatchTier {
+                    min_free: Some(16 * GIB),
+                    size: 256,
+                },
+                BatchTier {
+                    min_free: None,
+                    size: 128,
+                },
+            ],
+            ..Default::default()
+        }
+    }
+}
+
 /// Shared or exclusive hold on a named lock.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,

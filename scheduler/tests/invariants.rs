@@ -8,9 +8,9 @@ use gantry_scheduler::filter::{GpuModelChecker, LabelChecker, NodeStateChecker};
 use gantry_scheduler::naive::plan_first_fit;
 use gantry_scheduler::place::{Search, plan_with};
 use gantry_scheduler::{
-    BatchPolicy, BatchTier, ClusterSnapshot, Constraints, DiskThresholds, GpuView, JobKind,
-    JobRequest, LockHolders, LockMode, LockRequest, MemoryModel, NodeState, NodeView, Plan, Policy,
-    Resources, plan,
+    BatchPolicy, ClusterSnapshot, Constraints, DiskThresholds, GpuView, JobKind, JobRequest,
+    LockHolders, LockMode, LockRequest, MemoryModel, NodeState, NodeView, Plan, Policy, Resources,
+    plan,
 };
 use proptest::prelude::*;
 
@@ -100,22 +100,8 @@ fn arb_node() -> impl Strategy<Value = NodeView> {
 
 fn users_rule(prefer_largest: bool) -> BatchPolicy {
     BatchPolicy {
-        tiers: vec![
-            BatchTier {
-                min_free: Some(32 * GIB),
-                size: 512,
-            },
-            BatchTier {
-                min_free: Some(16 * GIB),
-                size: 256,
-            },
-            BatchTier {
-                min_free: None,
-                size: 128,
-            },
-        ],
         prefer_largest,
-        ..Default::default()
+        ..BatchPolicy::users_rule_of_thumb()
     }
 }
 

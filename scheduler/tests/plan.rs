@@ -61,23 +61,7 @@ fn fleet(nodes: Vec<NodeView>) -> ClusterSnapshot {
 }
 
 fn users_rule() -> BatchPolicy {
-    BatchPolicy {
-        tiers: vec![
-            BatchTier {
-                min_free: Some(32 * GIB),
-                size: 512,
-            },
-            BatchTier {
-                min_free: Some(16 * GIB),
-                size: 256,
-            },
-            BatchTier {
-                min_free: None,
-                size: 128,
-            },
-        ],
-        ..Default::default()
-    }
+    BatchPolicy::users_rule_of_thumb()
 }
 
 fn render(plan: &Plan) -> String {
