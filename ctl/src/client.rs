@@ -134,6 +134,29 @@ pub async fn connect(addrs: &str) -> Result<pb::gantry_client::GantryClient<Chan
     }
 }
 
+/// Connects to the first coordinator that answers, leader or not (for
+/// `gantry status`, which every replica answers about itself).
+pub async fn connect_any(
+    addrs: &str,
+) -> Result<pb::gantry_client::GantryClient<Channel>, CliError> {
+    let mut last_error = String::from("--addr: no coordinator address given");
+    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        match open(&url).await {
+            Ok(client) => return Ok(client),
+            Err(error) => last_error = error,
+        }
+    }
+    Err(CliError {
+        code: exit::UNAVAILABLE,
+        message: last_error,
+    })
+}
+
 async fn open(url: &str) -> Result<pb::gantry_client::GantryClient<Channel>, String> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?

@@ -770,7 +770,7 @@ async fn drain(node: String, drain: bool, opts: ClientOpts) -> Result<(), CliErr
 }
 
 async fn status(opts: ClientOpts) -> Result<(), CliError> {
-    let mut client = client::connect(&opts.addr).await?;
+    let mut client = client::connect_any(&opts.addr).await?;
     let status = client.status(pb::StatusRequest {}).await?.into_inner();
     match opts.output {
         Format::Json => print_json(&output::status_json(&status)),

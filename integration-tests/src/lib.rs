@@ -3,6 +3,10 @@
 //! for state with [`wait_until`] (never a fixed sleep), and stops every
 //! process it started when dropped.
 
+pub mod check;
+pub mod proxy;
+
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -430,8 +434,10 @@ pub struct ReplicaSet {
     pub procs: Vec<Option<usize>>,
     /// Client URL of each replica.
     pub urls: Vec<String>,
-    /// `--peers` value.
-    pub peers: String,
+    /// `--grpc-addr` of each replica.
+    pub listen: Vec<String>,
+    /// `--peers` value of each replica.
+    pub peers: Vec<String>,
     /// Data directory of each replica.
     pub dirs: Vec<PathBuf>,
 }
@@ -460,10 +466,15 @@ impl Sandbox {
         let dirs: Vec<PathBuf> = (1..=3)
             .map(|i| self.dir.path().join(format!("replica-{i}")))
             .collect();
+        let listen = urls
+            .iter()
+            .map(|u| u.trim_start_matches("http://").to_string())
+            .collect();
         let mut set = ReplicaSet {
             procs: vec![None; 3],
             urls,
-            peers,
+            listen,
+            peers: vec![peers; 3],
             dirs,
         };
         for id in 1..=3 {
@@ -474,16 +485,14 @@ impl Sandbox {
 
     /// (Re)starts replica `id` (1-based) of a set on its address and data dir.
     pub fn start_replica(&mut self, set: &mut ReplicaSet, id: usize) -> anyhow::Result<()> {
-        let url = &set.urls[id - 1];
-        let addr = url.trim_start_matches("http://").to_string();
         let args = vec![
             "coordinator".to_string(),
             "--id".into(),
             id.to_string(),
             "--peers".into(),
-            set.peers.clone(),
+            set.peers[id - 1].clone(),
             "--grpc-addr".into(),
-            addr,
+            set.listen[id - 1].clone(),
             "--data-dir".into(),
             set.dirs[id - 1].display().to_string(),
         ];
@@ -501,5 +510,103 @@ impl Sandbox {
             let status = self.gantry_json(url, &["status"]).ok()?;
             (status["is_leader"] == true).then_some(i + 1)
         })
+    }
+}
+
+/// Three replicas whose links all pass through [`proxy::Proxy`]s the test
+/// controls: one per ordered pair of replicas (Raft traffic) and one per
+/// replica for clients and agents.
+pub struct PartitionableReplicas {
+    /// The replicas; `urls` are the client proxies.
+    pub set: ReplicaSet,
+    /// Pair proxies: (from, to) 1-based ids.
+    pub links: BTreeMap<(usize, usize), proxy::Proxy>,
+    /// Client proxies, by replica (index id - 1).
+    pub clients: Vec<proxy::Proxy>,
+}
+
+impl PartitionableReplicas {
+    /// Cuts every Raft link to and from replica `id` (clients still reach it).
+    pub fn isolate(&self, id: usize) {
+        for ((from, to), link) in &self.links {
+            if *from == id || *to == id {
+                link.cut();
+            }
+        }
+    }
+
+    /// Restores every link.
+    pub fn heal(&self) {
+        for link in self.links.values() {
+            link.heal();
+        }
+    }
+}
+
+impl Sandbox {
+    /// Starts three replicas on 127.0.0.11..13 behind proxies.
+    pub fn start_partitionable_replicas(&mut self) -> anyhow::Result<PartitionableReplicas> {
+        let mut listen = Vec::new();
+        for i in 1..=3 {
+            let ip = format!("127.0.0.{}", 10 + i);
+            listen.push(format!("{ip}:{}", free_port(&ip)?));
+        }
+        let target =
+            |i: usize| -> anyhow::Result<std::net::SocketAddr> { Ok(listen[i - 1].parse()?) };
+        let mut clients = Vec::new();
+        for i in 1..=3 {
+            clients.push(proxy::Proxy::start(
+                &format!("127.0.0.{}", 20 + i),
+                target(i)?,
+            )?);
+        }
+        let mut links = BTreeMap::new();
+        for from in 1..=3 {
+            for to in 1..=3 {
+                if from != to {
+                    links.insert((from, to), proxy::Proxy::start("127.0.0.1", target(to)?)?);
+                }
+            }
+        }
+        let urls: Vec<String> = clients
+            .iter()
+            .map(|p| format!("http://{}", p.addr))
+            .collect();
+        let peers = (1..=3)
+            .map(|me| {
+                (1..=3)
+                    .map(|j| match links.get(&(me, j)) {
+                        Some(link) => format!("{j}=http://{}", link.addr),
+                        None => format!("{j}={}", urls[j - 1]),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        let dirs: Vec<PathBuf> = (1..=3)
+            .map(|i| self.dir.path().join(format!("replica-{i}")))
+            .collect();
+        let mut set = ReplicaSet {
+            procs: vec![None; 3],
+            urls,
+            listen,
+            peers,
+            dirs,
+        };
+        for id in 1..=3 {
+            self.start_replica(&mut set, id)?;
+        }
+        Ok(PartitionableReplicas {
+            set,
+            links,
+            clients,
+        })
+    }
+
+    /// Stops a replica gracefully (SIGTERM), so its storage can be read.
+    pub fn stop_replica(&mut self, set: &mut ReplicaSet, id: usize) {
+        if let Some(index) = set.procs[id - 1].take() {
+            self.procs[index].stop(Duration::from_secs(10));
+        }
     }
 }

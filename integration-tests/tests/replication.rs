@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use gantry_integration_tests::check::{check_replicas, read_replicas};
 use gantry_integration_tests::{Sandbox, wait_until};
 
 const T: Duration = Duration::from_secs(40);
@@ -140,5 +141,12 @@ fn leader_failover_loses_no_acknowledged_job_and_a_minority_refuses_writes() -> 
         "the refusal says why: {}",
         out.stderr
     );
+
+    // Every replica's history: no overcommitted GPU, no doubled exclusive
+    // lock, identical state wherever the applied index is equal.
+    for id in 1..=3 {
+        sandbox.stop_replica(&mut set, id);
+    }
+    check_replicas(&read_replicas(&set.dirs)?)?;
     Ok(())
 }
