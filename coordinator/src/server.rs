@@ -36,6 +36,8 @@ pub struct CoordinatorConfig {
     pub id: u64,
     /// All replicas' client URLs by id; empty = a single voter at `grpc_addr`.
     pub peers: BTreeMap<u64, String>,
+    /// Applied entries between Raft snapshots (None = the default, 10,000).
+    pub raft_compact_after: Option<u64>,
 }
 
 impl CoordinatorConfig {
@@ -47,6 +49,7 @@ impl CoordinatorConfig {
             core: CoreConfig::default(),
             id: 1,
             peers: BTreeMap::new(),
+            raft_compact_after: None,
         }
     }
 }
@@ -166,6 +169,11 @@ pub async fn start(
     } else {
         RaftConfig::new(config.id, config.peers.clone())
     };
+    let mut raft_config = raft_config;
+    if let Some(after) = config.raft_compact_after {
+        raft_config.compact_after = after;
+        raft_config.compact_keep = raft_config.compact_keep.min(after / 2);
+    }
     let app = CoreApp {
         requests: requests.clone(),
     };

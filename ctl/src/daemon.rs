@@ -47,6 +47,8 @@ pub struct CoordinatorOptions {
     pub peers: BTreeMap<u64, String>,
     /// Stderr signatures of GPU out-of-memory deaths (empty = the defaults).
     pub oom_signatures: Vec<String>,
+    /// Applied entries between Raft snapshots (None = the default).
+    pub raft_compact_after: Option<u64>,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -64,6 +66,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         core,
         id: options.id,
         peers: options.peers.clone(),
+        raft_compact_after: options.raft_compact_after,
     }
 }
 

@@ -6,6 +6,7 @@
 //! failures to exit codes, `spec.rs` parses job files, `output.rs` prints.
 
 mod client;
+mod config;
 mod daemon;
 mod output;
 mod spec;
@@ -69,18 +70,26 @@ struct ClientOpts {
 enum Command {
     /// Run a coordinator.
     Coordinator {
+        /// Settings file (YAML: id, peers, grpc_addr, data_dir, gpu_headroom,
+        /// oom_signatures); flags win over it.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// gRPC listen address (port 0 = any; the bound address is printed).
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        grpc_addr: SocketAddr,
+        /// Default 127.0.0.1:7070.
+        #[arg(long)]
+        grpc_addr: Option<SocketAddr>,
         /// HTTP listen address (metrics and status page: not built yet).
         #[arg(long)]
         http_addr: Option<SocketAddr>,
-        /// Storage directory.
-        #[arg(long, default_value = "./gantry-data")]
-        data_dir: PathBuf,
-        /// Memory kept free on every GPU, e.g. 1GiB.
-        #[arg(long, default_value = "0", value_parser = parse_size_arg)]
-        gpu_headroom: u64,
+        /// Storage directory (default ./gantry-data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Memory kept free on every GPU, e.g. 1GiB (default 0).
+        #[arg(long, value_parser = parse_size_arg)]
+        gpu_headroom: Option<u64>,
+        /// Applied entries between Raft snapshots (default 10000).
+        #[arg(long)]
+        raft_compact_after: Option<u64>,
         /// Stderr text that marks a GPU out-of-memory death (repeatable;
         /// replaces the defaults: "CUDA out of memory", "OutOfMemoryError",
         /// "CUBLAS_STATUS_ALLOC_FAILED").
@@ -383,20 +392,63 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Coordinator {
+            config,
             grpc_addr,
             http_addr,
             data_dir,
             gpu_headroom,
+            raft_compact_after,
             oom_signatures,
             id,
             peers,
         } => {
-            let peers = match peers.as_deref().map(gantry_coordinator::raft::parse_peers) {
-                None => BTreeMap::new(),
-                Some(Ok(peers)) => peers,
-                Some(Err(error)) => return fail(CliError::invalid(format!("--peers: {error}"))),
+            let file = match &config {
+                Some(path) => match config::read_coordinator_file(path) {
+                    Ok(file) => file,
+                    Err(error) => return fail(CliError::invalid(format!("--config: {error}"))),
+                },
+                None => config::CoordinatorFile::default(),
             };
-            let id = id.unwrap_or(1);
+            let peers = match (peers, file.peers) {
+                (Some(text), _) => gantry_coordinator::raft::parse_peers(&text)
+                    .map_err(|e| format!("--peers: {e}")),
+                (None, Some(value)) => value.resolve().map_err(|e| format!("--config: peers: {e}")),
+                (None, None) => Ok(BTreeMap::new()),
+            };
+            let peers = match peers {
+                Ok(peers) => peers,
+                Err(error) => return fail(CliError::invalid(error)),
+            };
+            let grpc_addr = match (grpc_addr, file.grpc_addr) {
+                (Some(addr), _) => addr,
+                (None, Some(text)) => match text.parse() {
+                    Ok(addr) => addr,
+                    Err(e) => {
+                        return fail(CliError::invalid(format!(
+                            "--config: grpc_addr: {text:?}: {e}"
+                        )));
+                    }
+                },
+                (None, None) => SocketAddr::from(([127, 0, 0, 1], 7070)),
+            };
+            let data_dir = data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./gantry-data"));
+            let gpu_headroom = gpu_headroom
+                .or(file.gpu_headroom.map(|s| s.0.max(0) as u64))
+                .unwrap_or(0);
+            let oom_signatures = if oom_signatures.is_empty() {
+                file.oom_signatures.unwrap_or_default()
+            } else {
+                oom_signatures
+            };
+            let raft_compact_after = raft_compact_after.or(file.raft_compact_after);
+            if raft_compact_after == Some(0) {
+                return fail(CliError::invalid(
+                    "--raft-compact-after: must be at least 1",
+                ));
+            }
+            let id = id.or(file.id).unwrap_or(1);
             if !peers.is_empty() && !peers.contains_key(&id) {
                 return fail(CliError::invalid(format!(
                     "--id: {id} is not one of the ids in --peers"
@@ -416,6 +468,7 @@ async fn main() -> ExitCode {
                 id,
                 peers,
                 oom_signatures,
+                raft_compact_after,
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -467,6 +520,7 @@ async fn main() -> ExitCode {
                 id: 1,
                 peers: BTreeMap::new(),
                 oom_signatures: Vec::new(),
+                raft_compact_after: None,
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }

@@ -25,6 +25,9 @@ fn exit_codes_are_documented_and_errors_are_one_line() {
     std::fs::write(&bad, "command: [true]\nresources: {gpu_memory: -1}\n").expect("write");
     let bad = bad.display().to_string();
     let missing = dir.path().join("missing.yaml").display().to_string();
+    let settings = dir.path().join("coordinator.yaml");
+    std::fs::write(&settings, "id: 1\nport: 7070\n").expect("write");
+    let settings = settings.display().to_string();
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (
             vec!["submit", "-f", &bad],
@@ -59,6 +62,12 @@ fn exit_codes_are_documented_and_errors_are_one_line() {
             vec!["coordinator", "--http-addr", "127.0.0.1:0"],
             1,
             "not built yet",
+        ),
+        (vec!["coordinator", "--config", &settings], 2, "--config: "),
+        (
+            vec!["coordinator", "--raft-compact-after", "0"],
+            2,
+            "--raft-compact-after",
         ),
     ];
     for (args, code, expected) in cases {

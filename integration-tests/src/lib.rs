@@ -438,6 +438,8 @@ pub struct ReplicaSet {
     pub listen: Vec<String>,
     /// `--peers` value of each replica.
     pub peers: Vec<String>,
+    /// Extra flags for every replica.
+    pub extra_args: Vec<String>,
     /// Data directory of each replica.
     pub dirs: Vec<PathBuf>,
 }
@@ -451,7 +453,7 @@ impl ReplicaSet {
 
 impl Sandbox {
     /// Starts three coordinator replicas on 127.0.0.11, .12, .13.
-    pub fn start_replicas(&mut self) -> anyhow::Result<ReplicaSet> {
+    pub fn start_replicas(&mut self, extra_args: &[&str]) -> anyhow::Result<ReplicaSet> {
         let mut urls = Vec::new();
         for i in 1..=3 {
             let ip = format!("127.0.0.{}", 10 + i);
@@ -476,6 +478,7 @@ impl Sandbox {
             listen,
             peers: vec![peers; 3],
             dirs,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         for id in 1..=3 {
             self.start_replica(&mut set, id)?;
@@ -485,7 +488,7 @@ impl Sandbox {
 
     /// (Re)starts replica `id` (1-based) of a set on its address and data dir.
     pub fn start_replica(&mut self, set: &mut ReplicaSet, id: usize) -> anyhow::Result<()> {
-        let args = vec![
+        let mut args = vec![
             "coordinator".to_string(),
             "--id".into(),
             id.to_string(),
@@ -496,6 +499,7 @@ impl Sandbox {
             "--data-dir".into(),
             set.dirs[id - 1].display().to_string(),
         ];
+        args.extend(set.extra_args.iter().cloned());
         let name = format!("replica-{id}-{}", self.procs.len());
         let index = self.spawn(&name, &args)?;
         self.procs[index].wait_line("listening grpc=", Duration::from_secs(30))?;
@@ -592,6 +596,7 @@ impl Sandbox {
             listen,
             peers,
             dirs,
+            extra_args: Vec::new(),
         };
         for id in 1..=3 {
             self.start_replica(&mut set, id)?;

@@ -14,7 +14,8 @@ const T: Duration = Duration::from_secs(40);
 #[test]
 fn leader_failover_loses_no_acknowledged_job_and_a_minority_refuses_writes() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
-    let mut set = sandbox.start_replicas()?;
+    // Snapshots every 20 entries, so the restarted replica must catch up by snapshot.
+    let mut set = sandbox.start_replicas(&["--raft-compact-after", "20"])?;
     let addrs = set.addrs();
     let first_leader = wait_until("a leader", T, || sandbox.leader_of(&set))?;
     sandbox.start_agent("node-a", &addrs, "2xH100-80GiB", "127.0.0.2", &[])?;
@@ -116,6 +117,18 @@ fn leader_failover_loses_no_acknowledged_job_and_a_minority_refuses_writes() -> 
         let status = sandbox.gantry_json(&restarted, &["status"]).ok()?;
         (status["applied_index"].as_u64()? >= target).then_some(())
     })?;
+    let by_snapshot = std::fs::read_dir(sandbox.path())?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("replica-{first_leader}-"))
+        })
+        .any(|e| {
+            std::fs::read_to_string(e.path())
+                .is_ok_and(|log| log.contains("installed raft snapshot"))
+        });
+    assert!(by_snapshot, "the restarted replica caught up by snapshot");
 
     // With two of three replicas gone, the survivor refuses writes clearly.
     for id in 1..=3 {

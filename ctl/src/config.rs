@@ -1,0 +1,98 @@
+//! `gantry coordinator --config FILE`: the same settings as the flags, in
+//! YAML. Flags given on the command line win over the file.
+//!
+//!     id: 1
+//!     peers: {1: http://10.0.0.1:7070, 2: http://10.0.0.2:7070, 3: http://10.0.0.3:7070}
+//!     grpc_addr: 10.0.0.1:7070
+//!     data_dir: /var/lib/gantry
+//!     gpu_headroom: 1GiB
+//!     oom_signatures: ["CUDA out of memory"]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::spec::Size;
+
+/// `peers:` as a map or as the `--peers` string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PeersValue {
+    /// `{1: URL, 2: URL}`.
+    Map(BTreeMap<u64, String>),
+    /// `"1=URL,2=URL"`.
+    Text(String),
+}
+
+/// The coordinator's settings file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorFile {
+    /// This replica's id.
+    pub id: Option<u64>,
+    /// All replicas.
+    pub peers: Option<PeersValue>,
+    /// gRPC listen address.
+    pub grpc_addr: Option<String>,
+    /// Storage directory.
+    pub data_dir: Option<PathBuf>,
+    /// Memory kept free on every GPU.
+    pub gpu_headroom: Option<Size>,
+    /// Out-of-memory stderr signatures.
+    pub oom_signatures: Option<Vec<String>>,
+    /// Applied entries between Raft snapshots.
+    pub raft_compact_after: Option<u64>,
+}
+
+/// Reads a settings file; errors name the file and the field.
+pub fn read_coordinator_file(path: &std::path::Path) -> Result<CoordinatorFile, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let deserializer = serde_yaml_ng::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        format!("{}: {field}: {}", path.display(), e.into_inner())
+    })
+}
+
+impl PeersValue {
+    /// The peers as a map, validated like `--peers`.
+    pub fn resolve(self) -> Result<BTreeMap<u64, String>, String> {
+        let text = match self {
+            PeersValue::Text(text) => text,
+            PeersValue::Map(map) => map
+                .iter()
+                .map(|(id, url)| format!("{id}={url}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        gantry_coordinator::raft::parse_peers(&text).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<CoordinatorFile, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("coordinator.yaml");
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        read_coordinator_file(&path)
+    }
+
+    #[test]
+    fn settings_files() {
+        let file = parse("id: 2\npeers: {1: 'http://a:1', 2: 'http://b:1'}\ngpu_headroom: 1GiB\n")
+            .expect("parses");
+        assert_eq!(file.id, Some(2));
+        assert_eq!(file.gpu_headroom.map(|s| s.0), Some(1 << 30));
+        assert_eq!(file.peers.expect("peers").resolve().map(|p| p.len()), Ok(2));
+        let text = parse("peers: '1=http://a:1,2=http://b:1'\n").expect("parses");
+        assert_eq!(text.peers.expect("peers").resolve().map(|p| p.len()), Ok(2));
+        let error = parse("id: 1\nport: 3\n").expect_err("unknown field");
+        assert!(error.contains("unknown field `port`"), "{error}");
+        let error = parse("gpu_headroom: -1\n").expect_err("negative");
+        assert!(error.contains("gpu_headroom"), "{error}");
+    }
+}
