@@ -175,6 +175,27 @@ pub struct CoreConfig {
     pub kill_grace: Duration,
     /// Stderr signatures of a GPU out-of-memory death.
     pub oom_signatures: Vec<String>,
+    /// The nodes the fleet inventory expects (`--inventory`).
+    pub inventory: Vec<InventoryHost>,
+    /// Refuse agents that are not in the inventory.
+    pub strict_inventory: bool,
+}
+
+/// A node the fleet inventory (`hosts.yaml`) expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryHost {
+    /// Node name (what its agent registers as).
+    pub name: String,
+    /// Its address.
+    pub address: String,
+    /// Labels, including `provider` and `region`.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// GPU model ("" = no GPUs).
+    pub gpu_model: String,
+    /// GPUs.
+    pub gpu_count: u32,
+    /// Memory per GPU.
+    pub gpu_memory: u64,
 }
 
 impl Default for CoreConfig {
@@ -193,6 +214,8 @@ impl Default for CoreConfig {
             ]
             .map(String::from)
             .to_vec(),
+            inventory: Vec::new(),
+            strict_inventory: false,
         }
     }
 }
@@ -698,6 +721,13 @@ impl Core {
         if !self.leader {
             let leader = self.raft.as_ref().and_then(|r| r.status().leader_url);
             let _ = reply.send(Err(CoordinatorError::NotLeader { leader }));
+            return;
+        }
+        if self.config.strict_inventory && !self.config.inventory.iter().any(|h| h.name == name) {
+            tracing::warn!(node = %name, address = %register.address, "agent refused: not in the inventory (--strict-inventory)");
+            let _ = reply.send(Err(CoordinatorError::PermissionDenied(format!(
+                "node {name:?} is not in the inventory and the coordinator runs with --strict-inventory"
+            ))));
             return;
         }
         let command = Command::RegisterNode {
@@ -1307,6 +1337,31 @@ impl Core {
                     disk_pressure: health.is_some_and(|h| h.disk_pressure),
                     connected,
                 }
+            })
+            .chain(self.missing_nodes())
+            .collect()
+    }
+
+    /// Inventory nodes that never registered, shown as `missing`.
+    fn missing_nodes(&self) -> Vec<pb::Node> {
+        self.config
+            .inventory
+            .iter()
+            .filter(|host| self.state.node(&host.name).is_none())
+            .map(|host| pb::Node {
+                name: host.name.clone(),
+                address: host.address.clone(),
+                state: "missing".into(),
+                labels: host.labels.clone().into_iter().collect(),
+                gpus: (0..host.gpu_count)
+                    .map(|index| pb::GpuInfo {
+                        index,
+                        model: host.gpu_model.clone(),
+                        total_bytes: host.gpu_memory as i64,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
             })
             .collect()
     }

@@ -35,6 +35,9 @@ pub enum CoordinatorError {
         /// The leader's URL, when known.
         leader: Option<String>,
     },
+    /// The caller may not do this (an agent not in a strict inventory).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The coordinator is shutting down.
     #[error("coordinator is shutting down")]
     ShuttingDown,
@@ -52,6 +55,7 @@ impl From<CoordinatorError> for tonic::Status {
             ) => tonic::Status::failed_precondition(message),
             CoordinatorError::Apply(_) => tonic::Status::invalid_argument(message),
             CoordinatorError::Store(_) => tonic::Status::internal(message),
+            CoordinatorError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             CoordinatorError::NotLeader { leader } => {
                 let mut status = tonic::Status::unavailable(message);
                 if let Some(url) = leader

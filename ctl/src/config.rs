@@ -51,7 +51,13 @@ pub fn read_coordinator_file(path: &std::path::Path) -> Result<CoordinatorFile, 
     let deserializer = serde_yaml_ng::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let field = e.path().to_string();
-        format!("{}: {field}: {}", path.display(), e.into_inner())
+        let inner = e.into_inner().to_string();
+        // serde_yaml_ng sometimes names the path itself.
+        if inner.starts_with(&field) {
+            format!("{}: {inner}", path.display())
+        } else {
+            format!("{}: {field}: {inner}", path.display())
+        }
     })
 }
 

@@ -49,6 +49,10 @@ pub struct CoordinatorOptions {
     pub oom_signatures: Vec<String>,
     /// Applied entries between Raft snapshots (None = the default).
     pub raft_compact_after: Option<u64>,
+    /// Fleet inventory.
+    pub inventory: Vec<gantry_coordinator::core::InventoryHost>,
+    /// Refuse agents not in the inventory.
+    pub strict_inventory: bool,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -60,6 +64,8 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
     if !options.oom_signatures.is_empty() {
         core.oom_signatures = options.oom_signatures.clone();
     }
+    core.inventory = options.inventory.clone();
+    core.strict_inventory = options.strict_inventory;
     CoordinatorConfig {
         grpc_addr: options.grpc_addr,
         data_dir: options.data_dir.clone(),

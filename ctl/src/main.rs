@@ -8,6 +8,7 @@
 mod client;
 mod config;
 mod daemon;
+mod inventory;
 mod output;
 mod spec;
 
@@ -90,6 +91,12 @@ enum Command {
         /// Applied entries between Raft snapshots (default 10000).
         #[arg(long)]
         raft_compact_after: Option<u64>,
+        /// Fleet inventory (hosts.yaml): listed nodes that never registered show as missing.
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+        /// Refuse agents that are not in the inventory.
+        #[arg(long, requires = "inventory")]
+        strict_inventory: bool,
         /// Stderr text that marks a GPU out-of-memory death (repeatable;
         /// replaces the defaults: "CUDA out of memory", "OutOfMemoryError",
         /// "CUBLAS_STATUS_ALLOC_FAILED").
@@ -230,6 +237,11 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Fleet inventory tools.
+    Inventory {
+        #[command(subcommand)]
+        action: InventoryAction,
+    },
     /// Dead-letter queue: jobs whose attempts are exhausted.
     Dlq {
         #[command(subcommand)]
@@ -244,6 +256,15 @@ enum Command {
         run: u32,
         #[command(flatten)]
         client: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum InventoryAction {
+    /// Validate an inventory file (hosts.yaml) and summarise it.
+    Check {
+        /// The file.
+        file: PathBuf,
     },
 }
 
@@ -398,10 +419,19 @@ async fn main() -> ExitCode {
             data_dir,
             gpu_headroom,
             raft_compact_after,
+            inventory,
+            strict_inventory,
             oom_signatures,
             id,
             peers,
         } => {
+            let inventory = match inventory {
+                None => Vec::new(),
+                Some(path) => match inventory::read_inventory(&path) {
+                    Ok(hosts) => hosts,
+                    Err(error) => return fail(CliError::invalid(format!("--inventory: {error}"))),
+                },
+            };
             let file = match &config {
                 Some(path) => match config::read_coordinator_file(path) {
                     Ok(file) => file,
@@ -469,6 +499,8 @@ async fn main() -> ExitCode {
                 peers,
                 oom_signatures,
                 raft_compact_after,
+                inventory,
+                strict_inventory,
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -521,10 +553,15 @@ async fn main() -> ExitCode {
                 peers: BTreeMap::new(),
                 oom_signatures: Vec::new(),
                 raft_compact_after: None,
+                inventory: Vec::new(),
+                strict_inventory: false,
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
         Command::Dlq { action } => dlq(action).await,
+        Command::Inventory {
+            action: InventoryAction::Check { file },
+        } => inventory_check(&file),
         Command::Pipeline { name, run, client } => pipeline(name, run, client).await,
         Command::Submit(args) => submit(args).await,
         Command::Jobs {
@@ -1009,5 +1046,21 @@ async fn pipeline(name: String, run: u32, opts: ClientOpts) -> Result<(), CliErr
         })),
         Format::Table => output::print_pipeline(&view),
     }
+    Ok(())
+}
+
+fn inventory_check(file: &std::path::Path) -> Result<(), CliError> {
+    let hosts = inventory::read_inventory(file).map_err(CliError::invalid)?;
+    let gpus: u32 = hosts.iter().map(|h| h.gpu_count).sum();
+    let providers: std::collections::BTreeSet<&str> = hosts
+        .iter()
+        .filter_map(|h| h.labels.get("provider").map(String::as_str))
+        .collect();
+    println!(
+        "{}: {} hosts, {gpus} GPUs, providers: {}",
+        file.display(),
+        hosts.len(),
+        providers.into_iter().collect::<Vec<_>>().join(", ")
+    );
     Ok(())
 }

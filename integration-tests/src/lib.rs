@@ -231,6 +231,30 @@ impl Sandbox {
         })
     }
 
+    /// Starts a coordinator on 127.0.0.1 (any port) with extra flags.
+    pub fn start_coordinator_with(
+        &mut self,
+        name: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<CoordinatorHandle> {
+        let data_dir = self.dir.path().join(name);
+        let mut args = vec![
+            "coordinator".to_string(),
+            "--grpc-addr".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let index = self.spawn(name, &args)?;
+        let addr = self.procs[index].wait_line("listening grpc=", Duration::from_secs(30))?;
+        Ok(CoordinatorHandle {
+            index,
+            url: format!("http://{addr}"),
+            data_dir,
+        })
+    }
+
     /// Starts an agent with fake GPUs, advertising `address`.
     pub fn start_agent(
         &mut self,
