@@ -285,7 +285,8 @@ struct PendingRegistration {
 /// A plan not applied within this time is given up (leadership was lost).
 const PLAN_TIMEOUT_MS: u64 = 5_000;
 
-fn now_ms() -> u64 {
+/// Wall-clock time in unix milliseconds (commands carry it; apply never reads it).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -531,7 +532,7 @@ impl Core {
                 let _ = reply.send(Ok(jobs));
             }
             Request::ListNodes { reply } => {
-                let _ = reply.send(Ok(self.nodes_to_proto(now)));
+                let _ = reply.send(Ok(self.nodes_to_proto()));
             }
             Request::Status { reply } => {
                 let _ = reply.send(Ok(self.status(now)));
@@ -1213,12 +1214,7 @@ impl Core {
             .nodes()
             .map(|node| {
                 let health = self.health.get(&node.name);
-                let connected = self.sessions.contains_key(&node.name);
-                let state = match health {
-                    _ if node.down => NodeState::Down,
-                    Some(h) if connected => h.state,
-                    _ => NodeState::Suspect,
-                };
+                let state = self.node_state(node);
                 // What Gantry's own jobs use on each GPU, from the agent's per-job figures.
                 let mut gantry_used: HashMap<u32, u64> = HashMap::new();
                 if let Some(h) = health {
@@ -1287,19 +1283,26 @@ impl Core {
         }
     }
 
-    fn nodes_to_proto(&self, now: u64) -> Vec<pb::Node> {
-        let _ = now;
+    /// A registered node's state as placement and `gantry nodes` see it:
+    /// committed Down wins; otherwise the health tracker's view while its
+    /// agent is connected; a silent or disconnected node is never Ready.
+    fn node_state(&self, node: &crate::domain::NodeRecord) -> NodeState {
+        let health = self.health.get(&node.name);
+        match health {
+            _ if node.down => NodeState::Down,
+            Some(h) if self.sessions.contains_key(&node.name) => h.state,
+            Some(h) if h.state == NodeState::Down => NodeState::Down,
+            _ => NodeState::Suspect,
+        }
+    }
+
+    fn nodes_to_proto(&self) -> Vec<pb::Node> {
         self.state
             .nodes()
             .map(|node| {
                 let health = self.health.get(&node.name);
                 let connected = self.sessions.contains_key(&node.name);
-                let state = match health {
-                    _ if node.down => NodeState::Down,
-                    Some(h) if connected => h.state,
-                    Some(h) if h.state == NodeState::Down => NodeState::Down,
-                    _ => NodeState::Suspect,
-                };
+                let state = self.node_state(node);
                 pb::Node {
                     name: node.name.clone(),
                     address: node.address.clone(),
@@ -1367,7 +1370,7 @@ impl Core {
     }
 
     fn status(&self, now: u64) -> pb::ClusterStatus {
-        let nodes = self.nodes_to_proto(now);
+        let nodes = self.nodes_to_proto();
         let mut jobs_by_state: HashMap<String, u32> = HashMap::new();
         for job in self.state.jobs() {
             *jobs_by_state

@@ -102,6 +102,35 @@ impl OverusePolicy {
 }
 
 impl JobSpec {
+    /// A minimal valid spec for tests: `true` on one GPU with 10 GiB, the
+    /// defaults for everything else.
+    pub fn for_test(name: &str) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            kind: JobKind::Generic,
+            command: vec!["true".into()],
+            env: BTreeMap::new(),
+            resources: Resources {
+                gpus: 1,
+                gpu_memory: Some(10 << 30),
+                ..Default::default()
+            },
+            exclusive_gpu: None,
+            batch: None,
+            locks: Vec::new(),
+            constraints: Constraints::default(),
+            priority: 0,
+            retry: RetryPolicy::default(),
+            timeout_ms: None,
+            after: Vec::new(),
+            shell: false,
+            queue: String::new(),
+            snapshots: Vec::new(),
+            gpu_memory_policy: OverusePolicy::default(),
+            gpu_memory_margin: 0,
+        }
+    }
+
     /// Whether this job needs its GPUs to itself.
     pub fn exclusive_gpu(&self) -> bool {
         self.exclusive_gpu

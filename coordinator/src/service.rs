@@ -18,7 +18,7 @@ use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
 use crate::command::Command;
 use crate::convert;
-use crate::core::Request;
+use crate::core::{Request, now_ms};
 use crate::domain::JobState;
 use crate::error::CoordinatorError;
 use crate::raft::{ProposeError, RaftHandle};
@@ -97,13 +97,6 @@ impl CoreHandle {
     fn post(&self, request: Request) {
         let _ = self.requests.send(request);
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The client API (`gantry.v1.Gantry`).

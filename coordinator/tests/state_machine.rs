@@ -5,35 +5,12 @@ use gantry_coordinator::Command;
 use gantry_coordinator::domain::{GpuRecord, JobSpec, JobState, RetryPolicy};
 use gantry_coordinator::state::{ApplyError, Outcome, StateMachine};
 use gantry_coordinator::store::Store;
-use gantry_scheduler::{JobKind, LockMode, LockRequest, Placement, Resources};
+use gantry_scheduler::{LockMode, LockRequest, Placement};
 
 const GIB: u64 = 1 << 30;
 
 fn spec(name: &str) -> JobSpec {
-    JobSpec {
-        name: name.into(),
-        kind: JobKind::Generic,
-        command: vec!["true".into()],
-        env: Default::default(),
-        resources: Resources {
-            gpus: 1,
-            gpu_memory: Some(10 * GIB),
-            ..Default::default()
-        },
-        exclusive_gpu: None,
-        batch: None,
-        locks: vec![],
-        constraints: Default::default(),
-        priority: 0,
-        retry: RetryPolicy::default(),
-        timeout_ms: None,
-        after: vec![],
-        shell: false,
-        queue: String::new(),
-        snapshots: vec![],
-        gpu_memory_policy: Default::default(),
-        gpu_memory_margin: 0,
-    }
+    JobSpec::for_test(name)
 }
 
 fn register(sm: &mut StateMachine, name: &str, gpus: u32, total: u64) {

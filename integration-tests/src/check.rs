@@ -136,10 +136,8 @@ fn check_history(replica: &ReplicaState) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gantry_coordinator::domain::{
-        AttemptRecord, GpuRecord, JobSpec, JobState, NodeRecord, RetryPolicy,
-    };
-    use gantry_scheduler::{JobKind, LockRequest, Resources};
+    use gantry_coordinator::domain::{AttemptRecord, GpuRecord, JobSpec, JobState, NodeRecord};
+    use gantry_scheduler::{LockRequest, Resources};
 
     const GIB: u64 = 1 << 30;
 
@@ -147,17 +145,11 @@ mod tests {
         JobRecord {
             id,
             spec: JobSpec {
-                name: format!("j{id}"),
-                kind: JobKind::Generic,
-                command: vec!["true".into()],
-                env: Default::default(),
                 resources: Resources {
                     gpus: 1,
                     gpu_memory: Some(memory),
                     ..Default::default()
                 },
-                exclusive_gpu: None,
-                batch: None,
                 locks: if exclusive_lock {
                     vec![LockRequest {
                         name: "model/x".into(),
@@ -166,16 +158,7 @@ mod tests {
                 } else {
                     vec![]
                 },
-                constraints: Default::default(),
-                priority: 0,
-                retry: RetryPolicy::default(),
-                timeout_ms: None,
-                after: vec![],
-                shell: false,
-                queue: String::new(),
-                snapshots: vec![],
-                gpu_memory_policy: Default::default(),
-                gpu_memory_margin: 0,
+                ..JobSpec::for_test(&format!("j{id}"))
             },
             state: JobState::Succeeded,
             submitted_at_ms: 0,
