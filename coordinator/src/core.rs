@@ -9,6 +9,7 @@
 //! commit (one fsync for many submits).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +22,7 @@ use crate::convert;
 use crate::domain::{EventRecord, GpuRecord, JobState};
 use crate::error::CoordinatorError;
 use crate::health::{HealthConfig, HealthTracker};
+use crate::metrics::{ClusterView, KindLabel, Metrics};
 use crate::raft::RaftHandle;
 use crate::state::{ApplyError, Outcome, StateMachine};
 use crate::store::Store;
@@ -57,6 +59,11 @@ pub enum Request {
     Status {
         /// Reply.
         reply: Reply<pb::ClusterStatus>,
+    },
+    /// The leader's view for `/metrics`.
+    ClusterView {
+        /// Reply.
+        reply: Reply<ClusterView>,
     },
     /// Stored events from an index.
     EventsSince {
@@ -273,6 +280,8 @@ pub struct Core {
     fatal: Option<String>,
     /// Asked to stop (after the server and the Raft node have stopped).
     stop: bool,
+    /// Event metrics this thread observes (pass latency, queue wait).
+    metrics: Arc<Metrics>,
 }
 
 struct PendingRegistration {
@@ -299,6 +308,7 @@ impl Core {
         config: CoreConfig,
         store: Store,
         events: broadcast::Sender<pb::Event>,
+        metrics: Arc<Metrics>,
     ) -> Result<Core, CoordinatorError> {
         let state = store.load()?;
         Ok(Core {
@@ -322,6 +332,7 @@ impl Core {
             plan_in_flight: None,
             fatal: None,
             stop: false,
+            metrics,
         })
     }
 
@@ -412,7 +423,7 @@ impl Core {
         }
         match (command, outcome) {
             (Command::RegisterNode { name, .. }, _) => self.complete_registration(name),
-            (Command::Assign { .. }, Outcome::Assigned { applied, refused }) => {
+            (Command::Assign { at_ms, .. }, Outcome::Assigned { applied, refused }) => {
                 self.plan_in_flight = None;
                 for (job, reason) in refused {
                     tracing::warn!(job_id = job, %reason, "placement refused on re-check");
@@ -422,6 +433,7 @@ impl Core {
                 }
                 for (job, _) in applied {
                     self.hold_reasons.remove(job);
+                    self.observe_queue_wait(*job, *at_ms);
                     self.send_assignment(*job);
                 }
             }
@@ -536,6 +548,16 @@ impl Core {
             }
             Request::Status { reply } => {
                 let _ = reply.send(Ok(self.status(now)));
+            }
+            Request::ClusterView { reply } => {
+                let result = if self.leader {
+                    Ok(self.cluster_view(now))
+                } else {
+                    Err(CoordinatorError::NotLeader {
+                        leader: self.raft.as_ref().and_then(|r| r.status().leader_url),
+                    })
+                };
+                let _ = reply.send(result);
             }
             Request::EventsSince { from, limit, reply } => {
                 let result = self
@@ -1143,6 +1165,14 @@ impl Core {
 
     /// One scheduling pass: snapshot -> plan -> commit -> dispatch.
     fn schedule(&mut self, now: u64) {
+        let started = std::time::Instant::now();
+        self.plan_and_propose(now);
+        self.metrics
+            .scheduling_pass_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn plan_and_propose(&mut self, now: u64) {
         self.dirty = false;
         self.last_pass_ms = now;
         let mut reasons = HashMap::new();
@@ -1367,6 +1397,43 @@ impl Core {
                 ..Default::default()
             })
             .collect()
+    }
+
+    /// Submission to placement of a job whose assignment just applied.
+    fn observe_queue_wait(&self, job: JobId, placed_at_ms: u64) {
+        let Some(record) = self.state.job(job) else {
+            return;
+        };
+        let waited = placed_at_ms.saturating_sub(record.submitted_at_ms);
+        self.metrics.placements.inc();
+        self.metrics
+            .queue_wait_seconds
+            .get_or_create(&KindLabel {
+                kind: record.spec.kind.as_str().to_string(),
+            })
+            .observe(waited as f64 / 1000.0);
+    }
+
+    /// What `/metrics` reports of the cluster (leader only).
+    fn cluster_view(&self, now: u64) -> ClusterView {
+        let mut jobs = std::collections::BTreeMap::new();
+        for job in self.state.jobs() {
+            *jobs
+                .entry((
+                    job.state.as_str().to_string(),
+                    job.spec.kind.as_str().to_string(),
+                ))
+                .or_default() += 1;
+        }
+        let snapshot = self.snapshot(now);
+        let fleet = gantry_scheduler::disk::FleetPressure::measure(&snapshot.nodes);
+        ClusterView {
+            nodes: self.nodes_to_proto(),
+            jobs,
+            dlq: self.state.dead_lettered().count() as u64,
+            agents_connected: self.sessions.len() as u64,
+            fleet_disk_pressure: fleet.is_pressured(snapshot.policy.fleet_pressure_fraction),
+        }
     }
 
     fn status(&self, now: u64) -> pb::ClusterStatus {

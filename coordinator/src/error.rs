@@ -43,6 +43,26 @@ pub enum CoordinatorError {
     ShuttingDown,
 }
 
+impl CoordinatorError {
+    /// The HTTP status for the JSON API (`http`), chosen as the gRPC code is.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            CoordinatorError::InvalidArgument { .. } => 400,
+            CoordinatorError::Apply(ApplyError::JobNotFound(_) | ApplyError::NodeNotFound(_))
+            | CoordinatorError::NotFound(_) => 404,
+            CoordinatorError::Apply(
+                ApplyError::AlreadyTerminal { .. } | ApplyError::NotDeadLettered { .. },
+            ) => 409,
+            CoordinatorError::Apply(_) => 400,
+            CoordinatorError::Store(_) => 500,
+            CoordinatorError::PermissionDenied(_) => 403,
+            CoordinatorError::NotLeader { .. }
+            | CoordinatorError::Unavailable(_)
+            | CoordinatorError::ShuttingDown => 503,
+        }
+    }
+}
+
 impl From<CoordinatorError> for tonic::Status {
     fn from(error: CoordinatorError) -> tonic::Status {
         let message = error.to_string();

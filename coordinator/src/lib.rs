@@ -12,6 +12,9 @@
 //! - [`raft`]: the replicated log (raft-rs over gRPC, log in sled).
 //! - [`convert`]: wire <-> domain, with input validation.
 //! - [`error`]: errors and their one mapping to gRPC status codes.
+//! - [`http`]: `/metrics`, the JSON API, health and the status page.
+//! - [`metrics`]: Prometheus exposition; [`json`]: JSON views shared with
+//!   `gantry -o json`.
 //!
 //! Architecture invariant: nothing is acknowledged before it is flushed to
 //! sled; only the core thread touches the state machine.
@@ -22,6 +25,9 @@ pub mod core;
 pub mod domain;
 pub mod error;
 pub mod health;
+pub mod http;
+pub mod json;
+pub mod metrics;
 pub mod raft;
 pub mod server;
 pub mod service;

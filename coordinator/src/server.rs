@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 
 use gantry_proto as pb;
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::core::{Core, CoreConfig, Request};
 use crate::error::CoordinatorError;
+use crate::metrics::Metrics;
 use crate::raft::{RaftConfig, RaftNode, ReplicatedStateMachine};
 use crate::service::{AgentLinkService, CoreHandle, GantryService};
 use crate::store::Store;
@@ -28,6 +30,9 @@ const MAX_MESSAGE_BYTES: usize = 16 << 20;
 pub struct CoordinatorConfig {
     /// gRPC listen address (port 0 = any).
     pub grpc_addr: SocketAddr,
+    /// HTTP listen address for `/metrics`, `/v1` and the status page
+    /// (port 0 = any; None = no HTTP).
+    pub http_addr: Option<SocketAddr>,
     /// Storage directory.
     pub data_dir: PathBuf,
     /// Core tunables.
@@ -45,6 +50,7 @@ impl CoordinatorConfig {
     pub fn for_test(data_dir: PathBuf) -> CoordinatorConfig {
         CoordinatorConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: None,
             data_dir,
             core: CoreConfig::default(),
             id: 1,
@@ -58,7 +64,10 @@ impl CoordinatorConfig {
 pub struct RunningCoordinator {
     /// The bound gRPC address.
     pub grpc_addr: SocketAddr,
+    /// The bound HTTP address, when HTTP is served.
+    pub http_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    http: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     raft: RaftNode,
     /// To tell the core to stop once the server and the Raft node have:
     /// streaming tasks may still hold request senders, so the core cannot
@@ -72,6 +81,13 @@ impl RunningCoordinator {
     /// the shutdown token was cancelled). Storage is flushed before it returns.
     pub async fn wait(self) -> Result<(), CoordinatorError> {
         let served = self.server.await;
+        if let Some(http) = self.http {
+            match http.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "http server stopped with an error"),
+                Err(error) => tracing::warn!(%error, "http server task failed"),
+            }
+        }
         self.raft.stop().await;
         let _ = self.requests.send(Request::Shutdown);
         let core = self.core;
@@ -153,11 +169,26 @@ pub async fn start(
     let grpc_addr = listener
         .local_addr()
         .map_err(|e| CoordinatorError::Unavailable(format!("no local address: {e}")))?;
+    // Bind HTTP before anything starts, so a taken port fails the start cleanly.
+    let http_listener = match config.http_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            CoordinatorError::Unavailable(format!("cannot listen on {addr} (http): {e}"))
+        })?),
+        None => None,
+    };
+    let http_addr =
+        match &http_listener {
+            Some(listener) => Some(listener.local_addr().map_err(|e| {
+                CoordinatorError::Unavailable(format!("no local http address: {e}"))
+            })?),
+            None => None,
+        };
 
     let store = Store::open(&config.data_dir)?;
     let db = store.db().clone();
     let (events, _) = broadcast::channel(4096);
-    let core = Core::new(config.core.clone(), store, events.clone())?;
+    let metrics = Arc::new(Metrics::default());
+    let core = Core::new(config.core.clone(), store, events.clone(), metrics.clone())?;
     let (requests, inbox) = std_mpsc::channel();
     let core_thread = std::thread::Builder::new()
         .name("gantry-core".into())
@@ -197,7 +228,19 @@ pub async fn start(
             ));
         }
     }
-    let handle = CoreHandle::new(requests.clone(), events, raft.handle());
+    let handle = CoreHandle::new(requests.clone(), events, raft.handle(), metrics.clone());
+    tokio::spawn(count_leader_changes(
+        raft.handle().watch_status(),
+        metrics,
+        shutdown.clone(),
+    ));
+    let http = http_listener.map(|listener| {
+        tokio::spawn(crate::http::serve(
+            listener,
+            handle.clone(),
+            shutdown.clone(),
+        ))
+    });
 
     let gantry = pb::gantry_server::GantryServer::new(GantryService::new(handle.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -219,9 +262,37 @@ pub async fn start(
     // the Raft application) is dropped, after the server and Raft node stop.
     Ok(RunningCoordinator {
         grpc_addr,
+        http_addr,
         server,
+        http,
         raft,
         requests,
         core: core_thread,
     })
+}
+
+/// Counts each change to a new known leader, for `gantry_raft_leader_changes_total`.
+async fn count_leader_changes(
+    mut status: tokio::sync::watch::Receiver<crate::raft::RaftStatus>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut leader = status.borrow().leader_id;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        let now = status.borrow().leader_id;
+        if now.is_some() && now != leader {
+            metrics.leader_changes.inc();
+        }
+        if now.is_some() {
+            leader = now;
+        }
+    }
 }

@@ -21,7 +21,8 @@ use crate::convert;
 use crate::core::{Request, now_ms};
 use crate::domain::JobState;
 use crate::error::CoordinatorError;
-use crate::raft::{ProposeError, RaftHandle};
+use crate::metrics::Metrics;
+use crate::raft::{ProposeError, RaftHandle, RaftStatus};
 use crate::state::{ApplyError, Outcome};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -34,6 +35,7 @@ pub struct CoreHandle {
     events: broadcast::Sender<pb::Event>,
     sessions: Arc<AtomicU64>,
     raft: RaftHandle,
+    metrics: Arc<Metrics>,
 }
 
 impl CoreHandle {
@@ -42,13 +44,25 @@ impl CoreHandle {
         requests: std_mpsc::Sender<Request>,
         events: broadcast::Sender<pb::Event>,
         raft: RaftHandle,
+        metrics: Arc<Metrics>,
     ) -> CoreHandle {
         CoreHandle {
             requests,
             events,
             sessions: Arc::new(AtomicU64::new(1)),
             raft,
+            metrics,
         }
+    }
+
+    /// This replica's event metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// This replica's Raft progress and leadership.
+    pub fn raft_status(&self) -> RaftStatus {
+        self.raft.status()
     }
 
     /// Refuses with the leader's URL unless this replica leads.
@@ -117,6 +131,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let received = std::time::Instant::now();
         let request = request.into_inner();
         let size = request.encoded_len();
         let convert::ValidSubmit {
@@ -136,6 +151,10 @@ impl pb::gantry_server::Gantry for GantryService {
             Outcome::Submitted(ids) => ids,
             _ => Vec::new(),
         };
+        self.core
+            .metrics
+            .submit_seconds
+            .observe(received.elapsed().as_secs_f64());
         tracing::info!(
             jobs = count,
             first = job_ids.first().copied().unwrap_or(0),

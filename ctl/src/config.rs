@@ -4,6 +4,7 @@
 //!     id: 1
 //!     peers: {1: http://10.0.0.1:7070, 2: http://10.0.0.2:7070, 3: http://10.0.0.3:7070}
 //!     grpc_addr: 10.0.0.1:7070
+//!     http_addr: 10.0.0.1:7080
 //!     data_dir: /var/lib/gantry
 //!     gpu_headroom: 1GiB
 //!     oom_signatures: ["CUDA out of memory"]
@@ -35,6 +36,8 @@ pub struct CoordinatorFile {
     pub peers: Option<PeersValue>,
     /// gRPC listen address.
     pub grpc_addr: Option<String>,
+    /// HTTP listen address (or `off`).
+    pub http_addr: Option<String>,
     /// Storage directory.
     pub data_dir: Option<PathBuf>,
     /// Memory kept free on every GPU.

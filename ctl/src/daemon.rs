@@ -37,6 +37,8 @@ pub fn cancel_on_signal(token: CancellationToken) {
 pub struct CoordinatorOptions {
     /// gRPC listen address.
     pub grpc_addr: SocketAddr,
+    /// HTTP listen address (None = no HTTP).
+    pub http_addr: Option<SocketAddr>,
     /// Storage directory.
     pub data_dir: PathBuf,
     /// Memory kept free on each GPU.
@@ -68,6 +70,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
     core.strict_inventory = options.strict_inventory;
     CoordinatorConfig {
         grpc_addr: options.grpc_addr,
+        http_addr: options.http_addr,
         data_dir: options.data_dir.clone(),
         core,
         id: options.id,
@@ -83,8 +86,8 @@ pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<()> 
     let running = gantry_coordinator::start(coordinator_config(&options), shutdown.clone())
         .await
         .context("cannot start the coordinator")?;
-    println!("listening grpc={}", running.grpc_addr);
-    tracing::info!(grpc = %running.grpc_addr, data_dir = %options.data_dir.display(), "coordinator serving");
+    print_listening(&running);
+    tracing::info!(grpc = %running.grpc_addr, http = ?running.http_addr, data_dir = %options.data_dir.display(), "coordinator serving");
     running.wait().await?;
     Ok(())
 }
@@ -177,7 +180,10 @@ pub async fn run_dev(options: CoordinatorOptions, fake_gpus: Option<String>) -> 
     })?;
     let agent_task = tokio::spawn(gantry_agent::run(agent, shutdown.clone()));
 
-    println!("listening grpc={}", running.grpc_addr);
+    print_listening(&running);
+    if let Some(http) = running.http_addr {
+        println!("status page: http://{http}/  (metrics: http://{http}/metrics)");
+    }
     println!(
         "gantry dev: coordinator at {url}, agent {node_name} with {gpu_text}, data in {}",
         coordinator_options
@@ -206,6 +212,14 @@ pub async fn run_dev(options: CoordinatorOptions, fake_gpus: Option<String>) -> 
     running.wait().await?;
     println!("gantry dev: stopped");
     Ok(())
+}
+
+/// The bound addresses, one line each (tests and scripts read them).
+fn print_listening(running: &gantry_coordinator::RunningCoordinator) {
+    println!("listening grpc={}", running.grpc_addr);
+    if let Some(http) = running.http_addr {
+        println!("listening http={http}");
+    }
 }
 
 /// This machine's host name, for the dev node.

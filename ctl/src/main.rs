@@ -79,9 +79,10 @@ enum Command {
         /// Default 127.0.0.1:7070.
         #[arg(long)]
         grpc_addr: Option<SocketAddr>,
-        /// HTTP listen address (metrics and status page: not built yet).
-        #[arg(long)]
-        http_addr: Option<SocketAddr>,
+        /// HTTP listen address for /metrics, /v1, /healthz, /readyz and the
+        /// status page (port 0 = any; `off` = no HTTP). Default 127.0.0.1:7080.
+        #[arg(long, value_parser = parse_http_addr)]
+        http_addr: Option<HttpAddr>,
         /// Storage directory (default ./gantry-data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -143,9 +144,10 @@ enum Command {
         /// gRPC listen address.
         #[arg(long, default_value = "127.0.0.1:7070")]
         grpc_addr: SocketAddr,
-        /// HTTP listen address (metrics and status page: not built yet).
-        #[arg(long)]
-        http_addr: Option<SocketAddr>,
+        /// HTTP listen address for /metrics, /v1, /healthz, /readyz and the
+        /// status page (port 0 = any; `off` = no HTTP). Default 127.0.0.1:7080.
+        #[arg(long, value_parser = parse_http_addr)]
+        http_addr: Option<HttpAddr>,
         /// Storage directory.
         #[arg(long, default_value = "./gantry-data")]
         data_dir: PathBuf,
@@ -384,6 +386,23 @@ fn parse_batch_tiers(text: &str) -> Result<BatchTiers, String> {
         .map(BatchTiers)
 }
 
+/// `--http-addr`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+struct HttpAddr(Option<SocketAddr>);
+
+fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
+    if text == "off" {
+        return Ok(HttpAddr(None));
+    }
+    text.parse()
+        .map(|addr| HttpAddr(Some(addr)))
+        .map_err(|e| format!("expected IP:PORT or `off`, got {text:?}: {e}"))
+}
+
+/// The design's default HTTP address.
+const DEFAULT_HTTP_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7080);
+
 fn parse_label(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -400,12 +419,6 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
     }
-}
-
-fn not_built(what: &str, issue: u32) -> CliError {
-    CliError::failed(format!(
-        "{what} is not built yet (tracked in issue {issue})"
-    ))
 }
 
 #[tokio::main]
@@ -484,15 +497,18 @@ async fn main() -> ExitCode {
                     "--id: {id} is not one of the ids in --peers"
                 )));
             }
-            if http_addr.is_some() {
-                return fail(not_built(
-                    "the HTTP endpoint (--http-addr: metrics, status page)",
-                    6,
-                ));
-            }
+            let http_addr = match (http_addr, file.http_addr) {
+                (Some(HttpAddr(addr)), _) => addr,
+                (None, Some(text)) => match parse_http_addr(&text) {
+                    Ok(HttpAddr(addr)) => addr,
+                    Err(e) => return fail(CliError::invalid(format!("--config: http_addr: {e}"))),
+                },
+                (None, None) => Some(DEFAULT_HTTP_ADDR),
+            };
             init_logging(cli.log_format);
             let options = daemon::CoordinatorOptions {
                 grpc_addr,
+                http_addr,
                 data_dir,
                 gpu_headroom,
                 id,
@@ -538,15 +554,10 @@ async fn main() -> ExitCode {
             data_dir,
             fake_gpus,
         } => {
-            if http_addr.is_some() {
-                return fail(not_built(
-                    "the HTTP endpoint (--http-addr: metrics, status page)",
-                    6,
-                ));
-            }
             init_logging(cli.log_format);
             let options = daemon::CoordinatorOptions {
                 grpc_addr,
+                http_addr: http_addr.map_or(Some(DEFAULT_HTTP_ADDR), |HttpAddr(addr)| addr),
                 data_dir,
                 gpu_headroom: 0,
                 id: 1,

@@ -2,7 +2,8 @@
 
 use gantry_proto as pb;
 use gantry_scheduler::units::{format_bytes, format_duration_ms};
-use serde_json::{Value, json};
+
+pub use gantry_coordinator::json::{event_json, job_json, node_json, status_json};
 
 /// Output format of listings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -42,56 +43,6 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 
 fn bytes(v: i64) -> String {
     format_bytes(v.max(0) as u64)
-}
-
-/// A job as JSON.
-pub fn job_json(job: &pb::Job) -> Value {
-    let spec = job.spec.clone().unwrap_or_default();
-    let r = spec.resources.unwrap_or_default();
-    json!({
-        "id": job.id,
-        "name": spec.name,
-        "kind": spec.kind,
-        "state": job.state,
-        "reason": job.reason,
-        "command": spec.command,
-        "shell": spec.shell,
-        "env": spec.env,
-        "priority": spec.priority,
-        "queue": spec.queue,
-        "after": spec.after,
-        "resources": {
-            "gpus": r.gpus,
-            "gpu_memory_bytes": r.gpu_memory_bytes,
-            "cpu_millis": r.cpu_millis,
-            "memory_bytes": r.memory_bytes,
-            "disk_bytes": r.disk_bytes,
-        },
-        "submitted_at_ms": job.submitted_at_ms,
-        "updated_at_ms": job.updated_at_ms,
-        "cancel_requested": job.cancel_requested,
-        "pipeline": job.pipeline,
-        "run": job.run,
-        "depends_on": job.depends_on,
-        "batch_cap": job.batch_cap,
-        "attempts": job.attempts.iter().map(|a| json!({
-            "attempt": a.attempt,
-            "node": a.node,
-            "gpus": a.gpus,
-            "gpu_memory_bytes": a.gpu_memory_bytes,
-            "batch_size": a.batch_size,
-            "assigned_at_ms": a.assigned_at_ms,
-            "started_at_ms": a.started_at_ms,
-            "ended_at_ms": a.ended_at_ms,
-            "exit_code": a.exit_code,
-            "signal": a.signal,
-            "error": a.error,
-            "outcome": a.outcome,
-            "oom": a.oom,
-            "peak_gpu_memory_bytes": a.peak_gpu_memory_bytes,
-            "output_tail": a.output_tail,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 /// One row of `gantry jobs`.
@@ -200,36 +151,6 @@ pub fn print_job(job: &pb::Job) {
     }
 }
 
-/// A node as JSON.
-pub fn node_json(node: &pb::Node) -> Value {
-    json!({
-        "name": node.name,
-        "address": node.address,
-        "state": node.state,
-        "draining": node.draining,
-        "connected": node.connected,
-        "labels": node.labels,
-        "cpu_millis": node.cpu_millis,
-        "memory_total_bytes": node.memory_total_bytes,
-        "memory_used_bytes": node.memory_used_bytes,
-        "disk_total_bytes": node.disk_total_bytes,
-        "disk_used_bytes": node.disk_used_bytes,
-        "disk_pressure": node.disk_pressure,
-        "last_seen_ms": node.last_seen_ms,
-        "rtt_ms": node.rtt_ms,
-        "running_jobs": node.running_jobs,
-        "gpus": node.gpus.iter().map(|g| json!({
-            "index": g.index,
-            "model": g.model,
-            "total_bytes": g.total_bytes,
-            "used_bytes": g.used_bytes,
-            "reserved_bytes": g.reserved_bytes,
-            "utilization_pct": g.utilization_pct,
-            "temperature_c": g.temperature_c,
-        })).collect::<Vec<_>>(),
-    })
-}
-
 /// One row of `gantry nodes`.
 pub fn node_row(node: &pb::Node) -> Vec<String> {
     let provider = node
@@ -275,43 +196,6 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
         node.running_jobs.to_string(),
         format!("{:.1}ms", node.rtt_ms),
     ]
-}
-
-/// An event as JSON.
-pub fn event_json(e: &pb::Event) -> Value {
-    json!({
-        "index": e.index,
-        "at_ms": e.at_ms,
-        "job_id": e.job_id,
-        "job_name": e.job_name,
-        "kind": e.kind,
-        "state": e.state,
-        "node": e.node,
-        "attempt": e.attempt,
-        "message": e.message,
-        "pipeline": e.pipeline,
-    })
-}
-
-/// Cluster status as JSON.
-pub fn status_json(s: &pb::ClusterStatus) -> Value {
-    json!({
-        "coordinator_id": s.coordinator_id,
-        "is_leader": s.is_leader,
-        "leader_url": s.leader_url,
-        "leader_id": s.leader_id,
-        "raft_term": s.raft_term,
-        "commit_index": s.commit_index,
-        "applied_index": s.applied_index,
-        "nodes_total": s.nodes_total,
-        "nodes_ready": s.nodes_ready,
-        "gpus_total": s.gpus_total,
-        "gpu_memory_total_bytes": s.gpu_memory_total_bytes,
-        "gpu_memory_reserved_bytes": s.gpu_memory_reserved_bytes,
-        "jobs_by_state": s.jobs_by_state,
-        "last_event_index": s.last_event_index,
-        "version": s.version,
-    })
 }
 
 /// `gantry pipeline NAME` for people: stages in dependency order, each with

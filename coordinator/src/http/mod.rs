@@ -1,0 +1,292 @@
+//! HTTP beside gRPC: `/metrics` (Prometheus), the JSON API under `/v1`,
+//! `/healthz`, `/readyz` and the status page at `/`.
+//!
+//! Read-only by design: every change goes through the gRPC API, where it is
+//! validated, authorised and replicated. Handlers are thin: they ask the core
+//! through the same [`CoreHandle`] the gRPC services use and render JSON with
+//! the same views as `gantry -o json`.
+//!
+//! A follower answers `/metrics` with its own Raft metrics, `/v1/status` with
+//! its own view, and the rest with 503 naming the leader (`gantry-leader`
+//! header and `leader` field), as the gRPC API does.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::Request;
+use crate::domain::JobState;
+use crate::error::{CoordinatorError, LEADER_METADATA};
+use crate::json::{job_json, node_json, status_json};
+use crate::metrics;
+use crate::service::CoreHandle;
+
+/// The status page: one self-contained file, no build step.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// Jobs returned by `/v1/jobs` when no `limit` is given.
+const DEFAULT_JOB_LIMIT: usize = 1000;
+
+/// How long `/healthz` waits for the core thread to answer.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The routes, over a handle to the core.
+pub fn router(core: CoreHandle) -> Router {
+    Router::new()
+        .route("/", get(status_page))
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/status", get(cluster_status))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/jobs", get(jobs))
+        .route("/v1/jobs/{id}", get(job))
+        .route("/v1/dlq", get(dlq))
+        .fallback(not_found)
+        .with_state(core)
+}
+
+/// Serves the routes on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    core: CoreHandle,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(core))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// A failed API call: a JSON body `{"error": ...}` and the matching status.
+struct ApiError(CoordinatorError);
+
+impl From<CoordinatorError> for ApiError {
+    fn from(error: CoordinatorError) -> ApiError {
+        ApiError(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut body = json!({ "error": self.0.to_string() });
+        let leader = match &self.0 {
+            CoordinatorError::NotLeader { leader } => leader.clone(),
+            _ => None,
+        };
+        if let Some(url) = &leader {
+            body["leader"] = json!(url);
+        }
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Some(value) = leader.and_then(|url| HeaderValue::from_str(&url).ok()) {
+            response.headers_mut().insert(LEADER_METADATA, value);
+        }
+        response
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
+    ApiError(CoordinatorError::InvalidArgument {
+        field: field.to_string(),
+        reason: reason.into(),
+    })
+}
+
+/// Refuses query parameters the endpoint does not know, naming them.
+fn only_params(query: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    match query.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) if known.is_empty() => {
+            Err(invalid(unknown, "this endpoint takes no parameters"))
+        }
+        Some(unknown) => Err(invalid(
+            unknown,
+            format!("unknown parameter (expected one of: {})", known.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+async fn status_page() -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "no-store")], Html(STATUS_PAGE))
+}
+
+/// OpenMetrics when the scraper asks for it (Prometheus does), the classic
+/// text format otherwise.
+async fn metrics_text(State(core): State<CoreHandle>, headers: HeaderMap) -> Response {
+    let raft = core.raft_status();
+    // On a follower (or mid-election) the core refuses: render Raft only.
+    let view = if raft.is_leader {
+        core.call(|reply| Request::ClusterView { reply }).await.ok()
+    } else {
+        None
+    };
+    let text = metrics::render(core.metrics(), &raft, view.as_ref());
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        (
+            [(header::CONTENT_TYPE, metrics::OPENMETRICS_CONTENT_TYPE)],
+            text,
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, metrics::PROMETHEUS_TEXT_CONTENT_TYPE)],
+            metrics::to_prometheus_text(&text),
+        )
+            .into_response()
+    }
+}
+
+async fn healthz(State(core): State<CoreHandle>) -> Response {
+    let answered =
+        tokio::time::timeout(HEALTH_TIMEOUT, core.call(|reply| Request::Status { reply })).await;
+    match answered {
+        Ok(Ok(_)) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(Err(error)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "coordinator core did not answer within 2s\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Ready once this replica knows a leader and has applied everything it
+/// knows committed: only then do its reads reflect the cluster.
+async fn readyz(State(core): State<CoreHandle>) -> Response {
+    let raft = core.raft_status();
+    let reason = if !raft.running {
+        Some("replication has stopped".to_string())
+    } else if raft.leader_id.is_none() {
+        Some("no leader known (election in progress)".to_string())
+    } else if raft.applied_index < raft.commit_index {
+        Some(format!(
+            "applying the log: applied {} of {} committed entries",
+            raft.applied_index, raft.commit_index
+        ))
+    } else {
+        None
+    };
+    let body = json!({
+        "ready": reason.is_none(),
+        "reason": reason,
+        "is_leader": raft.is_leader,
+        "leader_id": raft.leader_id,
+        "leader_url": raft.leader_url,
+        "commit_index": raft.commit_index,
+        "applied_index": raft.applied_index,
+    });
+    let status = if reason.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn cluster_status(
+    State(core): State<CoreHandle>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<axum::Json<Value>, ApiError> {
+    only_params(&query, &[])?;
+    let status = core.call(|reply| Request::Status { reply }).await?;
+    Ok(axum::Json(status_json(&status)))
+}
+
+async fn nodes(
+    State(core): State<CoreHandle>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<axum::Json<Value>, ApiError> {
+    only_params(&query, &[])?;
+    core.require_leader()?;
+    let nodes = core.call(|reply| Request::ListNodes { reply }).await?;
+    Ok(axum::Json(nodes.iter().map(node_json).collect()))
+}
+
+async fn jobs(
+    State(core): State<CoreHandle>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<axum::Json<Value>, ApiError> {
+    only_params(&query, &["state", "limit"])?;
+    let mut states = Vec::new();
+    for name in query
+        .get("state")
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let state = JobState::parse(name).ok_or_else(|| {
+            invalid(
+                "state",
+                format!(
+                    "unknown state {name:?} (expected one of {})",
+                    JobState::ALL.map(|s| s.as_str()).join(", ")
+                ),
+            )
+        })?;
+        states.push(state);
+    }
+    let limit = match query.get("limit") {
+        None => DEFAULT_JOB_LIMIT,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(invalid(
+                    "limit",
+                    format!("{text:?} is not a positive integer"),
+                ));
+            }
+        },
+    };
+    core.require_leader()?;
+    let jobs = core
+        .call(|reply| Request::ListJobs {
+            states,
+            limit,
+            reply,
+        })
+        .await?;
+    Ok(axum::Json(jobs.iter().map(job_json).collect()))
+}
+
+async fn job(
+    State(core): State<CoreHandle>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| invalid("id", format!("{id:?} is not a job id (a positive integer)")))?;
+    core.require_leader()?;
+    let job = core.call(|reply| Request::GetJob { id, reply }).await?;
+    Ok(axum::Json(job_json(&job)))
+}
+
+async fn dlq(
+    State(core): State<CoreHandle>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<axum::Json<Value>, ApiError> {
+    only_params(&query, &[])?;
+    core.require_leader()?;
+    let jobs = core.call(|reply| Request::DlqList { reply }).await?;
+    Ok(axum::Json(jobs.iter().map(job_json).collect()))
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError(CoordinatorError::NotFound(format!(
+        "no endpoint {}; try /, /metrics, /healthz, /readyz, /v1/status, /v1/nodes, /v1/jobs, /v1/jobs/ID, /v1/dlq",
+        uri.path()
+    )))
+}

@@ -1,0 +1,559 @@
+//! Prometheus metrics, in two kinds:
+//!
+//! - event metrics (histograms, counters) are observed where the event
+//!   happens and live in [`Metrics`]: atomics behind an `Arc`, shared by the
+//!   core thread, the services and the HTTP server of one coordinator;
+//! - state metrics (node states, GPU memory, jobs by state) are computed at
+//!   scrape time from a [`ClusterView`] the core builds, so they can never
+//!   drift from the state they describe.
+//!
+//! Followers render only their own Raft metrics: the cluster view (soft
+//! state: telemetry, connected agents) exists on the leader alone.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+
+use gantry_proto as pb;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::raft::RaftStatus;
+
+/// The content type of [`render`]'s output: OpenMetrics text, which
+/// Prometheus asks for in its `Accept` header.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The content type of [`to_prometheus_text`]'s output: the classic text
+/// format, for clients that do not ask for OpenMetrics (curl, promtool).
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites OpenMetrics text as the classic Prometheus text format, as the
+/// Go client does when a scraper does not ask for OpenMetrics: no `# UNIT`
+/// or `# EOF` lines, and a counter's family is named like its `_total`
+/// sample. Everything else is the same in both formats.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A job-kind label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct KindLabel {
+    /// selfplay, training, ...
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabel {
+    node: String,
+    gpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuInfoLabel {
+    node: String,
+    gpu: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabel {
+    state: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeInfoLabel {
+    node: String,
+    address: String,
+    provider: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Latency buckets from 0.5 ms to about 65 s (doubling).
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+/// Event metrics of one coordinator.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Wall time of each scheduling pass (snapshot, plan), leader only.
+    pub scheduling_pass_seconds: Histogram,
+    /// Submission to placement, by kind, observed when a plan applies.
+    pub queue_wait_seconds: HistogramFamily<KindLabel>,
+    /// gRPC submit latency: received to committed and applied.
+    pub submit_seconds: Histogram,
+    /// Jobs placed by applied plans.
+    pub placements: Counter,
+    /// Times this replica saw the leader change (a new leader id).
+    pub leader_changes: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            scheduling_pass_seconds: latency_histogram(),
+            queue_wait_seconds: Family::new_with_constructor(latency_histogram),
+            submit_seconds: latency_histogram(),
+            placements: Counter::default(),
+            leader_changes: Counter::default(),
+        }
+    }
+}
+
+/// What the leader's core knows of the cluster at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// Every node, registered or only in the inventory (`missing`).
+    pub nodes: Vec<pb::Node>,
+    /// Job counts by (state, kind).
+    pub jobs: BTreeMap<(String, String), u64>,
+    /// Jobs in the dead-letter queue.
+    pub dlq: u64,
+    /// Agents with an open stream to this leader.
+    pub agents_connected: u64,
+    /// Whether the fleet as a whole is disk-pressured (pure producers wait).
+    pub fleet_disk_pressure: bool,
+}
+
+/// Every node state, so `gantry_nodes{state}` has a zero rather than a gap.
+const NODE_STATES: [&str; 4] = ["ready", "suspect", "down", "missing"];
+
+/// Renders the exposition: Raft and event metrics always, cluster metrics
+/// when `view` is given (on the leader).
+pub fn render(metrics: &Metrics, raft: &RaftStatus, view: Option<&ClusterView>) -> String {
+    let mut registry = Registry::default();
+    let info: Family<VersionLabel, Gauge> = Family::default();
+    info.get_or_create(&VersionLabel {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+    .set(1);
+    registry.register("gantry_build", "Build information", info);
+    register_raft(&mut registry, metrics, raft);
+    registry.register_with_unit(
+        "gantry_scheduling_pass",
+        "Scheduling pass latency (snapshot and plan)",
+        Unit::Seconds,
+        metrics.scheduling_pass_seconds.clone(),
+    );
+    registry.register_with_unit(
+        "gantry_queue_wait",
+        "Time from submission to placement",
+        Unit::Seconds,
+        metrics.queue_wait_seconds.clone(),
+    );
+    registry.register_with_unit(
+        "gantry_submit",
+        "Submit latency: received to committed and applied",
+        Unit::Seconds,
+        metrics.submit_seconds.clone(),
+    );
+    registry.register(
+        "gantry_placements",
+        "Jobs placed by applied plans",
+        metrics.placements.clone(),
+    );
+    let cluster: Gauge = Gauge::default();
+    cluster.set(i64::from(view.is_some()));
+    registry.register(
+        "gantry_cluster_metrics_available",
+        "1 when this replica serves the cluster metrics (it leads); 0 on a follower",
+        cluster,
+    );
+    if let Some(view) = view {
+        register_cluster(&mut registry, view);
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &registry);
+    out
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let g: Gauge = Gauge::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+fn register_raft(registry: &mut Registry, metrics: &Metrics, raft: &RaftStatus) {
+    gauge(
+        registry,
+        "gantry_raft_term",
+        "Current Raft term",
+        raft.term as i64,
+    );
+    gauge(
+        registry,
+        "gantry_raft_commit_index",
+        "Highest log index known committed",
+        raft.commit_index as i64,
+    );
+    gauge(
+        registry,
+        "gantry_raft_applied_index",
+        "Highest log index applied to the state machine",
+        raft.applied_index as i64,
+    );
+    gauge(
+        registry,
+        "gantry_raft_leader_id",
+        "The leader's replica id (0 = unknown)",
+        raft.leader_id.unwrap_or(0) as i64,
+    );
+    gauge(
+        registry,
+        "gantry_raft_is_leader",
+        "1 when this replica leads",
+        i64::from(raft.is_leader),
+    );
+    registry.register(
+        "gantry_raft_leader_changes",
+        "Leader changes seen by this replica",
+        metrics.leader_changes.clone(),
+    );
+}
+
+fn register_cluster(registry: &mut Registry, view: &ClusterView) {
+    let by_state: Family<StateLabel, Gauge> = Family::default();
+    for state in NODE_STATES {
+        by_state
+            .get_or_create(&StateLabel {
+                state: state.to_string(),
+            })
+            .set(0);
+    }
+    let info: Family<NodeInfoLabel, Gauge> = Family::default();
+    let draining: Family<NodeLabel, Gauge> = Family::default();
+    let connected: Family<NodeLabel, Gauge> = Family::default();
+    let disk_pressure: Family<NodeLabel, Gauge> = Family::default();
+    let disk_total: Family<NodeLabel, Gauge> = Family::default();
+    let disk_used: Family<NodeLabel, Gauge> = Family::default();
+    let running: Family<NodeLabel, Gauge> = Family::default();
+    let rtt: Family<NodeLabel, FloatGauge> = Family::default();
+    let gpu_total: Family<GpuInfoLabel, Gauge> = Family::default();
+    let gpu_used: Family<GpuLabel, Gauge> = Family::default();
+    let gpu_reserved: Family<GpuLabel, Gauge> = Family::default();
+    let gpu_free: Family<GpuLabel, Gauge> = Family::default();
+    let gpu_util: Family<GpuLabel, FloatGauge> = Family::default();
+    let gpu_temp: Family<GpuLabel, Gauge> = Family::default();
+    for node in &view.nodes {
+        by_state
+            .get_or_create(&StateLabel {
+                state: node.state.clone(),
+            })
+            .inc();
+        let provider = node.labels.get("provider").cloned().unwrap_or_default();
+        info.get_or_create(&NodeInfoLabel {
+            node: node.name.clone(),
+            address: node.address.clone(),
+            provider,
+            state: node.state.clone(),
+        })
+        .set(1);
+        if node.state == "missing" {
+            continue;
+        }
+        let label = NodeLabel {
+            node: node.name.clone(),
+        };
+        draining.get_or_create(&label).set(i64::from(node.draining));
+        connected
+            .get_or_create(&label)
+            .set(i64::from(node.connected));
+        disk_pressure
+            .get_or_create(&label)
+            .set(i64::from(node.disk_pressure));
+        disk_total.get_or_create(&label).set(node.disk_total_bytes);
+        disk_used.get_or_create(&label).set(node.disk_used_bytes);
+        running
+            .get_or_create(&label)
+            .set(i64::from(node.running_jobs));
+        rtt.get_or_create(&label).set(node.rtt_ms / 1000.0);
+        for gpu in &node.gpus {
+            let label = GpuLabel {
+                node: node.name.clone(),
+                gpu: gpu.index.to_string(),
+            };
+            gpu_total
+                .get_or_create(&GpuInfoLabel {
+                    node: node.name.clone(),
+                    gpu: gpu.index.to_string(),
+                    model: gpu.model.clone(),
+                })
+                .set(gpu.total_bytes);
+            gpu_used.get_or_create(&label).set(gpu.used_bytes);
+            gpu_reserved.get_or_create(&label).set(gpu.reserved_bytes);
+            gpu_free
+                .get_or_create(&label)
+                .set((gpu.total_bytes - gpu.used_bytes.max(gpu.reserved_bytes)).max(0));
+            gpu_util
+                .get_or_create(&label)
+                .set(f64::from(gpu.utilization_pct) / 100.0);
+            gpu_temp
+                .get_or_create(&label)
+                .set(i64::from(gpu.temperature_c));
+        }
+    }
+    registry.register("gantry_nodes", "Nodes by state", by_state);
+    registry.register(
+        "gantry_node_info",
+        "One series per node with its address, provider and state",
+        info,
+    );
+    registry.register(
+        "gantry_node_draining",
+        "1 when the node takes no new placements",
+        draining,
+    );
+    registry.register(
+        "gantry_node_connected",
+        "1 when the node's agent has a stream open to the leader",
+        connected,
+    );
+    registry.register(
+        "gantry_node_disk_pressure",
+        "1 when the node holds back data-producing work (disk backpressure)",
+        disk_pressure,
+    );
+    registry.register_with_unit(
+        "gantry_node_disk_total",
+        "Disk capacity of the node's data volume",
+        Unit::Bytes,
+        disk_total,
+    );
+    registry.register_with_unit(
+        "gantry_node_disk_used",
+        "Disk used on the node's data volume",
+        Unit::Bytes,
+        disk_used,
+    );
+    registry.register(
+        "gantry_node_running_jobs",
+        "Jobs assigned to or running on the node",
+        running,
+    );
+    registry.register_with_unit(
+        "gantry_node_rtt",
+        "Round-trip time from the leader to the node's agent",
+        Unit::Seconds,
+        rtt,
+    );
+    registry.register_with_unit(
+        "gantry_gpu_memory_total",
+        "GPU memory capacity",
+        Unit::Bytes,
+        gpu_total,
+    );
+    registry.register_with_unit(
+        "gantry_gpu_memory_used",
+        "GPU memory in use as the driver reports it (all processes)",
+        Unit::Bytes,
+        gpu_used,
+    );
+    registry.register_with_unit(
+        "gantry_gpu_memory_reserved",
+        "GPU memory reserved by Gantry's assignments",
+        Unit::Bytes,
+        gpu_reserved,
+    );
+    registry.register_with_unit(
+        "gantry_gpu_memory_free",
+        "GPU memory neither used nor reserved",
+        Unit::Bytes,
+        gpu_free,
+    );
+    registry.register(
+        "gantry_gpu_utilization_ratio",
+        "GPU utilisation (0 to 1)",
+        gpu_util,
+    );
+    registry.register_with_unit(
+        "gantry_gpu_temperature",
+        "GPU temperature",
+        Unit::Celsius,
+        gpu_temp,
+    );
+    let jobs: Family<JobLabel, Gauge> = Family::default();
+    for ((state, kind), count) in &view.jobs {
+        jobs.get_or_create(&JobLabel {
+            state: state.clone(),
+            kind: kind.clone(),
+        })
+        .set(*count as i64);
+    }
+    registry.register("gantry_jobs", "Jobs by state and kind", jobs);
+    gauge(
+        registry,
+        "gantry_dlq_jobs",
+        "Jobs in the dead-letter queue",
+        view.dlq as i64,
+    );
+    gauge(
+        registry,
+        "gantry_agents_connected",
+        "Agents with a stream open to this leader",
+        view.agents_connected as i64,
+    );
+    gauge(
+        registry,
+        "gantry_fleet_disk_pressure",
+        "1 when enough of the fleet is disk-pressured that pure producers wait",
+        i64::from(view.fleet_disk_pressure),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> ClusterView {
+        let mut jobs = BTreeMap::new();
+        jobs.insert(("running".to_string(), "training".to_string()), 2);
+        ClusterView {
+            nodes: vec![pb::Node {
+                name: "gpu-01".into(),
+                address: "10.0.0.1".into(),
+                state: "ready".into(),
+                connected: true,
+                gpus: vec![pb::GpuInfo {
+                    index: 0,
+                    model: "H100".into(),
+                    total_bytes: 80 << 30,
+                    used_bytes: 10 << 30,
+                    reserved_bytes: 20 << 30,
+                    utilization_pct: 50,
+                    temperature_c: 61,
+                }],
+                ..Default::default()
+            }],
+            jobs,
+            dlq: 1,
+            agents_connected: 1,
+            fleet_disk_pressure: false,
+        }
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in\n{text}"))
+    }
+
+    #[test]
+    fn leader_exposition_has_cluster_series() {
+        let metrics = Metrics::default();
+        metrics.submit_seconds.observe(0.003);
+        let raft = RaftStatus {
+            is_leader: true,
+            term: 4,
+            leader_id: Some(2),
+            ..Default::default()
+        };
+        let text = render(&metrics, &raft, Some(&view()));
+        assert_eq!(line(&text, "gantry_raft_term "), "gantry_raft_term 4");
+        assert_eq!(
+            line(&text, "gantry_raft_is_leader "),
+            "gantry_raft_is_leader 1"
+        );
+        assert_eq!(
+            line(
+                &text,
+                "gantry_gpu_memory_reserved_bytes{node=\"gpu-01\",gpu=\"0\"}"
+            ),
+            format!(
+                "gantry_gpu_memory_reserved_bytes{{node=\"gpu-01\",gpu=\"0\"}} {}",
+                20u64 << 30
+            )
+        );
+        assert_eq!(
+            line(&text, "gantry_gpu_utilization_ratio{"),
+            "gantry_gpu_utilization_ratio{node=\"gpu-01\",gpu=\"0\"} 0.5"
+        );
+        assert_eq!(
+            line(&text, "gantry_jobs{"),
+            "gantry_jobs{state=\"running\",kind=\"training\"} 2"
+        );
+        assert_eq!(
+            line(&text, "gantry_nodes{state=\"ready\"}"),
+            "gantry_nodes{state=\"ready\"} 1"
+        );
+        assert_eq!(
+            line(&text, "gantry_nodes{state=\"down\"}"),
+            "gantry_nodes{state=\"down\"} 0"
+        );
+        assert_eq!(
+            line(&text, "gantry_submit_seconds_count"),
+            "gantry_submit_seconds_count 1"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn classic_text_names_counter_families_by_their_samples() {
+        let metrics = Metrics::default();
+        metrics.placements.inc();
+        let text = to_prometheus_text(&render(&metrics, &RaftStatus::default(), None));
+        assert!(text.contains("# TYPE gantry_placements_total counter\n"));
+        assert!(text.contains("# HELP gantry_placements_total Jobs placed"));
+        assert!(text.contains("\ngantry_placements_total 1\n"));
+        assert!(text.contains("# TYPE gantry_submit_seconds histogram\n"));
+        assert!(!text.contains("# UNIT"));
+        assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn follower_exposition_has_raft_only() {
+        let text = render(&Metrics::default(), &RaftStatus::default(), None);
+        assert!(text.contains("gantry_raft_term 0"));
+        assert!(text.contains("gantry_cluster_metrics_available 0"));
+        assert!(!text.contains("gantry_gpu_memory_total_bytes"));
+        assert!(!text.contains("gantry_jobs{"));
+    }
+}
