@@ -340,6 +340,9 @@ fn start_replicas(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<R
             addr.to_string(),
             "--data-dir".into(),
             data.display().to_string(),
+            // Three replicas on one host: HTTP is not measured here.
+            "--http-addr".into(),
+            "off".into(),
         ];
         let index = procs.spawn(
             &format!("replica-{id}"),

@@ -55,6 +55,9 @@ pub struct Proc {
     child: Option<Child>,
     /// Lines of stdout, as they come.
     lines: mpsc::Receiver<String>,
+    /// Base URL of its HTTP endpoint (`http://ip:port`), for a coordinator
+    /// or `gantry dev` once started.
+    pub http: Option<String>,
 }
 
 impl Proc {
@@ -147,6 +150,8 @@ pub struct CoordinatorHandle {
     pub index: usize,
     /// `http://host:port`.
     pub url: String,
+    /// Base URL of its HTTP endpoint (metrics, JSON API, status page).
+    pub http: String,
     /// Its data directory.
     pub data_dir: PathBuf,
 }
@@ -167,6 +172,7 @@ impl Sandbox {
     }
 
     fn spawn(&mut self, name: &str, args: &[String]) -> anyhow::Result<usize> {
+        let args = with_http_on_any_port(args);
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
         let mut child = Command::new(gantry_bin())
             .args(args)
@@ -197,6 +203,7 @@ impl Sandbox {
             name: name.to_string(),
             child: Some(child),
             lines: rx,
+            http: None,
         });
         Ok(self.procs.len() - 1)
     }
@@ -222,13 +229,32 @@ impl Sandbox {
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];
+        self.start_coordinator_args(name, args, data_dir)
+    }
+
+    fn start_coordinator_args(
+        &mut self,
+        name: &str,
+        args: Vec<String>,
+        data_dir: PathBuf,
+    ) -> anyhow::Result<CoordinatorHandle> {
         let index = self.spawn(name, &args)?;
         let addr = self.procs[index].wait_line("listening grpc=", Duration::from_secs(30))?;
+        let http = self.wait_http(index)?;
         Ok(CoordinatorHandle {
             index,
             url: format!("http://{addr}"),
+            http,
             data_dir,
         })
+    }
+
+    /// Reads the `listening http=` line that follows `listening grpc=`.
+    fn wait_http(&mut self, index: usize) -> anyhow::Result<String> {
+        let addr = self.procs[index].wait_line("listening http=", Duration::from_secs(30))?;
+        let http = format!("http://{addr}");
+        self.procs[index].http = Some(http.clone());
+        Ok(http)
     }
 
     /// Starts a coordinator on 127.0.0.1 (any port) with extra flags.
@@ -246,13 +272,7 @@ impl Sandbox {
             data_dir.display().to_string(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
-        let index = self.spawn(name, &args)?;
-        let addr = self.procs[index].wait_line("listening grpc=", Duration::from_secs(30))?;
-        Ok(CoordinatorHandle {
-            index,
-            url: format!("http://{addr}"),
-            data_dir,
-        })
+        self.start_coordinator_args(name, args, data_dir)
     }
 
     /// Starts an agent with fake GPUs, advertising `address`.
@@ -426,6 +446,7 @@ impl Sandbox {
         ];
         let index = self.spawn(name, &args)?;
         let addr = self.procs[index].wait_line("listening grpc=", Duration::from_secs(30))?;
+        self.wait_http(index)?;
         Ok((index, format!("http://{addr}")))
     }
 
@@ -444,6 +465,29 @@ impl Sandbox {
         proc.child = None;
         Ok(status)
     }
+}
+
+/// Daemons serve HTTP on 127.0.0.1:7080 by default; in the sandbox many run
+/// side by side, so each coordinator or `gantry dev` not told otherwise gets
+/// HTTP on its gRPC address's IP, any port (printed as `listening http=`).
+fn with_http_on_any_port(args: &[String]) -> Vec<String> {
+    let mut args = args.to_vec();
+    let daemon = matches!(
+        args.first().map(String::as_str),
+        Some("coordinator" | "dev")
+    );
+    if !daemon || args.iter().any(|a| a == "--http-addr") {
+        return args;
+    }
+    let ip = args
+        .iter()
+        .position(|a| a == "--grpc-addr")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|addr| addr.rsplit_once(':'))
+        .map_or("127.0.0.1".to_string(), |(ip, _)| ip.to_string());
+    args.push("--http-addr".into());
+    args.push(format!("{ip}:0"));
+    args
 }
 
 /// A free TCP port on `ip` (bound and released; the caller binds it next).
@@ -527,6 +571,7 @@ impl Sandbox {
         let name = format!("replica-{id}-{}", self.procs.len());
         let index = self.spawn(&name, &args)?;
         self.procs[index].wait_line("listening grpc=", Duration::from_secs(30))?;
+        self.wait_http(index)?;
         set.procs[id - 1] = Some(index);
         Ok(())
     }
@@ -636,6 +681,130 @@ impl Sandbox {
     pub fn stop_replica(&mut self, set: &mut ReplicaSet, id: usize) {
         if let Some(index) = set.procs[id - 1].take() {
             self.procs[index].stop(Duration::from_secs(10));
+        }
+    }
+}
+
+/// One HTTP response, as the sandbox's tiny client reads it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header lines as (lowercase name, value).
+    pub headers: Vec<(String, String)>,
+    /// Body text.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> anyhow::Result<Value> {
+        serde_json::from_str(&self.body)
+            .with_context(|| format!("HTTP {} body is not JSON: {}", self.status, self.body))
+    }
+}
+
+/// `GET base+path` over HTTP/1.0 (so the body ends at close, never chunked);
+/// enough for the coordinator's read-only endpoints without an HTTP crate.
+pub fn http_get(base: &str, path: &str, accept: Option<&str>) -> anyhow::Result<HttpResponse> {
+    use std::io::{Read, Write};
+    let authority = base
+        .strip_prefix("http://")
+        .with_context(|| format!("not an http:// URL: {base}"))?
+        .trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(authority)
+        .with_context(|| format!("cannot connect to {authority}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\n{accept}Connection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let raw = String::from_utf8(raw).context("response is not UTF-8")?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("malformed HTTP response: {raw}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status line in {head}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// Samples of a Prometheus text exposition: (name, labels, value).
+pub fn parse_samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let labels = rest
+                    .trim_end_matches('}')
+                    .split("\",")
+                    .filter_map(|pair| pair.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                    .collect();
+                (name.to_string(), labels)
+            }
+            None => (series.to_string(), BTreeMap::new()),
+        };
+        out.push((name, labels, value));
+    }
+    out
+}
+
+/// Whether tests must find external tools (promtool, chromium) rather than
+/// skip the parts that need them: `.ci/run` installs them and sets this.
+pub fn tools_required() -> bool {
+    std::env::var_os("GANTRY_REQUIRE_TOOLS").is_some_and(|v| v == "1")
+}
+
+/// The path of an external tool on PATH, or None (failing when
+/// [`tools_required`]).
+pub fn find_tool(name: &str) -> anyhow::Result<Option<PathBuf>> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(path) => Ok(Some(path)),
+        None if tools_required() => {
+            bail!("{name} is required (GANTRY_REQUIRE_TOOLS=1) but not on PATH")
+        }
+        None => {
+            eprintln!(
+                "note: {name} is not installed; skipping the part of this test that needs it"
+            );
+            Ok(None)
         }
     }
 }
