@@ -163,6 +163,7 @@ fn metrics_agree_with_the_cluster_and_pass_promtool() -> anyhow::Result<()> {
         .then_some((text, samples))
     })?;
     promtool_check(&text)?;
+    check_dashboard(&samples)?;
 
     // Per GPU, reserved memory equals the sum of its running jobs' reservations.
     for (name, labels, v) in samples
@@ -285,6 +286,84 @@ fn stable(nodes: &Value) -> Value {
         }
     }
     out
+}
+
+/// `grafana/gantry.json` imports cleanly: well-formed panels on the
+/// declared data source, PromQL that promtool accepts, and only metric names
+/// a leader really exposes.
+fn check_dashboard(samples: &Samples) -> anyhow::Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../grafana/gantry.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    assert_eq!(dashboard["__inputs"][0]["name"], "DS_PROMETHEUS");
+    assert!(dashboard["uid"].is_string() && dashboard["title"] == "Gantry");
+    let panels = dashboard["panels"].as_array().cloned().unwrap_or_default();
+    assert!(panels.len() >= 10, "too few panels");
+    let mut ids = std::collections::BTreeSet::new();
+    let mut exprs = Vec::new();
+    for panel in &panels {
+        let title = panel["title"].as_str().unwrap_or_default();
+        assert!(ids.insert(panel["id"].as_u64()), "duplicate id on {title}");
+        let grid = &panel["gridPos"];
+        let (x, w) = (grid["x"].as_u64(), grid["w"].as_u64());
+        assert!(
+            matches!((x, w), (Some(x), Some(w)) if w > 0 && x + w <= 24),
+            "{title}: gridPos {grid}"
+        );
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${DS_PROMETHEUS}", "{title}");
+        let targets = panel["targets"].as_array().cloned().unwrap_or_default();
+        assert!(!targets.is_empty(), "{title}: no queries");
+        for target in targets {
+            let expr = target["expr"].as_str().unwrap_or_default().to_string();
+            assert!(!expr.is_empty(), "{title}: empty query");
+            exprs.push((title.to_string(), expr));
+        }
+    }
+    let exposed: std::collections::BTreeSet<&str> =
+        samples.iter().map(|(name, _, _)| name.as_str()).collect();
+    for (title, expr) in &exprs {
+        let mut rest = expr.as_str();
+        while let Some(start) = rest.find("gantry_") {
+            let tail = &rest[start..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            assert!(
+                exposed.contains(name),
+                "panel {title:?} queries {name}, which /metrics does not expose"
+            );
+            rest = &tail[end..];
+        }
+    }
+    // promtool parses every query as a recording rule.
+    let Some(promtool) = find_tool("promtool")? else {
+        return Ok(());
+    };
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (_, expr)) in exprs.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: dashboard:query_{i}\n        expr: {}\n",
+            serde_json::to_string(expr)?
+        ));
+    }
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&file, rules)?;
+    let out = Command::new(promtool)
+        .arg("check")
+        .arg("rules")
+        .arg(&file)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "promtool check rules on the dashboard's queries failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 #[test]
