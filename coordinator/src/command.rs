@@ -164,5 +164,19 @@ pub enum Command {
         node: String,
         /// Drain or undrain.
         draining: bool,
+        /// Absolute deadline (unix ms) after which the node's attempts are
+        /// preempted. On a drain, `None` keeps any earlier deadline; an
+        /// undrain always clears it.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
+    },
+    /// The leader found a draining node past its deadline still running
+    /// attempts: mark them preempted (applied only if, at `at_ms`, the node
+    /// is still draining and its deadline has passed).
+    PreemptDrained {
+        /// Time (the leader's clock when it proposed).
+        at_ms: u64,
+        /// Node.
+        node: String,
     },
 }
