@@ -180,3 +180,25 @@ pub enum Command {
         node: String,
     },
 }
+
+impl Command {
+    /// The one job this command is about, if it is about one (for its log span).
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            Command::JobStarted { job, .. }
+            | Command::JobExited { job, .. }
+            | Command::Requeue { job, .. }
+            | Command::DlqRetry { job, .. }
+            | Command::DlqDrop { job, .. }
+            | Command::ReviveAttempt { job, .. }
+            | Command::RequestCancel { job, .. }
+            | Command::AttemptLost { job, .. } => Some(*job),
+            Command::Submit { .. }
+            | Command::RegisterNode { .. }
+            | Command::Assign { .. }
+            | Command::SetNodeDown { .. }
+            | Command::SetDrain { .. }
+            | Command::PreemptDrained { .. } => None,
+        }
+    }
+}

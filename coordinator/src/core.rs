@@ -382,8 +382,30 @@ impl Core {
     fn raft_apply(&mut self, index: u64, data: &[u8]) -> Vec<u8> {
         let result: Result<Outcome, ApplyError> = match serde_json::from_slice::<Command>(data) {
             Ok(command) => {
+                // Lines about one job carry its span (id, attempt, kind, node).
+                let span = command
+                    .job()
+                    .map_or_else(tracing::Span::none, |job| self.job_span(job));
+                let _entered = span.enter();
                 let result = self.state.apply(command.clone());
                 let changes = self.state.take_changes();
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    for event in &changes.events {
+                        let log = || tracing::debug!(index = event.index, state = %event.state, detail = %event.message, "job transition");
+                        if command.job() == Some(event.job_id) {
+                            log();
+                            continue;
+                        }
+                        tracing::info_span!(
+                            "job",
+                            job_id = event.job_id,
+                            attempt = event.attempt,
+                            kind = event.kind.as_str(),
+                            node = %event.node,
+                        )
+                        .in_scope(log);
+                    }
+                }
                 if let Err(error) = self.store.persist_applied(&self.state, &changes, index) {
                     self.fatal = Some(error.to_string());
                 }
@@ -426,6 +448,8 @@ impl Core {
                 }
                 for (job, _) in applied {
                     self.hold_reasons.remove(job);
+                    let span = self.job_span(*job);
+                    let _entered = span.enter();
                     self.send_assignment(*job);
                 }
             }
@@ -450,7 +474,7 @@ impl Core {
             (Command::PreemptDrained { .. }, Outcome::Preempted { node, stop }) => {
                 self.preempting.remove(node);
                 for (job, attempt) in stop {
-                    let span = tracing::info_span!("job", job = job, attempt = attempt, node = %node);
+                    let span = self.job_span(*job);
                     let _entered = span.enter();
                     let reason = format!("preempted: node {node} drained");
                     tracing::info!(%reason, "drain deadline passed; telling the agent to stop the attempt");
@@ -669,6 +693,20 @@ impl Core {
         }
     }
 
+    /// The span of one job's handling: every line logged inside it carries
+    /// the job's id, current attempt, kind and node.
+    fn job_span(&self, job: JobId) -> tracing::Span {
+        let record = self.state.job(job);
+        let attempt = record.and_then(|j| j.current_attempt());
+        tracing::info_span!(
+            "job",
+            job_id = job,
+            attempt = attempt.map_or(0, |a| a.attempt),
+            kind = record.map_or("", |j| j.spec.kind.as_str()),
+            node = attempt.map_or("", |a| a.node.as_str()),
+        )
+    }
+
     fn send(&self, node: &str, message: pb::coordinator_message::Msg) -> bool {
         match self.sessions.get(node) {
             Some(session) => session
@@ -715,7 +753,9 @@ impl Core {
         let Some((node, message)) = self.assignment_message(job) else {
             return;
         };
-        if !self.send(&node, message) {
+        if self.send(&node, message) {
+            tracing::debug!("assignment sent");
+        } else {
             tracing::warn!(job_id = job, node = %node, "node not connected; assignment will be sent when it registers");
         }
     }
@@ -959,6 +999,8 @@ impl Core {
     }
 
     fn job_event(&mut self, now: u64, node: &str, event: pb::JobEvent) {
+        let span = self.job_span(event.job_id);
+        let _entered = span.enter();
         let at_ms = if event.at_ms > 0 { event.at_ms } else { now };
         let (job, attempt) = (event.job_id, event.attempt);
         let command = match event.event {

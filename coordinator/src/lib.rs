@@ -11,6 +11,7 @@
 //! - [`health`]: soft state from heartbeats.
 //! - [`raft`]: the replicated log (raft-rs over gRPC, log in sled).
 //! - [`convert`]: wire <-> domain, with input validation.
+//! - [`rpc_trace`]: a tracing span per gRPC request.
 //! - [`error`]: errors and their one mapping to gRPC status codes.
 //!
 //! Architecture invariant: nothing is acknowledged before it is flushed to
@@ -23,6 +24,7 @@ pub mod domain;
 pub mod error;
 pub mod health;
 pub mod raft;
+pub mod rpc_trace;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -33,8 +33,10 @@ use output::Format;
     about = "GPU-aware job scheduler for ML self-play pipelines"
 )]
 struct Cli {
-    /// Log format of daemons.
-    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    /// Log format of daemons: one line per event (text), multi-line for
+    /// people (pretty), or one JSON object per line with the event's spans
+    /// (json). `RUST_LOG` sets the filter (default `info`).
+    #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -42,7 +44,11 @@ struct Cli {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
+    /// One line per event, spans as `job{job_id=7 attempt=1}:` prefixes.
+    Text,
+    /// Multi-line, for people at a terminal.
     Pretty,
+    /// One JSON object per line, with `span` and `spans` fields.
     Json,
 }
 
@@ -416,8 +422,13 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+        LogFormat::Pretty => builder.pretty().init(),
+        LogFormat::Text => builder.init(),
     }
 }
 
