@@ -480,7 +480,9 @@ impl Core {
                     tracing::info!(%reason, "drain deadline passed; telling the agent to stop the attempt");
                     if !self.send(node, self.cancel_message(*job, *attempt, &reason)) {
                         // Its registration (or the Down timeout) takes over.
-                        tracing::warn!("node not connected; the attempt is stopped when it registers");
+                        tracing::warn!(
+                            "node not connected; the attempt is stopped when it registers"
+                        );
                     }
                 }
             }
@@ -717,7 +719,12 @@ impl Core {
         }
     }
 
-    fn cancel_message(&self, job: JobId, attempt: u32, reason: &str) -> pb::coordinator_message::Msg {
+    fn cancel_message(
+        &self,
+        job: JobId,
+        attempt: u32,
+        reason: &str,
+    ) -> pb::coordinator_message::Msg {
         let grace_ms = self.config.kill_grace.as_millis() as u64;
         pb::coordinator_message::Msg::Cancel(pb::CancelJob {
             job_id: job,

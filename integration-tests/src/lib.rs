@@ -180,9 +180,9 @@ impl Sandbox {
             .args(args)
             .env(
                 "RUST_LOG",
-                self.log_filter.clone().unwrap_or_else(|| {
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())
-                }),
+                self.log_filter
+                    .clone()
+                    .unwrap_or_else(|| std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -115,7 +115,10 @@ command: ["echo run >> {marker}; exec sleep 600"]
     let moved = wait_running_on(&sandbox, &url, train, 2, "node-b")?;
     let first = &moved["attempts"][0];
     assert_eq!(first["outcome"], "preempted", "{moved}");
-    assert!(first["ended_at_ms"].as_u64().unwrap_or(0) >= deadline, "{moved}");
+    assert!(
+        first["ended_at_ms"].as_u64().unwrap_or(0) >= deadline,
+        "{moved}"
+    );
     wait_until("the job to have run twice", T, || {
         let runs = std::fs::read_to_string(&marker).ok()?;
         (runs.lines().count() == 2).then_some(())
@@ -129,7 +132,10 @@ command: ["echo run >> {marker}; exec sleep 600"]
     assert_eq!(out.code, 0, "{}", out.stderr);
     let nodes = sandbox.gantry_json(&url, &["nodes"])?;
     let a = node(&nodes, "node-a");
-    assert_eq!((&a["draining"], &a["drain_deadline_ms"]), (&Value::Bool(false), &Value::Null));
+    assert_eq!(
+        (&a["draining"], &a["drain_deadline_ms"]),
+        (&Value::Bool(false), &Value::Null)
+    );
     let wide = sandbox.submit(&url, &["--gpus", "2", "--", "true"])?;
     let done = sandbox.wait_job_state(&url, wide, "succeeded", T)?;
     assert_eq!(done["attempts"][0]["node"], "node-a", "{done}");
@@ -145,7 +151,9 @@ command: ["echo run >> {marker}; exec sleep 600"]
     sandbox.wait_job_state(&url, train, "cancelled", T)?;
 
     // Nothing lost, no lock ever held twice, no GPU overcommitted.
-    sandbox.proc(coordinator.index).stop(Duration::from_secs(10));
+    sandbox
+        .proc(coordinator.index)
+        .stop(Duration::from_secs(10));
     let replicas = read_replicas(std::slice::from_ref(&coordinator.data_dir))?;
     check_replicas(&replicas)?;
     for job in &replicas[0].jobs {

@@ -56,7 +56,10 @@ fn json_logs_carry_a_span_per_job_and_per_rpc() -> anyhow::Result<()> {
         &["--log-format", "json"],
     )?;
     sandbox.wait_nodes_ready(&url, 1, T)?;
-    let id = sandbox.submit(&url, &["--name", "hello", "--kind", "selfplay", "--", "echo", "hi"])?;
+    let id = sandbox.submit(
+        &url,
+        &["--name", "hello", "--kind", "selfplay", "--", "echo", "hi"],
+    )?;
     sandbox.wait_job_state(&url, id, "succeeded", T)?;
 
     // Agent: start and exit are logged inside the job's span.
@@ -110,7 +113,9 @@ fn json_logs_carry_a_span_per_job_and_per_rpc() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no rpc line for Submit"))?;
     let rpc = spans(submit, "rpc")[0];
     assert!(
-        rpc["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")),
+        rpc["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
         "{submit}"
     );
     assert_eq!(submit["fields"]["status"], "Ok", "{submit}");
