@@ -21,6 +21,7 @@ impl From<pb::Assignment> for Launch {
         Launch {
             job_id: a.job_id,
             attempt: a.attempt,
+            kind: spec.kind,
             command: spec.command,
             shell: spec.shell,
             env: spec.env.into_iter().collect(),

@@ -70,6 +70,8 @@ pub struct Launch {
     pub job_id: u64,
     /// Attempt number (the fencing token).
     pub attempt: u32,
+    /// Job kind (`selfplay`, `training`, ...), for logs.
+    pub kind: String,
     /// argv; `{batch_size}` is substituted in every argument when `batch_size > 0`.
     pub command: Vec<String>,
     /// Run `command` joined with spaces through `/bin/sh -c`.
@@ -363,7 +365,14 @@ impl Executor {
                 },
             );
         }
-        let span = tracing::info_span!("job", job_id = launch.job_id, attempt = launch.attempt);
+        // Every line about this attempt (start, exit, stop) carries it.
+        let span = tracing::info_span!(
+            "job",
+            job_id = launch.job_id,
+            attempt = launch.attempt,
+            kind = %launch.kind,
+            node = %self.inner.config.node_name,
+        );
         let this = self.clone();
         self.inner
             .tracker

@@ -338,6 +338,14 @@ impl Link {
             Down::Assign(assignment) => {
                 let launch = Launch::from(assignment);
                 let (job_id, attempt) = (launch.job_id, launch.attempt);
+                let span = tracing::info_span!(
+                    "job",
+                    job_id,
+                    attempt,
+                    kind = %launch.kind,
+                    node = %self.config.node_name,
+                );
+                let _entered = span.enter();
                 match self.executor.launch(launch) {
                     LaunchOutcome::Accepted => {
                         tracing::info!(job_id, attempt, "assignment accepted");
@@ -363,6 +371,16 @@ impl Link {
                 None
             }
             Down::Cancel(cancel) => {
+                let span = tracing::info_span!(
+                    "job",
+                    job_id = cancel.job_id,
+                    attempt = cancel.attempt,
+                    node = %self.config.node_name,
+                );
+                let _entered = span.enter();
+                if !cancel.reason.is_empty() {
+                    tracing::info!(reason = %cancel.reason, "coordinator asks to stop the attempt");
+                }
                 let grace = (cancel.grace_ms > 0).then(|| Duration::from_millis(cancel.grace_ms));
                 if !self
                     .executor

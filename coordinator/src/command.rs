@@ -164,5 +164,41 @@ pub enum Command {
         node: String,
         /// Drain or undrain.
         draining: bool,
+        /// Absolute deadline (unix ms) after which the node's attempts are
+        /// preempted. On a drain, `None` keeps any earlier deadline; an
+        /// undrain always clears it.
+        #[serde(default)]
+        deadline_ms: Option<u64>,
     },
+    /// The leader found a draining node past its deadline still running
+    /// attempts: mark them preempted (applied only if, at `at_ms`, the node
+    /// is still draining and its deadline has passed).
+    PreemptDrained {
+        /// Time (the leader's clock when it proposed).
+        at_ms: u64,
+        /// Node.
+        node: String,
+    },
+}
+
+impl Command {
+    /// The one job this command is about, if it is about one (for its log span).
+    pub fn job(&self) -> Option<JobId> {
+        match self {
+            Command::JobStarted { job, .. }
+            | Command::JobExited { job, .. }
+            | Command::Requeue { job, .. }
+            | Command::DlqRetry { job, .. }
+            | Command::DlqDrop { job, .. }
+            | Command::ReviveAttempt { job, .. }
+            | Command::RequestCancel { job, .. }
+            | Command::AttemptLost { job, .. } => Some(*job),
+            Command::Submit { .. }
+            | Command::RegisterNode { .. }
+            | Command::Assign { .. }
+            | Command::SetNodeDown { .. }
+            | Command::SetDrain { .. }
+            | Command::PreemptDrained { .. } => None,
+        }
+    }
 }

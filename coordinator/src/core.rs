@@ -276,6 +276,9 @@ pub struct Core {
     registering: HashMap<String, PendingRegistration>,
     /// When the outstanding plan was proposed; no new pass until it applies.
     plan_in_flight: Option<u64>,
+    /// Drained nodes past their deadline whose `PreemptDrained` is in
+    /// flight, and when it was proposed (proposed again after a timeout).
+    preempting: HashMap<String, u64>,
     /// A storage failure: the core stops.
     fatal: Option<String>,
     /// Asked to stop (after the server and the Raft node have stopped).
@@ -330,6 +333,7 @@ impl Core {
             term: 0,
             registering: HashMap::new(),
             plan_in_flight: None,
+            preempting: HashMap::new(),
             fatal: None,
             stop: false,
             metrics,
@@ -389,8 +393,30 @@ impl Core {
     fn raft_apply(&mut self, index: u64, data: &[u8]) -> Vec<u8> {
         let result: Result<Outcome, ApplyError> = match serde_json::from_slice::<Command>(data) {
             Ok(command) => {
+                // Lines about one job carry its span (id, attempt, kind, node).
+                let span = command
+                    .job()
+                    .map_or_else(tracing::Span::none, |job| self.job_span(job));
+                let _entered = span.enter();
                 let result = self.state.apply(command.clone());
                 let changes = self.state.take_changes();
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    for event in &changes.events {
+                        let log = || tracing::debug!(index = event.index, state = %event.state, detail = %event.message, "job transition");
+                        if command.job() == Some(event.job_id) {
+                            log();
+                            continue;
+                        }
+                        tracing::info_span!(
+                            "job",
+                            job_id = event.job_id,
+                            attempt = event.attempt,
+                            kind = event.kind.as_str(),
+                            node = %event.node,
+                        )
+                        .in_scope(log);
+                    }
+                }
                 if let Err(error) = self.store.persist_applied(&self.state, &changes, index) {
                     self.fatal = Some(error.to_string());
                 }
@@ -433,6 +459,8 @@ impl Core {
                 }
                 for (job, _) in applied {
                     self.hold_reasons.remove(job);
+                    let span = self.job_span(*job);
+                    let _entered = span.enter();
                     self.observe_queue_wait(*job, *at_ms);
                     self.send_assignment(*job);
                 }
@@ -454,6 +482,21 @@ impl Core {
                 },
             ) => {
                 self.send_cancel(node, *job, *attempt);
+            }
+            (Command::PreemptDrained { .. }, Outcome::Preempted { node, stop }) => {
+                self.preempting.remove(node);
+                for (job, attempt) in stop {
+                    let span = self.job_span(*job);
+                    let _entered = span.enter();
+                    let reason = format!("preempted: node {node} drained");
+                    tracing::info!(%reason, "drain deadline passed; telling the agent to stop the attempt");
+                    if !self.send(node, self.cancel_message(*job, *attempt, &reason)) {
+                        // Its registration (or the Down timeout) takes over.
+                        tracing::warn!(
+                            "node not connected; the attempt is stopped when it registers"
+                        );
+                    }
+                }
             }
             (
                 Command::ReviveAttempt {
@@ -502,6 +545,7 @@ impl Core {
             self.unconfirmed.clear();
             self.hold_reasons.clear();
             self.plan_in_flight = None;
+            self.preempting.clear();
             for (_, pending) in self.registering.drain() {
                 let _ = pending.reply.send(Err(CoordinatorError::NotLeader {
                     leader: status.leader_url.clone(),
@@ -673,6 +717,20 @@ impl Core {
         }
     }
 
+    /// The span of one job's handling: every line logged inside it carries
+    /// the job's id, current attempt, kind and node.
+    fn job_span(&self, job: JobId) -> tracing::Span {
+        let record = self.state.job(job);
+        let attempt = record.and_then(|j| j.current_attempt());
+        tracing::info_span!(
+            "job",
+            job_id = job,
+            attempt = attempt.map_or(0, |a| a.attempt),
+            kind = record.map_or("", |j| j.spec.kind.as_str()),
+            node = attempt.map_or("", |a| a.node.as_str()),
+        )
+    }
+
     fn send(&self, node: &str, message: pb::coordinator_message::Msg) -> bool {
         match self.sessions.get(node) {
             Some(session) => session
@@ -683,17 +741,23 @@ impl Core {
         }
     }
 
-    fn cancel_message(&self, job: JobId, attempt: u32) -> pb::coordinator_message::Msg {
+    fn cancel_message(
+        &self,
+        job: JobId,
+        attempt: u32,
+        reason: &str,
+    ) -> pb::coordinator_message::Msg {
         let grace_ms = self.config.kill_grace.as_millis() as u64;
         pb::coordinator_message::Msg::Cancel(pb::CancelJob {
             job_id: job,
             attempt,
             grace_ms,
+            reason: reason.to_string(),
         })
     }
 
     fn send_cancel(&self, node: &str, job: JobId, attempt: u32) {
-        self.send(node, self.cancel_message(job, attempt));
+        self.send(node, self.cancel_message(job, attempt, ""));
     }
 
     /// The assignment message of a job's current attempt, and its node.
@@ -718,7 +782,9 @@ impl Core {
         let Some((node, message)) = self.assignment_message(job) else {
             return;
         };
-        if !self.send(&node, message) {
+        if self.send(&node, message) {
+            tracing::debug!("assignment sent");
+        } else {
             tracing::warn!(job_id = job, node = %node, "node not connected; assignment will be sent when it registers");
         }
     }
@@ -845,18 +911,41 @@ impl Core {
                 stop.push(*running);
             }
         }
-        let active: Vec<(JobId, u32, JobState, bool)> = self
+        let active: Vec<(JobId, u32, JobState, bool, String)> = self
             .state
             .jobs_on(name)
             .filter_map(|j| {
-                j.current_attempt()
-                    .map(|a| (j.id, a.attempt, j.state, j.cancel_requested))
+                j.current_attempt().map(|a| {
+                    (
+                        j.id,
+                        a.attempt,
+                        j.state,
+                        j.cancel_requested,
+                        a.preempted.clone(),
+                    )
+                })
             })
             .collect();
         // Sent after Registered, which must be the stream's first message.
         let mut outgoing = Vec::new();
-        for (job, attempt, state, cancel) in active {
+        for (job, attempt, state, cancel, preempted) in active {
             let is_reported = reported.contains(&(job, attempt));
+            if !preempted.is_empty() {
+                // Preempted by a drain deadline: stop it, never (re)start it.
+                if is_reported {
+                    outgoing.push(self.cancel_message(job, attempt, &preempted));
+                } else if state == JobState::Assigned {
+                    self.propose(Command::AttemptLost {
+                        at_ms: now,
+                        job,
+                        attempt,
+                        reason: format!("{preempted}; the agent never started it"),
+                    });
+                }
+                if is_reported || state == JobState::Assigned {
+                    continue;
+                }
+            }
             match state {
                 JobState::Assigned if !is_reported => {
                     outgoing.extend(self.assignment_message(job).map(|(_, message)| message));
@@ -868,7 +957,7 @@ impl Core {
                 _ => {}
             }
             if cancel && is_reported {
-                outgoing.push(self.cancel_message(job, attempt));
+                outgoing.push(self.cancel_message(job, attempt, ""));
             }
         }
         self.dirty = true;
@@ -939,6 +1028,8 @@ impl Core {
     }
 
     fn job_event(&mut self, now: u64, node: &str, event: pb::JobEvent) {
+        let span = self.job_span(event.job_id);
+        let _entered = span.enter();
         let at_ms = if event.at_ms > 0 { event.at_ms } else { now };
         let (job, attempt) = (event.job_id, event.attempt);
         let command = match event.event {
@@ -1105,6 +1196,7 @@ impl Core {
                 });
             }
         }
+        self.preempt_due(now);
         let expired: Vec<(JobId, u32)> = self
             .unconfirmed
             .iter()
@@ -1142,6 +1234,29 @@ impl Core {
             now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
         if (self.dirty || timer_due) && self.plan_in_flight.is_none() {
             self.schedule(now);
+        }
+    }
+
+    /// Finds draining nodes past their deadline that still run attempts
+    /// not yet preempted, and proposes their preemption. Only nodes whose
+    /// agent is connected: a silent node's attempts are left to the Down
+    /// timeout (Lost, retried elsewhere), so no attempt is counted twice.
+    fn preempt_due(&mut self, now: u64) {
+        self.preempting
+            .retain(|_, since| now.saturating_sub(*since) <= PLAN_TIMEOUT_MS);
+        let due: Vec<String> = self
+            .state
+            .nodes()
+            .filter(|n| self.state.drain_due(&n.name, now))
+            .filter(|n| !n.down && self.sessions.contains_key(&n.name))
+            .filter(|n| !self.preempting.contains_key(&n.name))
+            .filter(|n| !self.state.preemptible_on(&n.name).is_empty())
+            .map(|n| n.name.clone())
+            .collect();
+        for node in due {
+            tracing::info!(node = %node, "drain deadline passed; preempting its attempts");
+            self.preempting.insert(node.clone(), now);
+            self.propose(Command::PreemptDrained { at_ms: now, node });
         }
     }
 
@@ -1369,6 +1484,7 @@ impl Core {
                     running_jobs: self.state.jobs_on(&node.name).count() as u32,
                     disk_pressure: health.is_some_and(|h| h.disk_pressure),
                     connected,
+                    drain_deadline_ms: node.drain_deadline_ms.unwrap_or(0),
                 }
             })
             .chain(self.missing_nodes())

@@ -211,7 +211,14 @@ impl JobState {
         match self {
             // Running: a lost attempt revived when its node returns in time.
             Pending => matches!(next, Assigned | Running | Cancelled | Blocked),
-            Assigned | Running => matches!(next, Running | Succeeded | Failed | Lost | Cancelled),
+            // Pending: the attempt was preempted (its node's drain deadline
+            // passed) and ended; the job is placed again without a retry.
+            Assigned | Running => {
+                matches!(
+                    next,
+                    Pending | Running | Succeeded | Failed | Lost | Cancelled
+                )
+            }
             Failed => matches!(next, Pending | DeadLettered | Cancelled),
             Lost => matches!(next, Pending | DeadLettered | Cancelled),
             Blocked | DeadLettered => matches!(next, Pending | Cancelled),
@@ -273,6 +280,12 @@ pub struct AttemptRecord {
     /// Highest GPU memory it was seen using, per GPU (0 = unknown).
     #[serde(default)]
     pub peak_gpu_memory: u64,
+    /// Why the leader asked its agent to stop it so the job moves elsewhere
+    /// ("" = not preempted), e.g. "preempted: node a drained". When it then
+    /// ends (other than by succeeding) the job goes back to Pending without
+    /// using up an attempt.
+    #[serde(default)]
+    pub preempted: String,
 }
 
 /// How an attempt ended.
@@ -289,6 +302,9 @@ pub enum AttemptOutcome {
     Cancelled,
     /// Replaced before it ran, because the attempt it replaced came back.
     Withdrawn,
+    /// Stopped by the leader because its node's drain deadline passed: not
+    /// the job's fault, and not counted against `max_attempts`.
+    Preempted,
 }
 
 /// A job and its history.
@@ -383,6 +399,11 @@ pub struct NodeRecord {
     pub disk_total: u64,
     /// Operator drain flag.
     pub draining: bool,
+    /// When a draining node's remaining attempts are stopped so their jobs
+    /// move elsewhere (unix ms, computed by the leader when the drain was
+    /// proposed, so every replica agrees). `None`: no deadline.
+    #[serde(default)]
+    pub drain_deadline_ms: Option<u64>,
     /// First registration.
     pub registered_at_ms: u64,
     /// Down as committed by the health tracker.

@@ -61,6 +61,7 @@ pub fn node_json(node: &pb::Node) -> Value {
         "address": node.address,
         "state": node.state,
         "draining": node.draining,
+        "drain_deadline_ms": (node.drain_deadline_ms > 0).then_some(node.drain_deadline_ms),
         "connected": node.connected,
         "labels": node.labels,
         "cpu_millis": node.cpu_millis,

@@ -11,6 +11,7 @@
 //! - [`health`]: soft state from heartbeats.
 //! - [`raft`]: the replicated log (raft-rs over gRPC, log in sled).
 //! - [`convert`]: wire <-> domain, with input validation.
+//! - [`rpc_trace`]: a tracing span per gRPC request.
 //! - [`error`]: errors and their one mapping to gRPC status codes.
 //! - [`http`]: `/metrics`, the JSON API, health and the status page.
 //! - [`metrics`]: Prometheus exposition; [`json`]: JSON views shared with
@@ -29,6 +30,7 @@ pub mod http;
 pub mod json;
 pub mod metrics;
 pub mod raft;
+pub mod rpc_trace;
 pub mod server;
 pub mod service;
 pub mod state;

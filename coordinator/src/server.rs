@@ -249,6 +249,7 @@ pub async fn start(
     let peers = raft.handle().peer_service();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .layer(crate::rpc_trace::RpcTraceLayer)
             .add_service(gantry)
             .add_service(agents)
             .add_service(peers)

@@ -401,10 +401,23 @@ impl pb::gantry_server::Gantry for GantryService {
         request: GrpcRequest<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
         let request = request.into_inner();
+        if request.node.is_empty() {
+            return Err(CoordinatorError::InvalidArgument {
+                field: "node".into(),
+                reason: "must not be empty".into(),
+            }
+            .into());
+        }
+        // The leader turns the relative deadline into an absolute one here,
+        // so the command (and every replica applying it) carries one time.
+        let at_ms = now_ms();
+        let deadline_ms = (request.drain && request.deadline_after_ms > 0)
+            .then(|| at_ms.saturating_add(request.deadline_after_ms));
         let command = Command::SetDrain {
-            at_ms: now_ms(),
+            at_ms,
             node: request.node,
             draining: request.drain,
+            deadline_ms,
         };
         self.core.propose(command).await?;
         Ok(Response::new(pb::DrainResponse {}))

@@ -89,6 +89,14 @@ pub enum Outcome {
         /// (node, attempt) of the withdrawn replacement, if it was assigned.
         withdrawn: Option<(String, u32)>,
     },
+    /// Attempts on a drained node past its deadline were marked preempted;
+    /// `stop` names those its agent must stop (empty: nothing was due).
+    Preempted {
+        /// The drained node.
+        node: String,
+        /// (job, attempt) to tell the node's agent to stop.
+        stop: Vec<(JobId, u32)>,
+    },
     /// Applied with nothing to report.
     Done,
 }
@@ -417,6 +425,7 @@ impl StateMachine {
                         memory_total,
                         disk_total,
                         draining: false,
+                        drain_deadline_ms: None,
                         registered_at_ms: at_ms,
                         down: false,
                     },
@@ -510,15 +519,26 @@ impl StateMachine {
                 }
                 Ok(Outcome::Done)
             }
-            Command::SetDrain { node, draining, .. } => {
+            Command::SetDrain {
+                node,
+                draining,
+                deadline_ms,
+                ..
+            } => {
                 let record = self
                     .nodes
                     .get_mut(&node)
                     .ok_or_else(|| ApplyError::NodeNotFound(node.clone()))?;
                 record.draining = draining;
+                if !draining {
+                    record.drain_deadline_ms = None;
+                } else if deadline_ms.is_some() {
+                    record.drain_deadline_ms = deadline_ms;
+                }
                 self.changes.nodes.insert(node);
                 Ok(Outcome::Done)
             }
+            Command::PreemptDrained { at_ms, node } => self.preempt_drained(at_ms, node),
         }
     }
 
@@ -710,6 +730,7 @@ impl StateMachine {
                 oom: false,
                 forgiven: false,
                 peak_gpu_memory: 0,
+                preempted: String::new(),
             });
             self.transition(at_ms, placement.job, JobState::Assigned, String::new());
             applied.push((placement.job, attempt));
@@ -771,8 +792,16 @@ impl StateMachine {
         };
         let cancel_requested = record.cancel_requested;
         let succeeded = report.code == Some(0) && report.signal.is_none();
+        // A preempted attempt that did not succeed was stopped by us (or died
+        // while being stopped): not the job's fault, whatever its status.
+        let preempted_by = record
+            .current_attempt()
+            .map(|a| a.preempted.clone())
+            .filter(|reason| !reason.is_empty() && !succeeded && !cancel_requested);
         let outcome = if succeeded {
             AttemptOutcome::Succeeded
+        } else if preempted_by.is_some() {
+            AttemptOutcome::Preempted
         } else if report.cancelled || cancel_requested {
             AttemptOutcome::Cancelled
         } else {
@@ -798,6 +827,20 @@ impl StateMachine {
         self.learn(job, report.oom && failed, report.peak_gpu_memory);
         if succeeded {
             self.transition(at_ms, job, JobState::Succeeded, String::new());
+            return Ok(Outcome::Done);
+        }
+        if let Some(reason) = preempted_by {
+            // Placed again at once; `failures()` and the lost count skip
+            // Preempted attempts, so no attempt is used up.
+            if let Some(j) = self.jobs.get_mut(&job) {
+                j.not_before_ms = 0;
+            }
+            self.transition(
+                at_ms,
+                job,
+                JobState::Pending,
+                format!("{reason}; attempt {attempt} stopped, placing it again"),
+            );
             return Ok(Outcome::Done);
         }
         if report.cancelled || cancel_requested {
@@ -1013,6 +1056,7 @@ impl StateMachine {
         let replacement = record.current_attempt().filter(|a| a.attempt != attempt);
         let revivable = original.outcome == Some(AttemptOutcome::Lost)
             && original.node == node
+            && !self.drain_due(node, at_ms)
             && !record.cancel_requested
             && match record.state {
                 JobState::Pending => true,
@@ -1075,6 +1119,61 @@ impl StateMachine {
                 && !usage.exclusive
                 && !(attempt.exclusive_gpu && usage.jobs > 0)
         })
+    }
+
+    /// Whether `node` is draining and its drain deadline has passed at `at_ms`.
+    pub fn drain_due(&self, node: &str, at_ms: u64) -> bool {
+        self.nodes
+            .get(node)
+            .is_some_and(|n| n.draining && n.drain_deadline_ms.is_some_and(|d| d <= at_ms))
+    }
+
+    /// Active attempts on `node` that a passed drain deadline would preempt
+    /// and that are not marked yet (nor being cancelled by a user).
+    pub fn preemptible_on(&self, node: &str) -> Vec<(JobId, u32)> {
+        self.jobs_on(node)
+            .filter(|j| !j.cancel_requested)
+            .filter_map(|j| {
+                j.current_attempt()
+                    .filter(|a| a.node == node && a.ended_at_ms == 0 && a.preempted.is_empty())
+                    .map(|a| (j.id, a.attempt))
+            })
+            .collect()
+    }
+
+    /// Marks the attempts still on a drained node past its deadline as
+    /// preempted. They keep their reservations and locks until their agent
+    /// reports them ended (so a replacement never overlaps them); then the
+    /// job goes back to Pending without using up an attempt.
+    fn preempt_drained(&mut self, at_ms: u64, node: String) -> Result<Outcome, ApplyError> {
+        if !self.nodes.contains_key(&node) {
+            return Err(ApplyError::NodeNotFound(node));
+        }
+        if !self.drain_due(&node, at_ms) {
+            // Undrained, or the deadline moved, since the leader looked.
+            return Ok(Outcome::Preempted {
+                node,
+                stop: Vec::new(),
+            });
+        }
+        let stop = self.preemptible_on(&node);
+        let reason = format!("preempted: node {node} drained");
+        for (job, attempt) in &stop {
+            if let Some(a) = self
+                .jobs
+                .get_mut(job)
+                .and_then(JobRecord::current_attempt_mut)
+            {
+                a.preempted = reason.clone();
+            }
+            self.changes.jobs.insert(*job);
+            self.event(
+                at_ms,
+                *job,
+                format!("{reason}: stopping attempt {attempt} (drain deadline passed)"),
+            );
+        }
+        Ok(Outcome::Preempted { node, stop })
     }
 
     fn request_cancel(&mut self, at_ms: u64, job: JobId) -> Result<Outcome, ApplyError> {

@@ -673,3 +673,245 @@ fn a_plan_from_a_deposed_leader_is_refused() {
     }
     assert_eq!(sm.job(ids[1]).map(|j| j.state), Some(JobState::Pending));
 }
+
+fn set_drain(sm: &mut StateMachine, node: &str, draining: bool, deadline_ms: Option<u64>) {
+    sm.apply(Command::SetDrain {
+        at_ms: 40,
+        node: node.into(),
+        draining,
+        deadline_ms,
+    })
+    .expect("drain");
+}
+
+fn preempt(sm: &mut StateMachine, node: &str, at_ms: u64) -> Vec<(u64, u32)> {
+    match sm
+        .apply(Command::PreemptDrained {
+            at_ms,
+            node: node.into(),
+        })
+        .expect("preempt")
+    {
+        Outcome::Preempted { stop, .. } => stop,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn drain_deadlines_are_set_replaced_kept_and_cleared() {
+    // Each case: a sequence of (draining, deadline) drains -> (draining, deadline).
+    type Case = (&'static [(bool, Option<u64>)], (bool, Option<u64>));
+    let cases: &[Case] = &[
+        (&[(true, None)], (true, None)),
+        (&[(true, Some(100))], (true, Some(100))),
+        (&[(true, Some(100)), (true, Some(50))], (true, Some(50))),
+        (&[(true, Some(100)), (true, None)], (true, Some(100))),
+        (&[(true, Some(100)), (false, None)], (false, None)),
+        (&[(true, Some(100)), (false, Some(7))], (false, None)),
+        (&[(false, Some(100))], (false, None)),
+    ];
+    for (steps, (draining, deadline)) in cases {
+        let mut sm = StateMachine::new();
+        register(&mut sm, "n1", 1, 80 * GIB);
+        for (d, at) in *steps {
+            set_drain(&mut sm, "n1", *d, *at);
+        }
+        let node = sm.node("n1").expect("node");
+        assert_eq!(
+            (node.draining, node.drain_deadline_ms),
+            (*draining, *deadline),
+            "{steps:?}"
+        );
+    }
+    let mut sm = StateMachine::new();
+    let unknown = sm.apply(Command::SetDrain {
+        at_ms: 1,
+        node: "ghost".into(),
+        draining: true,
+        deadline_ms: Some(5),
+    });
+    assert_eq!(unknown, Err(ApplyError::NodeNotFound("ghost".into())));
+    let unknown = sm.apply(Command::PreemptDrained {
+        at_ms: 1,
+        node: "ghost".into(),
+    });
+    assert_eq!(unknown, Err(ApplyError::NodeNotFound("ghost".into())));
+}
+
+#[test]
+fn a_drain_deadline_preempts_without_using_an_attempt_and_moves_the_lock() {
+    let mut sm = StateMachine::new();
+    register(&mut sm, "n1", 1, 80 * GIB);
+    register(&mut sm, "n2", 1, 80 * GIB);
+    let mut writer = spec("train");
+    writer.retry = RetryPolicy {
+        max_attempts: 1,
+        backoff_ms: 1000,
+    };
+    writer.locks = vec![LockRequest {
+        name: "model/x".into(),
+        mode: LockMode::Exclusive,
+    }];
+    let ids = submit(&mut sm, vec![writer]);
+    let job = ids[0];
+    assign(&mut sm, vec![place(job, "n1", 0, 10 * GIB, false)]);
+    sm.apply(Command::JobStarted {
+        at_ms: 25,
+        job,
+        attempt: 1,
+        node: "n1".into(),
+    })
+    .expect("start");
+    set_drain(&mut sm, "n1", true, Some(100));
+
+    // Deterministic: whether it is due depends on the command's time only.
+    assert_eq!(preempt(&mut sm, "n1", 99), vec![]);
+    assert_eq!(preempt(&mut sm, "n1", 100), vec![(job, 1)]);
+    // Marked once: a second check finds nothing left to stop.
+    assert_eq!(preempt(&mut sm, "n1", 150), vec![]);
+    // Until the attempt ends it keeps its reservation and its lock.
+    assert_eq!(state(&sm, job), JobState::Running);
+    assert_eq!(sm.locks()["model/x"].exclusive, Some(job));
+    assert_eq!(sm.gpu_usage("n1", 0).reserved, 10 * GIB);
+
+    sm.apply(Command::JobExited {
+        oom: false,
+        output_tail: String::new(),
+        peak_gpu_memory: 0,
+        at_ms: 160,
+        job,
+        attempt: 1,
+        node: "n1".into(),
+        code: None,
+        signal: Some(15),
+        error: String::new(),
+        cancelled: true,
+    })
+    .expect("exit");
+    let record = sm.job(job).expect("job");
+    assert_eq!(record.state, JobState::Pending);
+    assert_eq!(record.failures(), 0, "max_attempts 1 and still retried");
+    assert_eq!(record.not_before_ms, 0, "placed again at once");
+    assert_eq!(
+        record.attempts[0].outcome,
+        Some(gantry_coordinator::domain::AttemptOutcome::Preempted)
+    );
+    assert!(sm.locks().get("model/x").is_none(), "lock released");
+    assert_eq!(sm.gpu_usage("n1", 0).reserved, 0);
+    let changes = sm.take_changes();
+    assert!(
+        changes
+            .events
+            .iter()
+            .any(|e| e.message.starts_with("preempted: node n1 drained")),
+        "{:?}",
+        changes.events
+    );
+
+    // Never back onto the draining node; fine elsewhere, as attempt 2.
+    let (applied, refused) = assign(&mut sm, vec![place(job, "n1", 0, 10 * GIB, false)]);
+    assert!(applied.is_empty() && refused[0].1.contains("draining"));
+    let (applied, _) = assign(&mut sm, vec![place(job, "n2", 0, 10 * GIB, false)]);
+    assert_eq!(applied, vec![(job, 2)]);
+    assert_eq!(sm.locks()["model/x"].exclusive, Some(job));
+
+    // Undrained before the leader's check applies: nothing is preempted.
+    let ids = submit(&mut sm, vec![spec("late")]);
+    set_drain(&mut sm, "n2", true, Some(200));
+    set_drain(&mut sm, "n2", false, None);
+    assert_eq!(preempt(&mut sm, "n2", 300), vec![]);
+    assert_eq!(sm.job(ids[0]).map(|j| j.state), Some(JobState::Pending));
+}
+
+#[test]
+fn a_preempted_attempt_ends_once_however_it_ends() {
+    // (how it ends, final state, lost attempts counted)
+    enum End {
+        Exit(Option<i32>, bool),
+        UserCancelThenExit,
+        Lost,
+    }
+    let cases = [
+        (End::Exit(Some(0), false), JobState::Succeeded, 0),
+        (End::Exit(None, true), JobState::Pending, 0),
+        (End::Exit(Some(143), false), JobState::Pending, 0),
+        (End::UserCancelThenExit, JobState::Cancelled, 0),
+        // The agent went silent: the Lost handling applies, counted once.
+        (End::Lost, JobState::Pending, 1),
+    ];
+    for (end, expect, lost) in cases {
+        let mut sm = StateMachine::new();
+        register(&mut sm, "n1", 1, 80 * GIB);
+        let job = submit(&mut sm, vec![spec("a")])[0];
+        assign(&mut sm, vec![place(job, "n1", 0, 10 * GIB, false)]);
+        set_drain(&mut sm, "n1", true, Some(50));
+        assert_eq!(preempt(&mut sm, "n1", 60), vec![(job, 1)]);
+        let exit = |code: Option<i32>, cancelled: bool| Command::JobExited {
+            oom: false,
+            output_tail: String::new(),
+            peak_gpu_memory: 0,
+            at_ms: 70,
+            job,
+            attempt: 1,
+            node: "n1".into(),
+            code,
+            signal: None,
+            error: String::new(),
+            cancelled,
+        };
+        match end {
+            End::Exit(code, cancelled) => {
+                sm.apply(exit(code, cancelled)).expect("exit");
+            }
+            End::UserCancelThenExit => {
+                sm.apply(Command::RequestCancel { at_ms: 65, job })
+                    .expect("cancel");
+                sm.apply(exit(None, true)).expect("exit");
+            }
+            End::Lost => {
+                sm.apply(Command::SetNodeDown {
+                    at_ms: 70,
+                    node: "n1".into(),
+                    down: true,
+                })
+                .expect("down");
+                // A late exit report of the same attempt changes nothing.
+                sm.apply(exit(None, true)).expect("exit");
+            }
+        }
+        let record = sm.job(job).expect("job");
+        assert_eq!(record.state, expect);
+        assert_eq!(record.failures(), 0);
+        let counted = record
+            .attempts
+            .iter()
+            .filter(|a| a.outcome == Some(gantry_coordinator::domain::AttemptOutcome::Lost))
+            .count();
+        assert_eq!(counted, lost);
+        assert_eq!(sm.gpu_usage("n1", 0).reserved, 0);
+    }
+}
+
+#[test]
+fn a_lost_attempt_is_not_revived_on_a_node_past_its_drain_deadline() {
+    let mut sm = StateMachine::new();
+    register(&mut sm, "n1", 1, 80 * GIB);
+    let job = submit(&mut sm, vec![spec("a")])[0];
+    assign(&mut sm, vec![place(job, "n1", 0, 10 * GIB, false)]);
+    sm.apply(Command::AttemptLost {
+        at_ms: 30,
+        job,
+        attempt: 1,
+        reason: "silent".into(),
+    })
+    .expect("lost");
+    set_drain(&mut sm, "n1", true, Some(50));
+    let revive = Command::ReviveAttempt {
+        at_ms: 60,
+        job,
+        attempt: 1,
+        node: "n1".into(),
+    };
+    assert_eq!(sm.apply(revive), Ok(Outcome::Stale));
+    assert_eq!(state(&sm, job), JobState::Pending);
+}

@@ -33,8 +33,10 @@ use output::Format;
     about = "GPU-aware job scheduler for ML self-play pipelines"
 )]
 struct Cli {
-    /// Log format of daemons.
-    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    /// Log format of daemons: one line per event (text), multi-line for
+    /// people (pretty), or one JSON object per line with the event's spans
+    /// (json). `RUST_LOG` sets the filter (default `info`).
+    #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -42,7 +44,11 @@ struct Cli {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
+    /// One line per event, spans as `job{job_id=7 attempt=1}:` prefixes.
+    Text,
+    /// Multi-line, for people at a terminal.
     Pretty,
+    /// One JSON object per line, with `span` and `spans` fields.
     Json,
 }
 
@@ -203,10 +209,19 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Stop new placements on a node.
+    /// Stop new placements on a node; with --deadline, stop its remaining
+    /// jobs at the deadline so they are retried elsewhere.
     Drain {
         /// Node name.
         node: String,
+        /// After this long (e.g. 30s, 30m, 2h), jobs still running on the
+        /// node are stopped and placed elsewhere without using up an attempt.
+        /// Given again, it replaces the earlier deadline.
+        #[arg(long, value_name = "DURATION", value_parser = parse_deadline, allow_hyphen_values = true)]
+        deadline: Option<u64>,
+        /// Wait until the node runs no jobs.
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -355,6 +370,16 @@ struct SubmitArgs {
     command: Vec<String>,
 }
 
+/// `--deadline`: a positive duration (`30s`, `30m`, `2h`), in milliseconds.
+fn parse_deadline(text: &str) -> Result<u64, String> {
+    let ms = gantry_scheduler::units::parse_duration_ms(text)
+        .map_err(|e| format!("--deadline: {e} (e.g. 30s, 30m, 2h)"))?;
+    if ms == 0 {
+        return Err("--deadline: must be more than zero (e.g. 30s, 30m, 2h)".into());
+    }
+    Ok(ms)
+}
+
 fn parse_size_arg(text: &str) -> Result<u64, String> {
     parse_bytes(text).map_err(|e| e.to_string())
 }
@@ -416,8 +441,13 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+        LogFormat::Pretty => builder.pretty().init(),
+        LogFormat::Text => builder.init(),
     }
 }
 
@@ -590,8 +620,13 @@ async fn main() -> ExitCode {
         } => logs(id, follow, stderr, attempt, client).await,
         Command::Cancel { id, client } => cancel(id, client).await,
         Command::Nodes { client } => nodes(client).await,
-        Command::Drain { node, client } => drain(node, true, client).await,
-        Command::Undrain { node, client } => drain(node, false, client).await,
+        Command::Drain {
+            node,
+            deadline,
+            wait,
+            client,
+        } => drain(node, true, deadline, wait, client).await,
+        Command::Undrain { node, client } => drain(node, false, None, false, client).await,
         Command::Status { client } => status(client).await,
         Command::Watch {
             job,
@@ -849,26 +884,58 @@ async fn nodes(opts: ClientOpts) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn drain(node: String, drain: bool, opts: ClientOpts) -> Result<(), CliError> {
+async fn drain(
+    node: String,
+    drain: bool,
+    deadline_ms: Option<u64>,
+    wait: bool,
+    opts: ClientOpts,
+) -> Result<(), CliError> {
     let mut client = client::connect(&opts.addr).await?;
     client
         .drain(pb::DrainRequest {
             node: node.clone(),
             drain,
+            deadline_after_ms: deadline_ms.unwrap_or(0),
         })
         .await?;
     match opts.output {
-        Format::Json => print_json(&serde_json::json!({ "node": node, "draining": drain })),
-        Format::Table => println!(
-            "node {node} {}",
-            if drain {
-                "draining: no new placements"
-            } else {
-                "undrained"
-            }
-        ),
+        Format::Json => print_json(&serde_json::json!({
+            "node": node,
+            "draining": drain,
+            "deadline_after_ms": deadline_ms,
+        })),
+        Format::Table => match (drain, deadline_ms) {
+            (false, _) => println!("node {node} undrained"),
+            (true, None) => println!("node {node} draining: no new placements"),
+            (true, Some(ms)) => println!(
+                "node {node} draining: no new placements; jobs still running in {} are stopped and placed elsewhere",
+                gantry_scheduler::units::format_duration_ms(ms)
+            ),
+        },
     }
-    Ok(())
+    if !wait {
+        return Ok(());
+    }
+    // Poll the node listing: the wait ends when the node holds no job.
+    loop {
+        let nodes = client
+            .list_nodes(pb::ListNodesRequest {})
+            .await?
+            .into_inner()
+            .nodes;
+        let running = nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map_or(0, |n| n.running_jobs);
+        if running == 0 {
+            if opts.output == Format::Table {
+                println!("node {node} runs no jobs");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 async fn status(opts: ClientOpts) -> Result<(), CliError> {

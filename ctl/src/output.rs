@@ -185,6 +185,12 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
     let mut state = node.state.clone();
     if node.draining {
         state.push_str(",draining");
+        if node.drain_deadline_ms > 0 {
+            state.push_str(&format!(
+                " ({})",
+                deadline_in(node.drain_deadline_ms, now_ms())
+            ));
+        }
     }
     vec![
         node.name.clone(),
@@ -196,6 +202,38 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
         node.running_jobs.to_string(),
         format!("{:.1}ms", node.rtt_ms),
     ]
+}
+
+/// A drain deadline relative to `now` for people: `deadline in 12m`,
+/// `deadline passed 3s ago`.
+pub fn deadline_in(deadline_ms: u64, now: u64) -> String {
+    if deadline_ms > now {
+        format!("deadline in {}", rough_duration(deadline_ms - now))
+    } else {
+        format!("deadline passed {} ago", rough_duration(now - deadline_ms))
+    }
+}
+
+/// A duration rounded up to whole seconds, minutes or hours-and-minutes.
+fn rough_duration(ms: u64) -> String {
+    let secs = ms.div_ceil(1000);
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs.div_ceil(60)),
+        _ => {
+            let minutes = secs.div_ceil(60);
+            match minutes % 60 {
+                0 => format!("{}h", minutes / 60),
+                m => format!("{}h{m}m", minutes / 60),
+            }
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `gantry pipeline NAME` for people: stages in dependency order, each with
@@ -254,5 +292,25 @@ pub fn print_pipeline(view: &pb::PipelineView) {
             after,
             reason
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deadline_in;
+
+    #[test]
+    fn drain_deadlines_read_as_relative_times() {
+        let cases = [
+            (12 * 60_000, 0, "deadline in 12m"),
+            (11 * 60_000 + 1, 0, "deadline in 12m"),
+            (1500, 0, "deadline in 2s"),
+            (2 * 3_600_000 + 5 * 60_000, 0, "deadline in 2h5m"),
+            (3_600_000, 0, "deadline in 1h"),
+            (1000, 4000, "deadline passed 3s ago"),
+        ];
+        for (deadline, now, expect) in cases {
+            assert_eq!(deadline_in(deadline, now), expect, "{deadline} at {now}");
+        }
     }
 }

@@ -181,6 +181,7 @@ mod tests {
                 oom: false,
                 forgiven: false,
                 peak_gpu_memory: 0,
+                preempted: String::new(),
             }],
             cancel_requested: false,
             depends_on: vec![],
@@ -208,6 +209,7 @@ mod tests {
             memory_total: 0,
             disk_total: 0,
             draining: false,
+            drain_deadline_ms: None,
             registered_at_ms: 0,
             down: false,
         };

@@ -142,6 +142,8 @@ impl CliOutput {
 pub struct Sandbox {
     dir: tempfile::TempDir,
     procs: Vec<Proc>,
+    /// `RUST_LOG` of processes started from now on (None: the test's own, or `info`).
+    log_filter: Option<String>,
 }
 
 /// A started coordinator.
@@ -163,7 +165,13 @@ impl Sandbox {
         Ok(Sandbox {
             dir,
             procs: Vec::new(),
+            log_filter: None,
         })
+    }
+
+    /// Sets `RUST_LOG` for the processes started from now on.
+    pub fn set_log_filter(&mut self, filter: &str) {
+        self.log_filter = Some(filter.to_string());
     }
 
     /// The sandbox's directory.
@@ -178,7 +186,9 @@ impl Sandbox {
             .args(args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                self.log_filter
+                    .clone()
+                    .unwrap_or_else(|| std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -284,6 +294,19 @@ impl Sandbox {
         address: &str,
         labels: &[(&str, &str)],
     ) -> anyhow::Result<usize> {
+        self.start_agent_with(name, coordinators, fake_gpus, address, labels, &[])
+    }
+
+    /// [`Sandbox::start_agent`] with extra flags.
+    pub fn start_agent_with(
+        &mut self,
+        name: &str,
+        coordinators: &str,
+        fake_gpus: &str,
+        address: &str,
+        labels: &[(&str, &str)],
+        extra: &[&str],
+    ) -> anyhow::Result<usize> {
         let mut args = vec![
             "agent".to_string(),
             "--name".into(),
@@ -301,6 +324,7 @@ impl Sandbox {
             args.push("--label".into());
             args.push(format!("{k}={v}"));
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         self.spawn(name, &args)
     }
 

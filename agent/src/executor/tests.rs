@@ -68,6 +68,7 @@ fn launch(job_id: u64, command: &[&str]) -> Launch {
     Launch {
         job_id,
         attempt: 1,
+        kind: "generic".into(),
         command: command.iter().map(|s| s.to_string()).collect(),
         shell: false,
         env: BTreeMap::new(),

@@ -283,6 +283,7 @@ async fn register_heartbeat_run_reconnect_resend_and_shutdown() {
         job_id: 2,
         attempt: 1,
         grace_ms: 500,
+        reason: String::new(),
     }))
     .await;
     let pb::job_event::Event::Exited(exit) = conn.event(2).await else {
