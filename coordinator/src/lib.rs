@@ -12,10 +12,13 @@
 //! - [`raft`]: the replicated log (raft-rs over gRPC, log in sled).
 //! - [`convert`]: wire <-> domain, with input validation.
 //! - [`error`]: errors and their one mapping to gRPC status codes.
+//! - [`auth`]: who may call what (bearer tokens, agent join token, mTLS for
+//!   peers), checked in one wrapper around every service.
 //!
 //! Architecture invariant: nothing is acknowledged before it is flushed to
 //! sled; only the core thread touches the state machine.
 
+pub mod auth;
 pub mod command;
 pub mod convert;
 pub mod core;

@@ -43,6 +43,49 @@ pub struct CoordinatorFile {
     pub oom_signatures: Option<Vec<String>>,
     /// Applied entries between Raft snapshots.
     pub raft_compact_after: Option<u64>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// `--tls-client-ca`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
+    /// `--tokens`.
+    pub tokens: Option<PathBuf>,
+    /// `--join-token-file`.
+    pub join_token_file: Option<PathBuf>,
+}
+
+impl CoordinatorFile {
+    /// The security settings, apart.
+    pub fn security(&self) -> SecurityFile {
+        SecurityFile {
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tokens: self.tokens.clone(),
+            join_token_file: self.join_token_file.clone(),
+        }
+    }
+}
+
+/// The security settings of the coordinator's settings file.
+#[derive(Debug, Default, Clone)]
+pub struct SecurityFile {
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// `--tls-client-ca`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
+    /// `--tokens`.
+    pub tokens: Option<PathBuf>,
+    /// `--join-token-file`.
+    pub join_token_file: Option<PathBuf>,
 }
 
 /// Reads a settings file; errors name the file and the field.
