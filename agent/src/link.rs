@@ -72,9 +72,21 @@ impl SessionEnd {
     }
 
     fn from_status(registered: bool, status: &tonic::Status) -> Self {
+        // A broken connection (e.g. a refused TLS handshake) says why only
+        // in the status's causes.
+        let mut error = format!("{}: {}", status.code(), status.message());
+        let mut cause = std::error::Error::source(status);
+        while let Some(source) = cause {
+            let text = source.to_string();
+            if !error.contains(&text) {
+                error.push_str(": ");
+                error.push_str(&text);
+            }
+            cause = source.source();
+        }
         Self::Lost {
             registered,
-            error: format!("{}: {}", status.code(), status.message()),
+            error,
             leader: leader_hint(status),
         }
     }

@@ -64,7 +64,14 @@ fn read_keyed_cert(
     })?;
     let certified =
         rustls::sign::CertifiedKey::from_der(chain.clone(), private.clone_key(), &provider())
-            .map_err(|e| format!("{key_flag} {}: unusable key: {e}", key.display()))?;
+            .map_err(|e| match e {
+                rustls::Error::InconsistentKeys(_) => format!(
+                    "{key_flag} {}: the key does not match the certificate {cert_flag} {} ({e})",
+                    key.display(),
+                    cert.display()
+                ),
+                _ => format!("{key_flag} {}: unusable key: {e}", key.display()),
+            })?;
     certified.keys_match().map_err(|e| {
         format!(
             "{key_flag} {}: the key does not match the certificate {cert_flag} {}: {e}",

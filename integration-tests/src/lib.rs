@@ -139,6 +139,8 @@ impl CliOutput {
 pub struct Sandbox {
     dir: tempfile::TempDir,
     procs: Vec<Proc>,
+    /// Environment of every client command (TLS files, token).
+    client_env: Vec<(String, String)>,
 }
 
 /// A started coordinator.
@@ -158,6 +160,7 @@ impl Sandbox {
         Ok(Sandbox {
             dir,
             procs: Vec::new(),
+            client_env: Vec::new(),
         })
     }
 
@@ -294,6 +297,7 @@ impl Sandbox {
         let output = Command::new(gantry_bin())
             .args(args)
             .env("GANTRY_ADDR", url)
+            .envs(self.client_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
             .expect("run gantry");
@@ -636,6 +640,84 @@ impl Sandbox {
     pub fn stop_replica(&mut self, set: &mut ReplicaSet, id: usize) {
         if let Some(index) = set.procs[id - 1].take() {
             self.procs[index].stop(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Security helpers (TLS, tokens): certificates from `gantry certs init`.
+impl Sandbox {
+    /// Sets (or replaces) an environment variable of every later client
+    /// command, e.g. `GANTRY_TLS_CA` or `GANTRY_TOKEN`; an empty value removes it.
+    pub fn set_client_env(&mut self, key: &str, value: &str) {
+        self.client_env.retain(|(k, _)| k != key);
+        if !value.is_empty() {
+            self.client_env.push((key.to_string(), value.to_string()));
+        }
+    }
+
+    /// Runs `gantry certs init --dir <sandbox>/NAME` and returns the directory.
+    pub fn certs_init(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.path().join(name);
+        let output = Command::new(gantry_bin())
+            .args(["certs", "init", "--dir"])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "gantry certs init failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(dir)
+    }
+
+    /// Starts an agent with fake GPUs and extra flags (TLS, join token, --run-as).
+    pub fn start_agent_with(
+        &mut self,
+        name: &str,
+        coordinators: &str,
+        fake_gpus: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<usize> {
+        let mut args = vec![
+            "agent".to_string(),
+            "--name".into(),
+            name.into(),
+            "--coordinators".into(),
+            coordinators.into(),
+            "--data-dir".into(),
+            self.agent_dir(name).display().to_string(),
+            "--fake-gpus".into(),
+            fake_gpus.into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        self.spawn(name, &args)
+    }
+
+    /// Runs `gantry ARGS` (no address, no client environment), killed after
+    /// `timeout`: for commands that must refuse to start.
+    pub fn gantry_bounded(&self, args: &[&str], timeout: Duration) -> CliOutput {
+        let mut child = Command::new(gantry_bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run gantry");
+        let deadline = Instant::now() + timeout;
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if child.try_wait().ok().flatten().is_none() {
+            let _ = child.kill();
+        }
+        let output = child.wait_with_output().expect("wait for gantry");
+        CliOutput {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         }
     }
 }
