@@ -369,7 +369,10 @@ mod tests {
     fn check(path: &str, pairs: &[(&'static str, &str)]) -> Result<Option<String>, String> {
         config()
             .check(path, &headers(pairs))
-            .map_err(|e| format!("{:?}: {e}", tonic::Status::from(e).code()))
+            .map_err(|e| {
+                let message = e.to_string();
+                format!("{:?}: {message}", tonic::Status::from(e).code())
+            })
     }
 
     /// Every rpc in the protos has exactly one entry in the table.

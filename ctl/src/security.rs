@@ -323,8 +323,9 @@ fn parse_tokens(text: &str) -> Result<Vec<BearerToken>, String> {
     let entries: Vec<TokenEntry> = serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner().to_string();
-        if field == "." || inner.starts_with(&field) {
-            inner
+        let bare = inner.strip_prefix('.').unwrap_or(&inner);
+        if field == "." || bare.starts_with(&field) {
+            bare.to_string()
         } else {
             format!("{field}: {inner}")
         }
@@ -390,7 +391,11 @@ mod tests {
             &format!("- {{name: alice, token: {a}, role: user}}\n- {{name: ops, token: {b}, role: admin}}\n"),
             Ok(&[("alice", Role::User), ("ops", Role::Admin)]),
         );
-        check("- {name: alice, token: [1\n", Err("did not find expected"));
+        check("- {name: alice, token: \"unterminated\n", Err("line"));
+        check(
+            "- {name: alice, token: [1], role: user}",
+            Err("[0].token: invalid type: sequence"),
+        );
         check("[]", Err("no tokens"));
         check(
             &format!("- {{name: alice, token: {a}, role: root}}"),
