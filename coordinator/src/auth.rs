@@ -9,8 +9,12 @@
 //!   [`JOIN_TOKEN_METADATA`] key, when `--join-token-file` is set;
 //! - Raft peers (`gantry.raft.v1.RaftPeer`): mutual TLS. When the port
 //!   requires client certificates (`--tls-client-ca`), rustls has verified
-//!   the peer's certificate before any call; when it does not and any other
-//!   credential is configured, peer calls are refused (fail closed).
+//!   the caller's certificate before any call, and the peer service further
+//!   takes only replica certificates: ones that chain to the client CA and
+//!   are valid for server authentication (agents' and clients' certificates
+//!   carry only the client-auth usage). When the port does not require
+//!   certificates and any other credential is configured, peer calls are
+//!   refused (fail closed).
 //!
 //! Without any credential configured everything is allowed (development).
 //! Refusals are logged at warn with the peer address and mapped to a status
@@ -27,6 +31,8 @@ use tonic::codegen::http::{HeaderMap, Request, Response};
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use tokio_rustls::rustls::pki_types::{CertificateDer, UnixTime};
 
 use crate::error::CoordinatorError;
 
@@ -150,6 +156,9 @@ pub struct AuthConfig {
     pub join_token: Option<String>,
     /// Whether the port requires client certificates (mutual TLS).
     pub mtls: bool,
+    /// The client CA's certificates (DER): a Raft peer's certificate must
+    /// chain to one of them and be valid for server authentication.
+    pub peer_roots: Vec<CertificateDer<'static>>,
 }
 
 impl AuthConfig {
@@ -158,8 +167,14 @@ impl AuthConfig {
         self.tokens.is_some() || self.join_token.is_some() || self.mtls
     }
 
-    /// Checks one call. `Ok` carries the caller's token name, if any.
-    pub fn check(&self, path: &str, headers: &HeaderMap) -> Result<Option<String>, CoordinatorError> {
+    /// Checks one call; `peer_certs` is the TLS client's certificate chain,
+    /// if it presented one. `Ok` carries the caller's token name, if any.
+    pub fn check(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        peer_certs: Option<&[CertificateDer<'static>]>,
+    ) -> Result<Option<String>, CoordinatorError> {
         let Some(need) = need(path) else {
             if self.is_secured() {
                 return Err(CoordinatorError::PermissionDenied(format!(
@@ -171,16 +186,7 @@ impl AuthConfig {
         match need {
             Need::Role(role) => self.check_bearer(path, role, headers),
             Need::AgentJoin => self.check_join(headers).map(|()| None),
-            Need::Peer => {
-                if self.mtls || !self.is_secured() {
-                    Ok(None)
-                } else {
-                    Err(CoordinatorError::Unauthenticated(
-                        "the raft peer service needs mutual TLS (--tls-client-ca) when tokens are configured"
-                            .into(),
-                    ))
-                }
-            }
+            Need::Peer => self.check_peer(peer_certs).map(|()| None),
         }
     }
 
@@ -233,6 +239,49 @@ impl AuthConfig {
             )));
         }
         Ok(Some(token.name.clone()))
+    }
+
+    fn check_peer(&self, chain: Option<&[CertificateDer<'static>]>) -> Result<(), CoordinatorError> {
+        if !self.is_secured() {
+            return Ok(());
+        }
+        if !self.mtls {
+            return Err(CoordinatorError::Unauthenticated(
+                "the raft peer service needs mutual TLS (--tls-client-ca) when tokens are configured"
+                    .into(),
+            ));
+        }
+        let Some((leaf, intermediates)) = chain.and_then(<[_]>::split_first) else {
+            return Err(CoordinatorError::Unauthenticated(
+                "the raft peer service needs a replica's client certificate".into(),
+            ));
+        };
+        let refused = |why: String| {
+            CoordinatorError::PermissionDenied(format!(
+                "the raft peer service takes only replica certificates (valid for server authentication): {why}"
+            ))
+        };
+        let anchors = self
+            .peer_roots
+            .iter()
+            .map(webpki::anchor_from_trusted_cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| refused(format!("unusable client CA: {e}")))?;
+        let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| refused(e.to_string()))?;
+        let algorithms = tokio_rustls::rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .all;
+        cert.verify_for_usage(
+            algorithms,
+            &anchors,
+            intermediates,
+            UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| refused(e.to_string()))
     }
 
     fn check_join(&self, headers: &HeaderMap) -> Result<(), CoordinatorError> {
@@ -319,7 +368,14 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let path = request.uri().path().to_string();
-        match self.config.check(&path, request.headers()) {
+        let peer_certs = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs);
+        match self
+            .config
+            .check(&path, request.headers(), peer_certs.as_deref().map(Vec::as_slice))
+        {
             Ok(_) => {
                 let future = self.inner.call(request);
                 Box::pin(future)
@@ -355,6 +411,7 @@ mod tests {
             ]),
             join_token: Some("join-secret".into()),
             mtls: false,
+            peer_roots: Vec::new(),
         }
     }
 
@@ -368,7 +425,7 @@ mod tests {
 
     fn check(path: &str, pairs: &[(&'static str, &str)]) -> Result<Option<String>, String> {
         config()
-            .check(path, &headers(pairs))
+            .check(path, &headers(pairs), None)
             .map_err(|e| {
                 let message = e.to_string();
                 format!("{:?}: {message}", tonic::Status::from(e).code())
@@ -475,11 +532,12 @@ mod tests {
             mtls: true,
             ..config()
         };
-        assert!(mtls.check(peer, &HeaderMap::new()).is_ok());
+        let error = mtls.check(peer, &HeaderMap::new(), None).expect_err("no cert");
+        assert!(error.to_string().contains("client certificate"), "{error}");
         // Nothing configured: everything is open.
         let open = AuthConfig::default();
         for (path, _) in METHODS {
-            assert!(open.check(path, &HeaderMap::new()).is_ok(), "{path}");
+            assert!(open.check(path, &HeaderMap::new(), None).is_ok(), "{path}");
         }
     }
 

@@ -185,6 +185,7 @@ pub fn init(dir: &Path, hosts: &[String], days: u32) -> Result<Vec<PathBuf>, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::pem::PemObject;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -215,6 +216,39 @@ mod tests {
         };
         let error = mismatched.load().err().expect("mismatch");
         assert!(error.contains("does not match"), "{error}");
+
+        // Only the coordinator's certificate may call the Raft peer service.
+        let tls = crate::security::ServerTlsFiles {
+            cert: Some(dir.path().join("coordinator.pem")),
+            key: Some(dir.path().join("coordinator-key.pem")),
+            client_ca: Some(dir.path().join("ca.pem")),
+            ca: None,
+        }
+        .load()
+        .expect("load");
+        let auth = gantry_coordinator::auth::AuthConfig {
+            mtls: true,
+            peer_roots: tls.client_roots,
+            ..Default::default()
+        };
+        let chain = |name: &str| {
+            let pem = std::fs::read(dir.path().join(name)).expect(name);
+            rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .expect(name)
+        };
+        let step = "/gantry.raft.v1.RaftPeer/Step";
+        let headers = Default::default();
+        let replica = chain("coordinator.pem");
+        assert!(auth.check(step, &headers, Some(&replica)).is_ok());
+        for name in ["client.pem", "agent.pem"] {
+            let other = chain(name);
+            let error = auth
+                .check(step, &headers, Some(&other))
+                .expect_err(name)
+                .to_string();
+            assert!(error.contains("only replica certificates"), "{name}: {error}");
+        }
 
         let again = init(dir.path(), &[], 30).expect_err("overwrite");
         assert!(again.contains("already exists"), "{again}");

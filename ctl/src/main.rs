@@ -729,6 +729,7 @@ fn coordinator_security(
         tokens,
         join_token,
         mtls: tls.mtls,
+        peer_roots: tls.client_roots.clone(),
     };
     if peers.len() > 1 {
         if (auth.tokens.is_some() || auth.join_token.is_some()) && !auth.mtls {

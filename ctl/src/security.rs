@@ -182,6 +182,8 @@ pub struct ServerTls {
     pub server: Option<Arc<rustls::ServerConfig>>,
     /// Whether client certificates are required.
     pub mtls: bool,
+    /// The client CA's certificates (Raft peers' certificates must chain to them).
+    pub client_roots: Vec<CertificateDer<'static>>,
     /// What the Raft transport dials peers with (`None` = plaintext).
     pub peers: Option<ClientTlsConfig>,
 }
@@ -203,6 +205,7 @@ impl ServerTlsFiles {
             return Ok(ServerTls {
                 server: None,
                 mtls: false,
+                client_roots: Vec::new(),
                 peers: None,
             });
         };
@@ -212,9 +215,11 @@ impl ServerTlsFiles {
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("tls: {e}"))?;
+        let mut client_roots = Vec::new();
         let (builder, mtls) = match &self.client_ca {
             Some(path) => {
                 let (_, certs) = read_certs("--tls-client-ca", path)?;
+                client_roots = certs.clone();
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in certs {
                     roots
@@ -251,6 +256,7 @@ impl ServerTlsFiles {
         Ok(ServerTls {
             server: Some(server),
             mtls,
+            client_roots,
             peers,
         })
     }
