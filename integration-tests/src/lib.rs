@@ -655,12 +655,14 @@ impl Sandbox {
         }
     }
 
-    /// Runs `gantry certs init --dir <sandbox>/NAME` and returns the directory.
-    pub fn certs_init(&self, name: &str) -> anyhow::Result<PathBuf> {
+    /// Runs `gantry certs init --dir <sandbox>/NAME [--host H...]` and
+    /// returns the directory.
+    pub fn certs_init(&self, name: &str, hosts: &[&str]) -> anyhow::Result<PathBuf> {
         let dir = self.dir.path().join(name);
         let output = Command::new(gantry_bin())
             .args(["certs", "init", "--dir"])
             .arg(&dir)
+            .args(hosts.iter().flat_map(|h| ["--host", h]))
             .stdin(Stdio::null())
             .output()?;
         if !output.status.success() {

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gantry_integration_tests::{Sandbox, wait_until};
+use gantry_integration_tests::{ReplicaSet, Sandbox, free_port, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -70,7 +70,7 @@ fn is_root() -> bool {
 fn tls_tokens_and_join_token_end_to_end() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
     let certs = Certs {
-        dir: sandbox.certs_init("certs")?,
+        dir: sandbox.certs_init("certs", &[])?,
     };
     let url = start_secure_coordinator(&mut sandbox, &certs)?;
     let mut agent_args = vec![
@@ -225,10 +225,10 @@ fn expired_client_cert(certs: &Certs, out: &Path) -> anyhow::Result<(String, Str
 fn wrong_ca_and_expired_certificate_are_refused() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
     let certs = Certs {
-        dir: sandbox.certs_init("certs")?,
+        dir: sandbox.certs_init("certs", &[])?,
     };
     let other = Certs {
-        dir: sandbox.certs_init("other-certs")?,
+        dir: sandbox.certs_init("other-certs", &[])?,
     };
     let url = start_secure_coordinator(&mut sandbox, &certs)?;
     use_client_certs(&mut sandbox, &certs);
@@ -276,7 +276,7 @@ fn wrong_ca_and_expired_certificate_are_refused() -> anyhow::Result<()> {
 fn bad_security_input_exits_2_and_starts_nothing() -> anyhow::Result<()> {
     let sandbox = Sandbox::new()?;
     let certs = Certs {
-        dir: sandbox.certs_init("certs")?,
+        dir: sandbox.certs_init("certs", &[])?,
     };
     let malformed = sandbox.path().join("malformed.pem");
     std::fs::write(&malformed, "-----BEGIN CERTIFICATE-----\nnot base64 !!\n")?;
@@ -405,5 +405,69 @@ fn bad_security_input_exits_2_and_starts_nothing() -> anyhow::Result<()> {
     let out = sandbox.gantry_bounded(&["certs", "init", "--dir", &dir], Duration::from_secs(20));
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("already exists"), "{}", out.stderr);
+    Ok(())
+}
+
+#[test]
+fn replicas_replicate_over_mutual_tls() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let ips = ["127.0.0.11", "127.0.0.12", "127.0.0.13"];
+    let certs = Certs {
+        dir: sandbox.certs_init("certs", &ips)?,
+    };
+    let mut listen = Vec::new();
+    for ip in ips {
+        listen.push(format!("{ip}:{}", free_port(ip)?));
+    }
+    let urls: Vec<String> = listen.iter().map(|l| format!("https://{l}")).collect();
+    let peers = urls
+        .iter()
+        .enumerate()
+        .map(|(i, u)| format!("{}={u}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut set = ReplicaSet {
+        procs: vec![None; 3],
+        urls,
+        listen,
+        peers: vec![peers; 3],
+        dirs: (1..=3)
+            .map(|i| sandbox.path().join(format!("replica-{i}")))
+            .collect(),
+        extra_args: [
+            "--tls-cert",
+            &certs.path("coordinator.pem"),
+            "--tls-key",
+            &certs.path("coordinator-key.pem"),
+            "--tls-client-ca",
+            &certs.path("ca.pem"),
+            "--tls-ca",
+            &certs.path("ca.pem"),
+            "--tokens",
+            &certs.path("tokens.yaml"),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+    };
+    for id in 1..=3 {
+        sandbox.start_replica(&mut set, id)?;
+    }
+    use_client_certs(&mut sandbox, &certs);
+    sandbox.set_client_env("GANTRY_TOKEN", &certs.token("user"));
+    let leader = wait_until("a leader elected over mutual TLS", WAIT, || {
+        sandbox.leader_of(&set)
+    })?;
+    // A write is acknowledged only once a majority has it: Raft messages
+    // flow between replicas with their certificates.
+    let id = sandbox.submit(&set.addrs(), &["--", "true"])?;
+    for url in &set.urls {
+        wait_until("every replica to apply the submit", WAIT, || {
+            let status = sandbox.gantry_json(url, &["status"]).ok()?;
+            (status["applied_index"].as_u64()? >= 2).then_some(())
+        })?;
+    }
+    let job = sandbox.job(&set.urls[leader - 1], id)?;
+    assert_eq!(job["id"], id, "{job}");
     Ok(())
 }
