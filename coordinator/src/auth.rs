@@ -241,7 +241,10 @@ impl AuthConfig {
         Ok(Some(token.name.clone()))
     }
 
-    fn check_peer(&self, chain: Option<&[CertificateDer<'static>]>) -> Result<(), CoordinatorError> {
+    fn check_peer(
+        &self,
+        chain: Option<&[CertificateDer<'static>]>,
+    ) -> Result<(), CoordinatorError> {
         if !self.is_secured() {
             return Ok(());
         }
@@ -372,17 +375,18 @@ where
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(TlsConnectInfo::peer_certs);
-        match self
-            .config
-            .check(&path, request.headers(), peer_certs.as_deref().map(Vec::as_slice))
-        {
+        match self.config.check(
+            &path,
+            request.headers(),
+            peer_certs.as_deref().map(Vec::as_slice),
+        ) {
             Ok(_) => {
                 let future = self.inner.call(request);
                 Box::pin(future)
             }
             Err(error) => {
-                let peer = remote_addr(&request)
-                    .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+                let peer =
+                    remote_addr(&request).map_or_else(|| "unknown".to_string(), |a| a.to_string());
                 tracing::warn!(%peer, method = %path, %error, "refused");
                 let status = tonic::Status::from(error);
                 Box::pin(async move { Ok(status.into_http()) })
@@ -424,12 +428,10 @@ mod tests {
     }
 
     fn check(path: &str, pairs: &[(&'static str, &str)]) -> Result<Option<String>, String> {
-        config()
-            .check(path, &headers(pairs), None)
-            .map_err(|e| {
-                let message = e.to_string();
-                format!("{:?}: {message}", tonic::Status::from(e).code())
-            })
+        config().check(path, &headers(pairs), None).map_err(|e| {
+            let message = e.to_string();
+            format!("{:?}: {message}", tonic::Status::from(e).code())
+        })
     }
 
     /// Every rpc in the protos has exactly one entry in the table.
@@ -455,15 +457,30 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, METHODS.len(), "METHODS lists a method the protos lack");
+        assert_eq!(
+            seen,
+            METHODS.len(),
+            "METHODS lists a method the protos lack"
+        );
     }
+
+    /// Method path, headers, expected caller name or error text.
+    type Case = (
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        Result<Option<&'static str>, &'static str>,
+    );
 
     #[test]
     fn bearer_tokens_and_roles() {
         let drain = "/gantry.v1.Gantry/Drain";
         let submit = "/gantry.v1.Gantry/Submit";
-        let cases: Vec<(&str, Vec<(&'static str, &str)>, Result<Option<&str>, &str>)> = vec![
-            (submit, vec![], Err("Unauthenticated: bearer token required")),
+        let cases: Vec<Case> = vec![
+            (
+                submit,
+                vec![],
+                Err("Unauthenticated: bearer token required"),
+            ),
             (
                 submit,
                 vec![("authorization", "Basic abc")],
@@ -525,14 +542,23 @@ mod tests {
                 .expect_err("wrong")
                 .contains("agent join token invalid")
         );
-        assert_eq!(check(join, &[(JOIN_TOKEN_METADATA, "join-secret")]), Ok(None));
+        assert_eq!(
+            check(join, &[(JOIN_TOKEN_METADATA, "join-secret")]),
+            Ok(None)
+        );
         let peer = "/gantry.raft.v1.RaftPeer/Step";
-        assert!(check(peer, &[]).expect_err("no mtls").contains("mutual TLS"));
+        assert!(
+            check(peer, &[])
+                .expect_err("no mtls")
+                .contains("mutual TLS")
+        );
         let mtls = AuthConfig {
             mtls: true,
             ..config()
         };
-        let error = mtls.check(peer, &HeaderMap::new(), None).expect_err("no cert");
+        let error = mtls
+            .check(peer, &HeaderMap::new(), None)
+            .expect_err("no cert");
         assert!(error.to_string().contains("client certificate"), "{error}");
         // Nothing configured: everything is open.
         let open = AuthConfig::default();

@@ -223,7 +223,11 @@ pub async fn start(
         .spawn(move || core.run(inbox))
         .map_err(|e| CoordinatorError::Unavailable(format!("cannot start core thread: {e}")))?;
 
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let raft_config = if config.peers.is_empty() {
         RaftConfig::single(config.id, format!("{scheme}://{grpc_addr}"))
     } else {

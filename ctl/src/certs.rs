@@ -30,8 +30,7 @@ struct Output {
 }
 
 fn params(common_name: &str, sans: &[String], days: u32) -> Result<CertificateParams, String> {
-    let mut params =
-        CertificateParams::new(sans.to_vec()).map_err(|e| format!("--host: {e}"))?;
+    let mut params = CertificateParams::new(sans.to_vec()).map_err(|e| format!("--host: {e}"))?;
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, common_name);
     params.distinguished_name = name;
@@ -67,8 +66,7 @@ pub fn init(dir: &Path, hosts: &[String], days: u32) -> Result<Vec<PathBuf>, Str
         .map_err(|e| err("the CA certificate", e))?;
     let issuer = Issuer::new(ca_params, &ca_key);
 
-    let mut server_names: Vec<String> =
-        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+    let mut server_names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     for host in hosts {
         if !server_names.contains(host) {
             server_names.push(host.clone());
@@ -247,7 +245,10 @@ mod tests {
                 .check(step, &headers, Some(&other))
                 .expect_err(name)
                 .to_string();
-            assert!(error.contains("only replica certificates"), "{name}: {error}");
+            assert!(
+                error.contains("only replica certificates"),
+                "{name}: {error}"
+            );
         }
 
         let again = init(dir.path(), &[], 30).expect_err("overwrite");

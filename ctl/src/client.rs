@@ -20,9 +20,14 @@ pub struct Credentials {
 }
 
 impl Interceptor for Credentials {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
         if let Some(bearer) = &self.bearer {
-            request.metadata_mut().insert("authorization", bearer.clone());
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
         }
         Ok(request)
     }
@@ -45,7 +50,9 @@ impl Setup {
             Some(_) if self.client_cert => {
                 " (TLS: if the coordinator refused this client certificate, its log says why)"
             }
-            Some(_) => " (TLS: does the coordinator require a client certificate? --tls-cert, --tls-key)",
+            Some(_) => {
+                " (TLS: does the coordinator require a client certificate? --tls-cert, --tls-key)"
+            }
         }
     }
 
@@ -65,7 +72,12 @@ impl Setup {
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut urls = Vec::new();
-        for addr in opts.addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        for addr in opts
+            .addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        {
             let url = if addr.contains("://") {
                 addr.to_string()
             } else {

@@ -122,7 +122,12 @@ struct AgentSecurityArgs {
     #[arg(long, conflicts_with = "join_token")]
     join_token_file: Option<PathBuf>,
     /// The join token itself (from the environment; not a flag).
-    #[arg(long = "join-token-env", env = "GANTRY_JOIN_TOKEN", hide = true, hide_env_values = true)]
+    #[arg(
+        long = "join-token-env",
+        env = "GANTRY_JOIN_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
     join_token: Option<String>,
     /// Run jobs as this user (name or uid); the agent must run as root.
     #[arg(long)]
@@ -757,7 +762,11 @@ fn agent_security(
         key: args.tls_key,
     }
     .load()?;
-    for url in coordinators.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for url in coordinators
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         security::check_scheme("--coordinators", url, tls.is_some())?;
     }
     let join_token = match (args.join_token_file, args.join_token) {

@@ -133,7 +133,10 @@ impl ClientTlsFiles {
         let identity = pair(&self.cert, &self.key, "--tls-cert", "--tls-key")?;
         let Some(ca) = &self.ca else {
             if identity.is_some() {
-                return Err("--tls-cert needs --tls-ca (the CA that signed the coordinators' certificates)".into());
+                return Err(
+                    "--tls-cert needs --tls-ca (the CA that signed the coordinators' certificates)"
+                        .into(),
+                );
             }
             return Ok(None);
         };
@@ -226,13 +229,12 @@ impl ServerTlsFiles {
                         .add(cert)
                         .map_err(|e| format!("--tls-client-ca {}: {e}", path.display()))?;
                 }
-                let verifier =
-                    rustls::server::WebPkiClientVerifier::builder_with_provider(
-                        Arc::new(roots),
-                        provider,
-                    )
-                    .build()
-                    .map_err(|e| format!("--tls-client-ca {}: {e}", path.display()))?;
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| format!("--tls-client-ca {}: {e}", path.display()))?;
                 (builder.with_client_cert_verifier(verifier), true)
             }
             None => (builder.with_no_client_auth(), false),
@@ -319,8 +321,8 @@ struct TokenEntry {
 
 /// Reads `--tokens FILE`; errors name the file and the entry's field.
 pub fn read_tokens(path: &Path) -> Result<Vec<BearerToken>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--tokens {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--tokens {}: {e}", path.display()))?;
     parse_tokens(&text).map_err(|e| format!("--tokens {}: {e}", path.display()))
 }
 
@@ -348,7 +350,9 @@ fn parse_tokens(text: &str) -> Result<Vec<BearerToken>, String> {
             return Err(format!("[{i}].name: must not be empty"));
         }
         if let Some(first) = names.insert(name.to_string(), i) {
-            return Err(format!("[{i}].name: {name:?} is also the name of [{first}]"));
+            return Err(format!(
+                "[{i}].name: {name:?} is also the name of [{first}]"
+            ));
         }
         let secret = check_secret(entry.token.trim()).map_err(|e| format!("[{i}].token: {e}"))?;
         if let Some(first) = secrets.insert(secret.to_string(), i) {
@@ -394,7 +398,9 @@ mod tests {
         let a = "aaaaaaaaaaaaaaaaaaaa";
         let b = "bbbbbbbbbbbbbbbbbbbb";
         check(
-            &format!("- {{name: alice, token: {a}, role: user}}\n- {{name: ops, token: {b}, role: admin}}\n"),
+            &format!(
+                "- {{name: alice, token: {a}, role: user}}\n- {{name: ops, token: {b}, role: admin}}\n"
+            ),
             Ok(&[("alice", Role::User), ("ops", Role::Admin)]),
         );
         check("- {name: alice, token: \"unterminated\n", Err("line"));
@@ -408,11 +414,15 @@ mod tests {
             Err("[0].role: unknown role \"root\""),
         );
         check(
-            &format!("- {{name: alice, token: {a}, role: user}}\n- {{name: bob, token: {a}, role: admin}}"),
+            &format!(
+                "- {{name: alice, token: {a}, role: user}}\n- {{name: bob, token: {a}, role: admin}}"
+            ),
             Err("[1].token: the same token as [0]"),
         );
         check(
-            &format!("- {{name: alice, token: {a}, role: user}}\n- {{name: alice, token: {b}, role: user}}"),
+            &format!(
+                "- {{name: alice, token: {a}, role: user}}\n- {{name: alice, token: {b}, role: user}}"
+            ),
             Err("[1].name: \"alice\" is also the name of [0]"),
         );
         check(

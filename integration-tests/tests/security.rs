@@ -133,7 +133,10 @@ fn tls_tokens_and_join_token_end_to_end() -> anyhow::Result<()> {
     assert_eq!(nodes[0]["draining"], false, "{nodes}");
     let out = sandbox.gantry(&url, &["dlq", "drop", &id.to_string()]);
     assert_eq!(out.code, 4, "user dlq drop: {out:?}");
-    assert!(out.stderr.contains("dlq drop needs the admin role"), "{out:?}");
+    assert!(
+        out.stderr.contains("dlq drop needs the admin role"),
+        "{out:?}"
+    );
     // The admin token can.
     sandbox.set_client_env("GANTRY_TOKEN", &certs.token("admin"));
     let out = sandbox.gantry(&url, &["drain", "node-a"]);
@@ -233,7 +236,11 @@ fn wrong_ca_and_expired_certificate_are_refused() -> anyhow::Result<()> {
     let url = start_secure_coordinator(&mut sandbox, &certs)?;
     use_client_certs(&mut sandbox, &certs);
     sandbox.set_client_env("GANTRY_TOKEN", &certs.token("user"));
-    assert_eq!(sandbox.gantry(&url, &["jobs"]).code, 0, "the good client works");
+    assert_eq!(
+        sandbox.gantry(&url, &["jobs"]).code,
+        0,
+        "the good client works"
+    );
 
     // (b) The client trusts another CA: the coordinator's certificate is refused.
     sandbox.set_client_env("GANTRY_TLS_CA", &other.path("ca.pem"));
@@ -257,12 +264,18 @@ fn wrong_ca_and_expired_certificate_are_refused() -> anyhow::Result<()> {
         "{}",
         out.stderr
     );
-    wait_until("the coordinator to log the expired certificate", WAIT, || {
-        let log = sandbox.log("coordinator");
-        log.lines()
-            .any(|l| l.contains("refused: TLS handshake failed") && l.contains("certificate expired"))
-            .then_some(())
-    })?;
+    wait_until(
+        "the coordinator to log the expired certificate",
+        WAIT,
+        || {
+            let log = sandbox.log("coordinator");
+            log.lines()
+                .any(|l| {
+                    l.contains("refused: TLS handshake failed") && l.contains("certificate expired")
+                })
+                .then_some(())
+        },
+    )?;
 
     // A client certificate from another CA is refused the same way.
     sandbox.set_client_env("GANTRY_TLS_CERT", &other.path("client.pem"));
@@ -289,7 +302,13 @@ fn bad_security_input_exits_2_and_starts_nothing() -> anyhow::Result<()> {
     let bad_tokens = bad_tokens.display().to_string();
     let data = sandbox.path().join("never").display().to_string();
     let coordinator = |extra: &[&str]| {
-        let mut args = vec!["coordinator", "--grpc-addr", "127.0.0.1:0", "--data-dir", &data];
+        let mut args = vec![
+            "coordinator",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+        ];
         args.extend_from_slice(extra);
         args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
     };
@@ -382,11 +401,7 @@ fn bad_security_input_exits_2_and_starts_nothing() -> anyhow::Result<()> {
     ));
     cases.push((
         "client: https without a CA",
-        vec![
-            "jobs".into(),
-            "--addr".into(),
-            "https://127.0.0.1:1".into(),
-        ],
+        vec!["jobs".into(), "--addr".into(), "https://127.0.0.1:1".into()],
         "no --tls-ca",
     ));
     for (what, args, expected) in &cases {
@@ -394,12 +409,12 @@ fn bad_security_input_exits_2_and_starts_nothing() -> anyhow::Result<()> {
         let out = sandbox.gantry_bounded(&args, Duration::from_secs(20));
         assert_eq!(out.code, 2, "{what}: {out:?}");
         assert!(out.stderr.contains(expected), "{what}: {}", out.stderr);
-        assert!(!out.stdout.contains("listening"), "{what}: started: {out:?}");
+        assert!(
+            !out.stdout.contains("listening"),
+            "{what}: started: {out:?}"
+        );
     }
-    assert!(
-        !Path::new(&data).exists(),
-        "nothing was started or created"
-    );
+    assert!(!Path::new(&data).exists(), "nothing was started or created");
     // certs init refuses to overwrite.
     let dir = certs.dir.display().to_string();
     let out = sandbox.gantry_bounded(&["certs", "init", "--dir", &dir], Duration::from_secs(20));
