@@ -7,6 +7,8 @@
 //!     data_dir: /var/lib/gantry
 //!     gpu_headroom: 1GiB
 //!     oom_signatures: ["CUDA out of memory"]
+//!     tls_cert: /etc/gantry/certs/coordinator.pem   # and tls_key, tls_client_ca,
+//!     tokens: /etc/gantry/certs/tokens.yaml         # tls_ca, join_token_file
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -139,6 +141,12 @@ mod tests {
         assert_eq!(file.peers.expect("peers").resolve().map(|p| p.len()), Ok(2));
         let text = parse("peers: '1=http://a:1,2=http://b:1'\n").expect("parses");
         assert_eq!(text.peers.expect("peers").resolve().map(|p| p.len()), Ok(2));
+        let secure =
+            parse("tls_cert: /c.pem\ntokens: /t.yaml\njoin_token_file: /j\n").expect("parses");
+        let security = secure.security();
+        assert_eq!(security.tls_cert, Some(PathBuf::from("/c.pem")));
+        assert_eq!(security.tokens, Some(PathBuf::from("/t.yaml")));
+        assert_eq!(security.join_token_file, Some(PathBuf::from("/j")));
         let error = parse("id: 1\nport: 3\n").expect_err("unknown field");
         assert!(error.contains("unknown field `port`"), "{error}");
         let error = parse("gpu_headroom: -1\n").expect_err("negative");

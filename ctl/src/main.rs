@@ -119,9 +119,9 @@ struct AgentSecurityArgs {
     #[arg(long, env = "GANTRY_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// File holding the coordinator's join token.
-    #[arg(long, conflicts_with = "join_token")]
+    #[arg(long)]
     join_token_file: Option<PathBuf>,
-    /// The join token itself (from the environment; not a flag).
+    /// The join token itself, from GANTRY_JOIN_TOKEN (--join-token-file wins).
     #[arg(
         long = "join-token-env",
         env = "GANTRY_JOIN_TOKEN",
