@@ -31,6 +31,58 @@ pub struct AgentConfig {
     /// SIGTERM -> SIGKILL grace when stopping a job; `CancelJob.grace_ms`
     /// overrides it when > 0.
     pub kill_grace: Duration,
+    /// TLS for the coordinator link (`https://` URLs): the coordinators' CA
+    /// and, for mutual TLS, the agent's certificate. `None` = plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Sent on every `ConnectAgent` when the coordinator requires it.
+    pub join_token: Option<JoinToken>,
+    /// Run jobs as this user (the agent must be root, or be that user).
+    pub run_as: Option<RunAs>,
+}
+
+/// The agent join token; its `Debug` does not show the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken(pub String);
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JoinToken(..)")
+    }
+}
+
+/// The unprivileged user jobs run as (`--run-as`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id; supplementary groups are dropped (std's `uid()`
+    /// clears them when the agent is root).
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Looks `user` up (name or numeric uid) and checks the agent may switch
+    /// to it: only root may run jobs as another user.
+    pub fn resolve(user: &str) -> Result<RunAs, AgentError> {
+        let bad = |why: String| AgentError::Config(format!("--run-as {user:?}: {why}"));
+        let found = match user.parse::<u32>() {
+            Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+            Err(_) => nix::unistd::User::from_name(user),
+        }
+        .map_err(|e| bad(format!("cannot look the user up: {e}")))?
+        .ok_or_else(|| bad("no such user".into()))?;
+        let me = nix::unistd::geteuid();
+        if !me.is_root() && found.uid != me {
+            return Err(bad(format!(
+                "the agent runs as uid {me}, not root, so it cannot run jobs as uid {}; start it as root or drop --run-as",
+                found.uid
+            )));
+        }
+        Ok(RunAs {
+            uid: found.uid.as_raw(),
+            gid: found.gid.as_raw(),
+        })
+    }
 }
 
 impl AgentConfig {
@@ -46,6 +98,9 @@ impl AgentConfig {
             gpus: GpuSource::Fake(Vec::new()),
             heartbeat_interval: Duration::from_millis(200),
             kill_grace: Duration::from_secs(1),
+            tls: None,
+            join_token: None,
+            run_as: None,
         }
     }
 
@@ -60,8 +115,8 @@ impl AgentConfig {
             ));
         }
         for url in &self.coordinators {
-            tonic::transport::Endpoint::from_shared(url.clone())
-                .map_err(|e| AgentError::Config(format!("bad coordinator URL {url:?}: {e}")))?;
+            crate::link::coordinator_endpoint(url, self.tls.as_ref())
+                .map_err(|e| AgentError::Config(format!("coordinator URL {url:?}: {e}")))?;
         }
         Ok(())
     }

@@ -61,6 +61,8 @@ pub struct ExecutorConfig {
     pub data_dir: PathBuf,
     /// SIGTERM -> SIGKILL grace for timeouts, shutdown and cancels without one.
     pub kill_grace: Duration,
+    /// Jobs run as this user (their work directory is handed to it).
+    pub run_as: Option<crate::config::RunAs>,
 }
 
 /// One attempt to run, already converted from the wire `Assignment`.
@@ -804,7 +806,19 @@ impl Executor {
             copy_snapshot(launch, dir, &work, control_rx).await?;
         }
 
+        if let Some(user) = self.inner.config.run_as {
+            // The job may write only its work directory (output files are
+            // opened by the agent and inherited).
+            let work = work.clone();
+            tokio::task::spawn_blocking(move || chown_tree(&work, user))
+                .await
+                .map_err(|e| format!("chown task failed: {e}"))??;
+        }
         let mut command = Command::new(&program);
+        if let Some(user) = self.inner.config.run_as {
+            // std drops supplementary groups (setgroups) when root sets a uid.
+            command.uid(user.uid).gid(user.gid);
+        }
         command
             .args(&args)
             .current_dir(&work)
@@ -854,6 +868,24 @@ impl Executor {
         }
         env
     }
+}
+
+/// Hands `path` and everything under it to `user` (symlinks themselves,
+/// never their targets).
+fn chown_tree(path: &Path, user: crate::config::RunAs) -> Result<(), String> {
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
+        .map_err(|e| format!("cannot hand {} to uid {}: {e}", path.display(), user.uid))?;
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    if meta.is_dir() {
+        let entries =
+            std::fs::read_dir(path).map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+            chown_tree(&entry.path(), user)?;
+        }
+    }
+    Ok(())
 }
 
 /// Why an attempt did not get as far as running its command.

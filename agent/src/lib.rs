@@ -49,7 +49,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{AgentConfig, FakeGpu, GpuSource, parse_fake_gpus};
+pub use config::{AgentConfig, FakeGpu, GpuSource, JoinToken, RunAs, parse_fake_gpus};
 pub use error::AgentError;
 pub use probe::GpuReport;
 
@@ -102,8 +102,12 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
         node = %config.node_name,
         data_dir = %config.data_dir.display(),
         coordinators = ?config.coordinators,
+        run_as = ?config.run_as,
         "agent starting"
     );
+    if nix::unistd::geteuid().is_root() && config.run_as.is_none() {
+        tracing::warn!("the agent runs as root without --run-as: jobs will run as root");
+    }
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let executor = Executor::new(
@@ -111,6 +115,7 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
             node_name: config.node_name.clone(),
             data_dir: config.data_dir.clone(),
             kill_grace: config.kill_grace,
+            run_as: config.run_as,
         },
         events_tx,
     );

@@ -72,11 +72,44 @@ impl SessionEnd {
     }
 
     fn from_status(registered: bool, status: &tonic::Status) -> Self {
+        // A broken connection (e.g. a refused TLS handshake) says why only
+        // in the status's causes.
+        let mut error = format!("{}: {}", status.code(), status.message());
+        let mut cause = std::error::Error::source(status);
+        while let Some(source) = cause {
+            let text = source.to_string();
+            if !error.contains(&text) {
+                error.push_str(": ");
+                error.push_str(&text);
+            }
+            cause = source.source();
+        }
         Self::Lost {
             registered,
-            error: format!("{}: {}", status.code(), status.message()),
+            error,
             leader: leader_hint(status),
         }
+    }
+}
+
+/// gRPC metadata key of the join token (the coordinator's
+/// `auth::JOIN_TOKEN_METADATA`; the agent does not depend on the coordinator).
+pub const JOIN_TOKEN_METADATA: &str = "gantry-join-token";
+
+/// The one place a coordinator endpoint is built: `https://` needs TLS
+/// configured, and with TLS configured a plaintext `http://` URL is refused.
+pub(crate) fn coordinator_endpoint(
+    url: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Endpoint, String> {
+    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| e.to_string())?;
+    match (url.starts_with("https://"), tls) {
+        (true, Some(tls)) => endpoint.tls_config(tls.clone()).map_err(|e| e.to_string()),
+        (true, None) => Err("an https:// coordinator needs --tls-ca".into()),
+        (false, Some(_)) => {
+            Err("TLS is configured (--tls-ca): coordinator URLs must be https://".into())
+        }
+        (false, None) => Ok(endpoint),
     }
 }
 
@@ -201,7 +234,7 @@ impl Link {
 
     /// One connection, from connect to break (or shutdown).
     async fn session(&mut self, url: &str, shutdown: &CancellationToken) -> SessionEnd {
-        let endpoint = match Endpoint::from_shared(url.to_string()) {
+        let endpoint = match coordinator_endpoint(url, self.config.tls.as_ref()) {
             Ok(endpoint) => endpoint
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
@@ -210,7 +243,7 @@ impl Link {
                 .http2_keep_alive_interval(Duration::from_secs(2))
                 .keep_alive_timeout(Duration::from_secs(3))
                 .keep_alive_while_idle(true),
-            Err(e) => return SessionEnd::lost(false, format!("bad URL: {e}")),
+            Err(e) => return SessionEnd::lost(false, format!("bad URL {url}: {e}")),
         };
         let channel = tokio::select! {
             () = shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -231,9 +264,18 @@ impl Link {
         {
             return SessionEnd::lost(false, "request stream closed");
         }
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(token) = &self.config.join_token {
+            match token.0.parse() {
+                Ok(value) => {
+                    request.metadata_mut().insert(JOIN_TOKEN_METADATA, value);
+                }
+                Err(_) => return SessionEnd::lost(false, "join token is not valid metadata"),
+            }
+        }
         let response = tokio::select! {
             () = shutdown.cancelled() => return SessionEnd::Shutdown,
-            response = client.connect_agent(ReceiverStream::new(rx)) => response,
+            response = client.connect_agent(request) => response,
         };
         let mut inbound = match response {
             Ok(response) => response.into_inner(),

@@ -35,7 +35,12 @@ pub enum CoordinatorError {
         /// The leader's URL, when known.
         leader: Option<String>,
     },
-    /// The caller may not do this (an agent not in a strict inventory).
+    /// The caller presented no credential, or one that is not recognised
+    /// (bearer token, agent join token).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not do this (an agent not in a strict inventory, a
+    /// token whose role does not cover the method).
     #[error("{0}")]
     PermissionDenied(String),
     /// The coordinator is shutting down.
@@ -55,6 +60,7 @@ impl CoordinatorError {
             ) => 409,
             CoordinatorError::Apply(_) => 400,
             CoordinatorError::Store(_) => 500,
+            CoordinatorError::Unauthenticated(_) => 401,
             CoordinatorError::PermissionDenied(_) => 403,
             CoordinatorError::NotLeader { .. }
             | CoordinatorError::Unavailable(_)
@@ -76,6 +82,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Apply(_) => tonic::Status::invalid_argument(message),
             CoordinatorError::Store(_) => tonic::Status::internal(message),
             CoordinatorError::PermissionDenied(_) => tonic::Status::permission_denied(message),
+            CoordinatorError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             CoordinatorError::NotLeader { leader } => {
                 let mut status = tonic::Status::unavailable(message);
                 if let Some(url) = leader

@@ -16,10 +16,13 @@
 //! - [`http`]: `/metrics`, the JSON API, health and the status page.
 //! - [`metrics`]: Prometheus exposition; [`json`]: JSON views shared with
 //!   `gantry -o json`.
+//! - [`auth`]: who may call what (bearer tokens, agent join token, mTLS for
+//!   peers), checked in one wrapper around every service.
 //!
 //! Architecture invariant: nothing is acknowledged before it is flushed to
 //! sled; only the core thread touches the state machine.
 
+pub mod auth;
 pub mod command;
 pub mod convert;
 pub mod core;

@@ -7,13 +7,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
 
 use gantry_proto as pb;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{AuthConfig, Authorized};
 use crate::core::{Core, CoreConfig, Request};
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
@@ -43,6 +45,14 @@ pub struct CoordinatorConfig {
     pub peers: BTreeMap<u64, String>,
     /// Applied entries between Raft snapshots (None = the default, 10,000).
     pub raft_compact_after: Option<u64>,
+    /// TLS of the listener (`None` = plaintext); with a client certificate
+    /// verifier, every connection must present a certificate (mutual TLS).
+    /// ALPN must offer `h2`.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// TLS for dialing peers (see [`RaftConfig::peer_tls`]).
+    pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Credentials checked on every call (default: none, development).
+    pub auth: AuthConfig,
 }
 
 impl CoordinatorConfig {
@@ -56,6 +66,9 @@ impl CoordinatorConfig {
             id: 1,
             peers: BTreeMap::new(),
             raft_compact_after: None,
+            tls: None,
+            peer_tls: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -150,6 +163,51 @@ impl ReplicatedStateMachine for CoreApp {
     }
 }
 
+/// Longest a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections and completes their TLS handshakes concurrently; a
+/// refused handshake (no client certificate, one from another CA, an
+/// expired one) is logged with the peer address and the reason.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::debug!(%error, "accept failed");
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(%peer, %error, "refused: TLS handshake failed");
+                    }
+                    Err(_) => tracing::warn!(%peer, "refused: TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
 /// Opens storage, starts the core and the Raft node, and serves gRPC (the
 /// client API, the agent link and the Raft peer service on one port) until
 /// `shutdown`.
@@ -195,12 +253,18 @@ pub async fn start(
         .spawn(move || core.run(inbox))
         .map_err(|e| CoordinatorError::Unavailable(format!("cannot start core thread: {e}")))?;
 
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let raft_config = if config.peers.is_empty() {
-        RaftConfig::single(config.id, format!("http://{grpc_addr}"))
+        RaftConfig::single(config.id, format!("{scheme}://{grpc_addr}"))
     } else {
         RaftConfig::new(config.id, config.peers.clone())
     };
     let mut raft_config = raft_config;
+    raft_config.peer_tls = config.peer_tls.clone();
     if let Some(after) = config.raft_compact_after {
         raft_config.compact_after = after;
         raft_config.compact_keep = raft_config.compact_keep.min(after / 2);
@@ -247,18 +311,26 @@ pub async fn start(
     let agents = pb::agent_link_server::AgentLinkServer::new(AgentLinkService::new(handle))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let peers = raft.handle().peer_service();
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .layer(crate::rpc_trace::RpcTraceLayer)
-            .add_service(gantry)
-            .add_service(agents)
-            .add_service(peers)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                shutdown.cancelled_owned(),
-            )
-            .await
-    });
+    // Every service behind the one credential check (`auth.rs`).
+    let auth = std::sync::Arc::new(config.auth.clone());
+    let gantry = Authorized::new(gantry, auth.clone());
+    let agents = Authorized::new(agents, auth.clone());
+    let peers = Authorized::new(peers, auth);
+    let router = tonic::transport::Server::builder()
+        .layer(crate::rpc_trace::RpcTraceLayer)
+        .add_service(gantry)
+        .add_service(agents)
+        .add_service(peers);
+    let server = match config.tls.clone() {
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )),
+        Some(tls) => {
+            let incoming = tls_incoming(listener, tls, shutdown.clone());
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()))
+        }
+    };
     // The core stops when the last request sender (held by the services and
     // the Raft application) is dropped, after the server and Raft node stop.
     Ok(RunningCoordinator {

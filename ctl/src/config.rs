@@ -8,6 +8,8 @@
 //!     data_dir: /var/lib/gantry
 //!     gpu_headroom: 1GiB
 //!     oom_signatures: ["CUDA out of memory"]
+//!     tls_cert: /etc/gantry/certs/coordinator.pem   # and tls_key, tls_client_ca,
+//!     tokens: /etc/gantry/certs/tokens.yaml         # tls_ca, join_token_file
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -46,6 +48,49 @@ pub struct CoordinatorFile {
     pub oom_signatures: Option<Vec<String>>,
     /// Applied entries between Raft snapshots.
     pub raft_compact_after: Option<u64>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// `--tls-client-ca`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
+    /// `--tokens`.
+    pub tokens: Option<PathBuf>,
+    /// `--join-token-file`.
+    pub join_token_file: Option<PathBuf>,
+}
+
+impl CoordinatorFile {
+    /// The security settings, apart.
+    pub fn security(&self) -> SecurityFile {
+        SecurityFile {
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tokens: self.tokens.clone(),
+            join_token_file: self.join_token_file.clone(),
+        }
+    }
+}
+
+/// The security settings of the coordinator's settings file.
+#[derive(Debug, Default, Clone)]
+pub struct SecurityFile {
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// `--tls-client-ca`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
+    /// `--tokens`.
+    pub tokens: Option<PathBuf>,
+    /// `--join-token-file`.
+    pub join_token_file: Option<PathBuf>,
 }
 
 /// Reads a settings file; errors name the file and the field.
@@ -99,6 +144,12 @@ mod tests {
         assert_eq!(file.peers.expect("peers").resolve().map(|p| p.len()), Ok(2));
         let text = parse("peers: '1=http://a:1,2=http://b:1'\n").expect("parses");
         assert_eq!(text.peers.expect("peers").resolve().map(|p| p.len()), Ok(2));
+        let secure =
+            parse("tls_cert: /c.pem\ntokens: /t.yaml\njoin_token_file: /j\n").expect("parses");
+        let security = secure.security();
+        assert_eq!(security.tls_cert, Some(PathBuf::from("/c.pem")));
+        assert_eq!(security.tokens, Some(PathBuf::from("/t.yaml")));
+        assert_eq!(security.join_token_file, Some(PathBuf::from("/j")));
         let error = parse("id: 1\nport: 3\n").expect_err("unknown field");
         assert!(error.contains("unknown field `port`"), "{error}");
         let error = parse("gpu_headroom: -1\n").expect_err("negative");

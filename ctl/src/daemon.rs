@@ -55,6 +55,8 @@ pub struct CoordinatorOptions {
     pub inventory: Vec<gantry_coordinator::core::InventoryHost>,
     /// Refuse agents not in the inventory.
     pub strict_inventory: bool,
+    /// TLS and credentials (default: none).
+    pub security: crate::security::CoordinatorSecurity,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -76,6 +78,9 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         id: options.id,
         peers: options.peers.clone(),
         raft_compact_after: options.raft_compact_after,
+        tls: options.security.tls.clone(),
+        peer_tls: options.security.peer_tls.clone(),
+        auth: options.security.auth.clone(),
     }
 }
 
@@ -106,6 +111,8 @@ pub struct AgentOptions {
     pub labels: BTreeMap<String, String>,
     /// `--fake-gpus`, if given.
     pub fake_gpus: Option<String>,
+    /// TLS, join token, job user (default: none).
+    pub security: crate::security::AgentSecurity,
 }
 
 fn agent_config(options: AgentOptions) -> anyhow::Result<AgentConfig> {
@@ -125,6 +132,9 @@ fn agent_config(options: AgentOptions) -> anyhow::Result<AgentConfig> {
     config.gpus = gpus;
     config.heartbeat_interval = Duration::from_secs(1);
     config.kill_grace = Duration::from_secs(5);
+    config.tls = options.security.tls;
+    config.join_token = options.security.join_token.map(gantry_agent::JoinToken);
+    config.run_as = options.security.run_as;
     Ok(config)
 }
 
@@ -177,6 +187,7 @@ pub async fn run_dev(options: CoordinatorOptions, fake_gpus: Option<String>) -> 
         data_dir: agent_dir,
         labels: BTreeMap::from([("provider".to_string(), "local".to_string())]),
         fake_gpus,
+        security: Default::default(),
     })?;
     let agent_task = tokio::spawn(gantry_agent::run(agent, shutdown.clone()));
 

@@ -5,11 +5,13 @@
 //! Layout: `daemon.rs` starts daemons, `client.rs` finds the cluster and maps
 //! failures to exit codes, `spec.rs` parses job files, `output.rs` prints.
 
+mod certs;
 mod client;
 mod config;
 mod daemon;
 mod inventory;
 mod output;
+mod security;
 mod spec;
 
 use std::collections::BTreeMap;
@@ -71,6 +73,71 @@ struct ClientOpts {
         global = true
     )]
     output: Format,
+    /// Bearer token (prefer the GANTRY_TOKEN variable: flags show in `ps`).
+    #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) of the coordinators; turns on TLS (https://).
+    #[arg(long, env = "GANTRY_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "GANTRY_TLS_CERT", global = true)]
+    tls_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, env = "GANTRY_TLS_KEY", global = true)]
+    tls_key: Option<PathBuf>,
+}
+
+/// TLS and credentials of a coordinator (all also in its --config file).
+#[derive(Args, Clone, Default)]
+struct CoordinatorSecurityArgs {
+    /// Serve TLS with this certificate (PEM; also presented to peers).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS) from
+    /// clients, agents and peers.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    /// CA of the peers' certificates, to dial https:// peers.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client bearer tokens (YAML list of {name, token, role: user|admin});
+    /// without it the client API is open.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// File holding the token agents must present; without it any agent may connect.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
+}
+
+/// TLS, join token and job user of an agent.
+#[derive(Args, Clone, Default)]
+struct AgentSecurityArgs {
+    /// CA certificate (PEM) of the coordinators; turns on TLS (https://).
+    #[arg(long, env = "GANTRY_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Agent certificate (PEM) for mutual TLS.
+    #[arg(long, env = "GANTRY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Agent private key (PEM) for mutual TLS.
+    #[arg(long, env = "GANTRY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// File holding the coordinator's join token.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
+    /// The join token itself, from GANTRY_JOIN_TOKEN (--join-token-file wins).
+    #[arg(
+        long = "join-token-env",
+        env = "GANTRY_JOIN_TOKEN",
+        hide = true,
+        hide_env_values = true
+    )]
+    join_token: Option<String>,
+    /// Run jobs as this user (name or uid); the agent must run as root.
+    #[arg(long)]
+    run_as: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -116,6 +183,8 @@ enum Command {
         /// without it the coordinator is a single voter.
         #[arg(long)]
         peers: Option<String>,
+        #[command(flatten)]
+        security: CoordinatorSecurityArgs,
     },
     /// Run an agent on a GPU node.
     Agent {
@@ -144,6 +213,8 @@ enum Command {
         /// Print what the GPU probe finds and exit.
         #[arg(long)]
         probe: bool,
+        #[command(flatten)]
+        security: AgentSecurityArgs,
     },
     /// A whole cluster in one process: coordinator, one agent, storage in ./gantry-data.
     Dev {
@@ -259,6 +330,11 @@ enum Command {
         #[command(subcommand)]
         action: InventoryAction,
     },
+    /// Development certificates and tokens.
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
     /// Dead-letter queue: jobs whose attempts are exhausted.
     Dlq {
         #[command(subcommand)]
@@ -282,6 +358,24 @@ enum InventoryAction {
     Check {
         /// The file.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Write a development CA, certificates for a coordinator, an agent and
+    /// a client, a join token and a token file (admin + user) into --dir.
+    Init {
+        /// Output directory (existing files are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Extra coordinator host name or IP (repeatable); localhost,
+        /// 127.0.0.1 and ::1 are always included.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value = "365")]
+        days: u32,
     },
 }
 
@@ -467,6 +561,7 @@ async fn main() -> ExitCode {
             oom_signatures,
             id,
             peers,
+            security,
         } => {
             let inventory = match inventory {
                 None => Vec::new(),
@@ -482,6 +577,7 @@ async fn main() -> ExitCode {
                 },
                 None => config::CoordinatorFile::default(),
             };
+            let security_file = file.security();
             let peers = match (peers, file.peers) {
                 (Some(text), _) => gantry_coordinator::raft::parse_peers(&text)
                     .map_err(|e| format!("--peers: {e}")),
@@ -527,6 +623,10 @@ async fn main() -> ExitCode {
                     "--id: {id} is not one of the ids in --peers"
                 )));
             }
+            let security = match coordinator_security(security, &security_file, &peers) {
+                Ok(security) => security,
+                Err(error) => return fail(CliError::invalid(error)),
+            };
             let http_addr = match (http_addr, file.http_addr) {
                 (Some(HttpAddr(addr)), _) => addr,
                 (None, Some(text)) => match parse_http_addr(&text) {
@@ -537,6 +637,7 @@ async fn main() -> ExitCode {
             };
             init_logging(cli.log_format);
             let options = daemon::CoordinatorOptions {
+                security,
                 grpc_addr,
                 http_addr,
                 data_dir,
@@ -558,12 +659,18 @@ async fn main() -> ExitCode {
             labels,
             fake_gpus,
             probe,
+            security,
         } => {
             init_logging(cli.log_format);
             if probe {
                 return probe_gpus(fake_gpus);
             }
+            let security = match agent_security(security, &coordinators) {
+                Ok(security) => security,
+                Err(error) => return fail(CliError::invalid(error)),
+            };
             let options = daemon::AgentOptions {
+                security,
                 node_name: name.unwrap_or_else(daemon::hostname),
                 address,
                 coordinators: coordinators
@@ -596,9 +703,13 @@ async fn main() -> ExitCode {
                 raft_compact_after: None,
                 inventory: Vec::new(),
                 strict_inventory: false,
+                security: Default::default(),
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
+        Command::Certs {
+            action: CertsAction::Init { dir, hosts, days },
+        } => certs_init(&dir, &hosts, days),
         Command::Dlq { action } => dlq(action).await,
         Command::Inventory {
             action: InventoryAction::Check { file },
@@ -640,6 +751,92 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::from(exit::OK),
         Err(error) => fail(error),
     }
+}
+
+/// Loads and checks a coordinator's TLS files and credentials (flags win
+/// over the settings file).
+fn coordinator_security(
+    args: CoordinatorSecurityArgs,
+    file: &config::SecurityFile,
+    peers: &BTreeMap<u64, String>,
+) -> Result<security::CoordinatorSecurity, String> {
+    let pick = |flag: Option<PathBuf>, from_file: &Option<PathBuf>| flag.or(from_file.clone());
+    let tls = security::ServerTlsFiles {
+        cert: pick(args.tls_cert, &file.tls_cert),
+        key: pick(args.tls_key, &file.tls_key),
+        client_ca: pick(args.tls_client_ca, &file.tls_client_ca),
+        ca: pick(args.tls_ca, &file.tls_ca),
+    }
+    .load()?;
+    let tokens = match pick(args.tokens, &file.tokens) {
+        Some(path) => Some(security::read_tokens(&path)?),
+        None => None,
+    };
+    let join_token = match pick(args.join_token_file, &file.join_token_file) {
+        Some(path) => Some(security::read_secret("--join-token-file", &path)?),
+        None => None,
+    };
+    let auth = gantry_coordinator::auth::AuthConfig {
+        tokens,
+        join_token,
+        mtls: tls.mtls,
+        peer_roots: tls.client_roots.clone(),
+    };
+    if peers.len() > 1 {
+        if (auth.tokens.is_some() || auth.join_token.is_some()) && !auth.mtls {
+            return Err("--peers with --tokens or --join-token-file needs --tls-client-ca: the raft peer service is authenticated by mutual TLS".into());
+        }
+        for url in peers.values() {
+            security::check_scheme("--peers", url, tls.peers.is_some())?;
+        }
+    }
+    Ok(security::CoordinatorSecurity {
+        tls: tls.server,
+        peer_tls: tls.peers,
+        auth,
+    })
+}
+
+/// Loads and checks an agent's TLS files, join token and job user.
+fn agent_security(
+    args: AgentSecurityArgs,
+    coordinators: &str,
+) -> Result<security::AgentSecurity, String> {
+    let tls = security::ClientTlsFiles {
+        ca: args.tls_ca,
+        cert: args.tls_cert,
+        key: args.tls_key,
+    }
+    .load()?;
+    for url in coordinators
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        security::check_scheme("--coordinators", url, tls.is_some())?;
+    }
+    let join_token = match (args.join_token_file, args.join_token) {
+        (Some(path), _) => Some(security::read_secret("--join-token-file", &path)?),
+        (None, Some(token)) if !token.trim().is_empty() => Some(token.trim().to_string()),
+        _ => None,
+    };
+    let run_as = match args.run_as {
+        Some(user) => Some(gantry_agent::RunAs::resolve(&user).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    Ok(security::AgentSecurity {
+        tls,
+        join_token,
+        run_as,
+    })
+}
+
+fn certs_init(dir: &std::path::Path, hosts: &[String], days: u32) -> Result<(), CliError> {
+    let written = certs::init(dir, hosts, days).map_err(CliError::invalid)?;
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 fn fail(error: CliError) -> ExitCode {
@@ -744,7 +941,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
             (None, jobs)
         }
     };
-    let mut client = client::connect(&args.client.addr).await?;
+    let mut client = client::connect(&args.client).await?;
     let key = args.key.clone().unwrap_or_else(new_submission_key);
     let request = pb::SubmitRequest {
         jobs,
@@ -773,7 +970,7 @@ fn new_submission_key() -> String {
 }
 
 async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), CliError> {
-    let mut client = client::connect(&opts.addr).await?;
+    let mut client = client::connect(&opts).await?;
     let jobs = client
         .list_jobs(pb::ListJobsRequest {
             states: state,
@@ -803,7 +1000,7 @@ fn print_jobs(jobs: &[pb::Job], format: Format) {
 }
 
 async fn job(id: u64, opts: ClientOpts) -> Result<(), CliError> {
-    let mut client = client::connect(&opts.addr).await?;
+    let mut client = client::connect(&opts).await?;
     let job = client
         .get_job(pb::GetJobRequest { job_id: id })
         .await?
@@ -822,7 +1019,7 @@ async fn logs(
     attempt: u32,
     opts: ClientOpts,
 ) -> Result<(), CliError> {
-    let mut client = client::connect(&opts.addr).await?;
+    let mut client = client::connect(&opts).await?;
     let stream = if stderr { "stderr" } else { "stdout" };
     let mut chunks = client
         .logs(pb::LogsRequest {
@@ -846,7 +1043,7 @@ async fn logs(
 }
 
 async fn cancel(id: u64, opts: ClientOpts) -> Result<(), CliError> {
-    let mut client = client::connect(&opts.addr).await?;
+    let mut client = client::connect(&opts).await?;
     let state = client
         .cancel_job(pb::CancelJobRequest { job_id: id })
         .await?
@@ -861,7 +1058,7 @@ async fn cancel(id: u64, opts: ClientOpts) -> Result<(), CliError> {
 }
 
 async fn nodes(opts: ClientOpts) -> Result<(), CliError> {
-    let mut client = client::connect(&opts.addr).await?;
+    let mut client = client::connect(&opts).await?;
     let nodes = client
         .list_nodes(pb::ListNodesRequest {})
         .await?
@@ -891,7 +1088,7 @@ async fn drain(
     wait: bool,
     opts: ClientOpts,
 ) -> Result<(), CliError> {
-    let mut client = client::connect(&opts.addr).await?;
+    let mut client = client::connect(&opts).await?;
     client
         .drain(pb::DrainRequest {
             node: node.clone(),
@@ -939,7 +1136,7 @@ async fn drain(
 }
 
 async fn status(opts: ClientOpts) -> Result<(), CliError> {
-    let mut client = client::connect_any(&opts.addr).await?;
+    let mut client = client::connect_any(&opts).await?;
     let status = client.status(pb::StatusRequest {}).await?.into_inner();
     match opts.output {
         Format::Json => print_json(&output::status_json(&status)),
@@ -984,7 +1181,7 @@ async fn watch(
     from: Option<u64>,
     opts: ClientOpts,
 ) -> Result<(), CliError> {
-    let mut client = client::connect(&opts.addr).await?;
+    let mut client = client::connect(&opts).await?;
     let from_index = match from {
         Some(index) => index,
         None => {
@@ -1031,7 +1228,7 @@ async fn watch(
 async fn dlq(action: DlqAction) -> Result<(), CliError> {
     match action {
         DlqAction::List { client: opts } => {
-            let mut client = client::connect(&opts.addr).await?;
+            let mut client = client::connect(&opts).await?;
             let jobs = client
                 .dlq_list(pb::DlqListRequest {})
                 .await?
@@ -1040,7 +1237,7 @@ async fn dlq(action: DlqAction) -> Result<(), CliError> {
             print_jobs(&jobs, opts.output);
         }
         DlqAction::Show { id, client: opts } => {
-            let mut client = client::connect(&opts.addr).await?;
+            let mut client = client::connect(&opts).await?;
             let job = client
                 .get_job(pb::GetJobRequest { job_id: id })
                 .await?
@@ -1089,7 +1286,7 @@ async fn dlq(action: DlqAction) -> Result<(), CliError> {
                 }
                 None => None,
             };
-            let mut client = client::connect(&opts.addr).await?;
+            let mut client = client::connect(&opts).await?;
             client
                 .dlq_retry(pb::DlqRetryRequest { job_id: id, spec })
                 .await?;
@@ -1099,7 +1296,7 @@ async fn dlq(action: DlqAction) -> Result<(), CliError> {
             }
         }
         DlqAction::Drop { id, client: opts } => {
-            let mut client = client::connect(&opts.addr).await?;
+            let mut client = client::connect(&opts).await?;
             client.dlq_drop(pb::DlqDropRequest { job_id: id }).await?;
             match opts.output {
                 Format::Json => print_json(&serde_json::json!({ "job_id": id, "dropped": true })),
@@ -1111,7 +1308,7 @@ async fn dlq(action: DlqAction) -> Result<(), CliError> {
 }
 
 async fn pipeline(name: String, run: u32, opts: ClientOpts) -> Result<(), CliError> {
-    let mut client = client::connect(&opts.addr).await?;
+    let mut client = client::connect(&opts).await?;
     let view = client
         .get_pipeline(pb::GetPipelineRequest { name, run })
         .await?

@@ -144,6 +144,8 @@ pub struct Sandbox {
     procs: Vec<Proc>,
     /// `RUST_LOG` of processes started from now on (None: the test's own, or `info`).
     log_filter: Option<String>,
+    /// Environment of every client command (TLS files, token).
+    client_env: Vec<(String, String)>,
 }
 
 /// A started coordinator.
@@ -166,6 +168,7 @@ impl Sandbox {
             dir,
             procs: Vec::new(),
             log_filter: None,
+            client_env: Vec::new(),
         })
     }
 
@@ -338,6 +341,7 @@ impl Sandbox {
         let output = Command::new(gantry_bin())
             .args(args)
             .env("GANTRY_ADDR", url)
+            .envs(self.client_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .output()
             .expect("run gantry");
@@ -829,6 +833,63 @@ pub fn find_tool(name: &str) -> anyhow::Result<Option<PathBuf>> {
                 "note: {name} is not installed; skipping the part of this test that needs it"
             );
             Ok(None)
+        }
+    }
+}
+
+/// Security helpers (TLS, tokens): certificates from `gantry certs init`.
+impl Sandbox {
+    /// Sets (or replaces) an environment variable of every later client
+    /// command, e.g. `GANTRY_TLS_CA` or `GANTRY_TOKEN`; an empty value removes it.
+    pub fn set_client_env(&mut self, key: &str, value: &str) {
+        self.client_env.retain(|(k, _)| k != key);
+        if !value.is_empty() {
+            self.client_env.push((key.to_string(), value.to_string()));
+        }
+    }
+
+    /// Runs `gantry certs init --dir <sandbox>/NAME [--host H...]` and
+    /// returns the directory.
+    pub fn certs_init(&self, name: &str, hosts: &[&str]) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.path().join(name);
+        let output = Command::new(gantry_bin())
+            .args(["certs", "init", "--dir"])
+            .arg(&dir)
+            .args(hosts.iter().flat_map(|h| ["--host", h]))
+            .stdin(Stdio::null())
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "gantry certs init failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(dir)
+    }
+
+    /// Runs `gantry ARGS` (no address, no client environment), killed after
+    /// `timeout`: for commands that must refuse to start.
+    pub fn gantry_bounded(&self, args: &[&str], timeout: Duration) -> CliOutput {
+        let mut child = Command::new(gantry_bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run gantry");
+        let deadline = Instant::now() + timeout;
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if child.try_wait().ok().flatten().is_none() {
+            let _ = child.kill();
+        }
+        let output = child.wait_with_output().expect("wait for gantry");
+        CliOutput {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         }
     }
 }

@@ -30,6 +30,7 @@ fn harness() -> Harness {
             node_name: "node-a".into(),
             data_dir: dir.path().to_path_buf(),
             kill_grace: Duration::from_secs(1),
+            run_as: None,
         },
         tx,
     );

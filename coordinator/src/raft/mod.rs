@@ -98,6 +98,10 @@ pub struct RaftConfig {
     /// Messages queued per peer before new ones are dropped (Raft
     /// retransmits what is lost).
     pub peer_queue: usize,
+    /// TLS for dialing peers (their URLs are then `https://`): the CA of
+    /// their certificates and this replica's own certificate as client
+    /// identity. `None` = plaintext.
+    pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl RaftConfig {
@@ -114,6 +118,7 @@ impl RaftConfig {
             compact_keep: 1_000,
             max_append_bytes: 1 << 20,
             peer_queue: 4096,
+            peer_tls: None,
         }
     }
 

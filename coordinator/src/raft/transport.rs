@@ -20,7 +20,7 @@ use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::node::Input;
@@ -92,6 +92,18 @@ pub(crate) struct Outgoing {
 }
 
 /// The queues of the per-peer sender tasks, by peer id.
+/// The one place a peer endpoint is built: `https://` peers need TLS (the
+/// peers' CA, and this replica's certificate as its client identity).
+fn peer_endpoint(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, String> {
+    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| e.to_string())?;
+    match (url.starts_with("https://"), tls) {
+        (true, Some(tls)) => endpoint.tls_config(tls.clone()).map_err(|e| e.to_string()),
+        (true, None) => Err("an https:// peer needs --tls-ca".into()),
+        (false, Some(_)) => Err("TLS is configured (--tls-ca): peer URLs must be https://".into()),
+        (false, None) => Ok(endpoint),
+    }
+}
+
 pub(crate) struct PeerSenders {
     queues: HashMap<u64, mpsc::Sender<Outgoing>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -111,7 +123,7 @@ impl PeerSenders {
             if to == config.id {
                 continue;
             }
-            let endpoint = Endpoint::from_shared(url.clone())
+            let endpoint = peer_endpoint(url, config.peer_tls.as_ref())
                 .map_err(|error| RaftError::Config(format!("peer {to} URL {url:?}: {error}")))?
                 .connect_timeout(Duration::from_secs(1))
                 .timeout(REQUEST_TIMEOUT)
