@@ -190,6 +190,12 @@ impl AuthConfig {
         }
     }
 
+    /// Checks a read of the HTTP JSON API: with tokens configured, any
+    /// known token (either role) may read; `what` names the endpoint.
+    pub fn check_http_read(&self, what: &str, headers: &HeaderMap) -> Result<(), CoordinatorError> {
+        self.check_bearer(what, Role::User, headers).map(|_| ())
+    }
+
     fn check_bearer(
         &self,
         path: &str,

@@ -51,6 +51,9 @@ pub struct CoordinatorConfig {
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// TLS for dialing peers (see [`RaftConfig::peer_tls`]).
     pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// TLS of the HTTP listener (`None` = plain HTTP). ALPN `http/1.1`; no
+    /// client certificates: the JSON API checks bearer tokens instead.
+    pub http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Credentials checked on every call (default: none, development).
     pub auth: AuthConfig,
 }
@@ -68,6 +71,7 @@ impl CoordinatorConfig {
             raft_compact_after: None,
             tls: None,
             peer_tls: None,
+            http_tls: None,
             auth: AuthConfig::default(),
         }
     }
@@ -174,6 +178,31 @@ fn tls_incoming(
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
     shutdown: CancellationToken,
 ) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    let (tx, rx) = mpsc::channel(64);
+    let mut handshaken = accept_tls(listener, tls, shutdown);
+    tokio::spawn(async move {
+        while let Some((stream, _)) = handshaken.recv().await {
+            if tx.send(Ok(stream)).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Connections whose TLS handshake succeeded, with the peer address.
+pub(crate) type Handshaken = mpsc::Receiver<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    std::net::SocketAddr,
+)>;
+
+/// Accepts connections and completes their handshakes concurrently (shared
+/// by the gRPC and the HTTP listener).
+pub(crate) fn accept_tls(
+    listener: TcpListener,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> Handshaken {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
@@ -195,7 +224,7 @@ fn tls_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send((stream, peer)).await;
                     }
                     Ok(Err(error)) => {
                         tracing::warn!(%peer, %error, "refused: TLS handshake failed");
@@ -205,7 +234,7 @@ fn tls_incoming(
             });
         }
     });
-    ReceiverStream::new(rx)
+    rx
 }
 
 /// Opens storage, starts the core and the Raft node, and serves gRPC (the
@@ -298,10 +327,15 @@ pub async fn start(
         metrics,
         shutdown.clone(),
     ));
+    let http_auth = Arc::new(config.auth.clone());
     let http = http_listener.map(|listener| {
         tokio::spawn(crate::http::serve(
             listener,
-            handle.clone(),
+            config.http_tls.clone(),
+            crate::http::HttpState {
+                core: handle.clone(),
+                auth: http_auth,
+            },
             shutdown.clone(),
         ))
     });

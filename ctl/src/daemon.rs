@@ -80,6 +80,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         raft_compact_after: options.raft_compact_after,
         tls: options.security.tls.clone(),
         peer_tls: options.security.peer_tls.clone(),
+        http_tls: options.security.http_tls.clone(),
         auth: options.security.auth.clone(),
     }
 }

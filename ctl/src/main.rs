@@ -154,8 +154,8 @@ enum Command {
         grpc_addr: Option<SocketAddr>,
         /// HTTP listen address for /metrics, /v1, /healthz, /readyz and the
         /// status page (port 0 = any; `off` = no HTTP). Default 127.0.0.1:7080.
-        #[arg(long, value_parser = parse_http_addr)]
-        http_addr: Option<HttpAddr>,
+        #[arg(long)]
+        http_addr: Option<String>,
         /// Storage directory (default ./gantry-data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -223,8 +223,8 @@ enum Command {
         grpc_addr: SocketAddr,
         /// HTTP listen address for /metrics, /v1, /healthz, /readyz and the
         /// status page (port 0 = any; `off` = no HTTP). Default 127.0.0.1:7080.
-        #[arg(long, value_parser = parse_http_addr)]
-        http_addr: Option<HttpAddr>,
+        #[arg(long)]
+        http_addr: Option<String>,
         /// Storage directory.
         #[arg(long, default_value = "./gantry-data")]
         data_dir: PathBuf,
@@ -628,7 +628,10 @@ async fn main() -> ExitCode {
                 Err(error) => return fail(CliError::invalid(error)),
             };
             let http_addr = match (http_addr, file.http_addr) {
-                (Some(HttpAddr(addr)), _) => addr,
+                (Some(text), _) => match parse_http_addr(&text) {
+                    Ok(HttpAddr(addr)) => addr,
+                    Err(e) => return fail(CliError::invalid(format!("--http-addr: {e}"))),
+                },
                 (None, Some(text)) => match parse_http_addr(&text) {
                     Ok(HttpAddr(addr)) => addr,
                     Err(e) => return fail(CliError::invalid(format!("--config: http_addr: {e}"))),
@@ -691,10 +694,15 @@ async fn main() -> ExitCode {
             data_dir,
             fake_gpus,
         } => {
+            let http_addr = match http_addr.as_deref().map(parse_http_addr) {
+                None => Some(DEFAULT_HTTP_ADDR),
+                Some(Ok(HttpAddr(addr))) => addr,
+                Some(Err(e)) => return fail(CliError::invalid(format!("--http-addr: {e}"))),
+            };
             init_logging(cli.log_format);
             let options = daemon::CoordinatorOptions {
                 grpc_addr,
-                http_addr: http_addr.map_or(Some(DEFAULT_HTTP_ADDR), |HttpAddr(addr)| addr),
+                http_addr,
                 data_dir,
                 gpu_headroom: 0,
                 id: 1,
@@ -793,6 +801,7 @@ fn coordinator_security(
     Ok(security::CoordinatorSecurity {
         tls: tls.server,
         peer_tls: tls.peers,
+        http_tls: tls.http,
         auth,
     })
 }

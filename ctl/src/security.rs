@@ -189,6 +189,10 @@ pub struct ServerTls {
     pub client_roots: Vec<CertificateDer<'static>>,
     /// What the Raft transport dials peers with (`None` = plaintext).
     pub peers: Option<ClientTlsConfig>,
+    /// What the HTTP listener serves: the same identity, no client
+    /// certificates (browsers and Prometheus authenticate with tokens, if at
+    /// all), HTTP/1.1.
+    pub http: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServerTlsFiles {
@@ -210,6 +214,7 @@ impl ServerTlsFiles {
                 mtls: false,
                 client_roots: Vec::new(),
                 peers: None,
+                http: None,
             });
         };
         let keyed = read_keyed_cert("--tls-cert", cert, "--tls-key", key)?;
@@ -218,6 +223,13 @@ impl ServerTlsFiles {
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("tls: {e}"))?;
+        let mut http = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("tls: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(keyed.chain.clone(), keyed.key.clone_key())
+            .map_err(|e| format!("--tls-cert {}: {e}", cert.display()))?;
+        http.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut client_roots = Vec::new();
         let (builder, mtls) = match &self.client_ca {
             Some(path) => {
@@ -260,6 +272,7 @@ impl ServerTlsFiles {
             mtls,
             client_roots,
             peers,
+            http: Some(Arc::new(http)),
         })
     }
 }
@@ -271,6 +284,8 @@ pub struct CoordinatorSecurity {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// TLS for dialing peers.
     pub peer_tls: Option<ClientTlsConfig>,
+    /// TLS of the HTTP listener (HTTPS when the gRPC port has TLS).
+    pub http_tls: Option<Arc<rustls::ServerConfig>>,
     /// Credentials checked on every call.
     pub auth: gantry_coordinator::auth::AuthConfig,
 }

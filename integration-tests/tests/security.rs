@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gantry_integration_tests::{ReplicaSet, Sandbox, free_port, wait_until};
+use gantry_integration_tests::{ReplicaSet, Sandbox, find_tool, free_port, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -36,7 +36,12 @@ impl Certs {
 
 /// A TLS coordinator requiring client certificates, bearer tokens and the
 /// join token; returns its https URL.
-fn start_secure_coordinator(sandbox: &mut Sandbox, certs: &Certs) -> anyhow::Result<String> {
+/// Starts a coordinator with mTLS, tokens and a join token; returns its
+/// gRPC URL and its HTTPS base URL.
+fn start_secure_coordinator(
+    sandbox: &mut Sandbox,
+    certs: &Certs,
+) -> anyhow::Result<(String, String)> {
     let coordinator = sandbox.start_coordinator_with(
         "coordinator",
         &[
@@ -52,7 +57,10 @@ fn start_secure_coordinator(sandbox: &mut Sandbox, certs: &Certs) -> anyhow::Res
             &certs.path("join-token"),
         ],
     )?;
-    Ok(coordinator.url.replace("http://", "https://"))
+    Ok((
+        coordinator.url.replace("http://", "https://"),
+        coordinator.http.replace("http://", "https://"),
+    ))
 }
 
 /// Client environment: the CA and the client certificate of `certs`.
@@ -72,7 +80,7 @@ fn tls_tokens_and_join_token_end_to_end() -> anyhow::Result<()> {
     let certs = Certs {
         dir: sandbox.certs_init("certs", &[])?,
     };
-    let url = start_secure_coordinator(&mut sandbox, &certs)?;
+    let (url, https) = start_secure_coordinator(&mut sandbox, &certs)?;
     let mut agent_args = vec![
         "--tls-ca".to_string(),
         certs.path("ca.pem"),
@@ -150,6 +158,52 @@ fn tls_tokens_and_join_token_end_to_end() -> anyhow::Result<()> {
     assert_eq!(out.code, 0, "admin drain: {out:?}");
     let nodes = sandbox.gantry_json(&url, &["nodes"])?;
     assert_eq!(nodes[0]["draining"], true, "{nodes}");
+
+    // HTTP is HTTPS with the coordinator's certificate; the JSON API needs a
+    // token (either role), metrics and probes do not.
+    if let Some(curl) = find_tool("curl")? {
+        let get = |path: &str, token: Option<&str>| -> anyhow::Result<(u16, String)> {
+            let mut command = std::process::Command::new(&curl);
+            command
+                .args(["--silent", "--show-error", "--cacert"])
+                .arg(certs.path("ca.pem"))
+                .args(["--write-out", "\n%{http_code}"])
+                .arg(format!("{https}{path}"));
+            if let Some(token) = token {
+                command.args(["--header", &format!("Authorization: Bearer {token}")]);
+            }
+            let out = command.output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "curl {path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+            Ok((code.trim().parse()?, body.to_string()))
+        };
+        let (code, body) = get("/v1/jobs", None)?;
+        assert_eq!(code, 401, "{body}");
+        assert!(body.contains("bearer token required"), "{body}");
+        let (code, body) = get("/v1/jobs", Some("not-a-token-anybody-issued"))?;
+        assert_eq!(code, 401, "{body}");
+        assert!(body.contains("bearer token not recognised"), "{body}");
+        let (code, body) = get("/v1/jobs", Some(&certs.token("user")))?;
+        assert_eq!(code, 200, "{body}");
+        let jobs: serde_json::Value = serde_json::from_str(&body)?;
+        assert_eq!(jobs[0]["id"], id, "{body}");
+        let (code, body) = get("/metrics", None)?;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("gantry_raft_is_leader 1"), "{body}");
+        assert_eq!(get("/readyz", None)?.0, 200);
+        // Plain HTTP to the HTTPS port gets no answer.
+        let plain = gantry_integration_tests::http_get(
+            &https.replace("https://", "http://"),
+            "/metrics",
+            None,
+        );
+        assert!(plain.is_err() || plain.is_ok_and(|r| r.status != 200));
+    }
 
     // (e) Agents without the join token, with a wrong one, or without a
     // client certificate are refused, and the coordinator says so.
@@ -256,7 +310,7 @@ fn wrong_ca_and_expired_certificate_are_refused() -> anyhow::Result<()> {
     let other = Certs {
         dir: sandbox.certs_init("other-certs", &[])?,
     };
-    let url = start_secure_coordinator(&mut sandbox, &certs)?;
+    let (url, _) = start_secure_coordinator(&mut sandbox, &certs)?;
     use_client_certs(&mut sandbox, &certs);
     sandbox.set_client_env("GANTRY_TOKEN", &certs.token("user"));
     assert_eq!(

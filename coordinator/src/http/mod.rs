@@ -22,11 +22,18 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::middleware;
+
+use crate::auth::AuthConfig;
 use crate::core::Request;
 use crate::domain::JobState;
 use crate::error::{CoordinatorError, LEADER_METADATA};
 use crate::json::{job_json, node_json, status_json};
 use crate::metrics;
+use crate::server::{Handshaken, accept_tls};
 use crate::service::CoreHandle;
 
 /// The status page: one self-contained file, no build step.
@@ -38,31 +45,98 @@ const DEFAULT_JOB_LIMIT: usize = 1000;
 /// How long `/healthz` waits for the core thread to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The routes, over a handle to the core.
-pub fn router(core: CoreHandle) -> Router {
-    Router::new()
-        .route("/", get(status_page))
-        .route("/metrics", get(metrics_text))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+/// What the handlers share.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The core, as the gRPC services reach it.
+    pub core: CoreHandle,
+    /// Credentials: with client tokens configured, `/v1` needs one.
+    pub auth: Arc<AuthConfig>,
+}
+
+/// The routes. `/v1` is behind the bearer-token check when tokens are
+/// configured; `/metrics`, `/healthz`, `/readyz` and the page itself (static,
+/// it fetches `/v1` with the token the user gives it) stay open for probes
+/// and scrapers.
+pub fn router(state: HttpState) -> Router {
+    let api = Router::new()
         .route("/v1/status", get(cluster_status))
         .route("/v1/nodes", get(nodes))
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{id}", get(job))
         .route("/v1/dlq", get(dlq))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/", get(status_page))
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(api)
         .fallback(not_found)
-        .with_state(core)
+        .with_state(state)
 }
 
-/// Serves the routes on `listener` until `shutdown`.
+/// Serves the routes on `listener` (HTTPS with `tls`) until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    core: CoreHandle,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    state: HttpState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(core))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let app = router(state);
+    match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+        Some(tls) => {
+            let local = listener.local_addr()?;
+            let handshaken = accept_tls(listener, tls, shutdown.clone());
+            axum::serve(TlsListener { handshaken, local }, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+    }
+}
+
+/// Connections after their TLS handshake, for `axum::serve`.
+struct TlsListener {
+    handshaken: Handshaken,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.handshaken.recv().await {
+            Some(accepted) => accepted,
+            // The acceptor stops only at shutdown, when the server stops
+            // asking; wait for that rather than spin.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+async fn require_token(
+    State(state): State<HttpState>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let what = format!("reading {}", request.uri().path());
+    match state.auth.check_http_read(&what, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(error) => {
+            tracing::warn!(path = %request.uri().path(), %error, "http request refused");
+            ApiError(error).into_response()
+        }
+    }
 }
 
 /// A failed API call: a JSON body `{"error": ...}` and the matching status.
@@ -87,6 +161,12 @@ impl IntoResponse for ApiError {
             body["leader"] = json!(url);
         }
         let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"gantry\""),
+            );
+        }
         if let Some(value) = leader.and_then(|url| HeaderValue::from_str(&url).ok()) {
             response.headers_mut().insert(LEADER_METADATA, value);
         }
@@ -121,7 +201,10 @@ async fn status_page() -> impl IntoResponse {
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), the classic
 /// text format otherwise.
-async fn metrics_text(State(core): State<CoreHandle>, headers: HeaderMap) -> Response {
+async fn metrics_text(
+    State(HttpState { core, .. }): State<HttpState>,
+    headers: HeaderMap,
+) -> Response {
     let raft = core.raft_status();
     // On a follower (or mid-election) the core refuses: render Raft only.
     let view = if raft.is_leader {
@@ -149,7 +232,7 @@ async fn metrics_text(State(core): State<CoreHandle>, headers: HeaderMap) -> Res
     }
 }
 
-async fn healthz(State(core): State<CoreHandle>) -> Response {
+async fn healthz(State(HttpState { core, .. }): State<HttpState>) -> Response {
     let answered =
         tokio::time::timeout(HEALTH_TIMEOUT, core.call(|reply| Request::Status { reply })).await;
     match answered {
@@ -165,7 +248,7 @@ async fn healthz(State(core): State<CoreHandle>) -> Response {
 
 /// Ready once this replica knows a leader and has applied everything it
 /// knows committed: only then do its reads reflect the cluster.
-async fn readyz(State(core): State<CoreHandle>) -> Response {
+async fn readyz(State(HttpState { core, .. }): State<HttpState>) -> Response {
     let raft = core.raft_status();
     let reason = if !raft.running {
         Some("replication has stopped".to_string())
@@ -197,7 +280,7 @@ async fn readyz(State(core): State<CoreHandle>) -> Response {
 }
 
 async fn cluster_status(
-    State(core): State<CoreHandle>,
+    State(HttpState { core, .. }): State<HttpState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Value>, ApiError> {
     only_params(&query, &[])?;
@@ -206,7 +289,7 @@ async fn cluster_status(
 }
 
 async fn nodes(
-    State(core): State<CoreHandle>,
+    State(HttpState { core, .. }): State<HttpState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Value>, ApiError> {
     only_params(&query, &[])?;
@@ -216,7 +299,7 @@ async fn nodes(
 }
 
 async fn jobs(
-    State(core): State<CoreHandle>,
+    State(HttpState { core, .. }): State<HttpState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Value>, ApiError> {
     only_params(&query, &["state", "limit"])?;
@@ -263,7 +346,7 @@ async fn jobs(
 }
 
 async fn job(
-    State(core): State<CoreHandle>,
+    State(HttpState { core, .. }): State<HttpState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let id: u64 = id
@@ -275,7 +358,7 @@ async fn job(
 }
 
 async fn dlq(
-    State(core): State<CoreHandle>,
+    State(HttpState { core, .. }): State<HttpState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Value>, ApiError> {
     only_params(&query, &[])?;
