@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gantry_integration_tests::{ReplicaSet, Sandbox, find_tool, free_port, wait_until};
+use gantry_integration_tests::{CliOutput, ReplicaSet, Sandbox, find_tool, free_port, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -70,6 +70,12 @@ fn use_client_certs(sandbox: &mut Sandbox, certs: &Certs) {
     sandbox.set_client_env("GANTRY_TLS_KEY", &certs.path("client-key.pem"));
 }
 
+/// The command exited with `code` and said `text` on stderr.
+fn expect_exit(out: &CliOutput, code: i32, text: &str, case: &str) {
+    assert_eq!(out.code, code, "{case}: {out:?}");
+    assert!(out.stderr.contains(text), "{case}: {}", out.stderr);
+}
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -107,20 +113,10 @@ fn tls_tokens_and_join_token_end_to_end() -> anyhow::Result<()> {
 
     // (c) No bearer token: refused before anything happens.
     let out = sandbox.gantry(&url, &["submit", "--", "true"]);
-    assert_eq!(out.code, 4, "missing token: {out:?}");
-    assert!(
-        out.stderr.contains("bearer token required"),
-        "{}",
-        out.stderr
-    );
+    expect_exit(&out, 4, "bearer token required", "missing token");
     sandbox.set_client_env("GANTRY_TOKEN", "not-a-token-anybody-issued");
     let out = sandbox.gantry(&url, &["jobs"]);
-    assert_eq!(out.code, 4, "unknown token: {out:?}");
-    assert!(
-        out.stderr.contains("bearer token not recognised"),
-        "{}",
-        out.stderr
-    );
+    expect_exit(&out, 4, "bearer token not recognised", "unknown token");
 
     // (a) The user token submits; the job runs on the mTLS agent.
     sandbox.set_client_env("GANTRY_TOKEN", &certs.token("user"));
@@ -137,21 +133,16 @@ fn tls_tokens_and_join_token_end_to_end() -> anyhow::Result<()> {
 
     // (d) A user token cannot drain; the node stays as it was.
     let out = sandbox.gantry(&url, &["drain", "node-a"]);
-    assert_eq!(out.code, 4, "user drain: {out:?}");
-    assert!(
-        out.stderr
-            .contains("drain needs the admin role; token 'user' has role user"),
-        "{}",
-        out.stderr
+    expect_exit(
+        &out,
+        4,
+        "drain needs the admin role; token 'user' has role user",
+        "user drain",
     );
     let nodes = sandbox.gantry_json(&url, &["nodes"])?;
     assert_eq!(nodes[0]["draining"], false, "{nodes}");
     let out = sandbox.gantry(&url, &["dlq", "drop", &id.to_string()]);
-    assert_eq!(out.code, 4, "user dlq drop: {out:?}");
-    assert!(
-        out.stderr.contains("dlq drop needs the admin role"),
-        "{out:?}"
-    );
+    expect_exit(&out, 4, "dlq drop needs the admin role", "user dlq drop");
     // The admin token can.
     sandbox.set_client_env("GANTRY_TOKEN", &certs.token("admin"));
     let out = sandbox.gantry(&url, &["drain", "node-a"]);
@@ -322,12 +313,7 @@ fn wrong_ca_and_expired_certificate_are_refused() -> anyhow::Result<()> {
     // (b) The client trusts another CA: the coordinator's certificate is refused.
     sandbox.set_client_env("GANTRY_TLS_CA", &other.path("ca.pem"));
     let out = sandbox.gantry(&url, &["jobs"]);
-    assert_eq!(out.code, 3, "wrong CA: {out:?}");
-    assert!(
-        out.stderr.contains("invalid peer certificate"),
-        "{}",
-        out.stderr
-    );
+    expect_exit(&out, 3, "invalid peer certificate", "wrong CA");
 
     // (f) An expired client certificate signed by the right CA.
     sandbox.set_client_env("GANTRY_TLS_CA", &certs.path("ca.pem"));
@@ -484,8 +470,7 @@ fn bad_security_input_exits_2_and_starts_nothing() -> anyhow::Result<()> {
     for (what, args, expected) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = sandbox.gantry_bounded(&args, Duration::from_secs(20));
-        assert_eq!(out.code, 2, "{what}: {out:?}");
-        assert!(out.stderr.contains(expected), "{what}: {}", out.stderr);
+        expect_exit(&out, 2, expected, what);
         assert!(
             !out.stdout.contains("listening"),
             "{what}: started: {out:?}"
@@ -495,8 +480,7 @@ fn bad_security_input_exits_2_and_starts_nothing() -> anyhow::Result<()> {
     // certs init refuses to overwrite.
     let dir = certs.dir.display().to_string();
     let out = sandbox.gantry_bounded(&["certs", "init", "--dir", &dir], Duration::from_secs(20));
-    assert_eq!(out.code, 2, "{out:?}");
-    assert!(out.stderr.contains("already exists"), "{}", out.stderr);
+    expect_exit(&out, 2, "already exists", "certs init over existing files");
     Ok(())
 }
 
