@@ -212,23 +212,31 @@ async fn metrics_text(
     } else {
         None
     };
-    let text = metrics::render(core.metrics(), &raft, view.as_ref());
     let wants_openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
-    if wants_openmetrics {
-        (
-            [(header::CONTENT_TYPE, metrics::OPENMETRICS_CONTENT_TYPE)],
-            text,
-        )
-            .into_response()
-    } else {
-        (
-            [(header::CONTENT_TYPE, metrics::PROMETHEUS_TEXT_CONTENT_TYPE)],
-            metrics::to_prometheus_text(&text),
-        )
-            .into_response()
+    // Rendering is CPU work that grows with the fleet (about 0.7 s for
+    // 10,000 nodes x 8 GPUs, see bench/benches/metrics.rs): keep it off the
+    // async workers that serve gRPC.
+    let rendered = tokio::task::spawn_blocking(move || {
+        let text = metrics::render(core.metrics(), &raft, view.as_ref());
+        if wants_openmetrics {
+            (metrics::OPENMETRICS_CONTENT_TYPE, text)
+        } else {
+            (
+                metrics::PROMETHEUS_TEXT_CONTENT_TYPE,
+                metrics::to_prometheus_text(&text),
+            )
+        }
+    })
+    .await;
+    match rendered {
+        Ok((content_type, text)) => ([(header::CONTENT_TYPE, content_type)], text).into_response(),
+        Err(error) => ApiError(CoordinatorError::Unavailable(format!(
+            "metrics rendering failed: {error}"
+        )))
+        .into_response(),
     }
 }
 
