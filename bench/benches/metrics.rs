@@ -62,15 +62,15 @@ fn scrape(c: &mut Criterion) {
     let mut group = c.benchmark_group("metrics_scrape");
     group.sample_size(10);
     for nodes in [1_000, 10_000] {
-        let view = fleet(nodes);
-        let text = to_prometheus_text(&render(&metrics, &raft, Some(&view)));
+        let view = std::sync::Arc::new(fleet(nodes));
+        let text = to_prometheus_text(&render(&metrics, &raft, Some(view.clone())));
         eprintln!(
             "{nodes} nodes x 8 GPUs: exposition {} lines, {:.1} MiB",
             text.lines().count(),
             text.len() as f64 / (1 << 20) as f64
         );
         group.bench_with_input(BenchmarkId::new("render", nodes), &view, |b, view| {
-            b.iter(|| to_prometheus_text(&render(&metrics, &raft, Some(view))));
+            b.iter(|| to_prometheus_text(&render(&metrics, &raft, Some(view.clone()))));
         });
     }
     group.finish();

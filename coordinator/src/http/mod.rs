@@ -208,7 +208,10 @@ async fn metrics_text(
     let raft = core.raft_status();
     // On a follower (or mid-election) the core refuses: render Raft only.
     let view = if raft.is_leader {
-        core.call(|reply| Request::ClusterView { reply }).await.ok()
+        core.call(|reply| Request::ClusterView { reply })
+            .await
+            .ok()
+            .map(Arc::new)
     } else {
         None
     };
@@ -216,11 +219,11 @@ async fn metrics_text(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
-    // Rendering is CPU work that grows with the fleet (about 0.7 s for
+    // Rendering is CPU work that grows with the fleet (about 80 ms for
     // 10,000 nodes x 8 GPUs, see bench/benches/metrics.rs): keep it off the
     // async workers that serve gRPC.
     let rendered = tokio::task::spawn_blocking(move || {
-        let text = metrics::render(core.metrics(), &raft, view.as_ref());
+        let text = metrics::render(core.metrics(), &raft, view);
         if wants_openmetrics {
             (metrics::OPENMETRICS_CONTENT_TYPE, text)
         } else {
