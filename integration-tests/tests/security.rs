@@ -22,6 +22,25 @@ impl Certs {
         self.dir.join(name).display().to_string()
     }
 
+    /// A coordinator's TLS and credential flags: its certificate, mutual TLS
+    /// against the CA, the client tokens, and `extra`.
+    fn coordinator_args(&self, extra: &[(&str, &str)]) -> Vec<String> {
+        let mut args = Vec::new();
+        for (flag, file) in [
+            ("--tls-cert", "coordinator.pem"),
+            ("--tls-key", "coordinator-key.pem"),
+            ("--tls-client-ca", "ca.pem"),
+            ("--tokens", "tokens.yaml"),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            args.push(flag.to_string());
+            args.push(self.path(file));
+        }
+        args
+    }
+
     /// The token of role `role` from tokens.yaml.
     fn token(&self, role: &str) -> String {
         let text = std::fs::read_to_string(self.dir.join("tokens.yaml")).expect("tokens.yaml");
@@ -34,29 +53,15 @@ impl Certs {
     }
 }
 
-/// A TLS coordinator requiring client certificates, bearer tokens and the
-/// join token; returns its https URL.
 /// Starts a coordinator with mTLS, tokens and a join token; returns its
 /// gRPC URL and its HTTPS base URL.
 fn start_secure_coordinator(
     sandbox: &mut Sandbox,
     certs: &Certs,
 ) -> anyhow::Result<(String, String)> {
-    let coordinator = sandbox.start_coordinator_with(
-        "coordinator",
-        &[
-            "--tls-cert",
-            &certs.path("coordinator.pem"),
-            "--tls-key",
-            &certs.path("coordinator-key.pem"),
-            "--tls-client-ca",
-            &certs.path("ca.pem"),
-            "--tokens",
-            &certs.path("tokens.yaml"),
-            "--join-token-file",
-            &certs.path("join-token"),
-        ],
-    )?;
+    let args = certs.coordinator_args(&[("--join-token-file", "join-token")]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let coordinator = sandbox.start_coordinator_with("coordinator", &args)?;
     Ok((
         coordinator.url.replace("http://", "https://"),
         coordinator.http.replace("http://", "https://"),
@@ -510,21 +515,7 @@ fn replicas_replicate_over_mutual_tls() -> anyhow::Result<()> {
         dirs: (1..=3)
             .map(|i| sandbox.path().join(format!("replica-{i}")))
             .collect(),
-        extra_args: [
-            "--tls-cert",
-            &certs.path("coordinator.pem"),
-            "--tls-key",
-            &certs.path("coordinator-key.pem"),
-            "--tls-client-ca",
-            &certs.path("ca.pem"),
-            "--tls-ca",
-            &certs.path("ca.pem"),
-            "--tokens",
-            &certs.path("tokens.yaml"),
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect(),
+        extra_args: certs.coordinator_args(&[("--tls-ca", "ca.pem")]),
     };
     for id in 1..=3 {
         sandbox.start_replica(&mut set, id)?;
