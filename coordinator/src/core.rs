@@ -170,8 +170,14 @@ pub enum Request {
 pub struct CoreConfig {
     /// Identity shown in status.
     pub id: String,
-    /// Heartbeat interval told to agents.
+    /// Heartbeat interval told to agents of a small fleet: the shortest
+    /// ever asked for. It stretches past this with fleet size
+    /// ([`crate::health::heartbeat_interval_ms`]).
     pub heartbeat_interval: Duration,
+    /// Heartbeats per second the leader is asked to ingest at most: past
+    /// `max_heartbeat_rate` nodes the interval stretches to
+    /// `nodes / max_heartbeat_rate` seconds.
+    pub max_heartbeat_rate: u32,
     /// Health thresholds.
     pub health: HealthConfig,
     /// Memory kept free on each GPU.
@@ -210,6 +216,7 @@ impl Default for CoreConfig {
         CoreConfig {
             id: "1".into(),
             heartbeat_interval: Duration::from_secs(1),
+            max_heartbeat_rate: DEFAULT_MAX_HEARTBEAT_RATE,
             health: HealthConfig::default(),
             gpu_headroom: 0,
             pass_interval: Duration::from_secs(2),
@@ -234,6 +241,13 @@ struct Session {
     ping: Option<(u64, std::time::Instant)>,
     last_ping: std::time::Instant,
 }
+
+/// Default of [`CoreConfig::max_heartbeat_rate`]: the design's 10,000 nodes
+/// at 1 Hz.
+pub const DEFAULT_MAX_HEARTBEAT_RATE: u32 = 10_000;
+
+/// How often the heartbeat interval is recomputed from the fleet size.
+const INTERVAL_CHECK: Duration = Duration::from_millis(200);
 
 /// How often each connected agent's round-trip time is probed.
 const PING_INTERVAL: Duration = Duration::from_secs(5);
@@ -285,6 +299,12 @@ pub struct Core {
     stop: bool,
     /// Event metrics this thread observes (pass latency, queue wait).
     metrics: Arc<Metrics>,
+    /// The heartbeat interval agents are told now (stretched with the
+    /// fleet), in milliseconds.
+    heartbeat_interval_ms: u64,
+    /// When the interval was last recomputed (it counts every node, so not
+    /// on every tick).
+    interval_checked: Option<std::time::Instant>,
 }
 
 struct PendingRegistration {
@@ -337,6 +357,8 @@ impl Core {
             fatal: None,
             stop: false,
             metrics,
+            heartbeat_interval_ms: 0,
+            interval_checked: None,
         })
     }
 
@@ -962,7 +984,7 @@ impl Core {
         }
         self.dirty = true;
         let registered = pb::Registered {
-            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
+            heartbeat_interval_ms: self.heartbeat_interval_ms() as u32,
             stop,
         };
         let _ = sender.send(Ok(pb::CoordinatorMessage {
@@ -1214,6 +1236,7 @@ impl Core {
             });
         }
         self.log_waiters.retain(|_, w| !w.reply.is_closed());
+        self.update_heartbeat_interval(now);
         self.send_pings();
         let due: Vec<JobId> = self
             .state
@@ -1257,6 +1280,55 @@ impl Core {
             tracing::info!(node = %node, "drain deadline passed; preempting its attempts");
             self.preempting.insert(node.clone(), now);
             self.propose(Command::PreemptDrained { at_ms: now, node });
+        }
+    }
+
+    /// The interval agents are told now (the base until first computed).
+    fn heartbeat_interval_ms(&self) -> u64 {
+        let base = self.config.heartbeat_interval.as_millis() as u64;
+        self.heartbeat_interval_ms.max(base)
+    }
+
+    /// Recomputes the heartbeat interval from the number of live nodes (at
+    /// most every [`INTERVAL_CHECK`]); when it changed, tells every
+    /// connected agent and rescales the health thresholds.
+    fn update_heartbeat_interval(&mut self, now: u64) {
+        let instant = std::time::Instant::now();
+        if self
+            .interval_checked
+            .is_some_and(|at| instant.duration_since(at) < INTERVAL_CHECK)
+        {
+            return;
+        }
+        self.interval_checked = Some(instant);
+        let nodes = self.state.nodes().filter(|n| !n.down).count() as u64;
+        let interval = crate::health::heartbeat_interval_ms(
+            nodes,
+            u64::from(self.config.max_heartbeat_rate),
+            self.config.heartbeat_interval.as_millis() as u64,
+        );
+        if interval == self.heartbeat_interval_ms {
+            return;
+        }
+        let first = self.heartbeat_interval_ms == 0;
+        self.heartbeat_interval_ms = interval;
+        self.health.set_interval(interval, now);
+        if first && interval == self.config.heartbeat_interval.as_millis() as u64 {
+            return; // agents were told this at registration
+        }
+        tracing::info!(
+            nodes,
+            interval_ms = interval,
+            max_rate = self.config.max_heartbeat_rate,
+            "heartbeat interval changed"
+        );
+        let message = pb::coordinator_message::Msg::HeartbeatInterval(pb::HeartbeatInterval {
+            interval_ms: interval.min(u64::from(u32::MAX)) as u32,
+        });
+        for session in self.sessions.values() {
+            let _ = session.sender.send(Ok(pb::CoordinatorMessage {
+                msg: Some(message.clone()),
+            }));
         }
     }
 
