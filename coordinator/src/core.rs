@@ -246,6 +246,9 @@ struct Session {
 /// at 1 Hz.
 pub const DEFAULT_MAX_HEARTBEAT_RATE: u32 = 10_000;
 
+/// How often the tick's sweeps over every node and session run.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+
 /// How often the heartbeat interval is recomputed from the fleet size.
 const INTERVAL_CHECK: Duration = Duration::from_millis(200);
 
@@ -305,6 +308,8 @@ pub struct Core {
     /// When the interval was last recomputed (it counts every node, so not
     /// on every tick).
     interval_checked: Option<std::time::Instant>,
+    /// When the tick last swept nodes and sessions ([`Core::housekeeping`]).
+    housekept: Option<std::time::Instant>,
 }
 
 struct PendingRegistration {
@@ -359,6 +364,7 @@ impl Core {
             metrics,
             heartbeat_interval_ms: 0,
             interval_checked: None,
+            housekept: None,
         })
     }
 
@@ -560,6 +566,9 @@ impl Core {
                 "leading: rebuilding soft state from heartbeats"
             );
             self.health = HealthTracker::new(self.config.health);
+            // Recomputed (and the new tracker scaled) at the next tick.
+            self.heartbeat_interval_ms = 0;
+            self.interval_checked = None;
             self.dirty = true;
         } else {
             tracing::info!(term = status.term, leader = ?status.leader_url, "no longer leading: dropping agent streams");
@@ -1208,6 +1217,34 @@ impl Core {
         if !self.leader {
             return;
         }
+        // The loop ticks after every batch of requests, which at 10,000
+        // heartbeats/s is thousands of times a second; the sweeps over every
+        // node and session below run at most every HOUSEKEEPING_INTERVAL.
+        let instant = std::time::Instant::now();
+        if self
+            .housekept
+            .is_none_or(|at| instant.duration_since(at) >= HOUSEKEEPING_INTERVAL)
+        {
+            self.housekept = Some(instant);
+            self.housekeeping(now);
+        }
+        if self
+            .plan_in_flight
+            .is_some_and(|since| now.saturating_sub(since) > PLAN_TIMEOUT_MS)
+        {
+            self.plan_in_flight = None;
+        }
+        let timer_due =
+            now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
+        if (self.dirty || timer_due) && self.plan_in_flight.is_none() {
+            self.schedule(now);
+        }
+    }
+
+    /// The periodic sweeps of the tick: silence (Suspect/Down), drain
+    /// deadlines, unconfirmed attempts, pings, back-off requeues, the
+    /// heartbeat interval.
+    fn housekeeping(&mut self, now: u64) {
         for node in self.health.tick(now) {
             if self.state.node(&node).is_some_and(|n| !n.down) {
                 tracing::warn!(node = %node, "node is down; its jobs are lost and will be retried");
@@ -1247,17 +1284,6 @@ impl Core {
         for job in due {
             self.propose(Command::Requeue { at_ms: now, job });
         }
-        if self
-            .plan_in_flight
-            .is_some_and(|since| now.saturating_sub(since) > PLAN_TIMEOUT_MS)
-        {
-            self.plan_in_flight = None;
-        }
-        let timer_due =
-            now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
-        if (self.dirty || timer_due) && self.plan_in_flight.is_none() {
-            self.schedule(now);
-        }
     }
 
     /// Finds draining nodes past their deadline that still run attempts
@@ -1270,7 +1296,7 @@ impl Core {
         let due: Vec<String> = self
             .state
             .nodes()
-            .filter(|n| self.state.drain_due(&n.name, now))
+            .filter(|n| n.draining && self.state.drain_due(&n.name, now))
             .filter(|n| !n.down && self.sessions.contains_key(&n.name))
             .filter(|n| !self.preempting.contains_key(&n.name))
             .filter(|n| !self.state.preemptible_on(&n.name).is_empty())
