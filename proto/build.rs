@@ -5,11 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Small per-stream buffers: see `codec.rs`.
         .codec_path("crate::codec::LeanCodec")
-        .compile_with_config(
-        config,
-        &["gantry.proto", "raft.proto"],
-        &["."],
-    )?;
+        .compile_with_config(config, &["gantry.proto", "raft.proto"], &["."])?;
     println!("cargo:rerun-if-changed=gantry.proto");
     println!("cargo:rerun-if-changed=raft.proto");
     println!("cargo:rerun-if-changed=src/codec.rs");
