@@ -650,9 +650,7 @@ impl Core {
                 let _ = reply.send(self.raft_apply(index, &data));
             }
             Request::RaftSnapshot { reply } => {
-                let bytes = self.store.snapshot(&self.state).and_then(|snapshot| {
-                    serde_json::to_vec(&snapshot).map_err(crate::store::StoreError::Encode)
-                });
+                let bytes = self.store.snapshot_bytes(&self.state);
                 match bytes {
                     Ok(bytes) => {
                         let _ = reply.send(bytes);
