@@ -327,7 +327,8 @@ impl Link {
             }
         }
 
-        let mut ticker = heartbeat_ticker(interval);
+        let mut ticker = heartbeat_ticker(interval, None);
+        let mut last_beat: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
@@ -336,9 +337,18 @@ impl Link {
                 }
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
-                        if let Some(new) = self.handle(message, &tx) {
+                        if let Some(new) = self.handle(message, &tx)
+                            && new != interval
+                        {
+                            tracing::info!(
+                                from_ms = interval.as_millis() as u64,
+                                to_ms = new.as_millis() as u64,
+                                "coordinator changed the heartbeat interval"
+                            );
                             interval = new;
-                            ticker = heartbeat_ticker(interval);
+                            // Counted from the last beat: a fleet told at
+                            // once must not beat at once.
+                            ticker = heartbeat_ticker(interval, last_beat);
                         }
                     }
                     Ok(None) => return SessionEnd::lost(true, "coordinator closed the stream"),
@@ -351,6 +361,7 @@ impl Link {
                     }
                 }
                 _ = ticker.tick() => {
+                    last_beat = Some(tokio::time::Instant::now());
                     let heartbeat = self.heartbeat().await;
                     match tx.try_send(agent_message(Up::Heartbeat(heartbeat))) {
                         Ok(()) => {}
@@ -377,6 +388,8 @@ impl Link {
         match message.msg? {
             Down::Registered(registered) => (registered.heartbeat_interval_ms > 0)
                 .then(|| Duration::from_millis(u64::from(registered.heartbeat_interval_ms))),
+            Down::HeartbeatInterval(change) => (change.interval_ms > 0)
+                .then(|| Duration::from_millis(u64::from(change.interval_ms))),
             Down::Assign(assignment) => {
                 let launch = Launch::from(assignment);
                 let (job_id, attempt) = (launch.job_id, launch.attempt);
@@ -595,10 +608,20 @@ impl Link {
     }
 }
 
-fn heartbeat_ticker(interval: Duration) -> tokio::time::Interval {
-    // The first tick fires at once: a fresh coordinator gets telemetry
-    // immediately and can place work on this node without waiting a period.
-    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
+/// A heartbeat ticker of period `interval`. Without a previous beat the
+/// first tick fires at once: a fresh coordinator gets telemetry immediately
+/// and can place work on this node without waiting a period. After a beat
+/// (the interval changed mid-session) the next one is a new period after it.
+fn heartbeat_ticker(
+    interval: Duration,
+    last_beat: Option<tokio::time::Instant>,
+) -> tokio::time::Interval {
+    let period = interval.max(Duration::from_millis(10));
+    let start = match last_beat {
+        Some(at) => at + period,
+        None => tokio::time::Instant::now(),
+    };
+    let mut ticker = tokio::time::interval_at(start, period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticker
 }

@@ -30,7 +30,7 @@ use crate::procs::{ProcGroup, free_ports};
 use crate::rng::Rng;
 use crate::stats::Latencies;
 
-const GIB: i64 = 1 << 30;
+pub(crate) const GIB: i64 = 1 << 30;
 const LEADER_METADATA: &str = "gantry-leader";
 /// How long the simulated agents keep sent job events to re-send after a
 /// reconnect (the real agent's outbox; the coordinator deduplicates).
@@ -280,11 +280,11 @@ impl E2eReport {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -363,17 +363,17 @@ fn start_replicas(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<R
     })
 }
 
-fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+pub(crate) fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
     Ok(Endpoint::from_shared(url.to_string())?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true))
 }
 
-fn gantry_client(channel: Channel) -> GantryClient<Channel> {
+pub(crate) fn gantry_client(channel: Channel) -> GantryClient<Channel> {
     GantryClient::new(channel).max_decoding_message_size(1 << 30)
 }
 
-async fn status(url: &str) -> Option<pb::ClusterStatus> {
+pub(crate) async fn status(url: &str) -> Option<pb::ClusterStatus> {
     let channel = endpoint(url).ok()?.connect().await.ok()?;
     let mut client = gantry_client(channel);
     let call = client.status(pb::StatusRequest {});
@@ -410,7 +410,7 @@ fn leader_hint(status: &tonic::Status) -> Option<String> {
         .map(str::to_string)
 }
 
-fn job_spec() -> pb::JobSpec {
+pub(crate) fn job_spec() -> pb::JobSpec {
     pb::JobSpec {
         name: "bench".into(),
         kind: "generic".into(),
@@ -468,11 +468,11 @@ impl Fleet {
     }
 }
 
-fn up(msg: pb::agent_message::Msg) -> pb::AgentMessage {
+pub(crate) fn up(msg: pb::agent_message::Msg) -> pb::AgentMessage {
     pb::AgentMessage { msg: Some(msg) }
 }
 
-fn register_message(name: &str) -> pb::AgentMessage {
+pub(crate) fn register_message(name: &str) -> pb::AgentMessage {
     up(pb::agent_message::Msg::Register(pb::Register {
         node: name.to_string(),
         address: String::new(),
@@ -514,7 +514,11 @@ fn heartbeat_message(seq: u64) -> pb::AgentMessage {
     }))
 }
 
-fn job_event(job_id: u64, attempt: u32, event: pb::job_event::Event) -> pb::AgentMessage {
+pub(crate) fn job_event(
+    job_id: u64,
+    attempt: u32,
+    event: pb::job_event::Event,
+) -> pb::AgentMessage {
     up(pb::agent_message::Msg::JobEvent(pb::JobEvent {
         job_id,
         attempt,
@@ -699,8 +703,10 @@ async fn session(
                 }))]
             }
             // Jobs end at once: nothing left to cancel.
+            // 1 Hz is kept: a fleet this small is never stretched.
             pb::coordinator_message::Msg::Cancel(_)
-            | pb::coordinator_message::Msg::Registered(_) => Vec::new(),
+            | pb::coordinator_message::Msg::Registered(_)
+            | pb::coordinator_message::Msg::HeartbeatInterval(_) => Vec::new(),
         };
         for message in reply {
             if tx.send(message).await.is_err() {

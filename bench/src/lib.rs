@@ -8,10 +8,13 @@
 //!   and a leader kill (`gantry-bench e2e`).
 //! - [`etcd`]: a three-member etcd's sequential put latency, as a yardstick
 //!   (`gantry-bench etcd`).
+//! - [`heartbeats`]: one coordinator process and 10,000 simulated agents
+//!   heartbeating on shared connections (`gantry-bench heartbeats`).
 //! - [`procs`], [`stats`]: child processes and latency quantiles.
 
 pub mod e2e;
 pub mod etcd;
+pub mod heartbeats;
 pub mod procs;
 pub mod rng;
 pub mod sched;

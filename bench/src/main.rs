@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use gantry_bench::e2e::E2eConfig;
 use gantry_bench::etcd::EtcdConfig;
+use gantry_bench::heartbeats::HeartbeatsConfig;
 use gantry_bench::sched::{SchedConfig, run};
 
 #[derive(Debug, Parser)]
@@ -26,8 +27,9 @@ enum Scenario {
     E2e(E2eArgs),
     /// Yardstick: a three-member etcd's put latency and throughput.
     Etcd(EtcdArgs),
-    /// 10,000 simulated agents heartbeating (not built yet).
-    Heartbeats,
+    /// Heartbeat ingest: one coordinator process, a simulated fleet
+    /// heartbeating on shared HTTP/2 connections; CPU, RSS, registration.
+    Heartbeats(HeartbeatsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +86,57 @@ struct E2eArgs {
     /// Print one JSON record instead of the human summary.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+struct HeartbeatsArgs {
+    /// The `gantry` binary (default: the one next to this executable).
+    #[arg(long)]
+    gantry: Option<PathBuf>,
+    /// Simulated agents (8 GPUs each).
+    #[arg(long, default_value_t = 10_000)]
+    agents: usize,
+    /// Length of the measured steady window, e.g. 30s, 2m or 30.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Jobs submitted and kept running before the window (the RSS target
+    /// is set at 100,000).
+    #[arg(long, default_value_t = 0)]
+    jobs: u64,
+    /// Agent streams sharing one HTTP/2 connection.
+    #[arg(long, default_value_t = 250)]
+    agents_per_connection: usize,
+    /// The coordinator's --max-heartbeat-rate (default: its own, 10000).
+    #[arg(long)]
+    max_heartbeat_rate: Option<u32>,
+    /// RUST_LOG for the coordinator.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+    /// Print one JSON record instead of the human summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `30s`, `2m`, `500ms` or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (text, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?}: expected e.g. 30s, 2m, 500ms"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("{text:?}: must be a non-negative duration"));
+    }
+    Ok(Duration::from_secs_f64(value * scale))
 }
 
 #[derive(Debug, Args)]
@@ -191,9 +244,30 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Scenario::Heartbeats => {
-            eprintln!("gantry-bench: scenario not built yet");
-            ExitCode::FAILURE
+        Scenario::Heartbeats(args) => {
+            let config = HeartbeatsConfig {
+                gantry: args.gantry.unwrap_or_else(default_gantry),
+                agents: args.agents.max(1),
+                duration: args.duration,
+                jobs: args.jobs,
+                agents_per_connection: args.agents_per_connection.max(1),
+                max_heartbeat_rate: args.max_heartbeat_rate,
+                log_level: args.log_level,
+            };
+            match gantry_bench::heartbeats::run(&config) {
+                Ok(report) => {
+                    if args.json {
+                        println!("{}", report.to_json());
+                    } else {
+                        println!("{}", report.human());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("gantry-bench heartbeats: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

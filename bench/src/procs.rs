@@ -84,6 +84,11 @@ impl Proc {
         let _ = child.wait();
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether it was started and not stopped by us.
     pub fn is_up(&self) -> bool {
         self.child.is_some()

@@ -30,7 +30,12 @@ use crate::store::Store;
 /// A reply channel.
 pub type Reply<T> = oneshot::Sender<Result<T, CoordinatorError>>;
 /// Messages to one agent's stream.
-pub type AgentSender = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
+///
+/// Boxed: tokio's channel allocates its slots 32 at a time, and a slot the
+/// size of a `CoordinatorMessage` (an `Assignment` inline) or of a
+/// `tonic::Status` cost every connected agent tens of KiB (160 MiB at
+/// 10,000 agents); a pointer-sized slot costs 256 bytes per channel block.
+pub type AgentSender = mpsc::UnboundedSender<Box<pb::CoordinatorMessage>>;
 
 /// Requests to the core.
 pub enum Request {
@@ -170,8 +175,14 @@ pub enum Request {
 pub struct CoreConfig {
     /// Identity shown in status.
     pub id: String,
-    /// Heartbeat interval told to agents.
+    /// Heartbeat interval told to agents of a small fleet: the shortest
+    /// ever asked for. It stretches past this with fleet size
+    /// ([`crate::health::heartbeat_interval_ms`]).
     pub heartbeat_interval: Duration,
+    /// Heartbeats per second the leader is asked to ingest at most: past
+    /// `max_heartbeat_rate` nodes the interval stretches to
+    /// `nodes / max_heartbeat_rate` seconds.
+    pub max_heartbeat_rate: u32,
     /// Health thresholds.
     pub health: HealthConfig,
     /// Memory kept free on each GPU.
@@ -210,6 +221,7 @@ impl Default for CoreConfig {
         CoreConfig {
             id: "1".into(),
             heartbeat_interval: Duration::from_secs(1),
+            max_heartbeat_rate: DEFAULT_MAX_HEARTBEAT_RATE,
             health: HealthConfig::default(),
             gpu_headroom: 0,
             pass_interval: Duration::from_secs(2),
@@ -234,6 +246,16 @@ struct Session {
     ping: Option<(u64, std::time::Instant)>,
     last_ping: std::time::Instant,
 }
+
+/// Default of [`CoreConfig::max_heartbeat_rate`]: the design's 10,000 nodes
+/// at 1 Hz.
+pub const DEFAULT_MAX_HEARTBEAT_RATE: u32 = 10_000;
+
+/// How often the tick's sweeps over every node and session run.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often the heartbeat interval is recomputed from the fleet size.
+const INTERVAL_CHECK: Duration = Duration::from_millis(200);
 
 /// How often each connected agent's round-trip time is probed.
 const PING_INTERVAL: Duration = Duration::from_secs(5);
@@ -285,6 +307,14 @@ pub struct Core {
     stop: bool,
     /// Event metrics this thread observes (pass latency, queue wait).
     metrics: Arc<Metrics>,
+    /// The heartbeat interval agents are told now (stretched with the
+    /// fleet), in milliseconds.
+    heartbeat_interval_ms: u64,
+    /// When the interval was last recomputed (it counts every node, so not
+    /// on every tick).
+    interval_checked: Option<std::time::Instant>,
+    /// When the tick last swept nodes and sessions ([`Core::housekeeping`]).
+    housekept: Option<std::time::Instant>,
 }
 
 struct PendingRegistration {
@@ -337,6 +367,9 @@ impl Core {
             fatal: None,
             stop: false,
             metrics,
+            heartbeat_interval_ms: 0,
+            interval_checked: None,
+            housekept: None,
         })
     }
 
@@ -538,6 +571,9 @@ impl Core {
                 "leading: rebuilding soft state from heartbeats"
             );
             self.health = HealthTracker::new(self.config.health);
+            // Recomputed (and the new tracker scaled) at the next tick.
+            self.heartbeat_interval_ms = 0;
+            self.interval_checked = None;
             self.dirty = true;
         } else {
             tracing::info!(term = status.term, leader = ?status.leader_url, "no longer leading: dropping agent streams");
@@ -614,9 +650,7 @@ impl Core {
                 let _ = reply.send(self.raft_apply(index, &data));
             }
             Request::RaftSnapshot { reply } => {
-                let bytes = self.store.snapshot(&self.state).and_then(|snapshot| {
-                    serde_json::to_vec(&snapshot).map_err(crate::store::StoreError::Encode)
-                });
+                let bytes = self.store.snapshot_bytes(&self.state);
                 match bytes {
                     Ok(bytes) => {
                         let _ = reply.send(bytes);
@@ -735,7 +769,7 @@ impl Core {
         match self.sessions.get(node) {
             Some(session) => session
                 .sender
-                .send(Ok(pb::CoordinatorMessage { msg: Some(message) }))
+                .send(Box::new(pb::CoordinatorMessage { msg: Some(message) }))
                 .is_ok(),
             None => false,
         }
@@ -962,14 +996,14 @@ impl Core {
         }
         self.dirty = true;
         let registered = pb::Registered {
-            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u32,
+            heartbeat_interval_ms: self.heartbeat_interval_ms() as u32,
             stop,
         };
-        let _ = sender.send(Ok(pb::CoordinatorMessage {
+        let _ = sender.send(Box::new(pb::CoordinatorMessage {
             msg: Some(pb::coordinator_message::Msg::Registered(registered.clone())),
         }));
         for message in outgoing {
-            let _ = sender.send(Ok(pb::CoordinatorMessage { msg: Some(message) }));
+            let _ = sender.send(Box::new(pb::CoordinatorMessage { msg: Some(message) }));
         }
         // Only now does the session exist for everyone else (pings, dispatch),
         // so nothing can overtake Registered.
@@ -1160,7 +1194,7 @@ impl Core {
         let session_id = session.id;
         if session
             .sender
-            .send(Ok(pb::CoordinatorMessage {
+            .send(Box::new(pb::CoordinatorMessage {
                 msg: Some(pb::coordinator_message::Msg::LogRead(message)),
             }))
             .is_err()
@@ -1186,6 +1220,34 @@ impl Core {
         if !self.leader {
             return;
         }
+        // The loop ticks after every batch of requests, which at 10,000
+        // heartbeats/s is thousands of times a second; the sweeps over every
+        // node and session below run at most every HOUSEKEEPING_INTERVAL.
+        let instant = std::time::Instant::now();
+        if self
+            .housekept
+            .is_none_or(|at| instant.duration_since(at) >= HOUSEKEEPING_INTERVAL)
+        {
+            self.housekept = Some(instant);
+            self.housekeeping(now);
+        }
+        if self
+            .plan_in_flight
+            .is_some_and(|since| now.saturating_sub(since) > PLAN_TIMEOUT_MS)
+        {
+            self.plan_in_flight = None;
+        }
+        let timer_due =
+            now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
+        if (self.dirty || timer_due) && self.plan_in_flight.is_none() {
+            self.schedule(now);
+        }
+    }
+
+    /// The periodic sweeps of the tick: silence (Suspect/Down), drain
+    /// deadlines, unconfirmed attempts, pings, back-off requeues, the
+    /// heartbeat interval.
+    fn housekeeping(&mut self, now: u64) {
         for node in self.health.tick(now) {
             if self.state.node(&node).is_some_and(|n| !n.down) {
                 tracing::warn!(node = %node, "node is down; its jobs are lost and will be retried");
@@ -1214,6 +1276,7 @@ impl Core {
             });
         }
         self.log_waiters.retain(|_, w| !w.reply.is_closed());
+        self.update_heartbeat_interval(now);
         self.send_pings();
         let due: Vec<JobId> = self
             .state
@@ -1223,17 +1286,6 @@ impl Core {
             .collect();
         for job in due {
             self.propose(Command::Requeue { at_ms: now, job });
-        }
-        if self
-            .plan_in_flight
-            .is_some_and(|since| now.saturating_sub(since) > PLAN_TIMEOUT_MS)
-        {
-            self.plan_in_flight = None;
-        }
-        let timer_due =
-            now.saturating_sub(self.last_pass_ms) >= self.config.pass_interval.as_millis() as u64;
-        if (self.dirty || timer_due) && self.plan_in_flight.is_none() {
-            self.schedule(now);
         }
     }
 
@@ -1247,7 +1299,7 @@ impl Core {
         let due: Vec<String> = self
             .state
             .nodes()
-            .filter(|n| self.state.drain_due(&n.name, now))
+            .filter(|n| n.draining && self.state.drain_due(&n.name, now))
             .filter(|n| !n.down && self.sessions.contains_key(&n.name))
             .filter(|n| !self.preempting.contains_key(&n.name))
             .filter(|n| !self.state.preemptible_on(&n.name).is_empty())
@@ -1257,6 +1309,55 @@ impl Core {
             tracing::info!(node = %node, "drain deadline passed; preempting its attempts");
             self.preempting.insert(node.clone(), now);
             self.propose(Command::PreemptDrained { at_ms: now, node });
+        }
+    }
+
+    /// The interval agents are told now (the base until first computed).
+    fn heartbeat_interval_ms(&self) -> u64 {
+        let base = self.config.heartbeat_interval.as_millis() as u64;
+        self.heartbeat_interval_ms.max(base)
+    }
+
+    /// Recomputes the heartbeat interval from the number of live nodes (at
+    /// most every [`INTERVAL_CHECK`]); when it changed, tells every
+    /// connected agent and rescales the health thresholds.
+    fn update_heartbeat_interval(&mut self, now: u64) {
+        let instant = std::time::Instant::now();
+        if self
+            .interval_checked
+            .is_some_and(|at| instant.duration_since(at) < INTERVAL_CHECK)
+        {
+            return;
+        }
+        self.interval_checked = Some(instant);
+        let nodes = self.state.nodes().filter(|n| !n.down).count() as u64;
+        let interval = crate::health::heartbeat_interval_ms(
+            nodes,
+            u64::from(self.config.max_heartbeat_rate),
+            self.config.heartbeat_interval.as_millis() as u64,
+        );
+        if interval == self.heartbeat_interval_ms {
+            return;
+        }
+        let first = self.heartbeat_interval_ms == 0;
+        self.heartbeat_interval_ms = interval;
+        self.health.set_interval(interval, now);
+        if first && interval == self.config.heartbeat_interval.as_millis() as u64 {
+            return; // agents were told this at registration
+        }
+        tracing::info!(
+            nodes,
+            interval_ms = interval,
+            max_rate = self.config.max_heartbeat_rate,
+            "heartbeat interval changed"
+        );
+        let message = pb::coordinator_message::Msg::HeartbeatInterval(pb::HeartbeatInterval {
+            interval_ms: interval.min(u64::from(u32::MAX)) as u32,
+        });
+        for session in self.sessions.values() {
+            let _ = session.sender.send(Box::new(pb::CoordinatorMessage {
+                msg: Some(message.clone()),
+            }));
         }
     }
 
@@ -1273,7 +1374,7 @@ impl Core {
             let ping = pb::coordinator_message::Msg::Ping(pb::Ping { nonce });
             let _ = session
                 .sender
-                .send(Ok(pb::CoordinatorMessage { msg: Some(ping) }));
+                .send(Box::new(pb::CoordinatorMessage { msg: Some(ping) }));
         }
         self.next_request_id = nonce + 1;
     }

@@ -50,14 +50,53 @@ pub struct NodeHealth {
 /// Thresholds of the health tracker.
 #[derive(Debug, Clone, Copy)]
 pub struct HealthConfig {
-    /// Silence after which a node is Suspect.
+    /// Silence after which a node is Suspect, at the base 1 s interval; the
+    /// floor of the scaled threshold ([`HealthConfig::thresholds`]).
     pub suspect_after_ms: u64,
-    /// Silence after which a node is Down.
+    /// Silence after which a node is Down, at the base 1 s interval; the
+    /// floor of the scaled threshold.
     pub down_after_ms: u64,
     /// Disk use fraction that turns pressure on.
     pub disk_high: f64,
     /// Disk use fraction that turns pressure off.
     pub disk_low: f64,
+}
+
+/// Heartbeat intervals of silence after which a node is Suspect.
+pub const SUSPECT_INTERVALS: u64 = 3;
+/// Heartbeat intervals of silence after which a node is Down.
+pub const DOWN_INTERVALS: u64 = 15;
+/// A stretched interval is rounded up to a multiple of this, so a growing
+/// fleet changes it (and every agent is told) in steps, not at each node.
+pub const INTERVAL_STEP_MS: u64 = 100;
+
+/// The heartbeat interval for a fleet: `max(base, nodes / max_rate)`,
+/// rounded up to [`INTERVAL_STEP_MS`]. It only ever stretches past the base
+/// with fleet size and never goes below it: a slower beat is the price of a
+/// bigger fleet, a faster one is never asked for (a stale GPU-memory view
+/// causes OOMs, and the base is what the thresholds were made for).
+/// A `max_rate` of 0 is read as 1.
+pub fn heartbeat_interval_ms(nodes: u64, max_rate: u64, base_ms: u64) -> u64 {
+    let needed = nodes.saturating_mul(1_000).div_ceil(max_rate.max(1));
+    let stepped = needed
+        .div_ceil(INTERVAL_STEP_MS)
+        .saturating_mul(INTERVAL_STEP_MS);
+    stepped.max(base_ms)
+}
+
+impl HealthConfig {
+    /// Suspect and Down thresholds at a heartbeat interval: 3 and 15
+    /// intervals of silence, never less than the configured floors (3 s and
+    /// 15 s by default). Scaled so that a stretched fleet does not flap: a
+    /// node beating every 5 s is not Suspect after 3 s.
+    pub fn thresholds(&self, interval_ms: u64) -> (u64, u64) {
+        (
+            self.suspect_after_ms
+                .max(interval_ms.saturating_mul(SUSPECT_INTERVALS)),
+            self.down_after_ms
+                .max(interval_ms.saturating_mul(DOWN_INTERVALS)),
+        )
+    }
 }
 
 impl Default for HealthConfig {
@@ -76,6 +115,14 @@ impl Default for HealthConfig {
 pub struct HealthTracker {
     config: HealthConfig,
     nodes: HashMap<String, NodeHealth>,
+    /// The heartbeat interval agents were told (0 = the base; thresholds are
+    /// then the configured floors).
+    interval_ms: u64,
+    /// After the interval shrank: the previous interval and until when it
+    /// still sets the thresholds (agents may not have heard of the shorter
+    /// one yet; a node last seen just before the change must not look
+    /// silent for three of the new, shorter intervals).
+    shrunk_from: Option<(u64, u64)>,
 }
 
 impl HealthTracker {
@@ -84,7 +131,29 @@ impl HealthTracker {
         HealthTracker {
             config,
             nodes: HashMap::new(),
+            interval_ms: 0,
+            shrunk_from: None,
         }
+    }
+
+    /// Sets the heartbeat interval the agents are told, which scales the
+    /// thresholds. When it shrinks, the old interval keeps setting them
+    /// until one old Down threshold has passed.
+    pub fn set_interval(&mut self, interval_ms: u64, now_ms: u64) {
+        if interval_ms < self.interval_ms {
+            let (_, old_down) = self.config.thresholds(self.interval_ms);
+            self.shrunk_from = Some((self.interval_ms, now_ms.saturating_add(old_down)));
+        }
+        self.interval_ms = interval_ms;
+    }
+
+    /// Suspect and Down thresholds in force at `now_ms`.
+    pub fn thresholds(&self, now_ms: u64) -> (u64, u64) {
+        let interval = match self.shrunk_from {
+            Some((old, until)) if now_ms < until => old.max(self.interval_ms),
+            _ => self.interval_ms,
+        };
+        self.config.thresholds(interval)
     }
 
     /// Health of a node the leader has heard from.
@@ -146,12 +215,16 @@ impl HealthTracker {
 
     /// Advances silence-based states. Returns nodes that just became Down.
     pub fn tick(&mut self, now_ms: u64) -> Vec<String> {
+        let (suspect_after_ms, down_after_ms) = self.thresholds(now_ms);
+        if self.shrunk_from.is_some_and(|(_, until)| now_ms >= until) {
+            self.shrunk_from = None;
+        }
         let mut down = Vec::new();
         for (name, health) in &mut self.nodes {
             let silent = now_ms.saturating_sub(health.last_seen_ms);
-            let state = if silent >= self.config.down_after_ms {
+            let state = if silent >= down_after_ms {
                 NodeState::Down
-            } else if silent >= self.config.suspect_after_ms {
+            } else if silent >= suspect_after_ms {
                 NodeState::Suspect
             } else {
                 NodeState::Ready
@@ -223,5 +296,97 @@ mod tests {
         assert_eq!(tracker.tick(16_000), vec!["n1".to_string()]);
         assert!(tracker.tick(17_000).is_empty(), "down is reported once");
         assert!(tracker.on_heartbeat("n1", &pb::Heartbeat::default(), 18_000));
+    }
+
+    #[test]
+    fn interval_stretches_with_fleet_size_never_below_the_base() {
+        // (nodes, max heartbeats/s, base ms) -> interval ms
+        let cases: &[(u64, u64, u64, u64)] = &[
+            (0, 10_000, 1_000, 1_000),
+            (1, 10_000, 1_000, 1_000),
+            (10_000, 10_000, 1_000, 1_000),
+            (10_001, 10_000, 1_000, 1_100),
+            (15_000, 10_000, 1_000, 1_500),
+            (20_000, 10_000, 1_000, 2_000),
+            (100_000, 10_000, 1_000, 10_000),
+            (5_000, 1_000, 1_000, 5_000),
+            (5_050, 1_000, 1_000, 5_100),
+            (1, 0, 1_000, 1_000),
+            (3, 0, 1_000, 3_000),
+            (500, 1_000, 1_000, 1_000),
+            (u64::MAX, 1, 1_000, u64::MAX),
+        ];
+        for &(nodes, rate, base, want) in cases {
+            assert_eq!(
+                heartbeat_interval_ms(nodes, rate, base),
+                want,
+                "nodes {nodes}, rate {rate}, base {base}"
+            );
+        }
+    }
+
+    #[test]
+    fn thresholds_scale_with_the_interval_above_their_floors() {
+        let config = HealthConfig::default();
+        // interval ms -> (suspect ms, down ms)
+        let cases: &[(u64, (u64, u64))] = &[
+            (0, (3_000, 15_000)),
+            (500, (3_000, 15_000)),
+            (1_000, (3_000, 15_000)),
+            (1_100, (3_300, 16_500)),
+            (2_000, (6_000, 30_000)),
+            (10_000, (30_000, 150_000)),
+        ];
+        for &(interval, want) in cases {
+            assert_eq!(config.thresholds(interval), want, "interval {interval}");
+        }
+    }
+
+    /// Node states after a heartbeat at 0 and a tick at each time.
+    fn states_at(tracker: &mut HealthTracker, times: &[u64]) -> Vec<(u64, NodeState)> {
+        tracker.on_heartbeat("n1", &pb::Heartbeat::default(), 0);
+        times
+            .iter()
+            .map(|&t| {
+                tracker.tick(t);
+                (t, tracker.get("n1").map(|h| h.state).unwrap_or_default())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stretched_fleet_does_not_flap() {
+        use NodeState::{Down, Ready, Suspect};
+        let mut tracker = HealthTracker::new(HealthConfig::default());
+        tracker.set_interval(5_000, 0);
+        assert_eq!(
+            states_at(&mut tracker, &[4_999, 14_999, 15_000, 74_999, 75_000]),
+            vec![
+                (4_999, Ready),
+                (14_999, Ready),
+                (15_000, Suspect),
+                (74_999, Suspect),
+                (75_000, Down)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_shrunk_interval_keeps_the_old_thresholds_for_a_while() {
+        use NodeState::{Ready, Suspect};
+        let mut tracker = HealthTracker::new(HealthConfig::default());
+        tracker.set_interval(5_000, 0);
+        tracker.set_interval(1_000, 0);
+        assert_eq!(tracker.thresholds(0), (15_000, 75_000));
+        assert_eq!(tracker.thresholds(74_999), (15_000, 75_000));
+        assert_eq!(tracker.thresholds(75_000), (3_000, 15_000));
+        assert_eq!(
+            states_at(&mut tracker, &[10_000]),
+            vec![(10_000, Ready)],
+            "silent 10 s, under the old suspect threshold"
+        );
+        tracker.on_heartbeat("n1", &pb::Heartbeat::default(), 80_000);
+        tracker.tick(83_000);
+        assert_eq!(tracker.get("n1").map(|h| h.state), Some(Suspect));
     }
 }

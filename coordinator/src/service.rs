@@ -574,8 +574,7 @@ impl pb::agent_link_server::AgentLink for AgentLinkService {
             }
             core.post(Request::AgentGone { session, node });
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
-            receiver,
-        ))))
+        let outbound = UnboundedReceiverStream::new(receiver).map(|message| Ok(*message));
+        Ok(Response::new(Box::pin(outbound)))
     }
 }

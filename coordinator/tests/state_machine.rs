@@ -642,6 +642,28 @@ fn the_store_round_trips_the_state_machine() {
 }
 
 #[test]
+fn snapshot_bytes_decode_to_the_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let mut sm = store.load().expect("load");
+    let empty = store.snapshot_bytes(&sm).expect("empty snapshot");
+    let decoded: gantry_coordinator::store::StateSnapshot =
+        serde_json::from_slice(&empty).expect("decodes");
+    assert!(decoded.jobs.is_empty() && decoded.events.is_empty());
+    register(&mut sm, "n1", 2, 80 * GIB);
+    register(&mut sm, "n2", 1, 40 * GIB);
+    let ids = submit(&mut sm, vec![spec("a"), spec("b")]);
+    assign(&mut sm, vec![place(ids[0], "n1", 1, 10 * GIB, false)]);
+    let changes = sm.take_changes();
+    store.persist(&sm, &changes).expect("persist");
+    let bytes = store.snapshot_bytes(&sm).expect("snapshot bytes");
+    let streamed: serde_json::Value = serde_json::from_slice(&bytes).expect("valid json");
+    let whole = serde_json::to_value(store.snapshot(&sm).expect("snapshot")).expect("value");
+    assert_eq!(streamed, whole);
+    assert!(!whole["events"].as_array().expect("events").is_empty());
+}
+
+#[test]
 fn a_plan_from_a_deposed_leader_is_refused() {
     let mut sm = StateMachine::new();
     register(&mut sm, "n1", 1, 80 * GIB);

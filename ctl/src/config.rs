@@ -8,6 +8,7 @@
 //!     data_dir: /var/lib/gantry
 //!     gpu_headroom: 1GiB
 //!     oom_signatures: ["CUDA out of memory"]
+//!     max_heartbeat_rate: 10000   # heartbeats/s before the interval stretches
 //!     tls_cert: /etc/gantry/certs/coordinator.pem   # and tls_key, tls_client_ca,
 //!     tokens: /etc/gantry/certs/tokens.yaml         # tls_ca, join_token_file
 
@@ -48,6 +49,8 @@ pub struct CoordinatorFile {
     pub oom_signatures: Option<Vec<String>>,
     /// Applied entries between Raft snapshots.
     pub raft_compact_after: Option<u64>,
+    /// Heartbeats per second the leader ingests before the interval stretches.
+    pub max_heartbeat_rate: Option<u32>,
     /// `--tls-cert`.
     pub tls_cert: Option<PathBuf>,
     /// `--tls-key`.

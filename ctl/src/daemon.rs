@@ -51,6 +51,8 @@ pub struct CoordinatorOptions {
     pub oom_signatures: Vec<String>,
     /// Applied entries between Raft snapshots (None = the default).
     pub raft_compact_after: Option<u64>,
+    /// Heartbeats per second before the interval stretches (None = the default).
+    pub max_heartbeat_rate: Option<u32>,
     /// Fleet inventory.
     pub inventory: Vec<gantry_coordinator::core::InventoryHost>,
     /// Refuse agents not in the inventory.
@@ -67,6 +69,9 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
     };
     if !options.oom_signatures.is_empty() {
         core.oom_signatures = options.oom_signatures.clone();
+    }
+    if let Some(rate) = options.max_heartbeat_rate {
+        core.max_heartbeat_rate = rate;
     }
     core.inventory = options.inventory.clone();
     core.strict_inventory = options.strict_inventory;

@@ -145,7 +145,7 @@ enum Command {
     /// Run a coordinator.
     Coordinator {
         /// Settings file (YAML: id, peers, grpc_addr, data_dir, gpu_headroom,
-        /// oom_signatures); flags win over it.
+        /// oom_signatures, max_heartbeat_rate); flags win over it.
         #[arg(long)]
         config: Option<PathBuf>,
         /// gRPC listen address (port 0 = any; the bound address is printed).
@@ -165,6 +165,11 @@ enum Command {
         /// Applied entries between Raft snapshots (default 10000).
         #[arg(long)]
         raft_compact_after: Option<u64>,
+        /// Heartbeats per second the leader ingests at most (default 10000):
+        /// past that many nodes the heartbeat interval stretches to
+        /// nodes / rate seconds (never below 1 s) and agents are told.
+        #[arg(long)]
+        max_heartbeat_rate: Option<u32>,
         /// Fleet inventory (hosts.yaml): listed nodes that never registered show as missing.
         #[arg(long)]
         inventory: Option<PathBuf>,
@@ -556,6 +561,7 @@ async fn main() -> ExitCode {
             data_dir,
             gpu_headroom,
             raft_compact_after,
+            max_heartbeat_rate,
             inventory,
             strict_inventory,
             oom_signatures,
@@ -617,6 +623,12 @@ async fn main() -> ExitCode {
                     "--raft-compact-after: must be at least 1",
                 ));
             }
+            let max_heartbeat_rate = max_heartbeat_rate.or(file.max_heartbeat_rate);
+            if max_heartbeat_rate == Some(0) {
+                return fail(CliError::invalid(
+                    "--max-heartbeat-rate: must be at least 1",
+                ));
+            }
             let id = id.or(file.id).unwrap_or(1);
             if !peers.is_empty() && !peers.contains_key(&id) {
                 return fail(CliError::invalid(format!(
@@ -649,6 +661,7 @@ async fn main() -> ExitCode {
                 peers,
                 oom_signatures,
                 raft_compact_after,
+                max_heartbeat_rate,
                 inventory,
                 strict_inventory,
             };
@@ -709,6 +722,7 @@ async fn main() -> ExitCode {
                 peers: BTreeMap::new(),
                 oom_signatures: Vec::new(),
                 raft_compact_after: None,
+                max_heartbeat_rate: None,
                 inventory: Vec::new(),
                 strict_inventory: false,
                 security: Default::default(),

@@ -4,6 +4,8 @@
 //! everything else works on typed domain values converted in one `convert.rs`
 //! per crate.
 
+pub mod codec;
+
 #[allow(missing_docs, clippy::all)]
 mod generated {
     tonic::include_proto!("gantry.v1");

@@ -345,3 +345,59 @@ async fn follows_a_not_leader_redirect() {
         .unwrap();
     server_stop.cancel();
 }
+
+#[tokio::test]
+async fn applies_a_changed_heartbeat_interval() {
+    let server_stop = CancellationToken::new();
+    let (url, mut conns) = coordinator(None, server_stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::for_test("node-c", dir.path().into(), vec![url]);
+    let agent_stop = CancellationToken::new();
+    let agent = tokio::spawn(crate::run(config, agent_stop.clone()));
+    let mut conn = next_conn(&mut conns).await;
+    conn.register(vec![]).await; // 50 ms
+    let heartbeat = |m: Up| matches!(m, Up::Heartbeat(_)).then_some(());
+    conn.until(heartbeat).await;
+    conn.until(heartbeat).await;
+
+    // Stretched: beats come at least 600 ms apart (one may be in flight).
+    conn.send(Down::HeartbeatInterval(pb::HeartbeatInterval {
+        interval_ms: 600,
+    }))
+    .await;
+    let changed = std::time::Instant::now();
+    let mut previous = loop {
+        conn.until(heartbeat).await;
+        if changed.elapsed() > Duration::from_millis(150) {
+            break std::time::Instant::now();
+        }
+    };
+    for _ in 0..2 {
+        conn.until(heartbeat).await;
+        let gap = previous.elapsed();
+        assert!(gap >= Duration::from_millis(500), "beat after {gap:?}");
+        previous = std::time::Instant::now();
+    }
+
+    // Back to 50 ms: eight beats take well under eight stretched periods.
+    conn.send(Down::HeartbeatInterval(pb::HeartbeatInterval {
+        interval_ms: 50,
+    }))
+    .await;
+    let start = std::time::Instant::now();
+    for _ in 0..8 {
+        conn.until(heartbeat).await;
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(4_000),
+        "eight beats took {:?}",
+        start.elapsed()
+    );
+    agent_stop.cancel();
+    tokio::time::timeout(WAIT, agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server_stop.cancel();
+}
