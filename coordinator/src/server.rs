@@ -85,6 +85,8 @@ pub struct RunningCoordinator {
     pub http_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     http: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// Cancelled to stop; `wait` gives open streams a grace period after it.
+    shutdown: CancellationToken,
     raft: RaftNode,
     /// To tell the core to stop once the server and the Raft node have:
     /// streaming tasks may still hold request senders, so the core cannot
@@ -97,14 +99,22 @@ impl RunningCoordinator {
     /// Waits until the server, the Raft node and the core have stopped (after
     /// the shutdown token was cancelled). Storage is flushed before it returns.
     pub async fn wait(self) -> Result<(), CoordinatorError> {
-        let served = self.server.await;
-        if let Some(http) = self.http {
-            match http.await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "http server stopped with an error"),
-                Err(error) => tracing::warn!(%error, "http server task failed"),
+        let shutdown = self.shutdown.clone();
+        let http = async {
+            match self.http {
+                Some(http) => finish(http, &shutdown, "http").await,
+                None => Some(Ok(Ok(()))),
             }
+        };
+        let (served, http) = tokio::join!(finish(self.server, &shutdown, "grpc"), http);
+        match http {
+            Some(Ok(Ok(()))) | None => {}
+            Some(Ok(Err(error))) => tracing::warn!(%error, "http server stopped with an error"),
+            Some(Err(error)) => tracing::warn!(%error, "http server task failed"),
         }
+        // Cut off after the grace period: not an error, the streams were
+        // told to end by closing their connections.
+        let served = served.unwrap_or(Ok(Ok(())));
         self.raft.stop().await;
         let _ = self.requests.send(Request::Shutdown);
         let core = self.core;
@@ -117,6 +127,32 @@ impl RunningCoordinator {
             Err(error) => Err(CoordinatorError::Unavailable(format!(
                 "grpc server task: {error}"
             ))),
+        }
+    }
+}
+
+/// How long open streams (agent links, watches, log follows, HTTP keep-alive)
+/// may hold a server up after shutdown: they never end on their own, and a
+/// graceful server waits for every connection.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits for a server task; once `shutdown` is cancelled, for at most
+/// [`SHUTDOWN_GRACE`] more, then aborts it (closing its connections) and
+/// returns `None`.
+async fn finish<T>(
+    mut task: tokio::task::JoinHandle<T>,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<Result<T, tokio::task::JoinError>> {
+    tokio::select! {
+        done = &mut task => Some(done),
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::info!(server = what, "connections still open {SHUTDOWN_GRACE:?} after shutdown; closing them");
+            task.abort();
+            None
         }
     }
 }
@@ -358,11 +394,13 @@ pub async fn start(
     let server = match config.tls.clone() {
         None => tokio::spawn(router.serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
-            shutdown.cancelled_owned(),
+            shutdown.clone().cancelled_owned(),
         )),
         Some(tls) => {
             let incoming = tls_incoming(listener, tls, shutdown.clone());
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()))
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
+            )
         }
     };
     // The core stops when the last request sender (held by the services and
@@ -372,6 +410,7 @@ pub async fn start(
         http_addr,
         server,
         http,
+        shutdown,
         raft,
         requests,
         core: core_thread,

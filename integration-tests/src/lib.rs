@@ -331,6 +331,15 @@ impl Sandbox {
         self.spawn(name, &args)
     }
 
+    /// Starts a long-lived client command (`gantry ARGS --addr URL`, e.g.
+    /// `watch` or `logs -f`) as a sandbox process.
+    pub fn start_client(&mut self, name: &str, url: &str, args: &[&str]) -> anyhow::Result<usize> {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.push("--addr".into());
+        args.push(url.into());
+        self.spawn(name, &args)
+    }
+
     /// An agent's data directory.
     pub fn agent_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}-data"))

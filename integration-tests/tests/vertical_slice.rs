@@ -191,3 +191,36 @@ fn coordinator_restart_keeps_jobs_and_agents_reconnect() -> anyhow::Result<()> {
     assert_eq!(logs.stdout.trim(), "survived");
     Ok(())
 }
+
+#[test]
+fn a_coordinator_stops_on_sigterm_with_agents_and_watchers_connected() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let coordinator = sandbox.start_coordinator("coordinator", 0, None)?;
+    let url = coordinator.url.clone();
+    sandbox.start_agent("node-a", &url, "1xH100-80GiB", "127.0.0.2", &[])?;
+    sandbox.wait_nodes_ready(&url, 1, T)?;
+    // Streams that never end on their own: an agent link and an event watch.
+    let watch = sandbox.start_client("watch", &url, &["watch"])?;
+    let id = sandbox.submit(&url, &["--", "sleep", "300"])?;
+    sandbox.wait_job_state(&url, id, "running", T)?;
+    wait_until("the watch to see the job", T, || {
+        sandbox.proc(watch).is_running().then_some(())
+    })?;
+    // SIGINT and SIGTERM take the same path; the open streams are closed
+    // after a short grace instead of holding the coordinator up forever.
+    let status = sandbox.interrupt(coordinator.index, Duration::from_secs(15))?;
+    assert!(status.success(), "coordinator exit: {status:?}");
+    assert!(
+        sandbox
+            .log("coordinator")
+            .contains("coordinator core stopped; storage flushed"),
+        "{}",
+        sandbox.log("coordinator")
+    );
+    // Nothing acknowledged was lost: a restart on the same data has the job.
+    let restarted =
+        sandbox.start_coordinator("coordinator-2", 0, Some(coordinator.data_dir.clone()))?;
+    let job = sandbox.job(&restarted.url, id)?;
+    assert!(job["state"].is_string(), "{job}");
+    Ok(())
+}
