@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::procs::{ProcGroup, free_ports};
+use crate::procs::{ProcGroup, free_ports, run_scenario};
 use crate::rng::Rng;
 use crate::stats::Latencies;
 
@@ -294,21 +294,9 @@ pub(crate) fn unix_ms() -> u64 {
 /// Runs the scenario (its own tokio runtime; child processes are stopped
 /// on return, error or not).
 pub fn run(config: &E2eConfig) -> anyhow::Result<E2eReport> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let mut procs = ProcGroup::new("gantry-bench-e2e-")?;
-    let result = runtime.block_on(scenario(config, &mut procs));
-    // Stop the fleet's tasks before the coordinators go.
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    procs.stop_all(Duration::from_secs(3));
-    match result {
-        Ok(report) => Ok(report),
-        Err(error) => Err(error.context(format!(
-            "coordinator logs (last 15 lines each):\n{}",
-            procs.log_tails(15)
-        ))),
-    }
+    run_scenario("gantry-bench-e2e-", 15, async |procs| {
+        scenario(config, procs).await
+    })
 }
 
 /// The three replicas.

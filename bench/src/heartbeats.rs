@@ -34,7 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::e2e::{GIB, endpoint, gantry_client, job_event, register_message, status, unix_ms, up};
-use crate::procs::{ProcGroup, free_ports};
+use crate::procs::{ProcGroup, free_ports, run_scenario};
 use crate::rng::Rng;
 use crate::stats::Latencies;
 
@@ -231,20 +231,9 @@ impl HeartbeatsReport {
 /// Runs the scenario (its own tokio runtime; the coordinator is stopped on
 /// return, error or not).
 pub fn run(config: &HeartbeatsConfig) -> anyhow::Result<HeartbeatsReport> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let mut procs = ProcGroup::new("gantry-bench-heartbeats-")?;
-    let result = runtime.block_on(scenario(config, &mut procs));
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    procs.stop_all(Duration::from_secs(3));
-    match result {
-        Ok(report) => Ok(report),
-        Err(error) => Err(error.context(format!(
-            "coordinator log (last 20 lines):\n{}",
-            procs.log_tails(20)
-        ))),
-    }
+    run_scenario("gantry-bench-heartbeats-", 20, async |procs| {
+        scenario(config, procs).await
+    })
 }
 
 /// Shared counters of the simulated fleet.

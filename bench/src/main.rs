@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use gantry_bench::e2e::E2eConfig;
-use gantry_bench::etcd::EtcdConfig;
-use gantry_bench::heartbeats::HeartbeatsConfig;
-use gantry_bench::sched::{SchedConfig, run};
+use gantry_bench::e2e::{E2eConfig, E2eReport};
+use gantry_bench::etcd::{EtcdConfig, EtcdReport};
+use gantry_bench::heartbeats::{HeartbeatsConfig, HeartbeatsReport};
+use gantry_bench::sched::{SchedConfig, SchedReport, run};
 
 #[derive(Debug, Parser)]
 #[command(name = "gantry-bench", about = "Gantry benchmarks and load generators")]
@@ -173,6 +173,39 @@ fn seconds(value: f64) -> Duration {
     Duration::from_secs_f64(value.max(0.0))
 }
 
+/// Prints a scenario's report (one JSON record with `--json`, else the human
+/// summary) or its error; the report comes back for further checks.
+fn print_report<R>(
+    scenario: &str,
+    json: bool,
+    result: anyhow::Result<R>,
+    to_json: impl Fn(&R) -> serde_json::Value,
+    human: impl Fn(&R) -> String,
+) -> Option<R> {
+    match result {
+        Ok(report) => {
+            if json {
+                println!("{}", to_json(&report));
+            } else {
+                println!("{}", human(&report));
+            }
+            Some(report)
+        }
+        Err(error) => {
+            eprintln!("gantry-bench {scenario}: {error:#}");
+            None
+        }
+    }
+}
+
+fn exit_code<R>(printed: Option<R>) -> ExitCode {
+    if printed.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Scenario::Sched(args) => {
@@ -184,12 +217,13 @@ fn main() -> ExitCode {
                 pass_budget: args.pass_budget.max(1),
                 naive_passes: args.naive_passes,
             });
-            if args.json {
-                println!("{}", report.to_json());
-            } else {
-                println!("{}", report.human());
-            }
-            ExitCode::SUCCESS
+            exit_code(print_report(
+                "sched",
+                args.json,
+                Ok(report),
+                SchedReport::to_json,
+                SchedReport::human,
+            ))
         }
         Scenario::E2e(args) => {
             let config = E2eConfig {
@@ -202,23 +236,20 @@ fn main() -> ExitCode {
                 log_level: args.log_level,
                 no_failover: args.no_failover,
             };
-            match gantry_bench::e2e::run(&config) {
-                Ok(report) => {
-                    if args.json {
-                        println!("{}", report.to_json());
-                    } else {
-                        println!("{}", report.human());
-                    }
-                    if report.lost > 0 {
-                        eprintln!("gantry-bench e2e: {} acknowledged jobs lost", report.lost);
-                        return ExitCode::FAILURE;
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("gantry-bench e2e: {error:#}");
+            let result = gantry_bench::e2e::run(&config);
+            match print_report(
+                "e2e",
+                args.json,
+                result,
+                E2eReport::to_json,
+                E2eReport::human,
+            ) {
+                Some(report) if report.lost > 0 => {
+                    eprintln!("gantry-bench e2e: {} acknowledged jobs lost", report.lost);
                     ExitCode::FAILURE
                 }
+                Some(_) => ExitCode::SUCCESS,
+                None => ExitCode::FAILURE,
             }
         }
         Scenario::Etcd(args) => {
@@ -229,20 +260,14 @@ fn main() -> ExitCode {
                 duration: seconds(args.duration),
                 value_size: args.value_size,
             };
-            match gantry_bench::etcd::run(&config) {
-                Ok(report) => {
-                    if args.json {
-                        println!("{}", report.to_json());
-                    } else {
-                        println!("{}", report.human());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("gantry-bench etcd: {error:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            let result = gantry_bench::etcd::run(&config);
+            exit_code(print_report(
+                "etcd",
+                args.json,
+                result,
+                EtcdReport::to_json,
+                EtcdReport::human,
+            ))
         }
         Scenario::Heartbeats(args) => {
             let config = HeartbeatsConfig {
@@ -254,20 +279,15 @@ fn main() -> ExitCode {
                 max_heartbeat_rate: args.max_heartbeat_rate,
                 log_level: args.log_level,
             };
-            match gantry_bench::heartbeats::run(&config) {
-                Ok(report) => {
-                    if args.json {
-                        println!("{}", report.to_json());
-                    } else {
-                        println!("{}", report.human());
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("gantry-bench heartbeats: {error:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            let result = gantry_bench::heartbeats::run(&config);
+            let printed = print_report(
+                "heartbeats",
+                args.json,
+                result,
+                HeartbeatsReport::to_json,
+                HeartbeatsReport::human,
+            );
+            exit_code(printed)
         }
     }
 }

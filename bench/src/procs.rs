@@ -214,3 +214,27 @@ pub fn free_ports(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
         .map(TcpListener::local_addr)
         .collect::<Result<_, _>>()?)
 }
+
+/// Runs a scenario that starts processes on its own tokio runtime, then
+/// stops the runtime's tasks and every process, whatever the outcome. An
+/// error carries the last `log_lines` lines of each process's log.
+pub fn run_scenario<R>(
+    prefix: &str,
+    log_lines: usize,
+    scenario: impl AsyncFnOnce(&mut ProcGroup) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut procs = ProcGroup::new(prefix)?;
+    let result = runtime.block_on(scenario(&mut procs));
+    // Stop the simulated fleet's tasks before the coordinators go.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    procs.stop_all(Duration::from_secs(3));
+    result.map_err(|error| {
+        error.context(format!(
+            "coordinator logs (last {log_lines} lines each):\n{}",
+            procs.log_tails(log_lines)
+        ))
+    })
+}
