@@ -559,10 +559,20 @@ impl ReplicaSet {
 impl Sandbox {
     /// Starts three coordinator replicas on 127.0.0.11, .12, .13.
     pub fn start_replicas(&mut self, extra_args: &[&str]) -> anyhow::Result<ReplicaSet> {
+        self.start_replicas_on("http", extra_args)
+    }
+
+    /// [`Sandbox::start_replicas`] with peer and client URLs of `scheme`
+    /// (`https` for replicas started with TLS flags in `extra_args`).
+    pub fn start_replicas_on(
+        &mut self,
+        scheme: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<ReplicaSet> {
         let mut urls = Vec::new();
         for i in 1..=3 {
             let ip = format!("127.0.0.{}", 10 + i);
-            urls.push(format!("http://{ip}:{}", free_port(&ip)?));
+            urls.push(format!("{scheme}://{ip}:{}", free_port(&ip)?));
         }
         let peers = urls
             .iter()
@@ -573,9 +583,10 @@ impl Sandbox {
         let dirs: Vec<PathBuf> = (1..=3)
             .map(|i| self.dir.path().join(format!("replica-{i}")))
             .collect();
+        let prefix = format!("{scheme}://");
         let listen = urls
             .iter()
-            .map(|u| u.trim_start_matches("http://").to_string())
+            .map(|u| u.trim_start_matches(&prefix).to_string())
             .collect();
         let mut set = ReplicaSet {
             procs: vec![None; 3],

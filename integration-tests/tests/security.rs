@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gantry_integration_tests::{CliOutput, ReplicaSet, Sandbox, find_tool, free_port, wait_until};
+use gantry_integration_tests::{CliOutput, Sandbox, find_tool, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -496,30 +496,9 @@ fn replicas_replicate_over_mutual_tls() -> anyhow::Result<()> {
     let certs = Certs {
         dir: sandbox.certs_init("certs", &ips)?,
     };
-    let mut listen = Vec::new();
-    for ip in ips {
-        listen.push(format!("{ip}:{}", free_port(ip)?));
-    }
-    let urls: Vec<String> = listen.iter().map(|l| format!("https://{l}")).collect();
-    let peers = urls
-        .iter()
-        .enumerate()
-        .map(|(i, u)| format!("{}={u}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut set = ReplicaSet {
-        procs: vec![None; 3],
-        urls,
-        listen,
-        peers: vec![peers; 3],
-        dirs: (1..=3)
-            .map(|i| sandbox.path().join(format!("replica-{i}")))
-            .collect(),
-        extra_args: certs.coordinator_args(&[("--tls-ca", "ca.pem")]),
-    };
-    for id in 1..=3 {
-        sandbox.start_replica(&mut set, id)?;
-    }
+    let args = certs.coordinator_args(&[("--tls-ca", "ca.pem")]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let set = sandbox.start_replicas_on("https", &args)?;
     use_client_certs(&mut sandbox, &certs);
     sandbox.set_client_env("GANTRY_TOKEN", &certs.token("user"));
     let leader = wait_until("a leader elected over mutual TLS", WAIT, || {
