@@ -310,6 +310,7 @@ impl Sandbox {
         labels: &[(&str, &str)],
         extra: &[&str],
     ) -> anyhow::Result<usize> {
+        give_fake_disk(&self.agent_dir(name))?;
         let mut args = vec![
             "agent".to_string(),
             "--name".into(),
@@ -472,6 +473,7 @@ impl Sandbox {
     /// Starts `gantry dev` on port 0 with its data in the sandbox; returns
     /// the process index and the coordinator URL.
     pub fn start_dev(&mut self, name: &str, fake_gpus: &str) -> anyhow::Result<(usize, String)> {
+        give_fake_disk(&self.dir.path().join(name).join("agent"))?;
         let args = vec![
             "dev".to_string(),
             "--grpc-addr".into(),
@@ -525,6 +527,27 @@ fn with_http_on_any_port(args: &[String]) -> Vec<String> {
     args.push("--http-addr".into());
     args.push(format!("{ip}:0"));
     args
+}
+
+/// Fake agents would report the host's real data volume, so a build
+/// machine's full disk would put every test node under disk backpressure.
+/// Unless a test already wrote its own `fake-state.json`, give the agent a
+/// roomy fake disk (100 GiB used of 1 TiB).
+fn give_fake_disk(agent_dir: &Path) -> anyhow::Result<()> {
+    let state = agent_dir.join("fake-state.json");
+    if state.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(agent_dir)?;
+    std::fs::write(
+        state,
+        format!(
+            r#"{{"disk_used_bytes": {}, "disk_total_bytes": {}}}"#,
+            100u64 << 30,
+            1u64 << 40
+        ),
+    )?;
+    Ok(())
 }
 
 /// A free TCP port on `ip` (bound and released; the caller binds it next).
