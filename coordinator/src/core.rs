@@ -631,7 +631,7 @@ impl Core {
             }
             Request::ClusterView { reply } => {
                 let result = if self.leader {
-                    Ok(self.cluster_view(now))
+                    Ok(self.cluster_view())
                 } else {
                     Err(CoordinatorError::NotLeader {
                         leader: self.raft.as_ref().and_then(|r| r.status().leader_url),
@@ -1506,8 +1506,7 @@ impl Core {
                     cpu_millis_reserved: host.cpu_millis,
                     memory_total: node.memory_total,
                     memory_reserved: host.memory,
-                    disk_total: health
-                        .map_or(node.disk_total, |h| h.disk_total.max(node.disk_total)),
+                    disk_total: self.disk_total(node),
                     disk_used: health.map_or(0, |h| h.disk_used),
                     disk_reserved: host.disk,
                     disk_pressure: health.is_some_and(|h| h.disk_pressure),
@@ -1522,11 +1521,24 @@ impl Core {
             now_ms: now,
             nodes,
             locks: self.state.locks().clone(),
-            policy: Policy {
-                gpu_headroom: self.config.gpu_headroom,
-                ..Policy::default()
-            },
+            policy: self.policy(),
         }
+    }
+
+    /// The placement policy of every pass.
+    fn policy(&self) -> Policy {
+        Policy {
+            gpu_headroom: self.config.gpu_headroom,
+            ..Policy::default()
+        }
+    }
+
+    /// A node's data-volume size: the agent's latest report, or what it
+    /// registered with.
+    fn disk_total(&self, node: &crate::domain::NodeRecord) -> u64 {
+        self.health
+            .get(&node.name)
+            .map_or(node.disk_total, |h| h.disk_total.max(node.disk_total))
     }
 
     /// A registered node's state as placement and `gantry nodes` see it:
@@ -1632,7 +1644,7 @@ impl Core {
     }
 
     /// What `/metrics` reports of the cluster (leader only).
-    fn cluster_view(&self, now: u64) -> ClusterView {
+    fn cluster_view(&self) -> ClusterView {
         let mut jobs = std::collections::BTreeMap::new();
         for job in self.state.jobs() {
             *jobs
@@ -1642,14 +1654,22 @@ impl Core {
                 ))
                 .or_default() += 1;
         }
-        let snapshot = self.snapshot(now);
-        let fleet = gantry_scheduler::disk::FleetPressure::measure(&snapshot.nodes);
+        // Counted as a pass counts it, without building a whole snapshot.
+        let mut fleet = gantry_scheduler::disk::FleetPressure::default();
+        for node in self.state.nodes() {
+            fleet.count(
+                self.node_state(node),
+                node.draining,
+                self.disk_total(node),
+                self.health.get(&node.name).is_some_and(|h| h.disk_pressure),
+            );
+        }
         ClusterView {
             nodes: self.nodes_to_proto(),
             jobs,
             dlq: self.state.dead_lettered().count() as u64,
             agents_connected: self.sessions.len() as u64,
-            fleet_disk_pressure: fleet.is_pressured(snapshot.policy.fleet_pressure_fraction),
+            fleet_disk_pressure: fleet.is_pressured(self.policy().fleet_pressure_fraction),
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use gantry_integration_tests::{Sandbox, pid_alive, wait_until};
+use gantry_integration_tests::{Sandbox, http_get, parse_samples, pid_alive, wait_until};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -149,6 +149,22 @@ fn selfplay_avoids_a_node_whose_disk_is_above_the_watermark() -> anyhow::Result<
             .then_some(job)
     })?;
     assert_eq!(job["state"], "pending");
+    // The leader's metrics say the same: the node and the fleet pressured.
+    let pressure = |http: &str| -> Option<(f64, f64)> {
+        let body = http_get(http, "/metrics", None).ok()?.body;
+        let samples = parse_samples(&body);
+        let value = |name: &str| {
+            samples
+                .iter()
+                .find(|(n, l, _)| n == name && l.get("node").is_none_or(|node| node == "full"))
+                .map(|(_, _, v)| *v)
+        };
+        Some((
+            value("gantry_node_disk_pressure")?,
+            value("gantry_fleet_disk_pressure")?,
+        ))
+    };
+    assert_eq!(pressure(&coordinator.http), Some((1.0, 1.0)));
     // Pressure clears below the low watermark and the job runs.
     std::fs::write(
         sandbox.agent_dir("full").join("fake-state.json"),
@@ -156,5 +172,6 @@ fn selfplay_avoids_a_node_whose_disk_is_above_the_watermark() -> anyhow::Result<
     )?;
     let job = sandbox.wait_job_state(&url, held, "succeeded", T)?;
     assert_eq!(job["attempts"][0]["node"], "full");
+    assert_eq!(pressure(&coordinator.http), Some((0.0, 0.0)));
     Ok(())
 }

@@ -81,13 +81,24 @@ impl FleetPressure {
     pub fn measure<'a>(nodes: impl IntoIterator<Item = &'a NodeView>) -> Self {
         let mut out = FleetPressure::default();
         for node in nodes {
-            if node.state != NodeState::Ready || node.draining || node.disk_total == 0 {
-                continue;
-            }
-            out.nodes += 1;
-            out.pressured += usize::from(node.disk_pressure);
+            out.count(
+                node.state,
+                node.draining,
+                node.disk_total,
+                node.disk_pressure,
+            );
         }
         out
+    }
+
+    /// Counts one node, as [`FleetPressure::measure`] does, for callers that
+    /// have its figures but no [`NodeView`].
+    pub fn count(&mut self, state: NodeState, draining: bool, disk_total: u64, pressured: bool) {
+        if state != NodeState::Ready || draining || disk_total == 0 {
+            return;
+        }
+        self.nodes += 1;
+        self.pressured += usize::from(pressured);
     }
 
     /// Whether at least `fraction` of the fleet is pressured.
