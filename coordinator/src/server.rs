@@ -213,17 +213,11 @@ fn tls_incoming(
     listener: TcpListener,
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
     shutdown: CancellationToken,
-) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
-    let (tx, rx) = mpsc::channel(64);
-    let mut handshaken = accept_tls(listener, tls, shutdown);
-    tokio::spawn(async move {
-        while let Some((stream, _)) = handshaken.recv().await {
-            if tx.send(Ok(stream)).await.is_err() {
-                return;
-            }
-        }
-    });
-    ReceiverStream::new(rx)
+) -> impl tokio_stream::Stream<
+    Item = std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+> {
+    use tokio_stream::StreamExt as _;
+    ReceiverStream::new(accept_tls(listener, tls, shutdown)).map(|(stream, _)| Ok(stream))
 }
 
 /// Connections whose TLS handshake succeeded, with the peer address.

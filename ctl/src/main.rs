@@ -510,17 +510,18 @@ fn parse_batch_tiers(text: &str) -> Result<BatchTiers, String> {
         .map(BatchTiers)
 }
 
-/// `--http-addr`: an address, or `off`.
-#[derive(Clone, Copy, Debug)]
-struct HttpAddr(Option<SocketAddr>);
-
-fn parse_http_addr(text: &str) -> Result<HttpAddr, String> {
-    if text == "off" {
-        return Ok(HttpAddr(None));
+/// `--http-addr` (or the settings file's `http_addr`, named by `source`):
+/// an address, or `off`; absent means the design's default.
+fn resolve_http_addr(text: Option<&str>, source: &str) -> Result<Option<SocketAddr>, CliError> {
+    match text {
+        None => Ok(Some(DEFAULT_HTTP_ADDR)),
+        Some("off") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(|e| {
+            CliError::invalid(format!(
+                "{source}: expected IP:PORT or `off`, got {text:?}: {e}"
+            ))
+        }),
     }
-    text.parse()
-        .map(|addr| HttpAddr(Some(addr)))
-        .map_err(|e| format!("expected IP:PORT or `off`, got {text:?}: {e}"))
 }
 
 /// The design's default HTTP address.
@@ -639,16 +640,15 @@ async fn main() -> ExitCode {
                 Ok(security) => security,
                 Err(error) => return fail(CliError::invalid(error)),
             };
-            let http_addr = match (http_addr, file.http_addr) {
-                (Some(text), _) => match parse_http_addr(&text) {
-                    Ok(HttpAddr(addr)) => addr,
-                    Err(e) => return fail(CliError::invalid(format!("--http-addr: {e}"))),
-                },
-                (None, Some(text)) => match parse_http_addr(&text) {
-                    Ok(HttpAddr(addr)) => addr,
-                    Err(e) => return fail(CliError::invalid(format!("--config: http_addr: {e}"))),
-                },
-                (None, None) => Some(DEFAULT_HTTP_ADDR),
+            let resolved = match (http_addr, file.http_addr) {
+                (Some(text), _) => resolve_http_addr(Some(&text), "--http-addr"),
+                (None, file_value) => {
+                    resolve_http_addr(file_value.as_deref(), "--config: http_addr")
+                }
+            };
+            let http_addr = match resolved {
+                Ok(addr) => addr,
+                Err(error) => return fail(error),
             };
             init_logging(cli.log_format);
             let options = daemon::CoordinatorOptions {
@@ -707,10 +707,9 @@ async fn main() -> ExitCode {
             data_dir,
             fake_gpus,
         } => {
-            let http_addr = match http_addr.as_deref().map(parse_http_addr) {
-                None => Some(DEFAULT_HTTP_ADDR),
-                Some(Ok(HttpAddr(addr))) => addr,
-                Some(Err(e)) => return fail(CliError::invalid(format!("--http-addr: {e}"))),
+            let http_addr = match resolve_http_addr(http_addr.as_deref(), "--http-addr") {
+                Ok(addr) => addr,
+                Err(error) => return fail(error),
             };
             init_logging(cli.log_format);
             let options = daemon::CoordinatorOptions {
