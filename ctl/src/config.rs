@@ -79,7 +79,11 @@ impl CoordinatorFile {
     }
 }
 
-/// The security settings of the coordinator's settings file.
+/// The security settings of the coordinator's settings file, taken apart
+/// before the other fields are moved out. The fields are repeated in
+/// [`CoordinatorFile`] rather than `#[serde(flatten)]`ed because serde
+/// cannot combine `flatten` with `deny_unknown_fields`, and a misspelt key
+/// must stay an error.
 #[derive(Debug, Default, Clone)]
 pub struct SecurityFile {
     /// `--tls-cert`.
