@@ -14,6 +14,8 @@ use crate::domain::{
 };
 use crate::error::CoordinatorError;
 
+pub mod agent;
+
 /// Most jobs in one submission.
 pub const MAX_JOBS_PER_SUBMIT: usize = 10_000;
 /// Most bytes of one submit request.

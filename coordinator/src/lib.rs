@@ -5,6 +5,8 @@
 //! - [`service`]: tonic services, thin adapters over the core.
 //! - [`core`]: the thread that owns hard state, soft state and agent
 //!   sessions, and runs scheduling passes.
+//! - [`decide`]: the core's decisions as pure functions of state and
+//!   time (commands to propose, messages to send), tested as data.
 //! - [`command`] + [`state`]: every hard-state change is a [`Command`]
 //!   applied by [`StateMachine::apply`].
 //! - [`store`]: sled persistence of the state machine.
@@ -26,6 +28,7 @@ pub mod auth;
 pub mod command;
 pub mod convert;
 pub mod core;
+pub mod decide;
 pub mod domain;
 pub mod error;
 pub mod health;
