@@ -188,6 +188,11 @@ enum Command {
         /// without it the coordinator is a single voter.
         #[arg(long)]
         peers: Option<String>,
+        /// Name mixed into the cluster id when the cluster is created (give
+        /// clusters with the same replica ids on one network distinct
+        /// names); later starts use the stored id and ignore it.
+        #[arg(long, default_value = "")]
+        cluster_name: String,
         #[command(flatten)]
         security: CoordinatorSecurityArgs,
     },
@@ -568,8 +573,14 @@ async fn main() -> ExitCode {
             oom_signatures,
             id,
             peers,
+            cluster_name,
             security,
         } => {
+            if cluster_name.len() > 128 || cluster_name.chars().any(char::is_control) {
+                return fail(CliError::invalid(
+                    "--cluster-name: at most 128 bytes, no control characters",
+                ));
+            }
             let inventory = match inventory {
                 None => Vec::new(),
                 Some(path) => match inventory::read_inventory(&path) {
@@ -659,6 +670,7 @@ async fn main() -> ExitCode {
                 gpu_headroom,
                 id,
                 peers,
+                cluster_name,
                 oom_signatures,
                 raft_compact_after,
                 max_heartbeat_rate,
@@ -719,6 +731,7 @@ async fn main() -> ExitCode {
                 gpu_headroom: 0,
                 id: 1,
                 peers: BTreeMap::new(),
+                cluster_name: String::new(),
                 oom_signatures: Vec::new(),
                 raft_compact_after: None,
                 max_heartbeat_rate: None,
