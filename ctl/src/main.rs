@@ -556,8 +556,20 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+fn main() -> ExitCode {
+    // The agent re-executes itself in this hidden mode to copy a snapshot as
+    // the job's user; it drops privileges, so it runs before any runtime.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == gantry_agent::snapshot::as_user::HELPER_ARG)
+    {
+        return gantry_agent::snapshot::as_user::helper_main();
+    }
+    cli_main()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Coordinator {
