@@ -397,6 +397,10 @@ pub fn next_attempt(
     }
 }
 
+/// Longest wait for one submit attempt's answer. A submit commits in
+/// milliseconds; a retry after a slow one is safe (same key).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Submits `request` (whose submission key must be set) to the leader,
 /// retrying transport errors, not-leader answers and elections with the same
 /// key until `retry_for` has passed, following the leader's address and the
@@ -420,11 +424,13 @@ pub async fn submit(
         let (failure, error) = match connect_leader(&setup, deadline, !sent).await {
             Ok(mut client) => {
                 sent = true;
-                // A call may not outlive the deadline (a partition sends no
-                // reset), but gets at least a second.
+                // A leader that hangs (stopped, partitioned: no reset comes)
+                // must not hold the whole deadline: an attempt gets at most
+                // ATTEMPT_TIMEOUT, then the key is tried elsewhere; at least
+                // a second, so a last attempt can still succeed.
                 let left = deadline
                     .saturating_duration_since(Instant::now())
-                    .max(Duration::from_secs(1));
+                    .clamp(Duration::from_secs(1), ATTEMPT_TIMEOUT);
                 match tokio::time::timeout(left, client.submit(request.clone())).await {
                     Ok(Ok(response)) => return Ok(response.into_inner()),
                     Ok(Err(status)) => (classify(&status), CliError::from(status)),
