@@ -209,7 +209,7 @@ fn a_long_pipeline_prints_fast_and_stays_readable() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
     let coordinator = sandbox.start_coordinator("coordinator", 0, None)?;
     let url = coordinator.url.clone();
-    let stages = 5_000;
+    let stages = 10_000;
     let mut spec = String::from("pipeline: chain\njobs:\n");
     // Listed last stage first, so dependency order is not file order.
     for i in (0..stages).rev() {
