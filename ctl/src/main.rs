@@ -3,7 +3,8 @@
 //! `drain`, `undrain`, `status`, `watch`).
 //!
 //! Layout: `daemon.rs` starts daemons, `client.rs` finds the cluster and maps
-//! failures to exit codes, `spec.rs` parses job files (`yaml_limits.rs` bounds them first),
+//! failures to exit codes, `submit.rs` retries a submit with its key,
+//! `spec.rs` parses job files (`yaml_limits.rs` bounds them first),
 //! `output.rs` escapes and prints.
 
 mod certs;
@@ -14,6 +15,7 @@ mod inventory;
 mod output;
 mod security;
 mod spec;
+mod submit;
 mod yaml_limits;
 
 use std::collections::BTreeMap;
@@ -985,7 +987,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
         pipeline: pipeline.unwrap_or_default(),
     };
     let retry_for = std::time::Duration::from_millis(args.retry_for);
-    let response = client::submit(&args.client, request, retry_for).await?;
+    let response = submit::submit(&args.client, request, retry_for).await?;
     match args.client.output {
         Format::Json => print_json(&serde_json::json!({ "job_ids": response.job_ids })),
         Format::Table => {
