@@ -14,11 +14,6 @@ use serde::de::{self, Deserializer, Visitor};
 /// Largest spec file accepted.
 pub const MAX_SPEC_FILE_BYTES: u64 = 4 << 20;
 
-/// Deepest YAML nesting accepted in a spec file (as estimated by
-/// `yaml_limits::nesting_depth`). A pipeline of jobs with batch tiers nests
-/// about 7 levels; the YAML parser gets slow in the thousands.
-pub const MAX_SPEC_DEPTH: usize = 64;
-
 /// A size: plain bytes or a string with a unit.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Size(pub i64);
@@ -472,9 +467,10 @@ pub struct ParsedSpec {
 }
 
 /// Parses the text of a spec file into wire specs; refuses nesting deeper
-/// than [`MAX_SPEC_DEPTH`] before the parser sees the text.
+/// than `yaml_limits::MAX_YAML_DEPTH` before the parser sees the text.
 pub fn parse_spec_text(text: &str, source: &str) -> Result<ParsedSpec, SpecError> {
-    crate::yaml_limits::check_depth(text, MAX_SPEC_DEPTH, source).map_err(SpecError)?;
+    use crate::yaml_limits::{MAX_YAML_DEPTH, check_depth};
+    check_depth(text, MAX_YAML_DEPTH, source).map_err(SpecError)?;
     let mut values = Vec::new();
     for (doc_index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml_ng::Value::deserialize(document)
