@@ -545,15 +545,7 @@ mod tests {
         assert!(err.contains("snapshot cancelled"), "{err}");
     }
 
-    /// The job user of the `--run-as` tests; `None` (test skipped) unless
-    /// the tests run as root, the only agent that can switch users.
-    fn nobody() -> Option<RunAs> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: switching users needs root");
-            return None;
-        }
-        Some(RunAs::resolve("nobody").unwrap())
-    }
+    use crate::jobfs::nobody;
 
     fn chmod(path: &Path, mode: u32) {
         use std::os::unix::fs::PermissionsExt;

@@ -676,12 +676,8 @@ async fn jobs_without_a_reservation_are_measured_not_policed() {
 /// A harness whose jobs run as `nobody`; `None` (test skipped) unless the
 /// tests run as root. The data directory is opened to the job user.
 fn harness_as_nobody() -> Option<Harness> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: --run-as needs root");
-        return None;
-    }
+    let user = crate::jobfs::nobody()?;
     let mut h = harness();
-    let user = crate::config::RunAs::resolve("nobody").unwrap();
     let (tx, events) = mpsc::unbounded_channel();
     h.executor = Executor::new(
         ExecutorConfig {
