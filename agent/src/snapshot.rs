@@ -45,7 +45,8 @@
 //! keep their permission bits; directories get the agent's default mode.
 //!
 //! Copying is synchronous; the executor runs it under `spawn_blocking` and can
-//! interrupt it between chunks through a cancel flag.
+//! interrupt it through a cancel flag (checked between chunks in process; a
+//! helper process is killed).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek};
