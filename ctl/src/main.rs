@@ -928,8 +928,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 )));
             }
             let timeout_ms = match &args.timeout {
-                Some(text) => gantry_scheduler::units::parse_duration_ms(text)
-                    .map_err(|e| CliError::invalid(format!("--timeout: {e}")))?,
+                Some(text) => spec::parse_timeout(text).map_err(CliError::invalid)?,
                 None => 0,
             };
             if args.max_attempts == Some(0) {
