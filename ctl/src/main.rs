@@ -492,7 +492,7 @@ fn parse_batch_tiers(text: &str) -> Result<BatchTiers, String> {
         .map(|tier| {
             let (min_free, size) = match tier.split_once(':') {
                 Some((min, size)) => (
-                    parse_bytes(min).map_err(|e| format!("{tier:?}: {e}"))? as i64,
+                    spec::parse_wire_bytes(min).map_err(|e| format!("{tier:?}: {e}"))?,
                     size,
                 ),
                 None => (0, tier),
@@ -910,15 +910,13 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 ));
             }
             let gpu_memory = match &args.gpu_memory {
-                Some(text) => parse_bytes(text)
-                    .map_err(|e| CliError::invalid(format!("--gpu-memory: {e}")))?
-                    as i64,
+                Some(text) => spec::parse_wire_bytes(text)
+                    .map_err(|e| CliError::invalid(format!("--gpu-memory: {e}")))?,
                 None => 0,
             };
             let memory = match &args.memory {
-                Some(text) => parse_bytes(text)
-                    .map_err(|e| CliError::invalid(format!("--memory: {e}")))?
-                    as i64,
+                Some(text) => spec::parse_wire_bytes(text)
+                    .map_err(|e| CliError::invalid(format!("--memory: {e}")))?,
                 None => 0,
             };
             let cpus = args.cpus.unwrap_or(0.0);

@@ -56,6 +56,13 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// A size flag (`--gpu-memory 12GiB`) as the wire's signed bytes: what does
+/// not fit is refused, not wrapped to a negative number.
+pub fn parse_wire_bytes(text: &str) -> Result<i64, String> {
+    let bytes = parse_bytes(text).map_err(|e| e.to_string())?;
+    i64::try_from(bytes).map_err(|_| format!("{} is too large", text.trim()))
+}
+
 /// A duration: `500ms`, `30s`, `6h`, or plain seconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DurationMs(pub u64);
@@ -710,6 +717,11 @@ after: [export-sq8-2p]
             let jobs = parse(&format!("command: [a]\n{line}\n")).expect(line);
             assert_eq!(jobs[0].timeout_ms, expect, "{line}");
         }
+        assert_eq!(parse_wire_bytes("1KiB"), Ok(1024));
+        assert_eq!(
+            parse_wire_bytes("9300000TB"),
+            Err("9300000TB is too large".into())
+        );
         let flags: Vec<(&str, Result<u64, &str>)> = vec![
             ("none", Ok(0)),
             ("6h", Ok(6 * 3_600_000)),

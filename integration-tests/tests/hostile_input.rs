@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use gantry_integration_tests::Sandbox;
+use gantry_integration_tests::{CliOutput, Sandbox};
 use gantry_proto as pb;
 
 /// What a refused request must leave as it was.
@@ -230,25 +230,63 @@ fn cli_refusals_name_the_field_and_store_nothing() -> anyhow::Result<()> {
         std::fs::write(&path, &text)?;
         let started = Instant::now();
         let out = sandbox.gantry(&url, &["submit", "-f", &path_arg]);
-        let took = started.elapsed();
         if what.starts_with("10,000") {
-            println!("cli {what}: refused in {took:?}");
+            println!("cli {what}: refused in {:?}", started.elapsed());
         }
-        let stderr = out.stderr.trim();
-        assert_eq!(out.code, 2, "{what}: exit code 2 expected, got {out:?}");
-        assert_eq!(stderr.lines().count(), 1, "{what}: one line: {stderr:.300}");
-        assert!(stderr.len() < 400, "{what}: short: {stderr:.400}");
-        assert!(
-            stderr.contains(expected),
-            "{what}: {stderr:?} should contain {expected:?}"
-        );
-        assert_eq!(cli_mark(&sandbox, &url)?, before, "{what}: nothing stored");
-        sandbox.submit(&url, &["--", "true"])?;
-        let after = cli_mark(&sandbox, &url)?;
-        assert_eq!(after.jobs, before.jobs + 1, "{what}: still takes writes");
-        before = after;
+        before = assert_refused(&sandbox, &url, what, &out, expected, before)?;
+    }
+
+    // Flags get the same treatment.
+    let flags: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "--timeout 0",
+            vec!["--timeout", "0", "--", "true"],
+            "--timeout: must be more than zero",
+        ),
+        (
+            "--gpu-memory past i64",
+            vec!["--gpus", "1", "--gpu-memory", "9300000TB", "--", "true"],
+            "--gpu-memory: 9300000TB is too large",
+        ),
+        (
+            "--priority wrapping",
+            vec!["--priority=-2147483648", "--", "true"],
+            "jobs[0].priority: -2147483648 is outside",
+        ),
+    ];
+    for (what, args, expected) in flags {
+        let mut all = vec!["submit"];
+        all.extend(args);
+        let out = sandbox.gantry(&url, &all);
+        before = assert_refused(&sandbox, &url, what, &out, expected, before)?;
     }
     Ok(())
+}
+
+/// Checks one CLI refusal: exit code 2, one short line containing
+/// `expected`, nothing stored; then that a write still goes through.
+/// Returns the mark after that write.
+fn assert_refused(
+    sandbox: &Sandbox,
+    url: &str,
+    what: &str,
+    out: &CliOutput,
+    expected: &str,
+    before: Mark,
+) -> anyhow::Result<Mark> {
+    let stderr = out.stderr.trim();
+    assert_eq!(out.code, 2, "{what}: exit code 2 expected, got {out:?}");
+    assert_eq!(stderr.lines().count(), 1, "{what}: one line: {stderr:.300}");
+    assert!(stderr.len() < 400, "{what}: short: {stderr:.400}");
+    assert!(
+        stderr.contains(expected),
+        "{what}: {stderr:?} should contain {expected:?}"
+    );
+    assert_eq!(cli_mark(sandbox, url)?, before, "{what}: nothing stored");
+    sandbox.submit(url, &["--", "true"])?;
+    let after = cli_mark(sandbox, url)?;
+    assert_eq!(after.jobs, before.jobs + 1, "{what}: still takes writes");
+    Ok(after)
 }
 
 fn job() -> pb::JobSpec {
