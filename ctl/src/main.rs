@@ -512,7 +512,7 @@ fn parse_batch_tiers(text: &str) -> Result<BatchTiers, String> {
         .map(|tier| {
             let (min_free, size) = match tier.split_once(':') {
                 Some((min, size)) => (
-                    parse_bytes(min).map_err(|e| format!("{tier:?}: {e}"))? as i64,
+                    spec::parse_wire_bytes(min).map_err(|e| format!("{tier:?}: {e}"))?,
                     size,
                 ),
                 None => (0, tier),
@@ -952,15 +952,13 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 ));
             }
             let gpu_memory = match &args.gpu_memory {
-                Some(text) => parse_bytes(text)
-                    .map_err(|e| CliError::invalid(format!("--gpu-memory: {e}")))?
-                    as i64,
+                Some(text) => spec::parse_wire_bytes(text)
+                    .map_err(|e| CliError::invalid(format!("--gpu-memory: {e}")))?,
                 None => 0,
             };
             let memory = match &args.memory {
-                Some(text) => parse_bytes(text)
-                    .map_err(|e| CliError::invalid(format!("--memory: {e}")))?
-                    as i64,
+                Some(text) => spec::parse_wire_bytes(text)
+                    .map_err(|e| CliError::invalid(format!("--memory: {e}")))?,
                 None => 0,
             };
             let cpus = args.cpus.unwrap_or(0.0);
@@ -970,8 +968,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 )));
             }
             let timeout_ms = match &args.timeout {
-                Some(text) => gantry_scheduler::units::parse_duration_ms(text)
-                    .map_err(|e| CliError::invalid(format!("--timeout: {e}")))?,
+                Some(text) => spec::parse_timeout(text).map_err(CliError::invalid)?,
                 None => 0,
             };
             if args.max_attempts == Some(0) {
