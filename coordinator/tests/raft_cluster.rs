@@ -725,3 +725,25 @@ async fn failed_snapshot_stops_the_replica_and_keeps_the_log() {
     node.stop().await;
     assert!(handle.status().fatal.is_none(), "a requested stop is not fatal");
 }
+
+/// (g) The cluster id is fixed when the cluster is created: a restart with
+/// another `--cluster-name` keeps the stored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_id_is_stored_at_creation() {
+    log::init();
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        let db = open_db(dir.path());
+        let mut config =
+            RaftConfig::for_test(1, BTreeMap::from([(1, "http://127.0.0.1:1".into())]));
+        config.cluster_name = name.to_string();
+        RaftNode::start(config, &db, Toy::default(), &CancellationToken::new()).unwrap()
+    };
+    let node = start("first");
+    let created = node.handle().status().cluster_id;
+    assert_eq!(created, gantry_coordinator::raft::cluster_id(&[1], "first"));
+    node.stop().await;
+    let node = start("second");
+    assert_eq!(node.handle().status().cluster_id, created);
+    node.stop().await;
+}
