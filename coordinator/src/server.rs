@@ -587,3 +587,68 @@ async fn count_leader_changes(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A core that has stopped is an error for every call of the Raft
+    /// driver, never a default (an empty reply, an empty snapshot, index 0).
+    #[test]
+    fn a_stopped_core_is_an_error_not_a_default() {
+        let (requests, inbox) = std_mpsc::channel();
+        drop(inbox);
+        let mut app = CoreApp { requests };
+        let stopped = |result: Result<(), String>| {
+            assert_eq!(result.unwrap_err(), "the coordinator core has stopped");
+        };
+        stopped(app.apply(1, b"{}").map(drop));
+        stopped(app.snapshot().map(drop));
+        stopped(app.applied_index().map(drop));
+        stopped(app.restore(1, b"{}"));
+    }
+
+    /// A core that answers without replying (it died handling the request)
+    /// is an error too.
+    #[test]
+    fn a_core_that_drops_the_reply_is_an_error() {
+        let (requests, inbox) = std_mpsc::channel::<Request>();
+        let core = std::thread::spawn(move || {
+            while let Ok(request) = inbox.recv() {
+                drop(request);
+            }
+        });
+        let app = CoreApp { requests };
+        assert!(app.snapshot().is_err());
+        assert!(app.applied_index().is_err());
+        drop(app);
+        core.join().unwrap();
+    }
+
+    #[test]
+    fn snapshots_are_checked_before_install() {
+        let (requests, _inbox) = std_mpsc::channel();
+        let app = CoreApp { requests };
+        assert!(app.check_snapshot(b"not json").unwrap_err().contains("undecodable snapshot"));
+        let empty = crate::store::StateSnapshot {
+            jobs: Vec::new(),
+            nodes: Vec::new(),
+            submissions: Vec::new(),
+            estimates: Vec::new(),
+            events: Vec::new(),
+            leader_term: 0,
+        };
+        app.check_snapshot(&serde_json::to_vec(&empty).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_failure_keeps_its_first_reason() {
+        let failure = Failure::default();
+        assert_eq!(failure.reason(), None);
+        failure.set("first");
+        failure.set("second");
+        assert_eq!(failure.reason(), Some("first"));
+    }
+}
