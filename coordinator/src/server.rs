@@ -383,7 +383,9 @@ pub async fn start(
                 Ok(Ok(())) if core_shutdown.is_cancelled() => return,
                 Ok(Ok(())) => "stopped before the coordinator did".to_string(),
                 Ok(Err(error)) => error,
-                Err(payload) => format!("panicked: {}", panic_text(&*payload)),
+                Err(payload) => {
+                    format!("panicked: {}", crate::raft::node::panic_message(&*payload))
+                }
             };
             tracing::error!(%reason, "coordinator core thread stopped");
             core_failure.set(format!("coordinator core {reason}"));
@@ -496,17 +498,6 @@ pub async fn start(
         core: core_thread,
         failure,
     })
-}
-
-/// The text of a panic's payload.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_string()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "(no message)".to_string()
-    }
 }
 
 /// Turns a Raft driver that stopped on its own, or a core [`Failure`],

@@ -148,24 +148,12 @@ fn forged_raft_messages_are_refused_and_writes_go_on() -> anyhow::Result<()> {
         // A member's id with an out-of-range commit passes the envelope (the
         // id cannot be proven without mutual TLS) but never reaches raft-rs;
         // so does a message whose own sender disagrees with its batch.
-        send(
-            &runtime,
-            url,
-            id,
-            other,
-            me,
-            &heartbeat(other, me, term, 1_000_000_000),
-        )
-        .unwrap();
-        send(
-            &runtime,
-            url,
-            id,
-            other,
-            me,
-            &heartbeat(77, me, term + 1_000, 0),
-        )
-        .unwrap();
+        for passes in [
+            heartbeat(other, me, term, 1_000_000_000),
+            heartbeat(77, me, term + 1_000, 0),
+        ] {
+            send(&runtime, url, id, other, me, &passes).unwrap();
+        }
     }
 
     // Every replica still runs, healthy and ready, at the same term, and
