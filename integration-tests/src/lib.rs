@@ -4,7 +4,11 @@
 //! process it started when dropped.
 
 pub mod check;
+pub mod ledger;
+pub mod load;
+pub mod nemesis;
 pub mod proxy;
+pub mod verdict;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -25,6 +29,11 @@ pub fn gantry_bin() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
+    // A binary (gantry-bench) sits beside it: target/release/gantry.
+    let beside = exe.with_file_name("gantry");
+    if beside.is_file() {
+        return beside;
+    }
     // target/debug/deps/test-xxxx -> target/debug/gantry
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     dir.join("gantry")
@@ -145,6 +154,23 @@ impl CliOutput {
                 self.stdout, self.stderr
             )
         })
+    }
+}
+
+/// Runs `gantry ARGS` against `url` with extra environment, to
+/// completion; needs no sandbox, so other threads (a load generator) can.
+pub fn run_gantry(url: &str, env: &[(String, String)], args: &[&str]) -> CliOutput {
+    let output = Command::new(gantry_bin())
+        .args(args)
+        .env("GANTRY_ADDR", url)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gantry");
+    CliOutput {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 
@@ -368,18 +394,7 @@ impl Sandbox {
 
     /// Runs `gantry ARGS --addr URL` to completion.
     pub fn gantry(&self, url: &str, args: &[&str]) -> CliOutput {
-        let output = Command::new(gantry_bin())
-            .args(args)
-            .env("GANTRY_ADDR", url)
-            .envs(self.client_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run gantry");
-        CliOutput {
-            code: output.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        run_gantry(url, &self.client_env, args)
     }
 
     /// Runs a client command with `-o json` and parses its output; fails on a non-zero exit.
