@@ -691,7 +691,10 @@ async fn failed_snapshot_stops_the_replica_and_keeps_the_log() {
             break;
         }
     }
-    assert!(stopped.is_some(), "proposals went on after a failed snapshot");
+    assert!(
+        stopped.is_some(),
+        "proposals went on after a failed snapshot"
+    );
     wait_until("driver stops", || !handle.status().running).await;
     let status = handle.status();
     assert!(!status.is_leader, "a stopped replica does not lead");
@@ -723,7 +726,10 @@ async fn failed_snapshot_stops_the_replica_and_keeps_the_log() {
     assert_eq!(fresh.values()[..applied.len()], applied[..]);
     assert!(fresh.restores().is_empty());
     node.stop().await;
-    assert!(handle.status().fatal.is_none(), "a requested stop is not fatal");
+    assert!(
+        handle.status().fatal.is_none(),
+        "a requested stop is not fatal"
+    );
 }
 
 /// (g) The cluster id is fixed when the cluster is created: a restart with

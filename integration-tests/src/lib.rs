@@ -120,7 +120,8 @@ impl Proc {
     /// status, or `None` if it still runs (or was already reaped).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let child = self.child.as_mut()?;
-        let status = wait_until("process exit", timeout, || child.try_wait().ok().flatten()).ok()?;
+        let status =
+            wait_until("process exit", timeout, || child.try_wait().ok().flatten()).ok()?;
         self.child = None;
         Some(status)
     }

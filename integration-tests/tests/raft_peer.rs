@@ -117,22 +117,43 @@ fn forged_raft_messages_are_refused_and_writes_go_on() -> anyhow::Result<()> {
         }
         // Another cluster (or a replica of an older version: no id).
         for wrong in [id ^ 1, 0] {
-            let (code, text) =
-                send(&runtime, url, wrong, other, me, &heartbeat(other, me, term, 0)).unwrap_err();
+            let (code, text) = send(
+                &runtime,
+                url,
+                wrong,
+                other,
+                me,
+                &heartbeat(other, me, term, 0),
+            )
+            .unwrap_err();
             assert_eq!(code, tonic::Code::PermissionDenied, "{text}");
             assert!(text.contains("is not this cluster's"), "{text}");
         }
         // Addressed to another replica.
         let third = 6 - me - other;
-        let (code, text) =
-            send(&runtime, url, id, other, third, &heartbeat(other, third, term, 0)).unwrap_err();
+        let (code, text) = send(
+            &runtime,
+            url,
+            id,
+            other,
+            third,
+            &heartbeat(other, third, term, 0),
+        )
+        .unwrap_err();
         assert_eq!(code, tonic::Code::PermissionDenied, "{text}");
-        assert!(text.contains(&format!("addressed to replica {third}")), "{text}");
+        assert!(
+            text.contains(&format!("addressed to replica {third}")),
+            "{text}"
+        );
         // A member's id with an out-of-range commit passes the envelope (the
         // id cannot be proven without mutual TLS) but never reaches raft-rs;
         // so does a message whose own sender disagrees with its batch.
-        send(&runtime, url, id, other, me, &heartbeat(other, me, term, 1_000_000_000)).unwrap();
-        send(&runtime, url, id, other, me, &heartbeat(77, me, term + 1_000, 0)).unwrap();
+        for passes in [
+            heartbeat(other, me, term, 1_000_000_000),
+            heartbeat(77, me, term + 1_000, 0),
+        ] {
+            send(&runtime, url, id, other, me, &passes).unwrap();
+        }
     }
 
     // Every replica still runs, healthy and ready, at the same term, and
@@ -145,23 +166,25 @@ fn forged_raft_messages_are_refused_and_writes_go_on() -> anyhow::Result<()> {
             (http_get(&http, "/readyz", None).ok()?.status == 200).then_some(())
         })?;
         assert_eq!(http_get(&http, "/healthz", None)?.status, 200);
-        let now = status(&sandbox, url)?["raft_term"].as_u64().context("term")?;
+        let now = status(&sandbox, url)?["raft_term"]
+            .as_u64()
+            .context("term")?;
         assert_eq!(now, term, "replica {} changed term", i + 1);
     }
     for _ in 0..3 {
         submit(&sandbox, &addrs)?;
     }
     // Refusals are logged with the peer's address.
-    let log = plain(&sandbox.log(&format!(
-        "replica-1-{}",
-        set.procs[0].context("replica 1")?
-    )));
+    let log = plain(&sandbox.log(&format!("replica-1-{}", set.procs[0].context("replica 1")?)));
     assert!(
         log.lines()
             .any(|line| line.contains("refused a raft message") && line.contains("peer=127.0.0.1:")),
         "{log}"
     );
-    assert!(log.contains("commit 1000000000 is past the last log index"), "{log}");
+    assert!(
+        log.contains("commit 1000000000 is past the last log index"),
+        "{log}"
+    );
     Ok(())
 }
 

@@ -359,8 +359,8 @@ fn app_applied_index<A: ReplicatedStateMachine>(app: &A) -> Result<u64, RaftErro
     })
 }
 
-/// The text of a panic's payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+/// The text of a panic's payload (for the reason a dead thread gives).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
         (*text).to_string()
     } else if let Some(text) = payload.downcast_ref::<String>() {
@@ -718,9 +718,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             leader_url: leader_id.and_then(|id| self.urls.get(&id).cloned()),
             term: raft.term,
             // A stopped replica leads nothing, whatever raft-rs last knew.
-            is_leader: running
-                && raft.state == StateRole::Leader
-                && self.applied_term == raft.term,
+            is_leader: running && raft.state == StateRole::Leader && self.applied_term == raft.term,
             commit_index: raft.raft_log.committed,
             applied_index: self.applied,
             running,
