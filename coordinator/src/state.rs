@@ -366,6 +366,14 @@ impl StateMachine {
                 if record.state != JobState::Failed {
                     return Ok(Outcome::Done); // already moved on (cancelled, retried)
                 }
+                if record.cancel_requested {
+                    // A cancel recorded during back-off (by a version that
+                    // kept the job Failed) ends it here: a cancelled job is
+                    // never placed again.
+                    self.transition(at_ms, job, JobState::Cancelled, "cancelled by user".into());
+                    self.block_dependants(at_ms, job);
+                    return Ok(Outcome::Done);
+                }
                 self.transition(at_ms, job, JobState::Pending, "back-off over".into());
                 Ok(Outcome::Done)
             }
@@ -1185,7 +1193,9 @@ impl StateMachine {
             });
         }
         match record.state {
-            JobState::Pending => {
+            // Nothing runs: cancelled at once. A job in retry back-off
+            // (Failed) included, or it would be requeued and placed.
+            JobState::Pending | JobState::Failed | JobState::Lost => {
                 if let Some(j) = self.jobs.get_mut(&job) {
                     j.cancel_requested = true;
                     j.terminal_reason = "cancelled by user".into();
