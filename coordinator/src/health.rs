@@ -338,7 +338,10 @@ mod tests {
         tracker.start_clocks(["n1".to_string(), "n2".to_string()], 1_000);
         tracker.on_heartbeat("n2", &Heartbeat::default(), 2_000);
         assert!(tracker.tick(15_999).is_empty());
-        assert!(tracker.get("n1").is_none(), "unheard nodes have no telemetry");
+        assert!(
+            tracker.get("n1").is_none(),
+            "unheard nodes have no telemetry"
+        );
         tracker.on_heartbeat("n2", &Heartbeat::default(), 16_000);
         assert_eq!(tracker.tick(16_000), vec!["n1".to_string()]);
         assert!(tracker.tick(17_000).is_empty(), "down is reported once");

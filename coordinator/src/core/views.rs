@@ -147,6 +147,11 @@ impl Core {
             dlq: self.state.dead_lettered().count() as u64,
             agents_connected: self.sessions.len() as u64,
             fleet_disk_pressure: fleet.is_pressured(self.policy().fleet_pressure_fraction),
+            gpu_free: decide::schedule::gpu_free(
+                &self.state,
+                &self.health,
+                self.config.gpu_headroom,
+            ),
         }
     }
 

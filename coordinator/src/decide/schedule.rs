@@ -3,7 +3,7 @@
 //! `ClusterSnapshot` built from hard state and soft state, and the plan as
 //! one `Command::Assign`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use gantry_scheduler::{ClusterSnapshot, GpuView, JobId, JobRequest, NodeState, NodeView, Policy};
 
@@ -186,6 +186,25 @@ pub fn gpu_views(state: &StateMachine, tracker: &HealthTracker, node: &NodeRecor
         .collect()
 }
 
+/// Effective free memory of every registered GPU by node and index: what
+/// placement sees as free ([`GpuView::effective_free`]), for `/metrics`.
+pub fn gpu_free(
+    state: &StateMachine,
+    tracker: &HealthTracker,
+    headroom: u64,
+) -> BTreeMap<String, BTreeMap<u32, u64>> {
+    state
+        .nodes()
+        .map(|node| {
+            let free = gpu_views(state, tracker, node)
+                .into_iter()
+                .map(|g| (g.index, g.effective_free(headroom)))
+                .collect();
+            (node.name.clone(), free)
+        })
+        .collect()
+}
+
 /// A registered node's state as placement and `gantry nodes` see it:
 /// committed Down wins; otherwise the health tracker's view while its
 /// agent is connected; a silent or disconnected node is never Ready.
@@ -240,4 +259,94 @@ fn capped_batch(job: &crate::domain::JobRecord) -> Option<gantry_scheduler::Batc
         model.max = model.max.min(cap).max(model.min);
     }
     Some(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use gantry_scheduler::Placement;
+
+    use super::*;
+    use crate::domain::{GpuRecord, JobSpec};
+    use crate::health::{GpuTelemetry, HealthConfig, Heartbeat};
+
+    const GIB: u64 = 1 << 30;
+
+    /// A 20 GiB GPU with a 14 GiB reservation.
+    fn reserved_gpu() -> StateMachine {
+        let mut state = StateMachine::new();
+        let commands = [
+            Command::RegisterNode {
+                at_ms: 1,
+                name: "n1".into(),
+                address: String::new(),
+                labels: Default::default(),
+                gpus: vec![GpuRecord {
+                    index: 0,
+                    model: "A10".into(),
+                    total: 20 * GIB,
+                }],
+                cpu_millis: 8_000,
+                memory_total: 64 * GIB,
+                disk_total: 1 << 40,
+            },
+            Command::Submit {
+                at_ms: 2,
+                key: None,
+                jobs: vec![JobSpec::for_test("a")],
+                pipeline: None,
+            },
+            Command::Assign {
+                at_ms: 3,
+                placements: vec![Placement {
+                    job: 1,
+                    node: "n1".into(),
+                    gpus: vec![0],
+                    gpu_memory: 14 * GIB,
+                    batch_size: None,
+                    exclusive_gpu: false,
+                }],
+                term: 1,
+            },
+        ];
+        for command in commands {
+            state.apply(command).expect("applies");
+        }
+        state
+    }
+
+    /// Finding 10: `/metrics` free memory is what placement sees as free.
+    #[test]
+    fn gpu_free_is_placements_effective_free() {
+        // (NVML used, of which the job uses, headroom) -> free
+        let cases: &[(u64, u64, u64, u64)] = &[
+            // 6 GiB foreign use: 20 - 14 - 6 = 0 (not 20 - max(6, 14) = 6).
+            (6 * GIB, 0, 0, 0),
+            // The job's own use is not counted twice: 20 - 14 - 2 = 4.
+            (6 * GIB, 4 * GIB, 0, 4 * GIB),
+            (6 * GIB, 4 * GIB, GIB, 3 * GIB),
+            (0, 0, 0, 6 * GIB),
+        ];
+        let state = reserved_gpu();
+        for &(used, job_used, headroom, want) in cases {
+            let mut tracker = HealthTracker::new(HealthConfig::default());
+            let beat = Heartbeat {
+                gpus: vec![(
+                    0,
+                    GpuTelemetry {
+                        used,
+                        ..Default::default()
+                    },
+                )],
+                jobs: vec![(1, job_used)],
+                ..Default::default()
+            };
+            tracker.on_heartbeat("n1", &beat, 10);
+            let free = gpu_free(&state, &tracker, headroom);
+            assert_eq!(
+                free.get("n1").and_then(|gpus| gpus.get(&0)),
+                Some(&want),
+                "used {used}, job uses {job_used}, headroom {headroom}"
+            );
+        }
+    }
 }
