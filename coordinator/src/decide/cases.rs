@@ -292,3 +292,62 @@ fn an_unreported_assigned_attempt_is_sent_again_with_its_own_number() {
         ],
     );
 }
+
+/// A node back from Down with its lost attempt keeps it when the
+/// replacement has not started: the replacement is withdrawn and stopped.
+#[test]
+fn a_lost_attempt_that_comes_back_first_is_kept() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Register("n2", &[]),
+            Kill("n1"),
+            Advance(16_000),
+            Register("n1", &[(1, 1)]),
+        ],
+        &[
+            Want::Recorded("send n2 assign 1#2"),
+            Want::Recorded("ReviveAttempt 1#1@n1"),
+            Want::Recorded("send n2 cancel 1#2"),
+            Want::Job(1, JobState::Running),
+            Want::Reserved("n2", 0),
+            Want::Reserved("n1", 40 * GIB),
+        ],
+    );
+}
+
+/// ... and is stopped when the replacement started first.
+#[test]
+fn a_lost_attempt_that_comes_back_after_its_replacement_started_is_stopped() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Register("n2", &[]),
+            Kill("n1"),
+            Advance(16_000),
+            Started("n2", 1, 2),
+            Register("n1", &[(1, 1)]),
+        ],
+        &[
+            Want::Recorded("send n1 cancel 1#1"),
+            Want::NotRecorded("cancel 1#2"),
+            Want::Job(1, JobState::Running),
+            Want::Reserved("n1", 0),
+        ],
+    );
+}
+
+/// An attempt hard state does not know is stopped at registration.
+#[test]
+fn an_unknown_attempt_is_stopped_at_registration() {
+    check(
+        vec![Register("n1", &[(9, 1)])],
+        &[Want::Recorded("send n1 registered stop [9#1]")],
+    );
+}
