@@ -31,6 +31,7 @@ fn harness() -> Harness {
             data_dir: dir.path().to_path_buf(),
             kill_grace: Duration::from_secs(1),
             run_as: None,
+            supervisor: SupervisorCommand::for_test(),
         },
         tx,
     );
@@ -419,9 +420,12 @@ async fn log_of_a_running_job_is_not_eof() {
     .await;
     let chunk = h.executor.read_log(&log(13, "", 0, 0)).await.unwrap();
     assert_eq!((chunk.data.as_slice(), chunk.eof), (&b"hi\n"[..], false));
-    let jobs = h.executor.gpu_jobs();
-    assert_eq!(jobs.len(), 1);
-    assert!(jobs[0].pgid.is_some());
+    // The supervisor records the start; the agent reads it within a poll.
+    wait_until("process group known", || {
+        h.executor.gpu_jobs().first().is_some_and(|j| j.pgid.is_some())
+    })
+    .await;
+    assert_eq!(h.executor.gpu_jobs().len(), 1);
     h.executor.stop(13, 1, None, StopReason::Cancelled);
     assert!(h.exit_of(13).await.cancelled);
     let chunk = h.executor.read_log(&log(13, "", 3, 0)).await.unwrap();
@@ -437,7 +441,7 @@ async fn shutdown_stops_everything_and_refuses_new_work() {
         h.executor.gpu_jobs().iter().all(|j| j.pgid.is_some())
     })
     .await;
-    tokio::time::timeout(WAIT, h.executor.shutdown())
+    tokio::time::timeout(WAIT, h.executor.shutdown(true))
         .await
         .unwrap();
     assert!(h.executor.running().is_empty());
