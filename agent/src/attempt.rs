@@ -364,7 +364,8 @@ pub(crate) fn mark_acked(dir: &Path) -> Result<(), String> {
 }
 
 fn write_synced<T: Serialize>(path: &Path, value: &T) -> Result<(), String> {
-    let bytes = serde_json::to_vec(value).map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
+    let bytes =
+        serde_json::to_vec(value).map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
     let mut file = std::fs::File::create(path)
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     file.write_all(&bytes)

@@ -447,7 +447,11 @@ impl Executor {
                     supervisor,
                     started,
                 } => {
-                    tracing::info!(supervisor = supervisor.pid, pid = started.map(|s| s.process.pid), "adopting a running attempt");
+                    tracing::info!(
+                        supervisor = supervisor.pid,
+                        pid = started.map(|s| s.process.pid),
+                        "adopting a running attempt"
+                    );
                     recovered.adopted += 1;
                     let (control, control_rx) = mpsc::unbounded_channel();
                     let state = EntryState::Active {
@@ -489,9 +493,18 @@ impl Executor {
                     };
                     self.jobs().insert(key, Entry::new(&launch, state));
                     if !acked {
-                        tracing::info!(lost = status.lost.as_deref().unwrap_or(""), "reporting an attempt that ended while the agent was away");
+                        tracing::info!(
+                            lost = status.lost.as_deref().unwrap_or(""),
+                            "reporting an attempt that ended while the agent was away"
+                        );
                         if let Some(started) = started {
-                            self.emit(key, started.at_ms, JobEventKind::Started { pid: started.process.pid });
+                            self.emit(
+                                key,
+                                started.at_ms,
+                                JobEventKind::Started {
+                                    pid: started.process.pid,
+                                },
+                            );
                         }
                         self.emit(key, status.ended_at_ms, status.event_kind(stderr_tail, 0));
                     }
@@ -574,11 +587,19 @@ impl Executor {
         };
         let peak = match now {
             Now::Starting => {
-                tracing::debug!(job_id = key.0, attempt = key.1, "duplicate assignment: still starting");
+                tracing::debug!(
+                    job_id = key.0,
+                    attempt = key.1,
+                    "duplicate assignment: still starting"
+                );
                 return;
             }
             Now::Running { pid, at_ms } => {
-                tracing::info!(job_id = key.0, attempt = key.1, "duplicate assignment of a running attempt: reporting it started");
+                tracing::info!(
+                    job_id = key.0,
+                    attempt = key.1,
+                    "duplicate assignment of a running attempt: reporting it started"
+                );
                 self.emit(key, at_ms, JobEventKind::Started { pid });
                 return;
             }
@@ -586,7 +607,11 @@ impl Executor {
                 kept: Kept::Removed,
                 ..
             } => {
-                tracing::info!(job_id = key.0, attempt = key.1, "duplicate assignment of an attempt that ended long ago: not started again");
+                tracing::info!(
+                    job_id = key.0,
+                    attempt = key.1,
+                    "duplicate assignment of an attempt that ended long ago: not started again"
+                );
                 return;
             }
             Now::Ended { peak, .. } => peak,
@@ -602,10 +627,16 @@ impl Executor {
             .await;
             match read {
                 Ok(Ok((status, tail))) => {
-                    tracing::info!(job_id = key.0, attempt = key.1, "duplicate assignment of an ended attempt: reporting its end again");
+                    tracing::info!(
+                        job_id = key.0,
+                        attempt = key.1,
+                        "duplicate assignment of an ended attempt: reporting its end again"
+                    );
                     this.emit(key, status.ended_at_ms, status.event_kind(tail, peak));
                 }
-                Ok(Err(error)) => tracing::error!(job_id = key.0, attempt = key.1, %error, "cannot read an ended attempt's status"),
+                Ok(Err(error)) => {
+                    tracing::error!(job_id = key.0, attempt = key.1, %error, "cannot read an ended attempt's status")
+                }
                 Err(e) => tracing::error!(error = %e, "status read task failed"),
             }
         });
@@ -956,17 +987,26 @@ impl Executor {
             Ok(Ok(false)) => {
                 // Forgotten here but on disk (remembered no longer than
                 // FINISHED_MEMORY): never a second start; report what it is.
-                tracing::warn!("assignment for an attempt already recorded on this node: not starting it again");
+                tracing::warn!(
+                    "assignment for an attempt already recorded on this node: not starting it again"
+                );
                 let watch = Watch {
                     child: None,
-                    supervisor: ProcessId { pid: 0, start_time: 0 },
+                    supervisor: ProcessId {
+                        pid: 0,
+                        start_time: 0,
+                    },
                     started: None,
                 };
                 self.watch(launch, dir, watch, control_rx).await;
                 return;
             }
             Ok(Err(error)) => return self.end_unstarted(&launch, &dir, error).await,
-            Err(e) => return self.end_unstarted(&launch, &dir, format!("record task failed: {e}")).await,
+            Err(e) => {
+                return self
+                    .end_unstarted(&launch, &dir, format!("record task failed: {e}"))
+                    .await;
+            }
         }
         if self.inner.detach.is_cancelled() {
             // Never forked: the next agent finds it unclaimed and reports it lost.
@@ -1014,7 +1054,8 @@ impl Executor {
         let key = (launch.job_id, launch.attempt);
         let ended_at_ms = now_ms();
         self.set_finished(key, ended_at_ms);
-        let error = match attempt::read_json::<ExitStatus>(&self.attempt_dir(key.0, key.1), STATUS) {
+        let error = match attempt::read_json::<ExitStatus>(&self.attempt_dir(key.0, key.1), STATUS)
+        {
             Ok(Some(ExitStatus {
                 spawn_error: Some(error),
                 ..
@@ -1091,7 +1132,10 @@ impl Executor {
                     started,
                 }) if supervisor != watch.supervisor => {
                     // Only for a record found on disk: its supervisor runs.
-                    tracing::info!(supervisor = supervisor.pid, "adopting the attempt's running supervisor");
+                    tracing::info!(
+                        supervisor = supervisor.pid,
+                        "adopting the attempt's running supervisor"
+                    );
                     if let Some(started) = &started {
                         self.set_started(key, started);
                     }
@@ -1114,11 +1158,21 @@ impl Executor {
                 }) => {
                     if !started_reported && let Some(started) = started {
                         self.set_started(key, &started);
-                        self.emit(key, started.at_ms, JobEventKind::Started { pid: started.process.pid });
+                        self.emit(
+                            key,
+                            started.at_ms,
+                            JobEventKind::Started {
+                                pid: started.process.pid,
+                            },
+                        );
                     }
                     let peak = self.set_finished(key, status.ended_at_ms);
                     tracing::info!(code = ?status.code, signal = ?status.signal, stopped = ?status.stopped, lost = status.lost.as_deref().unwrap_or(""), peak_gpu_memory_bytes = peak, "job exited");
-                    self.emit(key, status.ended_at_ms, status.event_kind(stderr_tail, peak));
+                    self.emit(
+                        key,
+                        status.ended_at_ms,
+                        status.event_kind(stderr_tail, peak),
+                    );
                     return;
                 }
                 Err(error) => {
@@ -1133,7 +1187,11 @@ impl Executor {
                         lost: Some(error.clone()),
                         ended_at_ms: now_ms(),
                     };
-                    self.emit(key, status.ended_at_ms, status.event_kind(error.into_bytes(), peak));
+                    self.emit(
+                        key,
+                        status.ended_at_ms,
+                        status.event_kind(error.into_bytes(), peak),
+                    );
                     return;
                 }
             }
@@ -1153,16 +1211,32 @@ impl Executor {
         let over = over_memory_message(launch, used);
         let stderr = dir.join("stderr");
         if launch.gpu_memory_policy == GpuMemoryPolicy::Warn {
-            tracing::warn!(used, reserved = launch.gpu_memory_bytes, margin = launch.gpu_memory_margin_bytes, "job over its GPU memory");
-            note(&stderr, &format!("{over}; policy warn: the job keeps running"));
+            tracing::warn!(
+                used,
+                reserved = launch.gpu_memory_bytes,
+                margin = launch.gpu_memory_margin_bytes,
+                "job over its GPU memory"
+            );
+            note(
+                &stderr,
+                &format!("{over}; policy warn: the job keeps running"),
+            );
             return false;
         }
         if stop_sent {
             return false;
         }
         let grace = self.inner.config.kill_grace;
-        tracing::warn!(used, reserved = launch.gpu_memory_bytes, margin = launch.gpu_memory_margin_bytes, "job over its GPU memory: stopping it");
-        note(&stderr, &format!("{over}; policy stop: SIGTERM, SIGKILL after {grace:?}"));
+        tracing::warn!(
+            used,
+            reserved = launch.gpu_memory_bytes,
+            margin = launch.gpu_memory_margin_bytes,
+            "job over its GPU memory: stopping it"
+        );
+        note(
+            &stderr,
+            &format!("{over}; policy stop: SIGTERM, SIGKILL after {grace:?}"),
+        );
         let request = StopRequest {
             reason: StopReason::OverMemory,
             grace,
@@ -1210,7 +1284,8 @@ async fn request_stop(dir: &Path, supervisor: ProcessId, request: StopRequest) {
         if supervisor.is_alive() {
             let pid = Pid::from_raw(i32::try_from(supervisor.pid).unwrap_or(0));
             if pid.as_raw() > 1 {
-                kill(pid, Signal::SIGTERM).map_err(|e| format!("cannot signal the supervisor: {e}"))?;
+                kill(pid, Signal::SIGTERM)
+                    .map_err(|e| format!("cannot signal the supervisor: {e}"))?;
             }
         }
         written
@@ -1253,7 +1328,12 @@ fn fork_supervisor(
         // It outlives this agent process on purpose.
         .kill_on_drop(false)
         .spawn()
-        .map_err(|e| format!("cannot start the supervisor {}: {e}", command.program.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot start the supervisor {}: {e}",
+                command.program.display()
+            )
+        })?;
     let pid = child
         .id()
         .ok_or("the supervisor exited before its pid could be read")?;
@@ -1292,7 +1372,9 @@ fn settle(dir: &Path, grace: Duration) -> Result<Settled, String> {
                 });
             }
             Recovery::Unclaimed => {
-                let reason = "the agent stopped before the attempt's supervisor started it; it never ran".to_string();
+                let reason =
+                    "the agent stopped before the attempt's supervisor started it; it never ran"
+                        .to_string();
                 attempt::claim(dir, &Claim::Abandoned { reason })?;
             }
             Recovery::Lost { reason, started } => {

@@ -417,7 +417,11 @@ impl Link {
                         tracing::info!(job_id, attempt, "assignment accepted");
                     }
                     LaunchOutcome::Duplicate => {
-                        tracing::info!(job_id, attempt, "duplicate assignment: not started again, its status is reported");
+                        tracing::info!(
+                            job_id,
+                            attempt,
+                            "duplicate assignment: not started again, its status is reported"
+                        );
                     }
                     LaunchOutcome::ShuttingDown => {
                         // Refused explicitly so the coordinator places it elsewhere now.

@@ -108,6 +108,16 @@ impl Outbox {
     }
 
     fn push(&mut self, entry: Entry) {
+        // A terminal event reported again (a repeated assignment is answered
+        // with it) is kept once, with its first send time.
+        let (job_id, attempt) = (entry.event.job_id, entry.event.attempt);
+        if entry.event.kind.is_terminal()
+            && self.entries.iter().any(|e| {
+                e.event.job_id == job_id && e.event.attempt == attempt && e.event.kind.is_terminal()
+            })
+        {
+            return;
+        }
         if self.entries.len() >= MAX_RETAINED {
             let victim = self
                 .entries
@@ -203,6 +213,21 @@ mod tests {
         assert_eq!(outbox.expire(later + RESEND_WINDOW), vec![(2, 1)]);
         assert!(outbox.on_registered(later + RESEND_WINDOW).is_empty());
         assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn a_terminal_event_reported_again_is_kept_once() {
+        let mut outbox = Outbox::new();
+        let t0 = Instant::now();
+        outbox.push_sent(exited(1), t0);
+        outbox.push_sent(exited(1), t0 + Duration::from_secs(1));
+        outbox.push_unsent(exited(1));
+        assert_eq!(outbox.len(), 1);
+        assert_eq!(
+            outbox.expire(t0 + RESEND_WINDOW),
+            vec![(1, 1)],
+            "first send counts"
+        );
     }
 
     #[test]

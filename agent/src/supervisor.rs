@@ -63,7 +63,9 @@ impl SupervisorCommand {
     /// is the one to run.
     pub fn this_binary() -> Result<Self, AgentError> {
         let exe = std::env::current_exe().map_err(|e| {
-            AgentError::Config(format!("cannot find the agent's own binary to start job supervisors: {e}"))
+            AgentError::Config(format!(
+                "cannot find the agent's own binary to start job supervisors: {e}"
+            ))
         })?;
         let program = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
             Some(path) => PathBuf::from(path),
@@ -116,8 +118,8 @@ async fn supervise(dir: &Path) -> Result<(), String> {
     // Listening before the claim: a stop that comes later is never lost.
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| format!("cannot catch SIGTERM: {e}"))?;
-    let record: AttemptRecord =
-        attempt::read_json(dir, RECORD)?.ok_or_else(|| format!("no {RECORD} in {}", dir.display()))?;
+    let record: AttemptRecord = attempt::read_json(dir, RECORD)?
+        .ok_or_else(|| format!("no {RECORD} in {}", dir.display()))?;
     let me = ProcessId::current().ok_or("cannot read this process's /proc stat")?;
     if !attempt::claim(dir, &Claim::Supervisor { process: me })? {
         tracing::warn!(dir = %dir.display(), "attempt already claimed: not starting it again");
@@ -154,12 +156,20 @@ async fn run_attempt(dir: &Path, record: &AttemptRecord, term: &mut SignalStream
         }
         Err(SpawnError::Stopped(reason)) => {
             tracing::info!(?reason, "job stopped before it started");
-            note(&stderr_path, &format!("stopped ({reason:?}) before the command started"));
+            note(
+                &stderr_path,
+                &format!("stopped ({reason:?}) before the command started"),
+            );
             return ended(None, None, Some(reason), None);
         }
     };
     let Some(pid) = child.id() else {
-        return ended(None, None, None, Some("child exited before its pid could be read".into()));
+        return ended(
+            None,
+            None,
+            None,
+            Some("child exited before its pid could be read".into()),
+        );
     };
     // Read even from a zombie: the start time is what tells it from a reuse.
     let started = Started {
@@ -173,7 +183,12 @@ async fn run_attempt(dir: &Path, record: &AttemptRecord, term: &mut SignalStream
         // Unrecorded, a restarted agent could neither find nor stop it.
         signal_group(pid, Signal::SIGKILL);
         let _ = child.wait().await;
-        return ended(None, None, None, Some(format!("cannot record the job's start: {error}")));
+        return ended(
+            None,
+            None,
+            None,
+            Some(format!("cannot record the job's start: {error}")),
+        );
     }
     tracing::info!(pid, gpus = ?record.launch.gpus, batch_size = record.launch.batch_size, "job started");
 
@@ -294,7 +309,10 @@ async fn spawn(
 
     let argv = substitute(&launch.command, launch.batch_size);
     let (program, args) = if launch.shell {
-        ("/bin/sh".to_string(), vec!["-c".to_string(), argv.join(" ")])
+        (
+            "/bin/sh".to_string(),
+            vec!["-c".to_string(), argv.join(" ")],
+        )
     } else {
         match argv.split_first() {
             Some((program, args)) => (program.clone(), args.to_vec()),
@@ -347,7 +365,10 @@ fn job_env(record: &AttemptRecord, work: &Path) -> Vec<(String, String)> {
         ("CUDA_VISIBLE_DEVICES".into(), gpus.join(",")),
         ("GANTRY_JOB_ID".into(), launch.job_id.to_string()),
         ("GANTRY_ATTEMPT".into(), launch.attempt.to_string()),
-        ("GANTRY_GPU_MEMORY_BYTES".into(), launch.gpu_memory_bytes.to_string()),
+        (
+            "GANTRY_GPU_MEMORY_BYTES".into(),
+            launch.gpu_memory_bytes.to_string(),
+        ),
         ("GANTRY_NODE".into(), record.node_name.clone()),
         ("GANTRY_WORK_DIR".into(), work.display().to_string()),
     ];
@@ -397,7 +418,11 @@ async fn copy_snapshot(
 ) -> Result<(), SpawnError> {
     let cancel = Arc::new(AtomicBool::new(false));
     let task = {
-        let (dir, work, entries) = (dir.to_path_buf(), work.to_path_buf(), record.launch.snapshot.clone());
+        let (dir, work, entries) = (
+            dir.to_path_buf(),
+            work.to_path_buf(),
+            record.launch.snapshot.clone(),
+        );
         let cancel = Arc::clone(&cancel);
         tokio::task::spawn_blocking(move || snapshot::prepare(&dir, &work, &entries, &cancel))
     };
@@ -436,6 +461,7 @@ pub(crate) fn note(path: &Path, message: &str) {
     use std::io::Write;
     let line = format!("[gantry] {message}\n");
     let result = std::fs::OpenOptions::new()
+        .create(true)
         .append(true)
         .open(path)
         .and_then(|mut file| file.write_all(line.as_bytes()));

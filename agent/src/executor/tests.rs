@@ -1,5 +1,7 @@
 //! Executor tests: real processes, no coordinator. Waits are bounded polls.
 
+mod recover;
+
 use std::time::Duration;
 
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -22,19 +24,25 @@ struct Harness {
     _watch: Option<DropGuard>,
 }
 
-fn harness() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
+/// An executor (as one agent process) on `data_dir`.
+fn executor_on(data_dir: &Path) -> (Executor, mpsc::UnboundedReceiver<JobEvent>) {
     let (tx, events) = mpsc::unbounded_channel();
     let executor = Executor::new(
         ExecutorConfig {
             node_name: "node-a".into(),
-            data_dir: dir.path().to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
             kill_grace: Duration::from_secs(1),
             run_as: None,
             supervisor: SupervisorCommand::for_test(),
         },
         tx,
     );
+    (executor, events)
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let (executor, events) = executor_on(dir.path());
     Harness {
         _dir: dir,
         executor,
@@ -422,7 +430,10 @@ async fn log_of_a_running_job_is_not_eof() {
     assert_eq!((chunk.data.as_slice(), chunk.eof), (&b"hi\n"[..], false));
     // The supervisor records the start; the agent reads it within a poll.
     wait_until("process group known", || {
-        h.executor.gpu_jobs().first().is_some_and(|j| j.pgid.is_some())
+        h.executor
+            .gpu_jobs()
+            .first()
+            .is_some_and(|j| j.pgid.is_some())
     })
     .await;
     assert_eq!(h.executor.gpu_jobs().len(), 1);
