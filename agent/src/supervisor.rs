@@ -470,6 +470,36 @@ pub(crate) fn note(path: &Path, message: &str) {
     }
 }
 
+/// Kills (SIGKILL) every job process group and supervisor recorded under
+/// an agent's `data_dir` that still runs, identified by pid and start time;
+/// returns how many attempts had something left. For harnesses that must
+/// leave no process behind after an agent was killed (the test sandbox).
+pub fn kill_leftovers(data_dir: &Path) -> usize {
+    let Ok(keys) = attempt::list(data_dir) else {
+        return 0;
+    };
+    let mut found = 0;
+    for (job_id, attempt_no) in keys {
+        let dir = attempt::attempt_dir(data_dir, job_id, attempt_no);
+        let mut any = false;
+        if let Ok(Some(started)) = attempt::read_json::<Started>(&dir, STARTED)
+            && let Some(pgid) = attempt::leftover_group(&started)
+        {
+            signal_group(pgid, Signal::SIGKILL);
+            any = true;
+        }
+        if let Ok(Some(Claim::Supervisor { process })) = attempt::read_json(&dir, attempt::CLAIM)
+            && process.is_alive()
+            && let Ok(pid) = i32::try_from(process.pid)
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            any = true;
+        }
+        found += usize::from(any);
+    }
+    found
+}
+
 /// Sleeps until `at`, or forever when there is no deadline.
 async fn sleep_until(at: Option<Instant>) {
     match at {
