@@ -173,7 +173,8 @@ fn old_acknowledged_attempts_are_removed_oldest_first() {
     let day = Duration::from_secs(24 * 3600);
     let now = 100 * H;
     // (acknowledged attempts with end times, max kept, expected removals)
-    let cases: [(&[((u64, u32), u64)], usize, &[(u64, u32)]); 4] = [
+    type Case<'a> = (&'a [((u64, u32), u64)], usize, &'a [(u64, u32)]);
+    let cases: [Case; 4] = [
         (&[], 10, &[]),
         (&[((1, 1), now - H), ((2, 1), now - 25 * H)], 10, &[(2, 1)]),
         (

@@ -471,7 +471,7 @@ async fn shutdown_stops_everything_and_refuses_new_work() {
 }
 
 fn libc_sigterm() -> i32 {
-    Signal::SIGTERM as i32
+    nix::sys::signal::Signal::SIGTERM as i32
 }
 
 fn snap(from: &Path, as_name: &str) -> SnapshotEntry {

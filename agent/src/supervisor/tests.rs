@@ -9,7 +9,7 @@ use super::*;
 #[test]
 fn supervisor_entry() {
     let Some(dir) = std::env::args()
-        .last()
+        .next_back()
         .map(PathBuf::from)
         .filter(|p| p.join(RECORD).is_file())
     else {
