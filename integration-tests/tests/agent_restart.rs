@@ -56,6 +56,19 @@ fn assert_ran_once(
     Ok(())
 }
 
+/// A coordinator and agent `node-a`; returns the URL and the agent's index.
+fn start_cluster(sandbox: &mut Sandbox) -> anyhow::Result<(String, usize)> {
+    let coordinator = sandbox.start_coordinator("coordinator", 0, None)?;
+    let agent = restart_agent(sandbox, &coordinator.url)?;
+    sandbox.wait_nodes_ready(&coordinator.url, 1, T)?;
+    Ok((coordinator.url, agent))
+}
+
+/// Starts (again) agent `node-a` on its data directory.
+fn restart_agent(sandbox: &mut Sandbox, url: &str) -> anyhow::Result<usize> {
+    sandbox.start_agent("node-a", url, "1xH100-80GiB", "127.0.0.2", &[])
+}
+
 fn proc_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?
@@ -69,10 +82,7 @@ fn proc_state(pid: u32) -> Option<char> {
 #[test]
 fn a_job_survives_an_agent_killed_with_sigkill_and_runs_once() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
-    let coordinator = sandbox.start_coordinator("coordinator", 0, None)?;
-    let url = coordinator.url;
-    let agent = sandbox.start_agent("node-a", &url, "1xH100-80GiB", "127.0.0.2", &[])?;
-    sandbox.wait_nodes_ready(&url, 1, T)?;
+    let (url, agent) = start_cluster(&mut sandbox)?;
     let ledger = sandbox.path().join("ledger");
     let gate = sandbox.path().join("gate");
     let middle = format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display());
@@ -84,7 +94,7 @@ fn a_job_survives_an_agent_killed_with_sigkill_and_runs_once() -> anyhow::Result
 
     sandbox.proc(agent).kill9();
     assert!(pid_alive(pid as i32), "the job outlives its agent");
-    sandbox.start_agent("node-a", &url, "1xH100-80GiB", "127.0.0.2", &[])?;
+    restart_agent(&mut sandbox, &url)?;
     sandbox.wait_nodes_ready(&url, 1, T)?;
     // Adopted: still running, on the same node, the same process.
     let job_now = sandbox.job(&url, job)?;
@@ -96,10 +106,7 @@ fn a_job_survives_an_agent_killed_with_sigkill_and_runs_once() -> anyhow::Result
 #[test]
 fn an_agent_stopped_right_after_the_fork_does_not_start_the_attempt_twice() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
-    let coordinator = sandbox.start_coordinator("coordinator", 0, None)?;
-    let url = coordinator.url;
-    let agent = sandbox.start_agent("node-a", &url, "1xH100-80GiB", "127.0.0.2", &[])?;
-    sandbox.wait_nodes_ready(&url, 1, T)?;
+    let (url, agent) = start_cluster(&mut sandbox)?;
     let agent_pid = sandbox.proc(agent).pid().expect("agent pid");
     let ledger = sandbox.path().join("ledger");
     // The job's first act freezes its agent: the agent is stopped the
@@ -114,7 +121,7 @@ fn an_agent_stopped_right_after_the_fork_does_not_start_the_attempt_twice() -> a
     })?;
     sandbox.proc(agent).kill9();
     // The coordinator re-sends the still-assigned attempt on re-registration.
-    sandbox.start_agent("node-a", &url, "1xH100-80GiB", "127.0.0.2", &[])?;
+    restart_agent(&mut sandbox, &url)?;
     assert_ran_once(&sandbox, &url, &ledger, job, "node-a")?;
     let log = sandbox.log("node-a");
     assert!(!log.contains("job spawn failed"), "{log}");

@@ -388,22 +388,8 @@ impl Executor {
         used: u64,
         stop_sent: bool,
     ) -> bool {
-        let over = over_memory_message(launch, used);
-        let stderr = dir.join("stderr");
-        if launch.gpu_memory_policy == GpuMemoryPolicy::Warn {
-            tracing::warn!(
-                used,
-                reserved = launch.gpu_memory_bytes,
-                margin = launch.gpu_memory_margin_bytes,
-                "job over its GPU memory"
-            );
-            note(
-                &stderr,
-                &format!("{over}; policy warn: the job keeps running"),
-            );
-            return false;
-        }
-        if stop_sent {
+        let stop = launch.gpu_memory_policy == GpuMemoryPolicy::Stop;
+        if stop && stop_sent {
             return false;
         }
         let grace = self.inner.config.kill_grace;
@@ -411,12 +397,19 @@ impl Executor {
             used,
             reserved = launch.gpu_memory_bytes,
             margin = launch.gpu_memory_margin_bytes,
-            "job over its GPU memory: stopping it"
+            stopping = stop,
+            "job over its GPU memory"
         );
-        note(
-            &stderr,
-            &format!("{over}; policy stop: SIGTERM, SIGKILL after {grace:?}"),
-        );
+        let consequence = if stop {
+            format!("policy stop: SIGTERM, SIGKILL after {grace:?}")
+        } else {
+            "policy warn: the job keeps running".to_string()
+        };
+        let over = over_memory_message(launch, used);
+        note(&dir.join("stderr"), &format!("{over}; {consequence}"));
+        if !stop {
+            return false;
+        }
         let request = StopRequest {
             reason: StopReason::OverMemory,
             grace,
