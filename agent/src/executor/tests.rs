@@ -96,6 +96,14 @@ fn sh(job_id: u64, script: &str) -> Launch {
     launch(job_id, &["sh", "-c", script])
 }
 
+impl Drop for Harness {
+    /// Jobs outlive executors now (they run under supervisors): a test that
+    /// ends, or fails, with a job running must not leave it behind.
+    fn drop(&mut self) {
+        crate::supervisor::kill_leftovers(self._dir.path());
+    }
+}
+
 impl Harness {
     fn run(&self, launch: Launch) {
         assert_eq!(self.executor.launch(launch), LaunchOutcome::Accepted);

@@ -266,3 +266,42 @@ async fn an_unclaimed_record_is_abandoned_and_a_late_supervisor_runs_nothing() {
     assert!(status.success());
     assert!(!marker.exists(), "the abandoned attempt never ran");
 }
+
+#[tokio::test]
+async fn a_stop_survives_the_agent_going_away_half_way() {
+    let mut h = harness();
+    // Ignores SIGTERM: only the supervisor's SIGKILL after the grace ends it.
+    let job = sh(
+        56,
+        "trap '' TERM; echo $$ > pidfile; while true; do sleep 0.05; done",
+    );
+    h.run(job);
+    let JobEventKind::Started { pid } = h.next().await.kind else {
+        panic!("expected Started")
+    };
+    assert!(h.executor.stop(
+        56,
+        1,
+        Some(Duration::from_millis(500)),
+        StopReason::Cancelled
+    ));
+    let dir = h.executor.attempt_dir(56, 1);
+    wait_until("stop requested", || dir.join(attempt::STOP).exists()).await;
+    tokio::time::timeout(WAIT, h.executor.shutdown(false))
+        .await
+        .expect("detach in time");
+    // Nobody watches now; the supervisor still escalates.
+    wait_until("job killed", || !pid_alive(pid)).await;
+    wait_until("status written", || dir.join(STATUS).exists()).await;
+    let (b, mut events) = executor_on(h.data_dir());
+    assert_eq!(b.recover().await.unwrap().reported, 1);
+    assert_eq!(
+        next_of(&mut events).await.kind,
+        JobEventKind::Started { pid }
+    );
+    let JobEventKind::Exited(exit) = next_of(&mut events).await.kind else {
+        panic!("expected Exited")
+    };
+    assert!(exit.cancelled, "{exit:?}");
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+}
