@@ -77,7 +77,7 @@ impl Executor {
                     let span = self.span(&launch);
                     let watch = Watch {
                         child: None,
-                        supervisor,
+                        supervisor: Some(supervisor),
                         started,
                         stop_sent: false,
                     };
@@ -153,10 +153,7 @@ impl Executor {
                 );
                 let watch = Watch {
                     child: None,
-                    supervisor: ProcessId {
-                        pid: 0,
-                        start_time: 0,
-                    },
+                    supervisor: None,
                     started: None,
                     stop_sent: false,
                 };
@@ -179,7 +176,7 @@ impl Executor {
                 tracing::debug!(supervisor = supervisor.pid, "supervisor started");
                 let watch = Watch {
                     child: Some(child),
-                    supervisor,
+                    supervisor: Some(supervisor),
                     started: None,
                     stop_sent: false,
                 };
@@ -201,30 +198,24 @@ impl Executor {
             lost: None,
             ended_at_ms: now_ms(),
         };
-        let dir = dir.to_path_buf();
+        let ended_at_ms = status.ended_at_ms;
+        let (dir, reason) = (dir.to_path_buf(), error.clone());
         let written = tokio::task::spawn_blocking(move || {
             if !dir.join(RECORD).exists() {
                 return Ok(());
             }
             // Claimed first: no supervisor may start it after this.
-            attempt::claim(&dir, &Claim::Abandoned { reason: error })?;
+            attempt::claim(&dir, &Claim::Abandoned { reason })?;
             attempt::write_json(&dir, STATUS, &status)
         })
         .await;
-        if let Ok(Err(e)) = written {
-            tracing::warn!(error = %e, "cannot record the spawn failure");
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot record the spawn failure"),
+            Err(e) => tracing::warn!(error = %e, "spawn failure task failed"),
         }
         let key = (launch.job_id, launch.attempt);
-        let ended_at_ms = now_ms();
         self.set_finished(key, ended_at_ms);
-        let error = match attempt::read_json::<ExitStatus>(&self.attempt_dir(key.0, key.1), STATUS)
-        {
-            Ok(Some(ExitStatus {
-                spawn_error: Some(error),
-                ..
-            })) => error,
-            _ => "the attempt could not be started".to_string(),
-        };
         self.emit(key, ended_at_ms, JobEventKind::SpawnFailed { error });
     }
 
@@ -243,9 +234,9 @@ impl Executor {
             self.set_started(key, started);
         }
         loop {
-            if watch.supervisor.pid != 0
+            if let Some(supervisor) = watch.supervisor
                 && !self
-                    .follow(&launch, &dir, &mut watch, &mut control_rx)
+                    .follow(&launch, &dir, supervisor, &mut watch, &mut control_rx)
                     .await
             {
                 tracing::info!("agent exiting: the job keeps running under its supervisor");
@@ -263,7 +254,7 @@ impl Executor {
                 Ok(Settled::Running {
                     supervisor,
                     started,
-                }) if supervisor != watch.supervisor => {
+                }) if Some(supervisor) != watch.supervisor => {
                     // Only for a record found on disk: its supervisor runs.
                     tracing::info!(
                         supervisor = supervisor.pid,
@@ -274,7 +265,7 @@ impl Executor {
                     }
                     watch = Watch {
                         child: None,
-                        supervisor,
+                        supervisor: Some(supervisor),
                         started,
                         stop_sent: watch.stop_sent,
                     };
@@ -340,6 +331,7 @@ impl Executor {
         &self,
         launch: &Launch,
         dir: &Path,
+        supervisor: ProcessId,
         watch: &mut Watch,
         control_rx: &mut mpsc::UnboundedReceiver<Control>,
     ) -> bool {
@@ -353,11 +345,11 @@ impl Executor {
                 Some(control) = control_rx.recv() => match control {
                     Control::Stop(request) if !watch.stop_sent => {
                         watch.stop_sent = true;
-                        request_stop(dir, watch.supervisor, request).await;
+                        request_stop(dir, supervisor, request).await;
                     }
                     Control::Stop(_) => {}
                     Control::OverMemory { used } => {
-                        let sent = self.over_memory(launch, dir, watch.supervisor, used, watch.stop_sent).await;
+                        let sent = self.over_memory(launch, dir, supervisor, used, watch.stop_sent).await;
                         watch.stop_sent |= sent;
                     }
                 },
@@ -370,7 +362,7 @@ impl Executor {
                         self.set_started(key, &started);
                         self.emit(key, started.at_ms, JobEventKind::Started { pid: started.process.pid });
                     }
-                    if watch.child.is_none() && !watch.supervisor.is_alive() {
+                    if watch.child.is_none() && !supervisor.is_alive() {
                         return true;
                     }
                 }
@@ -423,8 +415,8 @@ impl Executor {
 struct Watch {
     /// Set when this agent forked it (it must be waited for).
     child: Option<tokio::process::Child>,
-    /// Its identity; pid 0 = none known yet (the directory is read first).
-    supervisor: ProcessId,
+    /// Its identity; `None` = none known yet (the directory is read first).
+    supervisor: Option<ProcessId>,
     /// The job's process once started (and reported, or known to the
     /// coordinator through `Register.running`).
     started: Option<Started>,
