@@ -283,14 +283,8 @@ impl Executor {
                     if watch.started.is_none()
                         && let Some(started) = started
                     {
-                        self.set_started(key, &started);
-                        self.emit(
-                            key,
-                            started.at_ms,
-                            JobEventKind::Started {
-                                pid: started.process.pid,
-                            },
-                        );
+                        // It ended before a poll saw it start.
+                        self.report_started(key, &started);
                     }
                     let peak = self.set_finished(key, status.ended_at_ms);
                     tracing::info!(code = ?status.code, signal = ?status.signal, stopped = ?status.stopped, lost = status.lost.as_deref().unwrap_or(""), peak_gpu_memory_bytes = peak, "job exited");
@@ -322,6 +316,14 @@ impl Executor {
                 }
             }
         }
+    }
+
+    /// Reports the job's process as started.
+    fn report_started(&self, key: (u64, u32), started: &Started) {
+        tracing::info!(pid = started.process.pid, "job started");
+        self.set_started(key, started);
+        let pid = started.process.pid;
+        self.emit(key, started.at_ms, JobEventKind::Started { pid });
     }
 
     /// Follows a live supervisor until it is gone (returns true) or the
@@ -358,9 +360,7 @@ impl Executor {
                         && let Ok(Some(started)) = attempt::read_json::<Started>(dir, attempt::STARTED)
                     {
                         watch.started = Some(started);
-                        tracing::info!(pid = started.process.pid, "job started");
-                        self.set_started(key, &started);
-                        self.emit(key, started.at_ms, JobEventKind::Started { pid: started.process.pid });
+                        self.report_started(key, &started);
                     }
                     if watch.child.is_none() && !supervisor.is_alive() {
                         return true;
