@@ -305,3 +305,44 @@ async fn a_stop_survives_the_agent_going_away_half_way() {
     assert!(exit.cancelled, "{exit:?}");
     assert_eq!(exit.signal, Some(9), "{exit:?}");
 }
+
+#[tokio::test]
+async fn acknowledged_attempts_past_their_retention_are_deleted() {
+    let h = harness();
+    let write = |job_id: u64, ended_at_ms: u64| {
+        let dir = h.executor.attempt_dir(job_id, 1);
+        std::fs::create_dir_all(dir.join("work")).unwrap();
+        let record = attempt::AttemptRecord {
+            launch: sh(job_id, "true"),
+            node_name: "node-a".into(),
+            kill_grace_ms: 100,
+            run_as: None,
+            accepted_at_ms: 1,
+        };
+        attempt::write_json(&dir, attempt::RECORD, &record).unwrap();
+        let status = attempt::ExitStatus {
+            code: Some(0),
+            signal: None,
+            stopped: None,
+            spawn_error: None,
+            lost: None,
+            ended_at_ms,
+        };
+        attempt::write_json(&dir, STATUS, &status).unwrap();
+        attempt::mark_acked(&dir).unwrap();
+        dir
+    };
+    let old = write(57, now_ms() - 2 * ATTEMPT_RETENTION.as_millis() as u64);
+    let recent = write(58, now_ms());
+    let (b, mut events) = executor_on(h.data_dir());
+    assert_eq!(b.recover().await.unwrap().acknowledged, 2);
+    let job_dir = old.parent().unwrap();
+    wait_until("old attempt and its job directory deleted", || {
+        !job_dir.exists()
+    })
+    .await;
+    assert!(recent.join("work").is_dir(), "kept for gantry logs");
+    assert!(events.try_recv().is_err(), "nothing reported again");
+    // Still remembered: a repeated assignment starts nothing.
+    assert_eq!(b.launch(sh(57, "true")), LaunchOutcome::Duplicate);
+}
