@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -778,7 +779,7 @@ impl Executor {
             0 => MAX_LOG_CHUNK,
             n => n.min(MAX_LOG_CHUNK),
         };
-        let mut file = match tokio::fs::File::open(&path).await {
+        let mut file = match open_read(&path).await {
             Ok(file) => file,
             // Not created yet (the attempt is still being set up).
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -881,7 +882,10 @@ pub fn substitute(command: &[String], batch_size: u32) -> Vec<String> {
 /// The last `max` bytes of a file; empty when it cannot be read.
 fn read_tail(path: &Path, max: u64) -> Vec<u8> {
     let result = (|| {
-        let mut file = std::fs::File::open(path)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(crate::jobfs::NOFOLLOW)
+            .open(path)?;
         let len = file.metadata()?.len();
         file.seek(std::io::SeekFrom::Start(len.saturating_sub(max)))?;
         let mut data = Vec::new();
@@ -889,6 +893,15 @@ fn read_tail(path: &Path, max: u64) -> Vec<u8> {
         Ok::<_, std::io::Error>(data)
     })();
     result.unwrap_or_default()
+}
+
+/// Opens an attempt's output file for reading, refusing a symlink there.
+async fn open_read(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(crate::jobfs::NOFOLLOW)
+        .open(path)
+        .await
 }
 
 /// Serde for [`Launch::snapshot`] (the entry type has no serde of its own).

@@ -22,6 +22,7 @@
 //!   writes `status.json` durably and exits.
 
 use std::ffi::OsString;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -330,7 +331,7 @@ async fn spawn(
         // The job may write only its work directory (output files are
         // opened here and inherited).
         let work = work.clone();
-        tokio::task::spawn_blocking(move || chown_tree(&work, user))
+        tokio::task::spawn_blocking(move || crate::jobfs::hand_over(&work, user))
             .await
             .map_err(|e| format!("chown task failed: {e}"))??;
     }
@@ -390,24 +391,6 @@ fn job_env(record: &AttemptRecord, work: &Path) -> Vec<(String, String)> {
     env
 }
 
-/// Hands `path` and everything under it to `user` (symlinks themselves,
-/// never their targets).
-fn chown_tree(path: &Path, user: crate::config::RunAs) -> Result<(), String> {
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
-        .map_err(|e| format!("cannot hand {} to uid {}: {e}", path.display(), user.uid))?;
-    let meta = std::fs::symlink_metadata(path)
-        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
-    if meta.is_dir() {
-        let entries =
-            std::fs::read_dir(path).map_err(|e| format!("cannot list {}: {e}", path.display()))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| format!("cannot list {}: {e}", path.display()))?;
-            chown_tree(&entry.path(), user)?;
-        }
-    }
-    Ok(())
-}
-
 /// Copies the snapshot entries off the runtime (they may be large), while
 /// still answering a stop: SIGTERM interrupts the copy.
 async fn copy_snapshot(
@@ -424,7 +407,8 @@ async fn copy_snapshot(
             record.launch.snapshot.clone(),
         );
         let cancel = Arc::clone(&cancel);
-        tokio::task::spawn_blocking(move || snapshot::prepare(&dir, &work, &entries, &cancel))
+        let user = record.run_as;
+        tokio::task::spawn_blocking(move || snapshot::prepare(&dir, &work, &entries, &cancel, user))
     };
     tokio::pin!(task);
     let started = Instant::now();
@@ -445,12 +429,20 @@ async fn copy_snapshot(
 }
 
 /// Creates an output file for appending. Append mode so the `[gantry]`
-/// notes (timeouts, stops) cannot overwrite the job's output. Left over from
-/// nothing: the claim guarantees this attempt never ran before.
+/// notes (timeouts, stops) cannot overwrite the job's output. The claim
+/// guarantees this attempt never ran under a supervisor; a file (or link)
+/// there is left from an agent version without records, and is replaced.
 fn open_output(path: &Path) -> Result<std::fs::File, String> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove stale {}: {e}", path.display())),
+    }
+    // Never through a link, nor onto a name that reappeared meanwhile.
     std::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .append(true)
+        .custom_flags(crate::jobfs::NOFOLLOW)
         .open(path)
         .map_err(|e| format!("cannot create {}: {e}", path.display()))
 }
@@ -463,6 +455,7 @@ pub(crate) fn note(path: &Path, message: &str) {
     let result = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(crate::jobfs::NOFOLLOW)
         .open(path)
         .and_then(|mut file| file.write_all(line.as_bytes()));
     if let Err(e) = result {
