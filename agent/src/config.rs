@@ -38,6 +38,14 @@ pub struct AgentConfig {
     pub join_token: Option<JoinToken>,
     /// Run jobs as this user (the agent must be root, or be that user).
     pub run_as: Option<RunAs>,
+    /// How job supervisors are started; `None` = this binary in its hidden
+    /// `supervise` mode ([`crate::supervisor::SupervisorCommand::this_binary`]).
+    pub supervisor: Option<crate::supervisor::SupervisorCommand>,
+    /// Whether a graceful shutdown (SIGTERM, Ctrl-C) stops the jobs too.
+    /// Off by default: jobs keep running under their supervisors and the next
+    /// agent process adopts them, so restarting or upgrading the agent loses
+    /// nothing. `gantry dev` and the test sandbox turn it on.
+    pub stop_jobs_on_exit: bool,
 }
 
 /// The agent join token; its `Debug` does not show the secret.
@@ -51,7 +59,7 @@ impl std::fmt::Debug for JoinToken {
 }
 
 /// The unprivileged user jobs run as (`--run-as`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunAs {
     /// User id.
     pub uid: u32,
@@ -101,6 +109,12 @@ impl AgentConfig {
             tls: None,
             join_token: None,
             run_as: None,
+            #[cfg(not(test))]
+            supervisor: None,
+            // The unit-test binary doubles as the supervisor.
+            #[cfg(test)]
+            supervisor: Some(crate::supervisor::SupervisorCommand::for_test()),
+            stop_jobs_on_exit: false,
         }
     }
 

@@ -1,40 +1,46 @@
-//! The job executor: starts assigned attempts as process groups, watches them,
-//! stops them on cancel, timeout or shutdown, and serves their output files.
+//! The job executor: records each assigned attempt durably, starts a
+//! [supervisor](crate::supervisor) process for it, watches the supervisor,
+//! asks it to stop the attempt (cancel, stale attempt, drain, GPU memory
+//! policy, shutdown with `--stop-jobs-on-exit`), and serves the output files.
+//! On start ([`Executor::recover`]) it adopts the attempts whose supervisors
+//! outlived the previous agent process and reports those that ended meanwhile.
 //!
 //! It knows nothing of gRPC: it takes a [`Launch`] and reports [`JobEvent`]s
 //! on an mpsc channel, so it is tested without a coordinator.
 //!
 //! Files of an attempt live under `<data_dir>/jobs/<job_id>/<attempt>/`:
-//! `stdout`, `stderr` and the working directory `work/` (with `snapshot/`
-//! when the spec asks for [evaluation snapshots](crate::snapshot)).
+//! the record files of [`crate::attempt`], `stdout`, `stderr` and the working
+//! directory `work/` (with `snapshot/` when the spec asks for
+//! [evaluation snapshots](crate::snapshot)).
 //!
 //! GPU memory policing: whoever samples the GPUs (the heartbeat, and
 //! [`crate::gpu_watch`] every 500 ms) hands the per-job figures to
 //! [`Executor::observe_gpu_usage`], which keeps each attempt's peak and, the
-//! first time an attempt uses more than its reservation plus margin, tells its
-//! supervisor, which applies the [`GpuMemoryPolicy`].
+//! first time an attempt uses more than its reservation plus margin, applies
+//! the [`GpuMemoryPolicy`] (a note, or a stop request to the supervisor).
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::process::ExitStatusExt;
+use std::io::{Read, Seek};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nix::sys::signal::Signal;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio::process::Command;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use gantry_scheduler::units::format_bytes;
 
+pub use crate::attempt::attempt_dir;
+use crate::attempt::{self, ExitStatus, STATUS, Started};
 use crate::probe::{JobGpuUsage, JobGpus};
-use crate::procgroup::{group_alive, signal_group};
-use crate::snapshot::{self, SnapshotEntry};
+use crate::snapshot::SnapshotEntry;
+use crate::supervisor::SupervisorCommand;
 
 /// Bytes of stderr sent with an exit event.
 pub const STDERR_TAIL_BYTES: u64 = 64 * 1024;
@@ -42,8 +48,16 @@ pub const STDERR_TAIL_BYTES: u64 = 64 * 1024;
 pub const MAX_LOG_CHUNK: u32 = 1024 * 1024;
 /// How long a finished attempt is remembered to refuse duplicate assignments.
 const FINISHED_MEMORY: Duration = Duration::from_secs(24 * 3600);
-/// How often a stopping job's process group is checked for survivors.
+/// How often a supervisor is checked for the job's start and for its own
+/// life (a supervisor this agent did not fork cannot be waited for).
+const WATCH_POLL: Duration = Duration::from_millis(50);
+/// How often a lost attempt's leftover process group is checked while it is
+/// being stopped.
 const GROUP_POLL: Duration = Duration::from_millis(20);
+/// How long an acknowledged attempt's directory is kept for `gantry logs`.
+pub const ATTEMPT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Most acknowledged attempt directories kept; the oldest go first.
+pub const MAX_KEPT_ATTEMPTS: usize = 1024;
 
 /// The current time in unix milliseconds.
 pub(crate) fn now_ms() -> u64 {
@@ -63,10 +77,12 @@ pub struct ExecutorConfig {
     pub kill_grace: Duration,
     /// Jobs run as this user (their work directory is handed to it).
     pub run_as: Option<crate::config::RunAs>,
+    /// How to start an attempt's supervisor process.
+    pub supervisor: SupervisorCommand,
 }
 
 /// One attempt to run, already converted from the wire `Assignment`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Launch {
     /// Job id.
     pub job_id: u64,
@@ -89,6 +105,7 @@ pub struct Launch {
     /// Wall-clock limit; `None` = unlimited.
     pub timeout: Option<Duration>,
     /// Files copied to `<work>/snapshot/` before the command runs.
+    #[serde(with = "snapshot_entries")]
     pub snapshot: Vec<SnapshotEntry>,
     /// What to do when the job uses more GPU memory than it reserved.
     pub gpu_memory_policy: GpuMemoryPolicy,
@@ -110,7 +127,7 @@ impl Launch {
 
 /// What the agent does when a job uses more GPU memory than its reservation
 /// plus margin (`JobSpec.gpu_memory_policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum GpuMemoryPolicy {
     /// Log a warning and note it in the job's stderr, once per attempt; the
     /// job keeps running.
@@ -180,7 +197,7 @@ pub struct ExitReport {
 }
 
 /// Why the agent stops an attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StopReason {
     /// A user cancelled the job (`CancelJob`): reported with `cancelled = true`.
     Cancelled,
@@ -198,7 +215,8 @@ pub enum StopReason {
 }
 
 impl StopReason {
-    fn cancelled(self) -> bool {
+    /// Reported with `cancelled = true`.
+    pub(crate) fn cancelled(self) -> bool {
         matches!(self, Self::Cancelled | Self::Stale)
     }
 }
@@ -219,7 +237,9 @@ pub struct RunningAttempt {
 pub enum LaunchOutcome {
     /// Accepted: a `Started` or `SpawnFailed` event follows.
     Accepted,
-    /// This job and attempt is already running or has run: ignored.
+    /// This job and attempt is already running or has run: nothing is
+    /// started; its current status (`Started`, or how it ended) is reported
+    /// again.
     Duplicate,
     /// The executor is shutting down: ignored.
     ShuttingDown,
@@ -251,12 +271,13 @@ pub struct LogChunk {
     pub eof: bool,
 }
 
+/// A stop the agent asks of an attempt's supervisor.
 struct StopRequest {
     reason: StopReason,
     grace: Duration,
 }
 
-/// What the executor tells a job's supervisor.
+/// What the executor tells an attempt's watch task.
 enum Control {
     Stop(StopRequest),
     /// The job was first seen above its GPU memory limit, using `used`
@@ -264,6 +285,17 @@ enum Control {
     OverMemory {
         used: u64,
     },
+}
+
+/// What became of a finished attempt's directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// The coordinator may not have the final event yet.
+    Unacknowledged,
+    /// Kept for `gantry logs` until [`attempt::to_remove`] picks it.
+    Acknowledged,
+    /// Deleted.
+    Removed,
 }
 
 enum EntryState {
@@ -276,6 +308,8 @@ enum EntryState {
     },
     Finished {
         at: Instant,
+        ended_at_ms: u64,
+        kept: Kept,
     },
 }
 
@@ -283,11 +317,24 @@ struct Entry {
     gpus: Vec<u32>,
     /// [`Launch::gpu_memory_limit`].
     gpu_memory_limit: Option<u64>,
-    /// Highest per-GPU usage observed so far, reported at exit.
+    /// Highest per-GPU usage observed so far, reported at exit. Not
+    /// persisted: an adopted attempt's peak counts from its adoption.
     peak_gpu_memory: u64,
-    /// Whether the supervisor was told of over-use: once per attempt.
+    /// Whether the over-use policy was applied: once per attempt.
     over_memory_told: bool,
     state: EntryState,
+}
+
+impl Entry {
+    fn new(launch: &Launch, state: EntryState) -> Self {
+        Self {
+            gpus: launch.gpus.clone(),
+            gpu_memory_limit: launch.gpu_memory_limit(),
+            peak_gpu_memory: 0,
+            over_memory_told: false,
+            state,
+        }
+    }
 }
 
 struct Inner {
@@ -295,8 +342,11 @@ struct Inner {
     events: mpsc::UnboundedSender<JobEvent>,
     /// A std mutex: it is held only for map updates, never across an await.
     jobs: Mutex<HashMap<(u64, u32), Entry>>,
-    /// Every job supervisor runs on it, so shutdown can wait for all of them.
+    /// Every watch task runs on it, so shutdown can wait for all of them.
     tracker: TaskTracker,
+    /// Cancelled when the agent exits leaving its jobs running: the watch
+    /// tasks end, the supervisors and their jobs do not.
+    detach: CancellationToken,
 }
 
 /// Runs attempts; cheap to clone (all clones share the same jobs).
@@ -313,6 +363,17 @@ impl std::fmt::Debug for Executor {
     }
 }
 
+/// What a restarted agent found of its attempts ([`Executor::recover`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Attempts whose supervisor still runs: adopted.
+    pub adopted: usize,
+    /// Attempts that ended (or were found lost) and are reported now.
+    pub reported: usize,
+    /// Attempts already reported and acknowledged.
+    pub acknowledged: usize,
+}
+
 impl Executor {
     /// An executor reporting on `events`.
     pub fn new(config: ExecutorConfig, events: mpsc::UnboundedSender<JobEvent>) -> Self {
@@ -322,6 +383,7 @@ impl Executor {
                 events,
                 jobs: Mutex::new(HashMap::new()),
                 tracker: TaskTracker::new(),
+                detach: CancellationToken::new(),
             }),
         }
     }
@@ -332,59 +394,147 @@ impl Executor {
         self.inner.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts an attempt unless it is a duplicate. Must be called inside a
-    /// tokio runtime; the work happens on a spawned supervisor task.
-    pub fn launch(&self, launch: Launch) -> LaunchOutcome {
-        let key = (launch.job_id, launch.attempt);
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
-        {
-            let mut jobs = self.jobs();
-            if self.inner.tracker.is_closed() {
-                return LaunchOutcome::ShuttingDown;
-            }
-            if jobs.contains_key(&key) {
-                return LaunchOutcome::Duplicate;
-            }
-            if jobs.len() > 1024 {
-                let now = Instant::now();
-                jobs.retain(|_, entry| match entry.state {
-                    EntryState::Finished { at } => now.duration_since(at) < FINISHED_MEMORY,
-                    EntryState::Active { .. } => true,
-                });
-            }
-            jobs.insert(
-                key,
-                Entry {
-                    gpus: launch.gpus.clone(),
-                    gpu_memory_limit: launch.gpu_memory_limit(),
-                    peak_gpu_memory: 0,
-                    over_memory_told: false,
-                    state: EntryState::Active {
-                        control: control_tx,
-                        started_at_ms: now_ms(),
-                        pgid: None,
-                    },
-                },
-            );
-        }
-        // Every line about this attempt (start, exit, stop) carries it.
-        let span = tracing::info_span!(
+    fn span(&self, launch: &Launch) -> tracing::Span {
+        tracing::info_span!(
             "job",
             job_id = launch.job_id,
             attempt = launch.attempt,
             kind = %launch.kind,
             node = %self.inner.config.node_name,
-        );
+        )
+    }
+
+    /// Starts an attempt unless this agent already has it (running or
+    /// ended): then nothing is started and its status is reported again.
+    /// Must be called inside a tokio runtime; the work happens on a spawned
+    /// task.
+    pub fn launch(&self, launch: Launch) -> LaunchOutcome {
+        let key = (launch.job_id, launch.attempt);
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let duplicate = {
+            let mut jobs = self.jobs();
+            if self.inner.tracker.is_closed() {
+                return LaunchOutcome::ShuttingDown;
+            }
+            let duplicate = jobs.contains_key(&key);
+            if !duplicate {
+                if jobs.len() > 1024 {
+                    let now = Instant::now();
+                    jobs.retain(|_, entry| match entry.state {
+                        EntryState::Finished { at, .. } => now.duration_since(at) < FINISHED_MEMORY,
+                        EntryState::Active { .. } => true,
+                    });
+                }
+                let state = EntryState::Active {
+                    control: control_tx,
+                    started_at_ms: now_ms(),
+                    pgid: None,
+                };
+                jobs.insert(key, Entry::new(&launch, state));
+            }
+            duplicate
+        };
+        if duplicate {
+            self.answer_duplicate(key);
+            return LaunchOutcome::Duplicate;
+        }
+        // Every line about this attempt (start, exit, stop) carries it.
+        let span = self.span(&launch);
         let this = self.clone();
         self.inner
             .tracker
-            .spawn(async move { this.supervise(launch, control_rx).await }.instrument(span));
+            .spawn(async move { this.start(launch, control_rx).await }.instrument(span));
         LaunchOutcome::Accepted
     }
 
+    /// Reports an attempt's current status again: `Started` while it runs,
+    /// its end once ended (read back from its directory). Nothing while it
+    /// is still being set up: `Started` follows anyway.
+    fn answer_duplicate(&self, key: (u64, u32)) {
+        enum Now {
+            Starting,
+            Running { pid: u32, at_ms: u64 },
+            Ended { kept: Kept, peak: u64 },
+        }
+        let now = match self.jobs().get(&key) {
+            None => return,
+            Some(entry) => match entry.state {
+                EntryState::Active { pgid: None, .. } => Now::Starting,
+                EntryState::Active {
+                    pgid: Some(pid),
+                    started_at_ms,
+                    ..
+                } => Now::Running {
+                    pid,
+                    at_ms: started_at_ms,
+                },
+                EntryState::Finished { kept, .. } => Now::Ended {
+                    kept,
+                    peak: entry.peak_gpu_memory,
+                },
+            },
+        };
+        let peak = match now {
+            Now::Starting => {
+                tracing::debug!(
+                    job_id = key.0,
+                    attempt = key.1,
+                    "duplicate assignment: still starting"
+                );
+                return;
+            }
+            Now::Running { pid, at_ms } => {
+                tracing::info!(
+                    job_id = key.0,
+                    attempt = key.1,
+                    "duplicate assignment of a running attempt: reporting it started"
+                );
+                self.emit(key, at_ms, JobEventKind::Started { pid });
+                return;
+            }
+            Now::Ended {
+                kept: Kept::Removed,
+                ..
+            } => {
+                tracing::info!(
+                    job_id = key.0,
+                    attempt = key.1,
+                    "duplicate assignment of an attempt that ended long ago: not started again"
+                );
+                return;
+            }
+            Now::Ended { peak, .. } => peak,
+        };
+        let this = self.clone();
+        let dir = self.attempt_dir(key.0, key.1);
+        tokio::spawn(async move {
+            let read = tokio::task::spawn_blocking(move || {
+                let status = attempt::read_json::<ExitStatus>(&dir, STATUS)?
+                    .ok_or_else(|| format!("no {STATUS} in {}", dir.display()))?;
+                Ok::<_, String>((status, read_tail(&dir.join("stderr"), STDERR_TAIL_BYTES)))
+            })
+            .await;
+            match read {
+                Ok(Ok((status, tail))) => {
+                    tracing::info!(
+                        job_id = key.0,
+                        attempt = key.1,
+                        "duplicate assignment of an ended attempt: reporting its end again"
+                    );
+                    this.emit(key, status.ended_at_ms, status.event_kind(tail, peak));
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(job_id = key.0, attempt = key.1, %error, "cannot read an ended attempt's status")
+                }
+                Err(e) => tracing::error!(error = %e, "status read task failed"),
+            }
+        });
+    }
+
     /// Stops an attempt (every running attempt of the job when `attempt` is 0):
-    /// SIGTERM to its process group, SIGKILL after `grace` (the configured
-    /// grace when `None`). Returns whether anything was running.
+    /// its supervisor sends SIGTERM to the process group, SIGKILL after
+    /// `grace` (the configured grace when `None`). Returns whether anything
+    /// was running.
     pub fn stop(
         &self,
         job_id: u64,
@@ -447,9 +597,9 @@ impl Executor {
 
     /// Takes in measured per-job GPU memory (from a heartbeat's or the GPU
     /// watch's sample): raises each started attempt's peak, and the first
-    /// time an attempt is above its limit tells its supervisor, which applies
-    /// the attempt's [`GpuMemoryPolicy`]. Figures for attempts not started
-    /// yet (still copying a snapshot) or already ended are ignored.
+    /// time an attempt is above its limit applies the attempt's
+    /// [`GpuMemoryPolicy`]. Figures for attempts not started yet (still
+    /// copying a snapshot) or already ended are ignored.
     pub fn observe_gpu_usage(&self, usage: &[JobGpuUsage]) {
         let mut jobs = self.jobs();
         for measured in usage {
@@ -482,30 +632,122 @@ impl Executor {
             .map(|entry| entry.peak_gpu_memory)
     }
 
-    /// Stops every running attempt with the configured grace, refuses new
-    /// ones, and returns once every supervisor has finished.
-    pub async fn shutdown(&self) {
+    /// Refuses new attempts and returns once every watch task has ended.
+    /// With `stop_jobs`, every running attempt is stopped first (with the
+    /// configured grace) and reported as stopped by an agent shutdown;
+    /// without, the jobs keep running under their supervisors for the next
+    /// agent process to adopt.
+    pub async fn shutdown(&self, stop_jobs: bool) {
         {
             // Closed under the lock so no launch slips in after the sweep.
             let jobs = self.jobs();
             self.inner.tracker.close();
-            for entry in jobs.values() {
-                if let EntryState::Active { control, .. } = &entry.state {
-                    let _ = control.send(Control::Stop(StopRequest {
-                        reason: StopReason::Shutdown,
-                        grace: self.inner.config.kill_grace,
-                    }));
+            if stop_jobs {
+                for entry in jobs.values() {
+                    if let EntryState::Active { control, .. } = &entry.state {
+                        let _ = control.send(Control::Stop(StopRequest {
+                            reason: StopReason::Shutdown,
+                            grace: self.inner.config.kill_grace,
+                        }));
+                    }
                 }
+            } else {
+                self.inner.detach.cancel();
             }
         }
         self.inner.tracker.wait().await;
+    }
+
+    /// The coordinator has the final events of these attempts: marks their
+    /// directories so a restarted agent does not report them again, and
+    /// deletes the directories [`attempt::to_remove`] picks.
+    pub fn acknowledge(&self, keys: &[(u64, u32)]) {
+        let mut dirs = Vec::new();
+        {
+            let mut jobs = self.jobs();
+            for key in keys {
+                if let Some(Entry {
+                    state: EntryState::Finished { kept, .. },
+                    ..
+                }) = jobs.get_mut(key)
+                    && *kept == Kept::Unacknowledged
+                {
+                    *kept = Kept::Acknowledged;
+                    dirs.push(self.attempt_dir(key.0, key.1));
+                }
+            }
+        }
+        if dirs.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let marked = tokio::task::spawn_blocking(move || {
+                for dir in dirs {
+                    if let Err(error) = attempt::mark_acked(&dir) {
+                        tracing::warn!(%error, "cannot mark an attempt acknowledged");
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = marked {
+                tracing::error!(error = %e, "acknowledge task failed");
+            }
+            this.cleanup();
+        });
+    }
+
+    /// Deletes the acknowledged attempt directories past their retention.
+    fn cleanup(&self) {
+        let remove = {
+            let mut jobs = self.jobs();
+            let acked: Vec<((u64, u32), u64)> = jobs
+                .iter()
+                .filter_map(|(key, entry)| match entry.state {
+                    EntryState::Finished {
+                        kept: Kept::Acknowledged,
+                        ended_at_ms,
+                        ..
+                    } => Some((*key, ended_at_ms)),
+                    _ => None,
+                })
+                .collect();
+            let remove = attempt::to_remove(&acked, now_ms(), ATTEMPT_RETENTION, MAX_KEPT_ATTEMPTS);
+            for key in &remove {
+                if let Some(Entry {
+                    state: EntryState::Finished { kept, .. },
+                    ..
+                }) = jobs.get_mut(key)
+                {
+                    *kept = Kept::Removed;
+                }
+            }
+            remove
+        };
+        if remove.is_empty() {
+            return;
+        }
+        let data_dir = self.inner.config.data_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            for (job_id, attempt) in remove {
+                let dir = attempt_dir(&data_dir, job_id, attempt);
+                if let Err(e) = std::fs::remove_dir_all(&dir)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot delete an old attempt directory");
+                }
+                // The job's directory goes with its last attempt.
+                if let Some(job_dir) = dir.parent() {
+                    let _ = std::fs::remove_dir(job_dir);
+                }
+            }
+        });
     }
 
     /// The directory of one attempt.
     pub fn attempt_dir(&self, job_id: u64, attempt: u32) -> PathBuf {
         attempt_dir(&self.inner.config.data_dir, job_id, attempt)
     }
-
     /// Reads a piece of an attempt's stdout or stderr. Errors are readable
     /// sentences for the user (unknown attempt, unknown stream, I/O).
     pub async fn read_log(&self, request: &LogRequest) -> Result<LogChunk, String> {
@@ -572,18 +814,18 @@ impl Executor {
         })
     }
 
-    fn emit(&self, launch: &Launch, kind: JobEventKind) {
+    fn emit(&self, (job_id, attempt): (u64, u32), at_ms: u64, kind: JobEventKind) {
         let event = JobEvent {
-            job_id: launch.job_id,
-            attempt: launch.attempt,
-            at_ms: now_ms(),
+            job_id,
+            attempt,
+            at_ms,
             kind,
         };
         // A closed channel means the agent is going away; nothing to tell.
         let _ = self.inner.events.send(event);
     }
 
-    fn set_started(&self, launch: &Launch, pid: u32) {
+    fn set_started(&self, key: (u64, u32), started: &Started) {
         if let Some(Entry {
             state:
                 EntryState::Active {
@@ -592,336 +834,25 @@ impl Executor {
                     ..
                 },
             ..
-        }) = self.jobs().get_mut(&(launch.job_id, launch.attempt))
+        }) = self.jobs().get_mut(&key)
         {
-            *started_at_ms = now_ms();
-            *pgid = Some(pid);
+            *started_at_ms = started.at_ms;
+            *pgid = Some(started.process.pid);
         }
     }
 
     /// Marks the attempt ended; returns its GPU memory peak.
-    fn set_finished(&self, launch: &Launch) -> u64 {
-        match self.jobs().get_mut(&(launch.job_id, launch.attempt)) {
+    fn set_finished(&self, key: (u64, u32), ended_at_ms: u64) -> u64 {
+        match self.jobs().get_mut(&key) {
             Some(entry) => {
-                entry.state = EntryState::Finished { at: Instant::now() };
+                entry.state = EntryState::Finished {
+                    at: Instant::now(),
+                    ended_at_ms,
+                    kept: Kept::Unacknowledged,
+                };
                 entry.peak_gpu_memory
             }
             None => 0,
-        }
-    }
-
-    /// Owns one attempt from spawn to the last process of its group.
-    async fn supervise(self, launch: Launch, mut control_rx: mpsc::UnboundedReceiver<Control>) {
-        let dir = self.attempt_dir(launch.job_id, launch.attempt);
-        let stderr_path = dir.join("stderr");
-        let mut child = match self.spawn(&launch, &dir, &mut control_rx).await {
-            Ok(child) => child,
-            Err(SpawnError::Failed(error)) => {
-                tracing::warn!(%error, "job spawn failed");
-                self.set_finished(&launch);
-                self.emit(&launch, JobEventKind::SpawnFailed { error });
-                return;
-            }
-            Err(SpawnError::Stopped(reason)) => {
-                // Stopped before the command ran (while copying a snapshot):
-                // an exit without a status, so a cancel is still a cancel and
-                // a shutdown still a lost attempt.
-                tracing::info!(?reason, "job stopped before it started");
-                note(
-                    &stderr_path,
-                    &format!("stopped ({reason:?}) before the command started"),
-                )
-                .await;
-                let stderr_tail = read_tail(&stderr_path, STDERR_TAIL_BYTES).await;
-                self.set_finished(&launch);
-                self.emit(
-                    &launch,
-                    JobEventKind::Exited(ExitReport {
-                        code: None,
-                        signal: None,
-                        stderr_tail,
-                        cancelled: reason.cancelled(),
-                        agent_shutdown: reason == StopReason::Shutdown,
-                        peak_gpu_memory_bytes: 0,
-                        over_memory: false,
-                    }),
-                );
-                return;
-            }
-        };
-        let Some(pid) = child.id() else {
-            // Only possible if the child was already reaped, which nothing did.
-            self.set_finished(&launch);
-            self.emit(
-                &launch,
-                JobEventKind::SpawnFailed {
-                    error: "child exited before its pid could be read".into(),
-                },
-            );
-            return;
-        };
-        tracing::info!(pid, gpus = ?launch.gpus, batch_size = launch.batch_size, "job started");
-        self.set_started(&launch, pid);
-        self.emit(&launch, JobEventKind::Started { pid });
-
-        let deadline = launch.timeout.map(|t| Instant::now() + t);
-        // Set once the agent decides to stop the job: why, and when SIGKILL is due.
-        let mut stopping: Option<(StopReason, Instant)> = None;
-        let mut killed = false;
-        let status = loop {
-            let kill_at = stopping.map(|(_, at)| at);
-            tokio::select! {
-                status = child.wait() => break status,
-                Some(control) = control_rx.recv(), if stopping.is_none() => match control {
-                    Control::Stop(request) => {
-                        tracing::info!(reason = ?request.reason, grace_ms = request.grace.as_millis() as u64, "stopping job");
-                        note(&stderr_path, &format!("stopping ({:?}): SIGTERM, SIGKILL after {:?}", request.reason, request.grace)).await;
-                        signal_group(pid, Signal::SIGTERM);
-                        stopping = Some((request.reason, Instant::now() + request.grace));
-                    }
-                    Control::OverMemory { used } => {
-                        let over = over_memory_message(&launch, used);
-                        if launch.gpu_memory_policy == GpuMemoryPolicy::Stop {
-                            let grace = self.inner.config.kill_grace;
-                            tracing::warn!(used, reserved = launch.gpu_memory_bytes, margin = launch.gpu_memory_margin_bytes, "job over its GPU memory: stopping it");
-                            note(&stderr_path, &format!("{over}; policy stop: SIGTERM, SIGKILL after {grace:?}")).await;
-                            signal_group(pid, Signal::SIGTERM);
-                            stopping = Some((StopReason::OverMemory, Instant::now() + grace));
-                        } else {
-                            tracing::warn!(used, reserved = launch.gpu_memory_bytes, margin = launch.gpu_memory_margin_bytes, "job over its GPU memory");
-                            note(&stderr_path, &format!("{over}; policy warn: the job keeps running")).await;
-                        }
-                    }
-                },
-                () = sleep_until(deadline), if stopping.is_none() => {
-                    let grace = self.inner.config.kill_grace;
-                    tracing::warn!(timeout_ms = launch.timeout.map_or(0, |t| t.as_millis() as u64), "job timed out");
-                    note(&stderr_path, &format!("timed out after {:?}: SIGTERM, SIGKILL after {grace:?}", launch.timeout.unwrap_or_default())).await;
-                    signal_group(pid, Signal::SIGTERM);
-                    stopping = Some((StopReason::Timeout, Instant::now() + grace));
-                }
-                () = sleep_until(kill_at), if !killed => {
-                    tracing::warn!("grace expired: SIGKILL");
-                    signal_group(pid, Signal::SIGKILL);
-                    killed = true;
-                }
-            }
-        };
-        // The leader is gone but what it forked may not be: a job's resources
-        // are free only when its whole group is.
-        self.reap_group(pid, stopping.map(|(_, at)| at), killed)
-            .await;
-
-        let (code, signal) = match &status {
-            Ok(status) => (status.code(), status.signal()),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot wait for job");
-                (None, None)
-            }
-        };
-        let cancelled = stopping.is_some_and(|(reason, _)| reason.cancelled());
-        let agent_shutdown = stopping.is_some_and(|(reason, _)| reason == StopReason::Shutdown);
-        let over_memory = stopping.is_some_and(|(reason, _)| reason == StopReason::OverMemory);
-        let stderr_tail = read_tail(&stderr_path, STDERR_TAIL_BYTES).await;
-        let peak_gpu_memory_bytes = self.set_finished(&launch);
-        tracing::info!(
-            ?code,
-            ?signal,
-            cancelled,
-            over_memory,
-            peak_gpu_memory_bytes,
-            "job exited"
-        );
-        self.emit(
-            &launch,
-            JobEventKind::Exited(ExitReport {
-                code,
-                signal,
-                stderr_tail,
-                cancelled,
-                agent_shutdown,
-                peak_gpu_memory_bytes,
-                over_memory,
-            }),
-        );
-    }
-
-    /// Makes sure no process of group `pgid` survives its leader: SIGTERM
-    /// (unless already sent), wait until the group empties or `kill_at`
-    /// (now + grace when not stopping yet), then SIGKILL.
-    async fn reap_group(&self, pgid: u32, kill_at: Option<Instant>, killed: bool) {
-        if killed || !group_alive(pgid) {
-            return;
-        }
-        let kill_at = match kill_at {
-            Some(at) => at,
-            None => {
-                tracing::info!("job leader exited, stopping what it left behind");
-                signal_group(pgid, Signal::SIGTERM);
-                Instant::now() + self.inner.config.kill_grace
-            }
-        };
-        while Instant::now() < kill_at {
-            if !group_alive(pgid) {
-                return;
-            }
-            tokio::time::sleep(GROUP_POLL).await;
-        }
-        signal_group(pgid, Signal::SIGKILL);
-    }
-
-    /// Prepares the attempt's directory, files and snapshot, and spawns the
-    /// process. Errors name the path, program or snapshot entry involved; a
-    /// stop request while copying the snapshot abandons the attempt.
-    async fn spawn(
-        &self,
-        launch: &Launch,
-        dir: &Path,
-        control_rx: &mut mpsc::UnboundedReceiver<Control>,
-    ) -> Result<tokio::process::Child, SpawnError> {
-        let work = dir.join("work");
-        tokio::fs::create_dir_all(&work)
-            .await
-            .map_err(|e| format!("cannot create {}: {e}", work.display()))?;
-        let stdout = open_output(&dir.join("stdout")).await?;
-        let stderr = open_output(&dir.join("stderr")).await?;
-
-        let argv = substitute(&launch.command, launch.batch_size);
-        let (program, args) = if launch.shell {
-            (
-                "/bin/sh".to_string(),
-                vec!["-c".to_string(), argv.join(" ")],
-            )
-        } else {
-            match argv.split_first() {
-                Some((program, args)) => (program.clone(), args.to_vec()),
-                None => return Err(SpawnError::Failed("empty command".into())),
-            }
-        };
-        if launch.shell && argv.iter().all(|a| a.trim().is_empty()) {
-            return Err(SpawnError::Failed("empty command".into()));
-        }
-        // Last before the spawn: a bad command must not cost a long copy.
-        if !launch.snapshot.is_empty() {
-            copy_snapshot(launch, dir, &work, self.inner.config.run_as, control_rx).await?;
-        }
-
-        if let Some(user) = self.inner.config.run_as {
-            // The job may write only its work directory (output files are
-            // opened by the agent and inherited).
-            let work = work.clone();
-            tokio::task::spawn_blocking(move || crate::jobfs::hand_over(&work, user))
-                .await
-                .map_err(|e| format!("chown task failed: {e}"))??;
-        }
-        let mut command = Command::new(&program);
-        if let Some(user) = self.inner.config.run_as {
-            // std drops supplementary groups (setgroups) when root sets a uid.
-            command.uid(user.uid).gid(user.gid);
-        }
-        command
-            .args(&args)
-            .current_dir(&work)
-            .envs(&launch.env)
-            .envs(self.job_env(launch, &work))
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            // A group of its own: signals reach everything the job forks, and
-            // a Ctrl-C at the agent's terminal does not reach the job.
-            .process_group(0)
-            // Last resort if the runtime is torn down without a shutdown.
-            .kill_on_drop(true);
-        command
-            .spawn()
-            .map_err(|e| SpawnError::Failed(format!("cannot start {program:?}: {e}")))
-    }
-
-    /// Variables Gantry sets; they override the spec's `env`.
-    fn job_env(&self, launch: &Launch, work: &Path) -> Vec<(String, String)> {
-        let gpus: Vec<String> = launch.gpus.iter().map(u32::to_string).collect();
-        let mut env = vec![
-            ("CUDA_VISIBLE_DEVICES".into(), gpus.join(",")),
-            ("GANTRY_JOB_ID".into(), launch.job_id.to_string()),
-            ("GANTRY_ATTEMPT".into(), launch.attempt.to_string()),
-            (
-                "GANTRY_GPU_MEMORY_BYTES".into(),
-                launch.gpu_memory_bytes.to_string(),
-            ),
-            ("GANTRY_NODE".into(), self.inner.config.node_name.clone()),
-            ("GANTRY_WORK_DIR".into(), work.display().to_string()),
-        ];
-        if !launch.snapshot.is_empty() {
-            env.push((
-                "GANTRY_SNAPSHOT_DIR".into(),
-                work.join(snapshot::SNAPSHOT_DIR).display().to_string(),
-            ));
-        }
-        // CUDA numbers devices fastest-first by default, NVML by PCI bus; the
-        // indices we hand out are NVML's, so make CUDA agree (unless the spec
-        // deliberately says otherwise).
-        if !launch.env.contains_key("CUDA_DEVICE_ORDER") {
-            env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
-        }
-        if launch.batch_size > 0 {
-            env.push(("GANTRY_BATCH_SIZE".into(), launch.batch_size.to_string()));
-        }
-        env
-    }
-}
-
-/// Why an attempt did not get as far as running its command.
-enum SpawnError {
-    /// Reported as `SpawnFailed { error }`.
-    Failed(String),
-    /// A stop request arrived while preparing (copying the snapshot).
-    Stopped(StopReason),
-}
-
-impl From<String> for SpawnError {
-    fn from(error: String) -> Self {
-        Self::Failed(error)
-    }
-}
-
-/// Copies the launch's snapshot entries off the runtime (they may be large),
-/// while still answering stop requests: a stop interrupts the copy.
-async fn copy_snapshot(
-    launch: &Launch,
-    dir: &Path,
-    work: &Path,
-    user: Option<crate::config::RunAs>,
-    control_rx: &mut mpsc::UnboundedReceiver<Control>,
-) -> Result<(), SpawnError> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let task = {
-        let (dir, work, entries) = (
-            dir.to_path_buf(),
-            work.to_path_buf(),
-            launch.snapshot.clone(),
-        );
-        let cancel = Arc::clone(&cancel);
-        tokio::task::spawn_blocking(move || snapshot::prepare(&dir, &work, &entries, &cancel, user))
-    };
-    tokio::pin!(task);
-    let started = Instant::now();
-    loop {
-        tokio::select! {
-            joined = &mut task => {
-                let copied = joined.map_err(|e| format!("snapshot task failed: {e}"))??;
-                tracing::info!(entries = launch.snapshot.len(), dir = %copied.display(), elapsed_ms = started.elapsed().as_millis() as u64, "snapshot copied");
-                return Ok(());
-            }
-            Some(control) = control_rx.recv() => match control {
-                Control::Stop(request) => {
-                    cancel.store(true, Ordering::Relaxed);
-                    // Returns at the next chunk: the copy checks the flag.
-                    let _ = task.await;
-                    return Err(SpawnError::Stopped(request.reason));
-                }
-                // Not started, so not measured (see `observe_gpu_usage`).
-                Control::OverMemory { .. } => {}
-            },
         }
     }
 }
@@ -936,14 +867,6 @@ fn over_memory_message(launch: &Launch, used: u64) -> String {
     )
 }
 
-/// The directory of one attempt under `data_dir`.
-pub fn attempt_dir(data_dir: &Path, job_id: u64, attempt: u32) -> PathBuf {
-    data_dir
-        .join("jobs")
-        .join(job_id.to_string())
-        .join(attempt.to_string())
-}
-
 /// Replaces `{batch_size}` in every argument when a batch size was chosen.
 pub fn substitute(command: &[String], batch_size: u32) -> Vec<String> {
     if batch_size == 0 {
@@ -956,55 +879,19 @@ pub fn substitute(command: &[String], batch_size: u32) -> Vec<String> {
         .collect()
 }
 
-/// Opens an output file for appending, starting it empty. Append mode so the
-/// agent's own notes (timeouts, cancels) cannot overwrite the job's output.
-async fn open_output(path: &Path) -> Result<std::fs::File, String> {
-    // Left over from an earlier agent process with the same ids.
-    match tokio::fs::remove_file(path).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot remove stale {}: {e}", path.display())),
-    }
-    // Never through a link, nor onto a name that reappeared meanwhile.
-    let file = tokio::fs::OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .custom_flags(crate::jobfs::NOFOLLOW)
-        .open(path)
-        .await
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    Ok(file.into_std().await)
-}
-
-/// Appends an agent note to a job's stderr, where users read it with `gantry logs`.
-async fn note(path: &Path, message: &str) {
-    let line = format!("[gantry] {message}\n");
-    let result = async {
-        let mut file = tokio::fs::OpenOptions::new()
-            .append(true)
-            .custom_flags(crate::jobfs::NOFOLLOW)
-            .open(path)
-            .await?;
-        file.write_all(line.as_bytes()).await
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "cannot append note to stderr");
-    }
-}
-
 /// The last `max` bytes of a file; empty when it cannot be read.
-async fn read_tail(path: &Path, max: u64) -> Vec<u8> {
-    let result = async {
-        let mut file = open_read(path).await?;
-        let len = file.metadata().await?.len();
-        file.seek(std::io::SeekFrom::Start(len.saturating_sub(max)))
-            .await?;
+fn read_tail(path: &Path, max: u64) -> Vec<u8> {
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(crate::jobfs::NOFOLLOW)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(std::io::SeekFrom::Start(len.saturating_sub(max)))?;
         let mut data = Vec::new();
-        file.take(max).read_to_end(&mut data).await?;
+        file.take(max).read_to_end(&mut data)?;
         Ok::<_, std::io::Error>(data)
-    }
-    .await;
+    })();
     result.unwrap_or_default()
 }
 
@@ -1017,13 +904,35 @@ async fn open_read(path: &Path) -> std::io::Result<tokio::fs::File> {
         .await
 }
 
-/// Sleeps until `at`, or forever when there is no deadline.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// Serde for [`Launch::snapshot`] (the entry type has no serde of its own).
+mod snapshot_entries {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::snapshot::SnapshotEntry;
+
+    pub(super) fn serialize<S: Serializer>(
+        entries: &[SnapshotEntry],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let pairs: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|e| (e.from.as_str(), e.as_name.as_str()))
+            .collect();
+        pairs.serialize(serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<SnapshotEntry>, D::Error> {
+        let pairs = Vec::<(String, String)>::deserialize(deserializer)?;
+        Ok(pairs
+            .into_iter()
+            .map(|(from, as_name)| SnapshotEntry { from, as_name })
+            .collect())
     }
 }
+
+mod watch;
 
 #[cfg(test)]
 mod tests;

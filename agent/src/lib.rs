@@ -7,9 +7,17 @@
 //! - [`probe`]: what the node has and how busy it is: [`probe::HostProbe`]
 //!   (sysinfo), [`probe::NvmlGpuProbe`] (NVML, loaded at run time) and
 //!   [`probe::FakeGpuProbe`] with its test hook file `fake-state.json`.
-//! - [`executor`]: starts attempts as process groups, stops them (cancel,
-//!   timeout, shutdown, GPU memory over-use), serves their output; reports
-//!   events on a channel. Keeps each attempt's GPU memory peak.
+//! - [`executor`]: records each attempt, forks its [`supervisor`], watches
+//!   it, asks it to stop the attempt (cancel, stale, drain, GPU memory
+//!   over-use, shutdown with `--stop-jobs-on-exit`), serves the output;
+//!   reports events on a channel. Keeps each attempt's GPU memory peak. On
+//!   start it adopts the attempts an earlier agent process left running.
+//! - [`supervisor`]: the per-attempt process (`gantry supervise DIR`) that
+//!   owns the job's process group, outlives the agent, enforces the timeout
+//!   and the stop escalation, and writes the exit status durably.
+//! - `attempt`: the attempt directory's durable files and the pure
+//!   decisions on them (what a restarted agent does with each attempt, which
+//!   old directories to delete).
 //! - [`snapshot`]: evaluation snapshots, private copies (reflink, else bytes)
 //!   of files a job reads while others may rewrite them, made before the
 //!   command starts under `<work>/snapshot/` (`GANTRY_SNAPSHOT_DIR`).
@@ -28,15 +36,22 @@
 //! # Architecture invariants
 //!
 //! - The executor knows nothing of gRPC; the link knows nothing of processes.
-//! - Jobs keep running while the coordinator is unreachable; only the
-//!   coordinator (a cancel, or `Registered.stop`), agent shutdown, the job's
-//!   own timeout or its GPU memory policy (`stop`) stops them. Policing does
-//!   not depend on the link: the GPU watch runs while disconnected.
+//! - Jobs keep running while the coordinator is unreachable and while the
+//!   agent itself is down or restarting; only the coordinator (a cancel, or
+//!   `Registered.stop`), an agent shutdown with `--stop-jobs-on-exit`, the
+//!   job's own timeout or its GPU memory policy (`stop`) stops them. Policing
+//!   does not depend on the link: the GPU watch runs while disconnected.
+//! - An attempt number is started by at most one process: the agent records
+//!   an attempt before it forks its supervisor, never records it twice, and
+//!   a supervisor runs the job only after claiming the attempt (a claim is
+//!   created once; see `attempt`).
 //! - A job's command never runs before its snapshot is complete, and a
 //!   snapshot is a copy, never a link to the live file.
 //! - Every task the agent spawns ends when its shutdown token is cancelled;
-//!   [`run`] returns only after every job's process group is gone.
+//!   with `stop_jobs_on_exit`, [`run`] returns only after every job's
+//!   process group is gone; without, only the supervisors remain.
 
+mod attempt;
 pub mod config;
 mod convert;
 pub mod error;
@@ -48,6 +63,7 @@ pub mod outbox;
 pub mod probe;
 mod procgroup;
 pub mod snapshot;
+pub mod supervisor;
 
 use std::sync::Arc;
 
@@ -57,13 +73,17 @@ use tokio_util::sync::CancellationToken;
 pub use config::{AgentConfig, FakeGpu, GpuSource, JoinToken, RunAs, parse_fake_gpus};
 pub use error::AgentError;
 pub use probe::GpuReport;
+pub use procgroup::ProcessId;
 
 use crate::executor::{Executor, ExecutorConfig};
 use crate::probe::{FakeGpuProbe, GpuProbe, HostProbe, NvmlGpuProbe, Probes, SharedGpuProbe};
 
-/// Runs the agent until `shutdown` is cancelled, then stops every running
-/// job (SIGTERM to its process group, SIGKILL after the grace), sends their
-/// exit events if still connected, and returns.
+/// Runs the agent until `shutdown` is cancelled. First it adopts the jobs an
+/// earlier agent process left running and reports those that ended
+/// meanwhile. On shutdown, with `stop_jobs_on_exit` it stops every running
+/// job (SIGTERM to its process group, SIGKILL after the grace) and sends
+/// their exit events if still connected; without, it leaves them running
+/// under their supervisors for the next agent process.
 ///
 /// Errors only for what makes starting impossible: a bad configuration, an
 /// unusable data directory, or a host probe that cannot read the system.
@@ -114,6 +134,10 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
         tracing::warn!("the agent runs as root without --run-as: jobs will run as root");
     }
 
+    let supervisor = match &config.supervisor {
+        Some(command) => command.clone(),
+        None => supervisor::SupervisorCommand::this_binary()?,
+    };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let executor = Executor::new(
         ExecutorConfig {
@@ -121,9 +145,19 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
             data_dir: config.data_dir.clone(),
             kill_grace: config.kill_grace,
             run_as: config.run_as,
+            supervisor,
         },
         events_tx,
     );
+    // Before the link: the first Register lists the adopted attempts.
+    let recovered = executor.recover().await?;
+    tracing::info!(
+        adopted = recovered.adopted,
+        reported = recovered.reported,
+        acknowledged = recovered.acknowledged,
+        "attempts of earlier agent processes recovered"
+    );
+    let stop_jobs = config.stop_jobs_on_exit;
     let config = Arc::new(config);
     let gpu = SharedGpuProbe::new(gpu);
     // Stopped after the jobs, like the link.
@@ -146,9 +180,15 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
     shutdown.cancelled().await;
     tracing::info!(
         running = executor.running().len(),
-        "agent stopping: stopping jobs"
+        stop_jobs,
+        "agent stopping{}",
+        if stop_jobs {
+            ": stopping jobs"
+        } else {
+            ": jobs keep running for the next agent process"
+        }
     );
-    executor.shutdown().await;
+    executor.shutdown(stop_jobs).await;
     watch_shutdown.cancel();
     if let Err(e) = watch_task.await {
         tracing::error!(error = %e, "gpu watch task failed");

@@ -321,6 +321,7 @@ impl Link {
         while let Ok(event) = self.events.try_recv() {
             self.outbox.push_unsent(event);
         }
+        self.acknowledge_expired();
         for event in self.outbox.on_registered(Instant::now()) {
             if let Err(end) = send_event(&tx, event).await {
                 return end;
@@ -362,6 +363,7 @@ impl Link {
                 }
                 _ = ticker.tick() => {
                     last_beat = Some(tokio::time::Instant::now());
+                    self.acknowledge_expired();
                     let heartbeat = self.heartbeat().await;
                     match tx.try_send(agent_message(Up::Heartbeat(heartbeat))) {
                         Ok(()) => {}
@@ -375,6 +377,15 @@ impl Link {
                     }
                 }
             }
+        }
+    }
+
+    /// Tells the executor which final events the coordinator now has (their
+    /// re-send window passed), so their attempt directories can go.
+    fn acknowledge_expired(&mut self) {
+        let expired = self.outbox.expire(Instant::now());
+        if !expired.is_empty() {
+            self.executor.acknowledge(&expired);
         }
     }
 
@@ -406,7 +417,11 @@ impl Link {
                         tracing::info!(job_id, attempt, "assignment accepted");
                     }
                     LaunchOutcome::Duplicate => {
-                        tracing::debug!(job_id, attempt, "duplicate assignment ignored");
+                        tracing::info!(
+                            job_id,
+                            attempt,
+                            "duplicate assignment: not started again, its status is reported"
+                        );
                     }
                     LaunchOutcome::ShuttingDown => {
                         // Refused explicitly so the coordinator places it elsewhere now.

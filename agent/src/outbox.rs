@@ -67,14 +67,28 @@ impl Outbox {
         }
     }
 
-    /// The events to send after a successful registration, in order; marks
-    /// them sent at `now`, drops sent `Started` events and expired ones.
-    pub fn on_registered(&mut self, now: Instant) -> Vec<JobEvent> {
+    /// Drops the terminal events whose re-send window has passed and
+    /// returns their `(job_id, attempt)`: the agent counts them as
+    /// acknowledged by the coordinator (the link has no acknowledgements;
+    /// this window is the delivery contract).
+    pub fn expire(&mut self, now: Instant) -> Vec<(u64, u32)> {
+        let mut expired = Vec::new();
         self.entries.retain(|entry| {
-            entry
+            let keep = entry
                 .first_sent
-                .is_none_or(|at| now.saturating_duration_since(at) < RESEND_WINDOW)
+                .is_none_or(|at| now.saturating_duration_since(at) < RESEND_WINDOW);
+            if !keep && entry.event.kind.is_terminal() {
+                expired.push((entry.event.job_id, entry.event.attempt));
+            }
+            keep
         });
+        expired
+    }
+
+    /// The events to send after a successful registration, in order; marks
+    /// them sent at `now`, drops sent `Started` events. Call [`Outbox::expire`]
+    /// first, or expired events are sent once more.
+    pub fn on_registered(&mut self, now: Instant) -> Vec<JobEvent> {
         let out = self.entries.iter().map(|e| e.event.clone()).collect();
         self.entries.retain_mut(|entry| {
             entry.first_sent.get_or_insert(now);
@@ -94,6 +108,16 @@ impl Outbox {
     }
 
     fn push(&mut self, entry: Entry) {
+        // A terminal event reported again (a repeated assignment is answered
+        // with it) is kept once, with its first send time.
+        let (job_id, attempt) = (entry.event.job_id, entry.event.attempt);
+        if entry.event.kind.is_terminal()
+            && self.entries.iter().any(|e| {
+                e.event.job_id == job_id && e.event.attempt == attempt && e.event.kind.is_terminal()
+            })
+        {
+            return;
+        }
         if self.entries.len() >= MAX_RETAINED {
             let victim = self
                 .entries
@@ -179,14 +203,31 @@ mod tests {
         assert_eq!(outbox.len(), 1, "a sent start is not retained");
         let later = t0 + RESEND_WINDOW + Duration::from_secs(1);
         outbox.push_unsent(exited(2));
+        assert_eq!(outbox.expire(later), vec![(1, 1)], "acknowledged");
         assert_eq!(ids(&outbox.on_registered(later)), vec![(2, true)]);
         // Now 2 counts as sent at `later` and is re-sent until its own window ends.
         assert_eq!(
             ids(&outbox.on_registered(later + Duration::from_secs(5))),
             vec![(2, true)]
         );
+        assert_eq!(outbox.expire(later + RESEND_WINDOW), vec![(2, 1)]);
         assert!(outbox.on_registered(later + RESEND_WINDOW).is_empty());
         assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn a_terminal_event_reported_again_is_kept_once() {
+        let mut outbox = Outbox::new();
+        let t0 = Instant::now();
+        outbox.push_sent(exited(1), t0);
+        outbox.push_sent(exited(1), t0 + Duration::from_secs(1));
+        outbox.push_unsent(exited(1));
+        assert_eq!(outbox.len(), 1);
+        assert_eq!(
+            outbox.expire(t0 + RESEND_WINDOW),
+            vec![(1, 1)],
+            "first send counts"
+        );
     }
 
     #[test]

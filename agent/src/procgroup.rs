@@ -54,6 +54,38 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
     matches!(proc_stat(pid), Some(stat) if stat.state != 'Z' && stat.state != 'X')
 }
 
+/// One process, told apart from any later process that reuses its pid by
+/// its start time (`/proc/PID/stat` field 22, clock ticks since boot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessId {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in clock ticks since boot.
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    /// The live (non-zombie) process `pid`, if any.
+    pub fn of(pid: u32) -> Option<ProcessId> {
+        let stat = proc_stat(pid)?;
+        (stat.state != 'Z' && stat.state != 'X').then_some(ProcessId {
+            pid,
+            start_time: stat.start_time,
+        })
+    }
+
+    /// This process.
+    pub fn current() -> Option<ProcessId> {
+        Self::of(std::process::id())
+    }
+
+    /// Whether this very process still runs: its pid is live and started
+    /// at the same time (a reused pid is a different process).
+    pub fn is_alive(&self) -> bool {
+        Self::of(self.pid) == Some(*self)
+    }
+}
+
 /// The fields of `/proc/<pid>/stat` the agent uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ProcStat {
@@ -63,6 +95,8 @@ pub(crate) struct ProcStat {
     pub ppid: u32,
     /// Process group id.
     pub pgrp: u32,
+    /// Start time in clock ticks since boot.
+    pub start_time: u64,
 }
 
 /// Reads `/proc/<pid>/stat`; `None` when the process is gone.
@@ -75,7 +109,14 @@ pub(crate) fn proc_stat(pid: u32) -> Option<ProcStat> {
     let state = fields.next()?.chars().next()?;
     let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
-    Some(ProcStat { state, ppid, pgrp })
+    // Fields 6 to 21 (session .. itrealvalue), then 22: starttime.
+    let start_time = fields.nth(16)?.parse().ok()?;
+    Some(ProcStat {
+        state,
+        ppid,
+        pgrp,
+        start_time,
+    })
 }
 
 #[cfg(test)]
@@ -92,5 +133,17 @@ mod tests {
         assert!(!group_alive(1));
         // Pids are capped well below this on Linux.
         assert!(!group_alive(i32::MAX as u32 - 1));
+    }
+
+    #[test]
+    fn a_process_id_with_another_start_time_is_not_alive() {
+        let me = ProcessId::current().unwrap();
+        assert!(me.is_alive());
+        let reused = ProcessId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!reused.is_alive(), "same pid, other start time");
+        assert_eq!(ProcessId::of(i32::MAX as u32 - 1), None);
     }
 }

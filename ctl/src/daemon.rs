@@ -122,6 +122,9 @@ pub struct AgentOptions {
     pub fake_gpus: Option<String>,
     /// TLS, join token, job user (default: none).
     pub security: crate::security::AgentSecurity,
+    /// Stop the jobs on a graceful exit instead of leaving them for the
+    /// next agent process.
+    pub stop_jobs_on_exit: bool,
 }
 
 fn agent_config(options: AgentOptions) -> anyhow::Result<AgentConfig> {
@@ -144,6 +147,7 @@ fn agent_config(options: AgentOptions) -> anyhow::Result<AgentConfig> {
     config.tls = options.security.tls;
     config.join_token = options.security.join_token.map(gantry_agent::JoinToken);
     config.run_as = options.security.run_as;
+    config.stop_jobs_on_exit = options.stop_jobs_on_exit;
     Ok(config)
 }
 
@@ -197,6 +201,8 @@ pub async fn run_dev(options: CoordinatorOptions, fake_gpus: Option<String>) -> 
         labels: BTreeMap::from([("provider".to_string(), "local".to_string())]),
         fake_gpus,
         security: Default::default(),
+        // One process for everything: Ctrl-C leaves nothing running.
+        stop_jobs_on_exit: true,
     })?;
     let agent_task = tokio::spawn(gantry_agent::run(agent, shutdown.clone()));
 

@@ -226,9 +226,16 @@ enum Command {
         /// Print what the GPU probe finds and exit.
         #[arg(long)]
         probe: bool,
+        /// Stop the jobs on a graceful exit (SIGTERM, Ctrl-C). Without it they
+        /// keep running and the next agent started on this data dir adopts them.
+        #[arg(long)]
+        stop_jobs_on_exit: bool,
         #[command(flatten)]
         security: AgentSecurityArgs,
     },
+    /// Internal: the per-attempt job supervisor the agent starts.
+    #[command(hide = true)]
+    Supervise { attempt_dir: PathBuf },
     /// A whole cluster in one process: coordinator, one agent, storage in ./gantry-data.
     Dev {
         /// gRPC listen address.
@@ -714,6 +721,7 @@ async fn cli_main() -> ExitCode {
             labels,
             fake_gpus,
             probe,
+            stop_jobs_on_exit,
             security,
         } => {
             init_logging(cli.log_format);
@@ -737,8 +745,13 @@ async fn cli_main() -> ExitCode {
                 data_dir,
                 labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
                 fake_gpus,
+                stop_jobs_on_exit,
             };
             daemon_result(daemon::run_agent(options).await)
+        }
+        Command::Supervise { attempt_dir } => {
+            init_logging(cli.log_format);
+            return gantry_agent::supervisor::run(&attempt_dir).await;
         }
         Command::Dev {
             grpc_addr,

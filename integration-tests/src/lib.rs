@@ -182,6 +182,9 @@ pub struct Sandbox {
     log_filter: Option<String>,
     /// Environment of every client command (TLS files, token).
     client_env: Vec<(String, String)>,
+    /// Data directories of the agents started (also `gantry dev`'s), whose
+    /// job processes are killed on drop if an agent left any.
+    agent_dirs: Vec<PathBuf>,
     /// Extra environment of the daemons started from now on (fault
     /// injection hooks).
     daemon_env: Vec<(String, String)>,
@@ -208,6 +211,7 @@ impl Sandbox {
             procs: Vec::new(),
             log_filter: None,
             client_env: Vec::new(),
+            agent_dirs: Vec::new(),
             daemon_env: Vec::new(),
         })
     }
@@ -357,6 +361,9 @@ impl Sandbox {
         extra: &[&str],
     ) -> anyhow::Result<usize> {
         give_fake_disk(&self.agent_dir(name))?;
+        if !self.agent_dirs.contains(&self.agent_dir(name)) {
+            self.agent_dirs.push(self.agent_dir(name));
+        }
         let mut args = vec![
             "agent".to_string(),
             "--name".into(),
@@ -369,6 +376,9 @@ impl Sandbox {
             self.agent_dir(name).display().to_string(),
             "--fake-gpus".into(),
             fake_gpus.into(),
+            // Agents keep their jobs over a restart by default; a sandbox
+            // must end every process it caused.
+            "--stop-jobs-on-exit".into(),
         ];
         for (k, v) in labels {
             args.push("--label".into());
@@ -469,9 +479,21 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        // Agents first and gracefully, so they stop the jobs they run.
+        // Agents first and gracefully, so they stop the jobs they run
+        // (`--stop-jobs-on-exit`).
         for proc in self.procs.iter_mut().rev() {
             proc.stop(Duration::from_secs(10));
+        }
+        // Jobs of agents that were killed (their supervisors outlive them),
+        // by recorded pid and start time.
+        for dir in &self.agent_dirs {
+            let left = gantry_agent::supervisor::kill_leftovers(dir);
+            if left > 0 {
+                eprintln!(
+                    "killed the processes of {left} attempts left under {}",
+                    dir.display()
+                );
+            }
         }
         // The test harness captures this and shows it only for failed tests
         // (which may fail by returning Err, not only by panicking).
@@ -509,6 +531,8 @@ impl Sandbox {
     /// the process index and the coordinator URL.
     pub fn start_dev(&mut self, name: &str, fake_gpus: &str) -> anyhow::Result<(usize, String)> {
         give_fake_disk(&self.dir.path().join(name).join("agent"))?;
+        self.agent_dirs
+            .push(self.dir.path().join(name).join("agent"));
         let args = vec![
             "dev".to_string(),
             "--grpc-addr".into(),

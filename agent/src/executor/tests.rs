@@ -1,5 +1,7 @@
 //! Executor tests: real processes, no coordinator. Waits are bounded polls.
 
+mod recover;
+
 use std::time::Duration;
 
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -22,18 +24,25 @@ struct Harness {
     _watch: Option<DropGuard>,
 }
 
-fn harness() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
+/// An executor (as one agent process) on `data_dir`.
+fn executor_on(data_dir: &Path) -> (Executor, mpsc::UnboundedReceiver<JobEvent>) {
     let (tx, events) = mpsc::unbounded_channel();
     let executor = Executor::new(
         ExecutorConfig {
             node_name: "node-a".into(),
-            data_dir: dir.path().to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
             kill_grace: Duration::from_secs(1),
             run_as: None,
+            supervisor: SupervisorCommand::for_test(),
         },
         tx,
     );
+    (executor, events)
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let (executor, events) = executor_on(dir.path());
     Harness {
         _dir: dir,
         executor,
@@ -85,6 +94,14 @@ fn launch(job_id: u64, command: &[&str]) -> Launch {
 
 fn sh(job_id: u64, script: &str) -> Launch {
     launch(job_id, &["sh", "-c", script])
+}
+
+impl Drop for Harness {
+    /// Jobs outlive executors now (they run under supervisors): a test that
+    /// ends, or fails, with a job running must not leave it behind.
+    fn drop(&mut self) {
+        crate::supervisor::kill_leftovers(self._dir.path());
+    }
 }
 
 impl Harness {
@@ -419,9 +436,15 @@ async fn log_of_a_running_job_is_not_eof() {
     .await;
     let chunk = h.executor.read_log(&log(13, "", 0, 0)).await.unwrap();
     assert_eq!((chunk.data.as_slice(), chunk.eof), (&b"hi\n"[..], false));
-    let jobs = h.executor.gpu_jobs();
-    assert_eq!(jobs.len(), 1);
-    assert!(jobs[0].pgid.is_some());
+    // The supervisor records the start; the agent reads it within a poll.
+    wait_until("process group known", || {
+        h.executor
+            .gpu_jobs()
+            .first()
+            .is_some_and(|j| j.pgid.is_some())
+    })
+    .await;
+    assert_eq!(h.executor.gpu_jobs().len(), 1);
     h.executor.stop(13, 1, None, StopReason::Cancelled);
     assert!(h.exit_of(13).await.cancelled);
     let chunk = h.executor.read_log(&log(13, "", 3, 0)).await.unwrap();
@@ -437,7 +460,7 @@ async fn shutdown_stops_everything_and_refuses_new_work() {
         h.executor.gpu_jobs().iter().all(|j| j.pgid.is_some())
     })
     .await;
-    tokio::time::timeout(WAIT, h.executor.shutdown())
+    tokio::time::timeout(WAIT, h.executor.shutdown(true))
         .await
         .unwrap();
     assert!(h.executor.running().is_empty());
@@ -456,7 +479,7 @@ async fn shutdown_stops_everything_and_refuses_new_work() {
 }
 
 fn libc_sigterm() -> i32 {
-    Signal::SIGTERM as i32
+    nix::sys::signal::Signal::SIGTERM as i32
 }
 
 fn snap(from: &Path, as_name: &str) -> SnapshotEntry {
@@ -685,6 +708,7 @@ fn harness_as_nobody() -> Option<Harness> {
             data_dir: h.data_dir().to_path_buf(),
             kill_grace: Duration::from_secs(1),
             run_as: Some(user),
+            supervisor: SupervisorCommand::for_test(),
         },
         tx,
     );

@@ -178,6 +178,7 @@ async fn register_heartbeat_run_reconnect_resend_and_shutdown() {
     );
     config.gpus = GpuSource::Fake(parse_fake_gpus("2xH100-80GiB").unwrap());
     config.labels.insert("provider".into(), "lambda".into());
+    config.stop_jobs_on_exit = true;
     let agent_stop = CancellationToken::new();
     let agent = tokio::spawn(crate::run(config, agent_stop.clone()));
 
@@ -272,8 +273,13 @@ async fn register_heartbeat_run_reconnect_resend_and_shutdown() {
     };
     assert!(exit.cancelled);
 
-    // A duplicate of a finished attempt is ignored; a cancel stops a job.
+    // A duplicate of a finished attempt starts nothing: its end is the
+    // answer. A cancel stops a job.
     conn.send(assignment(1, "echo again")).await;
+    let pb::job_event::Event::Exited(exit) = conn.event(1).await else {
+        panic!("expected the exit again");
+    };
+    assert!(exit.cancelled);
     conn.send(assignment(2, "exec sleep 1000")).await;
     assert!(matches!(
         conn.event(2).await,

@@ -186,6 +186,7 @@ mod tests {
         .into();
         let stat = |pid: u32| {
             table.get(&pid).map(|&(ppid, pgrp)| ProcStat {
+                start_time: 0,
                 state: 'S',
                 ppid,
                 pgrp,
