@@ -117,13 +117,14 @@ pub enum Request {
         index: u64,
         /// The serialized command.
         data: Vec<u8>,
-        /// The serialized `Result<Outcome, ApplyError>`.
-        reply: std_mpsc::Sender<Vec<u8>>,
+        /// The serialized `Result<Outcome, ApplyError>`, or why the core
+        /// could not apply (fatal for the replica).
+        reply: std_mpsc::Sender<Result<Vec<u8>, String>>,
     },
     /// The Raft driver takes a snapshot of the applied state.
     RaftSnapshot {
-        /// Serialized [`crate::store::StateSnapshot`].
-        reply: std_mpsc::Sender<Vec<u8>>,
+        /// Serialized [`crate::store::StateSnapshot`], or why not.
+        reply: std_mpsc::Sender<Result<Vec<u8>, String>>,
     },
     /// The Raft driver installs a snapshot.
     RaftRestore {
@@ -136,8 +137,8 @@ pub enum Request {
     },
     /// The Raft driver asks for the applied index.
     RaftAppliedIndex {
-        /// The index.
-        reply: std_mpsc::Sender<u64>,
+        /// The index, or why it cannot be read.
+        reply: std_mpsc::Sender<Result<u64, String>>,
     },
     /// The replication handle, once the Raft node has started.
     AttachRaft {
@@ -379,8 +380,10 @@ impl Core {
         })
     }
 
-    /// Runs until every sender of `requests` is dropped. Flushes on exit.
-    pub fn run(mut self, requests: std_mpsc::Receiver<Request>) {
+    /// Runs until every sender of `requests` is dropped or it is told to
+    /// stop, then flushes; `Err` with the reason when it stopped on a fatal
+    /// storage error instead.
+    pub fn run(mut self, requests: std_mpsc::Receiver<Request>) -> Result<(), String> {
         let tick = Duration::from_millis(200);
         loop {
             match requests.recv_timeout(tick) {
@@ -401,15 +404,16 @@ impl Core {
                 break;
             }
             self.tick();
-            if let Some(error) = &self.fatal {
+            if let Some(error) = self.fatal.take() {
                 tracing::error!(%error, "cannot persist state; stopping the coordinator core");
-                return;
+                return Err(error);
             }
         }
         if let Err(error) = self.store.flush() {
             tracing::error!(%error, "final flush failed");
         }
         tracing::info!("coordinator core stopped; storage flushed");
+        Ok(())
     }
 
     /// Proposes a command through Raft. Its effects (dispatch, cancels,
@@ -429,7 +433,7 @@ impl Core {
 
     /// Applies a committed entry: state machine, storage (the Raft log is
     /// the durable record, so no flush), events, then the leader's effects.
-    fn raft_apply(&mut self, index: u64, data: &[u8]) -> Vec<u8> {
+    fn raft_apply(&mut self, index: u64, data: &[u8]) -> Result<Vec<u8>, String> {
         let result: Result<Outcome, ApplyError> = match serde_json::from_slice::<Command>(data) {
             Ok(command) => {
                 // Lines about one job carry its span (id, attempt, kind, node).
@@ -457,7 +461,10 @@ impl Core {
                     }
                 }
                 if let Err(error) = self.store.persist_applied(&self.state, &changes, index) {
-                    self.fatal = Some(error.to_string());
+                    // Fatal: the replica must not go on as if it had applied.
+                    let error = format!("cannot persist index {index}: {error}");
+                    self.fatal = Some(error.clone());
+                    return Err(error);
                 }
                 for event in &changes.events {
                     let _ = self.events.send(convert::event_to_proto(event));
@@ -473,7 +480,7 @@ impl Core {
                 Ok(Outcome::Done)
             }
         };
-        serde_json::to_vec(&result).unwrap_or_default()
+        serde_json::to_vec(&result).map_err(|error| format!("cannot encode the outcome: {error}"))
     }
 
     /// What the leader does once a command is applied.
@@ -632,12 +639,10 @@ impl Core {
             }
             Request::RaftSnapshot { reply } => {
                 let bytes = self.store.snapshot_bytes(&self.state);
-                match bytes {
-                    Ok(bytes) => {
-                        let _ = reply.send(bytes);
-                    }
-                    Err(error) => self.fatal = Some(error.to_string()),
+                if let Err(error) = &bytes {
+                    self.fatal = Some(format!("cannot take a state snapshot: {error}"));
                 }
+                let _ = reply.send(bytes.map_err(|error| error.to_string()));
             }
             Request::RaftRestore { index, data, reply } => {
                 let result = serde_json::from_slice::<crate::store::StateSnapshot>(&data)
@@ -654,7 +659,10 @@ impl Core {
                 let _ = reply.send(result);
             }
             Request::RaftAppliedIndex { reply } => {
-                let index = self.store.applied_index().unwrap_or(0);
+                let index = self
+                    .store
+                    .applied_index()
+                    .map_err(|error| error.to_string());
                 let _ = reply.send(index);
             }
             Request::Shutdown => self.stop = true,

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use gantry_scheduler::{JobId, LockHolders};
 
 use crate::command::Command;
+use crate::dag::DependencyError;
 use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord};
 
 mod attempts;
@@ -127,25 +128,9 @@ pub enum ApplyError {
     /// A replacement spec for `dlq retry` changes what the job is.
     #[error("spec: {0}")]
     SpecChange(String),
-    /// `after:` names a job that is not in the submission.
-    #[error("jobs[{index}].after: no job named {name:?} in this submission")]
-    UnknownDependency {
-        /// Position of the job.
-        index: usize,
-        /// Missing name.
-        name: String,
-    },
-    /// `after:` edges form a cycle.
-    #[error("after: dependency cycle through {0}")]
-    Cycle(String),
-    /// Two jobs of one submission share a name that `after:` refers to.
-    #[error("jobs[{index}].name: {name:?} is used twice in this submission")]
-    DuplicateName {
-        /// Position of the second use.
-        index: usize,
-        /// The name.
-        name: String,
-    },
+    /// The `after:` graph of a submission is refused.
+    #[error(transparent)]
+    Dependency(#[from] DependencyError),
 }
 
 /// Hard state of the cluster.

@@ -23,6 +23,13 @@ pub struct ReplicaState {
     state: StateMachine,
 }
 
+impl ReplicaState {
+    /// Its state machine, as restored from storage.
+    pub fn state(&self) -> &StateMachine {
+        &self.state
+    }
+}
+
 /// Reads each replica's storage.
 pub fn read_replicas(dirs: &[PathBuf]) -> anyhow::Result<Vec<ReplicaState>> {
     dirs.iter()

@@ -4,7 +4,11 @@
 //! process it started when dropped.
 
 pub mod check;
+pub mod ledger;
+pub mod load;
+pub mod nemesis;
 pub mod proxy;
+pub mod verdict;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -25,6 +29,11 @@ pub fn gantry_bin() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
+    // A binary (gantry-bench) sits beside it: target/release/gantry.
+    let beside = exe.with_file_name("gantry");
+    if beside.is_file() {
+        return beside;
+    }
     // target/debug/deps/test-xxxx -> target/debug/gantry
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     dir.join("gantry")
@@ -107,6 +116,16 @@ impl Proc {
         let _ = child.wait();
     }
 
+    /// Waits up to `timeout` for the process to exit on its own; its exit
+    /// status, or `None` if it still runs (or was already reaped).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status =
+            wait_until("process exit", timeout, || child.try_wait().ok().flatten()).ok()?;
+        self.child = None;
+        Some(status)
+    }
+
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
         self.child
@@ -138,6 +157,23 @@ impl CliOutput {
     }
 }
 
+/// Runs `gantry ARGS` against `url` with extra environment, to
+/// completion; needs no sandbox, so other threads (a load generator) can.
+pub fn run_gantry(url: &str, env: &[(String, String)], args: &[&str]) -> CliOutput {
+    let output = Command::new(gantry_bin())
+        .args(args)
+        .env("GANTRY_ADDR", url)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gantry");
+    CliOutput {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
 /// A temporary cluster of processes.
 pub struct Sandbox {
     dir: tempfile::TempDir,
@@ -146,6 +182,9 @@ pub struct Sandbox {
     log_filter: Option<String>,
     /// Environment of every client command (TLS files, token).
     client_env: Vec<(String, String)>,
+    /// Extra environment of the daemons started from now on (fault
+    /// injection hooks).
+    daemon_env: Vec<(String, String)>,
 }
 
 /// A started coordinator.
@@ -169,12 +208,18 @@ impl Sandbox {
             procs: Vec::new(),
             log_filter: None,
             client_env: Vec::new(),
+            daemon_env: Vec::new(),
         })
     }
 
     /// Sets `RUST_LOG` for the processes started from now on.
     pub fn set_log_filter(&mut self, filter: &str) {
         self.log_filter = Some(filter.to_string());
+    }
+
+    /// Sets an environment variable for the daemons started from now on.
+    pub fn set_daemon_env(&mut self, key: &str, value: &str) {
+        self.daemon_env.push((key.to_string(), value.to_string()));
     }
 
     /// The sandbox's directory.
@@ -187,6 +232,7 @@ impl Sandbox {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
         let mut child = Command::new(gantry_bin())
             .args(args)
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 self.log_filter
@@ -348,18 +394,7 @@ impl Sandbox {
 
     /// Runs `gantry ARGS --addr URL` to completion.
     pub fn gantry(&self, url: &str, args: &[&str]) -> CliOutput {
-        let output = Command::new(gantry_bin())
-            .args(args)
-            .env("GANTRY_ADDR", url)
-            .envs(self.client_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .output()
-            .expect("run gantry");
-        CliOutput {
-            code: output.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        run_gantry(url, &self.client_env, args)
     }
 
     /// Runs a client command with `-o json` and parses its output; fails on a non-zero exit.

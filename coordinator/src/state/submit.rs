@@ -1,12 +1,11 @@
 //! Submissions: a batch of jobs with its `after:` dependency graph
-//! (checked for unknown names, duplicates and cycles), and the blocking and
+//! (resolved and checked in [`crate::dag`]), and the blocking and
 //! unblocking of dependants when a job ends.
-
-use std::collections::HashMap;
 
 use gantry_scheduler::JobId;
 
 use super::{ApplyError, Outcome, StateMachine};
+use crate::dag::resolve_after;
 use crate::domain::{JobRecord, JobSpec, JobState};
 
 impl StateMachine {
@@ -21,38 +20,7 @@ impl StateMachine {
             return Ok(Outcome::Submitted(ids.clone()));
         }
         // Resolve `after:` names within the submission before changing anything.
-        let mut by_name: HashMap<&str, usize> = HashMap::new();
-        for (index, spec) in specs.iter().enumerate() {
-            // In a pipeline every stage name must be unique; elsewhere only
-            // names that `after:` refers to.
-            if by_name.insert(spec.name.as_str(), index).is_some()
-                && (pipeline.is_some() || specs.iter().any(|s| s.after.contains(&spec.name)))
-            {
-                return Err(ApplyError::DuplicateName {
-                    index,
-                    name: spec.name.clone(),
-                });
-            }
-        }
-        let mut edges: Vec<Vec<usize>> = Vec::with_capacity(specs.len());
-        for (index, spec) in specs.iter().enumerate() {
-            let mut deps = Vec::new();
-            for name in &spec.after {
-                let dep =
-                    *by_name
-                        .get(name.as_str())
-                        .ok_or_else(|| ApplyError::UnknownDependency {
-                            index,
-                            name: name.clone(),
-                        })?;
-                deps.push(dep);
-            }
-            edges.push(deps);
-        }
-        if let Some(cycle) = find_cycle(&edges) {
-            let names: Vec<&str> = cycle.iter().map(|i| specs[*i].name.as_str()).collect();
-            return Err(ApplyError::Cycle(names.join(" -> ")));
-        }
+        let edges = resolve_after(&specs, pipeline.is_some())?;
         let run = match &pipeline {
             Some(name) => {
                 let run = self.pipeline_runs.entry(name.clone()).or_default();
@@ -153,46 +121,4 @@ impl StateMachine {
             );
         }
     }
-}
-
-/// Returns one cycle (as node indexes) in a graph given as adjacency lists.
-fn find_cycle(edges: &[Vec<usize>]) -> Option<Vec<usize>> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        New,
-        Open,
-        Done,
-    }
-    let mut marks = vec![Mark::New; edges.len()];
-    for start in 0..edges.len() {
-        if marks[start] != Mark::New {
-            continue;
-        }
-        // Iterative DFS keeping the path, so deep pipelines cannot overflow the stack.
-        let mut path: Vec<(usize, usize)> = vec![(start, 0)];
-        marks[start] = Mark::Open;
-        while let Some((node, next)) = path.last_mut() {
-            let node = *node;
-            if let Some(&child) = edges[node].get(*next) {
-                *next += 1;
-                match marks[child] {
-                    Mark::Open => {
-                        let from = path.iter().position(|(n, _)| *n == child).unwrap_or(0);
-                        let mut cycle: Vec<usize> = path[from..].iter().map(|(n, _)| *n).collect();
-                        cycle.push(child);
-                        return Some(cycle);
-                    }
-                    Mark::New => {
-                        marks[child] = Mark::Open;
-                        path.push((child, 0));
-                    }
-                    Mark::Done => {}
-                }
-            } else {
-                marks[node] = Mark::Done;
-                path.pop();
-            }
-        }
-    }
-    None
 }
