@@ -292,3 +292,28 @@ fn an_unknown_attempt_is_stopped_at_registration() {
         &[Want::Recorded("send n1 registered stop [9#1]")],
     );
 }
+
+/// Finding 5b, the other half: an attempt ended because it was cancelled
+/// before its agent reported it is told to stop when the agent reports it
+/// after all.
+#[test]
+fn a_cancelled_attempt_reported_late_is_told_to_stop() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Kill("n1"),
+            Cancel(1),
+            Register("n1", &[]),
+            Started("n1", 1, 1),
+        ],
+        &[
+            Want::Recorded("drop n1 cancel 1#1"),
+            Want::Recorded("AttemptLost 1#1 (cancelled before its agent started it)"),
+            Want::Recorded("send n1 cancel 1#1"),
+            Want::Job(1, JobState::Cancelled),
+            Want::Reserved("n1", 0),
+        ],
+    );
+}
