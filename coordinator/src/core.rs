@@ -272,10 +272,6 @@ struct LogWaiter {
     reply: Reply<(pb::LogData, bool)>,
 }
 
-/// How long a Running job may go unreported after its agent re-registers
-/// before it is declared lost (its exit event may still be in flight).
-const UNCONFIRMED_GRACE_MS: u64 = 10_000;
-
 impl Sessions for HashMap<String, Session> {
     fn connected(&self, node: &str) -> bool {
         self.contains_key(node)
@@ -516,8 +512,8 @@ impl Core {
     fn tunables(&self) -> Tunables {
         Tunables {
             kill_grace_ms: self.config.kill_grace.as_millis() as u64,
-            unconfirmed_grace_ms: UNCONFIRMED_GRACE_MS,
             proposal_timeout_ms: PLAN_TIMEOUT_MS,
+            ..Tunables::default()
         }
     }
 

@@ -1,5 +1,5 @@
 //! Submissions: a batch of jobs with its `after:` dependency graph
-//! (checked for unknown names, duplicates and cycles), and the blocking and
+//! (resolved and checked in [`crate::dag`]), and the blocking and
 //! unblocking of dependants when a job ends.
 
 use gantry_scheduler::JobId;
