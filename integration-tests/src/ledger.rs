@@ -245,10 +245,7 @@ impl LedgerWatch {
                     .rev()
                     .find(|e| (e.pid, e.ticks) == key)
                     .with_context(|| {
-                        format!(
-                            "ledger: end of job {} pid {} without a start",
-                            line.job, line.pid
-                        )
+                        format!("ledger: end of job {} pid {} without a start", line.job, line.pid)
                     })?;
                 execution.ended = Some((line.at_ms, rc));
                 // Seen dead between its last write and our read of it.

@@ -99,9 +99,7 @@ pub fn agent_kills_from_env(default: bool) -> anyhow::Result<bool> {
         Ok(text) => match text.trim() {
             "1" | "true" => Ok(true),
             "0" | "false" => Ok(false),
-            other => {
-                anyhow::bail!("GANTRY_NEMESIS_AGENT_KILLS: {other:?} is not 0, 1, true or false")
-            }
+            other => anyhow::bail!("GANTRY_NEMESIS_AGENT_KILLS: {other:?} is not 0, 1, true or false"),
         },
         Err(_) => Ok(default),
     }
@@ -263,9 +261,7 @@ impl Drop for Cleanup {
 /// promises are in the report's verdict.
 pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
     let began = Instant::now();
-    let dir = tempfile::Builder::new()
-        .prefix("gantry-nemesis-")
-        .tempdir()?;
+    let dir = tempfile::Builder::new().prefix("gantry-nemesis-").tempdir()?;
     let ledger = dir.path().join("ledger");
     let watch = Arc::new(Mutex::new(LedgerWatch::new(&ledger)?));
     let stop = Arc::new(AtomicBool::new(false));
@@ -278,9 +274,7 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
     let mut sandbox = Sandbox::new()?;
     sandbox.set_log_filter(&config.log_filter);
     let mut cluster = Cluster::start(&mut sandbox, config)?;
-    cleanup
-        .threads
-        .push(spawn_watcher(watch.clone(), stop.clone()));
+    cleanup.threads.push(spawn_watcher(watch.clone(), stop.clone()));
     let load = Arc::new(Mutex::new(Load::default()));
     let plan = LoadPlan {
         addrs: cluster.addrs.clone(),
@@ -304,12 +298,7 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
         let kind = pick(&mut rng, &classes);
         let fault = cluster.inject(&mut sandbox, &mut rng, kind)?;
         if config.progress {
-            eprintln!(
-                "nemesis: {} {} at {}",
-                kind.name(),
-                fault.target,
-                fault.at_ms
-            );
+            eprintln!("nemesis: {} {} at {}", kind.name(), fault.target, fault.at_ms);
         }
         faults.push(fault);
         pause(&mut rng, 500, 2_000);
@@ -351,9 +340,7 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
         end_ms,
     });
     if let Err(error) = check_replicas(&replicas) {
-        verdict
-            .violations
-            .push(Violation::Replicas(format!("{error:#}")));
+        verdict.violations.push(Violation::Replicas(format!("{error:#}")));
     }
     let (kill_to_running, restart_to_adopted, not_adopted) =
         recovery(&faults, &executions, stored.first());
@@ -583,13 +570,7 @@ impl Cluster {
     /// and every dead agent's node is Down. Returns whether it got there.
     fn settle(&self, sandbox: &Sandbox, dead_nodes: &[String], within: Duration) -> bool {
         self.parts.heal();
-        let unfinished = [
-            "jobs",
-            "--state",
-            "pending,assigned,running,failed,lost",
-            "--limit",
-            "1",
-        ];
+        let unfinished = ["jobs", "--state", "pending,assigned,running,failed,lost", "--limit", "1"];
         wait_until("the cluster to go quiet", within, || {
             let open = sandbox.gantry_json(&self.addrs, &unfinished).ok()?;
             let nodes = sandbox.gantry_json(&self.addrs, &["nodes"]).ok()?;
@@ -619,8 +600,9 @@ impl Cluster {
             }
         }
         let urls = self.parts.set.urls.clone();
-        let applied =
-            |url: &String| sandbox.gantry_json(url, &["status"]).ok()?["applied_index"].as_u64();
+        let applied = |url: &String| {
+            sandbox.gantry_json(url, &["status"]).ok()?["applied_index"].as_u64()
+        };
         let _ = wait_until("the replicas to converge", RECOVERY, || {
             let indexes: Vec<u64> = urls.iter().map(applied).collect::<Option<_>>()?;
             indexes.windows(2).all(|w| w[0] == w[1]).then_some(())
@@ -697,10 +679,6 @@ pub fn describe(config: &NemesisConfig) -> String {
         config.fake_gpus,
         config.faults_for,
         config.jobs_per_second,
-        if config.agent_kills {
-            "on"
-        } else {
-            "off (GANTRY_NEMESIS_AGENT_KILLS=1 turns them on)"
-        }
+        if config.agent_kills { "on" } else { "off (GANTRY_NEMESIS_AGENT_KILLS=1 turns them on)" }
     )
 }
