@@ -147,24 +147,7 @@ impl RaftNode {
                 )));
             }
         }
-        let derived = super::cluster_id(&voters, &config.cluster_name);
-        let cluster_id = match storage.cluster_id() {
-            Some(stored) => {
-                if stored != derived {
-                    tracing::info!(
-                        cluster_id = format_args!("{stored:#018x}"),
-                        "using the cluster id stored when this cluster was created \
-                         (--peers ids and --cluster-name only set it then)"
-                    );
-                }
-                stored
-            }
-            None => {
-                storage.set_cluster_id(derived)?;
-                storage.flush()?;
-                derived
-            }
-        };
+        let cluster_id = resolve_cluster_id(&mut storage, &voters, &config.cluster_name)?;
         let mut learners = storage.conf_state().learners.clone();
         learners.sort_unstable();
         let peer_check = Arc::new(PeerCheck {
@@ -350,6 +333,34 @@ fn reconcile<A: ReplicatedStateMachine>(
         storage.flush()?;
     }
     Ok(applied)
+}
+
+/// The cluster id stored with the log; for a fresh storage (or one written
+/// before cluster ids existed), the one derived from the voters and the
+/// name, stored now so that later starts read it back whatever the flags.
+fn resolve_cluster_id(
+    storage: &mut SledRaftStorage,
+    voters: &[u64],
+    name: &str,
+) -> Result<u64, RaftError> {
+    let derived = super::cluster_id(voters, name);
+    match storage.cluster_id() {
+        Some(stored) => {
+            if stored != derived {
+                tracing::info!(
+                    cluster_id = format_args!("{stored:#018x}"),
+                    "using the cluster id stored when this cluster was created \
+                     (--peers ids and --cluster-name only set it then)"
+                );
+            }
+            Ok(stored)
+        }
+        None => {
+            storage.set_cluster_id(derived)?;
+            storage.flush()?;
+            Ok(derived)
+        }
+    }
 }
 
 fn app_applied_index<A: ReplicatedStateMachine>(app: &A) -> Result<u64, RaftError> {
