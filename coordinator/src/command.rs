@@ -179,6 +179,30 @@ pub enum Command {
         /// Node.
         node: String,
     },
+    /// The circuit breaker found evidence against a node: no placements on
+    /// it until `until_ms`. Apply refuses it when it would quarantine more
+    /// than the fleet's share or the last node taking work at `at_ms`
+    /// ([`crate::breaker::admit`]).
+    Quarantine {
+        /// Time (the leader's clock when it proposed).
+        at_ms: u64,
+        /// Node.
+        node: String,
+        /// End of the quarantine (unix ms), after `at_ms`.
+        until_ms: u64,
+        /// Evidence points against the node.
+        failures: u32,
+        /// The evidence, for people.
+        reason: String,
+    },
+    /// An operator cleared a node's quarantine (`gantry undrain`): placements
+    /// again, and the evidence so far is forgiven.
+    ClearQuarantine {
+        /// Time.
+        at_ms: u64,
+        /// Node.
+        node: String,
+    },
 }
 
 impl Command {
@@ -198,7 +222,9 @@ impl Command {
             | Command::Assign { .. }
             | Command::SetNodeDown { .. }
             | Command::SetDrain { .. }
-            | Command::PreemptDrained { .. } => None,
+            | Command::PreemptDrained { .. }
+            | Command::Quarantine { .. }
+            | Command::ClearQuarantine { .. } => None,
         }
     }
 }

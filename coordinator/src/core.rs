@@ -17,6 +17,7 @@ use gantry_proto as pb;
 use gantry_scheduler::{ClusterSnapshot, GpuView, JobId, JobRequest, NodeState, NodeView, Policy};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::breaker::Breaker;
 use crate::command::Command;
 use crate::convert;
 use crate::domain::{EventRecord, GpuRecord, JobState};
@@ -279,6 +280,8 @@ pub struct Core {
     state: StateMachine,
     store: Store,
     health: HealthTracker,
+    /// The node circuit breaker's evidence (soft; quarantines are hard state).
+    breaker: Breaker,
     sessions: HashMap<String, Session>,
     events: broadcast::Sender<pb::Event>,
     hold_reasons: HashMap<JobId, String>,
@@ -346,6 +349,7 @@ impl Core {
         let state = store.load()?;
         Ok(Core {
             health: HealthTracker::new(config.health),
+            breaker: Breaker::default(),
             config,
             state,
             store,
@@ -433,6 +437,11 @@ impl Core {
                 let _entered = span.enter();
                 let result = self.state.apply(command.clone());
                 let changes = self.state.take_changes();
+                if self.leader {
+                    for quarantine in self.breaker.observe(&changes.jobs, &self.state, now_ms()) {
+                        self.propose(quarantine);
+                    }
+                }
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     for event in &changes.events {
                         let log = || tracing::debug!(index = event.index, state = %event.state, detail = %event.message, "job transition");
@@ -1091,7 +1100,7 @@ impl Core {
                         .iter()
                         .any(|sig| tail.contains(sig.as_str()));
                 let error = if exit.over_memory {
-                    "stopped: used more GPU memory than reserved".to_string()
+                    crate::breaker::OVER_MEMORY_ERROR.to_string()
                 } else {
                     last_lines(&tail, 512)
                         .lines()
@@ -1128,20 +1137,6 @@ impl Core {
             },
             None => return,
         };
-        // Feed the node's circuit breaker with the job's fault, if it was one.
-        if let Command::JobExited {
-            code,
-            signal,
-            cancelled: false,
-            ..
-        } = &command
-        {
-            let failed = !(*code == Some(0) && signal.is_none());
-            let policy = gantry_scheduler::QuarantinePolicy::default();
-            if self.health.on_job_outcome(node, failed, now, &policy) {
-                tracing::warn!(node = %node, "node quarantined after repeated job failures");
-            }
-        }
         self.propose(command);
     }
 
@@ -1512,8 +1507,8 @@ impl Core {
                     disk_pressure: health.is_some_and(|h| h.disk_pressure),
                     rtt_ms: health.map_or(0.0, |h| h.rtt_ms),
                     provider: node.labels.get("provider").cloned().unwrap_or_default(),
-                    recent_failures: health.map_or(0, |h| h.failures.recent_failures()),
-                    quarantined_until_ms: health.map_or(0, |h| h.failures.quarantined_until_ms),
+                    recent_failures: self.breaker.recent_failures(&node.name, now),
+                    quarantined_until_ms: node.quarantine.as_ref().map_or(0, |q| q.until_ms),
                 }
             })
             .collect();
@@ -1555,6 +1550,7 @@ impl Core {
     }
 
     fn nodes_to_proto(&self) -> Vec<pb::Node> {
+        let now = now_ms();
         self.state
             .nodes()
             .map(|node| {
@@ -1598,6 +1594,7 @@ impl Core {
                     disk_pressure: health.is_some_and(|h| h.disk_pressure),
                     connected,
                     drain_deadline_ms: node.drain_deadline_ms.unwrap_or(0),
+                    ..convert::quarantine_to_proto(node.quarantine.as_ref(), now)
                 }
             })
             .chain(self.missing_nodes())

@@ -408,6 +408,37 @@ pub struct NodeRecord {
     pub registered_at_ms: u64,
     /// Down as committed by the health tracker.
     pub down: bool,
+    /// The circuit breaker's last quarantine of this node (also kept once
+    /// over or cleared: its `since_ms` is the evidence horizon and its
+    /// `trips` drive the doubling). See [`crate::breaker`].
+    #[serde(default)]
+    pub quarantine: Option<Quarantine>,
+}
+
+/// A circuit-breaker quarantine: hard state, set by `Command::Quarantine`
+/// and cleared by `Command::ClearQuarantine`, with times from the commands
+/// themselves so every replica agrees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// When it was tripped or cleared (the command's `at_ms`): evidence
+    /// older than this is already accounted for.
+    pub since_ms: u64,
+    /// No placements before this time (unix ms); `since_ms` once cleared.
+    pub until_ms: u64,
+    /// Evidence points against the node when it tripped.
+    pub failures: u32,
+    /// The evidence, for people.
+    pub reason: String,
+    /// Trips in a row, each within a window of the last one's end (the
+    /// length doubles per trip, at most 8x); 0 once cleared.
+    pub trips: u32,
+}
+
+impl Quarantine {
+    /// Whether the node takes no placements at `now_ms`.
+    pub fn is_active(&self, now_ms: u64) -> bool {
+        now_ms < self.until_ms
+    }
 }
 
 /// A GPU's static description.

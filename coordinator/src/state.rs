@@ -13,6 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use gantry_scheduler::{JobId, LockHolders, LockMode, Placement};
 
+mod quarantine;
+
 use crate::command::Command;
 use crate::domain::{
     AttemptOutcome, AttemptRecord, EventRecord, JobRecord, JobSpec, JobState, NodeRecord,
@@ -140,6 +142,14 @@ pub enum ApplyError {
     /// `after:` edges form a cycle.
     #[error("after: dependency cycle through {0}")]
     Cycle(String),
+    /// A quarantine the fleet cannot afford, or with an end before its start.
+    #[error("quarantine of node {node:?} refused: {reason}")]
+    QuarantineRefused {
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
     /// Two jobs of one submission share a name that `after:` refers to.
     #[error("jobs[{index}].name: {name:?} is used twice in this submission")]
     DuplicateName {
@@ -428,6 +438,7 @@ impl StateMachine {
                         drain_deadline_ms: None,
                         registered_at_ms: at_ms,
                         down: false,
+                        quarantine: None,
                     },
                 };
                 self.nodes.insert(name.clone(), record);
@@ -539,6 +550,14 @@ impl StateMachine {
                 Ok(Outcome::Done)
             }
             Command::PreemptDrained { at_ms, node } => self.preempt_drained(at_ms, node),
+            Command::Quarantine {
+                at_ms,
+                node,
+                until_ms,
+                failures,
+                reason,
+            } => self.quarantine(at_ms, node, until_ms, failures, reason),
+            Command::ClearQuarantine { at_ms, node } => self.clear_quarantine(at_ms, node),
         }
     }
 

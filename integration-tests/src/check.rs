@@ -212,6 +212,7 @@ mod tests {
             drain_deadline_ms: None,
             registered_at_ms: 0,
             down: false,
+            quarantine: None,
         };
         let state = StateMachine::restore(jobs.clone(), vec![node], vec![], vec![], 1);
         ReplicaState {
