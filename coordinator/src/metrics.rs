@@ -308,6 +308,13 @@ impl Collector for ClusterCollector {
         )?;
         gauges(
             e,
+            "gantry_node_quarantined",
+            "1 when the circuit breaker keeps placements off the node",
+            None,
+            per_node(|n| i64::from(n.quarantined_until_ms > 0)),
+        )?;
+        gauges(
+            e,
             "gantry_node_connected",
             "1 when the node's agent has a stream open to the leader",
             None,

@@ -1125,7 +1125,7 @@ async fn drain(
             "deadline_after_ms": deadline_ms,
         })),
         Format::Table => match (drain, deadline_ms) {
-            (false, _) => println!("node {node} undrained"),
+            (false, _) => println!("node {node} undrained, out of quarantine"),
             (true, None) => println!("node {node} draining: no new placements"),
             (true, Some(ms)) => println!(
                 "node {node} draining: no new placements; jobs still running in {} are stopped and placed elsewhere",
