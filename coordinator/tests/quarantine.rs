@@ -108,7 +108,10 @@ fn a_quarantine_survives_restart_and_snapshot_and_is_cleared_everywhere() {
     follower
         .apply(quarantine(4_000, "b", 304_000))
         .expect("b may go now");
-    assert_eq!(quarantined(&follower, 4_000), [("b".to_string(), 304_000, 3)]);
+    assert_eq!(
+        quarantined(&follower, 4_000),
+        [("b".to_string(), 304_000, 3)]
+    );
 }
 
 #[test]

@@ -323,7 +323,11 @@ mod tests {
     fn quarantines_read_as_a_time_of_day() {
         let cases = [
             (0, 3, "quarantined until 00:00:00 (3 failures)"),
-            (1_764_770_587_999, 1, "quarantined until 14:03:07 (1 failure)"),
+            (
+                1_764_770_587_999,
+                1,
+                "quarantined until 14:03:07 (1 failure)",
+            ),
             (86_399_000, 12, "quarantined until 23:59:59 (12 failures)"),
         ];
         for (until, failures, expect) in cases {

@@ -96,8 +96,8 @@ fn one_buggy_job_quarantines_no_node() -> anyhow::Result<()> {
 }
 
 #[test]
-fn a_node_failing_jobs_that_succeed_elsewhere_is_quarantined_until_undrained()
--> anyhow::Result<()> {
+fn a_node_failing_jobs_that_succeed_elsewhere_is_quarantined_until_undrained() -> anyhow::Result<()>
+{
     let mut sandbox = Sandbox::new()?;
     let (url, http) = fleet(&mut sandbox)?;
     // Only node-a takes work at first, so each job's first attempt runs there.
@@ -181,7 +181,12 @@ fn a_node_failing_jobs_that_succeed_elsewhere_is_quarantined_until_undrained()
     assert_eq!(out.code, 0, "{}", out.stderr);
     let nodes = sandbox.gantry_json(&url, &["nodes"])?;
     assert_eq!(node(&nodes, "node-a")["quarantine"], Value::Null, "{nodes}");
-    assert!(!sandbox.gantry(&url, &["nodes"]).stdout.contains("quarantined"));
+    assert!(
+        !sandbox
+            .gantry(&url, &["nodes"])
+            .stdout
+            .contains("quarantined")
+    );
     assert!(quarantined_gauge(&http)?.iter().all(|(_, v)| *v == 0.0));
     Ok(())
 }

@@ -162,12 +162,20 @@ fn blame_counts_only_evidence_against_the_node() {
         ),
         (
             "one job failing three times here counts once (distinct jobs)",
-            &[(1, 1, "a", Exit(1)), (2, 1, "a", Exit(1)), (3, 1, "a", Exit(1))],
+            &[
+                (1, 1, "a", Exit(1)),
+                (2, 1, "a", Exit(1)),
+                (3, 1, "a", Exit(1)),
+            ],
             1,
         ),
         (
             "three distinct jobs failing here, not tried elsewhere",
-            &[(1, 1, "a", Exit(1)), (2, 2, "a", Exit(2)), (3, 3, "a", Signal(11))],
+            &[
+                (1, 1, "a", Exit(1)),
+                (2, 2, "a", Exit(2)),
+                (3, 3, "a", Signal(11)),
+            ],
             3,
         ),
         (
@@ -224,7 +232,10 @@ fn blame_counts_only_evidence_against_the_node() {
         ),
         (
             "a spawn error every node gives is the job's (a missing binary)",
-            &[(1, 1, "a", Spawn("no such file")), (2, 1, "b", Spawn("no such file"))],
+            &[
+                (1, 1, "a", Spawn("no such file")),
+                (2, 1, "b", Spawn("no such file")),
+            ],
             0,
         ),
         (
@@ -239,7 +250,11 @@ fn blame_counts_only_evidence_against_the_node() {
         ),
         (
             "an agent shut down on purpose, a drain and a cancel are not evidence",
-            &[(1, 1, "a", AgentShutdown), (2, 2, "a", Preempted), (3, 3, "a", Cancelled)],
+            &[
+                (1, 1, "a", AgentShutdown),
+                (2, 2, "a", Preempted),
+                (3, 3, "a", Cancelled),
+            ],
             0,
         ),
         (
@@ -254,7 +269,11 @@ fn blame_counts_only_evidence_against_the_node() {
         ),
         (
             "evidence on other nodes is theirs",
-            &[(1, 1, "b", Exit(1)), (2, 2, "c", Exit(1)), (3, 3, "d", Lost)],
+            &[
+                (1, 1, "b", Exit(1)),
+                (2, 2, "c", Exit(1)),
+                (3, 3, "d", Lost),
+            ],
             0,
         ),
     ];
@@ -266,7 +285,11 @@ fn blame_counts_only_evidence_against_the_node() {
 #[test]
 fn old_and_accounted_evidence_is_ignored() {
     use End::*;
-    let script: &[Line] = &[(1, 1, "a", Exit(1)), (2, 2, "a", Exit(1)), (60, 3, "a", Exit(1))];
+    let script: &[Line] = &[
+        (1, 1, "a", Exit(1)),
+        (2, 2, "a", Exit(1)),
+        (60, 3, "a", Exit(1)),
+    ];
     // (evidence accounted before, now) -> points
     let window = WINDOW_MS / 1000;
     let cases: &[(u64, u64, u32)] = &[
@@ -321,19 +344,52 @@ fn at_most_a_share_of_the_fleet_and_never_the_last_node() {
         ("rr", Ok(())),
         ("re", Ok(())),
         ("rrrr", Ok(())),
-        ("rqrr", Err(Share { quarantined: 1, max: 1 })),
+        (
+            "rqrr",
+            Err(Share {
+                quarantined: 1,
+                max: 1,
+            }),
+        ),
         ("reerr", Ok(())),
         (&ten, Ok(())),
-        (&ten_one_out, Err(Share { quarantined: 1, max: 1 })),
+        (
+            &ten_one_out,
+            Err(Share {
+                quarantined: 1,
+                max: 1,
+            }),
+        ),
         (&twenty_one_out, Ok(())),
-        (&twenty_two_out, Err(Share { quarantined: 2, max: 2 })),
-        (&half_down, Err(Share { quarantined: 1, max: 1 })),
+        (
+            &twenty_two_out,
+            Err(Share {
+                quarantined: 2,
+                max: 2,
+            }),
+        ),
+        (
+            &half_down,
+            Err(Share {
+                quarantined: 1,
+                max: 1,
+            }),
+        ),
     ];
     for (fleet, want) in cases {
         assert_eq!(admit_in(fleet), *want, "fleet {fleet}");
     }
     // (nodes not down) -> most quarantined at once
-    for (up, max) in [(0, 0), (1, 0), (2, 1), (9, 1), (10, 1), (19, 1), (20, 2), (105, 10)] {
+    for (up, max) in [
+        (0, 0),
+        (1, 0),
+        (2, 1),
+        (9, 1),
+        (10, 1),
+        (19, 1),
+        (20, 2),
+        (105, 10),
+    ] {
         assert_eq!(max_quarantined(up), max, "{up} nodes");
     }
 }
@@ -356,7 +412,11 @@ fn repeated_trips_double_up_to_eight_times() {
         (Some(q(1_000, 0)), 2_000, 1),
     ];
     for (previous, at, want) in cases {
-        assert_eq!(next_trips(previous.as_ref(), *at), *want, "{previous:?} at {at}");
+        assert_eq!(
+            next_trips(previous.as_ref(), *at),
+            *want,
+            "{previous:?} at {at}"
+        );
     }
     let lengths: Vec<u64> = (1..=6).map(|t| cool_down_ms(t) / COOL_DOWN_MS).collect();
     assert_eq!(lengths, [1, 2, 4, 8, 8, 8]);
@@ -369,11 +429,17 @@ fn reasons_are_bounded_on_a_character_boundary() {
     assert_eq!(text.len(), 510);
     let blame = Blame {
         points: 500,
-        jobs: (0..500).map(|j| (j, Evidence::SucceededElsewhere)).collect(),
+        jobs: (0..500)
+            .map(|j| (j, Evidence::SucceededElsewhere))
+            .collect(),
         lost_bursts: 0,
     };
     assert!(blame.reason().len() <= MAX_REASON_BYTES);
-    assert!(blame.reason().starts_with("job 0 failed here, succeeded on another node; job 1"));
+    assert!(
+        blame
+            .reason()
+            .starts_with("job 0 failed here, succeeded on another node; job 1")
+    );
 }
 
 /// Drives a real state machine and the breaker as the leader does: every
@@ -530,13 +596,12 @@ fn one_buggy_job_on_four_nodes_quarantines_nothing() {
         for &n in order {
             h.run(job, nodes[n], End::Exit(1));
         }
-        assert_eq!(
-            h.sm.job(job).map(|j| j.state),
-            Some(JobState::DeadLettered)
-        );
+        assert_eq!(h.sm.job(job).map(|j| j.state), Some(JobState::DeadLettered));
         assert!(h.proposed.is_empty(), "{order:?}: {:?}", h.proposed);
         assert!(
-            nodes.iter().all(|n| h.breaker.recent_failures(n, h.now) == 0),
+            nodes
+                .iter()
+                .all(|n| h.breaker.recent_failures(n, h.now) == 0),
             "the job's fault ranks no node lower"
         );
     }
@@ -644,13 +709,20 @@ fn a_quarantine_over_needs_new_evidence_and_a_quick_retrip_doubles() {
         fail_here_succeed_there(&mut h, name);
     }
     match h.proposed.as_slice() {
-        [_, Command::Quarantine { at_ms, until_ms, .. }] => {
+        [
+            _,
+            Command::Quarantine {
+                at_ms, until_ms, ..
+            },
+        ] => {
             assert_eq!(*until_ms, at_ms + 2 * COOL_DOWN_MS, "second trip in a row");
         }
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        h.sm.node("a").and_then(|n| n.quarantine.as_ref()).map(|q| q.trips),
+        h.sm.node("a")
+            .and_then(|n| n.quarantine.as_ref())
+            .map(|q| q.trips),
         Some(2)
     );
 }
