@@ -206,6 +206,27 @@ pub enum Command {
 }
 
 impl Command {
+    /// A `RegisterNode` for tests at time 1: `gpus` H100s of `gpu_memory`
+    /// each, 8 CPUs, 64 GiB of RAM and 100 GiB of disk.
+    pub fn register_for_test(name: &str, gpus: u32, gpu_memory: u64) -> Command {
+        Command::RegisterNode {
+            at_ms: 1,
+            name: name.into(),
+            address: "127.0.0.1".into(),
+            labels: Default::default(),
+            gpus: (0..gpus)
+                .map(|index| GpuRecord {
+                    index,
+                    model: "H100".into(),
+                    total: gpu_memory,
+                })
+                .collect(),
+            cpu_millis: 8000,
+            memory_total: 64 << 30,
+            disk_total: 100 << 30,
+        }
+    }
+
     /// The one job this command is about, if it is about one (for its log span).
     pub fn job(&self) -> Option<JobId> {
         match self {

@@ -348,6 +348,28 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// A job for tests: `spec`, Pending, no attempts, every other field
+    /// empty.
+    pub fn for_test(id: JobId, spec: JobSpec) -> JobRecord {
+        JobRecord {
+            id,
+            spec,
+            state: JobState::Pending,
+            submitted_at_ms: 0,
+            updated_at_ms: 0,
+            attempts: Vec::new(),
+            cancel_requested: false,
+            depends_on: Vec::new(),
+            not_before_ms: 0,
+            terminal_reason: String::new(),
+            retry_base: 0,
+            batch_cap: None,
+            blocked_by: None,
+            pipeline: String::new(),
+            run: 0,
+        }
+    }
+
     /// The attempt that owns the job now: the latest not withdrawn.
     pub fn current_attempt(&self) -> Option<&AttemptRecord> {
         self.attempts

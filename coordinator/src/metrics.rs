@@ -487,6 +487,7 @@ mod tests {
                 address: "10.0.0.1".into(),
                 state: "ready".into(),
                 connected: true,
+                quarantined_until_ms: 1_000,
                 gpus: vec![pb::GpuInfo {
                     index: 0,
                     model: "H100".into(),
@@ -544,6 +545,10 @@ mod tests {
         assert_eq!(
             line(&text, "gantry_jobs{"),
             "gantry_jobs{state=\"running\",kind=\"training\"} 2"
+        );
+        assert_eq!(
+            line(&text, "gantry_node_quarantined{"),
+            "gantry_node_quarantined{node=\"gpu-01\"} 1"
         );
         assert_eq!(
             line(&text, "gantry_nodes{state=\"ready\"}"),

@@ -3,28 +3,15 @@
 //! leader keeps it; `ClearQuarantine` ends it everywhere.
 
 use gantry_coordinator::Command;
-use gantry_coordinator::domain::{GpuRecord, Quarantine};
+use gantry_coordinator::domain::Quarantine;
 use gantry_coordinator::state::{ApplyError, StateMachine};
 use gantry_coordinator::store::{StateSnapshot, Store};
 
 const GIB: u64 = 1 << 30;
 
 fn register(sm: &mut StateMachine, name: &str) {
-    sm.apply(Command::RegisterNode {
-        at_ms: 1,
-        name: name.into(),
-        address: "127.0.0.1".into(),
-        labels: Default::default(),
-        gpus: vec![GpuRecord {
-            index: 0,
-            model: "H100".into(),
-            total: 80 * GIB,
-        }],
-        cpu_millis: 8000,
-        memory_total: 64 * GIB,
-        disk_total: 100 * GIB,
-    })
-    .expect("register");
+    sm.apply(Command::register_for_test(name, 1, 80 * GIB))
+        .expect("register");
 }
 
 fn quarantine(at_ms: u64, node: &str, until_ms: u64) -> Command {

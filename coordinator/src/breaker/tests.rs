@@ -2,7 +2,7 @@
 //! machine with the scenarios of issue 10 (finding 6).
 
 use super::*;
-use crate::domain::{GpuRecord, JobSpec, JobState, RetryPolicy};
+use crate::domain::{JobSpec, JobState, RetryPolicy};
 use crate::state::Outcome;
 use gantry_scheduler::Placement;
 
@@ -89,21 +89,8 @@ fn jobs_of(script: &[Line]) -> BTreeMap<JobId, JobRecord> {
     let mut jobs: BTreeMap<JobId, JobRecord> = BTreeMap::new();
     for &(secs, id, node, end) in script {
         let record = jobs.entry(id).or_insert_with(|| JobRecord {
-            id,
-            spec: JobSpec::for_test("j"),
             state: JobState::Failed,
-            submitted_at_ms: 0,
-            updated_at_ms: 0,
-            attempts: Vec::new(),
-            cancel_requested: false,
-            depends_on: Vec::new(),
-            not_before_ms: 0,
-            terminal_reason: String::new(),
-            retry_base: 0,
-            batch_cap: None,
-            blocked_by: None,
-            pipeline: String::new(),
-            run: 0,
+            ..JobRecord::for_test(id, JobSpec::for_test("j"))
         });
         let number = record.attempts.len() as u32 + 1;
         record
@@ -464,22 +451,9 @@ impl Harness {
             proposed: Vec::new(),
             refused: Vec::new(),
         };
-        for name in nodes {
-            h.apply(Command::RegisterNode {
-                at_ms: T0,
-                name: (*name).into(),
-                address: "127.0.0.1".into(),
-                labels: Default::default(),
-                gpus: vec![GpuRecord {
-                    index: 0,
-                    model: "H100".into(),
-                    total: 80 * GIB,
-                }],
-                cpu_millis: 8000,
-                memory_total: 64 * GIB,
-                disk_total: 100 * GIB,
-            })
-            .expect("register");
+        for &name in nodes {
+            h.apply(Command::register_for_test(name, 1, 80 * GIB))
+                .expect("register");
         }
         h
     }
