@@ -2,7 +2,7 @@
 //! the reservation invariants.
 
 use gantry_coordinator::Command;
-use gantry_coordinator::domain::{GpuRecord, JobSpec, JobState, RetryPolicy};
+use gantry_coordinator::domain::{JobSpec, JobState, RetryPolicy};
 use gantry_coordinator::state::{ApplyError, Outcome, StateMachine};
 use gantry_coordinator::store::Store;
 use gantry_scheduler::{LockMode, LockRequest, Placement};
