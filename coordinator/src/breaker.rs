@@ -60,6 +60,8 @@ pub const OVER_MEMORY_ERROR: &str = "stopped: used more GPU memory than reserved
 pub const SPAWN_FAILED: &str = "spawn failed: ";
 /// A proposed quarantine not applied within this time may be proposed again.
 const PROPOSAL_TIMEOUT_MS: u64 = 5_000;
+/// How often nodes held in service are judged again.
+pub const HELD_RECHECK_MS: u64 = 1_000;
 
 /// What one ended attempt says about the node it ran on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -430,8 +432,11 @@ pub struct Breaker {
     /// Quarantines proposed and when (not proposed again until applied or
     /// timed out).
     proposed: HashMap<String, u64>,
-    /// Nodes held in service by the fleet share (logged once per episode).
+    /// Nodes held in service by the fleet share or as the last node
+    /// (logged once per episode, judged again by [`Breaker::recheck_held`]).
     held: BTreeSet<String>,
+    /// When the held nodes were last judged again.
+    held_checked_ms: u64,
 }
 
 impl Breaker {
@@ -464,6 +469,21 @@ impl Breaker {
             .retain(|_, at| now_ms.saturating_sub(*at) <= PROPOSAL_TIMEOUT_MS);
         touched
             .into_iter()
+            .filter_map(|node| self.evaluate(node, state, now_ms))
+            .collect()
+    }
+
+    /// Judges the held nodes again (at most every [`HELD_RECHECK_MS`]): a
+    /// quarantine that ended, or a node that came back, may have made room.
+    pub fn recheck_held(&mut self, state: &StateMachine, now_ms: u64) -> Vec<Command> {
+        if self.held.is_empty() || now_ms < self.held_checked_ms.saturating_add(HELD_RECHECK_MS) {
+            return Vec::new();
+        }
+        self.held_checked_ms = now_ms;
+        self.proposed
+            .retain(|_, at| now_ms.saturating_sub(*at) <= PROPOSAL_TIMEOUT_MS);
+        let held: Vec<String> = self.held.iter().cloned().collect();
+        held.iter()
             .filter_map(|node| self.evaluate(node, state, now_ms))
             .collect()
     }
@@ -515,8 +535,10 @@ impl Breaker {
     }
 
     fn evaluate(&mut self, name: &str, state: &StateMachine, now_ms: u64) -> Option<Command> {
-        let node = state.node(name)?;
-        let entry = self.nodes.get_mut(name)?;
+        let (Some(node), Some(entry)) = (state.node(name), self.nodes.get_mut(name)) else {
+            self.held.remove(name);
+            return None;
+        };
         let since = node.quarantine.as_ref().map_or(0, |q| q.since_ms);
         entry
             .strikes

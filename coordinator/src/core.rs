@@ -1254,6 +1254,9 @@ impl Core {
             }
         }
         self.preempt_due(now);
+        for quarantine in self.breaker.recheck_held(&self.state, now) {
+            self.propose(quarantine);
+        }
         let expired: Vec<(JobId, u32)> = self
             .unconfirmed
             .iter()

@@ -199,6 +199,11 @@ fn blame_counts_only_evidence_against_the_node() {
             0,
         ),
         (
+            "failing the same way on two nodes and succeeding on a third: a flaky job's",
+            &[(1, 1, "a", Exit(1)), (2, 1, "b", Exit(1)), (3, 1, "c", Ok)],
+            0,
+        ),
+        (
             "an OOM elsewhere does not make a plain failure here the job's fault",
             &[(1, 1, "a", Exit(1)), (2, 1, "b", Oom)],
             1,
@@ -657,6 +662,45 @@ fn a_node_failing_jobs_that_succeed_elsewhere_is_quarantined_within_the_share() 
     assert_eq!(h.proposed.len(), 2, "{:?}", h.proposed);
     assert!(h.refused.is_empty(), "{:?}", h.refused);
     assert!(tripped_at > T0);
+}
+
+#[test]
+fn a_node_held_by_the_share_goes_once_the_share_frees() {
+    let mut h = Harness::new(&["a", "b", "c", "d"]);
+    for (name, broken, healthy) in [
+        ("j1", "a", "b"),
+        ("j2", "a", "b"),
+        ("j3", "a", "b"),
+        ("k1", "c", "d"),
+        ("k2", "c", "d"),
+        ("k3", "c", "d"),
+    ] {
+        let job = h.submit(name, 2);
+        h.run(job, broken, End::Exit(1));
+        h.run(job, healthy, End::Ok);
+    }
+    assert_eq!(h.quarantined(), ["a"]);
+    let until = match h.proposed.as_slice() {
+        [Command::Quarantine { until_ms, .. }] => *until_ms,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        h.breaker.recheck_held(&h.sm, h.now).is_empty(),
+        "a is still out"
+    );
+    // Evidence ages: c's is 10 minutes old at most when a's 5 minutes end.
+    match h.breaker.recheck_held(&h.sm, until).as_slice() {
+        [
+            Command::Quarantine {
+                node, failures: 3, ..
+            },
+        ] => assert_eq!(node, "c"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        h.breaker.recheck_held(&h.sm, until + 10_000).is_empty(),
+        "proposed once, not again while in flight or once no longer held"
+    );
 }
 
 #[test]
