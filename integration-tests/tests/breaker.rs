@@ -134,7 +134,7 @@ fn a_node_failing_jobs_that_succeed_elsewhere_is_quarantined_until_undrained() -
         let last = done["attempts"].as_array().and_then(|a| a.last()).cloned();
         assert_ne!(last.map(|a| a["node"].clone()), Some("node-a".into()));
     }
-    // The retries succeeded elsewhere: node-a is quarantined, and shows it.
+    // Node-a is quarantined, and shows it.
     let nodes = wait_until("node-a to be quarantined", T, || {
         let nodes = sandbox.gantry_json(&url, &["nodes"]).ok()?;
         node(&nodes, "node-a")["quarantine"]
@@ -143,12 +143,15 @@ fn a_node_failing_jobs_that_succeed_elsewhere_is_quarantined_until_undrained() -
     })?;
     let quarantine = &node(&nodes, "node-a")["quarantine"];
     assert_eq!(quarantine["failures"], 3, "{quarantine}");
-    assert!(
-        quarantine["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("succeeded on another node")),
-        "{quarantine}"
-    );
+    // Tripped as soon as another node took work (the three failures of
+    // distinct jobs were enough) or once the retries succeeded elsewhere.
+    let reason = quarantine["reason"].as_str().unwrap_or_default();
+    for job in &jobs {
+        assert!(
+            reason.contains(&format!("job {job} failed here")),
+            "{quarantine}"
+        );
+    }
     for (name, _) in &NODES[1..] {
         assert_eq!(node(&nodes, name)["quarantine"], Value::Null, "{nodes}");
     }
