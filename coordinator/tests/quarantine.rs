@@ -14,6 +14,22 @@ fn register(sm: &mut StateMachine, name: &str) {
         .expect("register");
 }
 
+/// Opens a store just dropped: sled's flusher thread may hold the file
+/// lock for a moment after the last handle is gone.
+fn reopen(path: &std::path::Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(path) {
+            Ok(store) => return store,
+            Err(error) if std::time::Instant::now() < deadline => {
+                eprintln!("reopen: {error}; trying again");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(error) => panic!("reopen: {error}"),
+        }
+    }
+}
+
 fn quarantine(at_ms: u64, node: &str, until_ms: u64) -> Command {
     Command::Quarantine {
         at_ms,
@@ -53,7 +69,7 @@ fn a_quarantine_survives_restart_and_snapshot_and_is_cleared_everywhere() {
     drop(store);
 
     // A restart loads it.
-    let store = Store::open(dir.path()).expect("reopen");
+    let store = reopen(dir.path());
     let loaded = store.load().expect("load");
     assert_eq!(
         loaded.node("a").and_then(|n| n.quarantine.clone()),
