@@ -179,9 +179,54 @@ pub enum Command {
         /// Node.
         node: String,
     },
+    /// The circuit breaker found evidence against a node: no placements on
+    /// it until `until_ms`. Apply refuses it when it would quarantine more
+    /// than the fleet's share or the last node taking work at `at_ms`
+    /// ([`crate::breaker::admit`]).
+    Quarantine {
+        /// Time (the leader's clock when it proposed).
+        at_ms: u64,
+        /// Node.
+        node: String,
+        /// End of the quarantine (unix ms), after `at_ms`.
+        until_ms: u64,
+        /// Evidence points against the node.
+        failures: u32,
+        /// The evidence, for people.
+        reason: String,
+    },
+    /// An operator cleared a node's quarantine (`gantry undrain`): placements
+    /// again, and the evidence so far is forgiven.
+    ClearQuarantine {
+        /// Time.
+        at_ms: u64,
+        /// Node.
+        node: String,
+    },
 }
 
 impl Command {
+    /// A `RegisterNode` for tests at time 1: `gpus` H100s of `gpu_memory`
+    /// each, 8 CPUs, 64 GiB of RAM and 100 GiB of disk.
+    pub fn register_for_test(name: &str, gpus: u32, gpu_memory: u64) -> Command {
+        Command::RegisterNode {
+            at_ms: 1,
+            name: name.into(),
+            address: "127.0.0.1".into(),
+            labels: Default::default(),
+            gpus: (0..gpus)
+                .map(|index| GpuRecord {
+                    index,
+                    model: "H100".into(),
+                    total: gpu_memory,
+                })
+                .collect(),
+            cpu_millis: 8000,
+            memory_total: 64 << 30,
+            disk_total: 100 << 30,
+        }
+    }
+
     /// The one job this command is about, if it is about one (for its log span).
     pub fn job(&self) -> Option<JobId> {
         match self {
@@ -198,7 +243,9 @@ impl Command {
             | Command::Assign { .. }
             | Command::SetNodeDown { .. }
             | Command::SetDrain { .. }
-            | Command::PreemptDrained { .. } => None,
+            | Command::PreemptDrained { .. }
+            | Command::Quarantine { .. }
+            | Command::ClearQuarantine { .. } => None,
         }
     }
 }

@@ -13,7 +13,8 @@ use gantry_scheduler::{
 
 use crate::dag::resolve_after;
 use crate::domain::{
-    AttemptRecord, EventRecord, JobRecord, JobSpec, OverusePolicy, RetryPolicy, SnapshotSpec,
+    AttemptRecord, EventRecord, JobRecord, JobSpec, OverusePolicy, Quarantine, RetryPolicy,
+    SnapshotSpec,
 };
 use crate::error::CoordinatorError;
 
@@ -843,6 +844,20 @@ pub fn event_to_proto(e: &EventRecord) -> pb::Event {
         attempt: e.attempt,
         message: e.message.clone(),
         pipeline: e.pipeline.clone(),
+    }
+}
+
+/// A node's quarantine fields on the wire (the rest of the `Node` left
+/// default, for struct update): set only while it is in force at `now_ms`.
+pub fn quarantine_to_proto(quarantine: Option<&Quarantine>, now_ms: u64) -> pb::Node {
+    match quarantine.filter(|q| q.is_active(now_ms)) {
+        Some(q) => pb::Node {
+            quarantined_until_ms: q.until_ms,
+            quarantine_failures: q.failures,
+            quarantine_reason: q.reason.clone(),
+            ..Default::default()
+        },
+        None => pb::Node::default(),
     }
 }
 

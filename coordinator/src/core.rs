@@ -17,6 +17,7 @@ use gantry_proto as pb;
 use gantry_scheduler::JobId;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::breaker::Breaker;
 use crate::command::Command;
 use crate::convert;
 use crate::decide::{self, Decisions, Registration, Sessions, ToAgent, Tunables};
@@ -284,6 +285,8 @@ pub struct Core {
     state: StateMachine,
     store: Store,
     health: HealthTracker,
+    /// The node circuit breaker's evidence (soft; quarantines are hard state).
+    breaker: Breaker,
     sessions: HashMap<String, Session>,
     events: broadcast::Sender<pb::Event>,
     hold_reasons: HashMap<JobId, String>,
@@ -350,6 +353,7 @@ impl Core {
         let state = store.load()?;
         Ok(Core {
             health: HealthTracker::new(config.health),
+            breaker: Breaker::default(),
             config,
             state,
             store,
@@ -439,6 +443,11 @@ impl Core {
                 let _entered = span.enter();
                 let result = self.state.apply(command.clone());
                 let changes = self.state.take_changes();
+                if self.leader {
+                    for quarantine in self.breaker.observe(&changes.jobs, &self.state, now_ms()) {
+                        self.propose(quarantine);
+                    }
+                }
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     for event in &changes.events {
                         let log = || tracing::debug!(index = event.index, state = %event.state, detail = %event.message, "job transition");
@@ -805,6 +814,9 @@ impl Core {
             now,
         );
         self.carry_out(decisions);
+        for quarantine in self.breaker.recheck_held(&self.state, now) {
+            self.propose(quarantine);
+        }
         self.log_waiters.retain(|_, w| !w.reply.is_closed());
         self.update_heartbeat_interval(now);
         self.send_pings();

@@ -348,6 +348,28 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// A job for tests: `spec`, Pending, no attempts, every other field
+    /// empty.
+    pub fn for_test(id: JobId, spec: JobSpec) -> JobRecord {
+        JobRecord {
+            id,
+            spec,
+            state: JobState::Pending,
+            submitted_at_ms: 0,
+            updated_at_ms: 0,
+            attempts: Vec::new(),
+            cancel_requested: false,
+            depends_on: Vec::new(),
+            not_before_ms: 0,
+            terminal_reason: String::new(),
+            retry_base: 0,
+            batch_cap: None,
+            blocked_by: None,
+            pipeline: String::new(),
+            run: 0,
+        }
+    }
+
     /// The attempt that owns the job now: the latest not withdrawn.
     pub fn current_attempt(&self) -> Option<&AttemptRecord> {
         self.attempts
@@ -408,6 +430,37 @@ pub struct NodeRecord {
     pub registered_at_ms: u64,
     /// Down as committed by the health tracker.
     pub down: bool,
+    /// The circuit breaker's last quarantine of this node (also kept once
+    /// over or cleared: its `since_ms` is the evidence horizon and its
+    /// `trips` drive the doubling). See [`crate::breaker`].
+    #[serde(default)]
+    pub quarantine: Option<Quarantine>,
+}
+
+/// A circuit-breaker quarantine: hard state, set by `Command::Quarantine`
+/// and cleared by `Command::ClearQuarantine`, with times from the commands
+/// themselves so every replica agrees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// When it was tripped or cleared (the command's `at_ms`): evidence
+    /// older than this is already accounted for.
+    pub since_ms: u64,
+    /// No placements before this time (unix ms); `since_ms` once cleared.
+    pub until_ms: u64,
+    /// Evidence points against the node when it tripped.
+    pub failures: u32,
+    /// The evidence, for people.
+    pub reason: String,
+    /// Trips in a row, each within a window of the last one's end (the
+    /// length doubles per trip, at most 8x); 0 once cleared.
+    pub trips: u32,
+}
+
+impl Quarantine {
+    /// Whether the node takes no placements at `now_ms`.
+    pub fn is_active(&self, now_ms: u64) -> bool {
+        now_ms < self.until_ms
+    }
 }
 
 /// A GPU's static description.

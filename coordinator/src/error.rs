@@ -56,7 +56,9 @@ impl CoordinatorError {
             CoordinatorError::Apply(ApplyError::JobNotFound(_) | ApplyError::NodeNotFound(_))
             | CoordinatorError::NotFound(_) => 404,
             CoordinatorError::Apply(
-                ApplyError::AlreadyTerminal { .. } | ApplyError::NotDeadLettered { .. },
+                ApplyError::AlreadyTerminal { .. }
+                | ApplyError::NotDeadLettered { .. }
+                | ApplyError::QuarantineRefused { .. },
             ) => 409,
             CoordinatorError::Apply(_) => 400,
             CoordinatorError::Store(_) => 500,
@@ -77,7 +79,9 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Apply(ApplyError::JobNotFound(_) | ApplyError::NodeNotFound(_))
             | CoordinatorError::NotFound(_) => tonic::Status::not_found(message),
             CoordinatorError::Apply(
-                ApplyError::AlreadyTerminal { .. } | ApplyError::NotDeadLettered { .. },
+                ApplyError::AlreadyTerminal { .. }
+                | ApplyError::NotDeadLettered { .. }
+                | ApplyError::QuarantineRefused { .. },
             ) => tonic::Status::failed_precondition(message),
             CoordinatorError::Apply(_) => tonic::Status::invalid_argument(message),
             CoordinatorError::Store(_) => tonic::Status::internal(message),

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use gantry_scheduler::{FailureRecord, JobId, NodeState, QuarantinePolicy, next_disk_pressure};
+use gantry_scheduler::{JobId, NodeState, next_disk_pressure};
 
 /// Latest telemetry of one GPU.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -60,8 +60,6 @@ pub struct NodeHealth {
     pub reported_running: BTreeSet<(JobId, u32)>,
     /// Smoothed round-trip time.
     pub rtt_ms: f64,
-    /// Circuit breaker over the node's recent job outcomes.
-    pub failures: FailureRecord,
 }
 
 /// Thresholds of the health tracker.
@@ -270,26 +268,6 @@ impl HealthTracker {
         });
         down.sort();
         down
-    }
-
-    /// Records how a job ended on a node, for the circuit breaker. Returns
-    /// true when this failure put the node in quarantine.
-    pub fn on_job_outcome(
-        &mut self,
-        node: &str,
-        failed: bool,
-        now_ms: u64,
-        policy: &QuarantinePolicy,
-    ) -> bool {
-        let Some(health) = self.nodes.get_mut(node) else {
-            return false;
-        };
-        if failed {
-            health.failures.record_failure(now_ms, policy)
-        } else {
-            health.failures.record_success();
-            false
-        }
     }
 
     /// Folds a round-trip sample into the node's moving average.

@@ -62,6 +62,11 @@ pub fn node_json(node: &pb::Node) -> Value {
         "state": node.state,
         "draining": node.draining,
         "drain_deadline_ms": (node.drain_deadline_ms > 0).then_some(node.drain_deadline_ms),
+        "quarantine": (node.quarantined_until_ms > 0).then(|| json!({
+            "until_ms": node.quarantined_until_ms,
+            "failures": node.quarantine_failures,
+            "reason": node.quarantine_reason,
+        })),
         "connected": node.connected,
         "labels": node.labels,
         "cpu_millis": node.cpu_millis,

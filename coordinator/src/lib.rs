@@ -11,6 +11,8 @@
 //!   applied by [`StateMachine::apply`].
 //! - [`store`]: sled persistence of the state machine.
 //! - [`health`]: soft state from heartbeats.
+//! - [`breaker`]: the node circuit breaker (evidence, fleet share, the
+//!   `Quarantine` command's checks).
 //! - [`raft`]: the replicated log (raft-rs over gRPC, log in sled).
 //! - [`convert`]: wire <-> domain, with input validation against [`limits`];
 //!   [`dag`] resolves a submission's `after:` edges (linear).
@@ -26,6 +28,7 @@
 //! sled; only the core thread touches the state machine.
 
 pub mod auth;
+pub mod breaker;
 pub mod command;
 pub mod convert;
 pub mod core;

@@ -311,6 +311,13 @@ impl Collector for ClusterCollector {
         )?;
         gauges(
             e,
+            "gantry_node_quarantined",
+            "1 when the circuit breaker keeps placements off the node",
+            None,
+            per_node(|n| i64::from(n.quarantined_until_ms > 0)),
+        )?;
+        gauges(
+            e,
             "gantry_node_connected",
             "1 when the node's agent has a stream open to the leader",
             None,
@@ -497,6 +504,7 @@ mod tests {
                 address: "10.0.0.1".into(),
                 state: "ready".into(),
                 connected: true,
+                quarantined_until_ms: 1_000,
                 gpus: vec![pb::GpuInfo {
                     index: 0,
                     model: "H100".into(),
@@ -564,6 +572,10 @@ mod tests {
         assert_eq!(
             line(&text, "gantry_jobs{"),
             "gantry_jobs{state=\"running\",kind=\"training\"} 2"
+        );
+        assert_eq!(
+            line(&text, "gantry_node_quarantined{"),
+            "gantry_node_quarantined{node=\"gpu-01\"} 1"
         );
         assert_eq!(
             line(&text, "gantry_nodes{state=\"ready\"}"),

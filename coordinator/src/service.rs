@@ -415,11 +415,19 @@ impl pb::gantry_server::Gantry for GantryService {
             .then(|| at_ms.saturating_add(request.deadline_after_ms));
         let command = Command::SetDrain {
             at_ms,
-            node: request.node,
+            node: request.node.clone(),
             draining: request.drain,
             deadline_ms,
         };
         self.core.propose(command).await?;
+        if !request.drain {
+            // An operator's undrain also vouches for the node against the
+            // circuit breaker.
+            let node = request.node;
+            self.core
+                .propose(Command::ClearQuarantine { at_ms, node })
+                .await?;
+        }
         Ok(Response::new(pb::DrainResponse {}))
     }
 

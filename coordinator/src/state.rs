@@ -13,6 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use gantry_scheduler::{JobId, LockHolders};
 
+mod quarantine;
+
 use crate::command::Command;
 use crate::dag::DependencyError;
 use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord};
@@ -131,6 +133,14 @@ pub enum ApplyError {
     /// The `after:` graph of a submission is refused.
     #[error(transparent)]
     Dependency(#[from] DependencyError),
+    /// A quarantine the fleet cannot afford, or with an end before its start.
+    #[error("quarantine of node {node:?} refused: {reason}")]
+    QuarantineRefused {
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Hard state of the cluster.
@@ -419,6 +429,7 @@ impl StateMachine {
                         drain_deadline_ms: None,
                         registered_at_ms: at_ms,
                         down: false,
+                        quarantine: None,
                     },
                 };
                 self.nodes.insert(name.clone(), record);
@@ -530,6 +541,14 @@ impl StateMachine {
                 Ok(Outcome::Done)
             }
             Command::PreemptDrained { at_ms, node } => self.preempt_drained(at_ms, node),
+            Command::Quarantine {
+                at_ms,
+                node,
+                until_ms,
+                failures,
+                reason,
+            } => self.quarantine(at_ms, node, until_ms, failures, reason),
+            Command::ClearQuarantine { at_ms, node } => self.clear_quarantine(at_ms, node),
         }
     }
 

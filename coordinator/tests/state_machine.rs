@@ -3,7 +3,7 @@
 
 use gantry_coordinator::Command;
 use gantry_coordinator::dag::DependencyError;
-use gantry_coordinator::domain::{GpuRecord, JobSpec, JobState, RetryPolicy};
+use gantry_coordinator::domain::{JobSpec, JobState, RetryPolicy};
 use gantry_coordinator::state::{ApplyError, Outcome, StateMachine};
 use gantry_coordinator::store::Store;
 use gantry_scheduler::{LockMode, LockRequest, Placement};
@@ -15,23 +15,8 @@ fn spec(name: &str) -> JobSpec {
 }
 
 fn register(sm: &mut StateMachine, name: &str, gpus: u32, total: u64) {
-    sm.apply(Command::RegisterNode {
-        at_ms: 1,
-        name: name.into(),
-        address: "127.0.0.1".into(),
-        labels: Default::default(),
-        gpus: (0..gpus)
-            .map(|index| GpuRecord {
-                index,
-                model: "H100".into(),
-                total,
-            })
-            .collect(),
-        cpu_millis: 8000,
-        memory_total: 64 * GIB,
-        disk_total: 100 * GIB,
-    })
-    .expect("register");
+    sm.apply(Command::register_for_test(name, gpus, total))
+        .expect("register");
 }
 
 fn submit(sm: &mut StateMachine, specs: Vec<JobSpec>) -> Vec<u64> {

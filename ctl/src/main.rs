@@ -1191,7 +1191,7 @@ async fn drain(
             "deadline_after_ms": deadline_ms,
         })),
         Format::Table => match (drain, deadline_ms) {
-            (false, _) => outln!("node {shown} undrained"),
+            (false, _) => outln!("node {shown} undrained, out of quarantine"),
             (true, None) => outln!("node {shown} draining: no new placements"),
             (true, Some(ms)) => outln!(
                 "node {shown} draining: no new placements; jobs still running in {} are stopped and placed elsewhere",

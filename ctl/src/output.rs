@@ -333,6 +333,13 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
             ));
         }
     }
+    if node.quarantined_until_ms > 0 {
+        state.push(',');
+        state.push_str(&quarantined_until(
+            node.quarantined_until_ms,
+            node.quarantine_failures,
+        ));
+    }
     vec![
         esc(&node.name),
         state,
@@ -353,6 +360,19 @@ pub fn deadline_in(deadline_ms: u64, now: u64) -> String {
     } else {
         format!("deadline passed {} ago", rough_duration(now - deadline_ms))
     }
+}
+
+/// A quarantine for people: `quarantined until 14:03:07 (3 failures)`, the
+/// time of day in UTC.
+pub fn quarantined_until(until_ms: u64, failures: u32) -> String {
+    let secs = until_ms / 1000 % 86_400;
+    format!(
+        "quarantined until {:02}:{:02}:{:02} ({failures} failure{})",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        if failures == 1 { "" } else { "s" }
+    )
 }
 
 /// A duration rounded up to whole seconds, minutes or hours-and-minutes.
@@ -581,6 +601,22 @@ mod tests {
             .map(|id| stage(id, &[id - 1]))
             .collect();
         assert_eq!(stage_depths(&chain)[0], 99_999);
+    }
+
+    #[test]
+    fn quarantines_read_as_a_time_of_day() {
+        let cases = [
+            (0, 3, "quarantined until 00:00:00 (3 failures)"),
+            (
+                1_764_770_587_999,
+                1,
+                "quarantined until 14:03:07 (1 failure)",
+            ),
+            (86_399_000, 12, "quarantined until 23:59:59 (12 failures)"),
+        ];
+        for (until, failures, expect) in cases {
+            assert_eq!(quarantined_until(until, failures), expect, "{until}");
+        }
     }
 
     #[test]

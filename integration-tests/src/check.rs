@@ -149,26 +149,24 @@ mod tests {
     const GIB: u64 = 1 << 30;
 
     fn job(id: u64, start: u64, end: u64, memory: u64, exclusive_lock: bool) -> JobRecord {
-        JobRecord {
-            id,
-            spec: JobSpec {
-                resources: Resources {
-                    gpus: 1,
-                    gpu_memory: Some(memory),
-                    ..Default::default()
-                },
-                locks: if exclusive_lock {
-                    vec![LockRequest {
-                        name: "model/x".into(),
-                        mode: LockMode::Exclusive,
-                    }]
-                } else {
-                    vec![]
-                },
-                ..JobSpec::for_test(&format!("j{id}"))
+        let spec = JobSpec {
+            resources: Resources {
+                gpus: 1,
+                gpu_memory: Some(memory),
+                ..Default::default()
             },
+            locks: if exclusive_lock {
+                vec![LockRequest {
+                    name: "model/x".into(),
+                    mode: LockMode::Exclusive,
+                }]
+            } else {
+                vec![]
+            },
+            ..JobSpec::for_test(&format!("j{id}"))
+        };
+        JobRecord {
             state: JobState::Succeeded,
-            submitted_at_ms: 0,
             updated_at_ms: end,
             attempts: vec![AttemptRecord {
                 attempt: 1,
@@ -190,15 +188,7 @@ mod tests {
                 peak_gpu_memory: 0,
                 preempted: String::new(),
             }],
-            cancel_requested: false,
-            depends_on: vec![],
-            not_before_ms: 0,
-            terminal_reason: String::new(),
-            retry_base: 0,
-            batch_cap: None,
-            blocked_by: None,
-            pipeline: String::new(),
-            run: 0,
+            ..JobRecord::for_test(id, spec)
         }
     }
 
@@ -219,6 +209,7 @@ mod tests {
             drain_deadline_ms: None,
             registered_at_ms: 0,
             down: false,
+            quarantine: None,
         };
         let state = StateMachine::restore(jobs.clone(), vec![node], vec![], vec![], 1);
         ReplicaState {

@@ -16,7 +16,7 @@
 //! - [`batch`]: batch sizing from free GPU memory.
 //! - [`disk`]: disk backpressure: watermarks with hysteresis, per-kind
 //!   thresholds, fleet pressure.
-//! - [`health`]: the quarantine circuit breaker and the health ranking.
+//! - [`health`]: the health ranking (the circuit breaker is the coordinator's).
 //! - [`naive`]: first-fit full-scan baseline, for benchmarks and as a test
 //!   oracle.
 //! - [`units`]: sizes and durations for people.
@@ -40,6 +40,5 @@ pub mod units;
 
 pub use batch::{BatchChoice, choose_batch};
 pub use disk::next_disk_pressure;
-pub use health::FailureRecord;
 pub use model::*;
 pub use place::plan;

@@ -334,13 +334,12 @@ pub struct NodeView {
     pub disk_pressure: bool,
     /// Smoothed round-trip time to the leader.
     pub rtt_ms: f64,
-    /// Failures among its recent jobs (see
-    /// [`FailureRecord::recent_failures`](crate::health::FailureRecord::recent_failures)).
-    /// A health score: among equal fits, fewer failures win.
+    /// Evidence against the node from its recent jobs (the coordinator's
+    /// circuit breaker counts it). A health score: among equal fits, fewer
+    /// failures win.
     pub recent_failures: u32,
-    /// Quarantined until this time (unix ms); 0 = not quarantined. Set from
-    /// [`FailureRecord::quarantined_until_ms`](crate::health::FailureRecord)
-    /// by the caller's circuit breaker.
+    /// Quarantined until this time (unix ms); 0 = not quarantined. Set by
+    /// the caller's circuit breaker.
     pub quarantined_until_ms: u64,
 }
 
@@ -380,9 +379,6 @@ pub struct Policy {
     /// Fair-share weight per queue (`JobRequest::queue`); missing = 1. A
     /// queue of weight 2 gets two jobs per round-robin round.
     pub queue_weights: BTreeMap<String, u32>,
-    /// Circuit-breaker settings for [`crate::health::FailureRecord`]; the
-    /// pass itself only reads `NodeView::quarantined_until_ms`.
-    pub quarantine: QuarantinePolicy,
 }
 
 impl Default for Policy {
@@ -396,7 +392,6 @@ impl Default for Policy {
             fleet_pressure_fraction: 0.8,
             pack_granularity: 1 << 30,
             queue_weights: BTreeMap::new(),
-            quarantine: QuarantinePolicy::default(),
         }
     }
 }
@@ -416,24 +411,6 @@ impl Default for DiskThresholds {
         DiskThresholds {
             high: 0.85,
             low: 0.75,
-        }
-    }
-}
-
-/// Circuit breaker for nodes whose jobs keep failing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuarantinePolicy {
-    /// Consecutive job failures on a node that trip the breaker.
-    pub trip_after: u32,
-    /// First quarantine length; doubled per repeated trip, at most 8x.
-    pub cool_down_ms: u64,
-}
-
-impl Default for QuarantinePolicy {
-    fn default() -> Self {
-        QuarantinePolicy {
-            trip_after: 3,
-            cool_down_ms: 5 * 60 * 1000,
         }
     }
 }

@@ -168,7 +168,7 @@ pub fn job_event(
             let failed = !(exit.code == Some(0) && exit.signal.is_none());
             let oom = failed && oom_signatures.iter().any(|sig| tail.contains(sig.as_str()));
             let error = if exit.over_memory {
-                "stopped: used more GPU memory than reserved".to_string()
+                crate::breaker::OVER_MEMORY_ERROR.to_string()
             } else {
                 last_lines(&tail, 512)
                     .lines()

@@ -8,7 +8,6 @@ use gantry_scheduler::JobId;
 use super::{
     AgentSender, Core, LogWaiter, PING_INTERVAL, PendingRegistration, Reply, Session, now_ms,
 };
-use crate::command::Command;
 use crate::convert;
 use crate::decide::{self, Registration};
 use crate::error::CoordinatorError;
@@ -163,20 +162,6 @@ impl Core {
         else {
             return;
         };
-        // Feed the node's circuit breaker with the job's fault, if it was one.
-        if let Command::JobExited {
-            code,
-            signal,
-            cancelled: false,
-            ..
-        } = &command
-        {
-            let failed = !(*code == Some(0) && signal.is_none());
-            let policy = gantry_scheduler::QuarantinePolicy::default();
-            if self.health.on_job_outcome(node, failed, now, &policy) {
-                tracing::warn!(node = %node, "node quarantined after repeated job failures");
-            }
-        }
         self.propose(command);
     }
 

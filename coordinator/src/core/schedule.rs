@@ -24,6 +24,7 @@ impl Core {
             &self.health,
             &self.sessions,
             &policy,
+            &self.breaker,
             self.term,
             now,
         );

@@ -8,6 +8,7 @@ use gantry_proto as pb;
 use gantry_scheduler::{JobId, NodeState, Policy};
 
 use super::Core;
+use crate::convert;
 use crate::decide;
 use crate::metrics::{ClusterView, KindLabel};
 use crate::raft::RaftHandle;
@@ -32,6 +33,7 @@ impl Core {
     }
 
     pub(super) fn nodes_to_proto(&self) -> Vec<pb::Node> {
+        let now = super::now_ms();
         self.state
             .nodes()
             .map(|node| {
@@ -75,6 +77,7 @@ impl Core {
                     disk_pressure: health.is_some_and(|h| h.disk_pressure),
                     connected,
                     drain_deadline_ms: node.drain_deadline_ms.unwrap_or(0),
+                    ..convert::quarantine_to_proto(node.quarantine.as_ref(), now)
                 }
             })
             .chain(self.missing_nodes())

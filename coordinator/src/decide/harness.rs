@@ -253,6 +253,7 @@ impl Harness {
             &self.health,
             &self.connected,
             &Policy::default(),
+            &crate::breaker::Breaker::default(),
             self.term,
             self.now,
         );

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use gantry_scheduler::{ClusterSnapshot, GpuView, JobId, JobRequest, NodeState, NodeView, Policy};
 
 use super::Sessions;
+use crate::breaker::Breaker;
 use crate::command::Command;
 use crate::domain::{JobState, NodeRecord};
 use crate::health::HealthTracker;
@@ -28,6 +29,7 @@ pub fn pass(
     tracker: &HealthTracker,
     sessions: &dyn Sessions,
     policy: &Policy,
+    breaker: &Breaker,
     term: u64,
     now: u64,
 ) -> Pass {
@@ -38,7 +40,7 @@ pub fn pass(
             reasons,
         };
     }
-    let snapshot = snapshot(state, tracker, sessions, policy, now);
+    let snapshot = snapshot(state, tracker, sessions, policy, breaker, now);
     let plan = gantry_scheduler::plan(&snapshot, &queue);
     for unplaced in plan.unplaced {
         reasons.insert(unplaced.job, unplaced.reason.to_string());
@@ -110,6 +112,7 @@ pub fn snapshot(
     tracker: &HealthTracker,
     sessions: &dyn Sessions,
     policy: &Policy,
+    breaker: &Breaker,
     now: u64,
 ) -> ClusterSnapshot {
     let nodes = state
@@ -134,8 +137,8 @@ pub fn snapshot(
                 disk_pressure: health.is_some_and(|h| h.disk_pressure),
                 rtt_ms: health.map_or(0.0, |h| h.rtt_ms),
                 provider: node.labels.get("provider").cloned().unwrap_or_default(),
-                recent_failures: health.map_or(0, |h| h.failures.recent_failures()),
-                quarantined_until_ms: health.map_or(0, |h| h.failures.quarantined_until_ms),
+                recent_failures: breaker.recent_failures(&node.name, now),
+                quarantined_until_ms: node.quarantine.as_ref().map_or(0, |q| q.until_ms),
             }
         })
         .collect();
