@@ -124,7 +124,13 @@ pub fn spawn(
 
 /// Submits job `n`; retries "could not be reached" with its key until the
 /// deadline. Returns its id once acknowledged.
-fn submit(plan: &LoadPlan, n: u64, sleep_ms: u64, failing: u32, stop: &AtomicBool) -> Option<JobId> {
+fn submit(
+    plan: &LoadPlan,
+    n: u64,
+    sleep_ms: u64,
+    failing: u32,
+    stop: &AtomicBool,
+) -> Option<JobId> {
     let command = serde_json::to_string(&job_command(&plan.ledger, sleep_ms, failing)).ok()?;
     let spec = plan.dir.join(format!("job-{n}.yaml"));
     let yaml = format!(
@@ -145,7 +151,11 @@ fn submit(plan: &LoadPlan, n: u64, sleep_ms: u64, failing: u32, stop: &AtomicBoo
             return out.json().ok()?["job_ids"][0].as_u64();
         }
         if out.code != 3 || Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
-            eprintln!("nemesis: submit {n} failed ({}): {}", out.code, out.stderr.trim());
+            eprintln!(
+                "nemesis: submit {n} failed ({}): {}",
+                out.code,
+                out.stderr.trim()
+            );
             return None;
         }
         std::thread::sleep(Duration::from_millis(200));

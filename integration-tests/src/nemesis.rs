@@ -3,8 +3,9 @@
 //! racing their assignment and their retry back-off ([`crate::load`]), and
 //! seeded faults: agents killed with SIGKILL and restarted, the leader
 //! killed and restarted, a replica cut off from the others, and an agent
-//! killed together with the leader. Once the faults stop, every agent but
-//! the last one killed comes back, the cluster is let go quiet, and the
+//! killed together with the leader. Once the faults stop, a node dies
+//! (agent and job processes) with the leader and stays dead (it must go
+//! Down, its jobs run elsewhere), the cluster is let go quiet, and the
 //! checker ([`crate::verdict`]) judges the ledger and every replica's
 //! storage.
 //!
@@ -99,7 +100,9 @@ pub fn agent_kills_from_env(default: bool) -> anyhow::Result<bool> {
         Ok(text) => match text.trim() {
             "1" | "true" => Ok(true),
             "0" | "false" => Ok(false),
-            other => anyhow::bail!("GANTRY_NEMESIS_AGENT_KILLS: {other:?} is not 0, 1, true or false"),
+            other => {
+                anyhow::bail!("GANTRY_NEMESIS_AGENT_KILLS: {other:?} is not 0, 1, true or false")
+            }
         },
         Err(_) => Ok(default),
     }
@@ -261,7 +264,9 @@ impl Drop for Cleanup {
 /// promises are in the report's verdict.
 pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
     let began = Instant::now();
-    let dir = tempfile::Builder::new().prefix("gantry-nemesis-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("gantry-nemesis-")
+        .tempdir()?;
     let ledger = dir.path().join("ledger");
     let watch = Arc::new(Mutex::new(LedgerWatch::new(&ledger)?));
     let stop = Arc::new(AtomicBool::new(false));
@@ -274,7 +279,9 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
     let mut sandbox = Sandbox::new()?;
     sandbox.set_log_filter(&config.log_filter);
     let mut cluster = Cluster::start(&mut sandbox, config)?;
-    cleanup.threads.push(spawn_watcher(watch.clone(), stop.clone()));
+    cleanup
+        .threads
+        .push(spawn_watcher(watch.clone(), stop.clone()));
     let load = Arc::new(Mutex::new(Load::default()));
     let plan = LoadPlan {
         addrs: cluster.addrs.clone(),
@@ -298,7 +305,12 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
         let kind = pick(&mut rng, &classes);
         let fault = cluster.inject(&mut sandbox, &mut rng, kind)?;
         if config.progress {
-            eprintln!("nemesis: {} {} at {}", kind.name(), fault.target, fault.at_ms);
+            eprintln!(
+                "nemesis: {} {} at {}",
+                kind.name(),
+                fault.target,
+                fault.at_ms
+            );
         }
         faults.push(fault);
         pause(&mut rng, 500, 2_000);
@@ -309,8 +321,9 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
     }
     let mut dead_nodes = Vec::new();
     if config.agent_kills {
-        // A node that dies together with the leader must still go Down.
-        let fault = cluster.kill_agent_and_leader(&mut sandbox, &mut rng, false)?;
+        // A node that dies (agent and jobs) together with the leader must
+        // still go Down, and its jobs run elsewhere.
+        let fault = cluster.kill_agent_and_leader(&mut sandbox, &mut rng, Some(&watch))?;
         dead_nodes.extend(fault.outage.as_ref().map(|o| o.node.clone()));
         faults.push(fault);
     }
@@ -340,7 +353,9 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
         end_ms,
     });
     if let Err(error) = check_replicas(&replicas) {
-        verdict.violations.push(Violation::Replicas(format!("{error:#}")));
+        verdict
+            .violations
+            .push(Violation::Replicas(format!("{error:#}")));
     }
     let (kill_to_running, restart_to_adopted, not_adopted) =
         recovery(&faults, &executions, stored.first());
@@ -474,29 +489,35 @@ impl Cluster {
                     outage: None,
                 }
             }
-            FaultKind::AgentAndLeaderKill => self.kill_agent_and_leader(sandbox, rng, true)?,
+            FaultKind::AgentAndLeaderKill => self.kill_agent_and_leader(sandbox, rng, None)?,
         };
         self.leader(sandbox)?;
         Ok(fault)
     }
 
-    /// Kills an agent, then the leader within a second; restarts the leader
-    /// and, if `restart`, the agent.
+    /// Kills an agent, then the leader within a second; restarts the
+    /// leader, and the agent unless `node_dies` (then the node's job
+    /// processes are killed too, as when a machine dies, and it stays dead).
     fn kill_agent_and_leader(
         &mut self,
         sandbox: &mut Sandbox,
         rng: &mut StdRng,
-        restart: bool,
+        node_dies: Option<&Mutex<LedgerWatch>>,
     ) -> anyhow::Result<Fault> {
         let at_ms = now_ms();
         let index = rng.random_range(0..self.agents.len());
         let killed_ms = self.kill_agent(sandbox, index);
+        if let Some(watch) = node_dies {
+            let mut watch = lock(watch)?;
+            watch.poll(now_ms())?;
+            watch.kill_on(&self.agents[index].name);
+        }
         pause(rng, 100, 1_000);
         let id = self.leader(sandbox)?;
         self.kill_replica(sandbox, id);
         pause(rng, 1_000, 3_000);
         sandbox.start_replica(&mut self.parts.set, id)?;
-        let outage = if restart {
+        let outage = if node_dies.is_none() {
             self.restart_agent(sandbox, index, killed_ms)?
         } else {
             Outage {
@@ -570,7 +591,13 @@ impl Cluster {
     /// and every dead agent's node is Down. Returns whether it got there.
     fn settle(&self, sandbox: &Sandbox, dead_nodes: &[String], within: Duration) -> bool {
         self.parts.heal();
-        let unfinished = ["jobs", "--state", "pending,assigned,running,failed,lost", "--limit", "1"];
+        let unfinished = [
+            "jobs",
+            "--state",
+            "pending,assigned,running,failed,lost",
+            "--limit",
+            "1",
+        ];
         wait_until("the cluster to go quiet", within, || {
             let open = sandbox.gantry_json(&self.addrs, &unfinished).ok()?;
             let nodes = sandbox.gantry_json(&self.addrs, &["nodes"]).ok()?;
@@ -600,9 +627,8 @@ impl Cluster {
             }
         }
         let urls = self.parts.set.urls.clone();
-        let applied = |url: &String| {
-            sandbox.gantry_json(url, &["status"]).ok()?["applied_index"].as_u64()
-        };
+        let applied =
+            |url: &String| sandbox.gantry_json(url, &["status"]).ok()?["applied_index"].as_u64();
         let _ = wait_until("the replicas to converge", RECOVERY, || {
             let indexes: Vec<u64> = urls.iter().map(applied).collect::<Option<_>>()?;
             indexes.windows(2).all(|w| w[0] == w[1]).then_some(())
@@ -679,6 +705,10 @@ pub fn describe(config: &NemesisConfig) -> String {
         config.fake_gpus,
         config.faults_for,
         config.jobs_per_second,
-        if config.agent_kills { "on" } else { "off (GANTRY_NEMESIS_AGENT_KILLS=1 turns them on)" }
+        if config.agent_kills {
+            "on"
+        } else {
+            "off (GANTRY_NEMESIS_AGENT_KILLS=1 turns them on)"
+        }
     )
 }

@@ -54,8 +54,8 @@ impl Stored {
     /// Reads what the checker needs from a replica read by
     /// [`crate::check::read_replicas`] (the process must be stopped).
     pub fn read(replica: &ReplicaState) -> anyhow::Result<Stored> {
-        let store = Store::open(&replica.dir)
-            .with_context(|| format!("open {}", replica.dir.display()))?;
+        let store =
+            Store::open(&replica.dir).with_context(|| format!("open {}", replica.dir.display()))?;
         let events = store.events_since(0, MAX_EVENTS)?;
         let mut history: BTreeMap<JobId, Vec<JobState>> = BTreeMap::new();
         for event in events {
@@ -242,7 +242,12 @@ impl fmt::Display for Violation {
                 write!(f, "job {job}: one attempt started twice: {}", runs(r))
             }
             CompletedTwice { job, runs: r } => {
-                write!(f, "job {job}: ran to completion {} times: {}", r.len(), runs(r))
+                write!(
+                    f,
+                    "job {job}: ran to completion {} times: {}",
+                    r.len(),
+                    runs(r)
+                )
             }
             StartedAfterCancel {
                 job,
@@ -252,7 +257,9 @@ impl fmt::Display for Violation {
                 f,
                 "job {job}: started after its cancel was acknowledged at {cancelled_ms}: {run}"
             ),
-            Missing { job, replica } => write!(f, "job {job}: acknowledged but missing on {replica}"),
+            Missing { job, replica } => {
+                write!(f, "job {job}: acknowledged but missing on {replica}")
+            }
             NotConverged { applied } => write!(f, "replicas did not converge: {applied:?}"),
             Disagree { job, states } => write!(f, "job {job}: replicas disagree: {states:?}"),
             LeakedReservation { job, state, holder } => write!(
@@ -268,7 +275,11 @@ impl fmt::Display for Violation {
             } => write!(
                 f,
                 "job {job}: still {state} after {attempts} attempts{} when the cluster should be quiet",
-                if *cancel_requested { ", cancel requested," } else { "" }
+                if *cancel_requested {
+                    ", cancel requested,"
+                } else {
+                    ""
+                }
             ),
             TerminalHistory {
                 job,
@@ -281,7 +292,10 @@ impl fmt::Display for Violation {
                 if *left { " and left it" } else { "" }
             ),
             SucceededWithoutRun { job } => {
-                write!(f, "job {job}: recorded succeeded, but no process of it exited 0")
+                write!(
+                    f,
+                    "job {job}: recorded succeeded, but no process of it exited 0"
+                )
             }
             Orphan { run, state } => write!(
                 f,
@@ -354,7 +368,12 @@ pub fn check(ground: &Ground) -> Verdict {
     }
     let mut violations = Vec::new();
     for (job, runs) in &by_job {
-        check_runs(*job, runs, ground.cancels.get(job).copied(), &mut violations);
+        check_runs(
+            *job,
+            runs,
+            ground.cancels.get(job).copied(),
+            &mut violations,
+        );
     }
     check_storage(ground, &by_job, &mut violations);
     Verdict {
@@ -367,7 +386,11 @@ fn check_runs(job: JobId, runs: &[&Execution], cancelled: Option<u64>, out: &mut
     for (i, a) in runs.iter().enumerate() {
         for b in &runs[i + 1..] {
             if a.started_ms < b.until_ms() && b.started_ms < a.until_ms() {
-                let (first, second) = if a.started_ms <= b.started_ms { (a, b) } else { (b, a) };
+                let (first, second) = if a.started_ms <= b.started_ms {
+                    (a, b)
+                } else {
+                    (b, a)
+                };
                 out.push(Violation::Overlap {
                     job,
                     first: Box::new((*first).clone()),
@@ -378,7 +401,10 @@ fn check_runs(job: JobId, runs: &[&Execution], cancelled: Option<u64>, out: &mut
     }
     let mut by_attempt: BTreeMap<u32, Vec<Execution>> = BTreeMap::new();
     for run in runs {
-        by_attempt.entry(run.attempt).or_default().push((*run).clone());
+        by_attempt
+            .entry(run.attempt)
+            .or_default()
+            .push((*run).clone());
     }
     for same in by_attempt.into_values().filter(|r| r.len() > 1) {
         out.push(Violation::AttemptStartedTwice { job, runs: same });
@@ -432,7 +458,13 @@ fn check_storage(
             }
         }
     }
-    let live = |job: JobId| by_job.get(&job).into_iter().flatten().filter(|r| r.alive_at_end);
+    let live = |job: JobId| {
+        by_job
+            .get(&job)
+            .into_iter()
+            .flatten()
+            .filter(|r| r.alive_at_end)
+    };
     for record in first.jobs.values() {
         let states: Vec<(String, JobState)> = ground
             .stored
@@ -445,7 +477,9 @@ fn check_storage(
                 states,
             });
         }
-        let holder = record.current_attempt().map(|a| (a.node.clone(), a.attempt));
+        let holder = record
+            .current_attempt()
+            .map(|a| (a.node.clone(), a.attempt));
         if record.state.is_active() && live(record.id).next().is_none() {
             out.push(Violation::LeakedReservation {
                 job: record.id,
@@ -467,9 +501,16 @@ fn check_storage(
         {
             out.push(Violation::SucceededWithoutRun { job: record.id });
         }
-        let holding = ground.stored.iter().filter(|s| s.jobs.contains_key(&record.id));
+        let holding = ground
+            .stored
+            .iter()
+            .filter(|s| s.jobs.contains_key(&record.id));
         for stored in holding.filter(|_| record.state.is_terminal()) {
-            let entries = stored.terminal_entries.get(&record.id).copied().unwrap_or(0);
+            let entries = stored
+                .terminal_entries
+                .get(&record.id)
+                .copied()
+                .unwrap_or(0);
             let left = stored.left_terminal.contains(&record.id);
             if entries != 1 || left {
                 out.push(Violation::TerminalHistory {
@@ -536,7 +577,10 @@ fn extra_work(ground: &Ground, by_job: &BTreeMap<JobId, Vec<&Execution>>) -> Ext
         }
         for (_, run) in runs.iter().enumerate().filter(|(i, _)| !needed.contains(i)) {
             extra.extra_executions += 1;
-            extra.extra_ms += run.until_ms().min(ground.end_ms).saturating_sub(run.started_ms);
+            extra.extra_ms += run
+                .until_ms()
+                .min(ground.end_ms)
+                .saturating_sub(run.started_ms);
         }
     }
     extra

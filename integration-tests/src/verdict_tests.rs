@@ -85,7 +85,12 @@ fn stored(name: &str, jobs: &[JobRecord]) -> Stored {
 
 /// The names of the violations found.
 fn found(runs: &[Execution], jobs: &[JobRecord], cancels: &[(JobId, u64)]) -> Vec<String> {
-    found_with(runs, &[stored("r1", jobs), stored("r2", jobs)], cancels, &[])
+    found_with(
+        runs,
+        &[stored("r1", jobs), stored("r2", jobs)],
+        cancels,
+        &[],
+    )
 }
 
 fn found_with(
@@ -108,15 +113,30 @@ fn found_with(
     verdict
         .violations
         .iter()
-        .map(|v| format!("{v:?}").split([' ', '(', '{']).next().unwrap_or("").to_string())
+        .map(|v| {
+            format!("{v:?}")
+                .split([' ', '(', '{'])
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect()
 }
+
+/// (name, ledger, stored jobs, acknowledged cancels, violations expected).
+type Case = (
+    &'static str,
+    Vec<Execution>,
+    Vec<JobRecord>,
+    Vec<(JobId, u64)>,
+    Vec<&'static str>,
+);
 
 #[test]
 fn each_broken_promise_is_named() {
     use End::*;
     let done = record(1, JobState::Succeeded, 1);
-    let cases: Vec<(&str, Vec<Execution>, Vec<JobRecord>, Vec<(JobId, u64)>, Vec<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "one clean run",
             vec![run(1, 1, 10, 0, Exit(50, 0))],
@@ -147,14 +167,20 @@ fn each_broken_promise_is_named() {
         ),
         (
             "the same attempt started twice, one after the other",
-            vec![run(1, 1, 10, 0, Exit(10, 1)), run(1, 1, 11, 20, Exit(30, 0))],
+            vec![
+                run(1, 1, 10, 0, Exit(10, 1)),
+                run(1, 1, 11, 20, Exit(30, 0)),
+            ],
             vec![done.clone()],
             vec![],
             vec!["AttemptStartedTwice"],
         ),
         (
             "completed twice (the orphan finished before the rerun)",
-            vec![run(1, 1, 10, 0, Exit(10, 0)), run(1, 2, 11, 20, Exit(30, 0))],
+            vec![
+                run(1, 1, 10, 0, Exit(10, 0)),
+                run(1, 2, 11, 20, Exit(30, 0)),
+            ],
             vec![record(1, JobState::Succeeded, 2)],
             vec![],
             vec!["CompletedTwice"],
@@ -220,7 +246,10 @@ fn replicas_must_agree_and_terminal_states_happen_once() {
     let runs = vec![run(1, 1, 10, 0, End::Exit(50, 0))];
     let a = stored("r1", std::slice::from_ref(&ok));
     let mut b = stored("r2", &[record(1, JobState::Cancelled, 1)]);
-    assert_eq!(found_with(&runs, &[a.clone(), b.clone()], &[], &[]), ["Disagree"]);
+    assert_eq!(
+        found_with(&runs, &[a.clone(), b.clone()], &[], &[]),
+        ["Disagree"]
+    );
     b = stored("r2", std::slice::from_ref(&ok));
     b.terminal_entries.insert(1, 2);
     assert_eq!(
@@ -236,7 +265,10 @@ fn replicas_must_agree_and_terminal_states_happen_once() {
         ["NotConverged"]
     );
     // A dead agent's node must be Down everywhere.
-    assert_eq!(found_with(&runs, &[a.clone()], &[], &["dead"]), Vec::<String>::new());
+    assert_eq!(
+        found_with(&runs, std::slice::from_ref(&a), &[], &["dead"]),
+        Vec::<String>::new()
+    );
     assert_eq!(found_with(&runs, &[a], &[], &["alive"]), ["NodeNotDown"]);
 }
 
