@@ -537,7 +537,7 @@ impl Executor {
             0 => MAX_LOG_CHUNK,
             n => n.min(MAX_LOG_CHUNK),
         };
-        let mut file = match tokio::fs::File::open(&path).await {
+        let mut file = match open_read(&path).await {
             Ok(file) => file,
             // Not created yet (the attempt is still being set up).
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -803,14 +803,14 @@ impl Executor {
         }
         // Last before the spawn: a bad command must not cost a long copy.
         if !launch.snapshot.is_empty() {
-            copy_snapshot(launch, dir, &work, control_rx).await?;
+            copy_snapshot(launch, dir, &work, self.inner.config.run_as, control_rx).await?;
         }
 
         if let Some(user) = self.inner.config.run_as {
             // The job may write only its work directory (output files are
             // opened by the agent and inherited).
             let work = work.clone();
-            tokio::task::spawn_blocking(move || chown_tree(&work, user))
+            tokio::task::spawn_blocking(move || crate::jobfs::hand_over(&work, user))
                 .await
                 .map_err(|e| format!("chown task failed: {e}"))??;
         }
@@ -870,24 +870,6 @@ impl Executor {
     }
 }
 
-/// Hands `path` and everything under it to `user` (symlinks themselves,
-/// never their targets).
-fn chown_tree(path: &Path, user: crate::config::RunAs) -> Result<(), String> {
-    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
-        .map_err(|e| format!("cannot hand {} to uid {}: {e}", path.display(), user.uid))?;
-    let meta = std::fs::symlink_metadata(path)
-        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
-    if meta.is_dir() {
-        let entries =
-            std::fs::read_dir(path).map_err(|e| format!("cannot list {}: {e}", path.display()))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| format!("cannot list {}: {e}", path.display()))?;
-            chown_tree(&entry.path(), user)?;
-        }
-    }
-    Ok(())
-}
-
 /// Why an attempt did not get as far as running its command.
 enum SpawnError {
     /// Reported as `SpawnFailed { error }`.
@@ -908,6 +890,7 @@ async fn copy_snapshot(
     launch: &Launch,
     dir: &Path,
     work: &Path,
+    user: Option<crate::config::RunAs>,
     control_rx: &mut mpsc::UnboundedReceiver<Control>,
 ) -> Result<(), SpawnError> {
     let cancel = Arc::new(AtomicBool::new(false));
@@ -918,7 +901,7 @@ async fn copy_snapshot(
             launch.snapshot.clone(),
         );
         let cancel = Arc::clone(&cancel);
-        tokio::task::spawn_blocking(move || snapshot::prepare(&dir, &work, &entries, &cancel))
+        tokio::task::spawn_blocking(move || snapshot::prepare(&dir, &work, &entries, &cancel, user))
     };
     tokio::pin!(task);
     let started = Instant::now();
@@ -982,9 +965,11 @@ async fn open_output(path: &Path) -> Result<std::fs::File, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("cannot remove stale {}: {e}", path.display())),
     }
+    // Never through a link, nor onto a name that reappeared meanwhile.
     let file = tokio::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .append(true)
+        .custom_flags(crate::jobfs::NOFOLLOW)
         .open(path)
         .await
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
@@ -997,6 +982,7 @@ async fn note(path: &Path, message: &str) {
     let result = async {
         let mut file = tokio::fs::OpenOptions::new()
             .append(true)
+            .custom_flags(crate::jobfs::NOFOLLOW)
             .open(path)
             .await?;
         file.write_all(line.as_bytes()).await
@@ -1010,7 +996,7 @@ async fn note(path: &Path, message: &str) {
 /// The last `max` bytes of a file; empty when it cannot be read.
 async fn read_tail(path: &Path, max: u64) -> Vec<u8> {
     let result = async {
-        let mut file = tokio::fs::File::open(path).await?;
+        let mut file = open_read(path).await?;
         let len = file.metadata().await?.len();
         file.seek(std::io::SeekFrom::Start(len.saturating_sub(max)))
             .await?;
@@ -1020,6 +1006,15 @@ async fn read_tail(path: &Path, max: u64) -> Vec<u8> {
     }
     .await;
     result.unwrap_or_default()
+}
+
+/// Opens an attempt's output file for reading, refusing a symlink there.
+async fn open_read(path: &Path) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(crate::jobfs::NOFOLLOW)
+        .open(path)
+        .await
 }
 
 /// Sleeps until `at`, or forever when there is no deadline.

@@ -13,6 +13,10 @@
 //! - [`snapshot`]: evaluation snapshots, private copies (reflink, else bytes)
 //!   of files a job reads while others may rewrite them, made before the
 //!   command starts under `<work>/snapshot/` (`GANTRY_SNAPSHOT_DIR`).
+//!   With `--run-as` the sources are read by a helper process running as
+//!   the job's user ([`snapshot::as_user`], `gantry __snapshot-copy`).
+//! - `jobfs`: what the agent does in directories a job can write (handing
+//!   the work directory over, opening output files), never following a link.
 //! - [`gpu_watch`]: samples running jobs' GPU memory every 500 ms, whatever
 //!   the heartbeat does, and feeds the executor's peaks and over-use policy.
 //! - [`outbox`]: job events waiting for, or kept for re-delivery to, the
@@ -38,6 +42,7 @@ mod convert;
 pub mod error;
 pub mod executor;
 pub mod gpu_watch;
+mod jobfs;
 mod link;
 pub mod outbox;
 pub mod probe;

@@ -25,10 +25,20 @@
 //!   failure never leaves a half copy under its final name; any failure
 //!   fails the attempt (`SpawnFailed`) before the command runs.
 //! - **Contained.** `as_name` must be relative without `..`; the destination
-//!   is checked after joining, its parent directories are created by the
-//!   agent and never followed through a symlink, and an existing name is not
-//!   overwritten. Symlinks inside a source tree are followed (a snapshot holds
-//!   contents, not links back to live files), up to a depth that stops loops.
+//!   is checked after joining. Everything the agent does under the work
+//!   directory goes through directory descriptors opened with `O_NOFOLLOW`
+//!   (parents created with `mkdirat`, the copy moved in with
+//!   `renameat2(RENAME_NOREPLACE)`), so a symlink a job planted there, even
+//!   one swapped in mid-copy, is never followed, and an existing name is not
+//!   overwritten. Symlinks inside a source tree are followed (a snapshot
+//!   holds contents, not links back to live files), up to a depth that stops
+//!   loops.
+//! - **The job's rights, not the agent's.** With `--run-as`, sources are
+//!   opened and read by a helper process running as the job's user
+//!   ([`as_user`]): the kernel decides what it may read, symlinks included,
+//!   so a job gets through a snapshot only what it could read itself. What
+//!   that user cannot read fails the attempt with
+//!   `snapshot[0].from: /path: not readable by user nobody`.
 //!
 //! A directory is a set of consistent files, not an atomic picture of the
 //! tree: a file added or removed mid-walk may or may not be included. Files
@@ -39,9 +49,16 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+
+use crate::config::RunAs;
+
+pub mod as_user;
 
 /// Name of the snapshot directory inside the attempt's work directory.
 pub const SNAPSHOT_DIR: &str = "snapshot";
@@ -64,29 +81,39 @@ pub struct SnapshotEntry {
     pub as_name: String,
 }
 
-/// Copies every entry into `<work>/snapshot/`, staging under `attempt_dir`.
-/// Returns the snapshot directory. Errors name the entry and the path, e.g.
-/// `snapshot[0]: /models/x.pt: No such file or directory`.
+/// Copies every entry into `<work>/snapshot/`, staging under `attempt_dir`;
+/// with `user`, the sources are read as that user ([`as_user`]). Returns the
+/// snapshot directory. Errors name the entry, its field and the path, e.g.
+/// `snapshot[0].from: /models/x.pt: No such file or directory`.
 pub(crate) fn prepare(
     attempt_dir: &Path,
     work: &Path,
     entries: &[SnapshotEntry],
     cancel: &AtomicBool,
+    user: Option<RunAs>,
 ) -> Result<PathBuf, String> {
     let root = work.join(SNAPSHOT_DIR);
     let staging = attempt_dir.join(STAGING_DIR);
     // Left over from an earlier agent process with the same ids: start clean,
-    // and never write through whatever may stand at these names.
+    // and never write through whatever may stand at these names. (`work` and
+    // `attempt_dir` themselves sit in directories only the agent writes.)
     for dir in [&root, &staging] {
         remove_any(dir)
             .map_err(|e| format!("cannot remove stale {}: {}", dir.display(), msg(&e)))?;
         std::fs::create_dir(dir)
             .map_err(|e| format!("cannot create {}: {}", dir.display(), msg(&e)))?;
     }
-    let result = entries.iter().enumerate().try_for_each(|(i, entry)| {
-        copy_entry(&root, &staging.join(i.to_string()), entry, cancel)
-            .map_err(|e| format!("snapshot[{i}]: {e}"))
-    });
+    let result = open_dir(&root)
+        .map_err(|e| format!("cannot open {}: {}", root.display(), msg(&e)))
+        .and_then(|root_fd| {
+            if let Some(user) = user {
+                as_user::prepare_staging(&staging, user)?;
+            }
+            entries.iter().enumerate().try_for_each(|(i, entry)| {
+                let staged = staging.join(i.to_string());
+                copy_entry(&root, &root_fd, &staged, entry, cancel, user).map_err(|e| e.in_entry(i))
+            })
+        });
     if let Err(e) = remove_any(&staging) {
         tracing::debug!(error = %e, "cannot remove snapshot staging directory");
     }
@@ -117,61 +144,140 @@ pub(crate) fn checked_name(as_name: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
+/// Why one entry failed: the field it is about decides the prefix.
+enum EntryError {
+    /// The entry as a whole, or its `as`: `snapshot[i]: ...`.
+    Entry(String),
+    /// Reading its source: `snapshot[i].from: ...`.
+    From(String),
+}
+
+impl EntryError {
+    fn in_entry(self, i: usize) -> String {
+        match self {
+            Self::Entry(e) => format!("snapshot[{i}]: {e}"),
+            Self::From(e) => format!("snapshot[{i}].from: {e}"),
+        }
+    }
+}
+
 fn copy_entry(
     root: &Path,
-    staging: &Path,
+    root_fd: &OwnedFd,
+    staged: &Path,
     entry: &SnapshotEntry,
     cancel: &AtomicBool,
-) -> Result<(), String> {
-    let name = checked_name(&entry.as_name)?;
+    user: Option<RunAs>,
+) -> Result<(), EntryError> {
+    let name = checked_name(&entry.as_name).map_err(EntryError::Entry)?;
     let from = Path::new(&entry.from);
     if !from.is_absolute() {
-        return Err(format!("from {:?}: must be an absolute path", entry.from));
+        return Err(EntryError::Entry(format!(
+            "from {:?}: must be an absolute path",
+            entry.from
+        )));
     }
-    let dest = root.join(&name);
-    // Belt and braces: the components check above already guarantees it.
-    if !dest.starts_with(root) || dest == root {
-        return Err(format!(
-            "as {:?}: resolves outside the snapshot directory",
-            entry.as_name
-        ));
-    }
-    make_parents(root, &name).map_err(|e| format!("as {:?}: {e}", entry.as_name))?;
-    if std::fs::symlink_metadata(&dest).is_ok() {
-        return Err(format!(
+    let taken = || {
+        EntryError::Entry(format!(
             "as {:?}: already taken by an earlier entry",
             entry.as_name
-        ));
+        ))
+    };
+    // `checked_name` returned plain components, so there is a last one.
+    let file_name = name.file_name().ok_or_else(taken)?;
+    let parent = make_parents(root, root_fd, &name)
+        .map_err(|e| EntryError::Entry(format!("as {:?}: {e}", entry.as_name)))?;
+    if rustix::fs::statat(&parent, file_name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+        return Err(taken());
     }
-    copy_tree(from, staging, 0, cancel)
-        .map_err(|(path, e)| format!("{}: {}", path.display(), msg(&e)))?;
-    std::fs::rename(staging, &dest)
-        .map_err(|e| format!("cannot move copy to {}: {}", dest.display(), msg(&e)))
+    let copied = match user {
+        None => copy_tree(from, staged, 0, cancel),
+        Some(user) => as_user::copy(user, from, staged, cancel),
+    };
+    copied.map_err(|(path, e)| EntryError::From(describe(&path, &e, staged, user)))?;
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        staged,
+        &parent,
+        file_name,
+        RenameFlags::NOREPLACE,
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::EXIST => taken(),
+        e => EntryError::Entry(format!(
+            "cannot move copy to {}: {}",
+            root.join(&name).display(),
+            msg(&e.into())
+        )),
+    })
+}
+
+/// A copy error as `path: reason`; a source the job's user may not read
+/// says so, since that is what the user has to fix.
+fn describe(path: &Path, e: &io::Error, staged: &Path, user: Option<RunAs>) -> String {
+    match user {
+        Some(user) if e.kind() == io::ErrorKind::PermissionDenied && !path.starts_with(staged) => {
+            format!(
+                "{}: not readable by user {}",
+                path.display(),
+                as_user::user_name(user.uid)
+            )
+        }
+        _ => format!("{}: {}", path.display(), msg(e)),
+    }
+}
+
+/// Opens the directory `path` itself, refusing a symlink there.
+fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    open_dir_at(rustix::fs::CWD, path)
+}
+
+/// Opens directory `name` under `dir` without following a symlink there.
+fn open_dir_at(dir: impl AsFd, name: &Path) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    Ok(rustix::fs::openat(dir, name, flags, Mode::empty())?)
 }
 
 /// Creates the parent directories of `name` under `root`, one component at a
-/// time, refusing anything at those names that is not a real directory.
-fn make_parents(root: &Path, name: &Path) -> Result<(), String> {
+/// time through descriptors, refusing anything at those names that is not a
+/// real directory. Returns the innermost one.
+fn make_parents(root: &Path, root_fd: &OwnedFd, name: &Path) -> Result<OwnedFd, String> {
+    let mut fd = root_fd
+        .try_clone()
+        .map_err(|e| format!("{}: {}", root.display(), msg(&e)))?;
     let Some(parent) = name.parent() else {
-        return Ok(());
+        return Ok(fd);
     };
     let mut dir = root.to_path_buf();
     for part in parent.components() {
         dir.push(part);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => return Err(format!("{} is not a directory", dir.display())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(&dir)
-                .map_err(|e| format!("cannot create {}: {}", dir.display(), msg(&e)))?,
+        let part = Path::new(part.as_os_str());
+        let not_dir = || format!("{} is not a directory", dir.display());
+        let opened = match open_dir_at(&fd, part) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                rustix::fs::mkdirat(&fd, part, Mode::from_raw_mode(0o755))
+                    .map_err(|e| format!("cannot create {}: {}", dir.display(), msg(&e.into())))?;
+                open_dir_at(&fd, part)
+            }
+            other => other,
+        };
+        fd = match opened {
+            Ok(next) => next,
+            Err(e) if matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::NOTDIR.raw_os_error() || code == rustix::io::Errno::LOOP.raw_os_error()) =>
+            {
+                return Err(not_dir());
+            }
             Err(e) => return Err(format!("{}: {}", dir.display(), msg(&e))),
-        }
+        };
     }
-    Ok(())
+    Ok(fd)
 }
 
-type CopyError = (PathBuf, io::Error);
+/// Where a copy failed and why.
+pub(crate) type CopyError = (PathBuf, io::Error);
 
 /// Copies `src` (file or directory, symlinks followed) to the new path `dst`.
+/// Runs in the agent, or in the [`as_user`] helper as the job's user.
 fn copy_tree(src: &Path, dst: &Path, depth: usize, cancel: &AtomicBool) -> Result<(), CopyError> {
     let at = |e: io::Error| (src.to_path_buf(), e);
     if depth > MAX_DEPTH {
@@ -188,8 +294,9 @@ fn copy_tree(src: &Path, dst: &Path, depth: usize, cancel: &AtomicBool) -> Resul
         .map_err(at)?;
     let meta = file.metadata().map_err(at)?;
     if meta.is_file() {
-        copy_file(&file, dst, cancel).map_err(at)?;
-        return std::fs::set_permissions(dst, meta.permissions()).map_err(at);
+        let out = copy_file(&file, dst, cancel).map_err(at)?;
+        // Through the new file's descriptor: `dst` is never resolved again.
+        return out.set_permissions(meta.permissions()).map_err(at);
     }
     if !meta.is_dir() {
         return Err(at(io::Error::other("not a regular file or directory")));
@@ -204,8 +311,8 @@ fn copy_tree(src: &Path, dst: &Path, depth: usize, cancel: &AtomicBool) -> Resul
     for child in children {
         copy_tree(&src.join(&child), &dst.join(&child), depth + 1, cancel)?;
     }
-    // Directories keep the agent's default mode: a read-only copy could not
-    // be cleaned up (or replaced by a re-run of the same attempt ids).
+    // Directories keep the default mode: a read-only copy could not be
+    // cleaned up (or replaced by a re-run of the same attempt ids).
     Ok(())
 }
 
@@ -223,7 +330,7 @@ fn version(file: &File) -> io::Result<(u64, i64, i64, i64, i64)> {
 
 /// Copies the open `src` to the new file `dst`: a reflink when possible,
 /// else bytes, accepted only when the source did not change meanwhile.
-fn copy_file(src: &File, dst: &Path, cancel: &AtomicBool) -> io::Result<()> {
+fn copy_file(src: &File, dst: &Path, cancel: &AtomicBool) -> io::Result<File> {
     for _ in 0..TRIES {
         let before = version(src)?;
         if std::fs::symlink_metadata(dst).is_ok() {
@@ -238,7 +345,7 @@ fn copy_file(src: &File, dst: &Path, cancel: &AtomicBool) -> io::Result<()> {
         let copied = out.metadata()?.len();
         let after = version(src)?;
         if before == after && copied == after.0 {
-            return Ok(());
+            return Ok(out);
         }
         tracing::debug!(path = %dst.display(), "source changed while being copied; retrying");
     }
@@ -352,6 +459,7 @@ mod tests {
                 entry(&src.join("tree"), "tree"),
             ],
             &cancel,
+            None,
         )
         .unwrap();
         assert_eq!(root, work.join(SNAPSHOT_DIR));
@@ -376,7 +484,7 @@ mod tests {
             (
                 vec![entry(&missing, "m.pt")],
                 format!(
-                    "snapshot[0]: {}: No such file or directory",
+                    "snapshot[0].from: {}: No such file or directory",
                     missing.display()
                 ),
             ),
@@ -404,7 +512,7 @@ mod tests {
                 ),
             ),
         ] {
-            let err = prepare(&attempt, &work, &entries, &cancel).unwrap_err();
+            let err = prepare(&attempt, &work, &entries, &cancel, None).unwrap_err();
             assert_eq!(err, expect);
         }
     }
@@ -418,7 +526,7 @@ mod tests {
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").unwrap();
         let cancel = AtomicBool::new(false);
-        prepare(&attempt, &work, &[entry(&file, "f")], &cancel).unwrap();
+        prepare(&attempt, &work, &[entry(&file, "f")], &cancel, None).unwrap();
         assert!(
             std::fs::symlink_metadata(work.join(SNAPSHOT_DIR))
                 .unwrap()
@@ -433,7 +541,112 @@ mod tests {
         let file = dir.path().join("f");
         std::fs::write(&file, b"x").unwrap();
         let cancel = AtomicBool::new(true);
-        let err = prepare(&attempt, &work, &[entry(&file, "f")], &cancel).unwrap_err();
+        let err = prepare(&attempt, &work, &[entry(&file, "f")], &cancel, None).unwrap_err();
+        assert!(err.contains("snapshot cancelled"), "{err}");
+    }
+
+    /// The job user of the `--run-as` tests; `None` (test skipped) unless
+    /// the tests run as root, the only agent that can switch users.
+    fn nobody() -> Option<RunAs> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: switching users needs root");
+            return None;
+        }
+        Some(RunAs::resolve("nobody").unwrap())
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// Whether any regular file under `dir` (links not followed) holds `data`.
+    fn holds(dir: &Path, data: &[u8]) -> bool {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let meta = std::fs::symlink_metadata(e.path()).unwrap();
+                (meta.is_dir() && holds(&e.path(), data))
+                    || (meta.is_file() && std::fs::read(e.path()).unwrap() == data)
+            })
+    }
+
+    #[test]
+    fn as_a_user_sources_are_read_with_its_rights() {
+        let Some(user) = nobody() else { return };
+        let (dir, attempt, work) = setup();
+        // The user may walk to its copies and to the public sources.
+        chmod(dir.path(), 0o755);
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"root only").unwrap();
+        chmod(&secret, 0o600);
+        let public = dir.path().join("public");
+        std::fs::create_dir(&public).unwrap();
+        std::fs::write(public.join("a"), b"A").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir(&tree).unwrap();
+        std::fs::write(tree.join("a"), b"A").unwrap();
+        std::os::unix::fs::symlink(&secret, tree.join("z-link")).unwrap();
+        let closed = dir.path().join("closed");
+        std::fs::create_dir(&closed).unwrap();
+        std::fs::write(closed.join("inside"), b"root only").unwrap();
+        chmod(&closed, 0o700);
+        let cancel = AtomicBool::new(false);
+
+        let root = prepare(
+            &attempt,
+            &work,
+            &[entry(&public, "p"), entry(&public.join("a"), "deep/er/a")],
+            &cancel,
+            Some(user),
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(root.join("p/a")).unwrap(), b"A");
+        assert_eq!(std::fs::read(root.join("deep/er/a")).unwrap(), b"A");
+        let copy = std::fs::metadata(root.join("p/a")).unwrap();
+        assert_eq!(
+            (copy.uid(), copy.gid()),
+            (user.uid, user.gid),
+            "copied as the user"
+        );
+
+        let refused = |path: &Path| {
+            format!(
+                "snapshot[1].from: {}: not readable by user nobody",
+                path.display()
+            )
+        };
+        for (from, expect) in [
+            (&secret, refused(&secret)),
+            (&link, refused(&link)),
+            (&tree, refused(&tree.join("z-link"))),
+            (&closed, refused(&closed)),
+        ] {
+            let entries = [entry(&public, "p"), entry(from, "m")];
+            let err = prepare(&attempt, &work, &entries, &cancel, Some(user)).unwrap_err();
+            assert_eq!(err, expect);
+            assert!(!holds(&work, b"root only"), "{from:?} leaked into {work:?}");
+            assert!(
+                !holds(&attempt, b"root only"),
+                "{from:?} leaked into {attempt:?}"
+            );
+        }
+        assert!(!attempt.join(STAGING_DIR).exists());
+    }
+
+    #[test]
+    fn as_a_user_a_cancel_stops_the_helper() {
+        let Some(user) = nobody() else { return };
+        let (dir, attempt, work) = setup();
+        chmod(dir.path(), 0o755);
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let cancel = AtomicBool::new(true);
+        let err = prepare(&attempt, &work, &[entry(&file, "f")], &cancel, Some(user)).unwrap_err();
         assert!(err.contains("snapshot cancelled"), "{err}");
     }
 }

@@ -1,5 +1,7 @@
 //! The one place where wire types become typed domain values (validating
-//! user input on the way) and back. Errors name the field and the reason.
+//! user input on the way) and back. Errors name the field and the reason;
+//! every collection and string is checked against [`crate::limits`] before
+//! anything is proposed to the Raft log.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -9,28 +11,14 @@ use gantry_scheduler::{
     BatchPolicy, BatchTier, Constraints, JobKind, LockMode, LockRequest, MemoryModel, Resources,
 };
 
+use crate::dag::resolve_after;
 use crate::domain::{
     AttemptRecord, EventRecord, JobRecord, JobSpec, OverusePolicy, RetryPolicy, SnapshotSpec,
 };
 use crate::error::CoordinatorError;
 
-/// Most jobs in one submission.
-pub const MAX_JOBS_PER_SUBMIT: usize = 10_000;
-/// Most bytes of one submit request.
-pub const MAX_SUBMIT_BYTES: usize = 4 << 20;
-const MAX_GPUS: u32 = 64;
-const MAX_GPU_MEMORY: u64 = 4 << 40;
-const MAX_CPU_MILLIS: u64 = 4096 * 1000;
-const MAX_HOST_MEMORY: u64 = 256 << 40;
-const MAX_DISK: u64 = 1 << 50;
-const MAX_COMMAND_BYTES: usize = 128 << 10;
-const MAX_ENV_BYTES: usize = 128 << 10;
-const MAX_NAME_LEN: usize = 128;
-const MAX_ATTEMPTS: u32 = 100;
-const MAX_TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
-const MAX_BACKOFF_MS: u64 = 24 * 3600 * 1000;
-const MAX_PRIORITY: i32 = 1000;
-const MAX_SNAPSHOTS: usize = 64;
+pub mod agent;
+use crate::limits::*;
 
 fn invalid(field: String, reason: impl Into<String>) -> CoordinatorError {
     CoordinatorError::InvalidArgument {
@@ -39,14 +27,44 @@ fn invalid(field: String, reason: impl Into<String>) -> CoordinatorError {
     }
 }
 
+/// Refuses a collection of more than `max` entries.
+fn at_most(field: impl FnOnce() -> String, len: usize, max: usize) -> Result<(), CoordinatorError> {
+    if len > max {
+        return Err(invalid(field(), format!("{len} entries, at most {max}")));
+    }
+    Ok(())
+}
+
+/// Refuses a string of more than `max` bytes.
+fn bytes_at_most(
+    field: impl FnOnce() -> String,
+    text: &str,
+    max: usize,
+) -> Result<(), CoordinatorError> {
+    if text.len() > max {
+        return Err(invalid(
+            field(),
+            format!("{} bytes, at most {max}", text.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// User text quoted back in a message, cut at [`MAX_ECHO_CHARS`].
+fn quote(text: &str) -> String {
+    match text.char_indices().nth(MAX_ECHO_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
 fn non_negative(field: &str, prefix: &str, value: i64, max: u64) -> Result<u64, CoordinatorError> {
-    if value < 0 {
+    let Ok(value) = u64::try_from(value) else {
         return Err(invalid(
             format!("{prefix}{field}"),
             format!("must not be negative (got {value})"),
         ));
-    }
-    let value = value as u64;
+    };
     if value > max {
         return Err(invalid(
             format!("{prefix}{field}"),
@@ -90,7 +108,8 @@ pub struct ValidSubmit {
     pub pipeline: Option<String>,
 }
 
-/// Validates a submit request and returns typed specs.
+/// Validates a submit request and returns typed specs, including the
+/// `after:` graph, so a bad submission never reaches the log.
 pub fn submit_request(
     request: pb::SubmitRequest,
     encoded_len: usize,
@@ -108,18 +127,22 @@ pub fn submit_request(
     if request.jobs.is_empty() {
         return Err(invalid("jobs".into(), "no jobs in the request"));
     }
-    if request.jobs.len() > MAX_JOBS_PER_SUBMIT {
+    if request.pipeline.is_empty() {
+        at_most(|| "jobs".into(), request.jobs.len(), MAX_JOBS_PER_SUBMIT)?;
+    } else if request.jobs.len() > MAX_PIPELINE_STAGES {
         return Err(invalid(
             "jobs".into(),
             format!(
-                "{} jobs exceed the maximum of {MAX_JOBS_PER_SUBMIT} per submit",
+                "{} stages, at most {MAX_PIPELINE_STAGES} in a pipeline run",
                 request.jobs.len()
             ),
         ));
     }
-    if request.submission_key.len() > 256 {
-        return Err(invalid("submission_key".into(), "longer than 256 bytes"));
-    }
+    bytes_at_most(
+        || "submission_key".into(),
+        &request.submission_key,
+        MAX_SUBMISSION_KEY_BYTES,
+    )?;
     let key = (!request.submission_key.is_empty()).then_some(request.submission_key);
     let pipeline = if request.pipeline.is_empty() {
         None
@@ -133,6 +156,7 @@ pub fn submit_request(
         .enumerate()
         .map(|(i, spec)| job_spec(spec, &format!("jobs[{i}].")))
         .collect::<Result<Vec<_>, _>>()?;
+    resolve_after(&specs, pipeline.is_some()).map_err(|e| invalid(e.field(), e.reason()))?;
     Ok(ValidSubmit {
         key,
         specs,
@@ -150,8 +174,8 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
             invalid(
                 format!("{prefix}kind"),
                 format!(
-                    "unknown kind {:?} (expected one of {})",
-                    spec.kind,
+                    "unknown kind {} (expected one of {})",
+                    quote(&spec.kind),
                     all.join(", ")
                 ),
             )
@@ -163,158 +187,23 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
     } else {
         spec.name
     };
-
-    if spec.command.is_empty() || spec.command[0].trim().is_empty() {
-        return Err(invalid(format!("{prefix}command"), "must not be empty"));
-    }
-    let command_bytes: usize = spec.command.iter().map(|a| a.len()).sum();
-    if command_bytes > MAX_COMMAND_BYTES {
-        return Err(invalid(
-            format!("{prefix}command"),
-            format!(
-                "{} exceeds {}",
-                format_bytes(command_bytes as u64),
-                format_bytes(MAX_COMMAND_BYTES as u64)
-            ),
-        ));
-    }
-    if let Some(i) = spec.command.iter().position(|a| a.contains('\0')) {
-        return Err(invalid(
-            format!("{prefix}command[{i}]"),
-            "contains a NUL byte",
-        ));
-    }
-    let env_bytes: usize = spec.env.iter().map(|(k, v)| k.len() + v.len()).sum();
-    if env_bytes > MAX_ENV_BYTES {
-        return Err(invalid(
-            format!("{prefix}env"),
-            format!(
-                "{} exceeds {}",
-                format_bytes(env_bytes as u64),
-                format_bytes(MAX_ENV_BYTES as u64)
-            ),
-        ));
-    }
-    for (key, value) in &spec.env {
-        let valid = !key.is_empty()
-            && !key.starts_with(|c: char| c.is_ascii_digit())
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            return Err(invalid(
-                format!("{prefix}env.{key}"),
-                "not a valid variable name",
-            ));
-        }
-        if key.starts_with("GANTRY_") || key == "CUDA_VISIBLE_DEVICES" {
-            return Err(invalid(
-                format!("{prefix}env.{key}"),
-                "is set by Gantry and cannot be overridden",
-            ));
-        }
-        if value.contains('\0') {
-            return Err(invalid(format!("{prefix}env.{key}"), "contains a NUL byte"));
-        }
-    }
-
-    let r = spec.resources.unwrap_or_default();
-    if r.gpus > MAX_GPUS {
-        return Err(invalid(
-            format!("{prefix}resources.gpus"),
-            format!("{} exceeds the maximum of {MAX_GPUS} GPUs per job", r.gpus),
-        ));
-    }
-    let gpu_memory = non_negative(
-        "resources.gpu_memory",
-        prefix,
-        r.gpu_memory_bytes,
-        MAX_GPU_MEMORY,
-    )?;
-    if gpu_memory > 0 && r.gpus == 0 {
-        return Err(invalid(
-            format!("{prefix}resources.gpu_memory"),
-            "set, but resources.gpus is 0",
-        ));
-    }
-    if r.cpu_millis < 0 {
-        return Err(invalid(
-            format!("{prefix}resources.cpus"),
-            format!(
-                "must not be negative (got {})",
-                r.cpu_millis as f64 / 1000.0
-            ),
-        ));
-    }
-    if r.cpu_millis as u64 > MAX_CPU_MILLIS {
-        return Err(invalid(
-            format!("{prefix}resources.cpus"),
-            format!(
-                "{} exceeds the maximum of {}",
-                r.cpu_millis / 1000,
-                MAX_CPU_MILLIS / 1000
-            ),
-        ));
-    }
-    let resources = Resources {
-        gpus: r.gpus,
-        gpu_memory: (gpu_memory > 0).then_some(gpu_memory),
-        cpu_millis: r.cpu_millis as u64,
-        memory: non_negative("resources.memory", prefix, r.memory_bytes, MAX_HOST_MEMORY)?,
-        disk: non_negative("resources.disk", prefix, r.disk_bytes, MAX_DISK)?,
-    };
-
+    check_command(&spec.command, prefix)?;
+    check_env(&spec.env, prefix)?;
+    let resources = resources(spec.resources.unwrap_or_default(), prefix)?;
     let batch = match spec.batch {
         None => None,
         Some(b) => Some(batch_policy(b, &resources, prefix)?),
     };
-
-    let mut locks = Vec::new();
-    let mut seen = BTreeSet::new();
-    for (i, lock) in spec.locks.into_iter().enumerate() {
-        if lock.name.is_empty() {
-            return Err(invalid(
-                format!("{prefix}locks[{i}].name"),
-                "must not be empty",
-            ));
-        }
-        check_name(format!("{prefix}locks[{i}].name"), &lock.name)?;
-        if !seen.insert(lock.name.clone()) {
-            return Err(invalid(
-                format!("{prefix}locks[{i}].name"),
-                format!("{:?} is listed twice", lock.name),
-            ));
-        }
-        let mode = if lock.mode.is_empty() {
-            LockMode::Shared
-        } else {
-            LockMode::parse(&lock.mode).ok_or_else(|| {
-                invalid(
-                    format!("{prefix}locks[{i}].mode"),
-                    format!(
-                        "unknown mode {:?} (expected shared or exclusive)",
-                        lock.mode
-                    ),
-                )
-            })?
-        };
-        locks.push(LockRequest {
-            name: lock.name,
-            mode,
-        });
-    }
-
-    let c = spec.constraints.unwrap_or_default();
-    let constraints = Constraints {
-        labels: c.labels.into_iter().collect(),
-        gpu_models: c.gpu_models,
-    };
+    let locks = locks(spec.locks, prefix)?;
+    let constraints = constraints(spec.constraints.unwrap_or_default(), prefix)?;
     if !constraints.gpu_models.is_empty() && resources.gpus == 0 {
         return Err(invalid(
             format!("{prefix}constraints.gpu_model"),
             "set, but resources.gpus is 0",
         ));
     }
-
-    if spec.priority.abs() > MAX_PRIORITY {
+    // A range check, not `abs()`: `i32::MIN.abs()` wraps to itself.
+    if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&spec.priority) {
         return Err(invalid(
             format!("{prefix}priority"),
             format!(
@@ -323,47 +212,11 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
             ),
         ));
     }
-    let retry = match spec.retry {
-        None => RetryPolicy::default(),
-        Some(r) => {
-            if r.max_attempts > MAX_ATTEMPTS {
-                return Err(invalid(
-                    format!("{prefix}retry.max_attempts"),
-                    format!("{} exceeds the maximum of {MAX_ATTEMPTS}", r.max_attempts),
-                ));
-            }
-            if r.backoff_ms > MAX_BACKOFF_MS {
-                return Err(invalid(format!("{prefix}retry.backoff"), "longer than 24h"));
-            }
-            let default = RetryPolicy::default();
-            RetryPolicy {
-                max_attempts: if r.max_attempts == 0 {
-                    default.max_attempts
-                } else {
-                    r.max_attempts
-                },
-                backoff_ms: if r.backoff_ms == 0 {
-                    default.backoff_ms
-                } else {
-                    r.backoff_ms
-                },
-            }
-        }
-    };
+    let retry = retry(spec.retry, prefix)?;
     if spec.timeout_ms > MAX_TIMEOUT_MS {
         return Err(invalid(format!("{prefix}timeout"), "longer than 30 days"));
     }
-    for (i, after) in spec.after.iter().enumerate() {
-        if after.is_empty() {
-            return Err(invalid(format!("{prefix}after[{i}]"), "must not be empty"));
-        }
-        if *after == name {
-            return Err(invalid(
-                format!("{prefix}after[{i}]"),
-                format!("job {name:?} cannot wait for itself"),
-            ));
-        }
-    }
+    check_after(&spec.after, &name, prefix)?;
     check_name(format!("{prefix}queue"), &spec.queue)?;
     let snapshots = snapshots(spec.snapshot, prefix)?;
     let gpu_memory_policy = match spec.gpu_memory_policy.as_str() {
@@ -372,7 +225,7 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
         other => {
             return Err(invalid(
                 format!("{prefix}gpu_memory_policy"),
-                format!("unknown policy {other:?} (expected warn or stop)"),
+                format!("unknown policy {} (expected warn or stop)", quote(other)),
             ));
         }
     };
@@ -404,29 +257,291 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
     })
 }
 
+/// argv: not empty, bounded in count and bytes, no NUL.
+fn check_command(command: &[String], prefix: &str) -> Result<(), CoordinatorError> {
+    if command.is_empty() || command[0].trim().is_empty() {
+        return Err(invalid(format!("{prefix}command"), "must not be empty"));
+    }
+    at_most(
+        || format!("{prefix}command"),
+        command.len(),
+        MAX_COMMAND_ARGS,
+    )?;
+    let command_bytes: usize = command.iter().map(String::len).sum();
+    if command_bytes > MAX_COMMAND_BYTES {
+        return Err(invalid(
+            format!("{prefix}command"),
+            format!(
+                "{} exceeds {}",
+                format_bytes(command_bytes as u64),
+                format_bytes(MAX_COMMAND_BYTES as u64)
+            ),
+        ));
+    }
+    if let Some(i) = command.iter().position(|a| a.contains('\0')) {
+        return Err(invalid(
+            format!("{prefix}command[{i}]"),
+            "contains a NUL byte",
+        ));
+    }
+    Ok(())
+}
+
+/// Extra environment: bounded, valid names, nothing Gantry sets itself.
+fn check_env(
+    env: &std::collections::HashMap<String, String>,
+    prefix: &str,
+) -> Result<(), CoordinatorError> {
+    at_most(|| format!("{prefix}env"), env.len(), MAX_ENV_VARS)?;
+    let env_bytes: usize = env.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if env_bytes > MAX_ENV_BYTES {
+        return Err(invalid(
+            format!("{prefix}env"),
+            format!(
+                "{} exceeds {}",
+                format_bytes(env_bytes as u64),
+                format_bytes(MAX_ENV_BYTES as u64)
+            ),
+        ));
+    }
+    // Sorted, so the error names the same variable whatever the map's order.
+    let sorted: BTreeMap<&String, &String> = env.iter().collect();
+    for (key, value) in sorted {
+        if key.len() > MAX_ENV_NAME_BYTES {
+            return Err(invalid(
+                format!("{prefix}env.{}", quote(key)),
+                format!("name of {} bytes, at most {MAX_ENV_NAME_BYTES}", key.len()),
+            ));
+        }
+        let valid = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(invalid(
+                format!("{prefix}env.{key}"),
+                "not a valid variable name",
+            ));
+        }
+        if key.starts_with("GANTRY_") || key == "CUDA_VISIBLE_DEVICES" {
+            return Err(invalid(
+                format!("{prefix}env.{key}"),
+                "is set by Gantry and cannot be overridden",
+            ));
+        }
+        if value.contains('\0') {
+            return Err(invalid(format!("{prefix}env.{key}"), "contains a NUL byte"));
+        }
+    }
+    Ok(())
+}
+
+fn resources(r: pb::Resources, prefix: &str) -> Result<Resources, CoordinatorError> {
+    if r.gpus > MAX_GPUS {
+        return Err(invalid(
+            format!("{prefix}resources.gpus"),
+            format!("{} exceeds the maximum of {MAX_GPUS} GPUs per job", r.gpus),
+        ));
+    }
+    let gpu_memory = non_negative(
+        "resources.gpu_memory",
+        prefix,
+        r.gpu_memory_bytes,
+        MAX_GPU_MEMORY,
+    )?;
+    if gpu_memory > 0 && r.gpus == 0 {
+        return Err(invalid(
+            format!("{prefix}resources.gpu_memory"),
+            "set, but resources.gpus is 0",
+        ));
+    }
+    let Ok(cpu_millis) = u64::try_from(r.cpu_millis) else {
+        return Err(invalid(
+            format!("{prefix}resources.cpus"),
+            format!(
+                "must not be negative (got {})",
+                r.cpu_millis as f64 / 1000.0
+            ),
+        ));
+    };
+    if cpu_millis > MAX_CPU_MILLIS {
+        return Err(invalid(
+            format!("{prefix}resources.cpus"),
+            format!(
+                "{} exceeds the maximum of {}",
+                cpu_millis / 1000,
+                MAX_CPU_MILLIS / 1000
+            ),
+        ));
+    }
+    Ok(Resources {
+        gpus: r.gpus,
+        gpu_memory: (gpu_memory > 0).then_some(gpu_memory),
+        cpu_millis,
+        memory: non_negative("resources.memory", prefix, r.memory_bytes, MAX_HOST_MEMORY)?,
+        disk: non_negative("resources.disk", prefix, r.disk_bytes, MAX_DISK)?,
+    })
+}
+
+/// Named locks: bounded, valid names, each once.
+fn locks(wire: Vec<pb::LockRequest>, prefix: &str) -> Result<Vec<LockRequest>, CoordinatorError> {
+    at_most(|| format!("{prefix}locks"), wire.len(), MAX_LOCKS)?;
+    let mut locks = Vec::with_capacity(wire.len());
+    let mut seen = BTreeSet::new();
+    for (i, lock) in wire.into_iter().enumerate() {
+        if lock.name.is_empty() {
+            return Err(invalid(
+                format!("{prefix}locks[{i}].name"),
+                "must not be empty",
+            ));
+        }
+        check_name(format!("{prefix}locks[{i}].name"), &lock.name)?;
+        if !seen.insert(lock.name.clone()) {
+            return Err(invalid(
+                format!("{prefix}locks[{i}].name"),
+                format!("{:?} is listed twice", lock.name),
+            ));
+        }
+        let mode = if lock.mode.is_empty() {
+            LockMode::Shared
+        } else {
+            LockMode::parse(&lock.mode).ok_or_else(|| {
+                invalid(
+                    format!("{prefix}locks[{i}].mode"),
+                    format!(
+                        "unknown mode {} (expected shared or exclusive)",
+                        quote(&lock.mode)
+                    ),
+                )
+            })?
+        };
+        locks.push(LockRequest {
+            name: lock.name,
+            mode,
+        });
+    }
+    Ok(locks)
+}
+
+/// Wanted labels and GPU models: bounded in count and length.
+fn constraints(c: pb::Constraints, prefix: &str) -> Result<Constraints, CoordinatorError> {
+    let field = format!("{prefix}constraints");
+    at_most(|| format!("{field}.labels"), c.labels.len(), MAX_LABELS)?;
+    let labels: BTreeMap<String, String> = c.labels.into_iter().collect();
+    for (key, value) in &labels {
+        if key.is_empty() {
+            return Err(invalid(
+                format!("{field}.labels"),
+                "a label key must not be empty",
+            ));
+        }
+        if key.len() > MAX_LABEL_KEY_BYTES {
+            return Err(invalid(
+                format!("{field}.labels.{}", quote(key)),
+                format!("key of {} bytes, at most {MAX_LABEL_KEY_BYTES}", key.len()),
+            ));
+        }
+        bytes_at_most(
+            || format!("{field}.labels.{key}"),
+            value,
+            MAX_LABEL_VALUE_BYTES,
+        )?;
+    }
+    at_most(
+        || format!("{field}.gpu_model"),
+        c.gpu_models.len(),
+        MAX_GPU_MODELS,
+    )?;
+    for (i, model) in c.gpu_models.iter().enumerate() {
+        if model.trim().is_empty() {
+            return Err(invalid(
+                format!("{field}.gpu_model[{i}]"),
+                "must not be empty",
+            ));
+        }
+        bytes_at_most(
+            || format!("{field}.gpu_model[{i}]"),
+            model,
+            MAX_GPU_MODEL_BYTES,
+        )?;
+    }
+    Ok(Constraints {
+        labels,
+        gpu_models: c.gpu_models,
+    })
+}
+
+fn retry(wire: Option<pb::RetryPolicy>, prefix: &str) -> Result<RetryPolicy, CoordinatorError> {
+    let default = RetryPolicy::default();
+    let Some(r) = wire else {
+        return Ok(default);
+    };
+    if r.max_attempts > MAX_ATTEMPTS {
+        return Err(invalid(
+            format!("{prefix}retry.max_attempts"),
+            format!("{} exceeds the maximum of {MAX_ATTEMPTS}", r.max_attempts),
+        ));
+    }
+    if r.backoff_ms > MAX_BACKOFF_MS {
+        return Err(invalid(format!("{prefix}retry.backoff"), "longer than 24h"));
+    }
+    Ok(RetryPolicy {
+        max_attempts: if r.max_attempts == 0 {
+            default.max_attempts
+        } else {
+            r.max_attempts
+        },
+        backoff_ms: if r.backoff_ms == 0 {
+            default.backoff_ms
+        } else {
+            r.backoff_ms
+        },
+    })
+}
+
+/// `after:` names of one job: bounded, each a valid name other than the
+/// job's own, each once. Whether they exist is the submission's question
+/// ([`resolve_after`]).
+fn check_after(after: &[String], name: &str, prefix: &str) -> Result<(), CoordinatorError> {
+    at_most(|| format!("{prefix}after"), after.len(), MAX_AFTER)?;
+    let mut seen = std::collections::HashSet::with_capacity(after.len());
+    for (i, dep) in after.iter().enumerate() {
+        if dep.is_empty() {
+            return Err(invalid(format!("{prefix}after[{i}]"), "must not be empty"));
+        }
+        check_name(format!("{prefix}after[{i}]"), dep)?;
+        if dep == name {
+            return Err(invalid(
+                format!("{prefix}after[{i}]"),
+                format!("job {name:?} cannot wait for itself"),
+            ));
+        }
+        if !seen.insert(dep.as_str()) {
+            return Err(invalid(
+                format!("{prefix}after[{i}]"),
+                format!("{dep:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Validates snapshot entries: absolute sources, relative targets that cannot
 /// escape the job's directory.
 fn snapshots(
     entries: Vec<pb::Snapshot>,
     prefix: &str,
 ) -> Result<Vec<SnapshotSpec>, CoordinatorError> {
-    if entries.len() > MAX_SNAPSHOTS {
-        return Err(invalid(
-            format!("{prefix}snapshot"),
-            format!(
-                "{} entries exceed the maximum of {MAX_SNAPSHOTS}",
-                entries.len()
-            ),
-        ));
-    }
+    at_most(|| format!("{prefix}snapshot"), entries.len(), MAX_SNAPSHOTS)?;
     let mut seen = BTreeSet::new();
     let mut out = Vec::with_capacity(entries.len());
     for (i, entry) in entries.into_iter().enumerate() {
         let field = format!("{prefix}snapshot[{i}]");
+        bytes_at_most(|| format!("{field}.from"), &entry.from, MAX_PATH_BYTES)?;
+        bytes_at_most(|| format!("{field}.as"), &entry.as_name, MAX_PATH_BYTES)?;
         if !entry.from.starts_with('/') {
             return Err(invalid(
                 format!("{field}.from"),
-                format!("{:?} must be an absolute path", entry.from),
+                format!("{} must be an absolute path", quote(&entry.from)),
             ));
         }
         if entry.from.contains('\0') || entry.as_name.contains('\0') {
@@ -439,7 +554,7 @@ fn snapshots(
         if name.starts_with('/') {
             return Err(invalid(
                 format!("{field}.as"),
-                format!("{name:?} must be relative to the snapshot directory"),
+                format!("{} must be relative to the snapshot directory", quote(name)),
             ));
         }
         if name
@@ -448,13 +563,13 @@ fn snapshots(
         {
             return Err(invalid(
                 format!("{field}.as"),
-                format!("{name:?} must not contain '..', '.' or empty parts"),
+                format!("{} must not contain '..', '.' or empty parts", quote(name)),
             ));
         }
         if !seen.insert(name.to_string()) {
             return Err(invalid(
                 format!("{field}.as"),
-                format!("{name:?} is used twice"),
+                format!("{} is used twice", quote(name)),
             ));
         }
         out.push(SnapshotSpec {
@@ -482,102 +597,118 @@ fn batch_policy(
         other => {
             return Err(invalid(
                 format!("{prefix}batch.prefer"),
-                format!("unknown preference {other:?} (expected first or largest)"),
+                format!(
+                    "unknown preference {} (expected first or largest)",
+                    quote(other)
+                ),
             ));
         }
     };
+    at_most(
+        || format!("{prefix}batch.tiers"),
+        b.tiers.len(),
+        MAX_BATCH_TIERS,
+    )?;
     match (b.tiers.is_empty(), b.model) {
         (false, Some(_)) => Err(invalid(
             format!("{prefix}batch"),
             "give either tiers or model, not both",
         )),
         (true, None) => Err(invalid(format!("{prefix}batch"), "needs tiers or model")),
-        (false, None) => {
-            let mut tiers = Vec::new();
-            let mut previous: Option<u64> = None;
-            let count = b.tiers.len();
-            for (i, t) in b.tiers.into_iter().enumerate() {
-                let field = format!("{prefix}batch.tiers[{i}]");
-                if t.size == 0 {
-                    return Err(invalid(format!("{field}.size"), "must be at least 1"));
-                }
-                let min_free = non_negative(
-                    "min_free",
-                    &format!("{field}."),
-                    t.min_free_bytes,
-                    MAX_GPU_MEMORY,
-                )?;
-                let min_free = (min_free > 0).then_some(min_free);
-                match min_free {
-                    None if i + 1 != count => {
-                        return Err(invalid(
-                            format!("{field}.min_free"),
-                            "only the last tier may omit min_free",
-                        ));
-                    }
-                    None if resources.gpu_memory.is_none() => {
-                        return Err(invalid(
-                            format!("{field}.min_free"),
-                            "a tier without min_free needs resources.gpu_memory",
-                        ));
-                    }
-                    Some(m) if previous.is_some_and(|p| m >= p) => {
-                        return Err(invalid(
-                            format!("{field}.min_free"),
-                            "tiers must be ordered by decreasing min_free",
-                        ));
-                    }
-                    _ => {}
-                }
-                previous = min_free.or(previous);
-                tiers.push(BatchTier {
-                    min_free,
-                    size: t.size,
-                });
-            }
-            Ok(BatchPolicy {
-                tiers,
-                model: None,
-                prefer_largest,
-            })
+        (false, None) => Ok(BatchPolicy {
+            tiers: batch_tiers(b.tiers, resources, prefix)?,
+            model: None,
+            prefer_largest,
+        }),
+        (true, Some(m)) => Ok(BatchPolicy {
+            tiers: Vec::new(),
+            model: Some(batch_model(m, prefix)?),
+            prefer_largest,
+        }),
+    }
+}
+
+fn batch_tiers(
+    wire: Vec<pb::BatchTier>,
+    resources: &Resources,
+    prefix: &str,
+) -> Result<Vec<BatchTier>, CoordinatorError> {
+    let mut tiers = Vec::with_capacity(wire.len());
+    let mut previous: Option<u64> = None;
+    let count = wire.len();
+    for (i, t) in wire.into_iter().enumerate() {
+        let field = format!("{prefix}batch.tiers[{i}]");
+        if t.size == 0 {
+            return Err(invalid(format!("{field}.size"), "must be at least 1"));
         }
-        (true, Some(m)) => {
-            let field = format!("{prefix}batch.model");
-            let base = non_negative("base", &format!("{field}."), m.base_bytes, MAX_GPU_MEMORY)?;
-            let per_sample = non_negative(
-                "per_sample",
-                &format!("{field}."),
-                m.per_sample_bytes,
-                MAX_GPU_MEMORY,
-            )?;
-            if per_sample == 0 {
-                return Err(invalid(format!("{field}.per_sample"), "must be positive"));
-            }
-            if m.min == 0 {
-                return Err(invalid(format!("{field}.min"), "must be at least 1"));
-            }
-            if m.max < m.min {
+        let min_free = non_negative(
+            "min_free",
+            &format!("{field}."),
+            t.min_free_bytes,
+            MAX_GPU_MEMORY,
+        )?;
+        let min_free = (min_free > 0).then_some(min_free);
+        match min_free {
+            None if i + 1 != count => {
                 return Err(invalid(
-                    format!("{field}.max"),
-                    format!("{} is below min {}", m.max, m.min),
+                    format!("{field}.min_free"),
+                    "only the last tier may omit min_free",
                 ));
             }
-            if m.multiple_of > m.max {
-                return Err(invalid(format!("{field}.multiple_of"), "larger than max"));
+            None if resources.gpu_memory.is_none() => {
+                return Err(invalid(
+                    format!("{field}.min_free"),
+                    "a tier without min_free needs resources.gpu_memory",
+                ));
             }
-            Ok(BatchPolicy {
-                tiers: Vec::new(),
-                model: Some(MemoryModel {
-                    base,
-                    per_sample,
-                    min: m.min,
-                    max: m.max,
-                    multiple_of: m.multiple_of,
-                }),
-                prefer_largest,
-            })
+            Some(m) if previous.is_some_and(|p| m >= p) => {
+                return Err(invalid(
+                    format!("{field}.min_free"),
+                    "tiers must be ordered by decreasing min_free",
+                ));
+            }
+            _ => {}
         }
+        previous = min_free.or(previous);
+        tiers.push(BatchTier {
+            min_free,
+            size: t.size,
+        });
     }
+    Ok(tiers)
+}
+
+fn batch_model(m: pb::BatchMemoryModel, prefix: &str) -> Result<MemoryModel, CoordinatorError> {
+    let field = format!("{prefix}batch.model");
+    let base = non_negative("base", &format!("{field}."), m.base_bytes, MAX_GPU_MEMORY)?;
+    let per_sample = non_negative(
+        "per_sample",
+        &format!("{field}."),
+        m.per_sample_bytes,
+        MAX_GPU_MEMORY,
+    )?;
+    if per_sample == 0 {
+        return Err(invalid(format!("{field}.per_sample"), "must be positive"));
+    }
+    if m.min == 0 {
+        return Err(invalid(format!("{field}.min"), "must be at least 1"));
+    }
+    if m.max < m.min {
+        return Err(invalid(
+            format!("{field}.max"),
+            format!("{} is below min {}", m.max, m.min),
+        ));
+    }
+    if m.multiple_of > m.max {
+        return Err(invalid(format!("{field}.multiple_of"), "larger than max"));
+    }
+    Ok(MemoryModel {
+        base,
+        per_sample,
+        min: m.min,
+        max: m.max,
+        multiple_of: m.multiple_of,
+    })
 }
 
 /// A domain spec back to the wire.

@@ -4,11 +4,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use gantry_proto as pb;
 use gantry_scheduler::{FailureRecord, JobId, NodeState, QuarantinePolicy, next_disk_pressure};
 
 /// Latest telemetry of one GPU.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GpuTelemetry {
     /// NVML used memory (all processes).
     pub used: u64,
@@ -16,6 +15,24 @@ pub struct GpuTelemetry {
     pub utilization_pct: u32,
     /// Temperature, Celsius.
     pub temperature_c: u32,
+}
+
+/// One heartbeat's telemetry, converted from the wire in
+/// [`crate::convert::agent`] (the tracker sees no prost types).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Heartbeat {
+    /// Per-GPU telemetry by index.
+    pub gpus: Vec<(u32, GpuTelemetry)>,
+    /// CPU use, percent.
+    pub cpu_used_pct: u32,
+    /// RAM in use.
+    pub memory_used: u64,
+    /// Data volume use.
+    pub disk_used: u64,
+    /// Data volume size.
+    pub disk_total: u64,
+    /// GPU memory each running job uses, as the agent measured it.
+    pub jobs: Vec<(JobId, u64)>,
 }
 
 /// What the leader knows of a node right now.
@@ -161,43 +178,39 @@ impl HealthTracker {
         self.nodes.get(node)
     }
 
-    /// Records a registration.
-    pub fn on_register(&mut self, node: &str, register: &pb::Register, now_ms: u64) {
+    /// Records a registration: the attempts the agent reports running and
+    /// the data-volume size it registered with.
+    pub fn on_register(
+        &mut self,
+        node: &str,
+        running: BTreeSet<(JobId, u32)>,
+        disk_total: u64,
+        now_ms: u64,
+    ) {
         let health = self.nodes.entry(node.to_string()).or_default();
         health.last_seen_ms = now_ms;
         health.state = NodeState::Ready;
-        health.reported_running = register
-            .running
-            .iter()
-            .map(|r| (r.job_id, r.attempt))
-            .collect();
+        health.reported_running = running;
         if health.disk_total == 0 {
-            health.disk_total = register.disk_total_bytes.max(0) as u64;
+            health.disk_total = disk_total;
         }
     }
 
     /// Records a heartbeat. Returns true when the node just came back from
     /// Suspect (so a scheduling pass is worth running).
-    pub fn on_heartbeat(&mut self, node: &str, hb: &pb::Heartbeat, now_ms: u64) -> bool {
+    pub fn on_heartbeat(&mut self, node: &str, hb: &Heartbeat, now_ms: u64) -> bool {
         let config = self.config;
         let health = self.nodes.entry(node.to_string()).or_default();
         let revived = health.state != NodeState::Ready;
         health.last_seen_ms = now_ms;
         health.state = NodeState::Ready;
-        for gpu in &hb.gpus {
-            health.gpus.insert(
-                gpu.index,
-                GpuTelemetry {
-                    used: gpu.used_bytes.max(0) as u64,
-                    utilization_pct: gpu.utilization_pct,
-                    temperature_c: gpu.temperature_c,
-                },
-            );
+        for (index, gpu) in &hb.gpus {
+            health.gpus.insert(*index, *gpu);
         }
         health.cpu_used_pct = hb.cpu_used_pct;
-        health.memory_used = hb.memory_used_bytes.max(0) as u64;
-        health.disk_used = hb.disk_used_bytes.max(0) as u64;
-        health.disk_total = hb.disk_total_bytes.max(0) as u64;
+        health.memory_used = hb.memory_used;
+        health.disk_used = hb.disk_used;
+        health.disk_total = hb.disk_total;
         health.disk_pressure = next_disk_pressure(
             health.disk_pressure,
             health.disk_used,
@@ -205,11 +218,7 @@ impl HealthTracker {
             config.disk_high,
             config.disk_low,
         );
-        health.job_gpu_memory = hb
-            .jobs
-            .iter()
-            .map(|j| (j.job_id, j.gpu_memory_bytes.max(0) as u64))
-            .collect();
+        health.job_gpu_memory = hb.jobs.iter().copied().collect();
         revived
     }
 
@@ -288,14 +297,14 @@ mod tests {
     #[test]
     fn silence_makes_suspect_then_down_once() {
         let mut tracker = HealthTracker::new(HealthConfig::default());
-        tracker.on_heartbeat("n1", &pb::Heartbeat::default(), 1_000);
+        tracker.on_heartbeat("n1", &Heartbeat::default(), 1_000);
         assert!(tracker.tick(2_000).is_empty());
         assert_eq!(tracker.get("n1").map(|h| h.state), Some(NodeState::Ready));
         assert!(tracker.tick(4_500).is_empty());
         assert_eq!(tracker.get("n1").map(|h| h.state), Some(NodeState::Suspect));
         assert_eq!(tracker.tick(16_000), vec!["n1".to_string()]);
         assert!(tracker.tick(17_000).is_empty(), "down is reported once");
-        assert!(tracker.on_heartbeat("n1", &pb::Heartbeat::default(), 18_000));
+        assert!(tracker.on_heartbeat("n1", &Heartbeat::default(), 18_000));
     }
 
     #[test]
@@ -344,7 +353,7 @@ mod tests {
 
     /// Node states after a heartbeat at 0 and a tick at each time.
     fn states_at(tracker: &mut HealthTracker, times: &[u64]) -> Vec<(u64, NodeState)> {
-        tracker.on_heartbeat("n1", &pb::Heartbeat::default(), 0);
+        tracker.on_heartbeat("n1", &Heartbeat::default(), 0);
         times
             .iter()
             .map(|&t| {
@@ -385,7 +394,7 @@ mod tests {
             vec![(10_000, Ready)],
             "silent 10 s, under the old suspect threshold"
         );
-        tracker.on_heartbeat("n1", &pb::Heartbeat::default(), 80_000);
+        tracker.on_heartbeat("n1", &Heartbeat::default(), 80_000);
         tracker.tick(83_000);
         assert_eq!(tracker.get("n1").map(|h| h.state), Some(Suspect));
     }

@@ -5,12 +5,15 @@
 //! - [`service`]: tonic services, thin adapters over the core.
 //! - [`core`]: the thread that owns hard state, soft state and agent
 //!   sessions, and runs scheduling passes.
+//! - [`decide`]: the core's decisions as pure functions of state and
+//!   time (commands to propose, messages to send), tested as data.
 //! - [`command`] + [`state`]: every hard-state change is a [`Command`]
 //!   applied by [`StateMachine::apply`].
 //! - [`store`]: sled persistence of the state machine.
 //! - [`health`]: soft state from heartbeats.
 //! - [`raft`]: the replicated log (raft-rs over gRPC, log in sled).
-//! - [`convert`]: wire <-> domain, with input validation.
+//! - [`convert`]: wire <-> domain, with input validation against [`limits`];
+//!   [`dag`] resolves a submission's `after:` edges (linear).
 //! - [`rpc_trace`]: a tracing span per gRPC request.
 //! - [`error`]: errors and their one mapping to gRPC status codes.
 //! - [`http`]: `/metrics`, the JSON API, health and the status page.
@@ -26,11 +29,14 @@ pub mod auth;
 pub mod command;
 pub mod convert;
 pub mod core;
+pub mod dag;
+pub mod decide;
 pub mod domain;
 pub mod error;
 pub mod health;
 pub mod http;
 pub mod json;
+pub mod limits;
 pub mod metrics;
 pub mod raft;
 pub mod rpc_trace;

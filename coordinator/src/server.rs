@@ -1,6 +1,13 @@
 //! Starting and stopping a coordinator: bind the listener (port 0 works),
 //! start the core thread, the Raft node and the gRPC server, and shut them
 //! down on one token.
+//!
+//! **Failure is loud.** If the Raft driver or the core thread stops on its
+//! own (a panic, a storage error), the [`Failure`] records why; `/healthz`
+//! and `/readyz` answer 503 with the reason, and after [`FATAL_LINGER`] (so
+//! probes and load balancers see it) the coordinator shuts down and
+//! [`RunningCoordinator::wait`] returns the reason as an error: the process
+//! exits non-zero and a supervisor restarts it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +26,7 @@ use crate::auth::{AuthConfig, Authorized};
 use crate::core::{Core, CoreConfig, Request};
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
-use crate::raft::{RaftConfig, RaftNode, ReplicatedStateMachine};
+use crate::raft::{RaftConfig, RaftNode, RaftStatus, ReplicatedStateMachine};
 use crate::service::{AgentLinkService, CoreHandle, GantryService};
 use crate::store::Store;
 
@@ -56,6 +63,9 @@ pub struct CoordinatorConfig {
     pub http_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Credentials checked on every call (default: none, development).
     pub auth: AuthConfig,
+    /// Mixed into the cluster id when the cluster is created
+    /// (`--cluster-name`; see [`crate::raft::cluster_id`]).
+    pub cluster_name: String,
 }
 
 impl CoordinatorConfig {
@@ -73,7 +83,40 @@ impl CoordinatorConfig {
             peer_tls: None,
             http_tls: None,
             auth: AuthConfig::default(),
+            cluster_name: String::new(),
         }
+    }
+}
+
+/// How long a replica that cannot go on keeps answering (503 on its
+/// probes, errors on writes) before it exits: long enough for a probe or a
+/// load balancer to see it red, short enough to be restarted soon.
+pub const FATAL_LINGER: Duration = Duration::from_secs(3);
+
+/// Why this replica cannot go on (its Raft driver or core thread stopped
+/// on its own), once it cannot. Set once; the first reason wins.
+#[derive(Debug, Clone, Default)]
+pub struct Failure {
+    inner: Arc<FailureInner>,
+}
+
+#[derive(Debug, Default)]
+struct FailureInner {
+    reason: std::sync::OnceLock<String>,
+    /// Wakes the watcher (a plain thread may set the failure).
+    notify: tokio::sync::Notify,
+}
+
+impl Failure {
+    /// Records the reason (the first one is kept) and wakes the watcher.
+    pub fn set(&self, reason: impl Into<String>) {
+        let _ = self.inner.reason.set(reason.into());
+        self.inner.notify.notify_one();
+    }
+
+    /// The reason, once failed.
+    pub fn reason(&self) -> Option<&str> {
+        self.inner.reason.get().map(String::as_str)
     }
 }
 
@@ -93,11 +136,20 @@ pub struct RunningCoordinator {
     /// wait for every sender to be dropped.
     requests: std_mpsc::Sender<Request>,
     core: std::thread::JoinHandle<()>,
+    /// Set when the Raft driver or the core stopped on its own.
+    failure: Failure,
 }
 
 impl RunningCoordinator {
+    /// Why this replica cannot go on, once it cannot (it then shuts itself
+    /// down after [`FATAL_LINGER`]).
+    pub fn failure(&self) -> Option<String> {
+        self.failure.reason().map(str::to_string)
+    }
+
     /// Waits until the server, the Raft node and the core have stopped (after
-    /// the shutdown token was cancelled). Storage is flushed before it returns.
+    /// the shutdown token was cancelled). Storage is flushed before it
+    /// returns. An error when a part stopped on its own (see [`Failure`]).
     pub async fn wait(self) -> Result<(), CoordinatorError> {
         let shutdown = self.shutdown.clone();
         let http = async {
@@ -119,6 +171,11 @@ impl RunningCoordinator {
         let _ = self.requests.send(Request::Shutdown);
         let core = self.core;
         tokio::task::spawn_blocking(move || core.join()).await.ok();
+        if let Some(reason) = self.failure.reason() {
+            return Err(CoordinatorError::Unavailable(format!(
+                "this replica stopped: {reason}"
+            )));
+        }
         match served {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(CoordinatorError::Unavailable(format!(
@@ -159,46 +216,54 @@ async fn finish<T>(
 
 /// The Raft application: forwards every call to the core thread, which owns
 /// the state machine, and waits for its answer. The Raft driver never waits
-/// on anything the core waits on, so this cannot deadlock.
+/// on anything the core waits on, so this cannot deadlock. A core that does
+/// not answer (it stopped) is an error, fatal for the driver, never a
+/// default value: an empty reply would be applied as a no-op, an empty
+/// snapshot would have the log compacted behind it, and an applied index of
+/// 0 would apply everything again.
 struct CoreApp {
     requests: std_mpsc::Sender<Request>,
 }
 
 impl CoreApp {
-    fn ask<T: Default>(&self, build: impl FnOnce(std_mpsc::Sender<T>) -> Request) -> T {
+    fn ask<T>(
+        &self,
+        build: impl FnOnce(std_mpsc::Sender<Result<T, String>>) -> Request,
+    ) -> Result<T, String> {
+        const STOPPED: &str = "the coordinator core has stopped";
         let (tx, rx) = std_mpsc::channel();
-        if self.requests.send(build(tx)).is_err() {
-            return T::default();
-        }
-        rx.recv().unwrap_or_default()
+        self.requests
+            .send(build(tx))
+            .map_err(|_| STOPPED.to_string())?;
+        rx.recv().map_err(|_| STOPPED.to_string())?
     }
 }
 
 impl ReplicatedStateMachine for CoreApp {
-    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Result<Vec<u8>, String> {
         let data = command.to_vec();
         self.ask(|reply| Request::RaftApply { index, data, reply })
     }
 
-    fn snapshot(&self) -> Vec<u8> {
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
         self.ask(|reply| Request::RaftSnapshot { reply })
+    }
+
+    /// Decodes the snapshot here, on the Raft thread, without touching the
+    /// state: a peer's snapshot that would not restore is refused before
+    /// raft-rs installs it (a restore that fails after is fatal).
+    fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
+        serde_json::from_slice::<crate::store::StateSnapshot>(data)
+            .map(|_| ())
+            .map_err(|error| format!("undecodable snapshot: {error}"))
     }
 
     fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
         let data = data.to_vec();
-        let (tx, rx) = std_mpsc::channel();
-        self.requests
-            .send(Request::RaftRestore {
-                index,
-                data,
-                reply: tx,
-            })
-            .map_err(|_| "coordinator core stopped".to_string())?;
-        rx.recv()
-            .map_err(|_| "coordinator core stopped".to_string())?
+        self.ask(|reply| Request::RaftRestore { index, data, reply })
     }
 
-    fn applied_index(&self) -> u64 {
+    fn applied_index(&self) -> Result<u64, String> {
         self.ask(|reply| Request::RaftAppliedIndex { reply })
     }
 }
@@ -307,9 +372,22 @@ pub async fn start(
     let metrics = Arc::new(Metrics::default());
     let core = Core::new(config.core.clone(), store, events.clone(), metrics.clone())?;
     let (requests, inbox) = std_mpsc::channel();
+    let failure = Failure::default();
+    let core_failure = failure.clone();
+    let core_shutdown = shutdown.clone();
     let core_thread = std::thread::Builder::new()
         .name("gantry-core".into())
-        .spawn(move || core.run(inbox))
+        .spawn(move || {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.run(inbox)));
+            let reason = match ran {
+                Ok(Ok(())) if core_shutdown.is_cancelled() => return,
+                Ok(Ok(())) => "stopped before the coordinator did".to_string(),
+                Ok(Err(error)) => error,
+                Err(payload) => format!("panicked: {}", panic_text(&*payload)),
+            };
+            tracing::error!(%reason, "coordinator core thread stopped");
+            core_failure.set(format!("coordinator core {reason}"));
+        })
         .map_err(|e| CoordinatorError::Unavailable(format!("cannot start core thread: {e}")))?;
 
     let scheme = if config.tls.is_some() {
@@ -324,6 +402,7 @@ pub async fn start(
     };
     let mut raft_config = raft_config;
     raft_config.peer_tls = config.peer_tls.clone();
+    raft_config.cluster_name = config.cluster_name.clone();
     if let Some(after) = config.raft_compact_after {
         raft_config.compact_after = after;
         raft_config.compact_keep = raft_config.compact_keep.min(after / 2);
@@ -352,6 +431,12 @@ pub async fn start(
         }
     }
     let handle = CoreHandle::new(requests.clone(), events, raft.handle(), metrics.clone());
+    tokio::spawn(stop_on_failure(
+        raft.handle().watch_status(),
+        failure.clone(),
+        shutdown.clone(),
+    ));
+    warn_if_open(&config, grpc_addr, http_addr);
     tokio::spawn(count_leader_changes(
         raft.handle().watch_status(),
         metrics,
@@ -365,6 +450,7 @@ pub async fn start(
             crate::http::HttpState {
                 core: handle.clone(),
                 auth: http_auth,
+                failure: failure.clone(),
             },
             shutdown.clone(),
         ))
@@ -408,7 +494,72 @@ pub async fn start(
         raft,
         requests,
         core: core_thread,
+        failure,
     })
+}
+
+/// The text of a panic's payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
+/// Turns a Raft driver that stopped on its own, or a core [`Failure`],
+/// into a shutdown: the reason is logged at once, the probes answer 503
+/// for [`FATAL_LINGER`], then everything stops and `wait` returns the
+/// reason.
+async fn stop_on_failure(
+    mut status: tokio::sync::watch::Receiver<RaftStatus>,
+    failure: Failure,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let driver_gone = tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = failure.inner.notify.notified() => false,
+            changed = status.changed() => changed.is_err(),
+        };
+        let current = status.borrow_and_update().clone();
+        if let Some(reason) = &current.fatal {
+            failure.set(format!("replication stopped: {reason}"));
+        } else if (driver_gone || !current.running) && !shutdown.is_cancelled() {
+            failure.set("replication stopped before the coordinator did");
+        }
+        if let Some(reason) = failure.reason() {
+            tracing::error!(%reason, linger = ?FATAL_LINGER, "this replica cannot go on: reporting unhealthy, then exiting");
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(FATAL_LINGER) => {}
+            }
+            shutdown.cancel();
+            return;
+        }
+    }
+}
+
+/// A warn line when the coordinator listens beyond loopback with no
+/// credentials at all: then anyone who reaches the port may use the client
+/// API, join as an agent, and send Raft messages as a replica.
+fn warn_if_open(config: &CoordinatorConfig, grpc: SocketAddr, http: Option<SocketAddr>) {
+    if config.auth.is_secured() {
+        return;
+    }
+    let exposed = !grpc.ip().is_loopback() || http.is_some_and(|addr| !addr.ip().is_loopback());
+    if exposed {
+        tracing::warn!(
+            %grpc,
+            http = ?http,
+            "listening beyond loopback with no credentials: anyone who reaches this port can \
+             submit and cancel jobs, join as an agent, and send Raft messages as a replica \
+             (the peer service is as open as the client API); configure --tokens, \
+             --join-token-file and --tls-client-ca (see README, Security)"
+        );
+    }
 }
 
 /// Counts each change to a new known leader, for `gantry_raft_leader_changes_total`.

@@ -545,6 +545,7 @@ impl pb::agent_link_server::AgentLink for AgentLinkService {
                 ));
             }
         };
+        let register = convert::agent::registration(register)?;
         let node = register.node.clone();
         let session = self.core.sessions.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::unbounded_channel();

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use gantry_scheduler::{JobId, LockHolders, LockMode, Placement};
 
 use crate::command::Command;
+use crate::dag::{DependencyError, resolve_after};
 use crate::domain::{
     AttemptOutcome, AttemptRecord, EventRecord, JobRecord, JobSpec, JobState, NodeRecord,
 };
@@ -129,25 +130,9 @@ pub enum ApplyError {
     /// A replacement spec for `dlq retry` changes what the job is.
     #[error("spec: {0}")]
     SpecChange(String),
-    /// `after:` names a job that is not in the submission.
-    #[error("jobs[{index}].after: no job named {name:?} in this submission")]
-    UnknownDependency {
-        /// Position of the job.
-        index: usize,
-        /// Missing name.
-        name: String,
-    },
-    /// `after:` edges form a cycle.
-    #[error("after: dependency cycle through {0}")]
-    Cycle(String),
-    /// Two jobs of one submission share a name that `after:` refers to.
-    #[error("jobs[{index}].name: {name:?} is used twice in this submission")]
-    DuplicateName {
-        /// Position of the second use.
-        index: usize,
-        /// The name.
-        name: String,
-    },
+    /// The `after:` graph of a submission is refused.
+    #[error(transparent)]
+    Dependency(#[from] DependencyError),
 }
 
 /// Hard state of the cluster.
@@ -553,38 +538,7 @@ impl StateMachine {
             return Ok(Outcome::Submitted(ids.clone()));
         }
         // Resolve `after:` names within the submission before changing anything.
-        let mut by_name: HashMap<&str, usize> = HashMap::new();
-        for (index, spec) in specs.iter().enumerate() {
-            // In a pipeline every stage name must be unique; elsewhere only
-            // names that `after:` refers to.
-            if by_name.insert(spec.name.as_str(), index).is_some()
-                && (pipeline.is_some() || specs.iter().any(|s| s.after.contains(&spec.name)))
-            {
-                return Err(ApplyError::DuplicateName {
-                    index,
-                    name: spec.name.clone(),
-                });
-            }
-        }
-        let mut edges: Vec<Vec<usize>> = Vec::with_capacity(specs.len());
-        for (index, spec) in specs.iter().enumerate() {
-            let mut deps = Vec::new();
-            for name in &spec.after {
-                let dep =
-                    *by_name
-                        .get(name.as_str())
-                        .ok_or_else(|| ApplyError::UnknownDependency {
-                            index,
-                            name: name.clone(),
-                        })?;
-                deps.push(dep);
-            }
-            edges.push(deps);
-        }
-        if let Some(cycle) = find_cycle(&edges) {
-            let names: Vec<&str> = cycle.iter().map(|i| specs[*i].name.as_str()).collect();
-            return Err(ApplyError::Cycle(names.join(" -> ")));
-        }
+        let edges = resolve_after(&specs, pipeline.is_some())?;
         let run = match &pipeline {
             Some(name) => {
                 let run = self.pipeline_runs.entry(name.clone()).or_default();
@@ -1439,46 +1393,4 @@ fn halve_batch(record: &JobRecord) -> Option<u32> {
     };
     let half = last / 2;
     (last > 0 && half >= floor).then_some(half)
-}
-
-/// Returns one cycle (as node indexes) in a graph given as adjacency lists.
-fn find_cycle(edges: &[Vec<usize>]) -> Option<Vec<usize>> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        New,
-        Open,
-        Done,
-    }
-    let mut marks = vec![Mark::New; edges.len()];
-    for start in 0..edges.len() {
-        if marks[start] != Mark::New {
-            continue;
-        }
-        // Iterative DFS keeping the path, so deep pipelines cannot overflow the stack.
-        let mut path: Vec<(usize, usize)> = vec![(start, 0)];
-        marks[start] = Mark::Open;
-        while let Some((node, next)) = path.last_mut() {
-            let node = *node;
-            if let Some(&child) = edges[node].get(*next) {
-                *next += 1;
-                match marks[child] {
-                    Mark::Open => {
-                        let from = path.iter().position(|(n, _)| *n == child).unwrap_or(0);
-                        let mut cycle: Vec<usize> = path[from..].iter().map(|(n, _)| *n).collect();
-                        cycle.push(child);
-                        return Some(cycle);
-                    }
-                    Mark::New => {
-                        marks[child] = Mark::Open;
-                        path.push((child, 0));
-                    }
-                    Mark::Done => {}
-                }
-            } else {
-                marks[node] = Mark::Done;
-                path.pop();
-            }
-        }
-    }
-    None
 }

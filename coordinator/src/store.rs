@@ -30,6 +30,16 @@ pub enum StoreError {
     /// A record did not encode (a bug).
     #[error("storage: cannot encode record: {0}")]
     Encode(serde_json::Error),
+    /// A fixed-size value has the wrong size (it is never read as 0).
+    #[error("storage: unreadable {tree}/{key}: {len} bytes, expected 8")]
+    BadValue {
+        /// Tree name.
+        tree: &'static str,
+        /// Key.
+        key: &'static str,
+        /// The size found.
+        len: usize,
+    },
 }
 
 /// The coordinator's sled database.
@@ -103,13 +113,23 @@ impl Store {
         &self.db
     }
 
-    /// Index of the last Raft entry applied to the stored state (0 = none).
+    /// Index of the last Raft entry applied to the stored state (0 = none
+    /// stored yet). A stored value that is not 8 bytes is an error, never
+    /// 0: 0 would apply the whole log again on top of the stored state.
     pub fn applied_index(&self) -> Result<u64, StoreError> {
         self.meta_u64(META_APPLIED_INDEX)
     }
 
-    fn meta_u64(&self, key: &str) -> Result<u64, StoreError> {
-        Ok(self.meta.get(key)?.map_or(0, |v| key_u64(&v)))
+    fn meta_u64(&self, key: &'static str) -> Result<u64, StoreError> {
+        match self.meta.get(key)? {
+            None => Ok(0),
+            Some(value) if value.len() == 8 => Ok(key_u64(&value)),
+            Some(value) => Err(StoreError::BadValue {
+                tree: "meta",
+                key,
+                len: value.len(),
+            }),
+        }
     }
 
     /// Writes what an apply changed together with the Raft index it came
@@ -339,6 +359,7 @@ impl Store {
 const META_APPLIED_INDEX: &str = "applied_index";
 const META_LEADER_TERM: &str = "leader_term";
 
+
 /// The whole hard state, as carried in a Raft snapshot.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StateSnapshot {
@@ -385,4 +406,33 @@ fn key_u64(key: &[u8]) -> u64 {
     let n = key.len().min(8);
     bytes[..n].copy_from_slice(&key[..n]);
     u64::from_be_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn applied_index_is_read_strictly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.applied_index().unwrap(), 0, "nothing stored yet");
+        store
+            .meta
+            .insert(META_APPLIED_INDEX, &42u64.to_be_bytes())
+            .unwrap();
+        assert_eq!(store.applied_index().unwrap(), 42);
+        // A torn or foreign value is an error naming the key, not 0.
+        store.meta.insert(META_APPLIED_INDEX, &[0u8, 1]).unwrap();
+        let error = store.applied_index().unwrap_err().to_string();
+        assert!(
+            error.contains("meta/applied_index") && error.contains("2 bytes"),
+            "{error}"
+        );
+        assert!(store.load().is_ok(), "the leader term is unaffected");
+        store.meta.insert(META_LEADER_TERM, &[1u8; 9]).unwrap();
+        assert!(store.load().is_err());
+    }
 }

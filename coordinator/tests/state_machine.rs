@@ -2,6 +2,7 @@
 //! the reservation invariants.
 
 use gantry_coordinator::Command;
+use gantry_coordinator::dag::DependencyError;
 use gantry_coordinator::domain::{GpuRecord, JobSpec, JobState, RetryPolicy};
 use gantry_coordinator::state::{ApplyError, Outcome, StateMachine};
 use gantry_coordinator::store::Store;
@@ -582,7 +583,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
         jobs: vec![a, b, c],
     });
     assert!(
-        matches!(&cycle, Err(ApplyError::Cycle(path)) if path.contains("a") && path.contains("c")),
+        matches!(&cycle, Err(ApplyError::Dependency(DependencyError::Cycle { path, .. })) if path.contains("a") && path.contains("c")),
         "{cycle:?}"
     );
     let mut orphan = spec("x");
@@ -594,7 +595,12 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
         jobs: vec![orphan],
     });
     assert!(
-        matches!(unknown, Err(ApplyError::UnknownDependency { .. })),
+        matches!(
+            unknown,
+            Err(ApplyError::Dependency(
+                DependencyError::UnknownDependency { .. }
+            ))
+        ),
         "{unknown:?}"
     );
     let mut dup = spec("a");
@@ -608,7 +614,12 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
         jobs: vec![spec("a"), dup, user],
     });
     assert!(
-        matches!(duplicate, Err(ApplyError::DuplicateName { .. })),
+        matches!(
+            duplicate,
+            Err(ApplyError::Dependency(
+                DependencyError::DuplicateName { .. }
+            ))
+        ),
         "{duplicate:?}"
     );
     assert_eq!(sm.jobs().count(), 1, "refused submits store nothing");

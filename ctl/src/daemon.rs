@@ -47,6 +47,8 @@ pub struct CoordinatorOptions {
     pub id: u64,
     /// Replicas' client URLs by id (empty = a single voter).
     pub peers: BTreeMap<u64, String>,
+    /// `--cluster-name` (mixed into a new cluster's id).
+    pub cluster_name: String,
     /// Stderr signatures of GPU out-of-memory deaths (empty = the defaults).
     pub oom_signatures: Vec<String>,
     /// Applied entries between Raft snapshots (None = the default).
@@ -87,6 +89,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         peer_tls: options.security.peer_tls.clone(),
         http_tls: options.security.http_tls.clone(),
         auth: options.security.auth.clone(),
+        cluster_name: options.cluster_name.clone(),
     }
 }
 

@@ -3,7 +3,8 @@
 //! `drain`, `undrain`, `status`, `watch`).
 //!
 //! Layout: `daemon.rs` starts daemons, `client.rs` finds the cluster and maps
-//! failures to exit codes, `spec.rs` parses job files, `output.rs` prints.
+//! failures to exit codes, `spec.rs` parses job files (`yaml_limits.rs` bounds them first),
+//! `output.rs` escapes and prints.
 
 mod certs;
 mod client;
@@ -13,9 +14,9 @@ mod inventory;
 mod output;
 mod security;
 mod spec;
+mod yaml_limits;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +27,7 @@ use gantry_scheduler::units::parse_bytes;
 use tokio_stream::StreamExt;
 
 use client::{CliError, exit};
-use output::Format;
+use output::{Format, escape, outln};
 
 #[derive(Parser)]
 #[command(
@@ -188,6 +189,11 @@ enum Command {
         /// without it the coordinator is a single voter.
         #[arg(long)]
         peers: Option<String>,
+        /// Name mixed into the cluster id when the cluster is created (give
+        /// clusters with the same replica ids on one network distinct
+        /// names); later starts use the stored id and ignore it.
+        #[arg(long, default_value = "")]
+        cluster_name: String,
         #[command(flatten)]
         security: CoordinatorSecurityArgs,
     },
@@ -244,7 +250,7 @@ enum Command {
         /// Only jobs in these states (comma-separated).
         #[arg(long, value_delimiter = ',')]
         state: Vec<String>,
-        /// Most jobs shown.
+        /// Most jobs shown (0 = all); when more exist, stderr says so.
         #[arg(long, default_value = "100")]
         limit: u32,
         #[command(flatten)]
@@ -551,8 +557,20 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+fn main() -> ExitCode {
+    // The agent re-executes itself in this hidden mode to copy a snapshot as
+    // the job's user; it drops privileges, so it runs before any runtime.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == gantry_agent::snapshot::as_user::HELPER_ARG)
+    {
+        return gantry_agent::snapshot::as_user::helper_main();
+    }
+    cli_main()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Coordinator {
@@ -568,8 +586,14 @@ async fn main() -> ExitCode {
             oom_signatures,
             id,
             peers,
+            cluster_name,
             security,
         } => {
+            if cluster_name.len() > 128 || cluster_name.chars().any(char::is_control) {
+                return fail(CliError::invalid(
+                    "--cluster-name: at most 128 bytes, no control characters",
+                ));
+            }
             let inventory = match inventory {
                 None => Vec::new(),
                 Some(path) => match inventory::read_inventory(&path) {
@@ -659,6 +683,7 @@ async fn main() -> ExitCode {
                 gpu_headroom,
                 id,
                 peers,
+                cluster_name,
                 oom_signatures,
                 raft_compact_after,
                 max_heartbeat_rate,
@@ -719,6 +744,7 @@ async fn main() -> ExitCode {
                 gpu_headroom: 0,
                 id: 1,
                 peers: BTreeMap::new(),
+                cluster_name: String::new(),
                 oom_signatures: Vec::new(),
                 raft_compact_after: None,
                 max_heartbeat_rate: None,
@@ -856,13 +882,14 @@ fn agent_security(
 fn certs_init(dir: &std::path::Path, hosts: &[String], days: u32) -> Result<(), CliError> {
     let written = certs::init(dir, hosts, days).map_err(CliError::invalid)?;
     for path in written {
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display());
     }
     Ok(())
 }
 
 fn fail(error: CliError) -> ExitCode {
-    eprintln!("error: {}", error.message);
+    // Server messages echo user input (names, paths): escaped like the rest.
+    eprintln!("error: {}", escape(&error.message));
     ExitCode::from(error.code)
 }
 
@@ -880,9 +907,9 @@ fn probe_gpus(fake: Option<String>) -> ExitCode {
     };
     match gantry_agent::probe_gpus(&source) {
         Ok(gpus) => {
-            println!("{} GPU(s)", gpus.len());
+            outln!("{} GPU(s)", gpus.len());
             for gpu in gpus {
-                println!("{gpu}");
+                outln!("{gpu}");
             }
             ExitCode::SUCCESS
         }
@@ -891,7 +918,8 @@ fn probe_gpus(fake: Option<String>) -> ExitCode {
 }
 
 fn print_json(value: &serde_json::Value) {
-    println!(
+    // Serialising a `Value` cannot fail (its map keys are strings).
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
     );
@@ -975,7 +1003,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
         Format::Json => print_json(&serde_json::json!({ "job_ids": response.job_ids })),
         Format::Table => {
             for id in &response.job_ids {
-                println!("submitted job {id}");
+                outln!("submitted job {id}");
             }
         }
     }
@@ -993,15 +1021,26 @@ fn new_submission_key() -> String {
 
 async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), CliError> {
     let mut client = client::connect(&opts).await?;
-    let jobs = client
+    // One row more than shown tells whether the limit cut the list (0 = all).
+    let mut jobs = client
         .list_jobs(pb::ListJobsRequest {
             states: state,
-            limit,
+            limit: limit.saturating_add(1),
         })
         .await?
         .into_inner()
         .jobs;
+    let cut = limit > 0 && jobs.len() > limit as usize;
+    jobs.truncate(if limit == 0 {
+        jobs.len()
+    } else {
+        limit as usize
+    });
     print_jobs(&jobs, opts.output);
+    if cut {
+        // On stderr, so `-o json` and pipes get only the rows.
+        eprintln!("showing {limit} jobs, there are more: use --limit N (0 = all)");
+    }
     Ok(())
 }
 
@@ -1053,13 +1092,11 @@ async fn logs(
         })
         .await?
         .into_inner();
-    let mut out = std::io::stdout();
+    // The job's own output, raw, as `kubectl logs` and `docker logs` print
+    // it: it is what the job wrote, and escaping would corrupt binary or
+    // colored output piped to a file. Only this command prints unescaped.
     while let Some(chunk) = chunks.next().await {
-        let chunk = chunk?;
-        out.write_all(&chunk.data)
-            .map_err(|e| CliError::failed(format!("stdout: {e}")))?;
-        out.flush()
-            .map_err(|e| CliError::failed(format!("stdout: {e}")))?;
+        output::write_stdout_bytes(&chunk?.data);
     }
     Ok(())
 }
@@ -1073,8 +1110,8 @@ async fn cancel(id: u64, opts: ClientOpts) -> Result<(), CliError> {
         .state;
     match opts.output {
         Format::Json => print_json(&serde_json::json!({ "job_id": id, "state": state })),
-        Format::Table if state == "cancelled" => println!("job {id} cancelled"),
-        Format::Table => println!("job {id}: cancel requested, stopping ({state})"),
+        Format::Table if state == "cancelled" => outln!("job {id} cancelled"),
+        Format::Table => outln!("job {id}: cancel requested, stopping ({state})"),
     }
     Ok(())
 }
@@ -1111,6 +1148,7 @@ async fn drain(
     opts: ClientOpts,
 ) -> Result<(), CliError> {
     let mut client = client::connect(&opts).await?;
+    let shown = escape(&node).into_owned();
     client
         .drain(pb::DrainRequest {
             node: node.clone(),
@@ -1125,10 +1163,10 @@ async fn drain(
             "deadline_after_ms": deadline_ms,
         })),
         Format::Table => match (drain, deadline_ms) {
-            (false, _) => println!("node {node} undrained"),
-            (true, None) => println!("node {node} draining: no new placements"),
-            (true, Some(ms)) => println!(
-                "node {node} draining: no new placements; jobs still running in {} are stopped and placed elsewhere",
+            (false, _) => outln!("node {shown} undrained"),
+            (true, None) => outln!("node {shown} draining: no new placements"),
+            (true, Some(ms)) => outln!(
+                "node {shown} draining: no new placements; jobs still running in {} are stopped and placed elsewhere",
                 gantry_scheduler::units::format_duration_ms(ms)
             ),
         },
@@ -1149,7 +1187,7 @@ async fn drain(
             .map_or(0, |n| n.running_jobs);
         if running == 0 {
             if opts.output == Format::Table {
-                println!("node {node} runs no jobs");
+                outln!("node {shown} runs no jobs");
             }
             return Ok(());
         }
@@ -1163,15 +1201,18 @@ async fn status(opts: ClientOpts) -> Result<(), CliError> {
     match opts.output {
         Format::Json => print_json(&output::status_json(&status)),
         Format::Table => {
-            println!(
+            outln!(
                 "coordinator {} (leader: {}), gantry {}",
-                status.coordinator_id, status.is_leader, status.version
+                status.coordinator_id,
+                status.is_leader,
+                status.version
             );
-            println!(
+            outln!(
                 "nodes: {} ready of {}",
-                status.nodes_ready, status.nodes_total
+                status.nodes_ready,
+                status.nodes_total
             );
-            println!(
+            outln!(
                 "gpus:  {} ({} total, {} reserved)",
                 status.gpus_total,
                 gantry_scheduler::units::format_bytes(status.gpu_memory_total_bytes.max(0) as u64),
@@ -1181,8 +1222,11 @@ async fn status(opts: ClientOpts) -> Result<(), CliError> {
             );
             let mut states: Vec<_> = status.jobs_by_state.iter().collect();
             states.sort();
-            let jobs: Vec<String> = states.iter().map(|(s, n)| format!("{s}={n}")).collect();
-            println!(
+            let jobs: Vec<String> = states
+                .iter()
+                .map(|(s, n)| format!("{}={n}", escape(s)))
+                .collect();
+            outln!(
                 "jobs:  {}",
                 if jobs.is_empty() {
                     "none".to_string()
@@ -1190,7 +1234,7 @@ async fn status(opts: ClientOpts) -> Result<(), CliError> {
                     jobs.join(" ")
                 }
             );
-            println!("last event: {}", status.last_event_index);
+            outln!("last event: {}", status.last_event_index);
         }
     }
     Ok(())
@@ -1227,20 +1271,20 @@ async fn watch(
     while let Some(event) = events.next().await {
         let event = event?;
         match opts.output {
-            Format::Json => println!("{}", output::event_json(&event)),
-            Format::Table => println!(
+            Format::Json => outln!("{}", output::event_json(&event)),
+            Format::Table => outln!(
                 "{:>6}  job {:<6} {:<20} {:<10} {:<10} {}{}",
                 event.index,
                 event.job_id,
-                event.job_name,
-                event.kind,
-                event.state,
+                escape(&event.job_name),
+                escape(&event.kind),
+                escape(&event.state),
                 if event.node.is_empty() {
                     String::new()
                 } else {
-                    format!("on {} (attempt {}) ", event.node, event.attempt)
+                    format!("on {} (attempt {}) ", escape(&event.node), event.attempt)
                 },
-                event.message
+                escape(&event.message)
             ),
         }
     }
@@ -1281,9 +1325,9 @@ async fn dlq(action: DlqAction) -> Result<(), CliError> {
                         .map(|a| a.output_tail.as_str())
                         .find(|t| !t.is_empty())
                     {
-                        println!("  last stderr:");
+                        outln!("  last stderr:");
                         for line in tail.lines() {
-                            println!("    {line}");
+                            outln!("    {}", escape(line));
                         }
                     }
                 }
@@ -1314,7 +1358,7 @@ async fn dlq(action: DlqAction) -> Result<(), CliError> {
                 .await?;
             match opts.output {
                 Format::Json => print_json(&serde_json::json!({ "job_id": id, "retried": true })),
-                Format::Table => println!("job {id} retried; jobs blocked on it are pending again"),
+                Format::Table => outln!("job {id} retried; jobs blocked on it are pending again"),
             }
         }
         DlqAction::Drop { id, client: opts } => {
@@ -1322,7 +1366,7 @@ async fn dlq(action: DlqAction) -> Result<(), CliError> {
             client.dlq_drop(pb::DlqDropRequest { job_id: id }).await?;
             match opts.output {
                 Format::Json => print_json(&serde_json::json!({ "job_id": id, "dropped": true })),
-                Format::Table => println!("job {id} dropped from the dead-letter queue"),
+                Format::Table => outln!("job {id} dropped from the dead-letter queue"),
             }
         }
     }
@@ -1353,7 +1397,7 @@ fn inventory_check(file: &std::path::Path) -> Result<(), CliError> {
         .iter()
         .filter_map(|h| h.labels.get("provider").map(String::as_str))
         .collect();
-    println!(
+    outln!(
         "{}: {} hosts, {gpus} GPUs, providers: {}",
         file.display(),
         hosts.len(),

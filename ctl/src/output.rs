@@ -1,7 +1,23 @@
-//! Human tables and JSON for client commands.
+//! Human tables and JSON for client commands, and the one way they reach
+//! stdout.
+//!
+//! Two rules hold for everything printed here. Every string that came from a
+//! user (a job's command, env, labels, names, reasons, node names, errors the
+//! server echoes) goes through [`escape`] before it reaches a terminal, so a
+//! job cannot rewrite the screen of whoever looks at it; `-o json` is exact
+//! (serde escapes control characters itself). And every line goes through
+//! [`outln!`], which ends the process quietly when stdout is a closed pipe
+//! (`gantry jobs | head -1`), as Unix tools do, instead of panicking.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt::{self, Write as _};
+use std::io::Write as _;
 
 use gantry_proto as pb;
 use gantry_scheduler::units::{format_bytes, format_duration_ms};
+
+use crate::client::exit;
 
 pub use gantry_coordinator::json::{event_json, job_json, node_json, status_json};
 
@@ -14,7 +30,96 @@ pub enum Format {
     Json,
 }
 
-/// Prints rows as aligned columns under a header.
+/// Prints a line to stdout like `println!`, but a closed pipe ends the
+/// process with exit 0 and any other write error with exit 1 (see
+/// [`write_stdout`]).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use outln;
+
+/// Writes to stdout through its lock. A reader that went away (`| head`) is
+/// the end of the command, not a failure: exit 0 at once, as `ls | head` does.
+pub fn write_stdout(args: fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_fmt(args) {
+        stdout_failed(&error);
+    }
+}
+
+/// Writes raw bytes to stdout and flushes them (`gantry logs`), with the
+/// closed-pipe rule of [`write_stdout`].
+pub fn write_stdout_bytes(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    if let Err(error) = out.write_all(bytes).and_then(|()| out.flush()) {
+        stdout_failed(&error);
+    }
+}
+
+/// Ends the process after a failed write to stdout: quietly with exit 0 when
+/// the reader closed the pipe, with an error and exit 1 otherwise (a full
+/// disk must not look like success).
+fn stdout_failed(error: &std::io::Error) -> ! {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(i32::from(exit::OK));
+    }
+    eprintln!("error: writing to stdout: {error}");
+    std::process::exit(i32::from(exit::FAILED));
+}
+
+/// `text` with everything a terminal would act on shown visibly instead:
+/// ESC as `\e`, newline, carriage return and tab as `\n`, `\r`, `\t`, other
+/// C0 controls and DEL as `\xNN`, C1 controls, bidirectional overrides and
+/// isolates (which reorder what follows them) and line separators as
+/// `\u{NNNN}`. Other text, backslashes included, is unchanged, so ordinary
+/// commands read as typed; `-o json` is the exact form.
+pub fn escape(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\x1b' => out.push_str("\\e"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) && (c as u32) < 0x80 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Whether a terminal could act on `c` or reorder the text around it.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// An escaped, owned copy of `text` (for table cells).
+fn esc(text: &str) -> String {
+    escape(text).into_owned()
+}
+
+/// Prints rows as aligned columns under a header. Cells are printed as
+/// given: callers escape user strings when building rows.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
@@ -24,28 +129,34 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
             }
         }
     }
-    let line = |cells: Vec<String>| {
-        let mut out = String::new();
+    // One buffer, one write: a large listing costs one syscall per 8 KiB,
+    // not one per line.
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
+        let start = out.len();
         for (i, cell) in cells.iter().enumerate() {
             if i + 1 == cells.len() {
                 out.push_str(cell);
             } else {
-                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+                let _ = write!(out, "{cell:<width$}  ", width = widths[i]);
             }
         }
-        println!("{}", out.trim_end());
+        let kept = out[start..].trim_end().len();
+        out.truncate(start + kept);
+        out.push('\n');
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
     for row in rows {
-        line(row.clone());
+        line(row);
     }
+    write_stdout(format_args!("{out}"));
 }
 
 fn bytes(v: i64) -> String {
     format_bytes(v.max(0) as u64)
 }
 
-/// One row of `gantry jobs`.
+/// One row of `gantry jobs` (user strings escaped).
 pub fn job_row(job: &pb::Job) -> Vec<String> {
     let spec = job.spec.clone().unwrap_or_default();
     let attempt = job.attempts.last();
@@ -57,7 +168,7 @@ pub fn job_row(job: &pb::Job) -> Vec<String> {
     } else {
         r.gpus.to_string()
     };
-    let mut detail = job.reason.clone();
+    let mut detail = esc(&job.reason);
     if detail.is_empty()
         && let Some(a) = attempt
     {
@@ -70,26 +181,52 @@ pub fn job_row(job: &pb::Job) -> Vec<String> {
     }
     vec![
         job.id.to_string(),
-        spec.name,
-        spec.kind,
-        job.state.clone(),
-        attempt
-            .map(|a| a.node.clone())
-            .unwrap_or_else(|| "-".into()),
+        esc(&spec.name),
+        esc(&spec.kind),
+        esc(&job.state),
+        attempt.map_or_else(|| "-".into(), |a| esc(&a.node)),
         gpus,
         detail,
     ]
 }
 
-/// `gantry job <id>` for people.
+/// A command line for people: each argument escaped, and quoted when it is
+/// empty or holds spaces, so argument boundaries stay visible.
+fn command_line(args: &[String]) -> String {
+    let words: Vec<String> = args
+        .iter()
+        .map(|arg| {
+            let arg = escape(arg);
+            if arg.is_empty() || arg.contains(' ') {
+                format!("\"{arg}\"")
+            } else {
+                arg.into_owned()
+            }
+        })
+        .collect();
+    words.join(" ")
+}
+
+/// `KEY=VALUE` pairs in key order, escaped.
+fn pairs(map: &HashMap<String, String>) -> String {
+    let mut items: Vec<(&String, &String)> = map.iter().collect();
+    items.sort();
+    let items: Vec<String> = items
+        .into_iter()
+        .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
+        .collect();
+    items.join(" ")
+}
+
+/// `gantry job <id>` for people (user strings escaped).
 pub fn print_job(job: &pb::Job) {
     let spec = job.spec.clone().unwrap_or_default();
     let r = spec.resources.unwrap_or_default();
-    println!("job {} ({})", job.id, spec.name);
-    println!("  kind:      {}", spec.kind);
-    println!(
+    outln!("job {} ({})", job.id, escape(&spec.name));
+    outln!("  kind:      {}", escape(&spec.kind));
+    outln!(
         "  state:     {}{}",
-        job.state,
+        escape(&job.state),
         if job.cancel_requested && job.state != "cancelled" {
             " (cancel requested)"
         } else {
@@ -97,9 +234,15 @@ pub fn print_job(job: &pb::Job) {
         }
     );
     if !job.reason.is_empty() {
-        println!("  reason:    {}", job.reason);
+        outln!("  reason:    {}", escape(&job.reason));
     }
-    println!("  command:   {}", spec.command.join(" "));
+    outln!("  command:   {}", command_line(&spec.command));
+    if !spec.env.is_empty() {
+        outln!("  env:       {}", pairs(&spec.env));
+    }
+    if let Some(c) = spec.constraints.as_ref().filter(|c| !c.labels.is_empty()) {
+        outln!("  labels:    {}", pairs(&c.labels));
+    }
     let mut res = vec![format!("gpus={}", r.gpus)];
     if r.gpu_memory_bytes > 0 {
         res.push(format!("gpu_memory={}", bytes(r.gpu_memory_bytes)));
@@ -113,12 +256,13 @@ pub fn print_job(job: &pb::Job) {
     if r.disk_bytes > 0 {
         res.push(format!("disk={}", bytes(r.disk_bytes)));
     }
-    println!("  resources: {}", res.join(" "));
+    outln!("  resources: {}", res.join(" "));
     if spec.timeout_ms > 0 {
-        println!("  timeout:   {}", format_duration_ms(spec.timeout_ms));
+        outln!("  timeout:   {}", format_duration_ms(spec.timeout_ms));
     }
     if !spec.after.is_empty() {
-        println!("  after:     {}", spec.after.join(", "));
+        let after: Vec<Cow<'_, str>> = spec.after.iter().map(|a| escape(a)).collect();
+        outln!("  after:     {}", after.join(", "));
     }
     for a in &job.attempts {
         let end = match (a.exit_code, a.signal) {
@@ -134,10 +278,10 @@ pub fn print_job(job: &pb::Job) {
         } else {
             String::new()
         };
-        println!(
+        outln!(
             "  attempt {}: node={} gpus=[{}] reserved={}{} {}{}",
             a.attempt,
-            a.node,
+            escape(&a.node),
             gpus.join(","),
             bytes(a.gpu_memory_bytes),
             batch,
@@ -145,24 +289,21 @@ pub fn print_job(job: &pb::Job) {
             if a.error.is_empty() {
                 String::new()
             } else {
-                format!(" — {}", a.error.lines().last().unwrap_or(""))
+                format!(" — {}", escape(a.error.lines().last().unwrap_or("")))
             }
         );
     }
 }
 
-/// One row of `gantry nodes`.
+/// One row of `gantry nodes` (user strings escaped).
 pub fn node_row(node: &pb::Node) -> Vec<String> {
     let provider = node
         .labels
         .get("provider")
-        .cloned()
-        .unwrap_or_else(|| "-".into());
-    let gpus = if node.gpus.is_empty() {
-        "-".to_string()
-    } else {
-        let model = node.gpus[0].model.clone();
-        format!("{}x{}", node.gpus.len(), model)
+        .map_or_else(|| "-".into(), |p| esc(p));
+    let gpus = match node.gpus.first() {
+        None => "-".to_string(),
+        Some(gpu) => format!("{}x{}", node.gpus.len(), escape(&gpu.model)),
     };
     let free: i64 = node
         .gpus
@@ -182,7 +323,7 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
     } else {
         "-".into()
     };
-    let mut state = node.state.clone();
+    let mut state = esc(&node.state);
     if node.draining {
         state.push_str(",draining");
         if node.drain_deadline_ms > 0 {
@@ -193,7 +334,7 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
         }
     }
     vec![
-        node.name.clone(),
+        esc(&node.name),
         state,
         provider,
         gpus,
@@ -236,68 +377,211 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Indentation stops growing past this depth: a 10,000-stage chain would
+/// otherwise print 100 MB of spaces (quadratic output). The `<-` inputs
+/// still name every edge.
+const MAX_PIPELINE_INDENT: usize = 32;
+
 /// `gantry pipeline NAME` for people: stages in dependency order, each with
-/// its state and the stages it waits for.
+/// its state and the stages it waits for. Linear in stages plus edges.
 pub fn print_pipeline(view: &pb::PipelineView) {
-    println!("pipeline {} run {}", view.name, view.run);
-    let names: std::collections::HashMap<u64, String> = view
+    let mut out = String::new();
+    let _ = writeln!(out, "pipeline {} run {}", escape(&view.name), view.run);
+    let names: HashMap<u64, Cow<'_, str>> = view
         .jobs
         .iter()
         .map(|j| {
             (
                 j.id,
-                j.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                escape(j.spec.as_ref().map_or("", |s| s.name.as_str())),
             )
         })
         .collect();
-    // Depth = longest chain of inputs, so stages print in dependency order.
-    let mut depth: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
-    let mut order: Vec<&pb::Job> = view.jobs.iter().collect();
-    for _ in 0..order.len() {
-        for job in &order {
-            let d = job
-                .depends_on
+    let depth = stage_depths(&view.jobs);
+    let mut order: Vec<(usize, &pb::Job)> =
+        view.jobs.iter().zip(depth).map(|(j, d)| (d, j)).collect();
+    order.sort_by_key(|(d, j)| (*d, j.id));
+    for (d, job) in order {
+        let _ = write!(
+            out,
+            "{}{} [job {}] {}",
+            "  ".repeat(d.min(MAX_PIPELINE_INDENT)),
+            names.get(&job.id).map_or("", |n| n.as_ref()),
+            job.id,
+            escape(&job.state),
+        );
+        for (i, dep) in job.depends_on.iter().enumerate() {
+            out.push_str(if i == 0 { "  <- " } else { ", " });
+            match names.get(dep) {
+                Some(name) => out.push_str(name),
+                None => {
+                    let _ = write!(out, "{dep}");
+                }
+            }
+        }
+        if !job.reason.is_empty() {
+            let _ = write!(out, "  ({})", escape(&job.reason));
+        }
+        out.push('\n');
+    }
+    write_stdout(format_args!("{out}"));
+}
+
+/// Each stage's depth (the longest chain of inputs above it), by index in
+/// `jobs`: one depth-first pass with an explicit stack (a 10,000-stage chain
+/// must not overflow the call stack), each stage and edge visited once.
+/// Inputs outside the view count as depth 0; a cycle (which the coordinator
+/// refuses) is cut where it closes.
+fn stage_depths(jobs: &[pb::Job]) -> Vec<usize> {
+    let index: HashMap<u64, usize> = jobs.iter().enumerate().map(|(i, j)| (j.id, i)).collect();
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    let mut mark = vec![Mark::New; jobs.len()];
+    let mut depth = vec![0usize; jobs.len()];
+    for root in 0..jobs.len() {
+        if mark[root] != Mark::New {
+            continue;
+        }
+        // (stage, next input to look at)
+        let mut stack = vec![(root, 0usize)];
+        mark[root] = Mark::Open;
+        while let Some(&mut (stage, ref mut next)) = stack.last_mut() {
+            let inputs = &jobs[stage].depends_on;
+            if let Some(dep) = inputs.get(*next) {
+                *next += 1;
+                if let Some(&dep) = index.get(dep)
+                    && mark[dep] == Mark::New
+                {
+                    mark[dep] = Mark::Open;
+                    stack.push((dep, 0));
+                }
+                continue;
+            }
+            depth[stage] = inputs
                 .iter()
-                .map(|dep| depth.get(dep).copied().unwrap_or(0) + 1)
+                .filter_map(|dep| index.get(dep))
+                .filter(|&&dep| mark[dep] == Mark::Done)
+                .map(|&dep| depth[dep] + 1)
                 .max()
                 .unwrap_or(0);
-            depth.insert(job.id, d);
+            mark[stage] = Mark::Done;
+            stack.pop();
         }
     }
-    order.sort_by_key(|j| (depth.get(&j.id).copied().unwrap_or(0), j.id));
-    for job in order {
-        let d = depth.get(&job.id).copied().unwrap_or(0);
-        let name = names.get(&job.id).cloned().unwrap_or_default();
-        let inputs: Vec<String> = job
-            .depends_on
-            .iter()
-            .map(|dep| names.get(dep).cloned().unwrap_or_else(|| dep.to_string()))
-            .collect();
-        let after = if inputs.is_empty() {
-            String::new()
-        } else {
-            format!("  <- {}", inputs.join(", "))
-        };
-        let reason = if job.reason.is_empty() {
-            String::new()
-        } else {
-            format!("  ({})", job.reason)
-        };
-        println!(
-            "{}{} [job {}] {}{}{}",
-            "  ".repeat(d),
-            name,
-            job.id,
-            job.state,
-            after,
-            reason
-        );
-    }
+    depth
 }
 
 #[cfg(test)]
 mod tests {
-    use super::deadline_in;
+    use super::*;
+
+    #[test]
+    fn escape_shows_what_a_terminal_would_act_on() {
+        let cases = [
+            (
+                "plain",
+                "python -m app.train --lr 0.1",
+                "python -m app.train --lr 0.1",
+            ),
+            ("unicode text", "modèle 日本 ✓", "modèle 日本 ✓"),
+            ("backslash kept", r"sed s/\./x/", r"sed s/\./x/"),
+            (
+                "title and clear",
+                "\x1b]0;pwned\x07\x1b[2J",
+                r"\e]0;pwned\x07\e[2J",
+            ),
+            ("newline and cr", "a\nb\rc\td", r"a\nb\rc\td"),
+            ("nul and del", "\0\x7f", r"\x00\x7f"),
+            ("c1 csi", "\u{9b}31m", r"\u{9b}31m"),
+            ("bidi override", "abc\u{202e}fed", r"abc\u{202e}fed"),
+            ("bidi isolates", "\u{2066}x\u{2069}", r"\u{2066}x\u{2069}"),
+            (
+                "marks and separators",
+                "\u{200f}\u{061c}\u{2028}",
+                r"\u{200f}\u{61c}\u{2028}",
+            ),
+        ];
+        for (name, input, expect) in cases {
+            assert_eq!(escape(input), expect, "{name}");
+        }
+        assert!(
+            matches!(escape("plain"), Cow::Borrowed(_)),
+            "no copy when clean"
+        );
+    }
+
+    #[test]
+    fn command_lines_keep_argument_boundaries() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            command_line(&args(&["echo", "a b", ""])),
+            r#"echo "a b" """#
+        );
+        assert_eq!(
+            command_line(&args(&["echo", "\x1b]0;pwned\x07"])),
+            r"echo \e]0;pwned\x07"
+        );
+    }
+
+    fn stage(id: u64, inputs: &[u64]) -> pb::Job {
+        pb::Job {
+            id,
+            depends_on: inputs.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stage_depths_are_longest_input_chains() {
+        // (stage 0 does not exist: the first stage's input is outside the run)
+        let cases: Vec<(&str, Vec<pb::Job>, Vec<usize>)> = vec![
+            ("none", vec![], vec![]),
+            (
+                "independent",
+                vec![stage(1, &[]), stage(2, &[])],
+                vec![0, 0],
+            ),
+            (
+                "diamond, listed backwards",
+                vec![
+                    stage(4, &[2, 3]),
+                    stage(3, &[1]),
+                    stage(2, &[1]),
+                    stage(1, &[]),
+                ],
+                vec![2, 1, 1, 0],
+            ),
+            (
+                "longest path wins",
+                vec![
+                    stage(1, &[]),
+                    stage(2, &[1]),
+                    stage(3, &[2]),
+                    stage(4, &[1, 3]),
+                ],
+                vec![0, 1, 2, 3],
+            ),
+            ("input outside the run", vec![stage(5, &[99])], vec![0]),
+            (
+                "cycle is cut",
+                vec![stage(1, &[2]), stage(2, &[1])],
+                vec![1, 0],
+            ),
+        ];
+        for (name, jobs, expect) in cases {
+            assert_eq!(stage_depths(&jobs), expect, "{name}");
+        }
+        // A 100,000-stage chain, listed last stage first: no stack overflow.
+        let chain: Vec<pb::Job> = (1..=100_000u64)
+            .rev()
+            .map(|id| stage(id, &[id - 1]))
+            .collect();
+        assert_eq!(stage_depths(&chain)[0], 99_999);
+    }
 
     #[test]
     fn drain_deadlines_read_as_relative_times() {

@@ -14,6 +14,11 @@ use serde::de::{self, Deserializer, Visitor};
 /// Largest spec file accepted.
 pub const MAX_SPEC_FILE_BYTES: u64 = 4 << 20;
 
+/// Deepest YAML nesting accepted in a spec file (as estimated by
+/// `yaml_limits::nesting_depth`). A pipeline of jobs with batch tiers nests
+/// about 7 levels; the YAML parser gets slow in the thousands.
+pub const MAX_SPEC_DEPTH: usize = 64;
+
 /// A size: plain bytes or a string with a unit.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Size(pub i64);
@@ -466,8 +471,10 @@ pub struct ParsedSpec {
     pub jobs: Vec<pb::JobSpec>,
 }
 
-/// Parses the text of a spec file into wire specs.
+/// Parses the text of a spec file into wire specs; refuses nesting deeper
+/// than [`MAX_SPEC_DEPTH`] before the parser sees the text.
 pub fn parse_spec_text(text: &str, source: &str) -> Result<ParsedSpec, SpecError> {
+    crate::yaml_limits::check_depth(text, MAX_SPEC_DEPTH, source).map_err(SpecError)?;
     let mut values = Vec::new();
     for (doc_index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml_ng::Value::deserialize(document)
@@ -549,35 +556,13 @@ fn yaml_type(value: &serde_yaml_ng::Value) -> &'static str {
     }
 }
 
-/// Reads and parses a spec file (`-` = standard input), refusing huge files
-/// before reading them.
+/// Reads and parses a spec file (`-` = standard input): at most
+/// [`MAX_SPEC_FILE_BYTES`] are read whatever the file is (`/dev/zero` is
+/// refused after 4 MiB), and the YAML's nesting is checked before parsing.
 pub fn read_spec_file(path: &str) -> Result<ParsedSpec, SpecError> {
-    use std::io::Read;
-    let text = if path == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .take(MAX_SPEC_FILE_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(|e| SpecError(format!("stdin: {e}")))?;
-        if text.len() as u64 > MAX_SPEC_FILE_BYTES {
-            return Err(SpecError(format!(
-                "stdin: larger than the {} limit for a spec",
-                gantry_scheduler::units::format_bytes(MAX_SPEC_FILE_BYTES)
-            )));
-        }
-        text
-    } else {
-        let meta = std::fs::metadata(path).map_err(|e| SpecError(format!("{path}: {e}")))?;
-        if meta.len() > MAX_SPEC_FILE_BYTES {
-            return Err(SpecError(format!(
-                "{path}: {} is larger than the {} limit for a spec file",
-                gantry_scheduler::units::format_bytes(meta.len()),
-                gantry_scheduler::units::format_bytes(MAX_SPEC_FILE_BYTES)
-            )));
-        }
-        std::fs::read_to_string(path).map_err(|e| SpecError(format!("{path}: {e}")))?
-    };
-    parse_spec_text(&text, path)
+    let text = crate::yaml_limits::read_limited(path, MAX_SPEC_FILE_BYTES, "a spec file")
+        .map_err(SpecError)?;
+    parse_spec_text(&text, if path == "-" { "stdin" } else { path })
 }
 
 #[cfg(test)]

@@ -11,6 +11,38 @@ use crate::model::{HoldReason, JobRequest};
 use crate::place::{Ask, find};
 use crate::units::format_bytes;
 
+/// Items of a list (wanted labels, GPU models) a hold reason names before it
+/// counts the rest: the reason is rebuilt every pass and shown in every
+/// listing, so it must not grow with the job's spec.
+const ITEMS_SHOWN: usize = 3;
+/// Characters of one listed item before it is cut.
+const ITEM_CHARS: usize = 64;
+
+/// The first [`ITEMS_SHOWN`] items joined by `sep`, each cut at
+/// [`ITEM_CHARS`], then "and N more": `zone=east, gpu=h100, rack=7 and 97 more`.
+pub(crate) fn first_few<I>(items: I, sep: &str) -> String
+where
+    I: ExactSizeIterator,
+    I::Item: AsRef<str>,
+{
+    let total = items.len();
+    let shown: Vec<String> = items
+        .take(ITEMS_SHOWN)
+        .map(|item| {
+            let item = item.as_ref();
+            match item.char_indices().nth(ITEM_CHARS) {
+                None => item.to_string(),
+                Some((cut, _)) => format!("{}...", &item[..cut]),
+            }
+        })
+        .collect();
+    let mut text = shown.join(sep);
+    if total > ITEMS_SHOWN {
+        let _ = write!(text, " and {} more", total - ITEMS_SHOWN);
+    }
+    text
+}
+
 /// The reason `ask` found no placement in the current state of `index`.
 pub(crate) fn explain(index: &mut FreeIndex<'_>, ask: &Ask<'_>) -> HoldReason {
     let job = ask.job;
@@ -107,7 +139,7 @@ fn gpu_text(ask: &Ask<'_>) -> String {
     let model = if models.is_empty() {
         String::new()
     } else {
-        format!("{} ", models.join("/"))
+        format!("{} ", first_few(models.iter(), "/"))
     };
     let idle = if ask.exclusive { "idle " } else { "" };
     let need = format_bytes(ask.need);
@@ -115,7 +147,7 @@ fn gpu_text(ask: &Ask<'_>) -> String {
         let noun = if models.is_empty() {
             format!("{idle}GPU")
         } else {
-            format!("{idle}{}", models.join("/"))
+            format!("{idle}{}", first_few(models.iter(), "/"))
         };
         format!("{need} free on {} {noun}", article(&noun))
     } else {
@@ -177,18 +209,17 @@ fn empty_fleet_text(index: &FreeIndex<'_>, ask: &Ask<'_>) -> String {
         .filter(|n| LabelChecker::matches(n.view, &job.constraints.labels))
         .collect();
     if labeled.is_empty() {
-        let wanted: Vec<String> = job
+        let wanted = job
             .constraints
             .labels
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        return format!("no eligible node has labels {}", wanted.join(", "));
+            .map(|(k, v)| format!("{k}={v}"));
+        return format!("no eligible node has labels {}", first_few(wanted, ", "));
     }
     let models = if job.constraints.gpu_models.is_empty() {
         String::new()
     } else {
-        format!("{} ", job.constraints.gpu_models.join("/"))
+        format!("{} ", first_few(job.constraints.gpu_models.iter(), "/"))
     };
     if !labeled.iter().any(|n| has_gpus(n.view, ask)) {
         return format!("no eligible node has {} {models}GPU(s)", ask.gpus);
@@ -200,5 +231,31 @@ fn empty_fleet_text(index: &FreeIndex<'_>, ask: &Ask<'_>) -> String {
             "no eligible node has {} {models}GPU(s) free of exclusive jobs",
             ask.gpus
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_few;
+
+    #[test]
+    fn lists_are_cut_to_a_few_items() {
+        let long = "x".repeat(100);
+        let cases: Vec<(Vec<&str>, &str)> = vec![
+            (vec![], ""),
+            (vec!["a=1"], "a=1"),
+            (vec!["a=1", "b=2", "c=3"], "a=1, b=2, c=3"),
+            (
+                vec!["a=1", "b=2", "c=3", "d=4", "e=5"],
+                "a=1, b=2, c=3 and 2 more",
+            ),
+        ];
+        for (items, expect) in cases {
+            assert_eq!(first_few(items.iter(), ", "), expect, "{items:?}");
+        }
+        assert_eq!(
+            first_few([long.as_str()].iter(), ", "),
+            format!("{}...", "x".repeat(64))
+        );
     }
 }

@@ -171,6 +171,16 @@ fn label_and_model_filters() {
         &[with(1, &[("zone", "east")], &[], 8)],
         "1 waits: no eligible node has labels zone=east",
     );
+    // A reason names a few wanted labels, however many the job lists.
+    let many: Vec<(String, String)> = (0..100_000)
+        .map(|i| (format!("k{i:06}"), "v".to_string()))
+        .collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    check(
+        &snapshot,
+        &[with(1, &many, &[], 8)],
+        "1 waits: no eligible node has labels k000000=v, k000001=v, k000002=v and 99997 more",
+    );
     check(&snapshot, &[with(1, &[], &["a100"], 8)], "1 -> b [0] 8GiB");
     check(
         &snapshot,

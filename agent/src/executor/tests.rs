@@ -556,7 +556,7 @@ async fn bad_snapshot_entries_fail_the_spawn_without_running() {
             30,
             vec![snap(&missing, "m.pt")],
             format!(
-                "snapshot[0]: {}: No such file or directory",
+                "snapshot[0].from: {}: No such file or directory",
                 missing.display()
             ),
         ),

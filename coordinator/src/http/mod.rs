@@ -33,7 +33,7 @@ use crate::domain::JobState;
 use crate::error::{CoordinatorError, LEADER_METADATA};
 use crate::json::{job_json, node_json, status_json};
 use crate::metrics;
-use crate::server::{Handshaken, accept_tls};
+use crate::server::{Failure, Handshaken, accept_tls};
 use crate::service::CoreHandle;
 
 /// The status page: one self-contained file, no build step.
@@ -52,6 +52,9 @@ pub struct HttpState {
     pub core: CoreHandle,
     /// Credentials: with client tokens configured, `/v1` needs one.
     pub auth: Arc<AuthConfig>,
+    /// Set when the Raft driver or the core stopped on its own: both probes
+    /// then answer 503 with the reason until the process exits.
+    pub failure: Failure,
 }
 
 /// The routes. `/v1` is behind the bearer-token check when tokens are
@@ -243,7 +246,27 @@ async fn metrics_text(
     }
 }
 
-async fn healthz(State(HttpState { core, .. }): State<HttpState>) -> Response {
+/// Why this replica is broken beyond repair, if it is: a recorded
+/// [`Failure`], or a Raft driver that stopped while the server still runs
+/// (the failure watcher may not have run yet).
+fn broken(core: &CoreHandle, failure: &Failure) -> Option<String> {
+    if let Some(reason) = failure.reason() {
+        return Some(reason.to_string());
+    }
+    let raft = core.raft_status();
+    match raft.fatal {
+        Some(reason) => Some(format!("replication stopped: {reason}")),
+        None if !raft.running => Some("replication has stopped".to_string()),
+        None => None,
+    }
+}
+
+/// Healthy while the core thread answers and nothing has stopped on its
+/// own; 503 with the reason otherwise.
+async fn healthz(State(HttpState { core, failure, .. }): State<HttpState>) -> Response {
+    if let Some(reason) = broken(&core, &failure) {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response();
+    }
     let answered =
         tokio::time::timeout(HEALTH_TIMEOUT, core.call(|reply| Request::Status { reply })).await;
     match answered {
@@ -259,10 +282,10 @@ async fn healthz(State(HttpState { core, .. }): State<HttpState>) -> Response {
 
 /// Ready once this replica knows a leader and has applied everything it
 /// knows committed: only then do its reads reflect the cluster.
-async fn readyz(State(HttpState { core, .. }): State<HttpState>) -> Response {
+async fn readyz(State(HttpState { core, failure, .. }): State<HttpState>) -> Response {
     let raft = core.raft_status();
-    let reason = if !raft.running {
-        Some("replication has stopped".to_string())
+    let reason = if let Some(reason) = broken(&core, &failure) {
+        Some(reason)
     } else if raft.leader_id.is_none() {
         Some("no leader known (election in progress)".to_string())
     } else if raft.applied_index < raft.commit_index {

@@ -8,6 +8,9 @@
 //!   [`RaftHandle`], the cloneable way in (propose, watch leadership);
 //! - [`transport`]: [`RaftPeerService`] (receives peers' messages) and the
 //!   per-peer sender tasks;
+//! - [`guard`]: the checks every peer message passes before it reaches
+//!   raft-rs (cluster, membership, recipient, and the values that would make
+//!   raft-rs panic), and the rate-limited log of refusals;
 //! - [`logger`]: the slog drain that forwards raft-rs logs to `tracing`.
 //!
 //! **Ownership.** One driver thread owns the `RawNode`, hence the Raft log,
@@ -38,9 +41,26 @@
 //! needs a dropped entry gets that snapshot instead and installs it through
 //! [`ReplicatedStateMachine::restore`].
 //!
-//! **Errors**: storage errors are fatal for the driver: it logs them, fails
-//! what is pending and stops (the status shows it is no longer a member).
+//! **Peers are not trusted.** Without mutual TLS anyone who reaches the
+//! peer port can send Raft messages. Each batch carries the cluster id
+//! (stored with the log when the cluster is created) and the sender's and
+//! recipient's ids; the transport refuses a batch from another cluster, from
+//! an id that is not a member, or for another replica, and the driver
+//! refuses each message that would make raft-rs panic or that Gantry never
+//! sends (proposals, read-index, leader transfer) before `RawNode::step`
+//! ([`guard::check_message`]). A member's id can still be claimed by anyone
+//! on the network: only mutual TLS proves who sends.
+//!
+//! **Errors**: storage and application errors (a failed apply, snapshot or
+//! applied-index read) are fatal for the driver: it logs them, fails what is
+//! pending and stops, publishing `running: false` and the reason in
+//! [`RaftStatus::fatal`]; so does a panic of the driver thread, caught at
+//! the thread's edge. The coordinator then reports unhealthy and exits
+//! non-zero (`server.rs`). Nothing is replaced by a default value: an empty
+//! snapshot with the log compacted behind it would lose the state.
 
+pub mod fault;
+pub mod guard;
 pub mod logger;
 pub mod node;
 pub mod storage;
@@ -55,20 +75,65 @@ pub use transport::RaftPeerService;
 
 /// The application driven by the replicated log: the coordinator's state
 /// machine. Called only on the driver thread, in log order.
+///
+/// Every `Err` is fatal for the replica (the driver stops and the reason is
+/// published in [`RaftStatus::fatal`]): an application that cannot persist
+/// or read its state must not be stood in for by a default value.
 pub trait ReplicatedStateMachine: Send + 'static {
     /// Applies one committed command (bytes as proposed) at `index`; returns
     /// the reply bytes for the proposer. It must be deterministic: every
-    /// replica applies the same commands in the same order.
-    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
-    /// Serializes the whole applied state (for snapshots).
-    fn snapshot(&self) -> Vec<u8>;
+    /// replica applies the same commands in the same order. A command the
+    /// state machine refuses is a reply, not an `Err`; `Err` means the
+    /// application could not apply at all (its storage failed, it stopped).
+    fn apply(&mut self, index: u64, command: &[u8]) -> Result<Vec<u8>, String>;
+    /// Serializes the whole applied state (for snapshots). The log is
+    /// compacted behind the result, so it must be the whole state or `Err`.
+    fn snapshot(&self) -> Result<Vec<u8>, String>;
+    /// Checks that `data` is a snapshot this application can restore,
+    /// without changing anything: a peer's snapshot that would not restore
+    /// is refused before raft-rs installs it (the default accepts all).
+    fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
+        let _ = data;
+        Ok(())
+    }
     /// Replaces the whole state from a snapshot taken at `index`; afterwards
     /// [`applied_index`](Self::applied_index) must return `index`.
     fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String>;
     /// The index of the last applied entry as persisted by the application
     /// (0 if none). Entries after it are applied again on start, so an
-    /// application may persist lazily: the log is the durable record.
-    fn applied_index(&self) -> u64;
+    /// application may persist lazily: the log is the durable record. An
+    /// unreadable index is an `Err`, never 0 (which would apply everything
+    /// again).
+    fn applied_index(&self) -> Result<u64, String>;
+}
+
+/// The cluster id of a new cluster: a hash (FNV-1a, 64 bits) of its voter
+/// ids and its name. Deterministic, so every replica of a new cluster
+/// computes the same value from the same `--peers` ids and
+/// `--cluster-name`; stored with the log at creation, and read from there
+/// ever after ([`SledRaftStorage::cluster_id`]). The peer URLs are not part
+/// of it: replicas may reach each other through different addresses
+/// (proxies, NAT). It is not a secret; it keeps clusters apart, and
+/// clusters with the same voter ids on one network need distinct names.
+pub fn cluster_id(voters: &[u64], name: &str) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut voters = voters.to_vec();
+    voters.sort_unstable();
+    voters.dedup();
+    let text = format!(
+        "gantry-cluster\0{}\0{name}",
+        voters
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let hash = text
+        .bytes()
+        .fold(OFFSET, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(PRIME));
+    // 0 means "no cluster id" on the wire.
+    hash.max(1)
 }
 
 /// Configuration of one replica.
@@ -102,6 +167,9 @@ pub struct RaftConfig {
     /// their certificates and this replica's own certificate as client
     /// identity. `None` = plaintext.
     pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Mixed into the cluster id of a new cluster (`--cluster-name`); once
+    /// the cluster exists, its stored id is used and this is ignored.
+    pub cluster_name: String,
 }
 
 impl RaftConfig {
@@ -119,6 +187,7 @@ impl RaftConfig {
             max_append_bytes: 1 << 20,
             peer_queue: 4096,
             peer_tls: None,
+            cluster_name: String::new(),
         }
     }
 
@@ -236,6 +305,11 @@ pub struct RaftStatus {
     pub applied_index: u64,
     /// False once the driver has stopped (shutdown or a fatal error).
     pub running: bool,
+    /// Why the driver stopped on its own (a storage or application error,
+    /// a panic); `None` while running and after a requested stop.
+    pub fatal: Option<String>,
+    /// This replica's cluster id (see [`cluster_id`]).
+    pub cluster_id: u64,
 }
 
 /// Why a proposal did not get a reply from the application.
@@ -298,6 +372,14 @@ pub enum RaftError {
     /// raft-rs refused something.
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
+    /// The application failed (see [`ReplicatedStateMachine`]).
+    #[error("raft: the application cannot {what}: {reason}")]
+    App {
+        /// What was asked (`apply index 12`, `take a snapshot`).
+        what: String,
+        /// The application's reason.
+        reason: String,
+    },
     /// A bad `--peers` value.
     #[error("invalid --peers: {0}")]
     Peers(String),

@@ -3,6 +3,8 @@
 //! [`crate::raft`] for the ordering it keeps.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
@@ -12,9 +14,11 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::fault::FaultHook;
+use super::guard::{self, LogView, Refusal, RefusalLog};
 use super::logger::raft_logger;
 use super::storage::SledRaftStorage;
-use super::transport::{Outgoing, PeerSenders, RaftPeerService};
+use super::transport::{Outgoing, PeerCheck, PeerSenders, RaftPeerService};
 use super::{ProposeError, RaftConfig, RaftError, RaftStatus, ReplicatedStateMachine};
 use gantry_proto::raft::raft_peer_server::RaftPeerServer;
 
@@ -26,8 +30,13 @@ pub type ProposeReply = oneshot::Sender<Result<Vec<u8>, ProposeError>>;
 pub(crate) enum Input {
     /// Append a command (leader only).
     Propose { data: Vec<u8>, reply: ProposeReply },
-    /// A message from a peer.
-    Step(Box<Message>),
+    /// A message from a peer, with the sender named by its batch and the
+    /// address it came from (for the log of refusals).
+    Step {
+        message: Box<Message>,
+        from: u64,
+        peer: Option<SocketAddr>,
+    },
     /// A peer did not answer.
     Unreachable(u64),
     /// Whether a snapshot reached a peer.
@@ -48,6 +57,7 @@ pub struct RaftHandle {
     id: u64,
     inbox: std_mpsc::Sender<Input>,
     status: watch::Receiver<RaftStatus>,
+    peers: Arc<PeerCheck>,
 }
 
 impl RaftHandle {
@@ -85,7 +95,7 @@ impl RaftHandle {
     /// The `RaftPeer` gRPC service to mount next to the coordinator's other
     /// services (`Server::builder().add_service(handle.peer_service())`).
     pub fn peer_service(&self) -> RaftPeerServer<RaftPeerService> {
-        RaftPeerService::new(self.id, self.inbox.clone()).into_server()
+        RaftPeerService::new(self.id, self.inbox.clone(), self.peers.clone()).into_server()
     }
 }
 
@@ -137,6 +147,32 @@ impl RaftNode {
                 )));
             }
         }
+        let derived = super::cluster_id(&voters, &config.cluster_name);
+        let cluster_id = match storage.cluster_id() {
+            Some(stored) => {
+                if stored != derived {
+                    tracing::info!(
+                        cluster_id = format_args!("{stored:#018x}"),
+                        "using the cluster id stored when this cluster was created \
+                         (--peers ids and --cluster-name only set it then)"
+                    );
+                }
+                stored
+            }
+            None => {
+                storage.set_cluster_id(derived)?;
+                storage.flush()?;
+                derived
+            }
+        };
+        let mut learners = storage.conf_state().learners.clone();
+        learners.sort_unstable();
+        let peer_check = Arc::new(PeerCheck {
+            cluster_id,
+            voters: voters.clone(),
+            learners: learners.clone(),
+            refusals: Arc::new(RefusalLog::default()),
+        });
         let applied = reconcile(&mut storage, &mut app)?;
         let applied_term = raft::Storage::term(&storage, applied)?;
 
@@ -160,7 +196,7 @@ impl RaftNode {
 
         let shutdown = shutdown.child_token();
         let (inbox, receiver) = std_mpsc::channel();
-        let mut peers = PeerSenders::start(&config, &inbox, &runtime, &shutdown)?;
+        let mut peers = PeerSenders::start(&config, cluster_id, &inbox, &runtime, &shutdown)?;
         let tasks = peers.take_tasks();
         let initial = RaftStatus {
             id: config.id,
@@ -168,9 +204,13 @@ impl RaftNode {
             commit_index: raw.raft.raft_log.committed,
             applied_index: applied,
             running: true,
+            cluster_id,
             ..Default::default()
         };
         let (status_tx, status) = watch::channel(initial);
+        // Shared with the thread's wrapper, which publishes the stop even
+        // when the driver panics.
+        let status_tx = Arc::new(status_tx);
         let (done_tx, done) = oneshot::channel();
         let driver = Driver {
             id: config.id,
@@ -181,18 +221,38 @@ impl RaftNode {
             peers,
             urls: config.peers.clone(),
             pending: BTreeMap::new(),
-            status: status_tx,
+            status: status_tx.clone(),
             shutdown: shutdown.clone(),
+            voters: voters.clone(),
+            learners,
+            refusals: peer_check.refusals.clone(),
+            fault: FaultHook::from_env(),
+            fatal: None,
             tick: config.tick,
             compact_after: config.compact_after,
             compact_keep: config.compact_keep,
             applied,
             applied_term,
         };
+        let thread_shutdown = shutdown.clone();
+        let id = config.id;
         let thread = std::thread::Builder::new()
             .name(format!("gantry-raft-{}", config.id))
             .spawn(move || {
-                driver.run();
+                let ran =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || driver.run()));
+                if let Err(payload) = ran {
+                    // The driver (and its storage) were dropped while
+                    // unwinding; what remains is to say so.
+                    let reason = format!("raft thread panicked: {}", panic_message(&*payload));
+                    tracing::error!(id, %reason, "raft node stopped");
+                    status_tx.send_modify(|status| {
+                        status.running = false;
+                        status.is_leader = false;
+                        status.fatal = Some(reason);
+                    });
+                    thread_shutdown.cancel();
+                }
                 drop(done_tx);
             })
             .map_err(|error| RaftError::Start(format!("cannot start the raft thread: {error}")))?;
@@ -202,6 +262,7 @@ impl RaftNode {
                 id: config.id,
                 inbox,
                 status,
+                peers: peer_check,
             },
             shutdown,
             thread: Some(thread),
@@ -244,7 +305,7 @@ fn reconcile<A: ReplicatedStateMachine>(
     storage: &mut SledRaftStorage,
     app: &mut A,
 ) -> Result<u64, RaftError> {
-    let mut applied = app.applied_index();
+    let mut applied = app_applied_index(app)?;
     let last = storage.last_index();
     if applied > last {
         return Err(RaftError::Inconsistent(format!(
@@ -268,7 +329,7 @@ fn reconcile<A: ReplicatedStateMachine>(
             to = snapshot_index,
             "application restored from the stored raft snapshot"
         );
-        applied = app.applied_index();
+        applied = app_applied_index(app)?;
         if applied != snapshot_index {
             return Err(RaftError::Inconsistent(format!(
                 "after restoring the snapshot at index {snapshot_index} the application reports applied index {applied}"
@@ -291,6 +352,24 @@ fn reconcile<A: ReplicatedStateMachine>(
     Ok(applied)
 }
 
+fn app_applied_index<A: ReplicatedStateMachine>(app: &A) -> Result<u64, RaftError> {
+    app.applied_index().map_err(|reason| RaftError::App {
+        what: "read its applied index".into(),
+        reason,
+    })
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
 /// A proposal waiting for its entry to be applied.
 struct Pending {
     term: u64,
@@ -308,8 +387,15 @@ struct Driver<A> {
     urls: BTreeMap<u64, String>,
     /// Proposals by log index, with the term they were appended in.
     pending: BTreeMap<u64, Pending>,
-    status: watch::Sender<RaftStatus>,
+    status: Arc<watch::Sender<RaftStatus>>,
     shutdown: CancellationToken,
+    /// Sorted voters and learners (static), for the checks of peers' messages.
+    voters: Vec<u64>,
+    learners: Vec<u64>,
+    refusals: Arc<RefusalLog>,
+    fault: FaultHook,
+    /// Why the driver stopped on its own, once it has.
+    fatal: Option<String>,
     tick: Duration,
     compact_after: u64,
     compact_keep: u64,
@@ -337,6 +423,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             }
             let now = Instant::now();
             if now >= next_tick {
+                self.fault.check();
                 self.raw.tick();
                 next_tick += self.tick;
                 if next_tick < now {
@@ -354,6 +441,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         }
         if let Some(error) = &failure {
             tracing::error!(id = self.id, %error, "raft node stopped on a fatal error");
+            self.fatal = Some(error.to_string());
         }
         for (_, pending) in std::mem::take(&mut self.pending) {
             let _ = pending.reply.send(Err(ProposeError::Stopped));
@@ -369,7 +457,15 @@ impl<A: ReplicatedStateMachine> Driver<A> {
     fn handle(&mut self, input: Input) {
         match input {
             Input::Propose { data, reply } => self.propose(data, reply),
-            Input::Step(message) => {
+            Input::Step {
+                message,
+                from,
+                peer,
+            } => {
+                if let Err(refusal) = self.check_message(&message, from) {
+                    self.refusals.refused(peer, from, &refusal);
+                    return;
+                }
                 if let Err(error) = self.raw.step(*message) {
                     tracing::debug!(id = self.id, %error, "raft message ignored");
                 }
@@ -384,6 +480,29 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 self.raw.report_snapshot(to, status);
             }
         }
+    }
+
+    /// Checks a peer's message against this replica's log and configuration
+    /// ([`guard::check_message`]) and a snapshot's data against the
+    /// application, before raft-rs sees either.
+    fn check_message(&self, message: &Message, from: u64) -> Result<(), Refusal> {
+        let view = LogView {
+            id: self.id,
+            term: self.raw.raft.term,
+            last_index: self.raw.raft.raft_log.last_index(),
+            voters: &self.voters,
+            learners: &self.learners,
+        };
+        guard::check_message(message, from, &view)?;
+        if let Some(snapshot) = message.snapshot.as_ref() {
+            self.app.check_snapshot(&snapshot.data).map_err(|reason| {
+                Refusal::Value(
+                    MessageType::MsgSnapshot,
+                    format!("the application cannot restore its data: {reason}"),
+                )
+            })?;
+        }
+        Ok(())
     }
 
     fn propose(&mut self, data: Vec<u8>, reply: ProposeReply) {
@@ -459,14 +578,14 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             }
             // Votes and append responses only after the flush.
             self.send(ready.take_persisted_messages());
-            self.apply(ready.take_committed_entries());
+            self.apply(ready.take_committed_entries())?;
 
             let mut light = self.raw.advance(ready);
             if let Some(commit) = light.commit_index() {
                 self.raw.mut_store().set_commit(commit)?;
             }
             self.send(light.take_messages());
-            self.apply(light.take_committed_entries());
+            self.apply(light.take_committed_entries())?;
             self.raw.advance_apply();
         }
         self.maybe_compact()
@@ -493,7 +612,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         Ok(())
     }
 
-    fn apply(&mut self, entries: Vec<Entry>) {
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), RaftError> {
         for entry in entries {
             if entry.index <= self.applied {
                 continue;
@@ -501,7 +620,14 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             let reply = match entry.get_entry_type() {
                 // Empty entries are appended by each new leader.
                 EntryType::EntryNormal if entry.data.is_empty() => Vec::new(),
-                EntryType::EntryNormal => self.app.apply(entry.index, &entry.data),
+                EntryType::EntryNormal => {
+                    self.app
+                        .apply(entry.index, &entry.data)
+                        .map_err(|reason| RaftError::App {
+                            what: format!("apply index {}", entry.index),
+                            reason,
+                        })?
+                }
                 // Membership is static: nothing proposes conf changes.
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     tracing::warn!(
@@ -524,6 +650,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 let _ = pending.reply.send(answer);
             }
         }
+        Ok(())
     }
 
     /// Snapshots the application and compacts the log once enough entries
@@ -534,7 +661,12 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             return Ok(());
         }
         let started = Instant::now();
-        let data = self.app.snapshot();
+        // A failed snapshot stops the replica: compacting the log behind
+        // anything but the whole state would lose the rest for good.
+        let data = self.app.snapshot().map_err(|reason| RaftError::App {
+            what: format!("take a snapshot at index {}", self.applied),
+            reason,
+        })?;
         let bytes = data.len();
         let applied = self.applied;
         let keep = self.compact_keep;
@@ -585,10 +717,15 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             leader_id,
             leader_url: leader_id.and_then(|id| self.urls.get(&id).cloned()),
             term: raft.term,
-            is_leader: raft.state == StateRole::Leader && self.applied_term == raft.term,
+            // A stopped replica leads nothing, whatever raft-rs last knew.
+            is_leader: running
+                && raft.state == StateRole::Leader
+                && self.applied_term == raft.term,
             commit_index: raft.raft_log.committed,
             applied_index: self.applied,
             running,
+            fatal: self.fatal.clone(),
+            cluster_id: self.status.borrow().cluster_id,
         };
         self.status.send_if_modified(|current| {
             if *current == status {

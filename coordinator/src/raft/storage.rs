@@ -7,7 +7,8 @@
 //! - `raft_meta`: `hard_state`, `conf_state`, `snapshot_meta` and
 //!   `snapshot_data` (the latest snapshot, kept to send to followers that are
 //!   too far behind), and `truncated` (index and term of the last entry
-//!   removed by compaction; the log starts right after it).
+//!   removed by compaction; the log starts right after it), and
+//!   `cluster_id` (8 bytes, big endian; fixed when the cluster is created).
 //!
 //! The applied index is not stored here: the application owns it
 //! ([`ReplicatedStateMachine::applied_index`](super::ReplicatedStateMachine::applied_index)),
@@ -33,6 +34,7 @@ const CONF_STATE_KEY: &[u8] = b"conf_state";
 const SNAPSHOT_META_KEY: &[u8] = b"snapshot_meta";
 const SNAPSHOT_DATA_KEY: &[u8] = b"snapshot_data";
 const TRUNCATED_KEY: &[u8] = b"truncated";
+const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
 
 /// The Raft log and metadata on sled trees of the coordinator's database.
 pub struct SledRaftStorage {
@@ -49,6 +51,9 @@ pub struct SledRaftStorage {
     truncated: (u64, u64),
     /// Index and term of the last entry (`truncated` when the log is empty).
     last: (u64, u64),
+    /// The cluster's id, once stored (storage written before cluster ids
+    /// existed has none until the driver stores one).
+    cluster_id: Option<u64>,
 }
 
 impl SledRaftStorage {
@@ -122,6 +127,16 @@ impl SledRaftStorage {
                 hard_state.commit, truncated.0
             )));
         }
+        let cluster_id = match meta.get(CLUSTER_ID_KEY)? {
+            None => None,
+            Some(bytes) if bytes.len() == 8 && be_u64(&bytes) != 0 => Some(be_u64(&bytes)),
+            Some(bytes) => {
+                return Err(RaftError::Inconsistent(format!(
+                    "raft_meta/cluster_id is unreadable ({} bytes, expected a non-zero 8-byte id)",
+                    bytes.len()
+                )));
+            }
+        };
         Ok(SledRaftStorage {
             db: db.clone(),
             log,
@@ -131,7 +146,26 @@ impl SledRaftStorage {
             snapshot,
             truncated,
             last,
+            cluster_id,
         })
+    }
+
+    /// The stored cluster id (`None` for storage written before cluster ids
+    /// existed, or a fresh one).
+    pub fn cluster_id(&self) -> Option<u64> {
+        self.cluster_id
+    }
+
+    /// Stores the cluster id. Called once, when the cluster is created (or
+    /// its storage predates cluster ids); later starts read it back, whatever
+    /// the flags say. Not durable until [`flush`](Self::flush).
+    pub fn set_cluster_id(&mut self, id: u64) -> Result<(), RaftError> {
+        if id == 0 {
+            return Err(RaftError::Config("cluster id must not be 0".into()));
+        }
+        self.meta.insert(CLUSTER_ID_KEY, &id.to_be_bytes())?;
+        self.cluster_id = Some(id);
+        Ok(())
     }
 
     /// Whether nothing was ever stored (no hard state, voters, log or snapshot).

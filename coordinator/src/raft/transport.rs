@@ -1,7 +1,9 @@
 //! Raft messages between replicas over gRPC (`proto/raft.proto`).
 //!
-//! Receiving: [`RaftPeerService`] decodes each message of a batch and hands
-//! it to the driver's channel. Sending: one tokio task per peer with a
+//! Receiving: [`RaftPeerService`] checks the batch's envelope (cluster id,
+//! sender a member, recipient this replica: [`guard::check_envelope`]),
+//! decodes each message and hands it to the driver's channel, which checks
+//! each message against its log before stepping it. Sending: one tokio task per peer with a
 //! bounded queue of messages the driver has already encoded; the task sends
 //! everything queued in one `Step` call, in order, one call at a time. When a
 //! peer does not answer, the task drops the batch and whatever queued behind
@@ -10,6 +12,7 @@
 //! heartbeats are worthless. tonic's lazy channel reconnects on the next call.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
@@ -23,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
+use super::guard::{self, LogView, RefusalLog};
 use super::node::Input;
 use super::{RaftConfig, RaftError};
+use crate::error::CoordinatorError;
 
 /// Largest Raft gRPC message either way: snapshots carry the whole state.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -44,11 +49,29 @@ pub struct RaftPeerService {
     id: u64,
     /// A std channel: the driver is a plain thread; sending never blocks.
     inbox: std_mpsc::Sender<Input>,
+    /// Who may send: this cluster's id and (static) members.
+    peers: Arc<PeerCheck>,
+}
+
+/// What the service checks a batch's envelope against. Membership is static
+/// (`--peers`, stored with the log), so it is fixed for the node's lifetime.
+pub(crate) struct PeerCheck {
+    pub(crate) cluster_id: u64,
+    /// Sorted voters.
+    pub(crate) voters: Vec<u64>,
+    /// Sorted learners.
+    pub(crate) learners: Vec<u64>,
+    /// Shared with the driver: one budget of warn lines for both.
+    pub(crate) refusals: Arc<RefusalLog>,
 }
 
 impl RaftPeerService {
-    pub(crate) fn new(id: u64, inbox: std_mpsc::Sender<Input>) -> RaftPeerService {
-        RaftPeerService { id, inbox }
+    pub(crate) fn new(
+        id: u64,
+        inbox: std_mpsc::Sender<Input>,
+        peers: Arc<PeerCheck>,
+    ) -> RaftPeerService {
+        RaftPeerService { id, inbox, peers }
     }
 
     /// The tonic server for this service, with message limits large enough
@@ -63,23 +86,43 @@ impl RaftPeerService {
 #[tonic::async_trait]
 impl RaftPeer for RaftPeerService {
     async fn step(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        let peer = request.remote_addr();
         let batch = request.into_inner();
-        for bytes in &batch.messages {
+        let view = LogView {
+            id: self.id,
+            // The envelope check reads only the id and the members.
+            term: 0,
+            last_index: 0,
+            voters: &self.peers.voters,
+            learners: &self.peers.learners,
+        };
+        if let Err(refusal) = guard::check_envelope(
+            batch.cluster_id,
+            batch.from,
+            batch.to,
+            self.peers.cluster_id,
+            &view,
+        ) {
+            self.peers.refusals.refused(peer, batch.from, &refusal);
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "raft batch refused: {refusal}"
+            ))
+            .into());
+        }
+        for (i, bytes) in batch.messages.iter().enumerate() {
             let message = Message::parse_from_bytes(bytes).map_err(|error| {
-                Status::invalid_argument(format!(
-                    "raft message from {}: cannot decode: {error}",
-                    batch.from
-                ))
+                CoordinatorError::InvalidArgument {
+                    field: format!("messages[{i}]"),
+                    reason: format!("cannot decode a raft message from {}: {error}", batch.from),
+                }
             })?;
-            if message.to != self.id {
-                return Err(Status::invalid_argument(format!(
-                    "raft message from {} is for replica {}, this is {}: check --peers",
-                    message.from, message.to, self.id
-                )));
-            }
             self.inbox
-                .send(Input::Step(Box::new(message)))
-                .map_err(|_| Status::unavailable("raft node stopped"))?;
+                .send(Input::Step {
+                    message: Box::new(message),
+                    from: batch.from,
+                    peer,
+                })
+                .map_err(|_| CoordinatorError::Unavailable("raft node stopped".into()))?;
         }
         Ok(Response::new(pb::RaftAck {}))
     }
@@ -113,6 +156,7 @@ impl PeerSenders {
     /// Starts one sender task per peer other than this replica.
     pub(crate) fn start(
         config: &RaftConfig,
+        cluster_id: u64,
         inbox: &std_mpsc::Sender<Input>,
         runtime: &tokio::runtime::Handle,
         shutdown: &CancellationToken,
@@ -131,6 +175,7 @@ impl PeerSenders {
             let (queue, receiver) = mpsc::channel(config.peer_queue);
             let peer = PeerTask {
                 from: config.id,
+                cluster_id,
                 to,
                 client: RaftPeerClient::new(endpoint.connect_lazy())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -162,6 +207,7 @@ impl PeerSenders {
 
 struct PeerTask {
     from: u64,
+    cluster_id: u64,
     to: u64,
     client: RaftPeerClient<Channel>,
     queue: mpsc::Receiver<Outgoing>,
@@ -197,6 +243,8 @@ impl PeerTask {
             let batch = pb::RaftBatch {
                 messages,
                 from: self.from,
+                cluster_id: self.cluster_id,
+                to: self.to,
             };
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => return,

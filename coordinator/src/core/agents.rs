@@ -1,0 +1,348 @@
+//! Agent sessions: registration (its decisions are in
+//! [`crate::decide::reconcile`]), messages on an established stream, log
+//! reads and RTT probes.
+
+use gantry_proto as pb;
+use gantry_scheduler::JobId;
+
+use super::{
+    AgentSender, Core, LogWaiter, PING_INTERVAL, PendingRegistration, Reply, Session, now_ms,
+};
+use crate::command::Command;
+use crate::convert;
+use crate::decide::{self, Registration};
+use crate::error::CoordinatorError;
+
+/// How much of a failed attempt's stderr is kept (and shown by `dlq show`).
+const OUTPUT_TAIL_BYTES: usize = 64 << 10;
+
+impl Core {
+    /// Starts an agent's registration: its RegisterNode is proposed, and the
+    /// rest happens in [`Core::complete_registration`] once it is applied.
+    pub(super) fn register(
+        &mut self,
+        now: u64,
+        session: u64,
+        register: Registration,
+        sender: AgentSender,
+        reply: Reply<()>,
+    ) {
+        let name = register.node.clone();
+        if !self.leader {
+            let leader = self.raft.as_ref().and_then(|r| r.status().leader_url);
+            let _ = reply.send(Err(CoordinatorError::NotLeader { leader }));
+            return;
+        }
+        if self.config.strict_inventory && !self.config.inventory.iter().any(|h| h.name == name) {
+            tracing::warn!(node = %name, address = %register.address, "agent refused: not in the inventory (--strict-inventory)");
+            let _ = reply.send(Err(CoordinatorError::PermissionDenied(format!(
+                "node {name:?} is not in the inventory and the coordinator runs with --strict-inventory"
+            ))));
+            return;
+        }
+        let command = decide::reconcile::register_command(&register, now);
+        self.health
+            .on_register(&name, register.reported(), register.disk_total, now);
+        // A previous stream of this node is replaced now: its messages are stale.
+        self.sessions.remove(&name);
+        let pending = PendingRegistration {
+            session,
+            register,
+            sender,
+            reply,
+        };
+        if let Some(old) = self.registering.insert(name, pending) {
+            let _ = old.reply.send(Err(CoordinatorError::Unavailable(
+                "replaced by a newer registration".into(),
+            )));
+        }
+        self.propose(command);
+    }
+
+    /// Reconciles a registered agent's running attempts against hard state
+    /// ([`decide::reconcile::registered`]), then opens its session:
+    /// Registered first, then re-sent assignments and cancels.
+    pub(super) fn complete_registration(&mut self, name: &str) {
+        let Some(PendingRegistration {
+            session,
+            register,
+            sender,
+            reply,
+        }) = self.registering.remove(name)
+        else {
+            return;
+        };
+        let tunables = self.tunables();
+        let interval = self.heartbeat_interval_ms();
+        let decisions = decide::reconcile::registered(
+            &self.state,
+            &mut self.soft,
+            &tunables,
+            &register,
+            interval,
+            now_ms(),
+        );
+        self.dirty = true;
+        for command in decisions.propose {
+            self.propose(command);
+        }
+        // Every message of a registration is for its own stream, which is
+        // not yet a session: nothing can overtake Registered.
+        for outgoing in &decisions.send {
+            debug_assert_eq!(outgoing.node, name);
+            let message = convert::agent::to_agent(&outgoing.message);
+            let _ = sender.send(Box::new(pb::CoordinatorMessage { msg: Some(message) }));
+        }
+        // Only now does the session exist for everyone else (pings, dispatch),
+        // so nothing can overtake Registered.
+        self.sessions.insert(
+            name.to_string(),
+            Session {
+                id: session,
+                sender,
+                ping: None,
+                // Probe soon after registering, not a whole interval later.
+                last_ping: std::time::Instant::now()
+                    .checked_sub(PING_INTERVAL)
+                    .unwrap_or_else(std::time::Instant::now),
+            },
+        );
+        tracing::info!(node = %name, running = register.running.len(), "agent registered");
+        let _ = reply.send(Ok(()));
+    }
+
+    pub(super) fn agent_message(
+        &mut self,
+        now: u64,
+        session: u64,
+        node: &str,
+        message: pb::AgentMessage,
+    ) {
+        if self.sessions.get(node).is_none_or(|s| s.id != session) {
+            return; // a replaced session: its messages are stale
+        }
+        match message.msg {
+            Some(pb::agent_message::Msg::Heartbeat(hb)) => {
+                if self
+                    .health
+                    .on_heartbeat(node, &convert::agent::heartbeat(&hb), now)
+                {
+                    self.dirty = true;
+                }
+            }
+            Some(pb::agent_message::Msg::JobEvent(event)) => self.job_event(now, node, event),
+            Some(pb::agent_message::Msg::LogData(data)) => {
+                if let Some(waiter) = self.log_waiters.remove(&data.request_id) {
+                    let ended = waiter.ended;
+                    let _ = waiter.reply.send(Ok((data, ended)));
+                }
+            }
+            Some(pb::agent_message::Msg::Pong(pong)) => {
+                let sample = self
+                    .sessions
+                    .get_mut(node)
+                    .and_then(|session| match session.ping {
+                        Some((nonce, sent)) if nonce == pong.nonce => {
+                            session.ping = None;
+                            Some(sent.elapsed().as_secs_f64() * 1000.0)
+                        }
+                        _ => None,
+                    });
+                if let Some(rtt_ms) = sample {
+                    self.health.on_rtt_sample(node, rtt_ms);
+                }
+            }
+            Some(pb::agent_message::Msg::Register(_)) | None => {
+                tracing::warn!(node = %node, "unexpected message on an established agent stream");
+            }
+        }
+    }
+
+    pub(super) fn job_event(&mut self, now: u64, node: &str, event: pb::JobEvent) {
+        let span = self.job_span(event.job_id);
+        let _entered = span.enter();
+        let at_ms = if event.at_ms > 0 { event.at_ms } else { now };
+        let (job, attempt) = (event.job_id, event.attempt);
+        let command = match event.event {
+            Some(pb::job_event::Event::Started(_)) => Command::JobStarted {
+                at_ms,
+                job,
+                attempt,
+                node: node.to_string(),
+            },
+            Some(pb::job_event::Event::Exited(exit)) if exit.agent_shutdown && !exit.cancelled => {
+                Command::AttemptLost {
+                    at_ms,
+                    job,
+                    attempt,
+                    reason: format!("the agent on {node} shut down"),
+                }
+            }
+            Some(pb::job_event::Event::Exited(exit)) => {
+                let tail = String::from_utf8_lossy(&exit.stderr_tail);
+                let failed = !(exit.code == Some(0) && exit.signal.is_none());
+                let oom = failed
+                    && self
+                        .config
+                        .oom_signatures
+                        .iter()
+                        .any(|sig| tail.contains(sig.as_str()));
+                let error = if exit.over_memory {
+                    "stopped: used more GPU memory than reserved".to_string()
+                } else {
+                    last_lines(&tail, 512)
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                Command::JobExited {
+                    at_ms,
+                    job,
+                    attempt,
+                    node: node.to_string(),
+                    code: exit.code,
+                    signal: exit.signal,
+                    error,
+                    cancelled: exit.cancelled,
+                    oom,
+                    output_tail: last_lines(&tail, OUTPUT_TAIL_BYTES),
+                    peak_gpu_memory: exit.peak_gpu_memory_bytes.max(0) as u64,
+                }
+            }
+            Some(pb::job_event::Event::SpawnFailed(failed)) => Command::JobExited {
+                at_ms,
+                job,
+                attempt,
+                node: node.to_string(),
+                code: None,
+                signal: None,
+                error: format!("spawn failed: {}", failed.error),
+                cancelled: false,
+                oom: false,
+                output_tail: String::new(),
+                peak_gpu_memory: 0,
+            },
+            None => return,
+        };
+        // Feed the node's circuit breaker with the job's fault, if it was one.
+        if let Command::JobExited {
+            code,
+            signal,
+            cancelled: false,
+            ..
+        } = &command
+        {
+            let failed = !(*code == Some(0) && signal.is_none());
+            let policy = gantry_scheduler::QuarantinePolicy::default();
+            if self.health.on_job_outcome(node, failed, now, &policy) {
+                tracing::warn!(node = %node, "node quarantined after repeated job failures");
+            }
+        }
+        self.propose(command);
+    }
+
+    pub(super) fn read_log(
+        &mut self,
+        job: JobId,
+        attempt: u32,
+        stream: String,
+        offset: u64,
+        reply: Reply<(pb::LogData, bool)>,
+    ) {
+        let Some(record) = self.state.job(job) else {
+            let _ = reply.send(Err(CoordinatorError::NotFound(format!(
+                "job {job} not found"
+            ))));
+            return;
+        };
+        let chosen = if attempt == 0 {
+            record.current_attempt()
+        } else {
+            record.attempts.iter().find(|a| a.attempt == attempt)
+        };
+        let Some(chosen) = chosen else {
+            let message = if attempt == 0 {
+                format!("job {job} has not been placed yet ({})", record.state)
+            } else {
+                format!("job {job} has no attempt {attempt}")
+            };
+            let _ = reply.send(Err(CoordinatorError::NotFound(message)));
+            return;
+        };
+        let node = chosen.node.clone();
+        let Some(session) = self.sessions.get(&node) else {
+            let _ = reply.send(Err(CoordinatorError::Unavailable(format!(
+                "node {node} holding the output of job {job} is not connected"
+            ))));
+            return;
+        };
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let ended = chosen.ended_at_ms > 0 || record.state.is_terminal();
+        let message = pb::LogRead {
+            request_id,
+            job_id: job,
+            attempt: chosen.attempt,
+            stream,
+            offset,
+            max_bytes: 256 << 10,
+        };
+        let session_id = session.id;
+        if session
+            .sender
+            .send(Box::new(pb::CoordinatorMessage {
+                msg: Some(pb::coordinator_message::Msg::LogRead(message)),
+            }))
+            .is_err()
+        {
+            let _ = reply.send(Err(CoordinatorError::Unavailable(format!(
+                "node {node} disconnected"
+            ))));
+            return;
+        }
+        self.log_waiters.insert(
+            request_id,
+            LogWaiter {
+                session: session_id,
+                ended,
+                reply,
+            },
+        );
+    }
+
+    pub(super) fn send_pings(&mut self) {
+        let now = std::time::Instant::now();
+        let mut nonce = self.next_request_id;
+        for session in self.sessions.values_mut() {
+            if now.duration_since(session.last_ping) < PING_INTERVAL {
+                continue;
+            }
+            nonce += 1;
+            session.last_ping = now;
+            session.ping = Some((nonce, now));
+            let ping = pb::coordinator_message::Msg::Ping(pb::Ping { nonce });
+            let _ = session
+                .sender
+                .send(Box::new(pb::CoordinatorMessage { msg: Some(ping) }));
+        }
+        self.next_request_id = nonce + 1;
+    }
+}
+
+/// The last `max` bytes of `text`, cut at a line start where possible.
+fn last_lines(text: &str, max: usize) -> String {
+    let text = text.trim_end();
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let tail = &text[start..];
+    match tail.find('\n') {
+        Some(i) => tail[i + 1..].to_string(),
+        None => tail.to_string(),
+    }
+}

@@ -1,0 +1,90 @@
+//! The leader's periodic sweep: silence (Suspect, then Down: committed),
+//! drain deadlines, attempts a registration did not report, and back-off
+//! requeues.
+
+use gantry_scheduler::JobId;
+
+use super::{Decisions, Sessions, Soft, Tunables};
+use crate::command::Command;
+use crate::health::HealthTracker;
+use crate::state::StateMachine;
+
+/// One sweep at `now`.
+pub fn sweep(
+    state: &StateMachine,
+    health: &mut HealthTracker,
+    soft: &mut Soft,
+    sessions: &dyn Sessions,
+    tunables: &Tunables,
+    now: u64,
+) -> Decisions {
+    let mut out = Decisions::default();
+    for node in health.tick(now) {
+        if state.node(&node).is_some_and(|n| !n.down) {
+            tracing::warn!(node = %node, "node is down; its jobs are lost and will be retried");
+            out.propose.push(Command::SetNodeDown {
+                at_ms: now,
+                node,
+                down: true,
+            });
+        }
+    }
+    out.extend(preempt_due(state, soft, sessions, tunables, now));
+    let mut expired: Vec<(JobId, u32)> = soft
+        .unconfirmed
+        .iter()
+        .filter(|(_, deadline)| **deadline <= now)
+        .map(|(k, _)| *k)
+        .collect();
+    expired.sort_unstable();
+    for (job, attempt) in expired {
+        soft.unconfirmed.remove(&(job, attempt));
+        let reason = "the agent no longer runs it".to_string();
+        out.propose.push(Command::AttemptLost {
+            at_ms: now,
+            job,
+            attempt,
+            reason,
+        });
+    }
+    let due: Vec<JobId> = state
+        .backing_off()
+        .filter(|j| j.not_before_ms <= now)
+        .map(|j| j.id)
+        .collect();
+    for job in due {
+        out.propose.push(Command::Requeue { at_ms: now, job });
+    }
+    out
+}
+
+/// Finds draining nodes past their deadline that still run attempts
+/// not yet preempted, and proposes their preemption. Only nodes whose
+/// agent is connected: a silent node's attempts are left to the Down
+/// timeout (Lost, retried elsewhere), so no attempt is counted twice.
+fn preempt_due(
+    state: &StateMachine,
+    soft: &mut Soft,
+    sessions: &dyn Sessions,
+    tunables: &Tunables,
+    now: u64,
+) -> Decisions {
+    let mut out = Decisions::default();
+    soft.preempting
+        .retain(|_, since| now.saturating_sub(*since) <= tunables.proposal_timeout_ms);
+    let due: Vec<String> = state
+        .nodes()
+        .filter(|n| n.draining && state.drain_due(&n.name, now))
+        .filter(|n| !n.down && sessions.connected(&n.name))
+        .filter(|n| !soft.preempting.contains_key(&n.name))
+        .filter(|n| !state.preemptible_on(&n.name).is_empty())
+        .map(|n| n.name.clone())
+        .collect();
+    for node in due {
+        tracing::info!(node = %node, "drain deadline passed; preempting its attempts");
+        soft.preempting.insert(node.clone(), now);
+        out.propose
+            .push(Command::PreemptDrained { at_ms: now, node });
+    }
+    out
+}

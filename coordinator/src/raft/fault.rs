@@ -1,0 +1,47 @@
+//! A fault-injection hook for tests of what happens when the Raft driver
+//! thread dies (issue 16: the replica must turn unhealthy and the process
+//! exit non-zero).
+//!
+//! Only in debug builds (`cfg(debug_assertions)`), which is what the
+//! integration tests run: a release binary has no hook at all. In a debug
+//! build it is armed only when the process starts with the environment
+//! variable [`PANIC_FILE_ENV`] naming a file; the driver then panics on the
+//! first tick after that file exists. Nothing reachable from the network
+//! can arm or trigger it: it takes both the environment of the process and
+//! write access to its file system.
+
+/// Environment variable naming the trigger file.
+pub const PANIC_FILE_ENV: &str = "GANTRY_FAULT_RAFT_PANIC_FILE";
+
+/// The armed hook (a no-op in release builds).
+#[derive(Debug, Default)]
+pub(crate) struct FaultHook {
+    #[cfg(debug_assertions)]
+    panic_file: Option<std::path::PathBuf>,
+}
+
+impl FaultHook {
+    /// Reads [`PANIC_FILE_ENV`] (debug builds only).
+    pub(crate) fn from_env() -> FaultHook {
+        #[cfg(debug_assertions)]
+        {
+            let panic_file = std::env::var_os(PANIC_FILE_ENV).map(std::path::PathBuf::from);
+            if let Some(path) = &panic_file {
+                tracing::warn!(file = %path.display(), "fault injection armed: the raft thread panics once this file exists");
+            }
+            FaultHook { panic_file }
+        }
+        #[cfg(not(debug_assertions))]
+        FaultHook {}
+    }
+
+    /// Panics when the trigger file exists.
+    pub(crate) fn check(&self) {
+        #[cfg(debug_assertions)]
+        if let Some(path) = &self.panic_file {
+            if path.exists() {
+                panic!("fault injection: {} exists", path.display());
+            }
+        }
+    }
+}
