@@ -659,7 +659,10 @@ impl Core {
                 let _ = reply.send(result);
             }
             Request::RaftAppliedIndex { reply } => {
-                let index = self.store.applied_index().map_err(|error| error.to_string());
+                let index = self
+                    .store
+                    .applied_index()
+                    .map_err(|error| error.to_string());
                 let _ = reply.send(index);
             }
             Request::Shutdown => self.stop = true,

@@ -359,7 +359,6 @@ impl Store {
 const META_APPLIED_INDEX: &str = "applied_index";
 const META_LEADER_TERM: &str = "leader_term";
 
-
 /// The whole hard state, as carried in a Raft snapshot.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StateSnapshot {

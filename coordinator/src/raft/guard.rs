@@ -408,10 +408,22 @@ mod tests {
     fn addressing_and_types() {
         let cases: &[Case] = &[
             ("plain", |_| {}, None),
-            ("non-member", |m| m.from = 77, Some("message from 77 in a batch from 2")),
-            ("other recipient", |m| m.to = 3, Some("addressed to replica 3")),
+            (
+                "non-member",
+                |m| m.from = 77,
+                Some("message from 77 in a batch from 2"),
+            ),
+            (
+                "other recipient",
+                |m| m.to = 3,
+                Some("addressed to replica 3"),
+            ),
             ("term 0", |m| m.term = 0, Some("term 0")),
-            ("huge term", |m| m.term = 5 + MAX_TERM_STEP + 1, Some("past the current term")),
+            (
+                "huge term",
+                |m| m.term = 5 + MAX_TERM_STEP + 1,
+                Some("past the current term"),
+            ),
             ("largest term step", |m| m.term = 5 + MAX_TERM_STEP, None),
             ("higher term", |m| m.term = 9, None),
         ];
@@ -457,10 +469,7 @@ mod tests {
             check_envelope(9, 2, 3, 9, &v),
             Err(Refusal::Recipient { to: 3, id: 1 })
         );
-        assert_eq!(
-            check_envelope(9, 77, 1, 9, &v),
-            Err(Refusal::NotMember(77))
-        );
+        assert_eq!(check_envelope(9, 77, 1, 9, &v), Err(Refusal::NotMember(77)));
         let learners = [4];
         let with_learner = LogView {
             learners: &learners,
@@ -474,8 +483,16 @@ mod tests {
         let cases: &[Case] = &[
             ("commit 0", |m| m.commit = 0, None),
             ("commit at last", |m| m.commit = 100, None),
-            ("commit past last", |m| m.commit = 101, Some("commit 101 is past the last log index 100")),
-            ("issue 16", |m| m.commit = 1_000_000_000, Some("past the last log index")),
+            (
+                "commit past last",
+                |m| m.commit = 101,
+                Some("commit 101 is past the last log index 100"),
+            ),
+            (
+                "issue 16",
+                |m| m.commit = 1_000_000_000,
+                Some("past the last log index"),
+            ),
         ];
         check_cases(MessageType::MsgHeartbeat, cases);
     }
@@ -483,19 +500,123 @@ mod tests {
     #[test]
     fn append_entries_follow_their_anchor() {
         let cases: &[Case] = &[
-            ("probe", |m| { m.index = 100; m.log_term = 5; }, None),
-            ("probe past the end", |m| { m.index = 500; m.log_term = 5; m.commit = 600; }, None),
-            ("entries", |m| { m.index = 100; m.log_term = 4; m.entries = entries(101, &[4, 5, 5]).into(); m.commit = 1000; }, None),
-            ("from the start", |m| { m.entries = entries(1, &[1]).into(); }, None),
-            ("term-0 anchor past the end", |m| { m.index = 1000; m.log_term = 0; m.commit = 1000; }, Some("only index 0 has term 0")),
-            ("index 0 with a term", |m| { m.index = 0; m.log_term = 1; }, Some("only index 0 has term 0")),
-            ("anchor term past message term", |m| { m.index = 100; m.log_term = 6; }, Some("past the message term")),
-            ("gap", |m| { m.index = 100; m.log_term = 5; m.entries = entries(105, &[5]).into(); }, Some("expected 101")),
-            ("repeat", |m| { m.index = 100; m.log_term = 5; let mut e = entries(101, &[5, 5]); e[1].index = 101; m.entries = e.into(); }, Some("expected 102")),
-            ("overflow", |m| { m.index = u64::MAX; m.log_term = 5; m.entries = entries(0, &[5]).into(); }, Some("overflows")),
-            ("decreasing terms", |m| { m.index = 100; m.log_term = 5; m.entries = entries(101, &[4]).into(); }, Some("outside [5, 5]")),
-            ("entry term past message", |m| { m.index = 100; m.log_term = 5; m.entries = entries(101, &[6]).into(); }, Some("outside")),
-            ("conf change", |m| { m.index = 100; m.log_term = 5; let mut e = entries(101, &[5]); e[0].set_entry_type(EntryType::EntryConfChange); m.entries = e.into(); }, Some("configuration change")),
+            (
+                "probe",
+                |m| {
+                    m.index = 100;
+                    m.log_term = 5;
+                },
+                None,
+            ),
+            (
+                "probe past the end",
+                |m| {
+                    m.index = 500;
+                    m.log_term = 5;
+                    m.commit = 600;
+                },
+                None,
+            ),
+            (
+                "entries",
+                |m| {
+                    m.index = 100;
+                    m.log_term = 4;
+                    m.entries = entries(101, &[4, 5, 5]).into();
+                    m.commit = 1000;
+                },
+                None,
+            ),
+            (
+                "from the start",
+                |m| {
+                    m.entries = entries(1, &[1]).into();
+                },
+                None,
+            ),
+            (
+                "term-0 anchor past the end",
+                |m| {
+                    m.index = 1000;
+                    m.log_term = 0;
+                    m.commit = 1000;
+                },
+                Some("only index 0 has term 0"),
+            ),
+            (
+                "index 0 with a term",
+                |m| {
+                    m.index = 0;
+                    m.log_term = 1;
+                },
+                Some("only index 0 has term 0"),
+            ),
+            (
+                "anchor term past message term",
+                |m| {
+                    m.index = 100;
+                    m.log_term = 6;
+                },
+                Some("past the message term"),
+            ),
+            (
+                "gap",
+                |m| {
+                    m.index = 100;
+                    m.log_term = 5;
+                    m.entries = entries(105, &[5]).into();
+                },
+                Some("expected 101"),
+            ),
+            (
+                "repeat",
+                |m| {
+                    m.index = 100;
+                    m.log_term = 5;
+                    let mut e = entries(101, &[5, 5]);
+                    e[1].index = 101;
+                    m.entries = e.into();
+                },
+                Some("expected 102"),
+            ),
+            (
+                "overflow",
+                |m| {
+                    m.index = u64::MAX;
+                    m.log_term = 5;
+                    m.entries = entries(0, &[5]).into();
+                },
+                Some("overflows"),
+            ),
+            (
+                "decreasing terms",
+                |m| {
+                    m.index = 100;
+                    m.log_term = 5;
+                    m.entries = entries(101, &[4]).into();
+                },
+                Some("outside [5, 5]"),
+            ),
+            (
+                "entry term past message",
+                |m| {
+                    m.index = 100;
+                    m.log_term = 5;
+                    m.entries = entries(101, &[6]).into();
+                },
+                Some("outside"),
+            ),
+            (
+                "conf change",
+                |m| {
+                    m.index = 100;
+                    m.log_term = 5;
+                    let mut e = entries(101, &[5]);
+                    e[0].set_entry_type(EntryType::EntryConfChange);
+                    m.entries = e.into();
+                },
+                Some("configuration change"),
+            ),
         ];
         check_cases(MessageType::MsgAppend, cases);
     }
@@ -505,11 +626,35 @@ mod tests {
         let cases: &[Case] = &[
             ("ok", |m| m.set_snapshot(snapshot(200, 5, &[3, 1, 2])), None),
             ("none", |_| {}, Some("no snapshot")),
-            ("term 0", |m| m.set_snapshot(snapshot(1_000_000, 0, &[1, 2, 3])), Some("both must be positive")),
-            ("index 0", |m| m.set_snapshot(snapshot(0, 5, &[1, 2, 3])), Some("both must be positive")),
-            ("term past message", |m| m.set_snapshot(snapshot(200, 6, &[1, 2, 3])), Some("at most 5")),
-            ("other voters", |m| m.set_snapshot(snapshot(200, 5, &[1, 2, 4])), Some("not this cluster's")),
-            ("joint", |m| { let mut s = snapshot(200, 5, &[1, 2, 3]); s.mut_metadata().mut_conf_state().voters_outgoing = vec![1]; m.set_snapshot(s); }, Some("not this cluster's")),
+            (
+                "term 0",
+                |m| m.set_snapshot(snapshot(1_000_000, 0, &[1, 2, 3])),
+                Some("both must be positive"),
+            ),
+            (
+                "index 0",
+                |m| m.set_snapshot(snapshot(0, 5, &[1, 2, 3])),
+                Some("both must be positive"),
+            ),
+            (
+                "term past message",
+                |m| m.set_snapshot(snapshot(200, 6, &[1, 2, 3])),
+                Some("at most 5"),
+            ),
+            (
+                "other voters",
+                |m| m.set_snapshot(snapshot(200, 5, &[1, 2, 4])),
+                Some("not this cluster's"),
+            ),
+            (
+                "joint",
+                |m| {
+                    let mut s = snapshot(200, 5, &[1, 2, 3]);
+                    s.mut_metadata().mut_conf_state().voters_outgoing = vec![1];
+                    m.set_snapshot(s);
+                },
+                Some("not this cluster's"),
+            ),
         ];
         check_cases(MessageType::MsgSnapshot, cases);
     }
@@ -518,9 +663,26 @@ mod tests {
     fn append_responses_stay_within_the_log() {
         let cases: &[Case] = &[
             ("ack", |m| m.index = 100, None),
-            ("ack past the end", |m| m.index = 101, Some("acknowledges index 101")),
-            ("reject past the end", |m| { m.reject = true; m.index = 500; m.reject_hint = 400; m.log_term = 3; }, None),
-            ("snapshot request", |m| m.request_snapshot = 50, Some("asks for a snapshot")),
+            (
+                "ack past the end",
+                |m| m.index = 101,
+                Some("acknowledges index 101"),
+            ),
+            (
+                "reject past the end",
+                |m| {
+                    m.reject = true;
+                    m.index = 500;
+                    m.reject_hint = 400;
+                    m.log_term = 3;
+                },
+                None,
+            ),
+            (
+                "snapshot request",
+                |m| m.request_snapshot = 50,
+                Some("asks for a snapshot"),
+            ),
         ];
         check_cases(MessageType::MsgAppendResponse, cases);
     }

@@ -129,9 +129,9 @@ pub fn cluster_id(voters: &[u64], name: &str) -> u64 {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let hash = text
-        .bytes()
-        .fold(OFFSET, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(PRIME));
+    let hash = text.bytes().fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    });
     // 0 means "no cluster id" on the wire.
     hash.max(1)
 }

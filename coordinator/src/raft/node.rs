@@ -718,9 +718,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             leader_url: leader_id.and_then(|id| self.urls.get(&id).cloned()),
             term: raft.term,
             // A stopped replica leads nothing, whatever raft-rs last knew.
-            is_leader: running
-                && raft.state == StateRole::Leader
-                && self.applied_term == raft.term,
+            is_leader: running && raft.state == StateRole::Leader && self.applied_term == raft.term,
             commit_index: raft.raft_log.committed,
             applied_index: self.applied,
             running,
