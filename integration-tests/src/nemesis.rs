@@ -24,11 +24,11 @@ use gantry_coordinator::domain::AttemptOutcome;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::Sandbox;
 use crate::check::{check_replicas, read_replicas};
 use crate::ledger::{Execution, LedgerWatch};
 use crate::load::{Load, LoadPlan};
 use crate::verdict::{Ground, Stored, Verdict, Violation, check};
-use crate::Sandbox;
 
 use cluster::Cluster;
 
@@ -288,22 +288,7 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
 
     let mut rng = StdRng::seed_from_u64(config.seed);
     let classes = FaultKind::weighted(config.agent_kills);
-    let mut faults = Vec::new();
-    let until = Instant::now() + config.faults_for;
-    while Instant::now() < until {
-        let kind = pick(&mut rng, &classes);
-        let fault = cluster.inject(&mut sandbox, &mut rng, kind)?;
-        if config.progress {
-            eprintln!(
-                "nemesis: {} {} at {}",
-                kind.name(),
-                fault.target,
-                fault.at_ms
-            );
-        }
-        faults.push(fault);
-        pause(&mut rng, 500, 2_000);
-    }
+    let mut faults = inject_for(&mut cluster, &mut sandbox, &mut rng, config, &classes)?;
     stop_load.store(true, Ordering::Relaxed);
     if let Some(submitter) = cleanup.threads.pop() {
         let _ = submitter.join();
@@ -318,36 +303,10 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
     }
 
     let quiet = cluster.settle(&sandbox, &dead_nodes, config.settle);
-    let end_ms = now_ms();
-    {
-        let mut watch = lock(&watch)?;
-        watch.poll(end_ms)?;
-        watch.mark_survivors();
-    }
-    cluster.stop_all(&mut sandbox)?;
-    let replicas = read_replicas(&cluster.parts.set.dirs)?;
-    let stored = replicas
-        .iter()
-        .map(Stored::read)
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let orphans_killed = lock(&watch)?.kill_survivors();
-    let executions = lock(&watch)?.executions().to_vec();
+    let judged = judge(&mut cluster, &mut sandbox, &watch, &load, &dead_nodes)?;
     let load = lock(&load)?.clone();
-    let mut verdict = check(&Ground {
-        executions: &executions,
-        acknowledged: &load.acked,
-        cancels: &load.cancels,
-        stored: &stored,
-        dead_nodes: &dead_nodes,
-        end_ms,
-    });
-    if let Err(error) = check_replicas(&replicas) {
-        verdict
-            .violations
-            .push(Violation::Replicas(format!("{error:#}")));
-    }
     let (kill_to_running, restart_to_adopted, not_adopted) =
-        recovery(&faults, &executions, stored.first());
+        recovery(&faults, &judged.executions, judged.stored.first());
     drop(sandbox);
     drop(cleanup);
     Ok(NemesisReport {
@@ -357,15 +316,96 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
         jobs: load.acked.len(),
         cancels: load.cancels.len(),
         submit_errors: load.submit_errors,
-        executions: executions.len(),
+        executions: judged.executions.len(),
         quiet,
-        verdict,
+        verdict: judged.verdict,
         kill_to_running,
         restart_to_adopted,
         not_adopted,
-        orphans_killed,
+        orphans_killed: judged.orphans_killed,
         elapsed: began.elapsed(),
     })
+}
+
+/// What the checker found, with what it read.
+struct Judged {
+    executions: Vec<Execution>,
+    stored: Vec<Stored>,
+    verdict: Verdict,
+    orphans_killed: usize,
+}
+
+/// Notes the processes alive now that the cluster should be quiet, stops
+/// it, reads every replica's storage, kills leftover job processes, and
+/// runs the checkers.
+fn judge(
+    cluster: &mut Cluster,
+    sandbox: &mut Sandbox,
+    watch: &Mutex<LedgerWatch>,
+    load: &Mutex<Load>,
+    dead_nodes: &[String],
+) -> anyhow::Result<Judged> {
+    let end_ms = now_ms();
+    {
+        let mut watch = lock(watch)?;
+        watch.poll(end_ms)?;
+        watch.mark_survivors();
+    }
+    cluster.stop_all(sandbox)?;
+    let replicas = read_replicas(&cluster.parts.set.dirs)?;
+    let stored = replicas
+        .iter()
+        .map(Stored::read)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let orphans_killed = lock(watch)?.kill_survivors();
+    let executions = lock(watch)?.executions().to_vec();
+    let load = lock(load)?.clone();
+    let mut verdict = check(&Ground {
+        executions: &executions,
+        acknowledged: &load.acked,
+        cancels: &load.cancels,
+        stored: &stored,
+        dead_nodes,
+        end_ms,
+    });
+    if let Err(error) = check_replicas(&replicas) {
+        verdict
+            .violations
+            .push(Violation::Replicas(format!("{error:#}")));
+    }
+    Ok(Judged {
+        executions,
+        stored,
+        verdict,
+        orphans_killed,
+    })
+}
+
+/// Injects seeded faults from `classes` for `config.faults_for`.
+fn inject_for(
+    cluster: &mut Cluster,
+    sandbox: &mut Sandbox,
+    rng: &mut StdRng,
+    config: &NemesisConfig,
+    classes: &[(FaultKind, u32)],
+) -> anyhow::Result<Vec<Fault>> {
+    let mut faults = Vec::new();
+    let until = Instant::now() + config.faults_for;
+    while Instant::now() < until {
+        let kind = pick(rng, classes);
+        let fault = cluster.inject(sandbox, rng, kind)?;
+        if config.progress {
+            eprintln!(
+                "nemesis: {} {} at {}",
+                kind.name(),
+                fault.target,
+                fault.at_ms
+            );
+        }
+        faults.push(fault);
+        pause(rng, 500, 2_000);
+    }
+    Ok(faults)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> anyhow::Result<std::sync::MutexGuard<'_, T>> {
