@@ -588,4 +588,4 @@ fn extra_work(ground: &Ground, by_job: &BTreeMap<JobId, Vec<&Execution>>) -> Ext
 
 #[cfg(test)]
 #[path = "verdict_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -30,7 +30,8 @@ enum End {
     Alive,
 }
 
-fn record(id: JobId, state: JobState, attempt: u32) -> JobRecord {
+/// A job with one attempt on `n1` (shared with the nemesis's tests).
+pub(crate) fn record(id: JobId, state: JobState, attempt: u32) -> JobRecord {
     JobRecord {
         id,
         spec: JobSpec::for_test(&format!("j{id}")),

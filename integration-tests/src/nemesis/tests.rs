@@ -1,7 +1,8 @@
 //! The recovery measures as data.
 
 use super::*;
-use gantry_coordinator::domain::{AttemptRecord, JobRecord, JobSpec, JobState};
+use crate::verdict::tests::record;
+use gantry_coordinator::domain::JobState;
 
 fn run(job: u64, attempt: u32, node: &str, started: u64, ended: u64) -> Execution {
     Execution {
@@ -20,44 +21,10 @@ fn run(job: u64, attempt: u32, node: &str, started: u64, ended: u64) -> Executio
 fn stored(jobs: &[(u64, &str, AttemptOutcome)]) -> Stored {
     let mut stored = Stored::default();
     for (id, node, outcome) in jobs {
-        let mut record = JobRecord {
-            id: *id,
-            spec: JobSpec::for_test("j"),
-            state: JobState::Succeeded,
-            submitted_at_ms: 0,
-            updated_at_ms: 0,
-            attempts: vec![],
-            cancel_requested: false,
-            depends_on: vec![],
-            not_before_ms: 0,
-            terminal_reason: String::new(),
-            retry_base: 0,
-            batch_cap: None,
-            blocked_by: None,
-            pipeline: String::new(),
-            run: 0,
-        };
-        record.attempts.push(AttemptRecord {
-            attempt: 1,
-            node: node.to_string(),
-            gpus: vec![0],
-            gpu_memory: 1,
-            batch_size: 0,
-            exclusive_gpu: false,
-            assigned_at_ms: 0,
-            started_at_ms: 0,
-            ended_at_ms: 0,
-            exit_code: Some(0),
-            signal: None,
-            error: String::new(),
-            outcome: Some(*outcome),
-            output_tail: String::new(),
-            oom: false,
-            forgiven: false,
-            peak_gpu_memory: 0,
-            preempted: String::new(),
-        });
-        stored.jobs.insert(*id, record);
+        let mut job = record(*id, JobState::Succeeded, 1);
+        job.attempts[0].node = node.to_string();
+        job.attempts[0].outcome = Some(*outcome);
+        stored.jobs.insert(*id, job);
     }
     stored
 }
