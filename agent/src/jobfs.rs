@@ -120,6 +120,18 @@ fn cannot_hand(path: &Path, user: RunAs, e: io::Error) -> String {
     format!("cannot hand {} to uid {}: {e}", path.display(), user.uid)
 }
 
+/// The job user of tests that switch users or hand files over; `None`
+/// (the test is skipped) unless the tests run as root, the only agent that
+/// can.
+#[cfg(test)]
+pub(crate) fn nobody() -> Option<RunAs> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return None;
+    }
+    Some(RunAs::resolve("nobody").expect("the nobody user"))
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::MetadataExt;
@@ -133,11 +145,7 @@ mod tests {
 
     #[test]
     fn hand_over_gives_what_the_agent_made_and_follows_nothing() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: chown needs root");
-            return;
-        }
-        let user = RunAs::resolve("nobody").unwrap();
+        let Some(user) = nobody() else { return };
         let root = (0, 0);
         let dir = tempfile::tempdir().unwrap();
         let outside = dir.path().join("outside");
@@ -179,11 +187,7 @@ mod tests {
 
     #[test]
     fn hand_over_refuses_a_linked_work_directory() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: chown needs root");
-            return;
-        }
-        let user = RunAs::resolve("nobody").unwrap();
+        let Some(user) = nobody() else { return };
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("target");
         std::fs::create_dir(&target).unwrap();

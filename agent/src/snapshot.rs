@@ -45,7 +45,8 @@
 //! keep their permission bits; directories get the agent's default mode.
 //!
 //! Copying is synchronous; the executor runs it under `spawn_blocking` and can
-//! interrupt it between chunks through a cancel flag.
+//! interrupt it through a cancel flag (checked between chunks in process; a
+//! helper process is killed).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek};
@@ -545,15 +546,7 @@ mod tests {
         assert!(err.contains("snapshot cancelled"), "{err}");
     }
 
-    /// The job user of the `--run-as` tests; `None` (test skipped) unless
-    /// the tests run as root, the only agent that can switch users.
-    fn nobody() -> Option<RunAs> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: switching users needs root");
-            return None;
-        }
-        Some(RunAs::resolve("nobody").unwrap())
-    }
+    use crate::jobfs::nobody;
 
     fn chmod(path: &Path, mode: u32) {
         use std::os::unix::fs::PermissionsExt;

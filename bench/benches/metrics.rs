@@ -11,7 +11,7 @@ use gantry_proto as pb;
 
 fn fleet(nodes: usize) -> ClusterView {
     let gib = 1i64 << 30;
-    let nodes = (0..nodes)
+    let nodes: Vec<pb::Node> = (0..nodes)
         .map(|i| pb::Node {
             name: format!("gpu-{i:05}"),
             address: format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
@@ -42,9 +42,22 @@ fn fleet(nodes: usize) -> ClusterView {
             jobs.insert((state.to_string(), kind.to_string()), 5_000);
         }
     }
+    // Placement's figure: total - reserved - used by others (none here).
+    let gpu_free = nodes
+        .iter()
+        .map(|n: &pb::Node| {
+            let free = n
+                .gpus
+                .iter()
+                .map(|g| (g.index, (g.total_bytes - g.reserved_bytes).max(0) as u64))
+                .collect();
+            (n.name.clone(), free)
+        })
+        .collect();
     ClusterView {
         nodes,
         jobs,
+        gpu_free,
         dlq: 12,
         agents_connected: 10_000,
         fleet_disk_pressure: false,

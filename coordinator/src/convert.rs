@@ -78,10 +78,12 @@ fn non_negative(field: &str, prefix: &str, value: i64, max: u64) -> Result<u64, 
     Ok(value)
 }
 
-fn check_name(field: String, name: &str) -> Result<(), CoordinatorError> {
+/// A name: bounded, in a safe alphabet. `field` is built only on refusal
+/// (a 10,000-job submit checks 300,000 `after:` names).
+fn check_name(field: impl FnOnce() -> String, name: &str) -> Result<(), CoordinatorError> {
     if name.len() > MAX_NAME_LEN {
         return Err(invalid(
-            field,
+            field(),
             format!("longer than {MAX_NAME_LEN} characters"),
         ));
     }
@@ -90,7 +92,7 @@ fn check_name(field: String, name: &str) -> Result<(), CoordinatorError> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')))
     {
         return Err(invalid(
-            field,
+            field(),
             format!("{name:?} contains {bad:?}; use letters, digits, '-', '_', '.', '/'"),
         ));
     }
@@ -147,7 +149,7 @@ pub fn submit_request(
     let pipeline = if request.pipeline.is_empty() {
         None
     } else {
-        check_name("pipeline".into(), &request.pipeline)?;
+        check_name(|| "pipeline".into(), &request.pipeline)?;
         Some(request.pipeline)
     };
     let specs = request
@@ -181,7 +183,7 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
             )
         })?
     };
-    check_name(format!("{prefix}name"), &spec.name)?;
+    check_name(|| format!("{prefix}name"), &spec.name)?;
     let name = if spec.name.is_empty() {
         kind.as_str().to_string()
     } else {
@@ -217,7 +219,7 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
         return Err(invalid(format!("{prefix}timeout"), "longer than 30 days"));
     }
     check_after(&spec.after, &name, prefix)?;
-    check_name(format!("{prefix}queue"), &spec.queue)?;
+    check_name(|| format!("{prefix}queue"), &spec.queue)?;
     let snapshots = snapshots(spec.snapshot, prefix)?;
     let gpu_memory_policy = match spec.gpu_memory_policy.as_str() {
         "" | "warn" => OverusePolicy::Warn,
@@ -394,7 +396,7 @@ fn locks(wire: Vec<pb::LockRequest>, prefix: &str) -> Result<Vec<LockRequest>, C
                 "must not be empty",
             ));
         }
-        check_name(format!("{prefix}locks[{i}].name"), &lock.name)?;
+        check_name(|| format!("{prefix}locks[{i}].name"), &lock.name)?;
         if !seen.insert(lock.name.clone()) {
             return Err(invalid(
                 format!("{prefix}locks[{i}].name"),
@@ -508,7 +510,7 @@ fn check_after(after: &[String], name: &str, prefix: &str) -> Result<(), Coordin
         if dep.is_empty() {
             return Err(invalid(format!("{prefix}after[{i}]"), "must not be empty"));
         }
-        check_name(format!("{prefix}after[{i}]"), dep)?;
+        check_name(|| format!("{prefix}after[{i}]"), dep)?;
         if dep == name {
             return Err(invalid(
                 format!("{prefix}after[{i}]"),

@@ -559,7 +559,7 @@ impl Core {
                 term = status.term,
                 "leading: rebuilding soft state from heartbeats"
             );
-            self.health = HealthTracker::new(self.config.health);
+            self.health = decide::housekeeping::elected(&self.state, self.config.health, now_ms());
             // Recomputed (and the new tracker scaled) at the next tick.
             self.heartbeat_interval_ms = 0;
             self.interval_checked = None;

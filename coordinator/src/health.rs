@@ -132,6 +132,9 @@ impl Default for HealthConfig {
 pub struct HealthTracker {
     config: HealthConfig,
     nodes: HashMap<String, NodeHealth>,
+    /// Nodes known from hard state that this leader has not heard from
+    /// yet, and when their silence clock started (its election).
+    unheard: HashMap<String, u64>,
     /// The heartbeat interval agents were told (0 = the base; thresholds are
     /// then the configured floors).
     interval_ms: u64,
@@ -148,6 +151,7 @@ impl HealthTracker {
         HealthTracker {
             config,
             nodes: HashMap::new(),
+            unheard: HashMap::new(),
             interval_ms: 0,
             shrunk_from: None,
         }
@@ -173,6 +177,17 @@ impl HealthTracker {
         self.config.thresholds(interval)
     }
 
+    /// Starts the silence clock of nodes this leader has not heard from
+    /// (a new leader's, for every node in hard state): one that stays
+    /// silent for the Down threshold is reported by [`HealthTracker::tick`].
+    pub fn start_clocks(&mut self, nodes: impl IntoIterator<Item = String>, now_ms: u64) {
+        for node in nodes {
+            if !self.nodes.contains_key(&node) {
+                self.unheard.entry(node).or_insert(now_ms);
+            }
+        }
+    }
+
     /// Health of a node the leader has heard from.
     pub fn get(&self, node: &str) -> Option<&NodeHealth> {
         self.nodes.get(node)
@@ -187,6 +202,7 @@ impl HealthTracker {
         disk_total: u64,
         now_ms: u64,
     ) {
+        self.unheard.remove(node);
         let health = self.nodes.entry(node.to_string()).or_default();
         health.last_seen_ms = now_ms;
         health.state = NodeState::Ready;
@@ -200,6 +216,7 @@ impl HealthTracker {
     /// Suspect (so a scheduling pass is worth running).
     pub fn on_heartbeat(&mut self, node: &str, hb: &Heartbeat, now_ms: u64) -> bool {
         let config = self.config;
+        self.unheard.remove(node);
         let health = self.nodes.entry(node.to_string()).or_default();
         let revived = health.state != NodeState::Ready;
         health.last_seen_ms = now_ms;
@@ -243,6 +260,14 @@ impl HealthTracker {
             }
             health.state = state;
         }
+        // Never heard from since the election: Down once silent as long.
+        self.unheard.retain(|name, since| {
+            let silent = now_ms.saturating_sub(*since) >= down_after_ms;
+            if silent {
+                down.push(name.clone());
+            }
+            !silent
+        });
         down.sort();
         down
     }
@@ -305,6 +330,21 @@ mod tests {
         assert_eq!(tracker.tick(16_000), vec!["n1".to_string()]);
         assert!(tracker.tick(17_000).is_empty(), "down is reported once");
         assert!(tracker.on_heartbeat("n1", &Heartbeat::default(), 18_000));
+    }
+
+    #[test]
+    fn a_node_unheard_since_the_election_goes_down_once_at_the_threshold() {
+        let mut tracker = HealthTracker::new(HealthConfig::default());
+        tracker.start_clocks(["n1".to_string(), "n2".to_string()], 1_000);
+        tracker.on_heartbeat("n2", &Heartbeat::default(), 2_000);
+        assert!(tracker.tick(15_999).is_empty());
+        assert!(
+            tracker.get("n1").is_none(),
+            "unheard nodes have no telemetry"
+        );
+        tracker.on_heartbeat("n2", &Heartbeat::default(), 16_000);
+        assert_eq!(tracker.tick(16_000), vec!["n1".to_string()]);
+        assert!(tracker.tick(17_000).is_empty(), "down is reported once");
     }
 
     #[test]

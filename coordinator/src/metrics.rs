@@ -125,6 +125,9 @@ pub struct ClusterView {
     pub agents_connected: u64,
     /// Whether the fleet as a whole is disk-pressured (pure producers wait).
     pub fleet_disk_pressure: bool,
+    /// Effective free memory of each GPU by node and index, as placement
+    /// computes it (`total - reserved - used by others - headroom`).
+    pub gpu_free: BTreeMap<String, BTreeMap<u32, u64>>,
 }
 
 /// Every node state, so `gantry_nodes{state}` has a zero rather than a gap.
@@ -405,9 +408,23 @@ impl Collector for ClusterCollector {
         gauges(
             e,
             "gantry_gpu_memory_free",
-            "GPU memory neither used nor reserved",
+            "GPU memory the scheduler can still place on: total - reserved - used by other processes - headroom",
             Some(&Unit::Bytes),
-            per_gpu(|g| (g.total_bytes - g.used_bytes.max(g.reserved_bytes)).max(0)),
+            live.iter().flat_map(|n| {
+                let ids = &ids;
+                n.gpus.iter().filter_map(move |g| {
+                    // The same figure placement uses; a GPU the view has no
+                    // figure for gets no series rather than a guess.
+                    let free = view.gpu_free.get(&n.name)?.get(&g.index)?;
+                    Some((
+                        [
+                            ("node", n.name.as_str()),
+                            ("gpu", ids[g.index as usize].as_str()),
+                        ],
+                        (*free).min(i64::MAX as u64) as i64,
+                    ))
+                })
+            }),
         )?;
         gauges(
             e,
@@ -495,6 +512,9 @@ mod tests {
             dlq: 1,
             agents_connected: 1,
             fleet_disk_pressure: false,
+            // Less than total - max(used, reserved) = 60 GiB: others' use
+            // and the headroom count too.
+            gpu_free: [("gpu-01".to_string(), [(0, 52 << 30)].into())].into(),
         }
     }
 
@@ -528,6 +548,13 @@ mod tests {
             format!(
                 "gantry_gpu_memory_reserved_bytes{{node=\"gpu-01\",gpu=\"0\"}} {}",
                 20u64 << 30
+            )
+        );
+        assert_eq!(
+            line(&text, "gantry_gpu_memory_free_bytes{"),
+            format!(
+                "gantry_gpu_memory_free_bytes{{node=\"gpu-01\",gpu=\"0\"}} {}",
+                52u64 << 30
             )
         );
         assert_eq!(

@@ -383,7 +383,9 @@ pub async fn start(
                 Ok(Ok(())) if core_shutdown.is_cancelled() => return,
                 Ok(Ok(())) => "stopped before the coordinator did".to_string(),
                 Ok(Err(error)) => error,
-                Err(payload) => format!("panicked: {}", panic_text(&*payload)),
+                Err(payload) => {
+                    format!("panicked: {}", crate::raft::node::panic_message(&*payload))
+                }
             };
             tracing::error!(%reason, "coordinator core thread stopped");
             core_failure.set(format!("coordinator core {reason}"));
@@ -498,17 +500,6 @@ pub async fn start(
     })
 }
 
-/// The text of a panic's payload.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_string()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "(no message)".to_string()
-    }
-}
-
 /// Turns a Raft driver that stopped on its own, or a core [`Failure`],
 /// into a shutdown: the reason is logged at once, the probes answer 503
 /// for [`FATAL_LINGER`], then everything stops and `wait` returns the
@@ -542,15 +533,18 @@ async fn stop_on_failure(
     }
 }
 
+/// Whether a listener is reachable beyond loopback while no credential at
+/// all is configured.
+fn open_beyond_loopback(auth: &AuthConfig, grpc: SocketAddr, http: Option<SocketAddr>) -> bool {
+    !auth.is_secured()
+        && (!grpc.ip().is_loopback() || http.is_some_and(|addr| !addr.ip().is_loopback()))
+}
+
 /// A warn line when the coordinator listens beyond loopback with no
 /// credentials at all: then anyone who reaches the port may use the client
 /// API, join as an agent, and send Raft messages as a replica.
 fn warn_if_open(config: &CoordinatorConfig, grpc: SocketAddr, http: Option<SocketAddr>) {
-    if config.auth.is_secured() {
-        return;
-    }
-    let exposed = !grpc.ip().is_loopback() || http.is_some_and(|addr| !addr.ip().is_loopback());
-    if exposed {
+    if open_beyond_loopback(&config.auth, grpc, http) {
         tracing::warn!(
             %grpc,
             http = ?http,
@@ -585,5 +579,101 @@ async fn count_leader_changes(
         if now.is_some() {
             leader = now;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A core that has stopped is an error for every call of the Raft
+    /// driver, never a default (an empty reply, an empty snapshot, index 0).
+    #[test]
+    fn a_stopped_core_is_an_error_not_a_default() {
+        let (requests, inbox) = std_mpsc::channel();
+        drop(inbox);
+        let mut app = CoreApp { requests };
+        let stopped = |result: Result<(), String>| {
+            assert_eq!(result.unwrap_err(), "the coordinator core has stopped");
+        };
+        stopped(app.apply(1, b"{}").map(drop));
+        stopped(app.snapshot().map(drop));
+        stopped(app.applied_index().map(drop));
+        stopped(app.restore(1, b"{}"));
+    }
+
+    /// A core that answers without replying (it died handling the request)
+    /// is an error too.
+    #[test]
+    fn a_core_that_drops_the_reply_is_an_error() {
+        let (requests, inbox) = std_mpsc::channel::<Request>();
+        let core = std::thread::spawn(move || {
+            while let Ok(request) = inbox.recv() {
+                drop(request);
+            }
+        });
+        let app = CoreApp { requests };
+        assert!(app.snapshot().is_err());
+        assert!(app.applied_index().is_err());
+        drop(app);
+        core.join().unwrap();
+    }
+
+    #[test]
+    fn snapshots_are_checked_before_install() {
+        let (requests, _inbox) = std_mpsc::channel();
+        let app = CoreApp { requests };
+        assert!(
+            app.check_snapshot(b"not json")
+                .unwrap_err()
+                .contains("undecodable snapshot")
+        );
+        let empty = crate::store::StateSnapshot {
+            jobs: Vec::new(),
+            nodes: Vec::new(),
+            submissions: Vec::new(),
+            estimates: Vec::new(),
+            events: Vec::new(),
+            leader_term: 0,
+        };
+        app.check_snapshot(&serde_json::to_vec(&empty).unwrap())
+            .unwrap();
+    }
+
+    #[test]
+    fn open_listeners_beyond_loopback() {
+        let addr = |text: &str| text.parse::<SocketAddr>().unwrap();
+        let open = AuthConfig::default();
+        let tokens = AuthConfig {
+            join_token: Some("a-join-token-of-16+".into()),
+            ..AuthConfig::default()
+        };
+        let cases = [
+            (&open, "127.0.0.1:7070", None, false),
+            (&open, "127.0.0.11:7070", Some("127.0.0.1:7080"), false),
+            (&open, "[::1]:7070", None, false),
+            (&open, "0.0.0.0:7070", None, true),
+            (&open, "10.0.0.1:7070", Some("127.0.0.1:7080"), true),
+            (&open, "127.0.0.1:7070", Some("0.0.0.0:7080"), true),
+            (&tokens, "0.0.0.0:7070", Some("0.0.0.0:7080"), false),
+        ];
+        for (auth, grpc, http, want) in cases {
+            assert_eq!(
+                open_beyond_loopback(auth, addr(grpc), http.map(addr)),
+                want,
+                "{grpc} {http:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failure_keeps_its_first_reason() {
+        let failure = Failure::default();
+        assert_eq!(failure.reason(), None);
+        failure.set("first");
+        failure.set("second");
+        assert_eq!(failure.reason(), Some("first"));
     }
 }

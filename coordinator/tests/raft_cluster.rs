@@ -140,6 +140,8 @@ struct ToyState {
     applied: u64,
     /// Indexes of the snapshots restored, in order.
     restores: Vec<u64>,
+    /// Make `snapshot` fail (a storage error in the application).
+    fail_snapshots: bool,
 }
 
 /// An append-only list of strings; the reply is the list's new length.
@@ -159,7 +161,7 @@ impl Toy {
 }
 
 impl ReplicatedStateMachine for Toy {
-    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Result<Vec<u8>, String> {
         let mut state = self.0.lock().unwrap();
         assert!(
             index > state.applied,
@@ -170,11 +172,15 @@ impl ReplicatedStateMachine for Toy {
             .values
             .push(String::from_utf8(command.to_vec()).unwrap());
         state.applied = index;
-        state.values.len().to_string().into_bytes()
+        Ok(state.values.len().to_string().into_bytes())
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.0.lock().unwrap().values).unwrap()
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        let state = self.0.lock().unwrap();
+        if state.fail_snapshots {
+            return Err("injected snapshot failure".into());
+        }
+        Ok(serde_json::to_vec(&state.values).unwrap())
     }
 
     fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
@@ -185,8 +191,8 @@ impl ReplicatedStateMachine for Toy {
         Ok(())
     }
 
-    fn applied_index(&self) -> u64 {
-        self.0.lock().unwrap().applied
+    fn applied_index(&self) -> Result<u64, String> {
+        Ok(self.0.lock().unwrap().applied)
     }
 }
 
@@ -663,4 +669,87 @@ async fn restart_restores_state_and_refuses_inconsistent_storage() {
     }
     let error = start_single(dir.path(), Toy::default()).err().unwrap();
     assert!(error.to_string().contains("raft log has a gap"), "{error}");
+}
+
+/// (f) Issue 10 item 8: a snapshot the application cannot take stops the
+/// replica with the reason, and the log is not compacted behind an empty
+/// snapshot: a restart with a working application replays everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_snapshot_stops_the_replica_and_keeps_the_log() {
+    log::init();
+    let dir = tempfile::tempdir().unwrap();
+    let toy = Toy::default();
+    toy.0.lock().unwrap().fail_snapshots = true;
+    let node = start_single(dir.path(), toy.clone()).unwrap();
+    let handle = node.handle();
+    wait_until("single voter leads", || handle.status().is_leader).await;
+    // for_test snapshots every 20 entries: the 20th apply asks for one.
+    let mut stopped = None;
+    for i in 0..40 {
+        if let Err(error) = propose(&handle, &format!("v-{i}")).await {
+            stopped = Some(error);
+            break;
+        }
+    }
+    assert!(
+        stopped.is_some(),
+        "proposals went on after a failed snapshot"
+    );
+    wait_until("driver stops", || !handle.status().running).await;
+    let status = handle.status();
+    assert!(!status.is_leader, "a stopped replica does not lead");
+    let fatal = status.fatal.unwrap_or_default();
+    assert!(
+        fatal.contains("take a snapshot") && fatal.contains("injected snapshot failure"),
+        "{fatal}"
+    );
+    assert_eq!(propose(&handle, "late").await, Err(ProposeError::Stopped));
+    let applied = toy.values();
+    node.stop().await;
+
+    // Nothing was compacted: the log still starts at index 1, and no
+    // snapshot was stored.
+    {
+        let db = open_db(dir.path());
+        let meta = db.open_tree("raft_meta").unwrap();
+        assert!(meta.get("snapshot_meta").unwrap().is_none());
+        assert!(meta.get("truncated").unwrap().is_none());
+        let log = db.open_tree("raft_log").unwrap();
+        let (first, _) = log.first().unwrap().unwrap();
+        assert_eq!(first.as_ref(), 1u64.to_be_bytes());
+    }
+    // A fresh application replays the whole log.
+    let fresh = Toy::default();
+    let node = start_single(dir.path(), fresh.clone()).unwrap();
+    let handle = node.handle();
+    wait_until("replayed", || fresh.values().len() >= applied.len()).await;
+    assert_eq!(fresh.values()[..applied.len()], applied[..]);
+    assert!(fresh.restores().is_empty());
+    node.stop().await;
+    assert!(
+        handle.status().fatal.is_none(),
+        "a requested stop is not fatal"
+    );
+}
+
+/// (g) The cluster id is fixed when the cluster is created: a restart with
+/// another `--cluster-name` keeps the stored one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_id_is_stored_at_creation() {
+    log::init();
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        let db = open_db(dir.path());
+        let mut config =
+            RaftConfig::for_test(1, BTreeMap::from([(1, "http://127.0.0.1:1".into())]));
+        config.cluster_name = name.to_string();
+        RaftNode::start(config, &db, Toy::default(), &CancellationToken::new()).unwrap()
+    };
+    let node = start("first");
+    let created = node.handle().status().cluster_id;
+    assert_eq!(created, gantry_coordinator::raft::cluster_id(&[1], "first"));
+    node.stop().await;
+    let node = start("second");
+    assert_eq!(node.handle().status().cluster_id, created);
+    node.stop().await;
 }

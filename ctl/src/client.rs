@@ -1,6 +1,6 @@
 //! Finding the cluster and turning failures into exit codes scripts can rely on.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gantry_proto as pb;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -34,7 +34,7 @@ impl Interceptor for Credentials {
 }
 
 /// How to reach the cluster: addresses, TLS, token; checked once.
-struct Setup {
+pub(crate) struct Setup {
     urls: Vec<String>,
     tls: Option<ClientTlsConfig>,
     /// Whether a client certificate is presented.
@@ -56,7 +56,7 @@ impl Setup {
         }
     }
 
-    fn new(opts: &crate::ClientOpts) -> Result<Setup, CliError> {
+    pub(crate) fn new(opts: &crate::ClientOpts) -> Result<Setup, CliError> {
         let tls = ClientTlsFiles {
             ca: opts.tls_ca.clone(),
             cert: opts.tls_cert.clone(),
@@ -190,8 +190,19 @@ impl From<tonic::Status> for CliError {
 /// while an election is under way (up to about 10 s).
 pub async fn connect(opts: &crate::ClientOpts) -> Result<Client, CliError> {
     let setup = Setup::new(opts)?;
+    connect_leader(&setup, Instant::now() + Duration::from_secs(10), true).await
+}
+
+/// [`connect`] until `deadline`. With `fail_fast`, gives up after two rounds
+/// in which no coordinator answered at all (a wrong address, not an
+/// election); without it, keeps trying until the deadline (a submit whose
+/// leader died may be waiting for it to come back).
+pub(crate) async fn connect_leader(
+    setup: &Setup,
+    deadline: Instant,
+    fail_fast: bool,
+) -> Result<Client, CliError> {
     let candidates = setup.urls.clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut delay = Duration::from_millis(100);
     let mut last_error = String::new();
     let mut rounds = 0;
@@ -205,7 +216,7 @@ pub async fn connect(opts: &crate::ClientOpts) -> Result<Client, CliError> {
             if tried > 2 * candidates.len() + 2 {
                 break;
             }
-            let mut client = match open(&url, &setup).await {
+            let mut client = match open(&url, setup).await {
                 Ok(client) => client,
                 Err(error) => {
                     last_error = error;
@@ -242,8 +253,8 @@ pub async fn connect(opts: &crate::ClientOpts) -> Result<Client, CliError> {
             }
         }
         // Nobody answering at all is not an election: fail fast.
-        let give_up = !answered && rounds >= 2;
-        if give_up || std::time::Instant::now() + delay > deadline {
+        let give_up = fail_fast && !answered && rounds >= 2;
+        if give_up || Instant::now() + delay > deadline {
             return Err(CliError {
                 code: exit::UNAVAILABLE,
                 message: last_error,

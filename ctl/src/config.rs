@@ -102,7 +102,7 @@ pub struct SecurityFile {
 
 /// Reads a settings file; errors name the file and the field.
 pub fn read_coordinator_file(path: &std::path::Path) -> Result<CoordinatorFile, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = crate::yaml_limits::read_yaml_file(path, 1 << 20, "a settings file")?;
     let deserializer = serde_yaml_ng::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let field = e.path().to_string();

@@ -40,7 +40,8 @@ struct GpusFile {
 
 /// Reads and validates an inventory; errors name the file, the host and the field.
 pub fn read_inventory(path: &Path) -> Result<Vec<InventoryHost>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // 64 MiB holds a few hundred thousand hosts.
+    let text = crate::yaml_limits::read_yaml_file(path, 64 << 20, "an inventory")?;
     parse_inventory(&text, &path.display().to_string())
 }
 

@@ -3,7 +3,8 @@
 //! `drain`, `undrain`, `status`, `watch`).
 //!
 //! Layout: `daemon.rs` starts daemons, `client.rs` finds the cluster and maps
-//! failures to exit codes, `spec.rs` parses job files (`yaml_limits.rs` bounds them first),
+//! failures to exit codes, `submit.rs` retries a submit with its key,
+//! `spec.rs` parses job files (`yaml_limits.rs` bounds them first),
 //! `output.rs` escapes and prints.
 
 mod certs;
@@ -14,6 +15,7 @@ mod inventory;
 mod output;
 mod security;
 mod spec;
+mod submit;
 mod yaml_limits;
 
 use std::collections::BTreeMap;
@@ -466,8 +468,13 @@ struct SubmitArgs {
     #[arg(long)]
     shell: bool,
     /// Idempotency key: resubmitting with the same key returns the same ids.
+    /// Without it a random key is used (and printed if the outcome is unknown).
     #[arg(long)]
     key: Option<String>,
+    /// How long to keep retrying (same key) through a failover, an election
+    /// or a broken connection, e.g. 30s, 2m; 0 = one attempt.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_retry_for)]
+    retry_for: u64,
     #[command(flatten)]
     client: ClientOpts,
     /// The command, after `--`.
@@ -485,6 +492,13 @@ fn parse_deadline(text: &str) -> Result<u64, String> {
     Ok(ms)
 }
 
+/// `--retry-for`: a duration (`30s`, `2m`) in milliseconds; 0 is allowed
+/// and means a single attempt.
+fn parse_retry_for(text: &str) -> Result<u64, String> {
+    gantry_scheduler::units::parse_duration_ms(text)
+        .map_err(|e| format!("--retry-for: {e} (e.g. 30s, 2m, or 0 for one attempt)"))
+}
+
 fn parse_size_arg(text: &str) -> Result<u64, String> {
     parse_bytes(text).map_err(|e| e.to_string())
 }
@@ -498,7 +512,7 @@ fn parse_batch_tiers(text: &str) -> Result<BatchTiers, String> {
         .map(|tier| {
             let (min_free, size) = match tier.split_once(':') {
                 Some((min, size)) => (
-                    parse_bytes(min).map_err(|e| format!("{tier:?}: {e}"))? as i64,
+                    spec::parse_wire_bytes(min).map_err(|e| format!("{tier:?}: {e}"))?,
                     size,
                 ),
                 None => (0, tier),
@@ -938,15 +952,13 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 ));
             }
             let gpu_memory = match &args.gpu_memory {
-                Some(text) => parse_bytes(text)
-                    .map_err(|e| CliError::invalid(format!("--gpu-memory: {e}")))?
-                    as i64,
+                Some(text) => spec::parse_wire_bytes(text)
+                    .map_err(|e| CliError::invalid(format!("--gpu-memory: {e}")))?,
                 None => 0,
             };
             let memory = match &args.memory {
-                Some(text) => parse_bytes(text)
-                    .map_err(|e| CliError::invalid(format!("--memory: {e}")))?
-                    as i64,
+                Some(text) => spec::parse_wire_bytes(text)
+                    .map_err(|e| CliError::invalid(format!("--memory: {e}")))?,
                 None => 0,
             };
             let cpus = args.cpus.unwrap_or(0.0);
@@ -956,8 +968,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 )));
             }
             let timeout_ms = match &args.timeout {
-                Some(text) => gantry_scheduler::units::parse_duration_ms(text)
-                    .map_err(|e| CliError::invalid(format!("--timeout: {e}")))?,
+                Some(text) => spec::parse_timeout(text).map_err(CliError::invalid)?,
                 None => 0,
             };
             if args.max_attempts == Some(0) {
@@ -991,14 +1002,14 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
             (None, jobs)
         }
     };
-    let mut client = client::connect(&args.client).await?;
     let key = args.key.clone().unwrap_or_else(new_submission_key);
     let request = pb::SubmitRequest {
         jobs,
         submission_key: key,
         pipeline: pipeline.unwrap_or_default(),
     };
-    let response = client.submit(request).await?.into_inner();
+    let retry_for = std::time::Duration::from_millis(args.retry_for);
+    let response = submit::submit(&args.client, request, retry_for).await?;
     match args.client.output {
         Format::Json => print_json(&serde_json::json!({ "job_ids": response.job_ids })),
         Format::Table => {
@@ -1025,7 +1036,11 @@ async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), Cl
     let mut jobs = client
         .list_jobs(pb::ListJobsRequest {
             states: state,
-            limit: limit.saturating_add(1),
+            limit: if limit == 0 {
+                0
+            } else {
+                limit.saturating_add(1)
+            },
         })
         .await?
         .into_inner()

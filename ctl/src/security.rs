@@ -336,8 +336,8 @@ struct TokenEntry {
 
 /// Reads `--tokens FILE`; errors name the file and the entry's field.
 pub fn read_tokens(path: &Path) -> Result<Vec<BearerToken>, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("--tokens {}: {e}", path.display()))?;
+    let text = crate::yaml_limits::read_yaml_file(path, 1 << 20, "a token file")
+        .map_err(|e| format!("--tokens {e}"))?;
     parse_tokens(&text).map_err(|e| format!("--tokens {}: {e}", path.display()))
 }
 

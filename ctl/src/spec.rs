@@ -14,11 +14,6 @@ use serde::de::{self, Deserializer, Visitor};
 /// Largest spec file accepted.
 pub const MAX_SPEC_FILE_BYTES: u64 = 4 << 20;
 
-/// Deepest YAML nesting accepted in a spec file (as estimated by
-/// `yaml_limits::nesting_depth`). A pipeline of jobs with batch tiers nests
-/// about 7 levels; the YAML parser gets slow in the thousands.
-pub const MAX_SPEC_DEPTH: usize = 64;
-
 /// A size: plain bytes or a string with a unit.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Size(pub i64);
@@ -61,34 +56,98 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+/// A size flag (`--gpu-memory 12GiB`) as the wire's signed bytes: what does
+/// not fit is refused, not wrapped to a negative number.
+pub fn parse_wire_bytes(text: &str) -> Result<i64, String> {
+    let bytes = parse_bytes(text).map_err(|e| e.to_string())?;
+    i64::try_from(bytes).map_err(|_| format!("{} is too large", text.trim()))
+}
+
 /// A duration: `500ms`, `30s`, `6h`, or plain seconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DurationMs(pub u64);
 
+/// Reads [`DurationMs`]: plain numbers are seconds, strings have a unit.
+struct DurationVisitor;
+
+impl Visitor<'_> for DurationVisitor {
+    type Value = DurationMs;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as 500ms, 30s or 6h")
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<DurationMs, E> {
+        if v < 0 {
+            return Err(E::custom(format!("must not be negative (got {v})")));
+        }
+        self.visit_u64(v as u64)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationMs, E> {
+        v.checked_mul(1000)
+            .map(DurationMs)
+            .ok_or_else(|| E::custom("too large"))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationMs, E> {
+        parse_duration_ms(v).map(DurationMs).map_err(E::custom)
+    }
+}
+
 impl<'de> Deserialize<'de> for DurationMs {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<DurationMs, D::Error> {
-        struct DurationVisitor;
-        impl Visitor<'_> for DurationVisitor {
-            type Value = DurationMs;
+        deserializer.deserialize_any(DurationVisitor)
+    }
+}
+
+/// Why a zero time limit is refused: on the wire 0 means "none", so `0s`
+/// would silently mean no limit at all (as `drain --deadline 0` is refused).
+const ZERO_TIMEOUT: &str = "must be more than zero; omit it or write `none` for no time limit";
+
+/// `timeout:`: a positive duration, or `none` for no time limit (`Timeout(None)`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timeout(pub Option<u64>);
+
+impl Timeout {
+    fn positive<E: de::Error>(duration: DurationMs) -> Result<Timeout, E> {
+        match duration.0 {
+            0 => Err(E::custom(ZERO_TIMEOUT)),
+            ms => Ok(Timeout(Some(ms))),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Timeout, D::Error> {
+        struct TimeoutVisitor;
+        impl Visitor<'_> for TimeoutVisitor {
+            type Value = Timeout;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as 500ms, 30s or 6h")
+                f.write_str("a duration such as 30m or 6h, or none")
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DurationMs, E> {
-                if v < 0 {
-                    return Err(E::custom(format!("must not be negative (got {v})")));
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Timeout, E> {
+                Timeout::positive(DurationVisitor.visit_i64(v)?)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Timeout, E> {
+                Timeout::positive(DurationVisitor.visit_u64(v)?)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Timeout, E> {
+                if v.trim() == "none" {
+                    return Ok(Timeout(None));
                 }
-                self.visit_u64(v as u64)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationMs, E> {
-                v.checked_mul(1000)
-                    .map(DurationMs)
-                    .ok_or_else(|| E::custom("too large"))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationMs, E> {
-                parse_duration_ms(v).map(DurationMs).map_err(E::custom)
+                Timeout::positive(DurationVisitor.visit_str(v)?)
             }
         }
-        deserializer.deserialize_any(DurationVisitor)
+        deserializer.deserialize_any(TimeoutVisitor)
+    }
+}
+
+/// `--timeout`: as `timeout:` in a spec file; milliseconds, 0 for `none`.
+pub fn parse_timeout(text: &str) -> Result<u64, String> {
+    if text.trim() == "none" {
+        return Ok(0);
+    }
+    match parse_duration_ms(text) {
+        Err(e) => Err(format!("--timeout: {e} (e.g. 30m, 6h, or none)")),
+        Ok(0) => Err(format!("--timeout: {ZERO_TIMEOUT}")),
+        Ok(ms) => Ok(ms),
     }
 }
 
@@ -298,7 +357,7 @@ struct JobFile {
     #[serde(default)]
     retry: Option<RetryFile>,
     #[serde(default)]
-    timeout: Option<DurationMs>,
+    timeout: Option<Timeout>,
     #[serde(default)]
     after: Vec<String>,
     #[serde(default)]
@@ -385,6 +444,12 @@ fn to_proto(file: JobFile, label: &str) -> Result<pb::JobSpec, SpecError> {
                 Some(n) => u32::try_from(n)
                     .map_err(|_| SpecError(format!("{label}.retry.max_attempts: {n} is absurd")))?,
             };
+            if retry.backoff == Some(DurationMs(0)) {
+                // On the wire 0 means the default back-off, not none.
+                return Err(SpecError(format!(
+                    "{label}.retry.backoff: must be more than zero (omit it for the default of 10s)"
+                )));
+            }
             Some(pb::RetryPolicy {
                 max_attempts,
                 backoff_ms: retry.backoff.map_or(0, |d| d.0),
@@ -444,7 +509,7 @@ fn to_proto(file: JobFile, label: &str) -> Result<pb::JobSpec, SpecError> {
         }),
         priority: file.priority.unwrap_or(0),
         retry,
-        timeout_ms: file.timeout.map_or(0, |d| d.0),
+        timeout_ms: file.timeout.and_then(|t| t.0).unwrap_or(0),
         after: file.after,
         shell: file.shell,
         exclusive_gpu: file.exclusive_gpu,
@@ -472,9 +537,10 @@ pub struct ParsedSpec {
 }
 
 /// Parses the text of a spec file into wire specs; refuses nesting deeper
-/// than [`MAX_SPEC_DEPTH`] before the parser sees the text.
+/// than `yaml_limits::MAX_YAML_DEPTH` before the parser sees the text.
 pub fn parse_spec_text(text: &str, source: &str) -> Result<ParsedSpec, SpecError> {
-    crate::yaml_limits::check_depth(text, MAX_SPEC_DEPTH, source).map_err(SpecError)?;
+    use crate::yaml_limits::{MAX_YAML_DEPTH, check_depth};
+    check_depth(text, MAX_YAML_DEPTH, source).map_err(SpecError)?;
     let mut values = Vec::new();
     for (doc_index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let value = serde_yaml_ng::Value::deserialize(document)
@@ -620,6 +686,40 @@ after: [export-sq8-2p]
     }
 
     #[test]
+    fn timeouts() {
+        let cases: Vec<(&str, u64)> = vec![
+            ("timeout: none", 0),
+            ("timeout: 90", 90_000),
+            ("timeout: 1.5h", 5_400_000),
+            ("timeout: 500ms", 500),
+            ("retry: {max_attempts: 2}", 0),
+        ];
+        for (line, expect) in cases {
+            let jobs = parse(&format!("command: [a]\n{line}\n")).expect(line);
+            assert_eq!(jobs[0].timeout_ms, expect, "{line}");
+        }
+        assert_eq!(parse_wire_bytes("1KiB"), Ok(1024));
+        assert_eq!(
+            parse_wire_bytes("9300000TB"),
+            Err("9300000TB is too large".into())
+        );
+        let flags: Vec<(&str, Result<u64, &str>)> = vec![
+            ("none", Ok(0)),
+            ("6h", Ok(6 * 3_600_000)),
+            ("0s", Err("--timeout: must be more than zero")),
+            ("0", Err("--timeout: must be more than zero")),
+            ("soon", Err("--timeout: ")),
+        ];
+        for (text, expect) in flags {
+            match (parse_timeout(text), expect) {
+                (Ok(ms), Ok(want)) => assert_eq!(ms, want, "{text}"),
+                (Err(e), Err(prefix)) => assert!(e.starts_with(prefix), "{text}: {e}"),
+                (got, want) => panic!("{text}: got {got:?}, expected {want:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn several_jobs_per_file() {
         assert_eq!(
             parse("- {command: [a]}\n- {command: [b]}\n").map(|j| j.len()),
@@ -655,6 +755,22 @@ after: [export-sq8-2p]
             "retry.max_attempts: must be at least 1",
         );
         check_err("command: [a]\ntimeout: soon\n", "timeout");
+        check_err(
+            "command: [a]\ntimeout: 0s\n",
+            "job.timeout: must be more than zero; omit it or write `none`",
+        );
+        check_err(
+            "command: [a]\ntimeout: 0\n",
+            "job.timeout: must be more than zero",
+        );
+        check_err(
+            "command: [a]\ntimeout: -5\n",
+            "job.timeout: must not be negative",
+        );
+        check_err(
+            "command: [a]\nretry: {backoff: 0s}\n",
+            "job.retry.backoff: must be more than zero",
+        );
         check_err("kind: selfplay\n", "missing field `command`");
         check_err("42\n", "expected a job");
         check_err("", "no jobs");

@@ -5,17 +5,35 @@
 //! in nesting depth: 100,000 levels took it 31 s before failing).
 
 use std::io::Read;
+use std::path::Path;
+
+/// Deepest YAML nesting accepted in any file the CLI reads (as estimated by
+/// [`nesting_depth`]). A pipeline of jobs with batch tiers nests about 7
+/// levels; the YAML parser gets slow in the thousands.
+pub const MAX_YAML_DEPTH: usize = 64;
 
 /// Reads `path` (`-` = standard input) as UTF-8 text, refusing it once more
 /// than `limit` bytes arrive: reads through `take(limit + 1)`, so nothing
 /// larger is ever held in memory. `what` names the kind of file in errors.
 pub fn read_limited(path: &str, limit: u64, what: &str) -> Result<String, String> {
-    let (name, reader): (&str, Box<dyn Read>) = if path == "-" {
-        ("stdin", Box::new(std::io::stdin()))
-    } else {
-        let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
-        (path, Box::new(file))
-    };
+    if path == "-" {
+        return read_bounded(std::io::stdin(), "stdin", limit, what);
+    }
+    let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    read_bounded(file, path, limit, what)
+}
+
+/// Reads an operator's YAML file (settings, inventory, tokens) with the
+/// size limit of [`read_limited`] and the depth limit of [`check_depth`].
+pub fn read_yaml_file(path: &Path, limit: u64, what: &str) -> Result<String, String> {
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|e| format!("{name}: {e}"))?;
+    let text = read_bounded(file, &name, limit, what)?;
+    check_depth(&text, MAX_YAML_DEPTH, &name)?;
+    Ok(text)
+}
+
+fn read_bounded(reader: impl Read, name: &str, limit: u64, what: &str) -> Result<String, String> {
     let mut bytes = Vec::new();
     reader
         .take(limit.saturating_add(1))

@@ -116,6 +116,16 @@ impl Proc {
         let _ = child.wait();
     }
 
+    /// Waits up to `timeout` for the process to exit on its own; its exit
+    /// status, or `None` if it still runs (or was already reaped).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let status =
+            wait_until("process exit", timeout, || child.try_wait().ok().flatten()).ok()?;
+        self.child = None;
+        Some(status)
+    }
+
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
         self.child
@@ -172,6 +182,9 @@ pub struct Sandbox {
     log_filter: Option<String>,
     /// Environment of every client command (TLS files, token).
     client_env: Vec<(String, String)>,
+    /// Extra environment of the daemons started from now on (fault
+    /// injection hooks).
+    daemon_env: Vec<(String, String)>,
 }
 
 /// A started coordinator.
@@ -195,12 +208,18 @@ impl Sandbox {
             procs: Vec::new(),
             log_filter: None,
             client_env: Vec::new(),
+            daemon_env: Vec::new(),
         })
     }
 
     /// Sets `RUST_LOG` for the processes started from now on.
     pub fn set_log_filter(&mut self, filter: &str) {
         self.log_filter = Some(filter.to_string());
+    }
+
+    /// Sets an environment variable for the daemons started from now on.
+    pub fn set_daemon_env(&mut self, key: &str, value: &str) {
+        self.daemon_env.push((key.to_string(), value.to_string()));
     }
 
     /// The sandbox's directory.
@@ -213,6 +232,7 @@ impl Sandbox {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
         let mut child = Command::new(gantry_bin())
             .args(args)
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 self.log_filter

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use gantry_integration_tests::{Sandbox, wait_until};
 use gantry_proto as pb;
 use serde_json::Value;
@@ -282,5 +283,29 @@ command: ["cat $GANTRY_SNAPSHOT_DIR/model.pt; echo; while [ ! -e {gate} ]; do sl
     sandbox.wait_job_state(&url, ids[0], "succeeded", T)?;
     let logs = sandbox.gantry(&url, &["logs", &ids[0].to_string()]);
     assert_eq!(logs.stdout.trim(), "weights-v1\nweights-v1", "{logs:?}");
+    Ok(())
+}
+
+/// Issue 10, finding 5a: a job cancelled while it waits in retry back-off is
+/// cancelled at once and never placed again (it was requeued, placed and
+/// refused in a loop, hundreds of Raft entries a second, for ever).
+#[test]
+fn a_job_cancelled_in_retry_back_off_is_cancelled_at_once() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let url = start_cluster(&mut sandbox)?;
+    let spec = r#"
+name: flaky
+retry: {max_attempts: 3, backoff: 30s}
+resources: {gpus: 1, gpu_memory: 10GiB}
+shell: true
+command: ["exit 1"]
+"#;
+    let ids = submit_file(&sandbox, &url, "flaky.yaml", spec)?;
+    let id = ids.first().copied().context("no job id")?;
+    sandbox.wait_job_state(&url, id, "failed", T)?;
+    sandbox.gantry_json(&url, &["cancel", &id.to_string()])?;
+    let job = sandbox.wait_job_state(&url, id, "cancelled", Duration::from_secs(10))?;
+    let attempts = job["attempts"].as_array().map_or(0, Vec::len);
+    assert_eq!(attempts, 1, "no attempt after the cancel: {job}");
     Ok(())
 }

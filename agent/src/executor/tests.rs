@@ -672,3 +672,117 @@ async fn jobs_without_a_reservation_are_measured_not_policed() {
     assert_eq!(exit.peak_gpu_memory_bytes, 1 << 40);
     assert!(!h.stderr(42).await.contains("[gantry]"));
 }
+
+/// A harness whose jobs run as `nobody`; `None` (test skipped) unless the
+/// tests run as root. The data directory is opened to the job user.
+fn harness_as_nobody() -> Option<Harness> {
+    let user = crate::jobfs::nobody()?;
+    let mut h = harness();
+    let (tx, events) = mpsc::unbounded_channel();
+    h.executor = Executor::new(
+        ExecutorConfig {
+            node_name: "node-a".into(),
+            data_dir: h.data_dir().to_path_buf(),
+            kill_grace: Duration::from_secs(1),
+            run_as: Some(user),
+        },
+        tx,
+    );
+    h.events = events;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(h.data_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    Some(h)
+}
+
+fn owner(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap().uid()
+}
+
+#[tokio::test]
+async fn a_run_as_job_cannot_read_a_root_only_file_through_its_snapshot() {
+    let Some(mut h) = harness_as_nobody() else {
+        return;
+    };
+    let secret = h.data_dir().join("secret");
+    std::fs::write(&secret, "root only\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = h.data_dir().join("link");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    for (job_id, from) in [(40, &secret), (41, &link)] {
+        let mut job = sh(job_id, r#"cat "$GANTRY_SNAPSHOT_DIR/m""#);
+        job.snapshot = vec![snap(from, "m")];
+        h.run(job);
+        let event = h.next().await;
+        let expect = format!(
+            "snapshot[0].from: {}: not readable by user nobody",
+            from.display()
+        );
+        assert_eq!(event.kind, JobEventKind::SpawnFailed { error: expect });
+    }
+    // What nobody may read still works, and the job runs as nobody.
+    let public = h.data_dir().join("public");
+    std::fs::write(&public, "public\n").unwrap();
+    let mut job = sh(42, r#"cat "$GANTRY_SNAPSHOT_DIR/m"; id -u"#);
+    job.snapshot = vec![snap(&public, "m")];
+    h.run(job);
+    assert_eq!(h.exit_of(42).await.code, Some(0));
+    assert_eq!(h.stdout(42).await, "public\n65534\n");
+}
+
+#[tokio::test]
+async fn links_planted_in_a_stale_work_dir_give_the_job_nothing_of_roots() {
+    let Some(mut h) = harness_as_nobody() else {
+        return;
+    };
+    // An earlier run with the same ids left links in its work directory:
+    // the snapshot directory itself and a file are links out, and a hard
+    // link names a root-owned file.
+    let outside = h.data_dir().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let victim = h.data_dir().join("victim");
+    std::fs::write(&victim, "root's\n").unwrap();
+    let work = h.executor.attempt_dir(43, 1).join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::os::unix::fs::symlink(&outside, work.join("snapshot")).unwrap();
+    std::os::unix::fs::symlink(&victim, work.join("link")).unwrap();
+    std::fs::hard_link(&victim, work.join("hard")).unwrap();
+    let public = h.data_dir().join("public");
+    std::fs::write(&public, "public\n").unwrap();
+    let mut job = sh(43, r#"cat "$GANTRY_SNAPSHOT_DIR/m"; echo pwned >> hard"#);
+    job.snapshot = vec![snap(&public, "m")];
+    h.run(job);
+    let report = h.exit_of(43).await;
+    assert_ne!(report.code, Some(0), "wrote through the hard link");
+    assert_eq!(h.stdout(43).await, "public\n");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's\n");
+    assert_eq!(owner(&victim), 0, "a hard-linked root file was handed over");
+    assert_eq!(owner(&outside), 0);
+    assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+}
+
+#[tokio::test]
+async fn output_files_are_never_written_or_served_through_a_link() {
+    let mut h = harness();
+    let victim = h.data_dir().join("victim");
+    std::fs::write(&victim, "root's\n").unwrap();
+    // A link where the attempt's stdout will be: replaced, not written.
+    let dir = h.executor.attempt_dir(44, 1);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("stdout")).unwrap();
+    h.run(sh(44, "echo out"));
+    assert_eq!(h.exit_of(44).await.code, Some(0));
+    assert_eq!(h.stdout(44).await, "out\n");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's\n");
+    // Output left by an earlier agent is served only if it is a file.
+    let stale = h.executor.attempt_dir(45, 1);
+    std::fs::create_dir_all(&stale).unwrap();
+    std::os::unix::fs::symlink(&victim, stale.join("stdout")).unwrap();
+    let err = h
+        .executor
+        .read_log(&log(45, "stdout", 0, 0))
+        .await
+        .unwrap_err();
+    assert!(err.starts_with("cannot open"), "{err}");
+}

@@ -23,7 +23,7 @@ use std::ffi::OsString;
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
@@ -105,22 +105,7 @@ pub(super) fn copy(
             report
         })
     });
-    let status = loop {
-        if let Err(e) = check_cancel(cancel) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(at_from(e));
-        }
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => std::thread::sleep(POLL),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(at_from(e));
-            }
-        }
-    };
+    let status = wait_unless_cancelled(&mut child, cancel).map_err(at_from)?;
     let report = reader
         .and_then(|r| r.join().ok())
         .map(|r| String::from_utf8_lossy(&r).into_owned())
@@ -145,6 +130,22 @@ pub(super) fn copy(
             report.lines().last().unwrap_or("no output").trim()
         ))),
     })
+}
+
+/// Waits for `child`; kills it (and reaps it) when `cancel` is set.
+fn wait_unless_cancelled(child: &mut Child, cancel: &AtomicBool) -> io::Result<ExitStatus> {
+    loop {
+        let polled = check_cancel(cancel).and_then(|()| child.try_wait());
+        match polled {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) => std::thread::sleep(POLL),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        }
+    }
 }
 
 /// The user's name for messages, or its uid when it has none.

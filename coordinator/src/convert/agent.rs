@@ -4,6 +4,7 @@
 use gantry_proto as pb;
 
 use super::{MAX_GPUS, invalid, labels, spec_to_proto};
+use crate::command::Command;
 use crate::decide::{Registration, RunningAttempt, ToAgent};
 use crate::domain::GpuRecord;
 use crate::error::CoordinatorError;
@@ -135,6 +136,98 @@ pub fn to_agent(message: &ToAgent) -> pb::coordinator_message::Msg {
     }
 }
 
+/// The command an agent's job event proposes (`None`: an empty event).
+/// Validated here: negative figures read as 0; an exit during the agent's
+/// own shutdown (not a cancel) is a lost attempt, not the job's failure; a
+/// failure whose stderr shows one of `oom_signatures` is out of memory.
+pub fn job_event(
+    node: &str,
+    event: pb::JobEvent,
+    now: u64,
+    oom_signatures: &[String],
+) -> Option<Command> {
+    let at_ms = if event.at_ms > 0 { event.at_ms } else { now };
+    let (job, attempt) = (event.job_id, event.attempt);
+    let command = match event.event {
+        Some(pb::job_event::Event::Started(_)) => Command::JobStarted {
+            at_ms,
+            job,
+            attempt,
+            node: node.to_string(),
+        },
+        Some(pb::job_event::Event::Exited(exit)) if exit.agent_shutdown && !exit.cancelled => {
+            Command::AttemptLost {
+                at_ms,
+                job,
+                attempt,
+                reason: format!("the agent on {node} shut down"),
+            }
+        }
+        Some(pb::job_event::Event::Exited(exit)) => {
+            let tail = String::from_utf8_lossy(&exit.stderr_tail);
+            let failed = !(exit.code == Some(0) && exit.signal.is_none());
+            let oom = failed && oom_signatures.iter().any(|sig| tail.contains(sig.as_str()));
+            let error = if exit.over_memory {
+                "stopped: used more GPU memory than reserved".to_string()
+            } else {
+                last_lines(&tail, 512)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            Command::JobExited {
+                at_ms,
+                job,
+                attempt,
+                node: node.to_string(),
+                code: exit.code,
+                signal: exit.signal,
+                error,
+                cancelled: exit.cancelled,
+                oom,
+                output_tail: last_lines(&tail, OUTPUT_TAIL_BYTES),
+                peak_gpu_memory: exit.peak_gpu_memory_bytes.max(0) as u64,
+            }
+        }
+        Some(pb::job_event::Event::SpawnFailed(failed)) => Command::JobExited {
+            at_ms,
+            job,
+            attempt,
+            node: node.to_string(),
+            code: None,
+            signal: None,
+            error: format!("spawn failed: {}", failed.error),
+            cancelled: false,
+            oom: false,
+            output_tail: String::new(),
+            peak_gpu_memory: 0,
+        },
+        None => return None,
+    };
+    Some(command)
+}
+
+/// How much of a failed attempt's stderr is kept (and shown by `dlq show`).
+const OUTPUT_TAIL_BYTES: usize = 64 << 10;
+
+/// The last `max` bytes of `text`, cut at a line start where possible.
+fn last_lines(text: &str, max: usize) -> String {
+    let text = text.trim_end();
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    let tail = &text[start..];
+    match tail.find('\n') {
+        Some(i) => tail[i + 1..].to_string(),
+        None => tail.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +277,71 @@ mod tests {
                 started_at_ms: 1_000
             }]
         );
+    }
+
+    fn exit(code: Option<i32>, stderr: &str, shutdown: bool) -> pb::JobEvent {
+        pb::JobEvent {
+            job_id: 3,
+            attempt: 1,
+            at_ms: 0,
+            event: Some(pb::job_event::Event::Exited(pb::Exited {
+                code,
+                stderr_tail: stderr.as_bytes().to_vec(),
+                agent_shutdown: shutdown,
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// A line per event: what it proposes.
+    fn summary(command: Option<Command>) -> String {
+        match command {
+            None => "nothing".into(),
+            Some(Command::JobStarted { at_ms, .. }) => format!("started at {at_ms}"),
+            Some(Command::AttemptLost { reason, .. }) => format!("lost: {reason}"),
+            Some(Command::JobExited {
+                code, error, oom, ..
+            }) => format!("exited {code:?} oom {oom}: {error}"),
+            Some(other) => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn job_events_become_commands() {
+        let started = pb::JobEvent {
+            job_id: 3,
+            attempt: 1,
+            at_ms: 0,
+            event: Some(pb::job_event::Event::Started(Default::default())),
+        };
+        let spawn_failed = pb::JobEvent {
+            event: Some(pb::job_event::Event::SpawnFailed(pb::SpawnFailed {
+                error: "no such file".into(),
+            })),
+            ..Default::default()
+        };
+        let cases: Vec<(pb::JobEvent, &str)> = vec![
+            (started, "started at 77"),
+            (exit(None, "", true), "lost: the agent on n1 shut down"),
+            (exit(Some(0), "", false), "exited Some(0) oom false: "),
+            (
+                exit(Some(1), "step 3\nCUDA out of memory\n", false),
+                "exited Some(1) oom true: CUDA out of memory",
+            ),
+            (
+                exit(Some(0), "CUDA out of memory", false),
+                "exited Some(0) oom false: CUDA out of memory",
+            ),
+            (
+                spawn_failed,
+                "exited None oom false: spawn failed: no such file",
+            ),
+            (pb::JobEvent::default(), "nothing"),
+        ];
+        let signatures = ["CUDA out of memory".to_string()];
+        for (event, want) in cases {
+            let got = summary(job_event("n1", event.clone(), 77, &signatures));
+            assert_eq!(got, want, "{event:?}");
+        }
     }
 }

@@ -13,9 +13,6 @@ use crate::convert;
 use crate::decide::{self, Registration};
 use crate::error::CoordinatorError;
 
-/// How much of a failed attempt's stderr is kept (and shown by `dlq show`).
-const OUTPUT_TAIL_BYTES: usize = 64 << 10;
-
 impl Core {
     /// Starts an agent's registration: its RegisterNode is proposed, and the
     /// rest happens in [`Core::complete_registration`] once it is applied.
@@ -161,69 +158,10 @@ impl Core {
     pub(super) fn job_event(&mut self, now: u64, node: &str, event: pb::JobEvent) {
         let span = self.job_span(event.job_id);
         let _entered = span.enter();
-        let at_ms = if event.at_ms > 0 { event.at_ms } else { now };
-        let (job, attempt) = (event.job_id, event.attempt);
-        let command = match event.event {
-            Some(pb::job_event::Event::Started(_)) => Command::JobStarted {
-                at_ms,
-                job,
-                attempt,
-                node: node.to_string(),
-            },
-            Some(pb::job_event::Event::Exited(exit)) if exit.agent_shutdown && !exit.cancelled => {
-                Command::AttemptLost {
-                    at_ms,
-                    job,
-                    attempt,
-                    reason: format!("the agent on {node} shut down"),
-                }
-            }
-            Some(pb::job_event::Event::Exited(exit)) => {
-                let tail = String::from_utf8_lossy(&exit.stderr_tail);
-                let failed = !(exit.code == Some(0) && exit.signal.is_none());
-                let oom = failed
-                    && self
-                        .config
-                        .oom_signatures
-                        .iter()
-                        .any(|sig| tail.contains(sig.as_str()));
-                let error = if exit.over_memory {
-                    "stopped: used more GPU memory than reserved".to_string()
-                } else {
-                    last_lines(&tail, 512)
-                        .lines()
-                        .last()
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                Command::JobExited {
-                    at_ms,
-                    job,
-                    attempt,
-                    node: node.to_string(),
-                    code: exit.code,
-                    signal: exit.signal,
-                    error,
-                    cancelled: exit.cancelled,
-                    oom,
-                    output_tail: last_lines(&tail, OUTPUT_TAIL_BYTES),
-                    peak_gpu_memory: exit.peak_gpu_memory_bytes.max(0) as u64,
-                }
-            }
-            Some(pb::job_event::Event::SpawnFailed(failed)) => Command::JobExited {
-                at_ms,
-                job,
-                attempt,
-                node: node.to_string(),
-                code: None,
-                signal: None,
-                error: format!("spawn failed: {}", failed.error),
-                cancelled: false,
-                oom: false,
-                output_tail: String::new(),
-                peak_gpu_memory: 0,
-            },
-            None => return,
+        let Some(command) =
+            convert::agent::job_event(node, event, now, &self.config.oom_signatures)
+        else {
+            return;
         };
         // Feed the node's circuit breaker with the job's fault, if it was one.
         if let Command::JobExited {
@@ -327,22 +265,5 @@ impl Core {
                 .send(Box::new(pb::CoordinatorMessage { msg: Some(ping) }));
         }
         self.next_request_id = nonce + 1;
-    }
-}
-
-/// The last `max` bytes of `text`, cut at a line start where possible.
-fn last_lines(text: &str, max: usize) -> String {
-    let text = text.trim_end();
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    let tail = &text[start..];
-    match tail.find('\n') {
-        Some(i) => tail[i + 1..].to_string(),
-        None => tail.to_string(),
     }
 }

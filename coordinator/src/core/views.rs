@@ -8,6 +8,7 @@ use gantry_proto as pb;
 use gantry_scheduler::{JobId, NodeState, Policy};
 
 use super::Core;
+use crate::decide;
 use crate::metrics::{ClusterView, KindLabel};
 use crate::raft::RaftHandle;
 
@@ -20,25 +21,14 @@ impl Core {
         }
     }
 
-    /// A node's data-volume size: the agent's latest report, or what it
-    /// registered with.
+    /// A node's data-volume size ([`decide::schedule::disk_total`]).
     pub(super) fn disk_total(&self, node: &crate::domain::NodeRecord) -> u64 {
-        self.health
-            .get(&node.name)
-            .map_or(node.disk_total, |h| h.disk_total.max(node.disk_total))
+        decide::schedule::disk_total(node, &self.health)
     }
 
-    /// A registered node's state as placement and `gantry nodes` see it:
-    /// committed Down wins; otherwise the health tracker's view while its
-    /// agent is connected; a silent or disconnected node is never Ready.
+    /// A registered node's state ([`decide::schedule::node_state`]).
     pub(super) fn node_state(&self, node: &crate::domain::NodeRecord) -> NodeState {
-        let health = self.health.get(&node.name);
-        match health {
-            _ if node.down => NodeState::Down,
-            Some(h) if self.sessions.contains_key(&node.name) => h.state,
-            Some(h) if h.state == NodeState::Down => NodeState::Down,
-            _ => NodeState::Suspect,
-        }
+        decide::schedule::node_state(node, &self.health, &self.sessions)
     }
 
     pub(super) fn nodes_to_proto(&self) -> Vec<pb::Node> {
@@ -157,6 +147,11 @@ impl Core {
             dlq: self.state.dead_lettered().count() as u64,
             agents_connected: self.sessions.len() as u64,
             fleet_disk_pressure: fleet.is_pressured(self.policy().fleet_pressure_fraction),
+            gpu_free: decide::schedule::gpu_free(
+                &self.state,
+                &self.health,
+                self.config.gpu_headroom,
+            ),
         }
     }
 

@@ -6,8 +6,22 @@ use gantry_scheduler::JobId;
 
 use super::{Decisions, Sessions, Soft, Tunables};
 use crate::command::Command;
-use crate::health::HealthTracker;
+use crate::health::{HealthConfig, HealthTracker};
 use crate::state::StateMachine;
+
+/// The health tracker a newly elected leader starts from at `now`: the
+/// silence clock of every node hard state knows (and that is not Down)
+/// starts now, as Nomad's `initializeHeartbeatTimers` does, so a node that
+/// died with the old leader goes Down one Down threshold after the election
+/// and its jobs are retried, instead of staying Suspect for ever.
+pub fn elected(state: &StateMachine, config: HealthConfig, now: u64) -> HealthTracker {
+    let mut tracker = HealthTracker::new(config);
+    tracker.start_clocks(
+        state.nodes().filter(|n| !n.down).map(|n| n.name.clone()),
+        now,
+    );
+    tracker
+}
 
 /// One sweep at `now`.
 pub fn sweep(

@@ -8,6 +8,7 @@
 //!   attempts, drain deadlines, back-off requeues).
 //! - [`effects`]: what the leader sends once a command is applied
 //!   (assignments, and every cancel path).
+//! - [`schedule`]: a scheduling pass's input (queue, snapshot) and plan.
 //!
 //! [`crate::core`] only glues these to the world: it owns the state, calls
 //! them, proposes what they return through Raft and sends what they return
@@ -29,6 +30,12 @@ use crate::domain::{GpuRecord, JobSpec};
 pub mod effects;
 pub mod housekeeping;
 pub mod reconcile;
+pub mod schedule;
+
+#[cfg(test)]
+mod cases;
+#[cfg(test)]
+mod harness;
 
 /// What a decision returns: commands to propose through Raft and messages
 /// to send to agents, in order.

@@ -112,12 +112,31 @@ pub fn registered(
             }
         }
         match job_state {
+            JobState::Assigned if !is_reported && cancelled => {
+                // Cancelled before its agent got it: never sent again (a
+                // cancelled job starts nothing); the attempt ends here.
+                out.propose.push(Command::AttemptLost {
+                    at_ms: now,
+                    job,
+                    attempt,
+                    reason: "cancelled before its agent started it".into(),
+                });
+                continue;
+            }
             JobState::Assigned if !is_reported => {
+                // The same attempt number, to the same node: an agent that
+                // has it answers with its status instead of starting it.
                 outgoing.extend(assignment(state, job).map(|(_, message)| message));
             }
             JobState::Running if !is_reported => {
+                // The grace runs from the first registration that did not
+                // report it: a flapping agent cannot restart it.
                 soft.unconfirmed
-                    .insert((job, attempt), now + tunables.unconfirmed_grace_ms);
+                    .entry((job, attempt))
+                    .or_insert(now + tunables.unconfirmed_grace_ms);
+            }
+            _ if is_reported => {
+                soft.unconfirmed.remove(&(job, attempt));
             }
             _ => {}
         }

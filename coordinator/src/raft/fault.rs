@@ -24,24 +24,24 @@ impl FaultHook {
     /// Reads [`PANIC_FILE_ENV`] (debug builds only).
     pub(crate) fn from_env() -> FaultHook {
         #[cfg(debug_assertions)]
-        {
-            let panic_file = std::env::var_os(PANIC_FILE_ENV).map(std::path::PathBuf::from);
-            if let Some(path) = &panic_file {
-                tracing::warn!(file = %path.display(), "fault injection armed: the raft thread panics once this file exists");
-            }
-            FaultHook { panic_file }
+        let panic_file = std::env::var_os(PANIC_FILE_ENV).map(std::path::PathBuf::from);
+        #[cfg(debug_assertions)]
+        if let Some(path) = &panic_file {
+            tracing::warn!(file = %path.display(), "fault injection armed: the raft thread panics once this file exists");
         }
-        #[cfg(not(debug_assertions))]
-        FaultHook {}
+        FaultHook {
+            #[cfg(debug_assertions)]
+            panic_file,
+        }
     }
 
     /// Panics when the trigger file exists.
     pub(crate) fn check(&self) {
         #[cfg(debug_assertions)]
-        if let Some(path) = &self.panic_file {
-            if path.exists() {
-                panic!("fault injection: {} exists", path.display());
-            }
+        if let Some(path) = &self.panic_file
+            && path.exists()
+        {
+            panic!("fault injection: {} exists", path.display());
         }
     }
 }

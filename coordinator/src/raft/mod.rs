@@ -439,6 +439,24 @@ mod tests {
     }
 
     #[test]
+    fn cluster_ids() {
+        let base = cluster_id(&[1, 2, 3], "");
+        // Deterministic, and blind to the order and repetition of ids.
+        assert_eq!(base, cluster_id(&[3, 1, 2], ""));
+        assert_eq!(base, cluster_id(&[1, 2, 2, 3], ""));
+        assert_ne!(base, 0);
+        for other in [
+            cluster_id(&[1, 2, 4], ""),
+            cluster_id(&[1, 2], ""),
+            cluster_id(&[1, 2, 3], "prod"),
+            cluster_id(&[12, 3], ""),
+        ] {
+            assert_ne!(base, other);
+        }
+        assert_ne!(cluster_id(&[1], "a"), cluster_id(&[1], "b"));
+    }
+
+    #[test]
     fn config_validation() {
         assert!(RaftConfig::single(1, "http://a:1").validate().is_ok());
         let error = RaftConfig::single(1, "http://a:1");

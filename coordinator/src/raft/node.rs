@@ -359,8 +359,8 @@ fn app_applied_index<A: ReplicatedStateMachine>(app: &A) -> Result<u64, RaftErro
     })
 }
 
-/// The text of a panic's payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+/// The text of a panic's payload (for the reason a dead thread gives).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
         (*text).to_string()
     } else if let Some(text) = payload.downcast_ref::<String>() {

@@ -1,0 +1,353 @@
+//! Decision cases through the harness: each is a list of steps and what
+//! must hold after them. A field bug becomes a case here before it is fixed
+//! (the numbers are issue 10's findings).
+
+use super::harness::{GIB, Step::*, Want, check, job};
+use crate::domain::JobState;
+
+#[test]
+fn a_placed_job_is_sent_to_its_agent_and_its_reservation_freed_at_exit() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Exited("n1", 1, 1, 0),
+        ],
+        &[
+            Want::Recorded("send n1 assign 1#1"),
+            Want::Starts(1, 1),
+            Want::Job(1, JobState::Succeeded),
+            Want::Reserved("n1", 0),
+        ],
+    );
+}
+
+#[test]
+fn a_silent_node_goes_down_and_its_job_is_retried_elsewhere() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Register("n2", &[]),
+            Kill("n1"),
+            Advance(16_000),
+        ],
+        &[
+            Want::Down("n1", true),
+            Want::Recorded("send n2 assign 1#2"),
+            Want::Reserved("n1", 0),
+            Want::Reserved("n2", 40 * GIB),
+        ],
+    );
+}
+
+/// Finding 3: the new leader starts the silence clock of every node in
+/// hard state at its election, so a node that died with the old leader
+/// goes Down on time, its job is retried and its reservation released.
+#[test]
+fn a_node_that_died_across_a_failover_goes_down_on_time() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Register("n2", &[]),
+            Kill("n1"),
+            Failover,
+            Register("n2", &[]),
+            Advance(16_000),
+        ],
+        &[
+            Want::Down("n1", true),
+            Want::Recorded("send n2 assign 1#2"),
+            Want::Reserved("n1", 0),
+        ],
+    );
+}
+
+/// The clock a new leader starts does not mark nodes that reconnect Down.
+#[test]
+fn nodes_that_reconnect_after_a_failover_stay_up() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Register("n2", &[]),
+            Failover,
+            Advance(2_000),
+            Register("n1", &[]),
+            Register("n2", &[]),
+            Advance(30_000),
+        ],
+        &[Want::Down("n1", false), Want::NotRecorded("SetNodeDown")],
+    );
+}
+
+/// Finding 4: an unreported attempt's grace runs from the first
+/// registration that failed to report it; a flapping agent cannot keep a
+/// vanished attempt (and its reservation) for ever.
+#[test]
+fn a_flapping_agent_does_not_restart_an_unreported_attempts_grace() {
+    let mut steps = vec![
+        Register("n1", &[]),
+        Submit(vec![job("a", 1)]),
+        Advance(500),
+        Started("n1", 1, 1),
+    ];
+    for _ in 0..4 {
+        steps.extend([Kill("n1"), Register("n1", &[]), Advance(6_000)]);
+    }
+    check(
+        steps,
+        &[
+            Want::Recorded("AttemptLost 1#1 (the agent no longer runs it)"),
+            Want::Recorded("send n1 assign 1#2"),
+        ],
+    );
+}
+
+/// A registration that reports the attempt again confirms it: it is not
+/// declared lost (and run a second time) while it still runs.
+#[test]
+fn an_attempt_reported_again_is_not_declared_lost() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Kill("n1"),
+            Register("n1", &[]),
+            Advance(1_000),
+            Kill("n1"),
+            Register("n1", &[(1, 1)]),
+            Advance(20_000),
+        ],
+        &[
+            Want::NotRecorded("AttemptLost"),
+            Want::Job(1, JobState::Running),
+            Want::Starts(1, 1),
+        ],
+    );
+}
+
+/// Finding 5a: cancelling a job in retry back-off ends it; it is never
+/// requeued, placed and refused in a loop.
+#[test]
+fn a_job_cancelled_in_back_off_is_cancelled_at_once() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 3)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Exited("n1", 1, 1, 1),
+            Cancel(1),
+            Advance(40_000),
+        ],
+        &[
+            Want::Job(1, JobState::Cancelled),
+            Want::NotRecorded("refused"),
+            Want::NotRecorded("Requeue"),
+            Want::Starts(1, 1),
+            Want::ProposedAtMost(8),
+        ],
+    );
+}
+
+/// Finding 5a across a failover: the new leader does not requeue it either.
+#[test]
+fn a_job_cancelled_in_back_off_stays_cancelled_across_a_failover() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 3)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Exited("n1", 1, 1, 1),
+            Cancel(1),
+            Failover,
+            Register("n1", &[]),
+            Advance(40_000),
+        ],
+        &[
+            Want::Job(1, JobState::Cancelled),
+            Want::NotRecorded("refused"),
+            Want::Starts(1, 1),
+        ],
+    );
+}
+
+/// Finding 5b: a job cancelled while its assignment never reached its
+/// agent is not started when the agent re-registers.
+#[test]
+fn a_cancelled_undelivered_assignment_is_not_sent_again() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Deafen("n1"),
+            Advance(500),
+            Cancel(1),
+            Kill("n1"),
+            Register("n1", &[]),
+            Advance(1_000),
+        ],
+        &[
+            Want::Recorded("lost n1 assign 1#1"),
+            Want::NotRecorded("send n1 assign"),
+            Want::Starts(1, 0),
+            Want::Job(1, JobState::Cancelled),
+            Want::Reserved("n1", 0),
+        ],
+    );
+}
+
+/// Finding 5b across a failover: the new leader does not send it either.
+#[test]
+fn a_cancelled_undelivered_assignment_is_not_sent_by_a_new_leader() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Deafen("n1"),
+            Advance(500),
+            Cancel(1),
+            Kill("n1"),
+            Failover,
+            Register("n1", &[]),
+            Advance(1_000),
+        ],
+        &[
+            Want::Starts(1, 0),
+            Want::Job(1, JobState::Cancelled),
+            Want::Reserved("n1", 0),
+        ],
+    );
+}
+
+/// A cancelled attempt that its agent did start (the cancel was lost) is
+/// told to stop when the agent reports it.
+#[test]
+fn a_cancelled_attempt_reported_at_registration_is_told_to_stop() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Deafen("n1"),
+            Cancel(1),
+            Kill("n1"),
+            Register("n1", &[(1, 1)]),
+        ],
+        &[
+            Want::Recorded("lost n1 cancel 1#1"),
+            Want::Recorded("send n1 cancel 1#1"),
+            Want::Starts(1, 1),
+        ],
+    );
+}
+
+/// Cancel of a pending job ends it at once and sends nothing.
+#[test]
+fn a_pending_job_is_cancelled_at_once() {
+    check(
+        vec![
+            Submit(vec![job("a", 1)]),
+            Cancel(1),
+            Register("n1", &[]),
+            Advance(1_000),
+        ],
+        &[
+            Want::Job(1, JobState::Cancelled),
+            Want::NotRecorded("assign"),
+            Want::Starts(1, 0),
+        ],
+    );
+}
+
+/// Finding 2, the coordinator's side: an agent that re-registers without
+/// reporting a still-Assigned attempt gets the *same* attempt again (never
+/// a new number on another node); the agent answers an attempt it already
+/// has instead of starting it, so attempt 1 has one process.
+#[test]
+fn an_unreported_assigned_attempt_is_sent_again_with_its_own_number() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Kill("n1"),
+            Register("n1", &[]),
+        ],
+        &[
+            Want::Recorded("send n1 assign 1#1"),
+            Want::NotRecorded("assign 1#2"),
+            Want::Starts(1, 1),
+            Want::Job(1, JobState::Assigned),
+        ],
+    );
+}
+
+/// A node back from Down with its lost attempt keeps it when the
+/// replacement has not started: the replacement is withdrawn and stopped.
+#[test]
+fn a_lost_attempt_that_comes_back_first_is_kept() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Register("n2", &[]),
+            Kill("n1"),
+            Advance(16_000),
+            Register("n1", &[(1, 1)]),
+        ],
+        &[
+            Want::Recorded("send n2 assign 1#2"),
+            Want::Recorded("ReviveAttempt 1#1@n1"),
+            Want::Recorded("send n2 cancel 1#2"),
+            Want::Job(1, JobState::Running),
+            Want::Reserved("n2", 0),
+            Want::Reserved("n1", 40 * GIB),
+        ],
+    );
+}
+
+/// ... and is stopped when the replacement started first.
+#[test]
+fn a_lost_attempt_that_comes_back_after_its_replacement_started_is_stopped() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Register("n2", &[]),
+            Kill("n1"),
+            Advance(16_000),
+            Started("n2", 1, 2),
+            Register("n1", &[(1, 1)]),
+        ],
+        &[
+            Want::Recorded("send n1 cancel 1#1"),
+            Want::NotRecorded("cancel 1#2"),
+            Want::Job(1, JobState::Running),
+            Want::Reserved("n1", 0),
+        ],
+    );
+}
+
+/// An attempt hard state does not know is stopped at registration.
+#[test]
+fn an_unknown_attempt_is_stopped_at_registration() {
+    check(
+        vec![Register("n1", &[(9, 1)])],
+        &[Want::Recorded("send n1 registered stop [9#1]")],
+    );
+}
