@@ -189,3 +189,80 @@ fn fault_counts(run: &NemesisReport) -> BTreeMap<&'static str, usize> {
     }
     counts
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_integration_tests::ledger::Execution;
+    use gantry_integration_tests::nemesis::{Fault, FaultKind};
+    use gantry_integration_tests::verdict::{ExtraWork, Verdict, Violation};
+
+    fn completed(pid: i32, started: u64) -> Execution {
+        Execution {
+            job: 7,
+            attempt: 1,
+            pid,
+            ticks: 1,
+            node: "node-1".into(),
+            started_ms: started,
+            ended: Some((started + 10, 0)),
+            dead_by_ms: None,
+            alive_at_end: false,
+        }
+    }
+
+    #[test]
+    fn the_headline_counts_double_runs_and_leaks() {
+        let violation = Violation::CompletedTwice {
+            job: 7,
+            runs: vec![completed(10, 0), completed(11, 100)],
+        };
+        let run = NemesisReport {
+            seed: 5,
+            classes: vec![FaultKind::AgentKill],
+            faults: vec![Fault {
+                kind: FaultKind::AgentKill,
+                at_ms: 0,
+                target: "node-1".into(),
+                outage: None,
+            }],
+            jobs: 3,
+            cancels: 0,
+            submit_errors: 0,
+            executions: 4,
+            quiet: true,
+            verdict: Verdict {
+                violations: vec![violation],
+                extra: ExtraWork {
+                    extra_executions: 1,
+                    extra_ms: 10,
+                    ..ExtraWork::default()
+                },
+            },
+            kill_to_running: vec![Duration::from_millis(900)],
+            restart_to_adopted: vec![],
+            not_adopted: 1,
+            orphans_killed: 0,
+            elapsed: Duration::from_secs(1),
+        };
+        let report = ChaosReport {
+            kill_to_running: Latencies::new(run.kill_to_running.clone()),
+            restart_to_adopted: Latencies::new(vec![]),
+            run,
+        };
+        let human = report.human();
+        assert!(
+            human.starts_with("chaos: 1 double runs, 0 leaked reservations, 1 violations in all; 1 fault cycles, 3 jobs (seed 5)"),
+            "{human}"
+        );
+        assert!(
+            human.contains("p50 900 ms") && human.contains("pid 11"),
+            "{human}"
+        );
+        let json = report.to_json();
+        assert_eq!(json["double_runs"], 1);
+        assert_eq!(json["faults"]["agent-kill"], 1);
+        assert_eq!(json["restart_to_adopted_ms"]["not_adopted"], 1);
+        assert_eq!(json["violations"].as_array().map(Vec::len), Some(1));
+    }
+}
