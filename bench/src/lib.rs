@@ -10,8 +10,11 @@
 //!   (`gantry-bench etcd`).
 //! - [`heartbeats`]: one coordinator process and 10,000 simulated agents
 //!   heartbeating on shared connections (`gantry-bench heartbeats`).
+//! - [`chaos`]: the nemesis of `integration-tests` run long, with its
+//!   checker's verdict and recovery times (`gantry-bench chaos`).
 //! - [`procs`], [`stats`]: child processes and latency quantiles.
 
+pub mod chaos;
 pub mod e2e;
 pub mod etcd;
 pub mod heartbeats;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use gantry_bench::chaos::{ChaosConfig, ChaosReport};
 use gantry_bench::e2e::{E2eConfig, E2eReport};
 use gantry_bench::etcd::{EtcdConfig, EtcdReport};
 use gantry_bench::heartbeats::{HeartbeatsConfig, HeartbeatsReport};
@@ -30,6 +31,34 @@ enum Scenario {
     /// Heartbeat ingest: one coordinator process, a simulated fleet
     /// heartbeating on shared HTTP/2 connections; CPU, RSS, registration.
     Heartbeats(HeartbeatsArgs),
+    /// Faults under load: agents and leaders killed, partitions, cancels
+    /// racing; a checker counts double runs, leaks and recovery times.
+    Chaos(ChaosArgs),
+}
+
+#[derive(Debug, Args)]
+struct ChaosArgs {
+    /// How long faults are injected, e.g. 10m (the cluster then settles).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    duration: Duration,
+    /// Seed of every random choice (default: GANTRY_NEMESIS_SEED, else the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Agents, each with 2 fake H100s.
+    #[arg(long, default_value_t = 4)]
+    agents: usize,
+    /// Jobs submitted per second.
+    #[arg(long, default_value_t = 2.0)]
+    jobs_per_second: f64,
+    /// Leave agents alone (only leader kills, partitions and cancels).
+    #[arg(long)]
+    no_agent_kills: bool,
+    /// RUST_LOG for the daemons.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+    /// Print one JSON record instead of the human summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -268,6 +297,41 @@ fn main() -> ExitCode {
                 EtcdReport::to_json,
                 EtcdReport::human,
             ))
+        }
+        Scenario::Chaos(args) => {
+            // The daemons are the `gantry` beside this executable, or GANTRY_BIN.
+            let seed = match args.seed {
+                Some(seed) => Ok(seed),
+                None => gantry_integration_tests::nemesis::seed_from_env(),
+            };
+            let result = seed.and_then(|seed| {
+                gantry_bench::chaos::run(&ChaosConfig {
+                    duration: args.duration,
+                    seed,
+                    agents: args.agents.clamp(1, 64),
+                    jobs_per_second: args.jobs_per_second.max(0.01),
+                    agent_kills: !args.no_agent_kills,
+                    log_level: args.log_level,
+                })
+            });
+            match print_report(
+                "chaos",
+                args.json,
+                result,
+                ChaosReport::to_json,
+                ChaosReport::human,
+            ) {
+                Some(report) if !report.run.verdict.violations.is_empty() => {
+                    eprintln!(
+                        "gantry-bench chaos: {} violations (seed {})",
+                        report.run.verdict.violations.len(),
+                        report.run.seed
+                    );
+                    ExitCode::FAILURE
+                }
+                Some(_) => ExitCode::SUCCESS,
+                None => ExitCode::FAILURE,
+            }
         }
         Scenario::Heartbeats(args) => {
             let config = HeartbeatsConfig {

@@ -275,10 +275,23 @@ impl LedgerWatch {
     /// (orphans of killed agents); returns how many. Only a process whose
     /// pid and start time both match is signalled.
     pub fn kill_survivors(&self) -> usize {
+        self.kill_where(|_| true)
+    }
+
+    /// [`LedgerWatch::kill_survivors`] for the processes of one node: the
+    /// machine died with its agent.
+    pub fn kill_on(&self, node: &str) -> usize {
+        self.kill_where(|e| e.node == node)
+    }
+
+    fn kill_where(&self, pick: impl Fn(&Execution) -> bool) -> usize {
         let mut killed = 0;
         for index in self.open.values() {
             let execution = &self.executions[*index];
-            if execution.alive() && killpg(Pid::from_raw(execution.pid), Signal::SIGKILL).is_ok() {
+            if pick(execution)
+                && execution.alive()
+                && killpg(Pid::from_raw(execution.pid), Signal::SIGKILL).is_ok()
+            {
                 killed += 1;
             }
         }

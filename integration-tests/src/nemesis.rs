@@ -3,8 +3,9 @@
 //! racing their assignment and their retry back-off ([`crate::load`]), and
 //! seeded faults: agents killed with SIGKILL and restarted, the leader
 //! killed and restarted, a replica cut off from the others, and an agent
-//! killed together with the leader. Once the faults stop, every agent but
-//! the last one killed comes back, the cluster is let go quiet, and the
+//! killed together with the leader. Once the faults stop, a node dies
+//! (agent and job processes) with the leader and stays dead (it must go
+//! Down, its jobs run elsewhere), the cluster is let go quiet, and the
 //! checker ([`crate::verdict`]) judges the ledger and every replica's
 //! storage.
 //!
@@ -23,11 +24,15 @@ use gantry_coordinator::domain::AttemptOutcome;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::Sandbox;
 use crate::check::{check_replicas, read_replicas};
 use crate::ledger::{Execution, LedgerWatch};
 use crate::load::{Load, LoadPlan};
 use crate::verdict::{Ground, Stored, Verdict, Violation, check};
-use crate::{PartitionableReplicas, Sandbox, wait_until};
+
+use cluster::Cluster;
+
+mod cluster;
 
 /// How long a recovery step may take before the run fails.
 const RECOVERY: Duration = Duration::from_secs(40);
@@ -219,21 +224,6 @@ impl NemesisReport {
     }
 }
 
-/// An agent of the run.
-struct Agent {
-    name: String,
-    address: String,
-    proc: Option<usize>,
-}
-
-/// The processes under fault.
-struct Cluster {
-    parts: PartitionableReplicas,
-    addrs: String,
-    agents: Vec<Agent>,
-    fake_gpus: String,
-}
-
 /// Stops the load and the watcher and kills leftover job processes, on
 /// every exit path (declared before the sandbox, so it runs after the
 /// sandbox stopped the agents).
@@ -298,65 +288,25 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
 
     let mut rng = StdRng::seed_from_u64(config.seed);
     let classes = FaultKind::weighted(config.agent_kills);
-    let mut faults = Vec::new();
-    let until = Instant::now() + config.faults_for;
-    while Instant::now() < until {
-        let kind = pick(&mut rng, &classes);
-        let fault = cluster.inject(&mut sandbox, &mut rng, kind)?;
-        if config.progress {
-            eprintln!(
-                "nemesis: {} {} at {}",
-                kind.name(),
-                fault.target,
-                fault.at_ms
-            );
-        }
-        faults.push(fault);
-        pause(&mut rng, 500, 2_000);
-    }
+    let mut faults = inject_for(&mut cluster, &mut sandbox, &mut rng, config, &classes)?;
     stop_load.store(true, Ordering::Relaxed);
     if let Some(submitter) = cleanup.threads.pop() {
         let _ = submitter.join();
     }
     let mut dead_nodes = Vec::new();
     if config.agent_kills {
-        // A node that dies together with the leader must still go Down.
-        let fault = cluster.kill_agent_and_leader(&mut sandbox, &mut rng, false)?;
+        // A node that dies (agent and jobs) together with the leader must
+        // still go Down, and its jobs run elsewhere.
+        let fault = cluster.kill_agent_and_leader(&mut sandbox, &mut rng, Some(&watch))?;
         dead_nodes.extend(fault.outage.as_ref().map(|o| o.node.clone()));
         faults.push(fault);
     }
 
     let quiet = cluster.settle(&sandbox, &dead_nodes, config.settle);
-    let end_ms = now_ms();
-    {
-        let mut watch = lock(&watch)?;
-        watch.poll(end_ms)?;
-        watch.mark_survivors();
-    }
-    cluster.stop_all(&mut sandbox)?;
-    let replicas = read_replicas(&cluster.parts.set.dirs)?;
-    let stored = replicas
-        .iter()
-        .map(Stored::read)
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let orphans_killed = lock(&watch)?.kill_survivors();
-    let executions = lock(&watch)?.executions().to_vec();
+    let judged = judge(&mut cluster, &mut sandbox, &watch, &load, &dead_nodes)?;
     let load = lock(&load)?.clone();
-    let mut verdict = check(&Ground {
-        executions: &executions,
-        acknowledged: &load.acked,
-        cancels: &load.cancels,
-        stored: &stored,
-        dead_nodes: &dead_nodes,
-        end_ms,
-    });
-    if let Err(error) = check_replicas(&replicas) {
-        verdict
-            .violations
-            .push(Violation::Replicas(format!("{error:#}")));
-    }
     let (kill_to_running, restart_to_adopted, not_adopted) =
-        recovery(&faults, &executions, stored.first());
+        recovery(&faults, &judged.executions, judged.stored.first());
     drop(sandbox);
     drop(cleanup);
     Ok(NemesisReport {
@@ -366,15 +316,96 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
         jobs: load.acked.len(),
         cancels: load.cancels.len(),
         submit_errors: load.submit_errors,
-        executions: executions.len(),
+        executions: judged.executions.len(),
         quiet,
-        verdict,
+        verdict: judged.verdict,
         kill_to_running,
         restart_to_adopted,
         not_adopted,
-        orphans_killed,
+        orphans_killed: judged.orphans_killed,
         elapsed: began.elapsed(),
     })
+}
+
+/// What the checker found, with what it read.
+struct Judged {
+    executions: Vec<Execution>,
+    stored: Vec<Stored>,
+    verdict: Verdict,
+    orphans_killed: usize,
+}
+
+/// Notes the processes alive now that the cluster should be quiet, stops
+/// it, reads every replica's storage, kills leftover job processes, and
+/// runs the checkers.
+fn judge(
+    cluster: &mut Cluster,
+    sandbox: &mut Sandbox,
+    watch: &Mutex<LedgerWatch>,
+    load: &Mutex<Load>,
+    dead_nodes: &[String],
+) -> anyhow::Result<Judged> {
+    let end_ms = now_ms();
+    {
+        let mut watch = lock(watch)?;
+        watch.poll(end_ms)?;
+        watch.mark_survivors();
+    }
+    cluster.stop_all(sandbox)?;
+    let replicas = read_replicas(&cluster.parts.set.dirs)?;
+    let stored = replicas
+        .iter()
+        .map(Stored::read)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let orphans_killed = lock(watch)?.kill_survivors();
+    let executions = lock(watch)?.executions().to_vec();
+    let load = lock(load)?.clone();
+    let mut verdict = check(&Ground {
+        executions: &executions,
+        acknowledged: &load.acked,
+        cancels: &load.cancels,
+        stored: &stored,
+        dead_nodes,
+        end_ms,
+    });
+    if let Err(error) = check_replicas(&replicas) {
+        verdict
+            .violations
+            .push(Violation::Replicas(format!("{error:#}")));
+    }
+    Ok(Judged {
+        executions,
+        stored,
+        verdict,
+        orphans_killed,
+    })
+}
+
+/// Injects seeded faults from `classes` for `config.faults_for`.
+fn inject_for(
+    cluster: &mut Cluster,
+    sandbox: &mut Sandbox,
+    rng: &mut StdRng,
+    config: &NemesisConfig,
+    classes: &[(FaultKind, u32)],
+) -> anyhow::Result<Vec<Fault>> {
+    let mut faults = Vec::new();
+    let until = Instant::now() + config.faults_for;
+    while Instant::now() < until {
+        let kind = pick(rng, classes);
+        let fault = cluster.inject(sandbox, rng, kind)?;
+        if config.progress {
+            eprintln!(
+                "nemesis: {} {} at {}",
+                kind.name(),
+                fault.target,
+                fault.at_ms
+            );
+        }
+        faults.push(fault);
+        pause(rng, 500, 2_000);
+    }
+    Ok(faults)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> anyhow::Result<std::sync::MutexGuard<'_, T>> {
@@ -412,227 +443,6 @@ fn spawn_watcher(watch: Arc<Mutex<LedgerWatch>>, stop: Arc<AtomicBool>) -> JoinH
             std::thread::sleep(Duration::from_millis(50));
         }
     })
-}
-
-impl Cluster {
-    fn start(sandbox: &mut Sandbox, config: &NemesisConfig) -> anyhow::Result<Cluster> {
-        let parts = sandbox.start_partitionable_replicas()?;
-        let addrs = parts.set.addrs();
-        wait_until("a leader", RECOVERY, || sandbox.leader_of(&parts.set))?;
-        let mut agents = Vec::new();
-        for i in 0..config.agents {
-            let name = format!("node-{}", i + 1);
-            let address = format!("127.0.0.{}", 2 + i);
-            let proc = sandbox.start_agent(&name, &addrs, &config.fake_gpus, &address, &[])?;
-            agents.push(Agent {
-                name,
-                address,
-                proc: Some(proc),
-            });
-        }
-        sandbox.wait_nodes_ready(&addrs, config.agents, RECOVERY)?;
-        Ok(Cluster {
-            parts,
-            addrs,
-            agents,
-            fake_gpus: config.fake_gpus.clone(),
-        })
-    }
-
-    fn inject(
-        &mut self,
-        sandbox: &mut Sandbox,
-        rng: &mut StdRng,
-        kind: FaultKind,
-    ) -> anyhow::Result<Fault> {
-        let at_ms = now_ms();
-        let fault = match kind {
-            FaultKind::AgentKill => {
-                let index = rng.random_range(0..self.agents.len());
-                let killed_ms = self.kill_agent(sandbox, index);
-                pause(rng, 1_000, 4_000);
-                let outage = self.restart_agent(sandbox, index, killed_ms)?;
-                Fault {
-                    kind,
-                    at_ms,
-                    target: outage.node.clone(),
-                    outage: Some(outage),
-                }
-            }
-            FaultKind::LeaderKill => {
-                let id = self.leader(sandbox)?;
-                self.kill_replica(sandbox, id);
-                pause(rng, 1_000, 3_000);
-                sandbox.start_replica(&mut self.parts.set, id)?;
-                Fault {
-                    kind,
-                    at_ms,
-                    target: format!("replica-{id}"),
-                    outage: None,
-                }
-            }
-            FaultKind::Partition => {
-                let id = if rng.random_bool(0.5) {
-                    self.leader(sandbox)?
-                } else {
-                    rng.random_range(1..=3)
-                };
-                self.parts.isolate(id);
-                pause(rng, 2_000, 5_000);
-                self.parts.heal();
-                Fault {
-                    kind,
-                    at_ms,
-                    target: format!("replica-{id}"),
-                    outage: None,
-                }
-            }
-            FaultKind::AgentAndLeaderKill => self.kill_agent_and_leader(sandbox, rng, true)?,
-        };
-        self.leader(sandbox)?;
-        Ok(fault)
-    }
-
-    /// Kills an agent, then the leader within a second; restarts the leader
-    /// and, if `restart`, the agent.
-    fn kill_agent_and_leader(
-        &mut self,
-        sandbox: &mut Sandbox,
-        rng: &mut StdRng,
-        restart: bool,
-    ) -> anyhow::Result<Fault> {
-        let at_ms = now_ms();
-        let index = rng.random_range(0..self.agents.len());
-        let killed_ms = self.kill_agent(sandbox, index);
-        pause(rng, 100, 1_000);
-        let id = self.leader(sandbox)?;
-        self.kill_replica(sandbox, id);
-        pause(rng, 1_000, 3_000);
-        sandbox.start_replica(&mut self.parts.set, id)?;
-        let outage = if restart {
-            self.restart_agent(sandbox, index, killed_ms)?
-        } else {
-            Outage {
-                node: self.agents[index].name.clone(),
-                killed_ms,
-                restarted_ms: None,
-                ready_ms: None,
-            }
-        };
-        Ok(Fault {
-            kind: FaultKind::AgentAndLeaderKill,
-            at_ms,
-            target: format!("{} and replica-{id}", outage.node),
-            outage: Some(outage),
-        })
-    }
-
-    fn leader(&self, sandbox: &Sandbox) -> anyhow::Result<usize> {
-        wait_until("a leader", RECOVERY, || sandbox.leader_of(&self.parts.set))
-    }
-
-    fn kill_replica(&mut self, sandbox: &mut Sandbox, id: usize) {
-        if let Some(index) = self.parts.set.procs[id - 1].take() {
-            sandbox.proc(index).kill9();
-        }
-    }
-
-    fn kill_agent(&mut self, sandbox: &mut Sandbox, index: usize) -> u64 {
-        if let Some(proc) = self.agents[index].proc.take() {
-            sandbox.proc(proc).kill9();
-        }
-        now_ms()
-    }
-
-    /// Restarts an agent and waits (bounded) until the leader shows it
-    /// ready on a fresh heartbeat.
-    fn restart_agent(
-        &mut self,
-        sandbox: &mut Sandbox,
-        index: usize,
-        killed_ms: u64,
-    ) -> anyhow::Result<Outage> {
-        let agent = &mut self.agents[index];
-        let restarted_ms = now_ms();
-        agent.proc = Some(sandbox.start_agent(
-            &agent.name,
-            &self.addrs,
-            &self.fake_gpus,
-            &agent.address,
-            &[],
-        )?);
-        let ready_ms = wait_until(&format!("{} ready again", agent.name), RECOVERY, || {
-            let nodes = sandbox.gantry_json(&self.addrs, &["nodes"]).ok()?;
-            let node = nodes
-                .as_array()?
-                .iter()
-                .find(|n| n["name"] == agent.name.as_str())?;
-            let fresh = node["last_seen_ms"].as_u64()? >= restarted_ms;
-            (fresh && node["state"] == "ready" && node["connected"] == true).then(now_ms)
-        })
-        .ok();
-        Ok(Outage {
-            node: agent.name.clone(),
-            killed_ms,
-            restarted_ms: Some(restarted_ms),
-            ready_ms,
-        })
-    }
-
-    /// Heals every link, waits (bounded) until no job is left unfinished
-    /// and every dead agent's node is Down. Returns whether it got there.
-    fn settle(&self, sandbox: &Sandbox, dead_nodes: &[String], within: Duration) -> bool {
-        self.parts.heal();
-        let unfinished = [
-            "jobs",
-            "--state",
-            "pending,assigned,running,failed,lost",
-            "--limit",
-            "1",
-        ];
-        wait_until("the cluster to go quiet", within, || {
-            let open = sandbox.gantry_json(&self.addrs, &unfinished).ok()?;
-            let nodes = sandbox.gantry_json(&self.addrs, &["nodes"]).ok()?;
-            let nodes = nodes.as_array()?;
-            let down = dead_nodes.iter().all(|dead| {
-                nodes
-                    .iter()
-                    .any(|n| n["name"] == dead.as_str() && n["state"] == "down")
-            });
-            (open.as_array()?.is_empty() && down).then_some(())
-        })
-        .is_ok()
-    }
-
-    /// Stops the agents (nothing then writes), waits (bounded) for the
-    /// replicas to reach one applied index, and stops them followers first,
-    /// so no election adds an entry to some of them.
-    fn stop_all(&mut self, sandbox: &mut Sandbox) -> anyhow::Result<()> {
-        for agent in &mut self.agents {
-            if let Some(proc) = agent.proc.take() {
-                sandbox.proc(proc).stop(Duration::from_secs(10));
-            }
-        }
-        for id in 1..=3 {
-            if self.parts.set.procs[id - 1].is_none() {
-                sandbox.start_replica(&mut self.parts.set, id)?;
-            }
-        }
-        let urls = self.parts.set.urls.clone();
-        let applied =
-            |url: &String| sandbox.gantry_json(url, &["status"]).ok()?["applied_index"].as_u64();
-        let _ = wait_until("the replicas to converge", RECOVERY, || {
-            let indexes: Vec<u64> = urls.iter().map(applied).collect::<Option<_>>()?;
-            indexes.windows(2).all(|w| w[0] == w[1]).then_some(())
-        });
-        let leader = sandbox.leader_of(&self.parts.set);
-        let mut order: Vec<usize> = (1..=3).filter(|id| Some(*id) != leader).collect();
-        order.extend(leader);
-        for id in order {
-            sandbox.stop_replica(&mut self.parts.set, id);
-        }
-        Ok(())
-    }
 }
 
 /// From the faults, the ledger and the stored jobs: for each process that
@@ -704,3 +514,6 @@ pub fn describe(config: &NemesisConfig) -> String {
         }
     )
 }
+
+#[cfg(test)]
+mod tests;

@@ -183,6 +183,10 @@ pub enum Violation {
         job: JobId,
         /// Its state.
         state: JobState,
+        /// Attempts it had.
+        attempts: usize,
+        /// A cancel of it was recorded.
+        cancel_requested: bool,
     },
     /// A job entered a terminal state other than exactly once, or left one.
     TerminalHistory {
@@ -263,12 +267,20 @@ impl fmt::Display for Violation {
                 "job {job}: {state} on {} attempt {} holds its reservation but no process of it runs",
                 holder.0, holder.1
             ),
-            NotTerminal { job, state } => {
-                write!(
-                    f,
-                    "job {job}: still {state} when the cluster should be quiet"
-                )
-            }
+            NotTerminal {
+                job,
+                state,
+                attempts,
+                cancel_requested,
+            } => write!(
+                f,
+                "job {job}: still {state} after {attempts} attempts{} when the cluster should be quiet",
+                if *cancel_requested {
+                    ", cancel requested,"
+                } else {
+                    ""
+                }
+            ),
             TerminalHistory {
                 job,
                 replica,
@@ -478,6 +490,8 @@ fn check_storage(
             out.push(Violation::NotTerminal {
                 job: record.id,
                 state: record.state,
+                attempts: record.attempts.len(),
+                cancel_requested: record.cancel_requested,
             });
         }
         if record.state == JobState::Succeeded
@@ -574,4 +588,4 @@ fn extra_work(ground: &Ground, by_job: &BTreeMap<JobId, Vec<&Execution>>) -> Ext
 
 #[cfg(test)]
 #[path = "verdict_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -30,7 +30,8 @@ enum End {
     Alive,
 }
 
-fn record(id: JobId, state: JobState, attempt: u32) -> JobRecord {
+/// A job with one attempt on `n1` (shared with the nemesis's tests).
+pub(crate) fn record(id: JobId, state: JobState, attempt: u32) -> JobRecord {
     JobRecord {
         id,
         spec: JobSpec::for_test(&format!("j{id}")),
@@ -123,17 +124,20 @@ fn found_with(
         .collect()
 }
 
+/// (name, ledger, stored jobs, acknowledged cancels, violations expected).
+type Case = (
+    &'static str,
+    Vec<Execution>,
+    Vec<JobRecord>,
+    Vec<(JobId, u64)>,
+    Vec<&'static str>,
+);
+
 #[test]
 fn each_broken_promise_is_named() {
     use End::*;
     let done = record(1, JobState::Succeeded, 1);
-    let cases: Vec<(
-        &str,
-        Vec<Execution>,
-        Vec<JobRecord>,
-        Vec<(JobId, u64)>,
-        Vec<&str>,
-    )> = vec![
+    let cases: Vec<Case> = vec![
         (
             "one clean run",
             vec![run(1, 1, 10, 0, Exit(50, 0))],
@@ -263,7 +267,7 @@ fn replicas_must_agree_and_terminal_states_happen_once() {
     );
     // A dead agent's node must be Down everywhere.
     assert_eq!(
-        found_with(&runs, &[a.clone()], &[], &["dead"]),
+        found_with(&runs, std::slice::from_ref(&a), &[], &["dead"]),
         Vec::<String>::new()
     );
     assert_eq!(found_with(&runs, &[a], &[], &["alive"]), ["NodeNotDown"]);
