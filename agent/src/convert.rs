@@ -28,7 +28,10 @@ impl From<pb::Assignment> for Launch {
             gpus: a.gpus,
             gpu_memory_bytes: u64::try_from(a.gpu_memory_bytes).unwrap_or(0),
             batch_size: a.batch_size,
-            timeout: (spec.timeout_ms > 0).then(|| Duration::from_millis(spec.timeout_ms)),
+            timeout: spec
+                .timeout_ms
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
             // Checked again when copied (`snapshot::prepare`): the coordinator
             // validates specs, but the agent does not trust the wire with paths.
             snapshot: spec
@@ -133,7 +136,7 @@ mod tests {
             spec: Some(pb::JobSpec {
                 command: vec!["train".into(), "{batch_size}".into()],
                 env: [("A".to_string(), "1".to_string())].into(),
-                timeout_ms: 1500,
+                timeout_ms: Some(1500),
                 shell: true,
                 snapshot: vec![pb::Snapshot {
                     from: "/models/m.pt".into(),

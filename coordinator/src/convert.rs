@@ -216,9 +216,19 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
         ));
     }
     let retry = retry(spec.retry, prefix)?;
-    if spec.timeout_ms > MAX_TIMEOUT_MS {
-        return Err(invalid(format!("{prefix}timeout"), "longer than 30 days"));
-    }
+    let timeout_ms = match spec.timeout_ms {
+        None => None,
+        Some(0) => {
+            return Err(invalid(
+                format!("{prefix}timeout"),
+                "must be more than zero; leave it unset for no time limit",
+            ));
+        }
+        Some(ms) if ms > MAX_TIMEOUT_MS => {
+            return Err(invalid(format!("{prefix}timeout"), "longer than 30 days"));
+        }
+        Some(ms) => Some(ms),
+    };
     check_after(&spec.after, &name, prefix)?;
     check_name(|| format!("{prefix}queue"), &spec.queue)?;
     let snapshots = snapshots(spec.snapshot, prefix)?;
@@ -250,7 +260,7 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
         constraints,
         priority: spec.priority,
         retry,
-        timeout_ms: (spec.timeout_ms > 0).then_some(spec.timeout_ms),
+        timeout_ms,
         after: spec.after,
         shell: spec.shell,
         queue: spec.queue,
@@ -768,7 +778,7 @@ pub fn spec_to_proto(spec: &JobSpec) -> pb::JobSpec {
             max_attempts: spec.retry.max_attempts,
             backoff_ms: spec.retry.backoff_ms,
         }),
-        timeout_ms: spec.timeout_ms.unwrap_or(0),
+        timeout_ms: spec.timeout_ms,
         after: spec.after.clone(),
         shell: spec.shell,
         exclusive_gpu: spec.exclusive_gpu,

@@ -982,7 +982,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
             }
             let timeout_ms = match &args.timeout {
                 Some(text) => spec::parse_timeout(text).map_err(CliError::invalid)?,
-                None => 0,
+                None => None,
             };
             if args.max_attempts == Some(0) {
                 return Err(CliError::invalid("--max-attempts: must be at least 1"));

@@ -257,8 +257,8 @@ pub fn print_job(job: &pb::Job) {
         res.push(format!("disk={}", bytes(r.disk_bytes)));
     }
     outln!("  resources: {}", res.join(" "));
-    if spec.timeout_ms > 0 {
-        outln!("  timeout:   {}", format_duration_ms(spec.timeout_ms));
+    if let Some(timeout_ms) = spec.timeout_ms {
+        outln!("  timeout:   {}", format_duration_ms(timeout_ms));
     }
     if !spec.after.is_empty() {
         let after: Vec<Cow<'_, str>> = spec.after.iter().map(|a| escape(a)).collect();

@@ -139,15 +139,15 @@ impl<'de> Deserialize<'de> for Timeout {
     }
 }
 
-/// `--timeout`: as `timeout:` in a spec file; milliseconds, 0 for `none`.
-pub fn parse_timeout(text: &str) -> Result<u64, String> {
+/// `--timeout`: as `timeout:` in a spec file; milliseconds, `None` for `none`.
+pub fn parse_timeout(text: &str) -> Result<Option<u64>, String> {
     if text.trim() == "none" {
-        return Ok(0);
+        return Ok(None);
     }
     match parse_duration_ms(text) {
         Err(e) => Err(format!("--timeout: {e} (e.g. 30m, 6h, or none)")),
         Ok(0) => Err(format!("--timeout: {ZERO_TIMEOUT}")),
-        Ok(ms) => Ok(ms),
+        Ok(ms) => Ok(Some(ms)),
     }
 }
 
@@ -509,7 +509,7 @@ fn to_proto(file: JobFile, label: &str) -> Result<pb::JobSpec, SpecError> {
         }),
         priority: file.priority.unwrap_or(0),
         retry,
-        timeout_ms: file.timeout.and_then(|t| t.0).unwrap_or(0),
+        timeout_ms: file.timeout.and_then(|t| t.0),
         after: file.after,
         shell: file.shell,
         exclusive_gpu: file.exclusive_gpu,
@@ -682,17 +682,17 @@ after: [export-sq8-2p]
             job.retry.as_ref().map(|r| (r.max_attempts, r.backoff_ms)),
             Some((3, 30_000))
         );
-        assert_eq!(job.timeout_ms, 6 * 3600 * 1000);
+        assert_eq!(job.timeout_ms, Some(6 * 3600 * 1000));
     }
 
     #[test]
     fn timeouts() {
-        let cases: Vec<(&str, u64)> = vec![
-            ("timeout: none", 0),
-            ("timeout: 90", 90_000),
-            ("timeout: 1.5h", 5_400_000),
-            ("timeout: 500ms", 500),
-            ("retry: {max_attempts: 2}", 0),
+        let cases: Vec<(&str, Option<u64>)> = vec![
+            ("timeout: none", None),
+            ("timeout: 90", Some(90_000)),
+            ("timeout: 1.5h", Some(5_400_000)),
+            ("timeout: 500ms", Some(500)),
+            ("retry: {max_attempts: 2}", None),
         ];
         for (line, expect) in cases {
             let jobs = parse(&format!("command: [a]\n{line}\n")).expect(line);
@@ -703,9 +703,9 @@ after: [export-sq8-2p]
             parse_wire_bytes("9300000TB"),
             Err("9300000TB is too large".into())
         );
-        let flags: Vec<(&str, Result<u64, &str>)> = vec![
-            ("none", Ok(0)),
-            ("6h", Ok(6 * 3_600_000)),
+        let flags: Vec<(&str, Result<Option<u64>, &str>)> = vec![
+            ("none", Ok(None)),
+            ("6h", Ok(Some(6 * 3_600_000))),
             ("0s", Err("--timeout: must be more than zero")),
             ("0", Err("--timeout: must be more than zero")),
             ("soon", Err("--timeout: ")),

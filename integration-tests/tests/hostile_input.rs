@@ -435,6 +435,11 @@ fn grpc_refusals_name_the_field_and_store_nothing() -> anyhow::Result<()> {
             "jobs[0].priority: -2147483648 is outside -1000..=1000",
         ),
         (
+            "zero timeout",
+            with(|s| s.timeout_ms = Some(0)),
+            "jobs[0].timeout: must be more than zero",
+        ),
+        (
             "a megabyte of kind",
             with(|s| s.kind = x(1 << 20)),
             "jobs[0].kind: unknown kind",
