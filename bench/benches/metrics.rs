@@ -26,6 +26,7 @@ fn fleet(nodes: usize) -> ClusterView {
                     reserved_bytes: i64::from(g) * 4 * gib,
                     utilization_pct: 40 + g,
                     temperature_c: 55 + g,
+                    free_bytes: 80 * gib - i64::from(g) * 4 * gib,
                 })
                 .collect(),
             disk_total_bytes: 2 << 40,

@@ -84,6 +84,7 @@ pub fn node_json(node: &pb::Node) -> Value {
             "total_bytes": g.total_bytes,
             "used_bytes": g.used_bytes,
             "reserved_bytes": g.reserved_bytes,
+            "free_bytes": g.free_bytes,
             "utilization_pct": g.utilization_pct,
             "temperature_c": g.temperature_c,
         })).collect::<Vec<_>>(),

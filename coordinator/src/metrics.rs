@@ -513,6 +513,7 @@ mod tests {
                     reserved_bytes: 20 << 30,
                     utilization_pct: 50,
                     temperature_c: 61,
+                    ..Default::default()
                 }],
                 ..Default::default()
             }],

@@ -305,11 +305,7 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
         None => "-".to_string(),
         Some(gpu) => format!("{}x{}", node.gpus.len(), escape(&gpu.model)),
     };
-    let free: i64 = node
-        .gpus
-        .iter()
-        .map(|g| (g.total_bytes - g.reserved_bytes.max(g.used_bytes)).max(0))
-        .sum();
+    let free: i64 = node.gpus.iter().map(|g| g.free_bytes.max(0)).sum();
     let disk = if node.disk_total_bytes > 0 {
         format!(
             "{:.0}%{}",

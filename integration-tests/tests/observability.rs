@@ -258,6 +258,25 @@ fn metrics_agree_with_the_cluster_and_pass_promtool() -> anyhow::Result<()> {
         stable(&nodes),
         stable(&sandbox.gantry_json(&url, &["nodes"])?)
     );
+    // The nodes view's free memory is the metric's, which is placement's own.
+    let (_, samples) = scrape(&http)?;
+    for node in nodes.as_array().into_iter().flatten() {
+        for gpu in node["gpus"].as_array().into_iter().flatten() {
+            let labels = [
+                (
+                    "node",
+                    node["name"].as_str().unwrap_or_default().to_string(),
+                ),
+                ("gpu", gpu["index"].to_string()),
+            ];
+            let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            assert_eq!(
+                value(&samples, "gantry_gpu_memory_free_bytes", &labels),
+                gpu["free_bytes"].as_f64(),
+                "{labels:?}"
+            );
+        }
+    }
     let job = http_get(&http, &format!("/v1/jobs/{}", ids[0]), None)?.json()?;
     assert_eq!(job["state"], "running");
     let status = http_get(&http, "/v1/status", None)?.json()?;

@@ -34,6 +34,7 @@ impl Core {
 
     pub(super) fn nodes_to_proto(&self) -> Vec<pb::Node> {
         let now = super::now_ms();
+        let free = decide::schedule::gpu_free(&self.state, &self.health, self.config.gpu_headroom);
         self.state
             .nodes()
             .map(|node| {
@@ -63,6 +64,10 @@ impl Core {
                                     as i64,
                                 utilization_pct: telemetry.utilization_pct,
                                 temperature_c: telemetry.temperature_c,
+                                free_bytes: free
+                                    .get(&node.name)
+                                    .and_then(|gpus| gpus.get(&g.index))
+                                    .map_or(0, |f| *f as i64),
                             }
                         })
                         .collect(),
