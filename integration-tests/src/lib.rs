@@ -995,3 +995,25 @@ impl Sandbox {
         }
     }
 }
+
+/// Runs `body` on a single-threaded runtime with a raw client-API
+/// connection to `url` (no CLI checks in between). Requests may be up to
+/// 64 MiB, so oversized ones reach the coordinator's own size checks
+/// instead of being refused by the client.
+pub fn with_grpc_client<T, F>(
+    url: &str,
+    body: impl FnOnce(gantry_proto::gantry_client::GantryClient<tonic::transport::Channel>) -> F,
+) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = gantry_proto::gantry_client::GantryClient::connect(url.to_string())
+            .await?
+            .max_encoding_message_size(64 << 20);
+        body(client).await
+    })
+}

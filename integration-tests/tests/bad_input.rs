@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use gantry_integration_tests::Sandbox;
+use gantry_integration_tests::{Sandbox, with_grpc_client};
 use gantry_proto as pb;
 
 fn assert_nothing_stored(sandbox: &Sandbox, url: &str) {
@@ -147,13 +147,7 @@ fn raw_grpc_bad_input_is_invalid_argument() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
     let coordinator = sandbox.start_coordinator("coordinator", 0, None)?;
     let url = coordinator.url.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let mut client = pb::gantry_client::GantryClient::connect(url.clone())
-            .await?
-            .max_encoding_message_size(64 << 20);
+    with_grpc_client(&url, |mut client| async move {
         let job = |resources: pb::Resources, command: Vec<&str>| pb::JobSpec {
             command: command.into_iter().map(String::from).collect(),
             resources: Some(resources),

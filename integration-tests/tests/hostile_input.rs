@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use gantry_integration_tests::{CliOutput, Sandbox};
+use gantry_integration_tests::{CliOutput, Sandbox, with_grpc_client};
 use gantry_proto as pb;
 
 /// What a refused request must leave as it was.
@@ -469,13 +469,7 @@ fn grpc_refusals_name_the_field_and_store_nothing() -> anyhow::Result<()> {
         ),
     ];
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let mut client = pb::gantry_client::GantryClient::connect(url.clone())
-            .await?
-            .max_encoding_message_size(64 << 20);
+    with_grpc_client(&url, |mut client| async move {
         let mut before = Mark::of(&client.status(pb::StatusRequest {}).await?.into_inner());
         for (what, request, field) in cases {
             let started = Instant::now();
