@@ -52,6 +52,13 @@ pub enum Request {
         /// Reply.
         reply: Reply<pb::Job>,
     },
+    /// Where a user's cancel of a job stands ([`decide::effects::cancel_progress`]).
+    CancelProgress {
+        /// Id.
+        id: JobId,
+        /// Reply.
+        reply: Reply<decide::effects::CancelProgress>,
+    },
     /// Jobs, newest first.
     ListJobs {
         /// State filter (empty = all).
@@ -593,6 +600,14 @@ impl Core {
                     .map(|job| {
                         convert::job_to_proto(job, self.hold_reasons.get(&id).map(String::as_str))
                     })
+                    .ok_or_else(|| CoordinatorError::NotFound(format!("job {id} not found")));
+                let _ = reply.send(result);
+            }
+            Request::CancelProgress { id, reply } => {
+                let result = self
+                    .state
+                    .job(id)
+                    .map(decide::effects::cancel_progress)
                     .ok_or_else(|| CoordinatorError::NotFound(format!("job {id} not found")));
                 let _ = reply.send(result);
             }

@@ -19,11 +19,17 @@ use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 use crate::command::Command;
 use crate::convert;
 use crate::core::{Request, now_ms};
+use crate::decide::effects::CancelProgress;
 use crate::domain::JobState;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
 use crate::raft::{ProposeError, RaftHandle, RaftStatus};
 use crate::state::{ApplyError, Outcome};
+
+/// How long a cancel waits for the job's agent to confirm the attempt
+/// ended (the 5 s SIGTERM-to-SIGKILL grace and some) before answering
+/// "cancelling".
+const CANCEL_CONFIRM_WAIT: Duration = Duration::from_secs(10);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -214,19 +220,56 @@ impl pb::gantry_server::Gantry for GantryService {
         request: GrpcRequest<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let job = request.into_inner().job_id;
-        let outcome = self
-            .core
+        // Subscribed before proposing: the attempt's end cannot slip by.
+        let mut events = self.core.events.subscribe();
+        self.core
             .propose(Command::RequestCancel {
                 at_ms: now_ms(),
                 job,
             })
             .await?;
-        let state = match outcome {
-            Outcome::CancelRequested { state, .. } => state,
-            _ => JobState::Cancelled,
+        let deadline = tokio::time::Instant::now() + CANCEL_CONFIRM_WAIT;
+        let progress = loop {
+            let progress = self
+                .core
+                .call(|reply| Request::CancelProgress { id: job, reply })
+                .await?;
+            if matches!(progress, CancelProgress::Settled(_)) {
+                break progress;
+            }
+            // The next event of this job, or a re-check: a lagged
+            // receiver or an end without an event must not stall the wait.
+            let next = async {
+                loop {
+                    match events.recv().await {
+                        Ok(event) if event.job_id != job => {}
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                }
+            };
+            let recheck = tokio::time::sleep(Duration::from_millis(500));
+            tokio::select! {
+                _ = next => {}
+                _ = recheck => {}
+                _ = tokio::time::sleep_until(deadline) => break progress,
+            }
         };
-        Ok(Response::new(pb::CancelJobResponse {
-            state: state.as_str().to_string(),
+        Ok(Response::new(match progress {
+            CancelProgress::Settled(state) => pb::CancelJobResponse {
+                state: state.as_str().to_string(),
+                ..Default::default()
+            },
+            CancelProgress::Cancelling { node, attempt } => {
+                tracing::info!(job_id = job, %node, attempt, "cancel not confirmed by the agent in time");
+                pb::CancelJobResponse {
+                    state: "cancelling".into(),
+                    node,
+                    attempt,
+                }
+            }
         }))
     }
 

@@ -117,6 +117,10 @@ pub mod exit {
     /// (UNAUTHENTICATED), or a role that does not cover the command
     /// (PERMISSION_DENIED). Nothing was changed.
     pub const DENIED: u8 = 4;
+    /// Recorded, but not confirmed in time: `gantry cancel` of a job whose
+    /// agent has not reported its attempt ended (it may still start or
+    /// run there; the job is never placed again).
+    pub const UNCONFIRMED: u8 = 5;
 }
 
 /// A client error carrying its exit code and one readable line.

@@ -288,7 +288,9 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Cancel a job (its whole process tree is stopped).
+    /// Cancel a job (its whole process tree is stopped). Waits up to 10 s
+    /// for its node to confirm: exit 0 once nothing of it runs or starts
+    /// any more, exit 5 ("cancelling") when its agent has not confirmed.
     Cancel {
         /// Job id.
         id: u64,
@@ -1131,15 +1133,30 @@ async fn logs(
 
 async fn cancel(id: u64, opts: ClientOpts) -> Result<(), CliError> {
     let mut client = client::connect(&opts).await?;
-    let state = client
+    let answer = client
         .cancel_job(pb::CancelJobRequest { job_id: id })
         .await?
-        .into_inner()
-        .state;
+        .into_inner();
+    let state = answer.state.as_str();
     match opts.output {
-        Format::Json => print_json(&serde_json::json!({ "job_id": id, "state": state })),
+        Format::Json => print_json(&serde_json::json!({
+            "job_id": id,
+            "state": state,
+            "node": answer.node,
+            "attempt": answer.attempt,
+        })),
         Format::Table if state == "cancelled" => outln!("job {id} cancelled"),
-        Format::Table => outln!("job {id}: cancel requested, stopping ({state})"),
+        Format::Table if state == "cancelling" => {}
+        Format::Table => outln!("job {id} ended {state} before the cancel took effect"),
+    }
+    if state == "cancelling" {
+        return Err(CliError {
+            code: exit::UNCONFIRMED,
+            message: format!(
+                "job {id}: cancel recorded (it is never placed again), but node {} has not confirmed that attempt {} stopped; it may still start or run there until its agent reports it ended (see `gantry job {id}`)",
+                answer.node, answer.attempt
+            ),
+        });
     }
     Ok(())
 }

@@ -8,7 +8,9 @@
 //! Every submit carries an idempotency key and is retried on "could not be
 //! reached" (exit 3) with the same key, so a failover never duplicates a
 //! job; a job counts as acknowledged once a submit returned its id, and a
-//! cancel once `gantry cancel` exited 0.
+//! cancel once `gantry cancel` exited 0 (settled: nothing of the job runs
+//! or starts any more; exit 5, "cancelling", promises no such thing and is
+//! not counted).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -127,3 +127,57 @@ fn an_agent_stopped_right_after_the_fork_does_not_start_the_attempt_twice() -> a
     assert!(!log.contains("job spawn failed"), "{log}");
     Ok(())
 }
+
+/// Sends `signal` (a `kill` name: STOP, CONT) to `pid`.
+fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -{signal} {pid}: {status}");
+    Ok(())
+}
+
+/// `gantry cancel` acknowledges (exit 0) only what its agent confirmed:
+/// the job's process is gone when it returns. With the agent frozen, it
+/// answers `cancelling` (exit 5) naming the node and attempt, and the
+/// process, which does still run, is stopped once the agent wakes up.
+#[test]
+fn a_cancel_is_acknowledged_only_once_the_agent_confirms_the_stop() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let (url, agent) = start_cluster(&mut sandbox)?;
+    let agent_pid = sandbox.proc(agent).pid().expect("agent pid");
+    let ledger = sandbox.path().join("ledger");
+    let command = ledger_command(&ledger, "sleep 600");
+    let running = |sandbox: &Sandbox| -> anyhow::Result<(u64, u32)> {
+        let job = sandbox.submit(&url, &["--", "sh", "-c", &command])?;
+        sandbox.wait_job_state(&url, job, "running", T)?;
+        let pid = wait_until("the job's start line", T, || {
+            ledger_of(&ledger, job).first().map(|l| l.2)
+        })?;
+        Ok((job, pid))
+    };
+
+    let (job, pid) = running(&sandbox)?;
+    let out = sandbox.gantry(&url, &["cancel", &job.to_string()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("cancelled"), "{out:?}");
+    assert!(!pid_alive(pid as i32), "acknowledged, yet its process runs");
+    assert_eq!(sandbox.job(&url, job)?["state"], "cancelled");
+
+    let (job, pid) = running(&sandbox)?;
+    signal(agent_pid, "STOP")?;
+    let out = sandbox.gantry(&url, &["cancel", &job.to_string()]);
+    let frozen_alive = pid_alive(pid as i32);
+    signal(agent_pid, "CONT")?;
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr.contains("node-a") && out.stderr.contains("attempt 1"),
+        "{out:?}"
+    );
+    assert!(frozen_alive, "the process ran on while the cancel was unconfirmed");
+    sandbox.wait_job_state(&url, job, "cancelled", T)?;
+    wait_until("the cancelled job's process to end", T, || {
+        (!pid_alive(pid as i32)).then_some(())
+    })?;
+    Ok(())
+}

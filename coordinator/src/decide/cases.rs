@@ -193,6 +193,61 @@ fn a_cancelled_attempt_reported_at_registration_is_told_to_stop() {
     );
 }
 
+/// A cancel racing an assignment already on the wire (the short nemesis
+/// found a start 13 ms after the acknowledgement): the agent receives the
+/// assignment, starts the attempt, then receives the cancel and stops it.
+/// The cancel is acknowledged only once the agent reports the attempt
+/// ended, so nothing of the job starts after the acknowledgement.
+#[test]
+fn a_cancel_racing_an_assignment_in_flight_is_acknowledged_once_the_agent_stopped_it() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Hold("n1"),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Cancel(1),
+            Release("n1"),
+            Started("n1", 1, 1),
+            Exited("n1", 1, 1, 143),
+        ],
+        &[
+            Want::Recorded("n1 receives assign 1#1"),
+            Want::Recorded("n1 receives cancel 1#1"),
+            Want::Starts(1, 1),
+            Want::Recorded("acknowledged cancel 1"),
+            Want::Job(1, JobState::Cancelled),
+            Want::Reserved("n1", 0),
+        ],
+    );
+}
+
+/// The same race with the agent dying before it received anything: its
+/// node goes Down and the attempt is lost, so the job ends Cancelled and
+/// its reservation is freed (no endless "cancelling"), but the cancel is
+/// never acknowledged as settled: nobody confirmed the assignment did not
+/// start.
+#[test]
+fn a_cancel_whose_agent_is_unreachable_ends_the_job_but_is_not_confirmed() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Hold("n1"),
+            Submit(vec![job("a", 1)]),
+            Advance(500),
+            Cancel(1),
+            Kill("n1"),
+            Advance(30_000),
+        ],
+        &[
+            Want::Down("n1", true),
+            Want::Job(1, JobState::Cancelled),
+            Want::Reserved("n1", 0),
+            Want::NotRecorded("acknowledged cancel 1"),
+        ],
+    );
+}
+
 /// Cancel of a pending job ends it at once and sends nothing.
 #[test]
 fn a_pending_job_is_cancelled_at_once() {

@@ -1,10 +1,60 @@
 //! What the leader sends once a command has applied: assignments of an
 //! applied plan, and every cancel path (a user's cancel, a stale or late
-//! attempt, a drain deadline, a revived attempt's withdrawn replacement).
+//! attempt, a drain deadline, a revived attempt's withdrawn replacement),
+//! and what a user's cancel may be acknowledged as ([`cancel_progress`]).
 
 use super::{Decisions, Soft, Tunables, assignment, cancel};
 use crate::command::Command;
+use crate::domain::{AttemptOutcome, JobRecord, JobState};
 use crate::state::{Outcome, StateMachine};
+
+/// How far a user's cancel has got: all that its acknowledgement may
+/// promise (README, "Job lifecycle").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelProgress {
+    /// Nothing of the job runs or can start any more: it ended (normally
+    /// `Cancelled`; a job that ended otherwise before the cancel took
+    /// effect keeps that state), and whatever attempt an agent was given
+    /// was reported ended by that agent, or never reached it.
+    Settled(JobState),
+    /// The cancel is recorded (the coordinator never sends or places the
+    /// job again), but this attempt may still start or run: its
+    /// assignment may be on the wire, or its agent has not reported it
+    /// ended (it is stopping it, or it is unreachable and the attempt was
+    /// declared lost).
+    Cancelling {
+        /// The attempt's node.
+        node: String,
+        /// The attempt.
+        attempt: u32,
+    },
+}
+
+/// Where a cancel of `job` stands. An attempt is confirmed ended only by
+/// its agent's report: an attempt declared lost (its node went Down), or a
+/// replacement withdrawn after its assignment was sent, may still run.
+pub fn cancel_progress(job: &JobRecord) -> CancelProgress {
+    let current = job.current_attempt();
+    let unconfirmed = match current {
+        Some(a) if a.ended_at_ms == 0 || a.outcome == Some(AttemptOutcome::Lost) => Some(a),
+        // Withdrawn replacements come after the attempt they replaced.
+        Some(a) => job.attempts.iter().find(|w| w.attempt > a.attempt),
+        None => None,
+    };
+    match unconfirmed {
+        Some(a) => CancelProgress::Cancelling {
+            node: a.node.clone(),
+            attempt: a.attempt,
+        },
+        None if job.state.is_terminal() => CancelProgress::Settled(job.state),
+        // Active without an attempt: not reached by a recorded cancel
+        // (`request_cancel` ends such a job at once), kept honest anyway.
+        None => CancelProgress::Cancelling {
+            node: String::new(),
+            attempt: 0,
+        },
+    }
+}
 
 /// Soft state every replica keeps in step with applied commands: a report
 /// of an attempt confirms it (it is no longer waiting to be declared lost).

@@ -13,7 +13,8 @@
 //! its restarts (they run under their own supervisors). After every case
 //! the harness checks the invariants "an attempt number is started by at
 //! most one process" and "once a cancel is acknowledged, no process of that
-//! job starts".
+//! job starts"; a cancel is acknowledged as the client API does it, once
+//! [`effects::cancel_progress`] says it is settled.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -45,6 +46,11 @@ pub(super) enum Step {
     /// The node's stream silently loses every message from now until the
     /// agent is killed (a connection that broke, not yet noticed).
     Deafen(&'static str),
+    /// Messages to the node stay on the wire (sent, not yet received by
+    /// the agent) until [`Step::Release`]; a kill loses them.
+    Hold(&'static str),
+    /// The agent receives what is on the wire to it, in order.
+    Release(&'static str),
     /// Jobs are submitted.
     Submit(Vec<JobSpec>),
     /// The agent reports an attempt started.
@@ -86,6 +92,10 @@ struct Agent {
     alive: bool,
     /// Messages to it are lost ([`Step::Deafen`]).
     deaf: bool,
+    /// Messages to it wait on the wire ([`Step::Hold`]).
+    held: bool,
+    /// Messages sent and not yet received, in order.
+    wire: Vec<ToAgent>,
     /// Attempts it has, by (job, attempt): true while running.
     attempts: BTreeMap<(JobId, u32), bool>,
 }
@@ -105,6 +115,8 @@ pub(super) struct Harness {
     proposed: usize,
     /// Process starts: (job, attempt, node), in order.
     starts: Vec<(JobId, u32, String)>,
+    /// Jobs whose cancel was recorded and not yet acknowledged.
+    cancelling: BTreeSet<JobId>,
     /// For each job whose cancel was acknowledged, how many process starts
     /// had happened by then.
     cancelled_at: BTreeMap<JobId, usize>,
@@ -124,6 +136,7 @@ impl Harness {
             record: Vec::new(),
             proposed: 0,
             starts: Vec::new(),
+            cancelling: BTreeSet::new(),
             cancelled_at: BTreeMap::new(),
         }
     }
@@ -137,8 +150,19 @@ impl Harness {
                 let agent = self.agents.entry(node.to_string()).or_default();
                 agent.alive = false;
                 agent.deaf = false;
+                agent.held = false;
+                agent.wire.clear();
             }
             Step::Deafen(node) => self.agents.entry(node.to_string()).or_default().deaf = true,
+            Step::Hold(node) => self.agents.entry(node.to_string()).or_default().held = true,
+            Step::Release(node) => {
+                let agent = self.agents.entry(node.to_string()).or_default();
+                agent.held = false;
+                let wire = std::mem::take(&mut agent.wire);
+                for message in wire {
+                    self.receive(node, message);
+                }
+            }
             Step::Submit(jobs) => self.propose(Command::Submit {
                 at_ms: self.now,
                 key: None,
@@ -284,8 +308,9 @@ impl Harness {
         if let (Command::RequestCancel { job, .. }, Outcome::CancelRequested { .. }) =
             (&command, &outcome)
         {
-            self.cancelled_at.entry(*job).or_insert(self.starts.len());
+            self.cancelling.insert(*job);
         }
+        self.acknowledge_cancels();
         effects::confirmed(&mut self.soft, &command);
         let decisions = effects::applied(
             &self.state,
@@ -295,6 +320,29 @@ impl Harness {
             &outcome,
         );
         self.carry_out(decisions);
+    }
+
+    /// Plays the client API's cancel: a cancel is acknowledged once
+    /// [`effects::cancel_progress`] says it is settled.
+    fn acknowledge_cancels(&mut self) {
+        let settled: Vec<JobId> = self
+            .cancelling
+            .iter()
+            .copied()
+            .filter(|job| {
+                self.state.job(*job).is_some_and(|j| {
+                    matches!(
+                        effects::cancel_progress(j),
+                        effects::CancelProgress::Settled(_)
+                    )
+                })
+            })
+            .collect();
+        for job in settled {
+            self.cancelling.remove(&job);
+            self.record.push(format!("acknowledged cancel {job}"));
+            self.cancelled_at.insert(job, self.starts.len());
+        }
     }
 
     fn carry_out(&mut self, decisions: Decisions) {
@@ -316,24 +364,36 @@ impl Harness {
             }
             self.record.push(format!("send {node} {line}"));
             let agent = self.agents.entry(node.clone()).or_default();
-            match outgoing.message {
-                ToAgent::Assign(a) => {
-                    // The agent's contract: an attempt it has is answered,
-                    // never started again.
-                    if let std::collections::btree_map::Entry::Vacant(entry) =
-                        agent.attempts.entry((a.job, a.attempt))
-                    {
-                        entry.insert(true);
-                        self.starts.push((a.job, a.attempt, node));
-                    }
-                }
-                ToAgent::Cancel { job, attempt, .. } => {
-                    if let Some(running) = agent.attempts.get_mut(&(job, attempt)) {
-                        *running = false;
-                    }
-                }
-                ToAgent::Registered { .. } => {}
+            if agent.held {
+                agent.wire.push(outgoing.message);
+                continue;
             }
+            self.receive(&node, outgoing.message);
+        }
+    }
+
+    /// The node's agent receives a message.
+    fn receive(&mut self, node: &str, message: ToAgent) {
+        self.record
+            .push(format!("{node} receives {}", message_summary(&message)));
+        let agent = self.agents.entry(node.to_string()).or_default();
+        match message {
+            ToAgent::Assign(a) => {
+                // The agent's contract: an attempt it has is answered,
+                // never started again.
+                if let std::collections::btree_map::Entry::Vacant(entry) =
+                    agent.attempts.entry((a.job, a.attempt))
+                {
+                    entry.insert(true);
+                    self.starts.push((a.job, a.attempt, node.to_string()));
+                }
+            }
+            ToAgent::Cancel { job, attempt, .. } => {
+                if let Some(running) = agent.attempts.get_mut(&(job, attempt)) {
+                    *running = false;
+                }
+            }
+            ToAgent::Registered { .. } => {}
         }
     }
 
