@@ -174,7 +174,10 @@ fn a_cancel_is_acknowledged_only_once_the_agent_confirms_the_stop() -> anyhow::R
         out.stderr.contains("node-a") && out.stderr.contains("attempt 1"),
         "{out:?}"
     );
-    assert!(frozen_alive, "the process ran on while the cancel was unconfirmed");
+    assert!(
+        frozen_alive,
+        "the process ran on while the cancel was unconfirmed"
+    );
     sandbox.wait_job_state(&url, job, "cancelled", T)?;
     wait_until("the cancelled job's process to end", T, || {
         (!pid_alive(pid as i32)).then_some(())

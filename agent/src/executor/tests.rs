@@ -305,6 +305,27 @@ async fn cancel_kills_the_whole_process_tree() {
     assert!(!h.executor.stop(4, 1, None, StopReason::Cancelled));
 }
 
+/// A cancel right behind its assignment (both on the wire when the agent
+/// reads them) refuses the attempt: no process starts, and the end is
+/// reported as cancelled and kept on disk for a restarted agent.
+#[tokio::test]
+async fn a_cancel_right_behind_the_assignment_starts_nothing() {
+    let mut h = harness();
+    h.run(sh(5, "echo ran > ran"));
+    assert!(h.executor.stop(5, 1, None, StopReason::Cancelled));
+    let event = h.next().await;
+    let JobEventKind::Exited(exit) = event.kind else {
+        panic!("expected an exit, got {event:?}");
+    };
+    assert!(exit.cancelled, "{exit:?}");
+    assert_eq!((exit.code, exit.signal), (None, None));
+    assert!(!h.work_file(5, "ran").exists(), "the job ran");
+    let status = std::fs::read_to_string(h.executor.attempt_dir(5, 1).join("status.json"))
+        .expect("status on disk");
+    assert!(status.to_lowercase().contains("cancelled"), "{status}");
+    assert!(h.executor.running().is_empty());
+}
+
 #[tokio::test]
 async fn sigkill_after_grace_when_sigterm_is_ignored() {
     let mut h = harness();

@@ -129,7 +129,11 @@ impl Executor {
     }
 
     /// Records the attempt durably, then forks its supervisor and watches it.
-    pub(super) async fn start(self, launch: Launch, control_rx: mpsc::UnboundedReceiver<Control>) {
+    pub(super) async fn start(
+        self,
+        launch: Launch,
+        mut control_rx: mpsc::UnboundedReceiver<Control>,
+    ) {
         let dir = self.attempt_dir(launch.job_id, launch.attempt);
         let record = AttemptRecord {
             launch: launch.clone(),
@@ -171,6 +175,12 @@ impl Executor {
             // Never forked: the next agent finds it unclaimed and reports it lost.
             return;
         }
+        // A stop that came right behind the assignment (a cancel racing an
+        // assignment already on the wire) refuses it: nothing is forked.
+        // Nothing else can be queued before the attempt runs.
+        if let Ok(Control::Stop(stop)) = control_rx.try_recv() {
+            return self.end_refused(&launch, &dir, stop.reason).await;
+        }
         match fork_supervisor(&self.inner.config.supervisor, &dir) {
             Ok((child, supervisor)) => {
                 tracing::debug!(supervisor = supervisor.pid, "supervisor started");
@@ -198,8 +208,32 @@ impl Executor {
             lost: None,
             ended_at_ms: now_ms(),
         };
+        self.end_unforked(launch, dir, status, error).await;
+    }
+
+    /// An attempt stopped before its supervisor was forked: recorded as
+    /// stopped (so a restarted agent reports the same) and reported, e.g.
+    /// `cancelled` for a user's cancel; it never ran.
+    async fn end_refused(&self, launch: &Launch, dir: &Path, reason: StopReason) {
+        tracing::info!(?reason, "stopped before it started: not started");
+        let status = ExitStatus {
+            code: None,
+            signal: None,
+            stopped: Some(reason),
+            spawn_error: None,
+            lost: None,
+            ended_at_ms: now_ms(),
+        };
+        let why = format!("stopped before it started ({reason:?})");
+        self.end_unforked(launch, dir, status, why).await;
+    }
+
+    /// Claims an attempt no supervisor ran, writes its final status and
+    /// reports it.
+    async fn end_unforked(&self, launch: &Launch, dir: &Path, status: ExitStatus, reason: String) {
         let ended_at_ms = status.ended_at_ms;
-        let (dir, reason) = (dir.to_path_buf(), error.clone());
+        let kind = status.event_kind(Vec::new(), 0);
+        let dir = dir.to_path_buf();
         let written = tokio::task::spawn_blocking(move || {
             if !dir.join(RECORD).exists() {
                 return Ok(());
@@ -211,12 +245,12 @@ impl Executor {
         .await;
         match written {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot record the spawn failure"),
-            Err(e) => tracing::warn!(error = %e, "spawn failure task failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot record the unstarted attempt's end"),
+            Err(e) => tracing::warn!(error = %e, "unstarted attempt task failed"),
         }
         let key = (launch.job_id, launch.attempt);
         self.set_finished(key, ended_at_ms);
-        self.emit(key, ended_at_ms, JobEventKind::SpawnFailed { error });
+        self.emit(key, ended_at_ms, kind);
     }
 
     /// Watches an attempt's supervisor until it ends (or the agent exits
