@@ -464,6 +464,20 @@ impl Link {
                 }
                 None
             }
+            Down::EndRecorded(end) => {
+                // The coordinator committed the end: no more re-sends, and
+                // the attempt's directory follows the acknowledged policy.
+                let key = (end.job_id, end.attempt);
+                if self.outbox.recorded(key) {
+                    tracing::debug!(
+                        job_id = key.0,
+                        attempt = key.1,
+                        "end recorded by the coordinator"
+                    );
+                }
+                self.executor.acknowledge(&[key]);
+                None
+            }
             Down::Ping(ping) => {
                 // Answered at once: the coordinator's RTT estimate depends on it.
                 let pong = pb::Pong { nonce: ping.nonce };

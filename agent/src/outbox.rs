@@ -1,8 +1,8 @@
 //! Job events waiting for (or kept for re-delivery to) the coordinator.
 //!
-//! The link protocol has no acknowledgements, and a coordinator can receive
-//! an event and lose it before committing it (a leader crash). So delivery is
-//! at-least-once and the coordinator deduplicates by (job, attempt, kind):
+//! A coordinator can receive an event and lose it before committing it (a
+//! leader crash). So delivery is at-least-once and the coordinator
+//! deduplicates by (job, attempt, kind):
 //!
 //! - Every event is sent on the live connection as soon as it happens, or,
 //!   while disconnected, right after the next successful `Register`/`Registered`
@@ -14,7 +14,9 @@
 //!   send and re-sent after every later successful registration, until
 //!   [`RESEND_WINDOW`] has passed since that first send. An event that was
 //!   never sent never expires (an agent cut off for an hour still reports
-//!   what finished meanwhile).
+//!   what finished meanwhile). A coordinator that committed a terminal
+//!   event says so (`EndRecorded`): it is dropped then ([`Outbox::recorded`]);
+//!   the window is the contract with coordinators that do not.
 //! - At most [`MAX_RETAINED`] events are kept; past that the oldest
 //!   already-sent ones go first, then the oldest unsent (with a warning).
 
@@ -83,6 +85,15 @@ impl Outbox {
             keep
         });
         expired
+    }
+
+    /// The coordinator committed the terminal event of `key` (job,
+    /// attempt): it is never sent again. Returns whether one was retained.
+    pub fn recorded(&mut self, key: (u64, u32)) -> bool {
+        let before = self.entries.len();
+        self.entries
+            .retain(|e| !(e.event.kind.is_terminal() && (e.event.job_id, e.event.attempt) == key));
+        self.entries.len() < before
     }
 
     /// The events to send after a successful registration, in order; marks
@@ -213,6 +224,20 @@ mod tests {
         assert_eq!(outbox.expire(later + RESEND_WINDOW), vec![(2, 1)]);
         assert!(outbox.on_registered(later + RESEND_WINDOW).is_empty());
         assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn a_recorded_end_is_not_sent_again() {
+        let mut outbox = Outbox::new();
+        let t0 = Instant::now();
+        outbox.push_sent(exited(1), t0);
+        outbox.push_sent(exited(2), t0);
+        outbox.push_unsent(started(3));
+        assert!(outbox.recorded((1, 1)));
+        assert!(!outbox.recorded((1, 1)), "already gone");
+        assert!(!outbox.recorded((3, 1)), "a start is not an end");
+        assert_eq!(ids(&outbox.on_registered(t0)), vec![(2, true), (3, false)]);
+        assert_eq!(outbox.expire(t0 + RESEND_WINDOW), vec![(2, 1)]);
     }
 
     #[test]

@@ -544,6 +544,7 @@ impl Core {
             let (job, what) = match &outgoing.message {
                 ToAgent::Assign(a) => (a.job, "assignment"),
                 ToAgent::Cancel { job, .. } => (*job, "cancel"),
+                ToAgent::EndRecorded { job, .. } => (*job, "end recorded"),
                 ToAgent::Registered { .. } => (0, "registered"),
             };
             let span = self.job_span(job);

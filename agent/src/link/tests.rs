@@ -297,21 +297,37 @@ async fn register_heartbeat_run_reconnect_resend_and_shutdown() {
     };
     assert!(exit.cancelled);
 
-    // Reconnect again: the exits are re-sent (at-least-once), nothing runs.
+    // The coordinator committed job 2's end and says so; a ping orders it.
+    conn.send(Down::EndRecorded(pb::EndRecorded {
+        job_id: 2,
+        attempt: 1,
+    }))
+    .await;
+    conn.send(Down::Ping(pb::Ping { nonce: 1 })).await;
+    conn.until(|m| matches!(m, Up::Pong(p) if p.nonce == 1).then_some(()))
+        .await;
+
+    // Reconnect again: the exits not recorded are re-sent (at-least-once),
+    // before anything else; nothing runs.
     drop(conn);
     let mut conn = next_conn(&mut conns).await;
     assert!(conn.register(vec![]).await.running.is_empty());
+    conn.send(Down::Ping(pb::Ping { nonce: 2 })).await;
     let mut resent = Vec::new();
-    while resent.len() < 2 {
-        if let Up::JobEvent(e) = conn.recv().await {
-            assert!(
-                matches!(e.event, Some(pb::job_event::Event::Exited(_))),
-                "{e:?}"
-            );
-            resent.push(e.job_id);
+    loop {
+        match conn.recv().await {
+            Up::JobEvent(e) => {
+                assert!(
+                    matches!(e.event, Some(pb::job_event::Event::Exited(_))),
+                    "{e:?}"
+                );
+                resent.push(e.job_id);
+            }
+            Up::Pong(p) if p.nonce == 2 => break,
+            _ => {}
         }
     }
-    assert_eq!(resent, vec![1, 2]);
+    assert_eq!(resent, vec![1], "job 2's end was recorded");
 
     // Shutdown stops running jobs and reports them as not cancelled.
     conn.send(assignment(3, "exec sleep 1000")).await;

@@ -133,6 +133,10 @@ pub fn to_agent(message: &ToAgent) -> pb::coordinator_message::Msg {
             grace_ms: *grace_ms,
             reason: reason.clone(),
         }),
+        ToAgent::EndRecorded { job, attempt } => Msg::EndRecorded(pb::EndRecorded {
+            job_id: *job,
+            attempt: *attempt,
+        }),
     }
 }
 

@@ -22,6 +22,7 @@ fn a_placed_job_is_sent_to_its_agent_and_its_reservation_freed_at_exit() {
         &[
             Want::Recorded("send n1 assign 1#1"),
             Want::Starts(1, 1),
+            Want::Recorded("send n1 end recorded 1#1"),
             Want::Job(1, JobState::Succeeded),
             Want::Reserved("n1", 0),
         ],

@@ -3,7 +3,7 @@
 //! attempt, a drain deadline, a revived attempt's withdrawn replacement),
 //! and what a user's cancel may be acknowledged as ([`cancel_progress`]).
 
-use super::{Decisions, Soft, Tunables, assignment, cancel};
+use super::{Decisions, Soft, ToAgent, Tunables, assignment, cancel};
 use crate::command::Command;
 use crate::domain::{AttemptOutcome, JobRecord, JobState};
 use crate::state::{Outcome, StateMachine};
@@ -128,6 +128,22 @@ pub fn applied(
         ) => {
             tracing::info!(node = %node, job_id = job, attempt, "lost attempt came back too late; stopping it");
             out.to(node, cancel(tunables, *job, *attempt, ""));
+        }
+        // Whatever it changed (a duplicate or a stale end changes
+        // nothing), the end is in the log: the agent may stop re-sending it.
+        (
+            Command::JobExited {
+                job, attempt, node, ..
+            },
+            _,
+        ) => {
+            out.to(
+                node,
+                ToAgent::EndRecorded {
+                    job: *job,
+                    attempt: *attempt,
+                },
+            );
         }
         _ => {}
     }

@@ -393,7 +393,7 @@ impl Harness {
                     *running = false;
                 }
             }
-            ToAgent::Registered { .. } => {}
+            ToAgent::Registered { .. } | ToAgent::EndRecorded { .. } => {}
         }
     }
 
@@ -553,5 +553,6 @@ fn message_summary(message: &ToAgent) -> String {
             reason,
             ..
         } => format!("cancel {job}#{attempt} {reason:?}"),
+        ToAgent::EndRecorded { job, attempt } => format!("end recorded {job}#{attempt}"),
     }
 }

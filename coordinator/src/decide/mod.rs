@@ -97,6 +97,14 @@ pub enum ToAgent {
         /// Why ("" = cancelled by the user).
         reason: String,
     },
+    /// The attempt's final event is committed: the agent stops re-sending
+    /// it and may clean up after it.
+    EndRecorded {
+        /// Job.
+        job: JobId,
+        /// Attempt.
+        attempt: u32,
+    },
 }
 
 /// One attempt to start, with everything the agent needs.
