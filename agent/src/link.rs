@@ -37,7 +37,11 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long to wait for TCP + HTTP/2 set-up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long the coordinator may take to answer `Register`.
+/// How long the coordinator may take to answer `Register`: the stream's
+/// response and its first message (`Registered`) together. Without a bound
+/// on both, a coordinator that never answers (its registration never
+/// committed) held an agent for ever while its node went Down and its
+/// finished jobs ran again elsewhere (the nemesis, issue 10).
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an event or log reply may wait for room in the stream before
 /// the connection is considered stuck.
@@ -273,17 +277,19 @@ impl Link {
                 Err(_) => return SessionEnd::lost(false, "join token is not valid metadata"),
             }
         }
+        let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
         let response = tokio::select! {
             () = shutdown.cancelled() => return SessionEnd::Shutdown,
-            response = client.connect_agent(request) => response,
+            response = tokio::time::timeout_at(deadline, client.connect_agent(request)) => response,
         };
         let mut inbound = match response {
-            Ok(response) => response.into_inner(),
-            Err(status) => return SessionEnd::from_status(false, &status),
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return SessionEnd::from_status(false, &status),
+            Err(_) => return SessionEnd::lost(false, "no answer to Register in time"),
         };
         let first = tokio::select! {
             () = shutdown.cancelled() => return SessionEnd::Shutdown,
-            first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message()) => first,
+            first = tokio::time::timeout_at(deadline, inbound.message()) => first,
         };
         let registered = match first {
             Err(_) => return SessionEnd::lost(false, "no Registered reply in time"),

@@ -31,6 +31,10 @@ use crate::state::{ApplyError, Outcome};
 /// "cancelling".
 const CANCEL_CONFIRM_WAIT: Duration = Duration::from_secs(10);
 
+/// How long an agent's registration may wait for its RegisterNode to apply
+/// (under the agent's own 10 s bound, so it gets this answer).
+const REGISTER_WAIT: Duration = Duration::from_secs(8);
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// A handle to the core shared by all services.
@@ -600,15 +604,22 @@ impl pb::agent_link_server::AgentLink for AgentLinkService {
         let node = register.node.clone();
         let session = self.core.sessions.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::unbounded_channel();
-        // The core sends Registered on the stream itself, first.
-        self.core
-            .call(|reply| Request::AgentRegister {
+        // The core sends Registered on the stream itself, first. Bounded: a
+        // registration whose RegisterNode never applies must not hold the
+        // agent (it registers again; the agent bounds its wait too).
+        tokio::time::timeout(
+            REGISTER_WAIT,
+            self.core.call(|reply| Request::AgentRegister {
                 session,
                 register,
                 sender: sender.clone(),
                 reply,
-            })
-            .await?;
+            }),
+        )
+        .await
+        .map_err(|_| {
+            CoordinatorError::Unavailable("registration not committed in time".into())
+        })??;
         let core = self.core.clone();
         tokio::spawn(async move {
             while let Some(message) = inbound.next().await {

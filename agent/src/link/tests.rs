@@ -70,6 +70,9 @@ struct FakeCoordinator {
     conns: mpsc::UnboundedSender<Conn>,
     /// When set, answer like a follower that knows the leader.
     redirect_to: Option<String>,
+    /// This many first streams are taken and never answered (a
+    /// registration that never commits).
+    unanswered: std::sync::atomic::AtomicUsize,
 }
 
 #[tonic::async_trait]
@@ -87,6 +90,18 @@ impl AgentLink for FakeCoordinator {
                 .insert(LEADER_METADATA, leader.parse().unwrap());
             return Err(status);
         }
+        let unanswered = &self.unanswered;
+        if unanswered
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            let _held = request.into_inner();
+            return std::future::pending().await;
+        }
         let (outbound, rx) = mpsc::channel(64);
         let _ = self.conns.send(Conn {
             inbound: request.into_inner(),
@@ -102,12 +117,22 @@ async fn coordinator(
     redirect_to: Option<String>,
     shutdown: CancellationToken,
 ) -> (String, mpsc::UnboundedReceiver<Conn>) {
+    coordinator_with(redirect_to, 0, shutdown).await
+}
+
+/// [`coordinator`] that leaves its first `unanswered` streams unanswered.
+async fn coordinator_with(
+    redirect_to: Option<String>,
+    unanswered: usize,
+    shutdown: CancellationToken,
+) -> (String, mpsc::UnboundedReceiver<Conn>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = mpsc::unbounded_channel();
     let service = AgentLinkServer::new(FakeCoordinator {
         conns: tx,
         redirect_to,
+        unanswered: unanswered.into(),
     });
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -340,6 +365,30 @@ async fn register_heartbeat_run_reconnect_resend_and_shutdown() {
         panic!("expected an exit");
     };
     assert!(!exit.cancelled);
+    tokio::time::timeout(WAIT, agent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server_stop.cancel();
+}
+
+/// A coordinator that takes the stream and never answers it must not hold
+/// the agent: it gives up after `REGISTER_TIMEOUT` and registers again.
+#[tokio::test]
+async fn a_registration_never_answered_is_given_up_and_tried_again() {
+    let server_stop = CancellationToken::new();
+    let (url, mut conns) = coordinator_with(None, 1, server_stop.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = AgentConfig::for_test("node-a", dir.path().into(), vec![url]);
+    let agent_stop = CancellationToken::new();
+    let agent = tokio::spawn(crate::run(config, agent_stop.clone()));
+    let mut conn = tokio::time::timeout(REGISTER_TIMEOUT + WAIT, conns.recv())
+        .await
+        .expect("the agent never tried again")
+        .expect("server gone");
+    assert_eq!(conn.register(vec![]).await.node, "node-a");
+    agent_stop.cancel();
     tokio::time::timeout(WAIT, agent)
         .await
         .unwrap()
