@@ -388,6 +388,15 @@ async fn a_registration_never_answered_is_given_up_and_tried_again() {
         .expect("the agent never tried again")
         .expect("server gone");
     assert_eq!(conn.register(vec![]).await.node, "node-a");
+    stop_all(agent, agent_stop, server_stop).await;
+}
+
+/// Stops the agent (it must end in time) and the fake coordinators.
+async fn stop_all(
+    agent: tokio::task::JoinHandle<Result<(), crate::error::AgentError>>,
+    agent_stop: CancellationToken,
+    server_stop: CancellationToken,
+) {
     agent_stop.cancel();
     tokio::time::timeout(WAIT, agent)
         .await
@@ -408,13 +417,7 @@ async fn follows_a_not_leader_redirect() {
     let agent = tokio::spawn(crate::run(config, agent_stop.clone()));
     let mut conn = next_conn(&mut conns).await;
     assert_eq!(conn.register(vec![]).await.node, "node-b");
-    agent_stop.cancel();
-    tokio::time::timeout(WAIT, agent)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    server_stop.cancel();
+    stop_all(agent, agent_stop, server_stop).await;
 }
 
 #[tokio::test]

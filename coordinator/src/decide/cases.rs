@@ -194,6 +194,18 @@ fn a_cancelled_attempt_reported_at_registration_is_told_to_stop() {
     );
 }
 
+/// Job 1 placed on n1 and cancelled while its assignment is still on the
+/// wire to the agent.
+fn cancelled_in_flight() -> Vec<Step> {
+    vec![
+        Register("n1", &[]),
+        Hold("n1"),
+        Submit(vec![job("a", 1)]),
+        Advance(500),
+        Cancel(1),
+    ]
+}
+
 /// A cancel racing an assignment already on the wire (the short nemesis
 /// found a start 13 ms after the acknowledgement): the agent receives the
 /// assignment, starts the attempt, then receives the cancel and stops it.
@@ -202,16 +214,11 @@ fn a_cancelled_attempt_reported_at_registration_is_told_to_stop() {
 #[test]
 fn a_cancel_racing_an_assignment_in_flight_is_acknowledged_once_the_agent_stopped_it() {
     check(
-        vec![
-            Register("n1", &[]),
-            Hold("n1"),
-            Submit(vec![job("a", 1)]),
-            Advance(500),
-            Cancel(1),
-            Release("n1"),
-            Started("n1", 1, 1),
-            Exited("n1", 1, 1, 143),
-        ],
+        [
+            cancelled_in_flight(),
+            vec![Release("n1"), Started("n1", 1, 1), Exited("n1", 1, 1, 143)],
+        ]
+        .concat(),
         &[
             Want::Recorded("n1 receives assign 1#1"),
             Want::Recorded("n1 receives cancel 1#1"),
@@ -231,15 +238,7 @@ fn a_cancel_racing_an_assignment_in_flight_is_acknowledged_once_the_agent_stoppe
 #[test]
 fn a_cancel_whose_agent_is_unreachable_ends_the_job_but_is_not_confirmed() {
     check(
-        vec![
-            Register("n1", &[]),
-            Hold("n1"),
-            Submit(vec![job("a", 1)]),
-            Advance(500),
-            Cancel(1),
-            Kill("n1"),
-            Advance(30_000),
-        ],
+        [cancelled_in_flight(), vec![Kill("n1"), Advance(30_000)]].concat(),
         &[
             Want::Down("n1", true),
             Want::Job(1, JobState::Cancelled),
