@@ -238,7 +238,10 @@ impl pb::gantry_server::Gantry for GantryService {
                 .core
                 .call(|reply| Request::CancelProgress { id: job, reply })
                 .await?;
-            if matches!(progress, CancelProgress::Settled(_)) {
+            if matches!(
+                progress,
+                CancelProgress::Settled(_) | CancelProgress::Cancelling { ended: true, .. }
+            ) {
                 break progress;
             }
             // The next event of this job, or a re-check: a lagged
@@ -266,7 +269,7 @@ impl pb::gantry_server::Gantry for GantryService {
                 state: state.as_str().to_string(),
                 ..Default::default()
             },
-            CancelProgress::Cancelling { node, attempt } => {
+            CancelProgress::Cancelling { node, attempt, .. } => {
                 tracing::info!(job_id = job, %node, attempt, "cancel not confirmed by the agent in time");
                 pb::CancelJobResponse {
                     state: "cancelling".into(),

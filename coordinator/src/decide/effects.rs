@@ -27,6 +27,9 @@ pub enum CancelProgress {
         node: String,
         /// The attempt.
         attempt: u32,
+        /// The job itself ended (the attempt was declared lost, or a
+        /// replacement withdrawn): no report can settle it any more.
+        ended: bool,
     },
 }
 
@@ -45,6 +48,7 @@ pub fn cancel_progress(job: &JobRecord) -> CancelProgress {
         Some(a) => CancelProgress::Cancelling {
             node: a.node.clone(),
             attempt: a.attempt,
+            ended: job.state.is_terminal(),
         },
         None if job.state.is_terminal() => CancelProgress::Settled(job.state),
         // Active without an attempt: not reached by a recorded cancel
@@ -52,6 +56,7 @@ pub fn cancel_progress(job: &JobRecord) -> CancelProgress {
         None => CancelProgress::Cancelling {
             node: String::new(),
             attempt: 0,
+            ended: false,
         },
     }
 }
@@ -148,4 +153,104 @@ pub fn applied(
         _ => {}
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{AttemptRecord, JobSpec};
+
+    fn attempt(number: u32, node: &str, outcome: Option<AttemptOutcome>) -> AttemptRecord {
+        AttemptRecord {
+            attempt: number,
+            node: node.into(),
+            gpus: vec![0],
+            gpu_memory: 0,
+            batch_size: 0,
+            exclusive_gpu: false,
+            assigned_at_ms: 1,
+            started_at_ms: 0,
+            ended_at_ms: if outcome.is_some() { 2 } else { 0 },
+            exit_code: None,
+            signal: None,
+            error: String::new(),
+            outcome,
+            output_tail: String::new(),
+            oom: false,
+            forgiven: false,
+            peak_gpu_memory: 0,
+            preempted: String::new(),
+        }
+    }
+
+    /// What a cancel may be acknowledged as, by the job's state and its
+    /// attempts.
+    #[test]
+    fn a_cancel_is_settled_only_when_every_attempt_an_agent_got_is_reported() {
+        use AttemptOutcome::*;
+        let cancelling = |node: &str, attempt, ended| CancelProgress::Cancelling {
+            node: node.into(),
+            attempt,
+            ended,
+        };
+        let cases: Vec<(JobState, Vec<AttemptRecord>, CancelProgress)> = vec![
+            // Never placed: nothing to wait for.
+            (
+                JobState::Cancelled,
+                vec![],
+                CancelProgress::Settled(JobState::Cancelled),
+            ),
+            // Back-off after a reported failure.
+            (
+                JobState::Cancelled,
+                vec![attempt(1, "a", Some(Failed))],
+                CancelProgress::Settled(JobState::Cancelled),
+            ),
+            // Assigned or running: its agent has not reported.
+            (
+                JobState::Assigned,
+                vec![attempt(1, "a", None)],
+                cancelling("a", 1, false),
+            ),
+            (
+                JobState::Running,
+                vec![attempt(1, "a", None)],
+                cancelling("a", 1, false),
+            ),
+            // Stopped and reported by the agent.
+            (
+                JobState::Cancelled,
+                vec![attempt(1, "a", Some(Cancelled))],
+                CancelProgress::Settled(JobState::Cancelled),
+            ),
+            // It succeeded before the cancel took effect.
+            (
+                JobState::Succeeded,
+                vec![attempt(1, "a", Some(Succeeded))],
+                CancelProgress::Settled(JobState::Succeeded),
+            ),
+            // Declared lost (node Down): it may still run there.
+            (
+                JobState::Cancelled,
+                vec![attempt(1, "a", Some(Lost))],
+                cancelling("a", 1, true),
+            ),
+            // A withdrawn replacement after the current attempt: its
+            // assignment may have reached its node.
+            (
+                JobState::Cancelled,
+                vec![
+                    attempt(1, "a", Some(Cancelled)),
+                    attempt(2, "b", Some(Withdrawn)),
+                ],
+                cancelling("b", 2, true),
+            ),
+        ];
+        for (state, attempts, want) in cases {
+            let mut job = JobRecord::for_test(1, JobSpec::for_test("j"));
+            job.state = state;
+            job.attempts = attempts;
+            assert_eq!(cancel_progress(&job), want, "{state:?} {:?}", job.attempts);
+        }
+    }
 }
