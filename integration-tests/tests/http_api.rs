@@ -69,7 +69,7 @@ fn bad_bodies_are_refused_naming_the_field_and_store_nothing() -> anyhow::Result
             "unknown field",
             json_type,
             r#"{"command": ["true"], "gpus": 1}"#.into(),
-            "job",
+            "job.gpus",
             "unknown field `gpus`",
         ),
         (
