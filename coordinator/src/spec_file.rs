@@ -854,4 +854,32 @@ after: [export-sq8-2p]
         check_err("", "no jobs");
         check_err("- {command: [a]}\n- {command: [b], bogus: 1}\n", "jobs[1]");
     }
+
+    #[test]
+    fn json_and_yaml_name_the_same_fields_and_errors_are_bounded() {
+        let cases = [
+            (
+                r#"{"command": ["a"], "retry": {"max_attempts": 0}}"#,
+                "job.retry.max_attempts",
+            ),
+            (r#"[{"command": ["a"]}, {"command": ["b"], "bogus": 1}]"#, "jobs[1].bogus"),
+            (r#"{"pipeline": "p", "jobs": []}"#, "jobs"),
+            (r#"{"command": ["a"], "timeout": "0s"}"#, "job.timeout"),
+        ];
+        for (json, field) in cases {
+            let value: serde_json::Value = serde_json::from_str(json).expect("json");
+            let value = serde_yaml_ng::to_value(&value).expect("value");
+            let from_json = spec_from_value(value, "").expect_err(json);
+            let from_yaml = parse_spec_text(json, "").expect_err(json);
+            assert_eq!(from_json.field, field, "{json}");
+            assert_eq!(from_json, from_yaml, "{json}");
+        }
+        // A megabyte of unknown field name, with a terminal escape in it.
+        let key = format!("\u{1b}[2J{}", "k".repeat(1 << 20));
+        let json = serde_json::json!({"command": ["a"], key: 1});
+        let value = serde_yaml_ng::to_value(&json).expect("value");
+        let error = spec_from_value(value, "").expect_err("unknown field").to_string();
+        assert!(error.len() < 2 * MAX_SPEC_ERROR_PART + 100, "{}", error.len());
+        assert!(!error.contains('\u{1b}') && error.contains("\\u{1b}"), "{error:.80}");
+    }
 }
