@@ -862,7 +862,10 @@ after: [export-sq8-2p]
                 r#"{"command": ["a"], "retry": {"max_attempts": 0}}"#,
                 "job.retry.max_attempts",
             ),
-            (r#"[{"command": ["a"]}, {"command": ["b"], "bogus": 1}]"#, "jobs[1].bogus"),
+            (
+                r#"[{"command": ["a"]}, {"command": ["b"], "bogus": 1}]"#,
+                "jobs[1].bogus",
+            ),
             (r#"{"pipeline": "p", "jobs": []}"#, "jobs"),
             (r#"{"command": ["a"], "timeout": "0s"}"#, "job.timeout"),
         ];
@@ -878,8 +881,17 @@ after: [export-sq8-2p]
         let key = format!("\u{1b}[2J{}", "k".repeat(1 << 20));
         let json = serde_json::json!({"command": ["a"], key: 1});
         let value = serde_yaml_ng::to_value(&json).expect("value");
-        let error = spec_from_value(value, "").expect_err("unknown field").to_string();
-        assert!(error.len() < 2 * MAX_SPEC_ERROR_PART + 100, "{}", error.len());
-        assert!(!error.contains('\u{1b}') && error.contains("\\u{1b}"), "{error:.80}");
+        let error = spec_from_value(value, "")
+            .expect_err("unknown field")
+            .to_string();
+        assert!(
+            error.len() < 2 * MAX_SPEC_ERROR_PART + 100,
+            "{}",
+            error.len()
+        );
+        assert!(
+            !error.contains('\u{1b}') && error.contains("\\u{1b}"),
+            "{error:.80}"
+        );
     }
 }

@@ -37,6 +37,15 @@ fn ids(response: &HttpResponse) -> Vec<u64> {
         .collect()
 }
 
+/// (case, content type header, body, field, words in the reason).
+type BadBody = (
+    &'static str,
+    (&'static str, &'static str),
+    String,
+    &'static str,
+    &'static str,
+);
+
 #[test]
 fn bad_bodies_are_refused_naming_the_field_and_store_nothing() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
@@ -47,8 +56,7 @@ fn bad_bodies_are_refused_naming_the_field_and_store_nothing() -> anyhow::Result
     );
     let json_type = ("Content-Type", "application/json");
     let yaml_type = ("Content-Type", "application/yaml");
-    // (case, content type, body, field, words in the reason)
-    let cases: Vec<(&str, (&str, &str), String, &str, &str)> = vec![
+    let cases: Vec<BadBody> = vec![
         (
             "not JSON",
             json_type,
