@@ -4,31 +4,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
+from . import _calls
+from ._calls import Call
 from ._common import (
-    RECONNECTABLE,
+    MAX_BACKOFF,
+    STREAM_TIMEOUT,
+    Endpoints,
     LineSplitter,
     Spec,
     SseParser,
     decode,
-    events_params,
     failure,
-    settings,
-    spec_body,
+    reconnectable,
     sse_event,
-    states_param,
 )
 from ._errors import GantryError, Unavailable, WaitTimeout
 from ._models import Event, Job, JobState, Node, Pipeline
 
-#: Longest pause between two reconnects of a watch.
-MAX_BACKOFF = 2.0
+T = TypeVar("T")
 
 
-class Client:
+class Client(Endpoints):
     """A Gantry coordinator's HTTP API.
 
     With no arguments it reads ``GANTRY_HTTP_ADDR`` (default
@@ -44,14 +44,10 @@ class Client:
         ca: str | None = None,
         timeout: float = 30.0,
     ) -> None:
-        self._settings = settings(url, token, ca)
+        super().__init__(url, token, ca)
         self._http = httpx.Client(
-            headers=self._settings.headers,
-            verify=self._settings.verify,
-            timeout=timeout,
+            headers=self._settings.headers, verify=self._settings.verify, timeout=timeout
         )
-        # The address that answered last; tried first.
-        self._current = 0
 
     def close(self) -> None:
         """Closes the connections."""
@@ -63,88 +59,59 @@ class Client:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _order(self) -> list[int]:
-        n = len(self._settings.urls)
-        return [(self._current + i) % n for i in range(n)]
-
-    def _send(
-        self,
-        method: str,
-        path: str,
-        params: Mapping[str, str] | None = None,
-        content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Any:
-        """One call, on each address in turn until one answers that is not
-        a follower or unreachable."""
-        last: GantryError | None = None
+    def _send(self, call: Call[T]) -> T:
+        last: GantryError = Unavailable("no coordinator address")
         for i in self._order():
-            url = self._settings.urls[i] + path
             try:
                 response = self._http.request(
-                    method, url, params=params, content=content, headers=headers
+                    call.method,
+                    self._url(i, call.path),
+                    params=call.params,
+                    content=call.content,
+                    headers=call.headers,
                 )
             except httpx.TransportError as error:
                 last = Unavailable(f"{self._settings.urls[i]}: {error}")
                 continue
-            if response.status_code == 503 and len(self._settings.urls) > 1:
+            if self._skip(response.status_code):
                 last = failure(503, response.content)
                 continue
             self._current = i
-            return decode(response)
-        raise last if last is not None else Unavailable("no coordinator address")
-
-    # ----------------------------------------------------------- writes
+            return call.parse(decode(response))
+        raise last
 
     def submit(self, spec: Spec, key: str | None = None) -> list[int]:
         """Submits a job (dict), a list of jobs, a pipeline (dict with
         ``pipeline`` and ``jobs``) or a YAML spec file (path); returns the
         job ids. ``key`` makes it idempotent: the same key returns the same
         ids and never creates jobs twice (``gantry submit --key``)."""
-        content, content_type = spec_body(spec)
-        headers = {"Content-Type": content_type}
-        if key is not None:
-            headers["Idempotency-Key"] = key
-        answer = self._send("POST", "/v1/jobs", content=content, headers=headers)
-        return [int(i) for i in answer["job_ids"]]
+        return self._send(_calls.submit(spec, key))
 
     def cancel(self, id: int) -> JobState:
         """Cancels a job; returns its state after the request."""
-        return JobState(self._send("POST", f"/v1/jobs/{int(id)}/cancel")["state"])
+        return self._send(_calls.cancel(id))
 
     def dlq_retry(self, id: int, spec: Mapping[str, Any] | None = None) -> None:
         """Sends a dead-lettered job back to the queue, with a corrected
         spec (one job) if given."""
-        if spec is None:
-            self._send("POST", f"/v1/dlq/{int(id)}/retry")
-        else:
-            content, content_type = spec_body(spec)
-            self._send(
-                "POST",
-                f"/v1/dlq/{int(id)}/retry",
-                content=content,
-                headers={"Content-Type": content_type},
-            )
+        self._send(_calls.dlq_retry(id, spec))
 
     def dlq_drop(self, id: int) -> None:
         """Drops a dead-lettered job for good (admin)."""
-        self._send("DELETE", f"/v1/dlq/{int(id)}")
+        self._send(_calls.dlq_drop(id))
 
     def drain(self, node: str, deadline: str | None = None) -> None:
         """Drains a node (admin); with a deadline (``30m``) its jobs are
         preempted then and run elsewhere."""
-        params = {"deadline": deadline} if deadline else None
-        self._send("POST", f"/v1/nodes/{_segment(node)}/drain", params=params)
+        self._send(_calls.drain(node, deadline))
 
     def undrain(self, node: str) -> None:
         """Returns a node to service (admin)."""
-        self._send("POST", f"/v1/nodes/{_segment(node)}/undrain")
-
-    # ------------------------------------------------------------ reads
+        self._send(_calls.undrain(node))
 
     def job(self, id: int) -> Job:
         """One job with its attempts."""
-        return Job.from_json(self._send("GET", f"/v1/jobs/{int(id)}"))
+        return self._send(_calls.job(id))
 
     def jobs(
         self,
@@ -154,34 +121,23 @@ class Client:
         limit: int = 100,
     ) -> list[Job]:
         """Jobs, newest first, filtered by state(s), kind and pipeline."""
-        params = {"limit": str(limit)}
-        if states_param(state):
-            params["state"] = states_param(state)
-        if kind:
-            params["kind"] = kind
-        if pipeline:
-            params["pipeline"] = pipeline
-        return [Job.from_json(j) for j in self._send("GET", "/v1/jobs", params=params)]
+        return self._send(_calls.jobs(state, kind, pipeline, limit))
 
     def dlq(self) -> list[Job]:
         """Dead-lettered jobs."""
-        return [Job.from_json(j) for j in self._send("GET", "/v1/dlq")]
+        return self._send(_calls.dlq())
 
     def nodes(self) -> list[Node]:
         """Nodes with their GPUs."""
-        return [Node.from_json(n) for n in self._send("GET", "/v1/nodes")]
+        return self._send(_calls.nodes())
 
     def status(self) -> dict[str, Any]:
         """The cluster's status as the answering replica sees it."""
-        answer: dict[str, Any] = self._send("GET", "/v1/status")
-        return answer
+        return self._send(_calls.status())
 
     def pipeline(self, name: str, run: int | None = None) -> Pipeline:
         """A pipeline run (the latest without ``run``) and its jobs."""
-        params = {"run": str(run)} if run is not None else None
-        return Pipeline.from_json(
-            self._send("GET", f"/v1/pipelines/{_segment(name)}", params=params)
-        )
+        return self._send(_calls.pipeline(name, run))
 
     def wait(self, id: int, timeout: float | None = None, poll: float = 0.5) -> Job:
         """Waits until the job is terminal (succeeded, failed, cancelled or
@@ -197,8 +153,6 @@ class Client:
             pause = poll if deadline is None else min(poll, deadline - time.monotonic())
             time.sleep(max(pause, 0.0))
 
-    # ---------------------------------------------------------- streams
-
     def watch(
         self,
         from_index: int = 1,
@@ -209,54 +163,47 @@ class Client:
         """Events from ``from_index`` on (history, then live), forever. A
         dropped connection is resumed after the last event seen
         (``Last-Event-ID``), so none is missed or repeated."""
-        last: int | None = from_index - 1 if from_index > 1 else None
+        last = from_index - 1 if from_index > 1 else None
         backoff = 0.1
-        params = events_params(job, kind, pipeline)
         while True:
-            params["from"] = str(from_index)
-            headers = {"Accept": "text/event-stream"}
-            if last is not None:
-                headers["Last-Event-ID"] = str(last)
+            params, headers = _calls.events(from_index, last, job, kind, pipeline)
             try:
-                for event in self._stream_events(params, headers):
-                    last = event.index
-                    backoff = 0.1
+                for event in self._events(params, headers):
+                    last, backoff = event.index, 0.1
                     yield event
-            except RECONNECTABLE as error:
-                if isinstance(error, GantryError) and error.status not in (None, 503):
+            except Exception as error:
+                if not reconnectable(error):
                     raise
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
-    def _stream_events(self, params: dict[str, str], headers: dict[str, str]) -> Iterator[Event]:
-        url = self._settings.urls[self._current] + "/v1/events"
-        with self._http.stream(
-            "GET", url, params=params, headers=headers, timeout=httpx.Timeout(30.0, read=None)
-        ) as response:
-            if response.status_code >= 400:
-                response.read()
-                if response.status_code == 503:
-                    self._current = (self._current + 1) % len(self._settings.urls)
-                raise failure(response.status_code, response.content)
-            parser = SseParser()
-            for line in response.iter_lines():
-                parsed = parser.feed(line)
-                if parsed is None:
-                    continue
-                event = sse_event(parsed[1], parsed[2])
-                if event is not None:
-                    yield event
+    def _events(self, params: dict[str, str], headers: dict[str, str]) -> Iterator[Event]:
+        url = self._url(self._current, "/v1/events")
+        try:
+            with self._http.stream(
+                "GET", url, params=params, headers=headers, timeout=STREAM_TIMEOUT
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise failure(response.status_code, response.content)
+                parser = SseParser()
+                for line in response.iter_lines():
+                    parsed = parser.feed(line)
+                    event = None if parsed is None else sse_event(parsed[1], parsed[2])
+                    if event is not None:
+                        yield event
+        except (httpx.TransportError, GantryError):
+            self._next()
+            raise
         # The server never ends a watch: an end is a dropped connection.
         raise httpx.RemoteProtocolError("event stream ended")
 
     def logs(self, id: int, stderr: bool = False, follow: bool = False) -> Iterator[str]:
         """A job's output, line by line (without newlines); with ``follow``,
         until the job's attempt ends."""
-        params = {"stream": "stderr" if stderr else "stdout", "follow": str(follow).lower()}
-        url = self._settings.urls[self._current] + f"/v1/jobs/{int(id)}/logs"
-        with self._http.stream(
-            "GET", url, params=params, timeout=httpx.Timeout(30.0, read=None)
-        ) as response:
+        path, params = _calls.logs(id, stderr, follow)
+        url = self._url(self._current, path)
+        with self._http.stream("GET", url, params=params, timeout=STREAM_TIMEOUT) as response:
             if response.status_code >= 400:
                 response.read()
                 raise failure(response.status_code, response.content)
@@ -264,10 +211,3 @@ class Client:
             for chunk in response.iter_bytes():
                 yield from lines.feed(chunk)
             yield from lines.flush()
-
-
-def _segment(text: str) -> str:
-    """A name as one URL path segment."""
-    from urllib.parse import quote
-
-    return quote(text, safe="")

@@ -95,18 +95,6 @@ def states_param(state: str | JobState | Sequence[str | JobState] | None) -> str
     return ",".join(s.value if isinstance(s, JobState) else s for s in items)
 
 
-def events_params(job: int | None, kind: str | None, pipeline: str | None) -> dict[str, str]:
-    """The filters of ``/v1/events``."""
-    params = {}
-    if job:
-        params["job"] = str(job)
-    if kind:
-        params["kind"] = kind
-    if pipeline:
-        params["pipeline"] = pipeline
-    return params
-
-
 class SseParser:
     """Server-Sent Events, line by line (the ``text/event-stream`` format):
     ``feed`` returns an event when a blank line ends one."""
@@ -166,5 +154,42 @@ class LineSplitter:
         return [rest.decode("utf-8", "replace")] if rest else []
 
 
-#: Errors after which a watch reconnects and resumes after the last event.
-RECONNECTABLE = (httpx.TransportError, httpx.StreamError, GantryError)
+class Endpoints:
+    """The coordinators' addresses and which one answered last (tried
+    first): a request goes to each in turn past unreachable ones and
+    followers."""
+
+    def __init__(self, url: str | None, token: str | None, ca: str | None) -> None:
+        self._settings = settings(url, token, ca)
+        self._current = 0
+
+    def _order(self) -> list[int]:
+        n = len(self._settings.urls)
+        return [(self._current + i) % n for i in range(n)]
+
+    def _url(self, index: int, path: str) -> str:
+        return self._settings.urls[index] + path
+
+    def _skip(self, response_status: int) -> bool:
+        """Whether to try the next address after this answer (a follower
+        or an election, when there are others to ask)."""
+        return response_status == 503 and len(self._settings.urls) > 1
+
+    def _next(self) -> None:
+        """Makes the next address the first tried (after a stream failed)."""
+        self._current = (self._current + 1) % len(self._settings.urls)
+
+
+#: Longest pause between two reconnects of a watch.
+MAX_BACKOFF = 2.0
+
+#: A stream's timeouts: a quiet event stream or followed log is not dead.
+STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
+
+
+def reconnectable(error: Exception) -> bool:
+    """Whether a watch resumes after this error: a dropped connection, an
+    unreachable or a not-leading coordinator, an error event."""
+    if isinstance(error, GantryError):
+        return error.status in (None, 503)
+    return isinstance(error, (httpx.TransportError, httpx.StreamError))
