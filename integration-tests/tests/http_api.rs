@@ -250,6 +250,10 @@ fn tokens_and_roles_and_the_openapi_routes() -> anyhow::Result<()> {
         "{}",
     );
     assert_eq!(wrong.status, 401, "{wrong:?}");
+    // A refusal beats a bad body, and reaches the client past 10 MB of it.
+    let huge = format!(r#"{{"command": ["{}"]}}"#, "x".repeat(10 << 20));
+    assert_eq!(post(&http, "/v1/jobs", &[], &huge).status, 401);
+    assert_eq!(post(&http, "/v1/jobs", &user, "not json").status, 400);
     assert_eq!(job_count(&http, &admin), 0, "nothing stored");
     let drain = post(&http, "/v1/nodes/gpu-1/drain", &user, "");
     assert_eq!(drain.status, 403, "{drain:?}");
