@@ -1,0 +1,3 @@
+//! The `gantry-zero` binary.
+
+fn main() {}
