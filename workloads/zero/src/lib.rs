@@ -19,3 +19,4 @@ pub mod model;
 pub mod npz;
 pub mod promote;
 pub mod records;
+pub mod train;

@@ -208,22 +208,45 @@ fn dirichlet_one(rng: &mut SmallRng) -> [f32; COLUMNS] {
 
 /// Runs `simulations` simulations on every tree, evaluating the leaves of
 /// all trees in one batch per simulation.
-pub fn search<E: Evaluator + ?Sized>(trees: &mut [Tree], simulations: u32, evaluator: &mut E) {
+pub fn search<E: Evaluator>(trees: &mut [Tree], simulations: u32, evaluator: &mut E) {
+    let owners = vec![0; trees.len()];
+    search_split(
+        trees,
+        &owners,
+        simulations,
+        &mut [evaluator as &mut dyn Evaluator],
+    );
+}
+
+/// [`search`] where tree `i` asks `evaluators[owners[i]]` (in a match, each
+/// side's own network): per simulation, one batch per evaluator, holding
+/// the leaves of every tree it owns.
+pub fn search_split(
+    trees: &mut [Tree],
+    owners: &[usize],
+    simulations: u32,
+    evaluators: &mut [&mut dyn Evaluator],
+) {
     for _ in 0..simulations {
-        let mut leaves = Vec::with_capacity(trees.len());
-        let mut boards = Vec::with_capacity(trees.len());
-        for (index, tree) in trees.iter_mut().enumerate() {
-            if let Some((leaf, board)) = tree.select() {
-                leaves.push((index, leaf));
-                boards.push(board);
+        for (owner, evaluator) in evaluators.iter_mut().enumerate() {
+            let mut leaves = Vec::with_capacity(trees.len());
+            let mut boards = Vec::with_capacity(trees.len());
+            for (index, tree) in trees.iter_mut().enumerate() {
+                if owners.get(index) != Some(&owner) {
+                    continue;
+                }
+                if let Some((leaf, board)) = tree.select() {
+                    leaves.push((index, leaf));
+                    boards.push(board);
+                }
             }
-        }
-        if boards.is_empty() {
-            continue;
-        }
-        let evaluations = evaluator.evaluate(&boards);
-        for ((index, leaf), evaluation) in leaves.into_iter().zip(evaluations) {
-            trees[index].expand(leaf, evaluation);
+            if boards.is_empty() {
+                continue;
+            }
+            let evaluations = evaluator.evaluate(&boards);
+            for ((index, leaf), evaluation) in leaves.into_iter().zip(evaluations) {
+                trees[index].expand(leaf, evaluation);
+            }
         }
     }
 }

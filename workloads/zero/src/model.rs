@@ -113,6 +113,54 @@ fn dot(weights: &[f32], features: &[f32; FEATURES]) -> f32 {
         + bias
 }
 
+/// A model file: the weights and what they were trained on. Written
+/// atomically as JSON (`models/candidate.bin`, `models/best.bin`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelFile {
+    /// Always [`ModelFile::FORMAT`]; another value is refused.
+    pub format: String,
+    /// The round whose training produced it (0: untrained).
+    pub round: u32,
+    /// Rounds whose games it was trained on (this one included).
+    pub trained_on: Vec<u32>,
+    /// Positions it was trained on in its last training.
+    pub samples: usize,
+    /// The weights.
+    pub model: LinearModel,
+}
+
+impl ModelFile {
+    /// The format tag of this version.
+    pub const FORMAT: &'static str = "gantry-zero-linear-v1";
+
+    /// The untrained model (round 0).
+    pub fn untrained() -> ModelFile {
+        ModelFile {
+            format: Self::FORMAT.into(),
+            round: 0,
+            trained_on: Vec::new(),
+            samples: 0,
+            model: LinearModel::untrained(),
+        }
+    }
+
+    /// Parses and checks a model file.
+    pub fn parse(bytes: &[u8]) -> Result<ModelFile, String> {
+        let file: ModelFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if file.format != Self::FORMAT {
+            return Err(format!(
+                "format: {:?} is not {:?}",
+                file.format,
+                Self::FORMAT
+            ));
+        }
+        file.model
+            .check_shape()
+            .map_err(|e| format!("model: {e}"))?;
+        Ok(file)
+    }
+}
+
 /// Softmax, stable for large logits.
 pub fn softmax(logits: &[f32; COLUMNS]) -> [f32; COLUMNS] {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -204,6 +252,22 @@ mod tests {
         let eval = model.predict(&Board::new());
         assert_eq!(eval.policy, [1.0 / COLUMNS as f32; COLUMNS]);
         assert_eq!(eval.value, 0.0);
+    }
+
+    #[test]
+    fn model_files_round_trip_and_foreign_ones_are_refused() {
+        let file = ModelFile::untrained();
+        let bytes = serde_json::to_vec(&file).expect("json");
+        assert_eq!(ModelFile::parse(&bytes), Ok(file.clone()));
+        let mut other = file;
+        other.format = "pytorch".into();
+        let bytes = serde_json::to_vec(&other).expect("json");
+        assert!(
+            ModelFile::parse(&bytes)
+                .expect_err("refused")
+                .starts_with("format")
+        );
+        assert!(ModelFile::parse(b"{").is_err());
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl LoopState {
 }
 
 /// Games of a candidate against the best model.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Match {
     /// Games the candidate won.
     pub wins: u32,
@@ -86,6 +86,17 @@ pub struct Match {
 }
 
 impl Match {
+    /// Counts one game by its result for the candidate (1, 0 or -1).
+    pub fn record(&mut self, value: f32) {
+        if value > 0.0 {
+            self.wins += 1;
+        } else if value < 0.0 {
+            self.losses += 1;
+        } else {
+            self.draws += 1;
+        }
+    }
+
     /// Games played.
     pub fn games(&self) -> u32 {
         self.wins + self.losses + self.draws
