@@ -61,9 +61,7 @@ impl Tree {
     /// A tree for `board`; with `noise` (self-play), root noise drawn from
     /// `rng` is mixed into the root prior.
     pub fn new(board: Board, config: SearchConfig, rng: Option<&mut SmallRng>) -> Tree {
-        let root_noise = rng
-            .filter(|_| config.noise_weight > 0.0)
-            .map(|rng| dirichlet_one(rng));
+        let root_noise = rng.filter(|_| config.noise_weight > 0.0).map(dirichlet_one);
         Tree {
             nodes: vec![Node {
                 board,
@@ -130,13 +128,11 @@ impl Tree {
         };
         let board = self.nodes[at].board;
         let mut prior = masked_prior(&board, &evaluation.policy);
-        if at == 0 {
-            if let Some(noise) = self.root_noise {
-                let w = self.config.noise_weight;
-                let noisy: [f32; COLUMNS] =
-                    std::array::from_fn(|c| (1.0 - w) * prior[c] + w * noise[c]);
-                prior = masked_prior(&board, &noisy);
-            }
+        if let (0, Some(noise)) = (at, self.root_noise) {
+            let w = self.config.noise_weight;
+            let noisy: [f32; COLUMNS] =
+                std::array::from_fn(|c| (1.0 - w) * prior[c] + w * noise[c]);
+            prior = masked_prior(&board, &noisy);
         }
         if self.nodes[at].children.is_empty() {
             for column in (0..COLUMNS).filter(|&c| board.is_legal(c)) {

@@ -118,23 +118,24 @@ fn step(model: &mut LinearModel, samples: &Samples, chunk: &[usize], config: &Tr
             }
             grad_value[k] += dv * xk;
         }
-        for c in 0..COLUMNS {
-            grad_policy[c][FEATURES] += p[c] - pi[c];
+        for (c, grad) in grad_policy.iter_mut().enumerate() {
+            grad[FEATURES] += p[c] - pi[c];
         }
         grad_value[FEATURES] += dv;
     }
     let scale = config.learning_rate / chunk.len().max(1) as f32;
     let decay = 1.0 - config.learning_rate * config.weight_decay;
-    for c in 0..COLUMNS {
-        for k in 0..INPUTS {
+    // Weight decay applies to the weights, not the bias (the last input).
+    let update = |weights: &mut [f32], grad: &[f32; INPUTS]| {
+        for (k, (w, g)) in weights.iter_mut().zip(grad).enumerate() {
             let keep = if k < FEATURES { decay } else { 1.0 };
-            model.policy[c][k] = model.policy[c][k] * keep - scale * grad_policy[c][k];
+            *w = *w * keep - scale * g;
         }
+    };
+    for (weights, grad) in model.policy.iter_mut().zip(&grad_policy) {
+        update(weights, grad);
     }
-    for k in 0..INPUTS {
-        let keep = if k < FEATURES { decay } else { 1.0 };
-        model.value[k] = model.value[k] * keep - scale * grad_value[k];
-    }
+    update(&mut model.value, &grad_value);
 }
 
 #[cfg(test)]
