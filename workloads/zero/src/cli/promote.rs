@@ -55,56 +55,11 @@ pub fn run(args: &PromoteArgs) -> anyhow::Result<()> {
     }
     let decision = decide(&rule, &state, evaluation.result);
 
-    // The history, with any line of this round from an earlier try replaced.
-    let mut ratings: Vec<Rating> = Vec::new();
-    if data.ratings().exists() {
-        let text = std::fs::read_to_string(data.ratings())
-            .with_context(|| format!("cannot read {}", data.ratings().display()))?;
-        for (index, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let rating: Rating = serde_json::from_str(line)
-                .with_context(|| format!("{} line {}", data.ratings().display(), index + 1))?;
-            if rating.round != state.round {
-                ratings.push(rating);
-            }
-        }
-    }
-    ratings.push(decision.rating.clone());
-    if ratings.len() > MAX_RATINGS {
-        ratings.drain(..ratings.len() - MAX_RATINGS);
-    }
-    let mut text = String::new();
-    for rating in &ratings {
-        text.push_str(&serde_json::to_string(rating)?);
-        text.push('\n');
-    }
-
+    let ratings = history_with(&data, &decision.rating)?;
     if decision.promoted {
-        // Promote exactly the file that was evaluated.
-        let bytes = std::fs::read(data.candidate())
-            .with_context(|| format!("cannot read {}", data.candidate().display()))?;
-        if crc32fast::hash(&bytes) != evaluation.candidate_crc32 {
-            bail!(
-                "{} changed since it was evaluated (CRC-32 differs); not promoting",
-                data.candidate().display()
-            );
-        }
-        let candidate = ModelFile::parse(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", data.candidate().display()))?;
-        if candidate.round != state.round {
-            bail!(
-                "the candidate is from round {}, not {}",
-                candidate.round,
-                state.round
-            );
-        }
-        atomic::write(&data.best(), &bytes)
-            .with_context(|| format!("cannot write {}", data.best().display()))?;
+        replace_best(&data, &evaluation, state.round)?;
     }
-    atomic::write(&data.ratings(), text.as_bytes())
+    atomic::write(&data.ratings(), ratings.as_bytes())
         .with_context(|| format!("cannot write {}", data.ratings().display()))?;
     write_json(&data.state_path(), &decision.next)?;
     let r = &decision.rating;
@@ -134,4 +89,58 @@ pub fn run(args: &PromoteArgs) -> anyhow::Result<()> {
         decision.next.temperature_plies
     );
     Ok(())
+}
+
+/// `ratings.jsonl` with `rating` appended, any line of its round from an
+/// earlier try replaced, and the oldest lines dropped past the bound.
+fn history_with(data: &DataDir, rating: &Rating) -> anyhow::Result<String> {
+    let mut ratings: Vec<Rating> = Vec::new();
+    if data.ratings().exists() {
+        let text = std::fs::read_to_string(data.ratings())
+            .with_context(|| format!("cannot read {}", data.ratings().display()))?;
+        for (index, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let old: Rating = serde_json::from_str(line)
+                .with_context(|| format!("{} line {}", data.ratings().display(), index + 1))?;
+            if old.round != rating.round {
+                ratings.push(old);
+            }
+        }
+    }
+    ratings.push(rating.clone());
+    if ratings.len() > MAX_RATINGS {
+        ratings.drain(..ratings.len() - MAX_RATINGS);
+    }
+    let mut text = String::new();
+    for rating in &ratings {
+        text.push_str(&serde_json::to_string(rating)?);
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// Replaces the best model with the candidate, if it is exactly the file
+/// that was evaluated.
+fn replace_best(data: &DataDir, evaluation: &EvaluationReport, round: u32) -> anyhow::Result<()> {
+    let bytes = std::fs::read(data.candidate())
+        .with_context(|| format!("cannot read {}", data.candidate().display()))?;
+    if crc32fast::hash(&bytes) != evaluation.candidate_crc32 {
+        bail!(
+            "{} changed since it was evaluated (CRC-32 differs); not promoting",
+            data.candidate().display()
+        );
+    }
+    let candidate = ModelFile::parse(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", data.candidate().display()))?;
+    if candidate.round != round {
+        bail!(
+            "the candidate is from round {}, not {round}",
+            candidate.round
+        );
+    }
+    atomic::write(&data.best(), &bytes)
+        .with_context(|| format!("cannot write {}", data.best().display()))
 }

@@ -2,7 +2,7 @@
 //! `--batch-size` of them at once, so that every simulation evaluates one
 //! batch of that many leaves; writes each finished game atomically.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -10,6 +10,7 @@ use gantry_zero::atomic;
 use gantry_zero::game::{Board, COLUMNS, Outcome};
 use gantry_zero::mcts::{SearchConfig, Tree, choose_move, search};
 use gantry_zero::model::{BatchLog, ModelFile, RolloutEvaluator};
+use gantry_zero::promote::LoopState;
 use gantry_zero::records::GameRecord;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -115,71 +116,22 @@ pub fn run(args: &SelfplayArgs) -> anyhow::Result<()> {
         best.model.clone(),
         SmallRng::seed_from_u64(seed.rotate_left(17)),
     );
-    let config = SearchConfig::default();
-
-    let mut playing: Vec<Playing> = Vec::new();
-    let (mut begun, mut written, mut positions) = (0u32, 0u32, 0u64);
-    let mut results = [0u32; 3];
-    while written < args.games {
-        while playing.len() < args.batch_size && begun < args.games {
-            playing.push(Playing {
-                board: Board::new(),
-                moves: Vec::new(),
-                visits: Vec::new(),
-            });
-            begun += 1;
-        }
-        let mut trees: Vec<Tree> = playing
-            .iter()
-            .map(|g| Tree::new(g.board, config, Some(&mut rng)))
-            .collect();
-        search(&mut trees, simulations, &mut evaluator);
-        for (game, tree) in playing.iter_mut().zip(&trees) {
-            let visits = tree.visits();
-            let explore = game.board.plies() < state.temperature_plies as usize;
-            let column =
-                choose_move(&visits, explore, &mut rng).context("a search chose no move")?;
-            game.board.play(column)?;
-            game.moves.push(column as u8);
-            game.visits.push(visits);
-            positions += 1;
-        }
-        let (done, rest): (Vec<Playing>, Vec<Playing>) = playing
-            .into_iter()
-            .partition(|g| g.board.outcome().is_some());
-        playing = rest;
-        for game in done {
-            let outcome = game
-                .board
-                .outcome()
-                .context("a finished game has an outcome")?;
-            results[match outcome {
-                Outcome::FirstWins => 0,
-                Outcome::SecondWins => 1,
-                Outcome::Draw => 2,
-            }] += 1;
-            let record = GameRecord {
-                moves: game.moves,
-                visits: game.visits,
-                outcome,
-                round: state.round,
-                simulations,
-                batch_size: args.batch_size,
-            };
-            write_json(
-                &dir.join("games").join(format!("{tag}-{written:05}.json")),
-                &record,
-            )?;
-            written += 1;
-        }
-    }
+    let played = play(
+        args,
+        &state,
+        simulations,
+        &dir.join("games"),
+        &tag,
+        &mut rng,
+        &mut evaluator,
+    )?;
     let report = SelfplayReport {
         round: state.round,
-        games: written,
-        first_wins: results[0],
-        second_wins: results[1],
-        draws: results[2],
-        positions,
+        games: played.games,
+        first_wins: played.results[0],
+        second_wins: played.results[1],
+        draws: played.results[2],
+        positions: played.positions,
         simulations,
         temperature_plies: state.temperature_plies,
         batch_size: args.batch_size,
@@ -207,4 +159,82 @@ pub fn run(args: &SelfplayArgs) -> anyhow::Result<()> {
         report.model_round,
     );
     Ok(())
+}
+
+/// Games written, by result (first, second, draw), and moves played.
+struct Played {
+    games: u32,
+    results: [u32; 3],
+    positions: u64,
+}
+
+/// Plays `args.games` games, `args.batch_size` at a time, writing each as
+/// it ends.
+fn play(
+    args: &SelfplayArgs,
+    state: &LoopState,
+    simulations: u32,
+    games_dir: &Path,
+    tag: &str,
+    rng: &mut SmallRng,
+    evaluator: &mut RolloutEvaluator,
+) -> anyhow::Result<Played> {
+    let config = SearchConfig::default();
+    let mut playing: Vec<Playing> = Vec::new();
+    let (mut begun, mut written, mut positions) = (0u32, 0u32, 0u64);
+    let mut results = [0u32; 3];
+    while written < args.games {
+        while playing.len() < args.batch_size && begun < args.games {
+            playing.push(Playing {
+                board: Board::new(),
+                moves: Vec::new(),
+                visits: Vec::new(),
+            });
+            begun += 1;
+        }
+        let mut trees: Vec<Tree> = playing
+            .iter()
+            .map(|g| Tree::new(g.board, config, Some(&mut *rng)))
+            .collect();
+        search(&mut trees, simulations, evaluator);
+        for (game, tree) in playing.iter_mut().zip(&trees) {
+            let visits = tree.visits();
+            let explore = game.board.plies() < state.temperature_plies as usize;
+            let column = choose_move(&visits, explore, rng).context("a search chose no move")?;
+            game.board.play(column)?;
+            game.moves.push(column as u8);
+            game.visits.push(visits);
+            positions += 1;
+        }
+        let (done, rest): (Vec<Playing>, Vec<Playing>) = playing
+            .into_iter()
+            .partition(|g| g.board.outcome().is_some());
+        playing = rest;
+        for game in done {
+            let outcome = game
+                .board
+                .outcome()
+                .context("a finished game has an outcome")?;
+            results[match outcome {
+                Outcome::FirstWins => 0,
+                Outcome::SecondWins => 1,
+                Outcome::Draw => 2,
+            }] += 1;
+            let record = GameRecord {
+                moves: game.moves,
+                visits: game.visits,
+                outcome,
+                round: state.round,
+                simulations,
+                batch_size: args.batch_size,
+            };
+            write_json(&games_dir.join(format!("{tag}-{written:05}.json")), &record)?;
+            written += 1;
+        }
+    }
+    Ok(Played {
+        games: written,
+        results,
+        positions,
+    })
 }

@@ -87,27 +87,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let data = DataDir::open(&args.data)?;
     let state = data.state()?;
     let round = state.round;
-    let mut all = Samples::default();
-    let mut trained_on = Vec::new();
-    for r in round.saturating_sub(args.window - 1).max(1)..=round {
-        let path = data.round(r)?.join("train.npz");
-        if !path.exists() {
-            if r == round {
-                bail!(
-                    "round {round} has no tensors at {}: export has not run",
-                    path.display()
-                );
-            }
-            continue;
-        }
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let arrays = npz::decode(&bytes).with_context(|| format!("{}", path.display()))?;
-        let samples = Samples::from_arrays(&arrays)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        all.extend(samples);
-        trained_on.push(r);
-    }
+    let (all, trained_on) = load_window(&data, round, args.window)?;
     let best = read_model(&data.best())?;
     let mut model = best.model.clone();
     let config = TrainConfig {
@@ -159,4 +139,31 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         out.started_from_round
     );
     Ok(())
+}
+
+/// The tensors of `round` and up to `window - 1` rounds before it (older
+/// rounds without tensors are skipped; this round's must exist).
+fn load_window(data: &DataDir, round: u32, window: u32) -> anyhow::Result<(Samples, Vec<u32>)> {
+    let mut all = Samples::default();
+    let mut trained_on = Vec::new();
+    for r in round.saturating_sub(window - 1).max(1)..=round {
+        let path = data.round(r)?.join("train.npz");
+        if !path.exists() {
+            if r == round {
+                bail!(
+                    "round {round} has no tensors at {}: export has not run",
+                    path.display()
+                );
+            }
+            continue;
+        }
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let arrays = npz::decode(&bytes).with_context(|| format!("{}", path.display()))?;
+        let samples = Samples::from_arrays(&arrays)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        all.extend(samples);
+        trained_on.push(r);
+    }
+    Ok((all, trained_on))
 }
