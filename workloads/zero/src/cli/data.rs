@@ -78,9 +78,26 @@ impl DataDir {
     }
 }
 
+/// The largest JSON file read (games, reports, state, models are far smaller).
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// Reads a whole file of at most `limit` bytes, naming it in any error.
+pub fn read_bounded(path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if len > limit {
+        anyhow::bail!(
+            "{}: {len} bytes, over the {limit}-byte limit",
+            path.display()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
 /// Reads a JSON file, naming it in any error.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = read_bounded(path, MAX_JSON_BYTES)?;
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not valid", path.display()))
 }
 
@@ -93,7 +110,7 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
 
 /// Reads and checks a model file.
 pub fn read_model(path: &Path) -> anyhow::Result<ModelFile> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = read_bounded(path, MAX_JSON_BYTES)?;
     ModelFile::parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
@@ -135,5 +152,25 @@ impl GantryEnv {
             node: var("GANTRY_NODE"),
             gpus: var("CUDA_VISIBLE_DEVICES"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_over_the_bound_are_refused_unread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("game.json");
+        std::fs::write(&path, b"0123456789").expect("write");
+        let err = read_bounded(&path, 5).expect_err("refused");
+        assert!(
+            err.to_string().contains("10 bytes, over the 5-byte limit"),
+            "{err}"
+        );
+        assert_eq!(read_bounded(&path, 10).expect("read"), b"0123456789");
+        let missing = read_bounded(&dir.path().join("none"), 5).expect_err("missing");
+        assert!(missing.to_string().starts_with("cannot read"), "{missing}");
     }
 }

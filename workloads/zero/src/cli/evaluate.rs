@@ -11,13 +11,15 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use gantry_zero::game::{Board, COLUMNS};
 use gantry_zero::mcts::{SearchConfig, Tree, choose_move, search_split};
-use gantry_zero::model::{BatchLog, Evaluator, LinearModel, RolloutEvaluator};
+use gantry_zero::model::{BatchLog, Evaluator, LinearModel, ModelFile, RolloutEvaluator};
 use gantry_zero::promote::Match;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::data::{DataDir, GantryEnv, read_model, run_tag, write_json};
+use super::data::{
+    DataDir, GantryEnv, MAX_JSON_BYTES, read_bounded, read_model, run_tag, write_json,
+};
 
 /// Flags of `evaluate`.
 #[derive(Debug, clap::Args)]
@@ -123,9 +125,10 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<()> {
     let state = data.state()?;
     let candidate_path = snapshot_file(&args.candidate, "candidate.bin", "--candidate")?;
     let best_path = snapshot_file(&args.best, "best.bin", "--best")?;
-    let candidate_bytes = std::fs::read(&candidate_path)
-        .with_context(|| format!("cannot read {}", candidate_path.display()))?;
-    let candidate = read_model(&candidate_path)?;
+    let candidate_bytes = read_bounded(&candidate_path, MAX_JSON_BYTES)?;
+    // Parsed from the bytes whose CRC the report records.
+    let candidate = ModelFile::parse(&candidate_bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", candidate_path.display()))?;
     let best = read_model(&best_path)?;
     if candidate.round != state.round {
         bail!(

@@ -10,7 +10,7 @@ use gantry_zero::atomic;
 use gantry_zero::model::ModelFile;
 use gantry_zero::promote::{PromotionRule, Rating, decide};
 
-use super::data::{DataDir, read_json, write_json};
+use super::data::{DataDir, MAX_JSON_BYTES, read_bounded, read_json, write_json};
 use super::evaluate::EvaluationReport;
 
 /// Flags of `promote`.
@@ -125,8 +125,7 @@ fn history_with(data: &DataDir, rating: &Rating) -> anyhow::Result<String> {
 /// Replaces the best model with the candidate, if it is exactly the file
 /// that was evaluated.
 fn replace_best(data: &DataDir, evaluation: &EvaluationReport, round: u32) -> anyhow::Result<()> {
-    let bytes = std::fs::read(data.candidate())
-        .with_context(|| format!("cannot read {}", data.candidate().display()))?;
+    let bytes = read_bounded(&data.candidate(), MAX_JSON_BYTES)?;
     if crc32fast::hash(&bytes) != evaluation.candidate_crc32 {
         bail!(
             "{} changed since it was evaluated (CRC-32 differs); not promoting",

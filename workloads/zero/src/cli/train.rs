@@ -13,7 +13,7 @@ use gantry_zero::records::Samples;
 use gantry_zero::train::{Losses, TrainConfig, train};
 use serde::{Deserialize, Serialize};
 
-use super::data::{DataDir, GantryEnv, read_model, run_tag, write_json};
+use super::data::{DataDir, GantryEnv, read_bounded, read_model, run_tag, write_json};
 
 /// Flags of `train`.
 #[derive(Debug, clap::Args)]
@@ -157,8 +157,7 @@ fn load_window(data: &DataDir, round: u32, window: u32) -> anyhow::Result<(Sampl
             }
             continue;
         }
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes = read_bounded(&path, npz::MAX_BYTES as u64)?;
         let arrays = npz::decode(&bytes).with_context(|| format!("{}", path.display()))?;
         let samples = Samples::from_arrays(&arrays)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
