@@ -13,8 +13,12 @@ use gantry_integration_tests::{gantry_bin, tools_required};
 /// The virtual environment with httpx, pytest, ruff and mypy, or `None`
 /// (an error when tools are required).
 fn venv() -> anyhow::Result<Option<PathBuf>> {
+    // `.ci/run` makes it in target/python-venv; a plain `cargo test
+    // --workspace` after that finds it there too.
+    let default = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/python-venv");
     let found = std::env::var_os("GANTRY_PYTHON_VENV")
         .map(PathBuf::from)
+        .or(Some(default))
         .filter(|dir| dir.join("bin/python").is_file());
     match found {
         Some(dir) => Ok(Some(dir)),
@@ -24,7 +28,8 @@ fn venv() -> anyhow::Result<Option<PathBuf>> {
         ),
         None => {
             eprintln!(
-                "note: GANTRY_PYTHON_VENV is not set to a virtual environment; skipping the \
+                "note: neither GANTRY_PYTHON_VENV nor target/python-venv is a virtual \
+                 environment; skipping the \
                  Python client's tests (.ci/run makes one: python3 -m venv, pip install httpx \
                  pytest mypy ruff ./clients/python)"
             );
