@@ -27,9 +27,9 @@ pub enum CancelProgress {
         node: String,
         /// The attempt.
         attempt: u32,
-        /// The job itself ended (the attempt was declared lost, or a
-        /// replacement withdrawn): no report can settle it any more.
-        ended: bool,
+        /// The job's state. A terminal one (the attempt was declared lost,
+        /// or a replacement withdrawn) means no report can settle it.
+        state: JobState,
     },
 }
 
@@ -48,7 +48,7 @@ pub fn cancel_progress(job: &JobRecord) -> CancelProgress {
         Some(a) => CancelProgress::Cancelling {
             node: a.node.clone(),
             attempt: a.attempt,
-            ended: job.state.is_terminal(),
+            state: job.state,
         },
         None if job.state.is_terminal() => CancelProgress::Settled(job.state),
         // Active without an attempt: not reached by a recorded cancel
@@ -56,7 +56,7 @@ pub fn cancel_progress(job: &JobRecord) -> CancelProgress {
         None => CancelProgress::Cancelling {
             node: String::new(),
             attempt: 0,
-            ended: false,
+            state: job.state,
         },
     }
 }
@@ -188,10 +188,10 @@ mod tests {
     #[test]
     fn a_cancel_is_settled_only_when_every_attempt_an_agent_got_is_reported() {
         use AttemptOutcome::*;
-        let cancelling = |node: &str, attempt, ended| CancelProgress::Cancelling {
+        let cancelling = |node: &str, attempt, state| CancelProgress::Cancelling {
             node: node.into(),
             attempt,
-            ended,
+            state,
         };
         let cases: Vec<(JobState, Vec<AttemptRecord>, CancelProgress)> = vec![
             // Never placed: nothing to wait for.
@@ -210,12 +210,12 @@ mod tests {
             (
                 JobState::Assigned,
                 vec![attempt(1, "a", None)],
-                cancelling("a", 1, false),
+                cancelling("a", 1, JobState::Assigned),
             ),
             (
                 JobState::Running,
                 vec![attempt(1, "a", None)],
-                cancelling("a", 1, false),
+                cancelling("a", 1, JobState::Running),
             ),
             // Stopped and reported by the agent.
             (
@@ -233,7 +233,7 @@ mod tests {
             (
                 JobState::Cancelled,
                 vec![attempt(1, "a", Some(Lost))],
-                cancelling("a", 1, true),
+                cancelling("a", 1, JobState::Cancelled),
             ),
             // A withdrawn replacement after the current attempt: its
             // assignment may have reached its node.
@@ -243,7 +243,7 @@ mod tests {
                     attempt(1, "a", Some(Cancelled)),
                     attempt(2, "b", Some(Withdrawn)),
                 ],
-                cancelling("b", 2, true),
+                cancelling("b", 2, JobState::Cancelled),
             ),
         ];
         for (state, attempts, want) in cases {
