@@ -692,7 +692,9 @@ async fn session(
             }
             // Jobs end at once: nothing left to cancel.
             // 1 Hz is kept: a fleet this small is never stretched.
+            // Recorded ends: the outbox is trimmed by age instead.
             pb::coordinator_message::Msg::Cancel(_)
+            | pb::coordinator_message::Msg::EndRecorded(_)
             | pb::coordinator_message::Msg::Registered(_)
             | pb::coordinator_message::Msg::HeartbeatInterval(_) => Vec::new(),
         };

@@ -399,7 +399,8 @@ async fn session(index: usize, name: &str, channel: Channel, fleet: &Fleet) -> b
                         }
                         None
                     }
-                    pb::coordinator_message::Msg::Registered(_) => None,
+                    pb::coordinator_message::Msg::Registered(_)
+                    | pb::coordinator_message::Msg::EndRecorded(_) => None,
                 };
                 if let Some(reply) = reply && tx.send(reply).await.is_err() {
                     break;
