@@ -58,6 +58,8 @@ pub enum Request {
         states: Vec<JobState>,
         /// Most jobs returned.
         limit: usize,
+        /// Only the jobs of this owner (`gantry jobs --mine`).
+        owner: Option<String>,
         /// Reply.
         reply: Reply<Vec<pb::Job>>,
     },
@@ -599,6 +601,7 @@ impl Core {
             Request::ListJobs {
                 states,
                 limit,
+                owner,
                 reply,
             } => {
                 let jobs = self
@@ -606,6 +609,7 @@ impl Core {
                     .jobs()
                     .rev()
                     .filter(|j| states.is_empty() || states.contains(&j.state))
+                    .filter(|j| owner.is_none() || j.owner == owner)
                     .take(limit)
                     .map(|job| {
                         convert::job_to_proto(

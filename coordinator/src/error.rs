@@ -46,6 +46,10 @@ pub enum CoordinatorError {
     /// The coordinator is shutting down.
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// The request is well formed but the coordinator's state refuses it
+    /// (a credential reload whose files do not load).
+    #[error("{0}")]
+    FailedPrecondition(String),
 }
 
 impl CoordinatorError {
@@ -63,6 +67,7 @@ impl CoordinatorError {
             CoordinatorError::Apply(_) => 400,
             CoordinatorError::Store(_) => 500,
             CoordinatorError::Unauthenticated(_) => 401,
+            CoordinatorError::FailedPrecondition(_) => 409,
             CoordinatorError::PermissionDenied(_) => 403,
             CoordinatorError::NotLeader { .. }
             | CoordinatorError::Unavailable(_)
@@ -87,6 +92,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Store(_) => tonic::Status::internal(message),
             CoordinatorError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             CoordinatorError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
+            CoordinatorError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             CoordinatorError::NotLeader { leader } => {
                 let mut status = tonic::Status::unavailable(message);
                 if let Some(url) = leader

@@ -32,6 +32,7 @@ pub mod breaker;
 pub mod command;
 pub mod convert;
 pub mod core;
+pub mod credentials;
 pub mod dag;
 pub mod decide;
 pub mod domain;

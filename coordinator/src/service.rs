@@ -16,7 +16,9 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
+use crate::auth::{Caller, Role, may_change};
 use crate::command::Command;
+use crate::credentials::Credentials;
 use crate::convert;
 use crate::core::{Request, now_ms};
 use crate::domain::JobState;
@@ -116,12 +118,46 @@ impl CoreHandle {
 /// The client API (`gantry.v1.Gantry`).
 pub struct GantryService {
     core: CoreHandle,
+    /// What `ReloadCredentials` reloads (`None`: it is refused).
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl GantryService {
     /// A service over the core.
     pub fn new(core: CoreHandle) -> GantryService {
-        GantryService { core }
+        GantryService {
+            core,
+            credentials: None,
+        }
+    }
+
+    /// Serves `ReloadCredentials` with `credentials`.
+    pub fn with_credentials(self, credentials: Arc<Credentials>) -> GantryService {
+        GantryService {
+            credentials: Some(credentials),
+            ..self
+        }
+    }
+
+    /// Refuses unless `caller` may `action` job `job` ([`may_change`]: a
+    /// user changes only its own jobs). The owner never changes after the
+    /// submit, so this check on the leader's state cannot go stale.
+    async fn check_owner(
+        &self,
+        caller: Option<&Caller>,
+        action: &str,
+        job: u64,
+    ) -> Result<(), Status> {
+        let Some(caller) = caller.filter(|c| c.role != Role::Admin) else {
+            return Ok(());
+        };
+        self.core.require_leader()?;
+        let record = self
+            .core
+            .call(|reply| Request::GetJob { id: job, reply })
+            .await?;
+        let owner = Some(record.owner.as_str()).filter(|o| !o.is_empty());
+        Ok(may_change(Some(caller), action, job, owner)?)
     }
 }
 
@@ -132,6 +168,7 @@ impl pb::gantry_server::Gantry for GantryService {
         request: GrpcRequest<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let received = std::time::Instant::now();
+        let owner = request.extensions().get::<Caller>().map(|c| c.name.clone());
         let request = request.into_inner();
         let size = request.encoded_len();
         let convert::ValidSubmit {
@@ -146,6 +183,7 @@ impl pb::gantry_server::Gantry for GantryService {
             key,
             jobs: specs,
             pipeline,
+            owner,
         };
         let job_ids = match self.core.propose(command).await? {
             Outcome::Submitted(ids) => ids,
@@ -181,7 +219,19 @@ impl pb::gantry_server::Gantry for GantryService {
         request: GrpcRequest<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         self.core.require_leader()?;
+        let caller = request.extensions().get::<Caller>().cloned();
         let request = request.into_inner();
+        let owner = match (request.mine, caller) {
+            (false, _) => None,
+            (true, Some(caller)) => Some(caller.name),
+            (true, None) => {
+                return Err(CoordinatorError::InvalidArgument {
+                    field: "mine".into(),
+                    reason: "jobs have owners only when the coordinator has --tokens".into(),
+                }
+                .into());
+            }
+        };
         let mut states = Vec::new();
         for name in &request.states {
             let state = JobState::parse(name).ok_or_else(|| CoordinatorError::InvalidArgument {
@@ -203,6 +253,7 @@ impl pb::gantry_server::Gantry for GantryService {
             .call(|reply| Request::ListJobs {
                 states,
                 limit,
+                owner,
                 reply,
             })
             .await?;
@@ -213,7 +264,9 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let job = request.into_inner().job_id;
+        self.check_owner(caller.as_ref(), "cancel", job).await?;
         let outcome = self
             .core
             .propose(Command::RequestCancel {
@@ -243,7 +296,10 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::DlqRetryRequest>,
     ) -> Result<Response<pb::DlqRetryResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let request = request.into_inner();
+        self.check_owner(caller.as_ref(), "retry", request.job_id)
+            .await?;
         let spec = match request.spec {
             Some(spec) => Some(Box::new(convert::job_spec(spec, "spec.")?)),
             None => None,
@@ -261,7 +317,9 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::DlqDropRequest>,
     ) -> Result<Response<pb::DlqDropResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let job = request.into_inner().job_id;
+        self.check_owner(caller.as_ref(), "drop", job).await?;
         self.core
             .propose(Command::DlqDrop {
                 at_ms: now_ms(),
@@ -269,6 +327,23 @@ impl pb::gantry_server::Gantry for GantryService {
             })
             .await?;
         Ok(Response::new(pb::DlqDropResponse {}))
+    }
+
+    async fn reload_credentials(
+        &self,
+        _request: GrpcRequest<pb::ReloadCredentialsRequest>,
+    ) -> Result<Response<pb::ReloadCredentialsResponse>, Status> {
+        let Some(credentials) = &self.credentials else {
+            return Err(CoordinatorError::FailedPrecondition(
+                "this coordinator cannot reload its credentials".into(),
+            )
+            .into());
+        };
+        let reloaded = credentials.reload().await?;
+        Ok(Response::new(pb::ReloadCredentialsResponse {
+            tokens: u32::try_from(reloaded.tokens).unwrap_or(u32::MAX),
+            tls: reloaded.tls,
+        }))
     }
 
     async fn get_pipeline(

@@ -262,6 +262,9 @@ enum Command {
         /// Most jobs shown (0 = all); when more exist, stderr says so.
         #[arg(long, default_value = "100")]
         limit: u32,
+        /// Only the jobs submitted with my token (GANTRY_TOKEN).
+        #[arg(long)]
+        mine: bool,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -349,6 +352,12 @@ enum Command {
     Inventory {
         #[command(subcommand)]
         action: InventoryAction,
+    },
+    /// Re-read the token file, the join token and the TLS certificates of
+    /// the coordinator at --addr (admin; also SIGHUP).
+    ReloadCredentials {
+        #[command(flatten)]
+        client: ClientOpts,
     },
     /// Development certificates and tokens.
     Certs {
@@ -681,10 +690,26 @@ async fn cli_main() -> ExitCode {
                     "--id: {id} is not one of the ids in --peers"
                 )));
             }
-            let security = match coordinator_security(security, &security_file, &peers) {
+            let security_args = security;
+            let security = match coordinator_security(
+                security_args.clone(),
+                &security_file,
+                &peers,
+            ) {
                 Ok(security) => security,
                 Err(error) => return fail(CliError::invalid(error)),
             };
+            // SIGHUP and `gantry reload-credentials` read the same files again.
+            let reload_peers = peers.clone();
+            let reloader = gantry_coordinator::credentials::Reloader::new(move || {
+                let loaded =
+                    coordinator_security(security_args.clone(), &security_file, &reload_peers)?;
+                Ok(gantry_coordinator::credentials::Loaded {
+                    tls: loaded.tls,
+                    http_tls: loaded.http_tls,
+                    auth: loaded.auth,
+                })
+            });
             let resolved = match (http_addr, file.http_addr) {
                 (Some(text), _) => resolve_http_addr(Some(&text), "--http-addr"),
                 (None, file_value) => {
@@ -710,6 +735,7 @@ async fn cli_main() -> ExitCode {
                 max_heartbeat_rate,
                 inventory,
                 strict_inventory,
+                reloader: Some(reloader),
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -778,6 +804,7 @@ async fn cli_main() -> ExitCode {
                 inventory: Vec::new(),
                 strict_inventory: false,
                 security: Default::default(),
+                reloader: None,
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
@@ -793,8 +820,10 @@ async fn cli_main() -> ExitCode {
         Command::Jobs {
             state,
             limit,
+            mine,
             client,
-        } => jobs(state, limit, client).await,
+        } => jobs(state, limit, mine, client).await,
+        Command::ReloadCredentials { client } => reload_credentials(client).await,
         Command::Job { id, client } => job(id, client).await,
         Command::Logs {
             id,
@@ -1043,7 +1072,31 @@ fn new_submission_key() -> String {
     )
 }
 
-async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), CliError> {
+async fn reload_credentials(opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts).await?;
+    let reloaded = client
+        .reload_credentials(pb::ReloadCredentialsRequest {})
+        .await?
+        .into_inner();
+    match opts.output {
+        Format::Json => print_json(&serde_json::json!({
+            "tokens": reloaded.tokens,
+            "tls": reloaded.tls,
+        })),
+        Format::Table => outln!(
+            "credentials reloaded: {} client tokens{}",
+            reloaded.tokens,
+            if reloaded.tls {
+                ", TLS certificates"
+            } else {
+                ""
+            }
+        ),
+    }
+    Ok(())
+}
+
+async fn jobs(state: Vec<String>, limit: u32, mine: bool, opts: ClientOpts) -> Result<(), CliError> {
     let mut client = client::connect(&opts).await?;
     // One row more than shown tells whether the limit cut the list (0 = all).
     let mut jobs = client
@@ -1054,6 +1107,7 @@ async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), Cl
             } else {
                 limit.saturating_add(1)
             },
+            mine,
         })
         .await?
         .into_inner()

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use axum::middleware;
 
-use crate::auth::AuthConfig;
+use crate::credentials::{SharedAuth, TlsSource};
 use crate::core::Request;
 use crate::domain::JobState;
 use crate::error::{CoordinatorError, LEADER_METADATA};
@@ -51,7 +51,7 @@ pub struct HttpState {
     /// The core, as the gRPC services reach it.
     pub core: CoreHandle,
     /// Credentials: with client tokens configured, `/v1` needs one.
-    pub auth: Arc<AuthConfig>,
+    pub auth: SharedAuth,
     /// Set when the Raft driver or the core stopped on its own: both probes
     /// then answer 503 with the reason until the process exits.
     pub failure: Failure,
@@ -82,7 +82,7 @@ pub fn router(state: HttpState) -> Router {
 /// Serves the routes on `listener` (HTTPS with `tls`) until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    tls: Option<TlsSource>,
     state: HttpState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -373,6 +373,7 @@ async fn jobs(
         .call(|reply| Request::ListJobs {
             states,
             limit,
+            owner: None,
             reply,
         })
         .await?;
