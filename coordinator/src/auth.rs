@@ -172,6 +172,16 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gantry.raft.v1.RaftPeer/Step", Need::Peer),
 ];
 
+/// The methods whose answer is a stream: they are closed when their
+/// caller's credential is revoked. A unary call already checked runs to its
+/// answer (what it did is done; cutting the answer would only hide it).
+/// The unit test checks this against the protos' `returns (stream`.
+pub const STREAMS: &[&str] = &[
+    "/gantry.v1.Gantry/Logs",
+    "/gantry.v1.Gantry/WatchEvents",
+    "/gantry.v1.AgentLink/ConnectAgent",
+];
+
 /// The right `path` needs, if it is a known method.
 pub fn need(path: &str) -> Option<Need> {
     METHODS.iter().find(|(p, _)| *p == path).map(|(_, n)| *n)
@@ -437,7 +447,7 @@ where
                 if let Some(caller) = caller {
                     request.extensions_mut().insert(caller);
                 }
-                if !config.is_secured() {
+                if !config.is_secured() || !STREAMS.contains(&path.as_str()) {
                     return Box::pin(self.inner.call(request));
                 }
                 // The response lives as long as the call's credential does.
@@ -512,6 +522,7 @@ mod tests {
             ("gantry.raft.v1", include_str!("../../proto/raft.proto")),
         ];
         let mut seen = 0;
+        let mut streams = Vec::new();
         for (package, text) in protos {
             let mut service = "";
             for line in text.lines().map(str::trim) {
@@ -524,6 +535,9 @@ mod tests {
                     let entries = METHODS.iter().filter(|(p, _)| *p == path).count();
                     assert_eq!(entries, 1, "{path} needs exactly one entry in METHODS");
                     seen += 1;
+                    if rest.contains("returns (stream") {
+                        streams.push(path);
+                    }
                 }
             }
         }
@@ -532,6 +546,7 @@ mod tests {
             METHODS.len(),
             "METHODS lists a method the protos lack"
         );
+        assert_eq!(streams, STREAMS, "STREAMS must list the streaming rpcs");
     }
 
     /// Method path, headers, expected caller name or error text.
