@@ -168,6 +168,8 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gantry.v1.Gantry/GetPipeline", Need::Role(Role::User)),
     // Credentials of the whole replica: an operator's call.
     ("/gantry.v1.Gantry/ReloadCredentials", Need::Role(Role::Admin)),
+    // Every job of every user, in one file.
+    ("/gantry.v1.Gantry/SnapshotSave", Need::Role(Role::Admin)),
     ("/gantry.v1.AgentLink/ConnectAgent", Need::AgentJoin),
     ("/gantry.raft.v1.RaftPeer/Step", Need::Peer),
 ];
@@ -179,6 +181,7 @@ pub const METHODS: &[(&str, Need)] = &[
 pub const STREAMS: &[&str] = &[
     "/gantry.v1.Gantry/Logs",
     "/gantry.v1.Gantry/WatchEvents",
+    "/gantry.v1.Gantry/SnapshotSave",
     "/gantry.v1.AgentLink/ConnectAgent",
 ];
 

@@ -138,6 +138,12 @@ pub enum Request {
         /// Done, or why not.
         reply: std_mpsc::Sender<Result<(), String>>,
     },
+    /// A backup (`gantry snapshot save`): the applied index and the state
+    /// snapshot at it, taken in one step so they agree.
+    Backup {
+        /// (applied index, serialized [`crate::store::StateSnapshot`]).
+        reply: Reply<(u64, Vec<u8>)>,
+    },
     /// The Raft driver asks for the applied index.
     RaftAppliedIndex {
         /// The index, or why it cannot be read.
@@ -666,6 +672,13 @@ impl Core {
                     self.dirty = true;
                 });
                 let _ = reply.send(result);
+            }
+            Request::Backup { reply } => {
+                let taken = self.store.applied_index().and_then(|index| {
+                    let bytes = self.store.snapshot_bytes(&self.state)?;
+                    Ok((index, bytes))
+                });
+                let _ = reply.send(taken.map_err(CoordinatorError::from));
             }
             Request::RaftAppliedIndex { reply } => {
                 let index = self

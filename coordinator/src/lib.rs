@@ -28,6 +28,7 @@
 //! sled; only the core thread touches the state machine.
 
 pub mod auth;
+pub mod backup;
 pub mod breaker;
 pub mod command;
 pub mod convert;

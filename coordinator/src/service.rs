@@ -27,6 +27,10 @@ use crate::metrics::Metrics;
 use crate::raft::{ProposeError, RaftHandle, RaftStatus};
 use crate::state::{ApplyError, Outcome};
 
+/// Size of one chunk of a backup on the wire (well under the 4 MiB
+/// default message limit of clients).
+const BACKUP_CHUNK_BYTES: usize = 1 << 20;
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// A handle to the core shared by all services.
@@ -344,6 +348,36 @@ impl pb::gantry_server::Gantry for GantryService {
             tokens: u32::try_from(reloaded.tokens).unwrap_or(u32::MAX),
             tls: reloaded.tls,
         }))
+    }
+
+    type SnapshotSaveStream = BoxStream<pb::SnapshotChunk>;
+
+    async fn snapshot_save(
+        &self,
+        _request: GrpcRequest<pb::SnapshotSaveRequest>,
+    ) -> Result<Response<Self::SnapshotSaveStream>, Status> {
+        // Any replica: its applied state is a consistent prefix of the log.
+        let (index, state) = self.core.call(|reply| Request::Backup { reply }).await?;
+        let replica = self.core.raft_status().id;
+        let file = tokio::task::spawn_blocking(move || {
+            crate::backup::encode(index, replica, now_ms(), &state)
+        })
+        .await
+        .map_err(|e| CoordinatorError::Unavailable(format!("backup task failed: {e}")))?;
+        let total = file.len() as u64;
+        tracing::info!(index, bytes = total, "backup taken");
+        let chunks: Vec<Result<pb::SnapshotChunk, Status>> = file
+            .chunks(BACKUP_CHUNK_BYTES)
+            .enumerate()
+            .map(|(i, data)| {
+                Ok(pb::SnapshotChunk {
+                    data: data.to_vec(),
+                    total_bytes: if i == 0 { total } else { 0 },
+                    applied_index: if i == 0 { index } else { 0 },
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
     async fn get_pipeline(

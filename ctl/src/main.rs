@@ -7,6 +7,7 @@
 //! `spec.rs` parses job files (`yaml_limits.rs` bounds them first),
 //! `output.rs` escapes and prints.
 
+mod backup;
 mod certs;
 mod client;
 mod config;
@@ -196,6 +197,10 @@ enum Command {
         /// names); later starts use the stored id and ignore it.
         #[arg(long, default_value = "")]
         cluster_name: String,
+        /// Start a new single-voter cluster from this backup (`gantry
+        /// snapshot save`) in an empty --data-dir; refuses a damaged file.
+        #[arg(long)]
+        restore: Option<PathBuf>,
         #[command(flatten)]
         security: CoordinatorSecurityArgs,
     },
@@ -359,6 +364,11 @@ enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Backups of the hard state (restore with `gantry coordinator --restore`).
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
     /// Development certificates and tokens.
     Certs {
         #[command(subcommand)]
@@ -405,6 +415,18 @@ enum CertsAction {
         /// Validity in days.
         #[arg(long, default_value = "365")]
         days: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Save a consistent copy of the hard state of the replica at --addr
+    /// (any replica; admin token) to FILE, checksummed, written atomically.
+    Save {
+        /// Where to write the backup.
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientOpts,
     },
 }
 
@@ -617,6 +639,7 @@ async fn cli_main() -> ExitCode {
             id,
             peers,
             cluster_name,
+            restore,
             security,
         } => {
             if cluster_name.len() > 128 || cluster_name.chars().any(char::is_control) {
@@ -720,6 +743,23 @@ async fn cli_main() -> ExitCode {
                 Ok(addr) => addr,
                 Err(error) => return fail(error),
             };
+            if let Some(file) = &restore {
+                if peers.len() > 1 {
+                    return fail(CliError::invalid(
+                        "--restore starts a single-voter cluster: leave out --peers",
+                    ));
+                }
+                match gantry_coordinator::backup::restore(file, &data_dir, id) {
+                    Ok(restored) => println!(
+                        "restored {} jobs at index {} (replica {}'s backup) into {}",
+                        restored.jobs,
+                        restored.header.applied_index,
+                        restored.header.replica,
+                        data_dir.display()
+                    ),
+                    Err(error) => return fail(CliError::invalid(format!("--restore: {error}"))),
+                }
+            }
             init_logging(cli.log_format);
             let options = daemon::CoordinatorOptions {
                 security,
@@ -812,6 +852,9 @@ async fn cli_main() -> ExitCode {
             action: CertsAction::Init { dir, hosts, days },
         } => certs_init(&dir, &hosts, days),
         Command::Dlq { action } => dlq(action).await,
+        Command::Snapshot {
+            action: SnapshotAction::Save { file, client },
+        } => backup::save(&file, client).await,
         Command::Inventory {
             action: InventoryAction::Check { file },
         } => inventory_check(&file),
@@ -973,7 +1016,7 @@ fn probe_gpus(fake: Option<String>) -> ExitCode {
     }
 }
 
-fn print_json(value: &serde_json::Value) {
+pub(crate) fn print_json(value: &serde_json::Value) {
     // Serialising a `Value` cannot fail (its map keys are strings).
     outln!(
         "{}",
@@ -1073,7 +1116,8 @@ fn new_submission_key() -> String {
 }
 
 async fn reload_credentials(opts: ClientOpts) -> Result<(), CliError> {
-    let mut client = client::connect(&opts).await?;
+    // The replica at --addr, leader or not: each reloads its own files.
+    let mut client = client::connect_any(&opts).await?;
     let reloaded = client
         .reload_credentials(pb::ReloadCredentialsRequest {})
         .await?

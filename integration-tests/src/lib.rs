@@ -338,6 +338,26 @@ impl Sandbox {
         self.start_coordinator_args(name, args, data_dir)
     }
 
+    /// Starts a coordinator on `127.0.0.1:port` with its own data dir and
+    /// extra flags (e.g. `--restore FILE` on a port agents already know).
+    pub fn start_coordinator_at(
+        &mut self,
+        name: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<CoordinatorHandle> {
+        let data_dir = self.dir.path().join(name);
+        let mut args = vec![
+            "coordinator".to_string(),
+            "--grpc-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        self.start_coordinator_args(name, args, data_dir)
+    }
+
     /// Starts an agent with fake GPUs, advertising `address`.
     pub fn start_agent(
         &mut self,
