@@ -50,6 +50,9 @@ pub enum CoordinatorError {
     /// (a credential reload whose files do not load).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The data volume is under its reserve: writes wait for space.
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 impl CoordinatorError {
@@ -68,6 +71,7 @@ impl CoordinatorError {
             CoordinatorError::Store(_) => 500,
             CoordinatorError::Unauthenticated(_) => 401,
             CoordinatorError::FailedPrecondition(_) => 409,
+            CoordinatorError::ResourceExhausted(_) => 507,
             CoordinatorError::PermissionDenied(_) => 403,
             CoordinatorError::NotLeader { .. }
             | CoordinatorError::Unavailable(_)
@@ -93,6 +97,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             CoordinatorError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             CoordinatorError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
+            CoordinatorError::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
             CoordinatorError::NotLeader { leader } => {
                 let mut status = tonic::Status::unavailable(message);
                 if let Some(url) = leader

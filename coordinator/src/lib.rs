@@ -35,6 +35,7 @@ pub mod convert;
 pub mod core;
 pub mod credentials;
 pub mod dag;
+pub mod disk;
 pub mod decide;
 pub mod domain;
 pub mod error;

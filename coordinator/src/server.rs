@@ -70,6 +70,9 @@ pub struct CoordinatorConfig {
     /// Re-reads `tls`, `http_tls` and `auth` from their files on SIGHUP or
     /// `gantry reload-credentials` (`None` = reloads are refused).
     pub reloader: Option<crate::credentials::Reloader>,
+    /// Free space kept on the data volume: client writes are refused under
+    /// it (0 = never; see [`crate::disk`]).
+    pub disk_reserve: u64,
 }
 
 impl CoordinatorConfig {
@@ -89,6 +92,7 @@ impl CoordinatorConfig {
             auth: AuthConfig::default(),
             cluster_name: String::new(),
             reloader: None,
+            disk_reserve: crate::disk::DEFAULT_RESERVE_BYTES,
         }
     }
 }
@@ -444,7 +448,11 @@ pub async fn start(
             ));
         }
     }
-    let handle = CoreHandle::new(requests.clone(), events, raft.handle(), metrics.clone());
+    let handle = CoreHandle::new(requests.clone(), events, raft.handle(), metrics.clone())
+        .with_disk_reserve(crate::disk::DiskReserve::new(
+            config.data_dir.clone(),
+            config.disk_reserve,
+        ));
     tokio::spawn(stop_on_failure(
         raft.handle().watch_status(),
         failure.clone(),

@@ -19,6 +19,7 @@ use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 use crate::auth::{Caller, Role, may_change};
 use crate::command::Command;
 use crate::credentials::Credentials;
+use crate::disk::DiskReserve;
 use crate::convert;
 use crate::core::{Request, now_ms};
 use crate::domain::JobState;
@@ -42,9 +43,19 @@ pub struct CoreHandle {
     sessions: Arc<AtomicU64>,
     raft: RaftHandle,
     metrics: Arc<Metrics>,
+    /// Client writes are refused under the data volume's reserve.
+    disk: Option<Arc<DiskReserve>>,
 }
 
 impl CoreHandle {
+    /// Refuses client writes while the data volume is under `reserve`.
+    pub fn with_disk_reserve(self, reserve: DiskReserve) -> CoreHandle {
+        CoreHandle {
+            disk: Some(Arc::new(reserve)),
+            ..self
+        }
+    }
+
     /// Wraps the core's request channel and event broadcaster.
     pub fn new(
         requests: std_mpsc::Sender<Request>,
@@ -58,6 +69,7 @@ impl CoreHandle {
             sessions: Arc::new(AtomicU64::new(1)),
             raft,
             metrics,
+            disk: None,
         }
     }
 
@@ -85,6 +97,9 @@ impl CoreHandle {
 
     /// Proposes a command and returns its outcome once committed and applied.
     pub async fn propose(&self, command: Command) -> Result<Outcome, CoordinatorError> {
+        if let Some(disk) = &self.disk {
+            disk.check()?;
+        }
         let bytes = serde_json::to_vec(&command)
             .map_err(|e| CoordinatorError::Unavailable(format!("cannot encode command: {e}")))?;
         let reply = self

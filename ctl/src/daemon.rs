@@ -91,6 +91,8 @@ pub struct CoordinatorOptions {
     pub security: crate::security::CoordinatorSecurity,
     /// Reads `security` again from its files (SIGHUP).
     pub reloader: Option<gantry_coordinator::credentials::Reloader>,
+    /// Free space kept on the data volume (`--disk-reserve`).
+    pub disk_reserve: u64,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -121,6 +123,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         auth: options.security.auth.clone(),
         cluster_name: options.cluster_name.clone(),
         reloader: options.reloader.clone(),
+        disk_reserve: options.disk_reserve,
     }
 }
 

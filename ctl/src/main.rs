@@ -201,6 +201,11 @@ enum Command {
         /// snapshot save`) in an empty --data-dir; refuses a damaged file.
         #[arg(long)]
         restore: Option<PathBuf>,
+        /// Free space kept on the data volume: client writes (submit,
+        /// cancel, drain, ...) are refused below it, reads go on
+        /// (default 64MiB; 0 = never refuse).
+        #[arg(long, value_parser = parse_size_arg)]
+        disk_reserve: Option<u64>,
         #[command(flatten)]
         security: CoordinatorSecurityArgs,
     },
@@ -640,6 +645,7 @@ async fn cli_main() -> ExitCode {
             peers,
             cluster_name,
             restore,
+            disk_reserve,
             security,
         } => {
             if cluster_name.len() > 128 || cluster_name.chars().any(char::is_control) {
@@ -776,6 +782,8 @@ async fn cli_main() -> ExitCode {
                 inventory,
                 strict_inventory,
                 reloader: Some(reloader),
+                disk_reserve: disk_reserve
+                    .unwrap_or(gantry_coordinator::disk::DEFAULT_RESERVE_BYTES),
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -845,6 +853,7 @@ async fn cli_main() -> ExitCode {
                 strict_inventory: false,
                 security: Default::default(),
                 reloader: None,
+                disk_reserve: gantry_coordinator::disk::DEFAULT_RESERVE_BYTES,
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
