@@ -167,7 +167,10 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gantry.v1.Gantry/DlqDrop", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/GetPipeline", Need::Role(Role::User)),
     // Credentials of the whole replica: an operator's call.
-    ("/gantry.v1.Gantry/ReloadCredentials", Need::Role(Role::Admin)),
+    (
+        "/gantry.v1.Gantry/ReloadCredentials",
+        Need::Role(Role::Admin),
+    ),
     // Every job of every user, in one file.
     ("/gantry.v1.Gantry/SnapshotSave", Need::Role(Role::Admin)),
     ("/gantry.v1.AgentLink/ConnectAgent", Need::AgentJoin),
@@ -665,19 +668,25 @@ mod tests {
             name: "root".into(),
             role: Role::Admin,
         };
-        let cases: &[(Option<&Caller>, Option<&str>, Result<(), &str>)] = &[
+        // Caller, owner, expected refusal.
+        type Case<'a> = (Option<&'a Caller>, Option<&'a str>, Result<(), &'a str>);
+        let cases: &[Case] = &[
             (None, Some("bob"), Ok(())),
             (None, None, Ok(())),
             (Some(&alice), Some("alice"), Ok(())),
             (
                 Some(&alice),
                 Some("bob"),
-                Err("cancel job 7: the job belongs to 'bob'; token 'alice' (role user) may cancel only its own jobs"),
+                Err(
+                    "cancel job 7: the job belongs to 'bob'; token 'alice' (role user) may cancel only its own jobs",
+                ),
             ),
             (
                 Some(&alice),
                 None,
-                Err("cancel job 7: the job has no owner (submitted without tokens); token 'alice' (role user) may cancel only its own jobs"),
+                Err(
+                    "cancel job 7: the job has no owner (submitted without tokens); token 'alice' (role user) may cancel only its own jobs",
+                ),
             ),
             (Some(&root), Some("bob"), Ok(())),
             (Some(&root), None, Ok(())),

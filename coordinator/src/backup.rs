@@ -220,9 +220,7 @@ pub fn restore(file: &Path, data_dir: &Path, id: u64) -> Result<Restored, Backup
             reason: format!("the state does not decode: {e}"),
         })?;
     let jobs = snapshot.jobs.len();
-    snapshot
-        .jobs
-        .push(id_fence(&snapshot, &header, &path));
+    snapshot.jobs.push(id_fence(&snapshot, &header, &path));
     let state = serde_json::to_vec(&snapshot)
         .map_err(|e| BackupError::Io(format!("cannot encode the restored state: {e}")))?;
     std::fs::create_dir_all(data_dir).map_err(|e| dir_error(e.to_string()))?;

@@ -345,7 +345,9 @@ mod tests {
         assert!(check_reload(false, false, &plain).is_ok());
         let error = check_reload(true, true, &plain).expect_err("tls off");
         assert!(
-            error.to_string().contains("turning TLS off needs a restart"),
+            error
+                .to_string()
+                .contains("turning TLS off needs a restart"),
             "{error}"
         );
     }
@@ -354,9 +356,8 @@ mod tests {
     async fn a_stream_ends_when_its_token_is_revoked() {
         let credentials = Credentials::new(loaded(tokens(&["alice", "bob"])), None);
         let auth = credentials.auth();
-        let (mut tx, rx) = futures::channel::mpsc::channel::<
-            Result<http_body::Frame<Bytes>, tonic::Status>,
-        >(4);
+        let (mut tx, rx) =
+            futures::channel::mpsc::channel::<Result<http_body::Frame<Bytes>, tonic::Status>>(4);
         let inner = tonic::body::Body::new(http_body_util::StreamBody::new(rx));
         let alice_valid: StillValid = Box::new(|config: &AuthConfig| {
             let known = config.tokens.iter().flatten().any(|t| t.name == "alice");

@@ -54,7 +54,9 @@ impl DiskReserve {
                 "cannot measure the free space of {dir} ({e}); writes are refused"
             ))
         })?;
-        let available = u64::from(stats.blocks_available()).saturating_mul(stats.fragment_size());
+        let available = stats
+            .blocks_available()
+            .saturating_mul(stats.fragment_size());
         match refusal(&dir, available, self.reserve) {
             Some(reason) => Err(CoordinatorError::ResourceExhausted(reason)),
             None => Ok(()),
@@ -75,7 +77,9 @@ mod tests {
             (
                 63 * mib,
                 64 * mib,
-                Some("data volume of /d is full: 63MiB free, under the 64MiB reserve; writes are refused until space is freed (reads still work)"),
+                Some(
+                    "data volume of /d is full: 63MiB free, under the 64MiB reserve; writes are refused until space is freed (reads still work)",
+                ),
             ),
             (0, 1, Some("data volume of /d is full: 0B free")),
             (0, 0, None),

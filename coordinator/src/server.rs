@@ -23,8 +23,8 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthConfig, Authorized};
-use crate::credentials::{Credentials, Loaded, TlsSource};
 use crate::core::{Core, CoreConfig, Request};
+use crate::credentials::{Credentials, Loaded, TlsSource};
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
 use crate::raft::{RaftConfig, RaftNode, RaftStatus, ReplicatedStateMachine};
@@ -486,8 +486,8 @@ pub async fn start(
     });
 
     let gantry = GantryService::new(handle.clone()).with_credentials(credentials.clone());
-    let gantry = pb::gantry_server::GantryServer::new(gantry)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let gantry =
+        pb::gantry_server::GantryServer::new(gantry).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let agents = pb::agent_link_server::AgentLinkServer::new(AgentLinkService::new(handle))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let peers = raft.handle().peer_service();

@@ -18,10 +18,10 @@ use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
 use crate::auth::{Caller, Role, may_change};
 use crate::command::Command;
-use crate::credentials::Credentials;
-use crate::disk::DiskReserve;
 use crate::convert;
 use crate::core::{Request, now_ms};
+use crate::credentials::Credentials;
+use crate::disk::DiskReserve;
 use crate::domain::JobState;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;

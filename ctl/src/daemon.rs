@@ -39,14 +39,13 @@ fn reload_on_sighup(
     credentials: std::sync::Arc<gantry_coordinator::credentials::Credentials>,
     shutdown: CancellationToken,
 ) {
-    let mut hangups =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(hangups) => hangups,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGHUP: credentials reload only through gantry reload-credentials");
-                return;
-            }
-        };
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP: credentials reload only through gantry reload-credentials");
+            return;
+        }
+    };
     tokio::spawn(async move {
         loop {
             tokio::select! {

@@ -720,11 +720,8 @@ async fn cli_main() -> ExitCode {
                 )));
             }
             let security_args = security;
-            let security = match coordinator_security(
-                security_args.clone(),
-                &security_file,
-                &peers,
-            ) {
+            let security = match coordinator_security(security_args.clone(), &security_file, &peers)
+            {
                 Ok(security) => security,
                 Err(error) => return fail(CliError::invalid(error)),
             };
@@ -1149,7 +1146,12 @@ async fn reload_credentials(opts: ClientOpts) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn jobs(state: Vec<String>, limit: u32, mine: bool, opts: ClientOpts) -> Result<(), CliError> {
+async fn jobs(
+    state: Vec<String>,
+    limit: u32,
+    mine: bool,
+    opts: ClientOpts,
+) -> Result<(), CliError> {
     let mut client = client::connect(&opts).await?;
     // One row more than shown tells whether the limit cut the list (0 = all).
     let mut jobs = client

@@ -127,7 +127,10 @@ fn a_backup_of_a_busy_cluster_restores_into_a_new_one() -> anyhow::Result<()> {
     let url = restored.url.clone();
     let jobs = job_ids(&sandbox.gantry_json(&url, &["jobs", "--limit", "0"])?);
     let missing: Vec<_> = before.difference(&jobs).collect();
-    assert!(missing.is_empty(), "acknowledged before the save, missing: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "acknowledged before the save, missing: {missing:?}"
+    );
     for id in &long {
         assert!(jobs.contains(id), "long job {id} missing");
     }

@@ -44,8 +44,7 @@ fn expect_refused(out: &CliOutput, code: i32, text: &str, case: &str) {
 }
 
 #[test]
-fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams()
--> anyhow::Result<()> {
+fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
     let tokens = sandbox.path().join("tokens.yaml");
     std::fs::write(
@@ -70,20 +69,26 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams()
             &["submit", "-o", "json", "--", "sleep", "600"],
         );
         anyhow::ensure!(out.code == 0, "submit: {out:?}");
-        Ok(out.json()?["job_ids"][0]
+        out.json()?["job_ids"][0]
             .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("no job id: {}", out.stdout))?)
+            .ok_or_else(|| anyhow::anyhow!("no job id: {}", out.stdout))
     };
     let alices = submit(ALICE)?;
     let bobs = submit(BOB)?;
 
     // The owner is recorded and shown; --mine lists only the caller's jobs.
-    let out = as_token(&sandbox, &url, ALICE, &["job", &alices.to_string(), "-o", "json"]);
+    let out = as_token(
+        &sandbox,
+        &url,
+        ALICE,
+        &["job", &alices.to_string(), "-o", "json"],
+    );
     assert_eq!(out.json()?["owner"], "alice", "{out:?}");
     let out = as_token(&sandbox, &url, ALICE, &["job", &alices.to_string()]);
     assert!(out.stdout.contains("owner:     alice"), "{out:?}");
     let out = as_token(&sandbox, &url, BOB, &["jobs", "--mine", "-o", "json"]);
-    let mine: Vec<u64> = out.json()?
+    let mine: Vec<u64> = out
+        .json()?
         .as_array()
         .map(|jobs| jobs.iter().filter_map(|j| j["id"].as_u64()).collect())
         .unwrap_or_default();
@@ -97,7 +102,9 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams()
     expect_refused(
         &as_token(&sandbox, &url, BOB, &["cancel", &alices_text]),
         4,
-        &format!("cancel job {alices}: the job belongs to 'alice'; token 'bob' (role user) may cancel only its own jobs"),
+        &format!(
+            "cancel job {alices}: the job belongs to 'alice'; token 'bob' (role user) may cancel only its own jobs"
+        ),
         "bob cancels alice's job",
     );
     expect_refused(
@@ -121,11 +128,8 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams()
     assert_eq!(out.code, 0, "{out:?}");
 
     // Bob holds a watch open; revoking his token by SIGHUP closes it.
-    let watch = sandbox.start_client(
-        "watch-bob",
-        &url,
-        &["watch", "--from", "1", "--token", BOB],
-    )?;
+    let watch =
+        sandbox.start_client("watch-bob", &url, &["watch", "--from", "1", "--token", BOB])?;
     // A line of history: the stream is open.
     sandbox.proc(watch).wait_line("", WAIT)?;
     assert!(sandbox.proc(watch).is_running());
@@ -133,7 +137,10 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams()
         &tokens,
         tokens_file(&[("alice", ALICE, "user"), ("root", ROOT, "admin")]),
     )?;
-    let pid = sandbox.proc(coordinator.index).pid().expect("coordinator pid");
+    let pid = sandbox
+        .proc(coordinator.index)
+        .pid()
+        .expect("coordinator pid");
     kill(Pid::from_raw(pid as i32), Signal::SIGHUP)?;
     let status = sandbox
         .proc(watch)
@@ -167,15 +174,23 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams()
     )?;
     let out = as_token(&sandbox, &url, ROOT, &["reload-credentials"]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains("credentials reloaded: 3 client tokens"), "{out:?}");
-    assert_eq!(as_token(&sandbox, &url, BOB, &["jobs"]).code, 0, "bob is back");
+    assert!(
+        out.stdout.contains("credentials reloaded: 3 client tokens"),
+        "{out:?}"
+    );
+    assert_eq!(
+        as_token(&sandbox, &url, BOB, &["jobs"]).code,
+        0,
+        "bob is back"
+    );
 
     // A file that does not load changes nothing, by either path.
     std::fs::write(&tokens, "- {name: alice, token: short, role: user}\n")?;
     let out = as_token(&sandbox, &url, ROOT, &["reload-credentials"]);
     assert_ne!(out.code, 0, "{out:?}");
     assert!(
-        out.stderr.contains("reload refused, the previous credentials stay in force")
+        out.stderr
+            .contains("reload refused, the previous credentials stay in force")
             && out.stderr.contains("[0].token: too short"),
         "{out:?}"
     );
@@ -186,7 +201,11 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams()
             .contains("credentials not reloaded")
             .then_some(())
     })?;
-    assert_eq!(as_token(&sandbox, &url, BOB, &["jobs"]).code, 0, "still in force");
+    assert_eq!(
+        as_token(&sandbox, &url, BOB, &["jobs"]).code,
+        0,
+        "still in force"
+    );
     Ok(())
 }
 
@@ -207,7 +226,10 @@ fn http_with_token(base: &str, path: &str, token: &str) -> anyhow::Result<(u16, 
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     Ok((status, body))
 }
 
@@ -237,7 +259,12 @@ fn tls_certificates_are_reloaded_for_new_connections() -> anyhow::Result<()> {
     let live = sandbox.path().join("live");
     let install = |from: &std::path::Path| -> anyhow::Result<()> {
         std::fs::create_dir_all(&live)?;
-        for name in ["coordinator.pem", "coordinator-key.pem", "ca.pem", "tokens.yaml"] {
+        for name in [
+            "coordinator.pem",
+            "coordinator-key.pem",
+            "ca.pem",
+            "tokens.yaml",
+        ] {
             std::fs::copy(from.join(name), live.join(name))?;
         }
         Ok(())
@@ -265,11 +292,7 @@ fn tls_certificates_are_reloaded_for_new_connections() -> anyhow::Result<()> {
     install(&second)?;
     let out = sandbox.gantry(&url, &["reload-credentials"]);
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(
-        out.stdout.contains("TLS certificates"),
-        "{}",
-        out.stdout
-    );
+    assert!(out.stdout.contains("TLS certificates"), "{}", out.stdout);
     // A client that trusts only the old CA no longer connects; one with
     // the new CA, certificate and token does.
     let out = sandbox.gantry(&url, &["jobs"]);

@@ -81,7 +81,10 @@ fn a_full_data_volume_refuses_writes_serves_reads_and_resumes() -> anyhow::Resul
     let out = sandbox.gantry(&url, &["submit", "--", "true"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
-        out.stderr.contains("is full") && out.stderr.contains("writes are refused until space is freed"),
+        out.stderr.contains("is full")
+            && out
+                .stderr
+                .contains("writes are refused until space is freed"),
         "{out:?}"
     );
     assert_eq!(out.stderr.trim().lines().count(), 1, "one line: {out:?}");

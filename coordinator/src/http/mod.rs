@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use axum::middleware;
 
-use crate::credentials::{SharedAuth, TlsSource};
 use crate::core::Request;
+use crate::credentials::{SharedAuth, TlsSource};
 use crate::domain::JobState;
 use crate::error::{CoordinatorError, LEADER_METADATA};
 use crate::json::{job_json, node_json, status_json};
