@@ -326,16 +326,7 @@ impl Sandbox {
         name: &str,
         extra: &[&str],
     ) -> anyhow::Result<CoordinatorHandle> {
-        let data_dir = self.dir.path().join(name);
-        let mut args = vec![
-            "coordinator".to_string(),
-            "--grpc-addr".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        self.start_coordinator_args(name, args, data_dir)
+        self.start_coordinator_at(name, 0, extra)
     }
 
     /// Starts a coordinator on `127.0.0.1:port` with its own data dir and

@@ -23,6 +23,15 @@ fn tokens_file(entries: &[(&str, &str, &str)]) -> String {
         .collect()
 }
 
+/// The token file with Alice, Bob (users) and root (admin).
+fn all_three() -> String {
+    tokens_file(&[
+        ("alice", ALICE, "user"),
+        ("bob", BOB, "user"),
+        ("root", ROOT, "admin"),
+    ])
+}
+
 /// Runs `gantry ARGS` with `token`.
 fn as_token(sandbox: &Sandbox, url: &str, token: &str, args: &[&str]) -> CliOutput {
     // Before any `--`, so it never lands in a job's command.
@@ -47,14 +56,7 @@ fn expect_refused(out: &CliOutput, code: i32, text: &str, case: &str) {
 fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
     let tokens = sandbox.path().join("tokens.yaml");
-    std::fs::write(
-        &tokens,
-        tokens_file(&[
-            ("alice", ALICE, "user"),
-            ("bob", BOB, "user"),
-            ("root", ROOT, "admin"),
-        ]),
-    )?;
+    std::fs::write(&tokens, all_three())?;
     let tokens_arg = tokens.display().to_string();
     let coordinator = sandbox.start_coordinator_with("coordinator", &["--tokens", &tokens_arg])?;
     let url = coordinator.url.clone();
@@ -164,14 +166,7 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> 
         "reload credentials needs the admin role",
         "user reload",
     );
-    std::fs::write(
-        &tokens,
-        tokens_file(&[
-            ("alice", ALICE, "user"),
-            ("bob", BOB, "user"),
-            ("root", ROOT, "admin"),
-        ]),
-    )?;
+    std::fs::write(&tokens, all_three())?;
     let out = as_token(&sandbox, &url, ROOT, &["reload-credentials"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(
