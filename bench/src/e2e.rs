@@ -885,6 +885,7 @@ async fn list_job_ids(
         .list_jobs(pb::ListJobsRequest {
             states: Vec::new(),
             limit: 0,
+            mine: false,
         })
         .await?
         .into_inner()

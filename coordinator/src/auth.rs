@@ -19,11 +19,17 @@
 //! Without any credential configured everything is allowed (development).
 //! Refusals are logged at warn with the peer address and mapped to a status
 //! through [`CoordinatorError`].
+//!
+//! The checks in force can be replaced at run time
+//! ([`crate::credentials`]): each call reads the current ones, and a call's
+//! response is re-checked on every change, so an open stream ends once its
+//! token is revoked. A caller with a bearer token is handed to the service
+//! as a [`Caller`] request extension: jobs record it as their owner, and
+//! [`may_change`] lets a `user` change only its own jobs.
 
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::body::Body;
@@ -34,6 +40,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use tokio_rustls::rustls::pki_types::{CertificateDer, UnixTime};
 
+use crate::credentials::{Revocable, SharedAuth};
 use crate::error::CoordinatorError;
 
 /// gRPC metadata key carrying an agent's join token on `ConnectAgent`.
@@ -93,6 +100,41 @@ impl fmt::Debug for BearerToken {
     }
 }
 
+/// Who made a call, by bearer token (a request extension the services read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's name (recorded as the owner of the jobs it submits).
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// Whether `caller` may `action` (cancel, retry, drop) job `job` owned by
+/// `owner`. Without tokens (no caller) everything is open; an admin may
+/// change any job; a user only the jobs it submitted (not those submitted
+/// before tokens were configured, which have no owner).
+pub fn may_change(
+    caller: Option<&Caller>,
+    action: &str,
+    job: u64,
+    owner: Option<&str>,
+) -> Result<(), CoordinatorError> {
+    let Some(caller) = caller else {
+        return Ok(());
+    };
+    if caller.role == Role::Admin || owner == Some(caller.name.as_str()) {
+        return Ok(());
+    }
+    let whose = match owner {
+        Some(owner) => format!("belongs to '{owner}'"),
+        None => "has no owner (submitted without tokens)".to_string(),
+    };
+    Err(CoordinatorError::PermissionDenied(format!(
+        "{action} job {job}: the job {whose}; token '{}' (role user) may {action} only its own jobs",
+        caller.name
+    )))
+}
+
 /// The right a method needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
@@ -111,7 +153,8 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gantry.v1.Gantry/Submit", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/GetJob", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/ListJobs", Need::Role(Role::User)),
-    // Jobs have no owner yet: any user may cancel any job.
+    // A user may cancel, retry and drop only its own jobs (`may_change`,
+    // checked by the service against the job's owner).
     ("/gantry.v1.Gantry/CancelJob", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/Logs", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/ListNodes", Need::Role(Role::User)),
@@ -120,13 +163,29 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gantry.v1.Gantry/Status", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/WatchEvents", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/DlqList", Need::Role(Role::User)),
-    // A retry is a resubmission of the user's own work.
     ("/gantry.v1.Gantry/DlqRetry", Need::Role(Role::User)),
-    // Dropping loses work for good and leaves dependants blocked.
-    ("/gantry.v1.Gantry/DlqDrop", Need::Role(Role::Admin)),
+    ("/gantry.v1.Gantry/DlqDrop", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/GetPipeline", Need::Role(Role::User)),
+    // Credentials of the whole replica: an operator's call.
+    (
+        "/gantry.v1.Gantry/ReloadCredentials",
+        Need::Role(Role::Admin),
+    ),
+    // Every job of every user, in one file.
+    ("/gantry.v1.Gantry/SnapshotSave", Need::Role(Role::Admin)),
     ("/gantry.v1.AgentLink/ConnectAgent", Need::AgentJoin),
     ("/gantry.raft.v1.RaftPeer/Step", Need::Peer),
+];
+
+/// The methods whose answer is a stream: they are closed when their
+/// caller's credential is revoked. A unary call already checked runs to its
+/// answer (what it did is done; cutting the answer would only hide it).
+/// The unit test checks this against the protos' `returns (stream`.
+pub const STREAMS: &[&str] = &[
+    "/gantry.v1.Gantry/Logs",
+    "/gantry.v1.Gantry/WatchEvents",
+    "/gantry.v1.Gantry/SnapshotSave",
+    "/gantry.v1.AgentLink/ConnectAgent",
 ];
 
 /// The right `path` needs, if it is a known method.
@@ -168,13 +227,13 @@ impl AuthConfig {
     }
 
     /// Checks one call; `peer_certs` is the TLS client's certificate chain,
-    /// if it presented one. `Ok` carries the caller's token name, if any.
+    /// if it presented one. `Ok` carries the caller's token, if any.
     pub fn check(
         &self,
         path: &str,
         headers: &HeaderMap,
         peer_certs: Option<&[CertificateDer<'static>]>,
-    ) -> Result<Option<String>, CoordinatorError> {
+    ) -> Result<Option<Caller>, CoordinatorError> {
         let Some(need) = need(path) else {
             if self.is_secured() {
                 return Err(CoordinatorError::PermissionDenied(format!(
@@ -201,7 +260,7 @@ impl AuthConfig {
         path: &str,
         role: Role,
         headers: &HeaderMap,
-    ) -> Result<Option<String>, CoordinatorError> {
+    ) -> Result<Option<Caller>, CoordinatorError> {
         let Some(tokens) = &self.tokens else {
             return Ok(None);
         };
@@ -244,7 +303,10 @@ impl AuthConfig {
                 token.role
             )));
         }
-        Ok(Some(token.name.clone()))
+        Ok(Some(Caller {
+            name: token.name.clone(),
+            role: token.role,
+        }))
     }
 
     fn check_peer(
@@ -333,12 +395,12 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Clone)]
 pub struct Authorized<S> {
     inner: S,
-    config: Arc<AuthConfig>,
+    config: SharedAuth,
 }
 
 impl<S> Authorized<S> {
     /// Wraps `inner`.
-    pub fn new(inner: S, config: Arc<AuthConfig>) -> Authorized<S> {
+    pub fn new(inner: S, config: SharedAuth) -> Authorized<S> {
         Authorized { inner, config }
     }
 }
@@ -375,20 +437,37 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let path = request.uri().path().to_string();
         let peer_certs = request
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(TlsConnectInfo::peer_certs);
-        match self.config.check(
+        let config = self.config.current();
+        match config.check(
             &path,
             request.headers(),
             peer_certs.as_deref().map(Vec::as_slice),
         ) {
-            Ok(_) => {
+            Ok(caller) => {
+                if let Some(caller) = caller {
+                    request.extensions_mut().insert(caller);
+                }
+                if !config.is_secured() || !STREAMS.contains(&path.as_str()) {
+                    return Box::pin(self.inner.call(request));
+                }
+                // The response lives as long as the call's credential does.
+                let headers = request.headers().clone();
+                let still_valid: crate::credentials::StillValid = Box::new(move |next| {
+                    next.check(&path, &headers, peer_certs.as_deref().map(Vec::as_slice))
+                        .map(|_| ())
+                });
+                let changes = self.config.changes();
                 let future = self.inner.call(request);
-                Box::pin(future)
+                Box::pin(async move {
+                    let response = future.await?;
+                    Ok(response.map(|body| Body::new(Revocable::new(body, changes, still_valid))))
+                })
             }
             Err(error) => {
                 let peer =
@@ -434,7 +513,8 @@ mod tests {
     }
 
     fn check(path: &str, pairs: &[(&'static str, &str)]) -> Result<Option<String>, String> {
-        config().check(path, &headers(pairs), None).map_err(|e| {
+        let checked = config().check(path, &headers(pairs), None);
+        checked.map(|c| c.map(|c| c.name)).map_err(|e| {
             let message = e.to_string();
             format!("{:?}: {message}", tonic::Status::from(e).code())
         })
@@ -448,6 +528,7 @@ mod tests {
             ("gantry.raft.v1", include_str!("../../proto/raft.proto")),
         ];
         let mut seen = 0;
+        let mut streams = Vec::new();
         for (package, text) in protos {
             let mut service = "";
             for line in text.lines().map(str::trim) {
@@ -460,6 +541,9 @@ mod tests {
                     let entries = METHODS.iter().filter(|(p, _)| *p == path).count();
                     assert_eq!(entries, 1, "{path} needs exactly one entry in METHODS");
                     seen += 1;
+                    if rest.contains("returns (stream") {
+                        streams.push(path);
+                    }
                 }
             }
         }
@@ -468,6 +552,7 @@ mod tests {
             METHODS.len(),
             "METHODS lists a method the protos lack"
         );
+        assert_eq!(streams, STREAMS, "STREAMS must list the streaming rpcs");
     }
 
     /// Method path, headers, expected caller name or error text.
@@ -508,9 +593,9 @@ mod tests {
                 Err("drain needs the admin role; token 'alice' has role user"),
             ),
             (
-                "/gantry.v1.Gantry/DlqDrop",
+                "/gantry.v1.Gantry/ReloadCredentials",
                 vec![("authorization", "Bearer user-secret")],
-                Err("PermissionDenied: dlq drop needs the admin role"),
+                Err("PermissionDenied: reload credentials needs the admin role"),
             ),
             (
                 drain,
@@ -570,6 +655,55 @@ mod tests {
         let open = AuthConfig::default();
         for (path, _) in METHODS {
             assert!(open.check(path, &HeaderMap::new(), None).is_ok(), "{path}");
+        }
+    }
+
+    #[test]
+    fn users_change_only_their_own_jobs() {
+        let alice = Caller {
+            name: "alice".into(),
+            role: Role::User,
+        };
+        let root = Caller {
+            name: "root".into(),
+            role: Role::Admin,
+        };
+        // Caller, owner, expected refusal.
+        type Case<'a> = (Option<&'a Caller>, Option<&'a str>, Result<(), &'a str>);
+        let cases: &[Case] = &[
+            (None, Some("bob"), Ok(())),
+            (None, None, Ok(())),
+            (Some(&alice), Some("alice"), Ok(())),
+            (
+                Some(&alice),
+                Some("bob"),
+                Err(
+                    "cancel job 7: the job belongs to 'bob'; token 'alice' (role user) may cancel only its own jobs",
+                ),
+            ),
+            (
+                Some(&alice),
+                None,
+                Err(
+                    "cancel job 7: the job has no owner (submitted without tokens); token 'alice' (role user) may cancel only its own jobs",
+                ),
+            ),
+            (Some(&root), Some("bob"), Ok(())),
+            (Some(&root), None, Ok(())),
+        ];
+        for (caller, owner, want) in cases {
+            let got = may_change(*caller, "cancel", 7, *owner);
+            match want {
+                Ok(()) => assert!(got.is_ok(), "{caller:?} {owner:?}: {got:?}"),
+                Err(text) => {
+                    let error = got.expect_err("refused");
+                    assert_eq!(error.to_string(), *text);
+                    assert_eq!(
+                        tonic::Status::from(error).code(),
+                        tonic::Code::PermissionDenied
+                    );
+                }
+            }
         }
     }
 

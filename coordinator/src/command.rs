@@ -23,6 +23,10 @@ pub enum Command {
         /// Pipeline name, when the jobs form one run of a pipeline.
         #[serde(default)]
         pipeline: Option<String>,
+        /// Name of the submitting token (`None` without `--tokens`): in the
+        /// command, so every replica records the same owner.
+        #[serde(default)]
+        owner: Option<String>,
     },
     /// An agent (re-)registered.
     RegisterNode {

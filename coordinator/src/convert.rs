@@ -838,6 +838,7 @@ pub fn job_to_proto(job: &JobRecord, reason: Option<&str>) -> pb::Job {
         run: job.run,
         depends_on: job.depends_on.clone(),
         batch_cap: job.batch_cap.unwrap_or(0),
+        owner: job.owner.clone().unwrap_or_default(),
     }
 }
 

@@ -65,6 +65,8 @@ pub enum Request {
         states: Vec<JobState>,
         /// Most jobs returned.
         limit: usize,
+        /// Only the jobs of this owner (`gantry jobs --mine`).
+        owner: Option<String>,
         /// Reply.
         reply: Reply<Vec<pb::Job>>,
     },
@@ -142,6 +144,12 @@ pub enum Request {
         data: Vec<u8>,
         /// Done, or why not.
         reply: std_mpsc::Sender<Result<(), String>>,
+    },
+    /// A backup (`gantry snapshot save`): the applied index and the state
+    /// snapshot at it, taken in one step so they agree.
+    Backup {
+        /// (applied index, serialized [`crate::store::StateSnapshot`]).
+        reply: Reply<(u64, Vec<u8>)>,
     },
     /// The Raft driver asks for the applied index.
     RaftAppliedIndex {
@@ -615,6 +623,7 @@ impl Core {
             Request::ListJobs {
                 states,
                 limit,
+                owner,
                 reply,
             } => {
                 let jobs = self
@@ -622,6 +631,7 @@ impl Core {
                     .jobs()
                     .rev()
                     .filter(|j| states.is_empty() || states.contains(&j.state))
+                    .filter(|j| owner.is_none() || j.owner == owner)
                     .take(limit)
                     .map(|job| {
                         convert::job_to_proto(
@@ -678,6 +688,13 @@ impl Core {
                     self.dirty = true;
                 });
                 let _ = reply.send(result);
+            }
+            Request::Backup { reply } => {
+                let taken = self.store.applied_index().and_then(|index| {
+                    let bytes = self.store.snapshot_bytes(&self.state)?;
+                    Ok((index, bytes))
+                });
+                let _ = reply.send(taken.map_err(CoordinatorError::from));
             }
             Request::RaftAppliedIndex { reply } => {
                 let index = self

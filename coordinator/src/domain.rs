@@ -345,6 +345,10 @@ pub struct JobRecord {
     /// Run number of that pipeline (1 = first submission).
     #[serde(default)]
     pub run: u32,
+    /// Name of the token that submitted it (`None` without `--tokens`);
+    /// a `user` token may change only its own jobs.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl JobRecord {
@@ -367,6 +371,7 @@ impl JobRecord {
             blocked_by: None,
             pipeline: String::new(),
             run: 0,
+            owner: None,
         }
     }
 

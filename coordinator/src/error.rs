@@ -46,6 +46,13 @@ pub enum CoordinatorError {
     /// The coordinator is shutting down.
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// The request is well formed but the coordinator's state refuses it
+    /// (a credential reload whose files do not load).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The data volume is under its reserve: writes wait for space.
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 impl CoordinatorError {
@@ -63,6 +70,8 @@ impl CoordinatorError {
             CoordinatorError::Apply(_) => 400,
             CoordinatorError::Store(_) => 500,
             CoordinatorError::Unauthenticated(_) => 401,
+            CoordinatorError::FailedPrecondition(_) => 409,
+            CoordinatorError::ResourceExhausted(_) => 507,
             CoordinatorError::PermissionDenied(_) => 403,
             CoordinatorError::NotLeader { .. }
             | CoordinatorError::Unavailable(_)
@@ -87,6 +96,8 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Store(_) => tonic::Status::internal(message),
             CoordinatorError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             CoordinatorError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
+            CoordinatorError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
+            CoordinatorError::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
             CoordinatorError::NotLeader { leader } => {
                 let mut status = tonic::Status::unavailable(message);
                 if let Some(url) = leader

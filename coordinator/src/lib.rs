@@ -31,12 +31,15 @@
 //! sled; only the core thread touches the state machine.
 
 pub mod auth;
+pub mod backup;
 pub mod breaker;
 pub mod command;
 pub mod convert;
 pub mod core;
+pub mod credentials;
 pub mod dag;
 pub mod decide;
+pub mod disk;
 pub mod domain;
 pub mod error;
 pub mod health;

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthConfig, Authorized};
 use crate::core::{Core, CoreConfig, Request};
+use crate::credentials::{Credentials, Loaded, TlsSource};
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
 use crate::raft::{RaftConfig, RaftNode, RaftStatus, ReplicatedStateMachine};
@@ -66,6 +67,12 @@ pub struct CoordinatorConfig {
     /// Mixed into the cluster id when the cluster is created
     /// (`--cluster-name`; see [`crate::raft::cluster_id`]).
     pub cluster_name: String,
+    /// Re-reads `tls`, `http_tls` and `auth` from their files on SIGHUP or
+    /// `gantry reload-credentials` (`None` = reloads are refused).
+    pub reloader: Option<crate::credentials::Reloader>,
+    /// Free space kept on the data volume: client writes are refused under
+    /// it (0 = never; see [`crate::disk`]).
+    pub disk_reserve: u64,
 }
 
 impl CoordinatorConfig {
@@ -84,6 +91,8 @@ impl CoordinatorConfig {
             http_tls: None,
             auth: AuthConfig::default(),
             cluster_name: String::new(),
+            reloader: None,
+            disk_reserve: crate::disk::DEFAULT_RESERVE_BYTES,
         }
     }
 }
@@ -138,9 +147,16 @@ pub struct RunningCoordinator {
     core: std::thread::JoinHandle<()>,
     /// Set when the Raft driver or the core stopped on its own.
     failure: Failure,
+    /// The credentials in force (reloaded on SIGHUP).
+    credentials: Arc<Credentials>,
 }
 
 impl RunningCoordinator {
+    /// The credentials in force, to reload them.
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.credentials.clone()
+    }
+
     /// Why this replica cannot go on, once it cannot (it then shuts itself
     /// down after [`FATAL_LINGER`]).
     pub fn failure(&self) -> Option<String> {
@@ -276,7 +292,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// expired one) is logged with the peer address and the reason.
 fn tls_incoming(
     listener: TcpListener,
-    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    tls: TlsSource,
     shutdown: CancellationToken,
 ) -> impl tokio_stream::Stream<
     Item = std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
@@ -295,10 +311,9 @@ pub(crate) type Handshaken = mpsc::Receiver<(
 /// by the gRPC and the HTTP listener).
 pub(crate) fn accept_tls(
     listener: TcpListener,
-    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    tls: TlsSource,
     shutdown: CancellationToken,
 ) -> Handshaken {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -314,7 +329,8 @@ pub(crate) fn accept_tls(
                 }
             };
             let _ = stream.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            // The certificates in force now (they may have been reloaded).
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -432,7 +448,11 @@ pub async fn start(
             ));
         }
     }
-    let handle = CoreHandle::new(requests.clone(), events, raft.handle(), metrics.clone());
+    let handle = CoreHandle::new(requests.clone(), events, raft.handle(), metrics.clone())
+        .with_disk_reserve(crate::disk::DiskReserve::new(
+            config.data_dir.clone(),
+            config.disk_reserve,
+        ));
     tokio::spawn(stop_on_failure(
         raft.handle().watch_status(),
         failure.clone(),
@@ -444,27 +464,35 @@ pub async fn start(
         metrics,
         shutdown.clone(),
     ));
-    let http_auth = Arc::new(config.auth.clone());
+    let credentials = Credentials::new(
+        Loaded {
+            tls: config.tls.clone(),
+            http_tls: config.http_tls.clone(),
+            auth: config.auth.clone(),
+        },
+        config.reloader.clone(),
+    );
     let http = http_listener.map(|listener| {
         tokio::spawn(crate::http::serve(
             listener,
-            config.http_tls.clone(),
+            credentials.http_tls(),
             crate::http::HttpState {
                 core: handle.clone(),
-                auth: http_auth,
+                auth: credentials.auth(),
                 failure: failure.clone(),
             },
             shutdown.clone(),
         ))
     });
 
-    let gantry = pb::gantry_server::GantryServer::new(GantryService::new(handle.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let gantry = GantryService::new(handle.clone()).with_credentials(credentials.clone());
+    let gantry =
+        pb::gantry_server::GantryServer::new(gantry).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let agents = pb::agent_link_server::AgentLinkServer::new(AgentLinkService::new(handle))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let peers = raft.handle().peer_service();
     // Every service behind the one credential check (`auth.rs`).
-    let auth = std::sync::Arc::new(config.auth.clone());
+    let auth = credentials.auth();
     let gantry = Authorized::new(gantry, auth.clone());
     let agents = Authorized::new(agents, auth.clone());
     let peers = Authorized::new(peers, auth);
@@ -473,7 +501,7 @@ pub async fn start(
         .add_service(gantry)
         .add_service(agents)
         .add_service(peers);
-    let server = match config.tls.clone() {
+    let server = match credentials.tls() {
         None => tokio::spawn(router.serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
@@ -497,6 +525,7 @@ pub async fn start(
         requests,
         core: core_thread,
         failure,
+        credentials,
     })
 }
 

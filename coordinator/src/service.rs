@@ -15,10 +15,13 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
+use crate::auth::Caller;
 use crate::command::Command;
 use crate::convert;
-use crate::core::Request;
+use crate::core::{Request, now_ms};
+use crate::credentials::Credentials;
 use crate::decide::effects::CancelProgress;
+use crate::disk::DiskReserve;
 use crate::domain::JobState;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
@@ -34,6 +37,10 @@ pub use streams::{EventFilter, StreamItem};
 /// (under the agent's own 10 s bound, so it gets this answer).
 const REGISTER_WAIT: Duration = Duration::from_secs(8);
 
+/// Size of one chunk of a backup on the wire (well under the 4 MiB
+/// default message limit of clients).
+const BACKUP_CHUNK_BYTES: usize = 1 << 20;
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// A handle to the core shared by all services.
@@ -45,9 +52,19 @@ pub struct CoreHandle {
     sessions: Arc<AtomicU64>,
     raft: RaftHandle,
     metrics: Arc<Metrics>,
+    /// Client writes are refused under the data volume's reserve.
+    disk: Option<Arc<DiskReserve>>,
 }
 
 impl CoreHandle {
+    /// Refuses client writes while the data volume is under `reserve`.
+    pub fn with_disk_reserve(self, reserve: DiskReserve) -> CoreHandle {
+        CoreHandle {
+            disk: Some(Arc::new(reserve)),
+            ..self
+        }
+    }
+
     /// Wraps the core's request channel and event broadcaster.
     pub fn new(
         requests: std_mpsc::Sender<Request>,
@@ -61,6 +78,7 @@ impl CoreHandle {
             sessions: Arc::new(AtomicU64::new(1)),
             raft,
             metrics,
+            disk: None,
         }
     }
 
@@ -88,6 +106,9 @@ impl CoreHandle {
 
     /// Proposes a command and returns its outcome once committed and applied.
     pub async fn propose(&self, command: Command) -> Result<Outcome, CoordinatorError> {
+        if let Some(disk) = &self.disk {
+            disk.check()?;
+        }
         let bytes = serde_json::to_vec(&command)
             .map_err(|e| CoordinatorError::Unavailable(format!("cannot encode command: {e}")))?;
         let reply = self
@@ -125,12 +146,25 @@ impl CoreHandle {
 /// The client API (`gantry.v1.Gantry`).
 pub struct GantryService {
     core: CoreHandle,
+    /// What `ReloadCredentials` reloads (`None`: it is refused).
+    credentials: Option<Arc<Credentials>>,
 }
 
 impl GantryService {
     /// A service over the core.
     pub fn new(core: CoreHandle) -> GantryService {
-        GantryService { core }
+        GantryService {
+            core,
+            credentials: None,
+        }
+    }
+
+    /// Serves `ReloadCredentials` with `credentials`.
+    pub fn with_credentials(self, credentials: Arc<Credentials>) -> GantryService {
+        GantryService {
+            credentials: Some(credentials),
+            ..self
+        }
     }
 }
 
@@ -140,7 +174,8 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
-        let job_ids = self.core.submit(request.into_inner()).await?;
+        let owner = request.extensions().get::<Caller>().map(|c| c.name.clone());
+        let job_ids = self.core.submit(request.into_inner(), owner).await?;
         Ok(Response::new(pb::SubmitResponse { job_ids }))
     }
 
@@ -162,7 +197,19 @@ impl pb::gantry_server::Gantry for GantryService {
         request: GrpcRequest<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         self.core.require_leader()?;
+        let caller = request.extensions().get::<Caller>().cloned();
         let request = request.into_inner();
+        let owner = match (request.mine, caller) {
+            (false, _) => None,
+            (true, Some(caller)) => Some(caller.name),
+            (true, None) => {
+                return Err(CoordinatorError::InvalidArgument {
+                    field: "mine".into(),
+                    reason: "jobs have owners only when the coordinator has --tokens".into(),
+                }
+                .into());
+            }
+        };
         let mut states = Vec::new();
         for name in &request.states {
             let state = JobState::parse(name).ok_or_else(|| CoordinatorError::InvalidArgument {
@@ -184,6 +231,7 @@ impl pb::gantry_server::Gantry for GantryService {
             .call(|reply| Request::ListJobs {
                 states,
                 limit,
+                owner,
                 reply,
             })
             .await?;
@@ -194,8 +242,9 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let job = request.into_inner().job_id;
-        Ok(Response::new(match self.core.cancel(job).await? {
+        Ok(Response::new(match self.core.cancel(job, caller.as_ref()).await? {
             CancelProgress::Settled(state) => pb::CancelJobResponse {
                 state: state.as_str().to_string(),
                 ..Default::default()
@@ -221,8 +270,11 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::DlqRetryRequest>,
     ) -> Result<Response<pb::DlqRetryResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
         let request = request.into_inner();
-        self.core.dlq_retry(request.job_id, request.spec).await?;
+        self.core
+            .dlq_retry(request.job_id, request.spec, caller.as_ref())
+            .await?;
         Ok(Response::new(pb::DlqRetryResponse {}))
     }
 
@@ -230,8 +282,58 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::DlqDropRequest>,
     ) -> Result<Response<pb::DlqDropResponse>, Status> {
-        self.core.dlq_drop(request.into_inner().job_id).await?;
+        let caller = request.extensions().get::<Caller>().cloned();
+        self.core
+            .dlq_drop(request.into_inner().job_id, caller.as_ref())
+            .await?;
         Ok(Response::new(pb::DlqDropResponse {}))
+    }
+
+    async fn reload_credentials(
+        &self,
+        _request: GrpcRequest<pb::ReloadCredentialsRequest>,
+    ) -> Result<Response<pb::ReloadCredentialsResponse>, Status> {
+        let Some(credentials) = &self.credentials else {
+            return Err(CoordinatorError::FailedPrecondition(
+                "this coordinator cannot reload its credentials".into(),
+            )
+            .into());
+        };
+        let reloaded = credentials.reload().await?;
+        Ok(Response::new(pb::ReloadCredentialsResponse {
+            tokens: u32::try_from(reloaded.tokens).unwrap_or(u32::MAX),
+            tls: reloaded.tls,
+        }))
+    }
+
+    type SnapshotSaveStream = BoxStream<pb::SnapshotChunk>;
+
+    async fn snapshot_save(
+        &self,
+        _request: GrpcRequest<pb::SnapshotSaveRequest>,
+    ) -> Result<Response<Self::SnapshotSaveStream>, Status> {
+        // Any replica: its applied state is a consistent prefix of the log.
+        let (index, state) = self.core.call(|reply| Request::Backup { reply }).await?;
+        let replica = self.core.raft_status().id;
+        let file = tokio::task::spawn_blocking(move || {
+            crate::backup::encode(index, replica, now_ms(), &state)
+        })
+        .await
+        .map_err(|e| CoordinatorError::Unavailable(format!("backup task failed: {e}")))?;
+        let total = file.len() as u64;
+        tracing::info!(index, bytes = total, "backup taken");
+        let chunks: Vec<Result<pb::SnapshotChunk, Status>> = file
+            .chunks(BACKUP_CHUNK_BYTES)
+            .enumerate()
+            .map(|(i, data)| {
+                Ok(pb::SnapshotChunk {
+                    data: data.to_vec(),
+                    total_bytes: if i == 0 { total } else { 0 },
+                    applied_index: if i == 0 { index } else { 0 },
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 
     async fn get_pipeline(

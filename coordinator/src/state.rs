@@ -353,7 +353,8 @@ impl StateMachine {
                 key,
                 jobs,
                 pipeline,
-            } => self.submit(at_ms, key, jobs, pipeline),
+                owner,
+            } => self.submit(at_ms, key, jobs, pipeline, owner),
             Command::Requeue { at_ms, job } => {
                 let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
                 if record.state != JobState::Failed {

@@ -26,6 +26,7 @@ fn submit(sm: &mut StateMachine, specs: Vec<JobSpec>) -> Vec<u64> {
             key: None,
             jobs: specs,
             pipeline: None,
+            owner: None,
         })
         .expect("submit")
     {
@@ -539,6 +540,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     let first = sm
         .apply(Command::Submit {
             pipeline: None,
+            owner: None,
             at_ms: 1,
             key: Some("k".into()),
             jobs: vec![spec("a")],
@@ -547,6 +549,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     let second = sm
         .apply(Command::Submit {
             pipeline: None,
+            owner: None,
             at_ms: 2,
             key: Some("k".into()),
             jobs: vec![spec("a"), spec("b")],
@@ -563,6 +566,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     c.after = vec!["b".into()];
     let cycle = sm.apply(Command::Submit {
         pipeline: None,
+        owner: None,
         at_ms: 3,
         key: None,
         jobs: vec![a, b, c],
@@ -575,6 +579,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     orphan.after = vec!["nope".into()];
     let unknown = sm.apply(Command::Submit {
         pipeline: None,
+        owner: None,
         at_ms: 4,
         key: None,
         jobs: vec![orphan],
@@ -594,6 +599,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     user.after = vec!["a".into()];
     let duplicate = sm.apply(Command::Submit {
         pipeline: None,
+        owner: None,
         at_ms: 5,
         key: None,
         jobs: vec![spec("a"), dup, user],

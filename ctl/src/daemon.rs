@@ -33,6 +33,33 @@ pub fn cancel_on_signal(token: CancellationToken) {
     });
 }
 
+/// Reloads the credentials on every SIGHUP until `shutdown`; a reload that
+/// fails keeps the previous credentials and says why at error level.
+fn reload_on_sighup(
+    credentials: std::sync::Arc<gantry_coordinator::credentials::Credentials>,
+    shutdown: CancellationToken,
+) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP: credentials reload only through gantry reload-credentials");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                hangup = hangups.recv() => if hangup.is_none() { return },
+            }
+            tracing::info!("SIGHUP: reloading credentials");
+            if let Err(error) = credentials.reload().await {
+                tracing::error!(%error, "credentials not reloaded");
+            }
+        }
+    });
+}
+
 /// Options shared by the coordinator and `gantry dev`.
 pub struct CoordinatorOptions {
     /// gRPC listen address.
@@ -61,6 +88,10 @@ pub struct CoordinatorOptions {
     pub strict_inventory: bool,
     /// TLS and credentials (default: none).
     pub security: crate::security::CoordinatorSecurity,
+    /// Reads `security` again from its files (SIGHUP).
+    pub reloader: Option<gantry_coordinator::credentials::Reloader>,
+    /// Free space kept on the data volume (`--disk-reserve`).
+    pub disk_reserve: u64,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -90,6 +121,8 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         http_tls: options.security.http_tls.clone(),
         auth: options.security.auth.clone(),
         cluster_name: options.cluster_name.clone(),
+        reloader: options.reloader.clone(),
+        disk_reserve: options.disk_reserve,
     }
 }
 
@@ -101,6 +134,7 @@ pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<()> 
         .await
         .context("cannot start the coordinator")?;
     print_listening(&running);
+    reload_on_sighup(running.credentials(), shutdown.clone());
     tracing::info!(grpc = %running.grpc_addr, http = ?running.http_addr, data_dir = %options.data_dir.display(), "coordinator serving");
     running.wait().await?;
     Ok(())

@@ -7,6 +7,7 @@
 //! `spec.rs` parses job files (`yaml_limits.rs` bounds them first),
 //! `output.rs` escapes and prints.
 
+mod backup;
 mod certs;
 mod client;
 mod config;
@@ -196,6 +197,15 @@ enum Command {
         /// names); later starts use the stored id and ignore it.
         #[arg(long, default_value = "")]
         cluster_name: String,
+        /// Start a new single-voter cluster from this backup (`gantry
+        /// snapshot save`) in an empty --data-dir; refuses a damaged file.
+        #[arg(long)]
+        restore: Option<PathBuf>,
+        /// Free space kept on the data volume: client writes (submit,
+        /// cancel, drain, ...) are refused below it, reads go on
+        /// (default 64MiB; 0 = never refuse).
+        #[arg(long, value_parser = parse_size_arg)]
+        disk_reserve: Option<u64>,
         #[command(flatten)]
         security: CoordinatorSecurityArgs,
     },
@@ -262,6 +272,9 @@ enum Command {
         /// Most jobs shown (0 = all); when more exist, stderr says so.
         #[arg(long, default_value = "100")]
         limit: u32,
+        /// Only the jobs submitted with my token (GANTRY_TOKEN).
+        #[arg(long)]
+        mine: bool,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -352,6 +365,17 @@ enum Command {
         #[command(subcommand)]
         action: InventoryAction,
     },
+    /// Re-read the token file, the join token and the TLS certificates of
+    /// the coordinator at --addr (admin; also SIGHUP).
+    ReloadCredentials {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Backups of the hard state (restore with `gantry coordinator --restore`).
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
     /// Development certificates and tokens.
     Certs {
         #[command(subcommand)]
@@ -398,6 +422,18 @@ enum CertsAction {
         /// Validity in days.
         #[arg(long, default_value = "365")]
         days: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Save a consistent copy of the hard state of the replica at --addr
+    /// (any replica; admin token) to FILE, checksummed, written atomically.
+    Save {
+        /// Where to write the backup.
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientOpts,
     },
 }
 
@@ -610,6 +646,8 @@ async fn cli_main() -> ExitCode {
             id,
             peers,
             cluster_name,
+            restore,
+            disk_reserve,
             security,
         } => {
             if cluster_name.len() > 128 || cluster_name.chars().any(char::is_control) {
@@ -683,10 +721,23 @@ async fn cli_main() -> ExitCode {
                     "--id: {id} is not one of the ids in --peers"
                 )));
             }
-            let security = match coordinator_security(security, &security_file, &peers) {
+            let security_args = security;
+            let security = match coordinator_security(security_args.clone(), &security_file, &peers)
+            {
                 Ok(security) => security,
                 Err(error) => return fail(CliError::invalid(error)),
             };
+            // SIGHUP and `gantry reload-credentials` read the same files again.
+            let reload_peers = peers.clone();
+            let reloader = gantry_coordinator::credentials::Reloader::new(move || {
+                let loaded =
+                    coordinator_security(security_args.clone(), &security_file, &reload_peers)?;
+                Ok(gantry_coordinator::credentials::Loaded {
+                    tls: loaded.tls,
+                    http_tls: loaded.http_tls,
+                    auth: loaded.auth,
+                })
+            });
             let resolved = match (http_addr, file.http_addr) {
                 (Some(text), _) => resolve_http_addr(Some(&text), "--http-addr"),
                 (None, file_value) => {
@@ -697,6 +748,23 @@ async fn cli_main() -> ExitCode {
                 Ok(addr) => addr,
                 Err(error) => return fail(error),
             };
+            if let Some(file) = &restore {
+                if peers.len() > 1 {
+                    return fail(CliError::invalid(
+                        "--restore starts a single-voter cluster: leave out --peers",
+                    ));
+                }
+                match gantry_coordinator::backup::restore(file, &data_dir, id) {
+                    Ok(restored) => println!(
+                        "restored {} jobs at index {} (replica {}'s backup) into {}",
+                        restored.jobs,
+                        restored.header.applied_index,
+                        restored.header.replica,
+                        data_dir.display()
+                    ),
+                    Err(error) => return fail(CliError::invalid(format!("--restore: {error}"))),
+                }
+            }
             init_logging(cli.log_format);
             let options = daemon::CoordinatorOptions {
                 security,
@@ -712,6 +780,9 @@ async fn cli_main() -> ExitCode {
                 max_heartbeat_rate,
                 inventory,
                 strict_inventory,
+                reloader: Some(reloader),
+                disk_reserve: disk_reserve
+                    .unwrap_or(gantry_coordinator::disk::DEFAULT_RESERVE_BYTES),
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -780,6 +851,8 @@ async fn cli_main() -> ExitCode {
                 inventory: Vec::new(),
                 strict_inventory: false,
                 security: Default::default(),
+                reloader: None,
+                disk_reserve: gantry_coordinator::disk::DEFAULT_RESERVE_BYTES,
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
@@ -787,6 +860,9 @@ async fn cli_main() -> ExitCode {
             action: CertsAction::Init { dir, hosts, days },
         } => certs_init(&dir, &hosts, days),
         Command::Dlq { action } => dlq(action).await,
+        Command::Snapshot {
+            action: SnapshotAction::Save { file, client },
+        } => backup::save(&file, client).await,
         Command::Inventory {
             action: InventoryAction::Check { file },
         } => inventory_check(&file),
@@ -795,8 +871,10 @@ async fn cli_main() -> ExitCode {
         Command::Jobs {
             state,
             limit,
+            mine,
             client,
-        } => jobs(state, limit, client).await,
+        } => jobs(state, limit, mine, client).await,
+        Command::ReloadCredentials { client } => reload_credentials(client).await,
         Command::Job { id, client } => job(id, client).await,
         Command::Logs {
             id,
@@ -946,7 +1024,7 @@ fn probe_gpus(fake: Option<String>) -> ExitCode {
     }
 }
 
-fn print_json(value: &serde_json::Value) {
+pub(crate) fn print_json(value: &serde_json::Value) {
     // Serialising a `Value` cannot fail (its map keys are strings).
     outln!(
         "{}",
@@ -1046,7 +1124,37 @@ fn new_submission_key() -> String {
     )
 }
 
-async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), CliError> {
+async fn reload_credentials(opts: ClientOpts) -> Result<(), CliError> {
+    // The replica at --addr, leader or not: each reloads its own files.
+    let mut client = client::connect_any(&opts).await?;
+    let reloaded = client
+        .reload_credentials(pb::ReloadCredentialsRequest {})
+        .await?
+        .into_inner();
+    match opts.output {
+        Format::Json => print_json(&serde_json::json!({
+            "tokens": reloaded.tokens,
+            "tls": reloaded.tls,
+        })),
+        Format::Table => outln!(
+            "credentials reloaded: {} client tokens{}",
+            reloaded.tokens,
+            if reloaded.tls {
+                ", TLS certificates"
+            } else {
+                ""
+            }
+        ),
+    }
+    Ok(())
+}
+
+async fn jobs(
+    state: Vec<String>,
+    limit: u32,
+    mine: bool,
+    opts: ClientOpts,
+) -> Result<(), CliError> {
     let mut client = client::connect(&opts).await?;
     // One row more than shown tells whether the limit cut the list (0 = all).
     let mut jobs = client
@@ -1057,6 +1165,7 @@ async fn jobs(state: Vec<String>, limit: u32, opts: ClientOpts) -> Result<(), Cl
             } else {
                 limit.saturating_add(1)
             },
+            mine,
         })
         .await?
         .into_inner()

@@ -236,6 +236,9 @@ pub fn print_job(job: &pb::Job) {
     if !job.reason.is_empty() {
         outln!("  reason:    {}", escape(&job.reason));
     }
+    if !job.owner.is_empty() {
+        outln!("  owner:     {}", escape(&job.owner));
+    }
     outln!("  command:   {}", command_line(&spec.command));
     if !spec.env.is_empty() {
         outln!("  env:       {}", pairs(&spec.env));

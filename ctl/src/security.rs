@@ -18,6 +18,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
+/// Longest token name (it is recorded as the owner of every job it submits).
+const MAX_NAME_BYTES: usize = 64;
+
 /// Shortest accepted secret (tokens are compared whole; short ones are guessable).
 const MIN_SECRET_CHARS: usize = 16;
 
@@ -364,6 +367,12 @@ fn parse_tokens(text: &str) -> Result<Vec<BearerToken>, String> {
         if name.is_empty() {
             return Err(format!("[{i}].name: must not be empty"));
         }
+        // The name becomes the owner of every job the token submits.
+        if name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+            return Err(format!(
+                "[{i}].name: at most {MAX_NAME_BYTES} bytes, no control characters"
+            ));
+        }
         if let Some(first) = names.insert(name.to_string(), i) {
             return Err(format!(
                 "[{i}].name: {name:?} is also the name of [{first}]"
@@ -439,6 +448,10 @@ mod tests {
                 "- {{name: alice, token: {a}, role: user}}\n- {{name: alice, token: {b}, role: user}}"
             ),
             Err("[1].name: \"alice\" is also the name of [0]"),
+        );
+        check(
+            &format!("- {{name: {}, token: {a}, role: user}}", "x".repeat(65)),
+            Err("[0].name: at most 64 bytes"),
         );
         check(
             "- {name: alice, token: short, role: user}",

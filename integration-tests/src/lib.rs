@@ -326,11 +326,22 @@ impl Sandbox {
         name: &str,
         extra: &[&str],
     ) -> anyhow::Result<CoordinatorHandle> {
+        self.start_coordinator_at(name, 0, extra)
+    }
+
+    /// Starts a coordinator on `127.0.0.1:port` with its own data dir and
+    /// extra flags (e.g. `--restore FILE` on a port agents already know).
+    pub fn start_coordinator_at(
+        &mut self,
+        name: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<CoordinatorHandle> {
         let data_dir = self.dir.path().join(name);
         let mut args = vec![
             "coordinator".to_string(),
             "--grpc-addr".into(),
-            "127.0.0.1:0".into(),
+            format!("127.0.0.1:{port}"),
             "--data-dir".into(),
             data_dir.display().to_string(),
         ];

@@ -146,8 +146,13 @@ fn tls_tokens_and_join_token_end_to_end() -> anyhow::Result<()> {
     );
     let nodes = sandbox.gantry_json(&url, &["nodes"])?;
     assert_eq!(nodes[0]["draining"], false, "{nodes}");
-    let out = sandbox.gantry(&url, &["dlq", "drop", &id.to_string()]);
-    expect_exit(&out, 4, "dlq drop needs the admin role", "user dlq drop");
+    let out = sandbox.gantry(&url, &["reload-credentials"]);
+    expect_exit(
+        &out,
+        4,
+        "reload credentials needs the admin role",
+        "user reload",
+    );
     // The admin token can.
     sandbox.set_client_env("GANTRY_TOKEN", &certs.token("admin"));
     let out = sandbox.gantry(&url, &["drain", "node-a"]);

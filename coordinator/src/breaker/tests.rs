@@ -486,6 +486,7 @@ impl Harness {
             key: None,
             jobs: vec![spec],
             pipeline: None,
+            owner: None,
         }) {
             Ok(Outcome::Submitted(ids)) => ids[0],
             other => panic!("submit: {other:?}"),

@@ -168,6 +168,7 @@ impl Harness {
                 key: None,
                 jobs,
                 pipeline: None,
+                owner: None,
             }),
             Step::Started(node, job, attempt) => self.propose(Command::JobStarted {
                 at_ms: self.now,

@@ -297,6 +297,7 @@ mod tests {
                 key: None,
                 jobs: vec![JobSpec::for_test("a")],
                 pipeline: None,
+                owner: None,
             },
             Command::Assign {
                 at_ms: 3,

@@ -29,8 +29,8 @@ use std::sync::Arc;
 
 use axum::middleware;
 
-use crate::auth::AuthConfig;
 use crate::core::Request;
+use crate::credentials::{SharedAuth, TlsSource};
 use crate::domain::JobState;
 use crate::error::{CoordinatorError, LEADER_METADATA};
 use crate::json::{job_json, node_json, status_json};
@@ -64,7 +64,7 @@ pub struct HttpState {
     /// The core, as the gRPC services reach it.
     pub core: CoreHandle,
     /// Credentials: with client tokens configured, `/v1` needs one.
-    pub auth: Arc<AuthConfig>,
+    pub auth: SharedAuth,
     /// Set when the Raft driver or the core stopped on its own: both probes
     /// then answer 503 with the reason until the process exits.
     pub failure: Failure,
@@ -130,7 +130,7 @@ async fn openapi() -> impl IntoResponse {
 /// Serves the routes on `listener` (HTTPS with `tls`) until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    tls: Option<TlsSource>,
     state: HttpState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -450,6 +450,7 @@ async fn jobs(
             // The core filters by state only: with a kind or pipeline
             // filter the limit applies after it.
             limit: if filtered { usize::MAX } else { limit },
+            owner: None,
             reply,
         })
         .await?;

@@ -15,6 +15,7 @@ use gantry_proto as pb;
 use serde_json::json;
 
 use super::{ApiError, HttpState, invalid, only_params, parse_job_id};
+use crate::auth::Caller;
 use crate::decide::effects::CancelProgress;
 use crate::error::CoordinatorError;
 use crate::limits::MAX_NAME_LEN;
@@ -35,12 +36,17 @@ pub(super) async fn drain_body(body: Body) {
 }
 
 /// Refuses the call unless the caller's token may use `method` (a gRPC
-/// method path: the HTTP route does what that method does).
-fn authorize(state: &HttpState, method: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+/// method path: the HTTP route does what that method does); the caller
+/// (`None` when no tokens are configured) for the ownership checks.
+fn authorize(
+    state: &HttpState,
+    method: &str,
+    headers: &HeaderMap,
+) -> Result<Option<Caller>, ApiError> {
     state
         .auth
+        .current()
         .check(method, headers, None)
-        .map(|_| ())
         .map_err(|error| {
             tracing::warn!(method, %error, "http request refused");
             ApiError(error)
@@ -127,7 +133,7 @@ pub(super) async fn submit(
     // Read (bounded) before refusing anything, so every refusal reaches
     // the client; a refused token still wins over a bad body.
     let text = read_body(body).await;
-    authorize(&state, "/gantry.v1.Gantry/Submit", &headers)?;
+    let caller = authorize(&state, "/gantry.v1.Gantry/Submit", &headers)?;
     only_params(&query, &[])?;
     let key = match headers.get(IDEMPOTENCY_KEY) {
         None => String::new(),
@@ -142,7 +148,7 @@ pub(super) async fn submit(
         submission_key: key,
         pipeline: parsed.pipeline.unwrap_or_default(),
     };
-    let ids = state.core.submit(request).await?;
+    let ids = state.core.submit(request, caller.map(|c| c.name)).await?;
     Ok((StatusCode::CREATED, axum::Json(json!({ "job_ids": ids }))).into_response())
 }
 
@@ -154,9 +160,9 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&state, "/gantry.v1.Gantry/CancelJob", &headers)?;
+    let caller = authorize(&state, "/gantry.v1.Gantry/CancelJob", &headers)?;
     let id = parse_job_id(&id)?;
-    let body = match state.core.cancel(id).await? {
+    let body = match state.core.cancel(id, caller.as_ref()).await? {
         CancelProgress::Settled(job_state) => {
             json!({ "id": id, "state": job_state.as_str(), "settled": true })
         }
@@ -184,7 +190,7 @@ pub(super) async fn dlq_retry(
     body: Body,
 ) -> Result<Response, ApiError> {
     let text = read_body(body).await;
-    authorize(&state, "/gantry.v1.Gantry/DlqRetry", &headers)?;
+    let caller = authorize(&state, "/gantry.v1.Gantry/DlqRetry", &headers)?;
     let id = parse_job_id(&id)?;
     let text = text?;
     let spec = if text.trim().is_empty() {
@@ -199,7 +205,7 @@ pub(super) async fn dlq_retry(
         }
         parsed.jobs.into_iter().next()
     };
-    state.core.dlq_retry(id, spec).await?;
+    state.core.dlq_retry(id, spec, caller.as_ref()).await?;
     Ok(axum::Json(json!({ "id": id, "retried": true })).into_response())
 }
 
@@ -209,9 +215,9 @@ pub(super) async fn dlq_drop(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&state, "/gantry.v1.Gantry/DlqDrop", &headers)?;
+    let caller = authorize(&state, "/gantry.v1.Gantry/DlqDrop", &headers)?;
     let id = parse_job_id(&id)?;
-    state.core.dlq_drop(id).await?;
+    state.core.dlq_drop(id, caller.as_ref()).await?;
     Ok(axum::Json(json!({ "id": id, "dropped": true })).into_response())
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use super::CoreHandle;
+use crate::auth::{Caller, Role, may_change};
 use crate::command::Command;
 use crate::convert;
 use crate::core::{Request, now_ms};
@@ -26,8 +27,13 @@ const CANCEL_RECHECK: Duration = Duration::from_millis(500);
 impl CoreHandle {
     /// Validates a submission, proposes it and returns the job ids once
     /// committed (the ids it created before, for a submission key seen
-    /// before).
-    pub async fn submit(&self, request: pb::SubmitRequest) -> Result<Vec<u64>, CoordinatorError> {
+    /// before). `owner` is the submitting token's name, recorded on every
+    /// job (in the command, so every replica records the same one).
+    pub async fn submit(
+        &self,
+        request: pb::SubmitRequest,
+        owner: Option<String>,
+    ) -> Result<Vec<u64>, CoordinatorError> {
         let received = std::time::Instant::now();
         let size = request.encoded_len();
         let convert::ValidSubmit {
@@ -42,6 +48,7 @@ impl CoreHandle {
             key,
             jobs: specs,
             pipeline,
+            owner,
         };
         let job_ids = match self.propose(command).await? {
             Outcome::Submitted(ids) => ids,
@@ -63,7 +70,12 @@ impl CoreHandle {
     /// ([`crate::decide::effects::cancel_progress`]). An assignment may be
     /// on the wire when the cancel applies; acknowledging at once would let
     /// its attempt start after the acknowledgement.
-    pub async fn cancel(&self, job: u64) -> Result<CancelProgress, CoordinatorError> {
+    pub async fn cancel(
+        &self,
+        job: u64,
+        caller: Option<&Caller>,
+    ) -> Result<CancelProgress, CoordinatorError> {
+        self.check_owner(caller, "cancel", job).await?;
         // Subscribed before proposing: the attempt's end cannot slip by.
         let mut events = self.events.subscribe();
         self.propose(Command::RequestCancel {
@@ -116,7 +128,9 @@ impl CoreHandle {
         &self,
         job: u64,
         spec: Option<pb::JobSpec>,
+        caller: Option<&Caller>,
     ) -> Result<(), CoordinatorError> {
+        self.check_owner(caller, "retry", job).await?;
         let spec = match spec {
             Some(spec) => Some(Box::new(convert::job_spec(spec, "spec.")?)),
             None => None,
@@ -130,13 +144,34 @@ impl CoreHandle {
     }
 
     /// Drops a dead-lettered job for good.
-    pub async fn dlq_drop(&self, job: u64) -> Result<(), CoordinatorError> {
+    pub async fn dlq_drop(&self, job: u64, caller: Option<&Caller>) -> Result<(), CoordinatorError> {
+        self.check_owner(caller, "drop", job).await?;
         self.propose(Command::DlqDrop {
             at_ms: now_ms(),
             job,
         })
         .await
         .map(|_| ())
+    }
+
+    /// Refuses unless `caller` may `action` job `job` ([`may_change`]: a
+    /// user changes only its own jobs; no caller means no tokens are
+    /// configured). The owner never changes after the submit, so this check
+    /// on the leader's state cannot go stale. gRPC and HTTP writes both
+    /// come through here.
+    async fn check_owner(
+        &self,
+        caller: Option<&Caller>,
+        action: &str,
+        job: u64,
+    ) -> Result<(), CoordinatorError> {
+        let Some(caller) = caller.filter(|c| c.role != Role::Admin) else {
+            return Ok(());
+        };
+        self.require_leader()?;
+        let record = self.call(|reply| Request::GetJob { id: job, reply }).await?;
+        let owner = Some(record.owner.as_str()).filter(|o| !o.is_empty());
+        may_change(Some(caller), action, job, owner)
     }
 
     /// Drains a node (`deadline_after_ms` > 0: its jobs are preempted that

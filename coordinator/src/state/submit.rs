@@ -15,6 +15,7 @@ impl StateMachine {
         key: Option<String>,
         specs: Vec<JobSpec>,
         pipeline: Option<String>,
+        owner: Option<String>,
     ) -> Result<Outcome, ApplyError> {
         if let Some(ids) = key.as_ref().and_then(|k| self.submissions.get(k)) {
             return Ok(Outcome::Submitted(ids.clone()));
@@ -53,6 +54,7 @@ impl StateMachine {
                 blocked_by: None,
                 pipeline: pipeline.clone().unwrap_or_default(),
                 run,
+                owner: owner.clone(),
             };
             self.jobs.insert(*id, record);
             self.pending.insert(*id);

@@ -1,0 +1,113 @@
+//! The data volume's reserve: client writes are refused, with
+//! RESOURCE_EXHAUSTED and one line, while the volume holding the data dir
+//! has less free space than the reserve (`--disk-reserve`), and accepted
+//! again once space is freed. Reads go on.
+//!
+//! Why a reserve rather than waiting for the first failed write: a write
+//! that fails inside the Raft driver or the store is fatal to the replica
+//! (it stops rather than acknowledge what it could not persist), and the
+//! cluster's own bookkeeping must still fit: exit reports of running jobs,
+//! placements, node health. Those are not refused; they use the reserve,
+//! so work that runs is never lost to a full disk made by submissions.
+
+use std::path::PathBuf;
+
+use crate::error::CoordinatorError;
+
+/// Free space kept for the cluster's own writes, by default.
+pub const DEFAULT_RESERVE_BYTES: u64 = 64 << 20;
+
+/// Why a write is refused with `available` bytes free and `reserve` kept,
+/// if it is.
+pub fn refusal(dir: &str, available: u64, reserve: u64) -> Option<String> {
+    (available < reserve).then(|| {
+        format!(
+            "data volume of {dir} is full: {} free, under the {} reserve; writes are refused until space is freed (reads still work)",
+            gantry_scheduler::units::format_bytes(available),
+            gantry_scheduler::units::format_bytes(reserve)
+        )
+    })
+}
+
+/// The reserve of one data dir.
+#[derive(Debug, Clone)]
+pub struct DiskReserve {
+    dir: PathBuf,
+    reserve: u64,
+}
+
+impl DiskReserve {
+    /// Keeps `reserve` bytes free on the volume of `dir` (0 = never refuse).
+    pub fn new(dir: PathBuf, reserve: u64) -> DiskReserve {
+        DiskReserve { dir, reserve }
+    }
+
+    /// Refuses a client write while the volume is under the reserve. A
+    /// volume that cannot be measured refuses too: never a default.
+    pub fn check(&self) -> Result<(), CoordinatorError> {
+        if self.reserve == 0 {
+            return Ok(());
+        }
+        let dir = self.dir.display().to_string();
+        let stats = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| {
+            CoordinatorError::ResourceExhausted(format!(
+                "cannot measure the free space of {dir} ({e}); writes are refused"
+            ))
+        })?;
+        let available = stats
+            .blocks_available()
+            .saturating_mul(stats.fragment_size());
+        match refusal(&dir, available, self.reserve) {
+            Some(reason) => Err(CoordinatorError::ResourceExhausted(reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_refused_only_under_the_reserve() {
+        let mib = 1 << 20;
+        let cases: &[(u64, u64, Option<&str>)] = &[
+            (100 * mib, 64 * mib, None),
+            (64 * mib, 64 * mib, None),
+            (
+                63 * mib,
+                64 * mib,
+                Some(
+                    "data volume of /d is full: 63MiB free, under the 64MiB reserve; writes are refused until space is freed (reads still work)",
+                ),
+            ),
+            (0, 1, Some("data volume of /d is full: 0B free")),
+            (0, 0, None),
+        ];
+        for (available, reserve, want) in cases {
+            let got = refusal("/d", *available, *reserve);
+            match want {
+                None => assert_eq!(got, None, "{available} {reserve}"),
+                Some(text) => {
+                    let got = got.expect("refused");
+                    assert!(got.starts_with(text), "{got}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_real_volume_is_measured() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(DiskReserve::new(dir.path().into(), 1).check().is_ok());
+        let error = DiskReserve::new(dir.path().into(), u64::MAX)
+            .check()
+            .expect_err("no volume is that large");
+        assert_eq!(
+            tonic::Status::from(error).code(),
+            tonic::Code::ResourceExhausted
+        );
+        let missing = DiskReserve::new(dir.path().join("gone"), 1).check();
+        assert!(missing.is_err(), "an unmeasurable volume refuses");
+    }
+}

@@ -1,0 +1,299 @@
+//! Credentials without restarts and job ownership (issue 15, item 6):
+//! SIGHUP and `gantry reload-credentials` re-read the token file; a revoked
+//! token is refused from then on and the `gantry watch` it held open is
+//! closed; a file that does not load changes nothing. Jobs record the token
+//! that submitted them; a `user` token cancels, retries and drops only its
+//! own jobs, an `admin` token any.
+
+use std::time::Duration;
+
+use gantry_integration_tests::{CliOutput, Sandbox, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const WAIT: Duration = Duration::from_secs(30);
+const ALICE: &str = "alice-secret-0123456789";
+const BOB: &str = "bob-secret-0123456789ab";
+const ROOT: &str = "root-secret-0123456789a";
+
+fn tokens_file(entries: &[(&str, &str, &str)]) -> String {
+    entries
+        .iter()
+        .map(|(name, token, role)| format!("- {{name: {name}, token: {token}, role: {role}}}\n"))
+        .collect()
+}
+
+/// The token file with Alice, Bob (users) and root (admin).
+fn all_three() -> String {
+    tokens_file(&[
+        ("alice", ALICE, "user"),
+        ("bob", BOB, "user"),
+        ("root", ROOT, "admin"),
+    ])
+}
+
+/// Runs `gantry ARGS` with `token`.
+fn as_token(sandbox: &Sandbox, url: &str, token: &str, args: &[&str]) -> CliOutput {
+    // Before any `--`, so it never lands in a job's command.
+    let mut all: Vec<&str> = args.to_vec();
+    let at = all.iter().position(|a| *a == "--").unwrap_or(all.len());
+    all.splice(at..at, ["--token", token]);
+    sandbox.gantry(url, &all)
+}
+
+fn expect_refused(out: &CliOutput, code: i32, text: &str, case: &str) {
+    assert_eq!(out.code, code, "{case}: {out:?}");
+    assert!(out.stderr.contains(text), "{case}: {}", out.stderr);
+    assert_eq!(
+        out.stderr.trim().lines().count(),
+        1,
+        "{case}: one line: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let tokens = sandbox.path().join("tokens.yaml");
+    std::fs::write(&tokens, all_three())?;
+    let tokens_arg = tokens.display().to_string();
+    let coordinator = sandbox.start_coordinator_with("coordinator", &["--tokens", &tokens_arg])?;
+    let url = coordinator.url.clone();
+    sandbox.start_agent("node-a", &url, "1xH100-80GiB", "127.0.0.1", &[])?;
+
+    // Each user submits a job that runs until cancelled.
+    let submit = |token: &str| -> anyhow::Result<u64> {
+        let out = as_token(
+            &sandbox,
+            &url,
+            token,
+            &["submit", "-o", "json", "--", "sleep", "600"],
+        );
+        anyhow::ensure!(out.code == 0, "submit: {out:?}");
+        out.json()?["job_ids"][0]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no job id: {}", out.stdout))
+    };
+    let alices = submit(ALICE)?;
+    let bobs = submit(BOB)?;
+
+    // The owner is recorded and shown; --mine lists only the caller's jobs.
+    let out = as_token(
+        &sandbox,
+        &url,
+        ALICE,
+        &["job", &alices.to_string(), "-o", "json"],
+    );
+    assert_eq!(out.json()?["owner"], "alice", "{out:?}");
+    let out = as_token(&sandbox, &url, ALICE, &["job", &alices.to_string()]);
+    assert!(out.stdout.contains("owner:     alice"), "{out:?}");
+    let out = as_token(&sandbox, &url, BOB, &["jobs", "--mine", "-o", "json"]);
+    let mine: Vec<u64> = out
+        .json()?
+        .as_array()
+        .map(|jobs| jobs.iter().filter_map(|j| j["id"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(mine, [bobs], "{out:?}");
+    let (status, body) = http_with_token(&coordinator.http, "/v1/jobs", ROOT)?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"owner\":\"alice\""), "{body}");
+
+    // Bob may not cancel, retry or drop Alice's job; nothing changes.
+    let alices_text = alices.to_string();
+    expect_refused(
+        &as_token(&sandbox, &url, BOB, &["cancel", &alices_text]),
+        4,
+        &format!(
+            "cancel job {alices}: the job belongs to 'alice'; token 'bob' (role user) may cancel only its own jobs"
+        ),
+        "bob cancels alice's job",
+    );
+    expect_refused(
+        &as_token(&sandbox, &url, BOB, &["dlq", "retry", &alices_text]),
+        4,
+        "may retry only its own jobs",
+        "bob retries alice's job",
+    );
+    expect_refused(
+        &as_token(&sandbox, &url, BOB, &["dlq", "drop", &alices_text]),
+        4,
+        "may drop only its own jobs",
+        "bob drops alice's job",
+    );
+    let out = as_token(&sandbox, &url, ROOT, &["job", &alices_text, "-o", "json"]);
+    assert_eq!(out.json()?["cancel_requested"], false, "{out:?}");
+    // Bob cancels his own; the admin cancels Alice's.
+    let out = as_token(&sandbox, &url, BOB, &["cancel", &bobs.to_string()]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = as_token(&sandbox, &url, ROOT, &["cancel", &alices_text]);
+    assert_eq!(out.code, 0, "{out:?}");
+
+    // Bob holds a watch open; revoking his token by SIGHUP closes it.
+    let watch =
+        sandbox.start_client("watch-bob", &url, &["watch", "--from", "1", "--token", BOB])?;
+    // A line of history: the stream is open.
+    sandbox.proc(watch).wait_line("", WAIT)?;
+    assert!(sandbox.proc(watch).is_running());
+    std::fs::write(
+        &tokens,
+        tokens_file(&[("alice", ALICE, "user"), ("root", ROOT, "admin")]),
+    )?;
+    let pid = sandbox
+        .proc(coordinator.index)
+        .pid()
+        .expect("coordinator pid");
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP)?;
+    let status = sandbox
+        .proc(watch)
+        .wait_exit(WAIT)
+        .ok_or_else(|| anyhow::anyhow!("bob's watch still runs after his token was revoked"))?;
+    assert_eq!(status.code(), Some(4), "watch exit");
+    let log = sandbox.log("watch-bob");
+    assert!(log.contains("bearer token not recognised"), "{log}");
+    expect_refused(
+        &as_token(&sandbox, &url, BOB, &["jobs"]),
+        4,
+        "bearer token not recognised",
+        "revoked token",
+    );
+    assert_eq!(as_token(&sandbox, &url, ALICE, &["jobs"]).code, 0);
+
+    // The admin call reloads too; a user may not make it.
+    expect_refused(
+        &as_token(&sandbox, &url, ALICE, &["reload-credentials"]),
+        4,
+        "reload credentials needs the admin role",
+        "user reload",
+    );
+    std::fs::write(&tokens, all_three())?;
+    let out = as_token(&sandbox, &url, ROOT, &["reload-credentials"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("credentials reloaded: 3 client tokens"),
+        "{out:?}"
+    );
+    assert_eq!(
+        as_token(&sandbox, &url, BOB, &["jobs"]).code,
+        0,
+        "bob is back"
+    );
+
+    // A file that does not load changes nothing, by either path.
+    std::fs::write(&tokens, "- {name: alice, token: short, role: user}\n")?;
+    let out = as_token(&sandbox, &url, ROOT, &["reload-credentials"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("reload refused, the previous credentials stay in force")
+            && out.stderr.contains("[0].token: too short"),
+        "{out:?}"
+    );
+    kill(Pid::from_raw(pid as i32), Signal::SIGHUP)?;
+    wait_until("the coordinator to log the failed reload", WAIT, || {
+        sandbox
+            .log("coordinator")
+            .contains("credentials not reloaded")
+            .then_some(())
+    })?;
+    assert_eq!(
+        as_token(&sandbox, &url, BOB, &["jobs"]).code,
+        0,
+        "still in force"
+    );
+    Ok(())
+}
+
+/// GET `path` with a bearer token; (status, body).
+fn http_with_token(base: &str, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let host = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(host)?;
+    stream.set_read_timeout(Some(WAIT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// Points the client environment at the certificates and admin token of
+/// one `gantry certs init` directory.
+fn use_certs(sandbox: &mut Sandbox, dir: &std::path::Path) -> anyhow::Result<()> {
+    let path = |name: &str| dir.join(name).display().to_string();
+    sandbox.set_client_env("GANTRY_TLS_CA", &path("ca.pem"));
+    sandbox.set_client_env("GANTRY_TLS_CERT", &path("client.pem"));
+    sandbox.set_client_env("GANTRY_TLS_KEY", &path("client-key.pem"));
+    let tokens = std::fs::read_to_string(dir.join("tokens.yaml"))?;
+    let admin = tokens
+        .lines()
+        .find(|l| l.contains("role: admin"))
+        .and_then(|l| l.split("token: ").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .ok_or_else(|| anyhow::anyhow!("no admin token in {tokens}"))?;
+    sandbox.set_client_env("GANTRY_TOKEN", admin);
+    Ok(())
+}
+
+#[test]
+fn tls_certificates_are_reloaded_for_new_connections() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let first = sandbox.certs_init("first", &[])?;
+    let second = sandbox.certs_init("second", &[])?;
+    let live = sandbox.path().join("live");
+    let install = |from: &std::path::Path| -> anyhow::Result<()> {
+        std::fs::create_dir_all(&live)?;
+        for name in [
+            "coordinator.pem",
+            "coordinator-key.pem",
+            "ca.pem",
+            "tokens.yaml",
+        ] {
+            std::fs::copy(from.join(name), live.join(name))?;
+        }
+        Ok(())
+    };
+    install(&first)?;
+    let arg = |name: &str| live.join(name).display().to_string();
+    let args = [
+        "--tls-cert".to_string(),
+        arg("coordinator.pem"),
+        "--tls-key".into(),
+        arg("coordinator-key.pem"),
+        "--tls-client-ca".into(),
+        arg("ca.pem"),
+        "--tokens".into(),
+        arg("tokens.yaml"),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let coordinator = sandbox.start_coordinator_with("coordinator", &args)?;
+    let url = coordinator.url.replace("http://", "https://");
+    use_certs(&mut sandbox, &first)?;
+    assert_eq!(sandbox.gantry(&url, &["jobs"]).code, 0, "first CA");
+
+    // New CA, certificate and tokens on disk; the admin call puts them in
+    // force (it reaches the coordinator over the old certificates).
+    install(&second)?;
+    let out = sandbox.gantry(&url, &["reload-credentials"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("TLS certificates"), "{}", out.stdout);
+    // A client that trusts only the old CA no longer connects; one with
+    // the new CA, certificate and token does.
+    let out = sandbox.gantry(&url, &["jobs"]);
+    assert_eq!(out.code, 3, "old CA after the reload: {out:?}");
+    use_certs(&mut sandbox, &second)?;
+    let out = sandbox.gantry(&url, &["jobs"]);
+    assert_eq!(out.code, 0, "new CA after the reload: {out:?}");
+    Ok(())
+}
