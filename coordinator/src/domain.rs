@@ -345,6 +345,10 @@ pub struct JobRecord {
     /// Run number of that pipeline (1 = first submission).
     #[serde(default)]
     pub run: u32,
+    /// Index of its "submitted" event (0 = stored before it was kept):
+    /// every event below the oldest job's is about a retired job.
+    #[serde(default)]
+    pub submit_event: u64,
 }
 
 impl JobRecord {
@@ -367,6 +371,7 @@ impl JobRecord {
             blocked_by: None,
             pipeline: String::new(),
             run: 0,
+            submit_event: 0,
         }
     }
 

@@ -67,6 +67,7 @@ pub(crate) fn record(id: JobId, state: JobState, attempt: u32) -> JobRecord {
         blocked_by: None,
         pipeline: String::new(),
         run: 0,
+        submit_event: 0,
     }
 }
 
