@@ -883,6 +883,7 @@ async fn list_job_ids(
         .list_jobs(pb::ListJobsRequest {
             states: Vec::new(),
             limit: 0,
+            ..Default::default()
         })
         .await?
         .into_inner()

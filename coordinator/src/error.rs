@@ -46,6 +46,17 @@ pub enum CoordinatorError {
     /// The coordinator is shutting down.
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// Events asked for are below the compaction floor (their jobs were
+    /// retired); never answered by skipping them.
+    #[error(
+        "events before {floor} were compacted (asked from {from}); resynchronise with `gantry jobs`, then `gantry watch --from {floor}`"
+    )]
+    Compacted {
+        /// The first index asked for.
+        from: u64,
+        /// The lowest index still kept.
+        floor: u64,
+    },
 }
 
 impl CoordinatorError {
@@ -62,6 +73,7 @@ impl CoordinatorError {
             ) => 409,
             CoordinatorError::Apply(_) => 400,
             CoordinatorError::Store(_) => 500,
+            CoordinatorError::Compacted { .. } => 410,
             CoordinatorError::Unauthenticated(_) => 401,
             CoordinatorError::PermissionDenied(_) => 403,
             CoordinatorError::NotLeader { .. }
@@ -85,6 +97,7 @@ impl From<CoordinatorError> for tonic::Status {
             ) => tonic::Status::failed_precondition(message),
             CoordinatorError::Apply(_) => tonic::Status::invalid_argument(message),
             CoordinatorError::Store(_) => tonic::Status::internal(message),
+            CoordinatorError::Compacted { .. } => tonic::Status::out_of_range(message),
             CoordinatorError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             CoordinatorError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             CoordinatorError::NotLeader { leader } => {

@@ -34,6 +34,7 @@ pub fn job_json(job: &pb::Job) -> Value {
         "run": job.run,
         "depends_on": job.depends_on,
         "batch_cap": job.batch_cap,
+        "archived": job.archived,
         "attempts": job.attempts.iter().map(|a| json!({
             "attempt": a.attempt,
             "node": a.node,

@@ -198,6 +198,23 @@ impl pb::gantry_server::Gantry for GantryService {
         } else {
             request.limit as usize
         };
+        if request.since_ms != 0 || !request.page_token.is_empty() {
+            let (since_ms, page_token) = (request.since_ms, request.page_token);
+            let (jobs, next_page_token) = self
+                .core
+                .call(|reply| Request::JobHistory {
+                    states,
+                    since_ms,
+                    page_token,
+                    limit,
+                    reply,
+                })
+                .await?;
+            return Ok(Response::new(pb::ListJobsResponse {
+                jobs,
+                next_page_token,
+            }));
+        }
         let jobs = self
             .core
             .call(|reply| Request::ListJobs {
@@ -206,7 +223,10 @@ impl pb::gantry_server::Gantry for GantryService {
                 reply,
             })
             .await?;
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            ..Default::default()
+        }))
     }
 
     async fn cancel_job(
@@ -236,7 +256,10 @@ impl pb::gantry_server::Gantry for GantryService {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         self.core.require_leader()?;
         let jobs = self.core.call(|reply| Request::DlqList { reply }).await?;
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            ..Default::default()
+        }))
     }
 
     async fn dlq_retry(
@@ -458,7 +481,8 @@ impl pb::gantry_server::Gantry for GantryService {
         tokio::spawn(async move {
             // Subscribe before reading history so nothing falls in between.
             let mut live = core.events.subscribe();
-            let mut next = request.from_index.max(1);
+            // 0: from the oldest event kept (the core maps it to the floor).
+            let mut next = request.from_index;
             loop {
                 // Catch up from storage.
                 loop {

@@ -61,6 +61,8 @@ pub struct CoordinatorOptions {
     pub strict_inventory: bool,
     /// TLS and credentials (default: none).
     pub security: crate::security::CoordinatorSecurity,
+    /// Retention of finished work (validated).
+    pub retention: gantry_coordinator::state::RetentionPolicy,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -77,6 +79,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
     }
     core.inventory = options.inventory.clone();
     core.strict_inventory = options.strict_inventory;
+    core.retention = options.retention;
     CoordinatorConfig {
         grpc_addr: options.grpc_addr,
         http_addr: options.http_addr,
