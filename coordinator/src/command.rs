@@ -212,6 +212,13 @@ pub enum Command {
         /// The policy, already validated.
         policy: crate::state::RetentionPolicy,
     },
+    /// Nothing but a time: proposed by the leader when a finished job's
+    /// retention is over and no other command came to retire it (every
+    /// applied command retires what is due at its `at_ms`).
+    Retire {
+        /// The leader's clock when it proposed.
+        at_ms: u64,
+    },
 }
 
 impl Command {
@@ -255,7 +262,8 @@ impl Command {
             | Command::PreemptDrained { .. }
             | Command::Quarantine { .. }
             | Command::ClearQuarantine { .. }
-            | Command::SetRetention { .. } => None,
+            | Command::SetRetention { .. }
+            | Command::Retire { .. } => None,
         }
     }
 
@@ -278,7 +286,8 @@ impl Command {
             | Command::PreemptDrained { at_ms, .. }
             | Command::Quarantine { at_ms, .. }
             | Command::ClearQuarantine { at_ms, .. }
-            | Command::SetRetention { at_ms, .. } => *at_ms,
+            | Command::SetRetention { at_ms, .. }
+            | Command::Retire { at_ms } => *at_ms,
         }
     }
 }

@@ -821,6 +821,8 @@ impl Core {
             // leader's flags become it (again, until it applies).
             let policy = self.config.retention;
             self.propose(Command::SetRetention { at_ms: now, policy });
+        } else if self.state.retirement_due(now) {
+            self.propose(Command::Retire { at_ms: now });
         }
         self.log_waiters.retain(|_, w| !w.reply.is_closed());
         self.update_heartbeat_interval(now);

@@ -623,6 +623,7 @@ impl StateMachine {
                 self.changes.retention = true;
                 Ok(Outcome::Done)
             }
+            Command::Retire { .. } => Ok(Outcome::Done),
         }
     }
 

@@ -152,6 +152,19 @@ impl StateMachine {
         (self.finished.len() + self.held.len()) as u64
     }
 
+    /// Whether a finished job's retention is over at `now_ms` (the leader
+    /// then proposes `Command::Retire`, so an idle cluster retires too).
+    pub fn retirement_due(&self, now_ms: u64) -> bool {
+        self.finished.first().is_some_and(|(finished_at, _)| {
+            due(
+                &self.retention,
+                *finished_at,
+                self.retained_finished(),
+                now_ms,
+            )
+        })
+    }
+
     /// Whether a finished job is held by a dependant not finished yet.
     pub fn is_held(&self, id: JobId) -> bool {
         self.held.contains(&id)

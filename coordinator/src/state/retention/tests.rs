@@ -473,3 +473,16 @@ fn every_replica_retires_the_same_jobs() {
     assert_eq!(first, run());
     assert_eq!(first.0, vec![2], "only b is due at 3 + 1h");
 }
+
+#[test]
+fn an_idle_cluster_learns_that_retirement_is_due() {
+    let mut world = World::new(policy(HOUR, 100));
+    world.step(1, Submit("a"));
+    world.step(2, Start("a"));
+    world.step(3, Exit("a", 0));
+    assert!(!world.sm.retirement_due(2 + HOUR));
+    assert!(world.sm.retirement_due(3 + HOUR));
+    world.apply(Command::Retire { at_ms: 3 + HOUR });
+    assert!(!world.in_state("a"));
+    assert!(!world.sm.retirement_due(3 + HOUR));
+}
