@@ -32,6 +32,22 @@ fn finished_jobs_retire_alike_on_every_replica_and_answer_from_history() -> anyh
         done.push(sandbox.submit(&addrs, &["--name", &name, "--", "true"])?);
     }
 
+    // A pipeline run: its first stage is held while the second waits on it.
+    let spec = sandbox.path().join("pipeline.yaml");
+    std::fs::write(
+        &spec,
+        "pipeline: nightly\njobs:\n  - {name: a, command: [true]}\n  - {name: b, after: [a], command: [true]}\n",
+    )?;
+    let run = sandbox.gantry_json(&addrs, &["submit", "-f", &spec.display().to_string()])?;
+    let stages: Vec<u64> = run["job_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    assert_eq!(stages.len(), 2);
+    done.extend(&stages);
+
     // Every finished job leaves hard state and answers from the history.
     for id in &done {
         wait_until(&format!("job {id} archived"), T, || {
@@ -45,6 +61,22 @@ fn finished_jobs_retire_alike_on_every_replica_and_answer_from_history() -> anyh
         out.stdout.contains("succeeded (archived"),
         "gantry job says archived: {}",
         out.stdout
+    );
+    // `gantry pipeline NAME --run N` still shows the retired run.
+    let view = sandbox.gantry_json(&addrs, &["pipeline", "nightly", "--run", "1"])?;
+    assert_eq!(view["run"], 1);
+    let ids: Vec<u64> = view["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|j| j["archived"] == true && j["state"] == "succeeded")
+        .filter_map(|j| j["id"].as_u64())
+        .collect();
+    assert_eq!(ids, stages, "{view}");
+    let latest = sandbox.gantry_json(&addrs, &["pipeline", "nightly"])?;
+    assert_eq!(
+        latest["run"], 1,
+        "the latest run survives its jobs: {latest}"
     );
     for id in [dead, pending] {
         let job = sandbox.job(&addrs, id)?;
