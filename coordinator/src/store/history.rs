@@ -166,10 +166,10 @@ impl Store {
                 });
                 break;
             }
-            if let Some(job) = self.history_job(id)? {
-                if keep(&job) {
-                    page.jobs.push(job);
-                }
+            if let Some(job) = self.history_job(id)?
+                && keep(&job)
+            {
+                page.jobs.push(job);
             }
         }
         Ok(page)
