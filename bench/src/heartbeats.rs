@@ -263,7 +263,7 @@ fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
 }
 
 /// A `/proc/PID/status` size field (`VmRSS`, `VmHWM`) in bytes.
-fn status_bytes(pid: &str, field: &str) -> anyhow::Result<u64> {
+pub(crate) fn status_bytes(pid: &str, field: &str) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = text
         .lines()
