@@ -179,6 +179,9 @@ impl Store {
         snapshot: &StateSnapshot,
         index: u64,
     ) -> Result<StateMachine, StoreError> {
+        // The history is this replica's own (not in snapshots): it stays,
+        // and so does its size.
+        let history_bytes = self.history_bytes()?;
         for tree in [
             &self.jobs,
             &self.nodes,
@@ -227,6 +230,8 @@ impl Store {
             self.meta
                 .insert(run_key(name), &u64::from(*run).to_be_bytes())?;
         }
+        self.meta
+            .insert(META_HISTORY_BYTES, &history_bytes.to_be_bytes())?;
         self.meta.insert(META_APPLIED_INDEX, &index.to_be_bytes())?;
         self.db.flush()?;
         self.load()

@@ -59,6 +59,11 @@ pub const RETIRE_BATCH: usize = 1_000;
 /// dead-letter queue must not pin every event after it).
 pub const EVENTS_PER_RETAINED_JOB: u64 = 4;
 
+/// The floor rises by at most this many events per apply, so one command
+/// never deletes an unbounded range (a store from before retention may
+/// hold millions of events; the next commands go on).
+pub const MAX_FLOOR_STEP: u64 = 10_000;
+
 impl Default for RetentionPolicy {
     fn default() -> Self {
         RetentionPolicy {
@@ -113,7 +118,8 @@ pub fn due(policy: &RetentionPolicy, finished_at_ms: u64, retained: u64, at_ms: 
 /// oldest job still in hard state (every event before that one is about a
 /// job already retired), and to keep at most [`RetentionPolicy::max_events`].
 /// `oldest_submit_event` is `None` when no job is in hard state, and 0 for
-/// a job stored before submission events were recorded (no rise).
+/// a job stored before submission events were recorded (no rise). It rises
+/// by at most [`MAX_FLOOR_STEP`] at a time.
 pub fn event_floor(
     policy: &RetentionPolicy,
     floor: u64,
@@ -122,7 +128,11 @@ pub fn event_floor(
 ) -> u64 {
     let by_jobs = oldest_submit_event.unwrap_or(next_event_index);
     let by_count = next_event_index.saturating_sub(policy.max_events());
-    floor.max(by_jobs).max(by_count).min(next_event_index)
+    floor
+        .max(by_jobs)
+        .max(by_count)
+        .min(next_event_index)
+        .min(floor.saturating_add(MAX_FLOOR_STEP))
 }
 
 impl StateMachine {

@@ -352,4 +352,47 @@ mod tests {
         assert_eq!(store.history_bytes().unwrap(), 0);
         assert_eq!(store.history_len(), 0);
     }
+
+    #[test]
+    fn a_snapshot_install_keeps_the_history_and_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut sm = store.load().unwrap();
+        let mut index = 0;
+        let policy = RetentionPolicy {
+            job_retention_ms: HOUR,
+            ..RetentionPolicy::default()
+        };
+        apply(
+            &mut sm,
+            &store,
+            &mut index,
+            Command::SetRetention { at_ms: 0, policy },
+        );
+        apply(
+            &mut sm,
+            &store,
+            &mut index,
+            Command::register_for_test("n1", 1, 80 << 30),
+        );
+        let job = run_job(&mut sm, &store, &mut index, 10);
+        apply(
+            &mut sm,
+            &store,
+            &mut index,
+            Command::Retire { at_ms: 11 + HOUR },
+        );
+        let bytes = store.history_bytes().unwrap();
+        assert!(bytes > 0);
+        let snapshot: crate::store::StateSnapshot =
+            serde_json::from_slice(&store.snapshot_bytes(&sm).unwrap()).unwrap();
+        assert_eq!(snapshot.next_job_id, job + 1);
+        assert_eq!(snapshot.pipeline_runs, vec![("nightly".to_string(), 1)]);
+        let restored = store.replace_all(&snapshot, index).unwrap();
+        assert_eq!(restored.next_job_id(), job + 1);
+        assert_eq!(restored.event_floor(), sm.event_floor());
+        assert_eq!(restored.retention(), &policy);
+        assert!(store.history_job(job).unwrap().is_some());
+        assert_eq!(store.history_bytes().unwrap(), bytes);
+    }
 }

@@ -395,6 +395,7 @@ fn event_floor_table() {
         (1, Some(0), 9, 1),        // an old record without its event: no rise
         (1, Some(2), 100, 60),     // count cap: at most 40 events
         (50, Some(200), 100, 100), // never past the next index
+        (1, None, 50_000, 10_001), // at most MAX_FLOOR_STEP at a time
     ];
     for (floor, oldest, next, expected) in table {
         assert_eq!(
