@@ -16,6 +16,9 @@
 //! - [`raft`]: the replicated log (raft-rs over gRPC, log in sled).
 //! - [`convert`]: wire <-> domain, with input validation against [`limits`];
 //!   [`dag`] resolves a submission's `after:` edges (linear).
+//! - [`spec_file`]: the job spec schema of `gantry submit -f` and
+//!   `POST /v1/jobs` (YAML or JSON) -> wire specs; [`yaml_depth`] bounds
+//!   YAML nesting before any parser runs.
 //! - [`rpc_trace`]: a tracing span per gRPC request.
 //! - [`error`]: errors and their one mapping to gRPC status codes.
 //! - [`http`]: `/metrics`, the JSON API, health and the status page.
@@ -45,8 +48,10 @@ pub mod raft;
 pub mod rpc_trace;
 pub mod server;
 pub mod service;
+pub mod spec_file;
 pub mod state;
 pub mod store;
+pub mod yaml_depth;
 
 pub use command::Command;
 pub use error::CoordinatorError;

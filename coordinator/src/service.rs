@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use futures::Stream;
 use gantry_proto as pb;
-use prost::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -18,12 +17,17 @@ use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
 use crate::command::Command;
 use crate::convert;
-use crate::core::{Request, now_ms};
+use crate::core::Request;
 use crate::domain::JobState;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
 use crate::raft::{ProposeError, RaftHandle, RaftStatus};
 use crate::state::{ApplyError, Outcome};
+
+mod streams;
+mod writes;
+
+pub use streams::{EventFilter, StreamItem};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -131,35 +135,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
-        let received = std::time::Instant::now();
-        let request = request.into_inner();
-        let size = request.encoded_len();
-        let convert::ValidSubmit {
-            key,
-            specs,
-            pipeline,
-        } = convert::submit_request(request, size)?;
-        let count = specs.len();
-        self.core.require_leader()?;
-        let command = Command::Submit {
-            at_ms: now_ms(),
-            key,
-            jobs: specs,
-            pipeline,
-        };
-        let job_ids = match self.core.propose(command).await? {
-            Outcome::Submitted(ids) => ids,
-            _ => Vec::new(),
-        };
-        self.core
-            .metrics
-            .submit_seconds
-            .observe(received.elapsed().as_secs_f64());
-        tracing::info!(
-            jobs = count,
-            first = job_ids.first().copied().unwrap_or(0),
-            "submitted"
-        );
+        let job_ids = self.core.submit(request.into_inner()).await?;
         Ok(Response::new(pb::SubmitResponse { job_ids }))
     }
 
@@ -233,18 +209,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
-        let job = request.into_inner().job_id;
-        let outcome = self
-            .core
-            .propose(Command::RequestCancel {
-                at_ms: now_ms(),
-                job,
-            })
-            .await?;
-        let state = match outcome {
-            Outcome::CancelRequested { state, .. } => state,
-            _ => JobState::Cancelled,
-        };
+        let state = self.core.cancel(request.into_inner().job_id).await?;
         Ok(Response::new(pb::CancelJobResponse {
             state: state.as_str().to_string(),
         }))
@@ -267,16 +232,7 @@ impl pb::gantry_server::Gantry for GantryService {
         request: GrpcRequest<pb::DlqRetryRequest>,
     ) -> Result<Response<pb::DlqRetryResponse>, Status> {
         let request = request.into_inner();
-        let spec = match request.spec {
-            Some(spec) => Some(Box::new(convert::job_spec(spec, "spec.")?)),
-            None => None,
-        };
-        let command = Command::DlqRetry {
-            at_ms: now_ms(),
-            job: request.job_id,
-            spec,
-        };
-        self.core.propose(command).await?;
+        self.core.dlq_retry(request.job_id, request.spec).await?;
         Ok(Response::new(pb::DlqRetryResponse {}))
     }
 
@@ -284,13 +240,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::DlqDropRequest>,
     ) -> Result<Response<pb::DlqDropResponse>, Status> {
-        let job = request.into_inner().job_id;
-        self.core
-            .propose(Command::DlqDrop {
-                at_ms: now_ms(),
-                job,
-            })
-            .await?;
+        self.core.dlq_drop(request.into_inner().job_id).await?;
         Ok(Response::new(pb::DlqDropResponse {}))
     }
 
@@ -319,94 +269,19 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        self.core.require_leader()?;
         let request = request.into_inner();
-        let stream = match request.stream.as_str() {
-            "" | "stdout" => "stdout".to_string(),
-            "stderr" => "stderr".to_string(),
-            other => {
-                return Err(CoordinatorError::InvalidArgument {
-                    field: "stream".into(),
-                    reason: format!("unknown stream {other:?} (expected stdout or stderr)"),
-                }
-                .into());
-            }
-        };
-        let core = self.core.clone();
-        let (tx, rx) = mpsc::channel(4);
-        // The first read happens before the stream is returned, so errors
-        // such as "job not found" are a status, not a broken stream.
-        let (job, attempt) = (request.job_id, request.attempt);
-        let read = move |offset: u64| {
-            let core = core.clone();
-            let stream = stream.clone();
-            async move {
-                tokio::time::timeout(
-                    Duration::from_secs(10),
-                    core.call(|reply| Request::ReadLog {
-                        job,
-                        attempt,
-                        stream,
-                        offset,
-                        reply,
-                    }),
-                )
-                .await
-                .map_err(|_| {
-                    CoordinatorError::Unavailable("node did not answer the log read in time".into())
-                })?
-            }
-        };
-        let (first, ended) = read(request.offset).await?;
-        if !first.error.is_empty() {
-            return Err(CoordinatorError::NotFound(first.error).into());
-        }
-        let follow = request.follow;
-        tokio::spawn(async move {
-            let mut chunk = first;
-            let mut ended = ended;
-            loop {
-                let next_offset = chunk.offset + chunk.data.len() as u64;
-                let empty = chunk.data.is_empty();
-                let eof = chunk.eof;
-                if !empty
-                    && tx
-                        .send(Ok(pb::LogChunk {
-                            data: chunk.data,
-                            offset: chunk.offset,
-                        }))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-                if empty && (!follow || eof || ended) {
-                    return;
-                }
-                if empty {
-                    if tx.is_closed() {
-                        return; // the reader went away
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                match read(next_offset).await {
-                    Ok((next, now_ended)) if next.error.is_empty() => {
-                        chunk = next;
-                        ended = now_ended;
-                    }
-                    Ok((next, _)) => {
-                        let _ = tx.send(Err(Status::not_found(next.error))).await;
-                        return;
-                    }
-                    Err(error) => {
-                        let _ = tx.send(Err(error.into())).await;
-                        return;
-                    }
-                }
-            }
-        });
+        let chunks = self
+            .core
+            .logs(
+                request.job_id,
+                request.attempt,
+                &request.stream,
+                request.offset,
+                request.follow,
+            )
+            .await?;
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(chunks).map(|c| c.map_err(Status::from)),
         )))
     }
 
@@ -424,33 +299,9 @@ impl pb::gantry_server::Gantry for GantryService {
         request: GrpcRequest<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
         let request = request.into_inner();
-        if request.node.is_empty() {
-            return Err(CoordinatorError::InvalidArgument {
-                field: "node".into(),
-                reason: "must not be empty".into(),
-            }
-            .into());
-        }
-        // The leader turns the relative deadline into an absolute one here,
-        // so the command (and every replica applying it) carries one time.
-        let at_ms = now_ms();
-        let deadline_ms = (request.drain && request.deadline_after_ms > 0)
-            .then(|| at_ms.saturating_add(request.deadline_after_ms));
-        let command = Command::SetDrain {
-            at_ms,
-            node: request.node.clone(),
-            draining: request.drain,
-            deadline_ms,
-        };
-        self.core.propose(command).await?;
-        if !request.drain {
-            // An operator's undrain also vouches for the node against the
-            // circuit breaker.
-            let node = request.node;
-            self.core
-                .propose(Command::ClearQuarantine { at_ms, node })
-                .await?;
-        }
+        self.core
+            .set_drain(request.node, request.drain, request.deadline_after_ms)
+            .await?;
         Ok(Response::new(pb::DrainResponse {}))
     }
 
@@ -469,75 +320,15 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        self.core.require_leader()?;
         let request = request.into_inner();
-        let core = self.core.clone();
-        let (tx, rx) = mpsc::channel(256);
-        let matches = move |e: &pb::Event| {
-            (request.job_id == 0 || e.job_id == request.job_id)
-                && (request.kind.is_empty() || e.kind == request.kind)
-                && (request.pipeline.is_empty() || e.pipeline == request.pipeline)
+        let filter = EventFilter {
+            job: request.job_id,
+            kind: request.kind,
+            pipeline: request.pipeline,
         };
-        tokio::spawn(async move {
-            // Subscribe before reading history so nothing falls in between.
-            let mut live = core.events.subscribe();
-            // 0: from the oldest event kept (the core maps it to the floor).
-            let mut next = request.from_index;
-            loop {
-                // Catch up from storage.
-                loop {
-                    let from = next;
-                    let page = match core
-                        .call(|reply| Request::EventsSince {
-                            from,
-                            limit: 1000,
-                            reply,
-                        })
-                        .await
-                    {
-                        Ok(page) => page,
-                        Err(error) => {
-                            let _ = tx.send(Err(error.into())).await;
-                            return;
-                        }
-                    };
-                    let done = page.len() < 1000;
-                    for event in page {
-                        next = event.index + 1;
-                        let event = convert::event_to_proto(&event);
-                        if matches(&event) && tx.send(Ok(event)).await.is_err() {
-                            return;
-                        }
-                    }
-                    if done {
-                        break;
-                    }
-                }
-                // Then live, skipping what history already gave.
-                loop {
-                    // A watcher that went away ends the task at once, not at
-                    // the next event (which may never come).
-                    let received = tokio::select! {
-                        received = live.recv() => received,
-                        _ = tx.closed() => return,
-                    };
-                    match received {
-                        Ok(event) if event.index < next => {}
-                        Ok(event) if event.index == next => {
-                            next += 1;
-                            if matches(&event) && tx.send(Ok(event)).await.is_err() {
-                                return;
-                            }
-                        }
-                        // A gap (lagged or out of order): go back to storage.
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    }
-                }
-            }
-        });
+        let events = self.core.watch(request.from_index, filter)?;
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            tokio_stream::wrappers::ReceiverStream::new(events).map(|e| e.map_err(Status::from)),
         )))
     }
 }

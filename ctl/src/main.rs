@@ -989,7 +989,8 @@ fn print_json(value: &serde_json::Value) {
 async fn submit(args: SubmitArgs) -> Result<(), CliError> {
     let (pipeline, jobs) = match &args.file {
         Some(path) => {
-            let parsed = spec::read_spec_file(path).map_err(|e| CliError::invalid(e.0))?;
+            let parsed =
+                spec::read_spec_file(path).map_err(|e| CliError::invalid(e.to_string()))?;
             (parsed.pipeline, parsed.jobs)
         }
         None => {
@@ -1435,8 +1436,8 @@ async fn dlq(action: DlqAction) -> Result<(), CliError> {
         } => {
             let spec = match file {
                 Some(path) => {
-                    let mut parsed =
-                        spec::read_spec_file(&path).map_err(|e| CliError::invalid(e.0))?;
+                    let mut parsed = spec::read_spec_file(&path)
+                        .map_err(|e| CliError::invalid(e.to_string()))?;
                     if parsed.jobs.len() != 1 {
                         return Err(CliError::invalid(format!(
                             "{path}: dlq retry takes exactly one job, found {}",

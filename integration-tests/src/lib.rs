@@ -845,7 +845,46 @@ impl HttpResponse {
 /// `GET base+path` over HTTP/1.0 (so the body ends at close, never chunked);
 /// enough for the coordinator's read-only endpoints without an HTTP crate.
 pub fn http_get(base: &str, path: &str, accept: Option<&str>) -> anyhow::Result<HttpResponse> {
-    use std::io::{Read, Write};
+    let accept: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
+    http_request(base, "GET", path, &accept, b"")
+}
+
+/// `METHOD base+path` with `headers` and `body` over HTTP/1.0 (the answer
+/// ends at close, never chunked), for the JSON API's writes.
+pub fn http_request(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<HttpResponse> {
+    use std::io::Read;
+    let mut stream = http_send(base, method, path, headers, body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let raw = String::from_utf8(raw).context("response is not UTF-8")?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("malformed HTTP response: {raw}"))?;
+    let (status, headers) = parse_head(head)?;
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// Sends one HTTP/1.0 request and returns the connection to read the
+/// answer from (10 s read timeout): for streamed answers (Server-Sent
+/// Events, followed logs) read with [`read_http_head`] and then line by line.
+pub fn http_send(
+    base: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> anyhow::Result<std::net::TcpStream> {
+    use std::io::Write;
     let authority = base
         .strip_prefix("http://")
         .with_context(|| format!("not an http:// URL: {base}"))?
@@ -853,17 +892,37 @@ pub fn http_get(base: &str, path: &str, accept: Option<&str>) -> anyhow::Result<
     let mut stream = std::net::TcpStream::connect(authority)
         .with_context(|| format!("cannot connect to {authority}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\n{accept}Connection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let raw = String::from_utf8(raw).context("response is not UTF-8")?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("malformed HTTP response: {raw}"))?;
+    let mut head =
+        format!("{method} {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() || method != "GET" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    Ok(stream)
+}
+
+/// Reads a response's status line and headers from `reader`, leaving it at
+/// the start of the body.
+pub fn read_http_head(
+    reader: &mut impl std::io::BufRead,
+) -> anyhow::Result<(u16, Vec<(String, String)>)> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    parse_head(&head)
+}
+
+fn parse_head(head: &str) -> anyhow::Result<(u16, Vec<(String, String)>)> {
     let mut lines = head.lines();
     let status = lines
         .next()
@@ -874,11 +933,7 @@ pub fn http_get(base: &str, path: &str, accept: Option<&str>) -> anyhow::Result<
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    Ok(HttpResponse {
-        status,
-        headers,
-        body: body.to_string(),
-    })
+    Ok((status, headers))
 }
 
 /// Samples of a Prometheus text exposition: (name, labels, value).

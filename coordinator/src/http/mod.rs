@@ -1,10 +1,12 @@
 //! HTTP beside gRPC: `/metrics` (Prometheus), the JSON API under `/v1`,
 //! `/healthz`, `/readyz` and the status page at `/`.
 //!
-//! Read-only by design: every change goes through the gRPC API, where it is
-//! validated, authorised and replicated. Handlers are thin: they ask the core
-//! through the same [`CoreHandle`] the gRPC services use and render JSON with
-//! the same views as `gantry -o json`.
+//! The JSON API reads and writes what the gRPC API does, through the same
+//! [`CoreHandle`] functions: one validation with the same error texts, the
+//! roles of `auth::METHODS` (each write checks the gRPC method it stands
+//! for), JSON rendered with the same views as `gantry -o json`. Writes are
+//! in `writes`, the event and log streams in `streams`, and the OpenAPI 3
+//! description of every route in `openapi.json` (`/v1/openapi.json`).
 //!
 //! A follower answers `/metrics` with its own Raft metrics, `/v1/status` with
 //! its own view, and the rest with 503 naming the leader (`gantry-leader`
@@ -17,7 +19,7 @@ use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{MethodRouter, delete, get, post};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,9 +37,20 @@ use crate::json::{job_json, node_json, status_json};
 use crate::metrics;
 use crate::server::{Failure, Handshaken, accept_tls};
 use crate::service::CoreHandle;
+use gantry_proto as pb;
+
+mod streams;
+mod writes;
+
+pub use writes::IDEMPOTENCY_KEY;
 
 /// The status page: one self-contained file, no build step.
 const STATUS_PAGE: &str = include_str!("status.html");
+
+/// The OpenAPI 3 description of the JSON API; a test checks its paths
+/// against [`api_paths`] and an integration test its methods against the
+/// running server.
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Jobs returned by `/v1/jobs` when no `limit` is given.
 const DEFAULT_JOB_LIMIT: usize = 1000;
@@ -57,26 +70,61 @@ pub struct HttpState {
     pub failure: Failure,
 }
 
+/// The JSON API's routes behind the token check; the router is built from
+/// this table, so [`api_paths`] is exactly what is served.
+fn api_routes() -> Vec<(&'static str, MethodRouter<HttpState>)> {
+    vec![
+        ("/v1/status", get(cluster_status)),
+        ("/v1/nodes", get(nodes)),
+        ("/v1/nodes/{name}/drain", post(writes::drain)),
+        ("/v1/nodes/{name}/undrain", post(writes::undrain)),
+        ("/v1/jobs", get(jobs).post(writes::submit)),
+        ("/v1/jobs/{id}", get(job)),
+        ("/v1/jobs/{id}/cancel", post(writes::cancel)),
+        ("/v1/jobs/{id}/logs", get(streams::logs)),
+        ("/v1/dlq", get(dlq)),
+        ("/v1/dlq/{id}", delete(writes::dlq_drop)),
+        ("/v1/dlq/{id}/retry", post(writes::dlq_retry)),
+        ("/v1/events", get(streams::events)),
+        ("/v1/pipelines/{name}", get(pipeline)),
+    ]
+}
+
+/// The description itself is open, like the status page.
+const OPENAPI_PATH: &str = "/v1/openapi.json";
+
+/// Every path under `/v1` the router serves.
+pub fn api_paths() -> Vec<&'static str> {
+    let mut paths: Vec<&'static str> = api_routes().into_iter().map(|(path, _)| path).collect();
+    paths.push(OPENAPI_PATH);
+    paths
+}
+
 /// The routes. `/v1` is behind the bearer-token check when tokens are
-/// configured; `/metrics`, `/healthz`, `/readyz` and the page itself (static,
-/// it fetches `/v1` with the token the user gives it) stay open for probes
-/// and scrapers.
+/// configured (any role reads; each write also needs its method's role);
+/// `/metrics`, `/healthz`, `/readyz`, the OpenAPI description and the page
+/// itself (static, it fetches `/v1` with the token the user gives it) stay
+/// open for probes and scrapers.
 pub fn router(state: HttpState) -> Router {
-    let api = Router::new()
-        .route("/v1/status", get(cluster_status))
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/jobs", get(jobs))
-        .route("/v1/jobs/{id}", get(job))
-        .route("/v1/dlq", get(dlq))
+    let api = api_routes()
+        .into_iter()
+        .fold(Router::new(), |router, (path, route)| {
+            router.route(path, route)
+        })
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(status_page))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route(OPENAPI_PATH, get(openapi))
         .merge(api)
         .fallback(not_found)
         .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 /// Serves the routes on `listener` (HTTPS with `tls`) until `shutdown`.
@@ -132,17 +180,20 @@ async fn require_token(
     request: axum::extract::Request,
     next: middleware::Next,
 ) -> Response {
-    let what = format!("reading {}", request.uri().path());
+    let what = format!("{} {}", request.method(), request.uri().path());
     match state.auth.check_http_read(&what, request.headers()) {
         Ok(()) => next.run(request).await,
         Err(error) => {
             tracing::warn!(path = %request.uri().path(), %error, "http request refused");
+            writes::drain_body(request.into_body()).await;
             ApiError(error).into_response()
         }
     }
 }
 
-/// A failed API call: a JSON body `{"error": ...}` and the matching status.
+/// A failed API call: a JSON body `{"error": ...}` (with `field` and
+/// `reason` for bad input, `leader` from a follower) and the status chosen
+/// by [`CoordinatorError::http_status`].
 struct ApiError(CoordinatorError);
 
 impl From<CoordinatorError> for ApiError {
@@ -156,6 +207,10 @@ impl IntoResponse for ApiError {
         let status =
             StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut body = json!({ "error": self.0.to_string() });
+        if let CoordinatorError::InvalidArgument { field, reason } = &self.0 {
+            body["field"] = json!(field);
+            body["reason"] = json!(reason);
+        }
         let leader = match &self.0 {
             CoordinatorError::NotLeader { leader } => leader.clone(),
             _ => None,
@@ -175,6 +230,19 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// A job id from the path.
+fn parse_job_id(id: &str) -> Result<u64, ApiError> {
+    id.parse().map_err(|_| {
+        invalid(
+            "id",
+            format!(
+                "{:?} is not a job id (a positive integer)",
+                crate::spec_file::printable(id, 64)
+            ),
+        )
+    })
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
@@ -336,7 +404,7 @@ async fn jobs(
     State(HttpState { core, .. }): State<HttpState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    only_params(&query, &["state", "limit"])?;
+    only_params(&query, &["state", "limit", "kind", "pipeline"])?;
     let mut states = Vec::new();
     for name in query
         .get("state")
@@ -349,7 +417,8 @@ async fn jobs(
             invalid(
                 "state",
                 format!(
-                    "unknown state {name:?} (expected one of {})",
+                    "unknown state {:?} (expected one of {})",
+                    crate::spec_file::printable(name, 64),
                     JobState::ALL.map(|s| s.as_str()).join(", ")
                 ),
             )
@@ -363,29 +432,75 @@ async fn jobs(
             _ => {
                 return Err(invalid(
                     "limit",
-                    format!("{text:?} is not a positive integer"),
+                    format!(
+                        "{:?} is not a positive integer",
+                        crate::spec_file::printable(text, 64)
+                    ),
                 ));
             }
         },
     };
+    let kind = query.get("kind").cloned().unwrap_or_default();
+    let pipeline = query.get("pipeline").cloned().unwrap_or_default();
+    let filtered = !kind.is_empty() || !pipeline.is_empty();
     core.require_leader()?;
     let jobs = core
         .call(|reply| Request::ListJobs {
             states,
-            limit,
+            // The core filters by state only: with a kind or pipeline
+            // filter the limit applies after it.
+            limit: if filtered { usize::MAX } else { limit },
             reply,
         })
         .await?;
-    Ok(axum::Json(jobs.iter().map(job_json).collect()))
+    let wanted = |job: &pb::Job| {
+        let spec = job.spec.as_ref();
+        (kind.is_empty() || spec.is_some_and(|s| s.kind == kind))
+            && (pipeline.is_empty() || job.pipeline == pipeline)
+    };
+    Ok(axum::Json(
+        jobs.iter()
+            .filter(|job| wanted(job))
+            .take(limit)
+            .map(job_json)
+            .collect(),
+    ))
+}
+
+/// `GET /v1/pipelines/{name}?run=N`: a run's jobs (the latest run without
+/// `run`).
+async fn pipeline(
+    State(HttpState { core, .. }): State<HttpState>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<axum::Json<Value>, ApiError> {
+    only_params(&query, &["run"])?;
+    if name.chars().count() > crate::limits::MAX_NAME_LEN {
+        return Err(invalid("name", "longer than a pipeline name can be"));
+    }
+    let run = match query.get("run") {
+        None => 0,
+        Some(text) => text
+            .parse::<u32>()
+            .map_err(|_| invalid("run", "must be a run number (a positive integer)"))?,
+    };
+    core.require_leader()?;
+    let reply_name = name.clone();
+    let (run, jobs) = core
+        .call(|reply| Request::Pipeline { name, run, reply })
+        .await?;
+    Ok(axum::Json(json!({
+        "name": reply_name,
+        "run": run,
+        "jobs": jobs.iter().map(job_json).collect::<Vec<_>>(),
+    })))
 }
 
 async fn job(
     State(HttpState { core, .. }): State<HttpState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let id: u64 = id
-        .parse()
-        .map_err(|_| invalid("id", format!("{id:?} is not a job id (a positive integer)")))?;
+    let id = parse_job_id(&id)?;
     core.require_leader()?;
     let job = core.call(|reply| Request::GetJob { id, reply }).await?;
     Ok(axum::Json(job_json(&job)))
@@ -403,7 +518,32 @@ async fn dlq(
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError(CoordinatorError::NotFound(format!(
-        "no endpoint {}; try /, /metrics, /healthz, /readyz, /v1/status, /v1/nodes, /v1/jobs, /v1/jobs/ID, /v1/dlq",
-        uri.path()
+        "no endpoint {}; try /, /metrics, /healthz, /readyz, {}",
+        crate::spec_file::printable(uri.path(), 128),
+        api_paths().join(", ")
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The OpenAPI description names exactly the paths the router serves
+    /// (its methods are checked against a running server by the
+    /// integration test `http_api`).
+    #[test]
+    fn openapi_describes_every_served_path() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+        let mut described: Vec<&str> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut served = api_paths();
+        described.sort_unstable();
+        served.sort_unstable();
+        assert_eq!(described, served);
+    }
 }

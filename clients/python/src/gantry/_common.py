@@ -1,0 +1,195 @@
+"""What the blocking and the asyncio client share: settings from the
+environment, request bodies, answers to values or exceptions, and the
+incremental parsers of Server-Sent Events and log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import httpx
+
+from ._errors import GantryError, SpecError, error_for
+from ._models import Event, JobState
+
+DEFAULT_ADDR = "http://127.0.0.1:7080"
+
+#: Largest spec file the coordinator accepts (its own limit, checked here
+#: first so a huge file is not read into memory).
+MAX_SPEC_BYTES = 4 << 20
+
+#: A spec: a dict (one job or a pipeline), a list of job dicts, or the path
+#: of a YAML spec file (as for ``gantry submit -f``).
+Spec = Union[Mapping[str, Any], Sequence[Mapping[str, Any]], str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where and how to connect."""
+
+    urls: list[str]
+    headers: dict[str, str]
+    verify: bool | ssl.SSLContext
+
+
+def settings(url: str | None, token: str | None, ca: str | None) -> Settings:
+    """Arguments first, then ``GANTRY_HTTP_ADDR`` (a comma-separated list
+    allowed), ``GANTRY_TOKEN`` and ``GANTRY_TLS_CA``."""
+    text = url if url is not None else os.environ.get("GANTRY_HTTP_ADDR", DEFAULT_ADDR)
+    urls = [u.strip().rstrip("/") for u in text.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("no coordinator address (GANTRY_HTTP_ADDR is empty)")
+    urls = [u if "://" in u else f"http://{u}" for u in urls]
+    token = token if token is not None else os.environ.get("GANTRY_TOKEN") or None
+    ca = ca if ca is not None else os.environ.get("GANTRY_TLS_CA") or None
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token.strip()}"
+    verify: bool | ssl.SSLContext = True
+    if ca:
+        verify = ssl.create_default_context(cafile=ca)
+    return Settings(urls=urls, headers=headers, verify=verify)
+
+
+def spec_body(spec: Spec) -> tuple[bytes, str]:
+    """The request body of a submit: a path is sent as its YAML text (the
+    coordinator parses it exactly as ``gantry submit -f``), anything else as
+    JSON."""
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        with path.open("rb") as file:
+            data = file.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            reason = "larger than the 4MiB limit for a spec file"
+            raise SpecError(f"{path}: {reason}", "body", reason)
+        return data, "application/yaml"
+    return json.dumps(spec).encode(), "application/json"
+
+
+def decode(response: httpx.Response) -> Any:
+    """The JSON of a successful answer; the matching exception otherwise."""
+    if response.status_code >= 400:
+        raise failure(response.status_code, response.content)
+    return response.json()
+
+
+def failure(status: int, content: bytes) -> GantryError:
+    """The exception for an error answer's status and body."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    return error_for(status, body, f"HTTP {status}")
+
+
+def states_param(state: str | JobState | Sequence[str | JobState] | None) -> str:
+    """``state=`` as the API takes it: comma-separated names."""
+    if state is None:
+        return ""
+    items = [state] if isinstance(state, (str, JobState)) else list(state)
+    return ",".join(s.value if isinstance(s, JobState) else s for s in items)
+
+
+class SseParser:
+    """Server-Sent Events, line by line (the ``text/event-stream`` format):
+    ``feed`` returns an event when a blank line ends one."""
+
+    def __init__(self) -> None:
+        self._id: str | None = None
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str | None, str, str] | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            done = (self._id, self._event or "message", "\n".join(self._data))
+            self._id, self._event, self._data = None, "", []
+            return done
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "id":
+            self._id = value
+        elif name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        return None
+
+
+def sse_event(event: str, data: str) -> Event | None:
+    """A parsed SSE event as an :class:`Event` (``None`` for other types);
+    an ``error`` event raises, ending the stream (the caller reconnects)."""
+    if event == "error":
+        raise failure(503, data.encode())
+    if event != "job":
+        return None
+    raw = json.loads(data)
+    return Event.from_json(raw) if isinstance(raw, dict) else None
+
+
+class LineSplitter:
+    """Bytes to text lines (without their newline), undecodable bytes
+    replaced: a job's output is whatever the job wrote."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._rest += chunk
+        *lines, self._rest = self._rest.split(b"\n")
+        return [line.decode("utf-8", "replace") for line in lines]
+
+    def flush(self) -> list[str]:
+        rest, self._rest = self._rest, b""
+        return [rest.decode("utf-8", "replace")] if rest else []
+
+
+class Endpoints:
+    """The coordinators' addresses and which one answered last (tried
+    first): a request goes to each in turn past unreachable ones and
+    followers."""
+
+    def __init__(self, url: str | None, token: str | None, ca: str | None) -> None:
+        self._settings = settings(url, token, ca)
+        self._current = 0
+
+    def _order(self) -> list[int]:
+        n = len(self._settings.urls)
+        return [(self._current + i) % n for i in range(n)]
+
+    def _url(self, index: int, path: str) -> str:
+        return self._settings.urls[index] + path
+
+    def _skip(self, response_status: int) -> bool:
+        """Whether to try the next address after this answer (a follower
+        or an election, when there are others to ask)."""
+        return response_status == 503 and len(self._settings.urls) > 1
+
+    def _next(self) -> None:
+        """Makes the next address the first tried (after a stream failed)."""
+        self._current = (self._current + 1) % len(self._settings.urls)
+
+
+#: Longest pause between two reconnects of a watch.
+MAX_BACKOFF = 2.0
+
+#: A stream's timeouts: a quiet event stream or followed log is not dead.
+STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
+
+
+def reconnectable(error: Exception) -> bool:
+    """Whether a watch resumes after this error: a dropped connection, an
+    unreachable or a not-leading coordinator, an error event."""
+    if isinstance(error, GantryError):
+        return error.status in (None, 503)
+    return isinstance(error, (httpx.TransportError, httpx.StreamError))

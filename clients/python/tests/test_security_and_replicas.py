@@ -1,0 +1,111 @@
+"""Tokens and roles (401 without, 403 for a user token on drain) and a
+follower that names the leader, against real coordinators."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from conftest import Daemons, free_port, wait_until
+
+import gantry
+
+USER = "alice-secret-0123456789"
+ADMIN = "ops-secret-0123456789ab"
+
+
+@pytest.fixture(scope="module")
+def secured(daemons: Daemons) -> str:
+    tokens = daemons.root / "tokens.yaml"
+    tokens.write_text(
+        f"- {{name: alice, token: {USER}, role: user}}\n"
+        f"- {{name: ops, token: {ADMIN}, role: admin}}\n"
+    )
+    daemon = daemons.start(
+        "secured",
+        [
+            "coordinator",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(daemons.root / "secured"),
+            "--tokens",
+            str(tokens),
+        ],
+    )
+    return daemon.http
+
+
+def test_no_token_is_unauthorized(secured: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GANTRY_TOKEN", raising=False)
+    with pytest.raises(gantry.Unauthorized):
+        gantry.Client(url=secured).submit({"command": ["true"]})
+    with pytest.raises(gantry.Unauthorized):
+        gantry.Client(url=secured, token="not-a-known-token-at-all").jobs()
+
+
+def test_a_user_token_cannot_drain(secured: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GANTRY_TOKEN", USER)
+    user = gantry.Client(url=secured)
+    with pytest.raises(gantry.Forbidden) as raised:
+        user.drain("gpu-1", deadline="30m")
+    assert "admin" in str(raised.value)
+    with pytest.raises(gantry.Forbidden):
+        user.dlq_drop(1)
+    assert len(user.submit({"command": ["true"]})) == 1
+    admin = gantry.Client(url=secured, token=ADMIN)
+    with pytest.raises(gantry.NotFound):
+        admin.drain("gpu-1")
+
+
+@pytest.fixture(scope="module")
+def replicas(daemons: Daemons) -> Iterator[list[str]]:
+    """Three coordinator replicas on 127.0.0.1; their HTTP addresses."""
+    ports = [free_port() for _ in range(3)]
+    peers = ",".join(f"{i + 1}=http://127.0.0.1:{p}" for i, p in enumerate(ports))
+    started = [
+        daemons.start(
+            f"replica-{i + 1}",
+            [
+                "coordinator",
+                "--id",
+                str(i + 1),
+                "--peers",
+                peers,
+                "--grpc-addr",
+                f"127.0.0.1:{port}",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(daemons.root / f"replica-{i + 1}"),
+            ],
+        )
+        for i, port in enumerate(ports)
+    ]
+    yield [d.http for d in started]
+
+
+def _leader(https: list[str]) -> int | None:
+    for i, http in enumerate(https):
+        try:
+            ready = httpx.get(http + "/readyz", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            continue
+        if ready.get("ready") and ready.get("is_leader"):
+            return i
+    return None
+
+
+def test_a_follower_names_the_leader_and_a_list_finds_it(replicas: list[str]) -> None:
+    leader = wait_until("a leader", lambda: _leader(replicas))
+    follower = next(i for i in range(3) if i != leader)
+    with pytest.raises(gantry.Unavailable) as raised:
+        gantry.Client(url=replicas[follower], token="").submit({"command": ["true"]})
+    status = gantry.Client(url=replicas[leader], token="").status()
+    assert raised.value.leader == status["leader_url"]
+    both = gantry.Client(url=f"{replicas[follower]},{replicas[leader]}", token="")
+    [job_id] = both.submit({"command": ["true"]}, key="through-a-follower")
+    assert both.job(job_id).id == job_id
