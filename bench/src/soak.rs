@@ -207,20 +207,7 @@ async fn scenario(config: &SoakConfig, procs: &mut ProcGroup) -> anyhow::Result<
     ]
     .map(String::from)
     .to_vec();
-    let index = procs.spawn(
-        "coordinator",
-        &config.gantry,
-        &args,
-        &[("RUST_LOG", &config.log_level)],
-    )?;
-    procs
-        .proc(index)
-        .wait_line("listening grpc=", Duration::from_secs(30))?;
-    let pid = procs
-        .proc(index)
-        .pid()
-        .context("the coordinator has no pid")?
-        .to_string();
+    let pid = procs.spawn_coordinator(&config.gantry, &args, &config.log_level)?;
     let urls = vec![url.clone()];
     let (_fleet, _agents) = start_fleet(&urls, config.agents, 0).await?;
     eprintln!("soak: coordinator up at {url}; {} agents", config.agents);

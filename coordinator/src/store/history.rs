@@ -271,12 +271,17 @@ mod tests {
         job
     }
 
-    #[test]
-    fn retired_jobs_move_to_history_and_leave_it_in_time() {
+    /// An empty store in a temporary directory and its state machine.
+    fn fresh() -> (tempfile::TempDir, Store, StateMachine, u64) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut sm = store.load().unwrap();
-        let mut index = 0;
+        let sm = store.load().unwrap();
+        (dir, store, sm, 0)
+    }
+
+    #[test]
+    fn retired_jobs_move_to_history_and_leave_it_in_time() {
+        let (_dir, store, mut sm, mut index) = fresh();
         let policy = RetentionPolicy {
             job_retention_ms: HOUR,
             max_retained_jobs: 100,
@@ -355,10 +360,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_install_keeps_the_history_and_its_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut sm = store.load().unwrap();
-        let mut index = 0;
+        let (_dir, store, mut sm, mut index) = fresh();
         let policy = RetentionPolicy {
             job_retention_ms: HOUR,
             ..RetentionPolicy::default()
