@@ -412,7 +412,7 @@ pub(crate) fn job_spec() -> pb::JobSpec {
     }
 }
 
-fn submit_request(key: String) -> pb::SubmitRequest {
+pub(crate) fn submit_request(key: String) -> pb::SubmitRequest {
     pb::SubmitRequest {
         jobs: vec![job_spec()],
         submission_key: key,
@@ -423,7 +423,7 @@ fn submit_request(key: String) -> pb::SubmitRequest {
 // ------------------------------------------------------------- the fleet
 
 /// Shared state of the simulated agents.
-struct Fleet {
+pub(crate) struct Fleet {
     urls: Vec<String>,
     /// Job id -> when its first assignment reached an agent.
     assigned: Mutex<HashMap<u64, Instant>>,
@@ -886,6 +886,7 @@ async fn list_job_ids(
             states: Vec::new(),
             limit: 0,
             mine: false,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -898,6 +899,41 @@ async fn list_job_ids(
         ids.insert(job.id);
     }
     Ok((ids, states, took))
+}
+
+/// Starts `agents` simulated agents (first at the leader's URL) and waits
+/// until every one registered (at most 60 s).
+pub(crate) async fn start_fleet(
+    urls: &[String],
+    agents: usize,
+    leader: usize,
+) -> anyhow::Result<(Arc<Fleet>, Vec<tokio::task::JoinHandle<()>>)> {
+    let fleet = Arc::new(Fleet {
+        urls: urls.to_vec(),
+        assigned: Mutex::new(HashMap::new()),
+        registered: Mutex::new(vec![None; agents]),
+        failures: Default::default(),
+    });
+    let fleet_started = Instant::now();
+    let mut tasks = Vec::new();
+    for index in 0..agents {
+        tasks.push(tokio::spawn(agent(
+            index,
+            fleet.clone(),
+            urls[leader].clone(),
+        )));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (count, _) = fleet.registered_since(fleet_started);
+        if count == agents {
+            return Ok((fleet, tasks));
+        }
+        if Instant::now() > deadline {
+            bail!("only {count} of {agents} simulated agents registered within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E2eReport> {
@@ -919,35 +955,8 @@ async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E
     );
 
     // The fleet.
-    let fleet = Arc::new(Fleet {
-        urls: urls.clone(),
-        assigned: Mutex::new(HashMap::new()),
-        registered: Mutex::new(vec![None; config.agents]),
-        failures: Default::default(),
-    });
     let fleet_started = Instant::now();
-    let mut agents = Vec::new();
-    for index in 0..config.agents {
-        agents.push(tokio::spawn(agent(
-            index,
-            fleet.clone(),
-            urls[leader].clone(),
-        )));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (count, _) = fleet.registered_since(fleet_started);
-        if count == config.agents {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "only {count} of {} simulated agents registered within 60 s",
-                config.agents
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (fleet, agents) = start_fleet(&urls, config.agents, leader).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ready = status(&urls[leader])

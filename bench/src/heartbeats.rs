@@ -263,7 +263,7 @@ fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
 }
 
 /// A `/proc/PID/status` size field (`VmRSS`, `VmHWM`) in bytes.
-fn status_bytes(pid: &str, field: &str) -> anyhow::Result<u64> {
+pub(crate) fn status_bytes(pid: &str, field: &str) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = text
         .lines()
@@ -519,20 +519,7 @@ async fn scenario(
     if let Some(rate) = config.max_heartbeat_rate {
         args.extend(["--max-heartbeat-rate".into(), rate.to_string()]);
     }
-    let index = procs.spawn(
-        "coordinator",
-        &config.gantry,
-        &args,
-        &[("RUST_LOG", &config.log_level)],
-    )?;
-    procs
-        .proc(index)
-        .wait_line("listening grpc=", Duration::from_secs(30))?;
-    let pid = procs
-        .proc(index)
-        .pid()
-        .context("coordinator pid")?
-        .to_string();
+    let pid = procs.spawn_coordinator(&config.gantry, &args, &config.log_level)?;
     wait_for("leadership", Duration::from_secs(30), async || {
         (
             status(&url).await.is_some_and(|s| s.is_leader),

@@ -12,6 +12,9 @@
 //!   heartbeating on shared connections (`gantry-bench heartbeats`).
 //! - [`chaos`]: the nemesis of `integration-tests` run long, with its
 //!   checker's verdict and recovery times (`gantry-bench chaos`).
+//! - [`soak`]: one coordinator with retention scaled down, jobs finishing
+//!   without end; RSS, disk, history and submit latency every N jobs
+//!   (`gantry-bench soak`).
 //! - [`procs`], [`stats`]: child processes and latency quantiles.
 
 pub mod chaos;
@@ -21,5 +24,6 @@ pub mod heartbeats;
 pub mod procs;
 pub mod rng;
 pub mod sched;
+pub mod soak;
 pub mod stats;
 pub mod workload;

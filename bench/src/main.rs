@@ -11,6 +11,7 @@ use gantry_bench::e2e::{E2eConfig, E2eReport};
 use gantry_bench::etcd::{EtcdConfig, EtcdReport};
 use gantry_bench::heartbeats::{HeartbeatsConfig, HeartbeatsReport};
 use gantry_bench::sched::{SchedConfig, SchedReport, run};
+use gantry_bench::soak::{SoakConfig, SoakReport};
 
 #[derive(Debug, Parser)]
 #[command(name = "gantry-bench", about = "Gantry benchmarks and load generators")]
@@ -34,6 +35,46 @@ enum Scenario {
     /// Faults under load: agents and leaders killed, partitions, cancels
     /// racing; a checker counts double runs, leaks and recovery times.
     Chaos(ChaosArgs),
+    /// Jobs finishing without end on one coordinator with retention scaled
+    /// down: RSS, disk, history and submit latency every N jobs.
+    Soak(SoakArgs),
+}
+
+#[derive(Debug, Args)]
+struct SoakArgs {
+    /// The `gantry` binary (default: the one next to this executable).
+    #[arg(long)]
+    gantry: Option<PathBuf>,
+    /// Simulated agents (8 GPUs each; jobs end as soon as they start).
+    #[arg(long, default_value_t = 8)]
+    agents: usize,
+    /// Jobs submitted in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    jobs: u64,
+    /// A sample every this many jobs.
+    #[arg(long, default_value_t = 100_000)]
+    every: u64,
+    /// Concurrent submitters.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// The coordinator's --job-retention for the run.
+    #[arg(long, default_value = "10s")]
+    job_retention: String,
+    /// The coordinator's --max-retained-jobs for the run.
+    #[arg(long, default_value_t = 10_000)]
+    max_retained_jobs: u64,
+    /// The coordinator's --history-retention for the run.
+    #[arg(long, default_value = "2m")]
+    history_retention: String,
+    /// The coordinator's --history-max-bytes for the run.
+    #[arg(long, default_value = "64MiB")]
+    history_max_bytes: String,
+    /// RUST_LOG for the coordinator.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+    /// Print one JSON record instead of the human summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -352,6 +393,28 @@ fn main() -> ExitCode {
                 HeartbeatsReport::human,
             );
             exit_code(printed)
+        }
+        Scenario::Soak(args) => {
+            let config = SoakConfig {
+                gantry: args.gantry.unwrap_or_else(default_gantry),
+                agents: args.agents.max(1),
+                jobs: args.jobs,
+                every: args.every.max(1),
+                concurrency: args.concurrency.max(1),
+                job_retention: args.job_retention,
+                max_retained_jobs: args.max_retained_jobs,
+                history_retention: args.history_retention,
+                history_max_bytes: args.history_max_bytes,
+                log_level: args.log_level,
+            };
+            let result = gantry_bench::soak::run(&config);
+            exit_code(print_report(
+                "soak",
+                args.json,
+                result,
+                SoakReport::to_json,
+                SoakReport::human,
+            ))
         }
     }
 }

@@ -159,6 +159,21 @@ impl ProcGroup {
         Ok(self.procs.len() - 1)
     }
 
+    /// Starts one `gantry coordinator` (`args` after the binary) named
+    /// `coordinator` with `RUST_LOG=log_level`, waits until it listens, and
+    /// returns its pid (for `/proc/PID/...`).
+    pub fn spawn_coordinator(
+        &mut self,
+        gantry: &Path,
+        args: &[String],
+        log_level: &str,
+    ) -> anyhow::Result<String> {
+        let index = self.spawn("coordinator", gantry, args, &[("RUST_LOG", log_level)])?;
+        let proc = self.proc(index);
+        proc.wait_line("listening grpc=", std::time::Duration::from_secs(30))?;
+        Ok(proc.pid().context("coordinator pid")?.to_string())
+    }
+
     /// A process by index.
     pub fn proc(&mut self, index: usize) -> &mut Proc {
         &mut self.procs[index]

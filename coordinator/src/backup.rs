@@ -256,7 +256,14 @@ pub fn restore(file: &Path, data_dir: &Path, id: u64) -> Result<Restored, Backup
 /// where it comes from. Built from the minimal record so fields added to
 /// jobs later keep their defaults.
 fn id_fence(snapshot: &StateSnapshot, header: &BackupHeader, path: &str) -> JobRecord {
-    let highest = snapshot.jobs.iter().map(|j| j.id).max().unwrap_or(0);
+    // The highest job may have been retired: the next id counts it.
+    let highest = snapshot
+        .jobs
+        .iter()
+        .map(|j| j.id)
+        .max()
+        .unwrap_or(0)
+        .max(snapshot.next_job_id.saturating_sub(1));
     let mut spec = JobSpec::for_test(ID_FENCE_NAME);
     spec.resources = Default::default();
     let mut fence = JobRecord::for_test(highest + ID_FENCE_GAP, spec);
@@ -331,6 +338,10 @@ mod tests {
             estimates: Vec::new(),
             events: Vec::new(),
             leader_term: 7,
+            next_job_id: 0,
+            event_floor: 0,
+            retention: None,
+            pipeline_runs: Vec::new(),
         })
         .expect("encode");
         std::fs::write(&file, encode(10, 1, 0, &state)).expect("write");

@@ -207,6 +207,22 @@ pub enum Command {
         /// Node.
         node: String,
     },
+    /// The retention of finished work every replica applies (proposed by a
+    /// leader whose `--job-retention` and related flags differ from hard
+    /// state), so that every replica retires the same jobs.
+    SetRetention {
+        /// Time.
+        at_ms: u64,
+        /// The policy, already validated.
+        policy: crate::state::RetentionPolicy,
+    },
+    /// Nothing but a time: proposed by the leader when a finished job's
+    /// retention is over and no other command came to retire it (every
+    /// applied command retires what is due at its `at_ms`).
+    Retire {
+        /// The leader's clock when it proposed.
+        at_ms: u64,
+    },
 }
 
 impl Command {
@@ -249,7 +265,33 @@ impl Command {
             | Command::SetDrain { .. }
             | Command::PreemptDrained { .. }
             | Command::Quarantine { .. }
-            | Command::ClearQuarantine { .. } => None,
+            | Command::ClearQuarantine { .. }
+            | Command::SetRetention { .. }
+            | Command::Retire { .. } => None,
+        }
+    }
+
+    /// The command's own time: retention is decided from it in apply.
+    pub fn at_ms(&self) -> u64 {
+        match self {
+            Command::Submit { at_ms, .. }
+            | Command::RegisterNode { at_ms, .. }
+            | Command::Assign { at_ms, .. }
+            | Command::JobStarted { at_ms, .. }
+            | Command::JobExited { at_ms, .. }
+            | Command::Requeue { at_ms, .. }
+            | Command::DlqRetry { at_ms, .. }
+            | Command::DlqDrop { at_ms, .. }
+            | Command::ReviveAttempt { at_ms, .. }
+            | Command::RequestCancel { at_ms, .. }
+            | Command::AttemptLost { at_ms, .. }
+            | Command::SetNodeDown { at_ms, .. }
+            | Command::SetDrain { at_ms, .. }
+            | Command::PreemptDrained { at_ms, .. }
+            | Command::Quarantine { at_ms, .. }
+            | Command::ClearQuarantine { at_ms, .. }
+            | Command::SetRetention { at_ms, .. }
+            | Command::Retire { at_ms } => *at_ms,
         }
     }
 }

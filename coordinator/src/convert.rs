@@ -52,7 +52,7 @@ fn bytes_at_most(
 }
 
 /// User text quoted back in a message, cut at [`MAX_ECHO_CHARS`].
-fn quote(text: &str) -> String {
+pub(crate) fn quote(text: &str) -> String {
     match text.char_indices().nth(MAX_ECHO_CHARS) {
         None => format!("{text:?}"),
         Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
@@ -839,6 +839,7 @@ pub fn job_to_proto(job: &JobRecord, reason: Option<&str>) -> pb::Job {
         depends_on: job.depends_on.clone(),
         batch_cap: job.batch_cap.unwrap_or(0),
         owner: job.owner.clone().unwrap_or_default(),
+        archived: false,
     }
 }
 

@@ -30,6 +30,7 @@ use crate::state::{ApplyError, Outcome, StateMachine};
 use crate::store::Store;
 
 mod agents;
+mod archive;
 mod schedule;
 mod views;
 
@@ -106,6 +107,20 @@ pub enum Request {
         offset: u64,
         /// Reply with the agent's answer and whether the attempt has ended.
         reply: Reply<(pb::LogData, bool)>,
+    },
+    /// `gantry jobs --since`: one page of jobs updated since a time, the
+    /// history of retired jobs included ([`Core::job_history`]).
+    JobHistory {
+        /// State filter (empty = all).
+        states: Vec<JobState>,
+        /// Unix ms.
+        since_ms: u64,
+        /// The previous page's token ("" = the first page).
+        page_token: String,
+        /// Most jobs in the page.
+        limit: usize,
+        /// Reply: the jobs and the next page's token ("" = none).
+        reply: Reply<(Vec<pb::Job>, String)>,
     },
     /// Jobs in the dead-letter queue.
     DlqList {
@@ -219,6 +234,9 @@ pub struct CoreConfig {
     pub inventory: Vec<InventoryHost>,
     /// Refuse agents that are not in the inventory.
     pub strict_inventory: bool,
+    /// Retention of finished work; a leader proposes it when hard state
+    /// holds another (`Command::SetRetention`).
+    pub retention: crate::state::RetentionPolicy,
 }
 
 /// A node the fleet inventory (`hosts.yaml`) expects.
@@ -257,6 +275,7 @@ impl Default for CoreConfig {
             .to_vec(),
             inventory: Vec::new(),
             strict_inventory: false,
+            retention: Default::default(),
         }
     }
 }
@@ -603,14 +622,16 @@ impl Core {
         let now = now_ms();
         match request {
             Request::GetJob { id, reply } => {
-                let result = self
-                    .state
-                    .job(id)
-                    .map(|job| {
-                        convert::job_to_proto(job, self.hold_reasons.get(&id).map(String::as_str))
-                    })
-                    .ok_or_else(|| CoordinatorError::NotFound(format!("job {id} not found")));
-                let _ = reply.send(result);
+                let _ = reply.send(self.get_job(id));
+            }
+            Request::JobHistory {
+                states,
+                since_ms,
+                page_token,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.job_history(&states, since_ms, &page_token, limit));
             }
             Request::CancelProgress { id, reply } => {
                 let result = self
@@ -659,11 +680,7 @@ impl Core {
                 let _ = reply.send(result);
             }
             Request::EventsSince { from, limit, reply } => {
-                let result = self
-                    .store
-                    .events_since(from, limit)
-                    .map_err(CoordinatorError::from);
-                let _ = reply.send(result);
+                let _ = reply.send(self.events_since(from, limit));
             }
             Request::RaftApply { index, data, reply } => {
                 let _ = reply.send(self.raft_apply(index, &data));
@@ -717,25 +734,7 @@ impl Core {
                 let _ = reply.send(Ok(jobs));
             }
             Request::Pipeline { name, run, reply } => {
-                let (run, jobs) = self.state.pipeline_jobs(&name, run);
-                let result = if jobs.is_empty() {
-                    Err(CoordinatorError::NotFound(format!(
-                        "no pipeline {name:?} run {run}"
-                    )))
-                } else {
-                    Ok((
-                        run,
-                        jobs.into_iter()
-                            .map(|job| {
-                                convert::job_to_proto(
-                                    job,
-                                    self.hold_reasons.get(&job.id).map(String::as_str),
-                                )
-                            })
-                            .collect(),
-                    ))
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.pipeline(&name, run));
             }
             Request::ReadLog {
                 job,
@@ -849,6 +848,14 @@ impl Core {
         self.carry_out(decisions);
         for quarantine in self.breaker.recheck_held(&self.state, now) {
             self.propose(quarantine);
+        }
+        if self.state.retention() != &self.config.retention {
+            // Every replica retires by the policy in hard state; this
+            // leader's flags become it (again, until it applies).
+            let policy = self.config.retention;
+            self.propose(Command::SetRetention { at_ms: now, policy });
+        } else if self.state.retirement_due(now) {
+            self.propose(Command::Retire { at_ms: now });
         }
         self.log_waiters.retain(|_, w| !w.reply.is_closed());
         self.update_heartbeat_interval(now);

@@ -349,6 +349,10 @@ pub struct JobRecord {
     /// a `user` token may change only its own jobs.
     #[serde(default)]
     pub owner: Option<String>,
+    /// Index of its "submitted" event (0 = stored before it was kept):
+    /// every event below the oldest job's is about a retired job.
+    #[serde(default)]
+    pub submit_event: u64,
 }
 
 impl JobRecord {
@@ -372,6 +376,7 @@ impl JobRecord {
             pipeline: String::new(),
             run: 0,
             owner: None,
+            submit_event: 0,
         }
     }
 

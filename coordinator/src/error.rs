@@ -53,6 +53,17 @@ pub enum CoordinatorError {
     /// The data volume is under its reserve: writes wait for space.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Events asked for are below the compaction floor (their jobs were
+    /// retired); never answered by skipping them.
+    #[error(
+        "events before {floor} were compacted (asked from {from}); resynchronise with `gantry jobs`, then `gantry watch --from {floor}`"
+    )]
+    Compacted {
+        /// The first index asked for.
+        from: u64,
+        /// The lowest index still kept.
+        floor: u64,
+    },
 }
 
 impl CoordinatorError {
@@ -69,6 +80,7 @@ impl CoordinatorError {
             ) => 409,
             CoordinatorError::Apply(_) => 400,
             CoordinatorError::Store(_) => 500,
+            CoordinatorError::Compacted { .. } => 410,
             CoordinatorError::Unauthenticated(_) => 401,
             CoordinatorError::FailedPrecondition(_) => 409,
             CoordinatorError::ResourceExhausted(_) => 507,
@@ -94,6 +106,7 @@ impl From<CoordinatorError> for tonic::Status {
             ) => tonic::Status::failed_precondition(message),
             CoordinatorError::Apply(_) => tonic::Status::invalid_argument(message),
             CoordinatorError::Store(_) => tonic::Status::internal(message),
+            CoordinatorError::Compacted { .. } => tonic::Status::out_of_range(message),
             CoordinatorError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             CoordinatorError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             CoordinatorError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),

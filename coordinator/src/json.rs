@@ -35,6 +35,7 @@ pub fn job_json(job: &pb::Job) -> Value {
         "depends_on": job.depends_on,
         "batch_cap": job.batch_cap,
         "owner": job.owner,
+        "archived": job.archived,
         "attempts": job.attempts.iter().map(|a| json!({
             "attempt": a.attempt,
             "node": a.node,

@@ -666,6 +666,7 @@ mod tests {
             estimates: Vec::new(),
             events: Vec::new(),
             leader_term: 0,
+            ..Default::default()
         };
         app.check_snapshot(&serde_json::to_vec(&empty).unwrap())
             .unwrap();

@@ -226,6 +226,23 @@ impl pb::gantry_server::Gantry for GantryService {
         } else {
             request.limit as usize
         };
+        if request.since_ms != 0 || !request.page_token.is_empty() {
+            let (since_ms, page_token) = (request.since_ms, request.page_token);
+            let (jobs, next_page_token) = self
+                .core
+                .call(|reply| Request::JobHistory {
+                    states,
+                    since_ms,
+                    page_token,
+                    limit,
+                    reply,
+                })
+                .await?;
+            return Ok(Response::new(pb::ListJobsResponse {
+                jobs,
+                next_page_token,
+            }));
+        }
         let jobs = self
             .core
             .call(|reply| Request::ListJobs {
@@ -235,7 +252,10 @@ impl pb::gantry_server::Gantry for GantryService {
                 reply,
             })
             .await?;
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            ..Default::default()
+        }))
     }
 
     async fn cancel_job(
@@ -244,17 +264,19 @@ impl pb::gantry_server::Gantry for GantryService {
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
         let job = request.into_inner().job_id;
-        Ok(Response::new(match self.core.cancel(job, caller.as_ref()).await? {
-            CancelProgress::Settled(state) => pb::CancelJobResponse {
-                state: state.as_str().to_string(),
-                ..Default::default()
+        Ok(Response::new(
+            match self.core.cancel(job, caller.as_ref()).await? {
+                CancelProgress::Settled(state) => pb::CancelJobResponse {
+                    state: state.as_str().to_string(),
+                    ..Default::default()
+                },
+                CancelProgress::Cancelling { node, attempt, .. } => pb::CancelJobResponse {
+                    state: "cancelling".into(),
+                    node,
+                    attempt,
+                },
             },
-            CancelProgress::Cancelling { node, attempt, .. } => pb::CancelJobResponse {
-                state: "cancelling".into(),
-                node,
-                attempt,
-            },
-        }))
+        ))
     }
 
     async fn dlq_list(
@@ -263,7 +285,10 @@ impl pb::gantry_server::Gantry for GantryService {
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         self.core.require_leader()?;
         let jobs = self.core.call(|reply| Request::DlqList { reply }).await?;
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs,
+            ..Default::default()
+        }))
     }
 
     async fn dlq_retry(

@@ -23,7 +23,10 @@ mod attempts;
 mod drain;
 mod index;
 mod placement;
+mod retention;
 mod submit;
+
+pub use retention::{RetentionPolicy, due as retirement_due, event_floor, retirable_state};
 
 /// Hard-state bookkeeping of one GPU, derived from active jobs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,6 +65,18 @@ pub struct ChangeSet {
     pub estimates: BTreeSet<String>,
     /// The leader term changed.
     pub leader_term: bool,
+    /// Jobs retired from hard state, for the store to move into history.
+    pub retired: Vec<JobRecord>,
+    /// Submission keys forgotten (every job they named was retired).
+    pub submissions_removed: Vec<String>,
+    /// The event floor rose from the first to the second index.
+    pub event_floor: Option<(u64, u64)>,
+    /// Pipelines whose latest run number changed.
+    pub pipelines: BTreeSet<String>,
+    /// The retention policy changed.
+    pub retention: bool,
+    /// The applied command's own time (history pruning is decided from it).
+    pub at_ms: u64,
 }
 
 /// What an apply produced, for the caller (reply to clients, messages to agents).
@@ -167,6 +182,16 @@ pub struct StateMachine {
     pipeline_runs: BTreeMap<String, u32>,
     /// Highest leader term of an applied plan.
     leader_term: u64,
+    /// Retention of finished work (hard state, see `state/retention.rs`).
+    retention: RetentionPolicy,
+    /// Events below this index have left hard state.
+    event_floor: u64,
+    /// Finished jobs no unfinished job depends on, oldest first (derived).
+    finished: BTreeSet<(u64, JobId)>,
+    /// Finished jobs held by a dependant not finished yet (derived).
+    held: BTreeSet<JobId>,
+    /// The submission key of each job submitted with one (derived).
+    keyed: HashMap<JobId, String>,
     changes: ChangeSet,
 }
 
@@ -201,24 +226,59 @@ impl StateMachine {
         let mut sm = StateMachine {
             next_job_id: jobs.iter().map(|j| j.id).max().unwrap_or(0) + 1,
             next_event_index: next_event_index.max(1),
-            submissions: submissions.into_iter().collect(),
+            event_floor: 1,
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
             estimates: estimates.into_iter().collect(),
             ..StateMachine::default()
         };
-        for job in jobs {
+        for (key, ids) in submissions {
+            for id in &ids {
+                sm.keyed.insert(*id, key.clone());
+            }
+            sm.submissions.insert(key, ids);
+        }
+        // Every edge first: whether a finished job is held depends on its
+        // dependants, which come after it.
+        for job in &jobs {
             for dep in &job.depends_on {
                 sm.dependants.entry(*dep).or_default().push(job.id);
             }
+        }
+        let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        for job in jobs {
             if !job.pipeline.is_empty() {
                 let run = sm.pipeline_runs.entry(job.pipeline.clone()).or_default();
                 *run = (*run).max(job.run);
             }
-            let id = job.id;
-            sm.jobs.insert(id, job);
+            sm.jobs.insert(job.id, job);
+        }
+        for id in ids {
             sm.index_job(id);
         }
         sm
+    }
+
+    /// Raises the next job id when restoring (the highest job may have
+    /// been retired).
+    pub fn set_next_job_id(&mut self, next: JobId) {
+        self.next_job_id = self.next_job_id.max(next);
+    }
+
+    /// The next job id to be given.
+    pub fn next_job_id(&self) -> JobId {
+        self.next_job_id
+    }
+
+    /// Raises a pipeline's latest run when restoring (its jobs may have
+    /// been retired).
+    pub fn set_pipeline_run(&mut self, name: &str, run: u32) {
+        let latest = self.pipeline_runs.entry(name.to_string()).or_default();
+        *latest = (*latest).max(run);
+    }
+
+    /// Latest run number of every pipeline.
+    pub fn pipeline_runs(&self) -> &BTreeMap<String, u32> {
+        &self.pipeline_runs
     }
 
     /// An empty state machine.
@@ -325,7 +385,8 @@ impl StateMachine {
             .filter(|j| j.state == JobState::DeadLettered)
     }
 
-    /// The jobs of one pipeline run (`run` 0 = the latest).
+    /// The jobs of one pipeline run in hard state (`run` 0 = the latest;
+    /// retired jobs of the run are in the store's history).
     pub fn pipeline_jobs(&self, name: &str, run: u32) -> (u32, Vec<&JobRecord>) {
         let run = if run == 0 {
             self.pipeline_runs.get(name).copied().unwrap_or(0)
@@ -345,8 +406,16 @@ impl StateMachine {
         self.next_event_index
     }
 
-    /// Applies one command. An `Err` changes nothing.
+    /// Applies one command, then retires the finished jobs due at its
+    /// time ([`retention`]). An `Err` changes nothing.
     pub fn apply(&mut self, command: Command) -> Result<Outcome, ApplyError> {
+        let at_ms = command.at_ms();
+        let outcome = self.apply_command(command)?;
+        self.retire_due(at_ms);
+        Ok(outcome)
+    }
+
+    fn apply_command(&mut self, command: Command) -> Result<Outcome, ApplyError> {
         match command {
             Command::Submit {
                 at_ms,
@@ -550,6 +619,12 @@ impl StateMachine {
                 reason,
             } => self.quarantine(at_ms, node, until_ms, failures, reason),
             Command::ClearQuarantine { at_ms, node } => self.clear_quarantine(at_ms, node),
+            Command::SetRetention { policy, .. } => {
+                self.retention = policy;
+                self.changes.retention = true;
+                Ok(Outcome::Done)
+            }
+            Command::Retire { .. } => Ok(Outcome::Done),
         }
     }
 

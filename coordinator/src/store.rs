@@ -1,7 +1,10 @@
 //! Durable hard state in sled. Trees: `jobs` (id -> record), `nodes`
 //! (name -> record), `events` (index -> event), `submissions` (key -> ids),
-//! `estimates` (job class -> learned GPU memory). A [`ChangeSet`] is written as one batch per tree and flushed before
-//! the caller acknowledges anything.
+//! `estimates` (job class -> learned GPU memory), `meta` (applied index,
+//! leader term, next job id, event floor, retention policy, latest run of
+//! each pipeline), and the history of retired jobs (`history`,
+//! `history_index`: see [`history`]). A [`ChangeSet`] is written as one
+//! transaction across trees.
 
 use std::path::Path;
 
@@ -10,7 +13,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::domain::{EventRecord, JobRecord, NodeRecord};
-use crate::state::{ChangeSet, StateMachine};
+use crate::state::{ChangeSet, RetentionPolicy, StateMachine};
+
+mod history;
+
+pub use history::HistoryPage;
 
 /// Storage failures. These are fatal for the coordinator: it cannot
 /// acknowledge work it cannot persist.
@@ -52,6 +59,11 @@ pub struct Store {
     submissions: sled::Tree,
     estimates: sled::Tree,
     meta: sled::Tree,
+    history: sled::Tree,
+    history_index: sled::Tree,
+    /// Command time after which the history is next checked for records
+    /// past their retention (it is checked at every retirement anyway).
+    next_prune_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// sled's page cache (its default is 1 GiB). The applied state lives in
@@ -75,6 +87,9 @@ impl Store {
             submissions: db.open_tree("submissions")?,
             estimates: db.open_tree("estimates")?,
             meta: db.open_tree("meta")?,
+            history: db.open_tree("history")?,
+            history_index: db.open_tree("history_index")?,
+            next_prune_ms: Default::default(),
             db,
         })
     }
@@ -105,6 +120,20 @@ impl Store {
         let mut state =
             StateMachine::restore(jobs, nodes, submissions, estimates, next_event_index);
         state.set_leader_term(self.meta_u64(META_LEADER_TERM)?);
+        state.set_next_job_id(self.meta_u64(META_NEXT_JOB_ID)?);
+        state.set_event_floor(self.meta_u64(META_EVENT_FLOOR)?);
+        if let Some(value) = self.meta.get(META_RETENTION)? {
+            let policy = serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                tree: "meta",
+                source,
+            })?;
+            state.set_retention(policy);
+        }
+        for item in self.meta.scan_prefix(META_RUN_PREFIX) {
+            let (key, value) = item?;
+            let name = String::from_utf8_lossy(&key[META_RUN_PREFIX.len()..]);
+            state.set_pipeline_run(&name, key_u64(&value) as u32);
+        }
         Ok(state)
     }
 
@@ -150,6 +179,9 @@ impl Store {
         snapshot: &StateSnapshot,
         index: u64,
     ) -> Result<StateMachine, StoreError> {
+        // The history is this replica's own (not in snapshots): it stays,
+        // and so does its size.
+        let history_bytes = self.history_bytes()?;
         for tree in [
             &self.jobs,
             &self.nodes,
@@ -187,6 +219,19 @@ impl Store {
         self.estimates.apply_batch(batch)?;
         self.meta
             .insert(META_LEADER_TERM, &snapshot.leader_term.to_be_bytes())?;
+        self.meta
+            .insert(META_NEXT_JOB_ID, &snapshot.next_job_id.to_be_bytes())?;
+        self.meta
+            .insert(META_EVENT_FLOOR, &snapshot.event_floor.to_be_bytes())?;
+        if let Some(policy) = &snapshot.retention {
+            self.meta.insert(META_RETENTION, encode(policy)?)?;
+        }
+        for (name, run) in &snapshot.pipeline_runs {
+            self.meta
+                .insert(run_key(name), &u64::from(*run).to_be_bytes())?;
+        }
+        self.meta
+            .insert(META_HISTORY_BYTES, &history_bytes.to_be_bytes())?;
         self.meta.insert(META_APPLIED_INDEX, &index.to_be_bytes())?;
         self.db.flush()?;
         self.load()
@@ -208,6 +253,14 @@ impl Store {
                 .collect(),
             events: self.events_since(0, usize::MAX)?,
             leader_term: state.leader_term(),
+            next_job_id: state.next_job_id(),
+            event_floor: state.event_floor(),
+            retention: Some(*state.retention()),
+            pipeline_runs: state
+                .pipeline_runs()
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
         })
     }
 
@@ -248,7 +301,18 @@ impl Store {
             out.extend_from_slice(&value);
         }
         // Writing to a Vec cannot fail.
-        let _ = write!(out, "],\"leader_term\":{}}}", state.leader_term());
+        let _ = write!(
+            out,
+            "],\"leader_term\":{},\"next_job_id\":{},\"event_floor\":{},\"retention\":",
+            state.leader_term(),
+            state.next_job_id(),
+            state.event_floor()
+        );
+        append_json(&mut out, state.retention())?;
+        out.extend_from_slice(b",\"pipeline_runs\":");
+        let runs: Vec<(&String, &u32)> = state.pipeline_runs().iter().collect();
+        append_json(&mut out, &runs)?;
+        out.push(b'}');
         Ok(out)
     }
 
@@ -277,6 +341,9 @@ impl Store {
                 jobs.insert(&id.to_be_bytes(), encode(job)?);
             }
         }
+        for job in &changes.retired {
+            jobs.remove(&job.id.to_be_bytes());
+        }
         let mut nodes = sled::Batch::default();
         for name in &changes.nodes {
             if let Some(node) = state.node(name) {
@@ -284,12 +351,23 @@ impl Store {
             }
         }
         let mut events = sled::Batch::default();
+        if let Some((from, to)) = changes.event_floor {
+            // Below the floor: out of hard state (the range holds at most
+            // what one apply's retirement let go).
+            for item in self.events.range(from.to_be_bytes()..to.to_be_bytes()) {
+                let (key, _) = item?;
+                events.remove(key);
+            }
+        }
         for event in &changes.events {
             events.insert(&event.index.to_be_bytes(), encode(event)?);
         }
         let mut submissions = sled::Batch::default();
         for (key, ids) in &changes.submissions {
             submissions.insert(key.as_bytes(), encode(ids)?);
+        }
+        for key in &changes.submissions_removed {
+            submissions.remove(key.as_bytes());
         }
         let mut estimates = sled::Batch::default();
         for class in &changes.estimates {
@@ -304,6 +382,23 @@ impl Store {
         if let Some(index) = applied {
             meta.insert(META_APPLIED_INDEX, &index.to_be_bytes());
         }
+        if !changes.retired.is_empty() {
+            // The highest job may be gone from `jobs`: ids are never reused.
+            meta.insert(META_NEXT_JOB_ID, &state.next_job_id().to_be_bytes());
+        }
+        if changes.event_floor.is_some() {
+            meta.insert(META_EVENT_FLOOR, &state.event_floor().to_be_bytes());
+        }
+        if changes.retention {
+            meta.insert(META_RETENTION, encode(state.retention())?);
+        }
+        for name in &changes.pipelines {
+            if let Some(run) = state.pipeline_runs().get(name) {
+                meta.insert(run_key(name), &u64::from(*run).to_be_bytes());
+            }
+        }
+        let (history, history_index) =
+            self.history_batches(state.retention(), changes, &mut meta)?;
         (
             &self.jobs,
             &self.nodes,
@@ -311,15 +406,28 @@ impl Store {
             &self.submissions,
             &self.estimates,
             &self.meta,
+            &self.history,
+            &self.history_index,
         )
             .transaction(
-                |(t_jobs, t_nodes, t_events, t_submissions, t_estimates, t_meta)| {
+                |(
+                    t_jobs,
+                    t_nodes,
+                    t_events,
+                    t_submissions,
+                    t_estimates,
+                    t_meta,
+                    t_history,
+                    t_history_index,
+                )| {
                     t_jobs.apply_batch(&jobs)?;
                     t_nodes.apply_batch(&nodes)?;
                     t_events.apply_batch(&events)?;
                     t_submissions.apply_batch(&submissions)?;
                     t_estimates.apply_batch(&estimates)?;
                     t_meta.apply_batch(&meta)?;
+                    t_history.apply_batch(&history)?;
+                    t_history_index.apply_batch(&history_index)?;
                     Ok(())
                 },
             )
@@ -358,9 +466,22 @@ impl Store {
 
 const META_APPLIED_INDEX: &str = "applied_index";
 const META_LEADER_TERM: &str = "leader_term";
+const META_NEXT_JOB_ID: &str = "next_job_id";
+const META_EVENT_FLOOR: &str = "event_floor";
+const META_RETENTION: &str = "retention";
+const META_HISTORY_BYTES: &str = "history_bytes";
+/// `run/<pipeline>`: the latest run number of a pipeline (its jobs may
+/// all be retired; run numbers are never reused).
+const META_RUN_PREFIX: &str = "run/";
+
+fn run_key(name: &str) -> Vec<u8> {
+    let mut key = META_RUN_PREFIX.as_bytes().to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
 
 /// The whole hard state, as carried in a Raft snapshot.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct StateSnapshot {
     /// Every job.
     pub jobs: Vec<JobRecord>,
@@ -374,6 +495,19 @@ pub struct StateSnapshot {
     pub events: Vec<EventRecord>,
     /// Highest leader term of an applied plan.
     pub leader_term: u64,
+    /// The next job id (the highest job may have been retired).
+    #[serde(default)]
+    pub next_job_id: u64,
+    /// Events below this index have left hard state.
+    #[serde(default)]
+    pub event_floor: u64,
+    /// The retention policy in force (`None`: the defaults, from a version
+    /// without retention).
+    #[serde(default)]
+    pub retention: Option<RetentionPolicy>,
+    /// Latest run number of every pipeline.
+    #[serde(default)]
+    pub pipeline_runs: Vec<(String, u32)>,
 }
 
 /// Appends a value's JSON to a buffer.

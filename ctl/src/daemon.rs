@@ -92,6 +92,8 @@ pub struct CoordinatorOptions {
     pub reloader: Option<gantry_coordinator::credentials::Reloader>,
     /// Free space kept on the data volume (`--disk-reserve`).
     pub disk_reserve: u64,
+    /// Retention of finished work (validated).
+    pub retention: gantry_coordinator::state::RetentionPolicy,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -108,6 +110,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
     }
     core.inventory = options.inventory.clone();
     core.strict_inventory = options.strict_inventory;
+    core.retention = options.retention;
     CoordinatorConfig {
         grpc_addr: options.grpc_addr,
         http_addr: options.http_addr,

@@ -14,6 +14,7 @@ mod config;
 mod daemon;
 mod inventory;
 mod output;
+mod retention;
 mod security;
 mod spec;
 mod submit;
@@ -207,6 +208,8 @@ enum Command {
         #[arg(long, value_parser = parse_size_arg)]
         disk_reserve: Option<u64>,
         #[command(flatten)]
+        retention: retention::RetentionArgs,
+        #[command(flatten)]
         security: CoordinatorSecurityArgs,
     },
     /// Run an agent on a GPU node.
@@ -272,9 +275,17 @@ enum Command {
         /// Most jobs shown (0 = all); when more exist, stderr says so.
         #[arg(long, default_value = "100")]
         limit: u32,
-        /// Only the jobs submitted with my token (GANTRY_TOKEN).
-        #[arg(long)]
+        /// Only the jobs submitted with my token (GANTRY_TOKEN); not with
+        /// --since (the history is listed whole).
+        #[arg(long, conflicts_with = "since")]
         mine: bool,
+        /// Jobs updated in the last DURATION (e.g. 2d), newest first, the
+        /// history of retired jobs included; one page of --limit jobs.
+        #[arg(long, value_name = "DURATION", value_parser = parse_since)]
+        since: Option<u64>,
+        /// The next page of a --since listing (stderr prints the token).
+        #[arg(long, value_name = "TOKEN", requires = "since")]
+        page: Option<String>,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -537,6 +548,15 @@ fn parse_deadline(text: &str) -> Result<u64, String> {
     Ok(ms)
 }
 
+/// `--since`: a positive duration back from now, in milliseconds.
+fn parse_since(text: &str) -> Result<u64, String> {
+    match gantry_scheduler::units::parse_duration_ms(text) {
+        Ok(0) => Err("--since: must be more than zero (e.g. 2h, 2d)".into()),
+        Ok(ms) => Ok(ms),
+        Err(e) => Err(format!("--since: {e} (e.g. 2h, 2d)")),
+    }
+}
+
 /// `--retry-for`: a duration (`30s`, `2m`) in milliseconds; 0 is allowed
 /// and means a single attempt.
 fn parse_retry_for(text: &str) -> Result<u64, String> {
@@ -648,8 +668,13 @@ async fn cli_main() -> ExitCode {
             cluster_name,
             restore,
             disk_reserve,
+            retention,
             security,
         } => {
+            let retention = match retention.policy() {
+                Ok(policy) => policy,
+                Err(error) => return fail(CliError::invalid(error)),
+            };
             if cluster_name.len() > 128 || cluster_name.chars().any(char::is_control) {
                 return fail(CliError::invalid(
                     "--cluster-name: at most 128 bytes, no control characters",
@@ -783,6 +808,7 @@ async fn cli_main() -> ExitCode {
                 reloader: Some(reloader),
                 disk_reserve: disk_reserve
                     .unwrap_or(gantry_coordinator::disk::DEFAULT_RESERVE_BYTES),
+                retention,
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -853,6 +879,7 @@ async fn cli_main() -> ExitCode {
                 security: Default::default(),
                 reloader: None,
                 disk_reserve: gantry_coordinator::disk::DEFAULT_RESERVE_BYTES,
+                retention: Default::default(),
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
@@ -871,8 +898,17 @@ async fn cli_main() -> ExitCode {
         Command::Jobs {
             state,
             limit,
+            since: Some(since),
+            page,
+            client,
+            ..
+        } => job_history(state, limit, since, page, client).await,
+        Command::Jobs {
+            state,
+            limit,
             mine,
             client,
+            ..
         } => jobs(state, limit, mine, client).await,
         Command::ReloadCredentials { client } => reload_credentials(client).await,
         Command::Job { id, client } => job(id, client).await,
@@ -1166,6 +1202,7 @@ async fn jobs(
                 limit.saturating_add(1)
             },
             mine,
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -1180,6 +1217,39 @@ async fn jobs(
     if cut {
         // On stderr, so `-o json` and pipes get only the rows.
         eprintln!("showing {limit} jobs, there are more: use --limit N (0 = all)");
+    }
+    Ok(())
+}
+
+/// `gantry jobs --since`: one page of jobs updated since then, history
+/// included; the command for the next page on stderr.
+async fn job_history(
+    state: Vec<String>,
+    limit: u32,
+    since: u64,
+    page: Option<String>,
+    opts: ClientOpts,
+) -> Result<(), CliError> {
+    let mut client = client::connect(&opts).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let response = client
+        .list_jobs(pb::ListJobsRequest {
+            states: state,
+            limit: if limit == 0 { 1000 } else { limit },
+            since_ms: now.saturating_sub(since).max(1),
+            page_token: page.unwrap_or_default(),
+            mine: false,
+        })
+        .await?
+        .into_inner();
+    print_jobs(&response.jobs, opts.output);
+    if !response.next_page_token.is_empty() {
+        eprintln!(
+            "more jobs: add --page {} for the next page",
+            response.next_page_token
+        );
     }
     Ok(())
 }

@@ -183,7 +183,11 @@ pub fn job_row(job: &pb::Job) -> Vec<String> {
         job.id.to_string(),
         esc(&spec.name),
         esc(&spec.kind),
-        esc(&job.state),
+        if job.archived {
+            format!("{} (archived)", esc(&job.state))
+        } else {
+            esc(&job.state)
+        },
         attempt.map_or_else(|| "-".into(), |a| esc(&a.node)),
         gpus,
         detail,
@@ -227,7 +231,9 @@ pub fn print_job(job: &pb::Job) {
     outln!(
         "  state:     {}{}",
         escape(&job.state),
-        if job.cancel_requested && job.state != "cancelled" {
+        if job.archived {
+            " (archived: retired from the cluster state, kept in the history)"
+        } else if job.cancel_requested && job.state != "cancelled" {
             " (cancel requested)"
         } else {
             ""

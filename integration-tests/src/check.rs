@@ -2,6 +2,8 @@
 //! storage (after the processes have stopped) and checks that replicas at
 //! the same applied index hold identical state, and that over the whole job
 //! history no GPU was overcommitted and no exclusive lock had two holders.
+//! Retention is part of the comparison: the jobs retired into each
+//! replica's history, the event floor and the next job id must agree too.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,6 +22,8 @@ pub struct ReplicaState {
     pub applied: u64,
     /// Every job, by id.
     pub jobs: Vec<JobRecord>,
+    /// Every retired job in its history, newest first.
+    pub history: Vec<JobRecord>,
     state: StateMachine,
 }
 
@@ -40,6 +44,7 @@ pub fn read_replicas(dirs: &[PathBuf]) -> anyhow::Result<Vec<ReplicaState>> {
                 dir: dir.clone(),
                 applied: store.applied_index()?,
                 jobs: state.jobs().cloned().collect(),
+                history: store.history_page(0, None, usize::MAX, |_| true)?.jobs,
                 state,
             })
         })
@@ -51,13 +56,29 @@ pub fn check_replicas(replicas: &[ReplicaState]) -> anyhow::Result<()> {
     for (i, a) in replicas.iter().enumerate() {
         for b in &replicas[i + 1..] {
             if a.applied == b.applied {
-                ensure!(
-                    a.jobs == b.jobs,
-                    "{} and {} differ at applied index {}",
-                    a.dir.display(),
-                    b.dir.display(),
-                    a.applied
-                );
+                let same = |what: &str, equal: bool| {
+                    ensure!(
+                        equal,
+                        "{} and {} differ at applied index {} ({what})",
+                        a.dir.display(),
+                        b.dir.display(),
+                        a.applied
+                    );
+                    Ok(())
+                };
+                same("jobs", a.jobs == b.jobs)?;
+                // (A replica that installed a snapshot keeps only the history
+                // it recorded since; no test here restores one after jobs
+                // were retired.)
+                same("retired jobs", a.history == b.history)?;
+                same(
+                    "event floor",
+                    a.state.event_floor() == b.state.event_floor(),
+                )?;
+                same(
+                    "next job id",
+                    a.state.next_job_id() == b.state.next_job_id(),
+                )?;
             }
         }
         check_history(a)?;
@@ -216,6 +237,7 @@ mod tests {
             dir: PathBuf::from("test"),
             applied: 1,
             jobs,
+            history: Vec::new(),
             state,
         }
     }

@@ -68,6 +68,7 @@ pub(crate) fn record(id: JobId, state: JobState, attempt: u32) -> JobRecord {
         pipeline: String::new(),
         run: 0,
         owner: None,
+        submit_event: 0,
     }
 }
 

@@ -204,6 +204,12 @@ impl Core {
                 env!("CARGO_PKG_VERSION"),
                 now.saturating_sub(self.started_ms) / 1000
             ),
+            history_bytes: self
+                .store
+                .history_bytes()
+                .inspect_err(|error| tracing::warn!(%error, "cannot read the history's size"))
+                .ok(),
+            event_floor: self.state.event_floor(),
         }
     }
 }

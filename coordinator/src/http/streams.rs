@@ -58,7 +58,9 @@ pub(super) async fn events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     only_params(&query, &["from", "job", "kind", "pipeline"])?;
-    let mut from = number(&query, "from")?.unwrap_or(1);
+    // No `from`: from the oldest event kept (0; below the compaction floor
+    // an explicit `from` is refused, never skipped).
+    let mut from = number(&query, "from")?.unwrap_or(0);
     if let Some(last) = headers.get("last-event-id") {
         let last = last
             .to_str()

@@ -58,7 +58,9 @@ impl CoreHandle {
         tokio::spawn(async move {
             // Subscribe before reading history so nothing falls in between.
             let mut live = core.events.subscribe();
-            let mut next = from.max(1);
+            // 0: from the oldest event kept (the core maps it to the floor,
+            // and refuses anything below it).
+            let mut next = from;
             loop {
                 // Catch up from storage.
                 loop {

@@ -144,7 +144,11 @@ impl CoreHandle {
     }
 
     /// Drops a dead-lettered job for good.
-    pub async fn dlq_drop(&self, job: u64, caller: Option<&Caller>) -> Result<(), CoordinatorError> {
+    pub async fn dlq_drop(
+        &self,
+        job: u64,
+        caller: Option<&Caller>,
+    ) -> Result<(), CoordinatorError> {
         self.check_owner(caller, "drop", job).await?;
         self.propose(Command::DlqDrop {
             at_ms: now_ms(),
@@ -169,7 +173,9 @@ impl CoreHandle {
             return Ok(());
         };
         self.require_leader()?;
-        let record = self.call(|reply| Request::GetJob { id: job, reply }).await?;
+        let record = self
+            .call(|reply| Request::GetJob { id: job, reply })
+            .await?;
         let owner = Some(record.owner.as_str()).filter(|o| !o.is_empty());
         may_change(Some(caller), action, job, owner)
     }

@@ -52,6 +52,7 @@ impl StateMachine {
     }
 
     pub(super) fn index_job(&mut self, id: JobId) {
+        self.index_finished(id);
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
@@ -101,6 +102,7 @@ impl StateMachine {
     }
 
     pub(super) fn unindex_job(&mut self, id: JobId) {
+        self.unindex_finished(id);
         self.pending.remove(&id);
         self.backing_off.remove(&id);
         if !self.active.remove(&id) {

@@ -26,6 +26,7 @@ impl StateMachine {
             Some(name) => {
                 let run = self.pipeline_runs.entry(name.clone()).or_default();
                 *run += 1;
+                self.changes.pipelines.insert(name.clone());
                 *run
             }
             None => 0,
@@ -55,12 +56,16 @@ impl StateMachine {
                 pipeline: pipeline.clone().unwrap_or_default(),
                 run,
                 owner: owner.clone(),
+                submit_event: self.next_event_index,
             };
             self.jobs.insert(*id, record);
             self.pending.insert(*id);
             self.event(at_ms, *id, "submitted".into());
         }
         if let Some(key) = key {
+            for id in &ids {
+                self.keyed.insert(*id, key.clone());
+            }
             self.submissions.insert(key.clone(), ids.clone());
             self.changes.submissions.push((key, ids.clone()));
         }

@@ -1,0 +1,401 @@
+//! The history of retired jobs, on disk on every replica: what a job was
+//! (spec), what it did (attempts with their output tails) and how it ended,
+//! after it left hard state ([`crate::state`]'s retention).
+//!
+//! Trees: `history` (job id -> its last `JobRecord`, JSON) and
+//! `history_index`, holding two kinds of key:
+//! - `t` + finished at (8 bytes) + job id (8): the order of retirement and
+//!   of `gantry jobs --since`; the value is the record's size (8 bytes)
+//!   followed by its `p` key (none when the job has no pipeline);
+//! - `p` + name length (2) + pipeline name + run (4) + job id (8): the jobs
+//!   of one pipeline run (`gantry pipeline NAME --run N`).
+//!
+//! Records are written in the same transaction as the apply that retired
+//! them, and leave, oldest first, once past `--history-retention` (from
+//! the applying command's own time) or while the history is over
+//! `--history-max-bytes` (`meta/history_bytes` keeps the total). The
+//! history is not part of a Raft snapshot (it would make snapshots as big
+//! as the history): a replica that installs a snapshot keeps the history
+//! it had and records retirements from then on.
+
+use std::sync::atomic::Ordering;
+
+use gantry_scheduler::JobId;
+
+use super::{META_HISTORY_BYTES, Store, StoreError, encode, key_u64};
+use crate::domain::JobRecord;
+use crate::state::{ChangeSet, RetentionPolicy};
+
+/// At most this many records leave the history in one write.
+const PRUNE_BATCH: usize = 1_000;
+
+/// Between retirements, the history is checked for expired records at most
+/// this often (in command time).
+const PRUNE_INTERVAL_MS: u64 = 60_000;
+
+/// One page of history, newest first.
+#[derive(Debug, Default)]
+pub struct HistoryPage {
+    /// The jobs, newest (finished last) first.
+    pub jobs: Vec<JobRecord>,
+    /// Where the next page starts (finished at, job id), when there may be
+    /// more.
+    pub next: Option<(u64, JobId)>,
+}
+
+fn time_key(finished_at_ms: u64, id: JobId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(17);
+    key.push(b't');
+    key.extend_from_slice(&finished_at_ms.to_be_bytes());
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn run_prefix(pipeline: &str, run: u32) -> Vec<u8> {
+    let name = pipeline.as_bytes();
+    let mut key = Vec::with_capacity(7 + name.len() + 8);
+    key.push(b'p');
+    // Pipeline names are bounded far below 64 KiB (`limits`).
+    key.extend_from_slice(&(name.len().min(u16::MAX as usize) as u16).to_be_bytes());
+    key.extend_from_slice(name);
+    key.extend_from_slice(&run.to_be_bytes());
+    key
+}
+
+impl Store {
+    /// The history writes of one apply: the jobs it retired, and the
+    /// oldest records past their retention or over the size cap.
+    pub(super) fn history_batches(
+        &self,
+        policy: &RetentionPolicy,
+        changes: &ChangeSet,
+        meta: &mut sled::Batch,
+    ) -> Result<(sled::Batch, sled::Batch), StoreError> {
+        let mut history = sled::Batch::default();
+        let mut index = sled::Batch::default();
+        let at_ms = changes.at_ms;
+        let prune =
+            !changes.retired.is_empty() || at_ms >= self.next_prune_ms.load(Ordering::Relaxed);
+        if !prune {
+            return Ok((history, index));
+        }
+        self.next_prune_ms
+            .store(at_ms.saturating_add(PRUNE_INTERVAL_MS), Ordering::Relaxed);
+        let before = self.history_bytes()?;
+        let mut bytes = before;
+        for job in &changes.retired {
+            let value = encode(job)?;
+            let mut entry = (value.len() as u64).to_be_bytes().to_vec();
+            if !job.pipeline.is_empty() {
+                let mut run_key = run_prefix(&job.pipeline, job.run);
+                run_key.extend_from_slice(&job.id.to_be_bytes());
+                index.insert(run_key.as_slice(), &[]);
+                entry.extend_from_slice(&run_key);
+            }
+            bytes += value.len() as u64;
+            history.insert(&job.id.to_be_bytes(), value);
+            index.insert(time_key(job.updated_at_ms, job.id), entry);
+        }
+        for item in self
+            .history_index
+            .range(b"t".to_vec()..b"u".to_vec())
+            .take(PRUNE_BATCH)
+        {
+            let (key, value) = item?;
+            let finished_at = key_u64(key.get(1..9).unwrap_or_default());
+            let expired = finished_at.saturating_add(policy.history_retention_ms) <= at_ms;
+            if !expired && bytes <= policy.history_max_bytes {
+                break;
+            }
+            history.remove(key.get(9..17).unwrap_or_default());
+            index.remove(key.as_ref());
+            if let Some(run_key) = value.get(8..).filter(|k| !k.is_empty()) {
+                index.remove(run_key);
+            }
+            bytes = bytes.saturating_sub(key_u64(value.get(..8).unwrap_or_default()));
+        }
+        if bytes != before {
+            meta.insert(META_HISTORY_BYTES, &bytes.to_be_bytes());
+        }
+        Ok((history, index))
+    }
+
+    /// Bytes of history stored (the records' JSON).
+    pub fn history_bytes(&self) -> Result<u64, StoreError> {
+        self.meta_u64(META_HISTORY_BYTES)
+    }
+
+    /// Records in the history.
+    pub fn history_len(&self) -> usize {
+        self.history.len()
+    }
+
+    /// A retired job, if the history still has it.
+    pub fn history_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.history
+            .get(id.to_be_bytes())?
+            .map(|value| decode(&value))
+            .transpose()
+    }
+
+    /// Retired jobs that finished at or after `since_ms` and before
+    /// `before` (exclusive; `None` = from the newest), newest first, that
+    /// `keep` accepts; at most `limit`.
+    pub fn history_page(
+        &self,
+        since_ms: u64,
+        before: Option<(u64, JobId)>,
+        limit: usize,
+        keep: impl Fn(&JobRecord) -> bool,
+    ) -> Result<HistoryPage, StoreError> {
+        let end = match before {
+            Some((at, id)) => time_key(at, id),
+            None => b"u".to_vec(),
+        };
+        let mut page = HistoryPage::default();
+        for item in self.history_index.range(time_key(since_ms, 0)..end).rev() {
+            let (key, _) = item?;
+            let at = key_u64(key.get(1..9).unwrap_or_default());
+            let id = key_u64(key.get(9..17).unwrap_or_default());
+            if page.jobs.len() == limit {
+                // `next` is exclusive: the next page starts with the first
+                // record not shown.
+                page.next = Some(match id.checked_add(1) {
+                    Some(next) => (at, next),
+                    None => (at.saturating_add(1), 0),
+                });
+                break;
+            }
+            if let Some(job) = self.history_job(id)?
+                && keep(&job)
+            {
+                page.jobs.push(job);
+            }
+        }
+        Ok(page)
+    }
+
+    /// The retired jobs of one pipeline run, by id.
+    pub fn history_run(&self, pipeline: &str, run: u32) -> Result<Vec<JobRecord>, StoreError> {
+        let mut jobs = Vec::new();
+        for item in self.history_index.scan_prefix(run_prefix(pipeline, run)) {
+            let (key, _) = item?;
+            let id = key_u64(&key[key.len().saturating_sub(8)..]);
+            if let Some(job) = self.history_job(id)? {
+                jobs.push(job);
+            }
+        }
+        Ok(jobs)
+    }
+}
+
+fn decode(value: &[u8]) -> Result<JobRecord, StoreError> {
+    serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
+        tree: "history",
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use gantry_scheduler::Placement;
+
+    use super::*;
+    use crate::command::Command;
+    use crate::domain::{JobSpec, JobState};
+    use crate::state::{Outcome, StateMachine};
+
+    const HOUR: u64 = 3600 * 1000;
+
+    fn apply(sm: &mut StateMachine, store: &Store, index: &mut u64, command: Command) -> Outcome {
+        let outcome = sm.apply(command).unwrap();
+        *index += 1;
+        let changes = sm.take_changes();
+        store.persist_applied(sm, &changes, *index).unwrap();
+        outcome
+    }
+
+    /// A pipeline job runs and succeeds at `at`.
+    fn run_job(sm: &mut StateMachine, store: &Store, index: &mut u64, at: u64) -> JobId {
+        let Outcome::Submitted(ids) = apply(
+            sm,
+            store,
+            index,
+            Command::Submit {
+                at_ms: at,
+                key: Some(format!("key-{at}")),
+                jobs: vec![JobSpec::for_test("train")],
+                pipeline: Some("nightly".into()),
+                owner: None,
+            },
+        ) else {
+            panic!()
+        };
+        let job = ids[0];
+        apply(
+            sm,
+            store,
+            index,
+            Command::Assign {
+                at_ms: at,
+                placements: vec![Placement {
+                    job,
+                    node: "n1".into(),
+                    gpus: vec![0],
+                    gpu_memory: 10 << 30,
+                    batch_size: None,
+                    exclusive_gpu: false,
+                }],
+                term: 1,
+            },
+        );
+        apply(
+            sm,
+            store,
+            index,
+            Command::JobExited {
+                at_ms: at + 1,
+                job,
+                attempt: 1,
+                node: "n1".into(),
+                code: Some(0),
+                signal: None,
+                error: String::new(),
+                cancelled: false,
+                oom: false,
+                output_tail: "done".into(),
+                peak_gpu_memory: 0,
+            },
+        );
+        job
+    }
+
+    /// An empty store in a temporary directory and its state machine.
+    fn fresh() -> (tempfile::TempDir, Store, StateMachine, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sm = store.load().unwrap();
+        (dir, store, sm, 0)
+    }
+
+    #[test]
+    fn retired_jobs_move_to_history_and_leave_it_in_time() {
+        let (_dir, store, mut sm, mut index) = fresh();
+        let policy = RetentionPolicy {
+            job_retention_ms: HOUR,
+            max_retained_jobs: 100,
+            history_retention_ms: 3 * HOUR,
+            history_max_bytes: 1 << 20,
+        };
+        let tick = |sm: &mut StateMachine, index: &mut u64, at_ms| {
+            apply(sm, &store, index, Command::SetRetention { at_ms, policy });
+        };
+        tick(&mut sm, &mut index, 0);
+        apply(
+            &mut sm,
+            &store,
+            &mut index,
+            Command::register_for_test("n1", 1, 80 << 30),
+        );
+        let first = run_job(&mut sm, &store, &mut index, 10);
+        let second = run_job(&mut sm, &store, &mut index, 20);
+        tick(&mut sm, &mut index, 11 + HOUR);
+        assert!(sm.job(first).is_none() && sm.job(second).is_some());
+
+        // Hard state on disk agrees with memory; the job is in history.
+        let loaded = store.load().unwrap();
+        assert!(loaded.job(first).is_none());
+        assert_eq!(loaded.next_job_id(), sm.next_job_id());
+        assert_eq!(loaded.event_floor(), sm.event_floor());
+        assert_eq!(loaded.retention(), &policy);
+        assert!(
+            loaded.submission("key-10").is_none(),
+            "its key went with it"
+        );
+        assert!(loaded.submission("key-20").is_some());
+        let archived = store.history_job(first).unwrap().unwrap();
+        assert_eq!(archived.state, JobState::Succeeded);
+        assert_eq!(archived.attempts[0].exit_code, Some(0));
+        assert_eq!(
+            store.history_run("nightly", 1).unwrap(),
+            vec![archived.clone()]
+        );
+        assert!(store.history_run("nightly", 2).unwrap().is_empty());
+        let page = store.history_page(0, None, 10, |_| true).unwrap();
+        assert_eq!(page.jobs, vec![archived]);
+        assert!(store.history_bytes().unwrap() > 0);
+        let floor = sm.event_floor();
+        assert!(floor > 1);
+        let events = store.events_since(0, 100).unwrap();
+        assert_eq!(events[0].index, floor, "events below the floor are gone");
+
+        // Everything retired: ids and run numbers still go on.
+        tick(&mut sm, &mut index, 21 + HOUR);
+        assert_eq!(sm.jobs().count(), 0);
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.next_job_id(), second + 1);
+        assert_eq!(loaded.pipeline_runs().get("nightly"), Some(&2));
+        assert_eq!(loaded.next_event_index(), sm.next_event_index());
+        let page = store.history_page(0, None, 1, |_| true).unwrap();
+        assert_eq!(page.jobs[0].id, second, "newest first");
+        let rest = store.history_page(0, page.next, 1, |_| true).unwrap();
+        assert_eq!(rest.jobs[0].id, first);
+        assert_eq!(
+            store
+                .history_page(15, None, 10, |_| true)
+                .unwrap()
+                .jobs
+                .len(),
+            1
+        );
+
+        // Past the history's retention (from the command's time) both go.
+        tick(&mut sm, &mut index, 21 + 3 * HOUR);
+        assert!(store.history_job(first).unwrap().is_none());
+        assert!(store.history_job(second).unwrap().is_none());
+        assert_eq!(store.history_bytes().unwrap(), 0);
+        assert_eq!(store.history_len(), 0);
+    }
+
+    #[test]
+    fn a_snapshot_install_keeps_the_history_and_its_size() {
+        let (_dir, store, mut sm, mut index) = fresh();
+        let policy = RetentionPolicy {
+            job_retention_ms: HOUR,
+            ..RetentionPolicy::default()
+        };
+        apply(
+            &mut sm,
+            &store,
+            &mut index,
+            Command::SetRetention { at_ms: 0, policy },
+        );
+        apply(
+            &mut sm,
+            &store,
+            &mut index,
+            Command::register_for_test("n1", 1, 80 << 30),
+        );
+        let job = run_job(&mut sm, &store, &mut index, 10);
+        apply(
+            &mut sm,
+            &store,
+            &mut index,
+            Command::Retire { at_ms: 11 + HOUR },
+        );
+        let bytes = store.history_bytes().unwrap();
+        assert!(bytes > 0);
+        let snapshot: crate::store::StateSnapshot =
+            serde_json::from_slice(&store.snapshot_bytes(&sm).unwrap()).unwrap();
+        assert_eq!(snapshot.next_job_id, job + 1);
+        assert_eq!(snapshot.pipeline_runs, vec![("nightly".to_string(), 1)]);
+        let restored = store.replace_all(&snapshot, index).unwrap();
+        assert_eq!(restored.next_job_id(), job + 1);
+        assert_eq!(restored.event_floor(), sm.event_floor());
+        assert_eq!(restored.retention(), &policy);
+        assert!(store.history_job(job).unwrap().is_some());
+        assert_eq!(store.history_bytes().unwrap(), bytes);
+    }
+}
