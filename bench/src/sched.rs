@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use gantry_scheduler::naive::plan_first_fit;
+use gantry_scheduler::share::{QueueLoad, ShareConfig, ShareReport, simulate};
 use gantry_scheduler::{ClusterSnapshot, JobId, JobRequest, Plan, Policy, Resources, plan};
 use serde_json::{Value, json};
 
@@ -263,6 +264,146 @@ fn apply(
     }
 }
 
+/// The fair-share scenario: queues with weights, always contended.
+#[derive(Debug, Clone)]
+pub struct ShareBenchConfig {
+    /// Fleet size.
+    pub nodes: usize,
+    /// GPUs per node.
+    pub gpus_per_node: u32,
+    /// (queue, weight), in order.
+    pub weights: Vec<(String, u32)>,
+    /// Steps (scheduling passes) simulated.
+    pub steps: u64,
+}
+
+/// What the fair-share scenario measured.
+#[derive(Debug, Clone)]
+pub struct ShareBenchReport {
+    /// What ran.
+    pub config: ShareBenchConfig,
+    /// The queues as loaded (job sizes and lengths differ by queue).
+    pub loads: Vec<QueueLoad>,
+    /// The simulation's figures.
+    pub report: ShareReport,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+impl ShareBenchReport {
+    /// (queue, weight, fair share, measured share) per queue.
+    pub fn rows(&self) -> Vec<(String, u32, f64, f64)> {
+        let total: u32 = self.loads.iter().map(|l| l.weight).sum();
+        let shares = self.report.shares();
+        self.loads
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.weight,
+                    f64::from(l.weight) / f64::from(total.max(1)),
+                    shares.get(&l.name).copied().unwrap_or(0.0),
+                )
+            })
+            .collect()
+    }
+
+    /// The largest relative gap between a queue's measured and fair share.
+    pub fn worst_error(&self) -> f64 {
+        self.rows()
+            .iter()
+            .map(|(_, _, fair, got)| (got / fair - 1.0).abs())
+            .fold(0.0, f64::max)
+    }
+
+    /// The machine-readable record printed by `--json`.
+    pub fn to_json(&self) -> Value {
+        let c = &self.config;
+        let queues: Vec<Value> = self
+            .rows()
+            .into_iter()
+            .zip(&self.loads)
+            .map(|((name, weight, fair, got), load)| {
+                json!({
+                    "queue": name,
+                    "weight": weight,
+                    "gpus_per_job": load.gpus_per_job,
+                    "steps_per_job": load.steps_per_job,
+                    "fair_share": fair,
+                    "measured_share": got,
+                })
+            })
+            .collect();
+        json!({
+            "scenario": "sched-fair-share",
+            "nodes": c.nodes,
+            "gpus_per_node": c.gpus_per_node,
+            "steps": c.steps,
+            "placements": self.report.placements,
+            "worst_relative_error": self.worst_error(),
+            "queues": queues,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+        })
+    }
+
+    /// The human summary; the first line is the headline figure.
+    pub fn human(&self) -> String {
+        let c = &self.config;
+        let mut out = format!(
+            "{:.1}% worst share error\n\
+             gantry-bench sched --fair-share: {} nodes x {} GPUs, {} passes, {} placements, {:.1} s\n",
+            self.worst_error() * 100.0,
+            c.nodes,
+            c.gpus_per_node,
+            c.steps,
+            self.report.placements,
+            self.elapsed.as_secs_f64(),
+        );
+        for ((name, weight, fair, got), load) in self.rows().into_iter().zip(&self.loads) {
+            out.push_str(&format!(
+                "queue {name:?}: weight {weight}, jobs of {} GPU(s) x {} passes: GPU time {:.1}% (fair {:.1}%)\n",
+                load.gpus_per_job,
+                load.steps_per_job,
+                got * 100.0,
+                fair * 100.0
+            ));
+        }
+        out.trim_end().to_string()
+    }
+}
+
+/// Runs the fair-share scenario. Queues get different job shapes (1 or 2
+/// GPUs, 10 to 31 passes long) so that fairness by jobs placed would
+/// miss: the share is of GPU time.
+pub fn run_share(config: &ShareBenchConfig) -> ShareBenchReport {
+    let loads: Vec<QueueLoad> = config
+        .weights
+        .iter()
+        .enumerate()
+        .map(|(i, (name, weight))| QueueLoad {
+            name: name.clone(),
+            weight: *weight,
+            gpus_per_job: 1 + (i as u32 % 2),
+            steps_per_job: 10 + 7 * (i as u64 % 4),
+        })
+        .collect();
+    let share = ShareConfig {
+        nodes: config.nodes,
+        gpus_per_node: config.gpus_per_node,
+        queues: loads.clone(),
+        steps: config.steps,
+        warmup: config.steps / 10,
+    };
+    let start = Instant::now();
+    let report = simulate(&share);
+    ShareBenchReport {
+        config: config.clone(),
+        loads,
+        report,
+        elapsed: start.elapsed(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +433,21 @@ mod tests {
         assert_eq!(record["nodes"], 50);
         // Same seed, same workload, same plan outcome.
         assert_eq!(run(&config).indexed.placements, report.indexed.placements);
+    }
+
+    #[test]
+    fn fair_share_reports_each_queue() {
+        let report = run_share(&ShareBenchConfig {
+            nodes: 4,
+            gpus_per_node: 8,
+            weights: vec![("a".into(), 1), ("b".into(), 3)],
+            steps: 400,
+        });
+        let rows = report.rows();
+        assert_eq!(rows.len(), 2);
+        assert!(report.report.placements > 0);
+        let record = report.to_json();
+        assert_eq!(record["queues"][1]["weight"], 3);
+        assert!(report.human().contains("queue \"b\": weight 3"));
     }
 }

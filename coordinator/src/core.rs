@@ -204,6 +204,11 @@ pub struct CoreConfig {
     pub inventory: Vec<InventoryHost>,
     /// Refuse agents that are not in the inventory.
     pub strict_inventory: bool,
+    /// Fair-share weight per queue (`--queue-weight`); missing = 1.
+    pub queue_weights: std::collections::BTreeMap<String, u32>,
+    /// Per-kind disk watermarks (`--disk-threshold`).
+    pub disk_thresholds:
+        std::collections::BTreeMap<gantry_scheduler::JobKind, gantry_scheduler::DiskThresholds>,
 }
 
 /// A node the fleet inventory (`hosts.yaml`) expects.
@@ -242,6 +247,8 @@ impl Default for CoreConfig {
             .to_vec(),
             inventory: Vec::new(),
             strict_inventory: false,
+            queue_weights: Default::default(),
+            disk_thresholds: Default::default(),
         }
     }
 }

@@ -61,6 +61,8 @@ pub struct CoordinatorOptions {
     pub strict_inventory: bool,
     /// TLS and credentials (default: none).
     pub security: crate::security::CoordinatorSecurity,
+    /// Queue weights and disk thresholds (default: none).
+    pub policy: crate::policy::SchedulingPolicy,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -77,6 +79,8 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
     }
     core.inventory = options.inventory.clone();
     core.strict_inventory = options.strict_inventory;
+    core.queue_weights = options.policy.queue_weights.clone();
+    core.disk_thresholds = options.policy.disk_thresholds.clone();
     CoordinatorConfig {
         grpc_addr: options.grpc_addr,
         http_addr: options.http_addr,

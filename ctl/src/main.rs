@@ -13,6 +13,7 @@ mod config;
 mod daemon;
 mod inventory;
 mod output;
+mod policy;
 mod security;
 mod spec;
 mod submit;
@@ -148,7 +149,8 @@ enum Command {
     /// Run a coordinator.
     Coordinator {
         /// Settings file (YAML: id, peers, grpc_addr, data_dir, gpu_headroom,
-        /// oom_signatures, max_heartbeat_rate); flags win over it.
+        /// oom_signatures, max_heartbeat_rate, queue_weights,
+        /// disk_thresholds); flags win over it.
         #[arg(long)]
         config: Option<PathBuf>,
         /// gRPC listen address (port 0 = any; the bound address is printed).
@@ -198,6 +200,8 @@ enum Command {
         cluster_name: String,
         #[command(flatten)]
         security: CoordinatorSecurityArgs,
+        #[command(flatten)]
+        policy: policy::PolicyArgs,
     },
     /// Run an agent on a GPU node.
     Agent {
@@ -609,6 +613,7 @@ async fn cli_main() -> ExitCode {
             peers,
             cluster_name,
             security,
+            policy,
         } => {
             if cluster_name.len() > 128 || cluster_name.chars().any(char::is_control) {
                 return fail(CliError::invalid(
@@ -630,6 +635,10 @@ async fn cli_main() -> ExitCode {
                 None => config::CoordinatorFile::default(),
             };
             let security_file = file.security();
+            let policy = match policy::resolve(policy, file.queue_weights, file.disk_thresholds) {
+                Ok(policy) => policy,
+                Err(error) => return fail(CliError::invalid(error)),
+            };
             let peers = match (peers, file.peers) {
                 (Some(text), _) => gantry_coordinator::raft::parse_peers(&text)
                     .map_err(|e| format!("--peers: {e}")),
@@ -710,6 +719,7 @@ async fn cli_main() -> ExitCode {
                 max_heartbeat_rate,
                 inventory,
                 strict_inventory,
+                policy,
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -778,6 +788,7 @@ async fn cli_main() -> ExitCode {
                 inventory: Vec::new(),
                 strict_inventory: false,
                 security: Default::default(),
+                policy: Default::default(),
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }

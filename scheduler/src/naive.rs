@@ -49,7 +49,7 @@ pub fn plan_first_fit(snapshot: &ClusterSnapshot, queue: &[JobRequest]) -> Plan 
     let mut locks = LockChecker::new(&snapshot.locks);
 
     let mut out = Plan::default();
-    for i in queue_order(queue, policy, fleet_pressured) {
+    for i in queue_order(queue, policy, &snapshot.queue_usage, fleet_pressured) {
         let job = &queue[i];
         let reason = if out.placements.len() >= policy.max_placements_per_pass {
             HoldReason::PassBudget

@@ -93,6 +93,7 @@ fn arb_node() -> impl Strategy<Value = NodeView> {
                     rtt_ms: f64::from(rtt),
                     recent_failures: failures,
                     quarantined_until_ms: if quarantined { 2_000 } else { 0 },
+                    held_for: None,
                 }
             },
         )
@@ -189,6 +190,8 @@ fn arb_job() -> impl Strategy<Value = JobRequest> {
                             })
                             .unwrap_or_default(),
                     },
+                    preempted_by: Vec::new(),
+                    held_node: None,
                 }
             },
         )
@@ -254,6 +257,7 @@ fn arb_case() -> impl Strategy<Value = (ClusterSnapshot, Vec<JobRequest>)> {
                         nodes,
                         locks,
                         policy,
+                        ..Default::default()
                     },
                     jobs,
                 )

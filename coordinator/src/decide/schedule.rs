@@ -101,6 +101,7 @@ fn queue(state: &StateMachine, now: u64) -> (Vec<JobRequest>, HashMap<JobId, Str
             batch: capped_batch(job),
             locks: job.spec.locks.clone(),
             constraints: job.spec.constraints.clone(),
+            ..Default::default()
         });
     }
     (queue, reasons)
@@ -139,6 +140,7 @@ pub fn snapshot(
                 provider: node.labels.get("provider").cloned().unwrap_or_default(),
                 recent_failures: breaker.recent_failures(&node.name, now),
                 quarantined_until_ms: node.quarantine.as_ref().map_or(0, |q| q.until_ms),
+                ..Default::default()
             }
         })
         .collect();
@@ -147,7 +149,26 @@ pub fn snapshot(
         nodes,
         locks: state.locks().clone(),
         policy: policy.clone(),
+        queue_usage: queue_usage(state),
+        ..Default::default()
     }
+}
+
+/// GPUs each fair-share queue's active jobs hold (a CPU-only job counts
+/// one, as in the scheduler's queue order): what the weights are weighed
+/// against.
+pub fn queue_usage(state: &StateMachine) -> BTreeMap<String, u64> {
+    let mut usage: BTreeMap<String, u64> = BTreeMap::new();
+    for job in state.active() {
+        let gpus = job.current_attempt().map_or(0, |a| a.gpus.len() as u64);
+        match usage.get_mut(&job.spec.queue) {
+            Some(held) => *held += gpus.max(1),
+            None => {
+                usage.insert(job.spec.queue.clone(), gpus.max(1));
+            }
+        }
+    }
+    usage
 }
 
 /// A node's GPUs as the scheduler sees them: hard-state reservations, the
