@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use gantry_scheduler::{JobId, LockHolders};
 
+mod preempt;
 mod quarantine;
 
 use crate::command::Command;
@@ -549,6 +550,14 @@ impl StateMachine {
                 reason,
             } => self.quarantine(at_ms, node, until_ms, failures, reason),
             Command::ClearQuarantine { at_ms, node } => self.clear_quarantine(at_ms, node),
+            Command::Preempt {
+                at_ms,
+                job,
+                node,
+                victims,
+                reason,
+                until_ms,
+            } => self.preempt(at_ms, job, node, victims, reason, until_ms),
         }
     }
 

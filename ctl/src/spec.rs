@@ -372,6 +372,10 @@ struct JobFile {
     gpu_memory_policy: Option<String>,
     #[serde(default)]
     gpu_memory_margin: Option<Size>,
+    #[serde(default)]
+    preemptible: Option<bool>,
+    #[serde(default)]
+    preemption_grace: Option<DurationMs>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -524,6 +528,8 @@ fn to_proto(file: JobFile, label: &str) -> Result<pb::JobSpec, SpecError> {
             .collect(),
         gpu_memory_policy: file.gpu_memory_policy.unwrap_or_default(),
         gpu_memory_margin_bytes: file.gpu_memory_margin.map_or(0, |s| s.0),
+        preemptible: file.preemptible,
+        preemption_grace_ms: file.preemption_grace.map(|d| d.0),
     })
 }
 

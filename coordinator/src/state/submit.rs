@@ -53,6 +53,8 @@ impl StateMachine {
                 blocked_by: None,
                 pipeline: pipeline.clone().unwrap_or_default(),
                 run,
+                preempted_by: Vec::new(),
+                preempting: None,
             };
             self.jobs.insert(*id, record);
             self.pending.insert(*id);
