@@ -34,6 +34,9 @@ pub fn job_json(job: &pb::Job) -> Value {
         "run": job.run,
         "depends_on": job.depends_on,
         "batch_cap": job.batch_cap,
+        "preemptible": spec.preemptible,
+        "preemption_grace_ms": spec.preemption_grace_ms,
+        "preemptions": job.preemptions,
         "attempts": job.attempts.iter().map(|a| json!({
             "attempt": a.attempt,
             "node": a.node,
