@@ -2,15 +2,19 @@
 //! queue go through repeated scheduling passes (each bounded by a placement
 //! budget, as the coordinator runs them); each pass is timed, its
 //! placements applied to the snapshot the way the coordinator would, and
-//! the placed jobs leave the queue. The same run is then repeated with the
-//! naive first-fit baseline.
+//! the placed jobs leave the queue and join the running jobs that later
+//! passes may preempt (preemption is on, as in the coordinator; decided
+//! preemptions are counted, not carried out). The same run is then
+//! repeated with the naive first-fit baseline.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use gantry_scheduler::naive::plan_first_fit;
 use gantry_scheduler::share::{QueueLoad, ShareConfig, ShareReport, simulate};
-use gantry_scheduler::{ClusterSnapshot, JobId, JobRequest, Plan, Policy, Resources, plan};
+use gantry_scheduler::{
+    ClusterSnapshot, JobId, JobRequest, Plan, Policy, Resources, RunningJob, plan,
+};
 use serde_json::{Value, json};
 
 use crate::rng::Rng;
@@ -51,6 +55,9 @@ pub struct RunReport {
     pub memory_utilisation: f64,
     /// GPUs holding at least one job at the end.
     pub gpus_busy: f64,
+    /// Preemptions the passes decided (the bench does not carry them out:
+    /// it measures the search).
+    pub preemptions: usize,
 }
 
 impl RunReport {
@@ -82,6 +89,7 @@ impl RunReport {
             "pass_max_ms": self.pass_ms(1.0),
             "gpu_memory_utilisation": self.memory_utilisation,
             "gpus_busy": self.gpus_busy,
+            "preemptions": self.preemptions,
         })
     }
 }
@@ -130,7 +138,7 @@ impl SchedReport {
         format!(
             "{:.0} placements/s\n\
              gantry-bench sched: {} nodes x {} GPUs, {} jobs, seed {}, pass budget {}\n\
-             indexed: {} placed in {} passes ({:.3} s planning), {} waiting\n\
+             indexed: {} placed in {} passes ({:.3} s planning), {} waiting, {} preemptions decided\n\
              pass time: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n\
              GPU memory reserved: {:.1}%, GPUs busy: {:.1}%\n\
              naive first-fit ({} passes): {:.0} placements/s, pass p99 {:.1} ms, {} placed, memory reserved {:.1}%\n\
@@ -145,6 +153,7 @@ impl SchedReport {
             i.passes,
             i.planning.as_secs_f64(),
             i.waiting,
+            i.preemptions,
             i.pass_ms(0.5),
             i.pass_ms(0.99),
             i.pass_ms(1.0),
@@ -209,7 +218,9 @@ fn drive(
         pass_times: Vec::new(),
         memory_utilisation: 0.0,
         gpus_busy: 0.0,
+        preemptions: 0,
     };
+    let jobs: HashMap<JobId, JobRequest> = queue.iter().map(|j| (j.id, j.clone())).collect();
     while report.passes < max_passes && !queue.is_empty() {
         let start = Instant::now();
         let out = planner(&snapshot, &queue);
@@ -218,10 +229,30 @@ fn drive(
         report.planning += elapsed;
         report.pass_times.push(elapsed);
         report.placements += out.placements.len();
+        report.preemptions += out.preemptions.len();
         if out.placements.is_empty() {
             break;
         }
         apply(&mut snapshot, &out, &nodes, &resources);
+        // Placed jobs run: later passes may look at them for preemption.
+        for p in &out.placements {
+            if let Some(job) = jobs.get(&p.job) {
+                snapshot.running.push(RunningJob {
+                    id: p.job,
+                    node: p.node.clone(),
+                    priority: job.priority,
+                    preemptible: !job.kind.exclusive_gpu_by_default(),
+                    started_at_ms: snapshot.now_ms,
+                    gpus: p.gpus.clone(),
+                    gpu_memory: p.gpu_memory,
+                    exclusive_gpu: p.exclusive_gpu,
+                    cpu_millis: job.resources.cpu_millis,
+                    memory: job.resources.memory,
+                    disk: job.resources.disk,
+                    preempted_at_ms: Vec::new(),
+                });
+            }
+        }
         let placed: HashSet<JobId> = out.placements.iter().map(|p| p.job).collect();
         queue.retain(|j| !placed.contains(&j.id));
     }

@@ -202,6 +202,13 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
 /// lower-priority work ([`Preemptor`]); each preemptor's reason then names
 /// its victims.
 fn preempt(index: &FreeIndex<'_>, queue: &[JobRequest], search: Search, out: &mut Plan) {
+    if !out
+        .unplaced
+        .iter()
+        .any(|u| matches!(u.reason, HoldReason::NoFit(_)))
+    {
+        return;
+    }
     let policy = &index.snapshot.policy.preemption;
     let mut preemptor = Preemptor::new(index.snapshot);
     let by_id: HashMap<JobId, &JobRequest, FxBuild> = queue.iter().map(|j| (j.id, j)).collect();
