@@ -67,6 +67,8 @@ pub(crate) fn record(id: JobId, state: JobState, attempt: u32) -> JobRecord {
         blocked_by: None,
         pipeline: String::new(),
         run: 0,
+        preempted_by: Vec::new(),
+        preempting: None,
     }
 }
 

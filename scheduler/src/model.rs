@@ -319,6 +319,9 @@ pub struct GpuView {
     pub exclusive: bool,
     /// Number of jobs holding reservations on it.
     pub jobs: u32,
+    /// Reported faulty (XID, uncorrected ECC, pages pending retirement):
+    /// it takes no job until an operator clears it.
+    pub unhealthy: bool,
 }
 
 impl GpuView {

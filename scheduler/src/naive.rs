@@ -38,7 +38,9 @@ pub fn plan_first_fit(snapshot: &ClusterSnapshot, queue: &[JobRequest]) -> Plan 
                 .into_iter()
                 .map(|i| {
                     let g = &n.gpus[i];
-                    (g.effective_free(policy.gpu_headroom), g.jobs, g.exclusive)
+                    // An unhealthy GPU admits no job, like an exclusively held one.
+                    let closed = g.exclusive || g.unhealthy;
+                    (g.effective_free(policy.gpu_headroom), g.jobs, closed)
                 })
                 .collect()
         })

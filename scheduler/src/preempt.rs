@@ -240,7 +240,7 @@ fn fits(index: &FreeIndex<'_>, n: u32, ask: &Ask<'_>, victims: &[&RunningJob]) -
         let Some(view) = slot.view.gpus.iter().find(|g| g.index == gpu.device) else {
             continue;
         };
-        if !GpuModelChecker::matches(&view.model, &job.constraints.gpu_models) {
+        if view.unhealthy || !GpuModelChecker::matches(&view.model, &job.constraints.gpu_models) {
             continue;
         }
         let mut memory = gpu.free;
@@ -270,6 +270,14 @@ mod tests {
 
     /// A running job: (id, node, priority, preemptible, started, gpus).
     type Run = (u64, &'static str, i32, bool, u64, &'static [u32]);
+    /// (case, nodes, running, pending (id, priority, gpus), expected).
+    type Case = (
+        &'static str,
+        &'static [&'static str],
+        &'static [Run],
+        (u64, i32, u32),
+        &'static str,
+    );
 
     /// Nodes of 2 exclusive 80 GiB GPUs each, full with `running`; one
     /// pending job of `priority` wanting `gpus` GPUs.
@@ -347,8 +355,7 @@ mod tests {
 
     #[test]
     fn victim_choice() {
-        // (case, nodes, running, pending (id, priority, gpus), expected)
-        let cases: &[(&str, &[&str], &[Run], (u64, i32, u32), &str)] = &[
+        let cases: &[Case] = &[
             (
                 "the fewest jobs: one 2-GPU job rather than two 1-GPU jobs",
                 &["a", "b"],

@@ -79,6 +79,7 @@ fn arb_node() -> impl Strategy<Value = NodeView> {
                                 reserved: reserved * GIB,
                                 exclusive: exclusive && jobs > 0,
                                 jobs,
+                                unhealthy: false,
                             }
                         })
                         .collect(),

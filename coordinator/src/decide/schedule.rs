@@ -292,6 +292,8 @@ pub fn gpu_views(state: &StateMachine, tracker: &HealthTracker, node: &NodeRecor
                 reserved: usage.reserved,
                 exclusive: usage.exclusive,
                 jobs: usage.jobs,
+                // Nothing reports GPU faults yet.
+                unhealthy: false,
             }
         })
         .collect()
