@@ -210,8 +210,12 @@ fn preempt(index: &FreeIndex<'_>, queue: &[JobRequest], search: Search, out: &mu
         return;
     }
     let policy = &index.snapshot.policy.preemption;
-    let mut preemptor = Preemptor::new(index.snapshot);
+    let mut preemptor = Preemptor::new(index.snapshot, index);
     let by_id: HashMap<JobId, &JobRequest, FxBuild> = queue.iter().map(|j| (j.id, j)).collect();
+    // Victims only get fewer as the pass goes: a shape that found none at
+    // some priority finds none at that priority or below (for jobs with
+    // no preemptor of their own to exclude).
+    let mut failed: HashMap<Shape<'_>, i32, FxBuild> = HashMap::default();
     let mut tries = 0;
     for unplaced in &mut out.unplaced {
         if out.preemptions.len() >= policy.max_per_pass || tries >= policy.max_tries_per_pass {
@@ -229,13 +233,25 @@ fn preempt(index: &FreeIndex<'_>, queue: &[JobRequest], search: Search, out: &mu
         if !preemptor.worth_trying(&ask) {
             continue;
         }
+        let plain = ask.job.preempted_by.is_empty();
+        let shape = Shape::of(&ask);
+        if plain && failed.get(&shape).is_some_and(|&p| ask.job.priority <= p) {
+            continue;
+        }
         tries += 1;
-        if let Some(decision) = preemptor.choose(index, &ask) {
-            unplaced.reason = HoldReason::Preempting {
-                node: decision.node.clone(),
-                victims: decision.victims.clone(),
-            };
-            out.preemptions.push(decision);
+        match preemptor.choose(index, &ask) {
+            Some(decision) => {
+                unplaced.reason = HoldReason::Preempting {
+                    node: decision.node.clone(),
+                    victims: decision.victims.clone(),
+                };
+                out.preemptions.push(decision);
+            }
+            None if plain => {
+                let worst = failed.entry(shape).or_insert(ask.job.priority);
+                *worst = (*worst).max(ask.job.priority);
+            }
+            None => {}
         }
     }
 }

@@ -28,13 +28,16 @@ const EXACT_UP_TO: usize = 4;
 /// Candidates per node considered (bounds the search per node).
 const CANDIDATES: usize = 12;
 
-/// The pass's preemption state: running jobs by node, victims taken.
+/// The pass's preemption state: possible victims by eligible node, victims
+/// taken.
 pub(crate) struct Preemptor<'s> {
     snapshot: &'s ClusterSnapshot,
-    by_node: HashMap<&'s str, Vec<&'s RunningJob>, FxBuild>,
+    /// By the index's node number: the preemptible, unprotected running
+    /// jobs there, in victim order (lowest priority, then most recent).
+    by_node: Vec<Vec<&'s RunningJob>>,
     /// Victims chosen earlier in this pass, and nodes preempted on.
     taken: BTreeSet<JobId>,
-    nodes_taken: BTreeSet<String>,
+    nodes_taken: Vec<bool>,
     /// Lowest priority of any preemptible running job: a job at or below
     /// it cannot preempt anything, checked before any search.
     floor: Option<i32>,
@@ -51,20 +54,32 @@ struct Choice {
 }
 
 impl<'s> Preemptor<'s> {
-    pub fn new(snapshot: &'s ClusterSnapshot) -> Self {
-        let mut by_node: HashMap<&'s str, Vec<&'s RunningJob>, FxBuild> = HashMap::default();
+    pub fn new(snapshot: &'s ClusterSnapshot, index: &FreeIndex<'_>) -> Self {
+        let numbers: HashMap<&str, usize, FxBuild> = index
+            .nodes()
+            .iter()
+            .enumerate()
+            .map(|(n, slot)| (slot.view.name.as_str(), n))
+            .collect();
+        let mut by_node: Vec<Vec<&'s RunningJob>> = vec![Vec::new(); numbers.len()];
         let mut floor = None;
         for job in &snapshot.running {
-            if job.preemptible {
-                floor = Some(floor.map_or(job.priority, |f: i32| f.min(job.priority)));
+            if !job.preemptible || protected(snapshot, job) {
+                continue;
             }
-            by_node.entry(job.node.as_str()).or_default().push(job);
+            if let Some(&n) = numbers.get(job.node.as_str()) {
+                floor = Some(floor.map_or(job.priority, |f: i32| f.min(job.priority)));
+                by_node[n].push(job);
+            }
+        }
+        for jobs in &mut by_node {
+            jobs.sort_by_key(|v| (v.priority, std::cmp::Reverse(v.started_at_ms), v.id));
         }
         Preemptor {
             snapshot,
+            nodes_taken: vec![false; by_node.len()],
             by_node,
             taken: BTreeSet::new(),
-            nodes_taken: BTreeSet::new(),
             floor,
         }
     }
@@ -76,64 +91,48 @@ impl<'s> Preemptor<'s> {
             && self.floor.is_some_and(|f| ask.job.priority > f)
     }
 
-    /// Whether a running job is protected from preemption at `now_ms`.
-    fn protected(&self, job: &RunningJob) -> bool {
-        let policy = &self.snapshot.policy.preemption;
-        let now = self.snapshot.now_ms;
-        let recent = job
-            .preempted_at_ms
-            .iter()
-            .filter(|&&at| at.saturating_add(policy.window_ms) > now)
-            .count();
-        recent >= policy.max_preemptions as usize
-    }
-
     /// The victims for `ask` over every node of `index`, if any set makes
     /// it fit; records them as taken.
     pub fn choose(&mut self, index: &FreeIndex<'_>, ask: &Ask<'_>) -> Option<Preemption> {
         let job = ask.job;
         let pressure = DiskPressureChecker::new(&self.snapshot.policy);
-        let mut best: Option<Choice> = None;
-        for n in 0..index.nodes().len() as u32 {
+        let mut best: Option<(u32, Choice)> = None;
+        for (n, running) in self.by_node.iter().enumerate() {
+            // Sorted by priority: the first is the least important.
+            if running.first().is_none_or(|v| v.priority >= job.priority) || self.nodes_taken[n] {
+                continue;
+            }
+            let n = n as u32;
             let slot = index.node(n);
             let view = slot.view;
-            if self.nodes_taken.contains(view.name.as_str())
+            if (slot.gpus.len() as u32) < ask.gpus
                 || !LabelChecker::matches(view, &job.constraints.labels)
                 || (pressure.applies_to(job.kind) && pressure.blocks(view, job.kind))
             {
                 continue;
             }
-            let Some(running) = self.by_node.get(view.name.as_str()) else {
-                continue;
-            };
-            let mut candidates: Vec<&RunningJob> = running
+            let candidates: Vec<&RunningJob> = running
                 .iter()
                 .copied()
-                .filter(|v| {
-                    v.priority < job.priority
-                        && v.preemptible
-                        && !self.taken.contains(&v.id)
-                        && !job.preempted_by.contains(&v.id)
-                        && !self.protected(v)
-                })
+                .take_while(|v| v.priority < job.priority)
+                .filter(|v| !self.taken.contains(&v.id) && !job.preempted_by.contains(&v.id))
                 .collect();
             if candidates.is_empty() {
                 continue;
             }
-            candidates.sort_by_key(|v| (v.priority, std::cmp::Reverse(v.started_at_ms), v.id));
             // Nothing on this node fits even with every candidate gone.
             if !fits(index, n, ask, &candidates) {
                 continue;
             }
             if let Some(choice) = self.best_on(index, n, ask, &candidates)
-                && best.as_ref().is_none_or(|b| choice < *b)
+                && best.as_ref().is_none_or(|(_, b)| choice < *b)
             {
-                best = Some(choice);
+                best = Some((n, choice));
             }
         }
-        let choice = best?;
+        let (n, choice) = best?;
         self.taken.extend(choice.victims.iter().copied());
-        self.nodes_taken.insert(choice.node.clone());
+        self.nodes_taken[n as usize] = true;
         Some(Preemption {
             job: job.id,
             reason: format!(
@@ -185,6 +184,18 @@ impl<'s> Preemptor<'s> {
             .find(|&k| fits(index, n, ask, &candidates[..k]))
             .map(|k| rank(&candidates[..k]))
     }
+}
+
+/// Whether a running job is protected from preemption: preempted
+/// `max_preemptions` times within the starvation window before now.
+fn protected(snapshot: &ClusterSnapshot, job: &RunningJob) -> bool {
+    let policy = &snapshot.policy.preemption;
+    let recent = job
+        .preempted_at_ms
+        .iter()
+        .filter(|&&at| at.saturating_add(policy.window_ms) > snapshot.now_ms)
+        .count();
+    recent >= policy.max_preemptions as usize
 }
 
 /// Calls `f` with every subset of `items` of `size` elements, in

@@ -318,6 +318,14 @@ fn a_cancelled_attempt_reported_late_is_told_to_stop() {
     );
 }
 
+/// A one-attempt job of `priority` taking a whole 80 GiB GPU.
+fn whole(name: &str, priority: i32) -> crate::domain::JobSpec {
+    let mut spec = job(name, 1);
+    spec.resources.gpu_memory = Some(80 * GIB);
+    spec.priority = priority;
+    spec
+}
+
 /// Priority preemption: a job that fits nowhere stops a lower-priority one
 /// (a command through Raft, then a cancel with the victim's grace), the
 /// freed GPU is held for it (a later job of even higher priority does not
@@ -325,12 +333,6 @@ fn a_cancelled_attempt_reported_late_is_told_to_stop() {
 /// and runs again when the GPU frees.
 #[test]
 fn a_high_priority_job_preempts_and_the_victim_runs_again() {
-    let whole = |name: &str, priority: i32| {
-        let mut spec = job(name, 1);
-        spec.resources.gpu_memory = Some(80 * GIB);
-        spec.priority = priority;
-        spec
-    };
     let mut urgent = whole("urgent", 10);
     urgent.preemptible = Some(false);
     urgent.preemption_grace_ms = Some(5_000);
@@ -369,12 +371,6 @@ fn a_high_priority_job_preempts_and_the_victim_runs_again() {
 /// its first failure budget untouched: max_attempts 1 still allows it).
 #[test]
 fn a_preempted_job_does_not_use_an_attempt() {
-    let whole = |name: &str, priority: i32| {
-        let mut spec = job(name, 1);
-        spec.resources.gpu_memory = Some(80 * GIB);
-        spec.priority = priority;
-        spec
-    };
     check(
         vec![
             Register("n1", &[]),
