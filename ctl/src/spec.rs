@@ -692,6 +692,23 @@ after: [export-sq8-2p]
     }
 
     #[test]
+    fn preemption_fields() {
+        let jobs =
+            parse("command: [a]\npreemptible: false\npreemption_grace: 2m\n").expect("parses");
+        assert_eq!(
+            (jobs[0].preemptible, jobs[0].preemption_grace_ms),
+            (Some(false), Some(120_000))
+        );
+        let jobs = parse("command: [a]\n").expect("parses");
+        assert_eq!(
+            (jobs[0].preemptible, jobs[0].preemption_grace_ms),
+            (None, None)
+        );
+        let err = parse("command: [a]\npreemption_grace: soon\n").expect_err("bad");
+        assert!(err.contains("preemption_grace"), "{err}");
+    }
+
+    #[test]
     fn timeouts() {
         let cases: Vec<(&str, Option<u64>)> = vec![
             ("timeout: none", None),
