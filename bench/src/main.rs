@@ -10,7 +10,9 @@ use gantry_bench::chaos::{ChaosConfig, ChaosReport};
 use gantry_bench::e2e::{E2eConfig, E2eReport};
 use gantry_bench::etcd::{EtcdConfig, EtcdReport};
 use gantry_bench::heartbeats::{HeartbeatsConfig, HeartbeatsReport};
-use gantry_bench::sched::{SchedConfig, SchedReport, run};
+use gantry_bench::sched::{
+    SchedConfig, SchedReport, ShareBenchConfig, ShareBenchReport, run, run_share,
+};
 use gantry_bench::soak::{SoakConfig, SoakReport};
 
 #[derive(Debug, Parser)]
@@ -122,9 +124,38 @@ struct SchedArgs {
     /// Passes given to the naive first-fit baseline.
     #[arg(long, default_value_t = 2)]
     naive_passes: usize,
+    /// Run the fair-share scenario instead: queues QUEUE=WEIGHT,... always
+    /// contended, e.g. a=1,b=3; reports the GPU time each received (use a
+    /// smaller --nodes, e.g. 100: it runs --passes full passes).
+    #[arg(long, value_parser = parse_weights)]
+    fair_share: Option<Weights>,
+    /// Passes of the fair-share scenario.
+    #[arg(long, default_value_t = 2_000)]
+    passes: u64,
     /// Print one JSON record instead of the human summary.
     #[arg(long)]
     json: bool,
+}
+
+/// `--fair-share` parsed (a newtype: clap treats a bare `Vec` as many values).
+#[derive(Debug, Clone)]
+struct Weights(Vec<(String, u32)>);
+
+fn parse_weights(text: &str) -> Result<Weights, String> {
+    text.split(',')
+        .map(|pair| {
+            let (name, weight) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?}: expected QUEUE=WEIGHT"))?;
+            match weight.trim().parse::<u32>() {
+                Ok(w) if w >= 1 => Ok((name.trim().to_string(), w)),
+                _ => Err(format!(
+                    "{pair:?}: the weight must be a whole number of at least 1"
+                )),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Weights)
 }
 
 #[derive(Debug, Args)]
@@ -278,6 +309,28 @@ fn exit_code<R>(printed: Option<R>) -> ExitCode {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Scenario::Sched(SchedArgs {
+            fair_share: Some(Weights(weights)),
+            nodes,
+            gpus_per_node,
+            passes,
+            json,
+            ..
+        }) => {
+            let report = run_share(&ShareBenchConfig {
+                nodes: nodes.max(1),
+                gpus_per_node: gpus_per_node.max(1),
+                weights,
+                steps: passes.max(10),
+            });
+            exit_code(print_report(
+                "sched",
+                json,
+                Ok(report),
+                ShareBenchReport::to_json,
+                ShareBenchReport::human,
+            ))
+        }
         Scenario::Sched(args) => {
             let report = run(&SchedConfig {
                 nodes: args.nodes,

@@ -2,14 +2,19 @@
 //! queue go through repeated scheduling passes (each bounded by a placement
 //! budget, as the coordinator runs them); each pass is timed, its
 //! placements applied to the snapshot the way the coordinator would, and
-//! the placed jobs leave the queue. The same run is then repeated with the
-//! naive first-fit baseline.
+//! the placed jobs leave the queue and join the running jobs that later
+//! passes may preempt (preemption is on, as in the coordinator; decided
+//! preemptions are counted, not carried out). The same run is then
+//! repeated with the naive first-fit baseline.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use gantry_scheduler::naive::plan_first_fit;
-use gantry_scheduler::{ClusterSnapshot, JobId, JobRequest, Plan, Policy, Resources, plan};
+use gantry_scheduler::share::{QueueLoad, ShareConfig, ShareReport, simulate};
+use gantry_scheduler::{
+    ClusterSnapshot, JobId, JobRequest, Plan, Policy, Resources, RunningJob, plan,
+};
 use serde_json::{Value, json};
 
 use crate::rng::Rng;
@@ -50,6 +55,9 @@ pub struct RunReport {
     pub memory_utilisation: f64,
     /// GPUs holding at least one job at the end.
     pub gpus_busy: f64,
+    /// Preemptions the passes decided (the bench does not carry them out:
+    /// it measures the search).
+    pub preemptions: usize,
 }
 
 impl RunReport {
@@ -81,6 +89,7 @@ impl RunReport {
             "pass_max_ms": self.pass_ms(1.0),
             "gpu_memory_utilisation": self.memory_utilisation,
             "gpus_busy": self.gpus_busy,
+            "preemptions": self.preemptions,
         })
     }
 }
@@ -129,7 +138,7 @@ impl SchedReport {
         format!(
             "{:.0} placements/s\n\
              gantry-bench sched: {} nodes x {} GPUs, {} jobs, seed {}, pass budget {}\n\
-             indexed: {} placed in {} passes ({:.3} s planning), {} waiting\n\
+             indexed: {} placed in {} passes ({:.3} s planning), {} waiting, {} preemptions decided\n\
              pass time: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n\
              GPU memory reserved: {:.1}%, GPUs busy: {:.1}%\n\
              naive first-fit ({} passes): {:.0} placements/s, pass p99 {:.1} ms, {} placed, memory reserved {:.1}%\n\
@@ -144,6 +153,7 @@ impl SchedReport {
             i.passes,
             i.planning.as_secs_f64(),
             i.waiting,
+            i.preemptions,
             i.pass_ms(0.5),
             i.pass_ms(0.99),
             i.pass_ms(1.0),
@@ -208,7 +218,9 @@ fn drive(
         pass_times: Vec::new(),
         memory_utilisation: 0.0,
         gpus_busy: 0.0,
+        preemptions: 0,
     };
+    let jobs: HashMap<JobId, JobRequest> = queue.iter().map(|j| (j.id, j.clone())).collect();
     while report.passes < max_passes && !queue.is_empty() {
         let start = Instant::now();
         let out = planner(&snapshot, &queue);
@@ -217,10 +229,30 @@ fn drive(
         report.planning += elapsed;
         report.pass_times.push(elapsed);
         report.placements += out.placements.len();
+        report.preemptions += out.preemptions.len();
         if out.placements.is_empty() {
             break;
         }
         apply(&mut snapshot, &out, &nodes, &resources);
+        // Placed jobs run: later passes may look at them for preemption.
+        for p in &out.placements {
+            if let Some(job) = jobs.get(&p.job) {
+                snapshot.running.push(RunningJob {
+                    id: p.job,
+                    node: p.node.clone(),
+                    priority: job.priority,
+                    preemptible: !job.kind.exclusive_gpu_by_default(),
+                    started_at_ms: snapshot.now_ms,
+                    gpus: p.gpus.clone(),
+                    gpu_memory: p.gpu_memory,
+                    exclusive_gpu: p.exclusive_gpu,
+                    cpu_millis: job.resources.cpu_millis,
+                    memory: job.resources.memory,
+                    disk: job.resources.disk,
+                    preempted_at_ms: Vec::new(),
+                });
+            }
+        }
         let placed: HashSet<JobId> = out.placements.iter().map(|p| p.job).collect();
         queue.retain(|j| !placed.contains(&j.id));
     }
@@ -263,6 +295,146 @@ fn apply(
     }
 }
 
+/// The fair-share scenario: queues with weights, always contended.
+#[derive(Debug, Clone)]
+pub struct ShareBenchConfig {
+    /// Fleet size.
+    pub nodes: usize,
+    /// GPUs per node.
+    pub gpus_per_node: u32,
+    /// (queue, weight), in order.
+    pub weights: Vec<(String, u32)>,
+    /// Steps (scheduling passes) simulated.
+    pub steps: u64,
+}
+
+/// What the fair-share scenario measured.
+#[derive(Debug, Clone)]
+pub struct ShareBenchReport {
+    /// What ran.
+    pub config: ShareBenchConfig,
+    /// The queues as loaded (job sizes and lengths differ by queue).
+    pub loads: Vec<QueueLoad>,
+    /// The simulation's figures.
+    pub report: ShareReport,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+impl ShareBenchReport {
+    /// (queue, weight, fair share, measured share) per queue.
+    pub fn rows(&self) -> Vec<(String, u32, f64, f64)> {
+        let total: u32 = self.loads.iter().map(|l| l.weight).sum();
+        let shares = self.report.shares();
+        self.loads
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.weight,
+                    f64::from(l.weight) / f64::from(total.max(1)),
+                    shares.get(&l.name).copied().unwrap_or(0.0),
+                )
+            })
+            .collect()
+    }
+
+    /// The largest relative gap between a queue's measured and fair share.
+    pub fn worst_error(&self) -> f64 {
+        self.rows()
+            .iter()
+            .map(|(_, _, fair, got)| (got / fair - 1.0).abs())
+            .fold(0.0, f64::max)
+    }
+
+    /// The machine-readable record printed by `--json`.
+    pub fn to_json(&self) -> Value {
+        let c = &self.config;
+        let queues: Vec<Value> = self
+            .rows()
+            .into_iter()
+            .zip(&self.loads)
+            .map(|((name, weight, fair, got), load)| {
+                json!({
+                    "queue": name,
+                    "weight": weight,
+                    "gpus_per_job": load.gpus_per_job,
+                    "steps_per_job": load.steps_per_job,
+                    "fair_share": fair,
+                    "measured_share": got,
+                })
+            })
+            .collect();
+        json!({
+            "scenario": "sched-fair-share",
+            "nodes": c.nodes,
+            "gpus_per_node": c.gpus_per_node,
+            "steps": c.steps,
+            "placements": self.report.placements,
+            "worst_relative_error": self.worst_error(),
+            "queues": queues,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+        })
+    }
+
+    /// The human summary; the first line is the headline figure.
+    pub fn human(&self) -> String {
+        let c = &self.config;
+        let mut out = format!(
+            "{:.1}% worst share error\n\
+             gantry-bench sched --fair-share: {} nodes x {} GPUs, {} passes, {} placements, {:.1} s\n",
+            self.worst_error() * 100.0,
+            c.nodes,
+            c.gpus_per_node,
+            c.steps,
+            self.report.placements,
+            self.elapsed.as_secs_f64(),
+        );
+        for ((name, weight, fair, got), load) in self.rows().into_iter().zip(&self.loads) {
+            out.push_str(&format!(
+                "queue {name:?}: weight {weight}, jobs of {} GPU(s) x {} passes: GPU time {:.1}% (fair {:.1}%)\n",
+                load.gpus_per_job,
+                load.steps_per_job,
+                got * 100.0,
+                fair * 100.0
+            ));
+        }
+        out.trim_end().to_string()
+    }
+}
+
+/// Runs the fair-share scenario. Queues get different job shapes (1 or 2
+/// GPUs, 10 to 31 passes long) so that fairness by jobs placed would
+/// miss: the share is of GPU time.
+pub fn run_share(config: &ShareBenchConfig) -> ShareBenchReport {
+    let loads: Vec<QueueLoad> = config
+        .weights
+        .iter()
+        .enumerate()
+        .map(|(i, (name, weight))| QueueLoad {
+            name: name.clone(),
+            weight: *weight,
+            gpus_per_job: 1 + (i as u32 % 2),
+            steps_per_job: 10 + 7 * (i as u64 % 4),
+        })
+        .collect();
+    let share = ShareConfig {
+        nodes: config.nodes,
+        gpus_per_node: config.gpus_per_node,
+        queues: loads.clone(),
+        steps: config.steps,
+        warmup: config.steps / 10,
+    };
+    let start = Instant::now();
+    let report = simulate(&share);
+    ShareBenchReport {
+        config: config.clone(),
+        loads,
+        report,
+        elapsed: start.elapsed(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +464,21 @@ mod tests {
         assert_eq!(record["nodes"], 50);
         // Same seed, same workload, same plan outcome.
         assert_eq!(run(&config).indexed.placements, report.indexed.placements);
+    }
+
+    #[test]
+    fn fair_share_reports_each_queue() {
+        let report = run_share(&ShareBenchConfig {
+            nodes: 4,
+            gpus_per_node: 8,
+            weights: vec![("a".into(), 1), ("b".into(), 3)],
+            steps: 400,
+        });
+        let rows = report.rows();
+        assert_eq!(rows.len(), 2);
+        assert!(report.report.placements > 0);
+        let record = report.to_json();
+        assert_eq!(record["queues"][1]["weight"], 3);
+        assert!(report.human().contains("queue \"b\": weight 3"));
     }
 }

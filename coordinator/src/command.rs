@@ -199,6 +199,25 @@ pub enum Command {
         /// The evidence, for people.
         reason: String,
     },
+    /// A pending job preempts lower-priority jobs on one node (the
+    /// scheduler's choice). Apply re-checks every rule at `at_ms` and does
+    /// nothing if one no longer holds; else it marks the victims' attempts
+    /// preempted and holds the node for the preemptor until it starts or
+    /// `until_ms`.
+    Preempt {
+        /// Time (the leader's clock when it proposed).
+        at_ms: u64,
+        /// The preemptor.
+        job: JobId,
+        /// The node.
+        node: String,
+        /// The jobs to stop.
+        victims: Vec<JobId>,
+        /// Why these, for people.
+        reason: String,
+        /// End of the hold.
+        until_ms: u64,
+    },
     /// An operator cleared a node's quarantine (`gantry undrain`): placements
     /// again, and the evidence so far is forgiven.
     ClearQuarantine {
@@ -257,7 +276,8 @@ impl Command {
             | Command::DlqDrop { job, .. }
             | Command::ReviveAttempt { job, .. }
             | Command::RequestCancel { job, .. }
-            | Command::AttemptLost { job, .. } => Some(*job),
+            | Command::AttemptLost { job, .. }
+            | Command::Preempt { job, .. } => Some(*job),
             Command::Submit { .. }
             | Command::RegisterNode { .. }
             | Command::Assign { .. }
@@ -290,6 +310,7 @@ impl Command {
             | Command::PreemptDrained { at_ms, .. }
             | Command::Quarantine { at_ms, .. }
             | Command::ClearQuarantine { at_ms, .. }
+            | Command::Preempt { at_ms, .. }
             | Command::SetRetention { at_ms, .. }
             | Command::Retire { at_ms } => *at_ms,
         }

@@ -248,6 +248,15 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
         spec.gpu_memory_margin_bytes,
         MAX_GPU_MEMORY,
     )?;
+    if spec
+        .preemption_grace_ms
+        .is_some_and(|ms| ms > MAX_PREEMPTION_GRACE_MS)
+    {
+        return Err(invalid(
+            format!("{prefix}preemption_grace"),
+            "longer than 1 hour",
+        ));
+    }
     Ok(JobSpec {
         name,
         kind,
@@ -267,6 +276,8 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
         snapshots,
         gpu_memory_policy,
         gpu_memory_margin,
+        preemptible: spec.preemptible,
+        preemption_grace_ms: spec.preemption_grace_ms,
     })
 }
 
@@ -793,6 +804,8 @@ pub fn spec_to_proto(spec: &JobSpec) -> pb::JobSpec {
             .collect(),
         gpu_memory_policy: spec.gpu_memory_policy.as_str().to_string(),
         gpu_memory_margin_bytes: spec.gpu_memory_margin as i64,
+        preemptible: spec.preemptible,
+        preemption_grace_ms: spec.preemption_grace_ms,
     }
 }
 
@@ -840,7 +853,27 @@ pub fn job_to_proto(job: &JobRecord, reason: Option<&str>) -> pb::Job {
         batch_cap: job.batch_cap.unwrap_or(0),
         owner: job.owner.clone().unwrap_or_default(),
         archived: false,
+        preemptions: preemption_lines(job),
     }
+}
+
+/// Who preempted a job and when, and whom it preempted, for `gantry job`.
+fn preemption_lines(job: &JobRecord) -> Vec<String> {
+    let mut lines: Vec<String> = job
+        .preempted_by
+        .iter()
+        .map(|p| format!("preempted by job {} at {} ms", p.job, p.at_ms))
+        .collect();
+    if let Some(hold) = &job.preempting {
+        let victims: Vec<String> = hold.victims.iter().map(|v| v.to_string()).collect();
+        lines.push(format!(
+            "preempted job(s) {} on node {} at {} ms",
+            victims.join(", "),
+            hold.node,
+            hold.at_ms
+        ));
+    }
+    lines
 }
 
 /// An event to the wire.

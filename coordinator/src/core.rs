@@ -237,6 +237,11 @@ pub struct CoreConfig {
     /// Retention of finished work; a leader proposes it when hard state
     /// holds another (`Command::SetRetention`).
     pub retention: crate::state::RetentionPolicy,
+    /// Fair-share weight per queue (`--queue-weight`); missing = 1.
+    pub queue_weights: std::collections::BTreeMap<String, u32>,
+    /// Per-kind disk watermarks (`--disk-threshold`).
+    pub disk_thresholds:
+        std::collections::BTreeMap<gantry_scheduler::JobKind, gantry_scheduler::DiskThresholds>,
 }
 
 /// A node the fleet inventory (`hosts.yaml`) expects.
@@ -276,6 +281,8 @@ impl Default for CoreConfig {
             inventory: Vec::new(),
             strict_inventory: false,
             retention: Default::default(),
+            queue_weights: Default::default(),
+            disk_thresholds: Default::default(),
         }
     }
 }

@@ -69,7 +69,17 @@ pub struct JobSpec {
     /// Tolerance above the reservation before the policy applies.
     #[serde(default)]
     pub gpu_memory_margin: u64,
+    /// Whether higher-priority jobs may preempt it (`None`: all kinds but
+    /// training).
+    #[serde(default)]
+    pub preemptible: Option<bool>,
+    /// SIGTERM to SIGKILL when preempted (`None`: [`DEFAULT_PREEMPTION_GRACE_MS`]).
+    #[serde(default)]
+    pub preemption_grace_ms: Option<u64>,
 }
+
+/// Default of `JobSpec::preemption_grace_ms`: time to checkpoint.
+pub const DEFAULT_PREEMPTION_GRACE_MS: u64 = 30_000;
 
 /// One file or directory snapshotted into a job's private work directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,7 +138,22 @@ impl JobSpec {
             snapshots: Vec::new(),
             gpu_memory_policy: OverusePolicy::default(),
             gpu_memory_margin: 0,
+            preemptible: None,
+            preemption_grace_ms: None,
         }
+    }
+
+    /// Whether higher-priority jobs may preempt it: as the spec says, else
+    /// every kind but training (a lost training step is expensive).
+    pub fn preemptible(&self) -> bool {
+        self.preemptible
+            .unwrap_or(self.kind != gantry_scheduler::JobKind::Training)
+    }
+
+    /// SIGTERM to SIGKILL when it is preempted.
+    pub fn preemption_grace_ms(&self) -> u64 {
+        self.preemption_grace_ms
+            .unwrap_or(DEFAULT_PREEMPTION_GRACE_MS)
     }
 
     /// Whether this job needs its GPUs to itself.
@@ -353,6 +378,41 @@ pub struct JobRecord {
     /// every event below the oldest job's is about a retired job.
     #[serde(default)]
     pub submit_event: u64,
+    /// Who preempted it and when, oldest first (at most
+    /// [`MAX_PREEMPTIONS_KEPT`]): for `gantry job`, starvation protection
+    /// and no cascades.
+    #[serde(default)]
+    pub preempted_by: Vec<PreemptedBy>,
+    /// Its latest preemption of other jobs: the capacity held for it on
+    /// that node until it starts or `until_ms`.
+    #[serde(default)]
+    pub preempting: Option<PreemptionHold>,
+}
+
+/// Preemptions remembered per job.
+pub const MAX_PREEMPTIONS_KEPT: usize = 16;
+
+/// One preemption of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreemptedBy {
+    /// The preemptor.
+    pub job: JobId,
+    /// When.
+    pub at_ms: u64,
+}
+
+/// A job's preemption of others, and the capacity held for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreemptionHold {
+    /// Where.
+    pub node: String,
+    /// The jobs stopped for it.
+    pub victims: Vec<JobId>,
+    /// When.
+    pub at_ms: u64,
+    /// The hold lapses at this time even if it has not started (its
+    /// victims' grace plus slack), so a stuck stop cannot pin a node.
+    pub until_ms: u64,
 }
 
 impl JobRecord {
@@ -377,6 +437,8 @@ impl JobRecord {
             run: 0,
             owner: None,
             submit_event: 0,
+            preempted_by: Vec::new(),
+            preempting: None,
         }
     }
 

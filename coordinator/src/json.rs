@@ -36,6 +36,9 @@ pub fn job_json(job: &pb::Job) -> Value {
         "batch_cap": job.batch_cap,
         "owner": job.owner,
         "archived": job.archived,
+        "preemptible": spec.preemptible,
+        "preemption_grace_ms": spec.preemption_grace_ms,
+        "preemptions": job.preemptions,
         "attempts": job.attempts.iter().map(|a| json!({
             "attempt": a.attempt,
             "node": a.node,

@@ -80,6 +80,8 @@ pub const MAX_DISK: u64 = 1 << 50;
 pub const MAX_ATTEMPTS: u32 = 100;
 /// Time limit of one attempt (30 days).
 pub const MAX_TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
+/// SIGTERM to SIGKILL of a preempted job (1 hour).
+pub const MAX_PREEMPTION_GRACE_MS: u64 = 3600 * 1000;
 /// Back-off before a retry (24 hours).
 pub const MAX_BACKOFF_MS: u64 = 24 * 3600 * 1000;
 /// Priorities lie in `-MAX_PRIORITY..=MAX_PRIORITY`.

@@ -376,6 +376,10 @@ struct JobFile {
     gpu_memory_policy: Option<String>,
     #[serde(default)]
     gpu_memory_margin: Option<Size>,
+    #[serde(default)]
+    preemptible: Option<bool>,
+    #[serde(default)]
+    preemption_grace: Option<DurationMs>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -589,6 +593,8 @@ fn to_proto(file: JobFile) -> Result<pb::JobSpec, (&'static str, String)> {
             .collect(),
         gpu_memory_policy: file.gpu_memory_policy.unwrap_or_default(),
         gpu_memory_margin_bytes: file.gpu_memory_margin.map_or(0, |s| s.0),
+        preemptible: file.preemptible,
+        preemption_grace_ms: file.preemption_grace.map(|d| d.0),
     })
 }
 
@@ -761,6 +767,23 @@ after: [export-sq8-2p]
             Some((3, 30_000))
         );
         assert_eq!(job.timeout_ms, Some(6 * 3600 * 1000));
+    }
+
+    #[test]
+    fn preemption_fields() {
+        let jobs =
+            parse("command: [a]\npreemptible: false\npreemption_grace: 2m\n").expect("parses");
+        assert_eq!(
+            (jobs[0].preemptible, jobs[0].preemption_grace_ms),
+            (Some(false), Some(120_000))
+        );
+        let jobs = parse("command: [a]\n").expect("parses");
+        assert_eq!(
+            (jobs[0].preemptible, jobs[0].preemption_grace_ms),
+            (None, None)
+        );
+        let err = parse("command: [a]\npreemption_grace: soon\n").expect_err("bad");
+        assert!(err.contains("preemption_grace"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use gantry_scheduler::{JobId, LockHolders};
 
+mod preempt;
 mod quarantine;
 
 use crate::command::Command;
@@ -625,6 +626,14 @@ impl StateMachine {
                 Ok(Outcome::Done)
             }
             Command::Retire { .. } => Ok(Outcome::Done),
+            Command::Preempt {
+                at_ms,
+                job,
+                node,
+                victims,
+                reason,
+                until_ms,
+            } => self.preempt(at_ms, job, node, victims, reason, until_ms),
         }
     }
 

@@ -85,6 +85,16 @@ fn every_bound_is_refused_one_past_the_limit_and_accepted_at_it() {
     let long = |n: usize| "x".repeat(n);
     let cases: Vec<Case> = vec![
         (
+            "preemption grace at the limit",
+            one(|s| s.preemption_grace_ms = Some(MAX_PREEMPTION_GRACE_MS)),
+            Ok(1),
+        ),
+        (
+            "preemption grace past the limit",
+            one(|s| s.preemption_grace_ms = Some(MAX_PREEMPTION_GRACE_MS + 1)),
+            Err("jobs[0].preemption_grace: longer than 1 hour"),
+        ),
+        (
             "labels at the limit",
             one(|s| s.constraints = labels(map(MAX_LABELS, |i| format!("k{i}"), "v"))),
             Ok(1),

@@ -9,6 +9,8 @@
 //!     gpu_headroom: 1GiB
 //!     oom_signatures: ["CUDA out of memory"]
 //!     max_heartbeat_rate: 10000   # heartbeats/s before the interval stretches
+//!     queue_weights: {alice: 1, bob: 3}                   # fair share
+//!     disk_thresholds: {export: {high: 0.92, low: 0.85}}  # per job kind
 //!     tls_cert: /etc/gantry/certs/coordinator.pem   # and tls_key, tls_client_ca,
 //!     tokens: /etc/gantry/certs/tokens.yaml         # tls_ca, join_token_file
 
@@ -63,6 +65,10 @@ pub struct CoordinatorFile {
     pub tokens: Option<PathBuf>,
     /// `--join-token-file`.
     pub join_token_file: Option<PathBuf>,
+    /// `--queue-weight`s.
+    pub queue_weights: Option<BTreeMap<String, u32>>,
+    /// `--disk-threshold`s.
+    pub disk_thresholds: Option<BTreeMap<String, crate::policy::ThresholdsFile>>,
 }
 
 impl CoordinatorFile {
@@ -159,6 +165,16 @@ mod tests {
         assert_eq!(security.join_token_file, Some(PathBuf::from("/j")));
         let error = parse("id: 1\nport: 3\n").expect_err("unknown field");
         assert!(error.contains("unknown field `port`"), "{error}");
+        let policy = parse(
+            "queue_weights: {a: 1, b: 3}\ndisk_thresholds: {export: {high: 0.9, low: 0.8}}\n",
+        )
+        .expect("parses");
+        assert_eq!(policy.queue_weights.map(|w| w.len()), Some(2));
+        let error = parse("disk_thresholds: {export: {high: 0.9}}\n").expect_err("no low");
+        assert!(
+            error.contains("disk_thresholds.export: missing field `low`"),
+            "{error}"
+        );
         let error = parse("gpu_headroom: -1\n").expect_err("negative");
         assert!(error.contains("gpu_headroom"), "{error}");
     }

@@ -94,6 +94,8 @@ pub struct CoordinatorOptions {
     pub disk_reserve: u64,
     /// Retention of finished work (validated).
     pub retention: gantry_coordinator::state::RetentionPolicy,
+    /// Queue weights and disk thresholds (default: none).
+    pub policy: crate::policy::SchedulingPolicy,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -111,6 +113,8 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
     core.inventory = options.inventory.clone();
     core.strict_inventory = options.strict_inventory;
     core.retention = options.retention;
+    core.queue_weights = options.policy.queue_weights.clone();
+    core.disk_thresholds = options.policy.disk_thresholds.clone();
     CoordinatorConfig {
         grpc_addr: options.grpc_addr,
         http_addr: options.http_addr,

@@ -14,6 +14,7 @@ mod config;
 mod daemon;
 mod inventory;
 mod output;
+mod policy;
 mod retention;
 mod security;
 mod spec;
@@ -150,7 +151,8 @@ enum Command {
     /// Run a coordinator.
     Coordinator {
         /// Settings file (YAML: id, peers, grpc_addr, data_dir, gpu_headroom,
-        /// oom_signatures, max_heartbeat_rate); flags win over it.
+        /// oom_signatures, max_heartbeat_rate, queue_weights,
+        /// disk_thresholds); flags win over it.
         #[arg(long)]
         config: Option<PathBuf>,
         /// gRPC listen address (port 0 = any; the bound address is printed).
@@ -211,6 +213,8 @@ enum Command {
         retention: retention::RetentionArgs,
         #[command(flatten)]
         security: CoordinatorSecurityArgs,
+        #[command(flatten)]
+        policy: policy::PolicyArgs,
     },
     /// Run an agent on a GPU node.
     Agent {
@@ -670,6 +674,7 @@ async fn cli_main() -> ExitCode {
             disk_reserve,
             retention,
             security,
+            policy,
         } => {
             let retention = match retention.policy() {
                 Ok(policy) => policy,
@@ -695,6 +700,10 @@ async fn cli_main() -> ExitCode {
                 None => config::CoordinatorFile::default(),
             };
             let security_file = file.security();
+            let policy = match policy::resolve(policy, file.queue_weights, file.disk_thresholds) {
+                Ok(policy) => policy,
+                Err(error) => return fail(CliError::invalid(error)),
+            };
             let peers = match (peers, file.peers) {
                 (Some(text), _) => gantry_coordinator::raft::parse_peers(&text)
                     .map_err(|e| format!("--peers: {e}")),
@@ -809,6 +818,7 @@ async fn cli_main() -> ExitCode {
                 disk_reserve: disk_reserve
                     .unwrap_or(gantry_coordinator::disk::DEFAULT_RESERVE_BYTES),
                 retention,
+                policy,
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -880,6 +890,7 @@ async fn cli_main() -> ExitCode {
                 reloader: None,
                 disk_reserve: gantry_coordinator::disk::DEFAULT_RESERVE_BYTES,
                 retention: Default::default(),
+                policy: Default::default(),
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }

@@ -273,6 +273,9 @@ pub fn print_job(job: &pb::Job) {
         let after: Vec<Cow<'_, str>> = spec.after.iter().map(|a| escape(a)).collect();
         outln!("  after:     {}", after.join(", "));
     }
+    for line in &job.preemptions {
+        outln!("  preempt:   {}", escape(line));
+    }
     for a in &job.attempts {
         let end = match (a.exit_code, a.signal) {
             (Some(c), _) => format!("exit {c}"),

@@ -69,6 +69,8 @@ pub(crate) fn record(id: JobId, state: JobState, attempt: u32) -> JobRecord {
         run: 0,
         owner: None,
         submit_event: 0,
+        preempted_by: Vec::new(),
+        preempting: None,
     }
 }
 

@@ -219,7 +219,8 @@ impl<'s> FreeIndex<'s> {
                     model: models.binary_search(&g.model.as_str()).unwrap_or(0) as u32,
                     free: g.effective_free(headroom),
                     jobs: g.jobs,
-                    exclusive: g.exclusive,
+                    // An unhealthy GPU admits no job, like an exclusively held one.
+                    exclusive: g.exclusive || g.unhealthy,
                 });
             }
             nodes.push(NodeSlot {

@@ -7,6 +7,7 @@
 //!   the [`Plan`] that comes out. The API boundary with the coordinator.
 //! - [`place`]: a scheduling pass, [`plan`]: order, filter, score, select,
 //!   reserve.
+//! - `preempt` (private): priority preemption, the victims a pass chooses.
 //! - [`order`]: queue order: priority, fair share across queues, age.
 //! - [`filter`]: the feasibility checkers (`*Checker`): node state, labels,
 //!   GPU model, GPU sharing, host resources, named locks.
@@ -17,6 +18,8 @@
 //! - [`disk`]: disk backpressure: watermarks with hysteresis, per-kind
 //!   thresholds, fleet pressure.
 //! - [`health`]: the health ranking (the circuit breaker is the coordinator's).
+//! - [`share`]: fair share measured: a closed-loop simulation of a
+//!   contended fleet, for the unit table and the benchmark.
 //! - [`naive`]: first-fit full-scan baseline, for benchmarks and as a test
 //!   oracle.
 //! - [`units`]: sizes and durations for people.
@@ -36,6 +39,8 @@ pub mod model;
 pub mod naive;
 pub mod order;
 pub mod place;
+mod preempt;
+pub mod share;
 pub mod units;
 
 pub use batch::{BatchChoice, choose_batch};

@@ -236,6 +236,42 @@ pub struct JobRequest {
     pub locks: Vec<LockRequest>,
     /// Placement constraints.
     pub constraints: Constraints,
+    /// Jobs that preempted this one: it never preempts them in turn (no
+    /// cascades).
+    pub preempted_by: Vec<JobId>,
+    /// The node whose capacity is held for it after it preempted jobs
+    /// there: it is placed there or waits.
+    pub held_node: Option<String>,
+}
+
+/// A job holding resources, as preemption sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunningJob {
+    /// Job id.
+    pub id: JobId,
+    /// Its node.
+    pub node: String,
+    /// Its priority: only higher-priority jobs may preempt it.
+    pub priority: i32,
+    /// Whether it may be preempted at all (`preemptible` in its spec).
+    pub preemptible: bool,
+    /// When its current attempt was placed: the most recently started lose
+    /// the least work.
+    pub started_at_ms: u64,
+    /// GPU devices it holds.
+    pub gpus: Vec<u32>,
+    /// Memory reserved on each of them.
+    pub gpu_memory: u64,
+    /// Whether it holds them exclusively.
+    pub exclusive_gpu: bool,
+    /// CPU it reserved, thousandths of a core.
+    pub cpu_millis: u64,
+    /// Host memory it reserved.
+    pub memory: u64,
+    /// Disk it reserved.
+    pub disk: u64,
+    /// When it was preempted lately (starvation protection).
+    pub preempted_at_ms: Vec<u64>,
 }
 
 /// Health state of a node, from the leader's health tracker.
@@ -283,6 +319,9 @@ pub struct GpuView {
     pub exclusive: bool,
     /// Number of jobs holding reservations on it.
     pub jobs: u32,
+    /// Reported faulty (XID, uncorrected ECC, pages pending retirement):
+    /// it takes no job until an operator clears it.
+    pub unhealthy: bool,
 }
 
 impl GpuView {
@@ -341,6 +380,9 @@ pub struct NodeView {
     /// Quarantined until this time (unix ms); 0 = not quarantined. Set by
     /// the caller's circuit breaker.
     pub quarantined_until_ms: u64,
+    /// Capacity held for this job, which preempted jobs here: no other job
+    /// is placed on the node until it starts or the hold lapses.
+    pub held_for: Option<JobId>,
 }
 
 /// Who holds a named lock.
@@ -376,8 +418,11 @@ pub struct Policy {
     /// equally good fits, so node health (failures, RTT) decides between
     /// them. Without it a few MiB of NVML noise would outrank a 200 ms RTT.
     pub pack_granularity: u64,
-    /// Fair-share weight per queue (`JobRequest::queue`); missing = 1. A
-    /// queue of weight 2 gets two jobs per round-robin round.
+    /// Priority preemption.
+    pub preemption: PreemptionPolicy,
+    /// Fair-share weight per queue (`JobRequest::queue`); missing = 1. Under
+    /// contention a queue of weight 2 holds twice the GPUs of a queue of
+    /// weight 1 (see [`crate::order`]).
     pub queue_weights: BTreeMap<String, u32>,
 }
 
@@ -392,6 +437,37 @@ impl Default for Policy {
             fleet_pressure_fraction: 0.8,
             pack_granularity: 1 << 30,
             queue_weights: BTreeMap::new(),
+            preemption: PreemptionPolicy::default(),
+        }
+    }
+}
+
+/// When a pending job may preempt running ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreemptionPolicy {
+    /// Preemption on at all.
+    pub enabled: bool,
+    /// Preemptions decided per pass at most (bounds pass latency and how
+    /// much work one pass can stop).
+    pub max_per_pass: usize,
+    /// Jobs that may look for victims per pass at most (each looks at
+    /// every eligible node).
+    pub max_tries_per_pass: usize,
+    /// A job preempted this many times within `window_ms` is protected
+    /// from further preemption until the oldest of them leaves the window.
+    pub max_preemptions: u32,
+    /// The starvation window.
+    pub window_ms: u64,
+}
+
+impl Default for PreemptionPolicy {
+    fn default() -> Self {
+        PreemptionPolicy {
+            enabled: true,
+            max_per_pass: 16,
+            max_tries_per_pass: 32,
+            max_preemptions: 3,
+            window_ms: 60 * 60 * 1000,
         }
     }
 }
@@ -426,6 +502,12 @@ pub struct ClusterSnapshot {
     pub locks: BTreeMap<String, LockHolders>,
     /// Tunables.
     pub policy: Policy,
+    /// Jobs holding resources, for preemption (empty: nothing to preempt).
+    pub running: Vec<RunningJob>,
+    /// GPUs held by each fair-share queue's running jobs (a CPU-only job
+    /// counts one): what the queue order weighs against
+    /// `Policy::queue_weights`. Missing = none held.
+    pub queue_usage: BTreeMap<String, u64>,
 }
 
 /// A decision to run one job.
@@ -469,6 +551,13 @@ pub enum HoldReason {
     },
     /// The pass ran out of its placement budget before reaching this job.
     PassBudget,
+    /// It preempts jobs on a node and waits for them to stop.
+    Preempting {
+        /// The node.
+        node: String,
+        /// The jobs being stopped.
+        victims: Vec<JobId>,
+    },
     /// The fleet as a whole is disk-pressured: pure data producers wait
     /// everywhere until consumers have drained enough.
     FleetDiskBackpressure {
@@ -495,6 +584,15 @@ impl fmt::Display for HoldReason {
                 )
             }
             HoldReason::PassBudget => f.write_str("waiting for the next scheduling pass"),
+            HoldReason::Preempting { node, victims } if victims.is_empty() => write!(
+                f,
+                "waiting for the jobs it preempted on node {node} to stop; capacity held"
+            ),
+            HoldReason::Preempting { node, victims } => write!(
+                f,
+                "preempting {} on node {node}; capacity held until they stop",
+                crate::explain::first_few(victims.iter().map(|v| format!("job {v}")), ", ")
+            ),
             HoldReason::FleetDiskBackpressure { pressured, nodes } => write!(
                 f,
                 "disk backpressure across the fleet ({pressured}/{nodes} nodes pressured)"
@@ -512,6 +610,19 @@ pub struct Unplaced {
     pub reason: HoldReason,
 }
 
+/// A decision that a pending job preempts running ones on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preemption {
+    /// The preemptor.
+    pub job: JobId,
+    /// Where.
+    pub node: String,
+    /// The jobs stopped for it, in choice order.
+    pub victims: Vec<JobId>,
+    /// Why these: the rule that chose them, for `gantry job`.
+    pub reason: String,
+}
+
 /// The output of a scheduling pass.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -519,4 +630,7 @@ pub struct Plan {
     pub placements: Vec<Placement>,
     /// Jobs left waiting, each with a reason.
     pub unplaced: Vec<Unplaced>,
+    /// Running jobs to stop so that a higher-priority job fits; each
+    /// preemptor is also in `unplaced`, with a reason naming its victims.
+    pub preemptions: Vec<Preemption>,
 }

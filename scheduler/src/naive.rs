@@ -38,7 +38,9 @@ pub fn plan_first_fit(snapshot: &ClusterSnapshot, queue: &[JobRequest]) -> Plan 
                 .into_iter()
                 .map(|i| {
                     let g = &n.gpus[i];
-                    (g.effective_free(policy.gpu_headroom), g.jobs, g.exclusive)
+                    // An unhealthy GPU admits no job, like an exclusively held one.
+                    let closed = g.exclusive || g.unhealthy;
+                    (g.effective_free(policy.gpu_headroom), g.jobs, closed)
                 })
                 .collect()
         })
@@ -49,7 +51,7 @@ pub fn plan_first_fit(snapshot: &ClusterSnapshot, queue: &[JobRequest]) -> Plan 
     let mut locks = LockChecker::new(&snapshot.locks);
 
     let mut out = Plan::default();
-    for i in queue_order(queue, policy, fleet_pressured) {
+    for i in queue_order(queue, policy, &snapshot.queue_usage, fleet_pressured) {
         let job = &queue[i];
         let reason = if out.placements.len() >= policy.max_placements_per_pass {
             HoldReason::PassBudget

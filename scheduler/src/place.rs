@@ -22,8 +22,11 @@ use crate::explain::explain;
 use crate::filter::LockChecker;
 use crate::hash::FxBuild;
 use crate::index::{Dir, FreeIndex, Query, Restrict};
-use crate::model::{ClusterSnapshot, HoldReason, JobKind, JobRequest, Placement, Plan, Unplaced};
+use crate::model::{
+    ClusterSnapshot, HoldReason, JobId, JobKind, JobRequest, LockMode, Placement, Plan, Unplaced,
+};
 use crate::order::queue_order;
+use crate::preempt::Preemptor;
 
 /// How a pass searches for candidates. Both give the same plan; the full
 /// scan exists as the test oracle for the index.
@@ -47,6 +50,87 @@ pub fn plan(snapshot: &ClusterSnapshot, queue: &[JobRequest]) -> Plan {
 
 /// [`plan`] with an explicit search strategy.
 pub fn plan_with(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -> Plan {
+    if snapshot.nodes.iter().any(|n| n.held_for.is_some()) {
+        return plan_with_holds(snapshot, queue, search);
+    }
+    plan_pass(snapshot, queue, search)
+}
+
+/// A pass while some nodes' capacity is held for the jobs that preempted
+/// there: each such job is planned first, on its node alone; the rest of
+/// the queue never sees those nodes.
+fn plan_with_holds(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -> Plan {
+    let mut rest = ClusterSnapshot {
+        now_ms: snapshot.now_ms,
+        nodes: Vec::with_capacity(snapshot.nodes.len()),
+        locks: snapshot.locks.clone(),
+        policy: snapshot.policy.clone(),
+        running: snapshot.running.clone(),
+        queue_usage: snapshot.queue_usage.clone(),
+    };
+    let mut held: HashMap<&str, &crate::model::NodeView, FxBuild> = HashMap::default();
+    for node in &snapshot.nodes {
+        match node.held_for {
+            Some(_) => {
+                held.insert(node.name.as_str(), node);
+            }
+            None => rest.nodes.push(node.clone()),
+        }
+    }
+    let mut out = Plan::default();
+    let mut others = Vec::with_capacity(queue.len());
+    for job in queue {
+        let own = job
+            .held_node
+            .as_deref()
+            .and_then(|n| held.get(n))
+            .filter(|n| n.held_for == Some(job.id));
+        let Some(node) = own else {
+            others.push(job.clone());
+            continue;
+        };
+        let mut alone = ClusterSnapshot {
+            now_ms: snapshot.now_ms,
+            nodes: vec![(*node).clone()],
+            locks: rest.locks.clone(),
+            policy: snapshot.policy.clone(),
+            running: Vec::new(),
+            queue_usage: snapshot.queue_usage.clone(),
+        };
+        alone.nodes[0].held_for = None;
+        let mine = plan_pass(&alone, std::slice::from_ref(job), search);
+        for placement in &mine.placements {
+            // The rest of the pass sees the locks it took.
+            for request in &job.locks {
+                let holders = rest.locks.entry(request.name.clone()).or_default();
+                match request.mode {
+                    LockMode::Exclusive => holders.exclusive = Some(job.id),
+                    LockMode::Shared => {
+                        holders.shared.insert(job.id);
+                    }
+                }
+            }
+            out.placements.push(placement.clone());
+        }
+        for mut unplaced in mine.unplaced {
+            if matches!(unplaced.reason, HoldReason::NoFit(_)) {
+                unplaced.reason = HoldReason::Preempting {
+                    node: node.name.clone(),
+                    victims: Vec::new(),
+                };
+            }
+            out.unplaced.push(unplaced);
+        }
+    }
+    let others_plan = plan_pass(&rest, &others, search);
+    out.placements.extend(others_plan.placements);
+    out.unplaced.extend(others_plan.unplaced);
+    out.preemptions.extend(others_plan.preemptions);
+    out
+}
+
+/// One pass over `queue`, holds aside.
+fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -> Plan {
     let policy = &snapshot.policy;
     let with_labels = queue.iter().any(|j| !j.constraints.labels.is_empty());
     let mut index = FreeIndex::build(snapshot, with_labels);
@@ -59,7 +143,7 @@ pub fn plan_with(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Searc
     let mut failed: HashMap<Shape<'_>, HoldReason, FxBuild> = HashMap::default();
 
     let mut out = Plan::default();
-    for i in queue_order(queue, policy, fleet_pressured) {
+    for i in queue_order(queue, policy, &snapshot.queue_usage, fleet_pressured) {
         let job = &queue[i];
         let hold = |reason| Unplaced {
             job: job.id,
@@ -108,7 +192,68 @@ pub fn plan_with(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Searc
             }
         }
     }
+    if policy.preemption.enabled && !snapshot.running.is_empty() {
+        preempt(&index, queue, search, &mut out);
+    }
     out
+}
+
+/// Lets the jobs left without a fit, highest first in queue order, preempt
+/// lower-priority work ([`Preemptor`]); each preemptor's reason then names
+/// its victims.
+fn preempt(index: &FreeIndex<'_>, queue: &[JobRequest], search: Search, out: &mut Plan) {
+    if !out
+        .unplaced
+        .iter()
+        .any(|u| matches!(u.reason, HoldReason::NoFit(_)))
+    {
+        return;
+    }
+    let policy = &index.snapshot.policy.preemption;
+    let mut preemptor = Preemptor::new(index.snapshot, index);
+    let by_id: HashMap<JobId, &JobRequest, FxBuild> = queue.iter().map(|j| (j.id, j)).collect();
+    // Victims only get fewer as the pass goes: a shape that found none at
+    // some priority finds none at that priority or below (for jobs with
+    // no preemptor of their own to exclude).
+    let mut failed: HashMap<Shape<'_>, i32, FxBuild> = HashMap::default();
+    let mut tries = 0;
+    for unplaced in &mut out.unplaced {
+        if out.preemptions.len() >= policy.max_per_pass || tries >= policy.max_tries_per_pass {
+            break;
+        }
+        if !matches!(unplaced.reason, HoldReason::NoFit(_)) {
+            continue;
+        }
+        let Some(ask) = by_id
+            .get(&unplaced.job)
+            .and_then(|job| Ask::new(job, search).ok())
+        else {
+            continue;
+        };
+        if !preemptor.worth_trying(&ask) {
+            continue;
+        }
+        let plain = ask.job.preempted_by.is_empty();
+        let shape = Shape::of(&ask);
+        if plain && failed.get(&shape).is_some_and(|&p| ask.job.priority <= p) {
+            continue;
+        }
+        tries += 1;
+        match preemptor.choose(index, &ask) {
+            Some(decision) => {
+                unplaced.reason = HoldReason::Preempting {
+                    node: decision.node.clone(),
+                    victims: decision.victims.clone(),
+                };
+                out.preemptions.push(decision);
+            }
+            None if plain => {
+                let worst = failed.entry(shape).or_insert(ask.job.priority);
+                *worst = (*worst).max(ask.job.priority);
+            }
+            None => {}
+        }
+    }
 }
 
 /// One job's request, digested for the search: how much free memory each

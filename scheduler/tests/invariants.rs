@@ -79,6 +79,7 @@ fn arb_node() -> impl Strategy<Value = NodeView> {
                                 reserved: reserved * GIB,
                                 exclusive: exclusive && jobs > 0,
                                 jobs,
+                                unhealthy: false,
                             }
                         })
                         .collect(),
@@ -93,6 +94,7 @@ fn arb_node() -> impl Strategy<Value = NodeView> {
                     rtt_ms: f64::from(rtt),
                     recent_failures: failures,
                     quarantined_until_ms: if quarantined { 2_000 } else { 0 },
+                    held_for: None,
                 }
             },
         )
@@ -189,6 +191,8 @@ fn arb_job() -> impl Strategy<Value = JobRequest> {
                             })
                             .unwrap_or_default(),
                     },
+                    preempted_by: Vec::new(),
+                    held_node: None,
                 }
             },
         )
@@ -254,6 +258,7 @@ fn arb_case() -> impl Strategy<Value = (ClusterSnapshot, Vec<JobRequest>)> {
                         nodes,
                         locks,
                         policy,
+                        ..Default::default()
                     },
                     jobs,
                 )

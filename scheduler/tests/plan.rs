@@ -392,6 +392,36 @@ fn named_locks() {
     );
 }
 
+/// Unhealthy GPUs are never chosen, whatever the job: shared, exclusive,
+/// multi-GPU, or one that would otherwise best fit there.
+#[test]
+fn unhealthy_gpus_are_never_chosen() {
+    let mut a = node("a", vec![gpu(0, "H100", 80), gpu(1, "H100", 80)]);
+    a.gpus[0].unhealthy = true;
+    // Best fit would be b's partly used GPU 0; it is unhealthy.
+    let mut b = node("b", vec![gpu(0, "H100", 80), gpu(1, "H100", 80)]);
+    b.gpus[0].jobs = 1;
+    b.gpus[0].reserved = 70 * GIB;
+    b.gpus[0].unhealthy = true;
+    let snapshot = fleet(vec![a, b]);
+    check(
+        &snapshot,
+        &[
+            job(1, JobKind::Selfplay, 1, 8),
+            job(2, JobKind::Training, 1, 8),
+            job(3, JobKind::Training, 2, 8),
+        ],
+        "1 -> a [1] 8GiB
+         2 -> b [1] 8GiB exclusive
+         3 waits: no eligible node has 2 idle GPU(s)",
+    );
+    // With every GPU unhealthy nothing is placed.
+    let mut sick = node("c", vec![gpu(0, "H100", 80)]);
+    sick.gpus[0].unhealthy = true;
+    let out = plan(&fleet(vec![sick]), &[job(1, JobKind::Selfplay, 1, 8)]);
+    assert!(out.placements.is_empty(), "{out:?}");
+}
+
 #[test]
 fn exclusive_and_shared_gpus() {
     let mut held = node("a", vec![gpu(0, "H100", 80), gpu(1, "H100", 80)]);

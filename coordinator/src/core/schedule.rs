@@ -32,6 +32,9 @@ impl Core {
             self.plan_in_flight = Some(now);
             self.propose(assign);
         }
+        for preempt in pass.preempt {
+            self.propose(preempt);
+        }
         self.hold_reasons = pass.reasons;
     }
 }

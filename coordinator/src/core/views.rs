@@ -18,6 +18,8 @@ impl Core {
     pub(super) fn policy(&self) -> Policy {
         Policy {
             gpu_headroom: self.config.gpu_headroom,
+            queue_weights: self.config.queue_weights.clone(),
+            disk_thresholds: self.config.disk_thresholds.clone(),
             ..Policy::default()
         }
     }

@@ -372,3 +372,79 @@ fn a_cancelled_attempt_reported_late_is_told_to_stop() {
         ],
     );
 }
+
+/// A one-attempt job of `priority` taking a whole 80 GiB GPU.
+fn whole(name: &str, priority: i32) -> crate::domain::JobSpec {
+    let mut spec = job(name, 1);
+    spec.resources.gpu_memory = Some(80 * GIB);
+    spec.priority = priority;
+    spec
+}
+
+/// Priority preemption: a job that fits nowhere stops a lower-priority one
+/// (a command through Raft, then a cancel with the victim's grace), the
+/// freed GPU is held for it (a later job of even higher priority does not
+/// slip in), and the victim goes back to pending without using an attempt
+/// and runs again when the GPU frees.
+#[test]
+fn a_high_priority_job_preempts_and_the_victim_runs_again() {
+    let mut urgent = whole("urgent", 10);
+    urgent.preemptible = Some(false);
+    urgent.preemption_grace_ms = Some(5_000);
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![whole("low", 0)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Submit(vec![urgent]),
+            Advance(500),
+            // Higher still, but after the preemption: must not take the GPU.
+            Submit(vec![whole("later", 50)]),
+            Advance(500),
+            Exited("n1", 1, 1, 143),
+            Advance(500),
+            Started("n1", 2, 1),
+            Advance(1_000),
+            Exited("n1", 2, 1, 0),
+            Advance(500),
+        ],
+        &[
+            Want::Recorded("propose Preempt 2@n1 victims [1]"),
+            Want::Recorded("send n1 cancel 1#1 \"preempted by job 2 (priority 10)\""),
+            Want::Recorded("send n1 assign 2#1"),
+            // Not preemptible: `later` waits for it instead.
+            Want::NotRecorded("propose Preempt 3"),
+            Want::Recorded("send n1 assign 3#1"),
+            Want::Job(1, JobState::Pending),
+            Want::Starts(1, 1),
+        ],
+    );
+}
+
+/// With `low` alone behind `urgent`, the victim is placed again (attempt 2,
+/// its first failure budget untouched: max_attempts 1 still allows it).
+#[test]
+fn a_preempted_job_does_not_use_an_attempt() {
+    check(
+        vec![
+            Register("n1", &[]),
+            Submit(vec![whole("low", 0)]),
+            Advance(500),
+            Started("n1", 1, 1),
+            Submit(vec![whole("urgent", 10)]),
+            Advance(500),
+            Exited("n1", 1, 1, 143),
+            Advance(500),
+            Started("n1", 2, 1),
+            Exited("n1", 2, 1, 0),
+            Advance(500),
+        ],
+        &[
+            Want::Job(2, JobState::Succeeded),
+            Want::Recorded("send n1 assign 1#2"),
+            Want::Starts(1, 2),
+            Want::NotRecorded("deadletter"),
+        ],
+    );
+}

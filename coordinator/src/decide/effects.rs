@@ -106,6 +106,27 @@ pub fn applied(
         ) => {
             out.to(node, cancel(tunables, *job, *attempt, ""));
         }
+        (Command::Preempt { job: by, .. }, Outcome::Preempted { node, stop }) => {
+            for (job, attempt) in stop {
+                let Some(record) = state.job(*job) else {
+                    continue;
+                };
+                let reason = record
+                    .current_attempt()
+                    .map(|a| a.preempted.clone())
+                    .unwrap_or_default();
+                tracing::info!(job_id = job, attempt, preemptor = by, %reason, "preempted; telling the agent to stop the attempt");
+                out.to(
+                    node,
+                    super::ToAgent::Cancel {
+                        job: *job,
+                        attempt: *attempt,
+                        grace_ms: record.spec.preemption_grace_ms(),
+                        reason,
+                    },
+                );
+            }
+        }
         (Command::PreemptDrained { .. }, Outcome::Preempted { node, stop }) => {
             soft.preempting.remove(node);
             for (job, attempt) in stop {

@@ -285,6 +285,9 @@ impl Harness {
         if let Some(assign) = pass.assign {
             self.propose(assign);
         }
+        for preempt in pass.preempt {
+            self.propose(preempt);
+        }
     }
 
     /// Proposes, i.e. applies at once, then carries out the effects.
@@ -534,6 +537,9 @@ fn summary(command: &Command) -> String {
         Command::SetNodeDown { node, down, .. } => format!("SetNodeDown {node} {down}"),
         Command::Requeue { job, .. } => format!("Requeue {job}"),
         Command::RequestCancel { job, .. } => format!("RequestCancel {job}"),
+        Command::Preempt {
+            job, node, victims, ..
+        } => format!("Preempt {job}@{node} victims {victims:?}"),
         other => format!("{other:?}"),
     }
 }

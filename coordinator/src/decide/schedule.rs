@@ -21,7 +21,13 @@ pub struct Pass {
     pub assign: Option<Command>,
     /// Why each job left waiting waits.
     pub reasons: HashMap<JobId, String>,
+    /// Preemptions to propose (`Command::Preempt`), one per preemptor.
+    pub preempt: Vec<Command>,
 }
+
+/// How long capacity stays held for a preemptor past its victims' grace
+/// (their agents must report them ended; a stuck stop must not pin a node).
+pub const HOLD_SLACK_MS: u64 = 60_000;
 
 /// One scheduling pass at `now` by the leader of `term`.
 pub fn pass(
@@ -38,10 +44,33 @@ pub fn pass(
         return Pass {
             assign: None,
             reasons,
+            preempt: Vec::new(),
         };
     }
-    let snapshot = snapshot(state, tracker, sessions, policy, breaker, now);
+    let mut snapshot = snapshot(state, tracker, sessions, policy, breaker, now);
+    add_preemption_view(state, &queue, &mut snapshot, now);
     let plan = gantry_scheduler::plan(&snapshot, &queue);
+    let preempt = plan
+        .preemptions
+        .iter()
+        .map(|p| {
+            let grace = p
+                .victims
+                .iter()
+                .filter_map(|v| state.job(*v))
+                .map(|v| v.spec.preemption_grace_ms())
+                .max()
+                .unwrap_or(0);
+            Command::Preempt {
+                at_ms: now,
+                job: p.job,
+                node: p.node.clone(),
+                victims: p.victims.clone(),
+                reason: p.reason.clone(),
+                until_ms: now + grace + HOLD_SLACK_MS,
+            }
+        })
+        .collect();
     for unplaced in plan.unplaced {
         reasons.insert(unplaced.job, unplaced.reason.to_string());
     }
@@ -54,7 +83,60 @@ pub fn pass(
         placements: plan.placements,
         term,
     });
-    Pass { assign, reasons }
+    Pass {
+        assign,
+        reasons,
+        preempt,
+    }
+}
+
+/// What preemption reads: the running jobs a job of the queue could
+/// preempt (only those below the queue's highest priority, so a pass with
+/// nothing urgent builds nothing), and the nodes held for preemptors.
+fn add_preemption_view(
+    state: &StateMachine,
+    queue: &[JobRequest],
+    snapshot: &mut ClusterSnapshot,
+    now: u64,
+) {
+    let mut held: HashMap<&str, JobId> = HashMap::new();
+    for job in queue.iter().filter_map(|j| state.job(j.id)) {
+        if let Some(hold) = job.preempting.as_ref().filter(|h| h.until_ms > now) {
+            held.insert(hold.node.as_str(), job.id);
+        }
+    }
+    for node in &mut snapshot.nodes {
+        node.held_for = held.get(node.name.as_str()).copied();
+    }
+    let Some(top) = queue.iter().map(|j| j.priority).max() else {
+        return;
+    };
+    for job in state.active() {
+        if job.spec.priority >= top || !job.spec.preemptible() || job.cancel_requested {
+            continue;
+        }
+        let Some(attempt) = job
+            .current_attempt()
+            .filter(|a| a.ended_at_ms == 0 && a.preempted.is_empty())
+        else {
+            continue;
+        };
+        let r = &job.spec.resources;
+        snapshot.running.push(gantry_scheduler::RunningJob {
+            id: job.id,
+            node: attempt.node.clone(),
+            priority: job.spec.priority,
+            preemptible: true,
+            started_at_ms: attempt.assigned_at_ms,
+            gpus: attempt.gpus.clone(),
+            gpu_memory: attempt.gpu_memory,
+            exclusive_gpu: attempt.exclusive_gpu,
+            cpu_millis: r.cpu_millis,
+            memory: r.memory,
+            disk: r.disk,
+            preempted_at_ms: job.preempted_by.iter().map(|p| p.at_ms).collect(),
+        });
+    }
 }
 
 /// The pending jobs a pass offers the scheduler, and why each other
@@ -101,6 +183,12 @@ fn queue(state: &StateMachine, now: u64) -> (Vec<JobRequest>, HashMap<JobId, Str
             batch: capped_batch(job),
             locks: job.spec.locks.clone(),
             constraints: job.spec.constraints.clone(),
+            preempted_by: job.preempted_by.iter().map(|p| p.job).collect(),
+            held_node: job
+                .preempting
+                .as_ref()
+                .filter(|h| h.until_ms > now)
+                .map(|h| h.node.clone()),
         });
     }
     (queue, reasons)
@@ -139,6 +227,7 @@ pub fn snapshot(
                 provider: node.labels.get("provider").cloned().unwrap_or_default(),
                 recent_failures: breaker.recent_failures(&node.name, now),
                 quarantined_until_ms: node.quarantine.as_ref().map_or(0, |q| q.until_ms),
+                ..Default::default()
             }
         })
         .collect();
@@ -147,7 +236,26 @@ pub fn snapshot(
         nodes,
         locks: state.locks().clone(),
         policy: policy.clone(),
+        queue_usage: queue_usage(state),
+        ..Default::default()
     }
+}
+
+/// GPUs each fair-share queue's active jobs hold (a CPU-only job counts
+/// one, as in the scheduler's queue order): what the weights are weighed
+/// against.
+pub fn queue_usage(state: &StateMachine) -> BTreeMap<String, u64> {
+    let mut usage: BTreeMap<String, u64> = BTreeMap::new();
+    for job in state.active() {
+        let gpus = job.current_attempt().map_or(0, |a| a.gpus.len() as u64);
+        match usage.get_mut(&job.spec.queue) {
+            Some(held) => *held += gpus.max(1),
+            None => {
+                usage.insert(job.spec.queue.clone(), gpus.max(1));
+            }
+        }
+    }
+    usage
 }
 
 /// A node's GPUs as the scheduler sees them: hard-state reservations, the
@@ -184,6 +292,8 @@ pub fn gpu_views(state: &StateMachine, tracker: &HealthTracker, node: &NodeRecor
                 reserved: usage.reserved,
                 exclusive: usage.exclusive,
                 jobs: usage.jobs,
+                // Nothing reports GPU faults yet.
+                unhealthy: false,
             }
         })
         .collect()

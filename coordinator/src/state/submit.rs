@@ -57,6 +57,8 @@ impl StateMachine {
                 run,
                 owner: owner.clone(),
                 submit_event: self.next_event_index,
+                preempted_by: Vec::new(),
+                preempting: None,
             };
             self.jobs.insert(*id, record);
             self.pending.insert(*id);

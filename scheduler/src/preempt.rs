@@ -1,0 +1,541 @@
+//! Priority preemption: a pending job that fits nowhere may stop running
+//! jobs of lower priority on one node, when what they hold would make it
+//! fit.
+//!
+//! Victims, per node: running jobs of strictly lower priority that are
+//! preemptible, not protected (preempted `max_preemptions` times within the
+//! starvation window), not a job that preempted the preemptor (no
+//! cascades), and not already chosen in this pass. Among the sets that make
+//! the job fit, the pass takes, over every eligible node, the set with the
+//! fewest jobs, then the lowest highest priority, then the least work lost
+//! (the most recently started), then the node name and the job ids: the
+//! same input gives the same victims. Sets of up to [`EXACT_UP_TO`] jobs are
+//! searched exhaustively among a node's first [`CANDIDATES`] candidates in
+//! that order; past that the candidates are taken in order until the job
+//! fits.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::disk::DiskPressureChecker;
+use crate::filter::{GpuModelChecker, GpuShareChecker, LabelChecker, ResourceChecker};
+use crate::hash::FxBuild;
+use crate::index::FreeIndex;
+use crate::model::{ClusterSnapshot, JobId, Preemption, RunningJob};
+use crate::place::Ask;
+
+/// Largest victim set searched exhaustively.
+const EXACT_UP_TO: usize = 4;
+/// Candidates per node considered (bounds the search per node).
+const CANDIDATES: usize = 12;
+
+/// The pass's preemption state: possible victims by eligible node, victims
+/// taken.
+pub(crate) struct Preemptor<'s> {
+    snapshot: &'s ClusterSnapshot,
+    /// By the index's node number: the preemptible, unprotected running
+    /// jobs there, in victim order (lowest priority, then most recent).
+    by_node: Vec<Vec<&'s RunningJob>>,
+    /// Victims chosen earlier in this pass, and nodes preempted on.
+    taken: BTreeSet<JobId>,
+    nodes_taken: Vec<bool>,
+    /// Lowest priority of any preemptible running job: a job at or below
+    /// it cannot preempt anything, checked before any search.
+    floor: Option<i32>,
+}
+
+/// A candidate set on one node and its rank.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Choice {
+    count: usize,
+    top_priority: i32,
+    work_lost: u64,
+    node: String,
+    victims: Vec<JobId>,
+}
+
+impl<'s> Preemptor<'s> {
+    pub fn new(snapshot: &'s ClusterSnapshot, index: &FreeIndex<'_>) -> Self {
+        let numbers: HashMap<&str, usize, FxBuild> = index
+            .nodes()
+            .iter()
+            .enumerate()
+            .map(|(n, slot)| (slot.view.name.as_str(), n))
+            .collect();
+        let mut by_node: Vec<Vec<&'s RunningJob>> = vec![Vec::new(); numbers.len()];
+        let mut floor = None;
+        for job in &snapshot.running {
+            if !job.preemptible || protected(snapshot, job) {
+                continue;
+            }
+            if let Some(&n) = numbers.get(job.node.as_str()) {
+                floor = Some(floor.map_or(job.priority, |f: i32| f.min(job.priority)));
+                by_node[n].push(job);
+            }
+        }
+        for jobs in &mut by_node {
+            jobs.sort_by_key(|v| (v.priority, std::cmp::Reverse(v.started_at_ms), v.id));
+        }
+        Preemptor {
+            snapshot,
+            nodes_taken: vec![false; by_node.len()],
+            by_node,
+            taken: BTreeSet::new(),
+            floor,
+        }
+    }
+
+    /// Whether `ask`'s job could preempt anything at all.
+    pub fn worth_trying(&self, ask: &Ask<'_>) -> bool {
+        self.snapshot.policy.preemption.enabled
+            && ask.job.held_node.is_none()
+            && self.floor.is_some_and(|f| ask.job.priority > f)
+    }
+
+    /// The victims for `ask` over every node of `index`, if any set makes
+    /// it fit; records them as taken.
+    pub fn choose(&mut self, index: &FreeIndex<'_>, ask: &Ask<'_>) -> Option<Preemption> {
+        let job = ask.job;
+        let pressure = DiskPressureChecker::new(&self.snapshot.policy);
+        let mut best: Option<(u32, Choice)> = None;
+        for (n, running) in self.by_node.iter().enumerate() {
+            // Sorted by priority: the first is the least important.
+            if running.first().is_none_or(|v| v.priority >= job.priority) || self.nodes_taken[n] {
+                continue;
+            }
+            let n = n as u32;
+            let slot = index.node(n);
+            let view = slot.view;
+            if (slot.gpus.len() as u32) < ask.gpus
+                || !LabelChecker::matches(view, &job.constraints.labels)
+                || (pressure.applies_to(job.kind) && pressure.blocks(view, job.kind))
+            {
+                continue;
+            }
+            let candidates: Vec<&RunningJob> = running
+                .iter()
+                .copied()
+                .take_while(|v| v.priority < job.priority)
+                .filter(|v| !self.taken.contains(&v.id) && !job.preempted_by.contains(&v.id))
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            // Nothing on this node fits even with every candidate gone.
+            if !fits(index, n, ask, &candidates) {
+                continue;
+            }
+            if let Some(choice) = self.best_on(index, n, ask, &candidates)
+                && best.as_ref().is_none_or(|(_, b)| choice < *b)
+            {
+                best = Some((n, choice));
+            }
+        }
+        let (n, choice) = best?;
+        self.taken.extend(choice.victims.iter().copied());
+        self.nodes_taken[n as usize] = true;
+        Some(Preemption {
+            job: job.id,
+            reason: format!(
+                "{} job(s) of priority {} at most, below {}, the fewest that make room on node {}",
+                choice.count, choice.top_priority, job.priority, choice.node
+            ),
+            node: choice.node,
+            victims: choice.victims,
+        })
+    }
+
+    /// The best set on node `n`: the smallest, then by rank.
+    fn best_on(
+        &self,
+        index: &FreeIndex<'_>,
+        n: u32,
+        ask: &Ask<'_>,
+        candidates: &[&RunningJob],
+    ) -> Option<Choice> {
+        let now = self.snapshot.now_ms;
+        let name = &index.node(n).view.name;
+        let rank = |set: &[&RunningJob]| Choice {
+            count: set.len(),
+            top_priority: set.iter().map(|v| v.priority).max().unwrap_or(i32::MIN),
+            work_lost: set
+                .iter()
+                .map(|v| now.saturating_sub(v.started_at_ms))
+                .sum(),
+            node: name.clone(),
+            victims: set.iter().map(|v| v.id).collect(),
+        };
+        let exact = &candidates[..candidates.len().min(CANDIDATES)];
+        for size in 1..=EXACT_UP_TO.min(exact.len()) {
+            let mut best: Option<Choice> = None;
+            for_each_subset(exact, size, &mut |set| {
+                if fits(index, n, ask, set) {
+                    let choice = rank(set);
+                    if best.as_ref().is_none_or(|b| choice < *b) {
+                        best = Some(choice);
+                    }
+                }
+            });
+            if best.is_some() {
+                return best;
+            }
+        }
+        // Larger sets: candidates in order until it fits.
+        (EXACT_UP_TO + 1..=candidates.len())
+            .find(|&k| fits(index, n, ask, &candidates[..k]))
+            .map(|k| rank(&candidates[..k]))
+    }
+}
+
+/// Whether a running job is protected from preemption: preempted
+/// `max_preemptions` times within the starvation window before now.
+fn protected(snapshot: &ClusterSnapshot, job: &RunningJob) -> bool {
+    let policy = &snapshot.policy.preemption;
+    let recent = job
+        .preempted_at_ms
+        .iter()
+        .filter(|&&at| at.saturating_add(policy.window_ms) > snapshot.now_ms)
+        .count();
+    recent >= policy.max_preemptions as usize
+}
+
+/// Calls `f` with every subset of `items` of `size` elements, in
+/// lexicographic order of positions.
+fn for_each_subset<'a>(
+    items: &[&'a RunningJob],
+    size: usize,
+    f: &mut dyn FnMut(&[&'a RunningJob]),
+) {
+    fn go<'a>(
+        items: &[&'a RunningJob],
+        start: usize,
+        size: usize,
+        chosen: &mut Vec<&'a RunningJob>,
+        f: &mut dyn FnMut(&[&'a RunningJob]),
+    ) {
+        if chosen.len() == size {
+            f(chosen);
+            return;
+        }
+        for i in start..items.len() {
+            if items.len() - i < size - chosen.len() {
+                break;
+            }
+            chosen.push(items[i]);
+            go(items, i + 1, size, chosen, f);
+            chosen.pop();
+        }
+    }
+    go(items, 0, size, &mut Vec::with_capacity(size), f);
+}
+
+/// Whether `ask` fits on node `n` once `victims` are gone: their host
+/// resources, GPU memory, GPU shares and exclusivity come back.
+fn fits(index: &FreeIndex<'_>, n: u32, ask: &Ask<'_>, victims: &[&RunningJob]) -> bool {
+    let slot = index.node(n);
+    let job = ask.job;
+    let mut free = slot.free;
+    for v in victims {
+        free.cpu_millis += v.cpu_millis;
+        free.memory += v.memory;
+        free.disk += v.disk;
+    }
+    if !ResourceChecker::fits(&free, job) {
+        return false;
+    }
+    if ask.gpus == 0 {
+        return true;
+    }
+    let mut usable = 0u32;
+    for s in slot.gpus.clone() {
+        let gpu = index.gpu(s);
+        let Some(view) = slot.view.gpus.iter().find(|g| g.index == gpu.device) else {
+            continue;
+        };
+        if view.unhealthy || !GpuModelChecker::matches(&view.model, &job.constraints.gpu_models) {
+            continue;
+        }
+        let mut memory = gpu.free;
+        let mut jobs = gpu.jobs;
+        let mut exclusive = gpu.exclusive;
+        for v in victims.iter().filter(|v| v.gpus.contains(&gpu.device)) {
+            memory = memory.saturating_add(v.gpu_memory);
+            jobs = jobs.saturating_sub(1);
+            exclusive &= !v.exclusive_gpu;
+        }
+        if memory >= ask.need && GpuShareChecker::admits(jobs, exclusive, ask.exclusive) {
+            usable += 1;
+        }
+    }
+    usable >= ask.gpus
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{
+        ClusterSnapshot, GpuView, HoldReason, JobRequest, NodeView, Plan, Resources, RunningJob,
+    };
+    use crate::place::plan;
+
+    const GIB: u64 = 1 << 30;
+    const NOW: u64 = 10_000_000;
+
+    /// A running job: (id, node, priority, preemptible, started, gpus).
+    type Run = (u64, &'static str, i32, bool, u64, &'static [u32]);
+    /// (case, nodes, running, pending (id, priority, gpus), expected).
+    type Case = (
+        &'static str,
+        &'static [&'static str],
+        &'static [Run],
+        (u64, i32, u32),
+        &'static str,
+    );
+
+    /// Nodes of 2 exclusive 80 GiB GPUs each, full with `running`; one
+    /// pending job of `priority` wanting `gpus` GPUs.
+    fn snapshot(nodes: &[&str], running: &[Run]) -> ClusterSnapshot {
+        let mut snapshot = ClusterSnapshot {
+            now_ms: NOW,
+            nodes: nodes
+                .iter()
+                .map(|name| NodeView {
+                    name: name.to_string(),
+                    heard_from: true,
+                    gpus: (0..2)
+                        .map(|index| GpuView {
+                            index,
+                            model: "H100".into(),
+                            total: 80 * GIB,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    cpu_millis_total: 64_000,
+                    memory_total: 512 * GIB,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        for &(id, node, priority, preemptible, started, gpus) in running {
+            let view = snapshot
+                .nodes
+                .iter_mut()
+                .find(|n| n.name == node)
+                .expect("node");
+            for g in view.gpus.iter_mut().filter(|g| gpus.contains(&g.index)) {
+                g.reserved = 80 * GIB;
+                g.jobs += 1;
+                g.exclusive = true;
+            }
+            snapshot.running.push(RunningJob {
+                id,
+                node: node.into(),
+                priority,
+                preemptible,
+                started_at_ms: started,
+                gpus: gpus.to_vec(),
+                gpu_memory: 80 * GIB,
+                exclusive_gpu: true,
+                ..Default::default()
+            });
+        }
+        snapshot
+    }
+
+    fn pending(id: u64, priority: i32, gpus: u32) -> JobRequest {
+        JobRequest {
+            id,
+            priority,
+            exclusive_gpu: true,
+            resources: Resources {
+                gpus,
+                gpu_memory: Some(80 * GIB),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// The preemptions of a plan as `job@node: victims`.
+    fn render(plan: &Plan) -> String {
+        plan.preemptions
+            .iter()
+            .map(|p| format!("{}@{}: {:?}", p.job, p.node, p.victims))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    #[test]
+    fn victim_choice() {
+        let cases: &[Case] = &[
+            (
+                "the fewest jobs: one 2-GPU job rather than two 1-GPU jobs",
+                &["a", "b"],
+                &[
+                    (1, "a", 0, true, 100, &[0]),
+                    (2, "a", 0, true, 200, &[1]),
+                    (3, "b", 5, true, 100, &[0, 1]),
+                ],
+                (9, 10, 2),
+                "9@b: [3]",
+            ),
+            (
+                "lowest priority first",
+                &["a", "b"],
+                &[
+                    (1, "a", 3, true, 100, &[0, 1]),
+                    (2, "b", 1, true, 100, &[0, 1]),
+                ],
+                (9, 10, 1),
+                "9@b: [2]",
+            ),
+            (
+                "then the most recently started (least work lost)",
+                &["a"],
+                &[(1, "a", 0, true, 100, &[0]), (2, "a", 0, true, 900, &[1])],
+                (9, 10, 1),
+                "9@a: [2]",
+            ),
+            (
+                "lowest priority beats recency",
+                &["a"],
+                &[(1, "a", 0, true, 100, &[0]), (2, "a", 1, true, 900, &[1])],
+                (9, 10, 1),
+                "9@a: [1]",
+            ),
+            (
+                "never a job that is not preemptible",
+                &["a"],
+                &[(1, "a", 0, false, 100, &[0]), (2, "a", 1, true, 900, &[1])],
+                (9, 10, 1),
+                "9@a: [2]",
+            ),
+            (
+                "nothing preemptible: nothing stops",
+                &["a"],
+                &[(1, "a", 0, false, 100, &[0, 1])],
+                (9, 10, 1),
+                "",
+            ),
+            (
+                "never equal or higher priority",
+                &["a"],
+                &[(1, "a", 10, true, 100, &[0]), (2, "a", 11, true, 900, &[1])],
+                (9, 10, 1),
+                "",
+            ),
+            (
+                "two victims when one is not enough",
+                &["a"],
+                &[(1, "a", 0, true, 100, &[0]), (2, "a", 1, true, 900, &[1])],
+                (9, 10, 2),
+                "9@a: [1, 2]",
+            ),
+            (
+                "a job that fits without preempting preempts nothing",
+                &["a", "b"],
+                &[(1, "a", 0, true, 100, &[0, 1])],
+                (9, 10, 2),
+                "",
+            ),
+        ];
+        for (case, nodes, running, (id, priority, gpus), expected) in cases {
+            let snapshot = snapshot(nodes, running);
+            let out = plan(&snapshot, &[pending(*id, *priority, *gpus)]);
+            assert_eq!(render(&out), *expected, "{case}");
+            if !expected.is_empty() {
+                assert!(
+                    matches!(out.unplaced[0].reason, HoldReason::Preempting { .. }),
+                    "{case}: {:?}",
+                    out.unplaced
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_cascade_and_one_node_per_pass() {
+        let running: &[Run] = &[
+            (1, "a", 0, true, 100, &[0, 1]),
+            (2, "b", 0, true, 100, &[0, 1]),
+        ];
+        // Job 1 preempted job 9 earlier: 9 may not preempt 1 back.
+        let mut nine = pending(9, 10, 1);
+        nine.preempted_by = vec![1];
+        let out = plan(&snapshot(&["a", "b"], running), &[nine]);
+        assert_eq!(render(&out), "9@b: [2]");
+        // Two preemptors in one pass never share a node or a victim.
+        let out = plan(
+            &snapshot(&["a", "b"], running),
+            &[pending(8, 10, 2), pending(9, 10, 2)],
+        );
+        assert_eq!(render(&out), "8@a: [1]; 9@b: [2]");
+    }
+
+    #[test]
+    fn starvation_protection() {
+        let window = crate::model::PreemptionPolicy::default().window_ms;
+        // (times preempted, expected)
+        let cases: &[(&[u64], &str)] = &[
+            (&[], "9@a: [1]"),
+            (&[NOW - 10, NOW - 20], "9@a: [1]"),
+            // Three times within the window: protected.
+            (&[NOW - 10, NOW - 20, NOW - 30], ""),
+            // The oldest left the window: fair game again.
+            (&[NOW - 10, NOW - 20, NOW - window], "9@a: [1]"),
+        ];
+        for (times, expected) in cases {
+            let mut snapshot = snapshot(&["a"], &[(1, "a", 0, true, 100, &[0, 1])]);
+            snapshot.running[0].preempted_at_ms = times.to_vec();
+            let out = plan(&snapshot, &[pending(9, 10, 1)]);
+            assert_eq!(render(&out), *expected, "{times:?}");
+        }
+    }
+
+    #[test]
+    fn held_capacity_goes_to_its_preemptor_only() {
+        // Node a is held for job 9; its victim has stopped, so a is free.
+        let mut snapshot = snapshot(&["a"], &[]);
+        snapshot.nodes[0].held_for = Some(9);
+        let mut nine = pending(9, 10, 2);
+        nine.held_node = Some("a".into());
+        // Job 5 comes first in queue order (higher priority) but may not
+        // take the held node.
+        let out = plan(&snapshot, &[pending(5, 50, 1), nine]);
+        let placed: Vec<(u64, &str)> = out
+            .placements
+            .iter()
+            .map(|p| (p.job, p.node.as_str()))
+            .collect();
+        assert_eq!(placed, [(9, "a")]);
+        assert_eq!(out.unplaced.len(), 1);
+        assert_eq!(out.unplaced[0].job, 5);
+        // While its victims still run, it waits there and preempts nothing more.
+        let mut snapshot = snapshot_with_victim_running();
+        snapshot.nodes[0].held_for = Some(9);
+        let mut nine = pending(9, 10, 2);
+        nine.held_node = Some("a".into());
+        let out = plan(&snapshot, &[nine]);
+        assert!(out.preemptions.is_empty());
+        assert_eq!(
+            out.unplaced[0].reason.to_string(),
+            "waiting for the jobs it preempted on node a to stop; capacity held"
+        );
+    }
+
+    fn snapshot_with_victim_running() -> ClusterSnapshot {
+        snapshot(
+            &["a", "b"],
+            &[
+                (1, "a", 0, true, 100, &[0, 1]),
+                (2, "b", 0, true, 100, &[0, 1]),
+            ],
+        )
+    }
+
+    #[test]
+    fn preemption_can_be_turned_off() {
+        let mut snapshot = snapshot(&["a"], &[(1, "a", 0, true, 100, &[0, 1])]);
+        snapshot.policy.preemption.enabled = false;
+        assert_eq!(render(&plan(&snapshot, &[pending(9, 10, 1)])), "");
+    }
+}
