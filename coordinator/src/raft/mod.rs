@@ -31,12 +31,13 @@
 //! and refuses to start otherwise.
 //!
 //! **A round** of the loop: take what arrived (at most
-//! `MAX_INPUTS_PER_ROUND`, waiting at most until the next tick), tick
-//! Raft's clock when due, let the application run its own tick (one timer
-//! for both), propose the round's commands (the proposers' and the
-//! application's own) as batch entries (tikv raftstore's write batches: up
-//! to 1,024 commands or 1 MiB share one entry, hence one append, one fsync
-//! and one storage batch in the application), handle the `Ready`s, publish
+//! `MAX_INPUTS_PER_ROUND`, waiting at most until the next tick, not at all
+//! when proposals or a `Ready` are left), tick Raft's clock when due,
+//! propose the round's commands (the proposers' and the application's own)
+//! as batch entries (tikv raftstore's write batches: up to 1,024 commands
+//! or 1 MiB share one entry, hence one append, one fsync and one storage
+//! batch in the application), handle the `Ready`s, let the application run
+//! its own tick on what was applied (one timer for both clocks), publish
 //! the status.
 //!
 //! **Ordering** (raft-rs's documented `Ready` order, as in its

@@ -533,11 +533,6 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                     next_tick = now + self.tick;
                 }
             }
-            // The application's own clock (leadership, housekeeping,
-            // scheduling passes): once a round, after its inputs.
-            let status = self.current_status(true);
-            self.app.tick(&status);
-            self.take_app_proposals();
             self.propose_batch();
             if let Err(error) = self.on_ready() {
                 failure = Some(error);
@@ -546,7 +541,14 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             if self.raw.raft.state != StateRole::Leader && !self.pending.is_empty() {
                 self.fail_pending(u64::MAX);
             }
-            self.publish(true);
+            // The application's own clock (leadership, housekeeping,
+            // scheduling passes): once a round, after what the round
+            // applied, so a pass sees a submit at once. What it proposes
+            // goes with the next round, which then does not wait.
+            let status = self.current_status(true);
+            self.app.tick(&status);
+            self.take_app_proposals();
+            self.publish_status(status);
         }
         if let Some(error) = &failure {
             tracing::error!(id = self.id, %error, "raft node stopped on a fatal error");
@@ -903,7 +905,10 @@ impl<A: ReplicatedStateMachine> Driver<A> {
     }
 
     fn publish(&self, running: bool) {
-        let status = self.current_status(running);
+        self.publish_status(self.current_status(running));
+    }
+
+    fn publish_status(&self, status: RaftStatus) {
         self.status.send_if_modified(|current| {
             if *current == status {
                 false
