@@ -281,11 +281,12 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
         let thread = std::thread::Builder::new()
             .name(format!("gantry-raft-{}", config.id))
             .spawn(move || {
-                let ran =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || driver.run()));
+                let mut driver = driver;
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run()));
                 if let Err(payload) = ran {
-                    // The loop (its application and storage) was dropped
-                    // while unwinding; what remains is to say so.
+                    // Said first: dropping the loop (the application and
+                    // the storage, whose sled flushes on drop) may take a
+                    // while, and its callers (probes) must not wait on it.
                     let reason = format!("raft thread panicked: {}", panic_message(&*payload));
                     tracing::error!(id, %reason, "raft node stopped");
                     status_tx.send_modify(|status| {
@@ -295,6 +296,7 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
                     });
                     thread_shutdown.cancel();
                 }
+                drop(driver);
                 drop(done_tx);
             })
             .map_err(|error| RaftError::Start(format!("cannot start the raft thread: {error}")))?;
@@ -502,7 +504,7 @@ struct Driver<A: ReplicatedStateMachine> {
 }
 
 impl<A: ReplicatedStateMachine> Driver<A> {
-    fn run(mut self) {
+    fn run(&mut self) {
         let mut next_tick = Instant::now() + self.tick;
         let mut failure = None;
         while !self.shutdown.is_cancelled() {
