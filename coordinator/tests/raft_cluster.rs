@@ -460,7 +460,11 @@ async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
         (0..10).map(|i| format!("a-{i}")).collect::<Vec<_>>()[..]
     );
     for (i, position) in &positions {
-        assert_eq!(values[position - 1], format!("a-{i}"), "reply {position} to a-{i}");
+        assert_eq!(
+            values[position - 1],
+            format!("a-{i}"),
+            "reply {position} to a-{i}"
+        );
     }
     let mut positions: Vec<usize> = positions.into_iter().map(|(_, p)| p).collect();
     positions.sort_unstable();

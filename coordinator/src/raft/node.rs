@@ -69,7 +69,9 @@ pub(crate) struct PeerInbox(Arc<dyn Fn(PeerInput) -> bool + Send + Sync>);
 
 impl PeerInbox {
     fn new<A: ReplicatedStateMachine>(inbox: std_mpsc::Sender<Input<A>>) -> PeerInbox {
-        PeerInbox(Arc::new(move |input| inbox.send(Input::Peer(input)).is_ok()))
+        PeerInbox(Arc::new(move |input| {
+            inbox.send(Input::Peer(input)).is_ok()
+        }))
     }
 
     pub(crate) fn send(&self, input: PeerInput) -> bool {

@@ -66,11 +66,7 @@ pub(crate) struct PeerCheck {
 }
 
 impl RaftPeerService {
-    pub(crate) fn new(
-        id: u64,
-        inbox: PeerInbox,
-        peers: Arc<PeerCheck>,
-    ) -> RaftPeerService {
+    pub(crate) fn new(id: u64, inbox: PeerInbox, peers: Arc<PeerCheck>) -> RaftPeerService {
         RaftPeerService { id, inbox, peers }
     }
 
