@@ -1,16 +1,19 @@
-//! The coordinator's core: one thread that owns the state machine, the store,
-//! the health tracker and the agent sessions, and runs scheduling passes.
-//! gRPC handlers talk to it only through [`Request`] messages with reply
-//! channels, so no lock is shared across tasks.
+//! The coordinator's core: the state machine, the store, the health tracker
+//! and the agent sessions, and the scheduling passes. It is the replica
+//! loop's application ([`crate::raft::ReplicatedStateMachine`], in
+//! `core/replica.rs`): the loop thread that owns the Raft node owns the
+//! core too, applies committed entries to it directly and answers each
+//! proposer with its typed outcome. gRPC handlers talk to it only through
+//! [`Request`] messages with reply channels (sent through the loop's
+//! handle), so no lock is shared across tasks.
 //!
-//! Why a plain thread and not a tokio task: applying a batch of commands ends
-//! in a sled flush, which blocks; doing it on a dedicated thread keeps the
-//! async runtime free, and draining the queue before each flush gives group
-//! commit (one fsync for many submits).
+//! Why a plain thread and not a tokio task: persisting ends in an fsync,
+//! which blocks; doing it on a dedicated thread keeps the async runtime
+//! free, and draining the inbox before each fsync gives group commit (one
+//! fsync, and one log entry, for many submits).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gantry_proto as pb;
@@ -25,12 +28,13 @@ use crate::domain::{EventRecord, JobState};
 use crate::error::CoordinatorError;
 use crate::health::{HealthConfig, HealthTracker};
 use crate::metrics::{ClusterView, Metrics};
-use crate::raft::RaftHandle;
-use crate::state::{ApplyError, Outcome, StateMachine};
+use crate::raft::RaftStatus;
+use crate::state::{Outcome, StateMachine};
 use crate::store::Store;
 
 mod agents;
 mod archive;
+mod replica;
 mod schedule;
 mod views;
 
@@ -136,45 +140,11 @@ pub enum Request {
         /// Reply: the run number and its jobs.
         reply: Reply<(u32, Vec<pb::Job>)>,
     },
-    /// The Raft driver applies a committed entry (on its thread, waiting).
-    RaftApply {
-        /// Log index.
-        index: u64,
-        /// The serialized command.
-        data: Vec<u8>,
-        /// The serialized `Result<Outcome, ApplyError>`, or why the core
-        /// could not apply (fatal for the replica).
-        reply: std_mpsc::Sender<Result<Vec<u8>, String>>,
-    },
-    /// The Raft driver takes a snapshot of the applied state.
-    RaftSnapshot {
-        /// Serialized [`crate::store::StateSnapshot`], or why not.
-        reply: std_mpsc::Sender<Result<Vec<u8>, String>>,
-    },
-    /// The Raft driver installs a snapshot.
-    RaftRestore {
-        /// Index the snapshot was taken at.
-        index: u64,
-        /// Serialized [`crate::store::StateSnapshot`].
-        data: Vec<u8>,
-        /// Done, or why not.
-        reply: std_mpsc::Sender<Result<(), String>>,
-    },
     /// A backup (`gantry snapshot save`): the applied index and the state
     /// snapshot at it, taken in one step so they agree.
     Backup {
         /// (applied index, serialized [`crate::store::StateSnapshot`]).
         reply: Reply<(u64, Vec<u8>)>,
-    },
-    /// The Raft driver asks for the applied index.
-    RaftAppliedIndex {
-        /// The index, or why it cannot be read.
-        reply: std_mpsc::Sender<Result<u64, String>>,
-    },
-    /// The replication handle, once the Raft node has started.
-    AttachRaft {
-        /// Handle.
-        handle: RaftHandle,
     },
     /// An agent opened its stream and registered.
     AgentRegister {
@@ -196,8 +166,6 @@ pub enum Request {
         /// Message.
         message: pb::AgentMessage,
     },
-    /// Stop: flush storage and end the core thread.
-    Shutdown,
     /// An agent's stream ended.
     AgentGone {
         /// Session id.
@@ -320,7 +288,7 @@ impl Sessions for HashMap<String, Session> {
     }
 }
 
-/// The core's state. Lives on its own thread; see the module docs.
+/// The core's state. Lives on the replica loop's thread; see the module docs.
 pub struct Core {
     config: CoreConfig,
     state: StateMachine,
@@ -339,8 +307,12 @@ pub struct Core {
     dirty: bool,
     last_pass_ms: u64,
     started_ms: u64,
-    /// Replication; commands are proposed through it and come back applied.
-    raft: Option<RaftHandle>,
+    /// The replica's status as of the loop's last tick (leadership, term,
+    /// the leader's URL).
+    raft: RaftStatus,
+    /// Commands to propose, taken by the loop after each call into the
+    /// core; their effects come when they are applied.
+    outbox: Vec<Command>,
     /// Whether this replica leads (and has applied its own term's entry).
     leader: bool,
     /// Current Raft term.
@@ -349,10 +321,6 @@ pub struct Core {
     registering: HashMap<String, PendingRegistration>,
     /// When the outstanding plan was proposed; no new pass until it applies.
     plan_in_flight: Option<u64>,
-    /// A storage failure: the core stops.
-    fatal: Option<String>,
-    /// Asked to stop (after the server and the Raft node have stopped).
-    stop: bool,
     /// Event metrics this thread observes (pass latency, queue wait).
     metrics: Arc<Metrics>,
     /// The heartbeat interval agents are told now (stretched with the
@@ -407,13 +375,12 @@ impl Core {
             dirty: true,
             last_pass_ms: 0,
             started_ms: now_ms(),
-            raft: None,
+            raft: RaftStatus::default(),
+            outbox: Vec::new(),
             leader: false,
             term: 0,
             registering: HashMap::new(),
             plan_in_flight: None,
-            fatal: None,
-            stop: false,
             metrics,
             heartbeat_interval_ms: 0,
             interval_checked: None,
@@ -421,112 +388,12 @@ impl Core {
         })
     }
 
-    /// Runs until every sender of `requests` is dropped or it is told to
-    /// stop, then flushes; `Err` with the reason when it stopped on a fatal
-    /// storage error instead.
-    pub fn run(mut self, requests: std_mpsc::Receiver<Request>) -> Result<(), String> {
-        let tick = Duration::from_millis(200);
-        loop {
-            match requests.recv_timeout(tick) {
-                Ok(request) => {
-                    self.handle(request);
-                    // Group commit: take what else is queued before flushing.
-                    for _ in 0..4096 {
-                        match requests.try_recv() {
-                            Ok(request) => self.handle(request),
-                            Err(_) => break,
-                        }
-                    }
-                }
-                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-            if self.stop {
-                break;
-            }
-            self.tick();
-            if let Some(error) = self.fatal.take() {
-                tracing::error!(%error, "cannot persist state; stopping the coordinator core");
-                return Err(error);
-            }
-        }
-        if let Err(error) = self.store.flush() {
-            tracing::error!(%error, "final flush failed");
-        }
-        tracing::info!("coordinator core stopped; storage flushed");
-        Ok(())
-    }
-
-    /// Proposes a command through Raft. Its effects (dispatch, cancels,
-    /// replies to agents) happen when it comes back applied, in
+    /// Proposes a command through Raft (the loop takes it from the
+    /// outbox after this call into the core). Its effects (dispatch,
+    /// cancels, replies to agents) happen when it comes back applied, in
     /// [`Core::after_apply`], on the leader only.
     fn propose(&mut self, command: Command) {
-        let Some(raft) = &self.raft else {
-            tracing::warn!("no replication yet; command dropped");
-            return;
-        };
-        match serde_json::to_vec(&command) {
-            // The answer is not needed here: the effects come with the apply.
-            Ok(bytes) => raft.propose_with(bytes, tokio::sync::oneshot::channel().0),
-            Err(error) => tracing::error!(%error, "cannot encode command"),
-        }
-    }
-
-    /// Applies a committed entry: state machine, storage (the Raft log is
-    /// the durable record, so no flush), events, then the leader's effects.
-    fn raft_apply(&mut self, index: u64, data: &[u8]) -> Result<Vec<u8>, String> {
-        let result: Result<Outcome, ApplyError> = match serde_json::from_slice::<Command>(data) {
-            Ok(command) => {
-                // Lines about one job carry its span (id, attempt, kind, node).
-                let span = command
-                    .job()
-                    .map_or_else(tracing::Span::none, |job| self.job_span(job));
-                let _entered = span.enter();
-                let result = self.state.apply(command.clone());
-                let changes = self.state.take_changes();
-                if self.leader {
-                    for quarantine in self.breaker.observe(&changes.jobs, &self.state, now_ms()) {
-                        self.propose(quarantine);
-                    }
-                }
-                if tracing::enabled!(tracing::Level::DEBUG) {
-                    for event in &changes.events {
-                        let log = || tracing::debug!(index = event.index, state = %event.state, detail = %event.message, "job transition");
-                        if command.job() == Some(event.job_id) {
-                            log();
-                            continue;
-                        }
-                        tracing::info_span!(
-                            "job",
-                            job_id = event.job_id,
-                            attempt = event.attempt,
-                            kind = event.kind.as_str(),
-                            node = %event.node,
-                        )
-                        .in_scope(log);
-                    }
-                }
-                if let Err(error) = self.store.persist_applied(&self.state, &changes, index) {
-                    // Fatal: the replica must not go on as if it had applied.
-                    let error = format!("cannot persist index {index}: {error}");
-                    self.fatal = Some(error.clone());
-                    return Err(error);
-                }
-                for event in &changes.events {
-                    let _ = self.events.send(convert::event_to_proto(event));
-                }
-                self.dirty |= !changes.jobs.is_empty() || !changes.nodes.is_empty();
-                if let Ok(outcome) = &result {
-                    self.after_apply(&command, outcome);
-                }
-                result
-            }
-            Err(error) => {
-                tracing::error!(index, %error, "undecodable log entry skipped");
-                Ok(Outcome::Done)
-            }
-        };
-        serde_json::to_vec(&result).map_err(|error| format!("cannot encode the outcome: {error}"))
+        self.outbox.push(command);
     }
 
     /// What the leader does once a command is applied.
@@ -594,16 +461,14 @@ impl Core {
     /// Follows leadership: a new leader rebuilds soft state from the next
     /// heartbeats; a deposed one drops its agents so they find the new one.
     fn follow_leadership(&mut self) {
-        let Some(raft) = &self.raft else { return };
-        let status = raft.status();
-        self.term = status.term;
-        if status.is_leader == self.leader {
+        self.term = self.raft.term;
+        if self.raft.is_leader == self.leader {
             return;
         }
-        self.leader = status.is_leader;
+        self.leader = self.raft.is_leader;
         if self.leader {
             tracing::info!(
-                term = status.term,
+                term = self.term,
                 "leading: rebuilding soft state from heartbeats"
             );
             self.health = decide::housekeeping::elected(&self.state, self.config.health, now_ms());
@@ -612,14 +477,14 @@ impl Core {
             self.interval_checked = None;
             self.dirty = true;
         } else {
-            tracing::info!(term = status.term, leader = ?status.leader_url, "no longer leading: dropping agent streams");
+            tracing::info!(term = self.term, leader = ?self.raft.leader_url, "no longer leading: dropping agent streams");
             self.sessions.clear();
             self.soft = decide::Soft::default();
             self.hold_reasons.clear();
             self.plan_in_flight = None;
             for (_, pending) in self.registering.drain() {
                 let _ = pending.reply.send(Err(CoordinatorError::NotLeader {
-                    leader: status.leader_url.clone(),
+                    leader: self.raft.leader_url.clone(),
                 }));
             }
         }
@@ -681,7 +546,7 @@ impl Core {
                     Ok(self.cluster_view())
                 } else {
                     Err(CoordinatorError::NotLeader {
-                        leader: self.raft.as_ref().and_then(|r| r.status().leader_url),
+                        leader: self.raft.leader_url.clone(),
                     })
                 };
                 let _ = reply.send(result);
@@ -689,48 +554,12 @@ impl Core {
             Request::EventsSince { from, limit, reply } => {
                 let _ = reply.send(self.events_since(from, limit));
             }
-            Request::RaftApply { index, data, reply } => {
-                let _ = reply.send(self.raft_apply(index, &data));
-            }
-            Request::RaftSnapshot { reply } => {
-                let bytes = self.store.snapshot_bytes(&self.state);
-                if let Err(error) = &bytes {
-                    self.fatal = Some(format!("cannot take a state snapshot: {error}"));
-                }
-                let _ = reply.send(bytes.map_err(|error| error.to_string()));
-            }
-            Request::RaftRestore { index, data, reply } => {
-                let result = serde_json::from_slice::<crate::store::StateSnapshot>(&data)
-                    .map_err(|e| format!("undecodable snapshot: {e}"))
-                    .and_then(|snapshot| {
-                        self.store
-                            .replace_all(&snapshot, index)
-                            .map_err(|e| e.to_string())
-                    });
-                let result = result.map(|state| {
-                    self.state = state;
-                    self.dirty = true;
-                });
-                let _ = reply.send(result);
-            }
             Request::Backup { reply } => {
                 let taken = self.store.applied_index().and_then(|index| {
                     let bytes = self.store.snapshot_bytes(&self.state)?;
                     Ok((index, bytes))
                 });
                 let _ = reply.send(taken.map_err(CoordinatorError::from));
-            }
-            Request::RaftAppliedIndex { reply } => {
-                let index = self
-                    .store
-                    .applied_index()
-                    .map_err(|error| error.to_string());
-                let _ = reply.send(index);
-            }
-            Request::Shutdown => self.stop = true,
-            Request::AttachRaft { handle } => {
-                self.raft = Some(handle);
-                self.follow_leadership();
             }
             Request::DlqList { reply } => {
                 let jobs = self

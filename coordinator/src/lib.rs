@@ -3,8 +3,8 @@
 //! Layout:
 //! - [`server`]: start/stop; binds gRPC (port 0 works).
 //! - [`service`]: tonic services, thin adapters over the core.
-//! - [`core`]: the thread that owns hard state, soft state and agent
-//!   sessions, and runs scheduling passes.
+//! - [`core`]: hard state, soft state and agent sessions, and the
+//!   scheduling passes: the application of the replica loop.
 //! - [`decide`]: the core's decisions as pure functions of state and
 //!   time (commands to propose, messages to send), tested as data.
 //! - [`command`] + [`state`]: every hard-state change is a [`Command`]
@@ -13,7 +13,8 @@
 //! - [`health`]: soft state from heartbeats.
 //! - [`breaker`]: the node circuit breaker (evidence, fleet share, the
 //!   `Quarantine` command's checks).
-//! - [`raft`]: the replicated log (raft-rs over gRPC, log in sled).
+//! - [`raft`]: the replicated log (raft-rs over gRPC, log in sled) and the
+//!   replica loop, the one thread that owns it and the core.
 //! - [`convert`]: wire <-> domain, with input validation against [`limits`];
 //!   [`dag`] resolves a submission's `after:` edges (linear).
 //! - [`spec_file`]: the job spec schema of `gantry submit -f` and
@@ -28,7 +29,8 @@
 //!   peers), checked in one wrapper around every service.
 //!
 //! Architecture invariant: nothing is acknowledged before it is flushed to
-//! sled; only the core thread touches the state machine.
+//! sled; only the replica loop's thread touches the Raft log and the
+//! state machine.
 
 pub mod auth;
 pub mod backup;

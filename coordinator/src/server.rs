@@ -1,9 +1,9 @@
 //! Starting and stopping a coordinator: bind the listener (port 0 works),
-//! start the core thread, the Raft node and the gRPC server, and shut them
-//! down on one token.
+//! start the replica loop (the Raft node, which owns the core) and the gRPC
+//! server, and shut them down on one token.
 //!
-//! **Failure is loud.** If the Raft driver or the core thread stops on its
-//! own (a panic, a storage error), the [`Failure`] records why; `/healthz`
+//! **Failure is loud.** If the replica loop stops on its own (a panic, a
+//! storage error in the log or the core), the [`Failure`] records why; `/healthz`
 //! and `/readyz` answer 503 with the reason, and after [`FATAL_LINGER`] (so
 //! probes and load balancers see it) the coordinator shuts down and
 //! [`RunningCoordinator::wait`] returns the reason as an error: the process
@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use gantry_proto as pb;
@@ -23,11 +22,11 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthConfig, Authorized};
-use crate::core::{Core, CoreConfig, Request};
+use crate::core::{Core, CoreConfig};
 use crate::credentials::{Credentials, Loaded, TlsSource};
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
-use crate::raft::{RaftConfig, RaftNode, RaftStatus, ReplicatedStateMachine};
+use crate::raft::{RaftConfig, RaftNode, RaftStatus};
 use crate::service::{AgentLinkService, CoreHandle, GantryService};
 use crate::store::Store;
 
@@ -102,8 +101,8 @@ impl CoordinatorConfig {
 /// load balancer to see it red, short enough to be restarted soon.
 pub const FATAL_LINGER: Duration = Duration::from_secs(3);
 
-/// Why this replica cannot go on (its Raft driver or core thread stopped
-/// on its own), once it cannot. Set once; the first reason wins.
+/// Why this replica cannot go on (its replica loop stopped on its own),
+/// once it cannot. Set once; the first reason wins.
 #[derive(Debug, Clone, Default)]
 pub struct Failure {
     inner: Arc<FailureInner>,
@@ -139,13 +138,9 @@ pub struct RunningCoordinator {
     http: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     /// Cancelled to stop; `wait` gives open streams a grace period after it.
     shutdown: CancellationToken,
-    raft: RaftNode,
-    /// To tell the core to stop once the server and the Raft node have:
-    /// streaming tasks may still hold request senders, so the core cannot
-    /// wait for every sender to be dropped.
-    requests: std_mpsc::Sender<Request>,
-    core: std::thread::JoinHandle<()>,
-    /// Set when the Raft driver or the core stopped on its own.
+    /// The replica loop, which owns the core.
+    raft: RaftNode<Core>,
+    /// Set when the replica loop stopped on its own.
     failure: Failure,
     /// The credentials in force (reloaded on SIGHUP).
     credentials: Arc<Credentials>,
@@ -163,9 +158,9 @@ impl RunningCoordinator {
         self.failure.reason().map(str::to_string)
     }
 
-    /// Waits until the server, the Raft node and the core have stopped (after
-    /// the shutdown token was cancelled). Storage is flushed before it
-    /// returns. An error when a part stopped on its own (see [`Failure`]).
+    /// Waits until the server and the replica loop have stopped (after the
+    /// shutdown token was cancelled). Storage is flushed before it returns.
+    /// An error when a part stopped on its own (see [`Failure`]).
     pub async fn wait(self) -> Result<(), CoordinatorError> {
         let shutdown = self.shutdown.clone();
         let http = async {
@@ -183,10 +178,9 @@ impl RunningCoordinator {
         // Cut off after the grace period: not an error, the streams were
         // told to end by closing their connections.
         let served = served.unwrap_or(Ok(Ok(())));
+        // Streaming tasks may still hold the loop's handle: it is stopped
+        // on the token, not when the last handle goes.
         self.raft.stop().await;
-        let _ = self.requests.send(Request::Shutdown);
-        let core = self.core;
-        tokio::task::spawn_blocking(move || core.join()).await.ok();
         if let Some(reason) = self.failure.reason() {
             return Err(CoordinatorError::Unavailable(format!(
                 "this replica stopped: {reason}"
@@ -227,60 +221,6 @@ async fn finish<T>(
             task.abort();
             None
         }
-    }
-}
-
-/// The Raft application: forwards every call to the core thread, which owns
-/// the state machine, and waits for its answer. The Raft driver never waits
-/// on anything the core waits on, so this cannot deadlock. A core that does
-/// not answer (it stopped) is an error, fatal for the driver, never a
-/// default value: an empty reply would be applied as a no-op, an empty
-/// snapshot would have the log compacted behind it, and an applied index of
-/// 0 would apply everything again.
-struct CoreApp {
-    requests: std_mpsc::Sender<Request>,
-}
-
-impl CoreApp {
-    fn ask<T>(
-        &self,
-        build: impl FnOnce(std_mpsc::Sender<Result<T, String>>) -> Request,
-    ) -> Result<T, String> {
-        const STOPPED: &str = "the coordinator core has stopped";
-        let (tx, rx) = std_mpsc::channel();
-        self.requests
-            .send(build(tx))
-            .map_err(|_| STOPPED.to_string())?;
-        rx.recv().map_err(|_| STOPPED.to_string())?
-    }
-}
-
-impl ReplicatedStateMachine for CoreApp {
-    fn apply(&mut self, index: u64, command: &[u8]) -> Result<Vec<u8>, String> {
-        let data = command.to_vec();
-        self.ask(|reply| Request::RaftApply { index, data, reply })
-    }
-
-    fn snapshot(&self) -> Result<Vec<u8>, String> {
-        self.ask(|reply| Request::RaftSnapshot { reply })
-    }
-
-    /// Decodes the snapshot here, on the Raft thread, without touching the
-    /// state: a peer's snapshot that would not restore is refused before
-    /// raft-rs installs it (a restore that fails after is fatal).
-    fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
-        serde_json::from_slice::<crate::store::StateSnapshot>(data)
-            .map(|_| ())
-            .map_err(|error| format!("undecodable snapshot: {error}"))
-    }
-
-    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
-        let data = data.to_vec();
-        self.ask(|reply| Request::RaftRestore { index, data, reply })
-    }
-
-    fn applied_index(&self) -> Result<u64, String> {
-        self.ask(|reply| Request::RaftAppliedIndex { reply })
     }
 }
 
@@ -387,26 +327,7 @@ pub async fn start(
     let (events, _) = broadcast::channel(4096);
     let metrics = Arc::new(Metrics::default());
     let core = Core::new(config.core.clone(), store, events.clone(), metrics.clone())?;
-    let (requests, inbox) = std_mpsc::channel();
     let failure = Failure::default();
-    let core_failure = failure.clone();
-    let core_shutdown = shutdown.clone();
-    let core_thread = std::thread::Builder::new()
-        .name("gantry-core".into())
-        .spawn(move || {
-            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.run(inbox)));
-            let reason = match ran {
-                Ok(Ok(())) if core_shutdown.is_cancelled() => return,
-                Ok(Ok(())) => "stopped before the coordinator did".to_string(),
-                Ok(Err(error)) => error,
-                Err(payload) => {
-                    format!("panicked: {}", crate::raft::node::panic_message(&*payload))
-                }
-            };
-            tracing::error!(%reason, "coordinator core thread stopped");
-            core_failure.set(format!("coordinator core {reason}"));
-        })
-        .map_err(|e| CoordinatorError::Unavailable(format!("cannot start core thread: {e}")))?;
 
     let scheme = if config.tls.is_some() {
         "https"
@@ -425,14 +346,9 @@ pub async fn start(
         raft_config.compact_after = after;
         raft_config.compact_keep = raft_config.compact_keep.min(after / 2);
     }
-    let app = CoreApp {
-        requests: requests.clone(),
-    };
-    let raft = RaftNode::start(raft_config, &db, app, &shutdown)
+    // The loop thread takes the core over: it applies, answers and ticks it.
+    let raft = RaftNode::start(raft_config, &db, core, &shutdown)
         .map_err(|e| CoordinatorError::Unavailable(format!("cannot start replication: {e}")))?;
-    let _ = requests.send(Request::AttachRaft {
-        handle: raft.handle(),
-    });
     if config.peers.len() <= 1 {
         // A single voter elects itself at once: serve only once it leads, so
         // the first request after start is not refused.
@@ -448,11 +364,9 @@ pub async fn start(
             ));
         }
     }
-    let handle = CoreHandle::new(requests.clone(), events, raft.handle(), metrics.clone())
-        .with_disk_reserve(crate::disk::DiskReserve::new(
-            config.data_dir.clone(),
-            config.disk_reserve,
-        ));
+    let handle = CoreHandle::new(events, raft.handle(), metrics.clone()).with_disk_reserve(
+        crate::disk::DiskReserve::new(config.data_dir.clone(), config.disk_reserve),
+    );
     tokio::spawn(stop_on_failure(
         raft.handle().watch_status(),
         failure.clone(),
@@ -513,8 +427,6 @@ pub async fn start(
             )
         }
     };
-    // The core stops when the last request sender (held by the services and
-    // the Raft application) is dropped, after the server and Raft node stop.
     Ok(RunningCoordinator {
         grpc_addr,
         http_addr,
@@ -522,14 +434,12 @@ pub async fn start(
         http,
         shutdown,
         raft,
-        requests,
-        core: core_thread,
         failure,
         credentials,
     })
 }
 
-/// Turns a Raft driver that stopped on its own, or a core [`Failure`],
+/// Turns a replica loop that stopped on its own (or another [`Failure`])
 /// into a shutdown: the reason is logged at once, the probes answer 503
 /// for [`FATAL_LINGER`], then everything stops and `wait` returns the
 /// reason.
@@ -616,61 +526,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    /// A core that has stopped is an error for every call of the Raft
-    /// driver, never a default (an empty reply, an empty snapshot, index 0).
-    #[test]
-    fn a_stopped_core_is_an_error_not_a_default() {
-        let (requests, inbox) = std_mpsc::channel();
-        drop(inbox);
-        let mut app = CoreApp { requests };
-        let stopped = |result: Result<(), String>| {
-            assert_eq!(result.unwrap_err(), "the coordinator core has stopped");
-        };
-        stopped(app.apply(1, b"{}").map(drop));
-        stopped(app.snapshot().map(drop));
-        stopped(app.applied_index().map(drop));
-        stopped(app.restore(1, b"{}"));
-    }
-
-    /// A core that answers without replying (it died handling the request)
-    /// is an error too.
-    #[test]
-    fn a_core_that_drops_the_reply_is_an_error() {
-        let (requests, inbox) = std_mpsc::channel::<Request>();
-        let core = std::thread::spawn(move || {
-            while let Ok(request) = inbox.recv() {
-                drop(request);
-            }
-        });
-        let app = CoreApp { requests };
-        assert!(app.snapshot().is_err());
-        assert!(app.applied_index().is_err());
-        drop(app);
-        core.join().unwrap();
-    }
-
-    #[test]
-    fn snapshots_are_checked_before_install() {
-        let (requests, _inbox) = std_mpsc::channel();
-        let app = CoreApp { requests };
-        assert!(
-            app.check_snapshot(b"not json")
-                .unwrap_err()
-                .contains("undecodable snapshot")
-        );
-        let empty = crate::store::StateSnapshot {
-            jobs: Vec::new(),
-            nodes: Vec::new(),
-            submissions: Vec::new(),
-            estimates: Vec::new(),
-            events: Vec::new(),
-            leader_term: 0,
-            ..Default::default()
-        };
-        app.check_snapshot(&serde_json::to_vec(&empty).unwrap())
-            .unwrap();
-    }
 
     #[test]
     fn open_listeners_beyond_loopback() {

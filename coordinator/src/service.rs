@@ -1,11 +1,12 @@
 //! The tonic services: thin adapters. Writes are validated, turned into a
-//! [`Command`] and proposed through Raft (answered once committed and
-//! applied); reads are a [`Request`] to the core. A replica that does not
-//! lead refuses both with the leader's URL, so clients and agents follow it.
+//! [`Command`] and proposed through Raft (answered with the command's own
+//! typed outcome once committed and applied); reads are a [`Request`] to
+//! the core, on the replica loop. A replica that does not lead refuses both
+//! with the leader's URL, so clients and agents follow it.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc as std_mpsc};
 use std::time::Duration;
 
 use futures::Stream;
@@ -18,7 +19,7 @@ use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 use crate::auth::Caller;
 use crate::command::Command;
 use crate::convert;
-use crate::core::{Request, now_ms};
+use crate::core::{Core, Request, now_ms};
 use crate::credentials::Credentials;
 use crate::decide::effects::CancelProgress;
 use crate::disk::DiskReserve;
@@ -26,7 +27,7 @@ use crate::domain::JobState;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
 use crate::raft::{ProposeError, RaftHandle, RaftStatus};
-use crate::state::{ApplyError, Outcome};
+use crate::state::Outcome;
 
 mod streams;
 mod writes;
@@ -46,11 +47,10 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 /// A handle to the core shared by all services.
 #[derive(Clone)]
 pub struct CoreHandle {
-    /// A std sender because the core is a plain thread (see `core`).
-    requests: std_mpsc::Sender<Request>,
     events: broadcast::Sender<pb::Event>,
     sessions: Arc<AtomicU64>,
-    raft: RaftHandle,
+    /// The replica loop, which owns the core: proposals and requests.
+    raft: RaftHandle<Core>,
     metrics: Arc<Metrics>,
     /// Client writes are refused under the data volume's reserve.
     disk: Option<Arc<DiskReserve>>,
@@ -65,15 +65,13 @@ impl CoreHandle {
         }
     }
 
-    /// Wraps the core's request channel and event broadcaster.
+    /// Wraps the replica loop's handle and the event broadcaster.
     pub fn new(
-        requests: std_mpsc::Sender<Request>,
         events: broadcast::Sender<pb::Event>,
-        raft: RaftHandle,
+        raft: RaftHandle<Core>,
         metrics: Arc<Metrics>,
     ) -> CoreHandle {
         CoreHandle {
-            requests,
             events,
             sessions: Arc::new(AtomicU64::new(1)),
             raft,
@@ -109,11 +107,9 @@ impl CoreHandle {
         if let Some(disk) = &self.disk {
             disk.check()?;
         }
-        let bytes = serde_json::to_vec(&command)
-            .map_err(|e| CoordinatorError::Unavailable(format!("cannot encode command: {e}")))?;
-        let reply = self
+        let result = self
             .raft
-            .propose(bytes)
+            .propose(command)
             .await
             .map_err(|error| match error {
                 ProposeError::NotLeader { leader_url, .. } => {
@@ -121,8 +117,6 @@ impl CoreHandle {
                 }
                 other => CoordinatorError::Unavailable(other.to_string()),
             })?;
-        let result: Result<Outcome, ApplyError> = serde_json::from_slice(&reply)
-            .map_err(|e| CoordinatorError::Unavailable(format!("undecodable apply result: {e}")))?;
         Ok(result?)
     }
 
@@ -132,14 +126,14 @@ impl CoreHandle {
         build: impl FnOnce(oneshot::Sender<Result<T, CoordinatorError>>) -> Request,
     ) -> Result<T, CoordinatorError> {
         let (tx, rx) = oneshot::channel();
-        self.requests
-            .send(build(tx))
-            .map_err(|_| CoordinatorError::ShuttingDown)?;
+        if !self.raft.request(build(tx)) {
+            return Err(CoordinatorError::ShuttingDown);
+        }
         rx.await.map_err(|_| CoordinatorError::ShuttingDown)?
     }
 
     fn post(&self, request: Request) {
-        let _ = self.requests.send(request);
+        let _ = self.raft.request(request);
     }
 }
 

@@ -25,7 +25,7 @@ impl Core {
     ) {
         let name = register.node.clone();
         if !self.leader {
-            let leader = self.raft.as_ref().and_then(|r| r.status().leader_url);
+            let leader = self.raft.leader_url.clone();
             let _ = reply.send(Err(CoordinatorError::NotLeader { leader }));
             return;
         }

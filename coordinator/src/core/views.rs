@@ -11,7 +11,6 @@ use super::Core;
 use crate::convert;
 use crate::decide;
 use crate::metrics::{ClusterView, KindLabel};
-use crate::raft::RaftHandle;
 
 impl Core {
     /// The placement policy of every pass.
@@ -173,11 +172,7 @@ impl Core {
                 .entry(job.state.as_str().to_string())
                 .or_default() += 1;
         }
-        let raft = self
-            .raft
-            .as_ref()
-            .map(RaftHandle::status)
-            .unwrap_or_default();
+        let raft = self.raft.clone();
         pb::ClusterStatus {
             coordinator_id: self.config.id.clone(),
             is_leader: self.leader,

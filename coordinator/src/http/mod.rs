@@ -55,7 +55,7 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 /// Jobs returned by `/v1/jobs` when no `limit` is given.
 const DEFAULT_JOB_LIMIT: usize = 1000;
 
-/// How long `/healthz` waits for the core thread to answer.
+/// How long `/healthz` waits for the core to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the handlers share.
@@ -65,7 +65,7 @@ pub struct HttpState {
     pub core: CoreHandle,
     /// Credentials: with client tokens configured, `/v1` needs one.
     pub auth: SharedAuth,
-    /// Set when the Raft driver or the core stopped on its own: both probes
+    /// Set when the replica loop stopped on its own: both probes
     /// then answer 503 with the reason until the process exits.
     pub failure: Failure,
 }
@@ -329,14 +329,21 @@ fn broken(core: &CoreHandle, failure: &Failure) -> Option<String> {
     }
 }
 
-/// Healthy while the core thread answers and nothing has stopped on its
-/// own; 503 with the reason otherwise.
+/// Healthy while the core (on the replica loop) answers and nothing has
+/// stopped on its own; 503 with the reason otherwise.
 async fn healthz(State(HttpState { core, failure, .. }): State<HttpState>) -> Response {
     if let Some(reason) = broken(&core, &failure) {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response();
     }
     let answered =
         tokio::time::timeout(HEALTH_TIMEOUT, core.call(|reply| Request::Status { reply })).await;
+    if let Ok(Ok(_)) = answered {
+        return (StatusCode::OK, "ok\n").into_response();
+    }
+    // The replica loop may have died while the call waited: its reason.
+    if let Some(reason) = broken(&core, &failure) {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response();
+    }
     match answered {
         Ok(Ok(_)) => (StatusCode::OK, "ok\n").into_response(),
         Ok(Err(error)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response(),

@@ -4,8 +4,11 @@
 //! - [`storage`]: [`SledRaftStorage`], the Raft log, hard state and latest
 //!   snapshot on sled trees `raft_log` and `raft_meta`, implementing
 //!   [`raft::Storage`];
-//! - [`node`]: [`RaftNode`], the driver thread that owns the `RawNode`, and
-//!   [`RaftHandle`], the cloneable way in (propose, watch leadership);
+//! - [`node`]: [`RaftNode`], the replica loop: the thread that owns the
+//!   `RawNode` and the application, and [`RaftHandle`], the cloneable way
+//!   in (propose typed commands, send the application requests, watch
+//!   leadership);
+//! - [`batch`]: the layout of an entry that carries several commands;
 //! - [`transport`]: [`RaftPeerService`] (receives peers' messages) and the
 //!   per-peer sender tasks;
 //! - [`guard`]: the checks every peer message passes before it reaches
@@ -13,13 +16,29 @@
 //!   raft-rs panic), and the rate-limited log of refusals;
 //! - [`logger`]: the slog drain that forwards raft-rs logs to `tracing`.
 //!
-//! **Ownership.** One driver thread owns the `RawNode`, hence the Raft log,
-//! and the application ([`ReplicatedStateMachine`]). Everything else talks to
-//! it through a channel: proposals, peers' messages, transport reports.
-//! The application owns its applied state and its applied index; the Raft
-//! storage owns the log and the latest snapshot. On start the driver checks
-//! that the two agree (the applied index lies within what the log and the
-//! snapshot cover) and refuses to start otherwise.
+//! **Ownership.** One loop thread owns the `RawNode`, hence the Raft log,
+//! and the application ([`ReplicatedStateMachine`]: for the coordinator,
+//! the core with its state machine, store, soft state and agent sessions).
+//! Everything else talks to it through one channel: proposals (typed
+//! commands, encoded once by their proposer), the application's requests
+//! (answered on oneshot channels they carry), peers' messages, transport
+//! reports. Nothing crosses a thread to apply: the loop applies committed
+//! entries to the application itself and answers each proposer with the
+//! application's typed outcome of its own command. The application owns
+//! its applied state and its applied index; the Raft storage owns the log
+//! and the latest snapshot. On start the loop checks that the two agree
+//! (the applied index lies within what the log and the snapshot cover)
+//! and refuses to start otherwise.
+//!
+//! **A round** of the loop: take what arrived (at most
+//! `MAX_INPUTS_PER_ROUND`, waiting at most until the next tick, not at all
+//! when proposals or a `Ready` are left), tick Raft's clock when due,
+//! propose the round's commands (the proposers' and the application's own)
+//! as batch entries (tikv raftstore's write batches: up to 1,024 commands
+//! or 1 MiB share one entry, hence one append, one fsync and one storage
+//! batch in the application), handle the `Ready`s, let the application run
+//! its own tick on what was applied (one timer for both clocks), publish
+//! the status.
 //!
 //! **Ordering** (raft-rs's documented `Ready` order, as in its
 //! `five_mem_node` example): for each `Ready` the driver sends the messages
@@ -28,15 +47,15 @@
 //! drained since the last one), then sends the messages that must follow
 //! persistence (votes, append responses), applies committed entries and
 //! advances. A proposal is answered only after its entry is committed and
-//! applied, with the bytes the application returned.
+//! applied, with the outcome the application returned for its command.
 //!
 //! **Why a thread and not a task**: a sled flush blocks for an fsync, and
-//! everything the driver does is sequential anyway; a dedicated thread keeps
+//! everything the loop does is sequential anyway; a dedicated thread keeps
 //! the async runtime free and needs no locks. The transport is async (tokio
 //! tasks, tonic), and talks to the thread through channels.
 //!
 //! **Compaction**: once `compact_after` entries have been applied since the
-//! last snapshot, the driver asks the application for a snapshot, stores it
+//! last snapshot, the loop asks the application for a snapshot, stores it
 //! and drops the log up to `compact_keep` entries before it. A follower that
 //! needs a dropped entry gets that snapshot instead and installs it through
 //! [`ReplicatedStateMachine::restore`].
@@ -45,20 +64,22 @@
 //! peer port can send Raft messages. Each batch carries the cluster id
 //! (stored with the log when the cluster is created) and the sender's and
 //! recipient's ids; the transport refuses a batch from another cluster, from
-//! an id that is not a member, or for another replica, and the driver
+//! an id that is not a member, or for another replica, and the loop
 //! refuses each message that would make raft-rs panic or that Gantry never
 //! sends (proposals, read-index, leader transfer) before `RawNode::step`
 //! ([`guard::check_message`]). A member's id can still be claimed by anyone
 //! on the network: only mutual TLS proves who sends.
 //!
 //! **Errors**: storage and application errors (a failed apply, snapshot or
-//! applied-index read) are fatal for the driver: it logs them, fails what is
-//! pending and stops, publishing `running: false` and the reason in
-//! [`RaftStatus::fatal`]; so does a panic of the driver thread, caught at
+//! applied-index read, an entry whose batch does not decode) are fatal for
+//! the loop: it logs them, fails what is pending and stops, publishing
+//! `running: false` and the reason in [`RaftStatus::fatal`]; so does a
+//! panic of the loop thread (in raft-rs or in the application), caught at
 //! the thread's edge. The coordinator then reports unhealthy and exits
 //! non-zero (`server.rs`). Nothing is replaced by a default value: an empty
 //! snapshot with the log compacted behind it would lose the state.
 
+pub mod batch;
 pub mod fault;
 pub mod guard;
 pub mod logger;
@@ -73,19 +94,33 @@ pub use node::{RaftHandle, RaftNode};
 pub use storage::SledRaftStorage;
 pub use transport::RaftPeerService;
 
-/// The application driven by the replicated log: the coordinator's state
-/// machine. Called only on the driver thread, in log order.
+/// The application driven by the replicated log (the coordinator's core).
+/// The replica loop owns it and calls it only on its thread: commands in
+/// log order, requests and ticks in between.
 ///
-/// Every `Err` is fatal for the replica (the driver stops and the reason is
+/// Every `Err` is fatal for the replica (the loop stops and the reason is
 /// published in [`RaftStatus::fatal`]): an application that cannot persist
 /// or read its state must not be stood in for by a default value.
-pub trait ReplicatedStateMachine: Send + 'static {
-    /// Applies one committed command (bytes as proposed) at `index`; returns
-    /// the reply bytes for the proposer. It must be deterministic: every
-    /// replica applies the same commands in the same order. A command the
-    /// state machine refuses is a reply, not an `Err`; `Err` means the
-    /// application could not apply at all (its storage failed, it stopped).
-    fn apply(&mut self, index: u64, command: &[u8]) -> Result<Vec<u8>, String>;
+pub trait ReplicatedStateMachine: Send + Sized + 'static {
+    /// What proposers propose ([`RaftHandle::propose`]).
+    type Command: Send + 'static;
+    /// What each command's proposer gets back once it is applied.
+    type Outcome: Send + 'static;
+    /// Requests the application answers on the loop
+    /// ([`RaftHandle::request`]): reads, agents' messages.
+    type Request: Send + 'static;
+
+    /// Encodes a command for the log (on the proposer's thread; never
+    /// empty). It is decoded only by [`apply`](Self::apply).
+    fn encode(command: &Self::Command) -> Result<Vec<u8>, String>;
+    /// Applies the commands of one committed entry at `index` (as
+    /// encoded, in proposal order; an entry carries one or more) and
+    /// returns one outcome per command, in the same order, for their
+    /// proposers. It must be deterministic: every replica applies the same
+    /// commands in the same order. A command the state machine refuses is
+    /// an outcome, not an `Err`; `Err` means the application could not
+    /// apply at all (its storage failed).
+    fn apply(&mut self, index: u64, commands: &[&[u8]]) -> Result<Vec<Self::Outcome>, String>;
     /// Serializes the whole applied state (for snapshots). The log is
     /// compacted behind the result, so it must be the whole state or `Err`.
     fn snapshot(&self) -> Result<Vec<u8>, String>;
@@ -105,6 +140,21 @@ pub trait ReplicatedStateMachine: Send + 'static {
     /// unreadable index is an `Err`, never 0 (which would apply everything
     /// again).
     fn applied_index(&self) -> Result<u64, String>;
+    /// Handles a request sent with [`RaftHandle::request`].
+    fn handle(&mut self, request: Self::Request);
+    /// The application's clock: called once per round of the loop, after
+    /// the round's inputs, with this replica's status (leadership).
+    fn tick(&mut self, status: &RaftStatus) {
+        let _ = status;
+    }
+    /// The commands the application wants proposed on its own (no
+    /// proposer waits for them; their effects come with their apply),
+    /// taken after each call into it and proposed with the round's batch.
+    fn take_proposals(&mut self) -> Vec<Self::Command> {
+        Vec::new()
+    }
+    /// The loop is stopping (shutdown or a fatal error): flush.
+    fn stop(&mut self) {}
 }
 
 /// The cluster id of a new cluster: a hash (FNV-1a, 64 bits) of its voter
@@ -330,9 +380,12 @@ pub enum ProposeError {
     /// nothing was appended, retrying is safe.
     #[error("proposal dropped by raft; retry")]
     Dropped,
-    /// The driver has stopped (shutdown or a fatal storage error).
+    /// The loop has stopped (shutdown or a fatal storage error).
     #[error("raft node stopped")]
     Stopped,
+    /// The command could not be encoded (a bug); nothing was proposed.
+    #[error("cannot encode the command: {0}")]
+    Encode(String),
 }
 
 /// Errors of the replication module. Storage errors are fatal for the driver.

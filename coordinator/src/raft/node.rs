@@ -1,5 +1,12 @@
-//! The driver: one thread owns the `RawNode` (hence the log) and the
-//! application, and runs raft-rs's `Ready` loop. See the module docs of
+//! The replica loop: one thread owns the `RawNode` (hence the log) and the
+//! application (for the coordinator, the core: state machine, store, soft
+//! state and agent sessions), in the style of raft-rs's `five_mem_node`
+//! example. Each round it takes what arrived (proposals, the
+//! application's requests, peers' messages), ticks, lets the application
+//! run its timers, proposes the round's commands as batch entries
+//! ([`super::batch`]), then handles raft-rs's `Ready`s: persist, send,
+//! apply committed entries to the application itself, answer each waiting
+//! proposer with its own typed outcome, advance. See the module docs of
 //! [`crate::raft`] for the ordering it keeps.
 
 use std::collections::BTreeMap;
@@ -14,6 +21,7 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::batch::{self, Batch};
 use super::fault::FaultHook;
 use super::guard::{self, LogView, Refusal, RefusalLog};
 use super::logger::raft_logger;
@@ -22,14 +30,12 @@ use super::transport::{Outgoing, PeerCheck, PeerSenders, RaftPeerService};
 use super::{ProposeError, RaftConfig, RaftError, RaftStatus, ReplicatedStateMachine};
 use gantry_proto::raft::raft_peer_server::RaftPeerServer;
 
-/// The reply to a proposal: the application's reply bytes once the entry is
-/// committed and applied.
-pub type ProposeReply = oneshot::Sender<Result<Vec<u8>, ProposeError>>;
+/// The reply to a proposal: the application's outcome of its command once
+/// the entry is committed and applied.
+pub type ProposeReply<O> = oneshot::Sender<Result<O, ProposeError>>;
 
-/// Inputs of the driver thread.
-pub(crate) enum Input {
-    /// Append a command (leader only).
-    Propose { data: Vec<u8>, reply: ProposeReply },
+/// What the transport hands the loop (the same for every application).
+pub(crate) enum PeerInput {
     /// A message from a peer, with the sender named by its batch and the
     /// address it came from (for the log of refusals).
     Step {
@@ -43,42 +49,83 @@ pub(crate) enum Input {
     SnapshotStatus { to: u64, finished: bool },
 }
 
-/// Inputs handled per round before the driver ticks and builds a `Ready`,
+/// Inputs of the loop.
+pub(crate) enum Input<A: ReplicatedStateMachine> {
+    /// Append a command, encoded by its proposer (leader only).
+    Propose {
+        data: Vec<u8>,
+        reply: ProposeReply<A::Outcome>,
+    },
+    /// A request for the application (a read, an agent's message).
+    Request(A::Request),
+    /// From the transport.
+    Peer(PeerInput),
+}
+
+/// The loop's inbox as the transport sees it: it sends [`PeerInput`]s
+/// whatever the application. False once the loop has stopped.
+#[derive(Clone)]
+pub(crate) struct PeerInbox(Arc<dyn Fn(PeerInput) -> bool + Send + Sync>);
+
+impl PeerInbox {
+    fn new<A: ReplicatedStateMachine>(inbox: std_mpsc::Sender<Input<A>>) -> PeerInbox {
+        PeerInbox(Arc::new(move |input| {
+            inbox.send(Input::Peer(input)).is_ok()
+        }))
+    }
+
+    pub(crate) fn send(&self, input: PeerInput) -> bool {
+        (self.0)(input)
+    }
+}
+
+/// Inputs handled per round before the loop ticks and builds a `Ready`,
 /// so that a flood of proposals cannot starve the clock.
 const MAX_INPUTS_PER_ROUND: usize = 8192;
 /// Readies handled per round (usually one, two when a persist lets the
 /// commit index move).
 const MAX_READIES_PER_ROUND: usize = 4;
 
-/// The cloneable way into a running [`RaftNode`]: propose, watch leadership,
-/// serve peers.
-#[derive(Clone)]
-pub struct RaftHandle {
+/// The cloneable way into a running [`RaftNode`]: propose, send the
+/// application requests, watch leadership, serve peers.
+pub struct RaftHandle<A: ReplicatedStateMachine> {
     id: u64,
-    inbox: std_mpsc::Sender<Input>,
+    inbox: std_mpsc::Sender<Input<A>>,
     status: watch::Receiver<RaftStatus>,
     peers: Arc<PeerCheck>,
 }
 
-impl RaftHandle {
+impl<A: ReplicatedStateMachine> Clone for RaftHandle<A> {
+    fn clone(&self) -> Self {
+        RaftHandle {
+            id: self.id,
+            inbox: self.inbox.clone(),
+            status: self.status.clone(),
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+impl<A: ReplicatedStateMachine> RaftHandle<A> {
     /// Proposes a command and waits until it is committed and applied;
-    /// returns the application's reply. Fails at once with
+    /// returns the application's outcome of this command (other commands
+    /// of the same entry get theirs). The command is encoded here, on the
+    /// caller's thread, once. Fails at once with
     /// [`ProposeError::NotLeader`] on a follower.
-    pub async fn propose(&self, data: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+    pub async fn propose(&self, command: A::Command) -> Result<A::Outcome, ProposeError> {
+        let data = A::encode(&command).map_err(ProposeError::Encode)?;
         let (reply, answer) = oneshot::channel();
-        self.propose_with(data, reply);
+        self.inbox
+            .send(Input::Propose { data, reply })
+            .map_err(|_| ProposeError::Stopped)?;
         answer.await.unwrap_or(Err(ProposeError::Stopped))
     }
 
-    /// Proposes a command without waiting: the answer comes on `reply`
-    /// (for callers on plain threads, such as the coordinator's core).
-    /// A dropped `reply` sender means [`ProposeError::Stopped`].
-    pub fn propose_with(&self, data: Vec<u8>, reply: ProposeReply) {
-        if let Err(std_mpsc::SendError(Input::Propose { reply, .. })) =
-            self.inbox.send(Input::Propose { data, reply })
-        {
-            let _ = reply.send(Err(ProposeError::Stopped));
-        }
+    /// Hands a request to the application, on the loop. False when the
+    /// loop has stopped: the request is dropped (with any reply channel in
+    /// it, which its waiter sees closed).
+    pub fn request(&self, request: A::Request) -> bool {
+        self.inbox.send(Input::Request(request)).is_ok()
     }
 
     /// The latest status.
@@ -95,40 +142,46 @@ impl RaftHandle {
     /// The `RaftPeer` gRPC service to mount next to the coordinator's other
     /// services (`Server::builder().add_service(handle.peer_service())`).
     pub fn peer_service(&self) -> RaftPeerServer<RaftPeerService> {
-        RaftPeerService::new(self.id, self.inbox.clone(), self.peers.clone()).into_server()
+        RaftPeerService::new(
+            self.id,
+            PeerInbox::new(self.inbox.clone()),
+            self.peers.clone(),
+        )
+        .into_server()
     }
 }
 
-/// A running replica: the driver thread and the peer sender tasks. Dropping
+/// A running replica: the loop thread and the peer sender tasks. Dropping
 /// it stops them (use [`RaftNode::stop`] to also wait until the storage is
 /// flushed and released).
-pub struct RaftNode {
-    handle: RaftHandle,
+pub struct RaftNode<A: ReplicatedStateMachine> {
+    handle: RaftHandle<A>,
     /// A child of the caller's token: cancelled by `stop`, by `Drop`, or by
-    /// the driver itself when it fails.
+    /// the loop itself when it fails.
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Closed when the driver thread has finished (storage flushed).
+    /// Closed when the loop thread has finished (storage flushed).
     done: Option<oneshot::Receiver<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-impl RaftNode {
+impl<A: ReplicatedStateMachine> RaftNode<A> {
     /// Opens the Raft storage in `db`, reconciles it with the application
     /// (restoring the application from the stored snapshot when it is
-    /// behind it), and starts the driver thread and the peer sender tasks.
+    /// behind it), and starts the loop thread, which takes the application
+    /// over, and the peer sender tasks.
     /// Must be called within a tokio runtime. Refuses to start when the
     /// storage and the application's applied index disagree.
     ///
     /// A fresh storage is initialised with the ids of `config.peers` as
     /// voters; every replica of a new cluster must get the same ids. A
     /// single voter campaigns at once and leads within one round.
-    pub fn start<A: ReplicatedStateMachine>(
+    pub fn start(
         config: RaftConfig,
         db: &sled::Db,
         mut app: A,
         shutdown: &CancellationToken,
-    ) -> Result<RaftNode, RaftError> {
+    ) -> Result<RaftNode<A>, RaftError> {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|error| RaftError::Start(format!("no tokio runtime: {error}")))?;
@@ -179,7 +232,13 @@ impl RaftNode {
 
         let shutdown = shutdown.child_token();
         let (inbox, receiver) = std_mpsc::channel();
-        let mut peers = PeerSenders::start(&config, cluster_id, &inbox, &runtime, &shutdown)?;
+        let mut peers = PeerSenders::start(
+            &config,
+            cluster_id,
+            &PeerInbox::new(inbox.clone()),
+            &runtime,
+            &shutdown,
+        )?;
         let tasks = peers.take_tasks();
         let initial = RaftStatus {
             id: config.id,
@@ -192,7 +251,7 @@ impl RaftNode {
         };
         let (status_tx, status) = watch::channel(initial);
         // Shared with the thread's wrapper, which publishes the stop even
-        // when the driver panics.
+        // when the loop panics.
         let status_tx = Arc::new(status_tx);
         let (done_tx, done) = oneshot::channel();
         let driver = Driver {
@@ -204,7 +263,9 @@ impl RaftNode {
             peers,
             urls: config.peers.clone(),
             pending: BTreeMap::new(),
+            batch: Batch::default(),
             status: status_tx.clone(),
+            cluster_id,
             shutdown: shutdown.clone(),
             voters: voters.clone(),
             learners,
@@ -222,11 +283,12 @@ impl RaftNode {
         let thread = std::thread::Builder::new()
             .name(format!("gantry-raft-{}", config.id))
             .spawn(move || {
-                let ran =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || driver.run()));
+                let mut driver = driver;
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run()));
                 if let Err(payload) = ran {
-                    // The driver (and its storage) were dropped while
-                    // unwinding; what remains is to say so.
+                    // Said first: dropping the loop (the application and
+                    // the storage, whose sled flushes on drop) may take a
+                    // while, and its callers (probes) must not wait on it.
                     let reason = format!("raft thread panicked: {}", panic_message(&*payload));
                     tracing::error!(id, %reason, "raft node stopped");
                     status_tx.send_modify(|status| {
@@ -236,6 +298,7 @@ impl RaftNode {
                     });
                     thread_shutdown.cancel();
                 }
+                drop(driver);
                 drop(done_tx);
             })
             .map_err(|error| RaftError::Start(format!("cannot start the raft thread: {error}")))?;
@@ -254,14 +317,15 @@ impl RaftNode {
         })
     }
 
-    /// The cloneable handle: propose, watch status, peer service.
-    pub fn handle(&self) -> RaftHandle {
+    /// The cloneable handle: propose, requests, watch status, peer service.
+    pub fn handle(&self) -> RaftHandle<A> {
         self.handle.clone()
     }
 
-    /// Stops the driver and the sender tasks and waits until the driver has
-    /// flushed and released the storage (the sled directory may then be
-    /// opened again). Pending proposals fail with [`ProposeError::Stopped`].
+    /// Stops the loop and the sender tasks and waits until the loop has
+    /// stopped the application and flushed and released the storage (the
+    /// sled directory may then be opened again). Pending proposals fail
+    /// with [`ProposeError::Stopped`].
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(done) = self.done.take() {
@@ -276,7 +340,7 @@ impl RaftNode {
     }
 }
 
-impl Drop for RaftNode {
+impl<A: ReplicatedStateMachine> Drop for RaftNode<A> {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
@@ -381,31 +445,57 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// A proposal waiting for its entry to be applied.
-struct Pending {
+/// An entry this replica proposed, waiting to be applied: the term it was
+/// appended in and its commands' replies, in order.
+struct Pending<O> {
     term: u64,
-    reply: ProposeReply,
+    replies: Vec<Option<ProposeReply<O>>>,
 }
 
-struct Driver<A> {
+impl<O> Pending<O> {
+    fn fail(self, error: &ProposeError) {
+        for reply in self.replies.into_iter().flatten() {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+
+    /// Answers each proposer with its own command's outcome; `Err` gives
+    /// the replies back when the outcomes do not match them one to one.
+    fn answer(self, outcomes: Vec<O>) -> Result<(), Self> {
+        if outcomes.len() != self.replies.len() {
+            return Err(self);
+        }
+        for (reply, outcome) in self.replies.into_iter().zip(outcomes) {
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Driver<A: ReplicatedStateMachine> {
     id: u64,
     raw: RawNode<SledRaftStorage>,
     app: A,
-    receiver: std_mpsc::Receiver<Input>,
+    receiver: std_mpsc::Receiver<Input<A>>,
     /// Our own inbox, for reports found while handling a `Ready`.
-    inbox: std_mpsc::Sender<Input>,
+    inbox: std_mpsc::Sender<Input<A>>,
     peers: PeerSenders,
     urls: BTreeMap<u64, String>,
-    /// Proposals by log index, with the term they were appended in.
-    pending: BTreeMap<u64, Pending>,
+    /// Proposed entries by log index.
+    pending: BTreeMap<u64, Pending<A::Outcome>>,
+    /// This round's proposals, proposed together at its end.
+    batch: Batch<ProposeReply<A::Outcome>>,
     status: Arc<watch::Sender<RaftStatus>>,
+    cluster_id: u64,
     shutdown: CancellationToken,
     /// Sorted voters and learners (static), for the checks of peers' messages.
     voters: Vec<u64>,
     learners: Vec<u64>,
     refusals: Arc<RefusalLog>,
     fault: FaultHook,
-    /// Why the driver stopped on its own, once it has.
+    /// Why the loop stopped on its own, once it has.
     fatal: Option<String>,
     tick: Duration,
     compact_after: u64,
@@ -416,11 +506,17 @@ struct Driver<A> {
 }
 
 impl<A: ReplicatedStateMachine> Driver<A> {
-    fn run(mut self) {
+    fn run(&mut self) {
         let mut next_tick = Instant::now() + self.tick;
         let mut failure = None;
         while !self.shutdown.is_cancelled() {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            // Proposals the application made while applying, and a Ready
+            // left over, do not wait for the next input.
+            let wait = if self.batch.is_empty() && !self.raw.has_ready() {
+                next_tick.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
             match self.receiver.recv_timeout(wait) {
                 Ok(input) => self.handle(input),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
@@ -441,6 +537,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                     next_tick = now + self.tick;
                 }
             }
+            self.propose_batch();
             if let Err(error) = self.on_ready() {
                 failure = Some(error);
                 break;
@@ -448,15 +545,26 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             if self.raw.raft.state != StateRole::Leader && !self.pending.is_empty() {
                 self.fail_pending(u64::MAX);
             }
-            self.publish(true);
+            // The application's own clock (leadership, housekeeping,
+            // scheduling passes): once a round, after what the round
+            // applied, so a pass sees a submit at once. What it proposes
+            // goes with the next round, which then does not wait.
+            let status = self.current_status(true);
+            self.app.tick(&status);
+            self.take_app_proposals();
+            self.publish_status(status);
         }
         if let Some(error) = &failure {
             tracing::error!(id = self.id, %error, "raft node stopped on a fatal error");
             self.fatal = Some(error.to_string());
         }
         for (_, pending) in std::mem::take(&mut self.pending) {
-            let _ = pending.reply.send(Err(ProposeError::Stopped));
+            pending.fail(&ProposeError::Stopped);
         }
+        for reply in std::mem::take(&mut self.batch).into_replies() {
+            let _ = reply.send(Err(ProposeError::Stopped));
+        }
+        self.app.stop();
         if let Err(error) = self.raw.store().flush() {
             tracing::error!(id = self.id, %error, "raft storage flush on shutdown failed");
         }
@@ -465,14 +573,24 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         tracing::info!(id = self.id, "raft node stopped");
     }
 
-    fn handle(&mut self, input: Input) {
+    fn handle(&mut self, input: Input<A>) {
         match input {
-            Input::Propose { data, reply } => self.propose(data, reply),
-            Input::Step {
+            Input::Propose { data, reply } => {
+                if self.raw.raft.state == StateRole::Leader {
+                    self.batch.push(data, Some(reply));
+                } else {
+                    let _ = reply.send(Err(self.not_leader()));
+                }
+            }
+            Input::Request(request) => {
+                self.app.handle(request);
+                self.take_app_proposals();
+            }
+            Input::Peer(PeerInput::Step {
                 message,
                 from,
                 peer,
-            } => {
+            }) => {
                 if let Err(refusal) = self.check_message(&message, from) {
                     self.refusals.refused(peer, from, &refusal);
                     return;
@@ -481,14 +599,25 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                     tracing::debug!(id = self.id, %error, "raft message ignored");
                 }
             }
-            Input::Unreachable(peer) => self.raw.report_unreachable(peer),
-            Input::SnapshotStatus { to, finished } => {
+            Input::Peer(PeerInput::Unreachable(peer)) => self.raw.report_unreachable(peer),
+            Input::Peer(PeerInput::SnapshotStatus { to, finished }) => {
                 let status = if finished {
                     SnapshotStatus::Finish
                 } else {
                     SnapshotStatus::Failure
                 };
                 self.raw.report_snapshot(to, status);
+            }
+        }
+    }
+
+    /// Moves the application's own proposals (no proposer waits for them)
+    /// into this round's batch.
+    fn take_app_proposals(&mut self) {
+        for command in self.app.take_proposals() {
+            match A::encode(&command) {
+                Ok(data) => self.batch.push(data, None),
+                Err(error) => tracing::error!(id = self.id, %error, "command dropped"),
             }
         }
     }
@@ -516,23 +645,37 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         Ok(())
     }
 
-    fn propose(&mut self, data: Vec<u8>, reply: ProposeReply) {
-        if self.raw.raft.state != StateRole::Leader {
-            let _ = reply.send(Err(self.not_leader()));
+    /// Proposes this round's batch: its commands share entries
+    /// ([`Batch::into_entries`]), each remembered with its replies. Off
+    /// the leader (it may have lost the role during the round) every
+    /// proposer is told who leads; the application's own are dropped.
+    fn propose_batch(&mut self) {
+        if self.batch.is_empty() {
             return;
         }
-        match self.raw.propose(Vec::new(), data) {
-            Ok(()) => {
-                let index = self.raw.raft.raft_log.last_index();
-                let term = self.raw.raft.term;
-                self.pending.insert(index, Pending { term, reply });
+        let batch = std::mem::take(&mut self.batch);
+        if self.raw.raft.state != StateRole::Leader {
+            let error = self.not_leader();
+            for reply in batch.into_replies() {
+                let _ = reply.send(Err(error.clone()));
             }
-            Err(raft::Error::ProposalDropped) => {
-                let _ = reply.send(Err(ProposeError::Dropped));
-            }
-            Err(error) => {
-                tracing::warn!(id = self.id, %error, "raft refused a proposal");
-                let _ = reply.send(Err(ProposeError::Dropped));
+            return;
+        }
+        for (data, replies) in batch.into_entries() {
+            let pending = Pending {
+                term: self.raw.raft.term,
+                replies,
+            };
+            match self.raw.propose(Vec::new(), data) {
+                Ok(()) => {
+                    let index = self.raw.raft.raft_log.last_index();
+                    self.pending.insert(index, pending);
+                }
+                Err(raft::Error::ProposalDropped) => pending.fail(&ProposeError::Dropped),
+                Err(error) => {
+                    tracing::warn!(id = self.id, %error, "raft refused a proposal");
+                    pending.fail(&ProposeError::Dropped);
+                }
             }
         }
     }
@@ -558,7 +701,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 break;
             }
             let pending = entry.remove();
-            let _ = pending.reply.send(Err(self.not_leader()));
+            pending.fail(&self.not_leader());
         }
     }
 
@@ -623,22 +766,18 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         Ok(())
     }
 
+    /// Applies committed entries to the application, here on the loop,
+    /// and answers their proposers. The application's proposals made while
+    /// applying (effects of a command) go into the next round's batch.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), RaftError> {
         for entry in entries {
             if entry.index <= self.applied {
                 continue;
             }
-            let reply = match entry.get_entry_type() {
+            let outcomes = match entry.get_entry_type() {
                 // Empty entries are appended by each new leader.
                 EntryType::EntryNormal if entry.data.is_empty() => Vec::new(),
-                EntryType::EntryNormal => {
-                    self.app
-                        .apply(entry.index, &entry.data)
-                        .map_err(|reason| RaftError::App {
-                            what: format!("apply index {}", entry.index),
-                            reason,
-                        })?
-                }
+                EntryType::EntryNormal => self.apply_commands(&entry)?,
                 // Membership is static: nothing proposes conf changes.
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     tracing::warn!(
@@ -649,19 +788,50 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                     Vec::new()
                 }
             };
+            self.take_app_proposals();
             self.applied = entry.index;
             self.applied_term = entry.term;
             self.fail_pending(entry.index - 1);
             if let Some(pending) = self.pending.remove(&entry.index) {
-                let answer = if pending.term == entry.term {
-                    Ok(reply)
+                // Another term's entry at this index replaced ours.
+                let answered = if pending.term == entry.term {
+                    pending.answer(outcomes)
                 } else {
-                    Err(self.not_leader())
+                    Err(pending)
                 };
-                let _ = pending.reply.send(answer);
+                if let Err(pending) = answered {
+                    pending.fail(&self.not_leader());
+                }
             }
         }
         Ok(())
+    }
+
+    /// The commands of one entry, applied in order: one outcome each.
+    fn apply_commands(&mut self, entry: &Entry) -> Result<Vec<A::Outcome>, RaftError> {
+        let what = || format!("apply index {}", entry.index);
+        let commands = batch::decode(&entry.data).map_err(|reason| RaftError::App {
+            what: what(),
+            reason,
+        })?;
+        let outcomes = self
+            .app
+            .apply(entry.index, &commands)
+            .map_err(|reason| RaftError::App {
+                what: what(),
+                reason,
+            })?;
+        if outcomes.len() != commands.len() {
+            return Err(RaftError::App {
+                what: what(),
+                reason: format!(
+                    "{} outcomes for {} commands",
+                    outcomes.len(),
+                    commands.len()
+                ),
+            });
+        }
+        Ok(outcomes)
     }
 
     /// Snapshots the application and compacts the log once enough entries
@@ -712,18 +882,18 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             // A leader keeps a follower paused until it hears how its
             // snapshot went: a snapshot that never left must be reported.
             if !sent && snapshot {
-                let _ = self.inbox.send(Input::SnapshotStatus {
+                let _ = self.inbox.send(Input::Peer(PeerInput::SnapshotStatus {
                     to,
                     finished: false,
-                });
+                }));
             }
         }
     }
 
-    fn publish(&self, running: bool) {
+    fn current_status(&self, running: bool) -> RaftStatus {
         let raft = &self.raw.raft;
         let leader_id = self.leader_id();
-        let status = RaftStatus {
+        RaftStatus {
             id: self.id,
             leader_id,
             leader_url: leader_id.and_then(|id| self.urls.get(&id).cloned()),
@@ -734,8 +904,15 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             applied_index: self.applied,
             running,
             fatal: self.fatal.clone(),
-            cluster_id: self.status.borrow().cluster_id,
-        };
+            cluster_id: self.cluster_id,
+        }
+    }
+
+    fn publish(&self, running: bool) {
+        self.publish_status(self.current_status(running));
+    }
+
+    fn publish_status(&self, status: RaftStatus) {
         self.status.send_if_modified(|current| {
             if *current == status {
                 false
@@ -744,5 +921,39 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 true
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The proposers of one entry each get their own command's outcome
+    /// (the application's own commands have no proposer); outcomes that
+    /// do not match the replies one to one answer nobody.
+    #[test]
+    fn each_proposer_of_an_entry_gets_its_own_outcome() {
+        let (first, first_answer) = oneshot::channel();
+        let (third, third_answer) = oneshot::channel();
+        let pending = Pending {
+            term: 2,
+            replies: vec![Some(first), None, Some(third)],
+        };
+        assert!(pending.answer(vec!["one", "two", "three"]).is_ok());
+        assert_eq!(first_answer.blocking_recv().unwrap(), Ok("one"));
+        assert_eq!(third_answer.blocking_recv().unwrap(), Ok("three"));
+
+        let (reply, answer) = oneshot::channel::<Result<&str, ProposeError>>();
+        let pending = Pending {
+            term: 2,
+            replies: vec![Some(reply)],
+        };
+        let Err(pending) = pending.answer(vec!["one", "two"]) else {
+            panic!("two outcomes answered one proposer");
+        };
+        pending.fail(&ProposeError::Dropped);
+        assert_eq!(answer.blocking_recv().unwrap(), Err(ProposeError::Dropped));
     }
 }

@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use gantry_proto::raft as pb;
@@ -27,7 +26,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::guard::{self, LogView, RefusalLog};
-use super::node::Input;
+use super::node::{PeerInbox, PeerInput};
 use super::{RaftConfig, RaftError};
 use crate::error::CoordinatorError;
 
@@ -47,8 +46,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct RaftPeerService {
     id: u64,
-    /// A std channel: the driver is a plain thread; sending never blocks.
-    inbox: std_mpsc::Sender<Input>,
+    /// The loop's inbox (a std channel: the loop is a plain thread;
+    /// sending never blocks).
+    inbox: PeerInbox,
     /// Who may send: this cluster's id and (static) members.
     peers: Arc<PeerCheck>,
 }
@@ -66,11 +66,7 @@ pub(crate) struct PeerCheck {
 }
 
 impl RaftPeerService {
-    pub(crate) fn new(
-        id: u64,
-        inbox: std_mpsc::Sender<Input>,
-        peers: Arc<PeerCheck>,
-    ) -> RaftPeerService {
+    pub(crate) fn new(id: u64, inbox: PeerInbox, peers: Arc<PeerCheck>) -> RaftPeerService {
         RaftPeerService { id, inbox, peers }
     }
 
@@ -116,13 +112,14 @@ impl RaftPeer for RaftPeerService {
                     reason: format!("cannot decode a raft message from {}: {error}", batch.from),
                 }
             })?;
-            self.inbox
-                .send(Input::Step {
-                    message: Box::new(message),
-                    from: batch.from,
-                    peer,
-                })
-                .map_err(|_| CoordinatorError::Unavailable("raft node stopped".into()))?;
+            let sent = self.inbox.send(PeerInput::Step {
+                message: Box::new(message),
+                from: batch.from,
+                peer,
+            });
+            if !sent {
+                return Err(CoordinatorError::Unavailable("raft node stopped".into()).into());
+            }
         }
         Ok(Response::new(pb::RaftAck {}))
     }
@@ -157,7 +154,7 @@ impl PeerSenders {
     pub(crate) fn start(
         config: &RaftConfig,
         cluster_id: u64,
-        inbox: &std_mpsc::Sender<Input>,
+        inbox: &PeerInbox,
         runtime: &tokio::runtime::Handle,
         shutdown: &CancellationToken,
     ) -> Result<PeerSenders, RaftError> {
@@ -211,7 +208,7 @@ struct PeerTask {
     to: u64,
     client: RaftPeerClient<Channel>,
     queue: mpsc::Receiver<Outgoing>,
-    inbox: std_mpsc::Sender<Input>,
+    inbox: PeerInbox,
     shutdown: CancellationToken,
 }
 
@@ -258,7 +255,7 @@ impl PeerTask {
                     }
                     backoff = MIN_BACKOFF;
                     if snapshot {
-                        self.report(Input::SnapshotStatus {
+                        self.report(PeerInput::SnapshotStatus {
                             to: self.to,
                             finished: true,
                         });
@@ -280,9 +277,9 @@ impl PeerTask {
                         dropped += 1;
                     }
                     tracing::debug!(peer = self.to, dropped, "dropped queued raft messages");
-                    self.report(Input::Unreachable(self.to));
+                    self.report(PeerInput::Unreachable(self.to));
                     if snapshot {
-                        self.report(Input::SnapshotStatus {
+                        self.report(PeerInput::SnapshotStatus {
                             to: self.to,
                             finished: false,
                         });
@@ -297,8 +294,8 @@ impl PeerTask {
         }
     }
 
-    fn report(&self, input: Input) {
-        // The driver has stopped when this fails; the task stops on the token.
+    fn report(&self, input: PeerInput) {
+        // The loop has stopped when this fails; the task stops on the token.
         let _ = self.inbox.send(input);
     }
 }

@@ -1,0 +1,204 @@
+//! The core as the replica loop's application: the loop that owns the Raft
+//! node calls [`Core`] directly to apply committed entries (the commands
+//! of one entry in order, each with its own typed outcome for its
+//! proposer, all of an entry's changes in one storage batch), to snapshot
+//! and restore, to answer [`Request`]s and to run its tick; it takes the
+//! commands the core proposes from its outbox.
+
+use crate::command::Command;
+use crate::convert;
+use crate::raft::{RaftStatus, ReplicatedStateMachine};
+use crate::state::{ApplyError, ChangeSet, Outcome};
+use crate::store::StateSnapshot;
+
+use super::{Core, Request, now_ms};
+
+impl ReplicatedStateMachine for Core {
+    type Command = Command;
+    type Outcome = Result<Outcome, ApplyError>;
+    type Request = Request;
+
+    fn encode(command: &Command) -> Result<Vec<u8>, String> {
+        serde_json::to_vec(command).map_err(|error| format!("cannot encode a command: {error}"))
+    }
+
+    /// Applies each command (state machine, the leader's effects), then
+    /// writes what all of them changed with the entry's index in one
+    /// storage batch (the Raft log is the durable record, so no flush),
+    /// then publishes their events.
+    fn apply(&mut self, index: u64, commands: &[&[u8]]) -> Result<Vec<Self::Outcome>, String> {
+        let mut written = ChangeSet::default();
+        let outcomes = commands
+            .iter()
+            .map(|data| self.apply_one(index, data, &mut written))
+            .collect();
+        // Fatal when it fails: the replica must not go on as if it had applied.
+        self.store
+            .persist_applied(&self.state, &written, index)
+            .map_err(|error| format!("cannot persist index {index}: {error}"))?;
+        for event in &written.events {
+            let _ = self.events.send(convert::event_to_proto(event));
+        }
+        Ok(outcomes)
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, String> {
+        self.store
+            .snapshot_bytes(&self.state)
+            .map_err(|error| format!("cannot take a state snapshot: {error}"))
+    }
+
+    /// Decodes the snapshot without touching the state: a peer's snapshot
+    /// that would not restore is refused before raft-rs installs it (a
+    /// restore that fails after is fatal).
+    fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
+        serde_json::from_slice::<StateSnapshot>(data)
+            .map(|_| ())
+            .map_err(|error| format!("undecodable snapshot: {error}"))
+    }
+
+    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+        let snapshot = serde_json::from_slice::<StateSnapshot>(data)
+            .map_err(|error| format!("undecodable snapshot: {error}"))?;
+        self.state = self
+            .store
+            .replace_all(&snapshot, index)
+            .map_err(|error| error.to_string())?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn applied_index(&self) -> Result<u64, String> {
+        self.store
+            .applied_index()
+            .map_err(|error| error.to_string())
+    }
+
+    fn handle(&mut self, request: Request) {
+        Core::handle(self, request);
+    }
+
+    fn tick(&mut self, status: &RaftStatus) {
+        if self.raft != *status {
+            self.raft = status.clone();
+        }
+        Core::tick(self);
+    }
+
+    fn take_proposals(&mut self) -> Vec<Command> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    fn stop(&mut self) {
+        match self.store.flush() {
+            Ok(()) => tracing::info!("coordinator core stopped; storage flushed"),
+            Err(error) => tracing::error!(%error, "final flush failed"),
+        }
+    }
+}
+
+impl Core {
+    /// Applies one command of the entry at `index`: the state machine, the
+    /// circuit breaker's evidence, then the leader's effects, with the
+    /// state as this command left it. What it changed is added to
+    /// `written` for the entry's one storage batch.
+    fn apply_one(
+        &mut self,
+        index: u64,
+        data: &[u8],
+        written: &mut ChangeSet,
+    ) -> Result<Outcome, ApplyError> {
+        let command = match serde_json::from_slice::<Command>(data) {
+            Ok(command) => command,
+            Err(error) => {
+                tracing::error!(index, %error, "undecodable command skipped");
+                return Ok(Outcome::Done);
+            }
+        };
+        // Lines about one job carry its span (id, attempt, kind, node).
+        let span = command
+            .job()
+            .map_or_else(tracing::Span::none, |job| self.job_span(job));
+        let _entered = span.enter();
+        let result = self.state.apply(command.clone());
+        let changes = self.state.take_changes();
+        if self.leader {
+            for quarantine in self.breaker.observe(&changes.jobs, &self.state, now_ms()) {
+                self.propose(quarantine);
+            }
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for event in &changes.events {
+                let log = || tracing::debug!(index = event.index, state = %event.state, detail = %event.message, "job transition");
+                if command.job() == Some(event.job_id) {
+                    log();
+                    continue;
+                }
+                tracing::info_span!(
+                    "job",
+                    job_id = event.job_id,
+                    attempt = event.attempt,
+                    kind = event.kind.as_str(),
+                    node = %event.node,
+                )
+                .in_scope(log);
+            }
+        }
+        self.dirty |= !changes.jobs.is_empty() || !changes.nodes.is_empty();
+        merge(written, changes);
+        if let Ok(outcome) = &result {
+            self.after_apply(&command, outcome);
+        }
+        result
+    }
+}
+
+/// Adds one command's changes to its entry's. Every field is named, so a
+/// new kind of change cannot be left out of the storage batch unnoticed.
+fn merge(into: &mut ChangeSet, from: ChangeSet) {
+    let ChangeSet {
+        jobs,
+        nodes,
+        events,
+        submissions,
+        estimates,
+        leader_term,
+        retired,
+        submissions_removed,
+        event_floor,
+        pipelines,
+        retention,
+        at_ms,
+    } = from;
+    into.jobs.extend(jobs);
+    into.nodes.extend(nodes);
+    into.events.extend(events);
+    // The store writes keys before it removes them: a key added and
+    // removed (or removed and added again) within one entry must end as
+    // the later command left it.
+    for (key, _) in &submissions {
+        into.submissions_removed.retain(|removed| removed != key);
+    }
+    into.submissions.extend(submissions);
+    into.submissions
+        .retain(|(key, _)| !submissions_removed.contains(key));
+    into.submissions_removed.extend(submissions_removed);
+    into.estimates.extend(estimates);
+    into.leader_term |= leader_term;
+    // A retired job is removed after the jobs written are stored, and it
+    // is no longer in state, so an earlier write of it is skipped.
+    into.retired.extend(retired);
+    if let Some((low, high)) = event_floor {
+        // The store deletes the stored events below the floor; events of
+        // this entry below it must not be written either.
+        into.events.retain(|event| event.index >= high);
+        into.event_floor = Some((into.event_floor.map_or(low, |(first, _)| first), high));
+    }
+    into.pipelines.extend(pipelines);
+    into.retention |= retention;
+    // History pruning is decided from the latest command's time.
+    into.at_ms = into.at_ms.max(at_ms);
+}
+
+#[cfg(test)]
+mod tests;

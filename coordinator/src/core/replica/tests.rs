@@ -1,0 +1,104 @@
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use super::*;
+use crate::core::CoreConfig;
+use crate::domain::{JobSpec, JobState};
+use crate::metrics::Metrics;
+use crate::raft::batch;
+use crate::store::Store;
+
+fn core(dir: &Path) -> Core {
+    let store = Store::open(dir).unwrap();
+    let (events, _) = broadcast::channel(16);
+    Core::new(
+        CoreConfig::default(),
+        store,
+        events,
+        Arc::new(Metrics::default()),
+    )
+    .unwrap()
+}
+
+fn submit(name: &str) -> Command {
+    Command::Submit {
+        at_ms: 1,
+        key: None,
+        jobs: vec![JobSpec::for_test(name)],
+        pipeline: None,
+        owner: None,
+    }
+}
+
+/// Commands proposed in one round share an entry: each is applied in
+/// order, on the state the ones before it left, and has its own typed
+/// outcome (a refusal included); the entry is written in one batch with
+/// its index.
+#[test]
+fn commands_sharing_an_entry_each_get_their_own_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = core(dir.path());
+    let commands = [
+        submit("a"),
+        Command::RequestCancel { at_ms: 2, job: 99 },
+        submit("b"),
+        Command::RequestCancel { at_ms: 3, job: 1 },
+    ];
+    let encoded: Vec<Vec<u8>> = commands
+        .iter()
+        .map(|c| <Core as ReplicatedStateMachine>::encode(c).unwrap())
+        .collect();
+    let entry = batch::encode(&encoded);
+    let outcomes = core.apply(7, &batch::decode(&entry).unwrap()).unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Ok(Outcome::Submitted(vec![1])),
+            Err(ApplyError::JobNotFound(99)),
+            Ok(Outcome::Submitted(vec![2])),
+            Ok(Outcome::CancelRequested {
+                state: JobState::Cancelled,
+                stop: None,
+            }),
+        ]
+    );
+    assert_eq!(core.applied_index().unwrap(), 7);
+    let stored = core.store.load().unwrap();
+    let states: Vec<_> = stored.jobs().map(|j| (j.id, j.state)).collect();
+    assert_eq!(
+        states,
+        [(1, JobState::Cancelled), (2, JobState::Pending)],
+        "every command's changes are stored with the entry"
+    );
+}
+
+/// A command that does not decode is skipped with an outcome of its own;
+/// the others of its entry still apply.
+#[test]
+fn an_undecodable_command_does_not_take_its_entry_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut core = core(dir.path());
+    let good = <Core as ReplicatedStateMachine>::encode(&submit("a")).unwrap();
+    let outcomes = core.apply(3, &[b"not json", &good]).unwrap();
+    assert_eq!(
+        outcomes,
+        [Ok(Outcome::Done), Ok(Outcome::Submitted(vec![1]))]
+    );
+}
+
+#[test]
+fn snapshots_are_checked_before_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core(dir.path());
+    assert!(
+        core.check_snapshot(b"not json")
+            .unwrap_err()
+            .contains("undecodable snapshot")
+    );
+    let taken = core.snapshot().unwrap();
+    core.check_snapshot(&taken).unwrap();
+}
