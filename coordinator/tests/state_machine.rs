@@ -534,6 +534,34 @@ fn cancel_pending_is_immediate_and_running_waits_for_the_agent() {
     );
 }
 
+/// Found by the Python client's tests: a job that catches the cancel's
+/// SIGTERM and exits 0 was recorded Succeeded (and its dependants ran).
+#[test]
+fn a_cancelled_job_that_exits_zero_is_cancelled_and_blocks_its_dependants() {
+    let mut sm = StateMachine::new();
+    register(&mut sm, "n1", 1, 80 * GIB);
+    let mut then = spec("b");
+    then.after = vec!["a".into()];
+    let ids = submit(&mut sm, vec![spec("a"), then]);
+    let (first, dependant) = (ids[0], ids[1]);
+    assign(&mut sm, vec![place(first, "n1", 0, 10 * GIB, false)]);
+    sm.apply(Command::RequestCancel {
+        at_ms: 25,
+        job: first,
+    })
+    .expect("cancel");
+    exit(&mut sm, first, 1, "n1", 0);
+    let record = sm.job(first).expect("job");
+    assert_eq!(record.state, JobState::Cancelled);
+    assert_eq!(record.attempts[0].exit_code, Some(0));
+    assert_eq!(
+        record.attempts[0].outcome,
+        Some(gantry_coordinator::domain::AttemptOutcome::Cancelled)
+    );
+    assert_ne!(state(&sm, dependant), JobState::Pending);
+    assert_eq!(sm.gpu_usage("n1", 0).reserved, 0);
+}
+
 #[test]
 fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
     let mut sm = StateMachine::new();

@@ -67,7 +67,11 @@ impl StateMachine {
             return Ok(Outcome::Done);
         };
         let cancel_requested = record.cancel_requested;
-        let succeeded = report.code == Some(0) && report.signal.is_none();
+        // A job its user cancelled ends Cancelled even if it exits 0 (a
+        // training loop that checkpoints on SIGTERM and returns normally):
+        // its dependants must not run, as with Slurm's CANCELLED. The exit
+        // code is still recorded on the attempt.
+        let succeeded = report.code == Some(0) && report.signal.is_none() && !cancel_requested;
         // A preempted attempt that did not succeed was stopped by us (or died
         // while being stopped): not the job's fault, whatever its status.
         let preempted_by = record
