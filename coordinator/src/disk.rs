@@ -4,7 +4,7 @@
 //! again once space is freed. Reads go on.
 //!
 //! Why a reserve rather than waiting for the first failed write: a write
-//! that fails inside the Raft driver or the store is fatal to the replica
+//! that fails inside the replica loop or the store is fatal to the replica
 //! (it stops rather than acknowledge what it could not persist), and the
 //! cluster's own bookkeeping must still fit: exit reports of running jobs,
 //! placements, node health. Those are not refused; they use the reserve,

@@ -2,7 +2,7 @@
 //!
 //! - event metrics (histograms, counters) are observed where the event
 //!   happens and live in [`Metrics`]: atomics behind an `Arc`, shared by the
-//!   core thread, the services and the HTTP server of one coordinator;
+//!   replica loop, the services and the HTTP server of one coordinator;
 //! - state metrics (node states, GPU memory, jobs by state) are computed at
 //!   scrape time from a [`ClusterView`] the core builds, so they can never
 //!   drift from the state they describe.

@@ -315,7 +315,7 @@ async fn metrics_text(
 }
 
 /// Why this replica is broken beyond repair, if it is: a recorded
-/// [`Failure`], or a Raft driver that stopped while the server still runs
+/// [`Failure`], or a replica loop that stopped while the server still runs
 /// (the failure watcher may not have run yet).
 fn broken(core: &CoreHandle, failure: &Failure) -> Option<String> {
     if let Some(reason) = failure.reason() {

@@ -1,4 +1,4 @@
-//! A fault-injection hook for tests of what happens when the Raft driver
+//! A fault-injection hook for tests of what happens when the replica loop
 //! thread dies (issue 16: the replica must turn unhealthy and the process
 //! exit non-zero).
 //!
