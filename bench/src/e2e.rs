@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::procs::{ProcGroup, free_ports, run_scenario};
+use crate::procs::{ProcGroup, free_ports, require_gantry, run_scenario};
 use crate::rng::Rng;
 use crate::stats::Latencies;
 
@@ -937,12 +937,7 @@ pub(crate) async fn start_fleet(
 }
 
 async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E2eReport> {
-    if !config.gantry.is_file() {
-        bail!(
-            "no gantry binary at {} (build it: cargo build --release -p gantry, or pass --gantry)",
-            config.gantry.display()
-        );
-    }
+    require_gantry(&config.gantry)?;
     let replicas = start_replicas(config, procs)?;
     let urls = replicas.urls.clone();
     let leader = wait_leader(&urls, None, Duration::from_secs(30))

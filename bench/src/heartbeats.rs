@@ -34,7 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::e2e::{GIB, endpoint, gantry_client, job_event, register_message, status, unix_ms, up};
-use crate::procs::{ProcGroup, free_ports, run_scenario};
+use crate::procs::{ProcGroup, free_ports, require_gantry, run_scenario};
 use crate::rng::Rng;
 use crate::stats::Latencies;
 
@@ -499,12 +499,7 @@ async fn scenario(
     config: &HeartbeatsConfig,
     procs: &mut ProcGroup,
 ) -> anyhow::Result<HeartbeatsReport> {
-    if !config.gantry.is_file() {
-        bail!(
-            "no gantry binary at {} (build it: cargo build --release -p gantry, or pass --gantry)",
-            config.gantry.display()
-        );
-    }
+    require_gantry(&config.gantry)?;
     let addr = free_ports(1)?[0];
     let url = format!("http://{addr}");
     let mut args = vec![

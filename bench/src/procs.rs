@@ -218,6 +218,18 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Refuses to start a scenario without the `gantry` binary it runs, saying
+/// how to build it.
+pub fn require_gantry(gantry: &Path) -> anyhow::Result<()> {
+    if !gantry.is_file() {
+        bail!(
+            "no gantry binary at {} (build it: cargo build --release -p gantry, or pass --gantry)",
+            gantry.display()
+        );
+    }
+    Ok(())
+}
+
 /// `count` distinct free TCP ports on `127.0.0.1` (all bound at once, then
 /// released for the caller to bind).
 pub fn free_ports(count: usize) -> anyhow::Result<Vec<SocketAddr>> {

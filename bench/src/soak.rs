@@ -14,12 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde_json::{Value, json};
 
 use crate::e2e::{endpoint, gantry_client, start_fleet, status, submit_request, unix_ms};
 use crate::heartbeats::status_bytes;
-use crate::procs::{ProcGroup, free_ports, run_scenario};
+use crate::procs::{ProcGroup, free_ports, require_gantry, run_scenario};
 use crate::stats::Latencies;
 
 /// What to run.
@@ -178,12 +178,7 @@ pub fn run(config: &SoakConfig) -> anyhow::Result<SoakReport> {
 }
 
 async fn scenario(config: &SoakConfig, procs: &mut ProcGroup) -> anyhow::Result<SoakReport> {
-    if !config.gantry.is_file() {
-        bail!(
-            "no gantry binary at {} (build it: cargo build --release -p gantry, or pass --gantry)",
-            config.gantry.display()
-        );
-    }
+    require_gantry(&config.gantry)?;
     let addr = free_ports(1)?[0];
     let url = format!("http://{addr}");
     let data = procs.path().join("coordinator");

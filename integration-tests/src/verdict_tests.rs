@@ -32,46 +32,29 @@ enum End {
 
 /// A job with one attempt on `n1` (shared with the nemesis's tests).
 pub(crate) fn record(id: JobId, state: JobState, attempt: u32) -> JobRecord {
-    JobRecord {
-        id,
-        spec: JobSpec::for_test(&format!("j{id}")),
-        state,
-        submitted_at_ms: 0,
-        updated_at_ms: 0,
-        attempts: vec![AttemptRecord {
-            attempt,
-            node: "n1".into(),
-            gpus: vec![0],
-            gpu_memory: 1,
-            batch_size: 0,
-            exclusive_gpu: false,
-            assigned_at_ms: 0,
-            started_at_ms: 0,
-            ended_at_ms: 0,
-            exit_code: None,
-            signal: None,
-            error: String::new(),
-            outcome: state.is_terminal().then_some(AttemptOutcome::Succeeded),
-            output_tail: String::new(),
-            oom: false,
-            forgiven: false,
-            peak_gpu_memory: 0,
-            preempted: String::new(),
-        }],
-        cancel_requested: false,
-        depends_on: vec![],
-        not_before_ms: 0,
-        terminal_reason: String::new(),
-        retry_base: 0,
-        batch_cap: None,
-        blocked_by: None,
-        pipeline: String::new(),
-        run: 0,
-        owner: None,
-        submit_event: 0,
-        preempted_by: Vec::new(),
-        preempting: None,
-    }
+    let mut job = JobRecord::for_test(id, JobSpec::for_test(&format!("j{id}")));
+    job.state = state;
+    job.attempts = vec![AttemptRecord {
+        attempt,
+        node: "n1".into(),
+        gpus: vec![0],
+        gpu_memory: 1,
+        batch_size: 0,
+        exclusive_gpu: false,
+        assigned_at_ms: 0,
+        started_at_ms: 0,
+        ended_at_ms: 0,
+        exit_code: None,
+        signal: None,
+        error: String::new(),
+        outcome: state.is_terminal().then_some(AttemptOutcome::Succeeded),
+        output_tail: String::new(),
+        oom: false,
+        forgiven: false,
+        peak_gpu_memory: 0,
+        preempted: String::new(),
+    }];
+    job
 }
 
 fn stored(name: &str, jobs: &[JobRecord]) -> Stored {

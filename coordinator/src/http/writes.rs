@@ -209,7 +209,8 @@ pub(super) async fn dlq_retry(
     Ok(axum::Json(json!({ "id": id, "retried": true })).into_response())
 }
 
-/// `DELETE /v1/dlq/{id}` (admin): the job is dropped for good.
+/// `DELETE /v1/dlq/{id}`: the job is dropped for good (a user token only
+/// its own jobs; see `CoreHandle::dlq_drop`).
 pub(super) async fn dlq_drop(
     State(state): State<HttpState>,
     Path(id): Path<String>,

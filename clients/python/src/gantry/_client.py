@@ -97,7 +97,7 @@ class Client(Endpoints):
         self._send(_calls.dlq_retry(id, spec))
 
     def dlq_drop(self, id: int) -> None:
-        """Drops a dead-lettered job for good (admin)."""
+        """Drops a dead-lettered job for good (a user token: only its own jobs)."""
         self._send(_calls.dlq_drop(id))
 
     def drain(self, node: str, deadline: str | None = None) -> None:
