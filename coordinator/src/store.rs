@@ -75,11 +75,7 @@ const SLED_CACHE_BYTES: u64 = 64 << 20;
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(dir.join("state"))
-            .mode(sled::Mode::HighThroughput)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()?;
+        let db = open_db(&dir.join("state"))?;
         Ok(Store {
             jobs: db.open_tree("jobs")?,
             nodes: db.open_tree("nodes")?,
@@ -510,6 +506,37 @@ pub struct StateSnapshot {
     pub pipeline_runs: Vec<(String, u32)>,
 }
 
+/// How long opening waits for the database's file lock: a database this
+/// process has just closed (`gantry coordinator --restore` installs the
+/// backup, then the coordinator opens the same directory) holds its lock
+/// until sled's background threads drop their last reference, a moment
+/// after the close returned.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens sled at `path`, waiting up to [`LOCK_WAIT`] for its file lock; any
+/// other error, or a lock still held after that (another process uses the
+/// directory), is returned as it is.
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open();
+        match opened {
+            // sled reports the held lock as an Other error with this text.
+            Err(sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// Appends a value's JSON to a buffer.
 fn append_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<(), StoreError> {
     serde_json::to_writer(out, value).map_err(StoreError::Encode)
@@ -546,6 +573,21 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// A database closed a moment ago opens again (its lock is released
+    /// by sled's background threads just after the close); one still open
+    /// is refused, after the wait, with sled's lock error.
+    #[test]
+    fn a_closed_database_reopens_and_an_open_one_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for _ in 0..20 {
+            drop(Store::open(dir.path()).expect("open"));
+        }
+        let held = Store::open(dir.path()).expect("open");
+        let error = Store::open(dir.path()).err().expect("locked").to_string();
+        assert!(error.contains("could not acquire lock"), "{error}");
+        drop(held);
+    }
 
     #[test]
     fn applied_index_is_read_strictly() {
