@@ -23,10 +23,10 @@ use tonic::transport::Endpoint;
 
 use crate::config::AgentConfig;
 use crate::convert::{agent_message, wire_bytes};
-use crate::fence::Contact;
 use crate::executor::{
     Executor, JobEvent, JobEventKind, Launch, LaunchOutcome, StopReason, now_ms,
 };
+use crate::fence::Contact;
 use crate::outbox::Outbox;
 use crate::probe::Probes;
 

@@ -65,7 +65,15 @@ impl NetLab {
             ])?;
             ip(&["-n", &bridge, "link", "set", &port, "master", "br0"])?;
             ip(&["-n", &bridge, "link", "set", &port, "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", net.ip(i)), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", net.ip(i)),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }
@@ -84,7 +92,10 @@ impl NetLab {
 
     /// Drops every packet from `from` to `to` (one way).
     pub fn cut(&self, from: usize, to: usize) -> anyhow::Result<()> {
-        let mut cuts = self.cuts.lock().map_err(|_| anyhow::anyhow!("cuts poisoned"))?;
+        let mut cuts = self
+            .cuts
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cuts poisoned"))?;
         if cuts.insert((from, to)) {
             let dest = format!("{}/32", self.ip(to));
             ip(&["-n", self.ns(from), "route", "add", "blackhole", &dest])?;
@@ -100,7 +111,10 @@ impl NetLab {
 
     /// Restores every link.
     pub fn heal(&self) -> anyhow::Result<()> {
-        let mut cuts = self.cuts.lock().map_err(|_| anyhow::anyhow!("cuts poisoned"))?;
+        let mut cuts = self
+            .cuts
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cuts poisoned"))?;
         for (from, to) in std::mem::take(&mut *cuts) {
             let dest = format!("{}/32", self.ip(to));
             ip(&["-n", self.ns(from), "route", "del", "blackhole", &dest])?;

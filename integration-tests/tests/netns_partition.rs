@@ -76,7 +76,9 @@ fn lab_or_skip(test: &str) -> anyhow::Result<Option<NetLab>> {
     match NetLab::new(CLIENT) {
         Ok(net) => Ok(Some(net)),
         Err(error) if !tools_required() => {
-            eprintln!("{test}: skipped, cannot make network namespaces (needs root and iproute2): {error:#}");
+            eprintln!(
+                "{test}: skipped, cannot make network namespaces (needs root and iproute2): {error:#}"
+            );
             Ok(None)
         }
         Err(error) => Err(error.context("network namespaces (GANTRY_REQUIRE_TOOLS=1)")),
@@ -163,7 +165,9 @@ impl Lab {
     }
 
     fn wait_ready(&self, nodes: usize) -> anyhow::Result<()> {
-        self.sandbox.wait_nodes_ready(&self.set.addrs(), nodes, T).map(|_| ())
+        self.sandbox
+            .wait_nodes_ready(&self.set.addrs(), nodes, T)
+            .map(|_| ())
     }
 
     fn leader(&self) -> anyhow::Result<usize> {
@@ -190,7 +194,10 @@ impl Lab {
 
     /// Submits one ledger job of `sleep_ms` on one GPU.
     fn submit_ledger_job(&mut self, sleep_ms: u64) -> anyhow::Result<JobId> {
-        let spec = self.sandbox.path().join(format!("own-{}.json", self.own.len()));
+        let spec = self
+            .sandbox
+            .path()
+            .join(format!("own-{}.json", self.own.len()));
         let job = serde_json::json!({
             "kind": "selfplay",
             "resources": {"gpus": 1, "gpu_memory": "10GiB"},
@@ -254,7 +261,11 @@ impl Lab {
             watch.kill_survivors();
             watch.executions().to_vec()
         };
-        let load = self.load.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+        let load = self
+            .load
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .clone();
         let mut acknowledged = load.acked.clone();
         acknowledged.extend(self.own.iter().map(|(k, v)| (*k, *v)));
         let verdict = check(&Ground {
