@@ -660,6 +660,15 @@ pub fn free_port(ip: &str) -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// The `--peers` value for replicas 1..=N at `urls` (in id order).
+pub fn peers_flag(urls: &[String]) -> String {
+    urls.iter()
+        .enumerate()
+        .map(|(i, u)| format!("{}={u}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A three-replica coordinator cluster on 127.0.0.11..13.
 pub struct ReplicaSet {
     /// Process index of each replica in the sandbox (by id - 1), `None` when stopped.
@@ -701,12 +710,7 @@ impl Sandbox {
             let ip = format!("127.0.0.{}", 10 + i);
             urls.push(format!("{scheme}://{ip}:{}", free_port(&ip)?));
         }
-        let peers = urls
-            .iter()
-            .enumerate()
-            .map(|(i, u)| format!("{}={u}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
+        let peers = peers_flag(&urls);
         let dirs: Vec<PathBuf> = (1..=3)
             .map(|i| self.dir.path().join(format!("replica-{i}")))
             .collect();

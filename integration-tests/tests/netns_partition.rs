@@ -32,7 +32,7 @@ use gantry_integration_tests::load::{self, Load, LoadPlan};
 use gantry_integration_tests::nemesis::now_ms;
 use gantry_integration_tests::netns::NetLab;
 use gantry_integration_tests::verdict::{Ground, Stored, check};
-use gantry_integration_tests::{ReplicaSet, Sandbox, tools_required, wait_until};
+use gantry_integration_tests::{ReplicaSet, Sandbox, peers_flag, tools_required, wait_until};
 use gantry_scheduler::JobId;
 
 const T: Duration = Duration::from_secs(60);
@@ -92,12 +92,7 @@ impl Lab {
         let urls: Vec<String> = (1..=3)
             .map(|i| format!("http://{}:{PORT}", net.ip(i)))
             .collect();
-        let peers = urls
-            .iter()
-            .enumerate()
-            .map(|(i, u)| format!("{}={u}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
+        let peers = peers_flag(&urls);
         let mut set = ReplicaSet {
             procs: vec![None; 3],
             listen: (1..=3).map(|i| format!("{}:{PORT}", net.ip(i))).collect(),
@@ -313,31 +308,43 @@ impl Lab {
     }
 }
 
-/// The leader loses both followers, both ways, for 12 s under load.
-#[test]
-fn a_symmetric_partition_of_the_leader() -> anyhow::Result<()> {
-    let Some(net) = lab_or_skip("a_symmetric_partition_of_the_leader")? else {
+/// How the leader is cut from the followers.
+#[derive(Clone, Copy)]
+enum LeaderCut {
+    /// Both ways.
+    Symmetric,
+    /// Only the leader's packets to them are dropped.
+    OneWay,
+}
+
+/// Cuts the leader from both followers under load; the majority elects a
+/// new leader and keeps running jobs, the old one steps down; then heals
+/// and judges.
+fn leader_cut_off(test: &str, cut: LeaderCut, seed: u64) -> anyhow::Result<()> {
+    let Some(net) = lab_or_skip(test)? else {
         return Ok(());
     };
     let mut lab = Lab::start(net, &["2xH100-80GiB", "2xH100-80GiB"])?;
     lab.wait_ready(2)?;
-    lab.start_load(0x5e7_0001);
+    lab.start_load(seed);
     std::thread::sleep(Duration::from_secs(4));
     let old = lab.leader()?;
     for other in (1..=3).filter(|id| *id != old) {
-        lab.net.cut_both(old, other)?;
+        match cut {
+            LeaderCut::Symmetric => lab.net.cut_both(old, other)?,
+            LeaderCut::OneWay => lab.net.cut(old, other)?,
+        }
     }
-    let new = wait_until("a leader on the majority side", T, || {
+    wait_until("a new leader among the followers", T, || {
         lab.sandbox.leader_of(&lab.set).filter(|id| *id != old)
-    });
-    // Whoever leads, the old leader must not still think it does while cut
-    // off (it cannot commit, and check-quorum makes it step down).
+    })?;
+    // The old leader must not go on believing it leads while cut off (it
+    // cannot commit; check-quorum makes it step down).
     let old_url = lab.set.urls[old - 1].clone();
-    wait_until("the isolated leader to step down", T, || {
+    wait_until("the cut-off leader to step down", T, || {
         let status = lab.sandbox.gantry_json(&old_url, &["status"]).ok()?;
         (status["is_leader"] == false).then_some(())
     })?;
-    new?;
     let during = lab.submit_ledger_job(500)?;
     lab.sandbox
         .wait_job_state(&lab.set.addrs(), during, "succeeded", T)?;
@@ -345,29 +352,25 @@ fn a_symmetric_partition_of_the_leader() -> anyhow::Result<()> {
     lab.heal_settle_and_judge()
 }
 
+/// The leader loses both followers, both ways, under load.
+#[test]
+fn a_symmetric_partition_of_the_leader() -> anyhow::Result<()> {
+    leader_cut_off(
+        "a_symmetric_partition_of_the_leader",
+        LeaderCut::Symmetric,
+        0x5e7_0001,
+    )
+}
+
 /// The leader's packets to both followers are dropped (theirs still reach
-/// it) for 12 s under load.
+/// it) under load.
 #[test]
 fn one_way_loss_from_the_leader() -> anyhow::Result<()> {
-    let Some(net) = lab_or_skip("one_way_loss_from_the_leader")? else {
-        return Ok(());
-    };
-    let mut lab = Lab::start(net, &["2xH100-80GiB", "2xH100-80GiB"])?;
-    lab.wait_ready(2)?;
-    lab.start_load(0x5e7_0002);
-    std::thread::sleep(Duration::from_secs(4));
-    let old = lab.leader()?;
-    for other in (1..=3).filter(|id| *id != old) {
-        lab.net.cut(old, other)?;
-    }
-    wait_until("a new leader among the followers", T, || {
-        lab.sandbox.leader_of(&lab.set).filter(|id| *id != old)
-    })?;
-    let during = lab.submit_ledger_job(500)?;
-    lab.sandbox
-        .wait_job_state(&lab.set.addrs(), during, "succeeded", T)?;
-    std::thread::sleep(Duration::from_secs(6));
-    lab.heal_settle_and_judge()
+    leader_cut_off(
+        "one_way_loss_from_the_leader",
+        LeaderCut::OneWay,
+        0x5e7_0002,
+    )
 }
 
 /// One agent cannot reach the leader (it still reaches the followers) for
