@@ -482,7 +482,7 @@ fn events_resume_after_last_event_id_and_logs_stream() -> anyhow::Result<()> {
 #[test]
 fn a_follower_answers_writes_with_the_leader() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
-    let set = sandbox.start_replicas(&[])?;
+    let mut set = sandbox.start_replicas(&[])?;
     // leader_of counts replicas from 1.
     let leader = wait_until("a leader", T, || sandbox.leader_of(&set))? - 1;
     let follower = (0..3).find(|&i| i != leader).expect("a follower");
@@ -493,7 +493,53 @@ fn a_follower_answers_writes_with_the_leader() -> anyhow::Result<()> {
     let named = json(&response)["leader"].as_str().map(String::from);
     assert_eq!(named.as_deref(), Some(set.urls[leader].as_str()));
     assert_eq!(response.header("gantry-leader"), named.as_deref());
+    // The leader's HTTP API too, learned from its Raft batches: an HTTP
+    // client given only this follower finds the leader.
+    let leader_index = set.procs[leader].expect("running");
+    let leader_http = sandbox.proc(leader_index).http.clone().expect("http");
+    assert_eq!(
+        json(&response)["leader_http"].as_str(),
+        Some(leader_http.as_str()),
+        "{response:?}"
+    );
+    assert_eq!(
+        response.header("gantry-leader-http"),
+        Some(leader_http.as_str())
+    );
+    let ready = json(&http_get(&http, "/readyz", None)?);
+    assert_eq!(ready["leader_http"].as_str(), Some(leader_http.as_str()));
+    // Streams are redirected the same way.
+    let events = http_get(&http, "/v1/events", None)?;
+    assert_eq!(
+        (events.status, events.header("gantry-leader-http")),
+        (503, Some(leader_http.as_str())),
+        "{events:?}"
+    );
     let cancel = post(&http, "/v1/jobs/1/cancel", &[], "");
     assert_eq!(cancel.status, 503, "{cancel:?}");
+    assert_eq!(
+        json(&cancel)["leader_http"].as_str(),
+        Some(leader_http.as_str())
+    );
+    // Followed there, the write is taken.
+    let taken = post(&leader_http, "/v1/jobs", &[], r#"{"command": ["true"]}"#);
+    assert_eq!(taken.status, 201, "{taken:?}");
+
+    // After the leader goes, the follower names the new one (or, elected
+    // itself, takes the write).
+    sandbox.stop_replica(&mut set, leader + 1);
+    let https: Vec<String> = (0..3)
+        .filter(|&i| i != leader)
+        .filter_map(|i| set.procs[i])
+        .filter_map(|p| sandbox.proc(p).http.clone())
+        .collect();
+    wait_until("the new leader named or leading", T, || {
+        let response = post(&http, "/v1/jobs", &[], r#"{"command": ["true"]}"#);
+        if response.status == 201 {
+            return Some(());
+        }
+        let named = json(&response)["leader_http"].as_str().map(String::from)?;
+        https.contains(&named).then_some(())
+    })?;
     Ok(())
 }
