@@ -189,7 +189,10 @@ impl GantryService {
 
     /// Counts a stream call against its caller: its token, else its address.
     fn open_stream<T>(&self, request: &GrpcRequest<T>) -> Result<StreamPermit, CoordinatorError> {
-        let token = request.extensions().get::<Caller>().map(|c| c.name.as_str());
+        let token = request
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.name.as_str());
         let address = request.remote_addr().map(|a| a.ip());
         self.core.open_stream(StreamClient::new(token, address))
     }

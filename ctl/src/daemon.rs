@@ -89,7 +89,9 @@ impl Default for ClientApiArgs {
 fn parse_stream_limit(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(n) if (1..=100_000).contains(&n) => Ok(n),
-        _ => Err(format!("{text:?} is not a number of streams from 1 to 100000")),
+        _ => Err(format!(
+            "{text:?} is not a number of streams from 1 to 100000"
+        )),
     }
 }
 
@@ -100,7 +102,8 @@ fn parse_http_url(text: &str) -> Result<String, String> {
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
         .ok_or_else(|| format!("{url:?} must start with http:// or https://"))?;
-    if rest.is_empty() || rest.len() > 256 || rest.contains(|c: char| c.is_whitespace() || c == '/') {
+    if rest.is_empty() || rest.len() > 256 || rest.contains(|c: char| c.is_whitespace() || c == '/')
+    {
         return Err(format!("{url:?} is not a base URL (http://HOST:PORT)"));
     }
     Ok(url.to_string())

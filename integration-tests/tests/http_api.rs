@@ -1,8 +1,9 @@
 //! The HTTP API's writes and streams (issue 12): bad bodies get 400 naming
 //! the field and store nothing, tokens and roles are those of gRPC, a
-//! follower names the leader, events resume after `Last-Event-ID` with
-//! nothing missed, logs stream, and `/v1/openapi.json` describes exactly
-//! the routes served.
+//! follower names the leader (its gRPC and HTTP addresses), events resume
+//! after `Last-Event-ID` with nothing missed, logs stream, streams are
+//! bounded per client, and `/v1/openapi.json` describes exactly the routes
+//! served.
 
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
@@ -540,6 +541,76 @@ fn a_follower_answers_writes_with_the_leader() -> anyhow::Result<()> {
         }
         let named = json(&response)["leader_http"].as_str().map(String::from)?;
         https.contains(&named).then_some(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn streams_are_bounded_per_client() -> anyhow::Result<()> {
+    const ALICE: &str = "alice-secret-0123456789";
+    const BOB: &str = "bob-secret-0123456789ab";
+    let mut sandbox = Sandbox::new()?;
+    let tokens = sandbox.path().join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "- {{name: alice, token: {ALICE}, role: user}}\n- {{name: bob, token: {BOB}, role: user}}\n"
+        ),
+    )?;
+    let tokens = tokens.display().to_string();
+    let coordinator = sandbox.start_coordinator_with(
+        "coordinator",
+        &["--tokens", &tokens, "--max-streams-per-client", "2"],
+    )?;
+    let http = coordinator.http.clone();
+    let alice = format!("Bearer {ALICE}");
+    let bob = format!("Bearer {BOB}");
+    let open = |auth: &str| -> anyhow::Result<(u16, BufReader<std::net::TcpStream>)> {
+        let stream = http_send(&http, "GET", "/v1/events", &[("Authorization", auth)], b"")?;
+        let mut reader = BufReader::new(stream);
+        let (status, _) = read_http_head(&mut reader)?;
+        Ok((status, reader))
+    };
+    let (first, held) = open(&alice)?;
+    let (second, _held) = open(&alice)?;
+    assert_eq!((first, second), (200, 200));
+    // The third is refused, naming the limit; over HTTP and gRPC, events
+    // and logs alike.
+    let refused = http_request(
+        &http,
+        "GET",
+        "/v1/events",
+        &[("Authorization", &alice)],
+        b"",
+    )?;
+    assert_eq!(refused.status, 429, "{refused:?}");
+    let error = json(&refused)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("token 'alice' already holds 2")
+            && error.contains("--max-streams-per-client"),
+        "{error}"
+    );
+    let logs = http_request(
+        &http,
+        "GET",
+        "/v1/jobs/1/logs?follow=true",
+        &[("Authorization", &alice)],
+        b"",
+    )?;
+    assert_eq!(logs.status, 429, "{logs:?}");
+    let watch = sandbox.gantry(&coordinator.url, &["watch", "--token", ALICE]);
+    assert_ne!(watch.code, 0, "{watch:?}");
+    assert!(watch.stderr.contains("too many open streams"), "{watch:?}");
+    // Another token is counted apart.
+    assert_eq!(open(&bob)?.0, 200);
+    // A closed stream frees its place.
+    drop(held);
+    wait_until("a place for alice again", T, || {
+        let (status, reader) = open(&alice).ok()?;
+        (status == 200).then_some(reader)
     })?;
     Ok(())
 }

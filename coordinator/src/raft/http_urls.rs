@@ -59,7 +59,9 @@ fn usable(url: &str) -> bool {
         && url
             .strip_prefix("http://")
             .or_else(|| url.strip_prefix("https://"))
-            .is_some_and(|rest| !rest.is_empty() && !rest.contains(|c: char| c.is_whitespace() || c.is_control()))
+            .is_some_and(|rest| {
+                !rest.is_empty() && !rest.contains(|c: char| c.is_whitespace() || c.is_control())
+            })
 }
 
 #[cfg(test)]

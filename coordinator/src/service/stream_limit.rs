@@ -143,12 +143,20 @@ mod tests {
         let _anon = limit.acquire(anonymous.clone()).expect("by address");
         let _anon2 = limit.acquire(anonymous.clone()).expect("second by address");
         let refused = limit.acquire(anonymous).expect_err("third by address");
-        assert!(refused.to_string().contains("client 10.0.0.7 already holds 2"), "{refused}");
+        assert!(
+            refused
+                .to_string()
+                .contains("client 10.0.0.7 already holds 2"),
+            "{refused}"
+        );
         drop(first);
         assert_eq!(limit.open(&alice), 1);
         let _again = limit.acquire(alice.clone()).expect("a place was freed");
         assert_eq!(limit.open(&alice), 2);
         drop((_again, _second));
-        assert!(limit.open.lock().expect("lock").get(&alice).is_none(), "no entry left");
+        assert!(
+            limit.open.lock().expect("lock").get(&alice).is_none(),
+            "no entry left"
+        );
     }
 }
