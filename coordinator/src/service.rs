@@ -279,6 +279,7 @@ impl pb::gantry_server::Gantry for GantryService {
                 states,
                 limit,
                 owner,
+                filter: Default::default(),
                 reply,
             })
             .await?;

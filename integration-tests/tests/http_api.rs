@@ -472,6 +472,70 @@ fn events_resume_after_last_event_id_and_logs_stream() -> anyhow::Result<()> {
         );
     }
     wait_state(live, "succeeded")?;
+
+    // Jobs filtered by kind and pipeline on the server, the limit after
+    // the filter; bad filters and pages past the bound are refused.
+    let pipeline = ids(&post(
+        &http,
+        "/v1/jobs",
+        &[],
+        r#"{"pipeline": "loop", "jobs": [
+            {"name": "a", "kind": "evaluation", "command": ["true"]},
+            {"name": "b", "kind": "evaluation", "command": ["true"]},
+            {"name": "c", "kind": "training", "command": ["true"]}]}"#,
+    ));
+    let evaluation = ids(&post(
+        &http,
+        "/v1/jobs",
+        &[],
+        r#"{"kind": "evaluation", "command": ["true"]}"#,
+    ))[0];
+    let listed = |path: &str| -> Vec<u64> {
+        json(&http_get(&http, path, None).expect("jobs"))
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|j| j["id"].as_u64())
+            .collect()
+    };
+    assert_eq!(
+        listed("/v1/jobs?kind=evaluation&limit=2"),
+        [evaluation, pipeline[1]]
+    );
+    assert_eq!(
+        listed("/v1/jobs?kind=evaluation&pipeline=loop"),
+        [pipeline[1], pipeline[0]]
+    );
+    assert_eq!(listed("/v1/jobs?pipeline=loop&limit=1"), [pipeline[2]]);
+    assert_eq!(listed("/v1/jobs?pipeline=nothing"), Vec::<u64>::new());
+    let long = "p".repeat(300);
+    for (path, field, words) in [
+        ("/v1/jobs?kind=bogus".to_string(), "kind", "unknown kind"),
+        (
+            format!("/v1/jobs?pipeline={long}"),
+            "pipeline",
+            "longer than",
+        ),
+        (
+            "/v1/jobs?limit=20000".to_string(),
+            "limit",
+            "more than the 10000",
+        ),
+    ] {
+        let bad = http_get(&http, &path, None)?;
+        assert_eq!(
+            (bad.status, json(&bad)["field"].as_str()),
+            (400, Some(field)),
+            "{bad:?}"
+        );
+        assert!(
+            json(&bad)["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(words),
+            "{bad:?}"
+        );
+    }
     let bad = http_get(&http, "/v1/events?from=x", None)?;
     assert_eq!(
         (bad.status, json(&bad)["field"].as_str()),

@@ -12,6 +12,27 @@ use crate::convert;
 use crate::decide;
 use crate::metrics::{ClusterView, KindLabel};
 
+/// Which jobs a listing wants besides their state (`/v1/jobs?kind=&pipeline=`);
+/// `None` matches every job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    /// Only jobs of this kind.
+    pub kind: Option<gantry_scheduler::JobKind>,
+    /// Only jobs of this pipeline.
+    pub pipeline: Option<String>,
+}
+
+impl JobFilter {
+    /// Whether `job` passes.
+    pub fn matches(&self, job: &crate::domain::JobRecord) -> bool {
+        self.kind.is_none_or(|kind| job.spec.kind == kind)
+            && self
+                .pipeline
+                .as_deref()
+                .is_none_or(|pipeline| job.pipeline == pipeline)
+    }
+}
+
 impl Core {
     /// The placement policy of every pass.
     pub(super) fn policy(&self) -> Policy {

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use axum::middleware;
 
-use crate::core::Request;
+use crate::core::{JobFilter, Request};
 use crate::credentials::{SharedAuth, TlsSource};
 use crate::domain::JobState;
 use crate::error::{CoordinatorError, LEADER_METADATA};
@@ -40,7 +40,7 @@ use crate::json::{job_json, node_json, status_json};
 use crate::metrics;
 use crate::server::{Failure, Handshaken, accept_tls};
 use crate::service::CoreHandle;
-use gantry_proto as pb;
+use gantry_scheduler::JobKind;
 
 mod streams;
 mod writes;
@@ -60,6 +60,9 @@ pub const LEADER_HTTP_HEADER: &str = "gantry-leader-http";
 
 /// Jobs returned by `/v1/jobs` when no `limit` is given.
 const DEFAULT_JOB_LIMIT: usize = 1000;
+
+/// Most jobs one `/v1/jobs` page may ask for: an answer is built in memory.
+const MAX_JOB_LIMIT: usize = 10_000;
 
 /// How long `/healthz` waits for the core to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -502,6 +505,12 @@ async fn jobs(
     let limit = match query.get("limit") {
         None => DEFAULT_JOB_LIMIT,
         Some(text) => match text.parse::<usize>() {
+            Ok(n) if n > MAX_JOB_LIMIT => {
+                return Err(invalid(
+                    "limit",
+                    format!("{n} is more than the {MAX_JOB_LIMIT} jobs a page may hold"),
+                ));
+            }
             Ok(n) if n > 0 => n,
             _ => {
                 return Err(invalid(
@@ -514,32 +523,47 @@ async fn jobs(
             }
         },
     };
-    let kind = query.get("kind").cloned().unwrap_or_default();
-    let pipeline = query.get("pipeline").cloned().unwrap_or_default();
-    let filtered = !kind.is_empty() || !pipeline.is_empty();
+    let filter = job_filter(&query)?;
     core.require_leader()?;
     let jobs = core
         .call(|reply| Request::ListJobs {
             states,
-            // The core filters by state only: with a kind or pipeline
-            // filter the limit applies after it.
-            limit: if filtered { usize::MAX } else { limit },
+            limit,
             owner: None,
+            filter,
             reply,
         })
         .await?;
-    let wanted = |job: &pb::Job| {
-        let spec = job.spec.as_ref();
-        (kind.is_empty() || spec.is_some_and(|s| s.kind == kind))
-            && (pipeline.is_empty() || job.pipeline == pipeline)
+    Ok(axum::Json(jobs.iter().map(job_json).collect()))
+}
+
+/// `kind=` and `pipeline=` of `/v1/jobs`, checked: a kind the specs know,
+/// a pipeline name no longer than names can be.
+fn job_filter(query: &HashMap<String, String>) -> Result<JobFilter, ApiError> {
+    let kind = match query.get("kind").map(String::as_str) {
+        None | Some("") => None,
+        Some(name) => Some(JobKind::parse(name).ok_or_else(|| {
+            invalid(
+                "kind",
+                format!(
+                    "unknown kind {:?} (expected one of {})",
+                    crate::spec_file::printable(name, 64),
+                    JobKind::ALL.map(JobKind::as_str).join(", ")
+                ),
+            )
+        })?),
     };
-    Ok(axum::Json(
-        jobs.iter()
-            .filter(|job| wanted(job))
-            .take(limit)
-            .map(job_json)
-            .collect(),
-    ))
+    let pipeline = match query.get("pipeline").map(String::as_str) {
+        None | Some("") => None,
+        Some(name) if name.chars().count() > crate::limits::MAX_NAME_LEN => {
+            return Err(invalid(
+                "pipeline",
+                format!("longer than {} characters", crate::limits::MAX_NAME_LEN),
+            ));
+        }
+        Some(name) => Some(name.to_string()),
+    };
+    Ok(JobFilter { kind, pipeline })
 }
 
 /// `GET /v1/pipelines/{name}?run=N`: a run's jobs (the latest run without
