@@ -593,6 +593,76 @@ mod tests {
     }
 
     #[test]
+    fn the_advertised_http_url() {
+        let config = |advertise: Option<&str>, peer: Option<&str>, tls: bool| {
+            let mut config = CoordinatorConfig::for_test(PathBuf::from("/nonexistent"));
+            config.http_advertise = advertise.map(String::from);
+            if let Some(peer) = peer {
+                config.peers = BTreeMap::from([(1, peer.to_string())]);
+            }
+            if tls {
+                let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+                config.http_tls = Some(Arc::new(
+                    tokio_rustls::rustls::ServerConfig::builder()
+                        .with_no_client_auth()
+                        .with_cert_resolver(Arc::new(
+                            tokio_rustls::rustls::server::ResolvesServerCertUsingSni::new(),
+                        )),
+                ));
+            }
+            config
+        };
+        let cases = [
+            // (advertise, own peer URL, https, bound, expected)
+            (
+                None,
+                None,
+                false,
+                "127.0.0.11:43210",
+                "http://127.0.0.11:43210",
+            ),
+            (None, None, true, "10.0.0.1:7080", "https://10.0.0.1:7080"),
+            (
+                None,
+                Some("http://coord-1.lan:7070"),
+                false,
+                "0.0.0.0:7080",
+                "http://coord-1.lan:7080",
+            ),
+            (
+                None,
+                Some("http://[fd00::1]:7070"),
+                false,
+                "[::]:7080",
+                "http://[fd00::1]:7080",
+            ),
+            (
+                None,
+                Some("http://coord-1.lan:7070"),
+                false,
+                "10.0.0.1:7080",
+                "http://10.0.0.1:7080",
+            ),
+            (
+                Some("https://api.example/"),
+                None,
+                false,
+                "0.0.0.0:7080",
+                "https://api.example",
+            ),
+        ];
+        for (advertise, peer, tls, bound, want) in cases {
+            let config = config(advertise, peer, tls);
+            let bound = bound.parse::<SocketAddr>().unwrap();
+            assert_eq!(
+                http_url(&config, bound),
+                want,
+                "{advertise:?} {peer:?} {bound}"
+            );
+        }
+    }
+
+    #[test]
     fn a_failure_keeps_its_first_reason() {
         let failure = Failure::default();
         assert_eq!(failure.reason(), None);
