@@ -66,20 +66,8 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> 
     sandbox.start_agent("node-a", &url, "1xH100-80GiB", "127.0.0.1", &[])?;
 
     // Each user submits a job that runs until cancelled.
-    let submit = |token: &str| -> anyhow::Result<u64> {
-        let out = as_token(
-            &sandbox,
-            &url,
-            token,
-            &["submit", "-o", "json", "--", "sleep", "600"],
-        );
-        anyhow::ensure!(out.code == 0, "submit: {out:?}");
-        out.json()?["job_ids"][0]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("no job id: {}", out.stdout))
-    };
-    let alices = submit(ALICE)?;
-    let bobs = submit(BOB)?;
+    let alices = submit_with(&sandbox, &url, ALICE, "sleep 600")?;
+    let bobs = submit_with(&sandbox, &url, BOB, "sleep 600")?;
 
     // The owner is recorded and shown; --mine lists only the caller's jobs.
     let out = as_token(
@@ -156,7 +144,7 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> 
     events.read_line(&mut first)?;
     assert!(!first.is_empty(), "an event of history");
     let log_path = format!("/v1/jobs/{talker}/logs?follow=true");
-    let mut followed = http11_stream(&coordinator.http, &log_path, BOB)?;
+    let mut followed = http11_stream(&coordinator.http, &log_path, BOB, false)?;
     let mut head = [0u8; 512];
     let read = followed.read(&mut head)?;
     let head = String::from_utf8_lossy(&head[..read]).to_string();
@@ -273,29 +261,29 @@ fn submit_with(sandbox: &Sandbox, url: &str, token: &str, script: &str) -> anyho
 }
 
 /// Opens an HTTP/1.1 GET of `path` with a bearer token (so a streamed
-/// body is chunked, and a cut one tells from a finished one).
-fn http11_stream(base: &str, path: &str, token: &str) -> anyhow::Result<std::net::TcpStream> {
+/// body is chunked, and a cut one tells from a finished one); `close`
+/// asks the server to close the connection after the answer.
+fn http11_stream(
+    base: &str,
+    path: &str,
+    token: &str,
+    close: bool,
+) -> anyhow::Result<std::net::TcpStream> {
     use std::io::Write;
     let host = base.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(host)?;
     stream.set_read_timeout(Some(WAIT))?;
+    let connection = if close { "Connection: close\r\n" } else { "" };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n{connection}\r\n"
     )?;
     Ok(stream)
 }
 
 /// GET `path` with a bearer token; (status, body).
 fn http_with_token(base: &str, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let host = base.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(host)?;
-    stream.set_read_timeout(Some(WAIT))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )?;
+    let mut stream = http11_stream(base, path, token, true)?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     let status = text
