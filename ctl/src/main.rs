@@ -215,6 +215,8 @@ enum Command {
         security: CoordinatorSecurityArgs,
         #[command(flatten)]
         policy: policy::PolicyArgs,
+        #[command(flatten)]
+        client_api: daemon::ClientApiArgs,
     },
     /// Run an agent on a GPU node.
     Agent {
@@ -675,6 +677,7 @@ async fn cli_main() -> ExitCode {
             retention,
             security,
             policy,
+            client_api,
         } => {
             let retention = match retention.policy() {
                 Ok(policy) => policy,
@@ -819,6 +822,7 @@ async fn cli_main() -> ExitCode {
                     .unwrap_or(gantry_coordinator::disk::DEFAULT_RESERVE_BYTES),
                 retention,
                 policy,
+                client_api,
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -891,6 +895,7 @@ async fn cli_main() -> ExitCode {
                 disk_reserve: gantry_coordinator::disk::DEFAULT_RESERVE_BYTES,
                 retention: Default::default(),
                 policy: Default::default(),
+                client_api: Default::default(),
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
