@@ -7,7 +7,7 @@
 use gantry_scheduler::{JobId, Placement};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{GpuRecord, JobSpec};
+use crate::domain::{GpuRecord, JobSpec, RunPolicy};
 
 /// A hard-state change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +242,31 @@ pub enum Command {
         /// The leader's clock when it proposed.
         at_ms: u64,
     },
+    /// A submit of a pipeline run with `repeat:` or `run_dir:` (a `Submit`
+    /// whose jobs carry the run policy; a variant of its own so that the
+    /// plain submit, proposed by every test, stays as it was).
+    SubmitLoop {
+        /// Proposal time.
+        at_ms: u64,
+        /// Idempotency key.
+        key: Option<String>,
+        /// Validated specs.
+        jobs: Vec<JobSpec>,
+        /// Pipeline name.
+        pipeline: String,
+        /// Name of the submitting token.
+        owner: Option<String>,
+        /// The pipeline's `repeat:` and `run_dir:` (validated).
+        run_policy: RunPolicy,
+    },
+    /// `gantry pipeline stop`: the loop of a repeating pipeline starts no
+    /// run after its latest one (nothing to stop changes nothing).
+    StopPipeline {
+        /// Time.
+        at_ms: u64,
+        /// Pipeline.
+        name: String,
+    },
 }
 
 impl Command {
@@ -287,7 +312,9 @@ impl Command {
             | Command::Quarantine { .. }
             | Command::ClearQuarantine { .. }
             | Command::SetRetention { .. }
-            | Command::Retire { .. } => None,
+            | Command::Retire { .. }
+            | Command::SubmitLoop { .. }
+            | Command::StopPipeline { .. } => None,
         }
     }
 
@@ -312,7 +339,9 @@ impl Command {
             | Command::ClearQuarantine { at_ms, .. }
             | Command::Preempt { at_ms, .. }
             | Command::SetRetention { at_ms, .. }
-            | Command::Retire { at_ms } => *at_ms,
+            | Command::Retire { at_ms }
+            | Command::SubmitLoop { at_ms, .. }
+            | Command::StopPipeline { at_ms, .. } => *at_ms,
         }
     }
 }

@@ -205,6 +205,7 @@ fn raw_grpc_bad_input_is_invalid_argument() -> anyhow::Result<()> {
                     jobs: vec![spec],
                     submission_key: String::new(),
                     pipeline: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .expect_err(what);
@@ -232,6 +233,7 @@ fn raw_grpc_bad_input_is_invalid_argument() -> anyhow::Result<()> {
             jobs: vec![spec],
             submission_key: "retry-me".into(),
             pipeline: String::new(),
+            ..Default::default()
         };
         let first = client.submit(request.clone()).await?.into_inner().job_ids;
         let second = client.submit(request).await?.into_inner().job_ids;
