@@ -136,7 +136,10 @@ fn two_rounds_of_the_zero_loop_run_as_gantry_jobs() -> anyhow::Result<()> {
 
     // One submit: the loop makes the runs.
     let out = sandbox.gantry_json(&url, &["submit", "-f", &spec.display().to_string()])?;
-    ensure!(out["job_ids"].as_array().map(Vec::len) == Some(STAGES.len()), "{out}");
+    ensure!(
+        out["job_ids"].as_array().map(Vec::len) == Some(STAGES.len()),
+        "{out}"
+    );
     let first = wait_run(&sandbox, &url, 1)?;
     // Run 2 was made in the apply of run 1's last exit: it exists now,
     // submitted at that exit's time, with no client involved.
@@ -158,8 +161,8 @@ fn two_rounds_of_the_zero_loop_run_as_gantry_jobs() -> anyhow::Result<()> {
     let table = sandbox.gantry(&url, &["pipeline", "zero"]);
     eprintln!("gantry pipeline zero:\n{}", table.stdout);
     for run in view["runs"].as_array().context("runs")? {
-        let took = run["ended_at_ms"].as_u64().unwrap_or(0)
-            - run["submitted_at_ms"].as_u64().unwrap_or(0);
+        let took =
+            run["ended_at_ms"].as_u64().unwrap_or(0) - run["submitted_at_ms"].as_u64().unwrap_or(0);
         eprintln!("run {}: {} in {took} ms", run["run"], run["state"]);
     }
     let run2_start = attempt(&runs[1][0])["started_at_ms"]
@@ -239,8 +242,7 @@ fn two_rounds_of_the_zero_loop_run_as_gantry_jobs() -> anyhow::Result<()> {
         assert_eq!(ratings.get(round as usize - 1), Some(&decision.rating));
         let state = decision.next.clone();
         if round == 2 {
-            let stored: LoopState =
-                serde_json::from_value(read_json(&data.join("state.json"))?)?;
+            let stored: LoopState = serde_json::from_value(read_json(&data.join("state.json"))?)?;
             assert_eq!(stored, state);
             let best = ModelFile::parse(&std::fs::read(data.join("models/best.bin"))?)
                 .map_err(anyhow::Error::msg)?;
