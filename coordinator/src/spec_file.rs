@@ -980,7 +980,8 @@ after: [export-sq8-2p]
                 .map(|p| p.repeat.map(|r| (r.max_runs, r.forever)))
                 .map_err(|e| e.to_string())
         };
-        let cases: Vec<(&str, Result<Option<(u32, bool)>, &str>)> = vec![
+        type Expect = Result<Option<(u32, bool)>, &'static str>;
+        let cases: Vec<(&str, Expect)> = vec![
             ("forever", Ok(Some((0, true)))),
             ("{max_runs: 3}", Ok(Some((3, false)))),
             ("{max_runs: 1000000}", Ok(Some((1_000_000, false)))),

@@ -361,7 +361,8 @@ fn pipeline_repeat_and_run_dir_are_bounded() {
             .map(|v| format!("{:?} {:?}", v.run_policy.repeat, v.run_policy.run_dir))
             .map_err(|e| e.to_string())
     };
-    let cases: Vec<(&str, Result<String, String>, Result<&str, &str>)> = vec![
+    type Case<'a> = (&'a str, Result<String, String>, Result<&'a str, &'a str>);
+    let cases: Vec<Case> = vec![
         ("forever", loop_of("p", 0, true, ""), Ok("Forever \"\"")),
         (
             "max runs",

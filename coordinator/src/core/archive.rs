@@ -32,7 +32,7 @@ fn repeat_to_proto(repeat: Repeat) -> Option<pb::PipelineRepeat> {
 
 /// One run's line: its state from its stages', its time from the first
 /// submit to the last end.
-fn run_summary(run: u32, jobs: &[JobRecord]) -> pb::PipelineRunSummary {
+fn run_summary(run: u32, jobs: &[&JobRecord]) -> pb::PipelineRunSummary {
     let states: Vec<JobState> = jobs.iter().map(|j| j.state).collect();
     let state = if states.iter().all(|s| *s == JobState::Succeeded) {
         "succeeded"
@@ -142,19 +142,22 @@ impl Core {
         let (run, jobs) = self.pipeline(name, run)?;
         let latest = self.state.pipeline_runs().get(name).copied().unwrap_or(run);
         let first = latest.saturating_sub(RUNS_SHOWN - 1).max(1);
-        let mut by_run: BTreeMap<u32, Vec<JobRecord>> = BTreeMap::new();
+        // Retired jobs first (owned), then every job of the window by
+        // reference: a view clones no record.
+        let retired: Vec<JobRecord> = (first..=latest)
+            .map(|r| self.store.history_run(name, r))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut by_run: BTreeMap<u32, Vec<&JobRecord>> = BTreeMap::new();
         for job in self
             .state
             .jobs()
             .filter(|j| j.pipeline == name && j.run >= first)
+            .chain(&retired)
         {
-            by_run.entry(job.run).or_default().push(job.clone());
-        }
-        for r in first..=latest {
-            let retired = self.store.history_run(name, r)?;
-            if !retired.is_empty() {
-                by_run.entry(r).or_default().extend(retired);
-            }
+            by_run.entry(job.run).or_default().push(job);
         }
         let runs = by_run
             .iter()
