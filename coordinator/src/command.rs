@@ -291,6 +291,23 @@ impl Command {
         }
     }
 
+    /// An `Assign` for tests: `job` on GPU 0 of `node` with 10 GiB, in a
+    /// plan of term 1.
+    pub fn assign_for_test(at_ms: u64, job: JobId, node: &str) -> Command {
+        Command::Assign {
+            at_ms,
+            placements: vec![Placement {
+                job,
+                node: node.into(),
+                gpus: vec![0],
+                gpu_memory: 10 << 30,
+                batch_size: None,
+                exclusive_gpu: false,
+            }],
+            term: 1,
+        }
+    }
+
     /// The one job this command is about, if it is about one (for its log span).
     pub fn job(&self) -> Option<JobId> {
         match self {

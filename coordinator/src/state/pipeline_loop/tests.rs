@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use gantry_scheduler::{JobId, Placement};
+use gantry_scheduler::JobId;
 
 use super::*;
 use crate::command::Command;
@@ -76,18 +76,7 @@ impl World {
         self.at_ms += 100;
         let at_ms = self.at_ms;
         let outcome = self
-            .apply(Command::Assign {
-                at_ms,
-                placements: vec![Placement {
-                    job,
-                    node: "n1".into(),
-                    gpus: vec![0],
-                    gpu_memory: 10 * GIB,
-                    batch_size: None,
-                    exclusive_gpu: false,
-                }],
-                term: 1,
-            })
+            .apply(Command::assign_for_test(at_ms, job, "n1"))
             .unwrap();
         let Outcome::Assigned { applied, refused } = outcome else {
             panic!("{outcome:?}")
