@@ -604,6 +604,85 @@ fn stage_depths(jobs: &[pb::Job]) -> Vec<usize> {
 mod tests {
     use super::*;
 
+    fn timed_stage(id: u64, after: &[u64], submitted: u64, runs: &[(u64, u64)]) -> pb::Job {
+        pb::Job {
+            id,
+            depends_on: after.to_vec(),
+            submitted_at_ms: submitted,
+            attempts: runs
+                .iter()
+                .map(|(start, end)| pb::Attempt {
+                    started_at_ms: *start,
+                    ended_at_ms: *end,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stage_waits_runs_and_the_loop_line() {
+        // a (submitted at 1000) -> b; b's first attempt failed, the second ran.
+        let jobs = vec![
+            timed_stage(1, &[], 1_000, &[(1_200, 5_200)]),
+            timed_stage(2, &[1], 1_000, &[(5_500, 6_000), (16_000, 19_000)]),
+            timed_stage(3, &[2], 1_000, &[]),
+        ];
+        let ready = ready_at(&jobs);
+        assert_eq!((ready[&1], ready[&2], ready[&3]), (1_000, 5_200, 19_000));
+        let times: Vec<Option<String>> =
+            jobs.iter().map(|j| stage_times(j, ready[&j.id])).collect();
+        assert_eq!(
+            times,
+            vec![
+                Some("waited 0.2s, ran 4.0s".to_string()),
+                Some("waited 0.3s, ran 3.0s".to_string()),
+                None,
+            ]
+        );
+        let run = |state: &str, ended| pb::PipelineRunSummary {
+            run: 2,
+            state: state.into(),
+            stages: 5,
+            succeeded: 3,
+            submitted_at_ms: 10_000,
+            ended_at_ms: ended,
+        };
+        assert_eq!(
+            run_line(&run("running", 0), 12_500),
+            "run 2  running  3/5 stages  for 2.5s"
+        );
+        assert_eq!(
+            run_line(&run("failed", 41_200), 99_000),
+            "run 2  failed  3/5 stages  took 31.2s"
+        );
+        let view = |status: &str, repeat| pb::PipelineView {
+            loop_status: status.into(),
+            repeat,
+            ..Default::default()
+        };
+        let forever = Some(pb::PipelineRepeat {
+            max_runs: 0,
+            forever: true,
+        });
+        let three = Some(pb::PipelineRepeat {
+            max_runs: 3,
+            forever: false,
+        });
+        assert_eq!(loop_line(&view("", None)), None);
+        assert_eq!(
+            loop_line(&view("paused", forever)).as_deref(),
+            Some(
+                "loop: paused (repeat: forever; a stage is dead-lettered: `gantry dlq retry` resumes it)"
+            )
+        );
+        assert_eq!(
+            loop_line(&view("finished", three)).as_deref(),
+            Some("loop: finished (repeat: max_runs 3; finished: max_runs reached)")
+        );
+    }
+
     #[test]
     fn escape_shows_what_a_terminal_would_act_on() {
         let cases = [
