@@ -523,3 +523,30 @@ fn loop_status_as_data() {
         assert_eq!(loop_status(policy, run, &states), expect, "{what}");
     }
 }
+
+#[test]
+fn a_stage_retried_with_a_corrected_spec_keeps_it_in_the_next_runs() {
+    let mut world = World::new();
+    world.step(Loop(2, Repeat::Forever));
+    world.step(Stage(1, 0, 1));
+    let job = world.stage(1, 0);
+    let corrected = JobSpec {
+        command: vec!["fixed".into()],
+        ..world.sm.job(job).unwrap().spec.clone()
+    };
+    world
+        .apply(Command::DlqRetry {
+            at_ms: 1_000,
+            job,
+            spec: Some(Box::new(corrected)),
+        })
+        .unwrap();
+    world.step(Run(1));
+    let (run, jobs) = world.sm.pipeline_jobs("zero", 0);
+    assert_eq!(run, 2);
+    let commands: Vec<&[String]> = jobs.iter().map(|j| j.spec.command.as_slice()).collect();
+    assert_eq!(
+        commands,
+        vec![&["fixed".to_string()][..], &["true".to_string()][..]]
+    );
+}
