@@ -308,6 +308,28 @@ impl Command {
         }
     }
 
+    /// A `JobExited` for tests: attempt `attempt` of `job` on `node` exited
+    /// with `code` (an error text when it is not 0; no signal, no tail).
+    pub fn exited_for_test(at_ms: u64, job: JobId, attempt: u32, node: &str, code: i32) -> Command {
+        Command::JobExited {
+            at_ms,
+            job,
+            attempt,
+            node: node.into(),
+            code: Some(code),
+            signal: None,
+            error: if code == 0 {
+                String::new()
+            } else {
+                format!("exit status {code}")
+            },
+            cancelled: false,
+            oom: false,
+            output_tail: String::new(),
+            peak_gpu_memory: 0,
+        }
+    }
+
     /// The one job this command is about, if it is about one (for its log span).
     pub fn job(&self) -> Option<JobId> {
         match self {

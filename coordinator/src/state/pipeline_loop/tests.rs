@@ -198,23 +198,7 @@ impl World {
 }
 
 fn exit(at_ms: u64, job: JobId, attempt: u32, code: i32) -> Command {
-    Command::JobExited {
-        at_ms,
-        job,
-        attempt,
-        node: "n1".into(),
-        code: Some(code),
-        signal: None,
-        error: if code == 0 {
-            String::new()
-        } else {
-            "exit".into()
-        },
-        cancelled: false,
-        oom: false,
-        output_tail: String::new(),
-        peak_gpu_memory: 0,
-    }
+    Command::exited_for_test(at_ms, job, attempt, "n1", code)
 }
 
 /// Runs `steps` on one replica, and on a second restored from the first

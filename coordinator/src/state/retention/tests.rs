@@ -119,19 +119,7 @@ impl World {
             Step::Exit(name, code) => {
                 let job = self.id(name);
                 let attempt = self.sm.job(job).unwrap().current_attempt().unwrap().attempt;
-                self.apply(Command::JobExited {
-                    at_ms,
-                    job,
-                    attempt,
-                    node: "n1".into(),
-                    code: Some(code),
-                    signal: None,
-                    error: String::new(),
-                    cancelled: false,
-                    oom: false,
-                    output_tail: format!("tail of {name}"),
-                    peak_gpu_memory: 0,
-                });
+                self.apply(Command::exited_for_test(at_ms, job, attempt, "n1", code));
             }
             Step::Cancel(name) => {
                 let job = self.id(name);
