@@ -142,8 +142,8 @@ pub enum Request {
         name: String,
         /// Run (0 = latest).
         run: u32,
-        /// Reply: the run number and its jobs.
-        reply: Reply<(u32, Vec<pb::Job>)>,
+        /// Reply: the run, its jobs, the loop and the latest runs.
+        reply: Reply<pb::PipelineView>,
     },
     /// A backup (`gantry snapshot save`): the applied index and the state
     /// snapshot at it, taken in one step so they agree.
@@ -583,7 +583,7 @@ impl Core {
                 let _ = reply.send(Ok(jobs));
             }
             Request::Pipeline { name, run, reply } => {
-                let _ = reply.send(self.pipeline(&name, run));
+                let _ = reply.send(self.pipeline_view(&name, run));
             }
             Request::ReadLog {
                 job,

@@ -345,6 +345,18 @@ impl pb::gantry_server::Gantry for GantryService {
         Ok(Response::new(pb::DlqDropResponse {}))
     }
 
+    async fn stop_pipeline(
+        &self,
+        request: GrpcRequest<pb::StopPipelineRequest>,
+    ) -> Result<Response<pb::StopPipelineResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let run = self
+            .core
+            .stop_pipeline(request.into_inner().name, caller.as_ref())
+            .await?;
+        Ok(Response::new(pb::StopPipelineResponse { run }))
+    }
+
     async fn reload_credentials(
         &self,
         _request: GrpcRequest<pb::ReloadCredentialsRequest>,
@@ -399,16 +411,11 @@ impl pb::gantry_server::Gantry for GantryService {
         self.core.require_leader()?;
         let request = request.into_inner();
         let (name, run) = (request.name, request.run);
-        let reply_name = name.clone();
-        let (run, jobs) = self
+        let view = self
             .core
             .call(|reply| Request::Pipeline { name, run, reply })
             .await?;
-        Ok(Response::new(pb::PipelineView {
-            name: reply_name,
-            run,
-            jobs,
-        }))
+        Ok(Response::new(view))
     }
 
     type LogsStream = BoxStream<pb::LogChunk>;

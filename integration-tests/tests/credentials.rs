@@ -120,6 +120,39 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> 
     let out = as_token(&sandbox, &url, ROOT, &["cancel", &alices_text]);
     assert_eq!(out.code, 0, "{out:?}");
 
+    // Only Alice (or an admin) stops Alice's loop.
+    let spec = sandbox.path().join("loop.yaml");
+    std::fs::write(
+        &spec,
+        "pipeline: alices-loop\nrepeat: forever\njobs:\n  - {name: s, command: [sleep, '600']}\n",
+    )?;
+    let spec = spec.display().to_string();
+    let out = as_token(
+        &sandbox,
+        &url,
+        ALICE,
+        &["submit", "-f", &spec, "-o", "json"],
+    );
+    anyhow::ensure!(out.code == 0, "submit: {out:?}");
+    let stage = out.json()?["job_ids"][0].as_u64().unwrap_or(0);
+    expect_refused(
+        &as_token(&sandbox, &url, BOB, &["pipeline", "stop", "alices-loop"]),
+        4,
+        "the job belongs to 'alice'; token 'bob' (role user) may stop the pipeline of only its own jobs",
+        "bob stops alice's loop",
+    );
+    let out = as_token(
+        &sandbox,
+        &url,
+        ALICE,
+        &["pipeline", "alices-loop", "-o", "json"],
+    );
+    assert_eq!(out.json()?["loop_status"], "repeating", "{out:?}");
+    let out = as_token(&sandbox, &url, ALICE, &["pipeline", "stop", "alices-loop"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = as_token(&sandbox, &url, ROOT, &["cancel", &stage.to_string()]);
+    assert_eq!(out.code, 0, "{out:?}");
+
     // Bob holds a watch open, over gRPC and as HTTP Server-Sent Events,
     // and follows his running job's log over HTTP; revoking his token by
     // SIGHUP closes all three.

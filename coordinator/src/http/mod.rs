@@ -96,6 +96,7 @@ fn api_routes() -> Vec<(&'static str, MethodRouter<HttpState>)> {
         ("/v1/dlq/{id}/retry", post(writes::dlq_retry)),
         ("/v1/events", get(streams::events)),
         ("/v1/pipelines/{name}", get(pipeline)),
+        ("/v1/pipelines/{name}/stop", post(writes::stop_pipeline)),
     ]
 }
 
@@ -584,15 +585,10 @@ async fn pipeline(
             .map_err(|_| invalid("run", "must be a run number (a positive integer)"))?,
     };
     core.require_leader()?;
-    let reply_name = name.clone();
-    let (run, jobs) = core
+    let view = core
         .call(|reply| Request::Pipeline { name, run, reply })
         .await?;
-    Ok(axum::Json(json!({
-        "name": reply_name,
-        "run": run,
-        "jobs": jobs.iter().map(job_json).collect::<Vec<_>>(),
-    })))
+    Ok(axum::Json(crate::json::pipeline_json(&view)))
 }
 
 async fn job(
