@@ -173,6 +173,10 @@ pub const METHODS: &[(&str, Need)] = &[
     ),
     // Every job of every user, in one file.
     ("/gantry.v1.Gantry/SnapshotSave", Need::Role(Role::Admin)),
+    // The replica set itself.
+    ("/gantry.v1.Gantry/RaftMembers", Need::Role(Role::Admin)),
+    ("/gantry.v1.Gantry/RaftAddMember", Need::Role(Role::Admin)),
+    ("/gantry.v1.Gantry/RaftRemoveMember", Need::Role(Role::Admin)),
     ("/gantry.v1.AgentLink/ConnectAgent", Need::AgentJoin),
     ("/gantry.raft.v1.RaftPeer/Step", Need::Peer),
 ];

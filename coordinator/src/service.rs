@@ -26,9 +26,11 @@ use crate::disk::DiskReserve;
 use crate::domain::JobState;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
+use crate::raft::membership::MembersRequest;
 use crate::raft::{ProposeError, RaftHandle, RaftStatus};
 use crate::state::Outcome;
 
+mod members;
 mod streams;
 mod writes;
 
@@ -441,6 +443,41 @@ impl pb::gantry_server::Gantry for GantryService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(events).map(|e| e.map_err(Status::from)),
         )))
+    }
+
+    async fn raft_members(
+        &self,
+        _request: GrpcRequest<pb::RaftMembersRequest>,
+    ) -> Result<Response<pb::RaftMembersResponse>, Status> {
+        let view = self
+            .core
+            .members(|reply| MembersRequest::List { reply })
+            .await?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn raft_add_member(
+        &self,
+        request: GrpcRequest<pb::RaftAddMemberRequest>,
+    ) -> Result<Response<pb::RaftMembersResponse>, Status> {
+        let pb::RaftAddMemberRequest { id, url } = request.into_inner();
+        let view = self
+            .core
+            .members(|reply| MembersRequest::Add { id, url, reply })
+            .await?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn raft_remove_member(
+        &self,
+        request: GrpcRequest<pb::RaftRemoveMemberRequest>,
+    ) -> Result<Response<pb::RaftMembersResponse>, Status> {
+        let id = request.into_inner().id;
+        let view = self
+            .core
+            .members(|reply| MembersRequest::Remove { id, reply })
+            .await?;
+        Ok(Response::new(view.into()))
     }
 }
 
