@@ -176,7 +176,10 @@ pub const METHODS: &[(&str, Need)] = &[
     // The replica set itself.
     ("/gantry.v1.Gantry/RaftMembers", Need::Role(Role::Admin)),
     ("/gantry.v1.Gantry/RaftAddMember", Need::Role(Role::Admin)),
-    ("/gantry.v1.Gantry/RaftRemoveMember", Need::Role(Role::Admin)),
+    (
+        "/gantry.v1.Gantry/RaftRemoveMember",
+        Need::Role(Role::Admin),
+    ),
     ("/gantry.v1.AgentLink/ConnectAgent", Need::AgentJoin),
     ("/gantry.raft.v1.RaftPeer/Step", Need::Peer),
 ];

@@ -99,9 +99,9 @@ impl From<crate::raft::membership::MembershipError> for CoordinatorError {
     fn from(error: crate::raft::membership::MembershipError) -> CoordinatorError {
         use crate::raft::membership::MembershipError;
         match error {
-            MembershipError::NotLeader { leader_url } => CoordinatorError::NotLeader {
-                leader: leader_url,
-            },
+            MembershipError::NotLeader { leader_url } => {
+                CoordinatorError::NotLeader { leader: leader_url }
+            }
             MembershipError::Invalid { field, reason } => CoordinatorError::InvalidArgument {
                 field: field.into(),
                 reason,

@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::ensure;
 use gantry_integration_tests::check::{check_replicas, read_replicas};
 use gantry_integration_tests::{ReplicaSet, Sandbox, free_port, run_gantry, wait_until};
 use serde_json::Value;
@@ -21,9 +22,7 @@ const T: Duration = Duration::from_secs(60);
 
 /// `gantry raft members -o json` through any of `addrs`.
 fn members(sandbox: &Sandbox, addrs: &str) -> Option<Value> {
-    sandbox
-        .gantry_json(addrs, &["raft", "members"])
-        .ok()
+    sandbox.gantry_json(addrs, &["raft", "members"]).ok()
 }
 
 fn role_of(view: &Value, id: u64) -> Option<String> {
@@ -104,34 +103,52 @@ fn a_dead_replica_is_replaced_under_load_and_the_new_one_votes() -> anyhow::Resu
             let index = set.procs[victim - 1].take().expect("running");
             sandbox.proc(index).kill9();
             let addrs = live(&[leader, second], &set);
-            let view = wait_until("the leader's view", T, || members(&sandbox, &addrs))?;
-            assert_eq!(role_of(&view, victim as u64).as_deref(), Some("voter"), "{view}");
+            // The leader counts it dead once silent for an election
+            // timeout (1 s); it is still a voter.
+            let view = wait_until("the leader to see the replica silent", T, || {
+                let view = members(&sandbox, &addrs)?;
+                let silent = view["members"].as_array()?.iter().any(|m| {
+                    m["id"] == victim as u64 && m["last_contact_ms"].as_u64().unwrap_or(0) > 2000
+                });
+                silent.then_some(view)
+            })?;
+            ensure!(
+                role_of(&view, victim as u64).as_deref() == Some("voter"),
+                "{view}"
+            );
 
             // A fresh replica waits to be contacted; it does not lead.
-            let (joiner, joiner_url, joiner_dir) = start_joiner(&mut sandbox, 4, &["--raft-compact-after", "50"])?;
+            let (joiner, joiner_url, joiner_dir) =
+                start_joiner(&mut sandbox, 4, &["--raft-compact-after", "50"])?;
             let status = sandbox.gantry_json(&joiner_url, &["status"])?;
-            assert_eq!(status["is_leader"], false, "{status}");
+            ensure!(status["is_leader"] == false, "{status}");
 
             // Adding it while the dead one is still a voter would leave 2
             // of 4 alive: allowed (it is a learner), but removing another
             // live voter is refused with the quorum reason.
             let out = sandbox.gantry(&addrs, &["raft", "remove", &second.to_string()]);
-            assert_ne!(out.code, 0);
-            assert!(out.stderr.contains("would lose quorum"), "{}", out.stderr);
+            ensure!(
+                out.code != 0 && out.stderr.contains("would lose quorum"),
+                "{}",
+                out.stderr
+            );
 
             let out = sandbox.gantry(&addrs, &["raft", "remove", &victim.to_string()]);
-            assert_eq!(out.code, 0, "{}", out.stderr);
-            let view = members(&sandbox, &addrs).expect("members");
-            assert!(!ids(&view).contains(&(victim as u64)), "{view}");
+            ensure!(out.code == 0, "{}", out.stderr);
+            let view = wait_until("members", T, || members(&sandbox, &addrs))?;
+            ensure!(!ids(&view).contains(&(victim as u64)), "{view}");
 
             // A duplicate address is refused.
             let url_of_second = set.urls[second - 1].clone();
             let out = sandbox.gantry(&addrs, &["raft", "add", "5", &url_of_second]);
-            assert_ne!(out.code, 0);
-            assert!(out.stderr.contains("already replica"), "{}", out.stderr);
+            ensure!(
+                out.code != 0 && out.stderr.contains("already replica"),
+                "{}",
+                out.stderr
+            );
 
             let added = sandbox.gantry_json(&addrs, &["raft", "add", "4", &joiner_url])?;
-            assert_eq!(role_of(&added, 4).as_deref(), Some("learner"), "{added}");
+            ensure!(role_of(&added, 4).as_deref() == Some("learner"), "{added}");
             let target = added["last_index"].as_u64().unwrap_or(0);
             // Learner until caught up: every observation before the first
             // as a voter shows a learner, and by then it has applied what
@@ -143,12 +160,12 @@ fn a_dead_replica_is_replaced_under_load_and_the_new_one_votes() -> anyhow::Resu
                 seen.push(role.clone());
                 (role == "voter").then_some(())
             })?;
-            assert!(
+            ensure!(
                 seen.iter().rev().skip(1).all(|r| r == "learner"),
                 "{seen:?}"
             );
             let status = sandbox.gantry_json(&joiner_url, &["status"])?;
-            assert!(
+            ensure!(
                 status["applied_index"].as_u64().unwrap_or(0) >= target,
                 "promoted before catching up to {target}: {status}"
             );
@@ -200,7 +217,9 @@ fn a_stale_peers_flag_on_restart_is_ignored() -> anyhow::Result<()> {
     let mut set = sandbox.start_replicas(&[])?;
     let leader = wait_until("a leader", T, || sandbox.leader_of(&set))?;
     let gone = (1..=3).find(|id| *id != leader).expect("a follower");
-    let restarted = (1..=3).find(|id| *id != leader && *id != gone).expect("a follower");
+    let restarted = (1..=3)
+        .find(|id| *id != leader && *id != gone)
+        .expect("a follower");
     sandbox.stop_replica(&mut set, gone);
     let addrs = set.urls[leader - 1].clone();
     let out = sandbox.gantry(&addrs, &["raft", "remove", &gone.to_string()]);
@@ -240,7 +259,10 @@ fn a_restored_cluster_grows_by_raft_add() -> anyhow::Result<()> {
         submitted.push(sandbox.submit(&first.url, &["--gpus", "0", "--", "true"])?);
     }
     let file = sandbox.path().join("backup.gantry");
-    let out = sandbox.gantry(&first.url, &["snapshot", "save", &file.display().to_string()]);
+    let out = sandbox.gantry(
+        &first.url,
+        &["snapshot", "save", &file.display().to_string()],
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
     sandbox.proc(first.index).stop(Duration::from_secs(10));
 

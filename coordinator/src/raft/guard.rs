@@ -496,7 +496,10 @@ mod tests {
             ..view()
         };
         assert_eq!(check_envelope(9, 77, 1, 9, &joining), Ok(()));
-        assert_eq!(check_envelope(9, 1, 1, 9, &joining), Err(Refusal::NotMember(1)));
+        assert_eq!(
+            check_envelope(9, 1, 1, 9, &joining),
+            Err(Refusal::NotMember(1))
+        );
     }
 
     #[test]

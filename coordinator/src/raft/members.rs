@@ -167,7 +167,11 @@ impl Members {
                     raw.raft.prs().get(*id).map_or(0, |p| p.matched)
                 },
                 last_contact: (*id != self.id)
-                    .then(|| self.contact.get(id).map(|at| now.saturating_duration_since(*at)))
+                    .then(|| {
+                        self.contact
+                            .get(id)
+                            .map(|at| now.saturating_duration_since(*at))
+                    })
                     .flatten(),
             })
             .collect();
@@ -227,7 +231,12 @@ impl Members {
         })
     }
 
-    fn propose(&mut self, raw: &mut RawNode<SledRaftStorage>, change: Change, reply: Option<Reply>) {
+    fn propose(
+        &mut self,
+        raw: &mut RawNode<SledRaftStorage>,
+        change: Change,
+        reply: Option<Reply>,
+    ) {
         let before = raw.raft.raft_log.last_index();
         let proposed = raw.propose_conf_change(change.context.into_bytes(), change.conf_change);
         let index = raw.raft.raft_log.last_index();
@@ -288,9 +297,22 @@ impl Members {
             let active = self.alive(id, now) && id != self.id;
             match decide_promotion(matched, active, since, last_index, now, self.policy) {
                 Promotion::Promote => {
-                    tracing::info!(id = self.id, learner = id, matched, last_index, "learner caught up: promoting it to voter");
+                    tracing::info!(
+                        id = self.id,
+                        learner = id,
+                        matched,
+                        last_index,
+                        "learner caught up: promoting it to voter"
+                    );
                     self.caught_up.remove(&id);
-                    self.propose(raw, Change { conf_change: promote(id), context: String::new() }, None);
+                    self.propose(
+                        raw,
+                        Change {
+                            conf_change: promote(id),
+                            context: String::new(),
+                        },
+                        None,
+                    );
                     return;
                 }
                 Promotion::Wait { since: Some(start) } => {
@@ -314,12 +336,11 @@ impl Members {
             // Applied before a restart: the stored configuration has it.
             return Ok(());
         }
-        let change = ConfChangeV2::parse_from_bytes(&entry.data).map_err(|source| {
-            RaftError::Decode {
+        let change =
+            ConfChangeV2::parse_from_bytes(&entry.data).map_err(|source| RaftError::Decode {
                 what: "conf change entry",
                 source,
-            }
-        })?;
+            })?;
         let outcome = match raw.apply_conf_change(&change) {
             Ok(conf) => {
                 let new_member = adds_new_member(&self.conf, &change);
@@ -342,7 +363,9 @@ impl Members {
             // Every replica refuses the same change the same way.
             Err(error) => {
                 tracing::warn!(id = self.id, index = entry.index, %error, "conf change refused by raft");
-                Err(MembershipError::Refused(format!("raft refused the change: {error}")))
+                Err(MembershipError::Refused(format!(
+                    "raft refused the change: {error}"
+                )))
             }
         };
         self.conf_index = entry.index;
@@ -381,7 +404,11 @@ impl Members {
         if storage.cluster_id().is_none() && cluster_id != 0 {
             storage.set_cluster_id(cluster_id)?;
             self.check.cluster_id.store(cluster_id, Ordering::Relaxed);
-            tracing::info!(id = self.id, cluster_id = format_args!("{cluster_id:#018x}"), "joined a cluster");
+            tracing::info!(
+                id = self.id,
+                cluster_id = format_args!("{cluster_id:#018x}"),
+                "joined a cluster"
+            );
             adopted = Some(cluster_id);
         }
         if book.index > self.book.index {

@@ -32,8 +32,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
 use raft::eraftpb::ConfState;
+use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
 use tokio::sync::oneshot;
 
 use super::{RaftError, parse_peers};
@@ -75,7 +75,9 @@ impl MemberBook {
             return Err(format!("{} members (at most {MAX_MEMBERS})", urls.len()));
         }
         if let Some((id, _)) = urls.iter().find(|(_, url)| url.len() > MAX_URL_BYTES) {
-            return Err(format!("member {id}: URL longer than {MAX_URL_BYTES} bytes"));
+            return Err(format!(
+                "member {id}: URL longer than {MAX_URL_BYTES} bytes"
+            ));
         }
         let map: BTreeMap<u64, String> = urls.into_iter().collect();
         let urls = if map.is_empty() {
@@ -326,7 +328,11 @@ pub fn decide_add(view: &ClusterView<'_>, id: u64, url: &str) -> Result<Change, 
     if let Some(role) = role {
         return Err(refused(format!("replica {id} is already a {role}")));
     }
-    if let Some((other, _)) = view.urls.iter().find(|(other, u)| **u == url && **other != id) {
+    if let Some((other, _)) = view
+        .urls
+        .iter()
+        .find(|(other, u)| **u == url && **other != id)
+    {
         return Err(refused(format!(
             "address {url} is already replica {other}'s (remove it first)"
         )));
@@ -367,7 +373,10 @@ pub fn decide_remove(view: &ClusterView<'_>, id: u64) -> Result<Change, Membersh
     if !view.voters.contains(&id) {
         return Err(MembershipError::Invalid {
             field: "id",
-            reason: format!("replica {id} is not a member (members: {:?})", members(view)),
+            reason: format!(
+                "replica {id} is not a member (members: {:?})",
+                members(view)
+            ),
         });
     }
     if view.voters == [id] {
@@ -507,10 +516,20 @@ pub fn adds_new_member(before: &ConfState, change: &ConfChangeV2) -> bool {
 /// Voters (incoming and outgoing) and learners (current and next) of a
 /// configuration, sorted: whom peers' messages may come from.
 pub fn member_ids(conf: &ConfState) -> (Vec<u64>, Vec<u64>) {
-    let mut voters: Vec<u64> = conf.voters.iter().chain(&conf.voters_outgoing).copied().collect();
+    let mut voters: Vec<u64> = conf
+        .voters
+        .iter()
+        .chain(&conf.voters_outgoing)
+        .copied()
+        .collect();
     voters.sort_unstable();
     voters.dedup();
-    let mut learners: Vec<u64> = conf.learners.iter().chain(&conf.learners_next).copied().collect();
+    let mut learners: Vec<u64> = conf
+        .learners
+        .iter()
+        .chain(&conf.learners_next)
+        .copied()
+        .collect();
     learners.sort_unstable();
     learners.dedup();
     learners.retain(|id| !voters.contains(id));
@@ -554,7 +573,11 @@ mod tests {
         match (got, case.expect) {
             (Ok(_), Ok(())) => {}
             (Err(error), Err(fragment)) => {
-                assert!(error.to_string().contains(fragment), "{}: {error}", case.name)
+                assert!(
+                    error.to_string().contains(fragment),
+                    "{}: {error}",
+                    case.name
+                )
             }
             (Ok(_), Err(fragment)) => panic!("{}: accepted, want {fragment:?}", case.name),
             (Err(error), Ok(())) => panic!("{}: refused: {error}", case.name),
@@ -667,23 +690,49 @@ mod tests {
             expect,
         };
         let cases = [
-            (base("fresh id", &[1, 2, 3], &[], false, Ok(())), 4, "http://10.0.0.4:7070"),
             (
-                base("a voter's id", &[1, 2, 3], &[], false, Err("replica 3 is already a voter")),
+                base("fresh id", &[1, 2, 3], &[], false, Ok(())),
+                4,
+                "http://10.0.0.4:7070",
+            ),
+            (
+                base(
+                    "a voter's id",
+                    &[1, 2, 3],
+                    &[],
+                    false,
+                    Err("replica 3 is already a voter"),
+                ),
                 3,
                 "http://10.0.0.9:7070",
             ),
             (
-                base("a learner's id", &[1, 2, 3], &[4], false, Err("already a learner")),
+                base(
+                    "a learner's id",
+                    &[1, 2, 3],
+                    &[4],
+                    false,
+                    Err("already a learner"),
+                ),
                 4,
                 "http://10.0.0.9:7070",
             ),
             (
-                base("an address in use", &[1, 2, 3], &[], false, Err("already replica 2's")),
+                base(
+                    "an address in use",
+                    &[1, 2, 3],
+                    &[],
+                    false,
+                    Err("already replica 2's"),
+                ),
                 5,
                 "http://10.0.0.2:7070",
             ),
-            (base("id 0", &[1], &[], false, Err("id: must not be 0")), 0, "http://a:1"),
+            (
+                base("id 0", &[1], &[], false, Err("id: must not be 0")),
+                0,
+                "http://a:1",
+            ),
             (
                 base("bad url", &[1], &[], false, Err("must start with http://")),
                 4,
@@ -720,13 +769,69 @@ mod tests {
         let at = |ms| t0 + Duration::from_millis(ms);
         // (matched, active, since, last_index, now) -> expected
         let cases = [
-            ("nothing replicated", 0, true, None, 5, at(0), Promotion::Wait { since: None }),
-            ("far behind", 100, true, None, 1000, at(0), Promotion::Wait { since: None }),
-            ("just caught up", 995, true, None, 1000, at(0), Promotion::Wait { since: Some(at(0)) }),
-            ("caught up, not long enough", 995, true, Some(at(0)), 1000, at(999), Promotion::Wait { since: Some(at(0)) }),
-            ("caught up long enough", 991, true, Some(at(0)), 1000, at(1000), Promotion::Promote),
-            ("fell behind again", 980, true, Some(at(0)), 1000, at(2000), Promotion::Wait { since: None }),
-            ("silent", 1000, false, Some(at(0)), 1000, at(2000), Promotion::Wait { since: None }),
+            (
+                "nothing replicated",
+                0,
+                true,
+                None,
+                5,
+                at(0),
+                Promotion::Wait { since: None },
+            ),
+            (
+                "far behind",
+                100,
+                true,
+                None,
+                1000,
+                at(0),
+                Promotion::Wait { since: None },
+            ),
+            (
+                "just caught up",
+                995,
+                true,
+                None,
+                1000,
+                at(0),
+                Promotion::Wait { since: Some(at(0)) },
+            ),
+            (
+                "caught up, not long enough",
+                995,
+                true,
+                Some(at(0)),
+                1000,
+                at(999),
+                Promotion::Wait { since: Some(at(0)) },
+            ),
+            (
+                "caught up long enough",
+                991,
+                true,
+                Some(at(0)),
+                1000,
+                at(1000),
+                Promotion::Promote,
+            ),
+            (
+                "fell behind again",
+                980,
+                true,
+                Some(at(0)),
+                1000,
+                at(2000),
+                Promotion::Wait { since: None },
+            ),
+            (
+                "silent",
+                1000,
+                false,
+                Some(at(0)),
+                1000,
+                at(2000),
+                Promotion::Wait { since: None },
+            ),
         ];
         for (name, matched, active, since, last, now, want) in cases {
             assert_eq!(
@@ -774,6 +879,10 @@ mod tests {
         assert!(MemberBook::from_wire(1, vec![(1, "http://a:1".into())]).is_ok());
         assert!(MemberBook::from_wire(1, vec![(1, "a:1".into())]).is_err());
         let many = (1..=17).map(|id| (id, format!("http://a:{id}"))).collect();
-        assert!(MemberBook::from_wire(1, many).unwrap_err().contains("at most 16"));
+        assert!(
+            MemberBook::from_wire(1, many)
+                .unwrap_err()
+                .contains("at most 16")
+        );
     }
 }

@@ -234,7 +234,14 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
         } else {
             config.peers.clone()
         };
-        let members = Members::open(config.id, db, &storage, &seed, peer_check.clone(), alive_within)?;
+        let members = Members::open(
+            config.id,
+            db,
+            &storage,
+            &seed,
+            peer_check.clone(),
+            alive_within,
+        )?;
         let (voters, learners) = members.ids();
         let applied = reconcile(&mut storage, &mut app)?;
         let applied_term = raft::Storage::term(&storage, applied)?;
@@ -652,7 +659,9 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 match self.members.adopt(self.raw.mut_store(), cluster_id, book) {
                     Ok(Some(adopted)) => self.cluster_id = adopted,
                     Ok(None) => {}
-                    Err(error) => tracing::error!(id = self.id, %error, "cannot store the member book"),
+                    Err(error) => {
+                        tracing::error!(id = self.id, %error, "cannot store the member book")
+                    }
                 }
                 self.sync_members();
             }
@@ -844,7 +853,11 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 }
                 // Gantry proposes only V2 changes (the guard refuses v1).
                 EntryType::EntryConfChange => {
-                    tracing::warn!(id = self.id, index = entry.index, "ignored a v1 conf change");
+                    tracing::warn!(
+                        id = self.id,
+                        index = entry.index,
+                        "ignored a v1 conf change"
+                    );
                     Vec::new()
                 }
             };

@@ -71,7 +71,10 @@ pub(crate) struct PeerCheck {
 
 impl PeerCheck {
     fn book(&self) -> MemberBook {
-        self.book.read().map(|book| book.clone()).unwrap_or_default()
+        self.book
+            .read()
+            .map(|book| book.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -113,13 +116,9 @@ impl RaftPeer for RaftPeerService {
             0 => batch.cluster_id,
             stored => stored,
         };
-        if let Err(refusal) = guard::check_envelope(
-            batch.cluster_id,
-            batch.from,
-            batch.to,
-            want_cluster,
-            &view,
-        ) {
+        if let Err(refusal) =
+            guard::check_envelope(batch.cluster_id, batch.from, batch.to, want_cluster, &view)
+        {
             self.peers.refusals.refused(peer, batch.from, &refusal);
             return Err(CoordinatorError::PermissionDenied(format!(
                 "raft batch refused: {refusal}"
@@ -239,6 +238,8 @@ impl PeerSenders {
             return Ok(());
         }
         self.disconnect(to);
+        // Called from the loop thread too: tonic's lazy channel spawns.
+        let _runtime = self.runtime.enter();
         let endpoint = peer_endpoint(url, self.tls.as_ref())?
             .connect_timeout(Duration::from_secs(1))
             .timeout(REQUEST_TIMEOUT)
