@@ -134,8 +134,12 @@ impl Members {
         }
     }
 
+    /// A conf change is proposed and not applied yet, or the configuration
+    /// is joint. (raft-rs's `has_pending_conf` lags while the entry that
+    /// applied is being handled: its applied index moves on `advance`.)
     fn changing(&self, raw: &RawNode<SledRaftStorage>) -> bool {
-        raw.raft.has_pending_conf() || !self.conf.voters_outgoing.is_empty()
+        let applied = raw.raft.raft_log.applied.max(self.conf_index);
+        raw.raft.pending_conf_index > applied || !self.conf.voters_outgoing.is_empty()
     }
 
     /// The configuration with each member's progress (leader only).
