@@ -605,6 +605,21 @@ mod tests {
                 Err("PermissionDenied: reload credentials needs the admin role"),
             ),
             (
+                "/gantry.v1.Gantry/RaftAddMember",
+                vec![("authorization", "Bearer user-secret")],
+                Err("PermissionDenied: raft add member needs the admin role"),
+            ),
+            (
+                "/gantry.v1.Gantry/RaftMembers",
+                vec![("authorization", "Bearer user-secret")],
+                Err("raft members needs the admin role"),
+            ),
+            (
+                "/gantry.v1.Gantry/RaftRemoveMember",
+                vec![("authorization", "Bearer admin-secret")],
+                Ok(Some("root")),
+            ),
+            (
                 drain,
                 vec![("authorization", "Bearer admin-secret")],
                 Ok(Some("root")),
