@@ -19,6 +19,7 @@ use crate::domain::{
 use crate::error::CoordinatorError;
 
 pub mod agent;
+pub mod members;
 use crate::limits::*;
 
 fn invalid(field: String, reason: impl Into<String>) -> CoordinatorError {

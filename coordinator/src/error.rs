@@ -104,6 +104,26 @@ impl CoordinatorError {
     }
 }
 
+/// Membership refusals: a malformed request is INVALID_ARGUMENT, a change
+/// the cluster's state refuses (quorum, an id or address taken, a change
+/// under way) FAILED_PRECONDITION.
+impl From<crate::raft::membership::MembershipError> for CoordinatorError {
+    fn from(error: crate::raft::membership::MembershipError) -> CoordinatorError {
+        use crate::raft::membership::MembershipError;
+        match error {
+            MembershipError::NotLeader { leader_url } => {
+                CoordinatorError::NotLeader { leader: leader_url }
+            }
+            MembershipError::Invalid { field, reason } => CoordinatorError::InvalidArgument {
+                field: field.into(),
+                reason,
+            },
+            MembershipError::Refused(reason) => CoordinatorError::FailedPrecondition(reason),
+            MembershipError::Unavailable(reason) => CoordinatorError::Unavailable(reason),
+        }
+    }
+}
+
 impl From<CoordinatorError> for tonic::Status {
     fn from(error: CoordinatorError) -> tonic::Status {
         let message = error.to_string();

@@ -53,7 +53,12 @@ pub struct CoordinatorConfig {
     /// This replica's id.
     pub id: u64,
     /// All replicas' client URLs by id; empty = a single voter at `grpc_addr`.
+    /// Only bootstraps a fresh data dir: later starts follow the stored
+    /// membership ([`crate::raft::membership`]).
     pub peers: BTreeMap<u64, String>,
+    /// A fresh data dir waits to be added to a cluster (`gantry raft add`)
+    /// instead of bootstrapping one (`--join`).
+    pub join: bool,
     /// Applied entries between Raft snapshots (None = the default, 10,000).
     pub raft_compact_after: Option<u64>,
     /// TLS of the listener (`None` = plaintext); with a client certificate
@@ -92,6 +97,7 @@ impl CoordinatorConfig {
             core: CoreConfig::default(),
             id: 1,
             peers: BTreeMap::new(),
+            join: false,
             raft_compact_after: None,
             tls: None,
             peer_tls: None,
@@ -343,12 +349,15 @@ pub async fn start(
     } else {
         "http"
     };
-    let raft_config = if config.peers.is_empty() {
+    let raft_config = if config.join {
+        RaftConfig::new(config.id, config.peers.clone())
+    } else if config.peers.is_empty() {
         RaftConfig::single(config.id, format!("{scheme}://{grpc_addr}"))
     } else {
         RaftConfig::new(config.id, config.peers.clone())
     };
     let mut raft_config = raft_config;
+    raft_config.join = config.join;
     raft_config.peer_tls = config.peer_tls.clone();
     raft_config.cluster_name = config.cluster_name.clone();
     raft_config.http_url = http_addr.map(|bound| http_url(&config, bound));
@@ -359,7 +368,7 @@ pub async fn start(
     // The loop thread takes the core over: it applies, answers and ticks it.
     let raft = RaftNode::start(raft_config, &db, core, &shutdown)
         .map_err(|e| CoordinatorError::Unavailable(format!("cannot start replication: {e}")))?;
-    if config.peers.len() <= 1 {
+    if raft.is_single_voter() {
         // A single voter elects itself at once: serve only once it leads, so
         // the first request after start is not refused.
         let mut status = raft.handle().watch_status();

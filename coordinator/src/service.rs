@@ -26,10 +26,12 @@ use crate::disk::DiskReserve;
 use crate::domain::JobState;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
+use crate::raft::membership::MembersRequest;
 use crate::raft::{ProposeError, RaftHandle, RaftStatus};
 use crate::state::Outcome;
 
 mod stream_limit;
+mod members;
 mod streams;
 mod writes;
 
@@ -495,6 +497,41 @@ impl pb::gantry_server::Gantry for GantryService {
                 e.map_err(Status::from)
             }),
         )))
+    }
+
+    async fn raft_members(
+        &self,
+        _request: GrpcRequest<pb::RaftMembersRequest>,
+    ) -> Result<Response<pb::RaftMembersResponse>, Status> {
+        let view = self
+            .core
+            .members(|reply| MembersRequest::List { reply })
+            .await?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn raft_add_member(
+        &self,
+        request: GrpcRequest<pb::RaftAddMemberRequest>,
+    ) -> Result<Response<pb::RaftMembersResponse>, Status> {
+        let pb::RaftAddMemberRequest { id, url } = request.into_inner();
+        let view = self
+            .core
+            .members(|reply| MembersRequest::Add { id, url, reply })
+            .await?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn raft_remove_member(
+        &self,
+        request: GrpcRequest<pb::RaftRemoveMemberRequest>,
+    ) -> Result<Response<pb::RaftMembersResponse>, Status> {
+        let id = request.into_inner().id;
+        let view = self
+            .core
+            .members(|reply| MembersRequest::Remove { id, reply })
+            .await?;
+        Ok(Response::new(view.into()))
     }
 }
 

@@ -123,6 +123,8 @@ pub struct CoordinatorOptions {
     pub id: u64,
     /// Replicas' client URLs by id (empty = a single voter).
     pub peers: BTreeMap<u64, String>,
+    /// `--join`: a fresh data dir waits to be added (`gantry raft add`).
+    pub join: bool,
     /// `--cluster-name` (mixed into a new cluster's id).
     pub cluster_name: String,
     /// Stderr signatures of GPU out-of-memory deaths (empty = the defaults).
@@ -173,6 +175,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         core,
         id: options.id,
         peers: options.peers.clone(),
+        join: options.join,
         raft_compact_after: options.raft_compact_after,
         tls: options.security.tls.clone(),
         peer_tls: options.security.peer_tls.clone(),

@@ -15,6 +15,7 @@ mod daemon;
 mod inventory;
 mod output;
 mod policy;
+mod raft;
 mod retention;
 mod security;
 mod spec;
@@ -195,6 +196,11 @@ enum Command {
         /// without it the coordinator is a single voter.
         #[arg(long)]
         peers: Option<String>,
+        /// Start on an empty --data-dir as a replica waiting to be added
+        /// to a running cluster (`gantry raft add ID URL` on the leader)
+        /// rather than bootstrapping a cluster; --peers is not needed.
+        #[arg(long)]
+        join: bool,
         /// Name mixed into the cluster id when the cluster is created (give
         /// clusters with the same replica ids on one network distinct
         /// names); later starts use the stored id and ignore it.
@@ -393,6 +399,11 @@ enum Command {
         #[command(subcommand)]
         action: SnapshotAction,
     },
+    /// The replica set at run time: list, add, remove replicas (admin).
+    Raft {
+        #[command(subcommand)]
+        action: RaftAction,
+    },
     /// Development certificates and tokens.
     Certs {
         #[command(subcommand)]
@@ -445,6 +456,32 @@ enum CertsAction {
         /// Validity in days.
         #[arg(long, default_value = "365")]
         days: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum RaftAction {
+    /// The replicas: id, address, role, leader, match index, last contact.
+    Members {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Add a replica started with `gantry coordinator --join --id ID`: it
+    /// joins as a learner and becomes a voter once it has caught up.
+    Add {
+        /// Its raft id (not used by any replica, present or past).
+        id: u64,
+        /// Its gRPC URL, e.g. http://10.0.0.4:7070.
+        url: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Remove a replica (also a dead one), unless that would lose quorum.
+    Remove {
+        /// Its raft id.
+        id: u64,
+        #[command(flatten)]
+        client: ClientOpts,
     },
 }
 
@@ -689,6 +726,7 @@ async fn cli_main() -> ExitCode {
             oom_signatures,
             id,
             peers,
+            join,
             cluster_name,
             restore,
             disk_reserve,
@@ -803,6 +841,11 @@ async fn cli_main() -> ExitCode {
                 Ok(addr) => addr,
                 Err(error) => return fail(error),
             };
+            if join && restore.is_some() {
+                return fail(CliError::invalid(
+                    "--join: a restored replica starts its own cluster; leave out --join or --restore",
+                ));
+            }
             if let Some(file) = &restore {
                 if peers.len() > 1 {
                     return fail(CliError::invalid(
@@ -829,6 +872,7 @@ async fn cli_main() -> ExitCode {
                 gpu_headroom,
                 id,
                 peers,
+                join,
                 cluster_name,
                 oom_signatures,
                 raft_compact_after,
@@ -902,6 +946,7 @@ async fn cli_main() -> ExitCode {
                 gpu_headroom: 0,
                 id: 1,
                 peers: BTreeMap::new(),
+                join: false,
                 cluster_name: String::new(),
                 oom_signatures: Vec::new(),
                 raft_compact_after: None,
@@ -924,6 +969,11 @@ async fn cli_main() -> ExitCode {
         Command::Snapshot {
             action: SnapshotAction::Save { file, client },
         } => backup::save(&file, client).await,
+        Command::Raft { action } => match action {
+            RaftAction::Members { client } => raft::members(client).await,
+            RaftAction::Add { id, url, client } => raft::add(id, url, client).await,
+            RaftAction::Remove { id, client } => raft::remove(id, client).await,
+        },
         Command::Inventory {
             action: InventoryAction::Check { file },
         } => inventory_check(&file),

@@ -44,6 +44,7 @@ fn send(
         cluster_id,
         to,
         from_http: String::new(),
+        members: None,
     };
     runtime.block_on(async {
         let mut client = RaftPeerClient::connect(url.to_string())
