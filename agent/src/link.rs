@@ -629,6 +629,7 @@ impl Link {
                     used_bytes: wire_bytes(g.used_bytes),
                     utilization_pct: g.utilization_pct,
                     temperature_c: g.temperature_c,
+                    fault: g.fault.clone().unwrap_or_default(),
                 })
                 .collect(),
             cpu_used_pct: host.cpu_used_pct,

@@ -242,6 +242,27 @@ pub enum Command {
         /// The leader's clock when it proposed.
         at_ms: u64,
     },
+    /// A GPU's health changed. With a `fault` (and a `gpu`): the leader saw
+    /// the agent report it; apply marks the GPU unhealthy and the attempts
+    /// on it preempted as a node fault, unless an operator cleared that same
+    /// fault, or cleared the GPU after `at_ms` (a stale report). Without a
+    /// fault: an operator's clear (`gpu` `None`: every GPU of the node, as
+    /// `gantry undrain` does), or with `seen_healthy` the agent reported the
+    /// GPU healthy again, and a cleared fault is forgotten (the same fault
+    /// reported later marks the GPU again; a fault in force stays).
+    SetGpuHealth {
+        /// Time (the leader's clock when it proposed).
+        at_ms: u64,
+        /// Node.
+        node: String,
+        /// GPU index; `None` only for an operator's clear.
+        gpu: Option<u32>,
+        /// The fault, bounded by `limits::MAX_GPU_FAULT_CHARS`.
+        fault: Option<String>,
+        /// The agent reports the GPU healthy (forget an acknowledged fault).
+        #[serde(default)]
+        seen_healthy: bool,
+    },
 }
 
 impl Command {
@@ -287,7 +308,8 @@ impl Command {
             | Command::Quarantine { .. }
             | Command::ClearQuarantine { .. }
             | Command::SetRetention { .. }
-            | Command::Retire { .. } => None,
+            | Command::Retire { .. }
+            | Command::SetGpuHealth { .. } => None,
         }
     }
 
@@ -312,6 +334,7 @@ impl Command {
             | Command::ClearQuarantine { at_ms, .. }
             | Command::Preempt { at_ms, .. }
             | Command::SetRetention { at_ms, .. }
+            | Command::SetGpuHealth { at_ms, .. }
             | Command::Retire { at_ms } => *at_ms,
         }
     }

@@ -22,6 +22,7 @@ use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord};
 
 mod attempts;
 mod drain;
+mod gpu_health;
 mod index;
 mod placement;
 mod retention;
@@ -156,6 +157,14 @@ pub enum ApplyError {
         node: String,
         /// Why.
         reason: String,
+    },
+    /// A GPU health change names a GPU the node does not have.
+    #[error("node {node:?} has no gpu {gpu}")]
+    GpuNotFound {
+        /// The node.
+        node: String,
+        /// The GPU index.
+        gpu: u32,
     },
 }
 
@@ -501,6 +510,7 @@ impl StateMachine {
                         registered_at_ms: at_ms,
                         down: false,
                         quarantine: None,
+                        gpu_faults: BTreeMap::new(),
                     },
                 };
                 self.nodes.insert(name.clone(), record);
@@ -634,6 +644,13 @@ impl StateMachine {
                 reason,
                 until_ms,
             } => self.preempt(at_ms, job, node, victims, reason, until_ms),
+            Command::SetGpuHealth {
+                at_ms,
+                node,
+                gpu,
+                fault,
+                seen_healthy,
+            } => self.set_gpu_health(at_ms, node, gpu, fault, seen_healthy),
         }
     }
 

@@ -182,7 +182,7 @@ impl CoreHandle {
 
     /// Drains a node (`deadline_after_ms` > 0: its jobs are preempted that
     /// long from now) or returns it to service; an undrain also clears a
-    /// circuit-breaker quarantine.
+    /// circuit-breaker quarantine and the node's GPU faults.
     pub async fn set_drain(
         &self,
         node: String,
@@ -210,7 +210,13 @@ impl CoreHandle {
         if !drain {
             // An operator's undrain also vouches for the node against the
             // circuit breaker.
-            self.propose(Command::ClearQuarantine { at_ms, node })
+            self.propose(Command::ClearQuarantine {
+                at_ms,
+                node: node.clone(),
+            })
+            .await?;
+            // And clears its GPU faults (the operator vouches for them).
+            self.propose(crate::decide::gpu_health::clear(&node, None, at_ms))
                 .await?;
         }
         Ok(())

@@ -11,8 +11,8 @@ use crate::domain::{AttemptRecord, JobState};
 
 impl StateMachine {
     /// Re-checks a placement against hard state: the job is pending, the node
-    /// exists and is usable, every GPU exists, fits and respects exclusivity,
-    /// and the locks are free.
+    /// exists and is usable, every GPU exists, is healthy, fits and respects
+    /// exclusivity, and the locks are free.
     pub(super) fn check_placement(&self, placement: &Placement) -> Result<(), String> {
         let job = self
             .jobs
@@ -51,6 +51,9 @@ impl StateMachine {
                 .iter()
                 .find(|g| g.index == *index)
                 .ok_or_else(|| format!("node {} has no GPU {index}", node.name))?;
+            if let Some(fault) = node.gpu_fault(*index) {
+                return Err(format!("GPU {}/{index} is unhealthy ({fault})", node.name));
+            }
             let usage = self.gpu_usage(&node.name, *index);
             if usage.reserved + placement.gpu_memory > gpu.total {
                 return Err(format!(
