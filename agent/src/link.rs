@@ -458,10 +458,13 @@ impl Link {
                     tracing::info!(reason = %cancel.reason, "coordinator asks to stop the attempt");
                 }
                 let grace = (cancel.grace_ms > 0).then(|| Duration::from_millis(cancel.grace_ms));
-                if !self
-                    .executor
-                    .stop(cancel.job_id, cancel.attempt, grace, StopReason::Cancelled)
-                {
+                if !self.executor.stop_because(
+                    cancel.job_id,
+                    cancel.attempt,
+                    grace,
+                    StopReason::Cancelled,
+                    cancel.reason.clone(),
+                ) {
                     tracing::debug!(
                         job_id = cancel.job_id,
                         attempt = cancel.attempt,

@@ -59,6 +59,7 @@ fn a_gpu_fault_moves_the_job_and_keeps_the_gpu_out_until_cleared() -> anyhow::Re
 
     // One attempt allowed: a fault that used one would dead-letter it.
     let runs = sandbox.path().join("runs");
+    let reasons = sandbox.path().join("reasons");
     let spec = sandbox.path().join("job.yaml");
     std::fs::write(
         &spec,
@@ -68,9 +69,10 @@ name: trainer
 resources: {{gpus: 1, gpu_memory: 80GiB}}
 retry: {{max_attempts: 1}}
 shell: true
-command: ["echo run $GANTRY_ATTEMPT $CUDA_VISIBLE_DEVICES >> {runs}; while true; do sleep 0.1; done"]
+command: ["echo run $GANTRY_ATTEMPT $CUDA_VISIBLE_DEVICES >> {runs}; trap 'cat $GANTRY_STOP_REASON_FILE >> {reasons}; exit 143' TERM; while true; do sleep 0.1; done"]
 "#,
             runs = runs.display(),
+            reasons = reasons.display(),
         ),
     )?;
     let submitted = sandbox.gantry_json(&url, &["submit", "-f", &spec.display().to_string()])?;
@@ -91,6 +93,13 @@ command: ["echo run $GANTRY_ATTEMPT $CUDA_VISIBLE_DEVICES >> {runs}; while true;
     })?;
     assert_eq!(moved["attempts"][0]["outcome"], "preempted", "{moved}");
     assert_eq!(gpu_of(&moved, 1), Some(other), "{moved}");
+    let reason = std::fs::read_to_string(&reasons)?;
+    assert!(
+        reason.starts_with(&format!(
+            "node fault: gpu {sick} of node node-a unhealthy (critical xid 79)"
+        )),
+        "{reason}"
+    );
     wait_until("the second run to start", T, || {
         let text = std::fs::read_to_string(&runs).ok()?;
         text.contains(&format!("run 2 {other}")).then_some(())

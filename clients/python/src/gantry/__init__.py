@@ -31,6 +31,7 @@ from ._job import (
     install_stop_handler,
     job_context,
     limit_torch_memory,
+    stop_reason,
     stop_requested,
 )
 from ._models import Attempt, Event, Job, JobState, Node, Pipeline
@@ -56,5 +57,6 @@ __all__ = [
     "install_stop_handler",
     "job_context",
     "limit_torch_memory",
+    "stop_reason",
     "stop_requested",
 ]
