@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use gantry_scheduler::{LockMode, Placement};
 
+use super::preempt::hold_refusal;
 use super::{Outcome, StateMachine};
 use crate::domain::{AttemptRecord, JobState};
 
@@ -87,8 +88,13 @@ impl StateMachine {
     pub(super) fn assign(&mut self, at_ms: u64, placements: Vec<Placement>) -> Outcome {
         let mut applied = Vec::new();
         let mut refused = Vec::new();
+        let holds = self.holds_at(at_ms);
         for placement in placements {
             if let Err(reason) = self.check_placement(&placement) {
+                refused.push((placement.job, reason));
+                continue;
+            }
+            if let Some(reason) = hold_refusal(&holds, &placement) {
                 refused.push((placement.job, reason));
                 continue;
             }
