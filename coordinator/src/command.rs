@@ -198,6 +198,10 @@ pub enum Command {
         failures: u32,
         /// The evidence, for people.
         reason: String,
+        /// The leader's breaker policy: apply re-checks the fleet share and
+        /// the trip window with it (absent in older entries: the defaults).
+        #[serde(default)]
+        policy: crate::breaker::BreakerPolicy,
     },
     /// A pending job preempts lower-priority jobs on one node (the
     /// scheduler's choice). Apply re-checks every rule at `at_ms` and does

@@ -628,7 +628,8 @@ impl StateMachine {
                 until_ms,
                 failures,
                 reason,
-            } => self.quarantine(at_ms, node, until_ms, failures, reason),
+                policy,
+            } => self.quarantine(at_ms, node, until_ms, failures, reason, &policy),
             Command::ClearQuarantine { at_ms, node } => self.clear_quarantine(at_ms, node),
             Command::SetRetention { policy, .. } => {
                 self.retention = policy;

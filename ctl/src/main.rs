@@ -152,7 +152,7 @@ enum Command {
     Coordinator {
         /// Settings file (YAML: id, peers, grpc_addr, data_dir, gpu_headroom,
         /// oom_signatures, max_heartbeat_rate, queue_weights,
-        /// disk_thresholds); flags win over it.
+        /// disk_thresholds, breaker); flags win over it.
         #[arg(long)]
         config: Option<PathBuf>,
         /// gRPC listen address (port 0 = any; the bound address is printed).
@@ -213,8 +213,10 @@ enum Command {
         retention: retention::RetentionArgs,
         #[command(flatten)]
         security: CoordinatorSecurityArgs,
+        // Boxed: the breaker's flags made this variant many times the size
+        // of the others.
         #[command(flatten)]
-        policy: policy::PolicyArgs,
+        policy: Box<policy::PolicyArgs>,
     },
     /// Run an agent on a GPU node.
     Agent {
@@ -700,7 +702,12 @@ async fn cli_main() -> ExitCode {
                 None => config::CoordinatorFile::default(),
             };
             let security_file = file.security();
-            let policy = match policy::resolve(policy, file.queue_weights, file.disk_thresholds) {
+            let policy = match policy::resolve(
+                *policy,
+                file.queue_weights,
+                file.disk_thresholds,
+                file.breaker,
+            ) {
                 Ok(policy) => policy,
                 Err(error) => return fail(CliError::invalid(error)),
             };
