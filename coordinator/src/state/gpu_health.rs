@@ -71,34 +71,21 @@ impl StateMachine {
         tracing::warn!(node = %node, gpu, %reason, "gpu unhealthy: out of placement");
         let why = format!("node fault: gpu {gpu} of node {node} unhealthy ({reason})");
         let stop: Vec<(JobId, u32)> = self
-            .jobs_on(&node)
-            .filter(|j| !j.cancel_requested)
-            .filter_map(|j| {
-                j.current_attempt()
-                    .filter(|a| {
-                        a.node == node
-                            && a.ended_at_ms == 0
-                            && a.preempted.is_empty()
-                            && a.gpus.contains(&gpu)
-                    })
-                    .map(|a| (j.id, a.attempt))
+            .preemptible_on(&node)
+            .into_iter()
+            .filter(|(job, _)| {
+                self.jobs
+                    .get(job)
+                    .and_then(JobRecord::current_attempt)
+                    .is_some_and(|a| a.gpus.contains(&gpu))
             })
             .collect();
-        for (job, attempt) in &stop {
-            if let Some(a) = self
-                .jobs
-                .get_mut(job)
-                .and_then(JobRecord::current_attempt_mut)
-            {
-                a.preempted = why.clone();
-            }
-            self.changes.jobs.insert(*job);
-            self.event(
-                at_ms,
-                *job,
-                format!("{why}: stopping attempt {attempt}; it does not count against the job"),
-            );
-        }
+        self.mark_preempted(
+            at_ms,
+            &stop,
+            &why,
+            "(a node fault: it does not count against the job)",
+        );
         Outcome::Preempted { node, stop }
     }
 
