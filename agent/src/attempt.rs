@@ -147,8 +147,11 @@ impl ExitStatus {
             signal: self.signal,
             stderr_tail,
             cancelled: self.stopped.is_some_and(StopReason::cancelled),
-            agent_shutdown: self.stopped == Some(StopReason::Shutdown)
-                || (self.lost.is_some() && self.stopped.is_none()),
+            agent_shutdown: matches!(
+                self.stopped,
+                Some(StopReason::Shutdown | StopReason::Fenced)
+            ) || (self.lost.is_some() && self.stopped.is_none()),
+            fenced: self.stopped == Some(StopReason::Fenced),
             peak_gpu_memory_bytes,
             over_memory: self.stopped == Some(StopReason::OverMemory),
         })

@@ -268,6 +268,7 @@ fn stop_request(dir: &Path, default_grace: Duration) -> (StopReason, Duration, S
             StopReason::Shutdown => "agent shutting down",
             StopReason::Timeout => "timed out",
             StopReason::OverMemory => "used more GPU memory than reserved",
+            StopReason::Fenced => "fenced: the coordinator has not heard this node lately",
         }
         .to_string()
     } else {
