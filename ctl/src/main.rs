@@ -398,6 +398,11 @@ enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// GPUs: clear one GPU's fault (`gantry undrain` clears every GPU).
+    Gpu {
+        #[command(subcommand)]
+        action: GpuAction,
+    },
     /// Dead-letter queue: jobs whose attempts are exhausted.
     Dlq {
         #[command(subcommand)]
@@ -449,6 +454,20 @@ enum SnapshotAction {
     Save {
         /// Where to write the backup.
         file: PathBuf,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum GpuAction {
+    /// Clear a GPU's fault (an XID, ECC errors, pages pending retirement)
+    /// so it takes placements again.
+    Reset {
+        /// Node name.
+        node: String,
+        /// GPU index.
+        gpu: u32,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -905,6 +924,9 @@ async fn cli_main() -> ExitCode {
             action: CertsAction::Init { dir, hosts, days },
         } => certs_init(&dir, &hosts, days),
         Command::Dlq { action } => dlq(action).await,
+        Command::Gpu {
+            action: GpuAction::Reset { node, gpu, client },
+        } => reset_gpu(node, gpu, client).await,
         Command::Snapshot {
             action: SnapshotAction::Save { file, client },
         } => backup::save(&file, client).await,
@@ -1530,6 +1552,24 @@ async fn watch(
                 escape(&event.message)
             ),
         }
+    }
+    Ok(())
+}
+
+async fn reset_gpu(node: String, gpu: u32, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts).await?;
+    client
+        .reset_gpu(pb::ResetGpuRequest {
+            node: node.clone(),
+            gpu,
+        })
+        .await?;
+    match opts.output {
+        Format::Json => print_json(&serde_json::json!({"node": node, "gpu": gpu, "healthy": true})),
+        Format::Table => outln!(
+            "gpu {gpu} of node {} cleared: placements again",
+            escape(&node)
+        ),
     }
     Ok(())
 }

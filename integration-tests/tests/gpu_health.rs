@@ -2,7 +2,8 @@
 //! agent's `fake-state.json`, as NVML health would report it) moves the job
 //! running on it to another GPU without using an attempt, shows the GPU
 //! unhealthy in `gantry nodes`, `/v1/nodes` and `/metrics`, keeps it out of
-//! placement, and `gantry undrain` makes it placeable again.
+//! placement until `gantry gpu reset` clears it; `gantry undrain` clears
+//! every GPU, and a cleared fault still reported is acknowledged.
 
 use std::time::Duration;
 
@@ -135,10 +136,13 @@ command: ["echo run $GANTRY_ATTEMPT $CUDA_VISIBLE_DEVICES >> {runs}; trap 'cat $
         (j["state"] == "pending" && !j["reason"].as_str()?.is_empty()).then_some(())
     })?;
 
-    // The fault is repaired and the operator vouches for the node: the GPU
-    // takes the waiting job.
+    // A GPU the node does not have is refused; the repaired GPU, reset by
+    // the operator, takes the waiting job.
+    let out = sandbox.gantry(&url, &["gpu", "reset", "node-a", "7"]);
+    assert_eq!(out.code, 1, "{} {}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("has no gpu 7"), "{}", out.stderr);
     fake_state(&sandbox, "node-a", &[])?;
-    let out = sandbox.gantry(&url, &["undrain", "node-a"]);
+    let out = sandbox.gantry(&url, &["gpu", "reset", "node-a", &sick.to_string()]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let placed = sandbox.wait_job_state(&url, second, "running", T)?;
     assert_eq!(gpu_of(&placed, 0), Some(sick), "{placed}");
@@ -146,6 +150,21 @@ command: ["echo run $GANTRY_ATTEMPT $CUDA_VISIBLE_DEVICES >> {runs}; trap 'cat $
         healthy_gauge(&http)?,
         vec![("0".to_string(), 1.0), ("1".to_string(), 1.0)]
     );
+
+    // The other GPU fails too: the first job has nowhere to go and waits;
+    // an undrain clears it, and the fault, still reported, is acknowledged.
+    fake_state(&sandbox, "node-a", &[(other as u32, "critical xid 48")])?;
+    wait_until("the first job to wait", T, || {
+        let j = sandbox.job(&url, job).ok()?;
+        (j["state"] == "pending").then_some(())
+    })?;
+    let out = sandbox.gantry(&url, &["undrain", "node-a"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    wait_until("the first job to run a third time", T, || {
+        let j = sandbox.job(&url, job).ok()?;
+        (j["state"] == "running" && j["attempts"].as_array()?.len() == 3).then_some(())
+    })?;
+    assert_eq!(healthy_gauge(&http)?[other as usize].1, 1.0);
     for id in [job, second] {
         sandbox.gantry_json(&url, &["cancel", &id.to_string()])?;
         sandbox.wait_job_state(&url, id, "cancelled", T)?;

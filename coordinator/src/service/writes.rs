@@ -221,4 +221,18 @@ impl CoreHandle {
         }
         Ok(())
     }
+
+    /// Clears GPU `gpu` of `node`'s fault (`gantry gpu reset`): placements
+    /// on it again; the same fault reported again is acknowledged.
+    pub async fn reset_gpu(&self, node: String, gpu: u32) -> Result<(), CoordinatorError> {
+        if node.is_empty() {
+            return Err(CoordinatorError::InvalidArgument {
+                field: "node".into(),
+                reason: "must not be empty".into(),
+            });
+        }
+        self.propose(crate::decide::gpu_health::clear(&node, Some(gpu), now_ms()))
+            .await?;
+        Ok(())
+    }
 }
