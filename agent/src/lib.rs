@@ -63,6 +63,7 @@ mod link;
 pub mod outbox;
 pub mod probe;
 mod procgroup;
+pub mod reserve;
 pub mod snapshot;
 pub mod supervisor;
 
@@ -170,6 +171,10 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
         watch_shutdown.clone(),
     ));
     let _watch_guard = watch_shutdown.clone().drop_guard();
+    let reserve_task = tokio::spawn(reserve::run(
+        config.data_dir.clone(),
+        watch_shutdown.clone(),
+    ));
     let contact = fence::Contact::new(std::time::Instant::now(), config.heartbeat_interval);
     let fence_task = tokio::spawn(fence::run(
         contact.clone(),
@@ -205,6 +210,9 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
     watch_shutdown.cancel();
     if let Err(e) = watch_task.await {
         tracing::error!(error = %e, "gpu watch task failed");
+    }
+    if let Err(e) = reserve_task.await {
+        tracing::error!(error = %e, "disk reserve task failed");
     }
     if let Err(e) = fence_task.await {
         tracing::error!(error = %e, "fence task failed");

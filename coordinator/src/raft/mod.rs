@@ -82,6 +82,7 @@
 pub mod batch;
 pub mod fault;
 pub mod guard;
+mod http_urls;
 pub mod logger;
 pub mod node;
 pub mod storage;
@@ -220,6 +221,9 @@ pub struct RaftConfig {
     /// Mixed into the cluster id of a new cluster (`--cluster-name`); once
     /// the cluster exists, its stored id is used and this is ignored.
     pub cluster_name: String,
+    /// This replica's HTTP API base URL, sent with every batch to its peers
+    /// so a follower can name the leader's to HTTP clients (`http_urls`).
+    pub http_url: Option<String>,
 }
 
 impl RaftConfig {
@@ -238,6 +242,7 @@ impl RaftConfig {
             peer_queue: 4096,
             peer_tls: None,
             cluster_name: String::new(),
+            http_url: None,
         }
     }
 

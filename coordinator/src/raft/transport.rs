@@ -26,6 +26,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::guard::{self, LogView, RefusalLog};
+use super::http_urls::HttpUrls;
 use super::node::{PeerInbox, PeerInput};
 use super::{RaftConfig, RaftError};
 use crate::error::CoordinatorError;
@@ -63,6 +64,8 @@ pub(crate) struct PeerCheck {
     pub(crate) learners: Vec<u64>,
     /// Shared with the driver: one budget of warn lines for both.
     pub(crate) refusals: Arc<RefusalLog>,
+    /// The members' HTTP URLs, as their batches give them.
+    pub(crate) http: HttpUrls,
 }
 
 impl RaftPeerService {
@@ -105,6 +108,7 @@ impl RaftPeer for RaftPeerService {
             ))
             .into());
         }
+        self.peers.http.record(batch.from, &batch.from_http);
         for (i, bytes) in batch.messages.iter().enumerate() {
             let message = Message::parse_from_bytes(bytes).map_err(|error| {
                 CoordinatorError::InvalidArgument {
@@ -174,6 +178,7 @@ impl PeerSenders {
                 from: config.id,
                 cluster_id,
                 to,
+                http_url: config.http_url.clone().unwrap_or_default(),
                 client: RaftPeerClient::new(endpoint.connect_lazy())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -206,6 +211,8 @@ struct PeerTask {
     from: u64,
     cluster_id: u64,
     to: u64,
+    /// This replica's HTTP URL, sent with every batch (empty: none).
+    http_url: String,
     client: RaftPeerClient<Channel>,
     queue: mpsc::Receiver<Outgoing>,
     inbox: PeerInbox,
@@ -242,6 +249,7 @@ impl PeerTask {
                 from: self.from,
                 cluster_id: self.cluster_id,
                 to: self.to,
+                from_http: self.http_url.clone(),
             };
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
