@@ -101,12 +101,17 @@ pub(crate) struct Started {
 }
 
 /// A stop request (`stop.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StopFile {
     /// Why; decides how the exit is reported.
     pub reason: StopReason,
     /// SIGTERM -> SIGKILL grace.
     pub grace_ms: u64,
+    /// Why, for the job (the coordinator's words: `preempted by job 7
+    /// (priority 10)`); empty: said from `reason`. The supervisor writes it
+    /// to the job's stop-reason file before the SIGTERM.
+    #[serde(default)]
+    pub message: String,
 }
 
 /// How the attempt ended (`status.json`).

@@ -284,6 +284,8 @@ pub struct LogChunk {
 struct StopRequest {
     reason: StopReason,
     grace: Duration,
+    /// Why, in the coordinator's words (empty: said from `reason`).
+    message: String,
 }
 
 /// What the executor tells an attempt's watch task.
@@ -551,6 +553,19 @@ impl Executor {
         grace: Option<Duration>,
         reason: StopReason,
     ) -> bool {
+        self.stop_because(job_id, attempt, grace, reason, String::new())
+    }
+
+    /// [`Executor::stop`] with the coordinator's words for the job
+    /// (`GANTRY_STOP_REASON_FILE`).
+    pub fn stop_because(
+        &self,
+        job_id: u64,
+        attempt: u32,
+        grace: Option<Duration>,
+        reason: StopReason,
+        message: String,
+    ) -> bool {
         let grace = grace.unwrap_or(self.inner.config.kill_grace);
         let jobs = self.jobs();
         let mut found = false;
@@ -560,7 +575,11 @@ impl Executor {
             }
             if let EntryState::Active { control, .. } = &entry.state {
                 found |= control
-                    .send(Control::Stop(StopRequest { reason, grace }))
+                    .send(Control::Stop(StopRequest {
+                        reason,
+                        grace,
+                        message: message.clone(),
+                    }))
                     .is_ok();
             }
         }
@@ -657,6 +676,7 @@ impl Executor {
                         let _ = control.send(Control::Stop(StopRequest {
                             reason: StopReason::Shutdown,
                             grace: self.inner.config.kill_grace,
+                            message: String::new(),
                         }));
                     }
                 }

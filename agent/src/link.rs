@@ -467,10 +467,13 @@ impl Link {
                     tracing::info!(reason = %cancel.reason, "coordinator asks to stop the attempt");
                 }
                 let grace = (cancel.grace_ms > 0).then(|| Duration::from_millis(cancel.grace_ms));
-                if !self
-                    .executor
-                    .stop(cancel.job_id, cancel.attempt, grace, StopReason::Cancelled)
-                {
+                if !self.executor.stop_because(
+                    cancel.job_id,
+                    cancel.attempt,
+                    grace,
+                    StopReason::Cancelled,
+                    cancel.reason.clone(),
+                ) {
                     tracing::debug!(
                         job_id = cancel.job_id,
                         attempt = cancel.attempt,
@@ -639,6 +642,7 @@ impl Link {
                     used_bytes: wire_bytes(g.used_bytes),
                     utilization_pct: g.utilization_pct,
                     temperature_c: g.temperature_c,
+                    fault: g.fault.clone().unwrap_or_default(),
                 })
                 .collect(),
             cpu_used_pct: host.cpu_used_pct,

@@ -492,6 +492,7 @@ fn heartbeat_message(seq: u64) -> pb::AgentMessage {
                 used_bytes: 0,
                 utilization_pct: 0,
                 temperature_c: 40,
+                fault: String::new(),
             })
             .collect(),
         cpu_used_pct: 5,

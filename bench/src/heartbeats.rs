@@ -289,6 +289,7 @@ fn heartbeat(seq: u64, running: &[(u64, u32)]) -> pb::AgentMessage {
                 used_bytes: per_gpu * 8 * GIB,
                 utilization_pct: if running.is_empty() { 0 } else { 90 },
                 temperature_c: 40,
+                fault: String::new(),
             })
             .collect(),
         cpu_used_pct: 5,

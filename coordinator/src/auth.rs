@@ -160,6 +160,8 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gantry.v1.Gantry/ListNodes", Need::Role(Role::User)),
     // Drain and undrain (the same rpc) change what the whole fleet may run.
     ("/gantry.v1.Gantry/Drain", Need::Role(Role::Admin)),
+    // Vouching for a GPU is the operator's call, like an undrain.
+    ("/gantry.v1.Gantry/ResetGpu", Need::Role(Role::Admin)),
     ("/gantry.v1.Gantry/Status", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/WatchEvents", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/DlqList", Need::Role(Role::User)),

@@ -198,6 +198,10 @@ pub enum Command {
         failures: u32,
         /// The evidence, for people.
         reason: String,
+        /// The leader's breaker policy: apply re-checks the fleet share and
+        /// the trip window with it (absent in older entries: the defaults).
+        #[serde(default)]
+        policy: crate::breaker::BreakerPolicy,
     },
     /// A pending job preempts lower-priority jobs on one node (the
     /// scheduler's choice). Apply re-checks every rule at `at_ms` and does
@@ -241,6 +245,27 @@ pub enum Command {
     Retire {
         /// The leader's clock when it proposed.
         at_ms: u64,
+    },
+    /// A GPU's health changed. With a `fault` (and a `gpu`): the leader saw
+    /// the agent report it; apply marks the GPU unhealthy and the attempts
+    /// on it preempted as a node fault, unless an operator cleared that same
+    /// fault, or cleared the GPU after `at_ms` (a stale report). Without a
+    /// fault: an operator's clear (`gpu` `None`: every GPU of the node, as
+    /// `gantry undrain` does), or with `seen_healthy` the agent reported the
+    /// GPU healthy again, and a cleared fault is forgotten (the same fault
+    /// reported later marks the GPU again; a fault in force stays).
+    SetGpuHealth {
+        /// Time (the leader's clock when it proposed).
+        at_ms: u64,
+        /// Node.
+        node: String,
+        /// GPU index; `None` only for an operator's clear.
+        gpu: Option<u32>,
+        /// The fault, bounded by `limits::MAX_GPU_FAULT_CHARS`.
+        fault: Option<String>,
+        /// The agent reports the GPU healthy (forget an acknowledged fault).
+        #[serde(default)]
+        seen_healthy: bool,
     },
     /// A submit of a pipeline run with `repeat:` or `run_dir:` (a `Submit`
     /// whose jobs carry the run policy; a variant of its own so that the
@@ -352,6 +377,7 @@ impl Command {
             | Command::ClearQuarantine { .. }
             | Command::SetRetention { .. }
             | Command::Retire { .. }
+            | Command::SetGpuHealth { .. }
             | Command::SubmitLoop { .. }
             | Command::StopPipeline { .. } => None,
         }
@@ -378,6 +404,7 @@ impl Command {
             | Command::ClearQuarantine { at_ms, .. }
             | Command::Preempt { at_ms, .. }
             | Command::SetRetention { at_ms, .. }
+            | Command::SetGpuHealth { at_ms, .. }
             | Command::Retire { at_ms }
             | Command::SubmitLoop { at_ms, .. }
             | Command::StopPipeline { at_ms, .. } => *at_ms,

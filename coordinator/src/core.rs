@@ -215,6 +215,8 @@ pub struct CoreConfig {
     /// Per-kind disk watermarks (`--disk-threshold`).
     pub disk_thresholds:
         std::collections::BTreeMap<gantry_scheduler::JobKind, gantry_scheduler::DiskThresholds>,
+    /// The circuit breaker's numbers (`--breaker-*`).
+    pub breaker: crate::breaker::BreakerPolicy,
 }
 
 /// A node the fleet inventory (`hosts.yaml`) expects.
@@ -256,6 +258,7 @@ impl Default for CoreConfig {
             retention: Default::default(),
             queue_weights: Default::default(),
             disk_thresholds: Default::default(),
+            breaker: Default::default(),
         }
     }
 }
@@ -373,7 +376,7 @@ impl Core {
         let state = store.load()?;
         Ok(Core {
             health: HealthTracker::new(config.health),
-            breaker: Breaker::default(),
+            breaker: Breaker::new(config.breaker),
             config,
             state,
             store,

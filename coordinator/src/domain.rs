@@ -570,6 +570,42 @@ pub struct NodeRecord {
     /// `trips` drive the doubling). See [`crate::breaker`].
     #[serde(default)]
     pub quarantine: Option<Quarantine>,
+    /// GPU faults by GPU index (at most one per GPU of the node), set by
+    /// `Command::SetGpuHealth`; an active one keeps the GPU out of
+    /// placement. See [`crate::decide::gpu_health`].
+    #[serde(default)]
+    pub gpu_faults: BTreeMap<u32, GpuFault>,
+}
+
+impl NodeRecord {
+    /// The fault that makes GPU `index` unhealthy, if one is in force.
+    pub fn gpu_fault(&self, index: u32) -> Option<&str> {
+        self.gpu_faults
+            .get(&index)
+            .filter(|f| f.is_active())
+            .map(|f| f.reason.as_str())
+    }
+}
+
+/// A GPU's fault as committed: hard state, so an unhealthy GPU stays out of
+/// placement across a failover. An operator's clear keeps the record
+/// (acknowledged: the same fault reported again does not mark the GPU
+/// again) until the agent reports the GPU healthy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuFault {
+    /// What the agent reported (bounded by `limits::MAX_GPU_FAULT_CHARS`).
+    pub reason: String,
+    /// When it was committed (the command's `at_ms`).
+    pub since_ms: u64,
+    /// When an operator cleared it (`None`: in force).
+    pub cleared_at_ms: Option<u64>,
+}
+
+impl GpuFault {
+    /// Whether the GPU is unhealthy because of it.
+    pub fn is_active(&self) -> bool {
+        self.cleared_at_ms.is_none()
+    }
 }
 
 /// A circuit-breaker quarantine: hard state, set by `Command::Quarantine`

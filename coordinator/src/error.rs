@@ -82,7 +82,11 @@ impl CoordinatorError {
     pub fn http_status(&self) -> u16 {
         match self {
             CoordinatorError::InvalidArgument { .. } => 400,
-            CoordinatorError::Apply(ApplyError::JobNotFound(_) | ApplyError::NodeNotFound(_))
+            CoordinatorError::Apply(
+                ApplyError::JobNotFound(_)
+                | ApplyError::NodeNotFound(_)
+                | ApplyError::GpuNotFound { .. },
+            )
             | CoordinatorError::NotFound(_) => 404,
             CoordinatorError::Apply(
                 ApplyError::AlreadyTerminal { .. }
@@ -129,7 +133,11 @@ impl From<CoordinatorError> for tonic::Status {
         let message = error.to_string();
         match error {
             CoordinatorError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
-            CoordinatorError::Apply(ApplyError::JobNotFound(_) | ApplyError::NodeNotFound(_))
+            CoordinatorError::Apply(
+                ApplyError::JobNotFound(_)
+                | ApplyError::NodeNotFound(_)
+                | ApplyError::GpuNotFound { .. },
+            )
             | CoordinatorError::NotFound(_) => tonic::Status::not_found(message),
             CoordinatorError::Apply(
                 ApplyError::AlreadyTerminal { .. }

@@ -33,6 +33,10 @@ pub struct Heartbeat {
     pub disk_total: u64,
     /// GPU memory each running job uses, as the agent measured it.
     pub jobs: Vec<(JobId, u64)>,
+    /// The GPUs the agent reports unhealthy, with the fault (bounded by
+    /// `limits::MAX_GPU_FAULT_CHARS`); [`crate::decide::gpu_health`]
+    /// decides what to commit.
+    pub faults: Vec<(u32, String)>,
 }
 
 /// What the leader knows of a node right now.

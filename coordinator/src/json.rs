@@ -92,6 +92,8 @@ pub fn node_json(node: &pb::Node) -> Value {
             "free_bytes": g.free_bytes,
             "utilization_pct": g.utilization_pct,
             "temperature_c": g.temperature_c,
+            "healthy": g.fault.is_empty(),
+            "fault": (!g.fault.is_empty()).then_some(g.fault.as_str()),
         })).collect::<Vec<_>>(),
     })
 }

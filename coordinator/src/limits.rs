@@ -94,3 +94,7 @@ pub const MAX_PRIORITY: i32 = 1000;
 /// kind, mode or policy): the rest is elided, so a megabyte of junk gets a
 /// one-line answer.
 pub const MAX_ECHO_CHARS: usize = 64;
+
+/// Longest GPU fault text kept from an agent's heartbeat, in characters
+/// (agents bound it too; the coordinator never trusts that).
+pub const MAX_GPU_FAULT_CHARS: usize = 200;

@@ -467,6 +467,15 @@ impl pb::gantry_server::Gantry for GantryService {
         Ok(Response::new(pb::DrainResponse {}))
     }
 
+    async fn reset_gpu(
+        &self,
+        request: GrpcRequest<pb::ResetGpuRequest>,
+    ) -> Result<Response<pb::ResetGpuResponse>, Status> {
+        let request = request.into_inner();
+        self.core.reset_gpu(request.node, request.gpu).await?;
+        Ok(Response::new(pb::ResetGpuResponse {}))
+    }
+
     async fn status(
         &self,
         _request: GrpcRequest<pb::StatusRequest>,

@@ -22,6 +22,7 @@ use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord, RunPolicy};
 
 mod attempts;
 mod drain;
+mod gpu_health;
 mod index;
 mod pipeline_loop;
 mod placement;
@@ -158,6 +159,14 @@ pub enum ApplyError {
         node: String,
         /// Why.
         reason: String,
+    },
+    /// A GPU health change names a GPU the node does not have.
+    #[error("node {node:?} has no gpu {gpu}")]
+    GpuNotFound {
+        /// The node.
+        node: String,
+        /// The GPU index.
+        gpu: u32,
     },
 }
 
@@ -515,6 +524,7 @@ impl StateMachine {
                         registered_at_ms: at_ms,
                         down: false,
                         quarantine: None,
+                        gpu_faults: BTreeMap::new(),
                     },
                 };
                 self.nodes.insert(name.clone(), record);
@@ -632,7 +642,8 @@ impl StateMachine {
                 until_ms,
                 failures,
                 reason,
-            } => self.quarantine(at_ms, node, until_ms, failures, reason),
+                policy,
+            } => self.quarantine(at_ms, node, until_ms, failures, reason, &policy),
             Command::ClearQuarantine { at_ms, node } => self.clear_quarantine(at_ms, node),
             Command::SetRetention { policy, .. } => {
                 self.retention = policy;
@@ -648,6 +659,13 @@ impl StateMachine {
                 reason,
                 until_ms,
             } => self.preempt(at_ms, job, node, victims, reason, until_ms),
+            Command::SetGpuHealth {
+                at_ms,
+                node,
+                gpu,
+                fault,
+                seen_healthy,
+            } => self.set_gpu_health(at_ms, node, gpu, fault, seen_healthy),
         }
     }
 

@@ -168,6 +168,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
     core.retention = options.retention;
     core.queue_weights = options.policy.queue_weights.clone();
     core.disk_thresholds = options.policy.disk_thresholds.clone();
+    core.breaker = options.policy.breaker;
     CoordinatorConfig {
         grpc_addr: options.grpc_addr,
         http_addr: options.http_addr,

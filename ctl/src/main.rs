@@ -153,7 +153,7 @@ enum Command {
     Coordinator {
         /// Settings file (YAML: id, peers, grpc_addr, data_dir, gpu_headroom,
         /// oom_signatures, max_heartbeat_rate, queue_weights,
-        /// disk_thresholds); flags win over it.
+        /// disk_thresholds, breaker); flags win over it.
         #[arg(long)]
         config: Option<PathBuf>,
         /// gRPC listen address (port 0 = any; the bound address is printed).
@@ -219,8 +219,10 @@ enum Command {
         retention: retention::RetentionArgs,
         #[command(flatten)]
         security: CoordinatorSecurityArgs,
+        // Boxed: the breaker's flags made this variant many times the size
+        // of the others.
         #[command(flatten)]
-        policy: policy::PolicyArgs,
+        policy: Box<policy::PolicyArgs>,
         #[command(flatten)]
         client_api: daemon::ClientApiArgs,
     },
@@ -409,6 +411,11 @@ enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// GPUs: clear one GPU's fault (`gantry undrain` clears every GPU).
+    Gpu {
+        #[command(subcommand)]
+        action: GpuAction,
+    },
     /// Dead-letter queue: jobs whose attempts are exhausted.
     Dlq {
         #[command(subcommand)]
@@ -492,6 +499,20 @@ enum SnapshotAction {
     Save {
         /// Where to write the backup.
         file: PathBuf,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum GpuAction {
+    /// Clear a GPU's fault (an XID, ECC errors, pages pending retirement)
+    /// so it takes placements again.
+    Reset {
+        /// Node name.
+        node: String,
+        /// GPU index.
+        gpu: u32,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -759,7 +780,12 @@ async fn cli_main() -> ExitCode {
                 None => config::CoordinatorFile::default(),
             };
             let security_file = file.security();
-            let policy = match policy::resolve(policy, file.queue_weights, file.disk_thresholds) {
+            let policy = match policy::resolve(
+                *policy,
+                file.queue_weights,
+                file.disk_thresholds,
+                file.breaker,
+            ) {
                 Ok(policy) => policy,
                 Err(error) => return fail(CliError::invalid(error)),
             };
@@ -966,6 +992,9 @@ async fn cli_main() -> ExitCode {
             action: CertsAction::Init { dir, hosts, days },
         } => certs_init(&dir, &hosts, days),
         Command::Dlq { action } => dlq(action).await,
+        Command::Gpu {
+            action: GpuAction::Reset { node, gpu, client },
+        } => reset_gpu(node, gpu, client).await,
         Command::Snapshot {
             action: SnapshotAction::Save { file, client },
         } => backup::save(&file, client).await,
@@ -1607,6 +1636,24 @@ async fn watch(
                 escape(&event.message)
             ),
         }
+    }
+    Ok(())
+}
+
+async fn reset_gpu(node: String, gpu: u32, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts).await?;
+    client
+        .reset_gpu(pb::ResetGpuRequest {
+            node: node.clone(),
+            gpu,
+        })
+        .await?;
+    match opts.output {
+        Format::Json => print_json(&serde_json::json!({"node": node, "gpu": gpu, "healthy": true})),
+        Format::Table => outln!(
+            "gpu {gpu} of node {} cleared: placements again",
+            escape(&node)
+        ),
     }
     Ok(())
 }

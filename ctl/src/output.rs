@@ -313,10 +313,15 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
         .labels
         .get("provider")
         .map_or_else(|| "-".into(), |p| esc(p));
-    let gpus = match node.gpus.first() {
+    let mut gpus = match node.gpus.first() {
         None => "-".to_string(),
         Some(gpu) => format!("{}x{}", node.gpus.len(), escape(&gpu.model)),
     };
+    let sick: Vec<&pb::GpuInfo> = node.gpus.iter().filter(|g| !g.fault.is_empty()).collect();
+    if !sick.is_empty() {
+        let list: Vec<String> = sick.iter().map(|g| g.index.to_string()).collect();
+        gpus.push_str(&format!(" (unhealthy: {})", list.join(",")));
+    }
     let free: i64 = node.gpus.iter().map(|g| g.free_bytes.max(0)).sum();
     let disk = if node.disk_total_bytes > 0 {
         format!(
@@ -347,6 +352,12 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
             node.quarantined_until_ms,
             node.quarantine_failures,
         ));
+    }
+    // Each unhealthy GPU's committed fault, shortened for the table (`-o
+    // json` has it whole).
+    for gpu in sick {
+        let fault: String = gpu.fault.chars().take(48).collect();
+        state.push_str(&format!(",gpu {} unhealthy: {}", gpu.index, esc(&fault)));
     }
     vec![
         esc(&node.name),

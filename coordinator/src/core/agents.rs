@@ -123,11 +123,12 @@ impl Core {
                 if let Some(session) = self.sessions.get_mut(node) {
                     session.heard_heartbeat_seq = session.heard_heartbeat_seq.max(hb.seq);
                 }
-                if self
-                    .health
-                    .on_heartbeat(node, &convert::agent::heartbeat(&hb), now)
-                {
+                let beat = convert::agent::heartbeat(&hb);
+                if self.health.on_heartbeat(node, &beat, now) {
                     self.dirty = true;
+                }
+                for command in decide::gpu_health::heartbeat(&self.state, node, &beat, now) {
+                    self.propose(command);
                 }
             }
             Some(pb::agent_message::Msg::JobEvent(event)) => self.job_event(now, node, event),

@@ -90,6 +90,7 @@ impl Core {
                                     .get(&node.name)
                                     .and_then(|gpus| gpus.get(&g.index))
                                     .map_or(0, |f| *f as i64),
+                                fault: node.gpu_fault(g.index).unwrap_or_default().to_string(),
                             }
                         })
                         .collect(),

@@ -9,6 +9,7 @@
 //! - [`effects`]: what the leader sends once a command is applied
 //!   (assignments, and every cancel path).
 //! - [`schedule`]: a scheduling pass's input (queue, snapshot) and plan.
+//! - [`gpu_health`]: what a heartbeat's GPU faults commit.
 //!
 //! [`crate::core`] only glues these to the world: it owns the state, calls
 //! them, proposes what they return through Raft and sends what they return
@@ -28,6 +29,7 @@ use crate::command::Command;
 use crate::domain::{GpuRecord, JobRecord, JobSpec};
 
 pub mod effects;
+pub mod gpu_health;
 pub mod housekeeping;
 pub mod reconcile;
 pub mod schedule;

@@ -246,7 +246,7 @@ impl CoreHandle {
 
     /// Drains a node (`deadline_after_ms` > 0: its jobs are preempted that
     /// long from now) or returns it to service; an undrain also clears a
-    /// circuit-breaker quarantine.
+    /// circuit-breaker quarantine and the node's GPU faults.
     pub async fn set_drain(
         &self,
         node: String,
@@ -274,9 +274,29 @@ impl CoreHandle {
         if !drain {
             // An operator's undrain also vouches for the node against the
             // circuit breaker.
-            self.propose(Command::ClearQuarantine { at_ms, node })
+            self.propose(Command::ClearQuarantine {
+                at_ms,
+                node: node.clone(),
+            })
+            .await?;
+            // And clears its GPU faults (the operator vouches for them).
+            self.propose(crate::decide::gpu_health::clear(&node, None, at_ms))
                 .await?;
         }
+        Ok(())
+    }
+
+    /// Clears GPU `gpu` of `node`'s fault (`gantry gpu reset`): placements
+    /// on it again; the same fault reported again is acknowledged.
+    pub async fn reset_gpu(&self, node: String, gpu: u32) -> Result<(), CoordinatorError> {
+        if node.is_empty() {
+            return Err(CoordinatorError::InvalidArgument {
+                field: "node".into(),
+                reason: "must not be empty".into(),
+            });
+        }
+        self.propose(crate::decide::gpu_health::clear(&node, Some(gpu), now_ms()))
+            .await?;
         Ok(())
     }
 }

@@ -32,6 +32,7 @@ from ._job import (
     install_stop_handler,
     job_context,
     limit_torch_memory,
+    stop_reason,
     stop_requested,
 )
 from ._models import Attempt, Event, Job, JobState, Node, Pipeline
@@ -58,5 +59,6 @@ __all__ = [
     "install_stop_handler",
     "job_context",
     "limit_torch_memory",
+    "stop_reason",
     "stop_requested",
 ]
