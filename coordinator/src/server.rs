@@ -52,6 +52,12 @@ pub struct CoordinatorConfig {
     pub peers: BTreeMap<u64, String>,
     /// Applied entries between Raft snapshots (None = the default, 10,000).
     pub raft_compact_after: Option<u64>,
+    /// Size of the chunks a Raft snapshot is sent in
+    /// (`--raft-snapshot-chunk`; default 4 MiB).
+    pub raft_snapshot_chunk: Option<usize>,
+    /// Largest Raft snapshot written or accepted from a peer
+    /// (`--raft-max-snapshot`; default 8 GiB).
+    pub raft_max_snapshot: Option<u64>,
     /// TLS of the listener (`None` = plaintext); with a client certificate
     /// verifier, every connection must present a certificate (mutual TLS).
     /// ALPN must offer `h2`.
@@ -85,6 +91,8 @@ impl CoordinatorConfig {
             id: 1,
             peers: BTreeMap::new(),
             raft_compact_after: None,
+            raft_snapshot_chunk: None,
+            raft_max_snapshot: None,
             tls: None,
             peer_tls: None,
             http_tls: None,
@@ -342,6 +350,13 @@ pub async fn start(
     let mut raft_config = raft_config;
     raft_config.peer_tls = config.peer_tls.clone();
     raft_config.cluster_name = config.cluster_name.clone();
+    raft_config.snapshot_dir = config.data_dir.join(crate::raft::snapfile::DIR_NAME);
+    if let Some(bytes) = config.raft_snapshot_chunk {
+        raft_config.snapshot_chunk_bytes = bytes;
+    }
+    if let Some(bytes) = config.raft_max_snapshot {
+        raft_config.max_snapshot_bytes = bytes;
+    }
     if let Some(after) = config.raft_compact_after {
         raft_config.compact_after = after;
         raft_config.compact_keep = raft_config.compact_keep.min(after / 2);

@@ -266,50 +266,61 @@ impl Store {
     /// of 100,000 jobs costs the output buffer, not two more copies of the
     /// state. Decodes to exactly what [`Store::snapshot`] returns.
     pub fn snapshot_bytes(&self, state: &StateMachine) -> Result<Vec<u8>, StoreError> {
-        use std::io::Write as _;
         let mut out = Vec::new();
-        out.extend_from_slice(b"{\"jobs\":[");
+        self.write_snapshot(state, &mut out)?;
+        Ok(out)
+    }
+
+    /// Writes the serialized [`StateSnapshot`] (as
+    /// [`snapshot_bytes`](Self::snapshot_bytes)) into `out` as it goes: a
+    /// Raft snapshot streams into its file, never one in-memory value.
+    pub fn write_snapshot(
+        &self,
+        state: &StateMachine,
+        out: &mut dyn std::io::Write,
+    ) -> Result<(), StoreError> {
+        put(out, b"{\"jobs\":[")?;
         for (i, job) in state.jobs().enumerate() {
             if i > 0 {
-                out.push(b',');
+                put(out, b",")?;
             }
-            append_json(&mut out, job)?;
+            append_json(out, job)?;
         }
-        out.extend_from_slice(b"],\"nodes\":[");
+        put(out, b"],\"nodes\":[")?;
         for (i, node) in state.nodes().enumerate() {
             if i > 0 {
-                out.push(b',');
+                put(out, b",")?;
             }
-            append_json(&mut out, node)?;
+            append_json(out, node)?;
         }
-        out.extend_from_slice(b"],\"submissions\":");
+        put(out, b"],\"submissions\":")?;
         let submissions: Vec<(&String, &Vec<JobId>)> = state.submissions().collect();
-        append_json(&mut out, &submissions)?;
-        out.extend_from_slice(b",\"estimates\":");
+        append_json(out, &submissions)?;
+        put(out, b",\"estimates\":")?;
         let estimates: Vec<(&String, &u64)> = state.estimates().iter().collect();
-        append_json(&mut out, &estimates)?;
-        out.extend_from_slice(b",\"events\":[");
+        append_json(out, &estimates)?;
+        put(out, b",\"events\":[")?;
         for (i, item) in self.events.iter().enumerate() {
             let (_, value) = item?;
             if i > 0 {
-                out.push(b',');
+                put(out, b",")?;
             }
-            out.extend_from_slice(&value);
+            put(out, &value)?;
         }
-        // Writing to a Vec cannot fail.
-        let _ = write!(
+        write!(
             out,
             "],\"leader_term\":{},\"next_job_id\":{},\"event_floor\":{},\"retention\":",
             state.leader_term(),
             state.next_job_id(),
             state.event_floor()
-        );
-        append_json(&mut out, state.retention())?;
-        out.extend_from_slice(b",\"pipeline_runs\":");
+        )
+        .map_err(io_error)?;
+        append_json(out, state.retention())?;
+        put(out, b",\"pipeline_runs\":")?;
         let runs: Vec<(&String, &u32)> = state.pipeline_runs().iter().collect();
-        append_json(&mut out, &runs)?;
-        out.push(b'}');
-        Ok(out)
+        append_json(out, &runs)?;
+        put(out, b"}")?;
+        out.flush().map_err(io_error)
     }
 
     /// Writes what an apply changed, then flushes. Only after this returns
@@ -538,8 +549,21 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
 }
 
 /// Appends a value's JSON to a buffer.
-fn append_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<(), StoreError> {
+fn append_json<T: Serialize + ?Sized>(
+    out: &mut dyn std::io::Write,
+    value: &T,
+) -> Result<(), StoreError> {
     serde_json::to_writer(out, value).map_err(StoreError::Encode)
+}
+
+/// Raw bytes into a snapshot being written.
+fn put(out: &mut dyn std::io::Write, bytes: &[u8]) -> Result<(), StoreError> {
+    out.write_all(bytes).map_err(io_error)
+}
+
+/// A failed write of a snapshot, as serde_json reports its own.
+fn io_error(error: std::io::Error) -> StoreError {
+    StoreError::Encode(serde_json::Error::io(error))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {

@@ -191,17 +191,18 @@ impl ReplicatedStateMachine for Toy {
         match request {}
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, String> {
+    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), String> {
         let state = self.0.lock().unwrap();
         if state.fail_snapshots {
             return Err("injected snapshot failure".into());
         }
-        Ok(serde_json::to_vec(&state.values).unwrap())
+        serde_json::to_writer(out, &state.values).map_err(|e| e.to_string())
     }
 
-    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, index: u64, file: &Path) -> Result<(), String> {
+        let data = std::fs::read(file).map_err(|e| e.to_string())?;
         let mut state = self.0.lock().unwrap();
-        state.values = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+        state.values = serde_json::from_slice(&data).map_err(|e| e.to_string())?;
         state.applied = index;
         state.restores.push(index);
         Ok(())
@@ -242,6 +243,14 @@ fn open_db(dir: &Path) -> sled::Db {
     sled::Config::new().path(dir).open().unwrap()
 }
 
+/// `RaftConfig::for_test` with the snapshot files in `dir`.
+fn test_config(id: u64, peers: BTreeMap<u64, String>, dir: &Path) -> RaftConfig {
+    RaftConfig {
+        snapshot_dir: dir.join("raft-snapshots"),
+        ..RaftConfig::for_test(id, peers)
+    }
+}
+
 async fn start_replica(
     id: u64,
     listener: TcpListener,
@@ -249,9 +258,25 @@ async fn start_replica(
     dir: &Path,
     toy: Toy,
 ) -> Replica {
+    start_replica_with(
+        test_config(id, peers.clone(), dir),
+        listener,
+        dir,
+        toy,
+    )
+    .await
+}
+
+async fn start_replica_with(
+    config: RaftConfig,
+    listener: TcpListener,
+    dir: &Path,
+    toy: Toy,
+) -> Replica {
+    let id = config.id;
     let db = open_db(dir);
     let node = RaftNode::start(
-        RaftConfig::for_test(id, peers.clone()),
+        config,
         &db,
         toy.clone(),
         &CancellationToken::new(),
@@ -618,7 +643,7 @@ async fn single_voter_elects_itself_and_applies() {
 
 fn start_single(dir: &Path, toy: Toy) -> Result<RaftNode<Toy>, RaftError> {
     let db = open_db(dir);
-    let config = RaftConfig::for_test(1, BTreeMap::from([(1, "http://127.0.0.1:1".into())]));
+    let config = test_config(1, BTreeMap::from([(1, "http://127.0.0.1:1".into())]), dir);
     RaftNode::start(config, &db, toy, &CancellationToken::new())
 }
 
@@ -767,8 +792,11 @@ async fn cluster_id_is_stored_at_creation() {
     let dir = tempfile::tempdir().unwrap();
     let start = |name: &str| {
         let db = open_db(dir.path());
-        let mut config =
-            RaftConfig::for_test(1, BTreeMap::from([(1, "http://127.0.0.1:1".into())]));
+        let mut config = test_config(
+            1,
+            BTreeMap::from([(1, "http://127.0.0.1:1".into())]),
+            dir.path(),
+        );
         config.cluster_name = name.to_string();
         RaftNode::start(config, &db, Toy::default(), &CancellationToken::new()).unwrap()
     };

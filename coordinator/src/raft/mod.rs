@@ -8,6 +8,8 @@
 //!   `RawNode` and the application, and [`RaftHandle`], the cloneable way
 //!   in (propose typed commands, send the application requests, watch
 //!   leadership);
+//! - [`snapfile`]: snapshots as files (written, fsynced and renamed;
+//!   received in chunks and checked against their SHA-256);
 //! - [`batch`]: the layout of an entry that carries several commands;
 //! - [`transport`]: [`RaftPeerService`] (receives peers' messages) and the
 //!   per-peer sender tasks;
@@ -84,10 +86,12 @@ pub mod fault;
 pub mod guard;
 pub mod logger;
 pub mod node;
+pub mod snapfile;
 pub mod storage;
 pub mod transport;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use node::{RaftHandle, RaftNode};
@@ -121,19 +125,23 @@ pub trait ReplicatedStateMachine: Send + Sized + 'static {
     /// an outcome, not an `Err`; `Err` means the application could not
     /// apply at all (its storage failed).
     fn apply(&mut self, index: u64, commands: &[&[u8]]) -> Result<Vec<Self::Outcome>, String>;
-    /// Serializes the whole applied state (for snapshots). The log is
-    /// compacted behind the result, so it must be the whole state or `Err`.
-    fn snapshot(&self) -> Result<Vec<u8>, String>;
-    /// Checks that `data` is a snapshot this application can restore,
-    /// without changing anything: a peer's snapshot that would not restore
-    /// is refused before raft-rs installs it (the default accepts all).
-    fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
-        let _ = data;
+    /// Serializes the whole applied state into `out` (a buffered snapshot
+    /// file, [`snapfile`]): streamed, not built in memory first. The log
+    /// is compacted behind the result, so it must be the whole state or
+    /// `Err`.
+    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), String>;
+    /// Checks that the snapshot file `file` is one this application can
+    /// restore, without changing anything: a peer's snapshot that would
+    /// not restore is refused before raft-rs installs it (the default
+    /// accepts all).
+    fn check_snapshot(&self, file: &Path) -> Result<(), String> {
+        let _ = file;
         Ok(())
     }
-    /// Replaces the whole state from a snapshot taken at `index`; afterwards
-    /// [`applied_index`](Self::applied_index) must return `index`.
-    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String>;
+    /// Replaces the whole state from the snapshot file `file` taken at
+    /// `index`; afterwards [`applied_index`](Self::applied_index) must
+    /// return `index`.
+    fn restore(&mut self, index: u64, file: &Path) -> Result<(), String>;
     /// The index of the last applied entry as persisted by the application
     /// (0 if none). Entries after it are applied again on start, so an
     /// application may persist lazily: the log is the durable record. An
@@ -220,6 +228,13 @@ pub struct RaftConfig {
     /// Mixed into the cluster id of a new cluster (`--cluster-name`); once
     /// the cluster exists, its stored id is used and this is ignored.
     pub cluster_name: String,
+    /// Where snapshot files live (`<data dir>/raft-snapshots`); required.
+    pub snapshot_dir: PathBuf,
+    /// Size of the chunks a snapshot is sent in (`--raft-snapshot-chunk`).
+    pub snapshot_chunk_bytes: usize,
+    /// Largest snapshot written or accepted from a peer
+    /// (`--raft-max-snapshot`).
+    pub max_snapshot_bytes: u64,
 }
 
 impl RaftConfig {
@@ -238,6 +253,9 @@ impl RaftConfig {
             peer_queue: 4096,
             peer_tls: None,
             cluster_name: String::new(),
+            snapshot_dir: PathBuf::new(),
+            snapshot_chunk_bytes: snapfile::DEFAULT_CHUNK_BYTES,
+            max_snapshot_bytes: snapfile::DEFAULT_MAX_SNAPSHOT_BYTES,
         }
     }
 
@@ -281,6 +299,22 @@ impl RaftConfig {
         }
         if self.compact_after == 0 {
             return Err(RaftError::Config("raft compact_after must not be 0".into()));
+        }
+        if self.snapshot_dir.as_os_str().is_empty() {
+            return Err(RaftError::Config("raft snapshot_dir must be set".into()));
+        }
+        if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > snapfile::MAX_CHUNK_BYTES
+        {
+            return Err(RaftError::Config(format!(
+                "raft snapshot chunk of {} bytes: must be between 1 and {}",
+                self.snapshot_chunk_bytes,
+                snapfile::MAX_CHUNK_BYTES
+            )));
+        }
+        if self.max_snapshot_bytes == 0 {
+            return Err(RaftError::Config(
+                "raft max snapshot size must not be 0".into(),
+            ));
         }
         if self.peer_queue == 0 {
             return Err(RaftError::Config("raft peer_queue must not be 0".into()));
@@ -414,6 +448,9 @@ pub enum RaftError {
     /// refuses to start rather than apply a wrong history.
     #[error("raft storage is inconsistent: {0}")]
     Inconsistent(String),
+    /// A snapshot file could not be written, read, received or checked.
+    #[error("raft snapshot file: {0}")]
+    SnapshotFile(String),
     /// The application refused a snapshot.
     #[error("raft: cannot restore snapshot at index {index}: {reason}")]
     Restore {
@@ -511,8 +548,19 @@ mod tests {
 
     #[test]
     fn config_validation() {
-        assert!(RaftConfig::single(1, "http://a:1").validate().is_ok());
-        let error = RaftConfig::single(1, "http://a:1");
+        let single = |id, url| RaftConfig {
+            snapshot_dir: PathBuf::from("/tmp/snaps"),
+            ..RaftConfig::single(id, url)
+        };
+        assert!(single(1, "http://a:1").validate().is_ok());
+        assert!(
+            RaftConfig::single(1, "http://a:1")
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("snapshot_dir must be set")
+        );
+        let error = single(1, "http://a:1");
         let error = RaftConfig { id: 2, ..error }.validate().unwrap_err();
         assert!(
             error
@@ -520,8 +568,19 @@ mod tests {
                 .contains("raft id 2 is not among the peers")
         );
         let config = RaftConfig {
+            snapshot_chunk_bytes: 0,
+            ..single(1, "http://a:1")
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("snapshot chunk of 0 bytes")
+        );
+        let config = RaftConfig {
             heartbeat_tick: 10,
-            ..RaftConfig::single(1, "http://a:1")
+            ..single(1, "http://a:1")
         };
         assert!(
             config

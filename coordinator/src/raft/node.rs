@@ -25,8 +25,9 @@ use super::batch::{self, Batch};
 use super::fault::FaultHook;
 use super::guard::{self, LogView, Refusal, RefusalLog};
 use super::logger::raft_logger;
+use super::snapfile::{Descriptor, SnapshotDir};
 use super::storage::SledRaftStorage;
-use super::transport::{Outgoing, PeerCheck, PeerSenders, RaftPeerService};
+use super::transport::{Outgoing, PeerCheck, PeerSenders, RaftPeerService, SnapshotInbox};
 use super::{ProposeError, RaftConfig, RaftError, RaftStatus, ReplicatedStateMachine};
 use gantry_proto::raft::raft_peer_server::RaftPeerServer;
 
@@ -93,6 +94,8 @@ pub struct RaftHandle<A: ReplicatedStateMachine> {
     inbox: std_mpsc::Sender<Input<A>>,
     status: watch::Receiver<RaftStatus>,
     peers: Arc<PeerCheck>,
+    /// Where peers' snapshots are received (one transfer at a time).
+    snapshots: Arc<SnapshotInbox>,
 }
 
 impl<A: ReplicatedStateMachine> Clone for RaftHandle<A> {
@@ -102,6 +105,7 @@ impl<A: ReplicatedStateMachine> Clone for RaftHandle<A> {
             inbox: self.inbox.clone(),
             status: self.status.clone(),
             peers: self.peers.clone(),
+            snapshots: self.snapshots.clone(),
         }
     }
 }
@@ -146,6 +150,7 @@ impl<A: ReplicatedStateMachine> RaftHandle<A> {
             self.id,
             PeerInbox::new(self.inbox.clone()),
             self.peers.clone(),
+            self.snapshots.clone(),
         )
         .into_server()
     }
@@ -185,7 +190,9 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|error| RaftError::Start(format!("no tokio runtime: {error}")))?;
-        let mut storage = SledRaftStorage::open(db)?;
+        let files = SnapshotDir::open(&config.snapshot_dir, config.max_snapshot_bytes)?;
+        let snapshots = Arc::new(SnapshotInbox::new(files.clone()));
+        let mut storage = SledRaftStorage::open(db, files)?;
         let voters: Vec<u64> = config.peers.keys().copied().collect();
         if storage.is_fresh() {
             storage.initialize(voters.clone())?;
@@ -309,6 +316,7 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
                 inbox,
                 status,
                 peers: peer_check,
+                snapshots,
             },
             shutdown,
             thread: Some(thread),
@@ -361,12 +369,12 @@ fn reconcile<A: ReplicatedStateMachine>(
     }
     let (snapshot_index, _) = storage.snapshot_index_term();
     if applied < snapshot_index {
-        let Some(snapshot) = storage.load_snapshot()? else {
+        let Some(file) = storage.snapshot_file() else {
             return Err(RaftError::Inconsistent(format!(
                 "snapshot metadata at index {snapshot_index} but no snapshot stored"
             )));
         };
-        app.restore(snapshot_index, &snapshot.data)
+        app.restore(snapshot_index, file)
             .map_err(|reason| RaftError::Restore {
                 index: snapshot_index,
                 reason,
@@ -635,11 +643,19 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         };
         guard::check_message(message, from, &view)?;
         if let Some(snapshot) = message.snapshot.as_ref() {
-            self.app.check_snapshot(&snapshot.data).map_err(|reason| {
-                Refusal::Value(
-                    MessageType::MsgSnapshot,
-                    format!("the application cannot restore its data: {reason}"),
-                )
+            // The transport put the file in place (size and SHA-256
+            // checked) before it handed the message over.
+            let refuse = |reason: String| Refusal::Value(MessageType::MsgSnapshot, reason);
+            let metadata = snapshot.get_metadata();
+            let descriptor = Descriptor::decode(&snapshot.data).map_err(refuse)?;
+            let file = self
+                .raw
+                .store()
+                .snapshot_dir()
+                .existing(metadata.index, metadata.term, &descriptor)
+                .map_err(|error| refuse(error.to_string()))?;
+            self.app.check_snapshot(&file).map_err(|reason| {
+                refuse(format!("the application cannot restore its data: {reason}"))
             })?;
         }
         Ok(())
@@ -724,11 +740,12 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             if let Some(hard_state) = ready.hs() {
                 store.set_hard_state(hard_state)?;
             }
-            if ready.must_sync() {
+            if ready.must_sync() || snapshot.is_some() {
                 store.flush()?;
             }
             if let Some(snapshot) = snapshot {
                 self.restore(&snapshot)?;
+                self.raw.store().remove_stale_snapshots();
             }
             // Votes and append responses only after the flush.
             self.send(ready.take_persisted_messages());
@@ -747,17 +764,24 @@ impl<A: ReplicatedStateMachine> Driver<A> {
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), RaftError> {
         let metadata = snapshot.get_metadata();
-        self.app
-            .restore(metadata.index, &snapshot.data)
-            .map_err(|reason| RaftError::Restore {
-                index: metadata.index,
-                reason,
-            })?;
+        let started = Instant::now();
+        let restore = |reason| RaftError::Restore {
+            index: metadata.index,
+            reason,
+        };
+        let file = self
+            .raw
+            .store()
+            .snapshot_file()
+            .ok_or_else(|| restore("no snapshot file stored".into()))?
+            .to_path_buf();
+        self.app.restore(metadata.index, &file).map_err(restore)?;
         tracing::info!(
             id = self.id,
             index = metadata.index,
             term = metadata.term,
-            bytes = snapshot.data.len(),
+            bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0),
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "installed raft snapshot from the leader"
         );
         self.applied = metadata.index;
@@ -842,16 +866,21 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             return Ok(());
         }
         let started = Instant::now();
-        // A failed snapshot stops the replica: compacting the log behind
-        // anything but the whole state would lose the rest for good.
-        let data = self.app.snapshot().map_err(|reason| RaftError::App {
-            what: format!("take a snapshot at index {}", self.applied),
-            reason,
-        })?;
-        let bytes = data.len();
         let applied = self.applied;
         let keep = self.compact_keep;
-        self.raw.mut_store().create_snapshot(applied, data, keep)?;
+        // Streamed into its file. A failed snapshot stops the replica:
+        // compacting the log behind anything but the whole state would
+        // lose the rest for good (the previous file stays the stored one).
+        let app = &self.app;
+        let descriptor = self
+            .raw
+            .mut_store()
+            .create_snapshot(applied, &mut |out| app.snapshot(out), keep)
+            .map_err(|error| RaftError::App {
+                what: format!("take a snapshot at index {applied}"),
+                reason: error.to_string(),
+            })?;
+        let bytes = descriptor.map_or(0, |d| d.size);
         tracing::info!(
             id = self.id,
             index = applied,
