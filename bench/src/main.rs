@@ -51,6 +51,10 @@ struct SnapshotArgs {
     /// Active (pending) jobs in the state.
     #[arg(long, default_value_t = 100_000)]
     jobs: u64,
+    /// Measure only this way (file or blob) in this process; without it
+    /// each runs in a child process of its own.
+    #[arg(long, hide = true)]
+    only: Option<String>,
     /// Print one JSON record instead of the human summary.
     #[arg(long)]
     json: bool,
@@ -484,7 +488,10 @@ fn main() -> ExitCode {
             ))
         }
         Scenario::Snapshot(args) => {
-            let config = SnapshotConfig { jobs: args.jobs };
+            let config = SnapshotConfig {
+                jobs: args.jobs,
+                only: args.only,
+            };
             let result = gantry_bench::snapshot::run(&config);
             exit_code(print_report(
                 "snapshot",

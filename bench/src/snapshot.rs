@@ -17,6 +17,8 @@
 //!
 //! For each step the peak RSS growth over the RSS before it is reported
 //! (the kernel's high-water mark, reset through `/proc/self/clear_refs`).
+//! Each way runs in a child process of its own (`--only file|blob`), since
+//! memory one way freed stays in the allocator and would hide the other's.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +39,9 @@ use crate::heartbeats::status_bytes;
 pub struct SnapshotConfig {
     /// Active (pending) jobs in the state.
     pub jobs: u64,
+    /// Only this way, in this process (`"file"` or `"blob"`); `None` runs
+    /// each in a child process.
+    pub only: Option<String>,
 }
 
 /// One way of snapshotting: times and peak RSS growth.
@@ -84,6 +89,7 @@ impl SnapshotReport {
             "scenario": "snapshot",
             "jobs": self.config.jobs,
             "snapshot_mib": mib(self.bytes),
+            "snapshot_bytes": self.bytes,
             "build_s": self.build.as_secs_f64(),
             "rss_base_mib": mib(self.rss_base),
             "file": way(&self.file),
@@ -124,47 +130,132 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 20) as f64
 }
 
-/// Runs the scenario in a temporary directory.
+/// Runs the scenario: each way in a child process (this executable with
+/// `--only`), or with `only` set, that way here.
 pub fn run(config: &SnapshotConfig) -> anyhow::Result<SnapshotReport> {
+    if let Some(way) = &config.only {
+        return run_here(config, way);
+    }
+    let file = child(config, "file")?;
+    let blob = child(config, "blob")?;
+    anyhow::ensure!(
+        file.bytes == blob.bytes,
+        "the two snapshots differ in size: {} and {}",
+        file.bytes,
+        blob.bytes
+    );
+    Ok(SnapshotReport {
+        blob: blob.blob,
+        ..file
+    })
+}
+
+/// Runs one way in a child process and reads its JSON record back.
+fn child(config: &SnapshotConfig, way: &str) -> anyhow::Result<SnapshotReport> {
+    let exe = std::env::current_exe()?;
+    let output = std::process::Command::new(exe)
+        .args([
+            "snapshot",
+            "--jobs",
+            &config.jobs.to_string(),
+            "--only",
+            way,
+            "--json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the {way} run failed: {}",
+        output.status
+    );
+    let record: Value = serde_json::from_slice(&output.stdout)?;
+    let seconds = |v: &Value| Duration::from_secs_f64(v.as_f64().unwrap_or(0.0));
+    let bytes = |v: &Value| (v.as_f64().unwrap_or(0.0) * (1u64 << 20) as f64) as u64;
+    let way_of = |v: &Value| Way {
+        write: seconds(&v["write_s"]),
+        install: seconds(&v["install_s"]),
+        write_peak: bytes(&v["write_peak_rss_mib"]),
+        install_peak: bytes(&v["install_peak_rss_mib"]),
+    };
+    Ok(SnapshotReport {
+        config: config.clone(),
+        bytes: record["snapshot_bytes"].as_u64().unwrap_or(0),
+        build: seconds(&record["build_s"]),
+        file: way_of(&record["file"]),
+        blob: way_of(&record["blob"]),
+        rss_base: bytes(&record["rss_base_mib"]),
+    })
+}
+
+/// Builds the state, then measures one way in this process.
+fn run_here(config: &SnapshotConfig, way: &str) -> anyhow::Result<SnapshotReport> {
     let dir = tempfile::tempdir()?;
     let started = Instant::now();
     let (core, index) = build(&dir.path().join("source"), config.jobs)?;
     let build = started.elapsed();
     let rss_base = rss()?;
+    let (bytes, measured) = match way {
+        "file" => file_way(dir.path(), core, index)?,
+        "blob" => {
+            drop(core);
+            blob_way(dir.path(), index)?
+        }
+        other => anyhow::bail!("--only {other:?}: expected file or blob"),
+    };
+    let mut report = SnapshotReport {
+        config: config.clone(),
+        bytes,
+        build,
+        file: Way::default(),
+        blob: Way::default(),
+        rss_base,
+    };
+    if way == "file" {
+        report.file = measured;
+    } else {
+        report.blob = measured;
+    }
+    Ok(report)
+}
 
-    // Now: streamed into a file.
-    let files = SnapshotDir::open(&dir.path().join("snaps"), u64::MAX)?;
-    let (write, write_peak, (descriptor, path)) = measure(|| {
-        Ok(files.write(index, 1, &mut |out| core.snapshot(out))?)
-    })?;
-    let mut fresh = new_core(&dir.path().join("file-target"))?;
+/// Now: the core streams into a file; a fresh replica checks and restores
+/// from it as a follower does.
+fn file_way(dir: &std::path::Path, core: Core, index: u64) -> anyhow::Result<(u64, Way)> {
+    let files = SnapshotDir::open(&dir.join("snaps"), u64::MAX)?;
+    let (write, write_peak, (descriptor, path)) =
+        measure(|| Ok(files.write(index, 1, &mut |out| core.snapshot(out))?))?;
+    drop(core);
+    let mut fresh = new_core(&dir.join("file-target"))?;
     let (install, install_peak, ()) = measure(|| {
-        fresh
-            .check_snapshot(&path)
-            .map_err(anyhow::Error::msg)?;
+        fresh.check_snapshot(&path).map_err(anyhow::Error::msg)?;
         fresh.restore(index, &path).map_err(anyhow::Error::msg)
     })?;
     anyhow::ensure!(
         fresh.applied_index().map_err(anyhow::Error::msg)? == index,
         "the installed snapshot is not at index {index}"
     );
-    drop(fresh);
-    let file = Way {
-        write,
-        install,
-        write_peak,
-        install_peak,
-    };
+    Ok((
+        descriptor.size,
+        Way {
+            write,
+            install,
+            write_peak,
+            install_peak,
+        },
+    ))
+}
 
-    // Before: one in-memory value, stored whole in sled.
-    drop(core);
-    let source = Store::open(&dir.path().join("source"))?;
+/// Before: one in-memory value stored whole in sled; the install decoded
+/// it twice from memory (check, restore), stored the state and read it
+/// all back (`Store::replace_stored` then `Store::load`, as the restore
+/// then did).
+fn blob_way(dir: &std::path::Path, index: u64) -> anyhow::Result<(u64, Way)> {
+    let source = Store::open(&dir.join("source"))?;
     let state = source.load()?;
-    let blob_db = sled::Config::new()
-        .path(dir.path().join("blob-raft"))
-        .open()?;
+    let blob_db = sled::Config::new().path(dir.join("blob-raft")).open()?;
     let meta = blob_db.open_tree("raft_meta")?;
-    let (blob_write, blob_write_peak, blob_bytes) = measure(|| {
+    let (write, write_peak, bytes) = measure(|| {
         let data = source.snapshot_bytes(&state)?;
         let len = data.len() as u64;
         meta.insert("snapshot_data", data)?;
@@ -172,36 +263,27 @@ pub fn run(config: &SnapshotConfig) -> anyhow::Result<SnapshotReport> {
         Ok(len)
     })?;
     drop(state);
-    anyhow::ensure!(
-        blob_bytes == descriptor.size,
-        "the two snapshots differ in size: {blob_bytes} and {}",
-        descriptor.size
-    );
-    let target = Store::open(&dir.path().join("blob-target"))?;
-    let (blob_install, blob_install_peak, ()) = measure(|| {
+    let target = Store::open(&dir.join("blob-target"))?;
+    let (install, install_peak, ()) = measure(|| {
         let data = meta
             .get("snapshot_data")?
             .ok_or_else(|| anyhow::anyhow!("no blob stored"))?;
-        // The check, then the restore: each decoded the whole value.
         serde_json::from_slice::<StateSnapshot>(&data)?;
         let snapshot: StateSnapshot = serde_json::from_slice(&data)?;
-        drop(data);
-        target.replace_all(&snapshot, index)?;
+        target.replace_stored(&snapshot, index)?;
+        let state = target.load()?;
+        anyhow::ensure!(state.jobs().count() == snapshot.jobs.len(), "jobs lost");
         Ok(())
     })?;
-    Ok(SnapshotReport {
-        config: config.clone(),
-        bytes: descriptor.size,
-        build,
-        file,
-        blob: Way {
-            write: blob_write,
-            install: blob_install,
-            write_peak: blob_write_peak,
-            install_peak: blob_install_peak,
+    Ok((
+        bytes,
+        Way {
+            write,
+            install,
+            write_peak,
+            install_peak,
         },
-        rss_base,
-    })
+    ))
 }
 
 /// A core on a new store in `dir`.
@@ -233,7 +315,8 @@ fn build(dir: &std::path::Path, jobs: u64) -> anyhow::Result<(Core, u64)> {
             pipeline: None,
             owner: None,
         };
-        let encoded = <Core as ReplicatedStateMachine>::encode(&command).map_err(anyhow::Error::msg)?;
+        let encoded =
+            <Core as ReplicatedStateMachine>::encode(&command).map_err(anyhow::Error::msg)?;
         index += 1;
         let outcomes = core
             .apply(index, &[encoded.as_slice()])
@@ -259,8 +342,10 @@ fn spec(i: u64) -> JobSpec {
     ];
     spec.env
         .insert("RUN_ID".into(), format!("run-{}", i / 10_000));
-    spec.env
-        .insert("CHECKPOINT".into(), format!("s3://ckpt/run/{}.pt", i / 1_000));
+    spec.env.insert(
+        "CHECKPOINT".into(),
+        format!("s3://ckpt/run/{}.pt", i / 1_000),
+    );
     spec
 }
 

@@ -169,12 +169,21 @@ impl Store {
         self.write(state, changes, Some(index))
     }
 
-    /// Replaces everything stored with a snapshot's state at `index`.
+    /// Replaces everything stored with a snapshot's state at `index` and
+    /// returns that state, built from the snapshot itself (what
+    /// [`load`](Self::load) would read back, without decoding it all again).
     pub fn replace_all(
         &self,
-        snapshot: &StateSnapshot,
+        snapshot: StateSnapshot,
         index: u64,
     ) -> Result<StateMachine, StoreError> {
+        self.replace_stored(&snapshot, index)?;
+        Ok(state_from(snapshot))
+    }
+
+    /// Replaces everything stored with a snapshot's state at `index`,
+    /// flushed, without building the state.
+    pub fn replace_stored(&self, snapshot: &StateSnapshot, index: u64) -> Result<(), StoreError> {
         // The history is this replica's own (not in snapshots): it stays,
         // and so does its size.
         let history_bytes = self.history_bytes()?;
@@ -230,7 +239,7 @@ impl Store {
             .insert(META_HISTORY_BYTES, &history_bytes.to_be_bytes())?;
         self.meta.insert(META_APPLIED_INDEX, &index.to_be_bytes())?;
         self.db.flush()?;
-        self.load()
+        Ok(())
     }
 
     /// The whole stored state, for a Raft snapshot.
@@ -549,6 +558,34 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
 }
 
 /// Appends a value's JSON to a buffer.
+/// The state a snapshot holds, as [`Store::load`] builds it from the
+/// stored records.
+fn state_from(snapshot: StateSnapshot) -> StateMachine {
+    let next_event_index = snapshot
+        .events
+        .iter()
+        .map(|e| e.index + 1)
+        .max()
+        .unwrap_or(1);
+    let mut state = StateMachine::restore(
+        snapshot.jobs,
+        snapshot.nodes,
+        snapshot.submissions,
+        snapshot.estimates,
+        next_event_index,
+    );
+    state.set_leader_term(snapshot.leader_term);
+    state.set_next_job_id(snapshot.next_job_id);
+    state.set_event_floor(snapshot.event_floor);
+    if let Some(policy) = snapshot.retention {
+        state.set_retention(policy);
+    }
+    for (name, run) in &snapshot.pipeline_runs {
+        state.set_pipeline_run(name, *run);
+    }
+    state
+}
+
 fn append_json<T: Serialize + ?Sized>(
     out: &mut dyn std::io::Write,
     value: &T,

@@ -258,13 +258,7 @@ async fn start_replica(
     dir: &Path,
     toy: Toy,
 ) -> Replica {
-    start_replica_with(
-        test_config(id, peers.clone(), dir),
-        listener,
-        dir,
-        toy,
-    )
-    .await
+    start_replica_with(test_config(id, peers.clone(), dir), listener, dir, toy).await
 }
 
 async fn start_replica_with(
@@ -275,13 +269,7 @@ async fn start_replica_with(
 ) -> Replica {
     let id = config.id;
     let db = open_db(dir);
-    let node = RaftNode::start(
-        config,
-        &db,
-        toy.clone(),
-        &CancellationToken::new(),
-    )
-    .unwrap();
+    let node = RaftNode::start(config, &db, toy.clone(), &CancellationToken::new()).unwrap();
     drop(db);
     let handle = node.handle();
     let server_stop = CancellationToken::new();
@@ -871,7 +859,11 @@ async fn a_follower_catches_up_from_a_snapshot_sent_in_chunks() {
         .unwrap();
     let config = RaftConfig {
         snapshot_chunk_bytes: 64 << 10,
-        ..test_config(follower, peers.clone(), dirs[(follower - 1) as usize].path())
+        ..test_config(
+            follower,
+            peers.clone(),
+            dirs[(follower - 1) as usize].path(),
+        )
     };
     let restarted = start_replica_with(
         config,
@@ -953,7 +945,14 @@ async fn snapshot_transfers_are_checked_before_install() {
     // (sender, declared size, declared SHA-256, chunks, what the refusal says)
     let good = sha(&state);
     let cases: Vec<(&str, u64, u64, [u8; 32], Vec<Vec<u8>>, &str)> = vec![
-        ("a non-member", 9, state.len() as u64, good, vec![state.clone()], "not a member"),
+        (
+            "a non-member",
+            9,
+            state.len() as u64,
+            good,
+            vec![state.clone()],
+            "not a member",
+        ),
         (
             "a flipped byte",
             2,
@@ -978,7 +977,14 @@ async fn snapshot_transfers_are_checked_before_install() {
             vec![state[..3].to_vec()],
             "ended after 3 of",
         ),
-        ("over --raft-max-snapshot", 2, 2 << 20, good, vec![], "over the limit"),
+        (
+            "over --raft-max-snapshot",
+            2,
+            2 << 20,
+            good,
+            vec![],
+            "over the limit",
+        ),
     ];
     for (name, from, size, sha256, chunks, want) in cases {
         let header = message(size, sha256);

@@ -42,8 +42,7 @@ fn big_jobs(dir: &Path, batch: usize, count: usize) -> anyhow::Result<String> {
 }
 
 #[test]
-fn a_follower_catches_up_from_a_chunked_snapshot_after_a_kill_mid_transfer() -> anyhow::Result<()>
-{
+fn a_follower_catches_up_from_a_chunked_snapshot_after_a_kill_mid_transfer() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
     // Senders wait 20 ms before each chunk (a debug-build fault hook): a
     // transfer of ~6 MiB in 64 KiB chunks takes about 2 s, long enough to
@@ -82,7 +81,10 @@ fn a_follower_catches_up_from_a_chunked_snapshot_after_a_kill_mid_transfer() -> 
     })?;
     let index = set.procs[follower - 1].take().expect("follower process");
     sandbox.proc(index).kill9();
-    assert!(partial.exists(), "the killed transfer left its temporary file");
+    assert!(
+        partial.exists(),
+        "the killed transfer left its temporary file"
+    );
     assert!(
         files(&snapshots, "snap-", ".snap").is_empty(),
         "nothing was installed from the killed transfer"
@@ -110,7 +112,8 @@ fn a_follower_catches_up_from_a_chunked_snapshot_after_a_kill_mid_transfer() -> 
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .collect();
     assert!(
-        logs.iter().any(|log| log.contains("installed raft snapshot")),
+        logs.iter()
+            .any(|log| log.contains("installed raft snapshot")),
         "the follower caught up by snapshot"
     );
     for id in 1..=3 {

@@ -52,16 +52,23 @@ impl ReplicatedStateMachine for Core {
 
     /// Decodes the snapshot without touching the state: a peer's snapshot
     /// that would not restore is refused before raft-rs installs it (a
-    /// restore that fails after is fatal).
-    fn check_snapshot(&self, file: &Path) -> Result<(), String> {
-        read_snapshot(file).map(|_| ())
+    /// restore that fails after is fatal). The decoded state is kept for
+    /// the restore of the same round.
+    fn check_snapshot(&mut self, file: &Path) -> Result<(), String> {
+        self.checked_snapshot = None;
+        let snapshot = read_snapshot(file)?;
+        self.checked_snapshot = Some((file.to_path_buf(), snapshot));
+        Ok(())
     }
 
     fn restore(&mut self, index: u64, file: &Path) -> Result<(), String> {
-        let snapshot = read_snapshot(file)?;
+        let snapshot = match self.checked_snapshot.take() {
+            Some((checked, snapshot)) if checked == file => snapshot,
+            _ => read_snapshot(file)?,
+        };
         self.state = self
             .store
-            .replace_all(&snapshot, index)
+            .replace_all(snapshot, index)
             .map_err(|error| error.to_string())?;
         self.dirty = true;
         Ok(())
@@ -81,6 +88,8 @@ impl ReplicatedStateMachine for Core {
         if self.raft != *status {
             self.raft = status.clone();
         }
+        // A checked snapshot raft-rs did not install is not kept.
+        self.checked_snapshot = None;
         Core::tick(self);
     }
 

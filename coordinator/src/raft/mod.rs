@@ -57,9 +57,12 @@
 //! tasks, tonic), and talks to the thread through channels.
 //!
 //! **Compaction**: once `compact_after` entries have been applied since the
-//! last snapshot, the loop asks the application for a snapshot, stores it
-//! and drops the log up to `compact_keep` entries before it. A follower that
-//! needs a dropped entry gets that snapshot instead and installs it through
+//! last snapshot, the loop has the application stream a snapshot into a
+//! file ([`snapfile`]: fsynced and renamed, the previous one kept until
+//! then), records it and drops the log up to `compact_keep` entries before
+//! it. A follower that needs a dropped entry gets that file instead, in
+//! chunks over `InstallSnapshot` ([`transport`]), checked against its
+//! SHA-256 before its node sees the message, and installs it through
 //! [`ReplicatedStateMachine::restore`].
 //!
 //! **Peers are not trusted.** Without mutual TLS anyone who reaches the
@@ -131,10 +134,11 @@ pub trait ReplicatedStateMachine: Send + Sized + 'static {
     /// `Err`.
     fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), String>;
     /// Checks that the snapshot file `file` is one this application can
-    /// restore, without changing anything: a peer's snapshot that would
+    /// restore, without changing its state: a peer's snapshot that would
     /// not restore is refused before raft-rs installs it (the default
-    /// accepts all).
-    fn check_snapshot(&self, file: &Path) -> Result<(), String> {
+    /// accepts all). What it decoded may be kept for the
+    /// [`restore`](Self::restore) that usually follows in the same round.
+    fn check_snapshot(&mut self, file: &Path) -> Result<(), String> {
         let _ = file;
         Ok(())
     }
@@ -303,8 +307,7 @@ impl RaftConfig {
         if self.snapshot_dir.as_os_str().is_empty() {
             return Err(RaftError::Config("raft snapshot_dir must be set".into()));
         }
-        if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > snapfile::MAX_CHUNK_BYTES
-        {
+        if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > snapfile::MAX_CHUNK_BYTES {
             return Err(RaftError::Config(format!(
                 "raft snapshot chunk of {} bytes: must be between 1 and {}",
                 self.snapshot_chunk_bytes,

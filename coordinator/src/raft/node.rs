@@ -633,7 +633,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
     /// Checks a peer's message against this replica's log and configuration
     /// ([`guard::check_message`]) and a snapshot's data against the
     /// application, before raft-rs sees either.
-    fn check_message(&self, message: &Message, from: u64) -> Result<(), Refusal> {
+    fn check_message(&mut self, message: &Message, from: u64) -> Result<(), Refusal> {
         let view = LogView {
             id: self.id,
             term: self.raw.raft.term,

@@ -90,7 +90,10 @@ impl Descriptor {
     }
 
     fn short_hex(&self) -> String {
-        self.sha256[..4].iter().map(|b| format!("{b:02x}")).collect()
+        self.sha256[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
@@ -501,12 +504,7 @@ mod tests {
         let mut flipped = data.clone();
         flipped[5000] ^= 1;
         let cases: Vec<(&str, Descriptor, Vec<&[u8]>, Result<(), &str>)> = vec![
-            (
-                "in 64-byte chunks",
-                good,
-                data.chunks(64).collect(),
-                Ok(()),
-            ),
+            ("in 64-byte chunks", good, data.chunks(64).collect(), Ok(())),
             ("one chunk", good, vec![&data[..]], Ok(())),
             (
                 "a flipped bit",
@@ -576,7 +574,10 @@ mod tests {
         assert!(!old.exists());
         assert_eq!(
             names(temp.path()),
-            ["notes.txt".to_string(), new.file_name().unwrap().to_string_lossy().into_owned()]
+            [
+                "notes.txt".to_string(),
+                new.file_name().unwrap().to_string_lossy().into_owned()
+            ]
         );
     }
 }

@@ -563,7 +563,11 @@ fn snapshot_file(
     })?;
     meta.insert(SNAPSHOT_DATA_KEY, descriptor.encode())?;
     db.flush()?;
-    tracing::info!(index, bytes = descriptor.size, "stored raft snapshot moved to a file");
+    tracing::info!(
+        index,
+        bytes = descriptor.size,
+        "stored raft snapshot moved to a file"
+    );
     Ok((descriptor, path))
 }
 
@@ -769,7 +773,9 @@ mod tests {
                 StorageError::SnapshotTemporarilyUnavailable
             ))
         ));
-        storage.create_snapshot(8, &mut fill(b"state@8"), 3).unwrap();
+        storage
+            .create_snapshot(8, &mut fill(b"state@8"), 3)
+            .unwrap();
         assert_eq!(raft::Storage::first_index(&storage).unwrap(), 6);
         assert_eq!(storage.term(5).unwrap(), 1);
         assert_eq!(storage.term(8).unwrap(), 2);
@@ -856,7 +862,9 @@ mod tests {
         let entries: Vec<Entry> = (1..=30).map(|i| entry(i, 1)).collect();
         storage.append(&entries).unwrap();
         storage.set_commit(30).unwrap();
-        storage.create_snapshot(10, &mut fill(b"state@10"), 2).unwrap();
+        storage
+            .create_snapshot(10, &mut fill(b"state@10"), 2)
+            .unwrap();
         // The application fails half-way through the next one.
         let error = storage
             .create_snapshot(
@@ -897,14 +905,20 @@ mod tests {
         storage.flush().unwrap();
         drop(storage);
         let meta = db.open_tree(META_TREE).unwrap();
-        meta.insert(SNAPSHOT_DATA_KEY, &b"{\"whole\":\"state\"}"[..]).unwrap();
+        meta.insert(SNAPSHOT_DATA_KEY, &b"{\"whole\":\"state\"}"[..])
+            .unwrap();
         let storage = open_storage(&dir, &db).unwrap();
         assert_eq!(snapshot_bytes(&storage), b"{\"whole\":\"state\"}");
-        assert!(Descriptor::is_descriptor(&meta.get(SNAPSHOT_DATA_KEY).unwrap().unwrap()));
+        assert!(Descriptor::is_descriptor(
+            &meta.get(SNAPSHOT_DATA_KEY).unwrap().unwrap()
+        ));
         std::fs::remove_file(storage.snapshot_file().unwrap()).unwrap();
         drop(storage);
         let error = open_storage(&dir, &db).err().unwrap();
-        assert!(error.to_string().contains("the snapshot at index 2"), "{error}");
+        assert!(
+            error.to_string().contains("the snapshot at index 2"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -208,7 +208,13 @@ impl RaftPeer for RaftPeerService {
         blocking(move || incoming.finish())
             .await?
             .map_err(|error| invalid("data", error.to_string()))?;
-        tracing::info!(from = first.from, index, term, bytes, "raft snapshot received");
+        tracing::info!(
+            from = first.from,
+            index,
+            term,
+            bytes,
+            "raft snapshot received"
+        );
         let sent = self.inbox.send(PeerInput::Step {
             message: Box::new(message),
             from: first.from,

@@ -93,7 +93,7 @@ fn an_undecodable_command_does_not_take_its_entry_down() {
 #[test]
 fn snapshots_are_checked_before_install() {
     let dir = tempfile::tempdir().unwrap();
-    let core = core(dir.path());
+    let mut core = core(dir.path());
     let file = dir.path().join("snap");
     std::fs::write(&file, b"not json").unwrap();
     assert!(
