@@ -944,7 +944,8 @@ async fn snapshot_transfers_are_checked_before_install() {
     };
     // (sender, declared size, declared SHA-256, chunks, what the refusal says)
     let good = sha(&state);
-    let cases: Vec<(&str, u64, u64, [u8; 32], Vec<Vec<u8>>, &str)> = vec![
+    type Case<'a> = (&'a str, u64, u64, [u8; 32], Vec<Vec<u8>>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "a non-member",
             9,

@@ -503,7 +503,8 @@ mod tests {
         };
         let mut flipped = data.clone();
         flipped[5000] ^= 1;
-        let cases: Vec<(&str, Descriptor, Vec<&[u8]>, Result<(), &str>)> = vec![
+        type Case<'a> = (&'a str, Descriptor, Vec<&'a [u8]>, Result<(), &'a str>);
+        let cases: Vec<Case> = vec![
             ("in 64-byte chunks", good, data.chunks(64).collect(), Ok(())),
             ("one chunk", good, vec![&data[..]], Ok(())),
             (
@@ -547,7 +548,7 @@ mod tests {
             };
             match (result, want) {
                 (Ok(()), Ok(())) => {
-                    assert_eq!(dir.existing(9, 2, &descriptor).unwrap().exists(), true);
+                    assert!(dir.existing(9, 2, &descriptor).unwrap().exists());
                 }
                 (Err(error), Err(fragment)) => {
                     assert!(error.to_string().contains(fragment), "{name}: {error}");
