@@ -166,6 +166,8 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gantry.v1.Gantry/DlqRetry", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/DlqDrop", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/GetPipeline", Need::Role(Role::User)),
+    // A user may stop only the loops it submitted (`may_change`).
+    ("/gantry.v1.Gantry/StopPipeline", Need::Role(Role::User)),
     // Credentials of the whole replica: an operator's call.
     (
         "/gantry.v1.Gantry/ReloadCredentials",

@@ -223,6 +223,8 @@ enum Command {
         security: CoordinatorSecurityArgs,
         #[command(flatten)]
         policy: policy::PolicyArgs,
+        #[command(flatten)]
+        client_api: daemon::ClientApiArgs,
     },
     /// Run an agent on a GPU node.
     Agent {
@@ -409,10 +411,16 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
-    /// Show one run of a pipeline as a DAG with states.
+    /// Show one run of a pipeline as a DAG with states, each stage's
+    /// queue wait, the latest runs and the loop's status; `gantry pipeline
+    /// stop NAME` ends a repeating pipeline's loop.
+    #[command(args_conflicts_with_subcommands = true)]
     Pipeline {
+        #[command(subcommand)]
+        action: Option<PipelineAction>,
         /// Pipeline name.
-        name: String,
+        #[arg(required = true)]
+        name: Option<String>,
         /// Run number (default: the latest).
         #[arg(long, default_value = "0")]
         run: u32,
@@ -455,6 +463,18 @@ enum SnapshotAction {
     Save {
         /// Where to write the backup.
         file: PathBuf,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum PipelineAction {
+    /// End a repeating pipeline's loop after its current run (admin or the
+    /// pipeline's owner).
+    Stop {
+        /// Pipeline name.
+        name: String,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -685,6 +705,7 @@ async fn cli_main() -> ExitCode {
             retention,
             security,
             policy,
+            client_api,
         } => {
             let retention = match retention.policy() {
                 Ok(policy) => policy,
@@ -842,6 +863,7 @@ async fn cli_main() -> ExitCode {
                     .unwrap_or(gantry_coordinator::disk::DEFAULT_RESERVE_BYTES),
                 retention,
                 policy,
+                client_api,
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -916,6 +938,7 @@ async fn cli_main() -> ExitCode {
                 disk_reserve: gantry_coordinator::disk::DEFAULT_RESERVE_BYTES,
                 retention: Default::default(),
                 policy: Default::default(),
+                client_api: Default::default(),
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
@@ -929,7 +952,16 @@ async fn cli_main() -> ExitCode {
         Command::Inventory {
             action: InventoryAction::Check { file },
         } => inventory_check(&file),
-        Command::Pipeline { name, run, client } => pipeline(name, run, client).await,
+        Command::Pipeline {
+            action: Some(PipelineAction::Stop { name, client }),
+            ..
+        } => pipeline_stop(name, client).await,
+        Command::Pipeline {
+            action: None,
+            name,
+            run,
+            client,
+        } => pipeline(name.unwrap_or_default(), run, client).await,
         Command::Submit(args) => submit(args).await,
         Command::Jobs {
             state,
@@ -1105,11 +1137,11 @@ pub(crate) fn print_json(value: &serde_json::Value) {
 }
 
 async fn submit(args: SubmitArgs) -> Result<(), CliError> {
-    let (pipeline, jobs) = match &args.file {
+    let (pipeline, jobs, repeat, run_dir) = match &args.file {
         Some(path) => {
             let parsed =
                 spec::read_spec_file(path).map_err(|e| CliError::invalid(e.to_string()))?;
-            (parsed.pipeline, parsed.jobs)
+            (parsed.pipeline, parsed.jobs, parsed.repeat, parsed.run_dir)
         }
         None => {
             if args.command.is_empty() {
@@ -1165,7 +1197,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 }),
                 ..Default::default()
             }];
-            (None, jobs)
+            (None, jobs, None, String::new())
         }
     };
     let key = args.key.clone().unwrap_or_else(new_submission_key);
@@ -1173,6 +1205,8 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
         jobs,
         submission_key: key,
         pipeline: pipeline.unwrap_or_default(),
+        repeat,
+        run_dir,
     };
     let retry_for = std::time::Duration::from_millis(args.retry_for);
     let response = submit::submit(&args.client, request, retry_for).await?;
@@ -1641,12 +1675,27 @@ async fn pipeline(name: String, run: u32, opts: ClientOpts) -> Result<(), CliErr
         .await?
         .into_inner();
     match opts.output {
-        Format::Json => print_json(&serde_json::json!({
-            "name": view.name,
-            "run": view.run,
-            "jobs": view.jobs.iter().map(output::job_json).collect::<Vec<_>>(),
-        })),
+        Format::Json => print_json(&output::pipeline_json(&view)),
         Format::Table => output::print_pipeline(&view),
+    }
+    Ok(())
+}
+
+async fn pipeline_stop(name: String, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts).await?;
+    let run = client
+        .stop_pipeline(pb::StopPipelineRequest { name: name.clone() })
+        .await?
+        .into_inner()
+        .run;
+    match opts.output {
+        Format::Json => print_json(&serde_json::json!({
+            "name": name, "stopped": true, "last_run": run
+        })),
+        Format::Table => outln!(
+            "pipeline {} stopped: run {run} is its last",
+            output::escape(&name)
+        ),
     }
     Ok(())
 }

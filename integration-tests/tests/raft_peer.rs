@@ -43,6 +43,7 @@ fn send(
         from,
         cluster_id,
         to,
+        from_http: String::new(),
     };
     runtime.block_on(async {
         let mut client = RaftPeerClient::connect(url.to_string())

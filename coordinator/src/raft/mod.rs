@@ -87,6 +87,7 @@
 pub mod batch;
 pub mod fault;
 pub mod guard;
+mod http_urls;
 pub mod logger;
 pub mod node;
 pub mod snapfile;
@@ -239,6 +240,9 @@ pub struct RaftConfig {
     /// Largest snapshot written or accepted from a peer
     /// (`--raft-max-snapshot`).
     pub max_snapshot_bytes: u64,
+    /// This replica's HTTP API base URL, sent with every batch to its peers
+    /// so a follower can name the leader's to HTTP clients (`http_urls`).
+    pub http_url: Option<String>,
 }
 
 impl RaftConfig {
@@ -260,6 +264,7 @@ impl RaftConfig {
             snapshot_dir: PathBuf::new(),
             snapshot_chunk_bytes: snapfile::DEFAULT_CHUNK_BYTES,
             max_snapshot_bytes: snapfile::DEFAULT_MAX_SNAPSHOT_BYTES,
+            http_url: None,
         }
     }
 

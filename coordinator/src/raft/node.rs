@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{self, Batch};
 use super::fault::FaultHook;
 use super::guard::{self, LogView, Refusal, RefusalLog};
+use super::http_urls::HttpUrls;
 use super::logger::raft_logger;
 use super::snapfile::{Descriptor, SnapshotDir};
 use super::storage::SledRaftStorage;
@@ -143,6 +144,13 @@ impl<A: ReplicatedStateMachine> RaftHandle<A> {
         self.status.clone()
     }
 
+    /// The HTTP API base URL of the leader this replica knows, once a
+    /// batch from it has said it (see `http_urls`).
+    pub fn leader_http_url(&self) -> Option<String> {
+        let leader = self.status.borrow().leader_id?;
+        self.peers.http.get(leader)
+    }
+
     /// The `RaftPeer` gRPC service to mount next to the coordinator's other
     /// services (`Server::builder().add_service(handle.peer_service())`).
     pub fn peer_service(&self) -> RaftPeerServer<RaftPeerService> {
@@ -215,6 +223,7 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
             voters: voters.clone(),
             learners: learners.clone(),
             refusals: Arc::new(RefusalLog::default()),
+            http: HttpUrls::new(config.id, config.http_url.as_deref()),
         });
         let applied = reconcile(&mut storage, &mut app)?;
         let applied_term = raft::Storage::term(&storage, applied)?;

@@ -39,6 +39,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::guard::{self, LogView, RefusalLog};
+use super::http_urls::HttpUrls;
 use super::node::{PeerInbox, PeerInput};
 use super::snapfile::{Descriptor, Incoming, MAX_CHUNK_BYTES, SnapshotDir};
 use super::{RaftConfig, RaftError};
@@ -109,6 +110,8 @@ pub(crate) struct PeerCheck {
     pub(crate) learners: Vec<u64>,
     /// Shared with the driver: one budget of warn lines for both.
     pub(crate) refusals: Arc<RefusalLog>,
+    /// The members' HTTP URLs, as their batches give them.
+    pub(crate) http: HttpUrls,
 }
 
 impl RaftPeerService {
@@ -141,6 +144,7 @@ impl RaftPeer for RaftPeerService {
         let peer = request.remote_addr();
         let batch = request.into_inner();
         self.check_envelope(batch.cluster_id, batch.from, batch.to, peer)?;
+        self.peers.http.record(batch.from, &batch.from_http);
         for (i, bytes) in batch.messages.iter().enumerate() {
             let message = Message::parse_from_bytes(bytes).map_err(|error| {
                 CoordinatorError::InvalidArgument {
@@ -367,6 +371,7 @@ impl PeerSenders {
                 from: config.id,
                 cluster_id,
                 to,
+                http_url: config.http_url.clone().unwrap_or_default(),
                 client: RaftPeerClient::new(endpoint.connect_lazy())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -403,6 +408,8 @@ struct PeerTask {
     from: u64,
     cluster_id: u64,
     to: u64,
+    /// This replica's HTTP URL, sent with every batch (empty: none).
+    http_url: String,
     client: RaftPeerClient<Channel>,
     queue: mpsc::Receiver<Outgoing>,
     inbox: PeerInbox,
@@ -471,6 +478,7 @@ impl PeerTask {
                 from: self.from,
                 cluster_id: self.cluster_id,
                 to: self.to,
+                from_http: self.http_url.clone(),
             };
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
