@@ -575,27 +575,25 @@ mod tests {
                 .to_string()
                 .contains("raft id 2 is not among the peers")
         );
-        let config = RaftConfig {
-            snapshot_chunk_bytes: 0,
-            ..single(1, "http://a:1")
-        };
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("snapshot chunk of 0 bytes")
-        );
-        let config = RaftConfig {
-            heartbeat_tick: 10,
-            ..single(1, "http://a:1")
-        };
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("election tick")
-        );
+        let cases = [
+            (
+                RaftConfig {
+                    snapshot_chunk_bytes: 0,
+                    ..single(1, "http://a:1")
+                },
+                "snapshot chunk of 0 bytes",
+            ),
+            (
+                RaftConfig {
+                    heartbeat_tick: 10,
+                    ..single(1, "http://a:1")
+                },
+                "election tick",
+            ),
+        ];
+        for (config, want) in cases {
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(want), "{error}");
+        }
     }
 }
