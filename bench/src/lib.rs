@@ -15,6 +15,9 @@
 //! - [`soak`]: one coordinator with retention scaled down, jobs finishing
 //!   without end; RSS, disk, history and submit latency every N jobs
 //!   (`gantry-bench soak`).
+//! - [`snapshot`]: how long a Raft snapshot of N active jobs takes to
+//!   write and to install, as files now and as one sled value before
+//!   (`gantry-bench snapshot`).
 //! - [`procs`], [`stats`]: child processes and latency quantiles.
 
 pub mod chaos;
@@ -24,6 +27,7 @@ pub mod heartbeats;
 pub mod procs;
 pub mod rng;
 pub mod sched;
+pub mod snapshot;
 pub mod soak;
 pub mod stats;
 pub mod workload;

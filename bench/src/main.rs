@@ -13,6 +13,7 @@ use gantry_bench::heartbeats::{HeartbeatsConfig, HeartbeatsReport};
 use gantry_bench::sched::{
     SchedConfig, SchedReport, ShareBenchConfig, ShareBenchReport, run, run_share,
 };
+use gantry_bench::snapshot::{SnapshotConfig, SnapshotReport};
 use gantry_bench::soak::{SoakConfig, SoakReport};
 
 #[derive(Debug, Parser)]
@@ -40,6 +41,23 @@ enum Scenario {
     /// Jobs finishing without end on one coordinator with retention scaled
     /// down: RSS, disk, history and submit latency every N jobs.
     Soak(SoakArgs),
+    /// A Raft snapshot of N active jobs: time to write and to install, as
+    /// a file (now) and as one sled value (before), in this process.
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(Debug, Args)]
+struct SnapshotArgs {
+    /// Active (pending) jobs in the state.
+    #[arg(long, default_value_t = 100_000)]
+    jobs: u64,
+    /// Measure only this way (file or blob) in this process; without it
+    /// each runs in a child process of its own.
+    #[arg(long, hide = true)]
+    only: Option<String>,
+    /// Print one JSON record instead of the human summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -467,6 +485,20 @@ fn main() -> ExitCode {
                 result,
                 SoakReport::to_json,
                 SoakReport::human,
+            ))
+        }
+        Scenario::Snapshot(args) => {
+            let config = SnapshotConfig {
+                jobs: args.jobs,
+                only: args.only,
+            };
+            let result = gantry_bench::snapshot::run(&config);
+            exit_code(print_report(
+                "snapshot",
+                args.json,
+                result,
+                SnapshotReport::to_json,
+                SnapshotReport::human,
             ))
         }
     }
