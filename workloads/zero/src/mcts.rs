@@ -365,6 +365,27 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_evaluation_stops_the_search_with_its_error() {
+        struct Failing;
+        impl Evaluator for Failing {
+            fn evaluate(&mut self, _: &[Board]) -> Result<Vec<Evaluation>, EvalError> {
+                Err(EvalError("out of memory".into()))
+            }
+        }
+        struct Short;
+        impl Evaluator for Short {
+            fn evaluate(&mut self, _: &[Board]) -> Result<Vec<Evaluation>, EvalError> {
+                Ok(Vec::new())
+            }
+        }
+        let mut trees = vec![Tree::new(Board::new(), SearchConfig::default(), None); 2];
+        let err = search(&mut trees, 4, &mut Failing).expect_err("failed");
+        assert_eq!(err, EvalError("out of memory".into()));
+        let err = search(&mut trees, 4, &mut Short).expect_err("short");
+        assert!(err.0.contains("0 evaluations for 2 positions"), "{err}");
+    }
+
+    #[test]
     fn noise_and_priors_only_cover_legal_moves() {
         let board = Board::from_moves(&[0; 6]).expect("legal");
         let prior = masked_prior(&board, &[5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);

@@ -73,6 +73,34 @@ fn bad_flags_are_refused_before_anything_is_written() {
             &["promote", "--data", d, "--stall-rounds", "0"],
             "error: --stall-rounds",
         ),
+        (
+            &[
+                "selfplay",
+                "--data",
+                d,
+                "--batch-size",
+                "8",
+                "--rollout-weight",
+                "1.5",
+            ],
+            "error: --rollout-weight: 1.5",
+        ),
+        (
+            &[
+                "evaluate",
+                "--data",
+                d,
+                "--batch-size",
+                "8",
+                "--rollout-weight",
+                "-1",
+            ],
+            "error: --rollout-weight: -1",
+        ),
+        (
+            &["learn-check", "--data", d, "--generations", "0"],
+            "error: --generations: 0",
+        ),
     ];
     for (args, expected) in cases {
         let stderr = refused(args);
@@ -87,6 +115,30 @@ fn bad_flags_are_refused_before_anything_is_written() {
     let stderr = refused(&["evaluate", "--data", d, "--batch-size", "8"]);
     assert!(
         stderr.contains("--candidate: not given and GANTRY_SNAPSHOT_DIR is not set"),
+        "{stderr}"
+    );
+}
+
+/// Without the tch feature a network is refused by name, and a model the
+/// data directory does not hold is refused rather than mixed in.
+#[cfg(not(feature = "tch"))]
+#[test]
+fn the_model_flag_names_what_is_missing_or_mismatched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let d = data.to_str().expect("utf-8");
+    let one = ["--games", "1", "--simulations", "2", "--batch-size", "1"];
+    let stderr = refused(&[&["selfplay", "--data", d, "--model", "resnet"][..], &one].concat());
+    assert!(
+        stderr.starts_with("error: --model: a residual network")
+            && stderr.contains("--features tch"),
+        "{stderr}"
+    );
+    assert!(!data.join("models/best.bin").exists());
+    ok(&[&["selfplay", "--data", d, "--model", "linear"][..], &one].concat());
+    let stderr = refused(&[&["selfplay", "--data", d, "--model", "resnet"][..], &one].concat());
+    assert!(
+        stderr.contains("--model: resnet asked, but") && stderr.contains("holds a linear model"),
         "{stderr}"
     );
 }
