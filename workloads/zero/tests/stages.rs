@@ -92,10 +92,9 @@ fn bad_flags_are_refused_before_anything_is_written() {
                 d,
                 "--batch-size",
                 "8",
-                "--rollout-weight",
-                "-1",
+                "--rollout-weight=-0.5",
             ],
-            "error: --rollout-weight: -1",
+            "error: --rollout-weight: -0.5",
         ),
         (
             &["learn-check", "--data", d, "--generations", "0"],
