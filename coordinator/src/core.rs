@@ -261,6 +261,9 @@ struct Session {
     /// The outstanding RTT probe: nonce and when it was sent.
     ping: Option<(u64, std::time::Instant)>,
     last_ping: std::time::Instant,
+    /// Highest heartbeat seq received on this stream, echoed in pings so
+    /// the agent knows it is heard (it fences itself otherwise).
+    heard_heartbeat_seq: u64,
 }
 
 /// Default of [`CoreConfig::max_heartbeat_rate`]: the design's 10,000 nodes
@@ -273,8 +276,11 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the heartbeat interval is recomputed from the fleet size.
 const INTERVAL_CHECK: Duration = Duration::from_millis(200);
 
-/// How often each connected agent's round-trip time is probed.
-const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// How often each connected agent's round-trip time is probed. The ping also
+/// confirms the last heartbeat heard, which keeps the agent from fencing
+/// itself: it must come well within the agent's fence time (60% of the Down
+/// threshold, 9 s at the 1 s interval; see `agent/src/fence.rs`).
+const PING_INTERVAL: Duration = Duration::from_secs(3);
 
 struct LogWaiter {
     session: u64,
