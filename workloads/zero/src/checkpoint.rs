@@ -106,9 +106,9 @@ impl std::str::FromStr for ModelKind {
 pub enum Model {
     /// The linear model.
     Linear(LinearModel),
-    /// The residual network.
+    /// The residual network (boxed: its layers' handles dwarf the linear model).
     #[cfg(feature = "tch")]
-    Net(ResNet),
+    Net(Box<ResNet>),
 }
 
 impl Model {
@@ -203,10 +203,10 @@ impl Checkpoint {
             #[cfg(feature = "tch")]
             ModelKind::Resnet => {
                 tch::manual_seed(seed as i64);
-                Model::Net(ResNet::new(
+                Model::Net(Box::new(ResNet::new(
                     NetConfig::default(),
                     tch::Device::cuda_if_available(),
-                )?)
+                )?))
             }
             #[cfg(not(feature = "tch"))]
             ModelKind::Resnet => {
@@ -304,7 +304,7 @@ fn parse_net(rest: &[u8]) -> Result<Checkpoint, CheckpointError> {
         round: header.round,
         trained_on: header.trained_on,
         samples: header.samples,
-        model: Model::Net(net),
+        model: Model::Net(Box::new(net)),
     })
 }
 
