@@ -156,6 +156,7 @@ fn promote_refuses_a_candidate_that_changed_after_its_evaluation() {
     let (cand, best) = (snap.join("candidate.bin"), snap.join("best.bin"));
     let (c, b) = (cand.to_str().expect("utf-8"), best.to_str().expect("utf-8"));
     let small = ["--batch-size", "4"];
+    // The linear model in either build: the seeds below are chosen for it.
     ok(&[
         &[
             "selfplay",
@@ -167,6 +168,8 @@ fn promote_refuses_a_candidate_that_changed_after_its_evaluation() {
             "8",
             "--seed",
             "1",
+            "--model",
+            "linear",
         ][..],
         &small,
     ]
