@@ -189,6 +189,7 @@ fn queue(state: &StateMachine, now: u64) -> (Vec<JobRequest>, HashMap<JobId, Str
                 .as_ref()
                 .filter(|h| h.until_ms > now)
                 .map(|h| h.node.clone()),
+            gang: None,
         });
     }
     (queue, reasons)
