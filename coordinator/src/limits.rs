@@ -91,3 +91,5 @@ pub const MAX_PRIORITY: i32 = 1000;
 /// kind, mode or policy): the rest is elided, so a megabyte of junk gets a
 /// one-line answer.
 pub const MAX_ECHO_CHARS: usize = 64;
+/// Nodes of one gang (`nodes: N`) at most.
+pub const MAX_GANG_NODES: u32 = 256;

@@ -224,15 +224,60 @@ pub fn cancel(tunables: &Tunables, job: JobId, attempt: u32, reason: &str) -> To
     }
 }
 
+/// What a gang member's process is told of its gang (README, "Gangs"):
+/// Gantry's own names and the ones `torchrun` and `torch.distributed`
+/// read. `GANTRY_NODES` lists every member's node address in rank order;
+/// rank 0's is `MASTER_ADDR`, and `MASTER_PORT` is the port chosen when
+/// the gang was placed. Each member's node comes from its current attempt,
+/// which every member got in the same command.
+pub fn gang_env(
+    state: &crate::state::StateMachine,
+    gang: &crate::domain::GangMember,
+) -> Vec<(String, String)> {
+    let addresses: Vec<String> = gang
+        .members()
+        .map(|id| {
+            let node = state
+                .job(id)
+                .and_then(|j| j.current_attempt())
+                .map(|a| a.node.clone())
+                .unwrap_or_default();
+            state
+                .node(&node)
+                .map(|n| n.address.clone())
+                .filter(|a| !a.is_empty())
+                .unwrap_or(node)
+        })
+        .collect();
+    let master = addresses.first().cloned().unwrap_or_default();
+    let (rank, size) = (gang.rank.to_string(), gang.size.to_string());
+    vec![
+        ("GANTRY_RANK".into(), rank.clone()),
+        ("GANTRY_WORLD_SIZE".into(), size.clone()),
+        ("GANTRY_NODES".into(), addresses.join(",")),
+        ("GANTRY_GANG".into(), gang.first.to_string()),
+        ("MASTER_ADDR".into(), master),
+        ("MASTER_PORT".into(), gang.port.to_string()),
+        ("RANK".into(), rank.clone()),
+        ("NODE_RANK".into(), rank),
+        ("WORLD_SIZE".into(), size),
+        ("LOCAL_RANK".into(), "0".into()),
+    ]
+}
+
 /// The assignment of a job's current attempt, and its node; `None` when the
 /// job has no attempt (or is gone).
 pub fn assignment(state: &crate::state::StateMachine, job: JobId) -> Option<(String, ToAgent)> {
     let record = state.job(job)?;
     let attempt = record.current_attempt()?;
+    let mut spec = record.spec.clone();
+    if let Some(gang) = &record.gang {
+        spec.env.extend(gang_env(state, gang));
+    }
     let message = Assignment {
         job,
         attempt: attempt.attempt,
-        spec: record.spec.clone(),
+        spec,
         gpus: attempt.gpus.clone(),
         gpu_memory: attempt.gpu_memory,
         batch_size: attempt.batch_size,

@@ -6,7 +6,7 @@ use gantry_scheduler::JobId;
 
 use super::{ApplyError, Outcome, StateMachine};
 use crate::dag::resolve_after;
-use crate::domain::{JobRecord, JobSpec, JobState};
+use crate::domain::{GangMember, JobRecord, JobSpec, JobState};
 
 impl StateMachine {
     pub(super) fn submit(
@@ -31,47 +31,103 @@ impl StateMachine {
             }
             None => 0,
         };
-        let first = self.next_job_id;
-        let ids: Vec<JobId> = (0..specs.len() as u64).map(|i| first + i).collect();
-        self.next_job_id += specs.len() as u64;
-        for ((spec, deps), id) in specs.into_iter().zip(edges).zip(&ids) {
-            let depends_on: Vec<JobId> = deps.iter().map(|d| ids[*d]).collect();
-            for dep in &depends_on {
-                self.dependants.entry(*dep).or_default().push(*id);
-            }
-            let record = JobRecord {
-                id: *id,
-                spec,
-                state: JobState::Pending,
-                submitted_at_ms: at_ms,
-                updated_at_ms: at_ms,
-                attempts: Vec::new(),
-                cancel_requested: false,
-                depends_on,
-                not_before_ms: 0,
-                terminal_reason: String::new(),
-                retry_base: 0,
-                batch_cap: None,
-                blocked_by: None,
-                pipeline: pipeline.clone().unwrap_or_default(),
-                run,
-                owner: owner.clone(),
-                submit_event: self.next_event_index,
-                preempted_by: Vec::new(),
-                preempting: None,
-            };
-            self.jobs.insert(*id, record);
-            self.pending.insert(*id);
-            self.event(at_ms, *id, "submitted".into());
+        // A gang spec becomes one job per member, with consecutive ids;
+        // the submission answers with each spec's first (rank 0) id.
+        let sizes: Vec<u64> = specs
+            .iter()
+            .map(|s| s.gang.as_ref().map_or(1, |g| u64::from(g.nodes)))
+            .collect();
+        let mut firsts = Vec::with_capacity(specs.len());
+        let mut next = self.next_job_id;
+        for size in &sizes {
+            firsts.push(next);
+            next += size;
         }
+        let all: Vec<JobId> = (self.next_job_id..next).collect();
+        self.next_job_id = next;
+        for (i, (spec, deps)) in specs.into_iter().zip(edges).enumerate() {
+            // A dependant of a gang waits for every member.
+            let depends_on: Vec<JobId> = deps
+                .iter()
+                .flat_map(|d| (0..sizes[*d]).map(|r| firsts[*d] + r))
+                .collect();
+            let mut last = Some(spec);
+            for rank in 0..sizes[i] {
+                let id = firsts[i] + rank;
+                let Some(mut spec) = (if rank + 1 < sizes[i] {
+                    last.clone()
+                } else {
+                    last.take()
+                }) else {
+                    break;
+                };
+                if rank > 0 {
+                    // The gang holds its locks once, through rank 0 (which
+                    // lives exactly as long as the gang's attempt).
+                    spec.locks.clear();
+                }
+                let gang = spec.gang.as_ref().map(|g| GangMember {
+                    first: firsts[i],
+                    rank: rank as u32,
+                    size: g.nodes,
+                    port: 0,
+                });
+                let deps = depends_on.clone();
+                self.insert_submitted(at_ms, id, spec, deps, &pipeline, run, &owner, gang);
+            }
+        }
+        let ids = firsts;
         if let Some(key) = key {
-            for id in &ids {
+            for id in &all {
                 self.keyed.insert(*id, key.clone());
             }
             self.submissions.insert(key.clone(), ids.clone());
             self.changes.submissions.push((key, ids.clone()));
         }
         Ok(Outcome::Submitted(ids))
+    }
+
+    /// Stores one submitted job, Pending.
+    #[allow(clippy::too_many_arguments)]
+    fn insert_submitted(
+        &mut self,
+        at_ms: u64,
+        id: JobId,
+        spec: JobSpec,
+        depends_on: Vec<JobId>,
+        pipeline: &Option<String>,
+        run: u32,
+        owner: &Option<String>,
+        gang: Option<GangMember>,
+    ) {
+        for dep in &depends_on {
+            self.dependants.entry(*dep).or_default().push(id);
+        }
+        let record = JobRecord {
+            id,
+            spec,
+            state: JobState::Pending,
+            submitted_at_ms: at_ms,
+            updated_at_ms: at_ms,
+            attempts: Vec::new(),
+            cancel_requested: false,
+            depends_on,
+            not_before_ms: 0,
+            terminal_reason: String::new(),
+            retry_base: 0,
+            batch_cap: None,
+            blocked_by: None,
+            pipeline: pipeline.clone().unwrap_or_default(),
+            run,
+            owner: owner.clone(),
+            submit_event: self.next_event_index,
+            preempted_by: Vec::new(),
+            preempting: None,
+            gang,
+        };
+        self.jobs.insert(id, record);
+        self.pending.insert(id);
+        self.event(at_ms, id, "submitted".into());
     }
 
     /// Marks every not-yet-finished dependant of `job` (transitively) Blocked.
