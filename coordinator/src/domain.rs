@@ -294,7 +294,10 @@ impl JobState {
             Failed => matches!(next, Pending | DeadLettered | Cancelled),
             Lost => matches!(next, Pending | DeadLettered | Cancelled),
             Blocked | DeadLettered => matches!(next, Pending | Cancelled),
-            Succeeded | Cancelled => false,
+            // Pending: a gang member whose gang's attempt broke after it
+            // succeeded runs again with the gang (`state/gang.rs`).
+            Succeeded => next == Pending,
+            Cancelled => false,
         }
     }
 

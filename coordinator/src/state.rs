@@ -22,11 +22,13 @@ use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord};
 
 mod attempts;
 mod drain;
+mod gang;
 mod index;
 mod placement;
 mod retention;
 mod submit;
 
+pub use gang::GangSettle;
 pub use retention::{RetentionPolicy, due as retirement_due, event_floor, retirable_state};
 
 /// Hard-state bookkeeping of one GPU, derived from active jobs.
@@ -114,6 +116,12 @@ pub enum Outcome {
         /// (job, attempt) to tell the node's agent to stop.
         stop: Vec<(JobId, u32)>,
     },
+    /// A gang was settled (`Command::GangStop`); `stop` names the
+    /// members' attempts their agents must stop.
+    GangStopped {
+        /// (node, job, attempt) to tell to stop.
+        stop: Vec<(String, JobId, u32)>,
+    },
     /// Applied with nothing to report.
     Done,
 }
@@ -193,6 +201,8 @@ pub struct StateMachine {
     held: BTreeSet<JobId>,
     /// The submission key of each job submitted with one (derived).
     keyed: HashMap<JobId, String>,
+    /// Gangs (rank-0 id) and their members not finished (derived).
+    live_gangs: BTreeMap<JobId, u32>,
     changes: ChangeSet,
 }
 
@@ -634,6 +644,7 @@ impl StateMachine {
                 reason,
                 until_ms,
             } => self.preempt(at_ms, job, node, victims, reason, until_ms),
+            Command::GangStop { at_ms, gang } => Ok(self.gang_stop(at_ms, gang)),
         }
     }
 

@@ -188,6 +188,9 @@ pub struct Soft {
     /// Drained nodes past their deadline whose `PreemptDrained` is in
     /// flight, and when it was proposed (proposed again after a timeout).
     pub preempting: HashMap<String, u64>,
+    /// Gangs whose `GangStop` is in flight, and when it was proposed
+    /// (proposed again after a timeout).
+    pub gang_stops: HashMap<JobId, u64>,
 }
 
 /// Tunables the decisions read.

@@ -125,6 +125,7 @@ impl StateMachine {
             preempting: None,
             gang,
         };
+        self.index_gang(record.gang.clone(), JobState::Pending);
         self.jobs.insert(id, record);
         self.pending.insert(id);
         self.event(at_ms, id, "submitted".into());
