@@ -920,7 +920,35 @@ pub fn job_to_proto(job: &JobRecord, reason: Option<&str>) -> pb::Job {
         owner: job.owner.clone().unwrap_or_default(),
         archived: false,
         preemptions: preemption_lines(job),
+        gang: job.gang.as_ref().map_or(0, |g| g.first),
+        gang_rank: job.gang.as_ref().map_or(0, |g| g.rank),
+        gang_members: Vec::new(),
     }
+}
+
+/// Every member of `job`'s gang (rank, job, state, current node and
+/// attempt), for `gantry job`; empty for a job not in a gang.
+pub fn gang_members_to_proto(
+    state: &crate::state::StateMachine,
+    job: &JobRecord,
+) -> Vec<pb::GangMember> {
+    let Some(gang) = &job.gang else {
+        return Vec::new();
+    };
+    gang.members()
+        .zip(0..)
+        .map(|(id, rank)| {
+            let member = state.job(id);
+            let attempt = member.and_then(JobRecord::current_attempt);
+            pb::GangMember {
+                rank,
+                job_id: id,
+                state: member.map_or("archived", |m| m.state.as_str()).to_string(),
+                node: attempt.map(|a| a.node.clone()).unwrap_or_default(),
+                attempt: attempt.map_or(0, |a| a.attempt),
+            }
+        })
+        .collect()
 }
 
 /// Who preempted a job and when, and whom it preempted, for `gantry job`.

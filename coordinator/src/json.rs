@@ -39,6 +39,23 @@ pub fn job_json(job: &pb::Job) -> Value {
         "preemptible": spec.preemptible,
         "preemption_grace_ms": spec.preemption_grace_ms,
         "preemptions": job.preemptions,
+        "nodes": spec.nodes.max(1),
+        "gang": (job.gang > 0).then(|| json!({
+            "id": job.gang,
+            "rank": job.gang_rank,
+            "same_label": (!spec.gang_spread).then(|| if spec.gang_same_label.is_empty() {
+                "provider".to_string()
+            } else {
+                spec.gang_same_label.clone()
+            }),
+        })),
+        "gang_members": job.gang_members.iter().map(|m| json!({
+            "rank": m.rank,
+            "job_id": m.job_id,
+            "state": m.state,
+            "node": m.node,
+            "attempt": m.attempt,
+        })).collect::<Vec<_>>(),
         "attempts": job.attempts.iter().map(|a| json!({
             "attempt": a.attempt,
             "node": a.node,

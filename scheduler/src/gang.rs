@@ -21,12 +21,26 @@ use crate::model::{GangRequest, HoldReason, Placement};
 use crate::place::{Ask, find, take};
 use crate::units::format_bytes;
 
-/// Places `members` (the whole gang, in rank order) or explains why not.
+/// Why a gang found no placement: the closest fit, to build its reason
+/// for this gang or for a larger one of the same shape (which cannot fit
+/// either, later in the same pass).
+#[derive(Debug, Clone)]
+pub(crate) struct GangMiss {
+    /// Members the best group took.
+    most: usize,
+    /// That group's label value ("" = nodes without the label).
+    value: String,
+    /// When no node took even one member: why, for one member.
+    one: Option<String>,
+}
+
+/// Places `members` (the whole gang, in rank order) or says how close it
+/// came.
 pub(crate) fn place_gang(
     index: &mut FreeIndex<'_>,
     members: &[Ask<'_>],
     gang: &GangRequest,
-) -> Result<Vec<Placement>, HoldReason> {
+) -> Result<Vec<Placement>, GangMiss> {
     let size = members.len();
     let groups: Vec<Option<(String, String)>> = match &gang.same_label {
         None => vec![None],
@@ -63,8 +77,10 @@ pub(crate) fn place_gang(
             for (ask, f) in found {
                 // Distinct nodes: one member's reservation never changes
                 // another's fit, so every `take` succeeds.
-                out.push(take(index, &ask, f).ok_or_else(|| {
-                    HoldReason::NoFit("gang: a member's batch rule failed".into())
+                out.push(take(index, &ask, f).ok_or_else(|| GangMiss {
+                    most: 0,
+                    value: String::new(),
+                    one: Some("a member's batch rule failed".into()),
                 })?);
             }
             return Ok(out);
@@ -74,42 +90,38 @@ pub(crate) fn place_gang(
             best = Some((found.len(), value));
         }
     }
-    Err(reason(index, members, gang, best.unwrap_or((0, String::new()))))
+    let (most, value) = best.unwrap_or((0, String::new()));
+    let one = (most == 0).then(|| match explain(index, &members[0]) {
+        HoldReason::NoFit(t) => t,
+        other => other.to_string(),
+    });
+    Err(GangMiss { most, value, one })
 }
 
-/// "gang of 4 needs 4 nodes with 2 GPUs x 40GiB free in one provider; best
-/// provider lambda has 3", and, when no node takes even one member, why.
-fn reason(
-    index: &mut FreeIndex<'_>,
-    members: &[Ask<'_>],
-    gang: &GangRequest,
-    (most, value): (usize, String),
-) -> HoldReason {
-    let size = members.len();
-    let first = &members[0];
-    let what = match first.gpus {
-        0 => "free host resources".to_string(),
-        g => format!("{g} GPUs x {} free", format_bytes(first.need)),
-    };
-    let mut text = format!("gang of {size} needs {size} nodes with {what}");
-    match &gang.same_label {
-        Some(label) => {
-            text.push_str(&format!(" in one {label}"));
-            let shown = if value.is_empty() {
-                format!("nodes without {label}")
-            } else {
-                format!("{label} {value}")
-            };
-            text.push_str(&format!("; best {shown} has {most}"));
-        }
-        None => text.push_str(&format!("; {most} have")),
-    }
-    if most == 0 {
-        let one = match explain(index, first) {
-            HoldReason::NoFit(t) => t,
-            other => other.to_string(),
+impl GangMiss {
+    /// "gang of 4 needs 4 nodes with 2 GPUs x 40GiB free in one provider;
+    /// best provider lambda has 3", and, when no node takes even one
+    /// member, why.
+    pub(crate) fn reason(&self, size: usize, member: &Ask<'_>, gang: &GangRequest) -> HoldReason {
+        let what = match member.gpus {
+            0 => "free host resources".to_string(),
+            g => format!("{g} GPUs x {} free", format_bytes(member.need)),
         };
-        text.push_str(&format!(" ({one})"));
+        let mut text = format!("gang of {size} needs {size} nodes with {what}");
+        match &gang.same_label {
+            Some(label) => {
+                let shown = if self.value.is_empty() {
+                    format!("nodes without {label}")
+                } else {
+                    format!("{label} {}", self.value)
+                };
+                text.push_str(&format!(" in one {label}; best {shown} has {}", self.most));
+            }
+            None => text.push_str(&format!("; {} have", self.most)),
+        }
+        if let Some(one) = &self.one {
+            text.push_str(&format!(" ({one})"));
+        }
+        HoldReason::NoFit(text)
     }
-    HoldReason::NoFit(text)
 }

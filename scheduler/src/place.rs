@@ -146,6 +146,7 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
     let mut failed: HashMap<Shape<'_>, HoldReason, FxBuild> = HashMap::default();
 
     let mut gangs = Gangs::of(queue);
+    let mut failed_gangs: FailedGangs<'_> = HashMap::default();
 
     let mut out = Plan::default();
     for i in queue_order(queue, policy, &snapshot.queue_usage, fleet_pressured) {
@@ -158,7 +159,15 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
                     fleet: &fleet,
                     fleet_pressured,
                 };
-                pass.run(&mut index, &mut locks, queue, &members, gang, &mut out);
+                pass.run(
+                    &mut index,
+                    &mut locks,
+                    &mut failed_gangs,
+                    queue,
+                    &members,
+                    gang,
+                    &mut out,
+                );
             }
             continue;
         }
@@ -240,6 +249,10 @@ impl Gangs {
     }
 }
 
+/// Gang shapes (rank 0's shape, same label) that failed in this pass, with
+/// the size that failed and how close it came.
+type FailedGangs<'q> = HashMap<(Shape<'q>, Option<String>), (usize, crate::gang::GangMiss), FxBuild>;
+
 /// What a gang's placement reads of the pass.
 struct GangPass<'a> {
     snapshot: &'a ClusterSnapshot,
@@ -251,11 +264,13 @@ struct GangPass<'a> {
 impl GangPass<'_> {
     /// Places every member of one gang (`members`, queue indexes in rank
     /// order) or holds them all with one reason.
-    fn run(
+    #[allow(clippy::too_many_arguments)]
+    fn run<'q>(
         &self,
         index: &mut FreeIndex<'_>,
         locks: &mut LockChecker<'_>,
-        queue: &[JobRequest],
+        failed: &mut FailedGangs<'q>,
+        queue: &'q [JobRequest],
         members: &[usize],
         gang: &crate::model::GangRequest,
         out: &mut Plan,
@@ -309,6 +324,14 @@ impl GangPass<'_> {
                 Err(reason) => return hold_all(out, reason),
             }
         }
+        // A gang of this shape that failed earlier in the pass with as
+        // many members or fewer fails again: the pass only takes.
+        let key = (Shape::of(&asks[0]), gang.same_label.clone());
+        if let Some((size, miss)) = failed.get(&key)
+            && *size <= members.len()
+        {
+            return hold_all(out, miss.reason(members.len(), &asks[0], gang));
+        }
         match crate::gang::place_gang(index, &asks, gang) {
             Ok(placements) => {
                 for &m in members {
@@ -316,7 +339,10 @@ impl GangPass<'_> {
                 }
                 out.placements.extend(placements);
             }
-            Err(reason) => hold_all(out, reason),
+            Err(miss) => {
+                hold_all(out, miss.reason(members.len(), &asks[0], gang));
+                failed.insert(key, (members.len(), miss));
+            }
         }
     }
 }
