@@ -798,7 +798,11 @@ after: [export-sq8-2p]
     fn gang_fields() {
         let jobs = parse("command: [a]\nnodes: 4\ngang: {same_label: region}\n").expect("parses");
         assert_eq!(
-            (jobs[0].nodes, jobs[0].gang_same_label.as_str(), jobs[0].gang_spread),
+            (
+                jobs[0].nodes,
+                jobs[0].gang_same_label.as_str(),
+                jobs[0].gang_spread
+            ),
             (4, "region", false)
         );
         let jobs = parse("command: [a]\nnodes: 2\ngang: {spread: true}\n").expect("parses");

@@ -108,18 +108,31 @@ fn assign_places_every_member_or_refuses_them_all() {
     ];
     for (what, plan, reason) in cases {
         let mut sm = cluster(&["a", "b", "c", "full"]);
-        submit(&mut sm, vec![JobSpec {
-            exclusive_gpu: Some(true),
-            ..JobSpec::for_test("hog")
-        }]);
-        assert_eq!(assign(&mut sm, vec![Placement {
-            exclusive_gpu: true,
-            ..place(1, "full")
-        }]).0, vec![1]);
+        submit(
+            &mut sm,
+            vec![JobSpec {
+                exclusive_gpu: Some(true),
+                ..JobSpec::for_test("hog")
+            }],
+        );
+        assert_eq!(
+            assign(
+                &mut sm,
+                vec![Placement {
+                    exclusive_gpu: true,
+                    ..place(1, "full")
+                }]
+            )
+            .0,
+            vec![1]
+        );
         submit(&mut sm, vec![gang("train", 3)]);
         let plan: Vec<Placement> = plan
             .into_iter()
-            .map(|p| Placement { job: p.job + 1, ..p })
+            .map(|p| Placement {
+                job: p.job + 1,
+                ..p
+            })
             .collect();
         let (applied, refused) = assign(&mut sm, plan.clone());
         assert!(applied.is_empty(), "{what}: applied {applied:?}");
@@ -129,7 +142,11 @@ fn assign_places_every_member_or_refuses_them_all() {
             "{what}: {refused:?}"
         );
         for id in 2..=4 {
-            assert_eq!(sm.job(id).map(|j| j.state), Some(JobState::Pending), "{what}");
+            assert_eq!(
+                sm.job(id).map(|j| j.state),
+                Some(JobState::Pending),
+                "{what}"
+            );
         }
         assert_eq!(sm.gpu_usage("a", 0).jobs, 0, "{what}: nothing reserved");
     }
@@ -156,7 +173,10 @@ fn gang_stop_stops_the_running_members_once() {
     let mut sm = cluster(&["a", "b", "c"]);
     submit(&mut sm, vec![gang("train", 3)]);
     assign(&mut sm, vec![place(1, "a"), place(2, "b"), place(3, "c")]);
-    assert!(GangSettle::of(&sm, 1).is_empty(), "a whole gang has nothing to settle");
+    assert!(
+        GangSettle::of(&sm, 1).is_empty(),
+        "a whole gang has nothing to settle"
+    );
     sm.apply(Command::AttemptLost {
         at_ms: 30,
         job: 2,

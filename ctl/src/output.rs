@@ -285,7 +285,11 @@ pub fn print_job(job: &pb::Job) {
         );
     }
     for m in &job.gang_members {
-        let node = if m.node.is_empty() { "-" } else { m.node.as_str() };
+        let node = if m.node.is_empty() {
+            "-"
+        } else {
+            m.node.as_str()
+        };
         outln!(
             "  member:    rank {} job {} {} node={} attempt {}",
             m.rank,

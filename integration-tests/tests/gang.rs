@@ -36,7 +36,8 @@ fn member_env(dir: &Path, job: u64, attempt: u64) -> Option<(BTreeMap<String, St
 /// The node of a job's attempt `attempt`, once it runs.
 fn running_on(job: &Value, attempt: u64) -> Option<String> {
     let a = job["attempts"].as_array()?.last()?;
-    (job["state"] == "running" && a["attempt"] == attempt).then(|| a["node"].as_str().map(String::from))?
+    (job["state"] == "running" && a["attempt"] == attempt)
+        .then(|| a["node"].as_str().map(String::from))?
 }
 
 fn address(node: &str) -> &'static str {
@@ -51,7 +52,9 @@ fn address(node: &str) -> &'static str {
 /// 0 and 1, world size 2, the same node list, master address and port,
 /// rank 0's node as master. Returns the pids.
 fn check_envs(dir: &Path, first: u64, attempt: u64, nodes: [&str; 2]) -> anyhow::Result<[i32; 2]> {
-    let (e0, p0) = wait_until("rank 0's environment", T, || member_env(dir, first, attempt))?;
+    let (e0, p0) = wait_until("rank 0's environment", T, || {
+        member_env(dir, first, attempt)
+    })?;
     let (e1, p1) = wait_until("rank 1's environment", T, || {
         member_env(dir, first + 1, attempt)
     })?;
@@ -80,7 +83,10 @@ fn a_gang_gets_consistent_ranks_and_moves_whole_when_a_member_node_dies() -> any
     let url = coordinator.url.clone();
     let mut agents = BTreeMap::new();
     for (name, addr) in NODES {
-        agents.insert(name, sandbox.start_agent(name, &url, "1xH100-80GiB", addr, &[])?);
+        agents.insert(
+            name,
+            sandbox.start_agent(name, &url, "1xH100-80GiB", addr, &[])?,
+        );
     }
     sandbox.wait_nodes_ready(&url, 3, T)?;
 
@@ -130,7 +136,10 @@ fn a_gang_gets_consistent_ranks_and_moves_whole_when_a_member_node_dies() -> any
         let n1 = running_on(&sandbox.job(&url, first + 1).ok()?, 2)?;
         Some([n0, n1])
     })?;
-    assert!(!nodes2.contains(&dead), "{nodes2:?} includes the dead {dead}");
+    assert!(
+        !nodes2.contains(&dead),
+        "{nodes2:?} includes the dead {dead}"
+    );
     assert_ne!(nodes2[0], nodes2[1]);
     check_envs(&dir, first, 2, [&nodes2[0], &nodes2[1]])?;
     // No member of attempt 1 is left running.

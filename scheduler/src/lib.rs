@@ -33,8 +33,8 @@
 pub mod batch;
 pub mod disk;
 mod explain;
-mod gang;
 pub mod filter;
+mod gang;
 mod hash;
 pub mod health;
 mod index;

@@ -133,8 +133,7 @@ fn plan_with_holds(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Sea
 fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -> Plan {
     let policy = &snapshot.policy;
     let with_labels = queue.iter().any(|j| {
-        !j.constraints.labels.is_empty()
-            || j.gang.as_ref().is_some_and(|g| g.same_label.is_some())
+        !j.constraints.labels.is_empty() || j.gang.as_ref().is_some_and(|g| g.same_label.is_some())
     });
     let mut index = FreeIndex::build(snapshot, with_labels);
     let fleet = FleetPressure::measure(&snapshot.nodes);
@@ -251,7 +250,8 @@ impl Gangs {
 
 /// Gang shapes (rank 0's shape, same label) that failed in this pass, with
 /// the size that failed and how close it came.
-type FailedGangs<'q> = HashMap<(Shape<'q>, Option<String>), (usize, crate::gang::GangMiss), FxBuild>;
+type FailedGangs<'q> =
+    HashMap<(Shape<'q>, Option<String>), (usize, crate::gang::GangMiss), FxBuild>;
 
 /// What a gang's placement reads of the pass.
 struct GangPass<'a> {
@@ -285,7 +285,10 @@ impl GangPass<'_> {
         };
         let ranks_ok = members.len() == gang.size as usize
             && members.iter().enumerate().all(|(r, &m)| {
-                queue[m].gang.as_ref().is_some_and(|g| g.rank == r as u32 && g.id == gang.id)
+                queue[m]
+                    .gang
+                    .as_ref()
+                    .is_some_and(|g| g.rank == r as u32 && g.id == gang.id)
             });
         if !ranks_ok {
             return hold_all(

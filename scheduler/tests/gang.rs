@@ -306,10 +306,9 @@ fn all_or_nothing_at_ten_thousand_nodes() {
     let waits: Vec<_> = out.unplaced.iter().filter(|u| u.job >= big).collect();
     assert_eq!(waits.len(), 1000);
     assert!(
-        waits[0]
-            .reason
-            .to_string()
-            .starts_with("gang of 1000 needs 1000 nodes with 7 GPUs x 80GiB free in one provider; best provider "),
+        waits[0].reason.to_string().starts_with(
+            "gang of 1000 needs 1000 nodes with 7 GPUs x 80GiB free in one provider; best provider "
+        ),
         "{}",
         waits[0].reason
     );

@@ -152,7 +152,11 @@ impl StateMachine {
                 stop.push((a.node.clone(), *id, a.attempt));
             }
             self.changes.jobs.insert(*id);
-            self.event(at_ms, *id, format!("{}: stopping this member", settle.reason));
+            self.event(
+                at_ms,
+                *id,
+                format!("{}: stopping this member", settle.reason),
+            );
         }
         for id in &settle.reopen {
             self.transition(

@@ -142,7 +142,10 @@ impl StateMachine {
                 .map(|p| p.node.as_str())
                 .unwrap_or_default();
             self.free_gang_port(rank0).ok_or_else(|| {
-                format!("no free MASTER_PORT left on node {rank0} for gang {}", gang.first)
+                format!(
+                    "no free MASTER_PORT left on node {rank0} for gang {}",
+                    gang.first
+                )
             })
         };
         match check() {
