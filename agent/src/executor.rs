@@ -194,6 +194,10 @@ pub struct ExitReport {
     /// The agent stopped it for using more GPU memory than its reservation
     /// plus margin (policy `stop`).
     pub over_memory: bool,
+    /// The agent stopped it because the leader had not confirmed a
+    /// heartbeat for too long ([`crate::fence`]); sent with
+    /// `agent_shutdown`, so the coordinator retries it as lost.
+    pub fenced: bool,
 }
 
 /// Why the agent stops an attempt.
@@ -212,6 +216,11 @@ pub enum StopReason {
     /// The job used more GPU memory than allowed under policy `stop`:
     /// reported with `cancelled = false, over_memory = true`.
     OverMemory,
+    /// The leader has not confirmed a heartbeat for too long: the node is
+    /// about to be declared Down and the job run elsewhere, so it must not
+    /// be running here ([`crate::fence`]). Reported like a shutdown, with
+    /// `fenced = true`.
+    Fenced,
 }
 
 impl StopReason {

@@ -417,6 +417,7 @@ pub(crate) fn submit_request(key: String) -> pb::SubmitRequest {
         jobs: vec![job_spec()],
         submission_key: key,
         pipeline: String::new(),
+        ..Default::default()
     }
 }
 

@@ -456,6 +456,7 @@ fn submit_batch(run: &str, batch: u64, count: u64) -> pb::SubmitRequest {
         jobs: vec![spec; count as usize],
         submission_key: format!("{run}-{batch}"),
         pipeline: String::new(),
+        ..Default::default()
     }
 }
 

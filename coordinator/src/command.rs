@@ -7,7 +7,7 @@
 use gantry_scheduler::{JobId, Placement};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{GpuRecord, JobSpec};
+use crate::domain::{GpuRecord, JobSpec, RunPolicy};
 
 /// A hard-state change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +242,31 @@ pub enum Command {
         /// The leader's clock when it proposed.
         at_ms: u64,
     },
+    /// A submit of a pipeline run with `repeat:` or `run_dir:` (a `Submit`
+    /// whose jobs carry the run policy; a variant of its own so that the
+    /// plain submit, proposed by every test, stays as it was).
+    SubmitLoop {
+        /// Proposal time.
+        at_ms: u64,
+        /// Idempotency key.
+        key: Option<String>,
+        /// Validated specs.
+        jobs: Vec<JobSpec>,
+        /// Pipeline name.
+        pipeline: String,
+        /// Name of the submitting token.
+        owner: Option<String>,
+        /// The pipeline's `repeat:` and `run_dir:` (validated).
+        run_policy: RunPolicy,
+    },
+    /// `gantry pipeline stop`: the loop of a repeating pipeline starts no
+    /// run after its latest one (nothing to stop changes nothing).
+    StopPipeline {
+        /// Time.
+        at_ms: u64,
+        /// Pipeline.
+        name: String,
+    },
     /// A gang's attempt broke (a member ended other than by succeeding):
     /// stop its running members, run its succeeded ones again, or end its
     /// waiting ones with a member that ended for good. Apply works out
@@ -277,6 +302,45 @@ impl Command {
         }
     }
 
+    /// An `Assign` for tests: `job` on GPU 0 of `node` with 10 GiB, in a
+    /// plan of term 1.
+    pub fn assign_for_test(at_ms: u64, job: JobId, node: &str) -> Command {
+        Command::Assign {
+            at_ms,
+            placements: vec![Placement {
+                job,
+                node: node.into(),
+                gpus: vec![0],
+                gpu_memory: 10 << 30,
+                batch_size: None,
+                exclusive_gpu: false,
+            }],
+            term: 1,
+        }
+    }
+
+    /// A `JobExited` for tests: attempt `attempt` of `job` on `node` exited
+    /// with `code` (an error text when it is not 0; no signal, no tail).
+    pub fn exited_for_test(at_ms: u64, job: JobId, attempt: u32, node: &str, code: i32) -> Command {
+        Command::JobExited {
+            at_ms,
+            job,
+            attempt,
+            node: node.into(),
+            code: Some(code),
+            signal: None,
+            error: if code == 0 {
+                String::new()
+            } else {
+                format!("exit status {code}")
+            },
+            cancelled: false,
+            oom: false,
+            output_tail: String::new(),
+            peak_gpu_memory: 0,
+        }
+    }
+
     /// The one job this command is about, if it is about one (for its log span).
     pub fn job(&self) -> Option<JobId> {
         match self {
@@ -299,7 +363,9 @@ impl Command {
             | Command::Quarantine { .. }
             | Command::ClearQuarantine { .. }
             | Command::SetRetention { .. }
-            | Command::Retire { .. } => None,
+            | Command::Retire { .. }
+            | Command::SubmitLoop { .. }
+            | Command::StopPipeline { .. } => None,
         }
     }
 
@@ -325,6 +391,8 @@ impl Command {
             | Command::Preempt { at_ms, .. }
             | Command::SetRetention { at_ms, .. }
             | Command::Retire { at_ms }
+            | Command::SubmitLoop { at_ms, .. }
+            | Command::StopPipeline { at_ms, .. }
             | Command::GangStop { at_ms, .. } => *at_ms,
         }
     }

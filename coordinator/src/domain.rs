@@ -440,6 +440,68 @@ pub struct JobRecord {
     /// Its place in a gang (`nodes: N`), if it is a member of one.
     #[serde(default)]
     pub gang: Option<GangMember>,
+    /// Its pipeline's `repeat:` and `run_dir:`, and whether the loop was
+    /// stopped: every job of a run carries them, so the next run is made
+    /// from the run's own records (see `state/pipeline_loop.rs`).
+    #[serde(default, skip_serializing_if = "RunPolicy::is_default")]
+    pub run_policy: RunPolicy,
+}
+
+/// `repeat:` of a pipeline: how many runs its loop makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Repeat {
+    /// One run per submit (no `repeat:`).
+    #[default]
+    Once,
+    /// Runs until this many runs of the loop have been made.
+    MaxRuns(u32),
+    /// Runs until `gantry pipeline stop`.
+    Forever,
+}
+
+/// How a pipeline run goes on: the loop and its run directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunPolicy {
+    /// `repeat:` of the pipeline.
+    #[serde(default)]
+    pub repeat: Repeat,
+    /// Run number of the loop's first run (a loop counts `max_runs` from
+    /// the submit that started it, not from the pipeline's first run ever).
+    #[serde(default)]
+    pub first_run: u32,
+    /// `run_dir:` template (`{run}` replaced by the run number); "" = none.
+    #[serde(default)]
+    pub run_dir: String,
+    /// `gantry pipeline stop`: no run starts after this one.
+    #[serde(default)]
+    pub stopped: bool,
+}
+
+impl RunPolicy {
+    /// Nothing to carry (serialised records of other jobs stay as they were).
+    pub fn is_default(&self) -> bool {
+        *self == RunPolicy::default()
+    }
+
+    /// The run directory of run `run`, if the pipeline names one.
+    pub fn run_dir_of(&self, run: u32) -> Option<String> {
+        (!self.run_dir.is_empty()).then(|| self.run_dir.replace("{run}", &run.to_string()))
+    }
+
+    /// Whether a loop with this policy starts the run after `run` when
+    /// `run` succeeds.
+    pub fn continues_after(&self, run: u32) -> bool {
+        if self.stopped {
+            return false;
+        }
+        match self.repeat {
+            Repeat::Once => false,
+            Repeat::Forever => run < u32::MAX,
+            Repeat::MaxRuns(max) => {
+                u64::from(run) + 1 < u64::from(self.first_run.max(1)) + u64::from(max)
+            }
+        }
+    }
 }
 
 /// Preemptions remembered per job.
@@ -493,6 +555,7 @@ impl JobRecord {
             preempted_by: Vec::new(),
             preempting: None,
             gang: None,
+            run_policy: RunPolicy::default(),
         }
     }
 

@@ -79,8 +79,9 @@ pub struct HealthConfig {
 
 /// Heartbeat intervals of silence after which a node is Suspect.
 pub const SUSPECT_INTERVALS: u64 = 3;
-/// Heartbeat intervals of silence after which a node is Down.
-pub const DOWN_INTERVALS: u64 = 15;
+/// Heartbeat intervals of silence after which a node is Down (shared with
+/// the agent, which fences itself before it).
+pub const DOWN_INTERVALS: u64 = gantry_proto::DOWN_INTERVALS;
 /// A stretched interval is rounded up to a multiple of this, so a growing
 /// fleet changes it (and every agent is told) in steps, not at each node.
 pub const INTERVAL_STEP_MS: u64 = 100;
@@ -118,7 +119,7 @@ impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             suspect_after_ms: 3_000,
-            down_after_ms: 15_000,
+            down_after_ms: gantry_proto::DOWN_AFTER_MIN_MS,
             disk_high: 0.85,
             disk_low: 0.75,
         }

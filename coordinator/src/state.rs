@@ -18,17 +18,19 @@ mod quarantine;
 
 use crate::command::Command;
 use crate::dag::DependencyError;
-use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord};
+use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord, RunPolicy};
 
 mod attempts;
 mod drain;
 mod gang;
 mod index;
+mod pipeline_loop;
 mod placement;
 mod retention;
 mod submit;
 
 pub use gang::GangSettle;
+pub use pipeline_loop::{LoopStatus, loop_status};
 pub use retention::{RetentionPolicy, due as retirement_due, event_floor, retirable_state};
 
 /// Hard-state bookkeeping of one GPU, derived from active jobs.
@@ -434,7 +436,19 @@ impl StateMachine {
                 jobs,
                 pipeline,
                 owner,
-            } => self.submit(at_ms, key, jobs, pipeline, owner),
+            } => self.submit(at_ms, key, jobs, pipeline, owner, RunPolicy::default()),
+            Command::SubmitLoop {
+                at_ms,
+                key,
+                jobs,
+                pipeline,
+                owner,
+                run_policy,
+            } => self.submit(at_ms, key, jobs, Some(pipeline), owner, run_policy),
+            Command::StopPipeline { at_ms, name } => {
+                self.stop_pipeline(at_ms, &name);
+                Ok(Outcome::Done)
+            }
             Command::Requeue { at_ms, job } => {
                 let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
                 if record.state != JobState::Failed {

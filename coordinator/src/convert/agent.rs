@@ -164,7 +164,13 @@ pub fn job_event(
                 at_ms,
                 job,
                 attempt,
-                reason: format!("the agent on {node} shut down"),
+                reason: if exit.fenced {
+                    format!(
+                        "the agent on {node} stopped it: the leader had not confirmed its heartbeats for too long (self-fencing)"
+                    )
+                } else {
+                    format!("the agent on {node} shut down")
+                },
             }
         }
         Some(pb::job_event::Event::Exited(exit)) => {

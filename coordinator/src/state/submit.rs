@@ -6,7 +6,7 @@ use gantry_scheduler::JobId;
 
 use super::{ApplyError, Outcome, StateMachine};
 use crate::dag::resolve_after;
-use crate::domain::{GangMember, JobRecord, JobSpec, JobState};
+use crate::domain::{GangMember, JobRecord, JobSpec, JobState, Repeat, RunPolicy};
 
 impl StateMachine {
     pub(super) fn submit(
@@ -16,6 +16,7 @@ impl StateMachine {
         specs: Vec<JobSpec>,
         pipeline: Option<String>,
         owner: Option<String>,
+        mut run_policy: RunPolicy,
     ) -> Result<Outcome, ApplyError> {
         if let Some(ids) = key.as_ref().and_then(|k| self.submissions.get(k)) {
             return Ok(Outcome::Submitted(ids.clone()));
@@ -31,6 +32,9 @@ impl StateMachine {
             }
             None => 0,
         };
+        if run_policy.repeat != Repeat::Once && run_policy.first_run == 0 {
+            run_policy.first_run = run;
+        }
         // A gang spec becomes one job per member, with consecutive ids;
         // the submission answers with each spec's first (rank 0) id.
         let sizes: Vec<u64> = specs
@@ -73,7 +77,15 @@ impl StateMachine {
                     port: 0,
                 });
                 let deps = depends_on.clone();
-                self.insert_submitted(at_ms, id, spec, deps, &pipeline, run, &owner, gang);
+                let record = self.submitted_record(at_ms, id, spec, deps, &pipeline, run, &owner);
+                self.insert_submitted(
+                    at_ms,
+                    JobRecord {
+                        gang,
+                        run_policy: run_policy.clone(),
+                        ..record
+                    },
+                );
             }
         }
         let ids = firsts;
@@ -84,12 +96,18 @@ impl StateMachine {
             self.submissions.insert(key.clone(), ids.clone());
             self.changes.submissions.push((key, ids.clone()));
         }
+        if let Some(name) = &pipeline
+            && run > 1
+        {
+            // The run before is no longer the latest: a loop holds it no more.
+            self.release_run(name, run - 1);
+        }
         Ok(Outcome::Submitted(ids))
     }
 
-    /// Stores one submitted job, Pending.
+    /// A submitted job's record, Pending (not in a gang, default run policy).
     #[allow(clippy::too_many_arguments)]
-    fn insert_submitted(
+    fn submitted_record(
         &mut self,
         at_ms: u64,
         id: JobId,
@@ -98,12 +116,11 @@ impl StateMachine {
         pipeline: &Option<String>,
         run: u32,
         owner: &Option<String>,
-        gang: Option<GangMember>,
-    ) {
+    ) -> JobRecord {
         for dep in &depends_on {
             self.dependants.entry(*dep).or_default().push(id);
         }
-        let record = JobRecord {
+        JobRecord {
             id,
             spec,
             state: JobState::Pending,
@@ -123,8 +140,14 @@ impl StateMachine {
             submit_event: self.next_event_index,
             preempted_by: Vec::new(),
             preempting: None,
-            gang,
-        };
+            gang: None,
+            run_policy: RunPolicy::default(),
+        }
+    }
+
+    /// Stores one submitted job, Pending.
+    fn insert_submitted(&mut self, at_ms: u64, record: JobRecord) {
+        let id = record.id;
         self.index_gang(record.gang.clone(), JobState::Pending);
         self.jobs.insert(id, record);
         self.pending.insert(id);
