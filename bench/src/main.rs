@@ -142,6 +142,11 @@ struct SchedArgs {
     /// Passes given to the naive first-fit baseline.
     #[arg(long, default_value_t = 2)]
     naive_passes: usize,
+    /// About this fraction of the jobs are gang members (`nodes: N`, 2 to
+    /// 8 nodes in one provider), e.g. 0.1. The naive baseline places them
+    /// one by one.
+    #[arg(long, default_value_t = 0.0)]
+    gang_fraction: f64,
     /// Run the fair-share scenario instead: queues QUEUE=WEIGHT,... always
     /// contended, e.g. a=1,b=3; reports the GPU time each received (use a
     /// smaller --nodes, e.g. 100: it runs --passes full passes).
@@ -357,6 +362,7 @@ fn main() -> ExitCode {
                 seed: args.seed,
                 pass_budget: args.pass_budget.max(1),
                 naive_passes: args.naive_passes,
+                gang_fraction: args.gang_fraction,
             });
             exit_code(print_report(
                 "sched",
