@@ -1,8 +1,10 @@
-//! CPU, memory and data-volume probe (sysinfo).
+//! CPU and memory probe (sysinfo) and data-volume probe (statvfs of the
+//! data directory: whatever filesystem holds it, tmpfs and network mounts
+//! included, which sysinfo's disk list leaves out).
 
 use std::path::{Path, PathBuf};
 
-use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, RefreshKind, System};
+use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
 
 use super::fake::FakeState;
 use crate::error::AgentError;
@@ -36,8 +38,7 @@ pub struct HostSample {
 #[derive(Debug)]
 pub struct HostProbe {
     system: System,
-    disks: Disks,
-    /// Canonicalised once: the mount-point match needs symlinks resolved.
+    /// Canonicalised once.
     data_dir: PathBuf,
 }
 
@@ -49,18 +50,12 @@ impl HostProbe {
             .with_memory(MemoryRefreshKind::nothing().with_ram());
         let system = System::new_with_specifics(refresh)
             .map_err(|e| AgentError::Probe(format!("cannot read system information: {e}")))?;
-        let disks = Disks::new_with_refreshed_list()
-            .map_err(|e| AgentError::Probe(format!("cannot list disks: {e}")))?;
         let data_dir = data_dir.canonicalize().map_err(|source| AgentError::Io {
             action: "cannot resolve data directory",
             path: data_dir.to_path_buf(),
             source,
         })?;
-        Ok(Self {
-            system,
-            disks,
-            data_dir,
-        })
+        Ok(Self { system, data_dir })
     }
 
     /// Totals for registration.
@@ -92,21 +87,22 @@ impl HostProbe {
         }
     }
 
-    /// (total, used) of the disk whose mount point is the longest prefix of
-    /// the data directory; zeros when no disk matches (e.g. a sandbox that
-    /// hides its mounts), which the coordinator treats as "unknown".
+    /// (total, used) of the volume holding the data directory, from
+    /// `statvfs` (used = total - available to unprivileged writers, what a
+    /// job can still write); zeros when it cannot be read, which the
+    /// coordinator treats as "unknown".
     fn disk(&mut self) -> (u64, u64) {
-        self.disks.refresh(true);
-        let best = (&self.disks)
-            .into_iter()
-            .filter(|disk| self.data_dir.starts_with(disk.mount_point()))
-            .max_by_key(|disk| disk.mount_point().components().count());
-        match best {
-            Some(disk) => {
-                let total = disk.total_space();
-                (total, total.saturating_sub(disk.available_space()))
+        match nix::sys::statvfs::statvfs(&self.data_dir) {
+            Ok(stat) => {
+                let unit = stat.fragment_size() as u64;
+                let total = (stat.blocks() as u64).saturating_mul(unit);
+                let available = (stat.blocks_available() as u64).saturating_mul(unit);
+                (total, total.saturating_sub(available))
             }
-            None => (0, 0),
+            Err(error) => {
+                tracing::debug!(%error, "cannot statvfs the data directory");
+                (0, 0)
+            }
         }
     }
 }
