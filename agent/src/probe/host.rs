@@ -94,9 +94,9 @@ impl HostProbe {
     fn disk(&mut self) -> (u64, u64) {
         match nix::sys::statvfs::statvfs(&self.data_dir) {
             Ok(stat) => {
-                let unit = stat.fragment_size() as u64;
-                let total = (stat.blocks() as u64).saturating_mul(unit);
-                let available = (stat.blocks_available() as u64).saturating_mul(unit);
+                let unit = stat.fragment_size();
+                let total = stat.blocks().saturating_mul(unit);
+                let available = stat.blocks_available().saturating_mul(unit);
                 (total, total.saturating_sub(available))
             }
             Err(error) => {
