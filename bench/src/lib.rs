@@ -15,13 +15,19 @@
 //! - [`soak`]: one coordinator with retention scaled down, jobs finishing
 //!   without end; RSS, disk, history and submit latency every N jobs
 //!   (`gantry-bench soak`).
+//! - [`ray`]: Ray's fractional-GPU task benchmark beside `e2e` in the
+//!   same run (`gantry-bench ray`).
+//! - [`ci`]: the performance-regression check CI runs, ratios measured
+//!   in one process against `bench/baseline.json` (`gantry-bench ci`).
 //! - [`procs`], [`stats`]: child processes and latency quantiles.
 
 pub mod chaos;
+pub mod ci;
 pub mod e2e;
 pub mod etcd;
 pub mod heartbeats;
 pub mod procs;
+pub mod ray;
 pub mod rng;
 pub mod sched;
 pub mod soak;

@@ -19,3 +19,11 @@ pub use generated::*;
 pub mod raft {
     tonic::include_proto!("gantry.raft.v1");
 }
+
+/// The coordinator's internal storage format (`proto/storage.proto`): the
+/// commands of the replicated log. Not part of the API; only the
+/// coordinator's `store::codec` converts them.
+#[allow(missing_docs, clippy::all)]
+pub mod storage {
+    tonic::include_proto!("gantry.storage.v1");
+}
