@@ -101,12 +101,17 @@ pub(crate) struct Started {
 }
 
 /// A stop request (`stop.json`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StopFile {
     /// Why; decides how the exit is reported.
     pub reason: StopReason,
     /// SIGTERM -> SIGKILL grace.
     pub grace_ms: u64,
+    /// Why, for the job (the coordinator's words: `preempted by job 7
+    /// (priority 10)`); empty: said from `reason`. The supervisor writes it
+    /// to the job's stop-reason file before the SIGTERM.
+    #[serde(default)]
+    pub message: String,
 }
 
 /// How the attempt ended (`status.json`).
@@ -142,8 +147,11 @@ impl ExitStatus {
             signal: self.signal,
             stderr_tail,
             cancelled: self.stopped.is_some_and(StopReason::cancelled),
-            agent_shutdown: self.stopped == Some(StopReason::Shutdown)
-                || (self.lost.is_some() && self.stopped.is_none()),
+            agent_shutdown: matches!(
+                self.stopped,
+                Some(StopReason::Shutdown | StopReason::Fenced)
+            ) || (self.lost.is_some() && self.stopped.is_none()),
+            fenced: self.stopped == Some(StopReason::Fenced),
             peak_gpu_memory_bytes,
             over_memory: self.stopped == Some(StopReason::OverMemory),
         })
@@ -331,12 +339,51 @@ pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(
 /// Writes `value` as `dir/name` durably: a temporary file written and
 /// fsynced, renamed over the name, then the directory fsynced.
 pub(crate) fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), String> {
+    match write_json_once(dir, name, value) {
+        // A full volume (a job's output filled it): the record matters more
+        // than the reserve kept for it.
+        Err(failure) if failure.storage_full && crate::reserve::release_for(dir) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                record = name,
+                "the data volume is full: used the agent's disk reserve to write the record"
+            );
+            write_json_once(dir, name, value).map_err(|f| f.message)
+        }
+        result => result.map_err(|f| f.message),
+    }
+}
+
+/// A failed write: what failed, and whether the volume was full.
+struct WriteFailure {
+    message: String,
+    storage_full: bool,
+}
+
+impl WriteFailure {
+    fn new(what: &str, path: &Path, error: std::io::Error) -> Self {
+        WriteFailure {
+            storage_full: error.kind() == std::io::ErrorKind::StorageFull,
+            message: format!("cannot {what} {}: {error}", path.display()),
+        }
+    }
+}
+
+fn write_json_once<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), WriteFailure> {
     let path = dir.join(name);
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    write_synced(&tmp, value)?;
-    std::fs::rename(&tmp, &path)
-        .map_err(|e| format!("cannot rename {} to {}: {e}", tmp.display(), path.display()))?;
-    sync_dir(dir)
+    let written = write_synced(&tmp, value).and_then(|()| {
+        std::fs::rename(&tmp, &path).map_err(|e| WriteFailure::new("rename to final name", &tmp, e))
+    });
+    if written.is_err() {
+        // A half-written temporary file holds blocks a full volume needs.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    sync_dir(dir).map_err(|message| WriteFailure {
+        message,
+        storage_full: false,
+    })
 }
 
 /// Creates `dir/supervisor.json` with `claim` unless it exists; returns
@@ -345,7 +392,10 @@ pub(crate) fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Res
 pub(crate) fn claim(dir: &Path, claim: &Claim) -> Result<bool, String> {
     let path = dir.join(CLAIM);
     let tmp = dir.join(format!(".{CLAIM}.{}.tmp", std::process::id()));
-    write_synced(&tmp, claim)?;
+    write_synced(&tmp, claim).map_err(|f| {
+        let _ = std::fs::remove_file(&tmp);
+        f.message
+    })?;
     let linked = std::fs::hard_link(&tmp, &path);
     let _ = std::fs::remove_file(&tmp);
     match linked {
@@ -363,14 +413,15 @@ pub(crate) fn mark_acked(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", dir.join(ACKED).display()))
 }
 
-fn write_synced<T: Serialize>(path: &Path, value: &T) -> Result<(), String> {
-    let bytes =
-        serde_json::to_vec(value).map_err(|e| format!("cannot encode {}: {e}", path.display()))?;
-    let mut file = std::fs::File::create(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+fn write_synced<T: Serialize>(path: &Path, value: &T) -> Result<(), WriteFailure> {
+    let bytes = serde_json::to_vec(value).map_err(|e| WriteFailure {
+        message: format!("cannot encode {}: {e}", path.display()),
+        storage_full: false,
+    })?;
+    let mut file = std::fs::File::create(path).map_err(|e| WriteFailure::new("create", path, e))?;
     file.write_all(&bytes)
         .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .map_err(|e| WriteFailure::new("write", path, e))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), String> {

@@ -74,6 +74,7 @@ impl From<JobEvent> for pb::JobEvent {
                 agent_shutdown: report.agent_shutdown,
                 peak_gpu_memory_bytes: wire_bytes(report.peak_gpu_memory_bytes),
                 over_memory: report.over_memory,
+                fenced: report.fenced,
             }),
             JobEventKind::SpawnFailed { error } => Event::SpawnFailed(pb::SpawnFailed { error }),
         };
@@ -194,6 +195,7 @@ mod tests {
                 agent_shutdown: false,
                 peak_gpu_memory_bytes: 3 << 30,
                 over_memory: true,
+                fenced: false,
             }),
         });
         let Some(pb::job_event::Event::Exited(exit)) = event.event else {

@@ -194,6 +194,10 @@ pub struct ExitReport {
     /// The agent stopped it for using more GPU memory than its reservation
     /// plus margin (policy `stop`).
     pub over_memory: bool,
+    /// The agent stopped it because the leader had not confirmed a
+    /// heartbeat for too long ([`crate::fence`]); sent with
+    /// `agent_shutdown`, so the coordinator retries it as lost.
+    pub fenced: bool,
 }
 
 /// Why the agent stops an attempt.
@@ -212,6 +216,11 @@ pub enum StopReason {
     /// The job used more GPU memory than allowed under policy `stop`:
     /// reported with `cancelled = false, over_memory = true`.
     OverMemory,
+    /// The leader has not confirmed a heartbeat for too long: the node is
+    /// about to be declared Down and the job run elsewhere, so it must not
+    /// be running here ([`crate::fence`]). Reported like a shutdown, with
+    /// `fenced = true`.
+    Fenced,
 }
 
 impl StopReason {
@@ -275,6 +284,8 @@ pub struct LogChunk {
 struct StopRequest {
     reason: StopReason,
     grace: Duration,
+    /// Why, in the coordinator's words (empty: said from `reason`).
+    message: String,
 }
 
 /// What the executor tells an attempt's watch task.
@@ -542,6 +553,19 @@ impl Executor {
         grace: Option<Duration>,
         reason: StopReason,
     ) -> bool {
+        self.stop_because(job_id, attempt, grace, reason, String::new())
+    }
+
+    /// [`Executor::stop`] with the coordinator's words for the job
+    /// (`GANTRY_STOP_REASON_FILE`).
+    pub fn stop_because(
+        &self,
+        job_id: u64,
+        attempt: u32,
+        grace: Option<Duration>,
+        reason: StopReason,
+        message: String,
+    ) -> bool {
         let grace = grace.unwrap_or(self.inner.config.kill_grace);
         let jobs = self.jobs();
         let mut found = false;
@@ -551,7 +575,11 @@ impl Executor {
             }
             if let EntryState::Active { control, .. } = &entry.state {
                 found |= control
-                    .send(Control::Stop(StopRequest { reason, grace }))
+                    .send(Control::Stop(StopRequest {
+                        reason,
+                        grace,
+                        message: message.clone(),
+                    }))
                     .is_ok();
             }
         }
@@ -648,6 +676,7 @@ impl Executor {
                         let _ = control.send(Control::Stop(StopRequest {
                             reason: StopReason::Shutdown,
                             grace: self.inner.config.kill_grace,
+                            message: String::new(),
                         }));
                     }
                 }

@@ -56,12 +56,14 @@ pub mod config;
 mod convert;
 pub mod error;
 pub mod executor;
+pub mod fence;
 pub mod gpu_watch;
 mod jobfs;
 mod link;
 pub mod outbox;
 pub mod probe;
 mod procgroup;
+pub mod reserve;
 pub mod snapshot;
 pub mod supervisor;
 
@@ -169,7 +171,23 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
         watch_shutdown.clone(),
     ));
     let _watch_guard = watch_shutdown.clone().drop_guard();
-    let link = link::Link::new(config, executor.clone(), Probes { host, gpu }, events_rx);
+    let reserve_task = tokio::spawn(reserve::run(
+        config.data_dir.clone(),
+        watch_shutdown.clone(),
+    ));
+    let contact = fence::Contact::new(std::time::Instant::now(), config.heartbeat_interval);
+    let fence_task = tokio::spawn(fence::run(
+        contact.clone(),
+        executor.clone(),
+        watch_shutdown.clone(),
+    ));
+    let link = link::Link::new(
+        config,
+        executor.clone(),
+        Probes { host, gpu },
+        events_rx,
+        contact,
+    );
     // The link outlives the caller's token a little: it stops only after the
     // jobs, so their exit events can still reach the coordinator.
     let link_shutdown = CancellationToken::new();
@@ -192,6 +210,12 @@ pub async fn run(mut config: AgentConfig, shutdown: CancellationToken) -> Result
     watch_shutdown.cancel();
     if let Err(e) = watch_task.await {
         tracing::error!(error = %e, "gpu watch task failed");
+    }
+    if let Err(e) = reserve_task.await {
+        tracing::error!(error = %e, "disk reserve task failed");
+    }
+    if let Err(e) = fence_task.await {
+        tracing::error!(error = %e, "fence task failed");
     }
     link_shutdown.cancel();
     if let Err(e) = link_task.await {

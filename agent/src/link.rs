@@ -26,6 +26,7 @@ use crate::convert::{agent_message, wire_bytes};
 use crate::executor::{
     Executor, JobEvent, JobEventKind, Launch, LaunchOutcome, StopReason, now_ms,
 };
+use crate::fence::Contact;
 use crate::outbox::Outbox;
 use crate::probe::Probes;
 
@@ -163,6 +164,8 @@ pub(crate) struct Link {
     events: mpsc::UnboundedReceiver<JobEvent>,
     outbox: Outbox,
     heartbeat_seq: u64,
+    /// Confirmed contact with the leader, read by the fence task.
+    contact: Contact,
 }
 
 impl Link {
@@ -171,6 +174,7 @@ impl Link {
         executor: Executor,
         probes: Probes,
         events: mpsc::UnboundedReceiver<JobEvent>,
+        contact: Contact,
     ) -> Self {
         Self {
             config,
@@ -179,6 +183,7 @@ impl Link {
             events,
             outbox: Outbox::new(),
             heartbeat_seq: 0,
+            contact,
         }
     }
 
@@ -260,6 +265,7 @@ impl Link {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let register = self.register().await;
         let running = register.running.len();
+        let register_sent_at = std::time::Instant::now();
         // Queued before the call: the coordinator may read it before answering.
         if tx
             .send(agent_message(Up::Register(register)))
@@ -306,6 +312,7 @@ impl Link {
         if registered.heartbeat_interval_ms > 0 {
             interval = Duration::from_millis(u64::from(registered.heartbeat_interval_ms));
         }
+        self.contact.registered(register_sent_at, interval);
         tracing::info!(
             coordinator = %url,
             running,
@@ -353,6 +360,7 @@ impl Link {
                                 "coordinator changed the heartbeat interval"
                             );
                             interval = new;
+                            self.contact.interval(interval);
                             // Counted from the last beat: a fleet told at
                             // once must not beat at once.
                             ticker = heartbeat_ticker(interval, last_beat);
@@ -371,8 +379,9 @@ impl Link {
                     last_beat = Some(tokio::time::Instant::now());
                     self.acknowledge_expired();
                     let heartbeat = self.heartbeat().await;
+                    let seq = heartbeat.seq;
                     match tx.try_send(agent_message(Up::Heartbeat(heartbeat))) {
-                        Ok(()) => {}
+                        Ok(()) => self.contact.sent(seq, std::time::Instant::now()),
                         // A backed-up stream: the next heartbeat is fresher anyway.
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             tracing::debug!("stream backed up: heartbeat skipped");
@@ -458,10 +467,13 @@ impl Link {
                     tracing::info!(reason = %cancel.reason, "coordinator asks to stop the attempt");
                 }
                 let grace = (cancel.grace_ms > 0).then(|| Duration::from_millis(cancel.grace_ms));
-                if !self
-                    .executor
-                    .stop(cancel.job_id, cancel.attempt, grace, StopReason::Cancelled)
-                {
+                if !self.executor.stop_because(
+                    cancel.job_id,
+                    cancel.attempt,
+                    grace,
+                    StopReason::Cancelled,
+                    cancel.reason.clone(),
+                ) {
                     tracing::debug!(
                         job_id = cancel.job_id,
                         attempt = cancel.attempt,
@@ -485,6 +497,7 @@ impl Link {
                 None
             }
             Down::Ping(ping) => {
+                self.contact.heard(ping.heard_heartbeat_seq);
                 // Answered at once: the coordinator's RTT estimate depends on it.
                 let pong = pb::Pong { nonce: ping.nonce };
                 let _ = tx.try_send(agent_message(Up::Pong(pong)));
@@ -629,6 +642,7 @@ impl Link {
                     used_bytes: wire_bytes(g.used_bytes),
                     utilization_pct: g.utilization_pct,
                     temperature_c: g.temperature_c,
+                    fault: g.fault.clone().unwrap_or_default(),
                 })
                 .collect(),
             cpu_used_pct: host.cpu_used_pct,

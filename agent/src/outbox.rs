@@ -176,6 +176,7 @@ mod tests {
                 agent_shutdown: false,
                 peak_gpu_memory_bytes: 0,
                 over_memory: false,
+                fenced: false,
             }),
         }
     }

@@ -203,15 +203,18 @@ async fn run_attempt(dir: &Path, record: &AttemptRecord, term: &mut SignalStream
         tokio::select! {
             status = child.wait() => break status,
             _ = term.recv(), if stopping.is_none() => {
-                let (reason, grace) = stop_request(dir, grace);
-                tracing::info!(?reason, grace_ms = grace.as_millis() as u64, "stopping job");
+                let (reason, grace, message) = stop_request(dir, grace);
+                tracing::info!(?reason, grace_ms = grace.as_millis() as u64, %message, "stopping job");
+                write_stop_reason(&dir.join("work"), &message);
                 note(&stderr_path, &format!("stopping ({reason:?}): SIGTERM, SIGKILL after {grace:?}"));
                 signal_group(pid, Signal::SIGTERM);
                 stopping = Some((reason, Instant::now() + grace));
             }
             () = sleep_until(deadline), if stopping.is_none() => {
                 tracing::warn!(timeout_ms = record.launch.timeout.map_or(0, |t| t.as_millis() as u64), "job timed out");
-                note(&stderr_path, &format!("timed out after {:?}: SIGTERM, SIGKILL after {grace:?}", record.launch.timeout.unwrap_or_default()));
+                let timed_out = format!("timed out after {:?}", record.launch.timeout.unwrap_or_default());
+                write_stop_reason(&dir.join("work"), &timed_out);
+                note(&stderr_path, &format!("{timed_out}: SIGTERM, SIGKILL after {grace:?}"));
                 signal_group(pid, Signal::SIGTERM);
                 stopping = Some((StopReason::Timeout, Instant::now() + grace));
             }
@@ -243,16 +246,63 @@ fn kill_at_or_now(stopping: Option<(StopReason, Instant)>, grace: Duration) -> (
     }
 }
 
-/// The agent's stop request; a SIGTERM without one (someone else stopping
-/// the supervisor) counts as an agent shutdown.
-fn stop_request(dir: &Path, default_grace: Duration) -> (StopReason, Duration) {
-    match attempt::read_json::<StopFile>(dir, STOP) {
-        Ok(Some(stop)) => (stop.reason, Duration::from_millis(stop.grace_ms)),
-        Ok(None) => (StopReason::Shutdown, default_grace),
+/// The agent's stop request and the words for the job; a SIGTERM without
+/// one (someone else stopping the supervisor) counts as an agent shutdown.
+fn stop_request(dir: &Path, default_grace: Duration) -> (StopReason, Duration, String) {
+    let (reason, grace, message) = match attempt::read_json::<StopFile>(dir, STOP) {
+        Ok(Some(stop)) => (
+            stop.reason,
+            Duration::from_millis(stop.grace_ms),
+            stop.message,
+        ),
+        Ok(None) => (StopReason::Shutdown, default_grace, String::new()),
         Err(error) => {
             tracing::warn!(%error, "unreadable stop request: stopping as a shutdown");
-            (StopReason::Shutdown, default_grace)
+            (StopReason::Shutdown, default_grace, String::new())
         }
+    };
+    let message = if message.is_empty() {
+        match reason {
+            StopReason::Cancelled => "cancelled",
+            StopReason::Stale => "stale attempt: a newer attempt owns the job",
+            StopReason::Shutdown => "agent shutting down",
+            StopReason::Timeout => "timed out",
+            StopReason::OverMemory => "used more GPU memory than reserved",
+            StopReason::Fenced => "fenced: the coordinator has not heard this node lately",
+        }
+        .to_string()
+    } else {
+        message
+    };
+    (reason, grace, message)
+}
+
+/// Name, in the job's work directory, of the file that says why the job is
+/// being stopped (`GANTRY_STOP_REASON_FILE`): the environment cannot change
+/// after start, so the supervisor writes it just before the SIGTERM.
+pub(crate) const STOP_REASON_FILE: &str = ".gantry-stop-reason";
+
+/// Most bytes of a stop reason written for the job.
+const MAX_STOP_REASON_BYTES: usize = 1024;
+
+/// Writes `text` to the job's stop-reason file. Created new (`O_EXCL`, so
+/// a link the job put there is never followed: the write then fails and
+/// is logged), readable by the job whatever user it runs as.
+fn write_stop_reason(work: &Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut end = text.len().min(MAX_STOP_REASON_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(work.join(STOP_REASON_FILE))
+        .and_then(|mut file| writeln!(file, "{}", &text[..end]));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot write the job's stop reason");
     }
 }
 
@@ -372,6 +422,11 @@ fn job_env(record: &AttemptRecord, work: &Path) -> Vec<(String, String)> {
         ),
         ("GANTRY_NODE".into(), record.node_name.clone()),
         ("GANTRY_WORK_DIR".into(), work.display().to_string()),
+        // Written by the supervisor just before it sends SIGTERM.
+        (
+            "GANTRY_STOP_REASON_FILE".into(),
+            work.join(STOP_REASON_FILE).display().to_string(),
+        ),
     ];
     if !launch.snapshot.is_empty() {
         env.push((
@@ -422,7 +477,7 @@ async fn copy_snapshot(
             cancel.store(true, Ordering::Relaxed);
             // Returns at the next chunk: the copy checks the flag.
             let _ = task.await;
-            let (reason, _) = stop_request(dir, record.kill_grace());
+            let (reason, _, _) = stop_request(dir, record.kill_grace());
             Err(SpawnError::Stopped(reason))
         }
     }

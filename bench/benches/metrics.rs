@@ -27,6 +27,7 @@ fn fleet(nodes: usize) -> ClusterView {
                     utilization_pct: 40 + g,
                     temperature_c: 55 + g,
                     free_bytes: 80 * gib - i64::from(g) * 4 * gib,
+                    fault: String::new(),
                 })
                 .collect(),
             disk_total_bytes: 2 << 40,

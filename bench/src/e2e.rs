@@ -427,6 +427,7 @@ pub(crate) fn submit_request(key: String) -> pb::SubmitRequest {
         jobs: vec![job_spec()],
         submission_key: key,
         pipeline: String::new(),
+        ..Default::default()
     }
 }
 
@@ -501,6 +502,7 @@ fn heartbeat_message(seq: u64) -> pb::AgentMessage {
                 used_bytes: 0,
                 utilization_pct: 0,
                 temperature_c: 40,
+                fault: String::new(),
             })
             .collect(),
         cpu_used_pct: 5,

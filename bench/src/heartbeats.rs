@@ -289,6 +289,7 @@ fn heartbeat(seq: u64, running: &[(u64, u32)]) -> pb::AgentMessage {
                 used_bytes: per_gpu * 8 * GIB,
                 utilization_pct: if running.is_empty() { 0 } else { 90 },
                 temperature_c: 40,
+                fault: String::new(),
             })
             .collect(),
         cpu_used_pct: 5,
@@ -456,6 +457,7 @@ fn submit_batch(run: &str, batch: u64, count: u64) -> pb::SubmitRequest {
         jobs: vec![spec; count as usize],
         submission_key: format!("{run}-{batch}"),
         pipeline: String::new(),
+        ..Default::default()
     }
 }
 

@@ -160,12 +160,16 @@ pub const METHODS: &[(&str, Need)] = &[
     ("/gantry.v1.Gantry/ListNodes", Need::Role(Role::User)),
     // Drain and undrain (the same rpc) change what the whole fleet may run.
     ("/gantry.v1.Gantry/Drain", Need::Role(Role::Admin)),
+    // Vouching for a GPU is the operator's call, like an undrain.
+    ("/gantry.v1.Gantry/ResetGpu", Need::Role(Role::Admin)),
     ("/gantry.v1.Gantry/Status", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/WatchEvents", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/DlqList", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/DlqRetry", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/DlqDrop", Need::Role(Role::User)),
     ("/gantry.v1.Gantry/GetPipeline", Need::Role(Role::User)),
+    // A user may stop only the loops it submitted (`may_change`).
+    ("/gantry.v1.Gantry/StopPipeline", Need::Role(Role::User)),
     // Credentials of the whole replica: an operator's call.
     (
         "/gantry.v1.Gantry/ReloadCredentials",
@@ -173,6 +177,13 @@ pub const METHODS: &[(&str, Need)] = &[
     ),
     // Every job of every user, in one file.
     ("/gantry.v1.Gantry/SnapshotSave", Need::Role(Role::Admin)),
+    // The replica set itself.
+    ("/gantry.v1.Gantry/RaftMembers", Need::Role(Role::Admin)),
+    ("/gantry.v1.Gantry/RaftAddMember", Need::Role(Role::Admin)),
+    (
+        "/gantry.v1.Gantry/RaftRemoveMember",
+        Need::Role(Role::Admin),
+    ),
     ("/gantry.v1.AgentLink/ConnectAgent", Need::AgentJoin),
     ("/gantry.raft.v1.RaftPeer/Step", Need::Peer),
 ];
@@ -596,6 +607,21 @@ mod tests {
                 "/gantry.v1.Gantry/ReloadCredentials",
                 vec![("authorization", "Bearer user-secret")],
                 Err("PermissionDenied: reload credentials needs the admin role"),
+            ),
+            (
+                "/gantry.v1.Gantry/RaftAddMember",
+                vec![("authorization", "Bearer user-secret")],
+                Err("PermissionDenied: raft add member needs the admin role"),
+            ),
+            (
+                "/gantry.v1.Gantry/RaftMembers",
+                vec![("authorization", "Bearer user-secret")],
+                Err("raft members needs the admin role"),
+            ),
+            (
+                "/gantry.v1.Gantry/RaftRemoveMember",
+                vec![("authorization", "Bearer admin-secret")],
+                Ok(Some("root")),
             ),
             (
                 drain,

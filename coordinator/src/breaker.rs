@@ -63,6 +63,64 @@ const PROPOSAL_TIMEOUT_MS: u64 = 5_000;
 /// How often nodes held in service are judged again.
 pub const HELD_RECHECK_MS: u64 = 1_000;
 
+/// The breaker's numbers. The defaults are the constants above;
+/// `--breaker-*` flags and `breaker:` in the settings file change them
+/// (checked once at start, in ctl's `policy.rs`, within [`POLICY_BOUNDS`]).
+/// A quarantine carries its leader's policy (`Command::Quarantine`), so
+/// every replica re-checks the fleet share and the trip window in apply
+/// with the same numbers whatever its own flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct BreakerPolicy {
+    /// Evidence points that trip the breaker.
+    pub trip_points: u32,
+    /// Evidence older than this is forgotten; a trip within this long of
+    /// the last quarantine's end doubles the cool-down.
+    pub window_ms: u64,
+    /// The first quarantine's length.
+    pub cool_down_ms: u64,
+    /// Doublings of the cool-down at most.
+    pub max_doublings: u32,
+    /// Most of the fleet quarantined at once, in percent (rounded down, at
+    /// least one node in a fleet of two or more).
+    pub max_share_percent: u32,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        Self {
+            trip_points: TRIP_POINTS,
+            window_ms: WINDOW_MS,
+            cool_down_ms: COOL_DOWN_MS,
+            max_doublings: MAX_DOUBLINGS,
+            max_share_percent: MAX_SHARE_PERCENT as u32,
+        }
+    }
+}
+
+/// The ranges a [`BreakerPolicy`] is checked against: trip points 1 to
+/// 1,000, window and cool-down 1 s to 7 days, doublings 0 to 10, share 1 to
+/// 100 percent (so `cool_down << doublings` cannot overflow).
+pub const POLICY_BOUNDS: PolicyBounds = PolicyBounds {
+    trip_points: (1, 1_000),
+    duration_ms: (1_000, 7 * 24 * 3_600_000),
+    max_doublings: 10,
+    max_share_percent: (1, 100),
+};
+
+/// See [`POLICY_BOUNDS`].
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyBounds {
+    /// Least and most trip points.
+    pub trip_points: (u32, u32),
+    /// Shortest and longest window or cool-down.
+    pub duration_ms: (u64, u64),
+    /// Most doublings.
+    pub max_doublings: u32,
+    /// Least and most share, percent.
+    pub max_share_percent: (u32, u32),
+}
+
 /// What one ended attempt says about the node it ran on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Evidence {
@@ -215,7 +273,7 @@ pub fn truncate(text: &mut String, max: usize) {
 }
 
 /// The evidence against a node at `now_ms` from its strikes: strikes before
-/// `since_ms` (its last quarantine or clearing) or older than [`WINDOW_MS`]
+/// `since_ms` (its last quarantine or clearing) or older than `window_ms`
 /// are ignored, a plain failure before `last_success_ms` is forgiven, each
 /// job counts once, and lost attempts count once per burst.
 pub fn blame<'a>(
@@ -224,11 +282,12 @@ pub fn blame<'a>(
     last_success_ms: u64,
     since_ms: u64,
     now_ms: u64,
+    window_ms: u64,
 ) -> Blame {
     let mut jobs: BTreeMap<JobId, Evidence> = BTreeMap::new();
     let mut lost = Vec::new();
     for strike in strikes {
-        if strike.at_ms < since_ms || strike.at_ms.saturating_add(WINDOW_MS) <= now_ms {
+        if strike.at_ms < since_ms || strike.at_ms.saturating_add(window_ms) <= now_ms {
             continue;
         }
         let Some(record) = job(strike.job) else {
@@ -317,12 +376,12 @@ impl fmt::Display for Refusal {
 }
 
 /// Most nodes quarantined at once in a fleet of `up` nodes not down:
-/// [`MAX_SHARE_PERCENT`] rounded down, at least one when there are two.
-pub fn max_quarantined(up: usize) -> usize {
+/// `share_percent` rounded down, at least one when there are two.
+pub fn max_quarantined(up: usize, share_percent: u32) -> usize {
     if up < 2 {
         0
     } else {
-        (up * MAX_SHARE_PERCENT / 100).max(1)
+        (up * share_percent as usize / 100).max(1)
     }
 }
 
@@ -333,6 +392,7 @@ pub fn admit<'a>(
     fleet: impl IntoIterator<Item = FleetNode<'a>>,
     node: &str,
     at_ms: u64,
+    share_percent: u32,
 ) -> Result<(), Refusal> {
     let (mut up, mut quarantined, mut takers) = (0, 0, 0);
     for n in fleet {
@@ -352,7 +412,7 @@ pub fn admit<'a>(
     if takers == 0 {
         return Err(Refusal::LastNode);
     }
-    let max = max_quarantined(up);
+    let max = max_quarantined(up, share_percent);
     if quarantined >= max {
         return Err(Refusal::Share { quarantined, max });
     }
@@ -360,11 +420,11 @@ pub fn admit<'a>(
 }
 
 /// The trip count of a quarantine starting at `at_ms` after `previous`: one
-/// more when the previous one ended less than [`WINDOW_MS`] ago (and was not
+/// more when the previous one ended less than `window_ms` ago (and was not
 /// cleared), else 1.
-pub fn next_trips(previous: Option<&Quarantine>, at_ms: u64) -> u32 {
+pub fn next_trips(previous: Option<&Quarantine>, at_ms: u64, window_ms: u64) -> u32 {
     match previous {
-        Some(q) if q.trips > 0 && at_ms < q.until_ms.saturating_add(WINDOW_MS) => {
+        Some(q) if q.trips > 0 && at_ms < q.until_ms.saturating_add(window_ms) => {
             q.trips.saturating_add(1)
         }
         _ => 1,
@@ -372,8 +432,10 @@ pub fn next_trips(previous: Option<&Quarantine>, at_ms: u64) -> u32 {
 }
 
 /// How long the `trips`-th quarantine in a row lasts.
-pub fn cool_down_ms(trips: u32) -> u64 {
-    COOL_DOWN_MS << trips.saturating_sub(1).min(MAX_DOUBLINGS)
+pub fn cool_down_ms(trips: u32, policy: &BreakerPolicy) -> u64 {
+    policy
+        .cool_down_ms
+        .saturating_mul(1 << trips.saturating_sub(1).min(policy.max_doublings).min(20))
 }
 
 /// The breaker's decision about one node.
@@ -394,21 +456,23 @@ pub fn verdict<'a>(
     blame: &Blame,
     fleet: impl IntoIterator<Item = FleetNode<'a>>,
     now_ms: u64,
+    policy: &BreakerPolicy,
 ) -> Verdict {
     let previous = node.quarantine.as_ref();
-    if previous.is_some_and(|q| q.is_active(now_ms)) || blame.points < TRIP_POINTS {
+    if previous.is_some_and(|q| q.is_active(now_ms)) || blame.points < policy.trip_points {
         return Verdict::Clear;
     }
-    if let Err(refusal) = admit(fleet, &node.name, now_ms) {
+    if let Err(refusal) = admit(fleet, &node.name, now_ms, policy.max_share_percent) {
         return Verdict::Held(refusal);
     }
-    let trips = next_trips(previous, now_ms);
+    let trips = next_trips(previous, now_ms, policy.window_ms);
     Verdict::Trip(Command::Quarantine {
         at_ms: now_ms,
         node: node.name.clone(),
-        until_ms: now_ms.saturating_add(cool_down_ms(trips)),
+        until_ms: now_ms.saturating_add(cool_down_ms(trips, policy)),
         failures: blame.points,
         reason: blame.reason(),
+        policy: *policy,
     })
 }
 
@@ -437,9 +501,19 @@ pub struct Breaker {
     held: BTreeSet<String>,
     /// When the held nodes were last judged again.
     held_checked_ms: u64,
+    /// The numbers it judges by.
+    policy: BreakerPolicy,
 }
 
 impl Breaker {
+    /// A breaker judging by `policy` (`Breaker::default()`: the defaults).
+    pub fn new(policy: BreakerPolicy) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
     /// Takes in the jobs an applied command wrote and returns the
     /// quarantines to propose. Cheap for jobs with no ended attempt; a job
     /// with a newly ended one re-evaluates every node it ran on (a success
@@ -492,7 +566,7 @@ impl Breaker {
     pub fn recent_failures(&self, node: &str, now_ms: u64) -> u32 {
         self.nodes
             .get(node)
-            .filter(|n| n.points.1.saturating_add(WINDOW_MS) > now_ms)
+            .filter(|n| n.points.1.saturating_add(self.policy.window_ms) > now_ms)
             .map_or(0, |n| n.points.0)
     }
 
@@ -500,7 +574,7 @@ impl Breaker {
     fn record(&mut self, record: &JobRecord, now_ms: u64) -> bool {
         let mut new = false;
         for a in &record.attempts {
-            if a.ended_at_ms == 0 || a.ended_at_ms.saturating_add(WINDOW_MS) <= now_ms {
+            if a.ended_at_ms == 0 || a.ended_at_ms.saturating_add(self.policy.window_ms) <= now_ms {
                 continue;
             }
             let strike = Strike {
@@ -542,19 +616,26 @@ impl Breaker {
         let since = node.quarantine.as_ref().map_or(0, |q| q.since_ms);
         entry
             .strikes
-            .retain(|s| s.at_ms >= since && s.at_ms.saturating_add(WINDOW_MS) > now_ms);
+            .retain(|s| s.at_ms >= since && s.at_ms.saturating_add(self.policy.window_ms) > now_ms);
         let blame = blame(
             entry.strikes.make_contiguous(),
             |id| state.job(id),
             entry.last_success_ms,
             since,
             now_ms,
+            self.policy.window_ms,
         );
         entry.points = (blame.points, now_ms);
         if self.proposed.contains_key(name) {
             return None;
         }
-        match verdict(node, &blame, state.nodes().map(FleetNode::of), now_ms) {
+        match verdict(
+            node,
+            &blame,
+            state.nodes().map(FleetNode::of),
+            now_ms,
+            &self.policy,
+        ) {
             Verdict::Clear => {
                 self.held.remove(name);
                 None

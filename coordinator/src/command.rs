@@ -7,7 +7,7 @@
 use gantry_scheduler::{JobId, Placement};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{GpuRecord, JobSpec};
+use crate::domain::{GpuRecord, JobSpec, RunPolicy};
 
 /// A hard-state change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,6 +198,10 @@ pub enum Command {
         failures: u32,
         /// The evidence, for people.
         reason: String,
+        /// The leader's breaker policy: apply re-checks the fleet share and
+        /// the trip window with it (absent in older entries: the defaults).
+        #[serde(default)]
+        policy: crate::breaker::BreakerPolicy,
     },
     /// A pending job preempts lower-priority jobs on one node (the
     /// scheduler's choice). Apply re-checks every rule at `at_ms` and does
@@ -242,6 +246,52 @@ pub enum Command {
         /// The leader's clock when it proposed.
         at_ms: u64,
     },
+    /// A GPU's health changed. With a `fault` (and a `gpu`): the leader saw
+    /// the agent report it; apply marks the GPU unhealthy and the attempts
+    /// on it preempted as a node fault, unless an operator cleared that same
+    /// fault, or cleared the GPU after `at_ms` (a stale report). Without a
+    /// fault: an operator's clear (`gpu` `None`: every GPU of the node, as
+    /// `gantry undrain` does), or with `seen_healthy` the agent reported the
+    /// GPU healthy again, and a cleared fault is forgotten (the same fault
+    /// reported later marks the GPU again; a fault in force stays).
+    SetGpuHealth {
+        /// Time (the leader's clock when it proposed).
+        at_ms: u64,
+        /// Node.
+        node: String,
+        /// GPU index; `None` only for an operator's clear.
+        gpu: Option<u32>,
+        /// The fault, bounded by `limits::MAX_GPU_FAULT_CHARS`.
+        fault: Option<String>,
+        /// The agent reports the GPU healthy (forget an acknowledged fault).
+        #[serde(default)]
+        seen_healthy: bool,
+    },
+    /// A submit of a pipeline run with `repeat:` or `run_dir:` (a `Submit`
+    /// whose jobs carry the run policy; a variant of its own so that the
+    /// plain submit, proposed by every test, stays as it was).
+    SubmitLoop {
+        /// Proposal time.
+        at_ms: u64,
+        /// Idempotency key.
+        key: Option<String>,
+        /// Validated specs.
+        jobs: Vec<JobSpec>,
+        /// Pipeline name.
+        pipeline: String,
+        /// Name of the submitting token.
+        owner: Option<String>,
+        /// The pipeline's `repeat:` and `run_dir:` (validated).
+        run_policy: RunPolicy,
+    },
+    /// `gantry pipeline stop`: the loop of a repeating pipeline starts no
+    /// run after its latest one (nothing to stop changes nothing).
+    StopPipeline {
+        /// Time.
+        at_ms: u64,
+        /// Pipeline.
+        name: String,
+    },
 }
 
 impl Command {
@@ -266,6 +316,45 @@ impl Command {
         }
     }
 
+    /// An `Assign` for tests: `job` on GPU 0 of `node` with 10 GiB, in a
+    /// plan of term 1.
+    pub fn assign_for_test(at_ms: u64, job: JobId, node: &str) -> Command {
+        Command::Assign {
+            at_ms,
+            placements: vec![Placement {
+                job,
+                node: node.into(),
+                gpus: vec![0],
+                gpu_memory: 10 << 30,
+                batch_size: None,
+                exclusive_gpu: false,
+            }],
+            term: 1,
+        }
+    }
+
+    /// A `JobExited` for tests: attempt `attempt` of `job` on `node` exited
+    /// with `code` (an error text when it is not 0; no signal, no tail).
+    pub fn exited_for_test(at_ms: u64, job: JobId, attempt: u32, node: &str, code: i32) -> Command {
+        Command::JobExited {
+            at_ms,
+            job,
+            attempt,
+            node: node.into(),
+            code: Some(code),
+            signal: None,
+            error: if code == 0 {
+                String::new()
+            } else {
+                format!("exit status {code}")
+            },
+            cancelled: false,
+            oom: false,
+            output_tail: String::new(),
+            peak_gpu_memory: 0,
+        }
+    }
+
     /// The one job this command is about, if it is about one (for its log span).
     pub fn job(&self) -> Option<JobId> {
         match self {
@@ -287,7 +376,10 @@ impl Command {
             | Command::Quarantine { .. }
             | Command::ClearQuarantine { .. }
             | Command::SetRetention { .. }
-            | Command::Retire { .. } => None,
+            | Command::Retire { .. }
+            | Command::SetGpuHealth { .. }
+            | Command::SubmitLoop { .. }
+            | Command::StopPipeline { .. } => None,
         }
     }
 
@@ -312,7 +404,10 @@ impl Command {
             | Command::ClearQuarantine { at_ms, .. }
             | Command::Preempt { at_ms, .. }
             | Command::SetRetention { at_ms, .. }
-            | Command::Retire { at_ms } => *at_ms,
+            | Command::SetGpuHealth { at_ms, .. }
+            | Command::Retire { at_ms }
+            | Command::SubmitLoop { at_ms, .. }
+            | Command::StopPipeline { at_ms, .. } => *at_ms,
         }
     }
 }

@@ -13,12 +13,13 @@ use gantry_scheduler::{
 
 use crate::dag::resolve_after;
 use crate::domain::{
-    AttemptRecord, EventRecord, JobRecord, JobSpec, OverusePolicy, Quarantine, RetryPolicy,
-    SnapshotSpec,
+    AttemptRecord, EventRecord, JobRecord, JobSpec, OverusePolicy, Quarantine, Repeat, RetryPolicy,
+    RunPolicy, SnapshotSpec,
 };
 use crate::error::CoordinatorError;
 
 pub mod agent;
+pub mod members;
 use crate::limits::*;
 
 fn invalid(field: String, reason: impl Into<String>) -> CoordinatorError {
@@ -109,6 +110,65 @@ pub struct ValidSubmit {
     pub specs: Vec<JobSpec>,
     /// Pipeline name.
     pub pipeline: Option<String>,
+    /// The pipeline's `repeat:` and `run_dir:` (default without them).
+    pub run_policy: RunPolicy,
+}
+
+/// Validates a pipeline's `repeat:` and `run_dir:`.
+fn run_policy(
+    repeat: Option<pb::PipelineRepeat>,
+    run_dir: String,
+    pipeline: bool,
+) -> Result<RunPolicy, CoordinatorError> {
+    if !pipeline && repeat.is_some() {
+        return Err(invalid("repeat".into(), "only a pipeline repeats"));
+    }
+    if !pipeline && !run_dir.is_empty() {
+        return Err(invalid("run_dir".into(), "only a pipeline has runs"));
+    }
+    let repeat = match repeat {
+        None => Repeat::Once,
+        Some(r) if r.forever && r.max_runs > 0 => {
+            return Err(invalid(
+                "repeat".into(),
+                "max_runs and forever exclude each other",
+            ));
+        }
+        Some(r) if r.forever => Repeat::Forever,
+        Some(r) if r.max_runs == 0 => {
+            return Err(invalid("repeat.max_runs".into(), "must be at least 1"));
+        }
+        Some(r) if r.max_runs > MAX_PIPELINE_RUNS => {
+            return Err(invalid(
+                "repeat.max_runs".into(),
+                format!(
+                    "{} runs, at most {MAX_PIPELINE_RUNS} (or repeat: forever)",
+                    r.max_runs
+                ),
+            ));
+        }
+        Some(r) => Repeat::MaxRuns(r.max_runs),
+    };
+    if !run_dir.is_empty() {
+        bytes_at_most(|| "run_dir".into(), &run_dir, MAX_PATH_BYTES)?;
+        if !run_dir.starts_with('/') {
+            return Err(invalid("run_dir".into(), "must be an absolute path"));
+        }
+        if run_dir.contains('\0') {
+            return Err(invalid("run_dir".into(), "contains a NUL byte"));
+        }
+        if !run_dir.contains("{run}") {
+            return Err(invalid(
+                "run_dir".into(),
+                "must contain {run}, or every run would share one directory",
+            ));
+        }
+    }
+    Ok(RunPolicy {
+        repeat,
+        run_dir,
+        ..RunPolicy::default()
+    })
 }
 
 /// Validates a submit request and returns typed specs, including the
@@ -153,6 +213,7 @@ pub fn submit_request(
         check_name(|| "pipeline".into(), &request.pipeline)?;
         Some(request.pipeline)
     };
+    let run_policy = run_policy(request.repeat, request.run_dir, pipeline.is_some())?;
     let specs = request
         .jobs
         .into_iter()
@@ -164,6 +225,7 @@ pub fn submit_request(
         key,
         specs,
         pipeline,
+        run_policy,
     })
 }
 

@@ -38,6 +38,8 @@ mod replica;
 mod schedule;
 mod views;
 
+pub use views::JobFilter;
+
 /// A reply channel.
 pub type Reply<T> = oneshot::Sender<Result<T, CoordinatorError>>;
 /// Messages to one agent's stream.
@@ -72,6 +74,9 @@ pub enum Request {
         limit: usize,
         /// Only the jobs of this owner (`gantry jobs --mine`).
         owner: Option<String>,
+        /// Only jobs of this kind and pipeline (`/v1/jobs?kind=&pipeline=`):
+        /// filtered here, before the limit, so a page stays bounded.
+        filter: JobFilter,
         /// Reply.
         reply: Reply<Vec<pb::Job>>,
     },
@@ -137,8 +142,8 @@ pub enum Request {
         name: String,
         /// Run (0 = latest).
         run: u32,
-        /// Reply: the run number and its jobs.
-        reply: Reply<(u32, Vec<pb::Job>)>,
+        /// Reply: the run, its jobs, the loop and the latest runs.
+        reply: Reply<pb::PipelineView>,
     },
     /// A backup (`gantry snapshot save`): the applied index and the state
     /// snapshot at it, taken in one step so they agree.
@@ -210,6 +215,8 @@ pub struct CoreConfig {
     /// Per-kind disk watermarks (`--disk-threshold`).
     pub disk_thresholds:
         std::collections::BTreeMap<gantry_scheduler::JobKind, gantry_scheduler::DiskThresholds>,
+    /// The circuit breaker's numbers (`--breaker-*`).
+    pub breaker: crate::breaker::BreakerPolicy,
 }
 
 /// A node the fleet inventory (`hosts.yaml`) expects.
@@ -251,6 +258,7 @@ impl Default for CoreConfig {
             retention: Default::default(),
             queue_weights: Default::default(),
             disk_thresholds: Default::default(),
+            breaker: Default::default(),
         }
     }
 }
@@ -261,6 +269,9 @@ struct Session {
     /// The outstanding RTT probe: nonce and when it was sent.
     ping: Option<(u64, std::time::Instant)>,
     last_ping: std::time::Instant,
+    /// Highest heartbeat seq received on this stream, echoed in pings so
+    /// the agent knows it is heard (it fences itself otherwise).
+    heard_heartbeat_seq: u64,
 }
 
 /// Default of [`CoreConfig::max_heartbeat_rate`]: the design's 10,000 nodes
@@ -273,8 +284,11 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the heartbeat interval is recomputed from the fleet size.
 const INTERVAL_CHECK: Duration = Duration::from_millis(200);
 
-/// How often each connected agent's round-trip time is probed.
-const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// How often each connected agent's round-trip time is probed. The ping also
+/// confirms the last heartbeat heard, which keeps the agent from fencing
+/// itself: it must come well within the agent's fence time (60% of the Down
+/// threshold, 9 s at the 1 s interval; see `agent/src/fence.rs`).
+const PING_INTERVAL: Duration = Duration::from_secs(3);
 
 struct LogWaiter {
     session: u64,
@@ -362,7 +376,7 @@ impl Core {
         let state = store.load()?;
         Ok(Core {
             health: HealthTracker::new(config.health),
-            breaker: Breaker::default(),
+            breaker: Breaker::new(config.breaker),
             config,
             state,
             store,
@@ -517,6 +531,7 @@ impl Core {
                 states,
                 limit,
                 owner,
+                filter,
                 reply,
             } => {
                 let jobs = self
@@ -525,6 +540,7 @@ impl Core {
                     .rev()
                     .filter(|j| states.is_empty() || states.contains(&j.state))
                     .filter(|j| owner.is_none() || j.owner == owner)
+                    .filter(|j| filter.matches(j))
                     .take(limit)
                     .map(|job| {
                         convert::job_to_proto(
@@ -570,7 +586,7 @@ impl Core {
                 let _ = reply.send(Ok(jobs));
             }
             Request::Pipeline { name, run, reply } => {
-                let _ = reply.send(self.pipeline(&name, run));
+                let _ = reply.send(self.pipeline_view(&name, run));
             }
             Request::ReadLog {
                 job,

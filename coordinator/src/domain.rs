@@ -394,6 +394,68 @@ pub struct JobRecord {
     /// that node until it starts or `until_ms`.
     #[serde(default)]
     pub preempting: Option<PreemptionHold>,
+    /// Its pipeline's `repeat:` and `run_dir:`, and whether the loop was
+    /// stopped: every job of a run carries them, so the next run is made
+    /// from the run's own records (see `state/pipeline_loop.rs`).
+    #[serde(default, skip_serializing_if = "RunPolicy::is_default")]
+    pub run_policy: RunPolicy,
+}
+
+/// `repeat:` of a pipeline: how many runs its loop makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Repeat {
+    /// One run per submit (no `repeat:`).
+    #[default]
+    Once,
+    /// Runs until this many runs of the loop have been made.
+    MaxRuns(u32),
+    /// Runs until `gantry pipeline stop`.
+    Forever,
+}
+
+/// How a pipeline run goes on: the loop and its run directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunPolicy {
+    /// `repeat:` of the pipeline.
+    #[serde(default)]
+    pub repeat: Repeat,
+    /// Run number of the loop's first run (a loop counts `max_runs` from
+    /// the submit that started it, not from the pipeline's first run ever).
+    #[serde(default)]
+    pub first_run: u32,
+    /// `run_dir:` template (`{run}` replaced by the run number); "" = none.
+    #[serde(default)]
+    pub run_dir: String,
+    /// `gantry pipeline stop`: no run starts after this one.
+    #[serde(default)]
+    pub stopped: bool,
+}
+
+impl RunPolicy {
+    /// Nothing to carry (serialised records of other jobs stay as they were).
+    pub fn is_default(&self) -> bool {
+        *self == RunPolicy::default()
+    }
+
+    /// The run directory of run `run`, if the pipeline names one.
+    pub fn run_dir_of(&self, run: u32) -> Option<String> {
+        (!self.run_dir.is_empty()).then(|| self.run_dir.replace("{run}", &run.to_string()))
+    }
+
+    /// Whether a loop with this policy starts the run after `run` when
+    /// `run` succeeds.
+    pub fn continues_after(&self, run: u32) -> bool {
+        if self.stopped {
+            return false;
+        }
+        match self.repeat {
+            Repeat::Once => false,
+            Repeat::Forever => run < u32::MAX,
+            Repeat::MaxRuns(max) => {
+                u64::from(run) + 1 < u64::from(self.first_run.max(1)) + u64::from(max)
+            }
+        }
+    }
 }
 
 /// Preemptions remembered per job.
@@ -446,6 +508,7 @@ impl JobRecord {
             submit_event: 0,
             preempted_by: Vec::new(),
             preempting: None,
+            run_policy: RunPolicy::default(),
         }
     }
 
@@ -514,6 +577,42 @@ pub struct NodeRecord {
     /// `trips` drive the doubling). See [`crate::breaker`].
     #[serde(default)]
     pub quarantine: Option<Quarantine>,
+    /// GPU faults by GPU index (at most one per GPU of the node), set by
+    /// `Command::SetGpuHealth`; an active one keeps the GPU out of
+    /// placement. See [`crate::decide::gpu_health`].
+    #[serde(default)]
+    pub gpu_faults: BTreeMap<u32, GpuFault>,
+}
+
+impl NodeRecord {
+    /// The fault that makes GPU `index` unhealthy, if one is in force.
+    pub fn gpu_fault(&self, index: u32) -> Option<&str> {
+        self.gpu_faults
+            .get(&index)
+            .filter(|f| f.is_active())
+            .map(|f| f.reason.as_str())
+    }
+}
+
+/// A GPU's fault as committed: hard state, so an unhealthy GPU stays out of
+/// placement across a failover. An operator's clear keeps the record
+/// (acknowledged: the same fault reported again does not mark the GPU
+/// again) until the agent reports the GPU healthy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuFault {
+    /// What the agent reported (bounded by `limits::MAX_GPU_FAULT_CHARS`).
+    pub reason: String,
+    /// When it was committed (the command's `at_ms`).
+    pub since_ms: u64,
+    /// When an operator cleared it (`None`: in force).
+    pub cleared_at_ms: Option<u64>,
+}
+
+impl GpuFault {
+    /// Whether the GPU is unhealthy because of it.
+    pub fn is_active(&self) -> bool {
+        self.cleared_at_ms.is_none()
+    }
 }
 
 /// A circuit-breaker quarantine: hard state, set by `Command::Quarantine`

@@ -53,6 +53,17 @@ pub enum CoordinatorError {
     /// The data volume is under its reserve: writes wait for space.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A client already holds as many open streams as it may
+    /// (`--max-streams-per-client`, [`crate::service::StreamLimit`]).
+    #[error(
+        "too many open streams: {client} already holds {limit}, the limit (--max-streams-per-client); close one first"
+    )]
+    TooManyStreams {
+        /// Who (a token's name or an address).
+        client: String,
+        /// The limit.
+        limit: usize,
+    },
     /// Events asked for are below the compaction floor (their jobs were
     /// retired); never answered by skipping them.
     #[error(
@@ -71,7 +82,11 @@ impl CoordinatorError {
     pub fn http_status(&self) -> u16 {
         match self {
             CoordinatorError::InvalidArgument { .. } => 400,
-            CoordinatorError::Apply(ApplyError::JobNotFound(_) | ApplyError::NodeNotFound(_))
+            CoordinatorError::Apply(
+                ApplyError::JobNotFound(_)
+                | ApplyError::NodeNotFound(_)
+                | ApplyError::GpuNotFound { .. },
+            )
             | CoordinatorError::NotFound(_) => 404,
             CoordinatorError::Apply(
                 ApplyError::AlreadyTerminal { .. }
@@ -84,10 +99,31 @@ impl CoordinatorError {
             CoordinatorError::Unauthenticated(_) => 401,
             CoordinatorError::FailedPrecondition(_) => 409,
             CoordinatorError::ResourceExhausted(_) => 507,
+            CoordinatorError::TooManyStreams { .. } => 429,
             CoordinatorError::PermissionDenied(_) => 403,
             CoordinatorError::NotLeader { .. }
             | CoordinatorError::Unavailable(_)
             | CoordinatorError::ShuttingDown => 503,
+        }
+    }
+}
+
+/// Membership refusals: a malformed request is INVALID_ARGUMENT, a change
+/// the cluster's state refuses (quorum, an id or address taken, a change
+/// under way) FAILED_PRECONDITION.
+impl From<crate::raft::membership::MembershipError> for CoordinatorError {
+    fn from(error: crate::raft::membership::MembershipError) -> CoordinatorError {
+        use crate::raft::membership::MembershipError;
+        match error {
+            MembershipError::NotLeader { leader_url } => {
+                CoordinatorError::NotLeader { leader: leader_url }
+            }
+            MembershipError::Invalid { field, reason } => CoordinatorError::InvalidArgument {
+                field: field.into(),
+                reason,
+            },
+            MembershipError::Refused(reason) => CoordinatorError::FailedPrecondition(reason),
+            MembershipError::Unavailable(reason) => CoordinatorError::Unavailable(reason),
         }
     }
 }
@@ -97,7 +133,11 @@ impl From<CoordinatorError> for tonic::Status {
         let message = error.to_string();
         match error {
             CoordinatorError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
-            CoordinatorError::Apply(ApplyError::JobNotFound(_) | ApplyError::NodeNotFound(_))
+            CoordinatorError::Apply(
+                ApplyError::JobNotFound(_)
+                | ApplyError::NodeNotFound(_)
+                | ApplyError::GpuNotFound { .. },
+            )
             | CoordinatorError::NotFound(_) => tonic::Status::not_found(message),
             CoordinatorError::Apply(
                 ApplyError::AlreadyTerminal { .. }
@@ -110,7 +150,9 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::PermissionDenied(_) => tonic::Status::permission_denied(message),
             CoordinatorError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             CoordinatorError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
-            CoordinatorError::ResourceExhausted(_) => tonic::Status::resource_exhausted(message),
+            CoordinatorError::ResourceExhausted(_) | CoordinatorError::TooManyStreams { .. } => {
+                tonic::Status::resource_exhausted(message)
+            }
             CoordinatorError::NotLeader { leader } => {
                 let mut status = tonic::Status::unavailable(message);
                 if let Some(url) = leader

@@ -33,6 +33,10 @@ pub struct Heartbeat {
     pub disk_total: u64,
     /// GPU memory each running job uses, as the agent measured it.
     pub jobs: Vec<(JobId, u64)>,
+    /// The GPUs the agent reports unhealthy, with the fault (bounded by
+    /// `limits::MAX_GPU_FAULT_CHARS`); [`crate::decide::gpu_health`]
+    /// decides what to commit.
+    pub faults: Vec<(u32, String)>,
 }
 
 /// What the leader knows of a node right now.
@@ -79,8 +83,9 @@ pub struct HealthConfig {
 
 /// Heartbeat intervals of silence after which a node is Suspect.
 pub const SUSPECT_INTERVALS: u64 = 3;
-/// Heartbeat intervals of silence after which a node is Down.
-pub const DOWN_INTERVALS: u64 = 15;
+/// Heartbeat intervals of silence after which a node is Down (shared with
+/// the agent, which fences itself before it).
+pub const DOWN_INTERVALS: u64 = gantry_proto::DOWN_INTERVALS;
 /// A stretched interval is rounded up to a multiple of this, so a growing
 /// fleet changes it (and every agent is told) in steps, not at each node.
 pub const INTERVAL_STEP_MS: u64 = 100;
@@ -118,7 +123,7 @@ impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
             suspect_after_ms: 3_000,
-            down_after_ms: 15_000,
+            down_after_ms: gantry_proto::DOWN_AFTER_MIN_MS,
             disk_high: 0.85,
             disk_low: 0.75,
         }

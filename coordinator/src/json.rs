@@ -92,6 +92,8 @@ pub fn node_json(node: &pb::Node) -> Value {
             "free_bytes": g.free_bytes,
             "utilization_pct": g.utilization_pct,
             "temperature_c": g.temperature_c,
+            "healthy": g.fault.is_empty(),
+            "fault": (!g.fault.is_empty()).then_some(g.fault.as_str()),
         })).collect::<Vec<_>>(),
     })
 }
@@ -130,5 +132,29 @@ pub fn status_json(s: &pb::ClusterStatus) -> Value {
         "jobs_by_state": s.jobs_by_state,
         "last_event_index": s.last_event_index,
         "version": s.version,
+    })
+}
+
+/// A pipeline run with its loop and latest runs as JSON (`gantry pipeline
+/// -o json`, `GET /v1/pipelines/{name}`).
+pub fn pipeline_json(view: &pb::PipelineView) -> Value {
+    json!({
+        "name": view.name,
+        "run": view.run,
+        "jobs": view.jobs.iter().map(job_json).collect::<Vec<_>>(),
+        "loop_status": view.loop_status,
+        "repeat": view.repeat.as_ref().map(|r| if r.forever {
+            json!("forever")
+        } else {
+            json!({ "max_runs": r.max_runs })
+        }),
+        "runs": view.runs.iter().map(|r| json!({
+            "run": r.run,
+            "state": r.state,
+            "stages": r.stages,
+            "succeeded": r.succeeded,
+            "submitted_at_ms": r.submitted_at_ms,
+            "ended_at_ms": r.ended_at_ms,
+        })).collect::<Vec<_>>(),
     })
 }

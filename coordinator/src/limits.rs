@@ -18,6 +18,9 @@ pub const MAX_JOBS_PER_SUBMIT: usize = 10_000;
 /// Stages of one pipeline run. A run is one submission, so this is the
 /// per-submit bound, named for the message a pipeline gets.
 pub const MAX_PIPELINE_STAGES: usize = MAX_JOBS_PER_SUBMIT;
+/// Runs a `repeat: {max_runs: N}` loop may ask for (`forever` has no
+/// bound but the run number's).
+pub const MAX_PIPELINE_RUNS: u32 = 1_000_000;
 /// Bytes of a submission's idempotency key.
 pub const MAX_SUBMISSION_KEY_BYTES: usize = 256;
 
@@ -91,3 +94,7 @@ pub const MAX_PRIORITY: i32 = 1000;
 /// kind, mode or policy): the rest is elided, so a megabyte of junk gets a
 /// one-line answer.
 pub const MAX_ECHO_CHARS: usize = 64;
+
+/// Longest GPU fault text kept from an agent's heartbeat, in characters
+/// (agents bound it too; the coordinator never trusts that).
+pub const MAX_GPU_FAULT_CHARS: usize = 200;

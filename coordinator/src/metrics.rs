@@ -453,6 +453,13 @@ impl Collector for ClusterCollector {
         )?;
         gauges(
             e,
+            "gantry_gpu_healthy",
+            "1 while the GPU takes placements as far as its health goes, 0 while a committed fault (XID, ECC, page retirement) keeps it out until cleared",
+            None,
+            per_gpu(|g| i64::from(g.fault.is_empty())),
+        )?;
+        gauges(
+            e,
             "gantry_gpu_temperature",
             "GPU temperature",
             Some(&Unit::Celsius),
@@ -565,6 +572,17 @@ mod tests {
                 "gantry_gpu_memory_free_bytes{{node=\"gpu-01\",gpu=\"0\"}} {}",
                 52u64 << 30
             )
+        );
+        assert_eq!(
+            line(&text, "gantry_gpu_healthy{"),
+            "gantry_gpu_healthy{node=\"gpu-01\",gpu=\"0\"} 1"
+        );
+        let mut sick = view();
+        sick.nodes[0].gpus[0].fault = "critical xid 79".into();
+        let text_sick = render(&metrics, &raft, Some(Arc::new(sick)));
+        assert_eq!(
+            line(&text_sick, "gantry_gpu_healthy{"),
+            "gantry_gpu_healthy{node=\"gpu-01\",gpu=\"0\"} 0"
         );
         assert_eq!(
             line(&text, "gantry_gpu_utilization_ratio{"),

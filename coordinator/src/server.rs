@@ -42,6 +42,10 @@ pub struct CoordinatorConfig {
     /// HTTP listen address for `/metrics`, `/v1` and the status page
     /// (port 0 = any; None = no HTTP).
     pub http_addr: Option<SocketAddr>,
+    /// The HTTP base URL clients reach this replica at (`--http-advertise`);
+    /// `None` = derived from the bound address ([`http_url`]). Followers
+    /// name the leader's in their 503s.
+    pub http_advertise: Option<String>,
     /// Storage directory.
     pub data_dir: PathBuf,
     /// Core tunables.
@@ -49,7 +53,12 @@ pub struct CoordinatorConfig {
     /// This replica's id.
     pub id: u64,
     /// All replicas' client URLs by id; empty = a single voter at `grpc_addr`.
+    /// Only bootstraps a fresh data dir: later starts follow the stored
+    /// membership ([`crate::raft::membership`]).
     pub peers: BTreeMap<u64, String>,
+    /// A fresh data dir waits to be added to a cluster (`gantry raft add`)
+    /// instead of bootstrapping one (`--join`).
+    pub join: bool,
     /// Applied entries between Raft snapshots (None = the default, 10,000).
     pub raft_compact_after: Option<u64>,
     /// TLS of the listener (`None` = plaintext); with a client certificate
@@ -72,6 +81,9 @@ pub struct CoordinatorConfig {
     /// Free space kept on the data volume: client writes are refused under
     /// it (0 = never; see [`crate::disk`]).
     pub disk_reserve: u64,
+    /// Open streams (watches, followed logs) per client
+    /// (`--max-streams-per-client`).
+    pub max_streams_per_client: usize,
 }
 
 impl CoordinatorConfig {
@@ -80,10 +92,12 @@ impl CoordinatorConfig {
         CoordinatorConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_addr: None,
+            http_advertise: None,
             data_dir,
             core: CoreConfig::default(),
             id: 1,
             peers: BTreeMap::new(),
+            join: false,
             raft_compact_after: None,
             tls: None,
             peer_tls: None,
@@ -92,6 +106,7 @@ impl CoordinatorConfig {
             cluster_name: String::new(),
             reloader: None,
             disk_reserve: crate::disk::DEFAULT_RESERVE_BYTES,
+            max_streams_per_client: crate::service::DEFAULT_MAX_STREAMS_PER_CLIENT,
         }
     }
 }
@@ -334,14 +349,18 @@ pub async fn start(
     } else {
         "http"
     };
-    let raft_config = if config.peers.is_empty() {
+    let raft_config = if config.join {
+        RaftConfig::new(config.id, config.peers.clone())
+    } else if config.peers.is_empty() {
         RaftConfig::single(config.id, format!("{scheme}://{grpc_addr}"))
     } else {
         RaftConfig::new(config.id, config.peers.clone())
     };
     let mut raft_config = raft_config;
+    raft_config.join = config.join;
     raft_config.peer_tls = config.peer_tls.clone();
     raft_config.cluster_name = config.cluster_name.clone();
+    raft_config.http_url = http_addr.map(|bound| http_url(&config, bound));
     if let Some(after) = config.raft_compact_after {
         raft_config.compact_after = after;
         raft_config.compact_keep = raft_config.compact_keep.min(after / 2);
@@ -349,7 +368,7 @@ pub async fn start(
     // The loop thread takes the core over: it applies, answers and ticks it.
     let raft = RaftNode::start(raft_config, &db, core, &shutdown)
         .map_err(|e| CoordinatorError::Unavailable(format!("cannot start replication: {e}")))?;
-    if config.peers.len() <= 1 {
+    if raft.is_single_voter() {
         // A single voter elects itself at once: serve only once it leads, so
         // the first request after start is not refused.
         let mut status = raft.handle().watch_status();
@@ -364,9 +383,12 @@ pub async fn start(
             ));
         }
     }
-    let handle = CoreHandle::new(events, raft.handle(), metrics.clone()).with_disk_reserve(
-        crate::disk::DiskReserve::new(config.data_dir.clone(), config.disk_reserve),
-    );
+    let handle = CoreHandle::new(events, raft.handle(), metrics.clone())
+        .with_disk_reserve(crate::disk::DiskReserve::new(
+            config.data_dir.clone(),
+            config.disk_reserve,
+        ))
+        .with_stream_limit(config.max_streams_per_client);
     tokio::spawn(stop_on_failure(
         raft.handle().watch_status(),
         failure.clone(),
@@ -437,6 +459,32 @@ pub async fn start(
         failure,
         credentials,
     })
+}
+
+/// The HTTP base URL this replica advertises: `--http-advertise`, else the
+/// bound address, with the host of this replica's own peer URL when bound
+/// to every interface (`0.0.0.0:7080` is no address to dial).
+fn http_url(config: &CoordinatorConfig, bound: SocketAddr) -> String {
+    if let Some(url) = &config.http_advertise {
+        return url.trim_end_matches('/').to_string();
+    }
+    let scheme = if config.http_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let peer_host = config
+        .peers
+        .get(&config.id)
+        .and_then(|url| url.split_once("://"))
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|authority| authority.rsplit_once(':').map(|(host, _)| host));
+    match peer_host {
+        Some(host) if bound.ip().is_unspecified() => {
+            format!("{scheme}://{host}:{}", bound.port())
+        }
+        _ => format!("{scheme}://{bound}"),
+    }
 }
 
 /// Turns a replica loop that stopped on its own (or another [`Failure`])
@@ -549,6 +597,76 @@ mod tests {
                 open_beyond_loopback(auth, addr(grpc), http.map(addr)),
                 want,
                 "{grpc} {http:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_advertised_http_url() {
+        let config = |advertise: Option<&str>, peer: Option<&str>, tls: bool| {
+            let mut config = CoordinatorConfig::for_test(PathBuf::from("/nonexistent"));
+            config.http_advertise = advertise.map(String::from);
+            if let Some(peer) = peer {
+                config.peers = BTreeMap::from([(1, peer.to_string())]);
+            }
+            if tls {
+                let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+                config.http_tls = Some(Arc::new(
+                    tokio_rustls::rustls::ServerConfig::builder()
+                        .with_no_client_auth()
+                        .with_cert_resolver(Arc::new(
+                            tokio_rustls::rustls::server::ResolvesServerCertUsingSni::new(),
+                        )),
+                ));
+            }
+            config
+        };
+        let cases = [
+            // (advertise, own peer URL, https, bound, expected)
+            (
+                None,
+                None,
+                false,
+                "127.0.0.11:43210",
+                "http://127.0.0.11:43210",
+            ),
+            (None, None, true, "10.0.0.1:7080", "https://10.0.0.1:7080"),
+            (
+                None,
+                Some("http://coord-1.lan:7070"),
+                false,
+                "0.0.0.0:7080",
+                "http://coord-1.lan:7080",
+            ),
+            (
+                None,
+                Some("http://[fd00::1]:7070"),
+                false,
+                "[::]:7080",
+                "http://[fd00::1]:7080",
+            ),
+            (
+                None,
+                Some("http://coord-1.lan:7070"),
+                false,
+                "10.0.0.1:7080",
+                "http://10.0.0.1:7080",
+            ),
+            (
+                Some("https://api.example/"),
+                None,
+                false,
+                "0.0.0.0:7080",
+                "https://api.example",
+            ),
+        ];
+        for (advertise, peer, tls, bound, want) in cases {
+            let config = config(advertise, peer, tls);
+            let bound = bound.parse::<SocketAddr>().unwrap();
+            assert_eq!(
+                http_url(&config, bound),
+                want,
+                "{advertise:?} {peer:?} {bound}"
             );
         }
     }

@@ -26,12 +26,16 @@ use crate::disk::DiskReserve;
 use crate::domain::JobState;
 use crate::error::CoordinatorError;
 use crate::metrics::Metrics;
+use crate::raft::membership::MembersRequest;
 use crate::raft::{ProposeError, RaftHandle, RaftStatus};
 use crate::state::Outcome;
 
+mod stream_limit;
+mod members;
 mod streams;
 mod writes;
 
+pub use stream_limit::{DEFAULT_MAX_STREAMS_PER_CLIENT, StreamClient, StreamLimit, StreamPermit};
 pub use streams::{EventFilter, StreamItem};
 
 /// How long an agent's registration may wait for its RegisterNode to apply
@@ -54,6 +58,8 @@ pub struct CoreHandle {
     metrics: Arc<Metrics>,
     /// Client writes are refused under the data volume's reserve.
     disk: Option<Arc<DiskReserve>>,
+    /// Open watches and followed logs per client.
+    streams: StreamLimit,
 }
 
 impl CoreHandle {
@@ -63,6 +69,22 @@ impl CoreHandle {
             disk: Some(Arc::new(reserve)),
             ..self
         }
+    }
+
+    /// At most `max` open streams per client (`--max-streams-per-client`).
+    pub fn with_stream_limit(self, max: usize) -> CoreHandle {
+        CoreHandle {
+            streams: StreamLimit::new(max),
+            ..self
+        }
+    }
+
+    /// Counts a new stream (watch, followed log) against `client`, or
+    /// refuses it naming the limit; keep the permit with the stream.
+    /// A follower refuses with the leader first, as the streams themselves do.
+    pub fn open_stream(&self, client: StreamClient) -> Result<StreamPermit, CoordinatorError> {
+        self.require_leader()?;
+        self.streams.acquire(client)
     }
 
     /// Wraps the replica loop's handle and the event broadcaster.
@@ -77,12 +99,18 @@ impl CoreHandle {
             raft,
             metrics,
             disk: None,
+            streams: StreamLimit::default(),
         }
     }
 
     /// This replica's event metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The HTTP API base URL of the leader, once this replica knows it.
+    pub fn leader_http_url(&self) -> Option<String> {
+        self.raft.leader_http_url()
     }
 
     /// This replica's Raft progress and leadership.
@@ -159,6 +187,16 @@ impl GantryService {
             credentials: Some(credentials),
             ..self
         }
+    }
+
+    /// Counts a stream call against its caller: its token, else its address.
+    fn open_stream<T>(&self, request: &GrpcRequest<T>) -> Result<StreamPermit, CoordinatorError> {
+        let token = request
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.name.as_str());
+        let address = request.remote_addr().map(|a| a.ip());
+        self.core.open_stream(StreamClient::new(token, address))
     }
 }
 
@@ -243,6 +281,7 @@ impl pb::gantry_server::Gantry for GantryService {
                 states,
                 limit,
                 owner,
+                filter: Default::default(),
                 reply,
             })
             .await?;
@@ -308,6 +347,18 @@ impl pb::gantry_server::Gantry for GantryService {
         Ok(Response::new(pb::DlqDropResponse {}))
     }
 
+    async fn stop_pipeline(
+        &self,
+        request: GrpcRequest<pb::StopPipelineRequest>,
+    ) -> Result<Response<pb::StopPipelineResponse>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let run = self
+            .core
+            .stop_pipeline(request.into_inner().name, caller.as_ref())
+            .await?;
+        Ok(Response::new(pb::StopPipelineResponse { run }))
+    }
+
     async fn reload_credentials(
         &self,
         _request: GrpcRequest<pb::ReloadCredentialsRequest>,
@@ -362,16 +413,11 @@ impl pb::gantry_server::Gantry for GantryService {
         self.core.require_leader()?;
         let request = request.into_inner();
         let (name, run) = (request.name, request.run);
-        let reply_name = name.clone();
-        let (run, jobs) = self
+        let view = self
             .core
             .call(|reply| Request::Pipeline { name, run, reply })
             .await?;
-        Ok(Response::new(pb::PipelineView {
-            name: reply_name,
-            run,
-            jobs,
-        }))
+        Ok(Response::new(view))
     }
 
     type LogsStream = BoxStream<pb::LogChunk>;
@@ -380,6 +426,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let permit = self.open_stream(&request)?;
         let request = request.into_inner();
         let chunks = self
             .core
@@ -392,7 +439,11 @@ impl pb::gantry_server::Gantry for GantryService {
             )
             .await?;
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(chunks).map(|c| c.map_err(Status::from)),
+            tokio_stream::wrappers::ReceiverStream::new(chunks).map(move |c| {
+                // Counted against its client as long as the stream lives.
+                let _open = &permit;
+                c.map_err(Status::from)
+            }),
         )))
     }
 
@@ -416,6 +467,15 @@ impl pb::gantry_server::Gantry for GantryService {
         Ok(Response::new(pb::DrainResponse {}))
     }
 
+    async fn reset_gpu(
+        &self,
+        request: GrpcRequest<pb::ResetGpuRequest>,
+    ) -> Result<Response<pb::ResetGpuResponse>, Status> {
+        let request = request.into_inner();
+        self.core.reset_gpu(request.node, request.gpu).await?;
+        Ok(Response::new(pb::ResetGpuResponse {}))
+    }
+
     async fn status(
         &self,
         _request: GrpcRequest<pb::StatusRequest>,
@@ -431,6 +491,7 @@ impl pb::gantry_server::Gantry for GantryService {
         &self,
         request: GrpcRequest<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let permit = self.open_stream(&request)?;
         let request = request.into_inner();
         let filter = EventFilter {
             job: request.job_id,
@@ -439,8 +500,47 @@ impl pb::gantry_server::Gantry for GantryService {
         };
         let events = self.core.watch(request.from_index, filter)?;
         Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(events).map(|e| e.map_err(Status::from)),
+            tokio_stream::wrappers::ReceiverStream::new(events).map(move |e| {
+                // Counted against its client as long as the stream lives.
+                let _open = &permit;
+                e.map_err(Status::from)
+            }),
         )))
+    }
+
+    async fn raft_members(
+        &self,
+        _request: GrpcRequest<pb::RaftMembersRequest>,
+    ) -> Result<Response<pb::RaftMembersResponse>, Status> {
+        let view = self
+            .core
+            .members(|reply| MembersRequest::List { reply })
+            .await?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn raft_add_member(
+        &self,
+        request: GrpcRequest<pb::RaftAddMemberRequest>,
+    ) -> Result<Response<pb::RaftMembersResponse>, Status> {
+        let pb::RaftAddMemberRequest { id, url } = request.into_inner();
+        let view = self
+            .core
+            .members(|reply| MembersRequest::Add { id, url, reply })
+            .await?;
+        Ok(Response::new(view.into()))
+    }
+
+    async fn raft_remove_member(
+        &self,
+        request: GrpcRequest<pb::RaftRemoveMemberRequest>,
+    ) -> Result<Response<pb::RaftMembersResponse>, Status> {
+        let id = request.into_inner().id;
+        let view = self
+            .core
+            .members(|reply| MembersRequest::Remove { id, reply })
+            .await?;
+        Ok(Response::new(view.into()))
     }
 }
 

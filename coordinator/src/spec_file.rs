@@ -13,6 +13,7 @@ use gantry_scheduler::units::{parse_bytes, parse_duration_ms};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
+use crate::limits::MAX_PIPELINE_RUNS;
 use crate::yaml_depth::{MAX_YAML_DEPTH, check_depth};
 
 /// Largest spec file (or HTTP submit body) accepted.
@@ -394,7 +395,85 @@ struct SnapshotFile {
 #[serde(deny_unknown_fields)]
 struct PipelineFile {
     pipeline: String,
+    #[serde(default)]
+    repeat: Option<RepeatFile>,
+    #[serde(default)]
+    run_dir: Option<String>,
     jobs: Vec<serde_yaml_ng::Value>,
+}
+
+/// `repeat: forever` or `repeat: {max_runs: N}`.
+#[derive(Debug)]
+struct RepeatFile(pb::PipelineRepeat);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepeatMap {
+    max_runs: MaxRuns,
+}
+
+/// `max_runs:`: 1 to [`MAX_PIPELINE_RUNS`].
+#[derive(Debug)]
+struct MaxRuns(u32);
+
+impl<'de> Deserialize<'de> for MaxRuns {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<MaxRuns, D::Error> {
+        struct MaxRunsVisitor;
+        impl Visitor<'_> for MaxRunsVisitor {
+            type Value = MaxRuns;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a number of runs from 1 to {MAX_PIPELINE_RUNS}")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MaxRuns, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("must be at least 1 (got {v})"))),
+                }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<MaxRuns, E> {
+                match u32::try_from(v) {
+                    Ok(0) => Err(E::custom("must be at least 1 (got 0)")),
+                    Ok(n) if n <= MAX_PIPELINE_RUNS => Ok(MaxRuns(n)),
+                    _ => Err(E::custom(format!(
+                        "{v} runs, at most {MAX_PIPELINE_RUNS} (or repeat: forever)"
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_any(MaxRunsVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for RepeatFile {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RepeatFile, D::Error> {
+        struct RepeatVisitor;
+        impl<'de> Visitor<'de> for RepeatVisitor {
+            type Value = RepeatFile;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`forever` or {max_runs: N}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RepeatFile, E> {
+                if v.trim() == "forever" {
+                    return Ok(RepeatFile(pb::PipelineRepeat {
+                        max_runs: 0,
+                        forever: true,
+                    }));
+                }
+                Err(E::custom(format!(
+                    "expected `forever` or {{max_runs: N}}, got {:?}",
+                    printable(v, 64)
+                )))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RepeatFile, A::Error> {
+                let repeat = RepeatMap::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RepeatFile(pb::PipelineRepeat {
+                    max_runs: repeat.max_runs.0,
+                    forever: false,
+                }))
+            }
+        }
+        deserializer.deserialize_any(RepeatVisitor)
+    }
 }
 
 /// A spec error: where (the file or document, when there is one), which
@@ -605,6 +684,10 @@ pub struct ParsedSpec {
     pub pipeline: Option<String>,
     /// Jobs in file order.
     pub jobs: Vec<pb::JobSpec>,
+    /// The pipeline's `repeat:` (`None`: one run per submit).
+    pub repeat: Option<pb::PipelineRepeat>,
+    /// The pipeline's `run_dir:` ("" = none).
+    pub run_dir: String,
 }
 
 /// Parses the text of a spec file (YAML: one or more documents) into wire
@@ -625,6 +708,8 @@ pub fn parse_spec_text(text: &str, source: &str) -> Result<ParsedSpec, SpecError
     let mut parsed = ParsedSpec {
         pipeline: None,
         jobs: Vec::new(),
+        repeat: None,
+        run_dir: String::new(),
     };
     for (doc_index, value) in values {
         let doc_label = if many_docs {
@@ -641,6 +726,8 @@ pub fn parse_spec_text(text: &str, source: &str) -> Result<ParsedSpec, SpecError
             ));
         }
         parsed.pipeline = document.pipeline;
+        parsed.repeat = document.repeat;
+        parsed.run_dir = document.run_dir;
         parsed.jobs.extend(document.jobs);
     }
     if parsed.jobs.is_empty() {
@@ -656,6 +743,7 @@ pub fn parse_spec_text(text: &str, source: &str) -> Result<ParsedSpec, SpecError
 pub fn spec_from_value(value: serde_yaml_ng::Value, source: &str) -> Result<ParsedSpec, SpecError> {
     let mut jobs = Vec::new();
     let mut pipeline_name = None;
+    let (mut repeat, mut run_dir) = (None, String::new());
     match value {
         serde_yaml_ng::Value::Sequence(items) => {
             for (i, item) in items.into_iter().enumerate() {
@@ -684,6 +772,8 @@ pub fn spec_from_value(value: serde_yaml_ng::Value, source: &str) -> Result<Pars
                 jobs.push(job);
             }
             pipeline_name = Some(pipeline.pipeline);
+            repeat = pipeline.repeat.map(|r| r.0);
+            run_dir = pipeline.run_dir.unwrap_or_default();
         }
         serde_yaml_ng::Value::Mapping(_) => jobs.push(job_from_value(value, source, "job")?),
         other => {
@@ -700,6 +790,8 @@ pub fn spec_from_value(value: serde_yaml_ng::Value, source: &str) -> Result<Pars
     Ok(ParsedSpec {
         pipeline: pipeline_name,
         jobs,
+        repeat,
+        run_dir,
     })
 }
 
@@ -876,6 +968,81 @@ after: [export-sq8-2p]
         check_err("42\n", "expected a job");
         check_err("", "no jobs");
         check_err("- {command: [a]}\n- {command: [b], bogus: 1}\n", "jobs[1]");
+    }
+
+    #[test]
+    fn repeat_is_forever_or_a_bounded_number_of_runs() {
+        let pipeline = |repeat: &str| {
+            format!("pipeline: loop\nrepeat: {repeat}\njobs:\n  - {{name: a, command: [a]}}\n")
+        };
+        let parse_repeat = |repeat: &str| {
+            parse_spec_text(&pipeline(repeat), "loop.yaml")
+                .map(|p| p.repeat.map(|r| (r.max_runs, r.forever)))
+                .map_err(|e| e.to_string())
+        };
+        type Expect = Result<Option<(u32, bool)>, &'static str>;
+        let cases: Vec<(&str, Expect)> = vec![
+            ("forever", Ok(Some((0, true)))),
+            ("{max_runs: 3}", Ok(Some((3, false)))),
+            ("{max_runs: 1000000}", Ok(Some((1_000_000, false)))),
+            (
+                "{max_runs: 0}",
+                Err("loop.yaml: repeat.max_runs: must be at least 1 (got 0)"),
+            ),
+            (
+                "{max_runs: -2}",
+                Err("loop.yaml: repeat.max_runs: must be at least 1 (got -2)"),
+            ),
+            (
+                "{max_runs: 1000001}",
+                Err(
+                    "loop.yaml: repeat.max_runs: 1000001 runs, at most 1000000 (or repeat: forever)",
+                ),
+            ),
+            (
+                "{max_runs: 99999999999999999999}",
+                Err("loop.yaml: malformed YAML: repeat.max_runs: "),
+            ),
+            (
+                "{max_runs: 2, every: 1h}",
+                Err("loop.yaml: repeat.every: unknown field `every`, expected `max_runs`"),
+            ),
+            ("{}", Err("loop.yaml: repeat: missing field `max_runs`")),
+            (
+                "sometimes",
+                Err("loop.yaml: repeat: expected `forever` or {max_runs: N}, got \"sometimes\""),
+            ),
+            (
+                "3",
+                Err(
+                    "loop.yaml: repeat: invalid type: integer `3`, expected `forever` or {max_runs: N}",
+                ),
+            ),
+            (
+                "[forever]",
+                Err("loop.yaml: repeat: invalid type: sequence"),
+            ),
+        ];
+        for (repeat, expect) in cases {
+            match (parse_repeat(repeat), expect) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{repeat}"),
+                (Err(e), Err(prefix)) => {
+                    assert!(e.starts_with(prefix), "{repeat}: {e}");
+                    assert!(!e.contains('\n') && e.len() < 300, "{repeat}: {e}");
+                }
+                (got, want) => panic!("{repeat}: got {got:?}, expected {want:?}"),
+            }
+        }
+        let once = parse_spec_text(&pipeline("forever").replace("repeat: forever\n", ""), "")
+            .expect("no repeat");
+        assert_eq!((once.repeat, once.run_dir.as_str()), (None, ""));
+        let dir = parse_spec_text(
+            &format!("run_dir: /srv/runs/{{run}}\n{}", pipeline("forever")),
+            "",
+        )
+        .expect("run_dir");
+        assert_eq!(dir.run_dir, "/srv/runs/{run}");
+        check_err("command: [a]\nrepeat: forever\n", "unknown field `repeat`");
     }
 
     #[test]

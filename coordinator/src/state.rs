@@ -18,15 +18,18 @@ mod quarantine;
 
 use crate::command::Command;
 use crate::dag::DependencyError;
-use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord};
+use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord, RunPolicy};
 
 mod attempts;
 mod drain;
+mod gpu_health;
 mod index;
+mod pipeline_loop;
 mod placement;
 mod retention;
 mod submit;
 
+pub use pipeline_loop::{LoopStatus, loop_status};
 pub use retention::{RetentionPolicy, due as retirement_due, event_floor, retirable_state};
 
 /// Hard-state bookkeeping of one GPU, derived from active jobs.
@@ -156,6 +159,14 @@ pub enum ApplyError {
         node: String,
         /// Why.
         reason: String,
+    },
+    /// A GPU health change names a GPU the node does not have.
+    #[error("node {node:?} has no gpu {gpu}")]
+    GpuNotFound {
+        /// The node.
+        node: String,
+        /// The GPU index.
+        gpu: u32,
     },
 }
 
@@ -424,7 +435,19 @@ impl StateMachine {
                 jobs,
                 pipeline,
                 owner,
-            } => self.submit(at_ms, key, jobs, pipeline, owner),
+            } => self.submit(at_ms, key, jobs, pipeline, owner, RunPolicy::default()),
+            Command::SubmitLoop {
+                at_ms,
+                key,
+                jobs,
+                pipeline,
+                owner,
+                run_policy,
+            } => self.submit(at_ms, key, jobs, Some(pipeline), owner, run_policy),
+            Command::StopPipeline { at_ms, name } => {
+                self.stop_pipeline(at_ms, &name);
+                Ok(Outcome::Done)
+            }
             Command::Requeue { at_ms, job } => {
                 let record = self.jobs.get(&job).ok_or(ApplyError::JobNotFound(job))?;
                 if record.state != JobState::Failed {
@@ -501,6 +524,7 @@ impl StateMachine {
                         registered_at_ms: at_ms,
                         down: false,
                         quarantine: None,
+                        gpu_faults: BTreeMap::new(),
                     },
                 };
                 self.nodes.insert(name.clone(), record);
@@ -618,7 +642,8 @@ impl StateMachine {
                 until_ms,
                 failures,
                 reason,
-            } => self.quarantine(at_ms, node, until_ms, failures, reason),
+                policy,
+            } => self.quarantine(at_ms, node, until_ms, failures, reason, &policy),
             Command::ClearQuarantine { at_ms, node } => self.clear_quarantine(at_ms, node),
             Command::SetRetention { policy, .. } => {
                 self.retention = policy;
@@ -634,6 +659,13 @@ impl StateMachine {
                 reason,
                 until_ms,
             } => self.preempt(at_ms, job, node, victims, reason, until_ms),
+            Command::SetGpuHealth {
+                at_ms,
+                node,
+                gpu,
+                fault,
+                seen_healthy,
+            } => self.set_gpu_health(at_ms, node, gpu, fault, seen_healthy),
         }
     }
 

@@ -27,6 +27,7 @@ fn submit(jobs: Vec<pb::JobSpec>, pipeline: &str) -> Result<usize, String> {
         jobs,
         submission_key: String::new(),
         pipeline: pipeline.into(),
+        ..Default::default()
     };
     let len = request.encoded_len();
     submit_request(request, len)
@@ -256,6 +257,7 @@ fn every_bound_is_refused_one_past_the_limit_and_accepted_at_it() {
                     jobs: vec![job()],
                     submission_key: long(MAX_SUBMISSION_KEY_BYTES + 1),
                     pipeline: String::new(),
+                    ..Default::default()
                 };
                 submit_request(request, 0)
                     .map(|v| v.specs.len())
@@ -339,5 +341,84 @@ fn after_edges_are_resolved_before_the_log() {
     assert_eq!(
         submit(named(2, |i| vec![format!("j{}", 1 - i)]), ""),
         Err("jobs[0].after: dependency cycle through j0 -> j1 -> j0".into())
+    );
+}
+
+/// A pipeline's `repeat:` and `run_dir:` on the wire: one line naming the
+/// field for what the spec file's parser would also refuse, and for what
+/// only a hand-made request can say.
+#[test]
+fn pipeline_repeat_and_run_dir_are_bounded() {
+    let loop_of = |pipeline: &str, max_runs: u32, forever: bool, run_dir: &str| {
+        let request = pb::SubmitRequest {
+            jobs: vec![job()],
+            pipeline: pipeline.into(),
+            repeat: (max_runs > 0 || forever).then_some(pb::PipelineRepeat { max_runs, forever }),
+            run_dir: run_dir.into(),
+            ..Default::default()
+        };
+        submit_request(request, 0)
+            .map(|v| format!("{:?} {:?}", v.run_policy.repeat, v.run_policy.run_dir))
+            .map_err(|e| e.to_string())
+    };
+    type Case<'a> = (&'a str, Result<String, String>, Result<&'a str, &'a str>);
+    let cases: Vec<Case> = vec![
+        ("forever", loop_of("p", 0, true, ""), Ok("Forever \"\"")),
+        (
+            "max runs",
+            loop_of("p", MAX_PIPELINE_RUNS, false, "/d/{run}"),
+            Ok("MaxRuns(1000000) \"/d/{run}\""),
+        ),
+        (
+            "too many runs",
+            loop_of("p", MAX_PIPELINE_RUNS + 1, false, ""),
+            Err("repeat.max_runs: 1000001 runs, at most 1000000 (or repeat: forever)"),
+        ),
+        (
+            "both",
+            loop_of("p", 3, true, ""),
+            Err("repeat: max_runs and forever exclude each other"),
+        ),
+        (
+            "not a pipeline",
+            loop_of("", 0, true, ""),
+            Err("repeat: only a pipeline repeats"),
+        ),
+        (
+            "relative run_dir",
+            loop_of("p", 0, true, "runs/{run}"),
+            Err("run_dir: must be an absolute path"),
+        ),
+        (
+            "run_dir without {run}",
+            loop_of("p", 0, true, "/data/runs"),
+            Err("run_dir: must contain {run}, or every run would share one directory"),
+        ),
+        (
+            "long run_dir",
+            loop_of(
+                "p",
+                0,
+                true,
+                &format!("/{{run}}{}", "x".repeat(MAX_PATH_BYTES)),
+            ),
+            Err("run_dir: 4102 bytes, at most 4096"),
+        ),
+    ];
+    for (what, got, want) in cases {
+        assert_eq!(got, want.map(String::from).map_err(String::from), "{what}");
+    }
+    // An empty repeat message (neither field) is refused, not read as once.
+    let request = pb::SubmitRequest {
+        jobs: vec![job()],
+        pipeline: "p".into(),
+        repeat: Some(pb::PipelineRepeat::default()),
+        ..Default::default()
+    };
+    assert_eq!(
+        submit_request(request, 0)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err("repeat.max_runs: must be at least 1".to_string())
     );
 }

@@ -37,6 +37,7 @@ fn quarantine(at_ms: u64, node: &str, until_ms: u64) -> Command {
         until_ms,
         failures: 3,
         reason: "job 1 failed here, succeeded on another node".into(),
+        policy: Default::default(),
     }
 }
 

@@ -11,6 +11,7 @@
 //!     max_heartbeat_rate: 10000   # heartbeats/s before the interval stretches
 //!     queue_weights: {alice: 1, bob: 3}                   # fair share
 //!     disk_thresholds: {export: {high: 0.92, low: 0.85}}  # per job kind
+//!     breaker: {trip_points: 3, window: 10m, cool_down: 5m, max_doublings: 3, max_share_percent: 10}
 //!     tls_cert: /etc/gantry/certs/coordinator.pem   # and tls_key, tls_client_ca,
 //!     tokens: /etc/gantry/certs/tokens.yaml         # tls_ca, join_token_file
 
@@ -69,6 +70,8 @@ pub struct CoordinatorFile {
     pub queue_weights: Option<BTreeMap<String, u32>>,
     /// `--disk-threshold`s.
     pub disk_thresholds: Option<BTreeMap<String, crate::policy::ThresholdsFile>>,
+    /// `--breaker-*`.
+    pub breaker: Option<crate::policy::BreakerFile>,
 }
 
 impl CoordinatorFile {
@@ -175,6 +178,14 @@ mod tests {
             error.contains("disk_thresholds.export: missing field `low`"),
             "{error}"
         );
+        let breaker = parse("breaker: {trip_points: 4, window: 1h}\n").expect("parses");
+        let breaker = breaker.breaker.expect("breaker");
+        assert_eq!(
+            (breaker.trip_points, breaker.window.as_deref()),
+            (Some(4), Some("1h"))
+        );
+        let error = parse("breaker: {trips: 4}\n").expect_err("unknown key");
+        assert!(error.contains("breaker: unknown field `trips`"), "{error}");
         let error = parse("gpu_headroom: -1\n").expect_err("negative");
         assert!(error.contains("gpu_headroom"), "{error}");
     }

@@ -60,6 +60,55 @@ fn reload_on_sighup(
     });
 }
 
+/// How clients reach the client API and how much of it one may hold.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientApiArgs {
+    /// HTTP base URL clients reach this replica at, e.g.
+    /// https://coord-1.example:7080 (default: the bound --http-addr, with
+    /// the host of this replica's --peers URL when bound to 0.0.0.0).
+    /// Followers name the leader's in their 503s, so HTTP clients follow it.
+    #[arg(long, value_parser = parse_http_url)]
+    pub http_advertise: Option<String>,
+    /// Streams (event watches, followed logs; gRPC and HTTP together) one
+    /// client may hold open at once: per token, or per address without
+    /// tokens. Past it a new stream is refused (429 / RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = gantry_coordinator::service::DEFAULT_MAX_STREAMS_PER_CLIENT, value_parser = parse_stream_limit)]
+    pub max_streams_per_client: usize,
+}
+
+impl Default for ClientApiArgs {
+    fn default() -> ClientApiArgs {
+        ClientApiArgs {
+            http_advertise: None,
+            max_streams_per_client: gantry_coordinator::service::DEFAULT_MAX_STREAMS_PER_CLIENT,
+        }
+    }
+}
+
+/// `--max-streams-per-client`: 1 to 100,000.
+fn parse_stream_limit(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=100_000).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a number of streams from 1 to 100000"
+        )),
+    }
+}
+
+/// `--http-advertise`: an http(s) URL with a host.
+fn parse_http_url(text: &str) -> Result<String, String> {
+    let url = text.trim().trim_end_matches('/');
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} must start with http:// or https://"))?;
+    if rest.is_empty() || rest.len() > 256 || rest.contains(|c: char| c.is_whitespace() || c == '/')
+    {
+        return Err(format!("{url:?} is not a base URL (http://HOST:PORT)"));
+    }
+    Ok(url.to_string())
+}
+
 /// Options shared by the coordinator and `gantry dev`.
 pub struct CoordinatorOptions {
     /// gRPC listen address.
@@ -74,6 +123,8 @@ pub struct CoordinatorOptions {
     pub id: u64,
     /// Replicas' client URLs by id (empty = a single voter).
     pub peers: BTreeMap<u64, String>,
+    /// `--join`: a fresh data dir waits to be added (`gantry raft add`).
+    pub join: bool,
     /// `--cluster-name` (mixed into a new cluster's id).
     pub cluster_name: String,
     /// Stderr signatures of GPU out-of-memory deaths (empty = the defaults).
@@ -96,6 +147,8 @@ pub struct CoordinatorOptions {
     pub retention: gantry_coordinator::state::RetentionPolicy,
     /// Queue weights and disk thresholds (default: none).
     pub policy: crate::policy::SchedulingPolicy,
+    /// The advertised HTTP URL and the per-client stream limit.
+    pub client_api: ClientApiArgs,
 }
 
 fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
@@ -115,6 +168,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
     core.retention = options.retention;
     core.queue_weights = options.policy.queue_weights.clone();
     core.disk_thresholds = options.policy.disk_thresholds.clone();
+    core.breaker = options.policy.breaker;
     CoordinatorConfig {
         grpc_addr: options.grpc_addr,
         http_addr: options.http_addr,
@@ -122,6 +176,7 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         core,
         id: options.id,
         peers: options.peers.clone(),
+        join: options.join,
         raft_compact_after: options.raft_compact_after,
         tls: options.security.tls.clone(),
         peer_tls: options.security.peer_tls.clone(),
@@ -130,6 +185,8 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         cluster_name: options.cluster_name.clone(),
         reloader: options.reloader.clone(),
         disk_reserve: options.disk_reserve,
+        http_advertise: options.client_api.http_advertise.clone(),
+        max_streams_per_client: options.client_api.max_streams_per_client,
     }
 }
 

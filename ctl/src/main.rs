@@ -15,6 +15,7 @@ mod daemon;
 mod inventory;
 mod output;
 mod policy;
+mod raft;
 mod retention;
 mod security;
 mod spec;
@@ -152,7 +153,7 @@ enum Command {
     Coordinator {
         /// Settings file (YAML: id, peers, grpc_addr, data_dir, gpu_headroom,
         /// oom_signatures, max_heartbeat_rate, queue_weights,
-        /// disk_thresholds); flags win over it.
+        /// disk_thresholds, breaker); flags win over it.
         #[arg(long)]
         config: Option<PathBuf>,
         /// gRPC listen address (port 0 = any; the bound address is printed).
@@ -195,6 +196,11 @@ enum Command {
         /// without it the coordinator is a single voter.
         #[arg(long)]
         peers: Option<String>,
+        /// Start on an empty --data-dir as a replica waiting to be added
+        /// to a running cluster (`gantry raft add ID URL` on the leader)
+        /// rather than bootstrapping a cluster; --peers is not needed.
+        #[arg(long)]
+        join: bool,
         /// Name mixed into the cluster id when the cluster is created (give
         /// clusters with the same replica ids on one network distinct
         /// names); later starts use the stored id and ignore it.
@@ -213,8 +219,12 @@ enum Command {
         retention: retention::RetentionArgs,
         #[command(flatten)]
         security: CoordinatorSecurityArgs,
+        // Boxed: the breaker's flags made this variant many times the size
+        // of the others.
         #[command(flatten)]
-        policy: policy::PolicyArgs,
+        policy: Box<policy::PolicyArgs>,
+        #[command(flatten)]
+        client_api: daemon::ClientApiArgs,
     },
     /// Run an agent on a GPU node.
     Agent {
@@ -391,20 +401,36 @@ enum Command {
         #[command(subcommand)]
         action: SnapshotAction,
     },
+    /// The replica set at run time: list, add, remove replicas (admin).
+    Raft {
+        #[command(subcommand)]
+        action: RaftAction,
+    },
     /// Development certificates and tokens.
     Certs {
         #[command(subcommand)]
         action: CertsAction,
+    },
+    /// GPUs: clear one GPU's fault (`gantry undrain` clears every GPU).
+    Gpu {
+        #[command(subcommand)]
+        action: GpuAction,
     },
     /// Dead-letter queue: jobs whose attempts are exhausted.
     Dlq {
         #[command(subcommand)]
         action: DlqAction,
     },
-    /// Show one run of a pipeline as a DAG with states.
+    /// Show one run of a pipeline as a DAG with states, each stage's
+    /// queue wait, the latest runs and the loop's status; `gantry pipeline
+    /// stop NAME` ends a repeating pipeline's loop.
+    #[command(args_conflicts_with_subcommands = true)]
     Pipeline {
+        #[command(subcommand)]
+        action: Option<PipelineAction>,
         /// Pipeline name.
-        name: String,
+        #[arg(required = true)]
+        name: Option<String>,
         /// Run number (default: the latest).
         #[arg(long, default_value = "0")]
         run: u32,
@@ -441,12 +467,64 @@ enum CertsAction {
 }
 
 #[derive(Subcommand)]
+enum RaftAction {
+    /// The replicas: id, address, role, leader, match index, last contact.
+    Members {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Add a replica started with `gantry coordinator --join --id ID`: it
+    /// joins as a learner and becomes a voter once it has caught up.
+    Add {
+        /// Its raft id (not used by any replica, present or past).
+        id: u64,
+        /// Its gRPC URL, e.g. http://10.0.0.4:7070.
+        url: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Remove a replica (also a dead one), unless that would lose quorum.
+    Remove {
+        /// Its raft id.
+        id: u64,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
 enum SnapshotAction {
     /// Save a consistent copy of the hard state of the replica at --addr
     /// (any replica; admin token) to FILE, checksummed, written atomically.
     Save {
         /// Where to write the backup.
         file: PathBuf,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum GpuAction {
+    /// Clear a GPU's fault (an XID, ECC errors, pages pending retirement)
+    /// so it takes placements again.
+    Reset {
+        /// Node name.
+        node: String,
+        /// GPU index.
+        gpu: u32,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum PipelineAction {
+    /// End a repeating pipeline's loop after its current run (admin or the
+    /// pipeline's owner).
+    Stop {
+        /// Pipeline name.
+        name: String,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -669,12 +747,14 @@ async fn cli_main() -> ExitCode {
             oom_signatures,
             id,
             peers,
+            join,
             cluster_name,
             restore,
             disk_reserve,
             retention,
             security,
             policy,
+            client_api,
         } => {
             let retention = match retention.policy() {
                 Ok(policy) => policy,
@@ -700,7 +780,12 @@ async fn cli_main() -> ExitCode {
                 None => config::CoordinatorFile::default(),
             };
             let security_file = file.security();
-            let policy = match policy::resolve(policy, file.queue_weights, file.disk_thresholds) {
+            let policy = match policy::resolve(
+                *policy,
+                file.queue_weights,
+                file.disk_thresholds,
+                file.breaker,
+            ) {
                 Ok(policy) => policy,
                 Err(error) => return fail(CliError::invalid(error)),
             };
@@ -782,6 +867,11 @@ async fn cli_main() -> ExitCode {
                 Ok(addr) => addr,
                 Err(error) => return fail(error),
             };
+            if join && restore.is_some() {
+                return fail(CliError::invalid(
+                    "--join: a restored replica starts its own cluster; leave out --join or --restore",
+                ));
+            }
             if let Some(file) = &restore {
                 if peers.len() > 1 {
                     return fail(CliError::invalid(
@@ -808,6 +898,7 @@ async fn cli_main() -> ExitCode {
                 gpu_headroom,
                 id,
                 peers,
+                join,
                 cluster_name,
                 oom_signatures,
                 raft_compact_after,
@@ -819,6 +910,7 @@ async fn cli_main() -> ExitCode {
                     .unwrap_or(gantry_coordinator::disk::DEFAULT_RESERVE_BYTES),
                 retention,
                 policy,
+                client_api,
             };
             daemon_result(daemon::run_coordinator(options).await)
         }
@@ -880,6 +972,7 @@ async fn cli_main() -> ExitCode {
                 gpu_headroom: 0,
                 id: 1,
                 peers: BTreeMap::new(),
+                join: false,
                 cluster_name: String::new(),
                 oom_signatures: Vec::new(),
                 raft_compact_after: None,
@@ -891,6 +984,7 @@ async fn cli_main() -> ExitCode {
                 disk_reserve: gantry_coordinator::disk::DEFAULT_RESERVE_BYTES,
                 retention: Default::default(),
                 policy: Default::default(),
+                client_api: Default::default(),
             };
             daemon_result(daemon::run_dev(options, fake_gpus).await)
         }
@@ -898,13 +992,30 @@ async fn cli_main() -> ExitCode {
             action: CertsAction::Init { dir, hosts, days },
         } => certs_init(&dir, &hosts, days),
         Command::Dlq { action } => dlq(action).await,
+        Command::Gpu {
+            action: GpuAction::Reset { node, gpu, client },
+        } => reset_gpu(node, gpu, client).await,
         Command::Snapshot {
             action: SnapshotAction::Save { file, client },
         } => backup::save(&file, client).await,
+        Command::Raft { action } => match action {
+            RaftAction::Members { client } => raft::members(client).await,
+            RaftAction::Add { id, url, client } => raft::add(id, url, client).await,
+            RaftAction::Remove { id, client } => raft::remove(id, client).await,
+        },
         Command::Inventory {
             action: InventoryAction::Check { file },
         } => inventory_check(&file),
-        Command::Pipeline { name, run, client } => pipeline(name, run, client).await,
+        Command::Pipeline {
+            action: Some(PipelineAction::Stop { name, client }),
+            ..
+        } => pipeline_stop(name, client).await,
+        Command::Pipeline {
+            action: None,
+            name,
+            run,
+            client,
+        } => pipeline(name.unwrap_or_default(), run, client).await,
         Command::Submit(args) => submit(args).await,
         Command::Jobs {
             state,
@@ -1080,11 +1191,11 @@ pub(crate) fn print_json(value: &serde_json::Value) {
 }
 
 async fn submit(args: SubmitArgs) -> Result<(), CliError> {
-    let (pipeline, jobs) = match &args.file {
+    let (pipeline, jobs, repeat, run_dir) = match &args.file {
         Some(path) => {
             let parsed =
                 spec::read_spec_file(path).map_err(|e| CliError::invalid(e.to_string()))?;
-            (parsed.pipeline, parsed.jobs)
+            (parsed.pipeline, parsed.jobs, parsed.repeat, parsed.run_dir)
         }
         None => {
             if args.command.is_empty() {
@@ -1140,7 +1251,7 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
                 }),
                 ..Default::default()
             }];
-            (None, jobs)
+            (None, jobs, None, String::new())
         }
     };
     let key = args.key.clone().unwrap_or_else(new_submission_key);
@@ -1148,6 +1259,8 @@ async fn submit(args: SubmitArgs) -> Result<(), CliError> {
         jobs,
         submission_key: key,
         pipeline: pipeline.unwrap_or_default(),
+        repeat,
+        run_dir,
     };
     let retry_for = std::time::Duration::from_millis(args.retry_for);
     let response = submit::submit(&args.client, request, retry_for).await?;
@@ -1527,6 +1640,24 @@ async fn watch(
     Ok(())
 }
 
+async fn reset_gpu(node: String, gpu: u32, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts).await?;
+    client
+        .reset_gpu(pb::ResetGpuRequest {
+            node: node.clone(),
+            gpu,
+        })
+        .await?;
+    match opts.output {
+        Format::Json => print_json(&serde_json::json!({"node": node, "gpu": gpu, "healthy": true})),
+        Format::Table => outln!(
+            "gpu {gpu} of node {} cleared: placements again",
+            escape(&node)
+        ),
+    }
+    Ok(())
+}
+
 async fn dlq(action: DlqAction) -> Result<(), CliError> {
     match action {
         DlqAction::List { client: opts } => {
@@ -1616,12 +1747,27 @@ async fn pipeline(name: String, run: u32, opts: ClientOpts) -> Result<(), CliErr
         .await?
         .into_inner();
     match opts.output {
-        Format::Json => print_json(&serde_json::json!({
-            "name": view.name,
-            "run": view.run,
-            "jobs": view.jobs.iter().map(output::job_json).collect::<Vec<_>>(),
-        })),
+        Format::Json => print_json(&output::pipeline_json(&view)),
         Format::Table => output::print_pipeline(&view),
+    }
+    Ok(())
+}
+
+async fn pipeline_stop(name: String, opts: ClientOpts) -> Result<(), CliError> {
+    let mut client = client::connect(&opts).await?;
+    let run = client
+        .stop_pipeline(pb::StopPipelineRequest { name: name.clone() })
+        .await?
+        .into_inner()
+        .run;
+    match opts.output {
+        Format::Json => print_json(&serde_json::json!({
+            "name": name, "stopped": true, "last_run": run
+        })),
+        Format::Table => outln!(
+            "pipeline {} stopped: run {run} is its last",
+            output::escape(&name)
+        ),
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ use gantry_scheduler::units::{format_bytes, format_duration_ms};
 
 use crate::client::exit;
 
-pub use gantry_coordinator::json::{event_json, job_json, node_json, status_json};
+pub use gantry_coordinator::json::{event_json, job_json, node_json, pipeline_json, status_json};
 
 /// Output format of listings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -313,10 +313,15 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
         .labels
         .get("provider")
         .map_or_else(|| "-".into(), |p| esc(p));
-    let gpus = match node.gpus.first() {
+    let mut gpus = match node.gpus.first() {
         None => "-".to_string(),
         Some(gpu) => format!("{}x{}", node.gpus.len(), escape(&gpu.model)),
     };
+    let sick: Vec<&pb::GpuInfo> = node.gpus.iter().filter(|g| !g.fault.is_empty()).collect();
+    if !sick.is_empty() {
+        let list: Vec<String> = sick.iter().map(|g| g.index.to_string()).collect();
+        gpus.push_str(&format!(" (unhealthy: {})", list.join(",")));
+    }
     let free: i64 = node.gpus.iter().map(|g| g.free_bytes.max(0)).sum();
     let disk = if node.disk_total_bytes > 0 {
         format!(
@@ -347,6 +352,12 @@ pub fn node_row(node: &pb::Node) -> Vec<String> {
             node.quarantined_until_ms,
             node.quarantine_failures,
         ));
+    }
+    // Each unhealthy GPU's committed fault, shortened for the table (`-o
+    // json` has it whole).
+    for gpu in sick {
+        let fault: String = gpu.fault.chars().take(48).collect();
+        state.push_str(&format!(",gpu {} unhealthy: {}", gpu.index, esc(&fault)));
     }
     vec![
         esc(&node.name),
@@ -415,6 +426,10 @@ const MAX_PIPELINE_INDENT: usize = 32;
 pub fn print_pipeline(view: &pb::PipelineView) {
     let mut out = String::new();
     let _ = writeln!(out, "pipeline {} run {}", escape(&view.name), view.run);
+    if let Some(line) = loop_line(view) {
+        let _ = writeln!(out, "{line}");
+    }
+    let ready = ready_at(&view.jobs);
     let names: HashMap<u64, Cow<'_, str>> = view
         .jobs
         .iter()
@@ -447,12 +462,105 @@ pub fn print_pipeline(view: &pb::PipelineView) {
                 }
             }
         }
+        if let Some(times) = ready.get(&job.id).and_then(|r| stage_times(job, *r)) {
+            let _ = write!(out, "  {times}");
+        }
         if !job.reason.is_empty() {
             let _ = write!(out, "  ({})", escape(&job.reason));
         }
         out.push('\n');
     }
+    if view.runs.len() > 1 || !view.loop_status.is_empty() {
+        out.push_str("runs:\n");
+        for run in &view.runs {
+            let _ = writeln!(out, "  {}", run_line(run, now_ms()));
+        }
+    }
     write_stdout(format_args!("{out}"));
+}
+
+/// Seconds with a tenth, for times that are seconds to hours.
+fn seconds(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
+}
+
+/// `loop: repeating (max_runs 5)`; `None` for a pipeline that does not repeat.
+fn loop_line(view: &pb::PipelineView) -> Option<String> {
+    if view.loop_status.is_empty() {
+        return None;
+    }
+    let repeat = match &view.repeat {
+        Some(r) if r.forever => "repeat: forever".to_string(),
+        Some(r) => format!("repeat: max_runs {}", r.max_runs),
+        None => String::new(),
+    };
+    let what = match view.loop_status.as_str() {
+        "repeating" => "the next run starts when this one succeeds".to_string(),
+        "paused" => "a stage is dead-lettered: `gantry dlq retry` resumes it".to_string(),
+        "stopped" => "stopped: no run starts after this one".to_string(),
+        "finished" => "finished: max_runs reached".to_string(),
+        "ended" => "ended: a stage was cancelled or dropped".to_string(),
+        other => escape(other).into_owned(),
+    };
+    Some(format!(
+        "loop: {} ({repeat}; {what})",
+        escape(&view.loop_status)
+    ))
+}
+
+/// When each stage could start: its latest input's end, or its submit
+/// when it has no input in the view.
+fn ready_at(jobs: &[pb::Job]) -> HashMap<u64, u64> {
+    let ended: HashMap<u64, u64> = jobs
+        .iter()
+        .filter_map(|j| j.attempts.last().map(|a| (j.id, a.ended_at_ms)))
+        .filter(|(_, end)| *end > 0)
+        .collect();
+    jobs.iter()
+        .map(|j| {
+            let inputs = j.depends_on.iter().filter_map(|d| ended.get(d)).max();
+            (j.id, inputs.copied().unwrap_or(0).max(j.submitted_at_ms))
+        })
+        .collect()
+}
+
+/// `waited 0.3s, ran 4.1s`: from `ready_ms` to its first attempt's start,
+/// and its last attempt's run (`None` before it started).
+fn stage_times(job: &pb::Job, ready_ms: u64) -> Option<String> {
+    let first = job.attempts.iter().find(|a| a.started_at_ms > 0)?;
+    let waited = first.started_at_ms.saturating_sub(ready_ms);
+    let last = job.attempts.last()?;
+    let mut text = format!("waited {}", seconds(waited));
+    if last.ended_at_ms >= last.started_at_ms && last.started_at_ms > 0 {
+        let _ = write!(
+            text,
+            ", ran {}",
+            seconds(last.ended_at_ms - last.started_at_ms)
+        );
+    }
+    Some(text)
+}
+
+/// `run 2  succeeded  5/5 stages  took 41.2s`.
+fn run_line(run: &pb::PipelineRunSummary, now_ms: u64) -> String {
+    let time = if run.ended_at_ms > 0 {
+        format!(
+            "took {}",
+            seconds(run.ended_at_ms.saturating_sub(run.submitted_at_ms))
+        )
+    } else {
+        format!(
+            "for {}",
+            seconds(now_ms.saturating_sub(run.submitted_at_ms))
+        )
+    };
+    format!(
+        "run {}  {}  {}/{} stages  {time}",
+        run.run,
+        escape(&run.state),
+        run.succeeded,
+        run.stages
+    )
 }
 
 /// Each stage's depth (the longest chain of inputs above it), by index in
@@ -506,6 +614,85 @@ fn stage_depths(jobs: &[pb::Job]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn timed_stage(id: u64, after: &[u64], submitted: u64, runs: &[(u64, u64)]) -> pb::Job {
+        pb::Job {
+            id,
+            depends_on: after.to_vec(),
+            submitted_at_ms: submitted,
+            attempts: runs
+                .iter()
+                .map(|(start, end)| pb::Attempt {
+                    started_at_ms: *start,
+                    ended_at_ms: *end,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn stage_waits_runs_and_the_loop_line() {
+        // a (submitted at 1000) -> b; b's first attempt failed, the second ran.
+        let jobs = vec![
+            timed_stage(1, &[], 1_000, &[(1_200, 5_200)]),
+            timed_stage(2, &[1], 1_000, &[(5_500, 6_000), (16_000, 19_000)]),
+            timed_stage(3, &[2], 1_000, &[]),
+        ];
+        let ready = ready_at(&jobs);
+        assert_eq!((ready[&1], ready[&2], ready[&3]), (1_000, 5_200, 19_000));
+        let times: Vec<Option<String>> =
+            jobs.iter().map(|j| stage_times(j, ready[&j.id])).collect();
+        assert_eq!(
+            times,
+            vec![
+                Some("waited 0.2s, ran 4.0s".to_string()),
+                Some("waited 0.3s, ran 3.0s".to_string()),
+                None,
+            ]
+        );
+        let run = |state: &str, ended| pb::PipelineRunSummary {
+            run: 2,
+            state: state.into(),
+            stages: 5,
+            succeeded: 3,
+            submitted_at_ms: 10_000,
+            ended_at_ms: ended,
+        };
+        assert_eq!(
+            run_line(&run("running", 0), 12_500),
+            "run 2  running  3/5 stages  for 2.5s"
+        );
+        assert_eq!(
+            run_line(&run("failed", 41_200), 99_000),
+            "run 2  failed  3/5 stages  took 31.2s"
+        );
+        let view = |status: &str, repeat| pb::PipelineView {
+            loop_status: status.into(),
+            repeat,
+            ..Default::default()
+        };
+        let forever = Some(pb::PipelineRepeat {
+            max_runs: 0,
+            forever: true,
+        });
+        let three = Some(pb::PipelineRepeat {
+            max_runs: 3,
+            forever: false,
+        });
+        assert_eq!(loop_line(&view("", None)), None);
+        assert_eq!(
+            loop_line(&view("paused", forever)).as_deref(),
+            Some(
+                "loop: paused (repeat: forever; a stage is dead-lettered: `gantry dlq retry` resumes it)"
+            )
+        );
+        assert_eq!(
+            loop_line(&view("finished", three)).as_deref(),
+            Some("loop: finished (repeat: max_runs 3; finished: max_runs reached)")
+        );
+    }
 
     #[test]
     fn escape_shows_what_a_terminal_would_act_on() {

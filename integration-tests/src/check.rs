@@ -231,6 +231,7 @@ mod tests {
             registered_at_ms: 0,
             down: false,
             quarantine: None,
+            gpu_faults: Default::default(),
         };
         let state = StateMachine::restore(jobs.clone(), vec![node], vec![], vec![], 1);
         ReplicaState {

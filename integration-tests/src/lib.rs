@@ -7,6 +7,7 @@ pub mod check;
 pub mod ledger;
 pub mod load;
 pub mod nemesis;
+pub mod netns;
 pub mod proxy;
 pub mod verdict;
 
@@ -160,7 +161,30 @@ impl CliOutput {
 /// Runs `gantry ARGS` against `url` with extra environment, to
 /// completion; needs no sandbox, so other threads (a load generator) can.
 pub fn run_gantry(url: &str, env: &[(String, String)], args: &[&str]) -> CliOutput {
-    let output = Command::new(gantry_bin())
+    run_gantry_in(None, url, env, args)
+}
+
+/// The `gantry` binary as a command, run in network namespace `netns`
+/// (`ip netns exec` execs it, so the child's pid is gantry's own).
+pub fn gantry_command(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns]).arg(gantry_bin());
+            command
+        }
+        None => Command::new(gantry_bin()),
+    }
+}
+
+/// [`run_gantry`] in network namespace `netns`.
+pub fn run_gantry_in(
+    netns: Option<&str>,
+    url: &str,
+    env: &[(String, String)],
+    args: &[&str],
+) -> CliOutput {
+    let output = gantry_command(netns)
         .args(args)
         .env("GANTRY_ADDR", url)
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -188,6 +212,9 @@ pub struct Sandbox {
     /// Extra environment of the daemons started from now on (fault
     /// injection hooks).
     daemon_env: Vec<(String, String)>,
+    /// Network namespace that processes and client commands started from
+    /// now on run in ([`netns::NetLab`]); `None`: this process's.
+    netns: Option<String>,
 }
 
 /// A started coordinator.
@@ -213,6 +240,7 @@ impl Sandbox {
             client_env: Vec::new(),
             agent_dirs: Vec::new(),
             daemon_env: Vec::new(),
+            netns: None,
         })
     }
 
@@ -226,6 +254,12 @@ impl Sandbox {
         self.daemon_env.push((key.to_string(), value.to_string()));
     }
 
+    /// Runs the processes and client commands started from now on in network
+    /// namespace `ns` (`None`: this process's own).
+    pub fn set_netns(&mut self, ns: Option<&str>) {
+        self.netns = ns.map(str::to_string);
+    }
+
     /// The sandbox's directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
@@ -234,7 +268,7 @@ impl Sandbox {
     fn spawn(&mut self, name: &str, args: &[String]) -> anyhow::Result<usize> {
         let args = with_http_on_any_port(args);
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
-        let mut child = Command::new(gantry_bin())
+        let mut child = gantry_command(self.netns.as_deref())
             .args(args)
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .env(
@@ -415,7 +449,7 @@ impl Sandbox {
 
     /// Runs `gantry ARGS --addr URL` to completion.
     pub fn gantry(&self, url: &str, args: &[&str]) -> CliOutput {
-        run_gantry(url, &self.client_env, args)
+        run_gantry_in(self.netns.as_deref(), url, &self.client_env, args)
     }
 
     /// Runs a client command with `-o json` and parses its output; fails on a non-zero exit.
@@ -626,6 +660,15 @@ pub fn free_port(ip: &str) -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// The `--peers` value for replicas 1..=N at `urls` (in id order).
+pub fn peers_flag(urls: &[String]) -> String {
+    urls.iter()
+        .enumerate()
+        .map(|(i, u)| format!("{}={u}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A three-replica coordinator cluster on 127.0.0.11..13.
 pub struct ReplicaSet {
     /// Process index of each replica in the sandbox (by id - 1), `None` when stopped.
@@ -667,12 +710,7 @@ impl Sandbox {
             let ip = format!("127.0.0.{}", 10 + i);
             urls.push(format!("{scheme}://{ip}:{}", free_port(&ip)?));
         }
-        let peers = urls
-            .iter()
-            .enumerate()
-            .map(|(i, u)| format!("{}={u}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
+        let peers = peers_flag(&urls);
         let dirs: Vec<PathBuf> = (1..=3)
             .map(|i| self.dir.path().join(format!("replica-{i}")))
             .collect();

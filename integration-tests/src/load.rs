@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::ledger::{LedgerWatch, job_command};
 use crate::nemesis::now_ms;
-use crate::run_gantry;
+use crate::run_gantry_in;
 
 /// How long one submit is retried with its key.
 const SUBMIT_DEADLINE: Duration = Duration::from_secs(30);
@@ -49,6 +49,8 @@ pub struct LoadPlan {
     pub seed: u64,
     /// Mean submit rate.
     pub jobs_per_second: f64,
+    /// Network namespace the client commands run in (`None`: this process's).
+    pub netns: Option<String>,
 }
 
 /// What the load got acknowledged.
@@ -144,7 +146,8 @@ fn submit(
     let key = format!("nemesis-{}-{n}", plan.seed);
     let deadline = Instant::now() + SUBMIT_DEADLINE;
     loop {
-        let out = run_gantry(
+        let out = run_gantry_in(
+            plan.netns.as_deref(),
             &plan.addrs,
             &[],
             &["submit", "-f", &spec, "--key", &key, "-o", "json"],
@@ -166,7 +169,12 @@ fn submit(
 
 /// Cancels a job; records the acknowledgement time if it came.
 fn cancel(plan: &LoadPlan, id: JobId, load: &Mutex<Load>) {
-    let out = run_gantry(&plan.addrs, &[], &["cancel", &id.to_string()]);
+    let out = run_gantry_in(
+        plan.netns.as_deref(),
+        &plan.addrs,
+        &[],
+        &["cancel", &id.to_string()],
+    );
     if out.code == 0
         && let Ok(mut load) = load.lock()
     {

@@ -278,6 +278,7 @@ pub fn run(config: &NemesisConfig) -> anyhow::Result<NemesisReport> {
         ledger,
         seed: config.seed,
         jobs_per_second: config.jobs_per_second,
+        netns: None,
     };
     cleanup.threads.push(crate::load::spawn(
         plan,

@@ -15,6 +15,11 @@ fn assert_nothing_stored(sandbox: &Sandbox, url: &str) {
     );
 }
 
+/// A one-stage pipeline with `repeat: {repeat}`.
+fn loop_spec(repeat: &str) -> String {
+    format!("pipeline: p\nrepeat: {repeat}\njobs:\n  - {{name: a, command: [true]}}\n")
+}
+
 #[test]
 fn bad_specs_are_refused_with_the_field_named() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
@@ -114,6 +119,41 @@ fn bad_specs_are_refused_with_the_field_named() -> anyhow::Result<()> {
             "command: [true]\ngpu_memory_policy: explode\n".into(),
             "gpu_memory_policy",
         ),
+        (
+            "repeat zero",
+            loop_spec("{max_runs: 0}"),
+            "repeat.max_runs: must be at least 1 (got 0)",
+        ),
+        (
+            "repeat negative",
+            loop_spec("{max_runs: -3}"),
+            "repeat.max_runs: must be at least 1 (got -3)",
+        ),
+        (
+            "repeat unknown key",
+            loop_spec("{max_runs: 2, until: done}"),
+            "repeat.until: unknown field `until`",
+        ),
+        (
+            "repeat string",
+            loop_spec("always"),
+            "repeat: expected `forever` or {max_runs: N}, got \"always\"",
+        ),
+        (
+            "repeat too large",
+            loop_spec("{max_runs: 5000000}"),
+            "repeat.max_runs: 5000000 runs, at most 1000000",
+        ),
+        (
+            "repeat on a job",
+            "command: [true]\nrepeat: forever\n".into(),
+            "unknown field `repeat`",
+        ),
+        (
+            "run_dir without {run}",
+            format!("run_dir: /data/runs\n{}", loop_spec("forever")),
+            "run_dir: must contain {run}",
+        ),
     ];
     for (what, text, expected) in cases {
         let path = sandbox.path().join("spec.yaml");
@@ -205,6 +245,7 @@ fn raw_grpc_bad_input_is_invalid_argument() -> anyhow::Result<()> {
                     jobs: vec![spec],
                     submission_key: String::new(),
                     pipeline: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .expect_err(what);
@@ -232,6 +273,7 @@ fn raw_grpc_bad_input_is_invalid_argument() -> anyhow::Result<()> {
             jobs: vec![spec],
             submission_key: "retry-me".into(),
             pipeline: String::new(),
+            ..Default::default()
         };
         let first = client.submit(request.clone()).await?.into_inner().job_ids;
         let second = client.submit(request).await?.into_inner().job_ids;

@@ -1,13 +1,16 @@
 //! Credentials without restarts and job ownership (issue 15, item 6):
 //! SIGHUP and `gantry reload-credentials` re-read the token file; a revoked
-//! token is refused from then on and the `gantry watch` it held open is
-//! closed; a file that does not load changes nothing. Jobs record the token
+//! token is refused from then on and the streams it held open (`gantry
+//! watch`, HTTP events and followed logs) are closed; a file that does not
+//! load changes nothing. Jobs record the token
 //! that submitted them; a `user` token cancels, retries and drops only its
 //! own jobs, an `admin` token any.
 
 use std::time::Duration;
 
-use gantry_integration_tests::{CliOutput, Sandbox, wait_until};
+use std::io::{BufRead, BufReader, Read};
+
+use gantry_integration_tests::{CliOutput, Sandbox, http_send, read_http_head, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -63,20 +66,8 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> 
     sandbox.start_agent("node-a", &url, "1xH100-80GiB", "127.0.0.1", &[])?;
 
     // Each user submits a job that runs until cancelled.
-    let submit = |token: &str| -> anyhow::Result<u64> {
-        let out = as_token(
-            &sandbox,
-            &url,
-            token,
-            &["submit", "-o", "json", "--", "sleep", "600"],
-        );
-        anyhow::ensure!(out.code == 0, "submit: {out:?}");
-        out.json()?["job_ids"][0]
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("no job id: {}", out.stdout))
-    };
-    let alices = submit(ALICE)?;
-    let bobs = submit(BOB)?;
+    let alices = submit_with(&sandbox, &url, ALICE, "sleep 600")?;
+    let bobs = submit_with(&sandbox, &url, BOB, "sleep 600")?;
 
     // The owner is recorded and shown; --mine lists only the caller's jobs.
     let out = as_token(
@@ -129,12 +120,68 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> 
     let out = as_token(&sandbox, &url, ROOT, &["cancel", &alices_text]);
     assert_eq!(out.code, 0, "{out:?}");
 
-    // Bob holds a watch open; revoking his token by SIGHUP closes it.
+    // Only Alice (or an admin) stops Alice's loop.
+    let spec = sandbox.path().join("loop.yaml");
+    std::fs::write(
+        &spec,
+        "pipeline: alices-loop\nrepeat: forever\njobs:\n  - {name: s, command: [sleep, '600']}\n",
+    )?;
+    let spec = spec.display().to_string();
+    let out = as_token(
+        &sandbox,
+        &url,
+        ALICE,
+        &["submit", "-f", &spec, "-o", "json"],
+    );
+    anyhow::ensure!(out.code == 0, "submit: {out:?}");
+    let stage = out.json()?["job_ids"][0].as_u64().unwrap_or(0);
+    expect_refused(
+        &as_token(&sandbox, &url, BOB, &["pipeline", "stop", "alices-loop"]),
+        4,
+        "the job belongs to 'alice'; token 'bob' (role user) may stop the pipeline of only its own jobs",
+        "bob stops alice's loop",
+    );
+    let out = as_token(
+        &sandbox,
+        &url,
+        ALICE,
+        &["pipeline", "alices-loop", "-o", "json"],
+    );
+    assert_eq!(out.json()?["loop_status"], "repeating", "{out:?}");
+    let out = as_token(&sandbox, &url, ALICE, &["pipeline", "stop", "alices-loop"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = as_token(&sandbox, &url, ROOT, &["cancel", &stage.to_string()]);
+    assert_eq!(out.code, 0, "{out:?}");
+
+    // Bob holds a watch open, over gRPC and as HTTP Server-Sent Events,
+    // and follows his running job's log over HTTP; revoking his token by
+    // SIGHUP closes all three.
+    let talker = submit_with(&sandbox, &url, BOB, "echo started; sleep 600")?;
+    wait_until("bob's job to print", WAIT, || {
+        let out = as_token(&sandbox, &url, BOB, &["logs", &talker.to_string()]);
+        out.stdout.contains("started").then_some(())
+    })?;
     let watch =
         sandbox.start_client("watch-bob", &url, &["watch", "--from", "1", "--token", BOB])?;
     // A line of history: the stream is open.
     sandbox.proc(watch).wait_line("", WAIT)?;
     assert!(sandbox.proc(watch).is_running());
+    let bearer = format!("Bearer {BOB}");
+    let auth = [("Authorization", bearer.as_str())];
+    let events = http_send(&coordinator.http, "GET", "/v1/events?from=1", &auth, b"")?;
+    events.set_read_timeout(Some(WAIT))?;
+    let mut events = BufReader::new(events);
+    let (status, _) = read_http_head(&mut events)?;
+    assert_eq!(status, 200, "bob's event stream");
+    let mut first = String::new();
+    events.read_line(&mut first)?;
+    assert!(!first.is_empty(), "an event of history");
+    let log_path = format!("/v1/jobs/{talker}/logs?follow=true");
+    let mut followed = http11_stream(&coordinator.http, &log_path, BOB, false)?;
+    let mut head = [0u8; 512];
+    let read = followed.read(&mut head)?;
+    let head = String::from_utf8_lossy(&head[..read]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     std::fs::write(
         &tokens,
         tokens_file(&[("alice", ALICE, "user"), ("root", ROOT, "admin")]),
@@ -151,6 +198,34 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> 
     assert_eq!(status.code(), Some(4), "watch exit");
     let log = sandbox.log("watch-bob");
     assert!(log.contains("bearer token not recognised"), "{log}");
+    // The SSE stream's last event says why; then it ends (keep-alives
+    // would hold an open one forever: the deadline bounds the wait).
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut rest = String::new();
+    while std::time::Instant::now() < deadline {
+        let mut line = String::new();
+        if events.read_line(&mut line)? == 0 {
+            break;
+        }
+        rest.push_str(&line);
+    }
+    let last = rest
+        .lines()
+        .skip_while(|line| *line != "event: error")
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        last.contains("bearer token not recognised") && last.contains(r#""status":401"#),
+        "no final error event before the stream ended: {rest}"
+    );
+    // The followed log is cut: a chunked body without its last chunk.
+    let mut body = Vec::new();
+    let _ = followed.read_to_end(&mut body);
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        !body.ends_with("0\r\n\r\n"),
+        "the log ended cleanly: {body:?}"
+    );
     expect_refused(
         &as_token(&sandbox, &url, BOB, &["jobs"]),
         4,
@@ -204,16 +279,44 @@ fn owners_change_only_their_own_jobs_and_revoked_tokens_lose_their_streams() -> 
     Ok(())
 }
 
-/// GET `path` with a bearer token; (status, body).
-fn http_with_token(base: &str, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read, Write};
+/// Submits `sh -c SCRIPT` as `token`; the job id.
+fn submit_with(sandbox: &Sandbox, url: &str, token: &str, script: &str) -> anyhow::Result<u64> {
+    let out = as_token(
+        sandbox,
+        url,
+        token,
+        &["submit", "-o", "json", "--", "sh", "-c", script],
+    );
+    anyhow::ensure!(out.code == 0, "submit: {out:?}");
+    out.json()?["job_ids"][0]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no job id: {}", out.stdout))
+}
+
+/// Opens an HTTP/1.1 GET of `path` with a bearer token (so a streamed
+/// body is chunked, and a cut one tells from a finished one); `close`
+/// asks the server to close the connection after the answer.
+fn http11_stream(
+    base: &str,
+    path: &str,
+    token: &str,
+    close: bool,
+) -> anyhow::Result<std::net::TcpStream> {
+    use std::io::Write;
     let host = base.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(host)?;
     stream.set_read_timeout(Some(WAIT))?;
+    let connection = if close { "Connection: close\r\n" } else { "" };
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n{connection}\r\n"
     )?;
+    Ok(stream)
+}
+
+/// GET `path` with a bearer token; (status, body).
+fn http_with_token(base: &str, path: &str, token: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = http11_stream(base, path, token, true)?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     let status = text

@@ -113,3 +113,62 @@ fn a_full_data_volume_refuses_writes_serves_reads_and_resumes() -> anyhow::Resul
     drop(mount);
     Ok(())
 }
+
+/// Agent side: a job whose output fills the agent's data volume (a small
+/// tmpfs) still has its end recorded as it happened (its exit code, one
+/// attempt, not lost and run again), because the agent keeps a reserve for
+/// those records; the full volume shows as disk pressure on the node, and
+/// once space is freed the agent runs jobs there again.
+#[test]
+fn a_full_job_output_volume_loses_no_exit_report() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let agent_dir = sandbox.agent_dir("node-a");
+    let Some(mount) = Tmpfs::mount(&agent_dir, "24m")? else {
+        return Ok(());
+    };
+    // The tmpfs's real figures, not the sandbox's roomy fake disk.
+    std::fs::write(agent_dir.join("fake-state.json"), "{}")?;
+    let coordinator = sandbox.start_coordinator_with("coordinator", &[])?;
+    let url = coordinator.url.clone();
+    sandbox.start_agent("node-a", &url, "1xH100-80GiB", "127.0.0.2", &[])?;
+    sandbox.wait_nodes_ready(&url, 1, T)?;
+    // Its reserve is in place before any job runs.
+    let reserve = agent_dir.join("disk-reserve");
+    gantry_integration_tests::wait_until("the agent's disk reserve", T, || {
+        (std::fs::metadata(&reserve).ok()?.len() > 0).then_some(())
+    })?;
+
+    let spec = sandbox.path().join("fill.yaml");
+    std::fs::write(
+        &spec,
+        "kind: evaluation\nresources: {gpus: 0}\nretry: {max_attempts: 1}\n\
+         command: [sh, -c, 'head -c 100000000 /dev/zero; echo wrote >&2; exit 3']\n",
+    )?;
+    let id = sandbox.submit(&url, &["-f", &spec.display().to_string()])?;
+    let job = sandbox.wait_job_state(&url, id, "deadlettered", T)?;
+    let attempts = job["attempts"].as_array().cloned().unwrap_or_default();
+    assert_eq!(attempts.len(), 1, "ended once, not lost and retried: {job}");
+    assert_eq!(attempts[0]["exit_code"], 3, "{job}");
+
+    // The full volume shows on the node.
+    gantry_integration_tests::wait_until("disk pressure on the node", T, || {
+        let nodes = sandbox.gantry_json(&url, &["nodes"]).ok()?;
+        (nodes.as_array()?.first()?["disk_pressure"] == true).then_some(())
+    })?;
+
+    // Space freed (the job's output removed): jobs run there again.
+    let stdout = agent_dir
+        .join("jobs")
+        .join(id.to_string())
+        .join("1")
+        .join("stdout");
+    std::fs::remove_file(&stdout)?;
+    let again = sandbox.submit(&url, &["--gpus", "0", "--", "true"])?;
+    sandbox.wait_job_state(&url, again, "succeeded", T)?;
+    gantry_integration_tests::wait_until("the reserve refilled", T, || {
+        (std::fs::metadata(&reserve).ok()?.len() >= 4 << 20).then_some(())
+    })?;
+    drop(sandbox);
+    drop(mount);
+    Ok(())
+}

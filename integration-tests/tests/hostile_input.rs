@@ -302,6 +302,7 @@ fn request(jobs: Vec<pb::JobSpec>) -> pb::SubmitRequest {
         jobs,
         submission_key: String::new(),
         pipeline: String::new(),
+        ..Default::default()
     }
 }
 

@@ -1,8 +1,9 @@
 //! The HTTP API's writes and streams (issue 12): bad bodies get 400 naming
 //! the field and store nothing, tokens and roles are those of gRPC, a
-//! follower names the leader, events resume after `Last-Event-ID` with
-//! nothing missed, logs stream, and `/v1/openapi.json` describes exactly
-//! the routes served.
+//! follower names the leader (its gRPC and HTTP addresses), events resume
+//! after `Last-Event-ID` with nothing missed, logs stream, streams are
+//! bounded per client, and `/v1/openapi.json` describes exactly the routes
+//! served.
 
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
@@ -471,6 +472,70 @@ fn events_resume_after_last_event_id_and_logs_stream() -> anyhow::Result<()> {
         );
     }
     wait_state(live, "succeeded")?;
+
+    // Jobs filtered by kind and pipeline on the server, the limit after
+    // the filter; bad filters and pages past the bound are refused.
+    let pipeline = ids(&post(
+        &http,
+        "/v1/jobs",
+        &[],
+        r#"{"pipeline": "loop", "jobs": [
+            {"name": "a", "kind": "evaluation", "command": ["true"]},
+            {"name": "b", "kind": "evaluation", "command": ["true"]},
+            {"name": "c", "kind": "training", "command": ["true"]}]}"#,
+    ));
+    let evaluation = ids(&post(
+        &http,
+        "/v1/jobs",
+        &[],
+        r#"{"kind": "evaluation", "command": ["true"]}"#,
+    ))[0];
+    let listed = |path: &str| -> Vec<u64> {
+        json(&http_get(&http, path, None).expect("jobs"))
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|j| j["id"].as_u64())
+            .collect()
+    };
+    assert_eq!(
+        listed("/v1/jobs?kind=evaluation&limit=2"),
+        [evaluation, pipeline[1]]
+    );
+    assert_eq!(
+        listed("/v1/jobs?kind=evaluation&pipeline=loop"),
+        [pipeline[1], pipeline[0]]
+    );
+    assert_eq!(listed("/v1/jobs?pipeline=loop&limit=1"), [pipeline[2]]);
+    assert_eq!(listed("/v1/jobs?pipeline=nothing"), Vec::<u64>::new());
+    let long = "p".repeat(300);
+    for (path, field, words) in [
+        ("/v1/jobs?kind=bogus".to_string(), "kind", "unknown kind"),
+        (
+            format!("/v1/jobs?pipeline={long}"),
+            "pipeline",
+            "longer than",
+        ),
+        (
+            "/v1/jobs?limit=20000".to_string(),
+            "limit",
+            "more than the 10000",
+        ),
+    ] {
+        let bad = http_get(&http, &path, None)?;
+        assert_eq!(
+            (bad.status, json(&bad)["field"].as_str()),
+            (400, Some(field)),
+            "{bad:?}"
+        );
+        assert!(
+            json(&bad)["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(words),
+            "{bad:?}"
+        );
+    }
     let bad = http_get(&http, "/v1/events?from=x", None)?;
     assert_eq!(
         (bad.status, json(&bad)["field"].as_str()),
@@ -482,7 +547,7 @@ fn events_resume_after_last_event_id_and_logs_stream() -> anyhow::Result<()> {
 #[test]
 fn a_follower_answers_writes_with_the_leader() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
-    let set = sandbox.start_replicas(&[])?;
+    let mut set = sandbox.start_replicas(&[])?;
     // leader_of counts replicas from 1.
     let leader = wait_until("a leader", T, || sandbox.leader_of(&set))? - 1;
     let follower = (0..3).find(|&i| i != leader).expect("a follower");
@@ -493,7 +558,123 @@ fn a_follower_answers_writes_with_the_leader() -> anyhow::Result<()> {
     let named = json(&response)["leader"].as_str().map(String::from);
     assert_eq!(named.as_deref(), Some(set.urls[leader].as_str()));
     assert_eq!(response.header("gantry-leader"), named.as_deref());
+    // The leader's HTTP API too, learned from its Raft batches: an HTTP
+    // client given only this follower finds the leader.
+    let leader_index = set.procs[leader].expect("running");
+    let leader_http = sandbox.proc(leader_index).http.clone().expect("http");
+    assert_eq!(
+        json(&response)["leader_http"].as_str(),
+        Some(leader_http.as_str()),
+        "{response:?}"
+    );
+    assert_eq!(
+        response.header("gantry-leader-http"),
+        Some(leader_http.as_str())
+    );
+    let ready = json(&http_get(&http, "/readyz", None)?);
+    assert_eq!(ready["leader_http"].as_str(), Some(leader_http.as_str()));
+    // Streams are redirected the same way.
+    let events = http_get(&http, "/v1/events", None)?;
+    assert_eq!(
+        (events.status, events.header("gantry-leader-http")),
+        (503, Some(leader_http.as_str())),
+        "{events:?}"
+    );
     let cancel = post(&http, "/v1/jobs/1/cancel", &[], "");
     assert_eq!(cancel.status, 503, "{cancel:?}");
+    assert_eq!(
+        json(&cancel)["leader_http"].as_str(),
+        Some(leader_http.as_str())
+    );
+    // Followed there, the write is taken.
+    let taken = post(&leader_http, "/v1/jobs", &[], r#"{"command": ["true"]}"#);
+    assert_eq!(taken.status, 201, "{taken:?}");
+
+    // After the leader goes, the follower names the new one (or, elected
+    // itself, takes the write).
+    sandbox.stop_replica(&mut set, leader + 1);
+    let https: Vec<String> = (0..3)
+        .filter(|&i| i != leader)
+        .filter_map(|i| set.procs[i])
+        .filter_map(|p| sandbox.proc(p).http.clone())
+        .collect();
+    wait_until("the new leader named or leading", T, || {
+        let response = post(&http, "/v1/jobs", &[], r#"{"command": ["true"]}"#);
+        if response.status == 201 {
+            return Some(());
+        }
+        let named = json(&response)["leader_http"].as_str().map(String::from)?;
+        https.contains(&named).then_some(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn streams_are_bounded_per_client() -> anyhow::Result<()> {
+    const ALICE: &str = "alice-secret-0123456789";
+    const BOB: &str = "bob-secret-0123456789ab";
+    let mut sandbox = Sandbox::new()?;
+    let tokens = sandbox.path().join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "- {{name: alice, token: {ALICE}, role: user}}\n- {{name: bob, token: {BOB}, role: user}}\n"
+        ),
+    )?;
+    let tokens = tokens.display().to_string();
+    let coordinator = sandbox.start_coordinator_with(
+        "coordinator",
+        &["--tokens", &tokens, "--max-streams-per-client", "2"],
+    )?;
+    let http = coordinator.http.clone();
+    let alice = format!("Bearer {ALICE}");
+    let bob = format!("Bearer {BOB}");
+    let open = |auth: &str| -> anyhow::Result<(u16, BufReader<std::net::TcpStream>)> {
+        let stream = http_send(&http, "GET", "/v1/events", &[("Authorization", auth)], b"")?;
+        let mut reader = BufReader::new(stream);
+        let (status, _) = read_http_head(&mut reader)?;
+        Ok((status, reader))
+    };
+    let (first, held) = open(&alice)?;
+    let (second, _held) = open(&alice)?;
+    assert_eq!((first, second), (200, 200));
+    // The third is refused, naming the limit; over HTTP and gRPC, events
+    // and logs alike.
+    let refused = http_request(
+        &http,
+        "GET",
+        "/v1/events",
+        &[("Authorization", &alice)],
+        b"",
+    )?;
+    assert_eq!(refused.status, 429, "{refused:?}");
+    let error = json(&refused)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("token 'alice' already holds 2")
+            && error.contains("--max-streams-per-client"),
+        "{error}"
+    );
+    let logs = http_request(
+        &http,
+        "GET",
+        "/v1/jobs/1/logs?follow=true",
+        &[("Authorization", &alice)],
+        b"",
+    )?;
+    assert_eq!(logs.status, 429, "{logs:?}");
+    let watch = sandbox.gantry(&coordinator.url, &["watch", "--token", ALICE]);
+    assert_ne!(watch.code, 0, "{watch:?}");
+    assert!(watch.stderr.contains("too many open streams"), "{watch:?}");
+    // Another token is counted apart.
+    assert_eq!(open(&bob)?.0, 200);
+    // A closed stream frees its place.
+    drop(held);
+    wait_until("a place for alice again", T, || {
+        let (status, reader) = open(&alice).ok()?;
+        (status == 200).then_some(reader)
+    })?;
     Ok(())
 }

@@ -33,7 +33,7 @@ priority: 0
 preemption_grace: 20s
 retry: {{max_attempts: 1}}
 shell: true
-command: ["echo run $GANTRY_ATTEMPT >> {runs}; trap 'echo checkpoint $GANTRY_ATTEMPT >> {checkpoints}; exit 143' TERM; while true; do sleep 0.1; done"]
+command: ["echo run $GANTRY_ATTEMPT >> {runs}; trap 'echo checkpoint $GANTRY_ATTEMPT \"$(cat $GANTRY_STOP_REASON_FILE)\" >> {checkpoints}; exit 143' TERM; while true; do sleep 0.1; done"]
 "#,
             runs = runs.display(),
             checkpoints = checkpoints.display(),
@@ -65,12 +65,17 @@ command: ["echo run $GANTRY_ATTEMPT >> {runs}; trap 'echo checkpoint $GANTRY_ATT
         ],
     )?;
 
-    // The victim checkpoints on SIGTERM, its attempt ends preempted, and the
+    // The victim checkpoints on SIGTERM, knowing why (the reason file the
+    // agent wrote before the signal), its attempt ends preempted, and the
     // preemptor runs on the freed GPU.
-    wait_until("the low job to checkpoint", T, || {
+    let checkpoint = wait_until("the low job to checkpoint", T, || {
         let text = std::fs::read_to_string(&checkpoints).ok()?;
-        text.contains("checkpoint 1").then_some(())
+        text.contains("checkpoint 1").then_some(text)
     })?;
+    assert!(
+        checkpoint.contains(&format!("checkpoint 1 preempted by job {high} ")),
+        "{checkpoint}"
+    );
     let done = sandbox.wait_job_state(&url, high, "succeeded", T)?;
     assert_eq!(done["attempts"][0]["node"], "node-a", "{done}");
     assert!(

@@ -43,6 +43,8 @@ fn send(
         from,
         cluster_id,
         to,
+        from_http: String::new(),
+        members: None,
     };
     runtime.block_on(async {
         let mut client = RaftPeerClient::connect(url.to_string())

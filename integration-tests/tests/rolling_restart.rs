@@ -1,6 +1,8 @@
-//! Rolling restart of the replica set (issue 15, item 3): replicas are
-//! restarted one at a time, followers first and the leader last (the
-//! README's procedure), while jobs run and a client submits. No
+//! Rolling restart of the replica set and the agents (issue 15, item 3):
+//! replicas are restarted one at a time, followers first and the leader last
+//! (the README's procedure), then each agent (killed and started again, as
+//! an upgrade does: its jobs keep running under their supervisors and the
+//! new agent process adopts them), while jobs run and a client submits. No
 //! acknowledged job is lost, none runs twice (a ledger the jobs write),
 //! jobs running across the restarts keep their one attempt, and the
 //! replicas' histories pass the invariant checker. Prints the unavailability
@@ -23,15 +25,19 @@ fn a_rolling_restart_loses_nothing_and_runs_nothing_twice() -> anyhow::Result<()
     let mut set = sandbox.start_replicas(&[])?;
     let addrs = set.addrs();
     let leader = wait_until("a leader", T, || sandbox.leader_of(&set))?;
-    sandbox.start_agent("node-a", &addrs, "1xH100-80GiB", "127.0.0.2", &[])?;
-    sandbox.wait_nodes_ready(&addrs, 1, T)?;
+    let agents = [("node-a", "127.0.0.2"), ("node-b", "127.0.0.3")];
+    let mut agent_procs = Vec::new();
+    for (name, ip) in agents {
+        agent_procs.push(sandbox.start_agent(name, &addrs, "1xH100-80GiB", ip, &[])?);
+    }
+    sandbox.wait_nodes_ready(&addrs, agents.len(), T)?;
     let ledger = sandbox.path().join("ledger");
     let ledger_text = ledger.display().to_string();
 
     // Two jobs run across every restart.
     let mut long = Vec::new();
     for i in 0..2 {
-        let script = format!("echo long-{i} >> {ledger_text}; sleep 20");
+        let script = format!("echo long-{i} >> {ledger_text}; sleep 40");
         long.push(sandbox.submit(&addrs, &["--gpus", "0", "--", "sh", "-c", &script])?);
     }
     for id in &long {
@@ -97,6 +103,16 @@ fn a_rolling_restart_loses_nothing_and_runs_nothing_twice() -> anyhow::Result<()
                 (acknowledged.lock().expect("lock").len() >= count + 3).then_some(())
             })?;
             windows.push((id, started, Instant::now()));
+        }
+        // Then every agent, one at a time.
+        for ((name, ip), proc) in agents.iter().zip(agent_procs.iter_mut()) {
+            sandbox.proc(*proc).kill9();
+            *proc = sandbox.start_agent(name, &addrs, "1xH100-80GiB", ip, &[])?;
+            sandbox.wait_nodes_ready(&addrs, agents.len(), T)?;
+            let count = acknowledged.lock().expect("lock").len();
+            wait_until("submits after the agent restart", T, || {
+                (acknowledged.lock().expect("lock").len() >= count + 3).then_some(())
+            })?;
         }
         stop.store(true, Ordering::Relaxed);
         Ok(())

@@ -1,14 +1,16 @@
-//! The reference workload's loop (examples/zero/pipeline.yaml) on `gantry
-//! dev` with fake GPUs: two rounds of selfplay -> export -> train ->
-//! evaluate -> promote, every stage a Gantry job started by its input's
-//! event, with the batch sizes Gantry chose, the model lock and evaluation
-//! snapshots; the second round plays with what the first one promoted.
+//! The reference workload's loop (examples/zero/pipeline.yaml, `repeat:
+//! forever`) on `gantry dev` with fake GPUs: submitted once, two runs of
+//! selfplay -> export -> train -> evaluate -> promote, every stage a Gantry
+//! job started by its input's event, with the batch sizes Gantry chose, the
+//! model lock and evaluation snapshots; the second run starts by itself when
+//! the first succeeds and plays with what it promoted, and `gantry pipeline
+//! stop` during it ends the loop after it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use gantry_integration_tests::{Sandbox, gantry_bin};
+use gantry_integration_tests::{Sandbox, gantry_bin, wait_until};
 use gantry_zero::model::ModelFile;
 use gantry_zero::promote::{LoopState, Match, PromotionRule, Rating, decide};
 use gantry_zero::records::{GameRecord, Samples};
@@ -52,19 +54,30 @@ fn one_file(dir: &Path, prefix: &str) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Submits one run of the pipeline and waits for its promote stage; returns
-/// the jobs (JSON) by stage.
-fn run_round(sandbox: &Sandbox, url: &str, spec: &Path) -> anyhow::Result<Vec<Value>> {
-    let out = sandbox.gantry_json(url, &["submit", "-f", &spec.display().to_string()])?;
-    let ids: Vec<u64> = out["job_ids"]
-        .as_array()
-        .context("job_ids")?
-        .iter()
-        .filter_map(Value::as_u64)
-        .collect();
-    ensure!(ids.len() == STAGES.len(), "{out}");
-    sandbox.wait_job_state(url, ids[4], "succeeded", ROUND)?;
-    ids.iter().map(|&id| sandbox.job(url, id)).collect()
+/// `gantry pipeline zero` (run `run`, 0 = the latest) as JSON.
+fn pipeline(sandbox: &Sandbox, url: &str, run: u32) -> anyhow::Result<Value> {
+    sandbox.gantry_json(url, &["pipeline", "zero", "--run", &run.to_string()])
+}
+
+/// Waits until every stage of run `run` succeeded (failing early on a
+/// stage that cannot); returns the jobs (JSON) by stage.
+fn wait_run(sandbox: &Sandbox, url: &str, run: u32) -> anyhow::Result<Vec<Value>> {
+    let mut last = Value::Null;
+    let done = wait_until(&format!("run {run} to succeed"), ROUND, || {
+        let view = pipeline(sandbox, url, run).ok()?;
+        last = view.clone();
+        let jobs = view["jobs"].as_array()?.clone();
+        let states: Vec<&str> = jobs.iter().filter_map(|j| j["state"].as_str()).collect();
+        if states
+            .iter()
+            .any(|s| matches!(*s, "deadlettered" | "blocked" | "cancelled"))
+        {
+            return Some(Err(anyhow::anyhow!("run {run} failed: {view}")));
+        }
+        (states.len() == STAGES.len() && states.iter().all(|s| *s == "succeeded"))
+            .then_some(Ok(jobs))
+    });
+    done.with_context(|| format!("last seen: {last}"))?
 }
 
 fn attempt(job: &Value) -> &Value {
@@ -121,10 +134,49 @@ fn two_rounds_of_the_zero_loop_run_as_gantry_jobs() -> anyhow::Result<()> {
         text.replace("/srv/zero", &data.display().to_string()),
     )?;
 
+    // One submit: the loop makes the runs.
+    let out = sandbox.gantry_json(&url, &["submit", "-f", &spec.display().to_string()])?;
+    ensure!(
+        out["job_ids"].as_array().map(Vec::len) == Some(STAGES.len()),
+        "{out}"
+    );
+    let first = wait_run(&sandbox, &url, 1)?;
+    // Run 2 was made in the apply of run 1's last exit: it exists now,
+    // submitted at that exit's time, with no client involved.
+    let second = pipeline(&sandbox, &url, 0)?;
+    ensure!(second["run"] == 2, "the loop did not start run 2: {second}");
+    let promote_end = attempt(&first[4])["ended_at_ms"].as_u64().context("end")?;
+    for job in second["jobs"].as_array().context("jobs")? {
+        ensure!(job["submitted_at_ms"] == promote_end, "{job}");
+    }
+    ensure!(second["loop_status"] == "repeating", "{second}");
+    // Stop it while run 2 runs: run 2 is its last.
+    let stop = sandbox.gantry_json(&url, &["pipeline", "stop", "zero"])?;
+    ensure!(stop["last_run"] == 2, "{stop}");
+    let runs = [first, wait_run(&sandbox, &url, 2)?];
+    // No third run: it would have been made in the same apply as run 2's end.
+    let view = pipeline(&sandbox, &url, 0)?;
+    ensure!(view["run"] == 2, "a run after the stop: {view}");
+    ensure!(view["loop_status"] == "stopped", "{view}");
+    let table = sandbox.gantry(&url, &["pipeline", "zero"]);
+    eprintln!("gantry pipeline zero:\n{}", table.stdout);
+    for run in view["runs"].as_array().context("runs")? {
+        let took =
+            run["ended_at_ms"].as_u64().unwrap_or(0) - run["submitted_at_ms"].as_u64().unwrap_or(0);
+        eprintln!("run {}: {} in {took} ms", run["run"], run["state"]);
+    }
+    let run2_start = attempt(&runs[1][0])["started_at_ms"]
+        .as_u64()
+        .context("start")?;
+    eprintln!(
+        "run 1's promote exit -> run 2's selfplay start: {} ms",
+        run2_start - promote_end
+    );
+
     let mut states = vec![LoopState::initial(32)];
     for round in 1..=2u32 {
-        let jobs = run_round(&sandbox, &url, &spec)?;
-        let (batches, lags) = check_jobs(&jobs)?;
+        let jobs = &runs[round as usize - 1];
+        let (batches, lags) = check_jobs(jobs)?;
         // Tiers for an 80 GiB GPU: selfplay 32, train 256, evaluate 20.
         assert_eq!(batches[0], 32, "selfplay batch: {}", jobs[0]);
         assert_eq!(batches[2], 256, "train batch: {}", jobs[2]);
@@ -178,24 +230,29 @@ fn two_rounds_of_the_zero_loop_run_as_gantry_jobs() -> anyhow::Result<()> {
         assert_eq!(result.games(), 20);
 
         // Promotion: the rule applied to this evaluation, the history, the
-        // next round's state; a promoted candidate is the best model.
+        // next round's state (read back by the next round's self-play, and
+        // in state.json after the last); a promoted candidate is the best
+        // model.
         let decision = decide(&PromotionRule::default(), &before, result);
-        let state: LoopState = serde_json::from_value(read_json(&data.join("state.json"))?)?;
-        assert_eq!(state, decision.next);
         let ratings: Vec<Rating> = std::fs::read_to_string(data.join("ratings.jsonl"))?
             .lines()
             .map(serde_json::from_str)
             .collect::<Result<_, _>>()?;
-        assert_eq!(ratings.len(), round as usize);
-        assert_eq!(ratings.last(), Some(&decision.rating));
-        let best = ModelFile::parse(&std::fs::read(data.join("models/best.bin"))?)
-            .map_err(anyhow::Error::msg)?;
-        assert_eq!(best.round, state.best_round);
-        if decision.promoted {
-            assert_eq!(
-                std::fs::read(data.join("models/best.bin"))?,
-                std::fs::read(data.join("models/candidate.bin"))?
-            );
+        assert_eq!(ratings.len(), 2);
+        assert_eq!(ratings.get(round as usize - 1), Some(&decision.rating));
+        let state = decision.next.clone();
+        if round == 2 {
+            let stored: LoopState = serde_json::from_value(read_json(&data.join("state.json"))?)?;
+            assert_eq!(stored, state);
+            let best = ModelFile::parse(&std::fs::read(data.join("models/best.bin"))?)
+                .map_err(anyhow::Error::msg)?;
+            assert_eq!(best.round, state.best_round);
+            if decision.promoted {
+                assert_eq!(
+                    std::fs::read(data.join("models/best.bin"))?,
+                    std::fs::read(data.join("models/candidate.bin"))?
+                );
+            }
         }
         eprintln!(
             "round {round}: score {:.2}, promoted {}, policy vs random {}, stage seconds {:?}",

@@ -13,6 +13,15 @@ mod generated {
 
 pub use generated::*;
 
+/// When the leader declares a silent node Down: after this many heartbeat
+/// intervals of silence, and never sooner than [`DOWN_AFTER_MIN_MS`]. Part of
+/// the contract because the agent fences itself before it (it stops its jobs
+/// when the leader has not confirmed a heartbeat for a share of this time),
+/// so both sides must compute the same threshold from the interval.
+pub const DOWN_INTERVALS: u64 = 15;
+/// Floor of the Down threshold, milliseconds (see [`DOWN_INTERVALS`]).
+pub const DOWN_AFTER_MIN_MS: u64 = 15_000;
+
 /// Transport between coordinator replicas (`proto/raft.proto`): raft-rs
 /// messages carried as opaque bytes.
 #[allow(missing_docs, clippy::all)]

@@ -439,6 +439,7 @@ impl Executor {
         let request = StopRequest {
             reason: StopReason::OverMemory,
             grace,
+            message: over,
         };
         request_stop(dir, supervisor, request).await;
         true
@@ -480,6 +481,7 @@ async fn request_stop(dir: &Path, supervisor: ProcessId, request: StopRequest) {
     let stop = attempt::StopFile {
         reason: request.reason,
         grace_ms: u64::try_from(request.grace.as_millis()).unwrap_or(u64::MAX),
+        message: request.message,
     };
     let sent = tokio::task::spawn_blocking(move || {
         let written = attempt::write_json(&dir, attempt::STOP, &stop);

@@ -328,7 +328,11 @@ async fn register_heartbeat_run_reconnect_resend_and_shutdown() {
         attempt: 1,
     }))
     .await;
-    conn.send(Down::Ping(pb::Ping { nonce: 1 })).await;
+    conn.send(Down::Ping(pb::Ping {
+        nonce: 1,
+        ..Default::default()
+    }))
+    .await;
     conn.until(|m| matches!(m, Up::Pong(p) if p.nonce == 1).then_some(()))
         .await;
 
@@ -337,7 +341,11 @@ async fn register_heartbeat_run_reconnect_resend_and_shutdown() {
     drop(conn);
     let mut conn = next_conn(&mut conns).await;
     assert!(conn.register(vec![]).await.running.is_empty());
-    conn.send(Down::Ping(pb::Ping { nonce: 2 })).await;
+    conn.send(Down::Ping(pb::Ping {
+        nonce: 2,
+        ..Default::default()
+    }))
+    .await;
     let mut resent = Vec::new();
     loop {
         match conn.recv().await {

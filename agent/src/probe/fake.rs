@@ -11,7 +11,8 @@
 //!   "gpu_used_bytes":       {"0": 10737418240},
 //!   "disk_used_bytes":      123,
 //!   "disk_total_bytes":     456,
-//!   "job_gpu_memory_bytes": {"42": 1234}
+//!   "job_gpu_memory_bytes": {"42": 1234},
+//!   "gpu_faults":           {"1": "xid 79: GPU has fallen off the bus"}
 //! }
 //! ```
 //!
@@ -23,6 +24,9 @@
 //! - `disk_used_bytes` / `disk_total_bytes`: replace the real figures of the
 //!   data volume in heartbeats (how tests simulate a full disk). They apply
 //!   whatever the GPU source, since disk pressure is not a GPU matter.
+//! - `gpu_faults`: GPU index -> the fault the agent reports for that fake
+//!   GPU (as NVML health would: see [`super::nvml::fault`]); the GPU is
+//!   healthy again in the agent's reports once its key is removed.
 //!
 //! A file that does not parse is ignored with a warning (once per distinct
 //! error), so a test writing the file non-atomically cannot crash the agent.
@@ -51,6 +55,8 @@ pub struct FakeState {
     pub disk_total_bytes: Option<u64>,
     /// Job id (as a string key) -> bytes the job uses per GPU.
     pub job_gpu_memory_bytes: BTreeMap<String, u64>,
+    /// GPU index (as a string key) -> the fault reported for it.
+    pub gpu_faults: BTreeMap<String, String>,
 }
 
 /// The last parse error reported, so a broken file warns once, not every second.
@@ -86,6 +92,12 @@ impl FakeState {
             .get(&index.to_string())
             .copied()
             .unwrap_or(0)
+    }
+
+    fn gpu_fault(&self, index: u32) -> Option<String> {
+        self.gpu_faults
+            .get(&index.to_string())
+            .map(|fault| fault.chars().take(super::MAX_FAULT_CHARS).collect())
     }
 
     fn job_used(&self, job_id: u64) -> Option<u64> {
@@ -168,6 +180,7 @@ impl GpuProbe for FakeGpuProbe {
                     used_bytes: self.used(&state, index, jobs).min(gpu.total_bytes),
                     utilization_pct: 0,
                     temperature_c: 0,
+                    fault: state.gpu_fault(index),
                 }
             })
             .collect();
@@ -213,7 +226,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join(FAKE_STATE_FILE),
-            r#"{"gpu_used_bytes": {"0": 1000}, "job_gpu_memory_bytes": {"7": 50}, "disk_used_bytes": 9}"#,
+            r#"{"gpu_used_bytes": {"0": 1000}, "job_gpu_memory_bytes": {"7": 50}, "disk_used_bytes": 9,
+                "gpu_faults": {"1": "xid 79"}}"#,
         )
         .unwrap();
         let mut probe = probe(dir.path());
@@ -234,6 +248,8 @@ mod tests {
         let sample = probe.sample(&jobs);
         let used: Vec<u64> = sample.gpus.iter().map(|g| g.used_bytes).collect();
         assert_eq!(used, vec![1050, 50]);
+        let faults: Vec<Option<&str>> = sample.gpus.iter().map(|g| g.fault.as_deref()).collect();
+        assert_eq!(faults, vec![None, Some("xid 79")]);
         assert_eq!(
             sample.jobs,
             vec![JobGpuUsage {

@@ -47,7 +47,7 @@ impl fmt::Display for GpuReport {
 }
 
 /// Live figures of one GPU for a heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GpuLive {
     /// NVML index.
     pub index: u32,
@@ -57,7 +57,15 @@ pub struct GpuLive {
     pub utilization_pct: u32,
     /// Core temperature, degrees Celsius.
     pub temperature_c: u32,
+    /// Why the GPU is unhealthy, if it is ([`nvml::fault`] for real GPUs,
+    /// `gpu_faults` in `fake-state.json` for fake ones); at most
+    /// [`MAX_FAULT_CHARS`] characters.
+    pub fault: Option<String>,
 }
+
+/// Longest fault text an agent reports for one GPU (the coordinator
+/// truncates again: it never trusts an agent's bounds).
+pub const MAX_FAULT_CHARS: usize = 200;
 
 /// A running job as a GPU probe needs to know it, to attribute memory to it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,14 +1,16 @@
 """The client against a real ``gantry dev``: submit, wait, logs, pipelines,
-events across a cut connection, cancel, the dead-letter queue, bad specs,
-idempotent keys."""
+events across a cut connection, wait following the events, cancel, the
+dead-letter queue, bad specs, idempotent keys."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import Daemon, Proxy, wait_until
 
@@ -230,7 +232,7 @@ BAD_SPECS: list[tuple[str, str, str, str]] = [
 def test_bad_specs_raise_spec_error_with_the_field(
     client: gantry.Client, tmp_path: Path, case: str, text: str, field: str, words: str
 ) -> None:
-    before = len(client.jobs(limit=100_000))
+    before = len(client.jobs(limit=10_000))
     spec = tmp_path / "spec.yaml"
     spec.write_text(text)
     with pytest.raises(gantry.SpecError) as raised:
@@ -239,7 +241,7 @@ def test_bad_specs_raise_spec_error_with_the_field(
     assert error.field.startswith(field), f"{case}: {error.field!r} ({error})"
     assert words in str(error), f"{case}: {error}"
     assert "\n" not in str(error) and len(str(error)) < 2000
-    assert len(client.jobs(limit=100_000)) == before, f"{case}: nothing stored"
+    assert len(client.jobs(limit=10_000)) == before, f"{case}: nothing stored"
 
 
 def test_bad_dict_specs_name_the_field(client: gantry.Client) -> None:
@@ -321,3 +323,57 @@ def test_the_async_client(dev: Daemon) -> None:
                 await client.submit({"command": []})
 
     asyncio.run(run())
+
+
+def _count_job_reads(client: gantry.Client | gantry.AsyncClient, job_id: int) -> list[str]:
+    """Records the client's reads of one job (``GET /v1/jobs/ID``)."""
+    reads: list[str] = []
+    path = f"/v1/jobs/{job_id}"
+
+    def hook(request: httpx.Request) -> None:
+        if request.method == "GET" and request.url.path == path:
+            reads.append(str(request.url))
+
+    async def async_hook(request: httpx.Request) -> None:
+        hook(request)
+
+    if isinstance(client, gantry.Client):
+        client._http.event_hooks["request"] = [hook]
+    else:
+        client._http.event_hooks["request"] = [async_hook]
+    return reads
+
+
+def test_wait_follows_the_events_across_a_cut_connection(dev: Daemon) -> None:
+    proxy = Proxy(dev.http)
+    try:
+        client = gantry.Client(url=proxy.url)
+        [job_id] = client.submit({"command": ["sleep", "3"]})
+        reads = _count_job_reads(client, job_id)
+        # The connection is cut while the wait follows the job's events.
+        cutter = threading.Timer(1.0, proxy.cut)
+        cutter.start()
+        job = client.wait(job_id, timeout=30)
+        cutter.join()
+        assert job.state is JobState.SUCCEEDED
+        # Read at the start, after the reconnect and at the end: polling
+        # every half second for three seconds would read it more often.
+        assert 2 <= len(reads) <= 4, reads
+    finally:
+        proxy.close()
+
+
+def test_wait_times_out(client: gantry.Client, dev: Daemon) -> None:
+    [job_id] = client.submit({"command": ["sleep", "60"]})
+    with pytest.raises(gantry.WaitTimeout, match=f"job {job_id} is still"):
+        client.wait(job_id, timeout=1)
+
+    async def run() -> None:
+        async with gantry.AsyncClient(url=dev.http) as aclient:
+            reads = _count_job_reads(aclient, job_id)
+            with pytest.raises(gantry.WaitTimeout):
+                await aclient.wait(job_id, timeout=1)
+            assert len(reads) == 1, reads
+
+    asyncio.run(run())
+    client.cancel(job_id)

@@ -65,3 +65,12 @@ def test_stop_requested_turns_true_on_sigterm(tmp_path: Path) -> None:
     out, _ = process.communicate(timeout=10)
     assert out.strip() == "checkpointed"
     assert process.returncode == 0
+
+
+def test_stop_reason_reads_the_file_the_agent_writes(tmp_path: Path) -> None:
+    reason = tmp_path / ".gantry-stop-reason"
+    env = {"GANTRY_STOP_REASON_FILE": str(reason)}
+    assert gantry.stop_reason(env) is None
+    assert gantry.stop_reason({}) is None
+    reason.write_text("preempted by job 7 (priority 10)\n")
+    assert gantry.stop_reason(env) == "preempted by job 7 (priority 10)"

@@ -3,6 +3,7 @@ follower that names the leader, against real coordinators."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import httpx
@@ -102,13 +103,48 @@ def _leader(https: list[str]) -> int | None:
     return None
 
 
-def test_a_follower_names_the_leader_and_a_list_finds_it(replicas: list[str]) -> None:
+def _knows_leader(follower: str, leader: str) -> bool | None:
+    try:
+        ready = httpx.get(follower + "/readyz", timeout=2).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return True if ready.get("leader_http") == leader else None
+
+
+def test_a_follower_redirecting_to_the_leader(replicas: list[str]) -> None:
     leader = wait_until("a leader", lambda: _leader(replicas))
     follower = next(i for i in range(3) if i != leader)
-    with pytest.raises(gantry.Unavailable) as raised:
-        gantry.Client(url=replicas[follower], token="").submit({"command": ["true"]})
+    wait_until(
+        "the follower to know the leader",
+        lambda: _knows_leader(replicas[follower], replicas[leader]),
+    )
+    # The follower's answer names the leader's gRPC and HTTP addresses.
+    raw = httpx.post(replicas[follower] + "/v1/jobs", json={"command": ["true"]}, timeout=10)
+    assert raw.status_code == 503, raw.text
+    assert raw.json()["leader_http"] == replicas[leader]
+    assert raw.headers["gantry-leader-http"] == replicas[leader]
     status = gantry.Client(url=replicas[leader], token="").status()
-    assert raised.value.leader == status["leader_url"]
+    assert raw.json()["leader"] == status["leader_url"]
+    # Given only the follower, the client follows it: writes, reads,
+    # events and logs.
+    client = gantry.Client(url=replicas[follower], token="")
+    [job_id] = client.submit({"command": ["true"]}, key="through-a-follower")
+    assert client.job(job_id).id == job_id
+    assert client.submit({"command": ["true"]}, key="through-a-follower") == [job_id]
+    one = gantry.Client(url=replicas[follower], token="")
+    event = next(iter(one.watch(job=job_id)))
+    assert event.job_id == job_id
+    # No agent here: the leader answers that the job is not placed yet.
+    with pytest.raises(gantry.NotFound, match="not been placed yet"):
+        list(gantry.Client(url=replicas[follower], token="").logs(job_id))
+
+    async def through_the_follower() -> None:
+        async with gantry.AsyncClient(url=replicas[follower], token="") as client:
+            [again] = await client.submit({"command": ["true"]}, key="through-a-follower")
+            assert again == job_id
+            assert (await client.job(job_id)).id == job_id
+
+    asyncio.run(through_the_follower())
+    # A list with the follower first finds the leader too.
     both = gantry.Client(url=f"{replicas[follower]},{replicas[leader]}", token="")
-    [job_id] = both.submit({"command": ["true"]}, key="through-a-follower")
     assert both.job(job_id).id == job_id

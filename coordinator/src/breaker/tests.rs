@@ -125,6 +125,7 @@ fn points(script: &[Line], node: &str, since_secs: u64, now_secs: u64) -> u32 {
         last_success,
         T0 + since_secs * 1000,
         T0 + now_secs * 1000,
+        WINDOW_MS,
     )
     .points
 }
@@ -317,7 +318,7 @@ fn admit_in(fleet: &str) -> Result<(), Refusal> {
             _ => 0,
         },
     });
-    admit(nodes, "n0", 1_000)
+    admit(nodes, "n0", 1_000, MAX_SHARE_PERCENT as u32)
 }
 
 #[test]
@@ -382,7 +383,11 @@ fn at_most_a_share_of_the_fleet_and_never_the_last_node() {
         (20, 2),
         (105, 10),
     ] {
-        assert_eq!(max_quarantined(up), max, "{up} nodes");
+        assert_eq!(
+            max_quarantined(up, MAX_SHARE_PERCENT as u32),
+            max,
+            "{up} nodes"
+        );
     }
 }
 
@@ -405,13 +410,23 @@ fn repeated_trips_double_up_to_eight_times() {
     ];
     for (previous, at, want) in cases {
         assert_eq!(
-            next_trips(previous.as_ref(), *at),
+            next_trips(previous.as_ref(), *at, WINDOW_MS),
             *want,
             "{previous:?} at {at}"
         );
     }
-    let lengths: Vec<u64> = (1..=6).map(|t| cool_down_ms(t) / COOL_DOWN_MS).collect();
+    let policy = BreakerPolicy::default();
+    let lengths: Vec<u64> = (1..=6)
+        .map(|t| cool_down_ms(t, &policy) / COOL_DOWN_MS)
+        .collect();
     assert_eq!(lengths, [1, 2, 4, 8, 8, 8]);
+    let policy = BreakerPolicy {
+        cool_down_ms: 1_000,
+        max_doublings: 1,
+        ..policy
+    };
+    let lengths: Vec<u64> = (1..=4).map(|t| cool_down_ms(t, &policy)).collect();
+    assert_eq!(lengths, [1_000, 2_000, 2_000, 2_000]);
 }
 
 #[test]
@@ -628,6 +643,7 @@ fn a_node_failing_jobs_that_succeed_elsewhere_is_quarantined_within_the_share() 
                 until_ms,
                 failures: 3,
                 reason,
+                ..
             },
         ] => {
             assert_eq!((node.as_str(), *until_ms), ("a", at_ms + COOL_DOWN_MS));
@@ -755,6 +771,7 @@ fn apply_rechecks_the_share_and_the_times() {
         until_ms,
         failures: 3,
         reason: "test".into(),
+        policy: BreakerPolicy::default(),
     };
     assert_eq!(h.apply(quarantine("a", 10, 100)), Ok(Outcome::Done));
     // Proposed together by a leader that had not seen the first applied.
@@ -780,4 +797,55 @@ fn apply_rechecks_the_share_and_the_times() {
         }),
         Err(ApplyError::NodeNotFound("ghost".into()))
     );
+}
+
+#[test]
+fn a_configured_policy_decides_the_trip_and_apply_rechecks_with_it() {
+    let policy = BreakerPolicy {
+        trip_points: 4,
+        cool_down_ms: 60_000,
+        max_share_percent: 50,
+        ..BreakerPolicy::default()
+    };
+    let mut h = Harness::new(&["a", "b", "c", "d"]);
+    h.breaker = Breaker::new(policy);
+    for (n, name) in ["j1", "j2", "j3", "j4"].into_iter().enumerate() {
+        assert_eq!(h.quarantined().len(), 0, "{n} points trip nothing");
+        let job = h.submit(name, 2);
+        h.run(job, "a", End::Exit(1));
+        h.run(job, "b", End::Ok);
+    }
+    assert_eq!(h.quarantined(), ["a"], "4 points trip it");
+    match h.proposed.as_slice() {
+        [
+            Command::Quarantine {
+                at_ms,
+                until_ms,
+                policy: carried,
+                ..
+            },
+        ] => {
+            assert_eq!(*until_ms, at_ms + 60_000);
+            assert_eq!(*carried, policy);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Half of four nodes may be out under this policy: c goes too, which
+    // the default share (one of four) would refuse in apply.
+    for name in ["k1", "k2", "k3", "k4"] {
+        let job = h.submit(name, 2);
+        h.run(job, "c", End::Exit(1));
+        h.run(job, "d", End::Ok);
+    }
+    assert_eq!(h.quarantined(), ["a", "c"]);
+    assert!(h.refused.is_empty(), "{:?}", h.refused);
+    let mut strict = h.proposed[1].clone();
+    if let Command::Quarantine { node, policy, .. } = &mut strict {
+        *node = "d".into();
+        *policy = BreakerPolicy::default();
+    }
+    assert!(matches!(
+        h.apply(strict),
+        Err(ApplyError::QuarantineRefused { ref reason, .. }) if reason.contains("at most 1")
+    ));
 }

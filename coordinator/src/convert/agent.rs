@@ -9,6 +9,7 @@ use crate::decide::{Registration, RunningAttempt, ToAgent};
 use crate::domain::GpuRecord;
 use crate::error::CoordinatorError;
 use crate::health::{GpuTelemetry, Heartbeat};
+use crate::limits;
 
 /// Most attempts one registration may report.
 pub const MAX_REPORTED_ATTEMPTS: usize = 100_000;
@@ -100,6 +101,19 @@ pub fn heartbeat(hb: &pb::Heartbeat) -> Heartbeat {
             .iter()
             .map(|j| (j.job_id, j.gpu_memory_bytes.max(0) as u64))
             .collect(),
+        faults: hb
+            .gpus
+            .iter()
+            .filter(|gpu| !gpu.fault.is_empty())
+            .map(|gpu| {
+                let fault = gpu
+                    .fault
+                    .chars()
+                    .take(limits::MAX_GPU_FAULT_CHARS)
+                    .collect();
+                (gpu.index, fault)
+            })
+            .collect(),
     }
 }
 
@@ -164,7 +178,13 @@ pub fn job_event(
                 at_ms,
                 job,
                 attempt,
-                reason: format!("the agent on {node} shut down"),
+                reason: if exit.fenced {
+                    format!(
+                        "the agent on {node} stopped it: the leader had not confirmed its heartbeats for too long (self-fencing)"
+                    )
+                } else {
+                    format!("the agent on {node} shut down")
+                },
             }
         }
         Some(pb::job_event::Event::Exited(exit)) => {

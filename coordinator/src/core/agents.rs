@@ -101,6 +101,7 @@ impl Core {
                 last_ping: std::time::Instant::now()
                     .checked_sub(PING_INTERVAL)
                     .unwrap_or_else(std::time::Instant::now),
+                heard_heartbeat_seq: 0,
             },
         );
         tracing::info!(node = %name, running = register.running.len(), "agent registered");
@@ -119,11 +120,15 @@ impl Core {
         }
         match message.msg {
             Some(pb::agent_message::Msg::Heartbeat(hb)) => {
-                if self
-                    .health
-                    .on_heartbeat(node, &convert::agent::heartbeat(&hb), now)
-                {
+                if let Some(session) = self.sessions.get_mut(node) {
+                    session.heard_heartbeat_seq = session.heard_heartbeat_seq.max(hb.seq);
+                }
+                let beat = convert::agent::heartbeat(&hb);
+                if self.health.on_heartbeat(node, &beat, now) {
                     self.dirty = true;
+                }
+                for command in decide::gpu_health::heartbeat(&self.state, node, &beat, now) {
+                    self.propose(command);
                 }
             }
             Some(pb::agent_message::Msg::JobEvent(event)) => self.job_event(now, node, event),
@@ -244,7 +249,10 @@ impl Core {
             nonce += 1;
             session.last_ping = now;
             session.ping = Some((nonce, now));
-            let ping = pb::coordinator_message::Msg::Ping(pb::Ping { nonce });
+            let ping = pb::coordinator_message::Msg::Ping(pb::Ping {
+                nonce,
+                heard_heartbeat_seq: session.heard_heartbeat_seq,
+            });
             let _ = session
                 .sender
                 .send(Box::new(pb::CoordinatorMessage { msg: Some(ping) }));

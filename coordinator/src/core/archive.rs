@@ -7,8 +7,62 @@ use gantry_scheduler::JobId;
 
 use super::Core;
 use crate::convert;
-use crate::domain::{EventRecord, JobRecord, JobState};
+use std::collections::BTreeMap;
+
+use crate::domain::{EventRecord, JobRecord, JobState, Repeat};
 use crate::error::CoordinatorError;
+
+/// Runs summarised by `gantry pipeline NAME`.
+const RUNS_SHOWN: u32 = 20;
+
+/// `repeat:` on the wire (`None` for a pipeline that does not repeat).
+fn repeat_to_proto(repeat: Repeat) -> Option<pb::PipelineRepeat> {
+    match repeat {
+        Repeat::Once => None,
+        Repeat::MaxRuns(max_runs) => Some(pb::PipelineRepeat {
+            max_runs,
+            forever: false,
+        }),
+        Repeat::Forever => Some(pb::PipelineRepeat {
+            max_runs: 0,
+            forever: true,
+        }),
+    }
+}
+
+/// One run's line: its state from its stages', its time from the first
+/// submit to the last end.
+fn run_summary(run: u32, jobs: &[&JobRecord]) -> pb::PipelineRunSummary {
+    let states: Vec<JobState> = jobs.iter().map(|j| j.state).collect();
+    let state = if states.iter().all(|s| *s == JobState::Succeeded) {
+        "succeeded"
+    } else if states.contains(&JobState::Cancelled) {
+        "cancelled"
+    } else if states
+        .iter()
+        .any(|s| matches!(s, JobState::DeadLettered | JobState::Blocked))
+    {
+        "failed"
+    } else {
+        "running"
+    };
+    let ended_at_ms = if state == "running" {
+        0
+    } else {
+        jobs.iter()
+            .filter_map(|j| j.current_attempt().map(|a| a.ended_at_ms))
+            .max()
+            .unwrap_or(0)
+    };
+    pb::PipelineRunSummary {
+        run,
+        state: state.to_string(),
+        stages: jobs.len() as u32,
+        succeeded: states.iter().filter(|s| **s == JobState::Succeeded).count() as u32,
+        submitted_at_ms: jobs.iter().map(|j| j.submitted_at_ms).min().unwrap_or(0),
+        ended_at_ms,
+    }
+}
 
 /// Most jobs in one page of `gantry jobs --since`.
 pub const MAX_PAGE: usize = 1_000;
@@ -76,6 +130,53 @@ impl Core {
         }
         jobs.sort_by_key(|j| j.id);
         Ok((run, jobs))
+    }
+
+    /// `gantry pipeline NAME`: one run (`run` 0 = the latest) with its
+    /// jobs, the loop's status and a summary of the latest runs.
+    pub(super) fn pipeline_view(
+        &self,
+        name: &str,
+        run: u32,
+    ) -> Result<pb::PipelineView, CoordinatorError> {
+        let (run, jobs) = self.pipeline(name, run)?;
+        let latest = self.state.pipeline_runs().get(name).copied().unwrap_or(run);
+        let first = latest.saturating_sub(RUNS_SHOWN - 1).max(1);
+        // Retired jobs first (owned), then every job of the window by
+        // reference: a view clones no record.
+        let retired: Vec<JobRecord> = (first..=latest)
+            .map(|r| self.store.history_run(name, r))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut by_run: BTreeMap<u32, Vec<&JobRecord>> = BTreeMap::new();
+        for job in self
+            .state
+            .jobs()
+            .filter(|j| j.pipeline == name && j.run >= first)
+            .chain(&retired)
+        {
+            by_run.entry(job.run).or_default().push(job);
+        }
+        let runs = by_run
+            .iter()
+            .map(|(r, jobs)| run_summary(*r, jobs))
+            .collect();
+        let (loop_status, repeat) = match self.state.pipeline_loop(name) {
+            Some((_, policy, status)) => {
+                (status.as_str().to_string(), repeat_to_proto(policy.repeat))
+            }
+            None => (String::new(), None),
+        };
+        Ok(pb::PipelineView {
+            name: name.to_string(),
+            run,
+            jobs,
+            loop_status,
+            runs,
+            repeat,
+        })
     }
 
     /// `gantry jobs --since`: jobs updated at or after `since_ms`, newest

@@ -12,6 +12,27 @@ use crate::convert;
 use crate::decide;
 use crate::metrics::{ClusterView, KindLabel};
 
+/// Which jobs a listing wants besides their state (`/v1/jobs?kind=&pipeline=`);
+/// `None` matches every job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    /// Only jobs of this kind.
+    pub kind: Option<gantry_scheduler::JobKind>,
+    /// Only jobs of this pipeline.
+    pub pipeline: Option<String>,
+}
+
+impl JobFilter {
+    /// Whether `job` passes.
+    pub fn matches(&self, job: &crate::domain::JobRecord) -> bool {
+        self.kind.is_none_or(|kind| job.spec.kind == kind)
+            && self
+                .pipeline
+                .as_deref()
+                .is_none_or(|pipeline| job.pipeline == pipeline)
+    }
+}
+
 impl Core {
     /// The placement policy of every pass.
     pub(super) fn policy(&self) -> Policy {
@@ -69,6 +90,7 @@ impl Core {
                                     .get(&node.name)
                                     .and_then(|gpus| gpus.get(&g.index))
                                     .map_or(0, |f| *f as i64),
+                                fault: node.gpu_fault(g.index).unwrap_or_default().to_string(),
                             }
                         })
                         .collect(),
@@ -207,6 +229,66 @@ impl Core {
                 .inspect_err(|error| tracing::warn!(%error, "cannot read the history's size"))
                 .ok(),
             event_floor: self.state.event_floor(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobFilter;
+    use crate::domain::{JobRecord, JobSpec};
+    use gantry_scheduler::JobKind;
+
+    #[test]
+    fn a_job_filter_matches_kind_and_pipeline() {
+        let job = |kind: JobKind, pipeline: &str| {
+            let mut record = JobRecord::for_test(
+                1,
+                JobSpec {
+                    kind,
+                    ..JobSpec::for_test("j")
+                },
+            );
+            record.pipeline = pipeline.to_string();
+            record
+        };
+        let filter = |kind: Option<JobKind>, pipeline: Option<&str>| JobFilter {
+            kind,
+            pipeline: pipeline.map(String::from),
+        };
+        let training = job(JobKind::Training, "loop");
+        let loose = job(JobKind::Evaluation, "");
+        let cases = [
+            (filter(None, None), &training, true),
+            (filter(None, None), &loose, true),
+            (filter(Some(JobKind::Training), None), &training, true),
+            (filter(Some(JobKind::Training), None), &loose, false),
+            (filter(None, Some("loop")), &training, true),
+            (filter(None, Some("loop")), &loose, false),
+            (
+                filter(Some(JobKind::Training), Some("loop")),
+                &training,
+                true,
+            ),
+            (
+                filter(Some(JobKind::Evaluation), Some("loop")),
+                &training,
+                false,
+            ),
+            (
+                filter(Some(JobKind::Evaluation), Some("other")),
+                &loose,
+                false,
+            ),
+        ];
+        for (filter, job, want) in cases {
+            assert_eq!(
+                filter.matches(job),
+                want,
+                "{filter:?} on {} {:?}",
+                job.spec.kind.as_str(),
+                job.pipeline
+            );
         }
     }
 }

@@ -127,6 +127,17 @@ pub fn applied(
                 );
             }
         }
+        (Command::SetGpuHealth { gpu, .. }, Outcome::Preempted { node, stop }) => {
+            for (job, attempt) in stop {
+                let reason = state
+                    .job(*job)
+                    .and_then(|r| r.current_attempt())
+                    .map(|a| a.preempted.clone())
+                    .unwrap_or_default();
+                tracing::info!(job_id = job, attempt, gpu = ?gpu, %reason, "gpu unhealthy; telling the agent to stop the attempt");
+                out.to(node, cancel(tunables, *job, *attempt, &reason));
+            }
+        }
         (Command::PreemptDrained { .. }, Outcome::Preempted { node, stop }) => {
             soft.preempting.remove(node);
             for (job, attempt) in stop {

@@ -9,6 +9,7 @@
 //! - [`effects`]: what the leader sends once a command is applied
 //!   (assignments, and every cancel path).
 //! - [`schedule`]: a scheduling pass's input (queue, snapshot) and plan.
+//! - [`gpu_health`]: what a heartbeat's GPU faults commit.
 //!
 //! [`crate::core`] only glues these to the world: it owns the state, calls
 //! them, proposes what they return through Raft and sends what they return
@@ -25,9 +26,10 @@ use std::collections::{BTreeSet, HashMap};
 use gantry_scheduler::JobId;
 
 use crate::command::Command;
-use crate::domain::{GpuRecord, JobSpec};
+use crate::domain::{GpuRecord, JobRecord, JobSpec};
 
 pub mod effects;
+pub mod gpu_health;
 pub mod housekeeping;
 pub mod reconcile;
 pub mod schedule;
@@ -224,15 +226,45 @@ pub fn cancel(tunables: &Tunables, job: JobId, attempt: u32, reason: &str) -> To
     }
 }
 
+/// What a pipeline job learns of its run: `GANTRY_PIPELINE`,
+/// `GANTRY_PIPELINE_RUN`, and after the first run `GANTRY_PREVIOUS_RUN`; with
+/// `run_dir:`, `GANTRY_RUN_DIR` and `GANTRY_PREVIOUS_RUN_DIR`. A spec may not
+/// set `GANTRY_*` itself (refused at submit), so these never clash.
+pub fn pipeline_env(record: &JobRecord) -> Vec<(String, String)> {
+    if record.pipeline.is_empty() {
+        return Vec::new();
+    }
+    let run = record.run;
+    let policy = &record.run_policy;
+    let mut env = vec![
+        ("GANTRY_PIPELINE".to_string(), record.pipeline.clone()),
+        ("GANTRY_PIPELINE_RUN".to_string(), run.to_string()),
+    ];
+    if run > 1 {
+        env.push(("GANTRY_PREVIOUS_RUN".into(), (run - 1).to_string()));
+    }
+    if let Some(dir) = policy.run_dir_of(run) {
+        env.push(("GANTRY_RUN_DIR".into(), dir));
+    }
+    if run > 1
+        && let Some(dir) = policy.run_dir_of(run - 1)
+    {
+        env.push(("GANTRY_PREVIOUS_RUN_DIR".into(), dir));
+    }
+    env
+}
+
 /// The assignment of a job's current attempt, and its node; `None` when the
 /// job has no attempt (or is gone).
 pub fn assignment(state: &crate::state::StateMachine, job: JobId) -> Option<(String, ToAgent)> {
     let record = state.job(job)?;
     let attempt = record.current_attempt()?;
+    let mut spec = record.spec.clone();
+    spec.env.extend(pipeline_env(record));
     let message = Assignment {
         job,
         attempt: attempt.attempt,
-        spec: record.spec.clone(),
+        spec,
         gpus: attempt.gpus.clone(),
         gpu_memory: attempt.gpu_memory,
         batch_size: attempt.batch_size,

@@ -292,8 +292,8 @@ pub fn gpu_views(state: &StateMachine, tracker: &HealthTracker, node: &NodeRecor
                 reserved: usage.reserved,
                 exclusive: usage.exclusive,
                 jobs: usage.jobs,
-                // Nothing reports GPU faults yet.
-                unhealthy: false,
+                // A committed fault (hard state), not the agent's last word.
+                unhealthy: node.gpu_fault(g.index).is_some(),
             }
         })
         .collect()

@@ -10,7 +10,10 @@
 //!
 //! A follower answers `/metrics` with its own Raft metrics, `/v1/status` with
 //! its own view, and the rest with 503 naming the leader (`gantry-leader`
-//! header and `leader` field), as the gRPC API does.
+//! header and `leader` field), as the gRPC API does, and the leader's HTTP
+//! base URL (`gantry-leader-http` header and `leader_http` field), which
+//! replicas learn from each other's Raft batches (`raft::http_urls`), so an
+//! HTTP client given one follower's address finds the leader.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -29,7 +32,7 @@ use std::sync::Arc;
 
 use axum::middleware;
 
-use crate::core::Request;
+use crate::core::{JobFilter, Request};
 use crate::credentials::{SharedAuth, TlsSource};
 use crate::domain::JobState;
 use crate::error::{CoordinatorError, LEADER_METADATA};
@@ -37,7 +40,7 @@ use crate::json::{job_json, node_json, status_json};
 use crate::metrics;
 use crate::server::{Failure, Handshaken, accept_tls};
 use crate::service::CoreHandle;
-use gantry_proto as pb;
+use gantry_scheduler::JobKind;
 
 mod streams;
 mod writes;
@@ -52,8 +55,14 @@ const STATUS_PAGE: &str = include_str!("status.html");
 /// running server.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
+/// The header naming the leader's HTTP base URL in a follower's 503.
+pub const LEADER_HTTP_HEADER: &str = "gantry-leader-http";
+
 /// Jobs returned by `/v1/jobs` when no `limit` is given.
 const DEFAULT_JOB_LIMIT: usize = 1000;
+
+/// Most jobs one `/v1/jobs` page may ask for: an answer is built in memory.
+const MAX_JOB_LIMIT: usize = 10_000;
 
 /// How long `/healthz` waits for the core to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -87,6 +96,7 @@ fn api_routes() -> Vec<(&'static str, MethodRouter<HttpState>)> {
         ("/v1/dlq/{id}/retry", post(writes::dlq_retry)),
         ("/v1/events", get(streams::events)),
         ("/v1/pipelines/{name}", get(pipeline)),
+        ("/v1/pipelines/{name}/stop", post(writes::stop_pipeline)),
     ]
 }
 
@@ -111,7 +121,11 @@ pub fn router(state: HttpState) -> Router {
         .fold(Router::new(), |router, (path, route)| {
             router.route(path, route)
         })
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            name_leader_http,
+        ));
     Router::new()
         .route("/", get(status_page))
         .route("/metrics", get(metrics_text))
@@ -134,7 +148,8 @@ pub async fn serve(
     state: HttpState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(state);
+    // The client's address counts its streams when it has no token.
+    let app = router(state).into_make_service_with_connect_info::<ClientAddr>();
     match tls {
         None => {
             axum::serve(listener, app)
@@ -148,6 +163,27 @@ pub async fn serve(
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await
         }
+    }
+}
+
+/// The address a request came from (a request extension, as
+/// `ConnectInfo<ClientAddr>`), over plain TCP or TLS alike.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr(pub(crate) SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> ClientAddr {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> ClientAddr {
+        ClientAddr(*stream.remote_addr())
     }
 }
 
@@ -191,6 +227,39 @@ async fn require_token(
     }
 }
 
+/// A follower's 503 also names the leader's HTTP base URL, once this
+/// replica knows it (see the module docs): the handlers' errors know only
+/// the gRPC URL, the state knows the rest.
+async fn name_leader_http(
+    State(state): State<HttpState>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    if response.status() != StatusCode::SERVICE_UNAVAILABLE {
+        return response;
+    }
+    let Some(ErrorBody(mut body)) = response.extensions_mut().remove::<ErrorBody>() else {
+        return response;
+    };
+    let Some(url) = body.get("leader").and(state.core.leader_http_url()) else {
+        return response;
+    };
+    let Ok(value) = HeaderValue::from_str(&url) else {
+        return response;
+    };
+    body["leader_http"] = json!(url);
+    let headers = response.headers_mut();
+    headers.insert(LEADER_HTTP_HEADER, value);
+    headers.remove(header::CONTENT_LENGTH);
+    *response.body_mut() = axum::body::Body::from(body.to_string());
+    response
+}
+
+/// An error answer's JSON body, kept beside it for [`name_leader_http`].
+#[derive(Clone)]
+struct ErrorBody(Value);
+
 /// A failed API call: a JSON body `{"error": ...}` (with `field` and
 /// `reason` for bad input, `leader` from a follower) and the status chosen
 /// by [`CoordinatorError::http_status`].
@@ -218,7 +287,8 @@ impl IntoResponse for ApiError {
         if let Some(url) = &leader {
             body["leader"] = json!(url);
         }
-        let mut response = (status, axum::Json(body)).into_response();
+        let mut response = (status, axum::Json(body.clone())).into_response();
+        response.extensions_mut().insert(ErrorBody(body));
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -377,6 +447,7 @@ async fn readyz(State(HttpState { core, failure, .. }): State<HttpState>) -> Res
         "is_leader": raft.is_leader,
         "leader_id": raft.leader_id,
         "leader_url": raft.leader_url,
+        "leader_http": core.leader_http_url(),
         "commit_index": raft.commit_index,
         "applied_index": raft.applied_index,
     });
@@ -435,6 +506,12 @@ async fn jobs(
     let limit = match query.get("limit") {
         None => DEFAULT_JOB_LIMIT,
         Some(text) => match text.parse::<usize>() {
+            Ok(n) if n > MAX_JOB_LIMIT => {
+                return Err(invalid(
+                    "limit",
+                    format!("{n} is more than the {MAX_JOB_LIMIT} jobs a page may hold"),
+                ));
+            }
             Ok(n) if n > 0 => n,
             _ => {
                 return Err(invalid(
@@ -447,32 +524,47 @@ async fn jobs(
             }
         },
     };
-    let kind = query.get("kind").cloned().unwrap_or_default();
-    let pipeline = query.get("pipeline").cloned().unwrap_or_default();
-    let filtered = !kind.is_empty() || !pipeline.is_empty();
+    let filter = job_filter(&query)?;
     core.require_leader()?;
     let jobs = core
         .call(|reply| Request::ListJobs {
             states,
-            // The core filters by state only: with a kind or pipeline
-            // filter the limit applies after it.
-            limit: if filtered { usize::MAX } else { limit },
+            limit,
             owner: None,
+            filter,
             reply,
         })
         .await?;
-    let wanted = |job: &pb::Job| {
-        let spec = job.spec.as_ref();
-        (kind.is_empty() || spec.is_some_and(|s| s.kind == kind))
-            && (pipeline.is_empty() || job.pipeline == pipeline)
+    Ok(axum::Json(jobs.iter().map(job_json).collect()))
+}
+
+/// `kind=` and `pipeline=` of `/v1/jobs`, checked: a kind the specs know,
+/// a pipeline name no longer than names can be.
+fn job_filter(query: &HashMap<String, String>) -> Result<JobFilter, ApiError> {
+    let kind = match query.get("kind").map(String::as_str) {
+        None | Some("") => None,
+        Some(name) => Some(JobKind::parse(name).ok_or_else(|| {
+            invalid(
+                "kind",
+                format!(
+                    "unknown kind {:?} (expected one of {})",
+                    crate::spec_file::printable(name, 64),
+                    JobKind::ALL.map(JobKind::as_str).join(", ")
+                ),
+            )
+        })?),
     };
-    Ok(axum::Json(
-        jobs.iter()
-            .filter(|job| wanted(job))
-            .take(limit)
-            .map(job_json)
-            .collect(),
-    ))
+    let pipeline = match query.get("pipeline").map(String::as_str) {
+        None | Some("") => None,
+        Some(name) if name.chars().count() > crate::limits::MAX_NAME_LEN => {
+            return Err(invalid(
+                "pipeline",
+                format!("longer than {} characters", crate::limits::MAX_NAME_LEN),
+            ));
+        }
+        Some(name) => Some(name.to_string()),
+    };
+    Ok(JobFilter { kind, pipeline })
 }
 
 /// `GET /v1/pipelines/{name}?run=N`: a run's jobs (the latest run without
@@ -493,15 +585,10 @@ async fn pipeline(
             .map_err(|_| invalid("run", "must be a run number (a positive integer)"))?,
     };
     core.require_leader()?;
-    let reply_name = name.clone();
-    let (run, jobs) = core
+    let view = core
         .call(|reply| Request::Pipeline { name, run, reply })
         .await?;
-    Ok(axum::Json(json!({
-        "name": reply_name,
-        "run": run,
-        "jobs": jobs.iter().map(job_json).collect::<Vec<_>>(),
-    })))
+    Ok(axum::Json(crate::json::pipeline_json(&view)))
 }
 
 async fn job(

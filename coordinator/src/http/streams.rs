@@ -2,13 +2,20 @@
 //! is its SSE id, so a client reconnecting with `Last-Event-ID` misses
 //! nothing) and a job's output as a chunked body, over the same
 //! `CoreHandle::watch` / `CoreHandle::logs` as the gRPC API.
+//!
+//! Each stream is counted against its caller (`--max-streams-per-client`)
+//! while it is open, and follows its caller's credential as the gRPC
+//! streams do (`credentials::Revocable`): once a credential reload revokes
+//! the token (or lowers its role), an event stream ends with a final
+//! `error` event (`{"error", "status"}`) and a log stream is aborted.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -16,10 +23,97 @@ use futures::Stream;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{ApiError, HttpState, invalid, only_params, parse_job_id};
+use super::{ApiError, ClientAddr, HttpState, invalid, only_params, parse_job_id};
+use crate::credentials::SharedAuth;
+use crate::error::CoordinatorError;
 use crate::json::event_json;
 use crate::limits::MAX_NAME_LEN;
-use crate::service::EventFilter;
+use crate::service::{EventFilter, StreamClient, StreamPermit};
+
+/// The gRPC methods the two streams stand for (their roles, and the
+/// credential each stream is re-checked with).
+const WATCH_METHOD: &str = "/gantry.v1.Gantry/WatchEvents";
+const LOGS_METHOD: &str = "/gantry.v1.Gantry/Logs";
+
+/// What one streamed answer needs before it starts: its place among its
+/// caller's streams, and the end of its credential.
+struct Opened {
+    /// Held, never read: dropped with the stream, it frees the place.
+    _permit: StreamPermit,
+    revoked: std::pin::Pin<Box<dyn Future<Output = CoordinatorError> + Send>>,
+}
+
+/// Counts a stream against its caller (its token, else its address) and
+/// watches its credential; refused past the caller's limit.
+fn open_stream(
+    state: &HttpState,
+    method: &'static str,
+    headers: &HeaderMap,
+    connect: Option<axum::Extension<ConnectInfo<ClientAddr>>>,
+) -> Result<Opened, ApiError> {
+    let caller = state.auth.current().check(method, headers, None)?;
+    let address = connect.map(|axum::Extension(ConnectInfo(ClientAddr(address)))| address.ip());
+    let client = StreamClient::new(caller.as_ref().map(|c| c.name.as_str()), address);
+    let permit = state.core.open_stream(client)?;
+    Ok(Opened {
+        _permit: permit,
+        revoked: Box::pin(revoked(state.auth.clone(), method, headers.clone())),
+    })
+}
+
+/// Resolves once the credentials in force no longer let these headers
+/// call `method` (never, while they do).
+async fn revoked(auth: SharedAuth, method: &'static str, headers: HeaderMap) -> CoordinatorError {
+    let mut changes = auth.changes();
+    while let Some(config) = changes.next().await {
+        if let Err(error) = config.check(method, &headers, None) {
+            return error;
+        }
+    }
+    // The channel closes only when the coordinator stops: the stream then
+    // ends with its connection.
+    std::future::pending().await
+}
+
+/// `stream` while its caller's credential holds (counted against the
+/// caller all along); once revoked, `last` gives its final item, if any.
+fn guarded<S, T>(
+    stream: S,
+    opened: Opened,
+    last: fn(CoordinatorError) -> T,
+) -> impl Stream<Item = T> + Send + 'static
+where
+    S: Stream<Item = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let start = (Box::pin(stream), opened);
+    futures::stream::unfold(Some(start), move |state| async move {
+        let (mut stream, mut opened) = state?;
+        tokio::select! {
+            item = stream.next() => item.map(|item| (item, Some((stream, opened)))),
+            error = &mut opened.revoked => {
+                tracing::info!(%error, "http stream closed: its credential no longer passes");
+                Some((last(error), None))
+            }
+        }
+    })
+}
+
+/// An event stream's final event: why it ended (`status` as the API's
+/// status for the error, so a client can tell a revoked token, 401, from
+/// a lost leader, 503).
+fn error_event(error: CoordinatorError) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().event("error").data(
+        serde_json::json!({ "error": error.to_string(), "status": error.http_status() })
+            .to_string(),
+    ))
+}
+
+/// A log stream cut short: the body is aborted, so the client sees a
+/// broken transfer, never a silently short log.
+fn aborted(error: CoordinatorError) -> Result<Bytes, std::io::Error> {
+    Err(std::io::Error::other(error.to_string()))
+}
 
 /// How often an idle event stream sends a comment, so proxies and clients
 /// can tell a quiet stream from a dead one.
@@ -56,6 +150,7 @@ pub(super) async fn events(
     State(state): State<HttpState>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
+    connect: Option<axum::Extension<ConnectInfo<ClientAddr>>>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     only_params(&query, &["from", "job", "kind", "pipeline"])?;
     // No `from`: from the oldest event kept (0; below the compaction floor
@@ -74,20 +169,18 @@ pub(super) async fn events(
         kind: name_filter(&query, "kind")?,
         pipeline: name_filter(&query, "pipeline")?,
     };
+    let opened = open_stream(&state, WATCH_METHOD, &headers, connect)?;
     let events = state.core.watch(from, filter)?;
-    let stream = ReceiverStream::new(events).map(|item| {
-        Ok(match item {
-            Ok(event) => SseEvent::default()
-                .id(event.index.to_string())
-                .event("job")
-                .data(event_json(&event).to_string()),
-            // The stream ends after this: the client reconnects from the
-            // last id it saw.
-            Err(error) => SseEvent::default()
-                .event("error")
-                .data(serde_json::json!({ "error": error.to_string() }).to_string()),
-        })
+    let stream = ReceiverStream::new(events).map(|item| match item {
+        Ok(event) => Ok(SseEvent::default()
+            .id(event.index.to_string())
+            .event("job")
+            .data(event_json(&event).to_string())),
+        // The stream ends after this: the client reconnects from the
+        // last id it saw.
+        Err(error) => error_event(error),
     });
+    let stream = guarded(stream, opened, error_event);
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
@@ -99,6 +192,8 @@ pub(super) async fn logs(
     State(state): State<HttpState>,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    connect: Option<axum::Extension<ConnectInfo<ClientAddr>>>,
 ) -> Result<Response, ApiError> {
     only_params(&query, &["stream", "follow", "attempt", "offset"])?;
     let id = parse_job_id(&id)?;
@@ -113,6 +208,7 @@ pub(super) async fn logs(
     };
     let offset = number(&query, "offset")?.unwrap_or(0);
     let stream_name = query.get("stream").map(String::as_str).unwrap_or("stdout");
+    let opened = open_stream(&state, LOGS_METHOD, &headers, connect)?;
     let chunks = state
         .core
         .logs(id, attempt, stream_name, offset, follow)
@@ -121,7 +217,7 @@ pub(super) async fn logs(
         item.map(|chunk| Bytes::from(chunk.data))
             .map_err(|error| std::io::Error::other(error.to_string()))
     });
-    let mut response = Body::from_stream(body).into_response();
+    let mut response = Body::from_stream(guarded(body, opened, aborted)).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

@@ -147,6 +147,8 @@ pub(super) async fn submit(
         jobs: parsed.jobs,
         submission_key: key,
         pipeline: parsed.pipeline.unwrap_or_default(),
+        repeat: parsed.repeat,
+        run_dir: parsed.run_dir,
     };
     let ids = state.core.submit(request, caller.map(|c| c.name)).await?;
     Ok((StatusCode::CREATED, axum::Json(json!({ "job_ids": ids }))).into_response())
@@ -220,6 +222,21 @@ pub(super) async fn dlq_drop(
     let id = parse_job_id(&id)?;
     state.core.dlq_drop(id, caller.as_ref()).await?;
     Ok(axum::Json(json!({ "id": id, "dropped": true })).into_response())
+}
+
+/// `POST /v1/pipelines/{name}/stop`: the loop ends after its current run
+/// (a user token only its own pipelines; see `CoreHandle::stop_pipeline`).
+pub(super) async fn stop_pipeline(
+    State(state): State<HttpState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = authorize(&state, "/gantry.v1.Gantry/StopPipeline", &headers)?;
+    let run = state
+        .core
+        .stop_pipeline(name.clone(), caller.as_ref())
+        .await?;
+    Ok(axum::Json(json!({ "name": name, "stopped": true, "last_run": run })).into_response())
 }
 
 /// A node name from the path, bounded before it is echoed anywhere.

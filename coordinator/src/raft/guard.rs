@@ -13,9 +13,9 @@
 //!   0 out of range, so it "matches" and the commit moves past the last
 //!   index (the same panic);
 //! - a snapshot with term 0 (the same "match" trick: `restore` fast-forwards
-//!   the commit past the log) or with a configuration other than ours
-//!   (`confchange::restore` / "invalid restore" are fatal; membership is
-//!   static here);
+//!   the commit past the log) or with a configuration `confchange::restore`
+//!   cannot restore (no voters, an id both voter and learner: "invalid
+//!   restore" is fatal);
 //! - an append response acknowledging an index past the leader's log (the
 //!   leader then sends its followers appends anchored past their logs) or
 //!   asking for a snapshot (`request_snapshot`; Gantry never asks, and an
@@ -51,16 +51,20 @@ pub struct LogView<'a> {
     pub term: u64,
     /// Index of its last log entry (unstable entries included).
     pub last_index: u64,
-    /// Voters of the (static) configuration, sorted.
+    /// Voters of the configuration (outgoing ones too while joint), sorted;
+    /// empty (with `learners`) while this replica waits to join.
     pub voters: &'a [u64],
     /// Learners of the configuration, sorted.
     pub learners: &'a [u64],
 }
 
 impl LogView<'_> {
-    /// Whether `id` is a voter or learner.
+    /// Whether `id` is a voter or learner. A replica waiting to join knows
+    /// no members yet: whoever added it may contact it.
     pub fn is_member(&self, id: u64) -> bool {
-        self.voters.contains(&id) || self.learners.contains(&id)
+        (self.voters.is_empty() && self.learners.is_empty())
+            || self.voters.contains(&id)
+            || self.learners.contains(&id)
     }
 }
 
@@ -229,9 +233,9 @@ fn check_append(message: &Message, view: &LogView<'_>) -> Result<(), String> {
                 entry.index, entry.term, message.term
             ));
         }
-        if entry.get_entry_type() != EntryType::EntryNormal {
+        if entry.get_entry_type() == EntryType::EntryConfChange {
             return Err(format!(
-                "entry {} is a configuration change (membership is static)",
+                "entry {} is a v1 configuration change (Gantry proposes only ConfChangeV2)",
                 entry.index
             ));
         }
@@ -252,21 +256,29 @@ fn check_snapshot(message: &Message, view: &LogView<'_>) -> Result<(), String> {
             metadata.index, metadata.term, message.term
         ));
     }
-    let conf = metadata.get_conf_state();
-    let mut voters = conf.voters.clone();
-    voters.sort_unstable();
-    let mut learners = conf.learners.clone();
-    learners.sort_unstable();
-    if voters != view.voters
-        || learners != view.learners
-        || !conf.voters_outgoing.is_empty()
-        || !conf.learners_next.is_empty()
-        || conf.auto_leave
-    {
+    let _ = view;
+    check_conf_state(metadata.get_conf_state())
+}
+
+/// What `confchange::restore` needs of a snapshot's configuration: voters,
+/// learners apart from voters, the joint parts consistent.
+fn check_conf_state(conf: &raft::eraftpb::ConfState) -> Result<(), String> {
+    let joint = !conf.voters_outgoing.is_empty();
+    let bad = conf.voters.is_empty()
+        || conf.voters.len() + conf.learners.len() > super::membership::MAX_MEMBERS
+        || conf
+            .learners
+            .iter()
+            .any(|id| conf.voters.contains(id) || conf.voters_outgoing.contains(id))
+        || conf
+            .learners_next
+            .iter()
+            .any(|id| !conf.voters_outgoing.contains(id) || conf.voters.contains(id))
+        || (!joint && conf.auto_leave);
+    if bad {
         return Err(format!(
-            "snapshot configuration (voters {voters:?}, learners {learners:?}) is not this cluster's \
-             (voters {:?}, learners {:?}; membership is static)",
-            view.voters, view.learners
+            "snapshot configuration cannot be restored (voters {:?}, learners {:?}, outgoing {:?}, learners next {:?})",
+            conf.voters, conf.learners, conf.voters_outgoing, conf.learners_next
         ));
     }
     Ok(())
@@ -476,6 +488,18 @@ mod tests {
             ..view()
         };
         assert_eq!(check_envelope(9, 4, 1, 9, &with_learner), Ok(()));
+        // A replica waiting to join knows no members: the leader that added
+        // it may contact it, but not as this replica's own id.
+        let joining = LogView {
+            voters: &[],
+            learners: &[],
+            ..view()
+        };
+        assert_eq!(check_envelope(9, 77, 1, 9, &joining), Ok(()));
+        assert_eq!(
+            check_envelope(9, 1, 1, 9, &joining),
+            Err(Refusal::NotMember(1))
+        );
     }
 
     #[test]
@@ -615,7 +639,18 @@ mod tests {
                     e[0].set_entry_type(EntryType::EntryConfChange);
                     m.entries = e.into();
                 },
-                Some("configuration change"),
+                Some("v1 configuration change"),
+            ),
+            (
+                "conf change v2",
+                |m| {
+                    m.index = 100;
+                    m.log_term = 5;
+                    let mut e = entries(101, &[5]);
+                    e[0].set_entry_type(EntryType::EntryConfChangeV2);
+                    m.entries = e.into();
+                },
+                None,
             ),
         ];
         check_cases(MessageType::MsgAppend, cases);
@@ -642,18 +677,42 @@ mod tests {
                 Some("at most 5"),
             ),
             (
-                "other voters",
+                "other voters (membership changed)",
                 |m| m.set_snapshot(snapshot(200, 5, &[1, 2, 4])),
-                Some("not this cluster's"),
+                None,
             ),
             (
                 "joint",
                 |m| {
                     let mut s = snapshot(200, 5, &[1, 2, 3]);
-                    s.mut_metadata().mut_conf_state().voters_outgoing = vec![1];
+                    s.mut_metadata().mut_conf_state().voters_outgoing = vec![1, 2, 4];
+                    s.mut_metadata().mut_conf_state().auto_leave = true;
                     m.set_snapshot(s);
                 },
-                Some("not this cluster's"),
+                None,
+            ),
+            (
+                "no voters",
+                |m| m.set_snapshot(snapshot(200, 5, &[])),
+                Some("cannot be restored"),
+            ),
+            (
+                "voter and learner",
+                |m| {
+                    let mut s = snapshot(200, 5, &[1, 2, 3]);
+                    s.mut_metadata().mut_conf_state().learners = vec![3];
+                    m.set_snapshot(s);
+                },
+                Some("cannot be restored"),
+            ),
+            (
+                "auto leave outside a joint configuration",
+                |m| {
+                    let mut s = snapshot(200, 5, &[1, 2, 3]);
+                    s.mut_metadata().mut_conf_state().auto_leave = true;
+                    m.set_snapshot(s);
+                },
+                Some("cannot be restored"),
             ),
         ];
         check_cases(MessageType::MsgSnapshot, cases);

@@ -82,7 +82,10 @@
 pub mod batch;
 pub mod fault;
 pub mod guard;
+mod http_urls;
 pub mod logger;
+mod members;
+pub mod membership;
 pub mod node;
 pub mod storage;
 pub mod transport;
@@ -191,9 +194,15 @@ pub fn cluster_id(voters: &[u64], name: &str) -> u64 {
 pub struct RaftConfig {
     /// This replica's Raft id (non-zero, a key of `peers`).
     pub id: u64,
-    /// Every voter, this one included: id -> gRPC URL of its `RaftPeer`
-    /// service. Membership is static: all replicas get the same ids.
+    /// Every voter of a new cluster, this one included: id -> gRPC URL of
+    /// its `RaftPeer` service. Only bootstraps a fresh data dir (all
+    /// replicas of a new cluster get the same ids); afterwards membership
+    /// is the stored configuration ([`membership`]) and this is ignored.
     pub peers: BTreeMap<u64, String>,
+    /// Start with a fresh data dir as a replica waiting to be added
+    /// (`gantry raft add`) instead of bootstrapping a cluster: `peers` may
+    /// be empty. Ignored once the data dir holds a configuration.
+    pub join: bool,
     /// Interval of Raft's logical clock.
     pub tick: Duration,
     /// Ticks without a leader before a follower campaigns (randomised up to
@@ -220,6 +229,9 @@ pub struct RaftConfig {
     /// Mixed into the cluster id of a new cluster (`--cluster-name`); once
     /// the cluster exists, its stored id is used and this is ignored.
     pub cluster_name: String,
+    /// This replica's HTTP API base URL, sent with every batch to its peers
+    /// so a follower can name the leader's to HTTP clients (`http_urls`).
+    pub http_url: Option<String>,
 }
 
 impl RaftConfig {
@@ -238,6 +250,8 @@ impl RaftConfig {
             peer_queue: 4096,
             peer_tls: None,
             cluster_name: String::new(),
+            http_url: None,
+            join: false,
         }
     }
 
@@ -263,7 +277,7 @@ impl RaftConfig {
         if self.id == 0 {
             return Err(RaftError::Config("raft id must not be 0".into()));
         }
-        if !self.peers.contains_key(&self.id) {
+        if !self.join && !self.peers.contains_key(&self.id) {
             return Err(RaftError::Config(format!(
                 "raft id {} is not among the peers {:?}",
                 self.id,

@@ -24,7 +24,10 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{self, Batch};
 use super::fault::FaultHook;
 use super::guard::{self, LogView, Refusal, RefusalLog};
+use super::http_urls::HttpUrls;
 use super::logger::raft_logger;
+use super::members::Members;
+use super::membership::{MemberBook, MembersRequest};
 use super::storage::SledRaftStorage;
 use super::transport::{Outgoing, PeerCheck, PeerSenders, RaftPeerService};
 use super::{ProposeError, RaftConfig, RaftError, RaftStatus, ReplicatedStateMachine};
@@ -47,6 +50,9 @@ pub(crate) enum PeerInput {
     Unreachable(u64),
     /// Whether a snapshot reached a peer.
     SnapshotStatus { to: u64, finished: bool },
+    /// A peer's member book, with its batch's cluster id
+    /// ([`super::membership`]).
+    Members { cluster_id: u64, book: MemberBook },
 }
 
 /// Inputs of the loop.
@@ -60,6 +66,8 @@ pub(crate) enum Input<A: ReplicatedStateMachine> {
     Request(A::Request),
     /// From the transport.
     Peer(PeerInput),
+    /// An admin's membership request.
+    Members(MembersRequest),
 }
 
 /// The loop's inbox as the transport sees it: it sends [`PeerInput`]s
@@ -128,6 +136,12 @@ impl<A: ReplicatedStateMachine> RaftHandle<A> {
         self.inbox.send(Input::Request(request)).is_ok()
     }
 
+    /// Hands a membership request (list, add, remove) to the loop; false
+    /// when the loop has stopped.
+    pub fn members(&self, request: MembersRequest) -> bool {
+        self.inbox.send(Input::Members(request)).is_ok()
+    }
+
     /// The latest status.
     pub fn status(&self) -> RaftStatus {
         self.status.borrow().clone()
@@ -137,6 +151,13 @@ impl<A: ReplicatedStateMachine> RaftHandle<A> {
     /// index).
     pub fn watch_status(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
+    }
+
+    /// The HTTP API base URL of the leader this replica knows, once a
+    /// batch from it has said it (see `http_urls`).
+    pub fn leader_http_url(&self) -> Option<String> {
+        let leader = self.status.borrow().leader_id?;
+        self.peers.http.get(leader)
     }
 
     /// The `RaftPeer` gRPC service to mount next to the coordinator's other
@@ -163,6 +184,8 @@ pub struct RaftNode<A: ReplicatedStateMachine> {
     /// Closed when the loop thread has finished (storage flushed).
     done: Option<oneshot::Receiver<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The stored configuration at start was this replica alone.
+    single_voter: bool,
 }
 
 impl<A: ReplicatedStateMachine> RaftNode<A> {
@@ -186,29 +209,49 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|error| RaftError::Start(format!("no tokio runtime: {error}")))?;
         let mut storage = SledRaftStorage::open(db)?;
-        let voters: Vec<u64> = config.peers.keys().copied().collect();
-        if storage.is_fresh() {
-            storage.initialize(voters.clone())?;
+        let flag_voters: Vec<u64> = config.peers.keys().copied().collect();
+        let joining = storage.is_fresh() && config.join;
+        if storage.is_fresh() && !config.join {
+            storage.initialize(flag_voters.clone())?;
             storage.flush()?;
-        } else {
-            let mut stored = storage.conf_state().voters.clone();
-            stored.sort_unstable();
-            if stored != voters {
-                return Err(RaftError::Config(format!(
-                    "--peers has ids {voters:?} but this data dir belongs to a cluster of {stored:?} \
-                     (membership changes are not supported)"
-                )));
+        } else if !joining {
+            // Membership lives in the log: the stored configuration wins.
+            let (stored, _) = super::membership::member_ids(storage.conf_state());
+            if !config.join && stored != flag_voters {
+                tracing::info!(
+                    flag = ?flag_voters,
+                    stored = ?stored,
+                    "--peers ignored: this data dir's stored membership is used (--peers only bootstraps a new cluster)"
+                );
             }
         }
-        let cluster_id = resolve_cluster_id(&mut storage, &voters, &config.cluster_name)?;
-        let mut learners = storage.conf_state().learners.clone();
-        learners.sort_unstable();
+        let cluster_id = if joining {
+            storage.cluster_id().unwrap_or(0)
+        } else {
+            resolve_cluster_id(&mut storage, &flag_voters, &config.cluster_name)?
+        };
         let peer_check = Arc::new(PeerCheck {
-            cluster_id,
-            voters: voters.clone(),
-            learners: learners.clone(),
+            cluster_id: cluster_id.into(),
+            members: Default::default(),
+            book: Default::default(),
             refusals: Arc::new(RefusalLog::default()),
+            http: HttpUrls::new(config.id, config.http_url.as_deref()),
         });
+        let alive_within = config.tick * u32::try_from(config.election_tick).unwrap_or(u32::MAX);
+        let seed = if joining {
+            BTreeMap::new()
+        } else {
+            config.peers.clone()
+        };
+        let members = Members::open(
+            config.id,
+            db,
+            &storage,
+            &seed,
+            peer_check.clone(),
+            alive_within,
+        )?;
+        let (voters, learners) = members.ids();
         let applied = reconcile(&mut storage, &mut app)?;
         let applied_term = raft::Storage::term(&storage, applied)?;
 
@@ -226,7 +269,8 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
         raft_config.validate()?;
         let logger = raft_logger(config.id);
         let mut raw = RawNode::new(&raft_config, storage, &logger)?;
-        if voters == [config.id] {
+        let single_voter = voters == [config.id] && learners.is_empty();
+        if single_voter {
             raw.campaign()?;
         }
 
@@ -234,7 +278,7 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
         let (inbox, receiver) = std_mpsc::channel();
         let mut peers = PeerSenders::start(
             &config,
-            cluster_id,
+            peer_check.clone(),
             &PeerInbox::new(inbox.clone()),
             &runtime,
             &shutdown,
@@ -261,7 +305,7 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
             receiver,
             inbox: inbox.clone(),
             peers,
-            urls: config.peers.clone(),
+            members,
             pending: BTreeMap::new(),
             batch: Batch::default(),
             status: status_tx.clone(),
@@ -314,7 +358,14 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
             thread: Some(thread),
             done: Some(done),
             tasks,
+            single_voter,
         })
+    }
+
+    /// Whether the stored configuration at start was this replica alone
+    /// (it elects itself at once).
+    pub fn is_single_voter(&self) -> bool {
+        self.single_voter
     }
 
     /// The cloneable handle: propose, requests, watch status, peer service.
@@ -482,7 +533,8 @@ struct Driver<A: ReplicatedStateMachine> {
     /// Our own inbox, for reports found while handling a `Ready`.
     inbox: std_mpsc::Sender<Input<A>>,
     peers: PeerSenders,
-    urls: BTreeMap<u64, String>,
+    /// The configuration as applied, the member book, learners' progress.
+    members: Members,
     /// Proposed entries by log index.
     pending: BTreeMap<u64, Pending<A::Outcome>>,
     /// This round's proposals, proposed together at its end.
@@ -490,7 +542,8 @@ struct Driver<A: ReplicatedStateMachine> {
     status: Arc<watch::Sender<RaftStatus>>,
     cluster_id: u64,
     shutdown: CancellationToken,
-    /// Sorted voters and learners (static), for the checks of peers' messages.
+    /// Sorted voters and learners (from `members`), for the checks of
+    /// peers' messages.
     voters: Vec<u64>,
     learners: Vec<u64>,
     refusals: Arc<RefusalLog>,
@@ -549,6 +602,8 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             // scheduling passes): once a round, after what the round
             // applied, so a pass sees a submit at once. What it proposes
             // goes with the next round, which then does not wait.
+            let applied = self.applied;
+            self.members.tick(&mut self.raw, applied);
             let status = self.current_status(true);
             self.app.tick(&status);
             self.take_app_proposals();
@@ -595,6 +650,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                     self.refusals.refused(peer, from, &refusal);
                     return;
                 }
+                self.members.heard_from(from);
                 if let Err(error) = self.raw.step(*message) {
                     tracing::debug!(id = self.id, %error, "raft message ignored");
                 }
@@ -608,6 +664,24 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 };
                 self.raw.report_snapshot(to, status);
             }
+            Input::Peer(PeerInput::Members { cluster_id, book }) => {
+                match self.members.adopt(self.raw.mut_store(), cluster_id, book) {
+                    Ok(Some(adopted)) => self.cluster_id = adopted,
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::error!(id = self.id, %error, "cannot store the member book")
+                    }
+                }
+                self.sync_members();
+            }
+            Input::Members(request) => self.members.request(&mut self.raw, request),
+        }
+    }
+
+    /// After a membership change: sender tasks, checks of peers' messages.
+    fn sync_members(&mut self) {
+        if self.members.sync(&mut self.peers) {
+            (self.voters, self.learners) = self.members.ids();
         }
     }
 
@@ -684,7 +758,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         let leader_id = self.leader_id();
         ProposeError::NotLeader {
             leader_id,
-            leader_url: leader_id.and_then(|id| self.urls.get(&id).cloned()),
+            leader_url: leader_id.and_then(|id| self.members.url(id)),
         }
     }
 
@@ -762,6 +836,9 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         );
         self.applied = metadata.index;
         self.applied_term = metadata.term;
+        self.members
+            .installed(metadata.index, metadata.get_conf_state())?;
+        self.sync_members();
         self.fail_pending(metadata.index);
         Ok(())
     }
@@ -778,12 +855,17 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 // Empty entries are appended by each new leader.
                 EntryType::EntryNormal if entry.data.is_empty() => Vec::new(),
                 EntryType::EntryNormal => self.apply_commands(&entry)?,
-                // Membership is static: nothing proposes conf changes.
-                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                EntryType::EntryConfChangeV2 => {
+                    self.members.apply(&mut self.raw, &entry)?;
+                    self.sync_members();
+                    Vec::new()
+                }
+                // Gantry proposes only V2 changes (the guard refuses v1).
+                EntryType::EntryConfChange => {
                     tracing::warn!(
                         id = self.id,
                         index = entry.index,
-                        "ignored a raft conf change"
+                        "ignored a v1 conf change"
                     );
                     Vec::new()
                 }
@@ -838,7 +920,9 @@ impl<A: ReplicatedStateMachine> Driver<A> {
     /// were applied since the last snapshot.
     fn maybe_compact(&mut self) -> Result<(), RaftError> {
         let (snapshot_index, _) = self.raw.store().snapshot_index_term();
-        if self.applied < snapshot_index + self.compact_after {
+        // A new member catches up from a snapshot that names it.
+        let due = std::mem::take(&mut self.members.snapshot_due) && self.applied > snapshot_index;
+        if !due && self.applied < snapshot_index + self.compact_after {
             return Ok(());
         }
         let started = Instant::now();
@@ -850,7 +934,9 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         })?;
         let bytes = data.len();
         let applied = self.applied;
-        let keep = self.compact_keep;
+        // Never keep index 1: a replica with an empty log must get the
+        // snapshot (which carries the configuration), not the log from 1.
+        let keep = self.compact_keep.min(applied.saturating_sub(1));
         self.raw.mut_store().create_snapshot(applied, data, keep)?;
         tracing::info!(
             id = self.id,
@@ -896,7 +982,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         RaftStatus {
             id: self.id,
             leader_id,
-            leader_url: leader_id.and_then(|id| self.urls.get(&id).cloned()),
+            leader_url: leader_id.and_then(|id| self.members.url(id)),
             term: raft.term,
             // A stopped replica leads nothing, whatever raft-rs last knew.
             is_leader: running && raft.state == StateRole::Leader && self.applied_term == raft.term,

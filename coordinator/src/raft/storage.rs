@@ -188,6 +188,15 @@ impl SledRaftStorage {
         Ok(())
     }
 
+    /// Replaces the configuration when a conf change applies
+    /// ([`super::membership`]). Not durable until [`flush`](Self::flush).
+    pub fn set_conf_state(&mut self, conf_state: ConfState) -> Result<(), RaftError> {
+        self.meta
+            .insert(CONF_STATE_KEY, encode(&conf_state, "conf state")?)?;
+        self.conf_state = conf_state;
+        Ok(())
+    }
+
     /// The stored hard state.
     pub fn hard_state(&self) -> &HardState {
         &self.hard_state

@@ -12,7 +12,8 @@
 //! heartbeats are worthless. tonic's lazy channel reconnects on the next call.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use gantry_proto::raft as pb;
@@ -26,6 +27,8 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::guard::{self, LogView, RefusalLog};
+use super::http_urls::HttpUrls;
+use super::membership::MemberBook;
 use super::node::{PeerInbox, PeerInput};
 use super::{RaftConfig, RaftError};
 use crate::error::CoordinatorError;
@@ -53,16 +56,29 @@ pub struct RaftPeerService {
     peers: Arc<PeerCheck>,
 }
 
-/// What the service checks a batch's envelope against. Membership is static
-/// (`--peers`, stored with the log), so it is fixed for the node's lifetime.
+/// What the service checks a batch's envelope against, and the member
+/// book the sender tasks attach to every batch. The loop updates it when a
+/// conf change applies or a snapshot installs (see [`super::membership`]).
 pub(crate) struct PeerCheck {
-    pub(crate) cluster_id: u64,
-    /// Sorted voters.
-    pub(crate) voters: Vec<u64>,
-    /// Sorted learners.
-    pub(crate) learners: Vec<u64>,
+    /// 0 while this replica waits to join (any cluster may contact it).
+    pub(crate) cluster_id: AtomicU64,
+    /// Sorted voters and learners; both empty while waiting to join.
+    pub(crate) members: RwLock<(Vec<u64>, Vec<u64>)>,
+    /// Where members listen, sent along with every batch.
+    pub(crate) book: RwLock<MemberBook>,
     /// Shared with the driver: one budget of warn lines for both.
     pub(crate) refusals: Arc<RefusalLog>,
+    /// The members' HTTP URLs, as their batches give them.
+    pub(crate) http: HttpUrls,
+}
+
+impl PeerCheck {
+    fn book(&self) -> MemberBook {
+        self.book
+            .read()
+            .map(|book| book.clone())
+            .unwrap_or_default()
+    }
 }
 
 impl RaftPeerService {
@@ -84,26 +100,51 @@ impl RaftPeer for RaftPeerService {
     async fn step(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
         let peer = request.remote_addr();
         let batch = request.into_inner();
+        let (voters, learners) = self
+            .peers
+            .members
+            .read()
+            .map(|members| members.clone())
+            .unwrap_or_default();
         let view = LogView {
             id: self.id,
             // The envelope check reads only the id and the members.
             term: 0,
             last_index: 0,
-            voters: &self.peers.voters,
-            learners: &self.peers.learners,
+            voters: &voters,
+            learners: &learners,
         };
-        if let Err(refusal) = guard::check_envelope(
-            batch.cluster_id,
-            batch.from,
-            batch.to,
-            self.peers.cluster_id,
-            &view,
-        ) {
+        // A replica waiting to join takes the cluster id of whoever added it.
+        let want_cluster = match self.peers.cluster_id.load(Ordering::Relaxed) {
+            0 => batch.cluster_id,
+            stored => stored,
+        };
+        if let Err(refusal) =
+            guard::check_envelope(batch.cluster_id, batch.from, batch.to, want_cluster, &view)
+        {
             self.peers.refusals.refused(peer, batch.from, &refusal);
             return Err(CoordinatorError::PermissionDenied(format!(
                 "raft batch refused: {refusal}"
             ))
             .into());
+        }
+        self.peers.http.record(batch.from, &batch.from_http);
+        if let Some(members) = batch.members {
+            let book = MemberBook::from_wire(
+                members.index,
+                members.members.into_iter().map(|m| (m.id, m.url)).collect(),
+            )
+            .map_err(|reason| CoordinatorError::InvalidArgument {
+                field: "members".into(),
+                reason,
+            })?;
+            let joining = self.peers.cluster_id.load(Ordering::Relaxed) == 0;
+            if joining || book.index > self.peers.book().index {
+                self.inbox.send(PeerInput::Members {
+                    cluster_id: batch.cluster_id,
+                    book,
+                });
+            }
         }
         for (i, bytes) in batch.messages.iter().enumerate() {
             let message = Message::parse_from_bytes(bytes).map_err(|error| {
@@ -145,53 +186,129 @@ fn peer_endpoint(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, S
 }
 
 pub(crate) struct PeerSenders {
-    queues: HashMap<u64, mpsc::Sender<Outgoing>>,
+    queues: HashMap<u64, PeerQueue>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// What new sender tasks need (members join at run time).
+    from: u64,
+    tls: Option<ClientTlsConfig>,
+    queue_len: usize,
+    check: Arc<PeerCheck>,
+    inbox: PeerInbox,
+    runtime: tokio::runtime::Handle,
+    shutdown: CancellationToken,
+    /// This replica's HTTP URL, sent with every batch (empty: none).
+    http_url: String,
+}
+
+/// One peer's queue, its URL, and the token that stops its task when the
+/// peer leaves the book.
+struct PeerQueue {
+    url: String,
+    queue: mpsc::Sender<Outgoing>,
+    stop: CancellationToken,
 }
 
 impl PeerSenders {
-    /// Starts one sender task per peer other than this replica.
+    /// Starts one sender task per member of the book other than this
+    /// replica.
     pub(crate) fn start(
         config: &RaftConfig,
-        cluster_id: u64,
+        check: Arc<PeerCheck>,
         inbox: &PeerInbox,
         runtime: &tokio::runtime::Handle,
         shutdown: &CancellationToken,
     ) -> Result<PeerSenders, RaftError> {
-        let mut queues = HashMap::new();
-        let mut tasks = Vec::new();
-        for (&to, url) in &config.peers {
-            if to == config.id {
-                continue;
-            }
-            let endpoint = peer_endpoint(url, config.peer_tls.as_ref())
-                .map_err(|error| RaftError::Config(format!("peer {to} URL {url:?}: {error}")))?
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(REQUEST_TIMEOUT)
-                .tcp_nodelay(true);
-            let (queue, receiver) = mpsc::channel(config.peer_queue);
-            let peer = PeerTask {
-                from: config.id,
-                cluster_id,
-                to,
-                client: RaftPeerClient::new(endpoint.connect_lazy())
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-                queue: receiver,
-                inbox: inbox.clone(),
-                shutdown: shutdown.clone(),
-            };
-            tasks.push(runtime.spawn(peer.run()));
-            queues.insert(to, queue);
+        let mut senders = PeerSenders {
+            queues: HashMap::new(),
+            tasks: Vec::new(),
+            from: config.id,
+            tls: config.peer_tls.clone(),
+            queue_len: config.peer_queue,
+            inbox: inbox.clone(),
+            runtime: runtime.clone(),
+            shutdown: shutdown.clone(),
+            check: check.clone(),
+            http_url: config.http_url.clone().unwrap_or_default(),
+        };
+        let book = check.book();
+        for (&to, url) in &book.urls {
+            senders
+                .connect(to, url)
+                .map_err(|error| RaftError::Config(format!("peer {to} URL {url:?}: {error}")))?;
         }
-        Ok(PeerSenders { queues, tasks })
+        Ok(senders)
+    }
+
+    /// Starts (or restarts, for a new URL) the sender task of `to`.
+    fn connect(&mut self, to: u64, url: &str) -> Result<(), String> {
+        if to == self.from || self.queues.get(&to).is_some_and(|q| q.url == url) {
+            return Ok(());
+        }
+        self.disconnect(to);
+        // Called from the loop thread too: tonic's lazy channel spawns.
+        let _runtime = self.runtime.enter();
+        let endpoint = peer_endpoint(url, self.tls.as_ref())?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(REQUEST_TIMEOUT)
+            .tcp_nodelay(true);
+        let (queue, receiver) = mpsc::channel(self.queue_len);
+        let stop = self.shutdown.child_token();
+        let peer = PeerTask {
+            from: self.from,
+            check: self.check.clone(),
+            to,
+            http_url: self.http_url.clone(),
+            client: RaftPeerClient::new(endpoint.connect_lazy())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            queue: receiver,
+            inbox: self.inbox.clone(),
+            shutdown: stop.clone(),
+        };
+        self.tasks.push(self.runtime.spawn(peer.run()));
+        self.queues.insert(
+            to,
+            PeerQueue {
+                url: url.to_string(),
+                queue,
+                stop,
+            },
+        );
+        Ok(())
+    }
+
+    fn disconnect(&mut self, to: u64) {
+        if let Some(peer) = self.queues.remove(&to) {
+            peer.stop.cancel();
+        }
+    }
+
+    /// Makes the sender tasks match `book`: a task per member other than
+    /// this replica, none for ids that left. A URL that cannot be dialled
+    /// (TLS mismatch) is logged and that member stays unreachable.
+    pub(crate) fn sync(&mut self, book: &MemberBook) {
+        let gone: Vec<u64> = self
+            .queues
+            .keys()
+            .copied()
+            .filter(|id| !book.urls.contains_key(id))
+            .collect();
+        for id in gone {
+            self.disconnect(id);
+        }
+        for (&to, url) in &book.urls {
+            if let Err(error) = self.connect(to, url) {
+                tracing::error!(peer = to, url, %error, "cannot dial raft peer");
+            }
+        }
+        self.tasks.retain(|task| !task.is_finished());
     }
 
     /// Queues a message; false when there is no such peer or its queue is
     /// full (the message is dropped; Raft retransmits).
     pub(crate) fn send(&self, to: u64, message: Outgoing) -> bool {
         match self.queues.get(&to) {
-            Some(queue) => queue.try_send(message).is_ok(),
+            Some(peer) => peer.queue.try_send(message).is_ok(),
             None => false,
         }
     }
@@ -204,8 +321,11 @@ impl PeerSenders {
 
 struct PeerTask {
     from: u64,
-    cluster_id: u64,
+    /// The cluster id and the book, read for each batch.
+    check: Arc<PeerCheck>,
     to: u64,
+    /// This replica's HTTP URL, sent with every batch (empty: none).
+    http_url: String,
     client: RaftPeerClient<Channel>,
     queue: mpsc::Receiver<Outgoing>,
     inbox: PeerInbox,
@@ -237,11 +357,21 @@ impl PeerTask {
                     Err(_) => break,
                 }
             }
+            let book = self.check.book();
             let batch = pb::RaftBatch {
                 messages,
                 from: self.from,
-                cluster_id: self.cluster_id,
+                cluster_id: self.check.cluster_id.load(Ordering::Relaxed),
                 to: self.to,
+                from_http: self.http_url.clone(),
+                members: Some(pb::RaftMembers {
+                    index: book.index,
+                    members: book
+                        .urls
+                        .into_iter()
+                        .map(|(id, url)| pb::RaftMember { id, url })
+                        .collect(),
+                }),
             };
             let result = tokio::select! {
                 _ = self.shutdown.cancelled() => return,

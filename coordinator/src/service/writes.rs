@@ -40,15 +40,26 @@ impl CoreHandle {
             key,
             specs,
             pipeline,
+            run_policy,
         } = convert::submit_request(request, size)?;
         let count = specs.len();
         self.require_leader()?;
-        let command = Command::Submit {
-            at_ms: now_ms(),
-            key,
-            jobs: specs,
-            pipeline,
-            owner,
+        let command = match pipeline {
+            Some(pipeline) if !run_policy.is_default() => Command::SubmitLoop {
+                at_ms: now_ms(),
+                key,
+                jobs: specs,
+                pipeline,
+                owner,
+                run_policy,
+            },
+            pipeline => Command::Submit {
+                at_ms: now_ms(),
+                key,
+                jobs: specs,
+                pipeline,
+                owner,
+            },
         };
         let job_ids = match self.propose(command).await? {
             Outcome::Submitted(ids) => ids,
@@ -158,6 +169,59 @@ impl CoreHandle {
         .map(|_| ())
     }
 
+    /// Ends a repeating pipeline's loop after its current run (admin or the
+    /// pipeline's owner: the owner of its latest run's jobs). Returns the
+    /// run that finishes last. A loop already stopped answers as the first
+    /// stop did; one that does not repeat, or has finished, is refused.
+    pub async fn stop_pipeline(
+        &self,
+        name: String,
+        caller: Option<&Caller>,
+    ) -> Result<u32, CoordinatorError> {
+        if name.is_empty() || name.chars().count() > crate::limits::MAX_NAME_LEN {
+            return Err(CoordinatorError::InvalidArgument {
+                field: "name".into(),
+                reason: format!(
+                    "not a pipeline name (1 to {} characters)",
+                    crate::limits::MAX_NAME_LEN
+                ),
+            });
+        }
+        self.require_leader()?;
+        let view = self
+            .call(|reply| Request::Pipeline {
+                name: name.clone(),
+                run: 0,
+                reply,
+            })
+            .await?;
+        match view.loop_status.as_str() {
+            "" => {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "pipeline {name:?} does not repeat (no repeat: in its spec)"
+                )));
+            }
+            "finished" | "ended" => {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "pipeline {name:?}'s loop has {} already (run {})",
+                    view.loop_status, view.run
+                )));
+            }
+            "stopped" => return Ok(view.run),
+            _ => {}
+        }
+        if let Some(first) = view.jobs.first() {
+            let owner = Some(first.owner.as_str()).filter(|o| !o.is_empty());
+            may_change(caller, "stop the pipeline of", first.id, owner)?;
+        }
+        self.propose(Command::StopPipeline {
+            at_ms: now_ms(),
+            name,
+        })
+        .await?;
+        Ok(view.run)
+    }
+
     /// Refuses unless `caller` may `action` job `job` ([`may_change`]: a
     /// user changes only its own jobs; no caller means no tokens are
     /// configured). The owner never changes after the submit, so this check
@@ -182,7 +246,7 @@ impl CoreHandle {
 
     /// Drains a node (`deadline_after_ms` > 0: its jobs are preempted that
     /// long from now) or returns it to service; an undrain also clears a
-    /// circuit-breaker quarantine.
+    /// circuit-breaker quarantine and the node's GPU faults.
     pub async fn set_drain(
         &self,
         node: String,
@@ -210,9 +274,29 @@ impl CoreHandle {
         if !drain {
             // An operator's undrain also vouches for the node against the
             // circuit breaker.
-            self.propose(Command::ClearQuarantine { at_ms, node })
+            self.propose(Command::ClearQuarantine {
+                at_ms,
+                node: node.clone(),
+            })
+            .await?;
+            // And clears its GPU faults (the operator vouches for them).
+            self.propose(crate::decide::gpu_health::clear(&node, None, at_ms))
                 .await?;
         }
+        Ok(())
+    }
+
+    /// Clears GPU `gpu` of `node`'s fault (`gantry gpu reset`): placements
+    /// on it again; the same fault reported again is acknowledged.
+    pub async fn reset_gpu(&self, node: String, gpu: u32) -> Result<(), CoordinatorError> {
+        if node.is_empty() {
+            return Err(CoordinatorError::InvalidArgument {
+                field: "node".into(),
+                reason: "must not be empty".into(),
+            });
+        }
+        self.propose(crate::decide::gpu_health::clear(&node, Some(gpu), now_ms()))
+            .await?;
         Ok(())
     }
 }

@@ -107,6 +107,7 @@ impl StateMachine {
         self.learn(job, report.oom && failed, report.peak_gpu_memory);
         if succeeded {
             self.transition(at_ms, job, JobState::Succeeded, String::new());
+            self.continue_loop(at_ms, job);
             return Ok(Outcome::Done);
         }
         if let Some(reason) = preempted_by {

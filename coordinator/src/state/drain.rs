@@ -47,22 +47,36 @@ impl StateMachine {
         }
         let stop = self.preemptible_on(&node);
         let reason = format!("preempted: node {node} drained");
-        for (job, attempt) in &stop {
+        self.mark_preempted(at_ms, &stop, &reason, "(drain deadline passed)");
+        Ok(Outcome::Preempted { node, stop })
+    }
+
+    /// Marks the attempts of `stop` preempted for `reason` (they keep their
+    /// reservations until their agent reports them ended, then go back to
+    /// Pending without using an attempt), each with an event `reason:
+    /// stopping attempt N detail`.
+    pub(super) fn mark_preempted(
+        &mut self,
+        at_ms: u64,
+        stop: &[(JobId, u32)],
+        reason: &str,
+        detail: &str,
+    ) {
+        for (job, attempt) in stop {
             if let Some(a) = self
                 .jobs
                 .get_mut(job)
                 .and_then(JobRecord::current_attempt_mut)
             {
-                a.preempted = reason.clone();
+                a.preempted = reason.to_string();
             }
             self.changes.jobs.insert(*job);
             self.event(
                 at_ms,
                 *job,
-                format!("{reason}: stopping attempt {attempt} (drain deadline passed)"),
+                format!("{reason}: stopping attempt {attempt} {detail}"),
             );
         }
-        Ok(Outcome::Preempted { node, stop })
     }
 
     pub(super) fn request_cancel(&mut self, at_ms: u64, job: JobId) -> Result<Outcome, ApplyError> {

@@ -6,13 +6,14 @@ use std::collections::BTreeSet;
 
 use gantry_scheduler::{LockMode, Placement};
 
+use super::preempt::hold_refusal;
 use super::{Outcome, StateMachine};
 use crate::domain::{AttemptRecord, JobState};
 
 impl StateMachine {
     /// Re-checks a placement against hard state: the job is pending, the node
-    /// exists and is usable, every GPU exists, fits and respects exclusivity,
-    /// and the locks are free.
+    /// exists and is usable, every GPU exists, is healthy, fits and respects
+    /// exclusivity, and the locks are free.
     pub(super) fn check_placement(&self, placement: &Placement) -> Result<(), String> {
         let job = self
             .jobs
@@ -51,6 +52,9 @@ impl StateMachine {
                 .iter()
                 .find(|g| g.index == *index)
                 .ok_or_else(|| format!("node {} has no GPU {index}", node.name))?;
+            if let Some(fault) = node.gpu_fault(*index) {
+                return Err(format!("GPU {}/{index} is unhealthy ({fault})", node.name));
+            }
             let usage = self.gpu_usage(&node.name, *index);
             if usage.reserved + placement.gpu_memory > gpu.total {
                 return Err(format!(
@@ -84,8 +88,13 @@ impl StateMachine {
     pub(super) fn assign(&mut self, at_ms: u64, placements: Vec<Placement>) -> Outcome {
         let mut applied = Vec::new();
         let mut refused = Vec::new();
+        let holds = self.holds_at(at_ms);
         for placement in placements {
             if let Err(reason) = self.check_placement(&placement) {
+                refused.push((placement.job, reason));
+                continue;
+            }
+            if let Some(reason) = hold_refusal(&holds, &placement) {
                 refused.push((placement.job, reason));
                 continue;
             }

@@ -5,7 +5,9 @@
 //! an attempt, as on a drain deadline) and holds the node for the
 //! preemptor.
 
-use gantry_scheduler::JobId;
+use std::collections::HashMap;
+
+use gantry_scheduler::{JobId, Placement};
 
 use super::{Outcome, StateMachine};
 use crate::domain::{JobRecord, JobState, MAX_PREEMPTIONS_KEPT, PreemptedBy, PreemptionHold};
@@ -119,6 +121,42 @@ impl StateMachine {
         );
         Ok(Outcome::Preempted { node, stop })
     }
+}
+
+impl StateMachine {
+    /// The nodes held for a preemptor at `at_ms`: node -> the waiting job
+    /// that preempted there (pending, not cancelled, hold not expired). A
+    /// hold ends when its job is placed (it is no longer pending) or at
+    /// its `until_ms`.
+    pub(super) fn holds_at(&self, at_ms: u64) -> HashMap<String, JobId> {
+        self.pending
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| j.state == JobState::Pending && !j.cancel_requested)
+            .filter_map(|j| {
+                let hold = j.preempting.as_ref()?;
+                (hold.until_ms > at_ms).then(|| (hold.node.clone(), j.id))
+            })
+            .collect()
+    }
+}
+
+/// Why `placement` may not take capacity held for a preemptor, if it may
+/// not: apply honours the hold whatever the plan, so no third job slips
+/// into the capacity a preemption freed (the scheduler also keeps a held
+/// node for its preemptor, but a plan made before the hold applied would
+/// not know).
+pub(super) fn hold_refusal(
+    holds: &HashMap<String, JobId>,
+    placement: &Placement,
+) -> Option<String> {
+    let holder = *holds.get(&placement.node)?;
+    (holder != placement.job).then(|| {
+        format!(
+            "node {} is held for job {holder}, which preempted there",
+            placement.node
+        )
+    })
 }
 
 /// Keeps the newest [`MAX_PREEMPTIONS_KEPT`] preemptions of a job.

@@ -15,6 +15,7 @@ impl StateMachine {
         until_ms: u64,
         failures: u32,
         reason: String,
+        policy: &breaker::BreakerPolicy,
     ) -> Result<Outcome, ApplyError> {
         let refuse = |reason: String| ApplyError::QuarantineRefused {
             node: node.clone(),
@@ -29,9 +30,14 @@ impl StateMachine {
             )));
         }
         let previous = record.quarantine.clone();
-        breaker::admit(self.nodes.values().map(FleetNode::of), &node, at_ms)
-            .map_err(|refusal| refuse(refusal.to_string()))?;
-        let trips = breaker::next_trips(previous.as_ref(), at_ms);
+        breaker::admit(
+            self.nodes.values().map(FleetNode::of),
+            &node,
+            at_ms,
+            policy.max_share_percent,
+        )
+        .map_err(|refusal| refuse(refusal.to_string()))?;
+        let trips = breaker::next_trips(previous.as_ref(), at_ms, policy.window_ms);
         let mut reason = reason;
         breaker::truncate(&mut reason, breaker::MAX_REASON_BYTES);
         if let Some(record) = self.nodes.get_mut(&node) {

@@ -12,7 +12,9 @@
 //! queue is Cancelled) are ever retired. A finished job that a job not yet
 //! finished depends on (its `after:` edges) is held until every dependant
 //! has finished: a pending dependant waits for its dependencies to be in
-//! hard state, and a dependency missing would hold it for ever. Pending,
+//! hard state, and a dependency missing would hold it for ever. The jobs of
+//! a repeating pipeline's latest run are held while its loop goes on: the
+//! next run is made from their records. Pending,
 //! assigned, running, failed (in back-off), lost, blocked and dead-lettered
 //! jobs are never retired.
 
@@ -191,13 +193,14 @@ impl StateMachine {
         }
         let key = (job.updated_at_ms, id);
         let deps = job.depends_on.clone();
-        if self.unfinished_dependant(id) {
+        if self.unfinished_dependant(id) || self.loop_holds(id) {
             self.held.insert(id);
         } else {
             self.finished.insert(key);
         }
         for dep in deps {
-            if self.held.contains(&dep) && !self.unfinished_dependant(dep) {
+            if self.held.contains(&dep) && !self.unfinished_dependant(dep) && !self.loop_holds(dep)
+            {
                 self.held.remove(&dep);
                 if let Some(d) = self.jobs.get(&dep) {
                     self.finished.insert((d.updated_at_ms, dep));

@@ -6,7 +6,7 @@ use gantry_scheduler::JobId;
 
 use super::{ApplyError, Outcome, StateMachine};
 use crate::dag::resolve_after;
-use crate::domain::{JobRecord, JobSpec, JobState};
+use crate::domain::{JobRecord, JobSpec, JobState, Repeat, RunPolicy};
 
 impl StateMachine {
     pub(super) fn submit(
@@ -16,6 +16,7 @@ impl StateMachine {
         specs: Vec<JobSpec>,
         pipeline: Option<String>,
         owner: Option<String>,
+        mut run_policy: RunPolicy,
     ) -> Result<Outcome, ApplyError> {
         if let Some(ids) = key.as_ref().and_then(|k| self.submissions.get(k)) {
             return Ok(Outcome::Submitted(ids.clone()));
@@ -31,6 +32,9 @@ impl StateMachine {
             }
             None => 0,
         };
+        if run_policy.repeat != Repeat::Once && run_policy.first_run == 0 {
+            run_policy.first_run = run;
+        }
         let first = self.next_job_id;
         let ids: Vec<JobId> = (0..specs.len() as u64).map(|i| first + i).collect();
         self.next_job_id += specs.len() as u64;
@@ -59,6 +63,7 @@ impl StateMachine {
                 submit_event: self.next_event_index,
                 preempted_by: Vec::new(),
                 preempting: None,
+                run_policy: run_policy.clone(),
             };
             self.jobs.insert(*id, record);
             self.pending.insert(*id);
@@ -70,6 +75,12 @@ impl StateMachine {
             }
             self.submissions.insert(key.clone(), ids.clone());
             self.changes.submissions.push((key, ids.clone()));
+        }
+        if let Some(name) = &pipeline
+            && run > 1
+        {
+            // The run before is no longer the latest: a loop holds it no more.
+            self.release_run(name, run - 1);
         }
         Ok(Outcome::Submitted(ids))
     }

@@ -22,6 +22,7 @@ from ._errors import (
     GantryError,
     NotFound,
     SpecError,
+    TooManyStreams,
     Unauthorized,
     Unavailable,
     WaitTimeout,
@@ -31,6 +32,7 @@ from ._job import (
     install_stop_handler,
     job_context,
     limit_torch_memory,
+    stop_reason,
     stop_requested,
 )
 from ._models import Attempt, Event, Job, JobState, Node, Pipeline
@@ -50,11 +52,13 @@ __all__ = [
     "NotFound",
     "Pipeline",
     "SpecError",
+    "TooManyStreams",
     "Unauthorized",
     "Unavailable",
     "WaitTimeout",
     "install_stop_handler",
     "job_context",
     "limit_torch_memory",
+    "stop_reason",
     "stop_requested",
 ]

@@ -20,9 +20,11 @@ from ._common import (
     Spec,
     SseParser,
     decode,
+    ends,
     failure,
     reconnectable,
     sse_event,
+    wait_timeout,
 )
 from ._errors import GantryError, Unavailable, WaitTimeout
 from ._models import Event, Job, JobState, Node, Pipeline
@@ -61,8 +63,8 @@ class AsyncClient(Endpoints):
         await self.aclose()
 
     async def _send(self, call: Call[T]) -> T:
-        last: GantryError = Unavailable("no coordinator address")
-        for i in self._order():
+        attempts = self._plan()
+        while (i := attempts.next()) is not None:
             try:
                 response = await self._http.request(
                     call.method,
@@ -72,14 +74,13 @@ class AsyncClient(Endpoints):
                     headers=call.headers,
                 )
             except httpx.TransportError as error:
-                last = Unavailable(f"{self._settings.urls[i]}: {error}")
+                attempts.last = Unavailable(f"{self._settings.urls[i]}: {error}")
                 continue
-            if self._skip(response.status_code):
-                last = failure(503, response.content)
+            if response.status_code == 503 and attempts.failed(i, failure(503, response.content)):
                 continue
             self._current = i
             return call.parse(decode(response))
-        raise last
+        raise attempts.last
 
     async def submit(self, spec: Spec, key: str | None = None) -> list[int]:
         return await self._send(_calls.submit(spec, key))
@@ -123,16 +124,29 @@ class AsyncClient(Endpoints):
     async def pipeline(self, name: str, run: int | None = None) -> Pipeline:
         return await self._send(_calls.pipeline(name, run))
 
-    async def wait(self, id: int, timeout: float | None = None, poll: float = 0.5) -> Job:
+    async def wait(self, id: int, timeout: float | None = None) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
+        after = int((await self.status()).get("last_event_index") or 0)
+        backoff = 0.1
         while True:
             job = await self.job(id)
             if job.state.is_terminal:
                 return job
+            params, headers = _calls.events(after + 1, after, id, None, None)
+            try:
+                async for event in self._events(params, headers, wait_timeout(deadline)):
+                    after, backoff = event.index, 0.1
+                    if ends(event):
+                        job = await self.job(id)
+                        if job.state.is_terminal:
+                            return job
+            except Exception as error:
+                if not reconnectable(error):
+                    raise
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeout(f"job {id} is still {job.state.value} after {timeout}s")
-            pause = poll if deadline is None else min(poll, deadline - time.monotonic())
-            await asyncio.sleep(max(pause, 0.0))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def watch(
         self,
@@ -156,12 +170,15 @@ class AsyncClient(Endpoints):
             backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _events(
-        self, params: dict[str, str], headers: dict[str, str]
+        self,
+        params: dict[str, str],
+        headers: dict[str, str],
+        timeout: httpx.Timeout = STREAM_TIMEOUT,
     ) -> AsyncIterator[Event]:
         url = self._url(self._current, "/v1/events")
         try:
             async with self._http.stream(
-                "GET", url, params=params, headers=headers, timeout=STREAM_TIMEOUT
+                "GET", url, params=params, headers=headers, timeout=timeout
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()
@@ -172,22 +189,32 @@ class AsyncClient(Endpoints):
                     event = None if parsed is None else sse_event(parsed[1], parsed[2])
                     if event is not None:
                         yield event
-        except (httpx.TransportError, GantryError):
-            self._next()
+        except (httpx.TransportError, GantryError) as error:
+            self._after_error(error)
             raise
         # The server never ends a watch: an end is a dropped connection.
         raise httpx.RemoteProtocolError("event stream ended")
 
     async def logs(self, id: int, stderr: bool = False, follow: bool = False) -> AsyncIterator[str]:
         path, params = _calls.logs(id, stderr, follow)
-        url = self._url(self._current, path)
-        async with self._http.stream("GET", url, params=params, timeout=STREAM_TIMEOUT) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                raise failure(response.status_code, response.content)
-            lines = LineSplitter()
-            async for chunk in response.aiter_bytes():
-                for line in lines.feed(chunk):
+        attempts = self._plan()
+        while (i := attempts.next()) is not None:
+            url = self._url(i, path)
+            async with self._http.stream(
+                "GET", url, params=params, timeout=STREAM_TIMEOUT
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    error = failure(response.status_code, response.content)
+                    if response.status_code == 503 and attempts.failed(i, error):
+                        continue
+                    raise error
+                self._current = i
+                lines = LineSplitter()
+                async for chunk in response.aiter_bytes():
+                    for line in lines.feed(chunk):
+                        yield line
+                for line in lines.flush():
                     yield line
-            for line in lines.flush():
-                yield line
+                return
+        raise attempts.last

@@ -18,9 +18,11 @@ from ._common import (
     Spec,
     SseParser,
     decode,
+    ends,
     failure,
     reconnectable,
     sse_event,
+    wait_timeout,
 )
 from ._errors import GantryError, Unavailable, WaitTimeout
 from ._models import Event, Job, JobState, Node, Pipeline
@@ -60,8 +62,8 @@ class Client(Endpoints):
         self.close()
 
     def _send(self, call: Call[T]) -> T:
-        last: GantryError = Unavailable("no coordinator address")
-        for i in self._order():
+        attempts = self._plan()
+        while (i := attempts.next()) is not None:
             try:
                 response = self._http.request(
                     call.method,
@@ -71,14 +73,13 @@ class Client(Endpoints):
                     headers=call.headers,
                 )
             except httpx.TransportError as error:
-                last = Unavailable(f"{self._settings.urls[i]}: {error}")
+                attempts.last = Unavailable(f"{self._settings.urls[i]}: {error}")
                 continue
-            if self._skip(response.status_code):
-                last = failure(503, response.content)
+            if response.status_code == 503 and attempts.failed(i, failure(503, response.content)):
                 continue
             self._current = i
             return call.parse(decode(response))
-        raise last
+        raise attempts.last
 
     def submit(self, spec: Spec, key: str | None = None) -> list[int]:
         """Submits a job (dict), a list of jobs, a pipeline (dict with
@@ -139,19 +140,36 @@ class Client(Endpoints):
         """A pipeline run (the latest without ``run``) and its jobs."""
         return self._send(_calls.pipeline(name, run))
 
-    def wait(self, id: int, timeout: float | None = None, poll: float = 0.5) -> Job:
+    def wait(self, id: int, timeout: float | None = None) -> Job:
         """Waits until the job is terminal (succeeded, failed, cancelled or
         dead-lettered) and returns it; raises :class:`WaitTimeout` after
-        ``timeout`` seconds."""
+        ``timeout`` seconds. It follows the job's events rather than
+        polling: the job is read once at the start and again after each
+        reconnect (so an end between two connections is not missed), and
+        the events resume after the last one seen."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        # The event index first: whatever the job read misses comes after it.
+        after = int(self.status().get("last_event_index") or 0)
+        backoff = 0.1
         while True:
             job = self.job(id)
             if job.state.is_terminal:
                 return job
+            params, headers = _calls.events(after + 1, after, id, None, None)
+            try:
+                for event in self._events(params, headers, wait_timeout(deadline)):
+                    after, backoff = event.index, 0.1
+                    if ends(event):
+                        job = self.job(id)
+                        if job.state.is_terminal:
+                            return job
+            except Exception as error:
+                if not reconnectable(error):
+                    raise
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeout(f"job {id} is still {job.state.value} after {timeout}s")
-            pause = poll if deadline is None else min(poll, deadline - time.monotonic())
-            time.sleep(max(pause, 0.0))
+            time.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
 
     def watch(
         self,
@@ -177,11 +195,16 @@ class Client(Endpoints):
             time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
 
-    def _events(self, params: dict[str, str], headers: dict[str, str]) -> Iterator[Event]:
+    def _events(
+        self,
+        params: dict[str, str],
+        headers: dict[str, str],
+        timeout: httpx.Timeout = STREAM_TIMEOUT,
+    ) -> Iterator[Event]:
         url = self._url(self._current, "/v1/events")
         try:
             with self._http.stream(
-                "GET", url, params=params, headers=headers, timeout=STREAM_TIMEOUT
+                "GET", url, params=params, headers=headers, timeout=timeout
             ) as response:
                 if response.status_code >= 400:
                     response.read()
@@ -192,8 +215,8 @@ class Client(Endpoints):
                     event = None if parsed is None else sse_event(parsed[1], parsed[2])
                     if event is not None:
                         yield event
-        except (httpx.TransportError, GantryError):
-            self._next()
+        except (httpx.TransportError, GantryError) as error:
+            self._after_error(error)
             raise
         # The server never ends a watch: an end is a dropped connection.
         raise httpx.RemoteProtocolError("event stream ended")
@@ -202,12 +225,20 @@ class Client(Endpoints):
         """A job's output, line by line (without newlines); with ``follow``,
         until the job's attempt ends."""
         path, params = _calls.logs(id, stderr, follow)
-        url = self._url(self._current, path)
-        with self._http.stream("GET", url, params=params, timeout=STREAM_TIMEOUT) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise failure(response.status_code, response.content)
-            lines = LineSplitter()
-            for chunk in response.iter_bytes():
-                yield from lines.feed(chunk)
-            yield from lines.flush()
+        attempts = self._plan()
+        while (i := attempts.next()) is not None:
+            url = self._url(i, path)
+            with self._http.stream("GET", url, params=params, timeout=STREAM_TIMEOUT) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    error = failure(response.status_code, response.content)
+                    if response.status_code == 503 and attempts.failed(i, error):
+                        continue
+                    raise error
+                self._current = i
+                lines = LineSplitter()
+                for chunk in response.iter_bytes():
+                    yield from lines.feed(chunk)
+                yield from lines.flush()
+                return
+        raise attempts.last

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Union
 
 import httpx
 
-from ._errors import GantryError, SpecError, error_for
+from ._errors import GantryError, SpecError, Unavailable, error_for
 from ._models import Event, JobState
 
 DEFAULT_ADDR = "http://127.0.0.1:7080"
@@ -128,9 +129,15 @@ class SseParser:
 
 def sse_event(event: str, data: str) -> Event | None:
     """A parsed SSE event as an :class:`Event` (``None`` for other types);
-    an ``error`` event raises, ending the stream (the caller reconnects)."""
+    an ``error`` event raises, ending the stream: with the status it names
+    (401 for a revoked token), 503 (the caller reconnects) otherwise."""
     if event == "error":
-        raise failure(503, data.encode())
+        try:
+            fields = json.loads(data)
+        except ValueError:
+            fields = None
+        status = fields.get("status") if isinstance(fields, dict) else None
+        raise failure(status if isinstance(status, int) else 503, data.encode())
     if event != "job":
         return None
     raw = json.loads(data)
@@ -154,14 +161,53 @@ class LineSplitter:
         return [rest.decode("utf-8", "replace")] if rest else []
 
 
+#: Redirections to a named leader one request follows at most (a leader
+#: changing under it may name another).
+MAX_REDIRECTS = 3
+
+#: Addresses an endpoint list grows to at most with leaders named by
+#: followers (each replica's HTTP address, so a handful in practice).
+MAX_ADDRESSES = 32
+
+
 class Endpoints:
     """The coordinators' addresses and which one answered last (tried
     first): a request goes to each in turn past unreachable ones and
-    followers."""
+    followers, and to the leader a follower names (its HTTP address is
+    added to the list when new)."""
 
     def __init__(self, url: str | None, token: str | None, ca: str | None) -> None:
         self._settings = settings(url, token, ca)
         self._current = 0
+
+    def _leader(self, error: GantryError, asked: int) -> int | None:
+        """The index of the leader a follower named in ``error`` (added to
+        the addresses when new), unless it is the one asked."""
+        if not isinstance(error, Unavailable) or not error.leader_http:
+            return None
+        url = error.leader_http.strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            return None
+        urls = self._settings.urls
+        if url not in urls:
+            if len(urls) >= MAX_ADDRESSES:
+                return None
+            urls.append(url)
+        index = urls.index(url)
+        return None if index == asked else index
+
+    def _after_error(self, error: Exception) -> None:
+        """A stream failed: the leader it named is tried first, else the
+        next address."""
+        leader = self._leader(error, self._current) if isinstance(error, GantryError) else None
+        if leader is not None:
+            self._current = leader
+        else:
+            self._next()
+
+    def _plan(self) -> Attempts:
+        """The addresses one request tries, in order."""
+        return Attempts(self, self._order())
 
     def _order(self) -> list[int]:
         n = len(self._settings.urls)
@@ -178,6 +224,57 @@ class Endpoints:
     def _next(self) -> None:
         """Makes the next address the first tried (after a stream failed)."""
         self._current = (self._current + 1) % len(self._settings.urls)
+
+
+class Attempts:
+    """The addresses one request tries: each in turn, a leader named by a
+    follower first (at most :data:`MAX_REDIRECTS` times)."""
+
+    def __init__(self, endpoints: Endpoints, order: list[int]) -> None:
+        self._endpoints = endpoints
+        self._order = order
+        self._redirects = 0
+        self.last: GantryError = Unavailable("no coordinator address")
+
+    def next(self) -> int | None:
+        """The next address to try, if any is left."""
+        return self._order.pop(0) if self._order else None
+
+    def failed(self, asked: int, error: GantryError) -> bool:
+        """Records a refusal from ``asked``; whether to try another address
+        (a named leader, or the next one when there are several)."""
+        self.last = error
+        leader = self._endpoints._leader(error, asked)
+        if leader is not None and self._redirects < MAX_REDIRECTS:
+            self._redirects += 1
+            if leader in self._order:
+                self._order.remove(leader)
+            self._order.insert(0, leader)
+            return True
+        return self._endpoints._skip(error.status or 0)
+
+
+def ends(event: Event) -> bool:
+    """Whether ``event`` says its job reached a terminal state."""
+    try:
+        return JobState(event.state).is_terminal
+    except ValueError:
+        return False
+
+
+#: How long ``wait`` reads a quiet event stream before it reconnects (the
+#: coordinator sends a keep-alive every 15 s, so silence past this is a
+#: dead connection).
+WAIT_READ_TIMEOUT = 45.0
+
+
+def wait_timeout(deadline: float | None) -> httpx.Timeout:
+    """The timeouts of one connection of ``wait``: reads end at the
+    deadline (or when the connection went silent)."""
+    read = WAIT_READ_TIMEOUT
+    if deadline is not None:
+        read = max(min(read, deadline - time.monotonic()), 0.001)
+    return httpx.Timeout(30.0, read=read)
 
 
 #: Longest pause between two reconnects of a watch.

@@ -40,14 +40,28 @@ class Conflict(GantryError):
     """The job is not in a state that allows this (HTTP 409)."""
 
 
+class TooManyStreams(GantryError):
+    """This client (its token, or its address without one) already holds as
+    many open watches and followed logs as the coordinator allows
+    (``--max-streams-per-client``; HTTP 429). Close one first."""
+
+
 class Unavailable(GantryError):
     """No coordinator answered, none of them leads, or the cluster is in an
-    election (HTTP 503). ``leader`` is the leader's gRPC URL when a follower
-    named it; give the client the leader's HTTP address too."""
+    election (HTTP 503). A follower names the leader: ``leader`` is its gRPC
+    URL and ``leader_http`` its HTTP base URL, which the client follows by
+    itself (so one follower's address is enough)."""
 
-    def __init__(self, message: str, status: int | None = None, leader: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        leader: str | None = None,
+        leader_http: str | None = None,
+    ) -> None:
         super().__init__(message, status)
         self.leader = leader
+        self.leader_http = leader_http
 
 
 class WaitTimeout(GantryError, TimeoutError):
@@ -70,7 +84,15 @@ def error_for(status: int, body: Any, fallback: str) -> GantryError:
         return NotFound(message, status)
     if status == 409:
         return Conflict(message, status)
+    if status == 429:
+        return TooManyStreams(message, status)
     if status == 503:
         leader = fields.get("leader")
-        return Unavailable(message, status, leader if isinstance(leader, str) else None)
+        leader_http = fields.get("leader_http")
+        return Unavailable(
+            message,
+            status,
+            leader if isinstance(leader, str) else None,
+            leader_http if isinstance(leader_http, str) else None,
+        )
     return GantryError(message, status)

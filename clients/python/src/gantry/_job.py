@@ -9,7 +9,7 @@ import importlib
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -124,6 +124,26 @@ def install_stop_handler() -> bool:
 def stop_requested() -> bool:
     """True once the agent has asked this job to stop (SIGTERM, sent before
     a cancel, a drain deadline or a preemption; the agent kills the job
-    after its grace period). Check it between steps and checkpoint."""
+    after its grace period). Check it between steps and checkpoint;
+    :func:`stop_reason` says why."""
     install_stop_handler()
     return _stop.is_set()
+
+
+def stop_reason(env: Mapping[str, str] | None = None) -> str | None:
+    """Why the agent asked this job to stop (``preempted by job 7
+    (priority 10)``, ``cancelled``, ``preempted: node n1 drained``, ``node
+    fault: gpu 3 ...``, ``timed out after 1h``), or ``None`` before any stop
+    and outside a job. The environment cannot change after start, so the
+    agent writes the reason to the file ``GANTRY_STOP_REASON_FILE`` names
+    just before its SIGTERM: read it once :func:`stop_requested` is true."""
+    env = os.environ if env is None else env
+    path = env.get("GANTRY_STOP_REASON_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            text = file.read(4096).strip()
+    except FileNotFoundError:
+        return None
+    return text or None

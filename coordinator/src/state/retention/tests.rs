@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use gantry_scheduler::{JobId, Placement};
+use gantry_scheduler::JobId;
 
 use super::*;
 use crate::command::Command;
@@ -103,18 +103,7 @@ impl World {
             }
             Step::Start(name) => {
                 let job = self.id(name);
-                let outcome = self.apply(Command::Assign {
-                    at_ms,
-                    placements: vec![Placement {
-                        job,
-                        node: "n1".into(),
-                        gpus: vec![0],
-                        gpu_memory: 10 * GIB,
-                        batch_size: None,
-                        exclusive_gpu: false,
-                    }],
-                    term: 1,
-                });
+                let outcome = self.apply(Command::assign_for_test(at_ms, job, "n1"));
                 let Outcome::Assigned { applied, refused } = outcome else {
                     panic!("{outcome:?}")
                 };
@@ -130,19 +119,7 @@ impl World {
             Step::Exit(name, code) => {
                 let job = self.id(name);
                 let attempt = self.sm.job(job).unwrap().current_attempt().unwrap().attempt;
-                self.apply(Command::JobExited {
-                    at_ms,
-                    job,
-                    attempt,
-                    node: "n1".into(),
-                    code: Some(code),
-                    signal: None,
-                    error: String::new(),
-                    cancelled: false,
-                    oom: false,
-                    output_tail: format!("tail of {name}"),
-                    peak_gpu_memory: 0,
-                });
+                self.apply(Command::exited_for_test(at_ms, job, attempt, "n1", code));
             }
             Step::Cancel(name) => {
                 let job = self.id(name);
