@@ -737,6 +737,17 @@ struct Load {
     end: Instant,
 }
 
+impl Load {
+    /// When the last acknowledgement came (the start when none did).
+    fn last_ack(&self) -> Instant {
+        self.acked
+            .iter()
+            .map(|a| a.sent + a.latency)
+            .max()
+            .unwrap_or(self.start)
+    }
+}
+
 async fn sequential(client: &GantryClient<Channel>, run: &str, count: usize) -> Vec<Acked> {
     let mut client = client.clone();
     let mut out = Vec::with_capacity(count);
@@ -833,12 +844,7 @@ async fn load(config: &E2eConfig, leader_url: &str, run: &str) -> anyhow::Result
             out.first_error = first_error;
         }
     }
-    out.end = out
-        .acked
-        .iter()
-        .map(|a| a.sent + a.latency)
-        .max()
-        .unwrap_or(start);
+    out.end = out.last_ack();
     Ok(out)
 }
 

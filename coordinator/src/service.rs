@@ -30,8 +30,8 @@ use crate::raft::membership::MembersRequest;
 use crate::raft::{ProposeError, RaftHandle, RaftStatus};
 use crate::state::Outcome;
 
-mod stream_limit;
 mod members;
+mod stream_limit;
 mod streams;
 mod writes;
 

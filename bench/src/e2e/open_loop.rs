@@ -71,12 +71,7 @@ pub(super) async fn load(
     while let Some(done) = tasks.join_next().await {
         collect(&mut out, done?);
     }
-    out.end = out
-        .acked
-        .iter()
-        .map(|a| a.sent + a.latency)
-        .max()
-        .unwrap_or(start);
+    out.end = out.last_ack();
     Ok(out)
 }
 

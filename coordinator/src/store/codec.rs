@@ -20,8 +20,11 @@ use gantry_scheduler::{
 };
 use prost::Message;
 
+use crate::breaker::BreakerPolicy;
 use crate::command::Command;
-use crate::domain::{GpuRecord, JobSpec, OverusePolicy, RetryPolicy, SnapshotSpec};
+use crate::domain::{
+    GpuRecord, JobSpec, OverusePolicy, Repeat, RetryPolicy, RunPolicy, SnapshotSpec,
+};
 use crate::state::RetentionPolicy;
 
 /// A stored command that cannot be read. Fatal where it is met: a replica
@@ -210,12 +213,20 @@ fn command_to_storage(command: &Command) -> st::Command {
             until_ms,
             failures,
             reason,
+            policy,
         } => Kind::Quarantine(st::Quarantine {
             at_ms: *at_ms,
             node: node.clone(),
             until_ms: *until_ms,
             failures: *failures,
             reason: reason.clone(),
+            policy: Some(st::BreakerPolicy {
+                trip_points: policy.trip_points,
+                window_ms: policy.window_ms,
+                cool_down_ms: policy.cool_down_ms,
+                max_doublings: policy.max_doublings,
+                max_share_percent: policy.max_share_percent,
+            }),
         }),
         Command::Preempt {
             at_ms,
@@ -241,6 +252,38 @@ fn command_to_storage(command: &Command) -> st::Command {
             history_max_bytes: policy.history_max_bytes,
         }),
         Command::Retire { at_ms } => Kind::Retire(st::At { at_ms: *at_ms }),
+        Command::SetGpuHealth {
+            at_ms,
+            node,
+            gpu,
+            fault,
+            seen_healthy,
+        } => Kind::SetGpuHealth(st::SetGpuHealth {
+            at_ms: *at_ms,
+            node: node.clone(),
+            gpu: *gpu,
+            fault: fault.clone(),
+            seen_healthy: *seen_healthy,
+        }),
+        Command::SubmitLoop {
+            at_ms,
+            key,
+            jobs,
+            pipeline,
+            owner,
+            run_policy,
+        } => Kind::SubmitLoop(st::SubmitLoop {
+            at_ms: *at_ms,
+            key: key.clone(),
+            jobs: jobs.iter().map(spec_to_storage).collect(),
+            pipeline: pipeline.clone(),
+            owner: owner.clone(),
+            run_policy: Some(run_policy_to_storage(run_policy)),
+        }),
+        Command::StopPipeline { at_ms, name } => Kind::StopPipeline(st::StopPipeline {
+            at_ms: *at_ms,
+            name: name.clone(),
+        }),
     };
     st::Command { kind: Some(kind) }
 }
@@ -367,13 +410,23 @@ fn command_from_storage(command: st::Command) -> Result<Command, CodecError> {
             at_ms: c.at_ms,
             node: c.node,
         },
-        Kind::Quarantine(c) => Command::Quarantine {
-            at_ms: c.at_ms,
-            node: c.node,
-            until_ms: c.until_ms,
-            failures: c.failures,
-            reason: c.reason,
-        },
+        Kind::Quarantine(c) => {
+            let policy = c.policy.ok_or(CodecError::Missing("breaker policy"))?;
+            Command::Quarantine {
+                at_ms: c.at_ms,
+                node: c.node,
+                until_ms: c.until_ms,
+                failures: c.failures,
+                reason: c.reason,
+                policy: BreakerPolicy {
+                    trip_points: policy.trip_points,
+                    window_ms: policy.window_ms,
+                    cool_down_ms: policy.cool_down_ms,
+                    max_doublings: policy.max_doublings,
+                    max_share_percent: policy.max_share_percent,
+                },
+            }
+        }
         Kind::Preempt(c) => Command::Preempt {
             at_ms: c.at_ms,
             job: c.job,
@@ -396,6 +449,66 @@ fn command_from_storage(command: st::Command) -> Result<Command, CodecError> {
             },
         },
         Kind::Retire(c) => Command::Retire { at_ms: c.at_ms },
+        Kind::SetGpuHealth(c) => Command::SetGpuHealth {
+            at_ms: c.at_ms,
+            node: c.node,
+            gpu: c.gpu,
+            fault: c.fault,
+            seen_healthy: c.seen_healthy,
+        },
+        Kind::SubmitLoop(c) => Command::SubmitLoop {
+            at_ms: c.at_ms,
+            key: c.key,
+            jobs: c
+                .jobs
+                .into_iter()
+                .map(spec_from_storage)
+                .collect::<Result<_, _>>()?,
+            pipeline: c.pipeline,
+            owner: c.owner,
+            run_policy: run_policy_from_storage(
+                c.run_policy.ok_or(CodecError::Missing("run policy"))?,
+            )?,
+        },
+        Kind::StopPipeline(c) => Command::StopPipeline {
+            at_ms: c.at_ms,
+            name: c.name,
+        },
+    })
+}
+
+fn run_policy_to_storage(policy: &RunPolicy) -> st::RunPolicy {
+    let (repeat, max_runs) = match policy.repeat {
+        Repeat::Once => ("once", 0),
+        Repeat::Forever => ("forever", 0),
+        Repeat::MaxRuns(max) => ("max_runs", max),
+    };
+    st::RunPolicy {
+        repeat: repeat.to_string(),
+        max_runs,
+        first_run: policy.first_run,
+        run_dir: policy.run_dir.clone(),
+        stopped: policy.stopped,
+    }
+}
+
+fn run_policy_from_storage(policy: st::RunPolicy) -> Result<RunPolicy, CodecError> {
+    let repeat = match policy.repeat.as_str() {
+        "once" => Repeat::Once,
+        "forever" => Repeat::Forever,
+        "max_runs" => Repeat::MaxRuns(policy.max_runs),
+        _ => {
+            return Err(CodecError::Unknown {
+                field: "repeat",
+                value: policy.repeat,
+            });
+        }
+    };
+    Ok(RunPolicy {
+        repeat,
+        first_run: policy.first_run,
+        run_dir: policy.run_dir,
+        stopped: policy.stopped,
     })
 }
 

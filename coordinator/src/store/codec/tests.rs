@@ -176,6 +176,13 @@ fn every_command() -> Vec<Command> {
             until_ms: 1000,
             failures: 5,
             reason: "xid 79".into(),
+            policy: crate::breaker::BreakerPolicy {
+                trip_points: 7,
+                window_ms: 8,
+                cool_down_ms: 9,
+                max_doublings: 10,
+                max_share_percent: 11,
+            },
         },
         Command::Preempt {
             at_ms: 16,
@@ -199,6 +206,48 @@ fn every_command() -> Vec<Command> {
             },
         },
         Command::Retire { at_ms: 0 },
+        Command::SetGpuHealth {
+            at_ms: 19,
+            node: "n1".into(),
+            gpu: Some(2),
+            fault: Some("xid 48".into()),
+            seen_healthy: true,
+        },
+        Command::SetGpuHealth {
+            at_ms: 19,
+            node: "n1".into(),
+            gpu: None,
+            fault: None,
+            seen_healthy: false,
+        },
+        Command::SubmitLoop {
+            at_ms: 20,
+            key: Some("k2".into()),
+            jobs: vec![full_spec()],
+            pipeline: "zero".into(),
+            owner: Some("bob".into()),
+            run_policy: RunPolicy {
+                repeat: Repeat::MaxRuns(5),
+                first_run: 3,
+                run_dir: "/runs/{run}".into(),
+                stopped: true,
+            },
+        },
+        Command::SubmitLoop {
+            at_ms: 20,
+            key: None,
+            jobs: vec![JobSpec::for_test("plain")],
+            pipeline: "zero".into(),
+            owner: None,
+            run_policy: RunPolicy {
+                repeat: Repeat::Forever,
+                ..Default::default()
+            },
+        },
+        Command::StopPipeline {
+            at_ms: 21,
+            name: "zero".into(),
+        },
     ]
 }
 
