@@ -19,6 +19,9 @@
 //!   same run (`gantry-bench ray`).
 //! - [`ci`]: the performance-regression check CI runs, ratios measured
 //!   in one process against `bench/baseline.json` (`gantry-bench ci`).
+//! - [`snapshot`]: how long a Raft snapshot of N active jobs takes to
+//!   write and to install, as files now and as one sled value before
+//!   (`gantry-bench snapshot`).
 //! - [`procs`], [`stats`]: child processes and latency quantiles.
 
 pub mod chaos;
@@ -30,6 +33,7 @@ pub mod procs;
 pub mod ray;
 pub mod rng;
 pub mod sched;
+pub mod snapshot;
 pub mod soak;
 pub mod stats;
 pub mod workload;

@@ -14,6 +14,7 @@ use gantry_bench::ray::RayReport;
 use gantry_bench::sched::{
     SchedConfig, SchedReport, ShareBenchConfig, ShareBenchReport, run, run_share,
 };
+use gantry_bench::snapshot::{SnapshotConfig, SnapshotReport};
 use gantry_bench::soak::{SoakConfig, SoakReport};
 
 #[derive(Debug, Parser)]
@@ -49,6 +50,9 @@ enum Scenario {
     /// num_gpus=0.25) and `e2e` in the same run; Gantry's jobs/s as a
     /// ratio of Ray's tasks/s.
     Ray(RayArgs),
+    /// A Raft snapshot of N active jobs: time to write and to install, as
+    /// a file (now) and as one sled value (before), in this process.
+    Snapshot(SnapshotArgs),
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +89,20 @@ struct CiArgs {
     /// instead of checking.
     #[arg(long)]
     record: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+struct SnapshotArgs {
+    /// Active (pending) jobs in the state.
+    #[arg(long, default_value_t = 100_000)]
+    jobs: u64,
+    /// Measure only this way (file or blob) in this process; without it
+    /// each runs in a child process of its own.
+    #[arg(long, hide = true)]
+    only: Option<String>,
+    /// Print one JSON record instead of the human summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +187,11 @@ struct SchedArgs {
     /// Passes given to the naive first-fit baseline.
     #[arg(long, default_value_t = 2)]
     naive_passes: usize,
+    /// About this fraction of the jobs are gang members (`nodes: N`, 2 to
+    /// 8 nodes in one provider), e.g. 0.1. The naive baseline places them
+    /// one by one.
+    #[arg(long, default_value_t = 0.0)]
+    gang_fraction: f64,
     /// Run the fair-share scenario instead: queues QUEUE=WEIGHT,... always
     /// contended, e.g. a=1,b=3; reports the GPU time each received (use a
     /// smaller --nodes, e.g. 100: it runs --passes full passes).
@@ -396,6 +419,7 @@ fn main() -> ExitCode {
                 seed: args.seed,
                 pass_budget: args.pass_budget.max(1),
                 naive_passes: args.naive_passes,
+                gang_fraction: args.gang_fraction,
             });
             exit_code(print_report(
                 "sched",
@@ -557,5 +581,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Scenario::Snapshot(args) => {
+            let config = SnapshotConfig {
+                jobs: args.jobs,
+                only: args.only,
+            };
+            let result = gantry_bench::snapshot::run(&config);
+            exit_code(print_report(
+                "snapshot",
+                args.json,
+                result,
+                SnapshotReport::to_json,
+                SnapshotReport::human,
+            ))
+        }
     }
 }

@@ -36,6 +36,9 @@ pub struct SchedConfig {
     /// Passes given to the naive baseline (it is O(nodes) per job, so a
     /// full run would take minutes at 10,000 nodes).
     pub naive_passes: usize,
+    /// About this fraction of the queue's jobs become members of gangs
+    /// (`nodes: N`, N of 2, 4 or 8, 4 or 8 GPUs a node, one provider).
+    pub gang_fraction: f64,
 }
 
 /// Figures of one planner over a run of passes.
@@ -115,6 +118,7 @@ impl SchedReport {
             "gpus_per_node": c.gpus_per_node,
             "jobs": c.jobs,
             "seed": c.seed,
+            "gang_fraction": c.gang_fraction,
             "pass_budget": c.pass_budget,
             "placements_per_s": self.indexed.placements_per_s(),
             "pass_p99_ms": self.indexed.pass_ms(0.99),
@@ -137,7 +141,7 @@ impl SchedReport {
         let n = &self.naive;
         format!(
             "{:.0} placements/s\n\
-             gantry-bench sched: {} nodes x {} GPUs, {} jobs, seed {}, pass budget {}\n\
+             gantry-bench sched: {} nodes x {} GPUs, {} jobs ({:.0}% gang members), seed {}, pass budget {}\n\
              indexed: {} placed in {} passes ({:.3} s planning), {} waiting, {} preemptions decided\n\
              pass time: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n\
              GPU memory reserved: {:.1}%, GPUs busy: {:.1}%\n\
@@ -147,6 +151,7 @@ impl SchedReport {
             c.nodes,
             c.gpus_per_node,
             c.jobs,
+            c.gang_fraction * 100.0,
             c.seed,
             c.pass_budget,
             i.placements,
@@ -189,7 +194,10 @@ pub fn workload_for(config: &SchedConfig) -> (ClusterSnapshot, Vec<JobRequest>) 
         ..Default::default()
     };
     let snapshot = workload::fleet(config.nodes, config.gpus_per_node, policy, &mut rng);
-    let queue = workload::jobs(config.jobs, &mut rng);
+    let mut queue = workload::jobs(config.jobs, &mut rng);
+    if config.gang_fraction > 0.0 {
+        workload::gangs(&mut queue, config.gang_fraction, &mut rng);
+    }
     (snapshot, queue)
 }
 
@@ -241,7 +249,7 @@ pub(crate) fn drive(
                     id: p.job,
                     node: p.node.clone(),
                     priority: job.priority,
-                    preemptible: !job.kind.exclusive_gpu_by_default(),
+                    preemptible: !job.kind.exclusive_gpu_by_default() && job.gang.is_none(),
                     started_at_ms: snapshot.now_ms,
                     gpus: p.gpus.clone(),
                     gpu_memory: p.gpu_memory,
@@ -448,6 +456,7 @@ mod tests {
             seed: 3,
             pass_budget: 100,
             naive_passes: 2,
+            gang_fraction: 0.1,
         };
         let report = run(&config);
         assert!(report.indexed.placements > 0);

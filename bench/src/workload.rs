@@ -3,8 +3,8 @@
 //! selfplay with evaluation, training, export and the odd constrained job.
 
 use gantry_scheduler::{
-    BatchPolicy, ClusterSnapshot, Constraints, GpuView, JobKind, JobRequest, MemoryModel, NodeView,
-    Policy, Resources, next_disk_pressure,
+    BatchPolicy, ClusterSnapshot, Constraints, GangRequest, GpuView, JobKind, JobRequest,
+    MemoryModel, NodeView, Policy, Resources, next_disk_pressure,
 };
 
 use crate::rng::Rng;
@@ -151,6 +151,44 @@ pub fn jobs(count: usize, rng: &mut Rng) -> Vec<JobRequest> {
             job
         })
         .collect()
+}
+
+/// Turns about `fraction` of `queue` into gang members: runs of 2, 4 or 8
+/// consecutive jobs become one training gang (4 or 8 exclusive GPUs of
+/// 60 GiB a node, one provider), as `nodes: N` submits them.
+pub fn gangs(queue: &mut [JobRequest], fraction: f64, rng: &mut Rng) {
+    // Gangs average 14/3 members: start one at this rate per job.
+    let per_million = (fraction.clamp(0.0, 1.0) * 1e6 * 3.0 / 14.0) as u64;
+    let mut i = 0;
+    while i < queue.len() {
+        if rng.below(1_000_000) >= per_million {
+            i += 1;
+            continue;
+        }
+        let size = [2usize, 4, 8][rng.below(3) as usize].min(queue.len() - i);
+        let gpus = [4, 8][rng.below(2) as usize];
+        let first = queue[i].id;
+        for (rank, job) in queue[i..i + size].iter_mut().enumerate() {
+            job.kind = JobKind::Training;
+            job.exclusive_gpu = true;
+            job.batch = None;
+            job.constraints = Constraints::default();
+            job.resources = res(gpus, Some(60 * GIB), 8 * u64::from(gpus));
+            job.priority = 0;
+            job.submitted_at_ms = queue_time(first);
+            job.gang = Some(GangRequest {
+                id: first,
+                rank: rank as u32,
+                size: size as u32,
+                same_label: Some("provider".into()),
+            });
+        }
+        i += size;
+    }
+}
+
+fn queue_time(id: u64) -> u64 {
+    1_700_000_000_000 + id
 }
 
 fn res(gpus: u32, gpu_memory: Option<u64>, cpus: u64) -> Resources {

@@ -186,6 +186,7 @@ pub const METHODS: &[(&str, Need)] = &[
     ),
     ("/gantry.v1.AgentLink/ConnectAgent", Need::AgentJoin),
     ("/gantry.raft.v1.RaftPeer/Step", Need::Peer),
+    ("/gantry.raft.v1.RaftPeer/InstallSnapshot", Need::Peer),
 ];
 
 /// The methods whose answer is a stream: they are closed when their
@@ -663,12 +664,17 @@ mod tests {
             check(join, &[(JOIN_TOKEN_METADATA, "join-secret")]),
             Ok(None)
         );
-        let peer = "/gantry.raft.v1.RaftPeer/Step";
-        assert!(
-            check(peer, &[])
-                .expect_err("no mtls")
-                .contains("mutual TLS")
-        );
+        for peer in [
+            "/gantry.raft.v1.RaftPeer/Step",
+            "/gantry.raft.v1.RaftPeer/InstallSnapshot",
+        ] {
+            assert!(
+                check(peer, &[])
+                    .expect_err("no mtls")
+                    .contains("mutual TLS")
+            );
+        }
+        let peer = "/gantry.raft.v1.RaftPeer/InstallSnapshot";
         let mtls = AuthConfig {
             mtls: true,
             ..config()

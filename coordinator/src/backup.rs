@@ -36,6 +36,7 @@ use raft::eraftpb::{ConfState, Snapshot, SnapshotMetadata};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{JobRecord, JobSpec, JobState};
+use crate::raft::snapfile::{DEFAULT_MAX_SNAPSHOT_BYTES, SnapshotDir};
 use crate::raft::storage::SledRaftStorage;
 use crate::store::{StateSnapshot, Store};
 
@@ -221,24 +222,30 @@ pub fn restore(file: &Path, data_dir: &Path, id: u64) -> Result<Restored, Backup
         })?;
     let jobs = snapshot.jobs.len();
     snapshot.jobs.push(id_fence(&snapshot, &header, &path));
-    let state = serde_json::to_vec(&snapshot)
-        .map_err(|e| BackupError::Io(format!("cannot encode the restored state: {e}")))?;
     std::fs::create_dir_all(data_dir).map_err(|e| dir_error(e.to_string()))?;
     let store = Store::open(data_dir).map_err(|e| dir_error(e.to_string()))?;
+    let files = SnapshotDir::in_data_dir(data_dir, DEFAULT_MAX_SNAPSHOT_BYTES)
+        .map_err(|e| dir_error(e.to_string()))?;
     let mut storage =
-        SledRaftStorage::open(store.db()).map_err(|e| BackupError::Io(e.to_string()))?;
+        SledRaftStorage::open(store.db(), files).map_err(|e| BackupError::Io(e.to_string()))?;
     // Plans carry their leader's term and apply refuses one older than the
     // last it applied: the new cluster's terms must come after it.
     let term = snapshot.leader_term.max(1);
+    let index = header.applied_index.max(1);
+    let descriptor = storage
+        .write_snapshot_file(index, term, &mut |out| {
+            serde_json::to_writer(out, &snapshot).map_err(|e| e.to_string())
+        })
+        .map_err(|e| BackupError::Io(format!("cannot write the restored state: {e}")))?;
     let raft_snapshot = Snapshot {
-        data: state.into(),
+        data: descriptor.encode().into(),
         metadata: Some(SnapshotMetadata {
             conf_state: Some(ConfState {
                 voters: vec![id],
                 ..Default::default()
             })
             .into(),
-            index: header.applied_index.max(1),
+            index,
             term,
             ..Default::default()
         })
@@ -355,12 +362,13 @@ mod tests {
         assert_eq!(restored.header.applied_index, 10);
         assert_eq!(restored.term, 7);
         let store = Store::open(&target).expect("open");
-        let storage = SledRaftStorage::open(store.db()).expect("raft storage");
+        let files = SnapshotDir::in_data_dir(&target, 1 << 30).expect("snapshot dir");
+        let storage = SledRaftStorage::open(store.db(), files).expect("raft storage");
         assert_eq!(storage.snapshot_index_term(), (10, 7));
         assert_eq!(storage.conf_state().voters, [1]);
         // The id fence: new ids start past any the lost cluster gave out.
-        let installed = storage.load_snapshot().expect("load").expect("snapshot");
-        let state: StateSnapshot = serde_json::from_slice(&installed.data).expect("decode");
+        let installed = std::fs::read(storage.snapshot_file().expect("file")).expect("read");
+        let state: StateSnapshot = serde_json::from_slice(&installed).expect("decode");
         let fence = state.jobs.last().expect("fence");
         assert_eq!((fence.id, fence.state), (ID_FENCE_GAP, JobState::Cancelled));
     }

@@ -292,6 +292,17 @@ pub enum Command {
         /// Pipeline.
         name: String,
     },
+    /// A gang's attempt broke (a member ended other than by succeeding):
+    /// stop its running members, run its succeeded ones again, or end its
+    /// waiting ones with a member that ended for good. Apply works out
+    /// what is due at `at_ms` from hard state (`state::GangSettle`), so a
+    /// duplicate changes nothing.
+    GangStop {
+        /// The leader's clock when it proposed.
+        at_ms: u64,
+        /// The gang (its rank-0 member's id).
+        gang: JobId,
+    },
 }
 
 impl Command {
@@ -366,7 +377,8 @@ impl Command {
             | Command::ReviveAttempt { job, .. }
             | Command::RequestCancel { job, .. }
             | Command::AttemptLost { job, .. }
-            | Command::Preempt { job, .. } => Some(*job),
+            | Command::Preempt { job, .. }
+            | Command::GangStop { gang: job, .. } => Some(*job),
             Command::Submit { .. }
             | Command::RegisterNode { .. }
             | Command::Assign { .. }
@@ -407,7 +419,8 @@ impl Command {
             | Command::SetGpuHealth { at_ms, .. }
             | Command::Retire { at_ms }
             | Command::SubmitLoop { at_ms, .. }
-            | Command::StopPipeline { at_ms, .. } => *at_ms,
+            | Command::StopPipeline { at_ms, .. }
+            | Command::GangStop { at_ms, .. } => *at_ms,
         }
     }
 }

@@ -220,6 +220,17 @@ pub fn submit_request(
         .enumerate()
         .map(|(i, spec)| job_spec(spec, &format!("jobs[{i}].")))
         .collect::<Result<Vec<_>, _>>()?;
+    // A gang is one job per node in hard state: bound them all.
+    let members: usize = specs
+        .iter()
+        .map(|s| s.gang.as_ref().map_or(1, |g| g.nodes as usize))
+        .sum();
+    if members > MAX_JOBS_PER_SUBMIT {
+        return Err(invalid(
+            "jobs".into(),
+            format!("{members} jobs counting each gang member, at most {MAX_JOBS_PER_SUBMIT}"),
+        ));
+    }
     resolve_after(&specs, pipeline.is_some()).map_err(|e| invalid(e.field(), e.reason()))?;
     Ok(ValidSubmit {
         key,
@@ -319,6 +330,7 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
             "longer than 1 hour",
         ));
     }
+    let gang = gang_spec(spec.nodes, &spec.gang_same_label, spec.gang_spread, prefix)?;
     Ok(JobSpec {
         name,
         kind,
@@ -340,7 +352,54 @@ pub fn job_spec(spec: pb::JobSpec, prefix: &str) -> Result<JobSpec, CoordinatorE
         gpu_memory_margin,
         preemptible: spec.preemptible,
         preemption_grace_ms: spec.preemption_grace_ms,
+        gang,
     })
+}
+
+/// `nodes`, `gang.same_label` and `gang.spread`: a gang of 2..=256 nodes
+/// (0 and 1 are one node), in one `provider` unless told otherwise.
+fn gang_spec(
+    nodes: u32,
+    same_label: &str,
+    spread: bool,
+    prefix: &str,
+) -> Result<Option<crate::domain::GangSpec>, CoordinatorError> {
+    if nodes > crate::limits::MAX_GANG_NODES {
+        return Err(invalid(
+            format!("{prefix}nodes"),
+            format!("{nodes} nodes, at most {}", crate::limits::MAX_GANG_NODES),
+        ));
+    }
+    if nodes <= 1 {
+        if spread || !same_label.is_empty() {
+            return Err(invalid(
+                format!("{prefix}gang"),
+                "applies only to a job of more than one node (nodes: N)",
+            ));
+        }
+        return Ok(None);
+    }
+    if spread && !same_label.is_empty() {
+        return Err(invalid(
+            format!("{prefix}gang.spread"),
+            "cannot be set together with gang.same_label",
+        ));
+    }
+    if same_label.len() > MAX_LABEL_KEY_BYTES || same_label.trim() != same_label {
+        return Err(invalid(
+            format!("{prefix}gang.same_label"),
+            format!(
+                "a label key of at most {MAX_LABEL_KEY_BYTES} bytes without surrounding blanks, got {}",
+                quote(same_label)
+            ),
+        ));
+    }
+    let same_label = match (spread, same_label) {
+        (true, _) => None,
+        (false, "") => Some("provider".to_string()),
+        (false, label) => Some(label.to_string()),
+    };
+    Ok(Some(crate::domain::GangSpec { nodes, same_label }))
 }
 
 /// argv: not empty, bounded in count and bytes, no NUL.
@@ -868,6 +927,13 @@ pub fn spec_to_proto(spec: &JobSpec) -> pb::JobSpec {
         gpu_memory_margin_bytes: spec.gpu_memory_margin as i64,
         preemptible: spec.preemptible,
         preemption_grace_ms: spec.preemption_grace_ms,
+        nodes: spec.gang.as_ref().map_or(0, |g| g.nodes),
+        gang_same_label: spec
+            .gang
+            .as_ref()
+            .and_then(|g| g.same_label.clone())
+            .unwrap_or_default(),
+        gang_spread: spec.gang.as_ref().is_some_and(|g| g.same_label.is_none()),
     }
 }
 
@@ -916,7 +982,35 @@ pub fn job_to_proto(job: &JobRecord, reason: Option<&str>) -> pb::Job {
         owner: job.owner.clone().unwrap_or_default(),
         archived: false,
         preemptions: preemption_lines(job),
+        gang: job.gang.as_ref().map_or(0, |g| g.first),
+        gang_rank: job.gang.as_ref().map_or(0, |g| g.rank),
+        gang_members: Vec::new(),
     }
+}
+
+/// Every member of `job`'s gang (rank, job, state, current node and
+/// attempt), for `gantry job`; empty for a job not in a gang.
+pub fn gang_members_to_proto(
+    state: &crate::state::StateMachine,
+    job: &JobRecord,
+) -> Vec<pb::GangMember> {
+    let Some(gang) = &job.gang else {
+        return Vec::new();
+    };
+    gang.members()
+        .zip(0..)
+        .map(|(id, rank)| {
+            let member = state.job(id);
+            let attempt = member.and_then(JobRecord::current_attempt);
+            pb::GangMember {
+                rank,
+                job_id: id,
+                state: member.map_or("archived", |m| m.state.as_str()).to_string(),
+                node: attempt.map(|a| a.node.clone()).unwrap_or_default(),
+                attempt: attempt.map_or(0, |a| a.attempt),
+            }
+        })
+        .collect()
 }
 
 /// Who preempted a job and when, and whom it preempted, for `gantry job`.

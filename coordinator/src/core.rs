@@ -319,6 +319,10 @@ pub struct Core {
     /// in flight).
     soft: decide::Soft,
     dirty: bool,
+    /// A peer's snapshot file decoded by `check_snapshot`, kept for the
+    /// `restore` that follows in the same round (one decode per install);
+    /// dropped at the round's tick.
+    checked_snapshot: Option<(std::path::PathBuf, crate::store::StateSnapshot)>,
     last_pass_ms: u64,
     started_ms: u64,
     /// The replica's status as of the loop's last tick (leadership, term,
@@ -387,6 +391,7 @@ impl Core {
             next_request_id: 1,
             soft: decide::Soft::default(),
             dirty: true,
+            checked_snapshot: None,
             last_pass_ms: 0,
             started_ms: now_ms(),
             raft: RaftStatus::default(),

@@ -76,6 +76,52 @@ pub struct JobSpec {
     /// SIGTERM to SIGKILL when preempted (`None`: [`DEFAULT_PREEMPTION_GRACE_MS`]).
     #[serde(default)]
     pub preemption_grace_ms: Option<u64>,
+    /// `nodes: N` with N > 1: the job is a gang of N members, one per node,
+    /// placed all at once or not at all (`None`: one node).
+    #[serde(default)]
+    pub gang: Option<GangSpec>,
+}
+
+/// A gang's shape: how many nodes, and which label they must share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GangSpec {
+    /// Members (nodes), 2..=[`crate::limits::MAX_GANG_NODES`].
+    pub nodes: u32,
+    /// Every member on nodes with one value of this label (default
+    /// `provider`); `None` (`gang: {spread: true}`): anywhere.
+    pub same_label: Option<String>,
+}
+
+/// First port of the range `MASTER_PORT` is chosen from (torchrun's
+/// default), on the rank-0 member's node.
+pub const GANG_PORT_BASE: u16 = 29_500;
+/// Ports in that range: at most this many gangs may have rank 0 on one
+/// node at once (more are refused at apply).
+pub const GANG_PORTS: u16 = 500;
+
+/// A job's place in its gang (hard state, set at submission).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GangMember {
+    /// The gang's id: its rank-0 member's job id (members have
+    /// consecutive ids from it).
+    pub first: JobId,
+    /// This member's rank.
+    pub rank: u32,
+    /// Members in the gang.
+    pub size: u32,
+    /// `MASTER_PORT` of the current attempt (0 before the first), chosen
+    /// at apply when the gang is placed: the lowest port of
+    /// [`GANG_PORT_BASE`]..+[`GANG_PORTS`] no other active gang with rank 0
+    /// on the same node uses.
+    pub port: u16,
+}
+
+impl GangMember {
+    /// The ids of every member of this gang, rank order.
+    pub fn members(&self) -> impl Iterator<Item = JobId> {
+        let first = self.first;
+        (0..u64::from(self.size)).map(move |r| first + r)
+    }
 }
 
 /// Default of `JobSpec::preemption_grace_ms`: time to checkpoint.
@@ -147,6 +193,7 @@ impl JobSpec {
             gpu_memory_margin: 0,
             preemptible: None,
             preemption_grace_ms: None,
+            gang: None,
         }
     }
 
@@ -254,7 +301,10 @@ impl JobState {
             Failed => matches!(next, Pending | DeadLettered | Cancelled),
             Lost => matches!(next, Pending | DeadLettered | Cancelled),
             Blocked | DeadLettered => matches!(next, Pending | Cancelled),
-            Succeeded | Cancelled => false,
+            // Pending: a gang member whose gang's attempt broke after it
+            // succeeded runs again with the gang (`state/gang.rs`).
+            Succeeded => next == Pending,
+            Cancelled => false,
         }
     }
 
@@ -394,6 +444,9 @@ pub struct JobRecord {
     /// that node until it starts or `until_ms`.
     #[serde(default)]
     pub preempting: Option<PreemptionHold>,
+    /// Its place in a gang (`nodes: N`), if it is a member of one.
+    #[serde(default)]
+    pub gang: Option<GangMember>,
     /// Its pipeline's `repeat:` and `run_dir:`, and whether the loop was
     /// stopped: every job of a run carries them, so the next run is made
     /// from the run's own records (see `state/pipeline_loop.rs`).
@@ -508,6 +561,7 @@ impl JobRecord {
             submit_event: 0,
             preempted_by: Vec::new(),
             preempting: None,
+            gang: None,
             run_policy: RunPolicy::default(),
         }
     }

@@ -6,6 +6,51 @@ use serde_json::{Value, json};
 
 /// A job as JSON.
 pub fn job_json(job: &pb::Job) -> Value {
+    let mut value = job_fields(job);
+    if let Value::Object(map) = &mut value {
+        map.extend(gang_fields(job));
+    }
+    value
+}
+
+/// A job's gang fields: `nodes`, `gang` (id, rank, same label) and
+/// `gang_members` (filled for one job's view).
+fn gang_fields(job: &pb::Job) -> serde_json::Map<String, Value> {
+    let spec = job.spec.clone().unwrap_or_default();
+    let mut map = serde_json::Map::new();
+    map.insert("nodes".into(), json!(spec.nodes.max(1)));
+    let same_label = (!spec.gang_spread).then(|| {
+        if spec.gang_same_label.is_empty() {
+            "provider".to_string()
+        } else {
+            spec.gang_same_label.clone()
+        }
+    });
+    map.insert(
+        "gang".into(),
+        match job.gang {
+            0 => Value::Null,
+            id => json!({"id": id, "rank": job.gang_rank, "same_label": same_label}),
+        },
+    );
+    let members: Vec<Value> = job
+        .gang_members
+        .iter()
+        .map(|m| {
+            json!({
+                "rank": m.rank,
+                "job_id": m.job_id,
+                "state": m.state,
+                "node": m.node,
+                "attempt": m.attempt,
+            })
+        })
+        .collect();
+    map.insert("gang_members".into(), Value::Array(members));
+    map
+}
+
+fn job_fields(job: &pb::Job) -> Value {
     let spec = job.spec.clone().unwrap_or_default();
     let r = spec.resources.unwrap_or_default();
     json!({

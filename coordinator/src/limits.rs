@@ -98,3 +98,6 @@ pub const MAX_ECHO_CHARS: usize = 64;
 /// Longest GPU fault text kept from an agent's heartbeat, in characters
 /// (agents bound it too; the coordinator never trusts that).
 pub const MAX_GPU_FAULT_CHARS: usize = 200;
+
+/// Nodes of one gang (`nodes: N`) at most.
+pub const MAX_GANG_NODES: u32 = 256;

@@ -61,6 +61,12 @@ pub struct CoordinatorConfig {
     pub join: bool,
     /// Applied entries between Raft snapshots (None = the default, 10,000).
     pub raft_compact_after: Option<u64>,
+    /// Size of the chunks a Raft snapshot is sent in
+    /// (`--raft-snapshot-chunk`; default 4 MiB).
+    pub raft_snapshot_chunk: Option<usize>,
+    /// Largest Raft snapshot written or accepted from a peer
+    /// (`--raft-max-snapshot`; default 8 GiB).
+    pub raft_max_snapshot: Option<u64>,
     /// TLS of the listener (`None` = plaintext); with a client certificate
     /// verifier, every connection must present a certificate (mutual TLS).
     /// ALPN must offer `h2`.
@@ -99,6 +105,8 @@ impl CoordinatorConfig {
             peers: BTreeMap::new(),
             join: false,
             raft_compact_after: None,
+            raft_snapshot_chunk: None,
+            raft_max_snapshot: None,
             tls: None,
             peer_tls: None,
             http_tls: None,
@@ -360,6 +368,13 @@ pub async fn start(
     raft_config.join = config.join;
     raft_config.peer_tls = config.peer_tls.clone();
     raft_config.cluster_name = config.cluster_name.clone();
+    raft_config.snapshot_dir = config.data_dir.join(crate::raft::snapfile::DIR_NAME);
+    if let Some(bytes) = config.raft_snapshot_chunk {
+        raft_config.snapshot_chunk_bytes = bytes;
+    }
+    if let Some(bytes) = config.raft_max_snapshot {
+        raft_config.max_snapshot_bytes = bytes;
+    }
     raft_config.http_url = http_addr.map(|bound| http_url(&config, bound));
     if let Some(after) = config.raft_compact_after {
         raft_config.compact_after = after;

@@ -381,6 +381,20 @@ struct JobFile {
     preemptible: Option<bool>,
     #[serde(default)]
     preemption_grace: Option<DurationMs>,
+    #[serde(default)]
+    nodes: Option<i64>,
+    #[serde(default)]
+    gang: Option<GangFile>,
+}
+
+/// `gang: {same_label: region}` or `gang: {spread: true}` (with `nodes: N`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GangFile {
+    #[serde(default)]
+    same_label: Option<String>,
+    #[serde(default)]
+    spread: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -577,6 +591,14 @@ fn to_proto(file: JobFile) -> Result<pb::JobSpec, (&'static str, String)> {
         }
         Some(n) => u32::try_from(n).map_err(|_| ("resources.gpus", format!("{n} is absurd")))?,
     };
+    let nodes = match file.nodes {
+        None => 0,
+        Some(n) if n < 1 => {
+            return Err(("nodes", format!("must be at least 1 (got {n})")));
+        }
+        Some(n) => u32::try_from(n).map_err(|_| ("nodes", format!("{n} is absurd")))?,
+    };
+    let gang = file.gang.unwrap_or_default();
     let retry = match file.retry {
         None => None,
         Some(retry) => {
@@ -674,6 +696,9 @@ fn to_proto(file: JobFile) -> Result<pb::JobSpec, (&'static str, String)> {
         gpu_memory_margin_bytes: file.gpu_memory_margin.map_or(0, |s| s.0),
         preemptible: file.preemptible,
         preemption_grace_ms: file.preemption_grace.map(|d| d.0),
+        nodes,
+        gang_same_label: gang.same_label.unwrap_or_default(),
+        gang_spread: gang.spread,
     })
 }
 
@@ -859,6 +884,30 @@ after: [export-sq8-2p]
             Some((3, 30_000))
         );
         assert_eq!(job.timeout_ms, Some(6 * 3600 * 1000));
+    }
+
+    #[test]
+    fn gang_fields() {
+        let jobs = parse("command: [a]\nnodes: 4\ngang: {same_label: region}\n").expect("parses");
+        assert_eq!(
+            (
+                jobs[0].nodes,
+                jobs[0].gang_same_label.as_str(),
+                jobs[0].gang_spread
+            ),
+            (4, "region", false)
+        );
+        let jobs = parse("command: [a]\nnodes: 2\ngang: {spread: true}\n").expect("parses");
+        assert_eq!((jobs[0].nodes, jobs[0].gang_spread), (2, true));
+        for (text, field) in [
+            ("command: [a]\nnodes: 0\n", "nodes"),
+            ("command: [a]\nnodes: -3\n", "nodes"),
+            ("command: [a]\nnodes: many\n", "nodes"),
+            ("command: [a]\nnodes: 2\ngang: {same: x}\n", "gang"),
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.contains(field), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord, RunPolicy};
 
 mod attempts;
 mod drain;
+mod gang;
 mod gpu_health;
 mod index;
 mod pipeline_loop;
@@ -29,6 +30,7 @@ mod placement;
 mod retention;
 mod submit;
 
+pub use gang::GangSettle;
 pub use pipeline_loop::{LoopStatus, loop_status};
 pub use retention::{RetentionPolicy, due as retirement_due, event_floor, retirable_state};
 
@@ -117,6 +119,12 @@ pub enum Outcome {
         /// (job, attempt) to tell the node's agent to stop.
         stop: Vec<(JobId, u32)>,
     },
+    /// A gang was settled (`Command::GangStop`); `stop` names the
+    /// members' attempts their agents must stop.
+    GangStopped {
+        /// (node, job, attempt) to tell to stop.
+        stop: Vec<(String, JobId, u32)>,
+    },
     /// Applied with nothing to report.
     Done,
 }
@@ -204,6 +212,8 @@ pub struct StateMachine {
     held: BTreeSet<JobId>,
     /// The submission key of each job submitted with one (derived).
     keyed: HashMap<JobId, String>,
+    /// Gangs (rank-0 id) and their members not finished (derived).
+    live_gangs: BTreeMap<JobId, u32>,
     changes: ChangeSet,
 }
 
@@ -666,6 +676,7 @@ impl StateMachine {
                 fault,
                 seen_healthy,
             } => self.set_gpu_health(at_ms, node, gpu, fault, seen_healthy),
+            Command::GangStop { at_ms, gang } => Ok(self.gang_stop(at_ms, gang)),
         }
     }
 

@@ -170,12 +170,21 @@ impl Store {
         self.write(state, changes, Some(index))
     }
 
-    /// Replaces everything stored with a snapshot's state at `index`.
+    /// Replaces everything stored with a snapshot's state at `index` and
+    /// returns that state, built from the snapshot itself (what
+    /// [`load`](Self::load) would read back, without decoding it all again).
     pub fn replace_all(
         &self,
-        snapshot: &StateSnapshot,
+        snapshot: StateSnapshot,
         index: u64,
     ) -> Result<StateMachine, StoreError> {
+        self.replace_stored(&snapshot, index)?;
+        Ok(state_from(snapshot))
+    }
+
+    /// Replaces everything stored with a snapshot's state at `index`,
+    /// flushed, without building the state.
+    pub fn replace_stored(&self, snapshot: &StateSnapshot, index: u64) -> Result<(), StoreError> {
         // The history is this replica's own (not in snapshots): it stays,
         // and so does its size.
         let history_bytes = self.history_bytes()?;
@@ -231,7 +240,7 @@ impl Store {
             .insert(META_HISTORY_BYTES, &history_bytes.to_be_bytes())?;
         self.meta.insert(META_APPLIED_INDEX, &index.to_be_bytes())?;
         self.db.flush()?;
-        self.load()
+        Ok(())
     }
 
     /// The whole stored state, for a Raft snapshot.
@@ -267,50 +276,61 @@ impl Store {
     /// of 100,000 jobs costs the output buffer, not two more copies of the
     /// state. Decodes to exactly what [`Store::snapshot`] returns.
     pub fn snapshot_bytes(&self, state: &StateMachine) -> Result<Vec<u8>, StoreError> {
-        use std::io::Write as _;
         let mut out = Vec::new();
-        out.extend_from_slice(b"{\"jobs\":[");
+        self.write_snapshot(state, &mut out)?;
+        Ok(out)
+    }
+
+    /// Writes the serialized [`StateSnapshot`] (as
+    /// [`snapshot_bytes`](Self::snapshot_bytes)) into `out` as it goes: a
+    /// Raft snapshot streams into its file, never one in-memory value.
+    pub fn write_snapshot(
+        &self,
+        state: &StateMachine,
+        out: &mut dyn std::io::Write,
+    ) -> Result<(), StoreError> {
+        put(out, b"{\"jobs\":[")?;
         for (i, job) in state.jobs().enumerate() {
             if i > 0 {
-                out.push(b',');
+                put(out, b",")?;
             }
-            append_json(&mut out, job)?;
+            append_json(out, job)?;
         }
-        out.extend_from_slice(b"],\"nodes\":[");
+        put(out, b"],\"nodes\":[")?;
         for (i, node) in state.nodes().enumerate() {
             if i > 0 {
-                out.push(b',');
+                put(out, b",")?;
             }
-            append_json(&mut out, node)?;
+            append_json(out, node)?;
         }
-        out.extend_from_slice(b"],\"submissions\":");
+        put(out, b"],\"submissions\":")?;
         let submissions: Vec<(&String, &Vec<JobId>)> = state.submissions().collect();
-        append_json(&mut out, &submissions)?;
-        out.extend_from_slice(b",\"estimates\":");
+        append_json(out, &submissions)?;
+        put(out, b",\"estimates\":")?;
         let estimates: Vec<(&String, &u64)> = state.estimates().iter().collect();
-        append_json(&mut out, &estimates)?;
-        out.extend_from_slice(b",\"events\":[");
+        append_json(out, &estimates)?;
+        put(out, b",\"events\":[")?;
         for (i, item) in self.events.iter().enumerate() {
             let (_, value) = item?;
             if i > 0 {
-                out.push(b',');
+                put(out, b",")?;
             }
-            out.extend_from_slice(&value);
+            put(out, &value)?;
         }
-        // Writing to a Vec cannot fail.
-        let _ = write!(
+        write!(
             out,
             "],\"leader_term\":{},\"next_job_id\":{},\"event_floor\":{},\"retention\":",
             state.leader_term(),
             state.next_job_id(),
             state.event_floor()
-        );
-        append_json(&mut out, state.retention())?;
-        out.extend_from_slice(b",\"pipeline_runs\":");
+        )
+        .map_err(io_error)?;
+        append_json(out, state.retention())?;
+        put(out, b",\"pipeline_runs\":")?;
         let runs: Vec<(&String, &u32)> = state.pipeline_runs().iter().collect();
-        append_json(&mut out, &runs)?;
-        out.push(b'}');
-        Ok(out)
+        append_json(out, &runs)?;
+        put(out, b"}")?;
+        out.flush().map_err(io_error)
     }
 
     /// Writes what an apply changed, then flushes. Only after this returns
@@ -539,8 +559,49 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
 }
 
 /// Appends a value's JSON to a buffer.
-fn append_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<(), StoreError> {
+/// The state a snapshot holds, as [`Store::load`] builds it from the
+/// stored records.
+fn state_from(snapshot: StateSnapshot) -> StateMachine {
+    let next_event_index = snapshot
+        .events
+        .iter()
+        .map(|e| e.index + 1)
+        .max()
+        .unwrap_or(1);
+    let mut state = StateMachine::restore(
+        snapshot.jobs,
+        snapshot.nodes,
+        snapshot.submissions,
+        snapshot.estimates,
+        next_event_index,
+    );
+    state.set_leader_term(snapshot.leader_term);
+    state.set_next_job_id(snapshot.next_job_id);
+    state.set_event_floor(snapshot.event_floor);
+    if let Some(policy) = snapshot.retention {
+        state.set_retention(policy);
+    }
+    for (name, run) in &snapshot.pipeline_runs {
+        state.set_pipeline_run(name, *run);
+    }
+    state
+}
+
+fn append_json<T: Serialize + ?Sized>(
+    out: &mut dyn std::io::Write,
+    value: &T,
+) -> Result<(), StoreError> {
     serde_json::to_writer(out, value).map_err(StoreError::Encode)
+}
+
+/// Raw bytes into a snapshot being written.
+fn put(out: &mut dyn std::io::Write, bytes: &[u8]) -> Result<(), StoreError> {
+    out.write_all(bytes).map_err(io_error)
+}
+
+/// A failed write of a snapshot, as serde_json reports its own.
+fn io_error(error: std::io::Error) -> StoreError {
+    StoreError::Encode(serde_json::Error::io(error))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {

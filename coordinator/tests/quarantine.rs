@@ -88,7 +88,7 @@ fn a_quarantine_survives_restart_and_snapshot_and_is_cleared_everywhere() {
     let snapshot: StateSnapshot = serde_json::from_slice(&bytes).expect("decode");
     let other_dir = tempfile::tempdir().expect("tempdir");
     let other = Store::open(other_dir.path()).expect("open other");
-    let mut follower = other.replace_all(&snapshot, 7).expect("install");
+    let mut follower = other.replace_all(snapshot, 7).expect("install");
     assert_eq!(quarantined(&follower, 2_000), quarantined(&loaded, 2_000));
 
     // Apply re-checks the share: 1 of 3 nodes is quarantined already.

@@ -191,17 +191,18 @@ impl ReplicatedStateMachine for Toy {
         match request {}
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, String> {
+    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), String> {
         let state = self.0.lock().unwrap();
         if state.fail_snapshots {
             return Err("injected snapshot failure".into());
         }
-        Ok(serde_json::to_vec(&state.values).unwrap())
+        serde_json::to_writer(out, &state.values).map_err(|e| e.to_string())
     }
 
-    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
+    fn restore(&mut self, index: u64, file: &Path) -> Result<(), String> {
+        let data = std::fs::read(file).map_err(|e| e.to_string())?;
         let mut state = self.0.lock().unwrap();
-        state.values = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+        state.values = serde_json::from_slice(&data).map_err(|e| e.to_string())?;
         state.applied = index;
         state.restores.push(index);
         Ok(())
@@ -242,6 +243,14 @@ fn open_db(dir: &Path) -> sled::Db {
     sled::Config::new().path(dir).open().unwrap()
 }
 
+/// `RaftConfig::for_test` with the snapshot files in `dir`.
+fn test_config(id: u64, peers: BTreeMap<u64, String>, dir: &Path) -> RaftConfig {
+    RaftConfig {
+        snapshot_dir: dir.join("raft-snapshots"),
+        ..RaftConfig::for_test(id, peers)
+    }
+}
+
 async fn start_replica(
     id: u64,
     listener: TcpListener,
@@ -249,14 +258,18 @@ async fn start_replica(
     dir: &Path,
     toy: Toy,
 ) -> Replica {
+    start_replica_with(test_config(id, peers.clone(), dir), listener, dir, toy).await
+}
+
+async fn start_replica_with(
+    config: RaftConfig,
+    listener: TcpListener,
+    dir: &Path,
+    toy: Toy,
+) -> Replica {
+    let id = config.id;
     let db = open_db(dir);
-    let node = RaftNode::start(
-        RaftConfig::for_test(id, peers.clone()),
-        &db,
-        toy.clone(),
-        &CancellationToken::new(),
-    )
-    .unwrap();
+    let node = RaftNode::start(config, &db, toy.clone(), &CancellationToken::new()).unwrap();
     drop(db);
     let handle = node.handle();
     let server_stop = CancellationToken::new();
@@ -618,7 +631,7 @@ async fn single_voter_elects_itself_and_applies() {
 
 fn start_single(dir: &Path, toy: Toy) -> Result<RaftNode<Toy>, RaftError> {
     let db = open_db(dir);
-    let config = RaftConfig::for_test(1, BTreeMap::from([(1, "http://127.0.0.1:1".into())]));
+    let config = test_config(1, BTreeMap::from([(1, "http://127.0.0.1:1".into())]), dir);
     RaftNode::start(config, &db, toy, &CancellationToken::new())
 }
 
@@ -767,8 +780,11 @@ async fn cluster_id_is_stored_at_creation() {
     let dir = tempfile::tempdir().unwrap();
     let start = |name: &str| {
         let db = open_db(dir.path());
-        let mut config =
-            RaftConfig::for_test(1, BTreeMap::from([(1, "http://127.0.0.1:1".into())]));
+        let mut config = test_config(
+            1,
+            BTreeMap::from([(1, "http://127.0.0.1:1".into())]),
+            dir.path(),
+        );
         config.cluster_name = name.to_string();
         RaftNode::start(config, &db, Toy::default(), &CancellationToken::new()).unwrap()
     };
@@ -779,4 +795,240 @@ async fn cluster_id_is_stored_at_creation() {
     let node = start("second");
     assert_eq!(node.handle().status().cluster_id, created);
     node.stop().await;
+}
+
+// ---------------------------------------------------------------- snapshot files (issue 11)
+
+/// Three replicas whose snapshots travel in 64 KiB chunks.
+async fn start_chunked_cluster(
+    dirs: &[tempfile::TempDir],
+) -> (HashMap<u64, Replica>, BTreeMap<u64, String>) {
+    let mut listeners = Vec::new();
+    let mut peers = BTreeMap::new();
+    for id in 1..=3u64 {
+        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).await;
+        peers.insert(id, format!("http://{}", listener.local_addr().unwrap()));
+        listeners.push((id, listener));
+    }
+    let mut replicas = HashMap::new();
+    for (id, listener) in listeners {
+        let dir = dirs[(id - 1) as usize].path();
+        let config = RaftConfig {
+            snapshot_chunk_bytes: 64 << 10,
+            ..test_config(id, peers.clone(), dir)
+        };
+        replicas.insert(
+            id,
+            start_replica_with(config, listener, dir, Toy::default()).await,
+        );
+    }
+    (replicas, peers)
+}
+
+/// (h) A follower that missed ~4 MiB of state catches up from a snapshot
+/// sent in 64 KiB chunks (dozens of them), restoring from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_catches_up_from_a_snapshot_sent_in_chunks() {
+    log::init();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (mut replicas, peers) = start_chunked_cluster(&dirs).await;
+    let all: Vec<&Replica> = (1..=3).map(|id| &replicas[&id]).collect();
+    let leader = wait_for_leader(&all).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    drop(all);
+    let stopped = replicas.remove(&follower).unwrap();
+    stopped.stop().await;
+
+    let handle = replicas[&leader].handle.clone();
+    let pad = "s".repeat(40 << 10);
+    for i in 0..100 {
+        propose(&handle, &format!("{i:03}-{pad}")).await.unwrap();
+    }
+    let snapshots = dirs[(leader - 1) as usize].path().join("raft-snapshots");
+    let size = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .max()
+        .unwrap();
+    assert!(size > 3 << 20, "a snapshot of a few MiB: {size} bytes");
+
+    let toy = Toy::default();
+    let addr: SocketAddr = peers[&follower]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let config = RaftConfig {
+        snapshot_chunk_bytes: 64 << 10,
+        ..test_config(
+            follower,
+            peers.clone(),
+            dirs[(follower - 1) as usize].path(),
+        )
+    };
+    let restarted = start_replica_with(
+        config,
+        listen(addr).await,
+        dirs[(follower - 1) as usize].path(),
+        toy.clone(),
+    )
+    .await;
+    replicas.insert(follower, restarted);
+    let all: Vec<&Replica> = (1..=3).map(|id| &replicas[&id]).collect();
+    let values = wait_converged(&all, 100).await;
+    assert!(values[99].starts_with("099-"));
+    assert!(!toy.restores().is_empty(), "caught up without a snapshot");
+    drop(all);
+    for (_, replica) in replicas {
+        replica.stop().await;
+    }
+}
+
+/// The transfers a hostile or broken peer may send, against a replica
+/// whose peers are itself and a fake replica 2: each is refused with the
+/// reason and leaves no file; a sound one is installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_transfers_are_checked_before_install() {
+    use gantry_proto::raft::SnapshotChunk;
+    use gantry_proto::raft::raft_peer_client::RaftPeerClient;
+    use protobuf::Message as _;
+    use raft::eraftpb::{ConfState, Message, MessageType, Snapshot, SnapshotMetadata};
+
+    log::init();
+    let dir = tempfile::tempdir().unwrap();
+    let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).await;
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let peers = BTreeMap::from([(1, url.clone()), (2, "http://127.0.0.1:1".to_string())]);
+    let toy = Toy::default();
+    let config = RaftConfig {
+        max_snapshot_bytes: 1 << 20,
+        ..test_config(1, peers, dir.path())
+    };
+    let replica = start_replica_with(config, listener, dir.path(), toy.clone()).await;
+    let cluster_id = replica.handle.status().cluster_id;
+    let mut client = RaftPeerClient::connect(url).await.unwrap();
+    let snapshots = dir.path().join("raft-snapshots");
+
+    let state = serde_json::to_vec(&["a", "b"]).unwrap();
+    let sha = |bytes: &[u8]| {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        out
+    };
+    let message = |size: u64, sha256: [u8; 32]| {
+        let descriptor = gantry_coordinator::raft::snapfile::Descriptor { size, sha256 };
+        Message {
+            msg_type: MessageType::MsgSnapshot,
+            from: 2,
+            to: 1,
+            term: 5,
+            snapshot: Some(Snapshot {
+                data: descriptor.encode().into(),
+                metadata: Some(SnapshotMetadata {
+                    conf_state: Some(ConfState {
+                        voters: vec![1, 2],
+                        ..Default::default()
+                    })
+                    .into(),
+                    index: 40,
+                    term: 5,
+                    ..Default::default()
+                })
+                .into(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        }
+        .write_to_bytes()
+        .unwrap()
+    };
+    // (sender, declared size, declared SHA-256, chunks, what the refusal says)
+    let good = sha(&state);
+    type Case<'a> = (&'a str, u64, u64, [u8; 32], Vec<Vec<u8>>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "a non-member",
+            9,
+            state.len() as u64,
+            good,
+            vec![state.clone()],
+            "not a member",
+        ),
+        (
+            "a flipped byte",
+            2,
+            state.len() as u64,
+            good,
+            vec![b"[\"a\",\"c\"]".to_vec()],
+            "checksum mismatch",
+        ),
+        (
+            "more than declared",
+            2,
+            state.len() as u64,
+            good,
+            vec![state.clone(), b"x".to_vec()],
+            "run past the declared",
+        ),
+        (
+            "cut short",
+            2,
+            state.len() as u64,
+            good,
+            vec![state[..3].to_vec()],
+            "ended after 3 of",
+        ),
+        (
+            "over --raft-max-snapshot",
+            2,
+            2 << 20,
+            good,
+            vec![],
+            "over the limit",
+        ),
+    ];
+    for (name, from, size, sha256, chunks, want) in cases {
+        let header = message(size, sha256);
+        let mut stream = vec![SnapshotChunk {
+            cluster_id,
+            from,
+            to: 1,
+            message: header,
+            data: Vec::new(),
+        }];
+        stream.extend(chunks.into_iter().map(|data| SnapshotChunk {
+            data,
+            ..Default::default()
+        }));
+        let status = client
+            .install_snapshot(tokio_stream::iter(stream))
+            .await
+            .expect_err(name);
+        assert!(status.message().contains(want), "{name}: {status:?}");
+        let left: Vec<_> = std::fs::read_dir(&snapshots).unwrap().collect();
+        assert!(left.is_empty(), "{name}: files left: {left:?}");
+    }
+    assert!(toy.restores().is_empty());
+
+    // A sound transfer, in two chunks: the file is in place and installed.
+    let stream = vec![
+        SnapshotChunk {
+            cluster_id,
+            from: 2,
+            to: 1,
+            message: message(state.len() as u64, good),
+            data: state[..4].to_vec(),
+        },
+        SnapshotChunk {
+            data: state[4..].to_vec(),
+            ..Default::default()
+        },
+    ];
+    client
+        .install_snapshot(tokio_stream::iter(stream))
+        .await
+        .unwrap();
+    wait_until("the snapshot is installed", || toy.restores() == [40]).await;
+    assert_eq!(toy.values(), ["a", "b"]);
+    replica.stop().await;
 }

@@ -131,6 +131,10 @@ pub struct CoordinatorOptions {
     pub oom_signatures: Vec<String>,
     /// Applied entries between Raft snapshots (None = the default).
     pub raft_compact_after: Option<u64>,
+    /// `--raft-snapshot-chunk` (None = the default, 4 MiB).
+    pub raft_snapshot_chunk: Option<usize>,
+    /// `--raft-max-snapshot` (None = the default, 8 GiB).
+    pub raft_max_snapshot: Option<u64>,
     /// Heartbeats per second before the interval stretches (None = the default).
     pub max_heartbeat_rate: Option<u32>,
     /// Fleet inventory.
@@ -178,6 +182,8 @@ fn coordinator_config(options: &CoordinatorOptions) -> CoordinatorConfig {
         peers: options.peers.clone(),
         join: options.join,
         raft_compact_after: options.raft_compact_after,
+        raft_snapshot_chunk: options.raft_snapshot_chunk,
+        raft_max_snapshot: options.raft_max_snapshot,
         tls: options.security.tls.clone(),
         peer_tls: options.security.peer_tls.clone(),
         http_tls: options.security.http_tls.clone(),

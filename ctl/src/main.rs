@@ -173,6 +173,14 @@ enum Command {
         /// Applied entries between Raft snapshots (default 10000).
         #[arg(long)]
         raft_compact_after: Option<u64>,
+        /// Size of the chunks a Raft snapshot is sent to a lagging replica
+        /// in, e.g. 4MiB (the default; at most 16MiB).
+        #[arg(long, value_parser = parse_size_arg)]
+        raft_snapshot_chunk: Option<u64>,
+        /// Largest Raft snapshot written or accepted from a peer, e.g.
+        /// 8GiB (the default).
+        #[arg(long, value_parser = parse_size_arg)]
+        raft_max_snapshot: Option<u64>,
         /// Heartbeats per second the leader ingests at most (default 10000):
         /// past that many nodes the heartbeat interval stretches to
         /// nodes / rate seconds (never below 1 s) and agents are told.
@@ -741,6 +749,8 @@ async fn cli_main() -> ExitCode {
             data_dir,
             gpu_headroom,
             raft_compact_after,
+            raft_snapshot_chunk,
+            raft_max_snapshot,
             max_heartbeat_rate,
             inventory,
             strict_inventory,
@@ -828,6 +838,17 @@ async fn cli_main() -> ExitCode {
                     "--raft-compact-after: must be at least 1",
                 ));
             }
+            let max_chunk = gantry_coordinator::raft::snapfile::MAX_CHUNK_BYTES as u64;
+            if raft_snapshot_chunk.is_some_and(|bytes| bytes == 0 || bytes > max_chunk) {
+                return fail(CliError::invalid(
+                    "--raft-snapshot-chunk: must be between 1B and 16MiB",
+                ));
+            }
+            if raft_max_snapshot == Some(0) {
+                return fail(CliError::invalid(
+                    "--raft-max-snapshot: must be at least 1B",
+                ));
+            }
             let max_heartbeat_rate = max_heartbeat_rate.or(file.max_heartbeat_rate);
             if max_heartbeat_rate == Some(0) {
                 return fail(CliError::invalid(
@@ -902,6 +923,8 @@ async fn cli_main() -> ExitCode {
                 cluster_name,
                 oom_signatures,
                 raft_compact_after,
+                raft_snapshot_chunk: raft_snapshot_chunk.map(|bytes| bytes as usize),
+                raft_max_snapshot,
                 max_heartbeat_rate,
                 inventory,
                 strict_inventory,
@@ -976,6 +999,8 @@ async fn cli_main() -> ExitCode {
                 cluster_name: String::new(),
                 oom_signatures: Vec::new(),
                 raft_compact_after: None,
+                raft_snapshot_chunk: None,
+                raft_max_snapshot: None,
                 max_heartbeat_rate: None,
                 inventory: Vec::new(),
                 strict_inventory: false,

@@ -276,6 +276,29 @@ pub fn print_job(job: &pb::Job) {
     for line in &job.preemptions {
         outln!("  preempt:   {}", escape(line));
     }
+    if job.gang > 0 {
+        outln!(
+            "  gang:      {} nodes, gang {} (rank {})",
+            spec.nodes,
+            job.gang,
+            job.gang_rank
+        );
+    }
+    for m in &job.gang_members {
+        let node = if m.node.is_empty() {
+            "-"
+        } else {
+            m.node.as_str()
+        };
+        outln!(
+            "  member:    rank {} job {} {} node={} attempt {}",
+            m.rank,
+            m.job_id,
+            escape(&m.state),
+            escape(node),
+            m.attempt
+        );
+    }
     for a in &job.attempts {
         let end = match (a.exit_code, a.signal) {
             (Some(c), _) => format!("exit {c}"),

@@ -120,6 +120,31 @@ fn bad_specs_are_refused_with_the_field_named() -> anyhow::Result<()> {
             "gpu_memory_policy",
         ),
         (
+            "gang of zero",
+            "command: [true]\nnodes: 0\n".into(),
+            "nodes: must be at least 1",
+        ),
+        (
+            "gang too large",
+            "command: [true]\nnodes: 300\n".into(),
+            "nodes: 300 nodes, at most 256",
+        ),
+        (
+            "gang options on one node",
+            "command: [true]\ngang: {spread: true}\n".into(),
+            "gang: applies only to a job of more than one node",
+        ),
+        (
+            "gang spread and label",
+            "command: [true]\nnodes: 2\ngang: {spread: true, same_label: region}\n".into(),
+            "gang.spread: cannot be set together with gang.same_label",
+        ),
+        (
+            "gang members past the submit limit",
+            "- {name: a, command: [true], nodes: 256}\n".repeat(40),
+            "jobs counting each gang member, at most 10000",
+        ),
+        (
             "repeat zero",
             loop_spec("{max_runs: 0}"),
             "repeat.max_runs: must be at least 1 (got 0)",

@@ -34,6 +34,9 @@ pub(crate) struct NodeSlot<'s> {
     pub gpus: Range<u32>,
     /// Host resources left.
     pub free: HostFree,
+    /// Chosen for a member of the gang being placed: its other members
+    /// must go elsewhere (set and cleared by [`crate::gang`]).
+    pub taken_by_gang: bool,
 }
 
 /// One GPU during a pass.
@@ -227,6 +230,7 @@ impl<'s> FreeIndex<'s> {
                 view,
                 gpus: start..gpus.len() as u32,
                 free: HostFree::of(view),
+                taken_by_gang: false,
             });
         }
 
@@ -303,6 +307,12 @@ impl<'s> FreeIndex<'s> {
         &self.nodes
     }
 
+    /// Marks node `n` as chosen (or no longer chosen) for a member of the
+    /// gang being placed.
+    pub fn set_taken_by_gang(&mut self, n: u32, taken: bool) {
+        self.nodes[n as usize].taken_by_gang = taken;
+    }
+
     /// A GPU by slot.
     pub fn gpu(&self, slot: u32) -> &GpuSlot {
         &self.gpus[slot as usize]
@@ -320,11 +330,12 @@ impl<'s> FreeIndex<'s> {
             return Restrict::Nodes((0..self.nodes.len() as u32).collect());
         }
         let wanted = &ask.job.constraints.labels;
-        if wanted.is_empty() {
+        let group = ask.group.as_ref().filter(|(_, v)| !v.is_empty());
+        if wanted.is_empty() && group.is_none() {
             return Restrict::All;
         }
         let mut smallest: Option<&Vec<u32>> = None;
-        for (k, v) in wanted {
+        for (k, v) in wanted.iter().chain(group.map(|(k, v)| (k, v))) {
             match self.labels.get(&(k.as_str(), v.as_str())) {
                 None => return Restrict::Nothing,
                 Some(list) if smallest.is_none_or(|s| list.len() < s.len()) => {
@@ -379,7 +390,12 @@ impl<'s> FreeIndex<'s> {
         {
             return false;
         }
-        true
+        if let Some((k, v)) = &ask.group
+            && LabelChecker::value(node.view, k).unwrap_or("") != v
+        {
+            return false;
+        }
+        !node.taken_by_gang
     }
 
     /// For jobs without GPUs: the healthiest node that passes the checks.

@@ -13,6 +13,8 @@
 //!   GPU model, GPU sharing, host resources, named locks.
 //! - `index` (private): the free-memory index that keeps placement near
 //!   O(log n) per job at 10,000 nodes.
+//! - `gang` (private): gang placement (`nodes: N`), all members on
+//!   distinct nodes at once or none.
 //! - `explain` (private): the reason a job waits, from relaxing filters.
 //! - [`batch`]: batch sizing from free GPU memory.
 //! - [`disk`]: disk backpressure: watermarks with hysteresis, per-kind
@@ -32,6 +34,7 @@ pub mod batch;
 pub mod disk;
 mod explain;
 pub mod filter;
+mod gang;
 mod hash;
 pub mod health;
 mod index;

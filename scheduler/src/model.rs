@@ -242,6 +242,25 @@ pub struct JobRequest {
     /// The node whose capacity is held for it after it preempted jobs
     /// there: it is placed there or waits.
     pub held_node: Option<String>,
+    /// Membership of a gang (`nodes: N`): the pass places all of its
+    /// members at once, on distinct nodes, or none.
+    pub gang: Option<GangRequest>,
+}
+
+/// One member of a gang, as the scheduler sees it. Every member of a gang
+/// carries the same `id`, `size` and `same_label`, and the same resources.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GangRequest {
+    /// The gang's id: its rank-0 member's job id.
+    pub id: JobId,
+    /// This member's rank, `0..size`.
+    pub rank: u32,
+    /// Members in the gang (nodes wanted).
+    pub size: u32,
+    /// Every member on nodes with one value of this label (`provider` by
+    /// default, falling back to `NodeView::provider`; nodes without it
+    /// form one group of their own). `None`: anywhere.
+    pub same_label: Option<String>,
 }
 
 /// A job holding resources, as preemption sees it.

@@ -132,7 +132,9 @@ fn plan_with_holds(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Sea
 /// One pass over `queue`, holds aside.
 fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -> Plan {
     let policy = &snapshot.policy;
-    let with_labels = queue.iter().any(|j| !j.constraints.labels.is_empty());
+    let with_labels = queue.iter().any(|j| {
+        !j.constraints.labels.is_empty() || j.gang.as_ref().is_some_and(|g| g.same_label.is_some())
+    });
     let mut index = FreeIndex::build(snapshot, with_labels);
     let fleet = FleetPressure::measure(&snapshot.nodes);
     let fleet_pressured = fleet.is_pressured(policy.fleet_pressure_fraction);
@@ -142,9 +144,32 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
     // feasibility; a fixed hasher keeps the pass free of randomness.
     let mut failed: HashMap<Shape<'_>, HoldReason, FxBuild> = HashMap::default();
 
+    let mut gangs = Gangs::of(queue);
+    let mut failed_gangs: FailedGangs<'_> = HashMap::default();
+
     let mut out = Plan::default();
     for i in queue_order(queue, policy, &snapshot.queue_usage, fleet_pressured) {
         let job = &queue[i];
+        if let Some(gang) = &job.gang {
+            if let Some(members) = gangs.first_visit(gang.id) {
+                let pass = GangPass {
+                    snapshot,
+                    search,
+                    fleet: &fleet,
+                    fleet_pressured,
+                };
+                pass.run(
+                    &mut index,
+                    &mut locks,
+                    &mut failed_gangs,
+                    queue,
+                    &members,
+                    gang,
+                    &mut out,
+                );
+            }
+            continue;
+        }
         let hold = |reason| Unplaced {
             job: job.id,
             reason,
@@ -196,6 +221,133 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
         preempt(&index, queue, search, &mut out);
     }
     out
+}
+
+/// The gangs of a queue: each gang's members (queue indexes, rank order),
+/// handed out once, when the pass first meets one of them.
+struct Gangs {
+    members: HashMap<JobId, Vec<usize>, FxBuild>,
+}
+
+impl Gangs {
+    fn of(queue: &[JobRequest]) -> Self {
+        let mut members: HashMap<JobId, Vec<usize>, FxBuild> = HashMap::default();
+        for (i, job) in queue.iter().enumerate() {
+            if let Some(g) = &job.gang {
+                members.entry(g.id).or_default().push(i);
+            }
+        }
+        for list in members.values_mut() {
+            list.sort_by_key(|&i| queue[i].gang.as_ref().map_or(0, |g| g.rank));
+        }
+        Gangs { members }
+    }
+
+    fn first_visit(&mut self, gang: JobId) -> Option<Vec<usize>> {
+        self.members.remove(&gang)
+    }
+}
+
+/// Gang shapes (rank 0's shape, same label) that failed in this pass, with
+/// the size that failed and how close it came.
+type FailedGangs<'q> =
+    HashMap<(Shape<'q>, Option<String>), (usize, crate::gang::GangMiss), FxBuild>;
+
+/// What a gang's placement reads of the pass.
+struct GangPass<'a> {
+    snapshot: &'a ClusterSnapshot,
+    search: Search,
+    fleet: &'a FleetPressure,
+    fleet_pressured: bool,
+}
+
+impl GangPass<'_> {
+    /// Places every member of one gang (`members`, queue indexes in rank
+    /// order) or holds them all with one reason.
+    #[allow(clippy::too_many_arguments)]
+    fn run<'q>(
+        &self,
+        index: &mut FreeIndex<'_>,
+        locks: &mut LockChecker<'_>,
+        failed: &mut FailedGangs<'q>,
+        queue: &'q [JobRequest],
+        members: &[usize],
+        gang: &crate::model::GangRequest,
+        out: &mut Plan,
+    ) {
+        let hold_all = |out: &mut Plan, reason: HoldReason| {
+            for &m in members {
+                out.unplaced.push(Unplaced {
+                    job: queue[m].id,
+                    reason: reason.clone(),
+                });
+            }
+        };
+        let ranks_ok = members.len() == gang.size as usize
+            && members.iter().enumerate().all(|(r, &m)| {
+                queue[m]
+                    .gang
+                    .as_ref()
+                    .is_some_and(|g| g.rank == r as u32 && g.id == gang.id)
+            });
+        if !ranks_ok {
+            return hold_all(
+                out,
+                HoldReason::NoFit(format!(
+                    "gang of {}: waiting for every member to be pending ({} are)",
+                    gang.size,
+                    members.len()
+                )),
+            );
+        }
+        let policy = &self.snapshot.policy;
+        if out.placements.len() + members.len() > policy.max_placements_per_pass {
+            return hold_all(out, HoldReason::PassBudget);
+        }
+        if self.snapshot.nodes.is_empty() {
+            return hold_all(out, HoldReason::NoNodes);
+        }
+        if let Some(reason) = members.iter().find_map(|&m| locks.conflict(&queue[m])) {
+            return hold_all(out, reason);
+        }
+        let kind = queue[members[0]].kind;
+        if self.fleet_pressured && kind.produces_data() && !kind.consumes_data() {
+            return hold_all(
+                out,
+                HoldReason::FleetDiskBackpressure {
+                    pressured: self.fleet.pressured,
+                    nodes: self.fleet.nodes,
+                },
+            );
+        }
+        let mut asks = Vec::with_capacity(members.len());
+        for &m in members {
+            match Ask::new(&queue[m], self.search) {
+                Ok(ask) => asks.push(ask),
+                Err(reason) => return hold_all(out, reason),
+            }
+        }
+        // A gang of this shape that failed earlier in the pass with as
+        // many members or fewer fails again: the pass only takes.
+        let key = (Shape::of(&asks[0]), gang.same_label.clone());
+        if let Some((size, miss)) = failed.get(&key)
+            && *size <= members.len()
+        {
+            return hold_all(out, miss.reason(members.len(), &asks[0], gang));
+        }
+        match crate::gang::place_gang(index, &asks, gang) {
+            Ok(placements) => {
+                for &m in members {
+                    locks.grant(&queue[m]);
+                }
+                out.placements.extend(placements);
+            }
+            Err(miss) => {
+                hold_all(out, miss.reason(members.len(), &asks[0], gang));
+                failed.insert(key, (members.len(), miss));
+            }
+        }
+    }
 }
 
 /// Lets the jobs left without a fit, highest first in queue order, preempt
@@ -273,6 +425,9 @@ pub(crate) struct Ask<'q> {
     pub filters: Filters,
     /// Search strategy.
     pub search: Search,
+    /// Gang members: only nodes with this (label, value) (see
+    /// [`crate::gang`]).
+    pub group: Option<(String, String)>,
 }
 
 /// Which dynamic filters a query applies; all on for placement.
@@ -285,7 +440,7 @@ pub(crate) struct Filters {
 }
 
 impl<'q> Ask<'q> {
-    fn new(job: &'q JobRequest, search: Search) -> Result<Self, HoldReason> {
+    pub(crate) fn new(job: &'q JobRequest, search: Search) -> Result<Self, HoldReason> {
         let explicit = job.resources.gpu_memory;
         let (need, need_largest) = match (&job.batch, job.resources.gpus) {
             (_, 0) | (None, _) => (explicit.unwrap_or(0), None),
@@ -315,6 +470,7 @@ impl<'q> Ask<'q> {
                 pressure: true,
             },
             search,
+            group: None,
         })
     }
 
@@ -358,6 +514,11 @@ impl<'q> Shape<'q> {
 /// Finds the best placement for `ask` and reserves it in the index.
 fn select(index: &mut FreeIndex<'_>, ask: &Ask<'_>) -> Option<Placement> {
     let found = find(index, ask)?;
+    take(index, ask, found)
+}
+
+/// Reserves `found` for `ask` in the index and makes it a placement.
+pub(crate) fn take(index: &mut FreeIndex<'_>, ask: &Ask<'_>, found: Found) -> Option<Placement> {
     let job = ask.job;
     let min_free = found
         .slots

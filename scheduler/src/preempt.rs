@@ -88,6 +88,8 @@ impl<'s> Preemptor<'s> {
     pub fn worth_trying(&self, ask: &Ask<'_>) -> bool {
         self.snapshot.policy.preemption.enabled
             && ask.job.held_node.is_none()
+            // A gang needs N nodes at once; one node's victims never fit it.
+            && ask.job.gang.is_none()
             && self.floor.is_some_and(|f| ask.job.priority > f)
     }
 

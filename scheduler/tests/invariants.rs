@@ -193,6 +193,7 @@ fn arb_job() -> impl Strategy<Value = JobRequest> {
                     },
                     preempted_by: Vec::new(),
                     held_node: None,
+                    gang: None,
                 }
             },
         )

@@ -82,7 +82,10 @@ impl Core {
     /// One job: from hard state, else from the history (marked archived).
     pub(super) fn get_job(&self, id: JobId) -> Result<pb::Job, CoordinatorError> {
         if let Some(job) = self.state.job(id) {
-            return Ok(self.job_view(job));
+            return Ok(pb::Job {
+                gang_members: convert::gang_members_to_proto(&self.state, job),
+                ..self.job_view(job)
+            });
         }
         match self.store.history_job(id)? {
             Some(job) => Ok(Self::archived_view(&job)),

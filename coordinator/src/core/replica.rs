@@ -5,6 +5,8 @@
 //! and restore, to answer [`Request`]s and to run its tick; it takes the
 //! commands the core proposes from its outbox.
 
+use std::path::Path;
+
 use crate::command::Command;
 use crate::convert;
 use crate::raft::{RaftStatus, ReplicatedStateMachine};
@@ -53,27 +55,31 @@ impl ReplicatedStateMachine for Core {
         Ok(outcomes)
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, String> {
+    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), String> {
         self.store
-            .snapshot_bytes(&self.state)
+            .write_snapshot(&self.state, out)
             .map_err(|error| format!("cannot take a state snapshot: {error}"))
     }
 
     /// Decodes the snapshot without touching the state: a peer's snapshot
     /// that would not restore is refused before raft-rs installs it (a
-    /// restore that fails after is fatal).
-    fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
-        serde_json::from_slice::<StateSnapshot>(data)
-            .map(|_| ())
-            .map_err(|error| format!("undecodable snapshot: {error}"))
+    /// restore that fails after is fatal). The decoded state is kept for
+    /// the restore of the same round.
+    fn check_snapshot(&mut self, file: &Path) -> Result<(), String> {
+        self.checked_snapshot = None;
+        let snapshot = read_snapshot(file)?;
+        self.checked_snapshot = Some((file.to_path_buf(), snapshot));
+        Ok(())
     }
 
-    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String> {
-        let snapshot = serde_json::from_slice::<StateSnapshot>(data)
-            .map_err(|error| format!("undecodable snapshot: {error}"))?;
+    fn restore(&mut self, index: u64, file: &Path) -> Result<(), String> {
+        let snapshot = match self.checked_snapshot.take() {
+            Some((checked, snapshot)) if checked == file => snapshot,
+            _ => read_snapshot(file)?,
+        };
         self.state = self
             .store
-            .replace_all(&snapshot, index)
+            .replace_all(snapshot, index)
             .map_err(|error| error.to_string())?;
         self.dirty = true;
         Ok(())
@@ -93,6 +99,8 @@ impl ReplicatedStateMachine for Core {
         if self.raft != *status {
             self.raft = status.clone();
         }
+        // A checked snapshot raft-rs did not install is not kept.
+        self.checked_snapshot = None;
         Core::tick(self);
     }
 
@@ -229,3 +237,11 @@ fn merge(into: &mut ChangeSet, from: ChangeSet) {
 
 #[cfg(test)]
 mod tests;
+
+/// Decodes a snapshot file (a [`StateSnapshot`] as JSON), streamed.
+fn read_snapshot(file: &Path) -> Result<StateSnapshot, String> {
+    let input = std::fs::File::open(file)
+        .map_err(|error| format!("cannot open {}: {error}", file.display()))?;
+    let input = std::io::BufReader::with_capacity(1 << 20, input);
+    serde_json::from_reader(input).map_err(|error| format!("undecodable snapshot: {error}"))
+}

@@ -448,3 +448,152 @@ fn a_preempted_job_does_not_use_an_attempt() {
         ],
     );
 }
+
+/// A gang of `nodes` members on one GPU each (no provider labels in the
+/// harness: one group), `attempts` attempts.
+fn gang(name: &str, attempts: u32, nodes: u32) -> crate::domain::JobSpec {
+    let mut spec = job(name, attempts);
+    spec.gang = Some(crate::domain::GangSpec {
+        nodes,
+        same_label: Some("provider".into()),
+    });
+    spec
+}
+
+/// A gang of 2 (jobs 1 and 2) placed on n1 and n2 of three nodes, running.
+fn gang_running(attempts: u32) -> Vec<Step> {
+    vec![
+        Register("n1", &[]),
+        Register("n2", &[]),
+        Register("n3", &[]),
+        Submit(vec![gang("train", attempts, 2)]),
+        Advance(500),
+        Started("n1", 1, 1),
+        Started("n2", 2, 1),
+    ]
+}
+
+#[test]
+fn a_gang_is_placed_whole_and_succeeds_when_every_member_exits_0() {
+    check(
+        [
+            gang_running(1),
+            vec![Exited("n1", 1, 1, 0), Exited("n2", 2, 1, 0), Advance(1_000)],
+        ]
+        .concat(),
+        &[
+            Want::Recorded("Assign 1@n1 2@n2"),
+            Want::Job(1, JobState::Succeeded),
+            Want::Job(2, JobState::Succeeded),
+            Want::NotRecorded("GangStop"),
+            Want::Reserved("n1", 0),
+        ],
+    );
+}
+
+/// One member fails: the other is stopped (not counted against it), and
+/// after the failed member's back-off the gang is placed again as a whole
+/// with attempt 2 for every member.
+#[test]
+fn a_failed_member_stops_the_gang_and_it_is_retried_as_a_whole() {
+    check(
+        [
+            gang_running(2),
+            vec![
+                Exited("n2", 2, 1, 1),
+                Advance(500),
+                Exited("n1", 1, 1, 143),
+                Advance(40_000),
+            ],
+        ]
+        .concat(),
+        &[
+            Want::Recorded("GangStop"),
+            Want::Recorded("send n1 cancel 1#1 \"gang 1: member rank 1 (job 2) is failed\""),
+            Want::Recorded("send n1 assign 1#2"),
+            Want::Recorded("send n2 assign 2#2"),
+            Want::Job(1, JobState::Assigned),
+            Want::Job(2, JobState::Assigned),
+            Want::Starts(1, 2),
+            Want::Starts(2, 2),
+        ],
+    );
+}
+
+/// A member that succeeded runs again when another member of its attempt
+/// fails afterwards: the gang succeeds only when all exit 0 together.
+#[test]
+fn a_member_that_succeeded_runs_again_when_its_gang_fails() {
+    check(
+        [
+            gang_running(2),
+            vec![
+                Exited("n1", 1, 1, 0),
+                Exited("n2", 2, 1, 1),
+                Advance(40_000),
+            ],
+        ]
+        .concat(),
+        &[
+            Want::Recorded("send n1 assign 1#2"),
+            Want::Job(1, JobState::Assigned),
+        ],
+    );
+}
+
+/// A member's node is lost: the gang is stopped and placed again on the
+/// nodes left (n1 and n3) with attempt 2; when n2's agent comes back
+/// reporting the old member still running, it is fenced (told to stop),
+/// never revived alone.
+#[test]
+fn a_lost_member_moves_the_whole_gang_and_its_stale_attempt_is_fenced() {
+    check(
+        [
+            gang_running(1),
+            vec![
+                Kill("n2"),
+                Advance(16_000),
+                Exited("n1", 1, 1, 143),
+                Advance(1_000),
+                Register("n2", &[(2, 1)]),
+                Advance(500),
+            ],
+        ]
+        .concat(),
+        &[
+            Want::Recorded("SetNodeDown n2 true"),
+            Want::Recorded("send n1 cancel 1#1"),
+            Want::Recorded("send n1 assign 1#2"),
+            Want::Recorded("send n3 assign 2#2"),
+            Want::Recorded("propose ReviveAttempt 2#1@n2"),
+            Want::Recorded("send n2 cancel 2#1"),
+            Want::NotRecorded("withdrawn"),
+            Want::Job(2, JobState::Assigned),
+            Want::Reserved("n2", 0),
+        ],
+    );
+}
+
+/// A member out of attempts ends the gang: the other is stopped, then
+/// blocked by it (`dlq retry` of the dead-lettered member unblocks it).
+#[test]
+fn a_dead_lettered_member_blocks_the_rest_of_its_gang() {
+    check(
+        [
+            gang_running(1),
+            vec![
+                Exited("n1", 1, 1, 3),
+                Advance(500),
+                Exited("n2", 2, 1, 143),
+                Advance(1_000),
+            ],
+        ]
+        .concat(),
+        &[
+            Want::Job(1, JobState::DeadLettered),
+            Want::Job(2, JobState::Blocked),
+            Want::Recorded("send n2 cancel 2#1"),
+            Want::Reserved("n2", 0),
+        ],
+    );
+}

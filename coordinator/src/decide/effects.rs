@@ -138,6 +138,18 @@ pub fn applied(
                 out.to(node, cancel(tunables, *job, *attempt, &reason));
             }
         }
+        (Command::GangStop { gang, .. }, Outcome::GangStopped { stop }) => {
+            soft.gang_stops.remove(gang);
+            for (node, job, attempt) in stop {
+                let reason = state
+                    .job(*job)
+                    .and_then(|j| j.current_attempt())
+                    .map(|a| a.preempted.clone())
+                    .unwrap_or_default();
+                tracing::info!(job_id = job, attempt, gang, %reason, "gang broken; telling the agent to stop the member");
+                out.to(node, cancel(tunables, *job, *attempt, &reason));
+            }
+        }
         (Command::PreemptDrained { .. }, Outcome::Preempted { node, stop }) => {
             soft.preempting.remove(node);
             for (job, attempt) in stop {

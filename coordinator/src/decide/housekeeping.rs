@@ -7,7 +7,7 @@ use gantry_scheduler::JobId;
 use super::{Decisions, Sessions, Soft, Tunables};
 use crate::command::Command;
 use crate::health::{HealthConfig, HealthTracker};
-use crate::state::StateMachine;
+use crate::state::{GangSettle, StateMachine};
 
 /// The health tracker a newly elected leader starts from at `now`: the
 /// silence clock of every node hard state knows (and that is not Down)
@@ -68,6 +68,23 @@ pub fn sweep(
         .collect();
     for job in due {
         out.propose.push(Command::Requeue { at_ms: now, job });
+    }
+    out.extend(settle_gangs(state, soft, tunables, now));
+    out
+}
+
+/// Proposes `GangStop` for every gang whose attempt broke and that has
+/// something left to do ([`GangSettle`]), once per proposal timeout.
+fn settle_gangs(state: &StateMachine, soft: &mut Soft, tunables: &Tunables, now: u64) -> Decisions {
+    let mut out = Decisions::default();
+    soft.gang_stops
+        .retain(|_, at| now < at.saturating_add(tunables.proposal_timeout_ms));
+    for gang in state.live_gangs() {
+        if soft.gang_stops.contains_key(&gang) || GangSettle::of(state, gang).is_empty() {
+            continue;
+        }
+        soft.gang_stops.insert(gang, now);
+        out.propose.push(Command::GangStop { at_ms: now, gang });
     }
     out
 }

@@ -190,6 +190,9 @@ pub struct Soft {
     /// Drained nodes past their deadline whose `PreemptDrained` is in
     /// flight, and when it was proposed (proposed again after a timeout).
     pub preempting: HashMap<String, u64>,
+    /// Gangs whose `GangStop` is in flight, and when it was proposed
+    /// (proposed again after a timeout).
+    pub gang_stops: HashMap<JobId, u64>,
 }
 
 /// Tunables the decisions read.
@@ -226,6 +229,47 @@ pub fn cancel(tunables: &Tunables, job: JobId, attempt: u32, reason: &str) -> To
     }
 }
 
+/// What a gang member's process is told of its gang (README, "Gangs"):
+/// Gantry's own names and the ones `torchrun` and `torch.distributed`
+/// read. `GANTRY_NODES` lists every member's node address in rank order;
+/// rank 0's is `MASTER_ADDR`, and `MASTER_PORT` is the port chosen when
+/// the gang was placed. Each member's node comes from its current attempt,
+/// which every member got in the same command.
+pub fn gang_env(
+    state: &crate::state::StateMachine,
+    gang: &crate::domain::GangMember,
+) -> Vec<(String, String)> {
+    let addresses: Vec<String> = gang
+        .members()
+        .map(|id| {
+            let node = state
+                .job(id)
+                .and_then(|j| j.current_attempt())
+                .map(|a| a.node.clone())
+                .unwrap_or_default();
+            state
+                .node(&node)
+                .map(|n| n.address.clone())
+                .filter(|a| !a.is_empty())
+                .unwrap_or(node)
+        })
+        .collect();
+    let master = addresses.first().cloned().unwrap_or_default();
+    let (rank, size) = (gang.rank.to_string(), gang.size.to_string());
+    vec![
+        ("GANTRY_RANK".into(), rank.clone()),
+        ("GANTRY_WORLD_SIZE".into(), size.clone()),
+        ("GANTRY_NODES".into(), addresses.join(",")),
+        ("GANTRY_GANG".into(), gang.first.to_string()),
+        ("MASTER_ADDR".into(), master),
+        ("MASTER_PORT".into(), gang.port.to_string()),
+        ("RANK".into(), rank.clone()),
+        ("NODE_RANK".into(), rank),
+        ("WORLD_SIZE".into(), size),
+        ("LOCAL_RANK".into(), "0".into()),
+    ]
+}
+
 /// What a pipeline job learns of its run: `GANTRY_PIPELINE`,
 /// `GANTRY_PIPELINE_RUN`, and after the first run `GANTRY_PREVIOUS_RUN`; with
 /// `run_dir:`, `GANTRY_RUN_DIR` and `GANTRY_PREVIOUS_RUN_DIR`. A spec may not
@@ -260,6 +304,9 @@ pub fn assignment(state: &crate::state::StateMachine, job: JobId) -> Option<(Str
     let record = state.job(job)?;
     let attempt = record.current_attempt()?;
     let mut spec = record.spec.clone();
+    if let Some(gang) = &record.gang {
+        spec.env.extend(gang_env(state, gang));
+    }
     spec.env.extend(pipeline_env(record));
     let message = Assignment {
         job,

@@ -112,7 +112,12 @@ fn add_preemption_view(
         return;
     };
     for job in state.active() {
-        if job.spec.priority >= top || !job.spec.preemptible() || job.cancel_requested {
+        // A gang member is never a victim: stopping one stops its gang.
+        if job.spec.priority >= top
+            || !job.spec.preemptible()
+            || job.cancel_requested
+            || job.gang.is_some()
+        {
             continue;
         }
         let Some(attempt) = job
@@ -189,6 +194,12 @@ fn queue(state: &StateMachine, now: u64) -> (Vec<JobRequest>, HashMap<JobId, Str
                 .as_ref()
                 .filter(|h| h.until_ms > now)
                 .map(|h| h.node.clone()),
+            gang: job.gang.as_ref().map(|g| gantry_scheduler::GangRequest {
+                id: g.first,
+                rank: g.rank,
+                size: g.size,
+                same_label: job.spec.gang.as_ref().and_then(|s| s.same_label.clone()),
+            }),
         });
     }
     (queue, reasons)

@@ -45,3 +45,20 @@ impl FaultHook {
         }
     }
 }
+
+/// Environment variable: milliseconds the sender of a snapshot waits
+/// before each chunk (debug builds only), so that a test can kill the
+/// receiver part-way through a transfer.
+pub const SNAPSHOT_CHUNK_DELAY_ENV: &str = "GANTRY_FAULT_SNAPSHOT_CHUNK_DELAY_MS";
+
+/// The delay before each snapshot chunk ([`SNAPSHOT_CHUNK_DELAY_ENV`];
+/// always `None` in release builds).
+pub(crate) fn snapshot_chunk_delay() -> Option<std::time::Duration> {
+    #[cfg(debug_assertions)]
+    {
+        let millis = std::env::var(SNAPSHOT_CHUNK_DELAY_ENV).ok()?.parse().ok()?;
+        Some(std::time::Duration::from_millis(millis))
+    }
+    #[cfg(not(debug_assertions))]
+    None
+}

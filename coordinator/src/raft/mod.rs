@@ -8,6 +8,8 @@
 //!   `RawNode` and the application, and [`RaftHandle`], the cloneable way
 //!   in (propose typed commands, send the application requests, watch
 //!   leadership);
+//! - [`snapfile`]: snapshots as files (written, fsynced and renamed;
+//!   received in chunks and checked against their SHA-256);
 //! - [`batch`]: the layout of an entry that carries several commands;
 //! - [`transport`]: [`RaftPeerService`] (receives peers' messages) and the
 //!   per-peer sender tasks;
@@ -55,9 +57,12 @@
 //! tasks, tonic), and talks to the thread through channels.
 //!
 //! **Compaction**: once `compact_after` entries have been applied since the
-//! last snapshot, the loop asks the application for a snapshot, stores it
-//! and drops the log up to `compact_keep` entries before it. A follower that
-//! needs a dropped entry gets that snapshot instead and installs it through
+//! last snapshot, the loop has the application stream a snapshot into a
+//! file ([`snapfile`]: fsynced and renamed, the previous one kept until
+//! then), records it and drops the log up to `compact_keep` entries before
+//! it. A follower that needs a dropped entry gets that file instead, in
+//! chunks over `InstallSnapshot` ([`transport`]), checked against its
+//! SHA-256 before its node sees the message, and installs it through
 //! [`ReplicatedStateMachine::restore`].
 //!
 //! **Peers are not trusted.** Without mutual TLS anyone who reaches the
@@ -87,10 +92,12 @@ pub mod logger;
 mod members;
 pub mod membership;
 pub mod node;
+pub mod snapfile;
 pub mod storage;
 pub mod transport;
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use node::{RaftHandle, RaftNode};
@@ -124,19 +131,24 @@ pub trait ReplicatedStateMachine: Send + Sized + 'static {
     /// an outcome, not an `Err`; `Err` means the application could not
     /// apply at all (its storage failed).
     fn apply(&mut self, index: u64, commands: &[&[u8]]) -> Result<Vec<Self::Outcome>, String>;
-    /// Serializes the whole applied state (for snapshots). The log is
-    /// compacted behind the result, so it must be the whole state or `Err`.
-    fn snapshot(&self) -> Result<Vec<u8>, String>;
-    /// Checks that `data` is a snapshot this application can restore,
-    /// without changing anything: a peer's snapshot that would not restore
-    /// is refused before raft-rs installs it (the default accepts all).
-    fn check_snapshot(&self, data: &[u8]) -> Result<(), String> {
-        let _ = data;
+    /// Serializes the whole applied state into `out` (a buffered snapshot
+    /// file, [`snapfile`]): streamed, not built in memory first. The log
+    /// is compacted behind the result, so it must be the whole state or
+    /// `Err`.
+    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), String>;
+    /// Checks that the snapshot file `file` is one this application can
+    /// restore, without changing its state: a peer's snapshot that would
+    /// not restore is refused before raft-rs installs it (the default
+    /// accepts all). What it decoded may be kept for the
+    /// [`restore`](Self::restore) that usually follows in the same round.
+    fn check_snapshot(&mut self, file: &Path) -> Result<(), String> {
+        let _ = file;
         Ok(())
     }
-    /// Replaces the whole state from a snapshot taken at `index`; afterwards
-    /// [`applied_index`](Self::applied_index) must return `index`.
-    fn restore(&mut self, index: u64, data: &[u8]) -> Result<(), String>;
+    /// Replaces the whole state from the snapshot file `file` taken at
+    /// `index`; afterwards [`applied_index`](Self::applied_index) must
+    /// return `index`.
+    fn restore(&mut self, index: u64, file: &Path) -> Result<(), String>;
     /// The index of the last applied entry as persisted by the application
     /// (0 if none). Entries after it are applied again on start, so an
     /// application may persist lazily: the log is the durable record. An
@@ -229,6 +241,13 @@ pub struct RaftConfig {
     /// Mixed into the cluster id of a new cluster (`--cluster-name`); once
     /// the cluster exists, its stored id is used and this is ignored.
     pub cluster_name: String,
+    /// Where snapshot files live (`<data dir>/raft-snapshots`); required.
+    pub snapshot_dir: PathBuf,
+    /// Size of the chunks a snapshot is sent in (`--raft-snapshot-chunk`).
+    pub snapshot_chunk_bytes: usize,
+    /// Largest snapshot written or accepted from a peer
+    /// (`--raft-max-snapshot`).
+    pub max_snapshot_bytes: u64,
     /// This replica's HTTP API base URL, sent with every batch to its peers
     /// so a follower can name the leader's to HTTP clients (`http_urls`).
     pub http_url: Option<String>,
@@ -250,6 +269,9 @@ impl RaftConfig {
             peer_queue: 4096,
             peer_tls: None,
             cluster_name: String::new(),
+            snapshot_dir: PathBuf::new(),
+            snapshot_chunk_bytes: snapfile::DEFAULT_CHUNK_BYTES,
+            max_snapshot_bytes: snapfile::DEFAULT_MAX_SNAPSHOT_BYTES,
             http_url: None,
             join: false,
         }
@@ -295,6 +317,21 @@ impl RaftConfig {
         }
         if self.compact_after == 0 {
             return Err(RaftError::Config("raft compact_after must not be 0".into()));
+        }
+        if self.snapshot_dir.as_os_str().is_empty() {
+            return Err(RaftError::Config("raft snapshot_dir must be set".into()));
+        }
+        if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > snapfile::MAX_CHUNK_BYTES {
+            return Err(RaftError::Config(format!(
+                "raft snapshot chunk of {} bytes: must be between 1 and {}",
+                self.snapshot_chunk_bytes,
+                snapfile::MAX_CHUNK_BYTES
+            )));
+        }
+        if self.max_snapshot_bytes == 0 {
+            return Err(RaftError::Config(
+                "raft max snapshot size must not be 0".into(),
+            ));
         }
         if self.peer_queue == 0 {
             return Err(RaftError::Config("raft peer_queue must not be 0".into()));
@@ -428,6 +465,9 @@ pub enum RaftError {
     /// refuses to start rather than apply a wrong history.
     #[error("raft storage is inconsistent: {0}")]
     Inconsistent(String),
+    /// A snapshot file could not be written, read, received or checked.
+    #[error("raft snapshot file: {0}")]
+    SnapshotFile(String),
     /// The application refused a snapshot.
     #[error("raft: cannot restore snapshot at index {index}: {reason}")]
     Restore {
@@ -525,24 +565,44 @@ mod tests {
 
     #[test]
     fn config_validation() {
-        assert!(RaftConfig::single(1, "http://a:1").validate().is_ok());
-        let error = RaftConfig::single(1, "http://a:1");
+        let single = |id, url| RaftConfig {
+            snapshot_dir: PathBuf::from("/tmp/snaps"),
+            ..RaftConfig::single(id, url)
+        };
+        assert!(single(1, "http://a:1").validate().is_ok());
+        assert!(
+            RaftConfig::single(1, "http://a:1")
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("snapshot_dir must be set")
+        );
+        let error = single(1, "http://a:1");
         let error = RaftConfig { id: 2, ..error }.validate().unwrap_err();
         assert!(
             error
                 .to_string()
                 .contains("raft id 2 is not among the peers")
         );
-        let config = RaftConfig {
-            heartbeat_tick: 10,
-            ..RaftConfig::single(1, "http://a:1")
-        };
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("election tick")
-        );
+        let cases = [
+            (
+                RaftConfig {
+                    snapshot_chunk_bytes: 0,
+                    ..single(1, "http://a:1")
+                },
+                "snapshot chunk of 0 bytes",
+            ),
+            (
+                RaftConfig {
+                    heartbeat_tick: 10,
+                    ..single(1, "http://a:1")
+                },
+                "election tick",
+            ),
+        ];
+        for (config, want) in cases {
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(want), "{error}");
+        }
     }
 }

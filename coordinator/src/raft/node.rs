@@ -28,8 +28,9 @@ use super::http_urls::HttpUrls;
 use super::logger::raft_logger;
 use super::members::Members;
 use super::membership::{MemberBook, MembersRequest};
+use super::snapfile::{Descriptor, SnapshotDir};
 use super::storage::SledRaftStorage;
-use super::transport::{Outgoing, PeerCheck, PeerSenders, RaftPeerService};
+use super::transport::{Outgoing, PeerCheck, PeerSenders, RaftPeerService, SnapshotInbox};
 use super::{ProposeError, RaftConfig, RaftError, RaftStatus, ReplicatedStateMachine};
 use gantry_proto::raft::raft_peer_server::RaftPeerServer;
 
@@ -101,6 +102,8 @@ pub struct RaftHandle<A: ReplicatedStateMachine> {
     inbox: std_mpsc::Sender<Input<A>>,
     status: watch::Receiver<RaftStatus>,
     peers: Arc<PeerCheck>,
+    /// Where peers' snapshots are received (one transfer at a time).
+    snapshots: Arc<SnapshotInbox>,
 }
 
 impl<A: ReplicatedStateMachine> Clone for RaftHandle<A> {
@@ -110,6 +113,7 @@ impl<A: ReplicatedStateMachine> Clone for RaftHandle<A> {
             inbox: self.inbox.clone(),
             status: self.status.clone(),
             peers: self.peers.clone(),
+            snapshots: self.snapshots.clone(),
         }
     }
 }
@@ -167,6 +171,7 @@ impl<A: ReplicatedStateMachine> RaftHandle<A> {
             self.id,
             PeerInbox::new(self.inbox.clone()),
             self.peers.clone(),
+            self.snapshots.clone(),
         )
         .into_server()
     }
@@ -208,7 +213,9 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
         config.validate()?;
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|error| RaftError::Start(format!("no tokio runtime: {error}")))?;
-        let mut storage = SledRaftStorage::open(db)?;
+        let files = SnapshotDir::open(&config.snapshot_dir, config.max_snapshot_bytes)?;
+        let snapshots = Arc::new(SnapshotInbox::new(files.clone()));
+        let mut storage = SledRaftStorage::open(db, files)?;
         let flag_voters: Vec<u64> = config.peers.keys().copied().collect();
         let joining = storage.is_fresh() && config.join;
         if storage.is_fresh() && !config.join {
@@ -353,6 +360,7 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
                 inbox,
                 status,
                 peers: peer_check,
+                snapshots,
             },
             shutdown,
             thread: Some(thread),
@@ -412,12 +420,12 @@ fn reconcile<A: ReplicatedStateMachine>(
     }
     let (snapshot_index, _) = storage.snapshot_index_term();
     if applied < snapshot_index {
-        let Some(snapshot) = storage.load_snapshot()? else {
+        let Some(file) = storage.snapshot_file() else {
             return Err(RaftError::Inconsistent(format!(
                 "snapshot metadata at index {snapshot_index} but no snapshot stored"
             )));
         };
-        app.restore(snapshot_index, &snapshot.data)
+        app.restore(snapshot_index, file)
             .map_err(|reason| RaftError::Restore {
                 index: snapshot_index,
                 reason,
@@ -699,7 +707,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
     /// Checks a peer's message against this replica's log and configuration
     /// ([`guard::check_message`]) and a snapshot's data against the
     /// application, before raft-rs sees either.
-    fn check_message(&self, message: &Message, from: u64) -> Result<(), Refusal> {
+    fn check_message(&mut self, message: &Message, from: u64) -> Result<(), Refusal> {
         let view = LogView {
             id: self.id,
             term: self.raw.raft.term,
@@ -709,11 +717,19 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         };
         guard::check_message(message, from, &view)?;
         if let Some(snapshot) = message.snapshot.as_ref() {
-            self.app.check_snapshot(&snapshot.data).map_err(|reason| {
-                Refusal::Value(
-                    MessageType::MsgSnapshot,
-                    format!("the application cannot restore its data: {reason}"),
-                )
+            // The transport put the file in place (size and SHA-256
+            // checked) before it handed the message over.
+            let refuse = |reason: String| Refusal::Value(MessageType::MsgSnapshot, reason);
+            let metadata = snapshot.get_metadata();
+            let descriptor = Descriptor::decode(&snapshot.data).map_err(refuse)?;
+            let file = self
+                .raw
+                .store()
+                .snapshot_dir()
+                .existing(metadata.index, metadata.term, &descriptor)
+                .map_err(|error| refuse(error.to_string()))?;
+            self.app.check_snapshot(&file).map_err(|reason| {
+                refuse(format!("the application cannot restore its data: {reason}"))
             })?;
         }
         Ok(())
@@ -798,11 +814,12 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             if let Some(hard_state) = ready.hs() {
                 store.set_hard_state(hard_state)?;
             }
-            if ready.must_sync() {
+            if ready.must_sync() || snapshot.is_some() {
                 store.flush()?;
             }
             if let Some(snapshot) = snapshot {
                 self.restore(&snapshot)?;
+                self.raw.store().remove_stale_snapshots();
             }
             // Votes and append responses only after the flush.
             self.send(ready.take_persisted_messages());
@@ -821,17 +838,24 @@ impl<A: ReplicatedStateMachine> Driver<A> {
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), RaftError> {
         let metadata = snapshot.get_metadata();
-        self.app
-            .restore(metadata.index, &snapshot.data)
-            .map_err(|reason| RaftError::Restore {
-                index: metadata.index,
-                reason,
-            })?;
+        let started = Instant::now();
+        let restore = |reason| RaftError::Restore {
+            index: metadata.index,
+            reason,
+        };
+        let file = self
+            .raw
+            .store()
+            .snapshot_file()
+            .ok_or_else(|| restore("no snapshot file stored".into()))?
+            .to_path_buf();
+        self.app.restore(metadata.index, &file).map_err(restore)?;
         tracing::info!(
             id = self.id,
             index = metadata.index,
             term = metadata.term,
-            bytes = snapshot.data.len(),
+            bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0),
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "installed raft snapshot from the leader"
         );
         self.applied = metadata.index;
@@ -926,18 +950,23 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             return Ok(());
         }
         let started = Instant::now();
-        // A failed snapshot stops the replica: compacting the log behind
-        // anything but the whole state would lose the rest for good.
-        let data = self.app.snapshot().map_err(|reason| RaftError::App {
-            what: format!("take a snapshot at index {}", self.applied),
-            reason,
-        })?;
-        let bytes = data.len();
         let applied = self.applied;
         // Never keep index 1: a replica with an empty log must get the
         // snapshot (which carries the configuration), not the log from 1.
         let keep = self.compact_keep.min(applied.saturating_sub(1));
-        self.raw.mut_store().create_snapshot(applied, data, keep)?;
+        // Streamed into its file. A failed snapshot stops the replica:
+        // compacting the log behind anything but the whole state would
+        // lose the rest for good (the previous file stays the stored one).
+        let app = &self.app;
+        let descriptor = self
+            .raw
+            .mut_store()
+            .create_snapshot(applied, &mut |out| app.snapshot(out), keep)
+            .map_err(|error| RaftError::App {
+                what: format!("take a snapshot at index {applied}"),
+                reason: error.to_string(),
+            })?;
+        let bytes = descriptor.map_or(0, |d| d.size);
         tracing::info!(
             id = self.id,
             index = applied,

@@ -5,8 +5,9 @@
 //! - `raft_log`: entry index (8 bytes, big endian) -> encoded
 //!   [`Entry`];
 //! - `raft_meta`: `hard_state`, `conf_state`, `snapshot_meta` and
-//!   `snapshot_data` (the latest snapshot, kept to send to followers that are
-//!   too far behind), and `truncated` (index and term of the last entry
+//!   `snapshot_data` (the latest snapshot's file [`Descriptor`]: the state
+//!   itself is a file in the snapshot directory, [`super::snapfile`], kept
+//!   to send to followers that are too far behind), and `truncated` (index and term of the last entry
 //!   removed by compaction; the log starts right after it), and
 //!   `cluster_id` (8 bytes, big endian; fixed when the cluster is created).
 //!
@@ -19,13 +20,16 @@
 //! persistence. Only the driver thread holds this value, so the small cache
 //! of metadata (first/last index, hard state) needs no lock.
 
+use std::io::Write;
 use std::ops::Bound;
+use std::path::{Path, PathBuf};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 use super::RaftError;
+use super::snapfile::{Descriptor, SnapshotDir};
 
 const LOG_TREE: &str = "raft_log";
 const META_TREE: &str = "raft_meta";
@@ -45,6 +49,10 @@ pub struct SledRaftStorage {
     conf_state: ConfState,
     /// Index and term of the latest snapshot (0, 0 when there is none).
     snapshot: (u64, u64),
+    /// The latest snapshot's file, when there is one.
+    snapshot_file: Option<(Descriptor, PathBuf)>,
+    /// Where snapshot files live.
+    files: SnapshotDir,
     /// Index and term of the last entry removed from the log; the log starts
     /// at `truncated.0 + 1`. Equal to the snapshot after a snapshot install;
     /// behind it after a local compaction that keeps a tail of entries.
@@ -57,10 +65,13 @@ pub struct SledRaftStorage {
 }
 
 impl SledRaftStorage {
-    /// Opens the Raft trees of `db`, loads the metadata and checks that the
-    /// log is contiguous and agrees with the hard state and snapshot; a
-    /// storage that does not pass is refused with [`RaftError::Inconsistent`].
-    pub fn open(db: &sled::Db) -> Result<SledRaftStorage, RaftError> {
+    /// Opens the Raft trees of `db` with snapshot files in `files`, loads
+    /// the metadata and checks that the log is contiguous and agrees with
+    /// the hard state and snapshot, whose file must be there; a storage
+    /// that does not pass is refused with [`RaftError::Inconsistent`].
+    /// Leftovers (older snapshots, temporary files of a write or transfer
+    /// a crash cut short) are removed.
+    pub fn open(db: &sled::Db, files: SnapshotDir) -> Result<SledRaftStorage, RaftError> {
         let log = db.open_tree(LOG_TREE)?;
         let meta = db.open_tree(META_TREE)?;
         let hard_state: HardState = read_message(&meta, HARD_STATE_KEY)?.unwrap_or_default();
@@ -137,6 +148,12 @@ impl SledRaftStorage {
                 )));
             }
         };
+        let snapshot_file = if snapshot == (0, 0) {
+            None
+        } else {
+            Some(snapshot_file(db, &meta, &files, snapshot)?)
+        };
+        files.remove_except(snapshot_file.as_ref().map(|(_, path)| path.as_path()));
         Ok(SledRaftStorage {
             db: db.clone(),
             log,
@@ -144,10 +161,28 @@ impl SledRaftStorage {
             hard_state,
             conf_state,
             snapshot,
+            snapshot_file,
+            files,
             truncated,
             last,
             cluster_id,
         })
+    }
+
+    /// Where snapshot files live.
+    pub fn snapshot_dir(&self) -> &SnapshotDir {
+        &self.files
+    }
+
+    /// The latest snapshot's file, when there is one.
+    pub fn snapshot_file(&self) -> Option<&Path> {
+        self.snapshot_file.as_ref().map(|(_, path)| path.as_path())
+    }
+
+    /// Removes every snapshot file but the latest one (called once the
+    /// latest is durably named by the storage, after a flush).
+    pub fn remove_stale_snapshots(&self) {
+        self.files.remove_except(self.snapshot_file());
     }
 
     /// The stored cluster id (`None` for storage written before cluster ids
@@ -222,15 +257,21 @@ impl SledRaftStorage {
         self.last.0
     }
 
-    /// The latest snapshot, data included, if there is one.
+    /// The latest snapshot, if there is one; its data is the file's
+    /// [`Descriptor`] (the state is in [`snapshot_file`](Self::snapshot_file)).
     pub fn load_snapshot(&self) -> Result<Option<Snapshot>, RaftError> {
         let Some(metadata) = read_message::<SnapshotMetadata>(&self.meta, SNAPSHOT_META_KEY)?
         else {
             return Ok(None);
         };
-        let data = self.meta.get(SNAPSHOT_DATA_KEY)?.unwrap_or_default();
+        let Some((descriptor, _)) = &self.snapshot_file else {
+            return Err(RaftError::Inconsistent(format!(
+                "snapshot metadata at index {} but no snapshot file",
+                metadata.index
+            )));
+        };
         Ok(Some(Snapshot {
-            data: data.to_vec().into(),
+            data: descriptor.encode().into(),
             metadata: Some(metadata).into(),
             ..Default::default()
         }))
@@ -282,8 +323,12 @@ impl SledRaftStorage {
     }
 
     /// Installs a snapshot received from the leader: it replaces the whole
-    /// log, the voters and the commit index. Not durable until
-    /// [`flush`](Self::flush).
+    /// log, the voters and the commit index. Its data is a file
+    /// [`Descriptor`] and the file must already be in the snapshot
+    /// directory (received, or written with
+    /// [`write_snapshot_file`](Self::write_snapshot_file)). Not durable
+    /// until [`flush`](Self::flush); the older files stay until
+    /// [`remove_stale_snapshots`](Self::remove_stale_snapshots).
     pub fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<(), RaftError> {
         let metadata = snapshot.get_metadata();
         let (index, term) = (metadata.index, metadata.term);
@@ -293,8 +338,9 @@ impl SledRaftStorage {
                 self.snapshot.0
             )));
         }
-        self.meta
-            .insert(SNAPSHOT_DATA_KEY, snapshot.data.to_vec())?;
+        let descriptor = Descriptor::decode(&snapshot.data).map_err(RaftError::SnapshotFile)?;
+        let path = self.files.existing(index, term, &descriptor)?;
+        self.meta.insert(SNAPSHOT_DATA_KEY, descriptor.encode())?;
         self.meta
             .insert(SNAPSHOT_META_KEY, encode(metadata, "snapshot metadata")?)?;
         self.meta
@@ -313,24 +359,41 @@ impl SledRaftStorage {
         }
         self.log.apply_batch(batch)?;
         self.snapshot = (index, term);
+        self.snapshot_file = Some((descriptor, path));
         self.truncated = (index, term);
         self.last = (index, term);
         self.conf_state = metadata.get_conf_state().clone();
         Ok(())
     }
 
+    /// Writes a snapshot file for `index`/`term` (see
+    /// [`SnapshotDir::write`]) without recording it: for a state installed
+    /// from outside the log (a backup's restore), which then calls
+    /// [`apply_snapshot`](Self::apply_snapshot) with the descriptor.
+    pub fn write_snapshot_file(
+        &self,
+        index: u64,
+        term: u64,
+        fill: &mut dyn FnMut(&mut dyn Write) -> Result<(), String>,
+    ) -> Result<Descriptor, RaftError> {
+        Ok(self.files.write(index, term, fill)?.0)
+    }
+
     /// Records a snapshot of the application taken at `index` (which must be
-    /// applied, hence in the log) and compacts the log, keeping the `keep`
-    /// entries before `index` so that slightly lagging followers still catch
-    /// up from the log. The snapshot is flushed before any entry is removed.
+    /// applied, hence in the log; `fill` writes the state into its file)
+    /// and compacts the log, keeping the `keep` entries before `index` so
+    /// that slightly lagging followers still catch up from the log. The
+    /// file is complete and the storage naming it flushed before any entry
+    /// or older file is removed; returns the file's descriptor (`None`
+    /// when a snapshot at `index` exists already).
     pub fn create_snapshot(
         &mut self,
         index: u64,
-        data: Vec<u8>,
+        fill: &mut dyn FnMut(&mut dyn Write) -> Result<(), String>,
         keep: u64,
-    ) -> Result<(), RaftError> {
+    ) -> Result<Option<Descriptor>, RaftError> {
         if index <= self.snapshot.0 {
-            return Ok(());
+            return Ok(None);
         }
         if index > self.last.0 {
             return Err(RaftError::Inconsistent(format!(
@@ -343,18 +406,22 @@ impl SledRaftStorage {
             self.set_commit(index)?;
         }
         let term = self.term_of(index)?;
+        let (descriptor, path) = self.files.write(index, term, fill)?;
         let metadata = SnapshotMetadata {
             conf_state: Some(self.conf_state.clone()).into(),
             index,
             term,
             ..Default::default()
         };
-        self.meta.insert(SNAPSHOT_DATA_KEY, data)?;
+        self.meta.insert(SNAPSHOT_DATA_KEY, descriptor.encode())?;
         self.meta
             .insert(SNAPSHOT_META_KEY, encode(&metadata, "snapshot metadata")?)?;
         self.db.flush()?;
         self.snapshot = (index, term);
-        self.compact(index.saturating_sub(keep))
+        self.snapshot_file = Some((descriptor, path));
+        self.remove_stale_snapshots();
+        self.compact(index.saturating_sub(keep))?;
+        Ok(Some(descriptor))
     }
 
     /// Removes the entries up to and including `through` (never past the
@@ -478,6 +545,41 @@ impl raft::Storage for SledRaftStorage {
     }
 }
 
+/// The file of the stored snapshot at `(index, term)`. A snapshot stored
+/// before snapshots were files holds the whole state in `snapshot_data`:
+/// it is written to a file and replaced by the file's descriptor (flushed)
+/// once, here.
+fn snapshot_file(
+    db: &sled::Db,
+    meta: &sled::Tree,
+    files: &SnapshotDir,
+    (index, term): (u64, u64),
+) -> Result<(Descriptor, PathBuf), RaftError> {
+    let data = meta.get(SNAPSHOT_DATA_KEY)?.ok_or_else(|| {
+        RaftError::Inconsistent(format!(
+            "snapshot metadata at index {index} but no snapshot data"
+        ))
+    })?;
+    if Descriptor::is_descriptor(&data) {
+        let descriptor = Descriptor::decode(&data).map_err(RaftError::SnapshotFile)?;
+        let path = files.existing(index, term, &descriptor).map_err(|error| {
+            RaftError::Inconsistent(format!("the snapshot at index {index}: {error}"))
+        })?;
+        return Ok((descriptor, path));
+    }
+    let (descriptor, path) = files.write(index, term, &mut |out| {
+        out.write_all(&data).map_err(|error| error.to_string())
+    })?;
+    meta.insert(SNAPSHOT_DATA_KEY, descriptor.encode())?;
+    db.flush()?;
+    tracing::info!(
+        index,
+        bytes = descriptor.size,
+        "stored raft snapshot moved to a file"
+    );
+    Ok((descriptor, path))
+}
+
 fn to_raft(error: RaftError) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(error)))
 }
@@ -548,6 +650,19 @@ mod tests {
         (dir, db)
     }
 
+    fn open_storage(dir: &tempfile::TempDir, db: &sled::Db) -> Result<SledRaftStorage, RaftError> {
+        let files = SnapshotDir::open(&dir.path().join("snaps"), 1 << 20).unwrap();
+        SledRaftStorage::open(db, files)
+    }
+
+    fn fill(data: &'static [u8]) -> impl FnMut(&mut dyn Write) -> Result<(), String> {
+        move |out| out.write_all(data).map_err(|e| e.to_string())
+    }
+
+    fn snapshot_bytes(storage: &SledRaftStorage) -> Vec<u8> {
+        std::fs::read(storage.snapshot_file().unwrap()).unwrap()
+    }
+
     fn ctx() -> GetEntriesContext {
         GetEntriesContext::empty(false)
     }
@@ -558,8 +673,8 @@ mod tests {
 
     #[test]
     fn fresh_storage_is_empty_and_initialises_voters() {
-        let (_dir, db) = open_temp();
-        let mut storage = SledRaftStorage::open(&db).unwrap();
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
         assert!(storage.is_fresh());
         assert_eq!(raft::Storage::first_index(&storage).unwrap(), 1);
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 0);
@@ -567,7 +682,7 @@ mod tests {
         storage.initialize(vec![1, 2, 3]).unwrap();
         storage.flush().unwrap();
         drop(storage);
-        let storage = SledRaftStorage::open(&db).unwrap();
+        let storage = open_storage(&dir, &db).unwrap();
         assert!(!storage.is_fresh());
         assert_eq!(
             storage.initial_state().unwrap().conf_state.voters,
@@ -577,8 +692,8 @@ mod tests {
 
     #[test]
     fn entries_terms_and_indexes() {
-        let (_dir, db) = open_temp();
-        let mut storage = SledRaftStorage::open(&db).unwrap();
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
         storage
             .append(&[entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)])
             .unwrap();
@@ -611,8 +726,8 @@ mod tests {
 
     #[test]
     fn append_replaces_a_conflicting_suffix_and_refuses_gaps() {
-        let (_dir, db) = open_temp();
-        let mut storage = SledRaftStorage::open(&db).unwrap();
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
         storage
             .append(&[entry(1, 1), entry(2, 1), entry(3, 1), entry(4, 1)])
             .unwrap();
@@ -628,15 +743,15 @@ mod tests {
         // Survives a reopen, and the removed entry 4 is gone for good.
         storage.flush().unwrap();
         drop(storage);
-        let storage = SledRaftStorage::open(&db).unwrap();
+        let storage = open_storage(&dir, &db).unwrap();
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 3);
         assert_eq!(storage.term(3).unwrap(), 2);
     }
 
     #[test]
     fn hard_state_persists() {
-        let (_dir, db) = open_temp();
-        let mut storage = SledRaftStorage::open(&db).unwrap();
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
         storage.append(&[entry(1, 3), entry(2, 3)]).unwrap();
         let hs = HardState {
             term: 3,
@@ -648,15 +763,15 @@ mod tests {
         storage.set_commit(2).unwrap();
         storage.flush().unwrap();
         drop(storage);
-        let storage = SledRaftStorage::open(&db).unwrap();
+        let storage = open_storage(&dir, &db).unwrap();
         let state = storage.initial_state().unwrap().hard_state;
         assert_eq!((state.term, state.vote, state.commit), (3, 2, 2));
     }
 
     #[test]
     fn snapshot_compacts_keeping_a_tail() {
-        let (_dir, db) = open_temp();
-        let mut storage = SledRaftStorage::open(&db).unwrap();
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
         storage.initialize(vec![1]).unwrap();
         let entries: Vec<Entry> = (1..=10).map(|i| entry(i, 1 + i / 6)).collect();
         storage.append(&entries).unwrap();
@@ -667,7 +782,9 @@ mod tests {
                 StorageError::SnapshotTemporarilyUnavailable
             ))
         ));
-        storage.create_snapshot(8, b"state@8".to_vec(), 3).unwrap();
+        storage
+            .create_snapshot(8, &mut fill(b"state@8"), 3)
+            .unwrap();
         assert_eq!(raft::Storage::first_index(&storage).unwrap(), 6);
         assert_eq!(storage.term(5).unwrap(), 1);
         assert_eq!(storage.term(8).unwrap(), 2);
@@ -687,11 +804,15 @@ mod tests {
         assert_eq!(snapshot.get_metadata().index, 8);
         assert_eq!(snapshot.get_metadata().term, 2);
         assert_eq!(snapshot.get_metadata().get_conf_state().voters, vec![1]);
-        assert_eq!(&snapshot.data[..], b"state@8");
+        assert_eq!(
+            Descriptor::decode(&snapshot.data).unwrap().size,
+            b"state@8".len() as u64
+        );
+        assert_eq!(snapshot_bytes(&storage), b"state@8");
         // Reopens with the same shape.
         storage.flush().unwrap();
         drop(storage);
-        let storage = SledRaftStorage::open(&db).unwrap();
+        let storage = open_storage(&dir, &db).unwrap();
         assert_eq!(raft::Storage::first_index(&storage).unwrap(), 6);
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 10);
         assert_eq!(storage.snapshot_index_term(), (8, 2));
@@ -699,15 +820,18 @@ mod tests {
 
     #[test]
     fn installing_a_snapshot_replaces_the_log() {
-        let (_dir, db) = open_temp();
-        let mut storage = SledRaftStorage::open(&db).unwrap();
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
         storage.initialize(vec![1, 2, 3]).unwrap();
         storage
             .append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
             .unwrap();
         storage.set_commit(2).unwrap();
+        let descriptor = storage
+            .write_snapshot_file(20, 4, &mut fill(b"state@20"))
+            .unwrap();
         let snapshot = Snapshot {
-            data: b"state@20".to_vec().into(),
+            data: descriptor.encode().into(),
             metadata: Some(SnapshotMetadata {
                 conf_state: Some(ConfState {
                     voters: vec![1, 2, 3],
@@ -730,19 +854,86 @@ mod tests {
         storage.append(&[entry(21, 4)]).unwrap();
         storage.flush().unwrap();
         drop(storage);
-        let storage = SledRaftStorage::open(&db).unwrap();
+        let storage = open_storage(&dir, &db).unwrap();
         assert_eq!(raft::Storage::first_index(&storage).unwrap(), 21);
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 21);
-        assert_eq!(
-            &storage.load_snapshot().unwrap().unwrap().data[..],
-            b"state@20"
+        assert_eq!(snapshot_bytes(&storage), b"state@20");
+    }
+
+    /// A crash in the middle of writing a snapshot (the application failed,
+    /// or the process died leaving a truncated temporary file) leaves the
+    /// previous snapshot the stored one, readable and whole after a restart.
+    #[test]
+    fn a_crash_mid_write_leaves_the_previous_snapshot_usable() {
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
+        storage.initialize(vec![1]).unwrap();
+        let entries: Vec<Entry> = (1..=30).map(|i| entry(i, 1)).collect();
+        storage.append(&entries).unwrap();
+        storage.set_commit(30).unwrap();
+        storage
+            .create_snapshot(10, &mut fill(b"state@10"), 2)
+            .unwrap();
+        // The application fails half-way through the next one.
+        let error = storage
+            .create_snapshot(
+                20,
+                &mut |out| {
+                    out.write_all(b"state@2").map_err(|e| e.to_string())?;
+                    Err("killed".into())
+                },
+                2,
+            )
+            .unwrap_err();
+        assert!(error.to_string().contains("killed"), "{error}");
+        assert_eq!(storage.snapshot_index_term(), (10, 1));
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), 9);
+        // The process dies writing the one after: a truncated temporary file.
+        let snaps = dir.path().join("snaps");
+        std::fs::write(snaps.join(format!("snap-{:020}-{:020}.tmp", 25, 1)), b"sta").unwrap();
+        storage.flush().unwrap();
+        drop(storage);
+        let storage = open_storage(&dir, &db).unwrap();
+        assert_eq!(storage.snapshot_index_term(), (10, 1));
+        assert_eq!(storage.snapshot(0, 2).unwrap().get_metadata().index, 10);
+        assert_eq!(snapshot_bytes(&storage), b"state@10");
+        // The leftover is gone; only the usable snapshot remains.
+        assert_eq!(std::fs::read_dir(&snaps).unwrap().count(), 1);
+    }
+
+    /// A snapshot stored whole in `snapshot_data` (before snapshots were
+    /// files) moves to a file on open; a missing file is refused.
+    #[test]
+    fn a_snapshot_stored_whole_moves_to_a_file_and_a_missing_file_is_refused() {
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
+        storage.initialize(vec![1]).unwrap();
+        storage.append(&[entry(1, 1), entry(2, 1)]).unwrap();
+        storage.set_commit(2).unwrap();
+        storage.create_snapshot(2, &mut fill(b"new"), 0).unwrap();
+        storage.flush().unwrap();
+        drop(storage);
+        let meta = db.open_tree(META_TREE).unwrap();
+        meta.insert(SNAPSHOT_DATA_KEY, &b"{\"whole\":\"state\"}"[..])
+            .unwrap();
+        let storage = open_storage(&dir, &db).unwrap();
+        assert_eq!(snapshot_bytes(&storage), b"{\"whole\":\"state\"}");
+        assert!(Descriptor::is_descriptor(
+            &meta.get(SNAPSHOT_DATA_KEY).unwrap().unwrap()
+        ));
+        std::fs::remove_file(storage.snapshot_file().unwrap()).unwrap();
+        drop(storage);
+        let error = open_storage(&dir, &db).err().unwrap();
+        assert!(
+            error.to_string().contains("the snapshot at index 2"),
+            "{error}"
         );
     }
 
     #[test]
     fn refuses_a_log_with_a_gap_or_a_commit_beyond_it() {
-        let (_dir, db) = open_temp();
-        let mut storage = SledRaftStorage::open(&db).unwrap();
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
         storage
             .append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
             .unwrap();
@@ -753,13 +944,13 @@ mod tests {
             .unwrap()
             .remove(2u64.to_be_bytes())
             .unwrap();
-        let error = SledRaftStorage::open(&db).err().unwrap();
+        let error = open_storage(&dir, &db).err().unwrap();
         assert!(error.to_string().contains("gap"), "{error}");
         db.open_tree(LOG_TREE)
             .unwrap()
             .remove(3u64.to_be_bytes())
             .unwrap();
-        let error = SledRaftStorage::open(&db).err().unwrap();
+        let error = open_storage(&dir, &db).err().unwrap();
         assert!(
             error
                 .to_string()

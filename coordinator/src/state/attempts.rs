@@ -339,6 +339,9 @@ impl StateMachine {
             && original.node == node
             && !self.drain_due(node, at_ms)
             && !record.cancel_requested
+            // A gang member is never revived alone: its gang was stopped
+            // and placed again as a whole.
+            && record.gang.is_none()
             && match record.state {
                 JobState::Pending => true,
                 JobState::Assigned => replacement.is_some_and(|r| r.started_at_ms == 0),

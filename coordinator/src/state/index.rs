@@ -62,6 +62,13 @@ impl StateMachine {
         if job.state == JobState::Failed {
             self.backing_off.insert(id);
         }
+        if job.gang.is_some() {
+            let (gang, state) = (job.gang.clone(), job.state);
+            self.index_gang(gang, state);
+        }
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
         if !job.state.is_active() {
             return;
         }
@@ -105,6 +112,10 @@ impl StateMachine {
         self.unindex_finished(id);
         self.pending.remove(&id);
         self.backing_off.remove(&id);
+        if let Some(job) = self.jobs.get(&id).filter(|j| j.gang.is_some()) {
+            let (gang, state) = (job.gang.clone(), job.state);
+            self.unindex_gang(gang, state);
+        }
         if !self.active.remove(&id) {
             return;
         }

@@ -2,13 +2,13 @@
 //! (reservations, exclusivity, locks, host resources), so no plan can
 //! overcommit a GPU whatever the scheduler decided.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
-use gantry_scheduler::{LockMode, Placement};
+use gantry_scheduler::{JobId, LockMode, Placement};
 
 use super::preempt::hold_refusal;
 use super::{Outcome, StateMachine};
-use crate::domain::{AttemptRecord, JobState};
+use crate::domain::{AttemptRecord, GANG_PORT_BASE, GANG_PORTS, GangMember, JobState};
 
 impl StateMachine {
     /// Re-checks a placement against hard state: the job is pending, the node
@@ -89,43 +89,134 @@ impl StateMachine {
         let mut applied = Vec::new();
         let mut refused = Vec::new();
         let holds = self.holds_at(at_ms);
-        for placement in placements {
-            if let Err(reason) = self.check_placement(&placement) {
+        let mut gangs_seen = BTreeSet::new();
+        for (i, placement) in placements.iter().enumerate() {
+            if let Some(gang) = self.jobs.get(&placement.job).and_then(|j| j.gang.clone()) {
+                if gangs_seen.insert(gang.first) {
+                    let plan = &placements[i..];
+                    self.assign_gang(at_ms, &gang, plan, &holds, &mut applied, &mut refused);
+                }
+                continue;
+            }
+            if let Err(reason) = self.check_placement(placement) {
                 refused.push((placement.job, reason));
                 continue;
             }
-            if let Some(reason) = hold_refusal(&holds, &placement) {
+            if let Some(reason) = hold_refusal(&holds, placement) {
                 refused.push((placement.job, reason));
                 continue;
             }
-            let Some(job) = self.jobs.get_mut(&placement.job) else {
-                continue;
-            };
-            let attempt = job.attempts.len() as u32 + 1;
-            job.attempts.push(AttemptRecord {
-                attempt,
-                node: placement.node.clone(),
-                gpus: placement.gpus.clone(),
-                gpu_memory: placement.gpu_memory,
-                batch_size: placement.batch_size.unwrap_or(0),
-                exclusive_gpu: placement.exclusive_gpu,
-                assigned_at_ms: at_ms,
-                started_at_ms: 0,
-                ended_at_ms: 0,
-                exit_code: None,
-                signal: None,
-                error: String::new(),
-                outcome: None,
-                output_tail: String::new(),
-                oom: false,
-                forgiven: false,
-                peak_gpu_memory: 0,
-                preempted: String::new(),
-            });
-            self.transition(at_ms, placement.job, JobState::Assigned, String::new());
+            let attempt = self.apply_placement(at_ms, placement);
             applied.push((placement.job, attempt));
         }
         Outcome::Assigned { applied, refused }
+    }
+
+    /// Applies every member of a gang from `plan` (the plan from the first
+    /// member on), or none: each member's placement is re-checked, the
+    /// members must be exactly the gang's, on distinct nodes, and a
+    /// `MASTER_PORT` must be free on rank 0's node; else all are refused
+    /// with the first reason.
+    fn assign_gang(
+        &mut self,
+        at_ms: u64,
+        gang: &GangMember,
+        plan: &[Placement],
+        holds: &HashMap<String, JobId>,
+        applied: &mut Vec<(JobId, u32)>,
+        refused: &mut Vec<(JobId, String)>,
+    ) {
+        let members: Vec<&Placement> = plan
+            .iter()
+            .filter(|p| (gang.first..gang.first + u64::from(gang.size)).contains(&p.job))
+            .collect();
+        let check = || -> Result<u16, String> {
+            let jobs: BTreeSet<JobId> = members.iter().map(|p| p.job).collect();
+            if members.len() != gang.size as usize || jobs.len() != members.len() {
+                return Err(format!(
+                    "gang {} needs all {} members placed at once, plan has {}",
+                    gang.first,
+                    gang.size,
+                    jobs.len()
+                ));
+            }
+            let nodes: BTreeSet<&str> = members.iter().map(|p| p.node.as_str()).collect();
+            if nodes.len() != members.len() {
+                return Err(format!("gang {} members share a node", gang.first));
+            }
+            for p in &members {
+                self.check_placement(p)?;
+                if let Some(reason) = hold_refusal(holds, p) {
+                    return Err(reason);
+                }
+            }
+            let rank0 = members
+                .iter()
+                .find(|p| p.job == gang.first)
+                .map(|p| p.node.as_str())
+                .unwrap_or_default();
+            self.free_gang_port(rank0).ok_or_else(|| {
+                format!(
+                    "no free MASTER_PORT left on node {rank0} for gang {}",
+                    gang.first
+                )
+            })
+        };
+        match check() {
+            Err(reason) => {
+                refused.extend(members.iter().map(|p| (p.job, reason.clone())));
+            }
+            Ok(port) => {
+                for p in members {
+                    if let Some(g) = self.jobs.get_mut(&p.job).and_then(|j| j.gang.as_mut()) {
+                        g.port = port;
+                    }
+                    let attempt = self.apply_placement(at_ms, p);
+                    applied.push((p.job, attempt));
+                }
+            }
+        }
+    }
+
+    /// The lowest port of the gang range that no active gang with rank 0 on
+    /// `node` uses.
+    fn free_gang_port(&self, node: &str) -> Option<u16> {
+        let used: BTreeSet<u16> = self
+            .jobs_on(node)
+            .filter_map(|j| j.gang.as_ref().filter(|g| g.rank == 0).map(|g| g.port))
+            .collect();
+        (GANG_PORT_BASE..GANG_PORT_BASE + GANG_PORTS).find(|p| !used.contains(p))
+    }
+
+    /// Records a checked placement as the job's next attempt; returns its
+    /// number.
+    fn apply_placement(&mut self, at_ms: u64, placement: &Placement) -> u32 {
+        let Some(job) = self.jobs.get_mut(&placement.job) else {
+            return 0;
+        };
+        let attempt = job.attempts.len() as u32 + 1;
+        job.attempts.push(AttemptRecord {
+            attempt,
+            node: placement.node.clone(),
+            gpus: placement.gpus.clone(),
+            gpu_memory: placement.gpu_memory,
+            batch_size: placement.batch_size.unwrap_or(0),
+            exclusive_gpu: placement.exclusive_gpu,
+            assigned_at_ms: at_ms,
+            started_at_ms: 0,
+            ended_at_ms: 0,
+            exit_code: None,
+            signal: None,
+            error: String::new(),
+            outcome: None,
+            output_tail: String::new(),
+            oom: false,
+            forgiven: false,
+            peak_gpu_memory: 0,
+            preempted: String::new(),
+        });
+        self.transition(at_ms, placement.job, JobState::Assigned, String::new());
+        attempt
     }
 
     /// Whether `attempt`'s reservation fits its GPUs once `replacing`'s (if

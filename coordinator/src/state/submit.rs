@@ -6,7 +6,7 @@ use gantry_scheduler::JobId;
 
 use super::{ApplyError, Outcome, StateMachine};
 use crate::dag::resolve_after;
-use crate::domain::{JobRecord, JobSpec, JobState, Repeat, RunPolicy};
+use crate::domain::{GangMember, JobRecord, JobSpec, JobState, Repeat, RunPolicy};
 
 impl StateMachine {
     pub(super) fn submit(
@@ -35,42 +35,62 @@ impl StateMachine {
         if run_policy.repeat != Repeat::Once && run_policy.first_run == 0 {
             run_policy.first_run = run;
         }
-        let first = self.next_job_id;
-        let ids: Vec<JobId> = (0..specs.len() as u64).map(|i| first + i).collect();
-        self.next_job_id += specs.len() as u64;
-        for ((spec, deps), id) in specs.into_iter().zip(edges).zip(&ids) {
-            let depends_on: Vec<JobId> = deps.iter().map(|d| ids[*d]).collect();
-            for dep in &depends_on {
-                self.dependants.entry(*dep).or_default().push(*id);
-            }
-            let record = JobRecord {
-                id: *id,
-                spec,
-                state: JobState::Pending,
-                submitted_at_ms: at_ms,
-                updated_at_ms: at_ms,
-                attempts: Vec::new(),
-                cancel_requested: false,
-                depends_on,
-                not_before_ms: 0,
-                terminal_reason: String::new(),
-                retry_base: 0,
-                batch_cap: None,
-                blocked_by: None,
-                pipeline: pipeline.clone().unwrap_or_default(),
-                run,
-                owner: owner.clone(),
-                submit_event: self.next_event_index,
-                preempted_by: Vec::new(),
-                preempting: None,
-                run_policy: run_policy.clone(),
-            };
-            self.jobs.insert(*id, record);
-            self.pending.insert(*id);
-            self.event(at_ms, *id, "submitted".into());
+        // A gang spec becomes one job per member, with consecutive ids;
+        // the submission answers with each spec's first (rank 0) id.
+        let sizes: Vec<u64> = specs
+            .iter()
+            .map(|s| s.gang.as_ref().map_or(1, |g| u64::from(g.nodes)))
+            .collect();
+        let mut firsts = Vec::with_capacity(specs.len());
+        let mut next = self.next_job_id;
+        for size in &sizes {
+            firsts.push(next);
+            next += size;
         }
+        let all: Vec<JobId> = (self.next_job_id..next).collect();
+        self.next_job_id = next;
+        for (i, (spec, deps)) in specs.into_iter().zip(edges).enumerate() {
+            // A dependant of a gang waits for every member.
+            let depends_on: Vec<JobId> = deps
+                .iter()
+                .flat_map(|d| (0..sizes[*d]).map(|r| firsts[*d] + r))
+                .collect();
+            let mut last = Some(spec);
+            for rank in 0..sizes[i] {
+                let id = firsts[i] + rank;
+                let Some(mut spec) = (if rank + 1 < sizes[i] {
+                    last.clone()
+                } else {
+                    last.take()
+                }) else {
+                    break;
+                };
+                if rank > 0 {
+                    // The gang holds its locks once, through rank 0 (which
+                    // lives exactly as long as the gang's attempt).
+                    spec.locks.clear();
+                }
+                let gang = spec.gang.as_ref().map(|g| GangMember {
+                    first: firsts[i],
+                    rank: rank as u32,
+                    size: g.nodes,
+                    port: 0,
+                });
+                let deps = depends_on.clone();
+                let record = self.submitted_record(at_ms, id, spec, deps, &pipeline, run, &owner);
+                self.insert_submitted(
+                    at_ms,
+                    JobRecord {
+                        gang,
+                        run_policy: run_policy.clone(),
+                        ..record
+                    },
+                );
+            }
+        }
+        let ids = firsts;
         if let Some(key) = key {
-            for id in &ids {
+            for id in &all {
                 self.keyed.insert(*id, key.clone());
             }
             self.submissions.insert(key.clone(), ids.clone());
@@ -83,6 +103,55 @@ impl StateMachine {
             self.release_run(name, run - 1);
         }
         Ok(Outcome::Submitted(ids))
+    }
+
+    /// A submitted job's record, Pending (not in a gang, default run policy).
+    #[allow(clippy::too_many_arguments)]
+    fn submitted_record(
+        &mut self,
+        at_ms: u64,
+        id: JobId,
+        spec: JobSpec,
+        depends_on: Vec<JobId>,
+        pipeline: &Option<String>,
+        run: u32,
+        owner: &Option<String>,
+    ) -> JobRecord {
+        for dep in &depends_on {
+            self.dependants.entry(*dep).or_default().push(id);
+        }
+        JobRecord {
+            id,
+            spec,
+            state: JobState::Pending,
+            submitted_at_ms: at_ms,
+            updated_at_ms: at_ms,
+            attempts: Vec::new(),
+            cancel_requested: false,
+            depends_on,
+            not_before_ms: 0,
+            terminal_reason: String::new(),
+            retry_base: 0,
+            batch_cap: None,
+            blocked_by: None,
+            pipeline: pipeline.clone().unwrap_or_default(),
+            run,
+            owner: owner.clone(),
+            submit_event: self.next_event_index,
+            preempted_by: Vec::new(),
+            preempting: None,
+            gang: None,
+            run_policy: RunPolicy::default(),
+        }
+    }
+
+    /// Stores one submitted job, Pending.
+    fn insert_submitted(&mut self, at_ms: u64, record: JobRecord) {
+        let id = record.id;
+        self.index_gang(record.gang.clone(), JobState::Pending);
+        self.jobs.insert(id, record);
+        self.pending.insert(id);
+        self.event(at_ms, id, "submitted".into());
     }
 
     /// Marks every not-yet-finished dependant of `job` (transitively) Blocked.

@@ -23,7 +23,7 @@ use prost::Message;
 use crate::breaker::BreakerPolicy;
 use crate::command::Command;
 use crate::domain::{
-    GpuRecord, JobSpec, OverusePolicy, Repeat, RetryPolicy, RunPolicy, SnapshotSpec,
+    GangSpec, GpuRecord, JobSpec, OverusePolicy, Repeat, RetryPolicy, RunPolicy, SnapshotSpec,
 };
 use crate::state::RetentionPolicy;
 
@@ -284,6 +284,7 @@ fn command_to_storage(command: &Command) -> st::Command {
             at_ms: *at_ms,
             name: name.clone(),
         }),
+        Command::GangStop { at_ms, gang } => Kind::GangStop(job_at(*at_ms, *gang)),
     };
     st::Command { kind: Some(kind) }
 }
@@ -474,6 +475,10 @@ fn command_from_storage(command: st::Command) -> Result<Command, CodecError> {
             at_ms: c.at_ms,
             name: c.name,
         },
+        Kind::GangStop(c) => Command::GangStop {
+            at_ms: c.at_ms,
+            gang: c.job,
+        },
     })
 }
 
@@ -574,6 +579,10 @@ fn spec_to_storage(spec: &JobSpec) -> st::JobSpec {
         gpu_memory_margin: spec.gpu_memory_margin,
         preemptible: spec.preemptible,
         preemption_grace_ms: spec.preemption_grace_ms,
+        gang: spec.gang.as_ref().map(|g| st::GangSpec {
+            nodes: g.nodes,
+            same_label: g.same_label.clone(),
+        }),
     }
 }
 
@@ -649,6 +658,10 @@ fn spec_from_storage(spec: st::JobSpec) -> Result<JobSpec, CodecError> {
         gpu_memory_margin: spec.gpu_memory_margin,
         preemptible: spec.preemptible,
         preemption_grace_ms: spec.preemption_grace_ms,
+        gang: spec.gang.map(|g| GangSpec {
+            nodes: g.nodes,
+            same_label: g.same_label,
+        }),
     })
 }
 

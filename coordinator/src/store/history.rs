@@ -391,7 +391,12 @@ mod tests {
             serde_json::from_slice(&store.snapshot_bytes(&sm).unwrap()).unwrap();
         assert_eq!(snapshot.next_job_id, job + 1);
         assert_eq!(snapshot.pipeline_runs, vec![("nightly".to_string(), 1)]);
-        let restored = store.replace_all(&snapshot, index).unwrap();
+        let restored = store.replace_all(snapshot, index).unwrap();
+        // The state built from the snapshot is the one stored.
+        assert_eq!(
+            store.snapshot_bytes(&restored).unwrap(),
+            store.snapshot_bytes(&store.load().unwrap()).unwrap()
+        );
         assert_eq!(restored.next_job_id(), job + 1);
         assert_eq!(restored.event_floor(), sm.event_floor());
         assert_eq!(restored.retention(), &policy);

@@ -3,6 +3,7 @@
 pub mod data;
 pub mod evaluate;
 pub mod export;
+pub mod learn_check;
 pub mod promote;
 pub mod selfplay;
 pub mod train;

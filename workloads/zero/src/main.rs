@@ -24,6 +24,8 @@ enum Stage {
     Evaluate(cli::evaluate::EvaluateArgs),
     /// Replace the best model if the candidate won enough; rate it; set the next round.
     Promote(cli::promote::PromoteArgs),
+    /// Run the loop from scratch for a few generations and check that it learns.
+    LearnCheck(cli::learn_check::LearnCheckArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Stage::Train(a) => cli::train::run(a),
         Stage::Evaluate(a) => cli::evaluate::run(a),
         Stage::Promote(a) => cli::promote::run(a),
+        Stage::LearnCheck(a) => cli::learn_check::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -10,7 +10,7 @@ use rand::Rng;
 use rand::rngs::SmallRng;
 
 use crate::game::{Board, COLUMNS};
-use crate::model::{Evaluation, Evaluator};
+use crate::model::{EvalError, Evaluation, Evaluator};
 
 /// Search settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -203,15 +203,20 @@ fn dirichlet_one(rng: &mut SmallRng) -> [f32; COLUMNS] {
 }
 
 /// Runs `simulations` simulations on every tree, evaluating the leaves of
-/// all trees in one batch per simulation.
-pub fn search<E: Evaluator>(trees: &mut [Tree], simulations: u32, evaluator: &mut E) {
+/// all trees in one batch per simulation. Stops at the first evaluation
+/// that fails.
+pub fn search<E: Evaluator>(
+    trees: &mut [Tree],
+    simulations: u32,
+    evaluator: &mut E,
+) -> Result<(), EvalError> {
     let owners = vec![0; trees.len()];
     search_split(
         trees,
         &owners,
         simulations,
         &mut [evaluator as &mut dyn Evaluator],
-    );
+    )
 }
 
 /// [`search`] where tree `i` asks `evaluators[owners[i]]` (in a match, each
@@ -222,7 +227,7 @@ pub fn search_split(
     owners: &[usize],
     simulations: u32,
     evaluators: &mut [&mut dyn Evaluator],
-) {
+) -> Result<(), EvalError> {
     for _ in 0..simulations {
         for (owner, evaluator) in evaluators.iter_mut().enumerate() {
             let mut leaves = Vec::with_capacity(trees.len());
@@ -239,12 +244,20 @@ pub fn search_split(
             if boards.is_empty() {
                 continue;
             }
-            let evaluations = evaluator.evaluate(&boards);
+            let evaluations = evaluator.evaluate(&boards)?;
+            if evaluations.len() != boards.len() {
+                return Err(EvalError(format!(
+                    "{} evaluations for {} positions",
+                    evaluations.len(),
+                    boards.len()
+                )));
+            }
             for ((index, leaf), evaluation) in leaves.into_iter().zip(evaluations) {
                 trees[index].expand(leaf, evaluation);
             }
         }
     }
+    Ok(())
 }
 
 /// The move to play from root visits: the most visited at temperature 0
@@ -284,7 +297,7 @@ mod tests {
         let mut trees = vec![Tree::new(board, config, None)];
         let mut evaluator =
             RolloutEvaluator::new(LinearModel::untrained(), SmallRng::seed_from_u64(seed));
-        search(&mut trees, simulations, &mut evaluator);
+        search(&mut trees, simulations, &mut evaluator).expect("search");
         let mut rng = SmallRng::seed_from_u64(seed);
         choose_move(&trees[0].visits(), false, &mut rng).expect("a move")
     }
@@ -327,15 +340,15 @@ mod tests {
     fn every_simulation_is_one_batch_over_all_trees() {
         struct Counting(Vec<usize>);
         impl Evaluator for Counting {
-            fn evaluate(&mut self, boards: &[Board]) -> Vec<Evaluation> {
+            fn evaluate(&mut self, boards: &[Board]) -> Result<Vec<Evaluation>, EvalError> {
                 self.0.push(boards.len());
-                boards
+                Ok(boards
                     .iter()
                     .map(|_| Evaluation {
                         policy: [1.0; COLUMNS],
                         value: 0.0,
                     })
-                    .collect()
+                    .collect())
             }
         }
         let config = SearchConfig::default();
@@ -343,12 +356,33 @@ mod tests {
             .map(|_| Tree::new(Board::new(), config, None))
             .collect();
         let mut counting = Counting(Vec::new());
-        search(&mut trees, 10, &mut counting);
+        search(&mut trees, 10, &mut counting).expect("search");
         assert_eq!(counting.0, vec![5; 10]);
         for tree in &trees {
             // The first simulation expands the root; nine reach children.
             assert_eq!(tree.visits().iter().sum::<u32>(), 9);
         }
+    }
+
+    #[test]
+    fn a_failed_evaluation_stops_the_search_with_its_error() {
+        struct Failing;
+        impl Evaluator for Failing {
+            fn evaluate(&mut self, _: &[Board]) -> Result<Vec<Evaluation>, EvalError> {
+                Err(EvalError("out of memory".into()))
+            }
+        }
+        struct Short;
+        impl Evaluator for Short {
+            fn evaluate(&mut self, _: &[Board]) -> Result<Vec<Evaluation>, EvalError> {
+                Ok(Vec::new())
+            }
+        }
+        let mut trees = vec![Tree::new(Board::new(), SearchConfig::default(), None); 2];
+        let err = search(&mut trees, 4, &mut Failing).expect_err("failed");
+        assert_eq!(err, EvalError("out of memory".into()));
+        let err = search(&mut trees, 4, &mut Short).expect_err("short");
+        assert!(err.0.contains("0 evaluations for 2 positions"), "{err}");
     }
 
     #[test]

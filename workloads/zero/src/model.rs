@@ -24,10 +24,16 @@ pub struct Evaluation {
     pub value: f32,
 }
 
+/// An evaluator that could not answer (a network's libtorch failure, such
+/// as running out of GPU memory): the search stops with it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("evaluating positions: {0}")]
+pub struct EvalError(pub String);
+
 /// Evaluates many positions at once: one call per batch of leaves.
 pub trait Evaluator {
     /// One evaluation per board, in order.
-    fn evaluate(&mut self, boards: &[Board]) -> Vec<Evaluation>;
+    fn evaluate(&mut self, boards: &[Board]) -> Result<Vec<Evaluation>, EvalError>;
 }
 
 /// Inputs per head: the features and a bias.
@@ -188,35 +194,78 @@ pub fn random_rollout(board: &Board, rng: &mut SmallRng) -> f32 {
 }
 
 /// Priors from a linear model (uniform when untrained), values from one
-/// random rollout per leaf.
+/// random rollout per leaf (or a mix of the rollout and the model's value).
 pub struct RolloutEvaluator {
     model: LinearModel,
     rng: SmallRng,
-    /// Sizes of the batches evaluated, for the job's report.
-    pub batches: BatchLog,
+    rollout_weight: f32,
 }
 
 impl RolloutEvaluator {
-    /// An evaluator over `model`, with its own random stream.
+    /// An evaluator over `model`, with its own random stream; values from
+    /// rollouts alone.
     pub fn new(model: LinearModel, rng: SmallRng) -> RolloutEvaluator {
         RolloutEvaluator {
             model,
             rng,
+            rollout_weight: 1.0,
+        }
+    }
+
+    /// Values `weight * rollout + (1 - weight) * model value` (`weight`
+    /// clamped to [0, 1]; at 0 no rollout is played).
+    pub fn with_rollout_weight(mut self, weight: f32) -> RolloutEvaluator {
+        self.rollout_weight = weight.clamp(0.0, 1.0);
+        self
+    }
+}
+
+impl Evaluator for RolloutEvaluator {
+    fn evaluate(&mut self, boards: &[Board]) -> Result<Vec<Evaluation>, EvalError> {
+        let w = self.rollout_weight;
+        Ok(boards
+            .iter()
+            .map(|board| {
+                let eval = self.model.predict(board);
+                // Rollouts alone keep the random stream and the values of
+                // the loop before the weight existed.
+                let value = if w >= 1.0 {
+                    random_rollout(board, &mut self.rng)
+                } else if w <= 0.0 {
+                    eval.value
+                } else {
+                    w * random_rollout(board, &mut self.rng) + (1.0 - w) * eval.value
+                };
+                Evaluation {
+                    policy: eval.policy,
+                    value,
+                }
+            })
+            .collect())
+    }
+}
+
+/// An evaluator that counts the batches it passes on, for the job's report.
+pub struct Counted<'a> {
+    inner: Box<dyn Evaluator + 'a>,
+    /// Sizes of the batches evaluated.
+    pub batches: BatchLog,
+}
+
+impl<'a> Counted<'a> {
+    /// Counts the batches `inner` evaluates.
+    pub fn new(inner: Box<dyn Evaluator + 'a>) -> Counted<'a> {
+        Counted {
+            inner,
             batches: BatchLog::default(),
         }
     }
 }
 
-impl Evaluator for RolloutEvaluator {
-    fn evaluate(&mut self, boards: &[Board]) -> Vec<Evaluation> {
+impl Evaluator for Counted<'_> {
+    fn evaluate(&mut self, boards: &[Board]) -> Result<Vec<Evaluation>, EvalError> {
         self.batches.record(boards.len());
-        boards
-            .iter()
-            .map(|board| Evaluation {
-                policy: self.model.predict(board).policy,
-                value: random_rollout(board, &mut self.rng),
-            })
-            .collect()
+        self.inner.evaluate(boards)
     }
 }
 
@@ -237,6 +286,13 @@ impl BatchLog {
         self.batches += 1;
         self.positions += size as u64;
         self.largest = self.largest.max(size);
+    }
+
+    /// Adds another log's counts (two sides of a match).
+    pub fn add(&mut self, other: &BatchLog) {
+        self.batches += other.batches;
+        self.positions += other.positions;
+        self.largest = self.largest.max(other.largest);
     }
 }
 
@@ -286,9 +342,12 @@ mod tests {
         // The first player has won; the second is to move and has lost.
         let board = Board::from_moves(&[0, 1, 0, 1, 0, 1, 0]).expect("legal");
         assert_eq!(random_rollout(&board, &mut rng), -1.0);
-        let mut evaluator = RolloutEvaluator::new(LinearModel::untrained(), rng);
-        let out = evaluator.evaluate(&[Board::new(), Board::new()]);
+        let evaluator = RolloutEvaluator::new(LinearModel::untrained(), rng);
+        let mut counted = Counted::new(Box::new(evaluator));
+        let out = counted
+            .evaluate(&[Board::new(), Board::new()])
+            .expect("evaluate");
         assert_eq!(out.len(), 2);
-        assert_eq!(evaluator.batches.largest, 2);
+        assert_eq!(counted.batches.largest, 2);
     }
 }

@@ -73,6 +73,33 @@ fn bad_flags_are_refused_before_anything_is_written() {
             &["promote", "--data", d, "--stall-rounds", "0"],
             "error: --stall-rounds",
         ),
+        (
+            &[
+                "selfplay",
+                "--data",
+                d,
+                "--batch-size",
+                "8",
+                "--rollout-weight",
+                "1.5",
+            ],
+            "error: --rollout-weight: 1.5",
+        ),
+        (
+            &[
+                "evaluate",
+                "--data",
+                d,
+                "--batch-size",
+                "8",
+                "--rollout-weight=-0.5",
+            ],
+            "error: --rollout-weight: -0.5",
+        ),
+        (
+            &["learn-check", "--data", d, "--generations", "0"],
+            "error: --generations: 0",
+        ),
     ];
     for (args, expected) in cases {
         let stderr = refused(args);
@@ -91,6 +118,30 @@ fn bad_flags_are_refused_before_anything_is_written() {
     );
 }
 
+/// Without the tch feature a network is refused by name, and a model the
+/// data directory does not hold is refused rather than mixed in.
+#[cfg(not(feature = "tch"))]
+#[test]
+fn the_model_flag_names_what_is_missing_or_mismatched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let d = data.to_str().expect("utf-8");
+    let one = ["--games", "1", "--simulations", "2", "--batch-size", "1"];
+    let stderr = refused(&[&["selfplay", "--data", d, "--model", "resnet"][..], &one].concat());
+    assert!(
+        stderr.starts_with("error: --model: a residual network")
+            && stderr.contains("--features tch"),
+        "{stderr}"
+    );
+    assert!(!data.join("models/best.bin").exists());
+    ok(&[&["selfplay", "--data", d, "--model", "linear"][..], &one].concat());
+    let stderr = refused(&[&["selfplay", "--data", d, "--model", "resnet"][..], &one].concat());
+    assert!(
+        stderr.contains("--model: resnet asked, but") && stderr.contains("holds a linear model"),
+        "{stderr}"
+    );
+}
+
 fn copy(from: &Path, to: &Path) {
     std::fs::copy(from, to).expect("copy");
 }
@@ -105,6 +156,7 @@ fn promote_refuses_a_candidate_that_changed_after_its_evaluation() {
     let (cand, best) = (snap.join("candidate.bin"), snap.join("best.bin"));
     let (c, b) = (cand.to_str().expect("utf-8"), best.to_str().expect("utf-8"));
     let small = ["--batch-size", "4"];
+    // The linear model in either build: the seeds below are chosen for it.
     ok(&[
         &[
             "selfplay",
@@ -116,6 +168,8 @@ fn promote_refuses_a_candidate_that_changed_after_its_evaluation() {
             "8",
             "--seed",
             "1",
+            "--model",
+            "linear",
         ][..],
         &small,
     ]

@@ -96,12 +96,16 @@ fn an_undecodable_command_is_fatal_and_applies_nothing() {
 #[test]
 fn snapshots_are_checked_before_install() {
     let dir = tempfile::tempdir().unwrap();
-    let core = core(dir.path());
+    let mut core = core(dir.path());
+    let file = dir.path().join("snap");
+    std::fs::write(&file, b"not json").unwrap();
     assert!(
-        core.check_snapshot(b"not json")
+        core.check_snapshot(&file)
             .unwrap_err()
             .contains("undecodable snapshot")
     );
-    let taken = core.snapshot().unwrap();
-    core.check_snapshot(&taken).unwrap();
+    let mut taken = Vec::new();
+    core.snapshot(&mut taken).unwrap();
+    std::fs::write(&file, &taken).unwrap();
+    core.check_snapshot(&file).unwrap();
 }

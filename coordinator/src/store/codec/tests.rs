@@ -65,6 +65,10 @@ fn full_spec() -> JobSpec {
         gpu_memory_margin: 1 << 20,
         preemptible: Some(true),
         preemption_grace_ms: Some(5000),
+        gang: Some(crate::domain::GangSpec {
+            nodes: 4,
+            same_label: Some("rack".into()),
+        }),
     }
 }
 
@@ -248,6 +252,7 @@ fn every_command() -> Vec<Command> {
             at_ms: 21,
             name: "zero".into(),
         },
+        Command::GangStop { at_ms: 22, gang: 7 },
     ]
 }
 

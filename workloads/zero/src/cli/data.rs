@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use gantry_zero::atomic;
-use gantry_zero::model::ModelFile;
+use gantry_zero::checkpoint::Checkpoint;
 use gantry_zero::promote::LoopState;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -108,10 +108,20 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     atomic::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Reads and checks a model file.
-pub fn read_model(path: &Path) -> anyhow::Result<ModelFile> {
-    let bytes = read_bounded(path, MAX_JSON_BYTES)?;
-    ModelFile::parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+/// The largest model file read (a network of the default size is well
+/// under 1 MiB; the largest one the `tch` build allows, 128 channels and 20
+/// blocks, about 24 MiB).
+pub const MAX_MODEL_BYTES: u64 = 64 << 20;
+
+/// Reads and checks a model file (either kind).
+pub fn read_model(path: &Path) -> anyhow::Result<Checkpoint> {
+    let bytes = read_bounded(path, MAX_MODEL_BYTES)?;
+    parse_model(path, &bytes)
+}
+
+/// Checks a model file's bytes, naming the file in any error.
+pub fn parse_model(path: &Path, bytes: &[u8]) -> anyhow::Result<Checkpoint> {
+    Checkpoint::parse(bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// A name for this process's files that a retried attempt does not reuse:

@@ -9,17 +9,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use gantry_zero::checkpoint::{Model, ModelKind};
 use gantry_zero::game::{Board, COLUMNS};
 use gantry_zero::mcts::{SearchConfig, Tree, choose_move, search_split};
-use gantry_zero::model::{BatchLog, Evaluator, LinearModel, ModelFile, RolloutEvaluator};
+use gantry_zero::model::{BatchLog, Counted, Evaluator};
 use gantry_zero::promote::Match;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::data::{
-    DataDir, GantryEnv, MAX_JSON_BYTES, read_bounded, read_model, run_tag, write_json,
+    DataDir, GantryEnv, MAX_MODEL_BYTES, parse_model, read_bounded, read_model, run_tag, write_json,
 };
+use super::selfplay::check_rollout_weight;
 
 /// Flags of `evaluate`.
 #[derive(Debug, clap::Args)]
@@ -48,6 +50,10 @@ pub struct EvaluateArgs {
     /// Seed (default: from the job id, attempt and round).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Weight of a random rollout in a leaf's value, in [0, 1] (default:
+    /// 1 for the linear model, 0.5 for the network).
+    #[arg(long)]
+    pub rollout_weight: Option<f32>,
 }
 
 /// `evaluation.json` in the round's directory.
@@ -73,6 +79,10 @@ pub struct EvaluationReport {
     pub batch_size: usize,
     /// Evaluations of both models together.
     pub batches: BatchLog,
+    /// The candidate's model (`linear` or `resnet`).
+    pub model: ModelKind,
+    /// Weight of the random rollout in a leaf's value.
+    pub rollout_weight: f32,
     /// Where the models were read from.
     pub read_from: Vec<PathBuf>,
     /// Wall time.
@@ -120,16 +130,20 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<()> {
     if args.random_games > 100_000 {
         bail!("--random-games: {} is over 100000", args.random_games);
     }
+    check_rollout_weight(args.rollout_weight)?;
     let started = Instant::now();
     let data = DataDir::open(&args.data)?;
     let state = data.state()?;
     let candidate_path = snapshot_file(&args.candidate, "candidate.bin", "--candidate")?;
     let best_path = snapshot_file(&args.best, "best.bin", "--best")?;
-    let candidate_bytes = read_bounded(&candidate_path, MAX_JSON_BYTES)?;
+    let candidate_bytes = read_bounded(&candidate_path, MAX_MODEL_BYTES)?;
     // Parsed from the bytes whose CRC the report records.
-    let candidate = ModelFile::parse(&candidate_bytes)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", candidate_path.display()))?;
+    let candidate = parse_model(&candidate_path, &candidate_bytes)?;
     let best = read_model(&best_path)?;
+    let kind = candidate.model.kind();
+    let rollout_weight = args
+        .rollout_weight
+        .unwrap_or_else(|| kind.default_rollout_weight());
     if candidate.round != state.round {
         bail!(
             "the candidate is from round {}, the loop is at round {}: train has not run this round",
@@ -141,7 +155,13 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<()> {
         .seed
         .unwrap_or_else(|| super::default_seed(&run_tag(), state.round));
     let mut rng = SmallRng::seed_from_u64(seed);
-    let (result, batches) = play_match(&candidate.model, &best.model, args, &mut rng)?;
+    let (result, batches) = play_match(
+        &candidate.model,
+        &best.model,
+        args,
+        rollout_weight,
+        &mut rng,
+    )?;
     let vs_random = VsRandom {
         candidate: policy_vs_random(&candidate.model, args.random_games, &mut rng)?,
         best: policy_vs_random(&best.model, args.random_games, &mut rng)?,
@@ -157,6 +177,8 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<()> {
         simulations: args.simulations,
         batch_size: args.batch_size,
         batches,
+        model: kind,
+        rollout_weight,
         read_from: vec![candidate_path, best_path],
         seconds: started.elapsed().as_secs_f64(),
         gantry: GantryEnv::read(),
@@ -181,13 +203,16 @@ pub fn run(args: &EvaluateArgs) -> anyhow::Result<()> {
 /// Plays `args.games` games, `args.batch_size` at once; the candidate moves
 /// first in the even ones.
 fn play_match(
-    candidate: &LinearModel,
-    best: &LinearModel,
+    candidate: &Model,
+    best: &Model,
     args: &EvaluateArgs,
+    rollout_weight: f32,
     rng: &mut SmallRng,
 ) -> anyhow::Result<(Match, BatchLog)> {
-    let mut ours = RolloutEvaluator::new(candidate.clone(), SmallRng::seed_from_u64(rng.random()));
-    let mut theirs = RolloutEvaluator::new(best.clone(), SmallRng::seed_from_u64(rng.random()));
+    let mut ours =
+        Counted::new(candidate.evaluator(rollout_weight, SmallRng::seed_from_u64(rng.random())));
+    let mut theirs =
+        Counted::new(best.evaluator(rollout_weight, SmallRng::seed_from_u64(rng.random())));
     // No root noise: each side plays its best; the first two moves are
     // drawn from the visits so that the games differ.
     let config = SearchConfig {
@@ -216,7 +241,7 @@ fn play_match(
             &owners,
             args.simulations,
             &mut [&mut ours as &mut dyn Evaluator, &mut theirs],
-        );
+        )?;
         for ((board, _), tree) in playing.iter_mut().zip(&trees) {
             let explore = board.plies() < 2;
             let column =
@@ -232,15 +257,13 @@ fn play_match(
         });
     }
     let mut batches = ours.batches.clone();
-    batches.batches += theirs.batches.batches;
-    batches.positions += theirs.batches.positions;
-    batches.largest = batches.largest.max(theirs.batches.largest);
+    batches.add(&theirs.batches);
     Ok((result, batches))
 }
 
 /// The model's greedy policy (no search) against uniformly random moves,
 /// colours alternating.
-fn policy_vs_random(model: &LinearModel, games: u32, rng: &mut SmallRng) -> anyhow::Result<Match> {
+pub fn policy_vs_random(model: &Model, games: u32, rng: &mut SmallRng) -> anyhow::Result<Match> {
     let mut result = Match::default();
     for game in 0..games {
         let ours = (game % 2) as usize;
@@ -250,7 +273,7 @@ fn policy_vs_random(model: &LinearModel, games: u32, rng: &mut SmallRng) -> anyh
                 break outcome;
             }
             let column = if board.to_move() == ours {
-                model.greedy_move(&board)
+                model.greedy_move(&board)?
             } else {
                 let legal: Vec<usize> = (0..COLUMNS).filter(|&c| board.is_legal(c)).collect();
                 legal.get(rng.random_range(0..legal.len().max(1))).copied()

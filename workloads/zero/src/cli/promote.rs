@@ -7,10 +7,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use gantry_zero::atomic;
-use gantry_zero::model::ModelFile;
 use gantry_zero::promote::{PromotionRule, Rating, decide};
 
-use super::data::{DataDir, MAX_JSON_BYTES, read_bounded, read_json, write_json};
+use super::data::{DataDir, MAX_MODEL_BYTES, parse_model, read_bounded, read_json, write_json};
 use super::evaluate::EvaluationReport;
 
 /// Flags of `promote`.
@@ -125,15 +124,14 @@ fn history_with(data: &DataDir, rating: &Rating) -> anyhow::Result<String> {
 /// Replaces the best model with the candidate, if it is exactly the file
 /// that was evaluated.
 fn replace_best(data: &DataDir, evaluation: &EvaluationReport, round: u32) -> anyhow::Result<()> {
-    let bytes = read_bounded(&data.candidate(), MAX_JSON_BYTES)?;
+    let bytes = read_bounded(&data.candidate(), MAX_MODEL_BYTES)?;
     if crc32fast::hash(&bytes) != evaluation.candidate_crc32 {
         bail!(
             "{} changed since it was evaluated (CRC-32 differs); not promoting",
             data.candidate().display()
         );
     }
-    let candidate = ModelFile::parse(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", data.candidate().display()))?;
+    let candidate = parse_model(&data.candidate(), &bytes)?;
     if candidate.round != round {
         bail!(
             "the candidate is from round {}, not {round}",

@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use gantry_zero::atomic;
+use gantry_zero::checkpoint::{Checkpoint, ModelKind};
 use gantry_zero::game::{Board, COLUMNS, Outcome};
 use gantry_zero::mcts::{SearchConfig, Tree, choose_move, search};
-use gantry_zero::model::{BatchLog, ModelFile, RolloutEvaluator};
+use gantry_zero::model::{BatchLog, Counted};
 use gantry_zero::promote::LoopState;
 use gantry_zero::records::GameRecord;
 use rand::SeedableRng;
@@ -41,6 +42,22 @@ pub struct SelfplayArgs {
     /// Seed (default: from the job id, attempt and round).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The model a new loop starts with, when there is no best model yet
+    /// (default: resnet when built with the tch feature, else linear).
+    #[arg(long)]
+    pub model: Option<ModelKind>,
+    /// Weight of a random rollout in a leaf's value, in [0, 1] (default:
+    /// 1 for the linear model, 0.5 for the network).
+    #[arg(long)]
+    pub rollout_weight: Option<f32>,
+}
+
+/// Checks `--rollout-weight`.
+pub fn check_rollout_weight(weight: Option<f32>) -> anyhow::Result<()> {
+    match weight {
+        Some(w) if !(0.0..=1.0).contains(&w) => bail!("--rollout-weight: {w} is not in [0, 1]"),
+        _ => Ok(()),
+    }
 }
 
 /// `selfplay-TAG.json` in the round's directory.
@@ -66,6 +83,10 @@ pub struct SelfplayReport {
     pub batch_size: usize,
     /// Batches the evaluator saw.
     pub batches: BatchLog,
+    /// The model that played (`linear` or `resnet`).
+    pub model: ModelKind,
+    /// Weight of the random rollout in a leaf's value.
+    pub rollout_weight: f32,
     /// The round of the model that played (0: untrained).
     pub model_round: u32,
     /// Whether this job wrote the first (untrained) best model.
@@ -96,26 +117,35 @@ pub fn run(args: &SelfplayArgs) -> anyhow::Result<()> {
     if args.simulations == Some(0) {
         bail!("--simulations: must be at least 1");
     }
+    check_rollout_weight(args.rollout_weight)?;
     let started = Instant::now();
     let data = DataDir::open(&args.data)?;
     let state = data.state()?;
-    // The first round finds no best model: the untrained one becomes it.
-    // Create-only, so it never replaces a promoted model.
-    let untrained = serde_json::to_vec(&ModelFile::untrained())?;
-    let created_best = atomic::create_new(&data.best(), &untrained)
-        .with_context(|| format!("cannot write {}", data.best().display()))?;
-    let best = read_model(&data.best())?;
-    let simulations = args.simulations.unwrap_or(state.simulations);
     let dir = data.round(state.round)?;
     let tag = run_tag();
     let seed = args
         .seed
         .unwrap_or_else(|| super::default_seed(&tag, state.round));
+    let created_best = create_best(&data, args.model, seed)?;
+    let best = read_model(&data.best())?;
+    let kind = best.model.kind();
+    if let Some(asked) = args.model.filter(|&asked| asked != kind) {
+        bail!(
+            "--model: {} asked, but {} holds a {} model",
+            asked.name(),
+            data.best().display(),
+            kind.name()
+        );
+    }
+    let simulations = args.simulations.unwrap_or(state.simulations);
+    let rollout_weight = args
+        .rollout_weight
+        .unwrap_or_else(|| kind.default_rollout_weight());
     let mut rng = SmallRng::seed_from_u64(seed);
-    let mut evaluator = RolloutEvaluator::new(
-        best.model.clone(),
+    let mut evaluator = Counted::new(best.model.evaluator(
+        rollout_weight,
         SmallRng::seed_from_u64(seed.rotate_left(17)),
-    );
+    ));
     let played = play(
         args,
         &state,
@@ -136,6 +166,8 @@ pub fn run(args: &SelfplayArgs) -> anyhow::Result<()> {
         temperature_plies: state.temperature_plies,
         batch_size: args.batch_size,
         batches: evaluator.batches.clone(),
+        model: kind,
+        rollout_weight,
         model_round: best.round,
         created_best,
         seconds: started.elapsed().as_secs_f64(),
@@ -144,7 +176,7 @@ pub fn run(args: &SelfplayArgs) -> anyhow::Result<()> {
     write_json(&dir.join(format!("selfplay-{tag}.json")), &report)?;
     println!(
         "round {} selfplay: {} games (first {}, second {}, draws {}), {} positions in {:.1}s; \
-         {} simulations/move; batch {} ({} evaluations, largest {}); model of round {}",
+         {} simulations/move; batch {} ({} evaluations, largest {}); {} model of round {}",
         report.round,
         report.games,
         report.first_wins,
@@ -156,9 +188,25 @@ pub fn run(args: &SelfplayArgs) -> anyhow::Result<()> {
         report.batch_size,
         report.batches.batches,
         report.batches.largest,
+        kind.name(),
         report.model_round,
     );
     Ok(())
+}
+
+/// The first round finds no best model: an untrained one of `kind` (the
+/// build's default when not given) becomes it. Create-only, so it never
+/// replaces a promoted model; whether this call created it.
+fn create_best(data: &DataDir, kind: Option<ModelKind>, seed: u64) -> anyhow::Result<bool> {
+    if data.best().exists() {
+        return Ok(false);
+    }
+    let kind = kind.unwrap_or_else(ModelKind::built_default);
+    let untrained = Checkpoint::untrained(kind, seed)
+        .and_then(|c| c.encode())
+        .map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+    atomic::create_new(&data.best(), &untrained)
+        .with_context(|| format!("cannot write {}", data.best().display()))
 }
 
 /// Games written, by result (first, second, draw), and moves played.
@@ -177,7 +225,7 @@ fn play(
     games_dir: &Path,
     tag: &str,
     rng: &mut SmallRng,
-    evaluator: &mut RolloutEvaluator,
+    evaluator: &mut Counted<'_>,
 ) -> anyhow::Result<Played> {
     let config = SearchConfig::default();
     let mut playing: Vec<Playing> = Vec::new();
@@ -196,7 +244,7 @@ fn play(
             .iter()
             .map(|g| Tree::new(g.board, config, Some(&mut *rng)))
             .collect();
-        search(&mut trees, simulations, evaluator);
+        search(&mut trees, simulations, evaluator)?;
         for (game, tree) in playing.iter_mut().zip(&trees) {
             let visits = tree.visits();
             let explore = game.board.plies() < state.temperature_plies as usize;

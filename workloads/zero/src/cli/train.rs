@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use gantry_zero::model::ModelFile;
-use gantry_zero::npz;
+use gantry_zero::checkpoint::{Checkpoint, ModelKind};
 use gantry_zero::records::Samples;
-use gantry_zero::train::{Losses, TrainConfig, train};
+use gantry_zero::train::{Losses, TrainConfig};
+use gantry_zero::{atomic, npz};
 use serde::{Deserialize, Serialize};
 
 use super::data::{DataDir, GantryEnv, read_bounded, read_model, run_tag, write_json};
@@ -30,9 +30,10 @@ pub struct TrainArgs {
     /// Passes over the data.
     #[arg(long, default_value_t = 20)]
     pub epochs: u32,
-    /// Step size.
-    #[arg(long, default_value_t = 0.1)]
-    pub learning_rate: f32,
+    /// Step size (default: 0.1 for the linear model's gradient descent,
+    /// 0.002 for the network's Adam).
+    #[arg(long)]
+    pub learning_rate: Option<f32>,
     /// Seed of the shuffle (default: from the job id and round).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -57,6 +58,10 @@ pub struct TrainingReport {
     pub before: Losses,
     /// Losses of the candidate.
     pub after: Losses,
+    /// The model trained (`linear` or `resnet`).
+    pub model: ModelKind,
+    /// Step size.
+    pub learning_rate: f32,
     /// The round of the model training started from.
     pub started_from_round: u32,
     /// Wall time.
@@ -80,8 +85,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     if args.epochs == 0 || args.epochs > 10_000 {
         bail!("--epochs: {} is not in 1..=10000", args.epochs);
     }
-    if !(args.learning_rate > 0.0 && args.learning_rate <= 10.0) {
-        bail!("--learning-rate: {} is not in (0, 10]", args.learning_rate);
+    if let Some(rate) = args.learning_rate.filter(|r| !(*r > 0.0 && *r <= 10.0)) {
+        bail!("--learning-rate: {rate} is not in (0, 10]");
     }
     let started = Instant::now();
     let data = DataDir::open(&args.data)?;
@@ -89,28 +94,33 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let round = state.round;
     let (all, trained_on) = load_window(&data, round, args.window)?;
     let best = read_model(&data.best())?;
-    let mut model = best.model.clone();
+    let kind = best.model.kind();
+    let learning_rate = args
+        .learning_rate
+        .unwrap_or_else(|| kind.default_learning_rate());
     let config = TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
-        learning_rate: args.learning_rate,
+        learning_rate,
         weight_decay: 1e-4,
         seed: args
             .seed
             .unwrap_or_else(|| super::default_seed(&run_tag(), round)),
     };
-    let report = train(&mut model, &all, &config);
-    model
-        .check_shape()
-        .map_err(|e| anyhow::anyhow!("training diverged: {e}"))?;
-    let candidate = ModelFile {
-        format: ModelFile::FORMAT.into(),
+    // Training starts from the best model's weights (read fresh from its
+    // file, so the best model itself is untouched).
+    let started_from_round = best.round;
+    let mut model = best.model;
+    let report = model.train(&all, &config)?;
+    let candidate = Checkpoint {
         round,
         trained_on: trained_on.clone(),
         samples: all.len(),
         model,
     };
-    write_json(&data.candidate(), &candidate)?;
+    let bytes = candidate.encode()?;
+    atomic::write(&data.candidate(), &bytes)
+        .with_context(|| format!("cannot write {}", data.candidate().display()))?;
     let out = TrainingReport {
         round,
         trained_on,
@@ -120,14 +130,16 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         epochs: args.epochs,
         before: report.before,
         after: report.after,
-        started_from_round: best.round,
+        model: kind,
+        learning_rate,
+        started_from_round,
         seconds: started.elapsed().as_secs_f64(),
         gantry: GantryEnv::read(),
     };
     write_json(&data.round(round)?.join("training.json"), &out)?;
     println!(
         "round {round} train: {} positions from rounds {:?}, {} steps of {}; policy loss {:.3} -> {:.3}, \
-         value loss {:.3} -> {:.3}; started from round {}'s model",
+         value loss {:.3} -> {:.3}; {} model started from round {}'s in {:.1}s",
         out.samples,
         out.trained_on,
         out.steps,
@@ -136,7 +148,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         out.after.policy,
         out.before.value,
         out.after.value,
-        out.started_from_round
+        kind.name(),
+        out.started_from_round,
+        out.seconds
     );
     Ok(())
 }

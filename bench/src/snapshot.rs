@@ -1,0 +1,372 @@
+//! `gantry-bench snapshot`: how long a Raft snapshot of N active jobs
+//! takes to write and to install, in this process, through the
+//! coordinator's own code (issue 11).
+//!
+//! The state: N pending jobs (a realistic spec each), applied as the
+//! replica loop applies them (`Submit` commands of 1,000 jobs, one entry
+//! each). Then, side by side:
+//! - **file** (what a replica does now): the core streams its snapshot
+//!   into a file through `SnapshotDir::write` (buffered, SHA-256, fsync,
+//!   rename, directory fsync); a fresh replica checks the file
+//!   (`check_snapshot`) and restores from it (`restore`), as a follower
+//!   does before and after raft-rs installs it;
+//! - **blob** (before issue 11): the snapshot as one in-memory value
+//!   (`Store::snapshot_bytes`) stored as one sled value and flushed; the
+//!   install decoded it twice from memory (the check, then the restore)
+//!   and replaced the stored state.
+//!
+//! For each step the peak RSS growth over the RSS before it is reported
+//! (the kernel's high-water mark, reset through `/proc/self/clear_refs`).
+//! Each way runs in a child process of its own (`--only file|blob`), since
+//! memory one way freed stays in the allocator and would hide the other's.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gantry_coordinator::command::Command;
+use gantry_coordinator::core::{Core, CoreConfig};
+use gantry_coordinator::domain::JobSpec;
+use gantry_coordinator::metrics::Metrics;
+use gantry_coordinator::raft::ReplicatedStateMachine;
+use gantry_coordinator::raft::snapfile::SnapshotDir;
+use gantry_coordinator::store::{StateSnapshot, Store};
+use serde_json::{Value, json};
+
+use crate::heartbeats::status_bytes;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct SnapshotConfig {
+    /// Active (pending) jobs in the state.
+    pub jobs: u64,
+    /// Only this way, in this process (`"file"` or `"blob"`); `None` runs
+    /// each in a child process.
+    pub only: Option<String>,
+}
+
+/// One way of snapshotting: times and peak RSS growth.
+#[derive(Debug, Clone, Default)]
+pub struct Way {
+    /// Taking the snapshot (serialise and store durably).
+    pub write: Duration,
+    /// Installing it on a fresh replica (check, decode, replace the state).
+    pub install: Duration,
+    /// Peak RSS growth while writing, bytes.
+    pub write_peak: u64,
+    /// Peak RSS growth while installing, bytes.
+    pub install_peak: u64,
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone)]
+pub struct SnapshotReport {
+    /// The configuration.
+    pub config: SnapshotConfig,
+    /// Size of the snapshot.
+    pub bytes: u64,
+    /// Applying the jobs.
+    pub build: Duration,
+    /// Snapshots as files, streamed (now).
+    pub file: Way,
+    /// The snapshot as one in-memory value in sled (before issue 11).
+    pub blob: Way,
+    /// RSS with the state built, before any snapshot.
+    pub rss_base: u64,
+}
+
+impl SnapshotReport {
+    /// One JSON record.
+    pub fn to_json(&self) -> Value {
+        let way = |w: &Way| {
+            json!({
+                "write_s": w.write.as_secs_f64(),
+                "install_s": w.install.as_secs_f64(),
+                "write_peak_rss_mib": mib(w.write_peak),
+                "install_peak_rss_mib": mib(w.install_peak),
+            })
+        };
+        json!({
+            "scenario": "snapshot",
+            "jobs": self.config.jobs,
+            "snapshot_mib": mib(self.bytes),
+            "snapshot_bytes": self.bytes,
+            "build_s": self.build.as_secs_f64(),
+            "rss_base_mib": mib(self.rss_base),
+            "file": way(&self.file),
+            "blob": way(&self.blob),
+        })
+    }
+
+    /// The human summary; the first line is the headline.
+    pub fn human(&self) -> String {
+        let line = |name: &str, w: &Way| {
+            format!(
+                "{name:<28} write {:>7.3} s (peak RSS +{:>4.0} MiB)   install {:>7.3} s (peak RSS +{:>4.0} MiB)\n",
+                w.write.as_secs_f64(),
+                mib(w.write_peak),
+                w.install.as_secs_f64(),
+                mib(w.install_peak),
+            )
+        };
+        let mut out = format!(
+            "snapshot of {} active jobs ({:.1} MiB): write {:.3} s, install {:.3} s (goal: under 1 s each)\n",
+            self.config.jobs,
+            mib(self.bytes),
+            self.file.write.as_secs_f64(),
+            self.file.install.as_secs_f64(),
+        );
+        out.push_str(&format!(
+            "gantry-bench snapshot: state built in {:.1} s; RSS with it {:.0} MiB\n",
+            self.build.as_secs_f64(),
+            mib(self.rss_base)
+        ));
+        out.push_str(&line("file, streamed (now):", &self.file));
+        out.push_str(&line("one sled value (before):", &self.blob));
+        out
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+/// Runs the scenario: each way in a child process (this executable with
+/// `--only`), or with `only` set, that way here.
+pub fn run(config: &SnapshotConfig) -> anyhow::Result<SnapshotReport> {
+    if let Some(way) = &config.only {
+        return run_here(config, way);
+    }
+    let file = child(config, "file")?;
+    let blob = child(config, "blob")?;
+    anyhow::ensure!(
+        file.bytes == blob.bytes,
+        "the two snapshots differ in size: {} and {}",
+        file.bytes,
+        blob.bytes
+    );
+    Ok(SnapshotReport {
+        blob: blob.blob,
+        ..file
+    })
+}
+
+/// Runs one way in a child process and reads its JSON record back.
+fn child(config: &SnapshotConfig, way: &str) -> anyhow::Result<SnapshotReport> {
+    let exe = std::env::current_exe()?;
+    let output = std::process::Command::new(exe)
+        .args([
+            "snapshot",
+            "--jobs",
+            &config.jobs.to_string(),
+            "--only",
+            way,
+            "--json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the {way} run failed: {}",
+        output.status
+    );
+    let record: Value = serde_json::from_slice(&output.stdout)?;
+    let seconds = |v: &Value| Duration::from_secs_f64(v.as_f64().unwrap_or(0.0));
+    let bytes = |v: &Value| (v.as_f64().unwrap_or(0.0) * (1u64 << 20) as f64) as u64;
+    let way_of = |v: &Value| Way {
+        write: seconds(&v["write_s"]),
+        install: seconds(&v["install_s"]),
+        write_peak: bytes(&v["write_peak_rss_mib"]),
+        install_peak: bytes(&v["install_peak_rss_mib"]),
+    };
+    Ok(SnapshotReport {
+        config: config.clone(),
+        bytes: record["snapshot_bytes"].as_u64().unwrap_or(0),
+        build: seconds(&record["build_s"]),
+        file: way_of(&record["file"]),
+        blob: way_of(&record["blob"]),
+        rss_base: bytes(&record["rss_base_mib"]),
+    })
+}
+
+/// Builds the state, then measures one way in this process.
+fn run_here(config: &SnapshotConfig, way: &str) -> anyhow::Result<SnapshotReport> {
+    let dir = tempfile::tempdir()?;
+    let started = Instant::now();
+    let (core, index) = build(&dir.path().join("source"), config.jobs)?;
+    let build = started.elapsed();
+    let rss_base = rss()?;
+    let (bytes, measured) = match way {
+        "file" => file_way(dir.path(), core, index)?,
+        "blob" => {
+            drop(core);
+            blob_way(dir.path(), index)?
+        }
+        other => anyhow::bail!("--only {other:?}: expected file or blob"),
+    };
+    let mut report = SnapshotReport {
+        config: config.clone(),
+        bytes,
+        build,
+        file: Way::default(),
+        blob: Way::default(),
+        rss_base,
+    };
+    if way == "file" {
+        report.file = measured;
+    } else {
+        report.blob = measured;
+    }
+    Ok(report)
+}
+
+/// Now: the core streams into a file; a fresh replica checks and restores
+/// from it as a follower does.
+fn file_way(dir: &std::path::Path, core: Core, index: u64) -> anyhow::Result<(u64, Way)> {
+    let files = SnapshotDir::open(&dir.join("snaps"), u64::MAX)?;
+    let (write, write_peak, (descriptor, path)) =
+        measure(|| Ok(files.write(index, 1, &mut |out| core.snapshot(out))?))?;
+    drop(core);
+    let mut fresh = new_core(&dir.join("file-target"))?;
+    let (install, install_peak, ()) = measure(|| {
+        fresh.check_snapshot(&path).map_err(anyhow::Error::msg)?;
+        fresh.restore(index, &path).map_err(anyhow::Error::msg)
+    })?;
+    anyhow::ensure!(
+        fresh.applied_index().map_err(anyhow::Error::msg)? == index,
+        "the installed snapshot is not at index {index}"
+    );
+    Ok((
+        descriptor.size,
+        Way {
+            write,
+            install,
+            write_peak,
+            install_peak,
+        },
+    ))
+}
+
+/// Before: one in-memory value stored whole in sled; the install decoded
+/// it twice from memory (check, restore), stored the state and read it
+/// all back (`Store::replace_stored` then `Store::load`, as the restore
+/// then did).
+fn blob_way(dir: &std::path::Path, index: u64) -> anyhow::Result<(u64, Way)> {
+    let source = Store::open(&dir.join("source"))?;
+    let state = source.load()?;
+    let blob_db = sled::Config::new().path(dir.join("blob-raft")).open()?;
+    let meta = blob_db.open_tree("raft_meta")?;
+    let (write, write_peak, bytes) = measure(|| {
+        let data = source.snapshot_bytes(&state)?;
+        let len = data.len() as u64;
+        meta.insert("snapshot_data", data)?;
+        blob_db.flush()?;
+        Ok(len)
+    })?;
+    drop(state);
+    let target = Store::open(&dir.join("blob-target"))?;
+    let (install, install_peak, ()) = measure(|| {
+        let data = meta
+            .get("snapshot_data")?
+            .ok_or_else(|| anyhow::anyhow!("no blob stored"))?;
+        serde_json::from_slice::<StateSnapshot>(&data)?;
+        let snapshot: StateSnapshot = serde_json::from_slice(&data)?;
+        target.replace_stored(&snapshot, index)?;
+        let state = target.load()?;
+        anyhow::ensure!(state.jobs().count() == snapshot.jobs.len(), "jobs lost");
+        Ok(())
+    })?;
+    Ok((
+        bytes,
+        Way {
+            write,
+            install,
+            write_peak,
+            install_peak,
+        },
+    ))
+}
+
+/// A core on a new store in `dir`.
+fn new_core(dir: &std::path::Path) -> anyhow::Result<Core> {
+    let store = Store::open(dir)?;
+    let (events, _) = tokio::sync::broadcast::channel(16);
+    Ok(Core::new(
+        CoreConfig::default(),
+        store,
+        events,
+        Arc::new(Metrics::default()),
+    )?)
+}
+
+/// Applies `jobs` pending jobs as the replica loop would; returns the core
+/// and the last index applied.
+fn build(dir: &std::path::Path, jobs: u64) -> anyhow::Result<(Core, u64)> {
+    const PER_COMMAND: u64 = 1_000;
+    let mut core = new_core(dir)?;
+    let mut index = 0;
+    let mut made = 0;
+    while made < jobs {
+        let count = PER_COMMAND.min(jobs - made);
+        let specs = (made..made + count).map(spec).collect();
+        let command = Command::Submit {
+            at_ms: 1_700_000_000_000 + made,
+            key: None,
+            jobs: specs,
+            pipeline: None,
+            owner: None,
+        };
+        let encoded =
+            <Core as ReplicatedStateMachine>::encode(&command).map_err(anyhow::Error::msg)?;
+        index += 1;
+        let outcomes = core
+            .apply(index, &[encoded.as_slice()])
+            .map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            outcomes.iter().all(Result::is_ok),
+            "a submit was refused: {outcomes:?}"
+        );
+        made += count;
+    }
+    Ok((core, index))
+}
+
+/// A job as a training run submits it: a command line, a few variables.
+fn spec(i: u64) -> JobSpec {
+    let mut spec = JobSpec::for_test(&format!("selfplay-{i:07}"));
+    spec.command = vec![
+        "python3".into(),
+        "-m".into(),
+        "selfplay.worker".into(),
+        format!("--seed={i}"),
+        "--games=64".into(),
+    ];
+    spec.env
+        .insert("RUN_ID".into(), format!("run-{}", i / 10_000));
+    spec.env.insert(
+        "CHECKPOINT".into(),
+        format!("s3://ckpt/run/{}.pt", i / 1_000),
+    );
+    spec
+}
+
+/// Runs `step`, returning its time and the peak RSS growth over the RSS
+/// before it.
+fn measure<T>(step: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(Duration, u64, T)> {
+    reset_peak();
+    let before = rss()?;
+    let started = Instant::now();
+    let value = step()?;
+    let took = started.elapsed();
+    let peak = status_bytes("self", "VmHWM:")?;
+    Ok((took, peak.saturating_sub(before), value))
+}
+
+fn rss() -> anyhow::Result<u64> {
+    status_bytes("self", "VmRSS:")
+}
+
+/// Resets the kernel's RSS high-water mark of this process (Linux 4.0+);
+/// without it the peaks are over the whole run, which only overstates.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", b"5");
+}
