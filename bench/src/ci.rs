@@ -69,6 +69,8 @@ impl Default for CiConfig {
                 seed: 1,
                 pass_budget: 1000,
                 naive_passes: 2,
+                // No gangs: the workload the baseline was recorded on.
+                gang_fraction: 0.0,
             },
             slowdown: 1.0,
         }

@@ -28,6 +28,7 @@ impl ReplicatedStateMachine for Core {
     /// writes what all of them changed with the entry's index in one
     /// storage batch (the Raft log is the durable record, so no flush),
     /// then publishes their events.
+    ///
     /// A command that does not decode is fatal (`Err`), found before any
     /// command of the entry is applied: skipping it would let this replica
     /// diverge from those that can read it.
