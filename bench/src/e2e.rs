@@ -26,6 +26,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+mod open_loop;
+
 use crate::procs::{ProcGroup, free_ports, require_gantry, run_scenario};
 use crate::rng::Rng;
 use crate::stats::Latencies;
@@ -55,6 +57,9 @@ pub struct E2eConfig {
     pub log_level: String,
     /// Skip the leader-kill phase.
     pub no_failover: bool,
+    /// Offered submits per second (open loop, latency from each submit's
+    /// due time) instead of `concurrency` closed-loop submitters.
+    pub rate: Option<f64>,
 }
 
 /// Figures of the failover phase.
@@ -145,6 +150,7 @@ impl E2eReport {
             "agents": c.agents,
             "gpus_per_agent": 8,
             "concurrency": c.concurrency,
+            "offered_rate": c.rate,
             "duration_s": c.duration.as_secs_f64(),
             "jobs_limit": c.jobs,
             "jobs_per_s": self.jobs_per_s(),
@@ -183,9 +189,13 @@ impl E2eReport {
             self.jobs_per_s(),
             c.agents,
             c.concurrency,
-            match c.jobs {
-                Some(n) => format!("{n} jobs"),
-                None => format!("{:.0} s", c.duration.as_secs_f64()),
+            match (c.rate, c.jobs) {
+                (Some(rate), _) => format!(
+                    "open loop at {rate:.0} submits/s offered for {:.0} s (latency from each submit's due time)",
+                    c.duration.as_secs_f64()
+                ),
+                (None, Some(n)) => format!("{n} jobs"),
+                (None, None) => format!("{:.0} s", c.duration.as_secs_f64()),
             },
             self.acked,
             self.load_time.as_secs_f64(),
@@ -727,6 +737,17 @@ struct Load {
     end: Instant,
 }
 
+impl Load {
+    /// When the last acknowledgement came (the start when none did).
+    fn last_ack(&self) -> Instant {
+        self.acked
+            .iter()
+            .map(|a| a.sent + a.latency)
+            .max()
+            .unwrap_or(self.start)
+    }
+}
+
 async fn sequential(client: &GantryClient<Channel>, run: &str, count: usize) -> Vec<Acked> {
     let mut client = client.clone();
     let mut out = Vec::with_capacity(count);
@@ -749,6 +770,12 @@ async fn load(config: &E2eConfig, leader_url: &str, run: &str) -> anyhow::Result
     let mut clients = Vec::new();
     for _ in 0..connections {
         clients.push(gantry_client(endpoint(leader_url)?.connect().await?));
+    }
+    if let Some(rate) = config.rate {
+        let total = config
+            .jobs
+            .unwrap_or((rate * config.duration.as_secs_f64()).ceil() as u64);
+        return open_loop::load(&clients, rate, total, run).await;
     }
     let issued = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -817,12 +844,7 @@ async fn load(config: &E2eConfig, leader_url: &str, run: &str) -> anyhow::Result
             out.first_error = first_error;
         }
     }
-    out.end = out
-        .acked
-        .iter()
-        .map(|a| a.sent + a.latency)
-        .max()
-        .unwrap_or(start);
+    out.end = out.last_ack();
     Ok(out)
 }
 

@@ -15,16 +15,22 @@
 //! - [`soak`]: one coordinator with retention scaled down, jobs finishing
 //!   without end; RSS, disk, history and submit latency every N jobs
 //!   (`gantry-bench soak`).
+//! - [`ray`]: Ray's fractional-GPU task benchmark beside `e2e` in the
+//!   same run (`gantry-bench ray`).
+//! - [`ci`]: the performance-regression check CI runs, ratios measured
+//!   in one process against `bench/baseline.json` (`gantry-bench ci`).
 //! - [`snapshot`]: how long a Raft snapshot of N active jobs takes to
 //!   write and to install, as files now and as one sled value before
 //!   (`gantry-bench snapshot`).
 //! - [`procs`], [`stats`]: child processes and latency quantiles.
 
 pub mod chaos;
+pub mod ci;
 pub mod e2e;
 pub mod etcd;
 pub mod heartbeats;
 pub mod procs;
+pub mod ray;
 pub mod rng;
 pub mod sched;
 pub mod snapshot;

@@ -10,6 +10,7 @@ use gantry_bench::chaos::{ChaosConfig, ChaosReport};
 use gantry_bench::e2e::{E2eConfig, E2eReport};
 use gantry_bench::etcd::{EtcdConfig, EtcdReport};
 use gantry_bench::heartbeats::{HeartbeatsConfig, HeartbeatsReport};
+use gantry_bench::ray::RayReport;
 use gantry_bench::sched::{
     SchedConfig, SchedReport, ShareBenchConfig, ShareBenchReport, run, run_share,
 };
@@ -41,9 +42,53 @@ enum Scenario {
     /// Jobs finishing without end on one coordinator with retention scaled
     /// down: RSS, disk, history and submit latency every N jobs.
     Soak(SoakArgs),
+    /// The performance-regression check CI runs: ratios measured in one
+    /// process, compared with the baseline file; exits 3 on a drop past
+    /// the allowed one (1 on an error).
+    Ci(CiArgs),
+    /// Ray's fractional-GPU task benchmark (8 fake GPUs, tasks of
+    /// num_gpus=0.25) and `e2e` in the same run; Gantry's jobs/s as a
+    /// ratio of Ray's tasks/s.
+    Ray(RayArgs),
     /// A Raft snapshot of N active jobs: time to write and to install, as
     /// a file (now) and as one sled value (before), in this process.
     Snapshot(SnapshotArgs),
+}
+
+#[derive(Debug, Args)]
+struct RayArgs {
+    /// The Python that imports ray.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
+    /// Ray tasks.
+    #[arg(long, default_value_t = 10_000)]
+    tasks: u64,
+    /// The `gantry` binary (default: the one next to this executable).
+    #[arg(long)]
+    gantry: Option<PathBuf>,
+    /// Simulated agents (8 GPUs each) of Gantry's run.
+    #[arg(long, default_value_t = 100)]
+    agents: usize,
+    /// Concurrent submitters of Gantry's run.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Seconds of Gantry's submit load.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Print one JSON record instead of the human summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct CiArgs {
+    /// The baseline file.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/baseline.json"))]
+    baseline: PathBuf,
+    /// Measure this many runs and write the baseline file from them
+    /// instead of checking.
+    #[arg(long)]
+    record: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +243,11 @@ struct E2eArgs {
     /// Submit this many jobs instead of running for --duration.
     #[arg(long)]
     jobs: Option<u64>,
+    /// Open loop: offer this many submits per second (for --duration, or
+    /// --jobs submits), each timed from when it was due, instead of
+    /// --concurrency closed-loop submitters.
+    #[arg(long, value_parser = parse_rate)]
+    rate: Option<f64>,
     /// Sequential submits measured before the load.
     #[arg(long, default_value_t = 200)]
     sequential: usize,
@@ -242,6 +292,13 @@ struct HeartbeatsArgs {
 }
 
 /// `30s`, `2m`, `500ms` or plain seconds.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("{text:?}: expected submits per second, above 0")),
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
@@ -382,6 +439,7 @@ fn main() -> ExitCode {
                 sequential: args.sequential,
                 log_level: args.log_level,
                 no_failover: args.no_failover,
+                rate: args.rate,
             };
             let result = gantry_bench::e2e::run(&config);
             match print_report(
@@ -493,6 +551,36 @@ fn main() -> ExitCode {
                 SoakReport::human,
             ))
         }
+        Scenario::Ray(args) => {
+            let e2e = E2eConfig {
+                gantry: args.gantry.unwrap_or_else(default_gantry),
+                agents: args.agents.max(1),
+                concurrency: args.concurrency.max(1),
+                duration: seconds(args.duration),
+                jobs: None,
+                sequential: 0,
+                log_level: "warn".into(),
+                no_failover: true,
+                rate: None,
+            };
+            let result = gantry_bench::ray::run(&args.python, args.tasks.max(1), &e2e);
+            exit_code(print_report(
+                "ray",
+                args.json,
+                result,
+                RayReport::to_json,
+                RayReport::human,
+            ))
+        }
+        Scenario::Ci(args) => match gantry_bench::ci::run(&args.baseline, args.record) {
+            Ok(true) => ExitCode::SUCCESS,
+            // A regression exits 3, so that CI tells it from an error (1).
+            Ok(false) => ExitCode::from(3),
+            Err(error) => {
+                eprintln!("gantry-bench ci: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Scenario::Snapshot(args) => {
             let config = SnapshotConfig {
                 jobs: args.jobs,

@@ -204,7 +204,7 @@ pub fn workload_for(config: &SchedConfig) -> (ClusterSnapshot, Vec<JobRequest>) 
 type Planner = fn(&ClusterSnapshot, &[JobRequest]) -> Plan;
 
 /// Runs passes until one places nothing or `max_passes` ran.
-fn drive(
+pub(crate) fn drive(
     mut snapshot: ClusterSnapshot,
     mut queue: Vec<JobRequest>,
     planner: Planner,

@@ -11,6 +11,8 @@
 //! so work that runs is never lost to a full disk made by submissions.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::error::CoordinatorError;
 
@@ -29,17 +31,37 @@ pub fn refusal(dir: &str, available: u64, reserve: u64) -> Option<String> {
     })
 }
 
+/// How long one measurement of the volume stands. Without it every client
+/// write made a `statvfs` call; a volume does not fill the default reserve
+/// in a second from client writes that are themselves bounded in size.
+pub const REFRESH: Duration = Duration::from_secs(1);
+
 /// The reserve of one data dir.
 #[derive(Debug, Clone)]
 pub struct DiskReserve {
     dir: PathBuf,
     reserve: u64,
+    refresh: Duration,
+    /// The last measurement (when, bytes available), shared by the clones
+    /// every service holds; a std Mutex, held only to copy two words.
+    last: Arc<Mutex<Option<(Instant, u64)>>>,
 }
 
 impl DiskReserve {
-    /// Keeps `reserve` bytes free on the volume of `dir` (0 = never refuse).
+    /// Keeps `reserve` bytes free on the volume of `dir` (0 = never refuse),
+    /// measuring it at most once per [`REFRESH`].
     pub fn new(dir: PathBuf, reserve: u64) -> DiskReserve {
-        DiskReserve { dir, reserve }
+        DiskReserve::with_refresh(dir, reserve, REFRESH)
+    }
+
+    /// The same, measuring at most once per `refresh`.
+    pub fn with_refresh(dir: PathBuf, reserve: u64, refresh: Duration) -> DiskReserve {
+        DiskReserve {
+            dir,
+            reserve,
+            refresh,
+            last: Arc::default(),
+        }
     }
 
     /// Refuses a client write while the volume is under the reserve. A
@@ -49,6 +71,24 @@ impl DiskReserve {
             return Ok(());
         }
         let dir = self.dir.display().to_string();
+        let available = self.available(&dir)?;
+        match refusal(&dir, available, self.reserve) {
+            Some(reason) => Err(CoordinatorError::ResourceExhausted(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes available on the volume: the last measurement while it is
+    /// fresh, else a new one. A failed measurement is not kept.
+    fn available(&self, dir: &str) -> Result<u64, CoordinatorError> {
+        let now = Instant::now();
+        // The value is plain data: a panic elsewhere cannot leave it half made.
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, bytes)) = *last
+            && now.duration_since(at) < self.refresh
+        {
+            return Ok(bytes);
+        }
         let stats = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| {
             CoordinatorError::ResourceExhausted(format!(
                 "cannot measure the free space of {dir} ({e}); writes are refused"
@@ -57,10 +97,8 @@ impl DiskReserve {
         let available = stats
             .blocks_available()
             .saturating_mul(stats.fragment_size());
-        match refusal(&dir, available, self.reserve) {
-            Some(reason) => Err(CoordinatorError::ResourceExhausted(reason)),
-            None => Ok(()),
-        }
+        *last = Some((now, available));
+        Ok(available)
     }
 }
 
@@ -109,5 +147,22 @@ mod tests {
         );
         let missing = DiskReserve::new(dir.path().join("gone"), 1).check();
         assert!(missing.is_err(), "an unmeasurable volume refuses");
+    }
+
+    /// A measurement stands for the refresh period (no `statvfs` per
+    /// write), and only that long.
+    #[test]
+    fn a_measurement_is_reused_while_fresh() {
+        let cases = [(Duration::from_secs(3600), true), (Duration::ZERO, false)];
+        for (refresh, reused) in cases {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let data = dir.path().join("data");
+            std::fs::create_dir(&data).expect("mkdir");
+            let reserve = DiskReserve::with_refresh(data.clone(), 1, refresh);
+            assert!(reserve.check().is_ok());
+            std::fs::remove_dir(&data).expect("rmdir");
+            // Gone, so only the kept measurement can answer.
+            assert_eq!(reserve.clone().check().is_ok(), reused, "{refresh:?}");
+        }
     }
 }

@@ -155,6 +155,13 @@ impl OverusePolicy {
             OverusePolicy::Stop => "stop",
         }
     }
+
+    /// The policy of a lowercase name.
+    pub fn parse(name: &str) -> Option<OverusePolicy> {
+        [OverusePolicy::Warn, OverusePolicy::Stop]
+            .into_iter()
+            .find(|p| p.as_str() == name)
+    }
 }
 
 impl JobSpec {

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use crate::domain::{EventRecord, JobRecord, NodeRecord};
 use crate::state::{ChangeSet, RetentionPolicy, StateMachine};
 
+pub mod codec;
 mod history;
 
 pub use history::HistoryPage;

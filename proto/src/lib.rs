@@ -28,3 +28,11 @@ pub const DOWN_AFTER_MIN_MS: u64 = 15_000;
 pub mod raft {
     tonic::include_proto!("gantry.raft.v1");
 }
+
+/// The coordinator's internal storage format (`proto/storage.proto`): the
+/// commands of the replicated log. Not part of the API; only the
+/// coordinator's `store::codec` converts them.
+#[allow(missing_docs, clippy::all)]
+pub mod storage {
+    tonic::include_proto!("gantry.storage.v1");
+}

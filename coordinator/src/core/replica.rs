@@ -11,7 +11,7 @@ use crate::command::Command;
 use crate::convert;
 use crate::raft::{RaftStatus, ReplicatedStateMachine};
 use crate::state::{ApplyError, ChangeSet, Outcome};
-use crate::store::StateSnapshot;
+use crate::store::{StateSnapshot, codec};
 
 use super::{Core, Request, now_ms};
 
@@ -21,18 +21,30 @@ impl ReplicatedStateMachine for Core {
     type Request = Request;
 
     fn encode(command: &Command) -> Result<Vec<u8>, String> {
-        serde_json::to_vec(command).map_err(|error| format!("cannot encode a command: {error}"))
+        Ok(codec::encode_command(command))
     }
 
     /// Applies each command (state machine, the leader's effects), then
     /// writes what all of them changed with the entry's index in one
     /// storage batch (the Raft log is the durable record, so no flush),
     /// then publishes their events.
+    ///
+    /// A command that does not decode is fatal (`Err`), found before any
+    /// command of the entry is applied: skipping it would let this replica
+    /// diverge from those that can read it.
     fn apply(&mut self, index: u64, commands: &[&[u8]]) -> Result<Vec<Self::Outcome>, String> {
+        let commands = commands
+            .iter()
+            .enumerate()
+            .map(|(i, data)| {
+                codec::decode_command(data)
+                    .map_err(|error| format!("entry {index}: command {i} does not decode: {error}"))
+            })
+            .collect::<Result<Vec<Command>, String>>()?;
         let mut written = ChangeSet::default();
         let outcomes = commands
-            .iter()
-            .map(|data| self.apply_one(index, data, &mut written))
+            .into_iter()
+            .map(|command| self.apply_one(command, &mut written))
             .collect();
         // Fatal when it fails: the replica must not go on as if it had applied.
         self.store
@@ -106,29 +118,23 @@ impl ReplicatedStateMachine for Core {
 }
 
 impl Core {
-    /// Applies one command of the entry at `index`: the state machine, the
-    /// circuit breaker's evidence, then the leader's effects, with the
-    /// state as this command left it. What it changed is added to
-    /// `written` for the entry's one storage batch.
+    /// Applies one command of an entry: the state machine, the circuit
+    /// breaker's evidence, then the leader's effects, with the state as
+    /// this command left it. What it changed is added to `written` for the
+    /// entry's one storage batch.
     fn apply_one(
         &mut self,
-        index: u64,
-        data: &[u8],
+        command: Command,
         written: &mut ChangeSet,
     ) -> Result<Outcome, ApplyError> {
-        let command = match serde_json::from_slice::<Command>(data) {
-            Ok(command) => command,
-            Err(error) => {
-                tracing::error!(index, %error, "undecodable command skipped");
-                return Ok(Outcome::Done);
-            }
-        };
         // Lines about one job carry its span (id, attempt, kind, node).
         let span = command
             .job()
             .map_or_else(tracing::Span::none, |job| self.job_span(job));
         let _entered = span.enter();
-        let result = self.state.apply(command.clone());
+        let effects = effects_copy(&command);
+        let result = self.state.apply(command);
+        let command = effects;
         let changes = self.state.take_changes();
         if self.leader {
             for quarantine in self.breaker.observe(&changes.jobs, &self.state, now_ms()) {
@@ -158,6 +164,28 @@ impl Core {
             self.after_apply(&command, outcome);
         }
         result
+    }
+}
+
+/// What the leader's effects see of a command the state machine takes
+/// by value: a clone, except that a submit's specs (the bulk of the log,
+/// moved into the job records) are left out; no effect reads them.
+fn effects_copy(command: &Command) -> Command {
+    match command {
+        Command::Submit {
+            at_ms,
+            key,
+            pipeline,
+            owner,
+            ..
+        } => Command::Submit {
+            at_ms: *at_ms,
+            key: key.clone(),
+            jobs: Vec::new(),
+            pipeline: pipeline.clone(),
+            owner: owner.clone(),
+        },
+        other => other.clone(),
     }
 }
 

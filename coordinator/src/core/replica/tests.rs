@@ -76,18 +76,21 @@ fn commands_sharing_an_entry_each_get_their_own_outcome() {
     );
 }
 
-/// A command that does not decode is skipped with an outcome of its own;
-/// the others of its entry still apply.
+/// A command that does not decode stops the replica (the loop treats
+/// `Err` as fatal) before any command of its entry is applied: a replica
+/// that skipped it would diverge from those that can read it.
 #[test]
-fn an_undecodable_command_does_not_take_its_entry_down() {
+fn an_undecodable_command_is_fatal_and_applies_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut core = core(dir.path());
     let good = <Core as ReplicatedStateMachine>::encode(&submit("a")).unwrap();
-    let outcomes = core.apply(3, &[b"not json", &good]).unwrap();
-    assert_eq!(
-        outcomes,
-        [Ok(Outcome::Done), Ok(Outcome::Submitted(vec![1]))]
+    let error = core.apply(3, &[&good, b"not json"]).unwrap_err();
+    assert!(
+        error.contains("entry 3: command 1 does not decode"),
+        "{error}"
     );
+    assert_eq!(core.state.jobs().count(), 0, "nothing of the entry applied");
+    assert_eq!(core.applied_index().unwrap(), 0);
 }
 
 #[test]
