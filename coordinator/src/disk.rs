@@ -35,6 +35,9 @@ pub fn refusal(dir: &str, available: u64, reserve: u64) -> Option<String> {
 /// write made a `statvfs` call; a volume does not fill the default reserve
 /// in a second from client writes that are themselves bounded in size.
 pub const REFRESH: Duration = Duration::from_secs(1);
+/// A measurement is reused only while it showed at least this many times
+/// the reserve free.
+pub const CACHED_ABOVE_RESERVES: u64 = 4;
 
 /// The reserve of one data dir.
 #[derive(Debug, Clone)]
@@ -84,8 +87,12 @@ impl DiskReserve {
         let now = Instant::now();
         // The value is plain data: a panic elsewhere cannot leave it half made.
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        // Reused only while it showed plenty of room: near the reserve every
+        // write measures, so a volume filling up is refused at once rather
+        // than up to one refresh period later.
         if let Some((at, bytes)) = *last
             && now.duration_since(at) < self.refresh
+            && bytes >= self.reserve.saturating_mul(CACHED_ABOVE_RESERVES)
         {
             return Ok(bytes);
         }
@@ -150,19 +157,32 @@ mod tests {
     }
 
     /// A measurement stands for the refresh period (no `statvfs` per
-    /// write), and only that long.
+    /// write), only that long, and only while it showed plenty of room.
     #[test]
-    fn a_measurement_is_reused_while_fresh() {
-        let cases = [(Duration::from_secs(3600), true), (Duration::ZERO, false)];
-        for (refresh, reused) in cases {
+    fn a_measurement_is_reused_while_fresh_and_roomy() {
+        // (refresh, reserve as a share of the free space: 0 = 1 byte, reused)
+        let cases = [
+            (Duration::from_secs(3600), 0, true),
+            (Duration::ZERO, 0, false),
+            // Free space under 4x the reserve: measured at every write.
+            (Duration::from_secs(3600), 3, false),
+        ];
+        for (refresh, share, reused) in cases {
             let dir = tempfile::tempdir().expect("tempdir");
             let data = dir.path().join("data");
             std::fs::create_dir(&data).expect("mkdir");
-            let reserve = DiskReserve::with_refresh(data.clone(), 1, refresh);
-            assert!(reserve.check().is_ok());
+            let stats = nix::sys::statvfs::statvfs(&data).expect("statvfs");
+            let free = stats.blocks_available() * stats.fragment_size();
+            let reserve_bytes = if share == 0 { 1 } else { free / share };
+            let reserve = DiskReserve::with_refresh(data.clone(), reserve_bytes, refresh);
+            assert!(reserve.check().is_ok(), "{refresh:?} 1/{share}");
             std::fs::remove_dir(&data).expect("rmdir");
             // Gone, so only the kept measurement can answer.
-            assert_eq!(reserve.clone().check().is_ok(), reused, "{refresh:?}");
+            assert_eq!(
+                reserve.clone().check().is_ok(),
+                reused,
+                "{refresh:?} 1/{share}"
+            );
         }
     }
 }
