@@ -173,7 +173,7 @@ mod tests {
             std::fs::create_dir(&data).expect("mkdir");
             let stats = nix::sys::statvfs::statvfs(&data).expect("statvfs");
             let free = stats.blocks_available() * stats.fragment_size();
-            let reserve_bytes = if share == 0 { 1 } else { free / share };
+            let reserve_bytes = free.checked_div(share).unwrap_or(1);
             let reserve = DiskReserve::with_refresh(data.clone(), reserve_bytes, refresh);
             assert!(reserve.check().is_ok(), "{refresh:?} 1/{share}");
             std::fs::remove_dir(&data).expect("rmdir");
