@@ -49,8 +49,7 @@ pub fn refill(data_dir: &Path) -> std::io::Result<Reserve> {
     if len >= BYTES {
         return Ok(Reserve::Kept);
     }
-    let stat = nix::sys::statvfs::statvfs(data_dir).map_err(std::io::Error::from)?;
-    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    let free = crate::probe::host::volume(data_dir)?.available;
     if free < 2 * BYTES {
         return Ok(Reserve::Used);
     }

@@ -87,24 +87,38 @@ impl HostProbe {
         }
     }
 
-    /// (total, used) of the volume holding the data directory, from
-    /// `statvfs` (used = total - available to unprivileged writers, what a
-    /// job can still write); zeros when it cannot be read, which the
-    /// coordinator treats as "unknown".
+    /// (total, used) of the volume holding the data directory (see
+    /// [`volume`]); zeros when it cannot be read, which the coordinator
+    /// treats as "unknown".
     fn disk(&mut self) -> (u64, u64) {
-        match nix::sys::statvfs::statvfs(&self.data_dir) {
-            Ok(stat) => {
-                let unit = stat.fragment_size();
-                let total = stat.blocks().saturating_mul(unit);
-                let available = stat.blocks_available().saturating_mul(unit);
-                (total, total.saturating_sub(available))
-            }
+        match volume(&self.data_dir) {
+            Ok(volume) => (volume.total, volume.total.saturating_sub(volume.available)),
             Err(error) => {
                 tracing::debug!(%error, "cannot statvfs the data directory");
                 (0, 0)
             }
         }
     }
+}
+
+/// Size and free space of the volume holding a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Volume {
+    /// Bytes in all.
+    pub total: u64,
+    /// Bytes an unprivileged writer (a job) can still write.
+    pub available: u64,
+}
+
+/// Measures the volume holding `dir` with `statvfs`: whatever filesystem it
+/// is (tmpfs and network mounts included).
+pub fn volume(dir: &Path) -> std::io::Result<Volume> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    let unit = stat.fragment_size();
+    Ok(Volume {
+        total: stat.blocks().saturating_mul(unit),
+        available: stat.blocks_available().saturating_mul(unit),
+    })
 }
 
 #[cfg(test)]
