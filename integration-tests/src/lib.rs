@@ -475,6 +475,24 @@ impl Sandbox {
             .context("no job id in submit output")
     }
 
+    /// Whether no job is left unfinished (pending, assigned, running, failed
+    /// awaiting retry, or lost); `None` when the cluster does not answer.
+    pub fn all_jobs_ended(&self, url: &str) -> Option<bool> {
+        let open = self
+            .gantry_json(
+                url,
+                &[
+                    "jobs",
+                    "--state",
+                    "pending,assigned,running,failed,lost",
+                    "--limit",
+                    "1",
+                ],
+            )
+            .ok()?;
+        Some(open.as_array()?.is_empty())
+    }
+
     /// A job as JSON.
     pub fn job(&self, url: &str, id: u64) -> anyhow::Result<Value> {
         self.gantry_json(url, &["job", &id.to_string()])

@@ -224,16 +224,8 @@ impl Lab {
             let _ = thread.join();
         }
         let addrs = self.set.addrs();
-        let unfinished = [
-            "jobs",
-            "--state",
-            "pending,assigned,running,failed,lost",
-            "--limit",
-            "1",
-        ];
         wait_until("every job to end", Duration::from_secs(120), || {
-            let open = self.sandbox.gantry_json(&addrs, &unfinished).ok()?;
-            open.as_array()?.is_empty().then_some(())
+            self.sandbox.all_jobs_ended(&addrs)?.then_some(())
         })?;
         wait_until("the replicas to converge", T, || {
             let applied: Vec<u64> = (1..=3).map(|id| self.applied(id)).collect::<Option<_>>()?;

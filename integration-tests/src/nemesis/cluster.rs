@@ -207,15 +207,8 @@ impl Cluster {
         within: Duration,
     ) -> bool {
         self.parts.heal();
-        let unfinished = [
-            "jobs",
-            "--state",
-            "pending,assigned,running,failed,lost",
-            "--limit",
-            "1",
-        ];
         wait_until("the cluster to go quiet", within, || {
-            let open = sandbox.gantry_json(&self.addrs, &unfinished).ok()?;
+            let ended = sandbox.all_jobs_ended(&self.addrs)?;
             let nodes = sandbox.gantry_json(&self.addrs, &["nodes"]).ok()?;
             let nodes = nodes.as_array()?;
             let down = dead_nodes.iter().all(|dead| {
@@ -223,7 +216,7 @@ impl Cluster {
                     .iter()
                     .any(|n| n["name"] == dead.as_str() && n["state"] == "down")
             });
-            (open.as_array()?.is_empty() && down).then_some(())
+            (ended && down).then_some(())
         })
         .is_ok()
     }
