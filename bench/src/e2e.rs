@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+mod entries;
 mod open_loop;
 
 use crate::procs::{ProcGroup, free_ports, require_gantry, run_scenario};
@@ -114,8 +115,9 @@ pub struct E2eReport {
     pub states: BTreeMap<String, usize>,
     /// Raft entries committed per acknowledged load job (submit, placement,
     /// start, exit, heartbeat-driven changes...), from the leader's
-    /// commit index before and after the load.
-    pub raft_entries_per_job: f64,
+    /// commit index before the load and once its jobs started and the log
+    /// settled; `None` when the leader did not answer either reading.
+    pub raft_entries_per_job: Option<f64>,
 }
 
 impl E2eReport {
@@ -218,7 +220,7 @@ impl E2eReport {
         }
         out.push_str(&format!(
             "submit-to-start (sent -> assignment at agent): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} jobs)\n\
-             started: {} of {} jobs, {:.0} jobs/s (load start -> last start {:.2} s); {:.1} Raft entries per job\n",
+             started: {} of {} jobs, {:.0} jobs/s (load start -> last start {:.2} s); {} Raft entries per job\n",
             self.submit_to_start.ms(0.5),
             self.submit_to_start.ms(0.99),
             self.submit_to_start.ms(1.0),
@@ -227,7 +229,8 @@ impl E2eReport {
             self.acked,
             self.started_per_s(),
             self.start_time.as_secs_f64(),
-            self.raft_entries_per_job,
+            self.raft_entries_per_job
+                .map_or_else(|| "unknown (the leader's Status did not answer)".to_string(), |e| format!("{e:.2}")),
         ));
         match &self.failover {
             Some(f) => {
@@ -1005,7 +1008,7 @@ async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E
     let sequential = Latencies::new(seq.iter().map(|a| a.latency).collect());
 
     // The load.
-    let commit_before = status(&urls[leader]).await.map_or(0, |s| s.commit_index);
+    let commit_before = entries::commit_index(&urls[leader]).await;
     eprintln!(
         "e2e: submitting with {} tasks for {}",
         config.concurrency,
@@ -1047,9 +1050,12 @@ async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E
         }
     }
     let started = to_start.len();
-    let commit_after = status(&urls[leader]).await.map_or(0, |s| s.commit_index);
+    let commit_after = entries::settled_commit_index(&urls[leader]).await;
+    eprintln!(
+        "e2e: leader's commit index {commit_before:?} before the load, {commit_after:?} after"
+    );
     let raft_entries_per_job =
-        commit_after.saturating_sub(commit_before) as f64 / load.acked.len().max(1) as f64;
+        entries::entries_per_job(commit_before, commit_after, load.acked.len());
     let submit = Latencies::new(load.acked.iter().map(|a| a.latency).collect());
 
     // Failover.
