@@ -65,9 +65,12 @@ pub(super) async fn commit_index(url: &str) -> Option<u64> {
 mod tests {
     use super::entries_per_job;
 
+    /// Commit index before, after, jobs, expected figure.
+    type Case = (Option<u64>, Option<u64>, usize, Option<f64>);
+
     #[test]
     fn entries_per_job_is_the_commit_delta_over_the_jobs() {
-        let cases: &[(Option<u64>, Option<u64>, usize, Option<f64>)] = &[
+        let cases: &[Case] = &[
             (Some(100), Some(400), 100, Some(3.0)),
             (Some(0), Some(150), 100, Some(1.5)),
             (Some(7), Some(7), 10, Some(0.0)),
