@@ -7,10 +7,13 @@
 //! and reports Gantry's figure alone.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use serde_json::{Value, json};
 
 use crate::e2e::{E2eConfig, E2eReport};
@@ -139,11 +142,31 @@ fn run_ray(python: &Path, tasks: u64) -> Result<RayFigures, String> {
     ray_figures(python, tasks).map_err(|e| format!("ray's run failed: {e:#}"))
 }
 
+/// How long Ray's run may take at most: a run that measures something
+/// else (one worker process per task took over ten minutes) is stopped
+/// and reported as failed instead of holding up the comparison.
+const RAY_LIMIT: Duration = Duration::from_secs(300);
+
 fn ray_figures(python: &Path, tasks: u64) -> anyhow::Result<RayFigures> {
-    let out = Command::new(python)
+    let child = Command::new(python)
         .args(["-c", RAY_SCRIPT, &tasks.to_string()])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("cannot start python")?;
+    let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(RAY_LIMIT) {
+        Ok(out) => out.context("waiting for python")?,
+        Err(_) => {
+            // Ray's driver going away makes Ray stop its own processes.
+            let _ = kill(pid, Signal::SIGKILL);
+            bail!("not done after {} s; stopped", RAY_LIMIT.as_secs());
+        }
+    };
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
