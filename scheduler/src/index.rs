@@ -112,7 +112,25 @@ pub(crate) enum Restrict {
 struct Multi {
     exclusive: bool,
     k: u32,
+    /// Only nodes with this group value (table, value): a gang kept within
+    /// one label value searches a set of its own instead of skipping the
+    /// other values' nodes key by key.
+    group: Option<Group>,
     set: BTreeSet<u128>,
+}
+
+/// A label value of a group table: (table, value id).
+pub(crate) type Group = (u32, u32);
+
+/// One label's values across the eligible nodes, built on first use in a
+/// pass, so gang members compare value ids instead of strings.
+#[derive(Debug)]
+struct GroupTable<'s> {
+    label: String,
+    /// Distinct values in name order ("" = nodes without the label).
+    values: Vec<&'s str>,
+    /// Each node's value id.
+    of_node: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -156,6 +174,8 @@ pub(crate) struct FreeIndex<'s> {
     /// (label, value) -> nodes carrying it, health order; built only when
     /// some job has label constraints.
     labels: HashMap<(&'s str, &'s str), Vec<u32>, FxBuild>,
+    /// Label value tables for gangs' `same_label`.
+    groups: Vec<GroupTable<'s>>,
 }
 
 fn key(bucket: u64, id: u32) -> u128 {
@@ -294,7 +314,44 @@ impl<'s> FreeIndex<'s> {
             models,
             pools,
             labels,
+            groups: Vec::new(),
         }
+    }
+
+    /// The value table of `label` (built on first use): its id and the
+    /// number of distinct values, ids in name order.
+    pub fn group_table(&mut self, label: &str) -> (u32, u32) {
+        if let Some(t) = self.groups.iter().position(|t| t.label == label) {
+            return (t as u32, self.groups[t].values.len() as u32);
+        }
+        let of: Vec<&'s str> = self
+            .nodes
+            .iter()
+            .map(|n| LabelChecker::value(n.view, label).unwrap_or(""))
+            .collect();
+        let mut values = of.clone();
+        values.sort_unstable();
+        values.dedup();
+        let of_node = of
+            .iter()
+            .map(|v| values.binary_search(v).unwrap_or(0) as u32)
+            .collect();
+        let count = values.len() as u32;
+        self.groups.push(GroupTable {
+            label: label.to_string(),
+            values,
+            of_node,
+        });
+        (self.groups.len() as u32 - 1, count)
+    }
+
+    /// The value a group stands for ("" = nodes without the label).
+    pub fn group_value(&self, (table, value): Group) -> &'s str {
+        self.groups[table as usize].values[value as usize]
+    }
+
+    fn in_group(&self, n: u32, group: Option<Group>) -> bool {
+        group.is_none_or(|(t, v)| self.groups[t as usize].of_node[n as usize] == v)
     }
 
     /// An eligible node by number.
@@ -330,13 +387,20 @@ impl<'s> FreeIndex<'s> {
             return Restrict::Nodes((0..self.nodes.len() as u32).collect());
         }
         let wanted = &ask.job.constraints.labels;
-        let group = ask.group.as_ref().filter(|(_, v)| !v.is_empty());
+        let group = ask
+            .group
+            .map(|(t, v)| {
+                let table = &self.groups[t as usize];
+                (table.label.as_str(), table.values[v as usize])
+            })
+            .filter(|(_, v)| !v.is_empty());
         if wanted.is_empty() && group.is_none() {
             return Restrict::All;
         }
         let mut smallest: Option<&Vec<u32>> = None;
-        for (k, v) in wanted.iter().chain(group.map(|(k, v)| (k, v))) {
-            match self.labels.get(&(k.as_str(), v.as_str())) {
+        let wanted = wanted.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (k, v) in wanted.chain(group) {
+            match self.labels.get(&(k, v)) {
                 None => return Restrict::Nothing,
                 Some(list) if smallest.is_none_or(|s| list.len() < s.len()) => {
                     smallest = Some(list)
@@ -390,12 +454,7 @@ impl<'s> FreeIndex<'s> {
         {
             return false;
         }
-        if let Some((k, v)) = &ask.group
-            && LabelChecker::value(node.view, k).unwrap_or("") != v
-        {
-            return false;
-        }
-        !node.taken_by_gang
+        self.in_group(n, ask.group) && !node.taken_by_gang
     }
 
     /// For jobs without GPUs: the healthiest node that passes the checks.
@@ -513,7 +572,7 @@ impl<'s> FreeIndex<'s> {
         match restrict {
             Restrict::Nothing => None,
             Restrict::All => {
-                let m = self.multi_index(p, exclusive, k);
+                let m = self.multi_index(p, exclusive, k, ask.group);
                 let set = &self.pools[p].multi[m].set;
                 let fits = |key: &u128| {
                     let n = key_id(*key);
@@ -552,11 +611,11 @@ impl<'s> FreeIndex<'s> {
     }
 
     /// The k-GPU node set of pool `p`, built on first use in the pass.
-    fn multi_index(&mut self, p: usize, exclusive: bool, k: u32) -> usize {
+    fn multi_index(&mut self, p: usize, exclusive: bool, k: u32, group: Option<Group>) -> usize {
         if let Some(m) = self.pools[p]
             .multi
             .iter()
-            .position(|m| m.exclusive == exclusive && m.k == k)
+            .position(|m| m.exclusive == exclusive && m.k == k && m.group == group)
         {
             return m;
         }
@@ -564,6 +623,7 @@ impl<'s> FreeIndex<'s> {
         let mut keys: Vec<u128> = self.pools[p]
             .nodes
             .iter()
+            .filter(|&&n| self.in_group(n, group))
             .filter_map(|&n| {
                 let f = self.kth_free(n, model, exclusive, k)?;
                 Some(key(self.bucket(f), n))
@@ -573,6 +633,7 @@ impl<'s> FreeIndex<'s> {
         self.pools[p].multi.push(Multi {
             exclusive,
             k,
+            group,
             set: keys.into_iter().collect(),
         });
         self.pools[p].multi.len() - 1
@@ -582,13 +643,31 @@ impl<'s> FreeIndex<'s> {
     /// (exclusive) job may use: the most each of k GPUs there can offer.
     fn kth_free(&self, n: u32, model: u32, exclusive: bool, k: u32) -> Option<u64> {
         let k = k as usize;
-        let mut frees: Vec<u64> = self.nodes[n as usize]
+        let usable = self.nodes[n as usize]
             .gpus
             .clone()
             .map(|s| &self.gpus[s as usize])
             .filter(|g| g.model == model && g.usable_by(exclusive))
-            .map(|g| g.free)
-            .collect();
+            .map(|g| g.free);
+        // Nodes have a handful of GPUs: select on the stack, not the heap
+        // (this runs for every key a multi-GPU search visits).
+        let mut small = [0u64; 32];
+        let mut len = 0;
+        let mut spill = Vec::new();
+        for free in usable {
+            if len < small.len() {
+                small[len] = free;
+                len += 1;
+            } else {
+                spill.push(free);
+            }
+        }
+        let frees: &mut [u64] = if spill.is_empty() {
+            &mut small[..len]
+        } else {
+            spill.extend_from_slice(&small);
+            &mut spill
+        };
         if k == 0 || frees.len() < k {
             return None;
         }
@@ -636,10 +715,14 @@ impl<'s> FreeIndex<'s> {
         };
         let model = self.gpus[first as usize].model;
         let p = pool_id(model, self.nodes[n as usize].view.disk_pressure);
-        let before: Vec<Option<u64>> = self.pools[p]
+        // Sets of other group values do not hold this node.
+        let before: Vec<Option<Option<u64>>> = self.pools[p]
             .multi
             .iter()
-            .map(|m| self.kth_free(n, model, m.exclusive, m.k))
+            .map(|m| {
+                self.in_group(n, m.group)
+                    .then(|| self.kth_free(n, model, m.exclusive, m.k))
+            })
             .collect();
         for &slot in slots {
             let g = &self.gpus[slot as usize];
@@ -658,6 +741,9 @@ impl<'s> FreeIndex<'s> {
             }
         }
         for (m, old) in before.into_iter().enumerate() {
+            let Some(old) = old else {
+                continue;
+            };
             let (me, k) = (self.pools[p].multi[m].exclusive, self.pools[p].multi[m].k);
             let new = self.kth_free(n, model, me, k);
             if new == old {

@@ -425,9 +425,9 @@ pub(crate) struct Ask<'q> {
     pub filters: Filters,
     /// Search strategy.
     pub search: Search,
-    /// Gang members: only nodes with this (label, value) (see
-    /// [`crate::gang`]).
-    pub group: Option<(String, String)>,
+    /// Gang members: only nodes with this label value (see
+    /// [`crate::gang`] and [`FreeIndex::group_table`]).
+    pub group: Option<crate::index::Group>,
 }
 
 /// Which dynamic filters a query applies; all on for placement.
