@@ -52,8 +52,10 @@ pub(crate) struct GpuSlot {
     pub free: u64,
     /// Gantry jobs holding reservations.
     pub jobs: u32,
-    /// Held by an exclusive job.
+    /// Held by an exclusive job, or unhealthy.
     pub exclusive: bool,
+    /// Unhealthy: no job, even once its holders are preempted.
+    pub unhealthy: bool,
 }
 
 /// The two sets a usable GPU can be in.
@@ -244,6 +246,7 @@ impl<'s> FreeIndex<'s> {
                     jobs: g.jobs,
                     // An unhealthy GPU admits no job, like an exclusively held one.
                     exclusive: g.exclusive || g.unhealthy,
+                    unhealthy: g.unhealthy,
                 });
             }
             nodes.push(NodeSlot {
@@ -348,6 +351,30 @@ impl<'s> FreeIndex<'s> {
     /// The value a group stands for ("" = nodes without the label).
     pub fn group_value(&self, (table, value): Group) -> &'s str {
         self.groups[table as usize].values[value as usize]
+    }
+
+    /// Which of the pass's models (by model number) `wanted` accepts.
+    pub fn accepted_models(&self, wanted: &[String]) -> Vec<bool> {
+        self.models
+            .iter()
+            .map(|m| GpuModelChecker::matches(m, wanted))
+            .collect()
+    }
+
+    /// Whether node `n` has at least `k` GPUs of one accepted model, in use
+    /// or not.
+    pub fn has_gpus(&self, n: u32, accepted: &[bool], k: u32) -> bool {
+        if k == 0 {
+            return true;
+        }
+        let slots = &self.gpus[self.nodes[n as usize].gpus.start as usize
+            ..self.nodes[n as usize].gpus.end as usize];
+        slots.iter().enumerate().any(|(i, g)| {
+            accepted[g.model as usize]
+                // First GPU of its model on the node: count that model.
+                && !slots[..i].iter().any(|o| o.model == g.model)
+                && slots.iter().filter(|o| o.model == g.model).count() >= k as usize
+        })
     }
 
     fn in_group(&self, n: u32, group: Option<Group>) -> bool {
