@@ -71,6 +71,7 @@ impl Default for CiConfig {
                 naive_passes: 2,
                 // No gangs: the workload the baseline was recorded on.
                 gang_fraction: 0.0,
+                urgent_fraction: 0.0,
             },
             slowdown: 1.0,
         }

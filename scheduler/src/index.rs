@@ -37,6 +37,9 @@ pub(crate) struct NodeSlot<'s> {
     /// Chosen for a member of the gang being placed: its other members
     /// must go elsewhere (set and cleared by [`crate::gang`]).
     pub taken_by_gang: bool,
+    /// Below the pass's resource floor: no job of the pass fits, so its
+    /// GPUs are in no ordered set.
+    pub pruned: bool,
 }
 
 /// One GPU during a pass.
@@ -141,7 +144,8 @@ struct Pool {
     pressured: bool,
     shared: BTreeSet<u128>,
     idle: BTreeSet<u128>,
-    /// Nodes with GPUs in this pool, health order.
+    /// Nodes with GPUs in this pool, health order (pruned ones included
+    /// once pruned during the pass).
     nodes: Vec<u32>,
     multi: Vec<Multi>,
 }
@@ -168,6 +172,11 @@ impl Pool {
 pub(crate) struct FreeIndex<'s> {
     pub snapshot: &'s ClusterSnapshot,
     pub pressure: DiskPressureChecker<'s>,
+    /// The least host resources any job of the pass asks.
+    floor: HostFree,
+    /// Some node was pruned: a search that ignores host resources (the
+    /// reason finder's) must scan the nodes, not the sets.
+    any_pruned: bool,
     granularity: u64,
     nodes: Vec<NodeSlot<'s>>,
     gpus: Vec<GpuSlot>,
@@ -213,7 +222,12 @@ fn pick(best: &mut Option<u128>, candidate: u128, dir: Dir) {
 impl<'s> FreeIndex<'s> {
     /// Builds the index for one pass. `with_labels` also builds the label
     /// postings (only worth it when some job has label constraints).
-    pub fn build(snapshot: &'s ClusterSnapshot, with_labels: bool) -> Self {
+    ///
+    /// `floor` is the least host resources any job of the queue asks, per
+    /// resource: a node left with less than that of one takes no job of
+    /// the pass, so its GPUs leave the ordered sets and searches stop
+    /// visiting it (see [`FreeIndex::reserve`]).
+    pub fn build(snapshot: &'s ClusterSnapshot, with_labels: bool, floor: HostFree) -> Self {
         let policy = &snapshot.policy;
         let headroom = policy.gpu_headroom;
         let admitted: Vec<&NodeView> = snapshot
@@ -222,12 +236,15 @@ impl<'s> FreeIndex<'s> {
             .filter(|n| NodeStateChecker::admits(n, snapshot.now_ms).is_ok())
             .collect();
         let order = HealthScorer::rank(&admitted);
-        let mut models: Vec<&str> = admitted
-            .iter()
-            .flat_map(|n| n.gpus.iter().map(|g| g.model.as_str()))
-            .collect();
+        // A fleet has a handful of models: dedup as they come rather than
+        // sort one name per GPU.
+        let mut models: Vec<&str> = Vec::new();
+        for g in admitted.iter().flat_map(|n| &n.gpus) {
+            if !models.contains(&g.model.as_str()) {
+                models.push(g.model.as_str());
+            }
+        }
         models.sort_unstable();
-        models.dedup();
 
         let mut nodes = Vec::with_capacity(order.len());
         let mut gpus = Vec::new();
@@ -249,11 +266,13 @@ impl<'s> FreeIndex<'s> {
                     unhealthy: g.unhealthy,
                 });
             }
+            let free = HostFree::of(view);
             nodes.push(NodeSlot {
                 view,
                 gpus: start..gpus.len() as u32,
-                free: HostFree::of(view),
+                free,
                 taken_by_gang: false,
+                pruned: !ResourceChecker::fits_free(&free, &floor),
             });
         }
 
@@ -271,7 +290,11 @@ impl<'s> FreeIndex<'s> {
         let mut shared: Vec<Vec<u128>> = vec![Vec::new(); pools.len()];
         let mut idle: Vec<Vec<u128>> = vec![Vec::new(); pools.len()];
         for (slot, g) in gpus.iter().enumerate() {
-            let p = pool_id(g.model, nodes[g.node as usize].view.disk_pressure);
+            let node = &nodes[g.node as usize];
+            if node.pruned {
+                continue;
+            }
+            let p = pool_id(g.model, node.view.disk_pressure);
             if pools[p].nodes.last() != Some(&g.node) {
                 pools[p].nodes.push(g.node);
             }
@@ -308,9 +331,12 @@ impl<'s> FreeIndex<'s> {
             }
         }
 
+        let any_pruned = nodes.iter().any(|n| n.pruned);
         FreeIndex {
             snapshot,
             pressure: DiskPressureChecker::new(policy),
+            floor,
+            any_pruned,
             granularity,
             nodes,
             gpus,
@@ -410,7 +436,7 @@ impl<'s> FreeIndex<'s> {
     /// labels cheap (scan the few nodes that carry them rather than skip
     /// through the whole index).
     pub fn restriction(&self, ask: &Ask<'_>) -> Restrict {
-        if ask.search == Search::FullScan {
+        if ask.search == Search::FullScan || (!ask.filters.resources && self.any_pruned) {
             return Restrict::Nodes((0..self.nodes.len() as u32).collect());
         }
         let wanted = &ask.job.constraints.labels;
@@ -650,7 +676,7 @@ impl<'s> FreeIndex<'s> {
         let mut keys: Vec<u128> = self.pools[p]
             .nodes
             .iter()
-            .filter(|&&n| self.in_group(n, group))
+            .filter(|&&n| !self.nodes[n as usize].pruned && self.in_group(n, group))
             .filter_map(|&n| {
                 let f = self.kth_free(n, model, exclusive, k)?;
                 Some(key(self.bucket(f), n))
@@ -782,6 +808,46 @@ impl<'s> FreeIndex<'s> {
             }
             if let Some(f) = new {
                 set.insert(key(f / self.granularity, n));
+            }
+        }
+        if !ResourceChecker::fits_free(&self.nodes[n as usize].free, &self.floor) {
+            self.prune(n);
+        }
+    }
+
+    /// Takes node `n`'s GPUs out of every ordered set: no job of the pass
+    /// fits its host resources any more.
+    fn prune(&mut self, n: u32) {
+        let node = &mut self.nodes[n as usize];
+        node.pruned = true;
+        self.any_pruned = true;
+        let pressured = node.view.disk_pressure;
+        for slot in node.gpus.clone() {
+            let g = &self.gpus[slot as usize];
+            let p = pool_id(g.model, pressured);
+            if let Some(set) = g.set() {
+                let k = key(self.bucket(g.free), slot);
+                self.pools[p].set_mut(set).remove(&k);
+            }
+        }
+        let mut models: Vec<u32> = Vec::new();
+        for slot in self.nodes[n as usize].gpus.clone() {
+            let model = self.gpus[slot as usize].model;
+            if !models.contains(&model) {
+                models.push(model);
+            }
+        }
+        for model in models {
+            let p = pool_id(model, pressured);
+            for m in 0..self.pools[p].multi.len() {
+                let multi = &self.pools[p].multi[m];
+                if !self.in_group(n, multi.group) {
+                    continue;
+                }
+                if let Some(f) = self.kth_free(n, model, multi.exclusive, multi.k) {
+                    let k = key(self.bucket(f), n);
+                    self.pools[p].multi[m].set.remove(&k);
+                }
             }
         }
     }
