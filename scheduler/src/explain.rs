@@ -209,7 +209,10 @@ fn empty_fleet_text(index: &FreeIndex<'_>, ask: &Ask<'_>) -> String {
         format!("{} ", first_few(job.constraints.gpu_models.iter(), "/"))
     };
     let accepted = index.accepted_models(&job.constraints.gpu_models);
-    if !labeled.iter().any(|&n| index.has_gpus(n, &accepted, ask.gpus)) {
+    if !labeled
+        .iter()
+        .any(|&n| index.has_gpus(n, &accepted, ask.gpus))
+    {
         return format!("no eligible node has {} {models}GPU(s)", ask.gpus);
     }
     if ask.exclusive {

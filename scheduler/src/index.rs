@@ -174,9 +174,10 @@ pub(crate) struct FreeIndex<'s> {
     pub pressure: DiskPressureChecker<'s>,
     /// The least host resources any job of the pass asks.
     floor: HostFree,
-    /// Some node was pruned: a search that ignores host resources (the
-    /// reason finder's) must scan the nodes, not the sets.
-    any_pruned: bool,
+    /// Nodes pruned in this pass (health order at build, then in the
+    /// order they were pruned): a search that ignores host resources (the
+    /// reason finder's) also scans these, as they are in no set.
+    pruned: Vec<u32>,
     granularity: u64,
     nodes: Vec<NodeSlot<'s>>,
     gpus: Vec<GpuSlot>,
@@ -331,12 +332,14 @@ impl<'s> FreeIndex<'s> {
             }
         }
 
-        let any_pruned = nodes.iter().any(|n| n.pruned);
+        let pruned = (0..nodes.len() as u32)
+            .filter(|&n| nodes[n as usize].pruned)
+            .collect();
         FreeIndex {
             snapshot,
             pressure: DiskPressureChecker::new(policy),
             floor,
-            any_pruned,
+            pruned,
             granularity,
             nodes,
             gpus,
@@ -393,8 +396,8 @@ impl<'s> FreeIndex<'s> {
         if k == 0 {
             return true;
         }
-        let slots = &self.gpus[self.nodes[n as usize].gpus.start as usize
-            ..self.nodes[n as usize].gpus.end as usize];
+        let slots = &self.gpus
+            [self.nodes[n as usize].gpus.start as usize..self.nodes[n as usize].gpus.end as usize];
         slots.iter().enumerate().any(|(i, g)| {
             accepted[g.model as usize]
                 // First GPU of its model on the node: count that model.
@@ -436,7 +439,7 @@ impl<'s> FreeIndex<'s> {
     /// labels cheap (scan the few nodes that carry them rather than skip
     /// through the whole index).
     pub fn restriction(&self, ask: &Ask<'_>) -> Restrict {
-        if ask.search == Search::FullScan || (!ask.filters.resources && self.any_pruned) {
+        if ask.search == Search::FullScan {
             return Restrict::Nodes((0..self.nodes.len() as u32).collect());
         }
         let wanted = &ask.job.constraints.labels;
@@ -525,6 +528,12 @@ impl<'s> FreeIndex<'s> {
     /// The best GPUs for `ask` under `query`, or `None`.
     pub fn search(&mut self, ask: &Ask<'_>, query: Query, restrict: &Restrict) -> Option<Found> {
         let pools = self.pools_for(ask);
+        // Pruned nodes are in no set: a search that ignores host resources
+        // scans them besides.
+        let extra = (matches!(restrict, Restrict::All)
+            && !ask.filters.resources
+            && !self.pruned.is_empty())
+        .then(|| Restrict::Nodes(self.pruned.clone()));
         if ask.gpus == 1 {
             let sets: &[GpuSet] = if ask.exclusive {
                 &[GpuSet::Idle]
@@ -535,6 +544,11 @@ impl<'s> FreeIndex<'s> {
             for &set in sets {
                 for &p in &pools {
                     if let Some(k) = self.query_gpu(p, set, ask, query, restrict) {
+                        pick(&mut best, k, query.dir);
+                    }
+                    if let Some(extra) = &extra
+                        && let Some(k) = self.query_gpu(p, set, ask, query, extra)
+                    {
                         pick(&mut best, k, query.dir);
                     }
                 }
@@ -552,10 +566,17 @@ impl<'s> FreeIndex<'s> {
         }
         let mut best: Option<(u128, usize)> = None;
         for &p in &pools {
-            if let Some(k) = self.query_multi(p, ask, query, restrict)
-                && best.is_none_or(|(b, _)| better(k, b, query.dir))
-            {
-                best = Some((k, p));
+            let found = [
+                self.query_multi(p, ask, query, restrict),
+                match &extra {
+                    Some(extra) => self.query_multi(p, ask, query, extra),
+                    None => None,
+                },
+            ];
+            for k in found.into_iter().flatten() {
+                if best.is_none_or(|(b, _)| better(k, b, query.dir)) {
+                    best = Some((k, p));
+                }
             }
         }
         let (k, p) = best?;
@@ -820,7 +841,7 @@ impl<'s> FreeIndex<'s> {
     fn prune(&mut self, n: u32) {
         let node = &mut self.nodes[n as usize];
         node.pruned = true;
-        self.any_pruned = true;
+        self.pruned.push(n);
         let pressured = node.view.disk_pressure;
         for slot in node.gpus.clone() {
             let g = &self.gpus[slot as usize];

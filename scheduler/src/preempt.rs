@@ -115,7 +115,9 @@ impl<'s> Preemptor<'s> {
             let n = n as u32;
             let slot = index.node(n);
             let view = slot.view;
-            if (slot.gpus.len() as u32) < ask.gpus
+            // Nodes without enough GPUs of an accepted model are no
+            // candidates whatever runs there.
+            if !index.has_gpus(n, &accepted, ask.gpus)
                 || !LabelChecker::matches(view, &job.constraints.labels)
                 || (pressure.applies_to(job.kind) && pressure.blocks(view, job.kind))
             {
@@ -136,7 +138,9 @@ impl<'s> Preemptor<'s> {
             if !fit.fits(n, &candidates) {
                 continue;
             }
-            if let Some(choice) = self.best_on(&fit, n, &candidates)
+            // A set larger than the best so far cannot win (fewest first).
+            let most = best.as_ref().map_or(usize::MAX, |(_, b)| b.count);
+            if let Some(choice) = self.best_on(&fit, n, &candidates, most)
                 && best.as_ref().is_none_or(|(_, b)| choice < *b)
             {
                 best = Some((n, choice));
@@ -156,8 +160,15 @@ impl<'s> Preemptor<'s> {
         })
     }
 
-    /// The best set on node `n`: the smallest, then by rank.
-    fn best_on(&self, fit: &Fit<'_, '_>, n: u32, candidates: &[&RunningJob]) -> Option<Choice> {
+    /// The best set on node `n` of at most `most` jobs: the smallest, then
+    /// by rank.
+    fn best_on(
+        &self,
+        fit: &Fit<'_, '_>,
+        n: u32,
+        candidates: &[&RunningJob],
+        most: usize,
+    ) -> Option<Choice> {
         let index = fit.index;
         let now = self.snapshot.now_ms;
         let name = &index.node(n).view.name;
@@ -172,7 +183,7 @@ impl<'s> Preemptor<'s> {
             victims: set.iter().map(|v| v.id).collect(),
         };
         let exact = &candidates[..candidates.len().min(CANDIDATES)];
-        for size in 1..=EXACT_UP_TO.min(exact.len()) {
+        for size in 1..=EXACT_UP_TO.min(exact.len()).min(most) {
             let mut best: Option<Choice> = None;
             for_each_subset(exact, size, &mut |set| {
                 if fit.fits(n, set) {
@@ -187,7 +198,7 @@ impl<'s> Preemptor<'s> {
             }
         }
         // Larger sets: candidates in order until it fits.
-        (EXACT_UP_TO + 1..=candidates.len())
+        (EXACT_UP_TO + 1..=candidates.len().min(most))
             .find(|&k| fit.fits(n, &candidates[..k]))
             .map(|k| rank(&candidates[..k]))
     }
