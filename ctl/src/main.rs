@@ -255,6 +255,11 @@ enum Command {
         /// Node labels, e.g. provider=lambda (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Ports `MASTER_PORT` is chosen from for gangs whose rank 0 runs
+        /// here, LOW-HIGH inclusive (default 29500-29999). Registered as
+        /// the node label gantry-master-port-range.
+        #[arg(long, value_parser = parse_master_port_range)]
+        master_port_range: Option<String>,
         /// Fake GPUs instead of NVML, e.g. 2xH100-80GiB,1xRTX4090-24GiB.
         #[arg(long)]
         fake_gpus: Option<String>,
@@ -709,6 +714,31 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
 }
 
+/// `--master-port-range LOW-HIGH`, checked as the coordinator reads it.
+fn parse_master_port_range(text: &str) -> Result<String, String> {
+    gantry_coordinator::domain::parse_port_range(text)?;
+    Ok(text.trim().to_string())
+}
+
+/// The agent's labels: `--label`s, and `--master-port-range` as its label
+/// (which `--label` may not set besides).
+fn agent_labels(
+    labels: Vec<(String, String)>,
+    master_port_range: Option<String>,
+) -> Result<BTreeMap<String, String>, String> {
+    use gantry_coordinator::domain::MASTER_PORTS_LABEL;
+    let mut labels: BTreeMap<String, String> = labels.into_iter().collect();
+    if labels.contains_key(MASTER_PORTS_LABEL) {
+        return Err(format!(
+            "--label {MASTER_PORTS_LABEL}: set by --master-port-range, not as a label"
+        ));
+    }
+    if let Some(range) = master_port_range {
+        labels.insert(MASTER_PORTS_LABEL.to_string(), range);
+    }
+    Ok(labels)
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -943,6 +973,7 @@ async fn cli_main() -> ExitCode {
             address,
             data_dir,
             labels,
+            master_port_range,
             fake_gpus,
             probe,
             stop_jobs_on_exit,
@@ -952,6 +983,10 @@ async fn cli_main() -> ExitCode {
             if probe {
                 return probe_gpus(fake_gpus);
             }
+            let labels = match agent_labels(labels, master_port_range) {
+                Ok(labels) => labels,
+                Err(error) => return fail(CliError::invalid(error)),
+            };
             let security = match agent_security(security, &coordinators) {
                 Ok(security) => security,
                 Err(error) => return fail(CliError::invalid(error)),
@@ -967,7 +1002,7 @@ async fn cli_main() -> ExitCode {
                     .map(String::from)
                     .collect(),
                 data_dir,
-                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                labels,
                 fake_gpus,
                 stop_jobs_on_exit,
             };

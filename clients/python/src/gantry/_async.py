@@ -100,6 +100,9 @@ class AsyncClient(Endpoints):
     async def undrain(self, node: str) -> None:
         await self._send(_calls.undrain(node))
 
+    async def gpu_reset(self, node: str, gpu: int) -> None:
+        await self._send(_calls.gpu_reset(node, gpu))
+
     async def job(self, id: int) -> Job:
         return await self._send(_calls.job(id))
 

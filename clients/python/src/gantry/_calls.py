@@ -83,6 +83,12 @@ def undrain(node: str) -> Call[None]:
     return Call("POST", f"/v1/nodes/{_segment(node)}/undrain", _nothing)
 
 
+def gpu_reset(node: str, gpu: int) -> Call[None]:
+    # The coordinator checks the index (a number, 0 or more) and names
+    # `gpu` when it is not one.
+    return Call("POST", f"/v1/nodes/{_segment(node)}/gpus/{int(gpu)}/reset", _nothing)
+
+
 def job(id: int) -> Call[Job]:
     return Call("GET", f"/v1/jobs/{int(id)}", Job.from_json)
 

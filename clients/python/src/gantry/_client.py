@@ -110,6 +110,11 @@ class Client(Endpoints):
         """Returns a node to service (admin)."""
         self._send(_calls.undrain(node))
 
+    def gpu_reset(self, node: str, gpu: int) -> None:
+        """Clears GPU ``gpu`` of ``node``'s fault so it takes placements
+        again, as ``gantry gpu reset`` (admin)."""
+        self._send(_calls.gpu_reset(node, gpu))
+
     def job(self, id: int) -> Job:
         """One job with its attempts."""
         return self._send(_calls.job(id))
