@@ -188,6 +188,8 @@ pub(crate) struct FreeIndex<'s> {
     labels: HashMap<(&'s str, &'s str), Vec<u32>, FxBuild>,
     /// Label value tables for gangs' `same_label`.
     groups: Vec<GroupTable<'s>>,
+    /// The pools of the current search, kept between searches.
+    pool_buffer: Vec<usize>,
 }
 
 fn key(bucket: u64, id: u32) -> u128 {
@@ -347,6 +349,7 @@ impl<'s> FreeIndex<'s> {
             pools,
             labels,
             groups: Vec::new(),
+            pool_buffer: Vec::new(),
         }
     }
 
@@ -475,11 +478,13 @@ impl<'s> FreeIndex<'s> {
         ask.filters.pressure && self.pressure.uses_node_flag(ask.kind())
     }
 
-    /// Pools whose model the job accepts and whose pressure it tolerates.
-    pub fn pools_for(&self, ask: &Ask<'_>) -> Vec<usize> {
+    /// Pools whose model the job accepts and whose pressure it tolerates,
+    /// written into `out` (cleared first; one buffer per search, not one
+    /// allocation per job).
+    fn pools_for(&self, ask: &Ask<'_>, out: &mut Vec<usize>) {
         let skip = self.skips_pressured(ask);
         let wanted = &ask.job.constraints.gpu_models;
-        let mut out = Vec::new();
+        out.clear();
         for (m, name) in self.models.iter().enumerate() {
             if GpuModelChecker::matches(name, wanted) {
                 out.push(pool_id(m as u32, false));
@@ -488,7 +493,6 @@ impl<'s> FreeIndex<'s> {
                 }
             }
         }
-        out
     }
 
     /// The per-node checks the pools cannot express: host resources,
@@ -527,7 +531,20 @@ impl<'s> FreeIndex<'s> {
 
     /// The best GPUs for `ask` under `query`, or `None`.
     pub fn search(&mut self, ask: &Ask<'_>, query: Query, restrict: &Restrict) -> Option<Found> {
-        let pools = self.pools_for(ask);
+        let mut pools = std::mem::take(&mut self.pool_buffer);
+        self.pools_for(ask, &mut pools);
+        let found = self.search_pools(ask, query, restrict, &pools);
+        self.pool_buffer = pools;
+        found
+    }
+
+    fn search_pools(
+        &mut self,
+        ask: &Ask<'_>,
+        query: Query,
+        restrict: &Restrict,
+        pools: &[usize],
+    ) -> Option<Found> {
         // Pruned nodes are in no set: a search that ignores host resources
         // scans them besides.
         let extra = (matches!(restrict, Restrict::All)
@@ -542,7 +559,7 @@ impl<'s> FreeIndex<'s> {
             };
             let mut best = None;
             for &set in sets {
-                for &p in &pools {
+                for &p in pools {
                     if let Some(k) = self.query_gpu(p, set, ask, query, restrict) {
                         pick(&mut best, k, query.dir);
                     }
@@ -565,7 +582,7 @@ impl<'s> FreeIndex<'s> {
             });
         }
         let mut best: Option<(u128, usize)> = None;
-        for &p in &pools {
+        for &p in pools {
             let found = [
                 self.query_multi(p, ask, query, restrict),
                 match &extra {
