@@ -57,6 +57,10 @@ pub struct RunReport {
     pub waiting: usize,
     /// Time spent inside the planner.
     pub planning: Duration,
+    /// CPU time the planner ran (`None` where the thread's CPU time cannot
+    /// be read): on a shared machine, wall time also counts the time other
+    /// processes held the CPU.
+    pub planning_cpu: Option<Duration>,
     /// Each pass's duration, in order.
     pub pass_times: Vec<Duration>,
     /// Reserved / total GPU memory at the end.
@@ -72,6 +76,12 @@ impl RunReport {
     /// Placements per second of planner time.
     pub fn placements_per_s(&self) -> f64 {
         self.placements as f64 / self.planning.as_secs_f64().max(1e-9)
+    }
+
+    /// Placements per second of planner CPU time.
+    pub fn placements_per_cpu_s(&self) -> Option<f64> {
+        self.planning_cpu
+            .map(|cpu| self.placements as f64 / cpu.as_secs_f64().max(1e-9))
     }
 
     /// The `q` quantile (nearest rank) of pass time, in ms.
@@ -92,6 +102,7 @@ impl RunReport {
             "waiting": self.waiting,
             "planning_s": self.planning.as_secs_f64(),
             "placements_per_s": self.placements_per_s(),
+            "placements_per_cpu_s": self.placements_per_cpu_s(),
             "pass_p50_ms": self.pass_ms(0.5),
             "pass_p99_ms": self.pass_ms(0.99),
             "pass_max_ms": self.pass_ms(1.0),
@@ -127,6 +138,7 @@ impl SchedReport {
             "urgent_fraction": c.urgent_fraction,
             "pass_budget": c.pass_budget,
             "placements_per_s": self.indexed.placements_per_s(),
+            "placements_per_cpu_s": self.indexed.placements_per_cpu_s(),
             "pass_p99_ms": self.indexed.pass_ms(0.99),
             "gpu_memory_utilisation": self.indexed.memory_utilisation,
             "indexed": self.indexed.to_json(),
@@ -148,7 +160,7 @@ impl SchedReport {
         format!(
             "{:.0} placements/s\n\
              gantry-bench sched: {} nodes x {} GPUs, {} jobs ({:.0}% gang members, {:.0}% urgent late), seed {}, pass budget {}\n\
-             indexed: {} placed in {} passes ({:.3} s planning), {} waiting, {} preemptions decided\n\
+             indexed: {} placed in {} passes ({:.3} s planning, {}), {} waiting, {} preemptions decided\n\
              pass time: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n\
              GPU memory reserved: {:.1}%, GPUs busy: {:.1}%\n\
              naive first-fit ({} passes): {:.0} placements/s, pass p99 {:.1} ms, {} placed, memory reserved {:.1}%\n\
@@ -164,6 +176,10 @@ impl SchedReport {
             i.placements,
             i.passes,
             i.planning.as_secs_f64(),
+            i.placements_per_cpu_s().map_or_else(
+                || "CPU time unknown".to_string(),
+                |r| format!("{r:.0} placements per CPU second")
+            ),
             i.waiting,
             i.preemptions,
             i.pass_ms(0.5),
@@ -275,6 +291,7 @@ fn drive_with(
         placements: 0,
         waiting: queue.len(),
         planning: Duration::ZERO,
+        planning_cpu: Some(Duration::ZERO),
         pass_times: Vec::new(),
         memory_utilisation: 0.0,
         gpus_busy: 0.0,
@@ -286,9 +303,14 @@ fn drive_with(
         .map(|j| (j.id, j.clone()))
         .collect();
     while report.passes < max_passes && !queue.is_empty() {
+        let cpu_start = crate::ci::cpu_now().ok();
         let start = Instant::now();
         let out = planner(&snapshot, &queue);
         let elapsed = start.elapsed();
+        report.planning_cpu = match (report.planning_cpu, cpu_start, crate::ci::cpu_now().ok()) {
+            (Some(total), Some(from), Some(to)) => Some(total + to.saturating_sub(from)),
+            _ => None,
+        };
         report.passes += 1;
         report.planning += elapsed;
         report.pass_times.push(elapsed);
@@ -531,6 +553,13 @@ mod tests {
             report.indexed.memory_utilisation > 0.0 && report.indexed.memory_utilisation <= 1.0
         );
         assert!(report.naive.passes <= 2);
+        // Linux: the planner's CPU time is read per pass.
+        assert!(
+            report
+                .indexed
+                .placements_per_cpu_s()
+                .is_some_and(|r| r > 0.0)
+        );
         let human = report.human();
         let headline = human.lines().next().unwrap_or_default();
         assert!(headline.ends_with(" placements/s"), "{headline}");

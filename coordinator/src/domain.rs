@@ -138,7 +138,9 @@ pub fn master_ports(
 ) -> Result<std::ops::RangeInclusive<u16>, String> {
     match labels.get(MASTER_PORTS_LABEL) {
         None => Ok(GANG_PORT_BASE..=GANG_PORT_BASE + (GANG_PORTS - 1)),
-        Some(text) => parse_port_range(text).map_err(|e| format!("label {MASTER_PORTS_LABEL}: {e}")),
+        Some(text) => {
+            parse_port_range(text).map_err(|e| format!("label {MASTER_PORTS_LABEL}: {e}"))
+        }
     }
 }
 

@@ -207,7 +207,9 @@ fn master_ports_come_from_rank_0s_node_range() {
     let (applied, refused) = assign(&mut sm, vec![place(5, "e"), place(6, "d")]);
     assert!(applied.is_empty(), "{applied:?}");
     assert!(
-        refused[0].1.contains("node e's MASTER_PORT range: label gantry-master-port-range"),
+        refused[0]
+            .1
+            .contains("node e's MASTER_PORT range: label gantry-master-port-range"),
         "{refused:?}"
     );
 }

@@ -193,13 +193,14 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
             }));
             continue;
         }
-        let ask = match Ask::new(job, search) {
+        let mut ask = match Ask::new(job, search) {
             Ok(ask) => ask,
             Err(reason) => {
                 out.unplaced.push(hold(reason));
                 continue;
             }
         };
+        ask.group = index.label_group(&ask);
         let shape = Shape::of(&ask);
         if let Some(reason) = failed.get(&shape) {
             out.unplaced.push(hold(reason.clone()));
