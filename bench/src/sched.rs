@@ -237,7 +237,7 @@ fn urgent(queue: &mut Vec<JobRequest>, fraction: f64, seed: u64) -> Vec<JobReque
     if fraction <= 0.0 {
         return Vec::new();
     }
-    let mut rng = Rng::new(seed ^ 0x5eed_0f_1a7e);
+    let mut rng = Rng::new(seed ^ 0x005e_ed0f_1a7e);
     let per_million = (fraction.clamp(0.0, 1.0) * 1e6) as u64;
     let mut late = Vec::new();
     queue.retain(|job| {
