@@ -254,9 +254,16 @@ impl<'s> FreeIndex<'s> {
         for (rank, &i) in order.iter().enumerate() {
             let view = admitted[i];
             let start = gpus.len() as u32;
-            let mut devices: Vec<usize> = (0..view.gpus.len()).collect();
-            devices.sort_by_key(|&d| view.gpus[d].index);
-            for d in devices {
+            // GPUs come in device order from the agents: sort (and
+            // allocate) only when they do not.
+            let mut devices: Vec<usize> = Vec::new();
+            if !view.gpus.is_sorted_by_key(|g| g.index) {
+                devices.extend(0..view.gpus.len());
+                devices.sort_by_key(|&d| view.gpus[d].index);
+            }
+            let order =
+                (0..view.gpus.len()).map(|d| if devices.is_empty() { d } else { devices[d] });
+            for d in order {
                 let g = &view.gpus[d];
                 gpus.push(GpuSlot {
                     node: rank as u32,

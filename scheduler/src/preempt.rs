@@ -123,6 +123,13 @@ impl<'s> Preemptor<'s> {
             {
                 continue;
             }
+            // Every lower-priority job gone, before any is filtered out: if
+            // the job does not fit then, no subset makes it fit (a cheap
+            // test on a prefix of the sorted list, no copy).
+            let lower = running.partition_point(|v| v.priority < job.priority);
+            if !fit.fits(n, &running[..lower]) {
+                continue;
+            }
             candidates.clear();
             candidates.extend(
                 running
