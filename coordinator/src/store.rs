@@ -211,23 +211,39 @@ impl Store {
             &self.estimates,
             &self.meta,
         ] {
-            tree.clear()?;
+            // A replica that is new (the usual install) has nothing to clear.
+            if !tree.is_empty() {
+                tree.clear()?;
+            }
         }
-        let mut batch = sled::Batch::default();
-        for job in &snapshot.jobs {
-            batch.insert(&job.id.to_be_bytes(), records::encode_job(job));
-        }
-        self.jobs.apply_batch(batch)?;
+        // Jobs and events are nearly all of it, and sled's cost is per
+        // record (its tree updates, not the bytes): the two trees are
+        // written on two threads.
+        let events = std::thread::scope(|scope| {
+            let events = scope.spawn(|| {
+                let mut batch = sled::Batch::default();
+                for event in &snapshot.events {
+                    batch.insert(&event.index.to_be_bytes(), records::encode_event(event));
+                }
+                self.events.apply_batch(batch)
+            });
+            let mut batch = sled::Batch::default();
+            for job in &snapshot.jobs {
+                batch.insert(&job.id.to_be_bytes(), records::encode_job(job));
+            }
+            let jobs = self.jobs.apply_batch(batch);
+            // A panic on the other thread is a bug; it is passed on.
+            let events = events
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            jobs.and(events)
+        });
+        events?;
         let mut batch = sled::Batch::default();
         for node in &snapshot.nodes {
             batch.insert(node.name.as_bytes(), records::encode_node(node));
         }
         self.nodes.apply_batch(batch)?;
-        let mut batch = sled::Batch::default();
-        for event in &snapshot.events {
-            batch.insert(&event.index.to_be_bytes(), records::encode_event(event));
-        }
-        self.events.apply_batch(batch)?;
         let mut batch = sled::Batch::default();
         for (key, ids) in &snapshot.submissions {
             batch.insert(key.as_bytes(), records::encode_job_ids(ids));
