@@ -686,10 +686,9 @@ fn snapshot_bytes_decode_to_the_snapshot() {
     let changes = sm.take_changes();
     store.persist(&sm, &changes).expect("persist");
     let bytes = store.snapshot_bytes(&sm).expect("snapshot bytes");
-    let streamed = serde_json::to_value(
-        gantry_coordinator::store::decode_snapshot(&bytes).expect("decodes"),
-    )
-    .expect("value");
+    let streamed =
+        serde_json::to_value(gantry_coordinator::store::decode_snapshot(&bytes).expect("decodes"))
+            .expect("value");
     let whole = serde_json::to_value(store.snapshot(&sm).expect("snapshot")).expect("value");
     assert_eq!(streamed, whole);
     assert!(!whole["events"].as_array().expect("events").is_empty());

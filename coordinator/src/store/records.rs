@@ -144,8 +144,7 @@ pub fn job_to_storage(job: &JobRecord) -> st::JobRecord {
             size: g.size,
             port: u32::from(g.port),
         }),
-        run_policy: (!job.run_policy.is_default())
-            .then(|| run_policy_to_storage(&job.run_policy)),
+        run_policy: (!job.run_policy.is_default()).then(|| run_policy_to_storage(&job.run_policy)),
     }
 }
 

@@ -122,11 +122,9 @@ impl Store {
             let (_, value) = item?;
             if value.first() == Some(&b'{') {
                 // Stored by a JSON version: converted once here.
-                let event = records::decode_event(&value).map_err(|source| {
-                    StoreError::Record {
-                        tree: "events",
-                        source,
-                    }
+                let event = records::decode_event(&value).map_err(|source| StoreError::Record {
+                    tree: "events",
+                    source,
                 })?;
                 items.item(Item::Event(records::event_to_storage(&event)))?;
             } else {
