@@ -37,12 +37,21 @@ pub fn encode_job(job: &JobRecord) -> Vec<u8> {
     job_to_storage(job).encode_to_vec()
 }
 
-/// A stored job, binary or (from the JSON versions) JSON.
-pub fn decode_job(data: &[u8]) -> Result<JobRecord, CodecError> {
+/// A stored value, binary (the message `M`, converted by `from`) or, from
+/// the JSON versions, JSON.
+fn decode_stored<M: Message + Default, T: serde::de::DeserializeOwned>(
+    data: &[u8],
+    from: fn(M) -> Result<T, CodecError>,
+) -> Result<T, CodecError> {
     if is_json(data) {
         return Ok(serde_json::from_slice(data)?);
     }
-    job_from_storage(st::JobRecord::decode(data)?)
+    from(M::decode(data)?)
+}
+
+/// A stored job, binary or (from the JSON versions) JSON.
+pub fn decode_job(data: &[u8]) -> Result<JobRecord, CodecError> {
+    decode_stored(data, job_from_storage)
 }
 
 /// A node as stored.
@@ -52,10 +61,7 @@ pub fn encode_node(node: &NodeRecord) -> Vec<u8> {
 
 /// A stored node, binary or JSON.
 pub fn decode_node(data: &[u8]) -> Result<NodeRecord, CodecError> {
-    if is_json(data) {
-        return Ok(serde_json::from_slice(data)?);
-    }
-    node_from_storage(st::NodeRecord::decode(data)?)
+    decode_stored(data, node_from_storage)
 }
 
 /// An event as stored.
@@ -65,10 +71,7 @@ pub fn encode_event(event: &EventRecord) -> Vec<u8> {
 
 /// A stored event, binary or JSON.
 pub fn decode_event(data: &[u8]) -> Result<EventRecord, CodecError> {
-    if is_json(data) {
-        return Ok(serde_json::from_slice(data)?);
-    }
-    event_from_storage(st::EventRecord::decode(data)?)
+    decode_stored(data, event_from_storage)
 }
 
 /// A submission key's job ids as stored.
@@ -78,10 +81,7 @@ pub fn encode_job_ids(ids: &[JobId]) -> Vec<u8> {
 
 /// Stored job ids, binary or JSON (an empty list is empty bytes).
 pub fn decode_job_ids(data: &[u8]) -> Result<Vec<JobId>, CodecError> {
-    if is_json(data) {
-        return Ok(serde_json::from_slice(data)?);
-    }
-    Ok(st::JobIds::decode(data)?.ids)
+    decode_stored(data, |ids: st::JobIds| Ok(ids.ids))
 }
 
 /// The retention policy as stored (meta) and in snapshots.
