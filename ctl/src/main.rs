@@ -875,6 +875,7 @@ async fn cli_main() -> ExitCode {
                 Ok(gantry_coordinator::credentials::Loaded {
                     tls: loaded.tls,
                     http_tls: loaded.http_tls,
+                    peer_tls: loaded.peer_tls,
                     auth: loaded.auth,
                 })
             });
