@@ -286,3 +286,105 @@ fn a_restored_cluster_grows_by_raft_add() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `gantry raft remove` of the leader: refused in one line while another
+/// voter is dead (the two left would have one live voter), and under a
+/// submit load once it is back: the leader hands leadership to another
+/// voter first, which removes it; nothing acknowledged is lost and the two
+/// left keep serving.
+#[test]
+fn removing_the_leader_hands_leadership_over_first() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let mut set = sandbox.start_replicas(&[])?;
+    let old = wait_until("a leader", T, || sandbox.leader_of(&set))?;
+    let others: Vec<usize> = (1..=3).filter(|id| *id != old).collect();
+    let old_url = set.urls[old - 1].clone();
+
+    let dead = others[0];
+    let index = set.procs[dead - 1].take().expect("running");
+    sandbox.proc(index).kill9();
+    wait_until("the leader to see a follower silent", T, || {
+        let view = members(&sandbox, &old_url)?;
+        let silent = view["members"]
+            .as_array()?
+            .iter()
+            .any(|m| m["id"] == dead as u64 && m["last_contact_ms"].as_u64().unwrap_or(0) > 2000);
+        silent.then_some(())
+    })?;
+    let out = sandbox.gantry(&old_url, &["raft", "remove", &old.to_string()]);
+    ensure!(
+        out.code != 0
+            && out.stderr.contains("would lose quorum")
+            && out.stderr.trim().lines().count() == 1,
+        "{out:?}"
+    );
+    ensure!(
+        sandbox.leader_of(&set) == Some(old),
+        "the refusal moved leadership"
+    );
+    sandbox.start_replica(&mut set, dead)?;
+
+    let others_addrs = others
+        .iter()
+        .map(|id| set.urls[id - 1].clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let stop = AtomicBool::new(false);
+    let acknowledged = Mutex::new(Vec::new());
+    let all = set.addrs();
+    std::thread::scope(|scope| {
+        scope.spawn(|| submit_load(&all, &stop, &acknowledged));
+        let result = (|| -> anyhow::Result<()> {
+            wait_until("some load", T, || {
+                (acknowledged.lock().expect("lock").len() >= 20).then_some(())
+            })?;
+            let out = sandbox.gantry(&all, &["raft", "remove", &old.to_string()]);
+            ensure!(out.code == 0, "{out:?}");
+            ensure!(
+                out.stdout.contains(&format!("removed replica {old}")),
+                "{}",
+                out.stdout
+            );
+            let view = wait_until("members", T, || members(&sandbox, &others_addrs))?;
+            let want: BTreeSet<u64> = others.iter().map(|id| *id as u64).collect();
+            ensure!(ids(&view) == want, "{view}");
+            let leads = view["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["leader"] == true)
+                .and_then(|m| m["id"].as_u64());
+            ensure!(leads.is_some_and(|id| want.contains(&id)), "{view}");
+            let count = acknowledged.lock().expect("lock").len();
+            wait_until("submits after the removal", T, || {
+                (acknowledged.lock().expect("lock").len() >= count + 10).then_some(())
+            })?;
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        result
+    })?;
+    let acknowledged = acknowledged.into_inner().expect("lock");
+    eprintln!(
+        "leader removal: {} submits acknowledged",
+        acknowledged.len()
+    );
+
+    // Nothing acknowledged lost on the replicas left; every replica's
+    // storage agrees.
+    for id in 1..=3 {
+        sandbox.stop_replica(&mut set, id);
+    }
+    let replicas = read_replicas(&set.dirs)?;
+    check_replicas(&replicas)?;
+    for replica in replicas.iter().filter(|r| r.dir != set.dirs[old - 1]) {
+        let have: BTreeSet<u64> = replica.jobs.iter().map(|j| j.id).collect();
+        let lost: Vec<u64> = acknowledged
+            .iter()
+            .copied()
+            .filter(|id| !have.contains(id))
+            .collect();
+        assert!(lost.is_empty(), "{}: lost {lost:?}", replica.dir.display());
+    }
+    Ok(())
+}

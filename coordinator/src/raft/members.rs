@@ -18,7 +18,7 @@ use super::RaftError;
 use super::membership::{
     BookStore, Change, ClusterView, MemberBook, MemberInfo, MemberRole, MembersRequest,
     MembersView, MembershipError, PromotePolicy, Promotion, adds_new_member, book_after,
-    decide_add, decide_promotion, decide_remove, member_ids, promote,
+    decide_add, decide_handoff, decide_promotion, decide_remove, member_ids, promote,
 };
 use super::storage::SledRaftStorage;
 use super::transport::{PeerCheck, PeerSenders};
@@ -29,6 +29,17 @@ type Reply = oneshot::Sender<Result<MembersView, MembershipError>>;
 struct Waiting {
     term: u64,
     reply: Reply,
+}
+
+/// A request to remove this replica while it leads: leadership is being
+/// handed to `to`; once another replica leads, the request is answered
+/// with `NotLeader` naming it, and the client asks it to do the removal.
+struct Handoff {
+    to: u64,
+    reply: Reply,
+    /// Given up after this (raft-rs aborts a transfer after an election
+    /// timeout).
+    deadline: Instant,
 }
 
 /// See the module docs.
@@ -47,6 +58,8 @@ pub(crate) struct Members {
     /// Start of each learner's current caught-up stretch.
     caught_up: BTreeMap<u64, Instant>,
     waiting: BTreeMap<u64, Waiting>,
+    /// The removal of this replica, waiting for leadership to move.
+    handoff: Option<Handoff>,
     policy: PromotePolicy,
     /// A member heard from within this counts as alive (an election timeout).
     alive_within: Duration,
@@ -91,6 +104,7 @@ impl Members {
             contact: BTreeMap::new(),
             caught_up: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            handoff: None,
             policy: PromotePolicy::default(),
             alive_within,
             check,
@@ -198,6 +212,10 @@ impl Members {
             MembersRequest::Add { id, url, reply } => {
                 (self.decide(raw, |view| decide_add(view, id, &url)), reply)
             }
+            MembersRequest::Remove { id, reply } if id == self.id => {
+                self.hand_off(raw, reply);
+                return;
+            }
             MembersRequest::Remove { id, reply } => {
                 (self.decide(raw, |view| decide_remove(view, id)), reply)
             }
@@ -210,11 +228,71 @@ impl Members {
         }
     }
 
-    fn decide(
+    /// The removal of this replica while it leads: hands leadership to the
+    /// voter [`decide_handoff`] picks; [`Members::tick`] answers once
+    /// another replica leads (or the handoff timed out).
+    fn hand_off(&mut self, raw: &mut RawNode<SledRaftStorage>, reply: Reply) {
+        if self.handoff.is_some() {
+            let _ = reply.send(Err(MembershipError::Refused(
+                "a leadership handoff is already under way; retry once it is done".into(),
+            )));
+            return;
+        }
+        let matched: BTreeMap<u64, u64> = raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, p)| (*id, p.matched))
+            .collect();
+        match self.decide(raw, |view| decide_handoff(view, &matched)) {
+            Ok(to) => {
+                tracing::info!(
+                    id = self.id,
+                    to,
+                    "removing the leader: handing leadership over first"
+                );
+                raw.transfer_leader(to);
+                self.handoff = Some(Handoff {
+                    to,
+                    reply,
+                    deadline: Instant::now() + 3 * self.alive_within,
+                });
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    /// Answers a handoff once another replica leads, or when it took too
+    /// long (the removal is then not done).
+    fn tick_handoff(&mut self, raw: &RawNode<SledRaftStorage>) {
+        let Some(handoff) = self.handoff.take() else {
+            return;
+        };
+        let leader = raw.raft.leader_id;
+        if raw.raft.state != StateRole::Leader && leader != 0 && leader != self.id {
+            tracing::info!(
+                id = self.id,
+                leader,
+                "leadership handed over; the new leader removes this replica"
+            );
+            let _ = handoff.reply.send(Err(self.not_leader(raw)));
+        } else if Instant::now() >= handoff.deadline {
+            let _ = handoff.reply.send(Err(MembershipError::Unavailable(format!(
+                "leadership did not move to replica {} in time; nothing was removed, retry",
+                handoff.to
+            ))));
+        } else {
+            self.handoff = Some(handoff);
+        }
+    }
+
+    fn decide<T>(
         &self,
         raw: &RawNode<SledRaftStorage>,
-        decide: impl FnOnce(&ClusterView<'_>) -> Result<Change, MembershipError>,
-    ) -> Result<Change, MembershipError> {
+        decide: impl FnOnce(&ClusterView<'_>) -> Result<T, MembershipError>,
+    ) -> Result<T, MembershipError> {
         if raw.raft.state != StateRole::Leader {
             return Err(self.not_leader(raw));
         }
@@ -270,6 +348,7 @@ impl Members {
     /// fails the waiting requests of a replica that lost leadership or
     /// whose change was replaced.
     pub(crate) fn tick(&mut self, raw: &mut RawNode<SledRaftStorage>, applied: u64) {
+        self.tick_handoff(raw);
         let replaced: Vec<u64> = self.waiting.range(..=applied).map(|(i, _)| *i).collect();
         for index in replaced {
             if let Some(waiting) = self.waiting.remove(&index) {

@@ -386,9 +386,16 @@ pub fn decide_remove(view: &ClusterView<'_>, id: u64) -> Result<Change, Membersh
     }
     if id == view.leader {
         return Err(refused(format!(
-            "replica {id} leads: stop it (another replica takes over) and remove it from the new leader"
+            "replica {id} leads: it hands leadership over first (see decide_handoff)"
         )));
     }
+    check_voter_removal(view, id)?;
+    Ok(change)
+}
+
+/// What every removal of voter `id` needs: no other change under way, and
+/// enough live voters left for a majority of those left.
+fn check_voter_removal(view: &ClusterView<'_>, id: u64) -> Result<(), MembershipError> {
     if view.changing {
         return Err(refused(
             "another membership change is under way; retry once it has applied".into(),
@@ -403,7 +410,34 @@ pub fn decide_remove(view: &ClusterView<'_>, id: u64) -> Result<Change, Membersh
             left.len()
         )));
     }
-    Ok(change)
+    Ok(())
+}
+
+/// Removing the leader itself: it first hands leadership to the live
+/// voter whose log is furthest along (`matched`: each voter's match index;
+/// ties go to the lower id), and the new leader removes it. Refused as any
+/// voter's removal would be, and when no other voter is alive.
+pub fn decide_handoff(
+    view: &ClusterView<'_>,
+    matched: &BTreeMap<u64, u64>,
+) -> Result<u64, MembershipError> {
+    let id = view.leader;
+    if view.voters == [id] {
+        return Err(refused(format!(
+            "replica {id} is the last voter: removing it would leave no cluster"
+        )));
+    }
+    check_voter_removal(view, id)?;
+    view.voters
+        .iter()
+        .copied()
+        .filter(|v| *v != id && view.alive.contains(v))
+        .max_by_key(|v| (matched.get(v).copied().unwrap_or(0), std::cmp::Reverse(*v)))
+        .ok_or_else(|| {
+            refused(format!(
+                "replica {id} leads and no other voter is alive to take over"
+            ))
+        })
 }
 
 fn members(view: &ClusterView<'_>) -> Vec<u64> {
@@ -676,6 +710,78 @@ mod tests {
                 case_view.voters = &[1, 2];
             }
             check(case, decide_remove(&case_view, target));
+        }
+    }
+
+    #[test]
+    fn the_leader_hands_over_to_the_live_voter_furthest_along() {
+        // (case, matched by voter, expected target or refusal)
+        let base = |name, voters, alive, changing| Case {
+            name,
+            voters,
+            learners: &[],
+            alive,
+            changing,
+            expect: Ok(()),
+        };
+        type Matched = &'static [(u64, u64)];
+        let cases: [(Case, Matched, Result<u64, &str>); 7] = [
+            (
+                base("furthest along", &[1, 2, 3], &[1, 2, 3], false),
+                &[(2, 90), (3, 100)],
+                Ok(3),
+            ),
+            (
+                base("a tie goes to the lower id", &[1, 2, 3], &[1, 2, 3], false),
+                &[(2, 100), (3, 100)],
+                Ok(2),
+            ),
+            (
+                base(
+                    "a dead voter is passed over",
+                    &[1, 2, 3, 4, 5],
+                    &[1, 2, 3, 4],
+                    false,
+                ),
+                &[(2, 50), (3, 60), (4, 70), (5, 100)],
+                Ok(4),
+            ),
+            (
+                base("would lose quorum", &[1, 2, 3], &[1, 2], false),
+                &[(2, 100)],
+                Err("would lose quorum: 1 of the 2 voters left are alive, 2 are needed"),
+            ),
+            (
+                base("last voter", &[1], &[1], false),
+                &[],
+                Err("last voter"),
+            ),
+            (
+                base("during another change", &[1, 2, 3], &[1, 2, 3], true),
+                &[],
+                Err("another membership change"),
+            ),
+            (
+                base("nobody to take over", &[1, 2], &[1], false),
+                &[],
+                Err("would lose quorum"),
+            ),
+        ];
+        for (case, matched, expect) in cases {
+            let book = urls(case.voters);
+            let matched: BTreeMap<u64, u64> = matched.iter().copied().collect();
+            let got = decide_handoff(&view(&case, &book), &matched);
+            match (got, expect) {
+                (Ok(to), Ok(want)) => assert_eq!(to, want, "{}", case.name),
+                (Err(error), Err(fragment)) => {
+                    assert!(
+                        error.to_string().contains(fragment),
+                        "{}: {error}",
+                        case.name
+                    )
+                }
+                (got, want) => panic!("{}: got {got:?}, want {want:?}", case.name),
+            }
         }
     }
 

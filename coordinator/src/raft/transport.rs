@@ -285,6 +285,7 @@ impl RaftPeerService {
             id: self.id,
             // The envelope check reads only the id and the members.
             term: 0,
+            leader: 0,
             last_index: 0,
             voters: &voters,
             learners: &learners,
@@ -772,10 +773,10 @@ impl PeerTask {
 /// Resolves when the peer TLS changes; never without one (or once its
 /// sender is gone: nothing can change it any more).
 async fn tls_changed(tls: &mut Option<PeerTlsSource>) {
-    if let Some(tls) = tls {
-        if tls.changed().await.is_ok() {
-            return;
-        }
+    if let Some(tls) = tls
+        && tls.changed().await.is_ok()
+    {
+        return;
     }
     std::future::pending().await
 }
