@@ -65,6 +65,30 @@ pub async fn remove(id: u64, opts: crate::ClientOpts) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `gantry raft replace OLD NEW URL`: answered once the joint change
+/// that promotes NEW and removes OLD applied (NEW caught up first).
+pub async fn replace(
+    old: u64,
+    new: u64,
+    url: String,
+    opts: crate::ClientOpts,
+) -> Result<(), CliError> {
+    let mut client = client::connect(&opts).await?;
+    let view = client
+        .raft_replace_member(pb::RaftReplaceMemberRequest {
+            old_id: old,
+            new_id: new,
+            url,
+        })
+        .await?
+        .into_inner();
+    if opts.output == Format::Table {
+        outln!("replaced replica {old} by {new}");
+    }
+    print(&view, opts.output);
+    Ok(())
+}
+
 fn print(view: &pb::RaftMembersResponse, format: Format) {
     match format {
         Format::Json => crate::print_json(&serde_json::json!({

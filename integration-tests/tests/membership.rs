@@ -388,3 +388,111 @@ fn removing_the_leader_hands_leadership_over_first() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `gantry raft replace OLD NEW URL` of a dead voter under a submit load:
+/// the new replica is a learner until it has caught up, then one joint
+/// change (the leader's log shows the joint configuration, old voters
+/// outgoing) makes it a voter and removes the dead one; nothing
+/// acknowledged is lost.
+#[test]
+fn a_dead_voter_is_replaced_in_one_joint_change() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let mut set = sandbox.start_replicas(&["--raft-compact-after", "50"])?;
+    let leader = wait_until("a leader", T, || sandbox.leader_of(&set))?;
+    let followers: Vec<usize> = (1..=3).filter(|id| *id != leader).collect();
+    let (victim, second) = (followers[0], followers[1]);
+    let addrs = format!("{},{}", set.urls[leader - 1], set.urls[second - 1]);
+    let stop = AtomicBool::new(false);
+    let acknowledged = Mutex::new(Vec::new());
+    let (joiner, joiner_dir) = std::thread::scope(|scope| {
+        scope.spawn(|| submit_load(&addrs, &stop, &acknowledged));
+        let result = (|| -> anyhow::Result<(usize, PathBuf)> {
+            wait_until("some load", T, || {
+                (acknowledged.lock().expect("lock").len() >= 20).then_some(())
+            })?;
+            let index = set.procs[victim - 1].take().expect("running");
+            sandbox.proc(index).kill9();
+            wait_until("the leader to see the replica silent", T, || {
+                let view = members(&sandbox, &addrs)?;
+                let silent = view["members"].as_array()?.iter().any(|m| {
+                    m["id"] == victim as u64 && m["last_contact_ms"].as_u64().unwrap_or(0) > 2000
+                });
+                silent.then_some(())
+            })?;
+            let (joiner, joiner_url, joiner_dir) =
+                start_joiner(&mut sandbox, 4, &["--raft-compact-after", "50"])?;
+            let out = sandbox.gantry(
+                &addrs,
+                &["raft", "replace", &victim.to_string(), "4", &joiner_url],
+            );
+            ensure!(out.code == 0, "{out:?}");
+            ensure!(
+                out.stdout
+                    .contains(&format!("replaced replica {victim} by 4")),
+                "{}",
+                out.stdout
+            );
+            let want: BTreeSet<u64> = [leader as u64, second as u64, 4].into();
+            wait_until("the joint configuration to be left", T, || {
+                let view = members(&sandbox, &addrs)?;
+                (ids(&view) == want
+                    && role_of(&view, 4).as_deref() == Some("voter")
+                    && view["changing"] == false)
+                    .then_some(())
+            })?;
+            let count = acknowledged.lock().expect("lock").len();
+            wait_until("submits after the replacement", T, || {
+                (acknowledged.lock().expect("lock").len() >= count + 10).then_some(())
+            })?;
+            Ok((joiner, joiner_dir))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        result
+    })?;
+    // One joint change: the new voter and the old ones, outgoing, at once
+    // (a promotion then a removal would show no outgoing voters).
+    let index = set.procs[leader - 1].expect("leader runs");
+    let log = gantry_integration_tests::plain(&sandbox.log(&format!("replica-{leader}-{index}")));
+    let want: BTreeSet<u64> = [leader as u64, second as u64, 4].into();
+    let joint = |line: &str| {
+        let voters: Option<BTreeSet<u64>> = line
+            .split("voters=[")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .map(|list| list.split(", ").filter_map(|id| id.parse().ok()).collect());
+        line.contains("membership changed")
+            && line.contains("outgoing=[1, 2, 3]")
+            && voters.as_ref() == Some(&want)
+    };
+    ensure!(
+        log.lines().any(joint),
+        "no joint configuration {want:?} / [1, 2, 3] in the leader's log: {:?}",
+        log.lines()
+            .filter(|l| l.contains("membership changed"))
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        !log.lines().any(|l| l.contains("promoting it to voter")),
+        "the learner was promoted alone"
+    );
+
+    let acknowledged = acknowledged.into_inner().expect("lock");
+    for id in 1..=3 {
+        sandbox.stop_replica(&mut set, id);
+    }
+    sandbox.proc(joiner).stop(Duration::from_secs(10));
+    let mut dirs = set.dirs.clone();
+    dirs.push(joiner_dir.clone());
+    let replicas = read_replicas(&dirs)?;
+    check_replicas(&replicas)?;
+    for replica in replicas.iter().filter(|r| r.dir != set.dirs[victim - 1]) {
+        let have: BTreeSet<u64> = replica.jobs.iter().map(|j| j.id).collect();
+        let lost: Vec<u64> = acknowledged
+            .iter()
+            .copied()
+            .filter(|id| !have.contains(id))
+            .collect();
+        assert!(lost.is_empty(), "{}: lost {lost:?}", replica.dir.display());
+    }
+    Ok(())
+}

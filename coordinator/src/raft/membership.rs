@@ -246,6 +246,19 @@ pub enum MembersRequest {
         /// The configuration after the change.
         reply: oneshot::Sender<Result<MembersView, MembershipError>>,
     },
+    /// Replace voter `old` by `new` at `url`: `new` joins as a learner,
+    /// then one joint change promotes it and removes `old`; answered once
+    /// that change applied.
+    Replace {
+        /// The voter that leaves.
+        old: u64,
+        /// The replica that takes its place.
+        new: u64,
+        /// Its `RaftPeer` URL.
+        url: String,
+        /// The configuration after the joint change.
+        reply: oneshot::Sender<Result<MembersView, MembershipError>>,
+    },
 }
 
 /// What the decisions read: the leader's view of the configuration.
@@ -444,6 +457,55 @@ fn members(view: &ClusterView<'_>) -> Vec<u64> {
     let mut all: Vec<u64> = view.voters.iter().chain(view.learners).copied().collect();
     all.sort_unstable();
     all
+}
+
+/// Replacing voter `old` by a new replica `new` at `url`: refused as
+/// adding `new` would be, when `old` is not a voter or leads (remove the
+/// leader first: it hands over), and when the voters other than `old`
+/// that are alive are not a majority of the configuration (the joint
+/// change needs one of the old configuration without `old`, and one of
+/// the new before `new` has voted). The change adds `new` as a learner;
+/// [`replace`] is the joint change once it has caught up.
+pub fn decide_replace(
+    view: &ClusterView<'_>,
+    old: u64,
+    new: u64,
+    url: &str,
+) -> Result<Change, MembershipError> {
+    let add = decide_add(view, new, url)?;
+    if !view.voters.contains(&old) {
+        return Err(MembershipError::Invalid {
+            field: "old_id",
+            reason: format!("replica {old} is not a voter (voters: {:?})", view.voters),
+        });
+    }
+    if old == view.leader {
+        return Err(refused(format!(
+            "replica {old} leads: remove it first (it hands leadership over), then add {new}"
+        )));
+    }
+    let alive = view
+        .voters
+        .iter()
+        .filter(|v| **v != old && view.alive.contains(v))
+        .count();
+    let majority = view.voters.len() / 2 + 1;
+    if alive < majority {
+        return Err(refused(format!(
+            "replacing replica {old} would lose quorum: {alive} of the other {} voters are alive, {majority} are needed",
+            view.voters.len() - 1
+        )));
+    }
+    Ok(add)
+}
+
+/// The joint change of a replacement: learner `new` becomes a voter and
+/// voter `old` leaves, in one change (joint consensus, left automatically).
+pub fn replace(old: u64, new: u64) -> ConfChangeV2 {
+    conf_change(vec![
+        single(ConfChangeType::AddNode, new),
+        single(ConfChangeType::RemoveNode, old),
+    ])
 }
 
 /// When a learner counts as caught up.
@@ -783,6 +845,102 @@ mod tests {
                 (got, want) => panic!("{}: got {got:?}, want {want:?}", case.name),
             }
         }
+    }
+
+    #[test]
+    fn replacements() {
+        let base = |name, voters, alive, expect| Case {
+            name,
+            voters,
+            learners: &[],
+            alive,
+            changing: false,
+            expect,
+        };
+        let cases = [
+            (base("a dead voter", &[1, 2, 3], &[1, 2], Ok(())), 3, 4),
+            (base("a live voter", &[1, 2, 3], &[1, 2, 3], Ok(())), 2, 4),
+            (
+                base(
+                    "one of five, two dead",
+                    &[1, 2, 3, 4, 5],
+                    &[1, 2, 3],
+                    Ok(()),
+                ),
+                5,
+                6,
+            ),
+            (
+                base(
+                    "would lose quorum",
+                    &[1, 2, 3],
+                    &[1, 3],
+                    Err(
+                        "replacing replica 3 would lose quorum: 1 of the other 2 voters are alive, 2 are needed",
+                    ),
+                ),
+                3,
+                4,
+            ),
+            (
+                base(
+                    "the leader",
+                    &[1, 2, 3],
+                    &[1, 2, 3],
+                    Err("replica 1 leads: remove it first"),
+                ),
+                1,
+                4,
+            ),
+            (
+                base(
+                    "not a voter",
+                    &[1, 2, 3],
+                    &[1, 2, 3],
+                    Err("old_id: replica 7 is not a voter"),
+                ),
+                7,
+                4,
+            ),
+            (
+                base(
+                    "new id taken",
+                    &[1, 2, 3],
+                    &[1, 2, 3],
+                    Err("replica 2 is already a voter"),
+                ),
+                3,
+                2,
+            ),
+        ];
+        for (case, old, new) in &cases {
+            let book = urls(case.voters);
+            let url = format!("http://10.0.0.{new}:7070");
+            let got = decide_replace(&view(case, &book), *old, *new, &url);
+            if let Ok(change) = &got {
+                // The first step adds the new replica as a learner only.
+                let singles = change.conf_change.get_changes();
+                assert_eq!(singles.len(), 1, "{}", case.name);
+                assert_eq!(singles[0].get_change_type(), ConfChangeType::AddLearnerNode);
+                assert_eq!(singles[0].node_id, *new);
+            }
+            check(case, got);
+        }
+        // The second step is one joint change of two voters.
+        let joint = replace(3, 4);
+        let singles: Vec<_> = joint
+            .get_changes()
+            .iter()
+            .map(|s| (s.get_change_type(), s.node_id))
+            .collect();
+        assert_eq!(
+            singles,
+            [
+                (ConfChangeType::AddNode, 4),
+                (ConfChangeType::RemoveNode, 3)
+            ]
+        );
+        assert_eq!(joint.get_transition(), ConfChangeTransition::Auto);
     }
 
     #[test]
