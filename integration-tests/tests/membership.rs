@@ -75,6 +75,27 @@ fn submit_load(addrs: &str, stop: &AtomicBool, acknowledged: &Mutex<Vec<u64>>) {
     }
 }
 
+/// The checker over every replica's storage in `dirs`, then: each
+/// acknowledged id is a job in every replica `keep` selects.
+fn check_none_lost(
+    dirs: &[PathBuf],
+    acknowledged: &[u64],
+    keep: impl Fn(&std::path::Path) -> bool,
+) -> anyhow::Result<()> {
+    let replicas = read_replicas(dirs)?;
+    check_replicas(&replicas)?;
+    for replica in replicas.iter().filter(|r| keep(&r.dir)) {
+        let have: BTreeSet<u64> = replica.jobs.iter().map(|j| j.id).collect();
+        let lost: Vec<u64> = acknowledged
+            .iter()
+            .copied()
+            .filter(|id| !have.contains(id))
+            .collect();
+        ensure!(lost.is_empty(), "{}: lost {lost:?}", replica.dir.display());
+    }
+    Ok(())
+}
+
 #[test]
 fn a_dead_replica_is_replaced_under_load_and_the_new_one_votes() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
@@ -194,20 +215,9 @@ fn a_dead_replica_is_replaced_under_load_and_the_new_one_votes() -> anyhow::Resu
     sandbox.proc(joiner).stop(Duration::from_secs(10));
     let mut dirs = set.dirs.clone();
     dirs.push(joiner_dir.clone());
-    let replicas = read_replicas(&dirs)?;
-    check_replicas(&replicas)?;
-    for replica in replicas
-        .iter()
-        .filter(|r| r.dir == joiner_dir || r.dir == set.dirs[leader - 1])
-    {
-        let have: BTreeSet<u64> = replica.jobs.iter().map(|j| j.id).collect();
-        let lost: Vec<u64> = acknowledged
-            .iter()
-            .copied()
-            .filter(|id| !have.contains(id))
-            .collect();
-        assert!(lost.is_empty(), "{}: lost {lost:?}", replica.dir.display());
-    }
+    check_none_lost(&dirs, &acknowledged, |dir| {
+        dir == joiner_dir || dir == set.dirs[leader - 1]
+    })?;
     Ok(())
 }
 
@@ -375,17 +385,7 @@ fn removing_the_leader_hands_leadership_over_first() -> anyhow::Result<()> {
     for id in 1..=3 {
         sandbox.stop_replica(&mut set, id);
     }
-    let replicas = read_replicas(&set.dirs)?;
-    check_replicas(&replicas)?;
-    for replica in replicas.iter().filter(|r| r.dir != set.dirs[old - 1]) {
-        let have: BTreeSet<u64> = replica.jobs.iter().map(|j| j.id).collect();
-        let lost: Vec<u64> = acknowledged
-            .iter()
-            .copied()
-            .filter(|id| !have.contains(id))
-            .collect();
-        assert!(lost.is_empty(), "{}: lost {lost:?}", replica.dir.display());
-    }
+    check_none_lost(&set.dirs, &acknowledged, |dir| dir != set.dirs[old - 1])?;
     Ok(())
 }
 
@@ -483,16 +483,6 @@ fn a_dead_voter_is_replaced_in_one_joint_change() -> anyhow::Result<()> {
     sandbox.proc(joiner).stop(Duration::from_secs(10));
     let mut dirs = set.dirs.clone();
     dirs.push(joiner_dir.clone());
-    let replicas = read_replicas(&dirs)?;
-    check_replicas(&replicas)?;
-    for replica in replicas.iter().filter(|r| r.dir != set.dirs[victim - 1]) {
-        let have: BTreeSet<u64> = replica.jobs.iter().map(|j| j.id).collect();
-        let lost: Vec<u64> = acknowledged
-            .iter()
-            .copied()
-            .filter(|id| !have.contains(id))
-            .collect();
-        assert!(lost.is_empty(), "{}: lost {lost:?}", replica.dir.display());
-    }
+    check_none_lost(&dirs, &acknowledged, |dir| dir != set.dirs[victim - 1])?;
     Ok(())
 }
