@@ -19,6 +19,7 @@ mod raft;
 mod retention;
 mod security;
 mod spec;
+mod streams;
 mod submit;
 mod yaml_limits;
 
@@ -30,7 +31,6 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use gantry_proto as pb;
 use gantry_scheduler::units::parse_bytes;
-use tokio_stream::StreamExt;
 
 use client::{CliError, exit};
 use output::{Format, escape, outln};
@@ -1085,7 +1085,7 @@ async fn cli_main() -> ExitCode {
             stderr,
             attempt,
             client,
-        } => logs(id, follow, stderr, attempt, client).await,
+        } => streams::logs(id, follow, stderr, attempt, client).await,
         Command::Cancel { id, client } => cancel(id, client).await,
         Command::Nodes { client } => nodes(client).await,
         Command::Drain {
@@ -1102,7 +1102,7 @@ async fn cli_main() -> ExitCode {
             pipeline,
             from,
             client,
-        } => watch(job, kind, pipeline, from, client).await,
+        } => streams::watch(job, kind, pipeline, from, client).await,
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
@@ -1452,34 +1452,6 @@ async fn job(id: u64, opts: ClientOpts) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn logs(
-    id: u64,
-    follow: bool,
-    stderr: bool,
-    attempt: u32,
-    opts: ClientOpts,
-) -> Result<(), CliError> {
-    let mut client = client::connect(&opts).await?;
-    let stream = if stderr { "stderr" } else { "stdout" };
-    let mut chunks = client
-        .logs(pb::LogsRequest {
-            job_id: id,
-            stream: stream.into(),
-            follow,
-            attempt,
-            offset: 0,
-        })
-        .await?
-        .into_inner();
-    // The job's own output, raw, as `kubectl logs` and `docker logs` print
-    // it: it is what the job wrote, and escaping would corrupt binary or
-    // colored output piped to a file. Only this command prints unescaped.
-    while let Some(chunk) = chunks.next().await {
-        output::write_stdout_bytes(&chunk?.data);
-    }
-    Ok(())
-}
-
 async fn cancel(id: u64, opts: ClientOpts) -> Result<(), CliError> {
     let mut client = client::connect(&opts).await?;
     let answer = client
@@ -1629,57 +1601,6 @@ async fn status(opts: ClientOpts) -> Result<(), CliError> {
                 }
             );
             outln!("last event: {}", status.last_event_index);
-        }
-    }
-    Ok(())
-}
-
-async fn watch(
-    job: Option<u64>,
-    kind: Option<String>,
-    pipeline: Option<String>,
-    from: Option<u64>,
-    opts: ClientOpts,
-) -> Result<(), CliError> {
-    let mut client = client::connect(&opts).await?;
-    let from_index = match from {
-        Some(index) => index,
-        None => {
-            client
-                .status(pb::StatusRequest {})
-                .await?
-                .into_inner()
-                .last_event_index
-                + 1
-        }
-    };
-    let mut events = client
-        .watch_events(pb::WatchEventsRequest {
-            from_index,
-            job_id: job.unwrap_or(0),
-            kind: kind.unwrap_or_default(),
-            pipeline: pipeline.unwrap_or_default(),
-        })
-        .await?
-        .into_inner();
-    while let Some(event) = events.next().await {
-        let event = event?;
-        match opts.output {
-            Format::Json => outln!("{}", output::event_json(&event)),
-            Format::Table => outln!(
-                "{:>6}  job {:<6} {:<20} {:<10} {:<10} {}{}",
-                event.index,
-                event.job_id,
-                escape(&event.job_name),
-                escape(&event.kind),
-                escape(&event.state),
-                if event.node.is_empty() {
-                    String::new()
-                } else {
-                    format!("on {} (attempt {}) ", escape(&event.node), event.attempt)
-                },
-                escape(&event.message)
-            ),
         }
     }
     Ok(())

@@ -92,6 +92,12 @@ impl Proc {
         }
     }
 
+    /// The next stdout line, or `None` when none came within `timeout`
+    /// (or stdout closed).
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

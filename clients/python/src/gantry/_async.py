@@ -17,6 +17,7 @@ from ._common import (
     STREAM_TIMEOUT,
     Endpoints,
     LineSplitter,
+    LogResume,
     Spec,
     SseParser,
     decode,
@@ -196,7 +197,27 @@ class AsyncClient(Endpoints):
         raise httpx.RemoteProtocolError("event stream ended")
 
     async def logs(self, id: int, stderr: bool = False, follow: bool = False) -> AsyncIterator[str]:
-        path, params = _calls.logs(id, stderr, follow)
+        lines = LineSplitter()
+        where = LogResume()
+        while True:
+            try:
+                async for chunk in self._log_chunks(id, stderr, follow, where):
+                    where.received(chunk)
+                    for line in lines.feed(chunk):
+                        yield line
+                for line in lines.flush():
+                    yield line
+                return
+            except Exception as error:
+                pause = where.pause_before_resuming(error)
+                if pause is None:
+                    raise
+            await asyncio.sleep(pause)
+
+    async def _log_chunks(
+        self, id: int, stderr: bool, follow: bool, where: LogResume
+    ) -> AsyncIterator[bytes]:
+        path, params = _calls.logs(id, stderr, follow, where.offset)
         attempts = self._plan()
         while (i := attempts.next()) is not None:
             url = self._url(i, path)
@@ -210,11 +231,8 @@ class AsyncClient(Endpoints):
                         continue
                     raise error
                 self._current = i
-                lines = LineSplitter()
+                where.opened = True
                 async for chunk in response.aiter_bytes():
-                    for line in lines.feed(chunk):
-                        yield line
-                for line in lines.flush():
-                    yield line
+                    yield chunk
                 return
         raise attempts.last

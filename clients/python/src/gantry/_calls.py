@@ -137,7 +137,9 @@ def events(
     return params, headers
 
 
-def logs(id: int, stderr: bool, follow: bool) -> tuple[str, dict[str, str]]:
-    """Path and parameters of a log read."""
+def logs(id: int, stderr: bool, follow: bool, offset: int = 0) -> tuple[str, dict[str, str]]:
+    """Path and parameters of a log read from byte ``offset``."""
     params = {"stream": "stderr" if stderr else "stdout", "follow": str(follow).lower()}
+    if offset:
+        params["offset"] = str(offset)
     return f"/v1/jobs/{int(id)}/logs", params
