@@ -503,6 +503,19 @@ enum RaftAction {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Replace voter OLD (also a dead one) by a replica started with
+    /// `gantry coordinator --join --id NEW`: NEW joins as a learner and,
+    /// once caught up, one joint change makes it a voter and removes OLD.
+    Replace {
+        /// The voter that leaves.
+        old: u64,
+        /// The new replica's raft id (never used before).
+        new: u64,
+        /// Its gRPC URL, e.g. http://10.0.0.4:7070.
+        url: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
 }
 
 #[derive(Subcommand)]
@@ -905,6 +918,7 @@ async fn cli_main() -> ExitCode {
                 Ok(gantry_coordinator::credentials::Loaded {
                     tls: loaded.tls,
                     http_tls: loaded.http_tls,
+                    peer_tls: loaded.peer_tls,
                     auth: loaded.auth,
                 })
             });
@@ -1062,6 +1076,12 @@ async fn cli_main() -> ExitCode {
             RaftAction::Members { client } => raft::members(client).await,
             RaftAction::Add { id, url, client } => raft::add(id, url, client).await,
             RaftAction::Remove { id, client } => raft::remove(id, client).await,
+            RaftAction::Replace {
+                old,
+                new,
+                url,
+                client,
+            } => raft::replace(old, new, url, client).await,
         },
         Command::Inventory {
             action: InventoryAction::Check { file },
