@@ -354,6 +354,15 @@ pub(crate) fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Res
     }
 }
 
+/// Whether a spawn error is the data volume being full (ENOSPC, or EDQUOT:
+/// the quota of the agent's user): the I/O errors in spawn errors, the
+/// agent's and the supervisor's, end with the OS's `(os error N)`.
+pub fn is_volume_full(error: &str) -> bool {
+    [nix::errno::Errno::ENOSPC, nix::errno::Errno::EDQUOT]
+        .iter()
+        .any(|errno| error.contains(&format!("(os error {})", *errno as i32)))
+}
+
 /// A failed write: what failed, and whether the volume was full.
 struct WriteFailure {
     message: String,

@@ -76,7 +76,10 @@ impl From<JobEvent> for pb::JobEvent {
                 over_memory: report.over_memory,
                 fenced: report.fenced,
             }),
-            JobEventKind::SpawnFailed { error } => Event::SpawnFailed(pb::SpawnFailed { error }),
+            JobEventKind::SpawnFailed { error } => Event::SpawnFailed(pb::SpawnFailed {
+                volume_full: crate::attempt::is_volume_full(&error),
+                error,
+            }),
         };
         pb::JobEvent {
             job_id: e.job_id,

@@ -20,6 +20,7 @@ fn pass(c: &mut Criterion) {
         pass_budget: 10_000,
         naive_passes: 0,
         gang_fraction: 0.0,
+        urgent_fraction: 0.0,
     };
     let (snapshot, queue) = workload_for(&config);
     let mut group = c.benchmark_group("sched");

@@ -71,6 +71,7 @@ impl Default for CiConfig {
                 naive_passes: 2,
                 // No gangs: the workload the baseline was recorded on.
                 gang_fraction: 0.0,
+                urgent_fraction: 0.0,
             },
             slowdown: 1.0,
         }
@@ -149,7 +150,7 @@ pub fn measure(config: &CiConfig) -> Result<Vec<Figure>> {
 /// The CPU time this thread has run (`/proc/thread-self/schedstat`, in
 /// ns): unlike wall time it does not count the time other processes of a
 /// shared machine held the CPU.
-fn cpu_now() -> Result<Duration> {
+pub(crate) fn cpu_now() -> Result<Duration> {
     let text = std::fs::read_to_string("/proc/thread-self/schedstat")
         .context("cannot read /proc/thread-self/schedstat (the check needs Linux)")?;
     let ns = text

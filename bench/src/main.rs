@@ -192,6 +192,11 @@ struct SchedArgs {
     /// one by one.
     #[arg(long, default_value_t = 0.0)]
     gang_fraction: f64,
+    /// About this fraction of the single-node jobs are urgent (priority
+    /// 20) and arrive once the fleet is full, so that passes search for
+    /// preemption victims, e.g. 0.05.
+    #[arg(long, default_value_t = 0.0)]
+    urgent_fraction: f64,
     /// Run the fair-share scenario instead: queues QUEUE=WEIGHT,... always
     /// contended, e.g. a=1,b=3; reports the GPU time each received (use a
     /// smaller --nodes, e.g. 100: it runs --passes full passes).
@@ -420,6 +425,7 @@ fn main() -> ExitCode {
                 pass_budget: args.pass_budget.max(1),
                 naive_passes: args.naive_passes,
                 gang_fraction: args.gang_fraction,
+                urgent_fraction: args.urgent_fraction,
             });
             exit_code(print_report(
                 "sched",

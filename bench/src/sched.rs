@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use gantry_scheduler::naive::plan_first_fit;
 use gantry_scheduler::share::{QueueLoad, ShareConfig, ShareReport, simulate};
 use gantry_scheduler::{
-    ClusterSnapshot, JobId, JobRequest, Plan, Policy, Resources, RunningJob, plan,
+    ClusterSnapshot, HoldReason, JobId, JobRequest, Plan, Policy, Resources, RunningJob, plan,
 };
 use serde_json::{Value, json};
 
@@ -39,6 +39,11 @@ pub struct SchedConfig {
     /// About this fraction of the queue's jobs become members of gangs
     /// (`nodes: N`, N of 2, 4 or 8, 4 or 8 GPUs a node, one provider).
     pub gang_fraction: f64,
+    /// About this fraction of the queue's single-node jobs are urgent
+    /// (priority 20) and held back until a pass finds the fleet full:
+    /// they then arrive at a full fleet, and the passes search for
+    /// victims among the running jobs (preemption pressure).
+    pub urgent_fraction: f64,
 }
 
 /// Figures of one planner over a run of passes.
@@ -52,6 +57,10 @@ pub struct RunReport {
     pub waiting: usize,
     /// Time spent inside the planner.
     pub planning: Duration,
+    /// CPU time the planner ran (`None` where the thread's CPU time cannot
+    /// be read): on a shared machine, wall time also counts the time other
+    /// processes held the CPU.
+    pub planning_cpu: Option<Duration>,
     /// Each pass's duration, in order.
     pub pass_times: Vec<Duration>,
     /// Reserved / total GPU memory at the end.
@@ -67,6 +76,12 @@ impl RunReport {
     /// Placements per second of planner time.
     pub fn placements_per_s(&self) -> f64 {
         self.placements as f64 / self.planning.as_secs_f64().max(1e-9)
+    }
+
+    /// Placements per second of planner CPU time.
+    pub fn placements_per_cpu_s(&self) -> Option<f64> {
+        self.planning_cpu
+            .map(|cpu| self.placements as f64 / cpu.as_secs_f64().max(1e-9))
     }
 
     /// The `q` quantile (nearest rank) of pass time, in ms.
@@ -87,6 +102,7 @@ impl RunReport {
             "waiting": self.waiting,
             "planning_s": self.planning.as_secs_f64(),
             "placements_per_s": self.placements_per_s(),
+            "placements_per_cpu_s": self.placements_per_cpu_s(),
             "pass_p50_ms": self.pass_ms(0.5),
             "pass_p99_ms": self.pass_ms(0.99),
             "pass_max_ms": self.pass_ms(1.0),
@@ -119,8 +135,10 @@ impl SchedReport {
             "jobs": c.jobs,
             "seed": c.seed,
             "gang_fraction": c.gang_fraction,
+            "urgent_fraction": c.urgent_fraction,
             "pass_budget": c.pass_budget,
             "placements_per_s": self.indexed.placements_per_s(),
+            "placements_per_cpu_s": self.indexed.placements_per_cpu_s(),
             "pass_p99_ms": self.indexed.pass_ms(0.99),
             "gpu_memory_utilisation": self.indexed.memory_utilisation,
             "indexed": self.indexed.to_json(),
@@ -141,8 +159,8 @@ impl SchedReport {
         let n = &self.naive;
         format!(
             "{:.0} placements/s\n\
-             gantry-bench sched: {} nodes x {} GPUs, {} jobs ({:.0}% gang members), seed {}, pass budget {}\n\
-             indexed: {} placed in {} passes ({:.3} s planning), {} waiting, {} preemptions decided\n\
+             gantry-bench sched: {} nodes x {} GPUs, {} jobs ({:.0}% gang members, {:.0}% urgent late), seed {}, pass budget {}\n\
+             indexed: {} placed in {} passes ({:.3} s planning, {}), {} waiting, {} preemptions decided\n\
              pass time: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n\
              GPU memory reserved: {:.1}%, GPUs busy: {:.1}%\n\
              naive first-fit ({} passes): {:.0} placements/s, pass p99 {:.1} ms, {} placed, memory reserved {:.1}%\n\
@@ -152,11 +170,16 @@ impl SchedReport {
             c.gpus_per_node,
             c.jobs,
             c.gang_fraction * 100.0,
+            c.urgent_fraction * 100.0,
             c.seed,
             c.pass_budget,
             i.placements,
             i.passes,
             i.planning.as_secs_f64(),
+            i.placements_per_cpu_s().map_or_else(
+                || "CPU time unknown".to_string(),
+                |r| format!("{r:.0} placements per CPU second")
+            ),
             i.waiting,
             i.preemptions,
             i.pass_ms(0.5),
@@ -176,9 +199,16 @@ impl SchedReport {
 
 /// Builds the workload and runs both planners on it.
 pub fn run(config: &SchedConfig) -> SchedReport {
-    let (snapshot, queue) = workload_for(config);
-    let indexed = drive(snapshot.clone(), queue.clone(), plan, usize::MAX);
-    let naive = drive(snapshot, queue, plan_first_fit, config.naive_passes);
+    let (snapshot, mut queue) = workload_for(config);
+    let late = urgent(&mut queue, config.urgent_fraction, config.seed);
+    let indexed = drive_with(
+        snapshot.clone(),
+        queue.clone(),
+        late.clone(),
+        plan,
+        usize::MAX,
+    );
+    let naive = drive_with(snapshot, queue, late, plan_first_fit, config.naive_passes);
     SchedReport {
         config: config.clone(),
         indexed,
@@ -201,12 +231,47 @@ pub fn workload_for(config: &SchedConfig) -> (ClusterSnapshot, Vec<JobRequest>) 
     (snapshot, queue)
 }
 
+/// Takes about `fraction` of `queue`'s single-node jobs out of it, made
+/// urgent (priority 20): the late wave of [`SchedConfig::urgent_fraction`].
+fn urgent(queue: &mut Vec<JobRequest>, fraction: f64, seed: u64) -> Vec<JobRequest> {
+    if fraction <= 0.0 {
+        return Vec::new();
+    }
+    let mut rng = Rng::new(seed ^ 0x005e_ed0f_1a7e);
+    let per_million = (fraction.clamp(0.0, 1.0) * 1e6) as u64;
+    let mut late = Vec::new();
+    queue.retain(|job| {
+        if job.gang.is_none() && rng.below(1_000_000) < per_million {
+            late.push(JobRequest {
+                priority: 20,
+                ..job.clone()
+            });
+            false
+        } else {
+            true
+        }
+    });
+    late
+}
+
 type Planner = fn(&ClusterSnapshot, &[JobRequest]) -> Plan;
 
 /// Runs passes until one places nothing or `max_passes` ran.
 pub(crate) fn drive(
+    snapshot: ClusterSnapshot,
+    queue: Vec<JobRequest>,
+    planner: Planner,
+    max_passes: usize,
+) -> RunReport {
+    drive_with(snapshot, queue, Vec::new(), planner, max_passes)
+}
+
+/// [`drive`] with a late wave: `late` joins the queue after the first pass
+/// that finds the fleet full (budget unused, a job without a fit).
+fn drive_with(
     mut snapshot: ClusterSnapshot,
     mut queue: Vec<JobRequest>,
+    mut late: Vec<JobRequest>,
     planner: Planner,
     max_passes: usize,
 ) -> RunReport {
@@ -216,29 +281,51 @@ pub(crate) fn drive(
         .enumerate()
         .map(|(i, n)| (n.name.clone(), i))
         .collect();
-    let resources: HashMap<JobId, Resources> =
-        queue.iter().map(|j| (j.id, j.resources.clone())).collect();
+    let resources: HashMap<JobId, Resources> = queue
+        .iter()
+        .chain(&late)
+        .map(|j| (j.id, j.resources.clone()))
+        .collect();
     let mut report = RunReport {
         passes: 0,
         placements: 0,
         waiting: queue.len(),
         planning: Duration::ZERO,
+        planning_cpu: Some(Duration::ZERO),
         pass_times: Vec::new(),
         memory_utilisation: 0.0,
         gpus_busy: 0.0,
         preemptions: 0,
     };
-    let jobs: HashMap<JobId, JobRequest> = queue.iter().map(|j| (j.id, j.clone())).collect();
+    let jobs: HashMap<JobId, JobRequest> = queue
+        .iter()
+        .chain(&late)
+        .map(|j| (j.id, j.clone()))
+        .collect();
     while report.passes < max_passes && !queue.is_empty() {
+        let cpu_start = crate::ci::cpu_now().ok();
         let start = Instant::now();
         let out = planner(&snapshot, &queue);
         let elapsed = start.elapsed();
+        report.planning_cpu = match (report.planning_cpu, cpu_start, crate::ci::cpu_now().ok()) {
+            (Some(total), Some(from), Some(to)) => Some(total + to.saturating_sub(from)),
+            _ => None,
+        };
         report.passes += 1;
         report.planning += elapsed;
         report.pass_times.push(elapsed);
         report.placements += out.placements.len();
         report.preemptions += out.preemptions.len();
-        if out.placements.is_empty() {
+        // The pass left budget unused and jobs without a fit: the fleet
+        // is full.
+        let full = out.placements.len() < snapshot.policy.max_placements_per_pass
+            && out
+                .unplaced
+                .iter()
+                .any(|u| matches!(u.reason, HoldReason::NoFit(_)));
+        if full && !late.is_empty() {
+            queue.append(&mut late);
+        } else if out.placements.is_empty() {
             break;
         }
         apply(&mut snapshot, &out, &nodes, &resources);
@@ -457,6 +544,7 @@ mod tests {
             pass_budget: 100,
             naive_passes: 2,
             gang_fraction: 0.1,
+            urgent_fraction: 0.05,
         };
         let report = run(&config);
         assert!(report.indexed.placements > 0);
@@ -465,6 +553,13 @@ mod tests {
             report.indexed.memory_utilisation > 0.0 && report.indexed.memory_utilisation <= 1.0
         );
         assert!(report.naive.passes <= 2);
+        // Linux: the planner's CPU time is read per pass.
+        assert!(
+            report
+                .indexed
+                .placements_per_cpu_s()
+                .is_some_and(|r| r > 0.0)
+        );
         let human = report.human();
         let headline = human.lines().next().unwrap_or_default();
         assert!(headline.ends_with(" placements/s"), "{headline}");

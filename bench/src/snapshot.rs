@@ -29,7 +29,7 @@ use gantry_coordinator::domain::JobSpec;
 use gantry_coordinator::metrics::Metrics;
 use gantry_coordinator::raft::ReplicatedStateMachine;
 use gantry_coordinator::raft::snapfile::SnapshotDir;
-use gantry_coordinator::store::{StateSnapshot, Store};
+use gantry_coordinator::store::{Store, decode_snapshot};
 use serde_json::{Value, json};
 
 use crate::heartbeats::status_bytes;
@@ -268,8 +268,8 @@ fn blob_way(dir: &std::path::Path, index: u64) -> anyhow::Result<(u64, Way)> {
         let data = meta
             .get("snapshot_data")?
             .ok_or_else(|| anyhow::anyhow!("no blob stored"))?;
-        serde_json::from_slice::<StateSnapshot>(&data)?;
-        let snapshot: StateSnapshot = serde_json::from_slice(&data)?;
+        decode_snapshot(&data)?;
+        let snapshot = decode_snapshot(&data)?;
         target.replace_stored(&snapshot, index)?;
         let state = target.load()?;
         anyhow::ensure!(state.jobs().count() == snapshot.jobs.len(), "jobs lost");

@@ -184,6 +184,10 @@ pub const METHODS: &[(&str, Need)] = &[
         "/gantry.v1.Gantry/RaftRemoveMember",
         Need::Role(Role::Admin),
     ),
+    (
+        "/gantry.v1.Gantry/RaftReplaceMember",
+        Need::Role(Role::Admin),
+    ),
     ("/gantry.v1.AgentLink/ConnectAgent", Need::AgentJoin),
     ("/gantry.raft.v1.RaftPeer/Step", Need::Peer),
     ("/gantry.raft.v1.RaftPeer/InstallSnapshot", Need::Peer),

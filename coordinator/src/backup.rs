@@ -10,7 +10,8 @@
 //! ```text
 //! gantry-backup v1\n
 //! {"applied_index":N,"bytes":L,"sha256":"..","replica":ID,"taken_at_ms":T}\n
-//! <L bytes of StateSnapshot JSON>
+//! <L bytes of state snapshot: binary (`store::snapshot`), or JSON from an
+//!  earlier version>
 //! ```
 //!
 //! Restoring installs it as the Raft snapshot of a new single-voter
@@ -38,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{JobRecord, JobSpec, JobState};
 use crate::raft::snapfile::{DEFAULT_MAX_SNAPSHOT_BYTES, SnapshotDir};
 use crate::raft::storage::SledRaftStorage;
-use crate::store::{StateSnapshot, Store};
+use crate::store::{self, StateSnapshot, Store};
 
 /// First line of every backup file.
 const MAGIC: &str = "gantry-backup v1";
@@ -216,7 +217,7 @@ pub fn restore(file: &Path, data_dir: &Path, id: u64) -> Result<Restored, Backup
     let bytes = std::fs::read(file).map_err(|e| BackupError::Io(format!("{path}: {e}")))?;
     let (header, state) = decode(&path, &bytes)?;
     let mut snapshot: StateSnapshot =
-        serde_json::from_slice(state).map_err(|e| BackupError::Corrupt {
+        store::decode_snapshot(state).map_err(|e| BackupError::Corrupt {
             path: path.clone(),
             reason: format!("the state does not decode: {e}"),
         })?;
@@ -234,7 +235,7 @@ pub fn restore(file: &Path, data_dir: &Path, id: u64) -> Result<Restored, Backup
     let index = header.applied_index.max(1);
     let descriptor = storage
         .write_snapshot_file(index, term, &mut |out| {
-            serde_json::to_writer(out, &snapshot).map_err(|e| e.to_string())
+            store::write_state_snapshot(&snapshot, out).map_err(|e| e.to_string())
         })
         .map_err(|e| BackupError::Io(format!("cannot write the restored state: {e}")))?;
     let raft_snapshot = Snapshot {
@@ -368,7 +369,9 @@ mod tests {
         assert_eq!(storage.conf_state().voters, [1]);
         // The id fence: new ids start past any the lost cluster gave out.
         let installed = std::fs::read(storage.snapshot_file().expect("file")).expect("read");
-        let state: StateSnapshot = serde_json::from_slice(&installed).expect("decode");
+        // A JSON backup (an earlier version's) is installed as a binary snapshot.
+        assert!(installed.starts_with(store::snapshot::MAGIC));
+        let state = store::decode_snapshot(&installed).expect("decode");
         let fence = state.jobs.last().expect("fence");
         assert_eq!((fence.id, fence.state), (ID_FENCE_GAP, JobState::Cancelled));
     }

@@ -14,6 +14,11 @@
 //! token, a role no longer sufficient) ends with UNAUTHENTICATED or
 //! PERMISSION_DENIED in its trailers. Connections already open keep the
 //! certificate they were handshaken with; only new ones see the new one.
+//!
+//! The TLS a replica dials its peers with (their CA and this replica's
+//! client certificate) is reloaded too ([`Credentials::peer_tls`]): the
+//! Raft sender tasks redial with it as soon as it changes, so a rotated
+//! certificate is presented to peers at once, not after a restart.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +30,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::WatchStream;
 use tonic::codegen::Bytes;
 use tonic::codegen::http::HeaderMap;
+use tonic::transport::ClientTlsConfig;
 
 use crate::auth::AuthConfig;
 use crate::error::CoordinatorError;
@@ -32,12 +38,18 @@ use crate::error::CoordinatorError;
 /// The TLS config a listener hands each new connection.
 pub type TlsSource = watch::Receiver<Arc<ServerConfig>>;
 
+/// The TLS the Raft transport dials peers with, followed as it changes.
+pub type PeerTlsSource = watch::Receiver<ClientTlsConfig>;
+
 /// Credentials as loaded from their files.
 pub struct Loaded {
     /// TLS of the gRPC listener (`None` = plaintext).
     pub tls: Option<Arc<ServerConfig>>,
     /// TLS of the HTTP listener.
     pub http_tls: Option<Arc<ServerConfig>>,
+    /// TLS for dialing peers: their CA and this replica's client identity
+    /// (`None` = plaintext peers).
+    pub peer_tls: Option<ClientTlsConfig>,
     /// Tokens, join token, peer roots.
     pub auth: AuthConfig,
 }
@@ -74,6 +86,7 @@ pub struct Credentials {
     auth: watch::Sender<Arc<AuthConfig>>,
     tls: Option<watch::Sender<Arc<ServerConfig>>>,
     http_tls: Option<watch::Sender<Arc<ServerConfig>>>,
+    peer_tls: Option<watch::Sender<ClientTlsConfig>>,
     reloader: Option<Reloader>,
     /// One reload at a time, so two SIGHUPs cannot interleave their sends.
     reloading: tokio::sync::Mutex<()>,
@@ -87,6 +100,7 @@ impl Credentials {
             auth: watch::Sender::new(Arc::new(loaded.auth)),
             tls: loaded.tls.map(watch::Sender::new),
             http_tls: loaded.http_tls.map(watch::Sender::new),
+            peer_tls: loaded.peer_tls.map(watch::Sender::new),
             reloader,
             reloading: tokio::sync::Mutex::new(()),
         })
@@ -109,6 +123,11 @@ impl Credentials {
         self.http_tls.as_ref().map(watch::Sender::subscribe)
     }
 
+    /// The TLS peers are dialed with, followed as it changes.
+    pub fn peer_tls(&self) -> Option<PeerTlsSource> {
+        self.peer_tls.as_ref().map(watch::Sender::subscribe)
+    }
+
     /// Re-reads every credential file and puts them in force together, or
     /// changes nothing and says why.
     pub async fn reload(&self) -> Result<Reloaded, CoordinatorError> {
@@ -126,7 +145,14 @@ impl Credentials {
                     "reload refused, the previous credentials stay in force: {e}"
                 ))
             })?;
-        check_reload(self.tls.is_some(), self.http_tls.is_some(), &loaded)?;
+        check_reload(
+            [
+                self.tls.is_some(),
+                self.http_tls.is_some(),
+                self.peer_tls.is_some(),
+            ],
+            &loaded,
+        )?;
         let reloaded = Reloaded {
             tokens: loaded.auth.tokens.as_ref().map_or(0, Vec::len),
             tls: loaded.tls.is_some(),
@@ -135,6 +161,9 @@ impl Credentials {
             sender.send_replace(tls);
         }
         if let (Some(sender), Some(tls)) = (&self.http_tls, loaded.http_tls) {
+            sender.send_replace(tls);
+        }
+        if let (Some(sender), Some(tls)) = (&self.peer_tls, loaded.peer_tls) {
             sender.send_replace(tls);
         }
         // Last: streams re-check against the new checks once they are sent.
@@ -150,18 +179,31 @@ impl Credentials {
 
 /// Refuses a reload that only a restart can make: the listeners' schemes
 /// are fixed when they bind (clients and peers dial `https://` or
-/// `http://`).
-fn check_reload(tls: bool, http_tls: bool, loaded: &Loaded) -> Result<(), CoordinatorError> {
+/// `http://`), and so are the schemes of the peer URLs. `now` says which of
+/// the listener, HTTP and peer TLS are on.
+fn check_reload(now: [bool; 3], loaded: &Loaded) -> Result<(), CoordinatorError> {
     let refuse = |what: &str| {
         Err(CoordinatorError::FailedPrecondition(format!(
             "reload refused, the previous credentials stay in force: {what} needs a restart"
         )))
     };
-    if tls != loaded.tls.is_some() || http_tls != loaded.http_tls.is_some() {
-        return refuse(if tls {
+    let next = [
+        loaded.tls.is_some(),
+        loaded.http_tls.is_some(),
+        loaded.peer_tls.is_some(),
+    ];
+    if now[..2] != next[..2] {
+        return refuse(if now[0] {
             "turning TLS off"
         } else {
             "turning TLS on"
+        });
+    }
+    if now[2] != next[2] {
+        return refuse(if now[2] {
+            "turning peer TLS (--tls-ca) off"
+        } else {
+            "turning peer TLS (--tls-ca) on"
         });
     }
     Ok(())
@@ -288,6 +330,7 @@ mod tests {
         Loaded {
             tls: None,
             http_tls: None,
+            peer_tls: None,
             auth,
         }
     }
@@ -342,12 +385,19 @@ mod tests {
     #[test]
     fn tls_cannot_be_switched_by_a_reload() {
         let plain = loaded(AuthConfig::default());
-        assert!(check_reload(false, false, &plain).is_ok());
-        let error = check_reload(true, true, &plain).expect_err("tls off");
+        assert!(check_reload([false; 3], &plain).is_ok());
+        let error = check_reload([true; 3], &plain).expect_err("tls off");
         assert!(
             error
                 .to_string()
                 .contains("turning TLS off needs a restart"),
+            "{error}"
+        );
+        let error = check_reload([false, false, true], &plain).expect_err("peer tls off");
+        assert!(
+            error
+                .to_string()
+                .contains("turning peer TLS (--tls-ca) off needs a restart"),
             "{error}"
         );
     }

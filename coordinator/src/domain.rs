@@ -99,6 +99,51 @@ pub const GANG_PORT_BASE: u16 = 29_500;
 /// node at once (more are refused at apply).
 pub const GANG_PORTS: u16 = 500;
 
+/// The node label through which an agent's `--master-port-range` reaches
+/// the coordinator: registration carries the node's labels, so every
+/// replica reads the same committed range when it chooses a gang's
+/// `MASTER_PORT` at apply (no new field through Raft and storage). The
+/// value is `LOW-HIGH`, inclusive; a node without it uses
+/// [`GANG_PORT_BASE`]..+[`GANG_PORTS`].
+pub const MASTER_PORTS_LABEL: &str = "gantry-master-port-range";
+
+/// Parses a `MASTER_PORT` range `LOW-HIGH` (inclusive, ports 1 to 65535,
+/// LOW <= HIGH); the error says what is wrong, for the caller to prefix
+/// with the flag or label it came from.
+pub fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let shown = crate::spec_file::printable(text, 64);
+    let (low, high) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{shown:?} is not LOW-HIGH (e.g. 29500-29999)"))?;
+    let port = |part: &str| -> Result<u16, String> {
+        match part.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!(
+                "{shown:?}: {:?} is not a port (1 to 65535)",
+                crate::spec_file::printable(part, 16)
+            )),
+            Ok(p) => Ok(p),
+        }
+    };
+    let (low, high) = (port(low)?, port(high)?);
+    if low > high {
+        return Err(format!("{shown:?}: {low} is above {high}"));
+    }
+    Ok(low..=high)
+}
+
+/// The range a node's gangs take `MASTER_PORT` from: its
+/// [`MASTER_PORTS_LABEL`], else the default range.
+pub fn master_ports(
+    labels: &BTreeMap<String, String>,
+) -> Result<std::ops::RangeInclusive<u16>, String> {
+    match labels.get(MASTER_PORTS_LABEL) {
+        None => Ok(GANG_PORT_BASE..=GANG_PORT_BASE + (GANG_PORTS - 1)),
+        Some(text) => {
+            parse_port_range(text).map_err(|e| format!("label {MASTER_PORTS_LABEL}: {e}"))
+        }
+    }
+}
+
 /// A job's place in its gang (hard state, set at submission).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GangMember {
@@ -110,9 +155,9 @@ pub struct GangMember {
     /// Members in the gang.
     pub size: u32,
     /// `MASTER_PORT` of the current attempt (0 before the first), chosen
-    /// at apply when the gang is placed: the lowest port of
-    /// [`GANG_PORT_BASE`]..+[`GANG_PORTS`] no other active gang with rank 0
-    /// on the same node uses.
+    /// at apply when the gang is placed: the lowest port of rank 0's node's
+    /// range ([`master_ports`]) no other active gang with rank 0 on the same
+    /// node uses.
     pub port: u16,
 }
 

@@ -81,7 +81,7 @@ pub struct CoordinatorConfig {
     /// Mixed into the cluster id when the cluster is created
     /// (`--cluster-name`; see [`crate::raft::cluster_id`]).
     pub cluster_name: String,
-    /// Re-reads `tls`, `http_tls` and `auth` from their files on SIGHUP or
+    /// Re-reads `tls`, `http_tls`, `peer_tls` and `auth` from their files on SIGHUP or
     /// `gantry reload-credentials` (`None` = reloads are refused).
     pub reloader: Option<crate::credentials::Reloader>,
     /// Free space kept on the data volume: client writes are refused under
@@ -366,7 +366,16 @@ pub async fn start(
     };
     let mut raft_config = raft_config;
     raft_config.join = config.join;
-    raft_config.peer_tls = config.peer_tls.clone();
+    let credentials = Credentials::new(
+        Loaded {
+            tls: config.tls.clone(),
+            http_tls: config.http_tls.clone(),
+            peer_tls: config.peer_tls.clone(),
+            auth: config.auth.clone(),
+        },
+        config.reloader.clone(),
+    );
+    raft_config.peer_tls = credentials.peer_tls();
     raft_config.cluster_name = config.cluster_name.clone();
     raft_config.snapshot_dir = config.data_dir.join(crate::raft::snapfile::DIR_NAME);
     if let Some(bytes) = config.raft_snapshot_chunk {
@@ -415,14 +424,6 @@ pub async fn start(
         metrics,
         shutdown.clone(),
     ));
-    let credentials = Credentials::new(
-        Loaded {
-            tls: config.tls.clone(),
-            http_tls: config.http_tls.clone(),
-            auth: config.auth.clone(),
-        },
-        config.reloader.clone(),
-    );
     let http = http_listener.map(|listener| {
         tokio::spawn(crate::http::serve(
             listener,

@@ -542,6 +542,27 @@ impl pb::gantry_server::Gantry for GantryService {
             .await?;
         Ok(Response::new(view.into()))
     }
+
+    async fn raft_replace_member(
+        &self,
+        request: GrpcRequest<pb::RaftReplaceMemberRequest>,
+    ) -> Result<Response<pb::RaftMembersResponse>, Status> {
+        let pb::RaftReplaceMemberRequest {
+            old_id,
+            new_id,
+            url,
+        } = request.into_inner();
+        let view = self
+            .core
+            .members(|reply| MembersRequest::Replace {
+                old: old_id,
+                new: new_id,
+                url,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(view.into()))
+    }
 }
 
 /// The agent API (`gantry.v1.AgentLink`).

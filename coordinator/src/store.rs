@@ -4,21 +4,25 @@
 //! leader term, next job id, event floor, retention policy, latest run of
 //! each pipeline), and the history of retired jobs (`history`,
 //! `history_index`: see [`history`]). A [`ChangeSet`] is written as one
-//! transaction across trees.
+//! transaction across trees. Jobs, nodes, events and submission keys are
+//! prost messages ([`records`]; JSON ones of earlier versions are still
+//! read); a Raft snapshot is a stream of them ([`snapshot`]).
 
 use std::path::Path;
 
 use gantry_scheduler::JobId;
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::domain::{EventRecord, JobRecord, NodeRecord};
 use crate::state::{ChangeSet, RetentionPolicy, StateMachine};
 
 pub mod codec;
 mod history;
+pub mod records;
+pub mod snapshot;
 
 pub use history::HistoryPage;
+pub use snapshot::{decode_snapshot, read_snapshot, write_state_snapshot};
 
 /// Storage failures. These are fatal for the coordinator: it cannot
 /// acknowledge work it cannot persist.
@@ -38,6 +42,18 @@ pub enum StoreError {
     /// A record did not encode (a bug).
     #[error("storage: cannot encode record: {0}")]
     Encode(serde_json::Error),
+    /// A stored binary record (or a JSON one of an earlier version) did
+    /// not decode.
+    #[error("storage: corrupt record in {tree}: {source}")]
+    Record {
+        /// Tree name.
+        tree: &'static str,
+        /// Decode error.
+        source: codec::CodecError,
+    },
+    /// A state snapshot could not be written or read whole.
+    #[error("state snapshot: {0}")]
+    Snapshot(String),
     /// A fixed-size value has the wrong size (it is never read as 0).
     #[error("storage: unreadable {tree}/{key}: {len} bytes, expected 8")]
     BadValue {
@@ -93,16 +109,15 @@ impl Store {
 
     /// Loads the whole state machine.
     pub fn load(&self) -> Result<StateMachine, StoreError> {
-        let jobs: Vec<JobRecord> = decode_all(&self.jobs, "jobs")?;
-        let nodes: Vec<NodeRecord> = decode_all(&self.nodes, "nodes")?;
+        let jobs: Vec<JobRecord> = decode_all(&self.jobs, "jobs", records::decode_job)?;
+        let nodes: Vec<NodeRecord> = decode_all(&self.nodes, "nodes", records::decode_node)?;
         let mut submissions = Vec::new();
         for item in self.submissions.iter() {
             let (key, value) = item?;
-            let ids: Vec<JobId> =
-                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
-                    tree: "submissions",
-                    source,
-                })?;
+            let ids = records::decode_job_ids(&value).map_err(|source| StoreError::Record {
+                tree: "submissions",
+                source,
+            })?;
             submissions.push((String::from_utf8_lossy(&key).into_owned(), ids));
         }
         let mut estimates = Vec::new();
@@ -196,26 +211,42 @@ impl Store {
             &self.estimates,
             &self.meta,
         ] {
-            tree.clear()?;
+            // A replica that is new (the usual install) has nothing to clear.
+            if !tree.is_empty() {
+                tree.clear()?;
+            }
         }
-        let mut batch = sled::Batch::default();
-        for job in &snapshot.jobs {
-            batch.insert(&job.id.to_be_bytes(), encode(job)?);
-        }
-        self.jobs.apply_batch(batch)?;
+        // Jobs and events are nearly all of it, and sled's cost is per
+        // record (its tree updates, not the bytes): the two trees are
+        // written on two threads.
+        let events = std::thread::scope(|scope| {
+            let events = scope.spawn(|| {
+                let mut batch = sled::Batch::default();
+                for event in &snapshot.events {
+                    batch.insert(&event.index.to_be_bytes(), records::encode_event(event));
+                }
+                self.events.apply_batch(batch)
+            });
+            let mut batch = sled::Batch::default();
+            for job in &snapshot.jobs {
+                batch.insert(&job.id.to_be_bytes(), records::encode_job(job));
+            }
+            let jobs = self.jobs.apply_batch(batch);
+            // A panic on the other thread is a bug; it is passed on.
+            let events = events
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            jobs.and(events)
+        });
+        events?;
         let mut batch = sled::Batch::default();
         for node in &snapshot.nodes {
-            batch.insert(node.name.as_bytes(), encode(node)?);
+            batch.insert(node.name.as_bytes(), records::encode_node(node));
         }
         self.nodes.apply_batch(batch)?;
         let mut batch = sled::Batch::default();
-        for event in &snapshot.events {
-            batch.insert(&event.index.to_be_bytes(), encode(event)?);
-        }
-        self.events.apply_batch(batch)?;
-        let mut batch = sled::Batch::default();
         for (key, ids) in &snapshot.submissions {
-            batch.insert(key.as_bytes(), encode(ids)?);
+            batch.insert(key.as_bytes(), records::encode_job_ids(ids));
         }
         self.submissions.apply_batch(batch)?;
         let mut batch = sled::Batch::default();
@@ -270,69 +301,6 @@ impl Store {
         })
     }
 
-    /// The serialized [`StateSnapshot`] (JSON), written straight from the
-    /// state machine and the stored events: no job is cloned and no event
-    /// decoded (each is stored as its JSON already), so taking a snapshot
-    /// of 100,000 jobs costs the output buffer, not two more copies of the
-    /// state. Decodes to exactly what [`Store::snapshot`] returns.
-    pub fn snapshot_bytes(&self, state: &StateMachine) -> Result<Vec<u8>, StoreError> {
-        let mut out = Vec::new();
-        self.write_snapshot(state, &mut out)?;
-        Ok(out)
-    }
-
-    /// Writes the serialized [`StateSnapshot`] (as
-    /// [`snapshot_bytes`](Self::snapshot_bytes)) into `out` as it goes: a
-    /// Raft snapshot streams into its file, never one in-memory value.
-    pub fn write_snapshot(
-        &self,
-        state: &StateMachine,
-        out: &mut dyn std::io::Write,
-    ) -> Result<(), StoreError> {
-        put(out, b"{\"jobs\":[")?;
-        for (i, job) in state.jobs().enumerate() {
-            if i > 0 {
-                put(out, b",")?;
-            }
-            append_json(out, job)?;
-        }
-        put(out, b"],\"nodes\":[")?;
-        for (i, node) in state.nodes().enumerate() {
-            if i > 0 {
-                put(out, b",")?;
-            }
-            append_json(out, node)?;
-        }
-        put(out, b"],\"submissions\":")?;
-        let submissions: Vec<(&String, &Vec<JobId>)> = state.submissions().collect();
-        append_json(out, &submissions)?;
-        put(out, b",\"estimates\":")?;
-        let estimates: Vec<(&String, &u64)> = state.estimates().iter().collect();
-        append_json(out, &estimates)?;
-        put(out, b",\"events\":[")?;
-        for (i, item) in self.events.iter().enumerate() {
-            let (_, value) = item?;
-            if i > 0 {
-                put(out, b",")?;
-            }
-            put(out, &value)?;
-        }
-        write!(
-            out,
-            "],\"leader_term\":{},\"next_job_id\":{},\"event_floor\":{},\"retention\":",
-            state.leader_term(),
-            state.next_job_id(),
-            state.event_floor()
-        )
-        .map_err(io_error)?;
-        append_json(out, state.retention())?;
-        put(out, b",\"pipeline_runs\":")?;
-        let runs: Vec<(&String, &u32)> = state.pipeline_runs().iter().collect();
-        append_json(out, &runs)?;
-        put(out, b"}")?;
-        out.flush().map_err(io_error)
-    }
-
     /// Writes what an apply changed, then flushes. Only after this returns
     /// may the change be acknowledged.
     pub fn persist(&self, state: &StateMachine, changes: &ChangeSet) -> Result<(), StoreError> {
@@ -355,7 +323,7 @@ impl Store {
         let mut jobs = sled::Batch::default();
         for id in &changes.jobs {
             if let Some(job) = state.job(*id) {
-                jobs.insert(&id.to_be_bytes(), encode(job)?);
+                jobs.insert(&id.to_be_bytes(), records::encode_job(job));
             }
         }
         for job in &changes.retired {
@@ -364,7 +332,7 @@ impl Store {
         let mut nodes = sled::Batch::default();
         for name in &changes.nodes {
             if let Some(node) = state.node(name) {
-                nodes.insert(name.as_bytes(), encode(node)?);
+                nodes.insert(name.as_bytes(), records::encode_node(node));
             }
         }
         let mut events = sled::Batch::default();
@@ -377,11 +345,11 @@ impl Store {
             }
         }
         for event in &changes.events {
-            events.insert(&event.index.to_be_bytes(), encode(event)?);
+            events.insert(&event.index.to_be_bytes(), records::encode_event(event));
         }
         let mut submissions = sled::Batch::default();
         for (key, ids) in &changes.submissions {
-            submissions.insert(key.as_bytes(), encode(ids)?);
+            submissions.insert(key.as_bytes(), records::encode_job_ids(ids));
         }
         for key in &changes.submissions_removed {
             submissions.remove(key.as_bytes());
@@ -465,7 +433,7 @@ impl Store {
         for item in self.events.range(from.to_be_bytes()..).take(limit) {
             let (_, value) = item?;
             out.push(
-                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                records::decode_event(&value).map_err(|source| StoreError::Record {
                     tree: "events",
                     source,
                 })?,
@@ -558,7 +526,6 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// Appends a value's JSON to a buffer.
 /// The state a snapshot holds, as [`Store::load`] builds it from the
 /// stored records.
 fn state_from(snapshot: StateSnapshot) -> StateMachine {
@@ -587,38 +554,19 @@ fn state_from(snapshot: StateSnapshot) -> StateMachine {
     state
 }
 
-fn append_json<T: Serialize + ?Sized>(
-    out: &mut dyn std::io::Write,
-    value: &T,
-) -> Result<(), StoreError> {
-    serde_json::to_writer(out, value).map_err(StoreError::Encode)
-}
-
-/// Raw bytes into a snapshot being written.
-fn put(out: &mut dyn std::io::Write, bytes: &[u8]) -> Result<(), StoreError> {
-    out.write_all(bytes).map_err(io_error)
-}
-
-/// A failed write of a snapshot, as serde_json reports its own.
-fn io_error(error: std::io::Error) -> StoreError {
-    StoreError::Encode(serde_json::Error::io(error))
-}
-
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(StoreError::Encode)
 }
 
-fn decode_all<T: DeserializeOwned>(
+fn decode_all<T>(
     tree: &sled::Tree,
     name: &'static str,
+    decode: fn(&[u8]) -> Result<T, codec::CodecError>,
 ) -> Result<Vec<T>, StoreError> {
     let mut out = Vec::new();
     for item in tree.iter() {
         let (_, value) = item?;
-        out.push(
-            serde_json::from_slice(&value)
-                .map_err(|source| StoreError::Corrupt { tree: name, source })?,
-        );
+        out.push(decode(&value).map_err(|source| StoreError::Record { tree: name, source })?);
     }
     Ok(out)
 }

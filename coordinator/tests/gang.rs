@@ -3,7 +3,7 @@
 //! `GangStop` (what it stops, and that a duplicate changes nothing).
 
 use gantry_coordinator::Command;
-use gantry_coordinator::domain::{GangSpec, JobSpec, JobState};
+use gantry_coordinator::domain::{GangSpec, JobSpec, JobState, MASTER_PORTS_LABEL};
 use gantry_coordinator::state::{GangSettle, Outcome, StateMachine};
 use gantry_scheduler::{LockMode, LockRequest, Placement};
 
@@ -165,6 +165,52 @@ fn master_ports_differ_for_gangs_whose_rank_0_shares_a_node() {
     assert_eq!(
         [port(1), port(2), port(3), port(4)],
         [Some(29_500), Some(29_500), Some(29_501), Some(29_501)]
+    );
+}
+
+/// A node registered with the port range its agent was given
+/// (`--master-port-range`, carried as a label).
+fn register_with_ports(sm: &mut StateMachine, name: &str, range: &str) {
+    let mut command = Command::register_for_test(name, 1, 80 * GIB);
+    if let Command::RegisterNode { labels, .. } = &mut command {
+        labels.insert(MASTER_PORTS_LABEL.into(), range.into());
+    }
+    sm.apply(command).expect("register");
+}
+
+#[test]
+fn master_ports_come_from_rank_0s_node_range() {
+    let mut sm = cluster(&["b", "c", "d"]);
+    register_with_ports(&mut sm, "a", "40000-40000");
+    register_with_ports(&mut sm, "e", "29500");
+    submit(
+        &mut sm,
+        vec![gang("one", 2), gang("two", 2), gang("three", 2)],
+    );
+    let (applied, refused) = assign(&mut sm, vec![place(1, "a"), place(2, "b")]);
+    assert_eq!((applied, refused), (vec![1, 2], vec![]));
+    let port = |sm: &StateMachine, id| sm.job(id).and_then(|j| j.gang.as_ref()).map(|g| g.port);
+    assert_eq!([port(&sm, 1), port(&sm, 2)], [Some(40_000), Some(40_000)]);
+    // The one port is taken: a second gang with rank 0 there is refused whole.
+    let (applied, refused) = assign(&mut sm, vec![place(3, "a"), place(4, "c")]);
+    assert!(applied.is_empty(), "{applied:?}");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(
+        refused[0].1.contains("no free MASTER_PORT left on node a"),
+        "{refused:?}"
+    );
+    // Rank 0 elsewhere: the default range.
+    let (applied, _) = assign(&mut sm, vec![place(3, "c"), place(4, "a")]);
+    assert_eq!(applied, vec![3, 4]);
+    assert_eq!(port(&sm, 3), Some(29_500));
+    // A range that cannot be read refuses the gang naming the label.
+    let (applied, refused) = assign(&mut sm, vec![place(5, "e"), place(6, "d")]);
+    assert!(applied.is_empty(), "{applied:?}");
+    assert!(
+        refused[0]
+            .1
+            .contains("node e's MASTER_PORT range: label gantry-master-port-range"),
+        "{refused:?}"
     );
 }
 

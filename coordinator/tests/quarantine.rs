@@ -85,7 +85,7 @@ fn a_quarantine_survives_restart_and_snapshot_and_is_cleared_everywhere() {
 
     // A snapshot installed on another replica (a new leader) has it.
     let bytes = store.snapshot_bytes(&loaded).expect("snapshot");
-    let snapshot: StateSnapshot = serde_json::from_slice(&bytes).expect("decode");
+    let snapshot = gantry_coordinator::store::decode_snapshot(&bytes).expect("decode");
     let other_dir = tempfile::tempdir().expect("tempdir");
     let other = Store::open(other_dir.path()).expect("open other");
     let mut follower = other.replace_all(snapshot, 7).expect("install");

@@ -19,6 +19,7 @@ mod raft;
 mod retention;
 mod security;
 mod spec;
+mod streams;
 mod submit;
 mod yaml_limits;
 
@@ -30,7 +31,6 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use gantry_proto as pb;
 use gantry_scheduler::units::parse_bytes;
-use tokio_stream::StreamExt;
 
 use client::{CliError, exit};
 use output::{Format, escape, outln};
@@ -255,6 +255,11 @@ enum Command {
         /// Node labels, e.g. provider=lambda (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Ports `MASTER_PORT` is chosen from for gangs whose rank 0 runs
+        /// here, LOW-HIGH inclusive (default 29500-29999). Registered as
+        /// the node label gantry-master-port-range.
+        #[arg(long, value_parser = parse_master_port_range)]
+        master_port_range: Option<String>,
         /// Fake GPUs instead of NVML, e.g. 2xH100-80GiB,1xRTX4090-24GiB.
         #[arg(long)]
         fake_gpus: Option<String>,
@@ -498,6 +503,19 @@ enum RaftAction {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Replace voter OLD (also a dead one) by a replica started with
+    /// `gantry coordinator --join --id NEW`: NEW joins as a learner and,
+    /// once caught up, one joint change makes it a voter and removes OLD.
+    Replace {
+        /// The voter that leaves.
+        old: u64,
+        /// The new replica's raft id (never used before).
+        new: u64,
+        /// Its gRPC URL, e.g. http://10.0.0.4:7070.
+        url: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
 }
 
 #[derive(Subcommand)]
@@ -709,6 +727,31 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
 }
 
+/// `--master-port-range LOW-HIGH`, checked as the coordinator reads it.
+fn parse_master_port_range(text: &str) -> Result<String, String> {
+    gantry_coordinator::domain::parse_port_range(text)?;
+    Ok(text.trim().to_string())
+}
+
+/// The agent's labels: `--label`s, and `--master-port-range` as its label
+/// (which `--label` may not set besides).
+fn agent_labels(
+    labels: Vec<(String, String)>,
+    master_port_range: Option<String>,
+) -> Result<BTreeMap<String, String>, String> {
+    use gantry_coordinator::domain::MASTER_PORTS_LABEL;
+    let mut labels: BTreeMap<String, String> = labels.into_iter().collect();
+    if labels.contains_key(MASTER_PORTS_LABEL) {
+        return Err(format!(
+            "--label {MASTER_PORTS_LABEL}: set by --master-port-range, not as a label"
+        ));
+    }
+    if let Some(range) = master_port_range {
+        labels.insert(MASTER_PORTS_LABEL.to_string(), range);
+    }
+    Ok(labels)
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -875,6 +918,7 @@ async fn cli_main() -> ExitCode {
                 Ok(gantry_coordinator::credentials::Loaded {
                     tls: loaded.tls,
                     http_tls: loaded.http_tls,
+                    peer_tls: loaded.peer_tls,
                     auth: loaded.auth,
                 })
             });
@@ -943,6 +987,7 @@ async fn cli_main() -> ExitCode {
             address,
             data_dir,
             labels,
+            master_port_range,
             fake_gpus,
             probe,
             stop_jobs_on_exit,
@@ -952,6 +997,10 @@ async fn cli_main() -> ExitCode {
             if probe {
                 return probe_gpus(fake_gpus);
             }
+            let labels = match agent_labels(labels, master_port_range) {
+                Ok(labels) => labels,
+                Err(error) => return fail(CliError::invalid(error)),
+            };
             let security = match agent_security(security, &coordinators) {
                 Ok(security) => security,
                 Err(error) => return fail(CliError::invalid(error)),
@@ -967,7 +1016,7 @@ async fn cli_main() -> ExitCode {
                     .map(String::from)
                     .collect(),
                 data_dir,
-                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                labels,
                 fake_gpus,
                 stop_jobs_on_exit,
             };
@@ -1027,6 +1076,12 @@ async fn cli_main() -> ExitCode {
             RaftAction::Members { client } => raft::members(client).await,
             RaftAction::Add { id, url, client } => raft::add(id, url, client).await,
             RaftAction::Remove { id, client } => raft::remove(id, client).await,
+            RaftAction::Replace {
+                old,
+                new,
+                url,
+                client,
+            } => raft::replace(old, new, url, client).await,
         },
         Command::Inventory {
             action: InventoryAction::Check { file },
@@ -1065,7 +1120,7 @@ async fn cli_main() -> ExitCode {
             stderr,
             attempt,
             client,
-        } => logs(id, follow, stderr, attempt, client).await,
+        } => streams::logs(id, follow, stderr, attempt, client).await,
         Command::Cancel { id, client } => cancel(id, client).await,
         Command::Nodes { client } => nodes(client).await,
         Command::Drain {
@@ -1082,7 +1137,7 @@ async fn cli_main() -> ExitCode {
             pipeline,
             from,
             client,
-        } => watch(job, kind, pipeline, from, client).await,
+        } => streams::watch(job, kind, pipeline, from, client).await,
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
@@ -1432,34 +1487,6 @@ async fn job(id: u64, opts: ClientOpts) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn logs(
-    id: u64,
-    follow: bool,
-    stderr: bool,
-    attempt: u32,
-    opts: ClientOpts,
-) -> Result<(), CliError> {
-    let mut client = client::connect(&opts).await?;
-    let stream = if stderr { "stderr" } else { "stdout" };
-    let mut chunks = client
-        .logs(pb::LogsRequest {
-            job_id: id,
-            stream: stream.into(),
-            follow,
-            attempt,
-            offset: 0,
-        })
-        .await?
-        .into_inner();
-    // The job's own output, raw, as `kubectl logs` and `docker logs` print
-    // it: it is what the job wrote, and escaping would corrupt binary or
-    // colored output piped to a file. Only this command prints unescaped.
-    while let Some(chunk) = chunks.next().await {
-        output::write_stdout_bytes(&chunk?.data);
-    }
-    Ok(())
-}
-
 async fn cancel(id: u64, opts: ClientOpts) -> Result<(), CliError> {
     let mut client = client::connect(&opts).await?;
     let answer = client
@@ -1609,57 +1636,6 @@ async fn status(opts: ClientOpts) -> Result<(), CliError> {
                 }
             );
             outln!("last event: {}", status.last_event_index);
-        }
-    }
-    Ok(())
-}
-
-async fn watch(
-    job: Option<u64>,
-    kind: Option<String>,
-    pipeline: Option<String>,
-    from: Option<u64>,
-    opts: ClientOpts,
-) -> Result<(), CliError> {
-    let mut client = client::connect(&opts).await?;
-    let from_index = match from {
-        Some(index) => index,
-        None => {
-            client
-                .status(pb::StatusRequest {})
-                .await?
-                .into_inner()
-                .last_event_index
-                + 1
-        }
-    };
-    let mut events = client
-        .watch_events(pb::WatchEventsRequest {
-            from_index,
-            job_id: job.unwrap_or(0),
-            kind: kind.unwrap_or_default(),
-            pipeline: pipeline.unwrap_or_default(),
-        })
-        .await?
-        .into_inner();
-    while let Some(event) = events.next().await {
-        let event = event?;
-        match opts.output {
-            Format::Json => outln!("{}", output::event_json(&event)),
-            Format::Table => outln!(
-                "{:>6}  job {:<6} {:<20} {:<10} {:<10} {}{}",
-                event.index,
-                event.job_id,
-                escape(&event.job_name),
-                escape(&event.kind),
-                escape(&event.state),
-                if event.node.is_empty() {
-                    String::new()
-                } else {
-                    format!("on {} (attempt {}) ", escape(&event.node), event.attempt)
-                },
-                escape(&event.message)
-            ),
         }
     }
     Ok(())

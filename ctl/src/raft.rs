@@ -33,15 +33,57 @@ pub async fn add(id: u64, url: String, opts: crate::ClientOpts) -> Result<(), Cl
     Ok(())
 }
 
-/// `gantry raft remove ID`.
+/// `gantry raft remove ID`. Removing the leader: it hands leadership to
+/// another voter and answers "not the leader" naming it; the request then
+/// goes to the new leader, which removes the old one.
 pub async fn remove(id: u64, opts: crate::ClientOpts) -> Result<(), CliError> {
+    const HANDOFFS: usize = 3;
+    let mut handoffs = 0;
+    let view = loop {
+        let mut client = client::connect(&opts).await?;
+        match client
+            .raft_remove_member(pb::RaftRemoveMemberRequest { id })
+            .await
+        {
+            Ok(view) => break view.into_inner(),
+            Err(status)
+                if handoffs < HANDOFFS
+                    && status.code() == tonic::Code::Unavailable
+                    && status
+                        .metadata()
+                        .contains_key(gantry_coordinator::error::LEADER_METADATA) =>
+            {
+                handoffs += 1;
+            }
+            Err(status) => return Err(status.into()),
+        }
+    };
+    if opts.output == Format::Table {
+        outln!("removed replica {id}");
+    }
+    print(&view, opts.output);
+    Ok(())
+}
+
+/// `gantry raft replace OLD NEW URL`: answered once the joint change
+/// that promotes NEW and removes OLD applied (NEW caught up first).
+pub async fn replace(
+    old: u64,
+    new: u64,
+    url: String,
+    opts: crate::ClientOpts,
+) -> Result<(), CliError> {
     let mut client = client::connect(&opts).await?;
     let view = client
-        .raft_remove_member(pb::RaftRemoveMemberRequest { id })
+        .raft_replace_member(pb::RaftReplaceMemberRequest {
+            old_id: old,
+            new_id: new,
+            url,
+        })
         .await?
         .into_inner();
     if opts.output == Format::Table {
-        outln!("removed replica {id}");
+        outln!("replaced replica {old} by {new}");
     }
     print(&view, opts.output);
     Ok(())

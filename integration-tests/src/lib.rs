@@ -92,6 +92,12 @@ impl Proc {
         }
     }
 
+    /// The next stdout line, or `None` when none came within `timeout`
+    /// (or stdout closed).
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -573,6 +579,24 @@ impl Drop for Sandbox {
             }
         }
     }
+}
+
+/// A log without its ANSI colours (the daemons' logs are coloured).
+pub fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Whether a process id is alive (and not a zombie).

@@ -117,8 +117,10 @@ fn a_full_data_volume_refuses_writes_serves_reads_and_resumes() -> anyhow::Resul
 /// Agent side: a job whose output fills the agent's data volume (a small
 /// tmpfs) still has its end recorded as it happened (its exit code, one
 /// attempt, not lost and run again), because the agent keeps a reserve for
-/// those records; the full volume shows as disk pressure on the node, and
-/// once space is freed the agent runs jobs there again.
+/// those records; the full volume shows as disk pressure on the node; a
+/// new attempt that cannot even be recorded once the reserve is spent waits
+/// for room instead of failing its job; and once space is freed the agent
+/// runs jobs there again.
 #[test]
 fn a_full_job_output_volume_loses_no_exit_report() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
@@ -158,13 +160,42 @@ fn a_full_job_output_volume_loses_no_exit_report() -> anyhow::Result<()> {
         (nodes.as_array()?.first()?["disk_pressure"] == true).then_some(())
     })?;
 
-    // Space freed (the job's output removed): jobs run there again.
+    // The volume entirely full, the reserve spent: a new attempt's own
+    // record cannot be written. That is the node's condition, not the
+    // job's: the agent waits for room instead of failing the job, whose
+    // only attempt is not used up.
+    let filler = agent_dir.join("filler");
+    fill(&filler)?;
+    let one_try = sandbox.path().join("one-try.yaml");
+    std::fs::write(
+        &one_try,
+        "resources: {gpus: 0}\nretry: {max_attempts: 1}\ncommand: [sh, -c, 'echo ran']\n",
+    )?;
+    let waiting = sandbox.submit(&url, &["-f", &one_try.display().to_string()])?;
+    gantry_integration_tests::wait_until("the agent to wait for room", T, || {
+        sandbox
+            .log("node-a")
+            .contains("waiting for room to record the attempt")
+            .then_some(())
+    })?;
+    let job = sandbox.job(&url, waiting)?;
+    assert!(
+        !["failed", "deadlettered"].contains(&job["state"].as_str().unwrap_or("")),
+        "charged to the job: {job}"
+    );
+
+    // Space freed (the job's output and the filler removed): jobs run
+    // there again, the waiting one first, on its one attempt.
     let stdout = agent_dir
         .join("jobs")
         .join(id.to_string())
         .join("1")
         .join("stdout");
     std::fs::remove_file(&stdout)?;
+    std::fs::remove_file(&filler)?;
+    let job = sandbox.wait_job_state(&url, waiting, "succeeded", T)?;
+    let attempts = job["attempts"].as_array().cloned().unwrap_or_default();
+    assert_eq!(attempts.len(), 1, "{job}");
     let again = sandbox.submit(&url, &["--gpus", "0", "--", "true"])?;
     sandbox.wait_job_state(&url, again, "succeeded", T)?;
     gantry_integration_tests::wait_until("the reserve refilled", T, || {

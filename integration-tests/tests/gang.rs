@@ -2,18 +2,23 @@
 //! and `MASTER_ADDR`/`MASTER_PORT` (each member writes its environment to
 //! a file), and when one member's node dies (its agent SIGKILLed with the
 //! member's processes) the whole gang is placed again elsewhere with a new
-//! attempt, and no member of the old attempt is left running.
+//! attempt, and no member of the old attempt is left running. The agents
+//! run with `--master-port-range`, so `MASTER_PORT` comes from their range;
+//! a bad range is refused naming the flag.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use gantry_integration_tests::{Sandbox, pid_alive, wait_until};
+use gantry_integration_tests::{Sandbox, pid_alive, run_gantry, wait_until};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(90);
+
+/// Every agent's `--master-port-range`.
+const PORTS: &str = "31000-31009";
 
 const NODES: [(&str, &str); 3] = [
     ("node-a", "127.0.0.2"),
@@ -72,7 +77,7 @@ fn check_envs(dir: &Path, first: u64, attempt: u64, nodes: [&str; 2]) -> anyhow:
     }
     assert_eq!(e0.get("MASTER_PORT"), e1.get("MASTER_PORT"));
     let port: u16 = e0.get("MASTER_PORT").map_or(Ok(0), |p| p.parse())?;
-    assert!((29_500..30_000).contains(&port), "MASTER_PORT {port}");
+    assert!((31_000..=31_009).contains(&port), "MASTER_PORT {port}");
     Ok([p0, p1])
 }
 
@@ -85,7 +90,14 @@ fn a_gang_gets_consistent_ranks_and_moves_whole_when_a_member_node_dies() -> any
     for (name, addr) in NODES {
         agents.insert(
             name,
-            sandbox.start_agent(name, &url, "1xH100-80GiB", addr, &[])?,
+            sandbox.start_agent_with(
+                name,
+                &url,
+                "1xH100-80GiB",
+                addr,
+                &[],
+                &["--master-port-range", PORTS],
+            )?,
         );
     }
     sandbox.wait_nodes_ready(&url, 3, T)?;
@@ -151,4 +163,38 @@ fn a_gang_gets_consistent_ranks_and_moves_whole_when_a_member_node_dies() -> any
     let attempts = job["attempts"].as_array().cloned().unwrap_or_default();
     assert_eq!(attempts[0]["outcome"], "preempted", "{job}");
     Ok(())
+}
+
+#[test]
+fn a_bad_master_port_range_is_refused_naming_the_flag() {
+    for (range, why) in [
+        ("29999-29500", "29999 is above 29500"),
+        ("29500", "is not LOW-HIGH"),
+        ("0-10", "is not a port"),
+        ("1-70000", "is not a port"),
+    ] {
+        let out = run_gantry(
+            "http://127.0.0.1:1",
+            &[],
+            &["agent", "--master-port-range", range],
+        );
+        assert_eq!(out.code, 2, "{range}: {out:?}");
+        assert!(
+            out.stderr.contains("--master-port-range") && out.stderr.contains(why),
+            "{range}: {}",
+            out.stderr
+        );
+    }
+    // The label is the flag's alone.
+    let out = run_gantry(
+        "http://127.0.0.1:1",
+        &[],
+        &["agent", "--label", "gantry-master-port-range=1-2"],
+    );
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("set by --master-port-range"),
+        "{}",
+        out.stderr
+    );
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use gantry_integration_tests::{Sandbox, http_get, parse_samples, wait_until};
+use gantry_integration_tests::{Sandbox, http_get, http_request, parse_samples, wait_until};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(40);
@@ -141,9 +141,24 @@ command: ["echo run $GANTRY_ATTEMPT $CUDA_VISIBLE_DEVICES >> {runs}; trap 'cat $
     let out = sandbox.gantry(&url, &["gpu", "reset", "node-a", "7"]);
     assert_eq!(out.code, 1, "{} {}", out.stdout, out.stderr);
     assert!(out.stderr.contains("has no gpu 7"), "{}", out.stderr);
+    // The HTTP route says the same, and refuses an index that is no number.
+    let missing = http_request(&http, "POST", "/v1/nodes/node-a/gpus/7/reset", &[], b"")?;
+    assert_eq!(missing.status, 404, "{missing:?}");
+    assert!(missing.body.contains("has no gpu 7"), "{missing:?}");
+    let bad = http_request(&http, "POST", "/v1/nodes/node-a/gpus/x/reset", &[], b"")?;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert_eq!(bad.json()?["field"], "gpu", "{bad:?}");
     fake_state(&sandbox, "node-a", &[])?;
-    let out = sandbox.gantry(&url, &["gpu", "reset", "node-a", &sick.to_string()]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    // Reset over HTTP (`gantry gpu reset` is the same call over gRPC).
+    let reset = http_request(
+        &http,
+        "POST",
+        &format!("/v1/nodes/node-a/gpus/{sick}/reset"),
+        &[],
+        b"",
+    )?;
+    assert_eq!(reset.status, 200, "{reset:?}");
+    assert_eq!(reset.json()?["reset"], true, "{reset:?}");
     let placed = sandbox.wait_job_state(&url, second, "running", T)?;
     assert_eq!(gpu_of(&placed, 0), Some(sick), "{placed}");
     assert_eq!(

@@ -267,6 +267,10 @@ fn tokens_and_roles_and_the_openapi_routes() -> anyhow::Result<()> {
         post(&http, "/v1/nodes/gpu-1/undrain", &user, "").status,
         403
     );
+    assert_eq!(
+        post(&http, "/v1/nodes/gpu-1/gpus/0/reset", &user, "").status,
+        403
+    );
     // A user may drop its own dead-lettered jobs (ownership is checked per
     // job; `credentials.rs` covers the refusals): job 1 does not exist.
     let drop = http_request(&http, "DELETE", "/v1/dlq/1", &user, b"")?;
@@ -285,7 +289,10 @@ fn tokens_and_roles_and_the_openapi_routes() -> anyhow::Result<()> {
     let paths = doc["paths"].as_object().expect("paths");
     assert!(paths.len() >= 13, "{paths:?}");
     for (path, item) in paths {
-        let concrete = path.replace("{id}", "999999").replace("{name}", "nosuch");
+        let concrete = path
+            .replace("{id}", "999999")
+            .replace("{name}", "nosuch")
+            .replace("{gpu}", "0");
         for method in ["GET", "POST", "DELETE", "PUT", "PATCH"] {
             let documented = item.get(method.to_lowercase()).is_some();
             let status = if concrete == "/v1/events" && method == "GET" {
@@ -582,6 +589,12 @@ fn a_follower_answers_writes_with_the_leader() -> anyhow::Result<()> {
     );
     let cancel = post(&http, "/v1/jobs/1/cancel", &[], "");
     assert_eq!(cancel.status, 503, "{cancel:?}");
+    let reset = post(&http, "/v1/nodes/node-a/gpus/0/reset", &[], "");
+    assert_eq!(
+        (reset.status, reset.header("gantry-leader-http")),
+        (503, Some(leader_http.as_str())),
+        "{reset:?}"
+    );
     assert_eq!(
         json(&cancel)["leader_http"].as_str(),
         Some(leader_http.as_str())

@@ -75,6 +75,27 @@ fn submit_load(addrs: &str, stop: &AtomicBool, acknowledged: &Mutex<Vec<u64>>) {
     }
 }
 
+/// The checker over every replica's storage in `dirs`, then: each
+/// acknowledged id is a job in every replica `keep` selects.
+fn check_none_lost(
+    dirs: &[PathBuf],
+    acknowledged: &[u64],
+    keep: impl Fn(&std::path::Path) -> bool,
+) -> anyhow::Result<()> {
+    let replicas = read_replicas(dirs)?;
+    check_replicas(&replicas)?;
+    for replica in replicas.iter().filter(|r| keep(&r.dir)) {
+        let have: BTreeSet<u64> = replica.jobs.iter().map(|j| j.id).collect();
+        let lost: Vec<u64> = acknowledged
+            .iter()
+            .copied()
+            .filter(|id| !have.contains(id))
+            .collect();
+        ensure!(lost.is_empty(), "{}: lost {lost:?}", replica.dir.display());
+    }
+    Ok(())
+}
+
 #[test]
 fn a_dead_replica_is_replaced_under_load_and_the_new_one_votes() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
@@ -194,20 +215,9 @@ fn a_dead_replica_is_replaced_under_load_and_the_new_one_votes() -> anyhow::Resu
     sandbox.proc(joiner).stop(Duration::from_secs(10));
     let mut dirs = set.dirs.clone();
     dirs.push(joiner_dir.clone());
-    let replicas = read_replicas(&dirs)?;
-    check_replicas(&replicas)?;
-    for replica in replicas
-        .iter()
-        .filter(|r| r.dir == joiner_dir || r.dir == set.dirs[leader - 1])
-    {
-        let have: BTreeSet<u64> = replica.jobs.iter().map(|j| j.id).collect();
-        let lost: Vec<u64> = acknowledged
-            .iter()
-            .copied()
-            .filter(|id| !have.contains(id))
-            .collect();
-        assert!(lost.is_empty(), "{}: lost {lost:?}", replica.dir.display());
-    }
+    check_none_lost(&dirs, &acknowledged, |dir| {
+        dir == joiner_dir || dir == set.dirs[leader - 1]
+    })?;
     Ok(())
 }
 
@@ -284,5 +294,195 @@ fn a_restored_cluster_grows_by_raft_add() -> anyhow::Result<()> {
     for id in &submitted {
         assert!(have.contains(id), "job {id} missing on the added replica");
     }
+    Ok(())
+}
+
+/// `gantry raft remove` of the leader: refused in one line while another
+/// voter is dead (the two left would have one live voter), and under a
+/// submit load once it is back: the leader hands leadership to another
+/// voter first, which removes it; nothing acknowledged is lost and the two
+/// left keep serving.
+#[test]
+fn removing_the_leader_hands_leadership_over_first() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let mut set = sandbox.start_replicas(&[])?;
+    let old = wait_until("a leader", T, || sandbox.leader_of(&set))?;
+    let others: Vec<usize> = (1..=3).filter(|id| *id != old).collect();
+    let old_url = set.urls[old - 1].clone();
+
+    let dead = others[0];
+    let index = set.procs[dead - 1].take().expect("running");
+    sandbox.proc(index).kill9();
+    wait_until("the leader to see a follower silent", T, || {
+        let view = members(&sandbox, &old_url)?;
+        let silent = view["members"]
+            .as_array()?
+            .iter()
+            .any(|m| m["id"] == dead as u64 && m["last_contact_ms"].as_u64().unwrap_or(0) > 2000);
+        silent.then_some(())
+    })?;
+    let out = sandbox.gantry(&old_url, &["raft", "remove", &old.to_string()]);
+    ensure!(
+        out.code != 0
+            && out.stderr.contains("would lose quorum")
+            && out.stderr.trim().lines().count() == 1,
+        "{out:?}"
+    );
+    ensure!(
+        sandbox.leader_of(&set) == Some(old),
+        "the refusal moved leadership"
+    );
+    sandbox.start_replica(&mut set, dead)?;
+
+    let others_addrs = others
+        .iter()
+        .map(|id| set.urls[id - 1].clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let stop = AtomicBool::new(false);
+    let acknowledged = Mutex::new(Vec::new());
+    let all = set.addrs();
+    std::thread::scope(|scope| {
+        scope.spawn(|| submit_load(&all, &stop, &acknowledged));
+        let result = (|| -> anyhow::Result<()> {
+            wait_until("some load", T, || {
+                (acknowledged.lock().expect("lock").len() >= 20).then_some(())
+            })?;
+            let out = sandbox.gantry(&all, &["raft", "remove", &old.to_string()]);
+            ensure!(out.code == 0, "{out:?}");
+            ensure!(
+                out.stdout.contains(&format!("removed replica {old}")),
+                "{}",
+                out.stdout
+            );
+            let view = wait_until("members", T, || members(&sandbox, &others_addrs))?;
+            let want: BTreeSet<u64> = others.iter().map(|id| *id as u64).collect();
+            ensure!(ids(&view) == want, "{view}");
+            let leads = view["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["leader"] == true)
+                .and_then(|m| m["id"].as_u64());
+            ensure!(leads.is_some_and(|id| want.contains(&id)), "{view}");
+            let count = acknowledged.lock().expect("lock").len();
+            wait_until("submits after the removal", T, || {
+                (acknowledged.lock().expect("lock").len() >= count + 10).then_some(())
+            })?;
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        result
+    })?;
+    let acknowledged = acknowledged.into_inner().expect("lock");
+    eprintln!(
+        "leader removal: {} submits acknowledged",
+        acknowledged.len()
+    );
+
+    // Nothing acknowledged lost on the replicas left; every replica's
+    // storage agrees.
+    for id in 1..=3 {
+        sandbox.stop_replica(&mut set, id);
+    }
+    check_none_lost(&set.dirs, &acknowledged, |dir| dir != set.dirs[old - 1])?;
+    Ok(())
+}
+
+/// `gantry raft replace OLD NEW URL` of a dead voter under a submit load:
+/// the new replica is a learner until it has caught up, then one joint
+/// change (the leader's log shows the joint configuration, old voters
+/// outgoing) makes it a voter and removes the dead one; nothing
+/// acknowledged is lost.
+#[test]
+fn a_dead_voter_is_replaced_in_one_joint_change() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let mut set = sandbox.start_replicas(&["--raft-compact-after", "50"])?;
+    let leader = wait_until("a leader", T, || sandbox.leader_of(&set))?;
+    let followers: Vec<usize> = (1..=3).filter(|id| *id != leader).collect();
+    let (victim, second) = (followers[0], followers[1]);
+    let addrs = format!("{},{}", set.urls[leader - 1], set.urls[second - 1]);
+    let stop = AtomicBool::new(false);
+    let acknowledged = Mutex::new(Vec::new());
+    let (joiner, joiner_dir) = std::thread::scope(|scope| {
+        scope.spawn(|| submit_load(&addrs, &stop, &acknowledged));
+        let result = (|| -> anyhow::Result<(usize, PathBuf)> {
+            wait_until("some load", T, || {
+                (acknowledged.lock().expect("lock").len() >= 20).then_some(())
+            })?;
+            let index = set.procs[victim - 1].take().expect("running");
+            sandbox.proc(index).kill9();
+            wait_until("the leader to see the replica silent", T, || {
+                let view = members(&sandbox, &addrs)?;
+                let silent = view["members"].as_array()?.iter().any(|m| {
+                    m["id"] == victim as u64 && m["last_contact_ms"].as_u64().unwrap_or(0) > 2000
+                });
+                silent.then_some(())
+            })?;
+            let (joiner, joiner_url, joiner_dir) =
+                start_joiner(&mut sandbox, 4, &["--raft-compact-after", "50"])?;
+            let out = sandbox.gantry(
+                &addrs,
+                &["raft", "replace", &victim.to_string(), "4", &joiner_url],
+            );
+            ensure!(out.code == 0, "{out:?}");
+            ensure!(
+                out.stdout
+                    .contains(&format!("replaced replica {victim} by 4")),
+                "{}",
+                out.stdout
+            );
+            let want: BTreeSet<u64> = [leader as u64, second as u64, 4].into();
+            wait_until("the joint configuration to be left", T, || {
+                let view = members(&sandbox, &addrs)?;
+                (ids(&view) == want
+                    && role_of(&view, 4).as_deref() == Some("voter")
+                    && view["changing"] == false)
+                    .then_some(())
+            })?;
+            let count = acknowledged.lock().expect("lock").len();
+            wait_until("submits after the replacement", T, || {
+                (acknowledged.lock().expect("lock").len() >= count + 10).then_some(())
+            })?;
+            Ok((joiner, joiner_dir))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        result
+    })?;
+    // One joint change: the new voter and the old ones, outgoing, at once
+    // (a promotion then a removal would show no outgoing voters).
+    let index = set.procs[leader - 1].expect("leader runs");
+    let log = gantry_integration_tests::plain(&sandbox.log(&format!("replica-{leader}-{index}")));
+    let want: BTreeSet<u64> = [leader as u64, second as u64, 4].into();
+    let joint = |line: &str| {
+        let voters: Option<BTreeSet<u64>> = line
+            .split("voters=[")
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .map(|list| list.split(", ").filter_map(|id| id.parse().ok()).collect());
+        line.contains("membership changed")
+            && line.contains("outgoing=[1, 2, 3]")
+            && voters.as_ref() == Some(&want)
+    };
+    ensure!(
+        log.lines().any(joint),
+        "no joint configuration {want:?} / [1, 2, 3] in the leader's log: {:?}",
+        log.lines()
+            .filter(|l| l.contains("membership changed"))
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        !log.lines().any(|l| l.contains("promoting it to voter")),
+        "the learner was promoted alone"
+    );
+
+    let acknowledged = acknowledged.into_inner().expect("lock");
+    for id in 1..=3 {
+        sandbox.stop_replica(&mut set, id);
+    }
+    sandbox.proc(joiner).stop(Duration::from_secs(10));
+    let mut dirs = set.dirs.clone();
+    dirs.push(joiner_dir.clone());
+    check_none_lost(&dirs, &acknowledged, |dir| dir != set.dirs[victim - 1])?;
     Ok(())
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use gantry_integration_tests::{Sandbox, http_get, wait_until};
+use gantry_integration_tests::{Sandbox, http_get, plain, wait_until};
 use gantry_proto::raft as pb;
 use pb::raft_peer_client::RaftPeerClient;
 use protobuf::Message as _;
@@ -56,24 +56,6 @@ fn send(
             .map(|_| ())
             .map_err(|status| (status.code(), status.message().to_string()))
     })
-}
-
-/// The log without its ANSI colours.
-fn plain(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn status(sandbox: &Sandbox, url: &str) -> anyhow::Result<serde_json::Value> {

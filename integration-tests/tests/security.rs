@@ -522,3 +522,160 @@ fn replicas_replicate_over_mutual_tls() -> anyhow::Result<()> {
     assert_eq!(job["id"], id, "{job}");
     Ok(())
 }
+
+/// Sends SIGHUP to every replica of `set` and waits until each logged
+/// one more "credentials reloaded" than before.
+fn reload_all(
+    sandbox: &mut Sandbox,
+    set: &gantry_integration_tests::ReplicaSet,
+) -> anyhow::Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    for (id, index) in set.procs.iter().enumerate() {
+        let index = index.ok_or_else(|| anyhow::anyhow!("replica {} stopped", id + 1))?;
+        let name = format!("replica-{}-{index}", id + 1);
+        let before = sandbox.log(&name).matches("credentials reloaded").count();
+        let pid = sandbox.proc(index).pid().expect("replica pid");
+        kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGHUP)?;
+        wait_until("the replica to reload its credentials", WAIT, || {
+            let log = sandbox.log(&name);
+            assert!(!log.contains("credentials not reloaded"), "{log}");
+            (log.matches("credentials reloaded").count() > before).then_some(())
+        })?;
+    }
+    Ok(())
+}
+
+/// A raw `RaftPeer.Step` to `url` presenting `cert`/`key` and trusting
+/// `ca`: the refusal's text (an empty batch of cluster 0 never passes).
+fn peer_call_refusal(url: &str, ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<String> {
+    use gantry_proto::raft as pb;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca)?))
+        .identity(Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let call = async {
+            let channel = Endpoint::from_shared(url.to_string())?
+                .tls_config(tls)?
+                .connect()
+                .await?;
+            let batch = pb::RaftBatch {
+                messages: Vec::new(),
+                from: 1,
+                cluster_id: 0,
+                to: 2,
+                from_http: String::new(),
+                members: None,
+            };
+            pb::raft_peer_client::RaftPeerClient::new(channel)
+                .step(batch)
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        match tokio::time::timeout(WAIT, call).await? {
+            Ok(_) => anyhow::bail!("an empty batch of cluster 0 was accepted"),
+            Err(error) => Ok(format!("{error:#}")),
+        }
+    })
+}
+
+/// Rotating the replicas' CA and certificates by SIGHUP, as an operator
+/// would (trust both CAs, switch certificates, drop the old CA): the
+/// certificate each replica presents when it dials its peers follows the
+/// reload, so replication goes on once only the new CA is trusted, and the
+/// old certificate no longer reaches the peer service.
+#[test]
+fn replicas_rotate_their_peer_certificates_by_sighup() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let ips = ["127.0.0.11", "127.0.0.12", "127.0.0.13"];
+    let old = sandbox.certs_init("old", &ips)?;
+    let new = sandbox.certs_init("new", &ips)?;
+    let live = sandbox.path().join("live");
+    std::fs::create_dir_all(&live)?;
+    let install = |from: &Path, names: &[&str]| -> anyhow::Result<()> {
+        for name in names {
+            std::fs::copy(from.join(name), live.join(name))?;
+        }
+        Ok(())
+    };
+    let identity = [
+        "coordinator.pem",
+        "coordinator-key.pem",
+        "client.pem",
+        "client-key.pem",
+    ];
+    install(&old, &identity)?;
+    install(&old, &["ca.pem", "tokens.yaml"])?;
+    let certs = Certs { dir: live.clone() };
+    let args = certs.coordinator_args(&[("--tls-ca", "ca.pem")]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let set = sandbox.start_replicas_on("https", &args)?;
+    use_client_certs(&mut sandbox, &certs);
+    sandbox.set_client_env("GANTRY_TOKEN", &certs.token("user"));
+    wait_until("a leader elected over mutual TLS", WAIT, || {
+        sandbox.leader_of(&set)
+    })?;
+    sandbox.submit(&set.addrs(), &["--", "true"])?;
+
+    // 1. Trust both CAs (served, verified and dialed with).
+    let both = [
+        std::fs::read(old.join("ca.pem"))?,
+        std::fs::read(new.join("ca.pem"))?,
+    ]
+    .concat();
+    std::fs::write(live.join("ca.pem"), both)?;
+    reload_all(&mut sandbox, &set)?;
+    // 2. Every replica switches to its new certificate.
+    install(&new, &identity)?;
+    reload_all(&mut sandbox, &set)?;
+    // 3. The old CA is no longer trusted anywhere.
+    install(&new, &["ca.pem"])?;
+    reload_all(&mut sandbox, &set)?;
+
+    // A write commits only through Raft messages the replicas send with
+    // their new certificates; every replica applies it.
+    wait_until("a leader after the rotation", WAIT, || {
+        sandbox.leader_of(&set)
+    })?;
+    sandbox.submit(&set.addrs(), &["--", "true"])?;
+    let leader = wait_until("a leader after the submit", WAIT, || {
+        sandbox.leader_of(&set)
+    })?;
+    let committed = sandbox.gantry_json(&set.urls[leader - 1], &["status"])?["applied_index"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no applied_index"))?;
+    for url in &set.urls {
+        wait_until("every replica to apply the submit", WAIT, || {
+            let status = sandbox.gantry_json(url, &["status"]).ok()?;
+            (status["applied_index"].as_u64()? >= committed).then_some(())
+        })?;
+    }
+    let peer = &set.urls[0];
+    let refused = peer_call_refusal(
+        peer,
+        &new.join("ca.pem"),
+        &old.join("coordinator.pem"),
+        &old.join("coordinator-key.pem"),
+    )?;
+    assert!(
+        !refused.contains("raft batch refused"),
+        "the old certificate reached the peer service: {refused}"
+    );
+    let reached = peer_call_refusal(
+        peer,
+        &new.join("ca.pem"),
+        &new.join("coordinator.pem"),
+        &new.join("coordinator-key.pem"),
+    )?;
+    assert!(
+        reached.contains("raft batch refused"),
+        "the new certificate did not reach the peer service: {reached}"
+    );
+    Ok(())
+}

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::filter::{GpuModelChecker, LabelChecker, NodeRefusal, NodeStateChecker};
+use crate::filter::{LabelChecker, NodeRefusal, NodeStateChecker};
 use crate::index::{Dir, FreeIndex, Query};
 use crate::model::{HoldReason, JobRequest};
 use crate::place::{Ask, find};
@@ -95,8 +95,11 @@ pub(crate) fn explain(index: &mut FreeIndex<'_>, ask: &Ask<'_>) -> HoldReason {
 fn pressure_counts(index: &FreeIndex<'_>, ask: &Ask<'_>) -> (usize, usize) {
     let job = ask.job;
     let (mut pressured, mut eligible) = (0, 0);
-    for node in index.nodes() {
-        if !LabelChecker::matches(node.view, &job.constraints.labels) || !has_gpus(node.view, ask) {
+    let accepted = index.accepted_models(&job.constraints.gpu_models);
+    for (n, node) in index.nodes().iter().enumerate() {
+        if !LabelChecker::matches(node.view, &job.constraints.labels)
+            || !index.has_gpus(n as u32, &accepted, ask.gpus)
+        {
             continue;
         }
         eligible += 1;
@@ -108,20 +111,6 @@ fn pressure_counts(index: &FreeIndex<'_>, ask: &Ask<'_>) -> (usize, usize) {
         pressured += usize::from(blocked);
     }
     (pressured, eligible)
-}
-
-/// Whether a node has at least `gpus` GPUs of one accepted model, in use or not.
-fn has_gpus(node: &crate::model::NodeView, ask: &Ask<'_>) -> bool {
-    if ask.gpus == 0 {
-        return true;
-    }
-    let mut per_model: BTreeMap<&str, u32> = BTreeMap::new();
-    for g in &node.gpus {
-        if GpuModelChecker::matches(&g.model, &ask.job.constraints.gpu_models) {
-            *per_model.entry(g.model.as_str()).or_default() += 1;
-        }
-    }
-    per_model.values().any(|&n| n >= ask.gpus)
 }
 
 /// "an" before words read with a leading vowel sound (including letters
@@ -203,10 +192,8 @@ fn empty_fleet_text(index: &FreeIndex<'_>, ask: &Ask<'_>) -> String {
         text.push(')');
         return text;
     }
-    let labeled: Vec<_> = index
-        .nodes()
-        .iter()
-        .filter(|n| LabelChecker::matches(n.view, &job.constraints.labels))
+    let labeled: Vec<u32> = (0..index.nodes().len() as u32)
+        .filter(|&n| LabelChecker::matches(index.node(n).view, &job.constraints.labels))
         .collect();
     if labeled.is_empty() {
         let wanted = job
@@ -221,7 +208,11 @@ fn empty_fleet_text(index: &FreeIndex<'_>, ask: &Ask<'_>) -> String {
     } else {
         format!("{} ", first_few(job.constraints.gpu_models.iter(), "/"))
     };
-    if !labeled.iter().any(|n| has_gpus(n.view, ask)) {
+    let accepted = index.accepted_models(&job.constraints.gpu_models);
+    if !labeled
+        .iter()
+        .any(|&n| index.has_gpus(n, &accepted, ask.gpus))
+    {
         return format!("no eligible node has {} {models}GPU(s)", ask.gpus);
     }
     if ask.exclusive {

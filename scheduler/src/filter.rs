@@ -171,6 +171,11 @@ impl ResourceChecker {
             && free.memory >= job.resources.memory
             && free.disk >= job.resources.disk
     }
+
+    /// Whether `want`, as host resources, fits in what is left.
+    pub fn fits_free(free: &HostFree, want: &HostFree) -> bool {
+        free.cpu_millis >= want.cpu_millis && free.memory >= want.memory && free.disk >= want.disk
+    }
 }
 
 /// Named locks: the holders from the snapshot plus those granted earlier in

@@ -12,11 +12,8 @@
 //! the first that takes the whole gang wins; the group that took the most
 //! members is the closest fit named in the hold reason.
 
-use std::collections::BTreeSet;
-
 use crate::explain::explain;
-use crate::filter::LabelChecker;
-use crate::index::FreeIndex;
+use crate::index::{FreeIndex, Group};
 use crate::model::{GangRequest, HoldReason, Placement};
 use crate::place::{Ask, find, take};
 use crate::units::format_bytes;
@@ -42,27 +39,22 @@ pub(crate) fn place_gang(
     gang: &GangRequest,
 ) -> Result<Vec<Placement>, GangMiss> {
     let size = members.len();
-    let groups: Vec<Option<(String, String)>> = match &gang.same_label {
-        None => vec![None],
+    let (table, values) = match &gang.same_label {
+        None => (None, 1),
         Some(label) => {
-            let values: BTreeSet<&str> = index
-                .nodes()
-                .iter()
-                .map(|n| LabelChecker::value(n.view, label).unwrap_or(""))
-                .collect();
-            values
-                .into_iter()
-                .map(|v| Some((label.clone(), v.to_string())))
-                .collect()
+            let (table, values) = index.group_table(label);
+            (Some(table), values)
         }
     };
-    // (members found, group value) of the closest fit so far.
-    let mut best: Option<(usize, String)> = None;
-    for group in groups {
-        let mut found = Vec::with_capacity(size);
+    // (members found, group) of the closest fit so far.
+    let mut best: Option<(usize, Option<Group>)> = None;
+    let mut found = Vec::with_capacity(size);
+    for value in 0..values {
+        let group = table.map(|t| (t, value));
+        found.clear();
         for member in members {
             let mut ask = member.clone();
-            ask.group = group.clone();
+            ask.group = group;
             let Some(f) = find(index, &ask) else {
                 break;
             };
@@ -74,7 +66,7 @@ pub(crate) fn place_gang(
         }
         if found.len() == size {
             let mut out = Vec::with_capacity(size);
-            for (ask, f) in found {
+            for (ask, f) in found.drain(..) {
                 // Distinct nodes: one member's reservation never changes
                 // another's fit, so every `take` succeeds.
                 out.push(take(index, &ask, f).ok_or_else(|| GangMiss {
@@ -85,12 +77,14 @@ pub(crate) fn place_gang(
             }
             return Ok(out);
         }
-        let value = group.map(|(_, v)| v).unwrap_or_default();
         if best.as_ref().is_none_or(|(n, _)| found.len() > *n) {
-            best = Some((found.len(), value));
+            best = Some((found.len(), group));
         }
     }
-    let (most, value) = best.unwrap_or((0, String::new()));
+    let (most, group) = best.unwrap_or((0, None));
+    let value = group
+        .map(|g| index.group_value(g).to_string())
+        .unwrap_or_default();
     let one = (most == 0).then(|| match explain(index, &members[0]) {
         HoldReason::NoFit(t) => t,
         other => other.to_string(),

@@ -37,6 +37,9 @@ pub(crate) struct NodeSlot<'s> {
     /// Chosen for a member of the gang being placed: its other members
     /// must go elsewhere (set and cleared by [`crate::gang`]).
     pub taken_by_gang: bool,
+    /// Below the pass's resource floor: no job of the pass fits, so its
+    /// GPUs are in no ordered set.
+    pub pruned: bool,
 }
 
 /// One GPU during a pass.
@@ -52,8 +55,10 @@ pub(crate) struct GpuSlot {
     pub free: u64,
     /// Gantry jobs holding reservations.
     pub jobs: u32,
-    /// Held by an exclusive job.
+    /// Held by an exclusive job, or unhealthy.
     pub exclusive: bool,
+    /// Unhealthy: no job, even once its holders are preempted.
+    pub unhealthy: bool,
 }
 
 /// The two sets a usable GPU can be in.
@@ -112,7 +117,25 @@ pub(crate) enum Restrict {
 struct Multi {
     exclusive: bool,
     k: u32,
+    /// Only nodes with this group value (table, value): a gang kept within
+    /// one label value searches a set of its own instead of skipping the
+    /// other values' nodes key by key.
+    group: Option<Group>,
     set: BTreeSet<u128>,
+}
+
+/// A label value of a group table: (table, value id).
+pub(crate) type Group = (u32, u32);
+
+/// One label's values across the eligible nodes, built on first use in a
+/// pass, so gang members compare value ids instead of strings.
+#[derive(Debug)]
+struct GroupTable<'s> {
+    label: String,
+    /// Distinct values in name order ("" = nodes without the label).
+    values: Vec<&'s str>,
+    /// Each node's value id.
+    of_node: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -121,7 +144,8 @@ struct Pool {
     pressured: bool,
     shared: BTreeSet<u128>,
     idle: BTreeSet<u128>,
-    /// Nodes with GPUs in this pool, health order.
+    /// Nodes with GPUs in this pool, health order (pruned ones included
+    /// once pruned during the pass).
     nodes: Vec<u32>,
     multi: Vec<Multi>,
 }
@@ -148,6 +172,12 @@ impl Pool {
 pub(crate) struct FreeIndex<'s> {
     pub snapshot: &'s ClusterSnapshot,
     pub pressure: DiskPressureChecker<'s>,
+    /// The least host resources any job of the pass asks.
+    floor: HostFree,
+    /// Nodes pruned in this pass (health order at build, then in the
+    /// order they were pruned): a search that ignores host resources (the
+    /// reason finder's) also scans these, as they are in no set.
+    pruned: Vec<u32>,
     granularity: u64,
     nodes: Vec<NodeSlot<'s>>,
     gpus: Vec<GpuSlot>,
@@ -156,6 +186,10 @@ pub(crate) struct FreeIndex<'s> {
     /// (label, value) -> nodes carrying it, health order; built only when
     /// some job has label constraints.
     labels: HashMap<(&'s str, &'s str), Vec<u32>, FxBuild>,
+    /// Label value tables for gangs' `same_label`.
+    groups: Vec<GroupTable<'s>>,
+    /// The pools of the current search, kept between searches.
+    pool_buffer: Vec<usize>,
 }
 
 fn key(bucket: u64, id: u32) -> u128 {
@@ -191,7 +225,12 @@ fn pick(best: &mut Option<u128>, candidate: u128, dir: Dir) {
 impl<'s> FreeIndex<'s> {
     /// Builds the index for one pass. `with_labels` also builds the label
     /// postings (only worth it when some job has label constraints).
-    pub fn build(snapshot: &'s ClusterSnapshot, with_labels: bool) -> Self {
+    ///
+    /// `floor` is the least host resources any job of the queue asks, per
+    /// resource: a node left with less than that of one takes no job of
+    /// the pass, so its GPUs leave the ordered sets and searches stop
+    /// visiting it (see [`FreeIndex::reserve`]).
+    pub fn build(snapshot: &'s ClusterSnapshot, with_labels: bool, floor: HostFree) -> Self {
         let policy = &snapshot.policy;
         let headroom = policy.gpu_headroom;
         let admitted: Vec<&NodeView> = snapshot
@@ -200,21 +239,31 @@ impl<'s> FreeIndex<'s> {
             .filter(|n| NodeStateChecker::admits(n, snapshot.now_ms).is_ok())
             .collect();
         let order = HealthScorer::rank(&admitted);
-        let mut models: Vec<&str> = admitted
-            .iter()
-            .flat_map(|n| n.gpus.iter().map(|g| g.model.as_str()))
-            .collect();
+        // A fleet has a handful of models: dedup as they come rather than
+        // sort one name per GPU.
+        let mut models: Vec<&str> = Vec::new();
+        for g in admitted.iter().flat_map(|n| &n.gpus) {
+            if !models.contains(&g.model.as_str()) {
+                models.push(g.model.as_str());
+            }
+        }
         models.sort_unstable();
-        models.dedup();
 
         let mut nodes = Vec::with_capacity(order.len());
         let mut gpus = Vec::new();
         for (rank, &i) in order.iter().enumerate() {
             let view = admitted[i];
             let start = gpus.len() as u32;
-            let mut devices: Vec<usize> = (0..view.gpus.len()).collect();
-            devices.sort_by_key(|&d| view.gpus[d].index);
-            for d in devices {
+            // GPUs come in device order from the agents: sort (and
+            // allocate) only when they do not.
+            let mut devices: Vec<usize> = Vec::new();
+            if !view.gpus.is_sorted_by_key(|g| g.index) {
+                devices.extend(0..view.gpus.len());
+                devices.sort_by_key(|&d| view.gpus[d].index);
+            }
+            let order =
+                (0..view.gpus.len()).map(|d| if devices.is_empty() { d } else { devices[d] });
+            for d in order {
                 let g = &view.gpus[d];
                 gpus.push(GpuSlot {
                     node: rank as u32,
@@ -224,13 +273,16 @@ impl<'s> FreeIndex<'s> {
                     jobs: g.jobs,
                     // An unhealthy GPU admits no job, like an exclusively held one.
                     exclusive: g.exclusive || g.unhealthy,
+                    unhealthy: g.unhealthy,
                 });
             }
+            let free = HostFree::of(view);
             nodes.push(NodeSlot {
                 view,
                 gpus: start..gpus.len() as u32,
-                free: HostFree::of(view),
+                free,
                 taken_by_gang: false,
+                pruned: !ResourceChecker::fits_free(&free, &floor),
             });
         }
 
@@ -248,7 +300,11 @@ impl<'s> FreeIndex<'s> {
         let mut shared: Vec<Vec<u128>> = vec![Vec::new(); pools.len()];
         let mut idle: Vec<Vec<u128>> = vec![Vec::new(); pools.len()];
         for (slot, g) in gpus.iter().enumerate() {
-            let p = pool_id(g.model, nodes[g.node as usize].view.disk_pressure);
+            let node = &nodes[g.node as usize];
+            if node.pruned {
+                continue;
+            }
+            let p = pool_id(g.model, node.view.disk_pressure);
             if pools[p].nodes.last() != Some(&g.node) {
                 pools[p].nodes.push(g.node);
             }
@@ -285,16 +341,95 @@ impl<'s> FreeIndex<'s> {
             }
         }
 
+        let pruned = (0..nodes.len() as u32)
+            .filter(|&n| nodes[n as usize].pruned)
+            .collect();
         FreeIndex {
             snapshot,
             pressure: DiskPressureChecker::new(policy),
+            floor,
+            pruned,
             granularity,
             nodes,
             gpus,
             models,
             pools,
             labels,
+            groups: Vec::new(),
+            pool_buffer: Vec::new(),
         }
+    }
+
+    /// The value table of `label` (built on first use): its id and the
+    /// number of distinct values, ids in name order.
+    pub fn group_table(&mut self, label: &str) -> (u32, u32) {
+        if let Some(t) = self.groups.iter().position(|t| t.label == label) {
+            return (t as u32, self.groups[t].values.len() as u32);
+        }
+        let of: Vec<&'s str> = self
+            .nodes
+            .iter()
+            .map(|n| LabelChecker::value(n.view, label).unwrap_or(""))
+            .collect();
+        let mut values = of.clone();
+        values.sort_unstable();
+        values.dedup();
+        let of_node = of
+            .iter()
+            .map(|v| values.binary_search(v).unwrap_or(0) as u32)
+            .collect();
+        let count = values.len() as u32;
+        self.groups.push(GroupTable {
+            label: label.to_string(),
+            values,
+            of_node,
+        });
+        (self.groups.len() as u32 - 1, count)
+    }
+
+    /// For a job with wanted labels, the group of its first one: searches
+    /// then turn away other values' nodes on a value id, before comparing
+    /// label strings (which still decide). `None` without labels, or when
+    /// no node has that value.
+    pub fn label_group(&mut self, ask: &Ask<'_>) -> Option<Group> {
+        let (label, value) = ask.job.constraints.labels.iter().next()?;
+        let (table, _) = self.group_table(label);
+        let values = &self.groups[table as usize].values;
+        let id = values.binary_search(&value.as_str()).ok()?;
+        Some((table, id as u32))
+    }
+
+    /// The value a group stands for ("" = nodes without the label).
+    pub fn group_value(&self, (table, value): Group) -> &'s str {
+        self.groups[table as usize].values[value as usize]
+    }
+
+    /// Which of the pass's models (by model number) `wanted` accepts.
+    pub fn accepted_models(&self, wanted: &[String]) -> Vec<bool> {
+        self.models
+            .iter()
+            .map(|m| GpuModelChecker::matches(m, wanted))
+            .collect()
+    }
+
+    /// Whether node `n` has at least `k` GPUs of one accepted model, in use
+    /// or not.
+    pub fn has_gpus(&self, n: u32, accepted: &[bool], k: u32) -> bool {
+        if k == 0 {
+            return true;
+        }
+        let slots = &self.gpus
+            [self.nodes[n as usize].gpus.start as usize..self.nodes[n as usize].gpus.end as usize];
+        slots.iter().enumerate().any(|(i, g)| {
+            accepted[g.model as usize]
+                // First GPU of its model on the node: count that model.
+                && !slots[..i].iter().any(|o| o.model == g.model)
+                && slots.iter().filter(|o| o.model == g.model).count() >= k as usize
+        })
+    }
+
+    fn in_group(&self, n: u32, group: Option<Group>) -> bool {
+        group.is_none_or(|(t, v)| self.groups[t as usize].of_node[n as usize] == v)
     }
 
     /// An eligible node by number.
@@ -330,13 +465,20 @@ impl<'s> FreeIndex<'s> {
             return Restrict::Nodes((0..self.nodes.len() as u32).collect());
         }
         let wanted = &ask.job.constraints.labels;
-        let group = ask.group.as_ref().filter(|(_, v)| !v.is_empty());
+        let group = ask
+            .group
+            .map(|(t, v)| {
+                let table = &self.groups[t as usize];
+                (table.label.as_str(), table.values[v as usize])
+            })
+            .filter(|(_, v)| !v.is_empty());
         if wanted.is_empty() && group.is_none() {
             return Restrict::All;
         }
         let mut smallest: Option<&Vec<u32>> = None;
-        for (k, v) in wanted.iter().chain(group.map(|(k, v)| (k, v))) {
-            match self.labels.get(&(k.as_str(), v.as_str())) {
+        let wanted = wanted.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (k, v) in wanted.chain(group) {
+            match self.labels.get(&(k, v)) {
                 None => return Restrict::Nothing,
                 Some(list) if smallest.is_none_or(|s| list.len() < s.len()) => {
                     smallest = Some(list)
@@ -355,11 +497,13 @@ impl<'s> FreeIndex<'s> {
         ask.filters.pressure && self.pressure.uses_node_flag(ask.kind())
     }
 
-    /// Pools whose model the job accepts and whose pressure it tolerates.
-    pub fn pools_for(&self, ask: &Ask<'_>) -> Vec<usize> {
+    /// Pools whose model the job accepts and whose pressure it tolerates,
+    /// written into `out` (cleared first; one buffer per search, not one
+    /// allocation per job).
+    fn pools_for(&self, ask: &Ask<'_>, out: &mut Vec<usize>) {
         let skip = self.skips_pressured(ask);
         let wanted = &ask.job.constraints.gpu_models;
-        let mut out = Vec::new();
+        out.clear();
         for (m, name) in self.models.iter().enumerate() {
             if GpuModelChecker::matches(name, wanted) {
                 out.push(pool_id(m as u32, false));
@@ -368,7 +512,6 @@ impl<'s> FreeIndex<'s> {
                 }
             }
         }
-        out
     }
 
     /// The per-node checks the pools cannot express: host resources,
@@ -376,6 +519,11 @@ impl<'s> FreeIndex<'s> {
     pub fn node_ok(&self, n: u32, ask: &Ask<'_>) -> bool {
         let node = &self.nodes[n as usize];
         let job = ask.job;
+        // Value ids first: the cheapest test, and the one that turns away
+        // most of the nodes a labelled search visits.
+        if !self.in_group(n, ask.group) || node.taken_by_gang {
+            return false;
+        }
         if ask.filters.resources && !ResourceChecker::fits(&node.free, job) {
             return false;
         }
@@ -390,12 +538,7 @@ impl<'s> FreeIndex<'s> {
         {
             return false;
         }
-        if let Some((k, v)) = &ask.group
-            && LabelChecker::value(node.view, k).unwrap_or("") != v
-        {
-            return false;
-        }
-        !node.taken_by_gang
+        true
     }
 
     /// For jobs without GPUs: the healthiest node that passes the checks.
@@ -412,7 +555,26 @@ impl<'s> FreeIndex<'s> {
 
     /// The best GPUs for `ask` under `query`, or `None`.
     pub fn search(&mut self, ask: &Ask<'_>, query: Query, restrict: &Restrict) -> Option<Found> {
-        let pools = self.pools_for(ask);
+        let mut pools = std::mem::take(&mut self.pool_buffer);
+        self.pools_for(ask, &mut pools);
+        let found = self.search_pools(ask, query, restrict, &pools);
+        self.pool_buffer = pools;
+        found
+    }
+
+    fn search_pools(
+        &mut self,
+        ask: &Ask<'_>,
+        query: Query,
+        restrict: &Restrict,
+        pools: &[usize],
+    ) -> Option<Found> {
+        // Pruned nodes are in no set: a search that ignores host resources
+        // scans them besides.
+        let extra = (matches!(restrict, Restrict::All)
+            && !ask.filters.resources
+            && !self.pruned.is_empty())
+        .then(|| Restrict::Nodes(self.pruned.clone()));
         if ask.gpus == 1 {
             let sets: &[GpuSet] = if ask.exclusive {
                 &[GpuSet::Idle]
@@ -421,8 +583,13 @@ impl<'s> FreeIndex<'s> {
             };
             let mut best = None;
             for &set in sets {
-                for &p in &pools {
+                for &p in pools {
                     if let Some(k) = self.query_gpu(p, set, ask, query, restrict) {
+                        pick(&mut best, k, query.dir);
+                    }
+                    if let Some(extra) = &extra
+                        && let Some(k) = self.query_gpu(p, set, ask, query, extra)
+                    {
                         pick(&mut best, k, query.dir);
                     }
                 }
@@ -439,11 +606,18 @@ impl<'s> FreeIndex<'s> {
             });
         }
         let mut best: Option<(u128, usize)> = None;
-        for &p in &pools {
-            if let Some(k) = self.query_multi(p, ask, query, restrict)
-                && best.is_none_or(|(b, _)| better(k, b, query.dir))
-            {
-                best = Some((k, p));
+        for &p in pools {
+            let found = [
+                self.query_multi(p, ask, query, restrict),
+                match &extra {
+                    Some(extra) => self.query_multi(p, ask, query, extra),
+                    None => None,
+                },
+            ];
+            for k in found.into_iter().flatten() {
+                if best.is_none_or(|(b, _)| better(k, b, query.dir)) {
+                    best = Some((k, p));
+                }
             }
         }
         let (k, p) = best?;
@@ -513,7 +687,7 @@ impl<'s> FreeIndex<'s> {
         match restrict {
             Restrict::Nothing => None,
             Restrict::All => {
-                let m = self.multi_index(p, exclusive, k);
+                let m = self.multi_index(p, exclusive, k, ask.group);
                 let set = &self.pools[p].multi[m].set;
                 let fits = |key: &u128| {
                     let n = key_id(*key);
@@ -552,11 +726,11 @@ impl<'s> FreeIndex<'s> {
     }
 
     /// The k-GPU node set of pool `p`, built on first use in the pass.
-    fn multi_index(&mut self, p: usize, exclusive: bool, k: u32) -> usize {
+    fn multi_index(&mut self, p: usize, exclusive: bool, k: u32, group: Option<Group>) -> usize {
         if let Some(m) = self.pools[p]
             .multi
             .iter()
-            .position(|m| m.exclusive == exclusive && m.k == k)
+            .position(|m| m.exclusive == exclusive && m.k == k && m.group == group)
         {
             return m;
         }
@@ -564,6 +738,7 @@ impl<'s> FreeIndex<'s> {
         let mut keys: Vec<u128> = self.pools[p]
             .nodes
             .iter()
+            .filter(|&&n| !self.nodes[n as usize].pruned && self.in_group(n, group))
             .filter_map(|&n| {
                 let f = self.kth_free(n, model, exclusive, k)?;
                 Some(key(self.bucket(f), n))
@@ -573,6 +748,7 @@ impl<'s> FreeIndex<'s> {
         self.pools[p].multi.push(Multi {
             exclusive,
             k,
+            group,
             set: keys.into_iter().collect(),
         });
         self.pools[p].multi.len() - 1
@@ -582,13 +758,31 @@ impl<'s> FreeIndex<'s> {
     /// (exclusive) job may use: the most each of k GPUs there can offer.
     fn kth_free(&self, n: u32, model: u32, exclusive: bool, k: u32) -> Option<u64> {
         let k = k as usize;
-        let mut frees: Vec<u64> = self.nodes[n as usize]
+        let usable = self.nodes[n as usize]
             .gpus
             .clone()
             .map(|s| &self.gpus[s as usize])
             .filter(|g| g.model == model && g.usable_by(exclusive))
-            .map(|g| g.free)
-            .collect();
+            .map(|g| g.free);
+        // Nodes have a handful of GPUs: select on the stack, not the heap
+        // (this runs for every key a multi-GPU search visits).
+        let mut small = [0u64; 32];
+        let mut len = 0;
+        let mut spill = Vec::new();
+        for free in usable {
+            if len < small.len() {
+                small[len] = free;
+                len += 1;
+            } else {
+                spill.push(free);
+            }
+        }
+        let frees: &mut [u64] = if spill.is_empty() {
+            &mut small[..len]
+        } else {
+            spill.extend_from_slice(&small);
+            &mut spill
+        };
         if k == 0 || frees.len() < k {
             return None;
         }
@@ -636,10 +830,14 @@ impl<'s> FreeIndex<'s> {
         };
         let model = self.gpus[first as usize].model;
         let p = pool_id(model, self.nodes[n as usize].view.disk_pressure);
-        let before: Vec<Option<u64>> = self.pools[p]
+        // Sets of other group values do not hold this node.
+        let before: Vec<Option<Option<u64>>> = self.pools[p]
             .multi
             .iter()
-            .map(|m| self.kth_free(n, model, m.exclusive, m.k))
+            .map(|m| {
+                self.in_group(n, m.group)
+                    .then(|| self.kth_free(n, model, m.exclusive, m.k))
+            })
             .collect();
         for &slot in slots {
             let g = &self.gpus[slot as usize];
@@ -658,6 +856,9 @@ impl<'s> FreeIndex<'s> {
             }
         }
         for (m, old) in before.into_iter().enumerate() {
+            let Some(old) = old else {
+                continue;
+            };
             let (me, k) = (self.pools[p].multi[m].exclusive, self.pools[p].multi[m].k);
             let new = self.kth_free(n, model, me, k);
             if new == old {
@@ -669,6 +870,46 @@ impl<'s> FreeIndex<'s> {
             }
             if let Some(f) = new {
                 set.insert(key(f / self.granularity, n));
+            }
+        }
+        if !ResourceChecker::fits_free(&self.nodes[n as usize].free, &self.floor) {
+            self.prune(n);
+        }
+    }
+
+    /// Takes node `n`'s GPUs out of every ordered set: no job of the pass
+    /// fits its host resources any more.
+    fn prune(&mut self, n: u32) {
+        let node = &mut self.nodes[n as usize];
+        node.pruned = true;
+        self.pruned.push(n);
+        let pressured = node.view.disk_pressure;
+        for slot in node.gpus.clone() {
+            let g = &self.gpus[slot as usize];
+            let p = pool_id(g.model, pressured);
+            if let Some(set) = g.set() {
+                let k = key(self.bucket(g.free), slot);
+                self.pools[p].set_mut(set).remove(&k);
+            }
+        }
+        let mut models: Vec<u32> = Vec::new();
+        for slot in self.nodes[n as usize].gpus.clone() {
+            let model = self.gpus[slot as usize].model;
+            if !models.contains(&model) {
+                models.push(model);
+            }
+        }
+        for model in models {
+            let p = pool_id(model, pressured);
+            for m in 0..self.pools[p].multi.len() {
+                let multi = &self.pools[p].multi[m];
+                if !self.in_group(n, multi.group) {
+                    continue;
+                }
+                if let Some(f) = self.kth_free(n, model, multi.exclusive, multi.k) {
+                    let k = key(self.bucket(f), n);
+                    self.pools[p].multi[m].set.remove(&k);
+                }
             }
         }
     }

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::batch::{BatchChoice, choose_batch, free_for_largest, min_free_needed};
 use crate::disk::FleetPressure;
 use crate::explain::explain;
-use crate::filter::LockChecker;
+use crate::filter::{HostFree, LockChecker};
 use crate::hash::FxBuild;
 use crate::index::{Dir, FreeIndex, Query, Restrict};
 use crate::model::{
@@ -135,7 +135,7 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
     let with_labels = queue.iter().any(|j| {
         !j.constraints.labels.is_empty() || j.gang.as_ref().is_some_and(|g| g.same_label.is_some())
     });
-    let mut index = FreeIndex::build(snapshot, with_labels);
+    let mut index = FreeIndex::build(snapshot, with_labels, floor(queue));
     let fleet = FleetPressure::measure(&snapshot.nodes);
     let fleet_pressured = fleet.is_pressured(policy.fleet_pressure_fraction);
     let mut locks = LockChecker::new(&snapshot.locks);
@@ -193,13 +193,14 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
             }));
             continue;
         }
-        let ask = match Ask::new(job, search) {
+        let mut ask = match Ask::new(job, search) {
             Ok(ask) => ask,
             Err(reason) => {
                 out.unplaced.push(hold(reason));
                 continue;
             }
         };
+        ask.group = index.label_group(&ask);
         let shape = Shape::of(&ask);
         if let Some(reason) = failed.get(&shape) {
             out.unplaced.push(hold(reason.clone()));
@@ -221,6 +222,27 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
         preempt(&index, queue, search, &mut out);
     }
     out
+}
+
+/// The least host resources any job of `queue` asks, per resource (zero
+/// for an empty queue: then no node is pruned).
+fn floor(queue: &[JobRequest]) -> HostFree {
+    let mut jobs = queue.iter().map(|j| &j.resources);
+    let Some(first) = jobs.next() else {
+        return HostFree::default();
+    };
+    jobs.fold(
+        HostFree {
+            cpu_millis: first.cpu_millis,
+            memory: first.memory,
+            disk: first.disk,
+        },
+        |f, r| HostFree {
+            cpu_millis: f.cpu_millis.min(r.cpu_millis),
+            memory: f.memory.min(r.memory),
+            disk: f.disk.min(r.disk),
+        },
+    )
 }
 
 /// The gangs of a queue: each gang's members (queue indexes, rank order),
@@ -425,9 +447,9 @@ pub(crate) struct Ask<'q> {
     pub filters: Filters,
     /// Search strategy.
     pub search: Search,
-    /// Gang members: only nodes with this (label, value) (see
-    /// [`crate::gang`]).
-    pub group: Option<(String, String)>,
+    /// Gang members: only nodes with this label value (see
+    /// [`crate::gang`] and [`FreeIndex::group_table`]).
+    pub group: Option<crate::index::Group>,
 }
 
 /// Which dynamic filters a query applies; all on for placement.

@@ -17,7 +17,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::disk::DiskPressureChecker;
-use crate::filter::{GpuModelChecker, GpuShareChecker, LabelChecker, ResourceChecker};
+use crate::filter::{GpuShareChecker, LabelChecker, ResourceChecker};
 use crate::hash::FxBuild;
 use crate::index::FreeIndex;
 use crate::model::{ClusterSnapshot, JobId, Preemption, RunningJob};
@@ -98,7 +98,15 @@ impl<'s> Preemptor<'s> {
     pub fn choose(&mut self, index: &FreeIndex<'_>, ask: &Ask<'_>) -> Option<Preemption> {
         let job = ask.job;
         let pressure = DiskPressureChecker::new(&self.snapshot.policy);
+        let accepted = index.accepted_models(&job.constraints.gpu_models);
+        let fit = Fit {
+            index,
+            ask,
+            accepted: &accepted,
+        };
         let mut best: Option<(u32, Choice)> = None;
+        // One buffer for every node's candidates.
+        let mut candidates: Vec<&RunningJob> = Vec::new();
         for (n, running) in self.by_node.iter().enumerate() {
             // Sorted by priority: the first is the least important.
             if running.first().is_none_or(|v| v.priority >= job.priority) || self.nodes_taken[n] {
@@ -107,26 +115,39 @@ impl<'s> Preemptor<'s> {
             let n = n as u32;
             let slot = index.node(n);
             let view = slot.view;
-            if (slot.gpus.len() as u32) < ask.gpus
+            // Nodes without enough GPUs of an accepted model are no
+            // candidates whatever runs there.
+            if !index.has_gpus(n, &accepted, ask.gpus)
                 || !LabelChecker::matches(view, &job.constraints.labels)
                 || (pressure.applies_to(job.kind) && pressure.blocks(view, job.kind))
             {
                 continue;
             }
-            let candidates: Vec<&RunningJob> = running
-                .iter()
-                .copied()
-                .take_while(|v| v.priority < job.priority)
-                .filter(|v| !self.taken.contains(&v.id) && !job.preempted_by.contains(&v.id))
-                .collect();
+            // Every lower-priority job gone, before any is filtered out: if
+            // the job does not fit then, no subset makes it fit (a cheap
+            // test on a prefix of the sorted list, no copy).
+            let lower = running.partition_point(|v| v.priority < job.priority);
+            if !fit.fits(n, &running[..lower]) {
+                continue;
+            }
+            candidates.clear();
+            candidates.extend(
+                running
+                    .iter()
+                    .copied()
+                    .take_while(|v| v.priority < job.priority)
+                    .filter(|v| !self.taken.contains(&v.id) && !job.preempted_by.contains(&v.id)),
+            );
             if candidates.is_empty() {
                 continue;
             }
             // Nothing on this node fits even with every candidate gone.
-            if !fits(index, n, ask, &candidates) {
+            if !fit.fits(n, &candidates) {
                 continue;
             }
-            if let Some(choice) = self.best_on(index, n, ask, &candidates)
+            // A set larger than the best so far cannot win (fewest first).
+            let most = best.as_ref().map_or(usize::MAX, |(_, b)| b.count);
+            if let Some(choice) = self.best_on(&fit, n, &candidates, most)
                 && best.as_ref().is_none_or(|(_, b)| choice < *b)
             {
                 best = Some((n, choice));
@@ -146,14 +167,16 @@ impl<'s> Preemptor<'s> {
         })
     }
 
-    /// The best set on node `n`: the smallest, then by rank.
+    /// The best set on node `n` of at most `most` jobs: the smallest, then
+    /// by rank.
     fn best_on(
         &self,
-        index: &FreeIndex<'_>,
+        fit: &Fit<'_, '_>,
         n: u32,
-        ask: &Ask<'_>,
         candidates: &[&RunningJob],
+        most: usize,
     ) -> Option<Choice> {
+        let index = fit.index;
         let now = self.snapshot.now_ms;
         let name = &index.node(n).view.name;
         let rank = |set: &[&RunningJob]| Choice {
@@ -167,10 +190,10 @@ impl<'s> Preemptor<'s> {
             victims: set.iter().map(|v| v.id).collect(),
         };
         let exact = &candidates[..candidates.len().min(CANDIDATES)];
-        for size in 1..=EXACT_UP_TO.min(exact.len()) {
+        for size in 1..=EXACT_UP_TO.min(exact.len()).min(most) {
             let mut best: Option<Choice> = None;
             for_each_subset(exact, size, &mut |set| {
-                if fits(index, n, ask, set) {
+                if fit.fits(n, set) {
                     let choice = rank(set);
                     if best.as_ref().is_none_or(|b| choice < *b) {
                         best = Some(choice);
@@ -182,8 +205,8 @@ impl<'s> Preemptor<'s> {
             }
         }
         // Larger sets: candidates in order until it fits.
-        (EXACT_UP_TO + 1..=candidates.len())
-            .find(|&k| fits(index, n, ask, &candidates[..k]))
+        (EXACT_UP_TO + 1..=candidates.len().min(most))
+            .find(|&k| fit.fits(n, &candidates[..k]))
             .map(|k| rank(&candidates[..k]))
     }
 }
@@ -230,45 +253,53 @@ fn for_each_subset<'a>(
     go(items, 0, size, &mut Vec::with_capacity(size), f);
 }
 
-/// Whether `ask` fits on node `n` once `victims` are gone: their host
-/// resources, GPU memory, GPU shares and exclusivity come back.
-fn fits(index: &FreeIndex<'_>, n: u32, ask: &Ask<'_>, victims: &[&RunningJob]) -> bool {
-    let slot = index.node(n);
-    let job = ask.job;
-    let mut free = slot.free;
-    for v in victims {
-        free.cpu_millis += v.cpu_millis;
-        free.memory += v.memory;
-        free.disk += v.disk;
-    }
-    if !ResourceChecker::fits(&free, job) {
-        return false;
-    }
-    if ask.gpus == 0 {
-        return true;
-    }
-    let mut usable = 0u32;
-    for s in slot.gpus.clone() {
-        let gpu = index.gpu(s);
-        let Some(view) = slot.view.gpus.iter().find(|g| g.index == gpu.device) else {
-            continue;
-        };
-        if view.unhealthy || !GpuModelChecker::matches(&view.model, &job.constraints.gpu_models) {
-            continue;
+/// What a fit test reads: the index, the job, and the models it accepts
+/// (by model number, computed once per search).
+struct Fit<'a, 'q> {
+    index: &'a FreeIndex<'a>,
+    ask: &'a Ask<'q>,
+    accepted: &'a [bool],
+}
+
+impl Fit<'_, '_> {
+    /// Whether the job fits on node `n` once `victims` are gone: their
+    /// host resources, GPU memory, GPU shares and exclusivity come back.
+    fn fits(&self, n: u32, victims: &[&RunningJob]) -> bool {
+        let (index, ask) = (self.index, self.ask);
+        let slot = index.node(n);
+        let job = ask.job;
+        let mut free = slot.free;
+        for v in victims {
+            free.cpu_millis += v.cpu_millis;
+            free.memory += v.memory;
+            free.disk += v.disk;
         }
-        let mut memory = gpu.free;
-        let mut jobs = gpu.jobs;
-        let mut exclusive = gpu.exclusive;
-        for v in victims.iter().filter(|v| v.gpus.contains(&gpu.device)) {
-            memory = memory.saturating_add(v.gpu_memory);
-            jobs = jobs.saturating_sub(1);
-            exclusive &= !v.exclusive_gpu;
+        if !ResourceChecker::fits(&free, job) {
+            return false;
         }
-        if memory >= ask.need && GpuShareChecker::admits(jobs, exclusive, ask.exclusive) {
-            usable += 1;
+        if ask.gpus == 0 {
+            return true;
         }
+        let mut usable = 0u32;
+        for s in slot.gpus.clone() {
+            let gpu = index.gpu(s);
+            if gpu.unhealthy || !self.accepted[gpu.model as usize] {
+                continue;
+            }
+            let mut memory = gpu.free;
+            let mut jobs = gpu.jobs;
+            let mut exclusive = gpu.exclusive;
+            for v in victims.iter().filter(|v| v.gpus.contains(&gpu.device)) {
+                memory = memory.saturating_add(v.gpu_memory);
+                jobs = jobs.saturating_sub(1);
+                exclusive &= !v.exclusive_gpu;
+            }
+            if memory >= ask.need && GpuShareChecker::admits(jobs, exclusive, ask.exclusive) {
+                usable += 1;
+            }
+        }
+        usable >= ask.gpus
     }
-    usable >= ask.gpus
 }
 
 #[cfg(test)]

@@ -289,6 +289,25 @@ fn host_resources() {
     let mut cpu_only = big(1, 1000, 0);
     cpu_only.resources.gpus = 0;
     check(&snapshot, &[cpu_only], "1 -> a [] 0B");
+
+    // A node left with less CPU than any queued job asks leaves the
+    // index's sets mid-pass; the reason of a job that then waits still
+    // names host resources (the relaxed search scans the nodes).
+    let mut a = node("a", vec![gpu(0, "H100", 80), gpu(1, "H100", 80)]);
+    a.cpu_millis_total = 2000;
+    let mut b = node("b", vec![gpu(0, "H100", 80), gpu(1, "H100", 80)]);
+    b.cpu_millis_total = 2000;
+    let snapshot = fleet(vec![a, b]);
+    let mut pair = big(4, 2000, 0);
+    pair.resources.gpus = 2;
+    check(
+        &snapshot,
+        &[big(1, 2000, 0), big(2, 2000, 0), big(3, 2000, 0), pair],
+        "1 -> a [0] 8GiB
+         2 -> b [0] 8GiB
+         3 waits: no node with the GPUs free also has 2 CPUs and 1GiB RAM free
+         4 waits: no node with the GPUs free also has 2 CPUs and 1GiB RAM free",
+    );
 }
 
 #[test]

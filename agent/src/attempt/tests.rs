@@ -252,3 +252,24 @@ fn a_leftover_group_is_only_the_jobs_own() {
     child.wait().unwrap();
     assert_eq!(leftover_group(&ours), None, "group gone");
 }
+
+#[test]
+fn a_full_volume_is_told_from_other_spawn_errors() {
+    let full = std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32);
+    let quota = std::io::Error::from_raw_os_error(nix::errno::Errno::EDQUOT as i32);
+    let denied = std::io::Error::from_raw_os_error(nix::errno::Errno::EACCES as i32);
+    let cases = [
+        (
+            format!("cannot write /d/jobs/7/1/.attempt.json.tmp: {full}"),
+            true,
+        ),
+        (format!("cannot create /d/jobs/7/1/stdout: {quota}"), true),
+        (format!("cannot create /d/jobs/7/1: {denied}"), false),
+        ("No such file or directory: sh".to_string(), false),
+        // Another number that merely starts the same is not ENOSPC.
+        ("cannot read x: oops (os error 281)".to_string(), false),
+    ];
+    for (error, want) in cases {
+        assert_eq!(is_volume_full(&error), want, "{error}");
+    }
+}

@@ -143,10 +143,35 @@ impl Executor {
             run_as: self.inner.config.run_as,
             accepted_at_ms: now_ms(),
         };
-        let written = {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || write_record(&dir, &record)).await
+        let record_once = |dir: PathBuf, record: AttemptRecord| {
+            tokio::task::spawn_blocking(move || write_record(&dir, &record))
         };
+        let mut written = record_once(dir.clone(), record.clone()).await;
+        // The volume is full and the reserve spent: the node's condition,
+        // not the job's. Wait for room (bounded) rather than fail the job;
+        // a stop still ends it at once.
+        let deadline = tokio::time::Instant::now() + VOLUME_FULL_WAIT;
+        let mut told = false;
+        while let Ok(Err(error)) = &written
+            && attempt::is_volume_full(error)
+            && tokio::time::Instant::now() < deadline
+        {
+            if !std::mem::replace(&mut told, true) {
+                tracing::warn!(%error, wait_s = VOLUME_FULL_WAIT.as_secs(), "the job-output volume is full: waiting for room to record the attempt");
+            }
+            tokio::select! {
+                () = self.inner.detach.cancelled() => return,
+                control = control_rx.recv() => match control {
+                    Some(Control::Stop(stop)) => {
+                        return self.end_refused(&launch, &dir, stop.reason).await;
+                    }
+                    Some(_) => {}
+                    None => tokio::time::sleep(VOLUME_FULL_RETRY).await,
+                },
+                () = tokio::time::sleep(VOLUME_FULL_RETRY) => {}
+            }
+            written = record_once(dir.clone(), record.clone()).await;
+        }
         match written {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => {
@@ -501,6 +526,13 @@ async fn request_stop(dir: &Path, supervisor: ProcessId, request: StopRequest) {
         Err(e) => tracing::error!(error = %e, "stop task failed"),
     }
 }
+
+/// How long a new attempt waits for room on a full job-output volume
+/// before it is reported as not started for that reason (`volume_full`:
+/// the coordinator places it again without charging the job).
+const VOLUME_FULL_WAIT: Duration = Duration::from_secs(30);
+/// How often it tries again meanwhile.
+const VOLUME_FULL_RETRY: Duration = Duration::from_secs(1);
 
 /// Writes the attempt record unless one exists (returns false then).
 fn write_record(dir: &Path, record: &AttemptRecord) -> Result<bool, String> {

@@ -271,7 +271,18 @@ pub(crate) mod tests {
     #[test]
     fn helper_process() {
         if std::env::var_os(HELPER_TEST_ENV).is_some() {
-            std::process::exit(i32::from(helper_status()));
+            let status = helper_status();
+            // Not `process::exit`: this runs on a libtest worker thread, and
+            // std's exit-time cleanup unmaps the main thread's signal stack
+            // while the main thread may still be finishing glibc's setxid
+            // handler on it (the `setuid` above signals every thread), which
+            // crashed the helper with SIGSEGV under load. `exec` ends the
+            // other threads in the kernel first, with no cleanup to race.
+            use std::os::unix::process::CommandExt;
+            let error = Command::new("/bin/sh")
+                .args(["-c", &format!("exit {status}")])
+                .exec();
+            panic!("cannot exec /bin/sh to exit with {status}: {error}");
         }
     }
 

@@ -377,3 +377,37 @@ def test_wait_times_out(client: gantry.Client, dev: Daemon) -> None:
 
     asyncio.run(run())
     client.cancel(job_id)
+
+
+def test_logs_follow_resumes_across_a_cut_connection(dev: Daemon) -> None:
+    script = "i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo line $i; sleep 0.1; done"
+    expected = [f"line {i}" for i in range(1, 41)]
+    proxy = Proxy(dev.http)
+    try:
+        with gantry.Client(url=proxy.url) as through:
+            [job_id] = through.submit({"command": ["sh", "-c", script]})
+            wait_until(
+                "the job running", lambda: through.job(job_id).state is JobState.RUNNING or None
+            )
+            lines: list[str] = []
+            for line in through.logs(job_id, follow=True):
+                lines.append(line)
+                if len(lines) == 5:
+                    proxy.cut()
+            assert lines == expected
+
+        async def run() -> list[str]:
+            async with gantry.AsyncClient(url=proxy.url) as aclient:
+                [job_id] = await aclient.submit({"command": ["sh", "-c", script]})
+                while (await aclient.job(job_id)).state is not JobState.RUNNING:
+                    await asyncio.sleep(0.05)
+                got: list[str] = []
+                async for line in aclient.logs(job_id, follow=True):
+                    got.append(line)
+                    if len(got) == 5:
+                        proxy.cut()
+                return got
+
+        assert asyncio.run(run()) == expected
+    finally:
+        proxy.close()

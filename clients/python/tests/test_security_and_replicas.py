@@ -65,6 +65,27 @@ def test_a_user_token_cannot_drain(secured: str, monkeypatch: pytest.MonkeyPatch
         admin.drain("gpu-1")
 
 
+def test_gpu_reset_is_for_admins(secured: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GANTRY_TOKEN", raising=False)
+    user = gantry.Client(url=secured, token=USER)
+    with pytest.raises(gantry.Forbidden) as raised:
+        user.gpu_reset("gpu-1", 0)
+    assert "admin" in str(raised.value)
+    admin = gantry.Client(url=secured, token=ADMIN)
+    with pytest.raises(gantry.NotFound):
+        admin.gpu_reset("gpu-1", 0)
+    with pytest.raises(gantry.SpecError) as bad:
+        admin.gpu_reset("gpu-1", -1)
+    assert bad.value.field == "gpu"
+
+    async def async_reset() -> None:
+        async with gantry.AsyncClient(url=secured, token=ADMIN) as client:
+            with pytest.raises(gantry.NotFound):
+                await client.gpu_reset("gpu-1", 0)
+
+    asyncio.run(async_reset())
+
+
 @pytest.fixture(scope="module")
 def replicas(daemons: Daemons) -> Iterator[list[str]]:
     """Three coordinator replicas on 127.0.0.1; their HTTP addresses."""

@@ -156,7 +156,8 @@ pub fn to_agent(message: &ToAgent) -> pb::coordinator_message::Msg {
 
 /// The command an agent's job event proposes (`None`: an empty event).
 /// Validated here: negative figures read as 0; an exit during the agent's
-/// own shutdown (not a cancel) is a lost attempt, not the job's failure; a
+/// own shutdown (not a cancel), or a spawn that failed because the node's
+/// job-output volume is full, is a lost attempt, not the job's failure; a
 /// failure whose stderr shows one of `oom_signatures` is out of memory.
 pub fn job_event(
     node: &str,
@@ -212,6 +213,19 @@ pub fn job_event(
                 oom,
                 output_tail: last_lines(&tail, OUTPUT_TAIL_BYTES),
                 peak_gpu_memory: exit.peak_gpu_memory_bytes.max(0) as u64,
+            }
+        }
+        // The node's full volume, not the job's fault: placed again
+        // without using one of its attempts.
+        Some(pb::job_event::Event::SpawnFailed(failed)) if failed.volume_full => {
+            Command::AttemptLost {
+                at_ms,
+                job,
+                attempt,
+                reason: format!(
+                    "the job-output volume of {node} is full: {}",
+                    last_lines(&failed.error, 512)
+                ),
             }
         }
         Some(pb::job_event::Event::SpawnFailed(failed)) => Command::JobExited {
@@ -341,6 +355,14 @@ mod tests {
         let spawn_failed = pb::JobEvent {
             event: Some(pb::job_event::Event::SpawnFailed(pb::SpawnFailed {
                 error: "no such file".into(),
+                volume_full: false,
+            })),
+            ..Default::default()
+        };
+        let volume_full = pb::JobEvent {
+            event: Some(pb::job_event::Event::SpawnFailed(pb::SpawnFailed {
+                error: "cannot write x: No space left on device (os error 28)".into(),
+                volume_full: true,
             })),
             ..Default::default()
         };
@@ -359,6 +381,10 @@ mod tests {
             (
                 spawn_failed,
                 "exited None oom false: spawn failed: no such file",
+            ),
+            (
+                volume_full,
+                "lost: the job-output volume of n1 is full: cannot write x: No space left on device (os error 28)",
             ),
             (pb::JobEvent::default(), "nothing"),
         ];

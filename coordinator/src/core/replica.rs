@@ -11,7 +11,7 @@ use crate::command::Command;
 use crate::convert;
 use crate::raft::{RaftStatus, ReplicatedStateMachine};
 use crate::state::{ApplyError, ChangeSet, Outcome};
-use crate::store::{StateSnapshot, codec};
+use crate::store::{self, StateSnapshot, codec};
 
 use super::{Core, Request, now_ms};
 
@@ -239,10 +239,10 @@ fn merge(into: &mut ChangeSet, from: ChangeSet) {
 #[cfg(test)]
 mod tests;
 
-/// Decodes a snapshot file (a [`StateSnapshot`] as JSON), streamed.
+/// Decodes a snapshot file (binary, or JSON from an earlier version),
+/// streamed.
 fn read_snapshot(file: &Path) -> Result<StateSnapshot, String> {
     let input = std::fs::File::open(file)
         .map_err(|error| format!("cannot open {}: {error}", file.display()))?;
-    let input = std::io::BufReader::with_capacity(1 << 20, input);
-    serde_json::from_reader(input).map_err(|error| format!("undecodable snapshot: {error}"))
+    store::read_snapshot(input).map_err(|error| format!("undecodable snapshot: {error}"))
 }

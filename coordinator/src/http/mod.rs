@@ -87,6 +87,7 @@ fn api_routes() -> Vec<(&'static str, MethodRouter<HttpState>)> {
         ("/v1/nodes", get(nodes)),
         ("/v1/nodes/{name}/drain", post(writes::drain)),
         ("/v1/nodes/{name}/undrain", post(writes::undrain)),
+        ("/v1/nodes/{name}/gpus/{gpu}/reset", post(writes::reset_gpu)),
         ("/v1/jobs", get(jobs).post(writes::submit)),
         ("/v1/jobs/{id}", get(job)),
         ("/v1/jobs/{id}/cancel", post(writes::cancel)),

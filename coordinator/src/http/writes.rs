@@ -303,3 +303,29 @@ pub(super) async fn undrain(
     state.core.set_drain(node.clone(), false, 0).await?;
     Ok(axum::Json(json!({ "node": node, "draining": false })).into_response())
 }
+
+/// `POST /v1/nodes/{name}/gpus/{gpu}/reset` (admin): clears the GPU's
+/// fault, as `gantry gpu reset NODE GPU` (the `ResetGpu` method's role and
+/// errors: a node or GPU that does not exist is 404).
+pub(super) async fn reset_gpu(
+    State(state): State<HttpState>,
+    Path((name, gpu)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, "/gantry.v1.Gantry/ResetGpu", &headers)?;
+    only_params(&query, &[])?;
+    let node = node_name(&name)?;
+    let gpu: u32 = gpu.parse().map_err(|_| {
+        invalid(
+            "gpu",
+            format!(
+                "{:?} is not a GPU index (a number, 0 to {})",
+                printable(&gpu, 64),
+                u32::MAX
+            ),
+        )
+    })?;
+    state.core.reset_gpu(node.clone(), gpu).await?;
+    Ok(axum::Json(json!({ "node": node, "gpu": gpu, "reset": true })).into_response())
+}

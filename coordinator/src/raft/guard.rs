@@ -23,7 +23,9 @@
 //! - a term so large that the next election overflows it;
 //! - message types Gantry never sends between replicas: a `MsgPropose`
 //!   would append a forged command on the leader, `MsgTimeoutNow` would
-//!   start an election at once, and local types (`MsgHup`, `MsgBeat`, ...)
+//!   start an election at once (taken only from the leader this replica
+//!   follows, in its term: the leader hands over leadership with it before
+//!   it is removed), and local types (`MsgHup`, `MsgBeat`, ...)
 //!   are refused by raft-rs itself but are refused here first.
 //!
 //! Checks are pure functions of the message and a [`LogView`] taken just
@@ -49,6 +51,8 @@ pub struct LogView<'a> {
     pub id: u64,
     /// Its current term.
     pub term: u64,
+    /// The leader it knows in that term (0: none).
+    pub leader: u64,
     /// Index of its last log entry (unstable entries included).
     pub last_index: u64,
     /// Voters of the configuration (outgoing ones too while joint), sorted;
@@ -170,6 +174,9 @@ pub fn check_message(
         | MessageType::MsgHeartbeatResponse
         | MessageType::MsgRequestPreVote
         | MessageType::MsgRequestPreVoteResponse => {}
+        // A leader handing over (`RawNode::transfer_leader`).
+        MessageType::MsgTimeoutNow
+            if view.leader != 0 && message.from == view.leader && message.term == view.term => {}
         other => return Err(Refusal::Type(other)),
     }
     if message.term == 0 {
@@ -352,6 +359,7 @@ mod tests {
         LogView {
             id: 1,
             term: 5,
+            leader: 0,
             last_index: 100,
             voters: VOTERS,
             learners: &[],
@@ -465,6 +473,24 @@ mod tests {
             assert_eq!(
                 check_message(&message(kind), 2, &view()),
                 Err(Refusal::Type(kind))
+            );
+        }
+        // A leader hands over with `MsgTimeoutNow`: taken from the leader
+        // this replica follows, in its term, from no one else.
+        let following = |leader| LogView { leader, ..view() };
+        let timeout_now = message(MessageType::MsgTimeoutNow);
+        assert_eq!(check_message(&timeout_now, 2, &following(2)), Ok(()));
+        for (case, leader, term) in [
+            ("not the leader", 3, 5),
+            ("no leader", 0, 5),
+            ("another term", 2, 6),
+        ] {
+            let mut forged = timeout_now.clone();
+            forged.term = term;
+            assert_eq!(
+                check_message(&forged, 2, &following(leader)),
+                Err(Refusal::Type(MessageType::MsgTimeoutNow)),
+                "{case}"
             );
         }
     }

@@ -18,7 +18,8 @@ use super::RaftError;
 use super::membership::{
     BookStore, Change, ClusterView, MemberBook, MemberInfo, MemberRole, MembersRequest,
     MembersView, MembershipError, PromotePolicy, Promotion, adds_new_member, book_after,
-    decide_add, decide_promotion, decide_remove, member_ids, promote,
+    decide_add, decide_handoff, decide_promotion, decide_remove, decide_replace, member_ids,
+    promote, replace,
 };
 use super::storage::SledRaftStorage;
 use super::transport::{PeerCheck, PeerSenders};
@@ -28,6 +29,26 @@ type Reply = oneshot::Sender<Result<MembersView, MembershipError>>;
 /// An admin request waiting for its conf change (at a log index) to apply.
 struct Waiting {
     term: u64,
+    reply: Reply,
+}
+
+/// A request to remove this replica while it leads: leadership is being
+/// handed to `to`; once another replica leads, the request is answered
+/// with `NotLeader` naming it, and the client asks it to do the removal.
+struct Handoff {
+    to: u64,
+    reply: Reply,
+    /// Given up after this (raft-rs aborts a transfer after an election
+    /// timeout).
+    deadline: Instant,
+}
+
+/// A replacement under way: `new` was proposed as a learner; once it has
+/// caught up, one joint change promotes it and removes `old`, and `reply`
+/// is answered when that change applies.
+struct Replacement {
+    old: u64,
+    new: u64,
     reply: Reply,
 }
 
@@ -47,6 +68,10 @@ pub(crate) struct Members {
     /// Start of each learner's current caught-up stretch.
     caught_up: BTreeMap<u64, Instant>,
     waiting: BTreeMap<u64, Waiting>,
+    /// The removal of this replica, waiting for leadership to move.
+    handoff: Option<Handoff>,
+    /// A replacement waiting for its new replica to catch up.
+    replacing: Option<Replacement>,
     policy: PromotePolicy,
     /// A member heard from within this counts as alive (an election timeout).
     alive_within: Duration,
@@ -91,6 +116,8 @@ impl Members {
             contact: BTreeMap::new(),
             caught_up: BTreeMap::new(),
             waiting: BTreeMap::new(),
+            handoff: None,
+            replacing: None,
             policy: PromotePolicy::default(),
             alive_within,
             check,
@@ -198,23 +225,165 @@ impl Members {
             MembersRequest::Add { id, url, reply } => {
                 (self.decide(raw, |view| decide_add(view, id, &url)), reply)
             }
+            MembersRequest::Remove { id, reply } if id == self.id => {
+                self.hand_off(raw, reply);
+                return;
+            }
             MembersRequest::Remove { id, reply } => {
                 (self.decide(raw, |view| decide_remove(view, id)), reply)
             }
+            MembersRequest::Replace {
+                old,
+                new,
+                url,
+                reply,
+            } => {
+                self.start_replacement(raw, old, new, &url, reply);
+                return;
+            }
         };
         match decided {
-            Ok(change) => self.propose(raw, change, Some(reply)),
+            Ok(change) => {
+                self.propose(raw, change, Some(reply));
+            }
             Err(error) => {
                 let _ = reply.send(Err(error));
             }
         }
     }
 
-    fn decide(
+    /// The removal of this replica while it leads: hands leadership to the
+    /// voter [`decide_handoff`] picks; [`Members::tick`] answers once
+    /// another replica leads (or the handoff timed out).
+    fn hand_off(&mut self, raw: &mut RawNode<SledRaftStorage>, reply: Reply) {
+        if self.handoff.is_some() {
+            let _ = reply.send(Err(MembershipError::Refused(
+                "a leadership handoff is already under way; retry once it is done".into(),
+            )));
+            return;
+        }
+        let matched: BTreeMap<u64, u64> = raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, p)| (*id, p.matched))
+            .collect();
+        match self.decide(raw, |view| decide_handoff(view, &matched)) {
+            Ok(to) => {
+                tracing::info!(
+                    id = self.id,
+                    to,
+                    "removing the leader: handing leadership over first"
+                );
+                raw.transfer_leader(to);
+                self.handoff = Some(Handoff {
+                    to,
+                    reply,
+                    deadline: Instant::now() + 3 * self.alive_within,
+                });
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    /// Proposes the learner of a replacement; [`Members::tick`] proposes
+    /// the joint change once it has caught up.
+    fn start_replacement(
+        &mut self,
+        raw: &mut RawNode<SledRaftStorage>,
+        old: u64,
+        new: u64,
+        url: &str,
+        reply: Reply,
+    ) {
+        if self.replacing.is_some() {
+            let _ = reply.send(Err(MembershipError::Refused(
+                "a replacement is already under way; retry once it has applied".into(),
+            )));
+            return;
+        }
+        match self.decide(raw, |view| decide_replace(view, old, new, url)) {
+            Ok(change) => {
+                if self.propose(raw, change, None) {
+                    tracing::info!(
+                        id = self.id,
+                        old,
+                        new,
+                        "replacing a voter: adding the new replica as a learner"
+                    );
+                    self.replacing = Some(Replacement { old, new, reply });
+                } else {
+                    let _ = reply.send(Err(MembershipError::Unavailable(
+                        "the learner was not proposed; retry".into(),
+                    )));
+                }
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    /// The replacement's next step once `learner` has caught up: the joint
+    /// change, answered when it applies. False when `learner` is not the
+    /// replacement's (it is promoted alone).
+    fn finish_replacement(&mut self, raw: &mut RawNode<SledRaftStorage>, learner: u64) -> bool {
+        let Some(replacement) = self.replacing.take_if(|r| r.new == learner) else {
+            return false;
+        };
+        let (voters, _) = self.ids();
+        if !voters.contains(&replacement.old) {
+            let _ = replacement.reply.send(Err(MembershipError::Refused(format!(
+                "replica {} left while {learner} caught up; {learner} is promoted alone",
+                replacement.old
+            ))));
+            return false;
+        }
+        tracing::info!(
+            id = self.id,
+            old = replacement.old,
+            new = learner,
+            "learner caught up: one joint change promotes it and removes the old voter"
+        );
+        let change = Change {
+            conf_change: replace(replacement.old, learner),
+            context: String::new(),
+        };
+        self.propose(raw, change, Some(replacement.reply));
+        true
+    }
+
+    /// Answers a handoff once another replica leads, or when it took too
+    /// long (the removal is then not done).
+    fn tick_handoff(&mut self, raw: &RawNode<SledRaftStorage>) {
+        let Some(handoff) = self.handoff.take() else {
+            return;
+        };
+        let leader = raw.raft.leader_id;
+        if raw.raft.state != StateRole::Leader && leader != 0 && leader != self.id {
+            tracing::info!(
+                id = self.id,
+                leader,
+                "leadership handed over; the new leader removes this replica"
+            );
+            let _ = handoff.reply.send(Err(self.not_leader(raw)));
+        } else if Instant::now() >= handoff.deadline {
+            let _ = handoff.reply.send(Err(MembershipError::Unavailable(format!(
+                "leadership did not move to replica {} in time; nothing was removed, retry",
+                handoff.to
+            ))));
+        } else {
+            self.handoff = Some(handoff);
+        }
+    }
+
+    fn decide<T>(
         &self,
         raw: &RawNode<SledRaftStorage>,
-        decide: impl FnOnce(&ClusterView<'_>) -> Result<Change, MembershipError>,
-    ) -> Result<Change, MembershipError> {
+        decide: impl FnOnce(&ClusterView<'_>) -> Result<T, MembershipError>,
+    ) -> Result<T, MembershipError> {
         if raw.raft.state != StateRole::Leader {
             return Err(self.not_leader(raw));
         }
@@ -235,12 +404,14 @@ impl Members {
         })
     }
 
+    /// True when the change is in the log (answered on `reply` once it
+    /// applies); otherwise `reply` has the error.
     fn propose(
         &mut self,
         raw: &mut RawNode<SledRaftStorage>,
         change: Change,
         reply: Option<Reply>,
-    ) {
+    ) -> bool {
         let before = raw.raft.raft_log.last_index();
         let proposed = raw.propose_conf_change(change.context.into_bytes(), change.conf_change);
         let index = raw.raft.raft_log.last_index();
@@ -253,8 +424,9 @@ impl Members {
             (Ok(index), Some(reply)) => {
                 let term = raw.raft.term;
                 self.waiting.insert(index, Waiting { term, reply });
+                true
             }
-            (Ok(_), None) => {}
+            (Ok(_), None) => true,
             (Err(error), reply) => {
                 tracing::warn!(id = self.id, %error, "membership change not proposed");
                 if let Some(reply) = reply {
@@ -262,6 +434,7 @@ impl Members {
                         "membership change not proposed: {error}; retry"
                     ))));
                 }
+                false
             }
         }
     }
@@ -270,6 +443,7 @@ impl Members {
     /// fails the waiting requests of a replica that lost leadership or
     /// whose change was replaced.
     pub(crate) fn tick(&mut self, raw: &mut RawNode<SledRaftStorage>, applied: u64) {
+        self.tick_handoff(raw);
         let replaced: Vec<u64> = self.waiting.range(..=applied).map(|(i, _)| *i).collect();
         for index in replaced {
             if let Some(waiting) = self.waiting.remove(&index) {
@@ -286,10 +460,23 @@ impl Members {
                     "leadership was lost before the change applied ({error}); check `gantry raft members`"
                 ))));
             }
+            if let Some(replacement) = self.replacing.take() {
+                let _ = replacement.reply.send(Err(MembershipError::Unavailable(format!(
+                    "leadership was lost during the replacement ({error}); replica {} may be a learner: check `gantry raft members`",
+                    replacement.new
+                ))));
+            }
             return;
         }
         if self.changing(raw) {
             return;
+        }
+        let (_, learners) = self.ids();
+        if let Some(replacement) = self.replacing.take_if(|r| !learners.contains(&r.new)) {
+            let _ = replacement.reply.send(Err(MembershipError::Refused(format!(
+                "replica {} is no longer a learner; nothing was replaced",
+                replacement.new
+            ))));
         }
         let now = Instant::now();
         let last_index = raw.raft.raft_log.last_index();
@@ -301,6 +488,10 @@ impl Members {
             let active = self.alive(id, now) && id != self.id;
             match decide_promotion(matched, active, since, last_index, now, self.policy) {
                 Promotion::Promote => {
+                    self.caught_up.remove(&id);
+                    if self.finish_replacement(raw, id) {
+                        return;
+                    }
                     tracing::info!(
                         id = self.id,
                         learner = id,

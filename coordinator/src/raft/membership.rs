@@ -246,6 +246,19 @@ pub enum MembersRequest {
         /// The configuration after the change.
         reply: oneshot::Sender<Result<MembersView, MembershipError>>,
     },
+    /// Replace voter `old` by `new` at `url`: `new` joins as a learner,
+    /// then one joint change promotes it and removes `old`; answered once
+    /// that change applied.
+    Replace {
+        /// The voter that leaves.
+        old: u64,
+        /// The replica that takes its place.
+        new: u64,
+        /// Its `RaftPeer` URL.
+        url: String,
+        /// The configuration after the joint change.
+        reply: oneshot::Sender<Result<MembersView, MembershipError>>,
+    },
 }
 
 /// What the decisions read: the leader's view of the configuration.
@@ -386,9 +399,16 @@ pub fn decide_remove(view: &ClusterView<'_>, id: u64) -> Result<Change, Membersh
     }
     if id == view.leader {
         return Err(refused(format!(
-            "replica {id} leads: stop it (another replica takes over) and remove it from the new leader"
+            "replica {id} leads: it hands leadership over first (see decide_handoff)"
         )));
     }
+    check_voter_removal(view, id)?;
+    Ok(change)
+}
+
+/// What every removal of voter `id` needs: no other change under way, and
+/// enough live voters left for a majority of those left.
+fn check_voter_removal(view: &ClusterView<'_>, id: u64) -> Result<(), MembershipError> {
     if view.changing {
         return Err(refused(
             "another membership change is under way; retry once it has applied".into(),
@@ -403,13 +423,89 @@ pub fn decide_remove(view: &ClusterView<'_>, id: u64) -> Result<Change, Membersh
             left.len()
         )));
     }
-    Ok(change)
+    Ok(())
+}
+
+/// Removing the leader itself: it first hands leadership to the live
+/// voter whose log is furthest along (`matched`: each voter's match index;
+/// ties go to the lower id), and the new leader removes it. Refused as any
+/// voter's removal would be, and when no other voter is alive.
+pub fn decide_handoff(
+    view: &ClusterView<'_>,
+    matched: &BTreeMap<u64, u64>,
+) -> Result<u64, MembershipError> {
+    let id = view.leader;
+    if view.voters == [id] {
+        return Err(refused(format!(
+            "replica {id} is the last voter: removing it would leave no cluster"
+        )));
+    }
+    check_voter_removal(view, id)?;
+    view.voters
+        .iter()
+        .copied()
+        .filter(|v| *v != id && view.alive.contains(v))
+        .max_by_key(|v| (matched.get(v).copied().unwrap_or(0), std::cmp::Reverse(*v)))
+        .ok_or_else(|| {
+            refused(format!(
+                "replica {id} leads and no other voter is alive to take over"
+            ))
+        })
 }
 
 fn members(view: &ClusterView<'_>) -> Vec<u64> {
     let mut all: Vec<u64> = view.voters.iter().chain(view.learners).copied().collect();
     all.sort_unstable();
     all
+}
+
+/// Replacing voter `old` by a new replica `new` at `url`: refused as
+/// adding `new` would be, when `old` is not a voter or leads (remove the
+/// leader first: it hands over), and when the voters other than `old`
+/// that are alive are not a majority of the configuration (the joint
+/// change needs one of the old configuration without `old`, and one of
+/// the new before `new` has voted). The change adds `new` as a learner;
+/// [`replace`] is the joint change once it has caught up.
+pub fn decide_replace(
+    view: &ClusterView<'_>,
+    old: u64,
+    new: u64,
+    url: &str,
+) -> Result<Change, MembershipError> {
+    let add = decide_add(view, new, url)?;
+    if !view.voters.contains(&old) {
+        return Err(MembershipError::Invalid {
+            field: "old_id",
+            reason: format!("replica {old} is not a voter (voters: {:?})", view.voters),
+        });
+    }
+    if old == view.leader {
+        return Err(refused(format!(
+            "replica {old} leads: remove it first (it hands leadership over), then add {new}"
+        )));
+    }
+    let alive = view
+        .voters
+        .iter()
+        .filter(|v| **v != old && view.alive.contains(v))
+        .count();
+    let majority = view.voters.len() / 2 + 1;
+    if alive < majority {
+        return Err(refused(format!(
+            "replacing replica {old} would lose quorum: {alive} of the other {} voters are alive, {majority} are needed",
+            view.voters.len() - 1
+        )));
+    }
+    Ok(add)
+}
+
+/// The joint change of a replacement: learner `new` becomes a voter and
+/// voter `old` leaves, in one change (joint consensus, left automatically).
+pub fn replace(old: u64, new: u64) -> ConfChangeV2 {
+    conf_change(vec![
+        single(ConfChangeType::AddNode, new),
+        single(ConfChangeType::RemoveNode, old),
+    ])
 }
 
 /// When a learner counts as caught up.
@@ -677,6 +773,174 @@ mod tests {
             }
             check(case, decide_remove(&case_view, target));
         }
+    }
+
+    #[test]
+    fn the_leader_hands_over_to_the_live_voter_furthest_along() {
+        // (case, matched by voter, expected target or refusal)
+        let base = |name, voters, alive, changing| Case {
+            name,
+            voters,
+            learners: &[],
+            alive,
+            changing,
+            expect: Ok(()),
+        };
+        type Matched = &'static [(u64, u64)];
+        let cases: [(Case, Matched, Result<u64, &str>); 7] = [
+            (
+                base("furthest along", &[1, 2, 3], &[1, 2, 3], false),
+                &[(2, 90), (3, 100)],
+                Ok(3),
+            ),
+            (
+                base("a tie goes to the lower id", &[1, 2, 3], &[1, 2, 3], false),
+                &[(2, 100), (3, 100)],
+                Ok(2),
+            ),
+            (
+                base(
+                    "a dead voter is passed over",
+                    &[1, 2, 3, 4, 5],
+                    &[1, 2, 3, 4],
+                    false,
+                ),
+                &[(2, 50), (3, 60), (4, 70), (5, 100)],
+                Ok(4),
+            ),
+            (
+                base("would lose quorum", &[1, 2, 3], &[1, 2], false),
+                &[(2, 100)],
+                Err("would lose quorum: 1 of the 2 voters left are alive, 2 are needed"),
+            ),
+            (
+                base("last voter", &[1], &[1], false),
+                &[],
+                Err("last voter"),
+            ),
+            (
+                base("during another change", &[1, 2, 3], &[1, 2, 3], true),
+                &[],
+                Err("another membership change"),
+            ),
+            (
+                base("nobody to take over", &[1, 2], &[1], false),
+                &[],
+                Err("would lose quorum"),
+            ),
+        ];
+        for (case, matched, expect) in cases {
+            let book = urls(case.voters);
+            let matched: BTreeMap<u64, u64> = matched.iter().copied().collect();
+            let got = decide_handoff(&view(&case, &book), &matched);
+            match (got, expect) {
+                (Ok(to), Ok(want)) => assert_eq!(to, want, "{}", case.name),
+                (Err(error), Err(fragment)) => {
+                    assert!(
+                        error.to_string().contains(fragment),
+                        "{}: {error}",
+                        case.name
+                    )
+                }
+                (got, want) => panic!("{}: got {got:?}, want {want:?}", case.name),
+            }
+        }
+    }
+
+    #[test]
+    fn replacements() {
+        let base = |name, voters, alive, expect| Case {
+            name,
+            voters,
+            learners: &[],
+            alive,
+            changing: false,
+            expect,
+        };
+        let cases = [
+            (base("a dead voter", &[1, 2, 3], &[1, 2], Ok(())), 3, 4),
+            (base("a live voter", &[1, 2, 3], &[1, 2, 3], Ok(())), 2, 4),
+            (
+                base(
+                    "one of five, two dead",
+                    &[1, 2, 3, 4, 5],
+                    &[1, 2, 3],
+                    Ok(()),
+                ),
+                5,
+                6,
+            ),
+            (
+                base(
+                    "would lose quorum",
+                    &[1, 2, 3],
+                    &[1, 3],
+                    Err(
+                        "replacing replica 3 would lose quorum: 1 of the other 2 voters are alive, 2 are needed",
+                    ),
+                ),
+                3,
+                4,
+            ),
+            (
+                base(
+                    "the leader",
+                    &[1, 2, 3],
+                    &[1, 2, 3],
+                    Err("replica 1 leads: remove it first"),
+                ),
+                1,
+                4,
+            ),
+            (
+                base(
+                    "not a voter",
+                    &[1, 2, 3],
+                    &[1, 2, 3],
+                    Err("old_id: replica 7 is not a voter"),
+                ),
+                7,
+                4,
+            ),
+            (
+                base(
+                    "new id taken",
+                    &[1, 2, 3],
+                    &[1, 2, 3],
+                    Err("replica 2 is already a voter"),
+                ),
+                3,
+                2,
+            ),
+        ];
+        for (case, old, new) in &cases {
+            let book = urls(case.voters);
+            let url = format!("http://10.0.0.{new}:7070");
+            let got = decide_replace(&view(case, &book), *old, *new, &url);
+            if let Ok(change) = &got {
+                // The first step adds the new replica as a learner only.
+                let singles = change.conf_change.get_changes();
+                assert_eq!(singles.len(), 1, "{}", case.name);
+                assert_eq!(singles[0].get_change_type(), ConfChangeType::AddLearnerNode);
+                assert_eq!(singles[0].node_id, *new);
+            }
+            check(case, got);
+        }
+        // The second step is one joint change of two voters.
+        let joint = replace(3, 4);
+        let singles: Vec<_> = joint
+            .get_changes()
+            .iter()
+            .map(|s| (s.get_change_type(), s.node_id))
+            .collect();
+        assert_eq!(
+            singles,
+            [
+                (ConfChangeType::AddNode, 4),
+                (ConfChangeType::RemoveNode, 3)
+            ]
+        );
+        assert_eq!(joint.get_transition(), ConfChangeTransition::Auto);
     }
 
     #[test]

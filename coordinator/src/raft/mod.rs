@@ -236,8 +236,9 @@ pub struct RaftConfig {
     pub peer_queue: usize,
     /// TLS for dialing peers (their URLs are then `https://`): the CA of
     /// their certificates and this replica's own certificate as client
-    /// identity. `None` = plaintext.
-    pub peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// identity, followed as credentials reload (the sender tasks redial
+    /// when it changes). `None` = plaintext.
+    pub peer_tls: Option<crate::credentials::PeerTlsSource>,
     /// Mixed into the cluster id of a new cluster (`--cluster-name`); once
     /// the cluster exists, its stored id is used and this is ignored.
     pub cluster_name: String,

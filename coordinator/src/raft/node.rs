@@ -711,6 +711,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         let view = LogView {
             id: self.id,
             term: self.raw.raft.term,
+            leader: self.raw.raft.leader_id,
             last_index: self.raw.raft.raft_log.last_index(),
             voters: &self.voters,
             learners: &self.learners,

@@ -10,6 +10,9 @@
 //! it, tells the driver (`report_unreachable`, and snapshot failure), and
 //! backs off before trying again — Raft retransmits what matters, and stale
 //! heartbeats are worthless. tonic's lazy channel reconnects on the next call.
+//! When the credentials reload a new peer TLS (CA or this replica's client
+//! certificate), each task drops its channels and dials again with it at
+//! once, so the rotated identity is what peers see from then on.
 //!
 //! Snapshots do not travel in `Step`: a `MsgSnapshot` carries only its
 //! file's descriptor ([`super::snapfile`]), and the sender task streams the
@@ -45,6 +48,7 @@ use super::membership::MemberBook;
 use super::node::{PeerInbox, PeerInput};
 use super::snapfile::{Descriptor, Incoming, MAX_CHUNK_BYTES, SnapshotDir};
 use super::{RaftConfig, RaftError};
+use crate::credentials::PeerTlsSource;
 use crate::error::CoordinatorError;
 
 /// Largest Raft gRPC message either way: a batch (up to [`BATCH_BYTES`]
@@ -281,6 +285,7 @@ impl RaftPeerService {
             id: self.id,
             // The envelope check reads only the id and the members.
             term: 0,
+            leader: 0,
             last_index: 0,
             voters: &voters,
             learners: &learners,
@@ -374,12 +379,33 @@ fn peer_endpoint(url: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, S
     }
 }
 
+/// The two clients of one peer: batches, and snapshots on a connection of
+/// their own (a transfer does not hold up heartbeats) limited by their
+/// size, not [`REQUEST_TIMEOUT`]. Lazy: nothing is dialled until a call.
+/// Must run inside the runtime (tonic's lazy channel spawns).
+fn peer_clients(
+    url: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<(RaftPeerClient<Channel>, RaftPeerClient<Channel>), String> {
+    let endpoint = peer_endpoint(url, tls)?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true);
+    let client = |endpoint: Endpoint| {
+        RaftPeerClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    };
+    let snapshots = client(endpoint.clone());
+    Ok((client(endpoint.timeout(REQUEST_TIMEOUT)), snapshots))
+}
+
 pub(crate) struct PeerSenders {
     queues: HashMap<u64, PeerQueue>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// What new sender tasks need (members join at run time).
     from: u64,
-    tls: Option<ClientTlsConfig>,
+    /// The peer TLS in force, followed by every task.
+    tls: Option<PeerTlsSource>,
     queue_len: usize,
     check: Arc<PeerCheck>,
     inbox: PeerInbox,
@@ -442,25 +468,19 @@ impl PeerSenders {
         self.disconnect(to);
         // Called from the loop thread too: tonic's lazy channel spawns.
         let _runtime = self.runtime.enter();
-        let endpoint = peer_endpoint(url, self.tls.as_ref())?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true);
-        // Snapshots get their own connection (a transfer does not hold up
-        // heartbeats) and a limit by their size, not REQUEST_TIMEOUT.
-        let snapshots = RaftPeerClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let endpoint = endpoint.timeout(REQUEST_TIMEOUT);
+        let mut tls = self.tls.clone();
+        let current = tls.as_mut().map(|tls| tls.borrow_and_update().clone());
+        let (client, snapshots) = peer_clients(url, current.as_ref())?;
         let (queue, receiver) = mpsc::channel(self.queue_len);
         let stop = self.shutdown.child_token();
         let peer = PeerTask {
             from: self.from,
             check: self.check.clone(),
             to,
+            url: url.to_string(),
+            tls,
             http_url: self.http_url.clone(),
-            client: RaftPeerClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            client,
             queue: receiver,
             inbox: self.inbox.clone(),
             shutdown: stop.clone(),
@@ -528,6 +548,10 @@ struct PeerTask {
     /// The cluster id and the book, read for each batch.
     check: Arc<PeerCheck>,
     to: u64,
+    /// The peer's URL, to dial again when the TLS changes.
+    url: String,
+    /// The peer TLS in force; a change redials ([`PeerTask::redial`]).
+    tls: Option<PeerTlsSource>,
     /// This replica's HTTP URL, sent with every batch (empty: none).
     http_url: String,
     client: RaftPeerClient<Channel>,
@@ -549,10 +573,21 @@ impl PeerTask {
         let mut backoff = MIN_BACKOFF;
         let mut reachable = true;
         loop {
+            if self
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.has_changed().unwrap_or(false))
+            {
+                self.redial();
+            }
             let first = match self.held.take() {
                 Some(held) => held,
                 None => tokio::select! {
                     _ = self.shutdown.cancelled() => return,
+                    () = tls_changed(&mut self.tls) => {
+                        self.redial();
+                        continue;
+                    }
                     next = self.queue.recv() => match next {
                         Some(message) => message,
                         None => return,
@@ -708,10 +743,42 @@ impl PeerTask {
         }
     }
 
+    /// Replaces both clients by ones dialled with the peer TLS in force
+    /// (which it marks seen). Dropping the old clients closes their
+    /// connections, so no call goes out with a retired certificate; a
+    /// config that cannot be used is logged and the old clients stay.
+    fn redial(&mut self) {
+        let Some(tls) = self.tls.as_mut() else {
+            return;
+        };
+        let current = tls.borrow_and_update().clone();
+        match peer_clients(&self.url, Some(&current)) {
+            Ok((client, snapshots)) => {
+                self.client = client;
+                self.snapshots = snapshots;
+                tracing::info!(peer = self.to, "raft peer TLS reloaded; dialing again");
+            }
+            Err(error) => {
+                tracing::error!(peer = self.to, %error, "cannot dial raft peer with the reloaded TLS")
+            }
+        }
+    }
+
     fn report(&self, input: PeerInput) {
         // The loop has stopped when this fails; the task stops on the token.
         let _ = self.inbox.send(input);
     }
+}
+
+/// Resolves when the peer TLS changes; never without one (or once its
+/// sender is gone: nothing can change it any more).
+async fn tls_changed(tls: &mut Option<PeerTlsSource>) {
+    if let Some(tls) = tls
+        && tls.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// The chunks of a snapshot file: the header (envelope and message) with

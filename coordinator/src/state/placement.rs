@@ -2,13 +2,13 @@
 //! (reservations, exclusivity, locks, host resources), so no plan can
 //! overcommit a GPU whatever the scheduler decided.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use gantry_scheduler::{JobId, LockMode, Placement};
 
 use super::preempt::hold_refusal;
 use super::{Outcome, StateMachine};
-use crate::domain::{AttemptRecord, GANG_PORT_BASE, GANG_PORTS, GangMember, JobState};
+use crate::domain::{AttemptRecord, GangMember, JobState, master_ports};
 
 impl StateMachine {
     /// Re-checks a placement against hard state: the job is pending, the node
@@ -155,7 +155,7 @@ impl StateMachine {
                 .find(|p| p.job == gang.first)
                 .map(|p| p.node.as_str())
                 .unwrap_or_default();
-            self.free_gang_port(rank0).ok_or_else(|| {
+            self.free_gang_port(rank0)?.ok_or_else(|| {
                 format!(
                     "no free MASTER_PORT left on node {rank0} for gang {}",
                     gang.first
@@ -178,14 +178,20 @@ impl StateMachine {
         }
     }
 
-    /// The lowest port of the gang range that no active gang with rank 0 on
-    /// `node` uses.
-    fn free_gang_port(&self, node: &str) -> Option<u16> {
+    /// The lowest port of `node`'s gang range (its agent's
+    /// `--master-port-range`, see [`master_ports`]) that no active gang with
+    /// rank 0 on `node` uses; an unreadable range is the refusal's reason.
+    fn free_gang_port(&self, node: &str) -> Result<Option<u16>, String> {
+        let range = match self.nodes.get(node) {
+            Some(record) => master_ports(&record.labels)
+                .map_err(|e| format!("node {node}'s MASTER_PORT range: {e}"))?,
+            None => master_ports(&BTreeMap::new())?,
+        };
         let used: BTreeSet<u16> = self
             .jobs_on(node)
             .filter_map(|j| j.gang.as_ref().filter(|g| g.rank == 0).map(|g| g.port))
             .collect();
-        (GANG_PORT_BASE..GANG_PORT_BASE + GANG_PORTS).find(|p| !used.contains(p))
+        Ok(range.into_iter().find(|p| !used.contains(p)))
     }
 
     /// Records a checked placement as the job's next attempt; returns its

@@ -482,7 +482,7 @@ fn command_from_storage(command: st::Command) -> Result<Command, CodecError> {
     })
 }
 
-fn run_policy_to_storage(policy: &RunPolicy) -> st::RunPolicy {
+pub(super) fn run_policy_to_storage(policy: &RunPolicy) -> st::RunPolicy {
     let (repeat, max_runs) = match policy.repeat {
         Repeat::Once => ("once", 0),
         Repeat::Forever => ("forever", 0),
@@ -497,7 +497,7 @@ fn run_policy_to_storage(policy: &RunPolicy) -> st::RunPolicy {
     }
 }
 
-fn run_policy_from_storage(policy: st::RunPolicy) -> Result<RunPolicy, CodecError> {
+pub(super) fn run_policy_from_storage(policy: st::RunPolicy) -> Result<RunPolicy, CodecError> {
     let repeat = match policy.repeat.as_str() {
         "once" => Repeat::Once,
         "forever" => Repeat::Forever,
@@ -517,7 +517,7 @@ fn run_policy_from_storage(policy: st::RunPolicy) -> Result<RunPolicy, CodecErro
     })
 }
 
-fn spec_to_storage(spec: &JobSpec) -> st::JobSpec {
+pub(super) fn spec_to_storage(spec: &JobSpec) -> st::JobSpec {
     let r = &spec.resources;
     st::JobSpec {
         name: spec.name.clone(),
@@ -586,7 +586,7 @@ fn spec_to_storage(spec: &JobSpec) -> st::JobSpec {
     }
 }
 
-fn spec_from_storage(spec: st::JobSpec) -> Result<JobSpec, CodecError> {
+pub(super) fn spec_from_storage(spec: st::JobSpec) -> Result<JobSpec, CodecError> {
     let r = spec.resources.ok_or(CodecError::Missing("job resources"))?;
     Ok(JobSpec {
         name: spec.name,
@@ -666,7 +666,7 @@ fn spec_from_storage(spec: st::JobSpec) -> Result<JobSpec, CodecError> {
 }
 
 /// A domain enum from its stored name; an unknown name is an error.
-fn named<T>(
+pub(super) fn named<T>(
     field: &'static str,
     value: String,
     parse: impl Fn(&str) -> Option<T>,
@@ -675,4 +675,4 @@ fn named<T>(
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

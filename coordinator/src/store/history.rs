@@ -2,7 +2,8 @@
 //! (spec), what it did (attempts with their output tails) and how it ended,
 //! after it left hard state ([`crate::state`]'s retention).
 //!
-//! Trees: `history` (job id -> its last `JobRecord`, JSON) and
+//! Trees: `history` (job id -> its last `JobRecord`, binary: see
+//! [`super::records`]; JSON when a JSON version retired it) and
 //! `history_index`, holding two kinds of key:
 //! - `t` + finished at (8 bytes) + job id (8): the order of retirement and
 //!   of `gantry jobs --since`; the value is the record's size (8 bytes)
@@ -22,7 +23,7 @@ use std::sync::atomic::Ordering;
 
 use gantry_scheduler::JobId;
 
-use super::{META_HISTORY_BYTES, Store, StoreError, encode, key_u64};
+use super::{META_HISTORY_BYTES, Store, StoreError, key_u64, records};
 use crate::domain::JobRecord;
 use crate::state::{ChangeSet, RetentionPolicy};
 
@@ -84,7 +85,7 @@ impl Store {
         let before = self.history_bytes()?;
         let mut bytes = before;
         for job in &changes.retired {
-            let value = encode(job)?;
+            let value = records::encode_job(job);
             let mut entry = (value.len() as u64).to_be_bytes().to_vec();
             if !job.pipeline.is_empty() {
                 let mut run_key = run_prefix(&job.pipeline, job.run);
@@ -120,7 +121,7 @@ impl Store {
         Ok((history, index))
     }
 
-    /// Bytes of history stored (the records' JSON).
+    /// Bytes of history stored (the records' encodings).
     pub fn history_bytes(&self) -> Result<u64, StoreError> {
         self.meta_u64(META_HISTORY_BYTES)
     }
@@ -190,7 +191,7 @@ impl Store {
 }
 
 fn decode(value: &[u8]) -> Result<JobRecord, StoreError> {
-    serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
+    records::decode_job(value).map_err(|source| StoreError::Record {
         tree: "history",
         source,
     })
@@ -387,8 +388,7 @@ mod tests {
         );
         let bytes = store.history_bytes().unwrap();
         assert!(bytes > 0);
-        let snapshot: crate::store::StateSnapshot =
-            serde_json::from_slice(&store.snapshot_bytes(&sm).unwrap()).unwrap();
+        let snapshot = crate::store::decode_snapshot(&store.snapshot_bytes(&sm).unwrap()).unwrap();
         assert_eq!(snapshot.next_job_id, job + 1);
         assert_eq!(snapshot.pipeline_runs, vec![("nightly".to_string(), 1)]);
         let restored = store.replace_all(snapshot, index).unwrap();

@@ -17,6 +17,7 @@ from ._common import (
     STREAM_TIMEOUT,
     Endpoints,
     LineSplitter,
+    LogResume,
     Spec,
     SseParser,
     decode,
@@ -99,6 +100,9 @@ class AsyncClient(Endpoints):
 
     async def undrain(self, node: str) -> None:
         await self._send(_calls.undrain(node))
+
+    async def gpu_reset(self, node: str, gpu: int) -> None:
+        await self._send(_calls.gpu_reset(node, gpu))
 
     async def job(self, id: int) -> Job:
         return await self._send(_calls.job(id))
@@ -196,7 +200,27 @@ class AsyncClient(Endpoints):
         raise httpx.RemoteProtocolError("event stream ended")
 
     async def logs(self, id: int, stderr: bool = False, follow: bool = False) -> AsyncIterator[str]:
-        path, params = _calls.logs(id, stderr, follow)
+        lines = LineSplitter()
+        where = LogResume()
+        while True:
+            try:
+                async for chunk in self._log_chunks(id, stderr, follow, where):
+                    where.received(chunk)
+                    for line in lines.feed(chunk):
+                        yield line
+                for line in lines.flush():
+                    yield line
+                return
+            except Exception as error:
+                pause = where.pause_before_resuming(error)
+                if pause is None:
+                    raise
+            await asyncio.sleep(pause)
+
+    async def _log_chunks(
+        self, id: int, stderr: bool, follow: bool, where: LogResume
+    ) -> AsyncIterator[bytes]:
+        path, params = _calls.logs(id, stderr, follow, where.offset)
         attempts = self._plan()
         while (i := attempts.next()) is not None:
             url = self._url(i, path)
@@ -210,11 +234,8 @@ class AsyncClient(Endpoints):
                         continue
                     raise error
                 self._current = i
-                lines = LineSplitter()
+                where.opened = True
                 async for chunk in response.aiter_bytes():
-                    for line in lines.feed(chunk):
-                        yield line
-                for line in lines.flush():
-                    yield line
+                    yield chunk
                 return
         raise attempts.last

@@ -83,6 +83,12 @@ def undrain(node: str) -> Call[None]:
     return Call("POST", f"/v1/nodes/{_segment(node)}/undrain", _nothing)
 
 
+def gpu_reset(node: str, gpu: int) -> Call[None]:
+    # The coordinator checks the index (a number, 0 or more) and names
+    # `gpu` when it is not one.
+    return Call("POST", f"/v1/nodes/{_segment(node)}/gpus/{int(gpu)}/reset", _nothing)
+
+
 def job(id: int) -> Call[Job]:
     return Call("GET", f"/v1/jobs/{int(id)}", Job.from_json)
 
@@ -137,7 +143,9 @@ def events(
     return params, headers
 
 
-def logs(id: int, stderr: bool, follow: bool) -> tuple[str, dict[str, str]]:
-    """Path and parameters of a log read."""
+def logs(id: int, stderr: bool, follow: bool, offset: int = 0) -> tuple[str, dict[str, str]]:
+    """Path and parameters of a log read from byte ``offset``."""
     params = {"stream": "stderr" if stderr else "stdout", "follow": str(follow).lower()}
+    if offset:
+        params["offset"] = str(offset)
     return f"/v1/jobs/{int(id)}/logs", params

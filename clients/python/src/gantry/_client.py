@@ -15,6 +15,7 @@ from ._common import (
     STREAM_TIMEOUT,
     Endpoints,
     LineSplitter,
+    LogResume,
     Spec,
     SseParser,
     decode,
@@ -109,6 +110,11 @@ class Client(Endpoints):
     def undrain(self, node: str) -> None:
         """Returns a node to service (admin)."""
         self._send(_calls.undrain(node))
+
+    def gpu_reset(self, node: str, gpu: int) -> None:
+        """Clears GPU ``gpu`` of ``node``'s fault so it takes placements
+        again, as ``gantry gpu reset`` (admin)."""
+        self._send(_calls.gpu_reset(node, gpu))
 
     def job(self, id: int) -> Job:
         """One job with its attempts."""
@@ -223,8 +229,27 @@ class Client(Endpoints):
 
     def logs(self, id: int, stderr: bool = False, follow: bool = False) -> Iterator[str]:
         """A job's output, line by line (without newlines); with ``follow``,
-        until the job's attempt ends."""
-        path, params = _calls.logs(id, stderr, follow)
+        until the job's attempt ends. A connection dropped mid-stream is
+        reopened (on whichever coordinator leads then) after the last byte
+        received, so no line is repeated or skipped."""
+        lines = LineSplitter()
+        where = LogResume()
+        while True:
+            try:
+                for chunk in self._log_chunks(id, stderr, follow, where):
+                    where.received(chunk)
+                    yield from lines.feed(chunk)
+                yield from lines.flush()
+                return
+            except Exception as error:
+                pause = where.pause_before_resuming(error)
+                if pause is None:
+                    raise
+            time.sleep(pause)
+
+    def _log_chunks(self, id: int, stderr: bool, follow: bool, where: LogResume) -> Iterator[bytes]:
+        """One request's worth of :meth:`logs`, from ``where.offset``."""
+        path, params = _calls.logs(id, stderr, follow, where.offset)
         attempts = self._plan()
         while (i := attempts.next()) is not None:
             url = self._url(i, path)
@@ -236,9 +261,7 @@ class Client(Endpoints):
                         continue
                     raise error
                 self._current = i
-                lines = LineSplitter()
-                for chunk in response.iter_bytes():
-                    yield from lines.feed(chunk)
-                yield from lines.flush()
+                where.opened = True
+                yield from response.iter_bytes()
                 return
         raise attempts.last

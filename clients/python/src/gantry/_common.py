@@ -161,6 +161,37 @@ class LineSplitter:
         return [rest.decode("utf-8", "replace")] if rest else []
 
 
+#: Reconnections of one log stream in a row with no output received between
+#: them: a stream that breaks again at once is not a passing failover.
+MAX_LOG_RESUMES = 10
+
+
+class LogResume:
+    """Where a followed log stream is, so that a connection dropped
+    mid-stream (a failover, a cut) is reopened after the last byte
+    received rather than from the start or not at all."""
+
+    def __init__(self) -> None:
+        #: Bytes of the stream received so far: the next request's offset.
+        self.offset = 0
+        #: Whether any request of this stream was answered 200: a first
+        #: opening's failures are final, as for any call.
+        self.opened = False
+        self._resumes = 0
+
+    def received(self, chunk: bytes) -> None:
+        self.offset += len(chunk)
+        self._resumes = 0
+
+    def pause_before_resuming(self, error: Exception) -> float | None:
+        """Seconds to wait before reopening after ``error``, or ``None``
+        when the error ends the stream."""
+        if not self.opened or not reconnectable(error) or self._resumes >= MAX_LOG_RESUMES:
+            return None
+        self._resumes += 1
+        return min(0.2 * self._resumes, MAX_BACKOFF)
+
+
 #: Redirections to a named leader one request follows at most (a leader
 #: changing under it may name another).
 MAX_REDIRECTS = 3

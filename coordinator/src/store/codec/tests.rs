@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use super::*;
 
 /// A spec with every field away from its default, so a field the codec
-/// drops fails the round trip.
-fn full_spec() -> JobSpec {
+/// drops fails the round trip (the records' tests use it too).
+pub(in crate::store) fn full_spec() -> JobSpec {
     JobSpec {
         name: "train".into(),
         kind: JobKind::Training,

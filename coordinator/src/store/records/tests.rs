@@ -1,0 +1,502 @@
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::domain::{JobSpec, Repeat, RunPolicy};
+use crate::store::codec::tests::full_spec;
+use crate::store::snapshot::MAGIC;
+use crate::store::{StateSnapshot, Store, decode_snapshot, write_state_snapshot};
+
+fn attempt(n: u32, outcome: Option<AttemptOutcome>) -> AttemptRecord {
+    AttemptRecord {
+        attempt: n,
+        node: format!("node-{n}"),
+        gpus: vec![0, 3],
+        gpu_memory: 20 << 30,
+        batch_size: 64,
+        exclusive_gpu: true,
+        assigned_at_ms: 10,
+        started_at_ms: 11,
+        ended_at_ms: 12,
+        exit_code: Some(-1),
+        signal: Some(9),
+        error: "killed".into(),
+        outcome,
+        output_tail: "Traceback\n".into(),
+        oom: true,
+        forgiven: true,
+        peak_gpu_memory: 19 << 30,
+        preempted: "preempted: node a drained".into(),
+    }
+}
+
+/// A job with every field away from its default.
+fn full_job(state: JobState) -> JobRecord {
+    let mut outcomes: Vec<Option<AttemptOutcome>> = OUTCOMES.into_iter().map(Some).collect();
+    outcomes.push(None);
+    JobRecord {
+        id: 42,
+        spec: full_spec(),
+        state,
+        submitted_at_ms: 1,
+        updated_at_ms: 2,
+        attempts: outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| attempt(i as u32 + 1, o))
+            .collect(),
+        cancel_requested: true,
+        depends_on: vec![7, 8],
+        not_before_ms: 3,
+        terminal_reason: "dependency failed".into(),
+        retry_base: 2,
+        batch_cap: Some(32),
+        blocked_by: Some(7),
+        pipeline: "loop".into(),
+        run: 5,
+        owner: Some("alice".into()),
+        submit_event: 99,
+        preempted_by: vec![PreemptedBy { job: 50, at_ms: 4 }],
+        preempting: Some(PreemptionHold {
+            node: "n1".into(),
+            victims: vec![1, 2],
+            at_ms: 5,
+            until_ms: 6,
+        }),
+        gang: Some(GangMember {
+            first: 40,
+            rank: 2,
+            size: 4,
+            port: 29_777,
+        }),
+        run_policy: RunPolicy {
+            repeat: Repeat::MaxRuns(9),
+            first_run: 3,
+            run_dir: "/runs/{run}".into(),
+            stopped: true,
+        },
+    }
+}
+
+/// Jobs to round-trip: every state with every field set, the minimal job,
+/// and each optional field alone.
+fn job_cases() -> Vec<(String, JobRecord)> {
+    let mut cases: Vec<(String, JobRecord)> = JobState::ALL
+        .into_iter()
+        .map(|state| (format!("full, {state}"), full_job(state)))
+        .collect();
+    let minimal = JobRecord::for_test(0, JobSpec::for_test("min"));
+    cases.push(("minimal, id 0".into(), minimal.clone()));
+    let one = |name: &str, change: &dyn Fn(&mut JobRecord)| {
+        let mut job = minimal.clone();
+        change(&mut job);
+        (name.to_string(), job)
+    };
+    cases.extend([
+        one("batch cap only", &|j| j.batch_cap = Some(0)),
+        one("blocked by only", &|j| j.blocked_by = Some(0)),
+        one("owner only", &|j| j.owner = Some(String::new())),
+        one("repeat forever", &|j| j.run_policy.repeat = Repeat::Forever),
+        one("stopped once", &|j| j.run_policy.stopped = true),
+        one("a running attempt", &|j| {
+            j.attempts.push(AttemptRecord {
+                exit_code: None,
+                signal: None,
+                ..attempt(1, None)
+            })
+        }),
+        one("exit code 0", &|j| {
+            j.attempts.push(AttemptRecord {
+                exit_code: Some(0),
+                signal: None,
+                ..attempt(1, Some(AttemptOutcome::Succeeded))
+            })
+        }),
+        one("gang rank 0 before a port", &|j| {
+            j.gang = Some(GangMember {
+                first: 0,
+                rank: 0,
+                size: 2,
+                port: 0,
+            })
+        }),
+        one("preemption hold of none", &|j| {
+            j.preempting = Some(PreemptionHold {
+                node: String::new(),
+                victims: Vec::new(),
+                at_ms: 0,
+                until_ms: 0,
+            })
+        }),
+    ]);
+    cases
+}
+
+#[test]
+fn jobs_round_trip_binary_and_read_as_json() {
+    for (name, job) in job_cases() {
+        let binary = encode_job(&job);
+        assert!(!is_json(&binary), "{name}: binary looks like JSON");
+        assert_eq!(decode_job(&binary).unwrap(), job, "{name}: binary");
+        // As the JSON version stored it.
+        let json = serde_json::to_vec(&job).unwrap();
+        assert_eq!(decode_job(&json).unwrap(), job, "{name}: JSON");
+        // An encoding is a function of the value (snapshots compare bytes).
+        assert_eq!(encode_job(&decode_job(&binary).unwrap()), binary, "{name}");
+    }
+}
+
+fn full_node() -> NodeRecord {
+    NodeRecord {
+        name: "gpu-7".into(),
+        address: "10.0.0.7:7001".into(),
+        labels: BTreeMap::from([("provider".into(), "a".into()), ("rack".into(), "".into())]),
+        gpus: vec![
+            GpuRecord {
+                index: 0,
+                model: "H100".into(),
+                total: 80 << 30,
+            },
+            GpuRecord {
+                index: 1,
+                model: "H100".into(),
+                total: 80 << 30,
+            },
+        ],
+        cpu_millis: 64_000,
+        memory_total: 512 << 30,
+        disk_total: 4 << 40,
+        draining: true,
+        drain_deadline_ms: Some(9),
+        registered_at_ms: 1,
+        down: true,
+        quarantine: Some(Quarantine {
+            since_ms: 2,
+            until_ms: 3,
+            failures: 4,
+            reason: "5 failures".into(),
+            trips: 2,
+        }),
+        gpu_faults: BTreeMap::from([
+            (
+                0,
+                GpuFault {
+                    reason: "Xid 79".into(),
+                    since_ms: 5,
+                    cleared_at_ms: None,
+                },
+            ),
+            (
+                1,
+                GpuFault {
+                    reason: "ecc".into(),
+                    since_ms: 6,
+                    cleared_at_ms: Some(0),
+                },
+            ),
+        ]),
+    }
+}
+
+#[test]
+fn nodes_round_trip_binary_and_read_as_json() {
+    let full = full_node();
+    let minimal = NodeRecord {
+        name: String::new(),
+        address: String::new(),
+        labels: BTreeMap::new(),
+        gpus: Vec::new(),
+        cpu_millis: 0,
+        memory_total: 0,
+        disk_total: 0,
+        draining: false,
+        drain_deadline_ms: None,
+        registered_at_ms: 0,
+        down: false,
+        quarantine: None,
+        gpu_faults: BTreeMap::new(),
+    };
+    let cases = [
+        ("full", full.clone()),
+        ("minimal", minimal.clone()),
+        (
+            "deadline 0 only",
+            NodeRecord {
+                drain_deadline_ms: Some(0),
+                ..minimal.clone()
+            },
+        ),
+        (
+            "cleared quarantine",
+            NodeRecord {
+                quarantine: Some(Quarantine {
+                    since_ms: 0,
+                    until_ms: 0,
+                    failures: 0,
+                    reason: String::new(),
+                    trips: 0,
+                }),
+                ..minimal
+            },
+        ),
+    ];
+    for (name, node) in cases {
+        let binary = encode_node(&node);
+        assert!(!is_json(&binary), "{name}");
+        assert_eq!(decode_node(&binary).unwrap(), node, "{name}: binary");
+        let json = serde_json::to_vec(&node).unwrap();
+        assert_eq!(decode_node(&json).unwrap(), node, "{name}: JSON");
+    }
+}
+
+fn event(index: u64, state: JobState, kind: JobKind) -> EventRecord {
+    EventRecord {
+        index,
+        at_ms: 1_700_000_000_000,
+        job_id: 9,
+        job_name: "eval".into(),
+        kind,
+        state,
+        node: "n".into(),
+        attempt: 2,
+        message: "exit 1".into(),
+        pipeline: "loop".into(),
+    }
+}
+
+#[test]
+fn events_and_job_ids_round_trip_binary_and_read_as_json() {
+    let mut cases: Vec<EventRecord> = JobState::ALL
+        .into_iter()
+        .zip(JobKind::ALL.into_iter().cycle())
+        .enumerate()
+        .map(|(i, (state, kind))| event(i as u64 + 1, state, kind))
+        .collect();
+    cases.push(EventRecord {
+        index: 0,
+        job_name: String::new(),
+        node: String::new(),
+        message: String::new(),
+        pipeline: String::new(),
+        ..event(0, JobState::Pending, JobKind::Generic)
+    });
+    for event in cases {
+        let binary = encode_event(&event);
+        assert!(!is_json(&binary), "{event:?}");
+        assert_eq!(decode_event(&binary).unwrap(), event);
+        assert_eq!(
+            decode_event(&serde_json::to_vec(&event).unwrap()).unwrap(),
+            event
+        );
+    }
+    for ids in [vec![], vec![0], vec![1, u64::MAX]] {
+        assert_eq!(decode_job_ids(&encode_job_ids(&ids)).unwrap(), ids);
+        assert_eq!(
+            decode_job_ids(&serde_json::to_vec(&ids).unwrap()).unwrap(),
+            ids
+        );
+    }
+}
+
+/// A stored name this version does not know, or a missing spec, is an
+/// error naming it, never a default.
+#[test]
+fn unknown_names_and_missing_parts_are_errors() {
+    let mut job = job_to_storage(&full_job(JobState::Running));
+    job.state = "paused".into();
+    let error = decode_job(&job.encode_to_vec()).unwrap_err().to_string();
+    assert!(error.contains("unknown job state \"paused\""), "{error}");
+
+    let mut job = job_to_storage(&full_job(JobState::Running));
+    job.attempts[0].outcome = Some("vanished".into());
+    let error = decode_job(&job.encode_to_vec()).unwrap_err().to_string();
+    assert!(error.contains("unknown attempt outcome"), "{error}");
+
+    let mut job = job_to_storage(&full_job(JobState::Running));
+    job.spec = None;
+    let error = decode_job(&job.encode_to_vec()).unwrap_err().to_string();
+    assert!(error.contains("without its job spec"), "{error}");
+
+    let mut job = job_to_storage(&full_job(JobState::Running));
+    job.gang.as_mut().unwrap().port = 70_000;
+    let error = decode_job(&job.encode_to_vec()).unwrap_err().to_string();
+    assert!(error.contains("gang port"), "{error}");
+
+    let mut event = event_to_storage(&event(1, JobState::Failed, JobKind::Export));
+    event.kind = "mining".into();
+    let error = decode_event(&event.encode_to_vec())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("unknown job kind"), "{error}");
+
+    assert!(decode_job(b"{\"id\":").is_err(), "torn JSON");
+    assert!(decode_job(&[0x0A, 0x05, 0x01]).is_err(), "torn binary");
+}
+
+fn snapshot_of_everything() -> StateSnapshot {
+    StateSnapshot {
+        jobs: job_cases().into_iter().map(|(_, j)| j).collect(),
+        nodes: vec![full_node()],
+        submissions: vec![("key-1".into(), vec![42, 0]), ("empty".into(), vec![])],
+        estimates: vec![("training/train".into(), 12 << 30)],
+        events: vec![
+            event(3, JobState::Pending, JobKind::Training),
+            event(4, JobState::DeadLettered, JobKind::Selfplay),
+        ],
+        leader_term: 7,
+        next_job_id: 1000,
+        event_floor: 3,
+        retention: Some(RetentionPolicy {
+            job_retention_ms: 1,
+            max_retained_jobs: 2,
+            history_retention_ms: 3,
+            history_max_bytes: 4,
+        }),
+        pipeline_runs: vec![("loop".into(), 5)],
+    }
+}
+
+fn binary_snapshot(snapshot: &StateSnapshot) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_state_snapshot(snapshot, &mut out).unwrap();
+    out
+}
+
+fn same(a: &StateSnapshot, b: &StateSnapshot) -> bool {
+    serde_json::to_value(a).unwrap() == serde_json::to_value(b).unwrap()
+}
+
+#[test]
+fn snapshots_round_trip_and_json_ones_are_read() {
+    let snapshot = snapshot_of_everything();
+    let bytes = binary_snapshot(&snapshot);
+    assert!(same(&decode_snapshot(&bytes).unwrap(), &snapshot));
+    // A snapshot file or backup of a JSON version.
+    let json = serde_json::to_vec(&snapshot).unwrap();
+    assert!(same(&decode_snapshot(&json).unwrap(), &snapshot));
+    // Without a retention policy (a version before retention).
+    let old = StateSnapshot {
+        retention: None,
+        ..StateSnapshot::default()
+    };
+    assert!(same(
+        &decode_snapshot(&binary_snapshot(&old)).unwrap(),
+        &old
+    ));
+}
+
+/// Anything but a whole snapshot is refused with what is wrong.
+#[test]
+fn damaged_snapshots_are_refused() {
+    let bytes = binary_snapshot(&snapshot_of_everything());
+    let mut item_after_meta = bytes.clone();
+    item_after_meta.extend_from_slice(&bytes[MAGIC.len()..]);
+    let mut huge = MAGIC.to_vec();
+    prost::encoding::encode_varint(1 << 40, &mut huge);
+    let mut flipped = bytes.clone();
+    flipped[MAGIC.len() + 3] ^= 0xFF;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", Vec::new(), "shorter than its magic"),
+        ("foreign", b"GSTATEv9rest".to_vec(), "wrong magic"),
+        ("no items", MAGIC.to_vec(), "without its meta item"),
+        ("cut short", bytes[..bytes.len() - 3].to_vec(), "cut short"),
+        ("cut between items", bytes[..bytes.len() - 20].to_vec(), ""),
+        ("an item after the meta", item_after_meta, "after the meta"),
+        ("a huge length", huge, "claims"),
+        ("a flipped byte", flipped, ""),
+        (
+            "torn JSON",
+            b"{\"jobs\":[".to_vec(),
+            "corrupt record in snapshot",
+        ),
+    ];
+    for (name, data, fragment) in cases {
+        let error = decode_snapshot(&data)
+            .map(|_| ())
+            .expect_err(name)
+            .to_string();
+        assert!(error.contains(fragment), "{name}: {error}");
+    }
+}
+
+/// A data directory the JSON version wrote: every tree's records as JSON.
+/// It opens, reads back, takes a binary snapshot, and records written
+/// after are binary.
+#[test]
+fn a_data_directory_of_json_records_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let job = full_job(JobState::Running);
+    let node = full_node();
+    let event = event(1, JobState::Running, JobKind::Training);
+    store
+        .jobs
+        .insert(job.id.to_be_bytes(), serde_json::to_vec(&job).unwrap())
+        .unwrap();
+    store
+        .nodes
+        .insert(node.name.as_bytes(), serde_json::to_vec(&node).unwrap())
+        .unwrap();
+    store
+        .events
+        .insert(1u64.to_be_bytes(), serde_json::to_vec(&event).unwrap())
+        .unwrap();
+    store
+        .submissions
+        .insert("k", serde_json::to_vec(&vec![job.id]).unwrap())
+        .unwrap();
+    store
+        .history
+        .insert(7u64.to_be_bytes(), serde_json::to_vec(&job).unwrap())
+        .unwrap();
+
+    let state = store.load().unwrap();
+    assert_eq!(state.job(job.id), Some(&job));
+    assert_eq!(state.node(&node.name), Some(&node));
+    assert_eq!(state.submissions().count(), 1);
+    assert_eq!(
+        store.events_since(0, 10).unwrap(),
+        std::slice::from_ref(&event)
+    );
+    assert_eq!(store.history_job(7).unwrap(), Some(job.clone()));
+
+    // Its snapshot is binary, with the JSON event converted.
+    let bytes = store.snapshot_bytes(&state).unwrap();
+    assert!(bytes.starts_with(MAGIC));
+    let decoded = decode_snapshot(&bytes).unwrap();
+    assert!(same(&decoded, &store.snapshot(&state).unwrap()));
+    assert_eq!(decoded.events, [event]);
+
+    // Installed elsewhere, every record is binary.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Store::open(other_dir.path()).unwrap();
+    let restored = other.replace_all(decoded, 5).unwrap();
+    assert_eq!(restored.job(job.id), Some(&job));
+    for tree in [&other.jobs, &other.nodes, &other.events, &other.submissions] {
+        for item in tree.iter() {
+            assert!(!is_json(&item.unwrap().1));
+        }
+    }
+    assert_eq!(other.snapshot_bytes(&restored).unwrap(), bytes);
+}
+
+/// Binary events stored by this version are copied into a snapshot as
+/// they are; the snapshot decodes to the stored state.
+#[test]
+fn stored_binary_events_are_copied_into_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let events: Vec<EventRecord> = (1..=3)
+        .map(|i| event(i, JobState::ALL[i as usize], JobKind::Export))
+        .collect();
+    for e in &events {
+        store
+            .events
+            .insert(e.index.to_be_bytes(), encode_event(e))
+            .unwrap();
+    }
+    let state = store.load().unwrap();
+    let decoded = decode_snapshot(&store.snapshot_bytes(&state).unwrap()).unwrap();
+    assert_eq!(decoded.events, events);
+}
