@@ -239,8 +239,24 @@ impl Replica {
     }
 }
 
+/// Opens the replica's sled database. Retries while another handle still
+/// holds its file lock: sled releases it from its flusher thread shortly
+/// after the last handle is dropped (a replica refused at start drops its
+/// handle on the way out), which under load outlasted the next open.
 fn open_db(dir: &Path) -> sled::Db {
-    sled::Config::new().path(dir).open().unwrap()
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("open {}: {e}", dir.display()),
+        }
+    }
 }
 
 /// `RaftConfig::for_test` with the snapshot files in `dir`.
