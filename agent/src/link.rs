@@ -3,10 +3,11 @@
 //! Per connection: send `Register` (node facts + running attempts), wait for
 //! `Registered`, stop the attempts it lists, flush the [`Outbox`], then
 //! heartbeat every interval while serving assignments, cancels and log
-//! reads. When the stream breaks, reconnect with exponential back-off and
-//! jitter (200 ms doubling to 2 s; a leader hint is followed at once), cycling through the coordinator list, or
-//! straight to the leader a "not leader" answer names. Jobs keep running
-//! while disconnected.
+//! reads. When the stream breaks, reconnect as [`reconnect`] decides:
+//! straight to the leader a "not leader" answer names, else the next of the
+//! coordinator list, after a short poll while failing over from a leader
+//! just lost and an exponential back-off with jitter otherwise. Jobs keep
+//! running while disconnected.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,13 +30,10 @@ use crate::executor::{
 use crate::fence::Contact;
 use crate::outbox::Outbox;
 use crate::probe::Probes;
+use reconnect::{Ended, Reconnect};
 
 /// Metadata key a non-leader coordinator may set to the leader's URL.
 pub const LEADER_METADATA: &str = "gantry-leader";
-/// First reconnect delay; doubles per failure.
-const BACKOFF_MIN: Duration = Duration::from_millis(200);
-/// Longest reconnect delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long to wait for TCP + HTTP/2 set-up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the coordinator may take to answer `Register`: the stream's
@@ -60,6 +58,8 @@ enum SessionEnd {
     Lost {
         /// Whether `Registered` was received (the coordinator was reachable).
         registered: bool,
+        /// Whether a connection was made at all.
+        connected: bool,
         /// What went wrong, for the log.
         error: String,
         /// The leader's URL, when a follower redirected us.
@@ -71,6 +71,17 @@ impl SessionEnd {
     fn lost(registered: bool, error: impl Into<String>) -> Self {
         Self::Lost {
             registered,
+            connected: true,
+            error: error.into(),
+            leader: None,
+        }
+    }
+
+    /// No connection could be made.
+    fn unreachable(error: impl Into<String>) -> Self {
+        Self::Lost {
+            registered: false,
+            connected: false,
             error: error.into(),
             leader: None,
         }
@@ -91,6 +102,7 @@ impl SessionEnd {
         }
         Self::Lost {
             registered,
+            connected: true,
             error,
             leader: leader_hint(status),
         }
@@ -132,29 +144,6 @@ fn leader_hint(status: &tonic::Status) -> Option<String> {
     (!url.is_empty()).then(|| url.to_string())
 }
 
-/// Exponential back-off with "equal jitter": a delay in [d/2, d], d doubling.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self { next: BACKOFF_MIN }
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (base * 2).min(BACKOFF_MAX);
-        let half = u64::try_from(base.as_millis() / 2).unwrap_or(u64::MAX);
-        Duration::from_millis(half + rand::random_range(0..=half))
-    }
-}
-
 /// The link's state across connections.
 pub(crate) struct Link {
     config: Arc<AgentConfig>,
@@ -189,12 +178,9 @@ impl Link {
 
     /// Connects, serves, reconnects; returns once `shutdown` is cancelled.
     pub(crate) async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new();
+        let mut reconnect = Reconnect::new();
         let mut next = 0usize;
         let mut redirect: Option<String> = None;
-        // Whether the last attempt already followed a leader hint at once: a
-        // second hint in a row waits, so two stale replicas cannot ping-pong.
-        let mut followed_hint = false;
         let coordinators = self.config.coordinators.clone();
         loop {
             let url = match redirect.take() {
@@ -209,21 +195,17 @@ impl Link {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost {
                     registered,
+                    connected,
                     error,
                     leader,
                 } => {
-                    if registered {
-                        backoff.reset();
-                    }
-                    // A hint to another coordinator is followed at once: a
-                    // failover should cost an election, not a back-off.
-                    let follow_now = !followed_hint && leader.as_deref().is_some_and(|l| l != url);
-                    followed_hint = follow_now;
-                    let delay = if follow_now {
-                        Duration::ZERO
-                    } else {
-                        backoff.next_delay()
+                    let ended = Ended {
+                        url: &url,
+                        registered,
+                        connected,
+                        leader: leader.as_deref(),
                     };
+                    let (to, delay) = reconnect.after(ended, std::time::Instant::now());
                     tracing::warn!(
                         coordinator = %url,
                         %error,
@@ -231,7 +213,7 @@ impl Link {
                         retry_in_ms = delay.as_millis() as u64,
                         "coordinator link lost"
                     );
-                    redirect = leader;
+                    redirect = to;
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep(delay) => {}
@@ -252,13 +234,13 @@ impl Link {
                 .http2_keep_alive_interval(Duration::from_secs(2))
                 .keep_alive_timeout(Duration::from_secs(3))
                 .keep_alive_while_idle(true),
-            Err(e) => return SessionEnd::lost(false, format!("bad URL {url}: {e}")),
+            Err(e) => return SessionEnd::unreachable(format!("bad URL {url}: {e}")),
         };
         let channel = tokio::select! {
             () = shutdown.cancelled() => return SessionEnd::Shutdown,
             channel = endpoint.connect() => match channel {
                 Ok(channel) => channel,
-                Err(e) => return SessionEnd::lost(false, format!("cannot connect: {e}")),
+                Err(e) => return SessionEnd::unreachable(format!("cannot connect: {e}")),
             },
         };
         let mut client = AgentLinkClient::new(channel);
@@ -690,5 +672,6 @@ async fn send_event(
     }
 }
 
+mod reconnect;
 #[cfg(test)]
 mod tests;

@@ -168,23 +168,6 @@ fn assignment(job_id: u64, script: &str) -> Down {
     })
 }
 
-#[test]
-fn backoff_grows_with_jitter_up_to_the_cap() {
-    let mut backoff = Backoff::new();
-    let first = backoff.next_delay();
-    assert!(
-        first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN,
-        "{first:?}"
-    );
-    for _ in 0..20 {
-        assert!(backoff.next_delay() <= BACKOFF_MAX);
-    }
-    let capped = backoff.next_delay();
-    assert!(capped >= BACKOFF_MAX / 2, "{capped:?}");
-    backoff.reset();
-    assert!(backoff.next_delay() <= BACKOFF_MIN);
-}
-
 #[tokio::test]
 async fn register_heartbeat_run_reconnect_resend_and_shutdown() {
     let server_stop = CancellationToken::new();
