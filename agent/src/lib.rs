@@ -63,6 +63,7 @@ mod link;
 pub mod outbox;
 pub mod probe;
 mod procgroup;
+pub mod reconnect;
 pub mod reserve;
 pub mod snapshot;
 pub mod supervisor;

@@ -3,7 +3,7 @@
 //! Per connection: send `Register` (node facts + running attempts), wait for
 //! `Registered`, stop the attempts it lists, flush the [`Outbox`], then
 //! heartbeat every interval while serving assignments, cancels and log
-//! reads. When the stream breaks, reconnect as [`reconnect`] decides:
+//! reads. When the stream breaks, reconnect as [`crate::reconnect`] decides:
 //! straight to the leader a "not leader" answer names, else the next of the
 //! coordinator list, after a short poll while failing over from a leader
 //! just lost and an exponential back-off with jitter otherwise. Jobs keep
@@ -30,7 +30,7 @@ use crate::executor::{
 use crate::fence::Contact;
 use crate::outbox::Outbox;
 use crate::probe::Probes;
-use reconnect::{Ended, Reconnect};
+use crate::reconnect::{Ended, Reconnect};
 
 /// Metadata key a non-leader coordinator may set to the leader's URL.
 pub const LEADER_METADATA: &str = "gantry-leader";
@@ -672,6 +672,5 @@ async fn send_event(
     }
 }
 
-mod reconnect;
 #[cfg(test)]
 mod tests;

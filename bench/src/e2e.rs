@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use gantry_agent::reconnect::{Ended, Reconnect};
 use gantry_proto as pb;
 use pb::agent_link_client::AgentLinkClient;
 use pb::gantry_client::GantryClient;
@@ -30,7 +31,6 @@ mod entries;
 mod open_loop;
 
 use crate::procs::{ProcGroup, free_ports, require_gantry, run_scenario};
-use crate::rng::Rng;
 use crate::stats::Latencies;
 
 pub(crate) const GIB: i64 = 1 << 30;
@@ -242,7 +242,7 @@ impl E2eReport {
                     f.attempts,
                 ));
                 out.push_str(&format!(
-                    "after the kill: first job started at {}; agents reconnected {}/{} (p50 {:.0} ms, last {:.0} ms; real agent back-off 200 ms doubling to 2 s, hints followed at once)\n",
+                    "after the kill: first job started at {}; agents reconnected {}/{} (p50 {:.0} ms, last {:.0} ms; the real agent's reconnect decision)\n",
                     f.first_start
                         .map(|d| format!("{:.0} ms", ms(d)))
                         .unwrap_or_else(|| "never (15 s)".into()),
@@ -533,58 +533,51 @@ pub(crate) fn job_event(
 /// Why a session ended.
 enum SessionEnd {
     /// Refused or failed before registering; maybe with a leader hint.
-    Refused(Option<String>),
+    Refused {
+        hint: Option<String>,
+        /// Whether a connection was made at all.
+        connected: bool,
+    },
     /// Registered, then the stream ended.
     Ended,
 }
 
-/// The real agent's reconnect policy (`agent/src/link.rs`): after any
-/// lost session, wait 200 ms doubling to 2 s with "equal jitter" (a delay
-/// in [d/2, d]; reset once a session registered), then try the leader a
-/// refusal named, else the next coordinator of the list. A hint to another
-/// coordinator is followed at once, unless the previous attempt already was.
-struct Backoff {
-    next: Duration,
-    rng: Rng,
-}
-
-impl Backoff {
-    const MIN: Duration = Duration::from_millis(200);
-    const MAX: Duration = Duration::from_secs(2);
-
-    fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (base * 2).min(Backoff::MAX);
-        let half = base.as_millis() as u64 / 2;
-        Duration::from_millis(half + self.rng.below(half + 1))
+impl SessionEnd {
+    fn refused(hint: Option<String>) -> Self {
+        Self::Refused {
+            hint,
+            connected: true,
+        }
     }
 }
 
-/// One simulated agent, reconnecting for ever (aborted by the runtime).
+/// One simulated agent, reconnecting for ever (aborted by the runtime), as
+/// the real agent's link decides (`gantry_agent::reconnect`, the same code).
 async fn agent(index: usize, fleet: Arc<Fleet>, first_url: String) {
     let name = format!("sim-{index}");
     let mut outbox: VecDeque<(Instant, pb::AgentMessage)> = VecDeque::new();
     let mut redirect = Some(first_url);
     let mut next = index;
-    let mut backoff = Backoff {
-        next: Backoff::MIN,
-        rng: Rng::new(index as u64 + 1),
-    };
-    let mut followed_hint = false;
+    let mut reconnect = Reconnect::new();
     loop {
         let url = redirect.take().unwrap_or_else(|| {
             next += 1;
             fleet.urls[next % fleet.urls.len()].clone()
         });
-        match session(index, &name, &url, &fleet, &mut outbox).await {
-            SessionEnd::Refused(hint) => redirect = hint.filter(|h| *h != url),
-            SessionEnd::Ended => backoff.next = Backoff::MIN,
-        }
-        let follow_now = !followed_hint && redirect.is_some();
-        followed_hint = follow_now;
-        if !follow_now {
-            tokio::time::sleep(backoff.next_delay()).await;
-        }
+        let end = session(index, &name, &url, &fleet, &mut outbox).await;
+        let (registered, connected, hint) = match end {
+            SessionEnd::Refused { hint, connected } => (false, connected, hint),
+            SessionEnd::Ended => (true, true, None),
+        };
+        let ended = Ended {
+            url: &url,
+            registered,
+            connected,
+            leader: hint.as_deref(),
+        };
+        let (to, delay) = reconnect.after(ended, Instant::now());
+        redirect = to;
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -596,15 +589,21 @@ async fn session(
     outbox: &mut VecDeque<(Instant, pb::AgentMessage)>,
 ) -> SessionEnd {
     let Ok(endpoint) = endpoint(url) else {
-        return SessionEnd::Refused(None);
+        return SessionEnd::Refused {
+            hint: None,
+            connected: false,
+        };
     };
     let Ok(channel) = endpoint.connect().await else {
         fleet.failures[0].fetch_add(1, Ordering::Relaxed);
-        return SessionEnd::Refused(None);
+        return SessionEnd::Refused {
+            hint: None,
+            connected: false,
+        };
     };
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4096);
     if tx.send(register_message(name)).await.is_err() {
-        return SessionEnd::Refused(None);
+        return SessionEnd::refused(None);
     }
     let mut client = AgentLinkClient::new(channel);
     let call = client.connect_agent(ReceiverStream::new(rx));
@@ -612,11 +611,11 @@ async fn session(
         Ok(Ok(response)) => response.into_inner(),
         Ok(Err(status)) => {
             fleet.failures[1].fetch_add(1, Ordering::Relaxed);
-            return SessionEnd::Refused(leader_hint(&status));
+            return SessionEnd::refused(leader_hint(&status));
         }
         Err(_) => {
             fleet.failures[2].fetch_add(1, Ordering::Relaxed);
-            return SessionEnd::Refused(None);
+            return SessionEnd::refused(None);
         }
     };
     match inbound.message().await {
@@ -625,7 +624,7 @@ async fn session(
         })) => {}
         _ => {
             fleet.failures[3].fetch_add(1, Ordering::Relaxed);
-            return SessionEnd::Refused(None);
+            return SessionEnd::refused(None);
         }
     }
     {

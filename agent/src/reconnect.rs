@@ -1,4 +1,4 @@
-//! Where and when the link reconnects after a session ended: a decision
+//! Where and when the agent's link reconnects after a session ended: a decision
 //! over what the session reported, which coordinators failed recently and
 //! the time (an argument), so its tables need no network.
 //!
@@ -15,25 +15,25 @@
 use std::time::{Duration, Instant};
 
 /// First reconnect delay; doubles per failure.
-pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(200);
+pub const BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Longest reconnect delay.
-pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(2);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Delay between tries while failing over: drawn from [half, this].
-pub(super) const FAILOVER_POLL: Duration = Duration::from_millis(250);
+pub const FAILOVER_POLL: Duration = Duration::from_millis(250);
 /// How long after losing a registered session the agent polls rather than
 /// backs off: longer than an election with a few retries (elections take
 /// 1-2 s at the default ticks), short enough that a coordinator set that is
 /// down for long is not polled at 4-8 Hz by every agent.
-pub(super) const FAILOVER_WINDOW: Duration = Duration::from_secs(5);
+pub const FAILOVER_WINDOW: Duration = Duration::from_secs(5);
 /// How long a coordinator that could not be connected to is not followed
 /// when another names it as the leader (a stale hint).
-pub(super) const SUSPECT_FOR: Duration = Duration::from_secs(3);
+pub const SUSPECT_FOR: Duration = Duration::from_secs(3);
 /// Most coordinators remembered as unreachable (hints can name any URL).
 const MAX_SUSPECTS: usize = 16;
 
 /// What a session that ended reported.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Ended<'a> {
+pub struct Ended<'a> {
     /// The coordinator it was with.
     pub url: &'a str,
     /// Whether it had registered (the coordinator led, then the link broke).
@@ -46,20 +46,24 @@ pub(super) struct Ended<'a> {
 
 /// Exponential back-off with "equal jitter": a delay in [d/2, d], d doubling.
 #[derive(Debug)]
-pub(super) struct Backoff {
+pub struct Backoff {
     next: Duration,
 }
 
 impl Backoff {
-    pub(super) fn new() -> Self {
+    /// A back-off at its first delay.
+    pub fn new() -> Self {
         Self { next: BACKOFF_MIN }
     }
 
-    pub(super) fn reset(&mut self) {
+    /// Back to the first delay (after a session that registered).
+    pub fn reset(&mut self) {
         self.next = BACKOFF_MIN;
     }
 
-    pub(super) fn next_delay(&mut self) -> Duration {
+    /// The next delay, jittered; the one after it is twice as long, up to
+    /// [`BACKOFF_MAX`].
+    pub fn next_delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (base * 2).min(BACKOFF_MAX);
         jittered(base)
@@ -72,9 +76,10 @@ fn jittered(d: Duration) -> Duration {
     Duration::from_millis(half + rand::random_range(0..=half))
 }
 
-/// The link's reconnect state across sessions.
+/// The link's reconnect state across sessions (the simulated agents of
+/// `gantry-bench e2e` use it too).
 #[derive(Debug)]
-pub(super) struct Reconnect {
+pub struct Reconnect {
     backoff: Backoff,
     /// Whether the last decision followed a hint at once: a second hint in
     /// a row waits, so two stale replicas cannot ping-pong.
@@ -85,8 +90,21 @@ pub(super) struct Reconnect {
     suspects: Vec<(String, Instant)>,
 }
 
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Reconnect {
-    pub(super) fn new() -> Self {
+    /// Nothing lost yet: the first failures back off.
+    pub fn new() -> Self {
         Self {
             backoff: Backoff::new(),
             followed_hint: false,
@@ -97,7 +115,7 @@ impl Reconnect {
 
     /// The coordinator to try next (`None`: the next of the list) and how
     /// long to wait first.
-    pub(super) fn after(&mut self, ended: Ended<'_>, now: Instant) -> (Option<String>, Duration) {
+    pub fn after(&mut self, ended: Ended<'_>, now: Instant) -> (Option<String>, Duration) {
         if ended.registered {
             self.backoff.reset();
             self.lost_leader_at = Some(now);
