@@ -93,14 +93,7 @@ fn command_to_storage(command: &Command) -> st::Command {
             name: name.clone(),
             address: address.clone(),
             labels: labels.clone(),
-            gpus: gpus
-                .iter()
-                .map(|g| st::GpuRecord {
-                    index: g.index,
-                    model: g.model.clone(),
-                    total: g.total,
-                })
-                .collect(),
+            gpus: gpus.iter().map(gpu_to_storage).collect(),
             cpu_millis: *cpu_millis,
             memory_total: *memory_total,
             disk_total: *disk_total,
@@ -319,15 +312,7 @@ fn command_from_storage(command: st::Command) -> Result<Command, CodecError> {
             name: c.name,
             address: c.address,
             labels: c.labels,
-            gpus: c
-                .gpus
-                .into_iter()
-                .map(|g| GpuRecord {
-                    index: g.index,
-                    model: g.model,
-                    total: g.total,
-                })
-                .collect(),
+            gpus: c.gpus.into_iter().map(gpu_from_storage).collect(),
             cpu_millis: c.cpu_millis,
             memory_total: c.memory_total,
             disk_total: c.disk_total,
@@ -480,6 +465,24 @@ fn command_from_storage(command: st::Command) -> Result<Command, CodecError> {
             gang: c.job,
         },
     })
+}
+
+/// A node's GPU as stored (in a registration command and a node record).
+pub(super) fn gpu_to_storage(gpu: &GpuRecord) -> st::GpuRecord {
+    st::GpuRecord {
+        index: gpu.index,
+        model: gpu.model.clone(),
+        total: gpu.total,
+    }
+}
+
+/// A node's GPU from its storage message.
+pub(super) fn gpu_from_storage(gpu: st::GpuRecord) -> GpuRecord {
+    GpuRecord {
+        index: gpu.index,
+        model: gpu.model,
+        total: gpu.total,
+    }
 }
 
 pub(super) fn run_policy_to_storage(policy: &RunPolicy) -> st::RunPolicy {

@@ -18,12 +18,12 @@ use gantry_scheduler::{JobId, JobKind};
 use prost::Message;
 
 use super::codec::{
-    CodecError, named, run_policy_from_storage, run_policy_to_storage, spec_from_storage,
-    spec_to_storage,
+    CodecError, gpu_from_storage, gpu_to_storage, named, run_policy_from_storage,
+    run_policy_to_storage, spec_from_storage, spec_to_storage,
 };
 use crate::domain::{
-    AttemptOutcome, AttemptRecord, EventRecord, GangMember, GpuFault, GpuRecord, JobRecord,
-    JobState, NodeRecord, PreemptedBy, PreemptionHold, Quarantine,
+    AttemptOutcome, AttemptRecord, EventRecord, GangMember, GpuFault, JobRecord, JobState,
+    NodeRecord, PreemptedBy, PreemptionHold, Quarantine,
 };
 use crate::state::RetentionPolicy;
 
@@ -289,15 +289,7 @@ pub fn node_to_storage(node: &NodeRecord) -> st::NodeRecord {
         name: node.name.clone(),
         address: node.address.clone(),
         labels: node.labels.clone(),
-        gpus: node
-            .gpus
-            .iter()
-            .map(|g| st::GpuRecord {
-                index: g.index,
-                model: g.model.clone(),
-                total: g.total,
-            })
-            .collect(),
+        gpus: node.gpus.iter().map(gpu_to_storage).collect(),
         cpu_millis: node.cpu_millis,
         memory_total: node.memory_total,
         disk_total: node.disk_total,
@@ -335,15 +327,7 @@ pub fn node_from_storage(node: st::NodeRecord) -> Result<NodeRecord, CodecError>
         name: node.name,
         address: node.address,
         labels: node.labels,
-        gpus: node
-            .gpus
-            .into_iter()
-            .map(|g| GpuRecord {
-                index: g.index,
-                model: g.model,
-                total: g.total,
-            })
-            .collect(),
+        gpus: node.gpus.into_iter().map(gpu_from_storage).collect(),
         cpu_millis: node.cpu_millis,
         memory_total: node.memory_total,
         disk_total: node.disk_total,

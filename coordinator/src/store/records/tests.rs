@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::domain::{JobSpec, Repeat, RunPolicy};
+use crate::domain::{GpuRecord, JobSpec, Repeat, RunPolicy};
 use crate::store::codec::tests::full_spec;
 use crate::store::snapshot::MAGIC;
 use crate::store::{StateSnapshot, Store, decode_snapshot, write_state_snapshot};
