@@ -14,7 +14,7 @@ use gantry_proto as pb;
 use tokio_stream::StreamExt;
 
 use crate::ClientOpts;
-use crate::client::{self, CliError, exit};
+use crate::client::{self, CliError, Client, exit};
 use crate::output::{self, Format, escape, outln};
 
 /// Most reconnections of one command in a row without anything received in
@@ -65,35 +65,29 @@ pub(crate) async fn logs(
     attempt: u32,
     opts: ClientOpts,
 ) -> Result<(), CliError> {
-    let request = pb::LogsRequest {
+    let mut request = pb::LogsRequest {
         job_id: id,
         stream: if stderr { "stderr" } else { "stdout" }.into(),
         follow,
         attempt,
         offset: 0,
     };
-    let mut offset = 0;
     let mut resumes = 0;
     loop {
-        let start = offset;
-        match copy_logs(request.clone(), &mut offset, &opts).await {
+        let start = request.offset;
+        match copy_logs(&mut request, &opts).await {
             Ok(()) => return Ok(()),
-            Err(broken) => resume(broken, &mut resumes, offset > start).await?,
+            Err(broken) => resume(broken, &mut resumes, request.offset > start).await?,
         }
     }
 }
 
-/// One connection's worth of [`logs`]: prints chunks and advances `offset`
-/// past each one printed.
-async fn copy_logs(
-    mut request: pb::LogsRequest,
-    offset: &mut u64,
-    opts: &ClientOpts,
-) -> Result<(), Broken> {
-    request.offset = *offset;
+/// One connection's worth of [`logs`]: prints chunks and moves
+/// `request.offset` past each one printed.
+async fn copy_logs(request: &mut pb::LogsRequest, opts: &ClientOpts) -> Result<(), Broken> {
     let mut client = client::connect(opts).await.map_err(Broken::Open)?;
     let mut chunks = client
-        .logs(request)
+        .logs(request.clone())
         .await
         .map_err(|status| Broken::Open(status.into()))?
         .into_inner();
@@ -104,7 +98,7 @@ async fn copy_logs(
         // binary or colored output piped to a file. Only this command
         // prints unescaped.
         output::write_stdout_bytes(&chunk.data);
-        *offset = chunk.offset + chunk.data.len() as u64;
+        request.offset = chunk.offset + chunk.data.len() as u64;
     }
     Ok(())
 }
@@ -118,11 +112,13 @@ pub(crate) async fn watch(
     from: Option<u64>,
     opts: ClientOpts,
 ) -> Result<(), CliError> {
+    // The first connection reads the next index (when not given) and
+    // serves the stream; reconnections open their own.
+    let mut first = client::connect(&opts).await?;
     let from_index = match from {
         Some(index) => index,
         None => {
-            let mut client = client::connect(&opts).await?;
-            client
+            first
                 .status(pb::StatusRequest {})
                 .await?
                 .into_inner()
@@ -136,23 +132,28 @@ pub(crate) async fn watch(
         kind: kind.unwrap_or_default(),
         pipeline: pipeline.unwrap_or_default(),
     };
+    let mut client = Some(first);
     let mut resumes = 0;
     loop {
         let start = request.from_index;
-        match print_events(&mut request, &opts).await {
+        match print_events(&mut request, client.take(), &opts).await {
             Ok(()) => return Ok(()),
             Err(broken) => resume(broken, &mut resumes, request.from_index > start).await?,
         }
     }
 }
 
-/// One connection's worth of [`watch`]: prints events and moves
-/// `request.from_index` past each one printed.
+/// One connection's worth of [`watch`] (on `client`, else a new one):
+/// prints events and moves `request.from_index` past each one printed.
 async fn print_events(
     request: &mut pb::WatchEventsRequest,
+    client: Option<Client>,
     opts: &ClientOpts,
 ) -> Result<(), Broken> {
-    let mut client = client::connect(opts).await.map_err(Broken::Open)?;
+    let mut client = match client {
+        Some(client) => client,
+        None => client::connect(opts).await.map_err(Broken::Open)?,
+    };
     let mut events = client
         .watch_events(request.clone())
         .await
