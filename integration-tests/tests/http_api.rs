@@ -560,7 +560,14 @@ fn a_follower_answers_writes_with_the_leader() -> anyhow::Result<()> {
     let follower = (0..3).find(|&i| i != leader).expect("a follower");
     let index = set.procs[follower].expect("running");
     let http = sandbox.proc(index).http.clone().expect("http");
-    let response = post(&http, "/v1/jobs", &[], r#"{"command": ["true"]}"#);
+    // The leader knows it leads before the follower has heard from it (and
+    // learned its HTTP address from its batches): until then the follower
+    // refuses naming no leader. Wait for that, not for a fixed time.
+    let response = wait_until("the follower to name the leader", T, || {
+        let response = post(&http, "/v1/jobs", &[], r#"{"command": ["true"]}"#);
+        let learning = response.status == 503 && json(&response)["leader_http"].is_null();
+        (!learning).then_some(response)
+    })?;
     assert_eq!(response.status, 503, "{response:?}");
     let named = json(&response)["leader"].as_str().map(String::from);
     assert_eq!(named.as_deref(), Some(set.urls[leader].as_str()));
