@@ -70,6 +70,10 @@ pub struct RunReport {
     /// Preemptions the passes decided (the bench does not carry them out:
     /// it measures the search).
     pub preemptions: usize,
+    /// A digest of every plan of the run (placements, hold reasons,
+    /// preemptions), computed outside the timed planner: two builds of the
+    /// scheduler that plan alike give the same digest.
+    pub plan_digest: u64,
 }
 
 impl RunReport {
@@ -109,6 +113,7 @@ impl RunReport {
             "gpu_memory_utilisation": self.memory_utilisation,
             "gpus_busy": self.gpus_busy,
             "preemptions": self.preemptions,
+            "plan_digest": format!("{:016x}", self.plan_digest),
         })
     }
 }
@@ -160,7 +165,7 @@ impl SchedReport {
         format!(
             "{:.0} placements/s\n\
              gantry-bench sched: {} nodes x {} GPUs, {} jobs ({:.0}% gang members, {:.0}% urgent late), seed {}, pass budget {}\n\
-             indexed: {} placed in {} passes ({:.3} s planning, {}), {} waiting, {} preemptions decided\n\
+             indexed: {} placed in {} passes ({:.3} s planning, {}), {} waiting, {} preemptions decided, plan digest {:016x}\n\
              pass time: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n\
              GPU memory reserved: {:.1}%, GPUs busy: {:.1}%\n\
              naive first-fit ({} passes): {:.0} placements/s, pass p99 {:.1} ms, {} placed, memory reserved {:.1}%\n\
@@ -182,6 +187,7 @@ impl SchedReport {
             ),
             i.waiting,
             i.preemptions,
+            i.plan_digest,
             i.pass_ms(0.5),
             i.pass_ms(0.99),
             i.pass_ms(1.0),
@@ -296,6 +302,7 @@ fn drive_with(
         memory_utilisation: 0.0,
         gpus_busy: 0.0,
         preemptions: 0,
+        plan_digest: 0,
     };
     let jobs: HashMap<JobId, JobRequest> = queue
         .iter()
@@ -316,6 +323,7 @@ fn drive_with(
         report.pass_times.push(elapsed);
         report.placements += out.placements.len();
         report.preemptions += out.preemptions.len();
+        report.plan_digest = digest(report.plan_digest, &out);
         // The pass left budget unused and jobs without a fit: the fleet
         // is full.
         let full = out.placements.len() < snapshot.policy.max_placements_per_pass
@@ -362,6 +370,27 @@ fn drive_with(
     report.memory_utilisation = reserved as f64 / total.max(1) as f64;
     report.gpus_busy = busy as f64 / gpus.max(1) as f64;
     report
+}
+
+/// Folds `plan` into `seed`: every placement, hold reason (as shown) and
+/// preemption, in order.
+fn digest(seed: u64, plan: &Plan) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same across runs of one build.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    seed.hash(&mut h);
+    for p in &plan.placements {
+        (p.job, &p.node, &p.gpus, p.gpu_memory, p.batch_size).hash(&mut h);
+        p.exclusive_gpu.hash(&mut h);
+    }
+    for u in &plan.unplaced {
+        (u.job, u.reason.to_string()).hash(&mut h);
+    }
+    for p in &plan.preemptions {
+        (p.job, &p.node, &p.victims, &p.reason).hash(&mut h);
+    }
+    h.finish()
 }
 
 /// Commits a plan to the snapshot the way the coordinator's apply step
