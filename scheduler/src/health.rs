@@ -23,9 +23,20 @@ impl HealthScorer {
 
     /// Sorts node indices healthiest first.
     pub fn rank(nodes: &[&NodeView]) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..nodes.len()).collect();
-        order.sort_unstable_by(|&a, &b| Self::compare(nodes[a], nodes[b]));
-        order
+        // The numeric part of the order computed once per node, so the
+        // sort compares integers and reads a node's name only on a tie.
+        let mut keyed: Vec<(u32, i64, usize)> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.recent_failures, total_order(Self::rtt(n)), i))
+            .collect();
+        keyed.sort_unstable_by(|a, b| {
+            (a.0, a.1)
+                .cmp(&(b.0, b.1))
+                .then_with(|| nodes[a.2].name.cmp(&nodes[b.2].name))
+                .then(a.2.cmp(&b.2))
+        });
+        keyed.into_iter().map(|(_, _, i)| i).collect()
     }
 
     /// RTT with unknown (NaN, negative) read as very slow, so a node that
@@ -37,6 +48,12 @@ impl HealthScorer {
             node.rtt_ms
         }
     }
+}
+
+/// `x` as an integer in the order of `f64::total_cmp`.
+fn total_order(x: f64) -> i64 {
+    let bits = x.to_bits() as i64;
+    bits ^ ((((bits >> 63) as u64) >> 1) as i64)
 }
 
 #[cfg(test)]
@@ -64,5 +81,12 @@ mod tests {
             .map(|i| nodes[i].name.as_str())
             .collect();
         assert_eq!(names, ["b", "c", "d", "e", "a"]);
+        // The integer key orders as `total_cmp` does.
+        let xs = [-1.5, -0.0, 0.0, 1e-300, 2.0, f64::INFINITY, f64::NAN];
+        for a in xs {
+            for b in xs {
+                assert_eq!(total_order(a).cmp(&total_order(b)), a.total_cmp(&b), "{a} {b}");
+            }
+        }
     }
 }

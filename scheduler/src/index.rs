@@ -239,52 +239,7 @@ impl<'s> FreeIndex<'s> {
             .filter(|n| NodeStateChecker::admits(n, snapshot.now_ms).is_ok())
             .collect();
         let order = HealthScorer::rank(&admitted);
-        // A fleet has a handful of models: dedup as they come rather than
-        // sort one name per GPU.
-        let mut models: Vec<&str> = Vec::new();
-        for g in admitted.iter().flat_map(|n| &n.gpus) {
-            if !models.contains(&g.model.as_str()) {
-                models.push(g.model.as_str());
-            }
-        }
-        models.sort_unstable();
-
-        let mut nodes = Vec::with_capacity(order.len());
-        let mut gpus = Vec::new();
-        for (rank, &i) in order.iter().enumerate() {
-            let view = admitted[i];
-            let start = gpus.len() as u32;
-            // GPUs come in device order from the agents: sort (and
-            // allocate) only when they do not.
-            let mut devices: Vec<usize> = Vec::new();
-            if !view.gpus.is_sorted_by_key(|g| g.index) {
-                devices.extend(0..view.gpus.len());
-                devices.sort_by_key(|&d| view.gpus[d].index);
-            }
-            let order =
-                (0..view.gpus.len()).map(|d| if devices.is_empty() { d } else { devices[d] });
-            for d in order {
-                let g = &view.gpus[d];
-                gpus.push(GpuSlot {
-                    node: rank as u32,
-                    device: g.index,
-                    model: models.binary_search(&g.model.as_str()).unwrap_or(0) as u32,
-                    free: g.effective_free(headroom),
-                    jobs: g.jobs,
-                    // An unhealthy GPU admits no job, like an exclusively held one.
-                    exclusive: g.exclusive || g.unhealthy,
-                    unhealthy: g.unhealthy,
-                });
-            }
-            let free = HostFree::of(view);
-            nodes.push(NodeSlot {
-                view,
-                gpus: start..gpus.len() as u32,
-                free,
-                taken_by_gang: false,
-                pruned: !ResourceChecker::fits_free(&free, &floor),
-            });
-        }
+        let (nodes, gpus, models) = Self::slots(&admitted, &order, headroom, &floor);
 
         let granularity = policy.pack_granularity.max(1);
         let mut pools: Vec<Pool> = (0..models.len() * 2)
@@ -358,6 +313,85 @@ impl<'s> FreeIndex<'s> {
             groups: Vec::new(),
             pool_buffer: Vec::new(),
         }
+    }
+
+    /// The eligible nodes in health order (`order` ranks `admitted`),
+    /// their GPUs in device order, and the GPU models in name order. One
+    /// pass over the GPUs: a fleet has a handful of models and a node's
+    /// GPUs are mostly of one, so a GPU's model is first compared with the
+    /// previous GPU's, and models are numbered as they come, then renumbered
+    /// in name order.
+    fn slots(
+        admitted: &[&'s NodeView],
+        order: &[usize],
+        headroom: u64,
+        floor: &HostFree,
+    ) -> (Vec<NodeSlot<'s>>, Vec<GpuSlot>, Vec<&'s str>) {
+        let mut models: Vec<&'s str> = Vec::new();
+        let mut last: Option<(&'s str, u32)> = None;
+        let mut nodes = Vec::with_capacity(order.len());
+        let mut gpus = Vec::with_capacity(admitted.iter().map(|n| n.gpus.len()).sum());
+        let mut devices: Vec<usize> = Vec::new();
+        for (rank, &i) in order.iter().enumerate() {
+            let view = admitted[i];
+            let start = gpus.len() as u32;
+            // GPUs come in device order from the agents: sort only when
+            // they do not.
+            devices.clear();
+            if !view.gpus.is_sorted_by_key(|g| g.index) {
+                devices.extend(0..view.gpus.len());
+                devices.sort_by_key(|&d| view.gpus[d].index);
+            }
+            for d in 0..view.gpus.len() {
+                let g = &view.gpus[if devices.is_empty() { d } else { devices[d] }];
+                let model = match last {
+                    Some((name, id)) if name == g.model => id,
+                    _ => {
+                        let id = match models.iter().position(|m| *m == g.model) {
+                            Some(id) => id as u32,
+                            None => {
+                                models.push(g.model.as_str());
+                                models.len() as u32 - 1
+                            }
+                        };
+                        last = Some((g.model.as_str(), id));
+                        id
+                    }
+                };
+                gpus.push(GpuSlot {
+                    node: rank as u32,
+                    device: g.index,
+                    model,
+                    free: g.effective_free(headroom),
+                    jobs: g.jobs,
+                    // An unhealthy GPU admits no job, like an exclusively held one.
+                    exclusive: g.exclusive || g.unhealthy,
+                    unhealthy: g.unhealthy,
+                });
+            }
+            let free = HostFree::of(view);
+            nodes.push(NodeSlot {
+                view,
+                gpus: start..gpus.len() as u32,
+                free,
+                taken_by_gang: false,
+                pruned: !ResourceChecker::fits_free(&free, floor),
+            });
+        }
+        // Renumber the models in name order.
+        let mut sorted = models.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let renumber: Vec<u32> = models
+            .iter()
+            .map(|m| sorted.binary_search(m).unwrap_or(0) as u32)
+            .collect();
+        if renumber.iter().enumerate().any(|(i, &r)| r != i as u32) {
+            for g in &mut gpus {
+                g.model = renumber[g.model as usize];
+            }
+        }
+        (nodes, gpus, sorted)
     }
 
     /// The value table of `label` (built on first use): its id and the
@@ -451,6 +485,11 @@ impl<'s> FreeIndex<'s> {
     /// A GPU by slot.
     pub fn gpu(&self, slot: u32) -> &GpuSlot {
         &self.gpus[slot as usize]
+    }
+
+    /// GPU slots of the pass (every eligible node's GPUs).
+    pub fn gpu_count(&self) -> usize {
+        self.gpus.len()
     }
 
     fn bucket(&self, free: u64) -> u64 {

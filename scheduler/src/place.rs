@@ -148,8 +148,15 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
     let mut failed_gangs: FailedGangs<'_> = HashMap::default();
 
     let mut out = Plan::default();
+    // The queue index of each `out.unplaced` entry's job, `usize::MAX` for
+    // gang members (they never preempt): the preemption step reads the
+    // jobs back without a map of the whole queue.
+    let mut unplaced_at: Vec<usize> = Vec::new();
+    let mut owner = usize::MAX;
     for i in queue_order(queue, policy, &snapshot.queue_usage, fleet_pressured) {
+        unplaced_at.resize(out.unplaced.len(), owner);
         let job = &queue[i];
+        owner = if job.gang.is_some() { usize::MAX } else { i };
         if let Some(gang) = &job.gang {
             if let Some(members) = gangs.first_visit(gang.id) {
                 let pass = GangPass {
@@ -218,8 +225,9 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
             }
         }
     }
+    unplaced_at.resize(out.unplaced.len(), owner);
     if policy.preemption.enabled && !snapshot.running.is_empty() {
-        preempt(&index, queue, search, &mut out);
+        preempt(&index, queue, &unplaced_at, search, &mut out);
     }
     out
 }
@@ -374,34 +382,45 @@ impl GangPass<'_> {
 
 /// Lets the jobs left without a fit, highest first in queue order, preempt
 /// lower-priority work ([`Preemptor`]); each preemptor's reason then names
-/// its victims.
-fn preempt(index: &FreeIndex<'_>, queue: &[JobRequest], search: Search, out: &mut Plan) {
-    if !out
-        .unplaced
-        .iter()
-        .any(|u| matches!(u.reason, HoldReason::NoFit(_)))
-    {
+/// its victims. `unplaced_at` holds the queue index of each unplaced job
+/// (`usize::MAX` for gang members).
+fn preempt(
+    index: &FreeIndex<'_>,
+    queue: &[JobRequest],
+    unplaced_at: &[usize],
+    search: Search,
+    out: &mut Plan,
+) {
+    // The preemptor is built (a pass over the running jobs by node) only
+    // when some job left without a fit ranks above the least important
+    // possible victim anywhere.
+    let Some(lowest) = Preemptor::lowest_victim_priority(index.snapshot) else {
+        return;
+    };
+    let hopeful = out.unplaced.iter().zip(unplaced_at).any(|(u, &at)| {
+        matches!(u.reason, HoldReason::NoFit(_))
+            && queue
+                .get(at)
+                .is_some_and(|j| j.priority > lowest && j.held_node.is_none())
+    });
+    if !hopeful {
         return;
     }
     let policy = &index.snapshot.policy.preemption;
     let mut preemptor = Preemptor::new(index.snapshot, index);
-    let by_id: HashMap<JobId, &JobRequest, FxBuild> = queue.iter().map(|j| (j.id, j)).collect();
     // Victims only get fewer as the pass goes: a shape that found none at
     // some priority finds none at that priority or below (for jobs with
     // no preemptor of their own to exclude).
     let mut failed: HashMap<Shape<'_>, i32, FxBuild> = HashMap::default();
     let mut tries = 0;
-    for unplaced in &mut out.unplaced {
+    for (unplaced, &at) in out.unplaced.iter_mut().zip(unplaced_at) {
         if out.preemptions.len() >= policy.max_per_pass || tries >= policy.max_tries_per_pass {
             break;
         }
         if !matches!(unplaced.reason, HoldReason::NoFit(_)) {
             continue;
         }
-        let Some(ask) = by_id
-            .get(&unplaced.job)
-            .and_then(|job| Ask::new(job, search).ok())
-        else {
+        let Some(ask) = queue.get(at).and_then(|job| Ask::new(job, search).ok()) else {
             continue;
         };
         if !preemptor.worth_trying(&ask) {

@@ -17,11 +17,11 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::disk::DiskPressureChecker;
-use crate::filter::{GpuShareChecker, LabelChecker, ResourceChecker};
+use crate::filter::{GpuShareChecker, HostFree, LabelChecker, ResourceChecker};
 use crate::hash::FxBuild;
 use crate::index::FreeIndex;
 use crate::model::{ClusterSnapshot, JobId, Preemption, RunningJob};
-use crate::place::Ask;
+use crate::place::{Ask, Search};
 
 /// Largest victim set searched exhaustively.
 const EXACT_UP_TO: usize = 4;
@@ -41,6 +41,24 @@ pub(crate) struct Preemptor<'s> {
     /// Lowest priority of any preemptible running job: a job at or below
     /// it cannot preempt anything, checked before any search.
     floor: Option<i32>,
+    /// Nodes with possible victims in order of the best set they could
+    /// offer at most ([`Preemptor::bound`]), built on the first indexed
+    /// search: a search stops at the first node whose bound cannot beat
+    /// a one-victim set already found.
+    ordered: Option<Vec<u32>>,
+    /// What every node gets back once all its possible victims below a
+    /// priority are gone, by that priority (built on first use).
+    released: Vec<(i32, Released)>,
+}
+
+/// What the possible victims below one priority hold, summed: per node
+/// their host resources, per GPU slot their memory, their count and
+/// whether one holds it exclusively. The job fits nowhere they do not
+/// make room, so a node fails the search before any set is tried.
+struct Released {
+    host: Vec<HostFree>,
+    /// Per GPU slot of the index: (memory, jobs, an exclusive holder).
+    gpus: Vec<(u64, u32, bool)>,
 }
 
 /// A candidate set on one node and its rank.
@@ -63,17 +81,25 @@ impl<'s> Preemptor<'s> {
             .collect();
         let mut by_node: Vec<Vec<&'s RunningJob>> = vec![Vec::new(); numbers.len()];
         let mut floor = None;
+        // Running jobs come grouped by node more often than not: the last
+        // name looked up is checked before hashing.
+        let mut last: Option<(&str, Option<usize>)> = None;
         for job in &snapshot.running {
             if !job.preemptible || protected(snapshot, job) {
                 continue;
             }
-            if let Some(&n) = numbers.get(job.node.as_str()) {
+            let number = match last {
+                Some((name, n)) if name == job.node => n,
+                _ => numbers.get(job.node.as_str()).copied(),
+            };
+            last = Some((job.node.as_str(), number));
+            if let Some(n) = number {
                 floor = Some(floor.map_or(job.priority, |f: i32| f.min(job.priority)));
                 by_node[n].push(job);
             }
         }
         for jobs in &mut by_node {
-            jobs.sort_by_key(|v| (v.priority, std::cmp::Reverse(v.started_at_ms), v.id));
+            jobs.sort_unstable_by_key(|v| (v.priority, std::cmp::Reverse(v.started_at_ms), v.id));
         }
         Preemptor {
             snapshot,
@@ -81,7 +107,23 @@ impl<'s> Preemptor<'s> {
             by_node,
             taken: BTreeSet::new(),
             floor,
+            ordered: None,
+            released: Vec::new(),
         }
+    }
+
+    /// Whether some job with these properties could preempt at all,
+    /// without building a [`Preemptor`]: the lowest priority of any
+    /// preemptible, unprotected running job, wherever it runs (a bound of
+    /// [`Preemptor::worth_trying`]'s floor, which counts eligible nodes
+    /// only).
+    pub fn lowest_victim_priority(snapshot: &ClusterSnapshot) -> Option<i32> {
+        snapshot
+            .running
+            .iter()
+            .filter(|j| j.preemptible && !protected(snapshot, j))
+            .map(|j| j.priority)
+            .min()
     }
 
     /// Whether `ask`'s job could preempt anything at all.
@@ -93,9 +135,58 @@ impl<'s> Preemptor<'s> {
             && self.floor.is_some_and(|f| ask.job.priority > f)
     }
 
+    /// The least any set on node `n` can rank: one victim, its lowest
+    /// priority, the least work lost at that priority, the node's name.
+    /// Every [`Choice`] there is at least this (the victims list aside).
+    fn bound(&self, index: &FreeIndex<'s>, n: u32) -> Option<(i32, u64, &'s str)> {
+        let first = self.by_node[n as usize].first()?;
+        let lost = self.snapshot.now_ms.saturating_sub(first.started_at_ms);
+        Some((first.priority, lost, index.node(n).view.name.as_str()))
+    }
+
+    /// The nodes with possible victims, by [`Preemptor::bound`].
+    fn ordered(&mut self, index: &FreeIndex<'s>) -> Vec<u32> {
+        if let Some(order) = self.ordered.take() {
+            return order;
+        }
+        let mut keyed: Vec<((i32, u64, &'s str), u32)> = (0..self.by_node.len() as u32)
+            .filter_map(|n| Some((self.bound(index, n)?, n)))
+            .collect();
+        keyed.sort_unstable();
+        keyed.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// The index into `released` of what goes once every possible victim
+    /// below `priority` is gone, summed on first use.
+    fn released(&mut self, index: &FreeIndex<'_>, priority: i32) -> usize {
+        if let Some(r) = self.released.iter().position(|(p, _)| *p == priority) {
+            return r;
+        }
+        let nodes = index.nodes();
+        let mut host = vec![HostFree::default(); nodes.len()];
+        let mut gpus = vec![(0u64, 0u32, false); index.gpu_count()];
+        for (n, running) in self.by_node.iter().enumerate() {
+            let slots = nodes[n].gpus.clone();
+            for v in running.iter().take_while(|v| v.priority < priority) {
+                let h = &mut host[n];
+                h.cpu_millis += v.cpu_millis;
+                h.memory += v.memory;
+                h.disk += v.disk;
+                for s in slots.clone().filter(|&s| v.gpus.contains(&index.gpu(s).device)) {
+                    let g = &mut gpus[s as usize];
+                    g.0 = g.0.saturating_add(v.gpu_memory);
+                    g.1 += 1;
+                    g.2 |= v.exclusive_gpu;
+                }
+            }
+        }
+        self.released.push((priority, Released { host, gpus }));
+        self.released.len() - 1
+    }
+
     /// The victims for `ask` over every node of `index`, if any set makes
     /// it fit; records them as taken.
-    pub fn choose(&mut self, index: &FreeIndex<'_>, ask: &Ask<'_>) -> Option<Preemption> {
+    pub fn choose(&mut self, index: &FreeIndex<'s>, ask: &Ask<'_>) -> Option<Preemption> {
         let job = ask.job;
         let pressure = DiskPressureChecker::new(&self.snapshot.policy);
         let accepted = index.accepted_models(&job.constraints.gpu_models);
@@ -104,15 +195,33 @@ impl<'s> Preemptor<'s> {
             ask,
             accepted: &accepted,
         };
+        // The full-scan oracle visits every node in index order; the
+        // indexed search visits them by bound and stops early.
+        let order = match ask.search {
+            Search::Indexed => self.ordered(index),
+            Search::FullScan => (0..self.by_node.len() as u32).collect(),
+        };
+        let released = self.released(index, job.priority);
         let mut best: Option<(u32, Choice)> = None;
         // One buffer for every node's candidates.
         let mut candidates: Vec<&RunningJob> = Vec::new();
-        for (n, running) in self.by_node.iter().enumerate() {
+        for &n in &order {
+            let running = &self.by_node[n as usize];
             // Sorted by priority: the first is the least important.
-            if running.first().is_none_or(|v| v.priority >= job.priority) || self.nodes_taken[n] {
+            if running.first().is_none_or(|v| v.priority >= job.priority)
+                || self.nodes_taken[n as usize]
+            {
                 continue;
             }
-            let n = n as u32;
+            if ask.search == Search::Indexed
+                && let Some((_, b)) = &best
+                && b.count == 1
+                && let Some((p, lost, name)) = self.bound(index, n)
+                && (b.top_priority, b.work_lost, b.node.as_str()) < (p, lost, name)
+            {
+                // This node's sets, and every later node's, rank below.
+                break;
+            }
             let slot = index.node(n);
             let view = slot.view;
             // Nodes without enough GPUs of an accepted model are no
@@ -124,10 +233,8 @@ impl<'s> Preemptor<'s> {
                 continue;
             }
             // Every lower-priority job gone, before any is filtered out: if
-            // the job does not fit then, no subset makes it fit (a cheap
-            // test on a prefix of the sorted list, no copy).
-            let lower = running.partition_point(|v| v.priority < job.priority);
-            if !fit.fits(n, &running[..lower]) {
+            // the job does not fit then, no subset makes it fit.
+            if !fit.fits_released(n, &self.released[released].1) {
                 continue;
             }
             candidates.clear();
@@ -141,8 +248,10 @@ impl<'s> Preemptor<'s> {
             if candidates.is_empty() {
                 continue;
             }
-            // Nothing on this node fits even with every candidate gone.
-            if !fit.fits(n, &candidates) {
+            // Nothing on this node fits even with every candidate gone
+            // (the same test as above when none was filtered out).
+            let lower = running.partition_point(|v| v.priority < job.priority);
+            if candidates.len() < lower && !fit.fits(n, &candidates) {
                 continue;
             }
             // A set larger than the best so far cannot win (fewest first).
@@ -152,6 +261,9 @@ impl<'s> Preemptor<'s> {
             {
                 best = Some((n, choice));
             }
+        }
+        if ask.search == Search::Indexed {
+            self.ordered = Some(order);
         }
         let (n, choice) = best?;
         self.taken.extend(choice.victims.iter().copied());
@@ -178,36 +290,57 @@ impl<'s> Preemptor<'s> {
     ) -> Option<Choice> {
         let index = fit.index;
         let now = self.snapshot.now_ms;
-        let name = &index.node(n).view.name;
-        let rank = |set: &[&RunningJob]| Choice {
-            count: set.len(),
-            top_priority: set.iter().map(|v| v.priority).max().unwrap_or(i32::MIN),
-            work_lost: set
-                .iter()
-                .map(|v| now.saturating_sub(v.started_at_ms))
-                .sum(),
-            node: name.clone(),
-            victims: set.iter().map(|v| v.id).collect(),
+        // A set's rank on this node (the node name is the same for all):
+        // priority at most, work lost, then the ids.
+        let key = |set: &[&RunningJob]| {
+            (
+                set.iter().map(|v| v.priority).max().unwrap_or(i32::MIN),
+                set.iter()
+                    .map(|v| now.saturating_sub(v.started_at_ms))
+                    .sum::<u64>(),
+            )
+        };
+        let ids = |set: &[&RunningJob]| set.iter().map(|v| v.id).collect::<Vec<JobId>>();
+        let choice = |set: &[&RunningJob]| {
+            let (top_priority, work_lost) = key(set);
+            Choice {
+                count: set.len(),
+                top_priority,
+                work_lost,
+                node: index.node(n).view.name.clone(),
+                victims: ids(set),
+            }
         };
         let exact = &candidates[..candidates.len().min(CANDIDATES)];
+        let mut chosen: Vec<&RunningJob> = Vec::with_capacity(EXACT_UP_TO);
         for size in 1..=EXACT_UP_TO.min(exact.len()).min(most) {
-            let mut best: Option<Choice> = None;
+            let mut best: Option<(i32, u64)> = None;
             for_each_subset(exact, size, &mut |set| {
-                if fit.fits(n, set) {
-                    let choice = rank(set);
-                    if best.as_ref().is_none_or(|b| choice < *b) {
-                        best = Some(choice);
-                    }
+                // Rank first (cheap), then the fit test, for sets that
+                // would beat the best so far.
+                let k = key(set);
+                let better = best.is_none_or(|b| {
+                    k < b
+                        || (k == b
+                            && set
+                                .iter()
+                                .map(|v| v.id)
+                                .lt(chosen.iter().map(|v| v.id)))
+                });
+                if better && fit.fits(n, set) {
+                    best = Some(k);
+                    chosen.clear();
+                    chosen.extend_from_slice(set);
                 }
             });
             if best.is_some() {
-                return best;
+                return Some(choice(&chosen));
             }
         }
         // Larger sets: candidates in order until it fits.
         (EXACT_UP_TO + 1..=candidates.len().min(most))
             .find(|&k| fit.fits(n, &candidates[..k]))
-            .map(|k| rank(&candidates[..k]))
+            .map(|k| choice(&candidates[..k]))
     }
 }
 
@@ -262,6 +395,40 @@ struct Fit<'a, 'q> {
 }
 
 impl Fit<'_, '_> {
+    /// [`Fit::fits`] with every possible victim below the job's priority
+    /// gone, from their sums: the same answer, without visiting them.
+    fn fits_released(&self, n: u32, released: &Released) -> bool {
+        let (index, ask) = (self.index, self.ask);
+        let slot = index.node(n);
+        let back = &released.host[n as usize];
+        let free = HostFree {
+            cpu_millis: slot.free.cpu_millis + back.cpu_millis,
+            memory: slot.free.memory + back.memory,
+            disk: slot.free.disk + back.disk,
+        };
+        if !ResourceChecker::fits(&free, ask.job) {
+            return false;
+        }
+        if ask.gpus == 0 {
+            return true;
+        }
+        let mut usable = 0u32;
+        for s in slot.gpus.clone() {
+            let gpu = index.gpu(s);
+            if gpu.unhealthy || !self.accepted[gpu.model as usize] {
+                continue;
+            }
+            let (memory, jobs, exclusive_victim) = released.gpus[s as usize];
+            let memory = gpu.free.saturating_add(memory);
+            let jobs = gpu.jobs.saturating_sub(jobs);
+            let exclusive = gpu.exclusive && !exclusive_victim;
+            if memory >= ask.need && GpuShareChecker::admits(jobs, exclusive, ask.exclusive) {
+                usable += 1;
+            }
+        }
+        usable >= ask.gpus
+    }
+
     /// Whether the job fits on node `n` once `victims` are gone: their
     /// host resources, GPU memory, GPU shares and exclusivity come back.
     fn fits(&self, n: u32, victims: &[&RunningJob]) -> bool {
