@@ -511,7 +511,9 @@ impl<'s> FreeIndex<'s> {
                 (table.label.as_str(), table.values[v as usize])
             })
             .filter(|(_, v)| !v.is_empty());
-        if wanted.is_empty() && group.is_none() {
+        // A multi-GPU search kept within a group alone has ordered sets of
+        // that group's nodes (`Multi::group`): better than scanning them.
+        if wanted.is_empty() && (group.is_none() || ask.gpus >= 2) {
             return Restrict::All;
         }
         let mut smallest: Option<&Vec<u32>> = None;
