@@ -85,7 +85,11 @@ mod tests {
         let xs = [-1.5, -0.0, 0.0, 1e-300, 2.0, f64::INFINITY, f64::NAN];
         for a in xs {
             for b in xs {
-                assert_eq!(total_order(a).cmp(&total_order(b)), a.total_cmp(&b), "{a} {b}");
+                assert_eq!(
+                    total_order(a).cmp(&total_order(b)),
+                    a.total_cmp(&b),
+                    "{a} {b}"
+                );
             }
         }
     }

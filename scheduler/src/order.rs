@@ -12,7 +12,7 @@
 //! GPUs held, hence GPU time, tend to the weights' ratio.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use crate::hash::FxBuild;
 use crate::model::{JobRequest, Policy};
@@ -25,74 +25,141 @@ const TAG_SCALE: u128 = 1 << 16;
 /// `favour_consumers` (the fleet is disk-pressured), consumer kinds (export,
 /// training) go first within their priority level so the pressure drains.
 /// Deterministic: ties end on the job id.
+///
+/// One sort: jobs grouped by (priority, class, queue), oldest first, which
+/// is also each queue's order by finish tag (tags only grow along a
+/// queue); each (priority, class) level is then a merge of its queues'
+/// runs by (tag, age, id).
 pub fn queue_order(
     queue: &[JobRequest],
     policy: &Policy,
     usage: &BTreeMap<String, u64>,
     favour_consumers: bool,
 ) -> Vec<usize> {
-    // Queue names become small integers once, so the sorts compare integers.
-    // Each carries (id, weight, GPUs held).
-    let mut names: HashMap<&str, (u32, u128, u64), FxBuild> = HashMap::default();
-    let ids: Vec<(u32, u128, u64)> = queue
-        .iter()
-        .map(|job| {
-            let next = names.len() as u32;
-            *names.entry(job.queue.as_str()).or_insert_with(|| {
-                let weight = policy.queue_weights.get(&job.queue).copied().unwrap_or(1);
-                let held = usage.get(&job.queue).copied().unwrap_or(0);
-                (next, u128::from(weight.max(1)), held)
-            })
-        })
-        .collect();
+    let queues = QueueIds::of(queue, policy, usage);
     let class = |job: &JobRequest| u8::from(favour_consumers && !job.kind.consumes_data());
 
-    // First sort: group by (priority, class, queue), oldest first in each,
-    // to add up every job's cost in its queue.
-    let mut by_queue: Vec<(Reverse<i32>, u8, u32, u64, u64, usize)> = queue
+    // (priority, class, queue) packed high to low into one integer, so the
+    // sort compares integers: priority descending, class, queue id.
+    let mut by_queue: Vec<(u64, u64, u64, u32)> = queue
         .iter()
         .enumerate()
         .map(|(i, job)| {
-            (
-                Reverse(job.priority),
-                class(job),
-                ids[i].0,
-                job.submitted_at_ms,
-                job.id,
-                i,
-            )
+            let priority = u64::from(u32::MAX - ((job.priority as u32) ^ 0x8000_0000));
+            let group = (priority << 32) | (u64::from(class(job)) << 31) | u64::from(queues.of[i]);
+            (group, job.submitted_at_ms, job.id, i as u32)
         })
         .collect();
     by_queue.sort_unstable();
 
-    // Second sort: (priority, class, finish tag, age, id).
-    let mut keyed: Vec<(Reverse<i32>, u8, u128, u64, u64, usize)> = Vec::with_capacity(queue.len());
-    let mut group: Option<(Reverse<i32>, u8, u32)> = None;
+    // Each job's finish tag, in `by_queue` order.
+    let mut tags: Vec<u128> = Vec::with_capacity(queue.len());
+    let mut group = None;
     let mut spent = 0u128;
-    for &(priority, class, queue_id, submitted, id, i) in &by_queue {
-        let (_, weight, held) = ids[i];
-        if group != Some((priority, class, queue_id)) {
-            group = Some((priority, class, queue_id));
+    for &(g, _, _, i) in &by_queue {
+        let (weight, held) = queues.figures[queues.of[i as usize] as usize];
+        if group != Some(g) {
+            group = Some(g);
             spent = u128::from(held);
         }
-        spent += u128::from(queue[i].resources.gpus.max(1));
-        keyed.push((
-            priority,
-            class,
-            spent * TAG_SCALE / weight,
-            submitted,
-            id,
-            i,
-        ));
+        spent += u128::from(queue[i as usize].resources.gpus.max(1));
+        tags.push(spent * TAG_SCALE / weight);
     }
-    keyed.sort_unstable();
-    keyed.into_iter().map(|k| k.5).collect()
+
+    // Merge each level's runs.
+    let mut out = Vec::with_capacity(queue.len());
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut at = 0;
+    while at < by_queue.len() {
+        let level = by_queue[at].0 >> 31;
+        runs.clear();
+        let mut end = at;
+        while end < by_queue.len() && by_queue[end].0 >> 31 == level {
+            let start = end;
+            while end < by_queue.len() && by_queue[end].0 == by_queue[start].0 {
+                end += 1;
+            }
+            runs.push(start..end);
+        }
+        merge(&by_queue, &tags, &mut runs, &mut out);
+        at = end;
+    }
+    out
+}
+
+/// Appends the queue indexes of `runs` (ranges of `by_queue`, each sorted
+/// by finish tag, age, id) merged in that order.
+fn merge(
+    by_queue: &[(u64, u64, u64, u32)],
+    tags: &[u128],
+    runs: &mut [std::ops::Range<usize>],
+    out: &mut Vec<usize>,
+) {
+    let key = |k: usize| (tags[k], by_queue[k].1, by_queue[k].2, by_queue[k].3);
+    if let [run] = runs {
+        out.extend(run.clone().map(|k| by_queue[k].3 as usize));
+        return;
+    }
+    // Few queues per level: a heap of each run's head.
+    let mut heads: BinaryHeap<Reverse<((u128, u64, u64, u32), usize)>> = runs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.start < r.end)
+        .map(|(r, run)| Reverse((key(run.start), r)))
+        .collect();
+    while let Some(Reverse((head, r))) = heads.pop() {
+        out.push(head.3 as usize);
+        let run = &mut runs[r];
+        run.start += 1;
+        if run.start < run.end {
+            heads.push(Reverse((key(run.start), r)));
+        }
+    }
+}
+
+/// The queues of a pass as small integers, so sorts compare integers.
+struct QueueIds {
+    /// Each job's queue id.
+    of: Vec<u32>,
+    /// By queue id: (weight, GPUs held).
+    figures: Vec<(u128, u64)>,
+}
+
+impl QueueIds {
+    fn of(queue: &[JobRequest], policy: &Policy, usage: &BTreeMap<String, u64>) -> Self {
+        let mut names: HashMap<&str, u32, FxBuild> = HashMap::default();
+        let mut figures = Vec::new();
+        // Jobs of one queue often come together: the last name is
+        // compared before hashing.
+        let mut last: Option<(&str, u32)> = None;
+        let of = queue
+            .iter()
+            .map(|job| {
+                let name = job.queue.as_str();
+                if let Some((n, id)) = last
+                    && n == name
+                {
+                    return id;
+                }
+                let id = *names.entry(name).or_insert_with(|| {
+                    let weight = policy.queue_weights.get(name).copied().unwrap_or(1);
+                    let held = usage.get(name).copied().unwrap_or(0);
+                    figures.push((u128::from(weight.max(1)), held));
+                    figures.len() as u32 - 1
+                });
+                last = Some((name, id));
+                id
+            })
+            .collect();
+        QueueIds { of, figures }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::JobKind;
+    use proptest::prelude::Just;
 
     /// (id, priority, queue, submitted_at, kind)
     type Row = (u64, i32, &'static str, u64, JobKind);
@@ -132,6 +199,93 @@ mod tests {
     }
 
     use JobKind::{Evaluation as E, Export as X, Selfplay as S, Training as T};
+
+    /// The order as first written: every job's finish tag from a sort by
+    /// queue, then a second sort of the whole queue by tag. The one-sort
+    /// merge must give exactly this.
+    fn two_sorts(
+        queue: &[JobRequest],
+        policy: &Policy,
+        usage: &BTreeMap<String, u64>,
+        favour_consumers: bool,
+    ) -> Vec<usize> {
+        let weight = |q: &str| u128::from(policy.queue_weights.get(q).copied().unwrap_or(1).max(1));
+        let class = |job: &JobRequest| u8::from(favour_consumers && !job.kind.consumes_data());
+        let mut by_queue: Vec<(Reverse<i32>, u8, &str, u64, u64, usize)> = queue
+            .iter()
+            .enumerate()
+            .map(|(i, j)| {
+                let q = j.queue.as_str();
+                (Reverse(j.priority), class(j), q, j.submitted_at_ms, j.id, i)
+            })
+            .collect();
+        by_queue.sort();
+        let mut keyed = Vec::new();
+        let mut group = None;
+        let mut spent = 0u128;
+        for &(priority, class, q, submitted, id, i) in &by_queue {
+            if group != Some((priority, class, q)) {
+                group = Some((priority, class, q));
+                spent = u128::from(usage.get(q).copied().unwrap_or(0));
+            }
+            spent += u128::from(queue[i].resources.gpus.max(1));
+            keyed.push((
+                priority,
+                class,
+                spent * TAG_SCALE / weight(q),
+                submitted,
+                id,
+                i,
+            ));
+        }
+        keyed.sort();
+        keyed.into_iter().map(|k| k.5).collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn one_sort_and_merge_give_the_two_sorts_order(
+            jobs in proptest::collection::vec(
+                (0..4u64, -2..3i32, 0..5usize, 0..6u64, 0..4u32, 0..6usize),
+                0..80,
+            ),
+            weights in proptest::collection::vec(
+                proptest::prop_oneof![1..4u32, Just(0u32), Just(1u32 << 17), Just(u32::MAX)],
+                5,
+            ),
+            held in proptest::collection::vec(0..6u64, 5),
+            favour_consumers in proptest::bool::ANY,
+        ) {
+            const NAMES: [&str; 5] = ["", "alice", "bob", "carol", "dave"];
+            let queue: Vec<JobRequest> = jobs
+                .iter()
+                .map(|&(id, priority, q, submitted_at_ms, gpus, kind)| JobRequest {
+                    id,
+                    priority,
+                    queue: NAMES[q].into(),
+                    submitted_at_ms,
+                    kind: JobKind::ALL[kind],
+                    resources: crate::model::Resources {
+                        gpus,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+                .collect();
+            let mut policy = Policy::default();
+            let mut usage = BTreeMap::new();
+            for (q, name) in NAMES.iter().enumerate() {
+                policy.queue_weights.insert(name.to_string(), weights[q]);
+                usage.insert(name.to_string(), held[q]);
+            }
+            proptest::prop_assert_eq!(
+                queue_order(&queue, &policy, &usage, favour_consumers),
+                two_sorts(&queue, &policy, &usage, favour_consumers)
+            );
+        }
+    }
 
     #[test]
     fn priority_then_age() {

@@ -172,7 +172,10 @@ impl<'s> Preemptor<'s> {
                 h.cpu_millis += v.cpu_millis;
                 h.memory += v.memory;
                 h.disk += v.disk;
-                for s in slots.clone().filter(|&s| v.gpus.contains(&index.gpu(s).device)) {
+                for s in slots
+                    .clone()
+                    .filter(|&s| v.gpus.contains(&index.gpu(s).device))
+                {
                     let g = &mut gpus[s as usize];
                     g.0 = g.0.saturating_add(v.gpu_memory);
                     g.1 += 1;
@@ -320,12 +323,7 @@ impl<'s> Preemptor<'s> {
                 // would beat the best so far.
                 let k = key(set);
                 let better = best.is_none_or(|b| {
-                    k < b
-                        || (k == b
-                            && set
-                                .iter()
-                                .map(|v| v.id)
-                                .lt(chosen.iter().map(|v| v.id)))
+                    k < b || (k == b && set.iter().map(|v| v.id).lt(chosen.iter().map(|v| v.id)))
                 });
                 if better && fit.fits(n, set) {
                     best = Some(k);
