@@ -204,7 +204,7 @@ impl<'s> Preemptor<'s> {
             Search::Indexed => self.ordered(index),
             Search::FullScan => (0..self.by_node.len() as u32).collect(),
         };
-        let released = self.released(index, job.priority);
+        let released = (ask.search == Search::Indexed).then(|| self.released(index, job.priority));
         let mut best: Option<(u32, Choice)> = None;
         // One buffer for every node's candidates.
         let mut candidates: Vec<&RunningJob> = Vec::new();
@@ -236,8 +236,15 @@ impl<'s> Preemptor<'s> {
                 continue;
             }
             // Every lower-priority job gone, before any is filtered out: if
-            // the job does not fit then, no subset makes it fit.
-            if !fit.fits_released(n, &self.released[released].1) {
+            // the job does not fit then, no subset makes it fit. (The
+            // full scan adds them up here, the indexed search reads the
+            // sums.)
+            let lower = running.partition_point(|v| v.priority < job.priority);
+            let room = match released {
+                Some(r) => fit.fits_released(n, &self.released[r].1),
+                None => fit.fits(n, &running[..lower]),
+            };
+            if !room {
                 continue;
             }
             candidates.clear();
@@ -253,7 +260,6 @@ impl<'s> Preemptor<'s> {
             }
             // Nothing on this node fits even with every candidate gone
             // (the same test as above when none was filtered out).
-            let lower = running.partition_point(|v| v.priority < job.priority);
             if candidates.len() < lower && !fit.fits(n, &candidates) {
                 continue;
             }
