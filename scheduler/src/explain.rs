@@ -192,10 +192,9 @@ fn empty_fleet_text(index: &FreeIndex<'_>, ask: &Ask<'_>) -> String {
         text.push(')');
         return text;
     }
-    let labeled: Vec<u32> = (0..index.nodes().len() as u32)
-        .filter(|&n| LabelChecker::matches(index.node(n).view, &job.constraints.labels))
-        .collect();
-    if labeled.is_empty() {
+    let labeled = |n: &u32| LabelChecker::matches(index.node(*n).view, &job.constraints.labels);
+    let nodes = 0..index.nodes().len() as u32;
+    if !nodes.clone().any(|n| labeled(&n)) {
         let wanted = job
             .constraints
             .labels
@@ -209,9 +208,9 @@ fn empty_fleet_text(index: &FreeIndex<'_>, ask: &Ask<'_>) -> String {
         format!("{} ", first_few(job.constraints.gpu_models.iter(), "/"))
     };
     let accepted = index.accepted_models(&job.constraints.gpu_models);
-    if !labeled
-        .iter()
-        .any(|&n| index.has_gpus(n, &accepted, ask.gpus))
+    if !nodes
+        .filter(labeled)
+        .any(|n| index.has_gpus(n, &accepted, ask.gpus))
     {
         return format!("no eligible node has {} {models}GPU(s)", ask.gpus);
     }

@@ -167,19 +167,37 @@ impl<'s> Preemptor<'s> {
         let mut gpus = vec![(0u64, 0u32, false); index.gpu_count()];
         for (n, running) in self.by_node.iter().enumerate() {
             let slots = nodes[n].gpus.clone();
+            // Slots are in device order: distinct devices strictly increase.
+            let distinct = slots
+                .clone()
+                .zip(slots.clone().skip(1))
+                .all(|(a, b)| index.gpu(a).device < index.gpu(b).device);
             for v in running.iter().take_while(|v| v.priority < priority) {
                 let h = &mut host[n];
                 h.cpu_millis += v.cpu_millis;
                 h.memory += v.memory;
                 h.disk += v.disk;
-                for s in slots
-                    .clone()
-                    .filter(|&s| v.gpus.contains(&index.gpu(s).device))
-                {
+                let mut add = |s: u32| {
                     let g = &mut gpus[s as usize];
                     g.0 = g.0.saturating_add(v.gpu_memory);
                     g.1 += 1;
                     g.2 |= v.exclusive_gpu;
+                };
+                // A one-GPU victim where devices are distinct and numbered
+                // from 0 (the usual node): its slot without a search.
+                let direct = match v.gpus.as_slice() {
+                    [d] if distinct => slots
+                        .clone()
+                        .nth(*d as usize)
+                        .filter(|&s| index.gpu(s).device == *d),
+                    _ => None,
+                };
+                match direct {
+                    Some(s) => add(s),
+                    None => slots
+                        .clone()
+                        .filter(|&s| v.gpus.contains(&index.gpu(s).device))
+                        .for_each(add),
                 }
             }
         }
@@ -239,10 +257,10 @@ impl<'s> Preemptor<'s> {
             // the job does not fit then, no subset makes it fit. (The
             // full scan adds them up here, the indexed search reads the
             // sums.)
-            let lower = running.partition_point(|v| v.priority < job.priority);
+            let lower = || running.partition_point(|v| v.priority < job.priority);
             let room = match released {
                 Some(r) => fit.fits_released(n, &self.released[r].1),
-                None => fit.fits(n, &running[..lower]),
+                None => fit.fits(n, &running[..lower()]),
             };
             if !room {
                 continue;
@@ -260,7 +278,7 @@ impl<'s> Preemptor<'s> {
             }
             // Nothing on this node fits even with every candidate gone
             // (the same test as above when none was filtered out).
-            if candidates.len() < lower && !fit.fits(n, &candidates) {
+            if candidates.len() < lower() && !fit.fits(n, &candidates) {
                 continue;
             }
             // A set larger than the best so far cannot win (fewest first).
