@@ -183,9 +183,11 @@ pub(crate) struct FreeIndex<'s> {
     gpus: Vec<GpuSlot>,
     pub models: Vec<&'s str>,
     pools: Vec<Pool>,
-    /// (label, value) -> nodes carrying it, health order; built only when
-    /// some job has label constraints.
+    /// (label, value) -> nodes carrying it, health order; each built on
+    /// first use in the pass (a handful of wanted labels per pass).
     labels: HashMap<(&'s str, &'s str), Vec<u32>, FxBuild>,
+    /// (label, value) pairs no eligible node carries, looked up this pass.
+    absent: Vec<(String, String)>,
     /// Label value tables for gangs' `same_label`.
     groups: Vec<GroupTable<'s>>,
     /// The pools of the current search, kept between searches.
@@ -223,14 +225,13 @@ fn pick(best: &mut Option<u128>, candidate: u128, dir: Dir) {
 }
 
 impl<'s> FreeIndex<'s> {
-    /// Builds the index for one pass. `with_labels` also builds the label
-    /// postings (only worth it when some job has label constraints).
+    /// Builds the index for one pass.
     ///
     /// `floor` is the least host resources any job of the queue asks, per
     /// resource: a node left with less than that of one takes no job of
     /// the pass, so its GPUs leave the ordered sets and searches stop
     /// visiting it (see [`FreeIndex::reserve`]).
-    pub fn build(snapshot: &'s ClusterSnapshot, with_labels: bool, floor: HostFree) -> Self {
+    pub fn build(snapshot: &'s ClusterSnapshot, floor: HostFree) -> Self {
         let policy = &snapshot.policy;
         let headroom = policy.gpu_headroom;
         let admitted: Vec<&NodeView> = snapshot
@@ -278,24 +279,6 @@ impl<'s> FreeIndex<'s> {
             pool.idle = std::mem::take(&mut idle[p]).into_iter().collect();
         }
 
-        let mut labels: HashMap<(&str, &str), Vec<u32>, FxBuild> = HashMap::default();
-        if with_labels {
-            for (rank, node) in nodes.iter().enumerate() {
-                for (k, v) in &node.view.labels {
-                    labels
-                        .entry((k.as_str(), v.as_str()))
-                        .or_default()
-                        .push(rank as u32);
-                }
-                if !node.view.labels.contains_key("provider") && !node.view.provider.is_empty() {
-                    labels
-                        .entry(("provider", node.view.provider.as_str()))
-                        .or_default()
-                        .push(rank as u32);
-                }
-            }
-        }
-
         let pruned = (0..nodes.len() as u32)
             .filter(|&n| nodes[n as usize].pruned)
             .collect();
@@ -309,7 +292,8 @@ impl<'s> FreeIndex<'s> {
             gpus,
             models,
             pools,
-            labels,
+            labels: HashMap::default(),
+            absent: Vec::new(),
             groups: Vec::new(),
             pool_buffer: Vec::new(),
         }
@@ -499,7 +483,7 @@ impl<'s> FreeIndex<'s> {
     /// Which nodes a job's search may look at: label postings make rare
     /// labels cheap (scan the few nodes that carry them rather than skip
     /// through the whole index).
-    pub fn restriction(&self, ask: &Ask<'_>) -> Restrict {
+    pub fn restriction(&mut self, ask: &Ask<'_>) -> Restrict {
         if ask.search == Search::FullScan {
             return Restrict::Nodes((0..self.nodes.len() as u32).collect());
         }
@@ -516,8 +500,12 @@ impl<'s> FreeIndex<'s> {
         if wanted.is_empty() && (group.is_none() || ask.gpus >= 2) {
             return Restrict::All;
         }
-        let mut smallest: Option<&Vec<u32>> = None;
         let wanted = wanted.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (k, v) in wanted.clone().chain(group) {
+            // Field by field: the group's label borrows `groups`.
+            add_postings(&self.nodes, &mut self.labels, &mut self.absent, k, v);
+        }
+        let mut smallest: Option<&Vec<u32>> = None;
         for (k, v) in wanted.chain(group) {
             match self.labels.get(&(k, v)) {
                 None => return Restrict::Nothing,
@@ -953,6 +941,47 @@ impl<'s> FreeIndex<'s> {
                 }
             }
         }
+    }
+}
+
+/// Adds to `labels` the nodes carrying `label` = `value` (as
+/// [`LabelChecker::value`] reads it), health order, unless there already;
+/// to `absent` when no node does.
+fn add_postings<'s>(
+    nodes: &[NodeSlot<'s>],
+    labels: &mut HashMap<(&'s str, &'s str), Vec<u32>, FxBuild>,
+    absent: &mut Vec<(String, String)>,
+    label: &str,
+    value: &str,
+) {
+    if labels.contains_key(&(label, value)) || absent.iter().any(|(l, v)| l == label && v == value)
+    {
+        return;
+    }
+    // The key borrows the snapshot, as the map does: the label's name as
+    // the first node carrying it spells it.
+    let mut key = None;
+    let mut list = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        let view = node.view;
+        if let Some(v) = LabelChecker::value(view, label)
+            && v == value
+        {
+            list.push(n as u32);
+            key.get_or_insert_with(|| {
+                let name = view
+                    .labels
+                    .get_key_value(label)
+                    .map_or("provider", |(k, _)| k.as_str());
+                (name, v)
+            });
+        }
+    }
+    match key {
+        Some(key) => {
+            labels.insert(key, list);
+        }
+        None => absent.push((label.to_string(), value.to_string())),
     }
 }
 

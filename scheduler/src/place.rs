@@ -132,10 +132,7 @@ fn plan_with_holds(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Sea
 /// One pass over `queue`, holds aside.
 fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -> Plan {
     let policy = &snapshot.policy;
-    let with_labels = queue.iter().any(|j| {
-        !j.constraints.labels.is_empty() || j.gang.as_ref().is_some_and(|g| g.same_label.is_some())
-    });
-    let mut index = FreeIndex::build(snapshot, with_labels, floor(queue));
+    let mut index = FreeIndex::build(snapshot, floor(queue));
     let fleet = FleetPressure::measure(&snapshot.nodes);
     let fleet_pressured = fleet.is_pressured(policy.fleet_pressure_fraction);
     let mut locks = LockChecker::new(&snapshot.locks);
