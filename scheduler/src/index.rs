@@ -504,6 +504,9 @@ impl<'s> FreeIndex<'s> {
         for (k, v) in wanted.clone().chain(group) {
             // Field by field: the group's label borrows `groups`.
             add_postings(&self.nodes, &mut self.labels, &mut self.absent, k, v);
+            if !self.labels.contains_key(&(k, v)) {
+                return Restrict::Nothing;
+            }
         }
         let mut smallest: Option<&Vec<u32>> = None;
         for (k, v) in wanted.chain(group) {
