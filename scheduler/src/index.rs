@@ -384,18 +384,40 @@ impl<'s> FreeIndex<'s> {
         if let Some(t) = self.groups.iter().position(|t| t.label == label) {
             return (t as u32, self.groups[t].values.len() as u32);
         }
-        let of: Vec<&'s str> = self
+        // A label has a handful of values: number them as they come (the
+        // last one compared first), then renumber them in name order.
+        let mut seen: Vec<&'s str> = Vec::new();
+        let mut last: Option<(&'s str, u32)> = None;
+        let mut of_node: Vec<u32> = self
             .nodes
             .iter()
-            .map(|n| LabelChecker::value(n.view, label).unwrap_or(""))
+            .map(|n| {
+                let v = LabelChecker::value(n.view, label).unwrap_or("");
+                match last {
+                    Some((l, id)) if l == v => id,
+                    _ => {
+                        let id = match seen.iter().position(|s| *s == v) {
+                            Some(id) => id as u32,
+                            None => {
+                                seen.push(v);
+                                seen.len() as u32 - 1
+                            }
+                        };
+                        last = Some((v, id));
+                        id
+                    }
+                }
+            })
             .collect();
-        let mut values = of.clone();
+        let mut values = seen.clone();
         values.sort_unstable();
-        values.dedup();
-        let of_node = of
+        let renumber: Vec<u32> = seen
             .iter()
             .map(|v| values.binary_search(v).unwrap_or(0) as u32)
             .collect();
+        for id in &mut of_node {
+            *id = renumber[*id as usize];
+        }
         let count = values.len() as u32;
         self.groups.push(GroupTable {
             label: label.to_string(),

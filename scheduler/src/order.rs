@@ -132,6 +132,9 @@ impl QueueIds {
         // Jobs of one queue often come together: the last name is
         // compared before hashing.
         let mut last: Option<(&str, u32)> = None;
+        // The first few names, by id.
+        const FEW: usize = 8;
+        let mut seen: Vec<&str> = Vec::with_capacity(FEW);
         let of = queue
             .iter()
             .map(|job| {
@@ -141,7 +144,15 @@ impl QueueIds {
                 {
                     return id;
                 }
+                // A pass has a handful of queues: compare before hashing.
+                if let Some(id) = seen.iter().position(|n| *n == name) {
+                    last = Some((name, id as u32));
+                    return id as u32;
+                }
                 let id = *names.entry(name).or_insert_with(|| {
+                    if seen.len() < FEW {
+                        seen.push(name);
+                    }
                     let weight = policy.queue_weights.get(name).copied().unwrap_or(1);
                     let held = usage.get(name).copied().unwrap_or(0);
                     figures.push((u128::from(weight.max(1)), held));
