@@ -1,9 +1,9 @@
-//! Priority preemption against its oracle: fleets full of running jobs of
-//! mixed priorities, ages and shapes, and pending jobs that can only run
-//! by preempting them. The indexed pass visits nodes by the best victim
-//! set they could offer and stops early; the full scan visits every node
-//! in index order. Both must choose the same victims, on the same nodes,
-//! for the same jobs.
+//! Priority preemption: the victim choice as tables (`victims`), and
+//! against its oracle: fleets full of running jobs of mixed priorities,
+//! ages and shapes, and pending jobs that can only run by preempting them.
+//! The indexed pass visits nodes by the best victim set they could offer
+//! and stops early; the full scan visits every node in index order. Both
+//! must choose the same victims, on the same nodes, for the same jobs.
 
 use gantry_scheduler::place::{Search, plan_with};
 use gantry_scheduler::{
@@ -206,4 +206,275 @@ fn the_cases_preempt() {
     let got = plan(&snapshot, &queue);
     assert_eq!(got.preemptions.len(), 2, "{got:?}");
     assert_eq!(plan_with(&snapshot, &queue, Search::FullScan), got);
+}
+
+/// The victim choice, starvation protection and held capacity as tables.
+mod victims {
+    use gantry_scheduler::{
+        ClusterSnapshot, GpuView, HoldReason, JobRequest, NodeView, Plan, Resources, RunningJob,
+        plan,
+    };
+
+    const GIB: u64 = 1 << 30;
+    const NOW: u64 = 10_000_000;
+
+    /// A running job: (id, node, priority, preemptible, started, gpus).
+    type Run = (u64, &'static str, i32, bool, u64, &'static [u32]);
+    /// (case, nodes, running, pending (id, priority, gpus), expected).
+    type Case = (
+        &'static str,
+        &'static [&'static str],
+        &'static [Run],
+        (u64, i32, u32),
+        &'static str,
+    );
+
+    /// Nodes of 2 exclusive 80 GiB GPUs each, full with `running`; one
+    /// pending job of `priority` wanting `gpus` GPUs.
+    fn snapshot(nodes: &[&str], running: &[Run]) -> ClusterSnapshot {
+        let mut snapshot = ClusterSnapshot {
+            now_ms: NOW,
+            nodes: nodes
+                .iter()
+                .map(|name| NodeView {
+                    name: name.to_string(),
+                    heard_from: true,
+                    gpus: (0..2)
+                        .map(|index| GpuView {
+                            index,
+                            model: "H100".into(),
+                            total: 80 * GIB,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    cpu_millis_total: 64_000,
+                    memory_total: 512 * GIB,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        for &(id, node, priority, preemptible, started, gpus) in running {
+            let view = snapshot
+                .nodes
+                .iter_mut()
+                .find(|n| n.name == node)
+                .expect("node");
+            for g in view.gpus.iter_mut().filter(|g| gpus.contains(&g.index)) {
+                g.reserved = 80 * GIB;
+                g.jobs += 1;
+                g.exclusive = true;
+            }
+            snapshot.running.push(RunningJob {
+                id,
+                node: node.into(),
+                priority,
+                preemptible,
+                started_at_ms: started,
+                gpus: gpus.to_vec(),
+                gpu_memory: 80 * GIB,
+                exclusive_gpu: true,
+                ..Default::default()
+            });
+        }
+        snapshot
+    }
+
+    fn pending(id: u64, priority: i32, gpus: u32) -> JobRequest {
+        JobRequest {
+            id,
+            priority,
+            exclusive_gpu: true,
+            resources: Resources {
+                gpus,
+                gpu_memory: Some(80 * GIB),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// The preemptions of a plan as `job@node: victims`.
+    fn render(plan: &Plan) -> String {
+        plan.preemptions
+            .iter()
+            .map(|p| format!("{}@{}: {:?}", p.job, p.node, p.victims))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    #[test]
+    fn victim_choice() {
+        let cases: &[Case] = &[
+            (
+                "the fewest jobs: one 2-GPU job rather than two 1-GPU jobs",
+                &["a", "b"],
+                &[
+                    (1, "a", 0, true, 100, &[0]),
+                    (2, "a", 0, true, 200, &[1]),
+                    (3, "b", 5, true, 100, &[0, 1]),
+                ],
+                (9, 10, 2),
+                "9@b: [3]",
+            ),
+            (
+                "lowest priority first",
+                &["a", "b"],
+                &[
+                    (1, "a", 3, true, 100, &[0, 1]),
+                    (2, "b", 1, true, 100, &[0, 1]),
+                ],
+                (9, 10, 1),
+                "9@b: [2]",
+            ),
+            (
+                "then the most recently started (least work lost)",
+                &["a"],
+                &[(1, "a", 0, true, 100, &[0]), (2, "a", 0, true, 900, &[1])],
+                (9, 10, 1),
+                "9@a: [2]",
+            ),
+            (
+                "lowest priority beats recency",
+                &["a"],
+                &[(1, "a", 0, true, 100, &[0]), (2, "a", 1, true, 900, &[1])],
+                (9, 10, 1),
+                "9@a: [1]",
+            ),
+            (
+                "never a job that is not preemptible",
+                &["a"],
+                &[(1, "a", 0, false, 100, &[0]), (2, "a", 1, true, 900, &[1])],
+                (9, 10, 1),
+                "9@a: [2]",
+            ),
+            (
+                "nothing preemptible: nothing stops",
+                &["a"],
+                &[(1, "a", 0, false, 100, &[0, 1])],
+                (9, 10, 1),
+                "",
+            ),
+            (
+                "never equal or higher priority",
+                &["a"],
+                &[(1, "a", 10, true, 100, &[0]), (2, "a", 11, true, 900, &[1])],
+                (9, 10, 1),
+                "",
+            ),
+            (
+                "two victims when one is not enough",
+                &["a"],
+                &[(1, "a", 0, true, 100, &[0]), (2, "a", 1, true, 900, &[1])],
+                (9, 10, 2),
+                "9@a: [1, 2]",
+            ),
+            (
+                "a job that fits without preempting preempts nothing",
+                &["a", "b"],
+                &[(1, "a", 0, true, 100, &[0, 1])],
+                (9, 10, 2),
+                "",
+            ),
+        ];
+        for (case, nodes, running, (id, priority, gpus), expected) in cases {
+            let snapshot = snapshot(nodes, running);
+            let out = plan(&snapshot, &[pending(*id, *priority, *gpus)]);
+            assert_eq!(render(&out), *expected, "{case}");
+            if !expected.is_empty() {
+                assert!(
+                    matches!(out.unplaced[0].reason, HoldReason::Preempting { .. }),
+                    "{case}: {:?}",
+                    out.unplaced
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_cascade_and_one_node_per_pass() {
+        let running: &[Run] = &[
+            (1, "a", 0, true, 100, &[0, 1]),
+            (2, "b", 0, true, 100, &[0, 1]),
+        ];
+        // Job 1 preempted job 9 earlier: 9 may not preempt 1 back.
+        let mut nine = pending(9, 10, 1);
+        nine.preempted_by = vec![1];
+        let out = plan(&snapshot(&["a", "b"], running), &[nine]);
+        assert_eq!(render(&out), "9@b: [2]");
+        // Two preemptors in one pass never share a node or a victim.
+        let out = plan(
+            &snapshot(&["a", "b"], running),
+            &[pending(8, 10, 2), pending(9, 10, 2)],
+        );
+        assert_eq!(render(&out), "8@a: [1]; 9@b: [2]");
+    }
+
+    #[test]
+    fn starvation_protection() {
+        let window = gantry_scheduler::PreemptionPolicy::default().window_ms;
+        // (times preempted, expected)
+        let cases: &[(&[u64], &str)] = &[
+            (&[], "9@a: [1]"),
+            (&[NOW - 10, NOW - 20], "9@a: [1]"),
+            // Three times within the window: protected.
+            (&[NOW - 10, NOW - 20, NOW - 30], ""),
+            // The oldest left the window: fair game again.
+            (&[NOW - 10, NOW - 20, NOW - window], "9@a: [1]"),
+        ];
+        for (times, expected) in cases {
+            let mut snapshot = snapshot(&["a"], &[(1, "a", 0, true, 100, &[0, 1])]);
+            snapshot.running[0].preempted_at_ms = times.to_vec();
+            let out = plan(&snapshot, &[pending(9, 10, 1)]);
+            assert_eq!(render(&out), *expected, "{times:?}");
+        }
+    }
+
+    #[test]
+    fn held_capacity_goes_to_its_preemptor_only() {
+        // Node a is held for job 9; its victim has stopped, so a is free.
+        let mut snapshot = snapshot(&["a"], &[]);
+        snapshot.nodes[0].held_for = Some(9);
+        let mut nine = pending(9, 10, 2);
+        nine.held_node = Some("a".into());
+        // Job 5 comes first in queue order (higher priority) but may not
+        // take the held node.
+        let out = plan(&snapshot, &[pending(5, 50, 1), nine]);
+        let placed: Vec<(u64, &str)> = out
+            .placements
+            .iter()
+            .map(|p| (p.job, p.node.as_str()))
+            .collect();
+        assert_eq!(placed, [(9, "a")]);
+        assert_eq!(out.unplaced.len(), 1);
+        assert_eq!(out.unplaced[0].job, 5);
+        // While its victims still run, it waits there and preempts nothing more.
+        let mut snapshot = snapshot_with_victim_running();
+        snapshot.nodes[0].held_for = Some(9);
+        let mut nine = pending(9, 10, 2);
+        nine.held_node = Some("a".into());
+        let out = plan(&snapshot, &[nine]);
+        assert!(out.preemptions.is_empty());
+        assert_eq!(
+            out.unplaced[0].reason.to_string(),
+            "waiting for the jobs it preempted on node a to stop; capacity held"
+        );
+    }
+
+    fn snapshot_with_victim_running() -> ClusterSnapshot {
+        snapshot(
+            &["a", "b"],
+            &[
+                (1, "a", 0, true, 100, &[0, 1]),
+                (2, "b", 0, true, 100, &[0, 1]),
+            ],
+        )
+    }
+
+    #[test]
+    fn preemption_can_be_turned_off() {
+        let mut snapshot = snapshot(&["a"], &[(1, "a", 0, true, 100, &[0, 1])]);
+        snapshot.policy.preemption.enabled = false;
+        assert_eq!(render(&plan(&snapshot, &[pending(9, 10, 1)])), "");
+    }
 }
