@@ -87,6 +87,9 @@ pub fn queue_order(
     out
 }
 
+/// A job's place within its level: (finish tag, submitted, id, queue index).
+type MergeKey = (u128, u64, u64, u32);
+
 /// Appends the queue indexes of `runs` (ranges of `by_queue`, each sorted
 /// by finish tag, age, id) merged in that order.
 fn merge(
@@ -101,7 +104,7 @@ fn merge(
         return;
     }
     // Few queues per level: a heap of each run's head.
-    let mut heads: BinaryHeap<Reverse<((u128, u64, u64, u32), usize)>> = runs
+    let mut heads: BinaryHeap<Reverse<(MergeKey, usize)>> = runs
         .iter()
         .enumerate()
         .filter(|(_, r)| r.start < r.end)
@@ -222,7 +225,7 @@ mod tests {
     ) -> Vec<usize> {
         let weight = |q: &str| u128::from(policy.queue_weights.get(q).copied().unwrap_or(1).max(1));
         let class = |job: &JobRequest| u8::from(favour_consumers && !job.kind.consumes_data());
-        let mut by_queue: Vec<(Reverse<i32>, u8, &str, u64, u64, usize)> = queue
+        let mut by_queue: Vec<_> = queue
             .iter()
             .enumerate()
             .map(|(i, j)| {
