@@ -525,7 +525,14 @@ impl<'s> FreeIndex<'s> {
         let wanted = wanted.iter().map(|(k, v)| (k.as_str(), v.as_str()));
         for (k, v) in wanted.clone().chain(group) {
             // Field by field: the group's label borrows `groups`.
-            add_postings(&self.nodes, &mut self.labels, &mut self.absent, k, v);
+            add_postings(
+                &self.nodes,
+                &self.groups,
+                &mut self.labels,
+                &mut self.absent,
+                k,
+                v,
+            );
             if !self.labels.contains_key(&(k, v)) {
                 return Restrict::Nothing;
             }
@@ -974,6 +981,7 @@ impl<'s> FreeIndex<'s> {
 /// to `absent` when no node does.
 fn add_postings<'s>(
     nodes: &[NodeSlot<'s>],
+    groups: &[GroupTable<'s>],
     labels: &mut HashMap<(&'s str, &'s str), Vec<u32>, FxBuild>,
     absent: &mut Vec<(String, String)>,
     label: &str,
@@ -987,19 +995,31 @@ fn add_postings<'s>(
     // the first node carrying it spells it.
     let mut key = None;
     let mut list = Vec::new();
+    // The label's value table, when built, already read every node's
+    // value ("" there also stands for nodes without the label).
+    let table = groups
+        .iter()
+        .find(|t| t.label == label && !value.is_empty())
+        .map(|t| (t, t.values.binary_search(&value).ok()));
     for (n, node) in nodes.iter().enumerate() {
         let view = node.view;
-        if let Some(v) = LabelChecker::value(view, label)
-            && v == value
+        let carries = match table {
+            Some((_, None)) => break,
+            Some((t, Some(id))) => t.of_node[n] == id as u32,
+            None => LabelChecker::value(view, label) == Some(value),
+        };
+        if !carries {
+            continue;
+        }
+        list.push(n as u32);
+        if key.is_none()
+            && let Some(v) = LabelChecker::value(view, label)
         {
-            list.push(n as u32);
-            key.get_or_insert_with(|| {
-                let name = view
-                    .labels
-                    .get_key_value(label)
-                    .map_or("provider", |(k, _)| k.as_str());
-                (name, v)
-            });
+            let name = view
+                .labels
+                .get_key_value(label)
+                .map_or("provider", |(k, _)| k.as_str());
+            key = Some((name, v));
         }
     }
     match key {

@@ -145,6 +145,7 @@ fn plan_pass(snapshot: &ClusterSnapshot, queue: &[JobRequest], search: Search) -
     let mut failed_gangs: FailedGangs<'_> = HashMap::default();
 
     let mut out = Plan::default();
+    out.unplaced.reserve(queue.len());
     // The queue index of each `out.unplaced` entry's job, `usize::MAX` for
     // gang members (they never preempt): the preemption step reads the
     // jobs back without a map of the whole queue.

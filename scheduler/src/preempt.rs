@@ -33,8 +33,13 @@ const CANDIDATES: usize = 12;
 pub(crate) struct Preemptor<'s> {
     snapshot: &'s ClusterSnapshot,
     /// By the index's node number: the preemptible, unprotected running
-    /// jobs there, in victim order (lowest priority, then most recent).
+    /// jobs there, put in victim order (lowest priority, then most recent)
+    /// when the search first looks at them (`sorted`): most nodes never
+    /// get that far.
     by_node: Vec<Vec<&'s RunningJob>>,
+    sorted: Vec<bool>,
+    /// By node number: the first of its jobs in victim order.
+    heads: Vec<Option<&'s RunningJob>>,
     /// Victims chosen earlier in this pass, and nodes preempted on.
     taken: BTreeSet<JobId>,
     nodes_taken: Vec<bool>,
@@ -80,6 +85,7 @@ impl<'s> Preemptor<'s> {
             .map(|(n, slot)| (slot.view.name.as_str(), n))
             .collect();
         let mut by_node: Vec<Vec<&'s RunningJob>> = vec![Vec::new(); numbers.len()];
+        let mut heads: Vec<Option<&'s RunningJob>> = vec![None; numbers.len()];
         let mut floor = None;
         // Running jobs come grouped by node more often than not: the last
         // name looked up is checked before hashing.
@@ -96,14 +102,16 @@ impl<'s> Preemptor<'s> {
             if let Some(n) = number {
                 floor = Some(floor.map_or(job.priority, |f: i32| f.min(job.priority)));
                 by_node[n].push(job);
+                if heads[n].is_none_or(|h| victim_order(job) < victim_order(h)) {
+                    heads[n] = Some(job);
+                }
             }
-        }
-        for jobs in &mut by_node {
-            jobs.sort_unstable_by_key(|v| (v.priority, std::cmp::Reverse(v.started_at_ms), v.id));
         }
         Preemptor {
             snapshot,
             nodes_taken: vec![false; by_node.len()],
+            sorted: vec![false; by_node.len()],
+            heads,
             by_node,
             taken: BTreeSet::new(),
             floor,
@@ -135,11 +143,20 @@ impl<'s> Preemptor<'s> {
             && self.floor.is_some_and(|f| ask.job.priority > f)
     }
 
+    /// Puts node `n`'s possible victims in victim order (once).
+    fn sort_victims(&mut self, n: u32) {
+        let n = n as usize;
+        if !self.sorted[n] {
+            self.by_node[n].sort_unstable_by_key(|v| victim_order(v));
+            self.sorted[n] = true;
+        }
+    }
+
     /// The least any set on node `n` can rank: one victim, its lowest
     /// priority, the least work lost at that priority, the node's name.
     /// Every [`Choice`] there is at least this (the victims list aside).
     fn bound(&self, index: &FreeIndex<'s>, n: u32) -> Option<(i32, u64, &'s str)> {
-        let first = self.by_node[n as usize].first()?;
+        let first = self.heads[n as usize]?;
         let lost = self.snapshot.now_ms.saturating_sub(first.started_at_ms);
         Some((first.priority, lost, index.node(n).view.name.as_str()))
     }
@@ -172,7 +189,7 @@ impl<'s> Preemptor<'s> {
                 .clone()
                 .zip(slots.clone().skip(1))
                 .all(|(a, b)| index.gpu(a).device < index.gpu(b).device);
-            for v in running.iter().take_while(|v| v.priority < priority) {
+            for v in running.iter().filter(|v| v.priority < priority) {
                 let h = &mut host[n];
                 h.cpu_millis += v.cpu_millis;
                 h.memory += v.memory;
@@ -227,9 +244,8 @@ impl<'s> Preemptor<'s> {
         // One buffer for every node's candidates.
         let mut candidates: Vec<&RunningJob> = Vec::new();
         for &n in &order {
-            let running = &self.by_node[n as usize];
-            // Sorted by priority: the first is the least important.
-            if running.first().is_none_or(|v| v.priority >= job.priority)
+            // The first in victim order is the least important.
+            if self.heads[n as usize].is_none_or(|v| v.priority >= job.priority)
                 || self.nodes_taken[n as usize]
             {
                 continue;
@@ -257,14 +273,21 @@ impl<'s> Preemptor<'s> {
             // the job does not fit then, no subset makes it fit. (The
             // full scan adds them up here, the indexed search reads the
             // sums.)
-            let lower = || running.partition_point(|v| v.priority < job.priority);
+            let lower =
+                |running: &[&RunningJob]| running.partition_point(|v| v.priority < job.priority);
             let room = match released {
                 Some(r) => fit.fits_released(n, &self.released[r].1),
-                None => fit.fits(n, &running[..lower()]),
+                None => {
+                    self.sort_victims(n);
+                    let running = &self.by_node[n as usize];
+                    fit.fits(n, &running[..lower(running)])
+                }
             };
             if !room {
                 continue;
             }
+            self.sort_victims(n);
+            let running = &self.by_node[n as usize];
             candidates.clear();
             candidates.extend(
                 running
@@ -278,7 +301,7 @@ impl<'s> Preemptor<'s> {
             }
             // Nothing on this node fits even with every candidate gone
             // (the same test as above when none was filtered out).
-            if candidates.len() < lower() && !fit.fits(n, &candidates) {
+            if candidates.len() < lower(running) && !fit.fits(n, &candidates) {
                 continue;
             }
             // A set larger than the best so far cannot win (fewest first).
@@ -364,6 +387,12 @@ impl<'s> Preemptor<'s> {
             .find(|&k| fit.fits(n, &candidates[..k]))
             .map(|k| choice(&candidates[..k]))
     }
+}
+
+/// Victim order: lowest priority first, then the most recently started,
+/// then by id.
+fn victim_order(job: &RunningJob) -> (i32, std::cmp::Reverse<u64>, JobId) {
+    (job.priority, std::cmp::Reverse(job.started_at_ms), job.id)
 }
 
 /// Whether a running job is protected from preemption: preempted
