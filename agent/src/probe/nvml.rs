@@ -2,7 +2,8 @@
 //! NVIDIA driver still builds and runs (and reports no GPUs).
 //!
 //! Health: each sample reads, per GPU, the volatile count of uncorrected
-//! ECC errors and whether pages are pending retirement, and drains the
+//! ECC errors, whether pages are pending retirement, the row remapper's
+//! state (pending or failed remappings, Ampere and newer), and drains the
 //! critical XID events NVML queued since the last sample; [`fault`] turns
 //! them into the fault text a heartbeat carries. A critical XID is latched
 //! for the agent's lifetime (as NVIDIA's device plugin does: the event is
@@ -11,13 +12,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor};
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::error::nvml_try;
 use nvml_wrapper::event::EventSet;
+use nvml_wrapper::{Device, Nvml};
 
 use super::{GpuLive, GpuProbe, GpuReport, GpuSample, JobGpuUsage, JobGpus};
 use crate::error::AgentError;
@@ -64,25 +66,92 @@ pub const APPLICATION_XIDS: [u64; 6] = [13, 31, 43, 45, 68, 109];
 /// Most XID events drained per sample, so a storm cannot stall a heartbeat.
 const MAX_EVENTS_PER_SAMPLE: usize = 64;
 
-/// The fault NVML's evidence shows on one GPU, if any: a latched critical
-/// XID, uncorrected ECC errors since the driver loaded, or pages pending
-/// retirement (a reset is needed before they are retired). `None` for a
-/// query the driver does not offer. Bounded by [`super::MAX_FAULT_CHARS`].
-pub fn fault(
-    xid: Option<u64>,
-    ecc_uncorrected: Option<u64>,
-    pending_retirement: Option<bool>,
-) -> Option<String> {
-    let text = if let Some(xid) = xid {
+/// What NVML reports about one GPU's health in one sample. `None` in a
+/// field: the driver does not offer that query (counts as no evidence).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HealthEvidence {
+    /// The first critical XID latched for this GPU.
+    pub xid: Option<u64>,
+    /// Uncorrected ECC errors since the driver loaded (volatile counter).
+    pub ecc_uncorrected: Option<u64>,
+    /// Pages pending retirement (pre-Ampere: a reset retires them).
+    pub pages_pending_retirement: Option<bool>,
+    /// The row remapper's state (Ampere and newer).
+    pub row_remap: Option<RowRemap>,
+}
+
+/// The row remapper's state of one GPU (`nvmlDeviceGetRemappedRows`):
+/// Ampere and newer GPUs replace a failing memory row by a spare one at
+/// the next reset instead of retiring pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowRemap {
+    /// Rows remapped because of uncorrectable errors (informational).
+    pub uncorrectable_rows: u32,
+    /// A remapping waits for a GPU reset.
+    pub pending: bool,
+    /// A remapping failed in the past: the spares of a bank ran out, and
+    /// NVIDIA's guidance is to replace the GPU.
+    pub failed: bool,
+}
+
+/// The fault NVML's evidence shows on one GPU, if any, most serious first:
+/// a latched critical XID, a failed row remapping, uncorrected ECC errors
+/// since the driver loaded, a row remapping or pages pending retirement (a
+/// reset is needed before they take effect). Bounded by
+/// [`super::MAX_FAULT_CHARS`].
+pub fn fault(evidence: &HealthEvidence) -> Option<String> {
+    let row_remap = evidence.row_remap.unwrap_or_default();
+    let text = if let Some(xid) = evidence.xid {
         format!("critical xid {xid}")
-    } else if let Some(errors) = ecc_uncorrected.filter(|&n| n > 0) {
+    } else if row_remap.failed {
+        "row remapping failed (the gpu needs replacing)".to_string()
+    } else if let Some(errors) = evidence.ecc_uncorrected.filter(|&n| n > 0) {
         format!("{errors} uncorrected ecc error(s) since the driver loaded")
-    } else if pending_retirement == Some(true) {
+    } else if row_remap.pending {
+        format!(
+            "row remapping pending, {} row(s) for uncorrectable errors (the gpu needs a reset)",
+            row_remap.uncorrectable_rows
+        )
+    } else if evidence.pages_pending_retirement == Some(true) {
         "memory pages pending retirement (the gpu needs a reset)".to_string()
     } else {
         return None;
     };
     Some(text.chars().take(super::MAX_FAULT_CHARS).collect())
+}
+
+/// Reads the row remapper's state. nvml-wrapper 0.13 does not wrap
+/// `nvmlDeviceGetRemappedRows`, so this is the agent's one FFI call,
+/// through the function table nvml-wrapper already loaded. `None` when the
+/// driver lacks the symbol or the GPU does not support it (pre-Ampere, MIG
+/// with active instances).
+#[allow(unsafe_code)]
+fn row_remap(nvml: &Nvml, device: &Device<'_>) -> Option<RowRemap> {
+    let lib = nvml.lib();
+    // The table's entry is an `Err` when the driver lacks the symbol; the
+    // generated wrapper would panic on it, so check first.
+    if lib.nvmlDeviceGetRemappedRows.is_err() {
+        return None;
+    }
+    let (mut correctable, mut uncorrectable, mut pending, mut failed) = (0u32, 0u32, 0u32, 0u32);
+    // SAFETY: the symbol is loaded (checked above); `device.handle()` is a
+    // valid handle for as long as `device` borrows `nvml`; the four
+    // out-pointers point to live, writable `c_uint`s.
+    let code = unsafe {
+        lib.nvmlDeviceGetRemappedRows(
+            device.handle(),
+            &mut correctable,
+            &mut uncorrectable,
+            &mut pending,
+            &mut failed,
+        )
+    };
+    nvml_try(code).ok()?;
+    Some(RowRemap {
+        uncorrectable_rows: uncorrectable,
+        pending: pending != 0,
+        failed: failed != 0,
+    })
 }
 
 /// Reads GPUs through the NVIDIA driver. `None` inside means "no driver":
@@ -222,13 +291,14 @@ impl GpuProbe for NvmlGpuProbe {
                 used_bytes: device.memory_info().map_or(0, |m| m.used),
                 utilization_pct: device.utilization_rates().map_or(0, |u| u.gpu),
                 temperature_c: device.temperature(TemperatureSensor::Gpu).unwrap_or(0),
-                fault: fault(
-                    self.xids.get(&index).copied(),
-                    device
+                fault: fault(&HealthEvidence {
+                    xid: self.xids.get(&index).copied(),
+                    ecc_uncorrected: device
                         .total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
                         .ok(),
-                    device.are_pages_pending_retired().ok(),
-                ),
+                    pages_pending_retirement: device.are_pages_pending_retired().ok(),
+                    row_remap: row_remap(nvml, &device),
+                }),
             });
             if by_pgid.is_empty() {
                 continue;
@@ -299,29 +369,80 @@ mod tests {
 
     #[test]
     fn fault_from_nvml_evidence() {
-        for (xid, ecc, pending, expect) in [
-            (None, None, None, None),
-            (None, Some(0), Some(false), None),
-            (Some(79), Some(2), Some(true), Some("critical xid 79")),
+        let none = HealthEvidence::default();
+        let remap = |pending, failed| {
+            Some(RowRemap {
+                uncorrectable_rows: 3,
+                pending,
+                failed,
+            })
+        };
+        for (evidence, expect) in [
+            (none, None),
             (
+                HealthEvidence {
+                    ecc_uncorrected: Some(0),
+                    pages_pending_retirement: Some(false),
+                    row_remap: remap(false, false),
+                    ..none
+                },
                 None,
-                Some(2),
-                Some(true),
+            ),
+            (
+                HealthEvidence {
+                    xid: Some(79),
+                    ecc_uncorrected: Some(2),
+                    pages_pending_retirement: Some(true),
+                    row_remap: remap(true, true),
+                },
+                Some("critical xid 79"),
+            ),
+            (
+                HealthEvidence {
+                    ecc_uncorrected: Some(2),
+                    row_remap: remap(true, true),
+                    ..none
+                },
+                Some("row remapping failed (the gpu needs replacing)"),
+            ),
+            (
+                HealthEvidence {
+                    ecc_uncorrected: Some(2),
+                    pages_pending_retirement: Some(true),
+                    row_remap: remap(true, false),
+                    ..none
+                },
                 Some("2 uncorrected ecc error(s) since the driver loaded"),
             ),
             (
-                None,
-                Some(0),
-                Some(true),
+                HealthEvidence {
+                    ecc_uncorrected: Some(0),
+                    pages_pending_retirement: Some(true),
+                    row_remap: remap(true, false),
+                    ..none
+                },
+                Some(
+                    "row remapping pending, 3 row(s) for uncorrectable errors \
+                     (the gpu needs a reset)",
+                ),
+            ),
+            (
+                HealthEvidence {
+                    ecc_uncorrected: Some(0),
+                    pages_pending_retirement: Some(true),
+                    ..none
+                },
                 Some("memory pages pending retirement (the gpu needs a reset)"),
             ),
-            (None, None, Some(false), None),
+            (
+                HealthEvidence {
+                    pages_pending_retirement: Some(false),
+                    ..none
+                },
+                None,
+            ),
         ] {
-            assert_eq!(
-                fault(xid, ecc, pending).as_deref(),
-                expect,
-                "{xid:?} {ecc:?} {pending:?}"
-            );
+            assert_eq!(fault(&evidence).as_deref(), expect, "{evidence:?}");
         }
     }
 
