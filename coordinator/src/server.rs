@@ -264,6 +264,24 @@ fn tls_incoming(
     ReceiverStream::new(accept_tls(listener, tls, shutdown)).map(|(stream, _)| Ok(stream))
 }
 
+/// Plain gRPC connections with Nagle's algorithm off, as the TLS ones
+/// ([`accept_tls`]): tonic ignores its own `tcp_nodelay` for a stream of
+/// connections it did not accept, and a small response held back until
+/// the client acknowledges the last one adds a round trip to each submit
+/// and each peer's `Step`.
+fn nodelay_incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        })
+    })
+}
+
 /// Connections whose TLS handshake succeeded, with the peer address.
 pub(crate) type Handshaken = mpsc::Receiver<(
     tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
@@ -455,7 +473,7 @@ pub async fn start(
         .add_service(peers);
     let server = match credentials.tls() {
         None => tokio::spawn(router.serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            nodelay_incoming(listener),
             shutdown.clone().cancelled_owned(),
         )),
         Some(tls) => {

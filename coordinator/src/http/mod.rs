@@ -153,7 +153,7 @@ pub async fn serve(
     let app = router(state).into_make_service_with_connect_info::<ClientAddr>();
     match tls {
         None => {
-            axum::serve(listener, app)
+            axum::serve(NodelayListener(listener), app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await
         }
@@ -172,10 +172,10 @@ pub async fn serve(
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientAddr(pub(crate) SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>>
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, NodelayListener>>
     for ClientAddr
 {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> ClientAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, NodelayListener>) -> ClientAddr {
         ClientAddr(*stream.remote_addr())
     }
 }
@@ -185,6 +185,27 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
 {
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> ClientAddr {
         ClientAddr(*stream.remote_addr())
+    }
+}
+
+/// Plain connections with Nagle's algorithm off (as the TLS ones): a
+/// response must not wait for the client's acknowledgement of the last.
+struct NodelayListener(TcpListener);
+
+impl axum::serve::Listener for NodelayListener {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        (stream, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
     }
 }
 

@@ -48,8 +48,15 @@
 //! snapshot, entries and hard state, flushes (one fsync for every proposal
 //! drained since the last one), then sends the messages that must follow
 //! persistence (votes, append responses), applies committed entries and
-//! advances. A proposal is answered only after its entry is committed and
-//! applied, with the outcome the application returned for its command.
+//! advances. A leader does not wait for its own flush: it hands it to the
+//! flusher thread ([`flusher`]: raft-rs's asynchronous `Ready`s) and goes
+//! on with the next inputs; raft-rs counts the leader's copy towards a
+//! quorum, and hands out its entries to apply, only once the flusher has
+//! reported it durable. Anyone else flushes on the loop (which also covers
+//! a former leader's flushes still in flight). A proposal is answered only
+//! after its entry is committed (fsynced on a quorum, the leader's own copy
+//! included) and applied, with the outcome the application returned for
+//! its command.
 //!
 //! **Why a thread and not a task**: a sled flush blocks for an fsync, and
 //! everything the loop does is sequential anyway; a dedicated thread keeps
@@ -86,6 +93,7 @@
 
 pub mod batch;
 pub mod fault;
+mod flusher;
 pub mod guard;
 mod http_urls;
 pub mod logger;

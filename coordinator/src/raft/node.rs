@@ -9,7 +9,7 @@
 //! proposer with its own typed outcome, advance. See the module docs of
 //! [`crate::raft`] for the ordering it keeps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::{self, Batch};
 use super::fault::FaultHook;
+use super::flusher::Flusher;
 use super::guard::{self, LogView, Refusal, RefusalLog};
 use super::http_urls::HttpUrls;
 use super::logger::raft_logger;
@@ -69,6 +70,12 @@ pub(crate) enum Input<A: ReplicatedStateMachine> {
     Peer(PeerInput),
     /// An admin's membership request.
     Members(MembersRequest),
+    /// The flusher's report: every `Ready` up to `number` is durable
+    /// ([`super::flusher`]).
+    Persisted {
+        number: u64,
+        flushed: Result<(), sled::Error>,
+    },
 }
 
 /// The loop's inbox as the transport sees it: it sends [`PeerInput`]s
@@ -300,6 +307,16 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
             cluster_id,
             ..Default::default()
         };
+        let flush_inbox = inbox.clone();
+        let flusher = Flusher::start(
+            config.id,
+            db.clone(),
+            Box::new(move |number, flushed| {
+                flush_inbox
+                    .send(Input::Persisted { number, flushed })
+                    .is_ok()
+            }),
+        )?;
         let (status_tx, status) = watch::channel(initial);
         // Shared with the thread's wrapper, which publishes the stop even
         // when the loop panics.
@@ -328,6 +345,10 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
             compact_keep: config.compact_keep,
             applied,
             applied_term,
+            flusher,
+            flushing: None,
+            unpersisted: VecDeque::new(),
+            persist_failure: None,
         };
         let thread_shutdown = shutdown.clone();
         let id = config.id;
@@ -564,6 +585,14 @@ struct Driver<A: ReplicatedStateMachine> {
     /// Index and term of the last entry given to the application.
     applied: u64,
     applied_term: u64,
+    /// The leader's flushes ([`super::flusher`]).
+    flusher: Flusher,
+    /// The latest `Ready` handed to the flusher and not yet reported.
+    flushing: Option<u64>,
+    /// Messages of such `Ready`s that may leave only once it is durable.
+    unpersisted: VecDeque<(u64, Vec<Message>)>,
+    /// A failed flush of the flusher's, which stops the loop.
+    persist_failure: Option<sled::Error>,
 }
 
 impl<A: ReplicatedStateMachine> Driver<A> {
@@ -588,6 +617,10 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                     Ok(input) => self.handle(input),
                     Err(_) => break,
                 }
+            }
+            if let Some(error) = self.persist_failure.take() {
+                failure = Some(error.into());
+                break;
             }
             let now = Instant::now();
             if now >= next_tick {
@@ -683,6 +716,10 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 self.sync_members();
             }
             Input::Members(request) => self.members.request(&mut self.raw, request),
+            Input::Persisted { number, flushed } => match flushed {
+                Ok(()) => self.persisted(number),
+                Err(error) => self.persist_failure = Some(error),
+            },
         }
     }
 
@@ -796,7 +833,10 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         }
     }
 
-    /// Handles the `Ready`s raft-rs has, in its documented order.
+    /// Handles the `Ready`s raft-rs has, in its documented order. A
+    /// leader's flush goes to the flusher ([`super::flusher`]) and raft-rs
+    /// learns of it later ([`Driver::persisted`]); anyone else flushes
+    /// here, which also covers a leader's earlier writes still in flight.
     fn on_ready(&mut self) -> Result<(), RaftError> {
         for _ in 0..MAX_READIES_PER_ROUND {
             if !self.raw.has_ready() {
@@ -807,6 +847,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             self.send(ready.take_messages());
 
             let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
+            let leader = self.raw.raft.state == StateRole::Leader;
             let store = self.raw.mut_store();
             if let Some(snapshot) = &snapshot {
                 store.apply_snapshot(snapshot)?;
@@ -815,9 +856,16 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             if let Some(hard_state) = ready.hs() {
                 store.set_hard_state(hard_state)?;
             }
-            if ready.must_sync() || snapshot.is_some() {
+            if snapshot.is_none() && leader {
+                self.on_leader_ready(ready)?;
+                continue;
+            }
+            if ready.must_sync() || snapshot.is_some() || self.flushing.is_some() {
                 store.flush()?;
             }
+            // `advance` below counts every `Ready` so far as durable: so
+            // is everything written before that flush.
+            self.release(ready.number());
             if let Some(snapshot) = snapshot {
                 self.restore(&snapshot)?;
                 self.raw.store().remove_stale_snapshots();
@@ -825,7 +873,6 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             // Votes and append responses only after the flush.
             self.send(ready.take_persisted_messages());
             self.apply(ready.take_committed_entries())?;
-
             let mut light = self.raw.advance(ready);
             if let Some(commit) = light.commit_index() {
                 self.raw.mut_store().set_commit(commit)?;
@@ -835,6 +882,60 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             self.raw.advance_apply();
         }
         self.maybe_compact()
+    }
+
+    /// A leader's `Ready`, its entries and hard state written: the flush
+    /// goes to the flusher when the `Ready` needs one, and the loop goes
+    /// on. Its committed entries are durable here already (raft-rs hands
+    /// out only entries persisted locally), and its commit index reaches
+    /// storage with a later `Ready`'s hard state.
+    fn on_leader_ready(&mut self, mut ready: raft::Ready) -> Result<(), RaftError> {
+        let number = ready.number();
+        if ready.must_sync() {
+            if !self.flusher.request(number) {
+                return Err(RaftError::Inconsistent(
+                    "the raft flush thread has stopped".into(),
+                ));
+            }
+            self.flushing = Some(number);
+        }
+        let persisted = ready.take_persisted_messages();
+        if !persisted.is_empty() {
+            if self.flushing.is_some() {
+                self.unpersisted.push_back((number, persisted));
+            } else {
+                self.send(persisted);
+            }
+        }
+        self.apply(ready.take_committed_entries())?;
+        self.raw.advance_append_async(ready);
+        self.raw.advance_apply();
+        Ok(())
+    }
+
+    /// The flusher's report: every `Ready` up to `number` is durable.
+    /// raft-rs is told (a leader's own copy then counts towards the
+    /// commit) and the messages that waited for it leave.
+    fn persisted(&mut self, number: u64) {
+        self.raw.on_persist_ready(number);
+        self.release(number);
+    }
+
+    /// Sends the messages that waited for the `Ready`s up to `number` to
+    /// be durable (they are).
+    fn release(&mut self, number: u64) {
+        if self.flushing.is_some_and(|flushing| flushing <= number) {
+            self.flushing = None;
+        }
+        while self
+            .unpersisted
+            .front()
+            .is_some_and(|(waiting, _)| *waiting <= number)
+        {
+            if let Some((_, messages)) = self.unpersisted.pop_front() {
+                self.send(messages);
+            }
+        }
     }
 
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), RaftError> {

@@ -295,14 +295,29 @@ impl SledRaftStorage {
                 first.index, self.last.0
             )));
         }
-        let mut batch = sled::Batch::default();
-        for index in last.index + 1..=self.last.0 {
-            batch.remove(&index.to_be_bytes());
+        if first.index == self.last.0 + 1 {
+            // A pure extension (the usual case): plain inserts in index
+            // order. sled recovers its log as a prefix, so a crash before
+            // the flush leaves a shorter contiguous log, which Raft
+            // tolerates (nothing unflushed was acknowledged). A batch would
+            // cost sled two more synced writes (it rolls its buffer and
+            // writes a manifest), which every flush after it waits for.
+            for entry in entries {
+                self.log
+                    .insert(entry.index.to_be_bytes(), encode(entry, "entry")?)?;
+            }
+        } else {
+            // Replacing a conflicting suffix stays atomic: a crash must not
+            // leave new entries followed by older-term ones.
+            let mut batch = sled::Batch::default();
+            for index in last.index + 1..=self.last.0 {
+                batch.remove(&index.to_be_bytes());
+            }
+            for entry in entries {
+                batch.insert(&entry.index.to_be_bytes(), encode(entry, "entry")?);
+            }
+            self.log.apply_batch(batch)?;
         }
-        for entry in entries {
-            batch.insert(&entry.index.to_be_bytes(), encode(entry, "entry")?);
-        }
-        self.log.apply_batch(batch)?;
         self.last = (last.index, last.term);
         Ok(())
     }
