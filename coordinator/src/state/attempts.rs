@@ -46,7 +46,7 @@ impl StateMachine {
         if let Some(a) = self
             .jobs
             .get_mut(&job)
-            .and_then(JobRecord::current_attempt_mut)
+            .and_then(|job| job.current_attempt_mut())
         {
             a.started_at_ms = at_ms;
         }
@@ -91,7 +91,7 @@ impl StateMachine {
         if let Some(a) = self
             .jobs
             .get_mut(&job)
-            .and_then(JobRecord::current_attempt_mut)
+            .and_then(|job| job.current_attempt_mut())
         {
             a.ended_at_ms = at_ms;
             a.exit_code = report.code;
@@ -245,7 +245,7 @@ impl StateMachine {
         if let Some(a) = self
             .jobs
             .get_mut(&job)
-            .and_then(JobRecord::current_attempt_mut)
+            .and_then(|job| job.current_attempt_mut())
         {
             a.ended_at_ms = at_ms;
             a.error = format!("lost: {reason}");

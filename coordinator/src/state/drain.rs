@@ -3,7 +3,7 @@
 use gantry_scheduler::JobId;
 
 use super::{ApplyError, Outcome, StateMachine};
-use crate::domain::{JobRecord, JobState};
+use crate::domain::JobState;
 
 impl StateMachine {
     /// Whether `node` is draining and its drain deadline has passed at `at_ms`.
@@ -66,7 +66,7 @@ impl StateMachine {
             if let Some(a) = self
                 .jobs
                 .get_mut(job)
-                .and_then(JobRecord::current_attempt_mut)
+                .and_then(|job| job.current_attempt_mut())
             {
                 a.preempted = reason.to_string();
             }

@@ -146,7 +146,7 @@ impl StateMachine {
             if let Some(a) = self
                 .jobs
                 .get_mut(id)
-                .and_then(JobRecord::current_attempt_mut)
+                .and_then(|job| job.current_attempt_mut())
             {
                 a.preempted = settle.reason.clone();
                 stop.push((a.node.clone(), *id, a.attempt));

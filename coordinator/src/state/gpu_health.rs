@@ -7,7 +7,7 @@
 use gantry_scheduler::JobId;
 
 use super::{ApplyError, Outcome, StateMachine};
-use crate::domain::{GpuFault, JobRecord};
+use crate::domain::GpuFault;
 
 impl StateMachine {
     pub(super) fn set_gpu_health(
@@ -76,7 +76,7 @@ impl StateMachine {
             .filter(|(job, _)| {
                 self.jobs
                     .get(job)
-                    .and_then(JobRecord::current_attempt)
+                    .and_then(|job| job.current_attempt())
                     .is_some_and(|a| a.gpus.contains(&gpu))
             })
             .collect();

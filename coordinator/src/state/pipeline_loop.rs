@@ -99,7 +99,7 @@ impl StateMachine {
             return;
         }
         let ids = self.run_ids(&name, run);
-        let run_jobs: Vec<&JobRecord> = ids.iter().filter_map(|id| self.jobs.get(id)).collect();
+        let run_jobs: Vec<&JobRecord> = ids.iter().filter_map(|id| self.job(*id)).collect();
         if run_jobs.iter().any(|j| j.state != JobState::Succeeded) {
             return;
         }
@@ -196,7 +196,7 @@ impl StateMachine {
         let jobs: Vec<&JobRecord> = self
             .run_ids(name, run)
             .iter()
-            .filter_map(|id| self.jobs.get(id))
+            .filter_map(|id| self.job(*id))
             .collect();
         let policy = jobs.first()?.run_policy.clone();
         let states: Vec<JobState> = jobs.iter().map(|j| j.state).collect();

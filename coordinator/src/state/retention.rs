@@ -281,7 +281,7 @@ impl StateMachine {
         }
         self.forget_submission(&job);
         self.changes.jobs.remove(&id);
-        self.changes.retired.push(job);
+        self.changes.retired.push(*job);
     }
 
     /// Forgets a submission key once every job it named has been retired

@@ -149,7 +149,7 @@ impl StateMachine {
     fn insert_submitted(&mut self, at_ms: u64, record: JobRecord) {
         let id = record.id;
         self.index_gang(record.gang.clone(), JobState::Pending);
-        self.jobs.insert(id, record);
+        self.jobs.insert(id, Box::new(record));
         self.pending.insert(id);
         self.event(at_ms, id, "submitted".into());
     }
