@@ -449,9 +449,45 @@ impl Fit<'_, '_> {
     /// [`Fit::fits`] with every possible victim below the job's priority
     /// gone, from their sums: the same answer, without visiting them.
     fn fits_released(&self, n: u32, released: &Released) -> bool {
+        self.fits_after(n, released.host[n as usize], |slot, _| {
+            released.gpus[slot as usize]
+        })
+    }
+
+    /// Whether the job fits on node `n` once `victims` are gone: their
+    /// host resources, GPU memory, GPU shares and exclusivity come back.
+    fn fits(&self, n: u32, victims: &[&RunningJob]) -> bool {
+        let mut back = HostFree::default();
+        for v in victims {
+            back.cpu_millis += v.cpu_millis;
+            back.memory += v.memory;
+            back.disk += v.disk;
+        }
+        self.fits_after(n, back, |_, device| {
+            victims.iter().filter(|v| v.gpus.contains(&device)).fold(
+                (0u64, 0u32, false),
+                |(memory, jobs, exclusive), v| {
+                    (
+                        memory.saturating_add(v.gpu_memory),
+                        jobs + 1,
+                        exclusive || v.exclusive_gpu,
+                    )
+                },
+            )
+        })
+    }
+
+    /// The one fit test of both: node `n`'s free host resources plus
+    /// `back`, and per usable GPU what `released(slot, device)` gives back
+    /// (GPU memory, jobs leaving, whether an exclusive holder leaves).
+    fn fits_after(
+        &self,
+        n: u32,
+        back: HostFree,
+        released: impl Fn(u32, u32) -> (u64, u32, bool),
+    ) -> bool {
         let (index, ask) = (self.index, self.ask);
         let slot = index.node(n);
-        let back = &released.host[n as usize];
         let free = HostFree {
             cpu_millis: slot.free.cpu_millis + back.cpu_millis,
             memory: slot.free.memory + back.memory,
@@ -469,49 +505,10 @@ impl Fit<'_, '_> {
             if gpu.unhealthy || !self.accepted[gpu.model as usize] {
                 continue;
             }
-            let (memory, jobs, exclusive_victim) = released.gpus[s as usize];
+            let (memory, jobs, exclusive_victim) = released(s, gpu.device);
             let memory = gpu.free.saturating_add(memory);
             let jobs = gpu.jobs.saturating_sub(jobs);
             let exclusive = gpu.exclusive && !exclusive_victim;
-            if memory >= ask.need && GpuShareChecker::admits(jobs, exclusive, ask.exclusive) {
-                usable += 1;
-            }
-        }
-        usable >= ask.gpus
-    }
-
-    /// Whether the job fits on node `n` once `victims` are gone: their
-    /// host resources, GPU memory, GPU shares and exclusivity come back.
-    fn fits(&self, n: u32, victims: &[&RunningJob]) -> bool {
-        let (index, ask) = (self.index, self.ask);
-        let slot = index.node(n);
-        let job = ask.job;
-        let mut free = slot.free;
-        for v in victims {
-            free.cpu_millis += v.cpu_millis;
-            free.memory += v.memory;
-            free.disk += v.disk;
-        }
-        if !ResourceChecker::fits(&free, job) {
-            return false;
-        }
-        if ask.gpus == 0 {
-            return true;
-        }
-        let mut usable = 0u32;
-        for s in slot.gpus.clone() {
-            let gpu = index.gpu(s);
-            if gpu.unhealthy || !self.accepted[gpu.model as usize] {
-                continue;
-            }
-            let mut memory = gpu.free;
-            let mut jobs = gpu.jobs;
-            let mut exclusive = gpu.exclusive;
-            for v in victims.iter().filter(|v| v.gpus.contains(&gpu.device)) {
-                memory = memory.saturating_add(v.gpu_memory);
-                jobs = jobs.saturating_sub(1);
-                exclusive &= !v.exclusive_gpu;
-            }
             if memory >= ask.need && GpuShareChecker::admits(jobs, exclusive, ask.exclusive) {
                 usable += 1;
             }
