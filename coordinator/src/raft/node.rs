@@ -158,8 +158,9 @@ impl<A: ReplicatedStateMachine> RaftHandle<A> {
         self.status.borrow().clone()
     }
 
-    /// A receiver of status changes (leadership, term, commit and applied
-    /// index).
+    /// A receiver of status changes: it is woken when leadership, term,
+    /// leader, running or the fatal error change, not for the commit and
+    /// applied index alone (the value it reads has them current).
     pub fn watch_status(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
     }
@@ -278,6 +279,12 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
             max_inflight_msgs: 256,
             check_quorum: true,
             pre_vote: true,
+            // A commit index travels with the next append or heartbeat
+            // instead of an append of its own to every follower: half the
+            // peer messages (and the followers' rounds that only apply),
+            // off the machine the next submit needs. Followers apply at
+            // most a heartbeat later when nothing else is appended.
+            skip_bcast_commit: true,
             ..Default::default()
         };
         raft_config.validate()?;
@@ -523,6 +530,42 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     } else {
         "(no message)".to_string()
     }
+}
+
+/// Stores `status` in `sender`, waking its receivers only for a change
+/// beyond progress ([`beyond_progress`]).
+fn publish_to(sender: &watch::Sender<RaftStatus>, status: RaftStatus) {
+    sender.send_if_modified(|current| {
+        let notify = beyond_progress(current, &status);
+        *current = status;
+        notify
+    });
+}
+
+/// Whether two statuses differ in more than the commit and applied index
+/// (the changes a status receiver is woken for). Every field is named, so
+/// a new one must be placed on one side or the other.
+fn beyond_progress(a: &RaftStatus, b: &RaftStatus) -> bool {
+    let RaftStatus {
+        id,
+        leader_id,
+        leader_url,
+        term,
+        is_leader,
+        commit_index: _,
+        applied_index: _,
+        running,
+        fatal,
+        cluster_id,
+    } = a;
+    *id != b.id
+        || *leader_id != b.leader_id
+        || *leader_url != b.leader_url
+        || *term != b.term
+        || *is_leader != b.is_leader
+        || *running != b.running
+        || *fatal != b.fatal
+        || *cluster_id != b.cluster_id
 }
 
 /// An entry this replica proposed, waiting to be applied: the term it was
@@ -1129,15 +1172,14 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         self.publish_status(self.current_status(running));
     }
 
+    /// Stores the status; wakes the receivers only when something other
+    /// than the commit and applied index changed ([`publish_to`]). Those
+    /// two move nearly every round, and each wake is a tokio task
+    /// scheduled on the replica's runtime for nothing (the watchers act on
+    /// leadership and on the loop stopping); readers of
+    /// [`RaftHandle::status`] still see them current.
     fn publish_status(&self, status: RaftStatus) {
-        self.status.send_if_modified(|current| {
-            if *current == status {
-                false
-            } else {
-                *current = status;
-                true
-            }
-        });
+        publish_to(&self.status, status);
     }
 }
 
@@ -1146,6 +1188,69 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// Progress alone (commit, applied) wakes no status receiver; any
+    /// other change does.
+    #[test]
+    fn only_changes_beyond_progress_wake_status_receivers() {
+        let base = RaftStatus {
+            id: 1,
+            leader_id: Some(1),
+            term: 3,
+            is_leader: true,
+            commit_index: 10,
+            applied_index: 9,
+            running: true,
+            ..Default::default()
+        };
+        let progressed = RaftStatus {
+            commit_index: 12,
+            applied_index: 12,
+            ..base.clone()
+        };
+        assert!(!beyond_progress(&base, &progressed));
+        let changes = [
+            RaftStatus {
+                leader_id: Some(2),
+                ..progressed.clone()
+            },
+            RaftStatus {
+                term: 4,
+                ..progressed.clone()
+            },
+            RaftStatus {
+                is_leader: false,
+                ..progressed.clone()
+            },
+            RaftStatus {
+                running: false,
+                ..progressed.clone()
+            },
+            RaftStatus {
+                fatal: Some("disk".into()),
+                ..progressed.clone()
+            },
+            RaftStatus {
+                leader_url: Some("http://b".into()),
+                ..progressed.clone()
+            },
+            RaftStatus {
+                cluster_id: 7,
+                ..progressed.clone()
+            },
+        ];
+        for changed in &changes {
+            assert!(beyond_progress(&base, changed), "{changed:?}");
+        }
+
+        let (sender, mut receiver) = watch::channel(base.clone());
+        receiver.mark_unchanged();
+        publish_to(&sender, progressed.clone());
+        assert!(!receiver.has_changed().unwrap());
+        assert_eq!(receiver.borrow().commit_index, 12);
+        publish_to(&sender, changes[2].clone());
+        assert!(receiver.has_changed().unwrap());
+    }
 
     /// The proposers of one entry each get their own command's outcome
     /// (the application's own commands have no proposer); outcomes that
