@@ -805,6 +805,28 @@ impl Sandbox {
             (status["is_leader"] == true).then_some(i + 1)
         })
     }
+
+    /// Waits until every replica at `urls` has applied the commit index
+    /// that the one of them leading reports now. A follower learns a
+    /// commit index with the leader's next append or heartbeat (there is
+    /// no message of its own for it), so its applied state may trail an
+    /// acknowledged write by up to a heartbeat: a test that reads stopped
+    /// replicas' storage waits for this before stopping them.
+    pub fn wait_applied(&self, urls: &[String], timeout: Duration) -> anyhow::Result<()> {
+        let target = wait_until("a leader to read the commit index of", timeout, || {
+            urls.iter().find_map(|url| {
+                let status = self.gantry_json(url, &["status"]).ok()?;
+                (status["is_leader"] == true).then(|| status["commit_index"].as_u64())?
+            })
+        })?;
+        for url in urls {
+            wait_until("every replica to apply the commit index", timeout, || {
+                let status = self.gantry_json(url, &["status"]).ok()?;
+                (status["applied_index"].as_u64()? >= target).then_some(())
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Three replicas whose links all pass through [`proxy::Proxy`]s the test

@@ -211,6 +211,7 @@ fn a_dead_replica_is_replaced_under_load_and_the_new_one_votes() -> anyhow::Resu
 
     // Nothing acknowledged lost, on either live replica; every replica's
     // storage agrees (the checker).
+    sandbox.wait_applied(&[set.urls[leader - 1].clone(), joiner_url], T)?;
     sandbox.stop_replica(&mut set, leader);
     sandbox.proc(joiner).stop(Duration::from_secs(10));
     let mut dirs = set.dirs.clone();
@@ -382,6 +383,11 @@ fn removing_the_leader_hands_leadership_over_first() -> anyhow::Result<()> {
 
     // Nothing acknowledged lost on the replicas left; every replica's
     // storage agrees.
+    let left: Vec<String> = (1..=3)
+        .filter(|id| *id != old)
+        .map(|id| set.urls[id - 1].clone())
+        .collect();
+    sandbox.wait_applied(&left, T)?;
     for id in 1..=3 {
         sandbox.stop_replica(&mut set, id);
     }
@@ -404,9 +410,9 @@ fn a_dead_voter_is_replaced_in_one_joint_change() -> anyhow::Result<()> {
     let addrs = format!("{},{}", set.urls[leader - 1], set.urls[second - 1]);
     let stop = AtomicBool::new(false);
     let acknowledged = Mutex::new(Vec::new());
-    let (joiner, joiner_dir) = std::thread::scope(|scope| {
+    let (joiner, joiner_url, joiner_dir) = std::thread::scope(|scope| {
         scope.spawn(|| submit_load(&addrs, &stop, &acknowledged));
-        let result = (|| -> anyhow::Result<(usize, PathBuf)> {
+        let result = (|| -> anyhow::Result<(usize, String, PathBuf)> {
             wait_until("some load", T, || {
                 (acknowledged.lock().expect("lock").len() >= 20).then_some(())
             })?;
@@ -444,7 +450,7 @@ fn a_dead_voter_is_replaced_in_one_joint_change() -> anyhow::Result<()> {
             wait_until("submits after the replacement", T, || {
                 (acknowledged.lock().expect("lock").len() >= count + 10).then_some(())
             })?;
-            Ok((joiner, joiner_dir))
+            Ok((joiner, joiner_url, joiner_dir))
         })();
         stop.store(true, Ordering::Relaxed);
         result
@@ -477,6 +483,12 @@ fn a_dead_voter_is_replaced_in_one_joint_change() -> anyhow::Result<()> {
     );
 
     let acknowledged = acknowledged.into_inner().expect("lock");
+    let mut live: Vec<String> = (1..=3)
+        .filter(|id| *id != victim)
+        .map(|id| set.urls[id - 1].clone())
+        .collect();
+    live.push(joiner_url);
+    sandbox.wait_applied(&live, T)?;
     for id in 1..=3 {
         sandbox.stop_replica(&mut set, id);
     }
