@@ -373,7 +373,7 @@ impl Core {
     /// A core over a loaded store.
     pub fn new(
         config: CoreConfig,
-        store: Store,
+        mut store: Store,
         events: broadcast::Sender<pb::Event>,
         metrics: Arc<Metrics>,
     ) -> Result<Core, CoordinatorError> {

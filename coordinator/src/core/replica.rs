@@ -80,7 +80,7 @@ impl ReplicatedStateMachine for Core {
         };
         self.state = self
             .store
-            .replace_all(snapshot, index)
+            .install(file, snapshot, index)
             .map_err(|error| error.to_string())?;
         self.dirty = true;
         Ok(())

@@ -210,7 +210,7 @@ mod tests {
 
     const HOUR: u64 = 3600 * 1000;
 
-    fn apply(sm: &mut StateMachine, store: &Store, index: &mut u64, command: Command) -> Outcome {
+    fn apply(sm: &mut StateMachine, store: &mut Store, index: &mut u64, command: Command) -> Outcome {
         let outcome = sm.apply(command).unwrap();
         *index += 1;
         let changes = sm.take_changes();
@@ -219,7 +219,7 @@ mod tests {
     }
 
     /// A pipeline job runs and succeeds at `at`.
-    fn run_job(sm: &mut StateMachine, store: &Store, index: &mut u64, at: u64) -> JobId {
+    fn run_job(sm: &mut StateMachine, store: &mut Store, index: &mut u64, at: u64) -> JobId {
         let Outcome::Submitted(ids) = apply(
             sm,
             store,
@@ -276,33 +276,33 @@ mod tests {
     /// An empty store in a temporary directory and its state machine.
     fn fresh() -> (tempfile::TempDir, Store, StateMachine, u64) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
         let sm = store.load().unwrap();
         (dir, store, sm, 0)
     }
 
     #[test]
     fn retired_jobs_move_to_history_and_leave_it_in_time() {
-        let (_dir, store, mut sm, mut index) = fresh();
+        let (_dir, mut store, mut sm, mut index) = fresh();
         let policy = RetentionPolicy {
             job_retention_ms: HOUR,
             max_retained_jobs: 100,
             history_retention_ms: 3 * HOUR,
             history_max_bytes: 1 << 20,
         };
-        let tick = |sm: &mut StateMachine, index: &mut u64, at_ms| {
-            apply(sm, &store, index, Command::SetRetention { at_ms, policy });
+        let tick = |sm: &mut StateMachine, store: &mut Store, index: &mut u64, at_ms| {
+            apply(sm, store, index, Command::SetRetention { at_ms, policy });
         };
-        tick(&mut sm, &mut index, 0);
+        tick(&mut sm, &mut store, &mut index, 0);
         apply(
             &mut sm,
-            &store,
+            &mut store,
             &mut index,
             Command::register_for_test("n1", 1, 80 << 30),
         );
-        let first = run_job(&mut sm, &store, &mut index, 10);
-        let second = run_job(&mut sm, &store, &mut index, 20);
-        tick(&mut sm, &mut index, 11 + HOUR);
+        let first = run_job(&mut sm, &mut store, &mut index, 10);
+        let second = run_job(&mut sm, &mut store, &mut index, 20);
+        tick(&mut sm, &mut store, &mut index, 11 + HOUR);
         assert!(sm.job(first).is_none() && sm.job(second).is_some());
 
         // Hard state on disk agrees with memory; the job is in history.
@@ -333,7 +333,7 @@ mod tests {
         assert_eq!(events[0].index, floor, "events below the floor are gone");
 
         // Everything retired: ids and run numbers still go on.
-        tick(&mut sm, &mut index, 21 + HOUR);
+        tick(&mut sm, &mut store, &mut index, 21 + HOUR);
         assert_eq!(sm.jobs().count(), 0);
         let loaded = store.load().unwrap();
         assert_eq!(loaded.next_job_id(), second + 1);
@@ -353,36 +353,113 @@ mod tests {
         );
 
         // Past the history's retention (from the command's time) both go.
-        tick(&mut sm, &mut index, 21 + 3 * HOUR);
+        tick(&mut sm, &mut store, &mut index, 21 + 3 * HOUR);
         assert!(store.history_job(first).unwrap().is_none());
         assert!(store.history_job(second).unwrap().is_none());
         assert_eq!(store.history_bytes().unwrap(), 0);
         assert_eq!(store.history_len(), 0);
     }
 
+    /// A follower installs a leader's snapshot as its base (nothing
+    /// written per record), then applies more: base and new jobs retired
+    /// (a tombstone only for the base's), submission keys removed, the
+    /// event floor raised. Reopened at each step it loads the same state
+    /// and events; a crashed later install's leftovers are dropped.
+    #[test]
+    fn an_installed_base_with_changes_over_it_reopens_to_the_same_state() {
+        let (dir, mut store, mut sm, mut index) = fresh();
+        let policy = RetentionPolicy {
+            job_retention_ms: HOUR,
+            ..RetentionPolicy::default()
+        };
+        apply(&mut sm, &mut store, &mut index, Command::SetRetention { at_ms: 0, policy });
+        apply(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::register_for_test("n1", 1, 80 << 30),
+        );
+        let in_base = run_job(&mut sm, &mut store, &mut index, 10);
+        let file = dir.path().join("leader.snap");
+        let bytes = store.snapshot_bytes(&sm).unwrap();
+        std::fs::write(&file, &bytes).unwrap();
+
+        let follower_dir = tempfile::tempdir().unwrap();
+        let mut follower = Store::open(follower_dir.path()).unwrap();
+        let snapshot = crate::store::decode_snapshot(&bytes).unwrap();
+        let mut state = follower.install(&file, snapshot, index).unwrap();
+        assert_eq!(follower.snapshot_bytes(&state).unwrap(), bytes);
+        assert!(follower.jobs.is_empty() && follower.events.is_empty());
+        drop(file);
+        std::fs::remove_file(dir.path().join("leader.snap")).unwrap();
+
+        let reopened = |store: Store, state: &StateMachine| {
+            let expected = store.snapshot_bytes(state).unwrap();
+            let events = store.events_since(0, usize::MAX).unwrap();
+            drop(store);
+            let mut store = Store::open(follower_dir.path()).unwrap();
+            let loaded = store.load().unwrap();
+            assert_eq!(store.snapshot_bytes(&loaded).unwrap(), expected);
+            assert_eq!(store.events_since(0, usize::MAX).unwrap(), events);
+            assert_eq!(loaded.next_event_index(), state.next_event_index());
+            store
+        };
+        let mut follower = reopened(follower, &state);
+        // Retirement is decided in apply from the commands' times: this
+        // submit retires the base's job.
+        let floor = state.event_floor();
+        let after = run_job(&mut state, &mut follower, &mut index, 2 * HOUR);
+        assert!(state.job(in_base).is_none() && state.job(after).is_some());
+        assert!(state.event_floor() > floor, "the floor rose");
+        let tombstones = |store: &Store| {
+            store
+                .jobs
+                .iter()
+                .filter(|item| item.as_ref().unwrap().1.as_ref() == super::super::base::TOMBSTONE)
+                .count()
+        };
+        assert_eq!(tombstones(&follower), 1, "the base's job");
+        let mut follower = reopened(follower, &state);
+        apply(&mut state, &mut follower, &mut index, Command::Retire { at_ms: 3 * HOUR + 2 });
+        assert!(state.job(after).is_none());
+        assert_eq!(tombstones(&follower), 1, "a job after the base is removed");
+        assert!(follower.history_job(after).unwrap().is_some());
+
+        // An install that crashed before its switch left generation 2's
+        // trees and file: the open drops them and keeps generation 1.
+        follower.db.open_tree("jobs@2").unwrap().insert("x", "y").unwrap();
+        let leftover = follower_dir.path().join("state-base").join("2.snap");
+        std::fs::write(&leftover, b"partial").unwrap();
+        let follower = reopened(follower, &state);
+        assert!(!leftover.exists());
+        let names: Vec<_> = follower.db.tree_names();
+        assert!(!names.iter().any(|n| n.as_ref() == b"jobs@2"));
+        assert!(names.iter().any(|n| n.as_ref() == b"jobs@1"));
+    }
+
     #[test]
     fn a_snapshot_install_keeps_the_history_and_its_size() {
-        let (_dir, store, mut sm, mut index) = fresh();
+        let (_dir, mut store, mut sm, mut index) = fresh();
         let policy = RetentionPolicy {
             job_retention_ms: HOUR,
             ..RetentionPolicy::default()
         };
         apply(
             &mut sm,
-            &store,
+            &mut store,
             &mut index,
             Command::SetRetention { at_ms: 0, policy },
         );
         apply(
             &mut sm,
-            &store,
+            &mut store,
             &mut index,
             Command::register_for_test("n1", 1, 80 << 30),
         );
-        let job = run_job(&mut sm, &store, &mut index, 10);
+        let job = run_job(&mut sm, &mut store, &mut index, 10);
         apply(
             &mut sm,
-            &store,
+            &mut store,
             &mut index,
             Command::Retire { at_ms: 11 + HOUR },
         );
@@ -391,11 +468,14 @@ mod tests {
         let snapshot = crate::store::decode_snapshot(&store.snapshot_bytes(&sm).unwrap()).unwrap();
         assert_eq!(snapshot.next_job_id, job + 1);
         assert_eq!(snapshot.pipeline_runs, vec![("nightly".to_string(), 1)]);
-        let restored = store.replace_all(snapshot, index).unwrap();
+        let file = _dir.path().join("installed.snap");
+        std::fs::write(&file, store.snapshot_bytes(&sm).unwrap()).unwrap();
+        let restored = store.install(&file, snapshot, index).unwrap();
         // The state built from the snapshot is the one stored.
+        let loaded = store.load().unwrap();
         assert_eq!(
             store.snapshot_bytes(&restored).unwrap(),
-            store.snapshot_bytes(&store.load().unwrap()).unwrap()
+            store.snapshot_bytes(&loaded).unwrap()
         );
         assert_eq!(restored.next_job_id(), job + 1);
         assert_eq!(restored.event_floor(), sm.event_floor());
