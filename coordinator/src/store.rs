@@ -164,9 +164,10 @@ impl Store {
         .into_iter()
         .map(|(_, node)| node)
         .collect();
-        let submissions = base::overlay(base.submissions, &self.submissions, key_string, |value| {
-            records::decode_job_ids(value).map_err(record("submissions"))
-        })?;
+        let submissions =
+            base::overlay(base.submissions, &self.submissions, key_string, |value| {
+                records::decode_job_ids(value).map_err(record("submissions"))
+            })?;
         let estimates = base::overlay(base.estimates, &self.estimates, key_string, |value| {
             Ok(key_u64(value))
         })?;

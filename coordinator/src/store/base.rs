@@ -42,8 +42,14 @@ pub(super) const TOMBSTONE: &[u8] = &[0xff];
 
 /// The state trees of one generation, in the order [`tree_name`] and
 /// [`is_state_tree`] know them.
-pub(super) const STATE_TREES: [&str; 6] =
-    ["jobs", "nodes", "events", "submissions", "estimates", "meta"];
+pub(super) const STATE_TREES: [&str; 6] = [
+    "jobs",
+    "nodes",
+    "events",
+    "submissions",
+    "estimates",
+    "meta",
+];
 
 /// The tree holding the current generation.
 const ROOT_TREE: &str = "generation";
@@ -93,7 +99,12 @@ impl Base {
     /// The base a snapshot is for `generation`; the snapshot's events move
     /// into it (those below the floor are dropped).
     pub fn take(generation: u64, snapshot: &mut StateSnapshot) -> Base {
-        let next_event_index = snapshot.events.iter().map(|e| e.index + 1).max().unwrap_or(1);
+        let next_event_index = snapshot
+            .events
+            .iter()
+            .map(|e| e.index + 1)
+            .max()
+            .unwrap_or(1);
         let floor = snapshot.event_floor;
         let mut events = std::mem::take(&mut snapshot.events);
         events.retain(|event| event.index >= floor);
@@ -101,7 +112,11 @@ impl Base {
         Base {
             generation,
             next_job_id: snapshot.next_job_id,
-            submissions: snapshot.submissions.iter().map(|(k, _)| k.clone()).collect(),
+            submissions: snapshot
+                .submissions
+                .iter()
+                .map(|(k, _)| k.clone())
+                .collect(),
             events,
             next_event_index,
         }
@@ -206,10 +221,11 @@ impl BaseFiles {
         let keep = self.path(current);
         for entry in entries.flatten() {
             let path = entry.path();
-            if path != keep {
-                if let Err(error) = std::fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), %error, "cannot remove an old base snapshot");
-                }
+            if path == keep {
+                continue;
+            }
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), %error, "cannot remove an old base snapshot");
             }
         }
         Ok(())
@@ -248,7 +264,14 @@ mod tests {
         assert_eq!(tree_name("jobs", 3), "jobs@3");
         assert_eq!(generation_of("jobs"), Some(0));
         assert_eq!(generation_of("meta@12"), Some(12));
-        for other in ["history", "history_index", "generation", "raft_log", "jobs@x", "x@1"] {
+        for other in [
+            "history",
+            "history_index",
+            "generation",
+            "raft_log",
+            "jobs@x",
+            "x@1",
+        ] {
             assert_eq!(generation_of(other), None, "{other}");
         }
     }

@@ -210,7 +210,12 @@ mod tests {
 
     const HOUR: u64 = 3600 * 1000;
 
-    fn apply(sm: &mut StateMachine, store: &mut Store, index: &mut u64, command: Command) -> Outcome {
+    fn apply(
+        sm: &mut StateMachine,
+        store: &mut Store,
+        index: &mut u64,
+        command: Command,
+    ) -> Outcome {
         let outcome = sm.apply(command).unwrap();
         *index += 1;
         let changes = sm.take_changes();
@@ -372,7 +377,12 @@ mod tests {
             job_retention_ms: HOUR,
             ..RetentionPolicy::default()
         };
-        apply(&mut sm, &mut store, &mut index, Command::SetRetention { at_ms: 0, policy });
+        apply(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::SetRetention { at_ms: 0, policy },
+        );
         apply(
             &mut sm,
             &mut store,
@@ -420,14 +430,26 @@ mod tests {
         };
         assert_eq!(tombstones(&follower), 1, "the base's job");
         let mut follower = reopened(follower, &state);
-        apply(&mut state, &mut follower, &mut index, Command::Retire { at_ms: 3 * HOUR + 2 });
+        apply(
+            &mut state,
+            &mut follower,
+            &mut index,
+            Command::Retire {
+                at_ms: 3 * HOUR + 2,
+            },
+        );
         assert!(state.job(after).is_none());
         assert_eq!(tombstones(&follower), 1, "a job after the base is removed");
         assert!(follower.history_job(after).unwrap().is_some());
 
         // An install that crashed before its switch left generation 2's
         // trees and file: the open drops them and keeps generation 1.
-        follower.db.open_tree("jobs@2").unwrap().insert("x", "y").unwrap();
+        follower
+            .db
+            .open_tree("jobs@2")
+            .unwrap()
+            .insert("x", "y")
+            .unwrap();
         let leftover = follower_dir.path().join("state-base").join("2.snap");
         std::fs::write(&leftover, b"partial").unwrap();
         let follower = reopened(follower, &state);

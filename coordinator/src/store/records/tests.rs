@@ -477,7 +477,11 @@ fn a_data_directory_of_json_records_still_opens() {
     let mut restored = other.install(&file, decoded, 5).unwrap();
     assert_eq!(restored.job(job.id), Some(&job));
     assert_eq!(other.snapshot_bytes(&restored).unwrap(), bytes);
-    restored.apply(crate::command::Command::Retire { at_ms: u64::MAX / 2 }).unwrap();
+    restored
+        .apply(crate::command::Command::Retire {
+            at_ms: u64::MAX / 2,
+        })
+        .unwrap();
     let changes = restored.take_changes();
     other.persist_applied(&restored, &changes, 6).unwrap();
     for tree in [&other.jobs, &other.nodes, &other.events, &other.submissions] {
