@@ -201,7 +201,7 @@ fn run_here(config: &SnapshotConfig, way: &str) -> anyhow::Result<SnapshotReport
 /// from it as a follower does.
 fn file_way(
     dir: &std::path::Path,
-    core: Core,
+    mut core: Core,
     index: u64,
     jobs: u64,
 ) -> anyhow::Result<(u64, Way)> {

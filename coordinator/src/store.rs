@@ -86,6 +86,8 @@ pub struct Store {
     base: base::Base,
     /// The base read by [`open`](Self::open), kept for [`load`](Self::load).
     opened_base: Option<StateSnapshot>,
+    /// Applied changes held back (see [`persist_applied`](Self::persist_applied)).
+    pending: Option<Pending>,
     /// Command time after which the history is next checked for records
     /// past their retention (it is checked at every retirement anyway).
     next_prune_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -96,6 +98,33 @@ pub struct Store {
 /// Raft catch-up, so a large cache buys nothing; at 100,000 jobs the default
 /// alone took the coordinator past its 500 MiB RSS target.
 const SLED_CACHE_BYTES: u64 = 64 << 20;
+
+/// Applied changes not written yet, merged across entries.
+#[derive(Debug)]
+struct Pending {
+    /// What the entries changed, merged in order ([`ChangeSet::absorb`]).
+    changes: ChangeSet,
+    /// The last entry's index.
+    index: u64,
+    /// When the first of them was applied.
+    since: std::time::Instant,
+    /// Entries merged.
+    entries: usize,
+    /// Records they touched (jobs, events, retirements, submission keys),
+    /// counted with repeats: a bound on the merge's work, not a size.
+    records: usize,
+}
+
+/// How long applied changes may be held back before they are written
+/// ([`Store::write_due`]). A job's transitions (submitted, assigned,
+/// started, exited) usually fall within it and its record is written once.
+pub const WRITE_BEHIND: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Entries held back at most before a write.
+const WRITE_BEHIND_ENTRIES: usize = 1024;
+
+/// Records touched by the held-back entries at most before a write.
+const WRITE_BEHIND_RECORDS: usize = 16 * 1024;
 
 impl Store {
     /// Opens (or creates) the store in `dir`: the current generation's
@@ -124,6 +153,7 @@ impl Store {
             files,
             base,
             opened_base,
+            pending: None,
             next_prune_ms: Default::default(),
             db,
         };
@@ -221,16 +251,66 @@ impl Store {
         }
     }
 
-    /// Writes what an apply changed together with the Raft index it came
-    /// from, without flushing: the Raft log is the durable record, and
-    /// entries after the stored applied index are applied again on start.
+    /// Takes what an apply changed, with the Raft index it came from, to
+    /// be written later, merged with the entries after it: the Raft log is
+    /// the durable record and entries after the stored applied index are
+    /// applied again on start, so holding writes back loses nothing, and a
+    /// job that changes several times meanwhile is written once (or, if
+    /// retired meanwhile, never). Written when [`WRITE_BEHIND`] has passed
+    /// ([`write_due`](Self::write_due)), when many entries or records are
+    /// held, or before the stored state is read
+    /// ([`write_pending`](Self::write_pending)); `state` is the state after
+    /// `index`.
     pub fn persist_applied(
         &mut self,
         state: &StateMachine,
-        changes: &ChangeSet,
+        changes: ChangeSet,
         index: u64,
     ) -> Result<(), StoreError> {
-        self.write(state, changes, Some(index))
+        let records = changes.jobs.len()
+            + changes.events.len()
+            + changes.retired.len()
+            + changes.submissions.len()
+            + changes.submissions_removed.len();
+        let pending = self.pending.get_or_insert_with(|| Pending {
+            changes: ChangeSet::default(),
+            index,
+            since: std::time::Instant::now(),
+            entries: 0,
+            records: 0,
+        });
+        pending.changes.absorb(changes);
+        pending.index = index;
+        pending.entries += 1;
+        pending.records += records;
+        if pending.entries >= WRITE_BEHIND_ENTRIES || pending.records >= WRITE_BEHIND_RECORDS {
+            self.write_pending(state)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the changes held back, if any, with the last entry's index;
+    /// `state` must be the state after that entry (the job records are
+    /// read from it). Before any read of the stored state, a snapshot, an
+    /// install or a shutdown.
+    pub fn write_pending(&mut self, state: &StateMachine) -> Result<(), StoreError> {
+        if let Some(pending) = self.pending.take() {
+            self.write(state, &pending.changes, Some(pending.index))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the changes held back once [`WRITE_BEHIND`] has passed since
+    /// the first of them; called by the replica loop every round.
+    pub fn write_due(&mut self, state: &StateMachine) -> Result<(), StoreError> {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|pending| pending.since.elapsed() >= WRITE_BEHIND)
+        {
+            self.write_pending(state)?;
+        }
+        Ok(())
     }
 
     /// Installs a Raft snapshot's state at `index`, read from `file`: the
@@ -249,6 +329,9 @@ impl Store {
     ) -> Result<StateMachine, StoreError> {
         // The history is this replica's own (not in snapshots): it stays,
         // and so does its size.
+        // The caller wrote what it held back (its history records stay);
+        // anything else held back is of the state being replaced.
+        self.pending = None;
         let history_bytes = self.history_bytes()?;
         let generation = self.base.generation + 1;
         self.files.store(file, generation)?;

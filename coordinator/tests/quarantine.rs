@@ -66,7 +66,8 @@ fn a_quarantine_survives_restart_and_snapshot_and_is_cleared_everywhere() {
     assert!(quarantined(&sm, 301_000).is_empty());
     let changes = sm.take_changes();
     assert!(changes.nodes.contains("a"), "the node record is written");
-    store.persist_applied(&sm, &changes, 7).expect("persist");
+    store.persist_applied(&sm, changes, 7).expect("persist");
+    store.write_pending(&sm).expect("write");
     drop(store);
 
     // A restart loads it.

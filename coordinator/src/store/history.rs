@@ -219,7 +219,8 @@ mod tests {
         let outcome = sm.apply(command).unwrap();
         *index += 1;
         let changes = sm.take_changes();
-        store.persist_applied(sm, &changes, *index).unwrap();
+        store.persist_applied(sm, changes, *index).unwrap();
+        store.write_pending(sm).unwrap();
         outcome
     }
 
@@ -457,6 +458,124 @@ mod tests {
         let names: Vec<_> = follower.db.tree_names();
         assert!(!names.iter().any(|n| n.as_ref() == b"jobs@2"));
         assert!(names.iter().any(|n| n.as_ref() == b"jobs@1"));
+    }
+
+    /// Applied entries are held back and merged: nothing reaches the
+    /// trees (nor the stored applied index) until they are written, and
+    /// then a job submitted, run and retired in between is only history.
+    /// Held-back entries lost in a crash leave the applied index where the
+    /// Raft log replays them from.
+    #[test]
+    fn held_back_entries_are_written_merged_or_replayed_after_a_crash() {
+        let (dir, mut store, mut sm, mut index) = fresh();
+        let policy = RetentionPolicy {
+            job_retention_ms: HOUR,
+            ..RetentionPolicy::default()
+        };
+        apply(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::SetRetention { at_ms: 0, policy },
+        );
+        apply(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::register_for_test("n1", 1, 80 << 30),
+        );
+        let written = index;
+        let step = |sm: &mut StateMachine, store: &mut Store, index: &mut u64, command| {
+            sm.apply(command).unwrap();
+            *index += 1;
+            let changes = sm.take_changes();
+            store.persist_applied(sm, changes, *index).unwrap();
+        };
+        let Outcome::Submitted(ids) = sm
+            .apply(Command::Submit {
+                at_ms: 10,
+                key: Some("k".into()),
+                jobs: vec![JobSpec::for_test("train")],
+                pipeline: None,
+                owner: None,
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        index += 1;
+        let changes = sm.take_changes();
+        store.persist_applied(&sm, changes, index).unwrap();
+        let job = ids[0];
+        step(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::Retire { at_ms: 11 },
+        );
+        assert!(sm.job(job).is_some(), "still pending");
+        assert_eq!(store.applied_index().unwrap(), written, "held back");
+        assert!(store.jobs.get(job.to_be_bytes()).unwrap().is_none());
+
+        // A crash now: the store is as it was; the Raft log replays.
+        drop(store);
+        let mut reopened = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened.applied_index().unwrap(), written);
+        assert!(reopened.load().unwrap().job(job).is_none());
+        let mut store = reopened;
+
+        // Run and retire it, all held back, then write: only history.
+        let mut sm2 = store.load().unwrap();
+        let mut index = written;
+        for command in [
+            Command::Submit {
+                at_ms: 10,
+                key: Some("k".into()),
+                jobs: vec![JobSpec::for_test("train")],
+                pipeline: None,
+                owner: None,
+            },
+            Command::Assign {
+                at_ms: 10,
+                placements: vec![Placement {
+                    job,
+                    node: "n1".into(),
+                    gpus: vec![0],
+                    gpu_memory: 10 << 30,
+                    batch_size: None,
+                    exclusive_gpu: false,
+                }],
+                term: 1,
+            },
+            Command::JobExited {
+                at_ms: 11,
+                job,
+                attempt: 1,
+                node: "n1".into(),
+                code: Some(0),
+                signal: None,
+                error: String::new(),
+                cancelled: false,
+                oom: false,
+                output_tail: "done".into(),
+                peak_gpu_memory: 0,
+            },
+            Command::Retire { at_ms: 12 + HOUR },
+        ] {
+            step(&mut sm2, &mut store, &mut index, command);
+        }
+        assert!(sm2.job(job).is_none(), "retired");
+        assert!(store.history_job(job).unwrap().is_none(), "not written yet");
+        store.write_pending(&sm2).unwrap();
+        assert_eq!(store.applied_index().unwrap(), index);
+        assert!(store.jobs.get(job.to_be_bytes()).unwrap().is_none());
+        assert!(store.submissions.is_empty(), "the key left with its job");
+        assert!(store.history_job(job).unwrap().is_some());
+        let expected = store.snapshot_bytes(&sm2).unwrap();
+        drop(store);
+        let mut store = Store::open(dir.path()).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(store.snapshot_bytes(&loaded).unwrap(), expected);
     }
 
     #[test]
