@@ -96,8 +96,8 @@ struct SnapshotArgs {
     /// Active (pending) jobs in the state.
     #[arg(long, default_value_t = 100_000)]
     jobs: u64,
-    /// Measure only this way (file or blob) in this process; without it
-    /// each runs in a child process of its own.
+    /// Measure in this process (`file`, the only way now); without it the
+    /// measurement runs in a child process of its own.
     #[arg(long, hide = true)]
     only: Option<String>,
     /// Print one JSON record instead of the human summary.

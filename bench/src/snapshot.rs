@@ -9,16 +9,17 @@
 //!   into a file through `SnapshotDir::write` (buffered, SHA-256, fsync,
 //!   rename, directory fsync); a fresh replica checks the file
 //!   (`check_snapshot`) and restores from it (`restore`), as a follower
-//!   does before and after raft-rs installs it;
-//! - **blob** (before issue 11): the snapshot as one in-memory value
-//!   (`Store::snapshot_bytes`) stored as one sled value and flushed; the
-//!   install decoded it twice from memory (the check, then the restore)
-//!   and replaced the stored state.
+//!   does before and after raft-rs installs it: the file becomes the
+//!   stored state's base, nothing is written per record;
+//! - **reopen**: that replica restarted: its store opened and loaded (the
+//!   base decoded, the trees laid over it).
 //!
 //! For each step the peak RSS growth over the RSS before it is reported
 //! (the kernel's high-water mark, reset through `/proc/self/clear_refs`).
-//! Each way runs in a child process of its own (`--only file|blob`), since
-//! memory one way freed stays in the allocator and would hide the other's.
+//! The measurement runs in a child process (`--only file`), so that the
+//! building of the state does not leave memory in the allocator that
+//! would hide the steps' peaks. (The way before issue 11, the snapshot as
+//! one sled value, is gone from the code; its figures are in the README.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ use gantry_coordinator::domain::JobSpec;
 use gantry_coordinator::metrics::Metrics;
 use gantry_coordinator::raft::ReplicatedStateMachine;
 use gantry_coordinator::raft::snapfile::SnapshotDir;
-use gantry_coordinator::store::{Store, decode_snapshot};
+use gantry_coordinator::store::Store;
 use serde_json::{Value, json};
 
 use crate::heartbeats::status_bytes;
@@ -51,6 +52,8 @@ pub struct Way {
     pub write: Duration,
     /// Installing it on a fresh replica (check, decode, replace the state).
     pub install: Duration,
+    /// Opening and loading the installed replica's store again.
+    pub reopen: Duration,
     /// Peak RSS growth while writing, bytes.
     pub write_peak: u64,
     /// Peak RSS growth while installing, bytes.
@@ -66,10 +69,8 @@ pub struct SnapshotReport {
     pub bytes: u64,
     /// Applying the jobs.
     pub build: Duration,
-    /// Snapshots as files, streamed (now).
+    /// Snapshots as files, streamed, installed as the store's base.
     pub file: Way,
-    /// The snapshot as one in-memory value in sled (before issue 11).
-    pub blob: Way,
     /// RSS with the state built, before any snapshot.
     pub rss_base: u64,
 }
@@ -81,6 +82,7 @@ impl SnapshotReport {
             json!({
                 "write_s": w.write.as_secs_f64(),
                 "install_s": w.install.as_secs_f64(),
+                "reopen_s": w.reopen.as_secs_f64(),
                 "write_peak_rss_mib": mib(w.write_peak),
                 "install_peak_rss_mib": mib(w.install_peak),
             })
@@ -93,21 +95,11 @@ impl SnapshotReport {
             "build_s": self.build.as_secs_f64(),
             "rss_base_mib": mib(self.rss_base),
             "file": way(&self.file),
-            "blob": way(&self.blob),
         })
     }
 
     /// The human summary; the first line is the headline.
     pub fn human(&self) -> String {
-        let line = |name: &str, w: &Way| {
-            format!(
-                "{name:<28} write {:>7.3} s (peak RSS +{:>4.0} MiB)   install {:>7.3} s (peak RSS +{:>4.0} MiB)\n",
-                w.write.as_secs_f64(),
-                mib(w.write_peak),
-                w.install.as_secs_f64(),
-                mib(w.install_peak),
-            )
-        };
         let mut out = format!(
             "snapshot of {} active jobs ({:.1} MiB): write {:.3} s, install {:.3} s (goal: under 1 s each)\n",
             self.config.jobs,
@@ -120,8 +112,16 @@ impl SnapshotReport {
             self.build.as_secs_f64(),
             mib(self.rss_base)
         ));
-        out.push_str(&line("file, streamed (now):", &self.file));
-        out.push_str(&line("one sled value (before):", &self.blob));
+        let w = &self.file;
+        out.push_str(&format!(
+            "write {:.3} s (peak RSS +{:.0} MiB); install {:.3} s (peak RSS +{:.0} MiB); \
+             the installed replica reopened and loaded in {:.3} s\n",
+            w.write.as_secs_f64(),
+            mib(w.write_peak),
+            w.install.as_secs_f64(),
+            mib(w.install_peak),
+            w.reopen.as_secs_f64(),
+        ));
         out
     }
 }
@@ -136,18 +136,7 @@ pub fn run(config: &SnapshotConfig) -> anyhow::Result<SnapshotReport> {
     if let Some(way) = &config.only {
         return run_here(config, way);
     }
-    let file = child(config, "file")?;
-    let blob = child(config, "blob")?;
-    anyhow::ensure!(
-        file.bytes == blob.bytes,
-        "the two snapshots differ in size: {} and {}",
-        file.bytes,
-        blob.bytes
-    );
-    Ok(SnapshotReport {
-        blob: blob.blob,
-        ..file
-    })
+    child(config, "file")
 }
 
 /// Runs one way in a child process and reads its JSON record back.
@@ -175,6 +164,7 @@ fn child(config: &SnapshotConfig, way: &str) -> anyhow::Result<SnapshotReport> {
     let way_of = |v: &Value| Way {
         write: seconds(&v["write_s"]),
         install: seconds(&v["install_s"]),
+        reopen: seconds(&v["reopen_s"]),
         write_peak: bytes(&v["write_peak_rss_mib"]),
         install_peak: bytes(&v["install_peak_rss_mib"]),
     };
@@ -183,7 +173,6 @@ fn child(config: &SnapshotConfig, way: &str) -> anyhow::Result<SnapshotReport> {
         bytes: record["snapshot_bytes"].as_u64().unwrap_or(0),
         build: seconds(&record["build_s"]),
         file: way_of(&record["file"]),
-        blob: way_of(&record["blob"]),
         rss_base: bytes(&record["rss_base_mib"]),
     })
 }
@@ -196,37 +185,32 @@ fn run_here(config: &SnapshotConfig, way: &str) -> anyhow::Result<SnapshotReport
     let build = started.elapsed();
     let rss_base = rss()?;
     let (bytes, measured) = match way {
-        "file" => file_way(dir.path(), core, index)?,
-        "blob" => {
-            drop(core);
-            blob_way(dir.path(), index)?
-        }
-        other => anyhow::bail!("--only {other:?}: expected file or blob"),
+        "file" => file_way(dir.path(), core, index, config.jobs)?,
+        other => anyhow::bail!("--only {other:?}: expected file"),
     };
-    let mut report = SnapshotReport {
+    Ok(SnapshotReport {
         config: config.clone(),
         bytes,
         build,
-        file: Way::default(),
-        blob: Way::default(),
+        file: measured,
         rss_base,
-    };
-    if way == "file" {
-        report.file = measured;
-    } else {
-        report.blob = measured;
-    }
-    Ok(report)
+    })
 }
 
 /// Now: the core streams into a file; a fresh replica checks and restores
 /// from it as a follower does.
-fn file_way(dir: &std::path::Path, core: Core, index: u64) -> anyhow::Result<(u64, Way)> {
+fn file_way(
+    dir: &std::path::Path,
+    mut core: Core,
+    index: u64,
+    jobs: u64,
+) -> anyhow::Result<(u64, Way)> {
     let files = SnapshotDir::open(&dir.join("snaps"), u64::MAX)?;
     let (write, write_peak, (descriptor, path)) =
         measure(|| Ok(files.write(index, 1, &mut |out| core.snapshot(out))?))?;
     drop(core);
-    let mut fresh = new_core(&dir.join("file-target"))?;
+    let target = dir.join("file-target");
+    let mut fresh = new_core(&target)?;
     let (install, install_peak, ()) = measure(|| {
         fresh.check_snapshot(&path).map_err(anyhow::Error::msg)?;
         fresh.restore(index, &path).map_err(anyhow::Error::msg)
@@ -235,51 +219,19 @@ fn file_way(dir: &std::path::Path, core: Core, index: u64) -> anyhow::Result<(u6
         fresh.applied_index().map_err(anyhow::Error::msg)? == index,
         "the installed snapshot is not at index {index}"
     );
+    drop(fresh);
+    let (reopen, _, loaded) = measure(|| Ok(Store::open(&target)?.load()?))?;
+    anyhow::ensure!(
+        loaded.jobs().count() as u64 == jobs,
+        "the reopened replica has {} jobs, not {jobs}",
+        loaded.jobs().count()
+    );
     Ok((
         descriptor.size,
         Way {
             write,
             install,
-            write_peak,
-            install_peak,
-        },
-    ))
-}
-
-/// Before: one in-memory value stored whole in sled; the install decoded
-/// it twice from memory (check, restore), stored the state and read it
-/// all back (`Store::replace_stored` then `Store::load`, as the restore
-/// then did).
-fn blob_way(dir: &std::path::Path, index: u64) -> anyhow::Result<(u64, Way)> {
-    let source = Store::open(&dir.join("source"))?;
-    let state = source.load()?;
-    let blob_db = sled::Config::new().path(dir.join("blob-raft")).open()?;
-    let meta = blob_db.open_tree("raft_meta")?;
-    let (write, write_peak, bytes) = measure(|| {
-        let data = source.snapshot_bytes(&state)?;
-        let len = data.len() as u64;
-        meta.insert("snapshot_data", data)?;
-        blob_db.flush()?;
-        Ok(len)
-    })?;
-    drop(state);
-    let target = Store::open(&dir.join("blob-target"))?;
-    let (install, install_peak, ()) = measure(|| {
-        let data = meta
-            .get("snapshot_data")?
-            .ok_or_else(|| anyhow::anyhow!("no blob stored"))?;
-        decode_snapshot(&data)?;
-        let snapshot = decode_snapshot(&data)?;
-        target.replace_stored(&snapshot, index)?;
-        let state = target.load()?;
-        anyhow::ensure!(state.jobs().count() == snapshot.jobs.len(), "jobs lost");
-        Ok(())
-    })?;
-    Ok((
-        bytes,
-        Way {
-            write,
-            install,
+            reopen,
             write_peak,
             install_peak,
         },

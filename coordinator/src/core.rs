@@ -323,6 +323,10 @@ pub struct Core {
     /// `restore` that follows in the same round (one decode per install);
     /// dropped at the round's tick.
     checked_snapshot: Option<(std::path::PathBuf, crate::store::StateSnapshot)>,
+    /// A failed write of held-back changes outside an apply (before a
+    /// read), reported by the loop's next `write_behind`, which stops the
+    /// replica.
+    store_failure: Option<String>,
     last_pass_ms: u64,
     started_ms: u64,
     /// The replica's status as of the loop's last tick (leadership, term,
@@ -373,7 +377,7 @@ impl Core {
     /// A core over a loaded store.
     pub fn new(
         config: CoreConfig,
-        store: Store,
+        mut store: Store,
         events: broadcast::Sender<pb::Event>,
         metrics: Arc<Metrics>,
     ) -> Result<Core, CoordinatorError> {
@@ -392,6 +396,7 @@ impl Core {
             soft: decide::Soft::default(),
             dirty: true,
             checked_snapshot: None,
+            store_failure: None,
             last_pass_ms: 0,
             started_ms: now_ms(),
             raft: RaftStatus::default(),
@@ -511,6 +516,20 @@ impl Core {
 
     fn handle(&mut self, request: Request) {
         let now = now_ms();
+        // A client's read may read the stored state (history, events, a
+        // backup): what the store holds back is written first. Agents'
+        // messages, the bulk of the requests, read only memory.
+        let agent = matches!(
+            request,
+            Request::AgentRegister { .. }
+                | Request::AgentMessage { .. }
+                | Request::AgentGone { .. }
+        );
+        if !agent && self.store_failure.is_none() {
+            if let Err(error) = self.store.write_pending(&self.state) {
+                self.store_failure = Some(format!("cannot write the applied state: {error}"));
+            }
+        }
         match request {
             Request::GetJob { id, reply } => {
                 let _ = reply.send(self.get_job(id));

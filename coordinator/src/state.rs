@@ -85,6 +85,58 @@ pub struct ChangeSet {
     pub at_ms: u64,
 }
 
+impl ChangeSet {
+    /// Adds the changes that come after these (the next command of an
+    /// entry, or the next entry while the store holds writes back). Every
+    /// field is named, so a new kind of change cannot be left out of the
+    /// storage batch unnoticed.
+    pub fn absorb(&mut self, from: ChangeSet) {
+        let into = self;
+        let ChangeSet {
+            jobs,
+            nodes,
+            events,
+            submissions,
+            estimates,
+            leader_term,
+            retired,
+            submissions_removed,
+            event_floor,
+            pipelines,
+            retention,
+            at_ms,
+        } = from;
+        into.jobs.extend(jobs);
+        into.nodes.extend(nodes);
+        into.events.extend(events);
+        // The store writes keys before it removes them: a key added and
+        // removed (or removed and added again) within one entry must end as
+        // the later command left it.
+        for (key, _) in &submissions {
+            into.submissions_removed.retain(|removed| removed != key);
+        }
+        into.submissions.extend(submissions);
+        into.submissions
+            .retain(|(key, _)| !submissions_removed.contains(key));
+        into.submissions_removed.extend(submissions_removed);
+        into.estimates.extend(estimates);
+        into.leader_term |= leader_term;
+        // A retired job is removed after the jobs written are stored, and it
+        // is no longer in state, so an earlier write of it is skipped.
+        into.retired.extend(retired);
+        if let Some((low, high)) = event_floor {
+            // The store deletes the stored events below the floor; events of
+            // this entry below it must not be written either.
+            into.events.retain(|event| event.index >= high);
+            into.event_floor = Some((into.event_floor.map_or(low, |(first, _)| first), high));
+        }
+        into.pipelines.extend(pipelines);
+        into.retention |= retention;
+        // History pruning is decided from the latest command's time.
+        into.at_ms = into.at_ms.max(at_ms);
+    }
+}
+
 /// What an apply produced, for the caller (reply to clients, messages to agents).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Outcome {

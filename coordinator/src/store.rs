@@ -6,7 +6,9 @@
 //! `history_index`: see [`history`]). A [`ChangeSet`] is written as one
 //! transaction across trees. Jobs, nodes, events and submission keys are
 //! prost messages ([`records`]; JSON ones of earlier versions are still
-//! read); a Raft snapshot is a stream of them ([`snapshot`]).
+//! read); a Raft snapshot is a stream of them ([`snapshot`]). An installed
+//! snapshot is not written into the trees: it becomes their base, and the
+//! trees hold what changed since ([`base`]).
 
 use std::path::Path;
 
@@ -16,6 +18,7 @@ use serde::Serialize;
 use crate::domain::{EventRecord, JobRecord, NodeRecord};
 use crate::state::{ChangeSet, RetentionPolicy, StateMachine};
 
+mod base;
 pub mod codec;
 mod history;
 pub mod records;
@@ -67,7 +70,6 @@ pub enum StoreError {
 }
 
 /// The coordinator's sled database.
-#[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     jobs: sled::Tree,
@@ -78,6 +80,14 @@ pub struct Store {
     meta: sled::Tree,
     history: sled::Tree,
     history_index: sled::Tree,
+    /// The base files and the current generation's pointer.
+    files: base::BaseFiles,
+    /// The current generation's base.
+    base: base::Base,
+    /// The base read by [`open`](Self::open), kept for [`load`](Self::load).
+    opened_base: Option<StateSnapshot>,
+    /// Applied changes held back (see [`persist_applied`](Self::persist_applied)).
+    pending: Option<Pending>,
     /// Command time after which the history is next checked for records
     /// past their retention (it is checked at every retirement anyway).
     next_prune_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -89,52 +99,113 @@ pub struct Store {
 /// alone took the coordinator past its 500 MiB RSS target.
 const SLED_CACHE_BYTES: u64 = 64 << 20;
 
-/// Records per sled batch when a snapshot is installed. One batch of the
-/// whole snapshot (100,000 jobs) made sled hold every record and its own
-/// copies at once (about 1 GiB more RSS during the install); the install
-/// is not one atomic step either way (the applied index is written last).
-const INSTALL_BATCH: usize = 1024;
+/// Applied changes not written yet, merged across entries.
+#[derive(Debug)]
+struct Pending {
+    /// What the entries changed, merged in order ([`ChangeSet::absorb`]).
+    changes: ChangeSet,
+    /// The last entry's index.
+    index: u64,
+    /// When the first of them was applied.
+    since: std::time::Instant,
+    /// Entries merged.
+    entries: usize,
+    /// Records they touched (jobs, events, retirements, submission keys),
+    /// counted with repeats: a bound on the merge's work, not a size.
+    records: usize,
+}
+
+/// How long applied changes may be held back before they are written
+/// ([`Store::write_due`]). A job's transitions (submitted, assigned,
+/// started, exited) usually fall within it and its record is written once.
+pub const WRITE_BEHIND: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Entries held back at most before a write.
+const WRITE_BEHIND_ENTRIES: usize = 1024;
+
+/// Records touched by the held-back entries at most before a write.
+const WRITE_BEHIND_RECORDS: usize = 16 * 1024;
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`: the current generation's
+    /// trees and base, with any other generation's dropped.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = open_db(&dir.join("state"))?;
-        Ok(Store {
-            jobs: db.open_tree("jobs")?,
-            nodes: db.open_tree("nodes")?,
-            events: db.open_tree("events")?,
-            submissions: db.open_tree("submissions")?,
-            estimates: db.open_tree("estimates")?,
-            meta: db.open_tree("meta")?,
+        let files = base::BaseFiles::open(&db, dir)?;
+        let generation = files.current()?;
+        files.drop_others(&db, generation)?;
+        let (mut base, mut opened_base) = (base::Base::default(), None);
+        if generation > 0 {
+            let mut snapshot = read_base(&files.path(generation))?;
+            base = base::Base::take(generation, &mut snapshot);
+            opened_base = Some(snapshot);
+        }
+        let tree = |name| db.open_tree(base::tree_name(name, generation));
+        let mut store = Store {
+            jobs: tree("jobs")?,
+            nodes: tree("nodes")?,
+            events: tree("events")?,
+            submissions: tree("submissions")?,
+            estimates: tree("estimates")?,
+            meta: tree("meta")?,
             history: db.open_tree("history")?,
             history_index: db.open_tree("history_index")?,
+            files,
+            base,
+            opened_base,
+            pending: None,
             next_prune_ms: Default::default(),
             db,
-        })
+        };
+        // The base's events below the floor reached since it was installed.
+        let floor = store.meta_u64(META_EVENT_FLOOR)?;
+        store.base.raise_floor(floor);
+        Ok(store)
     }
 
-    /// Loads the whole state machine.
-    pub fn load(&self) -> Result<StateMachine, StoreError> {
-        let jobs: Vec<JobRecord> = decode_all(&self.jobs, "jobs", records::decode_job)?;
-        let nodes: Vec<NodeRecord> = decode_all(&self.nodes, "nodes", records::decode_node)?;
-        let mut submissions = Vec::new();
-        for item in self.submissions.iter() {
-            let (key, value) = item?;
-            let ids = records::decode_job_ids(&value).map_err(|source| StoreError::Record {
-                tree: "submissions",
-                source,
+    /// Loads the whole state machine: the base, with the trees laid over
+    /// it.
+    pub fn load(&mut self) -> Result<StateMachine, StoreError> {
+        let base = match self.opened_base.take() {
+            Some(base) => base,
+            None if self.base.generation > 0 => {
+                let mut base = read_base(&self.files.path(self.base.generation))?;
+                base.events.clear();
+                base
+            }
+            None => StateSnapshot::default(),
+        };
+        let record = |tree| move |source| StoreError::Record { tree, source };
+        let jobs: Vec<JobRecord> = base::overlay(
+            base.jobs.into_iter().map(|job| (job.id, job)),
+            &self.jobs,
+            key_u64,
+            |value| records::decode_job(value).map_err(record("jobs")),
+        )?
+        .into_iter()
+        .map(|(_, job)| job)
+        .collect();
+        let nodes: Vec<NodeRecord> = base::overlay(
+            base.nodes.into_iter().map(|node| (node.name.clone(), node)),
+            &self.nodes,
+            key_string,
+            |value| records::decode_node(value).map_err(record("nodes")),
+        )?
+        .into_iter()
+        .map(|(_, node)| node)
+        .collect();
+        let submissions =
+            base::overlay(base.submissions, &self.submissions, key_string, |value| {
+                records::decode_job_ids(value).map_err(record("submissions"))
             })?;
-            submissions.push((String::from_utf8_lossy(&key).into_owned(), ids));
-        }
-        let mut estimates = Vec::new();
-        for item in self.estimates.iter() {
-            let (key, value) = item?;
-            estimates.push((String::from_utf8_lossy(&key).into_owned(), key_u64(&value)));
-        }
+        let estimates = base::overlay(base.estimates, &self.estimates, key_string, |value| {
+            Ok(key_u64(value))
+        })?;
         let next_event_index = match self.events.last()? {
             Some((key, _)) => key_u64(&key) + 1,
             None => 1,
-        };
+        }
+        .max(self.base.next_event_index);
         let mut state =
             StateMachine::restore(jobs, nodes, submissions, estimates, next_event_index);
         state.set_leader_term(self.meta_u64(META_LEADER_TERM)?);
@@ -155,7 +226,8 @@ impl Store {
         Ok(state)
     }
 
-    /// The sled database, shared with the Raft log storage.
+    /// The sled database, shared with the Raft log storage (the state
+    /// trees are [`base::tree_name`]s; the log's are its own).
     pub fn db(&self) -> &sled::Db {
         &self.db
     }
@@ -179,110 +251,134 @@ impl Store {
         }
     }
 
-    /// Writes what an apply changed together with the Raft index it came
-    /// from, without flushing: the Raft log is the durable record, and
-    /// entries after the stored applied index are applied again on start.
+    /// Takes what an apply changed, with the Raft index it came from, to
+    /// be written later, merged with the entries after it: the Raft log is
+    /// the durable record and entries after the stored applied index are
+    /// applied again on start, so holding writes back loses nothing, and a
+    /// job that changes several times meanwhile is written once (or, if
+    /// retired meanwhile, never). Written when [`WRITE_BEHIND`] has passed
+    /// ([`write_due`](Self::write_due)), when many entries or records are
+    /// held, or before the stored state is read
+    /// ([`write_pending`](Self::write_pending)); `state` is the state after
+    /// `index`.
     pub fn persist_applied(
-        &self,
+        &mut self,
         state: &StateMachine,
-        changes: &ChangeSet,
+        changes: ChangeSet,
         index: u64,
     ) -> Result<(), StoreError> {
-        self.write(state, changes, Some(index))
+        let records = changes.jobs.len()
+            + changes.events.len()
+            + changes.retired.len()
+            + changes.submissions.len()
+            + changes.submissions_removed.len();
+        let pending = self.pending.get_or_insert_with(|| Pending {
+            changes: ChangeSet::default(),
+            index,
+            since: std::time::Instant::now(),
+            entries: 0,
+            records: 0,
+        });
+        pending.changes.absorb(changes);
+        pending.index = index;
+        pending.entries += 1;
+        pending.records += records;
+        if pending.entries >= WRITE_BEHIND_ENTRIES || pending.records >= WRITE_BEHIND_RECORDS {
+            self.write_pending(state)?;
+        }
+        Ok(())
     }
 
-    /// Replaces everything stored with a snapshot's state at `index` and
-    /// returns that state, built from the snapshot itself (what
-    /// [`load`](Self::load) would read back, without decoding it all again).
-    pub fn replace_all(
-        &self,
-        snapshot: StateSnapshot,
+    /// Writes the changes held back, if any, with the last entry's index;
+    /// `state` must be the state after that entry (the job records are
+    /// read from it). Before any read of the stored state, a snapshot, an
+    /// install or a shutdown.
+    pub fn write_pending(&mut self, state: &StateMachine) -> Result<(), StoreError> {
+        if let Some(pending) = self.pending.take() {
+            self.write(state, &pending.changes, Some(pending.index))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the changes held back once [`WRITE_BEHIND`] has passed since
+    /// the first of them; called by the replica loop every round.
+    pub fn write_due(&mut self, state: &StateMachine) -> Result<(), StoreError> {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|pending| pending.since.elapsed() >= WRITE_BEHIND)
+        {
+            self.write_pending(state)?;
+        }
+        Ok(())
+    }
+
+    /// Installs a Raft snapshot's state at `index`, read from `file`: the
+    /// file becomes the base of a new generation whose trees start empty
+    /// (see [`base`]), so nothing is written per record. Returns the state,
+    /// built from the decoded `snapshot` (the file's contents).
+    ///
+    /// The switch to the new generation is one flushed write after the
+    /// new generation's meta is durable: a crash before it leaves the
+    /// previous state whole, and the entry is installed again.
+    pub fn install(
+        &mut self,
+        file: &Path,
+        mut snapshot: StateSnapshot,
         index: u64,
     ) -> Result<StateMachine, StoreError> {
-        self.replace_stored(&snapshot, index)?;
-        Ok(state_from(snapshot))
-    }
-
-    /// Replaces everything stored with a snapshot's state at `index`,
-    /// flushed, without building the state.
-    pub fn replace_stored(&self, snapshot: &StateSnapshot, index: u64) -> Result<(), StoreError> {
         // The history is this replica's own (not in snapshots): it stays,
         // and so does its size.
+        // The caller wrote what it held back (its history records stay);
+        // anything else held back is of the state being replaced.
+        self.pending = None;
         let history_bytes = self.history_bytes()?;
-        for tree in [
-            &self.jobs,
-            &self.nodes,
-            &self.events,
-            &self.submissions,
-            &self.estimates,
-            &self.meta,
-        ] {
-            // A replica that is new (the usual install) has nothing to clear.
+        let generation = self.base.generation + 1;
+        self.files.store(file, generation)?;
+        let tree = |name| self.db.open_tree(base::tree_name(name, generation));
+        let trees = [
+            tree("jobs")?,
+            tree("nodes")?,
+            tree("events")?,
+            tree("submissions")?,
+            tree("estimates")?,
+            tree("meta")?,
+        ];
+        for tree in &trees {
+            // Left by an install that crashed before its switch.
             if !tree.is_empty() {
                 tree.clear()?;
             }
         }
-        // Jobs and events are nearly all of it, and sled's cost is per
-        // record (its tree updates, not the bytes): the two trees are
-        // written on two threads.
-        let events = std::thread::scope(|scope| {
-            let events = scope.spawn(|| {
-                for chunk in snapshot.events.chunks(INSTALL_BATCH) {
-                    let mut batch = sled::Batch::default();
-                    for event in chunk {
-                        batch.insert(&event.index.to_be_bytes(), records::encode_event(event));
-                    }
-                    self.events.apply_batch(batch)?;
-                }
-                Ok::<(), sled::Error>(())
-            });
-            let jobs = snapshot.jobs.chunks(INSTALL_BATCH).try_for_each(|chunk| {
-                let mut batch = sled::Batch::default();
-                for job in chunk {
-                    batch.insert(&job.id.to_be_bytes(), records::encode_job(job));
-                }
-                self.jobs.apply_batch(batch)
-            });
-            // A panic on the other thread is a bug; it is passed on.
-            let events = events
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            jobs.and(events)
-        });
-        events?;
+        let [jobs, nodes, events, submissions, estimates, meta] = trees;
         let mut batch = sled::Batch::default();
-        for node in &snapshot.nodes {
-            batch.insert(node.name.as_bytes(), records::encode_node(node));
-        }
-        self.nodes.apply_batch(batch)?;
-        let mut batch = sled::Batch::default();
-        for (key, ids) in &snapshot.submissions {
-            batch.insert(key.as_bytes(), records::encode_job_ids(ids));
-        }
-        self.submissions.apply_batch(batch)?;
-        let mut batch = sled::Batch::default();
-        for (class, bytes) in &snapshot.estimates {
-            batch.insert(class.as_bytes(), &bytes.to_be_bytes());
-        }
-        self.estimates.apply_batch(batch)?;
-        self.meta
-            .insert(META_LEADER_TERM, &snapshot.leader_term.to_be_bytes())?;
-        self.meta
-            .insert(META_NEXT_JOB_ID, &snapshot.next_job_id.to_be_bytes())?;
-        self.meta
-            .insert(META_EVENT_FLOOR, &snapshot.event_floor.to_be_bytes())?;
+        batch.insert(META_LEADER_TERM, &snapshot.leader_term.to_be_bytes());
+        batch.insert(META_NEXT_JOB_ID, &snapshot.next_job_id.to_be_bytes());
+        batch.insert(META_EVENT_FLOOR, &snapshot.event_floor.to_be_bytes());
         if let Some(policy) = &snapshot.retention {
-            self.meta.insert(META_RETENTION, encode(policy)?)?;
+            batch.insert(META_RETENTION, encode(policy)?);
         }
         for (name, run) in &snapshot.pipeline_runs {
-            self.meta
-                .insert(run_key(name), &u64::from(*run).to_be_bytes())?;
+            batch.insert(run_key(name), &u64::from(*run).to_be_bytes());
         }
-        self.meta
-            .insert(META_HISTORY_BYTES, &history_bytes.to_be_bytes())?;
-        self.meta.insert(META_APPLIED_INDEX, &index.to_be_bytes())?;
+        batch.insert(META_HISTORY_BYTES, &history_bytes.to_be_bytes());
+        batch.insert(META_APPLIED_INDEX, &index.to_be_bytes());
+        meta.apply_batch(batch)?;
         self.db.flush()?;
-        Ok(())
+        self.files.switch(generation)?;
+        self.db.flush()?;
+        (
+            self.jobs,
+            self.nodes,
+            self.events,
+            self.submissions,
+            self.estimates,
+            self.meta,
+        ) = (jobs, nodes, events, submissions, estimates, meta);
+        self.base = base::Base::take(generation, &mut snapshot);
+        self.opened_base = None;
+        self.files.drop_others(&self.db, generation)?;
+        Ok(state_from(snapshot, self.base.next_event_index))
     }
 
     /// The whole stored state, for a Raft snapshot.
@@ -314,7 +410,7 @@ impl Store {
 
     /// Writes what an apply changed, then flushes. Only after this returns
     /// may the change be acknowledged.
-    pub fn persist(&self, state: &StateMachine, changes: &ChangeSet) -> Result<(), StoreError> {
+    pub fn persist(&mut self, state: &StateMachine, changes: &ChangeSet) -> Result<(), StoreError> {
         self.write(state, changes, None)?;
         self.db.flush()?;
         Ok(())
@@ -325,7 +421,7 @@ impl Store {
     /// there or none, so the applied index never claims a change that was
     /// lost (the entry is then applied again from the Raft log).
     fn write(
-        &self,
+        &mut self,
         state: &StateMachine,
         changes: &ChangeSet,
         applied: Option<u64>,
@@ -338,7 +434,12 @@ impl Store {
             }
         }
         for job in &changes.retired {
-            jobs.remove(&job.id.to_be_bytes());
+            // A base record needs a tombstone to stay removed.
+            if self.base.has_job(job.id) {
+                jobs.insert(&job.id.to_be_bytes(), base::TOMBSTONE);
+            } else {
+                jobs.remove(&job.id.to_be_bytes());
+            }
         }
         let mut nodes = sled::Batch::default();
         for name in &changes.nodes {
@@ -348,6 +449,7 @@ impl Store {
         }
         let mut events = sled::Batch::default();
         if let Some((from, to)) = changes.event_floor {
+            self.base.raise_floor(to);
             // Below the floor: out of hard state (the range holds at most
             // what one apply's retirement let go).
             for item in self.events.range(from.to_be_bytes()..to.to_be_bytes()) {
@@ -363,7 +465,11 @@ impl Store {
             submissions.insert(key.as_bytes(), records::encode_job_ids(ids));
         }
         for key in &changes.submissions_removed {
-            submissions.remove(key.as_bytes());
+            if self.base.submissions.contains(key) {
+                submissions.insert(key.as_bytes(), base::TOMBSTONE);
+            } else {
+                submissions.remove(key.as_bytes());
+            }
         }
         let mut estimates = sled::Batch::default();
         for class in &changes.estimates {
@@ -438,10 +544,17 @@ impl Store {
         Ok(())
     }
 
-    /// Events with index >= `from`, at most `limit`.
+    /// Events with index >= `from`, at most `limit`: the base's (all
+    /// below the trees'), then the trees'.
     pub fn events_since(&self, from: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.events.range(from.to_be_bytes()..).take(limit) {
+        let first = self.base.events.partition_point(|event| event.index < from);
+        let mut out: Vec<EventRecord> = self.base.events[first..]
+            .iter()
+            .take(limit)
+            .cloned()
+            .collect();
+        let rest = limit - out.len();
+        for item in self.events.range(from.to_be_bytes()..).take(rest) {
             let (_, value) = item?;
             out.push(
                 records::decode_event(&value).map_err(|source| StoreError::Record {
@@ -537,15 +650,9 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// The state a snapshot holds, as [`Store::load`] builds it from the
-/// stored records.
-fn state_from(snapshot: StateSnapshot) -> StateMachine {
-    let next_event_index = snapshot
-        .events
-        .iter()
-        .map(|e| e.index + 1)
-        .max()
-        .unwrap_or(1);
+/// The state a snapshot holds (its events already moved into the base,
+/// hence the next event index apart).
+fn state_from(snapshot: StateSnapshot, next_event_index: u64) -> StateMachine {
     let mut state = StateMachine::restore(
         snapshot.jobs,
         snapshot.nodes,
@@ -569,17 +676,16 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(StoreError::Encode)
 }
 
-fn decode_all<T>(
-    tree: &sled::Tree,
-    name: &'static str,
-    decode: fn(&[u8]) -> Result<T, codec::CodecError>,
-) -> Result<Vec<T>, StoreError> {
-    let mut out = Vec::new();
-    for item in tree.iter() {
-        let (_, value) = item?;
-        out.push(decode(&value).map_err(|source| StoreError::Record { tree: name, source })?);
-    }
-    Ok(out)
+/// Reads a base snapshot file whole.
+fn read_base(path: &Path) -> Result<StateSnapshot, StoreError> {
+    let file = std::fs::File::open(path).map_err(|error| {
+        StoreError::Snapshot(format!("cannot open the base {}: {error}", path.display()))
+    })?;
+    read_snapshot(file)
+}
+
+fn key_string(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
 }
 
 fn key_u64(key: &[u8]) -> u64 {
@@ -613,7 +719,7 @@ mod tests {
     #[test]
     fn applied_index_is_read_strictly() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
         assert_eq!(store.applied_index().unwrap(), 0, "nothing stored yet");
         store
             .meta

@@ -53,7 +53,7 @@ fn quarantined(sm: &StateMachine, now_ms: u64) -> Vec<(String, u64, u32)> {
 #[test]
 fn a_quarantine_survives_restart_and_snapshot_and_is_cleared_everywhere() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("open");
+    let mut store = Store::open(dir.path()).expect("open");
     let mut sm = store.load().expect("load");
     for name in ["a", "b", "c"] {
         register(&mut sm, name);
@@ -66,11 +66,12 @@ fn a_quarantine_survives_restart_and_snapshot_and_is_cleared_everywhere() {
     assert!(quarantined(&sm, 301_000).is_empty());
     let changes = sm.take_changes();
     assert!(changes.nodes.contains("a"), "the node record is written");
-    store.persist_applied(&sm, &changes, 7).expect("persist");
+    store.persist_applied(&sm, changes, 7).expect("persist");
+    store.write_pending(&sm).expect("write");
     drop(store);
 
     // A restart loads it.
-    let store = reopen(dir.path());
+    let mut store = reopen(dir.path());
     let loaded = store.load().expect("load");
     assert_eq!(
         loaded.node("a").and_then(|n| n.quarantine.clone()),
@@ -87,8 +88,10 @@ fn a_quarantine_survives_restart_and_snapshot_and_is_cleared_everywhere() {
     let bytes = store.snapshot_bytes(&loaded).expect("snapshot");
     let snapshot = gantry_coordinator::store::decode_snapshot(&bytes).expect("decode");
     let other_dir = tempfile::tempdir().expect("tempdir");
-    let other = Store::open(other_dir.path()).expect("open other");
-    let mut follower = other.replace_all(snapshot, 7).expect("install");
+    let file = other_dir.path().join("installed.snap");
+    std::fs::write(&file, &bytes).expect("write the snapshot file");
+    let mut other = Store::open(&other_dir.path().join("data")).expect("open other");
+    let mut follower = other.install(&file, snapshot, 7).expect("install");
     assert_eq!(quarantined(&follower, 2_000), quarantined(&loaded, 2_000));
 
     // Apply re-checks the share: 1 of 3 nodes is quarantined already.
@@ -121,7 +124,7 @@ fn a_quarantine_survives_restart_and_snapshot_and_is_cleared_everywhere() {
 #[test]
 fn an_old_node_record_without_a_quarantine_still_loads() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("open");
+    let mut store = Store::open(dir.path()).expect("open");
     let mut sm = store.load().expect("load");
     register(&mut sm, "a");
     let snapshot = store.snapshot(&sm).expect("snapshot");

@@ -191,7 +191,7 @@ impl ReplicatedStateMachine for Toy {
         match request {}
     }
 
-    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), String> {
+    fn snapshot(&mut self, out: &mut dyn std::io::Write) -> Result<(), String> {
         let state = self.0.lock().unwrap();
         if state.fail_snapshots {
             return Err("injected snapshot failure".into());

@@ -647,7 +647,7 @@ fn submissions_are_idempotent_and_dags_are_validated_without_side_effects() {
 #[test]
 fn the_store_round_trips_the_state_machine() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("open");
+    let mut store = Store::open(dir.path()).expect("open");
     let mut sm = store.load().expect("load");
     register(&mut sm, "n1", 2, 80 * GIB);
     let ids = submit(&mut sm, vec![spec("a"), spec("b")]);
@@ -656,7 +656,7 @@ fn the_store_round_trips_the_state_machine() {
     store.persist(&sm, &changes).expect("persist");
     drop(store);
 
-    let store = Store::open(dir.path()).expect("reopen");
+    let mut store = Store::open(dir.path()).expect("reopen");
     let loaded = store.load().expect("load");
     let jobs: Vec<_> = loaded.jobs().cloned().collect();
     assert_eq!(jobs, sm.jobs().cloned().collect::<Vec<_>>());
@@ -674,7 +674,7 @@ fn the_store_round_trips_the_state_machine() {
 #[test]
 fn snapshot_bytes_decode_to_the_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(dir.path()).expect("open");
+    let mut store = Store::open(dir.path()).expect("open");
     let mut sm = store.load().expect("load");
     let empty = store.snapshot_bytes(&sm).expect("empty snapshot");
     let decoded = gantry_coordinator::store::decode_snapshot(&empty).expect("decodes");

@@ -38,7 +38,7 @@ impl ReplicaState {
 pub fn read_replicas(dirs: &[PathBuf]) -> anyhow::Result<Vec<ReplicaState>> {
     dirs.iter()
         .map(|dir| {
-            let store = Store::open(dir).with_context(|| format!("open {}", dir.display()))?;
+            let mut store = Store::open(dir).with_context(|| format!("open {}", dir.display()))?;
             let state = store.load()?;
             Ok(ReplicaState {
                 dir: dir.clone(),

@@ -1,7 +1,9 @@
 //! Issue 11: Raft snapshots are files sent in chunks. A follower that
 //! missed a few MiB of job state catches up from a snapshot sent in 64 KiB
-//! chunks, also after it was killed -9 part-way through a transfer; every
-//! replica's storage agrees after.
+//! chunks, also after it was killed -9 part-way through a transfer; the
+//! snapshot becomes its stored state's base, and killed -9 again after
+//! more changes it restarts from that base; every replica's storage
+//! agrees after.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -93,15 +95,35 @@ fn a_follower_catches_up_from_a_chunked_snapshot_after_a_kill_mid_transfer() -> 
     // Restarted again, it catches up by snapshot; the leftover is gone.
     sandbox.start_replica(&mut set, follower)?;
     let leader_url = set.urls[leader - 1].clone();
-    let target = sandbox.gantry_json(&leader_url, &["status"])?["commit_index"]
-        .as_u64()
-        .unwrap_or(0);
     let restarted = set.urls[follower - 1].clone();
-    wait_until("the follower to catch up", T, || {
-        let status = sandbox.gantry_json(&restarted, &["status"]).ok()?;
-        (status["applied_index"].as_u64()? >= target).then_some(())
-    })?;
+    let caught_up = |sandbox: &Sandbox| -> anyhow::Result<()> {
+        let target = sandbox.gantry_json(&leader_url, &["status"])?["commit_index"]
+            .as_u64()
+            .unwrap_or(0);
+        wait_until("the follower to catch up", T, || {
+            let status = sandbox.gantry_json(&restarted, &["status"]).ok()?;
+            (status["applied_index"].as_u64()? >= target).then_some(())
+        })
+    };
+    caught_up(&sandbox)?;
     assert!(!partial.exists(), "the leftover transfer was removed");
+    // The installed snapshot is its stored state's base (nothing written
+    // per record); killed -9 with changes over that base, it restarts
+    // from the base and the trees and goes on.
+    let bases = set.dirs[follower - 1].join("state-base");
+    assert_eq!(files(&bases, "", ".snap").len(), 1, "one base: {bases:?}");
+    for i in 0..5 {
+        sandbox.submit(&addrs, &["--name", &format!("after-{i}"), "--", "true"])?;
+    }
+    caught_up(&sandbox)?;
+    let index = set.procs[follower - 1].take().expect("follower process");
+    sandbox.proc(index).kill9();
+    sandbox.start_replica(&mut set, follower)?;
+    for i in 5..10 {
+        sandbox.submit(&addrs, &["--name", &format!("after-{i}"), "--", "true"])?;
+    }
+    caught_up(&sandbox)?;
+    assert_eq!(files(&bases, "", ".snap").len(), 1, "one base: {bases:?}");
     let logs: Vec<String> = std::fs::read_dir(sandbox.path())?
         .filter_map(Result::ok)
         .filter(|e| {
@@ -122,7 +144,7 @@ fn a_follower_catches_up_from_a_chunked_snapshot_after_a_kill_mid_transfer() -> 
     let replicas = read_replicas(&set.dirs)?;
     assert_eq!(
         replicas[follower - 1].jobs.len(),
-        85,
+        95,
         "the follower has every job"
     );
     check_replicas(&replicas)?;

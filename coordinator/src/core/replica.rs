@@ -46,20 +46,31 @@ impl ReplicatedStateMachine for Core {
             .into_iter()
             .map(|command| self.apply_one(command, &mut written))
             .collect();
-        // Fatal when it fails: the replica must not go on as if it had applied.
-        self.store
-            .persist_applied(&self.state, &written, index)
-            .map_err(|error| format!("cannot persist index {index}: {error}"))?;
         for event in &written.events {
             let _ = self.events.send(convert::event_to_proto(event));
         }
+        // Fatal when it fails: the replica must not go on as if it had applied.
+        self.store
+            .persist_applied(&self.state, written, index)
+            .map_err(|error| format!("cannot persist index {index}: {error}"))?;
         Ok(outcomes)
     }
 
-    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), String> {
+    fn snapshot(&mut self, out: &mut dyn std::io::Write) -> Result<(), String> {
+        // The snapshot reads the stored events.
         self.store
-            .write_snapshot(&self.state, out)
+            .write_pending(&self.state)
+            .and_then(|()| self.store.write_snapshot(&self.state, out))
             .map_err(|error| format!("cannot take a state snapshot: {error}"))
+    }
+
+    fn write_behind(&mut self) -> Result<(), String> {
+        if let Some(error) = self.store_failure.take() {
+            return Err(error);
+        }
+        self.store
+            .write_due(&self.state)
+            .map_err(|error| format!("cannot write the applied state: {error}"))
     }
 
     /// Decodes the snapshot without touching the state: a peer's snapshot
@@ -78,9 +89,14 @@ impl ReplicatedStateMachine for Core {
             Some((checked, snapshot)) if checked == file => snapshot,
             _ => read_snapshot(file)?,
         };
+        // What was held back goes first: its retired jobs' history is this
+        // replica's own and outlives the install.
+        self.store
+            .write_pending(&self.state)
+            .map_err(|error| error.to_string())?;
         self.state = self
             .store
-            .replace_all(snapshot, index)
+            .install(file, snapshot, index)
             .map_err(|error| error.to_string())?;
         self.dirty = true;
         Ok(())
@@ -110,7 +126,8 @@ impl ReplicatedStateMachine for Core {
     }
 
     fn stop(&mut self) {
-        match self.store.flush() {
+        let written = self.store.write_pending(&self.state);
+        match written.and_then(|()| self.store.flush()) {
             Ok(()) => tracing::info!("coordinator core stopped; storage flushed"),
             Err(error) => tracing::error!(%error, "final flush failed"),
         }
@@ -159,7 +176,7 @@ impl Core {
             }
         }
         self.dirty |= !changes.jobs.is_empty() || !changes.nodes.is_empty();
-        merge(written, changes);
+        written.absorb(changes);
         if let Ok(outcome) = &result {
             self.after_apply(&command, outcome);
         }
@@ -187,53 +204,6 @@ fn effects_copy(command: &Command) -> Command {
         },
         other => other.clone(),
     }
-}
-
-/// Adds one command's changes to its entry's. Every field is named, so a
-/// new kind of change cannot be left out of the storage batch unnoticed.
-fn merge(into: &mut ChangeSet, from: ChangeSet) {
-    let ChangeSet {
-        jobs,
-        nodes,
-        events,
-        submissions,
-        estimates,
-        leader_term,
-        retired,
-        submissions_removed,
-        event_floor,
-        pipelines,
-        retention,
-        at_ms,
-    } = from;
-    into.jobs.extend(jobs);
-    into.nodes.extend(nodes);
-    into.events.extend(events);
-    // The store writes keys before it removes them: a key added and
-    // removed (or removed and added again) within one entry must end as
-    // the later command left it.
-    for (key, _) in &submissions {
-        into.submissions_removed.retain(|removed| removed != key);
-    }
-    into.submissions.extend(submissions);
-    into.submissions
-        .retain(|(key, _)| !submissions_removed.contains(key));
-    into.submissions_removed.extend(submissions_removed);
-    into.estimates.extend(estimates);
-    into.leader_term |= leader_term;
-    // A retired job is removed after the jobs written are stored, and it
-    // is no longer in state, so an earlier write of it is skipped.
-    into.retired.extend(retired);
-    if let Some((low, high)) = event_floor {
-        // The store deletes the stored events below the floor; events of
-        // this entry below it must not be written either.
-        into.events.retain(|event| event.index >= high);
-        into.event_floor = Some((into.event_floor.map_or(low, |(first, _)| first), high));
-    }
-    into.pipelines.extend(pipelines);
-    into.retention |= retention;
-    // History pruning is decided from the latest command's time.
-    into.at_ms = into.at_ms.max(at_ms);
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ pub trait ReplicatedStateMachine: Send + Sized + 'static {
     /// file, [`snapfile`]): streamed, not built in memory first. The log
     /// is compacted behind the result, so it must be the whole state or
     /// `Err`.
-    fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<(), String>;
+    fn snapshot(&mut self, out: &mut dyn std::io::Write) -> Result<(), String>;
     /// Checks that the snapshot file `file` is one this application can
     /// restore, without changing its state: a peer's snapshot that would
     /// not restore is refused before raft-rs installs it (the default
@@ -181,6 +181,13 @@ pub trait ReplicatedStateMachine: Send + Sized + 'static {
     /// taken after each call into it and proposed with the round's batch.
     fn take_proposals(&mut self) -> Vec<Self::Command> {
         Vec::new()
+    }
+    /// Writes whatever the application held back from its applies once
+    /// it is due; called once per round of the loop. An `Err` is fatal, as
+    /// for [`apply`](Self::apply): the replica stops (the Raft log still
+    /// holds every entry after the stored applied index).
+    fn write_behind(&mut self) -> Result<(), String> {
+        Ok(())
     }
     /// The loop is stopping (shutdown or a fatal error): flush.
     fn stop(&mut self) {}

@@ -679,6 +679,13 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 failure = Some(error);
                 break;
             }
+            if let Err(reason) = self.app.write_behind() {
+                failure = Some(RaftError::App {
+                    what: "write the applied state".into(),
+                    reason,
+                });
+                break;
+            }
             if self.raw.raft.state != StateRole::Leader && !self.pending.is_empty() {
                 self.fail_pending(u64::MAX);
             }
@@ -1102,7 +1109,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         // Streamed into its file. A failed snapshot stops the replica:
         // compacting the log behind anything but the whole state would
         // lose the rest for good (the previous file stays the stored one).
-        let app = &self.app;
+        let app = &mut self.app;
         let descriptor = self
             .raw
             .mut_store()

@@ -210,16 +210,22 @@ mod tests {
 
     const HOUR: u64 = 3600 * 1000;
 
-    fn apply(sm: &mut StateMachine, store: &Store, index: &mut u64, command: Command) -> Outcome {
+    fn apply(
+        sm: &mut StateMachine,
+        store: &mut Store,
+        index: &mut u64,
+        command: Command,
+    ) -> Outcome {
         let outcome = sm.apply(command).unwrap();
         *index += 1;
         let changes = sm.take_changes();
-        store.persist_applied(sm, &changes, *index).unwrap();
+        store.persist_applied(sm, changes, *index).unwrap();
+        store.write_pending(sm).unwrap();
         outcome
     }
 
     /// A pipeline job runs and succeeds at `at`.
-    fn run_job(sm: &mut StateMachine, store: &Store, index: &mut u64, at: u64) -> JobId {
+    fn run_job(sm: &mut StateMachine, store: &mut Store, index: &mut u64, at: u64) -> JobId {
         let Outcome::Submitted(ids) = apply(
             sm,
             store,
@@ -276,33 +282,33 @@ mod tests {
     /// An empty store in a temporary directory and its state machine.
     fn fresh() -> (tempfile::TempDir, Store, StateMachine, u64) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
         let sm = store.load().unwrap();
         (dir, store, sm, 0)
     }
 
     #[test]
     fn retired_jobs_move_to_history_and_leave_it_in_time() {
-        let (_dir, store, mut sm, mut index) = fresh();
+        let (_dir, mut store, mut sm, mut index) = fresh();
         let policy = RetentionPolicy {
             job_retention_ms: HOUR,
             max_retained_jobs: 100,
             history_retention_ms: 3 * HOUR,
             history_max_bytes: 1 << 20,
         };
-        let tick = |sm: &mut StateMachine, index: &mut u64, at_ms| {
-            apply(sm, &store, index, Command::SetRetention { at_ms, policy });
+        let tick = |sm: &mut StateMachine, store: &mut Store, index: &mut u64, at_ms| {
+            apply(sm, store, index, Command::SetRetention { at_ms, policy });
         };
-        tick(&mut sm, &mut index, 0);
+        tick(&mut sm, &mut store, &mut index, 0);
         apply(
             &mut sm,
-            &store,
+            &mut store,
             &mut index,
             Command::register_for_test("n1", 1, 80 << 30),
         );
-        let first = run_job(&mut sm, &store, &mut index, 10);
-        let second = run_job(&mut sm, &store, &mut index, 20);
-        tick(&mut sm, &mut index, 11 + HOUR);
+        let first = run_job(&mut sm, &mut store, &mut index, 10);
+        let second = run_job(&mut sm, &mut store, &mut index, 20);
+        tick(&mut sm, &mut store, &mut index, 11 + HOUR);
         assert!(sm.job(first).is_none() && sm.job(second).is_some());
 
         // Hard state on disk agrees with memory; the job is in history.
@@ -333,7 +339,7 @@ mod tests {
         assert_eq!(events[0].index, floor, "events below the floor are gone");
 
         // Everything retired: ids and run numbers still go on.
-        tick(&mut sm, &mut index, 21 + HOUR);
+        tick(&mut sm, &mut store, &mut index, 21 + HOUR);
         assert_eq!(sm.jobs().count(), 0);
         let loaded = store.load().unwrap();
         assert_eq!(loaded.next_job_id(), second + 1);
@@ -353,36 +359,248 @@ mod tests {
         );
 
         // Past the history's retention (from the command's time) both go.
-        tick(&mut sm, &mut index, 21 + 3 * HOUR);
+        tick(&mut sm, &mut store, &mut index, 21 + 3 * HOUR);
         assert!(store.history_job(first).unwrap().is_none());
         assert!(store.history_job(second).unwrap().is_none());
         assert_eq!(store.history_bytes().unwrap(), 0);
         assert_eq!(store.history_len(), 0);
     }
 
+    /// A follower installs a leader's snapshot as its base (nothing
+    /// written per record), then applies more: base and new jobs retired
+    /// (a tombstone only for the base's), submission keys removed, the
+    /// event floor raised. Reopened at each step it loads the same state
+    /// and events; a crashed later install's leftovers are dropped.
     #[test]
-    fn a_snapshot_install_keeps_the_history_and_its_size() {
-        let (_dir, store, mut sm, mut index) = fresh();
+    fn an_installed_base_with_changes_over_it_reopens_to_the_same_state() {
+        let (dir, mut store, mut sm, mut index) = fresh();
         let policy = RetentionPolicy {
             job_retention_ms: HOUR,
             ..RetentionPolicy::default()
         };
         apply(
             &mut sm,
-            &store,
+            &mut store,
             &mut index,
             Command::SetRetention { at_ms: 0, policy },
         );
         apply(
             &mut sm,
-            &store,
+            &mut store,
             &mut index,
             Command::register_for_test("n1", 1, 80 << 30),
         );
-        let job = run_job(&mut sm, &store, &mut index, 10);
+        let in_base = run_job(&mut sm, &mut store, &mut index, 10);
+        let file = dir.path().join("leader.snap");
+        let bytes = store.snapshot_bytes(&sm).unwrap();
+        std::fs::write(&file, &bytes).unwrap();
+
+        let follower_dir = tempfile::tempdir().unwrap();
+        let mut follower = Store::open(follower_dir.path()).unwrap();
+        let snapshot = crate::store::decode_snapshot(&bytes).unwrap();
+        let mut state = follower.install(&file, snapshot, index).unwrap();
+        assert_eq!(follower.snapshot_bytes(&state).unwrap(), bytes);
+        assert!(follower.jobs.is_empty() && follower.events.is_empty());
+        drop(file);
+        std::fs::remove_file(dir.path().join("leader.snap")).unwrap();
+
+        let reopened = |store: Store, state: &StateMachine| {
+            let expected = store.snapshot_bytes(state).unwrap();
+            let events = store.events_since(0, usize::MAX).unwrap();
+            drop(store);
+            let mut store = Store::open(follower_dir.path()).unwrap();
+            let loaded = store.load().unwrap();
+            assert_eq!(store.snapshot_bytes(&loaded).unwrap(), expected);
+            assert_eq!(store.events_since(0, usize::MAX).unwrap(), events);
+            assert_eq!(loaded.next_event_index(), state.next_event_index());
+            store
+        };
+        let mut follower = reopened(follower, &state);
+        // Retirement is decided in apply from the commands' times: this
+        // submit retires the base's job.
+        let floor = state.event_floor();
+        let after = run_job(&mut state, &mut follower, &mut index, 2 * HOUR);
+        assert!(state.job(in_base).is_none() && state.job(after).is_some());
+        assert!(state.event_floor() > floor, "the floor rose");
+        let tombstones = |store: &Store| {
+            store
+                .jobs
+                .iter()
+                .filter(|item| item.as_ref().unwrap().1.as_ref() == super::super::base::TOMBSTONE)
+                .count()
+        };
+        assert_eq!(tombstones(&follower), 1, "the base's job");
+        let mut follower = reopened(follower, &state);
+        apply(
+            &mut state,
+            &mut follower,
+            &mut index,
+            Command::Retire {
+                at_ms: 3 * HOUR + 2,
+            },
+        );
+        assert!(state.job(after).is_none());
+        assert_eq!(tombstones(&follower), 1, "a job after the base is removed");
+        assert!(follower.history_job(after).unwrap().is_some());
+
+        // An install that crashed before its switch left generation 2's
+        // trees and file: the open drops them and keeps generation 1.
+        follower
+            .db
+            .open_tree("jobs@2")
+            .unwrap()
+            .insert("x", "y")
+            .unwrap();
+        let leftover = follower_dir.path().join("state-base").join("2.snap");
+        std::fs::write(&leftover, b"partial").unwrap();
+        let follower = reopened(follower, &state);
+        assert!(!leftover.exists());
+        let names: Vec<_> = follower.db.tree_names();
+        assert!(!names.iter().any(|n| n.as_ref() == b"jobs@2"));
+        assert!(names.iter().any(|n| n.as_ref() == b"jobs@1"));
+    }
+
+    /// Applied entries are held back and merged: nothing reaches the
+    /// trees (nor the stored applied index) until they are written, and
+    /// then a job submitted, run and retired in between is only history.
+    /// Held-back entries lost in a crash leave the applied index where the
+    /// Raft log replays them from.
+    #[test]
+    fn held_back_entries_are_written_merged_or_replayed_after_a_crash() {
+        let (dir, mut store, mut sm, mut index) = fresh();
+        let policy = RetentionPolicy {
+            job_retention_ms: HOUR,
+            ..RetentionPolicy::default()
+        };
         apply(
             &mut sm,
-            &store,
+            &mut store,
+            &mut index,
+            Command::SetRetention { at_ms: 0, policy },
+        );
+        apply(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::register_for_test("n1", 1, 80 << 30),
+        );
+        let written = index;
+        let step = |sm: &mut StateMachine, store: &mut Store, index: &mut u64, command| {
+            sm.apply(command).unwrap();
+            *index += 1;
+            let changes = sm.take_changes();
+            store.persist_applied(sm, changes, *index).unwrap();
+        };
+        let Outcome::Submitted(ids) = sm
+            .apply(Command::Submit {
+                at_ms: 10,
+                key: Some("k".into()),
+                jobs: vec![JobSpec::for_test("train")],
+                pipeline: None,
+                owner: None,
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        index += 1;
+        let changes = sm.take_changes();
+        store.persist_applied(&sm, changes, index).unwrap();
+        let job = ids[0];
+        step(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::Retire { at_ms: 11 },
+        );
+        assert!(sm.job(job).is_some(), "still pending");
+        assert_eq!(store.applied_index().unwrap(), written, "held back");
+        assert!(store.jobs.get(job.to_be_bytes()).unwrap().is_none());
+
+        // A crash now: the store is as it was; the Raft log replays.
+        drop(store);
+        let mut reopened = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened.applied_index().unwrap(), written);
+        assert!(reopened.load().unwrap().job(job).is_none());
+        let mut store = reopened;
+
+        // Run and retire it, all held back, then write: only history.
+        let mut sm2 = store.load().unwrap();
+        let mut index = written;
+        for command in [
+            Command::Submit {
+                at_ms: 10,
+                key: Some("k".into()),
+                jobs: vec![JobSpec::for_test("train")],
+                pipeline: None,
+                owner: None,
+            },
+            Command::Assign {
+                at_ms: 10,
+                placements: vec![Placement {
+                    job,
+                    node: "n1".into(),
+                    gpus: vec![0],
+                    gpu_memory: 10 << 30,
+                    batch_size: None,
+                    exclusive_gpu: false,
+                }],
+                term: 1,
+            },
+            Command::JobExited {
+                at_ms: 11,
+                job,
+                attempt: 1,
+                node: "n1".into(),
+                code: Some(0),
+                signal: None,
+                error: String::new(),
+                cancelled: false,
+                oom: false,
+                output_tail: "done".into(),
+                peak_gpu_memory: 0,
+            },
+            Command::Retire { at_ms: 12 + HOUR },
+        ] {
+            step(&mut sm2, &mut store, &mut index, command);
+        }
+        assert!(sm2.job(job).is_none(), "retired");
+        assert!(store.history_job(job).unwrap().is_none(), "not written yet");
+        store.write_pending(&sm2).unwrap();
+        assert_eq!(store.applied_index().unwrap(), index);
+        assert!(store.jobs.get(job.to_be_bytes()).unwrap().is_none());
+        assert!(store.submissions.is_empty(), "the key left with its job");
+        assert!(store.history_job(job).unwrap().is_some());
+        let expected = store.snapshot_bytes(&sm2).unwrap();
+        drop(store);
+        let mut store = Store::open(dir.path()).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(store.snapshot_bytes(&loaded).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_snapshot_install_keeps_the_history_and_its_size() {
+        let (_dir, mut store, mut sm, mut index) = fresh();
+        let policy = RetentionPolicy {
+            job_retention_ms: HOUR,
+            ..RetentionPolicy::default()
+        };
+        apply(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::SetRetention { at_ms: 0, policy },
+        );
+        apply(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::register_for_test("n1", 1, 80 << 30),
+        );
+        let job = run_job(&mut sm, &mut store, &mut index, 10);
+        apply(
+            &mut sm,
+            &mut store,
             &mut index,
             Command::Retire { at_ms: 11 + HOUR },
         );
@@ -391,11 +609,14 @@ mod tests {
         let snapshot = crate::store::decode_snapshot(&store.snapshot_bytes(&sm).unwrap()).unwrap();
         assert_eq!(snapshot.next_job_id, job + 1);
         assert_eq!(snapshot.pipeline_runs, vec![("nightly".to_string(), 1)]);
-        let restored = store.replace_all(snapshot, index).unwrap();
+        let file = _dir.path().join("installed.snap");
+        std::fs::write(&file, store.snapshot_bytes(&sm).unwrap()).unwrap();
+        let restored = store.install(&file, snapshot, index).unwrap();
         // The state built from the snapshot is the one stored.
+        let loaded = store.load().unwrap();
         assert_eq!(
             store.snapshot_bytes(&restored).unwrap(),
-            store.snapshot_bytes(&store.load().unwrap()).unwrap()
+            store.snapshot_bytes(&loaded).unwrap()
         );
         assert_eq!(restored.next_job_id(), job + 1);
         assert_eq!(restored.event_floor(), sm.event_floor());

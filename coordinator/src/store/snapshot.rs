@@ -118,6 +118,9 @@ impl Store {
                 run: *run,
             }))?;
         }
+        for event in &self.base.events {
+            items.item(Item::Event(records::event_to_storage(event)))?;
+        }
         for item in self.events.iter() {
             let (_, value) = item?;
             if value.first() == Some(&b'{') {

@@ -426,7 +426,7 @@ fn damaged_snapshots_are_refused() {
 #[test]
 fn a_data_directory_of_json_records_still_opens() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
     let job = full_job(JobState::Running);
     let node = full_node();
     let event = event(1, JobState::Running, JobKind::Training);
@@ -468,17 +468,28 @@ fn a_data_directory_of_json_records_still_opens() {
     assert!(same(&decoded, &store.snapshot(&state).unwrap()));
     assert_eq!(decoded.events, [event]);
 
-    // Installed elsewhere, every record is binary.
+    // Installed elsewhere, the binary file is the base and what is
+    // written after is binary.
     let other_dir = tempfile::tempdir().unwrap();
-    let other = Store::open(other_dir.path()).unwrap();
-    let restored = other.replace_all(decoded, 5).unwrap();
+    let file = other_dir.path().join("installed.snap");
+    std::fs::write(&file, &bytes).unwrap();
+    let mut other = Store::open(&other_dir.path().join("data")).unwrap();
+    let mut restored = other.install(&file, decoded, 5).unwrap();
     assert_eq!(restored.job(job.id), Some(&job));
+    assert_eq!(other.snapshot_bytes(&restored).unwrap(), bytes);
+    restored
+        .apply(crate::command::Command::Retire {
+            at_ms: u64::MAX / 2,
+        })
+        .unwrap();
+    let changes = restored.take_changes();
+    other.persist_applied(&restored, changes, 6).unwrap();
+    other.write_pending(&restored).unwrap();
     for tree in [&other.jobs, &other.nodes, &other.events, &other.submissions] {
         for item in tree.iter() {
             assert!(!is_json(&item.unwrap().1));
         }
     }
-    assert_eq!(other.snapshot_bytes(&restored).unwrap(), bytes);
 }
 
 /// Binary events stored by this version are copied into a snapshot as
@@ -486,7 +497,7 @@ fn a_data_directory_of_json_records_still_opens() {
 #[test]
 fn stored_binary_events_are_copied_into_snapshots() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
     let events: Vec<EventRecord> = (1..=3)
         .map(|i| event(i, JobState::ALL[i as usize], JobKind::Export))
         .collect();
