@@ -525,10 +525,11 @@ impl Core {
                 | Request::AgentMessage { .. }
                 | Request::AgentGone { .. }
         );
-        if !agent && self.store_failure.is_none() {
-            if let Err(error) = self.store.write_pending(&self.state) {
-                self.store_failure = Some(format!("cannot write the applied state: {error}"));
-            }
+        if !agent
+            && self.store_failure.is_none()
+            && let Err(error) = self.store.write_pending(&self.state)
+        {
+            self.store_failure = Some(format!("cannot write the applied state: {error}"));
         }
         match request {
             Request::GetJob { id, reply } => {
