@@ -374,6 +374,15 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Core {
+    /// Writes everything the store holds back and waits until it is
+    /// committed, as before a read of the stored state: for benchmarks and
+    /// tests that measure or read the store after applying.
+    pub fn sync_store(&mut self) -> Result<(), CoordinatorError> {
+        self.store.write_pending(&self.state)?;
+        self.store.applied_index()?;
+        Ok(())
+    }
+
     /// A core over a loaded store.
     pub fn new(
         config: CoreConfig,
