@@ -374,6 +374,15 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Core {
+    /// Writes everything the store holds back and waits until it is
+    /// committed, as before a read of the stored state: for benchmarks and
+    /// tests that measure or read the store after applying.
+    pub fn sync_store(&mut self) -> Result<(), CoordinatorError> {
+        self.store.write_pending(&self.state)?;
+        self.store.applied_index()?;
+        Ok(())
+    }
+
     /// A core over a loaded store.
     pub fn new(
         config: CoreConfig,
@@ -525,10 +534,11 @@ impl Core {
                 | Request::AgentMessage { .. }
                 | Request::AgentGone { .. }
         );
-        if !agent && self.store_failure.is_none() {
-            if let Err(error) = self.store.write_pending(&self.state) {
-                self.store_failure = Some(format!("cannot write the applied state: {error}"));
-            }
+        if !agent
+            && self.store_failure.is_none()
+            && let Err(error) = self.store.write_pending(&self.state)
+        {
+            self.store_failure = Some(format!("cannot write the applied state: {error}"));
         }
         match request {
             Request::GetJob { id, reply } => {

@@ -23,6 +23,7 @@ pub mod codec;
 mod history;
 pub mod records;
 pub mod snapshot;
+mod writer;
 
 pub use history::HistoryPage;
 pub use snapshot::{decode_snapshot, read_snapshot, write_state_snapshot};
@@ -57,6 +58,9 @@ pub enum StoreError {
     /// A state snapshot could not be written or read whole.
     #[error("state snapshot: {0}")]
     Snapshot(String),
+    /// The writer thread failed to commit a write (or has stopped).
+    #[error("storage: {0}")]
+    Write(String),
     /// A fixed-size value has the wrong size (it is never read as 0).
     #[error("storage: unreadable {tree}/{key}: {len} bytes, expected 8")]
     BadValue {
@@ -88,6 +92,8 @@ pub struct Store {
     opened_base: Option<StateSnapshot>,
     /// Applied changes held back (see [`persist_applied`](Self::persist_applied)).
     pending: Option<Pending>,
+    /// Commits the writes, off the replica loop ([`writer`]).
+    writer: writer::Writer,
     /// Command time after which the history is next checked for records
     /// past their retention (it is checked at every retirement anyway).
     next_prune_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -154,6 +160,7 @@ impl Store {
             base,
             opened_base,
             pending: None,
+            writer: writer::Writer::start()?,
             next_prune_ms: Default::default(),
             db,
         };
@@ -236,19 +243,12 @@ impl Store {
     /// stored yet). A stored value that is not 8 bytes is an error, never
     /// 0: 0 would apply the whole log again on top of the stored state.
     pub fn applied_index(&self) -> Result<u64, StoreError> {
+        self.writer.drain()?;
         self.meta_u64(META_APPLIED_INDEX)
     }
 
     fn meta_u64(&self, key: &'static str) -> Result<u64, StoreError> {
-        match self.meta.get(key)? {
-            None => Ok(0),
-            Some(value) if value.len() == 8 => Ok(key_u64(&value)),
-            Some(value) => Err(StoreError::BadValue {
-                tree: "meta",
-                key,
-                len: value.len(),
-            }),
-        }
+        meta_u64(&self.meta, key)
     }
 
     /// Takes what an apply changed, with the Raft index it came from, to
@@ -295,7 +295,8 @@ impl Store {
     /// install or a shutdown.
     pub fn write_pending(&mut self, state: &StateMachine) -> Result<(), StoreError> {
         if let Some(pending) = self.pending.take() {
-            self.write(state, &pending.changes, Some(pending.index))?;
+            let prepared = self.prepare(state, pending.changes, Some(pending.index))?;
+            self.writer.send(prepared)?;
         }
         Ok(())
     }
@@ -303,6 +304,9 @@ impl Store {
     /// Writes the changes held back once [`WRITE_BEHIND`] has passed since
     /// the first of them; called by the replica loop every round.
     pub fn write_due(&mut self, state: &StateMachine) -> Result<(), StoreError> {
+        if let Some(failure) = self.writer.failure() {
+            return Err(StoreError::Write(failure));
+        }
         if self
             .pending
             .as_ref()
@@ -330,8 +334,10 @@ impl Store {
         // The history is this replica's own (not in snapshots): it stays,
         // and so does its size.
         // The caller wrote what it held back (its history records stay);
-        // anything else held back is of the state being replaced.
+        // anything else held back is of the state being replaced. The
+        // writes sent go to the trees being replaced: they land first.
         self.pending = None;
+        self.writer.drain()?;
         let history_bytes = self.history_bytes()?;
         let generation = self.base.generation + 1;
         self.files.store(file, generation)?;
@@ -410,23 +416,26 @@ impl Store {
 
     /// Writes what an apply changed, then flushes. Only after this returns
     /// may the change be acknowledged.
-    pub fn persist(&mut self, state: &StateMachine, changes: &ChangeSet) -> Result<(), StoreError> {
-        self.write(state, changes, None)?;
+    pub fn persist(&mut self, state: &StateMachine, changes: ChangeSet) -> Result<(), StoreError> {
+        let prepared = self.prepare(state, changes, None)?;
+        self.writer.send(prepared)?;
+        self.writer.drain()?;
         self.db.flush()?;
         Ok(())
     }
 
-    /// Writes one apply's changes (and, with Raft, the index it came from)
-    /// in one transaction across trees: after a crash either all of it is
-    /// there or none, so the applied index never claims a change that was
-    /// lost (the entry is then applied again from the Raft log).
-    fn write(
+    /// Prepares a write of `changes` (and, with Raft, the index they end
+    /// at) for the writer ([`writer`]), which commits it in one
+    /// transaction across trees: after a crash either all of it is there
+    /// or none, so the applied index never claims a change that was lost
+    /// (the entry is then applied again from the Raft log). The records
+    /// are encoded here, from `state`, and the base's tombstones decided.
+    fn prepare(
         &mut self,
         state: &StateMachine,
-        changes: &ChangeSet,
+        changes: ChangeSet,
         applied: Option<u64>,
-    ) -> Result<(), StoreError> {
-        use sled::Transactional;
+    ) -> Result<writer::Prepared, StoreError> {
         let mut jobs = sled::Batch::default();
         for id in &changes.jobs {
             if let Some(job) = state.job(*id) {
@@ -447,19 +456,14 @@ impl Store {
                 nodes.insert(name.as_bytes(), records::encode_node(node));
             }
         }
-        let mut events = sled::Batch::default();
-        if let Some((from, to)) = changes.event_floor {
+        if let Some((_, to)) = changes.event_floor {
             self.base.raise_floor(to);
-            // Below the floor: out of hard state (the range holds at most
-            // what one apply's retirement let go).
-            for item in self.events.range(from.to_be_bytes()..to.to_be_bytes()) {
-                let (key, _) = item?;
-                events.remove(key);
-            }
         }
-        for event in &changes.events {
-            events.insert(&event.index.to_be_bytes(), records::encode_event(event));
-        }
+        let events = changes
+            .events
+            .iter()
+            .map(|event| (event.index, records::encode_event(event)))
+            .collect();
         let mut submissions = sled::Batch::default();
         for (key, ids) in &changes.submissions {
             submissions.insert(key.as_bytes(), records::encode_job_ids(ids));
@@ -499,54 +503,40 @@ impl Store {
                 meta.insert(run_key(name), &u64::from(*run).to_be_bytes());
             }
         }
-        let (history, history_index) =
-            self.history_batches(state.retention(), changes, &mut meta)?;
-        (
-            &self.jobs,
-            &self.nodes,
-            &self.events,
-            &self.submissions,
-            &self.estimates,
-            &self.meta,
-            &self.history,
-            &self.history_index,
-        )
-            .transaction(
-                |(
-                    t_jobs,
-                    t_nodes,
-                    t_events,
-                    t_submissions,
-                    t_estimates,
-                    t_meta,
-                    t_history,
-                    t_history_index,
-                )| {
-                    t_jobs.apply_batch(&jobs)?;
-                    t_nodes.apply_batch(&nodes)?;
-                    t_events.apply_batch(&events)?;
-                    t_submissions.apply_batch(&submissions)?;
-                    t_estimates.apply_batch(&estimates)?;
-                    t_meta.apply_batch(&meta)?;
-                    t_history.apply_batch(&history)?;
-                    t_history_index.apply_batch(&history_index)?;
-                    Ok(())
-                },
-            )
-            .map_err(
-                |error: sled::transaction::TransactionError<()>| match error {
-                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
-                    sled::transaction::TransactionError::Abort(()) => {
-                        StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
-                    }
-                },
-            )?;
-        Ok(())
+        Ok(writer::Prepared {
+            trees: self.write_trees(),
+            jobs,
+            nodes,
+            events,
+            event_floor: changes.event_floor,
+            submissions,
+            estimates,
+            meta,
+            retired: changes.retired,
+            policy: *state.retention(),
+            at_ms: changes.at_ms,
+        })
+    }
+
+    /// Handles on the current generation's trees and the history's.
+    fn write_trees(&self) -> writer::WriteTrees {
+        writer::WriteTrees {
+            jobs: self.jobs.clone(),
+            nodes: self.nodes.clone(),
+            events: self.events.clone(),
+            submissions: self.submissions.clone(),
+            estimates: self.estimates.clone(),
+            meta: self.meta.clone(),
+            history: self.history.clone(),
+            history_index: self.history_index.clone(),
+            next_prune_ms: self.next_prune_ms.clone(),
+        }
     }
 
     /// Events with index >= `from`, at most `limit`: the base's (all
     /// below the trees'), then the trees'.
     pub fn events_since(&self, from: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        self.writer.drain()?;
         let first = self.base.events.partition_point(|event| event.index < from);
         let mut out: Vec<EventRecord> = self.base.events[first..]
             .iter()
@@ -566,8 +556,10 @@ impl Store {
         Ok(out)
     }
 
-    /// Flushes everything; called on shutdown.
+    /// Flushes everything written (the writes sent first); called on
+    /// shutdown.
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.writer.drain()?;
         self.db.flush()?;
         Ok(())
     }
@@ -682,6 +674,19 @@ fn read_base(path: &Path) -> Result<StateSnapshot, StoreError> {
         StoreError::Snapshot(format!("cannot open the base {}: {error}", path.display()))
     })?;
     read_snapshot(file)
+}
+
+/// A u64 of `meta`: 0 when absent, an error (never 0) when not 8 bytes.
+fn meta_u64(meta: &sled::Tree, key: &'static str) -> Result<u64, StoreError> {
+    match meta.get(key)? {
+        None => Ok(0),
+        Some(value) if value.len() == 8 => Ok(key_u64(&value)),
+        Some(value) => Err(StoreError::BadValue {
+            tree: "meta",
+            key,
+            len: value.len(),
+        }),
+    }
 }
 
 fn key_string(key: &[u8]) -> String {

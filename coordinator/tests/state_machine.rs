@@ -653,7 +653,7 @@ fn the_store_round_trips_the_state_machine() {
     let ids = submit(&mut sm, vec![spec("a"), spec("b")]);
     assign(&mut sm, vec![place(ids[0], "n1", 1, 10 * GIB, false)]);
     let changes = sm.take_changes();
-    store.persist(&sm, &changes).expect("persist");
+    store.persist(&sm, changes).expect("persist");
     drop(store);
 
     let mut store = Store::open(dir.path()).expect("reopen");
@@ -684,7 +684,7 @@ fn snapshot_bytes_decode_to_the_snapshot() {
     let ids = submit(&mut sm, vec![spec("a"), spec("b")]);
     assign(&mut sm, vec![place(ids[0], "n1", 1, 10 * GIB, false)]);
     let changes = sm.take_changes();
-    store.persist(&sm, &changes).expect("persist");
+    store.persist(&sm, changes).expect("persist");
     let bytes = store.snapshot_bytes(&sm).expect("snapshot bytes");
     let streamed =
         serde_json::to_value(gantry_coordinator::store::decode_snapshot(&bytes).expect("decodes"))

@@ -12,27 +12,17 @@
 //!   of one pipeline run (`gantry pipeline NAME --run N`).
 //!
 //! Records are written in the same transaction as the apply that retired
-//! them, and leave, oldest first, once past `--history-retention` (from
+//! them (by the store's writer, [`super::writer`]), and leave, oldest first, once past `--history-retention` (from
 //! the applying command's own time) or while the history is over
 //! `--history-max-bytes` (`meta/history_bytes` keeps the total). The
 //! history is not part of a Raft snapshot (it would make snapshots as big
 //! as the history): a replica that installs a snapshot keeps the history
 //! it had and records retirements from then on.
 
-use std::sync::atomic::Ordering;
-
 use gantry_scheduler::JobId;
 
 use super::{META_HISTORY_BYTES, Store, StoreError, key_u64, records};
 use crate::domain::JobRecord;
-use crate::state::{ChangeSet, RetentionPolicy};
-
-/// At most this many records leave the history in one write.
-const PRUNE_BATCH: usize = 1_000;
-
-/// Between retirements, the history is checked for expired records at most
-/// this often (in command time).
-const PRUNE_INTERVAL_MS: u64 = 60_000;
 
 /// One page of history, newest first.
 #[derive(Debug, Default)]
@@ -44,7 +34,7 @@ pub struct HistoryPage {
     pub next: Option<(u64, JobId)>,
 }
 
-fn time_key(finished_at_ms: u64, id: JobId) -> Vec<u8> {
+pub(super) fn time_key(finished_at_ms: u64, id: JobId) -> Vec<u8> {
     let mut key = Vec::with_capacity(17);
     key.push(b't');
     key.extend_from_slice(&finished_at_ms.to_be_bytes());
@@ -52,7 +42,7 @@ fn time_key(finished_at_ms: u64, id: JobId) -> Vec<u8> {
     key
 }
 
-fn run_prefix(pipeline: &str, run: u32) -> Vec<u8> {
+pub(super) fn run_prefix(pipeline: &str, run: u32) -> Vec<u8> {
     let name = pipeline.as_bytes();
     let mut key = Vec::with_capacity(7 + name.len() + 8);
     key.push(b'p');
@@ -64,75 +54,21 @@ fn run_prefix(pipeline: &str, run: u32) -> Vec<u8> {
 }
 
 impl Store {
-    /// The history writes of one apply: the jobs it retired, and the
-    /// oldest records past their retention or over the size cap.
-    pub(super) fn history_batches(
-        &self,
-        policy: &RetentionPolicy,
-        changes: &ChangeSet,
-        meta: &mut sled::Batch,
-    ) -> Result<(sled::Batch, sled::Batch), StoreError> {
-        let mut history = sled::Batch::default();
-        let mut index = sled::Batch::default();
-        let at_ms = changes.at_ms;
-        let prune =
-            !changes.retired.is_empty() || at_ms >= self.next_prune_ms.load(Ordering::Relaxed);
-        if !prune {
-            return Ok((history, index));
-        }
-        self.next_prune_ms
-            .store(at_ms.saturating_add(PRUNE_INTERVAL_MS), Ordering::Relaxed);
-        let before = self.history_bytes()?;
-        let mut bytes = before;
-        for job in &changes.retired {
-            let value = records::encode_job(job);
-            let mut entry = (value.len() as u64).to_be_bytes().to_vec();
-            if !job.pipeline.is_empty() {
-                let mut run_key = run_prefix(&job.pipeline, job.run);
-                run_key.extend_from_slice(&job.id.to_be_bytes());
-                index.insert(run_key.as_slice(), &[]);
-                entry.extend_from_slice(&run_key);
-            }
-            bytes += value.len() as u64;
-            history.insert(&job.id.to_be_bytes(), value);
-            index.insert(time_key(job.updated_at_ms, job.id), entry);
-        }
-        for item in self
-            .history_index
-            .range(b"t".to_vec()..b"u".to_vec())
-            .take(PRUNE_BATCH)
-        {
-            let (key, value) = item?;
-            let finished_at = key_u64(key.get(1..9).unwrap_or_default());
-            let expired = finished_at.saturating_add(policy.history_retention_ms) <= at_ms;
-            if !expired && bytes <= policy.history_max_bytes {
-                break;
-            }
-            history.remove(key.get(9..17).unwrap_or_default());
-            index.remove(key.as_ref());
-            if let Some(run_key) = value.get(8..).filter(|k| !k.is_empty()) {
-                index.remove(run_key);
-            }
-            bytes = bytes.saturating_sub(key_u64(value.get(..8).unwrap_or_default()));
-        }
-        if bytes != before {
-            meta.insert(META_HISTORY_BYTES, &bytes.to_be_bytes());
-        }
-        Ok((history, index))
-    }
-
     /// Bytes of history stored (the records' encodings).
     pub fn history_bytes(&self) -> Result<u64, StoreError> {
+        self.writer.drain()?;
         self.meta_u64(META_HISTORY_BYTES)
     }
 
     /// Records in the history.
-    pub fn history_len(&self) -> usize {
-        self.history.len()
+    pub fn history_len(&self) -> Result<usize, StoreError> {
+        self.writer.drain()?;
+        Ok(self.history.len())
     }
 
     /// A retired job, if the history still has it.
     pub fn history_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.writer.drain()?;
         self.history
             .get(id.to_be_bytes())?
             .map(|value| decode(&value))
@@ -149,6 +85,7 @@ impl Store {
         limit: usize,
         keep: impl Fn(&JobRecord) -> bool,
     ) -> Result<HistoryPage, StoreError> {
+        self.writer.drain()?;
         let end = match before {
             Some((at, id)) => time_key(at, id),
             None => b"u".to_vec(),
@@ -178,6 +115,7 @@ impl Store {
 
     /// The retired jobs of one pipeline run, by id.
     pub fn history_run(&self, pipeline: &str, run: u32) -> Result<Vec<JobRecord>, StoreError> {
+        self.writer.drain()?;
         let mut jobs = Vec::new();
         for item in self.history_index.scan_prefix(run_prefix(pipeline, run)) {
             let (key, _) = item?;
@@ -206,7 +144,7 @@ mod tests {
     use super::*;
     use crate::command::Command;
     use crate::domain::{JobSpec, JobState};
-    use crate::state::{Outcome, StateMachine};
+    use crate::state::{Outcome, RetentionPolicy, StateMachine};
 
     const HOUR: u64 = 3600 * 1000;
 
@@ -221,6 +159,7 @@ mod tests {
         let changes = sm.take_changes();
         store.persist_applied(sm, changes, *index).unwrap();
         store.write_pending(sm).unwrap();
+        store.writer.drain().unwrap();
         outcome
     }
 
@@ -363,7 +302,7 @@ mod tests {
         assert!(store.history_job(first).unwrap().is_none());
         assert!(store.history_job(second).unwrap().is_none());
         assert_eq!(store.history_bytes().unwrap(), 0);
-        assert_eq!(store.history_len(), 0);
+        assert_eq!(store.history_len().unwrap(), 0);
     }
 
     /// A follower installs a leader's snapshot as its base (nothing
@@ -567,6 +506,7 @@ mod tests {
         assert!(sm2.job(job).is_none(), "retired");
         assert!(store.history_job(job).unwrap().is_none(), "not written yet");
         store.write_pending(&sm2).unwrap();
+        store.writer.drain().unwrap();
         assert_eq!(store.applied_index().unwrap(), index);
         assert!(store.jobs.get(job.to_be_bytes()).unwrap().is_none());
         assert!(store.submissions.is_empty(), "the key left with its job");

@@ -93,6 +93,8 @@ impl Store {
         state: &StateMachine,
         out: &mut dyn Write,
     ) -> Result<(), StoreError> {
+        // The stored events are read: the writes sent land first.
+        self.writer.drain()?;
         let mut items = ItemWriter::start(out)?;
         for job in state.jobs() {
             items.item(Item::Job(job_to_storage(job)))?;

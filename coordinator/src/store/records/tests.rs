@@ -485,6 +485,7 @@ fn a_data_directory_of_json_records_still_opens() {
     let changes = restored.take_changes();
     other.persist_applied(&restored, changes, 6).unwrap();
     other.write_pending(&restored).unwrap();
+    other.writer.drain().unwrap();
     for tree in [&other.jobs, &other.nodes, &other.events, &other.submissions] {
         for item in tree.iter() {
             assert!(!is_json(&item.unwrap().1));

@@ -1,0 +1,321 @@
+//! The store's writer thread: sled's inserts of the applied state, off the
+//! replica loop.
+//!
+//! A write of held-back changes (see [`Store::persist_applied`]) is
+//! prepared on the loop, where the state is: the records it writes are
+//! encoded there, and the decisions that need the store's base made there
+//! ([`Store::prepare`]). The [`Prepared`] write, with handles on the trees
+//! it goes to, is then committed here, in order, as one transaction; the
+//! history's pruning and the removal of events below the floor read the
+//! trees, so they are done here too, after every earlier write. The loop
+//! goes on meanwhile: sled's per-record work (its tree updates, most of an
+//! apply's cost) no longer holds up the next entry.
+//!
+//! Whatever reads the stored state first waits for the writes sent before
+//! it ([`Writer::drain`]); at most [`MAX_QUEUED`] writes wait at a time, so
+//! a slow disk slows the loop down rather than growing a queue. A failed
+//! commit is kept and returned by every later send and drain: the replica
+//! stops (the Raft log still holds every entry after the stored applied
+//! index).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+
+use sled::Transactional;
+
+use super::{META_HISTORY_BYTES, StoreError, key_u64, meta_u64, records};
+use crate::domain::JobRecord;
+use crate::state::RetentionPolicy;
+
+/// Writes sent and not committed at most; a send past it waits.
+const MAX_QUEUED: u64 = 4;
+
+/// At most this many records leave the history in one write.
+const PRUNE_BATCH: usize = 1_000;
+
+/// Between retirements, the history is checked for expired records at most
+/// this often (in command time).
+const PRUNE_INTERVAL_MS: u64 = 60_000;
+
+/// Handles on the trees a write goes to (a sled tree is a handle).
+#[derive(Clone)]
+pub(super) struct WriteTrees {
+    pub jobs: sled::Tree,
+    pub nodes: sled::Tree,
+    pub events: sled::Tree,
+    pub submissions: sled::Tree,
+    pub estimates: sled::Tree,
+    pub meta: sled::Tree,
+    pub history: sled::Tree,
+    pub history_index: sled::Tree,
+    /// Command time after which the history is next checked for records
+    /// past their retention (it is checked at every retirement anyway).
+    pub next_prune_ms: Arc<AtomicU64>,
+}
+
+/// One write, its records encoded on the loop.
+pub(super) struct Prepared {
+    pub trees: WriteTrees,
+    pub jobs: sled::Batch,
+    pub nodes: sled::Batch,
+    /// New events: (index, encoded record).
+    pub events: Vec<(u64, Vec<u8>)>,
+    /// The event floor rose from the first to the second index: the
+    /// stored events in between are removed.
+    pub event_floor: Option<(u64, u64)>,
+    pub submissions: sled::Batch,
+    pub estimates: sled::Batch,
+    pub meta: sled::Batch,
+    /// Jobs retired: into the history.
+    pub retired: Vec<JobRecord>,
+    /// The history's retention, as of the write.
+    pub policy: RetentionPolicy,
+    /// The latest command's time (history pruning is decided from it).
+    pub at_ms: u64,
+}
+
+impl Prepared {
+    /// Commits the write as one transaction across the trees: after a
+    /// crash either all of it is there or none.
+    pub fn commit(self) -> Result<(), StoreError> {
+        let Prepared {
+            trees,
+            jobs,
+            nodes,
+            events: new_events,
+            event_floor,
+            submissions,
+            estimates,
+            mut meta,
+            retired,
+            policy,
+            at_ms,
+        } = self;
+        let mut events = sled::Batch::default();
+        if let Some((from, to)) = event_floor {
+            // Below the floor: out of hard state.
+            for item in trees.events.range(from.to_be_bytes()..to.to_be_bytes()) {
+                let (key, _) = item?;
+                events.remove(key);
+            }
+        }
+        for (index, value) in new_events {
+            events.insert(&index.to_be_bytes(), value);
+        }
+        let (history, history_index) =
+            history_batches(&trees, &policy, &retired, at_ms, &mut meta)?;
+        (
+            &trees.jobs,
+            &trees.nodes,
+            &trees.events,
+            &trees.submissions,
+            &trees.estimates,
+            &trees.meta,
+            &trees.history,
+            &trees.history_index,
+        )
+            .transaction(
+                |(
+                    t_jobs,
+                    t_nodes,
+                    t_events,
+                    t_submissions,
+                    t_estimates,
+                    t_meta,
+                    t_history,
+                    t_history_index,
+                )| {
+                    t_jobs.apply_batch(&jobs)?;
+                    t_nodes.apply_batch(&nodes)?;
+                    t_events.apply_batch(&events)?;
+                    t_submissions.apply_batch(&submissions)?;
+                    t_estimates.apply_batch(&estimates)?;
+                    t_meta.apply_batch(&meta)?;
+                    t_history.apply_batch(&history)?;
+                    t_history_index.apply_batch(&history_index)?;
+                    Ok(())
+                },
+            )
+            .map_err(
+                |error: sled::transaction::TransactionError<()>| match error {
+                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
+                    sled::transaction::TransactionError::Abort(()) => {
+                        StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
+                    }
+                },
+            )?;
+        Ok(())
+    }
+}
+
+/// The history writes of one write: the jobs it retired, and the oldest
+/// records past their retention or over the size cap.
+fn history_batches(
+    trees: &WriteTrees,
+    policy: &RetentionPolicy,
+    retired: &[JobRecord],
+    at_ms: u64,
+    meta: &mut sled::Batch,
+) -> Result<(sled::Batch, sled::Batch), StoreError> {
+    let mut history = sled::Batch::default();
+    let mut index = sled::Batch::default();
+    let prune = !retired.is_empty() || at_ms >= trees.next_prune_ms.load(Ordering::Relaxed);
+    if !prune {
+        return Ok((history, index));
+    }
+    trees
+        .next_prune_ms
+        .store(at_ms.saturating_add(PRUNE_INTERVAL_MS), Ordering::Relaxed);
+    let before = meta_u64(&trees.meta, META_HISTORY_BYTES)?;
+    let mut bytes = before;
+    for job in retired {
+        let value = records::encode_job(job);
+        let mut entry = (value.len() as u64).to_be_bytes().to_vec();
+        if !job.pipeline.is_empty() {
+            let mut run_key = super::history::run_prefix(&job.pipeline, job.run);
+            run_key.extend_from_slice(&job.id.to_be_bytes());
+            index.insert(run_key.as_slice(), &[]);
+            entry.extend_from_slice(&run_key);
+        }
+        bytes += value.len() as u64;
+        history.insert(&job.id.to_be_bytes(), value);
+        index.insert(super::history::time_key(job.updated_at_ms, job.id), entry);
+    }
+    for item in trees
+        .history_index
+        .range(b"t".to_vec()..b"u".to_vec())
+        .take(PRUNE_BATCH)
+    {
+        let (key, value) = item?;
+        let finished_at = key_u64(key.get(1..9).unwrap_or_default());
+        let expired = finished_at.saturating_add(policy.history_retention_ms) <= at_ms;
+        if !expired && bytes <= policy.history_max_bytes {
+            break;
+        }
+        history.remove(key.get(9..17).unwrap_or_default());
+        index.remove(key.as_ref());
+        if let Some(run_key) = value.get(8..).filter(|k| !k.is_empty()) {
+            index.remove(run_key);
+        }
+        bytes = bytes.saturating_sub(key_u64(value.get(..8).unwrap_or_default()));
+    }
+    if bytes != before {
+        meta.insert(META_HISTORY_BYTES, &bytes.to_be_bytes());
+    }
+    Ok((history, index))
+}
+
+/// Writes sent and committed, and the first failure.
+#[derive(Default)]
+struct Progress {
+    sent: u64,
+    done: u64,
+    failure: Option<String>,
+}
+
+type Shared = Arc<(Mutex<Progress>, Condvar)>;
+
+/// The writer thread and the way to it.
+pub(super) struct Writer {
+    sender: Option<mpsc::Sender<Prepared>>,
+    progress: Shared,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the thread.
+    pub fn start() -> Result<Writer, StoreError> {
+        let (sender, receiver) = mpsc::channel::<Prepared>();
+        let progress: Shared = Arc::default();
+        let shared = progress.clone();
+        let thread = std::thread::Builder::new()
+            .name("gantry-store".into())
+            .spawn(move || {
+                for prepared in receiver {
+                    // A panic is a failure like any other: a drain must not
+                    // wait for a commit that will never be counted.
+                    let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        prepared.commit()
+                    }));
+                    let failed = match committed {
+                        Ok(Ok(())) => None,
+                        Ok(Err(error)) => Some(error.to_string()),
+                        Err(panic) => Some(format!(
+                            "the store's writer panicked: {}",
+                            crate::raft::node::panic_message(panic.as_ref())
+                        )),
+                    };
+                    let (lock, wake) = &*shared;
+                    let mut progress = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    progress.done += 1;
+                    if progress.failure.is_none() {
+                        progress.failure = failed;
+                    }
+                    wake.notify_all();
+                }
+            })
+            .map_err(|error| {
+                StoreError::Snapshot(format!("cannot start the store's writer thread: {error}"))
+            })?;
+        Ok(Writer {
+            sender: Some(sender),
+            progress,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sends a write, after waiting while [`MAX_QUEUED`] are queued.
+    pub fn send(&self, prepared: Prepared) -> Result<(), StoreError> {
+        self.wait_until(|p| p.sent - p.done < MAX_QUEUED)?;
+        let Some(sender) = &self.sender else {
+            return Err(stopped());
+        };
+        {
+            let (lock, _) = &*self.progress;
+            lock.lock().unwrap_or_else(|p| p.into_inner()).sent += 1;
+        }
+        sender.send(prepared).map_err(|_| stopped())
+    }
+
+    /// Waits until every write sent is committed.
+    pub fn drain(&self) -> Result<(), StoreError> {
+        self.wait_until(|p| p.done == p.sent)
+    }
+
+    /// The first failed commit, if any (without waiting).
+    pub fn failure(&self) -> Option<String> {
+        let (lock, _) = &*self.progress;
+        lock.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failure
+            .clone()
+    }
+
+    fn wait_until(&self, ready: impl Fn(&Progress) -> bool) -> Result<(), StoreError> {
+        let (lock, wake) = &*self.progress;
+        let mut progress = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(failure) = &progress.failure {
+                return Err(StoreError::Write(failure.clone()));
+            }
+            if ready(&progress) {
+                return Ok(());
+            }
+            progress = wake.wait(progress).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Write("the store's writer thread has stopped".into())
+}
+
+impl Drop for Writer {
+    /// Lets the thread commit what was sent, then joins it.
+    fn drop(&mut self) {
+        drop(self.sender.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
