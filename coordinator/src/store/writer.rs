@@ -28,7 +28,7 @@ use crate::domain::JobRecord;
 use crate::state::RetentionPolicy;
 
 /// Writes sent and not committed at most; a send past it waits.
-const MAX_QUEUED: u64 = 4;
+const MAX_QUEUED: u64 = 2;
 
 /// At most this many records leave the history in one write.
 const PRUNE_BATCH: usize = 1_000;
