@@ -152,13 +152,19 @@ pub fn measure(config: &CiConfig) -> Result<Vec<Figure>> {
 /// ns): unlike wall time it does not count the time other processes of a
 /// shared machine held the CPU.
 pub(crate) fn cpu_now() -> Result<Duration> {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat")
+    let path = Path::new("/proc/thread-self/schedstat");
+    let text = std::fs::read_to_string(path)
         .context("cannot read /proc/thread-self/schedstat (the check needs Linux)")?;
+    schedstat_cpu(path, &text)
+}
+
+/// The CPU time in a `schedstat` file's text (its first field, in ns).
+fn schedstat_cpu(path: &Path, text: &str) -> Result<Duration> {
     let ns = text
         .split_whitespace()
         .next()
         .and_then(|field| field.parse::<u64>().ok())
-        .with_context(|| format!("/proc/thread-self/schedstat: {text:?}"))?;
+        .with_context(|| format!("{}: {text:?}", path.display()))?;
     Ok(Duration::from_nanos(ns))
 }
 
@@ -177,15 +183,11 @@ fn threads_cpu(name: &str) -> Result<Duration> {
         if comm.trim_end() != name {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(path.join("schedstat")) else {
+        let path = path.join("schedstat");
+        let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
-        let ns = text
-            .split_whitespace()
-            .next()
-            .and_then(|field| field.parse::<u64>().ok())
-            .with_context(|| format!("{}: {text:?}", path.display()))?;
-        total += Duration::from_nanos(ns);
+        total += schedstat_cpu(&path, &text)?;
     }
     Ok(total)
 }
