@@ -379,7 +379,7 @@ impl Core {
     /// tests that measure or read the store after applying.
     pub fn sync_store(&mut self) -> Result<(), CoordinatorError> {
         self.store.write_pending(&self.state)?;
-        self.store.applied_index()?;
+        self.store.drain()?;
         Ok(())
     }
 

@@ -305,6 +305,12 @@ impl Store {
         Ok(())
     }
 
+    /// Waits until every write sent to the writer thread is committed
+    /// (what the store's own reads do first).
+    pub fn drain(&self) -> Result<(), StoreError> {
+        self.writer.drain()
+    }
+
     /// Writes the changes held back once [`WRITE_BEHIND`] has passed since
     /// the first of them; called by the replica loop every round.
     pub fn write_due(&mut self, state: &StateMachine) -> Result<(), StoreError> {

@@ -148,7 +148,12 @@ mod tests {
 
     const HOUR: u64 = 3600 * 1000;
 
-    fn apply(
+    /// How a test applies one command as the next entry.
+    type Applier = fn(&mut StateMachine, &mut Store, &mut u64, Command) -> Outcome;
+
+    /// Applies `command` as the next entry and hands its changes to the
+    /// store, which holds them back.
+    fn hold(
         sm: &mut StateMachine,
         store: &mut Store,
         index: &mut u64,
@@ -158,13 +163,36 @@ mod tests {
         *index += 1;
         let changes = sm.take_changes();
         store.persist_applied(sm, changes, *index).unwrap();
+        outcome
+    }
+
+    /// Applies `command` as the next entry and writes it at once.
+    fn apply(
+        sm: &mut StateMachine,
+        store: &mut Store,
+        index: &mut u64,
+        command: Command,
+    ) -> Outcome {
+        let outcome = hold(sm, store, index, command);
         store.write_pending(sm).unwrap();
         store.writer.drain().unwrap();
         outcome
     }
 
-    /// A pipeline job runs and succeeds at `at`.
+    /// A pipeline job runs and succeeds at `at`, each entry written.
     fn run_job(sm: &mut StateMachine, store: &mut Store, index: &mut u64, at: u64) -> JobId {
+        run_job_with(apply, sm, store, index, at)
+    }
+
+    /// A pipeline job runs and succeeds at `at`, its entries applied by
+    /// `apply`.
+    fn run_job_with(
+        apply: Applier,
+        sm: &mut StateMachine,
+        store: &mut Store,
+        index: &mut u64,
+        at: u64,
+    ) -> JobId {
         let Outcome::Submitted(ids) = apply(
             sm,
             store,
@@ -224,6 +252,34 @@ mod tests {
         let mut store = Store::open(dir.path()).unwrap();
         let sm = store.load().unwrap();
         (dir, store, sm, 0)
+    }
+
+    /// Finished jobs retained for an hour, the rest as by default.
+    fn an_hour() -> RetentionPolicy {
+        RetentionPolicy {
+            job_retention_ms: HOUR,
+            ..RetentionPolicy::default()
+        }
+    }
+
+    /// [`fresh`], with finished jobs retained for an hour and node `n1`
+    /// (one GPU) registered, both written.
+    fn fresh_with_a_node() -> (tempfile::TempDir, Store, StateMachine, u64) {
+        let (dir, mut store, mut sm, mut index) = fresh();
+        let policy = an_hour();
+        apply(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::SetRetention { at_ms: 0, policy },
+        );
+        apply(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::register_for_test("n1", 1, 80 << 30),
+        );
+        (dir, store, sm, index)
     }
 
     #[test]
@@ -312,23 +368,7 @@ mod tests {
     /// and events; a crashed later install's leftovers are dropped.
     #[test]
     fn an_installed_base_with_changes_over_it_reopens_to_the_same_state() {
-        let (dir, mut store, mut sm, mut index) = fresh();
-        let policy = RetentionPolicy {
-            job_retention_ms: HOUR,
-            ..RetentionPolicy::default()
-        };
-        apply(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::SetRetention { at_ms: 0, policy },
-        );
-        apply(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::register_for_test("n1", 1, 80 << 30),
-        );
+        let (dir, mut store, mut sm, mut index) = fresh_with_a_node();
         let in_base = run_job(&mut sm, &mut store, &mut index, 10);
         let file = dir.path().join("leader.snap");
         let bytes = store.snapshot_bytes(&sm).unwrap();
@@ -406,47 +446,24 @@ mod tests {
     /// Raft log replays them from.
     #[test]
     fn held_back_entries_are_written_merged_or_replayed_after_a_crash() {
-        let (dir, mut store, mut sm, mut index) = fresh();
-        let policy = RetentionPolicy {
-            job_retention_ms: HOUR,
-            ..RetentionPolicy::default()
-        };
-        apply(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::SetRetention { at_ms: 0, policy },
-        );
-        apply(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::register_for_test("n1", 1, 80 << 30),
-        );
+        let (dir, mut store, mut sm, mut index) = fresh_with_a_node();
         let written = index;
-        let step = |sm: &mut StateMachine, store: &mut Store, index: &mut u64, command| {
-            sm.apply(command).unwrap();
-            *index += 1;
-            let changes = sm.take_changes();
-            store.persist_applied(sm, changes, *index).unwrap();
-        };
-        let Outcome::Submitted(ids) = sm
-            .apply(Command::Submit {
+        let Outcome::Submitted(ids) = hold(
+            &mut sm,
+            &mut store,
+            &mut index,
+            Command::Submit {
                 at_ms: 10,
                 key: Some("k".into()),
                 jobs: vec![JobSpec::for_test("train")],
                 pipeline: None,
                 owner: None,
-            })
-            .unwrap()
-        else {
+            },
+        ) else {
             panic!()
         };
-        index += 1;
-        let changes = sm.take_changes();
-        store.persist_applied(&sm, changes, index).unwrap();
         let job = ids[0];
-        step(
+        hold(
             &mut sm,
             &mut store,
             &mut index,
@@ -466,43 +483,14 @@ mod tests {
         // Run and retire it, all held back, then write: only history.
         let mut sm2 = store.load().unwrap();
         let mut index = written;
-        for command in [
-            Command::Submit {
-                at_ms: 10,
-                key: Some("k".into()),
-                jobs: vec![JobSpec::for_test("train")],
-                pipeline: None,
-                owner: None,
-            },
-            Command::Assign {
-                at_ms: 10,
-                placements: vec![Placement {
-                    job,
-                    node: "n1".into(),
-                    gpus: vec![0],
-                    gpu_memory: 10 << 30,
-                    batch_size: None,
-                    exclusive_gpu: false,
-                }],
-                term: 1,
-            },
-            Command::JobExited {
-                at_ms: 11,
-                job,
-                attempt: 1,
-                node: "n1".into(),
-                code: Some(0),
-                signal: None,
-                error: String::new(),
-                cancelled: false,
-                oom: false,
-                output_tail: "done".into(),
-                peak_gpu_memory: 0,
-            },
+        let replayed = run_job_with(hold, &mut sm2, &mut store, &mut index, 10);
+        assert_eq!(replayed, job, "the same id when applied again");
+        hold(
+            &mut sm2,
+            &mut store,
+            &mut index,
             Command::Retire { at_ms: 12 + HOUR },
-        ] {
-            step(&mut sm2, &mut store, &mut index, command);
-        }
+        );
         assert!(sm2.job(job).is_none(), "retired");
         assert!(store.history_job(job).unwrap().is_none(), "not written yet");
         store.write_pending(&sm2).unwrap();
@@ -520,23 +508,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_install_keeps_the_history_and_its_size() {
-        let (_dir, mut store, mut sm, mut index) = fresh();
-        let policy = RetentionPolicy {
-            job_retention_ms: HOUR,
-            ..RetentionPolicy::default()
-        };
-        apply(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::SetRetention { at_ms: 0, policy },
-        );
-        apply(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::register_for_test("n1", 1, 80 << 30),
-        );
+        let (_dir, mut store, mut sm, mut index) = fresh_with_a_node();
         let job = run_job(&mut sm, &mut store, &mut index, 10);
         apply(
             &mut sm,
@@ -560,7 +532,7 @@ mod tests {
         );
         assert_eq!(restored.next_job_id(), job + 1);
         assert_eq!(restored.event_floor(), sm.event_floor());
-        assert_eq!(restored.retention(), &policy);
+        assert_eq!(restored.retention(), &an_hour());
         assert!(store.history_job(job).unwrap().is_some());
         assert_eq!(store.history_bytes().unwrap(), bytes);
     }
