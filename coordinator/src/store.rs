@@ -631,7 +631,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Opens sled at `path`, waiting up to [`LOCK_WAIT`] for its file lock; any
 /// other error, or a lock still held after that (another process uses the
 /// directory), is returned as it is.
-fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+pub(crate) fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         let opened = sled::Config::new()
