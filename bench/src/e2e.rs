@@ -30,7 +30,7 @@ use tonic::transport::{Channel, Endpoint};
 mod entries;
 mod open_loop;
 
-use crate::procs::{ProcGroup, free_ports, require_gantry, run_scenario};
+use crate::procs::{CpuMeter, ProcGroup, free_ports, require_gantry, run_scenario};
 use crate::stats::Latencies;
 
 pub(crate) const GIB: i64 = 1 << 30;
@@ -118,6 +118,19 @@ pub struct E2eReport {
     /// commit index before the load and once its jobs started and the log
     /// settled; `None` when the leader did not answer either reading.
     pub raft_entries_per_job: Option<f64>,
+    /// CPU time the three coordinators and this process used from the
+    /// load's start until the log settled (every load job's submit,
+    /// placement, start and exit), when it could be read.
+    pub cpu: Option<LoadCpu>,
+}
+
+/// CPU time spent on the load, by side.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadCpu {
+    /// The three coordinator processes, summed.
+    pub coordinators: Duration,
+    /// This process: the submitters and the simulated agents.
+    pub bench: Duration,
 }
 
 impl E2eReport {
@@ -129,6 +142,20 @@ impl E2eReport {
     /// Started jobs per second (load start -> last start).
     pub fn started_per_s(&self) -> f64 {
         self.started as f64 / self.start_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Coordinator CPU per acknowledged load job, µs (all three replicas):
+    /// a figure of the work a job costs that the machine's other tenants
+    /// do not move, unlike jobs/s.
+    pub fn coordinator_cpu_per_job_us(&self) -> Option<f64> {
+        let cpu = self.cpu?;
+        (self.acked > 0).then(|| cpu.coordinators.as_secs_f64() * 1e6 / self.acked as f64)
+    }
+
+    /// This process's CPU per acknowledged load job, µs.
+    pub fn bench_cpu_per_job_us(&self) -> Option<f64> {
+        let cpu = self.cpu?;
+        (self.acked > 0).then(|| cpu.bench.as_secs_f64() * 1e6 / self.acked as f64)
     }
 
     /// The machine-readable record printed by `--json`.
@@ -177,6 +204,8 @@ impl E2eReport {
             "lost": self.lost,
             "states": self.states,
             "raft_entries_per_job": self.raft_entries_per_job,
+            "coordinator_cpu_per_job_us": self.coordinator_cpu_per_job_us(),
+            "bench_cpu_per_job_us": self.bench_cpu_per_job_us(),
         })
     }
 
@@ -232,6 +261,14 @@ impl E2eReport {
             self.raft_entries_per_job
                 .map_or_else(|| "unknown (the leader's Status did not answer)".to_string(), |e| format!("{e:.2}")),
         ));
+        if let (Some(coordinators), Some(bench)) = (
+            self.coordinator_cpu_per_job_us(),
+            self.bench_cpu_per_job_us(),
+        ) {
+            out.push_str(&format!(
+                "CPU per job: {coordinators:.0} µs in the three coordinators, {bench:.0} µs in this process (submitters and agents)\n"
+            ));
+        }
         match &self.failover {
             Some(f) => {
                 out.push_str(&format!(
@@ -1008,6 +1045,7 @@ async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E
 
     // The load.
     let commit_before = entries::commit_index(&urls[leader]).await;
+    let cpu_meter = CpuMeter::start(procs.pids(&replicas.procs));
     eprintln!(
         "e2e: submitting with {} tasks for {}",
         config.concurrency,
@@ -1050,6 +1088,10 @@ async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E
     }
     let started = to_start.len();
     let commit_after = entries::settled_commit_index(&urls[leader]).await;
+    let cpu = CpuMeter::used_or_report(&cpu_meter, "e2e").map(|(coordinators, bench)| LoadCpu {
+        coordinators,
+        bench,
+    });
     eprintln!(
         "e2e: leader's commit index {commit_before:?} before the load, {commit_after:?} after"
     );
@@ -1138,5 +1180,6 @@ async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E
         lost,
         states,
         raft_entries_per_job,
+        cpu,
     })
 }

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::procs::{ProcGroup, free_ports};
+use crate::procs::{CpuMeter, ProcGroup, free_ports};
 use crate::stats::Latencies;
 
 /// etcdserverpb.PutRequest (the fields used).
@@ -103,9 +103,27 @@ pub struct EtcdReport {
     pub puts_per_s: f64,
     /// Failed concurrent puts.
     pub errors: usize,
+    /// CPU time of the concurrent phase: the three etcd members summed,
+    /// and this process (the writers), when it could be read.
+    pub cpu: Option<(Duration, Duration)>,
 }
 
 impl EtcdReport {
+    /// The three members' CPU per acknowledged concurrent put, µs (the
+    /// yardstick for `e2e`'s CPU per job).
+    pub fn members_cpu_per_put_us(&self) -> Option<f64> {
+        let (members, _) = self.cpu?;
+        (!self.concurrent.is_empty())
+            .then(|| members.as_secs_f64() * 1e6 / self.concurrent.len() as f64)
+    }
+
+    /// This process's CPU per acknowledged concurrent put, µs.
+    pub fn bench_cpu_per_put_us(&self) -> Option<f64> {
+        let (_, bench) = self.cpu?;
+        (!self.concurrent.is_empty())
+            .then(|| bench.as_secs_f64() * 1e6 / self.concurrent.len() as f64)
+    }
+
     /// The machine-readable record printed by `--json`.
     pub fn to_json(&self) -> Value {
         let c = &self.config;
@@ -124,6 +142,8 @@ impl EtcdReport {
             "concurrent_puts": self.concurrent.len(),
             "concurrent_put_p50_ms": self.concurrent.ms(0.5),
             "concurrent_put_p99_ms": self.concurrent.ms(0.99),
+            "members_cpu_per_put_us": self.members_cpu_per_put_us(),
+            "bench_cpu_per_put_us": self.bench_cpu_per_put_us(),
             "errors": self.errors,
         })
     }
@@ -131,7 +151,7 @@ impl EtcdReport {
     /// The human summary; the first line is the headline figure.
     pub fn human(&self) -> String {
         let c = &self.config;
-        format!(
+        let mut out = format!(
             "{:.0} puts/s\n\
              gantry-bench etcd: 3 members of etcd {} on loopback, gRPC puts of {} bytes to the leader\n\
              sequential put ({} one at a time): p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms\n\
@@ -149,7 +169,15 @@ impl EtcdReport {
             self.concurrent.ms(0.5),
             self.concurrent.ms(0.99),
             self.errors,
-        )
+        );
+        if let (Some(members), Some(bench)) =
+            (self.members_cpu_per_put_us(), self.bench_cpu_per_put_us())
+        {
+            out.push_str(&format!(
+                "\nCPU per concurrent put: {members:.0} µs in the three members, {bench:.0} µs in this process"
+            ));
+        }
+        out
     }
 }
 
@@ -236,6 +264,7 @@ async fn scenario(config: &EtcdConfig, procs: &mut ProcGroup) -> anyhow::Result<
         .map(|(i, u)| format!("m{}={u}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
+    let mut members = Vec::new();
     for i in 0..3 {
         let name = format!("m{}", i + 1);
         let data = procs.path().join(&name);
@@ -263,7 +292,7 @@ async fn scenario(config: &EtcdConfig, procs: &mut ProcGroup) -> anyhow::Result<
             "--log-level".into(),
             "warn".into(),
         ];
-        procs.spawn(&name, &config.etcd, &args, &[])?;
+        members.push(procs.spawn(&name, &config.etcd, &args, &[])?);
     }
     // The leader: the member whose id the members name as leader.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -302,6 +331,7 @@ async fn scenario(config: &EtcdConfig, procs: &mut ProcGroup) -> anyhow::Result<
     let mut concurrent = Vec::new();
     let mut errors = 0usize;
     let mut puts_per_s = 0.0;
+    let mut cpu = None;
     if config.concurrency > 0 {
         let connections = config.concurrency.div_ceil(16).max(1);
         let mut channels = Vec::new();
@@ -314,6 +344,7 @@ async fn scenario(config: &EtcdConfig, procs: &mut ProcGroup) -> anyhow::Result<
             );
         }
         let counter = Arc::new(AtomicU64::new(0));
+        let meter = CpuMeter::start(procs.pids(&members));
         let start = Instant::now();
         let deadline = start + config.duration;
         let mut tasks = Vec::new();
@@ -347,6 +378,7 @@ async fn scenario(config: &EtcdConfig, procs: &mut ProcGroup) -> anyhow::Result<
             end = end.max(last);
         }
         puts_per_s = concurrent.len() as f64 / (end - start).as_secs_f64().max(1e-9);
+        cpu = CpuMeter::used_or_report(&meter, "etcd");
     }
     Ok(EtcdReport {
         config: config.clone(),
@@ -355,5 +387,6 @@ async fn scenario(config: &EtcdConfig, procs: &mut ProcGroup) -> anyhow::Result<
         concurrent: Latencies::new(concurrent),
         puts_per_s,
         errors,
+        cpu,
     })
 }

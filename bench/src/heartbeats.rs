@@ -34,12 +34,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::e2e::{GIB, endpoint, gantry_client, job_event, register_message, status, unix_ms, up};
-use crate::procs::{ProcGroup, free_ports, require_gantry, run_scenario};
+use crate::procs::{CpuMeter, ProcGroup, free_ports, require_gantry, run_scenario};
 use crate::rng::Rng;
 use crate::stats::Latencies;
-
-/// `/proc/PID/stat` times are in USER_HZ, which Linux fixes at 100.
-const CLOCK_TICKS_PER_S: f64 = 100.0;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -245,21 +242,6 @@ struct Fleet {
     failed: AtomicU64,
     /// Each agent's current interval, ms (0 = not registered yet).
     intervals: Vec<AtomicU32>,
-}
-
-/// CPU ticks (utime + stime) of a process.
-fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = text
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("stat format")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime and stime are fields 14 and 15.
-    let utime: u64 = fields.get(11).context("utime")?.parse()?;
-    let stime: u64 = fields.get(12).context("stime")?.parse()?;
-    Ok(utime + stime)
 }
 
 /// A `/proc/PID/status` size field (`VmRSS`, `VmHWM`) in bytes.
@@ -607,8 +589,7 @@ async fn scenario(
         Duration::from_millis(u64::from(max_interval) * 2).max(Duration::from_secs(2)),
     )
     .await;
-    let me = std::process::id().to_string();
-    let (coord0, me0) = (cpu_ticks(&pid)?, cpu_ticks(&me)?);
+    let meter = CpuMeter::start(vec![pid.parse().context("coordinator pid")?])?;
     let (sent0, skipped0) = (
         fleet.sent.load(Ordering::Relaxed),
         fleet.skipped.load(Ordering::Relaxed),
@@ -621,12 +602,12 @@ async fn scenario(
         tokio::time::sleep(left.min(Duration::from_secs(1))).await;
     }
     let window = window_start.elapsed();
-    let (coord1, me1) = (cpu_ticks(&pid)?, cpu_ticks(&me)?);
+    let (coordinator_cpu, own_cpu) = meter.used()?;
     let sent = fleet.sent.load(Ordering::Relaxed) - sent0;
     let skipped = fleet.skipped.load(Ordering::Relaxed) - skipped0;
     let rss_bytes = status_bytes(&pid, "VmRSS:")?;
     let rss_peak_bytes = status_bytes(&pid, "VmHWM:")?;
-    let pct = |ticks: u64| ticks as f64 / CLOCK_TICKS_PER_S / window.as_secs_f64() * 100.0;
+    let pct = |cpu: Duration| cpu.as_secs_f64() / window.as_secs_f64() * 100.0;
 
     // The coordinator's own view.
     let mut client = gantry_client(endpoint(&url)?.connect().await?);
@@ -672,8 +653,8 @@ async fn scenario(
         window,
         sent,
         skipped,
-        coordinator_cpu_pct: pct(coord1.saturating_sub(coord0)),
-        bench_cpu_pct: pct(me1.saturating_sub(me0)),
+        coordinator_cpu_pct: pct(coordinator_cpu),
+        bench_cpu_pct: pct(own_cpu),
         rss_bytes,
         rss_max_bytes: rss_max.max(rss_bytes),
         rss_peak_bytes,
@@ -691,7 +672,13 @@ mod tests {
     #[test]
     fn reads_this_process_from_proc() {
         let me = std::process::id().to_string();
-        assert!(cpu_ticks(&me).is_ok());
+        assert!(crate::procs::cpu_ticks(&me).is_ok());
+        assert!(
+            CpuMeter::start(vec![std::process::id()])
+                .unwrap()
+                .used()
+                .is_ok()
+        );
         assert!(status_bytes(&me, "VmRSS:").unwrap() > 0);
     }
 }

@@ -179,6 +179,14 @@ impl ProcGroup {
         &mut self.procs[index]
     }
 
+    /// The process ids of the processes at `indices` that run.
+    pub fn pids(&self, indices: &[usize]) -> Vec<u32> {
+        indices
+            .iter()
+            .filter_map(|index| self.procs.get(*index)?.pid())
+            .collect()
+    }
+
     /// The last lines of every process's log, for error messages.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();
@@ -208,6 +216,77 @@ impl ProcGroup {
 impl Drop for ProcGroup {
     fn drop(&mut self) {
         self.stop_all(Duration::from_secs(3));
+    }
+}
+
+/// `/proc/PID/stat` times are in USER_HZ, which Linux fixes at 100.
+pub const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+/// CPU ticks (utime + stime, in [`CLOCK_TICKS_PER_S`]) a process has used
+/// so far; `pid` is a number or `self`.
+pub fn cpu_ticks(pid: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("stat format")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11).context("utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// CPU time used by a set of processes, and by this one, between two
+/// readings: a figure of work done that, unlike throughput, does not
+/// depend much on what else the (shared, 2-core) machine runs meanwhile.
+#[derive(Debug, Clone)]
+pub struct CpuMeter {
+    pids: Vec<u32>,
+    start: Vec<u64>,
+    own_start: u64,
+}
+
+impl CpuMeter {
+    /// Starts measuring `pids` and this process now.
+    pub fn start(pids: Vec<u32>) -> anyhow::Result<CpuMeter> {
+        let start = pids
+            .iter()
+            .map(|pid| cpu_ticks(&pid.to_string()))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(CpuMeter {
+            pids,
+            start,
+            own_start: cpu_ticks("self")?,
+        })
+    }
+
+    /// CPU time since [`start`](Self::start): the processes' summed, and
+    /// this process's.
+    pub fn used(&self) -> anyhow::Result<(Duration, Duration)> {
+        let mut ticks = 0;
+        for (pid, start) in self.pids.iter().zip(&self.start) {
+            ticks += cpu_ticks(&pid.to_string())?.saturating_sub(*start);
+        }
+        let own = cpu_ticks("self")?.saturating_sub(self.own_start);
+        let time = |ticks: u64| Duration::from_secs_f64(ticks as f64 / CLOCK_TICKS_PER_S);
+        Ok((time(ticks), time(own)))
+    }
+
+    /// [`used`](Self::used) of a meter that may have failed to start;
+    /// `None`, with the reason printed under `scenario`'s name, when a
+    /// reading failed (a figure reported missing, never as 0).
+    pub fn used_or_report(
+        meter: &anyhow::Result<CpuMeter>,
+        scenario: &str,
+    ) -> Option<(Duration, Duration)> {
+        let used = match meter {
+            Ok(meter) => meter.used(),
+            Err(error) => Err(anyhow::anyhow!("{error:#}")),
+        };
+        used.inspect_err(|error| eprintln!("{scenario}: cannot read the CPU time used: {error:#}"))
+            .ok()
     }
 }
 
