@@ -22,6 +22,7 @@ use crate::domain::{EventRecord, JobRecord, JobState, NodeRecord, RunPolicy};
 
 mod attempts;
 mod drain;
+mod estimates;
 mod gang;
 mod gpu_health;
 mod index;
@@ -30,6 +31,7 @@ mod placement;
 mod retention;
 mod submit;
 
+pub use estimates::{Estimate, MAX_ESTIMATES, TOUCH_INTERVAL_MS};
 pub use gang::GangSettle;
 pub use pipeline_loop::{LoopStatus, loop_status};
 pub use retention::{RetentionPolicy, due as retirement_due, event_floor, retirable_state};
@@ -251,8 +253,8 @@ pub struct StateMachine {
     dependants: BTreeMap<JobId, Vec<JobId>>,
     /// Failed jobs waiting for their back-off.
     backing_off: BTreeSet<JobId>,
-    /// Learned GPU-memory estimates per job class (hard state).
-    estimates: BTreeMap<String, u64>,
+    /// Learned GPU-memory estimates per job class (hard state, bounded).
+    estimates: estimates::Estimates,
     /// Latest run number per pipeline name (derived from jobs).
     pipeline_runs: BTreeMap<String, u32>,
     /// Highest leader term of an applied plan.
@@ -297,7 +299,7 @@ impl StateMachine {
         jobs: Vec<JobRecord>,
         nodes: Vec<NodeRecord>,
         submissions: Vec<(String, Vec<JobId>)>,
-        estimates: Vec<(String, u64)>,
+        estimates: Vec<(String, Estimate)>,
         next_event_index: u64,
     ) -> StateMachine {
         let mut sm = StateMachine {
@@ -305,7 +307,7 @@ impl StateMachine {
             next_event_index: next_event_index.max(1),
             event_floor: 1,
             nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
-            estimates: estimates.into_iter().collect(),
+            estimates: estimates::Estimates::restore(estimates),
             ..StateMachine::default()
         };
         for (key, ids) in submissions {
@@ -447,12 +449,12 @@ impl StateMachine {
 
     /// Learned GPU-memory estimate of a job class.
     pub fn estimate(&self, class: &str) -> Option<u64> {
-        self.estimates.get(class).copied()
+        self.estimates.get(class).map(|e| e.bytes)
     }
 
-    /// All learned estimates.
-    pub fn estimates(&self) -> &BTreeMap<String, u64> {
-        &self.estimates
+    /// All learned estimates, by class.
+    pub fn estimates(&self) -> &BTreeMap<String, Estimate> {
+        self.estimates.all()
     }
 
     /// Jobs in the dead-letter queue.

@@ -16,7 +16,7 @@ use gantry_scheduler::JobId;
 use serde::Serialize;
 
 use crate::domain::{EventRecord, JobRecord, NodeRecord};
-use crate::state::{ChangeSet, RetentionPolicy, StateMachine};
+use crate::state::{ChangeSet, Estimate, RetentionPolicy, StateMachine};
 
 mod base;
 pub mod codec;
@@ -210,7 +210,7 @@ impl Store {
                 records::decode_job_ids(value).map_err(record("submissions"))
             })?;
         let estimates = base::overlay(base.estimates, &self.estimates, key_string, |value| {
-            Ok(key_u64(value))
+            records::decode_estimate(value).map_err(record("estimates"))
         })?;
         let next_event_index = match self.events.last()? {
             Some((key, _)) => key_u64(&key) + 1,
@@ -409,7 +409,7 @@ impl Store {
             estimates: state
                 .estimates()
                 .iter()
-                .map(|(k, v)| (k.clone(), *v))
+                .map(|(class, estimate)| (class.clone(), *estimate))
                 .collect(),
             events: self.events_since(0, usize::MAX)?,
             leader_term: state.leader_term(),
@@ -487,8 +487,15 @@ impl Store {
         }
         let mut estimates = sled::Batch::default();
         for class in &changes.estimates {
-            if let Some(bytes) = state.estimate(class) {
-                estimates.insert(class.as_bytes(), &bytes.to_be_bytes());
+            match state.estimates().get(class) {
+                Some(estimate) => {
+                    estimates.insert(class.as_bytes(), records::encode_estimate(estimate))
+                }
+                // Evicted (the bound on learned classes).
+                None if self.base.estimates.contains(class) => {
+                    estimates.insert(class.as_bytes(), base::TOMBSTONE)
+                }
+                None => estimates.remove(class.as_bytes()),
             }
         }
         let mut meta = sled::Batch::default();
@@ -601,7 +608,7 @@ pub struct StateSnapshot {
     /// Submission keys.
     pub submissions: Vec<(String, Vec<JobId>)>,
     /// Learned estimates.
-    pub estimates: Vec<(String, u64)>,
+    pub estimates: Vec<(String, Estimate)>,
     /// The event history.
     pub events: Vec<EventRecord>,
     /// Highest leader term of an applied plan.

@@ -104,7 +104,7 @@ impl StateMachine {
                 a.output_tail = report.output_tail.clone();
             }
         }
-        self.learn(job, report.oom && failed, report.peak_gpu_memory);
+        self.learn(at_ms, job, report.oom && failed, report.peak_gpu_memory);
         if succeeded {
             self.transition(at_ms, job, JobState::Succeeded, String::new());
             self.continue_loop(at_ms, job);
@@ -194,32 +194,6 @@ impl StateMachine {
         self.transition(at_ms, job, via, reason.clone());
         self.transition(at_ms, job, JobState::DeadLettered, reason);
         self.block_dependants(at_ms, job);
-    }
-
-    /// Updates the job class's learned GPU-memory estimate: an OOM raises it
-    /// above what was reserved; an observed peak above it raises it too.
-    pub(super) fn learn(&mut self, job: JobId, oom: bool, peak: u64) {
-        let Some(record) = self.jobs.get(&job) else {
-            return;
-        };
-        let Some(attempt) = record.current_attempt() else {
-            return;
-        };
-        let class = record.class();
-        let current = self.estimates.get(&class).copied().unwrap_or(0);
-        let mut next = current;
-        if oom && attempt.gpu_memory > 0 {
-            // 25% above what was not enough.
-            next = next.max(attempt.gpu_memory.saturating_add(attempt.gpu_memory / 4));
-        }
-        if peak > 0 {
-            // 10% headroom over the highest use seen.
-            next = next.max(peak.saturating_add(peak / 10));
-        }
-        if next != current {
-            self.estimates.insert(class.clone(), next);
-            self.changes.estimates.insert(class);
-        }
     }
 
     pub(super) fn attempt_lost(

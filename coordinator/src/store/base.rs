@@ -88,6 +88,8 @@ pub(super) struct Base {
     pub next_job_id: u64,
     /// Submission keys in the base: their removal is a tombstone.
     pub submissions: HashSet<String>,
+    /// Learned classes in the base: their eviction is a tombstone.
+    pub estimates: HashSet<String>,
     /// The base's events at or above the event floor, ascending.
     pub events: Vec<EventRecord>,
     /// One past the base's highest event index (the next index when every
@@ -116,6 +118,11 @@ impl Base {
                 .submissions
                 .iter()
                 .map(|(k, _)| k.clone())
+                .collect(),
+            estimates: snapshot
+                .estimates
+                .iter()
+                .map(|(class, _)| class.clone())
                 .collect(),
             events,
             next_event_index,

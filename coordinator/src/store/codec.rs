@@ -40,6 +40,14 @@ pub enum CodecError {
     /// A message field this version requires is absent.
     #[error("command without its {0}")]
     Missing(&'static str),
+    /// A fixed-size record of another size.
+    #[error("{what} of {len} bytes")]
+    Size {
+        /// What the record is.
+        what: &'static str,
+        /// Its size.
+        len: usize,
+    },
     /// A name this version does not know.
     #[error("unknown {field} {value:?}")]
     Unknown {

@@ -25,7 +25,7 @@ use crate::domain::{
     AttemptOutcome, AttemptRecord, EventRecord, GangMember, GpuFault, JobRecord, JobState,
     NodeRecord, PreemptedBy, PreemptionHold, Quarantine,
 };
-use crate::state::RetentionPolicy;
+use crate::state::{Estimate, RetentionPolicy};
 
 /// Whether a stored value is JSON from before the binary records.
 fn is_json(data: &[u8]) -> bool {
@@ -82,6 +82,32 @@ pub fn encode_job_ids(ids: &[JobId]) -> Vec<u8> {
 /// Stored job ids, binary or JSON (an empty list is empty bytes).
 pub fn decode_job_ids(data: &[u8]) -> Result<Vec<JobId>, CodecError> {
     decode_stored(data, |ids: st::JobIds| Ok(ids.ids))
+}
+
+/// A learned estimate as stored: its bytes, then its last use (16 bytes,
+/// big-endian).
+pub fn encode_estimate(estimate: &Estimate) -> Vec<u8> {
+    let mut value = estimate.bytes.to_be_bytes().to_vec();
+    value.extend_from_slice(&estimate.used_ms.to_be_bytes());
+    value
+}
+
+/// A stored estimate: 16 bytes, or the 8 (bytes only, no last use) of the
+/// versions before learned classes were bounded.
+pub fn decode_estimate(data: &[u8]) -> Result<Estimate, CodecError> {
+    let word = |at: usize| {
+        data.get(at..at + 8)
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+            .map(u64::from_be_bytes)
+    };
+    match (data.len(), word(0), word(8)) {
+        (8, Some(bytes), _) => Ok(Estimate { bytes, used_ms: 0 }),
+        (16, Some(bytes), Some(used_ms)) => Ok(Estimate { bytes, used_ms }),
+        (len, _, _) => Err(CodecError::Size {
+            what: "learned estimate",
+            len,
+        }),
+    }
 }
 
 /// The retention policy as stored (meta) and in snapshots.

@@ -20,7 +20,7 @@ use prost::encoding::{encode_varint, encoded_len_varint};
 
 use super::records::{self, job_to_storage, node_to_storage, retention_to_storage};
 use super::{StateSnapshot, Store, StoreError};
-use crate::state::StateMachine;
+use crate::state::{Estimate, StateMachine};
 
 /// First bytes of a binary state snapshot.
 pub const MAGIC: &[u8; 8] = b"GSTATEv2";
@@ -108,11 +108,8 @@ impl Store {
                 jobs: ids.clone(),
             }))?;
         }
-        for (class, bytes) in state.estimates() {
-            items.item(Item::Estimate(st::Estimate {
-                class: class.clone(),
-                bytes: *bytes,
-            }))?;
+        for (class, estimate) in state.estimates() {
+            items.item(Item::Estimate(estimate_to_storage(class, estimate)))?;
         }
         for (name, run) in state.pipeline_runs() {
             items.item(Item::PipelineRun(st::PipelineRun {
@@ -163,11 +160,8 @@ pub fn write_state_snapshot(
             jobs: ids.clone(),
         }))?;
     }
-    for (class, bytes) in &snapshot.estimates {
-        items.item(Item::Estimate(st::Estimate {
-            class: class.clone(),
-            bytes: *bytes,
-        }))?;
+    for (class, estimate) in &snapshot.estimates {
+        items.item(Item::Estimate(estimate_to_storage(class, estimate)))?;
     }
     for (name, run) in &snapshot.pipeline_runs {
         items.item(Item::PipelineRun(st::PipelineRun {
@@ -242,7 +236,13 @@ pub fn read_snapshot(input: impl Read) -> Result<StateSnapshot, StoreError> {
                 .events
                 .push(records::event_from_storage(event).map_err(|e| item_error(count, e))?),
             Item::Submission(s) => snapshot.submissions.push((s.key, s.jobs)),
-            Item::Estimate(e) => snapshot.estimates.push((e.class, e.bytes)),
+            Item::Estimate(e) => snapshot.estimates.push((
+                e.class,
+                Estimate {
+                    bytes: e.bytes,
+                    used_ms: e.used_ms,
+                },
+            )),
             Item::PipelineRun(r) => snapshot.pipeline_runs.push((r.name, r.run)),
             Item::Meta(m) => meta = Some(m),
         }
@@ -290,4 +290,12 @@ fn item_error(count: u64, source: super::codec::CodecError) -> StoreError {
 /// A failed read or write of a snapshot.
 fn io_error(error: std::io::Error) -> StoreError {
     StoreError::Snapshot(format!("i/o: {error}"))
+}
+
+fn estimate_to_storage(class: &str, estimate: &Estimate) -> st::Estimate {
+    st::Estimate {
+        class: class.to_string(),
+        bytes: estimate.bytes,
+        used_ms: estimate.used_ms,
+    }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::domain::{GpuRecord, JobSpec, Repeat, RunPolicy};
+use crate::state::Estimate;
 use crate::store::codec::tests::full_spec;
 use crate::store::snapshot::MAGIC;
 use crate::store::{StateSnapshot, Store, decode_snapshot, write_state_snapshot};
@@ -339,7 +340,13 @@ fn snapshot_of_everything() -> StateSnapshot {
         jobs: job_cases().into_iter().map(|(_, j)| j).collect(),
         nodes: vec![full_node()],
         submissions: vec![("key-1".into(), vec![42, 0]), ("empty".into(), vec![])],
-        estimates: vec![("training/train".into(), 12 << 30)],
+        estimates: vec![(
+            "training/train".into(),
+            Estimate {
+                bytes: 12 << 30,
+                used_ms: 99,
+            },
+        )],
         events: vec![
             event(3, JobState::Pending, JobKind::Training),
             event(4, JobState::DeadLettered, JobKind::Selfplay),
@@ -511,4 +518,162 @@ fn stored_binary_events_are_copied_into_snapshots() {
     let state = store.load().unwrap();
     let decoded = decode_snapshot(&store.snapshot_bytes(&state).unwrap()).unwrap();
     assert_eq!(decoded.events, events);
+}
+
+#[test]
+fn estimates_decode_with_and_without_their_last_use() {
+    let estimate = Estimate {
+        bytes: 12 << 30,
+        used_ms: 1_700_000_000_000,
+    };
+    assert_eq!(
+        decode_estimate(&encode_estimate(&estimate)).unwrap(),
+        estimate
+    );
+    // The 8 bytes of the versions before the bound: used first.
+    assert_eq!(
+        decode_estimate(&(5u64 << 30).to_be_bytes()).unwrap(),
+        Estimate {
+            bytes: 5 << 30,
+            used_ms: 0
+        }
+    );
+    for torn in [&[][..], &[1, 2, 3], &[0; 9], &[0; 17]] {
+        let error = decode_estimate(torn).unwrap_err().to_string();
+        assert!(error.contains("learned estimate"), "{error}");
+    }
+    // A JSON snapshot of those versions holds the bytes alone.
+    let old: Vec<(String, Estimate)> =
+        serde_json::from_str(r#"[["training/train", 4096]]"#).unwrap();
+    assert_eq!(
+        old,
+        [(
+            "training/train".to_string(),
+            Estimate {
+                bytes: 4096,
+                used_ms: 0
+            }
+        )]
+    );
+}
+
+/// A job of a new class past the bound on learned classes evicts the
+/// least recently used class, a class of the installed base included:
+/// after a reopen it stays gone (a tombstone over the base), the new one
+/// is there, and the count is the bound. A class's use is refreshed at
+/// most once per interval.
+#[test]
+fn an_evicted_base_class_stays_gone_after_a_reopen() {
+    use crate::command::Command;
+    use crate::state::{MAX_ESTIMATES, Outcome, StateMachine, TOUCH_INTERVAL_MS};
+    use gantry_scheduler::Placement;
+
+    let base = StateSnapshot {
+        estimates: (0..MAX_ESTIMATES)
+            .map(|i| {
+                let used_ms = 1_000 + i as u64;
+                (format!("generic/c{i:05}"), Estimate { bytes: 1, used_ms })
+            })
+            .collect(),
+        next_job_id: 1,
+        event_floor: 1,
+        ..StateSnapshot::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("base.snap");
+    std::fs::write(&file, binary_snapshot(&base)).unwrap();
+    let data = dir.path().join("data");
+    let mut store = Store::open(&data).unwrap();
+    let mut sm = store.install(&file, base, 5).unwrap();
+    let mut index = 5;
+    // Applies the next entry; the learned classes it wrote.
+    let mut apply = |sm: &mut StateMachine, store: &mut Store, command| {
+        let outcome = sm.apply(command).unwrap();
+        index += 1;
+        let changes = sm.take_changes();
+        let written = changes.estimates.clone();
+        store.persist_applied(sm, changes, index).unwrap();
+        (outcome, written)
+    };
+    apply(
+        &mut sm,
+        &mut store,
+        Command::register_for_test("n1", 1, 80 << 30),
+    );
+    // A job of class generic/fresh ends at `at_ms` reporting `peak`; the
+    // classes its exit wrote.
+    let mut run = |sm: &mut StateMachine, store: &mut Store, at_ms: u64, peak: u64| {
+        let (Outcome::Submitted(ids), _) = apply(
+            sm,
+            store,
+            Command::Submit {
+                at_ms,
+                key: None,
+                jobs: vec![JobSpec::for_test("fresh")],
+                pipeline: None,
+                owner: None,
+            },
+        ) else {
+            panic!("not submitted")
+        };
+        let job = ids[0];
+        let placement = Placement {
+            job,
+            node: "n1".into(),
+            gpus: vec![0],
+            gpu_memory: 10 << 30,
+            batch_size: None,
+            exclusive_gpu: false,
+        };
+        let assign = Command::Assign {
+            at_ms,
+            placements: vec![placement],
+            term: 1,
+        };
+        apply(sm, store, assign);
+        let exited = Command::JobExited {
+            at_ms,
+            job,
+            attempt: 1,
+            node: "n1".into(),
+            code: Some(0),
+            signal: None,
+            error: String::new(),
+            cancelled: false,
+            oom: false,
+            output_tail: String::new(),
+            peak_gpu_memory: peak,
+        };
+        apply(sm, store, exited).1
+    };
+    let written = run(&mut sm, &mut store, 5_000, 2 << 30);
+    assert_eq!(
+        written.into_iter().collect::<Vec<_>>(),
+        ["generic/c00000", "generic/fresh"],
+        "the oldest class is evicted for the new one"
+    );
+    assert!(
+        run(&mut sm, &mut store, 6_000, 1 << 30).is_empty(),
+        "no rise, no refresh yet"
+    );
+    let later = 5_000 + TOUCH_INTERVAL_MS;
+    assert_eq!(
+        run(&mut sm, &mut store, later, 1 << 30).len(),
+        1,
+        "refreshed"
+    );
+    store.write_pending(&sm).unwrap();
+    store.flush().unwrap();
+    drop(store);
+
+    let mut store = Store::open(&data).unwrap();
+    let loaded = store.load().unwrap();
+    assert_eq!(loaded.estimates().len(), MAX_ESTIMATES);
+    assert_eq!(loaded.estimates().get("generic/c00000"), None);
+    let fresh = Estimate {
+        bytes: (2 << 30) + (2 << 30) / 10,
+        used_ms: later,
+    };
+    assert_eq!(loaded.estimates().get("generic/fresh"), Some(&fresh));
+    assert_eq!(loaded.estimates(), sm.estimates());
 }
