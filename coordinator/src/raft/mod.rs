@@ -98,6 +98,7 @@
 //! snapshot with the log compacted behind it would lose the state.
 
 pub mod batch;
+mod driver;
 pub mod fault;
 mod flusher;
 pub mod guard;
