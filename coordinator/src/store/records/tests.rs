@@ -566,7 +566,6 @@ fn estimates_decode_with_and_without_their_last_use() {
 fn an_evicted_base_class_stays_gone_after_a_reopen() {
     use crate::command::Command;
     use crate::state::{MAX_ESTIMATES, Outcome, StateMachine, TOUCH_INTERVAL_MS};
-    use gantry_scheduler::Placement;
 
     let base = StateSnapshot {
         estimates: (0..MAX_ESTIMATES)
@@ -617,33 +616,14 @@ fn an_evicted_base_class_stays_gone_after_a_reopen() {
             panic!("not submitted")
         };
         let job = ids[0];
-        let placement = Placement {
-            job,
-            node: "n1".into(),
-            gpus: vec![0],
-            gpu_memory: 10 << 30,
-            batch_size: None,
-            exclusive_gpu: false,
-        };
-        let assign = Command::Assign {
-            at_ms,
-            placements: vec![placement],
-            term: 1,
-        };
-        apply(sm, store, assign);
-        let exited = Command::JobExited {
-            at_ms,
-            job,
-            attempt: 1,
-            node: "n1".into(),
-            code: Some(0),
-            signal: None,
-            error: String::new(),
-            cancelled: false,
-            oom: false,
-            output_tail: String::new(),
-            peak_gpu_memory: peak,
-        };
+        apply(sm, store, Command::assign_for_test(at_ms, job, "n1"));
+        let mut exited = Command::exited_for_test(at_ms, job, 1, "n1", 0);
+        if let Command::JobExited {
+            peak_gpu_memory, ..
+        } = &mut exited
+        {
+            *peak_gpu_memory = peak;
+        }
         apply(sm, store, exited).1
     };
     let written = run(&mut sm, &mut store, 5_000, 2 << 30);
