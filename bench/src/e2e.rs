@@ -30,7 +30,7 @@ use tonic::transport::{Channel, Endpoint};
 mod entries;
 mod open_loop;
 
-use crate::procs::{CpuMeter, ProcGroup, free_ports, require_gantry, run_scenario};
+use crate::procs::{CpuMeter, CpuUsed, ProcGroup, free_ports, require_gantry, run_scenario};
 use crate::stats::Latencies;
 
 pub(crate) const GIB: i64 = 1 << 30;
@@ -118,19 +118,11 @@ pub struct E2eReport {
     /// commit index before the load and once its jobs started and the log
     /// settled; `None` when the leader did not answer either reading.
     pub raft_entries_per_job: Option<f64>,
-    /// CPU time the three coordinators and this process used from the
-    /// load's start until the log settled (every load job's submit,
-    /// placement, start and exit), when it could be read.
-    pub cpu: Option<LoadCpu>,
-}
-
-/// CPU time spent on the load, by side.
-#[derive(Debug, Clone, Copy)]
-pub struct LoadCpu {
-    /// The three coordinator processes, summed.
-    pub coordinators: Duration,
-    /// This process: the submitters and the simulated agents.
-    pub bench: Duration,
+    /// CPU time the three coordinators (measured) and this process (own:
+    /// the submitters and the simulated agents) used from the load's start
+    /// until the log settled (every load job's submit, placement, start and
+    /// exit), when it could be read.
+    pub cpu: Option<CpuUsed>,
 }
 
 impl E2eReport {
@@ -144,18 +136,11 @@ impl E2eReport {
         self.started as f64 / self.start_time.as_secs_f64().max(1e-9)
     }
 
-    /// Coordinator CPU per acknowledged load job, µs (all three replicas):
-    /// a figure of the work a job costs that the machine's other tenants
-    /// do not move, unlike jobs/s.
-    pub fn coordinator_cpu_per_job_us(&self) -> Option<f64> {
-        let cpu = self.cpu?;
-        (self.acked > 0).then(|| cpu.coordinators.as_secs_f64() * 1e6 / self.acked as f64)
-    }
-
-    /// This process's CPU per acknowledged load job, µs.
-    pub fn bench_cpu_per_job_us(&self) -> Option<f64> {
-        let cpu = self.cpu?;
-        (self.acked > 0).then(|| cpu.bench.as_secs_f64() * 1e6 / self.acked as f64)
+    /// CPU per acknowledged load job, µs: (the three coordinators', this
+    /// process's). A figure of the work a job costs that the machine's
+    /// other tenants move much less than jobs/s.
+    pub fn cpu_per_job_us(&self) -> Option<(f64, f64)> {
+        self.cpu?.per_op_us(self.acked)
     }
 
     /// The machine-readable record printed by `--json`.
@@ -204,8 +189,8 @@ impl E2eReport {
             "lost": self.lost,
             "states": self.states,
             "raft_entries_per_job": self.raft_entries_per_job,
-            "coordinator_cpu_per_job_us": self.coordinator_cpu_per_job_us(),
-            "bench_cpu_per_job_us": self.bench_cpu_per_job_us(),
+            "coordinator_cpu_per_job_us": self.cpu_per_job_us().map(|(coordinators, _)| coordinators),
+            "bench_cpu_per_job_us": self.cpu_per_job_us().map(|(_, bench)| bench),
         })
     }
 
@@ -261,10 +246,7 @@ impl E2eReport {
             self.raft_entries_per_job
                 .map_or_else(|| "unknown (the leader's Status did not answer)".to_string(), |e| format!("{e:.2}")),
         ));
-        if let (Some(coordinators), Some(bench)) = (
-            self.coordinator_cpu_per_job_us(),
-            self.bench_cpu_per_job_us(),
-        ) {
+        if let Some((coordinators, bench)) = self.cpu_per_job_us() {
             out.push_str(&format!(
                 "CPU per job: {coordinators:.0} µs in the three coordinators, {bench:.0} µs in this process (submitters and agents)\n"
             ));
@@ -1088,10 +1070,7 @@ async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E
     }
     let started = to_start.len();
     let commit_after = entries::settled_commit_index(&urls[leader]).await;
-    let cpu = CpuMeter::used_or_report(&cpu_meter, "e2e").map(|(coordinators, bench)| LoadCpu {
-        coordinators,
-        bench,
-    });
+    let cpu = CpuMeter::used_or_report(cpu_meter, "e2e");
     eprintln!(
         "e2e: leader's commit index {commit_before:?} before the load, {commit_after:?} after"
     );

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::procs::{CpuMeter, ProcGroup, free_ports};
+use crate::procs::{CpuMeter, CpuUsed, ProcGroup, free_ports};
 use crate::stats::Latencies;
 
 /// etcdserverpb.PutRequest (the fields used).
@@ -103,25 +103,16 @@ pub struct EtcdReport {
     pub puts_per_s: f64,
     /// Failed concurrent puts.
     pub errors: usize,
-    /// CPU time of the concurrent phase: the three etcd members summed,
-    /// and this process (the writers), when it could be read.
-    pub cpu: Option<(Duration, Duration)>,
+    /// CPU time of the concurrent phase: the three etcd members (measured)
+    /// and this process (own: the writers), when it could be read.
+    pub cpu: Option<CpuUsed>,
 }
 
 impl EtcdReport {
-    /// The three members' CPU per acknowledged concurrent put, µs (the
-    /// yardstick for `e2e`'s CPU per job).
-    pub fn members_cpu_per_put_us(&self) -> Option<f64> {
-        let (members, _) = self.cpu?;
-        (!self.concurrent.is_empty())
-            .then(|| members.as_secs_f64() * 1e6 / self.concurrent.len() as f64)
-    }
-
-    /// This process's CPU per acknowledged concurrent put, µs.
-    pub fn bench_cpu_per_put_us(&self) -> Option<f64> {
-        let (_, bench) = self.cpu?;
-        (!self.concurrent.is_empty())
-            .then(|| bench.as_secs_f64() * 1e6 / self.concurrent.len() as f64)
+    /// CPU per acknowledged concurrent put, µs: (the three members',
+    /// this process's); the yardstick for `e2e`'s CPU per job.
+    pub fn cpu_per_put_us(&self) -> Option<(f64, f64)> {
+        self.cpu?.per_op_us(self.concurrent.len())
     }
 
     /// The machine-readable record printed by `--json`.
@@ -142,8 +133,8 @@ impl EtcdReport {
             "concurrent_puts": self.concurrent.len(),
             "concurrent_put_p50_ms": self.concurrent.ms(0.5),
             "concurrent_put_p99_ms": self.concurrent.ms(0.99),
-            "members_cpu_per_put_us": self.members_cpu_per_put_us(),
-            "bench_cpu_per_put_us": self.bench_cpu_per_put_us(),
+            "members_cpu_per_put_us": self.cpu_per_put_us().map(|(members, _)| members),
+            "bench_cpu_per_put_us": self.cpu_per_put_us().map(|(_, bench)| bench),
             "errors": self.errors,
         })
     }
@@ -170,9 +161,7 @@ impl EtcdReport {
             self.concurrent.ms(0.99),
             self.errors,
         );
-        if let (Some(members), Some(bench)) =
-            (self.members_cpu_per_put_us(), self.bench_cpu_per_put_us())
-        {
+        if let Some((members, bench)) = self.cpu_per_put_us() {
             out.push_str(&format!(
                 "\nCPU per concurrent put: {members:.0} µs in the three members, {bench:.0} µs in this process"
             ));
@@ -378,7 +367,7 @@ async fn scenario(config: &EtcdConfig, procs: &mut ProcGroup) -> anyhow::Result<
             end = end.max(last);
         }
         puts_per_s = concurrent.len() as f64 / (end - start).as_secs_f64().max(1e-9);
-        cpu = CpuMeter::used_or_report(&meter, "etcd");
+        cpu = CpuMeter::used_or_report(meter, "etcd");
     }
     Ok(EtcdReport {
         config: config.clone(),

@@ -602,7 +602,7 @@ async fn scenario(
         tokio::time::sleep(left.min(Duration::from_secs(1))).await;
     }
     let window = window_start.elapsed();
-    let (coordinator_cpu, own_cpu) = meter.used()?;
+    let used = meter.used()?;
     let sent = fleet.sent.load(Ordering::Relaxed) - sent0;
     let skipped = fleet.skipped.load(Ordering::Relaxed) - skipped0;
     let rss_bytes = status_bytes(&pid, "VmRSS:")?;
@@ -653,8 +653,8 @@ async fn scenario(
         window,
         sent,
         skipped,
-        coordinator_cpu_pct: pct(coordinator_cpu),
-        bench_cpu_pct: pct(own_cpu),
+        coordinator_cpu_pct: pct(used.measured),
+        bench_cpu_pct: pct(used.own),
         rss_bytes,
         rss_max_bytes: rss_max.max(rss_bytes),
         rss_peak_bytes,

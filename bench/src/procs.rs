@@ -262,31 +262,47 @@ impl CpuMeter {
         })
     }
 
-    /// CPU time since [`start`](Self::start): the processes' summed, and
-    /// this process's.
-    pub fn used(&self) -> anyhow::Result<(Duration, Duration)> {
+    /// CPU time since [`start`](Self::start).
+    pub fn used(&self) -> anyhow::Result<CpuUsed> {
         let mut ticks = 0;
         for (pid, start) in self.pids.iter().zip(&self.start) {
             ticks += cpu_ticks(&pid.to_string())?.saturating_sub(*start);
         }
         let own = cpu_ticks("self")?.saturating_sub(self.own_start);
         let time = |ticks: u64| Duration::from_secs_f64(ticks as f64 / CLOCK_TICKS_PER_S);
-        Ok((time(ticks), time(own)))
+        Ok(CpuUsed {
+            measured: time(ticks),
+            own: time(own),
+        })
     }
 
     /// [`used`](Self::used) of a meter that may have failed to start;
     /// `None`, with the reason printed under `scenario`'s name, when a
     /// reading failed (a figure reported missing, never as 0).
-    pub fn used_or_report(
-        meter: &anyhow::Result<CpuMeter>,
-        scenario: &str,
-    ) -> Option<(Duration, Duration)> {
-        let used = match meter {
-            Ok(meter) => meter.used(),
-            Err(error) => Err(anyhow::anyhow!("{error:#}")),
-        };
-        used.inspect_err(|error| eprintln!("{scenario}: cannot read the CPU time used: {error:#}"))
+    pub fn used_or_report(meter: anyhow::Result<CpuMeter>, scenario: &str) -> Option<CpuUsed> {
+        meter
+            .and_then(|meter| meter.used())
+            .inspect_err(|error| eprintln!("{scenario}: cannot read the CPU time used: {error:#}"))
             .ok()
+    }
+}
+
+/// What a [`CpuMeter`] read: the measured processes' CPU time, summed, and
+/// this process's.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuUsed {
+    /// The measured processes (the servers under load), summed.
+    pub measured: Duration,
+    /// This process (the load generator).
+    pub own: Duration,
+}
+
+impl CpuUsed {
+    /// Per operation, µs: (the measured processes', this process's);
+    /// `None` when there were no operations.
+    pub fn per_op_us(&self, ops: usize) -> Option<(f64, f64)> {
+        let per_op = |cpu: Duration| cpu.as_secs_f64() * 1e6 / ops as f64;
+        (ops > 0).then(|| (per_op(self.measured), per_op(self.own)))
     }
 }
 
@@ -343,4 +359,21 @@ pub fn run_scenario<R>(
             procs.log_tails(log_lines)
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn cpu_per_operation_is_missing_without_operations() {
+        let used = CpuUsed {
+            measured: Duration::from_millis(300),
+            own: Duration::from_millis(30),
+        };
+        assert_eq!(used.per_op_us(1_000), Some((300.0, 30.0)));
+        assert_eq!(used.per_op_us(0), None);
+    }
 }
