@@ -263,6 +263,9 @@ fn apply_turn(jobs: usize, slowdown: f64) -> Result<f64> {
     let written = threads_cpu(STORE_WRITER)? - writer;
     spin(cpu_now()? - synced + written, slowdown)?;
     gantry += cpu_now()? - synced + written;
+    if std::env::var_os("GANTRY_CI_SPLIT").is_some() {
+        eprintln!("SPLIT per job: loop {:.1} us, writer {:.1} us, yardstick {:.1} us", (gantry - written).as_secs_f64() * 1e6 / jobs as f64, written.as_secs_f64() * 1e6 / jobs as f64, base.as_secs_f64() * 1e6 / jobs as f64);
+    }
     Ok(base.as_secs_f64() / gantry.as_secs_f64().max(1e-9))
 }
 

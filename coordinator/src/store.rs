@@ -20,7 +20,9 @@ use crate::state::{ChangeSet, Estimate, RetentionPolicy, StateMachine};
 
 mod base;
 pub mod codec;
+mod generation;
 mod history;
+mod journal;
 pub mod records;
 pub mod snapshot;
 mod writer;
@@ -76,12 +78,13 @@ pub enum StoreError {
 /// The coordinator's sled database.
 pub struct Store {
     db: sled::Db,
-    jobs: sled::Tree,
-    nodes: sled::Tree,
-    events: sled::Tree,
-    submissions: sled::Tree,
-    estimates: sled::Tree,
-    meta: sled::Tree,
+    /// The current generation's trees.
+    trees: base::Trees,
+    /// Key of the next journal write.
+    journal_next: u64,
+    /// The event floor as of the last write prepared: stored events below
+    /// it are never read.
+    event_floor: u64,
     history: sled::Tree,
     history_index: sled::Tree,
     /// The base files and the current generation's pointer.
@@ -150,14 +153,15 @@ impl Store {
             base = base::Base::take(generation, &mut snapshot);
             opened_base = Some(snapshot);
         }
-        let tree = |name| db.open_tree(base::tree_name(name, generation));
+        let trees = base::Trees::open(&db, generation)?;
+        let journal_next = match trees.journal.last()? {
+            Some((key, _)) => key_u64(&key) + 1,
+            None => 0,
+        };
         let mut store = Store {
-            jobs: tree("jobs")?,
-            nodes: tree("nodes")?,
-            events: tree("events")?,
-            submissions: tree("submissions")?,
-            estimates: tree("estimates")?,
-            meta: tree("meta")?,
+            trees,
+            journal_next,
+            event_floor: 0,
             history: db.open_tree("history")?,
             history_index: db.open_tree("history_index")?,
             files,
@@ -168,9 +172,17 @@ impl Store {
             next_prune_ms: Default::default(),
             db,
         };
+        if store.meta_u64(META_EVENTS_LOGGED)? == 1 {
+            store.base.events.clear();
+        }
+        store.base.next_event_index = store
+            .base
+            .next_event_index
+            .max(store.meta_u64(META_BASE_NEXT_EVENT)?);
         // The base's events below the floor reached since it was installed.
         let floor = store.meta_u64(META_EVENT_FLOOR)?;
         store.base.raise_floor(floor);
+        store.event_floor = floor;
         Ok(store)
     }
 
@@ -187,49 +199,61 @@ impl Store {
             None => StateSnapshot::default(),
         };
         let record = |tree| move |source| StoreError::Record { tree, source };
-        let jobs: Vec<JobRecord> = base::overlay(
-            base.jobs.into_iter().map(|job| (job.id, job)),
-            &self.jobs,
-            key_u64,
-            |value| records::decode_job(value).map_err(record("jobs")),
-        )?
-        .into_iter()
-        .map(|(_, job)| job)
-        .collect();
-        let nodes: Vec<NodeRecord> = base::overlay(
-            base.nodes.into_iter().map(|node| (node.name.clone(), node)),
-            &self.nodes,
-            key_string,
-            |value| records::decode_node(value).map_err(record("nodes")),
-        )?
-        .into_iter()
-        .map(|(_, node)| node)
-        .collect();
-        let submissions =
-            base::overlay(base.submissions, &self.submissions, key_string, |value| {
+        let trees = &self.trees;
+        let mut records = journal::Records {
+            jobs: base::overlay(
+                base.jobs.into_iter().map(|job| (job.id, job)),
+                &trees.jobs,
+                key_u64,
+                |value| records::decode_job(value).map_err(record("jobs")),
+            )?,
+            nodes: base::overlay(
+                base.nodes.into_iter().map(|node| (node.name.clone(), node)),
+                &trees.nodes,
+                key_string,
+                |value| records::decode_node(value).map_err(record("nodes")),
+            )?,
+            submissions: base::overlay(base.submissions, &trees.submissions, key_string, |value| {
                 records::decode_job_ids(value).map_err(record("submissions"))
-            })?;
-        let estimates = base::overlay(base.estimates, &self.estimates, key_string, |value| {
-            records::decode_estimate(value).map_err(record("estimates"))
-        })?;
-        let next_event_index = match self.events.last()? {
+            })?,
+            estimates: base::overlay(base.estimates, &trees.estimates, key_string, |value| {
+                records::decode_estimate(value).map_err(record("estimates"))
+            })?,
+        };
+        for item in trees.journal.iter() {
+            records.apply(&item?.1)?;
+        }
+        let next_event_index = match trees.events.last()? {
             Some((key, _)) => key_u64(&key) + 1,
             None => 1,
         }
-        .max(self.base.next_event_index);
-        let mut state =
-            StateMachine::restore(jobs, nodes, submissions, estimates, next_event_index);
+        .max(journal::next_event_index(&trees.event_log)?)
+        .max(self.base.next_event_index)
+        .max(self.event_floor);
+        let journal::Records {
+            jobs,
+            nodes,
+            submissions,
+            estimates,
+        } = records;
+        let mut state = StateMachine::restore(
+            jobs.into_values().collect(),
+            nodes.into_values().collect(),
+            submissions.into_iter().collect(),
+            estimates.into_iter().collect(),
+            next_event_index,
+        );
         state.set_leader_term(self.meta_u64(META_LEADER_TERM)?);
         state.set_next_job_id(self.meta_u64(META_NEXT_JOB_ID)?);
         state.set_event_floor(self.meta_u64(META_EVENT_FLOOR)?);
-        if let Some(value) = self.meta.get(META_RETENTION)? {
+        if let Some(value) = self.trees.meta.get(META_RETENTION)? {
             let policy = serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
                 tree: "meta",
                 source,
             })?;
             state.set_retention(policy);
         }
-        for item in self.meta.scan_prefix(META_RUN_PREFIX) {
+        for item in self.trees.meta.scan_prefix(META_RUN_PREFIX) {
             let (key, value) = item?;
             let name = String::from_utf8_lossy(&key[META_RUN_PREFIX.len()..]);
             state.set_pipeline_run(&name, key_u64(&value) as u32);
@@ -252,7 +276,7 @@ impl Store {
     }
 
     fn meta_u64(&self, key: &'static str) -> Result<u64, StoreError> {
-        meta_u64(&self.meta, key)
+        meta_u64(&self.trees.meta, key)
     }
 
     /// Takes what an apply changed, with the Raft index it came from, to
@@ -327,76 +351,6 @@ impl Store {
         Ok(())
     }
 
-    /// Installs a Raft snapshot's state at `index`, read from `file`: the
-    /// file becomes the base of a new generation whose trees start empty
-    /// (see [`base`]), so nothing is written per record. Returns the state,
-    /// built from the decoded `snapshot` (the file's contents).
-    ///
-    /// The switch to the new generation is one flushed write after the
-    /// new generation's meta is durable: a crash before it leaves the
-    /// previous state whole, and the entry is installed again.
-    pub fn install(
-        &mut self,
-        file: &Path,
-        mut snapshot: StateSnapshot,
-        index: u64,
-    ) -> Result<StateMachine, StoreError> {
-        // The history is this replica's own (not in snapshots): it stays,
-        // and so does its size.
-        // The caller wrote what it held back (its history records stay);
-        // anything else held back is of the state being replaced. The
-        // writes sent go to the trees being replaced: they land first.
-        self.pending = None;
-        self.writer.drain()?;
-        let history_bytes = self.history_bytes()?;
-        let generation = self.base.generation + 1;
-        self.files.store(file, generation)?;
-        let tree = |name| self.db.open_tree(base::tree_name(name, generation));
-        let trees = [
-            tree("jobs")?,
-            tree("nodes")?,
-            tree("events")?,
-            tree("submissions")?,
-            tree("estimates")?,
-            tree("meta")?,
-        ];
-        for tree in &trees {
-            // Left by an install that crashed before its switch.
-            if !tree.is_empty() {
-                tree.clear()?;
-            }
-        }
-        let [jobs, nodes, events, submissions, estimates, meta] = trees;
-        let mut batch = sled::Batch::default();
-        batch.insert(META_LEADER_TERM, &snapshot.leader_term.to_be_bytes());
-        batch.insert(META_NEXT_JOB_ID, &snapshot.next_job_id.to_be_bytes());
-        batch.insert(META_EVENT_FLOOR, &snapshot.event_floor.to_be_bytes());
-        if let Some(policy) = &snapshot.retention {
-            batch.insert(META_RETENTION, encode(policy)?);
-        }
-        for (name, run) in &snapshot.pipeline_runs {
-            batch.insert(run_key(name), &u64::from(*run).to_be_bytes());
-        }
-        batch.insert(META_HISTORY_BYTES, &history_bytes.to_be_bytes());
-        batch.insert(META_APPLIED_INDEX, &index.to_be_bytes());
-        meta.apply_batch(batch)?;
-        self.db.flush()?;
-        self.files.switch(generation)?;
-        self.db.flush()?;
-        (
-            self.jobs,
-            self.nodes,
-            self.events,
-            self.submissions,
-            self.estimates,
-            self.meta,
-        ) = (jobs, nodes, events, submissions, estimates, meta);
-        self.base = base::Base::take(generation, &mut snapshot);
-        self.opened_base = None;
-        self.files.drop_others(&self.db, generation)?;
-        Ok(state_from(snapshot, self.base.next_event_index))
-    }
-
     /// The whole stored state, for a Raft snapshot.
     pub fn snapshot(&self, state: &StateMachine) -> Result<StateSnapshot, StoreError> {
         Ok(StateSnapshot {
@@ -446,58 +400,16 @@ impl Store {
         changes: ChangeSet,
         applied: Option<u64>,
     ) -> Result<writer::Prepared, StoreError> {
-        let mut jobs = sled::Batch::default();
-        for id in &changes.jobs {
-            if let Some(job) = state.job(*id) {
-                jobs.insert(&id.to_be_bytes(), records::encode_job(job));
-            }
-        }
-        for job in &changes.retired {
-            // A base record needs a tombstone to stay removed.
-            if self.base.has_job(job.id) {
-                jobs.insert(&job.id.to_be_bytes(), base::TOMBSTONE);
-            } else {
-                jobs.remove(&job.id.to_be_bytes());
-            }
-        }
-        let mut nodes = sled::Batch::default();
-        for name in &changes.nodes {
-            if let Some(node) = state.node(name) {
-                nodes.insert(name.as_bytes(), records::encode_node(node));
-            }
-        }
+        let journal = journal::encode_changes(state, &changes).map(|value| {
+            let key = self.journal_next;
+            self.journal_next += 1;
+            (key, value)
+        });
         if let Some((_, to)) = changes.event_floor {
             self.base.raise_floor(to);
+            self.event_floor = self.event_floor.max(to);
         }
-        let events = changes
-            .events
-            .iter()
-            .map(|event| (event.index, records::encode_event(event)))
-            .collect();
-        let mut submissions = sled::Batch::default();
-        for (key, ids) in &changes.submissions {
-            submissions.insert(key.as_bytes(), records::encode_job_ids(ids));
-        }
-        for key in &changes.submissions_removed {
-            if self.base.submissions.contains(key) {
-                submissions.insert(key.as_bytes(), base::TOMBSTONE);
-            } else {
-                submissions.remove(key.as_bytes());
-            }
-        }
-        let mut estimates = sled::Batch::default();
-        for class in &changes.estimates {
-            match state.estimates().get(class) {
-                Some(estimate) => {
-                    estimates.insert(class.as_bytes(), records::encode_estimate(estimate))
-                }
-                // Evicted (the bound on learned classes).
-                None if self.base.estimates.contains(class) => {
-                    estimates.insert(class.as_bytes(), base::TOMBSTONE)
-                }
-                None => estimates.remove(class.as_bytes()),
-            }
-        }
+        let events = journal::encode_events(&changes.events);
         let mut meta = sled::Batch::default();
         if changes.leader_term {
             meta.insert(META_LEADER_TERM, &state.leader_term().to_be_bytes());
@@ -522,12 +434,9 @@ impl Store {
         }
         Ok(writer::Prepared {
             trees: self.write_trees(),
-            jobs,
-            nodes,
+            journal,
             events,
             event_floor: changes.event_floor,
-            submissions,
-            estimates,
             meta,
             retired: changes.retired,
             policy: *state.retention(),
@@ -538,12 +447,7 @@ impl Store {
     /// Handles on the current generation's trees and the history's.
     fn write_trees(&self) -> writer::WriteTrees {
         writer::WriteTrees {
-            jobs: self.jobs.clone(),
-            nodes: self.nodes.clone(),
-            events: self.events.clone(),
-            submissions: self.submissions.clone(),
-            estimates: self.estimates.clone(),
-            meta: self.meta.clone(),
+            state: self.trees.clone(),
             history: self.history.clone(),
             history_index: self.history_index.clone(),
             next_prune_ms: self.next_prune_ms.clone(),
@@ -560,8 +464,10 @@ impl Store {
             .take(limit)
             .cloned()
             .collect();
-        let rest = limit - out.len();
-        for item in self.events.range(from.to_be_bytes()..).take(rest) {
+        for item in self.trees.events.range(from.to_be_bytes()..) {
+            if out.len() >= limit {
+                return Ok(out);
+            }
             let (_, value) = item?;
             out.push(
                 records::decode_event(&value).map_err(|source| StoreError::Record {
@@ -569,6 +475,22 @@ impl Store {
                     source,
                 })?,
             );
+        }
+        let from = from.max(self.event_floor);
+        for item in journal::batches_from(&self.trees.event_log, from)? {
+            for event in journal::decode_events(&item?.1)? {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                if event.index >= from {
+                    out.push(records::event_from_storage(event).map_err(|source| {
+                        StoreError::Record {
+                            tree: journal::EVENT_LOG,
+                            source,
+                        }
+                    })?);
+                }
+            }
         }
         Ok(out)
     }
@@ -588,6 +510,12 @@ const META_NEXT_JOB_ID: &str = "next_job_id";
 const META_EVENT_FLOOR: &str = "event_floor";
 const META_RETENTION: &str = "retention";
 const META_HISTORY_BYTES: &str = "history_bytes";
+/// Set (1) in a generation whose base's events were written into its event
+/// log (every generation since the journal): the base file's events are
+/// then not kept in memory.
+const META_EVENTS_LOGGED: &str = "base_events_logged";
+/// One past the highest event index given when the generation began.
+const META_BASE_NEXT_EVENT: &str = "base_next_event_index";
 /// `run/<pipeline>`: the latest run number of a pipeline (its jobs may
 /// all be retired; run numbers are never reused).
 const META_RUN_PREFIX: &str = "run/";
@@ -744,19 +672,20 @@ mod tests {
         let mut store = Store::open(dir.path()).unwrap();
         assert_eq!(store.applied_index().unwrap(), 0, "nothing stored yet");
         store
+            .trees
             .meta
             .insert(META_APPLIED_INDEX, &42u64.to_be_bytes())
             .unwrap();
         assert_eq!(store.applied_index().unwrap(), 42);
         // A torn or foreign value is an error naming the key, not 0.
-        store.meta.insert(META_APPLIED_INDEX, &[0u8, 1]).unwrap();
+        store.trees.meta.insert(META_APPLIED_INDEX, &[0u8, 1]).unwrap();
         let error = store.applied_index().unwrap_err().to_string();
         assert!(
             error.contains("meta/applied_index") && error.contains("2 bytes"),
             "{error}"
         );
         assert!(store.load().is_ok(), "the leader term is unaffected");
-        store.meta.insert(META_LEADER_TERM, &[1u8; 9]).unwrap();
+        store.trees.meta.insert(META_LEADER_TERM, &[1u8; 9]).unwrap();
         assert!(store.load().is_err());
     }
 }

@@ -64,6 +64,14 @@ impl ReplicatedStateMachine for Core {
             .map_err(|error| format!("cannot take a state snapshot: {error}"))
     }
 
+    /// The snapshot becomes the stored state's base: the store's journal
+    /// starts again from it.
+    fn snapshot_stored(&mut self, index: u64, file: &Path) -> Result<(), String> {
+        self.store
+            .rebase(file, index, &self.state)
+            .map_err(|error| error.to_string())
+    }
+
     fn write_behind(&mut self) -> Result<(), String> {
         if let Some(error) = self.store_failure.take() {
             return Err(error);

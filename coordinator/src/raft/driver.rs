@@ -584,6 +584,17 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 reason: error.to_string(),
             })?;
         let bytes = descriptor.map_or(0, |d| d.size);
+        if descriptor.is_some()
+            && let Some(file) = self.raw.store().snapshot_file()
+        {
+            let file = file.to_path_buf();
+            self.app
+                .snapshot_stored(applied, &file)
+                .map_err(|reason| RaftError::App {
+                    what: format!("make the snapshot at index {applied} the stored state's base"),
+                    reason,
+                })?;
+        }
         tracing::info!(
             id = self.id,
             index = applied,

@@ -151,6 +151,14 @@ pub trait ReplicatedStateMachine: Send + Sized + 'static {
     /// is compacted behind the result, so it must be the whole state or
     /// `Err`.
     fn snapshot(&mut self, out: &mut dyn std::io::Write) -> Result<(), String>;
+    /// The snapshot taken at `index` is stored in `file` (complete, synced,
+    /// named by the Raft storage), and nothing was applied since it was
+    /// taken: the application may make it the base of its stored state
+    /// (the default does nothing). `Err` stops the replica.
+    fn snapshot_stored(&mut self, index: u64, file: &Path) -> Result<(), String> {
+        let _ = (index, file);
+        Ok(())
+    }
     /// Checks that the snapshot file `file` is one this application can
     /// restore, without changing its state: a peer's snapshot that would
     /// not restore is refused before raft-rs installs it (the default

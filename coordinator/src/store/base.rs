@@ -4,8 +4,10 @@
 //! again, one record at a time (3.1 s for 100,000 jobs, nearly all of it in
 //! sled's per-record tree updates). Now the snapshot file itself becomes
 //! the base of the stored state: it is linked into `state-base/` and the
-//! state trees start empty, holding only what changed since. A *generation*
-//! names one base and its trees:
+//! state trees start empty, holding only what changed since. The same
+//! happens to every snapshot the replica takes of itself (a *rebase*,
+//! which bounds the journal, see [`super::journal`]). A *generation* names
+//! one base and its trees:
 //!
 //! - generation 0 has no base file and uses the plain tree names (`jobs`,
 //!   `nodes`, ...): a replica that never installed a snapshot, and every
@@ -19,18 +21,16 @@
 //! a crash before the switch leaves the previous generation whole (its
 //! leftovers are dropped on the next open), one after it the new one.
 //!
-//! Loading reads the base and lays the trees over it: a record replaces
-//! the base's, and [`TOMBSTONE`] removes one the base has (a retired job,
-//! a removed submission key). Only records that exist in the base get a
-//! tombstone, so the trees never hold more than the base and the changes
-//! since. The base's events at or above the event floor stay in memory
-//! (they are read by `watch --from` and written into the next snapshot),
-//! and leave it as the floor rises.
+//! Loading reads the base and lays the trees over it: the per-record trees
+//! of the versions before the journal, where a record replaces the base's
+//! and [`TOMBSTONE`] removes one the base has, then the journal. An
+//! installed base's events at or above the event floor stay in memory
+//! (they are read by `watch --from` and written into the next snapshot)
+//! until the next rebase writes them into the event log, and leave it as
+//! the floor rises.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-use gantry_scheduler::JobId;
 
 use super::{StateSnapshot, StoreError};
 use crate::domain::EventRecord;
@@ -40,15 +40,18 @@ use crate::domain::EventRecord;
 /// JSON one starts with `{` or `[`.
 pub(super) const TOMBSTONE: &[u8] = &[0xff];
 
-/// The state trees of one generation, in the order [`tree_name`] and
-/// [`is_state_tree`] know them.
-pub(super) const STATE_TREES: [&str; 6] = [
+/// The state trees of one generation: the per-record trees of the versions
+/// before the journal (read, never written), the journal and event log
+/// ([`super::journal`]) and `meta`.
+pub(super) const STATE_TREES: [&str; 8] = [
     "jobs",
     "nodes",
     "events",
     "submissions",
     "estimates",
     "meta",
+    "journal",
+    "event_log",
 ];
 
 /// The tree holding the current generation.
@@ -76,20 +79,12 @@ fn generation_of(name: &str) -> Option<u64> {
     }
 }
 
-/// What the store keeps of its base: enough to decide tombstones and to
-/// serve the base's events.
+/// What the store keeps of its base: its generation and the events of an
+/// installed snapshot.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Base {
     /// The generation (0: no base).
     pub generation: u64,
-    /// Every job below this id that is alive is in the base (ids are
-    /// never reused, and a job retired before the base is never retired
-    /// again): its retirement is a tombstone, any other job's a removal.
-    pub next_job_id: u64,
-    /// Submission keys in the base: their removal is a tombstone.
-    pub submissions: HashSet<String>,
-    /// Learned classes in the base: their eviction is a tombstone.
-    pub estimates: HashSet<String>,
     /// The base's events at or above the event floor, ascending.
     pub events: Vec<EventRecord>,
     /// One past the base's highest event index (the next index when every
@@ -113,17 +108,6 @@ impl Base {
         events.sort_by_key(|event| event.index);
         Base {
             generation,
-            next_job_id: snapshot.next_job_id,
-            submissions: snapshot
-                .submissions
-                .iter()
-                .map(|(k, _)| k.clone())
-                .collect(),
-            estimates: snapshot
-                .estimates
-                .iter()
-                .map(|(class, _)| class.clone())
-                .collect(),
             events,
             next_event_index,
         }
@@ -134,10 +118,61 @@ impl Base {
         let below = self.events.partition_point(|event| event.index < floor);
         self.events.drain(..below);
     }
+}
 
-    /// Whether removing job `id` must leave a tombstone.
-    pub fn has_job(&self, id: JobId) -> bool {
-        self.generation > 0 && id < self.next_job_id
+/// The state trees of one generation (a sled tree is a handle).
+#[derive(Clone)]
+pub(super) struct Trees {
+    /// Per-record trees of the versions before the journal: read on load,
+    /// never written (`events` loses what falls below the floor).
+    pub jobs: sled::Tree,
+    pub nodes: sled::Tree,
+    pub events: sled::Tree,
+    pub submissions: sled::Tree,
+    pub estimates: sled::Tree,
+    /// Applied index, leader term, next job id, event floor, retention,
+    /// pipeline runs, history size.
+    pub meta: sled::Tree,
+    /// See [`super::journal`].
+    pub journal: sled::Tree,
+    pub event_log: sled::Tree,
+}
+
+impl Trees {
+    /// Opens (creating) `generation`'s trees.
+    pub fn open(db: &sled::Db, generation: u64) -> Result<Trees, StoreError> {
+        let tree = |name| db.open_tree(tree_name(name, generation));
+        Ok(Trees {
+            jobs: tree("jobs")?,
+            nodes: tree("nodes")?,
+            events: tree("events")?,
+            submissions: tree("submissions")?,
+            estimates: tree("estimates")?,
+            meta: tree("meta")?,
+            journal: tree(super::journal::JOURNAL)?,
+            event_log: tree(super::journal::EVENT_LOG)?,
+        })
+    }
+
+    /// Opens `generation`'s trees empty: what an install or a rebase that
+    /// crashed before its switch left in them goes.
+    pub fn open_empty(db: &sled::Db, generation: u64) -> Result<Trees, StoreError> {
+        let trees = Trees::open(db, generation)?;
+        for tree in [
+            &trees.jobs,
+            &trees.nodes,
+            &trees.events,
+            &trees.submissions,
+            &trees.estimates,
+            &trees.meta,
+            &trees.journal,
+            &trees.event_log,
+        ] {
+            if !tree.is_empty() {
+                tree.clear()?;
+            }
+        }
+        Ok(trees)
     }
 }
 
@@ -239,14 +274,14 @@ impl BaseFiles {
     }
 }
 
-/// Lays a tree's records over the base's, in key order: a record replaces
-/// the base's with the same key, a tombstone removes it.
+/// Lays a per-record tree's records over the base's, in key order: a
+/// record replaces the base's with the same key, a tombstone removes it.
 pub(super) fn overlay<K: Ord, T>(
     base: impl IntoIterator<Item = (K, T)>,
     tree: &sled::Tree,
     key: impl Fn(&[u8]) -> K,
     decode: impl Fn(&[u8]) -> Result<T, StoreError>,
-) -> Result<Vec<(K, T)>, StoreError> {
+) -> Result<BTreeMap<K, T>, StoreError> {
     let mut merged: BTreeMap<K, T> = base.into_iter().collect();
     for item in tree.iter() {
         let (k, value) = item?;
@@ -256,7 +291,7 @@ pub(super) fn overlay<K: Ord, T>(
             merged.insert(key(&k), decode(&value)?);
         }
     }
-    Ok(merged.into_iter().collect())
+    Ok(merged)
 }
 
 #[cfg(test)]
@@ -271,6 +306,8 @@ mod tests {
         assert_eq!(tree_name("jobs", 3), "jobs@3");
         assert_eq!(generation_of("jobs"), Some(0));
         assert_eq!(generation_of("meta@12"), Some(12));
+        assert_eq!(generation_of("journal@3"), Some(3));
+        assert_eq!(generation_of("event_log"), Some(0));
         for other in [
             "history",
             "history_index",
@@ -310,7 +347,5 @@ mod tests {
         assert_eq!(indexes(&base), vec![3, 4, 5]);
         base.raise_floor(5);
         assert_eq!(indexes(&base), vec![5]);
-        assert!(base.has_job(9) && !base.has_job(10));
-        assert!(!Base::default().has_job(0), "generation 0 has no base");
     }
 }

@@ -110,6 +110,26 @@ pub fn decode_estimate(data: &[u8]) -> Result<Estimate, CodecError> {
     }
 }
 
+/// A learned estimate as its storage message (snapshots, the journal).
+pub fn estimate_to_storage(class: &str, estimate: &Estimate) -> st::Estimate {
+    st::Estimate {
+        class: class.to_string(),
+        bytes: estimate.bytes,
+        used_ms: estimate.used_ms,
+    }
+}
+
+/// [`estimate_to_storage`] back: the class and its estimate.
+pub fn estimate_from_storage(estimate: st::Estimate) -> (String, Estimate) {
+    (
+        estimate.class,
+        Estimate {
+            bytes: estimate.bytes,
+            used_ms: estimate.used_ms,
+        },
+    )
+}
+
 /// The retention policy as stored (meta) and in snapshots.
 pub fn retention_to_storage(policy: &RetentionPolicy) -> st::RetentionPolicy {
     st::RetentionPolicy {

@@ -18,9 +18,11 @@ use gantry_proto::storage::snapshot_item::Item;
 use prost::Message;
 use prost::encoding::{encode_varint, encoded_len_varint};
 
-use super::records::{self, job_to_storage, node_to_storage, retention_to_storage};
-use super::{StateSnapshot, Store, StoreError};
-use crate::state::{Estimate, StateMachine};
+use super::records::{
+    self, estimate_to_storage, job_to_storage, node_to_storage, retention_to_storage,
+};
+use super::{StateSnapshot, Store, StoreError, journal};
+use crate::state::StateMachine;
 
 /// First bytes of a binary state snapshot.
 pub const MAGIC: &[u8; 8] = b"GSTATEv2";
@@ -120,7 +122,7 @@ impl Store {
         for event in &self.base.events {
             items.item(Item::Event(records::event_to_storage(event)))?;
         }
-        for item in self.events.iter() {
+        for item in self.trees.events.iter() {
             let (_, value) = item?;
             if value.first() == Some(&b'{') {
                 // Stored by a JSON version: converted once here.
@@ -131,6 +133,14 @@ impl Store {
                 items.item(Item::Event(records::event_to_storage(&event)))?;
             } else {
                 items.stored_event(&value)?;
+            }
+        }
+        let floor = state.event_floor();
+        for item in journal::batches_from(&self.trees.event_log, floor)? {
+            for event in journal::decode_events(&item?.1)? {
+                if event.index >= floor {
+                    items.item(Item::Event(event))?;
+                }
             }
         }
         items.finish(st::SnapshotMeta {
@@ -236,13 +246,7 @@ pub fn read_snapshot(input: impl Read) -> Result<StateSnapshot, StoreError> {
                 .events
                 .push(records::event_from_storage(event).map_err(|e| item_error(count, e))?),
             Item::Submission(s) => snapshot.submissions.push((s.key, s.jobs)),
-            Item::Estimate(e) => snapshot.estimates.push((
-                e.class,
-                Estimate {
-                    bytes: e.bytes,
-                    used_ms: e.used_ms,
-                },
-            )),
+            Item::Estimate(e) => snapshot.estimates.push(records::estimate_from_storage(e)),
             Item::PipelineRun(r) => snapshot.pipeline_runs.push((r.name, r.run)),
             Item::Meta(m) => meta = Some(m),
         }
@@ -290,12 +294,4 @@ fn item_error(count: u64, source: super::codec::CodecError) -> StoreError {
 /// A failed read or write of a snapshot.
 fn io_error(error: std::io::Error) -> StoreError {
     StoreError::Snapshot(format!("i/o: {error}"))
-}
-
-fn estimate_to_storage(class: &str, estimate: &Estimate) -> st::Estimate {
-    st::Estimate {
-        class: class.to_string(),
-        bytes: estimate.bytes,
-        used_ms: estimate.used_ms,
-    }
 }

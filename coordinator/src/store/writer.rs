@@ -40,12 +40,8 @@ const PRUNE_INTERVAL_MS: u64 = 60_000;
 /// Handles on the trees a write goes to (a sled tree is a handle).
 #[derive(Clone)]
 pub(super) struct WriteTrees {
-    pub jobs: sled::Tree,
-    pub nodes: sled::Tree,
-    pub events: sled::Tree,
-    pub submissions: sled::Tree,
-    pub estimates: sled::Tree,
-    pub meta: sled::Tree,
+    /// The current generation's.
+    pub state: super::base::Trees,
     pub history: sled::Tree,
     pub history_index: sled::Tree,
     /// Command time after which the history is next checked for records
@@ -56,15 +52,14 @@ pub(super) struct WriteTrees {
 /// One write, its records encoded on the loop.
 pub(super) struct Prepared {
     pub trees: WriteTrees,
-    pub jobs: sled::Batch,
-    pub nodes: sled::Batch,
-    /// New events: (index, encoded record).
-    pub events: Vec<(u64, Vec<u8>)>,
+    /// The journal value and its key ([`super::journal`]).
+    pub journal: Option<(u64, Vec<u8>)>,
+    /// The new events' batch and its key (the first one's index).
+    pub events: Option<(u64, Vec<u8>)>,
     /// The event floor rose from the first to the second index: the
-    /// stored events in between are removed.
+    /// stored events below the second are removed (the event log's
+    /// batches wholly below it).
     pub event_floor: Option<(u64, u64)>,
-    pub submissions: sled::Batch,
-    pub estimates: sled::Batch,
     pub meta: sled::Batch,
     /// Jobs retired: into the history.
     pub retired: Vec<JobRecord>,
@@ -80,56 +75,49 @@ impl Prepared {
     pub fn commit(self) -> Result<(), StoreError> {
         let Prepared {
             trees,
-            jobs,
-            nodes,
+            journal,
             events: new_events,
             event_floor,
-            submissions,
-            estimates,
             mut meta,
             retired,
             policy,
             at_ms,
         } = self;
+        let state = &trees.state;
         let mut events = sled::Batch::default();
+        let mut event_log = sled::Batch::default();
         if let Some((from, to)) = event_floor {
             // Below the floor: out of hard state.
-            for item in trees.events.range(from.to_be_bytes()..to.to_be_bytes()) {
+            for item in state.events.range(from.to_be_bytes()..to.to_be_bytes()) {
                 let (key, _) = item?;
                 events.remove(key);
             }
+            for key in super::journal::batches_below(&state.event_log, to)? {
+                event_log.remove(key);
+            }
         }
-        for (index, value) in new_events {
-            events.insert(&index.to_be_bytes(), value);
+        if let Some((first, value)) = new_events {
+            event_log.insert(&first.to_be_bytes(), value);
+        }
+        let mut journal_batch = sled::Batch::default();
+        if let Some((key, value)) = journal {
+            journal_batch.insert(&key.to_be_bytes(), value);
         }
         let (history, history_index) =
             history_batches(&trees, &policy, &retired, at_ms, &mut meta)?;
         (
-            &trees.jobs,
-            &trees.nodes,
-            &trees.events,
-            &trees.submissions,
-            &trees.estimates,
-            &trees.meta,
+            &state.events,
+            &state.event_log,
+            &state.journal,
+            &state.meta,
             &trees.history,
             &trees.history_index,
         )
             .transaction(
-                |(
-                    t_jobs,
-                    t_nodes,
-                    t_events,
-                    t_submissions,
-                    t_estimates,
-                    t_meta,
-                    t_history,
-                    t_history_index,
-                )| {
-                    t_jobs.apply_batch(&jobs)?;
-                    t_nodes.apply_batch(&nodes)?;
+                |(t_events, t_event_log, t_journal, t_meta, t_history, t_history_index)| {
                     t_events.apply_batch(&events)?;
-                    t_submissions.apply_batch(&submissions)?;
-                    t_estimates.apply_batch(&estimates)?;
+                    t_event_log.apply_batch(&event_log)?;
+                    t_journal.apply_batch(&journal_batch)?;
                     t_meta.apply_batch(&meta)?;
                     t_history.apply_batch(&history)?;
                     t_history_index.apply_batch(&history_index)?;
@@ -166,7 +154,7 @@ fn history_batches(
     trees
         .next_prune_ms
         .store(at_ms.saturating_add(PRUNE_INTERVAL_MS), Ordering::Relaxed);
-    let before = meta_u64(&trees.meta, META_HISTORY_BYTES)?;
+    let before = meta_u64(&trees.state.meta, META_HISTORY_BYTES)?;
     let mut bytes = before;
     for job in retired {
         let value = records::encode_job(job);

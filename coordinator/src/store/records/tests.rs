@@ -438,18 +438,22 @@ fn a_data_directory_of_json_records_still_opens() {
     let node = full_node();
     let event = event(1, JobState::Running, JobKind::Training);
     store
+        .trees
         .jobs
         .insert(job.id.to_be_bytes(), serde_json::to_vec(&job).unwrap())
         .unwrap();
     store
+        .trees
         .nodes
         .insert(node.name.as_bytes(), serde_json::to_vec(&node).unwrap())
         .unwrap();
     store
+        .trees
         .events
         .insert(1u64.to_be_bytes(), serde_json::to_vec(&event).unwrap())
         .unwrap();
     store
+        .trees
         .submissions
         .insert("k", serde_json::to_vec(&vec![job.id]).unwrap())
         .unwrap();
@@ -493,7 +497,7 @@ fn a_data_directory_of_json_records_still_opens() {
     other.persist_applied(&restored, changes, 6).unwrap();
     other.write_pending(&restored).unwrap();
     other.writer.drain().unwrap();
-    for tree in [&other.jobs, &other.nodes, &other.events, &other.submissions] {
+    for tree in [&other.trees.journal, &other.trees.event_log] {
         for item in tree.iter() {
             assert!(!is_json(&item.unwrap().1));
         }
@@ -511,6 +515,7 @@ fn stored_binary_events_are_copied_into_snapshots() {
         .collect();
     for e in &events {
         store
+            .trees
             .events
             .insert(e.index.to_be_bytes(), encode_event(e))
             .unwrap();

@@ -1,0 +1,208 @@
+//! Moving the stored state to a new generation (see [`super::base`]): an
+//! installed Raft snapshot, or one this replica took of itself (a rebase,
+//! which bounds the journal).
+//!
+//! Both link the snapshot file as the new base, fill the new generation's
+//! event log and `meta` (the applied index among it), flush, and only then
+//! switch the generation and flush again: a crash before the switch leaves
+//! the previous generation whole (the new one's leftovers are dropped on
+//! the next open), one after it the new one.
+
+use std::path::Path;
+
+use gantry_proto::storage as st;
+
+use super::base::{self, Trees};
+use super::{
+    META_APPLIED_INDEX, META_BASE_NEXT_EVENT, META_EVENT_FLOOR, META_EVENTS_LOGGED, META_HISTORY_BYTES,
+    META_LEADER_TERM, META_NEXT_JOB_ID, META_RETENTION, StateSnapshot, Store, StoreError,
+    encode, journal, records, run_key, state_from,
+};
+use crate::state::{RetentionPolicy, StateMachine};
+
+/// The `meta` of a new generation.
+struct BaseMeta<'a> {
+    leader_term: u64,
+    next_job_id: u64,
+    event_floor: u64,
+    retention: Option<&'a RetentionPolicy>,
+    pipeline_runs: Vec<(&'a str, u32)>,
+    /// One past the highest event index the state has given.
+    next_event_index: u64,
+    applied: u64,
+}
+
+impl Store {
+    /// Installs a Raft snapshot's state at `index`, read from `file`: the
+    /// file becomes the base of a new generation whose journal starts
+    /// empty, so no job is written. Returns the state, built from the
+    /// decoded `snapshot` (the file's contents).
+    pub fn install(
+        &mut self,
+        file: &Path,
+        snapshot: StateSnapshot,
+        index: u64,
+    ) -> Result<StateMachine, StoreError> {
+        // The caller wrote what it held back (its history records stay:
+        // the history is this replica's own, not in snapshots); anything
+        // else held back is of the state being replaced. The writes sent
+        // go to the trees being replaced: they land first.
+        self.pending = None;
+        self.writer.drain()?;
+        let meta = BaseMeta {
+            leader_term: snapshot.leader_term,
+            next_job_id: snapshot.next_job_id,
+            event_floor: snapshot.event_floor,
+            retention: snapshot.retention.as_ref(),
+            pipeline_runs: snapshot
+                .pipeline_runs
+                .iter()
+                .map(|(name, run)| (name.as_str(), *run))
+                .collect(),
+            next_event_index: snapshot
+                .events
+                .iter()
+                .map(|event| event.index + 1)
+                .max()
+                .unwrap_or(1)
+                .max(snapshot.event_floor),
+            applied: index,
+        };
+        let floor = snapshot.event_floor;
+        let mut events: Vec<st::EventRecord> = snapshot
+            .events
+            .iter()
+            .filter(|event| event.index >= floor)
+            .map(records::event_to_storage)
+            .collect();
+        events.sort_by_key(|event| event.index);
+        let next_event_index = meta.next_event_index;
+        self.switch_generation(file, &meta, |log| journal::write_events(log, events))?;
+        Ok(state_from(snapshot, next_event_index))
+    }
+
+    /// Makes the snapshot this replica just took at `index` (`file`, of
+    /// `state`, which nothing was applied to since) the base of a new
+    /// generation, whose journal starts empty: the journal holds only what
+    /// changed since the last snapshot. The events at or above the floor
+    /// are copied into the new event log.
+    pub fn rebase(
+        &mut self,
+        file: &Path,
+        index: u64,
+        state: &StateMachine,
+    ) -> Result<(), StoreError> {
+        self.write_pending(state)?;
+        // The stored state may name an earlier index: entries without a
+        // command (an election's empty entry, a membership change) are not
+        // written. It can never be past the snapshot's.
+        let applied = self.applied_index()?;
+        if applied > index {
+            return Err(StoreError::Snapshot(format!(
+                "cannot make the snapshot at index {index} the base: the stored state is at index {applied}"
+            )));
+        }
+        let meta = BaseMeta {
+            leader_term: state.leader_term(),
+            next_job_id: state.next_job_id(),
+            event_floor: state.event_floor(),
+            retention: Some(state.retention()),
+            pipeline_runs: state
+                .pipeline_runs()
+                .iter()
+                .map(|(name, run)| (name.as_str(), *run))
+                .collect(),
+            next_event_index: state.next_event_index(),
+            applied: index,
+        };
+        let floor = state.event_floor();
+        let old = self.trees.clone();
+        let base_events = std::mem::take(&mut self.base.events);
+        self.switch_generation(file, &meta, |log| {
+            copy_events(&old, &base_events, floor, log)
+        })?;
+        Ok(())
+    }
+
+    /// Links `file` as the next generation's base, fills its event log
+    /// (`fill`) and `meta`, switches to it and drops the previous one.
+    fn switch_generation(
+        &mut self,
+        file: &Path,
+        meta: &BaseMeta,
+        fill: impl FnOnce(&sled::Tree) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let history_bytes = self.history_bytes()?;
+        let generation = self.base.generation + 1;
+        self.files.store(file, generation)?;
+        let trees = Trees::open_empty(&self.db, generation)?;
+        fill(&trees.event_log)?;
+        let mut batch = sled::Batch::default();
+        batch.insert(META_LEADER_TERM, &meta.leader_term.to_be_bytes());
+        batch.insert(META_NEXT_JOB_ID, &meta.next_job_id.to_be_bytes());
+        batch.insert(META_EVENT_FLOOR, &meta.event_floor.to_be_bytes());
+        if let Some(policy) = meta.retention {
+            batch.insert(META_RETENTION, encode(policy)?);
+        }
+        for (name, run) in &meta.pipeline_runs {
+            batch.insert(run_key(name), &u64::from(*run).to_be_bytes());
+        }
+        batch.insert(META_HISTORY_BYTES, &history_bytes.to_be_bytes());
+        // The base file's events are in the event log: not read from it.
+        batch.insert(META_EVENTS_LOGGED, &1u64.to_be_bytes());
+        batch.insert(META_BASE_NEXT_EVENT, &meta.next_event_index.to_be_bytes());
+        batch.insert(META_APPLIED_INDEX, &meta.applied.to_be_bytes());
+        trees.meta.apply_batch(batch)?;
+        self.db.flush()?;
+        self.files.switch(generation)?;
+        self.db.flush()?;
+        self.trees = trees;
+        self.journal_next = 0;
+        self.event_floor = meta.event_floor;
+        self.base = base::Base {
+            generation,
+            events: Vec::new(),
+            next_event_index: meta.next_event_index,
+        };
+        self.opened_base = None;
+        self.files.drop_others(&self.db, generation)?;
+        Ok(())
+    }
+}
+
+/// Copies the events at or above `floor` into a new generation's event
+/// log: an installed base's (`base_events`, in memory), the per-record
+/// tree's, then the event log's batches as they are (a batch wholly below
+/// the floor is left behind).
+fn copy_events(
+    old: &Trees,
+    base_events: &[crate::domain::EventRecord],
+    floor: u64,
+    log: &sled::Tree,
+) -> Result<(), StoreError> {
+    let mut loose: Vec<st::EventRecord> = base_events
+        .iter()
+        .filter(|event| event.index >= floor)
+        .map(records::event_to_storage)
+        .collect();
+    for item in old.events.range(floor.to_be_bytes()..) {
+        let (_, value) = item?;
+        let event = records::decode_event(&value).map_err(|source| StoreError::Record {
+            tree: "events",
+            source,
+        })?;
+        loose.push(records::event_to_storage(&event));
+    }
+    journal::write_events(log, loose)?;
+    let below = journal::batches_below(&old.event_log, floor)?;
+    for item in old.event_log.iter() {
+        let (key, value) = item?;
+        if !below.contains(&key) {
+            log.insert(key, value)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+#![allow(clippy::unwrap_used)]
+
+use super::super::history::tests::{HOUR, fresh_with_a_node, hold, run_job, run_job_with};
+use super::*;
+
+/// The store's whole state as a snapshot (as JSON, submission keys
+/// sorted: their order in memory is a hash map's), its events and next
+/// event index.
+fn stored(store: &Store, state: &StateMachine) -> (String, Vec<u64>, u64) {
+    let events = store
+        .events_since(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|event| event.index)
+        .collect();
+    let mut snapshot = crate::store::decode_snapshot(&store.snapshot_bytes(state).unwrap()).unwrap();
+    snapshot.submissions.sort();
+    (
+        serde_json::to_string(&snapshot).unwrap(),
+        events,
+        state.next_event_index(),
+    )
+}
+
+/// Reopens the store in `dir` and loads it.
+fn reopen(store: Store, dir: &Path) -> (Store, StateMachine) {
+    drop(store);
+    let mut store = Store::open(dir).unwrap();
+    let state = store.load().unwrap();
+    (store, state)
+}
+
+/// A snapshot the replica took becomes the base: the journal starts
+/// empty, the events move to the new event log, and the stored state
+/// (reopened, with writes after the rebase laid over it) is unchanged.
+#[test]
+fn a_snapshot_taken_becomes_the_base_and_the_journal_starts_again() {
+    let (dir, mut store, mut sm, mut index) = fresh_with_a_node();
+    for at in [10, 20, 30] {
+        run_job(&mut sm, &mut store, &mut index, at);
+    }
+    assert!(store.trees.journal.len() >= 9, "a write per entry");
+    let before = stored(&store, &sm);
+    assert!(before.1.len() >= 9, "events: {:?}", before.1);
+    let generation = store.base.generation;
+
+    let file = dir.path().join("taken.snap");
+    std::fs::write(&file, store.snapshot_bytes(&sm).unwrap()).unwrap();
+    store.rebase(&file, index, &sm).unwrap();
+    // The Raft storage deletes its older snapshot files; the base is a link.
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(store.base.generation, generation + 1);
+    assert!(store.trees.journal.is_empty(), "the journal starts again");
+    assert!(store.base.events.is_empty(), "the events are in the log");
+    assert_eq!(store.applied_index().unwrap(), index);
+    assert_eq!(stored(&store, &sm), before);
+
+    let (store, loaded) = reopen(store, dir.path());
+    assert_eq!(stored(&store, &loaded), before);
+    let mut store = store;
+    assert!(store.base.events.is_empty(), "not read back from the base file");
+
+    // Written after the rebase: laid over the base on load. The job run
+    // two hours on retires the first three, and the event floor rises.
+    let floor = sm.event_floor();
+    let last = run_job(&mut sm, &mut store, &mut index, 2 * HOUR);
+    assert!(sm.event_floor() > floor, "the floor rose");
+    let after = stored(&store, &sm);
+    assert!(after.1.iter().all(|&event| event >= sm.event_floor()));
+    let (store, loaded) = reopen(store, dir.path());
+    assert_eq!(stored(&store, &loaded), after);
+    assert!(loaded.job(last).is_some());
+    assert_eq!(loaded.jobs().count(), 1, "the first three retired");
+}
+
+/// Reads from inside a batch start at the index asked for, and never
+/// return events below the floor, whatever the batches' bounds.
+#[test]
+fn events_are_read_from_inside_a_batch_and_never_below_the_floor() {
+    let (_dir, mut store, mut sm, mut index) = fresh_with_a_node();
+    // One write for all three jobs: their events share one batch.
+    for at in [10, 20, 30] {
+        run_job_with(hold, &mut sm, &mut store, &mut index, at);
+    }
+    store.write_pending(&sm).unwrap();
+    let all: Vec<u64> = store
+        .events_since(0, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|e| e.index)
+        .collect();
+    let middle = all[all.len() / 2];
+    let two: Vec<u64> = store
+        .events_since(middle, 2)
+        .unwrap()
+        .iter()
+        .map(|e| e.index)
+        .collect();
+    assert_eq!(two, vec![middle, middle + 1]);
+
+    // The floor rises into the batch: it stays stored, but is read from
+    // the floor on.
+    run_job(&mut sm, &mut store, &mut index, 2 * HOUR);
+    let floor = sm.event_floor();
+    assert!(floor > middle, "{floor} {middle}");
+    let read = store.events_since(0, usize::MAX).unwrap();
+    assert_eq!(read.first().map(|e| e.index), Some(floor));
+    let snapshot = crate::store::decode_snapshot(&store.snapshot_bytes(&sm).unwrap()).unwrap();
+    assert!(snapshot.events.iter().all(|e| e.index >= floor));
+    assert_eq!(snapshot.events.len(), read.len());
+}
+
+/// A rebase that crashed before its switch left the next generation's
+/// trees and base file: the open drops them, the previous generation is
+/// whole, and the next rebase succeeds.
+#[test]
+fn a_rebase_that_crashed_before_its_switch_leaves_the_previous_state() {
+    let (dir, mut store, mut sm, mut index) = fresh_with_a_node();
+    run_job(&mut sm, &mut store, &mut index, 10);
+    let before = stored(&store, &sm);
+    let next = store.base.generation + 1;
+    let trees = base::Trees::open(&store.db, next).unwrap();
+    trees.journal.insert(0u64.to_be_bytes(), b"junk".to_vec()).unwrap();
+    trees.meta.insert(META_APPLIED_INDEX, &99u64.to_be_bytes()).unwrap();
+    let leftover = store.files.path(next);
+    std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
+    std::fs::write(&leftover, b"partial").unwrap();
+    drop(trees);
+
+    let (mut store, loaded) = reopen(store, dir.path());
+    assert!(!leftover.exists());
+    assert_eq!(store.applied_index().unwrap(), index);
+    assert_eq!(stored(&store, &loaded), before);
+
+    let file = dir.path().join("taken.snap");
+    std::fs::write(&file, store.snapshot_bytes(&loaded).unwrap()).unwrap();
+    store.rebase(&file, index, &loaded).unwrap();
+    let (store, loaded) = reopen(store, dir.path());
+    assert_eq!(stored(&store, &loaded), before);
+    assert_eq!(store.base.generation, next);
+}
