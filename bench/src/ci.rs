@@ -110,10 +110,19 @@ pub struct Figure {
     pub turns: Vec<f64>,
 }
 
+/// What one run of the check measured.
+pub struct Measured {
+    /// The figures compared with the baseline.
+    pub figures: Vec<Figure>,
+    /// The apply workload's CPU per job, each part the median of the turns.
+    pub apply_cpu: ApplyCpu,
+}
+
 /// Measures every figure once.
-pub fn measure(config: &CiConfig) -> Result<Vec<Figure>> {
+pub fn measure(config: &CiConfig) -> Result<Measured> {
     let mut sched = Vec::with_capacity(config.rounds);
     let mut apply = Vec::with_capacity(config.rounds);
+    let mut cpu = Vec::with_capacity(config.rounds);
     let (snapshot, queue) = workload_for(&config.sched);
     for _ in 0..config.rounds.max(1) {
         let start = cpu_now()?;
@@ -132,20 +141,40 @@ pub fn measure(config: &CiConfig) -> Result<Vec<Figure>> {
             (indexed.placements as f64 / indexed_cpu.as_secs_f64().max(1e-9))
                 / (naive.placements as f64 / naive_cpu.as_secs_f64().max(1e-9)).max(1e-9),
         );
-        apply.push(apply_turn(config.apply_jobs, config.slowdown)?);
+        let turn = apply_turn(config.apply_jobs, config.slowdown)?;
+        apply.push(turn.ratio);
+        cpu.push(turn.cpu);
     }
-    Ok(vec![
-        Figure {
-            name: "sched_index",
-            value: median(&sched),
-            turns: sched,
+    let part = |of: fn(&ApplyCpu) -> f64| median(&cpu.iter().map(of).collect::<Vec<_>>());
+    Ok(Measured {
+        figures: vec![
+            Figure {
+                name: "sched_index",
+                value: median(&sched),
+                turns: sched,
+            },
+            Figure {
+                name: "apply_index",
+                value: median(&apply),
+                turns: apply,
+            },
+        ],
+        apply_cpu: ApplyCpu {
+            replica_us: part(|c| c.replica_us),
+            writer_us: part(|c| c.writer_us),
+            yardstick_us: part(|c| c.yardstick_us),
         },
-        Figure {
-            name: "apply_index",
-            value: median(&apply),
-            turns: apply,
-        },
-    ])
+    })
+}
+
+impl ApplyCpu {
+    /// One line for people.
+    pub fn human(&self) -> String {
+        format!(
+            "apply workload CPU per job: replica {:.1} µs + store writer {:.1} µs, yardstick {:.1} µs",
+            self.replica_us, self.writer_us, self.yardstick_us
+        )
+    }
 }
 
 /// The CPU time this thread has run (`/proc/thread-self/schedstat`, in
@@ -220,10 +249,29 @@ const PER_ENTRY: usize = 64;
 const NODES: usize = 100;
 const GIB: u64 = 1 << 30;
 
+/// CPU time per job of the apply workload (not a figure of the check:
+/// where the Gantry side's time goes, printed with it).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ApplyCpu {
+    /// The replica's apply (decode, state machine, encoding the write).
+    pub replica_us: f64,
+    /// The store's writer thread (the sled commit).
+    pub writer_us: f64,
+    /// The yardstick.
+    pub yardstick_us: f64,
+}
+
+/// One turn of `apply_index`.
+struct ApplyTurn {
+    /// The yardstick's CPU time over the Gantry side's.
+    ratio: f64,
+    cpu: ApplyCpu,
+}
+
 /// One turn of `apply_index`: `jobs` jobs through the yardstick and the
 /// core's apply path, alternating every [`PER_ENTRY`] jobs so both see the
 /// same machine; the ratio of their CPU times.
-fn apply_turn(jobs: usize, slowdown: f64) -> Result<f64> {
+fn apply_turn(jobs: usize, slowdown: f64) -> Result<ApplyTurn> {
     let mut yardstick = Yardstick::new()?;
     let dir = tempfile::tempdir()?;
     let store = Store::open(dir.path())?;
@@ -263,10 +311,15 @@ fn apply_turn(jobs: usize, slowdown: f64) -> Result<f64> {
     let written = threads_cpu(STORE_WRITER)? - writer;
     spin(cpu_now()? - synced + written, slowdown)?;
     gantry += cpu_now()? - synced + written;
-    if std::env::var_os("GANTRY_CI_SPLIT").is_some() {
-        eprintln!("SPLIT per job: loop {:.1} us, writer {:.1} us, yardstick {:.1} us", (gantry - written).as_secs_f64() * 1e6 / jobs as f64, written.as_secs_f64() * 1e6 / jobs as f64, base.as_secs_f64() * 1e6 / jobs as f64);
-    }
-    Ok(base.as_secs_f64() / gantry.as_secs_f64().max(1e-9))
+    let per_job = |cpu: Duration| cpu.as_secs_f64() * 1e6 / jobs.max(1) as f64;
+    Ok(ApplyTurn {
+        ratio: base.as_secs_f64() / gantry.as_secs_f64().max(1e-9),
+        cpu: ApplyCpu {
+            replica_us: per_job(gantry.saturating_sub(written)),
+            writer_us: per_job(written),
+            yardstick_us: per_job(base),
+        },
+    })
 }
 
 /// The core as the replica loop drives it (a follower's: no leader
@@ -569,13 +622,15 @@ pub fn run(baseline: &Path, record: Option<usize>) -> Result<bool> {
     if let Some(runs) = record {
         let mut recorded = Vec::with_capacity(runs);
         for run in 0..runs.max(1) {
-            let figures = measure(&config)?;
-            let values: Vec<String> = figures
+            let measured = measure(&config)?;
+            let values: Vec<String> = measured
+                .figures
                 .iter()
                 .map(|f| format!("{} {:.3}", f.name, f.value))
                 .collect();
             println!("run {}: {}", run + 1, values.join(", "));
-            recorded.push(figures);
+            println!("  {}", measured.apply_cpu.human());
+            recorded.push(measured.figures);
         }
         let file = baseline_json(&recorded, &config);
         std::fs::write(baseline, serde_json::to_string_pretty(&file)? + "\n")
@@ -585,8 +640,9 @@ pub fn run(baseline: &Path, record: Option<usize>) -> Result<bool> {
     }
     let file = read_baseline(baseline)?;
     let start = Instant::now();
-    let figures = measure(&config)?;
-    match compare(&file, &figures) {
+    let measured = measure(&config)?;
+    println!("{}", measured.apply_cpu.human());
+    match compare(&file, &measured.figures) {
         Ok(lines) => {
             for line in lines {
                 println!("{line}");
@@ -719,6 +775,8 @@ mod tests {
     /// its figure is measured by `gantry-bench ci`, never asserted).
     #[test]
     fn the_workloads_run() {
-        assert!(apply_turn(PER_ENTRY * 2, 1.0).unwrap() > 0.0);
+        let turn = apply_turn(PER_ENTRY * 2, 1.0).unwrap();
+        assert!(turn.ratio > 0.0);
+        assert!(turn.cpu.replica_us > 0.0 && turn.cpu.yardstick_us > 0.0);
     }
 }

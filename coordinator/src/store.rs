@@ -213,9 +213,12 @@ impl Store {
                 key_string,
                 |value| records::decode_node(value).map_err(record("nodes")),
             )?,
-            submissions: base::overlay(base.submissions, &trees.submissions, key_string, |value| {
-                records::decode_job_ids(value).map_err(record("submissions"))
-            })?,
+            submissions: base::overlay(
+                base.submissions,
+                &trees.submissions,
+                key_string,
+                |value| records::decode_job_ids(value).map_err(record("submissions")),
+            )?,
             estimates: base::overlay(base.estimates, &trees.estimates, key_string, |value| {
                 records::decode_estimate(value).map_err(record("estimates"))
             })?,
@@ -678,14 +681,22 @@ mod tests {
             .unwrap();
         assert_eq!(store.applied_index().unwrap(), 42);
         // A torn or foreign value is an error naming the key, not 0.
-        store.trees.meta.insert(META_APPLIED_INDEX, &[0u8, 1]).unwrap();
+        store
+            .trees
+            .meta
+            .insert(META_APPLIED_INDEX, &[0u8, 1])
+            .unwrap();
         let error = store.applied_index().unwrap_err().to_string();
         assert!(
             error.contains("meta/applied_index") && error.contains("2 bytes"),
             "{error}"
         );
         assert!(store.load().is_ok(), "the leader term is unaffected");
-        store.trees.meta.insert(META_LEADER_TERM, &[1u8; 9]).unwrap();
+        store
+            .trees
+            .meta
+            .insert(META_LEADER_TERM, &[1u8; 9])
+            .unwrap();
         assert!(store.load().is_err());
     }
 }

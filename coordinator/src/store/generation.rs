@@ -14,9 +14,9 @@ use gantry_proto::storage as st;
 
 use super::base::{self, Trees};
 use super::{
-    META_APPLIED_INDEX, META_BASE_NEXT_EVENT, META_EVENT_FLOOR, META_EVENTS_LOGGED, META_HISTORY_BYTES,
-    META_LEADER_TERM, META_NEXT_JOB_ID, META_RETENTION, StateSnapshot, Store, StoreError,
-    encode, journal, records, run_key, state_from,
+    META_APPLIED_INDEX, META_BASE_NEXT_EVENT, META_EVENT_FLOOR, META_EVENTS_LOGGED,
+    META_HISTORY_BYTES, META_LEADER_TERM, META_NEXT_JOB_ID, META_RETENTION, StateSnapshot, Store,
+    StoreError, encode, journal, records, run_key, state_from,
 };
 use crate::state::{RetentionPolicy, StateMachine};
 

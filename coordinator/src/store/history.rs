@@ -180,7 +180,12 @@ pub(super) mod tests {
     }
 
     /// A pipeline job runs and succeeds at `at`, each entry written.
-    pub(in crate::store) fn run_job(sm: &mut StateMachine, store: &mut Store, index: &mut u64, at: u64) -> JobId {
+    pub(in crate::store) fn run_job(
+        sm: &mut StateMachine,
+        store: &mut Store,
+        index: &mut u64,
+        at: u64,
+    ) -> JobId {
         run_job_with(apply, sm, store, index, at)
     }
 
@@ -417,7 +422,10 @@ pub(super) mod tests {
             },
         );
         assert!(state.job(after).is_none());
-        assert!(!follower.trees.journal.is_empty(), "a job after the base is removed");
+        assert!(
+            !follower.trees.journal.is_empty(),
+            "a job after the base is removed"
+        );
         assert!(follower.history_job(after).unwrap().is_some());
 
         // An install that crashed before its switch left generation 2's

@@ -122,7 +122,8 @@ impl Records {
     /// Lays one journal value over the records: what it wrote replaces,
     /// then what it removed goes (the order the writes were made in).
     pub fn apply(&mut self, value: &[u8]) -> Result<(), StoreError> {
-        let batch = st::JournalBatch::decode(value).map_err(|error| record_error(JOURNAL, error))?;
+        let batch =
+            st::JournalBatch::decode(value).map_err(|error| record_error(JOURNAL, error))?;
         let record = |source| StoreError::Record {
             tree: JOURNAL,
             source,

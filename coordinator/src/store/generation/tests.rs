@@ -13,7 +13,8 @@ fn stored(store: &Store, state: &StateMachine) -> (String, Vec<u64>, u64) {
         .iter()
         .map(|event| event.index)
         .collect();
-    let mut snapshot = crate::store::decode_snapshot(&store.snapshot_bytes(state).unwrap()).unwrap();
+    let mut snapshot =
+        crate::store::decode_snapshot(&store.snapshot_bytes(state).unwrap()).unwrap();
     snapshot.submissions.sort();
     (
         serde_json::to_string(&snapshot).unwrap(),
@@ -58,7 +59,10 @@ fn a_snapshot_taken_becomes_the_base_and_the_journal_starts_again() {
     let (store, loaded) = reopen(store, dir.path());
     assert_eq!(stored(&store, &loaded), before);
     let mut store = store;
-    assert!(store.base.events.is_empty(), "not read back from the base file");
+    assert!(
+        store.base.events.is_empty(),
+        "not read back from the base file"
+    );
 
     // Written after the rebase: laid over the base on load. The job run
     // two hours on retires the first three, and the event floor rises.
@@ -120,8 +124,14 @@ fn a_rebase_that_crashed_before_its_switch_leaves_the_previous_state() {
     let before = stored(&store, &sm);
     let next = store.base.generation + 1;
     let trees = base::Trees::open(&store.db, next).unwrap();
-    trees.journal.insert(0u64.to_be_bytes(), b"junk".to_vec()).unwrap();
-    trees.meta.insert(META_APPLIED_INDEX, &99u64.to_be_bytes()).unwrap();
+    trees
+        .journal
+        .insert(0u64.to_be_bytes(), b"junk".to_vec())
+        .unwrap();
+    trees
+        .meta
+        .insert(META_APPLIED_INDEX, &99u64.to_be_bytes())
+        .unwrap();
     let leftover = store.files.path(next);
     std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
     std::fs::write(&leftover, b"partial").unwrap();
