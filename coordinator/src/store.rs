@@ -85,6 +85,11 @@ pub struct Store {
     /// The event floor as of the last write prepared: stored events below
     /// it are never read.
     event_floor: u64,
+    /// Bytes in the generation's journal and event log (see
+    /// [`rebase_due`](Self::rebase_due)).
+    journal_bytes: u64,
+    /// Size of the generation's base file (0: no base).
+    base_bytes: u64,
     history: sled::Tree,
     history_index: sled::Tree,
     /// The base files and the current generation's pointer.
@@ -129,6 +134,10 @@ struct Pending {
 /// started, exited) usually fall within it and its record is written once.
 pub const WRITE_BEHIND: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Journal bytes below which no snapshot is asked for early
+/// ([`Store::rebase_due`]).
+const MIN_REBASE_BYTES: u64 = 64 << 20;
+
 /// Entries held back at most before a write.
 const WRITE_BEHIND_ENTRIES: usize = 1024;
 
@@ -158,10 +167,14 @@ impl Store {
             Some((key, _)) => key_u64(&key) + 1,
             None => 0,
         };
+        let journal_bytes = journal::stored_bytes(&trees)?;
+        let base_bytes = files.size(generation);
         let mut store = Store {
             trees,
             journal_next,
             event_floor: 0,
+            journal_bytes,
+            base_bytes,
             history: db.open_tree("history")?,
             history_index: db.open_tree("history_index")?,
             files,
@@ -403,16 +416,24 @@ impl Store {
         changes: ChangeSet,
         applied: Option<u64>,
     ) -> Result<writer::Prepared, StoreError> {
-        let journal = journal::encode_changes(state, &changes).map(|value| {
-            let key = self.journal_next;
-            self.journal_next += 1;
-            (key, value)
-        });
+        let journal: Vec<(u64, Vec<u8>)> = journal::encode_changes(state, &changes)
+            .into_iter()
+            .map(|value| {
+                let key = self.journal_next;
+                self.journal_next += 1;
+                (key, value)
+            })
+            .collect();
         if let Some((_, to)) = changes.event_floor {
             self.base.raise_floor(to);
             self.event_floor = self.event_floor.max(to);
         }
         let events = journal::encode_events(&changes.events);
+        self.journal_bytes += journal
+            .iter()
+            .chain(&events)
+            .map(|(_, value)| value.len() as u64)
+            .sum::<u64>();
         let mut meta = sled::Batch::default();
         if changes.leader_term {
             meta.insert(META_LEADER_TERM, &state.leader_term().to_be_bytes());
@@ -445,6 +466,16 @@ impl Store {
             policy: *state.retention(),
             at_ms: changes.at_ms,
         })
+    }
+
+    /// Whether the journal has outgrown a snapshot: its bytes (and the
+    /// event log's) since the base are past [`MIN_REBASE_BYTES`] and past
+    /// the base file's size. A snapshot then makes it the new base
+    /// ([`rebase`](Self::rebase)) before the usual number of entries: the
+    /// disk holds at most about twice the state, and each byte written to
+    /// the journal pays for at most one byte of snapshot.
+    pub fn rebase_due(&self) -> bool {
+        self.journal_bytes > MIN_REBASE_BYTES.max(self.base_bytes)
     }
 
     /// Handles on the current generation's trees and the history's.

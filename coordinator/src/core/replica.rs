@@ -72,6 +72,10 @@ impl ReplicatedStateMachine for Core {
             .map_err(|error| error.to_string())
     }
 
+    fn snapshot_wanted(&self) -> bool {
+        self.store.rebase_due()
+    }
+
     fn write_behind(&mut self) -> Result<(), String> {
         if let Some(error) = self.store_failure.take() {
             return Err(error);

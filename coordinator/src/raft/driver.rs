@@ -562,7 +562,8 @@ impl<A: ReplicatedStateMachine> Driver<A> {
     fn maybe_compact(&mut self) -> Result<(), RaftError> {
         let (snapshot_index, _) = self.raw.store().snapshot_index_term();
         // A new member catches up from a snapshot that names it.
-        let due = std::mem::take(&mut self.members.snapshot_due) && self.applied > snapshot_index;
+        let due = (std::mem::take(&mut self.members.snapshot_due) || self.app.snapshot_wanted())
+            && self.applied > snapshot_index;
         if !due && self.applied < snapshot_index + self.compact_after {
             return Ok(());
         }

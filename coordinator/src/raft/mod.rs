@@ -159,6 +159,12 @@ pub trait ReplicatedStateMachine: Send + Sized + 'static {
         let _ = (index, file);
         Ok(())
     }
+    /// Whether the application wants a snapshot now, before the usual
+    /// number of entries (its stored changes since the last one outgrew
+    /// what a snapshot costs); the default never does.
+    fn snapshot_wanted(&self) -> bool {
+        false
+    }
     /// Checks that the snapshot file `file` is one this application can
     /// restore, without changing its state: a peer's snapshot that would
     /// not restore is refused before raft-rs installs it (the default

@@ -216,6 +216,15 @@ impl BaseFiles {
         self.dir.join(format!("{generation}.snap"))
     }
 
+    /// The size of `generation`'s base file (0 for generation 0, or when
+    /// it cannot be read: the open that follows reports that).
+    pub fn size(&self, generation: u64) -> u64 {
+        if generation == 0 {
+            return 0;
+        }
+        std::fs::metadata(self.path(generation)).map_or(0, |m| m.len())
+    }
+
     /// Makes `file` the base file of `generation`, durably: a hard link
     /// when the file system allows one (no copy of the bytes), else a copy,
     /// synced; then the directory is synced.

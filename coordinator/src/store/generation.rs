@@ -156,6 +156,8 @@ impl Store {
         self.db.flush()?;
         self.files.switch(generation)?;
         self.db.flush()?;
+        self.journal_bytes = journal::stored_bytes(&trees)?;
+        self.base_bytes = self.files.size(generation);
         self.trees = trees;
         self.journal_next = 0;
         self.event_floor = meta.event_floor;

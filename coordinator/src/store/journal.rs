@@ -42,20 +42,33 @@ pub(super) const JOURNAL: &str = "journal";
 /// The event log tree's name (per generation).
 pub(super) const EVENT_LOG: &str = "event_log";
 
-/// Events per batch when the event log is rewritten (a rebase's copy of
-/// events not already in batches).
-const COPY_BATCH: usize = 4096;
+/// Bytes of one journal or event log value at most (but a single record
+/// larger than that): sled stores a value past a quarter of its 512 KiB
+/// segments as a file of its own, and rewrites a whole leaf, values and
+/// all, when it consolidates one.
+const VALUE_BYTES: usize = 64 << 10;
 
-/// The journal value of what `changes` wrote (`state` is the state after
-/// them: records are read from it); `None` when it wrote no record.
-pub(super) fn encode_changes(state: &StateMachine, changes: &ChangeSet) -> Option<Vec<u8>> {
-    let batch = st::JournalBatch {
-        jobs: changes
-            .jobs
-            .iter()
-            .filter_map(|id| state.job(*id))
-            .map(job_to_storage)
-            .collect(),
+/// The journal values of what `changes` wrote (`state` is the state after
+/// them: records are read from it), each at most [`VALUE_BYTES`]: the
+/// jobs written split across values, everything else in the last.
+pub(super) fn encode_changes(state: &StateMachine, changes: &ChangeSet) -> Vec<Vec<u8>> {
+    let jobs: Vec<st::JobRecord> = changes
+        .jobs
+        .iter()
+        .filter_map(|id| state.job(*id))
+        .map(job_to_storage)
+        .collect();
+    let mut values: Vec<Vec<u8>> = chunks(jobs)
+        .map(|jobs| {
+            st::JournalBatch {
+                jobs,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        })
+        .collect();
+    let rest = st::JournalBatch {
+        jobs: Vec::new(),
         jobs_removed: changes.retired.iter().map(|job| job.id).collect(),
         nodes: changes
             .nodes
@@ -88,17 +101,42 @@ pub(super) fn encode_changes(state: &StateMachine, changes: &ChangeSet) -> Optio
             .cloned()
             .collect(),
     };
-    (batch != st::JournalBatch::default()).then(|| batch.encode_to_vec())
+    if rest != st::JournalBatch::default() {
+        values.push(rest.encode_to_vec());
+    }
+    values
 }
 
-/// The event log value of `events` (ascending) and its key, the first
-/// one's index; `None` when there are none.
-pub(super) fn encode_events(events: &[EventRecord]) -> Option<(u64, Vec<u8>)> {
-    let first = events.first()?.index;
-    let batch = st::EventBatch {
-        events: events.iter().map(records::event_to_storage).collect(),
-    };
-    Some((first, batch.encode_to_vec()))
+/// The event log values of `events` (ascending), each keyed by its first
+/// event's index and at most [`VALUE_BYTES`].
+pub(super) fn encode_events(events: &[EventRecord]) -> Vec<(u64, Vec<u8>)> {
+    let events = events.iter().map(records::event_to_storage).collect();
+    chunks(events)
+        .filter_map(|events| {
+            let first = events.first()?.index;
+            Some((first, st::EventBatch { events }.encode_to_vec()))
+        })
+        .collect()
+}
+
+/// `items` in runs of at most [`VALUE_BYTES`] encoded (a run holds at
+/// least one item), in order.
+fn chunks<M: Message>(items: Vec<M>) -> impl Iterator<Item = Vec<M>> {
+    let mut runs: Vec<Vec<M>> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        // The field's tag and length prefix: a few bytes.
+        let len = item.encoded_len() + 8;
+        match runs.last_mut() {
+            Some(run) if bytes + len <= VALUE_BYTES => run.push(item),
+            _ => {
+                runs.push(vec![item]);
+                bytes = 0;
+            }
+        }
+        bytes += len;
+    }
+    runs.into_iter()
 }
 
 /// The events of one event log value.
@@ -182,6 +220,17 @@ pub(super) fn batches_from(
     Ok(log.range(start.to_be_bytes()..))
 }
 
+/// Bytes of the values in a generation's journal and event log.
+pub(super) fn stored_bytes(trees: &super::base::Trees) -> Result<u64, StoreError> {
+    let mut bytes = 0;
+    for tree in [&trees.journal, &trees.event_log] {
+        for item in tree.iter() {
+            bytes += item?.1.len() as u64;
+        }
+    }
+    Ok(bytes)
+}
+
 /// One past the highest event index in the event log (0 when it is empty).
 pub(super) fn next_event_index(log: &sled::Tree) -> Result<u64, StoreError> {
     let Some((_, value)) = log.last()? else {
@@ -193,29 +242,20 @@ pub(super) fn next_event_index(log: &sled::Tree) -> Result<u64, StoreError> {
 }
 
 /// Writes events (ascending, already at or above the floor) into an event
-/// log as batches of [`COPY_BATCH`].
+/// log, in values of at most [`VALUE_BYTES`].
 pub(super) fn write_events(
     log: &sled::Tree,
-    events: impl IntoIterator<Item = st::EventRecord>,
+    events: Vec<st::EventRecord>,
 ) -> Result<(), StoreError> {
-    let mut batch = Vec::with_capacity(COPY_BATCH);
-    let flush = |batch: &mut Vec<st::EventRecord>| -> Result<(), StoreError> {
-        if let Some(first) = batch.first().map(|event| event.index) {
-            let value = st::EventBatch {
-                events: std::mem::take(batch),
-            }
-            .encode_to_vec();
-            log.insert(first.to_be_bytes(), value)?;
-        }
-        Ok(())
-    };
-    for event in events {
-        batch.push(event);
-        if batch.len() >= COPY_BATCH {
-            flush(&mut batch)?;
+    for events in chunks(events) {
+        if let Some(first) = events.first().map(|event| event.index) {
+            log.insert(
+                first.to_be_bytes(),
+                st::EventBatch { events }.encode_to_vec(),
+            )?;
         }
     }
-    flush(&mut batch)
+    Ok(())
 }
 
 fn record_error(tree: &'static str, error: prost::DecodeError) -> StoreError {

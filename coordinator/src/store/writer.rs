@@ -52,10 +52,10 @@ pub(super) struct WriteTrees {
 /// One write, its records encoded on the loop.
 pub(super) struct Prepared {
     pub trees: WriteTrees,
-    /// The journal value and its key ([`super::journal`]).
-    pub journal: Option<(u64, Vec<u8>)>,
-    /// The new events' batch and its key (the first one's index).
-    pub events: Option<(u64, Vec<u8>)>,
+    /// The journal values and their keys ([`super::journal`]).
+    pub journal: Vec<(u64, Vec<u8>)>,
+    /// The new events' values and their keys (each one's first index).
+    pub events: Vec<(u64, Vec<u8>)>,
     /// The event floor rose from the first to the second index: the
     /// stored events below the second are removed (the event log's
     /// batches wholly below it).
@@ -96,11 +96,11 @@ impl Prepared {
                 event_log.remove(key);
             }
         }
-        if let Some((first, value)) = new_events {
+        for (first, value) in new_events {
             event_log.insert(&first.to_be_bytes(), value);
         }
         let mut journal_batch = sled::Batch::default();
-        if let Some((key, value)) = journal {
+        for (key, value) in journal {
             journal_batch.insert(&key.to_be_bytes(), value);
         }
         let (history, history_index) =

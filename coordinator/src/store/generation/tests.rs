@@ -41,6 +41,12 @@ fn a_snapshot_taken_becomes_the_base_and_the_journal_starts_again() {
         run_job(&mut sm, &mut store, &mut index, at);
     }
     assert!(store.trees.journal.len() >= 9, "a write per entry");
+    let journaled = store.journal_bytes;
+    assert_eq!(journaled, journal::stored_bytes(&store.trees).unwrap());
+    assert!(
+        !store.rebase_due(),
+        "{journaled} bytes are far below the minimum"
+    );
     let before = stored(&store, &sm);
     assert!(before.1.len() >= 9, "events: {:?}", before.1);
     let generation = store.base.generation;
@@ -55,6 +61,13 @@ fn a_snapshot_taken_becomes_the_base_and_the_journal_starts_again() {
     assert!(store.base.events.is_empty(), "the events are in the log");
     assert_eq!(store.applied_index().unwrap(), index);
     assert_eq!(stored(&store, &sm), before);
+    assert!(store.journal_bytes < journaled, "only the events are left");
+    assert_eq!(
+        store.base_bytes,
+        std::fs::metadata(store.files.path(store.base.generation))
+            .unwrap()
+            .len()
+    );
 
     let (store, loaded) = reopen(store, dir.path());
     assert_eq!(stored(&store, &loaded), before);
