@@ -63,6 +63,10 @@ pub enum StoreError {
     /// The writer thread failed to commit a write (or has stopped).
     #[error("storage: {0}")]
     Write(String),
+    /// The data directory's layout is not one this version reads (a newer
+    /// version's, or a torn generation pointer).
+    #[error("storage: {0}")]
+    Layout(String),
     /// A fixed-size value has the wrong size (it is never read as 0).
     #[error("storage: unreadable {tree}/{key}: {len} bytes, expected 8")]
     BadValue {
@@ -156,6 +160,7 @@ impl Store {
         let files = base::BaseFiles::open(&db, dir)?;
         let generation = files.current()?;
         files.drop_others(&db, generation)?;
+        files.mark_layout(&db, generation)?;
         let (mut base, mut opened_base) = (base::Base::default(), None);
         if generation > 0 {
             let mut snapshot = read_base(&files.path(generation))?;

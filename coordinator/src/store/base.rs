@@ -58,6 +58,10 @@ pub(super) const STATE_TREES: [&str; 8] = [
 const ROOT_TREE: &str = "generation";
 const ROOT_CURRENT: &str = "current";
 
+/// The storage layout this version writes: 2, the journal (1: per-record
+/// trees, whose pointer was 8 bytes).
+pub(super) const LAYOUT: u64 = 2;
+
 /// The name of state tree `tree` in `generation`.
 pub(super) fn tree_name(tree: &str, generation: u64) -> String {
     if generation == 0 {
@@ -192,23 +196,47 @@ impl BaseFiles {
         })
     }
 
-    /// The current generation (0 when none was ever switched to).
+    /// The current generation (0 when none was ever switched to). The
+    /// pointer is 16 bytes, the generation then the layout
+    /// ([`LAYOUT`]); the 8 bytes of the versions before the journal are
+    /// layout 1. A layout past this version's is refused: that data
+    /// directory was written by a newer version.
     pub fn current(&self) -> Result<u64, StoreError> {
-        match self.root.get(ROOT_CURRENT)? {
-            None => Ok(0),
-            Some(value) => {
-                let bytes: [u8; 8] =
-                    value
-                        .as_ref()
-                        .try_into()
-                        .map_err(|_| StoreError::BadValue {
-                            tree: ROOT_TREE,
-                            key: ROOT_CURRENT,
-                            len: value.len(),
-                        })?;
-                Ok(u64::from_be_bytes(bytes))
-            }
+        let Some(value) = self.root.get(ROOT_CURRENT)? else {
+            return Ok(0);
+        };
+        let word = |at: usize| {
+            value
+                .get(at..at + 8)
+                .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                .map(u64::from_be_bytes)
+        };
+        match (value.len(), word(0), word(8)) {
+            (8, Some(generation), _) => Ok(generation),
+            (16, Some(generation), Some(layout)) if layout <= LAYOUT => Ok(generation),
+            (16, _, Some(layout)) => Err(StoreError::Layout(format!(
+                "the data directory has storage layout {layout}, written by a newer version (this one reads up to {LAYOUT})"
+            ))),
+            (len, _, _) => Err(StoreError::Layout(format!(
+                "unreadable {ROOT_TREE}/{ROOT_CURRENT}: {len} bytes, expected 8 or 16"
+            ))),
         }
+    }
+
+    /// Marks the data directory as of this version's layout, flushed, so
+    /// that a version before the journal refuses to open it (it reads the
+    /// pointer as exactly 8 bytes) instead of loading its state without
+    /// the journal.
+    pub fn mark_layout(&self, db: &sled::Db, generation: u64) -> Result<(), StoreError> {
+        let marked = self
+            .root
+            .get(ROOT_CURRENT)?
+            .is_some_and(|value| value.len() == 16);
+        if !marked {
+            self.switch(generation)?;
+            db.flush()?;
+        }
+        Ok(())
     }
 
     /// The base file of `generation`.
@@ -252,7 +280,9 @@ impl BaseFiles {
 
     /// Switches the current generation (the caller flushes).
     pub fn switch(&self, generation: u64) -> Result<(), StoreError> {
-        self.root.insert(ROOT_CURRENT, &generation.to_be_bytes())?;
+        let mut value = generation.to_be_bytes().to_vec();
+        value.extend_from_slice(&LAYOUT.to_be_bytes());
+        self.root.insert(ROOT_CURRENT, value)?;
         Ok(())
     }
 

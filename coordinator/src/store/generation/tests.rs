@@ -162,3 +162,42 @@ fn a_rebase_that_crashed_before_its_switch_leaves_the_previous_state() {
     assert_eq!(stored(&store, &loaded), before);
     assert_eq!(store.base.generation, next);
 }
+
+/// The generation pointer names the layout: a data directory of the
+/// versions before the journal (8 bytes) opens and is marked, so that
+/// those versions refuse it from then on; one of a newer layout, or a
+/// torn pointer, is refused.
+#[test]
+fn the_generation_pointer_carries_the_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = |store: &Store| store.db.open_tree("generation").unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let marked = root(&store).get("current").unwrap().unwrap();
+    assert_eq!(marked.len(), 16, "a fresh directory is marked");
+    assert_eq!(marked[8..], base::LAYOUT.to_be_bytes());
+
+    root(&store).insert("current", &0u64.to_be_bytes()).unwrap();
+    let store = reopen(store, dir.path()).0;
+    assert_eq!(root(&store).get("current").unwrap().unwrap().len(), 16);
+
+    let mut newer = 0u64.to_be_bytes().to_vec();
+    newer.extend_from_slice(&(base::LAYOUT + 1).to_be_bytes());
+    root(&store).insert("current", newer).unwrap();
+    drop(store);
+    let error = Store::open(dir.path()).err().unwrap().to_string();
+    assert!(error.contains("newer version"), "{error}");
+
+    let store = {
+        // Put back, then torn.
+        let db = crate::store::open_db(&dir.path().join("state")).unwrap();
+        db.open_tree("generation")
+            .unwrap()
+            .insert("current", &[0u8; 5])
+            .unwrap();
+        db.flush().unwrap();
+        drop(db);
+        Store::open(dir.path())
+    };
+    let error = store.err().unwrap().to_string();
+    assert!(error.contains("5 bytes"), "{error}");
+}
