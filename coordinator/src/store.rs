@@ -1,14 +1,14 @@
-//! Durable hard state in sled. Trees: `jobs` (id -> record), `nodes`
-//! (name -> record), `events` (index -> event), `submissions` (key -> ids),
-//! `estimates` (job class -> learned GPU memory), `meta` (applied index,
-//! leader term, next job id, event floor, retention policy, latest run of
-//! each pipeline), and the history of retired jobs (`history`,
-//! `history_index`: see [`history`]). A [`ChangeSet`] is written as one
-//! transaction across trees. Jobs, nodes, events and submission keys are
-//! prost messages ([`records`]; JSON ones of earlier versions are still
-//! read); a Raft snapshot is a stream of them ([`snapshot`]). An installed
-//! snapshot is not written into the trees: it becomes their base, and the
-//! trees hold what changed since ([`base`]).
+//! Durable hard state in sled. Per generation ([`base`]): the journal and
+//! its event log ([`journal`]: each write of the applied state is a few
+//! values, not a record per insert) and `meta` (applied index, leader
+//! term, next job id, event floor, retention policy, latest run of each
+//! pipeline); beside them the history of retired jobs (`history`,
+//! `history_index`: see [`history`]). A write is one transaction across
+//! trees. Records are prost messages ([`records`]); the per-record trees
+//! of earlier versions (and their JSON records) are still read. A Raft
+//! snapshot is a stream of records ([`snapshot`]); an installed one, and
+//! every one the replica takes, becomes the base of a new generation
+//! whose journal starts empty ([`generation`]).
 
 use std::path::Path;
 
