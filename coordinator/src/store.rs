@@ -500,39 +500,25 @@ impl Store {
     /// below the trees'), then the trees'.
     pub fn events_since(&self, from: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
         self.writer.drain()?;
-        let first = self.base.events.partition_point(|event| event.index < from);
-        let mut out: Vec<EventRecord> = self.base.events[first..]
-            .iter()
-            .take(limit)
-            .cloned()
-            .collect();
-        for item in self.trees.events.range(from.to_be_bytes()..) {
-            if out.len() >= limit {
-                return Ok(out);
-            }
-            let (_, value) = item?;
+        let mut out: Vec<EventRecord> = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let mut visit = |event| {
             out.push(
-                records::decode_event(&value).map_err(|source| StoreError::Record {
-                    tree: "events",
+                records::event_from_storage(event).map_err(|source| StoreError::Record {
+                    tree: journal::EVENT_LOG,
                     source,
                 })?,
             );
-        }
-        let from = from.max(self.event_floor);
-        for item in journal::batches_from(&self.trees.event_log, from)? {
-            for event in journal::decode_events(&item?.1)? {
-                if out.len() >= limit {
-                    return Ok(out);
-                }
-                if event.index >= from {
-                    out.push(records::event_from_storage(event).map_err(|source| {
-                        StoreError::Record {
-                            tree: journal::EVENT_LOG,
-                            source,
-                        }
-                    })?);
-                }
-            }
+            Ok(out.len() < limit)
+        };
+        if journal::visit_loose_events(&self.base.events, &self.trees.events, from, &mut visit)? {
+            journal::visit_logged_events(
+                &self.trees.event_log,
+                from.max(self.event_floor),
+                &mut visit,
+            )?;
         }
         Ok(out)
     }

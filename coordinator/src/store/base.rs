@@ -100,16 +100,7 @@ impl Base {
     /// The base a snapshot is for `generation`; the snapshot's events move
     /// into it (those below the floor are dropped).
     pub fn take(generation: u64, snapshot: &mut StateSnapshot) -> Base {
-        let next_event_index = snapshot
-            .events
-            .iter()
-            .map(|e| e.index + 1)
-            .max()
-            .unwrap_or(1);
-        let floor = snapshot.event_floor;
-        let mut events = std::mem::take(&mut snapshot.events);
-        events.retain(|event| event.index >= floor);
-        events.sort_by_key(|event| event.index);
+        let (events, next_event_index) = take_events(snapshot);
         Base {
             generation,
             events,
@@ -178,6 +169,23 @@ impl Trees {
         }
         Ok(trees)
     }
+}
+
+/// Moves a snapshot's events out of it: those at or above its floor,
+/// ascending, and one past the highest index among all of them (1 when it
+/// has none).
+pub(super) fn take_events(snapshot: &mut StateSnapshot) -> (Vec<EventRecord>, u64) {
+    let next_event_index = snapshot
+        .events
+        .iter()
+        .map(|e| e.index + 1)
+        .max()
+        .unwrap_or(1);
+    let floor = snapshot.event_floor;
+    let mut events = std::mem::take(&mut snapshot.events);
+    events.retain(|event| event.index >= floor);
+    events.sort_by_key(|event| event.index);
+    (events, next_event_index)
 }
 
 /// Where base files live, and the current generation's pointer.

@@ -40,7 +40,7 @@ impl Store {
     pub fn install(
         &mut self,
         file: &Path,
-        snapshot: StateSnapshot,
+        mut snapshot: StateSnapshot,
         index: u64,
     ) -> Result<StateMachine, StoreError> {
         // The caller wrote what it held back (its history records stay:
@@ -49,6 +49,8 @@ impl Store {
         // go to the trees being replaced: they land first.
         self.pending = None;
         self.writer.drain()?;
+        let (events, next_event_index) = base::take_events(&mut snapshot);
+        let next_event_index = next_event_index.max(snapshot.event_floor);
         let meta = BaseMeta {
             leader_term: snapshot.leader_term,
             next_job_id: snapshot.next_job_id,
@@ -59,24 +61,10 @@ impl Store {
                 .iter()
                 .map(|(name, run)| (name.as_str(), *run))
                 .collect(),
-            next_event_index: snapshot
-                .events
-                .iter()
-                .map(|event| event.index + 1)
-                .max()
-                .unwrap_or(1)
-                .max(snapshot.event_floor),
+            next_event_index,
             applied: index,
         };
-        let floor = snapshot.event_floor;
-        let mut events: Vec<st::EventRecord> = snapshot
-            .events
-            .iter()
-            .filter(|event| event.index >= floor)
-            .map(records::event_to_storage)
-            .collect();
-        events.sort_by_key(|event| event.index);
-        let next_event_index = meta.next_event_index;
+        let events = events.iter().map(records::event_to_storage).collect();
         self.switch_generation(file, &meta, |log| journal::write_events(log, events))?;
         Ok(state_from(snapshot, next_event_index))
     }
@@ -125,18 +113,19 @@ impl Store {
     }
 
     /// Links `file` as the next generation's base, fills its event log
-    /// (`fill`) and `meta`, switches to it and drops the previous one.
+    /// (`fill`, which returns the bytes it wrote) and `meta`, switches to
+    /// it and drops the previous one.
     fn switch_generation(
         &mut self,
         file: &Path,
         meta: &BaseMeta,
-        fill: impl FnOnce(&sled::Tree) -> Result<(), StoreError>,
+        fill: impl FnOnce(&sled::Tree) -> Result<u64, StoreError>,
     ) -> Result<(), StoreError> {
         let history_bytes = self.history_bytes()?;
         let generation = self.base.generation + 1;
         self.files.store(file, generation)?;
         let trees = Trees::open_empty(&self.db, generation)?;
-        fill(&trees.event_log)?;
+        let logged = fill(&trees.event_log)?;
         let mut batch = sled::Batch::default();
         batch.insert(META_LEADER_TERM, &meta.leader_term.to_be_bytes());
         batch.insert(META_NEXT_JOB_ID, &meta.next_job_id.to_be_bytes());
@@ -156,7 +145,8 @@ impl Store {
         self.db.flush()?;
         self.files.switch(generation)?;
         self.db.flush()?;
-        self.journal_bytes = journal::stored_bytes(&trees)?;
+        // The new journal is empty: its event log is all there is.
+        self.journal_bytes = logged;
         self.base_bytes = self.files.size(generation);
         self.trees = trees;
         self.journal_next = 0;
@@ -173,37 +163,27 @@ impl Store {
 }
 
 /// Copies the events at or above `floor` into a new generation's event
-/// log: an installed base's (`base_events`, in memory), the per-record
-/// tree's, then the event log's batches as they are (a batch wholly below
-/// the floor is left behind).
+/// log and returns the bytes written: an installed base's (`base_events`,
+/// in memory) and the per-record tree's, in new values, then the event
+/// log's values as they are (one wholly below the floor is left behind).
 fn copy_events(
     old: &Trees,
     base_events: &[crate::domain::EventRecord],
     floor: u64,
     log: &sled::Tree,
-) -> Result<(), StoreError> {
-    let mut loose: Vec<st::EventRecord> = base_events
-        .iter()
-        .filter(|event| event.index >= floor)
-        .map(records::event_to_storage)
-        .collect();
-    for item in old.events.range(floor.to_be_bytes()..) {
-        let (_, value) = item?;
-        let event = records::decode_event(&value).map_err(|source| StoreError::Record {
-            tree: "events",
-            source,
-        })?;
-        loose.push(records::event_to_storage(&event));
-    }
-    journal::write_events(log, loose)?;
-    let below = journal::batches_below(&old.event_log, floor)?;
-    for item in old.event_log.iter() {
+) -> Result<u64, StoreError> {
+    let mut loose: Vec<st::EventRecord> = Vec::new();
+    journal::visit_loose_events(base_events, &old.events, floor, &mut |event| {
+        loose.push(event);
+        Ok(true)
+    })?;
+    let mut bytes = journal::write_events(log, loose)?;
+    for item in journal::batches_from(&old.event_log, floor)? {
         let (key, value) = item?;
-        if !below.contains(&key) {
-            log.insert(key, value)?;
-        }
+        bytes += value.len() as u64;
+        log.insert(key, value)?;
     }
-    Ok(())
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -242,20 +242,70 @@ pub(super) fn next_event_index(log: &sled::Tree) -> Result<u64, StoreError> {
 }
 
 /// Writes events (ascending, already at or above the floor) into an event
-/// log, in values of at most [`VALUE_BYTES`].
+/// log, in values of at most [`VALUE_BYTES`]; returns the bytes written.
 pub(super) fn write_events(
     log: &sled::Tree,
     events: Vec<st::EventRecord>,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
+    let mut bytes = 0;
     for events in chunks(events) {
         if let Some(first) = events.first().map(|event| event.index) {
-            log.insert(
-                first.to_be_bytes(),
-                st::EventBatch { events }.encode_to_vec(),
-            )?;
+            let value = st::EventBatch { events }.encode_to_vec();
+            bytes += value.len() as u64;
+            log.insert(first.to_be_bytes(), value)?;
         }
     }
-    Ok(())
+    Ok(bytes)
+}
+
+/// What a visitor of stored events says after each: go on or stop.
+pub(super) type Visit<'a> = dyn FnMut(st::EventRecord) -> Result<bool, StoreError> + 'a;
+
+/// Visits the stored events at index `from` or above that are not in the
+/// event log, ascending: an installed base's kept in memory (`base`), then
+/// those of the per-record tree of earlier versions (`legacy`). All of them
+/// come before the event log's. Returns false once `visit` stopped.
+pub(super) fn visit_loose_events(
+    base: &[EventRecord],
+    legacy: &sled::Tree,
+    from: u64,
+    visit: &mut Visit,
+) -> Result<bool, StoreError> {
+    let first = base.partition_point(|event| event.index < from);
+    for event in &base[first..] {
+        if !visit(records::event_to_storage(event))? {
+            return Ok(false);
+        }
+    }
+    for item in legacy.range(from.to_be_bytes()..) {
+        let (_, value) = item?;
+        let event = records::decode_event(&value).map_err(|source| StoreError::Record {
+            tree: "events",
+            source,
+        })?;
+        if !visit(records::event_to_storage(&event))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Visits the event log's events at index `from` or above, ascending (the
+/// caller passes at least the floor: a batch reaching past it is stored
+/// whole). Returns false once `visit` stopped.
+pub(super) fn visit_logged_events(
+    log: &sled::Tree,
+    from: u64,
+    visit: &mut Visit,
+) -> Result<bool, StoreError> {
+    for item in batches_from(log, from)? {
+        for event in decode_events(&item?.1)? {
+            if event.index >= from && !visit(event)? {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
 }
 
 fn record_error(tree: &'static str, error: prost::DecodeError) -> StoreError {

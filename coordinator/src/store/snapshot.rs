@@ -5,8 +5,7 @@
 //! event, submission key, estimate and pipeline run, in that order), and
 //! one `meta` item last: a file that ends before its meta item is refused
 //! as truncated. It is written straight from the state machine and the
-//! stored events, one item at a time (an event stored as binary is copied
-//! into the file without being decoded), and read as a stream.
+//! stored events, one item at a time, and read as a stream.
 //!
 //! A file that starts with `{` is a [`StateSnapshot`] as JSON, from the
 //! versions before the binary records, and is still read.
@@ -16,7 +15,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use gantry_proto::storage as st;
 use gantry_proto::storage::snapshot_item::Item;
 use prost::Message;
-use prost::encoding::{encode_varint, encoded_len_varint};
 
 use super::records::{
     self, estimate_to_storage, job_to_storage, node_to_storage, retention_to_storage,
@@ -30,9 +28,6 @@ pub const MAGIC: &[u8; 8] = b"GSTATEv2";
 /// Largest item read (a job with many attempts' output tails is well
 /// under it): a bigger length prefix is damage, not a record to allocate.
 const MAX_ITEM_BYTES: u64 = 64 << 20;
-
-/// Tag of `SnapshotItem.event` (field 3, length-delimited).
-const EVENT_TAG: u8 = (3 << 3) | 2;
 
 /// Writes snapshot items into a stream through one reused buffer.
 struct ItemWriter<'a> {
@@ -60,16 +55,6 @@ impl<'a> ItemWriter<'a> {
 
     /// An event stored as a binary `EventRecord`, copied as the item's
     /// bytes without decoding it (an embedded message is its bytes).
-    fn stored_event(&mut self, event: &[u8]) -> Result<(), StoreError> {
-        let len = event.len() as u64;
-        self.buf.clear();
-        encode_varint(1 + encoded_len_varint(len) as u64 + len, &mut self.buf);
-        self.buf.push(EVENT_TAG);
-        encode_varint(len, &mut self.buf);
-        self.out.write_all(&self.buf).map_err(io_error)?;
-        self.out.write_all(event).map_err(io_error)
-    }
-
     fn finish(mut self, meta: st::SnapshotMeta) -> Result<(), StoreError> {
         self.item(Item::Meta(meta))?;
         self.out.flush().map_err(io_error)
@@ -119,30 +104,10 @@ impl Store {
                 run: *run,
             }))?;
         }
-        for event in &self.base.events {
-            items.item(Item::Event(records::event_to_storage(event)))?;
-        }
-        for item in self.trees.events.iter() {
-            let (_, value) = item?;
-            if value.first() == Some(&b'{') {
-                // Stored by a JSON version: converted once here.
-                let event = records::decode_event(&value).map_err(|source| StoreError::Record {
-                    tree: "events",
-                    source,
-                })?;
-                items.item(Item::Event(records::event_to_storage(&event)))?;
-            } else {
-                items.stored_event(&value)?;
-            }
-        }
         let floor = state.event_floor();
-        for item in journal::batches_from(&self.trees.event_log, floor)? {
-            for event in journal::decode_events(&item?.1)? {
-                if event.index >= floor {
-                    items.item(Item::Event(event))?;
-                }
-            }
-        }
+        let mut visit = |event| items.item(Item::Event(event)).map(|()| true);
+        journal::visit_loose_events(&self.base.events, &self.trees.events, floor, &mut visit)?;
+        journal::visit_logged_events(&self.trees.event_log, floor, &mut visit)?;
         items.finish(st::SnapshotMeta {
             leader_term: state.leader_term(),
             next_job_id: state.next_job_id(),

@@ -63,6 +63,11 @@ fn a_snapshot_taken_becomes_the_base_and_the_journal_starts_again() {
     assert_eq!(stored(&store, &sm), before);
     assert!(store.journal_bytes < journaled, "only the events are left");
     assert_eq!(
+        store.journal_bytes,
+        journal::stored_bytes(&store.trees).unwrap(),
+        "counted as copied"
+    );
+    assert_eq!(
         store.base_bytes,
         std::fs::metadata(store.files.path(store.base.generation))
             .unwrap()

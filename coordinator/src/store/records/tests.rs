@@ -504,10 +504,10 @@ fn a_data_directory_of_json_records_still_opens() {
     }
 }
 
-/// Binary events stored by this version are copied into a snapshot as
-/// they are; the snapshot decodes to the stored state.
+/// Binary events in the per-record tree of the versions before the
+/// journal go into a snapshot, which decodes to the stored state.
 #[test]
-fn stored_binary_events_are_copied_into_snapshots() {
+fn per_record_binary_events_go_into_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(dir.path()).unwrap();
     let events: Vec<EventRecord> = (1..=3)
