@@ -921,8 +921,14 @@ async fn first_submit_after_kill(
     }
 }
 
+/// Every job the leader knows of: the retained ones (one `ListJobs`) and,
+/// paged through `since_ms`, those retired into the history since
+/// `since_ms` (past `--max-retained-jobs` a long run retires its first
+/// jobs; a retired job is archived, not lost). The states count the
+/// retained jobs, plus `archived`.
 async fn list_job_ids(
     url: &str,
+    since_ms: u64,
 ) -> anyhow::Result<(HashSet<u64>, BTreeMap<String, usize>, Duration)> {
     let mut client = gantry_client(endpoint(url)?.connect().await?);
     let started = Instant::now();
@@ -936,14 +942,34 @@ async fn list_job_ids(
         .await?
         .into_inner()
         .jobs;
-    let took = started.elapsed();
     let mut states = BTreeMap::new();
     let mut ids = HashSet::new();
     for job in jobs {
         *states.entry(job.state).or_insert(0) += 1;
         ids.insert(job.id);
     }
-    Ok((ids, states, took))
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_jobs(pb::ListJobsRequest {
+                since_ms,
+                page_token: page_token.clone(),
+                limit: 1_000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        for job in page.jobs.iter().filter(|j| j.archived) {
+            if ids.insert(job.id) {
+                *states.entry("archived".to_string()).or_insert(0) += 1;
+            }
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    Ok((ids, states, started.elapsed()))
 }
 
 /// Starts `agents` simulated agents (first at the leader's URL) and waits
@@ -1016,7 +1042,8 @@ async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E
         fleet_started.elapsed().as_secs_f64()
     );
 
-    let run_id = format!("bench-{}-{}", std::process::id(), unix_ms());
+    let run_started_ms = unix_ms();
+    let run_id = format!("bench-{}-{}", std::process::id(), run_started_ms);
     let mut all_acked: Vec<u64> = Vec::new();
 
     // Sequential submits (also a warm-up).
@@ -1130,12 +1157,13 @@ async fn scenario(config: &E2eConfig, procs: &mut ProcGroup) -> anyhow::Result<E
     }
 
     // No acknowledged job may be missing on the leader.
-    let (ids, states, list_time) = list_job_ids(&urls[final_leader])
-        .await
-        .context("ListJobs on the leader")?;
+    let (ids, states, list_time) =
+        list_job_ids(&urls[final_leader], run_started_ms.saturating_sub(60_000))
+            .await
+            .context("ListJobs on the leader")?;
     let lost = all_acked.iter().filter(|id| !ids.contains(id)).count();
     eprintln!(
-        "e2e: ListJobs returned {} jobs in {:.0} ms",
+        "e2e: ListJobs returned {} jobs (the history's included) in {:.0} ms",
         ids.len(),
         ms(list_time)
     );

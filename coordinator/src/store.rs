@@ -94,8 +94,7 @@ pub struct Store {
     journal_bytes: u64,
     /// Size of the generation's base file (0: no base).
     base_bytes: u64,
-    history: sled::Tree,
-    history_index: sled::Tree,
+    history: history::HistoryTrees,
     /// The base files and the current generation's pointer.
     files: base::BaseFiles,
     /// The current generation's base.
@@ -177,14 +176,23 @@ impl Store {
         };
         let journal_bytes = journal::stored_bytes(&trees)?;
         let base_bytes = files.size(generation);
+        let history = history::HistoryTrees::open(&db)?;
+        if let Some(moved) = history::migrate(&db, &history)? {
+            // The chunks' sizes are their records' binary encodings.
+            let bytes = history::write::stored_bytes(&history)?;
+            trees
+                .meta
+                .insert(META_HISTORY_BYTES, &bytes.to_be_bytes())?;
+            trees.meta.flush()?;
+            tracing::info!(moved, bytes, "history moved into chunks");
+        }
         let mut store = Store {
             trees,
             journal_next,
             event_floor: 0,
             journal_bytes,
             base_bytes,
-            history: db.open_tree("history")?,
-            history_index: db.open_tree("history_index")?,
+            history,
             files,
             base,
             opened_base,
@@ -491,7 +499,6 @@ impl Store {
         writer::WriteTrees {
             state: self.trees.clone(),
             history: self.history.clone(),
-            history_index: self.history_index.clone(),
             next_prune_ms: self.next_prune_ms.clone(),
         }
     }

@@ -58,9 +58,11 @@ pub(super) const STATE_TREES: [&str; 8] = [
 const ROOT_TREE: &str = "generation";
 const ROOT_CURRENT: &str = "current";
 
-/// The storage layout this version writes: 2, the journal (1: per-record
-/// trees, whose pointer was 8 bytes).
-pub(super) const LAYOUT: u64 = 2;
+/// The storage layout this version writes: 3, the history in chunks
+/// (2: the journal, with a history a record per job; 1: per-record trees,
+/// whose pointer was 8 bytes). A layout 2 data directory's history is
+/// moved into chunks when opened ([`super::history::migrate`]).
+pub(super) const LAYOUT: u64 = 3;
 
 /// The name of state tree `tree` in `generation`.
 pub(super) fn tree_name(tree: &str, generation: u64) -> String {
@@ -236,10 +238,9 @@ impl BaseFiles {
     /// pointer as exactly 8 bytes) instead of loading its state without
     /// the journal.
     pub fn mark_layout(&self, db: &sled::Db, generation: u64) -> Result<(), StoreError> {
-        let marked = self
-            .root
-            .get(ROOT_CURRENT)?
-            .is_some_and(|value| value.len() == 16);
+        let marked = self.root.get(ROOT_CURRENT)?.is_some_and(|value| {
+            value.len() == 16 && value.get(8..16) == Some(&LAYOUT.to_be_bytes()[..])
+        });
         if !marked {
             self.switch(generation)?;
             db.flush()?;
@@ -358,6 +359,8 @@ mod tests {
         for other in [
             "history",
             "history_index",
+            "history_chunks",
+            "history_heads",
             "generation",
             "raft_log",
             "jobs@x",

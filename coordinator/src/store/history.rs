@@ -2,82 +2,229 @@
 //! (spec), what it did (attempts with their output tails) and how it ended,
 //! after it left hard state ([`crate::state`]'s retention).
 //!
-//! Trees: `history` (job id -> its last `JobRecord`, binary: see
-//! [`super::records`]; JSON when a JSON version retired it) and
-//! `history_index`, holding two kinds of key:
-//! - `t` + finished at (8 bytes) + job id (8): the order of retirement and
-//!   of `gantry jobs --since`; the value is the record's size (8 bytes)
-//!   followed by its `p` key (none when the job has no pipeline);
-//! - `p` + name length (2) + pipeline name + run (4) + job id (8): the jobs
-//!   of one pipeline run (`gantry pipeline NAME --run N`).
+//! The jobs one write retires are stored together, by id, in values of at
+//! most 64 KiB (a larger job alone):
+//! - `history_chunks`: sequence number (8 bytes, big-endian) -> a
+//!   [`HistoryChunk`](st::HistoryChunk), the jobs' last records;
+//! - `history_heads`: the same key -> a [`HistoryHead`](st::HistoryHead),
+//!   what the chunk holds (its ids and finish times from first to last,
+//!   its bytes, its pipeline runs). Finding a job, a run or a page reads
+//!   the heads and then only the chunks that can hold what is asked for.
 //!
-//! Records are written in the same transaction as the apply that retired
-//! them (by the store's writer, [`super::writer`]), and leave, oldest first, once past `--history-retention` (from
-//! the applying command's own time) or while the history is over
-//! `--history-max-bytes` (`meta/history_bytes` keeps the total). The
-//! history is not part of a Raft snapshot (it would make snapshots as big
-//! as the history): a replica that installs a snapshot keeps the history
-//! it had and records retirements from then on.
+//! The history was stored a record per job (`history`, and the keys of
+//! `history_index`) until this layout: sled's per-record inserts and
+//! deletes cost the writer as much as the whole journal once retirement
+//! ran at every write, and the churn of small records kept sled's
+//! segments (and the data directory) growing. A data directory with such
+//! records has them moved into chunks when it is opened ([`migrate`]).
+//!
+//! Chunks are written in the same transaction as the apply that retired
+//! their jobs (by the store's writer, [`write`]), and leave whole, oldest
+//! first, once their last job is past `--history-retention` (from the
+//! applying command's own time) or while the history is over
+//! `--history-max-bytes` (`meta/history_bytes` keeps the total): a job
+//! stays in the history at least its retention. The history is not part
+//! of a Raft snapshot (it would make snapshots as big as the history): a
+//! replica that installs a snapshot keeps the history it had and records
+//! retirements from then on.
 
+use gantry_proto::storage as st;
 use gantry_scheduler::JobId;
+use prost::Message;
 
-use super::{META_HISTORY_BYTES, Store, StoreError, key_u64, records};
+use super::journal::record_error;
+use super::{Store, StoreError, key_u64, records};
 use crate::domain::JobRecord;
+
+pub(super) mod write;
+
+pub(super) use write::migrate;
+
+/// The tree of chunks.
+const CHUNKS: &str = "history_chunks";
+/// The tree of heads.
+const HEADS: &str = "history_heads";
 
 /// One page of history, newest first.
 #[derive(Debug, Default)]
 pub struct HistoryPage {
     /// The jobs, newest (finished last) first.
     pub jobs: Vec<JobRecord>,
-    /// Where the next page starts (finished at, job id), when there may be
-    /// more.
+    /// When there may be more: the (finished at, job id) of the last job
+    /// of the page, where the next one starts (exclusive).
     pub next: Option<(u64, JobId)>,
 }
 
-pub(super) fn time_key(finished_at_ms: u64, id: JobId) -> Vec<u8> {
-    let mut key = Vec::with_capacity(17);
-    key.push(b't');
-    key.extend_from_slice(&finished_at_ms.to_be_bytes());
-    key.extend_from_slice(&id.to_be_bytes());
-    key
+/// Handles on the history's trees (a sled tree is a handle).
+#[derive(Clone)]
+pub(super) struct HistoryTrees {
+    pub chunks: sled::Tree,
+    pub heads: sled::Tree,
 }
 
-pub(super) fn run_prefix(pipeline: &str, run: u32) -> Vec<u8> {
-    let name = pipeline.as_bytes();
-    let mut key = Vec::with_capacity(7 + name.len() + 8);
-    key.push(b'p');
-    // Pipeline names are bounded far below 64 KiB (`limits`).
-    key.extend_from_slice(&(name.len().min(u16::MAX as usize) as u16).to_be_bytes());
-    key.extend_from_slice(name);
-    key.extend_from_slice(&run.to_be_bytes());
-    key
+impl HistoryTrees {
+    pub fn open(db: &sled::Db) -> Result<HistoryTrees, StoreError> {
+        Ok(HistoryTrees {
+            chunks: db.open_tree(CHUNKS)?,
+            heads: db.open_tree(HEADS)?,
+        })
+    }
+
+    /// Every chunk's head, oldest chunk first, with its key and its
+    /// stored value (whose runs [`Head::runs`] reads).
+    fn heads(&self) -> impl Iterator<Item = Result<(u64, Head, sled::IVec), StoreError>> + '_ {
+        self.heads.iter().map(|item| {
+            let (key, value) = item?;
+            Ok((key_u64(&key), Head::decode(&value)?, value))
+        })
+    }
+
+    /// The newest chunk's key and head.
+    fn last_head(&self) -> Result<Option<(u64, Head)>, StoreError> {
+        match self.heads.last()? {
+            Some((key, value)) => Ok(Some((key_u64(&key), Head::decode(&value)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// The jobs of chunk `seq` (none when it is gone), by id.
+    fn chunk(&self, seq: u64) -> Result<Vec<st::JobRecord>, StoreError> {
+        let Some(value) = self.chunks.get(seq.to_be_bytes())? else {
+            return Ok(Vec::new());
+        };
+        st::HistoryChunk::decode(value.as_ref())
+            .map(|chunk| chunk.jobs)
+            .map_err(|error| record_error(CHUNKS, error))
+    }
+
+    /// The key the next chunk gets.
+    pub fn next_seq(&self) -> Result<u64, StoreError> {
+        Ok(match self.heads.last()? {
+            Some((key, _)) => key_u64(&key) + 1,
+            None => 0,
+        })
+    }
+}
+
+/// What a chunk holds: its head in `history_heads`, 48 bytes (these six
+/// numbers, big-endian) and then its pipeline runs
+/// ([`HistoryRuns`](st::HistoryRuns)), which only a run's lookup decodes:
+/// a lookup by id or a page reads every head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Head {
+    pub min_id: JobId,
+    pub max_id: JobId,
+    /// The jobs' finish times (their last update): earliest and latest.
+    pub first_finished_ms: u64,
+    pub last_finished_ms: u64,
+    /// Bytes of the jobs' records, encoded.
+    pub bytes: u64,
+    pub jobs: u64,
+}
+
+/// The fixed part of a head.
+const HEAD_BYTES: usize = 48;
+
+impl Head {
+    fn fields(&self) -> [u64; 6] {
+        [
+            self.min_id,
+            self.max_id,
+            self.first_finished_ms,
+            self.last_finished_ms,
+            self.bytes,
+            self.jobs,
+        ]
+    }
+
+    fn encode(&self, runs: Vec<st::PipelineRun>) -> Vec<u8> {
+        let runs = st::HistoryRuns { runs }.encode_to_vec();
+        let mut value = Vec::with_capacity(HEAD_BYTES + runs.len());
+        for field in self.fields() {
+            value.extend_from_slice(&field.to_be_bytes());
+        }
+        value.extend_from_slice(&runs);
+        value
+    }
+
+    fn decode(value: &[u8]) -> Result<Head, StoreError> {
+        if value.len() < HEAD_BYTES {
+            return Err(StoreError::BadValue {
+                tree: HEADS,
+                key: "head",
+                len: value.len(),
+            });
+        }
+        let field = |n: usize| key_u64(&value[n * 8..n * 8 + 8]);
+        Ok(Head {
+            min_id: field(0),
+            max_id: field(1),
+            first_finished_ms: field(2),
+            last_finished_ms: field(3),
+            bytes: field(4),
+            jobs: field(5),
+        })
+    }
+
+    /// The pipeline runs of the head stored as `value`.
+    fn runs(value: &[u8]) -> Result<Vec<st::PipelineRun>, StoreError> {
+        st::HistoryRuns::decode(value.get(HEAD_BYTES..).unwrap_or_default())
+            .map(|runs| runs.runs)
+            .map_err(|error| record_error(HEADS, error))
+    }
+}
+
+fn decode_job(job: st::JobRecord) -> Result<JobRecord, StoreError> {
+    records::job_from_storage(job).map_err(|source| StoreError::Record {
+        tree: CHUNKS,
+        source,
+    })
+}
+
+/// A job's place in the newest-first order of pages.
+fn page_key(job: &st::JobRecord) -> (u64, JobId) {
+    (job.updated_at_ms, job.id)
 }
 
 impl Store {
     /// Bytes of history stored (the records' encodings).
     pub fn history_bytes(&self) -> Result<u64, StoreError> {
         self.writer.drain()?;
-        self.meta_u64(META_HISTORY_BYTES)
+        self.meta_u64(super::META_HISTORY_BYTES)
     }
 
     /// Records in the history.
     pub fn history_len(&self) -> Result<usize, StoreError> {
         self.writer.drain()?;
-        Ok(self.history.len())
+        let mut jobs = 0;
+        for head in self.history.heads() {
+            jobs += head?.1.jobs as usize;
+        }
+        Ok(jobs)
     }
 
     /// A retired job, if the history still has it.
     pub fn history_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         self.writer.drain()?;
-        self.history
-            .get(id.to_be_bytes())?
-            .map(|value| decode(&value))
-            .transpose()
+        for head in self.history.heads() {
+            let (seq, head, _) = head?;
+            if !(head.min_id..=head.max_id).contains(&id) {
+                continue;
+            }
+            if let Some(job) = self.history.chunk(seq)?.into_iter().find(|j| j.id == id) {
+                return decode_job(job).map(Some);
+            }
+        }
+        Ok(None)
     }
 
     /// Retired jobs that finished at or after `since_ms` and before
     /// `before` (exclusive; `None` = from the newest), newest first, that
     /// `keep` accepts; at most `limit`.
+    ///
+    /// Chunks are read newest (last finish) first, and no further once
+    /// `limit` jobs were found that every job of the chunks left finished
+    /// before.
     pub fn history_page(
         &self,
         since_ms: u64,
@@ -86,29 +233,45 @@ impl Store {
         keep: impl Fn(&JobRecord) -> bool,
     ) -> Result<HistoryPage, StoreError> {
         self.writer.drain()?;
-        let end = match before {
-            Some((at, id)) => time_key(at, id),
-            None => b"u".to_vec(),
-        };
+        let mut candidates = Vec::new();
+        for head in self.history.heads() {
+            let (seq, head, _) = head?;
+            let after_since = head.last_finished_ms >= since_ms;
+            let before_end = before.is_none_or(|(at, _)| head.first_finished_ms <= at);
+            if after_since && before_end {
+                candidates.push((head.last_finished_ms, seq));
+            }
+        }
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
         let mut page = HistoryPage::default();
-        for item in self.history_index.range(time_key(since_ms, 0)..end).rev() {
-            let (key, _) = item?;
-            let at = key_u64(key.get(1..9).unwrap_or_default());
-            let id = key_u64(key.get(9..17).unwrap_or_default());
-            if page.jobs.len() == limit {
-                // `next` is exclusive: the next page starts with the first
-                // record not shown.
-                page.next = Some(match id.checked_add(1) {
-                    Some(next) => (at, next),
-                    None => (at.saturating_add(1), 0),
-                });
+        let mut more = false;
+        for (index, &(last_finished, seq)) in candidates.iter().enumerate() {
+            if let Some(last) = page.jobs.get(limit.saturating_sub(1))
+                && page.jobs.len() >= limit
+                && last_finished < last.updated_at_ms
+            {
+                more = index < candidates.len();
                 break;
             }
-            if let Some(job) = self.history_job(id)?
-                && keep(&job)
-            {
-                page.jobs.push(job);
+            for job in self.history.chunk(seq)? {
+                let key = page_key(&job);
+                if key.0 < since_ms || before.is_some_and(|b| key >= b) {
+                    continue;
+                }
+                let job = decode_job(job)?;
+                if keep(&job) {
+                    page.jobs.push(job);
+                }
             }
+            page.jobs
+                .sort_unstable_by_key(|j| std::cmp::Reverse((j.updated_at_ms, j.id)));
+            if page.jobs.len() > limit {
+                page.jobs.truncate(limit);
+                more = true;
+            }
+        }
+        if more {
+            page.next = page.jobs.last().map(|j| (j.updated_at_ms, j.id));
         }
         Ok(page)
     }
@@ -117,431 +280,27 @@ impl Store {
     pub fn history_run(&self, pipeline: &str, run: u32) -> Result<Vec<JobRecord>, StoreError> {
         self.writer.drain()?;
         let mut jobs = Vec::new();
-        for item in self.history_index.scan_prefix(run_prefix(pipeline, run)) {
-            let (key, _) = item?;
-            let id = key_u64(&key[key.len().saturating_sub(8)..]);
-            if let Some(job) = self.history_job(id)? {
-                jobs.push(job);
+        for head in self.history.heads() {
+            let (seq, _, value) = head?;
+            if !Head::runs(&value)?
+                .iter()
+                .any(|r| r.name == pipeline && r.run == run)
+            {
+                continue;
+            }
+            for job in self.history.chunk(seq)? {
+                if job.pipeline == pipeline && job.run == run {
+                    jobs.push(decode_job(job)?);
+                }
             }
         }
+        jobs.sort_unstable_by_key(|j| j.id);
         Ok(jobs)
     }
 }
 
-fn decode(value: &[u8]) -> Result<JobRecord, StoreError> {
-    records::decode_job(value).map_err(|source| StoreError::Record {
-        tree: "history",
-        source,
-    })
-}
+#[cfg(test)]
+pub(super) mod tests;
 
 #[cfg(test)]
-pub(super) mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use gantry_scheduler::Placement;
-
-    use super::*;
-    use crate::command::Command;
-    use crate::domain::{JobSpec, JobState};
-    use crate::state::{Outcome, RetentionPolicy, StateMachine};
-
-    pub(in crate::store) const HOUR: u64 = 3600 * 1000;
-
-    /// How a test applies one command as the next entry.
-    type Applier = fn(&mut StateMachine, &mut Store, &mut u64, Command) -> Outcome;
-
-    /// Applies `command` as the next entry and hands its changes to the
-    /// store, which holds them back.
-    pub(in crate::store) fn hold(
-        sm: &mut StateMachine,
-        store: &mut Store,
-        index: &mut u64,
-        command: Command,
-    ) -> Outcome {
-        let outcome = sm.apply(command).unwrap();
-        *index += 1;
-        let changes = sm.take_changes();
-        store.persist_applied(sm, changes, *index).unwrap();
-        outcome
-    }
-
-    /// Applies `command` as the next entry and writes it at once.
-    pub(in crate::store) fn apply(
-        sm: &mut StateMachine,
-        store: &mut Store,
-        index: &mut u64,
-        command: Command,
-    ) -> Outcome {
-        let outcome = hold(sm, store, index, command);
-        store.write_pending(sm).unwrap();
-        store.writer.drain().unwrap();
-        outcome
-    }
-
-    /// A pipeline job runs and succeeds at `at`, each entry written.
-    pub(in crate::store) fn run_job(
-        sm: &mut StateMachine,
-        store: &mut Store,
-        index: &mut u64,
-        at: u64,
-    ) -> JobId {
-        run_job_with(apply, sm, store, index, at)
-    }
-
-    /// A pipeline job runs and succeeds at `at`, its entries applied by
-    /// `apply`.
-    pub(in crate::store) fn run_job_with(
-        apply: Applier,
-        sm: &mut StateMachine,
-        store: &mut Store,
-        index: &mut u64,
-        at: u64,
-    ) -> JobId {
-        let Outcome::Submitted(ids) = apply(
-            sm,
-            store,
-            index,
-            Command::Submit {
-                at_ms: at,
-                key: Some(format!("key-{at}")),
-                jobs: vec![JobSpec::for_test("train")],
-                pipeline: Some("nightly".into()),
-                owner: None,
-            },
-        ) else {
-            panic!()
-        };
-        let job = ids[0];
-        apply(
-            sm,
-            store,
-            index,
-            Command::Assign {
-                at_ms: at,
-                placements: vec![Placement {
-                    job,
-                    node: "n1".into(),
-                    gpus: vec![0],
-                    gpu_memory: 10 << 30,
-                    batch_size: None,
-                    exclusive_gpu: false,
-                }],
-                term: 1,
-            },
-        );
-        apply(
-            sm,
-            store,
-            index,
-            Command::JobExited {
-                at_ms: at + 1,
-                job,
-                attempt: 1,
-                node: "n1".into(),
-                code: Some(0),
-                signal: None,
-                error: String::new(),
-                cancelled: false,
-                oom: false,
-                output_tail: "done".into(),
-                peak_gpu_memory: 0,
-            },
-        );
-        job
-    }
-
-    /// An empty store in a temporary directory and its state machine.
-    fn fresh() -> (tempfile::TempDir, Store, StateMachine, u64) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(dir.path()).unwrap();
-        let sm = store.load().unwrap();
-        (dir, store, sm, 0)
-    }
-
-    /// Finished jobs retained for an hour, the rest as by default.
-    fn an_hour() -> RetentionPolicy {
-        RetentionPolicy {
-            job_retention_ms: HOUR,
-            ..RetentionPolicy::default()
-        }
-    }
-
-    /// [`fresh`], with finished jobs retained for an hour and node `n1`
-    /// (one GPU) registered, both written.
-    pub(in crate::store) fn fresh_with_a_node() -> (tempfile::TempDir, Store, StateMachine, u64) {
-        let (dir, mut store, mut sm, mut index) = fresh();
-        let policy = an_hour();
-        apply(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::SetRetention { at_ms: 0, policy },
-        );
-        apply(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::register_for_test("n1", 1, 80 << 30),
-        );
-        (dir, store, sm, index)
-    }
-
-    #[test]
-    fn retired_jobs_move_to_history_and_leave_it_in_time() {
-        let (_dir, mut store, mut sm, mut index) = fresh();
-        let policy = RetentionPolicy {
-            job_retention_ms: HOUR,
-            max_retained_jobs: 100,
-            history_retention_ms: 3 * HOUR,
-            history_max_bytes: 1 << 20,
-        };
-        let tick = |sm: &mut StateMachine, store: &mut Store, index: &mut u64, at_ms| {
-            apply(sm, store, index, Command::SetRetention { at_ms, policy });
-        };
-        tick(&mut sm, &mut store, &mut index, 0);
-        apply(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::register_for_test("n1", 1, 80 << 30),
-        );
-        let first = run_job(&mut sm, &mut store, &mut index, 10);
-        let second = run_job(&mut sm, &mut store, &mut index, 20);
-        tick(&mut sm, &mut store, &mut index, 11 + HOUR);
-        assert!(sm.job(first).is_none() && sm.job(second).is_some());
-
-        // Hard state on disk agrees with memory; the job is in history.
-        let loaded = store.load().unwrap();
-        assert!(loaded.job(first).is_none());
-        assert_eq!(loaded.next_job_id(), sm.next_job_id());
-        assert_eq!(loaded.event_floor(), sm.event_floor());
-        assert_eq!(loaded.retention(), &policy);
-        assert!(
-            loaded.submission("key-10").is_none(),
-            "its key went with it"
-        );
-        assert!(loaded.submission("key-20").is_some());
-        let archived = store.history_job(first).unwrap().unwrap();
-        assert_eq!(archived.state, JobState::Succeeded);
-        assert_eq!(archived.attempts[0].exit_code, Some(0));
-        assert_eq!(
-            store.history_run("nightly", 1).unwrap(),
-            vec![archived.clone()]
-        );
-        assert!(store.history_run("nightly", 2).unwrap().is_empty());
-        let page = store.history_page(0, None, 10, |_| true).unwrap();
-        assert_eq!(page.jobs, vec![archived]);
-        assert!(store.history_bytes().unwrap() > 0);
-        let floor = sm.event_floor();
-        assert!(floor > 1);
-        let events = store.events_since(0, 100).unwrap();
-        assert_eq!(events[0].index, floor, "events below the floor are gone");
-
-        // Everything retired: ids and run numbers still go on.
-        tick(&mut sm, &mut store, &mut index, 21 + HOUR);
-        assert_eq!(sm.jobs().count(), 0);
-        let loaded = store.load().unwrap();
-        assert_eq!(loaded.next_job_id(), second + 1);
-        assert_eq!(loaded.pipeline_runs().get("nightly"), Some(&2));
-        assert_eq!(loaded.next_event_index(), sm.next_event_index());
-        let page = store.history_page(0, None, 1, |_| true).unwrap();
-        assert_eq!(page.jobs[0].id, second, "newest first");
-        let rest = store.history_page(0, page.next, 1, |_| true).unwrap();
-        assert_eq!(rest.jobs[0].id, first);
-        assert_eq!(
-            store
-                .history_page(15, None, 10, |_| true)
-                .unwrap()
-                .jobs
-                .len(),
-            1
-        );
-
-        // Past the history's retention (from the command's time) both go.
-        tick(&mut sm, &mut store, &mut index, 21 + 3 * HOUR);
-        assert!(store.history_job(first).unwrap().is_none());
-        assert!(store.history_job(second).unwrap().is_none());
-        assert_eq!(store.history_bytes().unwrap(), 0);
-        assert_eq!(store.history_len().unwrap(), 0);
-    }
-
-    /// A follower installs a leader's snapshot as its base (nothing
-    /// written per record), then applies more: base and new jobs retired
-    /// (a tombstone only for the base's), submission keys removed, the
-    /// event floor raised. Reopened at each step it loads the same state
-    /// and events; a crashed later install's leftovers are dropped.
-    #[test]
-    fn an_installed_base_with_changes_over_it_reopens_to_the_same_state() {
-        let (dir, mut store, mut sm, mut index) = fresh_with_a_node();
-        let in_base = run_job(&mut sm, &mut store, &mut index, 10);
-        let file = dir.path().join("leader.snap");
-        let bytes = store.snapshot_bytes(&sm).unwrap();
-        std::fs::write(&file, &bytes).unwrap();
-
-        let follower_dir = tempfile::tempdir().unwrap();
-        let mut follower = Store::open(follower_dir.path()).unwrap();
-        let snapshot = crate::store::decode_snapshot(&bytes).unwrap();
-        let mut state = follower.install(&file, snapshot, index).unwrap();
-        assert_eq!(follower.snapshot_bytes(&state).unwrap(), bytes);
-        assert!(
-            follower.trees.jobs.is_empty() && follower.trees.journal.is_empty(),
-            "no job is written"
-        );
-        drop(file);
-        std::fs::remove_file(dir.path().join("leader.snap")).unwrap();
-
-        let reopened = |store: Store, state: &StateMachine| {
-            let expected = store.snapshot_bytes(state).unwrap();
-            let events = store.events_since(0, usize::MAX).unwrap();
-            drop(store);
-            let mut store = Store::open(follower_dir.path()).unwrap();
-            let loaded = store.load().unwrap();
-            assert_eq!(store.snapshot_bytes(&loaded).unwrap(), expected);
-            assert_eq!(store.events_since(0, usize::MAX).unwrap(), events);
-            assert_eq!(loaded.next_event_index(), state.next_event_index());
-            store
-        };
-        let mut follower = reopened(follower, &state);
-        // Retirement is decided in apply from the commands' times: this
-        // submit retires the base's job.
-        let floor = state.event_floor();
-        let after = run_job(&mut state, &mut follower, &mut index, 2 * HOUR);
-        assert!(state.job(in_base).is_none() && state.job(after).is_some());
-        assert!(state.event_floor() > floor, "the floor rose");
-        // The retirement is one journal write (with the new job's).
-        let writes = |store: &Store| store.trees.journal.len();
-        assert!(writes(&follower) >= 1, "the base's job");
-        let mut follower = reopened(follower, &state);
-        apply(
-            &mut state,
-            &mut follower,
-            &mut index,
-            Command::Retire {
-                at_ms: 3 * HOUR + 2,
-            },
-        );
-        assert!(state.job(after).is_none());
-        assert!(
-            !follower.trees.journal.is_empty(),
-            "a job after the base is removed"
-        );
-        assert!(follower.history_job(after).unwrap().is_some());
-
-        // An install that crashed before its switch left generation 2's
-        // trees and file: the open drops them and keeps generation 1.
-        follower
-            .db
-            .open_tree("jobs@2")
-            .unwrap()
-            .insert("x", "y")
-            .unwrap();
-        let leftover = follower_dir.path().join("state-base").join("2.snap");
-        std::fs::write(&leftover, b"partial").unwrap();
-        let follower = reopened(follower, &state);
-        assert!(!leftover.exists());
-        let names: Vec<_> = follower.db.tree_names();
-        assert!(!names.iter().any(|n| n.as_ref() == b"jobs@2"));
-        assert!(names.iter().any(|n| n.as_ref() == b"jobs@1"));
-    }
-
-    /// Applied entries are held back and merged: nothing reaches the
-    /// trees (nor the stored applied index) until they are written, and
-    /// then a job submitted, run and retired in between is only history.
-    /// Held-back entries lost in a crash leave the applied index where the
-    /// Raft log replays them from.
-    #[test]
-    fn held_back_entries_are_written_merged_or_replayed_after_a_crash() {
-        let (dir, mut store, mut sm, mut index) = fresh_with_a_node();
-        let written = index;
-        let journaled = store.trees.journal.len();
-        let Outcome::Submitted(ids) = hold(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::Submit {
-                at_ms: 10,
-                key: Some("k".into()),
-                jobs: vec![JobSpec::for_test("train")],
-                pipeline: None,
-                owner: None,
-            },
-        ) else {
-            panic!()
-        };
-        let job = ids[0];
-        hold(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::Retire { at_ms: 11 },
-        );
-        assert!(sm.job(job).is_some(), "still pending");
-        assert_eq!(store.applied_index().unwrap(), written, "held back");
-        assert_eq!(store.trees.journal.len(), journaled, "nothing written");
-
-        // A crash now: the store is as it was; the Raft log replays.
-        drop(store);
-        let mut reopened = Store::open(dir.path()).unwrap();
-        assert_eq!(reopened.applied_index().unwrap(), written);
-        assert!(reopened.load().unwrap().job(job).is_none());
-        let mut store = reopened;
-
-        // Run and retire it, all held back, then write: only history.
-        let mut sm2 = store.load().unwrap();
-        let mut index = written;
-        let replayed = run_job_with(hold, &mut sm2, &mut store, &mut index, 10);
-        assert_eq!(replayed, job, "the same id when applied again");
-        hold(
-            &mut sm2,
-            &mut store,
-            &mut index,
-            Command::Retire { at_ms: 12 + HOUR },
-        );
-        assert!(sm2.job(job).is_none(), "retired");
-        assert!(store.history_job(job).unwrap().is_none(), "not written yet");
-        store.write_pending(&sm2).unwrap();
-        store.writer.drain().unwrap();
-        assert_eq!(store.applied_index().unwrap(), index);
-        let loaded = Store::load(&mut store).unwrap();
-        assert!(loaded.job(job).is_none());
-        assert_eq!(loaded.submissions().count(), 0, "the key left with its job");
-        assert!(store.history_job(job).unwrap().is_some());
-        let expected = store.snapshot_bytes(&sm2).unwrap();
-        drop(store);
-        let mut store = Store::open(dir.path()).unwrap();
-        let loaded = store.load().unwrap();
-        assert_eq!(store.snapshot_bytes(&loaded).unwrap(), expected);
-    }
-
-    #[test]
-    fn a_snapshot_install_keeps_the_history_and_its_size() {
-        let (_dir, mut store, mut sm, mut index) = fresh_with_a_node();
-        let job = run_job(&mut sm, &mut store, &mut index, 10);
-        apply(
-            &mut sm,
-            &mut store,
-            &mut index,
-            Command::Retire { at_ms: 11 + HOUR },
-        );
-        let bytes = store.history_bytes().unwrap();
-        assert!(bytes > 0);
-        let snapshot = crate::store::decode_snapshot(&store.snapshot_bytes(&sm).unwrap()).unwrap();
-        assert_eq!(snapshot.next_job_id, job + 1);
-        assert_eq!(snapshot.pipeline_runs, vec![("nightly".to_string(), 1)]);
-        let file = _dir.path().join("installed.snap");
-        std::fs::write(&file, store.snapshot_bytes(&sm).unwrap()).unwrap();
-        let restored = store.install(&file, snapshot, index).unwrap();
-        // The state built from the snapshot is the one stored.
-        let loaded = store.load().unwrap();
-        assert_eq!(
-            store.snapshot_bytes(&restored).unwrap(),
-            store.snapshot_bytes(&loaded).unwrap()
-        );
-        assert_eq!(restored.next_job_id(), job + 1);
-        assert_eq!(restored.event_floor(), sm.event_floor());
-        assert_eq!(restored.retention(), &an_hour());
-        assert!(store.history_job(job).unwrap().is_some());
-        assert_eq!(store.history_bytes().unwrap(), bytes);
-    }
-}
+mod chunk_tests;

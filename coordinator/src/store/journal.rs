@@ -121,7 +121,7 @@ pub(super) fn encode_events(events: &[EventRecord]) -> Vec<(u64, Vec<u8>)> {
 
 /// `items` in runs of at most [`VALUE_BYTES`] encoded (a run holds at
 /// least one item), in order.
-fn chunks<M: Message>(items: Vec<M>) -> impl Iterator<Item = Vec<M>> {
+pub(super) fn chunks<M: Message>(items: Vec<M>) -> impl Iterator<Item = Vec<M>> {
     let mut runs: Vec<Vec<M>> = Vec::new();
     let mut bytes = 0;
     for item in items {
@@ -308,7 +308,8 @@ pub(super) fn visit_logged_events(
     Ok(true)
 }
 
-fn record_error(tree: &'static str, error: prost::DecodeError) -> StoreError {
+/// A value of `tree` that does not decode.
+pub(super) fn record_error(tree: &'static str, error: prost::DecodeError) -> StoreError {
     StoreError::Record {
         tree,
         source: error.into(),

@@ -23,15 +23,13 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 
 use sled::Transactional;
 
-use super::{META_HISTORY_BYTES, StoreError, key_u64, meta_u64, records};
+use super::history::write::HistoryWrite;
+use super::{META_HISTORY_BYTES, StoreError, meta_u64};
 use crate::domain::JobRecord;
 use crate::state::RetentionPolicy;
 
 /// Writes sent and not committed at most; a send past it waits.
 const MAX_QUEUED: u64 = 2;
-
-/// At most this many records leave the history in one write.
-const PRUNE_BATCH: usize = 1_000;
 
 /// Between retirements, the history is checked for expired records at most
 /// this often (in command time).
@@ -42,8 +40,7 @@ const PRUNE_INTERVAL_MS: u64 = 60_000;
 pub(super) struct WriteTrees {
     /// The current generation's.
     pub state: super::base::Trees,
-    pub history: sled::Tree,
-    pub history_index: sled::Tree,
+    pub history: super::history::HistoryTrees,
     /// Command time after which the history is next checked for records
     /// past their retention (it is checked at every retirement anyway).
     pub next_prune_ms: Arc<AtomicU64>,
@@ -103,94 +100,67 @@ impl Prepared {
         for (key, value) in journal {
             journal_batch.insert(&key.to_be_bytes(), value);
         }
-        let (history, history_index) =
-            history_batches(&trees, &policy, &retired, at_ms, &mut meta)?;
+        let history = history_write(&trees, &policy, &retired, at_ms, &mut meta)?;
         (
             &state.events,
             &state.event_log,
             &state.journal,
             &state.meta,
-            &trees.history,
-            &trees.history_index,
+            &trees.history.chunks,
+            &trees.history.heads,
         )
             .transaction(
-                |(t_events, t_event_log, t_journal, t_meta, t_history, t_history_index)| {
+                |(t_events, t_event_log, t_journal, t_meta, t_chunks, t_heads)| {
                     t_events.apply_batch(&events)?;
                     t_event_log.apply_batch(&event_log)?;
                     t_journal.apply_batch(&journal_batch)?;
                     t_meta.apply_batch(&meta)?;
-                    t_history.apply_batch(&history)?;
-                    t_history_index.apply_batch(&history_index)?;
+                    t_chunks.apply_batch(&history.chunks)?;
+                    t_heads.apply_batch(&history.heads)?;
                     Ok(())
                 },
             )
-            .map_err(
-                |error: sled::transaction::TransactionError<()>| match error {
-                    sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
-                    sled::transaction::TransactionError::Abort(()) => {
-                        StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
-                    }
-                },
-            )?;
+            .map_err(transaction_failed)?;
         Ok(())
     }
 }
 
+/// The store's error for a failed transaction (none of the store's
+/// transactions aborts on its own).
+pub(super) fn transaction_failed(error: sled::transaction::TransactionError<()>) -> StoreError {
+    match error {
+        sled::transaction::TransactionError::Storage(error) => StoreError::Sled(error),
+        sled::transaction::TransactionError::Abort(()) => {
+            StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
+        }
+    }
+}
+
 /// The history writes of one write: the jobs it retired, and the oldest
-/// records past their retention or over the size cap.
-fn history_batches(
+/// chunks past their retention or over the size cap (looked for at every
+/// retirement, and at most every [`PRUNE_INTERVAL_MS`] of command time
+/// otherwise); the history's new size goes in `meta`.
+fn history_write(
     trees: &WriteTrees,
     policy: &RetentionPolicy,
     retired: &[JobRecord],
     at_ms: u64,
     meta: &mut sled::Batch,
-) -> Result<(sled::Batch, sled::Batch), StoreError> {
-    let mut history = sled::Batch::default();
-    let mut index = sled::Batch::default();
+) -> Result<HistoryWrite, StoreError> {
     let prune = !retired.is_empty() || at_ms >= trees.next_prune_ms.load(Ordering::Relaxed);
     if !prune {
-        return Ok((history, index));
+        return Ok(HistoryWrite::default());
     }
     trees
         .next_prune_ms
         .store(at_ms.saturating_add(PRUNE_INTERVAL_MS), Ordering::Relaxed);
     let before = meta_u64(&trees.state.meta, META_HISTORY_BYTES)?;
-    let mut bytes = before;
-    for job in retired {
-        let value = records::encode_job(job);
-        let mut entry = (value.len() as u64).to_be_bytes().to_vec();
-        if !job.pipeline.is_empty() {
-            let mut run_key = super::history::run_prefix(&job.pipeline, job.run);
-            run_key.extend_from_slice(&job.id.to_be_bytes());
-            index.insert(run_key.as_slice(), &[]);
-            entry.extend_from_slice(&run_key);
-        }
-        bytes += value.len() as u64;
-        history.insert(&job.id.to_be_bytes(), value);
-        index.insert(super::history::time_key(job.updated_at_ms, job.id), entry);
-    }
-    for item in trees
-        .history_index
-        .range(b"t".to_vec()..b"u".to_vec())
-        .take(PRUNE_BATCH)
-    {
-        let (key, value) = item?;
-        let finished_at = key_u64(key.get(1..9).unwrap_or_default());
-        let expired = finished_at.saturating_add(policy.history_retention_ms) <= at_ms;
-        if !expired && bytes <= policy.history_max_bytes {
-            break;
-        }
-        history.remove(key.get(9..17).unwrap_or_default());
-        index.remove(key.as_ref());
-        if let Some(run_key) = value.get(8..).filter(|k| !k.is_empty()) {
-            index.remove(run_key);
-        }
-        bytes = bytes.saturating_sub(key_u64(value.get(..8).unwrap_or_default()));
-    }
+    let (write, bytes) =
+        super::history::write::plan(&trees.history, policy, retired, at_ms, before)?;
     if bytes != before {
         meta.insert(META_HISTORY_BYTES, &bytes.to_be_bytes());
     }
-    Ok((history, index))
+    Ok(write)
 }
 
 /// Writes sent and committed, and the first failure.

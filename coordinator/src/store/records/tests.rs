@@ -433,7 +433,7 @@ fn damaged_snapshots_are_refused() {
 #[test]
 fn a_data_directory_of_json_records_still_opens() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(dir.path()).unwrap();
+    let store = Store::open(dir.path()).unwrap();
     let job = full_job(JobState::Running);
     let node = full_node();
     let event = event(1, JobState::Running, JobKind::Training);
@@ -457,10 +457,15 @@ fn a_data_directory_of_json_records_still_opens() {
         .submissions
         .insert("k", serde_json::to_vec(&vec![job.id]).unwrap())
         .unwrap();
-    store
-        .history
-        .insert(7u64.to_be_bytes(), serde_json::to_vec(&job).unwrap())
-        .unwrap();
+    // A JSON version's history, a record per job: moved into chunks when
+    // the store is opened.
+    crate::store::history::tests::put_old_record(
+        &store.db,
+        &job,
+        serde_json::to_vec(&job).unwrap(),
+    );
+    drop(store);
+    let mut store = Store::open(dir.path()).unwrap();
 
     let state = store.load().unwrap();
     assert_eq!(state.job(job.id), Some(&job));
@@ -470,7 +475,7 @@ fn a_data_directory_of_json_records_still_opens() {
         store.events_since(0, 10).unwrap(),
         std::slice::from_ref(&event)
     );
-    assert_eq!(store.history_job(7).unwrap(), Some(job.clone()));
+    assert_eq!(store.history_job(job.id).unwrap(), Some(job.clone()));
 
     // Its snapshot is binary, with the JSON event converted.
     let bytes = store.snapshot_bytes(&state).unwrap();
