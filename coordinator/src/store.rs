@@ -2,8 +2,8 @@
 //! its event log ([`journal`]: each write of the applied state is a few
 //! values, not a record per insert) and `meta` (applied index, leader
 //! term, next job id, event floor, retention policy, latest run of each
-//! pipeline); beside them the history of retired jobs (`history`,
-//! `history_index`: see [`history`]). A write is one transaction across
+//! pipeline); beside them the history of retired jobs in chunks
+//! (`history_chunks`, `history_heads`: see [`history`]). A write is one transaction across
 //! trees. Records are prost messages ([`records`]); the per-record trees
 //! of earlier versions (and their JSON records) are still read. A Raft
 //! snapshot is a stream of records ([`snapshot`]); an installed one, and
