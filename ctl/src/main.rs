@@ -790,6 +790,19 @@ fn main() -> ExitCode {
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read when it starts (the symbol its C code looks
+/// up; a NUL-terminated string behind a thin pointer). Freed pages go back
+/// to the kernel after 1 s instead of 10 s, from jemalloc's own background
+/// thread rather than from whichever thread frees next: the coordinator's
+/// RSS follows its live data (snapshots and journal writes free tens of
+/// MiB at a time) instead of keeping ten seconds of garbage.
+///
+/// Unsafe only in that the linker resolves the name: nothing else in the
+/// program defines it (tikv-jemalloc-sys declares it weak, for this).
+#[allow(non_upper_case_globals, unsafe_code)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 43] = b"background_thread:true,dirty_decay_ms:1000\0";
+
 #[tokio::main]
 async fn cli_main() -> ExitCode {
     let cli = Cli::parse();
