@@ -39,6 +39,10 @@ const SNAPSHOT_META_KEY: &[u8] = b"snapshot_meta";
 const SNAPSHOT_DATA_KEY: &[u8] = b"snapshot_data";
 const TRUNCATED_KEY: &[u8] = b"truncated";
 const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
+/// Entries removed per sled batch when the log is compacted: sled reads
+/// back every node a batch touches and keeps them all until the batch is
+/// done, so one batch of 10,000 entries held tens of MiB at every snapshot.
+const COMPACT_BATCH: u64 = 256;
 
 /// The Raft log and metadata on sled trees of the coordinator's database.
 pub struct SledRaftStorage {
@@ -449,11 +453,22 @@ impl SledRaftStorage {
         let term = self.term_of(through)?;
         self.meta
             .insert(TRUNCATED_KEY, index_term_bytes(through, term).to_vec())?;
-        let mut batch = sled::Batch::default();
-        for index in self.truncated.0 + 1..=through {
-            batch.remove(&index.to_be_bytes());
+        // From the first stored entry: one a crash left behind in an
+        // earlier compaction goes now.
+        let first = match self.log.first()? {
+            Some((key, _)) => key_index(&key)?.min(self.truncated.0 + 1),
+            None => self.truncated.0 + 1,
+        };
+        let mut from = first;
+        while from <= through {
+            let to = through.min(from + COMPACT_BATCH - 1);
+            let mut batch = sled::Batch::default();
+            for index in from..=to {
+                batch.remove(&index.to_be_bytes());
+            }
+            self.log.apply_batch(batch)?;
+            from = to + 1;
         }
-        self.log.apply_batch(batch)?;
         self.truncated = (through, term);
         Ok(())
     }
@@ -781,6 +796,48 @@ mod tests {
         let storage = open_storage(&dir, &db).unwrap();
         let state = storage.initial_state().unwrap().hard_state;
         assert_eq!((state.term, state.vote, state.commit), (3, 2, 2));
+    }
+
+    /// Compaction removes its entries a bounded batch at a time, all of
+    /// them, and an entry an interrupted compaction left below the
+    /// truncation point goes with the next one.
+    #[test]
+    fn compaction_removes_every_entry_through_its_index_in_batches() {
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
+        storage.initialize(vec![1]).unwrap();
+        let count = 3 * COMPACT_BATCH + 10;
+        let entries: Vec<Entry> = (1..=count).map(|i| entry(i, 1)).collect();
+        storage.append(&entries).unwrap();
+        storage.set_commit(count).unwrap();
+        let through = 2 * COMPACT_BATCH + 7;
+        storage
+            .create_snapshot(through, &mut fill(b"state"), 0)
+            .unwrap();
+        let stored: Vec<u64> = storage
+            .log
+            .iter()
+            .keys()
+            .map(|k| key_index(&k.unwrap()).unwrap())
+            .collect();
+        assert_eq!(stored, (through + 1..=count).collect::<Vec<_>>());
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), through + 1);
+
+        // Left behind by a crash in the middle of an earlier compaction.
+        storage
+            .log
+            .insert(5u64.to_be_bytes(), encode(&entry(5, 1), "entry").unwrap())
+            .unwrap();
+        storage
+            .create_snapshot(count - 1, &mut fill(b"state"), 0)
+            .unwrap();
+        let stored: Vec<u64> = storage
+            .log
+            .iter()
+            .keys()
+            .map(|k| key_index(&k.unwrap()).unwrap())
+            .collect();
+        assert_eq!(stored, vec![count]);
     }
 
     #[test]
