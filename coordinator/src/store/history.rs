@@ -73,10 +73,15 @@ impl HistoryTrees {
     /// Every chunk's head, oldest chunk first, with its key and its
     /// stored value (whose runs [`Head::runs`] reads).
     fn heads(&self) -> impl Iterator<Item = Result<(u64, Head, sled::IVec), StoreError>> + '_ {
-        self.heads.iter().map(|item| {
-            let (key, value) = item?;
-            Ok((key_u64(&key), Head::decode(&value)?, value))
-        })
+        self.heads.iter().map(stored_head)
+    }
+
+    /// [`heads`](Self::heads), newest chunk first: a job asked for by id
+    /// was more often retired lately.
+    fn heads_newest_first(
+        &self,
+    ) -> impl Iterator<Item = Result<(u64, Head, sled::IVec), StoreError>> + '_ {
+        self.heads.iter().rev().map(stored_head)
     }
 
     /// The newest chunk's key and head.
@@ -174,6 +179,14 @@ impl Head {
     }
 }
 
+/// A head as stored, with its key and value.
+fn stored_head(
+    item: sled::Result<(sled::IVec, sled::IVec)>,
+) -> Result<(u64, Head, sled::IVec), StoreError> {
+    let (key, value) = item?;
+    Ok((key_u64(&key), Head::decode(&value)?, value))
+}
+
 fn decode_job(job: st::JobRecord) -> Result<JobRecord, StoreError> {
     records::job_from_storage(job).map_err(|source| StoreError::Record {
         tree: CHUNKS,
@@ -206,7 +219,7 @@ impl Store {
     /// A retired job, if the history still has it.
     pub fn history_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         self.writer.drain()?;
-        for head in self.history.heads() {
+        for head in self.history.heads_newest_first() {
             let (seq, head, _) = head?;
             if !(head.min_id..=head.max_id).contains(&id) {
                 continue;
