@@ -798,6 +798,16 @@ mod tests {
         assert_eq!((state.term, state.vote, state.commit), (3, 2, 2));
     }
 
+    /// The indexes of the entries in the log tree.
+    fn stored_indexes(storage: &SledRaftStorage) -> Vec<u64> {
+        storage
+            .log
+            .iter()
+            .keys()
+            .map(|k| key_index(&k.unwrap()).unwrap())
+            .collect()
+    }
+
     /// Compaction removes its entries a bounded batch at a time, all of
     /// them, and an entry an interrupted compaction left below the
     /// truncation point goes with the next one.
@@ -814,12 +824,7 @@ mod tests {
         storage
             .create_snapshot(through, &mut fill(b"state"), 0)
             .unwrap();
-        let stored: Vec<u64> = storage
-            .log
-            .iter()
-            .keys()
-            .map(|k| key_index(&k.unwrap()).unwrap())
-            .collect();
+        let stored = stored_indexes(&storage);
         assert_eq!(stored, (through + 1..=count).collect::<Vec<_>>());
         assert_eq!(raft::Storage::first_index(&storage).unwrap(), through + 1);
 
@@ -831,12 +836,7 @@ mod tests {
         storage
             .create_snapshot(count - 1, &mut fill(b"state"), 0)
             .unwrap();
-        let stored: Vec<u64> = storage
-            .log
-            .iter()
-            .keys()
-            .map(|k| key_index(&k.unwrap()).unwrap())
-            .collect();
+        let stored = stored_indexes(&storage);
         assert_eq!(stored, vec![count]);
     }
 
