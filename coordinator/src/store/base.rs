@@ -234,9 +234,10 @@ impl BaseFiles {
     }
 
     /// Marks the data directory as of this version's layout, flushed, so
-    /// that a version before the journal refuses to open it (it reads the
-    /// pointer as exactly 8 bytes) instead of loading its state without
-    /// the journal.
+    /// that an earlier version refuses to open it instead of loading it
+    /// without what it cannot read: one before the journal reads the
+    /// pointer as exactly 8 bytes, one of an earlier layout refuses a
+    /// layout past its own.
     pub fn mark_layout(&self, db: &sled::Db, generation: u64) -> Result<(), StoreError> {
         let marked = self.root.get(ROOT_CURRENT)?.is_some_and(|value| {
             value.len() == 16 && value.get(8..16) == Some(&LAYOUT.to_be_bytes()[..])

@@ -101,14 +101,12 @@ impl HistoryTrees {
             .map(|chunk| chunk.jobs)
             .map_err(|error| record_error(CHUNKS, error))
     }
+}
 
-    /// The key the next chunk gets.
-    pub fn next_seq(&self) -> Result<u64, StoreError> {
-        Ok(match self.heads.last()? {
-            Some((key, _)) => key_u64(&key) + 1,
-            None => 0,
-        })
-    }
+/// The key the next chunk gets, after `newest` (the newest chunk's key and
+/// head, [`HistoryTrees::last_head`]).
+fn seq_after(newest: Option<&(u64, Head)>) -> u64 {
+    newest.map_or(0, |(seq, _)| seq + 1)
 }
 
 /// What a chunk holds: its head in `history_heads`, 48 bytes (these six
@@ -258,12 +256,12 @@ impl Store {
         candidates.sort_unstable_by(|a, b| b.cmp(a));
         let mut page = HistoryPage::default();
         let mut more = false;
-        for (index, &(last_finished, seq)) in candidates.iter().enumerate() {
-            if let Some(last) = page.jobs.get(limit.saturating_sub(1))
-                && page.jobs.len() >= limit
+        for &(last_finished, seq) in &candidates {
+            // The page is full and every job left finished before its last.
+            if let Some(last) = limit.checked_sub(1).and_then(|n| page.jobs.get(n))
                 && last_finished < last.updated_at_ms
             {
-                more = index < candidates.len();
+                more = true;
                 break;
             }
             for job in self.history.chunk(seq)? {

@@ -8,7 +8,7 @@ use gantry_proto::storage as st;
 use prost::Message;
 use sled::Transactional;
 
-use super::{Head, HistoryTrees};
+use super::{Head, HistoryTrees, seq_after};
 use crate::domain::JobRecord;
 use crate::state::RetentionPolicy;
 use crate::store::{StoreError, journal, key_u64, records, writer};
@@ -104,7 +104,7 @@ pub(in crate::store) fn plan(
     bytes: u64,
 ) -> Result<(HistoryWrite, u64), StoreError> {
     let mut write = HistoryWrite::default();
-    let jobs: Vec<st::JobRecord> = retired.iter().map(records::job_to_storage).collect();
+    let mut jobs: Vec<st::JobRecord> = retired.iter().map(records::job_to_storage).collect();
     let mut bytes = bytes + jobs.iter().map(record_bytes).sum::<u64>();
     let mut pruned_through = None;
     for head in trees.heads().take(PRUNE_CHUNKS) {
@@ -124,9 +124,9 @@ pub(in crate::store) fn plan(
     if jobs.is_empty() {
         return Ok((write, bytes));
     }
-    let mut jobs = jobs;
-    let mut seq = trees.next_seq()?;
-    if let Some((last, head)) = trees.last_head()?
+    let newest = trees.last_head()?;
+    let mut seq = seq_after(newest.as_ref());
+    if let Some((last, head)) = newest
         && head.bytes < MERGE_BELOW
         && pruned_through.is_none_or(|pruned| pruned < last)
     {
@@ -183,7 +183,7 @@ pub(in crate::store) fn migrate(
         }
         moved += jobs.len();
         let mut write = HistoryWrite::default();
-        write.add(jobs, trees.next_seq()?);
+        write.add(jobs, seq_after(trees.last_head()?.as_ref()));
         (&old, &index, &trees.chunks, &trees.heads)
             .transaction(|(old, index, chunks, heads)| {
                 old.apply_batch(&old_removed)?;
