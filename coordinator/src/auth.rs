@@ -190,6 +190,7 @@ pub const METHODS: &[(&str, Need)] = &[
     ),
     ("/gantry.v1.AgentLink/ConnectAgent", Need::AgentJoin),
     ("/gantry.raft.v1.RaftPeer/Step", Need::Peer),
+    ("/gantry.raft.v1.RaftPeer/StepStream", Need::Peer),
     ("/gantry.raft.v1.RaftPeer/InstallSnapshot", Need::Peer),
 ];
 
@@ -670,6 +671,7 @@ mod tests {
         );
         for peer in [
             "/gantry.raft.v1.RaftPeer/Step",
+            "/gantry.raft.v1.RaftPeer/StepStream",
             "/gantry.raft.v1.RaftPeer/InstallSnapshot",
         ] {
             assert!(

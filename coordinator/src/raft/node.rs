@@ -103,6 +103,8 @@ pub struct RaftHandle<A: ReplicatedStateMachine> {
     peers: Arc<PeerCheck>,
     /// Where peers' snapshots are received (one transfer at a time).
     snapshots: Arc<SnapshotInbox>,
+    /// The node's token: the peer service's open streams end with it.
+    stop: CancellationToken,
 }
 
 impl<A: ReplicatedStateMachine> Clone for RaftHandle<A> {
@@ -113,6 +115,7 @@ impl<A: ReplicatedStateMachine> Clone for RaftHandle<A> {
             status: self.status.clone(),
             peers: self.peers.clone(),
             snapshots: self.snapshots.clone(),
+            stop: self.stop.clone(),
         }
     }
 }
@@ -172,6 +175,7 @@ impl<A: ReplicatedStateMachine> RaftHandle<A> {
             PeerInbox::new(self.inbox.clone()),
             self.peers.clone(),
             self.snapshots.clone(),
+            self.stop.clone(),
         )
         .into_server()
     }
@@ -381,6 +385,7 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
                 status,
                 peers: peer_check,
                 snapshots,
+                stop: shutdown.clone(),
             },
             shutdown,
             thread: Some(thread),
