@@ -10,8 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gantry_coordinator::raft::{
-    ProposeError, RaftConfig, RaftError, RaftHandle, RaftNode, ReplicatedStateMachine,
+    ProposeError, RaftConfig, RaftError, RaftHandle, RaftNode, RaftPeerService,
+    ReplicatedStateMachine,
 };
+use gantry_proto::raft as raft_pb;
+use raft_pb::raft_peer_server::{RaftPeer, RaftPeerServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -283,17 +286,65 @@ async fn start_replica_with(
     dir: &Path,
     toy: Toy,
 ) -> Replica {
+    start_replica_serving(config, listener, dir, toy, Serve::Current).await
+}
+
+/// Which peer service a test replica serves.
+#[derive(Clone, Copy, PartialEq)]
+enum Serve {
+    Current,
+    /// As a version from before `StepStream` would: UNIMPLEMENTED.
+    WithoutStreams,
+}
+
+/// The peer service of a version without `StepStream`.
+struct WithoutStreams(RaftPeerService);
+
+#[tonic::async_trait]
+impl RaftPeer for WithoutStreams {
+    async fn step(
+        &self,
+        request: tonic::Request<raft_pb::RaftBatch>,
+    ) -> Result<tonic::Response<raft_pb::RaftAck>, tonic::Status> {
+        self.0.step(request).await
+    }
+
+    async fn step_stream(
+        &self,
+        _request: tonic::Request<tonic::Streaming<raft_pb::RaftBatch>>,
+    ) -> Result<tonic::Response<raft_pb::RaftAck>, tonic::Status> {
+        Err(tonic::Status::unimplemented("StepStream"))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: tonic::Request<tonic::Streaming<raft_pb::SnapshotChunk>>,
+    ) -> Result<tonic::Response<raft_pb::RaftAck>, tonic::Status> {
+        self.0.install_snapshot(request).await
+    }
+}
+
+async fn start_replica_serving(
+    config: RaftConfig,
+    listener: TcpListener,
+    dir: &Path,
+    toy: Toy,
+    serve: Serve,
+) -> Replica {
     let id = config.id;
     let db = open_db(dir);
     let node = RaftNode::start(config, &db, toy.clone(), &CancellationToken::new()).unwrap();
     drop(db);
     let handle = node.handle();
     let server_stop = CancellationToken::new();
-    let service = handle.peer_service();
+    let router = match serve {
+        Serve::Current => tonic::transport::Server::builder().add_service(handle.peer_service()),
+        Serve::WithoutStreams => tonic::transport::Server::builder()
+            .add_service(RaftPeerServer::new(WithoutStreams(handle.peer_handler()))),
+    };
     let stop = server_stop.clone();
     let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
+        router
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
             .await
     });
@@ -1047,4 +1098,47 @@ async fn snapshot_transfers_are_checked_before_install() {
     wait_until("the snapshot is installed", || toy.restores() == [40]).await;
     assert_eq!(toy.values(), ["a", "b"]);
     replica.stop().await;
+}
+
+/// A replica of a version from before `StepStream` (it answers
+/// UNIMPLEMENTED) still gets its batches, one `Step` call each: with the
+/// third replica never started, nothing is elected or committed unless
+/// messages reach it, and the newer replica sends it every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_step_streams_gets_step_calls() {
+    log::init();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    let mut peers = BTreeMap::new();
+    for id in 1..=3u64 {
+        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).await;
+        peers.insert(id, format!("http://{}", listener.local_addr().unwrap()));
+        listeners.push((id, listener));
+    }
+    let mut replicas = Vec::new();
+    for (id, listener) in listeners {
+        let serve = match id {
+            1 => Serve::Current,
+            2 => Serve::WithoutStreams,
+            // Never started: replicas 1 and 2 are the quorum.
+            _ => continue,
+        };
+        let dir = dirs[(id - 1) as usize].path();
+        let config = test_config(id, peers.clone(), dir);
+        replicas.push(start_replica_serving(config, listener, dir, Toy::default(), serve).await);
+    }
+    let both: Vec<&Replica> = replicas.iter().collect();
+    let leader = wait_for_leader(&both).await;
+    let handle = by_id(&both, leader).handle.clone();
+    for i in 0..20 {
+        propose(&handle, &format!("v-{i}")).await.unwrap();
+    }
+    let values = wait_converged(&both, 20).await;
+    assert_eq!(
+        values,
+        (0..20).map(|i| format!("v-{i}")).collect::<Vec<_>>()
+    );
+    for replica in replicas {
+        replica.stop().await;
+    }
 }

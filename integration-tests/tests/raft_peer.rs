@@ -1,5 +1,6 @@
 //! Issue 16, item 1: the Raft peer service of a running replica set under
-//! forged messages (raw `RaftPeer.Step` calls, no credentials configured),
+//! forged messages (raw `RaftPeer.Step` calls and `StepStream`s, no
+//! credentials configured),
 //! and a replica whose Raft thread dies.
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -29,9 +30,18 @@ fn heartbeat(from: u64, to: u64, term: u64, commit: u64) -> Message {
     message
 }
 
+/// How a forged batch is sent: in a `Step` call, or alone on a `StepStream`
+/// (the way replicas send).
+#[derive(Clone, Copy)]
+enum Via {
+    Call,
+    Stream,
+}
+
 /// Sends one batch to `url`; the gRPC status code and message on refusal.
 fn send(
     runtime: &tokio::runtime::Runtime,
+    via: Via,
     url: &str,
     cluster_id: u64,
     from: u64,
@@ -50,9 +60,11 @@ fn send(
         let mut client = RaftPeerClient::connect(url.to_string())
             .await
             .map_err(|e| (tonic::Code::Unavailable, e.to_string()))?;
-        client
-            .step(batch)
-            .await
+        let answer = match via {
+            Via::Call => client.step(batch).await,
+            Via::Stream => client.step_stream(tokio_stream::iter([batch])).await,
+        };
+        answer
             .map(|_| ())
             .map_err(|status| (status.code(), status.message().to_string()))
     })
@@ -89,13 +101,16 @@ fn forged_raft_messages_are_refused_and_writes_go_on() -> anyhow::Result<()> {
     for (i, url) in set.urls.iter().enumerate() {
         let me = i as u64 + 1;
         let other = if me == 1 { 2 } else { 1 };
+        // Replica 1 (whose log is read below) gets `Step` calls, the others
+        // streams: each refusal is the same either way.
+        let via = if me == 1 { Via::Call } else { Via::Stream };
         // Issue 16: a non-member with an out-of-range commit, and one with
         // a huge term (which raised the term by 1,000 before).
         for forged in [
             heartbeat(77, me, term, 1_000_000_000),
             heartbeat(77, me, term + 1_000, 0),
         ] {
-            let (code, text) = send(&runtime, url, id, 77, me, &forged).unwrap_err();
+            let (code, text) = send(&runtime, via, url, id, 77, me, &forged).unwrap_err();
             assert_eq!(code, tonic::Code::PermissionDenied, "{text}");
             assert!(text.contains("sender 77 is not a member"), "{text}");
         }
@@ -103,6 +118,7 @@ fn forged_raft_messages_are_refused_and_writes_go_on() -> anyhow::Result<()> {
         for wrong in [id ^ 1, 0] {
             let (code, text) = send(
                 &runtime,
+                via,
                 url,
                 wrong,
                 other,
@@ -117,6 +133,7 @@ fn forged_raft_messages_are_refused_and_writes_go_on() -> anyhow::Result<()> {
         let third = 6 - me - other;
         let (code, text) = send(
             &runtime,
+            via,
             url,
             id,
             other,
@@ -136,7 +153,7 @@ fn forged_raft_messages_are_refused_and_writes_go_on() -> anyhow::Result<()> {
             heartbeat(other, me, term, 1_000_000_000),
             heartbeat(77, me, term + 1_000, 0),
         ] {
-            send(&runtime, url, id, other, me, &passes).unwrap();
+            send(&runtime, via, url, id, other, me, &passes).unwrap();
         }
     }
 

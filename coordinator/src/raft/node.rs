@@ -170,6 +170,13 @@ impl<A: ReplicatedStateMachine> RaftHandle<A> {
     /// The `RaftPeer` gRPC service to mount next to the coordinator's other
     /// services (`Server::builder().add_service(handle.peer_service())`).
     pub fn peer_service(&self) -> RaftPeerServer<RaftPeerService> {
+        self.peer_handler().into_server()
+    }
+
+    /// The `RaftPeer` service itself, to wrap before serving it (the
+    /// transport tests stand in an older version that has no
+    /// `StepStream` with it); [`RaftPeerService::into_server`] serves it.
+    pub fn peer_handler(&self) -> RaftPeerService {
         RaftPeerService::new(
             self.id,
             PeerInbox::new(self.inbox.clone()),
@@ -177,7 +184,6 @@ impl<A: ReplicatedStateMachine> RaftHandle<A> {
             self.snapshots.clone(),
             self.stop.clone(),
         )
-        .into_server()
     }
 }
 
