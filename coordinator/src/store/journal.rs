@@ -46,11 +46,16 @@ pub(super) const EVENT_LOG: &str = "event_log";
 /// larger than that): sled stores a value past a quarter of its 512 KiB
 /// segments as a file of its own, and rewrites a whole leaf, values and
 /// all, when it consolidates one.
-const VALUE_BYTES: usize = 64 << 10;
+pub(super) const VALUE_BYTES: usize = 64 << 10;
 
 /// The journal values of what `changes` wrote (`state` is the state after
-/// them: records are read from it), each at most [`VALUE_BYTES`]: the
-/// jobs written split across values, everything else in the last.
+/// them: records are read from it), each at most [`VALUE_BYTES`] (a value
+/// past a quarter of sled's 512 KiB segments would be a file of its own,
+/// created and later deleted, whose bytes sled never fsyncs): the jobs,
+/// the nodes and the submission keys written are split across values of
+/// their own, the removals and estimates go in the last. A loaded journal
+/// lays the values over each other in order, so removals still come after
+/// the writes of the same write.
 pub(super) fn encode_changes(state: &StateMachine, changes: &ChangeSet) -> Vec<Vec<u8>> {
     let jobs: Vec<st::JobRecord> = changes
         .jobs
@@ -58,32 +63,37 @@ pub(super) fn encode_changes(state: &StateMachine, changes: &ChangeSet) -> Vec<V
         .filter_map(|id| state.job(*id))
         .map(job_to_storage)
         .collect();
-    let mut values: Vec<Vec<u8>> = chunks(jobs)
-        .map(|jobs| {
-            st::JournalBatch {
-                jobs,
-                ..Default::default()
-            }
-            .encode_to_vec()
+    let nodes: Vec<st::NodeRecord> = changes
+        .nodes
+        .iter()
+        .filter_map(|name| state.node(name))
+        .map(node_to_storage)
+        .collect();
+    let submissions: Vec<st::Submission> = changes
+        .submissions
+        .iter()
+        .map(|(key, jobs)| st::Submission {
+            key: key.clone(),
+            jobs: jobs.clone(),
         })
         .collect();
+    let mut values: Vec<Vec<u8>> = chunks(jobs)
+        .map(|jobs| st::JournalBatch {
+            jobs,
+            ..Default::default()
+        })
+        .chain(chunks(nodes).map(|nodes| st::JournalBatch {
+            nodes,
+            ..Default::default()
+        }))
+        .chain(chunks(submissions).map(|submissions| st::JournalBatch {
+            submissions,
+            ..Default::default()
+        }))
+        .map(|batch| batch.encode_to_vec())
+        .collect();
     let rest = st::JournalBatch {
-        jobs: Vec::new(),
         jobs_removed: changes.retired.iter().map(|job| job.id).collect(),
-        nodes: changes
-            .nodes
-            .iter()
-            .filter_map(|name| state.node(name))
-            .map(node_to_storage)
-            .collect(),
-        submissions: changes
-            .submissions
-            .iter()
-            .map(|(key, jobs)| st::Submission {
-                key: key.clone(),
-                jobs: jobs.clone(),
-            })
-            .collect(),
         submissions_removed: changes.submissions_removed.clone(),
         estimates: changes
             .estimates
@@ -100,6 +110,7 @@ pub(super) fn encode_changes(state: &StateMachine, changes: &ChangeSet) -> Vec<V
             .filter(|class| !state.estimates().contains_key(*class))
             .cloned()
             .collect(),
+        ..Default::default()
     };
     if rest != st::JournalBatch::default() {
         values.push(rest.encode_to_vec());
