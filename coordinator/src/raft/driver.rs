@@ -93,6 +93,9 @@ pub(super) struct Driver<A: ReplicatedStateMachine> {
     /// Index and term of the last entry given to the application.
     pub(super) applied: u64,
     pub(super) applied_term: u64,
+    /// The applied index at which the application first wanted a
+    /// snapshot not yet taken ([`Driver::wanted_due`]).
+    pub(super) wanted_since: Option<u64>,
     /// The leader's flushes ([`super::flusher`]).
     pub(super) flusher: Flusher,
     /// The latest `Ready` handed to the flusher and not yet reported.
@@ -557,15 +560,26 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         Ok(outcomes)
     }
 
-    /// Entries applied since the last snapshot that make this replica
-    /// take the next one: `compact_after`, plus an eighth of it per step of
-    /// the replica id modulo 4. Replicas that apply the same entries would
-    /// otherwise take their snapshots in the same instant: a snapshot
-    /// stalls its loop for tens of ms, and two followers stalled together
-    /// stall every commit. With different periods at most the leader's own
-    /// snapshot stalls commits, and the followers' phases drift apart.
-    fn compact_threshold(&self) -> u64 {
-        self.compact_after + self.compact_after / 8 * (self.id % 4)
+    /// How many entries later than another this replica takes a
+    /// snapshot: an eighth of `compact_after` per step of its id modulo 4.
+    /// Replicas apply the same entries, so they would otherwise take their
+    /// snapshots in the same instant (every `compact_after` entries, or
+    /// when the application's stored changes outgrow it, which happens at
+    /// the same entry everywhere): a snapshot stalls its loop for tens of
+    /// ms, and two followers stalled together stall every commit.
+    fn snapshot_stagger(&self) -> u64 {
+        self.compact_after / 8 * (self.id % 4)
+    }
+
+    /// Whether the application's wish for a snapshot is due here: the
+    /// stagger's entries after it was first seen.
+    fn wanted_due(&mut self, snapshot_index: u64) -> bool {
+        if !(self.app.snapshot_wanted() && self.applied > snapshot_index) {
+            self.wanted_since = None;
+            return false;
+        }
+        let since = *self.wanted_since.get_or_insert(self.applied);
+        self.applied >= since + self.snapshot_stagger()
     }
 
     /// Removes the next batch of the last compaction's entries, then
@@ -575,11 +589,13 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         self.raw.mut_store().compact_step()?;
         let (snapshot_index, _) = self.raw.store().snapshot_index_term();
         // A new member catches up from a snapshot that names it.
-        let due = (std::mem::take(&mut self.members.snapshot_due) || self.app.snapshot_wanted())
-            && self.applied > snapshot_index;
-        if !due && self.applied < snapshot_index + self.compact_threshold() {
+        let member_due =
+            std::mem::take(&mut self.members.snapshot_due) && self.applied > snapshot_index;
+        let due = member_due || self.wanted_due(snapshot_index);
+        if !due && self.applied < snapshot_index + self.compact_after + self.snapshot_stagger() {
             return Ok(());
         }
+        self.wanted_since = None;
         let started = Instant::now();
         let applied = self.applied;
         // Never keep index 1: a replica with an empty log must get the

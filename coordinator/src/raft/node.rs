@@ -352,6 +352,7 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
             tick: config.tick,
             compact_after: config.compact_after,
             compact_keep: config.compact_keep,
+            wanted_since: None,
             applied,
             applied_term,
             flusher,
