@@ -362,6 +362,24 @@ async fn listen(addr: SocketAddr) -> TcpListener {
     TcpListener::bind(addr).await.unwrap()
 }
 
+/// Three replicas' data directories.
+fn three_dirs() -> Vec<tempfile::TempDir> {
+    (0..3).map(|_| tempfile::tempdir().unwrap()).collect()
+}
+
+/// Listeners on loopback (port 0) for replicas 1 to 3 and the peer URLs
+/// they make.
+async fn three_listeners() -> (Vec<(u64, TcpListener)>, BTreeMap<u64, String>) {
+    let mut listeners = Vec::new();
+    let mut peers = BTreeMap::new();
+    for id in 1..=3u64 {
+        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).await;
+        peers.insert(id, format!("http://{}", listener.local_addr().unwrap()));
+        listeners.push((id, listener));
+    }
+    (listeners, peers)
+}
+
 async fn wait_until(what: &str, check: impl FnMut() -> bool) {
     wait_until_or(what, check, String::new).await;
 }
@@ -495,14 +513,8 @@ async fn wait_settled(replicas: &[&Replica]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_replicate_fail_over_and_catch_up_by_snapshot() {
     log::init();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut listeners = Vec::new();
-    let mut peers = BTreeMap::new();
-    for id in 1..=3u64 {
-        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).await;
-        peers.insert(id, format!("http://{}", listener.local_addr().unwrap()));
-        listeners.push((id, listener));
-    }
+    let dirs = three_dirs();
+    let (listeners, peers) = three_listeners().await;
     let mut replicas: HashMap<u64, Replica> = HashMap::new();
     for (id, listener) in listeners {
         let dir = dirs[(id - 1) as usize].path();
@@ -870,13 +882,7 @@ async fn cluster_id_is_stored_at_creation() {
 async fn start_chunked_cluster(
     dirs: &[tempfile::TempDir],
 ) -> (HashMap<u64, Replica>, BTreeMap<u64, String>) {
-    let mut listeners = Vec::new();
-    let mut peers = BTreeMap::new();
-    for id in 1..=3u64 {
-        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).await;
-        peers.insert(id, format!("http://{}", listener.local_addr().unwrap()));
-        listeners.push((id, listener));
-    }
+    let (listeners, peers) = three_listeners().await;
     let mut replicas = HashMap::new();
     for (id, listener) in listeners {
         let dir = dirs[(id - 1) as usize].path();
@@ -897,7 +903,7 @@ async fn start_chunked_cluster(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_catches_up_from_a_snapshot_sent_in_chunks() {
     log::init();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs = three_dirs();
     let (mut replicas, peers) = start_chunked_cluster(&dirs).await;
     let all: Vec<&Replica> = (1..=3).map(|id| &replicas[&id]).collect();
     let leader = wait_for_leader(&all).await;
@@ -1107,14 +1113,8 @@ async fn snapshot_transfers_are_checked_before_install() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_without_step_streams_gets_step_calls() {
     log::init();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut listeners = Vec::new();
-    let mut peers = BTreeMap::new();
-    for id in 1..=3u64 {
-        let listener = listen(SocketAddr::from(([127, 0, 0, 1], 0))).await;
-        peers.insert(id, format!("http://{}", listener.local_addr().unwrap()));
-        listeners.push((id, listener));
-    }
+    let dirs = three_dirs();
+    let (listeners, peers) = three_listeners().await;
     let mut replicas = Vec::new();
     for (id, listener) in listeners {
         let serve = match id {

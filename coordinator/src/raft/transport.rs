@@ -236,14 +236,7 @@ impl RaftPeer for RaftPeerService {
             bytes,
             "raft snapshot received"
         );
-        let sent = self.inbox.send(PeerInput::Step {
-            message: Box::new(message),
-            from: first.from,
-            peer,
-        });
-        if !sent {
-            return Err(CoordinatorError::Unavailable("raft node stopped".into()).into());
-        }
+        self.queue(message, first.from, peer)?;
         Ok(Response::new(pb::RaftAck {}))
     }
 }
@@ -283,14 +276,25 @@ impl RaftPeerService {
                     reason: format!("cannot decode a raft message from {}: {error}", batch.from),
                 }
             })?;
-            let sent = self.inbox.send(PeerInput::Step {
-                message: Box::new(message),
-                from: batch.from,
-                peer,
-            });
-            if !sent {
-                return Err(CoordinatorError::Unavailable("raft node stopped".into()).into());
-            }
+            self.queue(message, batch.from, peer)?;
+        }
+        Ok(())
+    }
+
+    /// Hands a checked message to the loop; UNAVAILABLE once it stopped.
+    fn queue(
+        &self,
+        message: Message,
+        from: u64,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(), Status> {
+        let sent = self.inbox.send(PeerInput::Step {
+            message: Box::new(message),
+            from,
+            peer,
+        });
+        if !sent {
+            return Err(CoordinatorError::Unavailable("raft node stopped".into()).into());
         }
         Ok(())
     }
