@@ -249,6 +249,10 @@ async fn finish<T>(
 
 /// Longest a TLS handshake may take before the connection is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the gRPC server pings each client connection.
+const SERVER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection is closed.
+const SERVER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Accepts connections and completes their TLS handshakes concurrently; a
 /// refused handshake (no client certificate, one from another CA, an
@@ -467,6 +471,12 @@ pub async fn start(
     let agents = Authorized::new(agents, auth.clone());
     let peers = Authorized::new(peers, auth);
     let router = tonic::transport::Server::builder()
+        // A peer's `StepStream` (and an agent's link) lasts as long as its
+        // connection: one whose other end vanished without a reset (a
+        // partition, a host gone) is closed once a ping goes unanswered,
+        // rather than kept with its handler for ever.
+        .http2_keepalive_interval(Some(SERVER_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(SERVER_KEEPALIVE_TIMEOUT))
         .layer(crate::rpc_trace::RpcTraceLayer)
         .add_service(gantry)
         .add_service(agents)
