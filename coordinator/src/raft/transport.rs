@@ -262,7 +262,7 @@ impl RaftPeerService {
                 reason,
             })?;
             let joining = self.peers.cluster_id.load(Ordering::Relaxed) == 0;
-            if joining || book.index > self.peers.book().index {
+            if joining || book.index > self.peers.book_index() {
                 self.inbox.send(PeerInput::Members {
                     cluster_id: batch.cluster_id,
                     book,

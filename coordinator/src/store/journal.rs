@@ -44,16 +44,15 @@ pub(super) const EVENT_LOG: &str = "event_log";
 
 /// Bytes of one journal or event log value at most (but a single record
 /// larger than that): sled stores a value past a quarter of its 512 KiB
-/// segments as a file of its own, and rewrites a whole leaf, values and
-/// all, when it consolidates one.
+/// segments as a file of its own (created, later deleted, and never
+/// fsynced by sled), and rewrites a whole leaf, values and all, when it
+/// consolidates one.
 pub(super) const VALUE_BYTES: usize = 64 << 10;
 
 /// The journal values of what `changes` wrote (`state` is the state after
-/// them: records are read from it), each at most [`VALUE_BYTES`] (a value
-/// past a quarter of sled's 512 KiB segments would be a file of its own,
-/// created and later deleted, whose bytes sled never fsyncs): the jobs,
-/// the nodes and the submission keys written are split across values of
-/// their own, the removals and estimates go in the last. A loaded journal
+/// them: records are read from it), each at most [`VALUE_BYTES`]: the
+/// jobs, the nodes and the submission keys written are split across values
+/// of their own, the removals and estimates go in the last. A loaded journal
 /// lays the values over each other in order, so removals still come after
 /// the writes of the same write.
 pub(super) fn encode_changes(state: &StateMachine, changes: &ChangeSet) -> Vec<Vec<u8>> {

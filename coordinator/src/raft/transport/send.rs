@@ -386,39 +386,44 @@ impl PeerTask {
     /// Sends one batch: on the link (opened when there is none), or in a
     /// `Step` call to a peer without `StepStream`.
     async fn deliver(&mut self, messages: Vec<Vec<u8>>) -> Result<(), Status> {
-        let book_index = self.check.book_index();
         if self.unary {
-            let batch = self.batch(messages, true);
+            let batch = self.batch(messages, Some(self.check.book()));
             return self.clients.step.step(batch).await.map(|_| ());
         }
+        // The book goes with a link's first batch and after it changed.
+        let index = self.check.book_index();
+        let book = self
+            .link
+            .as_ref()
+            .is_none_or(|link| link.book_sent != Some(index))
+            .then(|| self.check.book());
+        let sent = book.as_ref().map(|book| book.index);
+        let batch = self.batch(messages, book);
         let link = self
             .link
             .get_or_insert_with(|| Link::open(&self.clients.stream));
-        let with_book = link.book_sent != Some(book_index);
-        link.book_sent = Some(book_index);
-        let batch = self.batch(messages, with_book);
-        match self.link.as_mut() {
-            Some(link) => link.push(batch).await,
-            None => Err(Status::internal("the link was opened above")),
+        if sent.is_some() {
+            link.book_sent = sent;
         }
+        link.push(batch).await
     }
 
-    /// A batch of `messages` in this replica's envelope; `with_book` adds
-    /// the member book and this replica's HTTP URL.
-    fn batch(&self, messages: Vec<Vec<u8>>, with_book: bool) -> pb::RaftBatch {
-        let (from_http, members) = if with_book {
-            let book = self.check.book();
-            let members = pb::RaftMembers {
-                index: book.index,
-                members: book
-                    .urls
-                    .into_iter()
-                    .map(|(id, url)| pb::RaftMember { id, url })
-                    .collect(),
-            };
-            (self.http_url.clone(), Some(members))
-        } else {
-            (String::new(), None)
+    /// A batch of `messages` in this replica's envelope; with `book`, the
+    /// member book and this replica's HTTP URL.
+    fn batch(&self, messages: Vec<Vec<u8>>, book: Option<MemberBook>) -> pb::RaftBatch {
+        let (from_http, members) = match book {
+            Some(book) => {
+                let members = pb::RaftMembers {
+                    index: book.index,
+                    members: book
+                        .urls
+                        .into_iter()
+                        .map(|(id, url)| pb::RaftMember { id, url })
+                        .collect(),
+                };
+                (self.http_url.clone(), Some(members))
+            }
+            None => (String::new(), None),
         };
         pb::RaftBatch {
             messages,
