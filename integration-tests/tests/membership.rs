@@ -334,6 +334,15 @@ fn removing_the_leader_hands_leadership_over_first() -> anyhow::Result<()> {
         "the refusal moved leadership"
     );
     sandbox.start_replica(&mut set, dead)?;
+    // The leader retries a dead peer with a back-off of up to a second:
+    // the removal below needs it to have heard from the restarted one.
+    wait_until("the leader to hear from the restarted follower", T, || {
+        let view = members(&sandbox, &old_url)?;
+        let heard = view["members"].as_array()?.iter().any(|m| {
+            m["id"] == dead as u64 && m["last_contact_ms"].as_u64().is_some_and(|ms| ms < 500)
+        });
+        heard.then_some(())
+    })?;
 
     let others_addrs = others
         .iter()
