@@ -323,6 +323,10 @@ pub struct Core {
     /// `restore` that follows in the same round (one decode per install);
     /// dropped at the round's tick.
     checked_snapshot: Option<(std::path::PathBuf, crate::store::StateSnapshot)>,
+    /// Where the stored state stood at the last snapshot taken
+    /// (`ReplicatedStateMachine::snapshot`), for its rebase once its file
+    /// is stored.
+    snapshot_mark: Option<crate::store::SnapshotMark>,
     /// A failed write of held-back changes outside an apply (before a
     /// read), reported by the loop's next `write_behind`, which stops the
     /// replica.
@@ -405,6 +409,7 @@ impl Core {
             soft: decide::Soft::default(),
             dirty: true,
             checked_snapshot: None,
+            snapshot_mark: None,
             store_failure: None,
             last_pass_ms: 0,
             started_ms: now_ms(),

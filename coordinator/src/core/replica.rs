@@ -58,17 +58,24 @@ impl ReplicatedStateMachine for Core {
 
     fn snapshot(&mut self, out: &mut dyn std::io::Write) -> Result<(), String> {
         // The snapshot reads the stored events.
-        self.store
+        let mark = self
+            .store
             .write_pending(&self.state)
             .and_then(|()| self.store.write_snapshot(&self.state, out))
-            .map_err(|error| format!("cannot take a state snapshot: {error}"))
+            .map_err(|error| format!("cannot take a state snapshot: {error}"))?;
+        self.snapshot_mark = Some(mark);
+        Ok(())
     }
 
     /// The snapshot becomes the stored state's base: the store's journal
-    /// starts again from it.
+    /// starts again from it, with the writes made since it was taken.
     fn snapshot_stored(&mut self, index: u64, file: &Path) -> Result<(), String> {
+        let mark = self
+            .snapshot_mark
+            .take()
+            .ok_or_else(|| format!("the snapshot at index {index} was not taken by this core"))?;
         self.store
-            .rebase(file, index, &self.state)
+            .rebase(file, index, mark, &self.state)
             .map_err(|error| error.to_string())
     }
 
@@ -106,6 +113,8 @@ impl ReplicatedStateMachine for Core {
         self.store
             .write_pending(&self.state)
             .map_err(|error| error.to_string())?;
+        // A snapshot of our own still being written is of the state replaced.
+        self.snapshot_mark = None;
         self.state = self
             .store
             .install(file, snapshot, index)

@@ -104,6 +104,14 @@ pub(super) struct Driver<A: ReplicatedStateMachine> {
     pub(super) unpersisted: VecDeque<(u64, Vec<Message>)>,
     /// A failed flush of the flusher's, which stops the loop.
     pub(super) persist_failure: Option<sled::Error>,
+    /// The snapshot whose file is being written ([`super::taking`]).
+    pub(super) taking: Option<super::taking::Taking>,
+    /// Peers' snapshots installed so far (a snapshot of our own in flight
+    /// across one is dropped).
+    pub(super) restores: u64,
+    /// A snapshot of our own that could not be written or recorded, which
+    /// stops the loop.
+    pub(super) snapshot_failure: Option<RaftError>,
 }
 
 impl<A: ReplicatedStateMachine> Driver<A> {
@@ -131,6 +139,10 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             }
             if let Some(error) = self.persist_failure.take() {
                 failure = Some(error.into());
+                break;
+            }
+            if let Some(error) = self.snapshot_failure.take() {
+                failure = Some(error);
                 break;
             }
             let now = Instant::now();
@@ -178,6 +190,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         for reply in std::mem::take(&mut self.batch).into_replies() {
             let _ = reply.send(Err(ProposeError::Stopped));
         }
+        self.abandon_snapshot();
         self.app.stop();
         if let Err(error) = self.raw.store().flush() {
             tracing::error!(id = self.id, %error, "raft storage flush on shutdown failed");
@@ -238,6 +251,11 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 Ok(()) => self.persisted(number),
                 Err(error) => self.persist_failure = Some(error),
             },
+            Input::SnapshotWritten(written) => {
+                if let Err(error) = self.snapshot_written(written) {
+                    self.snapshot_failure = Some(error);
+                }
+            }
         }
     }
 
@@ -369,6 +387,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             let store = self.raw.mut_store();
             if let Some(snapshot) = &snapshot {
                 store.apply_snapshot(snapshot)?;
+                self.restores += 1;
             }
             store.append(ready.entries())?;
             if let Some(hard_state) = ready.hs() {
@@ -583,10 +602,14 @@ impl<A: ReplicatedStateMachine> Driver<A> {
     }
 
     /// Removes the next batch of the last compaction's entries, then
-    /// snapshots the application and compacts the log once enough entries
-    /// were applied since the last snapshot.
+    /// starts a snapshot (and the compaction behind it,
+    /// [`super::taking`]) once enough entries were applied since the last
+    /// one, unless one is in flight.
     fn maybe_compact(&mut self) -> Result<(), RaftError> {
         self.raw.mut_store().compact_step()?;
+        if self.taking.is_some() {
+            return Ok(());
+        }
         let (snapshot_index, _) = self.raw.store().snapshot_index_term();
         // A new member catches up from a snapshot that names it.
         let member_due =
@@ -596,43 +619,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             return Ok(());
         }
         self.wanted_since = None;
-        let started = Instant::now();
-        let applied = self.applied;
-        // Never keep index 1: a replica with an empty log must get the
-        // snapshot (which carries the configuration), not the log from 1.
-        let keep = self.compact_keep.min(applied.saturating_sub(1));
-        // Streamed into its file. A failed snapshot stops the replica:
-        // compacting the log behind anything but the whole state would
-        // lose the rest for good (the previous file stays the stored one).
-        let app = &mut self.app;
-        let descriptor = self
-            .raw
-            .mut_store()
-            .create_snapshot(applied, &mut |out| app.snapshot(out), keep)
-            .map_err(|error| RaftError::App {
-                what: format!("take a snapshot at index {applied}"),
-                reason: error.to_string(),
-            })?;
-        let bytes = descriptor.map_or(0, |d| d.size);
-        if descriptor.is_some()
-            && let Some(file) = self.raw.store().snapshot_file()
-        {
-            let file = file.to_path_buf();
-            self.app
-                .snapshot_stored(applied, &file)
-                .map_err(|reason| RaftError::App {
-                    what: format!("make the snapshot at index {applied} the stored state's base"),
-                    reason,
-                })?;
-        }
-        tracing::info!(
-            id = self.id,
-            index = applied,
-            bytes,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "raft snapshot taken, log compacted"
-        );
-        Ok(())
+        self.take_snapshot()
     }
 
     fn send(&mut self, messages: Vec<Message>) {

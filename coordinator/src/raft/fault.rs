@@ -62,3 +62,20 @@ pub(crate) fn snapshot_chunk_delay() -> Option<std::time::Duration> {
     #[cfg(not(debug_assertions))]
     None
 }
+
+/// Environment variable: milliseconds a replica's snapshot writer thread
+/// waits before it writes the file (debug builds only), so that a test can
+/// apply entries, install a peer's snapshot or stop the replica while a
+/// snapshot is in flight.
+pub const SNAPSHOT_WRITE_DELAY_ENV: &str = "GANTRY_FAULT_SNAPSHOT_WRITE_DELAY_MS";
+
+/// Sleeps for [`SNAPSHOT_WRITE_DELAY_ENV`] (never in release builds).
+pub(crate) fn snapshot_write_delay() {
+    #[cfg(debug_assertions)]
+    if let Some(millis) = std::env::var(SNAPSHOT_WRITE_DELAY_ENV)
+        .ok()
+        .and_then(|value| value.parse().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(millis));
+    }
+}

@@ -109,6 +109,7 @@ pub mod membership;
 pub mod node;
 pub mod snapfile;
 pub mod storage;
+mod taking;
 pub mod transport;
 
 use std::collections::BTreeMap;
@@ -146,15 +147,18 @@ pub trait ReplicatedStateMachine: Send + Sized + 'static {
     /// an outcome, not an `Err`; `Err` means the application could not
     /// apply at all (its storage failed).
     fn apply(&mut self, index: u64, commands: &[&[u8]]) -> Result<Vec<Self::Outcome>, String>;
-    /// Serializes the whole applied state into `out` (a buffered snapshot
-    /// file, [`snapfile`]): streamed, not built in memory first. The log
-    /// is compacted behind the result, so it must be the whole state or
+    /// Serializes the whole applied state into `out` (in memory, on the
+    /// loop; the loop's snapshot thread hashes, writes and fsyncs it into
+    /// its file, [`snapfile`], while the loop goes on). The log is
+    /// compacted behind the result, so it must be the whole state or
     /// `Err`.
     fn snapshot(&mut self, out: &mut dyn std::io::Write) -> Result<(), String>;
-    /// The snapshot taken at `index` is stored in `file` (complete, synced,
-    /// named by the Raft storage), and nothing was applied since it was
-    /// taken: the application may make it the base of its stored state
-    /// (the default does nothing). `Err` stops the replica.
+    /// The last snapshot taken (by [`snapshot`](Self::snapshot), at
+    /// `index`) is stored in `file` (complete, synced, named by the Raft
+    /// storage); entries after `index` may have been applied since: the
+    /// application may make it the base of its stored state (the default
+    /// does nothing). Not called when a peer's snapshot was installed in
+    /// between. `Err` stops the replica.
     fn snapshot_stored(&mut self, index: u64, file: &Path) -> Result<(), String> {
         let _ = (index, file);
         Ok(())

@@ -75,6 +75,8 @@ pub(crate) enum Input<A: ReplicatedStateMachine> {
         number: u64,
         flushed: Result<(), sled::Error>,
     },
+    /// The snapshot writer thread's report ([`super::taking`]).
+    SnapshotWritten(super::taking::Written),
 }
 
 /// The loop's inbox as the transport sees it: it sends [`PeerInput`]s
@@ -359,6 +361,9 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
             flushing: None,
             unpersisted: VecDeque::new(),
             persist_failure: None,
+            taking: None,
+            restores: 0,
+            snapshot_failure: None,
         };
         let thread_shutdown = shutdown.clone();
         let id = config.id;

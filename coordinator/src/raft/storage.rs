@@ -74,6 +74,17 @@ pub struct SledRaftStorage {
     cluster_id: Option<u64>,
 }
 
+/// A snapshot being taken: the applied index, its term and the
+/// configuration as of it ([`SledRaftStorage::snapshot_target`]).
+#[derive(Debug, Clone)]
+pub struct SnapshotTarget {
+    /// The index the application's state is at.
+    pub index: u64,
+    /// The term of the entry at `index`.
+    pub term: u64,
+    conf_state: ConfState,
+}
+
 impl SledRaftStorage {
     /// Opens the Raft trees of `db` with snapshot files in `files`, loads
     /// the metadata and checks that the log is contiguous and agrees with
@@ -417,13 +428,28 @@ impl SledRaftStorage {
     /// that slightly lagging followers still catch up from the log. The
     /// file is complete and the storage naming it flushed before any entry
     /// or older file is removed; returns the file's descriptor (`None`
-    /// when a snapshot at `index` exists already).
+    /// when a snapshot at `index` exists already). The replica loop does
+    /// the same in two steps, the file written off the loop in between:
+    /// [`Self::snapshot_target`], [`SnapshotDir::write`],
+    /// [`Self::record_snapshot`].
     pub fn create_snapshot(
         &mut self,
         index: u64,
         fill: &mut dyn FnMut(&mut dyn Write) -> Result<(), String>,
         keep: u64,
     ) -> Result<Option<Descriptor>, RaftError> {
+        let Some(target) = self.snapshot_target(index)? else {
+            return Ok(None);
+        };
+        let (descriptor, path) = self.files.write(index, target.term, fill)?;
+        self.record_snapshot(target, descriptor, path, keep)?;
+        Ok(Some(descriptor))
+    }
+
+    /// A snapshot at `index` to be taken now (the applied index: the
+    /// configuration is read as of it), `None` when one at or past `index`
+    /// exists already; `index` must be in the log.
+    pub fn snapshot_target(&self, index: u64) -> Result<Option<SnapshotTarget>, RaftError> {
         if index <= self.snapshot.0 {
             return Ok(None);
         }
@@ -433,14 +459,43 @@ impl SledRaftStorage {
                 self.last.0
             )));
         }
+        Ok(Some(SnapshotTarget {
+            index,
+            term: self.term_of(index)?,
+            conf_state: self.conf_state.clone(),
+        }))
+    }
+
+    /// Records the snapshot file `path` (complete and synced, see
+    /// [`SnapshotDir::write`]) of `target` as the latest snapshot,
+    /// flushes, then removes the older files and compacts the log, keeping
+    /// the `keep` entries before its index. A file no longer newer than
+    /// the stored snapshot (a peer's was installed meanwhile) is refused,
+    /// and the caller removes it.
+    pub fn record_snapshot(
+        &mut self,
+        target: SnapshotTarget,
+        descriptor: Descriptor,
+        path: PathBuf,
+        keep: u64,
+    ) -> Result<(), RaftError> {
+        let SnapshotTarget {
+            index,
+            term,
+            conf_state,
+        } = target;
+        if index <= self.snapshot.0 || self.term_of(index)? != term {
+            return Err(RaftError::Inconsistent(format!(
+                "snapshot at index {index} (term {term}) is no longer newer than the stored one at index {}",
+                self.snapshot.0
+            )));
+        }
         if index > self.hard_state.commit {
             // Applied means committed; the stored commit index only lagged.
             self.set_commit(index)?;
         }
-        let term = self.term_of(index)?;
-        let (descriptor, path) = self.files.write(index, term, fill)?;
         let metadata = SnapshotMetadata {
-            conf_state: Some(self.conf_state.clone()).into(),
+            conf_state: Some(conf_state).into(),
             index,
             term,
             ..Default::default()
@@ -453,7 +508,7 @@ impl SledRaftStorage {
         self.snapshot_file = Some((descriptor, path));
         self.remove_stale_snapshots();
         self.compact(index.saturating_sub(keep))?;
-        Ok(Some(descriptor))
+        Ok(())
     }
 
     /// Compacts the log through `through` (never past the snapshot: what is

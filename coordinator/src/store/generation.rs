@@ -15,8 +15,8 @@ use gantry_proto::storage as st;
 use super::base::{self, Trees};
 use super::{
     META_APPLIED_INDEX, META_BASE_NEXT_EVENT, META_EVENT_FLOOR, META_EVENTS_LOGGED,
-    META_HISTORY_BYTES, META_LEADER_TERM, META_NEXT_JOB_ID, META_RETENTION, StateSnapshot, Store,
-    StoreError, encode, journal, records, run_key, state_from,
+    META_HISTORY_BYTES, META_LEADER_TERM, META_NEXT_JOB_ID, META_RETENTION, SnapshotMark,
+    StateSnapshot, Store, StoreError, encode, journal, records, run_key, state_from,
 };
 use crate::state::{RetentionPolicy, StateMachine};
 
@@ -65,31 +65,43 @@ impl Store {
             applied: index,
         };
         let events = events.iter().map(records::event_to_storage).collect();
-        self.switch_generation(file, &meta, |log| journal::write_events(log, events))?;
+        self.switch_generation(file, &meta, |trees| {
+            Ok(Filled {
+                bytes: journal::write_events(&trees.event_log, events)?,
+                journal_next: 0,
+            })
+        })?;
         Ok(state_from(snapshot, next_event_index))
     }
 
-    /// Makes the snapshot this replica just took at `index` (`file`, of
-    /// `state`, which nothing was applied to since) the base of a new
-    /// generation, whose journal starts empty: the journal holds only what
-    /// changed since the last snapshot. The events at or above the floor
-    /// are copied into the new event log.
+    /// Makes the snapshot this replica took at `index` (`file`, written
+    /// with [`Store::write_snapshot`], which returned `mark`) the base of
+    /// a new generation. Its journal starts with the journal writes made
+    /// since the snapshot, carried over from `mark` on: the state may have
+    /// moved on while the file was written (off the replica loop), and
+    /// `state` is the state now. The journal then holds only what changed
+    /// since the last snapshot. The events at or above the floor are
+    /// copied into the new event log. A snapshot of another generation
+    /// (an installed one came in between) is refused.
     pub fn rebase(
         &mut self,
         file: &Path,
         index: u64,
+        mark: SnapshotMark,
         state: &StateMachine,
     ) -> Result<(), StoreError> {
-        self.write_pending(state)?;
-        // The stored state may name an earlier index: entries without a
-        // command (an election's empty entry, a membership change) are not
-        // written. It can never be past the snapshot's.
-        let applied = self.applied_index()?;
-        if applied > index {
+        if mark.generation() != self.base.generation {
             return Err(StoreError::Snapshot(format!(
-                "cannot make the snapshot at index {index} the base: the stored state is at index {applied}"
+                "cannot make the snapshot at index {index} the base: it was taken of generation {}, the stored state is at generation {}",
+                mark.generation(),
+                self.base.generation
             )));
         }
+        self.write_pending(state)?;
+        // The stored state may name an earlier index than the snapshot's:
+        // entries without a command (an election's empty entry, a
+        // membership change) are not written.
+        let applied = self.applied_index()?.max(index);
         let meta = BaseMeta {
             leader_term: state.leader_term(),
             next_job_id: state.next_job_id(),
@@ -101,31 +113,37 @@ impl Store {
                 .map(|(name, run)| (name.as_str(), *run))
                 .collect(),
             next_event_index: state.next_event_index(),
-            applied: index,
+            applied,
         };
         let floor = state.event_floor();
         let old = self.trees.clone();
         let base_events = std::mem::take(&mut self.base.events);
-        self.switch_generation(file, &meta, |log| {
-            copy_events(&old, &base_events, floor, log)
+        self.switch_generation(file, &meta, |trees| {
+            let events = copy_events(&old, &base_events, floor, &trees.event_log)?;
+            let (carried, journal) =
+                copy_journal(&old.journal, mark.journal_from(), &trees.journal)?;
+            Ok(Filled {
+                bytes: events + journal,
+                journal_next: carried,
+            })
         })?;
         Ok(())
     }
 
-    /// Links `file` as the next generation's base, fills its event log
-    /// (`fill`, which returns the bytes it wrote) and `meta`, switches to
-    /// it and drops the previous one.
+    /// Links `file` as the next generation's base, fills its event log and
+    /// journal (`fill`) and `meta`, switches to it and drops the previous
+    /// one.
     fn switch_generation(
         &mut self,
         file: &Path,
         meta: &BaseMeta,
-        fill: impl FnOnce(&sled::Tree) -> Result<u64, StoreError>,
+        fill: impl FnOnce(&Trees) -> Result<Filled, StoreError>,
     ) -> Result<(), StoreError> {
         let history_bytes = self.history_bytes()?;
         let generation = self.base.generation + 1;
         self.files.store(file, generation)?;
         let trees = Trees::open_empty(&self.db, generation)?;
-        let logged = fill(&trees.event_log)?;
+        let filled = fill(&trees)?;
         let mut batch = sled::Batch::default();
         batch.insert(META_LEADER_TERM, &meta.leader_term.to_be_bytes());
         batch.insert(META_NEXT_JOB_ID, &meta.next_job_id.to_be_bytes());
@@ -145,11 +163,10 @@ impl Store {
         self.db.flush()?;
         self.files.switch(generation)?;
         self.db.flush()?;
-        // The new journal is empty: its event log is all there is.
-        self.journal_bytes = logged;
+        self.journal_bytes = filled.bytes;
         self.base_bytes = self.files.size(generation);
         self.trees = trees;
-        self.journal_next = 0;
+        self.journal_next = filled.journal_next;
         self.event_floor = meta.event_floor;
         self.base = base::Base {
             generation,
@@ -160,6 +177,29 @@ impl Store {
         self.files.drop_others(&self.db, generation)?;
         Ok(())
     }
+}
+
+/// What filling a new generation wrote.
+struct Filled {
+    /// Bytes in its event log and journal.
+    bytes: u64,
+    /// The key of its next journal write.
+    journal_next: u64,
+}
+
+/// Copies the journal's writes from key `from` on into a new generation's
+/// journal, in order, keyed from 0; returns how many and their bytes.
+fn copy_journal(old: &sled::Tree, from: u64, new: &sled::Tree) -> Result<(u64, u64), StoreError> {
+    let mut batch = sled::Batch::default();
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for item in old.range(from.to_be_bytes()..) {
+        let (_, value) = item?;
+        bytes += value.len() as u64;
+        batch.insert(&count.to_be_bytes(), value);
+        count += 1;
+    }
+    new.apply_batch(batch)?;
+    Ok((count, bytes))
 }
 
 /// Copies the events at or above `floor` into a new generation's event

@@ -70,18 +70,29 @@ impl Store {
         Ok(out)
     }
 
+    /// Where the stored state stands now, for a snapshot of the state as
+    /// it is: the journal writes from here on are the changes after it.
+    pub fn snapshot_mark(&self) -> SnapshotMark {
+        SnapshotMark {
+            generation: self.base.generation,
+            journal_from: self.journal_next,
+        }
+    }
+
     /// Writes the state snapshot of `state` and the stored events into
     /// `out` as it goes: no job is cloned whole and no binary event
     /// decoded, so a snapshot of 100,000 jobs costs a buffer, not more
     /// copies of the state. Reads back (see [`read_snapshot`]) to exactly
-    /// what [`Store::snapshot`] returns.
+    /// what [`Store::snapshot`] returns. Returns where the stored state
+    /// stood (see [`Store::rebase`]).
     pub fn write_snapshot(
         &self,
         state: &StateMachine,
         out: &mut dyn Write,
-    ) -> Result<(), StoreError> {
+    ) -> Result<SnapshotMark, StoreError> {
         // The stored events are read: the writes sent land first.
         self.writer.drain()?;
+        let mark = self.snapshot_mark();
         let mut items = ItemWriter::start(out)?;
         for job in state.jobs() {
             items.item(Item::Job(job_to_storage(job)))?;
@@ -113,7 +124,33 @@ impl Store {
             next_job_id: state.next_job_id(),
             event_floor: state.event_floor(),
             retention: Some(retention_to_storage(state.retention())),
-        })
+        })?;
+        Ok(mark)
+    }
+}
+
+/// Where the stored state stood when a snapshot of the state was
+/// written ([`Store::write_snapshot`]): its generation, and the key of the
+/// next journal write. The journal's writes from that key on are exactly
+/// the changes applied after the snapshot (each journal value holds whole
+/// records as of its write), so a rebase on the snapshot carries them
+/// into the new generation ([`Store::rebase`]), however many entries were
+/// applied while the snapshot's file was being written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotMark {
+    generation: u64,
+    journal_from: u64,
+}
+
+impl SnapshotMark {
+    /// The generation the snapshot was taken in.
+    pub(super) fn generation(self) -> u64 {
+        self.generation
+    }
+
+    /// The key of the first journal write after the snapshot.
+    pub(super) fn journal_from(self) -> u64 {
+        self.journal_from
     }
 }
 

@@ -23,6 +23,16 @@ fn stored(store: &Store, state: &StateMachine) -> (String, Vec<u64>, u64) {
     )
 }
 
+/// Takes a snapshot of `state` into `file`, as the replica loop does
+/// (what was held back written first), and returns its mark.
+fn snapshot_into(store: &mut Store, state: &StateMachine, file: &Path) -> SnapshotMark {
+    store.write_pending(state).unwrap();
+    let mut bytes = Vec::new();
+    let mark = store.write_snapshot(state, &mut bytes).unwrap();
+    std::fs::write(file, bytes).unwrap();
+    mark
+}
+
 /// Reopens the store in `dir` and loads it.
 fn reopen(store: Store, dir: &Path) -> (Store, StateMachine) {
     drop(store);
@@ -52,8 +62,8 @@ fn a_snapshot_taken_becomes_the_base_and_the_journal_starts_again() {
     let generation = store.base.generation;
 
     let file = dir.path().join("taken.snap");
-    std::fs::write(&file, store.snapshot_bytes(&sm).unwrap()).unwrap();
-    store.rebase(&file, index, &sm).unwrap();
+    let mark = snapshot_into(&mut store, &sm, &file);
+    store.rebase(&file, index, mark, &sm).unwrap();
     // The Raft storage deletes its older snapshot files; the base is a link.
     std::fs::remove_file(&file).unwrap();
     assert_eq!(store.base.generation, generation + 1);
@@ -93,6 +103,88 @@ fn a_snapshot_taken_becomes_the_base_and_the_journal_starts_again() {
     assert_eq!(stored(&store, &loaded), after);
     assert!(loaded.job(last).is_some());
     assert_eq!(loaded.jobs().count(), 1, "the first three retired");
+}
+
+/// A snapshot whose file was written while more entries were applied
+/// (the replica loop writes it off the loop): the rebase on it carries the
+/// journal's writes made since it was taken into the new generation, so
+/// the stored state, reopened, is the state now, not the snapshot's; the
+/// new journal holds only those writes.
+#[test]
+fn a_rebase_carries_over_what_was_applied_while_the_snapshot_was_written() {
+    let (dir, mut store, mut sm, mut index) = fresh_with_a_node();
+    for at in [10, 20, 30] {
+        run_job(&mut sm, &mut store, &mut index, at);
+    }
+    let file = dir.path().join("taken.snap");
+    let mark = snapshot_into(&mut store, &sm, &file);
+    let taken_at = index;
+    let at_snapshot = stored(&store, &sm);
+
+    // Applied meanwhile: two jobs run, one held back unwritten (the
+    // rebase writes it), then a job two hours on retires the first ones
+    // and raises the event floor.
+    run_job(&mut sm, &mut store, &mut index, 40);
+    run_job_with(hold, &mut sm, &mut store, &mut index, 50);
+    let floor = sm.event_floor();
+    let last = run_job(&mut sm, &mut store, &mut index, 2 * HOUR);
+    assert!(sm.event_floor() > floor, "the floor rose");
+    let now = stored(&store, &sm);
+    assert_ne!(now, at_snapshot);
+
+    store.rebase(&file, taken_at, mark, &sm).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        !store.trees.journal.is_empty(),
+        "the writes since were carried"
+    );
+    assert_eq!(
+        store.applied_index().unwrap(),
+        index,
+        "the stored state is now's"
+    );
+    assert_eq!(stored(&store, &sm), now);
+    assert_eq!(
+        store.journal_bytes,
+        journal::stored_bytes(&store.trees).unwrap(),
+        "counted as copied"
+    );
+
+    let (mut store, loaded) = reopen(store, dir.path());
+    assert_eq!(stored(&store, &loaded), now);
+    assert!(loaded.job(last).is_some());
+    // Writes after the rebase go after the carried ones.
+    let mut sm = loaded;
+    let newer = run_job(&mut sm, &mut store, &mut index, 2 * HOUR + 10);
+    let after = stored(&store, &sm);
+    let (store, loaded) = reopen(store, dir.path());
+    assert_eq!(stored(&store, &loaded), after);
+    assert!(loaded.job(newer).is_some());
+}
+
+/// A snapshot's mark is of the generation it was taken in: once another
+/// base came in between (a peer's snapshot installed, or another
+/// rebase), a rebase on it is refused and changes nothing.
+#[test]
+fn a_rebase_on_a_snapshot_of_an_older_generation_is_refused() {
+    let (dir, mut store, mut sm, mut index) = fresh_with_a_node();
+    run_job(&mut sm, &mut store, &mut index, 10);
+    let old = dir.path().join("old.snap");
+    let stale = snapshot_into(&mut store, &sm, &old);
+    run_job(&mut sm, &mut store, &mut index, 20);
+    let newer = dir.path().join("newer.snap");
+    let mark = snapshot_into(&mut store, &sm, &newer);
+    store.rebase(&newer, index, mark, &sm).unwrap();
+    let generation = store.base.generation;
+    let before = stored(&store, &sm);
+
+    let error = store.rebase(&old, index - 1, stale, &sm).unwrap_err();
+    assert!(
+        error.to_string().contains("generation"),
+        "names the generations: {error}"
+    );
+    assert_eq!(store.base.generation, generation);
+    assert_eq!(stored(&store, &sm), before);
 }
 
 /// Reads from inside a batch start at the index asked for, and never
@@ -161,8 +253,8 @@ fn a_rebase_that_crashed_before_its_switch_leaves_the_previous_state() {
     assert_eq!(stored(&store, &loaded), before);
 
     let file = dir.path().join("taken.snap");
-    std::fs::write(&file, store.snapshot_bytes(&loaded).unwrap()).unwrap();
-    store.rebase(&file, index, &loaded).unwrap();
+    let mark = snapshot_into(&mut store, &loaded, &file);
+    store.rebase(&file, index, mark, &loaded).unwrap();
     let (store, loaded) = reopen(store, dir.path());
     assert_eq!(stored(&store, &loaded), before);
     assert_eq!(store.base.generation, next);
