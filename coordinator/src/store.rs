@@ -28,7 +28,9 @@ pub mod snapshot;
 mod writer;
 
 pub use history::HistoryPage;
-pub use snapshot::{SnapshotMark, decode_snapshot, read_snapshot, write_state_snapshot};
+pub use snapshot::{
+    SnapshotMark, TakenSnapshot, decode_snapshot, read_snapshot, write_state_snapshot,
+};
 
 /// Storage failures. These are fatal for the coordinator: it cannot
 /// acknowledge work it cannot persist.

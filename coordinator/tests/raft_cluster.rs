@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use gantry_coordinator::raft::{
     ProposeError, RaftConfig, RaftError, RaftHandle, RaftNode, RaftPeerService,
-    ReplicatedStateMachine,
+    ReplicatedStateMachine, SnapshotWriter,
 };
 use gantry_proto::raft as raft_pb;
 use raft_pb::raft_peer_server::{RaftPeer, RaftPeerServer};
@@ -194,12 +194,15 @@ impl ReplicatedStateMachine for Toy {
         match request {}
     }
 
-    fn snapshot(&mut self, out: &mut dyn std::io::Write) -> Result<(), String> {
+    fn snapshot(&mut self) -> Result<SnapshotWriter, String> {
         let state = self.0.lock().unwrap();
         if state.fail_snapshots {
             return Err("injected snapshot failure".into());
         }
-        serde_json::to_writer(out, &state.values).map_err(|e| e.to_string())
+        let bytes = serde_json::to_vec(&state.values).map_err(|e| e.to_string())?;
+        Ok(Box::new(move |out| {
+            out.write_all(&bytes).map_err(|e| e.to_string())
+        }))
     }
 
     fn restore(&mut self, index: u64, file: &Path) -> Result<(), String> {

@@ -151,8 +151,26 @@ fn a_follower_catches_up_from_a_chunked_snapshot_after_a_kill_mid_transfer() -> 
     Ok(())
 }
 
-/// The replica logs' lines (every replica's, every start's) that contain
-/// `text`.
+/// A log line without its terminal colour codes (`ESC [ ... m`).
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The replica logs' lines (every replica's, every start's), colour codes
+/// removed, that contain `text`.
 fn log_lines(sandbox: &Sandbox, text: &str) -> anyhow::Result<Vec<String>> {
     let mut lines = Vec::new();
     for entry in std::fs::read_dir(sandbox.path())?.filter_map(Result::ok) {
@@ -160,7 +178,7 @@ fn log_lines(sandbox: &Sandbox, text: &str) -> anyhow::Result<Vec<String>> {
             continue;
         }
         if let Ok(log) = std::fs::read_to_string(entry.path()) {
-            lines.extend(log.lines().filter(|l| l.contains(text)).map(String::from));
+            lines.extend(log.lines().map(plain).filter(|l| l.contains(text)));
         }
     }
     Ok(lines)

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::command::Command;
 use crate::convert;
-use crate::raft::{RaftStatus, ReplicatedStateMachine};
+use crate::raft::{RaftStatus, ReplicatedStateMachine, SnapshotWriter};
 use crate::state::{ApplyError, ChangeSet, Outcome};
 use crate::store::{self, StateSnapshot, codec};
 
@@ -56,15 +56,20 @@ impl ReplicatedStateMachine for Core {
         Ok(outcomes)
     }
 
-    fn snapshot(&mut self, out: &mut dyn std::io::Write) -> Result<(), String> {
-        // The snapshot reads the stored events.
-        let mark = self
+    /// The state's records are encoded here, on the loop; the stored
+    /// events are decoded into the file by the writer, off the loop.
+    fn snapshot(&mut self) -> Result<SnapshotWriter, String> {
+        let (taken, mark) = self
             .store
             .write_pending(&self.state)
-            .and_then(|()| self.store.write_snapshot(&self.state, out))
+            .and_then(|()| self.store.take_snapshot(&self.state))
             .map_err(|error| format!("cannot take a state snapshot: {error}"))?;
         self.snapshot_mark = Some(mark);
-        Ok(())
+        Ok(Box::new(move |out| {
+            taken
+                .write(out)
+                .map_err(|error| format!("cannot write a state snapshot: {error}"))
+        }))
     }
 
     /// The snapshot becomes the stored state's base: the store's journal

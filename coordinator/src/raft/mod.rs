@@ -120,6 +120,10 @@ pub use node::{RaftHandle, RaftNode};
 pub use storage::SledRaftStorage;
 pub use transport::RaftPeerService;
 
+/// Writes a snapshot taken by [`ReplicatedStateMachine::snapshot`] into its
+/// file, off the replica loop.
+pub type SnapshotWriter = Box<dyn FnOnce(&mut dyn std::io::Write) -> Result<(), String> + Send>;
+
 /// The application driven by the replicated log (the coordinator's core).
 /// The replica loop owns it and calls it only on its thread: commands in
 /// log order, requests and ticks in between.
@@ -147,12 +151,13 @@ pub trait ReplicatedStateMachine: Send + Sized + 'static {
     /// an outcome, not an `Err`; `Err` means the application could not
     /// apply at all (its storage failed).
     fn apply(&mut self, index: u64, commands: &[&[u8]]) -> Result<Vec<Self::Outcome>, String>;
-    /// Serializes the whole applied state into `out` (in memory, on the
-    /// loop; the loop's snapshot thread hashes, writes and fsyncs it into
-    /// its file, [`snapfile`], while the loop goes on). The log is
-    /// compacted behind the result, so it must be the whole state or
-    /// `Err`.
-    fn snapshot(&mut self, out: &mut dyn std::io::Write) -> Result<(), String>;
+    /// Takes a snapshot of the whole applied state, on the loop: what it
+    /// returns writes it into its file ([`snapfile`]) later, on the
+    /// loop's snapshot thread, while the loop goes on applying. It must
+    /// capture the state as it is now (encoded, or in handles that later
+    /// applies do not change), since the log is compacted behind it: the
+    /// whole state or `Err`.
+    fn snapshot(&mut self) -> Result<SnapshotWriter, String>;
     /// The last snapshot taken (by [`snapshot`](Self::snapshot), at
     /// `index`) is stored in `file` (complete, synced, named by the Raft
     /// storage); entries after `index` may have been applied since: the

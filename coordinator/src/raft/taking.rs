@@ -4,9 +4,11 @@
 //! file on the loop: encoding, SHA-256, the writes, the fsync, the rename
 //! and the directory's fsync all held up every entry behind it (17-40 ms
 //! at 2 MB under load, a submit p99 of 28 ms when the leader took one).
-//! Now the loop only encodes the state, into memory, and hands the bytes to
-//! a thread of their own ([`spawn`]), which hashes, writes, fsyncs and
-//! renames them ([`SnapshotDir::write`]) while the loop goes on applying.
+//! Now the loop only takes the snapshot (the application captures its
+//! state: `ReplicatedStateMachine::snapshot`) and hands what it returned
+//! to a thread of its own ([`spawn`]), which writes, hashes, fsyncs and
+//! renames the file ([`SnapshotDir::write`]) while the loop goes on
+//! applying.
 //! The thread reports through the loop's inbox ([`Written`]); the loop
 //! then records the file and compacts the log
 //! ([`SledRaftStorage::record_snapshot`](super::storage::SledRaftStorage::record_snapshot))
@@ -32,7 +34,7 @@ use super::driver::Driver;
 use super::node::Input;
 use super::snapfile::{Descriptor, SnapshotDir};
 use super::storage::SnapshotTarget;
-use super::{RaftError, ReplicatedStateMachine};
+use super::{RaftError, ReplicatedStateMachine, SnapshotWriter};
 
 /// A snapshot whose file is being written.
 pub(super) struct Taking {
@@ -43,9 +45,8 @@ pub(super) struct Taking {
     /// a different count when it is written means a peer's came in between.
     pub restores: u64,
     pub started: Instant,
-    /// How long encoding the state took (on the loop).
-    pub encoded_in: Duration,
-    pub bytes: u64,
+    /// How long taking it took (on the loop).
+    pub taken_in: Duration,
     thread: JoinHandle<()>,
 }
 
@@ -71,27 +72,28 @@ pub(crate) struct Written {
     pub result: Result<(Descriptor, PathBuf), RaftError>,
 }
 
-/// Starts writing `bytes`, the state encoded at `target` (the encoding
-/// began at `started`), into a snapshot file of `files` on a thread of its
+/// Starts writing the snapshot taken at `target` (taking it began at
+/// `started`) into a file of `files` with `writer`, on a thread of its
 /// own; `report` gets the result.
 fn spawn(
     files: SnapshotDir,
     target: SnapshotTarget,
     keep: u64,
     restores: u64,
-    bytes: Vec<u8>,
+    writer: SnapshotWriter,
     started: Instant,
     report: impl FnOnce(Written) + Send + 'static,
 ) -> Result<Taking, RaftError> {
-    let encoded_in = started.elapsed();
+    let taken_in = started.elapsed();
     let (index, term) = (target.index, target.term);
-    let size = bytes.len() as u64;
     let thread = std::thread::Builder::new()
         .name(format!("gantry-snapshot-{index}"))
         .spawn(move || {
             super::fault::snapshot_write_delay();
-            let result = files.write(index, term, &mut |out| {
-                out.write_all(&bytes).map_err(|error| error.to_string())
+            let mut writer = Some(writer);
+            let result = files.write(index, term, &mut |out| match writer.take() {
+                Some(write) => write(out),
+                None => Err("the snapshot was written already".into()),
             });
             report(Written { index, result });
         })
@@ -103,8 +105,7 @@ fn spawn(
         keep,
         restores,
         started,
-        encoded_in,
-        bytes: size,
+        taken_in,
         thread,
     })
 }
@@ -122,23 +123,20 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         // Never keep index 1: a replica with an empty log must get the
         // snapshot (which carries the configuration), not the log from 1.
         let keep = self.compact_keep.min(applied.saturating_sub(1));
-        let mut bytes = Vec::new();
         // A failed snapshot stops the replica: compacting the log behind
         // anything but the whole state would lose the rest for good (the
         // previous file stays the stored one).
-        self.app
-            .snapshot(&mut bytes)
-            .map_err(|reason| RaftError::App {
-                what: format!("take a snapshot at index {applied}"),
-                reason,
-            })?;
+        let writer = self.app.snapshot().map_err(|reason| RaftError::App {
+            what: format!("take a snapshot at index {applied}"),
+            reason,
+        })?;
         let inbox = self.inbox.clone();
         let taking = spawn(
             self.raw.store().snapshot_dir().clone(),
             target,
             keep,
             self.restores,
-            bytes,
+            writer,
             started,
             move |written| {
                 // A loop that stopped meanwhile joins the thread and
@@ -167,8 +165,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             keep,
             restores,
             started,
-            encoded_in,
-            bytes,
+            taken_in,
             thread,
         } = taking;
         // It has sent its report: this returns at once.
@@ -202,6 +199,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             return Ok(());
         }
         let written_in = started.elapsed();
+        let bytes = descriptor.size;
         self.raw
             .mut_store()
             .record_snapshot(target, descriptor, path, keep)?;
@@ -219,7 +217,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             index,
             bytes,
             applied_since = self.applied.saturating_sub(index),
-            encode_ms = encoded_in.as_millis() as u64,
+            take_ms = taken_in.as_millis() as u64,
             written_ms = written_in.as_millis() as u64,
             record_ms = (started.elapsed() - written_in).as_millis() as u64,
             "raft snapshot taken, log compacted"

@@ -309,10 +309,19 @@ pub(super) fn visit_logged_events(
     visit: &mut Visit,
 ) -> Result<bool, StoreError> {
     for item in batches_from(log, from)? {
-        for event in decode_events(&item?.1)? {
-            if event.index >= from && !visit(event)? {
-                return Ok(false);
-            }
+        if !visit_batch(&item?.1, from, visit)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Visits one event log value's events at index `from` or above,
+/// ascending. Returns false once `visit` stopped.
+pub(super) fn visit_batch(value: &[u8], from: u64, visit: &mut Visit) -> Result<bool, StoreError> {
+    for event in decode_events(value)? {
+        if event.index >= from && !visit(event)? {
+            return Ok(false);
         }
     }
     Ok(true)

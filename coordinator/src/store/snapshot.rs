@@ -5,7 +5,12 @@
 //! event, submission key, estimate and pipeline run, in that order), and
 //! one `meta` item last: a file that ends before its meta item is refused
 //! as truncated. It is written straight from the state machine and the
-//! stored events, one item at a time, and read as a stream.
+//! stored events, one item at a time, and read as a stream. A replica
+//! takes it in two steps ([`Store::take_snapshot`]): the state's records
+//! are encoded on its loop, the stored events' values only held (sled
+//! values are shared and never change); then, off the loop,
+//! [`TakenSnapshot::write`] writes the records and decodes the events into
+//! their items.
 //!
 //! A file that starts with `{` is a [`StateSnapshot`] as JSON, from the
 //! versions before the binary records, and is still read.
@@ -80,20 +85,35 @@ impl Store {
     }
 
     /// Writes the state snapshot of `state` and the stored events into
-    /// `out` as it goes: no job is cloned whole and no binary event
-    /// decoded, so a snapshot of 100,000 jobs costs a buffer, not more
-    /// copies of the state. Reads back (see [`read_snapshot`]) to exactly
-    /// what [`Store::snapshot`] returns. Returns where the stored state
-    /// stood (see [`Store::rebase`]).
+    /// `out` ([`Store::take_snapshot`], then [`TakenSnapshot::write`]).
+    /// Reads back (see [`read_snapshot`]) to exactly what
+    /// [`Store::snapshot`] returns. Returns where the stored state stood
+    /// (see [`Store::rebase`]).
     pub fn write_snapshot(
         &self,
         state: &StateMachine,
         out: &mut dyn Write,
     ) -> Result<SnapshotMark, StoreError> {
+        let (taken, mark) = self.take_snapshot(state)?;
+        taken.write(out)?;
+        Ok(mark)
+    }
+
+    /// Takes a snapshot of `state` and the stored events, to be written
+    /// later (on another thread) with [`TakenSnapshot::write`]: the
+    /// state's records are encoded now, into memory, without cloning a job
+    /// whole; the event log's values are held as they are and decoded only
+    /// when written. Returns where the stored state stood (see
+    /// [`Store::rebase`]).
+    pub fn take_snapshot(
+        &self,
+        state: &StateMachine,
+    ) -> Result<(TakenSnapshot, SnapshotMark), StoreError> {
         // The stored events are read: the writes sent land first.
         self.writer.drain()?;
         let mark = self.snapshot_mark();
-        let mut items = ItemWriter::start(out)?;
+        let mut head = Vec::new();
+        let mut items = ItemWriter::start(&mut head)?;
         for job in state.jobs() {
             items.item(Item::Job(job_to_storage(job)))?;
         }
@@ -118,19 +138,26 @@ impl Store {
         let floor = state.event_floor();
         let mut visit = |event| items.item(Item::Event(event)).map(|()| true);
         journal::visit_loose_events(&self.base.events, &self.trees.events, floor, &mut visit)?;
-        journal::visit_logged_events(&self.trees.event_log, floor, &mut visit)?;
-        items.finish(st::SnapshotMeta {
-            leader_term: state.leader_term(),
-            next_job_id: state.next_job_id(),
-            event_floor: state.event_floor(),
-            retention: Some(retention_to_storage(state.retention())),
-        })?;
-        Ok(mark)
+        let logged = journal::batches_from(&self.trees.event_log, floor)?
+            .map(|item| item.map(|(_, value)| value))
+            .collect::<sled::Result<Vec<_>>>()?;
+        let taken = TakenSnapshot {
+            head,
+            logged,
+            floor,
+            meta: st::SnapshotMeta {
+                leader_term: state.leader_term(),
+                next_job_id: state.next_job_id(),
+                event_floor: floor,
+                retention: Some(retention_to_storage(state.retention())),
+            },
+        };
+        Ok((taken, mark))
     }
 }
 
 /// Where the stored state stood when a snapshot of the state was
-/// written ([`Store::write_snapshot`]): its generation, and the key of the
+/// taken ([`Store::take_snapshot`]): its generation, and the key of the
 /// next journal write. The journal's writes from that key on are exactly
 /// the changes applied after the snapshot (each journal value holds whole
 /// records as of its write), so a rebase on the snapshot carries them
@@ -151,6 +178,33 @@ impl SnapshotMark {
     /// The key of the first journal write after the snapshot.
     pub(super) fn journal_from(self) -> u64 {
         self.journal_from
+    }
+}
+
+/// A snapshot taken ([`Store::take_snapshot`]) and not written yet.
+pub struct TakenSnapshot {
+    /// The magic bytes and every item but the logged events and the meta.
+    head: Vec<u8>,
+    /// The event log's values holding the events at or above the floor.
+    logged: Vec<sled::IVec>,
+    floor: u64,
+    meta: st::SnapshotMeta,
+}
+
+impl TakenSnapshot {
+    /// Writes the snapshot into `out`: the items encoded when it was
+    /// taken, the logged events at or above the floor, the meta item.
+    pub fn write(self, out: &mut dyn Write) -> Result<(), StoreError> {
+        out.write_all(&self.head).map_err(io_error)?;
+        let mut items = ItemWriter {
+            out,
+            buf: Vec::with_capacity(4096),
+        };
+        let mut visit = |event| items.item(Item::Event(event)).map(|()| true);
+        for value in &self.logged {
+            journal::visit_batch(value, self.floor, &mut visit)?;
+        }
+        items.finish(self.meta)
     }
 }
 

@@ -108,7 +108,7 @@ fn snapshots_are_checked_before_install() {
             .contains("undecodable snapshot")
     );
     let mut taken = Vec::new();
-    core.snapshot(&mut taken).unwrap();
+    core.snapshot().unwrap()(&mut taken).unwrap();
     std::fs::write(&file, &taken).unwrap();
     core.check_snapshot(&file).unwrap();
 }

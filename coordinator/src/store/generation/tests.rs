@@ -162,6 +162,31 @@ fn a_rebase_carries_over_what_was_applied_while_the_snapshot_was_written() {
     assert!(loaded.job(newer).is_some());
 }
 
+/// A snapshot taken on the loop and written later, off it, after more
+/// writes (here the floor rose and the event log's first values left
+/// sled): the file is the state as it was taken.
+#[test]
+fn a_snapshot_written_after_more_writes_is_the_state_it_was_taken_of() {
+    let (_dir, mut store, mut sm, mut index) = fresh_with_a_node();
+    for at in [10, 20, 30] {
+        run_job(&mut sm, &mut store, &mut index, at);
+    }
+    store.write_pending(&sm).unwrap();
+    let expected = store.snapshot_bytes(&sm).unwrap();
+    let (taken, _) = store.take_snapshot(&sm).unwrap();
+    let first_value = |store: &Store| store.trees.event_log.first().unwrap().unwrap().0;
+    let first_before = first_value(&store);
+
+    run_job(&mut sm, &mut store, &mut index, 2 * HOUR);
+    store.write_pending(&sm).unwrap();
+    store.drain().unwrap();
+    assert_ne!(first_value(&store), first_before, "the first value left");
+
+    let mut written = Vec::new();
+    taken.write(&mut written).unwrap();
+    assert_eq!(written, expected);
+}
+
 /// A snapshot's mark is of the generation it was taken in: once another
 /// base came in between (a peer's snapshot installed, or another
 /// rebase), a rebase on it is refused and changes nothing.
