@@ -289,11 +289,20 @@ impl E2eReport {
             .failover
             .as_ref()
             .is_some_and(|f| f.failover <= Duration::from_secs(3));
+        // The latency targets are set at 1,000 submits/s offered (issue
+        // 11); a closed loop's latencies are its own load's, not judged.
+        let open_loop = |ok: bool| {
+            if c.rate.is_some() {
+                check(ok)
+            } else {
+                "not judged in a closed loop"
+            }
+        };
         out.push_str(&format!(
-            "targets: >= 5000 jobs/s {}; submit p99 <= 10 ms {}; submit-to-start p50 <= 50 ms {}; failover <= 3 s {}; agents back <= 3 s {}; none lost {}",
+            "targets: >= 5000 jobs/s {}; open loop (set at --rate 1000): submit p99 <= 10 ms {}, submit-to-start p50 <= 50 ms {}; failover <= 3 s {}; agents back <= 3 s {}; none lost {}",
             check(self.jobs_per_s() >= 5000.0),
-            check(self.submit.ms(0.99) <= 10.0),
-            check(self.submit_to_start.ms(0.5) <= 50.0),
+            open_loop(self.submit.ms(0.99) <= 10.0),
+            open_loop(self.submit_to_start.ms(0.5) <= 50.0),
             if self.failover.is_some() {
                 check(failover_ok)
             } else {

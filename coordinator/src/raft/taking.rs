@@ -91,9 +91,18 @@ fn spawn(
         .spawn(move || {
             super::fault::snapshot_write_delay();
             let mut writer = Some(writer);
-            let result = files.write(index, term, &mut |out| match writer.take() {
-                Some(write) => write(out),
-                None => Err("the snapshot was written already".into()),
+            // A panic is reported as a failure: a report that never came
+            // would leave the loop waiting for it, taking no snapshot again.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                files.write(index, term, &mut |out| match writer.take() {
+                    Some(write) => write(out),
+                    None => Err("the snapshot was written already".into()),
+                })
+            }))
+            .unwrap_or_else(|_| {
+                Err(RaftError::SnapshotFile(format!(
+                    "the snapshot writer at index {index} panicked"
+                )))
             });
             report(Written { index, result });
         })
