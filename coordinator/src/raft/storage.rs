@@ -122,7 +122,13 @@ impl SledRaftStorage {
                         entry.index
                     )));
                 }
-                (index, entry.term)
+                // Only entries an installed snapshot left behind (not
+                // removed yet): the log ends at the snapshot.
+                if index < truncated.0 {
+                    truncated
+                } else {
+                    (index, entry.term)
+                }
             }
         };
         let mut stored_from = truncated.0 + 1;
@@ -395,8 +401,12 @@ impl SledRaftStorage {
         hard_state.term = hard_state.term.max(term);
         hard_state.commit = index;
         self.set_hard_state(&hard_state)?;
+        // The entries past the snapshot go now (they may conflict with the
+        // leader's log); those up to it are behind the new start and leave
+        // a batch a round, as a compaction's do ([`Self::compact_step`]):
+        // a lagging follower's whole log in one sled batch stalled its loop.
         let mut batch = sled::Batch::default();
-        for item in self.log.iter().keys() {
+        for item in self.log.range((index + 1).to_be_bytes()..).keys() {
             batch.remove(item?);
         }
         self.log.apply_batch(batch)?;
@@ -404,7 +414,7 @@ impl SledRaftStorage {
         self.snapshot_file = Some((descriptor, path));
         self.truncated = (index, term);
         self.last = (index, term);
-        self.stored_from = index + 1;
+        self.stored_from = self.stored_from.min(index + 1);
         self.conf_state = metadata.get_conf_state().clone();
         Ok(())
     }
@@ -534,13 +544,25 @@ impl SledRaftStorage {
         if self.stored_from > self.truncated.0 {
             return Ok(false);
         }
-        let to = self.truncated.0.min(self.stored_from + COMPACT_BATCH - 1);
+        // The stored ones only: an installed snapshot may lie far past the
+        // end of what was stored.
         let mut batch = sled::Batch::default();
-        for index in self.stored_from..=to {
-            batch.remove(&index.to_be_bytes());
+        let mut removed = 0;
+        for key in self
+            .log
+            .range(self.stored_from.to_be_bytes()..=self.truncated.0.to_be_bytes())
+            .keys()
+            .take(COMPACT_BATCH as usize)
+        {
+            let key = key?;
+            self.stored_from = key_index(&key)? + 1;
+            batch.remove(key);
+            removed += 1;
         }
         self.log.apply_batch(batch)?;
-        self.stored_from = to + 1;
+        if removed < COMPACT_BATCH {
+            self.stored_from = self.truncated.0 + 1;
+        }
         Ok(self.stored_from <= self.truncated.0)
     }
 
@@ -1030,6 +1052,72 @@ mod tests {
         assert_eq!(raft::Storage::first_index(&storage).unwrap(), 21);
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 21);
         assert_eq!(snapshot_bytes(&storage), b"state@20");
+    }
+
+    /// An installed snapshot removes the entries past it at once and
+    /// leaves those up to it to `compact_step`, a batch a round; the
+    /// storage opens with them still stored, even when the log's last
+    /// stored entry is below the snapshot.
+    #[test]
+    fn installing_a_snapshot_removes_the_old_log_in_batches() {
+        let (dir, db) = open_temp();
+        let mut storage = open_storage(&dir, &db).unwrap();
+        storage.initialize(vec![1, 2, 3]).unwrap();
+        let count = 2 * COMPACT_BATCH + 10;
+        let entries: Vec<Entry> = (1..=count).map(|i| entry(i, 1)).collect();
+        storage.append(&entries).unwrap();
+        storage.set_commit(5).unwrap();
+        let install = |storage: &mut SledRaftStorage, index: u64, term: u64| {
+            let descriptor = storage
+                .write_snapshot_file(index, term, &mut fill(b"state"))
+                .unwrap();
+            let snapshot = Snapshot {
+                data: descriptor.encode().into(),
+                metadata: Some(SnapshotMetadata {
+                    conf_state: Some(ConfState {
+                        voters: vec![1, 2, 3],
+                        ..Default::default()
+                    })
+                    .into(),
+                    index,
+                    term,
+                    ..Default::default()
+                })
+                .into(),
+                ..Default::default()
+            };
+            storage.apply_snapshot(&snapshot).unwrap();
+        };
+        // Past the old log's first entries: the ones after it (of an older
+        // term) go at once, the rest stays for the steps.
+        let index = COMPACT_BATCH + 5;
+        install(&mut storage, index, 2);
+        assert_eq!(stored_indexes(&storage), (1..=index).collect::<Vec<_>>());
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), index + 1);
+        assert_eq!(raft::Storage::last_index(&storage).unwrap(), index);
+        storage.flush().unwrap();
+        drop(storage);
+        let mut storage = open_storage(&dir, &db).unwrap();
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), index + 1);
+        assert_eq!(raft::Storage::last_index(&storage).unwrap(), index);
+        assert!(storage.compact_step().unwrap(), "a second batch is left");
+        assert!(!storage.compact_step().unwrap(), "256, then 5");
+        assert!(stored_indexes(&storage).is_empty());
+
+        // Past the whole log: nothing after it, everything left to the steps.
+        storage
+            .append(&[entry(index + 1, 2), entry(index + 2, 2)])
+            .unwrap();
+        install(&mut storage, count + 50, 3);
+        assert_eq!(stored_indexes(&storage), vec![index + 1, index + 2]);
+        storage.append(&[entry(count + 51, 3)]).unwrap();
+        assert!(
+            !storage.compact_step().unwrap(),
+            "one step: the stored entries, not every index up to the snapshot"
+        );
+        assert_eq!(stored_indexes(&storage), vec![count + 51]);
+        assert_eq!(raft::Storage::first_index(&storage).unwrap(), count + 51);
+        assert_eq!(raft::Storage::last_index(&storage).unwrap(), count + 51);
     }
 
     /// A crash in the middle of writing a snapshot (the application failed,
