@@ -33,12 +33,11 @@
 use std::io::Write as _;
 use std::path::Path;
 
-use raft::eraftpb::{ConfState, Snapshot, SnapshotMetadata};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{JobRecord, JobSpec, JobState};
 use crate::raft::snapfile::{DEFAULT_MAX_SNAPSHOT_BYTES, SnapshotDir};
-use crate::raft::storage::SledRaftStorage;
+use crate::raft::storage::{SledRaftStorage, snapshot_message};
 use crate::store::{self, StateSnapshot, Store};
 
 /// First line of every backup file.
@@ -238,21 +237,7 @@ pub fn restore(file: &Path, data_dir: &Path, id: u64) -> Result<Restored, Backup
             store::write_state_snapshot(&snapshot, out).map_err(|e| e.to_string())
         })
         .map_err(|e| BackupError::Io(format!("cannot write the restored state: {e}")))?;
-    let raft_snapshot = Snapshot {
-        data: descriptor.encode().into(),
-        metadata: Some(SnapshotMetadata {
-            conf_state: Some(ConfState {
-                voters: vec![id],
-                ..Default::default()
-            })
-            .into(),
-            index,
-            term,
-            ..Default::default()
-        })
-        .into(),
-        ..Default::default()
-    };
+    let raft_snapshot = snapshot_message(&descriptor, index, term, vec![id]);
     storage
         .apply_snapshot(&raft_snapshot)
         .and_then(|()| storage.flush())

@@ -163,15 +163,7 @@ fn finished_jobs_retire_alike_on_every_replica_and_answer_from_history() -> anyh
     // (The agent stops first: nothing new is proposed while replicas stop.)
     sandbox.proc(agent).stop(Duration::from_secs(10));
     let leader = wait_until("a leader", T, || sandbox.leader_of(&set))?;
-    let target = sandbox.gantry_json(&set.urls[leader - 1], &["status"])?["commit_index"]
-        .as_u64()
-        .unwrap_or(0);
-    for url in set.urls.clone() {
-        wait_until("every replica to apply everything", T, || {
-            let status = sandbox.gantry_json(&url, &["status"]).ok()?;
-            (status["applied_index"].as_u64()? >= target).then_some(())
-        })?;
-    }
+    sandbox.wait_applied(&set.urls, T)?;
     for id in (1..=3).filter(|id| *id != leader).chain([leader]) {
         sandbox.stop_replica(&mut set, id);
     }

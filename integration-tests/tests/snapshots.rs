@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use gantry_coordinator::raft::fault::{SNAPSHOT_CHUNK_DELAY_ENV, SNAPSHOT_WRITE_DELAY_ENV};
 use gantry_integration_tests::check::{check_replicas, read_replicas};
-use gantry_integration_tests::{Sandbox, wait_until};
+use gantry_integration_tests::{Sandbox, plain, wait_until};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -151,24 +151,6 @@ fn a_follower_catches_up_from_a_chunked_snapshot_after_a_kill_mid_transfer() -> 
     Ok(())
 }
 
-/// A log line without its terminal colour codes (`ESC [ ... m`).
-fn plain(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// The replica logs' lines (every replica's, every start's), colour codes
 /// removed, that contain `text`.
 fn log_lines(sandbox: &Sandbox, text: &str) -> anyhow::Result<Vec<String>> {
@@ -178,7 +160,12 @@ fn log_lines(sandbox: &Sandbox, text: &str) -> anyhow::Result<Vec<String>> {
             continue;
         }
         if let Ok(log) = std::fs::read_to_string(entry.path()) {
-            lines.extend(log.lines().map(plain).filter(|l| l.contains(text)));
+            lines.extend(
+                plain(&log)
+                    .lines()
+                    .filter(|l| l.contains(text))
+                    .map(String::from),
+            );
         }
     }
     Ok(lines)
@@ -212,24 +199,16 @@ fn snapshots_written_off_the_loop_keep_what_was_applied_meanwhile_across_kills()
             wait_until("a leader", T, || sandbox.leader_of(&set))?;
         }
     }
-    let carried = log_lines(&sandbox, "raft snapshot taken")?
-        .into_iter()
-        .filter(|line| !line.contains("applied_since=0"))
+    let taken = log_lines(&sandbox, "raft snapshot taken")?;
+    let carried = taken
+        .iter()
+        .filter(|line| line.contains("applied_since=") && !line.contains("applied_since=0 "))
         .count();
     assert!(
         carried > 0,
-        "no snapshot saw entries applied while it was written"
+        "no snapshot saw entries applied while it was written: {taken:#?}"
     );
-    let leader = wait_until("a leader", T, || sandbox.leader_of(&set))?;
-    let target = sandbox.gantry_json(&set.urls[leader - 1], &["status"])?["commit_index"]
-        .as_u64()
-        .unwrap_or(0);
-    for url in set.urls.clone() {
-        wait_until("every replica to apply everything", T, || {
-            let status = sandbox.gantry_json(&url, &["status"]).ok()?;
-            (status["applied_index"].as_u64()? >= target).then_some(())
-        })?;
-    }
+    sandbox.wait_applied(&set.urls, T)?;
     for id in 1..=3 {
         sandbox.stop_replica(&mut set, id);
     }

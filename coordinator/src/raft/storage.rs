@@ -74,6 +74,33 @@ pub struct SledRaftStorage {
     cluster_id: Option<u64>,
 }
 
+/// The raft-rs snapshot message of the snapshot file `descriptor`, a
+/// state at `index`/`term` whose voters are `voters`: what
+/// [`SledRaftStorage::apply_snapshot`] installs when the state comes from
+/// outside the log (a restored backup).
+pub fn snapshot_message(
+    descriptor: &Descriptor,
+    index: u64,
+    term: u64,
+    voters: Vec<u64>,
+) -> Snapshot {
+    Snapshot {
+        data: descriptor.encode().into(),
+        metadata: Some(SnapshotMetadata {
+            conf_state: Some(ConfState {
+                voters,
+                ..Default::default()
+            })
+            .into(),
+            index,
+            term,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    }
+}
+
 /// A snapshot being taken: the applied index, its term and the
 /// configuration as of it ([`SledRaftStorage::snapshot_target`]).
 #[derive(Debug, Clone)]
@@ -1024,21 +1051,7 @@ mod tests {
         let descriptor = storage
             .write_snapshot_file(20, 4, &mut fill(b"state@20"))
             .unwrap();
-        let snapshot = Snapshot {
-            data: descriptor.encode().into(),
-            metadata: Some(SnapshotMetadata {
-                conf_state: Some(ConfState {
-                    voters: vec![1, 2, 3],
-                    ..Default::default()
-                })
-                .into(),
-                index: 20,
-                term: 4,
-                ..Default::default()
-            })
-            .into(),
-            ..Default::default()
-        };
+        let snapshot = snapshot_message(&descriptor, 20, 4, vec![1, 2, 3]);
         storage.apply_snapshot(&snapshot).unwrap();
         assert_eq!(raft::Storage::first_index(&storage).unwrap(), 21);
         assert_eq!(raft::Storage::last_index(&storage).unwrap(), 20);
@@ -1071,21 +1084,7 @@ mod tests {
             let descriptor = storage
                 .write_snapshot_file(index, term, &mut fill(b"state"))
                 .unwrap();
-            let snapshot = Snapshot {
-                data: descriptor.encode().into(),
-                metadata: Some(SnapshotMetadata {
-                    conf_state: Some(ConfState {
-                        voters: vec![1, 2, 3],
-                        ..Default::default()
-                    })
-                    .into(),
-                    index,
-                    term,
-                    ..Default::default()
-                })
-                .into(),
-                ..Default::default()
-            };
+            let snapshot = snapshot_message(&descriptor, index, term, vec![1, 2, 3]);
             storage.apply_snapshot(&snapshot).unwrap();
         };
         // Past the old log's first entries: the ones after it (of an older

@@ -169,17 +169,9 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 written.index
             )));
         };
-        let Taking {
-            target,
-            keep,
-            restores,
-            started,
-            taken_in,
-            thread,
-        } = taking;
         // It has sent its report: this returns at once.
-        let _ = thread.join();
-        let index = target.index;
+        let _ = taking.thread.join();
+        let index = taking.target.index;
         if index != written.index {
             return Err(RaftError::Inconsistent(format!(
                 "the snapshot file written is at index {}, the snapshot in flight at {index}",
@@ -187,7 +179,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             )));
         }
         let overtaken =
-            restores != self.restores || index <= self.raw.store().snapshot_index_term().0;
+            taking.restores != self.restores || index <= self.raw.store().snapshot_index_term().0;
         let (descriptor, path) = match written.result {
             Ok(file) => file,
             Err(error) if overtaken => {
@@ -207,11 +199,11 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             );
             return Ok(());
         }
-        let written_in = started.elapsed();
+        let written_in = taking.started.elapsed();
         let bytes = descriptor.size;
         self.raw
             .mut_store()
-            .record_snapshot(target, descriptor, path, keep)?;
+            .record_snapshot(taking.target, descriptor, path, taking.keep)?;
         if let Some(file) = self.raw.store().snapshot_file() {
             let file = file.to_path_buf();
             self.app
@@ -226,9 +218,9 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             index,
             bytes,
             applied_since = self.applied.saturating_sub(index),
-            take_ms = taken_in.as_millis() as u64,
+            take_ms = taking.taken_in.as_millis() as u64,
             written_ms = written_in.as_millis() as u64,
-            record_ms = (started.elapsed() - written_in).as_millis() as u64,
+            record_ms = (taking.started.elapsed() - written_in).as_millis() as u64,
             "raft snapshot taken, log compacted"
         );
         Ok(())
