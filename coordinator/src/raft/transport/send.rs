@@ -460,7 +460,7 @@ impl PeerTask {
         if *reachable {
             tracing::warn!(
                 peer = self.to,
-                error = %status.message(),
+                error = %status_detail(&status),
                 code = ?status.code(),
                 "raft peer unreachable; dropping messages until it answers"
             );
@@ -622,4 +622,49 @@ fn chunk_stream(
             Some((chunk, (None, file, sent + filled as u64)))
         },
     )
+}
+
+/// A status's message followed by the errors under it: a failed stream's
+/// message alone is tonic's "transport error", which names neither the
+/// connection refused nor the keepalive that timed out.
+fn status_detail(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        let more = error.to_string();
+        // A status made from an error repeats it as its message.
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = error.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_failed_link_names_the_errors_under_its_status() {
+        let mut status = Status::unavailable("transport error");
+        status.set_source(Arc::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        )));
+        assert_eq!(
+            status_detail(&status),
+            "transport error: connection refused"
+        );
+        let from_error =
+            Status::from_error(Box::new(std::io::Error::other("keep-alive timed out")));
+        assert_eq!(status_detail(&from_error), "keep-alive timed out");
+        assert_eq!(
+            status_detail(&Status::unavailable("the peer closed the stream")),
+            "the peer closed the stream"
+        );
+    }
 }
