@@ -43,6 +43,7 @@ pub mod dag;
 pub mod decide;
 pub mod disk;
 pub mod domain;
+pub mod durable;
 pub mod error;
 pub mod health;
 pub mod http;

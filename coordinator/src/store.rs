@@ -107,6 +107,8 @@ pub struct Store {
     pending: Option<Pending>,
     /// Commits the writes, off the replica loop ([`writer`]).
     writer: writer::Writer,
+    /// sled's flushes made durable ([`crate::durable`]).
+    syncer: crate::durable::Syncer,
     /// Command time after which the history is next checked for records
     /// past their retention (it is checked at every retirement anyway).
     next_prune_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -161,6 +163,7 @@ impl Store {
     /// trees and base, with any other generation's dropped.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = open_db(&dir.join("state"))?;
+        let syncer = crate::durable::Syncer::open(&dir.join("state")).map_err(sled::Error::Io)?;
         let files = base::BaseFiles::open(&db, dir)?;
         let generation = files.current()?;
         files.drop_others(&db, generation)?;
@@ -200,6 +203,7 @@ impl Store {
             opened_base,
             pending: None,
             writer: writer::Writer::start()?,
+            syncer,
             next_prune_ms: Default::default(),
             db,
         };
@@ -418,7 +422,7 @@ impl Store {
         let prepared = self.prepare(state, changes, None)?;
         self.writer.send(prepared)?;
         self.writer.drain()?;
-        self.db.flush()?;
+        self.syncer.flush(&self.db)?;
         Ok(())
     }
 
@@ -536,8 +540,14 @@ impl Store {
     /// shutdown.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.writer.drain()?;
-        self.db.flush()?;
+        self.syncer.flush(&self.db)?;
         Ok(())
+    }
+
+    /// What makes this store's database's flushes durable, for the Raft
+    /// log in the same database.
+    pub fn syncer(&self) -> crate::durable::Syncer {
+        self.syncer.clone()
     }
 }
 

@@ -32,8 +32,13 @@ pub(crate) struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the thread for replica `id`, flushing `db`.
-    pub(crate) fn start(id: u64, db: sled::Db, report: Report) -> Result<Flusher, RaftError> {
+    /// Starts the thread for replica `id`, flushing `db` through `syncer`.
+    pub(crate) fn start(
+        id: u64,
+        db: sled::Db,
+        syncer: crate::durable::Syncer,
+        report: Report,
+    ) -> Result<Flusher, RaftError> {
         let (requests, receiver) = mpsc::channel::<u64>();
         let thread = std::thread::Builder::new()
             .name(format!("gantry-flush-{id}"))
@@ -43,7 +48,7 @@ impl Flusher {
                     while let Ok(later) = receiver.try_recv() {
                         number = later;
                     }
-                    let flushed = db.flush().map(|_| ());
+                    let flushed = syncer.flush(&db);
                     let failed = flushed.is_err();
                     if !report(number, flushed) || failed {
                         break;
@@ -96,6 +101,7 @@ mod tests {
         let flusher = Flusher::start(
             7,
             db.clone(),
+            crate::durable::Syncer::open(dir.path()).unwrap(),
             Box::new(move |number, result| {
                 result.unwrap();
                 seen.lock().unwrap().push(number);

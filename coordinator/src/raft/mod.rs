@@ -297,6 +297,10 @@ pub struct RaftConfig {
     /// This replica's HTTP API base URL, sent with every batch to its peers
     /// so a follower can name the leader's to HTTP clients (`http_urls`).
     pub http_url: Option<String>,
+    /// Makes the Raft log's flushes durable (the store's, whose database
+    /// the log shares: [`crate::durable`]); none by default (a test's
+    /// temporary database).
+    pub syncer: crate::durable::Syncer,
 }
 
 impl RaftConfig {
@@ -320,6 +324,7 @@ impl RaftConfig {
             max_snapshot_bytes: snapfile::DEFAULT_MAX_SNAPSHOT_BYTES,
             http_url: None,
             join: false,
+            syncer: crate::durable::Syncer::none(),
         }
     }
 

@@ -30,6 +30,7 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 
 use super::RaftError;
 use super::snapfile::{Descriptor, SnapshotDir};
+use crate::durable::Syncer;
 
 const LOG_TREE: &str = "raft_log";
 const META_TREE: &str = "raft_meta";
@@ -47,6 +48,8 @@ const COMPACT_BATCH: u64 = 256;
 /// The Raft log and metadata on sled trees of the coordinator's database.
 pub struct SledRaftStorage {
     db: sled::Db,
+    /// Makes the flushes durable ([`crate::durable`]).
+    syncer: Syncer,
     log: sled::Tree,
     meta: sled::Tree,
     hard_state: HardState,
@@ -119,7 +122,11 @@ impl SledRaftStorage {
     /// that does not pass is refused with [`RaftError::Inconsistent`].
     /// Leftovers (older snapshots, temporary files of a write or transfer
     /// a crash cut short) are removed.
-    pub fn open(db: &sled::Db, files: SnapshotDir) -> Result<SledRaftStorage, RaftError> {
+    pub fn open(
+        db: &sled::Db,
+        files: SnapshotDir,
+        syncer: Syncer,
+    ) -> Result<SledRaftStorage, RaftError> {
         let log = db.open_tree(LOG_TREE)?;
         let meta = db.open_tree(META_TREE)?;
         let hard_state: HardState = read_message(&meta, HARD_STATE_KEY)?.unwrap_or_default();
@@ -210,11 +217,12 @@ impl SledRaftStorage {
         let snapshot_file = if snapshot == (0, 0) {
             None
         } else {
-            Some(snapshot_file(db, &meta, &files, snapshot)?)
+            Some(snapshot_file(db, &syncer, &meta, &files, snapshot)?)
         };
         files.remove_except(snapshot_file.as_ref().map(|(_, path)| path.as_path()));
         Ok(SledRaftStorage {
             db: db.clone(),
+            syncer,
             log,
             meta,
             hard_state,
@@ -540,7 +548,7 @@ impl SledRaftStorage {
         self.meta.insert(SNAPSHOT_DATA_KEY, descriptor.encode())?;
         self.meta
             .insert(SNAPSHOT_META_KEY, encode(&metadata, "snapshot metadata")?)?;
-        self.db.flush()?;
+        self.syncer.flush(&self.db)?;
         self.snapshot = (index, term);
         self.snapshot_file = Some((descriptor, path));
         self.remove_stale_snapshots();
@@ -595,7 +603,7 @@ impl SledRaftStorage {
 
     /// Makes every write so far durable (one fsync for the whole database).
     pub fn flush(&self) -> Result<(), RaftError> {
-        self.db.flush()?;
+        self.syncer.flush(&self.db)?;
         Ok(())
     }
 
@@ -701,6 +709,7 @@ impl raft::Storage for SledRaftStorage {
 /// once, here.
 fn snapshot_file(
     db: &sled::Db,
+    syncer: &Syncer,
     meta: &sled::Tree,
     files: &SnapshotDir,
     (index, term): (u64, u64),
@@ -721,7 +730,7 @@ fn snapshot_file(
         out.write_all(&data).map_err(|error| error.to_string())
     })?;
     meta.insert(SNAPSHOT_DATA_KEY, descriptor.encode())?;
-    db.flush()?;
+    syncer.flush(db)?;
     tracing::info!(
         index,
         bytes = descriptor.size,

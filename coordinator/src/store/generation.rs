@@ -160,9 +160,9 @@ impl Store {
         batch.insert(META_BASE_NEXT_EVENT, &meta.next_event_index.to_be_bytes());
         batch.insert(META_APPLIED_INDEX, &meta.applied.to_be_bytes());
         trees.meta.apply_batch(batch)?;
-        self.db.flush()?;
+        self.syncer.flush(&self.db)?;
         self.files.switch(generation)?;
-        self.db.flush()?;
+        self.syncer.flush(&self.db)?;
         self.journal_bytes = filled.bytes;
         self.base_bytes = self.files.size(generation);
         self.trees = trees;

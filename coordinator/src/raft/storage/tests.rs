@@ -21,7 +21,9 @@ fn open_temp() -> (tempfile::TempDir, sled::Db) {
 
 fn open_storage(dir: &tempfile::TempDir, db: &sled::Db) -> Result<SledRaftStorage, RaftError> {
     let files = SnapshotDir::open(&dir.path().join("snaps"), 1 << 20).unwrap();
-    SledRaftStorage::open(db, files)
+    // The real syncer: the storage's flushes are fdatasynced in tests too.
+    let syncer = crate::durable::Syncer::open(dir.path()).unwrap();
+    SledRaftStorage::open(db, files, syncer)
 }
 
 fn fill(data: &'static [u8]) -> impl FnMut(&mut dyn Write) -> Result<(), String> {
