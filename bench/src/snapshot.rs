@@ -222,10 +222,10 @@ fn file_way(
     let (take, take_peak, writer) = measure(|| core.snapshot().map_err(anyhow::Error::msg))?;
     let mut writer = Some(writer);
     let (file_write, file_peak, (descriptor, path)) = measure(|| {
-        Ok(files.write(index, 1, &mut |out| match writer.take() {
-            Some(write) => write(out),
-            None => Err("written twice".into()),
-        })?)
+        let writer = writer
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("the snapshot was written already"))?;
+        Ok(files.write(index, 1, writer)?)
     })?;
     let (write, write_peak) = (take + file_write, take_peak.max(file_peak));
     drop(core);

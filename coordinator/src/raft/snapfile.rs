@@ -139,14 +139,15 @@ impl SnapshotDir {
     }
 
     /// Writes a snapshot: `fill` serialises into the file (through a
-    /// buffer; it must write the whole state or fail). The file is
-    /// complete, fsynced and in place (directory fsynced) when this
-    /// returns; on any error only a temporary file may be left.
+    /// buffer; it must write the whole state or fail), called once (a
+    /// `SnapshotWriter` is one). The file is complete, fsynced and in
+    /// place (directory fsynced) when this returns; on any error only a
+    /// temporary file may be left.
     pub fn write(
         &self,
         index: u64,
         term: u64,
-        fill: &mut dyn FnMut(&mut dyn Write) -> Result<(), String>,
+        fill: impl FnOnce(&mut dyn Write) -> Result<(), String>,
     ) -> Result<(Descriptor, PathBuf), RaftError> {
         let temp = self.dir.join(format!("snap-{index:020}-{term:020}.tmp"));
         let file = create(&temp)?;
@@ -414,7 +415,7 @@ mod tests {
     use super::*;
 
     fn write_bytes(dir: &SnapshotDir, index: u64, data: &[u8]) -> (Descriptor, PathBuf) {
-        dir.write(index, 1, &mut |out| {
+        dir.write(index, 1, |out| {
             out.write_all(data).map_err(|e| e.to_string())
         })
         .unwrap()
@@ -470,7 +471,7 @@ mod tests {
         let (first, path) = write_bytes(&dir, 1, b"state one");
         // The application fails half-way.
         let error = dir
-            .write(2, 1, &mut |out| {
+            .write(2, 1, |out| {
                 out.write_all(b"half").map_err(|e| e.to_string())?;
                 Err("disk gone".into())
             })
@@ -478,7 +479,7 @@ mod tests {
         assert!(error.to_string().contains("disk gone"), "{error}");
         // Over the size limit.
         let error = dir
-            .write(3, 1, &mut |out| {
+            .write(3, 1, |out| {
                 out.write_all(&[0u8; 2000]).map_err(|e| e.to_string())
             })
             .unwrap_err();

@@ -726,7 +726,7 @@ fn snapshot_file(
         })?;
         return Ok((descriptor, path));
     }
-    let (descriptor, path) = files.write(index, term, &mut |out| {
+    let (descriptor, path) = files.write(index, term, |out| {
         out.write_all(&data).map_err(|error| error.to_string())
     })?;
     meta.insert(SNAPSHOT_DATA_KEY, descriptor.encode())?;

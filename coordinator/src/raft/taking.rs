@@ -90,14 +90,10 @@ fn spawn(
         .name(format!("gantry-snapshot-{index}"))
         .spawn(move || {
             super::fault::snapshot_write_delay();
-            let mut writer = Some(writer);
             // A panic is reported as a failure: a report that never came
             // would leave the loop waiting for it, taking no snapshot again.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                files.write(index, term, &mut |out| match writer.take() {
-                    Some(write) => write(out),
-                    None => Err("the snapshot was written already".into()),
-                })
+                files.write(index, term, writer)
             }))
             .unwrap_or_else(|_| {
                 Err(RaftError::SnapshotFile(format!(
@@ -180,17 +176,12 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         }
         let overtaken =
             taking.restores != self.restores || index <= self.raw.store().snapshot_index_term().0;
-        let (descriptor, path) = match written.result {
-            Ok(file) => file,
-            Err(error) if overtaken => {
-                tracing::info!(id = self.id, index, %error, "snapshot dropped: a peer's was installed while it was written");
-                return Ok(());
-            }
-            Err(error) => return Err(error),
-        };
         if overtaken {
-            if self.raw.store().snapshot_file() != Some(path.as_path()) {
-                let _ = std::fs::remove_file(&path);
+            // Whether written or not, it is of a state replaced since.
+            if let Ok((_, path)) = &written.result
+                && self.raw.store().snapshot_file() != Some(path.as_path())
+            {
+                let _ = std::fs::remove_file(path);
             }
             tracing::info!(
                 id = self.id,
@@ -199,6 +190,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
             );
             return Ok(());
         }
+        let (descriptor, path) = written.result?;
         let written_in = taking.started.elapsed();
         let bytes = descriptor.size;
         self.raw

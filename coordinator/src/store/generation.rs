@@ -74,8 +74,8 @@ impl Store {
         Ok(state_from(snapshot, next_event_index))
     }
 
-    /// Makes the snapshot this replica took at `index` (`file`, written
-    /// with [`Store::write_snapshot`], which returned `mark`) the base of
+    /// Makes the snapshot this replica took at `index` (`file`, taken with
+    /// [`Store::take_snapshot`], which returned `mark`) the base of
     /// a new generation. Its journal starts with the journal writes made
     /// since the snapshot, carried over from `mark` on: the state may have
     /// moved on while the file was written (off the replica loop), and

@@ -77,7 +77,7 @@ impl Store {
 
     /// Where the stored state stands now, for a snapshot of the state as
     /// it is: the journal writes from here on are the changes after it.
-    pub fn snapshot_mark(&self) -> SnapshotMark {
+    fn snapshot_mark(&self) -> SnapshotMark {
         SnapshotMark {
             generation: self.base.generation,
             journal_from: self.journal_next,
