@@ -226,7 +226,8 @@ pub fn restore(file: &Path, data_dir: &Path, id: u64) -> Result<Restored, Backup
     let store = Store::open(data_dir).map_err(|e| dir_error(e.to_string()))?;
     let files = SnapshotDir::in_data_dir(data_dir, DEFAULT_MAX_SNAPSHOT_BYTES)
         .map_err(|e| dir_error(e.to_string()))?;
-    let mut storage = SledRaftStorage::open(store.db(), files, store.syncer())
+    let wal_dir = data_dir.join(crate::raft::wal::DIR_NAME);
+    let mut storage = SledRaftStorage::open(store.db(), files, &wal_dir, store.syncer())
         .map_err(|e| BackupError::Io(e.to_string()))?;
     // Plans carry their leader's term and apply refuses one older than the
     // last it applied: the new cluster's terms must come after it.
@@ -350,7 +351,8 @@ mod tests {
         let store = Store::open(&target).expect("open");
         let files = SnapshotDir::in_data_dir(&target, 1 << 30).expect("snapshot dir");
         let storage =
-            SledRaftStorage::open(store.db(), files, store.syncer()).expect("raft storage");
+            SledRaftStorage::open(store.db(), files, &target.join("raft-wal"), store.syncer())
+                .expect("raft storage");
         assert_eq!(storage.snapshot_index_term(), (10, 7));
         assert_eq!(storage.conf_state().voters, [1]);
         // The id fence: new ids start past any the lost cluster gave out.

@@ -401,6 +401,7 @@ pub async fn start(
     raft_config.peer_tls = credentials.peer_tls();
     raft_config.cluster_name = config.cluster_name.clone();
     raft_config.snapshot_dir = config.data_dir.join(crate::raft::snapfile::DIR_NAME);
+    raft_config.wal_dir = config.data_dir.join(crate::raft::wal::DIR_NAME);
     raft_config.syncer = syncer;
     if let Some(bytes) = config.raft_snapshot_chunk {
         raft_config.snapshot_chunk_bytes = bytes;

@@ -9,11 +9,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use gantry_coordinator::raft::wal::{Record, Wal};
 use gantry_coordinator::raft::{
     ProposeError, RaftConfig, RaftError, RaftHandle, RaftNode, RaftPeerService,
     ReplicatedStateMachine, SnapshotWriter,
 };
 use gantry_proto::raft as raft_pb;
+use raft::eraftpb::Entry;
 use raft_pb::raft_peer_server::{RaftPeer, RaftPeerServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -269,6 +271,7 @@ fn open_db(dir: &Path) -> sled::Db {
 fn test_config(id: u64, peers: BTreeMap<u64, String>, dir: &Path) -> RaftConfig {
     RaftConfig {
         snapshot_dir: dir.join("raft-snapshots"),
+        wal_dir: dir.join("raft-wal"),
         ..RaftConfig::for_test(id, peers)
     }
 }
@@ -778,19 +781,32 @@ async fn restart_restores_state_and_refuses_inconsistent_storage() {
 
     // A hole in the log: refused.
     {
-        let db = open_db(dir.path());
-        let log = db.open_tree("raft_log").unwrap();
-        let (first, _) = log.first().unwrap().unwrap();
-        let (last, _) = log.last().unwrap().unwrap();
-        assert!(first < last);
-        let mut middle = [0u8; 8];
-        middle.copy_from_slice(&first);
-        let middle = u64::from_be_bytes(middle) + 1;
-        log.remove(middle.to_be_bytes()).unwrap();
-        db.flush().unwrap();
+        let last = *wal_entry_indexes(dir.path()).last().unwrap();
+        let mut wal = Wal::open(&dir.path().join("raft-wal"), 1 << 20, &mut |_, _| Ok(())).unwrap();
+        wal.push_entry(&Entry {
+            index: last + 2,
+            term: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        wal.sync().unwrap();
     }
     let error = start_single(dir.path(), Toy::default()).err().unwrap();
     assert!(error.to_string().contains("raft log has a gap"), "{error}");
+}
+
+/// The indexes of the entry records in the log files of `dir`, in the
+/// order written.
+fn wal_entry_indexes(dir: &Path) -> Vec<u64> {
+    let mut indexes = Vec::new();
+    Wal::open(&dir.join("raft-wal"), 1 << 20, &mut |record, _| {
+        if let Record::Entry(entry) = record {
+            indexes.push(entry.index);
+        }
+        Ok(())
+    })
+    .unwrap();
+    indexes
 }
 
 /// (f) Issue 10 item 8: a snapshot the application cannot take stops the
@@ -836,10 +852,8 @@ async fn failed_snapshot_stops_the_replica_and_keeps_the_log() {
         let meta = db.open_tree("raft_meta").unwrap();
         assert!(meta.get("snapshot_meta").unwrap().is_none());
         assert!(meta.get("truncated").unwrap().is_none());
-        let log = db.open_tree("raft_log").unwrap();
-        let (first, _) = log.first().unwrap().unwrap();
-        assert_eq!(first.as_ref(), 1u64.to_be_bytes());
     }
+    assert_eq!(wal_entry_indexes(dir.path()).first(), Some(&1));
     // A fresh application replays the whole log.
     let fresh = Toy::default();
     let node = start_single(dir.path(), fresh.clone()).unwrap();

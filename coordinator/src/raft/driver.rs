@@ -103,7 +103,7 @@ pub(super) struct Driver<A: ReplicatedStateMachine> {
     /// Messages of such `Ready`s that may leave only once it is durable.
     pub(super) unpersisted: VecDeque<(u64, Vec<Message>)>,
     /// A failed flush of the flusher's, which stops the loop.
-    pub(super) persist_failure: Option<sled::Error>,
+    pub(super) persist_failure: Option<RaftError>,
     /// The snapshot whose file is being written ([`super::taking`]).
     pub(super) taking: Option<super::taking::Taking>,
     /// Peers' snapshots installed so far (a snapshot of our own in flight
@@ -138,7 +138,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
                 }
             }
             if let Some(error) = self.persist_failure.take() {
-                failure = Some(error.into());
+                failure = Some(error);
                 break;
             }
             if let Some(error) = self.snapshot_failure.take() {
@@ -192,7 +192,7 @@ impl<A: ReplicatedStateMachine> Driver<A> {
         }
         self.abandon_snapshot();
         self.app.stop();
-        if let Err(error) = self.raw.store().flush() {
+        if let Err(error) = self.raw.mut_store().flush() {
             tracing::error!(id = self.id, %error, "raft storage flush on shutdown failed");
         }
         self.publish(false);
@@ -429,7 +429,8 @@ impl<A: ReplicatedStateMachine> Driver<A> {
     fn on_leader_ready(&mut self, mut ready: raft::Ready) -> Result<(), RaftError> {
         let number = ready.number();
         if ready.must_sync() {
-            if !self.flusher.request(number) {
+            let file = self.raw.mut_store().sync_target()?;
+            if !self.flusher.request(number, file) {
                 return Err(RaftError::Inconsistent(
                     "the raft flush thread has stopped".into(),
                 ));

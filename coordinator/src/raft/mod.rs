@@ -111,6 +111,7 @@ pub mod snapfile;
 pub mod storage;
 mod taking;
 pub mod transport;
+pub mod wal;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -289,6 +290,9 @@ pub struct RaftConfig {
     pub cluster_name: String,
     /// Where snapshot files live (`<data dir>/raft-snapshots`); required.
     pub snapshot_dir: PathBuf,
+    /// Where the log's segment files live (`<data dir>/raft-wal`,
+    /// [`wal`]); required.
+    pub wal_dir: PathBuf,
     /// Size of the chunks a snapshot is sent in (`--raft-snapshot-chunk`).
     pub snapshot_chunk_bytes: usize,
     /// Largest snapshot written or accepted from a peer
@@ -297,9 +301,10 @@ pub struct RaftConfig {
     /// This replica's HTTP API base URL, sent with every batch to its peers
     /// so a follower can name the leader's to HTTP clients (`http_urls`).
     pub http_url: Option<String>,
-    /// Makes the Raft log's flushes durable (the store's, whose database
-    /// the log shares: [`crate::durable`]); none by default (a test's
-    /// temporary database).
+    /// Makes the flushes of the Raft metadata durable (the store's, whose
+    /// database the metadata shares: [`crate::durable`]); none by default
+    /// (a test's temporary database). The log's own files are always
+    /// synced.
     pub syncer: crate::durable::Syncer,
 }
 
@@ -320,6 +325,7 @@ impl RaftConfig {
             peer_tls: None,
             cluster_name: String::new(),
             snapshot_dir: PathBuf::new(),
+            wal_dir: PathBuf::new(),
             snapshot_chunk_bytes: snapfile::DEFAULT_CHUNK_BYTES,
             max_snapshot_bytes: snapfile::DEFAULT_MAX_SNAPSHOT_BYTES,
             http_url: None,
@@ -371,6 +377,9 @@ impl RaftConfig {
         }
         if self.snapshot_dir.as_os_str().is_empty() {
             return Err(RaftError::Config("raft snapshot_dir must be set".into()));
+        }
+        if self.wal_dir.as_os_str().is_empty() {
+            return Err(RaftError::Config("raft wal_dir must be set".into()));
         }
         if self.snapshot_chunk_bytes == 0 || self.snapshot_chunk_bytes > snapfile::MAX_CHUNK_BYTES {
             return Err(RaftError::Config(format!(
@@ -518,6 +527,10 @@ pub enum RaftError {
     /// refuses to start rather than apply a wrong history.
     #[error("raft storage is inconsistent: {0}")]
     Inconsistent(String),
+    /// A file of the Raft log ([`wal`]) could not be created, written,
+    /// synced, read or removed.
+    #[error("raft log file: {0}")]
+    Wal(String),
     /// A snapshot file could not be written, read, received or checked.
     #[error("raft snapshot file: {0}")]
     SnapshotFile(String),
@@ -620,6 +633,7 @@ mod tests {
     fn config_validation() {
         let single = |id, url| RaftConfig {
             snapshot_dir: PathBuf::from("/tmp/snaps"),
+            wal_dir: PathBuf::from("/tmp/wal"),
             ..RaftConfig::single(id, url)
         };
         assert!(single(1, "http://a:1").validate().is_ok());

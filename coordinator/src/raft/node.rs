@@ -73,7 +73,7 @@ pub(crate) enum Input<A: ReplicatedStateMachine> {
     /// ([`super::flusher`]).
     Persisted {
         number: u64,
-        flushed: Result<(), sled::Error>,
+        flushed: Result<(), RaftError>,
     },
     /// The snapshot writer thread's report ([`super::taking`]).
     SnapshotWritten(super::taking::Written),
@@ -227,7 +227,7 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
             .map_err(|error| RaftError::Start(format!("no tokio runtime: {error}")))?;
         let files = SnapshotDir::open(&config.snapshot_dir, config.max_snapshot_bytes)?;
         let snapshots = Arc::new(SnapshotInbox::new(files.clone()));
-        let mut storage = SledRaftStorage::open(db, files, config.syncer.clone())?;
+        let mut storage = SledRaftStorage::open(db, files, &config.wal_dir, config.syncer.clone())?;
         let flag_voters: Vec<u64> = config.peers.keys().copied().collect();
         let joining = storage.is_fresh() && config.join;
         if storage.is_fresh() && !config.join {
@@ -321,8 +321,6 @@ impl<A: ReplicatedStateMachine> RaftNode<A> {
         let flush_inbox = inbox.clone();
         let flusher = Flusher::start(
             config.id,
-            db.clone(),
-            config.syncer.clone(),
             Box::new(move |number, flushed| {
                 flush_inbox
                     .send(Input::Persisted { number, flushed })

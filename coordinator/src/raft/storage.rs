@@ -1,36 +1,52 @@
-//! The Raft log, hard state and latest snapshot in sled, implementing
+//! The Raft log, hard state and latest snapshot, implementing
 //! [`raft::Storage`].
 //!
-//! Trees (in the coordinator's database):
-//! - `raft_log`: entry index (8 bytes, big endian) -> encoded
-//!   [`Entry`];
-//! - `raft_meta`: `hard_state`, `conf_state`, `snapshot_meta` and
+//! - **Entries and hard state** are records of the log's segment files
+//!   ([`super::wal`]), and the entries after the compaction point are
+//!   also held in memory (the log is compacted at every snapshot, so they
+//!   are a bounded tail); a flush is one `fdatasync` of the current
+//!   segment.
+//! - **The rest** is in sled's `raft_meta` tree (in the coordinator's
+//!   database), flushed and synced at once when it changes (snapshots,
+//!   compactions, membership: rare): `conf_state`, `snapshot_meta` and
 //!   `snapshot_data` (the latest snapshot's file [`Descriptor`]: the state
 //!   itself is a file in the snapshot directory, [`super::snapfile`], kept
 //!   to send to followers that are too far behind), and `truncated` (index and term of the last entry
 //!   removed by compaction; the log starts right after it), and
 //!   `cluster_id` (8 bytes, big endian; fixed when the cluster is created).
+//!   `hard_state` is only read, from storage written before the log had
+//!   files of its own, as is the `raft_log` tree, whose entries move into
+//!   the files at the first open.
+//!
+//! The store's own writes (applied commands, in the same database) are not
+//! flushed with the log: sled writes them out within its flush interval,
+//! and a replica killed before that applies the log's entries again from
+//! its store's applied index. A snapshot's record flushes the database,
+//! so the store is durable at least up to any compaction point.
 //!
 //! The applied index is not stored here: the application owns it
 //! ([`ReplicatedStateMachine::applied_index`](super::ReplicatedStateMachine::applied_index)),
 //! and the driver checks on start that it agrees with this log.
 //!
-//! Writes go to sled's buffers; [`SledRaftStorage::flush`] makes them durable
-//! and the driver calls it before sending any message that must follow
-//! persistence. Only the driver thread holds this value, so the small cache
-//! of metadata (first/last index, hard state) needs no lock.
+//! Log writes are queued; [`SledRaftStorage::flush`] (or the leader's flush
+//! thread, given [`SledRaftStorage::sync_target`]) makes them durable, and
+//! the driver calls it before sending any message that must follow
+//! persistence. Only the driver thread holds this value, so the log and
+//! metadata it caches need no lock.
 
+use std::fs::File;
 use std::io::Write;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 use super::RaftError;
 use super::snapfile::{Descriptor, SnapshotDir};
+use super::wal::{Place, Record, Wal};
 use crate::durable::Syncer;
+use entries::{CACHE_BYTES, LogEntries};
 
 const LOG_TREE: &str = "raft_log";
 const META_TREE: &str = "raft_meta";
@@ -40,18 +56,23 @@ const SNAPSHOT_META_KEY: &[u8] = b"snapshot_meta";
 const SNAPSHOT_DATA_KEY: &[u8] = b"snapshot_data";
 const TRUNCATED_KEY: &[u8] = b"truncated";
 const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
-/// Entries removed per sled batch when the log is compacted: sled reads
-/// back every node a batch touches and keeps them all until the batch is
-/// done, so one batch of 10,000 entries held tens of MiB at every snapshot.
-const COMPACT_BATCH: u64 = 256;
 
-/// The Raft log and metadata on sled trees of the coordinator's database.
+/// The Raft log in its segment files, its metadata in a sled tree of the
+/// coordinator's database.
 pub struct SledRaftStorage {
     db: sled::Db,
-    /// Makes the flushes durable ([`crate::durable`]).
+    /// Makes the metadata's flushes durable ([`crate::durable`]).
     syncer: Syncer,
-    log: sled::Tree,
     meta: sled::Tree,
+    /// The entries' and hard state's files.
+    wal: Wal,
+    /// The entries after `truncated` ([`entries`]).
+    log: LogEntries,
+    /// The compaction point as last synced in `meta`: segments at or
+    /// below it may be removed.
+    durable_truncated: u64,
+    /// `meta` was written since its last sync.
+    meta_dirty: bool,
     hard_state: HardState,
     conf_state: ConfState,
     /// Index and term of the latest snapshot (0, 0 when there is none).
@@ -66,12 +87,6 @@ pub struct SledRaftStorage {
     truncated: (u64, u64),
     /// Index and term of the last entry (`truncated` when the log is empty).
     last: (u64, u64),
-    /// The first entry still stored: below `truncated.0 + 1` while a
-    /// compaction's entries are being removed ([`Self::compact_step`]), a
-    /// bounded batch a round, so that no round of the loop waits for all
-    /// of them (10,000 removals took 55-60 ms, a stall of every replica at
-    /// once).
-    stored_from: u64,
     /// The cluster's id, once stored (storage written before cluster ids
     /// existed has none until the driver stores one).
     cluster_id: Option<u64>,
@@ -116,20 +131,38 @@ pub struct SnapshotTarget {
 }
 
 impl SledRaftStorage {
-    /// Opens the Raft trees of `db` with snapshot files in `files`, loads
-    /// the metadata and checks that the log is contiguous and agrees with
-    /// the hard state and snapshot, whose file must be there; a storage
-    /// that does not pass is refused with [`RaftError::Inconsistent`].
-    /// Leftovers (older snapshots, temporary files of a write or transfer
-    /// a crash cut short) are removed.
+    /// Opens the Raft log in `wal_dir` and its metadata in `db`, with
+    /// snapshot files in `files`; checks that the log is contiguous and
+    /// agrees with the hard state and snapshot, whose file must be there;
+    /// a storage that does not pass is refused with
+    /// [`RaftError::Inconsistent`]. Leftovers (older snapshots, temporary
+    /// files of a write or transfer a crash cut short) are removed; a log
+    /// still in sled (written before the log had files) moves to them.
     pub fn open(
         db: &sled::Db,
         files: SnapshotDir,
+        wal_dir: &Path,
         syncer: Syncer,
     ) -> Result<SledRaftStorage, RaftError> {
-        let log = db.open_tree(LOG_TREE)?;
+        Self::open_sized(
+            db,
+            files,
+            wal_dir,
+            super::wal::DEFAULT_SEGMENT_BYTES,
+            syncer,
+        )
+    }
+
+    /// [`Self::open`] with segments of `segment_bytes` (tests roll over
+    /// small ones).
+    pub fn open_sized(
+        db: &sled::Db,
+        files: SnapshotDir,
+        wal_dir: &Path,
+        segment_bytes: u64,
+        syncer: Syncer,
+    ) -> Result<SledRaftStorage, RaftError> {
         let meta = db.open_tree(META_TREE)?;
-        let hard_state: HardState = read_message(&meta, HARD_STATE_KEY)?.unwrap_or_default();
         let conf_state: ConfState = read_message(&meta, CONF_STATE_KEY)?.unwrap_or_default();
         let snapshot = read_message::<SnapshotMetadata>(&meta, SNAPSHOT_META_KEY)?
             .map(|m| (m.index, m.term))
@@ -144,48 +177,28 @@ impl SledRaftStorage {
                 )));
             }
         };
-
-        let last = match log.last()? {
-            None => truncated,
-            Some((key, value)) => {
-                let index = key_index(&key)?;
-                let entry = decode::<Entry>(&value, "raft_log")?;
-                if entry.index != index {
-                    return Err(RaftError::Inconsistent(format!(
-                        "raft log key {index} holds the entry of index {}",
-                        entry.index
-                    )));
-                }
-                // Only entries an installed snapshot left behind (not
-                // removed yet): the log ends at the snapshot.
-                if index < truncated.0 {
-                    truncated
-                } else {
-                    (index, entry.term)
-                }
-            }
-        };
-        let mut stored_from = truncated.0 + 1;
-        if let Some((key, _)) = log.first()? {
-            let first = key_index(&key)?;
-            if first > truncated.0 + 1 {
-                return Err(RaftError::Inconsistent(format!(
-                    "raft log starts at index {first} but it was truncated at {}",
-                    truncated.0
-                )));
-            }
-            // Entries at or below the truncation point are a compaction's
-            // not yet removed (or cut short by a crash): removed from here.
-            stored_from = first;
-            let live = log.range((truncated.0 + 1).to_be_bytes()..).count() as u64;
-            if live != last.0 - truncated.0 {
-                return Err(RaftError::Inconsistent(format!(
-                    "raft log has a gap: {live} entries between index {} and {}",
-                    truncated.0 + 1,
-                    last.0
-                )));
-            }
+        let mut replay = Replay::new(truncated.0);
+        let mut wal = Wal::open(wal_dir, segment_bytes, &mut |record, place| {
+            replay.record(record, place)
+        })?;
+        if db
+            .tree_names()
+            .iter()
+            .any(|name| name == LOG_TREE.as_bytes())
+        {
+            let old_log = db.open_tree(LOG_TREE)?;
+            migrate_sled_log(db, &syncer, &old_log, &meta, &mut wal, &mut replay)?;
         }
+        let Replay {
+            log,
+            hard_state: wal_hard_state,
+            ..
+        } = replay;
+        let mut hard_state = match wal_hard_state {
+            Some(hard_state) => hard_state,
+            None => read_message(&meta, HARD_STATE_KEY)?.unwrap_or_default(),
+        };
+        let last = log.last().unwrap_or(truncated);
         if snapshot.0 < truncated.0 || snapshot.0 > last.0 {
             return Err(RaftError::Inconsistent(format!(
                 "snapshot at index {} is outside the log [{}, {}]",
@@ -198,12 +211,18 @@ impl SledRaftStorage {
                 hard_state.commit, last.0
             )));
         }
-        if hard_state.commit < truncated.0 {
-            return Err(RaftError::Inconsistent(format!(
-                "commit index {} is behind the compacted log (truncated at {})",
-                hard_state.commit, truncated.0
-            )));
+        // The compaction point is synced before the log's records of a
+        // snapshot install (see `apply_snapshot`): a crash between them
+        // leaves the older commit index, and what is compacted was
+        // committed.
+        hard_state.commit = hard_state.commit.max(truncated.0);
+        if hard_state.term < truncated.1 {
+            // Likewise the install's term: it never voted in that term, or
+            // its hard state would be at least there.
+            hard_state.term = truncated.1;
+            hard_state.vote = 0;
         }
+        wal.push_hard_state(&hard_state)?;
         let cluster_id = match meta.get(CLUSTER_ID_KEY)? {
             None => None,
             Some(bytes) if bytes.len() == 8 && be_u64(&bytes) != 0 => Some(be_u64(&bytes)),
@@ -223,8 +242,11 @@ impl SledRaftStorage {
         Ok(SledRaftStorage {
             db: db.clone(),
             syncer,
-            log,
             meta,
+            wal,
+            log,
+            durable_truncated: truncated.0,
+            meta_dirty: false,
             hard_state,
             conf_state,
             snapshot,
@@ -232,7 +254,6 @@ impl SledRaftStorage {
             files,
             truncated,
             last,
-            stored_from,
             cluster_id,
         })
     }
@@ -267,6 +288,7 @@ impl SledRaftStorage {
             return Err(RaftError::Config("cluster id must not be 0".into()));
         }
         self.meta.insert(CLUSTER_ID_KEY, &id.to_be_bytes())?;
+        self.meta_dirty = true;
         self.cluster_id = Some(id);
         Ok(())
     }
@@ -287,17 +309,19 @@ impl SledRaftStorage {
         };
         self.meta
             .insert(CONF_STATE_KEY, encode(&conf_state, "conf state")?)?;
+        self.meta_dirty = true;
         self.conf_state = conf_state;
         Ok(())
     }
 
     /// Replaces the configuration when a conf change applies
-    /// ([`super::membership`]). Not durable until [`flush`](Self::flush).
+    /// ([`super::membership`]), durably at once: a leader's flushes cover
+    /// only the log's files.
     pub fn set_conf_state(&mut self, conf_state: ConfState) -> Result<(), RaftError> {
         self.meta
             .insert(CONF_STATE_KEY, encode(&conf_state, "conf state")?)?;
         self.conf_state = conf_state;
-        Ok(())
+        self.sync_meta()
     }
 
     /// The stored hard state.
@@ -363,28 +387,14 @@ impl SledRaftStorage {
                 first.index, self.last.0
             )));
         }
-        if first.index == self.last.0 + 1 {
-            // A pure extension (the usual case): plain inserts in index
-            // order. sled recovers its log as a prefix, so a crash before
-            // the flush leaves a shorter contiguous log, which Raft
-            // tolerates (nothing unflushed was acknowledged). A batch would
-            // cost sled two more synced writes (it rolls its buffer and
-            // writes a manifest), which every flush after it waits for.
-            for entry in entries {
-                self.log
-                    .insert(entry.index.to_be_bytes(), encode(entry, "entry")?)?;
-            }
-        } else {
-            // Replacing a conflicting suffix stays atomic: a crash must not
-            // leave new entries followed by older-term ones.
-            let mut batch = sled::Batch::default();
-            for index in last.index + 1..=self.last.0 {
-                batch.remove(&index.to_be_bytes());
-            }
-            for entry in entries {
-                batch.insert(&entry.index.to_be_bytes(), encode(entry, "entry")?);
-            }
-            self.log.apply_batch(batch)?;
+        // On replay, an entry replaces any at or after its index, so a
+        // conflicting suffix needs no record of its own; a crash in the
+        // middle of the write leaves a prefix of the new entries after the
+        // kept ones, never older-term entries after new ones.
+        let places = self.wal.append_entries(entries)?;
+        self.log.truncate_from(first.index);
+        for (entry, place) in entries.iter().zip(places) {
+            self.log.push(entry.clone(), place)?;
         }
         self.last = (last.index, last.term);
         Ok(())
@@ -392,8 +402,7 @@ impl SledRaftStorage {
 
     /// Stores a new hard state. Not durable until [`flush`](Self::flush).
     pub fn set_hard_state(&mut self, hard_state: &HardState) -> Result<(), RaftError> {
-        self.meta
-            .insert(HARD_STATE_KEY, encode(hard_state, "hard state")?)?;
+        self.wal.push_hard_state(hard_state)?;
         self.hard_state = hard_state.clone();
         Ok(())
     }
@@ -432,24 +441,23 @@ impl SledRaftStorage {
             CONF_STATE_KEY,
             encode(metadata.get_conf_state(), "conf state")?,
         )?;
+        // The metadata first: a crash before the log's reset is written
+        // leaves entries past the snapshot that Raft overwrites, where the
+        // other order could leave a commit index past the log's end.
+        self.sync_meta()?;
+        self.wal.push_reset(index);
         let mut hard_state = self.hard_state.clone();
         hard_state.term = hard_state.term.max(term);
         hard_state.commit = index;
         self.set_hard_state(&hard_state)?;
-        // The entries past the snapshot go now (they may conflict with the
-        // leader's log); those up to it are behind the new start and leave
-        // a batch a round, as a compaction's do ([`Self::compact_step`]):
-        // a lagging follower's whole log in one sled batch stalled its loop.
-        let mut batch = sled::Batch::default();
-        for item in self.log.range((index + 1).to_be_bytes()..).keys() {
-            batch.remove(item?);
-        }
-        self.log.apply_batch(batch)?;
+        // Everything at or before the snapshot is compacted; what is past
+        // it may conflict with the leader's log.
+        self.log = LogEntries::new(index + 1, CACHE_BYTES);
         self.snapshot = (index, term);
         self.snapshot_file = Some((descriptor, path));
         self.truncated = (index, term);
+        self.durable_truncated = index;
         self.last = (index, term);
-        self.stored_from = self.stored_from.min(index + 1);
         self.conf_state = metadata.get_conf_state().clone();
         Ok(())
     }
@@ -548,18 +556,21 @@ impl SledRaftStorage {
         self.meta.insert(SNAPSHOT_DATA_KEY, descriptor.encode())?;
         self.meta
             .insert(SNAPSHOT_META_KEY, encode(&metadata, "snapshot metadata")?)?;
-        self.syncer.flush(&self.db)?;
         self.snapshot = (index, term);
         self.snapshot_file = Some((descriptor, path));
-        self.remove_stale_snapshots();
         self.compact(index.saturating_sub(keep))?;
+        // One sync for the snapshot's record, the compaction point and the
+        // store's writes so far (the same database): the store is durable
+        // past any index the log no longer holds.
+        self.sync_meta()?;
+        self.remove_stale_snapshots();
         Ok(())
     }
 
     /// Compacts the log through `through` (never past the snapshot: what is
-    /// removed must be covered by it): from now on it starts after it. The
-    /// entries themselves leave with the next calls of
-    /// [`Self::compact_step`].
+    /// removed must be covered by it): from now on it starts after it. Its
+    /// files leave with the next calls of [`Self::compact_step`], once the
+    /// compaction point is synced.
     pub fn compact(&mut self, through: u64) -> Result<(), RaftError> {
         let through = through.min(self.snapshot.0);
         if through <= self.truncated.0 {
@@ -568,42 +579,51 @@ impl SledRaftStorage {
         let term = self.term_of(through)?;
         self.meta
             .insert(TRUNCATED_KEY, index_term_bytes(through, term).to_vec())?;
+        self.meta_dirty = true;
         self.truncated = (through, term);
+        self.log.compact_through(through);
         Ok(())
     }
 
-    /// Removes up to [`COMPACT_BATCH`] of the entries a compaction left
-    /// (one sled batch: sled holds every node a batch touches until it
-    /// ends); true while some are left. The loop calls it once a round.
+    /// Removes one segment file the compaction point passed (syncing the
+    /// point first when it is not yet); true while another may go. The
+    /// loop calls it once a round.
     pub fn compact_step(&mut self) -> Result<bool, RaftError> {
-        if self.stored_from > self.truncated.0 {
-            return Ok(false);
+        if self.durable_truncated < self.truncated.0 {
+            self.sync_meta()?;
         }
-        // The stored ones only: an installed snapshot may lie far past the
-        // end of what was stored.
-        let mut batch = sled::Batch::default();
-        let mut removed = 0;
-        for key in self
-            .log
-            .range(self.stored_from.to_be_bytes()..=self.truncated.0.to_be_bytes())
-            .keys()
-            .take(COMPACT_BATCH as usize)
-        {
-            let key = key?;
-            self.stored_from = key_index(&key)? + 1;
-            batch.remove(key);
-            removed += 1;
-        }
-        self.log.apply_batch(batch)?;
-        if removed < COMPACT_BATCH {
-            self.stored_from = self.truncated.0 + 1;
-        }
-        Ok(self.stored_from <= self.truncated.0)
+        self.wal.remove_one_through(self.durable_truncated)
     }
 
-    /// Makes every write so far durable (one fsync for the whole database).
-    pub fn flush(&self) -> Result<(), RaftError> {
+    /// The number of the log's segment files.
+    pub fn segment_files(&self) -> usize {
+        self.wal.segments()
+    }
+
+    /// Makes every write so far durable: the log's records (one
+    /// `fdatasync`), and the metadata when it changed.
+    pub fn flush(&mut self) -> Result<(), RaftError> {
+        self.wal.sync()?;
+        if self.meta_dirty {
+            self.sync_meta()?;
+        }
+        Ok(())
+    }
+
+    /// Writes out the log's queued records and returns the file whose
+    /// `fdatasync` makes every record so far durable (the leader's flush
+    /// thread syncs it, [`super::flusher`]); `None` when nothing was ever
+    /// written. The metadata is synced where it changes.
+    pub fn sync_target(&mut self) -> Result<Option<Arc<File>>, RaftError> {
+        self.wal.sync_target()
+    }
+
+    /// Flushes and syncs the database: the metadata (and the store's
+    /// writes so far).
+    fn sync_meta(&mut self) -> Result<(), RaftError> {
         self.syncer.flush(&self.db)?;
+        self.meta_dirty = false;
+        self.durable_truncated = self.truncated.0;
         Ok(())
     }
 
@@ -617,12 +637,15 @@ impl SledRaftStorage {
         if index == self.last.0 {
             return Ok(self.last.1);
         }
-        match self.log.get(index.to_be_bytes())? {
-            Some(bytes) => Ok(decode::<Entry>(&bytes, "raft_log")?.term),
-            None => Err(RaftError::Inconsistent(format!(
-                "raft log has no entry at index {index}"
-            ))),
-        }
+        self.log.term(index).ok_or_else(|| {
+            RaftError::Inconsistent(format!("raft log has no entry at index {index}"))
+        })
+    }
+
+    /// Bytes of the log's entries held decoded in memory (the newest, up
+    /// to a budget; older ones are read back from their files).
+    pub fn cached_log_bytes(&self) -> u64 {
+        self.log.cached_bytes()
     }
 }
 
@@ -650,19 +673,20 @@ impl raft::Storage for SledRaftStorage {
         let max_size = max_size.into().unwrap_or(u64::MAX);
         let mut entries = Vec::with_capacity((high - low).min(1024) as usize);
         let mut size = 0u64;
-        let range = (
-            Bound::Included(low.to_be_bytes()),
-            Bound::Excluded(high.to_be_bytes()),
-        );
-        for item in self.log.range(range) {
-            let (_, value) = item.map_err(|error| to_raft(error.into()))?;
-            let entry = decode::<Entry>(&value, "raft_log").map_err(to_raft)?;
-            size += u64::from(entry.compute_size());
+        for index in low..high {
+            let Some(entry_size) = self.log.size(index) else {
+                break;
+            };
+            size += entry_size;
             // Always at least one entry, as the trait requires.
             if !entries.is_empty() && size > max_size {
                 break;
             }
-            entries.push(entry);
+            match self.log.get(index) {
+                Some(Ok(entry)) => entries.push(entry),
+                Some(Err(error)) => return Err(to_raft(error)),
+                None => break,
+            }
         }
         if entries.is_empty() && low < high {
             return Err(raft::Error::Store(StorageError::Unavailable));
@@ -739,6 +763,94 @@ fn snapshot_file(
     Ok((descriptor, path))
 }
 
+/// The log as its records are read back at open ([`Wal::open`]).
+struct Replay {
+    /// The compaction point: entries at or below it are skipped.
+    truncated: u64,
+    log: LogEntries,
+    /// The latest hard state record, if any.
+    hard_state: Option<HardState>,
+    /// Whether an entry record was read.
+    any_entry: bool,
+}
+
+impl Replay {
+    fn new(truncated: u64) -> Replay {
+        Replay {
+            truncated,
+            log: LogEntries::new(truncated + 1, CACHE_BYTES),
+            hard_state: None,
+            any_entry: false,
+        }
+    }
+
+    /// One record, in the order written (an entry with its place): an
+    /// entry replaces any at or after its index and must follow the one
+    /// before it; a reset drops those past its index.
+    fn record(&mut self, record: Record, place: Option<Place>) -> Result<(), RaftError> {
+        match record {
+            Record::HardState(hard_state) => self.hard_state = Some(hard_state),
+            Record::Reset(index) => self.log.truncate_from(index + 1),
+            Record::Entry(entry) => {
+                self.any_entry = true;
+                if entry.index <= self.truncated {
+                    return Ok(());
+                }
+                let place = place.ok_or_else(|| {
+                    RaftError::Inconsistent(format!("entry {} read without its place", entry.index))
+                })?;
+                self.log.truncate_from(entry.index);
+                self.log.push(entry, place)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Moves a log kept in sled's `raft_log` tree (storage written before the
+/// log had files) into the files, synced, then drops the tree. A crash
+/// after the files were synced and before the tree was dropped finds the
+/// entries in the files already and only drops the tree.
+fn migrate_sled_log(
+    db: &sled::Db,
+    syncer: &Syncer,
+    old_log: &sled::Tree,
+    meta: &sled::Tree,
+    wal: &mut Wal,
+    replay: &mut Replay,
+) -> Result<(), RaftError> {
+    if !replay.any_entry {
+        let mut entries = Vec::new();
+        for item in old_log.iter() {
+            let (key, value) = item?;
+            let entry = decode::<Entry>(&value, "raft_log")?;
+            if key.len() != 8 || be_u64(&key) != entry.index {
+                return Err(RaftError::Inconsistent(format!(
+                    "raft log key {key:?} holds the entry of index {}",
+                    entry.index
+                )));
+            }
+            entries.push(entry);
+        }
+        let moved = entries.len();
+        let places = wal.append_entries(&entries)?;
+        for (entry, place) in entries.into_iter().zip(places) {
+            replay.record(Record::Entry(entry), Some(place))?;
+        }
+        if replay.hard_state.is_none() {
+            if let Some(hard_state) = read_message::<HardState>(meta, HARD_STATE_KEY)? {
+                wal.push_hard_state(&hard_state)?;
+                replay.hard_state = Some(hard_state);
+            }
+        }
+        wal.sync()?;
+        tracing::info!(entries = moved, "raft log moved from sled to its files");
+    }
+    db.drop_tree(LOG_TREE)?;
+    syncer.flush(db)?;
+    Ok(())
+}
+
 fn to_raft(error: RaftError) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(error)))
 }
@@ -763,16 +875,6 @@ fn encode<M: protobuf::Message>(message: &M, what: &'static str) -> Result<Vec<u
         .map_err(|source| RaftError::Encode { what, source })
 }
 
-fn key_index(key: &[u8]) -> Result<u64, RaftError> {
-    if key.len() != 8 {
-        return Err(RaftError::Inconsistent(format!(
-            "raft log key has {} bytes, expected 8",
-            key.len()
-        )));
-    }
-    Ok(be_u64(key))
-}
-
 fn be_u64(bytes: &[u8]) -> u64 {
     let mut buf = [0u8; 8];
     buf.copy_from_slice(&bytes[..8]);
@@ -786,5 +888,6 @@ fn index_term_bytes(index: u64, term: u64) -> [u8; 16] {
     out
 }
 
+mod entries;
 #[cfg(test)]
 mod tests;

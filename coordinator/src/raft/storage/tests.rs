@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used)]
 
+use protobuf::Message as _;
 use raft::Storage as _;
 
 use super::*;
@@ -20,10 +21,19 @@ fn open_temp() -> (tempfile::TempDir, sled::Db) {
 }
 
 fn open_storage(dir: &tempfile::TempDir, db: &sled::Db) -> Result<SledRaftStorage, RaftError> {
+    open_with_segments(dir, db, super::super::wal::DEFAULT_SEGMENT_BYTES)
+}
+
+/// Segments of `segment_bytes`: small ones roll over within a test.
+fn open_with_segments(
+    dir: &tempfile::TempDir,
+    db: &sled::Db,
+    segment_bytes: u64,
+) -> Result<SledRaftStorage, RaftError> {
     let files = SnapshotDir::open(&dir.path().join("snaps"), 1 << 20).unwrap();
     // The real syncer: the storage's flushes are fdatasynced in tests too.
     let syncer = crate::durable::Syncer::open(dir.path()).unwrap();
-    SledRaftStorage::open(db, files, syncer)
+    SledRaftStorage::open_sized(db, files, &dir.path().join("wal"), segment_bytes, syncer)
 }
 
 fn fill(data: &'static [u8]) -> impl FnMut(&mut dyn Write) -> Result<(), String> {
@@ -139,30 +149,27 @@ fn hard_state_persists() {
     assert_eq!((state.term, state.vote, state.commit), (3, 2, 2));
 }
 
-/// The indexes of the entries in the log tree.
-fn stored_indexes(storage: &SledRaftStorage) -> Vec<u64> {
-    storage
-        .log
-        .iter()
-        .keys()
-        .map(|k| key_index(&k.unwrap()).unwrap())
-        .collect()
-}
-
-/// Compaction moves the log's start at once and removes its entries a
-/// bounded batch per step, all of them; entries a compaction had not
-/// removed yet when the replica stopped (or crashed) are accepted at
-/// open and removed by the next steps.
+/// Compaction moves the log's start at once and drops its entries from
+/// memory; the segment files it passed go a step at a time, once the
+/// compaction point is synced, the one being written never. Reopened, the
+/// log starts where it was compacted, even with every old segment still
+/// there (a replica stopped before its steps ran).
 #[test]
-fn compaction_removes_every_entry_through_its_index_in_batches() {
+fn compaction_moves_the_start_and_removes_the_segments_it_passed() {
     let (dir, db) = open_temp();
-    let mut storage = open_storage(&dir, &db).unwrap();
+    let mut storage = open_with_segments(&dir, &db, 8192).unwrap();
     storage.initialize(vec![1]).unwrap();
-    let count = 3 * COMPACT_BATCH + 10;
-    let entries: Vec<Entry> = (1..=count).map(|i| entry(i, 1)).collect();
-    storage.append(&entries).unwrap();
+    let count = 300;
+    for index in 1..=count {
+        let mut entry = entry(index, 1);
+        entry.data = vec![7u8; 100].into();
+        storage.append(&[entry]).unwrap();
+        storage.flush().unwrap();
+    }
     storage.set_commit(count).unwrap();
-    let through = 2 * COMPACT_BATCH + 7;
+    let segments = storage.segment_files();
+    assert!(segments >= 3, "{segments} segments");
+    let through = 250;
     storage
         .create_snapshot(through, &mut fill(b"state"), 0)
         .unwrap();
@@ -171,43 +178,31 @@ fn compaction_removes_every_entry_through_its_index_in_batches() {
         raft::Storage::entries(&storage, through, count, None, ctx()),
         Err(raft::Error::Store(StorageError::Compacted))
     ));
-    assert_eq!(
-        stored_indexes(&storage).len() as u64,
-        count,
-        "none removed yet"
-    );
-    assert!(
-        storage.compact_step().unwrap(),
-        "more after the first batch"
-    );
-    assert_eq!(
-        stored_indexes(&storage).first().copied(),
-        Some(COMPACT_BATCH + 1)
-    );
+    assert_eq!(storage.segment_files(), segments, "none removed yet");
 
-    // Stopped here: the storage opens with the rest still stored and
-    // removes them in the next steps.
+    // Stopped here: the old segments are read again and skipped.
     storage.flush().unwrap();
     drop(storage);
-    let mut storage = open_storage(&dir, &db).unwrap();
+    let mut storage = open_with_segments(&dir, &db, 8192).unwrap();
     assert_eq!(raft::Storage::first_index(&storage).unwrap(), through + 1);
-    let mut steps = 0;
-    while storage.compact_step().unwrap() {
-        steps += 1;
-    }
-    assert_eq!(steps, 1, "two batches: 256, then 7");
+    assert_eq!(raft::Storage::last_index(&storage).unwrap(), count);
+    while storage.compact_step().unwrap() {}
+    let left = storage.segment_files();
+    assert!(left < segments, "{left} of {segments} segments left");
     assert_eq!(
-        stored_indexes(&storage),
+        indexes(
+            &storage
+                .entries(through + 1, count + 1, None, ctx())
+                .unwrap()
+        ),
         (through + 1..=count).collect::<Vec<_>>()
     );
-    assert!(!storage.compact_step().unwrap(), "nothing left");
-
-    // A gap above the truncation point is still refused at open.
-    storage.log.remove((through + 3).to_be_bytes()).unwrap();
+    storage.append(&[entry(count + 1, 1)]).unwrap();
     storage.flush().unwrap();
     drop(storage);
-    let error = open_storage(&dir, &db).err().unwrap().to_string();
-    assert!(error.contains("gap"), "{error}");
+    let storage = open_with_segments(&dir, &db, 8192).unwrap();
+    assert_eq!(raft::Storage::first_index(&storage).unwrap(), through + 1);
+    assert_eq!(raft::Storage::last_index(&storage).unwrap(), count + 1);
 }
 
 #[test]
@@ -288,19 +283,21 @@ fn installing_a_snapshot_replaces_the_log() {
     assert_eq!(snapshot_bytes(&storage), b"state@20");
 }
 
-/// An installed snapshot removes the entries past it at once and
-/// leaves those up to it to `compact_step`, a batch a round; the
-/// storage opens with them still stored, even when the log's last
-/// stored entry is below the snapshot.
+/// An installed snapshot drops the log past it at once, in memory and
+/// (by a reset record) in the files; reopened, the entries appended
+/// after it follow the snapshot. A crash after the snapshot's metadata
+/// was synced and before the log's records were leaves the old entries
+/// past it (Raft overwrites them) and lifts the commit index and term to
+/// the snapshot's.
 #[test]
-fn installing_a_snapshot_removes_the_old_log_in_batches() {
+fn installing_a_snapshot_drops_the_log_past_it_across_crashes() {
     let (dir, db) = open_temp();
     let mut storage = open_storage(&dir, &db).unwrap();
     storage.initialize(vec![1, 2, 3]).unwrap();
-    let count = 2 * COMPACT_BATCH + 10;
-    let entries: Vec<Entry> = (1..=count).map(|i| entry(i, 1)).collect();
+    let entries: Vec<Entry> = (1..=30).map(|i| entry(i, 1)).collect();
     storage.append(&entries).unwrap();
     storage.set_commit(5).unwrap();
+    storage.flush().unwrap();
     let install = |storage: &mut SledRaftStorage, index: u64, term: u64| {
         let descriptor = storage
             .write_snapshot_file(index, term, &mut fill(b"state"))
@@ -308,36 +305,27 @@ fn installing_a_snapshot_removes_the_old_log_in_batches() {
         let snapshot = snapshot_message(&descriptor, index, term, vec![1, 2, 3]);
         storage.apply_snapshot(&snapshot).unwrap();
     };
-    // Past the old log's first entries: the ones after it (of an older
-    // term) go at once, the rest stays for the steps.
-    let index = COMPACT_BATCH + 5;
-    install(&mut storage, index, 2);
-    assert_eq!(stored_indexes(&storage), (1..=index).collect::<Vec<_>>());
-    assert_eq!(raft::Storage::first_index(&storage).unwrap(), index + 1);
-    assert_eq!(raft::Storage::last_index(&storage).unwrap(), index);
+    install(&mut storage, 12, 2);
+    assert_eq!(raft::Storage::first_index(&storage).unwrap(), 13);
+    assert_eq!(raft::Storage::last_index(&storage).unwrap(), 12);
+    storage.append(&[entry(13, 2)]).unwrap();
     storage.flush().unwrap();
     drop(storage);
     let mut storage = open_storage(&dir, &db).unwrap();
-    assert_eq!(raft::Storage::first_index(&storage).unwrap(), index + 1);
-    assert_eq!(raft::Storage::last_index(&storage).unwrap(), index);
-    assert!(storage.compact_step().unwrap(), "a second batch is left");
-    assert!(!storage.compact_step().unwrap(), "256, then 5");
-    assert!(stored_indexes(&storage).is_empty());
+    assert_eq!(raft::Storage::first_index(&storage).unwrap(), 13);
+    assert_eq!(raft::Storage::last_index(&storage).unwrap(), 13);
+    assert_eq!(storage.term(13).unwrap(), 2);
 
-    // Past the whole log: nothing after it, everything left to the steps.
-    storage
-        .append(&[entry(index + 1, 2), entry(index + 2, 2)])
-        .unwrap();
-    install(&mut storage, count + 50, 3);
-    assert_eq!(stored_indexes(&storage), vec![index + 1, index + 2]);
-    storage.append(&[entry(count + 51, 3)]).unwrap();
-    assert!(
-        !storage.compact_step().unwrap(),
-        "one step: the stored entries, not every index up to the snapshot"
-    );
-    assert_eq!(stored_indexes(&storage), vec![count + 51]);
-    assert_eq!(raft::Storage::first_index(&storage).unwrap(), count + 51);
-    assert_eq!(raft::Storage::last_index(&storage).unwrap(), count + 51);
+    // Killed after the metadata's sync, before the log's: the reset and
+    // hard state are never written out.
+    install(&mut storage, 20, 3);
+    std::mem::forget(storage);
+    let storage = open_storage(&dir, &db).unwrap();
+    assert_eq!(storage.snapshot_index_term(), (20, 3));
+    assert_eq!(raft::Storage::first_index(&storage).unwrap(), 21);
+    assert_eq!(raft::Storage::last_index(&storage).unwrap(), 20);
+    let hard_state = storage.hard_state();
+    assert_eq!((hard_state.term, hard_state.commit), (3, 20));
 }
 
 /// A crash in the middle of writing a snapshot (the application failed,
@@ -420,21 +408,75 @@ fn refuses_a_log_with_a_gap_or_a_commit_beyond_it() {
     storage.set_commit(3).unwrap();
     storage.flush().unwrap();
     drop(storage);
-    db.open_tree(LOG_TREE)
-        .unwrap()
-        .remove(2u64.to_be_bytes())
-        .unwrap();
+    // Entry 5 after 3, as a damaged file would hold it.
+    let mut wal = Wal::open(&dir.path().join("wal"), 1 << 20, &mut |_, _| Ok(())).unwrap();
+    wal.push_entry(&entry(5, 1)).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
     let error = open_storage(&dir, &db).err().unwrap();
     assert!(error.to_string().contains("gap"), "{error}");
-    db.open_tree(LOG_TREE)
-        .unwrap()
-        .remove(3u64.to_be_bytes())
-        .unwrap();
+
+    let (dir, db) = open_temp();
+    let mut storage = open_storage(&dir, &db).unwrap();
+    storage.append(&[entry(1, 1), entry(2, 1)]).unwrap();
+    storage.set_commit(1).unwrap();
+    storage.flush().unwrap();
+    drop(storage);
+    let mut wal = Wal::open(&dir.path().join("wal"), 1 << 20, &mut |_, _| Ok(())).unwrap();
+    wal.push_hard_state(&HardState {
+        commit: 3,
+        ..Default::default()
+    })
+    .unwrap();
+    wal.sync().unwrap();
+    drop(wal);
     let error = open_storage(&dir, &db).err().unwrap();
     assert!(
         error
             .to_string()
-            .contains("commit index 3 is beyond the last log index 1"),
+            .contains("commit index 3 is beyond the last log index 2"),
         "{error}"
     );
+}
+
+/// A log kept in sled's `raft_log` tree (storage written before the log
+/// had files) moves into the files at open, with the hard state, and the
+/// tree is dropped; the next open reads the files alone.
+#[test]
+fn a_log_in_sled_moves_to_the_files() {
+    let (dir, db) = open_temp();
+    let log = db.open_tree(LOG_TREE).unwrap();
+    let meta = db.open_tree(META_TREE).unwrap();
+    for index in 1..=4u64 {
+        log.insert(
+            index.to_be_bytes(),
+            entry(index, 2).write_to_bytes().unwrap(),
+        )
+        .unwrap();
+    }
+    let hard_state = HardState {
+        term: 2,
+        vote: 1,
+        commit: 3,
+        ..Default::default()
+    };
+    meta.insert(HARD_STATE_KEY, hard_state.write_to_bytes().unwrap())
+        .unwrap();
+    drop((log, meta));
+    let storage = open_storage(&dir, &db).unwrap();
+    assert!(
+        !db.tree_names()
+            .iter()
+            .any(|name| name == LOG_TREE.as_bytes())
+    );
+    assert_eq!(raft::Storage::last_index(&storage).unwrap(), 4);
+    assert_eq!(storage.hard_state(), &hard_state);
+    drop(storage);
+    let storage = open_storage(&dir, &db).unwrap();
+    assert_eq!(
+        indexes(&storage.entries(1, 5, None, ctx()).unwrap()),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(storage.term(4).unwrap(), 2);
+    assert_eq!(storage.hard_state(), &hard_state);
 }
