@@ -2,9 +2,9 @@
 //! [`raft::Storage`].
 //!
 //! - **Entries and hard state** are records of the log's segment files
-//!   ([`super::wal`]), and the entries after the compaction point are
-//!   also held in memory (the log is compacted at every snapshot, so they
-//!   are a bounded tail); a flush is one `fdatasync` of the current
+//!   ([`super::wal`]); in memory each entry after the compaction point
+//!   has its term and place, and the newest are held decoded up to a
+//!   budget ([`entries`]); a flush is one `fdatasync` of the current
 //!   segment.
 //! - **The rest** is in sled's `raft_meta` tree (in the coordinator's
 //!   database), flushed and synced at once when it changes (snapshots,
