@@ -16,7 +16,7 @@ use super::super::RaftError;
 use super::super::wal::Place;
 
 /// Bytes of decoded entries held in memory (the newest).
-pub(super) const CACHE_BYTES: u64 = 16 << 20;
+pub(super) const CACHE_BYTES: u64 = 4 << 20;
 
 /// One entry of the log.
 struct Slot {
