@@ -926,6 +926,29 @@ impl Sandbox {
             self.procs[index].stop(Duration::from_secs(10));
         }
     }
+
+    /// Stops every replica of `set`, then checks over their storage that
+    /// each holds `jobs` jobs and that they agree
+    /// ([`check::check_replicas`]).
+    pub fn stop_and_check_replicas(
+        &mut self,
+        set: &mut ReplicaSet,
+        jobs: usize,
+    ) -> anyhow::Result<()> {
+        for id in 1..=set.procs.len() {
+            self.stop_replica(set, id);
+        }
+        let replicas = check::read_replicas(&set.dirs)?;
+        for (i, replica) in replicas.iter().enumerate() {
+            anyhow::ensure!(
+                replica.jobs.len() == jobs,
+                "replica {} has {} jobs, not every one of {jobs}",
+                i + 1,
+                replica.jobs.len()
+            );
+        }
+        check::check_replicas(&replicas)
+    }
 }
 
 /// One HTTP response, as the sandbox's tiny client reads it.

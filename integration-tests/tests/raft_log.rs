@@ -8,7 +8,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use gantry_integration_tests::check::{check_replicas, read_replicas};
 use gantry_integration_tests::{Sandbox, wait_until};
 
 const T: Duration = Duration::from_secs(60);
@@ -73,18 +72,6 @@ fn a_replica_whose_log_ends_in_a_torn_record_restarts_and_catches_up() -> anyhow
         "the restarted replica appends to a new segment and keeps the old one: {before:?} -> {after:?}"
     );
 
-    for id in 1..=3 {
-        sandbox.stop_replica(&mut set, id);
-    }
-    let replicas = read_replicas(&set.dirs)?;
-    for (i, replica) in replicas.iter().enumerate() {
-        assert_eq!(
-            replica.jobs.len(),
-            submitted,
-            "replica {} has every job",
-            i + 1
-        );
-    }
-    check_replicas(&replicas)?;
+    sandbox.stop_and_check_replicas(&mut set, submitted)?;
     Ok(())
 }

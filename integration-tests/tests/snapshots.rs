@@ -209,18 +209,6 @@ fn snapshots_written_off_the_loop_keep_what_was_applied_meanwhile_across_kills()
         "no snapshot saw entries applied while it was written: {taken:#?}"
     );
     sandbox.wait_applied(&set.urls, T)?;
-    for id in 1..=3 {
-        sandbox.stop_replica(&mut set, id);
-    }
-    let replicas = read_replicas(&set.dirs)?;
-    for (i, replica) in replicas.iter().enumerate() {
-        assert_eq!(
-            replica.jobs.len(),
-            submitted,
-            "replica {} has every job",
-            i + 1
-        );
-    }
-    check_replicas(&replicas)?;
+    sandbox.stop_and_check_replicas(&mut set, submitted)?;
     Ok(())
 }
