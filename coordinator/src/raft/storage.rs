@@ -86,8 +86,6 @@ pub struct SledRaftStorage {
     /// at `truncated.0 + 1`. Equal to the snapshot after a snapshot install;
     /// behind it after a local compaction that keeps a tail of entries.
     truncated: (u64, u64),
-    /// Index and term of the last entry (`truncated` when the log is empty).
-    last: (u64, u64),
     /// The cluster's id, once stored (storage written before cluster ids
     /// existed has none until the driver stores one).
     cluster_id: Option<u64>,
@@ -223,7 +221,7 @@ impl SledRaftStorage {
             hard_state.term = truncated.1;
             hard_state.vote = 0;
         }
-        wal.push_hard_state(&hard_state)?;
+        wal.set_head(&hard_state);
         let cluster_id = match meta.get(CLUSTER_ID_KEY)? {
             None => None,
             Some(bytes) if bytes.len() == 8 && be_u64(&bytes) != 0 => Some(be_u64(&bytes)),
@@ -254,7 +252,6 @@ impl SledRaftStorage {
             snapshot_file,
             files,
             truncated,
-            last,
             cluster_id,
         })
     }
@@ -298,7 +295,7 @@ impl SledRaftStorage {
     pub fn is_fresh(&self) -> bool {
         self.hard_state == HardState::default()
             && self.conf_state == ConfState::default()
-            && self.last == (0, 0)
+            && self.last() == (0, 0)
     }
 
     /// Sets the voters of a fresh storage. Every replica of a new cluster
@@ -347,7 +344,7 @@ impl SledRaftStorage {
 
     /// Index of the last entry (the snapshot's index when the log is empty).
     pub fn last_index(&self) -> u64 {
-        self.last.0
+        self.last().0
     }
 
     /// The latest snapshot, if there is one; its data is the file's
@@ -373,7 +370,7 @@ impl SledRaftStorage {
     /// Appends entries, replacing any conflicting suffix (entries at or after
     /// the first new index). Not durable until [`flush`](Self::flush).
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), RaftError> {
-        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        let Some(first) = entries.first() else {
             return Ok(());
         };
         if first.index <= self.truncated.0 {
@@ -382,10 +379,11 @@ impl SledRaftStorage {
                 first.index, self.truncated.0
             )));
         }
-        if first.index > self.last.0 + 1 {
+        if first.index > self.last().0 + 1 {
             return Err(RaftError::Inconsistent(format!(
                 "append from index {} would leave a gap after the last index {}",
-                first.index, self.last.0
+                first.index,
+                self.last().0
             )));
         }
         // On replay, an entry replaces any at or after its index, so a
@@ -397,7 +395,6 @@ impl SledRaftStorage {
         for (entry, place) in entries.iter().zip(places) {
             self.log.push(entry.clone(), place)?;
         }
-        self.last = (last.index, last.term);
         Ok(())
     }
 
@@ -442,6 +439,7 @@ impl SledRaftStorage {
             CONF_STATE_KEY,
             encode(metadata.get_conf_state(), "conf state")?,
         )?;
+        self.truncated = (index, term);
         // The metadata first: a crash before the log's reset is written
         // leaves entries past the snapshot that Raft overwrites, where the
         // other order could leave a commit index past the log's end.
@@ -456,9 +454,6 @@ impl SledRaftStorage {
         self.log = LogEntries::new(index + 1, CACHE_BYTES);
         self.snapshot = (index, term);
         self.snapshot_file = Some((descriptor, path));
-        self.truncated = (index, term);
-        self.durable_truncated = index;
-        self.last = (index, term);
         self.conf_state = metadata.get_conf_state().clone();
         Ok(())
     }
@@ -507,10 +502,10 @@ impl SledRaftStorage {
         if index <= self.snapshot.0 {
             return Ok(None);
         }
-        if index > self.last.0 {
+        if index > self.last().0 {
             return Err(RaftError::Inconsistent(format!(
                 "snapshot at index {index} is beyond the last log index {}",
-                self.last.0
+                self.last().0
             )));
         }
         Ok(Some(SnapshotTarget {
@@ -635,18 +630,15 @@ impl SledRaftStorage {
         if index == self.snapshot.0 {
             return Ok(self.snapshot.1);
         }
-        if index == self.last.0 {
-            return Ok(self.last.1);
-        }
         self.log.term(index).ok_or_else(|| {
             RaftError::Inconsistent(format!("raft log has no entry at index {index}"))
         })
     }
 
-    /// Bytes of the log's entries held decoded in memory (the newest, up
-    /// to a budget; older ones are read back from their files).
-    pub fn cached_log_bytes(&self) -> u64 {
-        self.log.cached_bytes()
+    /// Index and term of the last entry (`truncated` when the log is
+    /// empty).
+    fn last(&self) -> (u64, u64) {
+        self.log.last().unwrap_or(self.truncated)
     }
 }
 
@@ -668,7 +660,7 @@ impl raft::Storage for SledRaftStorage {
         if low <= self.truncated.0 {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if high > self.last.0 + 1 {
+        if high > self.last().0 + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let max_size = max_size.into().unwrap_or(u64::MAX);
@@ -702,7 +694,7 @@ impl raft::Storage for SledRaftStorage {
         if idx < self.truncated.0 {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if idx > self.last.0 {
+        if idx > self.last().0 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         self.term_of(idx).map_err(to_raft)
@@ -713,7 +705,7 @@ impl raft::Storage for SledRaftStorage {
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.last.0)
+        Ok(self.last().0)
     }
 
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {

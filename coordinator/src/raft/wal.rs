@@ -34,6 +34,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -159,8 +160,10 @@ impl Wal {
         let mut next_seq = 1;
         for (seq, path) in segment_paths(dir)? {
             next_seq = seq + 1;
-            let file = Arc::new(File::open(&path).map_err(|e| io_error(&path, "open", &e))?);
-            let bytes = std::fs::read(&path).map_err(|e| io_error(&path, "read", &e))?;
+            let mut bytes = Vec::new();
+            let file = File::open(&path)
+                .and_then(|mut file| file.read_to_end(&mut bytes).map(|_| Arc::new(file)))
+                .map_err(|e| io_error(&path, "read", &e))?;
             let mut segment = Segment { path, max_index: 0 };
             let Some(records) = records_of(&bytes, seq) else {
                 remove_file(&segment.path)?;
@@ -229,6 +232,13 @@ impl Wal {
     pub fn push_entry(&mut self, entry: &Entry) -> Result<(), RaftError> {
         self.pending_max_index = self.pending_max_index.max(entry.index);
         encode_record(&mut self.pending, KIND_ENTRY, entry, "entry")
+    }
+
+    /// The hard state that heads the next segment, without a record of
+    /// its own (it is durable once that segment is created): what a
+    /// replica opens with, when nothing newer was pushed.
+    pub fn set_head(&mut self, hard_state: &HardState) {
+        self.hard_state = hard_state.clone();
     }
 
     /// Queues a hard state, which also heads every later segment.

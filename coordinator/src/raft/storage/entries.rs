@@ -140,7 +140,8 @@ impl LogEntries {
         })
     }
 
-    /// The bytes of decoded entries held (for tests and status).
+    /// The bytes of decoded entries held.
+    #[cfg(test)]
     pub(super) fn cached_bytes(&self) -> u64 {
         self.cached_bytes
     }
