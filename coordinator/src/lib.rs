@@ -45,6 +45,7 @@ pub mod disk;
 pub mod domain;
 pub mod durable;
 pub mod error;
+pub mod framed;
 pub mod health;
 pub mod http;
 pub mod json;

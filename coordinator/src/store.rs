@@ -2,9 +2,9 @@
 //! its event log ([`journal`]: each write of the applied state is a few
 //! values, not a record per insert) and `meta` (applied index, leader
 //! term, next job id, event floor, retention policy, latest run of each
-//! pipeline); beside them the history of retired jobs in chunks
-//! (`history_chunks`, `history_heads`: see [`history`]). A write is one transaction across
-//! trees. Records are prost messages ([`records`]); the per-record trees
+//! pipeline). A write is one transaction across trees. The history of
+//! retired jobs is in files of its own beside the database, appended
+//! before the write's transaction records how far they go ([`history`]). Records are prost messages ([`records`]); the per-record trees
 //! of earlier versions (and their JSON records) are still read. A Raft
 //! snapshot is a stream of records ([`snapshot`]); an installed one, and
 //! every one the replica takes, becomes the base of a new generation
@@ -69,6 +69,10 @@ pub enum StoreError {
     /// version's, or a torn generation pointer).
     #[error("storage: {0}")]
     Layout(String),
+    /// The history's files could not be read, written or removed, or
+    /// hold what the store never wrote.
+    #[error("history: {0}")]
+    History(String),
     /// A fixed-size value has the wrong size (it is never read as 0).
     #[error("storage: unreadable {tree}/{key}: {len} bytes, expected 8")]
     BadValue {
@@ -96,7 +100,10 @@ pub struct Store {
     journal_bytes: u64,
     /// Size of the generation's base file (0: no base).
     base_bytes: u64,
-    history: history::HistoryTrees,
+    /// The history's files (shared with the writer, which appends).
+    history: history::SharedLog,
+    /// Where sled records how far the history's files go.
+    history_recorded: sled::Tree,
     /// The base files and the current generation's pointer.
     files: base::BaseFiles,
     /// The current generation's base.
@@ -181,16 +188,20 @@ impl Store {
         };
         let journal_bytes = journal::stored_bytes(&trees)?;
         let base_bytes = files.size(generation);
-        let history = history::HistoryTrees::open(&db)?;
-        if let Some(moved) = history::migrate(&db, &history)? {
-            // The chunks' sizes are their records' binary encodings.
-            let bytes = history::write::stored_bytes(&history)?;
-            trees
-                .meta
-                .insert(META_HISTORY_BYTES, &bytes.to_be_bytes())?;
-            trees.meta.flush()?;
-            tracing::info!(moved, bytes, "history moved into chunks");
+        let history_recorded = db.open_tree(history::RECORDED_TREE)?;
+        let mut history = history::log::HistoryLog::open(
+            &dir.join(history::log::DIR_NAME),
+            history::recorded(&history_recorded)?,
+        )?;
+        if let Some(moved) = history::migrate(&db, &mut history, &history_recorded)? {
+            let bytes = history.recorded().bytes;
+            tracing::info!(
+                moved,
+                bytes,
+                "history moved from the database into its files"
+            );
         }
+        let history = std::sync::Arc::new(std::sync::Mutex::new(history));
         let mut store = Store {
             trees,
             journal_next,
@@ -198,6 +209,7 @@ impl Store {
             journal_bytes,
             base_bytes,
             history,
+            history_recorded,
             files,
             base,
             opened_base,
@@ -505,6 +517,7 @@ impl Store {
         writer::WriteTrees {
             state: self.trees.clone(),
             history: self.history.clone(),
+            history_recorded: self.history_recorded.clone(),
             next_prune_ms: self.next_prune_ms.clone(),
         }
     }
@@ -556,7 +569,6 @@ const META_LEADER_TERM: &str = "leader_term";
 const META_NEXT_JOB_ID: &str = "next_job_id";
 const META_EVENT_FLOOR: &str = "event_floor";
 const META_RETENTION: &str = "retention";
-const META_HISTORY_BYTES: &str = "history_bytes";
 /// Set (1) in a generation whose base's events were written into its event
 /// log (every generation since the journal): the base file's events are
 /// then not kept in memory.

@@ -43,6 +43,7 @@ use protobuf::Message as _;
 use raft::eraftpb::{Entry, HardState};
 
 use super::RaftError;
+use crate::framed;
 
 /// The directory's name in a data dir.
 pub const DIR_NAME: &str = "raft-wal";
@@ -52,7 +53,9 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 const MAGIC: &[u8; 8] = b"GWALv1\0\0";
 const HEADER_BYTES: u64 = 16;
 /// Length and CRC before a record's kind.
-const RECORD_HEAD: usize = 8;
+const RECORD_HEAD: usize = framed::FRAME_HEAD;
+/// The segments' file name suffix.
+const SUFFIX: &str = "wal";
 /// Largest record read back: a bound against a corrupt length.
 const MAX_RECORD_BYTES: usize = 1 << 30;
 
@@ -334,7 +337,7 @@ impl Wal {
             self.closed.push_back(current.segment);
         }
         let seq = self.next_seq;
-        let path = self.dir.join(format!("{seq:016x}.wal"));
+        let path = self.dir.join(framed::numbered_name(seq, SUFFIX));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -379,22 +382,7 @@ impl Wal {
 
 /// The segments in `dir`, by seq; other files are left alone.
 fn segment_paths(dir: &Path) -> Result<Vec<(u64, PathBuf)>, RaftError> {
-    let mut segments = Vec::new();
-    for item in std::fs::read_dir(dir).map_err(|e| io_error(dir, "list", &e))? {
-        let item = item.map_err(|e| io_error(dir, "list", &e))?;
-        let name = item.file_name();
-        let Some(seq) = name
-            .to_str()
-            .and_then(|name| name.strip_suffix(".wal"))
-            .filter(|hex| hex.len() == 16)
-            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-        else {
-            continue;
-        };
-        segments.push((seq, item.path()));
-    }
-    segments.sort();
-    Ok(segments)
+    framed::numbered_files(dir, SUFFIX).map_err(|e| io_error(dir, "list", &e))
 }
 
 /// The records of a segment's bytes, each with its payload's offset and
@@ -418,19 +406,11 @@ fn records_of(
 }
 
 /// The record at `at`: its kind, payload and the offset after it; `None`
-/// at the end of the records (zeros, or a record cut short).
+/// at the end of the records (see [`framed::next_frame`]).
 fn next_record(bytes: &[u8], at: usize) -> Option<(u8, &[u8], usize)> {
-    let head = bytes.get(at..at + RECORD_HEAD)?;
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-    if len == 0 || len > MAX_RECORD_BYTES {
-        return None;
-    }
-    let body = bytes.get(at + RECORD_HEAD..at + RECORD_HEAD + len)?;
-    if crc32fast::hash(body) != crc {
-        return None;
-    }
-    Some((body[0], &body[1..], at + RECORD_HEAD + len))
+    let (body, next) = framed::next_frame(bytes, at, MAX_RECORD_BYTES)?;
+    let (kind, payload) = body.split_first()?;
+    Some((*kind, payload, next))
 }
 
 fn decode_record(kind: u8, payload: &[u8]) -> Result<Record, String> {
@@ -470,15 +450,7 @@ fn encode_record<M: protobuf::Message>(
 }
 
 fn push_raw(out: &mut Vec<u8>, kind: u8, payload: &[u8]) {
-    let len = 1 + payload.len();
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&[kind]);
-    hasher.update(payload);
-    // A record is at most a batch of entries (bounded far below 4 GiB).
-    out.extend_from_slice(&(len as u32).to_le_bytes());
-    out.extend_from_slice(&hasher.finalize().to_le_bytes());
-    out.push(kind);
-    out.extend_from_slice(payload);
+    framed::push_frame(out, &[&[kind], payload]);
 }
 
 fn remove_file(path: &Path) -> Result<(), RaftError> {

@@ -58,14 +58,16 @@ pub(super) const STATE_TREES: [&str; 8] = [
 const ROOT_TREE: &str = "generation";
 const ROOT_CURRENT: &str = "current";
 
-/// The storage layout this version writes: 4, the Raft log in files of
-/// its own (`raft-wal`, [`crate::raft::wal`]; an earlier version would find
-/// no log in the database and a stale hard state). 3: the history in
-/// chunks; 2: the journal, with a history a record per job; 1: per-record
-/// trees, whose pointer was 8 bytes. A layout 2 data directory's history
-/// is moved into chunks when opened ([`super::history::migrate`]), a
+/// The storage layout this version writes: 5, the history in files of its
+/// own (`history`, [`super::history::log`]; an earlier version would find
+/// none). 4: the Raft log in files of its own (`raft-wal`,
+/// [`crate::raft::wal`]; an earlier version would find no log in the
+/// database and a stale hard state). 3: the history in chunks; 2: the
+/// journal, with a history a record per job; 1: per-record trees, whose
+/// pointer was 8 bytes. A layout 2, 3 or 4 data directory's history is
+/// moved into its files when opened ([`super::history::migrate`]), a
 /// layout 3 one's Raft log into its files when the Raft storage opens.
-pub(super) const LAYOUT: u64 = 4;
+pub(super) const LAYOUT: u64 = 5;
 
 /// The name of state tree `tree` in `generation`.
 pub(super) fn tree_name(tree: &str, generation: u64) -> String {
@@ -365,6 +367,7 @@ mod tests {
             "history_index",
             "history_chunks",
             "history_heads",
+            "history_log",
             "generation",
             "raft_log",
             "jobs@x",

@@ -15,8 +15,8 @@ use gantry_proto::storage as st;
 use super::base::{self, Trees};
 use super::{
     META_APPLIED_INDEX, META_BASE_NEXT_EVENT, META_EVENT_FLOOR, META_EVENTS_LOGGED,
-    META_HISTORY_BYTES, META_LEADER_TERM, META_NEXT_JOB_ID, META_RETENTION, SnapshotMark,
-    StateSnapshot, Store, StoreError, encode, journal, records, run_key, state_from,
+    META_LEADER_TERM, META_NEXT_JOB_ID, META_RETENTION, SnapshotMark, StateSnapshot, Store,
+    StoreError, encode, journal, records, run_key, state_from,
 };
 use crate::state::{RetentionPolicy, StateMachine};
 
@@ -139,7 +139,6 @@ impl Store {
         meta: &BaseMeta,
         fill: impl FnOnce(&Trees) -> Result<Filled, StoreError>,
     ) -> Result<(), StoreError> {
-        let history_bytes = self.history_bytes()?;
         let generation = self.base.generation + 1;
         self.files.store(file, generation)?;
         let trees = Trees::open_empty(&self.db, generation)?;
@@ -154,7 +153,6 @@ impl Store {
         for (name, run) in &meta.pipeline_runs {
             batch.insert(run_key(name), &u64::from(*run).to_be_bytes());
         }
-        batch.insert(META_HISTORY_BYTES, &history_bytes.to_be_bytes());
         // The base file's events are in the event log: not read from it.
         batch.insert(META_EVENTS_LOGGED, &1u64.to_be_bytes());
         batch.insert(META_BASE_NEXT_EVENT, &meta.next_event_index.to_be_bytes());

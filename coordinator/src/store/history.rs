@@ -2,48 +2,65 @@
 //! (spec), what it did (attempts with their output tails) and how it ended,
 //! after it left hard state ([`crate::state`]'s retention).
 //!
-//! The jobs one write retires are stored together, by id, in values of at
-//! most 64 KiB (a larger job alone):
-//! - `history_chunks`: sequence number (8 bytes, big-endian) -> a
-//!   [`HistoryChunk`](st::HistoryChunk), the jobs' last records;
-//! - `history_heads`: the same key -> a [`HistoryHead`](st::HistoryHead),
-//!   what the chunk holds (its ids and finish times from first to last,
-//!   its bytes, its pipeline runs). Finding a job, a run or a page reads
-//!   the heads and then only the chunks that can hold what is asked for.
+//! The jobs one write retires are appended, by id, to files of the
+//! history's own ([`log`]: `history/<n>.hist` beside the database), in
+//! chunks of at least half a value (a chunk takes the next writes' jobs
+//! while it is smaller). The index in memory says what each chunk holds
+//! (its ids and finish times from first to last, its bytes, its pipeline
+//! runs): finding a job, a run or a page reads it and then only the chunks
+//! that can hold what is asked for.
 //!
-//! The history was stored a record per job (`history`, and the keys of
-//! `history_index`) until this layout: sled's per-record inserts and
-//! deletes cost the writer as much as the whole journal once retirement
-//! ran at every write, and the churn of small records kept sled's
-//! segments (and the data directory) growing. A data directory with such
-//! records has them moved into chunks when it is opened ([`migrate`]).
+//! Chunks are appended by the store's writer before the transaction of
+//! the apply that retired their jobs, which records how far the files go
+//! ([`log::Recorded`], tree `history_log`), and leave whole, oldest first,
+//! once their last job is past `--history-retention` (from the applying
+//! command's own time) or while the history is over `--history-max-bytes`:
+//! a job stays in the history at least its retention. The history is not
+//! part of a Raft snapshot (it would make snapshots as big as the
+//! history): a replica that installs a snapshot keeps the history it had
+//! and records retirements from then on.
 //!
-//! Chunks are written in the same transaction as the apply that retired
-//! their jobs (by the store's writer, [`write`]), and leave whole, oldest
-//! first, once their last job is past `--history-retention` (from the
-//! applying command's own time) or while the history is over
-//! `--history-max-bytes` (`meta/history_bytes` keeps the total): a job
-//! stays in the history at least its retention. The history is not part
-//! of a Raft snapshot (it would make snapshots as big as the history): a
-//! replica that installs a snapshot keeps the history it had and records
-//! retirements from then on.
+//! Earlier layouts kept the history in sled: a record per job (`history`
+//! and `history_index`, layout 2), then chunks (`history_chunks` and
+//! `history_heads`, layouts 3 and 4). Either is moved into the files when
+//! the store opens ([`migrate`]).
+
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use gantry_proto::storage as st;
 use gantry_scheduler::JobId;
-use prost::Message;
 
-use super::journal::record_error;
-use super::{Store, StoreError, key_u64, records};
+use super::{Store, StoreError, records};
 use crate::domain::JobRecord;
 
-pub(super) mod write;
+pub(super) mod log;
+mod migrate;
 
-pub(super) use write::migrate;
+pub(super) use migrate::migrate;
 
-/// The tree of chunks.
-const CHUNKS: &str = "history_chunks";
-/// The tree of heads.
-const HEADS: &str = "history_heads";
+/// The tree of what sled records of the history's files.
+pub(super) const RECORDED_TREE: &str = "history_log";
+/// Its one key.
+pub(super) const RECORDED_KEY: &str = "recorded";
+
+/// The history's files, shared by the store and its writer thread: the
+/// writer holds it while it commits a write, and the store reads it only
+/// after the writer drained.
+pub(super) type SharedLog = Arc<Mutex<log::HistoryLog>>;
+
+/// The log, whoever held it last (the writer catches its own panics and
+/// stops the store, so a poisoned lock holds a consistent log).
+pub(super) fn lock(log: &SharedLog) -> MutexGuard<'_, log::HistoryLog> {
+    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What sled has recorded of the history's files (nothing yet: none).
+pub(super) fn recorded(tree: &sled::Tree) -> Result<log::Recorded, StoreError> {
+    match tree.get(RECORDED_KEY)? {
+        Some(value) => log::Recorded::decode(&value),
+        None => Ok(log::Recorded::default()),
+    }
+}
 
 /// One page of history, newest first.
 #[derive(Debug, Default)]
@@ -55,64 +72,7 @@ pub struct HistoryPage {
     pub next: Option<(u64, JobId)>,
 }
 
-/// Handles on the history's trees (a sled tree is a handle).
-#[derive(Clone)]
-pub(super) struct HistoryTrees {
-    pub chunks: sled::Tree,
-    pub heads: sled::Tree,
-}
-
-impl HistoryTrees {
-    pub fn open(db: &sled::Db) -> Result<HistoryTrees, StoreError> {
-        Ok(HistoryTrees {
-            chunks: db.open_tree(CHUNKS)?,
-            heads: db.open_tree(HEADS)?,
-        })
-    }
-
-    /// Every chunk's head, oldest chunk first, with its key and its
-    /// stored value (whose runs [`Head::runs`] reads).
-    fn heads(&self) -> impl Iterator<Item = Result<(u64, Head, sled::IVec), StoreError>> + '_ {
-        self.heads.iter().map(stored_head)
-    }
-
-    /// [`heads`](Self::heads), newest chunk first: a job asked for by id
-    /// was more often retired lately.
-    fn heads_newest_first(
-        &self,
-    ) -> impl Iterator<Item = Result<(u64, Head, sled::IVec), StoreError>> + '_ {
-        self.heads.iter().rev().map(stored_head)
-    }
-
-    /// The newest chunk's key and head.
-    fn last_head(&self) -> Result<Option<(u64, Head)>, StoreError> {
-        match self.heads.last()? {
-            Some((key, value)) => Ok(Some((key_u64(&key), Head::decode(&value)?))),
-            None => Ok(None),
-        }
-    }
-
-    /// The jobs of chunk `seq` (none when it is gone), by id.
-    fn chunk(&self, seq: u64) -> Result<Vec<st::JobRecord>, StoreError> {
-        let Some(value) = self.chunks.get(seq.to_be_bytes())? else {
-            return Ok(Vec::new());
-        };
-        st::HistoryChunk::decode(value.as_ref())
-            .map(|chunk| chunk.jobs)
-            .map_err(|error| record_error(CHUNKS, error))
-    }
-}
-
-/// The key the next chunk gets, after `newest` (the newest chunk's key and
-/// head, [`HistoryTrees::last_head`]).
-fn seq_after(newest: Option<&(u64, Head)>) -> u64 {
-    newest.map_or(0, |(seq, _)| seq + 1)
-}
-
-/// What a chunk holds: its head in `history_heads`, 48 bytes (these six
-/// numbers, big-endian) and then its pipeline runs
-/// ([`HistoryRuns`](st::HistoryRuns)), which only a run's lookup decodes:
-/// a lookup by id or a page reads every head.
+/// What a chunk (or one piece of it) holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Head {
     pub min_id: JobId,
@@ -125,69 +85,79 @@ pub(super) struct Head {
     pub jobs: u64,
 }
 
-/// The fixed part of a head.
-const HEAD_BYTES: usize = 48;
-
 impl Head {
-    fn fields(&self) -> [u64; 6] {
-        [
-            self.min_id,
-            self.max_id,
-            self.first_finished_ms,
-            self.last_finished_ms,
-            self.bytes,
-            self.jobs,
-        ]
-    }
-
-    fn encode(&self, runs: Vec<st::PipelineRun>) -> Vec<u8> {
-        let runs = st::HistoryRuns { runs }.encode_to_vec();
-        let mut value = Vec::with_capacity(HEAD_BYTES + runs.len());
-        for field in self.fields() {
-            value.extend_from_slice(&field.to_be_bytes());
+    /// What `jobs` (at least one) hold, and their pipeline runs, each once.
+    fn of(jobs: &[st::JobRecord]) -> (Head, Vec<st::PipelineRun>) {
+        let mut head = Head {
+            min_id: u64::MAX,
+            max_id: 0,
+            first_finished_ms: u64::MAX,
+            last_finished_ms: 0,
+            bytes: 0,
+            jobs: 0,
+        };
+        let mut runs = std::collections::BTreeSet::new();
+        for job in jobs {
+            head.min_id = head.min_id.min(job.id);
+            head.max_id = head.max_id.max(job.id);
+            head.first_finished_ms = head.first_finished_ms.min(job.updated_at_ms);
+            head.last_finished_ms = head.last_finished_ms.max(job.updated_at_ms);
+            head.bytes += log::record_bytes(job);
+            head.jobs += 1;
+            if !job.pipeline.is_empty() {
+                runs.insert((job.pipeline.as_str(), job.run));
+            }
         }
-        value.extend_from_slice(&runs);
-        value
+        let runs = runs
+            .into_iter()
+            .map(|(name, run)| st::PipelineRun {
+                name: name.to_string(),
+                run,
+            })
+            .collect();
+        (head, runs)
     }
 
-    fn decode(value: &[u8]) -> Result<Head, StoreError> {
-        if value.len() < HEAD_BYTES {
-            return Err(StoreError::BadValue {
-                tree: HEADS,
-                key: "head",
-                len: value.len(),
-            });
+    /// Widens this head by `other`'s jobs.
+    fn absorb(&mut self, other: &Head) {
+        self.min_id = self.min_id.min(other.min_id);
+        self.max_id = self.max_id.max(other.max_id);
+        self.first_finished_ms = self.first_finished_ms.min(other.first_finished_ms);
+        self.last_finished_ms = self.last_finished_ms.max(other.last_finished_ms);
+        self.bytes += other.bytes;
+        self.jobs += other.jobs;
+    }
+
+    /// As a piece stores it, with `runs`.
+    fn to_piece(self, runs: Vec<st::PipelineRun>) -> st::HistoryPieceHead {
+        st::HistoryPieceHead {
+            min_id: self.min_id,
+            max_id: self.max_id,
+            first_finished_ms: self.first_finished_ms,
+            last_finished_ms: self.last_finished_ms,
+            bytes: self.bytes,
+            jobs: self.jobs,
+            runs,
         }
-        let field = |n: usize| key_u64(&value[n * 8..n * 8 + 8]);
-        Ok(Head {
-            min_id: field(0),
-            max_id: field(1),
-            first_finished_ms: field(2),
-            last_finished_ms: field(3),
-            bytes: field(4),
-            jobs: field(5),
-        })
     }
 
-    /// The pipeline runs of the head stored as `value`.
-    fn runs(value: &[u8]) -> Result<Vec<st::PipelineRun>, StoreError> {
-        st::HistoryRuns::decode(value.get(HEAD_BYTES..).unwrap_or_default())
-            .map(|runs| runs.runs)
-            .map_err(|error| record_error(HEADS, error))
+    /// A piece's head (a piece without one holds nothing).
+    fn from_piece(head: Option<&st::HistoryPieceHead>) -> Head {
+        let head = head.cloned().unwrap_or_default();
+        Head {
+            min_id: head.min_id,
+            max_id: head.max_id,
+            first_finished_ms: head.first_finished_ms,
+            last_finished_ms: head.last_finished_ms,
+            bytes: head.bytes,
+            jobs: head.jobs,
+        }
     }
-}
-
-/// A head as stored, with its key and value.
-fn stored_head(
-    item: sled::Result<(sled::IVec, sled::IVec)>,
-) -> Result<(u64, Head, sled::IVec), StoreError> {
-    let (key, value) = item?;
-    Ok((key_u64(&key), Head::decode(&value)?, value))
 }
 
 fn decode_job(job: st::JobRecord) -> Result<JobRecord, StoreError> {
     records::job_from_storage(job).map_err(|source| StoreError::Record {
-        tree: CHUNKS,
+        tree: log::DIR_NAME,
         source,
     })
 }
@@ -201,28 +171,28 @@ impl Store {
     /// Bytes of history stored (the records' encodings).
     pub fn history_bytes(&self) -> Result<u64, StoreError> {
         self.writer.drain()?;
-        self.meta_u64(super::META_HISTORY_BYTES)
+        Ok(lock(&self.history).recorded().bytes)
     }
 
     /// Records in the history.
     pub fn history_len(&self) -> Result<usize, StoreError> {
         self.writer.drain()?;
-        let mut jobs = 0;
-        for head in self.history.heads() {
-            jobs += head?.1.jobs as usize;
-        }
-        Ok(jobs)
+        Ok(lock(&self.history)
+            .chunks()
+            .map(|(_, chunk)| chunk.head.jobs as usize)
+            .sum())
     }
 
     /// A retired job, if the history still has it.
     pub fn history_job(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
         self.writer.drain()?;
-        for head in self.history.heads_newest_first() {
-            let (seq, head, _) = head?;
-            if !(head.min_id..=head.max_id).contains(&id) {
+        let log = lock(&self.history);
+        // A job asked for by id was more often retired lately.
+        for (number, chunk) in log.chunks().rev() {
+            if !(chunk.head.min_id..=chunk.head.max_id).contains(&id) {
                 continue;
             }
-            if let Some(job) = self.history.chunk(seq)?.into_iter().find(|j| j.id == id) {
+            if let Some(job) = log.chunk_jobs(number)?.into_iter().find(|j| j.id == id) {
                 return decode_job(job).map(Some);
             }
         }
@@ -244,9 +214,10 @@ impl Store {
         keep: impl Fn(&JobRecord) -> bool,
     ) -> Result<HistoryPage, StoreError> {
         self.writer.drain()?;
+        let log = lock(&self.history);
         let mut candidates = Vec::new();
-        for head in self.history.heads() {
-            let (seq, head, _) = head?;
+        for (seq, chunk) in log.chunks() {
+            let head = &chunk.head;
             let after_since = head.last_finished_ms >= since_ms;
             let before_end = before.is_none_or(|(at, _)| head.first_finished_ms <= at);
             if after_since && before_end {
@@ -264,7 +235,7 @@ impl Store {
                 more = true;
                 break;
             }
-            for job in self.history.chunk(seq)? {
+            for job in log.chunk_jobs(seq)? {
                 let key = page_key(&job);
                 if key.0 < since_ms || before.is_some_and(|b| key >= b) {
                     continue;
@@ -290,16 +261,17 @@ impl Store {
     /// The retired jobs of one pipeline run, by id.
     pub fn history_run(&self, pipeline: &str, run: u32) -> Result<Vec<JobRecord>, StoreError> {
         self.writer.drain()?;
+        let log = lock(&self.history);
         let mut jobs = Vec::new();
-        for head in self.history.heads() {
-            let (seq, _, value) = head?;
-            if !Head::runs(&value)?
+        for (seq, chunk) in log.chunks() {
+            if !chunk
+                .runs
                 .iter()
                 .any(|r| r.name == pipeline && r.run == run)
             {
                 continue;
             }
-            for job in self.history.chunk(seq)? {
+            for job in log.chunk_jobs(seq)? {
                 if job.pipeline == pipeline && job.run == run {
                     jobs.push(decode_job(job)?);
                 }

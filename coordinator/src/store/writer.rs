@@ -23,8 +23,8 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 
 use sled::Transactional;
 
-use super::history::write::HistoryWrite;
-use super::{META_HISTORY_BYTES, StoreError, meta_u64};
+use super::StoreError;
+use super::history::{self, SharedLog};
 use crate::domain::JobRecord;
 use crate::state::RetentionPolicy;
 
@@ -40,7 +40,10 @@ const PRUNE_INTERVAL_MS: u64 = 60_000;
 pub(super) struct WriteTrees {
     /// The current generation's.
     pub state: super::base::Trees,
-    pub history: super::history::HistoryTrees,
+    /// The history's files.
+    pub history: SharedLog,
+    /// Where sled records how far they go (`history_log`).
+    pub history_recorded: sled::Tree,
     /// Command time after which the history is next checked for records
     /// past their retention (it is checked at every retirement anyway).
     pub next_prune_ms: Arc<AtomicU64>,
@@ -75,7 +78,7 @@ impl Prepared {
             journal,
             events: new_events,
             event_floor,
-            mut meta,
+            meta,
             retired,
             policy,
             at_ms,
@@ -100,26 +103,27 @@ impl Prepared {
         for (key, value) in journal {
             journal_batch.insert(&key.to_be_bytes(), value);
         }
-        let history = history_write(&trees, &policy, &retired, at_ms, &mut meta)?;
+        // Held until the transaction records how far the files go.
+        let mut log = history::lock(&trees.history);
+        let mut recorded = sled::Batch::default();
+        if history_write(&trees, &mut log, &policy, &retired, at_ms)? {
+            recorded.insert(history::RECORDED_KEY, &log.recorded().encode()[..]);
+        }
         (
             &state.events,
             &state.event_log,
             &state.journal,
             &state.meta,
-            &trees.history.chunks,
-            &trees.history.heads,
+            &trees.history_recorded,
         )
-            .transaction(
-                |(t_events, t_event_log, t_journal, t_meta, t_chunks, t_heads)| {
-                    t_events.apply_batch(&events)?;
-                    t_event_log.apply_batch(&event_log)?;
-                    t_journal.apply_batch(&journal_batch)?;
-                    t_meta.apply_batch(&meta)?;
-                    t_chunks.apply_batch(&history.chunks)?;
-                    t_heads.apply_batch(&history.heads)?;
-                    Ok(())
-                },
-            )
+            .transaction(|(t_events, t_event_log, t_journal, t_meta, t_recorded)| {
+                t_events.apply_batch(&events)?;
+                t_event_log.apply_batch(&event_log)?;
+                t_journal.apply_batch(&journal_batch)?;
+                t_meta.apply_batch(&meta)?;
+                t_recorded.apply_batch(&recorded)?;
+                Ok(())
+            })
             .map_err(transaction_failed)?;
         Ok(())
     }
@@ -136,31 +140,26 @@ pub(super) fn transaction_failed(error: sled::transaction::TransactionError<()>)
     }
 }
 
-/// The history writes of one write: the jobs it retired, and the oldest
-/// chunks past their retention or over the size cap (looked for at every
-/// retirement, and at most every [`PRUNE_INTERVAL_MS`] of command time
-/// otherwise); the history's new size goes in `meta`.
+/// The history's part of one write ([`history::log::HistoryLog::write`]):
+/// the jobs it retired, and the oldest chunks past their retention or over
+/// the size cap (looked for at every retirement, and at most every
+/// [`PRUNE_INTERVAL_MS`] of command time otherwise). Returns whether what
+/// sled records of the files changed.
 fn history_write(
     trees: &WriteTrees,
+    log: &mut history::log::HistoryLog,
     policy: &RetentionPolicy,
     retired: &[JobRecord],
     at_ms: u64,
-    meta: &mut sled::Batch,
-) -> Result<HistoryWrite, StoreError> {
+) -> Result<bool, StoreError> {
     let prune = !retired.is_empty() || at_ms >= trees.next_prune_ms.load(Ordering::Relaxed);
     if !prune {
-        return Ok(HistoryWrite::default());
+        return Ok(false);
     }
     trees
         .next_prune_ms
         .store(at_ms.saturating_add(PRUNE_INTERVAL_MS), Ordering::Relaxed);
-    let before = meta_u64(&trees.state.meta, META_HISTORY_BYTES)?;
-    let (write, bytes) =
-        super::history::write::plan(&trees.history, policy, retired, at_ms, before)?;
-    if bytes != before {
-        meta.insert(META_HISTORY_BYTES, &bytes.to_be_bytes());
-    }
-    Ok(write)
+    log.write(policy, retired, at_ms)
 }
 
 /// Writes sent and committed, and the first failure.

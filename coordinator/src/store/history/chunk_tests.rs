@@ -6,6 +6,7 @@
 use gantry_scheduler::JobId;
 use prost::Message;
 
+use super::lock;
 use super::tests::{HOUR, apply, fresh_with_a_node, hold, put_old_record, run_job_with};
 use crate::command::Command;
 use crate::domain::JobRecord;
@@ -63,12 +64,11 @@ fn a_write_retiring_many_jobs_stores_chunks_found_by_id_run_and_page() {
         Command::Retire { at_ms: 700 + HOUR },
     );
     assert_eq!(sm.jobs().count(), 0);
-    let chunks = store.history.heads.len();
+    let chunks = lock(&store.history).chunks().count();
     assert!(
         chunks > 1,
         "600 jobs are more than one value: {chunks} chunk"
     );
-    assert_eq!(store.history.chunks.len(), chunks);
     assert_eq!(store.history_len().unwrap(), 600);
     for (n, job) in expected.iter().enumerate() {
         assert_eq!(store.history_job(job.id).unwrap().as_ref(), Some(job));
@@ -118,7 +118,7 @@ fn a_write_retiring_many_jobs_stores_chunks_found_by_id_run_and_page() {
     let bytes = store.history_bytes().unwrap();
     assert!(bytes <= policy.history_max_bytes);
     assert_eq!(bytes, stored_bytes(&expected[kept_from..]));
-    assert_eq!(store.history.heads.len(), store.history.chunks.len());
+    assert!(lock(&store.history).chunks().count() < chunks);
 }
 
 fn store_policy(sm: &StateMachine) -> RetentionPolicy {
@@ -200,7 +200,7 @@ fn jobs_retired_one_at_a_time_fill_the_newest_chunk() {
         );
         assert!(sm.job(id).is_none(), "retired in its own write");
     }
-    let chunks = store.history.heads.len();
+    let chunks = lock(&store.history).chunks().count();
     let bytes = store.history_bytes().unwrap();
     assert_eq!(bytes, stored_bytes(&retired));
     assert!(
@@ -211,4 +211,40 @@ fn jobs_retired_one_at_a_time_fill_the_newest_chunk() {
         assert_eq!(store.history_job(job.id).unwrap().as_ref(), Some(job));
     }
     assert_eq!(all_pages(&store, 0, 25), newest_first(retired));
+}
+
+/// A history in sled's chunks (layouts 3 and 4) is moved into the files
+/// when the store is opened, its trees dropped; each job is found.
+#[test]
+fn a_history_in_sled_chunks_is_moved_into_files_when_opened() {
+    let (dir, mut store, mut sm, mut index) = fresh_with_a_node();
+    let ids = run_jobs(&mut sm, &mut store, &mut index, 30);
+    let old: Vec<JobRecord> = ids.iter().map(|id| sm.job(*id).unwrap().clone()).collect();
+    let (first, second) = old.split_at(12);
+    for (seq, part) in [first, second].into_iter().enumerate() {
+        let jobs = part.iter().map(records::job_to_storage).collect();
+        super::migrate::put_old_chunk(&store.db, seq as u64, jobs);
+    }
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let names = store.db.tree_names();
+    for gone in ["history_chunks", "history_heads"] {
+        assert!(
+            !names.iter().any(|n| n.as_ref() == gone.as_bytes()),
+            "{gone}"
+        );
+    }
+    assert_eq!(store.history_len().unwrap(), 30);
+    assert_eq!(store.history_bytes().unwrap(), stored_bytes(&old));
+    assert_eq!(
+        lock(&store.history).chunks().count(),
+        2,
+        "a chunk stays one"
+    );
+    for job in &old {
+        assert_eq!(store.history_job(job.id).unwrap().as_ref(), Some(job));
+    }
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.history_len().unwrap(), 30);
 }
