@@ -82,6 +82,15 @@ pub fn check_replicas(replicas: &[ReplicaState]) -> anyhow::Result<()> {
             }
         }
         check_history(a)?;
+        let mut archived: Vec<u64> = a.history.iter().map(|job| job.id).collect();
+        archived.sort_unstable();
+        if let Some(twice) = archived.windows(2).find(|pair| pair[0] == pair[1]) {
+            bail!(
+                "{} has job {} twice in its history",
+                a.dir.display(),
+                twice[0]
+            );
+        }
     }
     Ok(())
 }

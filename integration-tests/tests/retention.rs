@@ -233,3 +233,75 @@ fn retention_flags_are_refused_with_the_flag_named() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A follower killed -9 three times while jobs end and retire: its store
+/// lost what sled had not flushed, while the history's files kept the
+/// pieces appended for it (past what sled recorded). Each restart cuts
+/// those off and applies the entries again from the Raft log; every
+/// replica's history then holds every retired job exactly once, alike
+/// (`check_replicas`). Without the cut, the restarted replica's history
+/// holds jobs twice.
+#[test]
+fn a_follower_killed_while_jobs_retire_keeps_each_archived_job_once() -> anyhow::Result<()> {
+    let mut sandbox = Sandbox::new()?;
+    let mut set = sandbox.start_replicas(&["--job-retention", "1s", "--max-retained-jobs", "2"])?;
+    let addrs = set.addrs();
+    let leader = wait_until("a leader", T, || sandbox.leader_of(&set))?;
+    let agent = sandbox.start_agent("node-a", &addrs, "2xH100-80GiB", "127.0.0.2", &[])?;
+    sandbox.wait_nodes_ready(&addrs, 1, T)?;
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+
+    // Each round: jobs that end over about a second, retired as they end
+    // (`--max-retained-jobs 2`), and the follower killed in the middle.
+    let mut done = Vec::new();
+    for round in 0..3 {
+        for i in 0..15 {
+            let name = format!("r{round}-{i}");
+            let sleep = format!("{}", (i % 5) as f64 * 0.25);
+            done.push(sandbox.submit(&addrs, &["--name", &name, "--", "sleep", &sleep])?);
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        let index = set.procs[follower - 1].take().expect("follower process");
+        sandbox.proc(index).kill9();
+        std::thread::sleep(Duration::from_millis(200));
+        sandbox.start_replica(&mut set, follower)?;
+    }
+    // Process names end in their index among the sandbox's processes.
+    let restarts_and_more = 16;
+    for id in &done {
+        wait_until(&format!("job {id} archived"), T, || {
+            let job = sandbox.job(&addrs, *id).ok()?;
+            (job["archived"] == true).then_some(())
+        })?;
+    }
+
+    sandbox.proc(agent).stop(Duration::from_secs(10));
+    let leader = wait_until("a leader", T, || sandbox.leader_of(&set))?;
+    sandbox.wait_applied(&set.urls, T)?;
+    for id in (1..=3).filter(|id| *id != leader).chain([leader]) {
+        sandbox.stop_replica(&mut set, id);
+    }
+    // The fault was injected: a restart found pieces past what its store
+    // had recorded (the proof is the check over the replicas below).
+    let cut_off = (0..restarts_and_more)
+        .map(|n| sandbox.log(&format!("replica-{follower}-{n}")))
+        .any(|log| log.contains("history pieces past what the store recorded cut off"));
+    assert!(
+        cut_off,
+        "no kill fell between a history append and its record"
+    );
+    let replicas = read_replicas(&set.dirs)?;
+    check_replicas(&replicas)?;
+    for replica in &replicas {
+        let archived: Vec<u64> = replica.history.iter().map(|j| j.id).collect();
+        let unique: BTreeSet<u64> = archived.iter().copied().collect();
+        assert_eq!(unique.len(), archived.len(), "each job once: {archived:?}");
+        assert_eq!(
+            unique,
+            done.iter().copied().collect(),
+            "{}",
+            replica.dir.display()
+        );
+    }
+    Ok(())
+}

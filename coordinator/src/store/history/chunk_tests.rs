@@ -7,7 +7,7 @@ use gantry_scheduler::JobId;
 use prost::Message;
 
 use super::lock;
-use super::tests::{HOUR, apply, fresh_with_a_node, hold, put_old_record, run_job_with};
+use super::tests::{HOUR, apply, fresh_with_a_node, hold, put_old_record, run_job, run_job_with};
 use crate::command::Command;
 use crate::domain::JobRecord;
 use crate::state::{RetentionPolicy, StateMachine};
@@ -247,4 +247,53 @@ fn a_history_in_sled_chunks_is_moved_into_files_when_opened() {
     drop(store);
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.history_len().unwrap(), 30);
+}
+
+/// Copies `from` into `to`, recursively (files overwritten).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A crash after a write's pieces were synced to the history's files but
+/// before sled flushed the write's transaction. The image: sled as of its
+/// last flush, the history's files as of after the write. The reopened
+/// store's history has none of the write's jobs (its pieces are cut off),
+/// and the same entries applied again put each in it once.
+#[test]
+fn pieces_of_a_write_sled_lost_are_cut_off_and_written_once_again() {
+    let (dir, mut store, mut sm, mut index) = fresh_with_a_node();
+    let kept = run_job(&mut sm, &mut store, &mut index, 10);
+    let retire = |at_ms| Command::Retire { at_ms };
+    apply(&mut sm, &mut store, &mut index, retire(11 + HOUR));
+    store.flush().unwrap();
+    let image = tempfile::tempdir().unwrap();
+    copy_dir(dir.path(), image.path());
+    let flushed = index;
+    let lost = run_job(&mut sm, &mut store, &mut index, 20);
+    apply(&mut sm, &mut store, &mut index, retire(21 + HOUR));
+    assert!(store.history_job(lost).unwrap().is_some());
+    copy_dir(&dir.path().join("history"), &image.path().join("history"));
+    drop(store);
+
+    let mut store = Store::open(image.path()).unwrap();
+    assert_eq!(store.applied_index().unwrap(), flushed);
+    assert!(store.history_job(kept).unwrap().is_some());
+    assert!(store.history_job(lost).unwrap().is_none(), "cut off");
+    let mut sm = store.load().unwrap();
+    let mut index = flushed;
+    assert_eq!(run_job(&mut sm, &mut store, &mut index, 20), lost);
+    apply(&mut sm, &mut store, &mut index, retire(21 + HOUR));
+    drop(store);
+    let store = Store::open(image.path()).unwrap();
+    let ids: Vec<JobId> = all_pages(&store, 0, 10).iter().map(|j| j.id).collect();
+    assert_eq!(ids, vec![lost, kept], "each once");
 }

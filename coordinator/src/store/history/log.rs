@@ -176,6 +176,14 @@ impl HistoryLog {
             }
             let replayed = log.replay_segment(number, &bytes)?;
             cut = replayed.cut;
+            if cut {
+                tracing::info!(
+                    segment = number,
+                    from_byte = replayed.end,
+                    recorded = recorded.next_piece,
+                    "history pieces past what the store recorded cut off (a write the crash lost; it is applied again)"
+                );
+            }
             pieces_found = pieces_found.max(replayed.pieces_through);
             if replayed.end < bytes.len() {
                 truncate(&path, replayed.end as u64)?;
