@@ -4,7 +4,7 @@
 //!
 //! The jobs one write retires are appended, by id, to files of the
 //! history's own ([`log`]: `history/<n>.hist` beside the database), in
-//! chunks of at least half a value (a chunk takes the next writes' jobs
+//! chunks of at least 32 KiB (a chunk takes the next writes' jobs
 //! while it is smaller). The index in memory says what each chunk holds
 //! (its ids and finish times from first to last, its bytes, its pipeline
 //! runs): finding a job, a run or a page reads it and then only the chunks

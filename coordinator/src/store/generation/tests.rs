@@ -372,6 +372,31 @@ fn a_large_write_is_split_into_journal_values_sled_keeps_inline() {
         sizes.iter().all(|&len| len <= journal::VALUE_BYTES),
         "{sizes:?}"
     );
+    // sled keeps every leaf of them inline in its log (a leaf past a
+    // quarter of a segment would be a file of its own in `blobs`), also
+    // once leaves fill and split.
+    for round in 0..8u64 {
+        for at in 0..1500u64 {
+            hold(
+                &mut sm,
+                &mut store,
+                &mut index,
+                crate::command::Command::Submit {
+                    at_ms: 10_000 + round * 10_000 + at,
+                    key: Some(format!("{round}-{at:06}-{}", "k".repeat(60))),
+                    jobs: vec![crate::domain::JobSpec::for_test("train")],
+                    pipeline: None,
+                    owner: None,
+                },
+            );
+        }
+        store.write_pending(&sm).unwrap();
+    }
+    store.flush().unwrap();
+    let blobs = std::fs::read_dir(dir.path().join("state").join("blobs"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert_eq!(blobs, 0, "sled blob files");
     let before = stored(&store, &sm);
     let (store, loaded) = reopen(store, dir.path());
     assert_eq!(stored(&store, &loaded), before);

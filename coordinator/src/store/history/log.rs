@@ -2,7 +2,7 @@
 //! with an index of their chunks in memory.
 //!
 //! A piece ([`HistoryPiece`](st::HistoryPiece)) is the jobs one store
-//! write retired (at most a value's worth; a write retiring more makes
+//! write retired (at most [`PIECE_BYTES`]; a write retiring more makes
 //! several), framed by [`crate::framed`] in `history/<n>.hist`. Pieces are
 //! numbered without gaps. Consecutive pieces make a chunk: a new piece
 //! joins the newest chunk while that chunk is under [`MERGE_BELOW`] bytes
@@ -46,14 +46,18 @@ const MAGIC: &[u8; 8] = b"GHISTv1\0";
 /// on disk behind its chunks.
 const SEGMENT_BYTES: u64 = 8 << 20;
 /// Largest piece read back: a bound against a corrupt length (a piece is
-/// a value's worth of jobs, or one larger job alone).
+/// [`PIECE_BYTES`] of jobs, or one larger job alone).
 const MAX_PIECE_BYTES: usize = 256 << 20;
+
+/// A piece's jobs' records at most (but a single larger job): the files
+/// are not sled's, whose values are kept small ([`journal::VALUE_BYTES`]).
+const PIECE_BYTES: usize = 64 << 10;
 
 /// At most this many chunks leave the history in one write (about 4 MiB).
 const PRUNE_CHUNKS: usize = 64;
 
 /// The newest chunk takes the next write's jobs while its records are
-/// under this many bytes (half a value).
+/// under this many bytes (half a piece).
 pub(super) const MERGE_BELOW: u64 = 32 << 10;
 
 /// What sled records of the history, in the transaction of the write that
@@ -347,14 +351,14 @@ impl HistoryLog {
         Ok(self.recorded != before)
     }
 
-    /// Appends `jobs` (sorted by id here) in pieces of at most a value's
-    /// worth and syncs them.
+    /// Appends `jobs` (sorted by id here) in pieces of at most
+    /// [`PIECE_BYTES`] and syncs them.
     pub fn add(&mut self, mut jobs: Vec<st::JobRecord>) -> Result<(), StoreError> {
         if jobs.is_empty() {
             return Ok(());
         }
         jobs.sort_unstable_by_key(|job| job.id);
-        for group in journal::chunks(jobs) {
+        for group in journal::runs_of(jobs, PIECE_BYTES) {
             self.append(group)?;
         }
         let path = self.current_path();
