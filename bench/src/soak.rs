@@ -54,8 +54,14 @@ pub struct Sample {
     pub jobs: u64,
     /// Seconds since the first submit.
     pub elapsed_s: f64,
-    /// Coordinator RSS.
+    /// Coordinator RSS, read once at the sample.
     pub rss_bytes: u64,
+    /// The median and the highest of its RSS read every 50 ms since the
+    /// previous sample: a single read lands on a snapshot's transient
+    /// allocations (10-15 MiB, freed within a second) or not by chance.
+    pub rss_median_bytes: u64,
+    /// See `rss_median_bytes`.
+    pub rss_peak_bytes: u64,
     /// Its data directory on disk.
     pub disk_bytes: u64,
     /// The history's records (None: the coordinator could not read it).
@@ -94,6 +100,20 @@ impl SoakReport {
         }
     }
 
+    /// The largest distance of a sample's median RSS from the first
+    /// sample's, in percent (flat within 10%: at most 10).
+    pub fn rss_median_drift_percent(&self) -> f64 {
+        let Some(first) = self.samples.first().filter(|s| s.rss_median_bytes > 0) else {
+            return 0.0;
+        };
+        self.samples
+            .iter()
+            .map(|s| {
+                (s.rss_median_bytes as f64 / first.rss_median_bytes as f64 - 1.0).abs() * 100.0
+            })
+            .fold(0.0, f64::max)
+    }
+
     /// The report as one JSON record.
     pub fn to_json(&self) -> Value {
         json!({
@@ -108,10 +128,13 @@ impl SoakReport {
             "history_max_bytes": self.config.history_max_bytes,
             "errors": self.errors,
             "rss_growth_percent": self.rss_growth_percent(),
+            "rss_median_drift_percent": self.rss_median_drift_percent(),
             "samples": self.samples.iter().map(|s| json!({
                 "jobs": s.jobs,
                 "elapsed_s": s.elapsed_s,
                 "rss_bytes": s.rss_bytes,
+                "rss_median_bytes": s.rss_median_bytes,
+                "rss_peak_bytes": s.rss_peak_bytes,
                 "disk_bytes": s.disk_bytes,
                 "history_bytes": s.history_bytes,
                 "jobs_in_state": s.jobs_in_state,
@@ -128,7 +151,7 @@ impl SoakReport {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let mut out = format!(
             "soak: {} jobs, retention {} / {} jobs, history {} / {}; {} submit errors\n\
-             {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>7}\n",
+             {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>8} {:>8} {:>7}\n",
             self.config.jobs,
             self.config.job_retention,
             self.config.max_retained_jobs,
@@ -138,6 +161,8 @@ impl SoakReport {
             "jobs",
             "t (s)",
             "RSS MiB",
+            "med MiB",
+            "peak MiB",
             "disk MiB",
             "hist MiB",
             "in state",
@@ -148,10 +173,12 @@ impl SoakReport {
         );
         for s in &self.samples {
             out.push_str(&format!(
-                "{:>9} {:>8.1} {:>9.1} {:>9.1} {:>9} {:>8} {:>9} {:>8.2} {:>8.2} {:>7.0}\n",
+                "{:>9} {:>8.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>8} {:>9} {:>8.2} {:>8.2} {:>7.0}\n",
                 s.jobs,
                 s.elapsed_s,
                 mib(s.rss_bytes),
+                mib(s.rss_median_bytes),
+                mib(s.rss_peak_bytes),
                 mib(s.disk_bytes),
                 s.history_bytes
                     .map_or_else(|| "?".into(), |b| format!("{:.1}", mib(b))),
@@ -163,8 +190,9 @@ impl SoakReport {
             ));
         }
         out.push_str(&format!(
-            "RSS growth first -> last sample: {:+.1}%\n",
-            self.rss_growth_percent()
+            "RSS growth first -> last sample: {:+.1}%; median RSS at most {:.1}% from the first sample's\n",
+            self.rss_growth_percent(),
+            self.rss_median_drift_percent()
         ));
         out
     }
@@ -251,9 +279,11 @@ async fn scenario(config: &SoakConfig, procs: &mut ProcGroup) -> anyhow::Result<
     let mut samples = Vec::new();
     let mut last = (start, 0u64);
     let mut next = config.every.max(1);
+    let mut rss_reads = Vec::new();
     while next <= config.jobs {
         let done = acked.load(Ordering::Relaxed);
         let finished = tasks.iter().all(|t| t.is_finished());
+        rss_reads.push(status_bytes(&pid, "VmRSS:")?);
         if done < next && !finished {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -268,6 +298,8 @@ async fn scenario(config: &SoakConfig, procs: &mut ProcGroup) -> anyhow::Result<
             jobs: done,
             elapsed_s: now.duration_since(start).as_secs_f64(),
             rss_bytes: status_bytes(&pid, "VmRSS:")?,
+            rss_median_bytes: median(&mut rss_reads),
+            rss_peak_bytes: rss_reads.iter().copied().max().unwrap_or(0),
             disk_bytes: disk_usage(&data),
             history_bytes: cluster.history_bytes,
             jobs_in_state: cluster.jobs_by_state.values().map(|n| u64::from(*n)).sum(),
@@ -281,6 +313,7 @@ async fn scenario(config: &SoakConfig, procs: &mut ProcGroup) -> anyhow::Result<
             samples.last().map_or(0, |s| s.rss_bytes >> 20)
         );
         last = (now, done);
+        rss_reads.clear();
         if finished {
             break;
         }
@@ -294,6 +327,12 @@ async fn scenario(config: &SoakConfig, procs: &mut ProcGroup) -> anyhow::Result<
         samples,
         errors: errors.load(Ordering::Relaxed),
     })
+}
+
+/// The median of `values` (0 when empty).
+fn median(values: &mut [u64]) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
 }
 
 /// Bytes of the files under `dir` (files that vanish while counted, as
