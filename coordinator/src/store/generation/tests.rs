@@ -324,10 +324,29 @@ fn the_generation_pointer_carries_the_layout() {
     assert!(error.contains("5 bytes"), "{error}");
 }
 
+/// 1,500 submits with long keys, held back: round `round`'s times and
+/// keys.
+fn hold_submits(sm: &mut StateMachine, store: &mut Store, index: &mut u64, round: u64) {
+    for at in 0..1500u64 {
+        hold(
+            sm,
+            store,
+            index,
+            crate::command::Command::Submit {
+                at_ms: 100 + round * 10_000 + at,
+                key: Some(format!("{round}-{at:06}-{}", "k".repeat(60))),
+                jobs: vec![crate::domain::JobSpec::for_test("train")],
+                pipeline: None,
+                owner: None,
+            },
+        );
+    }
+}
+
 /// A write of many nodes and submission keys is split into journal values
-/// of at most `VALUE_BYTES` each (past a quarter of a 512 KiB segment sled
-/// makes a value a file of its own, which it never fsyncs); reopened, the
-/// state is the same. The node records were one value before (230-450 KB
+/// of at most `VALUE_BYTES` each, and sled keeps the leaves that hold them
+/// inline (a node past a quarter of a 512 KiB segment is a file of its own
+/// in `blobs`, which sled never fsyncs); reopened, the state is the same. The node records were one value before (230-450 KB
 /// in `gantry-bench e2e`, 28 files a second on each replica).
 #[test]
 fn a_large_write_is_split_into_journal_values_sled_keeps_inline() {
@@ -342,20 +361,7 @@ fn a_large_write_is_split_into_journal_values_sled_keeps_inline() {
             crate::command::Command::register_for_test(&name, 8, 80 << 30),
         );
     }
-    for at in 0..1500u64 {
-        hold(
-            &mut sm,
-            &mut store,
-            &mut index,
-            crate::command::Command::Submit {
-                at_ms: 100 + at,
-                key: Some(format!("{at:06}-{}", "k".repeat(60))),
-                jobs: vec![crate::domain::JobSpec::for_test("train")],
-                pipeline: None,
-                owner: None,
-            },
-        );
-    }
+    hold_submits(&mut sm, &mut store, &mut index, 0);
     store.write_pending(&sm).unwrap();
     store.writer.drain().unwrap();
     let sizes: Vec<usize> = store
@@ -375,21 +381,8 @@ fn a_large_write_is_split_into_journal_values_sled_keeps_inline() {
     // sled keeps every leaf of them inline in its log (a leaf past a
     // quarter of a segment would be a file of its own in `blobs`), also
     // once leaves fill and split.
-    for round in 0..8u64 {
-        for at in 0..1500u64 {
-            hold(
-                &mut sm,
-                &mut store,
-                &mut index,
-                crate::command::Command::Submit {
-                    at_ms: 10_000 + round * 10_000 + at,
-                    key: Some(format!("{round}-{at:06}-{}", "k".repeat(60))),
-                    jobs: vec![crate::domain::JobSpec::for_test("train")],
-                    pipeline: None,
-                    owner: None,
-                },
-            );
-        }
+    for round in 1..=8 {
+        hold_submits(&mut sm, &mut store, &mut index, round);
         store.write_pending(&sm).unwrap();
     }
     store.flush().unwrap();
