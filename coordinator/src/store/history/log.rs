@@ -41,6 +41,10 @@ pub const DIR_NAME: &str = "history";
 const SUFFIX: &str = "hist";
 /// A segment's first bytes.
 const MAGIC: &[u8; 8] = b"GHISTv1\0";
+/// The header: [`MAGIC`], then the number of the next piece when the
+/// segment was created (8 bytes, little-endian), so that a segment with
+/// no piece yet still says how far the pieces went.
+const HEADER_BYTES: usize = 16;
 /// A segment takes pieces until it is this large (one piece past it
 /// goes in the next), so a pruned history leaves at most about this much
 /// on disk behind its chunks.
@@ -173,7 +177,7 @@ impl HistoryLog {
                 continue;
             }
             let bytes = std::fs::read(&path).map_err(|e| io_error(&path, "read", &e))?;
-            if bytes.get(..MAGIC.len()) != Some(MAGIC.as_slice()) {
+            if bytes.len() < HEADER_BYTES || bytes[..MAGIC.len()] != MAGIC[..] {
                 tracing::warn!(path = %path.display(), "history segment without its header removed");
                 remove_file(&path)?;
                 continue;
@@ -203,7 +207,9 @@ impl HistoryLog {
                 "the history's files end before the pieces recorded: the missing ones are lost"
             );
         }
-        log.remove_pruned_segments(None)?;
+        // The newest segment stays: pieces go on in it.
+        let newest = log.segments.last_key_value().map(|(&number, _)| number);
+        log.remove_pruned_segments(newest)?;
         if let Some((&number, _)) = log.segments.last_key_value() {
             let path = log.segment_path(number);
             let file = OpenOptions::new()
@@ -221,11 +227,13 @@ impl HistoryLog {
 
     /// Indexes one segment's pieces.
     fn replay_segment(&mut self, segment: u64, bytes: &[u8]) -> Result<Replayed, StoreError> {
+        let mut header_piece = [0; 8];
+        header_piece.copy_from_slice(&bytes[MAGIC.len()..HEADER_BYTES]);
         let mut replayed = Replayed {
-            end: MAGIC.len(),
+            end: HEADER_BYTES,
             cut: false,
             last_chunk: None,
-            pieces_through: 0,
+            pieces_through: u64::from_le_bytes(header_piece),
         };
         while let Some((body, next)) = framed::next_frame(bytes, replayed.end, MAX_PIECE_BYTES) {
             let piece = st::HistoryPieceIndex::decode(body)
@@ -384,7 +392,7 @@ impl HistoryLog {
         let roll = match &self.current {
             None => true,
             Some(current) => {
-                current.len > MAGIC.len() as u64 && current.len + frame_len > self.segment_bytes
+                current.len > HEADER_BYTES as u64 && current.len + frame_len > self.segment_bytes
             }
         };
         if roll {
@@ -440,7 +448,9 @@ impl HistoryLog {
             .create_new(true)
             .open(&path)
             .map_err(|e| io_error(&path, "create", &e))?;
-        file.write_all_at(MAGIC, 0)
+        let mut header = MAGIC.to_vec();
+        header.extend_from_slice(&self.recorded.next_piece.to_le_bytes());
+        file.write_all_at(&header, 0)
             .and_then(|()| file.sync_all())
             .map_err(|e| io_error(&path, "write the header of", &e))?;
         File::open(&self.dir)
@@ -450,7 +460,7 @@ impl HistoryLog {
         self.current = Some(Current {
             number,
             file,
-            len: MAGIC.len() as u64,
+            len: HEADER_BYTES as u64,
         });
         self.open_chunk = None;
         Ok(())

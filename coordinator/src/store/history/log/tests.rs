@@ -206,6 +206,20 @@ fn segments_roll_over_and_leave_once_their_chunks_are_pruned() {
     log.add(jobs(100..102, 10)).unwrap();
     let recorded = log.recorded();
     drop(log);
-    let log = HistoryLog::open_sized(dir.path(), recorded, segment_bytes).unwrap();
+    let mut log = HistoryLog::open_sized(dir.path(), recorded, segment_bytes).unwrap();
     assert_eq!(all_jobs(&log), jobs(100..102, 10));
+
+    // All of it pruned and reopened: the newest segment stays (its header
+    // says how far the pieces went), and the pieces go on in it.
+    log.write(&all_expired, &[], 2_000_000).unwrap();
+    let recorded = log.recorded();
+    drop(log);
+    let mut log = HistoryLog::open_sized(dir.path(), recorded, segment_bytes).unwrap();
+    assert_eq!((log.chunks().count(), log.segment_count()), (0, 1));
+    log.add(jobs(200..201, 10)).unwrap();
+    assert_eq!(log.recorded().next_piece, recorded.next_piece + 1);
+    let recorded = log.recorded();
+    drop(log);
+    let log = HistoryLog::open_sized(dir.path(), recorded, segment_bytes).unwrap();
+    assert_eq!(all_jobs(&log), jobs(200..201, 10));
 }
