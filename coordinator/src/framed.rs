@@ -7,6 +7,8 @@
 //! whose CRC does not match, ends the records: what a crash cut short is
 //! never taken for a record.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Bytes before a frame's body.
@@ -44,6 +46,15 @@ pub fn next_frame(bytes: &[u8], at: usize, max_body: usize) -> Option<(&[u8], us
         return None;
     }
     Some((body, start + len))
+}
+
+/// Writes `header` at the start of `file`, a new file in `dir`, and makes
+/// both durable: the file synced, then `dir`, so that its name survives a
+/// power cut.
+pub fn write_header_durably(file: &File, header: &[u8], dir: &Path) -> std::io::Result<()> {
+    file.write_all_at(header, 0)?;
+    file.sync_all()?;
+    File::open(dir)?.sync_all()
 }
 
 /// The name of file `number` with `suffix` (16 hex digits, so that names

@@ -4,7 +4,8 @@
 //! term, next job id, event floor, retention policy, latest run of each
 //! pipeline). A write is one transaction across trees. The history of
 //! retired jobs is in files of its own beside the database, appended
-//! before the write's transaction records how far they go ([`history`]). Records are prost messages ([`records`]); the per-record trees
+//! before the write's transaction records how far they go ([`history`]).
+//! Records are prost messages ([`records`]); the per-record trees
 //! of earlier versions (and their JSON records) are still read. A Raft
 //! snapshot is a stream of records ([`snapshot`]); an installed one, and
 //! every one the replica takes, becomes the base of a new generation
@@ -116,9 +117,6 @@ pub struct Store {
     writer: writer::Writer,
     /// sled's flushes made durable ([`crate::durable`]).
     syncer: crate::durable::Syncer,
-    /// Command time after which the history is next checked for records
-    /// past their retention (it is checked at every retirement anyway).
-    next_prune_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// sled's page cache (its default is 1 GiB). The applied state lives in
@@ -216,7 +214,6 @@ impl Store {
             pending: None,
             writer: writer::Writer::start()?,
             syncer,
-            next_prune_ms: Default::default(),
             db,
         };
         if store.meta_u64(META_EVENTS_LOGGED)? == 1 {
@@ -518,7 +515,6 @@ impl Store {
             state: self.trees.clone(),
             history: self.history.clone(),
             history_recorded: self.history_recorded.clone(),
-            next_prune_ms: self.next_prune_ms.clone(),
         }
     }
 

@@ -364,12 +364,8 @@ impl Wal {
                 return Err(wal_error(&path, &format!("cannot preallocate: {error}")));
             }
         }
-        file.write_all_at(&head, 0)
-            .and_then(|()| file.sync_all())
+        framed::write_header_durably(&file, &head, &self.dir)
             .map_err(|e| io_error(&path, "write the header of", &e))?;
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|e| io_error(&self.dir, "sync", &e))?;
         self.current = Some(Current {
             segment: Segment { path, max_index: 0 },
             file: Arc::new(file),

@@ -18,7 +18,6 @@
 //! stops (the Raft log still holds every entry after the stored applied
 //! index).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 
 use sled::Transactional;
@@ -31,10 +30,6 @@ use crate::state::RetentionPolicy;
 /// Writes sent and not committed at most; a send past it waits.
 const MAX_QUEUED: u64 = 2;
 
-/// Between retirements, the history is checked for expired records at most
-/// this often (in command time).
-const PRUNE_INTERVAL_MS: u64 = 60_000;
-
 /// Handles on the trees a write goes to (a sled tree is a handle).
 #[derive(Clone)]
 pub(super) struct WriteTrees {
@@ -44,9 +39,6 @@ pub(super) struct WriteTrees {
     pub history: SharedLog,
     /// Where sled records how far they go (`history_log`).
     pub history_recorded: sled::Tree,
-    /// Command time after which the history is next checked for records
-    /// past their retention (it is checked at every retirement anyway).
-    pub next_prune_ms: Arc<AtomicU64>,
 }
 
 /// One write, its records encoded on the loop.
@@ -106,7 +98,7 @@ impl Prepared {
         // Held until the transaction records how far the files go.
         let mut log = history::lock(&trees.history);
         let mut recorded = sled::Batch::default();
-        if history_write(&trees, &mut log, &policy, &retired, at_ms)? {
+        if log.write(&policy, &retired, at_ms)? {
             recorded.insert(history::RECORDED_KEY, &log.recorded().encode()[..]);
         }
         (
@@ -138,28 +130,6 @@ pub(super) fn transaction_failed(error: sled::transaction::TransactionError<()>)
             StoreError::Sled(sled::Error::Unsupported("transaction aborted".into()))
         }
     }
-}
-
-/// The history's part of one write ([`history::log::HistoryLog::write`]):
-/// the jobs it retired, and the oldest chunks past their retention or over
-/// the size cap (looked for at every retirement, and at most every
-/// [`PRUNE_INTERVAL_MS`] of command time otherwise). Returns whether what
-/// sled records of the files changed.
-fn history_write(
-    trees: &WriteTrees,
-    log: &mut history::log::HistoryLog,
-    policy: &RetentionPolicy,
-    retired: &[JobRecord],
-    at_ms: u64,
-) -> Result<bool, StoreError> {
-    let prune = !retired.is_empty() || at_ms >= trees.next_prune_ms.load(Ordering::Relaxed);
-    if !prune {
-        return Ok(false);
-    }
-    trees
-        .next_prune_ms
-        .store(at_ms.saturating_add(PRUNE_INTERVAL_MS), Ordering::Relaxed);
-    log.write(policy, retired, at_ms)
 }
 
 /// Writes sent and committed, and the first failure.

@@ -57,6 +57,10 @@ const MAX_PIECE_BYTES: usize = 256 << 20;
 /// are not sled's, whose values are kept small ([`journal::VALUE_BYTES`]).
 const PIECE_BYTES: usize = 64 << 10;
 
+/// Between retirements, the history is checked for chunks past their
+/// retention at most this often (in command time).
+const PRUNE_INTERVAL_MS: u64 = 60_000;
+
 /// At most this many chunks leave the history in one write (about 4 MiB).
 const PRUNE_CHUNKS: usize = 64;
 
@@ -140,6 +144,9 @@ pub struct HistoryLog {
     open_chunk: Option<u64>,
     /// A segment takes pieces until it is this large.
     segment_bytes: u64,
+    /// Command time after which the history is next checked for chunks
+    /// past their retention (it is checked at every retirement anyway).
+    next_prune_ms: u64,
 }
 
 impl HistoryLog {
@@ -166,6 +173,7 @@ impl HistoryLog {
             next_chunk: recorded.first_chunk,
             open_chunk: None,
             segment_bytes,
+            next_prune_ms: 0,
         };
         let files = framed::numbered_files(dir, SUFFIX).map_err(|e| io_error(dir, "list", &e))?;
         let mut cut = false;
@@ -322,15 +330,20 @@ impl HistoryLog {
 
     /// The history's part of one store write: the oldest chunks whose
     /// last job is past the retention as of `at_ms`, or while the history
-    /// with the jobs `retired` is over its size cap, leave; then `retired`
-    /// is appended ([`add`](Self::add)). Returns whether
-    /// [`recorded`](Self::recorded) changed.
+    /// with the jobs `retired` is over its size cap, leave (looked for at
+    /// every retirement, and at most every [`PRUNE_INTERVAL_MS`] of command
+    /// time otherwise); then `retired` is appended ([`add`](Self::add)).
+    /// Returns whether [`recorded`](Self::recorded) changed.
     pub fn write(
         &mut self,
         policy: &RetentionPolicy,
         retired: &[crate::domain::JobRecord],
         at_ms: u64,
     ) -> Result<bool, StoreError> {
+        if retired.is_empty() && at_ms < self.next_prune_ms {
+            return Ok(false);
+        }
+        self.next_prune_ms = at_ms.saturating_add(PRUNE_INTERVAL_MS);
         let before = self.recorded;
         let jobs: Vec<st::JobRecord> = retired.iter().map(records::job_to_storage).collect();
         let mut kept_bytes = before.bytes;
@@ -348,10 +361,9 @@ impl HistoryLog {
             kept_bytes = kept_bytes.saturating_sub(chunk.head.bytes);
             first_chunk = number + 1;
         }
+        // A pruned open chunk is no longer in `chunks`: the next piece
+        // starts a new one (`append`).
         self.chunks = self.chunks.split_off(&first_chunk);
-        if self.open_chunk.is_some_and(|open| open < first_chunk) {
-            self.open_chunk = None;
-        }
         self.recorded.first_chunk = first_chunk;
         self.recorded.bytes = kept_bytes;
         self.add(jobs)?;
@@ -369,14 +381,18 @@ impl HistoryLog {
         for group in journal::runs_of(jobs, PIECE_BYTES) {
             self.append(group)?;
         }
-        let path = self.current_path();
-        if let Some(current) = &self.current {
-            current
-                .file
-                .sync_data()
-                .map_err(|e| io_error(&path, "sync", &e))?;
-        }
-        Ok(())
+        self.sync_current()
+    }
+
+    /// Syncs the segment being written, if any.
+    fn sync_current(&self) -> Result<(), StoreError> {
+        let Some(current) = &self.current else {
+            return Ok(());
+        };
+        current
+            .file
+            .sync_data()
+            .map_err(|e| io_error(&self.segment_path(current.number), "sync", &e))
     }
 
     /// Appends one piece of jobs (their records sorted by id).
@@ -388,6 +404,7 @@ impl HistoryLog {
             head: Some(head.to_piece(runs.clone())),
             jobs,
         };
+        // The chunk number, set below, adds at most 11 bytes.
         let frame_len = (piece.encoded_len() + framed::FRAME_HEAD + 16) as u64;
         let roll = match &self.current {
             None => true,
@@ -434,13 +451,7 @@ impl HistoryLog {
     /// written and synced, and the directory synced so that its name
     /// survives a power cut. The newest chunk takes no more pieces.
     fn start_segment(&mut self) -> Result<(), StoreError> {
-        if let Some(current) = &self.current {
-            let path = self.segment_path(current.number);
-            current
-                .file
-                .sync_data()
-                .map_err(|e| io_error(&path, "sync", &e))?;
-        }
+        self.sync_current()?;
         let number = self.segments.last_key_value().map_or(0, |(&n, _)| n + 1);
         let path = self.segment_path(number);
         let file = OpenOptions::new()
@@ -450,12 +461,8 @@ impl HistoryLog {
             .map_err(|e| io_error(&path, "create", &e))?;
         let mut header = MAGIC.to_vec();
         header.extend_from_slice(&self.recorded.next_piece.to_le_bytes());
-        file.write_all_at(&header, 0)
-            .and_then(|()| file.sync_all())
+        framed::write_header_durably(&file, &header, &self.dir)
             .map_err(|e| io_error(&path, "write the header of", &e))?;
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|e| io_error(&self.dir, "sync", &e))?;
         self.segments.insert(number, None);
         self.current = Some(Current {
             number,
