@@ -141,9 +141,8 @@ impl Head {
         }
     }
 
-    /// A piece's head (a piece without one holds nothing).
-    fn from_piece(head: Option<&st::HistoryPieceHead>) -> Head {
-        let head = head.cloned().unwrap_or_default();
+    /// A piece's head.
+    fn from_piece(head: &st::HistoryPieceHead) -> Head {
         Head {
             min_id: head.min_id,
             max_id: head.max_id,

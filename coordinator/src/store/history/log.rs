@@ -254,15 +254,15 @@ impl HistoryLog {
             self.next_chunk = self.next_chunk.max(piece.chunk + 1);
             replayed.last_chunk = Some(piece.chunk);
             if piece.chunk >= self.recorded.first_chunk {
-                let head = Head::from_piece(piece.head.as_ref());
-                let runs = piece.head.map(|h| h.runs).unwrap_or_default();
+                // A piece without a head holds nothing.
+                let head = piece.head.unwrap_or_default();
                 self.index_piece(
                     segment,
                     piece.chunk,
                     replayed.end as u64,
                     next as u64,
-                    head,
-                    runs,
+                    Head::from_piece(&head),
+                    head.runs,
                 );
             }
             replayed.end = next;
@@ -373,19 +373,27 @@ impl HistoryLog {
 
     /// Appends `jobs` (sorted by id here) in pieces of at most
     /// [`PIECE_BYTES`] and syncs them.
-    pub fn add(&mut self, mut jobs: Vec<st::JobRecord>) -> Result<(), StoreError> {
+    pub fn add(&mut self, jobs: Vec<st::JobRecord>) -> Result<(), StoreError> {
         if jobs.is_empty() {
             return Ok(());
         }
+        self.add_unsynced(jobs)?;
+        self.sync_current()
+    }
+
+    /// [`add`](Self::add) without the sync: the caller syncs
+    /// ([`sync_current`](Self::sync_current)) before sled records them.
+    pub fn add_unsynced(&mut self, mut jobs: Vec<st::JobRecord>) -> Result<(), StoreError> {
         jobs.sort_unstable_by_key(|job| job.id);
         for group in journal::runs_of(jobs, PIECE_BYTES) {
             self.append(group)?;
         }
-        self.sync_current()
+        Ok(())
     }
 
-    /// Syncs the segment being written, if any.
-    fn sync_current(&self) -> Result<(), StoreError> {
+    /// Syncs the segment being written, if any (a segment rolled over
+    /// from was synced then).
+    pub fn sync_current(&self) -> Result<(), StoreError> {
         let Some(current) = &self.current else {
             return Ok(());
         };

@@ -95,15 +95,11 @@ fn move_records(
         }
         moved += jobs.len();
         log.add(jobs)?;
-        let state = log.recorded().encode();
-        (&old, &index, recorded)
-            .transaction(|(old, index, recorded)| {
-                old.apply_batch(&old_removed)?;
-                index.apply_batch(&index_removed)?;
-                recorded.insert(RECORDED_KEY, &state[..])?;
-                Ok(())
-            })
-            .map_err(writer::transaction_failed)?;
+        remove_moved(
+            log,
+            recorded,
+            [(&old, &old_removed), (&index, &index_removed)],
+        )?;
     }
 }
 
@@ -132,19 +128,32 @@ fn move_chunks(
             moved += jobs.len();
             // A chunk stays a chunk of its own.
             log.close_chunk();
-            log.add(jobs)?;
+            log.add_unsynced(jobs)?;
             removed.remove(key);
         }
-        let state = log.recorded().encode();
-        (&chunks, &heads, recorded)
-            .transaction(|(chunks, heads, recorded)| {
-                chunks.apply_batch(&removed)?;
-                heads.apply_batch(&removed)?;
-                recorded.insert(RECORDED_KEY, &state[..])?;
-                Ok(())
-            })
-            .map_err(writer::transaction_failed)?;
+        log.sync_current()?;
+        remove_moved(log, recorded, [(&chunks, &removed), (&heads, &removed)])?;
     }
+}
+
+/// Removes a step's moved jobs from their old trees (each with its batch)
+/// in one transaction with the files' new state (`log`'s, already synced).
+fn remove_moved(
+    log: &HistoryLog,
+    recorded: &sled::Tree,
+    old: [(&sled::Tree, &sled::Batch); 2],
+) -> Result<(), StoreError> {
+    let state = log.recorded().encode();
+    let [(first, first_removed), (second, second_removed)] = old;
+    (first, second, recorded)
+        .transaction(|(first, second, recorded)| {
+            first.apply_batch(first_removed)?;
+            second.apply_batch(second_removed)?;
+            recorded.insert(RECORDED_KEY, &state[..])?;
+            Ok(())
+        })
+        .map_err(writer::transaction_failed)?;
+    Ok(())
 }
 
 /// The pieces of an earlier layout's history as chunks: the jobs a
