@@ -1,6 +1,6 @@
 //! The Raft log in segment files of its own (`raft-wal`): a replica
 //! killed -9 whose newest segment ends in a record cut short (what a write
-//! torn by a crash leaves) starts, reads its log up to the last whole
+//! torn by a crash leaves, after the records it had synced) starts, reads its log up to the last whole
 //! record, appends to a new segment and catches up from the leader; every
 //! job is on every replica and their storages agree.
 
@@ -23,6 +23,23 @@ fn segments(data_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// A segment's header (magic and sequence number) before its records.
+const SEGMENT_HEADER: usize = 16;
+
+/// The offset after a segment's last record: records are `len: u32 |
+/// crc32: u32 | body`, and a zero length is the preallocated rest.
+fn records_end(bytes: &[u8]) -> usize {
+    let mut at = SEGMENT_HEADER;
+    while let Some(len) = bytes.get(at..at + 4) {
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        if len == 0 {
+            break;
+        }
+        at += 8 + len;
+    }
+    at
+}
+
 #[test]
 fn a_replica_whose_log_ends_in_a_torn_record_restarts_and_catches_up() -> anyhow::Result<()> {
     let mut sandbox = Sandbox::new()?;
@@ -39,18 +56,24 @@ fn a_replica_whose_log_ends_in_a_torn_record_restarts_and_catches_up() -> anyhow
     let index = set.procs[follower - 1].take().expect("follower process");
     sandbox.proc(index).kill9();
 
-    // The last written byte of its newest segment flipped: the last
-    // record fails its checksum, as a torn write's does (the rest of a
-    // segment is preallocated zeros).
+    // What a write torn by the crash leaves after the last whole record
+    // (the rest of a segment is preallocated zeros): a record's length
+    // and checksum, and part of its body. Every record before it was
+    // synced and acknowledged, and stays: damaging one of those (as an
+    // earlier version of this test did, by flipping the last record's
+    // last byte) loses an entry the leader counts as replicated, which no
+    // Raft log survives; the leader's heartbeats then carry a commit index
+    // past the follower's log, which it refuses, and it never catches up.
     let before = segments(&set.dirs[follower - 1])?;
     let newest = before.last().expect("a segment").clone();
     let bytes = std::fs::read(&newest)?;
-    let last = bytes
-        .iter()
-        .rposition(|byte| *byte != 0)
-        .expect("a record in the newest segment");
+    let end = records_end(&bytes);
+    assert!(end > SEGMENT_HEADER, "a record in the newest segment");
+    let mut torn = 100u32.to_le_bytes().to_vec();
+    torn.extend_from_slice(&0xdead_beef_u32.to_le_bytes());
+    torn.extend_from_slice(&[0xab; 20]);
     let file = std::fs::OpenOptions::new().write(true).open(&newest)?;
-    file.write_all_at(&[bytes[last] ^ 0xff], last as u64)?;
+    file.write_all_at(&torn, end as u64)?;
     drop(file);
 
     for i in 0..10 {
